@@ -1,0 +1,14 @@
+"""Wire field names of the PD protocol (SGLang-compatible).
+
+The router imports only this module of `kvtransfer`: it adds these fields to the request body it sends
+to both the prefill and the decode instance, so the names must match SGLang's exactly.
+"""
+
+BOOTSTRAP_HOST = "bootstrap_host"
+BOOTSTRAP_PORT = "bootstrap_port"
+BOOTSTRAP_ROOM = "bootstrap_room"
+# Optional: pins the request to one attention-DP group of the prefill instance.
+DATA_PARALLEL_RANK = "data_parallel_rank"
+
+# bootstrap_room is a random non-negative 63-bit integer drawn by the router.
+ROOM_BITS = 63
