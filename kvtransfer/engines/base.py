@@ -1,0 +1,178 @@
+"""The interface every transfer engine keeps: register memory, exchange metadata, write (addr, nbytes) lists."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+Descriptors = list[tuple[int, int]]  # (address, nbytes) per contiguous range
+
+
+class TransferError(RuntimeError):
+    """A transfer engine operation failed (bad peer metadata, unregistered memory, backend error)."""
+
+
+class BackendUnavailable(TransferError):
+    """The engine's Python package (or the native library under it) is not installed here."""
+
+
+class TransferStatus(enum.Enum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_handle_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class TransferHandle:
+    """One asynchronous write issued by `TransferEngine.write`; poll it, then `release` it.
+
+    peer_name: the engine the bytes go to.
+    num_descriptors: (addr, nbytes) pairs the caller passed.
+    nbytes: total bytes written.
+    status: last status seen by `poll` (FAILED also when issuing failed part-way).
+    error: why it failed, when it did.
+    backend: the engine's own objects for this write (NIXL xfer handles, Mooncake batch ids).
+    """
+
+    peer_name: str
+    num_descriptors: int
+    nbytes: int
+    status: TransferStatus = TransferStatus.PENDING
+    error: str | None = None
+    backend: list[Any] = field(default_factory=list)
+    id: int = field(default_factory=lambda: next(_handle_ids))
+
+
+def check_descriptors(src: Descriptors, dst: Descriptors) -> int:
+    """Validate a write's descriptor lists; return the total bytes."""
+    if len(src) != len(dst):
+        raise ValueError(f"src has {len(src)} descriptors, dst {len(dst)}: they must pair up one to one")
+    if not src:
+        raise ValueError("write needs at least one descriptor")
+    total = 0
+    for (src_addr, src_len), (dst_addr, dst_len) in zip(src, dst, strict=True):
+        if src_len != dst_len:
+            raise ValueError(f"descriptor sizes differ: src {src_len} bytes at {src_addr:#x}, dst {dst_len}")
+        if src_len <= 0 or src_addr < 0 or dst_addr < 0:
+            raise ValueError(f"bad descriptor: src ({src_addr:#x}, {src_len}), dst ({dst_addr:#x}, {dst_len})")
+        total += src_len
+    return total
+
+
+class TransferEngine(ABC):
+    """Moves bytes from this process's registered memory into a peer process's registered memory.
+
+    Supports: one-sided WRITE of lists of (addr, nbytes) ranges, DRAM ("cpu") and VRAM ("cuda:N"), between
+    processes on one host or across hosts, asynchronous with `poll`; optional notifications (NIXL only).
+    Attributes: `name` (unique per rank: peers address this engine by it), counters `num_inflight_handles`,
+    `num_registrations`, `num_peers` (tests check they return to idle).
+
+    Lifetime: `register` each pool once at start-up, hand `metadata()` to peers (through the bootstrap
+    service), `connect` to the peers you write to, then `write`/`poll`/`release`. Call `close()` explicitly:
+    it releases every handle, forgets every peer and deregisters every buffer; releasing native resources
+    from a destructor can hang interpreter shutdown, so there is no `__del__`.
+    """
+
+    name: str
+
+    def __init__(self, name: str) -> None:
+        if not name:
+            raise ValueError("engine name must be non-empty")
+        self.name = name
+        self._closed = False
+        self._handles: dict[int, TransferHandle] = {}
+
+    # --- memory -------------------------------------------------------------------------------------
+    @abstractmethod
+    def register(self, ptr: int, nbytes: int, device: str) -> None:
+        """Register [ptr, ptr + nbytes) on `device` ("cpu" | "cuda:N") as a source and destination."""
+
+    # --- peers --------------------------------------------------------------------------------------
+    @abstractmethod
+    def metadata(self) -> bytes:
+        """What a peer passes to `connect` to reach this engine and write into its registered memory.
+
+        Call after `register`: NIXL's metadata carries the registrations (register later, publish again).
+        """
+
+    @abstractmethod
+    def connect(self, peer_name: str, peer_metadata: bytes) -> None:
+        """Make `peer_name` writable; a no-op if already connected with the same metadata."""
+
+    @abstractmethod
+    def disconnect(self, peer_name: str) -> None:
+        """Forget a peer (its in-flight writes fail or finish; release them as usual). Unknown: no-op."""
+
+    # --- transfers ----------------------------------------------------------------------------------
+    @abstractmethod
+    def write(
+        self, peer_name: str, src: Descriptors, dst: Descriptors, notify: bytes | None = None
+    ) -> TransferHandle:
+        """Start writing src[i] (local) into dst[i] (peer's) for every i; returns at once.
+
+        Pairs must have equal sizes; callers coalesce consecutive pages first (`PageLayout.coalesce`).
+        `notify` is delivered to the peer's `notifications()` after the bytes, where the engine can.
+        """
+
+    @abstractmethod
+    def poll(self, handle: TransferHandle) -> TransferStatus:
+        """Current status of a write; never blocks."""
+
+    @abstractmethod
+    def release(self, handle: TransferHandle) -> None:
+        """Free a write's native resources (aborting it if still pending). Idempotent."""
+
+    def notifications(self) -> list[tuple[str, bytes]]:
+        """(peer_name, message) pairs received since the last call. Engines without notifications: []."""
+        return []
+
+    def wait(self, handle: TransferHandle, timeout_s: float) -> TransferStatus:
+        """Poll until DONE or FAILED, or raise TimeoutError after `timeout_s` (a bounded wait, for tests/tools)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        spins = 0
+        while True:
+            status = self.poll(handle)
+            if status is not TransferStatus.PENDING:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: write {handle.id} to {handle.peer_name} still pending")
+            spins += 1
+            # Back off only after many polls: short transfers finish within a few microseconds.
+            if spins > 1000:
+                time.sleep(0.0005)
+
+    # --- counters and lifetime ----------------------------------------------------------------------
+    @property
+    def num_inflight_handles(self) -> int:
+        """Handles issued and not yet released (DONE but unreleased ones count: they hold resources)."""
+        return len(self._handles)
+
+    @property
+    @abstractmethod
+    def num_registrations(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def num_peers(self) -> int: ...
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release every handle, disconnect every peer, deregister every buffer. Idempotent."""
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransferError(f"transfer engine {self.name} is closed")
+
+    def __enter__(self) -> TransferEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,179 @@
+"""Where the KV pages of one rank live in memory, and how page indices become transfer descriptors.
+
+A rank's KV pool is one registered buffer shaped `[num_pages, num_layers, page_size, token_dim]` (DESIGN.md,
+"cross-layer pages"): every layer of a page is contiguous, so a page is one descriptor, and a run of
+consecutive pages is one descriptor too. Transports move (address, nbytes) ranges computed here and know
+nothing of models.
+
+Torch-free on purpose except inside `PageLayout.from_tensor`: this module is imported by processes that
+must not pull torch in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Bytes per value of the dtypes a KV pool may use; the name is torch's without the "torch." prefix.
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "float32": 4,
+    "bfloat16": 2,
+    "float16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "uint8": 1,
+    "int8": 1,
+}
+
+
+def _check_device(device: str) -> None:
+    if device == "cpu":
+        return
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return
+    raise ValueError(f"device must be 'cpu' or 'cuda:N', got {device!r}")
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """The KV pool of one rank: `[num_pages, num_layers, page_size, token_dim]` values at `base_ptr`.
+
+    num_pages: pages in the pool.
+    num_layers: model layers held per page (all of them: cross-layer pages).
+    page_size: tokens per page.
+    token_dim: values per token per layer (MLA: kv_lora_rank + qk_rope_head_dim, 576 for DeepSeek-V3).
+    itemsize: bytes per value.
+    dtype: the value type's name, e.g. "bfloat16" (compared between peers; never interpreted here).
+    base_ptr: address of page 0, layer 0.
+    device: "cpu" or "cuda:N".
+    """
+
+    num_pages: int
+    num_layers: int
+    page_size: int
+    token_dim: int
+    itemsize: int
+    dtype: str
+    base_ptr: int
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for field_name in ("num_pages", "num_layers", "page_size", "token_dim", "itemsize"):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"PageLayout.{field_name} must be a positive int, got {value!r}")
+        if not isinstance(self.base_ptr, int) or self.base_ptr < 0:
+            raise ValueError(f"PageLayout.base_ptr must be a non-negative int, got {self.base_ptr!r}")
+        expected = DTYPE_ITEMSIZE.get(self.dtype)
+        if expected is not None and expected != self.itemsize:
+            raise ValueError(f"PageLayout: dtype {self.dtype} has itemsize {expected}, not {self.itemsize}")
+        _check_device(self.device)
+
+    @property
+    def layer_bytes(self) -> int:
+        """Bytes of one layer of one page."""
+        return self.page_size * self.token_dim * self.itemsize
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page, all layers (one transfer descriptor)."""
+        return self.num_layers * self.layer_bytes
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.num_pages * self.page_bytes
+
+    def _check_page(self, page: int) -> None:
+        if not 0 <= page < self.num_pages:
+            raise IndexError(f"page {page} out of range [0, {self.num_pages})")
+
+    def page_addr(self, page: int) -> int:
+        self._check_page(page)
+        return self.base_ptr + page * self.page_bytes
+
+    def layer_addr(self, page: int, layer: int) -> int:
+        self._check_page(page)
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        return self.base_ptr + page * self.page_bytes + layer * self.layer_bytes
+
+    def run_descriptors(self, pages: Sequence[int]) -> list[tuple[int, int]]:
+        """(addr, nbytes) per run of consecutive pages, in the order the pages were given."""
+        return [(self.page_addr(start), count * self.page_bytes) for start, count in self.coalesce(pages)]
+
+    def layer_descriptors(self, pages: Sequence[int]) -> list[tuple[int, int]]:
+        """(addr, nbytes) per layer per page: the per-layer layout's descriptors, kept as a baseline."""
+        return [(self.layer_addr(p, layer), self.layer_bytes) for p in pages for layer in range(self.num_layers)]
+
+    def coalesce(self, pages: Sequence[int]) -> list[tuple[int, int]]:
+        """Runs of consecutive page indices as (start, count), keeping the given order.
+
+        [3, 4, 5, 9, 10, 2] -> [(3, 3), (9, 2), (2, 1)]. Indices are checked against the pool.
+        """
+        runs: list[tuple[int, int]] = []
+        for page in pages:
+            self._check_page(page)
+            if runs and runs[-1][0] + runs[-1][1] == page:
+                start, count = runs[-1]
+                runs[-1] = (start, count + 1)
+            else:
+                runs.append((page, 1))
+        return runs
+
+    def compatible_with(self, other: PageLayout) -> str | None:
+        """Why pages of `self` cannot be copied byte for byte into pages of `other`, or None if they can."""
+        for field_name in ("page_size", "num_layers", "token_dim", "itemsize", "dtype"):
+            mine, theirs = getattr(self, field_name), getattr(other, field_name)
+            if mine != theirs:
+                return f"{field_name} differs: {mine!r} here, {theirs!r} on the peer"
+        return None
+
+    @classmethod
+    def from_tensor(cls, pool: Any) -> PageLayout:
+        """Layout of a contiguous torch tensor shaped `[num_pages, num_layers, page_size, token_dim]`."""
+        import torch  # here only: the rest of this module stays importable without torch
+
+        if not isinstance(pool, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(pool).__name__}")
+        if pool.dim() != 4:
+            raise ValueError(f"KV pool must be 4-D [pages, layers, page_size, dim], got shape {tuple(pool.shape)}")
+        if not pool.is_contiguous():
+            raise ValueError("KV pool must be contiguous: pages are transferred as raw byte ranges")
+        num_pages, num_layers, page_size, token_dim = (int(s) for s in pool.shape)
+        return cls(
+            num_pages=num_pages,
+            num_layers=num_layers,
+            page_size=page_size,
+            token_dim=token_dim,
+            itemsize=pool.element_size(),
+            dtype=str(pool.dtype).removeprefix("torch."),
+            base_ptr=pool.data_ptr(),
+            device=str(pool.device) if pool.device.type == "cpu" else f"cuda:{pool.device.index or 0}",
+        )
+
+
+@dataclass(frozen=True)
+class AuxLayout:
+    """The aux buffer of one rank: `num_slots` slots of `slot_bytes` at `base_ptr` (first token id + logprob)."""
+
+    base_ptr: int
+    slot_bytes: int
+    num_slots: int
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.slot_bytes <= 0 or self.num_slots <= 0:
+            raise ValueError(f"AuxLayout needs positive slot_bytes and num_slots, got {self}")
+        if self.base_ptr < 0:
+            raise ValueError(f"AuxLayout.base_ptr must be non-negative, got {self.base_ptr}")
+        _check_device(self.device)
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.slot_bytes * self.num_slots
+
+    def slot_addr(self, slot: int) -> int:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"aux slot {slot} out of range [0, {self.num_slots})")
+        return self.base_ptr + slot * self.slot_bytes
