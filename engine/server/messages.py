@@ -1,0 +1,110 @@
+"""Messages between a worker's HTTP process and its rank processes.
+
+Both directions are dataclasses encoded with msgspec's msgpack codec; `version` lets a newer process
+refuse an older peer's message with a clear error instead of misreading it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+
+MESSAGE_VERSION = 1
+
+
+@dataclass
+class SamplingSpec:
+    """Sampling settings as they cross the process boundary (validated again by the engine)."""
+
+    temperature: float = 0.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 16
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class BootstrapInfo:
+    """Where a disaggregated request's KV lives (SGLang's bootstrap fields)."""
+
+    host: str
+    port: int
+    room: int
+    data_parallel_rank: int | None = None
+
+
+@dataclass
+class GenerateRequest:
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingSpec
+    bootstrap: BootstrapInfo | None = None
+    return_logprob: bool = False
+    version: int = MESSAGE_VERSION
+
+
+@dataclass
+class AbortRequest:
+    rid: str
+    version: int = MESSAGE_VERSION
+
+
+@dataclass
+class TokenOutput:
+    """New tokens of one request since its last output; the last one has `finished` set."""
+
+    rid: str
+    token_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    prompt_tokens: int = 0
+    version: int = MESSAGE_VERSION
+
+
+ToRanks = GenerateRequest | AbortRequest
+
+# msgspec cannot tell two dataclasses apart inside a union, so each message travels as
+# [kind, fields] and the kind picks the decoder.
+_KINDS: dict[str, type] = {"generate": GenerateRequest, "abort": AbortRequest, "output": TokenOutput}
+_KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
+_encoder = msgspec.msgpack.Encoder()
+_envelope_decoder = msgspec.msgpack.Decoder(tuple[str, msgspec.Raw])
+_decoders = {kind: msgspec.msgpack.Decoder(cls) for kind, cls in _KINDS.items()}
+
+
+class MessageError(ValueError):
+    """A message of an unknown shape or version arrived."""
+
+
+def encode(message: GenerateRequest | AbortRequest | TokenOutput) -> bytes:
+    return _encoder.encode((_KIND_OF[type(message)], msgspec.Raw(_encoder.encode(message))))
+
+
+def _decode(data: bytes, allowed: tuple[str, ...]) -> GenerateRequest | AbortRequest | TokenOutput:
+    try:
+        kind, raw = _envelope_decoder.decode(data)
+        if kind not in allowed:
+            raise MessageError(f"unexpected message kind {kind!r}, expected one of {allowed}")
+        message = _decoders[kind].decode(raw)
+    except msgspec.DecodeError as exc:
+        raise MessageError(f"malformed message: {exc}") from exc
+    if message.version != MESSAGE_VERSION:
+        raise MessageError(f"message version {message.version}, expected {MESSAGE_VERSION}")
+    return message
+
+
+def decode_to_ranks(data: bytes) -> ToRanks:
+    message = _decode(data, ("generate", "abort"))
+    assert isinstance(message, GenerateRequest | AbortRequest)
+    return message
+
+
+def decode_output(data: bytes) -> TokenOutput:
+    message = _decode(data, ("output",))
+    assert isinstance(message, TokenOutput)
+    return message

@@ -1,0 +1,273 @@
+"""Request parsing and reply formatting for the worker API (OpenAI-compatible + SGLang's /generate).
+
+Parsing validates every field and raises `RequestError` (a 400 with an OpenAI-style body); the
+bootstrap fields that the router adds (`kvtransfer.protocol`) are read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kvtransfer import protocol as pd
+
+from .messages import BootstrapInfo, GenerateRequest, SamplingSpec
+
+
+class TextCodec(Protocol):
+    """What the API needs of a tokenizer."""
+
+    eos_token_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class RequestError(ValueError):
+    """A client error: becomes a 4xx with an OpenAI-style error body."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def error_body(message: str, err_type: str = "invalid_request_error", code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": err_type, "code": code}}
+
+
+@dataclass
+class ParsedRequest:
+    """A validated request: what to run plus how to shape the reply."""
+
+    request: GenerateRequest
+    kind: str  # "completion" | "chat" | "generate"
+    stream: bool
+    include_usage: bool
+    model: str
+    echo_prompt: str = ""
+
+
+def _get(body: dict, name: str, types: type | tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    # bool is an int in Python; a JSON true is never a valid count or probability here.
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise RequestError(f"'{name}' must be {_type_names(types)}, got a boolean")
+    if not isinstance(value, types):
+        raise RequestError(f"'{name}' must be {_type_names(types)}, got {type(value).__name__}")
+    return value
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    seq = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in seq)
+
+
+def parse_sampling(body: dict, params: dict | None = None) -> SamplingSpec:
+    """OpenAI fields (`max_tokens`, `temperature`, ...) or SGLang's `sampling_params` dict."""
+    src = params if params is not None else body
+    max_new = _get(src, "max_new_tokens", int, None)
+    if max_new is None:
+        max_new = _get(src, "max_completion_tokens", int, None)
+    if max_new is None:
+        max_new = _get(src, "max_tokens", int, 16)
+    temperature = float(_get(src, "temperature", (int, float), 1.0 if params is None else 0.0))
+    top_p = float(_get(src, "top_p", (int, float), 1.0))
+    top_k = _get(src, "top_k", int, -1)
+    seed = _get(src, "seed", int, None)
+    stop_ids = _get(src, "stop_token_ids", list, [])
+    if max_new < 1:
+        raise RequestError(f"max tokens must be at least 1, got {max_new}")
+    if temperature < 0:
+        raise RequestError(f"'temperature' must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise RequestError(f"'top_p' must be in (0, 1], got {top_p}")
+    if top_k == 0 or top_k < -1:
+        raise RequestError(f"'top_k' must be -1 (off) or >= 1, got {top_k}")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+        raise RequestError("'stop_token_ids' must be a list of integers")
+    return SamplingSpec(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        max_new_tokens=max_new,
+        stop_token_ids=list(stop_ids),
+        ignore_eos=bool(_get(src, "ignore_eos", bool, False)),
+    )
+
+
+def parse_bootstrap(body: dict) -> BootstrapInfo | None:
+    host = body.get(pd.BOOTSTRAP_HOST)
+    if host is None:
+        return None
+    port = _get(body, pd.BOOTSTRAP_PORT, int, None)
+    room = _get(body, pd.BOOTSTRAP_ROOM, int, None)
+    if not isinstance(host, str) or port is None or room is None:
+        raise RequestError(
+            f"a disaggregated request needs '{pd.BOOTSTRAP_HOST}' (str), '{pd.BOOTSTRAP_PORT}' and "
+            f"'{pd.BOOTSTRAP_ROOM}' (int)"
+        )
+    if not 0 <= room < 2**pd.ROOM_BITS:
+        raise RequestError(f"'{pd.BOOTSTRAP_ROOM}' must be in [0, 2^{pd.ROOM_BITS}), got {room}")
+    dp_rank = _get(body, pd.DATA_PARALLEL_RANK, int, None)
+    return BootstrapInfo(host=host, port=port, room=room, data_parallel_rank=dp_rank)
+
+
+def render_chat(messages: Any) -> str:
+    """DeepSeek-V3's chat layout, written out so that no template engine is needed."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list")
+    system, turns = "", []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            raise RequestError(f"messages[{i}] must be an object with a string 'role'")
+        content = msg.get("content", "")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string or a list of text parts")
+        role = msg["role"]
+        if role == "system":
+            system += content
+        elif role == "user":
+            turns.append(f"<｜User｜>{content}")
+        elif role == "assistant":
+            turns.append(f"<｜Assistant｜>{content}<｜end▁of▁sentence｜>")
+        else:
+            raise RequestError(f"messages[{i}].role {role!r} is not one of system, user, assistant")
+    return system + "".join(turns) + "<｜Assistant｜>"
+
+
+def _input_ids(body: dict, codec: TextCodec, vocab_size: int, kind: str) -> tuple[list[int], str]:
+    if kind == "chat":
+        text = render_chat(body.get("messages"))
+        return codec.encode(text), text
+    key = "prompt" if kind == "completion" else "text"
+    ids = body.get("input_ids") if kind == "generate" else None
+    prompt = body.get(key)
+    if ids is None and isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        ids = prompt  # OpenAI allows a prompt given as token ids
+    if ids is not None:
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise RequestError("token ids must be a list of integers")
+        text = ""
+    elif isinstance(prompt, str):
+        ids, text = codec.encode(prompt), prompt
+    elif prompt is None:
+        raise RequestError(f"'{key}' is required")
+    else:
+        raise RequestError(f"'{key}' must be a string or a list of token ids (batches are not supported)")
+    if not ids:
+        raise RequestError("the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return ids, text
+
+
+def parse_request(
+    body: Any, kind: str, codec: TextCodec, vocab_size: int, served_model: str, max_context: int
+) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    ids, text = _input_ids(body, codec, vocab_size, kind)
+    sampling = parse_sampling(body, body.get("sampling_params") if kind == "generate" else None)
+    if len(ids) + sampling.max_new_tokens > max_context:
+        raise RequestError(
+            f"prompt ({len(ids)} tokens) + max tokens ({sampling.max_new_tokens}) exceeds the context "
+            f"limit of {max_context}"
+        )
+    stream = bool(_get(body, "stream", bool, False))
+    options = _get(body, "stream_options", dict, {})
+    rid = body.get("rid")
+    if rid is not None and not isinstance(rid, str):
+        raise RequestError("'rid' must be a string")
+    request = GenerateRequest(
+        rid=rid or uuid.uuid4().hex,
+        input_ids=ids,
+        sampling=sampling,
+        bootstrap=parse_bootstrap(body),
+        return_logprob=bool(_get(body, "return_logprob", bool, False) or _get(body, "logprobs", (bool, int), 0)),
+    )
+    return ParsedRequest(
+        request=request,
+        kind=kind,
+        stream=stream,
+        include_usage=bool(options.get("include_usage", False)),
+        model=_get(body, "model", str, served_model),
+        echo_prompt=text if body.get("echo") else "",
+    )
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def openai_chunk(parsed: ParsedRequest, text: str, finish_reason: str | None, created: int) -> dict:
+    """One streamed chunk of a completion or chat completion."""
+    rid = parsed.request.rid
+    if parsed.kind == "chat":
+        delta = {"role": "assistant", "content": text} if text or finish_reason is None else {}
+        return {
+            "id": f"chatcmpl-{rid}",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": parsed.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        }
+    return {
+        "id": f"cmpl-{rid}",
+        "object": "text_completion",
+        "created": created,
+        "model": parsed.model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+    }
+
+
+def openai_response(
+    parsed: ParsedRequest, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
+) -> dict:
+    rid, created = parsed.request.rid, int(time.time())
+    if parsed.kind == "chat":
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason,
+            "logprobs": None,
+        }
+        obj, prefix = "chat.completion", "chatcmpl-"
+    else:
+        choice = {"index": 0, "text": parsed.echo_prompt + text, "finish_reason": finish_reason, "logprobs": None}
+        obj, prefix = "text_completion", "cmpl-"
+    return {
+        "id": prefix + rid,
+        "object": obj,
+        "created": created,
+        "model": parsed.model,
+        "choices": [choice],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def generate_response(parsed: ParsedRequest, text: str, ids: list[int], finish_reason: str | None,
+                      prompt_tokens: int, logprobs: list[float]) -> dict:
+    """SGLang's /generate reply shape."""
+    meta: dict[str, Any] = {
+        "id": parsed.request.rid,
+        "finish_reason": {"type": finish_reason} if finish_reason else None,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(ids),
+    }
+    if parsed.request.return_logprob:
+        meta["output_token_logprobs"] = [[lp, t] for lp, t in zip(logprobs, ids, strict=False)]
+    return {"text": text, "output_ids": ids, "meta_info": meta}
