@@ -1,0 +1,104 @@
+"""The HTTP process's side of an instance: an `EngineBackend` over zmq sockets.
+
+Requests (and aborts) are pushed to rank 0's inbox; every rank that produces outputs pushes
+`TokenOutput`s to one outbox that this bridge reads and fans out to per-request queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from ..server.messages import AbortRequest, GenerateRequest, TokenOutput, decode_output, encode
+
+log = logging.getLogger(__name__)
+
+
+class RankBridge:
+    """Owns the two zmq sockets of the HTTP process; `close()` releases them.
+
+    Args:
+        inbox_addr: rank 0's PULL address for requests (zmq endpoint, e.g. ``ipc:///tmp/x``).
+        outbox_addr: the address this bridge binds its PULL socket to for outputs.
+        info: returns load/pool counts for /server_info (read from shared state by the caller).
+    """
+
+    def __init__(self, inbox_addr: str, outbox_addr: str, info: Callable[[], dict[str, Any]] | None = None) -> None:
+        self._ctx = zmq.asyncio.Context()
+        self._to_ranks = self._ctx.socket(zmq.PUSH)
+        self._to_ranks.setsockopt(zmq.LINGER, 0)
+        self._to_ranks.connect(inbox_addr)
+        self._from_ranks = self._ctx.socket(zmq.PULL)
+        self._from_ranks.setsockopt(zmq.LINGER, 0)
+        self._from_ranks.bind(outbox_addr)
+        self._queues: dict[str, asyncio.Queue[TokenOutput]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._info = info or (lambda: {})
+        self.dead_reason: str | None = None
+
+    @property
+    def num_active(self) -> int:
+        return len(self._queues)
+
+    def start(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_outputs())
+
+    async def _read_outputs(self) -> None:
+        while True:
+            data = await self._from_ranks.recv()
+            try:
+                out = decode_output(data)
+            except ValueError:
+                log.exception("dropping a malformed output message")
+                continue
+            queue = self._queues.get(out.rid)
+            if queue is not None:  # outputs of an aborted request may still be in flight
+                queue.put_nowait(out)
+
+    def fail_all(self, reason: str) -> None:
+        """The ranks are gone: finish every open request with an error."""
+        self.dead_reason = reason
+        for rid, queue in self._queues.items():
+            queue.put_nowait(TokenOutput(rid=rid, token_ids=[], finished=True, finish_reason="error", error=reason))
+
+    async def submit(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
+        if self.dead_reason is not None:
+            yield TokenOutput(rid=request.rid, token_ids=[], finished=True, finish_reason="error",
+                              error=self.dead_reason)
+            return
+        if request.rid in self._queues:
+            yield TokenOutput(rid=request.rid, token_ids=[], finished=True, finish_reason="error",
+                              error=f"request id {request.rid!r} is already running")
+            return
+        self.start()
+        queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
+        self._queues[request.rid] = queue
+        try:
+            await self._to_ranks.send(encode(request))
+            while True:
+                out = await queue.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self._queues.pop(request.rid, None)
+
+    async def abort(self, rid: str) -> None:
+        await self._to_ranks.send(encode(AbortRequest(rid=rid)))
+
+    def info(self) -> dict[str, Any]:
+        return {"active_requests": self.num_active, **self._info()}
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        self._to_ranks.close(0)
+        self._from_ranks.close(0)
+        self._ctx.term()

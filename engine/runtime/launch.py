@@ -1,0 +1,189 @@
+"""Starting the ranks of one instance and tearing them all down when one fails.
+
+An instance of `tp_size` ranks runs one process per rank (spawned, so CUDA is never forked).
+The launcher watches them: a rank that exits before `stop()` ends the whole instance, and the
+`on_death` callback lets the HTTP process answer its open requests with an error instead of
+hanging on a collective that can never complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot run; the message names the numbers that clash."""
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """Parallel layout and placement of one instance (SGLang's meaning of tp/dp)."""
+
+    tp_size: int = 1
+    dp_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # "host:port" of node 0; chosen automatically on one node
+    device: str = "cpu"  # "cpu" | "cuda"
+
+    def __post_init__(self) -> None:
+        if self.tp_size < 1 or self.dp_size < 1:
+            raise LayoutError(f"tp ({self.tp_size}) and dp ({self.dp_size}) must be at least 1")
+        if self.tp_size % self.dp_size:
+            raise LayoutError(f"tp ({self.tp_size}) is not divisible by dp ({self.dp_size})")
+        if self.tp_size % self.nnodes:
+            raise LayoutError(f"tp ({self.tp_size}) is not divisible by nnodes ({self.nnodes})")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise LayoutError(f"node_rank {self.node_rank} is outside [0, nnodes={self.nnodes})")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise LayoutError("--dist-init-addr is required with more than one node")
+
+    @property
+    def attn_tp_size(self) -> int:
+        return self.tp_size // self.dp_size
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp_size // self.nnodes
+
+    def local_ranks(self) -> range:
+        start = self.node_rank * self.ranks_per_node
+        return range(start, start + self.ranks_per_node)
+
+    def dp_rank_of(self, rank: int) -> int:
+        return rank // self.attn_tp_size
+
+    def attn_tp_rank_of(self, rank: int) -> int:
+        return rank % self.attn_tp_size
+
+
+@dataclass
+class RankContext:
+    """What a rank process is told at start: who it is and where to talk."""
+
+    rank: int
+    spec: InstanceSpec
+    dist_addr: str
+    inbox_addr: str  # rank 0 binds a PULL socket here for requests from the HTTP process
+    outbox_addr: str  # DP-group leaders connect a PUSH socket here for token outputs
+    role_args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        if self.spec.device == "cuda":
+            return f"cuda:{self.rank % self.spec.ranks_per_node}"
+        return self.spec.device
+
+    @property
+    def dp_rank(self) -> int:
+        return self.spec.dp_rank_of(self.rank)
+
+    @property
+    def attn_tp_rank(self) -> int:
+        return self.spec.attn_tp_rank_of(self.rank)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(ctx: RankContext, entry: Callable[[RankContext], None]) -> None:
+    import torch.distributed as dist
+
+    host, port = ctx.dist_addr.rsplit(":", 1)
+    backend = "nccl" if ctx.spec.device == "cuda" else "gloo"
+    if ctx.spec.device == "cuda":
+        import torch
+
+        torch.cuda.set_device(ctx.device)
+    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=ctx.rank,
+                            world_size=ctx.spec.tp_size)
+    try:
+        entry(ctx)
+    finally:
+        dist.destroy_process_group()
+
+
+class InstanceProcesses:
+    """The rank processes of this node; `stop()` ends them. Build with `launch()`."""
+
+    def __init__(self, procs: list[mp.process.BaseProcess], on_death: Callable[[str], None] | None) -> None:
+        self._procs = procs
+        self._stopping = False
+        self._on_death = on_death
+        self.death_reason: str | None = None
+        self._watcher = threading.Thread(target=self._watch, name="rank-watcher", daemon=True)
+        self._watcher.start()
+
+    @property
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self._procs)
+
+    def _watch(self) -> None:
+        while not self._stopping:
+            for p in self._procs:
+                if not p.is_alive() and not self._stopping:
+                    self.death_reason = f"rank process {p.name} exited with code {p.exitcode}"
+                    log.error("%s; stopping the instance", self.death_reason)
+                    self._terminate_all()
+                    if self._on_death is not None:
+                        self._on_death(self.death_reason)
+                    return
+            time.sleep(0.2)
+
+    def _terminate_all(self, grace_s: float = 5.0) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + grace_s
+        for p in self._procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+
+    def wait(self, timeout: float | None = None) -> None:
+        for p in self._procs:
+            p.join(timeout)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._terminate_all()
+
+
+def launch(
+    spec: InstanceSpec,
+    entry: Callable[[RankContext], None],
+    inbox_addr: str,
+    outbox_addr: str,
+    role_args: dict[str, Any] | None = None,
+    on_death: Callable[[str], None] | None = None,
+) -> InstanceProcesses:
+    """Spawns this node's ranks, each running `entry(ctx)` after torch.distributed is up."""
+    dist_addr = spec.dist_init_addr or f"127.0.0.1:{free_port()}"
+    mpctx = mp.get_context("spawn")
+    procs = []
+    for rank in spec.local_ranks():
+        ctx = RankContext(rank, spec, dist_addr, inbox_addr, outbox_addr, dict(role_args or {}))
+        proc = mpctx.Process(target=_rank_main, args=(ctx, entry), name=f"rank{rank}", daemon=True)
+        proc.start()
+        procs.append(proc)
+    return InstanceProcesses(procs, on_death)
+
+
+def ipc_addr(tag: str) -> str:
+    """A fresh zmq ipc endpoint under the temp dir (unique per process and tag)."""
+    base = os.environ.get("TMPDIR", "/tmp")
+    return f"ipc://{base}/tandem-{os.getpid()}-{tag}-{time.monotonic_ns()}"
