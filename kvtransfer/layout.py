@@ -153,6 +153,53 @@ class PageLayout:
         )
 
 
+def coalesce_pairs(src_pages: Sequence[int], dst_pages: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Runs where both source and destination page indices are consecutive, as (src, dst, count).
+
+    ([3, 4, 5, 9], [10, 11, 20, 21]) -> [(3, 10, 2), (5, 20, 1), (9, 21, 1)].
+    """
+    if len(src_pages) != len(dst_pages):
+        raise ValueError(f"{len(src_pages)} source pages but {len(dst_pages)} destination pages")
+    runs: list[tuple[int, int, int]] = []
+    for src, dst in zip(src_pages, dst_pages, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
+            start_src, start_dst, count = runs[-1]
+            runs[-1] = (start_src, start_dst, count + 1)
+        else:
+            runs.append((src, dst, 1))
+    return runs
+
+
+def page_descriptors(
+    src: PageLayout, src_pages: Sequence[int], dst: PageLayout, dst_pages: Sequence[int]
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(src, dst) lists of (addr, nbytes) that copy src_pages[i] into dst_pages[i]: one per paired run."""
+    why = src.compatible_with(dst)
+    if why is not None:
+        raise ValueError(f"page layouts are incompatible: {why}")
+    for layout, pages in ((src, src_pages), (dst, dst_pages)):
+        for page in pages:
+            layout._check_page(page)
+    runs = coalesce_pairs(src_pages, dst_pages)
+    return (
+        [(src.page_addr(s), n * src.page_bytes) for s, _, n in runs],
+        [(dst.page_addr(d), n * dst.page_bytes) for _, d, n in runs],
+    )
+
+
+def layer_descriptors(
+    src: PageLayout, src_pages: Sequence[int], dst: PageLayout, dst_pages: Sequence[int]
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """One descriptor per layer per page, no coalescing: what a per-layer pool layout would need.
+    Kept as the benchmark's baseline."""
+    why = src.compatible_with(dst)
+    if why is not None:
+        raise ValueError(f"page layouts are incompatible: {why}")
+    if len(src_pages) != len(dst_pages):
+        raise ValueError(f"{len(src_pages)} source pages but {len(dst_pages)} destination pages")
+    return src.layer_descriptors(src_pages), dst.layer_descriptors(dst_pages)
+
+
 @dataclass(frozen=True)
 class AuxLayout:
     """The aux buffer of one rank: `num_slots` slots of `slot_bytes` at `base_ptr` (first token id + logprob)."""

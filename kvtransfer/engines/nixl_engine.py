@@ -1,0 +1,241 @@
+"""NIXL transfer engine: one NIXL agent (UCX backend) per rank; WRITEs with optional notifications.
+
+UCX picks the transport per pair of memories: `cuda_ipc` between processes on one host for VRAM, `rc`/`dc`
+over RDMA NICs, `tcp` (and `cma` for small messages) on a machine without RDMA. The cost of a write is
+mostly per descriptor (TRANSPORTS.md), so callers coalesce pages and `write` posts all descriptors of a
+call in as few NIXL requests as `max_descs_per_request` allows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from kvtransfer.engines.base import (
+    BackendUnavailable,
+    Descriptors,
+    TransferEngine,
+    TransferError,
+    TransferHandle,
+    TransferStatus,
+    check_descriptors,
+)
+from kvtransfer.engines.regions import EngineMetadata, Region, RegionTable, device_index
+
+logger = logging.getLogger(__name__)
+
+KIND = "nixl"
+
+
+def _import_nixl() -> Any:
+    try:
+        from nixl._api import nixl_agent, nixl_agent_config
+    except ImportError as exc:
+        raise BackendUnavailable(f"the nixl engine needs the `nixl` package (pip install nixl): {exc}") from None
+    return nixl_agent, nixl_agent_config
+
+
+def _mem_type(device: str) -> str:
+    return "DRAM" if device == "cpu" else "VRAM"
+
+
+class NixlEngine(TransferEngine):
+    """NIXL agent with the UCX backend; DRAM and VRAM; notifications supported.
+
+    name: the NIXL agent name (unique per rank; peers must connect with exactly this name).
+    num_threads: UCX backend worker threads (0: NIXL's default, progress on the caller's thread). More
+        threads post descriptors of one request in parallel: it lowers the per-descriptor cost.
+    max_descs_per_request: split a write into NIXL requests of at most this many descriptors (0: one
+        request for the whole write).
+    backends: NIXL backends to create; UCX unless you know better.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        num_threads: int = 0,
+        max_descs_per_request: int = 0,
+        backends: tuple[str, ...] = ("UCX",),
+    ) -> None:
+        super().__init__(name)
+        if num_threads < 0 or max_descs_per_request < 0:
+            raise ValueError("num_threads and max_descs_per_request must be >= 0")
+        nixl_agent, nixl_agent_config = _import_nixl()
+        config = nixl_agent_config(backends=list(backends), num_threads=num_threads)
+        try:
+            self._agent = nixl_agent(name, config)
+        except Exception as exc:  # the bindings raise their own exception types
+            raise TransferError(f"could not create NIXL agent {name!r}: {exc}") from exc
+        missing = [b for b in backends if b not in self._agent.backends]
+        if missing:
+            raise BackendUnavailable(f"NIXL agent {name!r}: backend(s) {missing} not available here")
+        self.num_threads = num_threads
+        self.max_descs_per_request = max_descs_per_request
+        self._local = RegionTable()
+        self._reg_descs: dict[int, Any] = {}  # region addr -> nixlRegDList, for deregistration
+        self._peers: dict[str, tuple[bytes, RegionTable]] = {}
+
+    # --- memory -------------------------------------------------------------------------------------
+    def register(self, ptr: int, nbytes: int, device: str) -> None:
+        self._check_open()
+        if nbytes <= 0 or ptr <= 0:
+            raise ValueError(f"register needs a positive address and size, got ({ptr:#x}, {nbytes})")
+        region = Region(ptr, nbytes, device)
+        self._local.add(region)  # refuses overlaps before NIXL sees them
+        try:
+            descs = self._agent.get_reg_descs([(ptr, nbytes, device_index(device), "")], _mem_type(device))
+            self._agent.register_memory(descs)
+        except Exception as exc:
+            self._local.remove(ptr)
+            raise TransferError(f"NIXL could not register {nbytes} bytes at {ptr:#x} on {device}: {exc}") from exc
+        self._reg_descs[ptr] = descs
+
+    @property
+    def num_registrations(self) -> int:
+        return len(self._reg_descs)
+
+    # --- peers --------------------------------------------------------------------------------------
+    def metadata(self) -> bytes:
+        self._check_open()
+        native = bytes(self._agent.get_agent_metadata())
+        return EngineMetadata(kind=KIND, name=self.name, native=native, regions=list(self._local.regions)).encode()
+
+    def connect(self, peer_name: str, peer_metadata: bytes) -> None:
+        self._check_open()
+        meta = EngineMetadata.decode(peer_metadata, KIND)
+        if meta.name != peer_name:
+            raise TransferError(f"metadata belongs to NIXL agent {meta.name!r}, not {peer_name!r}")
+        if peer_name == self.name:
+            raise TransferError(f"NIXL agent {self.name!r} cannot connect to itself")
+        known = self._peers.get(peer_name)
+        if known is not None:
+            if known[0] == peer_metadata:
+                return
+            self.disconnect(peer_name)  # the peer restarted or registered more memory: reload it
+        try:
+            loaded = self._agent.add_remote_agent(meta.native)
+        except Exception as exc:
+            raise TransferError(f"NIXL could not load metadata of {peer_name!r}: {exc}") from exc
+        loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
+        if loaded != peer_name:
+            self._agent.remove_remote_agent(loaded)
+            raise TransferError(f"NIXL metadata names agent {loaded!r}, expected {peer_name!r}")
+        self._peers[peer_name] = (bytes(peer_metadata), RegionTable(meta.regions))
+
+    def disconnect(self, peer_name: str) -> None:
+        if self._peers.pop(peer_name, None) is None:
+            return
+        try:
+            self._agent.remove_remote_agent(peer_name)
+        except Exception as exc:  # the peer may be gone already; forgetting it locally is what matters
+            logger.debug("NIXL remove_remote_agent(%s): %s", peer_name, exc)
+
+    @property
+    def num_peers(self) -> int:
+        return len(self._peers)
+
+    # --- transfers ----------------------------------------------------------------------------------
+    def write(
+        self, peer_name: str, src: Descriptors, dst: Descriptors, notify: bytes | None = None
+    ) -> TransferHandle:
+        self._check_open()
+        nbytes = check_descriptors(src, dst)
+        peer = self._peers.get(peer_name)
+        if peer is None:
+            raise TransferError(f"{self.name}: not connected to {peer_name!r}")
+        src_table, src_region = self._local.locate(src, "source")
+        dst_table, dst_region = peer[1].locate(dst, f"destination on {peer_name}")
+        src_mem = self._one_mem_type(self._local, src_region, "source")
+        dst_mem = self._one_mem_type(peer[1], dst_region, f"destination on {peer_name}")
+        src_rows = self._rows(src_table, self._local, src_region)
+        dst_rows = self._rows(dst_table, peer[1], dst_region)
+
+        handle = TransferHandle(peer_name=peer_name, num_descriptors=len(src), nbytes=nbytes)
+        self._handles[handle.id] = handle
+        step = self.max_descs_per_request or len(src_rows)
+        starts = list(range(0, len(src_rows), step))
+        try:
+            for i, start in enumerate(starts):
+                # The notification rides on the last request. Requests are independent in UCX, so on
+                # a multi-rail transport it may arrive before earlier requests land: with several
+                # requests per write, treat it as a hint and poll the handle for completion.
+                message = notify if (notify is not None and i == len(starts) - 1) else b""
+                local = self._agent.get_xfer_descs(src_rows[start : start + step], src_mem)
+                remote = self._agent.get_xfer_descs(dst_rows[start : start + step], dst_mem)
+                xfer = self._agent.initialize_xfer("WRITE", local, remote, peer_name, message)
+                handle.backend.append(xfer)
+                if self._agent.transfer(xfer, message) == "ERR":
+                    raise TransferError(f"NIXL refused to post a write to {peer_name!r}")
+        except Exception as exc:
+            handle.status = TransferStatus.FAILED
+            handle.error = str(exc)
+            logger.warning("%s: write to %s failed while posting: %s", self.name, peer_name, exc)
+        return handle
+
+    @staticmethod
+    def _one_mem_type(table: RegionTable, which: np.ndarray, side: str) -> str:
+        devices = table.devices_of(which)
+        mem_types = {_mem_type(d) for d in devices}
+        if len(mem_types) != 1:
+            raise TransferError(f"{side} descriptors mix DRAM and VRAM ({devices}): issue one write per kind")
+        return mem_types.pop()
+
+    @staticmethod
+    def _rows(table: np.ndarray, regions: RegionTable, which: np.ndarray) -> np.ndarray:
+        """N x 3 (addr, nbytes, device index) as NIXL's descriptor lists take them."""
+        dev = np.array([device_index(r.device) for r in regions.regions], dtype=np.uint64)
+        return np.column_stack([table, dev[which]])
+
+    def poll(self, handle: TransferHandle) -> TransferStatus:
+        if handle.status is not TransferStatus.PENDING or self._closed:
+            return handle.status
+        done = 0
+        for xfer in handle.backend:
+            state = self._agent.check_xfer_state(xfer)
+            if state == "ERR":
+                handle.status = TransferStatus.FAILED
+                handle.error = f"NIXL reported an error writing to {handle.peer_name}"
+                return handle.status
+            done += state == "DONE"
+        if done == len(handle.backend):
+            handle.status = TransferStatus.DONE
+        return handle.status
+
+    def release(self, handle: TransferHandle) -> None:
+        if self._handles.pop(handle.id, None) is None:
+            return
+        for xfer in handle.backend:
+            try:
+                self._agent.release_xfer_handle(xfer)
+            except Exception as exc:  # a transfer UCX cannot cancel; NIXL frees it with the agent
+                logger.warning("%s: releasing a NIXL request to %s: %s", self.name, handle.peer_name, exc)
+        handle.backend.clear()
+        if handle.status is TransferStatus.PENDING:
+            handle.status = TransferStatus.FAILED
+            handle.error = "released before completion"
+
+    def notifications(self) -> list[tuple[str, bytes]]:
+        self._check_open()
+        received = self._agent.get_new_notifs()
+        return [(peer, bytes(msg)) for peer, messages in received.items() for msg in messages]
+
+    # --- lifetime -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        for handle in list(self._handles.values()):
+            self.release(handle)
+        for peer_name in list(self._peers):
+            self.disconnect(peer_name)
+        for addr, descs in list(self._reg_descs.items()):
+            try:
+                self._agent.deregister_memory(descs)
+            except Exception as exc:
+                logger.warning("%s: deregistering %#x: %s", self.name, addr, exc)
+            del self._reg_descs[addr]
+            self._local.remove(addr)
+        self._closed = True
+        # Dropping the agent here (not in a finalizer) tears down UCX while the interpreter is healthy.
+        self._agent = None
