@@ -8,7 +8,9 @@ Backends (SGLang ``bench_serving`` names):
 Every request streams (``stream: true``, ``stream_options.include_usage``) with ``ignore_eos`` and a
 fixed token budget, so the output length is the one asked for. Timing follows SGLang/vLLM: TTFT is
 from just before the POST to the first chunk carrying a token; each later chunk adds one ITL per token
-it carries (a chunk of k tokens adds k ITLs of gap/k, when the server says how many it carries).
+it carries (a chunk of k tokens adds k ITLs of gap/k, as SGLang does, when the server says how many it
+carries: SGLang ``meta_info`` or per-chunk ``usage``). An OpenAI stream that bundles tokens without
+per-chunk counts yields one ITL per chunk, so there len(itl) < output_tokens - 1.
 """
 
 from __future__ import annotations
@@ -184,6 +186,8 @@ class _TokenClock:
             return
         if self._last is None:
             self.ttft_s = now - self.start
+            # Tokens that came with the first one arrived with it: zero gaps keep len(itl) == tokens - 1.
+            self.itl_s.extend([0.0] * (count - 1))
         else:
             gap = (now - self._last) / count
             self.itl_s.extend([gap] * count)

@@ -2,8 +2,9 @@
 
     python tests/bench_mock_server.py --port 0 --ttft-ms 20 --itl-ms 2 [--fail-every 4]
 
-Prints ``PORT <n>`` on stdout once listening. Streams one token per chunk after ``--ttft-ms``, then one
-every ``--itl-ms``, for exactly ``max_tokens`` tokens (it never stops early: EOS is not modelled).
+Prints ``PORT <n>`` on stdout once listening. Streams the first chunk after ``--ttft-ms``, then one
+every ``--itl-ms``, each of ``--tokens-per-chunk`` tokens (default 1), for exactly ``max_tokens`` tokens
+(it never stops early: EOS is not modelled).
 ``--fail-every k`` answers every k-th generation request with HTTP 500 and an OpenAI error body;
 ``--fail-midstream-every k`` sends an error event after the first token instead. ``--kv-connector`` sets
 the header a worker running a benchmarking KV connector would set.
@@ -69,15 +70,17 @@ class MockServer:
         await response.prepare(request)
         await asyncio.sleep(self.args.ttft_ms / 1e3)
         fail_midstream = bool(self.args.fail_midstream_every and number % self.args.fail_midstream_every == 0)
-        for i in range(max_tokens):
-            if i:
+        per_chunk = self.args.tokens_per_chunk
+        for chunk_index, first in enumerate(range(0, max_tokens, per_chunk)):
+            if chunk_index:
                 await asyncio.sleep(self.args.itl_ms / 1e3)
-            if fail_midstream and i == 1:
+            if fail_midstream and chunk_index == 1:
                 event: dict[str, Any] = {"error": {"message": "injected mid-stream failure", "code": 500}}
                 await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
                 return response
-            last = i == max_tokens - 1
-            await response.write(b"data: " + orjson.dumps(self._chunk(kind, i, last, prompt_tokens)) + b"\n\n")
+            last = min(first + per_chunk, max_tokens)
+            chunk = self._chunk(kind, first, last, max_tokens, prompt_tokens)
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         if include_usage and kind != "sglang":
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens,
                      "total_tokens": prompt_tokens + max_tokens}
@@ -87,17 +90,18 @@ class MockServer:
         return response
 
     @staticmethod
-    def _chunk(kind: str, i: int, last: bool, prompt_tokens: int) -> dict[str, Any]:
-        token = f" t{i}"
-        finish = "length" if last else None
+    def _chunk(kind: str, first: int, last: int, max_tokens: int, prompt_tokens: int) -> dict[str, Any]:
+        """The event carrying tokens ``first`` to ``last - 1``."""
+        text = "".join(f" t{i}" for i in range(first, last))
+        finish = "length" if last == max_tokens else None
         if kind == "sglang":
-            meta = {"prompt_tokens": prompt_tokens, "completion_tokens": i + 1,
-                    "finish_reason": {"type": "length"} if last else None}
-            return {"text": token, "meta_info": meta}
+            meta = {"prompt_tokens": prompt_tokens, "completion_tokens": last,
+                    "finish_reason": {"type": "length"} if finish else None}
+            return {"text": text, "meta_info": meta}
         if kind == "chat":
             return {"object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": finish}]}
-        return {"object": "text_completion", "choices": [{"index": 0, "text": token, "finish_reason": finish}]}
+                    "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+        return {"object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._stream(request, "completions")
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--itl-ms", type=float, default=2.0)
     p.add_argument("--fail-every", type=int, default=0)
     p.add_argument("--fail-midstream-every", type=int, default=0)
+    p.add_argument("--tokens-per-chunk", type=int, default=1)
     p.add_argument("--kv-connector", default="")
     try:
         asyncio.run(_serve(p.parse_args(argv)))

@@ -21,7 +21,7 @@ from bench.serving import (
     poisson_gaps,
     run_benchmark,
 )
-from bench.serving_dataset import random_requests
+from bench.serving_dataset import load_tokenizer, random_requests
 
 MOCK_SERVER = Path(__file__).with_name("bench_mock_server.py")
 MOCK_TTFT_MS = 20.0
@@ -89,7 +89,7 @@ def test_cli_run_writes_consistent_json_and_a_png(mock_url: str, tmp_path: Path)
         assert r["ttft_ms"] <= r["e2e_ms"]
         assert r["ttft_ms"] >= MOCK_TTFT_MS  # the mock sleeps this long before the first token
         assert len(r["itl_ms"]) == r["output_tokens"] - 1
-        assert r["ttft_ms"] + sum(r["itl_ms"]) <= r["e2e_ms"] + 1e-6
+        assert r["ttft_ms"] + sum(r["itl_ms"]) <= r["e2e_ms"] + 1e-3  # ITLs are rounded to 0.1 µs
         assert r["input_tokens"] == r["prompt_len"] == 32  # server's usage agrees with the client
         assert r["start_s"] + r["e2e_ms"] / 1e3 <= duration + 1e-6
     assert summary["ttft_ms"]["p50"] <= summary["ttft_ms"]["p90"] <= summary["ttft_ms"]["p99"]
@@ -122,6 +122,19 @@ def test_every_backend_gets_exactly_the_requested_output_length(mock_url: str, b
         assert r["output_tokens"] == 12
         assert len(r["itl_ms"]) == 11
         assert r["ttft_ms"] <= r["e2e_ms"]
+
+
+def test_chunks_of_several_tokens_still_give_one_itl_per_token_after_the_first() -> None:
+    # SGLang's meta_info says how many tokens each chunk carries: 12 tokens arrive as 3+3+3+3.
+    proc, url = _start_mock("--tokens-per-chunk", "3")
+    try:
+        report = run_benchmark(_config(url, backend="sglang", num_prompts=3))
+    finally:
+        _stop(proc)
+    for r in report["requests"]:
+        assert r["output_tokens"] == 12 and len(r["itl_ms"]) == 11
+        assert r["itl_ms"][:2] == [0.0, 0.0]  # the two that came with the first token
+        assert min(r["itl_ms"][2:]) > 0.0
 
 
 def test_time_limit_cancels_requests_in_flight_and_bounds_the_run(mock_url: str) -> None:
@@ -171,6 +184,25 @@ def test_poisson_gaps_have_the_requested_rate_and_inf_sends_at_once() -> None:
     assert gaps[0] == 0.0
     assert gaps.mean() == pytest.approx(0.1, rel=0.05)
     assert not np.any(poisson_gaps(5, rate=math.inf, seed=0))
+
+
+def test_text_prompts_from_a_tokenizer_have_their_measured_length(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(98)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 1}))
+    hf, special = load_tokenizer(str(tmp_path))
+    assert hf is not None and hf.vocab_size == 100 and special == {1}
+    requests = random_requests(num_prompts=5, input_len=30, output_len=4, range_ratio=1.0, seed=0,
+                               prompt_format="text", vocab_size=hf.vocab_size, tokenizer=hf,
+                               excluded_ids=special | {0})
+    for req in requests:
+        assert isinstance(req.prompt, str)
+        assert req.prompt_len == len(hf.encode_ids(req.prompt)) == 30
+        assert "<eos>" not in req.prompt and "[UNK]" not in req.prompt
 
 
 def test_random_requests_are_reproducible_sized_and_free_of_special_tokens() -> None:
