@@ -1,0 +1,99 @@
+"""Multi-head latent attention (MLA) of DeepSeek-V2/V3 over the paged latent KV pool.
+
+EXTEND decompresses the whole context's latent (prefix read from the pages + the new tokens) to
+per-head K/V and runs causal attention; DECODE folds W_UK into the query and W_UV into the output
+("absorbed" form) so attention reads only the latent cache. Both write the new tokens' latent first.
+Heads are split over the attention-TP group; the latent itself is replicated on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+from engine.config import ModelConfig
+from engine.forward_batch import ForwardBatch, ForwardMode
+from engine.layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RowParallelLinear
+from engine.parallel import ParallelContext
+from engine.rope import RotaryEmbedding
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, ctx: ParallelContext, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.qk_dim = config.qk_head_dim
+        if config.num_attention_heads % ctx.attn_tp_size:
+            raise ValueError(f"{config.num_attention_heads} heads cannot be split over {ctx.attn_tp_size} ranks")
+        self.num_heads = config.num_attention_heads // ctx.attn_tp_size
+        self.scale = config.softmax_scale
+        rank, size, group = ctx.attn_tp_rank, ctx.attn_tp_size, ctx.attn_tp_group
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        if config.q_lora_rank is None:
+            self.q_proj = ColumnParallelLinear(hidden, heads * self.qk_dim, False, rank, size, dtype, device)
+        else:
+            self.q_a_proj = ReplicatedLinear(hidden, config.q_lora_rank, config.attention_bias, dtype, device)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps, dtype, device)
+            self.q_b_proj = ColumnParallelLinear(config.q_lora_rank, heads * self.qk_dim, False, rank, size,
+                                                 dtype, device)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, config.kv_cache_dim, config.attention_bias, dtype,
+                                                   device)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps, dtype, device)
+        self.kv_b_proj = ColumnParallelLinear(config.kv_lora_rank, heads * (self.nope_dim + self.v_dim), False,
+                                              rank, size, dtype, device)
+        self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, config.attention_bias, rank, size, group,
+                                        dtype, device)
+
+    def _w_kc_vc(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK ``[H, nope, R]`` and W_UV ``[H, v, R]`` as views of kv_b_proj's weight."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def forward(self, hidden: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
+                cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """hidden ``[T, D]`` -> ``[T, D]``; kv_cache is this layer's view ``[num_pages, page_size, R + P]``."""
+        num_tokens = hidden.shape[0]
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+        q = q.view(num_tokens, self.num_heads, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = rope.apply(q_pe, cos, sin)
+
+        latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        k_pe = rope.apply(k_pe, cos, sin)
+        kv_cache[batch.write_pages, batch.write_slots] = torch.cat([latent, k_pe], dim=-1).to(kv_cache.dtype)
+
+        if batch.mode is ForwardMode.DECODE:
+            out = self._decode(q_nope, q_pe, batch, kv_cache)
+        else:
+            out = self._extend(q_nope, q_pe, batch, kv_cache)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))
+
+    def _extend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch,
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        assert batch.read_pages is not None and batch.read_slots is not None
+        context = kv_cache[batch.read_pages, batch.read_slots]  # [Tk, R + P], prefix and new tokens
+        ctx_latent, ctx_k_pe = context.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(ctx_latent).view(-1, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, ctx_k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        return kernels.mla_prefill_attention(q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_k, self.scale)
+
+    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch,
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        w_kc, w_vc = self._w_kc_vc()
+        q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_kc)
+        out_latent = kernels.mla_decode_attention(q_latent, q_pe, kv_cache, batch.page_table, batch.seq_lens,
+                                                  self.scale)
+        return torch.einsum("bhr,hvr->bhv", out_latent, w_vc)

@@ -1,0 +1,125 @@
+"""What one model forward computes: a batch of sequences, each with new tokens after a cached prefix."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from engine.kv_pool import KVPool
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = "extend"  # prefill new tokens (any count) after a prefix already in the pages
+    DECODE = "decode"  # exactly one new token per sequence, absorbed attention over the pages
+
+
+@dataclass
+class ForwardBatch:
+    """A batch for ``DeepseekForCausalLM.forward``; build it with ``ForwardBatch.build``.
+
+    Attributes:
+        mode: EXTEND or DECODE.
+        input_ids: ``[T]`` int64, the new tokens of every sequence, concatenated.
+        positions: ``[T]`` int64, position of each new token (its sequence's prefix length + offset).
+        extend_lens / prefix_lens / seq_lens: int32 ``[B]``; seq_len = prefix_len + extend_len.
+        page_table: int32 ``[B, max_pages]``, padded with -1.
+        cu_seqlens_q / cu_seqlens_k: int32 ``[B+1]`` cumulative new / total tokens.
+        write_pages / write_slots: int64 ``[T]``, where each new token's latent goes.
+        read_pages / read_slots: int64 ``[sum(seq_lens)]``, EXTEND only: every token of every sequence,
+            the full context whose latent is decompressed to K/V.
+        kv_pool: the pool the page indices refer to (read and written by every layer).
+        return_all_logits: also return logits of every new token (tests, scoring).
+    """
+
+    mode: ForwardMode
+    kv_pool: KVPool
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    extend_lens: torch.Tensor
+    prefix_lens: torch.Tensor
+    seq_lens: torch.Tensor
+    page_table: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    write_pages: torch.Tensor
+    write_slots: torch.Tensor
+    read_pages: torch.Tensor | None
+    read_slots: torch.Tensor | None
+    return_all_logits: bool = False
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.extend_lens.shape[0])
+
+    @classmethod
+    def build(
+        cls,
+        mode: ForwardMode,
+        new_token_ids: list[list[int]],
+        prefix_lens: list[int],
+        page_tables: list[list[int]],
+        kv_pool: KVPool,
+        return_all_logits: bool = False,
+    ) -> ForwardBatch:
+        page_size, device = kv_pool.page_size, kv_pool.tensor.device
+        if not new_token_ids:
+            raise ValueError("a forward batch needs at least one sequence")
+        if not len(new_token_ids) == len(prefix_lens) == len(page_tables):
+            raise ValueError("new_token_ids, prefix_lens and page_tables must have one entry per sequence")
+        extend_lens = [len(ids) for ids in new_token_ids]
+        if min(extend_lens) < 1:
+            raise ValueError("every sequence needs at least one new token")
+        if mode is ForwardMode.DECODE and max(extend_lens) != 1:
+            raise ValueError("decode batches take exactly one new token per sequence")
+        seq_lens = [p + n for p, n in zip(prefix_lens, extend_lens, strict=True)]
+        for i, (length, table) in enumerate(zip(seq_lens, page_tables, strict=True)):
+            if len(table) * page_size < length:
+                raise ValueError(f"sequence {i} has {length} tokens but only {len(table)} pages of {page_size}")
+
+        max_pages = max(len(t) for t in page_tables)
+        table = torch.full((len(page_tables), max_pages), -1, dtype=torch.int32)
+        for i, t in enumerate(page_tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+
+        positions = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix_lens, extend_lens, strict=True)])
+        seq_index = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(extend_lens))
+        write_pages = table[seq_index, positions // page_size].long()
+        write_slots = positions % page_size
+
+        read_pages = read_slots = None
+        if mode is ForwardMode.EXTEND:
+            all_pos = torch.cat([torch.arange(n) for n in seq_lens])
+            all_seq = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(seq_lens))
+            read_pages = table[all_seq, all_pos // page_size].long().to(device)
+            read_slots = (all_pos % page_size).to(device)
+
+        def cumsum(lengths: list[int]) -> torch.Tensor:
+            return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+        return cls(
+            mode=mode,
+            kv_pool=kv_pool,
+            input_ids=torch.tensor([t for ids in new_token_ids for t in ids], dtype=torch.long, device=device),
+            positions=positions.to(device),
+            extend_lens=torch.tensor(extend_lens, dtype=torch.int32, device=device),
+            prefix_lens=torch.tensor(prefix_lens, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            page_table=table.to(device),
+            cu_seqlens_q=cumsum(extend_lens),
+            cu_seqlens_k=cumsum(seq_lens),
+            write_pages=write_pages.to(device),
+            write_slots=write_slots.to(device),
+            read_pages=read_pages,
+            read_slots=read_slots,
+            return_all_logits=return_all_logits,
+        )
+
+
+@dataclass
+class ForwardOutput:
+    """``next_token_logits`` ``[B, V]`` (last new token of each sequence); ``all_logits`` ``[T, V]`` if asked."""
+
+    next_token_logits: torch.Tensor
+    all_logits: torch.Tensor | None = None

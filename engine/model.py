@@ -1,0 +1,77 @@
+"""DeepSeek-V2/V3 causal LM (MLA + MoE) running on ForwardBatch over the paged latent KV pool."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.attention import MLAttention
+from engine.config import ModelConfig
+from engine.forward_batch import ForwardBatch, ForwardOutput
+from engine.layers import ParallelLMHead, RMSNorm, VocabParallelEmbedding
+from engine.moe import DenseMLP, Dispatcher, MoEBlock
+from engine.parallel import ParallelContext
+from engine.rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, ctx: ParallelContext, dtype: torch.dtype,
+                 device: torch.device | str, dispatcher: Dispatcher | None) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.self_attn = MLAttention(config, layer_id, ctx, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.mlp: nn.Module
+        if config.is_moe_layer(layer_id):
+            self.mlp = MoEBlock(config, ctx, dtype, device, dispatcher)
+        else:
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, ctx, dtype, device)
+
+    def forward(self, hidden: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        kv_cache = batch.kv_pool.layer(self.layer_id)
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), batch, rope, cos, sin, kv_cache)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class DeepseekForCausalLM(nn.Module):
+    """The whole model on one rank. Parameter names follow the HF checkpoint (``model.layers.N...``),
+    except routed experts, which live packed per layer as ``mlp.w13`` / ``mlp.w2`` (see engine.weights).
+    """
+
+    def __init__(self, config: ModelConfig, ctx: ParallelContext | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", dispatcher: Dispatcher | None = None) -> None:
+        super().__init__()
+        ctx = ctx or ParallelContext.single()
+        self.config, self.ctx, self.dtype, self.device = config, ctx, dtype, torch.device(device)
+        self.model = nn.Module()
+        self.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp_rank,
+                                                         ctx.tp_size, ctx.tp_group, dtype, device)
+        self.model.layers = nn.ModuleList(
+            DecoderLayer(config, i, ctx, dtype, device, dispatcher) for i in range(config.num_hidden_layers)
+        )
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp_rank, ctx.tp_size,
+                                      ctx.tp_group, dtype, device)
+        self.rope = RotaryEmbedding(config.rope, config.qk_rope_head_dim, config.rope_interleave,
+                                    min(config.max_position_embeddings, 8192), device)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> ForwardOutput:
+        vocab = self.config.vocab_size
+        if batch.input_ids.numel() and (int(batch.input_ids.min()) < 0 or int(batch.input_ids.max()) >= vocab):
+            bad = int(batch.input_ids.max()) if int(batch.input_ids.max()) >= vocab else int(batch.input_ids.min())
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if batch.kv_pool.num_layers != self.config.num_hidden_layers:
+            raise ValueError(f"KV pool has {batch.kv_pool.num_layers} layers, model has "
+                             f"{self.config.num_hidden_layers}")
+        hidden = self.model.embed_tokens(batch.input_ids)
+        cos, sin = self.rope.cos_sin(batch.positions)
+        for layer in self.model.layers:
+            hidden = layer(hidden, batch, self.rope, cos, sin)
+        last = batch.cu_seqlens_q[1:].long() - 1
+        if batch.return_all_logits:
+            all_logits = self.lm_head(self.model.norm(hidden))
+            return ForwardOutput(all_logits[last], all_logits)
+        return ForwardOutput(self.lm_head(self.model.norm(hidden[last])))

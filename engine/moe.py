@@ -1,0 +1,158 @@
+"""Feed-forward blocks: the dense SiLU MLP and the routed MoE with shared experts.
+
+The MoE runs router top-k -> dispatch -> local experts (``kernels.moe_forward``) -> combine. The
+dispatcher is the seam for expert parallelism: ``LocalDispatcher`` keeps every token on this rank
+(identity with one rank; with several ranks holding replicated tokens, experts off this rank
+contribute 0 and ``combine`` sums over ranks). An EP all-to-all dispatcher (``kernels/ep.py``)
+implements the same two methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from engine.config import ModelConfig
+from engine.layers import ColumnParallelLinear, RowParallelLinear
+from engine.parallel import ParallelContext, all_reduce
+
+
+class DenseMLP(nn.Module):
+    """SiLU-gated MLP, gate/up column-parallel and down row-parallel over the TP group."""
+
+    def __init__(self, hidden: int, intermediate: int, ctx: ParallelContext, dtype: torch.dtype,
+                 device: torch.device | str, reduce_output: bool = True) -> None:
+        super().__init__()
+        rank, size = ctx.tp_rank, ctx.tp_size
+        self.gate_proj = ColumnParallelLinear(hidden, intermediate, False, rank, size, dtype, device)
+        self.up_proj = ColumnParallelLinear(hidden, intermediate, False, rank, size, dtype, device)
+        # A shared expert skips its own all-reduce: the MoE block sums it together with the routed output.
+        self.down_proj = RowParallelLinear(intermediate, hidden, False, rank, size, ctx.tp_group, dtype, device,
+                                           reduce_results=reduce_output)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TopKRouter(nn.Module):
+    """Chooses ``num_experts_per_tok`` experts per token, by the V2 or V3 rule (in float32).
+
+    V2: softmax scores; "greedy" top-k or "group_limited_greedy" (top groups by their best expert).
+    V3 ("noaux_tc"): sigmoid scores; ``e_score_correction_bias`` is added for the choice only; groups
+    ranked by the sum of their two best biased scores; weights are the unbiased scores.
+    Then optional normalisation and ``routed_scaling_factor``.
+    """
+
+    def __init__(self, config: ModelConfig, device: torch.device | str) -> None:
+        super().__init__()
+        self.config = config
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32,
+                                               device=device), requires_grad=False)
+        self.e_score_correction_bias: torch.Tensor | None = None
+        if config.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(
+                torch.zeros(self.num_experts, dtype=torch.float32, device=device), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden ``[T, D]`` -> (topk_weights float32 ``[T, K]``, topk_ids int64 ``[T, K]``, global ids)."""
+        cfg = self.config
+        logits = F.linear(hidden.float(), self.weight)
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores
+        if self.e_score_correction_bias is not None:
+            choice = scores + self.e_score_correction_bias
+        if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and cfg.n_group > 1:
+            grouped = choice.view(-1, cfg.n_group, self.num_experts // cfg.n_group)
+            if cfg.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            else:
+                group_scores = grouped.max(dim=-1).values
+            group_idx = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
+            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, self.num_experts)
+            # V3 masks with -inf (biased scores may be negative); V2 with 0 (softmax scores are > 0).
+            fill = float("-inf") if cfg.topk_method == "noaux_tc" else 0.0
+            choice = choice.masked_fill(~expert_mask, fill)
+        topk_ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]
+        topk_weights = scores.gather(1, topk_ids)
+        if cfg.norm_topk_prob and self.top_k > 1:
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_weights * cfg.routed_scaling_factor, topk_ids
+
+
+@dataclass
+class DispatchedTokens:
+    """Tokens as the local experts see them: hidden ``[N, D]``, local ids ``[N, K]`` (-1 = elsewhere)."""
+
+    hidden: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    handle: Any = None
+
+
+class Dispatcher(Protocol):
+    def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> DispatchedTokens: ...
+
+    def combine(self, expert_out: torch.Tensor, dispatched: DispatchedTokens) -> torch.Tensor: ...
+
+
+class LocalDispatcher:
+    """Every rank sees every token; experts outside ``[expert_start, expert_end)`` are masked to -1."""
+
+    def __init__(self, expert_start: int, expert_end: int, group: Any = None, group_size: int = 1) -> None:
+        self.expert_start, self.expert_end = expert_start, expert_end
+        self.group, self.group_size = group, group_size
+
+    def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> DispatchedTokens:
+        local = topk_ids - self.expert_start
+        off_rank = (topk_ids < self.expert_start) | (topk_ids >= self.expert_end)
+        return DispatchedTokens(hidden, local.masked_fill(off_rank, -1), topk_weights)
+
+    def combine(self, expert_out: torch.Tensor, dispatched: DispatchedTokens) -> torch.Tensor:
+        return all_reduce(expert_out, self.group, self.group_size)
+
+
+class MoEBlock(nn.Module):
+    """Routed experts (this rank's contiguous range) plus the always-on shared experts."""
+
+    def __init__(self, config: ModelConfig, ctx: ParallelContext, dtype: torch.dtype,
+                 device: torch.device | str, dispatcher: Dispatcher | None = None) -> None:
+        super().__init__()
+        self.gate = TopKRouter(config, device)
+        self.expert_start, self.expert_end = ctx.expert_range(config.n_routed_experts)
+        num_local = self.expert_end - self.expert_start
+        inter, hidden = config.moe_intermediate_size, config.hidden_size
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden, dtype=dtype, device=device),
+                                requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=dtype, device=device),
+                               requires_grad=False)
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(
+            self.expert_start, self.expert_end, ctx.tp_group, ctx.tp_size)
+        self.shared_experts = None
+        if config.n_shared_experts:
+            self.shared_experts = DenseMLP(hidden, inter * config.n_shared_experts, ctx, dtype, device,
+                                           reduce_output=False)
+        self.ctx = ctx
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids = self.gate(hidden)
+        dispatched = self.dispatcher.dispatch(hidden, topk_ids, topk_weights)
+        expert_out = kernels.moe_forward(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights,
+                                         self.w13, self.w2)
+        if self.shared_experts is not None:
+            # Added before combine so one reduction covers both (shared output is a TP partial sum).
+            # An EP dispatcher that moves tokens adds the shared output after combine instead.
+            if isinstance(self.dispatcher, LocalDispatcher):
+                return self.dispatcher.combine(expert_out + self.shared_experts(hidden), dispatched)
+            return self.dispatcher.combine(expert_out, dispatched) + all_reduce(
+                self.shared_experts(hidden), self.ctx.tp_group, self.ctx.tp_size)
+        return self.dispatcher.combine(expert_out, dispatched)

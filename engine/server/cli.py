@@ -1,0 +1,51 @@
+"""Flags every worker role shares (SGLang's names where SGLang has one)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..runtime.launch import InstanceSpec
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", "--model-path", dest="model", default=None,
+                       help="HF checkpoint directory (config.json + safetensors); default: a tiny random "
+                            "DeepSeek-V3 written to runs/tiny-v3 on first use")
+    model.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                       help="'dummy': random weights of the checkpoint's shapes (config.json only)")
+    model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                       help="weights and KV dtype; auto = float32 on CPU, bfloat16 on CUDA")
+    model.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
+    model.add_argument("--served-model-name", default=None, help="name reported by /v1/models")
+
+    par = parser.add_argument_group("parallelism")
+    par.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1, help="ranks in this instance")
+    par.add_argument("--dp", "--dp-size", dest="dp", type=int, default=1,
+                     help="attention data-parallel groups (attn_tp = tp / dp)")
+    par.add_argument("--ep-backend", choices=["auto", "a2a", "local", "deepep"], default="auto",
+                     help="MoE dispatch/combine backend")
+    par.add_argument("--nnodes", type=int, default=1, help="nodes this instance spans")
+    par.add_argument("--node-rank", type=int, default=0, help="this node's index (0 serves HTTP)")
+    par.add_argument("--dist-init-addr", default=None, help="host:port of node 0 for torch.distributed")
+    par.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the ranks run")
+
+    mem = parser.add_argument_group("memory")
+    mem.add_argument("--page-size", type=int, default=64, help="tokens per KV page (same on P and D)")
+    mem.add_argument("--num-pages", type=int, default=None,
+                     help="KV pages per rank (default: derived from --max-total-tokens)")
+    mem.add_argument("--max-total-tokens", type=int, default=65536, help="KV capacity per DP group in tokens")
+    mem.add_argument("--max-running-requests", type=int, default=256, help="decode batch limit per DP group")
+    mem.add_argument("--context-length", type=int, default=None, help="max prompt + output tokens")
+
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    net.add_argument("--port", type=int, default=30000, help="HTTP port")
+    net.add_argument("--transfer-backend", choices=["nixl", "mooncake"], default="nixl",
+                     help="KV transfer engine")
+    net.add_argument("--log-level", default="info", help="python logging level")
+
+
+def instance_spec(args: argparse.Namespace) -> InstanceSpec:
+    return InstanceSpec(tp_size=args.tp, dp_size=args.dp, nnodes=args.nnodes, node_rank=args.node_rank,
+                        dist_init_addr=args.dist_init_addr, device=args.device)

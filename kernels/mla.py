@@ -1,0 +1,83 @@
+"""MLA attention, torch reference implementations.
+
+Signatures are a contract: fast backends (``kernels/triton_*.py``) implement the same functions and
+``kernels.dispatch`` picks one per device. Inputs may be strided views (e.g. ``pool[:, layer]``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mla_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention over variable-length sequences packed along the token axis.
+
+    q ``[Tq, H, Dqk]``, k ``[Tk, H, Dqk]``, v ``[Tk, H, Dv]``; ``cu_seqlens_*`` int32 ``[B+1]``.
+    Bottom-right aligned: query i of a sequence with lengths (lq, lk) sees keys j <= i + lk - lq, so a
+    sequence whose first lk - lq keys are a cached prefix attends to all of them.
+    Returns ``[Tq, H, Dv]`` in q's dtype; softmax in float32.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError("q, k, v must be [tokens, heads, dim]")
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    bounds_q = cu_seqlens_q.tolist()
+    bounds_k = cu_seqlens_k.tolist()
+    if len(bounds_q) != len(bounds_k):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k describe different batch sizes")
+    # One matmul per sequence: the loop is over sequences (few), never over tokens.
+    for b in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+        lq, lk = q1 - q0, k1 - k0
+        if lq == 0:
+            continue
+        if lk < lq:
+            raise ValueError(f"sequence {b} has fewer keys ({lk}) than queries ({lq})")
+        qs = q[q0:q1].transpose(0, 1)  # [H, lq, D]
+        ks = k[k0:k1].transpose(0, 1)
+        vs = v[k0:k1].transpose(0, 1)
+        scores = torch.matmul(qs, ks.transpose(1, 2)).float() * scale  # [H, lq, lk]
+        rows = torch.arange(lq, device=q.device)[:, None]
+        cols = torch.arange(lk, device=q.device)[None, :]
+        scores.masked_fill_(cols > rows + (lk - lq), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        out[q0:q1] = torch.matmul(probs, vs).transpose(0, 1)
+    return out
+
+
+def mla_decode_attention(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Absorbed MLA decode over a paged latent cache, one query token per sequence.
+
+    q_latent ``[B, H, R]`` (q_nope already multiplied by W_UK), q_rope ``[B, H, P]``; kv_cache
+    ``[num_pages, page_size, R + P]`` (the latent then k_pe; may be strided); page_table int32
+    ``[B, max_pages]`` (entries past a sequence's pages are ignored); seq_lens int32 ``[B]`` including
+    the current token. Returns the attention-weighted latent ``[B, H, R]`` (the caller applies W_UV).
+    """
+    batch, _, rank = q_latent.shape
+    page_size = kv_cache.shape[1]
+    if kv_cache.shape[2] != rank + q_rope.shape[-1]:
+        raise ValueError(f"kv_cache last dim {kv_cache.shape[2]} != {rank} + {q_rope.shape[-1]}")
+    max_pages = page_table.shape[1]
+    # Gather every sequence's pages into [B, max_pages * page_size, R + P]; padding is masked below.
+    pages = page_table.long().clamp(min=0)
+    kv = kv_cache[pages].reshape(batch, max_pages * page_size, -1)
+    latent, k_rope = kv[..., :rank], kv[..., rank:]
+    scores = torch.matmul(q_latent, latent.transpose(1, 2)) + torch.matmul(q_rope, k_rope.transpose(1, 2))
+    scores = scores.float() * scale  # [B, H, S]
+    positions = torch.arange(max_pages * page_size, device=q_latent.device)
+    scores.masked_fill_((positions[None, :] >= seq_lens.long()[:, None])[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(latent.dtype)
+    return torch.matmul(probs, latent)
