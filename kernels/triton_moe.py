@@ -1,0 +1,430 @@
+"""MoE expert compute as grouped GEMMs on the GPU: Triton kernels and a `torch._grouped_mm` path.
+
+Same functions as `kernels.moe`:
+  - `moe_forward_triton` / `moe_forward_grouped_mm`: the contiguous (DeepEP high-throughput) layout.
+    Routed (token, slot) pairs are sorted by expert on the device; each expert's run is padded to a
+    multiple of BLOCK_M so every row block of the grouped GEMM belongs to one expert.
+  - `moe_forward_masked_triton`: DeepEP's low-latency layout `[E, capacity, D]` with per-expert counts.
+    Fixed grid and shapes, no host sync: safe to capture in a CUDA graph. Row blocks past an expert's
+    count skip the matmul and only write zeros, so the work follows the real token count, not capacity.
+
+Both use one kernel, `_moe_gemm_kernel`, run twice: first `x @ w13[e]^T` with the gate and up halves
+in two accumulators and SiLU(gate) * up fused into the epilogue (the [*, 2I] intermediate never
+reaches memory), then `h @ w2[e]^T`, optionally scaled by the routing weight.
+
+`deep_gemm` hook: `deep_gemm_available()` reports whether DeepGEMM is importable. It is not installed on
+the machines tested here, so nothing calls it yet; its masked grouped GEMM (fp8) would slot in behind
+`moe_forward_masked` once a build exists.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    weight_ptr,
+    sorted_rows_ptr,
+    block_expert_ptr,
+    rows_padded_ptr,
+    counts_ptr,
+    num_valid_rows,
+    N,
+    K,
+    capacity,
+    stride_ae,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bn,
+    stride_bk,
+    stride_ce,
+    stride_cm,
+    stride_cn,
+    A_ROW_DIV: tl.constexpr,
+    GATED: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    MASKED: tl.constexpr,
+    ZERO_TAIL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    if MASKED:
+        num_m = tl.cdiv(capacity, BLOCK_M)
+    else:
+        num_m = tl.num_programs(0) // num_n
+    # Grouped launch order: GROUP_M row blocks share each weight tile while it is hot in L2.
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+
+    if MASKED:
+        expert = tl.program_id(1).to(tl.int64)
+        count = tl.load(counts_ptr + expert)
+        a_base = a_ptr + expert * stride_ae
+        c_base = c_ptr + expert * stride_ce
+        a_rows = offs_m.to(tl.int64)
+        c_rows = a_rows
+        row_mask = offs_m < count
+        store_mask = offs_m < capacity
+        if pid_m * BLOCK_M >= count:
+            # The matmul is skipped. The final output's rows past the count are defined as zero;
+            # the intermediate's are never read, so the first GEMM writes nothing there.
+            if ZERO_TAIL:
+                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
+                tl.store(
+                    c_base + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+                    zero,
+                    mask=store_mask[:, None] & n_mask[None, :],
+                )
+            return
+    else:
+        if pid_m * BLOCK_M >= tl.load(rows_padded_ptr):
+            return
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        rows = tl.load(sorted_rows_ptr + offs_m)
+        row_mask = rows < num_valid_rows
+        a_base = a_ptr
+        c_base = c_ptr
+        a_rows = (rows // A_ROW_DIV).to(tl.int64)
+        c_rows = rows.to(tl.int64)
+        store_mask = row_mask
+
+    a_ptrs = a_base + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k0 * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if GATED:
+            # w13 holds the gate rows then the up rows: the up partner of column n is row N + n.
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if MUL_WEIGHT:
+        w = tl.load(weight_ptr + c_rows, mask=row_mask, other=0.0)
+        acc = acc * w[:, None].to(tl.float32)
+    tl.store(
+        c_base + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+        acc.to(c_ptr.dtype.element_ty),
+        mask=store_mask[:, None] & n_mask[None, :],
+    )
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape of one grouped-GEMM launch (compile-time constants)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def default_gemm_config(rows_per_expert: int, dtype: torch.dtype) -> GemmConfig:
+    """Tiles by the expected rows per expert (a shape, never a device value).
+
+    Few rows (decode): a 16-row tile wastes the least padding, the GEMM is bound by reading weights.
+    Many rows (prefill): 64 x 128 tiles with 8 warps hold both gate and up accumulators in registers.
+    fp32 (the tiny test model) uses small K tiles so two operand stages fit in shared memory.
+    """
+    if dtype == torch.float32:
+        return GemmConfig(block_m=16 if rows_per_expert <= 16 else 32, block_n=64, block_k=32, group_m=8,
+                          num_warps=4, num_stages=2)
+    if rows_per_expert <= 16:
+        return GemmConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
+    if rows_per_expert <= 64:
+        return GemmConfig(block_m=32, block_n=64, block_k=128, group_m=4, num_warps=4, num_stages=4)
+    return GemmConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _validate_weights(hidden_dim: int, w13: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype) -> int:
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} must be [E, *, *]")
+    num_experts, two_i, d = w13.shape
+    if d != hidden_dim or two_i % 2 or w2.shape != (num_experts, hidden_dim, two_i // 2):
+        raise ValueError(
+            f"weights do not fit hidden size {hidden_dim}: w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}"
+        )
+    if w13.dtype != dtype or w2.dtype != dtype:
+        raise ValueError(f"weights are {w13.dtype}/{w2.dtype}, activations {dtype}")
+    return num_experts
+
+
+@dataclass(frozen=True)
+class ExpertSort:
+    """Routed (token, slot) rows sorted by expert, each expert's run padded to a multiple of block_m.
+
+    sorted_rows: flat row index `token * top_k + slot` per padded position (padding = num_rows);
+    block_expert: the expert of each row block; rows_padded: one-element total of padded rows.
+    """
+
+    sorted_rows: torch.Tensor
+    block_expert: torch.Tensor
+    rows_padded: torch.Tensor
+    num_rows: int
+    max_blocks: int
+
+
+def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertSort:
+    """Builds the padded expert-sorted row list on the device with no host sync."""
+    device = topk_ids.device
+    flat = topk_ids.reshape(-1).long()
+    num_rows = flat.numel()
+    # Rows routed elsewhere (-1) go to a sentinel expert E that sorts last and gets no blocks.
+    flat = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    counts[num_experts] = 0  # the sentinel's rows are dropped
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_ends = torch.cumsum(padded, 0)
+    padded_starts = padded_ends - padded
+    unpadded_starts = torch.cumsum(counts, 0) - counts
+
+    max_blocks = triton.cdiv(num_rows + min(num_experts, num_rows) * (block_m - 1), block_m)
+    dump = max_blocks * block_m  # scatter target for dropped rows, past everything the kernel reads
+    order = torch.argsort(flat, stable=True)
+    sorted_expert = flat[order]
+    rank_in_expert = torch.arange(num_rows, device=device) - unpadded_starts[sorted_expert]
+    dest = torch.where(
+        sorted_expert < num_experts, padded_starts[sorted_expert] + rank_in_expert, torch.full_like(order, dump)
+    )
+    sorted_rows = torch.full((dump + 1,), num_rows, dtype=torch.int32, device=device)
+    sorted_rows.scatter_(0, dest, order.to(torch.int32))
+    block_starts = torch.arange(max_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(padded_ends[:num_experts], block_starts, right=True).to(torch.int32)
+    return ExpertSort(
+        sorted_rows=sorted_rows,
+        block_expert=block_expert,
+        rows_padded=padded_ends[num_experts - 1 : num_experts].to(torch.int32),
+        num_rows=num_rows,
+        max_blocks=max_blocks,
+    )
+
+
+def _launch_contiguous(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    sort: ExpertSort,
+    weights: torch.Tensor | None,
+    a_row_div: int,
+    gated: bool,
+    cfg: GemmConfig,
+) -> None:
+    n = w.shape[1] // 2 if gated else w.shape[1]
+    grid = (sort.max_blocks * triton.cdiv(n, cfg.block_n),)
+    _moe_gemm_kernel[grid](
+        a, w, out, weights if weights is not None else out,
+        sort.sorted_rows, sort.block_expert, sort.rows_padded, sort.rows_padded,
+        sort.num_rows, n, w.shape[2], 0,
+        0, a.stride(0), a.stride(1),
+        w.stride(0), w.stride(1), w.stride(2),
+        0, out.stride(0), out.stride(1),
+        A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=weights is not None, MASKED=False, ZERO_TAIL=False,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        DOT_PRECISION=_dot_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def moe_forward_triton(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """Contiguous-layout MoE (same contract as `kernels.moe.moe_forward`) with the Triton grouped GEMM."""
+    num_tokens, top_k = _validate_routing(hidden, topk_ids, topk_weights)
+    num_experts = _validate_weights(hidden.shape[1], w13, w2, hidden.dtype)
+    if num_tokens == 0 or top_k == 0 or num_experts == 0:
+        return torch.zeros_like(hidden)
+    cfg = config or default_gemm_config(num_tokens * top_k // max(1, num_experts), hidden.dtype)
+    sort = sort_by_expert(topk_ids, num_experts, cfg.block_m)
+    inter = torch.empty((num_tokens * top_k, w2.shape[2]), dtype=hidden.dtype, device=hidden.device)
+    _launch_contiguous(hidden, w13, inter, sort, None, top_k, True, cfg)
+    # Rows routed elsewhere are never written by the second GEMM: start from zeros.
+    per_slot = torch.zeros((num_tokens * top_k, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
+    _launch_contiguous(inter, w2, per_slot, sort, topk_weights.reshape(-1).contiguous(), 1, False, cfg)
+    return per_slot.view(num_tokens, top_k, -1).sum(dim=1)
+
+
+def grouped_mm_available(dtype: torch.dtype, device: torch.device) -> bool:
+    """`torch._grouped_mm` runs bf16 on Hopper (sm90) and newer; other cases use the Triton kernel."""
+    if not hasattr(torch, "_grouped_mm") or dtype != torch.bfloat16 or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def moe_forward_grouped_mm(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """Contiguous-layout MoE through `torch._grouped_mm` (bf16, sm90+): sort, two grouped GEMMs, scatter."""
+    num_tokens, top_k = _validate_routing(hidden, topk_ids, topk_weights)
+    num_experts = _validate_weights(hidden.shape[1], w13, w2, hidden.dtype)
+    if num_tokens == 0 or top_k == 0 or num_experts == 0:
+        return torch.zeros_like(hidden)
+    flat = topk_ids.reshape(-1).long()
+    flat = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=hidden.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    offs = torch.cumsum(counts[:num_experts], 0).to(torch.int32)
+    x = hidden[order // top_k]
+    gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
+    gate, up = gate_up.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+    # Rows past offs[-1] (routed elsewhere) are left unspecified by _grouped_mm: zero them, never scale.
+    keep = (flat[order] < num_experts)[:, None]
+    y = torch.where(keep, y * topk_weights.reshape(-1)[order, None].to(y.dtype), torch.zeros_like(y))
+    per_slot = torch.empty_like(y).index_copy_(0, order, y)
+    return per_slot.view(num_tokens, top_k, -1).sum(dim=1)
+
+
+def moe_forward_masked_triton(
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    config: GemmConfig | None = None,
+    expected_rows_per_expert: int | None = None,
+) -> torch.Tensor:
+    """Masked-layout MoE (same contract as `kernels.moe.moe_forward_masked`), CUDA-graph safe.
+
+    `expected_rows_per_expert` (a shape hint, e.g. batch * top_k / experts) picks the tile; without it
+    the capacity is used. Counts above the capacity are refused outside graph capture (the check
+    needs a host sync); inside a capture they are clamped by the kernel's row mask.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [E, capacity, D], got {tuple(x.shape)}")
+    num_experts = _validate_weights(x.shape[2], w13, w2, x.dtype)
+    if x.shape[0] != num_experts or counts.shape != (num_experts,):
+        raise ValueError(f"x {tuple(x.shape)} / counts {tuple(counts.shape)} do not match {num_experts} experts")
+    if counts.dtype not in (torch.int32, torch.int64) or counts.device != x.device:
+        raise ValueError(f"counts must be an integer tensor on {x.device}, got {counts.dtype} on {counts.device}")
+    capacity = x.shape[1]
+    if not _capturing(x.device) and counts.numel() and int(counts.max()) > capacity:
+        raise ValueError(f"an expert has {int(counts.max())} rows, capacity is {capacity}")
+    out = torch.empty_like(x)
+    if num_experts == 0 or capacity == 0:
+        return out
+    hint = capacity if expected_rows_per_expert is None else expected_rows_per_expert
+    cfg = config or default_gemm_config(hint, x.dtype)
+    inter = torch.empty((num_experts, capacity, w2.shape[2]), dtype=x.dtype, device=x.device)
+    _launch_masked(x, w13, inter, counts, True, cfg)
+    _launch_masked(inter, w2, out, counts, False, cfg)
+    return out
+
+
+def _launch_masked(
+    a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, counts: torch.Tensor, gated: bool, cfg: GemmConfig
+) -> None:
+    n = w.shape[1] // 2 if gated else w.shape[1]
+    capacity = a.shape[1]
+    grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(n, cfg.block_n), a.shape[0])
+    _moe_gemm_kernel[grid](
+        a, w, out, out,
+        counts, counts, counts, counts,
+        0, n, w.shape[2], capacity,
+        a.stride(0), a.stride(1), a.stride(2),
+        w.stride(0), w.stride(1), w.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        A_ROW_DIV=1, GATED=gated, MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        DOT_PRECISION=_dot_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def _validate_routing(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple[int, int]:
+    if hidden.dim() != 2 or topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} must be [T, D], topk_ids {tuple(topk_ids.shape)} and "
+            f"topk_weights {tuple(topk_weights.shape)} [T, K]"
+        )
+    if topk_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{hidden.shape[0]} tokens but {topk_ids.shape[0]} routing rows")
+    if topk_ids.dtype.is_floating_point:
+        raise ValueError(f"topk_ids must be integers, got {topk_ids.dtype}")
+    if hidden.stride(1) != 1:
+        raise ValueError("hidden must be contiguous in its last dim")
+    return topk_ids.shape[0], topk_ids.shape[1]
+
+
+def _check_expert_range(topk_ids: torch.Tensor, num_experts: int) -> None:
+    # A host sync: prefill (the only caller of the contiguous path) is not graph-captured.
+    if topk_ids.numel() and not _capturing(topk_ids.device):
+        top = int(topk_ids.max())
+        if top >= num_experts:
+            raise ValueError(f"topk_ids holds expert {top} but only {num_experts} are local")
+
+
+@functools.lru_cache(maxsize=1)
+def deep_gemm_available() -> bool:
+    """Whether DeepGEMM is importable (not on the machines tested so far; see the module docstring)."""
+    try:
+        import deep_gemm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def moe_forward_gpu(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """The contiguous path the backend selector routes to: the faster of the two measured on H100."""
+    _check_expert_range(topk_ids, w13.shape[0])
+    if PREFER_GROUPED_MM and grouped_mm_available(hidden.dtype, hidden.device):
+        return moe_forward_grouped_mm(hidden, topk_ids, topk_weights, w13, w2)
+    return moe_forward_triton(hidden, topk_ids, topk_weights, w13, w2)
+
+
+# Set from bench/kernels_gpu.py's measurement on the device (see bench/results/kernels_gpu.json).
+PREFER_GROUPED_MM = False
