@@ -1,0 +1,257 @@
+"""The bootstrap service a prefill instance runs on its `bootstrap_port`, and the client both sides use.
+
+Prefill ranks register (rank, parallel layout, page and aux layout, transfer engine, control endpoint);
+decode ranks look the instance up once and cache it. The service checks every registration against the
+instance's layout and the ranks already registered, and refuses one that conflicts with a 409.
+
+HTTP API (JSON bodies are `kvtransfer.messages` types; errors are `{"error": {"message", "type", "code"}}`):
+    PUT    /v1/ranks       RankRegistration   register or re-register (a restart) a rank
+    DELETE /v1/ranks       Deregistration     a rank leaves (only the session that registered it)
+    GET    /v1/instance    -> InstanceInfo    the layout and every registered rank
+    GET    /health         200 when every rank is registered, 503 while some are missing
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from kvtransfer.mapping import ParallelLayout
+from kvtransfer.messages import (
+    Deregistration,
+    InstanceInfo,
+    RankRegistration,
+    decode_json,
+    encode_json,
+)
+from kvtransfer.state import KVBootstrapError, KVProtocolError
+
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, message: str, code: str) -> web.Response:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "code": code}}
+    return web.Response(status=status, body=msgspec.json.encode(body), content_type="application/json")
+
+
+def _conflict(registration: RankRegistration, parallel: ParallelLayout, others: list[RankRegistration]) -> str | None:
+    """Why `registration` cannot join an instance with layout `parallel` and ranks `others`, or None."""
+    if (registration.tp_size, registration.dp_size) != (parallel.tp_size, parallel.dp_size):
+        return (
+            f"rank {registration.rank} registers tp_size {registration.tp_size} dp_size {registration.dp_size}, "
+            f"the instance is tp_size {parallel.tp_size} dp_size {parallel.dp_size}"
+        )
+    if not 0 <= registration.rank < parallel.tp_size:
+        return f"rank {registration.rank} out of range [0, {parallel.tp_size})"
+    for other in others:
+        if other.rank == registration.rank:
+            continue  # a re-registration (restart) replaces the old entry
+        if other.control_endpoint == registration.control_endpoint:
+            return f"rank {registration.rank} uses control endpoint {other.control_endpoint} of rank {other.rank}"
+        if other.engine_kind != registration.engine_kind:
+            return f"rank {registration.rank} uses a {registration.engine_kind} engine, rank {other.rank} {other.engine_kind}"
+        why = registration.page_layout.compatible_with(other.page_layout)
+        if why:
+            return f"rank {registration.rank}'s page layout does not match rank {other.rank}'s: {why}"
+        if registration.aux_layout.slot_bytes != other.aux_layout.slot_bytes:
+            return f"rank {registration.rank}'s aux slots differ in size from rank {other.rank}'s"
+    return None
+
+
+class BootstrapService:
+    """The prefill instance's registry of ranks, served over HTTP from a thread of its own.
+
+    Supports: registration with conflict checks, re-registration after a rank restarts, deregistration,
+    lookup, health. Attributes: `host`, `port` (the bound port: pass 0 to pick a free one), `instance_id`
+    (new on every start, so a cached lookup of a restarted instance is recognisably stale).
+
+    Args:
+        parallel: the prefill instance's tp_size / dp_size; registrations must agree with it.
+        host: interface to listen on.
+        port: port to listen on; 0 picks a free one.
+    Call `close()` to stop the server and join its thread.
+    """
+
+    def __init__(self, parallel: ParallelLayout, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.parallel = parallel
+        self.host = host
+        self.instance_id = uuid.uuid4().hex
+        self._ranks: dict[int, RankRegistration] = {}
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, args=(port,), name="kv-bootstrap", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            self._loop.close()
+            raise KVBootstrapError(f"bootstrap service cannot listen on {host}:{port}: {self._start_error}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def num_registered(self) -> int:
+        return len(self._ranks)
+
+    # --- server thread ------------------------------------------------------------------------------
+    def _serve(self, port: int) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start(port))
+        except BaseException as exc:  # reported to the constructor, which raises it
+            self._start_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup() if self._runner else asyncio.sleep(0))
+
+    async def _start(self, port: int) -> None:
+        app = web.Application()
+        app.router.add_put("/v1/ranks", self._register)
+        app.router.add_delete("/v1/ranks", self._deregister)
+        app.router.add_get("/v1/instance", self._instance)
+        app.router.add_get("/health", self._health)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    # --- handlers (all run on the server's loop: no lock needed) ------------------------------------
+    async def _register(self, request: web.Request) -> web.Response:
+        try:
+            registration = decode_json(await request.read(), RankRegistration)
+        except KVProtocolError as exc:
+            return _error(400, str(exc), "bad_registration")
+        why = _conflict(registration, self.parallel, list(self._ranks.values()))
+        if why:
+            log.warning("bootstrap %s refused a registration: %s", self.address, why)
+            return _error(409, why, "conflicting_registration")
+        self._ranks[registration.rank] = registration
+        return web.json_response({"instance_id": self.instance_id, "registered": len(self._ranks)})
+
+    async def _deregister(self, request: web.Request) -> web.Response:
+        try:
+            leaving = decode_json(await request.read(), Deregistration)
+        except KVProtocolError as exc:
+            return _error(400, str(exc), "bad_deregistration")
+        current = self._ranks.get(leaving.rank)
+        if current is None:
+            return _error(404, f"rank {leaving.rank} is not registered", "not_registered")
+        if current.session != leaving.session:
+            return _error(409, f"rank {leaving.rank} was re-registered by another session", "stale_session")
+        del self._ranks[leaving.rank]
+        return web.json_response({"registered": len(self._ranks)})
+
+    async def _instance(self, request: web.Request) -> web.Response:
+        info = InstanceInfo(
+            instance_id=self.instance_id,
+            tp_size=self.parallel.tp_size,
+            dp_size=self.parallel.dp_size,
+            ranks=[self._ranks[r] for r in sorted(self._ranks)],
+        )
+        return web.Response(body=encode_json(info), content_type="application/json")
+
+    async def _health(self, request: web.Request) -> web.Response:
+        complete = len(self._ranks) == self.parallel.tp_size
+        body = {
+            "status": "ok" if complete else "starting",
+            "registered": len(self._ranks),
+            "tp_size": self.parallel.tp_size,
+        }
+        return web.json_response(body, status=200 if complete else 503)
+
+    def close(self) -> None:
+        """Stop serving and join the server thread. Idempotent."""
+        if not self._thread.is_alive():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+class BootstrapClient:
+    """Talks to bootstrap services (blocking; each request bounded by `timeout_s`). Lookups are cached per
+    instance address until `invalidate` (a peer restarted or died) — safe to share between threads."""
+
+    def __init__(self, timeout_s: float = 5.0) -> None:
+        self.timeout_s = timeout_s
+        self._cache: dict[str, InstanceInfo] = {}
+        self._lock = threading.Lock()
+
+    def _request(self, method: str, url: str, body: bytes | None = None) -> bytes:
+        request = urllib.request.Request(url, data=body, method=method)
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return response.read()
+        except urllib.error.HTTPError as exc:
+            raise KVBootstrapError(f"{method} {url} failed with {exc.code}: {_error_message(exc.read())}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise KVBootstrapError(f"bootstrap service at {url} is unreachable: {reason}") from None
+
+    def register(self, address: str, registration: RankRegistration) -> None:
+        """Register a rank; retries while the service is not up yet (rank 0 may still be starting it)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                self._request("PUT", f"http://{address}/v1/ranks", encode_json(registration))
+                return
+            except KVBootstrapError as exc:
+                if "unreachable" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
+
+    def deregister(self, address: str, rank: int, session: str) -> None:
+        self._request("DELETE", f"http://{address}/v1/ranks", encode_json(Deregistration(rank=rank, session=session)))
+
+    def lookup(self, host: str, port: int) -> InstanceInfo:
+        """The prefill instance at host:port with every rank registered; `KVBootstrapError` otherwise."""
+        address = f"{host}:{port}"
+        with self._lock:
+            cached = self._cache.get(address)
+        if cached is not None:
+            return cached
+        body = self._request("GET", f"http://{address}/v1/instance")
+        try:
+            info = decode_json(body, InstanceInfo)
+        except KVProtocolError as exc:
+            raise KVBootstrapError(f"bootstrap service at {address} answered nonsense: {exc}") from None
+        if not info.complete:
+            raise KVBootstrapError(
+                f"prefill instance at {address} is not ready: {len(info.ranks)} of {info.tp_size} ranks registered"
+            )
+        with self._lock:
+            self._cache[address] = info
+        return info
+
+    def invalidate(self, host: str, port: int) -> None:
+        with self._lock:
+            self._cache.pop(f"{host}:{port}", None)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cache)
+
+
+def _error_message(body: bytes) -> Any:
+    try:
+        return msgspec.json.decode(body)["error"]["message"]
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return body[:200].decode(errors="replace")

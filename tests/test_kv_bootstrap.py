@@ -1,0 +1,144 @@
+"""The bootstrap service: registration, conflicts, lookup with a per-instance cache, health, clear errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+from kvtransfer.bootstrap import BootstrapClient, BootstrapService
+from kvtransfer.layout import AuxLayout, PageLayout
+from kvtransfer.mapping import ParallelLayout
+from kvtransfer.messages import RankRegistration
+from kvtransfer.state import KVBootstrapError
+
+LAYOUT = PageLayout(num_pages=8, num_layers=3, page_size=4, token_dim=16, itemsize=2, dtype="bfloat16", base_ptr=4096)
+AUX = AuxLayout(base_ptr=8192, slot_bytes=16, num_slots=4)
+
+
+def _registration(rank: int, **overrides: object) -> RankRegistration:
+    fields: dict[str, object] = dict(
+        rank=rank, tp_size=2, dp_size=1, session=f"s{rank}", control_endpoint=f"tcp://127.0.0.1:{7000 + rank}",
+        engine_kind="nixl", engine_name=f"p{rank}", engine_metadata=b"meta", page_layout=LAYOUT, aux_layout=AUX,
+    )
+    fields.update(overrides)
+    return RankRegistration(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def service() -> Iterator[BootstrapService]:
+    service = BootstrapService(ParallelLayout(2))
+    yield service
+    service.close()
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_decode_sees_every_rank_once_all_have_registered(service: BootstrapService) -> None:
+    client = BootstrapClient(timeout_s=2)
+    client.register(service.address, _registration(0))
+    with pytest.raises(KVBootstrapError, match="1 of 2 ranks registered"):
+        client.lookup(service.host, service.port)
+    assert client.num_cached == 0  # an incomplete instance is never cached
+    client.register(service.address, _registration(1))
+    info = client.lookup(service.host, service.port)
+    assert [r.rank for r in info.ranks] == [0, 1] and info.rank(1).engine_name == "p1"
+    assert info.instance_id == service.instance_id
+
+
+def test_health_reports_starting_until_every_rank_registered(service: BootstrapService) -> None:
+    client = BootstrapClient(timeout_s=2)
+    status, body = _get(f"http://{service.address}/health")
+    assert (status, body["status"], body["registered"]) == (503, "starting", 0)
+    client.register(service.address, _registration(0))
+    client.register(service.address, _registration(1))
+    status, body = _get(f"http://{service.address}/health")
+    assert (status, body["status"], body["registered"]) == (200, "ok", 2)
+
+
+@pytest.mark.parametrize(
+    "conflicting,message",
+    [
+        (_registration(1, tp_size=4), "the instance is tp_size 2"),
+        (_registration(2, tp_size=2), "out of range"),
+        (_registration(1, page_layout=replace(LAYOUT, page_size=8)), "page_size differs"),
+        (_registration(1, page_layout=replace(LAYOUT, dtype="float16")), "dtype differs"),
+        (_registration(1, engine_kind="mooncake"), "mooncake engine"),
+        (_registration(1, aux_layout=replace(AUX, slot_bytes=32)), "aux slots"),
+        (_registration(1, control_endpoint="tcp://127.0.0.1:7000"), "control endpoint"),
+    ],
+)
+def test_conflicting_registration_is_refused_with_409(
+    service: BootstrapService, conflicting: RankRegistration, message: str
+) -> None:
+    client = BootstrapClient(timeout_s=2)
+    client.register(service.address, _registration(0))
+    with pytest.raises(KVBootstrapError, match=f"409.*{message}"):
+        client.register(service.address, conflicting)
+    assert service.num_registered == 1
+
+
+def test_restarted_rank_replaces_its_entry_and_only_its_session_may_leave(service: BootstrapService) -> None:
+    client = BootstrapClient(timeout_s=2)
+    client.register(service.address, _registration(0))
+    client.register(service.address, _registration(0, session="restarted", engine_name="p0-new"))
+    assert service.num_registered == 1
+    with pytest.raises(KVBootstrapError, match="409.*another session"):
+        client.deregister(service.address, 0, "s0")
+    client.deregister(service.address, 0, "restarted")
+    assert service.num_registered == 0
+    with pytest.raises(KVBootstrapError, match="404"):
+        client.deregister(service.address, 0, "restarted")
+
+
+def test_lookup_is_cached_per_instance_until_invalidated(service: BootstrapService) -> None:
+    client = BootstrapClient(timeout_s=2)
+    for rank in (0, 1):
+        client.register(service.address, _registration(rank))
+    first = client.lookup(service.host, service.port)
+    client.register(service.address, _registration(1, session="restarted"))
+    assert client.lookup(service.host, service.port) is first
+    client.invalidate(service.host, service.port)
+    assert client.lookup(service.host, service.port).rank(1).session == "restarted"
+
+
+def test_malformed_registration_gets_400_with_an_openai_error_body(service: BootstrapService) -> None:
+    request = urllib.request.Request(f"http://{service.address}/v1/ranks", data=b'{"rank": 0}', method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=5)
+    assert caught.value.code == 400
+    error = json.loads(caught.value.read())["error"]
+    assert error["code"] == "bad_registration" and error["type"] == "invalid_request_error" and error["message"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_bootstrap_gives_a_clear_error_within_the_timeout() -> None:
+    client = BootstrapClient(timeout_s=0.3)
+    port = _free_port()
+    with pytest.raises(KVBootstrapError, match=f"127.0.0.1:{port}.*unreachable"):
+        client.lookup("127.0.0.1", port)
+    with pytest.raises(KVBootstrapError, match="unreachable"):
+        client.register(f"127.0.0.1:{port}", _registration(0))
+
+
+def test_service_refuses_a_port_in_use_and_closes_idempotently(service: BootstrapService) -> None:
+    with pytest.raises(KVBootstrapError, match="cannot listen"):
+        BootstrapService(ParallelLayout(2), port=service.port)
+    service.close()
+    service.close()

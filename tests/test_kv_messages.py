@@ -1,0 +1,139 @@
+"""Control-plane messages: typed, versioned, and decoding rejects anything that is not exactly one of them."""
+
+from __future__ import annotations
+
+import ctypes
+
+import msgspec
+import pytest
+
+from kvtransfer.auxdata import AUX_RECORD_BYTES, AuxRecord, check_host_aux, read_aux, write_aux
+from kvtransfer.layout import AuxLayout, PageLayout
+from kvtransfer.messages import (
+    PROTOCOL_VERSION,
+    Abort,
+    DecodeIntro,
+    Heartbeat,
+    RankRegistration,
+    TransferDone,
+    TransferRequest,
+    decode_control,
+    decode_json,
+    encode_control,
+    encode_json,
+)
+from kvtransfer.state import KVProtocolError
+
+LAYOUT = PageLayout(num_pages=8, num_layers=3, page_size=4, token_dim=16, itemsize=2, dtype="bfloat16", base_ptr=4096)
+AUX = AuxLayout(base_ptr=8192, slot_bytes=16, num_slots=4)
+
+
+def _request(**overrides: object) -> TransferRequest:
+    fields: dict[str, object] = dict(
+        sender="tcp://127.0.0.1:5000",
+        session="d-session",
+        room=2**62 + 7,
+        prefill_session="p-session",
+        decode_rank=1,
+        is_dummy=False,
+        dst_pages=[5, 6, 9],
+        aux_slot=3,
+        num_decode_peers=2,
+        intro=DecodeIntro(engine_name="d1", engine_metadata=b"\x00meta", page_layout=LAYOUT, aux_layout=AUX),
+    )
+    fields.update(overrides)
+    return TransferRequest(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        _request(),
+        _request(intro=None, is_dummy=True, dst_pages=[]),
+        TransferDone(sender="tcp://h:1", session="s", room=9, prefill_rank=3),
+        Abort(sender="tcp://h:1", session="s", room=9, reason="client went away"),
+        Heartbeat(sender="tcp://h:1", session="s"),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_every_control_message_survives_the_wire_unchanged(message: object) -> None:
+    assert decode_control(encode_control(message)) == message  # type: ignore[arg-type]
+
+
+def test_registration_round_trips_through_json_with_bytes_and_layouts() -> None:
+    registration = RankRegistration(
+        rank=1, tp_size=2, dp_size=1, session="s", control_endpoint="tcp://h:2", engine_kind="nixl",
+        engine_name="p1", engine_metadata=bytes(range(256)), page_layout=LAYOUT, aux_layout=AUX,
+    )
+    assert decode_json(encode_json(registration), RankRegistration) == registration
+
+
+def _raw(message: object) -> dict:
+    """The message as the plain dict the wire carries (bytes stay bytes)."""
+    return msgspec.msgpack.decode(encode_control(message))  # type: ignore[arg-type]
+
+
+def test_unknown_message_type_is_rejected_by_name() -> None:
+    frame = msgspec.msgpack.encode({"type": "Shutdown", "sender": "x", "session": "s"})
+    with pytest.raises(KVProtocolError, match="Shutdown"):
+        decode_control(frame)
+
+
+def test_unknown_field_is_rejected() -> None:
+    raw = _raw(TransferDone(sender="x", session="s", room=1, prefill_rank=0))
+    raw["surprise"] = 1
+    with pytest.raises(KVProtocolError, match="surprise"):
+        decode_control(msgspec.msgpack.encode(raw))
+
+
+def test_missing_or_mistyped_field_is_rejected() -> None:
+    raw = _raw(TransferDone(sender="x", session="s", room=1, prefill_rank=0))
+    del raw["room"]
+    with pytest.raises(KVProtocolError, match="room"):
+        decode_control(msgspec.msgpack.encode(raw))
+    raw["room"] = "seven"
+    with pytest.raises(KVProtocolError, match="room"):
+        decode_control(msgspec.msgpack.encode(raw))
+
+
+def test_other_protocol_version_is_named_as_such() -> None:
+    old = Heartbeat(sender="x", session="s", version=PROTOCOL_VERSION + 1)
+    with pytest.raises(KVProtocolError, match=f"version {PROTOCOL_VERSION + 1}"):
+        decode_control(encode_control(old))
+    newer = _raw(Heartbeat(sender="x", session="s"))
+    newer.update(version=PROTOCOL_VERSION + 1, new_field=True)
+    with pytest.raises(KVProtocolError, match="protocol version"):
+        decode_control(msgspec.msgpack.encode(newer))
+
+
+def test_garbage_bytes_and_bad_layouts_are_rejected() -> None:
+    with pytest.raises(KVProtocolError):
+        decode_control(b"\xc1\xc1 not msgpack")
+    raw = _raw(_request())
+    raw["intro"]["page_layout"]["page_size"] = 0
+    with pytest.raises(KVProtocolError, match="page_size"):
+        decode_control(msgspec.msgpack.encode(raw))
+    with pytest.raises(KVProtocolError):
+        decode_json(b'{"type": "RankRegistration"}', RankRegistration)
+
+
+def test_only_control_messages_go_on_the_control_channel() -> None:
+    with pytest.raises(TypeError):
+        encode_control(DecodeIntro(engine_name="d", engine_metadata=b"", page_layout=LAYOUT, aux_layout=AUX))  # type: ignore[arg-type]
+
+
+def test_aux_record_is_written_into_and_read_from_host_slots() -> None:
+    buffer = (ctypes.c_uint8 * 64)()
+    aux = AuxLayout(base_ptr=ctypes.addressof(buffer), slot_bytes=16, num_slots=4)
+    check_host_aux(aux)
+    write_aux(aux, 2, AuxRecord(first_token_id=128_000, logprob=-0.25))
+    assert read_aux(aux, 2) == AuxRecord(128_000, -0.25)
+    assert bytes(buffer[:32]) == bytes(32) and bytes(buffer[32 + AUX_RECORD_BYTES:]) == bytes(64 - 32 - AUX_RECORD_BYTES)
+    with pytest.raises(IndexError):
+        write_aux(aux, 4, AuxRecord(1, 0.0))
+    with pytest.raises(ValueError, match="host memory"):
+        check_host_aux(AuxLayout(base_ptr=0, slot_bytes=16, num_slots=1, device="cuda:0"))
+    with pytest.raises(ValueError, match="cannot hold"):
+        check_host_aux(AuxLayout(base_ptr=0, slot_bytes=8, num_slots=1))
+    with pytest.raises(ValueError, match="first_token_id"):
+        AuxRecord(-1, 0.0)
