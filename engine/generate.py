@@ -1,0 +1,83 @@
+"""Offline generation from the command line.
+
+    python -m engine.generate --model DIR (--prompt TEXT ... | --prompt-token-ids JSON) \
+        --max-new-tokens N [--temperature T] [--ignore-eos] [--json]
+
+``--prompt-token-ids`` takes a JSON list of token-id lists. With ``--json`` it prints
+``{"outputs": [{"token_ids": [...], "text": "..."}]}`` in prompt order (generated ids only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from engine.llm import LLM
+from engine.sampling import SamplingParams
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="HF checkpoint directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="prompt text (repeat for several prompts)")
+    source.add_argument("--prompt-token-ids", help="JSON list of token-id lists")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--page-size", type=int, default=64)
+    parser.add_argument("--num-pages", type=int, default=None)
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    return parser.parse_args(argv)
+
+
+def _token_id_prompts(raw: str) -> list[list[int]]:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--prompt-token-ids is not valid JSON: {exc}") from exc
+    if not isinstance(value, list) or not all(
+        isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in value
+    ):
+        raise ValueError("--prompt-token-ids must be a JSON list of lists of integers, e.g. [[1, 2, 3]]")
+    if not value:
+        raise ValueError("--prompt-token-ids holds no prompts")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        prompts: list[str] | list[list[int]] = (
+            _token_id_prompts(args.prompt_token_ids) if args.prompt_token_ids is not None else args.prompt
+        )
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
+                  num_pages=args.num_pages, load_format=args.load_format)
+        try:
+            outputs = llm.generate(prompts, params)
+        finally:
+            llm.close()
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"outputs": [{"token_ids": o.token_ids, "text": o.text} for o in outputs]}))
+    else:
+        for i, o in enumerate(outputs):
+            print(f"[{i}] {o.text!r} ({len(o.token_ids)} tokens, {o.finish_reason})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Offline generation API: ``LLM(model_dir).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.config import ModelConfig
+from engine.kv_pool import KVPool
+from engine.model import DeepseekForCausalLM
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.weights import load_model
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Output:
+    """One prompt's result: generated ids only (not the prompt), their text, why it stopped."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(_DTYPES)} or auto)")
+    return _DTYPES[dtype]
+
+
+class LLM:
+    """Model + KV pool + scheduler + tokenizer in one process. ``close()`` releases the pool.
+
+    Args:
+        model_dir: HF checkpoint directory (config.json, *.safetensors, optional tokenizer.json).
+        device: "cpu" or "cuda[:N]".
+        dtype: "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16", "float16".
+        page_size: tokens per KV page.
+        num_pages: KV pool size; None picks 1/4 of free GPU memory, or 4096 pages' worth of 64k tokens on CPU.
+        load_format: "auto" (safetensors) or "dummy" (seeded random weights of the config's shapes).
+        max_prefill_tokens: chunk size of one prefill forward.
+        seed: seed of dummy weights.
+    """
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
+                 page_size: int = 64, num_pages: int | None = None, load_format: str = "auto",
+                 max_prefill_tokens: int = 8192, max_running: int = 256, seed: int = 0) -> None:
+        self.device = torch.device(device)
+        self.config = ModelConfig.from_dir(model_dir)
+        self.dtype = resolve_dtype(dtype, self.device)
+        started = time.monotonic()
+        self.model = DeepseekForCausalLM(self.config, dtype=self.dtype, device=self.device)
+        load_model(self.model, model_dir, load_format, seed)
+        log.info("model ready in %.1fs", time.monotonic() - started)
+        if num_pages is None:
+            num_pages = self._default_num_pages(page_size)
+        self.kv_pool = KVPool(num_pages, self.config.num_hidden_layers, page_size, self.config.kv_cache_dim,
+                              self.dtype, self.device)
+        self.tokenizer: Tokenizer = load_tokenizer(model_dir, self.config.eos_token_ids)
+        self.scheduler = Scheduler(self.model, self.kv_pool, max_prefill_tokens, max_running,
+                                   self.config.eos_token_ids)
+
+    def _default_num_pages(self, page_size: int) -> int:
+        bytes_per_page = (self.config.num_hidden_layers * page_size * self.config.kv_cache_dim
+                          * torch.empty(0, dtype=self.dtype).element_size())
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(1, int(free * 0.25) // bytes_per_page)
+        return max(1, -(-65536 // page_size))
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams],
+                 use_tqdm: bool = False) -> list[Output]:
+        """Generate for every prompt, all batched together; outputs in prompt order.
+
+        Every prompt is validated before any work starts, so a bad one leaves nothing queued.
+        """
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, list):
+            raise TypeError("prompts must be a list of strings or a list of token-id lists")
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        token_lists = [self.encode(p) for p in prompts]
+        for i, (ids, p) in enumerate(zip(token_lists, per_prompt, strict=True)):
+            try:
+                self.scheduler.validate_prompt(ids, p)
+            except ValueError as exc:
+                raise ValueError(f"prompt {i}: {exc}") from exc
+        requests = [self.scheduler.add(ids, p) for ids, p in zip(token_lists, per_prompt, strict=True)]
+        total = sum(p.max_new_tokens for p in per_prompt)
+        with tqdm(total=total, disable=not use_tqdm, unit="tok", desc="generate") as bar:
+            try:
+                while any(not r.finished for r in requests):
+                    result = self.scheduler.step()
+                    bar.update(len(result.new_tokens))
+            except BaseException:
+                for req in requests:
+                    self.scheduler.abort(req)
+                raise
+        return [Output(r.prompt_ids, list(r.output_ids), self.tokenizer.decode(r.output_ids),
+                       r.finish_reason or "abort") for r in requests]
+
+    def close(self) -> None:
+        self.kv_pool.close()

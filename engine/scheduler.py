@@ -1,0 +1,222 @@
+"""Continuous batching over the paged KV pool: request states, admission, chunked prefill, decode.
+
+Each ``step()`` runs one forward: an EXTEND batch while some admitted request still has prompt
+tokens to prefill (chunked to ``max_prefill_tokens``), otherwise a DECODE batch of every running
+request. Pages for a request's whole life (prompt + max_new_tokens) are taken at admission, so a
+running request never waits for memory and nothing needs preempting.
+
+A decode worker feeds requests whose prompt KV was computed elsewhere through ``add_prefilled``: they
+enter with their pages filled and their first output token, and go straight to decode.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.forward_batch import ForwardBatch, ForwardMode
+from engine.kv_pool import KVPool, PoolExhaustedError
+from engine.model import DeepseekForCausalLM
+from engine.sampling import SamplingParams, sample
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, holds no pages
+    PREFILLING = "prefilling"  # holds pages, prompt KV partly computed
+    DECODING = "decoding"  # prompt KV complete, generating
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)  # identity semantics: two requests with equal prompts are still distinct
+class Request:
+    """One sequence's state. ``num_computed`` counts tokens whose latent KV is in ``pages``."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    generator: torch.Generator | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclass
+class StepResult:
+    """What one step produced: (request, token) for every token sampled, and requests that finished."""
+
+    new_tokens: list[tuple[Request, int]]
+    finished: list[Request]
+
+
+class Scheduler:
+    def __init__(self, model: DeepseekForCausalLM, kv_pool: KVPool, max_prefill_tokens: int = 8192,
+                 max_running: int = 256, eos_token_ids: tuple[int, ...] = ()) -> None:
+        if max_prefill_tokens < 1 or max_running < 1:
+            raise ValueError("max_prefill_tokens and max_running must be >= 1")
+        self.model, self.kv_pool = model, kv_pool
+        self.max_prefill_tokens, self.max_running = max_prefill_tokens, max_running
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = model.config.max_position_embeddings
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # PREFILLING and DECODING, in admission order
+        self._ids = itertools.count()
+
+    # ---- entry points -------------------------------------------------------------------------
+    def validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model takes at most {self.max_model_len - 1}")
+        needed = self.pages_needed(len(prompt_ids), params)
+        if needed > self.kv_pool.num_pages:
+            raise ValueError(f"request needs {needed} KV pages but the pool has {self.kv_pool.num_pages}")
+
+    def pages_needed(self, prompt_len: int, params: SamplingParams) -> int:
+        """Pages reserved for a request: room for the prompt and every token it may generate."""
+        return self.kv_pool.pages_for_tokens(min(prompt_len + params.max_new_tokens, self.max_model_len))
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        self.validate_prompt(prompt_ids, params)
+        req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params)
+        self.waiting.append(req)
+        return req
+
+    def add_prefilled(self, prompt_ids: list[int], first_token: int, pages: list[int], params: SamplingParams,
+                      request_id: str | None = None) -> Request:
+        """Adopt a request whose prompt KV is already in ``pages`` (now owned by the scheduler) and whose
+        first output token is known; allocates the rest of its pages now (PoolExhaustedError if none)."""
+        self.validate_prompt(prompt_ids, params)
+        if len(pages) * self.kv_pool.page_size < len(prompt_ids):
+            raise ValueError(f"{len(pages)} pages cannot hold a prompt of {len(prompt_ids)} tokens")
+        extra = max(0, self.pages_needed(len(prompt_ids), params) - len(pages))
+        req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params)
+        req.pages = list(pages) + self.kv_pool.alloc(extra)
+        req.num_computed = len(prompt_ids)
+        req.status = RequestStatus.DECODING
+        req.generator = params.make_generator(self.kv_pool.tensor.device)
+        self.running.append(req)
+        self._append_token(req, first_token)
+        if req.finished:
+            self.running.remove(req)
+        return req
+
+    def abort(self, request: Request) -> None:
+        if request.finished:
+            return
+        if request in self.waiting:
+            self.waiting.remove(request)
+        elif request in self.running:
+            self.running.remove(request)
+        self._finish(request, "abort")
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one iteration ------------------------------------------------------------------------
+    def step(self) -> StepResult:
+        self._admit()
+        prefilling = [r for r in self.running if r.status is RequestStatus.PREFILLING]
+        if prefilling:
+            result = self._run_extend(prefilling)
+        elif self.running:
+            result = self._run_decode([r for r in self.running if r.status is RequestStatus.DECODING])
+        else:
+            result = StepResult([], [])
+        self.running = [r for r in self.running if not r.finished]
+        return result
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_running:
+            req = self.waiting[0]
+            try:
+                req.pages = self.kv_pool.alloc(self.pages_needed(len(req.prompt_ids), req.params))
+            except PoolExhaustedError:
+                return  # FIFO: wait until running requests free their pages
+            self.waiting.popleft()
+            req.status = RequestStatus.PREFILLING
+            req.generator = req.params.make_generator(self.kv_pool.tensor.device)
+            self.running.append(req)
+
+    def _run_extend(self, prefilling: list[Request]) -> StepResult:
+        budget = self.max_prefill_tokens
+        chunks: list[tuple[Request, int]] = []
+        for req in prefilling:
+            if budget == 0:
+                break
+            take = min(len(req.prompt_ids) - req.num_computed, budget)
+            chunks.append((req, take))
+            budget -= take
+        batch = ForwardBatch.build(
+            ForwardMode.EXTEND,
+            [req.prompt_ids[req.num_computed : req.num_computed + n] for req, n in chunks],
+            [req.num_computed for req, _ in chunks],
+            [req.pages for req, _ in chunks],
+            self.kv_pool,
+        )
+        logits = self.model(batch).next_token_logits
+        done_rows, done_reqs = [], []
+        for row, (req, n) in enumerate(chunks):
+            req.num_computed += n
+            if req.num_computed == len(req.prompt_ids):
+                req.status = RequestStatus.DECODING
+                done_rows.append(row)
+                done_reqs.append(req)
+        return self._sample_and_append(logits[done_rows], done_reqs)
+
+    def _run_decode(self, decoding: list[Request]) -> StepResult:
+        batch = ForwardBatch.build(
+            ForwardMode.DECODE,
+            [[req.output_ids[-1]] for req in decoding],
+            [req.seq_len - 1 for req in decoding],
+            [req.pages for req in decoding],
+            self.kv_pool,
+        )
+        logits = self.model(batch).next_token_logits
+        for req in decoding:
+            req.num_computed += 1
+        return self._sample_and_append(logits, decoding)
+
+    def _sample_and_append(self, logits: torch.Tensor, reqs: list[Request]) -> StepResult:
+        result = StepResult([], [])
+        if not reqs:
+            return result
+        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        for req, token in zip(reqs, tokens, strict=True):
+            self._append_token(req, token)
+            result.new_tokens.append((req, token))
+            if req.finished:
+                result.finished.append(req)
+        return result
+
+    def _append_token(self, req: Request, token: int) -> None:
+        req.output_ids.append(token)
+        p = req.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            self._finish(req, "stop")
+        elif len(req.output_ids) >= p.max_new_tokens or req.seq_len >= self.max_model_len:
+            self._finish(req, "length")
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        if req.pages:
+            self.kv_pool.free(req.pages)
+            req.pages = []

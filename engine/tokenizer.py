@@ -1,0 +1,90 @@
+"""Text <-> token ids: HF ``tokenizers`` when the checkpoint has ``tokenizer.json``, else bytes.
+
+The byte-level fallback maps byte b to id ``b + BYTE_OFFSET`` (ids below the offset are reserved for
+special tokens: 0 bos, 1 eos, 2 pad), so any model with a vocabulary of at least 259 can take text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BYTE_OFFSET = 3
+SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
+
+
+class Tokenizer:
+    """Common interface: ``encode``, ``decode``, ``eos_token_ids``."""
+
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+
+class ByteTokenizer(Tokenizer):
+    def __init__(self, eos_token_ids: tuple[int, ...] = (1,)) -> None:
+        self.vocab_size = 256 + BYTE_OFFSET
+        self.eos_token_ids = eos_token_ids
+
+    def encode(self, text: str) -> list[int]:
+        return [b + BYTE_OFFSET for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int]) -> str:
+        data = bytes(i - BYTE_OFFSET for i in ids if BYTE_OFFSET <= i < 256 + BYTE_OFFSET)
+        return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, path: Path, eos_token_ids: tuple[int, ...]) -> None:
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        self._tok = _HFTokenizer.from_file(str(path))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eos_token_ids = eos_token_ids
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        # Models pad their vocabulary past the tokenizer's; those ids have no text.
+        return self._tok.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+
+
+def load_tokenizer(model_dir: str | Path | None, eos_token_ids: tuple[int, ...]) -> Tokenizer:
+    path = Path(model_dir) / "tokenizer.json" if model_dir is not None else None
+    if path is not None and path.is_file():
+        return HFTokenizer(path, eos_token_ids)
+    return ByteTokenizer(eos_token_ids)
+
+
+def write_byte_level_tokenizer(path: str | Path) -> None:
+    """Write a ``tokenizer.json`` (HF ``tokenizers`` byte-level BPE, no merges) whose ids equal the
+    byte fallback's: specials 0..2, byte b at b + 3. Used by the tiny model so both paths agree."""
+    from tokenizers import Tokenizer as _HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    byte_chars = _bytes_to_unicode()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({byte_chars[b]: b + BYTE_OFFSET for b in range(256)})
+    tok = _HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.save(str(path))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table that byte-level BPE vocabularies use."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    table: dict[int, str] = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
