@@ -271,8 +271,9 @@ def test_killed_peer_fails_writes_within_a_bounded_wait_instead_of_hanging(
     try:
         engine.register(source.ctypes.data, source.nbytes, "cpu")
         engine.connect(receiver.name, receiver.metadata)
-        whole = [(source.ctypes.data, source.nbytes)]
-        dst = [(receiver.layout.base_ptr, source.nbytes)]
+        # Descriptor lists may be N x 2 arrays as well as lists of tuples.
+        whole = np.array([[source.ctypes.data, source.nbytes]], dtype=np.int64)
+        dst = np.array([[receiver.layout.base_ptr, source.nbytes]], dtype=np.int64)
         warm = engine.write(receiver.name, whole, dst)
         assert engine.wait(warm, timeout_s=30) is TransferStatus.DONE
         engine.release(warm)

@@ -8,6 +8,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 Descriptors = list[tuple[int, int]]  # (address, nbytes) per contiguous range
 
 
@@ -49,20 +51,26 @@ class TransferHandle:
     id: int = field(default_factory=lambda: next(_handle_ids))
 
 
-def check_descriptors(src: Descriptors, dst: Descriptors) -> int:
-    """Validate a write's descriptor lists; return the total bytes."""
-    if len(src) != len(dst):
-        raise ValueError(f"src has {len(src)} descriptors, dst {len(dst)}: they must pair up one to one")
-    if not src:
+def descriptor_arrays(src: Descriptors | np.ndarray, dst: Descriptors | np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Validate a write's descriptor lists; return them as N x 2 uint64 arrays (addr, nbytes) and the total
+    bytes. Vectorised: a per-layer write of a long prompt has tens of thousands of descriptors."""
+    src_arr = np.asarray(src, dtype=np.int64).reshape(-1, 2) if len(src) else np.zeros((0, 2), np.int64)
+    dst_arr = np.asarray(dst, dtype=np.int64).reshape(-1, 2) if len(dst) else np.zeros((0, 2), np.int64)
+    if len(src_arr) != len(dst_arr):
+        raise ValueError(f"src has {len(src_arr)} descriptors, dst {len(dst_arr)}: they must pair up one to one")
+    if not len(src_arr):
         raise ValueError("write needs at least one descriptor")
-    total = 0
-    for (src_addr, src_len), (dst_addr, dst_len) in zip(src, dst, strict=True):
-        if src_len != dst_len:
-            raise ValueError(f"descriptor sizes differ: src {src_len} bytes at {src_addr:#x}, dst {dst_len}")
-        if src_len <= 0 or src_addr < 0 or dst_addr < 0:
-            raise ValueError(f"bad descriptor: src ({src_addr:#x}, {src_len}), dst ({dst_addr:#x}, {dst_len})")
-        total += src_len
-    return total
+    bad = np.flatnonzero(src_arr[:, 1] != dst_arr[:, 1])
+    if len(bad):
+        i = bad[0]
+        raise ValueError(
+            f"descriptor sizes differ: src {src_arr[i, 1]} bytes at {src_arr[i, 0]:#x}, dst {dst_arr[i, 1]}"
+        )
+    bad = np.flatnonzero((src_arr[:, 1] <= 0) | (src_arr[:, 0] < 0) | (dst_arr[:, 0] < 0))
+    if len(bad):
+        i = bad[0]
+        raise ValueError(f"bad descriptor {i}: src ({src_arr[i, 0]:#x}, {src_arr[i, 1]}), dst ({dst_arr[i, 0]:#x})")
+    return src_arr.astype(np.uint64), dst_arr.astype(np.uint64), int(src_arr[:, 1].sum())
 
 
 class TransferEngine(ABC):
@@ -112,11 +120,16 @@ class TransferEngine(ABC):
     # --- transfers ----------------------------------------------------------------------------------
     @abstractmethod
     def write(
-        self, peer_name: str, src: Descriptors, dst: Descriptors, notify: bytes | None = None
+        self,
+        peer_name: str,
+        src: Descriptors | np.ndarray,
+        dst: Descriptors | np.ndarray,
+        notify: bytes | None = None,
     ) -> TransferHandle:
         """Start writing src[i] (local) into dst[i] (peer's) for every i; returns at once.
 
-        Pairs must have equal sizes; callers coalesce consecutive pages first (`PageLayout.coalesce`).
+        Pairs must have equal sizes; callers coalesce consecutive pages first (`layout.page_descriptors`).
+        src/dst may also be N x 2 integer arrays (addr, nbytes): no per-descriptor Python work then.
         `notify` is delivered to the peer's `notifications()` after the bytes, where the engine can.
         """
 

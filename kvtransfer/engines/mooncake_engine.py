@@ -15,6 +15,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+import numpy as np
+
 from kvtransfer.engines.base import (
     BackendUnavailable,
     Descriptors,
@@ -22,7 +24,7 @@ from kvtransfer.engines.base import (
     TransferError,
     TransferHandle,
     TransferStatus,
-    check_descriptors,
+    descriptor_arrays,
 )
 from kvtransfer.engines.regions import EngineMetadata, Region, RegionTable
 
@@ -139,28 +141,32 @@ class MooncakeEngine(TransferEngine):
 
     # --- transfers ----------------------------------------------------------------------------------
     def write(
-        self, peer_name: str, src: Descriptors, dst: Descriptors, notify: bytes | None = None
+        self,
+        peer_name: str,
+        src: Descriptors | np.ndarray,
+        dst: Descriptors | np.ndarray,
+        notify: bytes | None = None,
     ) -> TransferHandle:
         self._check_open()
-        nbytes = check_descriptors(src, dst)
+        src_table, dst_table, nbytes = descriptor_arrays(src, dst)
         peer = self._peers.get(peer_name)
         if peer is None:
             raise TransferError(f"{self.name}: not connected to {peer_name!r}")
         _, session, regions = peer
-        self._local.locate(src, "source")
-        regions.locate(dst, f"destination on {peer_name}")
-        handle = TransferHandle(peer_name=peer_name, num_descriptors=len(src), nbytes=nbytes)
+        self._local.locate(src_table, "source")
+        regions.locate(dst_table, f"destination on {peer_name}")
+        handle = TransferHandle(peer_name=peer_name, num_descriptors=len(src_table), nbytes=nbytes)
         self._handles[handle.id] = handle
-        handle.backend.append(self._pool.submit(self._run_write, session, src, dst, notify))
+        handle.backend.append(self._pool.submit(self._run_write, session, src_table, dst_table, notify))
         return handle
 
-    def _run_write(self, session: str, src: Descriptors, dst: Descriptors, notify: bytes | None) -> None:
+    def _run_write(self, session: str, src: np.ndarray, dst: np.ndarray, notify: bytes | None) -> None:
         """Worker thread: the batches of one write, in order; raises TransferError on the first failure."""
         step = self.max_descs_per_batch
         for start in range(0, len(src), step):
-            srcs = [addr for addr, _ in src[start : start + step]]
-            dsts = [addr for addr, _ in dst[start : start + step]]
-            lengths = [n for _, n in src[start : start + step]]
+            srcs = src[start : start + step, 0].tolist()
+            dsts = dst[start : start + step, 0].tolist()
+            lengths = src[start : start + step, 1].tolist()
             last = start + step >= len(src)
             if last and notify is not None:
                 # Notifications ride on the batch; Mooncake carries them as strings.

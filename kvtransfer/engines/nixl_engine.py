@@ -20,7 +20,7 @@ from kvtransfer.engines.base import (
     TransferError,
     TransferHandle,
     TransferStatus,
-    check_descriptors,
+    descriptor_arrays,
 )
 from kvtransfer.engines.regions import EngineMetadata, Region, RegionTable, device_index
 
@@ -138,21 +138,25 @@ class NixlEngine(TransferEngine):
 
     # --- transfers ----------------------------------------------------------------------------------
     def write(
-        self, peer_name: str, src: Descriptors, dst: Descriptors, notify: bytes | None = None
+        self,
+        peer_name: str,
+        src: Descriptors | np.ndarray,
+        dst: Descriptors | np.ndarray,
+        notify: bytes | None = None,
     ) -> TransferHandle:
         self._check_open()
-        nbytes = check_descriptors(src, dst)
+        src_table, dst_table, nbytes = descriptor_arrays(src, dst)
         peer = self._peers.get(peer_name)
         if peer is None:
             raise TransferError(f"{self.name}: not connected to {peer_name!r}")
-        src_table, src_region = self._local.locate(src, "source")
-        dst_table, dst_region = peer[1].locate(dst, f"destination on {peer_name}")
+        src_region = self._local.locate(src_table, "source")
+        dst_region = peer[1].locate(dst_table, f"destination on {peer_name}")
         src_mem = self._one_mem_type(self._local, src_region, "source")
         dst_mem = self._one_mem_type(peer[1], dst_region, f"destination on {peer_name}")
         src_rows = self._rows(src_table, self._local, src_region)
         dst_rows = self._rows(dst_table, peer[1], dst_region)
 
-        handle = TransferHandle(peer_name=peer_name, num_descriptors=len(src), nbytes=nbytes)
+        handle = TransferHandle(peer_name=peer_name, num_descriptors=len(src_table), nbytes=nbytes)
         self._handles[handle.id] = handle
         step = self.max_descs_per_request or len(src_rows)
         starts = list(range(0, len(src_rows), step))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import msgspec
 import numpy as np
 
-from kvtransfer.engines.base import Descriptors, TransferError
+from kvtransfer.engines.base import TransferError
 
 METADATA_VERSION = 1
 
@@ -88,10 +88,9 @@ class RegionTable:
     def __len__(self) -> int:
         return len(self.regions)
 
-    def locate(self, descs: Descriptors, side: str) -> tuple[np.ndarray, np.ndarray]:
-        """(N x 2 uint64 array of addr, nbytes; region index per descriptor) — or TransferError naming the
-        first descriptor that lies outside every region. Vectorised: tens of thousands of descriptors."""
-        table = np.asarray(descs, dtype=np.uint64).reshape(-1, 2)
+    def locate(self, table: np.ndarray, side: str) -> np.ndarray:
+        """Region index per row of an N x 2 (addr, nbytes) array — or TransferError naming the first
+        descriptor that lies outside every region. Vectorised: tens of thousands of descriptors."""
         starts, ends = table[:, 0], table[:, 0] + table[:, 1]
         which = np.full(len(table), -1, dtype=np.int64)
         for i, region in enumerate(self.regions):
@@ -104,7 +103,7 @@ class RegionTable:
                 f"{side} range ({addr:#x}, {nbytes} bytes) is outside every registered region "
                 f"({len(missing)} of {len(table)} descriptors are)"
             )
-        return table, which
+        return which
 
     def devices_of(self, which: np.ndarray) -> list[str]:
         return sorted({self.regions[i].device for i in np.unique(which)})
