@@ -1,0 +1,164 @@
+"""Router configuration: one dataclass, filled from the command line (`python -m router --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import enum
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+# SGLang's default `--disaggregation-bootstrap-port`: used for a prefill given without one.
+DEFAULT_BOOTSTRAP_PORT = 8998
+POLICIES = ("round_robin", "random", "power_of_two", "cache_aware")
+
+
+class Role(str, enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One worker as configured: its HTTP base URL, its role, and (prefill only) its bootstrap port."""
+
+    url: str
+    role: Role
+    bootstrap_port: int | None = None
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"worker URL must look like http://host:port, got {self.url!r}")
+        if parts.path not in ("", "/"):
+            raise ValueError(f"worker URL must not have a path, got {self.url!r}")
+        if self.role is Role.PREFILL and self.bootstrap_port is None:
+            object.__setattr__(self, "bootstrap_port", DEFAULT_BOOTSTRAP_PORT)
+        if self.bootstrap_port is not None and not 0 < self.bootstrap_port < 65536:
+            raise ValueError(f"bootstrap port out of range: {self.bootstrap_port}")
+        object.__setattr__(self, "url", self.url.rstrip("/"))
+
+
+@dataclass
+class RouterConfig:
+    """Everything the router needs; the defaults are the command line's defaults."""
+
+    prefill: list[WorkerSpec] = field(default_factory=list)
+    decode: list[WorkerSpec] = field(default_factory=list)
+    host: str = "0.0.0.0"
+    port: int = 8000
+    prefill_policy: str = "cache_aware"
+    decode_policy: str = "power_of_two"
+    # Prompts estimated below this many tokens go to decode alone (it prefills them locally); 0: never.
+    # Estimate: len(input_ids) when ids are given, else ceil(characters / 4) of the prompt text.
+    short_prompt_threshold: int = 0
+    max_inflight: int = 0  # 0: unlimited; above it new requests get 503 + Retry-After
+    request_timeout_s: float = 1800.0
+    connect_timeout_s: float = 5.0
+    max_retries: int = 2  # extra pairs tried when a worker cannot be reached (before any byte is sent)
+    max_body_bytes: int = 32 * 1024 * 1024
+    health_interval_s: float = 5.0
+    health_timeout_s: float = 2.0
+    health_failure_threshold: int = 3  # consecutive failures (probes or requests) before ejection
+    health_max_backoff_s: float = 60.0
+    cache_block_chars: int = 64  # cache_aware: prompt prefix granularity
+    cache_match_ratio: float = 0.5  # cache_aware: share of the prompt that must match to follow affinity
+    cache_balance_abs: int = 32  # cache_aware: ignore affinity when the chosen worker has this many more
+    api_key: str | None = None
+    processes: int = 1
+    use_uvloop: bool = True
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_policy", "decode_policy"):
+            if getattr(self, name) not in POLICIES:
+                raise ValueError(f"{name} must be one of {POLICIES}, got {getattr(self, name)!r}")
+        if self.processes < 1:
+            raise ValueError("processes must be >= 1")
+        if self.max_retries < 0 or self.max_inflight < 0 or self.short_prompt_threshold < 0:
+            raise ValueError("max_retries, max_inflight and short_prompt_threshold must be >= 0")
+        if self.health_failure_threshold < 1:
+            raise ValueError("health_failure_threshold must be >= 1")
+
+
+class _PrefillAction(argparse.Action):
+    """`--prefill URL [BOOTSTRAP_PORT]`, as sglang-router takes it (`--prefill http://h:p 8998`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        if not 1 <= len(values) <= 2:
+            parser.error("--prefill takes URL [BOOTSTRAP_PORT]")
+        port: int | None = None
+        if len(values) == 2 and values[1].lower() != "none":
+            try:
+                port = int(values[1])
+            except ValueError:
+                parser.error(f"--prefill bootstrap port must be an integer, got {values[1]!r}")
+        getattr(namespace, self.dest).append((values[0], port))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RouterConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m router",
+        description="tandem PD router: pairs prefill and decode workers behind an OpenAI-compatible API.",
+    )
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--prefill", nargs="+", action=_PrefillAction, default=[], metavar="URL [PORT]",
+                   help=f"prefill worker and its bootstrap port (default {DEFAULT_BOOTSTRAP_PORT}); repeatable")
+    p.add_argument("--bootstrap-port", type=int, default=None,
+                   help="bootstrap port for every --prefill given without one")
+    p.add_argument("--decode", action="append", default=[], metavar="URL", help="decode worker; repeatable")
+    p.add_argument("--policy", choices=POLICIES, default=None, help="policy for both roles")
+    p.add_argument("--prefill-policy", choices=POLICIES, default=None,
+                   help=f"default {d.prefill_policy}")
+    p.add_argument("--decode-policy", choices=POLICIES, default=None, help=f"default {d.decode_policy}")
+    p.add_argument("--short-prompt-threshold", type=int, default=d.short_prompt_threshold,
+                   help="prompts under this many estimated tokens (ids counted, text chars/4) go to "
+                        "decode alone without bootstrap fields; 0 disables")
+    p.add_argument("--max-inflight", type=int, default=d.max_inflight, help="0: unlimited")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds")
+    p.add_argument("--connect-timeout", type=float, default=d.connect_timeout_s, help="seconds")
+    p.add_argument("--max-retries", type=int, default=d.max_retries)
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--health-interval", type=float, default=d.health_interval_s, help="seconds")
+    p.add_argument("--health-timeout", type=float, default=d.health_timeout_s, help="seconds")
+    p.add_argument("--health-failure-threshold", type=int, default=d.health_failure_threshold)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    p.add_argument("--workers", type=int, default=d.processes, dest="processes",
+                   help="router processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--no-uvloop", action="store_true")
+    p.add_argument("--log-level", default=d.log_level)
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> RouterConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prefill = [
+        WorkerSpec(url, Role.PREFILL, port if port is not None else args.bootstrap_port)
+        for url, port in args.prefill
+    ]
+    decode = [WorkerSpec(url, Role.DECODE) for url in args.decode]
+    if not decode:
+        parser.error("at least one --decode worker is needed")
+    return RouterConfig(
+        prefill=prefill,
+        decode=decode,
+        host=args.host,
+        port=args.port,
+        prefill_policy=args.prefill_policy or args.policy or RouterConfig.prefill_policy,
+        decode_policy=args.decode_policy or args.policy or RouterConfig.decode_policy,
+        short_prompt_threshold=args.short_prompt_threshold,
+        max_inflight=args.max_inflight,
+        request_timeout_s=args.request_timeout,
+        connect_timeout_s=args.connect_timeout,
+        max_retries=args.max_retries,
+        max_body_bytes=args.max_body_bytes,
+        health_interval_s=args.health_interval,
+        health_timeout_s=args.health_timeout,
+        health_failure_threshold=args.health_failure_threshold,
+        api_key=args.api_key,
+        processes=args.processes,
+        use_uvloop=not args.no_uvloop,
+        log_level=args.log_level,
+    )

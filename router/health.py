@@ -1,0 +1,78 @@
+"""Active health checks: `GET /health` on every worker, ejection after consecutive failures, re-admission.
+
+A healthy worker is probed every `health_interval_s`. An ejected one is probed with exponential
+backoff (interval × 2^k, capped at `health_max_backoff_s`) and re-admitted on its first success.
+Requests that cannot reach a worker count as failures too (the proxy records them), so a dead worker
+is usually ejected before its next probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from router.config import RouterConfig
+from router.upstream import UpstreamError, UpstreamPool, build_request
+from router.workers import Worker, WorkerRegistry
+
+log = logging.getLogger("router.health")
+
+
+class HealthChecker:
+    def __init__(self, registry: WorkerRegistry, pool: UpstreamPool, config: RouterConfig) -> None:
+        self._registry = registry
+        self._pool = pool
+        self._interval = config.health_interval_s
+        self._timeout = config.health_timeout_s
+        self._threshold = config.health_failure_threshold
+        self._max_backoff = config.health_max_backoff_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None and self._interval > 0:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="router-health")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            workers = self._registry.all_workers()
+            due = [w for w in workers if w.next_probe_at <= now]
+            if due:
+                await asyncio.gather(*(self.probe(w) for w in due))
+            pending = [w.next_probe_at for w in self._registry.all_workers()]
+            wait = min(pending, default=now + self._interval) - loop.time()
+            await asyncio.sleep(min(max(wait, 0.01), self._interval))
+
+    async def probe(self, worker: Worker) -> bool:
+        """One health probe; updates the worker's health and schedules its next probe."""
+        loop = asyncio.get_running_loop()
+        ok, reason = False, ""
+        try:
+            conn = await self._pool.request(
+                worker.host, worker.port, build_request("GET", "/health", worker.netloc, b""),
+                loop.time() + self._timeout,
+            )
+            await conn.read_all()
+            ok = 200 <= conn.status < 300
+            reason = f"/health answered {conn.status}"
+        except UpstreamError as exc:
+            reason = str(exc)
+        now = loop.time()
+        if ok:
+            self._registry.record_success(worker)
+            worker.next_probe_at = now + self._interval
+        else:
+            self._registry.record_failure(worker, self._threshold, reason)
+            if worker.healthy:
+                worker.next_probe_at = now + self._interval
+            else:
+                k = max(0, worker.consecutive_failures - self._threshold)
+                worker.next_probe_at = now + min(self._interval * (2**min(k, 16)), self._max_backoff)
+        return ok

@@ -1,0 +1,201 @@
+"""Client request bodies: validation, the prompt facts routing needs, and the PD fields spliced in.
+
+The body is parsed once (orjson) to validate it and to read `stream` and the prompt. The body sent to
+the workers is the client's bytes with the PD fields spliced in before the closing brace: no JSON
+re-encoding on the common path. Re-encoding happens only when the client set a field the router
+owns (`bootstrap_*`) or for a batch `/generate`, which needs per-item lists.
+"""
+
+from __future__ import annotations
+
+import enum
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from kvtransfer.protocol import BOOTSTRAP_HOST, BOOTSTRAP_PORT, BOOTSTRAP_ROOM
+from router.errors import BadRequest
+from router.workers import Worker
+
+CHARS_PER_TOKEN = 4  # prompt-length estimate for text prompts (typical of English BPE vocabularies)
+_PD_FIELDS = (BOOTSTRAP_HOST, BOOTSTRAP_PORT, BOOTSTRAP_ROOM)
+
+
+class Kind(str, enum.Enum):
+    CHAT = "/v1/chat/completions"
+    COMPLETION = "/v1/completions"
+    GENERATE = "/generate"
+
+
+@dataclass(slots=True)
+class InboundRequest:
+    """A validated client request. `prompt_key` is what cache-aware routing matches prefixes on."""
+
+    kind: Kind
+    raw: bytes
+    doc: dict[str, Any]
+    stream: bool
+    prompt_key: str | bytes
+    prompt_tokens: int  # len(ids) for token ids, else ceil(chars / CHARS_PER_TOKEN)
+    batch_size: int | None  # /generate with a list of prompts
+    body_rid: str | list[str] | None  # `rid` the client put in the body, if any
+
+
+def _check_type(doc: dict[str, Any], name: str, types: tuple[type, ...], what: str) -> None:
+    value = doc.get(name)
+    if value is None:
+        return
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise BadRequest(f"'{name}' must be {what}, got {type(value).__name__}", param=name)
+
+
+def _check_common(doc: dict[str, Any]) -> None:
+    _check_type(doc, "stream", (bool,), "a boolean")
+    _check_type(doc, "model", (str,), "a string")
+    _check_type(doc, "stream_options", (dict,), "an object")
+    for name in ("max_tokens", "max_completion_tokens", "n", "max_new_tokens"):
+        _check_type(doc, name, (int,), "an integer")
+        if doc.get(name) is not None and doc[name] < 0:
+            raise BadRequest(f"'{name}' must be >= 0", param=name)
+    for name in ("temperature", "top_p"):
+        _check_type(doc, name, (int, float), "a number")
+    _check_type(doc, "rid", (str, list), "a string or a list of strings")
+
+
+def _ids_key(ids: list[Any], name: str) -> bytes:
+    try:
+        return array("i", ids).tobytes()
+    except (TypeError, OverflowError) as exc:
+        raise BadRequest(f"'{name}' must be a list of token ids (integers)", param=name) from exc
+
+
+def _text_tokens(text: str) -> int:
+    return (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+
+
+def _chat_prompt(doc: dict[str, Any]) -> tuple[str, int]:
+    messages = doc.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list", param="messages")
+    parts: list[str] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest(f"messages[{i}] must be an object with a string 'role'", param="messages")
+        content = m.get("content")
+        if isinstance(content, str):
+            parts.append(f"{m['role']}:{content}")
+        elif isinstance(content, list):
+            texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            parts.append(f"{m['role']}:" + "".join(t for t in texts if isinstance(t, str)))
+        elif content is not None:
+            raise BadRequest(f"messages[{i}].content must be a string or a list of parts", param="messages")
+        else:
+            parts.append(f"{m['role']}:")
+    key = "\n".join(parts)
+    return key, _text_tokens(key)
+
+
+def _completion_prompt(doc: dict[str, Any]) -> tuple[str | bytes, int]:
+    prompt = doc.get("prompt")
+    if isinstance(prompt, str):
+        return prompt, _text_tokens(prompt)
+    if isinstance(prompt, list) and prompt:
+        first = prompt[0]
+        if isinstance(first, str):
+            if not all(isinstance(p, str) for p in prompt):
+                raise BadRequest("'prompt' list must hold only strings or only token ids", param="prompt")
+            return first, sum(_text_tokens(p) for p in prompt)
+        if isinstance(first, list):
+            keys = [_ids_key(p, "prompt") if isinstance(p, list) else b"" for p in prompt]
+            if not all(isinstance(p, list) for p in prompt):
+                raise BadRequest("'prompt' must be a list of token-id lists", param="prompt")
+            return keys[0], sum(len(p) for p in prompt)
+        return _ids_key(prompt, "prompt"), len(prompt)
+    raise BadRequest("'prompt' must be a string, a list of strings or a list of token ids", param="prompt")
+
+
+def _generate_prompt(doc: dict[str, Any]) -> tuple[str | bytes, int, int | None]:
+    _check_type(doc, "sampling_params", (dict, list), "an object")
+    text, ids = doc.get("text"), doc.get("input_ids")
+    if text is not None:
+        if isinstance(text, str):
+            return text, _text_tokens(text), None
+        if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+            return text[0], sum(_text_tokens(t) for t in text), len(text)
+        raise BadRequest("'text' must be a string or a non-empty list of strings", param="text")
+    if ids is not None:
+        if isinstance(ids, list) and ids:
+            if isinstance(ids[0], list):
+                if not all(isinstance(p, list) for p in ids):
+                    raise BadRequest("'input_ids' must be a list of token-id lists", param="input_ids")
+                keys = [_ids_key(p, "input_ids") for p in ids]
+                return keys[0], sum(len(p) for p in ids), len(ids)
+            return _ids_key(ids, "input_ids"), len(ids), None
+        raise BadRequest("'input_ids' must be a non-empty list of token ids", param="input_ids")
+    raise BadRequest("one of 'text' or 'input_ids' is required", param="text")
+
+
+def parse_inbound(raw: bytes, kind: Kind) -> InboundRequest:
+    """Validate a client body; raises BadRequest with an OpenAI-style message."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise BadRequest("request body must be a JSON object")
+    _check_common(doc)
+    batch: int | None = None
+    if kind is Kind.CHAT:
+        key, tokens = _chat_prompt(doc)
+    elif kind is Kind.COMPLETION:
+        key, tokens = _completion_prompt(doc)
+    else:
+        key, tokens, batch = _generate_prompt(doc)
+    rid = doc.get("rid")
+    if isinstance(rid, list) and not all(isinstance(r, str) for r in rid):
+        raise BadRequest("'rid' list must hold strings", param="rid")
+    return InboundRequest(kind, raw, doc, bool(doc.get("stream")), key, tokens, batch, rid)
+
+
+def abort_rids(inbound: InboundRequest, rid: str) -> list[str]:
+    """The request ids the workers know this request by (what `/abort_request` must name)."""
+    if inbound.body_rid is None:
+        return [rid] if inbound.batch_size is None else [f"{rid}-{i}" for i in range(inbound.batch_size)]
+    return [inbound.body_rid] if isinstance(inbound.body_rid, str) else list(inbound.body_rid)
+
+
+def _rid_value(inbound: InboundRequest, rid: str) -> str | list[str]:
+    return rid if inbound.batch_size is None else [f"{rid}-{i}" for i in range(inbound.batch_size)]
+
+
+def _splice(raw: bytes, empty: bool, fields: bytes) -> bytes:
+    body = raw.rstrip()
+    # parse_inbound proved it is one JSON object, so it ends with '}'.
+    return body[:-1] + (fields if empty else b"," + fields) + b"}"
+
+
+def worker_body(inbound: InboundRequest, rid: str, prefill: Worker | None, room: int | list[int] | None) -> bytes:
+    """The body both workers get: the client's, plus `rid` (when absent) and, for a PD pair, the
+    bootstrap fields naming `prefill` and `room` (a list of rooms for a batch)."""
+    doc = inbound.doc
+    needs_rid = inbound.body_rid is None
+    if inbound.batch_size is None and not (prefill is not None and any(f in doc for f in _PD_FIELDS)):
+        fields = b'"rid":' + orjson.dumps(rid) if needs_rid else b""
+        if prefill is not None:
+            pd = prefill.pd_fields_prefix + str(room).encode()
+            fields = fields + b"," + pd if fields else pd
+        return _splice(inbound.raw, not doc, fields) if fields else inbound.raw
+    out = dict(doc)
+    if needs_rid:
+        out["rid"] = _rid_value(inbound, rid)
+    if prefill is not None:
+        host = prefill.bootstrap_host
+        if inbound.batch_size is None:
+            out.update({BOOTSTRAP_HOST: host, BOOTSTRAP_PORT: prefill.bootstrap_port, BOOTSTRAP_ROOM: room})
+        else:
+            n = inbound.batch_size
+            out.update({BOOTSTRAP_HOST: [host] * n, BOOTSTRAP_PORT: [prefill.bootstrap_port] * n,
+                        BOOTSTRAP_ROOM: room})
+    return orjson.dumps(out)

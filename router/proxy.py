@@ -1,0 +1,298 @@
+"""The request path: pick a (prefill, decode) pair, send to both at once, stream decode's answer back.
+
+Order of events for one PD request: the prefill request starts in its own task; the decode request
+runs in the handler, which waits for decode's first body bytes before answering the client. Until
+then nothing is committed, so a prefill error that arrives first is returned to the client (and the
+decode side aborted), and a worker that cannot be reached is replaced by another (retry). From the
+first byte on, decode's bytes go to the client as they come. If the client goes away, both sides are
+aborted: their connections are closed and `/abort_request` names the request's rid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import TYPE_CHECKING
+
+import orjson
+from aiohttp import web
+
+from router.config import Role
+from router.errors import RouterError, error_body, is_openai_error
+from router.inbound import InboundRequest, abort_rids, worker_body
+from router.upstream import UpstreamConnection, UpstreamError, UpstreamTimeout, build_request
+
+if TYPE_CHECKING:
+    from router.state import RouterState
+    from router.workers import Worker
+
+log = logging.getLogger("router.proxy")
+_RETRY_STATUSES = (502, 503, 504)
+_ROOM_BITS = 63
+
+
+class PrefillFailed(UpstreamError):
+    """Prefill answered with an error status before decode sent anything: the client gets it."""
+
+    def __init__(self, status: int, body: bytes, content_type: str) -> None:
+        super().__init__(f"prefill answered {status}")
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
+
+class PrefillUnreachable(UpstreamError):
+    """Prefill could not be reached or broke off: the pair is retried with another prefill."""
+
+
+class _Retry(Exception):
+    def __init__(self, worker: Worker, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.worker = worker
+        self.cause = cause
+
+
+class PrefillJob:
+    """The prefill half of a PD request, running in its own task alongside the decode half."""
+
+    def __init__(self, state: RouterState, worker: Worker, request: bytes, deadline: float, rids: list[str]):
+        self._state = state
+        self.worker = worker
+        self._rids = rids
+        self.failure: UpstreamError | None = None
+        self._decode_conn: UpstreamConnection | None = None
+        self._decode_exchange = 0
+        self.committed = False  # decode's bytes reached the client: prefill errors no longer matter
+        self._conn: UpstreamConnection | None = None
+        worker.in_flight += 1
+        worker.stats.requests += 1
+        self._task = asyncio.get_running_loop().create_task(self._run(request, deadline))
+
+    def watch(self, conn: UpstreamConnection) -> None:
+        """`on_connection` hook of the decode request: lets a prefill failure abort decode's wait."""
+        if self.failure is not None:
+            raise self.failure
+        self._decode_conn = conn
+        self._decode_exchange = conn.exchange + 1  # the exchange about to be sent on it
+
+    def _keep_conn(self, conn: UpstreamConnection) -> None:
+        self._conn = conn
+
+    async def _run(self, request: bytes, deadline: float) -> None:
+        state, w = self._state, self.worker
+        finished = False
+        try:
+            conn = await state.pool.request(w.host, w.port, request, deadline, self._keep_conn)
+            if conn.status >= 400:
+                body = await conn.read_all()
+                finished = True
+                self._fail(PrefillFailed(conn.status, body, conn.headers.get("content-type", "")))
+                return
+            while await conn.read_chunk():
+                pass  # prefill's own answer carries nothing the client needs; read it to reuse the socket
+            finished = True
+            if w.consecutive_failures:
+                state.registry.record_success(w)
+        except UpstreamError as exc:
+            if not isinstance(exc, UpstreamTimeout):
+                state.registry.record_failure(w, state.config.health_failure_threshold, str(exc))
+            self._fail(PrefillUnreachable(f"prefill {w.url}: {exc}"))
+        finally:
+            if not finished and self._conn is not None:
+                self._conn.close()  # cancelled or failed mid-exchange: the worker sees the disconnect
+            w.in_flight -= 1
+            if w.draining:
+                state.registry.release_if_drained(w)
+
+    def _fail(self, exc: UpstreamError) -> None:
+        self.failure = exc
+        self.worker.stats.errors += 1
+        if self._decode_conn is not None and not self.committed:
+            self._decode_conn.fail(exc, self._decode_exchange)
+
+    def abort(self) -> None:
+        """Decode gave up or the client left: stop the prefill side as well."""
+        if not self._task.done():
+            self._task.cancel()  # its `finally` closes the connection
+            self._state.send_abort(self.worker, self._rids)
+
+
+class Proxy:
+    def __init__(self, state: RouterState) -> None:
+        self._state = state
+        self._getrandbits = random.getrandbits
+
+    def _choose(self, role: Role, inbound: InboundRequest, tried: set[Worker], last: BaseException | None):
+        state = self._state
+        candidates = state.registry.candidates(role)
+        if tried:
+            candidates = [w for w in candidates if w not in tried]
+        if not candidates:
+            if last is not None:
+                raise RouterError(502, f"no {role.value} worker could be reached: {last}", code="upstream_unreachable")
+            raise RouterError(503, f"no healthy {role.value} worker", code="no_worker", retry_after_s=1)
+        policy = state.prefill_policy if role is Role.PREFILL else state.decode_policy
+        return policy.choose(candidates, inbound.prompt_key)
+
+    async def forward(self, request: web.Request, inbound: InboundRequest, rid: str, fwd_headers: bytes):
+        state = self._state
+        cfg = state.config
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + cfg.request_timeout_s
+        decode_only = (
+            inbound.prompt_tokens < cfg.short_prompt_threshold or not state.registry.has_role(Role.PREFILL)
+        )
+        state.stats.count_request(inbound.kind.value, "decode_only" if decode_only else "pd")
+        tried: set[Worker] = set()
+        last: BaseException | None = None
+        for attempt in range(cfg.max_retries + 1):
+            decode = self._choose(Role.DECODE, inbound, tried, last)
+            prefill = None if decode_only else self._choose(Role.PREFILL, inbound, tried, last)
+            try:
+                return await self._attempt(
+                    request, inbound, prefill, decode, rid, fwd_headers, started, deadline,
+                    last_attempt=attempt == cfg.max_retries,
+                )
+            except _Retry as retry:
+                tried.add(retry.worker)
+                last = retry.cause
+                log.info("request %s: %s failed before any byte was sent (%s); retrying", rid,
+                         retry.worker.url, retry.cause)
+        state.stats.count_error("upstream_unreachable")
+        raise RouterError(502, f"workers could not be reached: {last}", code="upstream_unreachable")
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        inbound: InboundRequest,
+        prefill: Worker | None,
+        decode: Worker,
+        rid: str,
+        fwd_headers: bytes,
+        started: float,
+        deadline: float,
+        last_attempt: bool,
+    ) -> web.StreamResponse:
+        state = self._state
+        path = inbound.kind.value
+        rids = abort_rids(inbound, rid)
+        job: PrefillJob | None = None
+        if prefill is not None:
+            n = inbound.batch_size
+            room = self._getrandbits(_ROOM_BITS) if n is None else [self._getrandbits(_ROOM_BITS) for _ in range(n)]
+            body = worker_body(inbound, rid, prefill, room)
+            job = PrefillJob(state, prefill, build_request("POST", path, prefill.netloc, body, fwd_headers),
+                             deadline, rids)
+        else:
+            body = worker_body(inbound, rid, None, None)
+        decode.in_flight += 1
+        decode.stats.requests += 1
+        state.active[rid] = (prefill, decode, rids)
+        conn: UpstreamConnection | None = None
+        exchange = 0
+        done = False  # decode's answer was passed on whole: nothing to abort
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                conn = await state.pool.request(
+                    decode.host, decode.port, build_request("POST", path, decode.netloc, body, fwd_headers),
+                    deadline, job.watch if job is not None else None,
+                )
+                exchange = conn.exchange
+                status = conn.status
+                if status in _RETRY_STATUSES and not last_attempt:
+                    raise _Retry(decode, UpstreamError(f"decode {decode.url} answered {status}"))
+                if status >= 400:
+                    data = await conn.read_all()
+                    decode.stats.errors += 1
+                    state.stats.count_error(f"decode_{status}")
+                    if job is not None:
+                        job.committed = True
+                        if status >= 500:
+                            job.abort()
+                    done = True
+                    return passthrough_response(status, conn.headers.get("content-type"), data, rid)
+                first = await conn.read_chunk()
+                decode.stats.ttft.observe(loop.time() - started)
+                if not inbound.stream:
+                    data = first + await conn.read_all() if first else first
+            except PrefillFailed as pf:
+                state.stats.count_error(f"prefill_{pf.status}")
+                return passthrough_response(pf.status, pf.content_type, pf.body, rid)
+            except PrefillUnreachable as exc:
+                assert prefill is not None
+                raise _Retry(prefill, exc) from None
+            except UpstreamTimeout as exc:
+                state.stats.count_error("timeout")
+                decode.stats.errors += 1
+                raise RouterError(504, f"request timed out: {exc}", code="timeout") from None
+            except UpstreamError as exc:
+                decode.stats.errors += 1
+                state.registry.record_failure(decode, state.config.health_failure_threshold, str(exc))
+                raise _Retry(decode, exc) from None
+            if decode.consecutive_failures:
+                state.registry.record_success(decode)
+            if job is not None:
+                job.committed = True
+            if not inbound.stream:
+                done = True
+                return passthrough_response(conn.status, conn.headers.get("content-type"), data, rid)
+            resp = await self._stream(request, conn, first, rid, decode)
+            done = True
+            return resp
+        finally:
+            decode.in_flight -= 1
+            state.active.pop(rid, None)
+            if not done:
+                # Client gone, timeout, retry or error: both workers drop the request now.
+                if conn is not None:
+                    conn.abort_exchange(exchange)
+                state.send_abort(decode, rids)
+                if job is not None:
+                    job.abort()
+            decode.stats.latency.observe(loop.time() - started)
+            if decode.draining:
+                state.registry.release_if_drained(decode)
+
+    async def _stream(
+        self, request: web.Request, conn: UpstreamConnection, first: bytes, rid: str, decode: Worker
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            status=conn.status,
+            headers={
+                "Content-Type": conn.headers.get("content-type", "text/event-stream"),
+                "Cache-Control": "no-cache",
+                "X-Request-ID": rid,
+            },
+        )
+        await resp.prepare(request)
+        chunk = first
+        try:
+            while chunk:
+                await resp.write(chunk)
+                chunk = await conn.read_chunk()
+        except UpstreamError as exc:
+            # Headers are out: the error can only be told in the stream itself (as SGLang does).
+            decode.stats.errors += 1
+            self._state.stats.count_error("timeout" if isinstance(exc, UpstreamTimeout) else "stream_broken")
+            await resp.write(b"data: " + error_body(502, f"decode worker failed mid-stream: {exc}") + b"\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def passthrough_response(status: int, content_type: str | None, body: bytes, rid: str) -> web.Response:
+    if status >= 400 and not is_openai_error(body):
+        # A worker's non-OpenAI error (plain text, FastAPI `detail`, ...) is wrapped into the contract.
+        try:
+            detail = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            detail = body.decode("utf-8", "replace")
+        message = detail.get("detail") or detail.get("message") if isinstance(detail, dict) else None
+        body = error_body(status, str(message or detail or f"worker answered {status}"))
+        content_type = "application/json"
+    return web.Response(
+        body=body, status=status,
+        headers={"Content-Type": content_type or "application/json", "X-Request-ID": rid},
+    )

@@ -1,0 +1,84 @@
+"""Serving the router: one process, or N processes sharing the port through SO_REUSEPORT.
+
+Each process is a full router with its own worker registry, health checker and metrics (the admin
+API and /metrics therefore describe the process that answered: use `--workers 1` where runtime
+worker changes must reach every request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+
+from aiohttp import web
+
+from router.app import create_app
+from router.config import RouterConfig
+
+log = logging.getLogger("router")
+
+
+async def serve(config: RouterConfig, ready: asyncio.Event | None = None) -> None:
+    """Serve until cancelled (SIGINT/SIGTERM in `run`)."""
+    app = create_app(config)
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts both workers.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, reuse_port=config.processes > 1, backlog=1024)
+    await site.start()
+    log.info("router (pid %d) listening on http://%s:%d", os.getpid(), config.host, config.port)
+    print(f"router ready on http://{config.host}:{config.port} pid={os.getpid()}", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def _run_one(config: RouterConfig) -> None:
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if config.use_uvloop:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            log.info("uvloop not installed: using asyncio's default loop")
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(serve(config))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, main.cancel)
+    try:
+        loop.run_until_complete(main)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        loop.close()
+
+
+def run(config: RouterConfig) -> None:
+    if config.processes == 1:
+        _run_one(config)
+        return
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise SystemExit("--workers > 1 needs SO_REUSEPORT (Linux, BSD)")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_run_one, args=(config,), name=f"router-{i}") for i in range(config.processes)]
+    for p in procs:
+        p.start()
+
+    def stop(signum: int, frame: object) -> None:
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for p in procs:
+        p.join()

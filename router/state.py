@@ -1,0 +1,78 @@
+"""RouterState: the one owner of everything a router process holds (pool, registry, health, tasks)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+
+from router.config import RouterConfig
+from router.health import HealthChecker
+from router.metrics import MetricsExporter, RouterStats
+from router.policies import make_policy
+from router.upstream import UpstreamError, UpstreamPool, build_request
+from router.workers import Worker, WorkerRegistry
+
+log = logging.getLogger("router.state")
+_ABORT_TIMEOUT_S = 2.0
+
+
+class RouterState:
+    """Built by `create_app`; `start()` on app start-up, `close()` on shutdown (cancels background
+    tasks, closes every upstream connection)."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.registry = WorkerRegistry([*config.prefill, *config.decode])
+        self.pool = UpstreamPool(connect_timeout_s=config.connect_timeout_s)
+        self.stats = RouterStats()
+        self.metrics = MetricsExporter(self.stats, self.registry)
+        kw = dict(
+            block_chars=config.cache_block_chars,
+            match_ratio=config.cache_match_ratio,
+            balance_abs=config.cache_balance_abs,
+        )
+        self.prefill_policy = make_policy(config.prefill_policy, **kw)  # type: ignore[arg-type]
+        self.decode_policy = make_policy(config.decode_policy, **kw)  # type: ignore[arg-type]
+        self.health = HealthChecker(self.registry, self.pool, config)
+        # rid -> (prefill, decode, worker-side rids) for requests in flight (router-level abort).
+        self.active: dict[str, tuple[Worker | None, Worker, list[str]]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.health.start()
+
+    async def close(self) -> None:
+        await self.health.close()
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        self.pool.close()
+
+    @property
+    def background_tasks(self) -> int:
+        return len(self._background)
+
+    def send_abort(self, worker: Worker, rids: list[str]) -> None:
+        """Fire-and-forget `POST /abort_request {"rid": ...}` to `worker` (SGLang's abort endpoint).
+
+        Closing the request's connection already aborts it on workers that watch for disconnects;
+        this also covers workers that only abort on request, and a request still queued there."""
+        task = asyncio.get_running_loop().create_task(self._abort(worker, rids))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort(self, worker: Worker, rids: list[str]) -> None:
+        deadline = asyncio.get_running_loop().time() + _ABORT_TIMEOUT_S
+        for rid in rids:
+            body = orjson.dumps({"rid": rid})
+            try:
+                conn = await self.pool.request(
+                    worker.host, worker.port, build_request("POST", "/abort_request", worker.netloc, body), deadline
+                )
+                await conn.read_all()
+            except UpstreamError as exc:
+                log.debug("abort of %s on %s failed: %s", rid, worker.url, exc)
+                return

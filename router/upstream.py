@@ -1,0 +1,387 @@
+"""A lean HTTP/1.1 client for the router's worker connections: keep-alive pool, TCP_NODELAY, deadlines.
+
+Why not aiohttp's ClientSession: per request it builds URL objects, cookie jars, timers and trace
+hooks, several times the CPU the router may spend per request in total. Workers are known hosts that
+speak plain HTTP/1.1, so this client is one asyncio.Protocol per connection that parses status line,
+headers and a Content-Length, chunked or read-until-close body, and hands body bytes to one reader
+as they arrive (the streaming passthrough needs them unbuffered). A connection goes back to its pool
+only when its response was read to the end on a keep-alive connection; anything else closes it,
+which is also how an abandoned request is aborted on the worker side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from collections.abc import Callable
+
+_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE, _DONE, _IDLE = range(9)
+_MAX_HEAD_BYTES = 64 * 1024
+_PAUSE_READING_AT = 1 << 20  # unread body bytes held per connection before reading from the socket pauses
+
+
+class UpstreamError(Exception):
+    """The worker could not be reached, broke the connection, or sent something that is not HTTP."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The request's deadline passed before the worker finished answering."""
+
+
+class StaleConnection(UpstreamError):
+    """A reused keep-alive connection was closed by the worker before any response byte: safe to resend."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One HTTP/1.1 connection to a worker, carrying one request at a time."""
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+        self._pool = pool
+        self.key = key
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self._buf = b""
+        self._state = _IDLE
+        self._remaining = 0
+        self._pieces: deque[bytes] = deque()
+        self._pending_bytes = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._exc: BaseException | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.reused = False
+        self._received_any = False
+        self.keep_alive = True
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.exchange = 0  # bumped per request sent: a stale holder cannot abort a later exchange
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Small SSE events must leave at once, not wait for Nagle's algorithm and delayed ACKs.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self._received_any = True
+        if self._state == _IDLE or self._state == _DONE:
+            # Bytes nobody asked for (e.g. after a response): the connection can no longer be trusted.
+            self._fail(UpstreamError("worker sent bytes outside a response"))
+            return
+        try:
+            self._parse(self._buf + data if self._buf else data)
+        except (ValueError, IndexError) as exc:
+            self._fail(UpstreamError(f"malformed HTTP response from worker: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_deadline()
+        self._pool._forget(self)
+        if self._state == _UNTIL_CLOSE:
+            self._state = _DONE
+        elif self._state not in (_DONE, _IDLE) and self._exc is None:
+            if self._state == _HEAD and self.reused and not self._received_any:
+                self._exc = StaleConnection("idle keep-alive connection closed by the worker")
+            else:
+                self._exc = UpstreamError(f"worker closed the connection mid-response ({exc or 'EOF'})")
+        self._wake()
+
+    # -- parsing ----------------------------------------------------------------------------------
+    def _parse(self, buf: bytes) -> None:
+        pos, n = 0, len(buf)
+        out: list[bytes] = []
+        while pos < n:
+            state = self._state
+            if state == _LENGTH or state == _CHUNK_DATA:
+                take = min(self._remaining, n - pos)
+                out.append(buf[pos : pos + take] if (pos or take < n) else buf)
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = _DONE if state == _LENGTH else _CHUNK_CRLF
+            elif state == _CHUNK_SIZE:
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    break
+                size = int(buf[pos:end].split(b";", 1)[0], 16)
+                pos = end + 2
+                if size:
+                    self._state, self._remaining = _CHUNK_DATA, size
+                else:
+                    self._state = _TRAILER
+            elif state == _CHUNK_CRLF:
+                if n - pos < 2:
+                    break
+                if buf[pos : pos + 2] != b"\r\n":
+                    raise ValueError("chunk not followed by CRLF")
+                pos += 2
+                self._state = _CHUNK_SIZE
+            elif state == _HEAD:
+                end = buf.find(b"\r\n\r\n", pos)
+                if end < 0:
+                    if n - pos > _MAX_HEAD_BYTES:
+                        raise ValueError("response head too large")
+                    break
+                self._parse_head(buf[pos:end])
+                pos = end + 4
+            elif state == _TRAILER:
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    break
+                self._state = _DONE if end == pos else _TRAILER
+                pos = end + 2
+            elif state == _UNTIL_CLOSE:
+                out.append(buf[pos:] if pos else buf)
+                pos = n
+            else:  # _DONE with bytes left over: a pipelining mistake by the worker
+                raise ValueError("bytes after the end of the response")
+        self._buf = buf[pos:] if pos < n else b""
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self._pieces.append(data)
+            self._pending_bytes += len(data)
+            if self._pending_bytes > _PAUSE_READING_AT and not self._paused and self.transport is not None:
+                self._paused = True
+                self.transport.pause_reading()
+        if out or self._state != _HEAD:
+            self._wake()
+
+    def _parse_head(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        version, status, *_ = lines[0].split(b" ", 2)
+        self.status = int(status)
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        if 100 <= self.status < 200:
+            return  # interim response (100 Continue): the real head follows
+        self.headers = headers
+        conn = headers.get("connection", "").lower()
+        self.keep_alive = "close" not in conn if version == b"HTTP/1.1" else "keep-alive" in conn
+        if self.status in (204, 304) or self._method_is_head:
+            self._state = _DONE
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            self._state = _CHUNK_SIZE
+        elif "content-length" in headers:
+            self._remaining = int(headers["content-length"])
+            self._state = _LENGTH if self._remaining else _DONE
+        else:
+            self._state = _UNTIL_CLOSE
+            self.keep_alive = False
+
+    _method_is_head = False
+
+    # -- consumer API -----------------------------------------------------------------------------
+    def send(self, data: bytes, deadline: float | None) -> None:
+        """Write one full request (head and body); `deadline` is a loop.time() instant."""
+        if self.closed or self.transport is None:
+            raise StaleConnection("connection already closed")
+        self._state = _HEAD
+        self.status = 0
+        self.exchange += 1
+        self._received_any = False
+        if deadline is not None:
+            self._deadline = self._loop.call_at(deadline, self._on_deadline)
+        self.transport.write(data)
+
+    async def read_head(self) -> None:
+        while self._state == _HEAD:
+            await self._wait()
+
+    async def read_chunk(self) -> bytes:
+        """The next body bytes as they arrived (several small pieces joined); b"" at the end."""
+        while True:
+            pieces = self._pieces
+            if pieces:
+                data = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+                pieces.clear()
+                self._pending_bytes = 0
+                if self._paused and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
+                return data
+            if self._exc is not None:
+                raise self._exc
+            if self._state == _DONE:
+                self._finish()
+                return b""
+            if self._state == _IDLE:
+                return b""  # already finished and handed back to the pool
+            await self._wait()
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while chunk := await self.read_chunk():
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def fail(self, exc: BaseException, exchange: int) -> None:
+        """Abort exchange number `exchange` from outside: its reader gets `exc` (after bytes already
+        queued). No-op once that exchange has finished (the connection may serve another by then)."""
+        if exchange == self.exchange and (self._state not in (_DONE, _IDLE) or self._pieces):
+            self._fail(exc)
+
+    def abort_exchange(self, exchange: int) -> None:
+        """Close the connection if exchange number `exchange` is still under way on it."""
+        if exchange == self.exchange and self._state != _IDLE:
+            self.close()
+
+    def close(self) -> None:
+        """Drop the connection (the worker sees the disconnect); it is never reused."""
+        self._cancel_deadline()
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+        self._pool._forget(self)
+
+    # -- internals --------------------------------------------------------------------------------
+    async def _wait(self) -> None:
+        if self._exc is not None:
+            raise self._exc
+        fut = self._loop.create_future()
+        self._waiter = fut
+        try:
+            await fut
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._exc is None:
+            self._exc = exc
+        self.close()
+        self._wake()
+
+    def _on_deadline(self) -> None:
+        self._deadline = None
+        self._fail(UpstreamTimeout("worker did not finish before the request timeout"))
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _finish(self) -> None:
+        self._cancel_deadline()
+        if self.keep_alive and not self.closed and not self._buf:
+            self._state = _IDLE
+            self._pool._release(self)
+        else:
+            self.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections per (host, port); the one owner of every upstream socket (`close()`)."""
+
+    def __init__(self, connect_timeout_s: float = 5.0, idle_ttl_s: float = 4.0, max_idle_per_host: int = 1024):
+        # idle_ttl_s: uvicorn (SGLang's server) drops idle keep-alive connections after 5 s; reusing
+        # one just as it does makes a stale write, so connections idle longer than this are dropped.
+        self._connect_timeout_s = connect_timeout_s
+        self._idle_ttl_s = idle_ttl_s
+        self._max_idle = max_idle_per_host
+        self._idle: dict[tuple[str, int], list[tuple[float, UpstreamConnection]]] = {}
+        self._open: set[UpstreamConnection] = set()
+        self._closed = False
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    @property
+    def idle_connections(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    async def connect(self, host: str, port: int, *, fresh: bool = False) -> UpstreamConnection:
+        if self._closed:
+            raise UpstreamError("upstream pool is closed")
+        key = (host, port)
+        idle = self._idle.get(key)
+        if idle and not fresh:
+            now = asyncio.get_running_loop().time()
+            while idle:
+                since, conn = idle.pop()
+                if not conn.closed and now - since < self._idle_ttl_s:
+                    conn.reused = True
+                    return conn
+                conn.close()
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(self, key), host, port),
+                self._connect_timeout_s,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise UpstreamError(f"cannot connect to {host}:{port}: {exc or type(exc).__name__}") from exc
+        self._open.add(conn)
+        return conn
+
+    async def request(
+        self,
+        host: str,
+        port: int,
+        data: bytes,
+        deadline: float | None,
+        on_connection: Callable[[UpstreamConnection], None] | None = None,
+        head_only: bool = False,
+    ) -> UpstreamConnection:
+        """Send `data` (a full request) and wait for the response head; the caller reads the body.
+
+        `on_connection` sees each connection before the request is written (so another task can
+        abort it). A reused connection that the worker had just closed is retried once on a new one.
+        """
+        fresh = False
+        while True:
+            conn = await self.connect(host, port, fresh=fresh)
+            conn._method_is_head = head_only
+            if on_connection is not None:
+                on_connection(conn)
+            try:
+                conn.send(data, deadline)
+                await conn.read_head()
+                return conn
+            except StaleConnection:
+                conn.close()
+                if fresh:
+                    raise
+                fresh = True
+            except BaseException:
+                conn.close()
+                raise
+
+    def _release(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.setdefault(conn.key, [])
+        if self._closed or len(idle) >= self._max_idle:
+            conn.close()
+            return
+        idle.append((asyncio.get_running_loop().time(), conn))
+
+    def _forget(self, conn: UpstreamConnection) -> None:
+        self._open.discard(conn)
+
+    def close(self) -> None:
+        """Close every connection, idle or busy; later requests fail with UpstreamError."""
+        self._closed = True
+        for conn in list(self._open):
+            conn.close()
+        self._idle.clear()
+
+
+def build_request(method: str, path: str, host_header: str, body: bytes, extra_headers: bytes = b"") -> bytes:
+    """One HTTP/1.1 request as bytes. `extra_headers` is pre-formatted `Name: value\\r\\n` lines."""
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: {host_header}\r\nContent-Length: {len(body)}\r\n".encode("latin-1")
+        + (b"Content-Type: application/json\r\n" if body else b"")
+        + extra_headers
+        + b"\r\n"
+        + body
+    )

@@ -1,0 +1,207 @@
+"""Mock prefill/decode workers for the router's tests and benchmark: the far side of the router.
+
+A MockWorker is a real aiohttp server on a loopback port speaking the worker API the router uses
+(`/generate`, `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`, `/abort_request`).
+It records every body it receives, every `/abort_request` and every request whose client went away,
+and its answers are scripted through `MockBehavior`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+
+from router import RouterConfig, WorkerSpec, create_app
+from router.app import STATE_KEY
+from router.config import Role
+from router.state import RouterState
+
+
+@dataclass
+class MockBehavior:
+    status: int = 200  # an error status answers at once with `error_body`
+    error_body: bytes = b'{"error": {"message": "scripted failure", "type": "server_error", "code": 500}}'
+    delay_s: float = 0.0  # before the response head
+    chunk_delay_s: float = 0.0  # between streamed events
+    tokens: int = 3  # tokens generated (streamed events for stream=True)
+    health_status: int = 200
+    # Exact bytes to stream instead of generated events, written one piece per write (byte-exactness).
+    raw_stream: list[bytes] | None = None
+
+
+@dataclass
+class MockWorker:
+    role: str
+    behavior: MockBehavior = field(default_factory=MockBehavior)
+    bodies: list[dict] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)  # rids named by /abort_request
+    disconnects: list[str] = field(default_factory=list)  # rids whose client went away mid-request
+    health_checks: int = 0
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def start(self, port: int = 0) -> str:
+        app = web.Application()
+        for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
+            app.router.add_post(path, self._infer)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_post("/abort_request", self._abort)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        await web.SockSite(self._runner, sock).start()
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    async def _health(self, request: web.Request) -> web.Response:
+        self.health_checks += 1
+        return web.Response(status=self.behavior.health_status, text="ok")
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": "mock-model", "object": "model", "created": 0, "owned_by": "tandem"}]})
+
+    async def _abort(self, request: web.Request) -> web.Response:
+        self.aborts.append((await request.json())["rid"])
+        return web.json_response({"ok": True})
+
+    async def _infer(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        self.bodies.append(body)
+        self.paths.append(request.path)
+        b = self.behavior
+        rid = body.get("rid", "")
+        try:
+            if b.delay_s:
+                await asyncio.sleep(b.delay_s)
+            if b.status != 200:
+                return web.Response(status=b.status, body=b.error_body, content_type="application/json")
+            if not body.get("stream"):
+                return web.Response(body=orjson.dumps(_answer(request.path, body, b.tokens, self.role)),
+                                    content_type="application/json")
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            pieces = b.raw_stream if b.raw_stream is not None else _events(request.path, body, b.tokens)
+            for piece in pieces:
+                if b.chunk_delay_s:
+                    await asyncio.sleep(b.chunk_delay_s)
+                await resp.write(piece)
+            await resp.write_eof()
+            return resp
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnects.append(rid)
+            raise
+
+
+def _answer(path: str, body: dict, n: int, role: str) -> dict:
+    text = " ".join(f"t{i}" for i in range(n))
+    usage = {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}
+    if path == "/v1/chat/completions":
+        return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "mock-model",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "length", "logprobs": None}], "usage": usage}
+    if path == "/v1/completions":
+        return {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "mock-model",
+                "choices": [{"index": 0, "text": text, "finish_reason": "length", "logprobs": None}],
+                "usage": usage}
+    return {"text": text, "meta_info": {"id": body.get("rid"), "role": role, "completion_tokens": n}}
+
+
+def _events(path: str, body: dict, n: int) -> list[bytes]:
+    out = []
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    for i in range(n):
+        last = i == n - 1
+        if path == "/v1/chat/completions":
+            ev = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "mock-model",
+                  "choices": [{"index": 0, "delta": {"role": "assistant", "content": f"t{i} "} if i == 0
+                               else {"content": f"t{i} "}, "finish_reason": "length" if last else None}]}
+        elif path == "/v1/completions":
+            ev = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "mock-model",
+                  "choices": [{"index": 0, "text": f"t{i} ", "finish_reason": "length" if last else None}]}
+        else:
+            ev = {"text": f"t{i} ", "meta_info": {"id": body.get("rid"), "completion_tokens": i + 1}}
+        out.append(b"data: " + orjson.dumps(ev) + b"\n\n")
+    if include_usage and path != "/generate":
+        obj = "chat.completion.chunk" if path == "/v1/chat/completions" else "text_completion"
+        out.append(b"data: " + orjson.dumps({"id": "x", "object": obj, "created": 1, "model": "mock-model",
+                                             "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": n,
+                                                                      "total_tokens": 5 + n}}) + b"\n\n")
+    out.append(b"data: [DONE]\n\n")
+    return out
+
+
+@dataclass
+class Cluster:
+    prefill: list[MockWorker]
+    decode: list[MockWorker]
+    router_url: str
+    state: RouterState
+
+    def worker(self, url: str) -> MockWorker:
+        return next(w for w in (*self.prefill, *self.decode) if w.url == url)
+
+    async def wait_until(self, predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+        end = time.monotonic() + timeout_s
+        while not predicate():
+            if time.monotonic() > end:
+                raise AssertionError("condition not reached in time")
+            await asyncio.sleep(0.01)
+
+    def assert_idle(self) -> None:
+        """Nothing in flight anywhere in the router: the idle counts the tests check at the end."""
+        st = self.state
+        assert st.stats.in_flight == 0
+        assert all(w.in_flight == 0 for w in st.registry.all_workers()), [w.describe() for w in
+                                                                         st.registry.all_workers()]
+        assert not st.active
+
+
+@contextlib.asynccontextmanager
+async def cluster(n_prefill: int = 1, n_decode: int = 1, **config: object) -> AsyncIterator[Cluster]:
+    """Mock workers plus an in-process router in front of them (on loopback ports)."""
+    prefill = [MockWorker("prefill") for _ in range(n_prefill)]
+    decode = [MockWorker("decode") for _ in range(n_decode)]
+    for w in (*prefill, *decode):
+        await w.start()
+    config.setdefault("health_interval_s", 0)  # tests that want probes turn them on
+    cfg = RouterConfig(
+        prefill=[WorkerSpec(w.url, Role.PREFILL, 9000 + i) for i, w in enumerate(prefill)],
+        decode=[WorkerSpec(w.url, Role.DECODE) for w in decode],
+        host="127.0.0.1",
+        port=0,
+        **config,  # type: ignore[arg-type]
+    )
+    app = create_app(cfg)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        yield Cluster(prefill, decode, url, app[STATE_KEY])
+    finally:
+        await runner.cleanup()
+        for w in (*prefill, *decode):
+            await w.stop()
