@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -133,7 +134,7 @@ class Handlers:
             if not candidates:
                 raise RouterError(503, "no healthy worker", code="no_worker", retry_after_s=1)
             w = candidates[0]
-            loop_time = request.loop.time()
+            loop_time = asyncio.get_running_loop().time()
             try:
                 conn = await state.pool.request(
                     w.host, w.port, build_request("GET", "/v1/models", w.netloc, b""), loop_time + _MODELS_TIMEOUT_S
@@ -141,7 +142,7 @@ class Handlers:
                 body = await conn.read_all()
             except UpstreamError as exc:
                 raise RouterError(502, f"worker {w.url} did not answer /v1/models: {exc}") from None
-            return passthrough_response(conn.status, conn.headers.get("content-type"), body, "models")
+            return passthrough_response(conn.status, conn.content_type(), body, "models")
         except RouterError as exc:
             return _error(exc)
 

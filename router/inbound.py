@@ -20,7 +20,7 @@ from router.errors import BadRequest
 from router.workers import Worker
 
 CHARS_PER_TOKEN = 4  # prompt-length estimate for text prompts (typical of English BPE vocabularies)
-_PD_FIELDS = (BOOTSTRAP_HOST, BOOTSTRAP_PORT, BOOTSTRAP_ROOM)
+_PD_FIELDS = frozenset((BOOTSTRAP_HOST, BOOTSTRAP_PORT, BOOTSTRAP_ROOM))
 
 
 class Kind(str, enum.Enum):
@@ -43,25 +43,38 @@ class InboundRequest:
     body_rid: str | list[str] | None  # `rid` the client put in the body, if any
 
 
-def _check_type(doc: dict[str, Any], name: str, types: tuple[type, ...], what: str) -> None:
-    value = doc.get(name)
+_INT = ((int,), "an integer")
+# Top-level fields whose type the router checks (the worker checks the rest): name -> (types, words).
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "stream": ((bool,), "a boolean"),
+    "model": ((str,), "a string"),
+    "stream_options": ((dict,), "an object"),
+    "max_tokens": _INT,
+    "max_completion_tokens": _INT,
+    "n": _INT,
+    "max_new_tokens": _INT,
+    "temperature": ((int, float), "a number"),
+    "top_p": ((int, float), "a number"),
+    "rid": ((str, list), "a string or a list of strings"),
+    "sampling_params": ((dict, list), "an object"),
+}
+_NON_NEGATIVE = frozenset(("max_tokens", "max_completion_tokens", "n", "max_new_tokens"))
+
+
+def _check_type(doc: dict[str, Any], name: str) -> None:
+    value = doc[name]
     if value is None:
         return
+    types, what = _FIELD_TYPES[name]
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise BadRequest(f"'{name}' must be {what}, got {type(value).__name__}", param=name)
+    if name in _NON_NEGATIVE and value < 0:
+        raise BadRequest(f"'{name}' must be >= 0", param=name)
 
 
 def _check_common(doc: dict[str, Any]) -> None:
-    _check_type(doc, "stream", (bool,), "a boolean")
-    _check_type(doc, "model", (str,), "a string")
-    _check_type(doc, "stream_options", (dict,), "an object")
-    for name in ("max_tokens", "max_completion_tokens", "n", "max_new_tokens"):
-        _check_type(doc, name, (int,), "an integer")
-        if doc.get(name) is not None and doc[name] < 0:
-            raise BadRequest(f"'{name}' must be >= 0", param=name)
-    for name in ("temperature", "top_p"):
-        _check_type(doc, name, (int, float), "a number")
-    _check_type(doc, "rid", (str, list), "a string or a list of strings")
+    for name in _FIELD_TYPES.keys() & doc.keys():
+        _check_type(doc, name)
 
 
 def _ids_key(ids: list[Any], name: str) -> bytes:
@@ -117,7 +130,6 @@ def _completion_prompt(doc: dict[str, Any]) -> tuple[str | bytes, int]:
 
 
 def _generate_prompt(doc: dict[str, Any]) -> tuple[str | bytes, int, int | None]:
-    _check_type(doc, "sampling_params", (dict, list), "an object")
     text, ids = doc.get("text"), doc.get("input_ids")
     if text is not None:
         if isinstance(text, str):
@@ -181,7 +193,7 @@ def worker_body(inbound: InboundRequest, rid: str, prefill: Worker | None, room:
     bootstrap fields naming `prefill` and `room` (a list of rooms for a batch)."""
     doc = inbound.doc
     needs_rid = inbound.body_rid is None
-    if inbound.batch_size is None and not (prefill is not None and any(f in doc for f in _PD_FIELDS)):
+    if inbound.batch_size is None and not (prefill is not None and not _PD_FIELDS.isdisjoint(doc)):
         fields = b'"rid":' + orjson.dumps(rid) if needs_rid else b""
         if prefill is not None:
             pd = prefill.pd_fields_prefix + str(room).encode()

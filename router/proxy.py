@@ -87,7 +87,7 @@ class PrefillJob:
             if conn.status >= 400:
                 body = await conn.read_all()
                 finished = True
-                self._fail(PrefillFailed(conn.status, body, conn.headers.get("content-type", "")))
+                self._fail(PrefillFailed(conn.status, body, conn.content_type()))
                 return
             while await conn.read_chunk():
                 pass  # prefill's own answer carries nothing the client needs; read it to reuse the socket
@@ -213,7 +213,7 @@ class Proxy:
                         if status >= 500:
                             job.abort()
                     done = True
-                    return passthrough_response(status, conn.headers.get("content-type"), data, rid)
+                    return passthrough_response(status, conn.content_type(), data, rid)
                 first = await conn.read_chunk()
                 decode.stats.ttft.observe(loop.time() - started)
                 if not inbound.stream:
@@ -238,7 +238,7 @@ class Proxy:
                 job.committed = True
             if not inbound.stream:
                 done = True
-                return passthrough_response(conn.status, conn.headers.get("content-type"), data, rid)
+                return passthrough_response(conn.status, conn.content_type(), data, rid)
             resp = await self._stream(request, conn, first, rid, decode)
             done = True
             return resp
@@ -262,7 +262,7 @@ class Proxy:
         resp = web.StreamResponse(
             status=conn.status,
             headers={
-                "Content-Type": conn.headers.get("content-type", "text/event-stream"),
+                "Content-Type": conn.content_type("text/event-stream"),
                 "Cache-Control": "no-cache",
                 "X-Request-ID": rid,
             },

@@ -55,7 +55,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._received_any = False
         self.keep_alive = True
         self.status = 0
-        self.headers: dict[str, str] = {}
+        self._head = b""
+        self._headers: dict[str, str] | None = None
         self.exchange = 0  # bumped per request sent: a stale holder cannot abort a later exchange
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
@@ -151,28 +152,52 @@ class UpstreamConnection(asyncio.Protocol):
             self._wake()
 
     def _parse_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        version, status, *_ = lines[0].split(b" ", 2)
-        self.status = int(status)
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+        # Only the framing headers are looked at here (one lower() and a few finds instead of a dict
+        # of every header); `headers` decodes the rest on demand.
+        line_end = head.find(b"\r\n")
+        status_line = head[:line_end] if line_end >= 0 else head
+        self.status = int(status_line[9:12])
         if 100 <= self.status < 200:
             return  # interim response (100 Continue): the real head follows
-        self.headers = headers
-        conn = headers.get("connection", "").lower()
-        self.keep_alive = "close" not in conn if version == b"HTTP/1.1" else "keep-alive" in conn
+        self._head = head
+        self._headers = None
+        low = head.lower()
+        conn = _header_value(low, b"\r\nconnection:")
+        if status_line.startswith(b"HTTP/1.1"):
+            self.keep_alive = conn is None or b"close" not in conn
+        else:
+            self.keep_alive = conn is not None and b"keep-alive" in conn
+        te = _header_value(low, b"\r\ntransfer-encoding:")
+        length = _header_value(low, b"\r\ncontent-length:")
         if self.status in (204, 304) or self._method_is_head:
             self._state = _DONE
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
+        elif te is not None and b"chunked" in te:
             self._state = _CHUNK_SIZE
-        elif "content-length" in headers:
-            self._remaining = int(headers["content-length"])
+        elif length is not None:
+            self._remaining = int(length)
             self._state = _LENGTH if self._remaining else _DONE
         else:
             self._state = _UNTIL_CLOSE
             self.keep_alive = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers, names lower-cased."""
+        if self._headers is None:
+            headers: dict[str, str] = {}
+            for line in self._head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+            self._headers = headers
+        return self._headers
+
+    def content_type(self, default: str = "application/json") -> str:
+        low = self._head.lower()  # same length as the head: indexes carry over to the original case
+        i = low.find(b"\r\ncontent-type:")
+        if i < 0:
+            return default
+        end = low.find(b"\r\n", i + 15)
+        return self._head[i + 15 : end if end >= 0 else None].strip().decode("latin-1")
 
     _method_is_head = False
 
@@ -374,6 +399,16 @@ class UpstreamPool:
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
+
+
+def _header_value(low_head: bytes, name: bytes) -> bytes | None:
+    """Value of header `name` (b"\\r\\nname:", lower case) in a lower-cased response head, or None."""
+    i = low_head.find(name)
+    if i < 0:
+        return None
+    start = i + len(name)
+    end = low_head.find(b"\r\n", start)
+    return low_head[start : end if end >= 0 else None].strip()
 
 
 def build_request(method: str, path: str, host_header: str, body: bytes, extra_headers: bytes = b"") -> bytes:
