@@ -39,6 +39,9 @@ class EchoRunner(StepRunner):
     def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:
         return least_loaded(loads)
 
+    def status_counts(self) -> dict[str, int]:
+        return {"echo_active": len(self.active)}
+
     def close(self) -> None:
         self.active.clear()
 

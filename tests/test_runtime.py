@@ -29,7 +29,8 @@ def test_invalid_layout_is_refused_naming_the_numbers() -> None:
 def test_requests_spread_over_dp_groups_and_all_finish() -> None:
     async def main() -> None:
         inbox, outbox = ipc_addr("in"), ipc_addr("out")
-        bridge = RankBridge(inbox, outbox)
+        bridge = RankBridge(inbox, outbox, num_dp_groups=2)
+        bridge.start()
         procs = launch(InstanceSpec(tp_size=2, dp_size=2), echo_entry, inbox, outbox,
                        on_death=lambda reason: None)
         try:
@@ -45,6 +46,7 @@ def test_requests_spread_over_dp_groups_and_all_finish() -> None:
             groups.add(outs[0].token_ids[0] // 1000)
         assert groups == {0, 1}
         assert bridge.num_active == 0
+        assert bridge.ready and bridge.info()["echo_active"] == 0
 
     asyncio.run(main())
 

@@ -14,7 +14,14 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from ..server.messages import AbortRequest, GenerateRequest, TokenOutput, decode_output, encode
+from ..server.messages import (
+    AbortRequest,
+    GenerateRequest,
+    RankStatus,
+    TokenOutput,
+    decode_from_ranks,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +35,8 @@ class RankBridge:
         info: returns load/pool counts for /server_info (read from shared state by the caller).
     """
 
-    def __init__(self, inbox_addr: str, outbox_addr: str, info: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(self, inbox_addr: str, outbox_addr: str, num_dp_groups: int = 1,
+                 info: Callable[[], dict[str, Any]] | None = None) -> None:
         self._ctx = zmq.asyncio.Context()
         self._to_ranks = self._ctx.socket(zmq.PUSH)
         self._to_ranks.setsockopt(zmq.LINGER, 0)
@@ -40,6 +48,13 @@ class RankBridge:
         self._reader: asyncio.Task[None] | None = None
         self._info = info or (lambda: {})
         self.dead_reason: str | None = None
+        self.num_dp_groups = num_dp_groups
+        self.group_status: dict[int, RankStatus] = {}
+
+    @property
+    def ready(self) -> bool:
+        """Every DP group's leader has reported in and no rank has died."""
+        return self.dead_reason is None and len(self.group_status) == self.num_dp_groups
 
     @property
     def num_active(self) -> int:
@@ -53,9 +68,12 @@ class RankBridge:
         while True:
             data = await self._from_ranks.recv()
             try:
-                out = decode_output(data)
+                out = decode_from_ranks(data)
             except ValueError:
                 log.exception("dropping a malformed output message")
+                continue
+            if isinstance(out, RankStatus):
+                self.group_status[out.dp_rank] = out
                 continue
             queue = self._queues.get(out.rid)
             if queue is not None:  # outputs of an aborted request may still be in flight
@@ -93,7 +111,11 @@ class RankBridge:
         await self._to_ranks.send(encode(AbortRequest(rid=rid)))
 
     def info(self) -> dict[str, Any]:
-        return {"active_requests": self.num_active, **self._info()}
+        totals: dict[str, int] = {}
+        for status in self.group_status.values():
+            for key, value in status.counts.items():
+                totals[key] = totals.get(key, 0) + value
+        return {"active_requests": self.num_active, "ready": self.ready, **totals, **self._info()}
 
     def close(self) -> None:
         if self._reader is not None:

@@ -10,18 +10,20 @@ DP group's leader (attention-TP rank 0) pushes its outputs back to the HTTP proc
 from __future__ import annotations
 
 import logging
+import time
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 import zmq
 
-from ..server.messages import AbortRequest, GenerateRequest, TokenOutput, decode_to_ranks, encode
+from ..server.messages import AbortRequest, GenerateRequest, RankStatus, TokenOutput, decode_to_ranks, encode
 from .launch import RankContext
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_MS = 20  # how long rank 0 blocks on an empty inbox when no rank has work
+STATUS_PERIOD_S = 0.5  # how often DP leaders report pool counts to the HTTP process
 
 
 class StepRunner(Protocol):
@@ -44,6 +46,10 @@ class StepRunner(Protocol):
 
     def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:
         """Rank 0 only: the attention-DP group that runs `request`."""
+        ...
+
+    def status_counts(self) -> dict[str, int]:
+        """Pool and slot counts reported to /server_info (free pages, transfer handles, ...)."""
         ...
 
     def close(self) -> None: ...
@@ -82,6 +88,7 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
     spec = ctx.spec
     # Control traffic stays on a gloo group even when the model's collectives use NCCL.
     cpu_group = dist.new_group(backend="gloo") if spec.device == "cuda" else None
+    last_status = 0.0
     world_loads = torch.zeros(spec.tp_size, dtype=torch.int64)
     load_slots = list(world_loads.split(1))  # all_gather writes each rank's load in place
     my_load = torch.zeros(1, dtype=torch.int64)
@@ -113,6 +120,12 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
             if outbox is not None:
                 for out in outputs:
                     outbox.send(encode(out))
+                now = time.monotonic()
+                if now - last_status > STATUS_PERIOD_S:  # the first one also says "ready"
+                    last_status = now
+                    outbox.send(encode(RankStatus(rank=ctx.rank, dp_rank=ctx.dp_rank,
+                                                  num_requests=runner.num_requests(),
+                                                  counts=runner.status_counts())))
             if spec.tp_size > 1:
                 my_load[0] = runner.num_requests()
                 dist.all_gather(load_slots, my_load, group=cpu_group)

@@ -66,11 +66,24 @@ class TokenOutput:
     version: int = MESSAGE_VERSION
 
 
+@dataclass
+class RankStatus:
+    """A DP-group leader's periodic report: ready flag and pool counts (for /health, /server_info)."""
+
+    rank: int
+    dp_rank: int
+    num_requests: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    version: int = MESSAGE_VERSION
+
+
 ToRanks = GenerateRequest | AbortRequest
+FromRanks = TokenOutput | RankStatus
 
 # msgspec cannot tell two dataclasses apart inside a union, so each message travels as
 # [kind, fields] and the kind picks the decoder.
-_KINDS: dict[str, type] = {"generate": GenerateRequest, "abort": AbortRequest, "output": TokenOutput}
+_KINDS: dict[str, type] = {"generate": GenerateRequest, "abort": AbortRequest, "output": TokenOutput,
+                           "status": RankStatus}
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 _encoder = msgspec.msgpack.Encoder()
 _envelope_decoder = msgspec.msgpack.Decoder(tuple[str, msgspec.Raw])
@@ -81,11 +94,11 @@ class MessageError(ValueError):
     """A message of an unknown shape or version arrived."""
 
 
-def encode(message: GenerateRequest | AbortRequest | TokenOutput) -> bytes:
+def encode(message: GenerateRequest | AbortRequest | TokenOutput | RankStatus) -> bytes:
     return _encoder.encode((_KIND_OF[type(message)], msgspec.Raw(_encoder.encode(message))))
 
 
-def _decode(data: bytes, allowed: tuple[str, ...]) -> GenerateRequest | AbortRequest | TokenOutput:
+def _decode(data: bytes, allowed: tuple[str, ...]) -> GenerateRequest | AbortRequest | FromRanks:
     try:
         kind, raw = _envelope_decoder.decode(data)
         if kind not in allowed:
@@ -104,7 +117,7 @@ def decode_to_ranks(data: bytes) -> ToRanks:
     return message
 
 
-def decode_output(data: bytes) -> TokenOutput:
-    message = _decode(data, ("output",))
-    assert isinstance(message, TokenOutput)
+def decode_from_ranks(data: bytes) -> FromRanks:
+    message = _decode(data, ("output", "status"))
+    assert isinstance(message, TokenOutput | RankStatus)
     return message

@@ -1,0 +1,147 @@
+"""The colocated role: one attention-DP group's requests prefilled and decoded on the same ranks.
+
+This is what `engine.generate --tp N` runs, and what a decode worker runs for requests that come
+without bootstrap fields (the router's conditional disaggregation sends short prompts there).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelConfig
+from ..kv_pool import KVPool
+from ..llm import resolve_dtype
+from ..model import DeepseekForCausalLM
+from ..parallel import ParallelContext
+from ..sampling import SamplingParams
+from ..scheduler import Request, Scheduler, StepResult
+from ..server.messages import GenerateRequest, SamplingSpec, TokenOutput
+from ..weights import load_model
+from .launch import RankContext
+from .rank_loop import least_loaded, run_rank
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineArgs:
+    """How every rank builds its model shard and KV pool (sent to each rank at spawn)."""
+
+    model_dir: str
+    load_format: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    page_size: int = 64
+    num_pages: int | None = None
+    max_total_tokens: int = 65536
+    max_prefill_tokens: int = 8192
+    max_running: int = 256
+
+
+@dataclass
+class RankEngine:
+    config: ModelConfig
+    model: DeepseekForCausalLM
+    kv_pool: KVPool
+    parallel: ParallelContext
+
+
+def parallel_context_for(ctx: RankContext) -> ParallelContext:
+    """The model's view of this rank; process groups come from `groups` when the instance spans ranks."""
+    if ctx.spec.tp_size == 1:
+        return ParallelContext.single()
+    from .groups import build_parallel_context  # torch.distributed groups of a multi-rank instance
+
+    return build_parallel_context(ctx)
+
+
+def build_rank_engine(ctx: RankContext, args: EngineArgs) -> RankEngine:
+    device = torch.device(ctx.device)
+    config = ModelConfig.from_dir(args.model_dir)
+    dtype = resolve_dtype(args.dtype, device)
+    parallel = parallel_context_for(ctx)
+    model = DeepseekForCausalLM(config, parallel, dtype=dtype, device=device)
+    load_model(model, args.model_dir, args.load_format, args.seed)
+    num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
+    pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, dtype, device)
+    return RankEngine(config, model, pool, parallel)
+
+
+def to_sampling_params(spec: SamplingSpec) -> SamplingParams:
+    return SamplingParams(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, seed=spec.seed,
+                          max_new_tokens=spec.max_new_tokens, stop_token_ids=tuple(spec.stop_token_ids),
+                          ignore_eos=spec.ignore_eos)
+
+
+def error_output(rid: str, message: str) -> TokenOutput:
+    return TokenOutput(rid=rid, token_ids=[], finished=True, finish_reason="error", error=message)
+
+
+def outputs_of(result: StepResult, prompt_len: dict[str, int]) -> list[TokenOutput]:
+    """One TokenOutput per request that produced a token this step (at most one token each)."""
+    outs = []
+    for req, token in result.new_tokens:
+        outs.append(TokenOutput(rid=req.request_id, token_ids=[token], finished=req.finished,
+                                finish_reason=req.finish_reason if req.finished else None,
+                                prompt_tokens=prompt_len.get(req.request_id, len(req.prompt_ids))))
+    return outs
+
+
+class ColocatedRunner:
+    """`StepRunner` over the engine's scheduler for this rank's DP group."""
+
+    def __init__(self, engine: RankEngine, args: EngineArgs) -> None:
+        self.engine = engine
+        self.scheduler = Scheduler(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running,
+                                   engine.config.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._pending: list[TokenOutput] = []
+
+    def add(self, request: GenerateRequest) -> None:
+        try:
+            req = self.scheduler.add(request.input_ids, to_sampling_params(request.sampling), request.rid)
+        except ValueError as exc:
+            self._pending.append(error_output(request.rid, str(exc)))
+            return
+        self.requests[request.rid] = req
+
+    def abort(self, rid: str) -> list[TokenOutput]:
+        req = self.requests.pop(rid, None)
+        if req is None:
+            return []
+        self.scheduler.abort(req)
+        return [TokenOutput(rid=rid, token_ids=[], finished=True, finish_reason="abort")]
+
+    def num_requests(self) -> int:
+        return len(self.requests)
+
+    def step(self) -> list[TokenOutput]:
+        outs, self._pending = self._pending, []
+        if not self.scheduler.has_work():
+            return outs
+        result = self.scheduler.step()
+        outs.extend(outputs_of(result, {}))
+        for req in result.finished:
+            self.requests.pop(req.request_id, None)
+        return outs
+
+    def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:
+        return least_loaded(loads)
+
+    def status_counts(self) -> dict[str, int]:
+        pool = self.engine.kv_pool
+        return {"free_pages": pool.free_pages, "total_pages": pool.num_pages}
+
+    def close(self) -> None:
+        for req in list(self.requests.values()):
+            self.scheduler.abort(req)
+        self.requests.clear()
+        self.engine.kv_pool.close()
+
+
+def colocated_entry(ctx: RankContext) -> None:
+    args: EngineArgs = ctx.role_args["engine"]
+    run_rank(ctx, ColocatedRunner(build_rank_engine(ctx, args), args))
