@@ -46,14 +46,16 @@ class DeepseekForCausalLM(nn.Module):
         ctx = ctx or ParallelContext.single()
         self.config, self.ctx, self.dtype, self.device = config, ctx, dtype, torch.device(device)
         self.model = nn.Module()
-        self.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp_rank,
-                                                         ctx.tp_size, ctx.tp_group, dtype, device)
+        # Embedding and LM head are vocab-parallel over the attention-TP group: with DP attention each DP
+        # group embeds and scores its own tokens (= the whole TP group when dp_size is 1).
+        self.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.attn_tp_rank,
+                                                         ctx.attn_tp_size, ctx.attn_tp_group, dtype, device)
         self.model.layers = nn.ModuleList(
             DecoderLayer(config, i, ctx, dtype, device, dispatcher) for i in range(config.num_hidden_layers)
         )
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp_rank, ctx.tp_size,
-                                      ctx.tp_group, dtype, device)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.attn_tp_rank, ctx.attn_tp_size,
+                                      ctx.attn_tp_group, dtype, device)
         self.rope = RotaryEmbedding(config.rope, config.qk_rope_head_dim, config.rope_interleave,
                                     min(config.max_position_embeddings, 8192), device)
 

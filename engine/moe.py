@@ -23,17 +23,22 @@ from engine.parallel import ParallelContext, all_reduce
 
 
 class DenseMLP(nn.Module):
-    """SiLU-gated MLP, gate/up column-parallel and down row-parallel over the TP group."""
+    """SiLU-gated MLP, gate/up column-parallel and down row-parallel over the attention-TP group.
+
+    With ``dp_size == 1`` that group is the whole TP group. With DP attention each DP group keeps its
+    own tokens through the dense layers (SGLang's choice: no gather of every group's tokens), so
+    dense MLPs and shared experts are sharded over the group's ``attn_tp_size`` ranks.
+    """
 
     def __init__(self, hidden: int, intermediate: int, ctx: ParallelContext, dtype: torch.dtype,
                  device: torch.device | str, reduce_output: bool = True) -> None:
         super().__init__()
-        rank, size = ctx.tp_rank, ctx.tp_size
+        rank, size = ctx.attn_tp_rank, ctx.attn_tp_size
         self.gate_proj = ColumnParallelLinear(hidden, intermediate, False, rank, size, dtype, device)
         self.up_proj = ColumnParallelLinear(hidden, intermediate, False, rank, size, dtype, device)
         # A shared expert skips its own all-reduce: the MoE block sums it together with the routed output.
-        self.down_proj = RowParallelLinear(intermediate, hidden, False, rank, size, ctx.tp_group, dtype, device,
-                                           reduce_results=reduce_output)
+        self.down_proj = RowParallelLinear(intermediate, hidden, False, rank, size, ctx.attn_tp_group, dtype,
+                                           device, reduce_results=reduce_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -144,6 +149,9 @@ class MoEBlock(nn.Module):
         self.ctx = ctx
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.ctx.dp_size > 1 and isinstance(self.dispatcher, LocalDispatcher):
+            # Its all-reduce assumes every rank holds the same tokens; DP groups hold different ones.
+            raise RuntimeError("dp_size > 1 needs an expert-parallel dispatcher (engine.ep_moe)")
         topk_weights, topk_ids = self.gate(hidden)
         dispatched = self.dispatcher.dispatch(hidden, topk_ids, topk_weights)
         expert_out = kernels.moe_forward(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights,
@@ -154,5 +162,5 @@ class MoEBlock(nn.Module):
             if isinstance(self.dispatcher, LocalDispatcher):
                 return self.dispatcher.combine(expert_out + self.shared_experts(hidden), dispatched)
             return self.dispatcher.combine(expert_out, dispatched) + all_reduce(
-                self.shared_experts(hidden), self.ctx.tp_group, self.ctx.tp_size)
+                self.shared_experts(hidden), self.ctx.attn_tp_group, self.ctx.attn_tp_size)
         return self.dispatcher.combine(expert_out, dispatched)
