@@ -74,14 +74,15 @@ class TopKRouter(nn.Module):
         if self.e_score_correction_bias is not None:
             choice = scores + self.e_score_correction_bias
         if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and cfg.n_group > 1:
-            grouped = choice.view(-1, cfg.n_group, self.num_experts // cfg.n_group)
+            # Explicit row counts: a DP group with no tokens still routes an empty batch (no -1 on 0 elements).
+            grouped = choice.view(choice.shape[0], cfg.n_group, self.num_experts // cfg.n_group)
             if cfg.topk_method == "noaux_tc":
                 group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
             else:
                 group_scores = grouped.max(dim=-1).values
             group_idx = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
             group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
-            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, self.num_experts)
+            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(choice.shape[0], self.num_experts)
             # V3 masks with -inf (biased scores may be negative); V2 with 0 (softmax scores are > 0).
             fill = float("-inf") if cfg.topk_method == "noaux_tc" else 0.0
             choice = choice.masked_fill(~expert_mask, fill)
