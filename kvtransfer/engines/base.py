@@ -150,17 +150,18 @@ class TransferEngine(ABC):
         import time
 
         deadline = time.monotonic() + timeout_s
-        spins = 0
+        polls = 0
         while True:
             status = self.poll(handle)
             if status is not TransferStatus.PENDING:
                 return status
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: write {handle.id} to {handle.peer_name} still pending")
-            spins += 1
-            # Back off only after many polls: short transfers finish within a few microseconds.
-            if spins > 1000:
-                time.sleep(0.0005)
+            polls += 1
+            # Spin briefly (short writes end within microseconds), then sleep: a spinning caller steals
+            # the core that the backend's progress thread (and, on one host, the peer) needs.
+            if polls > 50:
+                time.sleep(min(1e-3, 2e-5 * (polls - 50)))
 
     # --- counters and lifetime ----------------------------------------------------------------------
     @property
