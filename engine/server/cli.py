@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..runtime.colocated import EngineArgs
 from ..runtime.launch import InstanceSpec
 
 
@@ -36,6 +37,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                      help="KV pages per rank (default: derived from --max-total-tokens)")
     mem.add_argument("--max-total-tokens", type=int, default=65536, help="KV capacity per DP group in tokens")
     mem.add_argument("--max-running-requests", type=int, default=256, help="decode batch limit per DP group")
+    mem.add_argument("--max-prefill-tokens", "--chunked-prefill-size", dest="max_prefill_tokens", type=int,
+                     default=8192, help="tokens per prefill forward (longer prompts are prefilled in chunks)")
     mem.add_argument("--context-length", type=int, default=None, help="max prompt + output tokens")
 
     net = parser.add_argument_group("network")
@@ -44,6 +47,16 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--transfer-backend", choices=["nixl", "mooncake"], default="nixl",
                      help="KV transfer engine")
     net.add_argument("--log-level", default="info", help="python logging level")
+
+
+def engine_args(args: argparse.Namespace) -> EngineArgs:
+    """What each rank needs to build its model; resolves the default tiny model first."""
+    from .serve import resolve_model_dir
+
+    args.model = resolve_model_dir(args.model)
+    return EngineArgs(model_dir=args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed,
+                      page_size=args.page_size, num_pages=args.num_pages, max_total_tokens=args.max_total_tokens,
+                      max_prefill_tokens=args.max_prefill_tokens, max_running=args.max_running_requests)
 
 
 def instance_spec(args: argparse.Namespace) -> InstanceSpec:

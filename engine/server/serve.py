@@ -1,0 +1,130 @@
+"""Running one worker instance: rank processes + the HTTP server (+ role extras) until stopped.
+
+Every role's `__main__` parses its flags and calls `serve()` with its rank entry point; this module
+owns the lifetimes: the HTTP process starts the ranks, answers /health with 503 until every DP
+group reported ready, turns a dead rank into errors for open requests and a non-zero exit, and on
+SIGINT/SIGTERM stops the ranks and releases every socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ..config import ModelConfig
+from ..runtime.bridge import RankBridge
+from ..runtime.launch import InstanceSpec, RankContext, ipc_addr, launch
+from ..tokenizer import load_tokenizer
+from .app import ServerConfig, WorkerApp
+from .cli import instance_spec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TINY_MODEL = Path("runs/tiny-v3")
+
+
+def resolve_model_dir(model: str | None) -> str:
+    """The given checkpoint, or the embedded default: a tiny random DeepSeek-V3 written on first use."""
+    if model:
+        return model
+    if not (DEFAULT_TINY_MODEL / "config.json").exists():
+        from ..tiny_model import write_tiny_model
+
+        write_tiny_model(DEFAULT_TINY_MODEL)
+    return str(DEFAULT_TINY_MODEL)
+
+
+def zmq_addresses(spec: InstanceSpec) -> tuple[str, str]:
+    """Inbox (rank 0) and outbox (HTTP process) endpoints: ipc on one node, tcp across nodes."""
+    if spec.nnodes == 1:
+        return ipc_addr("inbox"), ipc_addr("outbox")
+    assert spec.dist_init_addr is not None
+    host, port = spec.dist_init_addr.rsplit(":", 1)
+    return f"tcp://{host}:{int(port) + 1}", f"tcp://{host}:{int(port) + 2}"
+
+
+class ReadyGate:
+    """/health answers 503 until the ranks are up, so routers don't send work to a loading instance."""
+
+    def __init__(self, bridge: RankBridge) -> None:
+        self.bridge = bridge
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        if request.path in ("/health", "/health_generate") and not self.bridge.ready:
+            reason = self.bridge.dead_reason or "ranks are still starting"
+            return web.json_response({"error": {"message": reason, "type": "server_error", "code": None}},
+                                     status=503)
+        return await handler(request)
+
+
+async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, model_dir: str,
+                       entry: Callable[[RankContext], None], role_args: dict[str, Any],
+                       on_startup: Callable[[web.Application], Any] | None) -> int:
+    config = ModelConfig.from_dir(model_dir)
+    tokenizer = load_tokenizer(model_dir, config.eos_token_ids)
+    inbox, outbox = zmq_addresses(spec)
+    bridge = RankBridge(inbox, outbox, num_dp_groups=spec.dp_size)
+    bridge.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    exit_code = 0
+
+    def on_death(reason: str) -> None:
+        nonlocal exit_code
+        exit_code = 1
+        loop.call_soon_threadsafe(bridge.fail_all, reason)
+        loop.call_soon_threadsafe(stop.set)
+
+    procs = launch(spec, entry, inbox, outbox, role_args, on_death)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    context = args.context_length or config.max_position_embeddings
+    server_config = ServerConfig(served_model=args.served_model_name or Path(model_dir).name,
+                                 vocab_size=config.vocab_size, max_context=context, role=role,
+                                 extra_info={"tp_size": spec.tp_size, "dp_size": spec.dp_size,
+                                             "page_size": args.page_size, **role_args.get("info", {})})
+    worker = WorkerApp(bridge, tokenizer, server_config)
+    app = worker.build()
+    app.middlewares.append(ReadyGate(bridge).middleware)
+    if on_startup is not None:
+        app.on_startup.append(on_startup)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, args.host, args.port, reuse_address=True).start()
+        log.info("%s worker on http://%s:%d (tp=%d dp=%d, model %s)", role, args.host, args.port,
+                 spec.tp_size, spec.dp_size, model_dir)
+        await stop.wait()
+    finally:
+        # Stop accepting first, then end the ranks, then drop the sockets.
+        await runner.cleanup()
+        procs.stop()
+        bridge.close()
+    if exit_code:
+        log.error("instance stopped: %s", procs.death_reason)
+    return exit_code
+
+
+def serve(args: argparse.Namespace, role: str, entry: Callable[[RankContext], None],
+          role_args: dict[str, Any], on_startup: Callable[[web.Application], Any] | None = None) -> int:
+    """Runs the instance until SIGINT/SIGTERM (0) or until a rank dies (1)."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    spec = instance_spec(args)
+    model_dir = resolve_model_dir(args.model)
+    if spec.node_rank != 0:  # headless node: its ranks join node 0's instance
+        inbox, outbox = zmq_addresses(spec)
+        procs = launch(spec, entry, inbox, outbox, role_args)
+        with contextlib.suppress(KeyboardInterrupt):
+            procs.wait()
+        procs.stop()
+        return 0 if procs.death_reason is None else 1
+    return asyncio.run(_serve_async(args, role, spec, model_dir, entry, role_args, on_startup))
