@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "nixl": {
         "default": {},
         "threads4": {"num_threads": 4},
+        "threads8": {"num_threads": 8},
         "chunk512": {"max_descs_per_request": 512},
     },
     "mooncake": {"default": {}, "batch256": {"max_descs_per_batch": 256}},
@@ -480,7 +481,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-request-mib", type=int, default=None,
                         help="skip prompts whose KV exceeds this (default: 600 on CPU, 4096 on GPU)")
     parser.add_argument("--max-descriptors", type=int, default=None,
-                        help="skip cases with more descriptors (default: 65536 on CPU, 500000 on GPU)")
+                        help="skip cases with more descriptors (default: 65536 on CPU, 300000 on GPU)")
     args = parser.parse_args(argv)
     on_cpu = args.device == "cpu" and (args.dst_device or "cpu") == "cpu"
     if args.quick:
@@ -489,7 +490,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_request_mib is None:
         args.max_request_mib = 600 if on_cpu else 4096
     if args.max_descriptors is None:
-        args.max_descriptors = 65536 if on_cpu else 500_000
+        args.max_descriptors = 65536 if on_cpu else 300_000
     args.engines = ["nixl", "mooncake"] if args.engine == "all" else [args.engine]
     return args
 
