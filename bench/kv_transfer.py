@@ -373,29 +373,33 @@ def print_row(case: Case) -> None:
           f"{case.gbps:>8.2f}{case.memcpy_gbps:>7.1f}{case.ratio_to_memcpy:>7.2f}{flag}", flush=True)
 
 
+def _gains(cases: list[Case], better: str, baseline: str) -> dict[str, float]:
+    """GB/s of layout `better` over layout `baseline`, over every case measured with both."""
+    key = lambda c: (c.variant, c.page_size, c.prompt_tokens, c.pattern)  # noqa: E731
+    base = {key(c): c.gbps for c in cases if c.layout == baseline}
+    ratios = [c.gbps / base[key(c)] for c in cases if c.layout == better and key(c) in base]
+    if not ratios:
+        return {}
+    return {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios), "pairs": len(ratios)}
+
+
 def summarise(cases: list[Case]) -> dict[str, Any]:
-    """Best case per engine, and the cross-layer gain over per-layer for each measured pair."""
+    """Per engine: the best case, the best per variant, and layout gains (cross-layer over per-layer,
+    staged over cross-layer on fragmented pages)."""
     done = [c for c in cases if not c.skipped]
     summary: dict[str, Any] = {}
     for kind in sorted({c.engine for c in done}):
         mine = [c for c in done if c.engine == kind]
         best = max(mine, key=lambda c: c.ratio_to_memcpy)
-        gains = []
-        for c in mine:
-            if c.layout != "cross-layer":
-                continue
-            twin = [b for b in mine if b.layout == "per-layer" and (b.variant, b.page_size, b.prompt_tokens,
-                                                                     b.pattern) == (c.variant, c.page_size,
-                                                                                    c.prompt_tokens, c.pattern)]
-            if twin:
-                gains.append(c.gbps / twin[0].gbps)
+        per_variant = {}
+        for variant in sorted({c.variant for c in mine}):
+            ratios = [c.ratio_to_memcpy for c in mine if c.variant == variant and c.layout != "per-layer"]
+            per_variant[variant] = {"median_ratio_to_memcpy": statistics.median(ratios) if ratios else math.nan}
         summary[kind] = {
             "best": asdict(best),
-            "cross_layer_over_per_layer": {
-                "min": min(gains, default=math.nan),
-                "median": statistics.median(gains) if gains else math.nan,
-                "max": max(gains, default=math.nan),
-            },
+            "variants": per_variant,
+            "cross_layer_over_per_layer": _gains(mine, "cross-layer", "per-layer"),
+            "staged_over_cross_layer": _gains(mine, "staged", "cross-layer"),
             "all_verified": all(c.verified for c in mine),
         }
     return summary
@@ -505,11 +509,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{time.perf_counter() - started:.0f} s")
     for kind, info in summarise(cases).items():
         best = info["best"]
-        gain = info["cross_layer_over_per_layer"]
         print(f"{kind}: best {best['gbps']:.2f} GB/s = {best['ratio_to_memcpy']:.2f}x memcpy "
               f"({best['variant']}, {best['page_size']}-token pages, {best['prompt_tokens']} tokens, "
-              f"{best['pattern']}, {best['layout']}); cross-layer / per-layer: median {gain['median']:.1f}x, "
-              f"max {gain['max']:.1f}x; verified: {info['all_verified']}")
+              f"{best['pattern']}, {best['layout']}); verified: {info['all_verified']}")
+        for name in ("cross_layer_over_per_layer", "staged_over_cross_layer"):
+            gain = info[name]
+            if gain:
+                print(f"  {name}: median {gain['median']:.2f}x (min {gain['min']:.2f}, max {gain['max']:.2f})")
+        print("  median ratio_to_memcpy per variant (cross-layer and staged cases): " + ", ".join(
+            f"{v} {d['median_ratio_to_memcpy']:.2f}" for v, d in info["variants"].items()))
     if args.json:
         write_outputs(args.json, args, cases)
 
