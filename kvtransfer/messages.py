@@ -122,6 +122,15 @@ class TransferDone(ControlMessage):
     prefill_rank: int
 
 
+class AbortCode:
+    """Why a room was aborted, as far as the peer must act on it (the text is in `Abort.reason`)."""
+
+    FAILED = "failed"  # anything else: timeout, abort by a worker, a failed write, a dead peer
+    STALE_SESSION = "stale_session"  # the request named a prefill session that is gone: look up again
+    NEED_INTRO = "need_intro"  # the prefill rank does not know this decode rank's engine: send the intro
+    REFUSED = "refused"  # the request itself is invalid (pages out of range, layouts that differ)
+
+
 class Abort(ControlMessage):
     """Either way: the room failed. From a prefill rank it also promises that none of its writes of the
     room is still in flight (it is sent only after they drained), which is what a decode rank waits for
@@ -129,6 +138,7 @@ class Abort(ControlMessage):
 
     room: int
     reason: str
+    code: str = AbortCode.FAILED
 
 
 class Heartbeat(ControlMessage):

@@ -1,0 +1,203 @@
+"""Decode side, one rank: `KVReceiveManager` looks prefill instances up (cached), checks that their pages fit
+ours, maps ranks, and creates a `KVReceiver` per room; its background thread collects the prefill ranks'
+notices.
+
+Usage (the decode worker, one per rank; pool and aux buffer registered with `engine` beforehand):
+
+    manager = KVReceiveManager(engine, layout, aux, RankInfo(rank, tp_size, dp_size, host))
+    receiver = manager.create_receiver(bootstrap_host, bootstrap_port, room)   # KVBootstrapError if not
+    receiver.init(dst_pages, aux_slot)                                          # once pages are reserved
+    while not receiver.poll().is_terminal: ...
+    first_token = receiver.aux().first_token_id                                 # after Success
+    manager.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kvtransfer.auxdata import check_host_aux
+from kvtransfer.bootstrap import BootstrapClient
+from kvtransfer.engines.base import TransferEngine
+from kvtransfer.layout import AuxLayout, PageLayout
+from kvtransfer.mapping import ParallelLayout, sources_for
+from kvtransfer.messages import (
+    Abort,
+    AbortCode,
+    ControlMessage,
+    DecodeIntro,
+    InstanceInfo,
+    RankRegistration,
+    TransferDone,
+)
+from kvtransfer.receiver import KVReceiver
+from kvtransfer.rooms import RankInfo, RoomManager
+from kvtransfer.send_manager import engine_kind
+from kvtransfer.state import KVBootstrapError, KVTimeouts
+
+log = logging.getLogger(__name__)
+
+
+class KVReceiveManager(RoomManager):
+    """The KV receiving side of one decode rank.
+
+    Supports: any number of prefill instances (looked up through their bootstrap services, cached per
+    instance and refreshed when one restarts), any TP/DP pairing the mapping serves, timeouts, aborts both
+    ways, dead-peer detection. Attributes: `layout`, `aux`, `rank`, `endpoint`, `session`; counter
+    `num_live_rooms`.
+
+    Args:
+        engine: this rank's transfer engine, with `layout`'s pool and `aux`'s buffer already registered.
+            Only its metadata is read (prefill ranks write into our memory); the manager does not close it.
+        layout: this rank's KV pool.
+        aux: this rank's aux buffer (host memory); the worker owns its slots.
+        rank_info: this rank within its instance, and the host prefill ranks reach it at.
+        timeouts: bounds on every wait.
+        bootstrap_client: a shared client (one is made otherwise); it holds the lookup cache.
+    Call `close()`: it fails live rooms (telling the prefill ranks) and joins the background thread.
+    """
+
+    def __init__(
+        self,
+        engine: TransferEngine,
+        layout: PageLayout,
+        aux: AuxLayout,
+        rank_info: RankInfo,
+        timeouts: KVTimeouts | None = None,
+        bootstrap_client: BootstrapClient | None = None,
+    ) -> None:
+        check_host_aux(aux)
+        timeouts = timeouts or KVTimeouts()
+        super().__init__(rank_info, timeouts)
+        self.layout = layout
+        self.aux = aux
+        self.rank = rank_info.rank
+        self.client = bootstrap_client or BootstrapClient(timeouts.http_s)
+        self._engine_kind = engine_kind(engine)
+        self._intro = DecodeIntro(
+            engine_name=engine.name, engine_metadata=engine.metadata(), page_layout=layout, aux_layout=aux
+        )
+        self._receivers: dict[int, KVReceiver] = {}
+        self._introduced: set[tuple[str, str]] = set()  # (prefill endpoint, prefill session)
+        self._checked: set[str] = set()  # instance ids whose layouts fit ours
+        self._start()
+
+    # --- worker thread ------------------------------------------------------------------------------
+    def create_receiver(
+        self, bootstrap_host: str, bootstrap_port: int, room: int, data_parallel_rank: int | None = None
+    ) -> KVReceiver:
+        """The receiver of `room`, whose KV the prefill instance at bootstrap_host:bootstrap_port computes.
+
+        Raises `KVBootstrapError` (clear message) if the instance is unreachable or not ready, if its
+        pages do not fit ours, or if the TP/DP pairing or `data_parallel_rank` cannot be served.
+        """
+        if not isinstance(room, int) or room < 0:
+            raise ValueError(f"room must be a non-negative int, got {room!r}")
+        info = self.client.lookup(bootstrap_host, bootstrap_port)  # blocking HTTP, outside the lock
+        self._check_instance(info, f"{bootstrap_host}:{bootstrap_port}")
+        prefill = ParallelLayout(info.tp_size, info.dp_size)
+        sources, contacts = sources_for(prefill, self.rank_info.parallel, self.rank, room, data_parallel_rank)
+        registrations = {rank: info.rank(rank) for rank in sources.contacted}
+        with self.lock:
+            if room in self._receivers:
+                raise ValueError(f"room {room} already has a receiver on decode rank {self.rank}")
+            receiver = KVReceiver(
+                self, room, (bootstrap_host, bootstrap_port), sources, contacts, registrations, time.monotonic()
+            )
+            self._receivers[room] = receiver
+            for registration in registrations.values():
+                self._expect_session(registration.control_endpoint, registration.session)
+            return receiver
+
+    def _check_instance(self, info: InstanceInfo, address: str) -> None:
+        if info.instance_id in self._checked:
+            return
+        for registration in info.ranks:
+            if registration.engine_kind != self._engine_kind:
+                raise KVBootstrapError(
+                    f"prefill instance at {address} uses {registration.engine_kind} transfer engines, "
+                    f"this decode rank {self._engine_kind}"
+                )
+            why = registration.page_layout.compatible_with(self.layout)
+            if why is not None:
+                raise KVBootstrapError(
+                    f"prefill rank {registration.rank} at {address} cannot write into our pages: {why}"
+                )
+            if registration.aux_layout.slot_bytes != self.aux.slot_bytes:
+                raise KVBootstrapError(
+                    f"prefill rank {registration.rank} at {address} has {registration.aux_layout.slot_bytes}-byte "
+                    f"aux slots, this decode rank {self.aux.slot_bytes}"
+                )
+        self._checked.add(info.instance_id)
+
+    def intro_for(self, registration: RankRegistration) -> DecodeIntro | None:
+        """Our engine and layout, the first time we write to this prefill session (lock held)."""
+        key = (registration.control_endpoint, registration.session)
+        if key in self._introduced:
+            return None
+        self._introduced.add(key)
+        return self._intro
+
+    def send_message(self, endpoint: str, message: ControlMessage) -> bool:
+        return self._send(endpoint, message)
+
+    def retire(self, receiver: KVReceiver) -> None:
+        self._receivers.pop(receiver.room, None)
+        self._bury(receiver.room, receiver.failure_reason or "succeeded")
+
+    @property
+    def num_live_rooms(self) -> int:
+        return len(self._receivers)
+
+    # --- background thread (lock held) --------------------------------------------------------------
+    def _on_message(self, message: ControlMessage, now: float) -> None:
+        if isinstance(message, TransferDone):
+            receiver = self._receivers.get(message.room)
+            if receiver is not None and receiver.rank_at(message.sender) == message.prefill_rank:
+                receiver.on_done(message.prefill_rank)
+        elif isinstance(message, Abort):
+            if message.code == AbortCode.NEED_INTRO:
+                self._introduced = {k for k in self._introduced if k[0] != message.sender}
+            receiver = self._receivers.get(message.room)
+            if receiver is None:
+                return
+            if message.code == AbortCode.STALE_SESSION:
+                self.client.invalidate(*receiver.bootstrap_addr)
+                self._checked.clear()
+            rank = receiver.rank_at(message.sender)
+            if rank is not None:
+                receiver.on_abort(rank, message.reason)
+        else:
+            log.warning("decode rank %d: unexpected %s from %s", self.rank, type(message).__name__, message.sender)
+
+    def _on_tick(self, now: float) -> None:
+        for receiver in list(self._receivers.values()):
+            receiver.check_deadline(now)
+
+    def _live_peers(self) -> set[str]:
+        peers: set[str] = set()
+        for receiver in self._receivers.values():
+            peers |= receiver.peers
+        return peers
+
+    def _on_peer_dead(self, endpoint: str, reason: str) -> None:
+        for receiver in list(self._receivers.values()):
+            if receiver.rank_at(endpoint) is not None:
+                receiver.peer_died(endpoint, reason)
+                # The instance may have restarted elsewhere: look it up afresh next time.
+                self.client.invalidate(*receiver.bootstrap_addr)
+        self._introduced = {k for k in self._introduced if k[0] != endpoint}
+        self.channel.forget(endpoint)
+
+    # --- lifetime -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Fail every live room (telling the prefill ranks), stop the thread, close the channel. Idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop_thread()
+        with self.lock:
+            for receiver in list(self._receivers.values()):
+                receiver.fail("decode rank shutting down")
+            self._receivers.clear()
+        self.channel.close()

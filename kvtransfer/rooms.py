@@ -1,0 +1,162 @@
+"""What the prefill and decode managers share: a rank's identity, its control channel, the background thread
+that reads it, peer liveness (heartbeats) and the memory of finished rooms.
+
+The background thread only reads messages, updates room state under the manager's lock, sends heartbeats
+and fires timeouts. It never calls the transfer engine: engine calls happen on the worker's thread (inside
+`send`, `poll`, `abort`), so an engine never sees two threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from kvtransfer.channel import ControlChannel
+from kvtransfer.mapping import ParallelLayout
+from kvtransfer.messages import ControlMessage, Heartbeat
+from kvtransfer.state import KVTimeouts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Which rank of which instance this process is, and the address peers reach its control channel at."""
+
+    rank: int
+    tp_size: int
+    dp_size: int = 1
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.parallel.tp_size:
+            raise ValueError(f"rank {self.rank} out of range [0, {self.tp_size})")
+
+    @property
+    def parallel(self) -> ParallelLayout:
+        return ParallelLayout(self.tp_size, self.dp_size)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.parallel.dp_rank_of(self.rank)
+
+
+class RoomManager:
+    """Base of `KVSendManager` and `KVReceiveManager`: owns the channel and the background thread.
+
+    Subclasses implement `_on_message`, `_on_tick`, `_live_peers` and `_on_peer_dead`; all four run on the
+    background thread with `self.lock` held. Attributes: `session` (random per manager: a restarted rank
+    is a new session), `endpoint` (this rank's control endpoint), `timeouts`.
+    """
+
+    # How long the background thread waits for a message before checking timers.
+    _TICK_S = 0.02
+
+    def __init__(self, rank_info: RankInfo, timeouts: KVTimeouts) -> None:
+        self.rank_info = rank_info
+        self.timeouts = timeouts
+        self.session = uuid.uuid4().hex
+        self.channel = ControlChannel(rank_info.host)
+        self.endpoint = self.channel.endpoint
+        self.lock = threading.RLock()
+        self._last_heard: dict[str, float] = {}
+        self._peer_sessions: dict[str, str] = {}
+        self._tombstones: dict[int, tuple[float, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"kv-control-{rank_info.rank}", daemon=True)
+
+    def _start(self) -> None:
+        self._thread.start()
+
+    # --- for subclasses -----------------------------------------------------------------------------
+    def _on_message(self, message: ControlMessage, now: float) -> None:
+        raise NotImplementedError
+
+    def _on_tick(self, now: float) -> None:
+        raise NotImplementedError
+
+    def _live_peers(self) -> set[str]:
+        """Endpoints of the peers we share a live room with (heartbeated and watched)."""
+        raise NotImplementedError
+
+    def _on_peer_dead(self, endpoint: str, reason: str) -> None:
+        raise NotImplementedError
+
+    def _send(self, endpoint: str, message: ControlMessage) -> bool:
+        return self.channel.send(endpoint, message)
+
+    def _expect_session(self, endpoint: str, session: str) -> None:
+        """Remember which session the peer at `endpoint` runs; a message from another one means it restarted."""
+        self._peer_sessions[endpoint] = session
+
+    def _bury(self, room: int, reason: str) -> None:
+        """Remember a finished room for `tombstone_s`, to answer late messages about it."""
+        self._tombstones[room] = (time.monotonic() + self.timeouts.tombstone_s, reason)
+
+    def _tombstone(self, room: int) -> str | None:
+        entry = self._tombstones.get(room)
+        return entry[1] if entry else None
+
+    # --- background thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_beat = 0.0
+        while not self._stop.is_set():
+            message = self.channel.recv(self._TICK_S)
+            while message is not None:
+                with self.lock:
+                    self._dispatch(message)
+                message = self.channel.recv(0)
+            now = time.monotonic()
+            with self.lock:
+                try:
+                    if now >= next_beat:
+                        next_beat = now + self.timeouts.heartbeat_interval_s
+                        self._beat()
+                    self._check_peers(now)
+                    self._on_tick(now)
+                    self._tombstones = {r: e for r, e in self._tombstones.items() if e[0] > now}
+                except Exception:  # a bug here must be loud, not a silently dead control thread
+                    log.exception("kv control thread of rank %d: tick failed", self.rank_info.rank)
+
+    def _dispatch(self, message: ControlMessage) -> None:
+        now = time.monotonic()
+        known = self._peer_sessions.get(message.sender)
+        if known is not None and known != message.session:
+            self._on_peer_dead(message.sender, f"peer {message.sender} restarted (new session)")
+            self._peer_sessions[message.sender] = message.session
+        self._last_heard[message.sender] = now
+        if isinstance(message, Heartbeat):
+            return
+        try:
+            self._on_message(message, now)
+        except Exception:
+            log.exception("kv control thread of rank %d: handling %s failed", self.rank_info.rank, message)
+
+    def _beat(self) -> None:
+        beat = Heartbeat(sender=self.endpoint, session=self.session)
+        for endpoint in self._live_peers():
+            self._send(endpoint, beat)
+
+    def _check_peers(self, now: float) -> None:
+        live = self._live_peers()
+        for endpoint in list(self._last_heard):
+            if endpoint not in live:
+                del self._last_heard[endpoint]  # a peer becoming live again gets a fresh grace period
+        for endpoint in live:
+            silent = now - self._last_heard.setdefault(endpoint, now)
+            if silent > self.timeouts.peer_timeout_s:
+                del self._last_heard[endpoint]
+                self._on_peer_dead(endpoint, f"peer {endpoint} silent for {silent:.1f} s")
+
+    # --- lifetime -----------------------------------------------------------------------------------
+    def _stop_thread(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def num_tombstones(self) -> int:
+        return len(self._tombstones)

@@ -1,0 +1,337 @@
+"""Prefill ranks writing real bytes into decode ranks through the whole control plane, with each engine.
+
+Prefill ranks (and decode ranks where a test kills one) run in child processes (kvflow_rank.serve); the
+other side runs in the test process. Each test checks the destination bytes against the real source
+rank's pool, that pages nobody asked for are untouched, and that every count is back at idle afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import multiprocessing as mp
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import kvflow_rank
+import numpy as np
+import pytest
+from kvflow_rank import SENTINEL, DecodeRank, PoolShape, prefill_pool_bytes
+
+from kvtransfer.bootstrap import BootstrapService
+from kvtransfer.mapping import ParallelLayout
+from kvtransfer.rooms import RankInfo
+from kvtransfer.send_manager import KVSendManager
+from kvtransfer.state import KVBootstrapError, KVPoll, KVTimeouts
+
+KINDS = ["nixl", "mooncake"]
+OPTIONS: dict[str, dict[str, Any]] = {"nixl": {}, "mooncake": {"transfer_timeout_s": 5}}
+SHAPE = PoolShape()
+TIMEOUTS = KVTimeouts(
+    bootstrap_s=4, transfer_s=8, heartbeat_interval_s=0.1, peer_timeout_s=1.0, fence_s=1.0, http_s=3,
+    tombstone_s=30,
+)
+
+
+@functools.cache
+def _missing(kind: str) -> str | None:
+    """Why `kind`'s backend cannot run here, or None (import only: making an engine costs seconds)."""
+    module = {"nixl": "nixl._api", "mooncake": "mooncake.engine"}[kind]
+    try:
+        importlib.import_module(module)
+    except (ImportError, OSError) as exc:
+        return f"{kind} backend unavailable: {exc}"
+    return None
+
+
+def _skip_without(kind: str) -> None:
+    if _missing(kind):
+        pytest.skip(_missing(kind))
+
+
+class Child:
+    """A rank in a child process; `call` runs a command there and returns its answer."""
+
+    def __init__(self, role: str, **kwargs: Any) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(target=kvflow_rank.serve, args=(child_conn, role, kwargs), daemon=True)
+        self.process.start()
+        child_conn.close()
+        self.endpoint: str | None = None
+
+    def ready(self) -> Child:
+        """Wait until the child has built its rank (children boot in parallel: start all, then wait)."""
+        if self.endpoint is None:
+            self.endpoint = self._answer(60)
+        return self
+
+    def _answer(self, timeout_s: float) -> Any:
+        if not self.conn.poll(timeout_s):
+            raise TimeoutError("child rank did not answer")
+        status, value = self.conn.recv()
+        if status == "error":
+            raise RuntimeError(value)
+        return value
+
+    def call(self, name: str, *args: Any, timeout_s: float = 20) -> Any:
+        self.conn.send((name, *args))
+        return self._answer(timeout_s)
+
+    def result(self, room: int, timeout_s: float = 15) -> Any:
+        return self.call("result", room, timeout_s, timeout_s=timeout_s + 5)
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.join(10)
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.call("close")
+            except (TimeoutError, EOFError, OSError, RuntimeError):
+                pass
+        self.process.join(10)
+        self.kill()
+        self.conn.close()
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[Any]]:
+    """Things to close at the end of a test, whatever happened: children, services, in-process ranks."""
+    owned: list[Any] = []
+    yield owned
+    for thing in reversed(owned):
+        try:
+            thing.stop() if isinstance(thing, Child) else thing.close()
+        except Exception:
+            pass
+
+
+def start_prefill(kind: str, parallel: ParallelLayout, cleanup: list[Any]) -> tuple[BootstrapService, list[Child]]:
+    service = BootstrapService(parallel)
+    cleanup.append(service)
+    children = []
+    for rank in range(parallel.tp_size):
+        info = RankInfo(rank, parallel.tp_size, parallel.dp_size)
+        child = Child("prefill", kind=kind, rank_info=info, bootstrap_addr=service.address, shape=SHAPE,
+                      timeouts=TIMEOUTS, engine_options=OPTIONS[kind])
+        cleanup.append(child)
+        children.append(child)
+    return service, children
+
+
+def ready(children: list[Child]) -> list[Child]:
+    return [child.ready() for child in children]
+
+
+def start_decode(kind: str, parallel: ParallelLayout, cleanup: list[Any]) -> list[DecodeRank]:
+    ranks = [DecodeRank(kind, RankInfo(r, parallel.tp_size, parallel.dp_size), SHAPE, TIMEOUTS, OPTIONS[kind])
+             for r in range(parallel.tp_size)]
+    cleanup.extend(ranks)
+    return ranks
+
+
+def wait_terminal(decode: DecodeRank, room: int, timeout_s: float = 15) -> tuple[str, str | None, Any]:
+    deadline = time.monotonic() + timeout_s
+    while (result := decode.result(room)) is None:
+        assert time.monotonic() < deadline, f"room {room} not terminal after {timeout_s} s"
+        time.sleep(0.002)
+    return result
+
+
+def page_bytes(data: bytes | np.ndarray, page: int) -> bytes:
+    size = SHAPE.nbytes // SHAPE.num_pages
+    return bytes(data[page * size : (page + 1) * size])
+
+
+def check_destination(decode: DecodeRank, writes: dict[int, tuple[int, int]]) -> None:
+    """`writes`: decode page -> (prefill rank, its page). Every other page must still be SENTINEL."""
+    pool, _ = decode.dump()
+    sources = {rank: prefill_pool_bytes(SHAPE, rank) for rank, _ in writes.values()}
+    for page in range(SHAPE.num_pages):
+        if page in writes:
+            rank, src_page = writes[page]
+            assert page_bytes(pool, page) == page_bytes(sources[rank], src_page), f"decode page {page}"
+        else:
+            assert page_bytes(pool, page) == bytes([SENTINEL]) * (SHAPE.nbytes // SHAPE.num_pages), f"page {page}"
+
+
+def assert_idle(prefill: list[Child], decode: list[DecodeRank]) -> None:
+    deadline = time.monotonic() + 5
+    while True:
+        counts = [c.call("counts") for c in prefill] + [d.counts() for d in decode]
+        idle = all(c["live_rooms"] == 0 and c["inflight_handles"] == 0 for c in counts)
+        if idle or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for c in counts:
+        assert c["live_rooms"] == 0 and c["inflight_handles"] == 0 and c["registrations"] == 2, counts
+        assert c.get("free_aux_slots", kvflow_rank.AUX_SLOTS) == kvflow_rank.AUX_SLOTS, counts
+    for child in prefill:
+        closed = child.call("close")
+        assert closed == {"inflight_handles": 0, "registrations": 0, "peers": 0}
+    for rank in decode:
+        assert rank.close() == {"inflight_handles": 0, "registrations": 0, "peers": 0}
+
+
+# Scattered source and destination pages, three chunks: runs coalesce on both sides only in places.
+SRC_PAGES = [3, 4, 5, 9, 10, 20, 21, 22, 30]
+DST_PAGES = [7, 8, 2, 3, 4, 15, 16, 17, 0]
+CHUNKS = [(SRC_PAGES[0:4], 0), (SRC_PAGES[4:7], 4), (SRC_PAGES[7:], 7)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_processes_move_chunked_scattered_pages_and_aux(kind: str, cleanup: list[Any]) -> None:
+    _skip_without(kind)
+    service, prefill = start_prefill(kind, ParallelLayout(1), cleanup)
+    (decode,) = start_decode(kind, ParallelLayout(1), cleanup)
+    ready(prefill)
+    room = 2**62 + 12345
+    assert decode.start(service.host, service.port, room, DST_PAGES, 5) == (0, ())
+    prefill[0].call("start", room, CHUNKS, (31337, -0.5))
+    assert prefill[0].result(room) == ("Success", None)
+    assert wait_terminal(decode, room) == ("Success", None, (31337, -0.5))
+    check_destination(decode, {d: (0, s) for s, d in zip(SRC_PAGES, DST_PAGES, strict=True)})
+    _, aux = decode.dump()
+    assert aux[: 5 * 16] == bytes([SENTINEL]) * 80 and aux[6 * 16 :] == bytes([SENTINEL]) * 32
+    assert_idle(prefill, [decode])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "prefill_layout,decode_layout",
+    [(ParallelLayout(2), ParallelLayout(2, 2)), (ParallelLayout(2, 2), ParallelLayout(1))],
+    ids=["P-tp2_to_D-tp2dp2", "P-tp2dp2_to_D-tp1"],
+)
+def test_four_rank_layouts_write_each_decode_page_once_from_the_mapped_real_rank(
+    kind: str, prefill_layout: ParallelLayout, decode_layout: ParallelLayout, cleanup: list[Any]
+) -> None:
+    _skip_without(kind)
+    service, prefill = start_prefill(kind, prefill_layout, cleanup)
+    decode = start_decode(kind, decode_layout, cleanup)
+    ready(prefill)
+    expected: dict[int, dict[int, tuple[int, int]]] = {d: {} for d in range(len(decode))}
+    rooms = [(room, (room // 2) % len(decode)) for room in (40, 41, 42, 43)]  # every real/dummy rotation
+    for i, (room, d) in enumerate(rooms):
+        src, dst = [1 + 2 * i, 2 + 2 * i], [10 + 3 * i, 11 + 3 * i]
+        real, dummies = decode[d].start(service.host, service.port, room, dst, i)
+        contacted = {real, *dummies}
+        assert contacted == set(prefill_layout.group_ranks(room % prefill_layout.dp_size))
+        for rank in contacted:
+            prefill[rank].call("start", room, [(src, 0)], (100 + i, -float(i)))
+        expected[d].update({dst[k]: (real, src[k]) for k in range(2)})
+    for room, d in rooms:
+        assert wait_terminal(decode[d], room)[:2] == ("Success", None)
+        assert decode[d].result(room)[2] == (100 + rooms.index((room, d)), -float(rooms.index((room, d))))
+    for child in prefill:
+        for room, _ in rooms:
+            if room % prefill_layout.dp_size == prefill.index(child) // prefill_layout.attn_tp_size:
+                assert child.result(room) == ("Success", None)
+    for d, rank in enumerate(decode):
+        check_destination(rank, expected[d])
+    assert_idle(prefill, decode)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_killed_sender_fails_the_receiver_within_its_timeout(kind: str, cleanup: list[Any]) -> None:
+    _skip_without(kind)
+    service, prefill = start_prefill(kind, ParallelLayout(1), cleanup)
+    (decode,) = start_decode(kind, ParallelLayout(1), cleanup)
+    ready(prefill)
+    room = 77
+    decode.start(service.host, service.port, room, DST_PAGES, 0)
+    prefill[0].call("start", room, CHUNKS, (1, 0.0), 1)  # one chunk, then it hangs mid-transfer
+    time.sleep(0.3)
+    assert decode.receivers[room].poll() in (KVPoll.WaitingForInput, KVPoll.Transferring)
+    prefill[0].kill()
+    started = time.monotonic()
+    state, reason, _ = wait_terminal(decode, room, timeout_s=TIMEOUTS.peer_timeout_s + 3)
+    assert state == "Failed" and "silent" in reason
+    assert time.monotonic() - started < TIMEOUTS.peer_timeout_s + 2
+    assert decode.counts()["live_rooms"] == 0
+    assert decode.close() == {"inflight_handles": 0, "registrations": 0, "peers": 0}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gone_receiver_fails_the_sender_and_frees_everything(kind: str, cleanup: list[Any]) -> None:
+    _skip_without(kind)
+    service, prefill = start_prefill(kind, ParallelLayout(1), cleanup)
+    decode = Child("decode", kind=kind, rank_info=RankInfo(0, 1), shape=SHAPE, timeouts=TIMEOUTS,
+                   engine_options=OPTIONS[kind])
+    cleanup.append(decode)
+    ready([*prefill, decode])
+    room = 78
+    decode.call("start", service.host, service.port, room, DST_PAGES, 0)
+    prefill[0].call("start", room, CHUNKS, (1, 0.0), 1)
+    time.sleep(0.3)
+    decode.kill()
+    state, reason = prefill[0].result(room, timeout_s=TIMEOUTS.peer_timeout_s + 3)
+    assert state == "Failed" and "silent" in reason
+    counts = prefill[0].call("counts")
+    assert counts["live_rooms"] == 0 and counts["inflight_handles"] == 0 and counts["free_aux_slots"] == 8
+    assert prefill[0].call("close") == {"inflight_handles": 0, "registrations": 0, "peers": 0}
+
+
+def test_abort_by_either_side_fails_both_and_leaves_pages_safe(cleanup: list[Any]) -> None:
+    kind = "nixl"
+    _skip_without(kind)
+    service, prefill = start_prefill(kind, ParallelLayout(2), cleanup)
+    (decode,) = start_decode(kind, ParallelLayout(1), cleanup)
+    ready(prefill)
+    # P tp2 -> D tp1: one real rank and one dummy per room; rooms 90 and 91 swap them
+    for room, side in ((90, "prefill"), (91, "decode")):
+        real, (dummy,) = decode.start(service.host, service.port, room, DST_PAGES, room - 90)
+        for rank in (real, dummy):
+            prefill[rank].call("start", room, CHUNKS, (1, 0.0), 1)  # one chunk, then the worker stalls
+        time.sleep(0.2)
+        if side == "prefill":
+            prefill[real].call("abort", room)
+        else:
+            decode.abort(room)
+        state, reason, _ = wait_terminal(decode, room, timeout_s=5)
+        assert state == "Failed" and f"test aborts on the {side} side" in reason
+        for rank in (real, dummy):
+            state, reason = prefill[rank].result(room, timeout_s=5)
+            assert state == "Failed" and f"test aborts on the {side} side" in reason
+    # a receiver aborted before init (no pages reserved yet) fails at once and tells the prefill ranks
+    decode.start(service.host, service.port, 92, None, 2)
+    decode.abort(92)
+    assert wait_terminal(decode, 92, timeout_s=2)[0] == "Failed"
+    prefill[0].call("start", 92, CHUNKS, (1, 0.0))
+    assert prefill[0].result(92, timeout_s=3)[0] == "Failed"
+    assert_idle(prefill, [decode])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_bootstrap_and_mismatched_pages_are_clear_errors(cleanup: list[Any]) -> None:
+    kind = "nixl"
+    _skip_without(kind)
+    service = BootstrapService(ParallelLayout(1))
+    cleanup.append(service)
+    child = Child("prefill", kind=kind, rank_info=RankInfo(0, 1), bootstrap_addr=service.address,
+                  shape=PoolShape(page_size=8), timeouts=TIMEOUTS, engine_options=OPTIONS[kind])
+    cleanup.append(child)
+    (decode,) = start_decode(kind, ParallelLayout(1), cleanup)
+    child.ready()
+    port = _free_port()
+    with pytest.raises(KVBootstrapError, match=f"127.0.0.1:{port}/v1/instance is unreachable"):
+        decode.start("127.0.0.1", port, 5, DST_PAGES, 0)
+    with pytest.raises(KVBootstrapError, match="page_size differs"):
+        decode.start(service.host, service.port, 6, DST_PAGES, 0)
+    # a prefill rank whose bootstrap service never comes up fails within http_s, holding nothing
+    with pytest.raises(KVBootstrapError, match="unreachable"):
+        KVSendManager(decode.engine, decode.layout, decode.aux, RankInfo(0, 1), f"127.0.0.1:{port}",
+                      KVTimeouts(http_s=0.3))
+    assert decode.counts()["live_rooms"] == 0
+    assert decode.close() == {"inflight_handles": 0, "registrations": 0, "peers": 0}
