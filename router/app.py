@@ -151,7 +151,7 @@ class Handlers:
         n_prefill = len(reg.candidates(Role.PREFILL))
         n_decode = len(reg.candidates(Role.DECODE))
         ok = n_decode > 0 and (n_prefill > 0 or not reg.has_role(Role.PREFILL))
-        return _json(200 if ok else 503, {"status": "ok" if ok else "unavailable",
+        return _json(200 if ok else 503, {"status": "ok" if ok else "unavailable", "pid": os.getpid(),
                                           "prefill_healthy": n_prefill, "decode_healthy": n_decode})
 
     async def metrics(self, request: web.Request) -> web.Response:

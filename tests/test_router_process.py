@@ -1,0 +1,84 @@
+"""`python -m router` as a real process: starts fast without torch, serves, shares a port, stops cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+from router_mocks import MockWorker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_router_imports_neither_torch_nor_a_worker_package() -> None:
+    code = ("import sys, router.app, router.server; "
+            "bad = [m for m in ('torch', 'engine', 'prefill_worker', 'decode_worker', 'kernels') if m in sys.modules]; "
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_help_loads_no_web_stack_so_it_starts_at_once() -> None:
+    # Start-up time is kept small by what --help imports (no aiohttp, no prometheus_client), checked
+    # here without timing anything.
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "router", "--help"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and "--short-prompt-threshold" in out.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+    assert "router.config" in imported
+    assert not {"aiohttp", "prometheus_client", "torch"} & imported
+
+
+def test_router_process_serves_requests_from_two_processes_on_one_port_and_stops_on_sigterm() -> None:
+    async def body() -> None:
+        prefill, decode = MockWorker("prefill"), MockWorker("decode")
+        await prefill.start()
+        await decode.start()
+        port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(port), "--prefill", prefill.url,
+             "8998", "--decode", decode.url, "--workers", "2", "--log-level", "warning"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+        )
+        try:
+            assert proc.stdout is not None
+            ready = [proc.stdout.readline() for _ in range(2)]  # one line per process
+            assert all("router ready" in line for line in ready), ready
+            url = f"http://127.0.0.1:{port}"
+            pids = set()
+            for _ in range(24):  # a fresh connection each time: the kernel spreads them over both
+                async with aiohttp.ClientSession() as s, s.get(url + "/health") as r:
+                    pids.add((await r.json())["pid"])
+            assert len(pids) == 2
+            async with aiohttp.ClientSession() as s:
+                async with s.post(url + "/v1/completions", json={"prompt": "hello " * 30, "stream": True}) as r:
+                    assert r.status == 200
+                    text = await r.text()
+            assert text.endswith("data: [DONE]\n\n")
+            assert decode.bodies[0]["bootstrap_port"] == 8998
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                rc = await asyncio.to_thread(proc.wait, 10)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await prefill.stop()
+                await decode.stop()
+        assert rc == 0, proc.stderr.read() if proc.stderr else ""
+
+    asyncio.run(asyncio.wait_for(body(), 60))
