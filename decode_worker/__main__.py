@@ -1,0 +1,49 @@
+"""Decode worker: receives prompts' KV from prefill instances and generates the answers, streaming them.
+
+    python -m decode_worker --model DIR --tp N --dp M --port P --transfer-backend nixl|mooncake \
+        [--max-running-requests] [--cuda-graph-max-bs]
+
+Requests with bootstrap_host / bootstrap_port / bootstrap_room get their prompt's KV from that prefill
+instance; requests without them are prefilled here (colocated), as the router's short-prompt path wants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from decode_worker.runner import decode_entry
+from engine.runtime.disagg import add_kv_flags, kv_args
+from engine.server.cli import add_common_flags, engine_args, instance_spec
+from engine.server.serve import serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m decode_worker", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_flags(parser)
+    role = parser.add_argument_group("decode")
+    role.add_argument("--cuda-graph-max-bs", type=int, default=None,
+                      help="largest decode batch to capture as a CUDA graph (SGLang's flag; accepted for "
+                           "compatibility, decode runs eagerly for now)")
+    add_kv_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cuda_graph_max_bs is not None and args.cuda_graph_max_bs < 1:
+        print("error: --cuda-graph-max-bs must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        instance_spec(args)  # a layout that cannot run fails here, before any rank starts
+        role_args = {"engine": engine_args(args), "kv": kv_args(args),
+                     "info": {"transfer_backend": args.transfer_backend}}
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return serve(args, "decode", decode_entry, role_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

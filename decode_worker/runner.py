@@ -1,0 +1,235 @@
+"""The decode role on one rank: receive a request's prompt KV from the prefill instance, then decode it in
+the continuous batch (DESIGN.md request flow, steps 2 and 4). Requests without bootstrap fields run
+colocated (prefilled here), which is what the router's conditional disaggregation relies on.
+
+A disaggregated request waits in FIFO order until pages for its whole life (prompt + max new tokens)
+and an aux slot are free; then its receiver asks the mapped prefill ranks to write the prompt's pages.
+It joins the batch at the step where every rank of the DP group has seen its KV arrive
+(`GroupAgreement`); if the transfer fails anywhere in the group, the client gets an error and the pages
+go back once no write can still land in them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.kv_pool import PoolExhaustedError
+from engine.runtime.colocated import (
+    ColocatedRunner,
+    EngineArgs,
+    RankEngine,
+    build_rank_engine,
+    error_output,
+    to_sampling_params,
+)
+from engine.runtime.disagg import FAILED, PENDING, GroupAgreement, KVArgs, RankTransport, local_state
+from engine.runtime.launch import RankContext
+from engine.runtime.rank_loop import run_rank
+from engine.sampling import SamplingParams
+from engine.server.messages import GenerateRequest, TokenOutput
+from kvtransfer.receive_manager import KVReceiveManager
+from kvtransfer.receiver import KVReceiver
+from kvtransfer.rooms import RankInfo
+from kvtransfer.state import KVTransferError
+
+log = logging.getLogger(__name__)
+
+WAIT_NAP_S = 0.0005  # see prefill_worker.runner: nap instead of spinning while only the network works
+
+
+@dataclass(eq=False)
+class Transfer:
+    """A disaggregated request on this rank, from arrival until it joins the batch or fails."""
+
+    request: GenerateRequest
+    params: SamplingParams
+    pages: list[int] = field(default_factory=list)  # its whole life's pages; the prompt's come first
+    aux_slot: int | None = None
+    receiver: KVReceiver | None = None
+    local_error: str | None = None  # this rank could not start the transfer (bootstrap, mapping)
+    aborted: bool = False  # the client left: free everything once the transfer has ended
+
+    def state(self) -> int:
+        if self.local_error is not None:
+            return FAILED
+        return local_state(self.receiver.poll()) if self.receiver is not None else PENDING
+
+
+class DecodeRunner(ColocatedRunner):
+    """`StepRunner` of the decode role: the colocated scheduler plus the KV receiving stage in front.
+
+    Args:
+        ctx: this rank.
+        engine: the rank's model and KV pool (`build_rank_engine`).
+        args: engine settings (batch limit, prefill budget for colocated requests).
+        kv: transfer backend, host, aux slots, timeouts.
+    """
+
+    def __init__(self, ctx: RankContext, engine: RankEngine, args: EngineArgs, kv: KVArgs) -> None:
+        super().__init__(engine, args)
+        self.agreement = GroupAgreement(ctx)
+        self.transport = RankTransport(kv, "decode", ctx.rank, engine.kv_pool.tensor)
+        info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host)
+        self.manager = KVReceiveManager(self.transport.engine, self.transport.layout, self.transport.aux, info,
+                                        kv.timeouts)
+        self.free_aux_slots = list(range(kv.aux_slots - 1, -1, -1))
+        self.queued: deque[Transfer] = deque()  # no pages yet
+        self.transferring: list[Transfer] = []  # pages reserved, receiver asked (same order on every rank)
+
+    # --- StepRunner ---------------------------------------------------------------------------------
+    def add(self, request: GenerateRequest) -> None:
+        if request.bootstrap is None:
+            super().add(request)
+            return
+        if request.rid in self.requests or self._find(request.rid) is not None:
+            self._pending.append(error_output(request.rid, f"request id {request.rid!r} is already running"))
+            return
+        try:
+            params = to_sampling_params(request.sampling)
+            self.scheduler.validate_prompt(request.input_ids, params)
+        except ValueError as exc:
+            self._pending.append(error_output(request.rid, str(exc)))
+            return
+        self.queued.append(Transfer(request, params))
+
+    def abort(self, rid: str) -> list[TokenOutput]:
+        if rid in self.requests:
+            return super().abort(rid)
+        transfer = self._find(rid)
+        if transfer is None or transfer.aborted:
+            return []
+        if transfer in self.queued:
+            self.queued.remove(transfer)
+        else:
+            transfer.aborted = True  # pages go back once the transfer has ended on every rank
+            if transfer.receiver is not None:
+                transfer.receiver.abort("aborted by the client")
+        return [TokenOutput(rid=rid, token_ids=[], finished=True, finish_reason="abort")]
+
+    def num_requests(self) -> int:
+        return len(self.requests) + len(self.queued) + len(self.transferring)
+
+    def step(self) -> list[TokenOutput]:
+        if self.transferring:
+            self._settle()
+        if self.queued:
+            self._reserve()
+        if self.transferring and not self.scheduler.has_work():
+            time.sleep(WAIT_NAP_S)
+        return super().step()
+
+    def status_counts(self) -> dict[str, int]:
+        counts = super().status_counts()
+        counts.update({
+            "live_rooms": self.manager.num_live_rooms,
+            "free_aux_slots": len(self.free_aux_slots),
+            "total_aux_slots": self.manager.aux.num_slots,
+            "inflight_handles": self.transport.engine.num_inflight_handles,
+            "decode_queued": len(self.queued),
+            "decode_transferring": len(self.transferring),
+            "decode_running": len(self.requests),
+        })
+        return counts
+
+    def close(self) -> None:
+        self.manager.close()  # fails live rooms and tells their prefill ranks
+        for transfer in self.transferring:
+            self._free(transfer)
+        self.transferring.clear()
+        self.queued.clear()
+        self.transport.close()
+        super().close()
+
+    # --- the transfer stage -------------------------------------------------------------------------
+    def _find(self, rid: str) -> Transfer | None:
+        for transfer in (*self.queued, *self.transferring):
+            if transfer.request.rid == rid:
+                return transfer
+        return None
+
+    def _reserve(self) -> None:
+        """Start the queue's transfers, oldest first, while pages, aux slots and batch room last."""
+        pool = self.engine.kv_pool
+        while self.queued:
+            transfer = self.queued[0]
+            prompt_len = len(transfer.request.input_ids)
+            needed = self.scheduler.pages_needed(prompt_len, transfer.params)
+            busy = len(self.scheduler.running) + len(self.scheduler.waiting) + len(self.transferring)
+            if busy >= self.scheduler.max_running or needed > pool.free_pages or not self.free_aux_slots:
+                return
+            self.queued.popleft()
+            transfer.pages = pool.alloc(needed)
+            transfer.aux_slot = self.free_aux_slots.pop()
+            self.transferring.append(transfer)
+            boot = transfer.request.bootstrap
+            assert boot is not None
+            try:
+                transfer.receiver = self.manager.create_receiver(boot.host, boot.port, boot.room,
+                                                                 boot.data_parallel_rank)
+                transfer.receiver.init(transfer.pages[: pool.pages_for_tokens(prompt_len)], transfer.aux_slot)
+            except (KVTransferError, ValueError) as exc:
+                transfer.local_error = str(exc)
+                if transfer.receiver is not None:
+                    transfer.receiver.abort(str(exc))
+
+    def _settle(self) -> None:
+        """Poll every receiver; act on what the whole DP group has seen (the same decisions on every rank)."""
+        transfers = list(self.transferring)
+        states = [t.state() for t in transfers]
+        keep: list[Transfer] = []
+        for transfer, state, (ended, failed) in zip(transfers, states, self.agreement.agree(states), strict=True):
+            if not ended:
+                if failed and state == PENDING and transfer.receiver is not None:
+                    transfer.receiver.abort("the room failed on another rank of this decode group")
+                keep.append(transfer)
+            elif failed or transfer.aborted:
+                self._free(transfer)
+                if not transfer.aborted:
+                    reason = transfer.local_error or (transfer.receiver.failure_reason if transfer.receiver else None)
+                    self._pending.append(error_output(
+                        transfer.request.rid,
+                        f"KV transfer from the prefill instance failed: {reason or 'on another rank of this group'}"))
+            else:
+                self._adopt(transfer)
+        self.transferring = keep
+
+    def _adopt(self, transfer: Transfer) -> None:
+        """The prompt's KV is in our pages on every rank of the group: join the decode batch."""
+        assert transfer.receiver is not None and transfer.aux_slot is not None
+        request = transfer.request
+        first = transfer.receiver.aux().first_token_id
+        self.free_aux_slots.append(transfer.aux_slot)
+        transfer.aux_slot = None
+        vocab = self.engine.config.vocab_size
+        try:
+            if first >= vocab:
+                raise ValueError(f"the prefill side sent first token {first}, outside the vocabulary [0, {vocab})")
+            req = self.scheduler.add_prefilled(request.input_ids, first, transfer.pages, transfer.params, request.rid)
+        except (ValueError, PoolExhaustedError) as exc:
+            self._free(transfer)
+            self._pending.append(error_output(request.rid, str(exc)))
+            return
+        transfer.pages = []  # the scheduler owns them now
+        self._pending.append(TokenOutput(rid=request.rid, token_ids=[first], finished=req.finished,
+                                         finish_reason=req.finish_reason if req.finished else None,
+                                         prompt_tokens=len(request.input_ids)))
+        if not req.finished:
+            self.requests[request.rid] = req
+
+    def _free(self, transfer: Transfer) -> None:
+        if transfer.pages:
+            self.engine.kv_pool.free(transfer.pages)
+            transfer.pages = []
+        if transfer.aux_slot is not None:
+            self.free_aux_slots.append(transfer.aux_slot)
+            transfer.aux_slot = None
+
+
+def decode_entry(ctx: RankContext) -> None:
+    """Rank process entry (spawned): build the model shard and serve the decode role until terminated."""
+    args: EngineArgs = ctx.role_args["engine"]
+    kv: KVArgs = ctx.role_args["kv"]
+    run_rank(ctx, DecodeRunner(ctx, build_rank_engine(ctx, args), args, kv))

@@ -1,0 +1,146 @@
+"""What the prefill and decode roles share on a rank: the KV flags, the transfer engine with this rank's
+KV pool and aux buffer registered, and how the ranks of one attention-DP group agree on each room's fate.
+
+Why agreement: every rank of a DP group runs the same batch each step (TP collectives line up only if
+they do), but each rank watches its own transfers, and they end at different moments on different
+ranks. A room leaves the transfer stage (its pages freed, or its request joining the decode batch) only
+at a step where every rank of the group has seen it end; `GroupAgreement` is that one all-reduce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from kvtransfer.engines import TransferEngine, make_engine
+from kvtransfer.layout import AuxLayout, PageLayout
+from kvtransfer.state import KVPoll, KVTimeouts
+
+from .launch import RankContext
+
+# One aux slot holds the first output token and its logprob (12 bytes); both sides must agree on it.
+AUX_SLOT_BYTES = 16
+
+
+@dataclass(frozen=True)
+class KVArgs:
+    """How a rank joins the KV transfer plane (sent to each rank at spawn).
+
+    backend: "nixl" | "mooncake".
+    host: the address peers reach this rank's control channel (and Mooncake's RPC) at.
+    aux_slots: aux slots per rank; bounds the rooms a rank has in transfer at once.
+    timeouts: every wait of the control plane.
+    bootstrap_addr: "host:port" of the prefill instance's bootstrap service (prefill ranks only).
+    """
+
+    backend: str
+    host: str
+    aux_slots: int
+    timeouts: KVTimeouts
+    bootstrap_addr: str | None = None
+
+
+def add_kv_flags(parser: argparse.ArgumentParser) -> None:
+    kv = parser.add_argument_group("KV transfer")
+    kv.add_argument("--kv-host", default=None,
+                    help="address peers reach this instance's ranks at for KV control messages and writes; "
+                         "unset: --host, or 127.0.0.1 when --host is a wildcard")
+    kv.add_argument("--kv-aux-slots", type=int, default=None,
+                    help="aux slots per rank (first token + logprob), i.e. rooms in transfer at once; "
+                         "unset: --max-running-requests")
+    kv.add_argument("--kv-bootstrap-timeout", type=float, default=120.0,
+                    help="seconds a room waits for the other side to show up; the prefill side keeps the "
+                         "computed KV at most this long while decode reserves pages")
+    kv.add_argument("--kv-transfer-timeout", type=float, default=600.0,
+                    help="seconds from the end of bootstrapping to the last page landed")
+    kv.add_argument("--kv-peer-timeout", type=float, default=10.0,
+                    help="a peer silent this long is dead and its rooms fail (heartbeats every quarter of it)")
+
+
+def kv_args(args: argparse.Namespace, bootstrap_addr: str | None = None) -> KVArgs:
+    host = args.kv_host or (args.host if args.host not in ("0.0.0.0", "::", "") else "127.0.0.1")
+    slots = args.kv_aux_slots or args.max_running_requests
+    if slots < 1:
+        raise ValueError(f"--kv-aux-slots must be >= 1, got {slots}")
+    peer = args.kv_peer_timeout
+    timeouts = KVTimeouts(bootstrap_s=args.kv_bootstrap_timeout, transfer_s=args.kv_transfer_timeout,
+                          heartbeat_interval_s=min(1.0, peer / 4), peer_timeout_s=peer,
+                          fence_s=min(5.0, peer))
+    return KVArgs(backend=args.transfer_backend, host=host, aux_slots=slots, timeouts=timeouts,
+                  bootstrap_addr=bootstrap_addr)
+
+
+class RankTransport:
+    """This rank's transfer engine with its KV pool and aux buffer registered once, at start-up.
+
+    Attributes: `engine`, `layout` (the pool's `PageLayout`), `aux` (`AuxLayout` of the host aux buffer).
+    Owns the engine and the aux buffer; the pool tensor stays the caller's and must outlive this object.
+    Call `close()` (after the KV manager that uses the engine is closed).
+    """
+
+    def __init__(self, kv: KVArgs, role: str, rank: int, pool: torch.Tensor) -> None:
+        # Peers address an engine by name: unique per rank of every instance, also across restarts.
+        name = f"{role}-{uuid.uuid4().hex[:8]}-{os.getpid()}-r{rank}"
+        options = {"hostname": kv.host} if kv.backend == "mooncake" else {}
+        self.engine: TransferEngine = make_engine(kv.backend, name, **options)
+        try:
+            self.layout = PageLayout.from_tensor(pool)
+            self._aux_buffer = torch.zeros(kv.aux_slots * AUX_SLOT_BYTES, dtype=torch.uint8)
+            self.aux = AuxLayout(self._aux_buffer.data_ptr(), AUX_SLOT_BYTES, kv.aux_slots)
+            self.engine.register(self.layout.base_ptr, self.layout.pool_bytes, self.layout.device)
+            self.engine.register(self.aux.base_ptr, self.aux.pool_bytes, "cpu")
+        except BaseException:
+            self.engine.close()
+            raise
+
+    def close(self) -> None:
+        self.engine.close()
+        self._aux_buffer = torch.empty(0, dtype=torch.uint8)
+
+
+# A room's state on one rank, as the agreement counts it.
+PENDING, SUCCEEDED, FAILED = 0, 1, 2
+
+
+def local_state(poll: KVPoll) -> int:
+    if poll is KVPoll.Success:
+        return SUCCEEDED
+    return FAILED if poll is KVPoll.Failed else PENDING
+
+
+class GroupAgreement:
+    """All-reduces the rooms' states over this rank's attention-DP group (gloo, CPU tensors).
+
+    Build it on every rank at the same point of start-up: creating process groups is a collective over
+    the whole instance. `agree` must then be called by every rank of the group at the same step, with
+    the rooms in the same order — the room lists are identical across a group by construction (the rank
+    loop hands every rank the same requests, and rooms leave only on agreed outcomes).
+    """
+
+    def __init__(self, ctx: RankContext) -> None:
+        spec = ctx.spec
+        self.size = spec.attn_tp_size
+        self.group = None
+        if self.size > 1:
+            groups = [dist.new_group(list(range(g * self.size, (g + 1) * self.size)), backend="gloo")
+                      for g in range(spec.dp_size)]
+            self.group = groups[ctx.dp_rank]
+
+    def agree(self, states: Sequence[int]) -> list[tuple[bool, bool]]:
+        """(ended on every rank, failed on some rank) per room, from this rank's `states`."""
+        if self.size == 1 or not states:
+            return [(s != PENDING, s == FAILED) for s in states]
+        ended = [int(s != PENDING) for s in states]
+        failed = [-int(s == FAILED) for s in states]
+        # One MIN all-reduce: min(ended) = every rank ended; min(-failed) = -(some rank failed).
+        tensor = torch.tensor(ended + failed, dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group)
+        values = tensor.tolist()
+        n = len(states)
+        return [(values[i] == 1, values[n + i] == -1) for i in range(n)]

@@ -1,0 +1,107 @@
+"""Prefill worker: computes prompts' KV and pushes it into the decode instance the router paired it with.
+
+    python -m prefill_worker --model DIR --tp N [--dp M] --port P --bootstrap-port B \
+        --transfer-backend nixl|mooncake [--device cpu|cuda] [--page-size] [--max-prefill-tokens]
+
+Every request must carry bootstrap_host / bootstrap_port / bootstrap_room (the router adds them); one
+without them is refused with a 400. The reply (SGLang's shape, the first output token) comes once the KV
+has landed on the decode side; the client's answer streams from the decode worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from engine.runtime.disagg import add_kv_flags, kv_args
+from engine.server.cli import add_common_flags, engine_args, instance_spec
+from engine.server.protocol import error_body
+from engine.server.serve import serve
+from kvtransfer import protocol as pd
+from kvtransfer.bootstrap import BootstrapService
+from kvtransfer.mapping import ParallelLayout
+from prefill_worker.runner import prefill_entry
+
+DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's --disaggregation-bootstrap-port default
+INFERENCE_PATHS = frozenset(("/generate", "/v1/completions", "/v1/chat/completions"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m prefill_worker", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_flags(parser)
+    role = parser.add_argument_group("prefill")
+    role.add_argument("--bootstrap-port", "--disaggregation-bootstrap-port", dest="bootstrap_port", type=int,
+                      default=DEFAULT_BOOTSTRAP_PORT,
+                      help="port of this instance's bootstrap service (decode ranks look its layout up there)")
+    add_kv_flags(parser)
+    return parser
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def bootstrap_guard(dp_size: int) -> Callable[[web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]],
+                                              Awaitable[web.StreamResponse]]:
+    """Middleware: an inference request without the bootstrap fields (or naming a DP group this instance
+    lacks) is a 400 here, before anything is queued; the body is cached for the handler."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+        if request.method != "POST" or request.path not in INFERENCE_PATHS:
+            return await handler(request)
+        try:
+            body = orjson.loads(await request.read())
+        except (orjson.JSONDecodeError, web.HTTPRequestEntityTooLarge):
+            return await handler(request)  # the handler answers these with its own errors
+        if isinstance(body, dict):
+            message = None
+            if body.get(pd.BOOTSTRAP_HOST) is None or body.get(pd.BOOTSTRAP_ROOM) is None:
+                message = (f"a prefill worker needs '{pd.BOOTSTRAP_HOST}', '{pd.BOOTSTRAP_PORT}' and "
+                           f"'{pd.BOOTSTRAP_ROOM}' (send requests through the router)")
+            dp = body.get(pd.DATA_PARALLEL_RANK)
+            if isinstance(dp, int) and not 0 <= dp < dp_size:
+                message = f"'{pd.DATA_PARALLEL_RANK}' {dp} is out of range: this instance has dp_size {dp_size}"
+            if message is not None:
+                return web.Response(body=orjson.dumps(error_body(message, code="missing_bootstrap")), status=400,
+                                    content_type="application/json")
+        return await handler(request)
+
+    return guard
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = instance_spec(args)  # a layout that cannot run fails here, before any rank starts
+        engine = engine_args(args)
+        # Ranks of every node register with node 0's service; node 0 runs it in its HTTP process.
+        service_host = args.dist_init_addr.rsplit(":", 1)[0] if spec.nnodes > 1 else _connect_host(args.host)
+        kv = kv_args(args, bootstrap_addr=f"{service_host}:{args.bootstrap_port}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    role_args = {"engine": engine, "kv": kv,
+                 "info": {"bootstrap_port": args.bootstrap_port, "transfer_backend": kv.backend}}
+
+    async def on_startup(app: web.Application) -> None:
+        # The app is not frozen yet during start-up: middlewares can still be added.
+        app.middlewares.append(bootstrap_guard(spec.dp_size))
+
+    if spec.node_rank != 0:
+        return serve(args, "prefill", prefill_entry, role_args)
+    service = BootstrapService(ParallelLayout(spec.tp_size, spec.dp_size), host=args.host, port=args.bootstrap_port)
+    try:
+        return serve(args, "prefill", prefill_entry, role_args, on_startup=on_startup)
+    finally:
+        service.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

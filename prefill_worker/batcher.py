@@ -1,0 +1,171 @@
+"""Chunked prefill without decode: the prefill role's scheduler on one rank.
+
+Requests are admitted FIFO while pages for their prompt are free, and prefilled together under a token
+budget per forward (`max_prefill_tokens`, chunking long prompts). A request leaves the batcher after its
+last chunk with its first output token sampled; its pages stay allocated until the caller `release`s
+them (once the KV has reached the decode side).
+
+Each step reports, per request that made progress, the pages the chunk completed: a page is sent once,
+when every token in it is computed (the partial last page goes with the last chunk), so no destination
+page is ever written twice.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.forward_batch import ForwardBatch, ForwardMode
+from engine.kv_pool import KVPool
+from engine.model import DeepseekForCausalLM
+from engine.sampling import SamplingParams, sample
+
+
+@dataclass(eq=False)  # identity semantics: two requests with equal prompts are still distinct
+class PrefillJob:
+    """One prompt's prefill. `num_computed` tokens have KV in `pages`; `pages_done` pages were reported."""
+
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    pages_done: int = 0
+    first_token: int | None = None
+    first_logprob: float = 0.0
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_computed == len(self.prompt_ids)
+
+
+@dataclass
+class ChunkDone:
+    """Pages `pages` (this rank's indices) are computed; they are the prompt's pages from `position` on.
+    `last`: the prompt is complete and `job.first_token` is set."""
+
+    job: PrefillJob
+    pages: list[int]
+    position: int
+    last: bool
+
+
+class PrefillBatcher:
+    """Admission, chunking and first-token sampling; owns the allocation of each job's pages.
+
+    Args:
+        model: this rank's model shard.
+        kv_pool: this rank's KV pool (pages are allocated here, freed by `release`).
+        max_prefill_tokens: tokens per forward, summed over the batch.
+        max_running: jobs holding pages at once (prefilling or waiting for their transfer).
+    """
+
+    def __init__(self, model: DeepseekForCausalLM, kv_pool: KVPool, max_prefill_tokens: int,
+                 max_running: int) -> None:
+        if max_prefill_tokens < 1 or max_running < 1:
+            raise ValueError("max_prefill_tokens and max_running must be >= 1")
+        self.model, self.kv_pool = model, kv_pool
+        self.max_prefill_tokens, self.max_running = max_prefill_tokens, max_running
+        self.max_model_len = model.config.max_position_embeddings
+        self.waiting: deque[PrefillJob] = deque()
+        self.prefilling: list[PrefillJob] = []
+        self.holding: set[PrefillJob] = set()  # jobs with pages: prefilling or done and not released
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model takes at most {self.max_model_len - 1}")
+        if self.kv_pool.pages_for_tokens(len(prompt_ids)) > self.kv_pool.num_pages:
+            raise ValueError(f"prompt needs {self.kv_pool.pages_for_tokens(len(prompt_ids))} KV pages but the "
+                             f"pool has {self.kv_pool.num_pages}")
+
+    def add(self, job: PrefillJob) -> None:
+        self.validate(job.prompt_ids, job.params)
+        self.waiting.append(job)
+
+    def remove(self, job: PrefillJob) -> None:
+        """Stop computing `job` (aborted or failed); its pages stay held until `release`."""
+        if job in self.waiting:
+            self.waiting.remove(job)
+        elif job in self.prefilling:
+            self.prefilling.remove(job)
+
+    def release(self, job: PrefillJob) -> None:
+        """Free `job`'s pages (its KV is no longer needed anywhere)."""
+        self.remove(job)
+        if job in self.holding:
+            self.holding.discard(job)
+            self.kv_pool.free(job.pages)
+            job.pages = []
+
+    @property
+    def num_jobs(self) -> int:
+        return len(self.waiting) + len(self.holding)
+
+    def has_work(self) -> bool:
+        self._admit()
+        return bool(self.prefilling)
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.holding) < self.max_running:
+            job = self.waiting[0]
+            needed = self.kv_pool.pages_for_tokens(len(job.prompt_ids))
+            if needed > self.kv_pool.free_pages:
+                return  # FIFO: wait until transfers end and free their pages
+            self.waiting.popleft()
+            job.pages = self.kv_pool.alloc(needed)
+            self.holding.add(job)
+            self.prefilling.append(job)
+
+    @torch.inference_mode()
+    def step(self) -> list[ChunkDone]:
+        """One EXTEND forward over the admitted jobs (oldest first, up to the token budget)."""
+        self._admit()
+        if not self.prefilling:
+            return []
+        budget = self.max_prefill_tokens
+        chunks: list[tuple[PrefillJob, int]] = []
+        for job in self.prefilling:
+            if budget == 0:
+                break
+            take = min(len(job.prompt_ids) - job.num_computed, budget)
+            chunks.append((job, take))
+            budget -= take
+        batch = ForwardBatch.build(
+            ForwardMode.EXTEND,
+            [job.prompt_ids[job.num_computed : job.num_computed + n] for job, n in chunks],
+            [job.num_computed for job, _ in chunks],
+            [job.pages for job, _ in chunks],
+            self.kv_pool,
+        )
+        logits = self.model(batch).next_token_logits
+        done: list[ChunkDone] = []
+        finished_rows: list[int] = []
+        for row, (job, n) in enumerate(chunks):
+            job.num_computed += n
+            # Complete pages only, except the last chunk's partial page: each page is reported once.
+            upto = len(job.pages) if job.prefilled else job.num_computed // self.kv_pool.page_size
+            if upto > job.pages_done:
+                done.append(ChunkDone(job, job.pages[job.pages_done : upto], job.pages_done, job.prefilled))
+                job.pages_done = upto
+            if job.prefilled:
+                finished_rows.append(row)
+        if finished_rows:
+            self._sample_first_tokens(logits[finished_rows], [chunks[r][0] for r in finished_rows])
+            self.prefilling = [job for job in self.prefilling if not job.prefilled]
+        return done
+
+    def _sample_first_tokens(self, logits: torch.Tensor, jobs: list[PrefillJob]) -> None:
+        device = self.kv_pool.tensor.device
+        tokens = sample(logits, [job.params for job in jobs], [job.params.make_generator(device) for job in jobs])
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for row, (job, token) in enumerate(zip(jobs, tokens, strict=True)):
+            job.first_token = token
+            job.first_logprob = float(logprobs[row, token])

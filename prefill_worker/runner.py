@@ -1,0 +1,197 @@
+"""The prefill role on one rank: prefill prompts in chunks and push each chunk's KV pages to the decode
+instance that asked for them (DESIGN.md request flow, steps 3-4).
+
+Every rank of the request's attention-DP group runs the same forwards and holds the same KV; each has its
+own `KVSender` per room and writes (real) or only reports (dummy) as the decode side's mapping said. A
+room's pages are freed once every rank of the group has seen its sender end (`GroupAgreement`); the
+HTTP reply (the first token, SGLang's shape) goes out then: 200 once the KV has landed, an error if not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from engine.runtime.colocated import (
+    EngineArgs,
+    RankEngine,
+    build_rank_engine,
+    error_output,
+    to_sampling_params,
+)
+from engine.runtime.disagg import FAILED, PENDING, GroupAgreement, KVArgs, RankTransport, local_state
+from engine.runtime.launch import RankContext
+from engine.runtime.rank_loop import least_loaded, run_rank
+from engine.server.messages import GenerateRequest, TokenOutput
+from kvtransfer.mapping import prefill_dp_group
+from kvtransfer.rooms import RankInfo
+from kvtransfer.send_manager import KVSendManager
+from kvtransfer.sender import KVSender
+from kvtransfer.state import KVTransferError
+from prefill_worker.batcher import PrefillBatcher, PrefillJob
+
+log = logging.getLogger(__name__)
+
+# When the rank only waits on the network (no forward to run), it naps this long per loop turn instead
+# of spinning: the cores belong to the forwards (and, on one host, to the decode instance).
+WAIT_NAP_S = 0.0005
+
+
+@dataclass(eq=False)
+class Room:
+    """A request on this rank: its prefill job and its sender. `answered`: its output went out already
+    (an abort); the room still lives until every rank's sender has ended."""
+
+    request: GenerateRequest
+    job: PrefillJob
+    sender: KVSender
+    stopped: bool = False  # taken out of the batcher (failed or aborted): no more forwards
+    answered: bool = False
+
+
+class PrefillRunner:
+    """`StepRunner` of the prefill role. Owns the batcher, the transfer engine and the KV send manager.
+
+    Args:
+        ctx: this rank.
+        engine: the rank's model and KV pool (`build_rank_engine`).
+        args: engine settings (prefill token budget, request limit).
+        kv: transfer backend, host, aux slots, timeouts and the bootstrap service's address.
+    """
+
+    def __init__(self, ctx: RankContext, engine: RankEngine, args: EngineArgs, kv: KVArgs) -> None:
+        if kv.bootstrap_addr is None:
+            raise ValueError("a prefill rank needs the bootstrap service's address")
+        self.ctx = ctx
+        self.engine = engine
+        self.batcher = PrefillBatcher(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running)
+        self.agreement = GroupAgreement(ctx)
+        self.transport = RankTransport(kv, "prefill", ctx.rank, engine.kv_pool.tensor)
+        try:
+            info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host)
+            self.manager = KVSendManager(self.transport.engine, self.transport.layout, self.transport.aux, info,
+                                         kv.bootstrap_addr, kv.timeouts)
+        except BaseException:
+            self.transport.close()
+            raise
+        self.rooms: dict[str, Room] = {}  # arrival order: the same on every rank of the group
+        self._pending: list[TokenOutput] = []
+
+    # --- StepRunner ---------------------------------------------------------------------------------
+    def add(self, request: GenerateRequest) -> None:
+        boot = request.bootstrap
+        if boot is None:
+            self._pending.append(error_output(request.rid, "a prefill worker serves only requests with "
+                                                           "bootstrap_host, bootstrap_port and bootstrap_room"))
+            return
+        if request.rid in self.rooms:
+            self._pending.append(error_output(request.rid, f"request id {request.rid!r} is already running"))
+            return
+        try:
+            prefill_dp_group(self.manager.rank_info.parallel, boot.room, boot.data_parallel_rank)
+            job = PrefillJob(request.rid, list(request.input_ids), to_sampling_params(request.sampling))
+            self.batcher.validate(job.prompt_ids, job.params)
+            sender = self.manager.create_sender(boot.room)
+        except (ValueError, KVTransferError) as exc:
+            self._pending.append(error_output(request.rid, str(exc)))
+            return
+        self.batcher.add(job)
+        self.rooms[request.rid] = Room(request, job, sender)
+
+    def abort(self, rid: str) -> list[TokenOutput]:
+        room = self.rooms.get(rid)
+        if room is None or room.answered:
+            return []
+        room.sender.abort("aborted by the client")
+        self._stop(room)
+        room.answered = True
+        return [TokenOutput(rid=rid, token_ids=[], finished=True, finish_reason="abort")]
+
+    def num_requests(self) -> int:
+        return len(self.rooms)
+
+    def step(self) -> list[TokenOutput]:
+        outs, self._pending = self._pending, []
+        if self.rooms:
+            self._settle(outs)
+        if self.batcher.has_work():
+            for chunk in self.batcher.step():
+                sender = self.rooms[chunk.job.rid].sender
+                sender.send(chunk.pages, chunk.position, last=chunk.last)
+                if chunk.last:
+                    assert chunk.job.first_token is not None
+                    sender.send_aux(chunk.job.first_token, chunk.job.first_logprob)
+        elif self.rooms:
+            time.sleep(WAIT_NAP_S)
+        return outs
+
+    def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:
+        """SGLang's rule, so the decode side knows where the KV is: `data_parallel_rank`, else room % dp."""
+        boot = request.bootstrap
+        if boot is None:
+            return least_loaded(loads)
+        try:
+            return prefill_dp_group(self.manager.rank_info.parallel, boot.room, boot.data_parallel_rank)
+        except KVTransferError:
+            return 0  # `add` refuses it there with the same message
+
+    def status_counts(self) -> dict[str, int]:
+        pool, manager = self.engine.kv_pool, self.manager
+        return {
+            "free_pages": pool.free_pages,
+            "total_pages": pool.num_pages,
+            "live_rooms": manager.num_live_rooms,
+            "free_aux_slots": manager.num_free_aux_slots,
+            "total_aux_slots": manager.aux.num_slots,
+            "inflight_handles": self.transport.engine.num_inflight_handles,
+            "prefill_waiting": len(self.batcher.waiting),
+            "prefill_rooms": len(self.rooms),
+        }
+
+    def close(self) -> None:
+        self.manager.close()  # fails live rooms and tells their decode ranks
+        for room in self.rooms.values():
+            self.batcher.release(room.job)
+        self.rooms.clear()
+        self.transport.close()
+        self.engine.kv_pool.close()
+
+    # --- rooms --------------------------------------------------------------------------------------
+    def _stop(self, room: Room) -> None:
+        if not room.stopped:
+            room.stopped = True
+            self.batcher.remove(room.job)
+
+    def _settle(self, outs: list[TokenOutput]) -> None:
+        """Poll every sender; act on what the whole DP group has seen (the same decisions on every rank)."""
+        rooms = list(self.rooms.values())
+        states = [local_state(room.sender.poll()) for room in rooms]
+        for room, state, (ended, failed) in zip(rooms, states, self.agreement.agree(states), strict=True):
+            if failed:
+                self._stop(room)  # no point computing KV that no decode rank will take
+                if state == PENDING:
+                    room.sender.abort("the room failed on another rank of this prefill group")
+            if not ended:
+                continue
+            self.batcher.release(room.job)
+            del self.rooms[room.request.rid]
+            if not room.answered:
+                outs.append(self._answer(room, state, failed))
+
+    def _answer(self, room: Room, state: int, failed: bool) -> TokenOutput:
+        rid, job = room.request.rid, room.job
+        if failed or job.first_token is None:
+            reason = room.sender.failure_reason if state == FAILED else None
+            return error_output(rid, f"KV transfer of room {room.request.bootstrap.room} failed: "  # type: ignore[union-attr]
+                                     f"{reason or 'it failed on another rank of this prefill group'}")
+        logprobs = [job.first_logprob] if room.request.return_logprob else []
+        return TokenOutput(rid=rid, token_ids=[job.first_token], logprobs=logprobs, finished=True,
+                           finish_reason="length", prompt_tokens=len(job.prompt_ids))
+
+
+def prefill_entry(ctx: RankContext) -> None:
+    """Rank process entry (spawned): build the model shard and serve the prefill role until terminated."""
+    args: EngineArgs = ctx.role_args["engine"]
+    kv: KVArgs = ctx.role_args["kv"]
+    run_rank(ctx, PrefillRunner(ctx, build_rank_engine(ctx, args), args, kv))
