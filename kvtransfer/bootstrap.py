@@ -130,7 +130,7 @@ class BootstrapService:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = int(self._runner.addresses[0][1])
 
     # --- handlers (all run on the server's loop: no lock needed) ------------------------------------
     async def _register(self, request: web.Request) -> web.Response:

@@ -146,11 +146,12 @@ class KVSender:
     def _progress(self, now: float) -> None:
         if self._state is KVPoll.Bootstrapping:
             return
+        real = [d for d in self._destinations.values() if not d.is_dummy]
         try:
             for pages, position in self._queued:
                 self._write_chunk(pages, position)
             self._queued.clear()
-            if self._aux is not None and not self._aux_issued and self._last:
+            if self._aux is not None and not self._aux_issued and self._last and real:
                 self._write_aux(self._aux)
         except (TransferError, ValueError) as exc:
             self.fail(str(exc))
@@ -164,7 +165,6 @@ class KVSender:
                 return
             self._manager.engine.release(handle)
             self._handles.remove((endpoint, handle))
-        real = [d for d in self._destinations.values() if not d.is_dummy]
         if self._last and not self._handles and (self._aux_issued or not real):
             for destination in self._destinations.values():
                 self._manager.send_to(destination.endpoint, TransferDone, room=self.room, prefill_rank=self._manager.rank)

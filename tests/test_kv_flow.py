@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import kvflow_rank
 import numpy as np
 import pytest
-from kvflow_rank import SENTINEL, DecodeRank, PoolShape, prefill_pool_bytes
+from kvflow_rank import SENTINEL, DecodeRank, PoolShape, PrefillRank, prefill_pool_bytes
 
 from kvtransfer.bootstrap import BootstrapService
 from kvtransfer.mapping import ParallelLayout
@@ -250,10 +251,9 @@ def test_killed_sender_fails_the_receiver_within_its_timeout(kind: str, cleanup:
     time.sleep(0.3)
     assert decode.receivers[room].poll() in (KVPoll.WaitingForInput, KVPoll.Transferring)
     prefill[0].kill()
-    started = time.monotonic()
-    state, reason, _ = wait_terminal(decode, room, timeout_s=TIMEOUTS.peer_timeout_s + 3)
+    # "silent": the heartbeat timeout fired, not the (longer) transfer timeout
+    state, reason, _ = wait_terminal(decode, room, timeout_s=TIMEOUTS.transfer_s)
     assert state == "Failed" and "silent" in reason
-    assert time.monotonic() - started < TIMEOUTS.peer_timeout_s + 2
     assert decode.counts()["live_rooms"] == 0
     assert decode.close() == {"inflight_handles": 0, "registrations": 0, "peers": 0}
 
@@ -271,8 +271,8 @@ def test_gone_receiver_fails_the_sender_and_frees_everything(kind: str, cleanup:
     prefill[0].call("start", room, CHUNKS, (1, 0.0), 1)
     time.sleep(0.3)
     decode.kill()
-    state, reason = prefill[0].result(room, timeout_s=TIMEOUTS.peer_timeout_s + 3)
-    assert state == "Failed" and "silent" in reason
+    state, reason = prefill[0].result(room, timeout_s=TIMEOUTS.transfer_s)
+    assert state == "Failed" and "silent" in reason  # the heartbeat timeout, not the transfer timeout
     counts = prefill[0].call("counts")
     assert counts["live_rooms"] == 0 and counts["inflight_handles"] == 0 and counts["free_aux_slots"] == 8
     assert prefill[0].call("close") == {"inflight_handles": 0, "registrations": 0, "peers": 0}
@@ -335,3 +335,114 @@ def test_unreachable_bootstrap_and_mismatched_pages_are_clear_errors(cleanup: li
                       KVTimeouts(http_s=0.3))
     assert decode.counts()["live_rooms"] == 0
     assert decode.close() == {"inflight_handles": 0, "registrations": 0, "peers": 0}
+
+
+# --- protocol edge cases: both ranks in this process (Mooncake: an engine is made in milliseconds) -------
+
+
+def run_until(ranks: list[Any], done: Any, timeout_s: float = 5) -> None:
+    """Step every in-process rank until `done()` holds (a bounded wait)."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        for rank in ranks:
+            rank.step()
+        time.sleep(0.001)
+
+
+def in_process_pair(cleanup: list[Any], timeouts: KVTimeouts = TIMEOUTS) -> tuple[BootstrapService, PrefillRank, DecodeRank]:
+    kind = "mooncake"
+    _skip_without(kind)
+    service = BootstrapService(ParallelLayout(1))
+    cleanup.append(service)
+    prefill = PrefillRank(kind, RankInfo(0, 1), service.address, SHAPE, timeouts, OPTIONS[kind])
+    cleanup.append(prefill)
+    (decode,) = [DecodeRank(kind, RankInfo(0, 1), SHAPE, timeouts, OPTIONS[kind])]
+    cleanup.append(decode)
+    return service, prefill, decode
+
+
+def test_chunks_sent_before_the_decode_side_asks_are_queued_then_written(cleanup: list[Any]) -> None:
+    service, prefill, decode = in_process_pair(cleanup)
+    decode.start(service.host, service.port, 7, None, 1)  # looked up, no pages reserved yet
+    prefill.start(7, CHUNKS, (42, -1.0))
+    run_until([prefill], lambda: not prefill.plans[7])  # every chunk and the aux handed over
+    assert prefill.senders[7].poll() is KVPoll.Bootstrapping and prefill.senders[7].is_dummy is None
+    decode.receivers[7].init(DST_PAGES, 1)
+    run_until([prefill, decode], lambda: decode.result(7) is not None)
+    assert decode.result(7) == ("Success", None, (42, -1.0)) and prefill.result(7) == ("Success", None)
+    check_destination(decode, {d: (0, s) for s, d in zip(SRC_PAGES, DST_PAGES, strict=True)})
+    assert prefill.counts()["live_rooms"] == 0 and decode.counts()["live_rooms"] == 0
+
+
+def test_chunk_beyond_the_decode_pages_fails_both_sides_clearly(cleanup: list[Any]) -> None:
+    service, prefill, decode = in_process_pair(cleanup)
+    decode.start(service.host, service.port, 8, DST_PAGES[:3], 0)
+    prefill.start(8, [(SRC_PAGES[:4], 0)], (1, 0.0))
+    run_until([prefill, decode], lambda: decode.result(8) is not None and prefill.result(8) is not None)
+    state, reason = prefill.result(8)
+    assert state == "Failed" and "does not fit the 3 pages" in reason
+    assert decode.result(8)[0] == "Failed" and "does not fit" in decode.result(8)[1]
+    assert prefill.counts() == {"live_rooms": 0, "inflight_handles": 0, "registrations": 2, "free_aux_slots": 8}
+
+
+def test_bootstrap_waits_are_bounded_on_both_sides(cleanup: list[Any]) -> None:
+    short = KVTimeouts(bootstrap_s=0.3, transfer_s=8, heartbeat_interval_s=0.1, peer_timeout_s=1.0, fence_s=1.0)
+    service, prefill, decode = in_process_pair(cleanup, short)
+    prefill.start(9, CHUNKS, (1, 0.0))  # the decode side never asks
+    decode.start(service.host, service.port, 10, None, 0)  # the decode worker never reserves pages
+    run_until([prefill, decode], lambda: prefill.result(9) is not None and decode.result(10) is not None)
+    assert prefill.result(9)[0] == "Failed" and "every decode rank to ask" in prefill.result(9)[1]
+    assert decode.result(10)[0] == "Failed" and "init" in decode.result(10)[1]
+    assert prefill.counts()["live_rooms"] == 0 and decode.counts()["live_rooms"] == 0
+
+
+def test_misuse_is_refused_with_clear_errors(cleanup: list[Any]) -> None:
+    service, prefill, decode = in_process_pair(cleanup)
+    decode.start(service.host, service.port, 11, DST_PAGES, 0)
+    with pytest.raises(ValueError, match="already has a receiver"):
+        decode.start(service.host, service.port, 11, DST_PAGES, 0)
+    with pytest.raises(RuntimeError, match="init called twice"):
+        decode.receivers[11].init(DST_PAGES, 0)
+    refused = decode.manager.create_receiver(service.host, service.port, 12)
+    decode.receivers[12] = refused
+    with pytest.raises(ValueError, match="out of range"):
+        refused.init([SHAPE.num_pages], 0)
+    sender = prefill.manager.create_sender(11)
+    with pytest.raises(ValueError, match="already has a sender"):
+        prefill.manager.create_sender(11)
+    with pytest.raises(ValueError, match="names a page twice"):
+        sender.send([1, 1], 0)
+    sender.send(SRC_PAGES, 0, last=True)
+    with pytest.raises(RuntimeError, match="after the last chunk"):
+        sender.send([1], 0)
+    with pytest.raises(RuntimeError, match="aux data is only there after Success"):
+        decode.receivers[11].aux()
+    sender.send_aux(5, 0.0)
+    run_until([decode], lambda: sender.poll().is_terminal and decode.result(11) is not None)
+    assert decode.result(11)[:2] == ("Success", None)
+    decode.abort(12)
+    run_until([decode], lambda: decode.result(12) is not None)
+    assert decode.counts()["live_rooms"] == 0 and prefill.counts()["live_rooms"] == 0
+
+
+def test_restarted_prefill_rank_fails_its_old_rooms_and_is_looked_up_again(cleanup: list[Any]) -> None:
+    service, prefill, decode = in_process_pair(cleanup)
+    decode.start(service.host, service.port, 13, DST_PAGES, 0)
+    prefill.start(13, CHUNKS, (13, 0.0))
+    run_until([prefill, decode], lambda: decode.result(13) is not None)
+    assert decode.result(13)[0] == "Success"
+    prefill.close()  # the rank goes away; a new process takes its place (new session, new endpoint)
+    restarted = PrefillRank("mooncake", RankInfo(0, 1), service.address, SHAPE, TIMEOUTS, OPTIONS["mooncake"])
+    cleanup.append(restarted)
+    decode.start(service.host, service.port, 14, DST_PAGES, 1)  # still the cached lookup: the old rank
+    run_until([decode], lambda: decode.result(14) is not None, timeout_s=TIMEOUTS.transfer_s)
+    assert decode.result(14)[0] == "Failed" and "silent" in decode.result(14)[1]
+    decode.start(service.host, service.port, 15, DST_PAGES, 2)  # looked up afresh
+    restarted.start(15, CHUNKS, (15, 0.0))
+    run_until([restarted, decode], lambda: decode.result(15) is not None)
+    assert decode.result(15) == ("Success", None, (15, 0.0))
+    assert restarted.counts()["live_rooms"] == 0 and decode.counts()["live_rooms"] == 0
+    for rank in (restarted, decode):
+        assert rank.close() == {"inflight_handles": 0, "registrations": 0, "peers": 0}
+    assert not [t for t in threading.enumerate() if t.name.startswith("kv-control")]  # every manager joined
