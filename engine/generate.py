@@ -5,6 +5,10 @@
 
 ``--prompt-token-ids`` takes a JSON list of token-id lists. With ``--json`` it prints
 ``{"outputs": [{"token_ids": [...], "text": "..."}]}`` in prompt order (generated ids only).
+
+Multi-rank: ``--tp N [--dp M] [--ep-backend auto|a2a|local]`` runs an instance of N rank processes
+(``engine.runtime``); across nodes add ``--nnodes K --node-rank I --dist-init-addr HOST:PORT`` on every
+node (node 0 prints the outputs, the others run their ranks headless).
 """
 
 from __future__ import annotations
@@ -36,6 +40,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--num-pages", type=int, default=None)
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    par = parser.add_argument_group("multi-rank instance")
+    par.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1, help="ranks (processes) of the instance")
+    par.add_argument("--dp", "--dp-size", dest="dp", type=int, default=1,
+                     help="attention data-parallel groups (attn_tp = tp / dp)")
+    par.add_argument("--ep-backend", default="auto", choices=["auto", "a2a", "local", "deepep"],
+                     help="MoE dispatch/combine across ranks (auto: a2a when tp > 1)")
+    par.add_argument("--nnodes", type=int, default=1)
+    par.add_argument("--node-rank", type=int, default=0)
+    par.add_argument("--dist-init-addr", default=None, help="host:port of node 0 (needed with --nnodes > 1)")
     return parser.parse_args(argv)
 
 
@@ -62,13 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
-        llm = LLM(args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
-                  num_pages=args.num_pages, load_format=args.load_format)
-        try:
-            outputs = llm.generate(prompts, params)
-        finally:
-            llm.close()
-    except (ValueError, OSError) as exc:
+        if args.tp > 1 or args.nnodes > 1 or args.ep_backend not in ("auto", "local"):
+            from engine.multirank_generate import generate_multirank  # spawns rank processes
+
+            outputs = generate_multirank(args, prompts, params)
+            if outputs is None:  # a headless node: node 0 prints
+                return 0
+        else:
+            llm = LLM(args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
+                      num_pages=args.num_pages, load_format=args.load_format)
+            try:
+                outputs = llm.generate(prompts, params)
+            finally:
+                llm.close()
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -7,11 +7,14 @@ without bootstrap fields (the router's conditional disaggregation sends short pr
 from __future__ import annotations
 
 import logging
+import os
+import random
 from dataclasses import dataclass
 
 import torch
 
 from ..config import ModelConfig
+from ..ep_moe import ExpertParallelMoE
 from ..kv_pool import KVPool
 from ..llm import resolve_dtype
 from ..model import DeepseekForCausalLM
@@ -21,6 +24,7 @@ from ..scheduler import Request, Scheduler, StepResult
 from ..server.messages import GenerateRequest, SamplingSpec, TokenOutput
 from ..weights import load_model
 from .launch import RankContext
+from .lockstep import LockstepStepper
 from .rank_loop import least_loaded, run_rank
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ class EngineArgs:
     max_total_tokens: int = 65536
     max_prefill_tokens: int = 8192
     max_running: int = 256
+    ep_backend: str = "auto"  # "auto" (a2a over several ranks, local on one), "a2a", "local"
 
 
 @dataclass
@@ -47,6 +52,7 @@ class RankEngine:
     model: DeepseekForCausalLM
     kv_pool: KVPool
     parallel: ParallelContext
+    moe: ExpertParallelMoE | None = None  # expert-parallel MoE layers and their load statistics
 
 
 def parallel_context_for(ctx: RankContext) -> ParallelContext:
@@ -60,14 +66,23 @@ def parallel_context_for(ctx: RankContext) -> ParallelContext:
 
 def build_rank_engine(ctx: RankContext, args: EngineArgs) -> RankEngine:
     device = torch.device(ctx.device)
+    if device.type == "cpu" and ctx.spec.ranks_per_node > 1:
+        # Ranks share the node's cores: more threads than cores makes OpenMP spin-wait against the
+        # other ranks (3x the CPU time for the same tokens, measured with 4 ranks on 2 cores).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.spec.ranks_per_node))
     config = ModelConfig.from_dir(args.model_dir)
+    from .groups import resolve_ep_backend, validate_model_layout
+
+    backend = resolve_ep_backend(args.ep_backend, ctx.spec)
+    validate_model_layout(config, ctx.spec, backend)  # LayoutError naming the clashing numbers
     dtype = resolve_dtype(args.dtype, device)
     parallel = parallel_context_for(ctx)
     model = DeepseekForCausalLM(config, parallel, dtype=dtype, device=device)
     load_model(model, args.model_dir, args.load_format, args.seed)
+    moe = ExpertParallelMoE(model, backend) if config.n_routed_experts else None
     num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
     pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, dtype, device)
-    return RankEngine(config, model, pool, parallel)
+    return RankEngine(config, model, pool, parallel, moe)
 
 
 def to_sampling_params(spec: SamplingSpec) -> SamplingParams:
@@ -99,6 +114,11 @@ class ColocatedRunner:
                                    engine.config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._pending: list[TokenOutput] = []
+        parallel = engine.parallel
+        # The work flag is control traffic: a gloo group even when the model's collectives use NCCL.
+        control = (torch.distributed.new_group(backend="gloo")
+                   if parallel.dp_size > 1 and engine.model.device.type == "cuda" else None)
+        self.stepper = LockstepStepper(self.scheduler, engine.model, parallel, engine.moe, control)
 
     def add(self, request: GenerateRequest) -> None:
         try:
@@ -120,15 +140,17 @@ class ColocatedRunner:
 
     def step(self) -> list[TokenOutput]:
         outs, self._pending = self._pending, []
-        if not self.scheduler.has_work():
-            return outs
-        result = self.scheduler.step()
+        result = self.stepper.step()  # on every rank, also those without work (MoE collectives)
         outs.extend(outputs_of(result, {}))
         for req in result.finished:
             self.requests.pop(req.request_id, None)
         return outs
 
     def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:
+        if request.sampling.seed is None and request.sampling.temperature > 0:
+            # Rank 0 draws the seed before the broadcast, so every rank of the DP group samples the same
+            # token; unseeded per-rank generators would diverge and desynchronise the group.
+            request.sampling.seed = random.getrandbits(63)
         return least_loaded(loads)
 
     def status_counts(self) -> dict[str, int]:
@@ -139,6 +161,9 @@ class ColocatedRunner:
         for req in list(self.requests.values()):
             self.scheduler.abort(req)
         self.requests.clear()
+        self.stepper.close()
+        if self.engine.moe is not None:
+            self.engine.moe.close()
         self.engine.kv_pool.close()
 
 

@@ -1,0 +1,143 @@
+"""Expert parallelism for the model's MoE layers: ``kernels.ep.Dispatcher`` behind the engine's
+``Dispatcher`` seam (``engine.moe``), plus the idle forward of a DP group with no work.
+
+Tokens inside an attention-DP group are replicated on its ``attn_tp`` ranks after attention. Before
+dispatch each rank keeps only its contiguous share of them (so every token is sent once from its group),
+and after combine the shares are all-gathered back inside the group. Routing counts are recorded per
+layer from that share, so the sum over all ranks counts each token once.
+
+Modes: high-throughput (any token count; prefill and colocated serving) or low-latency (at most
+``max_tokens_per_rank`` tokens per rank per forward, fixed shapes; decode instances). In low-latency mode
+the masked layout is shown to ``kernels.moe_forward`` as one row per (expert, slot) routed to that
+expert with weight 1, and the routing weights are applied by ``low_latency_combine`` on the source rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engine.model import DeepseekForCausalLM
+from engine.moe import DispatchedTokens, MoEBlock
+from engine.parallel import ParallelContext
+from kernels.ep import Dispatcher as EPDispatcher
+from kernels.ep import DispatchHandle, LowLatencyHandle
+from kernels.ep_stats import ExpertLoadRecorder
+
+
+def share_bounds(num_tokens: int, parts: int, index: int) -> tuple[int, int]:
+    """``[start, end)`` of share ``index`` when ``num_tokens`` rows are cut into ``parts`` contiguous shares."""
+    base, extra = divmod(num_tokens, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+@dataclass
+class _Pending:
+    """What combine needs besides the kernel's handle."""
+
+    handle: DispatchHandle | LowLatencyHandle
+    num_tokens: int  # rows of the DP group's batch (before taking this rank's share)
+    topk_ids: torch.Tensor | None = None  # low-latency only: this share's routing
+    topk_weights: torch.Tensor | None = None
+
+
+class ExpertParallelDispatcher:
+    """One MoE layer's view of the instance-wide EP dispatcher (the engine's ``Dispatcher`` protocol)."""
+
+    def __init__(self, ep: EPDispatcher, pctx: ParallelContext, layer_id: int,
+                 recorder: ExpertLoadRecorder | None) -> None:
+        self.ep, self.pctx, self.layer_id, self.recorder = ep, pctx, layer_id, recorder
+        self.low_latency = ep.mode == "low_latency"
+
+    def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> DispatchedTokens:
+        start, end = share_bounds(hidden.shape[0], self.pctx.attn_tp_size, self.pctx.attn_tp_rank)
+        x, ids, weights = hidden[start:end], topk_ids[start:end], topk_weights[start:end]
+        if self.recorder is not None:
+            self.recorder.record(self.layer_id, ids)
+        if not self.low_latency:
+            out = self.ep.dispatch(x, ids, weights)
+            return DispatchedTokens(out.recv_x, out.recv_topk_ids, out.recv_topk_weights,
+                                    _Pending(out.handle, hidden.shape[0]))
+        ll = self.ep.low_latency_dispatch(x, ids)
+        local, capacity = ll.recv_x.shape[:2]
+        # Row (e, j) of the masked layout belongs to local expert e while j < count[e], else to none.
+        slot = torch.arange(capacity, device=x.device)
+        row_expert = torch.where(slot.view(1, -1) < ll.recv_count.view(-1, 1),
+                                 torch.arange(local, device=x.device).view(-1, 1), -1)
+        rows = ll.recv_x.reshape(local * capacity, -1)
+        ones = torch.ones(local * capacity, 1, dtype=torch.float32, device=x.device)
+        return DispatchedTokens(rows, row_expert.reshape(-1, 1), ones,
+                                _Pending(ll.handle, hidden.shape[0], ids, weights))
+
+    def combine(self, expert_out: torch.Tensor, dispatched: DispatchedTokens) -> torch.Tensor:
+        pending: _Pending = dispatched.handle
+        if self.low_latency:
+            assert pending.topk_ids is not None and pending.topk_weights is not None
+            assert isinstance(pending.handle, LowLatencyHandle)
+            y = expert_out.view(self.ep.num_local_experts, -1, expert_out.shape[-1])
+            share = self.ep.low_latency_combine(y, pending.topk_ids, pending.topk_weights, pending.handle)
+        else:
+            assert isinstance(pending.handle, DispatchHandle)
+            share = self.ep.combine(expert_out, pending.handle)
+        return self._gather_shares(share, pending.num_tokens)
+
+    def _gather_shares(self, share: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        size = self.pctx.attn_tp_size
+        if size == 1:
+            return share
+        longest = -(-num_tokens // size)
+        padded = torch.zeros(longest, share.shape[1], dtype=share.dtype, device=share.device)
+        padded[: share.shape[0]] = share
+        parts = [torch.empty_like(padded) for _ in range(size)]
+        dist.all_gather(parts, padded, group=self.pctx.attn_tp_group)
+        lengths = [end - start for start, end in (share_bounds(num_tokens, size, i) for i in range(size))]
+        return torch.cat([part[:n] for part, n in zip(parts, lengths, strict=True)])
+
+
+class ExpertParallelMoE:
+    """Owns the EP dispatcher and load recorder of one model; ``close()`` releases the dispatcher.
+
+    Args:
+        model: built with the rank's ``ParallelContext``; its MoE layers are switched to expert parallelism.
+        backend: ``"a2a"`` (torch.distributed over the instance's TP group) or ``"local"`` (one rank).
+        mode: ``"high_throughput"`` or ``"low_latency"``.
+        max_tokens_per_rank: low-latency budget: the most tokens one DP group forwards at once.
+        record_window: steps of routing counts kept for EPLB.
+    """
+
+    def __init__(self, model: DeepseekForCausalLM, backend: str = "a2a", mode: str = "high_throughput",
+                 max_tokens_per_rank: int = 0, record_window: int = 1000) -> None:
+        config, pctx = model.config, model.ctx
+        self.model = model
+        self.moe_layers = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoEBlock)]
+        # The whole DP group's batch may land on one rank's share when it is smaller than attn_tp.
+        budget = max_tokens_per_rank if mode == "low_latency" else 0
+        self.ep = EPDispatcher(config.n_routed_experts, config.hidden_size, group=pctx.tp_group,
+                               backend=backend, mode=mode, num_max_dispatch_tokens_per_rank=budget,
+                               dtype=model.dtype, device=model.device)
+        if self.ep.ep_size != pctx.ep_size:
+            self.ep.close()
+            raise ValueError(f"the EP group has {self.ep.ep_size} ranks, the model expects {pctx.ep_size}")
+        self.recorder = ExpertLoadRecorder(config.num_hidden_layers, config.n_routed_experts, record_window,
+                                           model.device)
+        for layer in model.model.layers:
+            if isinstance(layer.mlp, MoEBlock):
+                layer.mlp.dispatcher = ExpertParallelDispatcher(self.ep, pctx, layer.layer_id, self.recorder)
+
+    @torch.inference_mode()
+    def idle_forward(self) -> None:
+        """A DP group with no tokens still enters every MoE layer's collectives, in layer order."""
+        model = self.model
+        empty = torch.empty(0, model.config.hidden_size, dtype=model.dtype, device=model.device)
+        for block in self.moe_layers:
+            block(empty)
+
+    def end_step(self) -> None:
+        self.recorder.end_step()
+
+    def close(self) -> None:
+        self.ep.close()

@@ -1,0 +1,72 @@
+"""The process groups of one instance, built from a rank's ``RankContext``, and the start-up check
+that a model fits a parallel layout.
+
+Ranks ``[g * attn_tp, (g + 1) * attn_tp)`` form attention-DP group ``g`` (DESIGN.md's vocabulary). Every
+rank must create every group, in the same order (``torch.distributed.new_group`` is a collective), even
+the groups it is not in.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from engine.config import ModelConfig
+from engine.parallel import ParallelContext
+from engine.runtime.launch import InstanceSpec, LayoutError, RankContext
+
+EP_BACKENDS = ("a2a", "local")
+
+
+def resolve_ep_backend(name: str, spec: InstanceSpec) -> str:
+    """``auto`` is ``a2a`` across several ranks and ``local`` on one; ``deepep`` is not wired in yet."""
+    if name == "auto":
+        return "a2a" if spec.tp_size > 1 else "local"
+    if name == "deepep":
+        raise LayoutError("--ep-backend deepep is not available yet (kernels.ep reserves its slot); use a2a")
+    if name not in EP_BACKENDS:
+        raise LayoutError(f"unknown --ep-backend {name!r}; choose one of auto, {', '.join(EP_BACKENDS)}")
+    return name
+
+
+def build_parallel_context(ctx: RankContext) -> ParallelContext:
+    """This rank's ``ParallelContext``: the whole instance as the TP/EP group, its DP group's ranks as the
+    attention-TP group. Needs torch.distributed initialised (the launcher does it)."""
+    spec = ctx.spec
+    if spec.tp_size == 1:
+        return ParallelContext.single()
+    attn_tp = spec.attn_tp_size
+    attn_groups = [dist.new_group(list(range(g * attn_tp, (g + 1) * attn_tp))) for g in range(spec.dp_size)]
+    return ParallelContext(
+        tp_rank=ctx.rank,
+        tp_size=spec.tp_size,
+        dp_size=spec.dp_size,
+        tp_group=dist.group.WORLD,
+        attn_tp_group=attn_groups[ctx.dp_rank] if attn_tp > 1 else None,
+    )
+
+
+def validate_model_layout(config: ModelConfig, spec: InstanceSpec, ep_backend: str) -> None:
+    """Refuses a layout the model cannot be split over, naming every pair of numbers that clash."""
+    if ep_backend not in EP_BACKENDS:
+        raise LayoutError(f"unknown --ep-backend {ep_backend!r}; choose one of {EP_BACKENDS}")
+    attn_tp, tp = spec.attn_tp_size, spec.tp_size
+    clashes = []
+    if config.num_attention_heads % attn_tp:
+        clashes.append(f"num_attention_heads ({config.num_attention_heads}) is not divisible by attn_tp "
+                       f"({attn_tp} = tp {tp} / dp {spec.dp_size})")
+    dense = [("intermediate_size", config.intermediate_size)]
+    if config.n_routed_experts:
+        if config.n_routed_experts % tp:
+            clashes.append(f"n_routed_experts ({config.n_routed_experts}) is not divisible by tp ({tp}): "
+                           "experts are split evenly over every rank")
+        if config.n_shared_experts:
+            dense.append(("shared experts' intermediate size",
+                          config.moe_intermediate_size * config.n_shared_experts))
+    for name, size in dense:
+        if size % attn_tp:
+            clashes.append(f"{name} ({size}) is not divisible by attn_tp ({attn_tp})")
+    if ep_backend == "local" and tp > 1:
+        clashes.append(f"--ep-backend local holds every expert on one rank, so it needs tp 1 (got tp {tp}); "
+                       "use --ep-backend a2a")
+    if clashes:
+        raise LayoutError("; ".join(clashes))

@@ -1,0 +1,121 @@
+"""Offline generation on a multi-rank instance: what ``python -m engine.generate --tp N --dp M`` runs.
+
+Node 0 starts its ranks with the colocated runner, submits every prompt through a ``RankBridge`` (rank 0
+spreads them over the DP groups, least-loaded first) and collects the outputs in prompt order. Other
+nodes (``--node-rank > 0``) start their ranks headless and wait for them to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from ..config import ModelConfig
+from ..sampling import SamplingParams
+from ..server.messages import GenerateRequest, SamplingSpec
+from .bridge import RankBridge
+from .colocated import EngineArgs, colocated_entry
+from .groups import resolve_ep_backend, validate_model_layout
+from .launch import InstanceSpec, launch
+
+log = logging.getLogger(__name__)
+
+
+class InstanceError(RuntimeError):
+    """The instance failed (a rank died, or a request was refused); the message says why."""
+
+
+@dataclass
+class RankOutput:
+    """One prompt's generated ids and why it stopped."""
+
+    token_ids: list[int]
+    finish_reason: str
+
+
+def check_layout(spec: InstanceSpec, args: EngineArgs) -> None:
+    """Start-up validation in the launching process, before any rank is spawned (LayoutError)."""
+    config = ModelConfig.from_dir(args.model_dir)
+    validate_model_layout(config, spec, resolve_ep_backend(args.ep_backend, spec))
+
+
+def _sampling_spec(params: SamplingParams) -> SamplingSpec:
+    return SamplingSpec(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
+                        max_new_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids),
+                        ignore_eos=params.ignore_eos)
+
+
+async def _generate(spec: InstanceSpec, args: EngineArgs, prompts: list[list[int]],
+                    params: list[SamplingParams], timeout_s: float, show_progress: bool) -> list[RankOutput]:
+    from ..server.serve import zmq_addresses
+
+    inbox, outbox = zmq_addresses(spec)
+    bridge = RankBridge(inbox, outbox, num_dp_groups=spec.dp_size)
+    loop = asyncio.get_running_loop()
+
+    def on_death(reason: str) -> None:
+        loop.call_soon_threadsafe(bridge.fail_all, reason)
+
+    procs = launch(spec, colocated_entry, inbox, outbox, {"engine": args}, on_death)
+    bar = tqdm(total=sum(p.max_new_tokens for p in params), unit="tok", desc="generate", disable=not show_progress)
+
+    async def one(i: int) -> RankOutput:
+        request = GenerateRequest(rid=str(i), input_ids=prompts[i], sampling=_sampling_spec(params[i]))
+        tokens: list[int] = []
+        async for out in bridge.submit(request):
+            if out.error is not None:
+                raise InstanceError(f"prompt {i}: {out.error}")
+            tokens.extend(out.token_ids)
+            bar.update(len(out.token_ids))
+            if out.finished:
+                return RankOutput(tokens, out.finish_reason or "abort")
+        raise InstanceError(f"prompt {i}: the instance ended its output stream early")
+
+    started = time.monotonic()
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(len(prompts)))), timeout_s)
+    except TimeoutError as exc:
+        raise InstanceError(f"generation did not finish within {timeout_s:.0f}s") from exc
+    finally:
+        bar.close()
+        procs.stop()
+        bridge.close()
+    generated = sum(len(r.token_ids) for r in results)
+    log.info("%d prompts, %d tokens in %.1fs on tp=%d dp=%d", len(prompts), generated, time.monotonic() - started,
+             spec.tp_size, spec.dp_size)
+    return results
+
+
+def generate_on_ranks(spec: InstanceSpec, args: EngineArgs, prompts: list[list[int]],
+                      params: SamplingParams | list[SamplingParams], timeout_s: float = 600.0,
+                      show_progress: bool = False) -> list[RankOutput]:
+    """Runs every prompt on a fresh instance of ``spec`` (node 0) and returns outputs in prompt order.
+
+    Raises LayoutError before spawning anything when the model cannot be split over the layout, and
+    InstanceError when a rank dies or a prompt is refused (the instance is stopped either way).
+    """
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+    if len(per_prompt) != len(prompts):
+        raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+    if spec.node_rank != 0:
+        raise ValueError("only node 0 submits prompts; other nodes run run_headless_node()")
+    check_layout(spec, args)
+    return asyncio.run(_generate(spec, args, prompts, per_prompt, timeout_s, show_progress))
+
+
+def run_headless_node(spec: InstanceSpec, args: EngineArgs) -> str | None:
+    """Starts this node's ranks and waits until they end; returns why they ended (None = stopped cleanly)."""
+    from ..server.serve import zmq_addresses
+
+    check_layout(spec, args)
+    inbox, outbox = zmq_addresses(spec)
+    procs = launch(spec, colocated_entry, inbox, outbox, {"engine": args})
+    try:
+        procs.wait()
+    finally:
+        procs.stop()
+    return procs.death_reason
