@@ -44,6 +44,9 @@ class EngineArgs:
     max_prefill_tokens: int = 8192
     max_running: int = 256
     ep_backend: str = "auto"  # "auto" (a2a over several ranks, local on one), "a2a", "local"
+    # "high_throughput" or "low_latency" (fixed buffers sized for the largest forward: keep
+    # max_prefill_tokens small, or use it where only decode batches run).
+    ep_mode: str = "high_throughput"
 
 
 @dataclass
@@ -79,7 +82,11 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs) -> RankEngine:
     parallel = parallel_context_for(ctx)
     model = DeepseekForCausalLM(config, parallel, dtype=dtype, device=device)
     load_model(model, args.model_dir, args.load_format, args.seed)
-    moe = ExpertParallelMoE(model, backend) if config.n_routed_experts else None
+    moe = None
+    if config.n_routed_experts:
+        # The most tokens one rank dispatches: its share of the largest forward of its DP group.
+        largest_share = -(-max(args.max_prefill_tokens, args.max_running) // parallel.attn_tp_size)
+        moe = ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share)
     num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
     pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, dtype, device)
     return RankEngine(config, model, pool, parallel, moe)
