@@ -270,8 +270,10 @@ async def _wait_ready(port: int, timeout_s: float = 30.0) -> bool:
 
 async def _bench(args: argparse.Namespace) -> dict:
     cpus = sorted(os.sched_getaffinity(0))
+    # Router alone on one core; mocks and load generator on others (one each when there are enough).
     router_cpu, other_cpu = cpus[0], cpus[-1]
-    os.sched_setaffinity(0, {other_cpu})  # load generator shares the mocks' core, not the router's
+    load_cpu = cpus[-2] if len(cpus) >= 3 else other_cpu
+    os.sched_setaffinity(0, {load_cpu})
     p_port, d_port = _free_port(), _free_port()
     mocks = subprocess.Popen([sys.executable, __file__, "--serve-mocks", str(p_port), str(d_port)],
                              stdout=subprocess.PIPE, preexec_fn=_pin(other_cpu), cwd=ROOT)
@@ -325,7 +327,8 @@ async def _bench(args: argparse.Namespace) -> dict:
         mocks.wait()
     return {
         "settings": {"duration_s": args.duration, "concurrency": args.concurrency, "tokens_per_stream": TOKENS,
-                     "token_gap_ms": TOKEN_GAP_S * 1e3, "router_cpu": router_cpu, "clk_tck": CLK_TCK,
+                     "token_gap_ms": TOKEN_GAP_S * 1e3, "router_cpu": router_cpu, "mock_cpu": other_cpu,
+                     "load_cpu": load_cpu, "clk_tck": CLK_TCK,
                      "cpus": os.cpu_count()},
         "skipped": skipped,
         "cells": [asdict(c) for c in cells],

@@ -21,7 +21,7 @@ from aiohttp import web
 from router.config import Role
 from router.errors import RouterError, error_body, is_openai_error
 from router.inbound import InboundRequest, abort_rids, worker_body
-from router.upstream import UpstreamConnection, UpstreamError, UpstreamTimeout, build_request
+from router.upstream import StaleConnection, UpstreamConnection, UpstreamError, UpstreamTimeout, build_request
 
 if TYPE_CHECKING:
     from router.state import RouterState
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("router.proxy")
 _RETRY_STATUSES = (502, 503, 504)
 _ROOM_BITS = 63
+_CLIENT_HIGH_WATER = 1 << 20  # bytes queued for a client before relaying pauses
+_CLIENT_LOW_WATER = 256 << 10
 
 
 class PrefillFailed(UpstreamError):
@@ -54,20 +56,34 @@ class _Retry(Exception):
 
 
 class PrefillJob:
-    """The prefill half of a PD request, running in its own task alongside the decode half."""
+    """The prefill half of a PD request, sent beside the decode half.
+
+    With a kept-alive connection at hand (the common case) the request is written at once and its
+    answer handled in protocol callbacks: no task, no future. Only a new connection (or a resend
+    after a stale keep-alive one) needs a task to wait for the connect.
+    """
 
     def __init__(self, state: RouterState, worker: Worker, request: bytes, deadline: float, rids: list[str]):
         self._state = state
         self.worker = worker
+        self._request = request
+        self._deadline = deadline
         self._rids = rids
         self.failure: UpstreamError | None = None
         self._decode_conn: UpstreamConnection | None = None
         self._decode_exchange = 0
         self.committed = False  # decode's bytes reached the client: prefill errors no longer matter
+        self._done = False
         self._conn: UpstreamConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._resent = False
         worker.in_flight += 1
         worker.stats.requests += 1
-        self._task = asyncio.get_running_loop().create_task(self._run(request, deadline))
+        conn = state.pool.take_idle(worker.host, worker.port)
+        if conn is not None:
+            self._send_on(conn)
+        else:
+            self._connect_in_task(fresh=False)
 
     def watch(self, conn: UpstreamConnection) -> None:
         """`on_connection` hook of the decode request: lets a prefill failure abort decode's wait."""
@@ -76,34 +92,54 @@ class PrefillJob:
         self._decode_conn = conn
         self._decode_exchange = conn.exchange + 1  # the exchange about to be sent on it
 
-    def _keep_conn(self, conn: UpstreamConnection) -> None:
+    def _send_on(self, conn: UpstreamConnection) -> None:
         self._conn = conn
-
-    async def _run(self, request: bytes, deadline: float) -> None:
-        state, w = self._state, self.worker
-        finished = False
         try:
-            conn = await state.pool.request(w.host, w.port, request, deadline, self._keep_conn)
-            if conn.status >= 400:
-                body = await conn.read_all()
-                finished = True
-                self._fail(PrefillFailed(conn.status, body, conn.content_type()))
-                return
-            while await conn.read_chunk():
-                pass  # prefill's own answer carries nothing the client needs; read it to reuse the socket
-            finished = True
-            if w.consecutive_failures:
-                state.registry.record_success(w)
+            conn.send_sink(self._request, self._deadline, self._on_answer)
+        except StaleConnection as exc:
+            conn.close()
+            self._on_answer(0, b"", "", exc)
+
+    def _connect_in_task(self, fresh: bool) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._connect_then_send(fresh))
+
+    async def _connect_then_send(self, fresh: bool) -> None:
+        w = self.worker
+        try:
+            conn = await self._state.pool.connect(w.host, w.port, fresh=fresh)
         except UpstreamError as exc:
+            self._on_answer(0, b"", "", exc)
+            return
+        if self._done:  # aborted while connecting: the unused connection simply closes
+            conn.close()
+            return
+        self._send_on(conn)
+
+    def _on_answer(self, status: int, body: bytes, content_type: str, exc: BaseException | None) -> None:
+        if self._done:
+            return
+        if isinstance(exc, StaleConnection) and not self._resent:
+            self._resent = True  # the worker had just closed that idle connection: resend on a new one
+            self._connect_in_task(fresh=True)
+            return
+        self._done = True
+        self._conn = None
+        state, w = self._state, self.worker
+        if exc is not None:
             if not isinstance(exc, UpstreamTimeout):
                 state.registry.record_failure(w, state.config.health_failure_threshold, str(exc))
             self._fail(PrefillUnreachable(f"prefill {w.url}: {exc}"))
-        finally:
-            if not finished and self._conn is not None:
-                self._conn.close()  # cancelled or failed mid-exchange: the worker sees the disconnect
-            w.in_flight -= 1
-            if w.draining:
-                state.registry.release_if_drained(w)
+        elif status >= 400:
+            self._fail(PrefillFailed(status, body, content_type))
+        elif w.consecutive_failures:
+            state.registry.record_success(w)
+        self._release_worker()
+
+    def _release_worker(self) -> None:
+        w = self.worker
+        w.in_flight -= 1
+        if w.draining:
+            self._state.registry.release_if_drained(w)
 
     def _fail(self, exc: UpstreamError) -> None:
         self.failure = exc
@@ -113,9 +149,16 @@ class PrefillJob:
 
     def abort(self) -> None:
         """Decode gave up or the client left: stop the prefill side as well."""
-        if not self._task.done():
-            self._task.cancel()  # its `finally` closes the connection
-            self._state.send_abort(self.worker, self._rids)
+        if self._done:
+            return
+        self._done = True
+        if self._task is not None:
+            self._task.cancel()
+        if self._conn is not None:
+            self._conn.close()  # the worker sees the disconnect
+            self._conn = None
+        self._release_worker()
+        self._state.send_abort(self.worker, self._rids)
 
 
 class Proxy:
@@ -268,11 +311,30 @@ class Proxy:
             },
         )
         await resp.prepare(request)
-        chunk = first
         try:
-            while chunk:
-                await resp.write(chunk)
-                chunk = await conn.read_chunk()
+            if first:
+                await resp.write(first)  # through aiohttp: sends the buffered head with it
+            transport = request.transport
+            if transport is None:
+                raise ConnectionResetError("client went away")
+
+            # aiohttp chose the framing in prepare(): chunked for HTTP/1.1, raw until close for HTTP/1.0.
+            chunked = "chunked" in resp.headers.get("Transfer-Encoding", "")
+
+            def write(data: bytes) -> None:
+                # Written straight to the client socket from the upstream socket's callback: one
+                # syscall per upstream read and no task switch in between.
+                if not transport.is_closing():
+                    transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+
+            def congested() -> bool:
+                return transport.get_write_buffer_size() > _CLIENT_HIGH_WATER
+
+            while not await conn.relay(write, congested):
+                while transport.get_write_buffer_size() > _CLIENT_LOW_WATER:  # a slow client
+                    if transport.is_closing():
+                        raise ConnectionResetError("client went away")
+                    await asyncio.sleep(0.005)
         except UpstreamError as exc:
             # Headers are out: the error can only be told in the stream itself (as SGLang does).
             decode.stats.errors += 1

@@ -15,10 +15,14 @@ import asyncio
 import socket
 from collections import deque
 from collections.abc import Callable
+from typing import TypeAlias
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE, _DONE, _IDLE = range(9)
 _MAX_HEAD_BYTES = 64 * 1024
 _PAUSE_READING_AT = 1 << 20  # unread body bytes held per connection before reading from the socket pauses
+
+
+SinkCallback: TypeAlias = "Callable[[int, bytes, str, BaseException | None], None]"
 
 
 class UpstreamError(Exception):
@@ -58,6 +62,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._head = b""
         self._headers: dict[str, str] | None = None
         self.exchange = 0  # bumped per request sent: a stale holder cannot abort a later exchange
+        # Callback mode (see send_sink): called once with (status, body, content type, error).
+        self._sink: SinkCallback | None = None
+        # Relay mode (see relay): body bytes go straight to this writer from data_received.
+        self._relay: Callable[[bytes], None] | None = None
+        self._relay_congested: Callable[[], bool] = _never
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -89,6 +98,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._exc = StaleConnection("idle keep-alive connection closed by the worker")
             else:
                 self._exc = UpstreamError(f"worker closed the connection mid-response ({exc or 'EOF'})")
+        if self._sink is not None:
+            self._end_sink()
         self._wake()
 
     # -- parsing ----------------------------------------------------------------------------------
@@ -141,14 +152,25 @@ class UpstreamConnection(asyncio.Protocol):
             else:  # _DONE with bytes left over: a pipelining mistake by the worker
                 raise ValueError("bytes after the end of the response")
         self._buf = buf[pos:] if pos < n else b""
+        if self._sink is not None:
+            if out and self.status >= 400:
+                self._pieces.extend(out)  # an error body is kept for the callback; a 2xx one is dropped
+            if self._state == _DONE:
+                self._end_sink()
+            return
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
+            if self._relay is not None:
+                self._relay(data)
+                if self._state == _DONE or self._relay_congested():
+                    self._wake()
+                return
             self._pieces.append(data)
             self._pending_bytes += len(data)
             if self._pending_bytes > _PAUSE_READING_AT and not self._paused and self.transport is not None:
                 self._paused = True
                 self.transport.pause_reading()
-        if out or self._state != _HEAD:
+        if out or (self._state != _HEAD and (self._relay is None or self._state == _DONE)):
             self._wake()
 
     def _parse_head(self, head: bytes) -> None:
@@ -214,6 +236,32 @@ class UpstreamConnection(asyncio.Protocol):
             self._deadline = self._loop.call_at(deadline, self._on_deadline)
         self.transport.write(data)
 
+    def send_sink(self, data: bytes, deadline: float | None, callback: SinkCallback) -> None:
+        """Send a request whose answer nobody reads: a 2xx body is dropped as it arrives, and
+        `callback(status, body, content_type, error)` runs once when the answer is complete (body
+        kept only for an error status) or failed. No task or future is involved, which is what
+        the prefill half of a PD request needs (its answer only tells success or failure)."""
+        self._sink = callback
+        try:
+            self.send(data, deadline)
+        except BaseException:
+            self._sink = None
+            raise
+
+    def _end_sink(self) -> None:
+        callback, self._sink = self._sink, None
+        assert callback is not None
+        exc = self._exc
+        if exc is None and self._state != _DONE:
+            exc = UpstreamError("worker closed the connection mid-response")
+        status = self.status
+        body = b"".join(self._pieces)
+        self._pieces.clear()
+        content_type = self.content_type() if self._head else ""
+        if exc is None:
+            self._finish()  # back to the pool (keep-alive) before the callback may reuse it
+        callback(status, body, content_type, exc)
+
     async def read_head(self) -> None:
         while self._state == _HEAD:
             await self._wait()
@@ -238,6 +286,33 @@ class UpstreamConnection(asyncio.Protocol):
             if self._state == _IDLE:
                 return b""  # already finished and handed back to the pool
             await self._wait()
+
+    async def relay(self, write: Callable[[bytes], None], congested: Callable[[], bool]) -> bool:
+        """Hand body bytes to `write` straight from the protocol callback as they arrive (no task
+        switch per chunk) until the answer ends (True) or `congested()` says the destination is
+        backed up (False: the caller waits for it to drain, then calls relay again)."""
+        if self._pieces:
+            data = b"".join(self._pieces)
+            self._pieces.clear()
+            self._pending_bytes = 0
+            write(data)
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        while True:
+            if self._exc is not None:
+                raise self._exc
+            if self._state == _DONE or self._state == _IDLE:
+                if self._state == _DONE:
+                    self._finish()
+                return True
+            if congested():
+                return False
+            self._relay, self._relay_congested = write, congested
+            try:
+                await self._wait()
+            finally:
+                self._relay, self._relay_congested = None, _never
 
     async def read_all(self) -> bytes:
         parts = []
@@ -285,6 +360,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self._exc is None:
             self._exc = exc
         self.close()
+        if self._sink is not None:
+            self._end_sink()
         self._wake()
 
     def _on_deadline(self) -> None:
@@ -326,19 +403,28 @@ class UpstreamPool:
     def idle_connections(self) -> int:
         return sum(len(v) for v in self._idle.values())
 
+    def take_idle(self, host: str, port: int) -> UpstreamConnection | None:
+        """A kept-alive connection to (host, port), if one is idle and fresh enough (no waiting)."""
+        idle = self._idle.get((host, port))
+        if not idle or self._closed:
+            return None
+        now = asyncio.get_running_loop().time()
+        while idle:
+            since, conn = idle.pop()
+            if not conn.closed and now - since < self._idle_ttl_s:
+                conn.reused = True
+                return conn
+            conn.close()
+        return None
+
     async def connect(self, host: str, port: int, *, fresh: bool = False) -> UpstreamConnection:
         if self._closed:
             raise UpstreamError("upstream pool is closed")
         key = (host, port)
-        idle = self._idle.get(key)
-        if idle and not fresh:
-            now = asyncio.get_running_loop().time()
-            while idle:
-                since, conn = idle.pop()
-                if not conn.closed and now - since < self._idle_ttl_s:
-                    conn.reused = True
-                    return conn
-                conn.close()
+        if not fresh:
+            conn = self.take_idle(host, port)
+            if conn is not None:
+                return conn
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
@@ -399,6 +485,10 @@ class UpstreamPool:
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
+
+
+def _never() -> bool:
+    return False
 
 
 def _header_value(low_head: bytes, name: bytes) -> bytes | None:

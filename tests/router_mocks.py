@@ -34,6 +34,7 @@ class MockBehavior:
     health_status: int = 200
     # Exact bytes to stream instead of generated events, written one piece per write (byte-exactness).
     raw_stream: list[bytes] | None = None
+    die_after: int | None = None  # streamed events after which the connection is cut (a crash)
 
 
 @dataclass
@@ -102,10 +103,13 @@ class MockWorker:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
             pieces = b.raw_stream if b.raw_stream is not None else _events(request.path, body, b.tokens)
-            for piece in pieces:
+            for i, piece in enumerate(pieces):
                 if b.chunk_delay_s:
                     await asyncio.sleep(b.chunk_delay_s)
                 await resp.write(piece)
+                if b.die_after is not None and i + 1 >= b.die_after and request.transport is not None:
+                    request.transport.abort()
+                    return resp
             await resp.write_eof()
             return resp
         except (asyncio.CancelledError, ConnectionResetError):

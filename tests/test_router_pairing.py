@@ -268,3 +268,37 @@ def test_oversized_body_gets_413() -> None:
             c.assert_idle()
 
     run(body())
+
+
+def test_decode_failing_mid_stream_ends_the_stream_with_an_error_event() -> None:
+    async def body() -> None:
+        async with cluster(1, 1) as c, aiohttp.ClientSession() as s:
+            c.decode[0].behavior = MockBehavior(tokens=10, die_after=3)  # decode dies mid-answer
+            async with s.post(c.router_url + "/generate", json={"text": "x" * 100, "stream": True}) as r:
+                assert r.status == 200
+                text = (await r.read()).decode()
+            events = [line for line in text.split("\n\n") if line]
+            assert len(events) == 4 and events[2].startswith('data: {"text":"t2 "')
+            last = events[-1]
+            assert last.startswith("data: ") and "failed mid-stream" in orjson.loads(last[6:])["error"]["message"]
+            await c.wait_until(lambda: c.state.stats.in_flight == 0)
+            c.assert_idle()
+
+    run(body())
+
+
+def test_http10_client_gets_the_stream_unframed() -> None:
+    async def body() -> None:
+        async with cluster(1, 1) as c:
+            host, port = c.router_url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            payload = orjson.dumps({"text": "x" * 100, "stream": True})
+            writer.write(b"POST /generate HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: "
+                         + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+            raw = await reader.read()  # HTTP/1.0: the router closes the connection at the end
+            writer.close()
+            head, _, body_bytes = raw.partition(b"\r\n\r\n")
+            assert b" 200 " in head.split(b"\r\n")[0] and b"chunked" not in head.lower()
+            assert body_bytes.startswith(b"data: {") and body_bytes.endswith(b"data: [DONE]\n\n")
+
+    run(body())
