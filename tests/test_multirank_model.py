@@ -24,7 +24,7 @@ from engine.llm import LLM
 from engine.runtime.bridge import RankBridge
 from engine.runtime.colocated import EngineArgs, colocated_entry
 from engine.runtime.groups import resolve_ep_backend, validate_model_layout
-from engine.runtime.launch import InstanceProcesses, InstanceSpec, LayoutError, ipc_addr, launch
+from engine.runtime.launch import InstanceProcesses, InstanceSpec, LayoutError, free_port, ipc_addr, launch
 from engine.runtime.offline import generate_on_ranks
 from engine.sampling import SamplingParams
 from engine.server.messages import GenerateRequest, SamplingSpec
@@ -88,6 +88,25 @@ def test_generate_cli_with_tp2_prints_the_single_rank_tokens_in_prompt_order(
     assert proc.returncode == 0, proc.stderr
     outputs = json.loads(proc.stdout)["outputs"]
     assert [o["token_ids"] for o in outputs] == [t[:3] for t in single_rank_tokens["v3"][:2]]
+
+
+def test_two_nodes_on_one_machine_form_one_tp2_instance_with_the_single_rank_tokens(
+        models: dict[str, Path], single_rank_tokens: dict[str, list[list[int]]]) -> None:
+    addr = f"127.0.0.1:{free_port()}"  # zmq takes the next two ports (engine.server.serve.zmq_addresses)
+    node_flags = ["--tp", "2", "--nnodes", "2", "--dist-init-addr", addr, "--page-size", str(PAGE_SIZE)]
+    headless = subprocess.Popen(
+        [sys.executable, "-m", "engine.generate", "--model", str(models["v3"]), "--prompt-token-ids", "[[1]]",
+         "--node-rank", "1", *node_flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        spec = InstanceSpec(tp_size=2, nnodes=2, node_rank=0, dist_init_addr=addr)
+        outputs = generate_on_ranks(spec, _engine_args(models["v3"]), PROMPTS[:3], PARAMS[:3], timeout_s=240)
+        _, err = headless.communicate(timeout=60)
+    finally:
+        headless.kill()
+        headless.wait()
+    assert [o.token_ids for o in outputs] == single_rank_tokens["v3"][:3]
+    assert headless.returncode == 0, err
+    assert "node 1: ranks ended" in err
 
 
 # ---- one tp=2, dp=2 instance shared by the tests below (the last one kills a rank) -----------------
