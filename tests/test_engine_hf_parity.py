@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 PROMPT_LENS = (5, 37, 130)
 NEW_TOKENS = 32
 PAGE_SIZE = 16
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
 HF_CLASSES = {
     "v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "v2-lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
@@ -37,6 +38,7 @@ class Parity:
     hf_model: torch.nn.Module
     prompts: list[list[int]]
     llm: LLM
+    batched: list[list[int]]  # the engine's greedy tokens for all prompts generated together
 
 
 def _redraw_weights(model: torch.nn.Module, seed: int) -> None:
@@ -69,7 +71,11 @@ def parity(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in PROMPT_LENS]
     llm = LLM(str(model_dir), dtype="float32", page_size=PAGE_SIZE, num_pages=64)
-    yield Parity(variant, model_dir, hf_model, prompts, llm)
+    start = llm.kv_pool.free_pages
+    outputs = llm.generate(prompts, GREEDY)
+    assert all(o.finish_reason == "length" for o in outputs)
+    assert llm.kv_pool.free_pages == start
+    yield Parity(variant, model_dir, hf_model, prompts, llm, [o.token_ids for o in outputs])
     assert llm.kv_pool.free_pages == llm.kv_pool.num_pages
     llm.close()
 
@@ -84,19 +90,13 @@ def _hf_greedy(parity: Parity, prompt: list[int]) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-GREEDY = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
 
 
 def test_greedy_tokens_equal_transformers_generate_for_prompts_crossing_pages(parity: Parity) -> None:
-    pool = parity.llm.kv_pool
-    start = pool.free_pages
-    outputs = parity.llm.generate(parity.prompts, GREEDY)
     expected = [_hf_greedy(parity, p) for p in parity.prompts]
-    for n, out, ref in zip(PROMPT_LENS, outputs, expected, strict=True):
-        assert out.token_ids == ref, f"{parity.variant}, prompt of {n} tokens"
-        assert out.finish_reason == "length"
-    assert len({t for out in outputs for t in out.token_ids}) > 10, "degenerate model: too few distinct tokens"
-    assert pool.free_pages == start
+    for n, ours, ref in zip(PROMPT_LENS, parity.batched, expected, strict=True):
+        assert ours == ref, f"{parity.variant}, prompt of {n} tokens"
+    assert len({t for ours in parity.batched for t in ours}) > 10, "degenerate model: too few distinct tokens"
 
 
 def test_prefill_logits_match_transformers_within_1e4_relative(parity: Parity) -> None:
@@ -120,20 +120,18 @@ def test_prefill_logits_match_transformers_within_1e4_relative(parity: Parity) -
 
 
 def test_batched_prompts_give_the_same_tokens_as_one_at_a_time(parity: Parity) -> None:
-    batched = parity.llm.generate(parity.prompts, GREEDY)
-    for prompt, together in zip(parity.prompts, batched, strict=True):
+    for prompt, together in zip(parity.prompts, parity.batched, strict=True):
         alone = parity.llm.generate([prompt], GREEDY)[0]
-        assert alone.token_ids == together.token_ids
+        assert alone.token_ids == together
     assert parity.llm.kv_pool.free_pages == parity.llm.kv_pool.num_pages
 
 
 def test_chunked_prefill_gives_the_same_tokens_as_one_shot_prefill(parity: Parity) -> None:
     scheduler = parity.llm.scheduler
-    whole = parity.llm.generate(parity.prompts, GREEDY)
     scheduler.max_prefill_tokens = 24  # not a multiple of the page size: chunks end mid-page
     try:
         chunked = parity.llm.generate(parity.prompts, GREEDY)
     finally:
         scheduler.max_prefill_tokens = 8192
-    assert [o.token_ids for o in chunked] == [o.token_ids for o in whole]
+    assert [o.token_ids for o in chunked] == parity.batched
     assert parity.llm.kv_pool.free_pages == parity.llm.kv_pool.num_pages
