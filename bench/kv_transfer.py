@@ -42,6 +42,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "default": {},
         "threads4": {"num_threads": 4},
         "threads8": {"num_threads": 8},
+        "t8split32m": {"num_threads": 8, "split_bytes": 32 * MIB},
+        "t4split64m": {"num_threads": 4, "split_bytes": 64 * MIB},
         "chunk512": {"max_descs_per_request": 512},
     },
     "mooncake": {"default": {}, "batch256": {"max_descs_per_batch": 256}},
@@ -117,7 +119,10 @@ def receiver_main(
     engine.register(buffer.data_ptr(), buffer.numel(), device)
     conn.send((engine.metadata(), buffer.data_ptr()))
     while True:
-        command = conn.recv()
+        try:
+            command = conn.recv()
+        except EOFError:  # the benchmark process died: release and go
+            command = ("close",)
         if command[0] == "checksum":
             _sync(device)
             conn.send(_checksums(buffer, buffer.data_ptr(), command[1]))
@@ -126,7 +131,10 @@ def receiver_main(
             conn.send(None)
         elif command[0] == "close":
             engine.close()
-            conn.send(None)
+            try:
+                conn.send(None)
+            except OSError:
+                pass
             return
 
 

@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from kvtransfer.engines import BackendUnavailable, TransferEngine, TransferError, TransferStatus, make_engine
+from kvtransfer.engines.base import SMALL_WRITE
 from kvtransfer.engines.regions import EngineMetadata, Region
-from kvtransfer.layout import AuxLayout, PageLayout, coalesce_pairs, page_descriptors
+from kvtransfer.layout import AuxLayout, PageLayout, coalesce_pairs, layer_descriptors, page_descriptors
 
 SHAPE = (32, 4, 4, 16)  # pages, layers, tokens per page, values per token: 512 B per layer, 2 KiB per page
 # Engine options per case: small batches so one write spans several NIXL requests / Mooncake batches.
-CHUNKED = {"nixl": {"max_descs_per_request": 2}, "mooncake": {"max_descs_per_batch": 2, "transfer_timeout_s": 5}}
+CHUNKED = {"nixl": {"max_descs_per_request": 2, "split_bytes": 1536}, "mooncake": {"max_descs_per_batch": 2, "transfer_timeout_s": 5}}
 PLAIN: dict[str, dict[str, Any]] = {"nixl": {}, "mooncake": {"transfer_timeout_s": 5}}
 KINDS = ["nixl", "mooncake"]
 
@@ -173,16 +174,20 @@ def test_scattered_pages_and_aux_arrive_exactly_and_other_bytes_stay_untouched(
         engine.connect(receiver.name, receiver.metadata)  # idempotent
         assert (engine.num_registrations, engine.num_peers) == (2, 1)
 
-        src_pages = [3, 4, 5, 10, 20, 21, 22, 31]
-        dst_pages = [7, 8, 9, 0, 28, 29, 30, 1]
+        src_pages = [3, 4, 5, 10, 20, 21, 22, 31, 12, 14, 16, 18, 19]
+        dst_pages = [7, 8, 9, 0, 28, 29, 30, 1, 11, 13, 15, 17, 18]
         handles = []
         for chunk in (slice(0, 4), slice(4, 8)):  # two prefill chunks, then the aux slot with a notice
             src, dst = page_descriptors(layout, src_pages[chunk], receiver.layout, dst_pages[chunk])
             handles.append(engine.write(receiver.name, src, dst))
+        # A third chunk as one descriptor per layer per page: past the engines' small-write path.
+        src, dst = layer_descriptors(layout, src_pages[8:], receiver.layout, dst_pages[8:])
+        assert len(src) == 5 * SHAPE[1] > SMALL_WRITE
+        handles.append(engine.write(receiver.name, src, dst))
         aux_src = [(aux_layout.slot_addr(2), 16)]
         aux_dst = [(receiver.aux.slot_addr(5), 16)]
         handles.append(engine.write(receiver.name, aux_src, aux_dst, notify=b"room-42:done"))
-        assert engine.num_inflight_handles == 3
+        assert engine.num_inflight_handles == 4
         assert handles[0].num_descriptors == 2  # pages 3-5 -> 7-9 coalesce into one descriptor
         for handle in handles:
             assert engine.wait(handle, timeout_s=30) is TransferStatus.DONE, handle.error
@@ -223,6 +228,12 @@ def test_write_outside_the_peers_registered_memory_is_refused_and_leaks_nothing(
             engine.write(receiver.name, [(layout.base_ptr, 4096)], [(end_of_peer_pool - 2048, 4096)])
         with pytest.raises(TransferError, match="source range"):
             engine.write(receiver.name, [(layout.base_ptr - 64, 64)], [(receiver.layout.base_ptr, 64)])
+        many = SMALL_WRITE + 4  # the same refusal past the small-write path
+        src_many = [(layout.base_ptr + 64 * i, 64) for i in range(many)]
+        with pytest.raises(TransferError, match="outside every registered region"):
+            engine.write(receiver.name, src_many, [(end_of_peer_pool - 64 * (many - i) + 32, 64) for i in range(many)])
+        with pytest.raises(ValueError, match="sizes differ"):
+            engine.write(receiver.name, src_many, [(receiver.layout.base_ptr, 32)] * many)
         with pytest.raises(ValueError, match="pair up"):
             engine.write(receiver.name, [(layout.base_ptr, 64)], [])
         with pytest.raises(ValueError, match="sizes differ"):

@@ -52,25 +52,57 @@ class TransferHandle:
 
 
 def descriptor_arrays(src: Descriptors | np.ndarray, dst: Descriptors | np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Validate a write's descriptor lists; return them as N x 2 uint64 arrays (addr, nbytes) and the total
-    bytes. Vectorised: a per-layer write of a long prompt has tens of thousands of descriptors."""
-    src_arr = np.asarray(src, dtype=np.int64).reshape(-1, 2) if len(src) else np.zeros((0, 2), np.int64)
-    dst_arr = np.asarray(dst, dtype=np.int64).reshape(-1, 2) if len(dst) else np.zeros((0, 2), np.int64)
+    """Validate a write's descriptor lists; return them as N x 2 int64 arrays (addr, nbytes) and the total
+    bytes. Vectorised with few numpy calls: a per-layer write has tens of thousands of descriptors, and a
+    one-descriptor write must stay cheap (its fixed cost shows against a GPU copy of a few hundred us)."""
+    src_arr = np.asarray(src, dtype=np.int64)
+    dst_arr = np.asarray(dst, dtype=np.int64)
+    if src_arr.ndim != 2 or src_arr.shape[1:] != (2,):
+        src_arr = src_arr.reshape(-1, 2)
+    if dst_arr.ndim != 2 or dst_arr.shape[1:] != (2,):
+        dst_arr = dst_arr.reshape(-1, 2)
     if len(src_arr) != len(dst_arr):
         raise ValueError(f"src has {len(src_arr)} descriptors, dst {len(dst_arr)}: they must pair up one to one")
     if not len(src_arr):
         raise ValueError("write needs at least one descriptor")
-    bad = np.flatnonzero(src_arr[:, 1] != dst_arr[:, 1])
-    if len(bad):
-        i = bad[0]
-        raise ValueError(
-            f"descriptor sizes differ: src {src_arr[i, 1]} bytes at {src_arr[i, 0]:#x}, dst {dst_arr[i, 1]}"
-        )
-    bad = np.flatnonzero((src_arr[:, 1] <= 0) | (src_arr[:, 0] < 0) | (dst_arr[:, 0] < 0))
-    if len(bad):
-        i = bad[0]
+    lengths = src_arr[:, 1]
+    if (lengths != dst_arr[:, 1]).any() or (lengths <= 0).any() or (src_arr[:, 0] < 0).any() or (
+        dst_arr[:, 0] < 0
+    ).any():
+        bad = np.flatnonzero(lengths != dst_arr[:, 1])
+        if len(bad):
+            i = bad[0]
+            raise ValueError(
+                f"descriptor sizes differ: src {src_arr[i, 1]} bytes at {src_arr[i, 0]:#x}, dst {dst_arr[i, 1]}"
+            )
+        i = np.flatnonzero((lengths <= 0) | (src_arr[:, 0] < 0) | (dst_arr[:, 0] < 0))[0]
         raise ValueError(f"bad descriptor {i}: src ({src_arr[i, 0]:#x}, {src_arr[i, 1]}), dst ({dst_arr[i, 0]:#x})")
-    return src_arr.astype(np.uint64), dst_arr.astype(np.uint64), int(src_arr[:, 1].sum())
+    return src_arr, dst_arr, int(lengths.sum())
+
+
+# Writes with at most this many descriptors are checked in plain Python: numpy's per-call cost would be
+# most of a one-descriptor write's fixed overhead.
+SMALL_WRITE = 16
+
+
+def small_descriptors(
+    src: Descriptors | np.ndarray, dst: Descriptors | np.ndarray
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
+    """`descriptor_arrays` for a handful of descriptors: lists of int tuples and the total bytes."""
+    src_list = [(int(a), int(n)) for a, n in (src.reshape(-1, 2).tolist() if isinstance(src, np.ndarray) else src)]
+    dst_list = [(int(a), int(n)) for a, n in (dst.reshape(-1, 2).tolist() if isinstance(dst, np.ndarray) else dst)]
+    if len(src_list) != len(dst_list):
+        raise ValueError(f"src has {len(src_list)} descriptors, dst {len(dst_list)}: they must pair up one to one")
+    if not src_list:
+        raise ValueError("write needs at least one descriptor")
+    total = 0
+    for i, ((src_addr, src_len), (dst_addr, dst_len)) in enumerate(zip(src_list, dst_list, strict=True)):
+        if src_len != dst_len:
+            raise ValueError(f"descriptor sizes differ: src {src_len} bytes at {src_addr:#x}, dst {dst_len}")
+        if src_len <= 0 or src_addr < 0 or dst_addr < 0:
+            raise ValueError(f"bad descriptor {i}: src ({src_addr:#x}, {src_len}), dst ({dst_addr:#x})")
+        total += src_len
+    return src_list, dst_list, total
 
 
 class TransferEngine(ABC):

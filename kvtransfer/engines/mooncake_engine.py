@@ -153,8 +153,8 @@ class MooncakeEngine(TransferEngine):
         if peer is None:
             raise TransferError(f"{self.name}: not connected to {peer_name!r}")
         _, session, regions = peer
-        self._local.locate(src_table, "source")
-        regions.locate(dst_table, f"destination on {peer_name}")
+        self._local.check(src_table, "source")
+        regions.check(dst_table, f"destination on {peer_name}")
         handle = TransferHandle(peer_name=peer_name, num_descriptors=len(src_table), nbytes=nbytes)
         self._handles[handle.id] = handle
         handle.backend.append(self._pool.submit(self._run_write, session, src_table, dst_table, notify))

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from kvtransfer.engines.base import (
+    SMALL_WRITE,
     BackendUnavailable,
     Descriptors,
     TransferEngine,
@@ -21,6 +22,7 @@ from kvtransfer.engines.base import (
     TransferHandle,
     TransferStatus,
     descriptor_arrays,
+    small_descriptors,
 )
 from kvtransfer.engines.regions import EngineMetadata, Region, RegionTable, device_index
 
@@ -41,6 +43,20 @@ def _mem_type(device: str) -> str:
     return "DRAM" if device == "cpu" else "VRAM"
 
 
+def _split(
+    src: list[tuple[int, int]], dst: list[tuple[int, int]], piece: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Cut every descriptor pair longer than `piece` bytes into pieces of at most `piece` bytes."""
+    out_src: list[tuple[int, int]] = []
+    out_dst: list[tuple[int, int]] = []
+    for (src_addr, nbytes), (dst_addr, _) in zip(src, dst, strict=True):
+        for offset in range(0, nbytes, piece):
+            length = min(piece, nbytes - offset)
+            out_src.append((src_addr + offset, length))
+            out_dst.append((dst_addr + offset, length))
+    return out_src, out_dst
+
+
 class NixlEngine(TransferEngine):
     """NIXL agent with the UCX backend; DRAM and VRAM; notifications supported.
 
@@ -49,6 +65,8 @@ class NixlEngine(TransferEngine):
         threads post descriptors of one request in parallel: it lowers the per-descriptor cost.
     max_descs_per_request: split a write into NIXL requests of at most this many descriptors (0: one
         request for the whole write).
+    split_bytes: in a write of few descriptors, cut each one larger than this into pieces, so that the
+        UCX worker threads (`num_threads`) copy the pieces of one large run in parallel (0: never).
     backends: NIXL backends to create; UCX unless you know better.
     """
 
@@ -57,11 +75,12 @@ class NixlEngine(TransferEngine):
         name: str,
         num_threads: int = 0,
         max_descs_per_request: int = 0,
+        split_bytes: int = 0,
         backends: tuple[str, ...] = ("UCX",),
     ) -> None:
         super().__init__(name)
-        if num_threads < 0 or max_descs_per_request < 0:
-            raise ValueError("num_threads and max_descs_per_request must be >= 0")
+        if num_threads < 0 or max_descs_per_request < 0 or split_bytes < 0:
+            raise ValueError("num_threads, max_descs_per_request and split_bytes must be >= 0")
         nixl_agent, nixl_agent_config = _import_nixl()
         config = nixl_agent_config(backends=list(backends), num_threads=num_threads)
         try:
@@ -73,6 +92,7 @@ class NixlEngine(TransferEngine):
             raise BackendUnavailable(f"NIXL agent {name!r}: backend(s) {missing} not available here")
         self.num_threads = num_threads
         self.max_descs_per_request = max_descs_per_request
+        self.split_bytes = split_bytes
         self._local = RegionTable()
         self._reg_descs: dict[int, Any] = {}  # region addr -> nixlRegDList, for deregistration
         self._peers: dict[str, tuple[bytes, RegionTable]] = {}
@@ -145,18 +165,25 @@ class NixlEngine(TransferEngine):
         notify: bytes | None = None,
     ) -> TransferHandle:
         self._check_open()
-        src_table, dst_table, nbytes = descriptor_arrays(src, dst)
         peer = self._peers.get(peer_name)
-        if peer is None:
-            raise TransferError(f"{self.name}: not connected to {peer_name!r}")
-        src_region = self._local.locate(src_table, "source")
-        dst_region = peer[1].locate(dst_table, f"destination on {peer_name}")
-        src_mem = self._one_mem_type(self._local, src_region, "source")
-        dst_mem = self._one_mem_type(peer[1], dst_region, f"destination on {peer_name}")
-        src_rows = self._rows(src_table, self._local, src_region)
-        dst_rows = self._rows(dst_table, peer[1], dst_region)
+        src_rows: np.ndarray | list[tuple[int, int, int]]
+        dst_rows: np.ndarray | list[tuple[int, int, int]]
+        if len(src) <= SMALL_WRITE:
+            src_list, dst_list, nbytes = small_descriptors(src, dst)
+            if self.split_bytes:
+                src_list, dst_list = _split(src_list, dst_list, self.split_bytes)
+            if peer is None:
+                raise TransferError(f"{self.name}: not connected to {peer_name!r}")
+            src_rows, src_mem = self._small_rows(src_list, self._local, "source")
+            dst_rows, dst_mem = self._small_rows(dst_list, peer[1], f"destination on {peer_name}")
+        else:
+            src_table, dst_table, nbytes = descriptor_arrays(src, dst)
+            if peer is None:
+                raise TransferError(f"{self.name}: not connected to {peer_name!r}")
+            src_rows, src_mem = self._rows(src_table, self._local, "source")
+            dst_rows, dst_mem = self._rows(dst_table, peer[1], f"destination on {peer_name}")
 
-        handle = TransferHandle(peer_name=peer_name, num_descriptors=len(src_table), nbytes=nbytes)
+        handle = TransferHandle(peer_name=peer_name, num_descriptors=len(src_rows), nbytes=nbytes)
         self._handles[handle.id] = handle
         step = self.max_descs_per_request or len(src_rows)
         starts = list(range(0, len(src_rows), step))
@@ -179,18 +206,35 @@ class NixlEngine(TransferEngine):
         return handle
 
     @staticmethod
-    def _one_mem_type(table: RegionTable, which: np.ndarray, side: str) -> str:
-        devices = table.devices_of(which)
-        mem_types = {_mem_type(d) for d in devices}
+    def _small_rows(
+        descs: list[tuple[int, int]], regions: RegionTable, side: str
+    ) -> tuple[list[tuple[int, int, int]], str]:
+        rows, mem_types = [], set()
+        for addr, nbytes in descs:
+            region = regions.region_of(addr, nbytes, side)
+            rows.append((addr, nbytes, device_index(region.device)))
+            mem_types.add(_mem_type(region.device))
         if len(mem_types) != 1:
-            raise TransferError(f"{side} descriptors mix DRAM and VRAM ({devices}): issue one write per kind")
-        return mem_types.pop()
+            raise TransferError(f"{side} descriptors mix DRAM and VRAM: issue one write per kind")
+        return rows, mem_types.pop()
 
     @staticmethod
-    def _rows(table: np.ndarray, regions: RegionTable, which: np.ndarray) -> np.ndarray:
-        """N x 3 (addr, nbytes, device index) as NIXL's descriptor lists take them."""
-        dev = np.array([device_index(r.device) for r in regions.regions], dtype=np.uint64)
-        return np.column_stack([table, dev[which]])
+    def _rows(table: np.ndarray, regions: RegionTable, side: str) -> tuple[np.ndarray, str]:
+        """N x 3 uint64 (addr, nbytes, device index) as NIXL's descriptor lists take them, and the memory
+        type ("DRAM" | "VRAM") they all share; TransferError for ranges outside registered memory."""
+        rows = np.empty((len(table), 3), dtype=np.uint64)
+        rows[:, :2] = table
+        region = regions.single_region(table)
+        if region is not None:
+            device = regions.regions[region].device
+            rows[:, 2] = device_index(device)
+            return rows, _mem_type(device)
+        which = regions.locate(table, side)
+        devices = regions.devices_of(which)
+        if len({_mem_type(d) for d in devices}) != 1:
+            raise TransferError(f"{side} descriptors mix DRAM and VRAM ({devices}): issue one write per kind")
+        rows[:, 2] = np.array([device_index(r.device) for r in regions.regions], dtype=np.uint64)[which]
+        return rows, _mem_type(devices[0])
 
     def poll(self, handle: TransferHandle) -> TransferStatus:
         if handle.status is not TransferStatus.PENDING or self._closed:

@@ -88,6 +88,22 @@ class RegionTable:
     def __len__(self) -> int:
         return len(self.regions)
 
+    def region_of(self, addr: int, nbytes: int, side: str) -> Region:
+        """The region holding [addr, addr + nbytes), or TransferError."""
+        for region in self.regions:
+            if region.addr <= addr and addr + nbytes <= region.addr + region.nbytes:
+                return region
+        raise TransferError(f"{side} range ({addr:#x}, {nbytes} bytes) is outside every registered region")
+
+    def single_region(self, table: np.ndarray) -> int | None:
+        """Index of a region holding every (addr, nbytes) row, or None: the common, cheap case."""
+        low = int(table[:, 0].min())
+        high = int((table[:, 0] + table[:, 1]).max())
+        for i, region in enumerate(self.regions):
+            if region.addr <= low and high <= region.addr + region.nbytes:
+                return i
+        return None
+
     def locate(self, table: np.ndarray, side: str) -> np.ndarray:
         """Region index per row of an N x 2 (addr, nbytes) array — or TransferError naming the first
         descriptor that lies outside every region. Vectorised: tens of thousands of descriptors."""
@@ -106,4 +122,9 @@ class RegionTable:
         return which
 
     def devices_of(self, which: np.ndarray) -> list[str]:
-        return sorted({self.regions[i].device for i in np.unique(which)})
+        return sorted({self.regions[int(i)].device for i in np.unique(which)})
+
+    def check(self, table: np.ndarray, side: str) -> None:
+        """TransferError unless every row lies inside one registered region."""
+        if self.single_region(table) is None:
+            self.locate(table, side)
