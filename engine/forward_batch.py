@@ -62,13 +62,21 @@ class ForwardBatch:
         page_tables: list[list[int]],
         kv_pool: KVPool,
         return_all_logits: bool = False,
+        vocab_size: int | None = None,
     ) -> ForwardBatch:
+        """Lay out a batch. With ``vocab_size`` the token ids are checked here, on the host, so the
+        forward itself never has to synchronise with the device to validate them."""
         page_size, device = kv_pool.page_size, kv_pool.tensor.device
         if not new_token_ids:
             raise ValueError("a forward batch needs at least one sequence")
         if not len(new_token_ids) == len(prefix_lens) == len(page_tables):
             raise ValueError("new_token_ids, prefix_lens and page_tables must have one entry per sequence")
         extend_lens = [len(ids) for ids in new_token_ids]
+        if vocab_size is not None:
+            for ids in new_token_ids:
+                bad = [t for t in ids if not 0 <= t < vocab_size]
+                if bad:
+                    raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
         if min(extend_lens) < 1:
             raise ValueError("every sequence needs at least one new token")
         if mode is ForwardMode.DECODE and max(extend_lens) != 1:

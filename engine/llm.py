@@ -51,7 +51,7 @@ class LLM:
         device: "cpu" or "cuda[:N]".
         dtype: "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16", "float16".
         page_size: tokens per KV page.
-        num_pages: KV pool size; None picks 1/4 of free GPU memory, or 4096 pages' worth of 64k tokens on CPU.
+        num_pages: KV pool size; None takes 1/4 of free GPU memory, or room for 65536 tokens on CPU.
         load_format: "auto" (safetensors) or "dummy" (seeded random weights of the config's shapes).
         max_prefill_tokens: chunk size of one prefill forward.
         seed: seed of dummy weights.

@@ -2,7 +2,8 @@
 
 Each ``step()`` runs one forward: an EXTEND batch while some admitted request still has prompt
 tokens to prefill (chunked to ``max_prefill_tokens``), otherwise a DECODE batch of every running
-request. Pages for a request's whole life (prompt + max_new_tokens) are taken at admission, so a
+request. Prefill goes first (as SGLang's default): new requests join the running batch as soon as
+their prompt is in, at the price of a decode pause while a prefill runs. Pages for a request's whole life (prompt + max_new_tokens) are taken at admission, so a
 running request never waits for memory and nothing needs preempting.
 
 A decode worker feeds requests whose prompt KV was computed elsewhere through ``add_prefilled``: they
@@ -104,6 +105,8 @@ class Scheduler:
         """Adopt a request whose prompt KV is already in ``pages`` (now owned by the scheduler) and whose
         first output token is known; allocates the rest of its pages now (PoolExhaustedError if none)."""
         self.validate_prompt(prompt_ids, params)
+        if not 0 <= first_token < self.model.config.vocab_size:
+            raise ValueError(f"first token {first_token} is outside the vocabulary")
         if len(pages) * self.kv_pool.page_size < len(prompt_ids):
             raise ValueError(f"{len(pages)} pages cannot hold a prompt of {len(prompt_ids)} tokens")
         extra = max(0, self.pages_needed(len(prompt_ids), params) - len(pages))
@@ -170,6 +173,7 @@ class Scheduler:
             [req.num_computed for req, _ in chunks],
             [req.pages for req, _ in chunks],
             self.kv_pool,
+            vocab_size=self.model.config.vocab_size,
         )
         logits = self.model(batch).next_token_logits
         done_rows, done_reqs = [], []
@@ -188,6 +192,7 @@ class Scheduler:
             [req.seq_len - 1 for req in decoding],
             [req.pages for req in decoding],
             self.kv_pool,
+            vocab_size=self.model.config.vocab_size,
         )
         logits = self.model(batch).next_token_logits
         for req in decoding:
