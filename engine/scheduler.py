@@ -103,7 +103,8 @@ class Scheduler:
     def add_prefilled(self, prompt_ids: list[int], first_token: int, pages: list[int], params: SamplingParams,
                       request_id: str | None = None) -> Request:
         """Adopt a request whose prompt KV is already in ``pages`` (now owned by the scheduler) and whose
-        first output token is known; allocates the rest of its pages now (PoolExhaustedError if none)."""
+        first output token is known; allocates the rest of its pages now. On any error (bad input,
+        PoolExhaustedError) nothing is taken and the caller still owns ``pages``."""
         self.validate_prompt(prompt_ids, params)
         if not 0 <= first_token < self.model.config.vocab_size:
             raise ValueError(f"first token {first_token} is outside the vocabulary")
