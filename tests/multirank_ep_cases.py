@@ -20,6 +20,11 @@ from kernels.ep_stats import ExpertLoadRecorder
 HIDDEN = 8
 TOP_K = 3
 EXPERTS_PER_RANK = 2
+DEVICE = torch.device("cpu")  # set per rank by rank_main (cuda:<rank> under NCCL)
+
+
+def _on_device(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(DEVICE) for t in tensors)
 
 
 def token_counts(world: int) -> list[int]:
@@ -67,7 +72,7 @@ def reference_exact(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -
 def check_high_throughput_exact(rank: int, world: int, group: Any) -> None:
     x_all, ids_all, w_all = global_routing(world, seed=1, exact=True)
     mine = my_slice(world, rank)
-    x, ids, weights = x_all[mine], ids_all[mine], w_all[mine]
+    x, ids, weights = _on_device(x_all[mine], ids_all[mine], w_all[mine])
     ep = Dispatcher(world * EXPERTS_PER_RANK, HIDDEN, backend="a2a", group=group)
     try:
         got = ep.dispatch(x, ids, weights)
@@ -95,10 +100,10 @@ def check_high_throughput_matches_moe_forward(rank: int, world: int, group: Any)
     x_all, ids_all, w_all = global_routing(world, seed=2, exact=False)
     gen = torch.Generator().manual_seed(3)
     num_experts, inter = world * EXPERTS_PER_RANK, 6
-    w13 = torch.randn(num_experts, 2 * inter, HIDDEN, generator=gen)
-    w2 = torch.randn(num_experts, HIDDEN, inter, generator=gen)
+    w13, w2 = _on_device(torch.randn(num_experts, 2 * inter, HIDDEN, generator=gen),
+                         torch.randn(num_experts, HIDDEN, inter, generator=gen))
     mine = my_slice(world, rank)
-    x, ids, weights = x_all[mine], ids_all[mine], w_all[mine]
+    x, ids, weights = _on_device(x_all[mine], ids_all[mine], w_all[mine])
     local = slice(rank * EXPERTS_PER_RANK, (rank + 1) * EXPERTS_PER_RANK)
     ep = Dispatcher(num_experts, HIDDEN, backend="a2a", group=group)
     try:
@@ -113,10 +118,10 @@ def check_high_throughput_matches_moe_forward(rank: int, world: int, group: Any)
 def check_low_latency_exact(rank: int, world: int, group: Any) -> None:
     x_all, ids_all, w_all = global_routing(world, seed=4, exact=True)
     mine = my_slice(world, rank)
-    x, ids, weights = x_all[mine], ids_all[mine], w_all[mine]
+    x, ids, weights = _on_device(x_all[mine], ids_all[mine], w_all[mine])
     budget = max(token_counts(world))
     ep = Dispatcher(world * EXPERTS_PER_RANK, HIDDEN, backend="a2a", mode="low_latency",
-                    num_max_dispatch_tokens_per_rank=budget, group=group)
+                    num_max_dispatch_tokens_per_rank=budget, group=group, device=DEVICE)
     try:
         for _ in range(2):  # the buffers are reused: a second step must not see the first one's rows
             got = ep.low_latency_dispatch(x, ids)
@@ -138,22 +143,30 @@ def check_low_latency_exact(rank: int, world: int, group: Any) -> None:
 def check_expert_load_recorder_counts_every_token_once(rank: int, world: int, group: Any) -> None:
     _, ids_all, _ = global_routing(world, seed=5, exact=True)
     num_experts = world * EXPERTS_PER_RANK
-    recorder = ExpertLoadRecorder(num_layers=2, num_experts=num_experts, window=4)
-    mine = ids_all[my_slice(world, rank)]
+    recorder = ExpertLoadRecorder(num_layers=2, num_experts=num_experts, window=4, device=DEVICE)
+    (mine,) = _on_device(ids_all[my_slice(world, rank)])
     for _ in range(3):
         recorder.record(0, mine)
         recorder.record(1, mine[:1])
         recorder.end_step()
     counts = recorder.global_window_counts(group)
     expected = torch.bincount(ids_all[ids_all >= 0], minlength=num_experts) * 3
+    counts = counts.cpu()
     assert counts[0].tolist() == expected.tolist(), (counts[0], expected)
     firsts = torch.cat([ids_all[my_slice(world, r)][:1] for r in range(world)])
     assert counts[1].tolist() == (torch.bincount(firsts[firsts >= 0], minlength=num_experts) * 3).tolist()
 
 
-def rank_main(rank: int, world: int, port: int, checks: list[str]) -> None:
-    """Runs every check over the whole world, then over two halves at once (non-default groups)."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def rank_main(rank: int, world: int, port: int, checks: list[str], backend: str = "gloo") -> None:
+    """Runs every check over the whole world, then over two halves at once (non-default groups).
+
+    ``backend="nccl"`` runs the same checks on ``cuda:<rank>``.
+    """
+    global DEVICE
+    if backend == "nccl":
+        DEVICE = torch.device("cuda", rank)
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         half = world // 2
         halves = [dist.new_group(list(range(0, half))), dist.new_group(list(range(half, world)))]

@@ -27,6 +27,12 @@ def test_dispatch_and_combine_over_2_and_4_gloo_ranks_equal_the_single_process_r
     mp.spawn(rank_main, args=(4, free_port(), ALL_CHECKS), nprocs=4, join=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_dispatch_and_combine_over_nccl_on_two_gpus_equal_the_single_process_reference() -> None:
+    mp.spawn(rank_main, args=(2, free_port(), ALL_CHECKS, "nccl"), nprocs=2, join=True)
+
+
 def _routing(num_tokens: int, num_experts: int, top_k: int, seed: int) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(-4, 5, (num_tokens, HIDDEN), generator=gen).float()
