@@ -157,7 +157,7 @@ class KVSender:
             self.fail(str(exc))
             return
         for endpoint, handle in list(self._handles):
-            status = self._manager.engine.poll(handle)
+            status = self._poll_write(handle)
             if status is TransferStatus.PENDING:
                 continue
             if status is TransferStatus.FAILED:
@@ -205,6 +205,16 @@ class KVSender:
         self._aux_issued = True
         self._state = KVPoll.Transferring
 
+    def _poll_write(self, handle: TransferHandle) -> TransferStatus:
+        """The write's status; an engine that raises (NIXL does when the peer has disconnected) counts as a
+        failed write, so that a dead peer fails the room instead of the worker's thread."""
+        try:
+            return self._manager.engine.poll(handle)
+        except Exception as exc:
+            handle.status = TransferStatus.FAILED
+            handle.error = f"{type(exc).__name__}: {exc}"
+            return TransferStatus.FAILED
+
     def _issue(self, endpoint: str, handle: TransferHandle) -> None:
         self._handles.append((endpoint, handle))
         if handle.status is TransferStatus.FAILED:
@@ -218,7 +228,7 @@ class KVSender:
         engine = self._manager.engine
         for endpoint, handle in list(self._handles):
             gone = force or endpoint in self._dead_peers or now > self._drain_deadline
-            if gone or engine.poll(handle) is not TransferStatus.PENDING:
+            if gone or self._poll_write(handle) is not TransferStatus.PENDING:
                 engine.release(handle)
                 self._handles.remove((endpoint, handle))
         if self._handles:

@@ -65,6 +65,15 @@ class Rank:
         self.aux = AuxLayout(self.aux_buffer.ctypes.data, AUX_SLOT_BYTES, AUX_SLOTS)
         self.engine.register(self.layout.base_ptr, self.layout.pool_bytes, "cpu")
         self.engine.register(self.aux.base_ptr, self.aux.pool_bytes, "cpu")
+        # What the worker's page allocator would do: a room holds its pages until poll() is terminal.
+        self.held_pages: dict[int, list[int]] = {}
+
+    def hold(self, room: int, pages: list[int]) -> None:
+        self.held_pages.setdefault(room, []).extend(pages)
+
+    def free_when_terminal(self, room: int, state: KVPoll) -> None:
+        if state.is_terminal:
+            self.held_pages.pop(room, None)
 
     def counts(self) -> dict[str, int]:
         manager = self.manager  # type: ignore[attr-defined]
@@ -72,6 +81,7 @@ class Rank:
             "live_rooms": manager.num_live_rooms,
             "inflight_handles": self.engine.num_inflight_handles,
             "registrations": self.engine.num_registrations,
+            "free_pages": self.shape.num_pages - sum(len(p) for p in self.held_pages.values()),
         }
         if isinstance(manager, KVSendManager):
             counts["free_aux_slots"] = manager.num_free_aux_slots
@@ -102,6 +112,7 @@ class PrefillRank(Rank):
               stop_after: int | None = None) -> None:
         """Plan a room: each chunk (pages, page_position) then the aux record; `stop_after` chunks, then hang."""
         self.senders[room] = self.manager.create_sender(room)
+        self.hold(room, [page for pages, _ in chunks for page in pages])
         plan: list[tuple[str, Any]] = [("chunk", (pages, pos, i == len(chunks) - 1)) for i, (pages, pos) in enumerate(chunks)]
         if stop_after is not None:
             plan = plan[:stop_after] + [("hang", None)]
@@ -118,14 +129,18 @@ class PrefillRank(Rank):
                     sender.send(arg[0], arg[1], last=arg[2])
                 else:
                     sender.send_aux(*arg)
-            sender.poll()
+            self.free_when_terminal(room, sender.poll())
 
     def result(self, room: int) -> tuple[str, str | None] | None:
         state = self.senders[room].poll()
+        self.free_when_terminal(room, state)
         return (state.name, self.senders[room].failure_reason) if state.is_terminal else None
 
     def abort(self, room: int) -> None:
         self.senders[room].abort("test aborts on the prefill side")
+
+    def state(self, room: int) -> str:
+        return self.senders[room].poll().name
 
 
 class DecodeRank(Rank):
@@ -145,15 +160,17 @@ class DecodeRank(Rank):
         self.receivers[room] = receiver
         if dst_pages is not None:
             receiver.init(dst_pages, aux_slot)
+            self.hold(room, dst_pages)
         return receiver.sources.real, receiver.sources.dummies
 
     def step(self) -> None:
-        for receiver in self.receivers.values():
-            receiver.poll()
+        for room, receiver in self.receivers.items():
+            self.free_when_terminal(room, receiver.poll())
 
     def result(self, room: int) -> tuple[str, str | None, tuple[int, float] | None] | None:
         receiver = self.receivers[room]
         state = receiver.poll()
+        self.free_when_terminal(room, state)
         if not state.is_terminal:
             return None
         aux = receiver.aux() if state is KVPoll.Success else None
