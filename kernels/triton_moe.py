@@ -338,7 +338,9 @@ def moe_forward_masked_triton(
     """Masked-layout MoE (same contract as `kernels.moe.moe_forward_masked`), CUDA-graph safe.
 
     `expected_rows_per_expert` (a shape hint, e.g. batch * top_k / experts) picks the tile; without it
-    the capacity is used. Counts above the capacity are refused outside graph capture (the check
+    16 is assumed (decode: the capacity is a worst case, real counts are small). Measured on one H100
+    with V2-Lite experts in a CUDA graph: 16-row tiles stream the weights at 94 % of copy_ bandwidth at
+    6 rows per expert; at 24 rows per expert 32-row tiles are 8 % faster, so pass the hint when known. Counts above the capacity are refused outside graph capture (the check
     needs a host sync); inside a capture they are clamped by the kernel's row mask.
     """
     if x.dim() != 3:
@@ -354,7 +356,7 @@ def moe_forward_masked_triton(
     out = torch.empty_like(x)
     if num_experts == 0 or capacity == 0:
         return out
-    hint = capacity if expected_rows_per_expert is None else expected_rows_per_expert
+    hint = min(capacity, 16) if expected_rows_per_expert is None else expected_rows_per_expert
     cfg = config or default_gemm_config(hint, x.dtype)
     inter = torch.empty((num_experts, capacity, w2.shape[2]), dtype=x.dtype, device=x.device)
     _launch_masked(x, w13, inter, counts, True, cfg)
