@@ -10,8 +10,11 @@ HTTP reply (the first token, SGLang's shape) goes out then: 200 once the KV has 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
+
+import torch
 
 from engine.runtime.colocated import (
     EngineArgs,
@@ -22,20 +25,39 @@ from engine.runtime.colocated import (
 )
 from engine.runtime.disagg import FAILED, PENDING, GroupAgreement, KVArgs, RankTransport, local_state
 from engine.runtime.launch import RankContext
+from engine.runtime.lockstep import LockstepStepper
 from engine.runtime.rank_loop import least_loaded, run_rank
+from engine.scheduler import StepResult
 from engine.server.messages import GenerateRequest, TokenOutput
 from kvtransfer.mapping import prefill_dp_group
 from kvtransfer.rooms import RankInfo
 from kvtransfer.send_manager import KVSendManager
 from kvtransfer.sender import KVSender
 from kvtransfer.state import KVTransferError
-from prefill_worker.batcher import PrefillBatcher, PrefillJob
+from prefill_worker.batcher import ChunkDone, PrefillBatcher, PrefillJob
 
 log = logging.getLogger(__name__)
 
 # When the rank only waits on the network (no forward to run), it naps this long per loop turn instead
 # of spinning: the cores belong to the forwards (and, on one host, to the decode instance).
 WAIT_NAP_S = 0.0005
+
+
+class _LockstepBatcher:
+    """The batcher in the shape `LockstepStepper` drives (`has_work`, `step`); the step's finished chunks
+    are kept in `chunks`. Lockstep: with several DP groups, every rank runs one forward (maybe an empty
+    MoE one) per loop turn, so expert-parallel collectives line up across the instance."""
+
+    def __init__(self, batcher: PrefillBatcher) -> None:
+        self.batcher = batcher
+        self.chunks: list[ChunkDone] = []
+
+    def has_work(self) -> bool:
+        return self.batcher.has_work()
+
+    def step(self) -> StepResult:
+        self.chunks = self.batcher.step()
+        return StepResult([], [])
 
 
 @dataclass(eq=False)
@@ -67,6 +89,12 @@ class PrefillRunner:
         self.engine = engine
         self.batcher = PrefillBatcher(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running)
         self.agreement = GroupAgreement(ctx)
+        self._steps = _LockstepBatcher(self.batcher)
+        parallel = engine.parallel
+        # The work flag is control traffic: a gloo group even when the model's collectives use NCCL.
+        control = (torch.distributed.new_group(backend="gloo")
+                   if parallel.dp_size > 1 and engine.model.device.type == "cuda" else None)
+        self.stepper = LockstepStepper(self._steps, engine.model, parallel, engine.moe, control)  # type: ignore[arg-type]
         self.transport = RankTransport(kv, "prefill", ctx.rank, engine.kv_pool.tensor)
         try:
             info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host)
@@ -115,19 +143,25 @@ class PrefillRunner:
         outs, self._pending = self._pending, []
         if self.rooms:
             self._settle(outs)
-        if self.batcher.has_work():
-            for chunk in self.batcher.step():
-                sender = self.rooms[chunk.job.rid].sender
-                sender.send(chunk.pages, chunk.position, last=chunk.last)
-                if chunk.last:
-                    assert chunk.job.first_token is not None
-                    sender.send_aux(chunk.job.first_token, chunk.job.first_logprob)
-        elif self.rooms:
+        forwards = self.stepper.forwards
+        self._steps.chunks = []
+        self.stepper.step()  # on every rank, also those without work (MoE collectives)
+        for chunk in self._steps.chunks:
+            sender = self.rooms[chunk.job.rid].sender
+            sender.send(chunk.pages, chunk.position, last=chunk.last)
+            if chunk.last:
+                assert chunk.job.first_token is not None
+                sender.send_aux(chunk.job.first_token, chunk.job.first_logprob)
+        if self.rooms and self.stepper.forwards == forwards:
             time.sleep(WAIT_NAP_S)
         return outs
 
     def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:
         """SGLang's rule, so the decode side knows where the KV is: `data_parallel_rank`, else room % dp."""
+        if request.sampling.seed is None and request.sampling.temperature > 0:
+            # Rank 0 draws the seed before the broadcast, so every rank of the DP group samples the same
+            # first token (unseeded per-rank generators would diverge).
+            request.sampling.seed = random.getrandbits(63)
         boot = request.bootstrap
         if boot is None:
             return least_loaded(loads)
@@ -155,6 +189,9 @@ class PrefillRunner:
             self.batcher.release(room.job)
         self.rooms.clear()
         self.transport.close()
+        self.stepper.close()
+        if self.engine.moe is not None:
+            self.engine.moe.close()
         self.engine.kv_pool.close()
 
     # --- rooms --------------------------------------------------------------------------------------
