@@ -8,13 +8,13 @@ second on a machine with no GPU stack.
 
 from router.config import RouterConfig, WorkerSpec
 
-__all__ = ["RouterConfig", "WorkerSpec", "create_app"]
+__all__ = ["RouterApp", "RouterConfig", "WorkerSpec"]
 
 
 def __getattr__(name: str) -> object:
-    # create_app pulls in aiohttp.web (~0.2 s): imported on first use so `--help` stays instant.
-    if name == "create_app":
-        from router.app import create_app
+    # RouterApp pulls in the serving modules: imported on first use so `--help` stays instant.
+    if name == "RouterApp":
+        from router.app import RouterApp
 
-        return create_app
+        return RouterApp
     raise AttributeError(name)

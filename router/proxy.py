@@ -16,10 +16,10 @@ import random
 from typing import TYPE_CHECKING
 
 import orjson
-from aiohttp import web
 
 from router.config import Role
 from router.errors import RouterError, error_body, is_openai_error
+from router.http_server import HttpConnection
 from router.inbound import InboundRequest, abort_rids, worker_body
 from router.upstream import StaleConnection, UpstreamConnection, UpstreamError, UpstreamTimeout, build_request
 
@@ -37,7 +37,7 @@ _CLIENT_LOW_WATER = 256 << 10
 class PrefillFailed(UpstreamError):
     """Prefill answered with an error status before decode sent anything: the client gets it."""
 
-    def __init__(self, status: int, body: bytes, content_type: str) -> None:
+    def __init__(self, status: int, body: bytes, content_type: bytes) -> None:
         super().__init__(f"prefill answered {status}")
         self.status = status
         self.body = body
@@ -98,7 +98,7 @@ class PrefillJob:
             conn.send_sink(self._request, self._deadline, self._on_answer)
         except StaleConnection as exc:
             conn.close()
-            self._on_answer(0, b"", "", exc)
+            self._on_answer(0, b"", b"", exc)
 
     def _connect_in_task(self, fresh: bool) -> None:
         self._task = asyncio.get_running_loop().create_task(self._connect_then_send(fresh))
@@ -108,14 +108,14 @@ class PrefillJob:
         try:
             conn = await self._state.pool.connect(w.host, w.port, fresh=fresh)
         except UpstreamError as exc:
-            self._on_answer(0, b"", "", exc)
+            self._on_answer(0, b"", b"", exc)
             return
         if self._done:  # aborted while connecting: the unused connection simply closes
             conn.close()
             return
         self._send_on(conn)
 
-    def _on_answer(self, status: int, body: bytes, content_type: str, exc: BaseException | None) -> None:
+    def _on_answer(self, status: int, body: bytes, content_type: bytes, exc: BaseException | None) -> None:
         if self._done:
             return
         if isinstance(exc, StaleConnection) and not self._resent:
@@ -178,7 +178,9 @@ class Proxy:
         policy = state.prefill_policy if role is Role.PREFILL else state.decode_policy
         return policy.choose(candidates, inbound.prompt_key)
 
-    async def forward(self, request: web.Request, inbound: InboundRequest, rid: str, fwd_headers: bytes):
+    async def forward(self, client: HttpConnection, inbound: InboundRequest, rid: str, rid_b: bytes,
+                      fwd_headers: bytes) -> None:
+        """Serve `inbound` through a (prefill, decode) pair and answer `client`; `rid_b` is `rid` encoded."""
         state = self._state
         cfg = state.config
         loop = asyncio.get_running_loop()
@@ -195,7 +197,7 @@ class Proxy:
             prefill = None if decode_only else self._choose(Role.PREFILL, inbound, tried, last)
             try:
                 return await self._attempt(
-                    request, inbound, prefill, decode, rid, fwd_headers, started, deadline,
+                    client, inbound, prefill, decode, rid, rid_b, fwd_headers, started, deadline,
                     last_attempt=attempt == cfg.max_retries,
                 )
             except _Retry as retry:
@@ -208,16 +210,17 @@ class Proxy:
 
     async def _attempt(
         self,
-        request: web.Request,
+        client: HttpConnection,
         inbound: InboundRequest,
         prefill: Worker | None,
         decode: Worker,
         rid: str,
+        rid_b: bytes,
         fwd_headers: bytes,
         started: float,
         deadline: float,
         last_attempt: bool,
-    ) -> web.StreamResponse:
+    ) -> None:
         state = self._state
         path = inbound.kind.value
         rids = abort_rids(inbound, rid)
@@ -256,14 +259,14 @@ class Proxy:
                         if status >= 500:
                             job.abort()
                     done = True
-                    return passthrough_response(status, conn.content_type(), data, rid)
+                    return passthrough(client, status, conn.content_type(), data, rid_b)
                 first = await conn.read_chunk()
                 decode.stats.ttft.observe(loop.time() - started)
                 if not inbound.stream:
                     data = first + await conn.read_all() if first else first
             except PrefillFailed as pf:
                 state.stats.count_error(f"prefill_{pf.status}")
-                return passthrough_response(pf.status, pf.content_type, pf.body, rid)
+                return passthrough(client, pf.status, pf.content_type, pf.body, rid_b)
             except PrefillUnreachable as exc:
                 assert prefill is not None
                 raise _Retry(prefill, exc) from None
@@ -281,10 +284,9 @@ class Proxy:
                 job.committed = True
             if not inbound.stream:
                 done = True
-                return passthrough_response(conn.status, conn.content_type(), data, rid)
-            resp = await self._stream(request, conn, first, rid, decode)
+                return passthrough(client, conn.status, conn.content_type(), data, rid_b)
+            await self._stream(client, conn, first, rid_b, decode)
             done = True
-            return resp
         finally:
             decode.in_flight -= 1
             state.active.pop(rid, None)
@@ -300,51 +302,35 @@ class Proxy:
                 state.registry.release_if_drained(decode)
 
     async def _stream(
-        self, request: web.Request, conn: UpstreamConnection, first: bytes, rid: str, decode: Worker
-    ) -> web.StreamResponse:
-        resp = web.StreamResponse(
-            status=conn.status,
-            headers={
-                "Content-Type": conn.content_type("text/event-stream"),
-                "Cache-Control": "no-cache",
-                "X-Request-ID": rid,
-            },
-        )
-        await resp.prepare(request)
+        self, client: HttpConnection, conn: UpstreamConnection, first: bytes, rid_b: bytes, decode: Worker
+    ) -> None:
+        client.start_stream(conn.status, conn.content_type(b"text/event-stream"),
+                            b"Cache-Control: no-cache\r\nX-Request-ID: " + rid_b + b"\r\n")
+        # Body bytes go to the client socket straight from the upstream socket's callback: one
+        # write per upstream read and no task switch in between.
+        write = client.write
         try:
             if first:
-                await resp.write(first)  # through aiohttp: sends the buffered head with it
-            transport = request.transport
-            if transport is None:
-                raise ConnectionResetError("client went away")
-
-            # aiohttp chose the framing in prepare(): chunked for HTTP/1.1, raw until close for HTTP/1.0.
-            chunked = "chunked" in resp.headers.get("Transfer-Encoding", "")
-
-            def write(data: bytes) -> None:
-                # Written straight to the client socket from the upstream socket's callback: one
-                # syscall per upstream read and no task switch in between.
-                if not transport.is_closing():
-                    transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+                write(first)
 
             def congested() -> bool:
-                return transport.get_write_buffer_size() > _CLIENT_HIGH_WATER
+                return client.write_buffer_size() > _CLIENT_HIGH_WATER
 
             while not await conn.relay(write, congested):
-                while transport.get_write_buffer_size() > _CLIENT_LOW_WATER:  # a slow client
-                    if transport.is_closing():
+                while client.write_buffer_size() > _CLIENT_LOW_WATER:  # a slow client
+                    if client.closing:
                         raise ConnectionResetError("client went away")
                     await asyncio.sleep(0.005)
         except UpstreamError as exc:
             # Headers are out: the error can only be told in the stream itself (as SGLang does).
             decode.stats.errors += 1
             self._state.stats.count_error("timeout" if isinstance(exc, UpstreamTimeout) else "stream_broken")
-            await resp.write(b"data: " + error_body(502, f"decode worker failed mid-stream: {exc}") + b"\n\n")
-        await resp.write_eof()
-        return resp
+            write(b"data: " + error_body(502, f"decode worker failed mid-stream: {exc}") + b"\n\n")
+        client.end_stream()
 
 
-def passthrough_response(status: int, content_type: str | None, body: bytes, rid: str) -> web.Response:
+def passthrough(client: HttpConnection, status: int, content_type: bytes | None, body: bytes, rid_b: bytes) -> None:
+    """Answer `client` with a worker's answer; an error that is not OpenAI-shaped is wrapped into one."""
     if status >= 400 and not is_openai_error(body):
         # A worker's non-OpenAI error (plain text, FastAPI `detail`, ...) is wrapped into the contract.
         try:
@@ -353,8 +339,5 @@ def passthrough_response(status: int, content_type: str | None, body: bytes, rid
             detail = body.decode("utf-8", "replace")
         message = detail.get("detail") or detail.get("message") if isinstance(detail, dict) else None
         body = error_body(status, str(message or detail or f"worker answered {status}"))
-        content_type = "application/json"
-    return web.Response(
-        body=body, status=status,
-        headers={"Content-Type": content_type or "application/json", "X-Request-ID": rid},
-    )
+        content_type = b"application/json"
+    client.respond(status, body, content_type or b"application/json", b"X-Request-ID: " + rid_b + b"\r\n")

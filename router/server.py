@@ -13,10 +13,9 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 
-from aiohttp import web
-
-from router.app import create_app
+from router.app import RouterApp
 from router.config import RouterConfig
 
 log = logging.getLogger("router")
@@ -24,20 +23,18 @@ log = logging.getLogger("router")
 
 async def serve(config: RouterConfig, ready: asyncio.Event | None = None) -> None:
     """Serve until cancelled (SIGINT/SIGTERM in `run`)."""
-    app = create_app(config)
-    # handler_cancellation: a client that disconnects cancels its handler, which aborts both workers.
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0)
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_port=config.processes > 1, backlog=1024)
-    await site.start()
+    app = RouterApp(config)
+    await app.start()
     log.info("router (pid %d) listening on http://%s:%d", os.getpid(), config.host, config.port)
-    print(f"router ready on http://{config.host}:{config.port} pid={os.getpid()}", flush=True)
+    # One write() of one line: lines of several processes sharing the pipe never interleave.
+    sys.stdout.write(f"router ready on http://{config.host}:{config.port} pid={os.getpid()}\n")
+    sys.stdout.flush()
     if ready is not None:
         ready.set()
     try:
         await asyncio.Event().wait()
     finally:
-        await runner.cleanup()
+        await app.close()
 
 
 def _run_one(config: RouterConfig) -> None:

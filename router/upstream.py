@@ -22,7 +22,7 @@ _MAX_HEAD_BYTES = 64 * 1024
 _PAUSE_READING_AT = 1 << 20  # unread body bytes held per connection before reading from the socket pauses
 
 
-SinkCallback: TypeAlias = "Callable[[int, bytes, str, BaseException | None], None]"
+SinkCallback: TypeAlias = "Callable[[int, bytes, bytes, BaseException | None], None]"
 
 
 class UpstreamError(Exception):
@@ -213,13 +213,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._headers = headers
         return self._headers
 
-    def content_type(self, default: str = "application/json") -> str:
+    def content_type(self, default: bytes = b"application/json") -> bytes:
         low = self._head.lower()  # same length as the head: indexes carry over to the original case
         i = low.find(b"\r\ncontent-type:")
         if i < 0:
             return default
         end = low.find(b"\r\n", i + 15)
-        return self._head[i + 15 : end if end >= 0 else None].strip().decode("latin-1")
+        return self._head[i + 15 : end if end >= 0 else None].strip()
 
     _method_is_head = False
 
@@ -257,7 +257,7 @@ class UpstreamConnection(asyncio.Protocol):
         status = self.status
         body = b"".join(self._pieces)
         self._pieces.clear()
-        content_type = self.content_type() if self._head else ""
+        content_type = self.content_type() if self._head else b""
         if exc is None:
             self._finish()  # back to the pool (keep-alive) before the callback may reuse it
         callback(status, body, content_type, exc)

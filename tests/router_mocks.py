@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import web
 
-from router import RouterConfig, WorkerSpec, create_app
-from router.app import STATE_KEY
+from router import RouterConfig, WorkerSpec
+from router.app import RouterApp
 from router.config import Role
 from router.state import RouterState
 
@@ -196,16 +196,12 @@ async def cluster(n_prefill: int = 1, n_decode: int = 1, **config: object) -> As
         port=0,
         **config,  # type: ignore[arg-type]
     )
-    app = create_app(cfg)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    await web.SockSite(runner, sock).start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    app = RouterApp(cfg)
+    await app.start()
+    url = f"http://127.0.0.1:{app.port}"
     try:
-        yield Cluster(prefill, decode, url, app[STATE_KEY])
+        yield Cluster(prefill, decode, url, app.state)
     finally:
-        await runner.cleanup()
+        await app.close()
         for w in (*prefill, *decode):
             await w.stop()
