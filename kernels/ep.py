@@ -88,7 +88,8 @@ class LowLatencyDispatchOutput:
     """Low-latency dispatch result: DeepEP's masked layout.
 
     Attributes:
-        recv_x: ``[E_local, ep_size * budget, D]``; rows ``[0, recv_count[e])`` of expert ``e`` are real.
+        recv_x: ``[E_local, ep_size * budget, D]``; rows ``[0, recv_count[e])`` of expert ``e`` are real,
+            the rows after them are undefined (as in DeepEP).
         recv_count: ``[E_local]`` int64 on the device (no host sync).
         handle: pass to ``low_latency_combine``.
     """
@@ -255,7 +256,7 @@ class Dispatcher:
         picks = picks[:, :num_experts]
         slots = (picks.cumsum(dim=0) - picks).gather(1, ids.clamp(min=0))
         source_rows = torch.where(ids >= 0, ids * budget + slots, dump)
-        self._ll_send[:dump].zero_()
+        # No zeroing between steps: unused slots travel but are never read (they pack onto padding rows).
         self._ll_send.index_copy_(0, source_rows.flatten(),
                                   x.unsqueeze(1).expand(-1, ids.shape[1], -1).reshape(-1, x.shape[1]))
         send_counts = picks.sum(dim=0)  # [E] = [dest rank, local expert]
@@ -270,7 +271,7 @@ class Dispatcher:
         expert_base = (torch.arange(local, device=ids.device) * padded_rows).view(1, local, 1)
         used = slot.view(1, 1, -1) < recv_counts.unsqueeze(-1)
         pack_index = expert_base + torch.where(used, offsets.unsqueeze(-1) + slot.view(1, 1, -1), padded_rows - 1)
-        packed = torch.zeros(local * padded_rows, self.hidden_size, dtype=x.dtype, device=x.device)
+        packed = torch.empty(local * padded_rows, self.hidden_size, dtype=x.dtype, device=x.device)
         packed.index_copy_(0, pack_index.flatten(), recv)  # unused slots all land on the padding rows
         recv_x = packed.view(local, padded_rows, -1)[:, : padded_rows - 1]
         handle = LowLatencyHandle(pack_index.flatten(), source_rows, num_tokens)
