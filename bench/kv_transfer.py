@@ -36,19 +36,19 @@ from kvtransfer.engines.staging import PageStager
 from kvtransfer.layout import PageLayout, layer_descriptors, page_descriptors
 
 MIB = 1 << 20
-# Engine variants tried per engine: what lowers the per-descriptor cost. The first is the engine default.
+# Engine variants tried per engine: what lowers the per-descriptor cost. "default" is the engine's default
+# (NIXL: 4 UCX threads, chosen from the GPU runs in bench/results/kv_transfer_cuda_h100_*; those files'
+# "default" is the older default of 0 threads, their "threads4" today's default).
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "nixl": {
         "default": {},
-        "threads4": {"num_threads": 4},
+        "threads0": {"num_threads": 0},
         "threads8": {"num_threads": 8},
-        "t8split32m": {"num_threads": 8, "split_bytes": 32 * MIB},
-        "t4split64m": {"num_threads": 4, "split_bytes": 64 * MIB},
         "chunk512": {"max_descs_per_request": 512},
     },
     "mooncake": {"default": {}, "batch256": {"max_descs_per_batch": 256}},
 }
-QUICK_VARIANTS = {"nixl": ["default", "threads4"], "mooncake": ["default"]}
+QUICK_VARIANTS = {"nixl": ["default", "threads0"], "mooncake": ["default"]}
 
 
 @dataclass
@@ -449,7 +449,8 @@ def plot(path: Path, cases: list[Case], meta: dict[str, Any]) -> None:
     fig, axes = plt.subplots(len(rows), len(page_sizes), figsize=(4.2 * len(page_sizes), 3.0 * len(rows)),
                              squeeze=False, sharey=True)
     styles = {("contiguous", "cross-layer"): "C0-o", ("fragmented", "cross-layer"): "C1-o",
-              ("contiguous", "per-layer"): "C0:x", ("fragmented", "per-layer"): "C1:x"}
+              ("contiguous", "per-layer"): "C0:x", ("fragmented", "per-layer"): "C1:x",
+              ("fragmented", "staged"): "C2--s"}
     for r, (engine, variant) in enumerate(rows):
         for col, page in enumerate(page_sizes):
             ax = axes[r][col]
@@ -480,6 +481,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dst-device", default=None, help="destination pool (default: same as --device)")
     parser.add_argument("--json", type=Path, default=None, help="write every case here, and a PNG beside it")
     parser.add_argument("--quick", action="store_true", help="a short run: 1k/4k prompts, 16/64-token pages")
+    parser.add_argument("--replot", type=Path, default=None, help="redraw the PNG of an earlier --json file")
     parser.add_argument("--layers", type=int, default=61)
     parser.add_argument("--token-dim", type=int, default=576, help="values per token per layer")
     parser.add_argument("--dtype", default="bfloat16")
@@ -509,6 +511,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        body = json.loads(args.replot.read_text())
+        plot(args.replot.with_suffix(".png"), [Case(**c) for c in body["cases"]], body["meta"])
+        return
     started = time.perf_counter()
     print(HEADER)
     cases = run(args)

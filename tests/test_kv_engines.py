@@ -21,7 +21,10 @@ from kvtransfer.layout import AuxLayout, PageLayout, coalesce_pairs, layer_descr
 
 SHAPE = (32, 4, 4, 16)  # pages, layers, tokens per page, values per token: 512 B per layer, 2 KiB per page
 # Engine options per case: small batches so one write spans several NIXL requests / Mooncake batches.
-CHUNKED = {"nixl": {"max_descs_per_request": 2, "split_bytes": 1536}, "mooncake": {"max_descs_per_batch": 2, "transfer_timeout_s": 5}}
+CHUNKED = {
+    "nixl": {"max_descs_per_request": 2, "split_bytes": 1536},
+    "mooncake": {"max_descs_per_batch": 2, "transfer_timeout_s": 5},
+}
 PLAIN: dict[str, dict[str, Any]] = {"nixl": {}, "mooncake": {"transfer_timeout_s": 5}}
 KINDS = ["nixl", "mooncake"]
 
