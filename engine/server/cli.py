@@ -56,7 +56,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
     args.model = resolve_model_dir(args.model)
     return EngineArgs(model_dir=args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed,
                       page_size=args.page_size, num_pages=args.num_pages, max_total_tokens=args.max_total_tokens,
-                      max_prefill_tokens=args.max_prefill_tokens, max_running=args.max_running_requests)
+                      max_prefill_tokens=args.max_prefill_tokens, max_running=args.max_running_requests,
+                      ep_backend=args.ep_backend)
 
 
 def instance_spec(args: argparse.Namespace) -> InstanceSpec:

@@ -22,6 +22,7 @@ from aiohttp import web
 from ..config import ModelConfig
 from ..runtime.bridge import RankBridge
 from ..runtime.launch import InstanceSpec, RankContext, ipc_addr, launch
+from ..runtime.offline import check_layout
 from ..tokenizer import load_tokenizer
 from .app import ServerConfig, WorkerApp
 from .cli import instance_spec
@@ -120,6 +121,9 @@ def serve(args: argparse.Namespace, role: str, entry: Callable[[RankContext], No
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     spec = instance_spec(args)
     model_dir = resolve_model_dir(args.model)
+    engine_args = role_args.get("engine")
+    if engine_args is not None:  # refuse a layout the model cannot split before any rank starts
+        check_layout(spec, engine_args)
     if spec.node_rank != 0:  # headless node: its ranks join node 0's instance
         inbox, outbox = zmq_addresses(spec)
         procs = launch(spec, entry, inbox, outbox, role_args)
