@@ -1,0 +1,233 @@
+"""A served PD system for the end-to-end tests: router + one prefill + one decode worker, real processes.
+
+Each server runs in its own session (process group), so `stop()` / `kill()` reach its rank processes
+too. Workload helpers send mixed requests (`/generate` and `/v1/completions`, streamed and not) and
+return the generated token ids or text; `wait_idle` checks every pool of a worker is back at its start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.runtime.launch import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 240  # rank processes import torch + a transfer backend; 2 shared cores are slow
+# Ranks of P and D share this machine's cores: one torch thread each avoids OpenMP spin-waiting.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "UCX_MODULES": "^ib", "UCX_NET_DEVICES": "lo"}
+PAGE_SIZE = 16
+# Chunks of 40 tokens end mid-page: a page is sent only once all of its tokens are computed.
+CHUNK_TOKENS = 40
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace_s: float = 20) -> None:
+        """SIGTERM the whole session, SIGKILL what is left after `grace_s`."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        self.signal(signal.SIGKILL)  # ranks the parent could not reap
+        if self.proc.poll() is None:
+            self.proc.wait(10)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def start_server(name: str, module: str, args: Sequence[str], port: int, log_dir: Path) -> Server:
+    log_path = log_dir / f"{name}.log"
+    env = {**os.environ, **WORKER_ENV}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    return Server(name, proc, f"http://127.0.0.1:{port}", log_path)
+
+
+def http(method: str, url: str, body: Any = None, timeout_s: float = 60) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def get_json(url: str) -> dict[str, Any]:
+    status, body = http("GET", url, timeout_s=10)
+    assert status == 200, (url, status, body[:300])
+    return json.loads(body)
+
+
+class PDSystem:
+    """Router + prefill + decode on one machine. `close()` stops all three.
+
+    Args:
+        model_dir: checkpoint both workers serve.
+        log_dir: where each server's log goes (shown when start-up fails).
+        backend: "nixl" | "mooncake".
+        prefill_layout / decode_layout: extra parallel flags, e.g. ("--tp", "2", "--dp", "2").
+        peer_timeout_s: the KV plane's dead-peer timeout on both workers.
+    """
+
+    def __init__(self, model_dir: Path, log_dir: Path, backend: str, prefill_layout: Sequence[str] = (),
+                 decode_layout: Sequence[str] = (), peer_timeout_s: float = 5.0) -> None:
+        self.backend = backend
+        self.bootstrap_port = free_port()
+        p_port, d_port, r_port = free_port(), free_port(), free_port()
+        common = ["--model", str(model_dir), "--host", "127.0.0.1", "--transfer-backend", backend,
+                  "--page-size", str(PAGE_SIZE), "--max-prefill-tokens", str(CHUNK_TOKENS),
+                  "--max-total-tokens", "8192", "--kv-peer-timeout", str(peer_timeout_s), "--log-level", "warning"]
+        self.servers: list[Server] = []
+        try:
+            self.prefill = self._add(start_server(
+                "prefill", "prefill_worker",
+                [*common, *prefill_layout, "--port", str(p_port), "--bootstrap-port", str(self.bootstrap_port)],
+                p_port, log_dir))
+            self.decode = self._add(start_server("decode", "decode_worker", [*common, *decode_layout, "--port",
+                                                                             str(d_port)], d_port, log_dir))
+            self._wait_healthy([self.prefill, self.decode])
+            # Health every 0.5 s and ejection at the first failure: the kill test sees it at once.
+            self.router = self._add(start_server(
+                "router", "router",
+                ["--host", "127.0.0.1", "--port", str(r_port), "--prefill", self.prefill.url,
+                 str(self.bootstrap_port), "--decode", self.decode.url, "--health-interval", "0.5",
+                 "--health-failure-threshold", "1", "--max-retries", "1", "--log-level", "warning"],
+                r_port, log_dir))
+            self._wait_healthy([self.router])
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, server: Server) -> Server:
+        self.servers.append(server)
+        return server
+
+    def _wait_healthy(self, servers: list[Server]) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        pending = list(servers)
+        while pending:
+            for server in list(pending):
+                if server.proc.poll() is not None:
+                    raise RuntimeError(f"{server.name} exited with {server.proc.returncode}:\n{server.log_tail()}")
+                try:
+                    if http("GET", server.url + "/health", timeout_s=5)[0] == 200:
+                        pending.remove(server)
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("not healthy in time: " + "; ".join(f"{s.name}:\n{s.log_tail()}" for s in pending))
+            time.sleep(0.3)
+
+    def close(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+
+
+IDLE_KEYS = ("free_pages", "live_rooms", "free_aux_slots", "inflight_handles", "active_requests")
+
+
+def idle_problems(info: dict[str, Any]) -> list[str]:
+    problems = []
+    if info.get("free_pages") != info.get("total_pages"):
+        problems.append(f"free_pages {info.get('free_pages')} of {info.get('total_pages')}")
+    if info.get("free_aux_slots") != info.get("total_aux_slots"):
+        problems.append(f"free_aux_slots {info.get('free_aux_slots')} of {info.get('total_aux_slots')}")
+    for key in ("live_rooms", "inflight_handles", "active_requests"):
+        if info.get(key) != 0:
+            problems.append(f"{key} {info.get(key)}")
+    return problems
+
+
+def wait_idle(url: str, timeout_s: float = 15) -> dict[str, Any]:
+    """/server_info once every pool is back at its idle count; AssertionError naming what is not."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = get_json(url + "/server_info")
+        problems = idle_problems(info)
+        if not problems:
+            return info
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} not idle after {timeout_s} s: {problems}")
+        time.sleep(0.2)
+
+
+# --- workload -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """One request of a mixed workload: prompt ids, how many tokens, which endpoint, streamed or not."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    endpoint: str  # "/generate" | "/v1/completions"
+    stream: bool
+
+
+def mixed_cases(n: int, seed: int, vocab: int, max_prompt: int = 300) -> list[Case]:
+    """Prompts from 1 token to several chunks long, 1 to 16 new tokens, every endpoint x stream mode."""
+    rng = random.Random(seed)
+    cases = []
+    for i in range(n):
+        length = [1, 7, PAGE_SIZE, CHUNK_TOKENS, CHUNK_TOKENS + 1][i] if i < 5 else rng.randrange(2, max_prompt)
+        prompt = [rng.randrange(2, vocab) for _ in range(length)]
+        endpoint = "/generate" if i % 4 < 2 else "/v1/completions"
+        cases.append(Case(prompt, rng.randrange(1, 17), endpoint, stream=i % 2 == 1))
+    return cases
+
+
+def _body(case: Case) -> dict[str, Any]:
+    if case.endpoint == "/generate":
+        return {"input_ids": case.prompt, "stream": case.stream,
+                "sampling_params": {"max_new_tokens": case.max_new_tokens, "temperature": 0}}
+    return {"model": "tiny", "prompt": case.prompt, "max_tokens": case.max_new_tokens, "temperature": 0,
+            "stream": case.stream}
+
+
+def run_case(base_url: str, case: Case, timeout_s: float = 120) -> dict[str, Any]:
+    """{"status", "ids" (generate) or "text" (completions), "error"} of one request."""
+    status, raw = http("POST", base_url + case.endpoint, _body(case), timeout_s)
+    if status != 200:
+        return {"status": status, "error": raw.decode(errors="replace")}
+    if not case.stream:
+        doc = json.loads(raw)
+        if case.endpoint == "/generate":
+            return {"status": status, "ids": doc["output_ids"]}
+        return {"status": status, "text": doc["choices"][0]["text"]}
+    events = [json.loads(line[6:]) for line in raw.decode().splitlines()
+              if line.startswith("data: {")]
+    errors = [e["error"] for e in events if "error" in e]
+    if errors:
+        return {"status": status, "error": json.dumps(errors[0])}
+    if case.endpoint == "/generate":
+        return {"status": status, "ids": events[-1]["output_ids"]}
+    return {"status": status, "text": "".join(c["text"] for e in events for c in e["choices"])}
