@@ -31,6 +31,9 @@ class ForwardBatch:
             the full context whose latent is decompressed to K/V.
         kv_pool: the pool the page indices refer to (read and written by every layer).
         return_all_logits: also return logits of every new token (tests, scoring).
+        graph_safe: DECODE only, set by ``engine.cuda_graph``: the forward must be capturable in a CUDA
+            graph (no host sync, no data-dependent shape): masked-layout MoE, rope computed from the
+            positions, logits of every row (each row is one sequence's only new token).
     """
 
     mode: ForwardMode
@@ -48,6 +51,7 @@ class ForwardBatch:
     read_pages: torch.Tensor | None
     read_slots: torch.Tensor | None
     return_all_logits: bool = False
+    graph_safe: bool = False
 
     @property
     def batch_size(self) -> int:

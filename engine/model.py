@@ -7,7 +7,7 @@ from torch import nn
 
 from engine.attention import MLAttention
 from engine.config import ModelConfig
-from engine.forward_batch import ForwardBatch, ForwardOutput
+from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
 from engine.layers import ParallelLMHead, RMSNorm, VocabParallelEmbedding
 from engine.moe import DenseMLP, Dispatcher, MoEBlock
 from engine.parallel import ParallelContext
@@ -32,6 +32,8 @@ class DecoderLayer(nn.Module):
                 sin: torch.Tensor) -> torch.Tensor:
         kv_cache = batch.kv_pool.layer(self.layer_id)
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), batch, rope, cos, sin, kv_cache)
+        if batch.graph_safe and isinstance(self.mlp, MoEBlock):
+            return hidden + self.mlp(self.post_attention_layernorm(hidden), graph_safe=True)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -67,9 +69,19 @@ class DeepseekForCausalLM(nn.Module):
             raise ValueError(f"KV pool has {batch.kv_pool.num_layers} layers, model has "
                              f"{self.config.num_hidden_layers}")
         hidden = self.model.embed_tokens(batch.input_ids)
-        cos, sin = self.rope.cos_sin(batch.positions)
+        if batch.graph_safe:
+            if batch.mode is not ForwardMode.DECODE or batch.return_all_logits:
+                raise ValueError("graph_safe batches are DECODE batches without return_all_logits")
+            # The cos/sin table grows on a host sync (positions.max()), which a capture forbids: compute
+            # the rows from the positions instead (same float32 math as the table).
+            freqs = batch.positions.float()[:, None] * self.rope.inv_freq[None, :]
+            cos, sin = freqs.cos() * self.rope.scale, freqs.sin() * self.rope.scale
+        else:
+            cos, sin = self.rope.cos_sin(batch.positions)
         for layer in self.model.layers:
             hidden = layer(hidden, batch, self.rope, cos, sin)
+        if batch.graph_safe:
+            return ForwardOutput(self.lm_head(self.model.norm(hidden)))
         last = batch.cu_seqlens_q[1:].long() - 1
         if batch.return_all_logits:
             all_logits = self.lm_head(self.model.norm(hidden))

@@ -127,6 +127,41 @@ class LocalDispatcher:
         return all_reduce(expert_out, self.group, self.group_size)
 
 
+def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``kernels.moe_forward``'s contract, computed with fixed shapes and no host sync (CUDA graphs).
+
+    Scatter the (token, slot) rows into the masked layout ``[E, capacity, D]`` + per-expert counts, run
+    ``kernels.moe_forward_masked``, gather the rows back and sum them per token. Capacity is the token
+    count T: top-k picks distinct experts, so no expert gets more than T rows (tighter than T * top_k).
+    Rows keep (token, slot) order inside an expert and each token's experts are summed in ascending
+    expert order, as the contiguous reference does, so fp32 results match it closely.
+    """
+    num_tokens, top_k = topk_ids.shape
+    num_experts, hidden_dim = w13.shape[0], hidden.shape[1]
+    flat = topk_ids.reshape(-1).long()
+    valid = flat >= 0  # -1: expert on another rank
+    expert = torch.where(valid, flat, num_experts)  # sentinel column for rows that go nowhere
+    # [T*K, E+1], tiny for decode batches (not F.one_hot/repeat_interleave: they may sync to size outputs)
+    one_hot = (expert[:, None] == torch.arange(num_experts + 1, device=hidden.device)).long()
+    slot = (one_hot.cumsum(0) - 1).gather(1, expert[:, None]).squeeze(1)  # rank of the row in its expert
+    counts = one_hot[:, :num_experts].sum(0)
+    dump = num_experts * num_tokens  # one extra row takes every invalid row's write; never read
+    dest = torch.where(valid, expert * num_tokens + slot, dump)
+    token_of = torch.arange(num_tokens * top_k, device=hidden.device) // top_k
+    rows = hidden.new_zeros(dump + 1, hidden_dim).index_copy_(0, dest, hidden[token_of])
+    x = rows[:dump].view(num_experts, num_tokens, hidden_dim)
+    y = kernels.moe_forward_masked(x, counts, w13, w2).reshape(dump, hidden_dim)
+    picked = y[torch.where(valid, dest, 0)] * topk_weights.reshape(-1, 1).to(y.dtype)
+    picked = torch.where(valid[:, None], picked, 0).view(num_tokens, top_k, hidden_dim)
+    order = topk_ids.argsort(dim=1)  # -1 first: those rows add an exact zero
+    picked = picked.gather(1, order[:, :, None].expand(-1, -1, hidden_dim))
+    out = torch.zeros_like(hidden)
+    for k in range(top_k):
+        out = out + picked[:, k]
+    return out
+
+
 class MoEBlock(nn.Module):
     """Routed experts (this rank's contiguous range) plus the always-on shared experts."""
 
@@ -149,14 +184,18 @@ class MoEBlock(nn.Module):
                                            reduce_output=False)
         self.ctx = ctx
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
+        """``graph_safe``: CUDA-graph decode (engine.cuda_graph) — the experts run on the masked
+        fixed-capacity layout (``moe_forward_static``), which has no host sync and no data-dependent shape."""
         if self.ctx.dp_size > 1 and isinstance(self.dispatcher, LocalDispatcher):
             # Its all-reduce assumes every rank holds the same tokens; DP groups hold different ones.
             raise RuntimeError("dp_size > 1 needs an expert-parallel dispatcher (engine.ep_moe)")
+        if graph_safe and not isinstance(self.dispatcher, LocalDispatcher):
+            raise RuntimeError("the graph-safe MoE path runs with the local dispatcher only")
         topk_weights, topk_ids = self.gate(hidden)
         dispatched = self.dispatcher.dispatch(hidden, topk_ids, topk_weights)
-        expert_out = kernels.moe_forward(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights,
-                                         self.w13, self.w2)
+        expert = moe_forward_static if graph_safe else kernels.moe_forward
+        expert_out = expert(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, self.w13, self.w2)
         if self.shared_experts is not None:
             # Added before combine so one reduction covers both (shared output is a TP partial sum).
             # An EP dispatcher that moves tokens adds the shared output after combine instead.
