@@ -102,6 +102,29 @@ class Child:
         self.conn.close()
 
 
+class DecodeChild(Child):
+    """A decode rank in a child process, with the in-process `DecodeRank`'s methods (one round trip each)."""
+
+    def __init__(self, kind: str, rank_info: RankInfo) -> None:
+        super().__init__("decode", kind=kind, rank_info=rank_info, shape=SHAPE, timeouts=TIMEOUTS,
+                         engine_options=OPTIONS[kind])
+
+    def start(self, *args: Any) -> Any:
+        return self.call("start", *args)
+
+    def result(self, room: int, timeout_s: float = 0) -> Any:  # type: ignore[override]
+        return self.call("result", room, timeout_s, timeout_s=timeout_s + 20)
+
+    def dump(self) -> tuple[bytes, bytes]:
+        return self.call("dump")
+
+    def counts(self) -> dict[str, int]:
+        return self.call("counts")
+
+    def close(self) -> dict[str, int]:
+        return self.call("close")
+
+
 @pytest.fixture
 def cleanup() -> Iterator[list[Any]]:
     """Things to close at the end of a test, whatever happened: children, services, in-process ranks."""
@@ -138,7 +161,7 @@ def start_decode(kind: str, parallel: ParallelLayout, cleanup: list[Any]) -> lis
     return ranks
 
 
-def wait_terminal(decode: DecodeRank, room: int, timeout_s: float = 15) -> tuple[str, str | None, Any]:
+def wait_terminal(decode: Any, room: int, timeout_s: float = 15) -> tuple[str, str | None, Any]:
     deadline = time.monotonic() + timeout_s
     while (result := decode.result(room)) is None:
         assert time.monotonic() < deadline, f"room {room} not terminal after {timeout_s} s"
@@ -159,7 +182,7 @@ def page_bytes(data: bytes | np.ndarray, page: int) -> bytes:
     return bytes(data[page * size : (page + 1) * size])
 
 
-def check_destination(decode: DecodeRank, writes: dict[int, tuple[int, int]]) -> None:
+def check_destination(decode: Any, writes: dict[int, tuple[int, int]]) -> None:
     """`writes`: decode page -> (prefill rank, its page). Every other page must still be SENTINEL."""
     pool, _ = decode.dump()
     sources = {rank: prefill_pool_bytes(SHAPE, rank) for rank, _ in writes.values()}
@@ -171,7 +194,7 @@ def check_destination(decode: DecodeRank, writes: dict[int, tuple[int, int]]) ->
             assert page_bytes(pool, page) == bytes([SENTINEL]) * (SHAPE.nbytes // SHAPE.num_pages), f"page {page}"
 
 
-def assert_idle(prefill: list[Child], decode: list[DecodeRank]) -> None:
+def assert_idle(prefill: list[Child], decode: list[Any]) -> None:
     deadline = time.monotonic() + 5
     while True:
         counts = [c.call("counts") for c in prefill] + [d.counts() for d in decode]
@@ -225,8 +248,10 @@ def test_four_rank_layouts_write_each_decode_page_once_from_the_mapped_real_rank
 ) -> None:
     _skip_without(kind)
     service, prefill = start_prefill(kind, prefill_layout, cleanup)
-    decode = start_decode(kind, decode_layout, cleanup)
-    ready(prefill)
+    decode = [DecodeChild(kind, RankInfo(r, decode_layout.tp_size, decode_layout.dp_size))
+              for r in range(decode_layout.tp_size)]
+    cleanup.extend(decode)
+    ready([*prefill, *decode])  # every rank its own process: up to four
     expected: dict[int, dict[int, tuple[int, int]]] = {d: {} for d in range(len(decode))}
     rooms = [(room, (room // 2) % len(decode)) for room in (40, 41, 42, 43)]  # every real/dummy rotation
     for i, (room, d) in enumerate(rooms):
