@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.runtime.launch import free_port
-
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 240  # rank processes import torch + a transfer backend; 2 shared cores are slow
 # Ranks of P and D share this machine's cores: one torch thread each avoids OpenMP spin-waiting.
@@ -30,6 +29,23 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "UCX_MODULES": "^ib", "UCX_NET_DEVICES": "
 PAGE_SIZE = 16
 # Chunks of 40 tokens end mid-page: a page is sent only once all of its tokens are computed.
 CHUNK_TOKENS = 40
+
+
+_ports = random.Random()
+
+
+def free_port() -> int:
+    """A free port below the kernel's ephemeral range: the workers' own helpers (torch.distributed stores,
+    transfer engines) take ephemeral ports and would otherwise race for ours between pick and bind."""
+    for _ in range(200):
+        port = _ports.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in [20000, 32000)")
 
 
 @dataclass

@@ -1,0 +1,54 @@
+"""Router + 1 prefill + 1 decode with mismatched parallel layouts (DESIGN.md rank mapping): P tp2 -> D tp2 dp2
+(each decode rank reads from one prefill rank, the real source rotating per room) and P tp2 dp2 -> D tp2
+(the room picks P's DP group; both decode ranks read from its one rank). Greedy outputs equal colocated
+generation and every pool of both sides returns to idle.
+
+Four rank processes on 2 cores: by default one engine (NIXL; the tp1 pair covers Mooncake) and 16 requests
+per layout; TANDEM_PD_FULL_MATRIX=1 runs every layout with both engines.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pd_system import PDSystem, mixed_cases, run_case, wait_idle
+from test_pd_tp1 import _backend_missing, check_against_reference, reference, tiny_model  # noqa: F401
+
+from engine.llm import LLM
+
+LAYOUTS = {
+    "P-tp2_to_D-tp2dp2": (("--tp", "2"), ("--tp", "2", "--dp", "2")),
+    "P-tp2dp2_to_D-tp2": (("--tp", "2", "--dp", "2"), ("--tp", "2")),
+}
+
+BACKENDS = ["nixl", "mooncake"] if os.environ.get("TANDEM_PD_FULL_MATRIX") == "1" else ["nixl"]
+
+
+@pytest.fixture(scope="module", params=[(layout, kind) for kind in BACKENDS for layout in LAYOUTS],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+           ) -> Iterator[PDSystem]:
+    layout, kind = request.param
+    missing = _backend_missing(kind)
+    if missing:
+        pytest.skip(missing)
+    prefill_layout, decode_layout = LAYOUTS[layout]
+    pd = PDSystem(tiny_model, tmp_path_factory.mktemp(layout), kind, prefill_layout=prefill_layout,
+                  decode_layout=decode_layout)
+    yield pd
+    pd.close()
+
+
+def test_mismatched_layouts_serve_concurrent_mixed_requests_equal_to_colocated_greedy_outputs(
+        system: PDSystem, reference: LLM) -> None:  # noqa: F811
+    cases = mixed_cases(16, seed=2, vocab=reference.config.vocab_size)
+    with cf.ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(lambda c: run_case(system.router.url, c), cases))
+    check_against_reference(reference, cases, results)
+    for worker in (system.prefill, system.decode):
+        info = wait_idle(worker.url)
+        assert info["num_errors"] == 0
