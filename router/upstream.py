@@ -53,7 +53,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._exc: BaseException | None = None
-        self._deadline: asyncio.TimerHandle | None = None
+        self.deadline_at: float | None = None  # loop.time() instant; watched by the pool's one timer
         self.closed = False
         self.reused = False
         self._received_any = False
@@ -233,7 +233,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange += 1
         self._received_any = False
         if deadline is not None:
-            self._deadline = self._loop.call_at(deadline, self._on_deadline)
+            self.deadline_at = deadline
+            self._pool._watch_deadline(self, deadline)
         self.transport.write(data)
 
     def send_sink(self, data: bytes, deadline: float | None, callback: SinkCallback) -> None:
@@ -365,13 +366,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def _on_deadline(self) -> None:
-        self._deadline = None
         self._fail(UpstreamTimeout("worker did not finish before the request timeout"))
 
     def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        if self.deadline_at is not None:
+            self.deadline_at = None
+            self._pool._timed.discard(self)
 
     def _finish(self) -> None:
         self._cancel_deadline()
@@ -394,6 +394,11 @@ class UpstreamPool:
         self._idle: dict[tuple[str, int], list[tuple[float, UpstreamConnection]]] = {}
         self._open: set[UpstreamConnection] = set()
         self._closed = False
+        # Request deadlines: one loop timer for the pool, due at the earliest deadline, instead of a
+        # timer per request (scheduling and cancelling one costs ~5 µs in uvloop, twice per request).
+        self._timed: set[UpstreamConnection] = set()
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        self._sweep_at = 0.0
 
     @property
     def open_connections(self) -> int:
@@ -479,12 +484,35 @@ class UpstreamPool:
     def _forget(self, conn: UpstreamConnection) -> None:
         self._open.discard(conn)
 
+    def _watch_deadline(self, conn: UpstreamConnection, deadline: float) -> None:
+        self._timed.add(conn)
+        # Deadlines of one router mostly grow with time, so this (re)schedules rarely.
+        if self._sweep_handle is None or deadline < self._sweep_at:
+            if self._sweep_handle is not None:
+                self._sweep_handle.cancel()
+            self._sweep_at = deadline
+            self._sweep_handle = asyncio.get_running_loop().call_at(deadline, self._sweep_deadlines)
+
+    def _sweep_deadlines(self) -> None:
+        self._sweep_handle = None
+        loop = asyncio.get_running_loop()
+        now = loop.time() + 0.001  # uvloop's clock ticks in ms: never re-arm for a deadline a hair away
+        for conn in [c for c in self._timed if c.deadline_at is not None and c.deadline_at <= now]:
+            conn._on_deadline()  # fails and closes it, which drops it from _timed
+        if self._timed:
+            self._sweep_at = min(c.deadline_at or now for c in self._timed)
+            self._sweep_handle = loop.call_at(self._sweep_at, self._sweep_deadlines)
+
     def close(self) -> None:
         """Close every connection, idle or busy; later requests fail with UpstreamError."""
         self._closed = True
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
+        self._timed.clear()
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
 
 
 def _never() -> bool:
