@@ -107,6 +107,7 @@ class KVSender:
                 raise RuntimeError(f"room {self.room}: send_aux called twice")
             self._aux = record
             if self._failure is None:
+                self._manager.service()
                 self._progress(time.monotonic())
 
     def poll(self) -> KVPoll:
