@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from engine.config import ModelConfig
+from engine.cuda_graph import CudaGraphRunner
 from engine.kv_pool import KVPool
 from engine.model import DeepseekForCausalLM
 from engine.sampling import SamplingParams
@@ -55,11 +56,16 @@ class LLM:
         load_format: "auto" (safetensors) or "dummy" (seeded random weights of the config's shapes).
         max_prefill_tokens: chunk size of one prefill forward.
         seed: seed of dummy weights.
+        cuda_graph_max_bs: decode batches of up to this many sequences replay CUDA graphs captured at
+            start-up (engine.cuda_graph); 0 = eager. On CPU the same padded graph-safe path runs eagerly.
     """
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
                  page_size: int = 64, num_pages: int | None = None, load_format: str = "auto",
-                 max_prefill_tokens: int = 8192, max_running: int = 256, seed: int = 0) -> None:
+                 max_prefill_tokens: int = 8192, max_running: int = 256, seed: int = 0,
+                 cuda_graph_max_bs: int = 0) -> None:
+        if cuda_graph_max_bs < 0:
+            raise ValueError(f"cuda_graph_max_bs must be >= 0, got {cuda_graph_max_bs}")
         self.device = torch.device(device)
         self.config = ModelConfig.from_dir(model_dir)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -72,8 +78,11 @@ class LLM:
         self.kv_pool = KVPool(num_pages, self.config.num_hidden_layers, page_size, self.config.kv_cache_dim,
                               self.dtype, self.device)
         self.tokenizer: Tokenizer = load_tokenizer(model_dir, self.config.eos_token_ids)
+        self.graph_runner: CudaGraphRunner | None = None
+        if cuda_graph_max_bs:
+            self.graph_runner = CudaGraphRunner(self.model, self.kv_pool, cuda_graph_max_bs)
         self.scheduler = Scheduler(self.model, self.kv_pool, max_prefill_tokens, max_running,
-                                   self.config.eos_token_ids)
+                                   self.config.eos_token_ids, decode_forward=self.graph_runner)
 
     def _default_num_pages(self, page_size: int) -> int:
         bytes_per_page = (self.config.num_hidden_layers * page_size * self.config.kv_cache_dim
@@ -118,4 +127,6 @@ class LLM:
                        r.finish_reason or "abort") for r in requests]
 
     def close(self) -> None:
+        if self.graph_runner is not None:
+            self.graph_runner.close()  # returns its scratch page before the pool goes
         self.kv_pool.close()

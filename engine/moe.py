@@ -149,7 +149,8 @@ def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight
     dump = num_experts * num_tokens  # one extra row takes every invalid row's write; never read
     dest = torch.where(valid, expert * num_tokens + slot, dump)
     token_of = torch.arange(num_tokens * top_k, device=hidden.device) // top_k
-    rows = hidden.new_zeros(dump + 1, hidden_dim).index_copy_(0, dest, hidden[token_of])
+    # Rows past an expert's count stay unwritten: the masked kernels never read them.
+    rows = hidden.new_empty(dump + 1, hidden_dim).index_copy_(0, dest, hidden[token_of])
     x = rows[:dump].view(num_experts, num_tokens, hidden_dim)
     y = kernels.moe_forward_masked(x, counts, w13, w2).reshape(dump, hidden_dim)
     picked = y[torch.where(valid, dest, 0)] * topk_weights.reshape(-1, 1).to(y.dtype)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from engine.forward_batch import ForwardBatch, ForwardMode
+from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
 from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
 from engine.sampling import SamplingParams, sample
@@ -65,10 +66,14 @@ class StepResult:
 
 class Scheduler:
     def __init__(self, model: DeepseekForCausalLM, kv_pool: KVPool, max_prefill_tokens: int = 8192,
-                 max_running: int = 256, eos_token_ids: tuple[int, ...] = ()) -> None:
+                 max_running: int = 256, eos_token_ids: tuple[int, ...] = (),
+                 decode_forward: Callable[[ForwardBatch], ForwardOutput] | None = None) -> None:
+        """``decode_forward`` runs DECODE batches instead of the model (an ``engine.cuda_graph``
+        runner, which falls back to the model for batches its graphs cannot take)."""
         if max_prefill_tokens < 1 or max_running < 1:
             raise ValueError("max_prefill_tokens and max_running must be >= 1")
         self.model, self.kv_pool = model, kv_pool
+        self.decode_forward: Callable[[ForwardBatch], ForwardOutput] = decode_forward or model
         self.max_prefill_tokens, self.max_running = max_prefill_tokens, max_running
         self.eos_token_ids = eos_token_ids
         self.max_model_len = model.config.max_position_embeddings
@@ -195,7 +200,7 @@ class Scheduler:
             self.kv_pool,
             vocab_size=self.model.config.vocab_size,
         )
-        logits = self.model(batch).next_token_logits
+        logits = self.decode_forward(batch).next_token_logits
         for req in decoding:
             req.num_computed += 1
         return self._sample_and_append(logits, decoding)
