@@ -260,10 +260,14 @@ class Proxy:
                             job.abort()
                     done = True
                     return passthrough(client, status, conn.content_type(), data, rid_b)
-                first = await conn.read_chunk()
-                decode.stats.ttft.observe(loop.time() - started)
                 if not inbound.stream:
-                    data = first + await conn.read_all() if first else first
+                    data = conn.body_if_complete()  # the common case: no further wait
+                    decode.stats.ttft.observe(loop.time() - started)
+                    if data is None:
+                        data = await conn.read_all()
+                else:
+                    first = await conn.read_chunk()
+                    decode.stats.ttft.observe(loop.time() - started)
             except PrefillFailed as pf:
                 state.stats.count_error(f"prefill_{pf.status}")
                 return passthrough(client, pf.status, pf.content_type, pf.body, rid_b)

@@ -8,6 +8,7 @@ worker changes must reach every request).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -25,6 +26,8 @@ async def serve(config: RouterConfig, ready: asyncio.Event | None = None) -> Non
     """Serve until cancelled (SIGINT/SIGTERM in `run`)."""
     app = RouterApp(config)
     await app.start()
+    # What start-up made lives as long as the process: keep it out of every later GC pass.
+    gc.freeze()
     log.info("router (pid %d) listening on http://%s:%d", os.getpid(), config.host, config.port)
     # One write() of one line: lines of several processes sharing the pipe never interleave.
     sys.stdout.write(f"router ready on http://{config.host}:{config.port} pid={os.getpid()}\n")

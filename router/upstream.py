@@ -315,6 +315,18 @@ class UpstreamConnection(asyncio.Protocol):
             finally:
                 self._relay, self._relay_congested = None, _never
 
+    def body_if_complete(self) -> bytes | None:
+        """The whole body when it has already arrived (small answers come with their head), the
+        connection then going back to the pool; None when more is to come (use `read_all`)."""
+        if self._state != _DONE or self._exc is not None:
+            return None
+        pieces = self._pieces
+        data = b"".join(pieces) if len(pieces) != 1 else pieces[0]
+        pieces.clear()
+        self._pending_bytes = 0
+        self._finish()
+        return data
+
     async def read_all(self) -> bytes:
         parts = []
         while chunk := await self.read_chunk():
@@ -457,13 +469,16 @@ class UpstreamPool:
         """
         fresh = False
         while True:
-            conn = await self.connect(host, port, fresh=fresh)
+            conn = None if fresh else self.take_idle(host, port)  # inline: no coroutine when one is idle
+            if conn is None:
+                conn = await self.connect(host, port, fresh=fresh)
             conn._method_is_head = head_only
             if on_connection is not None:
                 on_connection(conn)
             try:
                 conn.send(data, deadline)
-                await conn.read_head()
+                while conn._state == _HEAD:
+                    await conn._wait()
                 return conn
             except StaleConnection:
                 conn.close()
