@@ -19,13 +19,20 @@ from engine.server.serve import serve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m decode_worker", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m decode_worker",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_common_flags(parser)
     role = parser.add_argument_group("decode")
-    role.add_argument("--cuda-graph-max-bs", type=int, default=None,
-                      help="largest decode batch to capture as a CUDA graph (SGLang's flag; accepted for "
-                           "compatibility, decode runs eagerly for now)")
+    role.add_argument(
+        "--cuda-graph-max-bs",
+        type=int,
+        default=None,
+        help="largest decode batch to capture as a CUDA graph (SGLang's flag; accepted for "
+        "compatibility, decode runs eagerly for now)",
+    )
     add_kv_flags(parser)
     return parser
 
@@ -37,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         instance_spec(args)  # a layout that cannot run fails here, before any rank starts
-        role_args = {"engine": engine_args(args), "kv": kv_args(args),
-                     "info": {"transfer_backend": args.transfer_backend}}
+        role_args = {
+            "engine": engine_args(args),
+            "kv": kv_args(args),
+            "info": {"transfer_backend": args.transfer_backend},
+        }
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -73,8 +73,9 @@ class DecodeRunner(ColocatedRunner):
         self.agreement = GroupAgreement(ctx)
         self.transport = RankTransport(kv, "decode", ctx.rank, engine.kv_pool.tensor)
         info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host)
-        self.manager = KVReceiveManager(self.transport.engine, self.transport.layout, self.transport.aux, info,
-                                        kv.timeouts)
+        self.manager = KVReceiveManager(
+            self.transport.engine, self.transport.layout, self.transport.aux, info, kv.timeouts
+        )
         self.free_aux_slots = list(range(kv.aux_slots - 1, -1, -1))
         self.queued: deque[Transfer] = deque()  # no pages yet
         self.transferring: list[Transfer] = []  # pages reserved, receiver asked (same order on every rank)
@@ -123,15 +124,17 @@ class DecodeRunner(ColocatedRunner):
 
     def status_counts(self) -> dict[str, int]:
         counts = super().status_counts()
-        counts.update({
-            "live_rooms": self.manager.num_live_rooms,
-            "free_aux_slots": len(self.free_aux_slots),
-            "total_aux_slots": self.manager.aux.num_slots,
-            "inflight_handles": self.transport.engine.num_inflight_handles,
-            "decode_queued": len(self.queued),
-            "decode_transferring": len(self.transferring),
-            "decode_running": len(self.requests),
-        })
+        counts.update(
+            {
+                "live_rooms": self.manager.num_live_rooms,
+                "free_aux_slots": len(self.free_aux_slots),
+                "total_aux_slots": self.manager.aux.num_slots,
+                "inflight_handles": self.transport.engine.num_inflight_handles,
+                "decode_queued": len(self.queued),
+                "decode_transferring": len(self.transferring),
+                "decode_running": len(self.requests),
+            }
+        )
         return counts
 
     def close(self) -> None:
@@ -167,8 +170,9 @@ class DecodeRunner(ColocatedRunner):
             boot = transfer.request.bootstrap
             assert boot is not None
             try:
-                transfer.receiver = self.manager.create_receiver(boot.host, boot.port, boot.room,
-                                                                 boot.data_parallel_rank)
+                transfer.receiver = self.manager.create_receiver(
+                    boot.host, boot.port, boot.room, boot.data_parallel_rank
+                )
                 transfer.receiver.init(transfer.pages[: pool.pages_for_tokens(prompt_len)], transfer.aux_slot)
             except (KVTransferError, ValueError) as exc:
                 transfer.local_error = str(exc)
@@ -180,7 +184,9 @@ class DecodeRunner(ColocatedRunner):
         transfers = list(self.transferring)
         states = [t.state() for t in transfers]
         keep: list[Transfer] = []
-        for transfer, state, (ended, failed) in zip(transfers, states, self.agreement.agree(states), strict=True):
+        for transfer, state, (ended, failed) in zip(
+            transfers, states, self.agreement.agree(states), strict=True
+        ):
             if not ended:
                 if failed and state == PENDING and transfer.receiver is not None:
                     transfer.receiver.abort("the room failed on another rank of this decode group")
@@ -188,10 +194,16 @@ class DecodeRunner(ColocatedRunner):
             elif failed or transfer.aborted:
                 self._free(transfer)
                 if not transfer.aborted:
-                    reason = transfer.local_error or (transfer.receiver.failure_reason if transfer.receiver else None)
-                    self._pending.append(error_output(
-                        transfer.request.rid,
-                        f"KV transfer from the prefill instance failed: {reason or 'on another rank of this group'}"))
+                    reason = transfer.local_error or (
+                        transfer.receiver.failure_reason if transfer.receiver else None
+                    )
+                    self._pending.append(
+                        error_output(
+                            transfer.request.rid,
+                            "KV transfer from the prefill instance failed: "
+                            + (reason or "it failed on another rank of this decode group"),
+                        )
+                    )
             else:
                 self._adopt(transfer)
         self.transferring = keep
@@ -206,16 +218,26 @@ class DecodeRunner(ColocatedRunner):
         vocab = self.engine.config.vocab_size
         try:
             if first >= vocab:
-                raise ValueError(f"the prefill side sent first token {first}, outside the vocabulary [0, {vocab})")
-            req = self.scheduler.add_prefilled(request.input_ids, first, transfer.pages, transfer.params, request.rid)
+                raise ValueError(
+                    f"the prefill side sent first token {first}, outside the vocabulary [0, {vocab})"
+                )
+            req = self.scheduler.add_prefilled(
+                request.input_ids, first, transfer.pages, transfer.params, request.rid
+            )
         except (ValueError, PoolExhaustedError) as exc:
             self._free(transfer)
             self._pending.append(error_output(request.rid, str(exc)))
             return
         transfer.pages = []  # the scheduler owns them now
-        self._pending.append(TokenOutput(rid=request.rid, token_ids=[first], finished=req.finished,
-                                         finish_reason=req.finish_reason if req.finished else None,
-                                         prompt_tokens=len(request.input_ids)))
+        self._pending.append(
+            TokenOutput(
+                rid=request.rid,
+                token_ids=[first],
+                finished=req.finished,
+                finish_reason=req.finish_reason if req.finished else None,
+                prompt_tokens=len(request.input_ids),
+            )
+        )
         if not req.finished:
             self.requests[request.rid] = req
 

@@ -31,13 +31,21 @@ INFERENCE_PATHS = frozenset(("/generate", "/v1/completions", "/v1/chat/completio
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m prefill_worker", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m prefill_worker",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_common_flags(parser)
     role = parser.add_argument_group("prefill")
-    role.add_argument("--bootstrap-port", "--disaggregation-bootstrap-port", dest="bootstrap_port", type=int,
-                      default=DEFAULT_BOOTSTRAP_PORT,
-                      help="port of this instance's bootstrap service (decode ranks look its layout up there)")
+    role.add_argument(
+        "--bootstrap-port",
+        "--disaggregation-bootstrap-port",
+        dest="bootstrap_port",
+        type=int,
+        default=DEFAULT_BOOTSTRAP_PORT,
+        help="port of this instance's bootstrap service (decode ranks look its layout up there)",
+    )
     add_kv_flags(parser)
     return parser
 
@@ -46,14 +54,18 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def bootstrap_guard(dp_size: int) -> Callable[[web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]],
-                                              Awaitable[web.StreamResponse]]:
+def bootstrap_guard(
+    dp_size: int,
+) -> Callable[
+    [web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[web.StreamResponse]
+]:
     """Middleware: an inference request without the bootstrap fields (or naming a DP group this instance
     lacks) is a 400 here, before anything is queued; the body is cached for the handler."""
 
     @web.middleware
-    async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                    ) -> web.StreamResponse:
+    async def guard(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         if request.method != "POST" or request.path not in INFERENCE_PATHS:
             return await handler(request)
         try:
@@ -63,14 +75,21 @@ def bootstrap_guard(dp_size: int) -> Callable[[web.Request, Callable[[web.Reques
         if isinstance(body, dict):
             message = None
             if body.get(pd.BOOTSTRAP_HOST) is None or body.get(pd.BOOTSTRAP_ROOM) is None:
-                message = (f"a prefill worker needs '{pd.BOOTSTRAP_HOST}', '{pd.BOOTSTRAP_PORT}' and "
-                           f"'{pd.BOOTSTRAP_ROOM}' (send requests through the router)")
+                message = (
+                    f"a prefill worker needs '{pd.BOOTSTRAP_HOST}', '{pd.BOOTSTRAP_PORT}' and "
+                    f"'{pd.BOOTSTRAP_ROOM}' (send requests through the router)"
+                )
             dp = body.get(pd.DATA_PARALLEL_RANK)
             if isinstance(dp, int) and not 0 <= dp < dp_size:
-                message = f"'{pd.DATA_PARALLEL_RANK}' {dp} is out of range: this instance has dp_size {dp_size}"
+                message = (
+                    f"'{pd.DATA_PARALLEL_RANK}' {dp} is out of range: this instance has dp_size {dp_size}"
+                )
             if message is not None:
-                return web.Response(body=orjson.dumps(error_body(message, code="missing_bootstrap")), status=400,
-                                    content_type="application/json")
+                return web.Response(
+                    body=orjson.dumps(error_body(message, code="missing_bootstrap")),
+                    status=400,
+                    content_type="application/json",
+                )
         return await handler(request)
 
     return guard
@@ -87,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    role_args = {"engine": engine, "kv": kv,
-                 "info": {"bootstrap_port": args.bootstrap_port, "transfer_backend": kv.backend}}
+    role_args = {
+        "engine": engine,
+        "kv": kv,
+        "info": {"bootstrap_port": args.bootstrap_port, "transfer_backend": kv.backend},
+    }
 
     async def on_startup(app: web.Application) -> None:
         # The app is not frozen yet during start-up: middlewares can still be added.
@@ -96,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if spec.node_rank != 0:
         return serve(args, "prefill", prefill_entry, role_args)
-    service = BootstrapService(ParallelLayout(spec.tp_size, spec.dp_size), host=args.host, port=args.bootstrap_port)
+    service = BootstrapService(
+        ParallelLayout(spec.tp_size, spec.dp_size), host=args.host, port=args.bootstrap_port
+    )
     try:
         return serve(args, "prefill", prefill_entry, role_args, on_startup=on_startup)
     finally:

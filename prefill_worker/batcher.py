@@ -62,8 +62,9 @@ class PrefillBatcher:
         max_running: jobs holding pages at once (prefilling or waiting for their transfer).
     """
 
-    def __init__(self, model: DeepseekForCausalLM, kv_pool: KVPool, max_prefill_tokens: int,
-                 max_running: int) -> None:
+    def __init__(
+        self, model: DeepseekForCausalLM, kv_pool: KVPool, max_prefill_tokens: int, max_running: int
+    ) -> None:
         if max_prefill_tokens < 1 or max_running < 1:
             raise ValueError("max_prefill_tokens and max_running must be >= 1")
         self.model, self.kv_pool = model, kv_pool
@@ -81,10 +82,14 @@ class PrefillBatcher:
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model takes at most {self.max_model_len - 1}")
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; the model takes at most {self.max_model_len - 1}"
+            )
         if self.kv_pool.pages_for_tokens(len(prompt_ids)) > self.kv_pool.num_pages:
-            raise ValueError(f"prompt needs {self.kv_pool.pages_for_tokens(len(prompt_ids))} KV pages but the "
-                             f"pool has {self.kv_pool.num_pages}")
+            raise ValueError(
+                f"prompt needs {self.kv_pool.pages_for_tokens(len(prompt_ids))} KV pages but the "
+                f"pool has {self.kv_pool.num_pages}"
+            )
 
     def add(self, job: PrefillJob) -> None:
         self.validate(job.prompt_ids, job.params)
@@ -164,7 +169,9 @@ class PrefillBatcher:
 
     def _sample_first_tokens(self, logits: torch.Tensor, jobs: list[PrefillJob]) -> None:
         device = self.kv_pool.tensor.device
-        tokens = sample(logits, [job.params for job in jobs], [job.params.make_generator(device) for job in jobs])
+        tokens = sample(
+            logits, [job.params for job in jobs], [job.params.make_generator(device) for job in jobs]
+        )
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         for row, (job, token) in enumerate(zip(jobs, tokens, strict=True)):
             job.first_token = token

@@ -92,14 +92,23 @@ class PrefillRunner:
         self._steps = _LockstepBatcher(self.batcher)
         parallel = engine.parallel
         # The work flag is control traffic: a gloo group even when the model's collectives use NCCL.
-        control = (torch.distributed.new_group(backend="gloo")
-                   if parallel.dp_size > 1 and engine.model.device.type == "cuda" else None)
+        control = (
+            torch.distributed.new_group(backend="gloo")
+            if parallel.dp_size > 1 and engine.model.device.type == "cuda"
+            else None
+        )
         self.stepper = LockstepStepper(self._steps, engine.model, parallel, engine.moe, control)  # type: ignore[arg-type]
         self.transport = RankTransport(kv, "prefill", ctx.rank, engine.kv_pool.tensor)
         try:
             info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host)
-            self.manager = KVSendManager(self.transport.engine, self.transport.layout, self.transport.aux, info,
-                                         kv.bootstrap_addr, kv.timeouts)
+            self.manager = KVSendManager(
+                self.transport.engine,
+                self.transport.layout,
+                self.transport.aux,
+                info,
+                kv.bootstrap_addr,
+                kv.timeouts,
+            )
         except BaseException:
             self.transport.close()
             raise
@@ -110,8 +119,13 @@ class PrefillRunner:
     def add(self, request: GenerateRequest) -> None:
         boot = request.bootstrap
         if boot is None:
-            self._pending.append(error_output(request.rid, "a prefill worker serves only requests with "
-                                                           "bootstrap_host, bootstrap_port and bootstrap_room"))
+            self._pending.append(
+                error_output(
+                    request.rid,
+                    "a prefill worker serves only requests with "
+                    "bootstrap_host, bootstrap_port and bootstrap_room",
+                )
+            )
             return
         if request.rid in self.rooms:
             self._pending.append(error_output(request.rid, f"request id {request.rid!r} is already running"))
@@ -220,11 +234,20 @@ class PrefillRunner:
         rid, job = room.request.rid, room.job
         if failed or job.first_token is None:
             reason = room.sender.failure_reason if state == FAILED else None
-            return error_output(rid, f"KV transfer of room {room.request.bootstrap.room} failed: "  # type: ignore[union-attr]
-                                     f"{reason or 'it failed on another rank of this prefill group'}")
+            return error_output(
+                rid,
+                f"KV transfer of room {room.request.bootstrap.room} failed: "  # type: ignore[union-attr]
+                f"{reason or 'it failed on another rank of this prefill group'}",
+            )
         logprobs = [job.first_logprob] if room.request.return_logprob else []
-        return TokenOutput(rid=rid, token_ids=[job.first_token], logprobs=logprobs, finished=True,
-                           finish_reason="length", prompt_tokens=len(job.prompt_ids))
+        return TokenOutput(
+            rid=rid,
+            token_ids=[job.first_token],
+            logprobs=logprobs,
+            finished=True,
+            finish_reason="length",
+            prompt_tokens=len(job.prompt_ids),
+        )
 
 
 def prefill_entry(ctx: RankContext) -> None:

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.llm import LLM
+from engine.sampling import SamplingParams
+
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 240  # rank processes import torch + a transfer backend; 2 shared cores are slow
 # Ranks of P and D share this machine's cores: one torch thread each avoids OpenMP spin-waiting.
@@ -84,14 +87,22 @@ def start_server(name: str, module: str, args: Sequence[str], port: int, log_dir
     log_path = log_dir / f"{name}.log"
     env = {**os.environ, **WORKER_ENV}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return Server(name, proc, f"http://127.0.0.1:{port}", log_path)
 
 
 def http(method: str, url: str, body: Any = None, timeout_s: float = 60) -> tuple[int, bytes]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return response.status, response.read()
@@ -116,30 +127,92 @@ class PDSystem:
         peer_timeout_s: the KV plane's dead-peer timeout on both workers.
     """
 
-    def __init__(self, model_dir: Path, log_dir: Path, backend: str, prefill_layout: Sequence[str] = (),
-                 decode_layout: Sequence[str] = (), peer_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        log_dir: Path,
+        backend: str,
+        prefill_layout: Sequence[str] = (),
+        decode_layout: Sequence[str] = (),
+        peer_timeout_s: float = 5.0,
+    ) -> None:
         self.backend = backend
         self.bootstrap_port = free_port()
         p_port, d_port, r_port = free_port(), free_port(), free_port()
-        common = ["--model", str(model_dir), "--host", "127.0.0.1", "--transfer-backend", backend,
-                  "--page-size", str(PAGE_SIZE), "--max-prefill-tokens", str(CHUNK_TOKENS),
-                  "--max-total-tokens", "8192", "--kv-peer-timeout", str(peer_timeout_s), "--log-level", "warning"]
+        common = [
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--transfer-backend",
+            backend,
+            "--page-size",
+            str(PAGE_SIZE),
+            "--max-prefill-tokens",
+            str(CHUNK_TOKENS),
+            "--max-total-tokens",
+            "8192",
+            "--kv-peer-timeout",
+            str(peer_timeout_s),
+            "--log-level",
+            "warning",
+        ]
         self.servers: list[Server] = []
         try:
-            self.prefill = self._add(start_server(
-                "prefill", "prefill_worker",
-                [*common, *prefill_layout, "--port", str(p_port), "--bootstrap-port", str(self.bootstrap_port)],
-                p_port, log_dir))
-            self.decode = self._add(start_server("decode", "decode_worker", [*common, *decode_layout, "--port",
-                                                                             str(d_port)], d_port, log_dir))
+            self.prefill = self._add(
+                start_server(
+                    "prefill",
+                    "prefill_worker",
+                    [
+                        *common,
+                        *prefill_layout,
+                        "--port",
+                        str(p_port),
+                        "--bootstrap-port",
+                        str(self.bootstrap_port),
+                    ],
+                    p_port,
+                    log_dir,
+                )
+            )
+            self.decode = self._add(
+                start_server(
+                    "decode",
+                    "decode_worker",
+                    [*common, *decode_layout, "--port", str(d_port)],
+                    d_port,
+                    log_dir,
+                )
+            )
             self._wait_healthy([self.prefill, self.decode])
             # Health every 0.5 s and ejection at the first failure: the kill test sees it at once.
-            self.router = self._add(start_server(
-                "router", "router",
-                ["--host", "127.0.0.1", "--port", str(r_port), "--prefill", self.prefill.url,
-                 str(self.bootstrap_port), "--decode", self.decode.url, "--health-interval", "0.5",
-                 "--health-failure-threshold", "1", "--max-retries", "1", "--log-level", "warning"],
-                r_port, log_dir))
+            self.router = self._add(
+                start_server(
+                    "router",
+                    "router",
+                    [
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(r_port),
+                        "--prefill",
+                        self.prefill.url,
+                        str(self.bootstrap_port),
+                        "--decode",
+                        self.decode.url,
+                        "--health-interval",
+                        "0.5",
+                        "--health-failure-threshold",
+                        "1",
+                        "--max-retries",
+                        "1",
+                        "--log-level",
+                        "warning",
+                    ],
+                    r_port,
+                    log_dir,
+                )
+            )
             self._wait_healthy([self.router])
         except BaseException:
             self.close()
@@ -155,14 +228,18 @@ class PDSystem:
         while pending:
             for server in list(pending):
                 if server.proc.poll() is not None:
-                    raise RuntimeError(f"{server.name} exited with {server.proc.returncode}:\n{server.log_tail()}")
+                    raise RuntimeError(
+                        f"{server.name} exited with {server.proc.returncode}:\n{server.log_tail()}"
+                    )
                 try:
                     if http("GET", server.url + "/health", timeout_s=5)[0] == 200:
                         pending.remove(server)
                 except OSError:
                     pass
             if time.monotonic() > deadline:
-                raise TimeoutError("not healthy in time: " + "; ".join(f"{s.name}:\n{s.log_tail()}" for s in pending))
+                raise TimeoutError(
+                    "not healthy in time: " + "; ".join(f"{s.name}:\n{s.log_tail()}" for s in pending)
+                )
             time.sleep(0.3)
 
     def close(self) -> None:
@@ -214,7 +291,9 @@ def mixed_cases(n: int, seed: int, vocab: int, max_prompt: int = 300) -> list[Ca
     rng = random.Random(seed)
     cases = []
     for i in range(n):
-        length = [1, 7, PAGE_SIZE, CHUNK_TOKENS, CHUNK_TOKENS + 1][i] if i < 5 else rng.randrange(2, max_prompt)
+        length = (
+            [1, 7, PAGE_SIZE, CHUNK_TOKENS, CHUNK_TOKENS + 1][i] if i < 5 else rng.randrange(2, max_prompt)
+        )
         prompt = [rng.randrange(2, vocab) for _ in range(length)]
         endpoint = "/generate" if i % 4 < 2 else "/v1/completions"
         cases.append(Case(prompt, rng.randrange(1, 17), endpoint, stream=i % 2 == 1))
@@ -223,10 +302,18 @@ def mixed_cases(n: int, seed: int, vocab: int, max_prompt: int = 300) -> list[Ca
 
 def _body(case: Case) -> dict[str, Any]:
     if case.endpoint == "/generate":
-        return {"input_ids": case.prompt, "stream": case.stream,
-                "sampling_params": {"max_new_tokens": case.max_new_tokens, "temperature": 0}}
-    return {"model": "tiny", "prompt": case.prompt, "max_tokens": case.max_new_tokens, "temperature": 0,
-            "stream": case.stream}
+        return {
+            "input_ids": case.prompt,
+            "stream": case.stream,
+            "sampling_params": {"max_new_tokens": case.max_new_tokens, "temperature": 0},
+        }
+    return {
+        "model": "tiny",
+        "prompt": case.prompt,
+        "max_tokens": case.max_new_tokens,
+        "temperature": 0,
+        "stream": case.stream,
+    }
 
 
 def run_case(base_url: str, case: Case, timeout_s: float = 120) -> dict[str, Any]:
@@ -239,11 +326,37 @@ def run_case(base_url: str, case: Case, timeout_s: float = 120) -> dict[str, Any
         if case.endpoint == "/generate":
             return {"status": status, "ids": doc["output_ids"]}
         return {"status": status, "text": doc["choices"][0]["text"]}
-    events = [json.loads(line[6:]) for line in raw.decode().splitlines()
-              if line.startswith("data: {")]
+    events = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: {")]
     errors = [e["error"] for e in events if "error" in e]
     if errors:
         return {"status": status, "error": json.dumps(errors[0])}
     if case.endpoint == "/generate":
         return {"status": status, "ids": events[-1]["output_ids"]}
     return {"status": status, "text": "".join(c["text"] for e in events for c in e["choices"])}
+
+
+def backend_missing(kind: str) -> str | None:
+    """Why transfer engine `kind` cannot run here, or None (an import only: an engine costs seconds)."""
+    try:
+        __import__({"nixl": "nixl._api", "mooncake": "mooncake.engine"}[kind])
+    except (ImportError, OSError) as exc:
+        return f"{kind} unavailable: {exc}"
+    return None
+
+
+def expected_outputs(llm: LLM, cases: list[Case]) -> list[list[int]]:
+    """Greedy colocated generation of every case, batched together."""
+    params = [SamplingParams(max_new_tokens=c.max_new_tokens) for c in cases]
+    return [o.token_ids for o in llm.generate([c.prompt for c in cases], params)]
+
+
+def check_against_reference(llm: LLM, cases: list[Case], results: list[dict[str, Any]]) -> None:
+    """Every result succeeded and equals colocated generation (ids, or their text for completions)."""
+    expected = expected_outputs(llm, cases)
+    for i, (case, result, ids) in enumerate(zip(cases, results, expected, strict=True)):
+        where = (i, case.endpoint, case.stream, len(case.prompt))
+        assert "error" not in result, (where, result)
+        if "ids" in result:
+            assert result["ids"] == ids, where
+        else:
+            assert result["text"] == llm.tokenizer.decode(ids), where

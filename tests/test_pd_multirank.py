@@ -15,36 +15,70 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pd_system import PDSystem, mixed_cases, run_case, wait_idle
-from test_pd_tp1 import _backend_missing, check_against_reference, reference, tiny_model  # noqa: F401
+from pd_system import (
+    PAGE_SIZE,
+    PDSystem,
+    backend_missing,
+    check_against_reference,
+    mixed_cases,
+    run_case,
+    wait_idle,
+)
 
 from engine.llm import LLM
+from engine.tiny_model import write_tiny_model
 
 LAYOUTS = {
     "P-tp2_to_D-tp2dp2": (("--tp", "2"), ("--tp", "2", "--dp", "2")),
     "P-tp2dp2_to_D-tp2": (("--tp", "2", "--dp", "2"), ("--tp", "2")),
 }
 
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("pd-model") / "tiny-v3")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> Iterator[LLM]:
+    """Colocated generation in this process: what every disaggregated answer must equal."""
+    llm = LLM(tiny_model, page_size=PAGE_SIZE)
+    yield llm
+    llm.close()
+
+
 BACKENDS = ["nixl", "mooncake"] if os.environ.get("TANDEM_PD_FULL_MATRIX") == "1" else ["nixl"]
 
 
-@pytest.fixture(scope="module", params=[(layout, kind) for kind in BACKENDS for layout in LAYOUTS],
-                ids=lambda p: f"{p[0]}-{p[1]}")
-def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
-           ) -> Iterator[PDSystem]:
+@pytest.fixture(
+    scope="module",
+    params=[(layout, kind) for kind in BACKENDS for layout in LAYOUTS],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
+def system(
+    request: pytest.FixtureRequest,
+    tiny_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[PDSystem]:
     layout, kind = request.param
-    missing = _backend_missing(kind)
+    missing = backend_missing(kind)
     if missing:
         pytest.skip(missing)
     prefill_layout, decode_layout = LAYOUTS[layout]
-    pd = PDSystem(tiny_model, tmp_path_factory.mktemp(layout), kind, prefill_layout=prefill_layout,
-                  decode_layout=decode_layout)
+    pd = PDSystem(
+        tiny_model,
+        tmp_path_factory.mktemp(layout),
+        kind,
+        prefill_layout=prefill_layout,
+        decode_layout=decode_layout,
+    )
     yield pd
     pd.close()
 
 
 def test_mismatched_layouts_serve_concurrent_mixed_requests_equal_to_colocated_greedy_outputs(
-        system: PDSystem, reference: LLM) -> None:  # noqa: F811
+    system: PDSystem, reference: LLM
+) -> None:
     cases = mixed_cases(16, seed=2, vocab=reference.config.vocab_size)
     with cf.ThreadPoolExecutor(len(cases)) as pool:
         results = list(pool.map(lambda c: run_case(system.router.url, c), cases))

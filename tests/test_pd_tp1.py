@@ -16,66 +16,59 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pd_system import Case, PDSystem, get_json, http, mixed_cases, run_case, wait_idle
+from pd_system import (
+    PAGE_SIZE,
+    Case,
+    PDSystem,
+    backend_missing,
+    check_against_reference,
+    get_json,
+    http,
+    mixed_cases,
+    run_case,
+    wait_idle,
+)
 
 from engine.llm import LLM
-from engine.sampling import SamplingParams
 from engine.tiny_model import write_tiny_model
 
 BACKENDS = ["nixl", "mooncake"]
 PEER_TIMEOUT_S = 5.0
 
 
-def _backend_missing(kind: str) -> str | None:
-    try:
-        __import__({"nixl": "nixl._api", "mooncake": "mooncake.engine"}[kind])
-    except (ImportError, OSError) as exc:
-        return f"{kind} unavailable: {exc}"
-    return None
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("pd-model") / "tiny-v3")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reference(tiny_model: Path) -> Iterator[LLM]:
     """Colocated generation in this process: what every disaggregated answer must equal."""
-    llm = LLM(tiny_model, page_size=16)
+    llm = LLM(tiny_model, page_size=PAGE_SIZE)
     yield llm
     llm.close()
 
 
-def expected_outputs(llm: LLM, cases: list[Case]) -> list[list[int]]:
-    params = [SamplingParams(max_new_tokens=c.max_new_tokens) for c in cases]
-    return [o.token_ids for o in llm.generate([c.prompt for c in cases], params)]
-
-
 @pytest.fixture(scope="module", params=BACKENDS)
-def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[PDSystem]:
-    missing = _backend_missing(request.param)
+def system(
+    request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PDSystem]:
+    missing = backend_missing(request.param)
     if missing:
         pytest.skip(missing)
-    pd = PDSystem(tiny_model, tmp_path_factory.mktemp(f"pd-{request.param}"), request.param,
-                  peer_timeout_s=PEER_TIMEOUT_S)
+    pd = PDSystem(
+        tiny_model,
+        tmp_path_factory.mktemp(f"pd-{request.param}"),
+        request.param,
+        peer_timeout_s=PEER_TIMEOUT_S,
+    )
     yield pd
     pd.close()
 
 
-def check_against_reference(llm: LLM, cases: list[Case], results: list[dict]) -> None:
-    expected = expected_outputs(llm, cases)
-    for i, (case, result, ids) in enumerate(zip(cases, results, expected, strict=True)):
-        assert "error" not in result, (i, case.endpoint, case.stream, result)
-        if "ids" in result:
-            assert result["ids"] == ids, (i, case.endpoint, case.stream, len(case.prompt))
-        else:
-            assert result["text"] == llm.tokenizer.decode(ids), (i, case.endpoint, case.stream, len(case.prompt))
-
-
 def test_32_concurrent_mixed_requests_through_the_router_equal_colocated_greedy_outputs(
-        system: PDSystem, reference: LLM) -> None:
+    system: PDSystem, reference: LLM
+) -> None:
     cases = mixed_cases(32, seed=1, vocab=reference.config.vocab_size)
     with cf.ThreadPoolExecutor(len(cases)) as pool:
         results = list(pool.map(lambda c: run_case(system.router.url, c), cases))
@@ -86,13 +79,22 @@ def test_32_concurrent_mixed_requests_through_the_router_equal_colocated_greedy_
 
 
 def test_prefill_refuses_requests_without_bootstrap_fields_and_decode_serves_them_colocated(
-        system: PDSystem, reference: LLM) -> None:
+    system: PDSystem, reference: LLM
+) -> None:
     case = Case([5, 6, 7, 8, 9], 6, "/generate", stream=False)
     status, body = http("POST", system.prefill.url + "/generate", {"input_ids": case.prompt})
     assert status == 400 and "bootstrap_room" in json.loads(body)["error"]["message"]
-    status, body = http("POST", system.prefill.url + "/generate",
-                        {"input_ids": case.prompt, "bootstrap_host": "127.0.0.1", "bootstrap_port": 1,
-                         "bootstrap_room": 3, "data_parallel_rank": 5})
+    status, body = http(
+        "POST",
+        system.prefill.url + "/generate",
+        {
+            "input_ids": case.prompt,
+            "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": 1,
+            "bootstrap_room": 3,
+            "data_parallel_rank": 5,
+        },
+    )
     assert status == 400 and "dp_size 1" in json.loads(body)["error"]["message"]
     results = [run_case(system.decode.url, case)]
     check_against_reference(reference, [case], results)
@@ -101,23 +103,34 @@ def test_prefill_refuses_requests_without_bootstrap_fields_and_decode_serves_the
 
 
 def test_decode_answers_an_error_when_the_prefill_instance_cannot_be_looked_up(system: PDSystem) -> None:
-    body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2},
-            "bootstrap_host": "127.0.0.1", "bootstrap_port": 9, "bootstrap_room": 11}
+    body = {
+        "input_ids": [5, 6, 7],
+        "sampling_params": {"max_new_tokens": 2},
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": 9,
+        "bootstrap_room": 11,
+    }
     status, raw = http("POST", system.decode.url + "/generate", body)
     assert status == 500 and "unreachable" in json.loads(raw)["error"]["message"]
     wait_idle(system.decode.url)
 
 
 def test_killed_prefill_fails_its_in_flight_requests_and_decode_keeps_serving(
-        system: PDSystem, reference: LLM) -> None:
+    system: PDSystem, reference: LLM
+) -> None:
     warm = Case([4, 5, 6], 2, "/generate", stream=False)  # the decode side has looked the prefill up
     check_against_reference(reference, [warm], [run_case(system.router.url, warm)])
     # Freeze the prefill instance so that requests are surely in flight there, then kill it.
     system.prefill.signal(signal.SIGSTOP)
     cases = [Case([3 + i] * (10 + 20 * i), 4, "/generate", stream=i % 2 == 1) for i in range(4)]
     direct = Case([9, 8, 7, 6], 3, "/generate", stream=False)  # decode alone must notice the dead peer
-    direct_body = {"input_ids": direct.prompt, "sampling_params": {"max_new_tokens": 3},
-                   "bootstrap_host": "127.0.0.1", "bootstrap_port": system.bootstrap_port, "bootstrap_room": 77}
+    direct_body = {
+        "input_ids": direct.prompt,
+        "sampling_params": {"max_new_tokens": 3},
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": system.bootstrap_port,
+        "bootstrap_room": 77,
+    }
     with cf.ThreadPoolExecutor(len(cases) + 1) as pool:
         futures = [pool.submit(run_case, system.router.url, c) for c in cases]
         direct_future = pool.submit(http, "POST", system.decode.url + "/generate", direct_body)
@@ -139,7 +152,9 @@ def test_killed_prefill_fails_its_in_flight_requests_and_decode_keeps_serving(
     check_against_reference(reference, [direct], [run_case(system.decode.url, direct)])
     deadline = time.monotonic() + 10
     while True:
-        prefill = next(w for w in get_json(system.router.url + "/workers")["workers"] if w["role"] == "prefill")
+        prefill = next(
+            w for w in get_json(system.router.url + "/workers")["workers"] if w["role"] == "prefill"
+        )
         if not prefill["healthy"]:
             break
         assert time.monotonic() < deadline, f"the router did not eject the dead prefill: {prefill}"

@@ -48,19 +48,38 @@ class KVArgs:
 
 def add_kv_flags(parser: argparse.ArgumentParser) -> None:
     kv = parser.add_argument_group("KV transfer")
-    kv.add_argument("--kv-host", default=None,
-                    help="address peers reach this instance's ranks at for KV control messages and writes; "
-                         "unset: --host, or 127.0.0.1 when --host is a wildcard")
-    kv.add_argument("--kv-aux-slots", type=int, default=None,
-                    help="aux slots per rank (first token + logprob), i.e. rooms in transfer at once; "
-                         "unset: --max-running-requests")
-    kv.add_argument("--kv-bootstrap-timeout", type=float, default=120.0,
-                    help="seconds a room waits for the other side to show up; the prefill side keeps the "
-                         "computed KV at most this long while decode reserves pages")
-    kv.add_argument("--kv-transfer-timeout", type=float, default=600.0,
-                    help="seconds from the end of bootstrapping to the last page landed")
-    kv.add_argument("--kv-peer-timeout", type=float, default=10.0,
-                    help="a peer silent this long is dead and its rooms fail (heartbeats every quarter of it)")
+    kv.add_argument(
+        "--kv-host",
+        default=None,
+        help="address peers reach this instance's ranks at for KV control messages and writes; "
+        "unset: --host, or 127.0.0.1 when --host is a wildcard",
+    )
+    kv.add_argument(
+        "--kv-aux-slots",
+        type=int,
+        default=None,
+        help="aux slots per rank (first token + logprob), i.e. rooms in transfer at once; "
+        "unset: --max-running-requests",
+    )
+    kv.add_argument(
+        "--kv-bootstrap-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a room waits for the other side to show up; the prefill side keeps the "
+        "computed KV at most this long while decode reserves pages",
+    )
+    kv.add_argument(
+        "--kv-transfer-timeout",
+        type=float,
+        default=600.0,
+        help="seconds from the end of bootstrapping to the last page landed",
+    )
+    kv.add_argument(
+        "--kv-peer-timeout",
+        type=float,
+        default=10.0,
+        help="a peer silent this long is dead and its rooms fail (heartbeats every quarter of it)",
+    )
 
 
 def kv_args(args: argparse.Namespace, bootstrap_addr: str | None = None) -> KVArgs:
@@ -69,11 +88,20 @@ def kv_args(args: argparse.Namespace, bootstrap_addr: str | None = None) -> KVAr
     if slots < 1:
         raise ValueError(f"--kv-aux-slots must be >= 1, got {slots}")
     peer = args.kv_peer_timeout
-    timeouts = KVTimeouts(bootstrap_s=args.kv_bootstrap_timeout, transfer_s=args.kv_transfer_timeout,
-                          heartbeat_interval_s=min(1.0, peer / 4), peer_timeout_s=peer,
-                          fence_s=min(5.0, peer))
-    return KVArgs(backend=args.transfer_backend, host=host, aux_slots=slots, timeouts=timeouts,
-                  bootstrap_addr=bootstrap_addr)
+    timeouts = KVTimeouts(
+        bootstrap_s=args.kv_bootstrap_timeout,
+        transfer_s=args.kv_transfer_timeout,
+        heartbeat_interval_s=min(1.0, peer / 4),
+        peer_timeout_s=peer,
+        fence_s=min(5.0, peer),
+    )
+    return KVArgs(
+        backend=args.transfer_backend,
+        host=host,
+        aux_slots=slots,
+        timeouts=timeouts,
+        bootstrap_addr=bootstrap_addr,
+    )
 
 
 class RankTransport:
@@ -128,8 +156,10 @@ class GroupAgreement:
         self.size = spec.attn_tp_size
         self.group = None
         if self.size > 1:
-            groups = [dist.new_group(list(range(g * self.size, (g + 1) * self.size)), backend="gloo")
-                      for g in range(spec.dp_size)]
+            groups = [
+                dist.new_group(list(range(g * self.size, (g + 1) * self.size)), backend="gloo")
+                for g in range(spec.dp_size)
+            ]
             self.group = groups[ctx.dp_rank]
 
     def agree(self, states: Sequence[int]) -> list[tuple[bool, bool]]:
