@@ -317,8 +317,11 @@ class Proxy:
             if first:
                 write(first)
 
-            def congested() -> bool:
-                return client.write_buffer_size() > _CLIENT_HIGH_WATER
+            t = client.transport
+            buffered = t.get_write_buffer_size if t is not None else client.write_buffer_size
+
+            def congested() -> bool:  # asked after every relayed piece: kept to one call
+                return buffered() > _CLIENT_HIGH_WATER
 
             while not await conn.relay(write, congested):
                 while client.write_buffer_size() > _CLIENT_LOW_WATER:  # a slow client
