@@ -107,8 +107,8 @@ def test_padded_static_decode_matches_eager_and_writes_only_real_slots_and_the_s
     try:
         scratch = runner.scratch_page
         pages = pool.alloc(10)
-        assert scratch not in pages
-        pool.tensor[pages].normal_(generator=torch.Generator().manual_seed(1))  # a "prefilled" context
+        assert scratch not in pages and pages == list(range(pages[0], pages[0] + 10))
+        pool.tensor[pages[0] : pages[-1] + 1].normal_(generator=torch.Generator().manual_seed(1))  # "prefilled"
         batch = _decode_batch(pool, [5, 33, 17], first_page=pages[0])  # 3 rows -> bucket 4 (1 padding row)
         before = pool.tensor.clone()
         static = runner(batch).next_token_logits
@@ -193,7 +193,7 @@ def test_replayed_graph_matches_eager_logits_and_replays_new_batches(tiny_dir: P
     runner = CudaGraphRunner(model, pool, max_bs=8)
     try:
         pages = pool.alloc(20)
-        pool.tensor[pages].normal_(generator=torch.Generator(device="cuda").manual_seed(2))
+        pool.tensor[pages[0] : pages[-1] + 1].normal_(generator=torch.Generator(device="cuda").manual_seed(2))
         before = pool.tensor.clone()
         for seq_lens in ([5, 33, 17], [70], [9, 9, 9, 9, 9, 40], [1, 2]):
             batch = _decode_batch(pool, seq_lens, pages[0])

@@ -1,0 +1,155 @@
+"""Decode step time with CUDA graphs vs eager, on a dummy-weight model of a real shape.
+
+    python -m bench.decode_step --device cuda --load-format dummy --model-config v2-lite \
+        [--batch-sizes 1,8,64] [--context 1024] [--out bench/results/decode_step_gpu.json]
+
+One DECODE forward of ``batch`` sequences, each with ``context`` tokens of (random) latent KV in the
+pool, timed eagerly (``model(batch)``) and through ``engine.cuda_graph.CudaGraphRunner`` (static copy-in
++ replay), each call followed by a device synchronise: the latency a decode step pays, sampling and the
+host-side batch build excluded from both. Also reports how close the two paths' logits are. Prints a
+table; writes JSON. On CPU the runner cannot capture and runs its padded static path eagerly (a smoke
+test of this script, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import ModelConfig
+from engine.cuda_graph import CudaGraphRunner
+from engine.forward_batch import ForwardBatch, ForwardMode
+from engine.kv_pool import KVPool
+from engine.llm import resolve_dtype
+from engine.model import DeepseekForCausalLM
+from engine.weights import load_model
+
+log = logging.getLogger("bench.decode_step")
+CONFIGS = Path(__file__).resolve().parent.parent / "engine" / "model_configs"
+NAMED = {"v2-lite": CONFIGS / "deepseek-v2-lite", "v3": CONFIGS / "deepseek-v3"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.decode_step", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--model-config", default="v2-lite", help="v2-lite, v3, or a checkpoint directory")
+    parser.add_argument("--load-format", default="dummy", choices=["dummy", "auto"])
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--batch-sizes", default="1,8,64")
+    parser.add_argument("--context", type=int, default=1024, help="cached tokens per sequence")
+    parser.add_argument("--page-size", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/decode_step_<device>.json)")
+    return parser.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Any, device: torch.device, iters: int, warmup: int) -> dict[str, float]:
+    """Median and 20/80 % quantiles of one synchronised call, in ms."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(samples, n=5) if len(samples) > 1 else samples * 4
+    return {"ms": statistics.median(samples), "p20_ms": q[0], "p80_ms": q[3]}
+
+
+def decode_batch(pool: KVPool, batch_size: int, context: int, vocab: int, offset: int) -> ForwardBatch:
+    """``batch_size`` sequences of ``context`` cached tokens each, on disjoint pages from ``offset``."""
+    per_seq = pool.pages_for_tokens(context + 1)
+    tables = [list(range(offset + i * per_seq, offset + (i + 1) * per_seq)) for i in range(batch_size)]
+    ids = [[(1009 * i + 17) % vocab] for i in range(batch_size)]
+    return ForwardBatch.build(ForwardMode.DECODE, ids, [context] * batch_size, tables, pool)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    model_dir = NAMED.get(args.model_config, Path(args.model_config))
+    config = ModelConfig.from_dir(model_dir)
+    dtype = resolve_dtype(args.dtype, device)
+    sizes = sorted({int(s) for s in args.batch_sizes.split(",")})
+    started = time.monotonic()
+    model = DeepseekForCausalLM(config, dtype=dtype, device=device)
+    load_model(model, model_dir, args.load_format, seed=0)
+    load_s = time.monotonic() - started
+    log.info("model %s (%s) loaded in %.1fs", args.model_config, dtype, load_s)
+
+    per_seq = -(-(args.context + 1) // args.page_size)
+    pool = KVPool(max(sizes) * per_seq + 1, config.num_hidden_layers, args.page_size, config.kv_cache_dim, dtype,
+                  device)
+    runner = None
+    try:
+        pages = pool.alloc(max(sizes) * per_seq)  # the runner takes the one page left as scratch
+        # Random latents stand in for a prefilled context; scaled like kv_a_layernorm's output.
+        assert pages == list(range(pages[0], pages[0] + len(pages)))  # a fresh pool hands out one run
+        pool.tensor[pages[0] : pages[-1] + 1].normal_(generator=torch.Generator(device=device).manual_seed(0))
+        started = time.monotonic()
+        runner = CudaGraphRunner(model, pool, max(sizes), max_context_len=args.context + 1)
+        capture_s = time.monotonic() - started
+        log.info("runner ready (%d buckets, capture=%s) in %.1fs", len(runner.buckets), runner.capture, capture_s)
+        rows = []
+        for bs in sizes:
+            batch = decode_batch(pool, bs, args.context, config.vocab_size, pages[0])
+            eager = time_ms(lambda b=batch: model(b), device, args.iters, args.warmup)
+            graph = time_ms(lambda b=batch: runner(b), device, args.iters, args.warmup)
+            ref = model(batch).next_token_logits.float()
+            got = runner(batch).next_token_logits.float()
+            agree = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
+            rel = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+            rows.append({"batch_size": bs, "eager": eager, "graph": graph, "speedup": eager["ms"] / graph["ms"],
+                         "logits_rel_err": rel, "argmax_agree": agree})
+            log.info("batch %d: eager %.2f ms, graph %.2f ms (%.1fx)", bs, eager["ms"], graph["ms"],
+                     eager["ms"] / graph["ms"])
+        pool.free(pages)
+    finally:
+        if runner is not None:
+            runner.close()
+        pool.close()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"bench": "decode_step", "device": name, "torch": torch.__version__, "model": args.model_config,
+            "load_format": args.load_format, "dtype": str(dtype).removeprefix("torch."), "context": args.context,
+            "page_size": args.page_size, "iters": args.iters, "captured": device.type == "cuda",
+            "load_s": load_s, "capture_s": capture_s, "results": rows}
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"decode step, {report['model']} {report['dtype']} on {report['device']}, context {report['context']}")
+    print(f"{'batch':>6} {'eager ms':>10} {'graph ms':>10} {'speedup':>8} {'argmax agree':>13} {'rel err':>9}")
+    for r in report["results"]:
+        print(f"{r['batch_size']:>6} {r['eager']['ms']:>10.3f} {r['graph']['ms']:>10.3f} {r['speedup']:>7.2f}x "
+              f"{r['argmax_agree']:>13.3f} {r['logits_rel_err']:>9.2e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    report = run(args)
+    print_table(report)
+    kind = "gpu" if args.device.startswith("cuda") else "cpu"
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"decode_step_{kind}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
