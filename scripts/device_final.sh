@@ -33,10 +33,10 @@ step() {  # step NAME SECONDS CMD...: run CMD time-boxed, tee'd to $OUT/NAME.log
 torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$OUT/env.txt"
 
-step pytest_gpu 90 python3 -m pytest -v -p no:cacheprovider -rs --durations=8 -m gpu -x \
+step pytest_gpu 80 python3 -m pytest -v -p no:cacheprovider -rs --durations=8 -m gpu -x \
     tests/test_cuda_graph.py tests/test_kernels_gpu.py
 
-step bench_decode_step 90 python3 -m bench.decode_step --device cuda --load-format dummy --model-config v2-lite \
+step bench_decode_step 85 python3 -m bench.decode_step --device cuda --load-format dummy --model-config v2-lite \
     --batch-sizes 1,8,64 --context 1024 --out "$OUT/decode_step_gpu.json"
 [ -f "$OUT/decode_step_gpu.json" ] && cp "$OUT/decode_step_gpu.json" bench/results/decode_step_gpu.json
 
@@ -44,10 +44,10 @@ TINY=/tmp/tandem_tiny_v3
 PROMPTS='[[5, 17, 90, 3], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [7, 7, 7, 7, 7, 7], [300, 2, 9, 11]]'
 python3 -m engine.tiny_model --out "$TINY" --variant v3 --seed 3 >/dev/null 2>&1 || status=1
 for dev in cpu cuda; do
-    step "generate_$dev" 45 python3 -m engine.generate --model "$TINY" --device "$dev" --dtype float32 \
+    step "generate_$dev" 25 python3 -m engine.generate --model "$TINY" --device "$dev" --dtype float32 \
         --prompt-token-ids "$PROMPTS" --max-new-tokens 24 --ignore-eos --page-size 16 --num-pages 64 --json
 done
-step generate_cuda_graphs 60 python3 - "$TINY" "$PROMPTS" "$OUT" <<'EOF'
+step generate_cuda_graphs 40 python3 - "$TINY" "$PROMPTS" "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 
