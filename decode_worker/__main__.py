@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda-graph-max-bs",
         type=int,
         default=None,
-        help="largest decode batch to capture as a CUDA graph (SGLang's flag; accepted for "
-        "compatibility, decode runs eagerly for now)",
+        help="decode batches up to this size replay captured CUDA graphs (single-rank instances; on CPU "
+        "the same padded path runs eagerly); unset: eager decode",
     )
     add_kv_flags(parser)
     return parser
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             "engine": engine_args(args),
             "kv": kv_args(args),
             "info": {"transfer_backend": args.transfer_backend},
+            "cuda_graph_max_bs": args.cuda_graph_max_bs,
         }
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

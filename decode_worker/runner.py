@@ -16,6 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.cuda_graph import CudaGraphRunner
 from engine.kv_pool import PoolExhaustedError
 from engine.runtime.colocated import (
     ColocatedRunner,
@@ -66,10 +67,24 @@ class DecodeRunner(ColocatedRunner):
         engine: the rank's model and KV pool (`build_rank_engine`).
         args: engine settings (batch limit, prefill budget for colocated requests).
         kv: transfer backend, host, aux slots, timeouts.
+        cuda_graph_max_bs: decode batches up to this size replay CUDA graphs (`engine.cuda_graph`); 0: eager.
+            Single-rank instances only (the graphs do not capture collectives); on CPU the same padded
+            graph-safe path runs eagerly.
     """
 
-    def __init__(self, ctx: RankContext, engine: RankEngine, args: EngineArgs, kv: KVArgs) -> None:
+    def __init__(
+        self, ctx: RankContext, engine: RankEngine, args: EngineArgs, kv: KVArgs, cuda_graph_max_bs: int = 0
+    ) -> None:
         super().__init__(engine, args)
+        self.graph_runner: CudaGraphRunner | None = None
+        if cuda_graph_max_bs and ctx.spec.tp_size == 1:
+            try:
+                self.graph_runner = CudaGraphRunner(engine.model, engine.kv_pool, cuda_graph_max_bs)
+                self.scheduler.decode_forward = self.graph_runner
+            except ValueError as exc:  # a model the graphs cannot take: serve eagerly, and say why
+                log.warning("--cuda-graph-max-bs %d: decoding eagerly: %s", cuda_graph_max_bs, exc)
+        elif cuda_graph_max_bs:
+            log.warning("CUDA graphs serve single-rank instances only: eager at tp %d", ctx.spec.tp_size)
         self.agreement = GroupAgreement(ctx)
         self.transport = RankTransport(kv, "decode", ctx.rank, engine.kv_pool.tensor)
         info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host)
@@ -144,6 +159,8 @@ class DecodeRunner(ColocatedRunner):
         self.transferring.clear()
         self.queued.clear()
         self.transport.close()
+        if self.graph_runner is not None:
+            self.graph_runner.close()  # returns its scratch page before the pool goes
         super().close()
 
     # --- the transfer stage -------------------------------------------------------------------------
@@ -254,4 +271,5 @@ def decode_entry(ctx: RankContext) -> None:
     """Rank process entry (spawned): build the model shard and serve the decode role until terminated."""
     args: EngineArgs = ctx.role_args["engine"]
     kv: KVArgs = ctx.role_args["kv"]
-    run_rank(ctx, DecodeRunner(ctx, build_rank_engine(ctx, args), args, kv))
+    graphs: int = ctx.role_args.get("cuda_graph_max_bs") or 0
+    run_rank(ctx, DecodeRunner(ctx, build_rank_engine(ctx, args), args, kv, graphs))

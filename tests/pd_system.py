@@ -116,6 +116,31 @@ def get_json(url: str) -> dict[str, Any]:
     return json.loads(body)
 
 
+def wait_healthy(servers: Sequence[Server], timeout_s: float = START_TIMEOUT_S) -> None:
+    """Until every server answers /health with 200; an error with the log of one that died or is late."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(servers)
+    while pending:
+        for server in list(pending):
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"{server.name} exited ({server.proc.returncode}):\n{server.log_tail()}")
+            try:
+                if http("GET", server.url + "/health", timeout_s=5)[0] == 200:
+                    pending.remove(server)
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("not healthy: " + "; ".join(f"{s.name}:\n{s.log_tail()}" for s in pending))
+        time.sleep(0.3)
+
+
+def worker_flags(model_dir: Path, backend: str, port: int, peer_timeout_s: float = 5.0) -> list[str]:
+    """Flags both workers of a test system share (later flags of the same name override these)."""
+    flags = f"--host 127.0.0.1 --port {port} --transfer-backend {backend} --page-size {PAGE_SIZE} "
+    flags += f"--max-prefill-tokens {CHUNK_TOKENS} --max-total-tokens 8192 --kv-peer-timeout {peer_timeout_s}"
+    return ["--model", str(model_dir), *flags.split(), "--log-level", "warning"]
+
+
 class PDSystem:
     """Router + prefill + decode on one machine. `close()` stops all three.
 
@@ -123,97 +148,29 @@ class PDSystem:
         model_dir: checkpoint both workers serve.
         log_dir: where each server's log goes (shown when start-up fails).
         backend: "nixl" | "mooncake".
-        prefill_layout / decode_layout: extra parallel flags, e.g. ("--tp", "2", "--dp", "2").
+        prefill_flags / decode_flags: extra flags, e.g. ("--tp", "2", "--dp", "2").
         peer_timeout_s: the KV plane's dead-peer timeout on both workers.
     """
 
-    def __init__(
-        self,
-        model_dir: Path,
-        log_dir: Path,
-        backend: str,
-        prefill_layout: Sequence[str] = (),
-        decode_layout: Sequence[str] = (),
-        peer_timeout_s: float = 5.0,
-    ) -> None:
+    def __init__(self, model_dir: Path, log_dir: Path, backend: str, prefill_flags: Sequence[str] = (),
+                 decode_flags: Sequence[str] = (), peer_timeout_s: float = 5.0) -> None:
         self.backend = backend
         self.bootstrap_port = free_port()
         p_port, d_port, r_port = free_port(), free_port(), free_port()
-        common = [
-            "--model",
-            str(model_dir),
-            "--host",
-            "127.0.0.1",
-            "--transfer-backend",
-            backend,
-            "--page-size",
-            str(PAGE_SIZE),
-            "--max-prefill-tokens",
-            str(CHUNK_TOKENS),
-            "--max-total-tokens",
-            "8192",
-            "--kv-peer-timeout",
-            str(peer_timeout_s),
-            "--log-level",
-            "warning",
-        ]
         self.servers: list[Server] = []
         try:
-            self.prefill = self._add(
-                start_server(
-                    "prefill",
-                    "prefill_worker",
-                    [
-                        *common,
-                        *prefill_layout,
-                        "--port",
-                        str(p_port),
-                        "--bootstrap-port",
-                        str(self.bootstrap_port),
-                    ],
-                    p_port,
-                    log_dir,
-                )
-            )
-            self.decode = self._add(
-                start_server(
-                    "decode",
-                    "decode_worker",
-                    [*common, *decode_layout, "--port", str(d_port)],
-                    d_port,
-                    log_dir,
-                )
-            )
-            self._wait_healthy([self.prefill, self.decode])
+            prefill_args = [*worker_flags(model_dir, backend, p_port, peer_timeout_s), *prefill_flags,
+                            "--bootstrap-port", str(self.bootstrap_port)]
+            self.prefill = self._add(start_server("prefill", "prefill_worker", prefill_args, p_port, log_dir))
+            decode_args = [*worker_flags(model_dir, backend, d_port, peer_timeout_s), *decode_flags]
+            self.decode = self._add(start_server("decode", "decode_worker", decode_args, d_port, log_dir))
+            wait_healthy([self.prefill, self.decode])
             # Health every 0.5 s and ejection at the first failure: the kill test sees it at once.
-            self.router = self._add(
-                start_server(
-                    "router",
-                    "router",
-                    [
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(r_port),
-                        "--prefill",
-                        self.prefill.url,
-                        str(self.bootstrap_port),
-                        "--decode",
-                        self.decode.url,
-                        "--health-interval",
-                        "0.5",
-                        "--health-failure-threshold",
-                        "1",
-                        "--max-retries",
-                        "1",
-                        "--log-level",
-                        "warning",
-                    ],
-                    r_port,
-                    log_dir,
-                )
-            )
-            self._wait_healthy([self.router])
+            router_args = ["--host", "127.0.0.1", "--port", str(r_port), "--prefill", self.prefill.url,
+                           str(self.bootstrap_port), "--decode", self.decode.url]
+            router_args += "--health-interval 0.5 --health-failure-threshold 1 --log-level warning".split()
+            self.router = self._add(start_server("router", "router", router_args, r_port, log_dir))
+            wait_healthy([self.router])
         except BaseException:
             self.close()
             raise
@@ -221,26 +178,6 @@ class PDSystem:
     def _add(self, server: Server) -> Server:
         self.servers.append(server)
         return server
-
-    def _wait_healthy(self, servers: list[Server]) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        pending = list(servers)
-        while pending:
-            for server in list(pending):
-                if server.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{server.name} exited with {server.proc.returncode}:\n{server.log_tail()}"
-                    )
-                try:
-                    if http("GET", server.url + "/health", timeout_s=5)[0] == 200:
-                        pending.remove(server)
-                except OSError:
-                    pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    "not healthy in time: " + "; ".join(f"{s.name}:\n{s.log_tail()}" for s in pending)
-                )
-            time.sleep(0.3)
 
     def close(self) -> None:
         for server in reversed(self.servers):

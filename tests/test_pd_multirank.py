@@ -69,8 +69,8 @@ def system(
         tiny_model,
         tmp_path_factory.mktemp(layout),
         kind,
-        prefill_layout=prefill_layout,
-        decode_layout=decode_layout,
+        prefill_flags=prefill_layout,
+        decode_flags=decode_layout,
     )
     yield pd
     pd.close()

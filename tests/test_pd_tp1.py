@@ -34,6 +34,10 @@ from engine.tiny_model import write_tiny_model
 
 BACKENDS = ["nixl", "mooncake"]
 PEER_TIMEOUT_S = 5.0
+# Decode holds 128 pages: the 32 requests (up to 20 pages each) queue there for pages, and their KV waits on
+# the prefill side meanwhile. The Mooncake system also decodes through the CUDA-graph runner's padded path.
+DECODE_FLAGS = {"nixl": ["--max-total-tokens", "2048"],
+                "mooncake": ["--max-total-tokens", "2048", "--cuda-graph-max-bs", "8"]}
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +54,13 @@ def reference(tiny_model: Path) -> Iterator[LLM]:
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def system(
-    request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PDSystem]:
+def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[PDSystem]:
     missing = backend_missing(request.param)
     if missing:
         pytest.skip(missing)
-    pd = PDSystem(
-        tiny_model,
-        tmp_path_factory.mktemp(f"pd-{request.param}"),
-        request.param,
-        peer_timeout_s=PEER_TIMEOUT_S,
-    )
+    pd = PDSystem(tiny_model, tmp_path_factory.mktemp(f"pd-{request.param}"), request.param,
+                  decode_flags=DECODE_FLAGS[request.param], peer_timeout_s=PEER_TIMEOUT_S)
     yield pd
     pd.close()
 
