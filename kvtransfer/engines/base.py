@@ -113,6 +113,9 @@ class TransferEngine(ABC):
     Attributes: `name` (unique per rank: peers address this engine by it), counters `num_inflight_handles`,
     `num_registrations`, `num_peers` (tests check they return to idle).
 
+    Threads: call an engine from one thread at a time (NIXL's agent runs without locks); the engines' own
+    worker threads are theirs to manage.
+
     Lifetime: `register` each pool once at start-up, hand `metadata()` to peers (through the bootstrap
     service), `connect` to the peers you write to, then `write`/`poll`/`release`. Call `close()` explicitly:
     it releases every handle, forgets every peer and deregisters every buffer; releasing native resources

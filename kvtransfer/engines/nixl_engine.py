@@ -1,7 +1,8 @@
 """NIXL transfer engine: one NIXL agent (UCX backend) per rank; WRITEs with optional notifications.
 
 UCX picks the transport per pair of memories: `cuda_ipc` between processes on one host for VRAM, `rc`/`dc`
-over RDMA NICs, `tcp` (and `cma` for small messages) on a machine without RDMA. The cost of a write is
+over RDMA NICs; DRAM between processes of one host without RDMA went through `cma` (zero-copy
+process_vm_writev) here, `tcp` across hosts. The cost of a write is
 mostly per descriptor (TRANSPORTS.md), so callers coalesce pages and `write` posts all descriptors of a
 call in as few NIXL requests as `max_descs_per_request` allows.
 """
