@@ -364,8 +364,9 @@ class HttpConnection(asyncio.Protocol):
         req = self._request
         self._write_response(status, body, content_type, extra_headers, req is not None and req.keep_alive)
 
-    def start_stream(self, status: int, content_type: bytes, extra_headers: bytes = b"") -> None:
-        """Send the head of a streamed answer: chunked on HTTP/1.1, raw until close on HTTP/1.0."""
+    def start_stream(self, status: int, content_type: bytes, extra_headers: bytes = b"", first: bytes = b"") -> None:
+        """Send the head of a streamed answer (chunked on HTTP/1.1, raw until close on HTTP/1.0) and
+        the `first` body bytes with it: one write."""
         req = self._request
         chunked = req is not None and req.http11
         if not chunked and req is not None:
@@ -378,6 +379,7 @@ class HttpConnection(asyncio.Protocol):
         t.write(b"".join((
             status_line(status), b"Content-Type: ", content_type, b"\r\n", extra_headers,
             b"Transfer-Encoding: chunked\r\n\r\n" if chunked else b"Connection: close\r\n\r\n",
+            (b"%x\r\n%b\r\n" % (len(first), first) if chunked else first) if first else b"",
         )))
 
     def write(self, data: bytes) -> None:
@@ -385,6 +387,21 @@ class HttpConnection(asyncio.Protocol):
         t = self.transport
         if t is not None and data and not t.is_closing():
             t.write(b"%x\r\n%b\r\n" % (len(data), data) if self._stream_chunked else data)
+
+    def write_last(self, data: bytes) -> None:
+        """The last body bytes of a streamed answer and its end, in one write."""
+        if not self._streaming:
+            return
+        self._streaming = False
+        self._responded = True
+        t = self.transport
+        if t is not None and not t.is_closing():
+            if not self._stream_chunked:
+                t.write(data)
+            elif data:
+                t.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data))
+            else:
+                t.write(b"0\r\n\r\n")
 
     def end_stream(self) -> None:
         if not self._streaming:

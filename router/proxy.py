@@ -308,14 +308,13 @@ class Proxy:
     async def _stream(
         self, client: HttpConnection, conn: UpstreamConnection, first: bytes, rid_b: bytes, decode: Worker
     ) -> None:
+        # The head goes out with the first bytes; the last bytes go out with the end of the answer.
         client.start_stream(conn.status, conn.content_type(b"text/event-stream"),
-                            b"Cache-Control: no-cache\r\nX-Request-ID: " + rid_b + b"\r\n")
+                            b"Cache-Control: no-cache\r\nX-Request-ID: " + rid_b + b"\r\n", first)
         # Body bytes go to the client socket straight from the upstream socket's callback: one
         # write per upstream read and no task switch in between.
         write = client.write
         try:
-            if first:
-                write(first)
 
             t = client.transport
             buffered = t.get_write_buffer_size if t is not None else client.write_buffer_size
@@ -323,7 +322,7 @@ class Proxy:
             def congested() -> bool:  # asked after every relayed piece: kept to one call
                 return buffered() > _CLIENT_HIGH_WATER
 
-            while not await conn.relay(write, congested):
+            while not await conn.relay(write, congested, client.write_last):
                 while client.write_buffer_size() > _CLIENT_LOW_WATER:  # a slow client
                     if client.closing:
                         raise ConnectionResetError("client went away")

@@ -66,6 +66,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink: SinkCallback | None = None
         # Relay mode (see relay): body bytes go straight to this writer from data_received.
         self._relay: Callable[[bytes], None] | None = None
+        self._relay_last: Callable[[bytes], None] | None = None  # for the piece that ends the body
         self._relay_congested: Callable[[], bool] = _never
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
@@ -166,7 +167,10 @@ class UpstreamConnection(asyncio.Protocol):
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             if self._relay is not None:
-                self._relay(data)
+                if self._state == _DONE and self._relay_last is not None:
+                    self._relay_last(data)  # the last piece and the end of the answer in one write
+                else:
+                    self._relay(data)
                 if self._state == _DONE or self._relay_congested():
                     self._wake()
                 return
@@ -293,10 +297,12 @@ class UpstreamConnection(asyncio.Protocol):
                 return b""  # already finished and handed back to the pool
             await self._wait()
 
-    async def relay(self, write: Callable[[bytes], None], congested: Callable[[], bool]) -> bool:
+    async def relay(self, write: Callable[[bytes], None], congested: Callable[[], bool],
+                    write_last: Callable[[bytes], None] | None = None) -> bool:
         """Hand body bytes to `write` straight from the protocol callback as they arrive (no task
         switch per chunk) until the answer ends (True) or `congested()` says the destination is
-        backed up (False: the caller waits for it to drain, then calls relay again)."""
+        backed up (False: the caller waits for it to drain, then calls relay again). The piece that
+        arrives with the end of the body goes to `write_last` instead, when given."""
         if self._pieces:
             data = b"".join(self._pieces)
             self._pieces.clear()
@@ -314,11 +320,11 @@ class UpstreamConnection(asyncio.Protocol):
                 return True
             if congested():
                 return False
-            self._relay, self._relay_congested = write, congested
+            self._relay, self._relay_congested, self._relay_last = write, congested, write_last
             try:
                 await self._wait()
             finally:
-                self._relay, self._relay_congested = None, _never
+                self._relay, self._relay_congested, self._relay_last = None, _never, None
 
     def body_if_complete(self) -> bytes | None:
         """The whole body when it has already arrived (small answers come with their head), the
