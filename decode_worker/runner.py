@@ -26,7 +26,15 @@ from engine.runtime.colocated import (
     error_output,
     to_sampling_params,
 )
-from engine.runtime.disagg import FAILED, PENDING, GroupAgreement, KVArgs, RankTransport, local_state
+from engine.runtime.disagg import (
+    FAILED,
+    PENDING,
+    GroupAgreement,
+    KVArgs,
+    RankTransport,
+    leave_cleanly_on_sigterm,
+    local_state,
+)
 from engine.runtime.launch import RankContext
 from engine.runtime.rank_loop import run_rank
 from engine.sampling import SamplingParams
@@ -271,5 +279,6 @@ def decode_entry(ctx: RankContext) -> None:
     """Rank process entry (spawned): build the model shard and serve the decode role until terminated."""
     args: EngineArgs = ctx.role_args["engine"]
     kv: KVArgs = ctx.role_args["kv"]
+    leave_cleanly_on_sigterm()
     graphs: int = ctx.role_args.get("cuda_graph_max_bs") or 0
     run_rank(ctx, DecodeRunner(ctx, build_rank_engine(ctx, args), args, kv, graphs))

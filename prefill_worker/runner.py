@@ -23,7 +23,15 @@ from engine.runtime.colocated import (
     error_output,
     to_sampling_params,
 )
-from engine.runtime.disagg import FAILED, PENDING, GroupAgreement, KVArgs, RankTransport, local_state
+from engine.runtime.disagg import (
+    FAILED,
+    PENDING,
+    GroupAgreement,
+    KVArgs,
+    RankTransport,
+    leave_cleanly_on_sigterm,
+    local_state,
+)
 from engine.runtime.launch import RankContext
 from engine.runtime.lockstep import LockstepStepper
 from engine.runtime.rank_loop import least_loaded, run_rank
@@ -254,4 +262,5 @@ def prefill_entry(ctx: RankContext) -> None:
     """Rank process entry (spawned): build the model shard and serve the prefill role until terminated."""
     args: EngineArgs = ctx.role_args["engine"]
     kv: KVArgs = ctx.role_args["kv"]
+    leave_cleanly_on_sigterm()
     run_rank(ctx, PrefillRunner(ctx, build_rank_engine(ctx, args), args, kv))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +25,16 @@ from kvtransfer.layout import AuxLayout, PageLayout
 from kvtransfer.state import KVPoll, KVTimeouts
 
 from .launch import RankContext
+
+
+def leave_cleanly_on_sigterm() -> None:
+    """The launcher stops ranks with SIGTERM, whose default action skips every `finally`. Turn it into
+    SystemExit so the rank leaves through `run_rank`'s `finally`: the KV manager fails its live rooms and
+    tells their peers (instead of leaving them to the dead-peer timeout), deregisters from the bootstrap
+    service, and the transfer engine releases its registrations. The launcher SIGKILLs after a grace
+    period if that hangs."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+
 
 # One aux slot holds the first output token and its logprob (12 bytes); both sides must agree on it.
 AUX_SLOT_BYTES = 16
