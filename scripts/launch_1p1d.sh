@@ -99,12 +99,14 @@ import statistics
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 url, num_requests, max_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 topics = ["Prefill and decode", "disaggregated serving of MLA models", "KV pages cross the network",
           "a router pairs two workers", "latent attention keeps the cache small", "experts in parallel"]
-prompts = [f"{topics[i % len(topics)]} #{i}: " + "tell me more " * (4 * i) for i in range(num_requests)]
+# Prompts of 10 to ~200 tokens (the tiny model's context is 512).
+prompts = [f"{topics[i % len(topics)]} #{i}: " + "tell me more " * (4 * (i % 5)) for i in range(num_requests)]
 results = [None] * num_requests
 
 
@@ -114,7 +116,11 @@ def run(i: int) -> None:
     request = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
     start, stamps, last = time.perf_counter(), [], None
-    with urllib.request.urlopen(request, timeout=300) as response:
+    try:
+        response = urllib.request.urlopen(request, timeout=300)
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"request {i}: {exc.code} {exc.read().decode(errors='replace')}") from None
+    with response:
         for line in response:
             if not line.startswith(b"data: {"):
                 continue
