@@ -3,11 +3,12 @@
 Mock prefill and decode servers (a lean asyncio HTTP/1.1 server, one process pinned to its own core)
 sit behind each router; the router under test is pinned to one core; a closed-loop load generator
 (keep-alive connections, `concurrency` requests always outstanding) drives it for a fixed time per
-cell. Router CPU per request is the utime+stime delta of the router's process tree (/proc/PID/stat)
-divided by the requests completed; added latency is the router's p50/p99 minus the same load sent
+cell, in slices taken in rotation over the routers (all running at once), so that a shared machine's
+load falls on every router alike. Router CPU per request is the utime+stime delta of the router's
+process tree (/proc/PID/stat) divided by the requests completed; added latency is the router's p50/p99 minus the same load sent
 straight to the decode mock. Peers: `sglang-router` 0.3.2 and `vllm-router` 0.1.17, when installed.
 
-    python bench/router_overhead.py                  # all routers found, c = 1, 16, 64, ~90 s
+    python bench/router_overhead.py                  # all routers found, c = 1, 16, 64, ~80 s
     python bench/router_overhead.py --routers tandem --duration 1
 """
 
@@ -195,17 +196,32 @@ async def _load(port: int, stream: bool, concurrency: int, duration_s: float) ->
     return lat, errors
 
 
-async def _measure(name: str, port: int, pid: int | None, stream: bool, c: int, duration_s: float) -> Cell:
-    await _load(port, stream, c, min(0.3, duration_s / 4))  # warm-up: connections, caches, JIT-free paths
+@dataclass
+class _Tally:
+    """One cell's measurements summed over its rounds."""
+
+    lat: list[float]
+    errors: int = 0
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+
+
+async def _measure_slice(tally: _Tally, port: int, pid: int | None, stream: bool, c: int, duration_s: float) -> None:
+    await _load(port, stream, c, min(0.2, duration_s / 4))  # warm-up: connections, caches
     cpu0 = _tree_cpu_s(pid) if pid else 0.0
     t0 = time.perf_counter()
     lat, errors = await _load(port, stream, c, duration_s)
-    wall = time.perf_counter() - t0
-    cpu = (_tree_cpu_s(pid) - cpu0) if pid else None
-    lat.sort()
+    tally.wall_s += time.perf_counter() - t0
+    tally.cpu_s += (_tree_cpu_s(pid) - cpu0) if pid else 0.0
+    tally.lat += lat
+    tally.errors += errors
+
+
+def _cell(name: str, stream: bool, c: int, tally: _Tally, has_cpu: bool) -> Cell:
+    lat = sorted(tally.lat)
     n = len(lat)
-    return Cell(name, "stream" if stream else "non_stream", c, n, errors, n / wall, _pct(lat, 0.5), _pct(lat, 0.99),
-                cpu_us_per_req=(cpu * 1e6 / n) if cpu is not None and n else None)
+    return Cell(name, "stream" if stream else "non_stream", c, n, tally.errors, n / tally.wall_s, _pct(lat, 0.5),
+                _pct(lat, 0.99), cpu_us_per_req=(tally.cpu_s * 1e6 / n) if has_cpu and n else None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,6 +253,30 @@ def _router_command(name: str, port: int, prefill: str, decode: str) -> list[str
                 "8998", "--decode", decode, "--policy", "random", "--prometheus-port", str(_free_port()),
                 "--log-level", "warning"]
     raise ValueError(name)
+
+
+def _machine() -> str:
+    """What ran the bench, for the JSON: CPU model, cores, load at the start (a shared machine is noisy)."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{socket.gethostname()}: {model}, {os.cpu_count()} cores, load average {load:.1f} at start"
+
+
+def _peer_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("sglang-router", "vllm-router"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def _pin(cpu: int):  # type: ignore[no-untyped-def]
@@ -285,29 +325,43 @@ async def _bench(args: argparse.Namespace) -> dict:
         baseline = {}
         for stream in (False, True):
             for c in args.concurrency:
-                cell = await _measure("direct", d_port, None, stream, c, args.duration)
+                tally = _Tally([])
+                await _measure_slice(tally, d_port, None, stream, c, args.duration)
+                cell = _cell("direct", stream, c, tally, has_cpu=False)
                 baseline[(cell.mode, c)] = cell
                 cells.append(cell)
                 print(f"  direct {cell.mode:10s} c={c:<3d} p50 {cell.p50_ms:.3f} ms", flush=True)
-        for name in args.routers:
-            port = _free_port()
-            cmd = _router_command(name, port, prefill, decode)
-            if cmd is None:
-                skipped[name] = "not installed"
-                print(f"{name}: not installed, skipped", flush=True)
-                continue
-            env = dict(os.environ, PYTHONPATH=str(ROOT), RUST_LOG="warn")
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                                    preexec_fn=_pin(router_cpu), cwd=ROOT, start_new_session=True)
-            try:
+        # Every router runs at once (pinned to the same core, idle but for the one under load), and each
+        # cell is measured in `rounds` slices taken in rotation over the routers: load from other jobs on
+        # a shared machine then falls on all routers alike instead of on whichever ran at that moment.
+        procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        try:
+            for name in args.routers:
+                port = _free_port()
+                cmd = _router_command(name, port, prefill, decode)
+                if cmd is None:
+                    skipped[name] = "not installed"
+                    print(f"{name}: not installed, skipped", flush=True)
+                    continue
+                env = dict(os.environ, PYTHONPATH=str(ROOT), RUST_LOG="warn")
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                                        preexec_fn=_pin(router_cpu), cwd=ROOT, start_new_session=True)
+                procs[name] = (proc, port)
                 if not await _wait_ready(port):
                     err = proc.stderr.read1(4000).decode(errors="replace") if proc.poll() is not None else ""
                     skipped[name] = f"did not answer a request in 30 s {err[-300:]}"
                     print(f"{name}: {skipped[name]}", flush=True)
-                    continue
-                for stream in (False, True):
-                    for c in args.concurrency:
-                        cell = await _measure(name, port, proc.pid, stream, c, args.duration)
+            live = [n for n in procs if n not in skipped]
+            for stream in (False, True):
+                for c in args.concurrency:
+                    tallies = {n: _Tally([]) for n in live}
+                    for _ in range(args.rounds):
+                        for name in live:
+                            proc, port = procs[name]
+                            await _measure_slice(tallies[name], port, proc.pid, stream, c,
+                                                 args.duration / args.rounds)
+                    for name in live:
+                        cell = _cell(name, stream, c, tallies[name], has_cpu=True)
                         base = baseline[(cell.mode, c)]
                         cell.added_p50_ms = cell.p50_ms - base.p50_ms
                         cell.added_p99_ms = cell.p99_ms - base.p99_ms
@@ -315,8 +369,10 @@ async def _bench(args: argparse.Namespace) -> dict:
                         print(f"  {name} {cell.mode:10s} c={c:<3d} {cell.rps:8.0f} req/s  cpu "
                               f"{cell.cpu_us_per_req:6.0f} us/req  +p50 {cell.added_p50_ms:.3f} ms  "
                               f"errors {cell.errors}", flush=True)
-            finally:
+        finally:
+            for proc, _ in procs.values():
                 os.killpg(proc.pid, signal.SIGTERM)
+            for proc, _ in procs.values():
                 try:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
@@ -326,7 +382,9 @@ async def _bench(args: argparse.Namespace) -> dict:
         mocks.terminate()
         mocks.wait()
     return {
-        "settings": {"duration_s": args.duration, "concurrency": args.concurrency, "tokens_per_stream": TOKENS,
+        "machine": args.machine or _machine(),
+        "peer_versions": _peer_versions(),
+        "settings": {"duration_s": args.duration, "rounds": args.rounds, "concurrency": args.concurrency, "tokens_per_stream": TOKENS,
                      "token_gap_ms": TOKEN_GAP_S * 1e3, "router_cpu": router_cpu, "mock_cpu": other_cpu,
                      "load_cpu": load_cpu, "clk_tck": CLK_TCK,
                      "cpus": os.cpu_count()},
@@ -336,7 +394,8 @@ async def _bench(args: argparse.Namespace) -> dict:
 
 
 def _table(result: dict) -> str:
-    rows = [c for c in result["cells"] if c["router"] != "direct"]
+    rows = sorted((c for c in result["cells"] if c["router"] != "direct"),
+                  key=lambda c: (c["router"] != "tandem", c["router"], c["mode"], c["concurrency"]))
     lines = [f"{'router':14s} {'mode':10s} {'c':>3s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} "
              f"{'+p50 ms':>8s} {'+p99 ms':>8s} {'cpu us/req':>10s} {'err':>4s}"]
     for c in rows:
@@ -344,6 +403,18 @@ def _table(result: dict) -> str:
                      f"{c['p99_ms']:8.3f} {c['added_p50_ms']:8.3f} {c['added_p99_ms']:8.3f} "
                      f"{c['cpu_us_per_req']:10.0f} {c['errors']:4d}")
     return "\n".join(lines)
+
+
+def _ratios(result: dict) -> dict[str, float]:
+    """tandem's router CPU per request over the best peer's, per "mode c=N" cell (< 1: tandem cheaper)."""
+    cpu = {(c["router"], c["mode"], c["concurrency"]): c["cpu_us_per_req"] for c in result["cells"]
+           if c["router"] != "direct" and c["cpu_us_per_req"]}
+    out = {}
+    for (router, mode, conc), value in sorted(cpu.items()):
+        peers = [v for (r, m, k), v in cpu.items() if r != "tandem" and m == mode and k == conc]
+        if router == "tandem" and peers:
+            out[f"{mode} c={conc}"] = round(value / min(peers), 3)
+    return out
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -376,7 +447,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--routers", nargs="+", default=["tandem", "sglang-router", "vllm-router"])
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
-    p.add_argument("--duration", type=float, default=2.5, help="seconds of measured load per cell")
+    p.add_argument("--duration", type=float, default=2.5, help="seconds of measured load per cell and router")
+    p.add_argument("--rounds", type=int, default=3, help="slices per cell, taken in rotation over the routers")
+    p.add_argument("--machine", default=None, help="label for the JSON (default: CPU model, cores, load)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "router_overhead.json")
     p.add_argument("--serve-mocks", nargs=2, type=int, metavar=("PREFILL_PORT", "DECODE_PORT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -394,6 +467,8 @@ def main() -> None:
     result = asyncio.run(_bench(args))
     result["wall_s"] = time.perf_counter() - started
     print(_table(result))
+    result["cpu_ratio_vs_best_peer"] = _ratios(result)
+    print("tandem CPU/req over the best peer's:", result["cpu_ratio_vs_best_peer"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     png = args.out.with_suffix(".png")
