@@ -5,7 +5,7 @@ from router.config import config_from_args
 
 def main() -> None:
     config = config_from_args()
-    from router.server import run  # aiohttp is imported only once the arguments are known to be good
+    from router.server import run  # the serving modules load only once the arguments are known to be good
 
     run(config)
 

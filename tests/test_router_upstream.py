@@ -160,3 +160,21 @@ def test_garbage_and_refused_connections_raise_upstream_errors() -> None:
         pool.close()
 
     run(body())
+
+
+def test_an_earlier_deadline_set_after_a_later_one_still_fires() -> None:
+    async def body() -> None:
+        server = ScriptedServer([lambda t: None])  # never answers
+        await server.start()
+        pool = UpstreamPool()
+        slow = asyncio.ensure_future(_fetch(pool, server.port, deadline_s=60.0))
+        await asyncio.sleep(0.05)  # the pool's one timer is now due in 60 s
+        with pytest.raises(UpstreamTimeout):
+            await _fetch(pool, server.port, deadline_s=0.1)
+        assert not slow.done()
+        slow.cancel()
+        pool.close()
+        assert pool.open_connections == 0 and pool.idle_connections == 0
+        await server.stop()
+
+    run(body())
