@@ -28,6 +28,8 @@ from pd_system import (
 from engine.llm import LLM
 from engine.tiny_model import write_tiny_model
 
+pytestmark = pytest.mark.slow  # real processes: router + workers with their ranks
+
 LAYOUTS = {
     "P-tp2_to_D-tp2dp2": (("--tp", "2"), ("--tp", "2", "--dp", "2")),
     "P-tp2dp2_to_D-tp2": (("--tp", "2", "--dp", "2"), ("--tp", "2")),

@@ -25,6 +25,8 @@ from pd_system import (
 
 from engine.tiny_model import write_tiny_model
 
+pytestmark = pytest.mark.slow  # real processes: a prefill worker with its rank
+
 BOOTSTRAP_TIMEOUT_S = 6.0
 
 

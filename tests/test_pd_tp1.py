@@ -33,6 +33,8 @@ from pd_system import (
 from engine.llm import LLM
 from engine.tiny_model import write_tiny_model
 
+pytestmark = pytest.mark.slow  # real processes: router + workers with their ranks
+
 BACKENDS = ["nixl", "mooncake"]
 PEER_TIMEOUT_S = 5.0
 # Decode holds 128 pages: the 32 requests (up to 20 pages each) queue there for pages, and their KV waits on
