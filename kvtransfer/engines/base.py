@@ -110,7 +110,7 @@ class TransferEngine(ABC):
 
     Supports: one-sided WRITE of lists of (addr, nbytes) ranges, DRAM ("cpu") and VRAM ("cuda:N"), between
     processes on one host or across hosts, asynchronous with `poll`; optional notifications (NIXL only).
-    Attributes: `name` (unique per rank: peers address this engine by it), counters `num_inflight_handles`,
+    Attributes: `name` (unique per rank: peers address this engine by it), `kind`, counters `num_inflight_handles`,
     `num_registrations`, `num_peers` (tests check they return to idle).
 
     Threads: call an engine from one thread at a time (NIXL's agent runs without locks); the engines' own
@@ -123,6 +123,7 @@ class TransferEngine(ABC):
     """
 
     name: str
+    kind: str  # "nixl" | "mooncake": which engines can talk to each other
 
     def __init__(self, name: str) -> None:
         if not name:

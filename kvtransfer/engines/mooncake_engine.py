@@ -60,6 +60,8 @@ class MooncakeEngine(TransferEngine):
         environment's value (30 s by default). A dead peer fails a write no later than this.
     """
 
+    kind = KIND
+
     def __init__(
         self,
         name: str,

@@ -73,6 +73,8 @@ class NixlEngine(TransferEngine):
     backends: NIXL backends to create; UCX unless you know better.
     """
 
+    kind = KIND
+
     def __init__(
         self,
         name: str,
