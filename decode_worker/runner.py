@@ -147,6 +147,8 @@ class DecodeRunner(ColocatedRunner):
 
     def status_counts(self) -> dict[str, int]:
         counts = super().status_counts()
+        if self.graph_runner is not None:  # its scratch page is held for the runner's whole life
+            counts["total_pages"] -= 1
         counts.update(
             {
                 "live_rooms": self.manager.num_live_rooms,
@@ -281,4 +283,6 @@ def decode_entry(ctx: RankContext) -> None:
     kv: KVArgs = ctx.role_args["kv"]
     leave_cleanly_on_sigterm()
     graphs: int = ctx.role_args.get("cuda_graph_max_bs") or 0
-    run_rank(ctx, DecodeRunner(ctx, build_rank_engine(ctx, args), args, kv, graphs))
+    # On one rank, graphs capture the model's local MoE path (EP across ranks is not capture-safe yet).
+    engine = build_rank_engine(ctx, args, expert_parallel=not (graphs and ctx.spec.tp_size == 1))
+    run_rank(ctx, DecodeRunner(ctx, engine, args, kv, graphs))

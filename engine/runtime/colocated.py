@@ -67,7 +67,15 @@ def parallel_context_for(ctx: RankContext) -> ParallelContext:
     return build_parallel_context(ctx)
 
 
-def build_rank_engine(ctx: RankContext, args: EngineArgs) -> RankEngine:
+def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool = True) -> RankEngine:
+    """Builds this rank's model shard and KV pool.
+
+    `expert_parallel=False` keeps the model's own local MoE dispatcher; only valid on one rank, where EP
+    is the identity anyway. CUDA-graph decode needs it (the EP dispatcher is not capture-safe) at the
+    cost of the expert-load recorder.
+    """
+    if not expert_parallel and ctx.spec.tp_size != 1:
+        raise ValueError(f"expert parallelism can only be turned off on one rank, not tp={ctx.spec.tp_size}")
     device = torch.device(ctx.device)
     if device.type == "cpu" and ctx.spec.ranks_per_node > 1:
         # Ranks share the node's cores: more threads than cores makes OpenMP spin-wait against the
@@ -83,7 +91,7 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs) -> RankEngine:
     model = DeepseekForCausalLM(config, parallel, dtype=dtype, device=device)
     load_model(model, args.model_dir, args.load_format, args.seed)
     moe = None
-    if config.n_routed_experts:
+    if config.n_routed_experts and expert_parallel:
         # The most tokens one rank dispatches: its share of the largest forward of its DP group.
         largest_share = -(-max(args.max_prefill_tokens, args.max_running) // parallel.attn_tp_size)
         moe = ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share)
