@@ -5,6 +5,8 @@
 
 Requests with bootstrap_host / bootstrap_port / bootstrap_room get their prompt's KV from that prefill
 instance; requests without them are prefilled here (colocated), as the router's short-prompt path wants.
+With `--kv-connector bench` every request's KV is random values filled in here instead (decode profiled
+alone, no prefill instance and no transfer engine; responses carry `x-tandem-kv-connector: bench`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import sys
 
 from decode_worker.runner import decode_entry
-from engine.runtime.disagg import add_kv_flags, kv_args
+from engine.runtime.disagg import BENCH_CONNECTOR, add_kv_flags, kv_args, mark_bench_responses
 from engine.server.cli import add_common_flags, engine_args, instance_spec
 from engine.server.serve import serve
 
@@ -44,16 +46,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         instance_spec(args)  # a layout that cannot run fails here, before any rank starts
+        kv = kv_args(args)
         role_args = {
             "engine": engine_args(args),
-            "kv": kv_args(args),
-            "info": {"transfer_backend": args.transfer_backend},
+            "kv": kv,
+            "info": {"transfer_backend": args.transfer_backend, "kv_connector": kv.connector},
             "cuda_graph_max_bs": args.cuda_graph_max_bs,
         }
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return serve(args, "decode", decode_entry, role_args)
+    on_startup = mark_bench_responses if kv.connector == BENCH_CONNECTOR else None
+    return serve(args, "decode", decode_entry, role_args, on_startup=on_startup)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from engine.runtime.colocated import (
     to_sampling_params,
 )
 from engine.runtime.disagg import (
+    BENCH_CONNECTOR,
     FAILED,
     PENDING,
     GroupAgreement,
@@ -67,6 +68,24 @@ class Transfer:
         return local_state(self.receiver.poll()) if self.receiver is not None else PENDING
 
 
+def attach_cuda_graphs(
+    ctx: RankContext, engine: RankEngine, runner: ColocatedRunner, max_bs: int
+) -> CudaGraphRunner | None:
+    """Decode batches up to `max_bs` through captured CUDA graphs (`engine.cuda_graph`), or None: eager.
+    Shared by the transfer and the bench connector's runners; the caller owns (closes) the result."""
+    if max_bs and ctx.spec.tp_size == 1:
+        try:
+            graph_runner = CudaGraphRunner(engine.model, engine.kv_pool, max_bs)
+        except ValueError as exc:  # a model the graphs cannot take: serve eagerly, and say why
+            log.warning("--cuda-graph-max-bs %d: decoding eagerly: %s", max_bs, exc)
+            return None
+        runner.scheduler.decode_forward = graph_runner
+        return graph_runner
+    if max_bs:
+        log.warning("CUDA graphs serve single-rank instances only: eager at tp %d", ctx.spec.tp_size)
+    return None
+
+
 class DecodeRunner(ColocatedRunner):
     """`StepRunner` of the decode role: the colocated scheduler plus the KV receiving stage in front.
 
@@ -84,15 +103,7 @@ class DecodeRunner(ColocatedRunner):
         self, ctx: RankContext, engine: RankEngine, args: EngineArgs, kv: KVArgs, cuda_graph_max_bs: int = 0
     ) -> None:
         super().__init__(engine, args)
-        self.graph_runner: CudaGraphRunner | None = None
-        if cuda_graph_max_bs and ctx.spec.tp_size == 1:
-            try:
-                self.graph_runner = CudaGraphRunner(engine.model, engine.kv_pool, cuda_graph_max_bs)
-                self.scheduler.decode_forward = self.graph_runner
-            except ValueError as exc:  # a model the graphs cannot take: serve eagerly, and say why
-                log.warning("--cuda-graph-max-bs %d: decoding eagerly: %s", cuda_graph_max_bs, exc)
-        elif cuda_graph_max_bs:
-            log.warning("CUDA graphs serve single-rank instances only: eager at tp %d", ctx.spec.tp_size)
+        self.graph_runner = attach_cuda_graphs(ctx, engine, self, cuda_graph_max_bs)
         self.agreement = GroupAgreement(ctx)
         self.transport = RankTransport(kv, "decode", ctx.rank, engine.kv_pool.tensor)
         info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host)
@@ -285,4 +296,9 @@ def decode_entry(ctx: RankContext) -> None:
     graphs: int = ctx.role_args.get("cuda_graph_max_bs") or 0
     # On one rank, graphs capture the model's local MoE path (EP across ranks is not capture-safe yet).
     engine = build_rank_engine(ctx, args, expert_parallel=not (graphs and ctx.spec.tp_size == 1))
+    if kv.connector == BENCH_CONNECTOR:  # no transfer engine: KV pages filled with random values here
+        from decode_worker.bench_connector import BenchDecodeRunner
+
+        run_rank(ctx, BenchDecodeRunner(ctx, engine, args, graphs, seed=args.seed))
+        return
     run_rank(ctx, DecodeRunner(ctx, engine, args, kv, graphs))

@@ -6,6 +6,8 @@
 Every request must carry bootstrap_host / bootstrap_port / bootstrap_room (the router adds them); one
 without them is refused with a 400. The reply (SGLang's shape, the first output token) comes once the KV
 has landed on the decode side; the client's answer streams from the decode worker.
+With `--kv-connector bench` the KV is computed and dropped (prefill profiled alone: no bootstrap service,
+no transfer engine, bootstrap fields optional; responses carry `x-tandem-kv-connector: bench`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from engine.runtime.disagg import add_kv_flags, kv_args
+from engine.runtime.disagg import BENCH_CONNECTOR, add_kv_flags, kv_args, mark_bench_responses
 from engine.server.cli import add_common_flags, engine_args, instance_spec
 from engine.server.protocol import error_body
 from engine.server.serve import serve
@@ -109,8 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     role_args = {
         "engine": engine,
         "kv": kv,
-        "info": {"bootstrap_port": args.bootstrap_port, "transfer_backend": kv.backend},
+        "info": {
+            "bootstrap_port": args.bootstrap_port,
+            "transfer_backend": kv.backend,
+            "kv_connector": kv.connector,
+        },
     }
+    if kv.connector == BENCH_CONNECTOR:  # no decode side: no bootstrap service, no bootstrap guard
+        return serve(args, "prefill", prefill_entry, role_args, on_startup=mark_bench_responses)
 
     async def on_startup(app: web.Application) -> None:
         # The app is not frozen yet during start-up: middlewares can still be added.

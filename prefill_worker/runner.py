@@ -24,6 +24,7 @@ from engine.runtime.colocated import (
     to_sampling_params,
 )
 from engine.runtime.disagg import (
+    BENCH_CONNECTOR,
     FAILED,
     PENDING,
     GroupAgreement,
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 WAIT_NAP_S = 0.0005
 
 
-class _LockstepBatcher:
+class LockstepBatcher:
     """The batcher in the shape `LockstepStepper` drives (`has_work`, `step`); the step's finished chunks
     are kept in `chunks`. Lockstep: with several DP groups, every rank runs one forward (maybe an empty
     MoE one) per loop turn, so expert-parallel collectives line up across the instance."""
@@ -97,7 +98,7 @@ class PrefillRunner:
         self.engine = engine
         self.batcher = PrefillBatcher(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running)
         self.agreement = GroupAgreement(ctx)
-        self._steps = _LockstepBatcher(self.batcher)
+        self._steps = LockstepBatcher(self.batcher)
         parallel = engine.parallel
         # The work flag is control traffic: a gloo group even when the model's collectives use NCCL.
         control = (
@@ -263,4 +264,9 @@ def prefill_entry(ctx: RankContext) -> None:
     args: EngineArgs = ctx.role_args["engine"]
     kv: KVArgs = ctx.role_args["kv"]
     leave_cleanly_on_sigterm()
+    if kv.connector == BENCH_CONNECTOR:  # no transfer engine: the computed KV is dropped
+        from prefill_worker.bench_connector import BenchPrefillRunner
+
+        run_rank(ctx, BenchPrefillRunner(ctx, build_rank_engine(ctx, args), args))
+        return
     run_rank(ctx, PrefillRunner(ctx, build_rank_engine(ctx, args), args, kv))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from aiohttp import web
 
 from kvtransfer.engines import TransferEngine, make_engine
 from kvtransfer.layout import AuxLayout, PageLayout
@@ -49,6 +50,8 @@ class KVArgs:
     aux_slots: aux slots per rank; bounds the rooms a rank has in transfer at once.
     timeouts: every wait of the control plane.
     bootstrap_addr: "host:port" of the prefill instance's bootstrap service (prefill ranks only).
+    connector: "transfer" (the real plane above) or "bench" (no transfer engine at all: decode fills each
+        request's pages with random values, prefill drops the KV it computed; see `KV_CONNECTORS`).
     """
 
     backend: str
@@ -56,6 +59,14 @@ class KVArgs:
     aux_slots: int
     timeouts: KVTimeouts
     bootstrap_addr: str | None = None
+    connector: str = "transfer"
+
+
+# `--kv-connector`: "bench" cuts the KV plane out so one role can be profiled alone (issue 7). Its
+# results are not end-to-end numbers: the workers say so in a response header and in /server_info.
+KV_CONNECTORS = ("transfer", "bench")
+BENCH_CONNECTOR = "bench"
+KV_CONNECTOR_HEADER = "x-tandem-kv-connector"  # bench.serving labels the run from it
 
 
 def add_kv_flags(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +103,14 @@ def add_kv_flags(parser: argparse.ArgumentParser) -> None:
         default=10.0,
         help="a peer silent this long is dead and its rooms fail (heartbeats every quarter of it)",
     )
+    kv.add_argument(
+        "--kv-connector",
+        choices=KV_CONNECTORS,
+        default="transfer",
+        help="'bench': no transfer engine; a decode worker fills every request's KV pages with random "
+        "values (no prefill instance needed, bootstrap fields optional), a prefill worker computes the "
+        "KV and drops it; results are labelled 'kv-connector=bench', never end-to-end",
+    )
 
 
 def kv_args(args: argparse.Namespace, bootstrap_addr: str | None = None) -> KVArgs:
@@ -113,7 +132,19 @@ def kv_args(args: argparse.Namespace, bootstrap_addr: str | None = None) -> KVAr
         aux_slots=slots,
         timeouts=timeouts,
         bootstrap_addr=bootstrap_addr,
+        connector=args.kv_connector,
     )
+
+
+async def mark_bench_responses(app: web.Application) -> None:
+    """`on_startup` hook of a bench-connector worker: every response carries `KV_CONNECTOR_HEADER: bench`,
+    so a benchmark client cannot mistake its numbers for end-to-end ones. A signal, not a middleware:
+    streamed responses send their headers before a middleware would see them."""
+
+    async def add_header(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[KV_CONNECTOR_HEADER] = BENCH_CONNECTOR
+
+    app.on_response_prepare.append(add_header)
 
 
 class RankTransport:

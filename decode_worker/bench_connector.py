@@ -1,0 +1,169 @@
+"""The decode role with the benchmarking KV connector (`--kv-connector bench`): decode profiled alone.
+
+Every request (with bootstrap fields or without) is served as if its prompt's KV had just arrived from a
+prefill instance: pages for its whole life are reserved (FIFO, like a real transfer), the prompt's pages
+are filled with seeded standard-normal values in the model dtype (the scale of real latent KV: the
+compressed part comes out of an RMSNorm, the rope part out of a linear layer and a rotation, both O(1)),
+the first output token is drawn at random, and the request joins the continuous batch. No transfer
+engine, no bootstrap service, no prefill instance: decode throughput at any input length costs only the
+decode instance. The numbers are not end-to-end; the worker says so (`engine.runtime.disagg`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from decode_worker.runner import attach_cuda_graphs
+from engine.kv_pool import PoolExhaustedError
+from engine.runtime.colocated import ColocatedRunner, EngineArgs, RankEngine, error_output, to_sampling_params
+from engine.runtime.launch import RankContext
+from engine.sampling import SamplingParams
+from engine.server.messages import GenerateRequest, TokenOutput
+
+
+@dataclass(eq=False)
+class QueuedRequest:
+    """A request waiting for pages; nothing is allocated for it yet."""
+
+    request: GenerateRequest
+    params: SamplingParams
+
+
+class BenchDecodeRunner(ColocatedRunner):
+    """`StepRunner` of a decode worker whose KV comes from the bench connector.
+
+    Args:
+        ctx: this rank.
+        engine: the rank's model and KV pool (`build_rank_engine`).
+        args: engine settings (batch limit).
+        cuda_graph_max_bs: as `DecodeRunner`'s.
+        seed: seeds the fill values and first tokens. Every rank of an attention-DP group uses the same
+            seed and sees the same requests in the same order, so the group's ranks hold the same latent
+            KV and decode the same tokens, as they would after a real transfer.
+    """
+
+    def __init__(
+        self,
+        ctx: RankContext,
+        engine: RankEngine,
+        args: EngineArgs,
+        cuda_graph_max_bs: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(engine, args)
+        self.graph_runner = attach_cuda_graphs(ctx, engine, self, cuda_graph_max_bs)
+        pool = engine.kv_pool.tensor
+        self.fill_generator = torch.Generator(device=pool.device).manual_seed(seed)
+        self.token_rng = random.Random(seed)
+        eos = set(engine.config.eos_token_ids)
+        # A first token that is EOS would end requests that do not ignore EOS at once: skip those ids.
+        self.first_token_choices = [t for t in range(engine.config.vocab_size) if t not in eos]
+        self.queued: deque[QueuedRequest] = deque()
+        self.filled_requests = 0
+
+    # --- StepRunner ---------------------------------------------------------------------------------
+    def add(self, request: GenerateRequest) -> None:
+        # Bootstrap fields, if any, are ignored: the bench connector is the KV's only source.
+        if request.rid in self.requests or any(q.request.rid == request.rid for q in self.queued):
+            self._pending.append(error_output(request.rid, f"request id {request.rid!r} is already running"))
+            return
+        try:
+            params = to_sampling_params(request.sampling)
+            self.scheduler.validate_prompt(request.input_ids, params)
+        except ValueError as exc:
+            self._pending.append(error_output(request.rid, str(exc)))
+            return
+        self.queued.append(QueuedRequest(request, params))
+
+    def abort(self, rid: str) -> list[TokenOutput]:
+        if rid in self.requests:
+            return super().abort(rid)
+        for queued in self.queued:
+            if queued.request.rid == rid:
+                self.queued.remove(queued)
+                return [TokenOutput(rid=rid, token_ids=[], finished=True, finish_reason="abort")]
+        return []
+
+    def num_requests(self) -> int:
+        return len(self.requests) + len(self.queued)
+
+    def step(self) -> list[TokenOutput]:
+        if self.queued:
+            self._admit_filled()
+        return super().step()
+
+    def status_counts(self) -> dict[str, int]:
+        counts = super().status_counts()
+        if self.graph_runner is not None:  # its scratch page is held for the runner's whole life
+            counts["total_pages"] -= 1
+        counts.update(
+            {
+                # No transfer plane: these are zero by construction, reported so idle checks read alike.
+                "live_rooms": 0,
+                "inflight_handles": 0,
+                "decode_queued": len(self.queued),
+                "decode_running": len(self.requests),
+                "bench_filled_requests": self.filled_requests,
+            }
+        )
+        return counts
+
+    def close(self) -> None:
+        self.queued.clear()
+        if self.graph_runner is not None:
+            self.graph_runner.close()  # returns its scratch page before the pool goes
+        super().close()
+
+    # --- the bench connector ------------------------------------------------------------------------
+    def _admit_filled(self) -> None:
+        """Oldest first, while the batch has room and the pool has pages for a request's whole life
+        (the same admission rule as `DecodeRunner`'s transfers): fill its prompt pages and adopt it."""
+        pool = self.engine.kv_pool
+        while self.queued:
+            queued = self.queued[0]
+            request, params = queued.request, queued.params
+            prompt_len = len(request.input_ids)
+            busy = len(self.scheduler.running) + len(self.scheduler.waiting)
+            if busy >= self.scheduler.max_running or self.scheduler.pages_needed(prompt_len, params) > (
+                pool.free_pages
+            ):
+                return
+            self.queued.popleft()
+            prompt_pages = pool.alloc(pool.pages_for_tokens(prompt_len))
+            self._fill(prompt_pages)
+            first = self.token_rng.choice(self.first_token_choices)
+            self.filled_requests += 1
+            try:
+                req = self.scheduler.add_prefilled(
+                    request.input_ids, first, prompt_pages, params, request.rid
+                )
+            except (ValueError, PoolExhaustedError) as exc:
+                pool.free(prompt_pages)  # add_prefilled took nothing
+                self._pending.append(error_output(request.rid, str(exc)))
+                continue
+            self._pending.append(
+                TokenOutput(
+                    rid=request.rid,
+                    token_ids=[first],
+                    finished=req.finished,
+                    finish_reason=req.finish_reason if req.finished else None,
+                    prompt_tokens=prompt_len,
+                )
+            )
+            if not req.finished:
+                self.requests[request.rid] = req
+
+    @torch.inference_mode()
+    def _fill(self, pages: list[int]) -> None:
+        """Standard-normal values in every layer of `pages`, in place: one `normal_` per contiguous run of
+        pages (the allocator prefers runs), so no temporary as large as the prompt's KV is made."""
+        pool = self.engine.kv_pool.tensor
+        start = 0
+        for i in range(1, len(pages) + 1):
+            if i == len(pages) or pages[i] != pages[i - 1] + 1:
+                pool[pages[start] : pages[i - 1] + 1].normal_(generator=self.fill_generator)
+                start = i
