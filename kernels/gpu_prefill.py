@@ -19,14 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-
-def _bounds(cu_seqlens: torch.Tensor, name: str) -> list[int]:
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 1:
-        raise ValueError(f"{name} must be int32 [B+1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    bounds = cu_seqlens.tolist()  # one host sync per batch: prefill is never graph-captured
-    if bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds[:-1], strict=True)):
-        raise ValueError(f"{name} must start at 0 and never decrease, got {bounds}")
-    return bounds
+from kernels.mla import prefill_segments
 
 
 def mla_prefill_attention_sdpa(
@@ -39,27 +32,13 @@ def mla_prefill_attention_sdpa(
     pad_v: bool = False,
 ) -> torch.Tensor:
     """Packed variable-length causal attention; returns `[Tq, H, Dv]` in q's dtype."""
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError("q, k, v must be [tokens, heads, dim]")
-    if k.shape[:2] != v.shape[:2] or q.shape[1:] != k.shape[1:]:
-        raise ValueError(f"shapes do not agree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    bounds_q = _bounds(cu_seqlens_q, "cu_seqlens_q")
-    bounds_k = _bounds(cu_seqlens_k, "cu_seqlens_k")
-    if len(bounds_q) != len(bounds_k):
-        raise ValueError("cu_seqlens_q and cu_seqlens_k describe different batch sizes")
-    if bounds_q[-1] != q.shape[0] or bounds_k[-1] != k.shape[0]:
-        raise ValueError(f"cu_seqlens end at {bounds_q[-1]}/{bounds_k[-1]}, tensors hold {q.shape[0]}/{k.shape[0]}")
+    segments = prefill_segments(q, k, v, cu_seqlens_q, cu_seqlens_k)
     dv = v.shape[2]
     if pad_v and dv < q.shape[2]:
         v = F.pad(v, (0, q.shape[2] - dv))
     out = q.new_empty(q.shape[0], q.shape[1], dv)
-    for b in range(len(bounds_q) - 1):
-        q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+    for q0, q1, k0, k1 in segments:
         lq, lk = q1 - q0, k1 - k0
-        if lq == 0:
-            continue
-        if lk < lq:
-            raise ValueError(f"sequence {b} has fewer keys ({lk}) than queries ({lq})")
         qs = q[q0:q1].transpose(0, 1).unsqueeze(0)  # [1, H, lq, D]: strided views, no copies
         ks = k[k0:k1].transpose(0, 1).unsqueeze(0)
         vs = v[k0:k1].transpose(0, 1).unsqueeze(0)

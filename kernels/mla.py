@@ -9,6 +9,43 @@ from __future__ import annotations
 import torch
 
 
+def _bounds(cu_seqlens: torch.Tensor, name: str) -> list[int]:
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{name} must be int32 [B+1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    bounds = cu_seqlens.tolist()  # one host sync per batch: prefill is never graph-captured
+    if bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds[:-1], strict=True)):
+        raise ValueError(f"{name} must start at 0 and never decrease, got {bounds}")
+    return bounds
+
+
+def prefill_segments(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor
+) -> list[tuple[int, int, int, int]]:
+    """Validate a packed prefill's inputs; return (q0, q1, k0, k1) for every sequence with queries.
+
+    Shared by every prefill backend so that all refuse the same inputs with the same messages.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError("q, k, v must be [tokens, heads, dim]")
+    if k.shape[:2] != v.shape[:2] or q.shape[1:] != k.shape[1:]:
+        raise ValueError(f"shapes do not agree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    bounds_q = _bounds(cu_seqlens_q, "cu_seqlens_q")
+    bounds_k = _bounds(cu_seqlens_k, "cu_seqlens_k")
+    if len(bounds_q) != len(bounds_k):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k describe different batch sizes")
+    if bounds_q[-1] != q.shape[0] or bounds_k[-1] != k.shape[0]:
+        raise ValueError(f"cu_seqlens end at {bounds_q[-1]}/{bounds_k[-1]}, tensors hold {q.shape[0]}/{k.shape[0]}")
+    segments = []
+    for b in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+        if q1 - q0 == 0:
+            continue
+        if k1 - k0 < q1 - q0:
+            raise ValueError(f"sequence {b} has fewer keys ({k1 - k0}) than queries ({q1 - q0})")
+        segments.append((q0, q1, k0, k1))
+    return segments
+
+
 def mla_prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -24,21 +61,10 @@ def mla_prefill_attention(
     sequence whose first lk - lq keys are a cached prefix attends to all of them.
     Returns ``[Tq, H, Dv]`` in q's dtype; softmax in float32.
     """
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError("q, k, v must be [tokens, heads, dim]")
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-    bounds_q = cu_seqlens_q.tolist()
-    bounds_k = cu_seqlens_k.tolist()
-    if len(bounds_q) != len(bounds_k):
-        raise ValueError("cu_seqlens_q and cu_seqlens_k describe different batch sizes")
     # One matmul per sequence: the loop is over sequences (few), never over tokens.
-    for b in range(len(bounds_q) - 1):
-        q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+    for q0, q1, k0, k1 in prefill_segments(q, k, v, cu_seqlens_q, cu_seqlens_k):
         lq, lk = q1 - q0, k1 - k0
-        if lq == 0:
-            continue
-        if lk < lq:
-            raise ValueError(f"sequence {b} has fewer keys ({lk}) than queries ({lq})")
         qs = q[q0:q1].transpose(0, 1)  # [H, lq, D]
         ks = k[k0:k1].transpose(0, 1)
         vs = v[k0:k1].transpose(0, 1)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 
-from kvtransfer.auxdata import check_host_aux
 from kvtransfer.bootstrap import BootstrapClient
 from kvtransfer.engines.base import TransferEngine
 from kvtransfer.layout import AuxLayout, PageLayout
@@ -33,7 +32,6 @@ from kvtransfer.messages import (
 )
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.rooms import RankInfo, RoomManager
-from kvtransfer.send_manager import engine_kind
 from kvtransfer.state import KVBootstrapError, KVTimeouts
 
 log = logging.getLogger(__name__)
@@ -67,14 +65,8 @@ class KVReceiveManager(RoomManager):
         timeouts: KVTimeouts | None = None,
         bootstrap_client: BootstrapClient | None = None,
     ) -> None:
-        check_host_aux(aux)
-        timeouts = timeouts or KVTimeouts()
-        super().__init__(rank_info, timeouts)
-        self.layout = layout
-        self.aux = aux
-        self.rank = rank_info.rank
-        self.client = bootstrap_client or BootstrapClient(timeouts.http_s)
-        self._engine_kind = engine_kind(engine)
+        super().__init__(layout, aux, rank_info, timeouts, bootstrap_client)
+        self._engine_kind = engine.kind
         self._intro = DecodeIntro(
             engine_name=engine.name, engine_metadata=engine.metadata(), page_layout=layout, aux_layout=aux
         )
@@ -119,15 +111,10 @@ class KVReceiveManager(RoomManager):
                     f"prefill instance at {address} uses {registration.engine_kind} transfer engines, "
                     f"this decode rank {self._engine_kind}"
                 )
-            why = registration.page_layout.compatible_with(self.layout)
+            why = self._layout_mismatch(registration.page_layout, registration.aux_layout)
             if why is not None:
                 raise KVBootstrapError(
                     f"prefill rank {registration.rank} at {address} cannot write into our pages: {why}"
-                )
-            if registration.aux_layout.slot_bytes != self.aux.slot_bytes:
-                raise KVBootstrapError(
-                    f"prefill rank {registration.rank} at {address} has {registration.aux_layout.slot_bytes}-byte "
-                    f"aux slots, this decode rank {self.aux.slot_bytes}"
                 )
         self._checked.add(info.instance_id)
 
@@ -138,9 +125,6 @@ class KVReceiveManager(RoomManager):
             return None
         self._introduced.add(key)
         return self._intro
-
-    def send_message(self, endpoint: str, message: ControlMessage) -> bool:
-        return self._send(endpoint, message)
 
     def retire(self, receiver: KVReceiver) -> None:
         self._receivers.pop(receiver.room, None)

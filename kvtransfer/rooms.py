@@ -14,7 +14,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from kvtransfer.auxdata import check_host_aux
+from kvtransfer.bootstrap import BootstrapClient
 from kvtransfer.channel import ControlChannel
+from kvtransfer.layout import AuxLayout, PageLayout
 from kvtransfer.mapping import ParallelLayout
 from kvtransfer.messages import ControlMessage, Heartbeat
 from kvtransfer.state import KVTimeouts
@@ -49,15 +52,28 @@ class RoomManager:
 
     Subclasses implement `_on_message`, `_on_tick`, `_live_peers` and `_on_peer_dead`; all four run on the
     background thread with `self.lock` held. Attributes: `session` (random per manager: a restarted rank
-    is a new session), `endpoint` (this rank's control endpoint), `timeouts`.
+    is a new session), `endpoint` (this rank's control endpoint), `layout`, `aux`, `rank`, `timeouts`,
+    `client` (the bootstrap client: the one passed in, or a new one).
     """
 
     # How long the background thread waits for a message before checking timers.
     _TICK_S = 0.02
 
-    def __init__(self, rank_info: RankInfo, timeouts: KVTimeouts) -> None:
+    def __init__(
+        self,
+        layout: PageLayout,
+        aux: AuxLayout,
+        rank_info: RankInfo,
+        timeouts: KVTimeouts | None,
+        bootstrap_client: BootstrapClient | None,
+    ) -> None:
+        check_host_aux(aux)  # before the channel exists: a bad aux buffer leaks nothing
+        self.layout = layout
+        self.aux = aux
         self.rank_info = rank_info
-        self.timeouts = timeouts
+        self.rank = rank_info.rank
+        self.timeouts = timeouts = timeouts or KVTimeouts()
+        self.client = bootstrap_client or BootstrapClient(timeouts.http_s)
         self.session = uuid.uuid4().hex
         self.channel = ControlChannel(rank_info.host)
         self.endpoint = self.channel.endpoint
@@ -85,8 +101,15 @@ class RoomManager:
     def _on_peer_dead(self, endpoint: str, reason: str) -> None:
         raise NotImplementedError
 
-    def _send(self, endpoint: str, message: ControlMessage) -> bool:
+    def send_message(self, endpoint: str, message: ControlMessage) -> bool:
         return self.channel.send(endpoint, message)
+
+    def _layout_mismatch(self, page_layout: PageLayout, aux_layout: AuxLayout) -> str | None:
+        """Why a peer with these layouts cannot exchange pages with this rank, or None if it can."""
+        why = self.layout.compatible_with(page_layout)
+        if why is None and aux_layout.slot_bytes != self.aux.slot_bytes:
+            why = f"aux slots of {self.aux.slot_bytes} bytes here, {aux_layout.slot_bytes} on the peer"
+        return why
 
     def _expect_session(self, endpoint: str, session: str) -> None:
         """Remember which session the peer at `endpoint` runs; a message from another one means it restarted."""
@@ -138,7 +161,7 @@ class RoomManager:
     def _beat(self) -> None:
         beat = Heartbeat(sender=self.endpoint, session=self.session)
         for endpoint in self._live_peers():
-            self._send(endpoint, beat)
+            self.send_message(endpoint, beat)
 
     def _check_peers(self, now: float) -> None:
         live = self._live_peers()

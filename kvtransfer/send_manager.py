@@ -18,10 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kvtransfer.auxdata import check_host_aux
 from kvtransfer.bootstrap import BootstrapClient
 from kvtransfer.engines.base import TransferEngine
-from kvtransfer.engines.regions import EngineMetadata
 from kvtransfer.layout import AuxLayout, PageLayout
 from kvtransfer.messages import Abort, AbortCode, ControlMessage, RankRegistration, TransferRequest
 from kvtransfer.rooms import RankInfo, RoomManager
@@ -29,13 +27,6 @@ from kvtransfer.sender import Destination, KVSender
 from kvtransfer.state import KVBootstrapError, KVTimeouts
 
 log = logging.getLogger(__name__)
-
-
-def engine_kind(engine: TransferEngine) -> str:
-    """"nixl" or "mooncake": what the engine's own metadata says it is."""
-    import msgspec
-
-    return msgspec.msgpack.decode(engine.metadata(), type=EngineMetadata).kind
 
 
 @dataclass
@@ -80,15 +71,9 @@ class KVSendManager(RoomManager):
         timeouts: KVTimeouts | None = None,
         bootstrap_client: BootstrapClient | None = None,
     ) -> None:
-        check_host_aux(aux)
-        timeouts = timeouts or KVTimeouts()
-        super().__init__(rank_info, timeouts)
+        super().__init__(layout, aux, rank_info, timeouts, bootstrap_client)
         self.engine = engine
-        self.layout = layout
-        self.aux = aux
-        self.rank = rank_info.rank
         self.bootstrap_addr = bootstrap_addr
-        self._client = bootstrap_client or BootstrapClient(timeouts.http_s)
         self._senders: dict[int, KVSender] = {}
         self._pending: dict[int, list[tuple[float, Destination, int]]] = {}
         self._decode_peers: dict[str, DecodePeer] = {}
@@ -101,14 +86,14 @@ class KVSendManager(RoomManager):
             dp_size=rank_info.dp_size,
             session=self.session,
             control_endpoint=self.endpoint,
-            engine_kind=engine_kind(engine),
+            engine_kind=engine.kind,
             engine_name=engine.name,
             engine_metadata=engine.metadata(),
             page_layout=layout,
             aux_layout=aux,
         )
         try:
-            self._client.register(bootstrap_addr, registration)
+            self.client.register(bootstrap_addr, registration)
         except KVBootstrapError:
             self.channel.close()
             raise
@@ -160,7 +145,7 @@ class KVSendManager(RoomManager):
         self._bury(sender.room, outcome)
 
     def send_to(self, endpoint: str, kind: type[ControlMessage], **fields: Any) -> bool:
-        return self._send(endpoint, kind(sender=self.endpoint, session=self.session, **fields))
+        return self.send_message(endpoint, kind(sender=self.endpoint, session=self.session, **fields))
 
     @property
     def num_live_rooms(self) -> int:
@@ -189,9 +174,7 @@ class KVSendManager(RoomManager):
             return
         if request.intro is not None:
             intro = request.intro
-            why = self.layout.compatible_with(intro.page_layout)
-            if why is None and intro.aux_layout.slot_bytes != self.aux.slot_bytes:
-                why = f"aux slots of {intro.aux_layout.slot_bytes} bytes, {self.aux.slot_bytes} here"
+            why = self._layout_mismatch(intro.page_layout, intro.aux_layout)
             if why is not None:
                 self._refuse(request, AbortCode.REFUSED, f"decode rank's layout does not match: {why}")
                 return
@@ -300,7 +283,7 @@ class KVSendManager(RoomManager):
             self._pending.clear()
             self.service()
         try:
-            self._client.deregister(self.bootstrap_addr, self.rank, self.session)
+            self.client.deregister(self.bootstrap_addr, self.rank, self.session)
         except Exception as exc:  # the service may be gone first; the rank is leaving either way
             log.info("prefill rank %d: deregistering: %s", self.rank, exc)
         self.channel.close()

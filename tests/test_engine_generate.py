@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_engine import idle_llm, tiny_v3_dir
 
 from engine.forward_batch import ForwardBatch, ForwardMode
 from engine.llm import LLM
@@ -21,15 +23,12 @@ GREEDY8 = SamplingParams(max_new_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny"), "v3", seed=0)
+    return tiny_v3_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_dir: Path):
-    engine = LLM(str(tiny_dir), page_size=16, num_pages=64)
-    yield engine
-    assert engine.kv_pool.free_pages == engine.kv_pool.num_pages
-    engine.close()
+def llm(tiny_dir: Path) -> Iterator[LLM]:
+    yield from idle_llm(tiny_dir, num_pages=64)
 
 
 def test_cli_prints_generated_ids_and_text_as_json_in_prompt_order(tiny_dir: Path, llm: LLM) -> None:

@@ -3,29 +3,29 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_engine import idle_llm, tiny_v3_dir
 
 from engine.config import ConfigError, ModelConfig
 from engine.llm import LLM
 from engine.sampling import SamplingParams
-from engine.tiny_model import tiny_config, write_tiny_model
+from engine.tiny_model import tiny_config
 from engine.weights import CheckpointError
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny"), "v3", seed=0)
+    return tiny_v3_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_dir: Path):
-    engine = LLM(str(tiny_dir), page_size=16, num_pages=24)
-    yield engine
-    engine.close()
+def llm(tiny_dir: Path) -> Iterator[LLM]:
+    yield from idle_llm(tiny_dir, num_pages=24)
 
 
 def _copy_with(tiny_dir: Path, dest: Path, config: dict | None = None,

@@ -26,7 +26,7 @@ from kvtransfer.engines.base import (
     TransferStatus,
     descriptor_arrays,
 )
-from kvtransfer.engines.regions import EngineMetadata, Region, RegionTable
+from kvtransfer.engines.regions import EngineMetadata, RegionTable
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +96,7 @@ class MooncakeEngine(TransferEngine):
     # --- memory -------------------------------------------------------------------------------------
     def register(self, ptr: int, nbytes: int, device: str) -> None:
         self._check_open()
-        if nbytes <= 0 or ptr <= 0:
-            raise ValueError(f"register needs a positive address and size, got ({ptr:#x}, {nbytes})")
-        region = Region(ptr, nbytes, device)
-        self._local.add(region)
+        self._local.add_checked(ptr, nbytes, device)
         location = "cpu:0" if device == "cpu" else device
         if self._engine.register_memory(ptr, nbytes, location) != 0:
             self._local.remove(ptr)
@@ -118,9 +115,7 @@ class MooncakeEngine(TransferEngine):
 
     def connect(self, peer_name: str, peer_metadata: bytes) -> None:
         self._check_open()
-        meta = EngineMetadata.decode(peer_metadata, KIND)
-        if meta.name != peer_name:
-            raise TransferError(f"metadata belongs to Mooncake engine {meta.name!r}, not {peer_name!r}")
+        meta = EngineMetadata.decode_peer(peer_metadata, KIND, peer_name)
         known = self._peers.get(peer_name)
         if known is not None and known[0] == peer_metadata:
             return

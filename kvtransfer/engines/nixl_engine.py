@@ -25,7 +25,7 @@ from kvtransfer.engines.base import (
     descriptor_arrays,
     small_descriptors,
 )
-from kvtransfer.engines.regions import EngineMetadata, Region, RegionTable, device_index
+from kvtransfer.engines.regions import EngineMetadata, RegionTable, device_index
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +105,7 @@ class NixlEngine(TransferEngine):
     # --- memory -------------------------------------------------------------------------------------
     def register(self, ptr: int, nbytes: int, device: str) -> None:
         self._check_open()
-        if nbytes <= 0 or ptr <= 0:
-            raise ValueError(f"register needs a positive address and size, got ({ptr:#x}, {nbytes})")
-        region = Region(ptr, nbytes, device)
-        self._local.add(region)  # refuses overlaps before NIXL sees them
+        self._local.add_checked(ptr, nbytes, device)
         try:
             descs = self._agent.get_reg_descs([(ptr, nbytes, device_index(device), "")], _mem_type(device))
             self._agent.register_memory(descs)
@@ -129,9 +126,7 @@ class NixlEngine(TransferEngine):
 
     def connect(self, peer_name: str, peer_metadata: bytes) -> None:
         self._check_open()
-        meta = EngineMetadata.decode(peer_metadata, KIND)
-        if meta.name != peer_name:
-            raise TransferError(f"metadata belongs to NIXL agent {meta.name!r}, not {peer_name!r}")
+        meta = EngineMetadata.decode_peer(peer_metadata, KIND, peer_name)
         if peer_name == self.name:
             raise TransferError(f"NIXL agent {self.name!r} cannot connect to itself")
         known = self._peers.get(peer_name)

@@ -53,6 +53,14 @@ class EngineMetadata:
         return msgspec.msgpack.encode(self)
 
     @classmethod
+    def decode_peer(cls, data: bytes, expected_kind: str, peer_name: str) -> EngineMetadata:
+        """`decode`, also refusing metadata that names another engine than `peer_name`."""
+        meta = cls.decode(data, expected_kind)
+        if meta.name != peer_name:
+            raise TransferError(f"metadata belongs to {expected_kind} engine {meta.name!r}, not {peer_name!r}")
+        return meta
+
+    @classmethod
     def decode(cls, data: bytes, expected_kind: str) -> EngineMetadata:
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TransferError(f"peer metadata must be bytes, got {type(data).__name__}")
@@ -72,6 +80,14 @@ class RegionTable:
 
     def __init__(self, regions: list[Region] | None = None) -> None:
         self.regions: list[Region] = list(regions or [])
+
+    def add_checked(self, ptr: int, nbytes: int, device: str) -> Region:
+        """Validate a registration and add it (overlaps are refused before the backend sees them)."""
+        if nbytes <= 0 or ptr <= 0:
+            raise ValueError(f"register needs a positive address and size, got ({ptr:#x}, {nbytes})")
+        region = Region(ptr, nbytes, device)
+        self.add(region)
+        return region
 
     def add(self, region: Region) -> None:
         for other in self.regions:
