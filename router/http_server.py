@@ -24,6 +24,7 @@ from typing import TypeAlias
 from urllib.parse import parse_qsl
 
 from router.errors import error_body
+from router.http_head import header_value
 
 log = logging.getLogger("router.http")
 
@@ -220,11 +221,11 @@ class HttpConnection(asyncio.Protocol):
         path, _, query = target.partition(b"?")
         low = head.lower()
         http11 = version == b"HTTP/1.1"
-        conn = _header_value(low, b"\r\nconnection:")
+        conn = header_value(low, b"\r\nconnection:")
         keep_alive = (conn is None or b"close" not in conn) if http11 else (conn is not None and b"keep-alive" in conn)
         req = HttpRequest(method, path, query, http11, keep_alive, head, low)
         self._request = req
-        te = _header_value(low, b"\r\ntransfer-encoding:")
+        te = header_value(low, b"\r\ntransfer-encoding:")
         if te is not None:
             if te != b"chunked":
                 self._refuse(501 if b"chunked" not in te else 400, "only the chunked transfer coding is supported")
@@ -234,7 +235,7 @@ class HttpConnection(asyncio.Protocol):
             self._send_continue(low)
             self._feed_chunked(rest)
             return
-        length = _header_value(low, b"\r\ncontent-length:")
+        length = header_value(low, b"\r\ncontent-length:")
         need = 0
         if length is not None:
             if not length.isdigit():
@@ -255,7 +256,7 @@ class HttpConnection(asyncio.Protocol):
         self._state = _BODY
 
     def _send_continue(self, low: bytes) -> None:
-        if b"\r\nexpect:" in low and b"100-continue" in (_header_value(low, b"\r\nexpect:") or b""):
+        if b"\r\nexpect:" in low and b"100-continue" in (header_value(low, b"\r\nexpect:") or b""):
             assert self.transport is not None
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -470,12 +471,3 @@ class HttpServer:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
-
-
-def _header_value(low_head: bytes, name: bytes) -> bytes | None:
-    i = low_head.find(name)
-    if i < 0:
-        return None
-    start = i + len(name)
-    end = low_head.find(b"\r\n", start)
-    return low_head[start : end if end >= 0 else None].strip()
