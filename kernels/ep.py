@@ -13,9 +13,9 @@ back. Two modes, fixed at construction, mirror DeepEP's:
   ``low_latency_combine`` applies the routing weights on the source rank.
 
 Backends: ``a2a`` (``torch.distributed.all_to_all_single``; gloo on CPU, NCCL on GPU), ``local`` (one
-rank holds every expert: the same code path without a collective), ``deepep`` (reserved: refused until a
-DeepEP build is wired in; the model only sees this class, so it slots in here). Experts are split in
-contiguous ranges: rank ``r`` holds ``[r * E_local, (r + 1) * E_local)``.
+rank holds every expert: the same code path without a collective), ``deepep`` (DeepEP's ``Buffer``:
+normal mode for high-throughput, low-latency mode for the masked layout; ``kernels.ep_deepep``, imported
+only when chosen). Experts are split in contiguous ranges: rank ``r`` holds ``[r * E_local, (r + 1) * E_local)``.
 
 Every rank of the group must call the same methods in the same order, including ranks with zero tokens
 (they still join the collectives). The per-rank routing statistics live in ``kernels.ep_stats``.
@@ -23,13 +23,15 @@ Every rank of the group must call the same methods in the same order, including 
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kernels.ep_a2a import A2ABackend, ExchangeBackend, LocalBackend
+
+if TYPE_CHECKING:
+    from kernels.ep_deepep import DeepEPBackend
 
 BACKENDS = ("a2a", "local", "deepep")
 MODES = ("high_throughput", "low_latency")
@@ -132,7 +134,8 @@ class Dispatcher:
             hidden_size: ``D`` of the tokens (sizes the low-latency buffers).
             group: the torch.distributed process group of the expert-parallel ranks (``None`` = the
                 default group); ignored by ``local``.
-            backend: ``"a2a"``, ``"local"`` or ``"deepep"`` (not available yet: refused).
+            backend: ``"a2a"``, ``"local"`` or ``"deepep"`` (bfloat16 on CUDA; refused with
+                ``kernels.ep_deepep.DeepEPUnavailableError`` saying why where it cannot run).
             mode: ``"high_throughput"`` or ``"low_latency"``; the other mode's methods refuse to run.
             num_max_dispatch_tokens_per_rank: low-latency only: the most tokens one rank sends per step.
             dtype / device: of the tokens (low-latency buffers are allocated once, here).
@@ -141,14 +144,18 @@ class Dispatcher:
             raise ValueError(f"unknown EP backend {backend!r}; choose one of {BACKENDS}")
         if mode not in MODES:
             raise ValueError(f"unknown dispatch mode {mode!r}; choose one of {MODES}")
+        self._deepep: DeepEPBackend | None = None
+        self._exchange: ExchangeBackend | None = None
         if backend == "deepep":
-            found = importlib.util.find_spec("deep_ep") is not None
-            raise NotImplementedError(
-                "the deepep EP backend is not wired in yet" + ("" if found else " (and deep_ep is not installed)")
-                + "; use backend='a2a'")
-        self._exchange: ExchangeBackend | None = LocalBackend() if backend == "local" else A2ABackend(group)
+            from kernels.ep_deepep import DeepEPBackend  # imports deep_ep: only when chosen
+
+            self._deepep = DeepEPBackend(group, num_experts, hidden_size, mode=mode, dtype=dtype,
+                                         num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank)
+            self.ep_size, self.ep_rank = self._deepep.size, self._deepep.rank
+        else:
+            self._exchange = LocalBackend() if backend == "local" else A2ABackend(group)
+            self.ep_size, self.ep_rank = self._exchange.size, self._exchange.rank
         self.backend, self.mode = backend, mode
-        self.ep_size, self.ep_rank = self._exchange.size, self._exchange.rank
         if num_experts < 1 or num_experts % self.ep_size:
             raise ValueError(f"{num_experts} experts cannot be split evenly over {self.ep_size} EP ranks")
         if hidden_size < 1:
@@ -159,7 +166,7 @@ class Dispatcher:
         self.budget = num_max_dispatch_tokens_per_rank
         self._ll_send: torch.Tensor | None = None
         self._ll_recv: torch.Tensor | None = None
-        if mode == "low_latency":
+        if mode == "low_latency" and self._deepep is None:
             if self.budget < 1:
                 raise ValueError("low-latency mode needs num_max_dispatch_tokens_per_rank >= 1")
             rows = num_experts * self.budget
@@ -169,15 +176,22 @@ class Dispatcher:
 
     @property
     def closed(self) -> bool:
-        return self._exchange is None
+        return self._exchange is None and self._deepep is None
 
     def close(self) -> None:
-        """Drops the buffers; the process group stays with its owner. Safe to call twice."""
+        """Drops the buffers; the process group stays with its owner. Safe to call twice.
+
+        With ``deepep`` this is a collective (DeepEP's ``destroy`` ends with a barrier): every rank calls it.
+        """
+        deepep, self._deepep = self._deepep, None
         self._exchange = None
         self._ll_send = self._ll_recv = None
+        if deepep is not None:
+            deepep.close()
 
-    def _live(self, mode: str) -> ExchangeBackend:
-        if self._exchange is None:
+    def _live(self, mode: str) -> ExchangeBackend | None:
+        """The exchange of ``a2a``/``local`` (``None`` for ``deepep``), once the mode and state allow the call."""
+        if self.closed:
             raise RuntimeError("Dispatcher is closed")
         if mode != self.mode:
             raise RuntimeError(f"this Dispatcher was built for {self.mode} mode; {mode} calls are refused")
@@ -197,6 +211,9 @@ class Dispatcher:
         """Send every token to each rank that holds one of its experts (global ids, ``-1`` = none)."""
         exchange = self._live("high_throughput")
         self._check_routing(x, topk_ids, topk_weights)
+        if exchange is None:
+            assert self._deepep is not None
+            return self._deepep.dispatch(x, topk_ids, topk_weights)
         ids = topk_ids.long()
         per_rank = self.num_local_experts
         dest_rank = torch.where(ids >= 0, ids.div(per_rank, rounding_mode="floor"), -1)
@@ -221,6 +238,9 @@ class Dispatcher:
     def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Sum each rank's (already weighted) output rows back onto their source tokens: ``[T, D]``."""
         exchange = self._live("high_throughput")
+        if exchange is None:
+            assert self._deepep is not None
+            return self._deepep.combine(y, handle)
         if y.dim() != 2 or y.shape[0] != sum(handle.recv_splits):
             raise ValueError(f"combine expects [{sum(handle.recv_splits)}, D] rows, got {tuple(y.shape)}")
         back = exchange.all_to_all(y, handle.send_splits, handle.recv_splits)
@@ -241,12 +261,15 @@ class Dispatcher:
         """Send ``(token, expert)`` pairs into fixed per-expert slots; every shape is fixed by the budget."""
         exchange = self._live("low_latency")
         self._check_routing(x, topk_ids, None)
-        assert self._ll_send is not None and self._ll_recv is not None
         num_tokens, budget = int(x.shape[0]), self.budget
         if num_tokens > budget:
             raise ValueError(f"{num_tokens} tokens exceed num_max_dispatch_tokens_per_rank={budget}")
         if x.dtype != self.dtype:
             raise ValueError(f"x has dtype {x.dtype}, the low-latency buffers hold {self.dtype}")
+        if exchange is None:
+            assert self._deepep is not None
+            return self._deepep.low_latency_dispatch(x, topk_ids)
+        assert self._ll_send is not None and self._ll_recv is not None
         ids = topk_ids.long()
         num_experts, local = self.num_experts, self.num_local_experts
         dump = num_experts * budget
@@ -284,6 +307,9 @@ class Dispatcher:
         Terms are added in ascending expert id per token, the order ``kernels.moe_forward`` uses.
         """
         exchange = self._live("low_latency")
+        if exchange is None:
+            assert self._deepep is not None
+            return self._deepep.low_latency_combine(y, topk_ids, topk_weights, handle)
         local, padded_rows = self.num_local_experts, self.ep_size * self.budget + 1
         if y.shape != (local, padded_rows - 1, self.hidden_size):
             raise ValueError(f"low_latency_combine expects {(local, padded_rows - 1, self.hidden_size)}, "
