@@ -39,27 +39,57 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
-    def make_generator(self, device: torch.device | str) -> torch.Generator | None:
+    def step_seed(self, position: int) -> int:
+        """The generator seed for the output token at ``position`` of a seeded request: a function of
+        (seed, position) only, so a request resumed elsewhere (its first token sampled on the prefill
+        instance, the rest on the decode instance) draws what an uninterrupted run draws."""
+        if self.seed is None:
+            raise ValueError("an unseeded request has no step seed")
+        return _mix64(_mix64(self.seed & _MASK64) ^ position)
+
+    def make_generator(self, device: torch.device | str, position: int = 0) -> torch.Generator | None:
+        """None when greedy; else a generator ready to draw the output token at ``position``. Unseeded:
+        seeded at random once, and its running state drives every later draw."""
         if self.greedy:
             return None
         gen = torch.Generator(device=device)
         if self.seed is None:
             gen.seed()
         else:
-            gen.manual_seed(self.seed)
+            gen.manual_seed(self.step_seed(position))
         return gen
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser: nearby inputs (seed s at positions i and i + 1) give unrelated seeds."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           positions: list[int] | None = None) -> list[int]:
     """One token per row of ``logits`` ``[B, V]``. Greedy rows are vectorised; sampled rows use their
-    own generator, so a request's tokens depend only on its seed, not on what it was batched with."""
+    own generator, so a request's tokens depend only on its seed, not on what it was batched with.
+
+    ``positions`` (the output index each row draws) re-seeds a seeded row's generator from (seed,
+    position) before its draw, so its token depends on nothing else; without it the generators are
+    used as they are (``make_generator(device)`` makes one for position 0)."""
     if logits.shape[0] != len(params):
         raise ValueError(f"{logits.shape[0]} rows of logits for {len(params)} requests")
+    if positions is not None and len(positions) != len(params):
+        raise ValueError(f"{len(positions)} positions for {len(params)} requests")
     out = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
         if p.greedy:
             continue
+        generator = generators[i]
+        if positions is not None and p.seed is not None and generator is not None:
+            generator.manual_seed(p.step_seed(positions[i]))
         row = logits[i].float() / p.temperature
         if p.top_k > 0 and p.top_k < row.shape[0]:
             kth = torch.topk(row, p.top_k).values[-1]
@@ -72,5 +102,5 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         # Draw on CPU-or-device per the generator; multinomial renormalises.
-        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+        out[i] = int(torch.multinomial(probs, 1, generator=generator).item())
     return out

@@ -209,7 +209,10 @@ class Scheduler:
         result = StepResult([], [])
         if not reqs:
             return result
-        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        # Position-seeded: a request's token i is the same whether or not an earlier token was sampled
+        # in another process (add_prefilled).
+        positions = [len(r.output_ids) for r in reqs]
+        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], positions)
         for req, token in zip(reqs, tokens, strict=True):
             self._append_token(req, token)
             result.new_tokens.append((req, token))

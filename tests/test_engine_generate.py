@@ -15,7 +15,7 @@ from tiny_engine import idle_llm, tiny_v3_dir
 
 from engine.forward_batch import ForwardBatch, ForwardMode
 from engine.llm import LLM
-from engine.sampling import SamplingParams
+from engine.sampling import SamplingParams, sample
 from engine.tiny_model import write_tiny_model
 
 GREEDY8 = SamplingParams(max_new_tokens=8, ignore_eos=True)
@@ -162,6 +162,33 @@ def test_request_with_prompt_kv_from_another_instance_decodes_like_a_local_one(t
         while not req.finished:
             llm.scheduler.step()
         assert req.output_ids == expected
+        assert prefill.kv_pool.free_pages == prefill.kv_pool.num_pages
+    finally:
+        prefill.close()
+
+
+def test_seeded_request_resumed_with_its_first_token_samples_what_the_uninterrupted_run_samples(
+    tiny_dir: Path, llm: LLM
+) -> None:
+    # The first token is drawn where the prompt ran (as the prefill worker draws it: a fresh generator
+    # from make_generator), the rest where the request is adopted: both must match one colocated run.
+    prompt = list(range(30, 55))
+    params = SamplingParams(temperature=1.0, top_k=40, top_p=0.95, seed=11, max_new_tokens=12, ignore_eos=True)
+    expected = llm.generate([prompt], params)[0].token_ids
+    prefill = LLM(str(tiny_dir), page_size=16, num_pages=8)
+    try:
+        src_pages = prefill.kv_pool.alloc(prefill.kv_pool.pages_for_tokens(len(prompt)))
+        batch = ForwardBatch.build(ForwardMode.EXTEND, [prompt], [0], [src_pages], prefill.kv_pool)
+        logits = prefill.model(batch).next_token_logits
+        first = sample(logits, [params], [params.make_generator("cpu")])[0]
+        dst_pages = llm.kv_pool.alloc(len(src_pages))
+        llm.kv_pool.tensor[dst_pages] = prefill.kv_pool.tensor[src_pages]
+        prefill.kv_pool.free(src_pages)
+        req = llm.scheduler.add_prefilled(prompt, first, dst_pages, params)
+        while not req.finished:
+            llm.scheduler.step()
+        assert req.output_ids == expected
+        assert len(set(expected)) > 3  # really sampled, not a constant run
         assert prefill.kv_pool.free_pages == prefill.kv_pool.num_pages
     finally:
         prefill.close()
