@@ -1,0 +1,219 @@
+"""1P1D against colocated serving on the same resources, with the same workload: one table and one PNG.
+
+    python -m bench.compare_pd [--input-len 256 --output-len 32 --num-prompts 32 --max-concurrency 8] \\
+        [--device cpu|cuda] [--model DIR] [--transfer-backend nixl|mooncake]
+
+Setups, run one after the other (each started, measured, checked idle and stopped before the next):
+  1p1d       router -> 1 prefill worker (tp1) + 1 decode worker (tp1); the KV moves through the transfer
+             engine (NIXL by default).
+  colocated  router -> 2 decode workers (tp1) and no prefill worker, so every request is decode-only: the
+             worker that gets it prefills and decodes it (the router's short-prompt path; the threshold is
+             also set above every prompt to say so). Same processes, ranks and threads as 1p1d: two
+             single-rank workers, `--threads` torch threads each, the same router.
+Both get the same `bench.serving` run (fixed seed, token-id prompts, `/generate` streaming through the
+router, one warm-up request). The table gives TTFT and ITL p50/p99, req/s and output tok/s, and the
+1P1D/colocated ratio; JSON goes to bench/results/compare_pd_<device>.json with both runs in full, the PNG
+overlays their latency CDFs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.pd_servers import Server, ServerGroup, cpu_worker_env, free_port, wait_idle
+from bench.serving import BenchConfig, BenchmarkError, run_benchmark
+
+log = logging.getLogger("bench.compare_pd")
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SETUPS = ("1p1d", "colocated")
+# (row name, summary key, stat or None, higher is better)
+TABLE_ROWS: tuple[tuple[str, str, str | None, bool], ...] = (
+    ("TTFT p50 (ms)", "ttft_ms", "p50", False),
+    ("TTFT p99 (ms)", "ttft_ms", "p99", False),
+    ("ITL p50 (ms)", "itl_ms", "p50", False),
+    ("ITL p99 (ms)", "itl_ms", "p99", False),
+    ("E2E p50 (ms)", "e2e_ms", "p50", False),
+    ("throughput (req/s)", "request_throughput", None, True),
+    ("output throughput (tok/s)", "output_throughput", None, True),
+    ("total throughput (tok/s)", "total_token_throughput", None, True),
+)
+
+
+def _worker_flags(args: argparse.Namespace, port: int) -> list[str]:
+    context = args.input_len + args.output_len
+    flags = [
+        "--model", args.model, "--load-format", args.load_format, "--device", args.device, "--tp", "1",
+        "--host", "127.0.0.1", "--port", str(port), "--page-size", str(args.page_size),
+        "--transfer-backend", args.transfer_backend,
+        "--max-total-tokens", str(max(65536, 2 * context * args.max_concurrency)),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    return flags
+
+
+def _router_flags(port: int) -> list[str]:
+    return ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+
+
+def start_setup(name: str, group: ServerGroup, args: argparse.Namespace) -> tuple[Server, list[Server]]:
+    """Start one setup's workers, then its router; (router, workers) once all are healthy."""
+    router_port = free_port()
+    router_args = _router_flags(router_port)
+    if name == "1p1d":
+        p_port, d_port, boot = free_port(), free_port(), free_port()
+        prefill = group.start("prefill", "prefill_worker", [*_worker_flags(args, p_port),
+                              "--bootstrap-port", str(boot)], p_port)  # fmt: skip
+        decode = group.start("decode", "decode_worker", _worker_flags(args, d_port), d_port)
+        workers = [prefill, decode]
+        router_args += ["--prefill", prefill.url, str(boot), "--decode", decode.url]
+    else:
+        ports = [free_port(), free_port()]
+        workers = [group.start(f"colocated{i}", "decode_worker", _worker_flags(args, port), port)
+                   for i, port in enumerate(ports)]  # fmt: skip
+        router_args += ["--short-prompt-threshold", str(args.input_len + 1)]
+        for worker in workers:
+            router_args += ["--decode", worker.url]
+    group.wait_healthy(workers)
+    router = group.start("router", "router", router_args, router_port)
+    group.wait_healthy([router])
+    return router, workers
+
+
+def run_setup(name: str, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    """Start, measure, check idle, stop: one setup's `bench.serving` report with its setup notes."""
+    env = cpu_worker_env(args.threads) if args.device == "cpu" else {}
+    with ServerGroup(Path(args.log_dir) / name, env) as group:
+        started = time.monotonic()
+        log.info("[%s] starting workers and router", name)
+        router, workers = start_setup(name, group, args)
+        log.info("[%s] healthy after %.1f s; benchmarking", name, time.monotonic() - started)
+        config = BenchConfig(
+            base_url=router.url, backend="sglang", random_input_len=args.input_len,
+            random_output_len=args.output_len, num_prompts=args.num_prompts, request_rate=args.request_rate,
+            max_concurrency=args.max_concurrency, seed=args.seed, prompt_format="ids", vocab_size=vocab,
+            label=name, max_duration_s=args.max_duration_s, disable_tqdm=args.disable_tqdm,
+        )  # fmt: skip
+        report = run_benchmark(config)
+        idle = [wait_idle(w.url) for w in workers]
+    report["setup"] = {
+        "workers": [w.name for w in workers],
+        "torch_threads_per_worker": args.threads if args.device == "cpu" else None,
+        "transfer_backend": args.transfer_backend if name == "1p1d" else None,
+        "pages_idle_after_run": all(i["free_pages"] == i["total_pages"] for i in idle),
+    }
+    return report
+
+
+def _value(summary: dict[str, Any], key: str, stat: str | None) -> float | None:
+    value = summary[key] if stat is None else summary[key][stat]
+    return None if value is None else float(value)
+
+
+def comparison_rows(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per metric: each setup's value and the 1P1D/colocated ratio."""
+    rows = []
+    for title, key, stat, higher_better in TABLE_ROWS:
+        values = {name: _value(reports[name]["summary"], key, stat) for name in SETUPS}
+        pd, colo = values["1p1d"], values["colocated"]
+        ratio = pd / colo if pd is not None and colo else None
+        rows.append({"metric": title, **values, "ratio_1p1d_over_colocated": ratio,
+                     "higher_is_better": higher_better})  # fmt: skip
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], title: str) -> str:
+    def cell(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    lines = [title, f"{'metric':<28}{'1P1D':>12}{'colocated':>12}{'1P1D/colo':>12}"]
+    for row in rows:
+        lines.append(f"{row['metric']:<28}{cell(row['1p1d']):>12}{cell(row['colocated']):>12}"
+                     f"{cell(row['ratio_1p1d_over_colocated']):>12}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.model is None:
+        from engine.server.serve import resolve_model_dir
+
+        args.model = resolve_model_dir(None)
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    reports = {name: run_setup(name, args, vocab) for name in SETUPS}
+    rows = comparison_rows(reports)
+    cfg = reports["1p1d"]["config"]
+    title = (f"1P1D vs colocated, {args.device}, model {Path(args.model).name}: in={args.input_len} "
+             f"out={args.output_len} n={args.num_prompts} conc={cfg['max_concurrency']} "
+             f"rate={cfg['request_rate'] or 'inf'}")  # fmt: skip
+    json_path = Path(args.output_json or RESULTS_DIR / f"compare_pd_{args.device}.json")
+    plot_path = Path(args.plot or json_path.with_suffix(".png"))
+    result = {
+        "format_version": 1,
+        "title": title,
+        "machine": {"node": platform.node(), "processor": platform.processor() or platform.machine()},
+        "model": args.model,
+        "device": args.device,
+        "table": rows,
+        "runs": reports,
+    }
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    from bench.serving_plots import write_plot
+
+    write_plot([reports[name] for name in SETUPS], plot_path)
+    result["paths"] = {"json": str(json_path), "plot": str(plot_path)}
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.compare_pd",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--max-concurrency", type=int, default=8)
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson req/s; inf: all at once")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded tiny model)")
+    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
+    p.add_argument("--transfer-backend", choices=["nixl", "mooncake"], default="nixl")
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (CPU)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--max-duration-s", type=float, default=300.0, help="per setup")
+    p.add_argument("--output-json", default=None, help="default bench/results/compare_pd_<device>.json")
+    p.add_argument("--plot", default=None, help="default: the JSON path with .png")
+    p.add_argument("--log-dir", default="runs/compare_pd", help="each server's log goes under here")
+    p.add_argument("--disable-tqdm", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    if min(args.input_len, args.output_len, args.num_prompts, args.max_concurrency) < 1:
+        print("error: lengths and counts must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        result = run(args)
+    except (BenchmarkError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(result["table"], result["title"]))
+    print(f"results: {result['paths']['json']}\nplot: {result['paths']['plot']}")
+    completed = [result["runs"][name]["summary"]["completed"] for name in SETUPS]
+    return 0 if all(c == args.num_prompts for c in completed) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
