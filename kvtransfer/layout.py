@@ -98,10 +98,6 @@ class PageLayout:
             raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
         return self.base_ptr + page * self.page_bytes + layer * self.layer_bytes
 
-    def run_descriptors(self, pages: Sequence[int]) -> list[tuple[int, int]]:
-        """(addr, nbytes) per run of consecutive pages, in the order the pages were given."""
-        return [(self.page_addr(start), count * self.page_bytes) for start, count in self.coalesce(pages)]
-
     def layer_descriptors(self, pages: Sequence[int]) -> list[tuple[int, int]]:
         """(addr, nbytes) per layer per page: the per-layer layout's descriptors, kept as a baseline."""
         return [(self.layer_addr(p, layer), self.layer_bytes) for p in pages for layer in range(self.num_layers)]

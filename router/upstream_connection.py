@@ -271,10 +271,6 @@ class UpstreamConnection(asyncio.Protocol):
             self._finish()  # back to the pool (keep-alive) before the callback may reuse it
         callback(status, body, content_type, exc)
 
-    async def read_head(self) -> None:
-        while self._state == _HEAD:
-            await self._wait()
-
     async def read_chunk(self) -> bytes:
         """The next body bytes as they arrived (several small pieces joined); b"" at the end."""
         while True:
