@@ -8,9 +8,11 @@ What runs where (read from DeepEP's source at commit 567632d; docs/deepep.md say
 
 - normal mode, 2, 4 or 8 ranks on one node: NVLink (CUDA IPC buffers) only; NVSHMEM is not started.
 - normal mode over more than 8 ranks (a multiple of 8): NVSHMEM across nodes, which needs RDMA NICs.
-- low-latency mode, any rank count: NVSHMEM with IBGDA, always. ``allow_nvlink_for_low_latency_mode``
-  (on here) sends the data of NVLink peers over NVLink, but the kernels still read the IBGDA state (they
-  assert one RC queue pair per local expert), so a machine without an RDMA NIC cannot run it.
+- low-latency mode: NVSHMEM, which DeepEP starts with IBGDA enabled. With
+  ``allow_nvlink_for_low_latency_mode`` (on here) every peer that has an NVLink (P2P) mapping is written
+  with plain stores and only the others go through IBGDA, so within one node no RDMA NIC is needed: on an
+  H100 without a NIC, NVSHMEM logged "init failed for transport: IBGDA" and went on, and a one-rank
+  low-latency dispatch ran (two GPUs not tried yet). Across nodes it needs RDMA NICs.
 - tokens must be bfloat16 (the combine kernels are bf16 only); low-latency mode supports the hidden sizes
   in ``LOW_LATENCY_HIDDEN_SIZES``, top-k <= 11 and at most 511 tokens per rank (NVSHMEM QP depth 1024).
 """
@@ -63,7 +65,8 @@ def has_rdma_nic() -> bool:
 
 
 def deepep_unavailable_reason(num_ranks: int, *, mode: str | None = None, dtype: torch.dtype | None = None,
-                              hidden_size: int | None = None, device: torch.device | str = "cuda") -> str | None:
+                              hidden_size: int | None = None, device: torch.device | str = "cuda",
+                              num_nodes: int = 1) -> str | None:
     """Why DeepEP cannot serve this layout here, or ``None`` when it can.
 
     ``mode`` ``None`` means both modes must work (the caller does not know which it will run); a
@@ -81,12 +84,12 @@ def deepep_unavailable_reason(num_ranks: int, *, mode: str | None = None, dtype:
     if num_ranks <= NVL_PEERS_PER_NODE and num_ranks not in INTRANODE_RANKS:
         return (f"DeepEP's kernels serve 2, 4 or 8 ranks on one node or multiples of 8 across nodes "
                 f"(got {num_ranks}); use 'local' on one rank, else 'a2a'")
-    if num_ranks > NVL_PEERS_PER_NODE and num_ranks % NVL_PEERS_PER_NODE:
-        return f"DeepEP across nodes needs a multiple of 8 ranks (got {num_ranks})"
-    if (num_ranks > NVL_PEERS_PER_NODE or low_latency) and not has_rdma_nic():
-        needs = "low-latency mode" if low_latency else "DeepEP across nodes"
-        return (f"{needs} needs NVSHMEM's IBGDA transport and this machine has no RDMA NIC "
-                "(/sys/class/infiniband is empty); only normal mode within one node runs over NVLink alone")
+    if num_nodes > 1 and num_ranks != num_nodes * NVL_PEERS_PER_NODE:
+        return (f"DeepEP across nodes takes 8 GPUs per node (rank r on node r // 8); got {num_ranks} ranks "
+                f"on {num_nodes} nodes")
+    if num_ranks > NVL_PEERS_PER_NODE and not has_rdma_nic():
+        return ("DeepEP across nodes needs NVSHMEM over RDMA and this machine has no RDMA NIC "
+                "(/sys/class/infiniband is empty); within one node it runs over NVLink alone")
     if dtype is not None and dtype != torch.bfloat16:
         return f"DeepEP moves bfloat16 tokens only (the model runs in {dtype})"
     if hidden_size is not None:

@@ -8,21 +8,47 @@ the groups it is not in.
 
 from __future__ import annotations
 
+import logging
+
+import torch
 import torch.distributed as dist
 
 from engine.config import ModelConfig
 from engine.parallel import ParallelContext
 from engine.runtime.launch import InstanceSpec, LayoutError, RankContext
+from kernels.ep_deepep import deepep_unavailable_reason
 
-EP_BACKENDS = ("a2a", "local")
+log = logging.getLogger(__name__)
+
+EP_BACKENDS = ("a2a", "local", "deepep")
 
 
-def resolve_ep_backend(name: str, spec: InstanceSpec) -> str:
-    """``auto`` is ``a2a`` across several ranks and ``local`` on one; ``deepep`` is not wired in yet."""
+def resolve_ep_backend(name: str, spec: InstanceSpec, *, mode: str | None = None,
+                       dtype: torch.dtype | None = None, hidden_size: int | None = None) -> str:
+    """The EP backend to run: ``auto`` is ``local`` on one rank, else ``deepep`` where it can serve this
+    layout (CUDA, deep_ep importable, 2/4/8 ranks per node, bf16...) and ``a2a`` otherwise; it logs its
+    choice and why. ``deepep`` asked for where it cannot run is a ``LayoutError`` saying why.
+
+    ``auto`` considers ``deepep`` only when ``mode`` and ``dtype`` are given (DeepEP is bf16 only, and
+    its low-latency mode has its own limits), so a caller that does not pass them gets ``a2a``.
+    """
+    if name in ("auto", "deepep") and spec.tp_size > 1:
+        reason = deepep_unavailable_reason(spec.tp_size, mode=mode, dtype=dtype, hidden_size=hidden_size,
+                                           device=spec.device, num_nodes=spec.nnodes)
+        if name == "deepep":
+            if reason is not None:
+                raise LayoutError(f"--ep-backend deepep cannot run here: {reason}")
+            return name
+        if reason is None and (mode is None or dtype is None):
+            reason = "the EP mode and dtype were not given to resolve_ep_backend"
+        choice = "a2a" if reason else "deepep"
+        log.info("--ep-backend auto chose %s%s", choice, f" (deepep: {reason})" if reason else "")
+        return choice
     if name == "auto":
-        return "a2a" if spec.tp_size > 1 else "local"
+        return "local"
     if name == "deepep":
-        raise LayoutError("--ep-backend deepep is not available yet (kernels.ep reserves its slot); use a2a")
+        raise LayoutError("--ep-backend deepep needs tp >= 2 (DeepEP's kernels serve 2, 4 or 8 ranks per node); "
+                          "one rank uses local")
     if name not in EP_BACKENDS:
         raise LayoutError(f"unknown --ep-backend {name!r}; choose one of auto, {', '.join(EP_BACKENDS)}")
     return name
