@@ -95,7 +95,7 @@ def test_a_dispatcher_refuses_the_other_modes_calls_and_calls_after_close() -> N
     [
         ({"backend": "nccl2"}, ValueError, "unknown EP backend 'nccl2'"),
         ({"mode": "fast"}, ValueError, "unknown dispatch mode 'fast'"),
-        ({"backend": "deepep"}, NotImplementedError, "deepep EP backend is not wired in yet"),
+        ({"backend": "deepep"}, RuntimeError, "deep_ep is not installed"),
         ({"mode": "low_latency"}, ValueError, "num_max_dispatch_tokens_per_rank >= 1"),
         ({"backend": "a2a"}, RuntimeError, "needs torch.distributed initialised"),
     ],

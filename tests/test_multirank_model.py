@@ -202,7 +202,7 @@ def test_layouts_the_model_cannot_be_split_over_are_refused_naming_the_numbers(m
         assert clash in str(refused.value)
     with pytest.raises(LayoutError, match=r"--ep-backend local holds every expert on one rank, so it needs tp 1"):
         validate_model_layout(config, InstanceSpec(tp_size=2), "local")
-    with pytest.raises(LayoutError, match="deepep is not available yet"):
+    with pytest.raises(LayoutError, match="--ep-backend deepep cannot run here: DeepEP runs on CUDA GPUs only"):
         resolve_ep_backend("deepep", InstanceSpec(tp_size=2))
     assert resolve_ep_backend("auto", InstanceSpec(tp_size=2)) == "a2a"
     assert resolve_ep_backend("auto", InstanceSpec()) == "local"

@@ -84,9 +84,10 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
     config = ModelConfig.from_dir(args.model_dir)
     from .groups import resolve_ep_backend, validate_model_layout
 
-    backend = resolve_ep_backend(args.ep_backend, ctx.spec)
-    validate_model_layout(config, ctx.spec, backend)  # LayoutError naming the clashing numbers
     dtype = resolve_dtype(args.dtype, device)
+    backend = resolve_ep_backend(args.ep_backend, ctx.spec, mode=args.ep_mode, dtype=dtype,
+                                 hidden_size=config.hidden_size)
+    validate_model_layout(config, ctx.spec, backend)  # LayoutError naming the clashing numbers
     parallel = parallel_context_for(ctx)
     model = DeepseekForCausalLM(config, parallel, dtype=dtype, device=device)
     load_model(model, args.model_dir, args.load_format, args.seed)

@@ -12,9 +12,11 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
 from tqdm import tqdm
 
 from ..config import ModelConfig
+from ..llm import resolve_dtype
 from ..sampling import SamplingParams
 from ..server.messages import GenerateRequest, SamplingSpec
 from .bridge import RankBridge
@@ -40,7 +42,10 @@ class RankOutput:
 def check_layout(spec: InstanceSpec, args: EngineArgs) -> None:
     """Start-up validation in the launching process, before any rank is spawned (LayoutError)."""
     config = ModelConfig.from_dir(args.model_dir)
-    validate_model_layout(config, spec, resolve_ep_backend(args.ep_backend, spec))
+    dtype = resolve_dtype(args.dtype, torch.device(spec.device))
+    backend = resolve_ep_backend(args.ep_backend, spec, mode=args.ep_mode, dtype=dtype,
+                                 hidden_size=config.hidden_size)
+    validate_model_layout(config, spec, backend)
 
 
 def _sampling_spec(params: SamplingParams) -> SamplingSpec:
