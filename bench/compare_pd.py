@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -90,6 +91,7 @@ def start_setup(name: str, group: ServerGroup, args: argparse.Namespace) -> tupl
 def run_setup(name: str, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     """Start, measure, check idle, stop: one setup's `bench.serving` report with its setup notes."""
     env = cpu_worker_env(args.threads) if args.device == "cpu" else {}
+    load_before = os.getloadavg()  # the machine may be shared: say how busy it was
     with ServerGroup(Path(args.log_dir) / name, env) as group:
         started = time.monotonic()
         log.info("[%s] starting workers and router", name)
@@ -108,6 +110,8 @@ def run_setup(name: str, args: argparse.Namespace, vocab: int) -> dict[str, Any]
         "torch_threads_per_worker": args.threads if args.device == "cpu" else None,
         "transfer_backend": args.transfer_backend if name == "1p1d" else None,
         "pages_idle_after_run": all(i["free_pages"] == i["total_pages"] for i in idle),
+        "load_average_1m_before": load_before[0],
+        "cpu_count": os.cpu_count(),
     }
     return report
 

@@ -165,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--max-total-tokens", type=int, default=None, help="default: enough for every request")
     p.add_argument("--cuda-graph-max-bs", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the worker (CPU)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the worker (CPU; 2 oversubscribed 2 shared cores)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-duration-s", type=float, default=600.0)
     p.add_argument(
