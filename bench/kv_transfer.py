@@ -109,17 +109,25 @@ def stager(buffer: torch.Tensor, layout: PageLayout, pool_bytes: int) -> PageSta
     return PageStager(buffer[: layout.pool_bytes], layout, buffer[pool_bytes:])
 
 
+# The receiver calls `engine.progress()` this often while it waits for a command, like a decode rank that
+# only waits on transfers (decode_worker.runner naps WAIT_NAP_S between steps): NIXL without its progress
+# thread completes writes into this process only while it does.
+RECEIVER_PROGRESS_S = 0.0005
+
+
 def receiver_main(
     conn: Connection, kind: str, name: str, options: dict[str, Any], device: str, pool_bytes: int, stage_bytes: int
 ) -> None:
     """Own the destination pool (+ staging after it, one registration) and an engine; answer
-    ("checksum", ranges), ("scatter", layout, pages) and ("close",)."""
+    ("checksum", ranges), ("scatter", layout, pages) and ("close",); progress the engine in between."""
     buffer = _alloc(pool_bytes + stage_bytes, device)
     engine = make_engine(kind, name, **options)
     engine.register(buffer.data_ptr(), buffer.numel(), device)
     conn.send((engine.metadata(), buffer.data_ptr()))
     while True:
         try:
+            while not conn.poll(RECEIVER_PROGRESS_S):
+                engine.progress()
             command = conn.recv()
         except EOFError:  # the benchmark process died: release and go
             command = ("close",)
@@ -139,10 +147,12 @@ def receiver_main(
 
 
 class Receiver:
-    def __init__(self, kind: str, name: str, device: str, pool_bytes: int, stage_bytes: int) -> None:
+    def __init__(
+        self, kind: str, name: str, device: str, pool_bytes: int, stage_bytes: int, options: dict[str, Any]
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        args = (child, kind, name, {}, device, pool_bytes, stage_bytes)
+        args = (child, kind, name, options, device, pool_bytes, stage_bytes)
         self.process = ctx.Process(target=receiver_main, args=args)
         self.process.start()
         child.close()
@@ -227,6 +237,11 @@ def pages_for(pattern: str, count: int) -> list[int]:
     return list(range(count)) if pattern == "contiguous" else list(range(0, 2 * count, 2))
 
 
+def engine_options(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    """Options both sides' engines get from the command line (on top of the sender's variant)."""
+    return {"progress_thread": True} if kind == "nixl" and args.progress_thread else {}
+
+
 def run(args: argparse.Namespace) -> list[Case]:
     device, dst_device = _normalise_device(args.device), _normalise_device(args.dst_device or args.device)
     itemsize = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
@@ -254,7 +269,8 @@ def run(args: argparse.Namespace) -> list[Case]:
         if args.variants:
             variants = [v for v in variants if v in args.variants]
         try:
-            receiver = Receiver(kind, f"bench-{kind}-dst", dst_device, args.pool_bytes, stage_bytes)
+            receiver = Receiver(kind, f"bench-{kind}-dst", dst_device, args.pool_bytes, stage_bytes,
+                                engine_options(args, kind))
         except BackendUnavailable as exc:
             print(f"{kind}: not available here ({exc}); skipped")
             continue
@@ -275,7 +291,7 @@ def run_variant(
     devices: tuple[str, str],
     prompts: list[int],
 ) -> list[Case]:
-    engine = make_engine(kind, f"bench-{kind}-{variant}-src", **VARIANTS[kind][variant])
+    engine = make_engine(kind, f"bench-{kind}-{variant}-src", **VARIANTS[kind][variant], **engine_options(args, kind))
     engine.register(src_buffer.data_ptr(), src_buffer.numel(), devices[0])
     engine.connect(receiver.name, receiver.metadata)
     itemsize = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
@@ -427,6 +443,7 @@ def write_outputs(path: Path, args: argparse.Namespace, cases: list[Case]) -> No
         "dtype": args.dtype,
         "env": {k: v for k, v in os.environ.items() if k.startswith(("UCX_", "MC_", "NIXL_"))},
         "variants": {k: VARIANTS[k] for k in args.engines},
+        "engine_options": {k: engine_options(args, k) for k in args.engines},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"meta": meta, "summary": summarise(cases), "cases": [asdict(c) for c in cases]}
@@ -490,6 +507,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--variants", type=lambda s: s.split(","), default=None,
                         help="engine variants to run (names from VARIANTS); default all")
+    parser.add_argument("--progress-thread", action="store_true",
+                        help="NIXL: run the agents' progress thread (spins a core each; off by default)")
     parser.add_argument("--repeats", type=int, default=5, help="timed writes per case, after one warm-up")
     parser.add_argument("--case-budget-s", type=float, default=2.0, help="stop repeating a case after this")
     parser.add_argument("--max-request-mib", type=int, default=None,

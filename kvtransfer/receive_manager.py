@@ -47,7 +47,8 @@ class KVReceiveManager(RoomManager):
 
     Args:
         engine: this rank's transfer engine, with `layout`'s pool and `aux`'s buffer already registered.
-            Only its metadata is read (prefill ranks write into our memory); the manager does not close it.
+            Prefill ranks write into our memory; the manager reads its metadata and calls its `progress()`
+            (from the worker's thread, in `progress` and `KVReceiver.poll`), and does not close it.
         layout: this rank's KV pool.
         aux: this rank's aux buffer (host memory); the worker owns its slots.
         rank_info: this rank within its instance, and the host prefill ranks reach it at.
@@ -66,6 +67,7 @@ class KVReceiveManager(RoomManager):
         bootstrap_client: BootstrapClient | None = None,
     ) -> None:
         super().__init__(layout, aux, rank_info, timeouts, bootstrap_client)
+        self._engine = engine
         self._engine_kind = engine.kind
         self._intro = DecodeIntro(
             engine_name=engine.name, engine_metadata=engine.metadata(), page_layout=layout, aux_layout=aux
@@ -125,6 +127,12 @@ class KVReceiveManager(RoomManager):
             return None
         self._introduced.add(key)
         return self._intro
+
+    def progress(self) -> None:
+        """Let the engine serve the writes coming into this rank (worker thread only: engines are not
+        thread-safe, so the background thread never calls this). `KVReceiver.poll` calls it for every
+        live room; a worker loop that waits on transfers without polling receivers calls it itself."""
+        self._engine.progress()
 
     def retire(self, receiver: KVReceiver) -> None:
         self._receivers.pop(receiver.room, None)

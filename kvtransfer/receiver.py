@@ -99,7 +99,11 @@ class KVReceiver:
             self._deadline = time.monotonic() + manager.timeouts.transfer_s
 
     def poll(self) -> KVPoll:
+        """The room's state. While the room is live this also progresses the engine: the prefill ranks'
+        writes into our pages complete only while we do (`TransferEngine.progress`)."""
         with self._manager.lock:
+            if not self._state.is_terminal:
+                self._manager.progress()
             if self._failure is not None and not self._state.is_terminal and self._fenced(time.monotonic()):
                 self._state = KVPoll.Failed
             if self._state.is_terminal and not self._retired:

@@ -19,8 +19,23 @@ from kvtransfer.layout import AuxLayout, PageLayout
 SENTINEL = 0xA5
 
 
-def serve(conn: Connection, kind: str, name: str, shape: tuple[int, int, int, int], options: dict[str, Any]) -> None:
+# How long the idle loop waits for a command between two `engine.progress()` calls.
+PROGRESS_EVERY_S = 0.001
+
+
+def serve(
+    conn: Connection,
+    kind: str,
+    name: str,
+    shape: tuple[int, int, int, int],
+    options: dict[str, Any],
+    drive_progress: bool = True,
+) -> None:
     """Own one engine, a pool of `shape` bf16 values and an 8-slot aux buffer; answer commands until close.
+
+    While waiting for a command it calls `engine.progress()` every millisecond, as a decode rank's loop does
+    (writes into a NIXL engine without a progress thread complete only then); `drive_progress=False`
+    leaves the engine alone between commands.
 
     Commands (tuples): ("dump",) -> (pool bytes, aux bytes); ("notifications", count, timeout_s) ->
     list received; ("connect", peer_name, metadata) -> None; ("close",) -> idle counters, then exit.
@@ -35,6 +50,8 @@ def serve(conn: Connection, kind: str, name: str, shape: tuple[int, int, int, in
     engine.register(aux_layout.base_ptr, aux_layout.pool_bytes, "cpu")
     conn.send((engine.metadata(), layout, aux_layout))
     while True:
+        while drive_progress and not conn.poll(PROGRESS_EVERY_S):
+            engine.progress()
         command = conn.recv()
         if command[0] == "dump":
             conn.send((pool.tobytes(), aux.tobytes()))

@@ -67,6 +67,7 @@ class Rank:
         self.engine.register(self.aux.base_ptr, self.aux.pool_bytes, "cpu")
         # What the worker's page allocator would do: a room holds its pages until poll() is terminal.
         self.held_pages: dict[int, list[int]] = {}
+        self.closed = False
 
     def hold(self, room: int, pages: list[int]) -> None:
         self.held_pages.setdefault(room, []).extend(pages)
@@ -88,6 +89,7 @@ class Rank:
         return counts
 
     def close(self) -> dict[str, int]:
+        self.closed = True
         self.manager.close()  # type: ignore[attr-defined]
         self.engine.close()
         return {
@@ -164,6 +166,8 @@ class DecodeRank(Rank):
         return receiver.sources.real, receiver.sources.dummies
 
     def step(self) -> None:
+        if self.closed:
+            return
         for room, receiver in self.receivers.items():
             self.free_when_terminal(room, receiver.poll())
 

@@ -39,10 +39,18 @@ def new_engine(kind: str, name: str, **options: Any) -> TransferEngine:
 class Receiver:
     """A child process running kv_engine_peer.serve; `call` sends a command and returns the answer."""
 
-    def __init__(self, kind: str, name: str, options: dict[str, Any], shape: tuple[int, int, int, int] = SHAPE):
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        options: dict[str, Any],
+        shape: tuple[int, int, int, int] = SHAPE,
+        drive_progress: bool = True,
+    ):
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(target=kv_engine_peer.serve, args=(child_conn, kind, name, shape, options))
+        args = (child_conn, kind, name, shape, options, drive_progress)
+        self.process = ctx.Process(target=kv_engine_peer.serve, args=args)
         self.process.start()
         child_conn.close()
         if not self.conn.poll(60):
@@ -306,6 +314,66 @@ def test_killed_peer_fails_writes_within_a_bounded_wait_instead_of_hanging(
     finally:
         engine.close()
     assert (engine.num_inflight_handles, engine.num_registrations, engine.num_peers) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_target_progressed_only_by_its_owner_gets_the_write_and_keeps_the_notice(kind: str) -> None:
+    # Both engines in this process, no progress thread (the default): the write completes because the loop
+    # below progresses the target, and a notice that progress() collected is handed out once.
+    pool, layout = source_pool()
+    target_pool = torch.zeros(SHAPE, dtype=torch.bfloat16)
+    target_layout = PageLayout.from_tensor(target_pool)
+    writer = new_engine(kind, f"{kind}-writer", **PLAIN[kind])
+    target = new_engine(kind, f"{kind}-target", **PLAIN[kind])
+    try:
+        writer.register(layout.base_ptr, layout.pool_bytes, "cpu")
+        target.register(target_layout.base_ptr, target_layout.pool_bytes, "cpu")
+        writer.connect(target.name, target.metadata())
+        src, dst = page_descriptors(layout, [1, 2], target_layout, [5, 6])
+        notice = b"room-7:done" if kind == "nixl" else None
+        handle = writer.write(target.name, src, dst, notify=notice)
+        for _ in range(200_000):  # bounded: a write of 4 KiB ends within a few hundred turns
+            if writer.poll(handle) is not TransferStatus.PENDING:
+                break
+            target.progress()
+        assert handle.status is TransferStatus.DONE, handle.error
+        writer.release(handle)
+        assert torch.equal(target_pool[5:7], pool[1:3])
+        if kind == "nixl":
+            for _ in range(200_000):  # the notice rides behind the bytes: progress until it is in
+                target.progress()
+                received = target.notifications()
+                if received:
+                    break
+            assert received == [(writer.name, notice)]
+        assert target.notifications() == []
+    finally:
+        writer.close()
+        target.close()
+    for engine in (writer, target):
+        assert (engine.num_inflight_handles, engine.num_registrations, engine.num_peers) == (0, 0, 0)
+    target.progress()  # a closed engine's progress() is a harmless no-op
+
+
+def test_nixl_target_with_its_own_progress_thread_needs_no_progress_calls(receivers: list[Receiver]) -> None:
+    # The GPU-deployment setting (`progress_thread=True`): the target process never calls progress().
+    receiver = Receiver("nixl", "nixl-threaded-receiver", {"progress_thread": True}, drive_progress=False)
+    receivers.append(receiver)
+    pool, layout = source_pool()
+    engine = new_engine("nixl", "nixl-sender", **PLAIN["nixl"])
+    try:
+        engine.register(layout.base_ptr, layout.pool_bytes, "cpu")
+        engine.connect(receiver.name, receiver.metadata)
+        src, dst = page_descriptors(layout, [0, 1, 2], receiver.layout, [10, 11, 12])
+        handle = engine.write(receiver.name, src, dst)
+        assert engine.wait(handle, timeout_s=30) is TransferStatus.DONE, handle.error
+        engine.release(handle)
+        got = page_bytes(receiver.call("dump")[0], receiver.layout)
+        sent = page_bytes(pool.view(torch.uint8).numpy().tobytes(), layout)
+        assert np.array_equal(got[10:13], sent[0:3])
+    finally:
+        engine.close()
+    assert receiver.call("close") == (0, 0, 0)
 
 
 # --- staging and the benchmark --------------------------------------------------------------------------

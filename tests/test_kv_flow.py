@@ -54,6 +54,16 @@ def _skip_without(kind: str) -> None:
         pytest.skip(_missing(kind))
 
 
+# Decode ranks living in this process: stepped while the test waits on a child, as a decode rank's loop
+# keeps polling while it waits (NIXL without a progress thread lands writes into it only then).
+IN_PROCESS_DECODE: list[DecodeRank] = []
+
+
+def step_in_process_decode() -> None:
+    for rank in IN_PROCESS_DECODE:
+        rank.step()
+
+
 class Child:
     """A rank in a child process; `call` runs a command there and returns its answer."""
 
@@ -72,8 +82,11 @@ class Child:
         return self
 
     def _answer(self, timeout_s: float) -> Any:
-        if not self.conn.poll(timeout_s):
-            raise TimeoutError("child rank did not answer")
+        deadline = time.monotonic() + timeout_s
+        while not self.conn.poll(0.002 if IN_PROCESS_DECODE else timeout_s):
+            if time.monotonic() > deadline or not IN_PROCESS_DECODE:
+                raise TimeoutError("child rank did not answer")
+            step_in_process_decode()
         status, value = self.conn.recv()
         if status == "error":
             raise RuntimeError(value)
@@ -130,6 +143,7 @@ def cleanup() -> Iterator[list[Any]]:
     """Things to close at the end of a test, whatever happened: children, services, in-process ranks."""
     owned: list[Any] = []
     yield owned
+    IN_PROCESS_DECODE.clear()
     for thing in reversed(owned):
         try:
             thing.stop() if isinstance(thing, Child) else thing.close()
@@ -158,6 +172,7 @@ def start_decode(kind: str, parallel: ParallelLayout, cleanup: list[Any]) -> lis
     ranks = [DecodeRank(kind, RankInfo(r, parallel.tp_size, parallel.dp_size), SHAPE, TIMEOUTS, OPTIONS[kind])
              for r in range(parallel.tp_size)]
     cleanup.extend(ranks)
+    IN_PROCESS_DECODE.extend(ranks)
     return ranks
 
 

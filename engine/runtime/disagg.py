@@ -52,6 +52,9 @@ class KVArgs:
     bootstrap_addr: "host:port" of the prefill instance's bootstrap service (prefill ranks only).
     connector: "transfer" (the real plane above) or "bench" (no transfer engine at all: decode fills each
         request's pages with random values, prefill drops the KV it computed; see `KV_CONNECTORS`).
+    progress_thread: NIXL only: run the agent's progress thread (a spinning core per rank) instead of
+        progressing from the rank's loop (`TransferEngine.progress`); for transports that never need the
+        target's help (cuda_ipc, RDMA) it buys nothing.
     """
 
     backend: str
@@ -60,6 +63,7 @@ class KVArgs:
     timeouts: KVTimeouts
     bootstrap_addr: str | None = None
     connector: str = "transfer"
+    progress_thread: bool = False
 
 
 # `--kv-connector`: "bench" cuts the KV plane out so one role can be profiled alone (issue 7). Its
@@ -104,6 +108,12 @@ def add_kv_flags(parser: argparse.ArgumentParser) -> None:
         help="a peer silent this long is dead and its rooms fail (heartbeats every quarter of it)",
     )
     kv.add_argument(
+        "--kv-progress-thread",
+        action="store_true",
+        help="NIXL: run each agent's progress thread; it spins a CPU core per rank even when idle. Off: the "
+        "rank's loop progresses incoming writes (decode polls its receivers every step)",
+    )
+    kv.add_argument(
         "--kv-connector",
         choices=KV_CONNECTORS,
         default="transfer",
@@ -133,6 +143,7 @@ def kv_args(args: argparse.Namespace, bootstrap_addr: str | None = None) -> KVAr
         timeouts=timeouts,
         bootstrap_addr=bootstrap_addr,
         connector=args.kv_connector,
+        progress_thread=args.kv_progress_thread,
     )
 
 
@@ -158,7 +169,9 @@ class RankTransport:
     def __init__(self, kv: KVArgs, role: str, rank: int, pool: torch.Tensor) -> None:
         # Peers address an engine by name: unique per rank of every instance, also across restarts.
         name = f"{role}-{uuid.uuid4().hex[:8]}-{os.getpid()}-r{rank}"
-        options = {"hostname": kv.host} if kv.backend == "mooncake" else {}
+        options: dict[str, object] = (
+            {"hostname": kv.host} if kv.backend == "mooncake" else {"progress_thread": kv.progress_thread}
+        )
         self.engine: TransferEngine = make_engine(kv.backend, name, **options)
         try:
             self.layout = PageLayout.from_tensor(pool)

@@ -181,6 +181,17 @@ class TransferEngine(ABC):
         """(peer_name, message) pairs received since the last call. Engines without notifications: []."""
         return []
 
+    def progress(self) -> None:
+        """Let the backend serve writes that peers make INTO this engine's memory; cheap, never blocks.
+
+        An engine without a progress thread of its own (NIXL with `progress_thread=False`) completes a
+        write it is the target of only while its owner calls this: UCX over TCP emulates RMA with active
+        messages that the target's worker must handle. So a rank waiting for incoming writes calls it
+        every turn of its loop (the decode side does, in `KVReceiver.poll`). Writers need not: `poll` of
+        a write progresses the writing side. Engines that need nothing from the caller: a no-op.
+        """
+        return None
+
     def wait(self, handle: TransferHandle, timeout_s: float) -> TransferStatus:
         """Poll until DONE or FAILED, or raise TimeoutError after `timeout_s` (a bounded wait, for tests/tools)."""
         import time

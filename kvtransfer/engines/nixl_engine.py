@@ -71,6 +71,13 @@ class NixlEngine(TransferEngine):
     split_bytes: in a write of few descriptors, cut each one larger than this into pieces, so that the
         UCX worker threads (`num_threads`) copy the pieces of one large run in parallel (0: never).
     backends: NIXL backends to create; UCX unless you know better.
+    progress_thread: run NIXL's progress thread. Off by default: the bindings start it with no delay
+        between polls, so it spins a whole core per agent even when idle (seen: ~100 % of a core, mostly
+        system time, per idle rank on the 2-core CPU machine). Without it, the writer's `poll` progresses
+        its own side and the target must call `progress()` while it waits for incoming writes (UCX over
+        TCP emulates RMA with active messages the target handles). Turn it on where no one calls
+        `progress()` on the target and the transport needs the target (not for cuda_ipc/RDMA, which are
+        one-sided), or to trade a core per rank for latency.
     """
 
     kind = KIND
@@ -82,12 +89,15 @@ class NixlEngine(TransferEngine):
         max_descs_per_request: int = 0,
         split_bytes: int = 0,
         backends: tuple[str, ...] = ("UCX",),
+        progress_thread: bool = False,
     ) -> None:
         super().__init__(name)
         if num_threads < 0 or max_descs_per_request < 0 or split_bytes < 0:
             raise ValueError("num_threads, max_descs_per_request and split_bytes must be >= 0")
         nixl_agent, nixl_agent_config = _import_nixl()
-        config = nixl_agent_config(backends=list(backends), num_threads=num_threads)
+        config = nixl_agent_config(
+            enable_prog_thread=progress_thread, backends=list(backends), num_threads=num_threads
+        )
         try:
             self._agent = nixl_agent(name, config)
         except Exception as exc:  # the bindings raise their own exception types
@@ -98,6 +108,10 @@ class NixlEngine(TransferEngine):
         self.num_threads = num_threads
         self.max_descs_per_request = max_descs_per_request
         self.split_bytes = split_bytes
+        self.progress_thread = progress_thread
+        # Notifications collected by `progress()` (which must drain them to make UCX progress) until
+        # `notifications()` hands them out.
+        self._notifs: list[tuple[str, bytes]] = []
         self._local = RegionTable()
         self._reg_descs: dict[int, Any] = {}  # region addr -> nixlRegDList, for deregistration
         self._peers: dict[str, tuple[bytes, RegionTable]] = {}
@@ -266,8 +280,17 @@ class NixlEngine(TransferEngine):
 
     def notifications(self) -> list[tuple[str, bytes]]:
         self._check_open()
-        received = self._agent.get_new_notifs()
-        return [(peer, bytes(msg)) for peer, messages in received.items() for msg in messages]
+        self.progress()
+        received, self._notifs = self._notifs, []
+        return received
+
+    def progress(self) -> None:
+        # Fetching notifications is the bindings' cheapest call that runs the UCX workers' progress
+        # (a few microseconds when idle); whatever it returns is kept for `notifications()`.
+        if self._closed:
+            return
+        for peer, messages in self._agent.get_new_notifs().items():
+            self._notifs.extend((peer, bytes(msg)) for msg in messages)
 
     # --- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:
