@@ -23,6 +23,7 @@ import torch
 from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
 from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
+from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
 from engine.sampling import SamplingParams, sample
 
 
@@ -165,22 +166,8 @@ class Scheduler:
             self.running.append(req)
 
     def _run_extend(self, prefilling: list[Request]) -> StepResult:
-        budget = self.max_prefill_tokens
-        chunks: list[tuple[Request, int]] = []
-        for req in prefilling:
-            if budget == 0:
-                break
-            take = min(len(req.prompt_ids) - req.num_computed, budget)
-            chunks.append((req, take))
-            budget -= take
-        batch = ForwardBatch.build(
-            ForwardMode.EXTEND,
-            [req.prompt_ids[req.num_computed : req.num_computed + n] for req, n in chunks],
-            [req.num_computed for req, _ in chunks],
-            [req.pages for req, _ in chunks],
-            self.kv_pool,
-            vocab_size=self.model.config.vocab_size,
-        )
+        chunks = plan_prefill_chunks(prefilling, self.max_prefill_tokens)
+        batch = build_extend_batch(chunks, self.kv_pool, vocab_size=self.model.config.vocab_size)
         logits = self.model(batch).next_token_logits
         done_rows, done_reqs = [], []
         for row, (req, n) in enumerate(chunks):

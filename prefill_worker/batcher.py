@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.forward_batch import ForwardBatch, ForwardMode
 from engine.kv_pool import KVPool
 from engine.model import DeepseekForCausalLM
+from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
 from engine.sampling import SamplingParams, sample
 
 
@@ -135,21 +135,8 @@ class PrefillBatcher:
         self._admit()
         if not self.prefilling:
             return []
-        budget = self.max_prefill_tokens
-        chunks: list[tuple[PrefillJob, int]] = []
-        for job in self.prefilling:
-            if budget == 0:
-                break
-            take = min(len(job.prompt_ids) - job.num_computed, budget)
-            chunks.append((job, take))
-            budget -= take
-        batch = ForwardBatch.build(
-            ForwardMode.EXTEND,
-            [job.prompt_ids[job.num_computed : job.num_computed + n] for job, n in chunks],
-            [job.num_computed for job, _ in chunks],
-            [job.pages for job, _ in chunks],
-            self.kv_pool,
-        )
+        chunks = plan_prefill_chunks(self.prefilling, self.max_prefill_tokens)
+        batch = build_extend_batch(chunks, self.kv_pool)  # token ids were checked by `add`
         logits = self.model(batch).next_token_logits
         done: list[ChunkDone] = []
         finished_rows: list[int] = []

@@ -1,0 +1,53 @@
+"""Chunked prefill planning shared by the colocated scheduler (`engine.scheduler`) and the prefill role's
+batcher (`prefill_worker.batcher`): which prompt tokens go into the next EXTEND forward, and that batch.
+
+Both walk their prefilling requests oldest first and give each its remaining prompt tokens until the
+per-forward token budget runs out, so a long prompt is cut into chunks and finished over several steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol, TypeVar
+
+from engine.forward_batch import ForwardBatch, ForwardMode
+from engine.kv_pool import KVPool
+
+
+class PrefillItem(Protocol):
+    """A request being prefilled: its prompt, how many of its tokens have KV already, and its pages."""
+
+    prompt_ids: list[int]
+    num_computed: int
+    pages: list[int]
+
+
+Item = TypeVar("Item", bound=PrefillItem)
+
+
+def plan_prefill_chunks(items: Iterable[Item], budget: int) -> list[tuple[Item, int]]:
+    """(item, tokens to compute now) for the items, in order, while `budget` tokens last; the last item
+    taken may get only part of its remaining prompt (it continues next step)."""
+    chunks: list[tuple[Item, int]] = []
+    for item in items:
+        if budget == 0:
+            break
+        take = min(len(item.prompt_ids) - item.num_computed, budget)
+        chunks.append((item, take))
+        budget -= take
+    return chunks
+
+
+def build_extend_batch(
+    chunks: list[tuple[Item, int]], kv_pool: KVPool, vocab_size: int | None = None
+) -> ForwardBatch:
+    """The EXTEND batch computing each chunk's tokens after the item's `num_computed` ones, into its
+    pages (`ForwardBatch.build` checks token ids against `vocab_size` when given)."""
+    return ForwardBatch.build(
+        ForwardMode.EXTEND,
+        [item.prompt_ids[item.num_computed : item.num_computed + n] for item, n in chunks],
+        [item.num_computed for item, _ in chunks],
+        [item.pages for item, _ in chunks],
+        kv_pool,
+        vocab_size=vocab_size,
+    )
