@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.pd_servers import Server, ServerGroup, cpu_worker_env, free_port, wait_idle
+from bench.pd_servers import Server, ServerGroup, cpu_worker_env, free_port, wait_healthy, wait_idle
 from bench.serving import BenchConfig, BenchmarkError, run_benchmark
 
 log = logging.getLogger("bench.compare_pd")
@@ -82,9 +82,9 @@ def start_setup(name: str, group: ServerGroup, args: argparse.Namespace) -> tupl
         router_args += ["--short-prompt-threshold", str(args.input_len + 1)]
         for worker in workers:
             router_args += ["--decode", worker.url]
-    group.wait_healthy(workers)
+    wait_healthy(workers)
     router = group.start("router", "router", router_args, router_port)
-    group.wait_healthy([router])
+    wait_healthy([router])
     return router, workers
 
 

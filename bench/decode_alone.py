@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.pd_servers import ServerGroup, cpu_worker_env, free_port, get_json, wait_idle
+from bench.pd_servers import ServerGroup, cpu_worker_env, free_port, get_json, wait_healthy, wait_idle
 from bench.serving import BenchConfig, BenchmarkError, run_benchmark
 from bench.serving_metrics import format_summary
 
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.tp,
         )
         worker = group.start("decode", "decode_worker", decode_worker_args(args, model, port), port)
-        group.wait_healthy([worker])
+        wait_healthy([worker])
         log.info("decode worker healthy after %.1f s", time.monotonic() - started)
         return measure(worker.url, args, model)
 

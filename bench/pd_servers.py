@@ -1,4 +1,5 @@
-"""Worker and router processes for the serving benchmarks (`compare_pd`, `decode_alone`).
+"""Worker and router processes for the serving benchmarks (`compare_pd`, `decode_alone`) and the
+end-to-end tests (`tests/pd_system.py` starts its servers with `start_server` / `wait_healthy`).
 
 Each server runs in its own session (process group), so stopping it reaches its rank processes too;
 `ServerGroup` is the owner: `close()` stops every server it started, newest first, and the group is a
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -93,6 +95,39 @@ class Server:
             return False
 
 
+def start_server(
+    name: str, module: str, args: Sequence[str], port: int, log_dir: Path, env: dict[str, str]
+) -> Server:
+    """`python -m module *args` in its own session, `env` added to os.environ, output to log_dir/name.log."""
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Server(name, proc, f"http://127.0.0.1:{port}", log_path)
+
+
+def wait_healthy(servers: Sequence[Server], timeout_s: float = START_TIMEOUT_S) -> None:
+    """Until each answers /health with 200; RuntimeError with the log of one that died or is late."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(servers)
+    while pending:
+        for server in list(pending):
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"{server.name} exited ({server.proc.returncode}):\n{server.log_tail()}")
+            if server.healthy():
+                pending.remove(server)
+        if pending and time.monotonic() > deadline:
+            raise RuntimeError("not healthy: " + "; ".join(f"{s.name}:\n{s.log_tail()}" for s in pending))
+        if pending:
+            time.sleep(0.3)
+
+
 class ServerGroup:
     """The servers of one benchmark setup. Args: log_dir (each server's log), env (added to os.environ)."""
 
@@ -103,36 +138,9 @@ class ServerGroup:
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, module: str, args: list[str], port: int) -> Server:
-        log_path = self.log_dir / f"{name}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args],
-                cwd=REPO,
-                env={**os.environ, **self.env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        server = Server(name, proc, f"http://127.0.0.1:{port}", log_path)
+        server = start_server(name, module, args, port, self.log_dir, self.env)
         self.servers.append(server)
         return server
-
-    def wait_healthy(self, servers: list[Server], timeout_s: float = START_TIMEOUT_S) -> None:
-        """Until each answers /health with 200; RuntimeError with the log of one that died or is late."""
-        deadline = time.monotonic() + timeout_s
-        pending = list(servers)
-        while pending:
-            for server in list(pending):
-                if server.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{server.name} exited ({server.proc.returncode}):\n{server.log_tail()}"
-                    )
-                if server.healthy():
-                    pending.remove(server)
-            if pending and time.monotonic() > deadline:
-                raise RuntimeError("not healthy: " + "; ".join(f"{s.name}:\n{s.log_tail()}" for s in pending))
-            if pending:
-                time.sleep(0.3)
 
     def close(self) -> None:
         for server in reversed(self.servers):

@@ -1,19 +1,14 @@
 """A served PD system for the end-to-end tests: router + one prefill + one decode worker, real processes.
 
-Each server runs in its own session (process group), so `stop()` / `kill()` reach its rank processes
-too. Workload helpers send mixed requests (`/generate` and `/v1/completions`, streamed and not) and
-return the generated token ids or text; `wait_idle` checks every pool of a worker is back at its start.
+Servers are started by the benchmarks' launcher (`bench.pd_servers`): each runs in its own session
+(process group), so `stop()` / `kill()` reach its rank processes too. Workload helpers send mixed
+requests (`/generate` and `/v1/completions`, streamed and not) and return the generated token ids or text; `wait_idle` checks every pool of a worker is back at its start.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,80 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import pd_servers
+from bench.pd_servers import Server, ServerGroup, cpu_worker_env, free_port
 from engine.llm import LLM
 from engine.sampling import SamplingParams
 
-REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 240  # rank processes import torch + a transfer backend; 2 shared cores are slow
 # Ranks of P and D share this machine's cores: one torch thread each avoids OpenMP spin-waiting.
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "UCX_MODULES": "^ib", "UCX_NET_DEVICES": "lo"}
+WORKER_ENV = cpu_worker_env(threads=1)
 PAGE_SIZE = 16
 # Chunks of 40 tokens end mid-page: a page is sent only once all of its tokens are computed.
 CHUNK_TOKENS = 40
 
 
-_ports = random.Random()
-
-
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range: the workers' own helpers (torch.distributed stores,
-    transfer engines) take ephemeral ports and would otherwise race for ours between pick and bind."""
-    for _ in range(200):
-        port = _ports.randrange(20000, 32000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in [20000, 32000)")
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-
-    def signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def stop(self, grace_s: float = 20) -> None:
-        """SIGTERM the whole session, SIGKILL what is left after `grace_s`."""
-        if self.proc.poll() is None:
-            self.signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        self.signal(signal.SIGKILL)  # ranks the parent could not reap
-        if self.proc.poll() is None:
-            self.proc.wait(10)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
 def start_server(name: str, module: str, args: Sequence[str], port: int, log_dir: Path) -> Server:
-    log_path = log_dir / f"{name}.log"
-    env = {**os.environ, **WORKER_ENV}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Server(name, proc, f"http://127.0.0.1:{port}", log_path)
+    return pd_servers.start_server(name, module, args, port, log_dir, WORKER_ENV)
 
 
 def http(method: str, url: str, body: Any = None, timeout_s: float = 60) -> tuple[int, bytes]:
@@ -117,21 +53,7 @@ def get_json(url: str) -> dict[str, Any]:
 
 
 def wait_healthy(servers: Sequence[Server], timeout_s: float = START_TIMEOUT_S) -> None:
-    """Until every server answers /health with 200; an error with the log of one that died or is late."""
-    deadline = time.monotonic() + timeout_s
-    pending = list(servers)
-    while pending:
-        for server in list(pending):
-            if server.proc.poll() is not None:
-                raise RuntimeError(f"{server.name} exited ({server.proc.returncode}):\n{server.log_tail()}")
-            try:
-                if http("GET", server.url + "/health", timeout_s=5)[0] == 200:
-                    pending.remove(server)
-            except OSError:
-                pass
-        if time.monotonic() > deadline:
-            raise TimeoutError("not healthy: " + "; ".join(f"{s.name}:\n{s.log_tail()}" for s in pending))
-        time.sleep(0.3)
+    pd_servers.wait_healthy(servers, timeout_s)
 
 
 def worker_flags(model_dir: Path, backend: str, port: int, peer_timeout_s: float = 5.0) -> list[str]:
@@ -157,31 +79,26 @@ class PDSystem:
         self.backend = backend
         self.bootstrap_port = free_port()
         p_port, d_port, r_port = free_port(), free_port(), free_port()
-        self.servers: list[Server] = []
+        self.servers = ServerGroup(log_dir, WORKER_ENV)
         try:
             prefill_args = [*worker_flags(model_dir, backend, p_port, peer_timeout_s), *prefill_flags,
                             "--bootstrap-port", str(self.bootstrap_port)]
-            self.prefill = self._add(start_server("prefill", "prefill_worker", prefill_args, p_port, log_dir))
+            self.prefill = self.servers.start("prefill", "prefill_worker", prefill_args, p_port)
             decode_args = [*worker_flags(model_dir, backend, d_port, peer_timeout_s), *decode_flags]
-            self.decode = self._add(start_server("decode", "decode_worker", decode_args, d_port, log_dir))
+            self.decode = self.servers.start("decode", "decode_worker", decode_args, d_port)
             wait_healthy([self.prefill, self.decode])
             # Health every 0.5 s and ejection at the first failure: the kill test sees it at once.
             router_args = ["--host", "127.0.0.1", "--port", str(r_port), "--prefill", self.prefill.url,
                            str(self.bootstrap_port), "--decode", self.decode.url]
             router_args += "--health-interval 0.5 --health-failure-threshold 1 --log-level warning".split()
-            self.router = self._add(start_server("router", "router", router_args, r_port, log_dir))
+            self.router = self.servers.start("router", "router", router_args, r_port)
             wait_healthy([self.router])
         except BaseException:
             self.close()
             raise
 
-    def _add(self, server: Server) -> Server:
-        self.servers.append(server)
-        return server
-
     def close(self) -> None:
-        for server in reversed(self.servers):
-            server.stop()
+        self.servers.close()
 
 
 IDLE_KEYS = ("free_pages", "live_rooms", "free_aux_slots", "inflight_handles", "active_requests")
@@ -297,3 +214,4 @@ def check_against_reference(llm: LLM, cases: list[Case], results: list[dict[str,
             assert result["ids"] == ids, where
         else:
             assert result["text"] == llm.tokenizer.decode(ids), where
+
