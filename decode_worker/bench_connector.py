@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from decode_worker.runner import attach_cuda_graphs
-from engine.kv_pool import PoolExhaustedError
-from engine.runtime.colocated import ColocatedRunner, EngineArgs, RankEngine, error_output, to_sampling_params
+from decode_worker.prefilled import PrefilledKVRunner
+from engine.runtime.colocated import EngineArgs, RankEngine
 from engine.runtime.launch import RankContext
 from engine.sampling import SamplingParams
 from engine.server.messages import GenerateRequest, TokenOutput
@@ -33,14 +32,14 @@ class QueuedRequest:
     params: SamplingParams
 
 
-class BenchDecodeRunner(ColocatedRunner):
+class BenchDecodeRunner(PrefilledKVRunner):
     """`StepRunner` of a decode worker whose KV comes from the bench connector.
 
     Args:
         ctx: this rank.
         engine: the rank's model and KV pool (`build_rank_engine`).
         args: engine settings (batch limit).
-        cuda_graph_max_bs: as `DecodeRunner`'s.
+        cuda_graph_max_bs: as `PrefilledKVRunner`'s.
         seed: seeds the fill values and first tokens. Every rank of an attention-DP group uses the same
             seed and sees the same requests in the same order, so the group's ranks hold the same latent
             KV and decode the same tokens, as they would after a real transfer.
@@ -54,8 +53,7 @@ class BenchDecodeRunner(ColocatedRunner):
         cuda_graph_max_bs: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(engine, args)
-        self.graph_runner = attach_cuda_graphs(ctx, engine, self, cuda_graph_max_bs)
+        super().__init__(ctx, engine, args, cuda_graph_max_bs)
         pool = engine.kv_pool.tensor
         self.fill_generator = torch.Generator(device=pool.device).manual_seed(seed)
         self.token_rng = random.Random(seed)
@@ -68,16 +66,9 @@ class BenchDecodeRunner(ColocatedRunner):
     # --- StepRunner ---------------------------------------------------------------------------------
     def add(self, request: GenerateRequest) -> None:
         # Bootstrap fields, if any, are ignored: the bench connector is the KV's only source.
-        if request.rid in self.requests or any(q.request.rid == request.rid for q in self.queued):
-            self._pending.append(error_output(request.rid, f"request id {request.rid!r} is already running"))
-            return
-        try:
-            params = to_sampling_params(request.sampling)
-            self.scheduler.validate_prompt(request.input_ids, params)
-        except ValueError as exc:
-            self._pending.append(error_output(request.rid, str(exc)))
-            return
-        self.queued.append(QueuedRequest(request, params))
+        params = self._accept(request)
+        if params is not None:
+            self.queued.append(QueuedRequest(request, params))
 
     def abort(self, rid: str) -> list[TokenOutput]:
         if rid in self.requests:
@@ -98,8 +89,6 @@ class BenchDecodeRunner(ColocatedRunner):
 
     def status_counts(self) -> dict[str, int]:
         counts = super().status_counts()
-        if self.graph_runner is not None:  # its scratch page is held for the runner's whole life
-            counts["total_pages"] -= 1
         counts.update(
             {
                 # No transfer plane: these are zero by construction, reported so idle checks read alike.
@@ -114,11 +103,12 @@ class BenchDecodeRunner(ColocatedRunner):
 
     def close(self) -> None:
         self.queued.clear()
-        if self.graph_runner is not None:
-            self.graph_runner.close()  # returns its scratch page before the pool goes
         super().close()
 
     # --- the bench connector ------------------------------------------------------------------------
+    def _is_waiting(self, rid: str) -> bool:
+        return any(q.request.rid == rid for q in self.queued)
+
     def _admit_filled(self) -> None:
         """Oldest first, while the batch has room and the pool has pages for a request's whole life
         (the same admission rule as `DecodeRunner`'s transfers): fill its prompt pages and adopt it."""
@@ -127,35 +117,15 @@ class BenchDecodeRunner(ColocatedRunner):
             queued = self.queued[0]
             request, params = queued.request, queued.params
             prompt_len = len(request.input_ids)
-            busy = len(self.scheduler.running) + len(self.scheduler.waiting)
-            if busy >= self.scheduler.max_running or self.scheduler.pages_needed(prompt_len, params) > (
-                pool.free_pages
-            ):
+            if not self._has_room(prompt_len, params):
                 return
             self.queued.popleft()
             prompt_pages = pool.alloc(pool.pages_for_tokens(prompt_len))
             self._fill(prompt_pages)
             first = self.token_rng.choice(self.first_token_choices)
             self.filled_requests += 1
-            try:
-                req = self.scheduler.add_prefilled(
-                    request.input_ids, first, prompt_pages, params, request.rid
-                )
-            except (ValueError, PoolExhaustedError) as exc:
+            if not self._join_batch(request, first, prompt_pages, params):
                 pool.free(prompt_pages)  # add_prefilled took nothing
-                self._pending.append(error_output(request.rid, str(exc)))
-                continue
-            self._pending.append(
-                TokenOutput(
-                    rid=request.rid,
-                    token_ids=[first],
-                    finished=req.finished,
-                    finish_reason=req.finish_reason if req.finished else None,
-                    prompt_tokens=prompt_len,
-                )
-            )
-            if not req.finished:
-                self.requests[request.rid] = req
 
     @torch.inference_mode()
     def _fill(self, pages: list[int]) -> None:

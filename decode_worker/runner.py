@@ -11,20 +11,16 @@ go back once no write can still land in them.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.cuda_graph import CudaGraphRunner
-from engine.kv_pool import PoolExhaustedError
+from decode_worker.prefilled import PrefilledKVRunner
 from engine.runtime.colocated import (
-    ColocatedRunner,
     EngineArgs,
     RankEngine,
     build_rank_engine,
     error_output,
-    to_sampling_params,
 )
 from engine.runtime.disagg import (
     BENCH_CONNECTOR,
@@ -44,8 +40,6 @@ from kvtransfer.receive_manager import KVReceiveManager
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.rooms import RankInfo
 from kvtransfer.state import KVTransferError
-
-log = logging.getLogger(__name__)
 
 WAIT_NAP_S = 0.0005  # see prefill_worker.runner: nap instead of spinning while only the network works
 
@@ -68,25 +62,7 @@ class Transfer:
         return local_state(self.receiver.poll()) if self.receiver is not None else PENDING
 
 
-def attach_cuda_graphs(
-    ctx: RankContext, engine: RankEngine, runner: ColocatedRunner, max_bs: int
-) -> CudaGraphRunner | None:
-    """Decode batches up to `max_bs` through captured CUDA graphs (`engine.cuda_graph`), or None: eager.
-    Shared by the transfer and the bench connector's runners; the caller owns (closes) the result."""
-    if max_bs and ctx.spec.tp_size == 1:
-        try:
-            graph_runner = CudaGraphRunner(engine.model, engine.kv_pool, max_bs)
-        except ValueError as exc:  # a model the graphs cannot take: serve eagerly, and say why
-            log.warning("--cuda-graph-max-bs %d: decoding eagerly: %s", max_bs, exc)
-            return None
-        runner.scheduler.decode_forward = graph_runner
-        return graph_runner
-    if max_bs:
-        log.warning("CUDA graphs serve single-rank instances only: eager at tp %d", ctx.spec.tp_size)
-    return None
-
-
-class DecodeRunner(ColocatedRunner):
+class DecodeRunner(PrefilledKVRunner):
     """`StepRunner` of the decode role: the colocated scheduler plus the KV receiving stage in front.
 
     Args:
@@ -94,16 +70,13 @@ class DecodeRunner(ColocatedRunner):
         engine: the rank's model and KV pool (`build_rank_engine`).
         args: engine settings (batch limit, prefill budget for colocated requests).
         kv: transfer backend, host, aux slots, timeouts.
-        cuda_graph_max_bs: decode batches up to this size replay CUDA graphs (`engine.cuda_graph`); 0: eager.
-            Single-rank instances only (the graphs do not capture collectives); on CPU the same padded
-            graph-safe path runs eagerly.
+        cuda_graph_max_bs: as `PrefilledKVRunner`'s.
     """
 
     def __init__(
         self, ctx: RankContext, engine: RankEngine, args: EngineArgs, kv: KVArgs, cuda_graph_max_bs: int = 0
     ) -> None:
-        super().__init__(engine, args)
-        self.graph_runner = attach_cuda_graphs(ctx, engine, self, cuda_graph_max_bs)
+        super().__init__(ctx, engine, args, cuda_graph_max_bs)
         self.agreement = GroupAgreement(ctx)
         self.transport = RankTransport(kv, "decode", ctx.rank, engine.kv_pool.tensor)
         info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host)
@@ -119,16 +92,9 @@ class DecodeRunner(ColocatedRunner):
         if request.bootstrap is None:
             super().add(request)
             return
-        if request.rid in self.requests or self._find(request.rid) is not None:
-            self._pending.append(error_output(request.rid, f"request id {request.rid!r} is already running"))
-            return
-        try:
-            params = to_sampling_params(request.sampling)
-            self.scheduler.validate_prompt(request.input_ids, params)
-        except ValueError as exc:
-            self._pending.append(error_output(request.rid, str(exc)))
-            return
-        self.queued.append(Transfer(request, params))
+        params = self._accept(request)
+        if params is not None:
+            self.queued.append(Transfer(request, params))
 
     def abort(self, rid: str) -> list[TokenOutput]:
         if rid in self.requests:
@@ -158,8 +124,6 @@ class DecodeRunner(ColocatedRunner):
 
     def status_counts(self) -> dict[str, int]:
         counts = super().status_counts()
-        if self.graph_runner is not None:  # its scratch page is held for the runner's whole life
-            counts["total_pages"] -= 1
         counts.update(
             {
                 "live_rooms": self.manager.num_live_rooms,
@@ -180,11 +144,12 @@ class DecodeRunner(ColocatedRunner):
         self.transferring.clear()
         self.queued.clear()
         self.transport.close()
-        if self.graph_runner is not None:
-            self.graph_runner.close()  # returns its scratch page before the pool goes
         super().close()
 
     # --- the transfer stage -------------------------------------------------------------------------
+    def _is_waiting(self, rid: str) -> bool:
+        return self._find(rid) is not None
+
     def _find(self, rid: str) -> Transfer | None:
         for transfer in (*self.queued, *self.transferring):
             if transfer.request.rid == rid:
@@ -197,12 +162,13 @@ class DecodeRunner(ColocatedRunner):
         while self.queued:
             transfer = self.queued[0]
             prompt_len = len(transfer.request.input_ids)
-            needed = self.scheduler.pages_needed(prompt_len, transfer.params)
-            busy = len(self.scheduler.running) + len(self.scheduler.waiting) + len(self.transferring)
-            if busy >= self.scheduler.max_running or needed > pool.free_pages or not self.free_aux_slots:
+            if (
+                not self._has_room(prompt_len, transfer.params, len(self.transferring))
+                or not self.free_aux_slots
+            ):
                 return
             self.queued.popleft()
-            transfer.pages = pool.alloc(needed)
+            transfer.pages = pool.alloc(self.scheduler.pages_needed(prompt_len, transfer.params))
             transfer.aux_slot = self.free_aux_slots.pop()
             self.transferring.append(transfer)
             boot = transfer.request.bootstrap
@@ -254,30 +220,19 @@ class DecodeRunner(ColocatedRunner):
         self.free_aux_slots.append(transfer.aux_slot)
         transfer.aux_slot = None
         vocab = self.engine.config.vocab_size
-        try:
-            if first >= vocab:
-                raise ValueError(
-                    f"the prefill side sent first token {first}, outside the vocabulary [0, {vocab})"
-                )
-            req = self.scheduler.add_prefilled(
-                request.input_ids, first, transfer.pages, transfer.params, request.rid
-            )
-        except (ValueError, PoolExhaustedError) as exc:
+        if first >= vocab:
             self._free(transfer)
-            self._pending.append(error_output(request.rid, str(exc)))
-            return
-        transfer.pages = []  # the scheduler owns them now
-        self._pending.append(
-            TokenOutput(
-                rid=request.rid,
-                token_ids=[first],
-                finished=req.finished,
-                finish_reason=req.finish_reason if req.finished else None,
-                prompt_tokens=len(request.input_ids),
+            self._pending.append(
+                error_output(
+                    request.rid,
+                    f"the prefill side sent first token {first}, outside the vocabulary [0, {vocab})",
+                )
             )
-        )
-        if not req.finished:
-            self.requests[request.rid] = req
+            return
+        if self._join_batch(request, first, transfer.pages, transfer.params):
+            transfer.pages = []  # the scheduler owns them now
+        else:
+            self._free(transfer)
 
     def _free(self, transfer: Transfer) -> None:
         if transfer.pages:

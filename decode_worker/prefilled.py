@@ -1,0 +1,116 @@
+"""What the two decode runners share: requests whose prompt KV arrives in this rank's pages from elsewhere
+(a prefill instance's transfer, `DecodeRunner`; or the bench connector's fill, `BenchDecodeRunner`).
+
+Both queue a request FIFO until the batch has room and the pool has pages for its whole life, then, once
+its prompt KV is in place, hand the pages and the first token to the scheduler (`add_prefilled`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from engine.cuda_graph import CudaGraphRunner
+from engine.kv_pool import PoolExhaustedError
+from engine.runtime.colocated import ColocatedRunner, EngineArgs, RankEngine, error_output, to_sampling_params
+from engine.runtime.launch import RankContext
+from engine.sampling import SamplingParams
+from engine.server.messages import GenerateRequest, TokenOutput
+
+log = logging.getLogger(__name__)
+
+
+def attach_cuda_graphs(
+    ctx: RankContext, engine: RankEngine, runner: ColocatedRunner, max_bs: int
+) -> CudaGraphRunner | None:
+    """Decode batches up to `max_bs` through captured CUDA graphs (`engine.cuda_graph`), or None: eager.
+    The caller owns (closes) the result."""
+    if max_bs and ctx.spec.tp_size == 1:
+        try:
+            graph_runner = CudaGraphRunner(engine.model, engine.kv_pool, max_bs)
+        except ValueError as exc:  # a model the graphs cannot take: serve eagerly, and say why
+            log.warning("--cuda-graph-max-bs %d: decoding eagerly: %s", max_bs, exc)
+            return None
+        runner.scheduler.decode_forward = graph_runner
+        return graph_runner
+    if max_bs:
+        log.warning("CUDA graphs serve single-rank instances only: eager at tp %d", ctx.spec.tp_size)
+    return None
+
+
+class PrefilledKVRunner(ColocatedRunner):
+    """The colocated runner plus admission of requests whose prompt KV is written into our pages.
+
+    Args:
+        ctx: this rank.
+        engine: the rank's model and KV pool (`build_rank_engine`).
+        args: engine settings (batch limit).
+        cuda_graph_max_bs: decode batches up to this size replay CUDA graphs (`engine.cuda_graph`); 0: eager.
+            Single-rank instances only (the graphs do not capture collectives); on CPU the same padded
+            graph-safe path runs eagerly.
+    """
+
+    def __init__(
+        self, ctx: RankContext, engine: RankEngine, args: EngineArgs, cuda_graph_max_bs: int = 0
+    ) -> None:
+        super().__init__(engine, args)
+        self.graph_runner = attach_cuda_graphs(ctx, engine, self, cuda_graph_max_bs)
+
+    def status_counts(self) -> dict[str, int]:
+        counts = super().status_counts()
+        if self.graph_runner is not None:  # its scratch page is held for the runner's whole life
+            counts["total_pages"] -= 1
+        return counts
+
+    def close(self) -> None:
+        if self.graph_runner is not None:
+            self.graph_runner.close()  # returns its scratch page before the pool goes
+        super().close()
+
+    # --- for the subclasses ---------------------------------------------------------------------------
+    def _is_waiting(self, rid: str) -> bool:
+        """Whether `rid` waits in the subclass's own stage (queued, transferring) before the batch."""
+        raise NotImplementedError
+
+    def _accept(self, request: GenerateRequest) -> SamplingParams | None:
+        """The request's sampling params if it may wait for its KV; else None, its error output queued."""
+        if request.rid in self.requests or self._is_waiting(request.rid):
+            self._pending.append(error_output(request.rid, f"request id {request.rid!r} is already running"))
+            return None
+        try:
+            params = to_sampling_params(request.sampling)
+            self.scheduler.validate_prompt(request.input_ids, params)
+        except ValueError as exc:
+            self._pending.append(error_output(request.rid, str(exc)))
+            return None
+        return params
+
+    def _has_room(self, prompt_len: int, params: SamplingParams, in_flight: int = 0) -> bool:
+        """Whether the batch (with `in_flight` requests already holding pages) takes one more request and the
+        pool has pages for its whole life."""
+        busy = len(self.scheduler.running) + len(self.scheduler.waiting) + in_flight
+        return busy < self.scheduler.max_running and self.scheduler.pages_needed(prompt_len, params) <= (
+            self.engine.kv_pool.free_pages
+        )
+
+    def _join_batch(
+        self, request: GenerateRequest, first: int, pages: list[int], params: SamplingParams
+    ) -> bool:
+        """Hand `pages` (the prompt's KV first) and the first token to the scheduler and stream the token.
+        False: the scheduler refused (its error output queued) and took nothing: the caller frees `pages`."""
+        try:
+            req = self.scheduler.add_prefilled(request.input_ids, first, pages, params, request.rid)
+        except (ValueError, PoolExhaustedError) as exc:
+            self._pending.append(error_output(request.rid, str(exc)))
+            return False
+        self._pending.append(
+            TokenOutput(
+                rid=request.rid,
+                token_ids=[first],
+                finished=req.finished,
+                finish_reason=req.finish_reason if req.finished else None,
+                prompt_tokens=len(request.input_ids),
+            )
+        )
+        if not req.finished:
+            self.requests[request.rid] = req
+        return True
