@@ -7,6 +7,7 @@ requests (`/generate` and `/v1/completions`, streamed and not) and return the ge
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import random
 import time
@@ -215,3 +216,14 @@ def check_against_reference(llm: LLM, cases: list[Case], results: list[dict[str,
         else:
             assert result["text"] == llm.tokenizer.decode(ids), where
 
+
+def check_concurrent_mixed_requests(system: PDSystem, reference: LLM, n: int, seed: int) -> None:
+    """`n` mixed requests sent at once through the router all equal colocated greedy generation; then both
+    workers go back to idle with no errors counted."""
+    cases = mixed_cases(n, seed=seed, vocab=reference.config.vocab_size)
+    with cf.ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(lambda c: run_case(system.router.url, c), cases))
+    check_against_reference(reference, cases, results)
+    for worker in (system.prefill, system.decode):
+        info = wait_idle(worker.url)
+        assert info["num_errors"] == 0

@@ -9,7 +9,6 @@ per layout; TANDEM_PD_FULL_MATRIX=1 runs every layout with both engines.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +18,7 @@ from pd_system import (
     PAGE_SIZE,
     PDSystem,
     backend_missing,
-    check_against_reference,
-    mixed_cases,
-    run_case,
-    wait_idle,
+    check_concurrent_mixed_requests,
 )
 
 from engine.llm import LLM
@@ -81,10 +77,4 @@ def system(
 def test_mismatched_layouts_serve_concurrent_mixed_requests_equal_to_colocated_greedy_outputs(
     system: PDSystem, reference: LLM
 ) -> None:
-    cases = mixed_cases(16, seed=2, vocab=reference.config.vocab_size)
-    with cf.ThreadPoolExecutor(len(cases)) as pool:
-        results = list(pool.map(lambda c: run_case(system.router.url, c), cases))
-    check_against_reference(reference, cases, results)
-    for worker in (system.prefill, system.decode):
-        info = wait_idle(worker.url)
-        assert info["num_errors"] == 0
+    check_concurrent_mixed_requests(system, reference, n=16, seed=2)

@@ -23,9 +23,9 @@ from pd_system import (
     PDSystem,
     backend_missing,
     check_against_reference,
+    check_concurrent_mixed_requests,
     get_json,
     http,
-    mixed_cases,
     run_case,
     wait_idle,
 )
@@ -71,13 +71,7 @@ def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: p
 def test_32_concurrent_mixed_requests_through_the_router_equal_colocated_greedy_outputs(
     system: PDSystem, reference: LLM
 ) -> None:
-    cases = mixed_cases(32, seed=1, vocab=reference.config.vocab_size)
-    with cf.ThreadPoolExecutor(len(cases)) as pool:
-        results = list(pool.map(lambda c: run_case(system.router.url, c), cases))
-    check_against_reference(reference, cases, results)
-    for worker in (system.prefill, system.decode):
-        info = wait_idle(worker.url)
-        assert info["num_errors"] == 0
+    check_concurrent_mixed_requests(system, reference, n=32, seed=1)
 
 
 def test_decode_serves_requests_without_bootstrap_fields_colocated(system: PDSystem, reference: LLM) -> None:
