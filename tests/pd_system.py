@@ -118,11 +118,17 @@ def idle_problems(info: dict[str, Any]) -> list[str]:
 
 
 def wait_idle(url: str, timeout_s: float = 15) -> dict[str, Any]:
-    """/server_info once every pool is back at its idle count; AssertionError naming what is not."""
+    """/server_info once every pool is back at its idle count; AssertionError naming what is not.
+
+    Only counts that every DP group reported after this call began are trusted: ranks report every
+    0.5 s, and a report from before the workload would look idle."""
+    started = time.time()
     deadline = time.monotonic() + timeout_s
     while True:
         info = get_json(url + "/server_info")
         problems = idle_problems(info)
+        if info.get("status_time", 0.0) <= started:
+            problems.append(f"no pool report since the check began (last {info.get('status_time')})")
         if not problems:
             return info
         if time.monotonic() > deadline:

@@ -115,7 +115,10 @@ class RankBridge:
         for status in self.group_status.values():
             for key, value in status.counts.items():
                 totals[key] = totals.get(key, 0) + value
-        return {"active_requests": self.num_active, "ready": self.ready, **totals, **self._info()}
+        # The oldest group report: counts summed here are at least this fresh.
+        status_time = min((status.sent_at for status in self.group_status.values()), default=0.0)
+        return {"active_requests": self.num_active, "ready": self.ready, "status_time": status_time,
+                **totals, **self._info()}
 
     def close(self) -> None:
         if self._reader is not None:

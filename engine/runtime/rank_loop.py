@@ -125,7 +125,7 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
                     last_status = now
                     outbox.send(encode(RankStatus(rank=ctx.rank, dp_rank=ctx.dp_rank,
                                                   num_requests=runner.num_requests(),
-                                                  counts=runner.status_counts())))
+                                                  counts=runner.status_counts(), sent_at=time.time())))
             if spec.tp_size > 1:
                 my_load[0] = runner.num_requests()
                 dist.all_gather(load_slots, my_load, group=cpu_group)

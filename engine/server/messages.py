@@ -74,6 +74,7 @@ class RankStatus:
     dp_rank: int
     num_requests: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    sent_at: float = 0.0  # wall-clock time.time() of the report, so readers can refuse stale counts
     version: int = MESSAGE_VERSION
 
 
