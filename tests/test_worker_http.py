@@ -83,6 +83,10 @@ def test_completion_and_chat_shapes_parse_with_the_openai_sdk(server: tuple[str,
                                           max_tokens=3)
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 3
     assert chat.choices[0].message.content.startswith("<")  # the rendered template echoed back
+    chat_chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}],
+                                                      max_tokens=3, stream=True))
+    assert [c.choices[0].delta.role for c in chat_chunks] == ["assistant"] + [None] * (len(chat_chunks) - 1)
+    assert chat_chunks[-1].choices[0].finish_reason == "length"
     stream = client.completions.create(model="tiny", prompt="xyz", max_tokens=4, stream=True,
                                        stream_options={"include_usage": True})
     chunks = list(stream)

@@ -217,6 +217,7 @@ class WorkerApp:
         created = int(time.time())
         prompt_tokens = len(parsed.request.input_ids)
         logprobs: list[float] = []
+        sent_any = False
         async for out in self.backend.submit(parsed.request):
             if out.error is not None:
                 self.num_errors += 1
@@ -231,7 +232,9 @@ class WorkerApp:
             else:
                 if not delta and not out.finished:
                     continue
-                chunk = openai_chunk(parsed, delta, out.finish_reason if out.finished else None, created)
+                chunk = openai_chunk(parsed, delta, out.finish_reason if out.finished else None, created,
+                                     first=not sent_any)
+                sent_any = True
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         if parsed.include_usage and parsed.kind != "generate":
             tail = openai_chunk(parsed, "", None, created)

@@ -213,11 +213,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def openai_chunk(parsed: ParsedRequest, text: str, finish_reason: str | None, created: int) -> dict:
-    """One streamed chunk of a completion or chat completion."""
+def openai_chunk(parsed: ParsedRequest, text: str, finish_reason: str | None, created: int,
+                 first: bool = False) -> dict:
+    """One streamed chunk of a completion or chat completion (the role goes in the first delta only)."""
     rid = parsed.request.rid
     if parsed.kind == "chat":
-        delta = {"role": "assistant", "content": text} if text or finish_reason is None else {}
+        delta: dict[str, str] = {"role": "assistant"} if first else {}
+        if text:
+            delta["content"] = text
         return {
             "id": f"chatcmpl-{rid}",
             "object": "chat.completion.chunk",
