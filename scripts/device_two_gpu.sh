@@ -14,26 +14,11 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/runs/device_two_gpu}"
 mkdir -p "$OUT"
 DEEPEP_SRC="${DEEPEP_SRC:-.deepep_src/deepep-567632d.tar}"
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 # NVLink multicast/SHARP stays off on these machines (KINDS.md): NCCL, NVSHMEM and torch symmetric memory.
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 # No RDMA NIC: UCX's IB module can crash at exit (TRANSPORTS.md).
 export UCX_MODULES="${UCX_MODULES:-^ib}"
-if ! python3 -c "import orjson, msgspec, zmq" 2>/dev/null && ls .whl_small/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl_small/*.whl \
-        && export PYTHONPATH="$PWD:/tmp/site"
-fi
-status=0
-step() {  # step NAME SECONDS CMD...: run CMD time-boxed, tee'd to $OUT/NAME.log, remember a failure
-    local name=$1 limit=$2 start rc
-    shift 2
-    start=$(date +%s)
-    echo "=== $name (limit ${limit}s): $*" | tee "$OUT/$name.log"
-    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
-    rc=${PIPESTATUS[0]}
-    echo "=== $name: rc $rc after $(($(date +%s) - start)) s" | tee -a "$OUT/$name.log"
-    [ "$rc" -eq 0 ] || status=1
-}
+source scripts/device_lib.sh  # wheels the image lacks, and step()
 
 {
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
