@@ -112,7 +112,7 @@ def stager(buffer: torch.Tensor, layout: PageLayout, pool_bytes: int) -> PageSta
 # The receiver calls `engine.progress()` this often while it waits for a command, like a decode rank that
 # only waits on transfers (decode_worker.runner naps WAIT_NAP_S between steps): NIXL without its progress
 # thread completes writes into this process only while it does.
-RECEIVER_PROGRESS_S = 0.0005
+RECEIVER_PROGRESS_S = 0.0001
 
 
 def receiver_main(
@@ -239,10 +239,25 @@ def pages_for(pattern: str, count: int) -> list[int]:
 
 def engine_options(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     """Options both sides' engines get from the command line (on top of the sender's variant)."""
-    return {"progress_thread": True} if kind == "nixl" and args.progress_thread else {}
+    if kind == "nixl":
+        return {"progress_thread": True} if args.progress_thread else {}
+    return {"protocol": args.mooncake_protocol} if args.mooncake_protocol != "tcp" else {}
 
 
-def run(args: argparse.Namespace) -> list[Case]:
+FIXED_COST_BYTES = 4096
+
+
+def time_fixed_cost(engine: TransferEngine, receiver: Receiver, src_buffer: torch.Tensor, repeats: int) -> float:
+    """Median microseconds of a one-descriptor 4 KiB write, start to completion seen: the per-request cost
+    that no byte count amortises (Python, the engine's request set-up, launch, completion polling)."""
+    src = np.array([[src_buffer.data_ptr(), FIXED_COST_BYTES]], dtype=np.int64)
+    dst = np.array([[receiver.base_ptr, FIXED_COST_BYTES]], dtype=np.int64)
+    samples = time_op(lambda: write_and_wait(engine, receiver.name, src, dst), max(repeats, 50), 2.0)
+    return statistics.median(samples) * 1e6
+
+
+def run(args: argparse.Namespace) -> tuple[list[Case], dict[str, float]]:
+    """Every case, and the fixed per-request cost in microseconds per "engine/variant"."""
     device, dst_device = _normalise_device(args.device), _normalise_device(args.dst_device or args.device)
     itemsize = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
     token_bytes = args.layers * args.token_dim * itemsize
@@ -264,6 +279,7 @@ def run(args: argparse.Namespace) -> list[Case]:
     src_buffer.random_(0, 256)
 
     cases: list[Case] = []
+    fixed_us: dict[str, float] = {}
     for kind in args.engines:
         variants = QUICK_VARIANTS[kind] if args.quick else list(VARIANTS[kind])
         if args.variants:
@@ -276,10 +292,12 @@ def run(args: argparse.Namespace) -> list[Case]:
             continue
         try:
             for variant in variants:
-                cases += run_variant(args, kind, variant, receiver, src_buffer, (device, dst_device), prompts)
+                variant_cases, fixed_us[f"{kind}/{variant}"] = run_variant(
+                    args, kind, variant, receiver, src_buffer, (device, dst_device), prompts)
+                cases += variant_cases
         finally:
             receiver.close()
-    return cases
+    return cases, fixed_us
 
 
 def run_variant(
@@ -290,13 +308,15 @@ def run_variant(
     src_buffer: torch.Tensor,
     devices: tuple[str, str],
     prompts: list[int],
-) -> list[Case]:
+) -> tuple[list[Case], float]:
     engine = make_engine(kind, f"bench-{kind}-{variant}-src", **VARIANTS[kind][variant], **engine_options(args, kind))
     engine.register(src_buffer.data_ptr(), src_buffer.numel(), devices[0])
     engine.connect(receiver.name, receiver.metadata)
     itemsize = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
     cases: list[Case] = []
     try:
+        fixed_us = time_fixed_cost(engine, receiver, src_buffer, args.repeats)
+        print(f"{kind}/{variant}: fixed cost of a 4 KiB one-descriptor write {fixed_us:.1f} us (median)")
         for page_size in args.page_sizes:
             shape = dict(num_layers=args.layers, page_size=page_size, token_dim=args.token_dim, itemsize=itemsize,
                          dtype=args.dtype)
@@ -317,7 +337,7 @@ def run_variant(
                         print_row(case)
     finally:
         engine.close()
-    return cases
+    return cases, fixed_us
 
 
 def one_case(
@@ -429,7 +449,7 @@ def summarise(cases: list[Case]) -> dict[str, Any]:
     return summary
 
 
-def write_outputs(path: Path, args: argparse.Namespace, cases: list[Case]) -> None:
+def write_outputs(path: Path, args: argparse.Namespace, cases: list[Case], fixed_us: dict[str, float]) -> None:
     meta = {
         "argv": sys.argv[1:],
         "device": args.device,
@@ -446,7 +466,7 @@ def write_outputs(path: Path, args: argparse.Namespace, cases: list[Case]) -> No
         "engine_options": {k: engine_options(args, k) for k in args.engines},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = {"meta": meta, "summary": summarise(cases), "cases": [asdict(c) for c in cases]}
+    body = {"meta": meta, "summary": summarise(cases), "fixed_cost_us": fixed_us, "cases": [asdict(c) for c in cases]}
     path.write_text(json.dumps(body, indent=1, allow_nan=True))
     plot(path.with_suffix(".png"), cases, meta)
     print(f"wrote {path} and {path.with_suffix('.png')}")
@@ -507,6 +527,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--variants", type=lambda s: s.split(","), default=None,
                         help="engine variants to run (names from VARIANTS); default all")
+    parser.add_argument("--mooncake-protocol", default="tcp",
+                        help="Mooncake transport on both sides: tcp, rdma, nvlink_intra (GPUs of one host), ...")
     parser.add_argument("--progress-thread", action="store_true",
                         help="NIXL: run the agents' progress thread (spins a core each; off by default)")
     parser.add_argument("--repeats", type=int, default=5, help="timed writes per case, after one warm-up")
@@ -536,7 +558,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     started = time.perf_counter()
     print(HEADER)
-    cases = run(args)
+    cases, fixed_us = run(args)
     measured = [c for c in cases if not c.skipped]
     print(f"{len(measured)} cases measured, {len(cases) - len(measured)} skipped, "
           f"{time.perf_counter() - started:.0f} s")
@@ -552,7 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         print("  median ratio_to_memcpy per variant (cross-layer and staged cases): " + ", ".join(
             f"{v} {d['median_ratio_to_memcpy']:.2f}" for v, d in info["variants"].items()))
     if args.json:
-        write_outputs(args.json, args, cases)
+        write_outputs(args.json, args, cases, fixed_us)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from kvtransfer.receiver import KVReceiver
 from kvtransfer.rooms import RankInfo
 from kvtransfer.state import KVTransferError
 
-WAIT_NAP_S = 0.0005  # see prefill_worker.runner: nap instead of spinning while only the network works
+WAIT_NAP_S = 0.0001  # see prefill_worker.runner: nap instead of spinning while only the network works
 
 
 @dataclass(eq=False)

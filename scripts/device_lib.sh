@@ -1,11 +1,32 @@
 # Sourced by the device scripts (scripts/device_*.sh), after they set OUT and cd to the repository root.
-# Installs only what the GPU image lacks, from .whl_small (orjson, msgspec, pyzmq wheels) when present,
+# Installs only what the GPU image lacks, into /tmp/site, from whichever of these was carried:
+#   .whl_small/*.whl or .gpu_bundle/*.whl   orjson, msgspec, pyzmq wheels
+#   .gpu_bundle/nixl_site.tar.gz            NIXL (nixl + nixl_cu13 with the UCX plugin only: the full wheels
+#                                           are 58 MB, over what a device call carries next to anything else)
+#   .gpu_bundle/mooncake_engine_cuda13.tar.gz  Mooncake's transfer engine from the cuda13 wheel (engine.so and
+#                                           the libraries it loads) and the Debian libibverbs/libmlx5/libnuma/
+#                                           libcurl it links, used only where the image lacks them
 # and defines `step`, which runs one check time-boxed and tee'd to $OUT, remembering a failure in $status.
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
-if ! python3 -c "import orjson, msgspec, zmq" 2>/dev/null && ls .whl_small/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl_small/*.whl \
-        && export PYTHONPATH="$PWD:/tmp/site"
+SITE=/tmp/site
+mkdir -p "$SITE"
+if ! python3 -c "import orjson, msgspec, zmq" 2>/dev/null; then
+    wheels=$(ls .whl_small/*.whl .gpu_bundle/*.whl 2>/dev/null)
+    [ -n "$wheels" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $wheels
 fi
+if ! python3 -c "import nixl" 2>/dev/null && [ -f .gpu_bundle/nixl_site.tar.gz ]; then
+    tar -C "$SITE" -xzf .gpu_bundle/nixl_site.tar.gz
+fi
+if ! python3 -c "import mooncake.engine" 2>/dev/null && [ -f .gpu_bundle/mooncake_engine_cuda13.tar.gz ]; then
+    mkdir -p /tmp/mooncake_bundle && tar -C /tmp/mooncake_bundle -xzf .gpu_bundle/mooncake_engine_cuda13.tar.gz
+    cp -r /tmp/mooncake_bundle/site/. "$SITE/"
+    # System libraries last on the path: the image's own win where it has them. libcudart.so.13 comes
+    # with torch's CUDA wheels.
+    cudart=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))" 2>/dev/null)
+    cudart_dir=$(find "${cudart:-/nonexistent}" -name 'libcudart.so.13*' -printf '%h\n' 2>/dev/null | head -1)
+    export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}${cudart_dir:+$cudart_dir:}/tmp/mooncake_bundle/syslibs"
+fi
+export PYTHONPATH="$PWD:$SITE"
 status=0
 step() {  # step NAME SECONDS CMD...: run CMD time-boxed, tee'd to $OUT/NAME.log, remember a failure
     local name=$1 limit=$2 start rc
