@@ -60,6 +60,11 @@ def _worker_flags(args: argparse.Namespace, port: int) -> list[str]:
     return flags
 
 
+def _graph_flags(args: argparse.Namespace) -> list[str]:
+    """Decode workers (both setups' alike) replay CUDA graphs up to this batch size; 0: eager."""
+    return ["--cuda-graph-max-bs", str(args.cuda_graph_max_bs)] if args.cuda_graph_max_bs else []
+
+
 def _router_flags(port: int) -> list[str]:
     return ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
 
@@ -72,12 +77,12 @@ def start_setup(name: str, group: ServerGroup, args: argparse.Namespace) -> tupl
         p_port, d_port, boot = free_port(), free_port(), free_port()
         prefill = group.start("prefill", "prefill_worker", [*_worker_flags(args, p_port),
                               "--bootstrap-port", str(boot)], p_port)  # fmt: skip
-        decode = group.start("decode", "decode_worker", _worker_flags(args, d_port), d_port)
+        decode = group.start("decode", "decode_worker", _worker_flags(args, d_port) + _graph_flags(args), d_port)
         workers = [prefill, decode]
         router_args += ["--prefill", prefill.url, str(boot), "--decode", decode.url]
     else:
         ports = [free_port(), free_port()]
-        workers = [group.start(f"colocated{i}", "decode_worker", _worker_flags(args, port), port)
+        workers = [group.start(f"colocated{i}", "decode_worker", _worker_flags(args, port) + _graph_flags(args), port)
                    for i, port in enumerate(ports)]  # fmt: skip
         router_args += ["--short-prompt-threshold", str(args.input_len + 1)]
         for worker in workers:
@@ -192,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
     p.add_argument("--transfer-backend", choices=["nixl", "mooncake"], default="nixl")
     p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--cuda-graph-max-bs", type=int, default=0, help="decode workers' CUDA graphs (GPU); 0: eager")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (CPU)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-duration-s", type=float, default=300.0, help="per setup")

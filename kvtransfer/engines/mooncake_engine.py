@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 KIND = "mooncake"
 # Per-peer queue of the TCP transport, in transfers; its default (1024) is below one write of small pages.
 TCP_QUEUE_ENV = "MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER"
+INTRANODE_NVLINK_ENV = "MC_INTRANODE_NVLINK"
 TCP_QUEUE_DEFAULT = "16384"
 
 
@@ -80,6 +81,11 @@ class MooncakeEngine(TransferEngine):
         if transfer_timeout_s is not None:
             # Read once by the binding's constructor: set it right before constructing.
             os.environ["MC_TRANSFER_TIMEOUT"] = str(max(5, int(transfer_timeout_s)))
+        if protocol == "nvlink_intra":
+            # The wheels pick their transport by auto-discovery (TCP when no RDMA NIC is found) whatever
+            # `initialize` is told; this variable is what selects the intra-node NVLink (CUDA IPC) transport
+            # (seen with mooncake-transfer-engine-cuda13 0.3.14 on one H100: without it, "Using TCP transport").
+            os.environ.setdefault(INTRANODE_NVLINK_ENV, "1")
         self._mc = mooncake_engine
         self._engine = mooncake_engine.TransferEngine()
         if self._engine.initialize(hostname, "P2PHANDSHAKE", protocol, device_filter) != 0:
