@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--profile", action="store_true",
+                        help="also trace a few graph replays per batch size (torch.profiler): top kernels")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/decode_step_<device>.json)")
     return parser.parse_args(argv)
 
@@ -70,6 +72,23 @@ def time_ms(fn: Any, device: torch.device, iters: int, warmup: int) -> dict[str,
         samples.append((time.perf_counter() - start) * 1e3)
     q = statistics.quantiles(samples, n=5) if len(samples) > 1 else samples * 4
     return {"ms": statistics.median(samples), "p20_ms": q[0], "p80_ms": q[3]}
+
+
+def profile_kernels(fn: Any, device: torch.device, steps: int = 5, top: int = 12) -> list[dict[str, Any]]:
+    """The `top` kernels by device time over `steps` calls: name, microseconds per call, share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events) or 1.0
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    return [{"kernel": e.key[:120], "us_per_step": e.device_time_total / steps, "calls_per_step": e.count / steps,
+             "share": e.device_time_total / total} for e in events[:top]]
 
 
 def decode_batch(pool: KVPool, batch_size: int, context: int, vocab: int, offset: int) -> ForwardBatch:
@@ -116,6 +135,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rel = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
             rows.append({"batch_size": bs, "eager": eager, "graph": graph, "speedup": eager["ms"] / graph["ms"],
                          "logits_rel_err": rel, "argmax_agree": agree})
+            if args.profile and device.type == "cuda":
+                rows[-1]["graph_profile"] = profile_kernels(lambda b=batch: runner(b), device)
             log.info("batch %d: eager %.2f ms, graph %.2f ms (%.1fx)", bs, eager["ms"], graph["ms"],
                      eager["ms"] / graph["ms"])
         pool.free(pages)
@@ -136,6 +157,10 @@ def print_table(report: dict[str, Any]) -> None:
     for r in report["results"]:
         print(f"{r['batch_size']:>6} {r['eager']['ms']:>10.3f} {r['graph']['ms']:>10.3f} {r['speedup']:>7.2f}x "
               f"{r['argmax_agree']:>13.3f} {r['logits_rel_err']:>9.2e}")
+    for r in report["results"]:
+        for k in r.get("graph_profile", []):
+            print(f"  bs {r['batch_size']:>3}  {k['us_per_step']:>9.1f} us  {k['calls_per_step']:>6.1f}x  "
+                  f"{100 * k['share']:>5.1f}%  {k['kernel']}")
 
 
 def main(argv: list[str] | None = None) -> int:

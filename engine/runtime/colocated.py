@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,7 @@ class ColocatedRunner:
                                    engine.config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._pending: list[TokenOutput] = []
+        self._emit: Callable[[list[TokenOutput]], None] | None = None
         parallel = engine.parallel
         # The work flag is control traffic: a gloo group even when the model's collectives use NCCL.
         control = (torch.distributed.new_group(backend="gloo")
@@ -154,8 +156,17 @@ class ColocatedRunner:
     def num_requests(self) -> int:
         return len(self.requests)
 
+    def bind_emitter(self, emit: Callable[[list[TokenOutput]], None]) -> None:
+        """Send outputs that are ready before a turn's forward through `emit` at once (see `StepRunner`)."""
+        self._emit = emit
+
     def step(self) -> list[TokenOutput]:
         outs, self._pending = self._pending, []
+        if outs and self._emit is not None:
+            # Ready before the forward (a decode request's first token once its KV landed, errors): out
+            # now, not one decode step later. The forward still runs on every rank, as lockstep needs.
+            self._emit(outs)
+            outs = []
         result = self.stepper.step()  # on every rank, also those without work (MoE collectives)
         outs.extend(outputs_of(result, {}))
         for req in result.finished:

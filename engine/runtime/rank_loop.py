@@ -48,6 +48,10 @@ class StepRunner(Protocol):
         """Rank 0 only: the attention-DP group that runs `request`."""
         ...
 
+    # Optional: `bind_emitter(emit)`. A runner that has it gets, once, a function that sends outputs to the
+    # HTTP process right away; it uses it for outputs ready before its forward (a decode request's first
+    # token), which `step`'s return would deliver only after the forward.
+
     def status_counts(self) -> dict[str, int]:
         """Pool and slot counts reported to /server_info (free pages, transfer handles, ...)."""
         ...
@@ -86,6 +90,15 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
         outbox.setsockopt(zmq.LINGER, 0)
         outbox.connect(ctx.outbox_addr)
     spec = ctx.spec
+
+    def emit(outputs: list[TokenOutput]) -> None:
+        if outbox is not None:  # attention-TP followers hold the same outputs; their leader sends them
+            for out in outputs:
+                outbox.send(encode(out))
+
+    bind_emitter = getattr(runner, "bind_emitter", None)
+    if bind_emitter is not None:
+        bind_emitter(emit)
     # Control traffic stays on a gloo group even when the model's collectives use NCCL.
     cpu_group = dist.new_group(backend="gloo") if spec.device == "cuda" else None
     last_status = 0.0
@@ -117,9 +130,8 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
                 else:
                     outputs.extend(runner.abort(msg.rid))
             outputs.extend(runner.step())
+            emit(outputs)
             if outbox is not None:
-                for out in outputs:
-                    outbox.send(encode(out))
                 now = time.monotonic()
                 if now - last_status > STATUS_PERIOD_S:  # the first one also says "ready"
                     last_status = now
