@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from engine.parallel import all_gather_last_dim, all_reduce
 
 
@@ -32,10 +33,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(in_dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
     def load_full(self, name: str, full: torch.Tensor) -> None:
         _check_shape(name, full, tuple(self.weight.shape))

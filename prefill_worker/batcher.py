@@ -152,6 +152,12 @@ class PrefillBatcher:
         if finished_rows:
             self._sample_first_tokens(logits[finished_rows], [chunks[r][0] for r in finished_rows])
             self.prefilling = [job for job in self.prefilling if not job.prefilled]
+        if done and logits.device.type == "cuda":
+            # The caller hands these pages to the transfer engine at once, and its copies run on the
+            # engine's own CUDA streams (UCX cuda_ipc, Mooncake nvlink), unordered with this forward's
+            # kernels: a chunk's pages must be written before they are read. Sampling synchronised already
+            # when a job finished; a step of intermediate chunks only would not have.
+            torch.cuda.current_stream(logits.device).synchronize()
         return done
 
     def _sample_first_tokens(self, logits: torch.Tensor, jobs: list[PrefillJob]) -> None:
