@@ -34,6 +34,7 @@ from engine.runtime.disagg import (
 )
 from engine.runtime.launch import RankContext
 from engine.runtime.rank_loop import run_rank
+from engine.runtime.timeline import Timeline
 from engine.sampling import SamplingParams
 from engine.server.messages import GenerateRequest, TokenOutput
 from kvtransfer.receive_manager import KVReceiveManager
@@ -86,6 +87,7 @@ class DecodeRunner(PrefilledKVRunner):
         self.free_aux_slots = list(range(kv.aux_slots - 1, -1, -1))
         self.queued: deque[Transfer] = deque()  # no pages yet
         self.transferring: list[Transfer] = []  # pages reserved, receiver asked (same order on every rank)
+        self.timeline = Timeline("decode")
 
     # --- StepRunner ---------------------------------------------------------------------------------
     def add(self, request: GenerateRequest) -> None:
@@ -95,6 +97,7 @@ class DecodeRunner(PrefilledKVRunner):
         params = self._accept(request)
         if params is not None:
             self.queued.append(Transfer(request, params))
+            self.timeline.mark(request.rid, "arrived")
 
     def abort(self, rid: str) -> list[TokenOutput]:
         if rid in self.requests:
@@ -104,6 +107,7 @@ class DecodeRunner(PrefilledKVRunner):
             return []
         if transfer in self.queued:
             self.queued.remove(transfer)
+            self.timeline.drop(rid)
         else:
             transfer.aborted = True  # pages go back once the transfer has ended on every rank
             if transfer.receiver is not None:
@@ -178,6 +182,7 @@ class DecodeRunner(PrefilledKVRunner):
                     boot.host, boot.port, boot.room, boot.data_parallel_rank
                 )
                 transfer.receiver.init(transfer.pages[: pool.pages_for_tokens(prompt_len)], transfer.aux_slot)
+                self.timeline.mark(transfer.request.rid, "reserved")
             except (KVTransferError, ValueError) as exc:
                 transfer.local_error = str(exc)
                 if transfer.receiver is not None:
@@ -229,12 +234,15 @@ class DecodeRunner(PrefilledKVRunner):
                 )
             )
             return
+        self.timeline.mark(request.rid, "landed")
         if self._join_batch(request, first, transfer.pages, transfer.params):
             transfer.pages = []  # the scheduler owns them now
+            self.timeline.finish(request.rid, "first_token_queued")
         else:
             self._free(transfer)
 
     def _free(self, transfer: Transfer) -> None:
+        self.timeline.drop(transfer.request.rid)
         if transfer.pages:
             self.engine.kv_pool.free(transfer.pages)
             transfer.pages = []

@@ -36,6 +36,7 @@ from engine.runtime.disagg import (
 from engine.runtime.launch import RankContext
 from engine.runtime.lockstep import LockstepStepper
 from engine.runtime.rank_loop import least_loaded, run_rank
+from engine.runtime.timeline import Timeline
 from engine.scheduler import StepResult
 from engine.server.messages import GenerateRequest, TokenOutput
 from kvtransfer.mapping import prefill_dp_group
@@ -125,6 +126,7 @@ class PrefillRunner:
             raise
         self.rooms: dict[str, Room] = {}  # arrival order: the same on every rank of the group
         self._pending: list[TokenOutput] = []
+        self.timeline = Timeline("prefill")
 
     # --- StepRunner ---------------------------------------------------------------------------------
     def add(self, request: GenerateRequest) -> None:
@@ -151,6 +153,7 @@ class PrefillRunner:
             return
         self.batcher.add(job)
         self.rooms[request.rid] = Room(request, job, sender)
+        self.timeline.mark(request.rid, "arrived")
 
     def abort(self, rid: str) -> list[TokenOutput]:
         room = self.rooms.get(rid)
@@ -176,7 +179,9 @@ class PrefillRunner:
             sender.send(chunk.pages, chunk.position, last=chunk.last)
             if chunk.last:
                 assert chunk.job.first_token is not None
+                self.timeline.mark(chunk.job.rid, "forward_done")
                 sender.send_aux(chunk.job.first_token, chunk.job.first_logprob)
+                self.timeline.mark(chunk.job.rid, "kv_posted")
         if self.rooms and self.stepper.forwards == forwards:
             time.sleep(WAIT_NAP_S)
         return outs
@@ -238,6 +243,10 @@ class PrefillRunner:
                 continue
             self.batcher.release(room.job)
             del self.rooms[room.request.rid]
+            if failed:
+                self.timeline.drop(room.request.rid)
+            else:
+                self.timeline.finish(room.request.rid, "kv_done")
             if not room.answered:
                 outs.append(self._answer(room, state, failed))
 
