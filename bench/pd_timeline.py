@@ -23,6 +23,7 @@ LINE = re.compile(r"timeline (?P<role>\w+) rid=(?P<rid>\S+) t0=(?P<t0>[\d.]+) (?
 STAGES = (
     ("decode arrived", "decode", None),
     ("decode reserved pages", "decode", "reserved"),
+    ("prefill step began", "prefill", "step_began"),
     ("prefill forward done", "prefill", "forward_done"),
     ("prefill KV + aux posted", "prefill", "kv_posted"),
     ("prefill saw writes done", "prefill", "kv_done"),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.runtime import timeline
 from engine.runtime.colocated import (
     EngineArgs,
     RankEngine,
@@ -173,6 +174,10 @@ class PrefillRunner:
             self._settle(outs)
         forwards = self.stepper.forwards
         self._steps.chunks = []
+        if timeline.ENABLED:
+            for room in self.rooms.values():
+                if room.job.num_computed == 0 and not room.stopped:
+                    self.timeline.mark(room.request.rid, "step_began")  # once per step until its first chunk
         self.stepper.step()  # on every rank, also those without work (MoE collectives)
         for chunk in self._steps.chunks:
             sender = self.rooms[chunk.job.rid].sender

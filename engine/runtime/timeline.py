@@ -23,8 +23,14 @@ class Timeline:
         self._marks: dict[str, list[tuple[str, float]]] = {}
 
     def mark(self, rid: str, stage: str) -> None:
+        """Record `stage` now; marking the stage that was marked last moves it (a stage that repeats, such
+        as a step beginning while the request waits, keeps its latest time)."""
         if ENABLED:
-            self._marks.setdefault(rid, []).append((stage, time.time()))
+            marks = self._marks.setdefault(rid, [])
+            if marks and marks[-1][0] == stage and len(marks) > 1:
+                marks[-1] = (stage, time.time())
+            else:
+                marks.append((stage, time.time()))
 
     def finish(self, rid: str, stage: str) -> None:
         """Mark the last stage and log the request's line (warning level: it is asked for explicitly)."""
