@@ -150,7 +150,9 @@ class Handlers:
                                          "prefill_healthy": n_prefill, "decode_healthy": n_decode})
 
     async def metrics(self, req: HttpRequest, conn: HttpConnection) -> None:
-        body, content_type = self.state.metrics.render()
+        group = self.state.group
+        siblings = await group.ask_siblings({"op": "snapshot"}) if group is not None else None
+        body, content_type = self.state.metrics.render(siblings)
         conn.respond(200, body, content_type.encode())
 
     # -- admin ------------------------------------------------------------------------------------
@@ -179,7 +181,13 @@ class Handlers:
             worker.next_probe_at = 0.0  # probe it at once
         except RouterError as exc:
             return _error(conn, exc)
-        _json(conn, 201, worker.describe())
+        doc = worker.describe()
+        group = self.state.group
+        if group is not None:  # every process takes it before the caller hears back
+            told = await group.ask_siblings({"op": "add", "url": spec.url, "role": spec.role.value,
+                                             "bootstrap_port": spec.bootstrap_port})  # fmt: skip
+            doc["router_processes_updated"] = 1 + len(told)
+        _json(conn, 201, doc)
 
     async def remove_worker(self, req: HttpRequest, conn: HttpConnection) -> None:
         try:
@@ -191,8 +199,13 @@ class Handlers:
         except RouterError as exc:
             return _error(conn, exc)
         removed = self.state.registry.get(worker.url) is None
-        _json(conn, 200 if removed else 202, {"url": worker.url, "draining": not removed,
-                                              "removed": removed, "in_flight": worker.in_flight})
+        doc: dict[str, object] = {"url": worker.url, "draining": not removed, "removed": removed,
+                                  "in_flight": worker.in_flight}  # fmt: skip
+        group = self.state.group
+        if group is not None:  # each process drains its own in-flight requests to it
+            told = await group.ask_siblings({"op": "remove", "url": worker.url})
+            doc["router_processes_updated"] = 1 + len(told)
+        _json(conn, 200 if removed else 202, doc)
 
 
 def _json_object(raw: bytes) -> dict[str, object]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import os
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -38,6 +39,19 @@ class WorkerSpec:
         object.__setattr__(self, "url", self.url.rstrip("/"))
 
 
+@dataclass(frozen=True)
+class GroupSpec:
+    """This process's place among the `--workers N` router processes: its index, their number, and the
+    directory where each one listens for its siblings (`router.group`: a Unix socket per process)."""
+
+    index: int
+    size: int
+    socket_dir: str
+
+    def socket_path(self, index: int) -> str:
+        return os.path.join(self.socket_dir, f"p{index}.sock")
+
+
 @dataclass
 class RouterConfig:
     """Everything the router needs; the defaults are the command line's defaults."""
@@ -65,6 +79,7 @@ class RouterConfig:
     cache_balance_abs: int = 32  # cache_aware: ignore affinity when the chosen worker has this many more
     api_key: str | None = None
     processes: int = 1
+    group: GroupSpec | None = None  # set by `router.server.run` in each of several processes
     use_uvloop: bool = True
     log_level: str = "info"
 

@@ -1,8 +1,9 @@
 """Serving the router: one process, or N processes sharing the port through SO_REUSEPORT.
 
-Each process is a full router with its own worker registry, health checker and metrics (the admin
-API and /metrics therefore describe the process that answered: use `--workers 1` where runtime
-worker changes must reach every request).
+Each process is a full router with its own worker registry, health checker, upstream connections and
+counters; `router.group` joins their control plane: an admin change made on one reaches all before the
+admin call returns, and /metrics on any of them sums all. Load-aware policies see their own process's
+in-flight counts.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import gc
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
+from dataclasses import replace
 
 from router.app import RouterApp
-from router.config import RouterConfig
+from router.config import GroupSpec, RouterConfig
 
 log = logging.getLogger("router")
 
@@ -69,7 +73,12 @@ def run(config: RouterConfig) -> None:
     if not hasattr(socket, "SO_REUSEPORT"):
         raise SystemExit("--workers > 1 needs SO_REUSEPORT (Linux, BSD)")
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_run_one, args=(config,), name=f"router-{i}") for i in range(config.processes)]
+    socket_dir = tempfile.mkdtemp(prefix="tandem-router-")  # each process's control socket (router.group)
+    procs = [
+        ctx.Process(target=_run_one, args=(replace(config, group=GroupSpec(i, config.processes, socket_dir)),),
+                    name=f"router-{i}")
+        for i in range(config.processes)
+    ]  # fmt: skip
     for p in procs:
         p.start()
 
@@ -80,5 +89,8 @@ def run(config: RouterConfig) -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    for p in procs:
-        p.join()
+    try:
+        for p in procs:
+            p.join()
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)

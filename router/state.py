@@ -7,7 +7,9 @@ import logging
 
 import orjson
 
-from router.config import RouterConfig
+from router.config import Role, RouterConfig, WorkerSpec
+from router.errors import RouterError
+from router.group import ProcessGroup
 from router.health import HealthChecker
 from router.metrics import MetricsExporter, RouterStats
 from router.policies import make_policy
@@ -39,17 +41,45 @@ class RouterState:
         # rid -> (prefill, decode, worker-side rids) for requests in flight (router-level abort).
         self.active: dict[str, tuple[Worker | None, Worker, list[str]]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # With `--workers N`: the other processes, for admin changes and /metrics (router.group).
+        self.group = ProcessGroup(config.group, self.on_sibling_message) if config.group is not None else None
 
     async def start(self) -> None:
+        if self.group is not None:
+            await self.group.start()
         self.health.start()
 
     async def close(self) -> None:
+        if self.group is not None:
+            await self.group.close()
         await self.health.close()
         for task in list(self._background):
             task.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         self.pool.close()
+
+    async def on_sibling_message(self, message: dict[str, object]) -> dict[str, object]:
+        """What a sibling process asks (`router.group`): this process's metrics, or an admin change that
+        was made there. Admin changes are idempotent here: the worker may be present or gone already."""
+        op = message.get("op")
+        if op == "snapshot":
+            return self.metrics.snapshot()
+        if op == "add":
+            spec = WorkerSpec(str(message["url"]), Role(str(message["role"])), message.get("bootstrap_port"))  # type: ignore[arg-type]
+            try:
+                worker = self.registry.add(spec)
+            except RouterError:  # already there with that role (or another: the admin call said 409)
+                return {"added": False}
+            worker.next_probe_at = 0.0
+            return {"added": True}
+        if op == "remove":
+            try:
+                self.registry.remove(str(message["url"]))
+            except RouterError:
+                return {"removed": False}
+            return {"removed": True}
+        raise ValueError(f"unknown control op {op!r}")
 
     @property
     def background_tasks(self) -> int:
