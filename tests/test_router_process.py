@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +22,32 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def two_process_router(prefill: MockWorker, decode: MockWorker) -> AsyncIterator[str]:
+    """`python -m router --workers 2` in front of the mocks; yields its URL once both processes are ready,
+    then stops it with SIGTERM and checks it exited cleanly."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(port), "--prefill", prefill.url,
+         "8998", "--decode", decode.url, "--workers", "2", "--log-level", "warning"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        ready = [proc.stdout.readline() for _ in range(2)]  # one line per process
+        assert all("router ready" in line for line in ready), ready
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            rc = await asyncio.to_thread(proc.wait, 10)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 0, proc.stderr.read() if proc.stderr else ""
 
 
 def test_router_imports_neither_torch_nor_a_worker_package() -> None:
@@ -47,39 +75,22 @@ def test_router_process_serves_requests_from_two_processes_on_one_port_and_stops
         prefill, decode = MockWorker("prefill"), MockWorker("decode")
         await prefill.start()
         await decode.start()
-        port = _free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(port), "--prefill", prefill.url,
-             "8998", "--decode", decode.url, "--workers", "2", "--log-level", "warning"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
-        )
         try:
-            assert proc.stdout is not None
-            ready = [proc.stdout.readline() for _ in range(2)]  # one line per process
-            assert all("router ready" in line for line in ready), ready
-            url = f"http://127.0.0.1:{port}"
-            pids = set()
-            for _ in range(24):  # a fresh connection each time: the kernel spreads them over both
-                async with aiohttp.ClientSession() as s, s.get(url + "/health") as r:
-                    pids.add((await r.json())["pid"])
-            assert len(pids) == 2
-            async with aiohttp.ClientSession() as s:
-                async with s.post(url + "/v1/completions", json={"prompt": "hello " * 30, "stream": True}) as r:
-                    assert r.status == 200
-                    text = await r.text()
-            assert text.endswith("data: [DONE]\n\n")
-            assert decode.bodies[0]["bootstrap_port"] == 8998
+            async with two_process_router(prefill, decode) as url:
+                pids = set()
+                for _ in range(24):  # a fresh connection each time: the kernel spreads them over both
+                    async with aiohttp.ClientSession() as s, s.get(url + "/health") as r:
+                        pids.add((await r.json())["pid"])
+                assert len(pids) == 2
+                async with aiohttp.ClientSession() as s:
+                    async with s.post(url + "/v1/completions", json={"prompt": "hello " * 30, "stream": True}) as r:
+                        assert r.status == 200
+                        text = await r.text()
+                assert text.endswith("data: [DONE]\n\n")
+                assert decode.bodies[0]["bootstrap_port"] == 8998
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                rc = await asyncio.to_thread(proc.wait, 10)
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await prefill.stop()
-                await decode.stop()
-        assert rc == 0, proc.stderr.read() if proc.stderr else ""
+            await prefill.stop()
+            await decode.stop()
 
     asyncio.run(asyncio.wait_for(body(), 60))
 
@@ -105,55 +116,39 @@ def test_router_processes_share_admin_changes_and_sum_their_metrics() -> None:
         prefill, decode, extra = MockWorker("prefill"), MockWorker("decode"), MockWorker("decode")
         for worker in (prefill, decode, extra):
             await worker.start()
-        port = _free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(port), "--prefill", prefill.url,
-             "8998", "--decode", decode.url, "--workers", "2", "--log-level", "warning"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
-        )  # fmt: skip
         try:
-            assert proc.stdout is not None
-            assert all("router ready" in proc.stdout.readline() for _ in range(2))
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(10):  # fresh connections: spread over both processes
+            async with two_process_router(prefill, decode) as url:
+                for _ in range(10):  # fresh connections: spread over both processes
+                    async with aiohttp.ClientSession() as s:
+                        async with s.post(url + "/generate", json={"text": "hi", "sampling_params": {}}) as r:
+                            assert r.status == 200
+                seen: dict[int, float] = {}
+                for _ in range(24):
+                    (_, health), (_, metrics) = await on_one_connection(url, "/health", "/metrics")
+                    seen[health["pid"]] = requests_counted(metrics)  # type: ignore[index,arg-type]
+                    assert "router_processes 2.0" in metrics  # type: ignore[operator]
+                assert len(seen) == 2 and set(seen.values()) == {10.0}, seen
+
                 async with aiohttp.ClientSession() as s:
-                    async with s.post(url + "/generate", json={"text": "hi", "sampling_params": {}}) as r:
-                        assert r.status == 200
-            seen: dict[int, float] = {}
-            for _ in range(24):
-                (_, health), (_, metrics) = await on_one_connection(url, "/health", "/metrics")
-                seen[health["pid"]] = requests_counted(metrics)  # type: ignore[index,arg-type]
-                assert "router_processes 2.0" in metrics  # type: ignore[operator]
-            assert len(seen) == 2 and set(seen.values()) == {10.0}, seen
+                    async with s.post(url + "/workers", json={"url": extra.url, "role": "decode"}) as r:
+                        assert r.status == 201 and (await r.json())["router_processes_updated"] == 2
+                listed: dict[int, bool] = {}
+                for _ in range(24):
+                    (_, health), (_, workers) = await on_one_connection(url, "/health", "/workers")
+                    urls = {w["url"] for w in workers["workers"]}  # type: ignore[index]
+                    listed[health["pid"]] = listed.get(health["pid"], True) and extra.url in urls  # type: ignore[index]
+                assert len(listed) == 2 and all(listed.values()), listed
 
-            async with aiohttp.ClientSession() as s:
-                async with s.post(url + "/workers", json={"url": extra.url, "role": "decode"}) as r:
-                    assert r.status == 201 and (await r.json())["router_processes_updated"] == 2
-            listed: dict[int, bool] = {}
-            for _ in range(24):
-                (_, health), (_, workers) = await on_one_connection(url, "/health", "/workers")
-                urls = {w["url"] for w in workers["workers"]}  # type: ignore[index]
-                listed[health["pid"]] = listed.get(health["pid"], True) and extra.url in urls  # type: ignore[index]
-            assert len(listed) == 2 and all(listed.values()), listed
-
-            async with aiohttp.ClientSession() as s, s.delete(url + "/workers", params={"url": extra.url}) as r:
-                assert r.status == 200 and (await r.json())["router_processes_updated"] == 2
-            gone: dict[int, bool] = {}
-            for _ in range(24):
-                (_, health), (_, workers) = await on_one_connection(url, "/health", "/workers")
-                urls = {w["url"] for w in workers["workers"]}  # type: ignore[index]
-                gone[health["pid"]] = gone.get(health["pid"], True) and extra.url not in urls  # type: ignore[index]
-            assert len(gone) == 2 and all(gone.values()), gone
+                async with aiohttp.ClientSession() as s, s.delete(url + "/workers", params={"url": extra.url}) as r:
+                    assert r.status == 200 and (await r.json())["router_processes_updated"] == 2
+                gone: dict[int, bool] = {}
+                for _ in range(24):
+                    (_, health), (_, workers) = await on_one_connection(url, "/health", "/workers")
+                    urls = {w["url"] for w in workers["workers"]}  # type: ignore[index]
+                    gone[health["pid"]] = gone.get(health["pid"], True) and extra.url not in urls  # type: ignore[index]
+                assert len(gone) == 2 and all(gone.values()), gone
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                rc = await asyncio.to_thread(proc.wait, 10)
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                for worker in (prefill, decode, extra):
-                    await worker.stop()
-        assert rc == 0, proc.stderr.read() if proc.stderr else ""
+            for worker in (prefill, decode, extra):
+                await worker.stop()
 
     asyncio.run(asyncio.wait_for(body(), 90))
