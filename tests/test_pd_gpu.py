@@ -1,0 +1,52 @@
+"""1P1D on one GPU: prefill and decode are separate processes on the same GPU and the KV moves GPU to GPU
+(NIXL over UCX cuda_ipc; Mooncake over its TCP transport, staging through the host). Greedy outputs of 32
+concurrent mixed requests equal colocated generation on that GPU, with 40-token prefill chunks (pages of
+intermediate chunks are sent while later chunks compute) and the decode worker's CUDA graphs; every pool
+is idle afterwards. Runs where CUDA is (the `gpu` marker); on the GPU machine: scripts/device_gpu_tests.sh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from pd_system import PAGE_SIZE, PDSystem, backend_missing, check_concurrent_mixed_requests
+
+from engine.llm import LLM
+from engine.tiny_model import write_tiny_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+GPU_FLAGS = ["--device", "cuda", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("pd-gpu-model") / "tiny-v3")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> Iterator[LLM]:
+    """Colocated generation on the same GPU, in this process."""
+    llm = LLM(tiny_model, device="cuda", dtype="float32", page_size=PAGE_SIZE)
+    yield llm
+    llm.close()
+
+
+@pytest.mark.parametrize("backend", ["nixl", "mooncake"])
+def test_gpu_1p1d_equals_colocated_generation_on_the_gpu(
+    backend: str, tiny_model: Path, reference: LLM, tmp_path: Path
+) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    missing = backend_missing(backend)
+    if missing:
+        pytest.skip(missing)
+    decode_flags = [*GPU_FLAGS, "--max-total-tokens", "2048", "--cuda-graph-max-bs", "8"]
+    system = PDSystem(tiny_model, tmp_path, backend, prefill_flags=GPU_FLAGS, decode_flags=decode_flags)
+    try:
+        check_concurrent_mixed_requests(system, reference, n=32, seed=23)
+    finally:
+        system.close()
