@@ -42,3 +42,17 @@ def test_rank_transport_builds_nixl_with_those_threads(flags: tuple[str, ...], e
     finally:
         transport.close()
     assert transport.engine.num_registrations == 0
+
+
+def test_mooncake_protocol_flag_reaches_the_engine() -> None:
+    assert kv_args(parse()).mooncake_protocol == "tcp"
+    assert kv_args(parse("--kv-mooncake-protocol", "nvlink_intra")).mooncake_protocol == "nvlink_intra"
+    with pytest.raises(SystemExit):  # argparse refuses other names
+        parse("--kv-mooncake-protocol", "carrier-pigeon")
+    pytest.importorskip("mooncake.engine")
+    pool = torch.zeros(4, 2, 16, 8)
+    transport = RankTransport(kv_args(parse("--transfer-backend", "mooncake")), "decode", 0, pool)
+    try:
+        assert transport.engine.protocol == "tcp"
+    finally:
+        transport.close()

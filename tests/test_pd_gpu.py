@@ -1,5 +1,5 @@
 """1P1D on one GPU: prefill and decode are separate processes on the same GPU and the KV moves GPU to GPU
-(NIXL over UCX cuda_ipc; Mooncake over its TCP transport, staging through the host). Greedy outputs of 32
+(NIXL over UCX cuda_ipc; Mooncake over TCP, staging through the host, and over its CUDA IPC transport). Greedy outputs of 32
 concurrent mixed requests equal colocated generation on that GPU, with 40-token prefill chunks (pages of
 intermediate chunks are sent while later chunks compute) and the decode worker's CUDA graphs; every pool
 is idle afterwards. Runs where CUDA is (the `gpu` marker); on the GPU machine: scripts/device_gpu_tests.sh.
@@ -35,17 +35,21 @@ def reference(tiny_model: Path) -> Iterator[LLM]:
     llm.close()
 
 
-@pytest.mark.parametrize("backend", ["nixl", "mooncake"])
+@pytest.mark.parametrize(
+    ("backend", "kv_flags"),
+    [("nixl", []), ("mooncake", []), ("mooncake", ["--kv-mooncake-protocol", "nvlink_intra"])],
+    ids=["nixl", "mooncake-tcp", "mooncake-nvlink_intra"],
+)
 def test_gpu_1p1d_equals_colocated_generation_on_the_gpu(
-    backend: str, tiny_model: Path, reference: LLM, tmp_path: Path
+    backend: str, kv_flags: list[str], tiny_model: Path, reference: LLM, tmp_path: Path
 ) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     missing = backend_missing(backend)
     if missing:
         pytest.skip(missing)
-    decode_flags = [*GPU_FLAGS, "--max-total-tokens", "2048", "--cuda-graph-max-bs", "8"]
-    system = PDSystem(tiny_model, tmp_path, backend, prefill_flags=GPU_FLAGS, decode_flags=decode_flags)
+    decode_flags = [*GPU_FLAGS, *kv_flags, "--max-total-tokens", "2048", "--cuda-graph-max-bs", "8"]
+    system = PDSystem(tiny_model, tmp_path, backend, prefill_flags=[*GPU_FLAGS, *kv_flags], decode_flags=decode_flags)
     try:
         check_concurrent_mixed_requests(system, reference, n=32, seed=23)
     finally:

@@ -56,6 +56,9 @@ class KVArgs:
         progressing from the rank's loop (`TransferEngine.progress`); for transports that never need the
         target's help (cuda_ipc, RDMA) it buys nothing.
     nixl_threads: NIXL only: UCX worker threads posting one write's descriptors; None: `nixl_threads_for`.
+    mooncake_protocol: Mooncake only: "tcp" (the wheels still pick RDMA by themselves where a NIC is) or
+        "nvlink_intra" (GPU pools, prefill and decode on one host: CUDA IPC instead of staging through the
+        host over TCP — 1.4-1.8 GB/s vs 0.66-0.93x of copy_ on one H100).
     """
 
     backend: str
@@ -66,6 +69,10 @@ class KVArgs:
     connector: str = "transfer"
     progress_thread: bool = False
     nixl_threads: int | None = None
+    mooncake_protocol: str = "tcp"
+
+
+MOONCAKE_PROTOCOLS = ("tcp", "nvlink_intra")
 
 
 def nixl_threads_for(device: str) -> int:
@@ -127,6 +134,13 @@ def add_kv_flags(parser: argparse.ArgumentParser) -> None:
         "CPU pools",
     )
     kv.add_argument(
+        "--kv-mooncake-protocol",
+        choices=MOONCAKE_PROTOCOLS,
+        default="tcp",
+        help="Mooncake: 'nvlink_intra' moves GPU KV by CUDA IPC when prefill and decode share a host (every "
+        "peer must be on it); 'tcp' otherwise (RDMA is still chosen by Mooncake where a NIC is found)",
+    )
+    kv.add_argument(
         "--kv-progress-thread",
         action="store_true",
         help="NIXL: run each agent's progress thread; it spins a CPU core per rank even when idle. Off: the "
@@ -166,6 +180,7 @@ def kv_args(args: argparse.Namespace, bootstrap_addr: str | None = None) -> KVAr
         connector=args.kv_connector,
         progress_thread=args.kv_progress_thread,
         nixl_threads=args.kv_nixl_threads,
+        mooncake_protocol=args.kv_mooncake_protocol,
     )
 
 
@@ -192,7 +207,7 @@ class RankTransport:
         # Peers address an engine by name: unique per rank of every instance, also across restarts.
         name = f"{role}-{uuid.uuid4().hex[:8]}-{os.getpid()}-r{rank}"
         device = "cpu" if pool.device.type == "cpu" else f"cuda:{pool.device.index or 0}"
-        options: dict[str, object] = {"hostname": kv.host}
+        options: dict[str, object] = {"hostname": kv.host, "protocol": kv.mooncake_protocol}
         if kv.backend == "nixl":
             threads = kv.nixl_threads if kv.nixl_threads is not None else nixl_threads_for(device)
             options = {"progress_thread": kv.progress_thread, "num_threads": threads}
