@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from kvtransfer.auxdata import check_host_aux
+from kvtransfer.auxdata import check_aux
 from kvtransfer.bootstrap import BootstrapClient
 from kvtransfer.channel import ControlChannel
 from kvtransfer.layout import AuxLayout, PageLayout
@@ -67,7 +67,7 @@ class RoomManager:
         timeouts: KVTimeouts | None,
         bootstrap_client: BootstrapClient | None,
     ) -> None:
-        check_host_aux(aux)  # before the channel exists: a bad aux buffer leaks nothing
+        check_aux(aux)  # before the channel exists: a bad aux buffer leaks nothing
         self.layout = layout
         self.aux = aux
         self.rank_info = rank_info

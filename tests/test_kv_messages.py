@@ -6,8 +6,9 @@ import ctypes
 
 import msgspec
 import pytest
+import torch
 
-from kvtransfer.auxdata import AUX_RECORD_BYTES, AuxRecord, check_host_aux, read_aux, write_aux
+from kvtransfer.auxdata import AUX_RECORD_BYTES, AuxRecord, check_aux, read_aux, write_aux
 from kvtransfer.layout import AuxLayout, PageLayout
 from kvtransfer.messages import (
     PROTOCOL_VERSION,
@@ -125,15 +126,25 @@ def test_only_control_messages_go_on_the_control_channel() -> None:
 def test_aux_record_is_written_into_and_read_from_host_slots() -> None:
     buffer = (ctypes.c_uint8 * 64)()
     aux = AuxLayout(base_ptr=ctypes.addressof(buffer), slot_bytes=16, num_slots=4)
-    check_host_aux(aux)
+    check_aux(aux)
     write_aux(aux, 2, AuxRecord(first_token_id=128_000, logprob=-0.25))
     assert read_aux(aux, 2) == AuxRecord(128_000, -0.25)
     assert bytes(buffer[:32]) == bytes(32) and bytes(buffer[32 + AUX_RECORD_BYTES:]) == bytes(64 - 32 - AUX_RECORD_BYTES)
     with pytest.raises(IndexError):
         write_aux(aux, 4, AuxRecord(1, 0.0))
-    with pytest.raises(ValueError, match="host memory"):
-        check_host_aux(AuxLayout(base_ptr=0, slot_bytes=16, num_slots=1, device="cuda:0"))
     with pytest.raises(ValueError, match="cannot hold"):
-        check_host_aux(AuxLayout(base_ptr=0, slot_bytes=8, num_slots=1))
+        check_aux(AuxLayout(base_ptr=0, slot_bytes=8, num_slots=1))
     with pytest.raises(ValueError, match="first_token_id"):
         AuxRecord(-1, 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_aux_slots_are_written_and_read_in_device_memory() -> None:
+    buffer = torch.zeros(64, dtype=torch.uint8, device="cuda")
+    aux = AuxLayout(base_ptr=buffer.data_ptr(), slot_bytes=16, num_slots=4, device="cuda:0")
+    check_aux(aux)
+    write_aux(aux, 1, AuxRecord(first_token_id=129_279, logprob=-1.5))
+    assert read_aux(aux, 1) == AuxRecord(129_279, -1.5)
+    host = buffer.cpu()
+    assert host[:16].eq(0).all() and host[16 + AUX_RECORD_BYTES :].eq(0).all()

@@ -214,10 +214,12 @@ class RankTransport:
         self.engine: TransferEngine = make_engine(kv.backend, name, **options)
         try:
             self.layout = PageLayout.from_tensor(pool)
-            self._aux_buffer = torch.zeros(kv.aux_slots * AUX_SLOT_BYTES, dtype=torch.uint8)
-            self.aux = AuxLayout(self._aux_buffer.data_ptr(), AUX_SLOT_BYTES, kv.aux_slots)
+            # Host memory, unless the transport moves GPU memory only (kvtransfer.auxdata).
+            aux_device = device if kv.backend == "mooncake" and kv.mooncake_protocol == "nvlink_intra" else "cpu"
+            self._aux_buffer = torch.zeros(kv.aux_slots * AUX_SLOT_BYTES, dtype=torch.uint8, device=aux_device)
+            self.aux = AuxLayout(self._aux_buffer.data_ptr(), AUX_SLOT_BYTES, kv.aux_slots, aux_device)
             self.engine.register(self.layout.base_ptr, self.layout.pool_bytes, self.layout.device)
-            self.engine.register(self.aux.base_ptr, self.aux.pool_bytes, "cpu")
+            self.engine.register(self.aux.base_ptr, self.aux.pool_bytes, aux_device)
         except BaseException:
             self.engine.close()
             raise
