@@ -87,7 +87,9 @@ class DecodeRunner(PrefilledKVRunner):
         self.free_aux_slots = list(range(kv.aux_slots - 1, -1, -1))
         self.queued: deque[Transfer] = deque()  # no pages yet
         self.transferring: list[Transfer] = []  # pages reserved, receiver asked (same order on every rank)
-        self.timeline = Timeline("decode")
+        # Summed for /metrics: waiting for pages (batch room), then for the prompt's KV to land.
+        self.timeline = Timeline("decode", (("decode_page_wait", "arrived", "reserved"),
+                                            ("kv_wait", "reserved", "landed")))  # fmt: skip
 
     # --- StepRunner ---------------------------------------------------------------------------------
     def add(self, request: GenerateRequest) -> None:
@@ -137,6 +139,7 @@ class DecodeRunner(PrefilledKVRunner):
                 "decode_queued": len(self.queued),
                 "decode_transferring": len(self.transferring),
                 "decode_running": len(self.requests),
+                **self.timeline.counters(),
             }
         )
         return counts

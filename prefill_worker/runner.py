@@ -127,7 +127,9 @@ class PrefillRunner:
             raise
         self.rooms: dict[str, Room] = {}  # arrival order: the same on every rank of the group
         self._pending: list[TokenOutput] = []
-        self.timeline = Timeline("prefill")
+        # Summed for /metrics: arrival to first token sampled (queue + forward), then to every write done.
+        self.timeline = Timeline("prefill", (("prefill_forward", "arrived", "forward_done"),
+                                             ("kv_send", "forward_done", "kv_done")))  # fmt: skip
 
     # --- StepRunner ---------------------------------------------------------------------------------
     def add(self, request: GenerateRequest) -> None:
@@ -216,6 +218,7 @@ class PrefillRunner:
             "inflight_handles": self.transport.engine.num_inflight_handles,
             "prefill_waiting": len(self.batcher.waiting),
             "prefill_rooms": len(self.rooms),
+            **self.timeline.counters(),
         }
 
     def close(self) -> None:

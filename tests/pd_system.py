@@ -227,9 +227,14 @@ def check_concurrent_mixed_requests(system: PDSystem, reference: LLM, n: int, se
     """`n` mixed requests sent at once through the router all equal colocated greedy generation; then both
     workers go back to idle with no errors counted."""
     cases = mixed_cases(n, seed=seed, vocab=reference.config.vocab_size)
+    spans = {system.prefill.url: ("prefill_forward", "kv_send"), system.decode.url: ("decode_page_wait", "kv_wait")}
+    before = {url: get_json(url + "/server_info") for url in spans}
     with cf.ThreadPoolExecutor(len(cases)) as pool:
         results = list(pool.map(lambda c: run_case(system.router.url, c), cases))
     check_against_reference(reference, cases, results)
     for worker in (system.prefill, system.decode):
         info = wait_idle(worker.url)
         assert info["num_errors"] == 0
+        for span in spans[worker.url]:  # every request's stage times were summed once, on its DP group
+            assert info[f"{span}_count"] - before[worker.url][f"{span}_count"] == n, (worker.name, span)
+            assert info[f"{span}_us_total"] > before[worker.url][f"{span}_us_total"], (worker.name, span)

@@ -11,12 +11,21 @@ from bench import pd_timeline
 from engine.runtime import timeline as timeline_mod
 
 
-def test_marks_cost_nothing_and_log_nothing_when_off(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_spans_are_summed_always_and_lines_logged_only_when_asked(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(timeline_mod, "ENABLED", False)
-    tl = timeline_mod.Timeline("decode")
-    tl.mark("r1", "arrived")
-    tl.finish("r1", "done")
-    assert not tl._marks and not caplog.records
+    clock = iter([10.0, 10.002, 10.0025, 20.0, 20.001])
+    monkeypatch.setattr(timeline_mod.time, "time", lambda: next(clock))
+    tl = timeline_mod.Timeline("decode", (("kv_wait", "reserved", "landed"), ("never", "reserved", "nowhere")))
+    with caplog.at_level(logging.WARNING, logger="tandem.timeline"):
+        tl.mark("r1", "reserved")
+        tl.mark("r1", "landed")
+        tl.finish("r1", "first_token_queued")
+        tl.mark("r2", "reserved")
+        tl.drop("r2")  # failed: nothing summed
+    assert not caplog.records and tl.live == 0
+    assert tl.counters() == {"kv_wait_us_total": 2000, "kv_wait_count": 1, "never_us_total": 0, "never_count": 0}
 
 
 def test_a_finished_request_logs_its_stages_once_and_is_forgotten(
