@@ -93,15 +93,20 @@ class PrefilledKVRunner(ColocatedRunner):
         )
 
     def _join_batch(
-        self, request: GenerateRequest, first: int, pages: list[int], params: SamplingParams
+        self, request: GenerateRequest, first: int, pages: list[int], params: SamplingParams,
+        first_logprob: float = 0.0,
     ) -> bool:
-        """Hand `pages` (the prompt's KV first) and the first token to the scheduler and stream the token.
-        False: the scheduler refused (its error output queued) and took nothing: the caller frees `pages`."""
+        """Hand `pages` (the prompt's KV first) and the first token (and its log-probability, sampled where
+        the prompt was prefilled) to the scheduler and stream the token. False: the scheduler refused (its
+        error output queued) and took nothing: the caller frees `pages`."""
         try:
             req = self.scheduler.add_prefilled(request.input_ids, first, pages, params, request.rid)
         except (ValueError, PoolExhaustedError) as exc:
             self._pending.append(error_output(request.rid, str(exc)))
             return False
+        req.return_logprob = request.return_logprob
+        if request.return_logprob:
+            req.output_logprobs.append(first_logprob)
         self._pending.append(
             TokenOutput(
                 rid=request.rid,
@@ -109,6 +114,7 @@ class PrefilledKVRunner(ColocatedRunner):
                 finished=req.finished,
                 finish_reason=req.finish_reason if req.finished else None,
                 prompt_tokens=len(request.input_ids),
+                logprobs=[first_logprob] if request.return_logprob else [],
             )
         )
         if not req.finished:

@@ -224,7 +224,8 @@ class DecodeRunner(PrefilledKVRunner):
         """The prompt's KV is in our pages on every rank of the group: join the decode batch."""
         assert transfer.receiver is not None and transfer.aux_slot is not None
         request = transfer.request
-        first = transfer.receiver.aux().first_token_id
+        record = transfer.receiver.aux()
+        first = record.first_token_id
         self.free_aux_slots.append(transfer.aux_slot)
         transfer.aux_slot = None
         vocab = self.engine.config.vocab_size
@@ -238,7 +239,7 @@ class DecodeRunner(PrefilledKVRunner):
             )
             return
         self.timeline.mark(request.rid, "landed")
-        if self._join_batch(request, first, transfer.pages, transfer.params):
+        if self._join_batch(request, first, transfer.pages, transfer.params, record.logprob):
             transfer.pages = []  # the scheduler owns them now
             self.timeline.finish(request.rid, "first_token_queued")
         else:

@@ -32,6 +32,7 @@ class Output:
     token_ids: list[int]
     text: str
     finish_reason: str
+    logprobs: list[float] | None = None  # per output token, with `generate(..., return_logprob=True)`
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -96,8 +97,9 @@ class LLM:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams],
-                 use_tqdm: bool = False) -> list[Output]:
-        """Generate for every prompt, all batched together; outputs in prompt order.
+                 use_tqdm: bool = False, return_logprob: bool = False) -> list[Output]:
+        """Generate for every prompt, all batched together; outputs in prompt order. `return_logprob`: each
+        output token's log-probability under the model (`engine.sampling.chosen_logprobs`) too.
 
         Every prompt is validated before any work starts, so a bad one leaves nothing queued.
         """
@@ -113,6 +115,8 @@ class LLM:
             except ValueError as exc:
                 raise ValueError(f"prompt {i}: {exc}") from exc
         requests = [self.scheduler.add(ids, p) for ids, p in zip(token_lists, per_prompt, strict=True)]
+        for req in requests:
+            req.return_logprob = return_logprob
         total = sum(p.max_new_tokens for p in per_prompt)
         with tqdm(total=total, disable=not use_tqdm, unit="tok", desc="generate") as bar:
             try:
@@ -124,7 +128,8 @@ class LLM:
                     self.scheduler.abort(req)
                 raise
         return [Output(r.prompt_ids, list(r.output_ids), self.tokenizer.decode(r.output_ids),
-                       r.finish_reason or "abort") for r in requests]
+                       r.finish_reason or "abort", list(r.output_logprobs) if return_logprob else None)
+                for r in requests]
 
     def close(self) -> None:
         if self.graph_runner is not None:

@@ -104,3 +104,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         # Draw on CPU-or-device per the generator; multinomial renormalises.
         out[i] = int(torch.multinomial(probs, 1, generator=generator).item())
     return out
+
+
+def chosen_logprobs(logits: torch.Tensor, tokens: list[int]) -> list[float]:
+    """log p(token) per row of ``logits`` ``[B, V]`` under the model's distribution: float32 log_softmax of
+    the raw logits (before temperature, top-k, top-p), as the prefill side computes the first token's."""
+    index = torch.tensor(tokens, dtype=torch.long, device=logits.device)[:, None]
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, index).squeeze(1).tolist()

@@ -24,7 +24,7 @@ from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
 from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
-from engine.sampling import SamplingParams, sample
+from engine.sampling import SamplingParams, chosen_logprobs, sample
 
 
 class RequestStatus(enum.Enum):
@@ -47,6 +47,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop", "length" or "abort"
     generator: torch.Generator | None = None
+    # With `return_logprob`, the log-probability of each output token under the model's distribution
+    # (log_softmax of the raw logits, float32: before temperature, top-k or top-p), one per output id.
+    return_logprob: bool = False
+    output_logprobs: list[float] = field(default_factory=list)
 
     @property
     def seq_len(self) -> int:
@@ -200,6 +204,10 @@ class Scheduler:
         # in another process (add_prefilled).
         positions = [len(r.output_ids) for r in reqs]
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], positions)
+        wanted = [i for i, r in enumerate(reqs) if r.return_logprob]
+        if wanted:
+            for i, logprob in zip(wanted, chosen_logprobs(logits[wanted], [tokens[i] for i in wanted]), strict=True):
+                reqs[i].output_logprobs.append(logprob)
         for req, token in zip(reqs, tokens, strict=True):
             self._append_token(req, token)
             result.new_tokens.append((req, token))

@@ -20,7 +20,7 @@ import torch
 from engine.kv_pool import KVPool
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
-from engine.sampling import SamplingParams, sample
+from engine.sampling import SamplingParams, chosen_logprobs, sample
 
 
 @dataclass(eq=False)  # identity semantics: two requests with equal prompts are still distinct
@@ -165,7 +165,6 @@ class PrefillBatcher:
         tokens = sample(
             logits, [job.params for job in jobs], [job.params.make_generator(device) for job in jobs]
         )
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        for row, (job, token) in enumerate(zip(jobs, tokens, strict=True)):
+        for job, token, logprob in zip(jobs, tokens, chosen_logprobs(logits, tokens), strict=True):
             job.first_token = token
-            job.first_logprob = float(logprobs[row, token])
+            job.first_logprob = logprob

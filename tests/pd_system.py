@@ -167,6 +167,7 @@ def _body(case: Case) -> dict[str, Any]:
             "input_ids": case.prompt,
             "stream": case.stream,
             "sampling_params": {"max_new_tokens": case.max_new_tokens, "temperature": 0},
+            "return_logprob": True,  # the first from the prefill side, the rest from decode
         }
     return {
         "model": "tiny",
@@ -185,15 +186,19 @@ def run_case(base_url: str, case: Case, timeout_s: float = 120) -> dict[str, Any
     if not case.stream:
         doc = json.loads(raw)
         if case.endpoint == "/generate":
-            return {"status": status, "ids": doc["output_ids"]}
+            return {"status": status, "ids": doc["output_ids"], "logprobs": _logprobs(doc)}
         return {"status": status, "text": doc["choices"][0]["text"]}
     events = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: {")]
     errors = [e["error"] for e in events if "error" in e]
     if errors:
         return {"status": status, "error": json.dumps(errors[0])}
     if case.endpoint == "/generate":
-        return {"status": status, "ids": events[-1]["output_ids"]}
+        return {"status": status, "ids": events[-1]["output_ids"], "logprobs": _logprobs(events[-1])}
     return {"status": status, "text": "".join(c["text"] for e in events for c in e["choices"])}
+
+
+def _logprobs(doc: dict[str, Any]) -> list[float]:
+    return [lp for lp, _ in doc["meta_info"]["output_token_logprobs"]]
 
 
 def backend_missing(kind: str) -> str | None:
@@ -205,20 +210,24 @@ def backend_missing(kind: str) -> str | None:
     return None
 
 
-def expected_outputs(llm: LLM, cases: list[Case]) -> list[list[int]]:
-    """Greedy colocated generation of every case, batched together."""
+def expected_outputs(llm: LLM, cases: list[Case]) -> list[tuple[list[int], list[float]]]:
+    """Greedy colocated generation of every case, batched together: ids and their logprobs."""
     params = [SamplingParams(max_new_tokens=c.max_new_tokens) for c in cases]
-    return [o.token_ids for o in llm.generate([c.prompt for c in cases], params)]
+    outputs = llm.generate([c.prompt for c in cases], params, return_logprob=True)
+    return [(o.token_ids, o.logprobs or []) for o in outputs]
 
 
 def check_against_reference(llm: LLM, cases: list[Case], results: list[dict[str, Any]]) -> None:
-    """Every result succeeded and equals colocated generation (ids, or their text for completions)."""
+    """Every result succeeded and equals colocated generation (ids, or their text for completions); the
+    logprobs /generate returns match colocated ones (batched differently: float32 rounding apart)."""
     expected = expected_outputs(llm, cases)
-    for i, (case, result, ids) in enumerate(zip(cases, results, expected, strict=True)):
+    for i, (case, result, (ids, logprobs)) in enumerate(zip(cases, results, expected, strict=True)):
         where = (i, case.endpoint, case.stream, len(case.prompt))
         assert "error" not in result, (where, result)
         if "ids" in result:
             assert result["ids"] == ids, where
+            assert len(result["logprobs"]) == len(ids), where
+            assert max(abs(a - b) for a, b in zip(result["logprobs"], logprobs, strict=True)) < 1e-4, where
         else:
             assert result["text"] == llm.tokenizer.decode(ids), where
 

@@ -119,6 +119,25 @@ def test_prefill_logits_match_transformers_within_1e4_relative(parity: Parity) -
             llm.kv_pool.free(p)
 
 
+def test_output_logprobs_equal_transformers_log_softmax_of_its_logits(parity: Parity) -> None:
+    """Each output token's logprob (return_logprob) is log_softmax of transformers' raw logits at that step."""
+    model = parity.hf_model
+    model.generation_config.eos_token_id = None
+    outputs = parity.llm.generate(parity.prompts, GREEDY, return_logprob=True)
+    for prompt, out in zip(parity.prompts, outputs, strict=True):
+        assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids) == NEW_TOKENS
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                 do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        expected = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(ref.logits, out.token_ids,
+                                                                                       strict=True)]  # fmt: skip
+        worst = max(abs(a - b) for a, b in zip(out.logprobs, expected, strict=True))
+        assert worst < 1e-4, f"{parity.variant}, prompt of {len(prompt)} tokens: logprob off by {worst:.2e}"
+        assert all(lp <= 0.0 for lp in out.logprobs)
+    assert parity.llm.generate(parity.prompts[:1], GREEDY)[0].logprobs is None  # only when asked
+
+
 def test_batched_prompts_give_the_same_tokens_as_one_at_a_time(parity: Parity) -> None:
     for prompt, together in zip(parity.prompts, parity.batched, strict=True):
         alone = parity.llm.generate([prompt], GREEDY)[0]

@@ -42,7 +42,8 @@ class ScriptedBackend:
             await asyncio.sleep(self.delay_s)
             last = i == len(ids) - 1
             yield TokenOutput(rid=request.rid, token_ids=[tok], finished=last,
-                              finish_reason="length" if last else None)
+                              finish_reason="length" if last else None,
+                              logprobs=[-0.25 * (i + 1)] if request.return_logprob else [])
 
     async def abort(self, rid: str) -> None:
         self.aborted.append(rid)
@@ -147,3 +148,55 @@ def test_client_disconnect_aborts_the_request(server: tuple[str, ScriptedBackend
             break
         threading.Event().wait(0.05)
     assert backend.aborted == ["gone-1"]
+
+
+def test_output_logprobs_in_openai_shapes_streamed_or_not(server: tuple[str, ScriptedBackend]) -> None:
+    url, backend = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    done = client.completions.create(model="tiny", prompt="abc", max_tokens=4, logprobs=0)
+    lp = done.choices[0].logprobs
+    assert lp.tokens == ["a", "b", "c", "a"] and lp.token_logprobs == [-0.25, -0.5, -0.75, -1.0]
+    assert lp.text_offset == [0, 1, 2, 3]
+    assert client.completions.create(model="tiny", prompt="abc", max_tokens=2).choices[0].logprobs is None
+    assert backend.submitted[-1].return_logprob is False
+
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=3, logprobs=True)
+    content = chat.choices[0].logprobs.content
+    assert [c.logprob for c in content] == [-0.25, -0.5, -0.75]
+    # The echoed chat template starts "<｜": a token is its own decoded text, U+FFFD for a piece of a character.
+    assert [c.token for c in content] == ["<", "\ufffd", "\ufffd"] and content[0].bytes == [ord("<")]
+
+    # "é" is two byte-tokens: the first is held back until the character completes, and its logprob
+    # travels with the chunk that carries the character.
+    chunks = list(client.completions.create(model="tiny", prompt="é", max_tokens=4, logprobs=0, stream=True))
+    texts = [c.choices[0].text for c in chunks]
+    per_chunk = [c.choices[0].logprobs.token_logprobs for c in chunks]
+    assert "".join(texts) == "éé" and [len(x) for x in per_chunk] == [2, 2]
+    assert sum(per_chunk, []) == [-0.25, -0.5, -0.75, -1.0]
+    assert [c.choices[0].logprobs.text_offset[0] for c in chunks] == [0, 1]
+
+    streamed = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}],
+                                                   max_tokens=3, logprobs=True, stream=True))
+    assert [c.logprob for ch in streamed for c in ch.choices[0].logprobs.content] == [-0.25, -0.5, -0.75]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "needle"),
+    [
+        ("/v1/completions", {"prompt": "a", "logprobs": 2}, "'logprobs' > 0"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True,
+                                  "top_logprobs": 3}, "'top_logprobs'"),
+    ],
+)
+def test_top_alternatives_are_refused_not_silently_dropped(server: tuple[str, ScriptedBackend], path: str,
+                                                           body: dict, needle: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    url, backend = server
+    req = urllib.request.Request(url + path, data=orjson.dumps(body), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req)
+    assert info.value.code == 400 and needle in orjson.loads(info.value.read())["error"]["message"]
+    assert backend.submitted == []

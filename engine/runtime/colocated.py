@@ -118,7 +118,8 @@ def outputs_of(result: StepResult, prompt_len: dict[str, int]) -> list[TokenOutp
     for req, token in result.new_tokens:
         outs.append(TokenOutput(rid=req.request_id, token_ids=[token], finished=req.finished,
                                 finish_reason=req.finish_reason if req.finished else None,
-                                prompt_tokens=prompt_len.get(req.request_id, len(req.prompt_ids))))
+                                prompt_tokens=prompt_len.get(req.request_id, len(req.prompt_ids)),
+                                logprobs=req.output_logprobs[-1:] if req.return_logprob else []))
     return outs
 
 
@@ -144,6 +145,7 @@ class ColocatedRunner:
         except ValueError as exc:
             self._pending.append(error_output(request.rid, str(exc)))
             return
+        req.return_logprob = request.return_logprob
         self.requests[request.rid] = req
 
     def abort(self, rid: str) -> list[TokenOutput]:

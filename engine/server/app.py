@@ -24,6 +24,7 @@ from .protocol import (
     error_body,
     generate_response,
     openai_chunk,
+    openai_logprobs,
     openai_response,
     parse_request,
     usage,
@@ -207,7 +208,8 @@ class WorkerApp:
         if parsed.kind == "generate":
             body = generate_response(parsed, text, detok.ids, last.finish_reason, prompt_tokens, logprobs)
         else:
-            body = openai_response(parsed, text, last.finish_reason, prompt_tokens, len(detok.ids))
+            choice_logprobs = openai_logprobs(parsed, self.codec, detok.ids, logprobs, len(parsed.echo_prompt))
+            body = openai_response(parsed, text, last.finish_reason, prompt_tokens, len(detok.ids), choice_logprobs)
         return json_response(body)
 
     async def _stream(self, request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
@@ -218,6 +220,8 @@ class WorkerApp:
         prompt_tokens = len(parsed.request.input_ids)
         logprobs: list[float] = []
         sent_any = False
+        unsent = 0  # output tokens not yet in a chunk (held back with a partial character)
+        text_sent = 0  # characters of output text already sent, for completions' text_offset
         async for out in self.backend.submit(parsed.request):
             if out.error is not None:
                 self.num_errors += 1
@@ -230,11 +234,15 @@ class WorkerApp:
                 chunk = generate_response(parsed, self.codec.decode(detok.ids), list(detok.ids),
                                           out.finish_reason if out.finished else None, prompt_tokens, logprobs)
             else:
+                unsent += len(out.token_ids)
                 if not delta and not out.finished:
                     continue
+                ids = detok.ids[len(detok.ids) - unsent :]
+                chunk_logprobs = openai_logprobs(parsed, self.codec, ids, logprobs[len(logprobs) - unsent :],
+                                                 text_sent)  # fmt: skip
                 chunk = openai_chunk(parsed, delta, out.finish_reason if out.finished else None, created,
-                                     first=not sent_any)
-                sent_any = True
+                                     first=not sent_any, logprobs=chunk_logprobs)
+                sent_any, unsent, text_sent = True, 0, text_sent + len(delta)
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         if parsed.include_usage and parsed.kind != "generate":
             tail = openai_chunk(parsed, "", None, created)

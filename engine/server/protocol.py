@@ -171,6 +171,45 @@ def _input_ids(body: dict, codec: TextCodec, vocab_size: int, kind: str) -> tupl
     return ids, text
 
 
+def _wants_logprobs(body: dict, kind: str) -> bool:
+    """Whether the reply carries each output token's log-probability. OpenAI: chat `logprobs: true`,
+    completions `logprobs: 0`; SGLang /generate: `return_logprob`. Top alternatives (chat `top_logprobs`,
+    completions `logprobs` > 0) are refused rather than answered without them."""
+    if kind == "generate":
+        return bool(_get(body, "return_logprob", bool, False))
+    if kind == "chat":
+        top = _get(body, "top_logprobs", int, 0)
+        if top:
+            raise RequestError("'top_logprobs' (alternatives per token) is not supported; 'logprobs': true "
+                               "returns the log-probability of each output token", code="unsupported")
+        return bool(_get(body, "logprobs", bool, False))
+    value = _get(body, "logprobs", int, None)
+    if value is not None and value != 0:
+        raise RequestError("'logprobs' > 0 (alternatives per token) is not supported; 'logprobs': 0 returns "
+                           "the log-probability of each output token", code="unsupported")
+    return value is not None
+
+
+def openai_logprobs(parsed: ParsedRequest, codec: TextCodec, ids: list[int], logprobs: list[float],
+                    text_start: int = 0) -> dict | None:
+    """The `logprobs` of an OpenAI choice (or chunk) for output tokens `ids`; None unless asked for.
+    Chat: `{"content": [{token, logprob, bytes, top_logprobs}]}`; completions: `{tokens, token_logprobs,
+    top_logprobs, text_offset}` with offsets from `text_start` in the choice's text. A token is its own
+    decoded text (a piece of a multi-byte character decodes to U+FFFD, as in OpenAI's `bytes` field)."""
+    if not parsed.request.return_logprob:
+        return None
+    tokens = [codec.decode([t]) for t in ids]
+    if parsed.kind == "chat":
+        return {"content": [{"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
+                            for tok, lp in zip(tokens, logprobs, strict=False)]}  # fmt: skip
+    offsets, at = [], text_start
+    for tok in tokens:
+        offsets.append(at)
+        at += len(tok)
+    return {"tokens": tokens, "token_logprobs": logprobs[: len(tokens)], "top_logprobs": None,
+            "text_offset": offsets}  # fmt: skip
+
+
 def parse_request(
     body: Any, kind: str, codec: TextCodec, vocab_size: int, served_model: str, max_context: int
 ) -> ParsedRequest:
@@ -193,7 +232,7 @@ def parse_request(
         input_ids=ids,
         sampling=sampling,
         bootstrap=parse_bootstrap(body),
-        return_logprob=bool(_get(body, "return_logprob", bool, False) or _get(body, "logprobs", (bool, int), 0)),
+        return_logprob=_wants_logprobs(body, kind),
     )
     return ParsedRequest(
         request=request,
@@ -214,7 +253,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def openai_chunk(parsed: ParsedRequest, text: str, finish_reason: str | None, created: int,
-                 first: bool = False) -> dict:
+                 first: bool = False, logprobs: dict | None = None) -> dict:
     """One streamed chunk of a completion or chat completion (the role goes in the first delta only)."""
     rid = parsed.request.rid
     if parsed.kind == "chat":
@@ -226,19 +265,20 @@ def openai_chunk(parsed: ParsedRequest, text: str, finish_reason: str | None, cr
             "object": "chat.completion.chunk",
             "created": created,
             "model": parsed.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}],
         }
     return {
         "id": f"cmpl-{rid}",
         "object": "text_completion",
         "created": created,
         "model": parsed.model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}],
     }
 
 
 def openai_response(
-    parsed: ParsedRequest, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int
+    parsed: ParsedRequest, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int,
+    logprobs: dict | None = None,
 ) -> dict:
     rid, created = parsed.request.rid, int(time.time())
     if parsed.kind == "chat":
@@ -246,11 +286,12 @@ def openai_response(
             "index": 0,
             "message": {"role": "assistant", "content": text},
             "finish_reason": finish_reason,
-            "logprobs": None,
+            "logprobs": logprobs,
         }
         obj, prefix = "chat.completion", "chatcmpl-"
     else:
-        choice = {"index": 0, "text": parsed.echo_prompt + text, "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": 0, "text": parsed.echo_prompt + text, "finish_reason": finish_reason,
+                  "logprobs": logprobs}
         obj, prefix = "text_completion", "cmpl-"
     return {
         "id": prefix + rid,
