@@ -200,3 +200,57 @@ def test_top_alternatives_are_refused_not_silently_dropped(server: tuple[str, Sc
         urllib.request.urlopen(req)
     assert info.value.code == 400 and needle in orjson.loads(info.value.read())["error"]["message"]
     assert backend.submitted == []
+
+
+def test_stop_strings_end_the_text_and_the_request(server: tuple[str, ScriptedBackend]) -> None:
+    url, backend = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    done = client.completions.create(model="tiny", prompt="abcd", max_tokens=10, stop=["da", "zz"])
+    assert done.choices[0].text == "abc" and done.choices[0].finish_reason == "stop"
+    assert backend.aborted[-1] == backend.submitted[-1].rid  # generation stopped there, not at max_tokens
+
+    chunks = list(client.completions.create(model="tiny", prompt="xyz", max_tokens=9, stop="zx", stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == "xy" and chunks[-1].choices[0].finish_reason == "stop"
+
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=40, stop=["User"])
+    assert chat.choices[0].message.content == "<｜" and chat.choices[0].finish_reason == "stop"
+
+    # A stop string that never appears changes nothing.
+    done = client.completions.create(model="tiny", prompt="ab", max_tokens=4, stop=["q"])
+    assert done.choices[0].text == "abab" and done.choices[0].finish_reason == "length"
+
+    import urllib.request
+
+    body = {"text": "hello", "sampling_params": {"max_new_tokens": 8, "stop": "lo"}}
+    with urllib.request.urlopen(urllib.request.Request(url + "/generate", data=orjson.dumps(body))) as resp:
+        reply = orjson.loads(resp.read())
+    assert reply["text"] == "hel" and reply["meta_info"]["finish_reason"] == {"type": "stop"}
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"prompt": "a", "n": 2}, "'n' is not supported"),
+        ({"prompt": "a", "presence_penalty": 0.5}, "'presence_penalty'"),
+        ({"prompt": "a", "logit_bias": {"5": 10}}, "'logit_bias'"),
+        ({"prompt": "a", "stop": ["ok", ""]}, "'stop' must be"),
+        ({"prompt": "a", "stop": [str(i) for i in range(17)]}, "at most 16"),
+    ],
+)
+def test_parameters_that_would_be_ignored_are_refused(server: tuple[str, ScriptedBackend], body: dict,
+                                                      needle: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    url, backend = server
+    ok = {"prompt": "a", "n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+          "response_format": {"type": "text"}}  # the neutral values pass
+    with urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=orjson.dumps(ok))) as resp:
+        assert resp.status == 200
+    before = len(backend.submitted)
+    req = urllib.request.Request(url + "/v1/completions", data=orjson.dumps(body), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req)
+    assert info.value.code == 400 and needle in orjson.loads(info.value.read())["error"]["message"]
+    assert len(backend.submitted) == before

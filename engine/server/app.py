@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
+from .detokenize import IncrementalDetokenizer
 from .messages import GenerateRequest, TokenOutput
 from .protocol import (
     ParsedRequest,
@@ -52,28 +53,6 @@ class ServerConfig:
     max_context: int
     role: str  # "prefill" | "decode" | "colocated"
     extra_info: dict[str, Any] = field(default_factory=dict)
-
-
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas, holding back a partial UTF-8 character."""
-
-    def __init__(self, codec: TextCodec) -> None:
-        self._codec = codec
-        self.ids: list[int] = []
-        self._emitted = 0
-
-    def push(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        text = self._codec.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self._emitted = text[self._emitted :], len(text)
-        return delta
-
-    def flush(self) -> str:
-        text = self._codec.decode(self.ids)
-        delta, self._emitted = text[self._emitted :], len(text)
-        return delta
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -191,19 +170,31 @@ class WorkerApp:
             if not finished:  # client went away or the handler failed: stop the work
                 await asyncio.shield(self.backend.abort(parsed.request.rid))
 
+    async def _stop_early(self, parsed: ParsedRequest, out: TokenOutput) -> TokenOutput:
+        """A stop string ended the text before the engine ended the request: end it there too. Returns
+        the output to answer with (finished, "stop")."""
+        if not out.finished:
+            await self.backend.abort(parsed.request.rid)
+        return TokenOutput(rid=out.rid, token_ids=[], finished=True, finish_reason="stop",
+                           prompt_tokens=out.prompt_tokens)  # fmt: skip
+
     async def _collect(self, parsed: ParsedRequest) -> web.Response:
-        detok = IncrementalDetokenizer(self.codec)
+        detok = IncrementalDetokenizer(self.codec, parsed.stop)
         logprobs: list[float] = []
         last: TokenOutput | None = None
         async for out in self.backend.submit(parsed.request):
             detok.push(out.token_ids)
             logprobs.extend(out.logprobs)
             last = out
+            if detok.stopped is not None:
+                last = await self._stop_early(parsed, out)
+                break
         if last is None or last.error is not None:
             self.num_errors += 1
             message = last.error if last is not None and last.error else "the request produced no output"
             return error_response(message, 500 if last is None or last.finish_reason != "abort" else 499)
-        text = self.codec.decode(detok.ids)
+        detok.flush()
+        text = detok.text
         prompt_tokens = len(parsed.request.input_ids)
         if parsed.kind == "generate":
             body = generate_response(parsed, text, detok.ids, last.finish_reason, prompt_tokens, logprobs)
@@ -215,7 +206,7 @@ class WorkerApp:
     async def _stream(self, request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        detok = IncrementalDetokenizer(self.codec)
+        detok = IncrementalDetokenizer(self.codec, parsed.stop)
         created = int(time.time())
         prompt_tokens = len(parsed.request.input_ids)
         logprobs: list[float] = []
@@ -230,8 +221,13 @@ class WorkerApp:
                 break
             delta = detok.push(out.token_ids) if not out.finished else detok.push(out.token_ids) + detok.flush()
             logprobs.extend(out.logprobs)
+            stopping = detok.stopped is not None
+            if stopping:
+                ended = await self._stop_early(parsed, out)
+                out = TokenOutput(rid=out.rid, token_ids=out.token_ids, finished=True, finish_reason="stop",
+                                  prompt_tokens=ended.prompt_tokens)  # fmt: skip
             if parsed.kind == "generate":
-                chunk = generate_response(parsed, self.codec.decode(detok.ids), list(detok.ids),
+                chunk = generate_response(parsed, detok.text, list(detok.ids),
                                           out.finish_reason if out.finished else None, prompt_tokens, logprobs)
             else:
                 unsent += len(out.token_ids)
@@ -244,6 +240,8 @@ class WorkerApp:
                                      first=not sent_any, logprobs=chunk_logprobs)
                 sent_any, unsent, text_sent = True, 0, text_sent + len(delta)
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            if stopping:
+                break
         if parsed.include_usage and parsed.kind != "generate":
             tail = openai_chunk(parsed, "", None, created)
             tail["choices"] = []

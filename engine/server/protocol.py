@@ -49,6 +49,7 @@ class ParsedRequest:
     include_usage: bool
     model: str
     echo_prompt: str = ""
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one (engine.server.detokenize)
 
 
 def _get(body: dict, name: str, types: type | tuple[type, ...], default: Any = None) -> Any:
@@ -210,13 +211,52 @@ def openai_logprobs(parsed: ParsedRequest, codec: TextCodec, ids: list[int], log
             "text_offset": offsets}  # fmt: skip
 
 
+MAX_STOP_STRINGS = 16
+# OpenAI / SGLang fields this server does not implement, with the value that asks for nothing: any other
+# value is refused (400) rather than quietly ignored.
+UNSUPPORTED = {
+    "n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1,
+    "logit_bias": None, "suffix": None, "min_tokens": 0, "min_new_tokens": 0, "regex": None,
+    "json_schema": None, "response_format": None, "tools": None,
+}  # fmt: skip
+
+
+def _check_unsupported(src: dict) -> None:
+    for name, neutral in UNSUPPORTED.items():
+        value = src.get(name)
+        if value is None or value == neutral or (neutral is None and value in ({}, [], "")):
+            continue
+        if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+            continue
+        raise RequestError(f"'{name}' is not supported (got {value!r})", code="unsupported")
+
+
+def parse_stop(src: dict) -> tuple[str, ...]:
+    """OpenAI's `stop` (a string or a list of strings; SGLang's `sampling_params.stop` alike)."""
+    stop = src.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops):
+        raise RequestError("'stop' must be a non-empty string or a list of non-empty strings")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise RequestError(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+    return tuple(dict.fromkeys(stops))
+
+
 def parse_request(
     body: Any, kind: str, codec: TextCodec, vocab_size: int, served_model: str, max_context: int
 ) -> ParsedRequest:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     ids, text = _input_ids(body, codec, vocab_size, kind)
-    sampling = parse_sampling(body, body.get("sampling_params") if kind == "generate" else None)
+    params_src = body.get("sampling_params") if kind == "generate" else None
+    if params_src is not None and not isinstance(params_src, dict):
+        raise RequestError("'sampling_params' must be an object")
+    options_src = params_src if params_src is not None else body
+    _check_unsupported(body)
+    _check_unsupported(options_src)
+    sampling = parse_sampling(body, params_src)
     if len(ids) + sampling.max_new_tokens > max_context:
         raise RequestError(
             f"prompt ({len(ids)} tokens) + max tokens ({sampling.max_new_tokens}) exceeds the context "
@@ -241,6 +281,7 @@ def parse_request(
         include_usage=bool(options.get("include_usage", False)),
         model=_get(body, "model", str, served_model),
         echo_prompt=text if body.get("echo") else "",
+        stop=parse_stop(options_src),
     )
 
 
