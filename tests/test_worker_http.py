@@ -236,6 +236,7 @@ def test_stop_strings_end_the_text_and_the_request(server: tuple[str, ScriptedBa
         ({"prompt": "a", "logit_bias": {"5": 10}}, "'logit_bias'"),
         ({"prompt": "a", "stop": ["ok", ""]}, "'stop' must be"),
         ({"prompt": "a", "stop": [str(i) for i in range(17)]}, "at most 16"),
+        ({"prompt": "a", "echo": True, "logprobs": 0}, "log-probabilities of the prompt"),
     ],
 )
 def test_parameters_that_would_be_ignored_are_refused(server: tuple[str, ScriptedBackend], body: dict,

@@ -188,6 +188,9 @@ def _wants_logprobs(body: dict, kind: str) -> bool:
     if value is not None and value != 0:
         raise RequestError("'logprobs' > 0 (alternatives per token) is not supported; 'logprobs': 0 returns "
                            "the log-probability of each output token", code="unsupported")
+    if value is not None and body.get("echo"):
+        raise RequestError("'echo' with 'logprobs' (log-probabilities of the prompt) is not supported",
+                           code="unsupported")
     return value is not None
 
 
