@@ -18,7 +18,7 @@ class Tokenizer:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         raise NotImplementedError
 
     def decode(self, ids: list[int]) -> str:
@@ -30,7 +30,7 @@ class ByteTokenizer(Tokenizer):
         self.vocab_size = 256 + BYTE_OFFSET
         self.eos_token_ids = eos_token_ids
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [b + BYTE_OFFSET for b in text.encode("utf-8")]
 
     def decode(self, ids: list[int]) -> str:
@@ -46,8 +46,8 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_token_ids = eos_token_ids
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         # Models pad their vocabulary past the tokenizer's; those ids have no text.

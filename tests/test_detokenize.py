@@ -10,7 +10,7 @@ from engine.server.detokenize import IncrementalDetokenizer
 class ByteCodec:
     eos_token_id = None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode())
 
     def decode(self, ids: list[int]) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
+from ..chat_template import ChatTemplate
 from .detokenize import IncrementalDetokenizer
 from .messages import GenerateRequest, TokenOutput
 from .protocol import (
@@ -53,6 +54,7 @@ class ServerConfig:
     max_context: int
     role: str  # "prefill" | "decode" | "colocated"
     extra_info: dict[str, Any] = field(default_factory=dict)
+    chat_template: ChatTemplate | None = None  # None: DeepSeek-V3's layout
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -143,7 +145,7 @@ class WorkerApp:
             raw = await request.read()
             body = orjson.loads(raw)
             parsed = parse_request(body, kind, self.codec, self.config.vocab_size,
-                                   self.config.served_model, self.config.max_context)
+                                   self.config.served_model, self.config.max_context, self.config.chat_template)
         except web.HTTPRequestEntityTooLarge:
             self.num_errors += 1
             return error_response(f"the request body exceeds {MAX_BODY_BYTES} bytes", 413)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from kvtransfer import protocol as pd
 
+from ..chat_template import ChatTemplate, ChatTemplateError
 from .messages import BootstrapInfo, GenerateRequest, SamplingSpec
 
 
@@ -21,7 +22,7 @@ class TextCodec(Protocol):
 
     eos_token_id: int | None
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -120,11 +121,11 @@ def parse_bootstrap(body: dict) -> BootstrapInfo | None:
     return BootstrapInfo(host=host, port=port, room=room, data_parallel_rank=dp_rank)
 
 
-def render_chat(messages: Any) -> str:
-    """DeepSeek-V3's chat layout, written out so that no template engine is needed."""
+def chat_messages(messages: Any) -> list[dict[str, str]]:
+    """OpenAI `messages`, checked and reduced to {role, content} strings (text content parts joined)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list")
-    system, turns = "", []
+    out = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
             raise RequestError(f"messages[{i}] must be an object with a string 'role'")
@@ -133,22 +134,28 @@ def render_chat(messages: Any) -> str:
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string or a list of text parts")
-        role = msg["role"]
-        if role == "system":
-            system += content
-        elif role == "user":
-            turns.append(f"<｜User｜>{content}")
-        elif role == "assistant":
-            turns.append(f"<｜Assistant｜>{content}<｜end▁of▁sentence｜>")
-        else:
-            raise RequestError(f"messages[{i}].role {role!r} is not one of system, user, assistant")
-    return system + "".join(turns) + "<｜Assistant｜>"
+        if msg["role"] not in ("system", "user", "assistant"):
+            raise RequestError(f"messages[{i}].role {msg['role']!r} is not one of system, user, assistant")
+        out.append({"role": msg["role"], "content": content})
+    return out
 
 
-def _input_ids(body: dict, codec: TextCodec, vocab_size: int, kind: str) -> tuple[list[int], str]:
+def render_chat(messages: Any, template: ChatTemplate | None = None) -> str:
+    """The prompt text of a conversation: the checkpoint's chat template, or DeepSeek-V3's layout."""
+    checked = chat_messages(messages)
+    try:
+        return (template or ChatTemplate(None)).render(checked)
+    except ChatTemplateError as exc:
+        raise RequestError(str(exc)) from None
+
+
+def _input_ids(body: dict, codec: TextCodec, vocab_size: int, kind: str,
+               template: ChatTemplate | None = None) -> tuple[list[int], str]:
     if kind == "chat":
-        text = render_chat(body.get("messages"))
-        return codec.encode(text), text
+        text = render_chat(body.get("messages"), template)
+        # A checkpoint's template writes its own special tokens (BOS ...): do not add them twice.
+        add_special = template is None or not template.from_checkpoint
+        return codec.encode(text, add_special_tokens=add_special), text
     key = "prompt" if kind == "completion" else "text"
     ids = body.get("input_ids") if kind == "generate" else None
     prompt = body.get(key)
@@ -248,11 +255,12 @@ def parse_stop(src: dict) -> tuple[str, ...]:
 
 
 def parse_request(
-    body: Any, kind: str, codec: TextCodec, vocab_size: int, served_model: str, max_context: int
+    body: Any, kind: str, codec: TextCodec, vocab_size: int, served_model: str, max_context: int,
+    chat_template: ChatTemplate | None = None,
 ) -> ParsedRequest:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    ids, text = _input_ids(body, codec, vocab_size, kind)
+    ids, text = _input_ids(body, codec, vocab_size, kind, chat_template)
     params_src = body.get("sampling_params") if kind == "generate" else None
     if params_src is not None and not isinstance(params_src, dict):
         raise RequestError("'sampling_params' must be an object")
