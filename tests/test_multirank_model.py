@@ -24,7 +24,14 @@ from engine.llm import LLM
 from engine.runtime.bridge import RankBridge
 from engine.runtime.colocated import EngineArgs, colocated_entry
 from engine.runtime.groups import resolve_ep_backend, validate_model_layout
-from engine.runtime.launch import InstanceProcesses, InstanceSpec, LayoutError, free_port, ipc_addr, launch
+from engine.runtime.launch import (
+    InstanceProcesses,
+    InstanceSpec,
+    LayoutError,
+    free_port_run,
+    ipc_addr,
+    launch,
+)
 from engine.runtime.offline import generate_on_ranks
 from engine.sampling import SamplingParams
 from engine.server.messages import GenerateRequest, SamplingSpec
@@ -92,7 +99,7 @@ def test_generate_cli_with_tp2_prints_the_single_rank_tokens_in_prompt_order(
 
 def test_two_nodes_on_one_machine_form_one_tp2_instance_with_the_single_rank_tokens(
         models: dict[str, Path], single_rank_tokens: dict[str, list[list[int]]]) -> None:
-    addr = f"127.0.0.1:{free_port()}"  # zmq takes the next two ports (engine.server.serve.zmq_addresses)
+    addr = f"127.0.0.1:{free_port_run(3)}"  # zmq takes the next two (engine.server.serve.zmq_addresses)
     node_flags = ["--tp", "2", "--nnodes", "2", "--dist-init-addr", addr, "--page-size", str(PAGE_SIZE)]
     headless = subprocess.Popen(
         [sys.executable, "-m", "engine.generate", "--model", str(models["v3"]), "--prompt-token-ids", "[[1]]",

@@ -8,9 +8,11 @@ hanging on a collective that can never complete.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
+import random
 import socket
 import threading
 import time
@@ -97,6 +99,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def free_port_run(count: int, host: str = "127.0.0.1") -> int:
+    """A port p with p .. p + count - 1 all free now, drawn below the kernel's ephemeral range: a
+    `--dist-init-addr` port, whose next two ports the instance's zmq sockets take. A port from
+    `free_port` lies inside that range, where any outgoing connection may take its neighbours first."""
+    rng = random.Random()
+    for _ in range(500):
+        first = rng.randrange(20000, 32000 - count)
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(first, first + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind((host, port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no run of {count} free ports found on {host}")
 
 
 def _rank_main(ctx: RankContext, entry: Callable[[RankContext], None]) -> None:
