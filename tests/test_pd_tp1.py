@@ -31,6 +31,7 @@ from pd_system import (
 )
 
 from engine.llm import LLM
+from engine.sampling import SamplingParams
 from engine.tiny_model import write_tiny_model
 
 pytestmark = pytest.mark.slow  # real processes: router + workers with their ranks
@@ -79,6 +80,23 @@ def test_decode_serves_requests_without_bootstrap_fields_colocated(system: PDSys
     results = [run_case(system.decode.url, case) for case in cases]
     check_against_reference(reference, cases, results)
     wait_idle(system.decode.url)
+
+
+def test_a_stop_string_ends_a_disaggregated_request_early_and_frees_its_pages(
+    system: PDSystem, reference: LLM
+) -> None:
+    """The decode worker cuts the text at the stop string and aborts the rest of the generation; pages,
+    rooms and slots on both sides go back to idle."""
+    prompt = [*range(40, 95)]
+    full = reference.generate([prompt], SamplingParams(max_new_tokens=48, ignore_eos=True))[0].text
+    stop = next(full[i : i + 2] for i in range(4, len(full) - 2) if "\ufffd" not in full[i : i + 2])
+    body = {"prompt": prompt, "max_tokens": 48, "temperature": 0, "ignore_eos": True, "stop": stop}
+    status, raw = http("POST", system.router.url + "/v1/completions", body)
+    assert status == 200, raw
+    choice = json.loads(raw)["choices"][0]
+    assert choice["text"] == full[: full.index(stop)] and choice["finish_reason"] == "stop"
+    for worker in (system.prefill, system.decode):
+        wait_idle(worker.url)
 
 
 def test_decode_answers_an_error_when_the_prefill_instance_cannot_be_looked_up(system: PDSystem) -> None:
