@@ -94,7 +94,7 @@ class PrefilledKVRunner(ColocatedRunner):
 
     def _join_batch(
         self, request: GenerateRequest, first: int, pages: list[int], params: SamplingParams,
-        first_logprob: float = 0.0,
+        first_logprob: float = 0.0, first_top: tuple[tuple[int, float], ...] = (),
     ) -> bool:
         """Hand `pages` (the prompt's KV first) and the first token (and its log-probability, sampled where
         the prompt was prefilled) to the scheduler and stream the token. False: the scheduler refused (its
@@ -104,9 +104,11 @@ class PrefilledKVRunner(ColocatedRunner):
         except (ValueError, PoolExhaustedError) as exc:
             self._pending.append(error_output(request.rid, str(exc)))
             return False
-        req.return_logprob = request.return_logprob
+        req.return_logprob, req.top_logprobs = request.return_logprob, request.top_logprobs
         if request.return_logprob:
             req.output_logprobs.append(first_logprob)
+        if request.top_logprobs:
+            req.output_top_logprobs.append(list(first_top))
         self._pending.append(
             TokenOutput(
                 rid=request.rid,
@@ -115,6 +117,7 @@ class PrefilledKVRunner(ColocatedRunner):
                 finish_reason=req.finish_reason if req.finished else None,
                 prompt_tokens=len(request.input_ids),
                 logprobs=[first_logprob] if request.return_logprob else [],
+                top_logprobs=[list(first_top)] if request.top_logprobs else [],
             )
         )
         if not req.finished:

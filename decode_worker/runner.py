@@ -239,7 +239,7 @@ class DecodeRunner(PrefilledKVRunner):
             )
             return
         self.timeline.mark(request.rid, "landed")
-        if self._join_batch(request, first, transfer.pages, transfer.params, record.logprob):
+        if self._join_batch(request, first, transfer.pages, transfer.params, record.logprob, record.top):
             transfer.pages = []  # the scheduler owns them now
             self.timeline.finish(request.rid, "first_token_queued")
         else:

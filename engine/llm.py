@@ -33,6 +33,7 @@ class Output:
     text: str
     finish_reason: str
     logprobs: list[float] | None = None  # per output token, with `generate(..., return_logprob=True)`
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per output token, with `top_logprobs=k`
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -97,9 +98,10 @@ class LLM:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams],
-                 use_tqdm: bool = False, return_logprob: bool = False) -> list[Output]:
+                 use_tqdm: bool = False, return_logprob: bool = False, top_logprobs: int = 0) -> list[Output]:
         """Generate for every prompt, all batched together; outputs in prompt order. `return_logprob`: each
-        output token's log-probability under the model (`engine.sampling.chosen_logprobs`) too.
+        output token's log-probability under the model (`engine.sampling.chosen_logprobs`) too, and with
+        `top_logprobs` > 0 that many most likely tokens at each position (token id, logprob).
 
         Every prompt is validated before any work starts, so a bad one leaves nothing queued.
         """
@@ -116,7 +118,8 @@ class LLM:
                 raise ValueError(f"prompt {i}: {exc}") from exc
         requests = [self.scheduler.add(ids, p) for ids, p in zip(token_lists, per_prompt, strict=True)]
         for req in requests:
-            req.return_logprob = return_logprob
+            req.return_logprob = return_logprob or top_logprobs > 0
+            req.top_logprobs = top_logprobs
         total = sum(p.max_new_tokens for p in per_prompt)
         with tqdm(total=total, disable=not use_tqdm, unit="tok", desc="generate") as bar:
             try:
@@ -128,7 +131,8 @@ class LLM:
                     self.scheduler.abort(req)
                 raise
         return [Output(r.prompt_ids, list(r.output_ids), self.tokenizer.decode(r.output_ids),
-                       r.finish_reason or "abort", list(r.output_logprobs) if return_logprob else None)
+                       r.finish_reason or "abort", list(r.output_logprobs) if r.return_logprob else None,
+                       list(r.output_top_logprobs) if top_logprobs else None)
                 for r in requests]
 
     def close(self) -> None:

@@ -109,5 +109,20 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 def chosen_logprobs(logits: torch.Tensor, tokens: list[int]) -> list[float]:
     """log p(token) per row of ``logits`` ``[B, V]`` under the model's distribution: float32 log_softmax of
     the raw logits (before temperature, top-k, top-p), as the prefill side computes the first token's."""
+    return logprob_report(logits, tokens, [0] * len(tokens))[0]
+
+
+def logprob_report(
+    logits: torch.Tensor, tokens: list[int], top_ks: list[int]
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Per row: the chosen token's logprob (`chosen_logprobs`) and the `top_ks[row]` most likely tokens with
+    theirs, best first (empty where 0)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
     index = torch.tensor(tokens, dtype=torch.long, device=logits.device)[:, None]
-    return torch.log_softmax(logits.float(), dim=-1).gather(1, index).squeeze(1).tolist()
+    chosen = logprobs.gather(1, index).squeeze(1).tolist()
+    k = max(top_ks, default=0)
+    if k == 0:
+        return chosen, [[] for _ in tokens]
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    values, ids = values.tolist(), ids.tolist()
+    return chosen, [list(zip(ids[r][:n], values[r][:n], strict=True)) for r, n in enumerate(top_ks)]

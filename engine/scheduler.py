@@ -24,7 +24,7 @@ from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
 from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
-from engine.sampling import SamplingParams, chosen_logprobs, sample
+from engine.sampling import SamplingParams, logprob_report, sample
 
 
 class RequestStatus(enum.Enum):
@@ -51,6 +51,8 @@ class Request:
     # (log_softmax of the raw logits, float32: before temperature, top-k or top-p), one per output id.
     return_logprob: bool = False
     output_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: int = 0  # with return_logprob: this many most likely tokens per position, too
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def seq_len(self) -> int:
@@ -206,8 +208,12 @@ class Scheduler:
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], positions)
         wanted = [i for i, r in enumerate(reqs) if r.return_logprob]
         if wanted:
-            for i, logprob in zip(wanted, chosen_logprobs(logits[wanted], [tokens[i] for i in wanted]), strict=True):
+            chosen, tops = logprob_report(logits[wanted], [tokens[i] for i in wanted],
+                                          [reqs[i].top_logprobs for i in wanted])  # fmt: skip
+            for i, logprob, top in zip(wanted, chosen, tops, strict=True):
                 reqs[i].output_logprobs.append(logprob)
+                if reqs[i].top_logprobs:
+                    reqs[i].output_top_logprobs.append(top)
         for req, token in zip(reqs, tokens, strict=True):
             self._append_token(req, token)
             result.new_tokens.append((req, token))

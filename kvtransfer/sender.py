@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvtransfer.auxdata import AUX_RECORD_BYTES, AuxRecord, write_aux
+from kvtransfer.auxdata import AuxRecord, write_aux
 from kvtransfer.engines.base import TransferError, TransferHandle, TransferStatus
 from kvtransfer.layout import page_descriptors
 from kvtransfer.messages import Abort, TransferDone
@@ -99,9 +99,10 @@ class KVSender:
             self._manager.service()
             self._progress(time.monotonic())
 
-    def send_aux(self, first_token_id: int, logprob: float) -> None:
-        """The room's aux record (first output token and its logprob), written after or with the pages."""
-        record = AuxRecord(first_token_id, logprob)
+    def send_aux(self, first_token_id: int, logprob: float, top: tuple[tuple[int, float], ...] = ()) -> None:
+        """The room's aux record (first output token, its logprob and the alternatives asked for), written
+        after or with the pages."""
+        record = AuxRecord(first_token_id, logprob, top)
         with self._manager.lock:
             if self._aux is not None:
                 raise RuntimeError(f"room {self.room}: send_aux called twice")
@@ -196,12 +197,15 @@ class KVSender:
         if self.aux_slot is None:
             raise ValueError(f"no free aux slot on prefill rank {manager.rank} ({manager.aux.num_slots} in use)")
         write_aux(manager.aux, self.aux_slot, record)
-        src = [(manager.aux.slot_addr(self.aux_slot), AUX_RECORD_BYTES)]
+        src = [(manager.aux.slot_addr(self.aux_slot), record.size)]
         for destination in self._destinations.values():
             if destination.is_dummy:
                 continue
             peer = manager.connect(destination.endpoint)
-            dst = [(peer.aux_layout.slot_addr(destination.aux_slot), AUX_RECORD_BYTES)]
+            if record.size > peer.aux_layout.slot_bytes:
+                raise ValueError(f"decode rank {destination.decode_rank}'s aux slots hold "
+                                 f"{peer.aux_layout.slot_bytes} bytes, the record {record.size}")
+            dst = [(peer.aux_layout.slot_addr(destination.aux_slot), record.size)]
             self._issue(destination.endpoint, manager.engine.write(peer.engine_name, src, dst))
         self._aux_issued = True
         self._state = KVPoll.Transferring

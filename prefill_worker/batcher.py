@@ -20,7 +20,7 @@ import torch
 from engine.kv_pool import KVPool
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
-from engine.sampling import SamplingParams, chosen_logprobs, sample
+from engine.sampling import SamplingParams, logprob_report, sample
 
 
 @dataclass(eq=False)  # identity semantics: two requests with equal prompts are still distinct
@@ -35,6 +35,8 @@ class PrefillJob:
     pages_done: int = 0
     first_token: int | None = None
     first_logprob: float = 0.0
+    top_logprobs: int = 0  # alternatives to report for the first token (sent on with it)
+    first_top: tuple[tuple[int, float], ...] = ()
 
     @property
     def prefilled(self) -> bool:
@@ -165,6 +167,8 @@ class PrefillBatcher:
         tokens = sample(
             logits, [job.params for job in jobs], [job.params.make_generator(device) for job in jobs]
         )
-        for job, token, logprob in zip(jobs, tokens, chosen_logprobs(logits, tokens), strict=True):
+        chosen, tops = logprob_report(logits, tokens, [job.top_logprobs for job in jobs])
+        for job, token, logprob, top in zip(jobs, tokens, chosen, tops, strict=True):
             job.first_token = token
             job.first_logprob = logprob
+            job.first_top = tuple(top)

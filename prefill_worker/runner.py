@@ -148,7 +148,8 @@ class PrefillRunner:
             return
         try:
             prefill_dp_group(self.manager.rank_info.parallel, boot.room, boot.data_parallel_rank)
-            job = PrefillJob(request.rid, list(request.input_ids), to_sampling_params(request.sampling))
+            job = PrefillJob(request.rid, list(request.input_ids), to_sampling_params(request.sampling),
+                             top_logprobs=request.top_logprobs)
             self.batcher.validate(job.prompt_ids, job.params)
             sender = self.manager.create_sender(boot.room)
         except (ValueError, KVTransferError) as exc:
@@ -187,7 +188,7 @@ class PrefillRunner:
             if chunk.last:
                 assert chunk.job.first_token is not None
                 self.timeline.mark(chunk.job.rid, "forward_done")
-                sender.send_aux(chunk.job.first_token, chunk.job.first_logprob)
+                sender.send_aux(chunk.job.first_token, chunk.job.first_logprob, chunk.job.first_top)
                 self.timeline.mark(chunk.job.rid, "kv_posted")
         if self.rooms and self.stepper.forwards == forwards:
             time.sleep(WAIT_NAP_S)
@@ -272,6 +273,7 @@ class PrefillRunner:
             rid=rid,
             token_ids=[job.first_token],
             logprobs=logprobs,
+            top_logprobs=[list(job.first_top)] if room.request.top_logprobs else [],
             finished=True,
             finish_reason="length",
             prompt_tokens=len(job.prompt_ids),

@@ -29,6 +29,7 @@ WORKER_ENV = cpu_worker_env(threads=1)
 PAGE_SIZE = 16
 # Chunks of 40 tokens end mid-page: a page is sent only once all of its tokens are computed.
 CHUNK_TOKENS = 40
+TOP_LOGPROBS = 3  # alternatives per position that /generate cases ask for
 
 
 def start_server(name: str, module: str, args: Sequence[str], port: int, log_dir: Path) -> Server:
@@ -168,6 +169,7 @@ def _body(case: Case) -> dict[str, Any]:
             "stream": case.stream,
             "sampling_params": {"max_new_tokens": case.max_new_tokens, "temperature": 0},
             "return_logprob": True,  # the first from the prefill side, the rest from decode
+            "top_logprobs_num": TOP_LOGPROBS,
         }
     return {
         "model": "tiny",
@@ -186,19 +188,24 @@ def run_case(base_url: str, case: Case, timeout_s: float = 120) -> dict[str, Any
     if not case.stream:
         doc = json.loads(raw)
         if case.endpoint == "/generate":
-            return {"status": status, "ids": doc["output_ids"], "logprobs": _logprobs(doc)}
+            return {"status": status, "ids": doc["output_ids"], "logprobs": _logprobs(doc), "tops": _tops(doc)}
         return {"status": status, "text": doc["choices"][0]["text"]}
     events = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: {")]
     errors = [e["error"] for e in events if "error" in e]
     if errors:
         return {"status": status, "error": json.dumps(errors[0])}
     if case.endpoint == "/generate":
-        return {"status": status, "ids": events[-1]["output_ids"], "logprobs": _logprobs(events[-1])}
+        return {"status": status, "ids": events[-1]["output_ids"], "logprobs": _logprobs(events[-1]),
+                "tops": _tops(events[-1])}
     return {"status": status, "text": "".join(c["text"] for e in events for c in e["choices"])}
 
 
 def _logprobs(doc: dict[str, Any]) -> list[float]:
     return [lp for lp, _ in doc["meta_info"]["output_token_logprobs"]]
+
+
+def _tops(doc: dict[str, Any]) -> list[list[tuple[int, float]]]:
+    return [[(t, lp) for lp, t in top] for top in doc["meta_info"]["output_top_logprobs"]]
 
 
 def backend_missing(kind: str) -> str | None:
@@ -210,24 +217,35 @@ def backend_missing(kind: str) -> str | None:
     return None
 
 
-def expected_outputs(llm: LLM, cases: list[Case]) -> list[tuple[list[int], list[float]]]:
-    """Greedy colocated generation of every case, batched together: ids and their logprobs."""
+def expected_outputs(llm: LLM, cases: list[Case]) -> list[tuple[list[int], list[float], list[list[tuple[int, float]]]]]:
+    """Greedy colocated generation of every case, batched together: ids, their logprobs, the alternatives."""
     params = [SamplingParams(max_new_tokens=c.max_new_tokens) for c in cases]
-    outputs = llm.generate([c.prompt for c in cases], params, return_logprob=True)
-    return [(o.token_ids, o.logprobs or []) for o in outputs]
+    outputs = llm.generate([c.prompt for c in cases], params, return_logprob=True, top_logprobs=TOP_LOGPROBS)
+    return [(o.token_ids, o.logprobs or [], o.top_logprobs or []) for o in outputs]
+
+
+def _same_alternatives(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> bool:
+    """Equal (id, logprob) lists up to float32 rounding; ids may swap only where their logprobs tie."""
+    if len(got) != len(expected):
+        return False
+    close = all(abs(g[1] - e[1]) < 1e-4 for g, e in zip(got, expected, strict=True))
+    by_id = dict(expected)
+    return close and all(t not in by_id or abs(by_id[t] - v) < 1e-4 for t, v in got)
 
 
 def check_against_reference(llm: LLM, cases: list[Case], results: list[dict[str, Any]]) -> None:
     """Every result succeeded and equals colocated generation (ids, or their text for completions); the
     logprobs /generate returns match colocated ones (batched differently: float32 rounding apart)."""
     expected = expected_outputs(llm, cases)
-    for i, (case, result, (ids, logprobs)) in enumerate(zip(cases, results, expected, strict=True)):
+    for i, (case, result, (ids, logprobs, tops)) in enumerate(zip(cases, results, expected, strict=True)):
         where = (i, case.endpoint, case.stream, len(case.prompt))
         assert "error" not in result, (where, result)
         if "ids" in result:
             assert result["ids"] == ids, where
             assert len(result["logprobs"]) == len(ids), where
             assert max(abs(a - b) for a, b in zip(result["logprobs"], logprobs, strict=True)) < 1e-4, where
+            assert len(result["tops"]) == len(ids), where  # the first position's came through the aux slot
+            assert all(_same_alternatives(g, e) for g, e in zip(result["tops"], tops, strict=True)), where
         else:
             assert result["text"] == llm.tokenizer.decode(ids), where
 

@@ -138,6 +138,25 @@ def test_output_logprobs_equal_transformers_log_softmax_of_its_logits(parity: Pa
     assert parity.llm.generate(parity.prompts[:1], GREEDY)[0].logprobs is None  # only when asked
 
 
+def test_top_logprobs_are_transformers_most_likely_tokens_at_each_position(parity: Parity) -> None:
+    model = parity.hf_model
+    model.generation_config.eos_token_id = None
+    prompt = parity.prompts[1]
+    out = parity.llm.generate([prompt], GREEDY, top_logprobs=5)[0]
+    assert out.top_logprobs is not None and len(out.top_logprobs) == NEW_TOKENS
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    for pos, (top, chosen, step) in enumerate(zip(out.top_logprobs, out.token_ids, ref.logits, strict=True)):
+        expected = torch.log_softmax(step[0].float(), -1)
+        assert [t for t, _ in top][0] == chosen  # greedy: the chosen token is the most likely one
+        assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+        ref_values = expected.topk(5).values.tolist()
+        assert max(abs(v - r) for (_, v), r in zip(top, ref_values, strict=True)) < 1e-4, pos
+        assert max(abs(v - expected[t].item()) for t, v in top) < 1e-4, pos
+
+
 def test_batched_prompts_give_the_same_tokens_as_one_at_a_time(parity: Parity) -> None:
     for prompt, together in zip(parity.prompts, parity.batched, strict=True):
         alone = parity.llm.generate([prompt], GREEDY)[0]

@@ -138,6 +138,24 @@ def test_aux_record_is_written_into_and_read_from_host_slots() -> None:
         AuxRecord(-1, 0.0)
 
 
+def test_aux_records_carry_the_first_tokens_alternatives_when_the_slots_hold_them() -> None:
+    from kvtransfer.auxdata import MAX_TOP_LOGPROBS, aux_slot_bytes
+
+    top = tuple((t, -0.5 * t) for t in range(1, 6))
+    buffer = (ctypes.c_uint8 * (2 * aux_slot_bytes(5)))()
+    aux = AuxLayout(base_ptr=ctypes.addressof(buffer), slot_bytes=aux_slot_bytes(5), num_slots=2)
+    write_aux(aux, 1, AuxRecord(7, -0.125, top))
+    assert read_aux(aux, 1) == AuxRecord(7, -0.125, top) and AuxRecord(7, -0.125, top).size == aux_slot_bytes(5)
+    assert bytes(buffer[: aux_slot_bytes(5)]) == bytes(aux_slot_bytes(5))  # slot 0 untouched
+    small = AuxLayout(base_ptr=ctypes.addressof(buffer), slot_bytes=16, num_slots=2)
+    with pytest.raises(ValueError, match="does not fit 16-byte aux slots"):
+        write_aux(small, 0, AuxRecord(7, -0.125, top))
+    with pytest.raises(ValueError, match="at most 20"):
+        AuxRecord(1, 0.0, tuple((t, 0.0) for t in range(MAX_TOP_LOGPROBS + 1)))
+    with pytest.raises(ValueError, match="claims 5 alternatives"):
+        AuxRecord.unpack(AuxRecord(7, -0.125, top).pack()[:20])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_aux_slots_are_written_and_read_in_device_memory() -> None:

@@ -43,7 +43,9 @@ class ScriptedBackend:
             last = i == len(ids) - 1
             yield TokenOutput(rid=request.rid, token_ids=[tok], finished=last,
                               finish_reason="length" if last else None,
-                              logprobs=[-0.25 * (i + 1)] if request.return_logprob else [])
+                              logprobs=[-0.25 * (i + 1)] if request.return_logprob else [],
+                              top_logprobs=[[(tok + j, -0.25 * (i + 1) - j) for j in range(request.top_logprobs)]]
+                              if request.top_logprobs else [])
 
     async def abort(self, rid: str) -> None:
         self.aborted.append(rid)
@@ -181,16 +183,41 @@ def test_output_logprobs_in_openai_shapes_streamed_or_not(server: tuple[str, Scr
     assert [c.logprob for ch in streamed for c in ch.choices[0].logprobs.content] == [-0.25, -0.5, -0.75]
 
 
+def test_top_alternatives_per_position_in_openai_and_sglang_shapes(server: tuple[str, ScriptedBackend]) -> None:
+    url, backend = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    done = client.completions.create(model="tiny", prompt="ab", max_tokens=2, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert lp.top_logprobs == [{"a": -0.25, "b": -1.25}, {"b": -0.5, "c": -1.5}]
+    assert backend.submitted[-1].top_logprobs == 2 and backend.submitted[-1].return_logprob
+
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=1, logprobs=True, top_logprobs=3)
+    top = chat.choices[0].logprobs.content[0].top_logprobs
+    assert [(t.token, t.logprob) for t in top] == [("<", -0.25), ("=", -1.25), (">", -2.25)]
+
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}],
+                                                 max_tokens=2, logprobs=True, top_logprobs=1, stream=True))
+    assert [len(c.top_logprobs) for ch in chunks for c in ch.choices[0].logprobs.content] == [1, 1]
+
+    import urllib.request
+
+    body = {"text": "xy", "sampling_params": {"max_new_tokens": 2}, "return_logprob": True, "top_logprobs_num": 2}
+    with urllib.request.urlopen(urllib.request.Request(url + "/generate", data=orjson.dumps(body))) as resp:
+        meta = orjson.loads(resp.read())["meta_info"]
+    assert meta["output_top_logprobs"] == [[[-0.25, 120], [-1.25, 121]], [[-0.5, 121], [-1.5, 122]]]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "needle"),
     [
-        ("/v1/completions", {"prompt": "a", "logprobs": 2}, "'logprobs' > 0"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True,
-                                  "top_logprobs": 3}, "'top_logprobs'"),
+        ("/v1/completions", {"prompt": "a", "logprobs": 21}, "between 0 and 20"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 3},
+         "needs 'logprobs': true"),
     ],
 )
-def test_top_alternatives_are_refused_not_silently_dropped(server: tuple[str, ScriptedBackend], path: str,
-                                                           body: dict, needle: str) -> None:
+def test_impossible_logprob_requests_are_refused(server: tuple[str, ScriptedBackend], path: str,
+                                                 body: dict, needle: str) -> None:
     import urllib.error
     import urllib.request
 

@@ -119,7 +119,8 @@ def outputs_of(result: StepResult, prompt_len: dict[str, int]) -> list[TokenOutp
         outs.append(TokenOutput(rid=req.request_id, token_ids=[token], finished=req.finished,
                                 finish_reason=req.finish_reason if req.finished else None,
                                 prompt_tokens=prompt_len.get(req.request_id, len(req.prompt_ids)),
-                                logprobs=req.output_logprobs[-1:] if req.return_logprob else []))
+                                logprobs=req.output_logprobs[-1:] if req.return_logprob else [],
+                                top_logprobs=req.output_top_logprobs[-1:] if req.top_logprobs else []))
     return outs
 
 
@@ -145,7 +146,7 @@ class ColocatedRunner:
         except ValueError as exc:
             self._pending.append(error_output(request.rid, str(exc)))
             return
-        req.return_logprob = request.return_logprob
+        req.return_logprob, req.top_logprobs = request.return_logprob, request.top_logprobs
         self.requests[request.rid] = req
 
     def abort(self, rid: str) -> list[TokenOutput]:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from aiohttp import web
 
+from kvtransfer.auxdata import MAX_TOP_LOGPROBS, aux_slot_bytes
 from kvtransfer.engines import TransferEngine, make_engine
 from kvtransfer.layout import AuxLayout, PageLayout
 from kvtransfer.state import KVPoll, KVTimeouts
@@ -37,8 +38,9 @@ def leave_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
 
 
-# One aux slot holds the first output token and its logprob (12 bytes); both sides must agree on it.
-AUX_SLOT_BYTES = 16
+# One aux slot holds the first output token, its logprob and up to MAX_TOP_LOGPROBS alternatives
+# (kvtransfer.auxdata); both sides must agree on it.
+AUX_SLOT_BYTES = aux_slot_bytes(MAX_TOP_LOGPROBS)
 
 
 @dataclass(frozen=True)

@@ -183,10 +183,12 @@ class WorkerApp:
     async def _collect(self, parsed: ParsedRequest) -> web.Response:
         detok = IncrementalDetokenizer(self.codec, parsed.stop)
         logprobs: list[float] = []
+        tops: list[list[tuple[int, float]]] = []
         last: TokenOutput | None = None
         async for out in self.backend.submit(parsed.request):
             detok.push(out.token_ids)
             logprobs.extend(out.logprobs)
+            tops.extend(out.top_logprobs)
             last = out
             if detok.stopped is not None:
                 last = await self._stop_early(parsed, out)
@@ -199,9 +201,10 @@ class WorkerApp:
         text = detok.text
         prompt_tokens = len(parsed.request.input_ids)
         if parsed.kind == "generate":
-            body = generate_response(parsed, text, detok.ids, last.finish_reason, prompt_tokens, logprobs)
+            body = generate_response(parsed, text, detok.ids, last.finish_reason, prompt_tokens, logprobs, tops)
         else:
-            choice_logprobs = openai_logprobs(parsed, self.codec, detok.ids, logprobs, len(parsed.echo_prompt))
+            choice_logprobs = openai_logprobs(parsed, self.codec, detok.ids, logprobs, len(parsed.echo_prompt),
+                                              tops)  # fmt: skip
             body = openai_response(parsed, text, last.finish_reason, prompt_tokens, len(detok.ids), choice_logprobs)
         return json_response(body)
 
@@ -212,6 +215,7 @@ class WorkerApp:
         created = int(time.time())
         prompt_tokens = len(parsed.request.input_ids)
         logprobs: list[float] = []
+        tops: list[list[tuple[int, float]]] = []
         sent_any = False
         unsent = 0  # output tokens not yet in a chunk (held back with a partial character)
         text_sent = 0  # characters of output text already sent, for completions' text_offset
@@ -223,6 +227,7 @@ class WorkerApp:
                 break
             delta = detok.push(out.token_ids) if not out.finished else detok.push(out.token_ids) + detok.flush()
             logprobs.extend(out.logprobs)
+            tops.extend(out.top_logprobs)
             stopping = detok.stopped is not None
             if stopping:
                 ended = await self._stop_early(parsed, out)
@@ -230,14 +235,14 @@ class WorkerApp:
                                   prompt_tokens=ended.prompt_tokens)  # fmt: skip
             if parsed.kind == "generate":
                 chunk = generate_response(parsed, detok.text, list(detok.ids),
-                                          out.finish_reason if out.finished else None, prompt_tokens, logprobs)
+                                          out.finish_reason if out.finished else None, prompt_tokens, logprobs, tops)
             else:
                 unsent += len(out.token_ids)
                 if not delta and not out.finished:
                     continue
                 ids = detok.ids[len(detok.ids) - unsent :]
                 chunk_logprobs = openai_logprobs(parsed, self.codec, ids, logprobs[len(logprobs) - unsent :],
-                                                 text_sent)  # fmt: skip
+                                                 text_sent, tops[len(tops) - unsent :])  # fmt: skip
                 chunk = openai_chunk(parsed, delta, out.finish_reason if out.finished else None, created,
                                      first=not sent_any, logprobs=chunk_logprobs)
                 sent_any, unsent, text_sent = True, 0, text_sent + len(delta)

@@ -43,6 +43,7 @@ class GenerateRequest:
     sampling: SamplingSpec
     bootstrap: BootstrapInfo | None = None
     return_logprob: bool = False
+    top_logprobs: int = 0  # with return_logprob: the most likely tokens per position, this many
     version: int = MESSAGE_VERSION
 
 
@@ -59,6 +60,7 @@ class TokenOutput:
     rid: str
     token_ids: list[int]
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token: (id, logprob), best first
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None

@@ -179,45 +179,58 @@ def _input_ids(body: dict, codec: TextCodec, vocab_size: int, kind: str,
     return ids, text
 
 
-def _wants_logprobs(body: dict, kind: str) -> bool:
-    """Whether the reply carries each output token's log-probability. OpenAI: chat `logprobs: true`,
-    completions `logprobs: 0`; SGLang /generate: `return_logprob`. Top alternatives (chat `top_logprobs`,
-    completions `logprobs` > 0) are refused rather than answered without them."""
+MAX_TOP_LOGPROBS = 20  # as OpenAI; the aux slot of a PD request holds this many (kvtransfer.auxdata)
+
+
+def _logprob_request(body: dict, kind: str) -> tuple[bool, int]:
+    """(return each output token's log-probability, how many top alternatives per position). OpenAI chat:
+    `logprobs: true` + `top_logprobs: k`; completions: `logprobs: k` (0: the chosen token's only); SGLang
+    /generate: `return_logprob` + `top_logprobs_num`. Prompt logprobs (`echo` with `logprobs`) are refused
+    rather than answered with output logprobs only."""
     if kind == "generate":
-        return bool(_get(body, "return_logprob", bool, False))
-    if kind == "chat":
+        wanted = bool(_get(body, "return_logprob", bool, False))
+        top = _get(body, "top_logprobs_num", int, 0)
+    elif kind == "chat":
+        wanted = bool(_get(body, "logprobs", bool, False))
         top = _get(body, "top_logprobs", int, 0)
-        if top:
-            raise RequestError("'top_logprobs' (alternatives per token) is not supported; 'logprobs': true "
-                               "returns the log-probability of each output token", code="unsupported")
-        return bool(_get(body, "logprobs", bool, False))
-    value = _get(body, "logprobs", int, None)
-    if value is not None and value != 0:
-        raise RequestError("'logprobs' > 0 (alternatives per token) is not supported; 'logprobs': 0 returns "
-                           "the log-probability of each output token", code="unsupported")
-    if value is not None and body.get("echo"):
-        raise RequestError("'echo' with 'logprobs' (log-probabilities of the prompt) is not supported",
-                           code="unsupported")
-    return value is not None
+        if top and not wanted:
+            raise RequestError("'top_logprobs' needs 'logprobs': true")
+    else:
+        value = _get(body, "logprobs", int, None)
+        wanted, top = value is not None, value or 0
+        if wanted and body.get("echo"):
+            raise RequestError("'echo' with 'logprobs' (log-probabilities of the prompt) is not supported",
+                               code="unsupported")
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"top log-probabilities must be between 0 and {MAX_TOP_LOGPROBS}, got {top}")
+    return wanted, top
 
 
 def openai_logprobs(parsed: ParsedRequest, codec: TextCodec, ids: list[int], logprobs: list[float],
-                    text_start: int = 0) -> dict | None:
+                    text_start: int = 0, tops: list[list[tuple[int, float]]] | None = None) -> dict | None:
     """The `logprobs` of an OpenAI choice (or chunk) for output tokens `ids`; None unless asked for.
-    Chat: `{"content": [{token, logprob, bytes, top_logprobs}]}`; completions: `{tokens, token_logprobs,
-    top_logprobs, text_offset}` with offsets from `text_start` in the choice's text. A token is its own
-    decoded text (a piece of a multi-byte character decodes to U+FFFD, as in OpenAI's `bytes` field)."""
+    Chat: `{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}`; completions:
+    `{tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}` with offsets from
+    `text_start` in the choice's text. A token is its own decoded text (a piece of a multi-byte character
+    decodes to U+FFFD; `bytes` are that text's UTF-8)."""
     if not parsed.request.return_logprob:
         return None
     tokens = [codec.decode([t]) for t in ids]
+    k = parsed.request.top_logprobs
+    alternatives = [[(codec.decode([t]), lp) for t, lp in top] for top in (tops or [])] if k else []
     if parsed.kind == "chat":
-        return {"content": [{"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
-                            for tok, lp in zip(tokens, logprobs, strict=False)]}  # fmt: skip
+        content = []
+        for i, (tok, lp) in enumerate(zip(tokens, logprobs, strict=False)):
+            top = alternatives[i] if i < len(alternatives) else []
+            content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()),
+                            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top]})
+        return {"content": content}
     offsets, at = [], text_start
     for tok in tokens:
         offsets.append(at)
         at += len(tok)
-    return {"tokens": tokens, "token_logprobs": logprobs[: len(tokens)], "top_logprobs": None,
+    top_dicts = [dict(alt) for alt in alternatives[: len(tokens)]] if k else None
+    return {"tokens": tokens, "token_logprobs": logprobs[: len(tokens)], "top_logprobs": top_dicts,
             "text_offset": offsets}  # fmt: skip
 
 
@@ -278,12 +291,14 @@ def parse_request(
     rid = body.get("rid")
     if rid is not None and not isinstance(rid, str):
         raise RequestError("'rid' must be a string")
+    wants_logprobs, top_logprobs = _logprob_request(body, kind)
     request = GenerateRequest(
         rid=rid or uuid.uuid4().hex,
         input_ids=ids,
         sampling=sampling,
         bootstrap=parse_bootstrap(body),
-        return_logprob=_wants_logprobs(body, kind),
+        return_logprob=wants_logprobs,
+        top_logprobs=top_logprobs,
     )
     return ParsedRequest(
         request=request,
@@ -356,7 +371,8 @@ def openai_response(
 
 
 def generate_response(parsed: ParsedRequest, text: str, ids: list[int], finish_reason: str | None,
-                      prompt_tokens: int, logprobs: list[float]) -> dict:
+                      prompt_tokens: int, logprobs: list[float],
+                      tops: list[list[tuple[int, float]]] | None = None) -> dict:
     """SGLang's /generate reply shape."""
     meta: dict[str, Any] = {
         "id": parsed.request.rid,
@@ -366,4 +382,6 @@ def generate_response(parsed: ParsedRequest, text: str, ids: list[int], finish_r
     }
     if parsed.request.return_logprob:
         meta["output_token_logprobs"] = [[lp, t] for lp, t in zip(logprobs, ids, strict=False)]
+    if parsed.request.top_logprobs:
+        meta["output_top_logprobs"] = [[[lp, t] for t, lp in top] for top in (tops or [])]
     return {"text": text, "output_ids": ids, "meta_info": meta}
