@@ -70,15 +70,24 @@ def _type_names(types: type | tuple[type, ...]) -> str:
     return " or ".join(t.__name__ for t in seq)
 
 
-def parse_sampling(body: dict, params: dict | None = None) -> SamplingSpec:
-    """OpenAI fields (`max_tokens`, `temperature`, ...) or SGLang's `sampling_params` dict."""
+# Output length when a request names none: OpenAI's 16 for completions, SGLang's 128 for /generate, and for
+# chat the rest of the context up to CHAT_DEFAULT_MAX_TOKENS (OpenAI's chat has no fixed default; pages for
+# a request's whole length are reserved when it is admitted, so the cap keeps one request from holding a
+# whole context's worth of them).
+DEFAULT_MAX_TOKENS = {"completion": 16, "generate": 128}
+CHAT_DEFAULT_MAX_TOKENS = 4096
+
+
+def parse_sampling(body: dict, params: dict | None = None, default_max_tokens: int = 16) -> SamplingSpec:
+    """OpenAI fields (`max_tokens`, `temperature`, ...) or SGLang's `sampling_params` dict. Temperature
+    defaults to 1.0 in both, as in OpenAI's API and SGLang's."""
     src = params if params is not None else body
     max_new = _get(src, "max_new_tokens", int, None)
     if max_new is None:
         max_new = _get(src, "max_completion_tokens", int, None)
     if max_new is None:
-        max_new = _get(src, "max_tokens", int, 16)
-    temperature = float(_get(src, "temperature", (int, float), 1.0 if params is None else 0.0))
+        max_new = _get(src, "max_tokens", int, default_max_tokens)
+    temperature = float(_get(src, "temperature", (int, float), 1.0))
     top_p = float(_get(src, "top_p", (int, float), 1.0))
     top_k = _get(src, "top_k", int, -1)
     seed = _get(src, "seed", int, None)
@@ -280,7 +289,11 @@ def parse_request(
     options_src = params_src if params_src is not None else body
     _check_unsupported(body)
     _check_unsupported(options_src)
-    sampling = parse_sampling(body, params_src)
+    if kind == "chat":
+        default_max = max(1, min(CHAT_DEFAULT_MAX_TOKENS, max_context - len(ids)))
+    else:
+        default_max = DEFAULT_MAX_TOKENS[kind]
+    sampling = parse_sampling(body, params_src, default_max)
     if len(ids) + sampling.max_new_tokens > max_context:
         raise RequestError(
             f"prompt ({len(ids)} tokens) + max tokens ({sampling.max_new_tokens}) exceeds the context "
