@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from byte_codec import ByteCodec
 
 from engine.server.detokenize import IncrementalDetokenizer
-
-
-class ByteCodec:
-    eos_token_id = None
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode(errors="replace")
 
 
 def feed(text: str, stop: tuple[str, ...] = ()) -> tuple[list[str], IncrementalDetokenizer]:

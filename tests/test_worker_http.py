@@ -11,19 +11,10 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
+from byte_codec import ByteCodec
 
 from engine.server.app import ServerConfig, WorkerApp
 from engine.server.messages import GenerateRequest, TokenOutput
-
-
-class ByteCodec:
-    eos_token_id = None
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode(errors="replace")
 
 
 class ScriptedBackend:
