@@ -201,11 +201,11 @@ def run_case(base_url: str, case: Case, timeout_s: float = 120) -> dict[str, Any
 
 
 def _logprobs(doc: dict[str, Any]) -> list[float]:
-    return [lp for lp, _ in doc["meta_info"]["output_token_logprobs"]]
+    return [lp for lp, _, _ in doc["meta_info"]["output_token_logprobs"]]
 
 
 def _tops(doc: dict[str, Any]) -> list[list[tuple[int, float]]]:
-    return [[(t, lp) for lp, t in top] for top in doc["meta_info"]["output_top_logprobs"]]
+    return [[(t, lp) for lp, t, _ in top] for top in doc["meta_info"]["output_top_logprobs"]]
 
 
 def backend_missing(kind: str) -> str | None:

@@ -196,7 +196,14 @@ def test_top_alternatives_per_position_in_openai_and_sglang_shapes(server: tuple
     body = {"text": "xy", "sampling_params": {"max_new_tokens": 2}, "return_logprob": True, "top_logprobs_num": 2}
     with urllib.request.urlopen(urllib.request.Request(url + "/generate", data=orjson.dumps(body))) as resp:
         meta = orjson.loads(resp.read())["meta_info"]
-    assert meta["output_top_logprobs"] == [[[-0.25, 120], [-1.25, 121]], [[-0.5, 121], [-1.5, 122]]]
+    # SGLang's triples: [logprob, token id, text (None unless return_text_in_logprobs)]
+    assert meta["output_token_logprobs"] == [[-0.25, 120, None], [-0.5, 121, None]]
+    assert meta["output_top_logprobs"] == [[[-0.25, 120, None], [-1.25, 121, None]],
+                                           [[-0.5, 121, None], [-1.5, 122, None]]]
+    body["return_text_in_logprobs"] = True
+    with urllib.request.urlopen(urllib.request.Request(url + "/generate", data=orjson.dumps(body))) as resp:
+        meta = orjson.loads(resp.read())["meta_info"]
+    assert meta["output_token_logprobs"] == [[-0.25, 120, "x"], [-0.5, 121, "y"]]
 
 
 @pytest.mark.parametrize(

@@ -201,7 +201,8 @@ class WorkerApp:
         text = detok.text
         prompt_tokens = len(parsed.request.input_ids)
         if parsed.kind == "generate":
-            body = generate_response(parsed, text, detok.ids, last.finish_reason, prompt_tokens, logprobs, tops)
+            body = generate_response(parsed, text, detok.ids, last.finish_reason, prompt_tokens, logprobs, tops,
+                                     self.codec)
         else:
             choice_logprobs = openai_logprobs(parsed, self.codec, detok.ids, logprobs, len(parsed.echo_prompt),
                                               tops)  # fmt: skip
@@ -235,7 +236,8 @@ class WorkerApp:
                                   prompt_tokens=ended.prompt_tokens)  # fmt: skip
             if parsed.kind == "generate":
                 chunk = generate_response(parsed, detok.text, list(detok.ids),
-                                          out.finish_reason if out.finished else None, prompt_tokens, logprobs, tops)
+                                          out.finish_reason if out.finished else None, prompt_tokens, logprobs, tops,
+                                          self.codec)
             else:
                 unsent += len(out.token_ids)
                 if not delta and not out.finished:

@@ -51,6 +51,7 @@ class ParsedRequest:
     model: str
     echo_prompt: str = ""
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one (engine.server.detokenize)
+    text_in_logprobs: bool = False  # SGLang's return_text_in_logprobs: each logprob entry carries its text
 
 
 def _get(body: dict, name: str, types: type | tuple[type, ...], default: Any = None) -> Any:
@@ -249,7 +250,8 @@ MAX_STOP_STRINGS = 16
 UNSUPPORTED = {
     "n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1,
     "logit_bias": None, "suffix": None, "min_tokens": 0, "min_new_tokens": 0, "regex": None,
-    "json_schema": None, "response_format": None, "tools": None,
+    "json_schema": None, "response_format": None, "tools": None, "logprob_start_len": -1, "no_stop_trim": False,
+    "include_stop_str_in_output": False,
 }  # fmt: skip
 
 
@@ -321,6 +323,7 @@ def parse_request(
         model=_get(body, "model", str, served_model),
         echo_prompt=text if body.get("echo") else "",
         stop=parse_stop(options_src),
+        text_in_logprobs=bool(_get(body, "return_text_in_logprobs", bool, False)),
     )
 
 
@@ -385,8 +388,13 @@ def openai_response(
 
 def generate_response(parsed: ParsedRequest, text: str, ids: list[int], finish_reason: str | None,
                       prompt_tokens: int, logprobs: list[float],
-                      tops: list[list[tuple[int, float]]] | None = None) -> dict:
-    """SGLang's /generate reply shape."""
+                      tops: list[list[tuple[int, float]]] | None = None, codec: TextCodec | None = None) -> dict:
+    """SGLang's /generate reply shape. Logprob entries are SGLang's triples [logprob, token id, text], the
+    text None unless `return_text_in_logprobs` (and a codec) asks for it."""
+
+    def entry(logprob: float, token: int) -> list[Any]:
+        return [logprob, token, codec.decode([token]) if parsed.text_in_logprobs and codec else None]
+
     meta: dict[str, Any] = {
         "id": parsed.request.rid,
         "finish_reason": {"type": finish_reason} if finish_reason else None,
@@ -394,7 +402,7 @@ def generate_response(parsed: ParsedRequest, text: str, ids: list[int], finish_r
         "completion_tokens": len(ids),
     }
     if parsed.request.return_logprob:
-        meta["output_token_logprobs"] = [[lp, t] for lp, t in zip(logprobs, ids, strict=False)]
+        meta["output_token_logprobs"] = [entry(lp, t) for lp, t in zip(logprobs, ids, strict=False)]
     if parsed.request.top_logprobs:
-        meta["output_top_logprobs"] = [[[lp, t] for t, lp in top] for top in (tops or [])]
+        meta["output_top_logprobs"] = [[entry(lp, t) for t, lp in top] for top in (tops or [])]
     return {"text": text, "output_ids": ids, "meta_info": meta}
