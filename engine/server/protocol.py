@@ -63,6 +63,8 @@ def _get(body: dict, name: str, types: type | tuple[type, ...], default: Any = N
         raise RequestError(f"'{name}' must be {_type_names(types)}, got a boolean")
     if not isinstance(value, types):
         raise RequestError(f"'{name}' must be {_type_names(types)}, got {type(value).__name__}")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:  # what crosses to the ranks is int64
+        raise RequestError(f"'{name}' is out of range: {value}")
     return value
 
 
@@ -101,8 +103,8 @@ def parse_sampling(body: dict, params: dict | None = None, default_max_tokens: i
         raise RequestError(f"'top_p' must be in (0, 1], got {top_p}")
     if top_k == 0 or top_k < -1:
         raise RequestError(f"'top_k' must be -1 (off) or >= 1, got {top_k}")
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
-        raise RequestError("'stop_token_ids' must be a list of integers")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**63 for t in stop_ids):
+        raise RequestError("'stop_token_ids' must be a list of non-negative integers (token ids)")
     return SamplingSpec(
         temperature=temperature,
         top_k=top_k,
@@ -140,8 +142,16 @@ def chat_messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
             raise RequestError(f"messages[{i}] must be an object with a string 'role'")
         content = msg.get("content", "")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if content is None:  # an assistant turn that only called tools
+            content = ""
+        if isinstance(content, list):  # OpenAI content parts: text only
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(
+                    part.get("text"), str
+                ):
+                    raise RequestError(f"messages[{i}].content[{j}] must be a text part "
+                                       "({'type': 'text', 'text': str}); other kinds are not supported")
+            content = "".join(part["text"] for part in content)
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string or a list of text parts")
         if msg["role"] not in ("system", "user", "assistant"):
