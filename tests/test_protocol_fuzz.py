@@ -28,11 +28,23 @@ json_values = st.recursive(
 )  # fmt: skip
 message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", 3]),
                                  "content": st.one_of(st.text(max_size=8), json_values)})  # fmt: skip
-bodies = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=8).map(dict) | st.builds(
-    lambda base, msgs, prompt: {**base, "messages": msgs, "prompt": prompt},
-    st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6), st.lists(message, max_size=3),
-    st.one_of(st.text(max_size=12), st.lists(st.integers(min_value=-3, max_value=300), max_size=6)),
+# Most bodies carry a well-formed prompt for every endpoint kind plus a few fields of any value, so that the
+# accepted path (and the wire encoding) is exercised as much as the refusals.
+prompts = st.builds(
+    lambda messages, prompt, generate: {"messages": messages, "prompt": prompt, **generate},
+    st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]), "content": st.text(max_size=8)}),
+             min_size=1, max_size=2),
+    st.text(min_size=1, max_size=12) | st.lists(st.integers(min_value=0, max_value=255), min_size=1, max_size=6),
+    st.fixed_dictionaries({"text": st.text(min_size=1, max_size=12)})
+    | st.fixed_dictionaries({"input_ids": st.lists(st.integers(min_value=0, max_value=255), min_size=1,
+                                                   max_size=6)}),
 )  # fmt: skip
+few_fields = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=3)
+bodies = (
+    st.builds(lambda extra, prompt: {**extra, **prompt}, few_fields, prompts)
+    | st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=8)
+    | st.builds(lambda base, msgs: {**base, "messages": msgs}, few_fields, st.lists(message, max_size=3))
+)
 
 
 @pytest.mark.parametrize("kind", ["completion", "chat", "generate"])
