@@ -36,6 +36,11 @@ def test_requests_spread_over_dp_groups_and_all_finish() -> None:
         try:
             results = await asyncio.wait_for(
                 asyncio.gather(*[_collect(bridge, f"r{i}", 3 + i) for i in range(6)]), 60)
+            # Pool counts come in periodic rank reports: judge them by reports sent after the work ended.
+            done_at, deadline = time.time(), time.monotonic() + 10
+            while bridge.info()["status_time"] <= done_at and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            info = bridge.info()
         finally:
             procs.stop()
             bridge.close()
@@ -46,7 +51,7 @@ def test_requests_spread_over_dp_groups_and_all_finish() -> None:
             groups.add(outs[0].token_ids[0] // 1000)
         assert groups == {0, 1}
         assert bridge.num_active == 0
-        assert bridge.ready and bridge.info()["echo_active"] == 0
+        assert bridge.ready and info["status_time"] > done_at and info["echo_active"] == 0
 
     asyncio.run(main())
 
