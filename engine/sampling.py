@@ -14,6 +14,9 @@ class SamplingParams:
     ``top_k`` 0 or -1 = off; ``top_p`` 1.0 = off; ``seed`` None = nondeterministic.
     Generation stops on an EOS (unless ``ignore_eos``), on any of ``stop_token_ids`` (the stop
     token is kept in the output), or after ``max_new_tokens``.
+    Penalties (``apply_penalties``), applied to the logits before any of the above: OpenAI's
+    ``presence_penalty`` and ``frequency_penalty`` (over the output so far, in [-2, 2]) and
+    ``repetition_penalty`` (over prompt and output, transformers' rule; 1.0 = off).
     """
 
     temperature: float = 0.0
@@ -23,8 +26,16 @@ class SamplingParams:
     max_new_tokens: int = 16
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not self.temperature >= 0:
@@ -38,6 +49,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     def step_seed(self, position: int) -> int:
         """The generator seed for the output token at ``position`` of a seeded request: a function of
@@ -69,6 +84,28 @@ def _mix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
+                    outputs: list[list[int]]) -> torch.Tensor:
+    """``logits`` ``[B, V]`` with each row's penalties applied (a new float32 tensor when any row has some,
+    else ``logits`` itself). Repetition (transformers' RepetitionPenaltyLogitsProcessor): every token of
+    prompt and output has its logit divided by the penalty when positive, multiplied when negative. Then
+    OpenAI's: ``logit -= frequency_penalty * count + presence_penalty`` for every token the output holds."""
+    rows = [i for i, p in enumerate(params) if p.penalised]
+    if not rows:
+        return logits
+    out = logits.float().clone()
+    for i in rows:
+        p, row = params[i], out[i]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({*prompts[i], *outputs[i]}), dtype=torch.long, device=out.device)
+            values = row[seen]
+            row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and outputs[i]:
+            ids, counts = torch.tensor(outputs[i], dtype=torch.long, device=out.device).unique(return_counts=True)
+            row[ids] -= p.frequency_penalty * counts.to(out.dtype) + p.presence_penalty
+    return out
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],

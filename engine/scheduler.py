@@ -24,7 +24,7 @@ from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
 from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
-from engine.sampling import SamplingParams, logprob_report, sample
+from engine.sampling import SamplingParams, apply_penalties, logprob_report, sample
 
 
 class RequestStatus(enum.Enum):
@@ -205,7 +205,9 @@ class Scheduler:
         # Position-seeded: a request's token i is the same whether or not an earlier token was sampled
         # in another process (add_prefilled).
         positions = [len(r.output_ids) for r in reqs]
-        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], positions)
+        params = [r.params for r in reqs]
+        penalised = apply_penalties(logits, params, [r.prompt_ids for r in reqs], [r.output_ids for r in reqs])
+        tokens = sample(penalised, params, [r.generator for r in reqs], positions)
         wanted = [i for i, r in enumerate(reqs) if r.return_logprob]
         if wanted:
             chosen, tops = logprob_report(logits[wanted], [tokens[i] for i in wanted],

@@ -20,7 +20,7 @@ import torch
 from engine.kv_pool import KVPool
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
-from engine.sampling import SamplingParams, logprob_report, sample
+from engine.sampling import SamplingParams, apply_penalties, logprob_report, sample
 
 
 @dataclass(eq=False)  # identity semantics: two requests with equal prompts are still distinct
@@ -164,9 +164,9 @@ class PrefillBatcher:
 
     def _sample_first_tokens(self, logits: torch.Tensor, jobs: list[PrefillJob]) -> None:
         device = self.kv_pool.tensor.device
-        tokens = sample(
-            logits, [job.params for job in jobs], [job.params.make_generator(device) for job in jobs]
-        )
+        params = [job.params for job in jobs]
+        penalised = apply_penalties(logits, params, [job.prompt_ids for job in jobs], [[] for _ in jobs])
+        tokens = sample(penalised, params, [job.params.make_generator(device) for job in jobs])
         chosen, tops = logprob_report(logits, tokens, [job.top_logprobs for job in jobs])
         for job, token, logprob, top in zip(jobs, tokens, chosen, tops, strict=True):
             job.first_token = token

@@ -146,6 +146,12 @@ class Case:
     max_new_tokens: int
     endpoint: str  # "/generate" | "/v1/completions"
     stream: bool
+    penalties: tuple[float, float, float] = (0.0, 0.0, 1.0)  # presence, frequency, repetition
+
+    def params(self) -> SamplingParams:
+        presence, frequency, repetition = self.penalties
+        return SamplingParams(max_new_tokens=self.max_new_tokens, presence_penalty=presence,
+                              frequency_penalty=frequency, repetition_penalty=repetition)
 
 
 def mixed_cases(n: int, seed: int, vocab: int, max_prompt: int = 300) -> list[Case]:
@@ -158,16 +164,21 @@ def mixed_cases(n: int, seed: int, vocab: int, max_prompt: int = 300) -> list[Ca
         )
         prompt = [rng.randrange(2, vocab) for _ in range(length)]
         endpoint = "/generate" if i % 4 < 2 else "/v1/completions"
-        cases.append(Case(prompt, rng.randrange(1, 17), endpoint, stream=i % 2 == 1))
+        # Every third request penalises repeats: the first token is drawn on the prefill side (prompt-only
+        # repetition penalty), the rest on decode (prompt and output).
+        penalties = (0.3, 0.5, 1.2) if i % 3 == 0 else (0.0, 0.0, 1.0)
+        cases.append(Case(prompt, rng.randrange(1, 17), endpoint, stream=i % 2 == 1, penalties=penalties))
     return cases
 
 
 def _body(case: Case) -> dict[str, Any]:
+    presence, frequency, repetition = case.penalties
+    penalties = {"presence_penalty": presence, "frequency_penalty": frequency, "repetition_penalty": repetition}
     if case.endpoint == "/generate":
         return {
             "input_ids": case.prompt,
             "stream": case.stream,
-            "sampling_params": {"max_new_tokens": case.max_new_tokens, "temperature": 0},
+            "sampling_params": {"max_new_tokens": case.max_new_tokens, "temperature": 0, **penalties},
             "return_logprob": True,  # the first from the prefill side, the rest from decode
             "top_logprobs_num": TOP_LOGPROBS,
         }
@@ -177,6 +188,7 @@ def _body(case: Case) -> dict[str, Any]:
         "max_tokens": case.max_new_tokens,
         "temperature": 0,
         "stream": case.stream,
+        **penalties,
     }
 
 
@@ -219,7 +231,7 @@ def backend_missing(kind: str) -> str | None:
 
 def expected_outputs(llm: LLM, cases: list[Case]) -> list[tuple[list[int], list[float], list[list[tuple[int, float]]]]]:
     """Greedy colocated generation of every case, batched together: ids, their logprobs, the alternatives."""
-    params = [SamplingParams(max_new_tokens=c.max_new_tokens) for c in cases]
+    params = [c.params() for c in cases]
     outputs = llm.generate([c.prompt for c in cases], params, return_logprob=True, top_logprobs=TOP_LOGPROBS)
     return [(o.token_ids, o.logprobs or [], o.top_logprobs or []) for o in outputs]
 

@@ -157,6 +157,42 @@ def test_top_logprobs_are_transformers_most_likely_tokens_at_each_position(parit
         assert max(abs(v - expected[t].item()) for t, v in top) < 1e-4, pos
 
 
+class _OpenAIPenalties:
+    """OpenAI's presence/frequency penalties as a transformers logits processor (over generated tokens)."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[0, self.prompt_len :]
+        if generated.numel():
+            ids, counts = generated.unique(return_counts=True)
+            scores = scores.clone()
+            scores[0, ids] -= self.frequency * counts.to(scores.dtype) + self.presence
+        return scores
+
+
+@pytest.mark.parametrize(("repetition", "presence", "frequency"), [(1.3, 0.0, 0.0), (1.0, 0.4, 0.6), (1.2, -0.3, 0.5)])
+def test_greedy_tokens_with_penalties_equal_transformers(parity: Parity, repetition: float, presence: float,
+                                                         frequency: float) -> None:
+    """Repetition as transformers' own `repetition_penalty`; presence/frequency as OpenAI defines them."""
+    model = parity.hf_model
+    model.generation_config.eos_token_id = None
+    params = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True,
+                            repetition_penalty=repetition, presence_penalty=presence, frequency_penalty=frequency)
+    ours = parity.llm.generate(parity.prompts, params)
+    plain = parity.batched
+    for prompt, out in zip(parity.prompts, ours, strict=True):
+        ids = torch.tensor([prompt])
+        processors = transformers.LogitsProcessorList([_OpenAIPenalties(len(prompt), presence, frequency)])
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                 do_sample=False, pad_token_id=0, repetition_penalty=repetition,
+                                 logits_processor=processors)
+        assert out.token_ids == ref[0, len(prompt) :].tolist(), (parity.variant, len(prompt))
+    assert any(o.token_ids != b for o, b in zip(ours, plain, strict=True))  # the penalties changed something
+
+
 def test_batched_prompts_give_the_same_tokens_as_one_at_a_time(parity: Parity) -> None:
     for prompt, together in zip(parity.prompts, parity.batched, strict=True):
         alone = parity.llm.generate([prompt], GREEDY)[0]

@@ -257,7 +257,8 @@ def test_stop_strings_end_the_text_and_the_request(server: tuple[str, ScriptedBa
     ("body", "needle"),
     [
         ({"prompt": "a", "n": 2}, "'n' is not supported"),
-        ({"prompt": "a", "presence_penalty": 0.5}, "'presence_penalty'"),
+        ({"prompt": "a", "presence_penalty": 2.5}, "'presence_penalty' must be in [-2, 2]"),
+        ({"prompt": "a", "repetition_penalty": 0}, "'repetition_penalty' must be in (0, 10]"),
         ({"prompt": "a", "logit_bias": {"5": 10}}, "'logit_bias'"),
         ({"prompt": "a", "stop": ["ok", ""]}, "'stop' must be"),
         ({"prompt": "a", "stop": [str(i) for i in range(17)]}, "at most 16"),

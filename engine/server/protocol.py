@@ -94,6 +94,14 @@ def parse_sampling(body: dict, params: dict | None = None, default_max_tokens: i
     top_p = float(_get(src, "top_p", (int, float), 1.0))
     top_k = _get(src, "top_k", int, -1)
     seed = _get(src, "seed", int, None)
+    presence = float(_get(src, "presence_penalty", (int, float), 0.0))
+    frequency = float(_get(src, "frequency_penalty", (int, float), 0.0))
+    repetition = float(_get(src, "repetition_penalty", (int, float), 1.0))
+    for name, value in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+        if not -2.0 <= value <= 2.0:
+            raise RequestError(f"'{name}' must be in [-2, 2], got {value}")
+    if not 0 < repetition <= 10:
+        raise RequestError(f"'repetition_penalty' must be in (0, 10], got {repetition}")
     stop_ids = _get(src, "stop_token_ids", list, [])
     if max_new < 1:
         raise RequestError(f"max tokens must be at least 1, got {max_new}")
@@ -113,6 +121,9 @@ def parse_sampling(body: dict, params: dict | None = None, default_max_tokens: i
         max_new_tokens=max_new,
         stop_token_ids=list(stop_ids),
         ignore_eos=bool(_get(src, "ignore_eos", bool, False)),
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        repetition_penalty=repetition,
     )
 
 
@@ -258,8 +269,7 @@ MAX_STOP_STRINGS = 16
 # OpenAI / SGLang fields this server does not implement, with the value that asks for nothing: any other
 # value is refused (400) rather than quietly ignored.
 UNSUPPORTED = {
-    "n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1,
-    "logit_bias": None, "suffix": None, "min_tokens": 0, "min_new_tokens": 0, "regex": None,
+    "n": 1, "best_of": 1, "logit_bias": None, "suffix": None, "min_tokens": 0, "min_new_tokens": 0, "regex": None,
     "json_schema": None, "response_format": None, "tools": None, "logprob_start_len": -1, "no_stop_trim": False,
     "include_stop_str_in_output": False,
 }  # fmt: skip

@@ -1,0 +1,39 @@
+"""Sampling penalties (`engine.sampling.apply_penalties`) against their definitions, worked by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.sampling import SamplingParams, apply_penalties
+
+
+def test_repetition_divides_positive_and_multiplies_negative_logits_of_seen_tokens() -> None:
+    logits = torch.tensor([[2.0, -1.0, 3.0, 0.5]])
+    p = SamplingParams(repetition_penalty=2.0)
+    out = apply_penalties(logits, [p], prompts=[[0, 1]], outputs=[[1]])
+    assert out.tolist() == [[1.0, -2.0, 3.0, 0.5]]  # tokens 0 and 1 seen; 2 and 3 untouched
+
+
+def test_frequency_and_presence_subtract_per_count_and_once_over_the_output_only() -> None:
+    logits = torch.zeros(1, 5)
+    p = SamplingParams(frequency_penalty=0.5, presence_penalty=1.0)
+    out = apply_penalties(logits, [p], prompts=[[4, 4, 4]], outputs=[[2, 2, 2, 3]])
+    assert out.tolist() == [[0.0, 0.0, -2.5, -1.5, 0.0]]  # the prompt's token 4 is not penalised
+
+
+def test_rows_without_penalties_are_left_as_they_were_and_nothing_is_copied_when_none_have_any() -> None:
+    logits = torch.randn(2, 6)
+    plain, penalised = SamplingParams(), SamplingParams(presence_penalty=-2.0)
+    assert apply_penalties(logits, [plain, plain], [[1], [2]], [[3], [4]]) is logits
+    out = apply_penalties(logits, [plain, penalised], [[1], [2]], [[3], [4]])
+    assert torch.equal(out[0], logits[0].float()) and out[1, 4] == logits[1, 4] + 2.0
+    assert torch.equal(out[1, :4], logits[1, :4].float())
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"presence_penalty": 2.1}, "presence_penalty"),
+                                                 ({"frequency_penalty": -3}, "frequency_penalty"),
+                                                 ({"repetition_penalty": 0.0}, "repetition_penalty")])
+def test_out_of_range_penalties_name_the_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
