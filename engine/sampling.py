@@ -16,7 +16,8 @@ class SamplingParams:
     token is kept in the output), or after ``max_new_tokens``.
     Penalties (``apply_penalties``), applied to the logits before any of the above: OpenAI's
     ``presence_penalty`` and ``frequency_penalty`` (over the output so far, in [-2, 2]) and
-    ``repetition_penalty`` (over prompt and output, transformers' rule; 1.0 = off).
+    ``repetition_penalty`` (over prompt and output, transformers' rule; 1.0 = off), then OpenAI's
+    ``logit_bias`` ((token id, bias) pairs, bias in [-100, 100], added to those tokens' logits).
     """
 
     temperature: float = 0.0
@@ -29,8 +30,13 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
+        for token, bias in self.logit_bias:
+            if token < 0 or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias entries must be (token id >= 0, bias in [-100, 100]), got {token}: {bias}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
@@ -52,7 +58,8 @@ class SamplingParams:
 
     @property
     def penalised(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     def step_seed(self, position: int) -> int:
         """The generator seed for the output token at ``position`` of a seeded request: a function of
@@ -105,6 +112,10 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
         if (p.frequency_penalty or p.presence_penalty) and outputs[i]:
             ids, counts = torch.tensor(outputs[i], dtype=torch.long, device=out.device).unique(return_counts=True)
             row[ids] -= p.frequency_penalty * counts.to(out.dtype) + p.presence_penalty
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias if t < row.shape[0]], dtype=torch.long, device=out.device)
+            biases = [b for t, b in p.logit_bias if t < row.shape[0]]
+            row[ids] += torch.tensor(biases, dtype=out.dtype, device=out.device)
     return out
 
 

@@ -37,3 +37,23 @@ def test_rows_without_penalties_are_left_as_they_were_and_nothing_is_copied_when
 def test_out_of_range_penalties_name_the_field(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_logit_bias_adds_to_the_named_tokens_and_can_force_or_ban_one() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    out = apply_penalties(logits, [SamplingParams(logit_bias=((0, 5.0), (2, -100.0)))], [[]], [[]])
+    assert out.tolist() == [[6.0, 2.0, -97.0]]
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=((1, 101.0),))
+
+
+def test_a_forced_token_is_what_greedy_generation_emits(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from engine.llm import LLM
+    from engine.tiny_model import write_tiny_model
+
+    llm = LLM(write_tiny_model(tmp_path / "tiny"), page_size=16)
+    try:
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4, ignore_eos=True, logit_bias=((77, 100.0),)))
+        assert out[0].token_ids == [77, 77, 77, 77]
+    finally:
+        llm.close()

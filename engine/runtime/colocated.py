@@ -106,7 +106,8 @@ def to_sampling_params(spec: SamplingSpec) -> SamplingParams:
     return SamplingParams(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, seed=spec.seed,
                           max_new_tokens=spec.max_new_tokens, stop_token_ids=tuple(spec.stop_token_ids),
                           ignore_eos=spec.ignore_eos, presence_penalty=spec.presence_penalty,
-                          frequency_penalty=spec.frequency_penalty, repetition_penalty=spec.repetition_penalty)
+                          frequency_penalty=spec.frequency_penalty, repetition_penalty=spec.repetition_penalty,
+                          logit_bias=tuple(spec.logit_bias))
 
 
 def error_output(rid: str, message: str) -> TokenOutput:

@@ -27,6 +27,7 @@ class SamplingSpec:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass

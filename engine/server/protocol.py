@@ -81,6 +81,26 @@ DEFAULT_MAX_TOKENS = {"completion": 16, "generate": 128}
 CHAT_DEFAULT_MAX_TOKENS = 4096
 
 
+def _parse_logit_bias(value: Any) -> list[tuple[int, float]]:
+    """OpenAI's `logit_bias`: {"token id": bias in [-100, 100]} (ids as strings, as JSON keys are)."""
+    if value is None or value == {}:
+        return []
+    if not isinstance(value, dict):
+        raise RequestError("'logit_bias' must be an object mapping token ids to biases")
+    out = []
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise RequestError(f"'logit_bias' keys must be token ids, got {key!r}") from None
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise RequestError(f"'logit_bias' values must be numbers in [-100, 100], got {bias!r}")
+        if not 0 <= token < 2**63:
+            raise RequestError(f"'logit_bias' token id {token} is out of range")
+        out.append((token, float(bias)))
+    return out
+
+
 def parse_sampling(body: dict, params: dict | None = None, default_max_tokens: int = 16) -> SamplingSpec:
     """OpenAI fields (`max_tokens`, `temperature`, ...) or SGLang's `sampling_params` dict. Temperature
     defaults to 1.0 in both, as in OpenAI's API and SGLang's."""
@@ -102,6 +122,7 @@ def parse_sampling(body: dict, params: dict | None = None, default_max_tokens: i
             raise RequestError(f"'{name}' must be in [-2, 2], got {value}")
     if not 0 < repetition <= 10:
         raise RequestError(f"'repetition_penalty' must be in (0, 10], got {repetition}")
+    logit_bias = _parse_logit_bias(src.get("logit_bias"))
     stop_ids = _get(src, "stop_token_ids", list, [])
     if max_new < 1:
         raise RequestError(f"max tokens must be at least 1, got {max_new}")
@@ -124,6 +145,7 @@ def parse_sampling(body: dict, params: dict | None = None, default_max_tokens: i
         presence_penalty=presence,
         frequency_penalty=frequency,
         repetition_penalty=repetition,
+        logit_bias=logit_bias,
     )
 
 
@@ -269,7 +291,7 @@ MAX_STOP_STRINGS = 16
 # OpenAI / SGLang fields this server does not implement, with the value that asks for nothing: any other
 # value is refused (400) rather than quietly ignored.
 UNSUPPORTED = {
-    "n": 1, "best_of": 1, "logit_bias": None, "suffix": None, "min_tokens": 0, "min_new_tokens": 0, "regex": None,
+    "n": 1, "best_of": 1, "suffix": None, "min_tokens": 0, "min_new_tokens": 0, "regex": None,
     "json_schema": None, "response_format": None, "tools": None, "logprob_start_len": -1, "no_stop_trim": False,
     "include_stop_str_in_output": False,
 }  # fmt: skip
@@ -316,6 +338,9 @@ def parse_request(
     else:
         default_max = DEFAULT_MAX_TOKENS[kind]
     sampling = parse_sampling(body, params_src, default_max)
+    biased = [t for t, _ in sampling.logit_bias if t >= vocab_size]
+    if biased:
+        raise RequestError(f"'logit_bias' token id {biased[0]} is outside the vocabulary [0, {vocab_size})")
     if len(ids) + sampling.max_new_tokens > max_context:
         raise RequestError(
             f"prompt ({len(ids)} tokens) + max tokens ({sampling.max_new_tokens}) exceeds the context "
