@@ -18,6 +18,7 @@ class SamplingParams:
     ``presence_penalty`` and ``frequency_penalty`` (over the output so far, in [-2, 2]) and
     ``repetition_penalty`` (over prompt and output, transformers' rule; 1.0 = off), then OpenAI's
     ``logit_bias`` ((token id, bias) pairs, bias in [-100, 100], added to those tokens' logits).
+    ``min_new_tokens``: until the output has this many tokens, EOS and ``stop_token_ids`` cannot be drawn.
     """
 
     temperature: float = 0.0
@@ -31,8 +32,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens!r}")
         object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
         for token, bias in self.logit_bias:
             if token < 0 or not -100.0 <= bias <= 100.0:
@@ -59,7 +63,7 @@ class SamplingParams:
     @property
     def penalised(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
+                    or self.logit_bias or self.min_new_tokens)
 
     def step_seed(self, position: int) -> int:
         """The generator seed for the output token at ``position`` of a seeded request: a function of
@@ -94,7 +98,7 @@ def _mix64(x: int) -> int:
 
 
 def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
-                    outputs: list[list[int]]) -> torch.Tensor:
+                    outputs: list[list[int]], eos_token_ids: tuple[int, ...] = ()) -> torch.Tensor:
     """``logits`` ``[B, V]`` with each row's penalties applied (a new float32 tensor when any row has some,
     else ``logits`` itself). Repetition (transformers' RepetitionPenaltyLogitsProcessor): every token of
     prompt and output has its logit divided by the penalty when positive, multiplied when negative. Then
@@ -116,6 +120,10 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
             ids = torch.tensor([t for t, _ in p.logit_bias if t < row.shape[0]], dtype=torch.long, device=out.device)
             biases = [b for t, b in p.logit_bias if t < row.shape[0]]
             row[ids] += torch.tensor(biases, dtype=out.dtype, device=out.device)
+        if len(outputs[i]) < p.min_new_tokens:
+            banned = [t for t in (*p.stop_token_ids, *(() if p.ignore_eos else eos_token_ids)) if t < row.shape[0]]
+            if banned:
+                row[torch.tensor(banned, dtype=torch.long, device=out.device)] = float("-inf")
     return out
 
 

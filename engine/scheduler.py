@@ -206,7 +206,8 @@ class Scheduler:
         # in another process (add_prefilled).
         positions = [len(r.output_ids) for r in reqs]
         params = [r.params for r in reqs]
-        penalised = apply_penalties(logits, params, [r.prompt_ids for r in reqs], [r.output_ids for r in reqs])
+        penalised = apply_penalties(logits, params, [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
+                                    self.eos_token_ids)
         tokens = sample(penalised, params, [r.generator for r in reqs], positions)
         wanted = [i for i, r in enumerate(reqs) if r.return_logprob]
         if wanted:

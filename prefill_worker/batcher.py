@@ -165,7 +165,8 @@ class PrefillBatcher:
     def _sample_first_tokens(self, logits: torch.Tensor, jobs: list[PrefillJob]) -> None:
         device = self.kv_pool.tensor.device
         params = [job.params for job in jobs]
-        penalised = apply_penalties(logits, params, [job.prompt_ids for job in jobs], [[] for _ in jobs])
+        penalised = apply_penalties(logits, params, [job.prompt_ids for job in jobs], [[] for _ in jobs],
+                                    self.model.config.eos_token_ids)
         tokens = sample(penalised, params, [job.params.make_generator(device) for job in jobs])
         chosen, tops = logprob_report(logits, tokens, [job.top_logprobs for job in jobs])
         for job, token, logprob, top in zip(jobs, tokens, chosen, tops, strict=True):

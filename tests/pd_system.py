@@ -147,11 +147,13 @@ class Case:
     endpoint: str  # "/generate" | "/v1/completions"
     stream: bool
     penalties: tuple[float, float, float] = (0.0, 0.0, 1.0)  # presence, frequency, repetition
+    min_new_tokens: int = 0
 
     def params(self) -> SamplingParams:
         presence, frequency, repetition = self.penalties
         return SamplingParams(max_new_tokens=self.max_new_tokens, presence_penalty=presence,
-                              frequency_penalty=frequency, repetition_penalty=repetition)
+                              frequency_penalty=frequency, repetition_penalty=repetition,
+                              min_new_tokens=self.min_new_tokens)
 
 
 def mixed_cases(n: int, seed: int, vocab: int, max_prompt: int = 300) -> list[Case]:
@@ -167,13 +169,16 @@ def mixed_cases(n: int, seed: int, vocab: int, max_prompt: int = 300) -> list[Ca
         # Every third request penalises repeats: the first token is drawn on the prefill side (prompt-only
         # repetition penalty), the rest on decode (prompt and output).
         penalties = (0.3, 0.5, 1.2) if i % 3 == 0 else (0.0, 0.0, 1.0)
-        cases.append(Case(prompt, rng.randrange(1, 17), endpoint, stream=i % 2 == 1, penalties=penalties))
+        max_new = rng.randrange(1, 17)
+        cases.append(Case(prompt, max_new, endpoint, stream=i % 2 == 1, penalties=penalties,
+                          min_new_tokens=min(2, max_new) if i % 3 == 0 else 0))
     return cases
 
 
 def _body(case: Case) -> dict[str, Any]:
     presence, frequency, repetition = case.penalties
-    penalties = {"presence_penalty": presence, "frequency_penalty": frequency, "repetition_penalty": repetition}
+    penalties = {"presence_penalty": presence, "frequency_penalty": frequency, "repetition_penalty": repetition,
+                 "min_tokens": case.min_new_tokens}
     if case.endpoint == "/generate":
         return {
             "input_ids": case.prompt,

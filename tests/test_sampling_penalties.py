@@ -57,3 +57,32 @@ def test_a_forced_token_is_what_greedy_generation_emits(tmp_path) -> None:  # ty
         assert out[0].token_ids == [77, 77, 77, 77]
     finally:
         llm.close()
+
+
+def test_min_new_tokens_bans_eos_and_stop_tokens_until_reached() -> None:
+    logits = torch.tensor([[5.0, 1.0, 4.0, 0.0]])
+    p = SamplingParams(max_new_tokens=8, min_new_tokens=2, stop_token_ids=(2,))
+    early = apply_penalties(logits, [p], [[3]], [[1]], eos_token_ids=(0,))
+    assert early.tolist() == [[float("-inf"), 1.0, float("-inf"), 0.0]]
+    assert apply_penalties(logits, [p], [[3]], [[1, 1]], eos_token_ids=(0,)).tolist() == logits.tolist()
+    keep_eos = SamplingParams(max_new_tokens=8, min_new_tokens=2, ignore_eos=True)
+    assert apply_penalties(logits, [keep_eos], [[3]], [[]], eos_token_ids=(0,))[0, 0] == 5.0
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingParams(max_new_tokens=2, min_new_tokens=3)
+
+
+def test_min_new_tokens_holds_generation_past_a_stop_token(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from engine.llm import LLM
+    from engine.tiny_model import write_tiny_model
+
+    llm = LLM(write_tiny_model(tmp_path / "tiny"), page_size=16)
+    try:
+        first = llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids
+        stop = (first[0],)  # the greedy first token, declared a stop token
+        assert llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=6, stop_token_ids=stop,
+                                                        ignore_eos=True))[0].token_ids == [first[0]]
+        held = llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=6, stop_token_ids=stop, ignore_eos=True,
+                                                        min_new_tokens=3))[0].token_ids
+        assert len(held) >= 3 and stop[0] not in held[:3]
+    finally:
+        llm.close()

@@ -262,6 +262,7 @@ def test_stop_strings_end_the_text_and_the_request(server: tuple[str, ScriptedBa
         ({"prompt": "a", "logit_bias": {"5": 101}}, "'logit_bias' values must be numbers in [-100, 100]"),
         ({"prompt": "a", "logit_bias": {"999": 1}}, "outside the vocabulary"),
         ({"prompt": "a", "logit_bias": {"x": 1}}, "'logit_bias' keys must be token ids"),
+        ({"prompt": "a", "max_tokens": 4, "min_tokens": 5}, "min tokens must be between 0 and the max tokens"),
         ({"prompt": "a", "stop": ["ok", ""]}, "'stop' must be"),
         ({"prompt": "a", "stop": [str(i) for i in range(17)]}, "at most 16"),
         ({"prompt": "a", "echo": True, "logprobs": 0}, "log-probabilities of the prompt"),

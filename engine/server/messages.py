@@ -28,6 +28,7 @@ class SamplingSpec:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: list[tuple[int, float]] = field(default_factory=list)
+    min_new_tokens: int = 0
 
 
 @dataclass

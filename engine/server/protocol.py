@@ -123,6 +123,11 @@ def parse_sampling(body: dict, params: dict | None = None, default_max_tokens: i
     if not 0 < repetition <= 10:
         raise RequestError(f"'repetition_penalty' must be in (0, 10], got {repetition}")
     logit_bias = _parse_logit_bias(src.get("logit_bias"))
+    min_new = _get(src, "min_new_tokens", int, None)
+    if min_new is None:
+        min_new = _get(src, "min_tokens", int, 0)  # vLLM's name
+    if not 0 <= min_new <= max_new:
+        raise RequestError(f"min tokens must be between 0 and the max tokens ({max_new}), got {min_new}")
     stop_ids = _get(src, "stop_token_ids", list, [])
     if max_new < 1:
         raise RequestError(f"max tokens must be at least 1, got {max_new}")
@@ -146,6 +151,7 @@ def parse_sampling(body: dict, params: dict | None = None, default_max_tokens: i
         frequency_penalty=frequency,
         repetition_penalty=repetition,
         logit_bias=logit_bias,
+        min_new_tokens=min_new,
     )
 
 
@@ -291,7 +297,7 @@ MAX_STOP_STRINGS = 16
 # OpenAI / SGLang fields this server does not implement, with the value that asks for nothing: any other
 # value is refused (400) rather than quietly ignored.
 UNSUPPORTED = {
-    "n": 1, "best_of": 1, "suffix": None, "min_tokens": 0, "min_new_tokens": 0, "regex": None,
+    "n": 1, "best_of": 1, "suffix": None, "regex": None,
     "json_schema": None, "response_format": None, "tools": None, "logprob_start_len": -1, "no_stop_trim": False,
     "include_stop_str_in_output": False,
 }  # fmt: skip
