@@ -100,7 +100,7 @@ class LLM:
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams],
                  use_tqdm: bool = False, return_logprob: bool = False, top_logprobs: int = 0) -> list[Output]:
         """Generate for every prompt, all batched together; outputs in prompt order. `return_logprob`: each
-        output token's log-probability under the model (`engine.sampling.chosen_logprobs`) too, and with
+        output token's log-probability under the model (`engine.sampling.logprob_report`) too, and with
         `top_logprobs` > 0 that many most likely tokens at each position (token id, logprob).
 
         Every prompt is validated before any work starts, so a bad one leaves nothing queued.

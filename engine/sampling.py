@@ -162,17 +162,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return out
 
 
-def chosen_logprobs(logits: torch.Tensor, tokens: list[int]) -> list[float]:
-    """log p(token) per row of ``logits`` ``[B, V]`` under the model's distribution: float32 log_softmax of
-    the raw logits (before temperature, top-k, top-p), as the prefill side computes the first token's."""
-    return logprob_report(logits, tokens, [0] * len(tokens))[0]
-
-
 def logprob_report(
     logits: torch.Tensor, tokens: list[int], top_ks: list[int]
 ) -> tuple[list[float], list[list[tuple[int, float]]]]:
-    """Per row: the chosen token's logprob (`chosen_logprobs`) and the `top_ks[row]` most likely tokens with
-    theirs, best first (empty where 0)."""
+    """Per row of ``logits`` ``[B, V]``: the chosen token's log-probability under the model's distribution
+    (float32 log_softmax of the raw logits: before penalties, temperature, top-k, top-p; prefill and
+    decode compute it alike) and the ``top_ks[row]`` most likely tokens with theirs, best first."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     index = torch.tensor(tokens, dtype=torch.long, device=logits.device)[:, None]
     chosen = logprobs.gather(1, index).squeeze(1).tolist()

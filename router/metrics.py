@@ -36,13 +36,6 @@ class Histogram:
         self.total += value
         self.count += 1
 
-    def cumulative(self) -> list[tuple[str, int]]:
-        out, running = [], 0
-        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            running += n
-            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
-        return out
-
 
 @dataclass
 class WorkerStats:
@@ -129,6 +122,8 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _cumulative(counts: list[int]) -> list[tuple[str, int]]:
+    """Prometheus buckets (upper bound, running count) of a snapshot's histogram counts; every router
+    histogram has the LATENCY_BUCKETS_S bounds (snapshots carry counts only)."""
     out, running = [], 0
     for bound, n in zip((*LATENCY_BUCKETS_S, float("inf")), counts, strict=True):
         running += n

@@ -208,19 +208,19 @@ class RankTransport:
     def __init__(self, kv: KVArgs, role: str, rank: int, pool: torch.Tensor) -> None:
         # Peers address an engine by name: unique per rank of every instance, also across restarts.
         name = f"{role}-{uuid.uuid4().hex[:8]}-{os.getpid()}-r{rank}"
-        device = "cpu" if pool.device.type == "cpu" else f"cuda:{pool.device.index or 0}"
+        self.layout = PageLayout.from_tensor(pool)
+        device = self.layout.device
         options: dict[str, object] = {"hostname": kv.host, "protocol": kv.mooncake_protocol}
         if kv.backend == "nixl":
             threads = kv.nixl_threads if kv.nixl_threads is not None else nixl_threads_for(device)
             options = {"progress_thread": kv.progress_thread, "num_threads": threads}
         self.engine: TransferEngine = make_engine(kv.backend, name, **options)
         try:
-            self.layout = PageLayout.from_tensor(pool)
             # Host memory, unless the transport moves GPU memory only (kvtransfer.auxdata).
             aux_device = device if kv.backend == "mooncake" and kv.mooncake_protocol == "nvlink_intra" else "cpu"
             self._aux_buffer = torch.zeros(kv.aux_slots * AUX_SLOT_BYTES, dtype=torch.uint8, device=aux_device)
             self.aux = AuxLayout(self._aux_buffer.data_ptr(), AUX_SLOT_BYTES, kv.aux_slots, aux_device)
-            self.engine.register(self.layout.base_ptr, self.layout.pool_bytes, self.layout.device)
+            self.engine.register(self.layout.base_ptr, self.layout.pool_bytes, device)
             self.engine.register(self.aux.base_ptr, self.aux.pool_bytes, aux_device)
         except BaseException:
             self.engine.close()

@@ -8,6 +8,7 @@ SSE framing, and abort on client disconnect; it never touches torch.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -173,12 +174,11 @@ class WorkerApp:
                 await asyncio.shield(self.backend.abort(parsed.request.rid))
 
     async def _stop_early(self, parsed: ParsedRequest, out: TokenOutput) -> TokenOutput:
-        """A stop string ended the text before the engine ended the request: end it there too. Returns
-        the output to answer with (finished, "stop")."""
+        """A stop string ended the text with `out`: end the engine's request there too (unless it ended
+        already). Returns `out` as the last output, finished with reason "stop"."""
         if not out.finished:
             await self.backend.abort(parsed.request.rid)
-        return TokenOutput(rid=out.rid, token_ids=[], finished=True, finish_reason="stop",
-                           prompt_tokens=out.prompt_tokens)  # fmt: skip
+        return dataclasses.replace(out, finished=True, finish_reason="stop")
 
     async def _collect(self, parsed: ParsedRequest) -> web.Response:
         detok = IncrementalDetokenizer(self.codec, parsed.stop)
@@ -231,9 +231,7 @@ class WorkerApp:
             tops.extend(out.top_logprobs)
             stopping = detok.stopped is not None
             if stopping:
-                ended = await self._stop_early(parsed, out)
-                out = TokenOutput(rid=out.rid, token_ids=out.token_ids, finished=True, finish_reason="stop",
-                                  prompt_tokens=ended.prompt_tokens)  # fmt: skip
+                out = await self._stop_early(parsed, out)
             if parsed.kind == "generate":
                 chunk = generate_response(parsed, detok.text, list(detok.ids),
                                           out.finish_reason if out.finished else None, prompt_tokens, logprobs, tops,

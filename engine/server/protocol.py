@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvtransfer import protocol as pd
+from kvtransfer.auxdata import MAX_TOP_LOGPROBS  # a PD request's aux slot carries the first token's
 
 from ..chat_template import ChatTemplate, ChatTemplateError
 from .messages import BootstrapInfo, GenerateRequest, SamplingSpec
@@ -238,9 +239,6 @@ def _input_ids(body: dict, codec: TextCodec, vocab_size: int, kind: str,
     return ids, text
 
 
-MAX_TOP_LOGPROBS = 20  # as OpenAI; the aux slot of a PD request holds this many (kvtransfer.auxdata)
-
-
 def _logprob_request(body: dict, kind: str) -> tuple[bool, int]:
     """(return each output token's log-probability, how many top alternatives per position). OpenAI chat:
     `logprobs: true` + `top_logprobs: k`; completions: `logprobs: k` (0: the chosen token's only); SGLang
@@ -338,7 +336,8 @@ def parse_request(
         raise RequestError("'sampling_params' must be an object")
     options_src = params_src if params_src is not None else body
     _check_unsupported(body)
-    _check_unsupported(options_src)
+    if options_src is not body:
+        _check_unsupported(options_src)
     if kind == "chat":
         default_max = max(1, min(CHAT_DEFAULT_MAX_TOKENS, max_context - len(ids)))
     else:
