@@ -9,6 +9,10 @@ pool, timed eagerly (``model(batch)``) and through ``engine.cuda_graph.CudaGraph
 host-side batch build excluded from both. Also reports how close the two paths' logits are. Prints a
 table; writes JSON. On CPU the runner cannot capture and runs its padded static path eagerly (a smoke
 test of this script, not a measurement).
+
+The headline is step / floor (`bench.decode_floor`): the bytes the step must read — the weights of the
+experts its router selected (counted per layer), every other weight, the KV — over a `copy_` timed in the
+same run; and the kernels a graph replay launches (profiler). Also writes a PNG beside the JSON.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 import torch
 
+from bench.decode_floor import copy_bandwidth, kernels_per_step, plot, selected_experts, step_bytes
 from engine.config import ModelConfig
 from engine.cuda_graph import CudaGraphRunner
 from engine.forward_batch import ForwardBatch, ForwardMode
@@ -120,6 +125,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Random latents stand in for a prefilled context; scaled like kv_a_layernorm's output.
         assert pages == list(range(pages[0], pages[0] + len(pages)))  # a fresh pool hands out one run
         pool.tensor[pages[0] : pages[-1] + 1].normal_(generator=torch.Generator(device=device).manual_seed(0))
+        bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+        if bandwidth:
+            log.info("copy_ bandwidth %.0f GB/s", bandwidth / 1e9)
         started = time.monotonic()
         runner = CudaGraphRunner(model, pool, max(sizes), max_context_len=args.context + 1)
         capture_s = time.monotonic() - started
@@ -135,6 +143,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rel = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
             rows.append({"batch_size": bs, "eager": eager, "graph": graph, "speedup": eager["ms"] / graph["ms"],
                          "logits_rel_err": rel, "argmax_agree": agree})
+            experts = selected_experts(model, lambda b=batch: model(b))
+            moved = step_bytes(model, batch, experts)
+            rows[-1].update({"experts_selected_per_layer": experts, "step_bytes": moved})
+            if bandwidth:
+                floor_ms = moved["total"] / bandwidth * 1e3
+                rows[-1].update({"floor_ms": floor_ms, "floor_ratio": graph["ms"] / floor_ms,
+                                 "kernels_per_step": kernels_per_step(lambda b=batch: runner(b), device)})
             if args.profile and device.type == "cuda":
                 rows[-1]["graph_profile"] = profile_kernels(lambda b=batch: runner(b), device)
             log.info("batch %d: eager %.2f ms, graph %.2f ms (%.1fx)", bs, eager["ms"], graph["ms"],
@@ -148,14 +163,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"bench": "decode_step", "device": name, "torch": torch.__version__, "model": args.model_config,
             "load_format": args.load_format, "dtype": str(dtype).removeprefix("torch."), "context": args.context,
             "page_size": args.page_size, "iters": args.iters, "captured": device.type == "cuda",
-            "load_s": load_s, "capture_s": capture_s, "results": rows}
+            "load_s": load_s, "capture_s": capture_s, "copy_bandwidth_gbs": bandwidth / 1e9 if bandwidth else None,
+            "headline": {str(r["batch_size"]): {"floor_ratio": r.get("floor_ratio"),
+                                                "kernels_per_step": r.get("kernels_per_step")} for r in rows},
+            "results": rows}
 
 
 def print_table(report: dict[str, Any]) -> None:
     print(f"decode step, {report['model']} {report['dtype']} on {report['device']}, context {report['context']}")
-    print(f"{'batch':>6} {'eager ms':>10} {'graph ms':>10} {'speedup':>8} {'argmax agree':>13} {'rel err':>9}")
+    print(f"{'batch':>6} {'graph ms':>9} {'floor ms':>9} {'step/floor':>10} {'kernels':>8} {'eager ms':>9} "
+          f"{'argmax agree':>13} {'rel err':>9}")
     for r in report["results"]:
-        print(f"{r['batch_size']:>6} {r['eager']['ms']:>10.3f} {r['graph']['ms']:>10.3f} {r['speedup']:>7.2f}x "
+        floor = f"{r['floor_ms']:>9.3f} {r['floor_ratio']:>9.2f}x {r['kernels_per_step']:>8.0f}" if "floor_ms" in r \
+            else f"{'-':>9} {'-':>10} {'-':>8}"
+        print(f"{r['batch_size']:>6} {r['graph']['ms']:>9.3f} {floor} {r['eager']['ms']:>9.3f} "
               f"{r['argmax_agree']:>13.3f} {r['logits_rel_err']:>9.2e}")
     for r in report["results"]:
         for k in r.get("graph_profile", []):
@@ -172,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"decode_step_{kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, str(out.with_suffix(".png")))
     print(f"wrote {out}")
     return 0
 

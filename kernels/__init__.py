@@ -30,6 +30,7 @@ _FAST: dict[str, tuple[str, str]] = {
     "router_topk": ("kernels.triton_decode_fused", "router_topk_triton"),
     "moe_scatter_rows": ("kernels.triton_decode_fused", "moe_scatter_rows_triton"),
     "moe_combine": ("kernels.triton_decode_fused", "moe_combine_triton"),
+    "gated_mlp": ("kernels.triton_moe", "gated_mlp_triton"),
 }
 _REFERENCE: dict[str, Callable[..., Any]] = {
     "mla_prefill_attention": mla.mla_prefill_attention,
@@ -42,6 +43,7 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "router_topk": decode_fused.router_topk,
     "moe_scatter_rows": decode_fused.moe_scatter_rows,
     "moe_combine": decode_fused.moe_combine,
+    "gated_mlp": moe.gated_mlp,
 }
 
 
@@ -107,3 +109,7 @@ def moe_scatter_rows(hidden: torch.Tensor, topk_ids: torch.Tensor,
 def moe_combine(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 add: torch.Tensor | None = None) -> torch.Tensor:
     return get_op("moe_combine", y)(y, dest, topk_ids, topk_weights, add)
+
+
+def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return get_op("gated_mlp", x)(x, gate_up, down)

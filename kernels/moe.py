@@ -69,3 +69,10 @@ def moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
         if count > 0:
             out[expert, :count] = _expert_mlp(x[expert, :count], w13[expert], w2[expert]).to(x.dtype)
     return out
+
+
+def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """A dense SiLU-gated MLP: x ``[T, D]``, gate_up ``[2I, D]`` (gate rows then up rows), down ``[D, I]``.
+    Gate and up are separate products, as two linear layers compute them (the same bits)."""
+    half = gate_up.shape[0] // 2
+    return F.linear(F.silu(F.linear(x, gate_up[:half])) * F.linear(x, gate_up[half:]), down)

@@ -433,3 +433,17 @@ def moe_forward_gpu(
 # Measured on one H100 (bench/results/kernels_gpu.json, V2-Lite experts): torch._grouped_mm beat the
 # Triton grouped GEMM at 4096 tokens (1.74 vs 1.87 ms) and at 512 tokens (0.65 vs 1.02 ms).
 PREFER_GROUPED_MM = True
+
+
+def gated_mlp_triton(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """`kernels.moe.gated_mlp` as one expert of the masked grouped GEMM (gate, up and SiLU in one kernel, the
+    down projection in a second): the decode batch's rows are the expert's rows."""
+    if x.dim() != 2 or x.stride(1) != 1 or x.dtype != gate_up.dtype or x.shape[0] == 0:
+        from kernels.moe import gated_mlp
+
+        return gated_mlp(x, gate_up, down)
+    rows = x.shape[0]
+    counts = torch.full((1,), rows, dtype=torch.int32, device=x.device)
+    out = moe_forward_masked_triton(x.unsqueeze(0), counts, gate_up.unsqueeze(0), down.unsqueeze(0),
+                                    expected_rows_per_expert=rows)
+    return out.squeeze(0)

@@ -154,3 +154,18 @@ def test_triton_kernels_equal_the_references_on_the_gpu(dtype: torch.dtype) -> N
     tolerance = 1e-4 if dtype == torch.float32 else 0.07
     for case, error in result.items():
         assert error < tolerance, (case, error)
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 8, 64, 200])
+def test_the_dense_mlp_as_one_expert_of_the_grouped_gemm_equals_three_linears(rows: int) -> None:
+    from kernels.moe import gated_mlp
+    from kernels.triton_moe import gated_mlp_triton
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 2048, device="cuda", generator=g).bfloat16()
+    gate_up = (torch.randn(2 * 1408, 2048, device="cuda", generator=g) * 0.02).bfloat16()
+    down = (torch.randn(2048, 1408, device="cuda", generator=g) * 0.02).bfloat16()
+    got, ref = gated_mlp_triton(x, gate_up, down).float(), gated_mlp(x, gate_up, down).float()
+    assert float((got - ref).norm() / ref.norm()) < 1e-2
