@@ -135,5 +135,12 @@ class BenchDecodeRunner(PrefilledKVRunner):
         start = 0
         for i in range(1, len(pages) + 1):
             if i == len(pages) or pages[i] != pages[i - 1] + 1:
-                pool[pages[start] : pages[i - 1] + 1].normal_(generator=self.fill_generator)
+                run = pool[pages[start] : pages[i - 1] + 1]
+                if run.dtype.itemsize == 1:
+                    # An FP8 pool: normal_ has no FP8 kernel, so draw in float32 one page at a time (a
+                    # temporary of one page, not of the prompt) and store quantized.
+                    for page in run:
+                        page.copy_(torch.randn(page.shape, generator=self.fill_generator, device=page.device))
+                else:
+                    run.normal_(generator=self.fill_generator)
                 start = i

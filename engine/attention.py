@@ -4,6 +4,8 @@ EXTEND decompresses the whole context's latent (prefix read from the pages + the
 per-head K/V and runs causal attention; DECODE folds W_UK into the query and W_UV into the output
 ("absorbed" form) so attention reads only the latent cache. Both write the new tokens' latent first.
 Heads are split over the attention-TP group; the latent itself is replicated on every rank.
+With an FP8 pool (``--kv-cache-dtype fp8_e4m3``) the new tokens are written quantized with the layer's
+scale and every read dequantizes: EXTEND on the gathered rows, DECODE inside the decode kernel.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 import kernels
 from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch, ForwardMode
+from engine.kv_pool import dequantize_kv, quantize_kv
 from engine.layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RowParallelLinear
 from engine.parallel import ParallelContext
 from engine.rope import RotaryEmbedding
@@ -57,8 +60,9 @@ class MLAttention(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def forward(self, hidden: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
-                cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
-        """hidden ``[T, D]`` -> ``[T, D]``; kv_cache is this layer's view ``[num_pages, page_size, R + P]``."""
+                cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, kv_scale: float = 1.0) -> torch.Tensor:
+        """hidden ``[T, D]`` -> ``[T, D]``; kv_cache is this layer's view ``[num_pages, page_size, R + P]``
+        (stored value x means ``x * kv_scale``)."""
         num_tokens = hidden.shape[0]
         if self.q_lora_rank is None:
             q = self.q_proj(hidden)
@@ -71,18 +75,20 @@ class MLAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         k_pe = rope.apply(k_pe, cos, sin)
-        kv_cache[batch.write_pages, batch.write_slots] = torch.cat([latent, k_pe], dim=-1).to(kv_cache.dtype)
+        kv_cache[batch.write_pages, batch.write_slots] = quantize_kv(torch.cat([latent, k_pe], dim=-1),
+                                                                     kv_cache.dtype, kv_scale)
 
         if batch.mode is ForwardMode.DECODE:
-            out = self._decode(q_nope, q_pe, batch, kv_cache)
+            out = self._decode(q_nope, q_pe, batch, kv_cache, kv_scale)
         else:
-            out = self._extend(q_nope, q_pe, batch, kv_cache)
+            out = self._extend(q_nope, q_pe, batch, kv_cache, kv_scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))
 
     def _extend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch,
-                kv_cache: torch.Tensor) -> torch.Tensor:
+                kv_cache: torch.Tensor, kv_scale: float) -> torch.Tensor:
         assert batch.read_pages is not None and batch.read_slots is not None
-        context = kv_cache[batch.read_pages, batch.read_slots]  # [Tk, R + P], prefix and new tokens
+        # [Tk, R + P], prefix and new tokens, in the compute dtype
+        context = dequantize_kv(kv_cache[batch.read_pages, batch.read_slots], q_nope.dtype, kv_scale)
         ctx_latent, ctx_k_pe = context.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(ctx_latent).view(-1, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -91,9 +97,9 @@ class MLAttention(nn.Module):
         return kernels.mla_prefill_attention(q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_k, self.scale)
 
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch,
-                kv_cache: torch.Tensor) -> torch.Tensor:
+                kv_cache: torch.Tensor, kv_scale: float) -> torch.Tensor:
         w_kc, w_vc = self._w_kc_vc()
         q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_kc)
         out_latent = kernels.mla_decode_attention(q_latent, q_pe, kv_cache, batch.page_table, batch.seq_lens,
-                                                  self.scale)
+                                                  self.scale, kv_scale)
         return torch.einsum("bhr,hvr->bhv", out_latent, w_vc)

@@ -31,7 +31,8 @@ class DecoderLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
         kv_cache = batch.kv_pool.layer(self.layer_id)
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), batch, rope, cos, sin, kv_cache)
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), batch, rope, cos, sin, kv_cache,
+                                         batch.kv_pool.layer_scale(self.layer_id))
         if batch.graph_safe and isinstance(self.mlp, MoEBlock):
             return hidden + self.mlp(self.post_attention_layernorm(hidden), graph_safe=True)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))

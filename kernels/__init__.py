@@ -52,8 +52,10 @@ def mla_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
 
 
 def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
-                         page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    return get_op("mla_decode_attention", q_latent)(q_latent, q_rope, kv_cache, page_table, seq_lens, scale)
+                         page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                         kv_scale: float = 1.0) -> torch.Tensor:
+    return get_op("mla_decode_attention", q_latent)(q_latent, q_rope, kv_cache, page_table, seq_lens, scale,
+                                                    kv_scale=kv_scale)
 
 
 def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,

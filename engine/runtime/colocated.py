@@ -16,7 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from ..ep_moe import ExpertParallelMoE
-from ..kv_pool import KVPool
+from ..kv_pool import KVPool, resolve_kv_cache_dtype
 from ..llm import resolve_dtype
 from ..model import DeepseekForCausalLM
 from ..parallel import ParallelContext
@@ -38,6 +38,7 @@ class EngineArgs:
     model_dir: str
     load_format: str = "auto"
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # engine.kv_pool.KV_CACHE_DTYPES
     seed: int = 0
     page_size: int = 64
     num_pages: int | None = None
@@ -98,7 +99,8 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
         largest_share = -(-max(args.max_prefill_tokens, args.max_running) // parallel.attn_tp_size)
         moe = ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share)
     num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
-    pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, dtype, device)
+    kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
+    pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype, device)
     return RankEngine(config, model, pool, parallel, moe)
 
 
