@@ -16,7 +16,7 @@ from torch import nn
 import kernels
 from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch, ForwardMode
-from engine.kv_pool import dequantize_kv, quantize_kv
+from engine.kv_pool import read_kv, write_kv
 from engine.layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RowParallelLinear
 from engine.parallel import ParallelContext
 from engine.rope import RotaryEmbedding
@@ -75,8 +75,7 @@ class MLAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         k_pe = rope.apply(k_pe, cos, sin)
-        kv_cache[batch.write_pages, batch.write_slots] = quantize_kv(torch.cat([latent, k_pe], dim=-1),
-                                                                     kv_cache.dtype, kv_scale)
+        write_kv(kv_cache, batch.write_pages, batch.write_slots, torch.cat([latent, k_pe], dim=-1), kv_scale)
 
         if batch.mode is ForwardMode.DECODE:
             out = self._decode(q_nope, q_pe, batch, kv_cache, kv_scale)
@@ -88,7 +87,7 @@ class MLAttention(nn.Module):
                 kv_cache: torch.Tensor, kv_scale: float) -> torch.Tensor:
         assert batch.read_pages is not None and batch.read_slots is not None
         # [Tk, R + P], prefix and new tokens, in the compute dtype
-        context = dequantize_kv(kv_cache[batch.read_pages, batch.read_slots], q_nope.dtype, kv_scale)
+        context = read_kv(kv_cache, batch.read_pages, batch.read_slots, q_nope.dtype, kv_scale)
         ctx_latent, ctx_k_pe = context.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(ctx_latent).view(-1, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)

@@ -54,6 +54,26 @@ def quantize_kv(values: torch.Tensor, storage_dtype: torch.dtype, scale: float) 
     return values.to(storage_dtype)
 
 
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    """FP8 tensors as uint8 (same bytes, same strides): indexing and index_put are then plain byte moves on
+    every device and torch version, whatever FP8 kernels a build has."""
+    return tensor.view(torch.uint8) if tensor.dtype in FP8_DTYPES else tensor
+
+
+def write_kv(kv_cache: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor, values: torch.Tensor,
+             scale: float) -> None:
+    """Store ``values`` ``[T, dim]`` (compute dtype) at ``kv_cache[pages, slots]``, quantized."""
+    stored = quantize_kv(values, kv_cache.dtype, scale)
+    _raw(kv_cache)[pages, slots] = _raw(stored)
+
+
+def read_kv(kv_cache: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype,
+            scale: float) -> torch.Tensor:
+    """``kv_cache[pages, slots]`` in the compute ``dtype``, dequantized."""
+    rows = _raw(kv_cache)[pages, slots]
+    return dequantize_kv(rows.view(kv_cache.dtype) if rows.dtype != kv_cache.dtype else rows, dtype, scale)
+
+
 def dequantize_kv(stored: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
     """Stored pool values back in the compute ``dtype``: ``stored * scale`` (FP8 has no CPU arithmetic,
     so it is converted first)."""

@@ -102,9 +102,14 @@ def mla_decode_attention(
     max_pages = page_table.shape[1]
     # Gather every sequence's pages into [B, max_pages * page_size, R + P]; padding is masked below.
     pages = page_table.long().clamp(min=0)
-    kv = kv_cache[pages].reshape(batch, max_pages * page_size, -1)
+    if kv_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        # An FP8 cache: gather its bytes (uint8 indexing works on every device), then convert (FP8 has no
+        # CPU arithmetic) and scale, in the Triton kernel's order.
+        kv = kv_cache.view(torch.uint8)[pages].view(kv_cache.dtype).to(q_latent.dtype)
+    else:
+        kv = kv_cache[pages]
+    kv = kv.reshape(batch, max_pages * page_size, -1)
     if kv.dtype != q_latent.dtype or kv_scale != 1.0:
-        # FP8 has no CPU arithmetic: convert first, then scale (same order as the Triton kernel).
         kv = kv.to(q_latent.dtype)
         kv = kv * kv_scale if kv_scale != 1.0 else kv
     latent, k_rope = kv[..., :rank], kv[..., rank:]
