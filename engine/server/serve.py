@@ -93,7 +93,8 @@ async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, 
     server_config = ServerConfig(served_model=args.served_model_name or Path(model_dir).name,
                                  vocab_size=config.vocab_size, max_context=context, role=role,
                                  extra_info={"tp_size": spec.tp_size, "dp_size": spec.dp_size,
-                                             "page_size": args.page_size, **role_args.get("info", {})},
+                                             "page_size": args.page_size, "kv_cache_dtype": args.kv_cache_dtype,
+                                             **role_args.get("info", {})},
                                  chat_template=ChatTemplate.from_model_dir(model_dir))
     worker = WorkerApp(bridge, tokenizer, server_config)
     app = worker.build()
