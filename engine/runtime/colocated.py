@@ -46,6 +46,11 @@ class EngineArgs:
     max_prefill_tokens: int = 8192
     max_running: int = 256
     ep_backend: str = "auto"  # "auto" (a2a over several ranks, local on one), "a2a", "local"
+    # Memory plan (engine.plan) checked at start-up: GB per GPU (None: the device's own, on CUDA only),
+    # the share of it planned, and the CUDA-graph batch limit the plan reserves graph memory for.
+    gpu_memory_gb: float | None = None
+    mem_fraction: float = 0.9
+    cuda_graph_max_bs: int = 0
     # "high_throughput" or "low_latency" (fixed buffers sized for the largest forward: keep
     # max_prefill_tokens small, or use it where only decode batches run).
     ep_mode: str = "high_throughput"
@@ -90,6 +95,10 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
     backend = resolve_ep_backend(args.ep_backend, ctx.spec, mode=args.ep_mode, dtype=dtype,
                                  hidden_size=config.hidden_size)
     validate_model_layout(config, ctx.spec, backend)  # LayoutError naming the clashing numbers
+    if device.type == "cuda" and args.gpu_memory_gb is None:
+        from .offline import check_memory  # the launcher checked already when the memory was given
+
+        check_memory(ctx.spec, args, torch.cuda.mem_get_info(device)[1] / 1e9)
     parallel = parallel_context_for(ctx)
     model = DeepseekForCausalLM(config, parallel, dtype=dtype, device=device)
     load_model(model, args.model_dir, args.load_format, args.seed)

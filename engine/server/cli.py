@@ -50,6 +50,12 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                      default=8192, help="tokens per prefill forward (longer prompts are prefilled in chunks)")
     mem.add_argument("--context-length", type=int, default=None, help="max prompt + output tokens")
     add_kv_cache_dtype_flag(mem)
+    mem.add_argument("--gpu-memory-gb", type=float, default=None,
+                     help="memory of one GPU in GB (1e9 bytes) for the start-up memory plan (engine.plan); "
+                          "unset: the device's own on CUDA, no check on CPU")
+    mem.add_argument("--mem-fraction-static", "--mem-fraction", dest="mem_fraction", type=float, default=0.9,
+                     help="share of GPU memory for weights, activations, CUDA graphs and the KV pool; the "
+                          "rest is left to the CUDA context, NCCL and fragmentation")
 
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
@@ -65,7 +71,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
 
     args.model = resolve_model_dir(args.model)
     return EngineArgs(model_dir=args.model, load_format=args.load_format, dtype=args.dtype,
-                      kv_cache_dtype=args.kv_cache_dtype, seed=args.seed,
+                      kv_cache_dtype=args.kv_cache_dtype, seed=args.seed, gpu_memory_gb=args.gpu_memory_gb,
+                      mem_fraction=args.mem_fraction, cuda_graph_max_bs=getattr(args, "cuda_graph_max_bs", None) or 0,
                       page_size=args.page_size, num_pages=args.num_pages, max_total_tokens=args.max_total_tokens,
                       max_prefill_tokens=args.max_prefill_tokens, max_running=args.max_running_requests,
                       ep_backend=args.ep_backend)

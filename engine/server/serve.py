@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from aiohttp import web
 from ..chat_template import ChatTemplate
 from ..config import ModelConfig
 from ..runtime.bridge import RankBridge
-from ..runtime.launch import InstanceSpec, RankContext, ipc_addr, launch
+from ..runtime.launch import InstanceSpec, LayoutError, RankContext, ipc_addr, launch
 from ..runtime.offline import check_layout
 from ..tokenizer import load_tokenizer
 from .app import ServerConfig, WorkerApp
@@ -125,8 +126,12 @@ def serve(args: argparse.Namespace, role: str, entry: Callable[[RankContext], No
     spec = instance_spec(args)
     model_dir = resolve_model_dir(args.model)
     engine_args = role_args.get("engine")
-    if engine_args is not None:  # refuse a layout the model cannot split before any rank starts
-        check_layout(spec, engine_args)
+    if engine_args is not None:  # refuse a layout the model cannot split (or fit) before any rank starts
+        try:
+            check_layout(spec, engine_args)
+        except LayoutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if spec.node_rank != 0:  # headless node: its ranks join node 0's instance
         inbox, outbox = zmq_addresses(spec)
         procs = launch(spec, entry, inbox, outbox, role_args)
