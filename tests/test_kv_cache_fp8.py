@@ -128,3 +128,17 @@ def test_generate_cli_takes_kv_cache_dtype_and_equals_the_offline_api(tiny_dir: 
     bad = subprocess.run([sys.executable, "-m", "engine.generate", "--model", str(tiny_dir), "--prompt", "x",
                           "--kv-cache-dtype", "int4"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--kv-cache-dtype" in bad.stderr
+
+
+def test_bench_connector_fills_fp8_pages_with_standard_normal_values_and_leaves_the_others() -> None:
+    from decode_worker.bench_connector import fill_pages
+
+    pool = KVPool(num_pages=6, num_layers=2, page_size=4, kv_dim=64, dtype=FP8, device="cpu")
+    try:
+        fill_pages(pool.tensor, [1, 2, 4], torch.Generator().manual_seed(0))
+        values = pool.tensor.float()
+        assert not values[[0, 3, 5]].any()
+        filled = values[[1, 2, 4]]
+        assert filled.isfinite().all() and 0.8 < filled.std().item() < 1.2 and abs(filled.mean().item()) < 0.1
+    finally:
+        pool.close()
