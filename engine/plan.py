@@ -306,6 +306,10 @@ def make_plan(config: ModelConfig, spec: PlanSpec, model: str = "model") -> Memo
                         f"({spec.attn_tp})")
     if config.n_routed_experts % spec.tp:
         raise PlanError(f"n_routed_experts ({config.n_routed_experts}) is not divisible by tp ({spec.tp})")
+    shared = config.moe_intermediate_size * config.n_shared_experts
+    for name, size in (("intermediate_size", config.intermediate_size), ("shared experts' intermediate size", shared)):
+        if size % spec.attn_tp:
+            raise PlanError(f"{name} ({size}) is not divisible by attn_tp ({spec.attn_tp})")
     activations = (_layer_activations(config, spec, spec.max_prefill_tokens)
                    + _decode_extra(config, spec, spec.max_running))
     graphs = 0

@@ -17,7 +17,7 @@ from engine.config import ModelConfig
 from engine.llm import LLM
 from engine.model import DeepseekForCausalLM
 from engine.parallel import ParallelContext
-from engine.plan import GB, PlanSpec, load_model_config, make_plan, weight_bytes
+from engine.plan import GB, PlanError, PlanSpec, load_model_config, make_plan, weight_bytes
 from engine.runtime.colocated import EngineArgs
 from engine.runtime.launch import InstanceSpec, LayoutError
 from engine.runtime.offline import check_memory
@@ -63,6 +63,11 @@ def test_tiny_plan_at_tp2_equals_a_hand_computation() -> None:
     assert fp8["embedding (vocab / attn_tp)"] == w["embedding (vocab / attn_tp)"]
     plan = make_plan(config, PlanSpec(tp=2, dtype="float32", kv_cache_dtype="fp8_e4m3"))
     assert plan.kv_bytes_per_token == 40 * 3 * 1
+    # Layouts tandem refuses to split the model over are refused by the plan too, naming the numbers.
+    with pytest.raises(PlanError, match=r"num_attention_heads \(4\) is not divisible by attn_tp \(8\)"):
+        make_plan(config, PlanSpec(tp=8))
+    with pytest.raises(PlanError, match=r"n_routed_experts \(8\) is not divisible by tp \(16\)"):
+        make_plan(config, PlanSpec(tp=16, dp=16))
 
 
 @pytest.mark.parametrize(("tp", "dp"), [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2)])
