@@ -20,6 +20,7 @@ from ..kv_pool import KVPool, resolve_kv_cache_dtype
 from ..llm import resolve_dtype
 from ..model import DeepseekForCausalLM
 from ..parallel import ParallelContext
+from ..plan import DEFAULT_MEM_FRACTION
 from ..sampling import SamplingParams
 from ..scheduler import Request, Scheduler, StepResult
 from ..server.messages import GenerateRequest, SamplingSpec, TokenOutput
@@ -49,7 +50,7 @@ class EngineArgs:
     # Memory plan (engine.plan) checked at start-up: GB per GPU (None: the device's own, on CUDA only),
     # the share of it planned, and the CUDA-graph batch limit the plan reserves graph memory for.
     gpu_memory_gb: float | None = None
-    mem_fraction: float = 0.9
+    mem_fraction: float = DEFAULT_MEM_FRACTION
     cuda_graph_max_bs: int = 0
     # "high_throughput" or "low_latency" (fixed buffers sized for the largest forward: keep
     # max_prefill_tokens small, or use it where only decode batches run).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..kv_pool import KV_CACHE_DTYPES
+from ..plan import DEFAULT_MEM_FRACTION
 from ..runtime.colocated import EngineArgs
 from ..runtime.launch import InstanceSpec
 
@@ -53,7 +54,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     mem.add_argument("--gpu-memory-gb", type=float, default=None,
                      help="memory of one GPU in GB (1e9 bytes) for the start-up memory plan (engine.plan); "
                           "unset: the device's own on CUDA, no check on CPU")
-    mem.add_argument("--mem-fraction-static", "--mem-fraction", dest="mem_fraction", type=float, default=0.9,
+    mem.add_argument("--mem-fraction-static", "--mem-fraction", dest="mem_fraction", type=float,
+                     default=DEFAULT_MEM_FRACTION,
                      help="share of GPU memory for weights, activations, CUDA graphs and the KV pool; the "
                           "rest is left to the CUDA context, NCCL and fragmentation")
 
