@@ -142,3 +142,24 @@ def test_bench_connector_fills_fp8_pages_with_standard_normal_values_and_leaves_
         assert filled.isfinite().all() and 0.8 < filled.std().item() < 1.2 and abs(filled.mean().item()) < 0.1
     finally:
         pool.close()
+
+
+def test_multirank_generate_carries_the_kv_cache_dtype_to_every_rank(tiny_dir: Path) -> None:
+    """`engine.generate --tp 2 --dp 2`: each DP group's ranks build FP8 pools; the tokens equal one rank's."""
+    prompts = PROMPTS[:2]
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.generate", "--model", str(tiny_dir), "--prompt-token-ids", json.dumps(prompts),
+         "--max-new-tokens", "6", "--ignore-eos", "--json", "--page-size", "16", "--kv-cache-dtype", "fp8_e4m3",
+         "--tp", "2", "--dp", "2"],
+        capture_output=True, text=True, timeout=240, check=True,
+    )
+    got = [o["token_ids"] for o in json.loads(proc.stdout)["outputs"]]
+    want = {}
+    for kv in ("fp8_e4m3", "auto"):
+        llm = LLM(tiny_dir, page_size=16, num_pages=64, kv_cache_dtype=kv)
+        try:
+            want[kv] = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_new_tokens=6, ignore_eos=True))]
+        finally:
+            llm.close()
+    assert got == want["fp8_e4m3"]
+    assert want["auto"] != want["fp8_e4m3"]  # so ranks that ignored the flag (float32 pools) would fail here
