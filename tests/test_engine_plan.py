@@ -21,6 +21,7 @@ from engine.plan import GB, PlanError, PlanSpec, load_model_config, make_plan, w
 from engine.runtime.colocated import EngineArgs
 from engine.runtime.launch import InstanceSpec, LayoutError
 from engine.runtime.offline import check_memory
+from engine.sampling import SamplingParams
 from engine.tiny_model import tiny_config
 from engine.weights import load_model
 
@@ -172,3 +173,37 @@ def test_start_up_check_refuses_a_kv_pool_larger_than_what_fits_and_says_how_man
     assert "KV bytes per token per rank: 480" in str(refused.value)
     with pytest.raises(LayoutError, match="not even the weights and activations fit"):
         check_memory(InstanceSpec(tp_size=2), args, gpu_memory_gb=0.0005)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
+def test_plan_matches_the_gpu_allocations_of_a_v2_lite_shaped_model(tmp_path: Path, kv_cache_dtype: str) -> None:
+    """On a GPU: V2-Lite's shapes cut to 4 layers, bf16, dummy weights. The planned weight bytes equal what
+    building the model allocated (within the rope tables and 512-byte block rounding), the pool is the
+    planned bytes per token, and the peak of one 8192-token prefill stays under the activation estimate."""
+    import torch
+
+    raw = json.loads((REPO / "engine/model_configs/deepseek-v2-lite/config.json").read_text())
+    raw["num_hidden_layers"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = ModelConfig.from_dict(raw)
+    plan = make_plan(config, PlanSpec(tp=1, dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, page_size=64,
+                                      max_prefill_tokens=8192))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    llm = LLM(tmp_path, device="cuda", dtype="bfloat16", page_size=64, num_pages=160, load_format="dummy",
+              kv_cache_dtype=kv_cache_dtype)
+    try:
+        pool = llm.kv_pool.tensor.nbytes
+        assert pool == 160 * 64 * plan.kv_bytes_per_token
+        weights = torch.cuda.memory_allocated() - before - pool
+        assert abs(weights - plan.weights_total) < 0.01 * plan.weights_total, (weights, plan.weights_total)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        prompt = [(7 * i) % config.vocab_size for i in range(8192)]
+        llm.generate([prompt], SamplingParams(max_new_tokens=2, ignore_eos=True))
+        peak = torch.cuda.max_memory_allocated() - base
+        print(f"activations: measured peak {peak / GB:.3f} GB, planned {plan.activations / GB:.3f} GB")
+        assert peak <= plan.activations, (peak, plan.activations)
+    finally:
+        llm.close()
