@@ -1,9 +1,6 @@
-"""1P1D with an FP8 KV cache (`--kv-cache-dtype fp8_e4m3` on both workers), real processes and NIXL: greedy
-outputs equal colocated FP8-KV generation, both pools return to idle, and a decode worker whose KV cache is
-in another dtype is refused when it looks the prefill instance up (bootstrap), before any page moves.
-
-NIXL only: the transports move bytes and know nothing of dtypes (tests/test_pd_tp1.py covers Mooncake
-with the same pages); one backend keeps this module to one system start on the shared CPU machine.
+"""1P1D with an FP8 KV cache (`--kv-cache-dtype fp8_e4m3` on both workers), real processes, NIXL and Mooncake:
+greedy outputs equal colocated FP8-KV generation, both pools return to idle, and a decode worker whose KV
+cache is in another dtype is refused when it looks the prefill instance up (bootstrap), before any page moves.
 """
 
 from __future__ import annotations
@@ -48,12 +45,14 @@ def reference(tiny_model: Path) -> Iterator[LLM]:
     llm.close()
 
 
-@pytest.fixture(scope="module")
-def system(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PDSystem]:
-    missing = backend_missing("nixl")
+@pytest.fixture(scope="module", params=["nixl", "mooncake"])
+def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[PDSystem]:
+    missing = backend_missing(request.param)
     if missing:
         pytest.skip(missing)
-    pd = PDSystem(tiny_model, tmp_path_factory.mktemp("pd-fp8"), "nixl", prefill_flags=FP8_FLAGS,
+    pd = PDSystem(tiny_model, tmp_path_factory.mktemp(f"pd-fp8-{request.param}"), request.param,
+                  prefill_flags=FP8_FLAGS,
                   decode_flags=[*FP8_FLAGS, "--max-total-tokens", "2048"])
     yield pd
     pd.close()
@@ -74,7 +73,7 @@ def test_decode_with_another_kv_cache_dtype_is_refused_at_bootstrap(
     system: PDSystem, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     port = free_port()
-    decode = system.servers.start("decode-auto-kv", "decode_worker", worker_flags(tiny_model, "nixl", port), port)
+    decode = system.servers.start("decode-auto-kv", "decode_worker", worker_flags(tiny_model, system.backend, port), port)
     try:
         wait_healthy([decode])
         body = {
