@@ -1,7 +1,8 @@
 """Decode step time with CUDA graphs vs eager, on a dummy-weight model of a real shape.
 
     python -m bench.decode_step --device cuda --load-format dummy --model-config v2-lite \
-        [--batch-sizes 1,8,64] [--context 1024] [--out bench/results/decode_step_gpu.json]
+        [--batch-sizes 1,8,64] [--context 1024] [--kv-cache-dtype auto|fp8_e4m3] \
+        [--out bench/results/decode_step_gpu.json]
 
 One DECODE forward of ``batch`` sequences, each with ``context`` tokens of (random) latent KV in the
 pool, timed eagerly (``model(batch)``) and through ``engine.cuda_graph.CudaGraphRunner`` (static copy-in
@@ -29,12 +30,14 @@ from typing import Any
 import torch
 
 from bench.decode_floor import copy_bandwidth, kernels_per_step, plot, selected_experts, step_bytes
+from decode_worker.bench_connector import fill_pages
 from engine.config import ModelConfig
 from engine.cuda_graph import CudaGraphRunner
 from engine.forward_batch import ForwardBatch, ForwardMode
-from engine.kv_pool import KVPool
+from engine.kv_pool import KVPool, resolve_kv_cache_dtype
 from engine.llm import resolve_dtype
 from engine.model import DeepseekForCausalLM
+from engine.server.cli import add_kv_cache_dtype_flag
 from engine.weights import load_model
 
 log = logging.getLogger("bench.decode_step")
@@ -51,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default="1,8,64")
     parser.add_argument("--context", type=int, default=1024, help="cached tokens per sequence")
     parser.add_argument("--page-size", type=int, default=64)
+    add_kv_cache_dtype_flag(parser)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--profile", action="store_true",
@@ -117,14 +121,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log.info("model %s (%s) loaded in %.1fs", args.model_config, dtype, load_s)
 
     per_seq = -(-(args.context + 1) // args.page_size)
-    pool = KVPool(max(sizes) * per_seq + 1, config.num_hidden_layers, args.page_size, config.kv_cache_dim, dtype,
-                  device)
+    pool = KVPool(max(sizes) * per_seq + 1, config.num_hidden_layers, args.page_size, config.kv_cache_dim,
+                  resolve_kv_cache_dtype(args.kv_cache_dtype, dtype), device)
     runner = None
     try:
         pages = pool.alloc(max(sizes) * per_seq)  # the runner takes the one page left as scratch
         # Random latents stand in for a prefilled context; scaled like kv_a_layernorm's output.
         assert pages == list(range(pages[0], pages[0] + len(pages)))  # a fresh pool hands out one run
-        pool.tensor[pages[0] : pages[-1] + 1].normal_(generator=torch.Generator(device=device).manual_seed(0))
+        fill_pages(pool.tensor, pages, torch.Generator(device=device).manual_seed(0))
         bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
         if bandwidth:
             log.info("copy_ bandwidth %.0f GB/s", bandwidth / 1e9)
@@ -161,7 +165,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pool.close()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"bench": "decode_step", "device": name, "torch": torch.__version__, "model": args.model_config,
-            "load_format": args.load_format, "dtype": str(dtype).removeprefix("torch."), "context": args.context,
+            "load_format": args.load_format, "dtype": str(dtype).removeprefix("torch."),
+            "kv_cache_dtype": args.kv_cache_dtype, "context": args.context,
             "page_size": args.page_size, "iters": args.iters, "captured": device.type == "cuda",
             "load_s": load_s, "capture_s": capture_s, "copy_bandwidth_gbs": bandwidth / 1e9 if bandwidth else None,
             "headline": {str(r["batch_size"]): {"floor_ratio": r.get("floor_ratio"),
@@ -170,7 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print(f"decode step, {report['model']} {report['dtype']} on {report['device']}, context {report['context']}")
+    print(f"decode step, {report['model']} {report['dtype']} (KV {report['kv_cache_dtype']}) on {report['device']}, "
+          f"context {report['context']}")
     print(f"{'batch':>6} {'graph ms':>9} {'floor ms':>9} {'step/floor':>10} {'kernels':>8} {'eager ms':>9} "
           f"{'argmax agree':>13} {'rel err':>9}")
     for r in report["results"]:
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     print_table(report)
     kind = "gpu" if args.device.startswith("cuda") else "cpu"
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"decode_step_{kind}.json")
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"decode_step_{kind}{'' if args.kv_cache_dtype == 'auto' else '_kv_' + args.kv_cache_dtype}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, str(out.with_suffix(".png")))

@@ -24,6 +24,24 @@ from engine.sampling import SamplingParams
 from engine.server.messages import GenerateRequest, TokenOutput
 
 
+@torch.inference_mode()
+def fill_pages(pool: torch.Tensor, pages: list[int], generator: torch.Generator) -> None:
+    """Standard-normal values in every layer of `pages` of `pool`, in place: one `normal_` per contiguous run
+    of pages (the allocator prefers runs), so no temporary as large as the prompt's KV is made. An FP8 pool
+    (`--kv-cache-dtype fp8_e4m3`) has no `normal_` kernel: values are drawn in float32 one page at a time (a
+    temporary of one page) and stored quantized (scale 1.0, the pool's)."""
+    start = 0
+    for i in range(1, len(pages) + 1):
+        if i == len(pages) or pages[i] != pages[i - 1] + 1:
+            run = pool[pages[start] : pages[i - 1] + 1]
+            if run.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                for page in run:
+                    page.copy_(torch.randn(page.shape, generator=generator, device=page.device))
+            else:
+                run.normal_(generator=generator)
+            start = i
+
+
 @dataclass(eq=False)
 class QueuedRequest:
     """A request waiting for pages; nothing is allocated for it yet."""
@@ -127,13 +145,5 @@ class BenchDecodeRunner(PrefilledKVRunner):
             if not self._join_batch(request, first, prompt_pages, params):
                 pool.free(prompt_pages)  # add_prefilled took nothing
 
-    @torch.inference_mode()
     def _fill(self, pages: list[int]) -> None:
-        """Standard-normal values in every layer of `pages`, in place: one `normal_` per contiguous run of
-        pages (the allocator prefers runs), so no temporary as large as the prompt's KV is made."""
-        pool = self.engine.kv_pool.tensor
-        start = 0
-        for i in range(1, len(pages) + 1):
-            if i == len(pages) or pages[i] != pages[i - 1] + 1:
-                pool[pages[start] : pages[i - 1] + 1].normal_(generator=self.fill_generator)
-                start = i
+        fill_pages(self.engine.kv_pool.tensor, pages, self.fill_generator)

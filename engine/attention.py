@@ -4,6 +4,8 @@ EXTEND decompresses the whole context's latent (prefix read from the pages + the
 per-head K/V and runs causal attention; DECODE folds W_UK into the query and W_UV into the output
 ("absorbed" form) so attention reads only the latent cache. Both write the new tokens' latent first.
 Heads are split over the attention-TP group; the latent itself is replicated on every rank.
+With an FP8 pool (``--kv-cache-dtype fp8_e4m3``) the new tokens are written quantized with the layer's
+scale and every read dequantizes: EXTEND on the gathered rows, DECODE inside the decode kernel.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 import kernels
 from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch, ForwardMode
+from engine.kv_pool import read_kv
 from engine.layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RowParallelLinear
 from engine.parallel import ParallelContext
 from engine.rope import RotaryEmbedding
@@ -57,8 +60,9 @@ class MLAttention(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def forward(self, hidden: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
-                cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
-        """hidden ``[T, D]`` -> ``[T, D]``; kv_cache is this layer's view ``[num_pages, page_size, R + P]``."""
+                cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, kv_scale: float = 1.0) -> torch.Tensor:
+        """hidden ``[T, D]`` -> ``[T, D]``; kv_cache is this layer's view ``[num_pages, page_size, R + P]``
+        (stored value x means ``x * kv_scale``)."""
         num_tokens = hidden.shape[0]
         if self.q_lora_rank is None:
             q = self.q_proj(hidden)
@@ -70,18 +74,19 @@ class MLAttention(nn.Module):
         # on the GPU where the unfused code launched about twenty).
         q_pe = kernels.mla_decode_prep(q, self.kv_a_proj_with_mqa(hidden), cos, sin, self.kv_a_layernorm.weight,
                                        self.kv_a_layernorm.eps, kv_cache, batch.write_pages, batch.write_slots,
-                                       self.nope_dim, rope.interleave)
+                                       self.nope_dim, rope.interleave, kv_scale)
 
         if batch.mode is ForwardMode.DECODE:
-            out = self._decode(q_nope, q_pe, batch, kv_cache)
+            out = self._decode(q_nope, q_pe, batch, kv_cache, kv_scale)
         else:
-            out = self._extend(q_nope, q_pe, batch, kv_cache)
+            out = self._extend(q_nope, q_pe, batch, kv_cache, kv_scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))
 
     def _extend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch,
-                kv_cache: torch.Tensor) -> torch.Tensor:
+                kv_cache: torch.Tensor, kv_scale: float) -> torch.Tensor:
         assert batch.read_pages is not None and batch.read_slots is not None
-        context = kv_cache[batch.read_pages, batch.read_slots]  # [Tk, R + P], prefix and new tokens
+        # [Tk, R + P], prefix and new tokens, in the compute dtype
+        context = read_kv(kv_cache, batch.read_pages, batch.read_slots, q_nope.dtype, kv_scale)
         ctx_latent, ctx_k_pe = context.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(ctx_latent).view(-1, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -90,10 +95,10 @@ class MLAttention(nn.Module):
         return kernels.mla_prefill_attention(q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_k, self.scale)
 
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch,
-                kv_cache: torch.Tensor) -> torch.Tensor:
+                kv_cache: torch.Tensor, kv_scale: float) -> torch.Tensor:
         w_kc, w_vc = self._w_kc_vc()
         # Head-batched products on strided views (einsum copied q_nope and the output to contiguous first).
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_kc).transpose(0, 1)  # [B, H, R], unit last stride
         out_latent = kernels.mla_decode_attention(q_latent, q_pe, kv_cache, batch.page_table, batch.seq_lens,
-                                                  self.scale)
+                                                  self.scale, kv_scale)
         return torch.bmm(out_latent.transpose(0, 1), w_vc.transpose(1, 2)).transpose(0, 1)

@@ -20,6 +20,7 @@ import sys
 
 from engine.llm import LLM
 from engine.sampling import SamplingParams
+from engine.server.cli import add_kv_cache_dtype_flag
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--num-pages", type=int, default=None)
+    add_kv_cache_dtype_flag(parser)
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     par = parser.add_argument_group("multi-rank instance")
     par.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1, help="ranks (processes) of the instance")
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         else:
             llm = LLM(args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
-                      num_pages=args.num_pages, load_format=args.load_format)
+                      num_pages=args.num_pages, load_format=args.load_format,
+                      kv_cache_dtype=args.kv_cache_dtype)
             try:
                 outputs = llm.generate(prompts, params)
             finally:

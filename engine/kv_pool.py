@@ -3,6 +3,21 @@
 One tensor ``[num_pages, num_layers, page_size, kv_lora_rank + qk_rope_head_dim]``: every layer of a
 page is contiguous, so a transfer engine registers the whole tensor once and moves a page (or a run of
 contiguous pages) as one descriptor. Attention for layer l reads the strided view ``layer(l)``.
+
+KV cache dtype (``--kv-cache-dtype``, SGLang's and vLLM's flag): ``auto`` stores the model dtype; ``fp8_e4m3``
+stores float8_e4m3fn, half the bytes of bf16 per token (and per page moved by a KV transfer). Values are
+written as ``x / scale`` (clamped to e4m3's +-448) and read back as ``stored * scale`` by every attention
+path, with one scale per layer (``KVPool.layer_scale``).
+
+How the scale is chosen: 1.0 for every layer, as vLLM and SGLang use when a checkpoint ships no calibrated
+``k_scale``. Why that suffices for MLA: the cached latent is the output of ``kv_a_layernorm`` (RMS-normalised,
+times a learned weight: values of order 1-10) and k_pe a roped projection of similar size, well inside
+e4m3's range (+-448, normals down to 2^-6); e4m3's relative error (3 mantissa bits) does not depend on the
+scale inside that range, so a calibrated scale would mostly buy range that is not used. The scale is fixed
+rather than computed per batch because a page must mean the same thing wherever it is read: pages written
+by different forwards (and by a prefill instance for a decode instance) share one per-layer scale, so no
+scale travels with the pages. Kernels take the scale as an argument, so calibrated per-layer scales can be
+plugged in later — they would then have to join the PageLayout checked at bootstrap, like the dtype.
 """
 
 from __future__ import annotations
@@ -10,6 +25,60 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# --kv-cache-dtype choices -> storage dtype (None: the model dtype).
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "bfloat16": torch.bfloat16,
+    "fp8_e4m3": torch.float8_e4m3fn,
+}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+DEFAULT_KV_SCALE = 1.0  # see the module docstring for why
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pool's storage dtype for ``--kv-cache-dtype name`` with a model running in ``model_dtype``."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv cache dtype {name!r} (choose from {', '.join(KV_CACHE_DTYPES)})")
+    return KV_CACHE_DTYPES[name] or model_dtype
+
+
+def quantize_kv(values: torch.Tensor, storage_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """``values`` as the pool stores them: divided by ``scale`` and clamped for FP8 (a plain cast to
+    float8_e4m3fn turns out-of-range values into NaN instead of saturating), else just cast."""
+    if storage_dtype in FP8_DTYPES:
+        limit = _FP8_MAX[storage_dtype]
+        scaled = values.float() / scale if scale != 1.0 else values.float()
+        return scaled.clamp(-limit, limit).to(storage_dtype)
+    return values.to(storage_dtype)
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    """FP8 tensors as uint8 (same bytes, same strides): indexing and index_put are then plain byte moves on
+    every device and torch version, whatever FP8 kernels a build has."""
+    return tensor.view(torch.uint8) if tensor.dtype in FP8_DTYPES else tensor
+
+
+def write_kv(kv_cache: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor, values: torch.Tensor,
+             scale: float) -> None:
+    """Store ``values`` ``[T, dim]`` (compute dtype) at ``kv_cache[pages, slots]``, quantized."""
+    stored = quantize_kv(values, kv_cache.dtype, scale)
+    _raw(kv_cache)[pages, slots] = _raw(stored)
+
+
+def read_kv(kv_cache: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype,
+            scale: float) -> torch.Tensor:
+    """``kv_cache[pages, slots]`` in the compute ``dtype``, dequantized."""
+    rows = _raw(kv_cache)[pages, slots]
+    return dequantize_kv(rows.view(kv_cache.dtype) if rows.dtype != kv_cache.dtype else rows, dtype, scale)
+
+
+def dequantize_kv(stored: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Stored pool values back in the compute ``dtype``: ``stored * scale`` (FP8 has no CPU arithmetic,
+    so it is converted first)."""
+    out = stored.to(dtype)
+    return out * scale if scale != 1.0 else out
 
 
 class PoolExhaustedError(RuntimeError):
@@ -100,15 +169,27 @@ class KVPoolLayout:
 
 
 class KVPool:
-    """Owns the KV tensor and its page allocator. ``close()`` drops the tensor."""
+    """Owns the KV tensor and its page allocator. ``close()`` drops the tensor.
+
+    ``dtype`` is the storage dtype (``resolve_kv_cache_dtype``); ``scales`` the per-layer FP8 scales
+    (default ``DEFAULT_KV_SCALE`` everywhere; ignored, and must be 1.0, for non-FP8 storage).
+    """
 
     def __init__(self, num_pages: int, num_layers: int, page_size: int, kv_dim: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, scales: list[float] | None = None) -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
+        scales = [DEFAULT_KV_SCALE] * num_layers if scales is None else [float(s) for s in scales]
+        if len(scales) != num_layers or any(not s > 0 for s in scales):
+            raise ValueError(f"need {num_layers} positive per-layer KV scales, got {scales}")
+        if dtype not in FP8_DTYPES and any(s != 1.0 for s in scales):
+            raise ValueError(f"KV scales other than 1.0 need an FP8 pool, not {dtype}")
         self.layout = KVPoolLayout(num_pages, num_layers, page_size, kv_dim, dtype)
         self.page_size = page_size
         self.num_layers = num_layers
+        # Python floats, not a tensor: kernels take the scale as a launch argument (no device read, so
+        # CUDA-graph capture is unaffected).
+        self.scales: list[float] = scales
         self.tensor: torch.Tensor = torch.zeros(num_pages, num_layers, page_size, kv_dim, dtype=dtype,
                                                 device=device)
         self.allocator = PageAllocator(num_pages)
@@ -133,6 +214,14 @@ class KVPool:
     def layer(self, layer_id: int) -> torch.Tensor:
         """``[num_pages, page_size, kv_dim]`` strided view of one layer."""
         return self.tensor[:, layer_id]
+
+    def layer_scale(self, layer_id: int) -> float:
+        """Stored value x means ``x * layer_scale(layer_id)`` (1.0 unless FP8 with a calibrated scale)."""
+        return self.scales[layer_id]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layout.dtype
 
     def close(self) -> None:
         self.tensor = torch.empty(0)

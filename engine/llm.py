@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.cuda_graph import CudaGraphRunner
-from engine.kv_pool import KVPool
+from engine.kv_pool import KVPool, resolve_kv_cache_dtype
 from engine.model import DeepseekForCausalLM
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
@@ -58,6 +58,7 @@ class LLM:
         load_format: "auto" (safetensors) or "dummy" (seeded random weights of the config's shapes).
         max_prefill_tokens: chunk size of one prefill forward.
         seed: seed of dummy weights.
+        kv_cache_dtype: "auto" (the model dtype), "bfloat16" or "fp8_e4m3" (engine.kv_pool).
         cuda_graph_max_bs: decode batches of up to this many sequences replay CUDA graphs captured at
             start-up (engine.cuda_graph); 0 = eager. On CPU the same padded graph-safe path runs eagerly.
     """
@@ -65,12 +66,13 @@ class LLM:
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
                  page_size: int = 64, num_pages: int | None = None, load_format: str = "auto",
                  max_prefill_tokens: int = 8192, max_running: int = 256, seed: int = 0,
-                 cuda_graph_max_bs: int = 0) -> None:
+                 cuda_graph_max_bs: int = 0, kv_cache_dtype: str = "auto") -> None:
         if cuda_graph_max_bs < 0:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {cuda_graph_max_bs}")
         self.device = torch.device(device)
         self.config = ModelConfig.from_dir(model_dir)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
         started = time.monotonic()
         self.model = DeepseekForCausalLM(self.config, dtype=self.dtype, device=self.device)
         load_model(self.model, model_dir, load_format, seed)
@@ -78,7 +80,7 @@ class LLM:
         if num_pages is None:
             num_pages = self._default_num_pages(page_size)
         self.kv_pool = KVPool(num_pages, self.config.num_hidden_layers, page_size, self.config.kv_cache_dim,
-                              self.dtype, self.device)
+                              self.kv_dtype, self.device)
         self.tokenizer: Tokenizer = load_tokenizer(model_dir, self.config.eos_token_ids)
         self.graph_runner: CudaGraphRunner | None = None
         if cuda_graph_max_bs:
@@ -88,7 +90,7 @@ class LLM:
 
     def _default_num_pages(self, page_size: int) -> int:
         bytes_per_page = (self.config.num_hidden_layers * page_size * self.config.kv_cache_dim
-                          * torch.empty(0, dtype=self.dtype).element_size())
+                          * torch.empty(0, dtype=self.kv_dtype).element_size())
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return max(1, int(free * 0.25) // bytes_per_page)

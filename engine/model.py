@@ -39,7 +39,8 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm.add_forward(hidden, residual)
         x, residual = self.post_attention_layernorm.add_forward(
-            self.self_attn(x, batch, rope, cos, sin, kv_cache), residual)
+            self.self_attn(x, batch, rope, cos, sin, kv_cache,
+                           batch.kv_pool.layer_scale(self.layer_id)), residual)
         if batch.graph_safe and isinstance(self.mlp, MoEBlock):
             return self.mlp(x, graph_safe=True), residual
         return self.mlp(x), residual

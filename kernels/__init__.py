@@ -64,8 +64,10 @@ def mla_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
 
 
 def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
-                         page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    return get_op("mla_decode_attention", q_latent)(q_latent, q_rope, kv_cache, page_table, seq_lens, scale)
+                         page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                         kv_scale: float = 1.0) -> torch.Tensor:
+    return get_op("mla_decode_attention", q_latent)(q_latent, q_rope, kv_cache, page_table, seq_lens, scale,
+                                                    kv_scale=kv_scale)
 
 
 def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
@@ -89,9 +91,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor, write_pages: torch.Tensor,
-                    write_slots: torch.Tensor, nope_dim: int, interleave: bool) -> torch.Tensor:
+                    write_slots: torch.Tensor, nope_dim: int, interleave: bool,
+                    kv_scale: float = 1.0) -> torch.Tensor:
     return get_op("mla_decode_prep", q)(q, kv_a, cos, sin, norm_weight, eps, kv_cache, write_pages, write_slots,
-                                        nope_dim, interleave)
+                                        nope_dim, interleave, kv_scale)
 
 
 def router_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring: str, method: str,

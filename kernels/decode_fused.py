@@ -21,6 +21,8 @@ import torch
 
 from kernels.norm import rms_norm
 
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}  # the largest finite value of each
+
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,15 +43,25 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleav
 
 def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor, write_pages: torch.Tensor,
-                    write_slots: torch.Tensor, nope_dim: int, interleave: bool) -> torch.Tensor:
+                    write_slots: torch.Tensor, nope_dim: int, interleave: bool,
+                    kv_scale: float = 1.0) -> torch.Tensor:
     """q ``[T, H, nope + P]``, kv_a ``[T, R + P]`` (kv_a_proj's output) -> q's rotated rope part ``[T, H, P]``.
 
     Writes ``cat(rms_norm(latent), rope(k_pe))`` of every token into ``kv_cache`` ``[pages, page_size,
-    R + P]`` at (write_pages[t], write_slots[t])."""
+    R + P]`` at (write_pages[t], write_slots[t]); an FP8 pool stores ``value / kv_scale`` saturated to the
+    format's range (a plain cast would turn overflow into NaN), as ``engine.kv_pool.write_kv`` does."""
     lora = norm_weight.shape[0]
     latent = rms_norm(kv_a[:, :lora], norm_weight, eps)
     k_pe = rope_rotate(kv_a[:, lora:], cos, sin, interleave)
-    kv_cache[write_pages, write_slots] = torch.cat([latent, k_pe], dim=-1).to(kv_cache.dtype)
+    values = torch.cat([latent, k_pe], dim=-1)
+    if kv_cache.dtype in FP8_MAX:
+        limit = FP8_MAX[kv_cache.dtype]
+        scaled = values.float() / kv_scale if kv_scale != 1.0 else values.float()
+        stored = scaled.clamp(-limit, limit).to(kv_cache.dtype)
+        # Byte moves: index_put has no FP8 kernel on every device and build.
+        kv_cache.view(torch.uint8)[write_pages, write_slots] = stored.view(torch.uint8)
+    else:
+        kv_cache[write_pages, write_slots] = values.to(kv_cache.dtype)
     return rope_rotate(q[..., nope_dim:], cos, sin, interleave)
 
 

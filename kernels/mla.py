@@ -84,6 +84,7 @@ def mla_decode_attention(
     page_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    kv_scale: float = 1.0,
 ) -> torch.Tensor:
     """Absorbed MLA decode over a paged latent cache, one query token per sequence.
 
@@ -91,6 +92,8 @@ def mla_decode_attention(
     ``[num_pages, page_size, R + P]`` (the latent then k_pe; may be strided); page_table int32
     ``[B, max_pages]`` (entries past a sequence's pages are ignored); seq_lens int32 ``[B]`` including
     the current token. Returns the attention-weighted latent ``[B, H, R]`` (the caller applies W_UV).
+    kv_cache may be stored in another dtype than q (an FP8 pool): cached value x means ``x * kv_scale``
+    in q's dtype.
     """
     batch, _, rank = q_latent.shape
     page_size = kv_cache.shape[1]
@@ -99,7 +102,16 @@ def mla_decode_attention(
     max_pages = page_table.shape[1]
     # Gather every sequence's pages into [B, max_pages * page_size, R + P]; padding is masked below.
     pages = page_table.long().clamp(min=0)
-    kv = kv_cache[pages].reshape(batch, max_pages * page_size, -1)
+    if kv_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        # An FP8 cache: gather its bytes (uint8 indexing works on every device), then convert (FP8 has no
+        # CPU arithmetic) and scale, in the Triton kernel's order.
+        kv = kv_cache.view(torch.uint8)[pages].view(kv_cache.dtype).to(q_latent.dtype)
+    else:
+        kv = kv_cache[pages]
+    kv = kv.reshape(batch, max_pages * page_size, -1)
+    if kv.dtype != q_latent.dtype or kv_scale != 1.0:
+        kv = kv.to(q_latent.dtype)
+        kv = kv * kv_scale if kv_scale != 1.0 else kv
     latent, k_rope = kv[..., :rank], kv[..., rank:]
     scores = torch.matmul(q_latent, latent.transpose(1, 2)) + torch.matmul(q_rope, k_rope.transpose(1, 2))
     scores = scores.float() * scale  # [B, H, S]

@@ -109,16 +109,17 @@ def _mla_decode_prep_kernel(
 def mla_decode_prep_triton(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor,
                            write_pages: torch.Tensor, write_slots: torch.Tensor, nope_dim: int,
-                           interleave: bool) -> torch.Tensor:
+                           interleave: bool, kv_scale: float = 1.0) -> torch.Tensor:
     num_tokens, num_heads, qk_dim = q.shape
     lora, rope = norm_weight.shape[0], qk_dim - nope_dim
     half = rope // 2
     if (num_tokens == 0 or rope % 2 or half & (half - 1) or kv_a.shape != (num_tokens, lora + rope)
             or q.stride(2) != 1 or kv_a.stride(1) != 1 or kv_a.dtype != q.dtype or norm_weight.dtype != q.dtype
             or cos.shape != (num_tokens, half) or not (cos.is_contiguous() and sin.is_contiguous())
-            or kv_cache.stride(2) != 1 or kv_cache.shape[2] != lora + rope):
+            or kv_cache.stride(2) != 1 or kv_cache.shape[2] != lora + rope or kv_cache.dtype in decode_fused.FP8_MAX):
+        # FP8 pools take the reference's quantized write (kept off the kernel: one rounding path for them).
         return decode_fused.mla_decode_prep(q, kv_a, cos, sin, norm_weight, eps, kv_cache, write_pages,
-                                            write_slots, nope_dim, interleave)
+                                            write_slots, nope_dim, interleave, kv_scale)
     out = torch.empty((num_tokens, num_heads, rope), dtype=q.dtype, device=q.device)
     _mla_decode_prep_kernel[(num_tokens,)](
         q, kv_a, cos, sin, norm_weight, kv_cache, write_pages, write_slots, out,

@@ -15,6 +15,10 @@ Two launches:
 
 The number of splits depends only on shapes (batch, heads, page-table width, SM count), never on the
 values of `seq_lens`, so the launch is free of host syncs and can be captured in a CUDA graph.
+
+FP8 KV (`--kv-cache-dtype fp8_e4m3`): the cache may be stored in float8 while q is bf16/fp16; each tile
+is dequantized on load (`c * kv_scale`, in registers) into q's dtype, so the dots run as in the bf16 path
+and the cache is read at one byte per value: half the bytes of a bf16 cache.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FP8_COMPUTE = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
@@ -39,6 +45,7 @@ def _mla_decode_split_kernel(
     mid_out_ptr,
     mid_lse_ptr,
     scale_log2,
+    kv_scale,
     num_heads,
     stride_ql_b,
     stride_ql_h,
@@ -61,6 +68,7 @@ def _mla_decode_split_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DEQUANT: tl.constexpr,
 ):
     head_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -107,6 +115,9 @@ def _mla_decode_split_kernel(
             mask=tok_mask[:, None] & r_mask[None, :],
             other=0.0,
         )
+        if DEQUANT:  # an FP8 cache: dequantize the tile in registers, into q's dtype
+            c = (c.to(tl.float32) * kv_scale).to(q.dtype)
+            k_pe = (k_pe.to(tl.float32) * kv_scale).to(q.dtype)
         score = tl.dot(q, tl.trans(c), input_precision=DOT_PRECISION)
         score += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
         score = tl.where(tok_mask[None, :], score * scale_log2, float("-inf"))
@@ -236,8 +247,11 @@ def _validate(
     tensors = (q_latent, q_rope, kv_cache, page_table, seq_lens)
     if len({t.device for t in tensors}) != 1:
         raise ValueError("q_latent, q_rope, kv_cache, page_table and seq_lens must be on one device")
-    if q_latent.dtype != kv_cache.dtype or q_rope.dtype != kv_cache.dtype:
-        raise ValueError(f"q and kv_cache dtypes differ: {q_latent.dtype}, {q_rope.dtype}, {kv_cache.dtype}")
+    if q_latent.dtype != q_rope.dtype:
+        raise ValueError(f"q_latent and q_rope dtypes differ: {q_latent.dtype}, {q_rope.dtype}")
+    if kv_cache.dtype != q_latent.dtype and not (kv_cache.dtype in _FP8 and q_latent.dtype in _FP8_COMPUTE):
+        raise ValueError(f"kv_cache dtype {kv_cache.dtype} cannot be read with q in {q_latent.dtype} (an FP8 "
+                         "cache needs q in bfloat16, float16 or float32; otherwise the dtypes must match)")
 
 
 def mla_decode_attention_triton(
@@ -248,12 +262,14 @@ def mla_decode_attention_triton(
     seq_lens: torch.Tensor,
     scale: float,
     config: DecodeLaunchConfig | None = None,
+    kv_scale: float = 1.0,
 ) -> torch.Tensor:
     """Paged absorbed-MLA decode; same contract as `kernels.mla.mla_decode_attention`.
 
     q_latent [B, H, kv_lora_rank], q_rope [B, H, rope_dim], kv_cache [num_pages, page_size,
     kv_lora_rank + rope_dim] (any page/token strides), page_table int32 [B, max_pages], seq_lens int32
-    [B] -> [B, H, kv_lora_rank] in q's dtype. A sequence of length 0 yields zeros. `seq_lens` must not
+    [B] -> [B, H, kv_lora_rank] in q's dtype. A sequence of length 0 yields zeros. An FP8 kv_cache is
+    dequantized on load: cached value x means `x * kv_scale`. `seq_lens` must not
     exceed `max_pages * page_size` (not checked here: checking would need a host sync).
     """
     _validate(q_latent, q_rope, kv_cache, page_table, seq_lens)
@@ -265,7 +281,7 @@ def mla_decode_attention_triton(
     page_table = page_table if page_table.stride(1) == 1 else page_table.contiguous()
     if config is None:
         config = default_launch_config(
-            batch, num_heads, page_table.shape[1] * page_size, kv_cache.dtype, kv_cache.device
+            batch, num_heads, page_table.shape[1] * page_size, q_latent.dtype, kv_cache.device
         )
     out = torch.empty((batch, num_heads, lora), dtype=q_latent.dtype, device=q_latent.device)
     if batch == 0 or num_heads == 0:
@@ -276,7 +292,8 @@ def mla_decode_attention_triton(
     lora_pad = max(16, triton.next_power_of_2(lora))
     rope_pad = max(16, triton.next_power_of_2(rope))
     # fp32 caches compare to the reference bit-for-bit-ish only with full-precision dots (no tf32).
-    precision = "ieee" if kv_cache.dtype == torch.float32 else "tf32"
+    precision = "ieee" if q_latent.dtype == torch.float32 else "tf32"
+    dequant = kv_cache.dtype != q_latent.dtype or kv_scale != 1.0
 
     grid = (triton.cdiv(num_heads, config.block_h), splits, batch)
     _mla_decode_split_kernel[grid](
@@ -288,6 +305,7 @@ def mla_decode_attention_triton(
         mid_out,
         mid_lse,
         float(scale) * _LOG2E,
+        float(kv_scale),
         num_heads,
         q_latent.stride(0),
         q_latent.stride(1),
@@ -310,6 +328,7 @@ def mla_decode_attention_triton(
         BLOCK_N=config.block_n,
         NUM_SPLITS=splits,
         DOT_PRECISION=precision,
+        DEQUANT=dequant,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -118,8 +118,15 @@ class PageLayout:
         return runs
 
     def compatible_with(self, other: PageLayout) -> str | None:
-        """Why pages of `self` cannot be copied byte for byte into pages of `other`, or None if they can."""
-        for field_name in ("page_size", "num_layers", "token_dim", "itemsize", "dtype"):
+        """Why pages of `self` cannot be copied byte for byte into pages of `other`, or None if they can.
+
+        The dtype is compared before the itemsize it implies, so an FP8 pool meeting a bf16 one is named as
+        what it is (the workers' `--kv-cache-dtype`), not as a size mismatch.
+        """
+        if self.dtype != other.dtype:
+            return (f"dtype differs: {self.dtype!r} here, {other.dtype!r} on the peer (prefill and decode must "
+                    "store the KV cache in one dtype: the same --kv-cache-dtype and --dtype on both)")
+        for field_name in ("page_size", "num_layers", "token_dim", "itemsize"):
             mine, theirs = getattr(self, field_name), getattr(other, field_name)
             if mine != theirs:
                 return f"{field_name} differs: {mine!r} here, {theirs!r} on the peer"

@@ -54,3 +54,22 @@ def test_gpu_1p1d_equals_colocated_generation_on_the_gpu(
         check_concurrent_mixed_requests(system, reference, n=32, seed=23)
     finally:
         system.close()
+
+
+def test_gpu_1p1d_with_an_fp8_kv_cache_equals_colocated_fp8_kv_generation(tiny_model: Path, tmp_path: Path) -> None:
+    """`--kv-cache-dtype fp8_e4m3` on both workers: FP8 pages move GPU to GPU (NIXL) and the decode worker's
+    CUDA graphs read them through the Triton kernel's dequantize-on-load."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    missing = backend_missing("nixl")
+    if missing:
+        pytest.skip(missing)
+    fp8 = ["--kv-cache-dtype", "fp8_e4m3"]
+    reference = LLM(tiny_model, device="cuda", dtype="float32", page_size=PAGE_SIZE, kv_cache_dtype="fp8_e4m3")
+    system = PDSystem(tiny_model, tmp_path, "nixl", prefill_flags=[*GPU_FLAGS, *fp8],
+                      decode_flags=[*GPU_FLAGS, *fp8, "--max-total-tokens", "2048", "--cuda-graph-max-bs", "8"])
+    try:
+        check_concurrent_mixed_requests(system, reference, n=32, seed=29)
+    finally:
+        system.close()
+        reference.close()

@@ -16,10 +16,11 @@ import torch
 
 from ..config import ModelConfig
 from ..ep_moe import ExpertParallelMoE
-from ..kv_pool import KVPool
+from ..kv_pool import KVPool, resolve_kv_cache_dtype
 from ..llm import resolve_dtype
 from ..model import DeepseekForCausalLM
 from ..parallel import ParallelContext
+from ..plan import DEFAULT_MEM_FRACTION
 from ..sampling import SamplingParams
 from ..scheduler import Request, Scheduler, StepResult
 from ..server.messages import GenerateRequest, SamplingSpec, TokenOutput
@@ -38,6 +39,7 @@ class EngineArgs:
     model_dir: str
     load_format: str = "auto"
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # engine.kv_pool.KV_CACHE_DTYPES
     seed: int = 0
     page_size: int = 64
     num_pages: int | None = None
@@ -45,6 +47,11 @@ class EngineArgs:
     max_prefill_tokens: int = 8192
     max_running: int = 256
     ep_backend: str = "auto"  # "auto" (a2a over several ranks, local on one), "a2a", "local"
+    # Memory plan (engine.plan) checked at start-up: GB per GPU (None: the device's own, on CUDA only),
+    # the share of it planned, and the CUDA-graph batch limit the plan reserves graph memory for.
+    gpu_memory_gb: float | None = None
+    mem_fraction: float = DEFAULT_MEM_FRACTION
+    cuda_graph_max_bs: int = 0
     # "high_throughput" or "low_latency" (fixed buffers sized for the largest forward: keep
     # max_prefill_tokens small, or use it where only decode batches run).
     ep_mode: str = "high_throughput"
@@ -89,6 +96,10 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
     backend = resolve_ep_backend(args.ep_backend, ctx.spec, mode=args.ep_mode, dtype=dtype,
                                  hidden_size=config.hidden_size)
     validate_model_layout(config, ctx.spec, backend)  # LayoutError naming the clashing numbers
+    if device.type == "cuda" and args.gpu_memory_gb is None:
+        from .offline import check_memory  # the launcher checked already when the memory was given
+
+        check_memory(ctx.spec, args, torch.cuda.mem_get_info(device)[1] / 1e9)
     parallel = parallel_context_for(ctx)
     model = DeepseekForCausalLM(config, parallel, dtype=dtype, device=device)
     load_model(model, args.model_dir, args.load_format, args.seed)
@@ -98,7 +109,8 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
         largest_share = -(-max(args.max_prefill_tokens, args.max_running) // parallel.attn_tp_size)
         moe = ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share)
     num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
-    pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, dtype, device)
+    kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
+    pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype, device)
     return RankEngine(config, model, pool, parallel, moe)
 
 

@@ -22,7 +22,7 @@ from ..server.messages import GenerateRequest, SamplingSpec
 from .bridge import RankBridge
 from .colocated import EngineArgs, colocated_entry
 from .groups import resolve_ep_backend, validate_model_layout
-from .launch import InstanceSpec, launch
+from .launch import InstanceSpec, LayoutError, launch
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,34 @@ def check_layout(spec: InstanceSpec, args: EngineArgs) -> None:
     backend = resolve_ep_backend(args.ep_backend, spec, mode=args.ep_mode, dtype=dtype,
                                  hidden_size=config.hidden_size)
     validate_model_layout(config, spec, backend)
+    if args.gpu_memory_gb is not None:
+        check_memory(spec, args, args.gpu_memory_gb)
+
+
+def check_memory(spec: InstanceSpec, args: EngineArgs, gpu_memory_gb: float) -> None:
+    """Refuses (LayoutError, with the plan's table) an instance whose weights, activations, CUDA graphs and
+    requested KV pool (--max-total-tokens / --num-pages) do not fit in `gpu_memory_gb` per rank."""
+    from ..plan import GB, PlanSpec, load_model_config, make_plan
+
+    config, quantization, block, name = load_model_config(args.model_dir)
+    dtype = str(resolve_dtype(args.dtype, torch.device(spec.device))).removeprefix("torch.")
+    plan = make_plan(config, PlanSpec(
+        tp=spec.tp_size, dp=spec.dp_size, quantization=quantization, dtype=dtype,
+        kv_cache_dtype=args.kv_cache_dtype, gpu_memory_gb=gpu_memory_gb, mem_fraction=args.mem_fraction,
+        page_size=args.page_size, cuda_graph_max_bs=args.cuda_graph_max_bs,
+        max_prefill_tokens=args.max_prefill_tokens, max_running=args.max_running,
+        fp8_block=block or (128, 128)), name)
+    num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
+    pool = num_pages * args.page_size * plan.kv_bytes_per_token
+    why = plan.shortfall(pool)
+    if why is not None:
+        room = (f"at most {plan.kv_tokens_per_dp_group} KV tokens per DP group fit (--max-total-tokens)"
+                if plan.fits else "not even the weights and activations fit: more ranks, FP8 weights or a "
+                "smaller --max-prefill-tokens")
+        raise LayoutError(f"the instance does not fit in {gpu_memory_gb:g} GB per GPU: {why}; {room}\n"
+                          f"{plan.table()}")
+    log.info("memory plan: %.1f GB weights + %.1f GB activations/graphs + %.1f GB KV per rank of %.1f GB",
+             plan.weights_total / GB, (plan.activations + plan.cuda_graphs) / GB, pool / GB, plan.budget / GB)
 
 
 def _sampling_spec(params: SamplingParams) -> SamplingSpec:

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from ..kv_pool import KV_CACHE_DTYPES
+from ..plan import DEFAULT_MEM_FRACTION
 from ..runtime.colocated import EngineArgs
 from ..runtime.launch import InstanceSpec
+
+
+def add_kv_cache_dtype_flag(group: argparse._ActionsContainer) -> None:
+    """`--kv-cache-dtype`, SGLang's and vLLM's flag; the one definition every entry point uses."""
+    group.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
+                       help="KV pool storage: auto = the model dtype; fp8_e4m3 = float8 with a per-layer scale "
+                            "(1.0), half of bf16's bytes per token and per transfer; prefill and decode must "
+                            "agree (refused at bootstrap)")
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +50,14 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     mem.add_argument("--max-prefill-tokens", "--chunked-prefill-size", dest="max_prefill_tokens", type=int,
                      default=8192, help="tokens per prefill forward (longer prompts are prefilled in chunks)")
     mem.add_argument("--context-length", type=int, default=None, help="max prompt + output tokens")
+    add_kv_cache_dtype_flag(mem)
+    mem.add_argument("--gpu-memory-gb", type=float, default=None,
+                     help="memory of one GPU in GB (1e9 bytes) for the start-up memory plan (engine.plan); "
+                          "unset: the device's own on CUDA, no check on CPU")
+    mem.add_argument("--mem-fraction-static", "--mem-fraction", dest="mem_fraction", type=float,
+                     default=DEFAULT_MEM_FRACTION,
+                     help="share of GPU memory for weights, activations, CUDA graphs and the KV pool; the "
+                          "rest is left to the CUDA context, NCCL and fragmentation")
 
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
@@ -54,7 +72,9 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
     from .serve import resolve_model_dir
 
     args.model = resolve_model_dir(args.model)
-    return EngineArgs(model_dir=args.model, load_format=args.load_format, dtype=args.dtype, seed=args.seed,
+    return EngineArgs(model_dir=args.model, load_format=args.load_format, dtype=args.dtype,
+                      kv_cache_dtype=args.kv_cache_dtype, seed=args.seed, gpu_memory_gb=args.gpu_memory_gb,
+                      mem_fraction=args.mem_fraction, cuda_graph_max_bs=getattr(args, "cuda_graph_max_bs", None) or 0,
                       page_size=args.page_size, num_pages=args.num_pages, max_total_tokens=args.max_total_tokens,
                       max_prefill_tokens=args.max_prefill_tokens, max_running=args.max_running_requests,
                       ep_backend=args.ep_backend)

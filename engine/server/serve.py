@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from aiohttp import web
 from ..chat_template import ChatTemplate
 from ..config import ModelConfig
 from ..runtime.bridge import RankBridge
-from ..runtime.launch import InstanceSpec, RankContext, ipc_addr, launch
+from ..runtime.launch import InstanceSpec, LayoutError, RankContext, ipc_addr, launch
 from ..runtime.offline import check_layout
 from ..tokenizer import load_tokenizer
 from .app import ServerConfig, WorkerApp
@@ -93,7 +94,8 @@ async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, 
     server_config = ServerConfig(served_model=args.served_model_name or Path(model_dir).name,
                                  vocab_size=config.vocab_size, max_context=context, role=role,
                                  extra_info={"tp_size": spec.tp_size, "dp_size": spec.dp_size,
-                                             "page_size": args.page_size, **role_args.get("info", {})},
+                                             "page_size": args.page_size, "kv_cache_dtype": args.kv_cache_dtype,
+                                             **role_args.get("info", {})},
                                  chat_template=ChatTemplate.from_model_dir(model_dir))
     worker = WorkerApp(bridge, tokenizer, server_config)
     app = worker.build()
@@ -124,8 +126,12 @@ def serve(args: argparse.Namespace, role: str, entry: Callable[[RankContext], No
     spec = instance_spec(args)
     model_dir = resolve_model_dir(args.model)
     engine_args = role_args.get("engine")
-    if engine_args is not None:  # refuse a layout the model cannot split before any rank starts
-        check_layout(spec, engine_args)
+    if engine_args is not None:  # refuse a layout the model cannot split (or fit) before any rank starts
+        try:
+            check_layout(spec, engine_args)
+        except LayoutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if spec.node_rank != 0:  # headless node: its ranks join node 0's instance
         inbox, outbox = zmq_addresses(spec)
         procs = launch(spec, entry, inbox, outbox, role_args)
