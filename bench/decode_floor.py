@@ -88,12 +88,9 @@ def kernels_per_step(fn: Callable[[], Any], device: torch.device, steps: int = 5
         for _ in range(steps):
             fn()
         torch.cuda.synchronize(device)
-    count = 0
-    for event in prof.events():
-        if event.device_time_total > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
-            name = event.name.lower()
-            if not name.startswith(("memcpy", "memset")):
-                count += 1
+    # CUDA activities only: every entry with device time is a kernel, a copy or a fill.
+    count = sum(e.count for e in prof.key_averages()
+                if e.device_time_total > 0 and not e.key.lower().startswith(("memcpy", "memset")))
     return count / steps
 
 
