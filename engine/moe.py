@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from engine.config import ModelConfig
+from engine.config import Fp8Config, ModelConfig
 from engine.layers import ColumnParallelLinear, RowParallelLinear
 from engine.parallel import ParallelContext, all_reduce
 
@@ -31,14 +31,14 @@ class DenseMLP(nn.Module):
     """
 
     def __init__(self, hidden: int, intermediate: int, ctx: ParallelContext, dtype: torch.dtype,
-                 device: torch.device | str, reduce_output: bool = True) -> None:
+                 device: torch.device | str, reduce_output: bool = True, fp8: Fp8Config | None = None) -> None:
         super().__init__()
         rank, size = ctx.attn_tp_rank, ctx.attn_tp_size
-        self.gate_proj = ColumnParallelLinear(hidden, intermediate, False, rank, size, dtype, device)
-        self.up_proj = ColumnParallelLinear(hidden, intermediate, False, rank, size, dtype, device)
+        self.gate_proj = ColumnParallelLinear(hidden, intermediate, False, rank, size, dtype, device, fp8)
+        self.up_proj = ColumnParallelLinear(hidden, intermediate, False, rank, size, dtype, device, fp8)
         # A shared expert skips its own all-reduce: the MoE block sums it together with the routed output.
         self.down_proj = RowParallelLinear(intermediate, hidden, False, rank, size, ctx.attn_tp_group, dtype,
-                                           device, reduce_results=reduce_output)
+                                           device, reduce_results=reduce_output, fp8=fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -128,7 +128,8 @@ class LocalDispatcher:
 
 
 def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                       w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+                       w13: torch.Tensor, w2: torch.Tensor, fp8_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
     """``kernels.moe_forward``'s contract, computed with fixed shapes and no host sync (CUDA graphs).
 
     Scatter the (token, slot) rows into the masked layout ``[E, capacity, D]`` + per-expert counts, run
@@ -136,6 +137,7 @@ def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight
     count T: top-k picks distinct experts, so no expert gets more than T rows (tighter than T * top_k).
     Rows keep (token, slot) order inside an expert and each token's experts are summed in ascending
     expert order, as the contiguous reference does, so fp32 results match it closely.
+    ``fp8_scales`` (w13's and w2's block scales): FP8 experts, run by ``kernels.fp8_moe_forward_masked``.
     """
     num_tokens, top_k = topk_ids.shape
     num_experts, hidden_dim = w13.shape[0], hidden.shape[1]
@@ -154,7 +156,11 @@ def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight
     # Rows past an expert's count stay unwritten: the masked kernels never read them.
     rows = hidden.new_empty(dump + 1, hidden_dim).index_copy_(0, dest, hidden[token_of])
     x = rows[:dump].view(num_experts, num_tokens, hidden_dim)
-    y = kernels.moe_forward_masked(x, counts, w13, w2).reshape(dump, hidden_dim)
+    if fp8_scales is None:
+        y = kernels.moe_forward_masked(x, counts, w13, w2)
+    else:
+        y = kernels.fp8_moe_forward_masked(x, counts, w13, fp8_scales[0], w2, fp8_scales[1], block_size)
+    y = y.reshape(dump, hidden_dim)
     picked = y[torch.where(valid, dest, 0)] * topk_weights.reshape(-1, 1).to(y.dtype)
     picked = torch.where(valid[:, None], picked, 0).view(num_tokens, top_k, hidden_dim)
     order = topk_ids.argsort(dim=1)  # -1 first: those rows add an exact zero
@@ -166,26 +172,54 @@ def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight
 
 
 class MoEBlock(nn.Module):
-    """Routed experts (this rank's contiguous range) plus the always-on shared experts."""
+    """Routed experts (this rank's contiguous range) plus the always-on shared experts.
+
+    With ``fp8`` the routed experts are FP8 e4m3 with float32 block scales ``w13_scale_inv`` ``[E, 2 *
+    ceil(I/bn), ceil(D/bk)]`` (gate half's block rows, then up's) and ``w2_scale_inv`` ``[E, ceil(D/bn),
+    ceil(I/bk)]``: experts are split over ranks whole, so their blocks are never cut.
+    """
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, dtype: torch.dtype,
-                 device: torch.device | str, dispatcher: Dispatcher | None = None) -> None:
+                 device: torch.device | str, dispatcher: Dispatcher | None = None,
+                 fp8: Fp8Config | None = None) -> None:
         super().__init__()
         self.gate = TopKRouter(config, device)
         self.expert_start, self.expert_end = ctx.expert_range(config.n_routed_experts)
         num_local = self.expert_end - self.expert_start
         inter, hidden = config.moe_intermediate_size, config.hidden_size
-        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden, dtype=dtype, device=device),
+        self.fp8 = fp8
+        wdtype = dtype if fp8 is None else kernels.fp8.FP8_DTYPE
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden, dtype=wdtype, device=device),
                                 requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=dtype, device=device),
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=wdtype, device=device),
                                requires_grad=False)
+        self.w13_scale_inv: nn.Parameter | None = None
+        self.w2_scale_inv: nn.Parameter | None = None
+        if fp8 is not None:
+            bn, bk = fp8.block_size
+            self.w13_scale_inv = nn.Parameter(torch.empty(num_local, 2 * -(-inter // bn), -(-hidden // bk),
+                                                          dtype=torch.float32, device=device), requires_grad=False)
+            self.w2_scale_inv = nn.Parameter(torch.empty(num_local, -(-hidden // bn), -(-inter // bk),
+                                                         dtype=torch.float32, device=device), requires_grad=False)
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(
             self.expert_start, self.expert_end, ctx.tp_group, ctx.tp_size)
         self.shared_experts = None
         if config.n_shared_experts:
             self.shared_experts = DenseMLP(hidden, inter * config.n_shared_experts, ctx, dtype, device,
-                                           reduce_output=False)
+                                           reduce_output=False, fp8=fp8)
         self.ctx = ctx
+
+    def _experts(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 graph_safe: bool) -> torch.Tensor:
+        if self.fp8 is None:
+            expert = moe_forward_static if graph_safe else kernels.moe_forward
+            return expert(hidden, topk_ids, topk_weights, self.w13, self.w2)
+        assert self.w13_scale_inv is not None and self.w2_scale_inv is not None
+        if graph_safe:
+            return moe_forward_static(hidden, topk_ids, topk_weights, self.w13, self.w2,
+                                      (self.w13_scale_inv, self.w2_scale_inv), self.fp8.block_size)
+        return kernels.fp8_moe_forward(hidden, topk_ids, topk_weights, self.w13, self.w13_scale_inv, self.w2,
+                                       self.w2_scale_inv, self.fp8.block_size)
 
     def forward(self, hidden: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
         """``graph_safe``: CUDA-graph decode (engine.cuda_graph) — the experts run on the masked
@@ -197,8 +231,7 @@ class MoEBlock(nn.Module):
             raise RuntimeError("the graph-safe MoE path runs with the local dispatcher only")
         topk_weights, topk_ids = self.gate(hidden)
         dispatched = self.dispatcher.dispatch(hidden, topk_ids, topk_weights)
-        expert = moe_forward_static if graph_safe else kernels.moe_forward
-        expert_out = expert(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, self.w13, self.w2)
+        expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, graph_safe)
         if self.shared_experts is not None:
             # Added before combine so one reduction covers both (shared output is a TP partial sum).
             # An EP dispatcher that moves tokens adds the shared output after combine instead.

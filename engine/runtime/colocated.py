@@ -20,6 +20,7 @@ from ..kv_pool import KVPool
 from ..llm import resolve_dtype
 from ..model import DeepseekForCausalLM
 from ..parallel import ParallelContext
+from ..quant import plan_quantization
 from ..sampling import SamplingParams
 from ..scheduler import Request, Scheduler, StepResult
 from ..server.messages import GenerateRequest, SamplingSpec, TokenOutput
@@ -48,6 +49,7 @@ class EngineArgs:
     # "high_throughput" or "low_latency" (fixed buffers sized for the largest forward: keep
     # max_prefill_tokens small, or use it where only decode batches run).
     ep_mode: str = "high_throughput"
+    quantization: str = "auto"  # engine.quant: "auto" (the checkpoint's), "fp8" or "none"
 
 
 @dataclass
@@ -90,8 +92,9 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
                                  hidden_size=config.hidden_size)
     validate_model_layout(config, ctx.spec, backend)  # LayoutError naming the clashing numbers
     parallel = parallel_context_for(ctx)
-    model = DeepseekForCausalLM(config, parallel, dtype=dtype, device=device)
-    load_model(model, args.model_dir, args.load_format, args.seed)
+    quant = plan_quantization(args.quantization, config, device, dtype)
+    model = DeepseekForCausalLM(config, parallel, dtype=dtype, device=device, fp8=quant.model_fp8)
+    load_model(model, args.model_dir, args.load_format, args.seed, quant.in_effect)
     moe = None
     if config.n_routed_experts and expert_parallel:
         # The most tokens one rank dispatches: its share of the largest forward of its DP group.
