@@ -127,7 +127,8 @@ def grouped_gemm_config(rows_per_expert: int) -> Fp8GemmConfig:
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
                      stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
-                     SCALE_BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     NUM_KB: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -151,7 +152,9 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
     as_ptrs = as_ptr + rows * stride_asm
     bs_ptrs = bs_ptr + (offs_n // SCALE_BLOCK_N) * stride_bsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    # NUM_KB = cdiv(K, BLOCK_K), a compile-time constant (one variant per projection's K, a handful per
+    # model): Triton 3.6's interpreter cannot loop to a runtime bound under numpy 2.
+    for kb in range(0, NUM_KB):
         k_mask = offs_k < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
@@ -189,7 +192,8 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, we
     _fp8_gemm_kernel[grid](
         xq, xs, weight, weight_scale, out, bias if bias is not None else out, m, n, k,
         xq.stride(0), xs.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
-        SCALE_BLOCK_N=block_size[0], HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        NUM_KB=triton.cdiv(k, block_size[1]), SCALE_BLOCK_N=block_size[0], HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=block_size[1], GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
@@ -217,7 +221,8 @@ def _fp8_moe_gemm_kernel(
     num_valid_rows, N, K, capacity, up_scale_row,
     stride_ae, stride_am, stride_ase, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn,
     stride_ce, stride_cm,
-    SCALE_BLOCK_N: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    NUM_KB: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
     MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -276,7 +281,9 @@ def _fp8_moe_gemm_kernel(
     bs_ptrs = bs_ptr + expert * stride_bse + (offs_n // SCALE_BLOCK_N) * stride_bsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    # NUM_KB = cdiv(K, BLOCK_K), a compile-time constant (one variant per projection's K, a handful per
+    # model): Triton 3.6's interpreter cannot loop to a runtime bound under numpy 2.
+    for kb in range(0, NUM_KB):
         k_mask = offs_k < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
@@ -316,7 +323,8 @@ def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s
         sort.num_rows, n, w.shape[2], 0, triton.cdiv(n, block_size[0]),
         0, aq.stride(0), 0, a_s.stride(0), w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1),
         0, out.stride(0),
-        SCALE_BLOCK_N=block_size[0], A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=weights is not None,
+        NUM_KB=triton.cdiv(w.shape[2], block_size[1]), SCALE_BLOCK_N=block_size[0], A_ROW_DIV=a_row_div,
+        GATED=gated, MUL_WEIGHT=weights is not None,
         MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
         GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -372,7 +380,8 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: to
         0, n, w.shape[2], capacity, triton.cdiv(n, block_size[0]),
         aq.stride(0), aq.stride(1), a_s.stride(0), a_s.stride(1), w.stride(0), w.stride(1),
         w_s.stride(0), w_s.stride(1), out.stride(0), out.stride(1),
-        SCALE_BLOCK_N=block_size[0], A_ROW_DIV=1, GATED=gated, MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
+        NUM_KB=triton.cdiv(w.shape[2], block_size[1]), SCALE_BLOCK_N=block_size[0], A_ROW_DIV=1, GATED=gated,
+        MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
