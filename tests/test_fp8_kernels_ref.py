@@ -8,6 +8,7 @@ checked here against float64 written out independently; the MoE ones against the
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -141,3 +142,16 @@ def test_triton_fp8_kernels_match_the_references_under_the_interpreter() -> None
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_gemm_bench_quick_runs_on_cpu_and_writes_json_and_png(tmp_path: Path) -> None:
+    from bench.gemm import main
+
+    results = main(["--quick", "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "gemm_cpu_quick.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "gemm_cpu_quick.json").read_text())
+    assert saved["dense"] and {r["layout"] for r in saved["grouped"]} == {"contiguous", "masked"}
+    for row in results["dense"] + results["grouped"]:
+        ref = row["torch_reference"]
+        assert ref["ms"] > 0 and row["bf16"]["ms"] > 0 and ref["ratio"] == pytest.approx(row["bf16"]["ms"] / ref["ms"])
+        assert ref["rel_err"] < 0.05  # bf16 inputs against the float32 reference: rounding only
