@@ -343,3 +343,18 @@ def test_engine_generate_and_both_workers_take_the_quantization_flag(fp8_dir: Pa
                      "--json", "--quantization", flag]) == 0
         outputs.append(json.loads(capsys.readouterr().out)["outputs"][0]["token_ids"])
     assert outputs[0] == outputs[1] and len(outputs[0]) == 4  # on CPU both dequantize at load
+
+
+def test_tp2_instance_from_the_fp8_checkpoint_gives_the_single_rank_tokens(fp8_dir: Path, fp8_llm: LLM,
+                                                                           prompts: list[list[int]]) -> None:
+    """Real rank processes over gloo: EngineArgs carries --quantization, each rank cuts its shard of the
+    dequantized FP8 weights (q_b_proj, o_proj, shared experts off the 128 grid) and experts whole."""
+    from engine.runtime.colocated import EngineArgs
+    from engine.runtime.launch import InstanceSpec
+    from engine.runtime.offline import generate_on_ranks
+
+    params = [SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)] * 2
+    want = [o.token_ids for o in fp8_llm.generate(prompts[:2], params)]
+    args = EngineArgs(model_dir=str(fp8_dir), page_size=16, num_pages=64, max_prefill_tokens=64, quantization="auto")
+    outputs = generate_on_ranks(InstanceSpec(tp_size=2), args, prompts[:2], params, timeout_s=240)
+    assert [o.token_ids for o in outputs] == want
