@@ -19,6 +19,7 @@ token group for the second.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -50,14 +51,23 @@ def _round_to_e4m3(v):
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, M, K, capacity, stride_xm, stride_qm, stride_sm,
                       GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr, MASKED: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     group = tl.program_id(1)
     cols = group * GROUP + tl.arange(0, GROUP)
-    row_mask = rows < M
     if MASKED:
-        # Row r of the flattened [E, capacity, K] layout is valid while r % capacity < counts[r // capacity].
-        count = tl.load(counts_ptr + rows // capacity, mask=row_mask, other=0)
-        row_mask = row_mask & (rows % capacity < count)
+        # Flattened [E, capacity, K]: program_id(0) is (expert, row block); blocks past the expert's
+        # count return at once, so decode quantizes the real rows only, not E x capacity.
+        blocks = tl.cdiv(capacity, BLOCK_ROWS)
+        expert = tl.program_id(0) // blocks
+        first = (tl.program_id(0) % blocks) * BLOCK_ROWS
+        count = tl.load(counts_ptr + expert)
+        if first >= count:
+            return
+        local = first + tl.arange(0, BLOCK_ROWS)
+        row_mask = (local < count) & (local < capacity)
+        rows = expert * capacity + local
+    else:
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < M
     rows64 = rows.to(tl.int64)
     mask = row_mask[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -83,7 +93,13 @@ def quantize_fp8_act_triton(x: torch.Tensor, group_size: int = BLOCK, counts: to
     if m == 0 or k == 0:
         return q, s
     block_rows = 16
-    grid = (triton.cdiv(m, block_rows), triton.cdiv(k, group_size))
+    if counts is not None:
+        if capacity <= 0 or m != counts.numel() * capacity:
+            raise ValueError(f"{m} rows are not {counts.numel()} experts x capacity {capacity}")
+        row_programs = counts.numel() * triton.cdiv(capacity, block_rows)
+    else:
+        row_programs = triton.cdiv(m, block_rows)
+    grid = (row_programs, triton.cdiv(k, group_size))
     _act_quant_kernel[grid](
         x, q, s, counts if counts is not None else s, m, k, max(capacity, 1), x.stride(0), q.stride(0), s.stride(0),
         GROUP=group_size, BLOCK_ROWS=block_rows, MASKED=counts is not None, num_warps=4,
@@ -126,11 +142,14 @@ def grouped_gemm_config(rows_per_expert: int) -> Fp8GemmConfig:
 
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
-                     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
-                     NUM_KB: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     stride_am, stride_asm, stride_bn, stride_bsn, stride_cs, stride_cm,
+                     NUM_KB: tl.constexpr, KB_PER_SPLIT: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
+    # Split-K: program_id(1) takes K blocks [split * KB_PER_SPLIT, ...) and writes an fp32 partial to
+    # slice `split` of c (summed by the caller). One split: the whole K, straight to the output.
+    split = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     # Grouped launch order: GROUP_M row blocks share each weight tile while it is hot in L2.
@@ -147,56 +166,94 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
     n_mask = offs_n < N
     rows = offs_m.to(tl.int64)
     cols = offs_n.to(tl.int64)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + cols[None, :] * stride_bn + offs_k[:, None]
+    kb0 = split * KB_PER_SPLIT
+    a_ptrs = a_ptr + rows[:, None] * stride_am + (kb0 * BLOCK_K + offs_k)[None, :]
+    b_ptrs = b_ptr + cols[None, :] * stride_bn + (kb0 * BLOCK_K + offs_k)[:, None]
     as_ptrs = as_ptr + rows * stride_asm
     bs_ptrs = bs_ptr + (offs_n // SCALE_BLOCK_N) * stride_bsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # NUM_KB = cdiv(K, BLOCK_K), a compile-time constant (one variant per projection's K, a handful per
-    # model): Triton 3.6's interpreter cannot loop to a runtime bound under numpy 2.
-    for kb in range(0, NUM_KB):
-        k_mask = offs_k < K - kb * BLOCK_K
+    # Compile-time trip count (NUM_KB / KB_PER_SPLIT: one variant per projection's K, a handful per model):
+    # Triton 3.6's interpreter cannot loop to a runtime bound under numpy 2. K blocks past NUM_KB (the
+    # last split's tail) load nothing: every mask is off.
+    for i in range(0, KB_PER_SPLIT):
+        kb = kb0 + i
+        live = kb < NUM_KB
+        k_mask = (offs_k < K - kb * BLOCK_K) & live
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + kb, mask=m_mask, other=0.0)
-        b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
+        a_s = tl.load(as_ptrs + kb, mask=m_mask & live, other=0.0)
+        b_s = tl.load(bs_ptrs + kb, mask=n_mask & live, other=0.0)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    c_ptrs = c_ptr + split.to(tl.int64) * stride_cs + rows[:, None] * stride_cm + cols[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@functools.lru_cache(maxsize=16)
+def _device_facts(index: int) -> tuple[tuple[int, int], int]:
+    """(compute capability, SM count) of a CUDA device, cached: asked on every GEMM call."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
 
 
 def _check_device(x: torch.Tensor) -> None:
     # FP8 tl.dot needs sm89+ (Ada, Hopper); older GPUs must run with --quantization none.
-    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 9):
+    if x.is_cuda and _device_facts(x.device.index or 0)[0] < (8, 9):
         raise RuntimeError(f"FP8 Triton GEMMs need compute capability 8.9+, {torch.cuda.get_device_name(x.device)} "
                            "has less: run with --quantization none (dequantized weights)")
 
 
+def choose_split_k(m: int, n: int, k_blocks: int, cfg: Fp8GemmConfig, sm_count: int) -> int:
+    """K splits for a skinny GEMM: decode rows (few) give too few output tiles to occupy every SM while
+    it streams the weight, so K is cut until there are about two programs per SM, keeping >= 4 K blocks
+    per split (the fp32 partials cost M x N x 4 bytes per split, small while M is small)."""
+    if m > 64:
+        return 1
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    return max(1, min(triton.cdiv(2 * sm_count, tiles), k_blocks // 4, 16))
+
+
 def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     out_dtype: torch.dtype, bias: torch.Tensor | None = None, block_size: BlockSize = (BLOCK, BLOCK),
-                    config: Fp8GemmConfig | None = None) -> torch.Tensor:
-    """The GEMM alone, on pre-quantized activations ``xq [M, K]`` / ``xs [M, ceil(K/bk)]``."""
+                    config: Fp8GemmConfig | None = None, split_k: int | None = None) -> torch.Tensor:
+    """The GEMM alone, on pre-quantized activations ``xq [M, K]`` / ``xs [M, ceil(K/bk)]``.
+
+    ``split_k`` None: ``choose_split_k`` on CUDA, 1 elsewhere (the interpreter).
+    """
     m, k = xq.shape
     n = weight.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
-        return out
+        return torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if weight.stride(1) != 1 or xq.stride(1) != 1 or xs.stride(1) != 1 or weight_scale.stride(1) != 1:
         raise ValueError("fp8 GEMM operands must be contiguous in their last dim")
     cfg = config or dense_gemm_config(m)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    k_blocks = triton.cdiv(k, block_size[1])
+    if split_k is None:
+        split_k = choose_split_k(m, n, k_blocks, cfg, _device_facts(xq.device.index or 0)[1]) if xq.is_cuda else 1
+    split_k = max(1, min(split_k, k_blocks))
+    per_split = triton.cdiv(k_blocks, split_k)
+    if split_k == 1:
+        out = torch.empty((1, m, n), dtype=out_dtype, device=xq.device)
+    else:
+        out = torch.empty((split_k, m, n), dtype=torch.float32, device=xq.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
+    with_bias = bias is not None and split_k == 1
     _fp8_gemm_kernel[grid](
-        xq, xs, weight, weight_scale, out, bias if bias is not None else out, m, n, k,
-        xq.stride(0), xs.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
-        NUM_KB=triton.cdiv(k, block_size[1]), SCALE_BLOCK_N=block_size[0], HAS_BIAS=bias is not None,
+        xq, xs, weight, weight_scale, out, bias if with_bias else out, m, n, k,
+        xq.stride(0), xs.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0), out.stride(1),
+        NUM_KB=k_blocks, KB_PER_SPLIT=per_split, SCALE_BLOCK_N=block_size[0], HAS_BIAS=with_bias,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=block_size[1], GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    return out
+    if split_k == 1:
+        return out[0]
+    total = out.sum(dim=0)
+    if bias is not None:
+        total += bias.float()
+    return total.to(out_dtype)
 
 
 def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

@@ -52,7 +52,12 @@ def main() -> int:
         w, ws = fp8.quantize_fp8_weight(torch.randn(n, k, generator=gen), bs)
         a = torch.randn(m, k, generator=gen)
         bias = torch.randn(n, generator=gen)
-        check(f"fp8_linear M{m} N{n} K{k}", rel(tf.fp8_linear_triton(a, w, ws, bias), fp8.fp8_linear(a, w, ws, bias)))
+        ref = fp8.fp8_linear(a, w, ws, bias)
+        check(f"fp8_linear M{m} N{n} K{k}", rel(tf.fp8_linear_triton(a, w, ws, bias), ref))
+        aq, a_s = tf.quantize_fp8_act_triton(a)
+        for split in (2, 3):  # 3 K blocks at K=384 over 2 splits: the second has a dead tail block
+            out = tf.fp8_gemm_triton(aq, a_s, w, ws, torch.float32, bias, split_k=split)
+            check(f"fp8_gemm split_k={split} M{m} N{n} K{k}", rel(out, ref))
 
     experts, hidden, inter, tokens, top_k = 4, 256, 192, 23, 2
     w13 = torch.cat([fp8.quantize_fp8_weight(torch.randn(experts, inter, hidden, generator=gen) / 16, bs)[0],
