@@ -141,8 +141,12 @@ def bench_grouped(device: torch.device, quick: bool) -> list[dict[str, Any]]:
     experts, top_k, hidden, inter = QUICK_MOE if quick else (EXPERTS, TOP_K, HIDDEN, INTER)
     gen = torch.Generator(device=device).manual_seed(1)
     w13, s13, w2, s2 = _expert_weights(experts, hidden, inter, device, gen)
-    w13_bf16 = fp8.dequantize_fp8_gated(w13, s13, dtype=torch.bfloat16)
-    w2_bf16 = fp8.dequantize_fp8_weight(w2, s2, dtype=torch.bfloat16)
+    # Expert by expert: dequantizing all 256 at once would hold ~60 GB of float32 temporaries.
+    w13_bf16 = torch.empty(w13.shape, dtype=torch.bfloat16, device=device)
+    w2_bf16 = torch.empty(w2.shape, dtype=torch.bfloat16, device=device)
+    for e in range(experts):
+        w13_bf16[e] = fp8.dequantize_fp8_gated(w13[e], s13[e], dtype=torch.bfloat16)
+        w2_bf16[e] = fp8.dequantize_fp8_weight(w2[e], s2[e], dtype=torch.bfloat16)
     if device.type == "cuda":
         from kernels.triton_moe import moe_forward_gpu, moe_forward_masked_triton
 

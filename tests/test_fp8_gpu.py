@@ -199,3 +199,33 @@ def test_bf16_model_from_fp8_weights_stays_close_to_the_dequantized_bf16_model(f
     finally:
         fp8_llm.close()
         ref_llm.close()
+
+
+@gpu_test
+def test_one_full_deepseek_v3_moe_layer_runs_from_dummy_fp8_weights(tmp_path: Path) -> None:
+    """V3's real shapes (hidden 7168, 256 experts of 2048, q_lora 1536, 128 heads) in one MoE layer, dummy
+    FP8 weights + scales: FP8 kept on the GPU, about half the bf16 bytes, finite greedy tokens."""
+    import json
+
+    from engine.llm import LLM
+    from engine.sampling import SamplingParams
+
+    root = Path(__file__).resolve().parents[1] / "engine" / "model_configs" / "deepseek-v3" / "config.json"
+    raw = json.loads(root.read_text())
+    raw.update(num_hidden_layers=1, first_k_dense_replace=0, max_position_embeddings=4096)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    llm = LLM(str(tmp_path), device="cuda", dtype="bfloat16", load_format="dummy", quantization="fp8",
+              page_size=64, num_pages=16)
+    try:
+        layer = llm.model.model.layers[0]
+        assert layer.mlp.w13.dtype == fp8.FP8_DTYPE and layer.mlp.w13.shape == (256, 4096, 7168)
+        assert layer.self_attn.q_b_proj.weight.dtype == fp8.FP8_DTYPE
+        layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+        bf16_bytes = 2 * sum(p.numel() for p in layer.parameters() if p.dtype == fp8.FP8_DTYPE) + sum(
+            p.numel() * p.element_size() for p in layer.parameters() if p.dtype not in (fp8.FP8_DTYPE, torch.float32))
+        print(f"V3 MoE layer: {layer_bytes / 2**30:.2f} GiB in FP8 vs {bf16_bytes / 2**30:.2f} GiB in bf16")
+        assert layer_bytes < 0.52 * bf16_bytes
+        out = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))
+        assert len(out[0].token_ids) == 4
+    finally:
+        llm.close()
