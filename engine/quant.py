@@ -66,6 +66,9 @@ class Fp8Weight:
     def shape(self) -> torch.Size:
         return self.q.shape
 
+    def to(self, device: torch.device | str) -> Fp8Weight:
+        return Fp8Weight(self.q.to(device), self.scale.to(device), self.block_size)
+
     def dequantize(self) -> torch.Tensor:
         """float32, exact (one rounding of q * scale); the loader casts it to the model dtype."""
         return dequantize_fp8_weight(self.q, self.scale, self.block_size, torch.float32)

@@ -235,8 +235,6 @@ def load_weights(model: DeepseekForCausalLM, tensors: Iterable[tuple[str, Tensor
             if fp8 is not None and not isinstance(tensor, Fp8Weight) and is_fp8_weight_name(name):
                 tensor = Fp8Weight.quantize(tensor.to(model.device), fp8)
                 report.quantized += 1
-            if isinstance(tensor, Fp8Weight):
-                tensor = Fp8Weight(tensor.q.to(model.device), tensor.scale.to(model.device), tensor.block_size)
             if _load_experts(model, name, tensor, loaded, report, fp8):
                 continue
             if isinstance(tensor, Fp8Weight) and not is_fp8_weight_name(name):
@@ -253,7 +251,7 @@ def load_weights(model: DeepseekForCausalLM, tensors: Iterable[tuple[str, Tensor
             if isinstance(tensor, Fp8Weight):
                 module = model.get_submodule(module_name)
                 _note_fp8(report, name, getattr(module, "fp8", None) is not None, getattr(module, "fp8_fallback", None))
-                module.load_full(name, tensor)
+                module.load_full(name, tensor.to(model.device))
             elif name == "lm_head.weight" or name.endswith("mlp.gate.weight") or name.endswith("correction_bias"):
                 _load_plain(model, name, tensor)
             else:
@@ -309,7 +307,8 @@ def _load_experts(model: DeepseekForCausalLM, name: str, tensor: Tensor, loaded:
         if block.expert_start <= expert < block.expert_end:
             if isinstance(tensor, Fp8Weight):
                 _note_fp8(report, name, block.fp8 is not None, None)
-            _load_one_expert(block, expert - block.expert_start, proj, tensor)
+            # Only this rank's experts travel to the device (the others are dropped where they were read).
+            _load_one_expert(block, expert - block.expert_start, proj, tensor.to(model.device))
         return True
     match = _PACKED_EXPERTS.match(name)
     if match:

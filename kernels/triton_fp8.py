@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize, check_expert_weights, scale_shape
-from kernels.triton_moe import sort_by_expert
+from kernels.triton_moe import ExpertSort, sort_by_expert
 
 
 @triton.jit
@@ -370,7 +370,7 @@ def _capturing(device: torch.device) -> bool:
 
 
 def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Tensor,
-                       sort, weights: torch.Tensor | None, a_row_div: int, gated: bool, cfg: Fp8GemmConfig,
+                       sort: ExpertSort, weights: torch.Tensor | None, a_row_div: int, gated: bool, cfg: Fp8GemmConfig,
                        block_size: BlockSize) -> None:
     n = w.shape[1] // 2 if gated else w.shape[1]
     grid = (sort.max_blocks * triton.cdiv(n, cfg.block_n),)
