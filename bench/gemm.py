@@ -123,7 +123,8 @@ def bench_dense(device: torch.device, quick: bool) -> list[dict[str, Any]]:
     return out
 
 
-def _expert_weights(experts: int, hidden: int, inter: int, device: torch.device, gen: torch.Generator):
+def _expert_weights(experts: int, hidden: int, inter: int, device: torch.device,
+                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     w13 = torch.empty(experts, 2 * inter, hidden, dtype=fp8.FP8_DTYPE, device=device)
     s13 = torch.empty(experts, 2 * -(-inter // 128), -(-hidden // 128), device=device)
     w2 = torch.empty(experts, hidden, inter, dtype=fp8.FP8_DTYPE, device=device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -114,13 +115,13 @@ def test_dequantize_is_exact_on_partial_blocks_and_casts_once_to_the_model_dtype
 
 
 @pytest.fixture(scope="module")
-def fp8_llm(fp8_dir: Path):
+def fp8_llm(fp8_dir: Path) -> Iterator[LLM]:
     llm = LLM(str(fp8_dir), dtype="float32", page_size=16, num_pages=64)
     yield llm
     llm.close()
 
 
-def _hf_model(fp8_dir: Path):
+def _hf_model(fp8_dir: Path) -> torch.nn.Module:
     transformers = pytest.importorskip("transformers")
     raw = tiny_config("v3-fp8")
     raw.pop("quantization_config")
