@@ -4,8 +4,8 @@
     python -m bench.gemm --quick         # any machine: tiny shapes, torch reference (gemm_<device>_quick.*)
 
 Dense: y = x W^T for V3's projections, N x K = 18432x7168 (dense gate/up), 7168x18432 (dense down),
-2112x7168 (fused q_a + kv_a), 7168x2112, 24576x1536 (q_b), 7168x16384 (o_proj), 4096x7168, at 128 and 4096
-rows. Grouped: V3's routed experts (256 experts, top-8, hidden 7168, moe_intermediate 2048: gate+up GEMM,
+2112x7168 (fused q_a + kv_a), 7168x2112, 24576x1536 (q_b), 7168x16384 (o_proj), 4096x7168, at 1, 16 (decode)
+and 128, 4096 rows. Grouped: V3's routed experts (256 experts, top-8, hidden 7168, moe_intermediate 2048: gate+up GEMM,
 SiLU, down GEMM) at 128 and 4096 tokens, in the contiguous (prefill) and masked (decode) layouts.
 
 Each FP8 backend is timed beside the bf16 path the model would otherwise run on the same shape: torch's
@@ -36,7 +36,7 @@ from kernels.moe import moe_forward, moe_forward_masked
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DENSE = [(18432, 7168), (7168, 18432), (2112, 7168), (7168, 2112), (24576, 1536), (7168, 16384), (4096, 7168)]
-DENSE_ROWS = (128, 4096)
+DENSE_ROWS = (1, 16, 128, 4096)  # decode batch sizes (fused quantization, split-K) and prefill
 EXPERTS, TOP_K, HIDDEN, INTER = 256, 8, 7168, 2048
 TOKENS = (128, 4096)
 QUICK_DENSE = [(256, 384), (200, 300)]  # a partial block each way in the second

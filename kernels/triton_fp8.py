@@ -145,7 +145,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
                      stride_am, stride_asm, stride_bn, stride_bsn, stride_cs, stride_cm,
                      NUM_KB: tl.constexpr, KB_PER_SPLIT: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+                     GROUP_M: tl.constexpr, QUANT_A: tl.constexpr):
     pid = tl.program_id(0)
     # Split-K: program_id(1) takes K blocks [split * KB_PER_SPLIT, ...) and writes an fp32 partial to
     # slice `split` of c (summed by the caller). One split: the whole K, straight to the output.
@@ -180,8 +180,16 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
         live = kb < NUM_KB
         k_mask = (offs_k < K - kb * BLOCK_K) & live
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if QUANT_A:
+            # a is the unquantized activation tile (one 1x128 group per row): quantize it here, exactly
+            # as _act_quant_kernel does. Few rows (decode): the redundant work per column tile is
+            # cheaper than a separate quantization launch and its round trip through memory.
+            af = a.to(tl.float32)
+            a_s = tl.maximum(tl.max(tl.abs(af), axis=1), 1e-10) / 448.0
+            a = _round_to_e4m3(tl.clamp(af / a_s[:, None], -448.0, 448.0)).to(b_ptr.dtype.element_ty)
+        else:
+            a_s = tl.load(as_ptrs + kb, mask=m_mask & live, other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + kb, mask=m_mask & live, other=0.0)
         b_s = tl.load(bs_ptrs + kb, mask=n_mask & live, other=0.0)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         a_ptrs += BLOCK_K
@@ -216,10 +224,11 @@ def choose_split_k(m: int, n: int, k_blocks: int, cfg: Fp8GemmConfig, sm_count: 
     return max(1, min(triton.cdiv(2 * sm_count, tiles), k_blocks // 4, 16))
 
 
-def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
                     out_dtype: torch.dtype, bias: torch.Tensor | None = None, block_size: BlockSize = (BLOCK, BLOCK),
                     config: Fp8GemmConfig | None = None, split_k: int | None = None) -> torch.Tensor:
-    """The GEMM alone, on pre-quantized activations ``xq [M, K]`` / ``xs [M, ceil(K/bk)]``.
+    """The GEMM alone, on pre-quantized activations ``xq [M, K]`` / ``xs [M, ceil(K/bk)]``; with ``xs``
+    None, ``xq`` is the unquantized activation and each tile is quantized inside the kernel.
 
     ``split_k`` None: ``choose_split_k`` on CUDA, 1 elsewhere (the interpreter).
     """
@@ -227,7 +236,8 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, we
     n = weight.shape[0]
     if m == 0 or n == 0:
         return torch.empty((m, n), dtype=out_dtype, device=xq.device)
-    if weight.stride(1) != 1 or xq.stride(1) != 1 or xs.stride(1) != 1 or weight_scale.stride(1) != 1:
+    if weight.stride(1) != 1 or xq.stride(1) != 1 or weight_scale.stride(1) != 1 or (xs is not None
+                                                                                     and xs.stride(1) != 1):
         raise ValueError("fp8 GEMM operands must be contiguous in their last dim")
     cfg = config or dense_gemm_config(m)
     k_blocks = triton.cdiv(k, block_size[1])
@@ -242,11 +252,13 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, we
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
     with_bias = bias is not None and split_k == 1
     _fp8_gemm_kernel[grid](
-        xq, xs, weight, weight_scale, out, bias if with_bias else out, m, n, k,
-        xq.stride(0), xs.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0), out.stride(1),
+        xq, xs if xs is not None else weight_scale, weight, weight_scale, out, bias if with_bias else out, m, n, k,
+        xq.stride(0), xs.stride(0) if xs is not None else 0, weight.stride(0), weight_scale.stride(0),
+        out.stride(0), out.stride(1),
         NUM_KB=k_blocks, KB_PER_SPLIT=per_split, SCALE_BLOCK_N=block_size[0], HAS_BIAS=with_bias,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=block_size[1], GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_K=block_size[1], GROUP_M=cfg.group_m, QUANT_A=xs is None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
     if split_k == 1:
         return out[0]
@@ -267,9 +279,17 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    xq, xs = quantize_fp8_act_triton(x2, block_size[1])
-    out = fp8_gemm_triton(xq, xs, weight, weight_scale, x.dtype, bias, block_size)
+    if x2.shape[0] <= FUSED_QUANT_MAX_ROWS:
+        out = fp8_gemm_triton(x2, None, weight, weight_scale, x.dtype, bias, block_size)
+    else:
+        xq, xs = quantize_fp8_act_triton(x2, block_size[1])
+        out = fp8_gemm_triton(xq, xs, weight, weight_scale, x.dtype, bias, block_size)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+# Up to this many rows the dense GEMM quantizes its activation tiles itself (one launch instead of two);
+# each column tile repeats the quantization, which stops paying once the rows fill a wgmma-sized tile.
+FUSED_QUANT_MAX_ROWS = 64
 
 
 @triton.jit

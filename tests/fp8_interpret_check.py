@@ -58,6 +58,8 @@ def main() -> int:
         for split in (2, 3):  # 3 K blocks at K=384 over 2 splits: the second has a dead tail block
             out = tf.fp8_gemm_triton(aq, a_s, w, ws, torch.float32, bias, split_k=split)
             check(f"fp8_gemm split_k={split} M{m} N{n} K{k}", rel(out, ref))
+            fused = tf.fp8_gemm_triton(a, None, w, ws, torch.float32, bias, split_k=split)
+            check(f"fp8_gemm quantizing in-kernel split_k={split} M{m} N{n} K{k}", rel(fused, ref))
 
     experts, hidden, inter, tokens, top_k = 4, 256, 192, 23, 2
     w13 = torch.cat([fp8.quantize_fp8_weight(torch.randn(experts, inter, hidden, generator=gen) / 16, bs)[0],
