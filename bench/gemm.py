@@ -4,9 +4,10 @@
     python -m bench.gemm --quick         # any machine: tiny shapes, torch reference (gemm_<device>_quick.*)
 
 Dense: y = x W^T for V3's projections, N x K = 18432x7168 (dense gate/up), 7168x18432 (dense down),
-2112x7168 (fused q_a + kv_a), 7168x2112, 24576x1536 (q_b), 7168x16384 (o_proj), 4096x7168, at 1, 16 (decode)
-and 128, 4096 rows. Grouped: V3's routed experts (256 experts, top-8, hidden 7168, moe_intermediate 2048: gate+up GEMM,
-SiLU, down GEMM) at 128 and 4096 tokens, in the contiguous (prefill) and masked (decode) layouts.
+2112x7168 (fused q_a + kv_a), 7168x2112, 24576x1536 (q_b), 7168x16384 (o_proj), 4096x7168, at 1 and 16
+rows (decode) and 128, 4096 (prefill). Grouped: V3's routed experts (256 experts, top-8, hidden 7168,
+moe_intermediate 2048: gate+up GEMM, SiLU, down GEMM) at 128 and 4096 tokens, in the contiguous (prefill)
+and masked (decode) layouts.
 
 Each FP8 backend is timed beside the bf16 path the model would otherwise run on the same shape: torch's
 bf16 matmul for dense, the repo's bf16 grouped kernels for experts (``torch._grouped_mm`` contiguous,
