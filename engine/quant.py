@@ -26,8 +26,8 @@ QUANTIZATION_CHOICES = ("auto", "fp8", "none")
 SCALE_SUFFIX = "_scale_inv"  # DeepSeek-V3: "X.weight" (e4m3) pairs with "X.weight_scale_inv" (float32)
 # The linear weights V3 ships in FP8; embeddings, norms, the router and the LM head stay bf16.
 _FP8_WEIGHT = re.compile(
-    r"model\.layers\.\d+\..*\b(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj)"
-    r"\.weight$"
+    r"model\.layers\.\d+\..*\b(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj"
+    r"|down_proj)\.weight$"
 )
 
 

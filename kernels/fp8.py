@@ -63,7 +63,8 @@ def dequantize_fp8_act(q: torch.Tensor, scale: torch.Tensor, group_size: int = B
     return q.float() * scale.repeat_interleave(group_size, dim=-1)[..., :k]
 
 
-def quantize_fp8_weight(w: torch.Tensor, block_size: BlockSize = (BLOCK, BLOCK)) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_weight(w: torch.Tensor,
+                        block_size: BlockSize = (BLOCK, BLOCK)) -> tuple[torch.Tensor, torch.Tensor]:
     """Block quantization of w ``[..., N, K]``: (fp8 ``[..., N, K]``, float32 ``[..., ceil(N/bn), ceil(K/bk)]``).
 
     What DeepSeek's checkpoints hold (scale = block amax / 448); used for dummy FP8 weights and for
@@ -79,7 +80,8 @@ def quantize_fp8_weight(w: torch.Tensor, block_size: BlockSize = (BLOCK, BLOCK))
     return q.view(*lead, nb * bn, kb * bk)[..., :n, :k].contiguous(), scale
 
 
-def expand_block_scale(scale: torch.Tensor, rows: int, cols: int, block_size: BlockSize = (BLOCK, BLOCK)) -> torch.Tensor:
+def expand_block_scale(scale: torch.Tensor, rows: int, cols: int,
+                       block_size: BlockSize = (BLOCK, BLOCK)) -> torch.Tensor:
     """The per-element scale of a ``[..., rows, cols]`` weight from its block grid."""
     bn, bk = block_size
     if tuple(scale.shape[-2:]) != scale_shape(rows, cols, block_size):

@@ -73,7 +73,8 @@ def test_triton_fp8_linear_matches_the_reference(nk: tuple[int, int], m: int) ->
         assert _rel(out32, fp8.fp8_linear(x.float(), w, ws, bias)) < FP32_TOL
 
 
-def _experts(num: int, hidden: int, inter: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _experts(num: int, hidden: int, inter: int,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     parts = [fp8.quantize_fp8_weight(torch.randn(num, inter, hidden, device="cuda", generator=gen) / hidden**0.5)
              for _ in range(2)]
     w13 = torch.cat([parts[0][0], parts[1][0]], dim=1)

@@ -92,7 +92,8 @@ def test_fp8_linear_reference_is_quantized_x_times_dequantized_w_in_float64(m: i
         kernels.fp8_linear(x, w, ws[:1], None, block)
 
 
-def _experts(num: int, hidden: int, inter: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _experts(num: int, hidden: int, inter: int,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     gate = [fp8.quantize_fp8_weight(torch.randn(num, inter, hidden, generator=gen) / hidden**0.5) for _ in range(2)]
     w13 = torch.cat([gate[0][0], gate[1][0]], dim=1)
     s13 = torch.cat([gate[0][1], gate[1][1]], dim=1)
