@@ -359,3 +359,59 @@ def test_tp2_instance_from_the_fp8_checkpoint_gives_the_single_rank_tokens(fp8_d
     args = EngineArgs(model_dir=str(fp8_dir), page_size=16, num_pages=64, max_prefill_tokens=64, quantization="auto")
     outputs = generate_on_ranks(InstanceSpec(tp_size=2), args, prompts[:2], params, timeout_s=240)
     assert [o.token_ids for o in outputs] == want
+
+
+def test_graph_safe_fp8_experts_equal_the_contiguous_fp8_experts() -> None:
+    from engine.moe import moe_forward_static
+
+    gen = torch.Generator().manual_seed(9)
+    experts, hidden, inter, tokens, top_k = 8, 256, 192, 5, 2
+    fp8 = Fp8Config()
+    w13 = torch.empty(experts, 2 * inter, hidden, dtype=FP8_DTYPE)
+    s13 = torch.empty(experts, 4, 2)
+    for e in range(experts):
+        for half in (0, 1):
+            w = Fp8Weight.quantize(torch.randn(inter, hidden, generator=gen) / 16, fp8)
+            w13[e, half * inter : (half + 1) * inter], s13[e, half * 2 : (half + 1) * 2] = w.q, w.scale
+    w2, s2 = quantize_fp8_weight(torch.randn(experts, hidden, inter, generator=gen) / 14)
+    x = torch.randn(tokens, hidden, generator=gen)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    ids[0, 1] = -1
+    weights = torch.rand(tokens, top_k, generator=gen)
+    want = kernels.fp8_moe_forward(x, ids, weights, w13, s13, w2, s2)
+    got = moe_forward_static(x, ids, weights, w13, w2, (s13, s2), fp8.block_size)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert want.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["per-expert", "packed-experts"])
+def test_a_bf16_checkpoint_with_quantization_fp8_is_quantized_per_block_at_load(tmp_path: Path, packed: bool) -> None:
+    from safetensors.torch import save_file
+
+    model_dir = write_tiny_model(tmp_path, "v3", seed=1)
+    raw = load_file(str(model_dir / "model.safetensors"))
+    config = ModelConfig.from_dir(model_dir)
+    if packed:  # transformers 5's save_pretrained layout
+        for i in range(config.num_hidden_layers):
+            if not config.is_moe_layer(i):
+                continue
+            p = f"model.layers.{i}.mlp.experts."
+            experts = range(config.n_routed_experts)
+            raw[p + "gate_up_proj"] = torch.stack([torch.cat([raw.pop(f"{p}{e}.gate_proj.weight"),
+                                                              raw.pop(f"{p}{e}.up_proj.weight")]) for e in experts])
+            raw[p + "down_proj"] = torch.stack([raw.pop(f"{p}{e}.down_proj.weight") for e in experts])
+        save_file(raw, str(model_dir / "model.safetensors"))
+    llm = LLM(str(model_dir), dtype="float32", page_size=16, num_pages=8, quantization="fp8")
+    try:
+        moe = llm.model.model.layers[1].mlp
+        gate = raw["model.layers.1.mlp.experts.gate_up_proj"][3, : config.moe_intermediate_size] if packed else \
+            raw["model.layers.1.mlp.experts.3.gate_proj.weight"]
+        q, s = quantize_fp8_weight(gate)
+        assert torch.equal(moe.w13[3, : config.moe_intermediate_size], kernels.fp8.dequantize_fp8_weight(q, s))
+        o_proj = raw["model.layers.0.self_attn.o_proj.weight"]
+        q, s = quantize_fp8_weight(o_proj)
+        assert torch.equal(llm.model.model.layers[0].self_attn.o_proj.weight, kernels.fp8.dequantize_fp8_weight(q, s))
+        assert not torch.equal(llm.model.model.layers[0].self_attn.o_proj.weight, o_proj)
+        assert len(llm.generate([[4, 5, 6]], GREEDY)[0].token_ids) == NEW_TOKENS
+    finally:
+        llm.close()
