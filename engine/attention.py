@@ -69,13 +69,12 @@ class MLAttention(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
         q = q.view(num_tokens, self.num_heads, self.qk_dim)
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = rope.apply(q_pe, cos, sin)
-
-        latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)
-        k_pe = rope.apply(k_pe, cos, sin)
-        kv_cache[batch.write_pages, batch.write_slots] = torch.cat([latent, k_pe], dim=-1).to(kv_cache.dtype)
+        q_nope = q[..., : self.nope_dim]
+        # One op: the latent's RMSNorm, k_pe's RoPE, both written into the pool, and q_pe's RoPE (one kernel
+        # on the GPU where the unfused code launched about twenty).
+        q_pe = kernels.mla_decode_prep(q, self.kv_a_proj_with_mqa(hidden), cos, sin, self.kv_a_layernorm.weight,
+                                       self.kv_a_layernorm.eps, kv_cache, batch.write_pages, batch.write_slots,
+                                       self.nope_dim, rope.interleave)
 
         if batch.mode is ForwardMode.DECODE:
             out = self._decode(q_nope, q_pe, batch, kv_cache)
@@ -97,7 +96,8 @@ class MLAttention(nn.Module):
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch,
                 kv_cache: torch.Tensor) -> torch.Tensor:
         w_kc, w_vc = self._w_kc_vc()
-        q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_kc)
+        # Head-batched products on strided views (einsum copied q_nope and the output to contiguous first).
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_kc).transpose(0, 1)  # [B, H, R], unit last stride
         out_latent = kernels.mla_decode_attention(q_latent, q_pe, kv_cache, batch.page_table, batch.seq_lens,
                                                   self.scale)
-        return torch.einsum("bhr,hvr->bhv", out_latent, w_vc)
+        return torch.bmm(out_latent.transpose(0, 1), w_vc.transpose(1, 2)).transpose(0, 1)

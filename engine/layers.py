@@ -44,6 +44,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps)
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``norm(x + residual)``, ``x + residual``) in one kernel on the GPU."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+
     def load_full(self, name: str, full: torch.Tensor) -> None:
         _check_shape(name, full, tuple(self.weight.shape))
         self.weight.copy_(full)

@@ -28,13 +28,21 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, ctx, dtype, device, fp8=fp8)
 
-    def forward(self, hidden: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
+                rope: RotaryEmbedding, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the caller's next add is fused into the
+        next RMSNorm (``kernels.add_rms_norm``), as the same adds in the same order as ``h + f(norm(h))``."""
         kv_cache = batch.kv_pool.layer(self.layer_id)
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), batch, rope, cos, sin, kv_cache)
+        if residual is None:
+            residual, x = hidden, self.input_layernorm(hidden)
+        else:
+            x, residual = self.input_layernorm.add_forward(hidden, residual)
+        x, residual = self.post_attention_layernorm.add_forward(
+            self.self_attn(x, batch, rope, cos, sin, kv_cache), residual)
         if batch.graph_safe and isinstance(self.mlp, MoEBlock):
-            return hidden + self.mlp(self.post_attention_layernorm(hidden), graph_safe=True)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+            return self.mlp(x, graph_safe=True), residual
+        return self.mlp(x), residual
 
 
 class DeepseekForCausalLM(nn.Module):
@@ -84,12 +92,14 @@ class DeepseekForCausalLM(nn.Module):
             cos, sin = freqs.cos() * self.rope.scale, freqs.sin() * self.rope.scale
         else:
             cos, sin = self.rope.cos_sin(batch.positions)
+        residual = None
         for layer in self.model.layers:
-            hidden = layer(hidden, batch, self.rope, cos, sin)
+            hidden, residual = layer(hidden, residual, batch, self.rope, cos, sin)
+        assert residual is not None
         if batch.graph_safe:
-            return ForwardOutput(self.lm_head(self.model.norm(hidden)))
-        last = batch.cu_seqlens_q[1:].long() - 1
+            return ForwardOutput(self.lm_head(self.model.norm.add_forward(hidden, residual)[0]))
         if batch.return_all_logits:
-            all_logits = self.lm_head(self.model.norm(hidden))
-            return ForwardOutput(all_logits[last], all_logits)
-        return ForwardOutput(self.lm_head(self.model.norm(hidden[last])))
+            all_logits = self.lm_head(self.model.norm.add_forward(hidden, residual)[0])
+            return ForwardOutput(all_logits[batch.cu_seqlens_q[1:].long() - 1], all_logits)
+        last = batch.cu_seqlens_q[1:].long() - 1
+        return ForwardOutput(self.lm_head(self.model.norm.add_forward(hidden[last], residual[last])[0]))

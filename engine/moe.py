@@ -69,28 +69,9 @@ class TopKRouter(nn.Module):
         """hidden ``[T, D]`` -> (topk_weights float32 ``[T, K]``, topk_ids int64 ``[T, K]``, global ids)."""
         cfg = self.config
         logits = F.linear(hidden.float(), self.weight)
-        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores
-        if self.e_score_correction_bias is not None:
-            choice = scores + self.e_score_correction_bias
-        if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and cfg.n_group > 1:
-            # Explicit row counts: a DP group with no tokens still routes an empty batch (no -1 on 0 elements).
-            grouped = choice.view(choice.shape[0], cfg.n_group, self.num_experts // cfg.n_group)
-            if cfg.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
-            else:
-                group_scores = grouped.max(dim=-1).values
-            group_idx = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
-            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
-            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(choice.shape[0], self.num_experts)
-            # V3 masks with -inf (biased scores may be negative); V2 with 0 (softmax scores are > 0).
-            fill = float("-inf") if cfg.topk_method == "noaux_tc" else 0.0
-            choice = choice.masked_fill(~expert_mask, fill)
-        topk_ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]
-        topk_weights = scores.gather(1, topk_ids)
-        if cfg.norm_topk_prob and self.top_k > 1:
-            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return topk_weights * cfg.routed_scaling_factor, topk_ids
+        return kernels.router_topk(logits, self.e_score_correction_bias, self.top_k, cfg.scoring_func,
+                                   cfg.topk_method, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
+                                   cfg.routed_scaling_factor)
 
 
 @dataclass
@@ -128,47 +109,22 @@ class LocalDispatcher:
 
 
 def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                       w13: torch.Tensor, w2: torch.Tensor, fp8_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       w13: torch.Tensor, w2: torch.Tensor, add: torch.Tensor | None = None,
+                       fp8_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
                        block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """``kernels.moe_forward``'s contract, computed with fixed shapes and no host sync (CUDA graphs).
-
-    Scatter the (token, slot) rows into the masked layout ``[E, capacity, D]`` + per-expert counts, run
-    ``kernels.moe_forward_masked``, gather the rows back and sum them per token. Capacity is the token
-    count T: top-k picks distinct experts, so no expert gets more than T rows (tighter than T * top_k).
-    Rows keep (token, slot) order inside an expert and each token's experts are summed in ascending
-    expert order, as the contiguous reference does, so fp32 results match it closely.
-    ``fp8_scales`` (w13's and w2's block scales): FP8 experts, run by ``kernels.fp8_moe_forward_masked``.
-    """
-    num_tokens, top_k = topk_ids.shape
-    num_experts, hidden_dim = w13.shape[0], hidden.shape[1]
-    flat = topk_ids.reshape(-1).long()
-    valid = flat >= 0  # -1: expert on another rank
-    expert = torch.where(valid, flat, num_experts)  # sentinel column for rows that go nowhere
-    # [E+1, T*K], tiny for decode batches (not F.one_hot/repeat_interleave: they may sync to size outputs).
-    # Built expert-major so the scan runs along the contiguous dimension: a cumsum over dim 0 of the
-    # [T*K, E+1] layout took 72 us per layer at batch 64 on one H100 (9 % of a CUDA-graph decode step).
-    one_hot = (torch.arange(num_experts + 1, device=hidden.device)[:, None] == expert[None, :]).long()
-    slot = (one_hot.cumsum(1) - 1).gather(0, expert[None, :]).squeeze(0)  # rank of the row in its expert
-    counts = one_hot[:num_experts].sum(1)
-    dump = num_experts * num_tokens  # one extra row takes every invalid row's write; never read
-    dest = torch.where(valid, expert * num_tokens + slot, dump)
-    token_of = torch.arange(num_tokens * top_k, device=hidden.device) // top_k
-    # Rows past an expert's count stay unwritten: the masked kernels never read them.
-    rows = hidden.new_empty(dump + 1, hidden_dim).index_copy_(0, dest, hidden[token_of])
-    x = rows[:dump].view(num_experts, num_tokens, hidden_dim)
+    """``kernels.moe_forward``'s contract (plus ``add``, summed in), computed with fixed shapes and no host
+    sync (CUDA graphs): the (token, slot) rows scattered into the masked layout ``[E, T, D]`` with per-expert
+    counts, ``kernels.moe_forward_masked``, then each token's rows summed back in float32 in ascending expert
+    order, as the contiguous reference sums (``kernels.decode_fused``). Four kernels on the GPU.
+    ``fp8_scales`` (w13's and w2's block scales): FP8 experts, run by ``kernels.fp8_moe_forward_masked``."""
+    num_experts = w13.shape[0]
+    rows, counts, dest = kernels.moe_scatter_rows(hidden, topk_ids.contiguous(), num_experts)
     if fp8_scales is None:
-        y = kernels.moe_forward_masked(x, counts, w13, w2)
+        y = kernels.moe_forward_masked(rows, counts, w13, w2)
     else:
-        y = kernels.fp8_moe_forward_masked(x, counts, w13, fp8_scales[0], w2, fp8_scales[1], block_size)
-    y = y.reshape(dump, hidden_dim)
-    picked = y[torch.where(valid, dest, 0)] * topk_weights.reshape(-1, 1).to(y.dtype)
-    picked = torch.where(valid[:, None], picked, 0).view(num_tokens, top_k, hidden_dim)
-    order = topk_ids.argsort(dim=1)  # -1 first: those rows add an exact zero
-    picked = picked.gather(1, order[:, :, None].expand(-1, -1, hidden_dim))
-    out = torch.zeros_like(hidden)
-    for k in range(top_k):
-        out = out + picked[:, k]
-    return out
+        y = kernels.fp8_moe_forward_masked(rows, counts, w13, fp8_scales[0], w2, fp8_scales[1], block_size)
+    return kernels.moe_combine(y.view(-1, hidden.shape[1]), dest, topk_ids.contiguous(),
+                               topk_weights.contiguous(), add)
 
 
 class MoEBlock(nn.Module):
@@ -210,13 +166,15 @@ class MoEBlock(nn.Module):
         self.ctx = ctx
 
     def _experts(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                 graph_safe: bool) -> torch.Tensor:
+                 graph_safe: bool, add: torch.Tensor | None = None) -> torch.Tensor:
+        """The routed experts: bf16 or FP8, graph-safe (masked layout, ``add`` summed in) or contiguous."""
         if self.fp8 is None:
-            expert = moe_forward_static if graph_safe else kernels.moe_forward
-            return expert(hidden, topk_ids, topk_weights, self.w13, self.w2)
+            if graph_safe:
+                return moe_forward_static(hidden, topk_ids, topk_weights, self.w13, self.w2, add=add)
+            return kernels.moe_forward(hidden, topk_ids, topk_weights, self.w13, self.w2)
         assert self.w13_scale_inv is not None and self.w2_scale_inv is not None
         if graph_safe:
-            return moe_forward_static(hidden, topk_ids, topk_weights, self.w13, self.w2,
+            return moe_forward_static(hidden, topk_ids, topk_weights, self.w13, self.w2, add,
                                       (self.w13_scale_inv, self.w2_scale_inv), self.fp8.block_size)
         return kernels.fp8_moe_forward(hidden, topk_ids, topk_weights, self.w13, self.w13_scale_inv, self.w2,
                                        self.w2_scale_inv, self.fp8.block_size)
@@ -231,7 +189,11 @@ class MoEBlock(nn.Module):
             raise RuntimeError("the graph-safe MoE path runs with the local dispatcher only")
         topk_weights, topk_ids = self.gate(hidden)
         dispatched = self.dispatcher.dispatch(hidden, topk_ids, topk_weights)
-        expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, graph_safe)
+        if graph_safe:  # the local dispatcher (checked above): the shared output is summed in the combine
+            shared = self.shared_experts(hidden) if self.shared_experts is not None else None
+            expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, True, shared)
+            return self.dispatcher.combine(expert_out, dispatched)
+        expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, False)
         if self.shared_experts is not None:
             # Added before combine so one reduction covers both (shared output is a TP partial sum).
             # An EP dispatcher that moves tokens adds the shared output after combine instead.

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+
+log = logging.getLogger(__name__)
+
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing float32 logits by a smaller one
+# overflows to inf, and the argmax is what such a temperature means anyway.
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. ``temperature == 0`` is greedy.
+    """How to pick tokens and when to stop. ``temperature`` 0 (below ``MIN_SAMPLING_TEMPERATURE``) is greedy.
 
     ``top_k`` 0 or -1 = off; ``top_p`` 1.0 = off; ``seed`` None = nondeterministic.
     Generation stops on an EOS (unless ``ignore_eos``), on any of ``stop_token_ids`` (the stop
@@ -44,6 +53,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not 0 < self.repetition_penalty <= 10:
             raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -58,7 +70,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < MIN_SAMPLING_TEMPERATURE or self.top_k == 1
 
     @property
     def penalised(self) -> bool:
@@ -127,39 +139,72 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], prompts:
     return out
 
 
+class Sampled(NamedTuple):
+    """``tokens[i]`` for every row; rows whose draw raised are in ``errors`` (row -> message) and their
+    token is -1: the caller fails those requests alone, never the batch or the rank."""
+
+    tokens: list[int]
+    errors: dict[int, str]
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           positions: list[int] | None = None) -> list[int]:
+           positions: list[int] | None = None) -> Sampled:
     """One token per row of ``logits`` ``[B, V]``. Greedy rows are vectorised; sampled rows use their
     own generator, so a request's tokens depend only on its seed, not on what it was batched with.
 
     ``positions`` (the output index each row draws) re-seeds a seeded row's generator from (seed,
     position) before its draw, so its token depends on nothing else; without it the generators are
-    used as they are (``make_generator(device)`` makes one for position 0)."""
+    used as they are (``make_generator(device)`` makes one for position 0).
+
+    Any value a request may carry (temperature 1e-5 or 1e300, penalties that drive logits to inf) gives a
+    token: non-finite logits are made finite first. A draw that still raises fails its row alone."""
     if logits.shape[0] != len(params):
         raise ValueError(f"{logits.shape[0]} rows of logits for {len(params)} requests")
     if positions is not None and len(positions) != len(params):
         raise ValueError(f"{len(positions)} positions for {len(params)} requests")
     out = logits.argmax(dim=-1).tolist()
+    errors: dict[int, str] = {}
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        generator = generators[i]
-        if positions is not None and p.seed is not None and generator is not None:
-            generator.manual_seed(p.step_seed(positions[i]))
-        row = logits[i].float() / p.temperature
-        if p.top_k > 0 and p.top_k < row.shape[0]:
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
-            drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        # Draw on CPU-or-device per the generator; multinomial renormalises.
-        out[i] = int(torch.multinomial(probs, 1, generator=generator).item())
-    return out
+        try:
+            out[i] = _draw(logits[i], p, generators[i], None if positions is None else positions[i])
+        except Exception as exc:  # whatever one row does, the others are served
+            log.exception("sampling failed for one request")
+            out[i] = -1
+            errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
+    return Sampled(out, errors)
+
+
+def _draw(logits_row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
+          position: int | None) -> int:
+    if position is not None and p.seed is not None and generator is not None:
+        generator.manual_seed(p.step_seed(position))
+    row = logits_row.float()
+    if not bool(torch.isfinite(row).all()):
+        # Penalties or logit_bias can push logits to +-inf (a repetition penalty of 1e-300) and a broken row
+        # can hold NaN: NaN never wins, +inf becomes the largest float, so the softmax below stays defined.
+        row = torch.nan_to_num(row, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
+    # Shift the best logit to 0 before dividing: any temperature then gives exponents <= 0 (no overflow).
+    best = row.max()
+    if not bool(torch.isfinite(best)):
+        return int(row.argmax())  # every logit is -inf: nothing to sample from
+    # A float32 temperature of 1e300 would be inf (and -inf / inf is NaN); past 1e30 every finite logit
+    # gap is ~0 already, so the distribution is the same.
+    row = (row - best) / min(p.temperature, 1e30)
+    if p.top_k > 0 and p.top_k < row.shape[0]:
+        kth = torch.topk(row, p.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
+        drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
+        drop[0] = False  # a top_p below float32's range (1e-300 is 0.0 there) would drop even the best
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    # Draw on CPU-or-device per the generator; multinomial renormalises.
+    return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
 def logprob_report(

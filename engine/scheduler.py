@@ -45,7 +45,8 @@ class Request:
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
     status: RequestStatus = RequestStatus.WAITING
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" (then `error` says why)
+    error: str | None = None
     generator: torch.Generator | None = None
     # With `return_logprob`, the log-probability of each output token under the model's distribution
     # (log_softmax of the raw logits, float32: before temperature, top-k or top-p), one per output id.
@@ -65,10 +66,12 @@ class Request:
 
 @dataclass
 class StepResult:
-    """What one step produced: (request, token) for every token sampled, and requests that finished."""
+    """What one step produced: (request, token) for every token sampled, and requests that finished
+    (``failed`` ones among them: finished with reason "error" and no token this step)."""
 
     new_tokens: list[tuple[Request, int]]
     finished: list[Request]
+    failed: list[Request] = field(default_factory=list)
 
 
 class Scheduler:
@@ -208,7 +211,15 @@ class Scheduler:
         params = [r.params for r in reqs]
         penalised = apply_penalties(logits, params, [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
                                     self.eos_token_ids)
-        tokens = sample(penalised, params, [r.generator for r in reqs], positions)
+        tokens, errors = sample(penalised, params, [r.generator for r in reqs], positions)
+        if errors:  # those requests fail alone; the rest of the batch goes on
+            for i, message in errors.items():
+                reqs[i].error = message
+                self._finish(reqs[i], "error")
+                result.finished.append(reqs[i])
+                result.failed.append(reqs[i])
+            keep = [i for i in range(len(reqs)) if i not in errors]
+            logits, reqs, tokens = logits[keep], [reqs[i] for i in keep], [tokens[i] for i in keep]
         wanted = [i for i, r in enumerate(reqs) if r.return_logprob]
         if wanted:
             chosen, tops = logprob_report(logits[wanted], [tokens[i] for i in wanted],

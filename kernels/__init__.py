@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kernels import fp8, mla, moe, norm
+from kernels import decode_fused, fp8, mla, moe, norm
 from kernels.backend import select_backend
 
 # op name -> (module, function) of the GPU fast path; same signature as the reference.
@@ -29,6 +29,11 @@ _FAST: dict[str, tuple[str, str]] = {
     "fp8_linear": ("kernels.triton_fp8", "fp8_linear_triton"),
     "fp8_moe_forward": ("kernels.triton_fp8", "fp8_moe_forward_triton"),
     "fp8_moe_forward_masked": ("kernels.triton_fp8", "fp8_moe_forward_masked_triton"),
+    "add_rms_norm": ("kernels.triton_decode_fused", "add_rms_norm_triton"),
+    "mla_decode_prep": ("kernels.triton_decode_fused", "mla_decode_prep_triton"),
+    "router_topk": ("kernels.triton_decode_fused", "router_topk_triton"),
+    "moe_scatter_rows": ("kernels.triton_decode_fused", "moe_scatter_rows_triton"),
+    "moe_combine": ("kernels.triton_decode_fused", "moe_combine_triton"),
 }
 _REFERENCE: dict[str, Callable[..., Any]] = {
     "mla_prefill_attention": mla.mla_prefill_attention,
@@ -40,6 +45,11 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "fp8_linear": fp8.fp8_linear,
     "fp8_moe_forward": fp8.fp8_moe_forward,
     "fp8_moe_forward_masked": fp8.fp8_moe_forward_masked,
+    "add_rms_norm": decode_fused.add_rms_norm,
+    "mla_decode_prep": decode_fused.mla_decode_prep,
+    "router_topk": decode_fused.router_topk,
+    "moe_scatter_rows": decode_fused.moe_scatter_rows,
+    "moe_combine": decode_fused.moe_combine,
 }
 
 
@@ -99,3 +109,33 @@ def fp8_moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Ten
                            w2: torch.Tensor, w2_scale: torch.Tensor,
                            block_size: fp8.BlockSize = (fp8.BLOCK, fp8.BLOCK)) -> torch.Tensor:
     return get_op("fp8_moe_forward_masked", x)(x, counts, w13, w13_scale, w2, w2_scale, block_size)
+
+
+# The fused decode-step ops (kernels.decode_fused documents each).
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return get_op("add_rms_norm", x)(x, residual, weight, eps)
+
+
+def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor, write_pages: torch.Tensor,
+                    write_slots: torch.Tensor, nope_dim: int, interleave: bool) -> torch.Tensor:
+    return get_op("mla_decode_prep", q)(q, kv_a, cos, sin, norm_weight, eps, kv_cache, write_pages, write_slots,
+                                        nope_dim, interleave)
+
+
+def router_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring: str, method: str,
+                n_group: int, topk_group: int, normalize: bool,
+                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return get_op("router_topk", logits)(logits, bias, top_k, scoring, method, n_group, topk_group, normalize,
+                                         scaling)
+
+
+def moe_scatter_rows(hidden: torch.Tensor, topk_ids: torch.Tensor,
+                     num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return get_op("moe_scatter_rows", hidden)(hidden, topk_ids, num_experts)
+
+
+def moe_combine(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                add: torch.Tensor | None = None) -> torch.Tensor:
+    return get_op("moe_combine", y)(y, dest, topk_ids, topk_weights, add)

@@ -34,6 +34,7 @@ class PrefillJob:
     num_computed: int = 0
     pages_done: int = 0
     first_token: int | None = None
+    error: str | None = None  # set instead of `first_token` when drawing it failed: this job fails alone
     first_logprob: float = 0.0
     top_logprobs: int = 0  # alternatives to report for the first token (sent on with it)
     first_top: tuple[tuple[int, float], ...] = ()
@@ -46,7 +47,7 @@ class PrefillJob:
 @dataclass
 class ChunkDone:
     """Pages `pages` (this rank's indices) are computed; they are the prompt's pages from `position` on.
-    `last`: the prompt is complete and `job.first_token` is set."""
+    `last`: the prompt is complete and `job.first_token` (or, when its draw failed, `job.error`) is set."""
 
     job: PrefillJob
     pages: list[int]
@@ -167,9 +168,14 @@ class PrefillBatcher:
         params = [job.params for job in jobs]
         penalised = apply_penalties(logits, params, [job.prompt_ids for job in jobs], [[] for _ in jobs],
                                     self.model.config.eos_token_ids)
-        tokens = sample(penalised, params, [job.params.make_generator(device) for job in jobs])
+        tokens, errors = sample(penalised, params, [job.params.make_generator(device) for job in jobs])
+        for i, message in errors.items():
+            jobs[i].error = message
+        tokens = [0 if i in errors else t for i, t in enumerate(tokens)]  # a valid id for the report below
         chosen, tops = logprob_report(logits, tokens, [job.top_logprobs for job in jobs])
         for job, token, logprob, top in zip(jobs, tokens, chosen, tops, strict=True):
+            if job.error is not None:
+                continue
             job.first_token = token
             job.first_logprob = logprob
             job.first_top = tuple(top)

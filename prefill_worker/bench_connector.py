@@ -82,7 +82,9 @@ class BenchPrefillRunner:
             request, job = self.jobs.pop(chunk.job.rid)
             self.batcher.release(job)  # the bench connector: the KV is dropped, not sent
             self.dropped_requests += 1
-            assert job.first_token is not None
+            if job.error is not None or job.first_token is None:
+                outs.append(error_output(request.rid, job.error or "the first token was not drawn"))
+                continue
             outs.append(
                 TokenOutput(
                     rid=request.rid,

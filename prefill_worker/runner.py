@@ -184,6 +184,9 @@ class PrefillRunner:
         self.stepper.step()  # on every rank, also those without work (MoE collectives)
         for chunk in self._steps.chunks:
             sender = self.rooms[chunk.job.rid].sender
+            if chunk.job.error is not None:  # its first token could not be drawn: this room fails alone
+                sender.abort(chunk.job.error)
+                continue
             sender.send(chunk.pages, chunk.position, last=chunk.last)
             if chunk.last:
                 assert chunk.job.first_token is not None
@@ -261,6 +264,8 @@ class PrefillRunner:
 
     def _answer(self, room: Room, state: int, failed: bool) -> TokenOutput:
         rid, job = room.request.rid, room.job
+        if job.error is not None:
+            return error_output(rid, job.error)
         if failed or job.first_token is None:
             reason = room.sender.failure_reason if state == FAILED else None
             return error_output(

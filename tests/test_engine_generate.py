@@ -180,7 +180,7 @@ def test_seeded_request_resumed_with_its_first_token_samples_what_the_uninterrup
         src_pages = prefill.kv_pool.alloc(prefill.kv_pool.pages_for_tokens(len(prompt)))
         batch = ForwardBatch.build(ForwardMode.EXTEND, [prompt], [0], [src_pages], prefill.kv_pool)
         logits = prefill.model(batch).next_token_logits
-        first = sample(logits, [params], [params.make_generator("cpu")])[0]
+        first = sample(logits, [params], [params.make_generator("cpu")]).tokens[0]
         dst_pages = llm.kv_pool.alloc(len(src_pages))
         llm.kv_pool.tensor[dst_pages] = prefill.kv_pool.tensor[src_pages]
         prefill.kv_pool.free(src_pages)

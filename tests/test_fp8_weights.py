@@ -379,7 +379,7 @@ def test_graph_safe_fp8_experts_equal_the_contiguous_fp8_experts() -> None:
     ids[0, 1] = -1
     weights = torch.rand(tokens, top_k, generator=gen)
     want = kernels.fp8_moe_forward(x, ids, weights, w13, s13, w2, s2)
-    got = moe_forward_static(x, ids, weights, w13, w2, (s13, s2), fp8.block_size)
+    got = moe_forward_static(x, ids, weights, w13, w2, None, (s13, s2), fp8.block_size)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert want.abs().max() > 0.1
 

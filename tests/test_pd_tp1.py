@@ -99,6 +99,30 @@ def test_a_stop_string_ends_a_disaggregated_request_early_and_frees_its_pages(
         wait_idle(worker.url)
 
 
+@pytest.mark.parametrize("target", ["router", "decode"])
+def test_extreme_sampling_values_are_served_or_refused_and_every_instance_keeps_serving(
+    system: PDSystem, reference: LLM, target: str
+) -> None:
+    """Through the router the prefill side draws the first token; a decode worker alone draws them all.
+    Values that pass validation give tokens (a vanishing temperature is greedy); non-finite ones are a 400."""
+    url = (system.router if target == "router" else system.decode).url + "/v1/completions"
+    prompt = [*range(20, 60)]
+    greedy = reference.generate([prompt], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].text
+    base = {"prompt": prompt, "max_tokens": 8, "ignore_eos": True}
+    status, raw = http("POST", url, {**base, "temperature": 1e-300})
+    assert status == 200 and json.loads(raw)["choices"][0]["text"] == greedy, raw
+    for extreme in ({"temperature": 1.0, "repetition_penalty": 1e-300}, {"temperature": 1e300, "seed": 3},
+                    {"temperature": 1.0, "top_p": 1e-300, "seed": 4}):
+        status, raw = http("POST", url, {**base, **extreme})
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 8, (extreme, raw)
+    status, raw = http("POST", url, {**base, "temperature": float("nan")})  # json.dumps writes NaN
+    assert status == 400 and json.loads(raw)["error"]["type"] == "invalid_request_error", raw
+    status, raw = http("POST", url, {**base, "temperature": 0})
+    assert status == 200 and json.loads(raw)["choices"][0]["text"] == greedy, raw
+    for worker in (system.prefill, system.decode):
+        wait_idle(worker.url)
+
+
 def test_decode_answers_an_error_when_the_prefill_instance_cannot_be_looked_up(system: PDSystem) -> None:
     body = {
         "input_ids": [5, 6, 7],

@@ -118,8 +118,9 @@ def error_output(rid: str, message: str) -> TokenOutput:
 
 
 def outputs_of(result: StepResult, prompt_len: dict[str, int]) -> list[TokenOutput]:
-    """One TokenOutput per request that produced a token this step (at most one token each)."""
-    outs = []
+    """One TokenOutput per request that produced a token this step (at most one token each), and an error
+    output per request that failed in it."""
+    outs = [error_output(req.request_id, req.error or "the request failed") for req in result.failed]
     for req, token in result.new_tokens:
         outs.append(TokenOutput(rid=req.request_id, token_ids=[token], finished=req.finished,
                                 finish_reason=req.finish_reason if req.finished else None,

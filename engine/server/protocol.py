@@ -6,6 +6,7 @@ bootstrap fields that the router adds (`kvtransfer.protocol`) are read here and 
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ def _get(body: dict, name: str, types: type | tuple[type, ...], default: Any = N
         raise RequestError(f"'{name}' must be {_type_names(types)}, got {type(value).__name__}")
     if isinstance(value, int) and not -(2**63) <= value < 2**63:  # what crosses to the ranks is int64
         raise RequestError(f"'{name}' is out of range: {value}")
+    if isinstance(value, float) and not math.isfinite(value):  # JSON parsers may take NaN and Infinity
+        raise RequestError(f"'{name}' must be a finite number, got {value}")
     return value
 
 

@@ -1,0 +1,156 @@
+"""The fused decode-step ops: their torch references equal the unfused code they replace, and the Triton
+kernels equal the references (in Triton's interpreter on CPU, float32; on the GPU in bf16 and inside a
+CUDA graph).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engine.config import RopeConfig
+from engine.rope import RotaryEmbedding
+from kernels import backend, decode_fused
+from kernels.norm import rms_norm
+
+needs_triton = pytest.mark.skipif(not backend.triton_importable(), reason="needs Triton")
+gpu = pytest.mark.gpu
+
+
+def _rope(interleave: bool) -> RotaryEmbedding:
+    return RotaryEmbedding(RopeConfig(theta=10000.0), 64, interleave, 512, "cpu")
+
+
+def test_add_rms_norm_is_the_add_then_the_norm_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, r, w = (torch.randn(5, 96, generator=g).bfloat16() for _ in range(3))
+    normed, summed = decode_fused.add_rms_norm(x, r, w[0], 1e-6)
+    assert torch.equal(summed, x + r) and torch.equal(normed, rms_norm(x + r, w[0], 1e-6))
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_decode_prep_equals_the_unfused_norm_rope_and_pool_write(interleave: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    tokens, heads, nope, lora = 3, 4, 32, 64
+    rope = _rope(interleave)
+    q = torch.randn(tokens, heads, nope + 64, generator=g).bfloat16()
+    kv_a = torch.randn(tokens, lora + 64, generator=g).bfloat16()
+    w = torch.randn(lora, generator=g).bfloat16()
+    cos, sin = rope.cos_sin(torch.tensor([0, 7, 300]))
+    pages, slots = torch.tensor([2, 0, 2]), torch.tensor([1, 3, 0])
+    cache = torch.zeros(3, 4, lora + 64, dtype=torch.bfloat16)
+    q_pe = decode_fused.mla_decode_prep(q, kv_a, cos, sin, w, 1e-6, cache, pages, slots, nope, interleave)
+    expected = torch.zeros_like(cache)
+    expected[pages, slots] = torch.cat([rms_norm(kv_a[:, :lora], w, 1e-6), rope.apply(kv_a[:, lora:], cos, sin)], -1)
+    assert torch.equal(cache, expected)
+    assert torch.equal(q_pe, rope.apply(q[..., nope:], cos, sin))
+
+
+def test_moe_scatter_puts_each_row_at_its_rank_within_its_expert() -> None:
+    hidden = torch.arange(3 * 2, dtype=torch.float32).view(3, 2)
+    ids = torch.tensor([[2, 0], [2, -1], [0, 2]])
+    rows, counts, dest = decode_fused.moe_scatter_rows(hidden, ids, 3)
+    assert counts.tolist() == [2, 0, 3]
+    assert dest.tolist() == [2 * 3 + 0, 0, 2 * 3 + 1, -1, 1, 2 * 3 + 2]
+    assert rows[2, :3].tolist() == [[0, 1], [2, 3], [4, 5]] and rows[0, :2].tolist() == [[0, 1], [4, 5]]
+
+
+def _interpreted(code: str) -> dict[str, Any]:
+    """`code` (printing one JSON object) in a fresh interpreter under TRITON_INTERPRET=1 (fixed at import)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=400, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# Shared by the interpreter (float32, CPU) and GPU (bf16 and float32) checks: returns {case: max error}.
+CHECKS = """
+import json, torch
+from kernels import decode_fused as ref
+from kernels import triton_decode_fused as fast
+
+def err(a, b):
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+def run(device, dtype):
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: (torch.randn(*s, generator=g) * 2).to(device=device, dtype=dtype)
+    out = {}
+    for rows, dim in ((1, 64), (7, 2048), (3, 100)):
+        x, r, w = rnd(rows, dim), rnd(rows, dim), rnd(dim)
+        (a, b), (c, d) = fast.add_rms_norm_triton(x, r, w, 1e-6), ref.add_rms_norm(x, r, w, 1e-6)
+        out[f"add_norm_{rows}x{dim}"] = max(err(a, c), err(b, d))
+    for interleave in (True, False):
+        for tokens, heads in ((1, 16), (5, 3)):
+            q, kv_a, w = rnd(tokens, heads, 192), rnd(tokens, 576), rnd(512)
+            pos = torch.arange(tokens, device=device).float() * 37
+            freqs = pos[:, None] * (1.0 / (10000 ** (torch.arange(0, 64, 2, device=device).float() / 64)))[None]
+            cos, sin = freqs.cos().contiguous(), freqs.sin().contiguous()
+            pages = torch.randperm(8, generator=g)[:tokens].to(device)
+            slots = torch.randint(0, 4, (tokens,), generator=g).to(device)
+            c1 = torch.zeros(8, 4, 576, device=device, dtype=dtype)
+            c2 = c1.clone()
+            p1 = fast.mla_decode_prep_triton(q, kv_a, cos, sin, w, 1e-6, c1, pages, slots, 128, interleave)
+            p2 = ref.mla_decode_prep(q, kv_a, cos, sin, w, 1e-6, c2, pages, slots, 128, interleave)
+            out[f"prep_{interleave}_{tokens}x{heads}"] = max(err(p1, p2), err(c1, c2))
+    for name, (experts, k, scoring, method, groups, topk_group, norm, scale, bias) in {
+        "v2lite": (64, 6, "softmax", "greedy", 1, 1, False, 1.0, False),
+        "v2": (160, 6, "softmax", "group_limited_greedy", 8, 3, False, 16.0, False),
+        "v3": (256, 8, "sigmoid", "noaux_tc", 8, 4, True, 2.5, True),
+    }.items():
+        logits = (torch.randn(33, experts, generator=g) * 3).to(device)
+        b = (torch.randn(experts, generator=g) * 0.5).to(device) if bias else None
+        w1, i1 = fast.router_topk_triton(logits, b, k, scoring, method, groups, topk_group, norm, scale)
+        w2, i2 = ref.router_topk(logits, b, k, scoring, method, groups, topk_group, norm, scale)
+        s1, o1 = i1.sort(1)
+        s2, o2 = i2.sort(1)
+        same = bool(torch.equal(s1, s2))
+        out[f"router_{name}"] = err(w1.gather(1, o1), w2.gather(1, o2)) if same else 1e9
+    for tokens, k, experts, dim in ((1, 6, 64, 256), (9, 6, 64, 256), (4, 8, 16, 100)):
+        hidden = rnd(tokens, dim)
+        ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)]).to(device)
+        ids[0, -1] = -1
+        r1, n1, d1 = fast.moe_scatter_rows_triton(hidden, ids, experts)
+        r2, n2, d2 = ref.moe_scatter_rows(hidden, ids, experts)
+        ok = torch.equal(n1, n2) and torch.equal(d1, d2)
+        e = 0.0
+        for ex in range(experts):
+            e = max(e, err(r1[ex, : int(n2[ex])], r2[ex, : int(n2[ex])]))
+        y = rnd(experts * tokens, dim)
+        wts = torch.rand(tokens, k, generator=g).to(device)
+        add = rnd(tokens, dim)
+        e = max(e, err(fast.moe_combine_triton(y, d2, ids, wts, add), ref.moe_combine(y, d2, ids, wts, add)))
+        e = max(e, err(fast.moe_combine_triton(y, d2, ids, wts), ref.moe_combine(y, d2, ids, wts)))
+        out[f"moe_{tokens}x{k}x{experts}"] = e if ok else 1e9
+    return out
+"""
+
+
+@needs_triton
+def test_triton_kernels_equal_the_references_in_float32_interpreted() -> None:
+    result = _interpreted(CHECKS + "\nprint(json.dumps(run('cpu', torch.float32)))\n")
+    assert len(result) == 13
+    for case, error in result.items():
+        assert error < 1e-4, (case, error)
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernels_equal_the_references_on_the_gpu(dtype: torch.dtype) -> None:
+    scope: dict[str, Any] = {}
+    exec(compile(CHECKS, "checks", "exec"), scope)  # noqa: S102 - the same checks as the interpreter's
+    result = scope["run"]("cuda", dtype)
+    # bf16: sums of float32 products in another order round to a neighbouring bf16 at most.
+    tolerance = 1e-4 if dtype == torch.float32 else 0.07
+    for case, error in result.items():
+        assert error < tolerance, (case, error)

@@ -1,0 +1,106 @@
+"""One request's sampling values can never stop a batch or a rank: extreme values that pass validation
+still draw a token, non-finite ones are refused, and a draw that raises fails that request alone."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine.sampling as sampling
+from engine.llm import LLM
+from engine.sampling import SamplingParams, apply_penalties, sample
+from engine.scheduler import Scheduler
+from engine.tiny_model import write_tiny_model
+
+EXTREME = [
+    {"temperature": 1e-300},
+    {"temperature": 1e-6},
+    {"temperature": 1e300},
+    {"temperature": 1.0, "repetition_penalty": 1e-300},
+    {"temperature": 1.0, "top_p": 1e-300},
+    {"temperature": 0.7, "top_k": 1},
+    {"temperature": 1.0, "logit_bias": ((3, 100.0), (4, -100.0))},
+]
+
+
+@pytest.mark.parametrize("kwargs", EXTREME)
+def test_extreme_values_that_pass_validation_draw_a_valid_token(kwargs: dict) -> None:
+    logits = torch.randn(3, 50) * 30
+    p = SamplingParams(seed=5, **kwargs)
+    penalised = apply_penalties(logits, [p] * 3, [[1, 2, 3]] * 3, [[4]] * 3)
+    tokens, errors = sample(penalised, [p] * 3, [p.make_generator("cpu") for _ in range(3)], [1, 1, 1])
+    assert errors == {} and all(0 <= t < 50 for t in tokens)
+
+
+def test_a_vanishing_temperature_is_greedy() -> None:
+    logits = torch.randn(4, 50)
+    p = SamplingParams(temperature=1e-300, seed=3)
+    assert p.greedy
+    assert sample(logits, [p] * 4, [None] * 4).tokens == logits.argmax(-1).tolist()
+
+
+def test_rows_driven_to_inf_or_nan_still_sample() -> None:
+    logits = torch.tensor([[float("inf"), 0.0, float("nan"), -1.0], [float("nan")] * 4, [float("-inf")] * 4])
+    p = SamplingParams(temperature=1.0, seed=1)
+    tokens, errors = sample(logits, [p] * 3, [p.make_generator("cpu") for _ in range(3)], [0, 0, 0])
+    assert errors == {} and tokens[0] == 0 and all(0 <= t < 4 for t in tokens)
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty", "presence_penalty"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_values_are_refused_naming_the_field(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_a_draw_that_raises_fails_that_row_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = sampling._draw
+
+    def draw(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None, pos: int | None) -> int:
+        if p.seed == 666:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(row, p, gen, pos)
+
+    monkeypatch.setattr(sampling, "_draw", draw)
+    good, bad = SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0, seed=666)
+    logits = torch.randn(3, 20)
+    tokens, errors = sample(logits, [good, bad, good], [good.make_generator("cpu"), None,
+                                                        good.make_generator("cpu")], [0, 0, 0])
+    assert list(errors) == [1] and "inf, nan" in errors[1] and tokens[1] == -1
+    assert 0 <= tokens[0] < 20 and 0 <= tokens[2] < 20
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
+    model = write_tiny_model(tmp_path_factory.mktemp("sampling-faults") / "tiny-v3")
+    engine = LLM(Path(model), page_size=16)
+    yield engine
+    engine.close()
+
+
+def test_a_request_whose_draw_raises_fails_alone_and_the_batch_finishes(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = sampling._draw
+
+    def draw(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None, pos: int | None) -> int:
+        if p.seed == 666 and pos == 2:  # fails mid-generation, after two tokens
+            raise RuntimeError("boom")
+        return real(row, p, gen, pos)
+
+    monkeypatch.setattr(sampling, "_draw", draw)
+    free_at_start = llm.kv_pool.free_pages
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    expected = llm.generate([[5, 6, 7, 8]], greedy)[0].token_ids
+    scheduler: Scheduler = llm.scheduler
+    bad = scheduler.add([9, 9, 9], SamplingParams(temperature=1.0, seed=666, max_new_tokens=6, ignore_eos=True))
+    good = scheduler.add([5, 6, 7, 8], greedy)
+    failed = []
+    while not (bad.finished and good.finished):
+        failed.extend(scheduler.step().failed)
+    assert failed == [bad] and bad.finish_reason == "error" and "boom" in (bad.error or "")
+    assert len(bad.output_ids) == 2 and good.output_ids == expected
+    assert llm.kv_pool.free_pages == free_at_start
