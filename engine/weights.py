@@ -232,7 +232,8 @@ def load_weights(model: DeepseekForCausalLM, tensors: Iterable[tuple[str, Tensor
                 continue
             if name.endswith("rotary_emb.inv_freq"):
                 continue
-            if fp8 is not None and not isinstance(tensor, Fp8Weight) and is_fp8_weight_name(name):
+            if (fp8 is not None and not isinstance(tensor, Fp8Weight) and is_fp8_weight_name(name)
+                    and not _off_rank_expert(model, name)):
                 tensor = Fp8Weight.quantize(tensor.to(model.device), fp8)
                 report.quantized += 1
             if _load_experts(model, name, tensor, loaded, report, fp8):
@@ -337,6 +338,15 @@ def _load_experts(model: DeepseekForCausalLM, name: str, tensor: Tensor, loaded:
                 _load_one_expert(block, local, proj, q)
         return True
     return False
+
+
+def _off_rank_expert(model: DeepseekForCausalLM, name: str) -> bool:
+    """A routed expert another EP rank holds (its tensor is only counted, never quantized or copied here)."""
+    match = _EXPERT.match(name)
+    if not match or int(match.group(1)) >= model.config.num_hidden_layers:
+        return False
+    block = model.model.layers[int(match.group(1))].mlp
+    return isinstance(block, MoEBlock) and not block.expert_start <= int(match.group(2)) < block.expert_end
 
 
 def _load_one_expert(block: MoEBlock, local: int, proj: str, tensor: Tensor) -> None:

@@ -415,3 +415,22 @@ def test_a_bf16_checkpoint_with_quantization_fp8_is_quantized_per_block_at_load(
         assert len(llm.generate([[4, 5, 6]], GREEDY)[0].token_ids) == NEW_TOKENS
     finally:
         llm.close()
+
+
+def test_online_quantization_on_an_ep_rank_touches_only_its_own_experts(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    from engine.quant import is_fp8_weight_name
+    from engine.weights import checkpoint_tensor_shapes
+
+    model_dir = write_tiny_model(tmp_path, "v3", seed=1)
+    config = ModelConfig.from_dir(model_dir)
+    model = DeepseekForCausalLM(config, ParallelContext(tp_rank=1, tp_size=2), dtype=torch.float32, fp8=Fp8Config())
+    with caplog.at_level(logging.INFO, logger="engine.weights"):
+        load_model(model, model_dir)
+    names = [n for n in checkpoint_tensor_shapes(config) if is_fp8_weight_name(n)]
+    off_rank = [n for n in names if ".experts." in n and int(n.split(".experts.")[1].split(".")[0]) < 4]
+    assert len(off_rank) == 24  # experts 0-3 of 2 MoE layers, 3 projections each
+    assert any(f"quantized {len(names) - len(off_rank)} weights to FP8" in r.getMessage() for r in caplog.records)
+    raw = load_file(str(model_dir / "model.safetensors"))
+    want = quantize_fp8_weight(raw["model.layers.2.mlp.experts.6.down_proj.weight"])
+    assert torch.equal(model.model.layers[2].mlp.w2[2].view(torch.uint8), want[0].view(torch.uint8))
