@@ -37,6 +37,7 @@ from engine.forward_batch import ForwardBatch, ForwardMode
 from engine.kv_pool import KVPool, resolve_kv_cache_dtype
 from engine.llm import resolve_dtype
 from engine.model import DeepseekForCausalLM
+from engine.quant import add_quantization_flag, plan_quantization
 from engine.server.cli import add_kv_cache_dtype_flag
 from engine.weights import load_model
 
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-config", default="v2-lite", help="v2-lite, v3, or a checkpoint directory")
     parser.add_argument("--load-format", default="dummy", choices=["dummy", "auto"])
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    add_quantization_flag(parser)  # --quantization fp8 --load-format dummy: random FP8 weights + scales
     parser.add_argument("--batch-sizes", default="1,8,64")
     parser.add_argument("--context", type=int, default=1024, help="cached tokens per sequence")
     parser.add_argument("--page-size", type=int, default=64)
@@ -115,8 +117,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = resolve_dtype(args.dtype, device)
     sizes = sorted({int(s) for s in args.batch_sizes.split(",")})
     started = time.monotonic()
-    model = DeepseekForCausalLM(config, dtype=dtype, device=device)
-    load_model(model, model_dir, args.load_format, seed=0)
+    quant = plan_quantization(args.quantization, config, device, dtype)
+    model = DeepseekForCausalLM(config, dtype=dtype, device=device, fp8=quant.model_fp8)
+    load_model(model, model_dir, args.load_format, seed=0, fp8=quant.in_effect)
     load_s = time.monotonic() - started
     log.info("model %s (%s) loaded in %.1fs", args.model_config, dtype, load_s)
 
@@ -167,6 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"bench": "decode_step", "device": name, "torch": torch.__version__, "model": args.model_config,
             "load_format": args.load_format, "dtype": str(dtype).removeprefix("torch."),
             "kv_cache_dtype": args.kv_cache_dtype, "context": args.context,
+            "weights": "fp8" if quant.keep_fp8 else str(dtype).removeprefix("torch."),
             "page_size": args.page_size, "iters": args.iters, "captured": device.type == "cuda",
             "load_s": load_s, "capture_s": capture_s, "copy_bandwidth_gbs": bandwidth / 1e9 if bandwidth else None,
             "headline": {str(r["batch_size"]): {"floor_ratio": r.get("floor_ratio"),

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import kernels
-from engine.config import ModelConfig
+from engine.config import Fp8Config, ModelConfig
 from engine.forward_batch import ForwardBatch, ForwardMode
 from engine.kv_pool import read_kv
 from engine.layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RowParallelLinear
@@ -24,7 +24,7 @@ from engine.rope import RotaryEmbedding
 
 class MLAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, ctx: ParallelContext, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, fp8: Fp8Config | None = None) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.kv_lora_rank = config.kv_lora_rank
@@ -40,19 +40,23 @@ class MLAttention(nn.Module):
         hidden, heads = config.hidden_size, config.num_attention_heads
         self.q_lora_rank = config.q_lora_rank
         if config.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(hidden, heads * self.qk_dim, False, rank, size, dtype, device)
+            self.q_proj = ColumnParallelLinear(hidden, heads * self.qk_dim, False, rank, size, dtype, device, fp8)
         else:
-            self.q_a_proj = ReplicatedLinear(hidden, config.q_lora_rank, config.attention_bias, dtype, device)
+            self.q_a_proj = ReplicatedLinear(hidden, config.q_lora_rank, config.attention_bias, dtype, device, fp8)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps, dtype, device)
             self.q_b_proj = ColumnParallelLinear(config.q_lora_rank, heads * self.qk_dim, False, rank, size,
-                                                 dtype, device)
+                                                 dtype, device, fp8)
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, config.kv_cache_dim, config.attention_bias, dtype,
-                                                   device)
+                                                   device, fp8)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps, dtype, device)
+        # Kept in the model dtype even with FP8 (as SGLang does): decode reads it as per-head W_UK / W_UV
+        # matrices folded into the query and the output, not through a linear layer.
         self.kv_b_proj = ColumnParallelLinear(config.kv_lora_rank, heads * (self.nope_dim + self.v_dim), False,
                                               rank, size, dtype, device)
+        if fp8 is not None:
+            self.kv_b_proj.fp8_fallback = "MLA decode reads it per head (W_UK / W_UV absorbed)"
         self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, config.attention_bias, rank, size, group,
-                                        dtype, device)
+                                        dtype, device, fp8=fp8)
 
     def _w_kc_vc(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK ``[H, nope, R]`` and W_UV ``[H, v, R]`` as views of kv_b_proj's weight."""

@@ -48,6 +48,44 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class Fp8Config:
+    """DeepSeek-V3's FP8 scheme: e4m3 weights with one float32 scale per ``block_n x block_k`` block
+    (``*.weight_scale_inv``), activations quantized dynamically per ``1 x block_k`` token group."""
+
+    block_n: int = 128
+    block_k: int = 128
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        return self.block_n, self.block_k
+
+
+def parse_quantization_config(raw: Any) -> Fp8Config | None:
+    """config.json's ``quantization_config``; anything but V3's block FP8 is refused, naming the field."""
+    if not raw:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("quantization_config must be an object")
+    method = str(raw.get("quant_method", ""))
+    if method != "fp8":
+        raise ConfigError(f"quantization_config.quant_method {method!r} is not supported (only DeepSeek-V3's 'fp8')")
+    fmt = str(raw.get("fmt", "e4m3"))
+    if fmt != "e4m3":
+        raise ConfigError(f"quantization_config.fmt {fmt!r} is not supported (only 'e4m3')")
+    scheme = str(raw.get("activation_scheme", "dynamic"))
+    if scheme != "dynamic":
+        raise ConfigError(f"quantization_config.activation_scheme {scheme!r} is not supported (only 'dynamic')")
+    block = raw.get("weight_block_size")
+    if (not isinstance(block, list) or len(block) != 2
+            or not all(isinstance(b, int) and b > 0 for b in block)):
+        raise ConfigError("quantization_config.weight_block_size must be two positive integers (per-tensor FP8 "
+                          f"is not supported), got {block!r}")
+    if block[1] & (block[1] - 1) or block[1] < 16:
+        raise ConfigError(f"quantization_config.weight_block_size K block {block[1]} must be a power of two >= 16")
+    return Fp8Config(block_n=block[0], block_k=block[1])
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything the engine reads from config.json, validated once."""
 
@@ -84,6 +122,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     tie_word_embeddings: bool = False
     torch_dtype: str = "bfloat16"
+    quantization: Fp8Config | None = None  # the checkpoint's own (config.json quantization_config)
 
     @property
     def qk_head_dim(self) -> int:
@@ -131,11 +170,6 @@ class ModelConfig:
             missing += [name for name in _REQUIRED_MOE_FIELDS if raw.get(name) is None]
         if missing:
             raise ConfigError(f"config.json is missing required field(s): {', '.join(missing)}")
-        if raw.get("quantization_config"):
-            raise ConfigError(
-                "quantized checkpoints (config.json has quantization_config) are not supported yet; "
-                "dequantize to bf16 first"
-            )
         model_type = str(raw.get("model_type", "deepseek_v3"))
         is_v3 = model_type.startswith("deepseek_v3")
         eos = raw.get("eos_token_id")
@@ -174,6 +208,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+            quantization=parse_quantization_config(raw.get("quantization_config")),
         )
         cfg.validate()
         return cfg

@@ -19,6 +19,7 @@ import logging
 import sys
 
 from engine.llm import LLM
+from engine.quant import add_quantization_flag
 from engine.sampling import SamplingParams
 from engine.server.cli import add_kv_cache_dtype_flag
 
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-pages", type=int, default=None)
     add_kv_cache_dtype_flag(parser)
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    add_quantization_flag(parser)
     par = parser.add_argument_group("multi-rank instance")
     par.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1, help="ranks (processes) of the instance")
     par.add_argument("--dp", "--dp-size", dest="dp", type=int, default=1,
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             llm = LLM(args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
                       num_pages=args.num_pages, load_format=args.load_format,
-                      kv_cache_dtype=args.kv_cache_dtype)
+                      kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
             try:
                 outputs = llm.generate(prompts, params)
             finally:

@@ -14,6 +14,7 @@ from engine.config import ModelConfig
 from engine.cuda_graph import CudaGraphRunner
 from engine.kv_pool import KVPool, resolve_kv_cache_dtype
 from engine.model import DeepseekForCausalLM
+from engine.quant import plan_quantization
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.tokenizer import Tokenizer, load_tokenizer
@@ -61,12 +62,13 @@ class LLM:
         kv_cache_dtype: "auto" (the model dtype), "bfloat16" or "fp8_e4m3" (engine.kv_pool).
         cuda_graph_max_bs: decode batches of up to this many sequences replay CUDA graphs captured at
             start-up (engine.cuda_graph); 0 = eager. On CPU the same padded graph-safe path runs eagerly.
+        quantization: "auto" (the checkpoint's quantization_config), "fp8" or "none" (engine.quant).
     """
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
                  page_size: int = 64, num_pages: int | None = None, load_format: str = "auto",
                  max_prefill_tokens: int = 8192, max_running: int = 256, seed: int = 0,
-                 cuda_graph_max_bs: int = 0, kv_cache_dtype: str = "auto") -> None:
+                 cuda_graph_max_bs: int = 0, kv_cache_dtype: str = "auto", quantization: str = "auto") -> None:
         if cuda_graph_max_bs < 0:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {cuda_graph_max_bs}")
         self.device = torch.device(device)
@@ -74,8 +76,9 @@ class LLM:
         self.dtype = resolve_dtype(dtype, self.device)
         self.kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
         started = time.monotonic()
-        self.model = DeepseekForCausalLM(self.config, dtype=self.dtype, device=self.device)
-        load_model(self.model, model_dir, load_format, seed)
+        self.quant = plan_quantization(quantization, self.config, self.device, self.dtype)
+        self.model = DeepseekForCausalLM(self.config, dtype=self.dtype, device=self.device, fp8=self.quant.model_fp8)
+        load_model(self.model, model_dir, load_format, seed, self.quant.in_effect)
         log.info("model ready in %.1fs", time.monotonic() - started)
         if num_pages is None:
             num_pages = self._default_num_pages(page_size)

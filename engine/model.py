@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from engine.attention import MLAttention
-from engine.config import ModelConfig
+from engine.config import Fp8Config, ModelConfig
 from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
 from engine.layers import ParallelLMHead, RMSNorm, VocabParallelEmbedding
 from engine.moe import DenseMLP, Dispatcher, MoEBlock
@@ -16,17 +16,17 @@ from engine.rope import RotaryEmbedding
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, ctx: ParallelContext, dtype: torch.dtype,
-                 device: torch.device | str, dispatcher: Dispatcher | None) -> None:
+                 device: torch.device | str, dispatcher: Dispatcher | None, fp8: Fp8Config | None = None) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.self_attn = MLAttention(config, layer_id, ctx, dtype, device)
+        self.self_attn = MLAttention(config, layer_id, ctx, dtype, device, fp8)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp: nn.Module
         if config.is_moe_layer(layer_id):
-            self.mlp = MoEBlock(config, ctx, dtype, device, dispatcher)
+            self.mlp = MoEBlock(config, ctx, dtype, device, dispatcher, fp8)
         else:
-            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, ctx, dtype, device)
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, ctx, dtype, device, fp8=fp8)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
                 rope: RotaryEmbedding, cos: torch.Tensor,
@@ -49,20 +49,26 @@ class DecoderLayer(nn.Module):
 class DeepseekForCausalLM(nn.Module):
     """The whole model on one rank. Parameter names follow the HF checkpoint (``model.layers.N...``),
     except routed experts, which live packed per layer as ``mlp.w13`` / ``mlp.w2`` (see engine.weights).
+
+    ``fp8``: the decoder layers' linear weights and experts are held in FP8 with block scales and run the
+    FP8 kernels (``engine.quant.plan_quantization`` decides; embeddings, norms, router, LM head stay in
+    ``dtype``). None: every weight in ``dtype`` (FP8 checkpoints are dequantized at load).
     """
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", dispatcher: Dispatcher | None = None) -> None:
+                 device: torch.device | str = "cpu", dispatcher: Dispatcher | None = None,
+                 fp8: Fp8Config | None = None) -> None:
         super().__init__()
         ctx = ctx or ParallelContext.single()
         self.config, self.ctx, self.dtype, self.device = config, ctx, dtype, torch.device(device)
+        self.fp8 = fp8
         self.model = nn.Module()
         # Embedding and LM head are vocab-parallel over the attention-TP group: with DP attention each DP
         # group embeds and scores its own tokens (= the whole TP group when dp_size is 1).
         self.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.attn_tp_rank,
                                                          ctx.attn_tp_size, ctx.attn_tp_group, dtype, device)
         self.model.layers = nn.ModuleList(
-            DecoderLayer(config, i, ctx, dtype, device, dispatcher) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, ctx, dtype, device, dispatcher, fp8) for i in range(config.num_hidden_layers)
         )
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.attn_tp_rank, ctx.attn_tp_size,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from engine.config import ModelConfig
+from engine.config import Fp8Config, ModelConfig
 from engine.layers import ColumnParallelLinear, RowParallelLinear
 from engine.parallel import ParallelContext, all_reduce
 
@@ -34,25 +34,27 @@ class DenseMLP(nn.Module):
     """
 
     def __init__(self, hidden: int, intermediate: int, ctx: ParallelContext, dtype: torch.dtype,
-                 device: torch.device | str, reduce_output: bool = True) -> None:
+                 device: torch.device | str, reduce_output: bool = True, fp8: Fp8Config | None = None) -> None:
         super().__init__()
         rank, size = ctx.attn_tp_rank, ctx.attn_tp_size
-        self.gate_proj = ColumnParallelLinear(hidden, intermediate, False, rank, size, dtype, device)
-        self.up_proj = ColumnParallelLinear(hidden, intermediate, False, rank, size, dtype, device)
+        self.gate_proj = ColumnParallelLinear(hidden, intermediate, False, rank, size, dtype, device, fp8)
+        self.up_proj = ColumnParallelLinear(hidden, intermediate, False, rank, size, dtype, device, fp8)
         # A shared expert skips its own all-reduce: the MoE block sums it together with the routed output.
         self.down_proj = RowParallelLinear(intermediate, hidden, False, rank, size, ctx.attn_tp_group, dtype,
-                                           device, reduce_results=reduce_output)
+                                           device, reduce_results=reduce_output, fp8=fp8)
         # gate and up live in one [2I, D] buffer (gate rows, then up rows: the experts' w13 layout), so that a
         # decode batch runs the whole MLP as one expert of the gated grouped GEMM: 2 kernels instead of 5.
+        # FP8 weights keep their own layout (and kernels).
         local = self.gate_proj.weight.shape[0]
-        self._gate_up = torch.empty(2 * local, hidden, dtype=dtype, device=device)
-        self.gate_proj.weight = nn.Parameter(self._gate_up[:local], requires_grad=False)
-        self.up_proj.weight = nn.Parameter(self._gate_up[local:], requires_grad=False)
+        self._gate_up = torch.empty(2 * local, hidden, dtype=dtype, device=device) if fp8 is None else None
+        if self._gate_up is not None:
+            self.gate_proj.weight = nn.Parameter(self._gate_up[:local], requires_grad=False)
+            self.up_proj.weight = nn.Parameter(self._gate_up[local:], requires_grad=False)
 
     def _gate_up_weight(self) -> torch.Tensor | None:
         """The [2I, D] buffer while both weights still live in it (a loader may have replaced them)."""
         gate, up = self.gate_proj.weight, self.up_proj.weight
-        if gate.data_ptr() != self._gate_up.data_ptr() or up.data_ptr() != self._gate_up[gate.shape[0]:].data_ptr():
+        if self._gate_up is None or gate.dtype != self._gate_up.dtype or gate.data_ptr() != self._gate_up.data_ptr() or up.data_ptr() != self._gate_up[gate.shape[0]:].data_ptr():
             return None
         return self._gate_up
 
@@ -129,39 +131,75 @@ class LocalDispatcher:
 
 
 def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                       w13: torch.Tensor, w2: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+                       w13: torch.Tensor, w2: torch.Tensor, add: torch.Tensor | None = None,
+                       fp8_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
     """``kernels.moe_forward``'s contract (plus ``add``, summed in), computed with fixed shapes and no host
     sync (CUDA graphs): the (token, slot) rows scattered into the masked layout ``[E, T, D]`` with per-expert
     counts, ``kernels.moe_forward_masked``, then each token's rows summed back in float32 in ascending expert
-    order, as the contiguous reference sums (``kernels.decode_fused``). Four kernels on the GPU."""
+    order, as the contiguous reference sums (``kernels.decode_fused``). Four kernels on the GPU.
+    ``fp8_scales`` (w13's and w2's block scales): FP8 experts, run by ``kernels.fp8_moe_forward_masked``."""
     num_experts = w13.shape[0]
     rows, counts, dest = kernels.moe_scatter_rows(hidden, topk_ids.contiguous(), num_experts)
-    y = kernels.moe_forward_masked(rows, counts, w13, w2)
+    if fp8_scales is None:
+        y = kernels.moe_forward_masked(rows, counts, w13, w2)
+    else:
+        y = kernels.fp8_moe_forward_masked(rows, counts, w13, fp8_scales[0], w2, fp8_scales[1], block_size)
     return kernels.moe_combine(y.view(-1, hidden.shape[1]), dest, topk_ids.contiguous(),
                                topk_weights.contiguous(), add)
 
 
 class MoEBlock(nn.Module):
-    """Routed experts (this rank's contiguous range) plus the always-on shared experts."""
+    """Routed experts (this rank's contiguous range) plus the always-on shared experts.
+
+    With ``fp8`` the routed experts are FP8 e4m3 with float32 block scales ``w13_scale_inv`` ``[E, 2 *
+    ceil(I/bn), ceil(D/bk)]`` (gate half's block rows, then up's) and ``w2_scale_inv`` ``[E, ceil(D/bn),
+    ceil(I/bk)]``: experts are split over ranks whole, so their blocks are never cut.
+    """
 
     def __init__(self, config: ModelConfig, ctx: ParallelContext, dtype: torch.dtype,
-                 device: torch.device | str, dispatcher: Dispatcher | None = None) -> None:
+                 device: torch.device | str, dispatcher: Dispatcher | None = None,
+                 fp8: Fp8Config | None = None) -> None:
         super().__init__()
         self.gate = TopKRouter(config, device)
         self.expert_start, self.expert_end = ctx.expert_range(config.n_routed_experts)
         num_local = self.expert_end - self.expert_start
         inter, hidden = config.moe_intermediate_size, config.hidden_size
-        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden, dtype=dtype, device=device),
+        self.fp8 = fp8
+        wdtype = dtype if fp8 is None else kernels.fp8.FP8_DTYPE
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden, dtype=wdtype, device=device),
                                 requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=dtype, device=device),
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=wdtype, device=device),
                                requires_grad=False)
+        self.w13_scale_inv: nn.Parameter | None = None
+        self.w2_scale_inv: nn.Parameter | None = None
+        if fp8 is not None:
+            bn, bk = fp8.block_size
+            self.w13_scale_inv = nn.Parameter(torch.empty(num_local, 2 * -(-inter // bn), -(-hidden // bk),
+                                                          dtype=torch.float32, device=device), requires_grad=False)
+            self.w2_scale_inv = nn.Parameter(torch.empty(num_local, -(-hidden // bn), -(-inter // bk),
+                                                         dtype=torch.float32, device=device), requires_grad=False)
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(
             self.expert_start, self.expert_end, ctx.tp_group, ctx.tp_size)
         self.shared_experts = None
         if config.n_shared_experts:
             self.shared_experts = DenseMLP(hidden, inter * config.n_shared_experts, ctx, dtype, device,
-                                           reduce_output=False)
+                                           reduce_output=False, fp8=fp8)
         self.ctx = ctx
+
+    def _experts(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 graph_safe: bool, add: torch.Tensor | None = None) -> torch.Tensor:
+        """The routed experts: bf16 or FP8, graph-safe (masked layout, ``add`` summed in) or contiguous."""
+        if self.fp8 is None:
+            if graph_safe:
+                return moe_forward_static(hidden, topk_ids, topk_weights, self.w13, self.w2, add=add)
+            return kernels.moe_forward(hidden, topk_ids, topk_weights, self.w13, self.w2)
+        assert self.w13_scale_inv is not None and self.w2_scale_inv is not None
+        if graph_safe:
+            return moe_forward_static(hidden, topk_ids, topk_weights, self.w13, self.w2, add,
+                                      (self.w13_scale_inv, self.w2_scale_inv), self.fp8.block_size)
+        return kernels.fp8_moe_forward(hidden, topk_ids, topk_weights, self.w13, self.w13_scale_inv, self.w2,
+                                       self.w2_scale_inv, self.fp8.block_size)
 
     def forward(self, hidden: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
         """``graph_safe``: CUDA-graph decode (engine.cuda_graph) — the experts run on the masked
@@ -175,11 +213,9 @@ class MoEBlock(nn.Module):
         dispatched = self.dispatcher.dispatch(hidden, topk_ids, topk_weights)
         if graph_safe:  # the local dispatcher (checked above): the shared output is summed in the combine
             shared = self.shared_experts(hidden) if self.shared_experts is not None else None
-            expert_out = moe_forward_static(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights,
-                                            self.w13, self.w2, add=shared)
+            expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, True, shared)
             return self.dispatcher.combine(expert_out, dispatched)
-        expert_out = kernels.moe_forward(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights,
-                                         self.w13, self.w2)
+        expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, False)
         if self.shared_experts is not None:
             # Added before combine so one reduction covers both (shared output is a TP partial sum).
             # An EP dispatcher that moves tokens adds the shared output after combine instead.

@@ -27,7 +27,8 @@ def instance_spec_from_flags(args: argparse.Namespace) -> InstanceSpec:
 def engine_args_from_flags(args: argparse.Namespace) -> EngineArgs:
     # --seed is the sampling seed here; dummy weights keep EngineArgs' default seed, as LLM does.
     return EngineArgs(model_dir=args.model, load_format=args.load_format, dtype=args.dtype, page_size=args.page_size,
-                      num_pages=args.num_pages, ep_backend=args.ep_backend, kv_cache_dtype=args.kv_cache_dtype)
+                      num_pages=args.num_pages, ep_backend=args.ep_backend, kv_cache_dtype=args.kv_cache_dtype,
+                      quantization=args.quantization)
 
 
 def generate_multirank(args: argparse.Namespace, prompts: list[str] | list[list[int]],

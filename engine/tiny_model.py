@@ -9,6 +9,9 @@ bias perturbed, so a mix-up of any of them changes the output. Variants:
            top-k, first_k_dense_replace=1, shared experts
   v2-lite  no q-LoRA, YaRN, softmax router, greedy top-k, 2 shared experts
   v2-group like v2-lite with group_limited_greedy routing and plain (non-YaRN) rope
+  v3-fp8   v3 at dims that span several 128x128 blocks (with partial edge blocks), saved as DeepSeek-V3
+           ships: linear weights float8_e4m3fn + ``weight_scale_inv`` per block, quantization_config,
+           and one multi-token-prediction layer (index num_hidden_layers) that the engine must skip
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.config import ModelConfig
+from engine.quant import SCALE_SUFFIX, Fp8Weight, is_fp8_weight_name
 from engine.tokenizer import write_byte_level_tokenizer
 from engine.weights import checkpoint_tensor_shapes, dummy_tensor
 
@@ -89,6 +93,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 VARIANTS["v2-group"] = {**VARIANTS["v2-lite"], "n_group": 4, "topk_group": 2,
                         "topk_method": "group_limited_greedy", "rope_scaling": None}
+# Rows/cols: hidden 256 (2 blocks), dense 512 (4; 2 per rank at tp2), experts 192 (1.5: a partial block),
+# q_lora 192, kv_a 144 (128 + rope 16), q_b 192, o_proj in 128: at tp2 q_b / o_proj / shared-expert
+# shards are 96 / 64 / 96 wide, off the 128 grid (dequantized at load), the dense MLP's 256 on it.
+VARIANTS["v3-fp8"] = {
+    **VARIANTS["v3"], "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 192,
+    "q_lora_rank": 192, "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
+    "num_nextn_predict_layers": 1, "torch_dtype": "bfloat16",
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+}
 
 
 def tiny_config(variant: str) -> dict[str, Any]:
@@ -110,12 +124,40 @@ def tiny_tensors(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def mtp_tensors(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """A few tensors of DeepSeek-V3's multi-token-prediction layer (index num_hidden_layers), unquantized."""
+    p, d = f"model.layers.{config.num_hidden_layers}.", config.hidden_size
+    shapes = {"embed_tokens.weight": (config.vocab_size, d), "enorm.weight": (d,), "hnorm.weight": (d,),
+              "eh_proj.weight": (d, 2 * d), "input_layernorm.weight": (d,),
+              "self_attn.kv_a_proj_with_mqa.weight": (config.kv_cache_dim, d), "shared_head.norm.weight": (d,),
+              "shared_head.head.weight": (config.vocab_size, d)}
+    return {p + n: dummy_tensor(p + n, shape, seed) for n, shape in shapes.items()}
+
+
+def fp8_checkpoint(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """V3's on-disk form: each linear weight as float8_e4m3fn plus its float32 ``weight_scale_inv``, the
+    rest (embeddings, norms, router, LM head) in bfloat16."""
+    assert config.quantization is not None
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if is_fp8_weight_name(name) or name.endswith("eh_proj.weight"):
+            w = Fp8Weight.quantize(tensor, config.quantization)
+            out[name], out[name + SCALE_SUFFIX] = w.q, w.scale
+        else:
+            out[name] = tensor.to(torch.bfloat16)
+    return out
+
+
 def write_tiny_model(out: str | Path, variant: str = "v3", seed: int = 0, shards: int = 1) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     raw = tiny_config(variant)
     config = ModelConfig.from_dict(raw)
     tensors = tiny_tensors(config, seed)
+    if raw.get("num_nextn_predict_layers"):
+        tensors.update(mtp_tensors(config, seed))
+    if config.quantization is not None:
+        tensors = fp8_checkpoint(tensors, config)
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     names = list(tensors)
     if shards <= 1:

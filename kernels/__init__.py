@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kernels import decode_fused, mla, moe, norm
+from kernels import decode_fused, fp8, mla, moe, norm
 from kernels.backend import select_backend
 
 # op name -> (module, function) of the GPU fast path; same signature as the reference.
@@ -25,6 +25,10 @@ _FAST: dict[str, tuple[str, str]] = {
     "moe_forward": ("kernels.triton_moe", "moe_forward_gpu"),
     "moe_forward_masked": ("kernels.triton_moe", "moe_forward_masked_triton"),
     "rms_norm": ("kernels.triton_norm", "rms_norm_triton"),
+    "quantize_fp8_act": ("kernels.triton_fp8", "quantize_fp8_act_triton"),
+    "fp8_linear": ("kernels.triton_fp8", "fp8_linear_triton"),
+    "fp8_moe_forward": ("kernels.triton_fp8", "fp8_moe_forward_triton"),
+    "fp8_moe_forward_masked": ("kernels.triton_fp8", "fp8_moe_forward_masked_triton"),
     "add_rms_norm": ("kernels.triton_decode_fused", "add_rms_norm_triton"),
     "mla_decode_prep": ("kernels.triton_decode_fused", "mla_decode_prep_triton"),
     "router_topk": ("kernels.triton_decode_fused", "router_topk_triton"),
@@ -38,6 +42,10 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "moe_forward": moe.moe_forward,
     "moe_forward_masked": moe.moe_forward_masked,
     "rms_norm": norm.rms_norm,
+    "quantize_fp8_act": fp8.quantize_fp8_act,
+    "fp8_linear": fp8.fp8_linear,
+    "fp8_moe_forward": fp8.fp8_moe_forward,
+    "fp8_moe_forward_masked": fp8.fp8_moe_forward_masked,
     "add_rms_norm": decode_fused.add_rms_norm,
     "mla_decode_prep": decode_fused.mla_decode_prep,
     "router_topk": decode_fused.router_topk,
@@ -81,6 +89,30 @@ def moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return get_op("rms_norm", x)(x, weight, eps)
+
+
+# FP8 block-scaled ops (kernels/fp8.py): weights per 128x128 block, activations per 1x128 token group.
+def quantize_fp8_act(x: torch.Tensor, group_size: int = fp8.BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ``[M, K]`` -> (fp8 ``[M, K]``, float32 scales ``[M, ceil(K/group_size)]``)."""
+    return get_op("quantize_fp8_act", x)(x, group_size)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+               block_size: fp8.BlockSize = (fp8.BLOCK, fp8.BLOCK)) -> torch.Tensor:
+    return get_op("fp8_linear", x)(x, weight, weight_scale, bias, block_size)
+
+
+def fp8_moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
+                    w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                    block_size: fp8.BlockSize = (fp8.BLOCK, fp8.BLOCK)) -> torch.Tensor:
+    return get_op("fp8_moe_forward", hidden)(hidden, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale,
+                                             block_size)
+
+
+def fp8_moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
+                           w2: torch.Tensor, w2_scale: torch.Tensor,
+                           block_size: fp8.BlockSize = (fp8.BLOCK, fp8.BLOCK)) -> torch.Tensor:
+    return get_op("fp8_moe_forward_masked", x)(x, counts, w13, w13_scale, w2, w2_scale, block_size)
 
 
 # The fused decode-step ops (kernels.decode_fused documents each).

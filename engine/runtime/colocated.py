@@ -21,6 +21,7 @@ from ..llm import resolve_dtype
 from ..model import DeepseekForCausalLM
 from ..parallel import ParallelContext
 from ..plan import DEFAULT_MEM_FRACTION
+from ..quant import plan_quantization
 from ..sampling import SamplingParams
 from ..scheduler import Request, Scheduler, StepResult
 from ..server.messages import GenerateRequest, SamplingSpec, TokenOutput
@@ -55,6 +56,7 @@ class EngineArgs:
     # "high_throughput" or "low_latency" (fixed buffers sized for the largest forward: keep
     # max_prefill_tokens small, or use it where only decode batches run).
     ep_mode: str = "high_throughput"
+    quantization: str = "auto"  # engine.quant: "auto" (the checkpoint's), "fp8" or "none"
 
 
 @dataclass
@@ -101,8 +103,9 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
 
         check_memory(ctx.spec, args, torch.cuda.mem_get_info(device)[1] / 1e9)
     parallel = parallel_context_for(ctx)
-    model = DeepseekForCausalLM(config, parallel, dtype=dtype, device=device)
-    load_model(model, args.model_dir, args.load_format, args.seed)
+    quant = plan_quantization(args.quantization, config, device, dtype)
+    model = DeepseekForCausalLM(config, parallel, dtype=dtype, device=device, fp8=quant.model_fp8)
+    load_model(model, args.model_dir, args.load_format, args.seed, quant.in_effect)
     moe = None
     if config.n_routed_experts and expert_parallel:
         # The most tokens one rank dispatches: its share of the largest forward of its DP group.

@@ -6,6 +6,7 @@ import argparse
 
 from ..kv_pool import KV_CACHE_DTYPES
 from ..plan import DEFAULT_MEM_FRACTION
+from ..quant import add_quantization_flag
 from ..runtime.colocated import EngineArgs
 from ..runtime.launch import InstanceSpec
 
@@ -24,7 +25,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                        help="HF checkpoint directory (config.json + safetensors); default: a tiny random "
                             "DeepSeek-V3 written to runs/tiny-v3 on first use")
     model.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
-                       help="'dummy': random weights of the checkpoint's shapes (config.json only)")
+                       help="'dummy': random weights of the checkpoint's shapes (config.json only); "
+                            "FP8 + block scales with FP8 quantization in effect")
+    add_quantization_flag(model)
     model.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                        help="weights and KV dtype; auto = float32 on CPU, bfloat16 on CUDA")
     model.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
@@ -77,7 +80,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
                       mem_fraction=args.mem_fraction, cuda_graph_max_bs=getattr(args, "cuda_graph_max_bs", None) or 0,
                       page_size=args.page_size, num_pages=args.num_pages, max_total_tokens=args.max_total_tokens,
                       max_prefill_tokens=args.max_prefill_tokens, max_running=args.max_running_requests,
-                      ep_backend=args.ep_backend)
+                      ep_backend=args.ep_backend, quantization=args.quantization)
 
 
 def instance_spec(args: argparse.Namespace) -> InstanceSpec:

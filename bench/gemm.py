@@ -1,0 +1,261 @@
+"""FP8 block-scaled GEMM throughput at DeepSeek-V3 shapes, beside torch's bf16 matmul in the same run.
+
+    python -m bench.gemm                 # CUDA: real numbers (bench/results/gemm_cuda.json + .png)
+    python -m bench.gemm --quick         # any machine: tiny shapes, torch reference (gemm_<device>_quick.*)
+
+Dense: y = x W^T for V3's projections, N x K = 18432x7168 (dense gate/up), 7168x18432 (dense down),
+2112x7168 (fused q_a + kv_a), 7168x2112, 24576x1536 (q_b), 7168x16384 (o_proj), 4096x7168, at 1 and 16
+rows (decode) and 128, 4096 (prefill). Grouped: V3's routed experts (256 experts, top-8, hidden 7168,
+moe_intermediate 2048: gate+up GEMM, SiLU, down GEMM) at 128 and 4096 tokens, in the contiguous (prefill)
+and masked (decode) layouts.
+
+Each FP8 backend is timed beside the bf16 path the model would otherwise run on the same shape: torch's
+bf16 matmul for dense, the repo's bf16 grouped kernels for experts (``torch._grouped_mm`` contiguous,
+Triton masked). ``ratio`` = FP8 TFLOP/s / bf16 TFLOP/s (the issue's goal: >= 1.6 on the large shapes).
+FP8 backends: ``triton`` (activation quantization included, what the model runs), ``triton_gemm`` (the
+GEMM alone on pre-quantized activations), ``deep_gemm`` (only where it imports; not built here).
+``rel_err`` is each output against the torch reference (kernels.fp8: quantize x, dequantize, matmul).
+Timing: ``triton.testing.do_bench`` medians on CUDA; perf_counter medians on CPU (--quick only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kernels import fp8
+from kernels.moe import moe_forward, moe_forward_masked
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DENSE = [(18432, 7168), (7168, 18432), (2112, 7168), (7168, 2112), (24576, 1536), (7168, 16384), (4096, 7168)]
+DENSE_ROWS = (1, 16, 128, 4096)  # decode batch sizes (fused quantization, split-K) and prefill
+EXPERTS, TOP_K, HIDDEN, INTER = 256, 8, 7168, 2048
+TOKENS = (128, 4096)
+QUICK_DENSE = [(256, 384), (200, 300)]  # a partial block each way in the second
+QUICK_ROWS = (1, 33)
+QUICK_MOE = (8, 2, 256, 192)  # experts, top-k, hidden, intermediate
+QUICK_TOKENS = (16, 64)
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
+
+
+def fp8_backends(device: torch.device, quick: bool) -> dict[str, dict[str, Callable[..., torch.Tensor]]]:
+    """name -> {"linear", "gemm", "moe", "masked"} callables (missing keys: not offered by that backend)."""
+    if device.type != "cuda":
+        return {"torch_reference": {"linear": fp8.fp8_linear, "moe": fp8.fp8_moe_forward,
+                                    "masked": fp8.fp8_moe_forward_masked}}
+    from kernels import triton_fp8 as tf
+
+    def gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+        return tf.fp8_gemm_triton(xq, xs, w, ws, torch.bfloat16)
+
+    backends: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
+        "triton": {"linear": tf.fp8_linear_triton, "moe": tf.fp8_moe_forward_triton,
+                   "masked": tf.fp8_moe_forward_masked_triton},
+        "triton_gemm": {"gemm": gemm},
+    }
+    try:
+        import deep_gemm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        backends["deep_gemm"] = {}  # importable: wiring its entry points is the DeepGEMM build's job
+    return backends
+
+
+def _weights(n: int, k: int, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return fp8.quantize_fp8_weight(torch.randn(n, k, device=device, generator=gen) / k**0.5)
+
+
+def bench_dense(device: torch.device, quick: bool) -> list[dict[str, Any]]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows_list, shapes = (QUICK_ROWS, QUICK_DENSE) if quick else (DENSE_ROWS, DENSE)
+    backends = fp8_backends(device, quick)
+    out = []
+    for n, k in shapes:
+        w, ws = _weights(n, k, device, gen)
+        w_bf16 = fp8.dequantize_fp8_weight(w, ws, dtype=torch.bfloat16)
+        for m in rows_list:
+            x = torch.randn(m, k, device=device, generator=gen).bfloat16()
+            flops = 2 * m * n * k
+            ref = fp8.fp8_linear(x.float(), w, ws)
+            bf16_ms = time_ms(partial(torch.matmul, x, w_bf16.T), device)
+            row: dict[str, Any] = {"m": m, "n": n, "k": k, "bf16": {"ms": bf16_ms, "tflops": flops / bf16_ms / 1e9}}
+            xq, xs = fp8.quantize_fp8_act(x)
+            for name, ops in backends.items():
+                if "linear" in ops:
+                    fn = partial(ops["linear"], x, w, ws)
+                elif "gemm" in ops:
+                    fn = partial(ops["gemm"], xq, xs, w, ws)
+                else:
+                    row[name] = {"error": "importable, not wired"}
+                    continue
+                ms = time_ms(fn, device)
+                row[name] = {"ms": ms, "tflops": flops / ms / 1e9, "ratio": bf16_ms / ms, "rel_err": rel_err(fn(), ref)}
+            out.append(row)
+            log(f"dense M{m} N{n} K{k}: bf16 {row['bf16']['tflops']:.3g} TF/s | " + " | ".join(
+                f"{b} {r['tflops']:.3g} TF/s x{r['ratio']:.2f}" for b, r in row.items() if isinstance(r, dict)
+                and "ratio" in r))
+    return out
+
+
+def _expert_weights(experts: int, hidden: int, inter: int, device: torch.device,
+                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    w13 = torch.empty(experts, 2 * inter, hidden, dtype=fp8.FP8_DTYPE, device=device)
+    s13 = torch.empty(experts, 2 * -(-inter // 128), -(-hidden // 128), device=device)
+    w2 = torch.empty(experts, hidden, inter, dtype=fp8.FP8_DTYPE, device=device)
+    s2 = torch.empty(experts, -(-hidden // 128), -(-inter // 128), device=device)
+    half = s13.shape[1] // 2
+    for e in range(experts):  # one expert at a time: V3's 256 experts in float32 would take 45 GB
+        g, gs = _weights(inter, hidden, device, gen)
+        u, us = _weights(inter, hidden, device, gen)
+        w13[e, :inter], s13[e, :half], w13[e, inter:], s13[e, half:] = g, gs, u, us
+        w2[e], s2[e] = _weights(hidden, inter, device, gen)
+    return w13, s13, w2, s2
+
+
+def bench_grouped(device: torch.device, quick: bool) -> list[dict[str, Any]]:
+    experts, top_k, hidden, inter = QUICK_MOE if quick else (EXPERTS, TOP_K, HIDDEN, INTER)
+    gen = torch.Generator(device=device).manual_seed(1)
+    w13, s13, w2, s2 = _expert_weights(experts, hidden, inter, device, gen)
+    # Expert by expert: dequantizing all 256 at once would hold ~60 GB of float32 temporaries.
+    w13_bf16 = torch.empty(w13.shape, dtype=torch.bfloat16, device=device)
+    w2_bf16 = torch.empty(w2.shape, dtype=torch.bfloat16, device=device)
+    for e in range(experts):
+        w13_bf16[e] = fp8.dequantize_fp8_gated(w13[e], s13[e], dtype=torch.bfloat16)
+        w2_bf16[e] = fp8.dequantize_fp8_weight(w2[e], s2[e], dtype=torch.bfloat16)
+    if device.type == "cuda":
+        from kernels.triton_moe import moe_forward_gpu, moe_forward_masked_triton
+
+        bf16_moe, bf16_masked = moe_forward_gpu, moe_forward_masked_triton
+    else:
+        bf16_moe, bf16_masked = moe_forward, moe_forward_masked
+    backends = fp8_backends(device, quick)
+    out = []
+    for tokens in QUICK_TOKENS if quick else TOKENS:
+        x = torch.randn(tokens, hidden, device=device, generator=gen).bfloat16()
+        ids = torch.rand(tokens, experts, device=device, generator=gen).topk(top_k, dim=1).indices
+        weights = torch.rand(tokens, top_k, device=device, generator=gen)
+        flops = 6 * tokens * top_k * hidden * inter
+        counts = torch.bincount(ids.reshape(-1), minlength=experts)
+        capacity = -(-int(counts.max()) // 16) * 16
+        xm = torch.zeros(experts, capacity, hidden, dtype=torch.bfloat16, device=device)
+        flat, order = ids.reshape(-1), torch.argsort(ids.reshape(-1), stable=True)
+        slot = torch.arange(flat.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
+        xm[flat[order], slot] = x[order // top_k]
+        # Both masked kernels get the tile hint of the real rows per expert (their default assumes decode's
+        # few); the torch references take none.
+        hint = {"expected_rows_per_expert": max(1, tokens * top_k // experts)} if device.type == "cuda" else {}
+        masked_bf16 = partial(bf16_masked, **hint)
+        # layout -> (bf16 call, FP8 arguments and keywords, backend key, reference output)
+        cases = {
+            "contiguous": (partial(bf16_moe, x, ids, weights, w13_bf16, w2_bf16), (x, ids, weights, w13, s13, w2, s2),
+                           {}, "moe", fp8.fp8_moe_forward(x.float(), ids, weights, w13, s13, w2, s2)),
+            "masked": (partial(masked_bf16, xm, counts, w13_bf16, w2_bf16), (xm, counts, w13, s13, w2, s2), hint,
+                       "masked", fp8.fp8_moe_forward_masked(xm.float(), counts, w13, s13, w2, s2)),
+        }
+        for layout, (bf16_fn, fp8_args, fp8_kwargs, key, ref) in cases.items():
+            bf16_ms = time_ms(bf16_fn, device)
+            row: dict[str, Any] = {"layout": layout, "tokens": tokens, "experts": experts, "top_k": top_k,
+                                   "hidden": hidden, "inter": inter, "capacity": capacity,
+                                   "bf16": {"ms": bf16_ms, "tflops": flops / bf16_ms / 1e9}}
+            for name, ops in backends.items():
+                if key not in ops:
+                    continue
+                fn = partial(ops[key], *fp8_args, **(fp8_kwargs if name != "torch_reference" else {}))
+                ms = time_ms(fn, device)
+                row[name] = {"ms": ms, "tflops": flops / ms / 1e9, "ratio": bf16_ms / ms, "rel_err": rel_err(fn(), ref)}
+            out.append(row)
+            log(f"grouped {layout} T{tokens} E{experts} top{top_k}: bf16 {row['bf16']['tflops']:.3g} TF/s | "
+                + " | ".join(
+                f"{b} {r['tflops']:.3g} TF/s x{r['ratio']:.2f}" for b, r in row.items() if isinstance(r, dict)
+                and "ratio" in r))
+    return out
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f"M{r['m']} {r['n']}x{r['k']}", r) for r in results["dense"]]
+    rows += [(f"{r['layout'][:4]} T{r['tokens']}", r) for r in results["grouped"]]
+    names = sorted({b for _, r in rows for b, v in r.items() if isinstance(v, dict) and "ratio" in v})
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.6), 4.5))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        ax.bar([j + i * width for j in range(len(rows))], [r.get(name, {}).get("ratio", 0) for _, r in rows],
+               width, label=name)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(1.6, color="red", lw=0.8, ls="--", label="goal 1.6x")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [label for label, _ in rows], rotation=60,
+                  ha="right", fontsize=7)
+    ax.set_ylabel("FP8 / bf16 throughput")
+    ax.set_title(f"FP8 block-scaled GEMM vs bf16 ({results['device']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.gemm", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes against the torch reference (CPU ok)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON and PNG go")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type != "cuda" and not args.quick:
+        raise SystemExit("real numbers need CUDA; on CPU run with --quick (tiny shapes, torch reference)")
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if device.type == "cuda":
+        import triton
+
+        results["triton"] = triton.__version__
+    results["dense"] = bench_dense(device, args.quick)
+    results["grouped"] = bench_grouped(device, args.quick)
+    stem = f"gemm_{device.type}" + ("_quick" if args.quick else "")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out_dir / f"{stem}.png")
+    log(f"wrote {args.out_dir / stem}.json and .png")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,502 @@
+"""FP8 block-scaled GEMMs in Triton (Hopper / Ada: ``tl.dot`` on e4m3 operands, fp32 accumulate).
+
+Same functions and contracts as ``kernels.fp8``:
+  - ``quantize_fp8_act_triton``: per 1 x 128 token-group quantization (optionally only the valid rows of
+    a masked ``[E, capacity, K]`` layout, so decode work follows the real token count).
+  - ``fp8_linear_triton``: dense projection, activations quantized on the fly.
+  - ``fp8_moe_forward_triton``: contiguous (DeepEP high-throughput) layout, rows sorted by expert and
+    padded per expert to the row tile (``kernels.triton_moe.sort_by_expert``).
+  - ``fp8_moe_forward_masked_triton``: masked (DeepEP low-latency) layout, fixed grid and no host sync
+    (CUDA-graph safe).
+
+Every K step is one 128-wide K block, so it has one activation scale per row and one weight scale per
+output column block: ``acc += dot(a, b) * a_scale[:, None] * b_scale[None, :]`` (DeepSeek's recipe; the
+partial products are promoted to fp32 every block, never accumulated at FP8's precision).
+The expert GEMMs mirror ``kernels.triton_moe``: the first runs gate and up in two accumulators with
+SiLU(gate) * up in the epilogue, the result is stored in the activation dtype and re-quantized per
+token group for the second.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize, check_expert_weights, scale_shape
+from kernels.triton_moe import ExpertSort, sort_by_expert
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """Rounds fp32 values in [-448, 448] to the nearest e4m3 value (ties to even), staying in fp32.
+
+    The cast that follows is then exact. Why not let the cast round: Triton's CPU interpreter rounds
+    wrongly where rounding carries into the exponent (31.25 became 16, not 32), so the interpreter
+    test could not check the quantizer; rounding here gives torch's bits on every backend for a few
+    ALU ops in a memory-bound kernel.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    # Normal range: keep 3 of fp32's 23 mantissa bits, round half to even (the carry may bump the exponent).
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = ~0xFFFFF
+    normal = bits.to(tl.float32, bitcast=True)
+    # e4m3 subnormals (|v| < 2^-6) sit on a 2^-9 grid: adding 1.5 * 2^14 rounds to it in fp32.
+    sub = (v + 24576.0) - 24576.0
+    return tl.where(tl.abs(v) < 0.015625, sub, normal)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, M, K, capacity, stride_xm, stride_qm, stride_sm,
+                      GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr, MASKED: tl.constexpr):
+    group = tl.program_id(1)
+    cols = group * GROUP + tl.arange(0, GROUP)
+    if MASKED:
+        # Flattened [E, capacity, K]: program_id(0) is (expert, row block); blocks past the expert's
+        # count return at once, so decode quantizes the real rows only, not E x capacity.
+        blocks = tl.cdiv(capacity, BLOCK_ROWS)
+        expert = tl.program_id(0) // blocks
+        first = (tl.program_id(0) % blocks) * BLOCK_ROWS
+        count = tl.load(counts_ptr + expert)
+        if first >= count:
+            return
+        local = first + tl.arange(0, BLOCK_ROWS)
+        row_mask = (local < count) & (local < capacity)
+        rows = expert * capacity + local
+    else:
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < M
+    rows64 = rows.to(tl.int64)
+    mask = row_mask[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10)
+    scale = amax / 448.0
+    q = _round_to_e4m3(tl.clamp(x / scale[:, None], -448.0, 448.0))
+    tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + rows64 * stride_sm + group, scale, mask=row_mask)
+
+
+def quantize_fp8_act_triton(x: torch.Tensor, group_size: int = BLOCK, counts: torch.Tensor | None = None,
+                            capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.fp8.quantize_fp8_act`` for a 2-D x ``[M, K]`` (last dim contiguous).
+
+    With ``counts`` ``[E]`` and ``capacity`` (M = E * capacity), only each expert's first ``counts[e]``
+    rows are quantized; the other rows of the outputs are left unwritten (nothing reads them).
+    """
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be 2-D and contiguous in its last dim, got {tuple(x.shape)} {x.stride()}")
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((m, triton.cdiv(k, group_size)), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return q, s
+    block_rows = 16
+    if counts is not None:
+        if capacity <= 0 or m != counts.numel() * capacity:
+            raise ValueError(f"{m} rows are not {counts.numel()} experts x capacity {capacity}")
+        row_programs = counts.numel() * triton.cdiv(capacity, block_rows)
+    else:
+        row_programs = triton.cdiv(m, block_rows)
+    grid = (row_programs, triton.cdiv(k, group_size))
+    _act_quant_kernel[grid](
+        x, q, s, counts if counts is not None else s, m, k, max(capacity, 1), x.stride(0), q.stride(0), s.stride(0),
+        GROUP=group_size, BLOCK_ROWS=block_rows, MASKED=counts is not None, num_warps=4,
+    )  # fmt: skip
+    return q, s
+
+
+@dataclass(frozen=True)
+class Fp8GemmConfig:
+    """Tile shape of one FP8 GEMM launch. BLOCK_K is the quantization block (one scale per K step)."""
+
+    block_m: int
+    block_n: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def dense_gemm_config(m: int) -> Fp8GemmConfig:
+    """Tiles by the row count. Few rows (decode) are bound by reading the weight: small row tiles and
+    narrow column tiles spread it over more SMs; many rows use 128 x 128 tiles (wgmma-sized)."""
+    if m <= 16:
+        return Fp8GemmConfig(block_m=16, block_n=64, group_m=1, num_warps=4, num_stages=4)
+    if m <= 64:
+        return Fp8GemmConfig(block_m=64, block_n=64, group_m=4, num_warps=4, num_stages=4)
+    if m <= 256:
+        return Fp8GemmConfig(block_m=64, block_n=128, group_m=8, num_warps=4, num_stages=3)
+    return Fp8GemmConfig(block_m=128, block_n=128, group_m=8, num_warps=8, num_stages=3)
+
+
+def grouped_gemm_config(rows_per_expert: int) -> Fp8GemmConfig:
+    """Grouped tiles by the expected rows per expert; the gated GEMM holds two accumulators, so the
+    largest tile is 64 x 128 (8 warps), as the bf16 kernel's."""
+    if rows_per_expert <= 16:
+        return Fp8GemmConfig(block_m=16, block_n=64, group_m=1, num_warps=4, num_stages=4)
+    if rows_per_expert <= 64:
+        return Fp8GemmConfig(block_m=32, block_n=64, group_m=4, num_warps=4, num_stages=4)
+    return Fp8GemmConfig(block_m=64, block_n=128, group_m=8, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
+                     stride_am, stride_asm, stride_bn, stride_bsn, stride_cs, stride_cm,
+                     NUM_KB: tl.constexpr, KB_PER_SPLIT: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, QUANT_A: tl.constexpr):
+    pid = tl.program_id(0)
+    # Split-K: program_id(1) takes K blocks [split * KB_PER_SPLIT, ...) and writes an fp32 partial to
+    # slice `split` of c (summed by the caller). One split: the whole K, straight to the output.
+    split = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped launch order: GROUP_M row blocks share each weight tile while it is hot in L2.
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    kb0 = split * KB_PER_SPLIT
+    a_ptrs = a_ptr + rows[:, None] * stride_am + (kb0 * BLOCK_K + offs_k)[None, :]
+    b_ptrs = b_ptr + cols[None, :] * stride_bn + (kb0 * BLOCK_K + offs_k)[:, None]
+    as_ptrs = as_ptr + rows * stride_asm
+    bs_ptrs = bs_ptr + (offs_n // SCALE_BLOCK_N) * stride_bsn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Compile-time trip count (NUM_KB / KB_PER_SPLIT: one variant per projection's K, a handful per model):
+    # Triton 3.6's interpreter cannot loop to a runtime bound under numpy 2. K blocks past NUM_KB (the
+    # last split's tail) load nothing: every mask is off.
+    for i in range(0, KB_PER_SPLIT):
+        kb = kb0 + i
+        live = kb < NUM_KB
+        k_mask = (offs_k < K - kb * BLOCK_K) & live
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if QUANT_A:
+            # a is the unquantized activation tile (one 1x128 group per row): quantize it here, exactly
+            # as _act_quant_kernel does. Few rows (decode): the redundant work per column tile is
+            # cheaper than a separate quantization launch and its round trip through memory.
+            af = a.to(tl.float32)
+            a_s = tl.maximum(tl.max(tl.abs(af), axis=1), 1e-10) / 448.0
+            a = _round_to_e4m3(tl.clamp(af / a_s[:, None], -448.0, 448.0)).to(b_ptr.dtype.element_ty)
+        else:
+            a_s = tl.load(as_ptrs + kb, mask=m_mask & live, other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        b_s = tl.load(bs_ptrs + kb, mask=n_mask & live, other=0.0)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + split.to(tl.int64) * stride_cs + rows[:, None] * stride_cm + cols[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@functools.lru_cache(maxsize=16)
+def _device_facts(index: int) -> tuple[tuple[int, int], int]:
+    """(compute capability, SM count) of a CUDA device, cached: asked on every GEMM call."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def _check_device(x: torch.Tensor) -> None:
+    # FP8 tl.dot needs sm89+ (Ada, Hopper); older GPUs must run with --quantization none.
+    if x.is_cuda and _device_facts(x.device.index or 0)[0] < (8, 9):
+        raise RuntimeError(f"FP8 Triton GEMMs need compute capability 8.9+, {torch.cuda.get_device_name(x.device)} "
+                           "has less: run with --quantization none (dequantized weights)")
+
+
+def choose_split_k(m: int, n: int, k_blocks: int, cfg: Fp8GemmConfig, sm_count: int) -> int:
+    """K splits for a skinny GEMM: decode rows (few) give too few output tiles to occupy every SM while
+    it streams the weight, so K is cut until there are about two programs per SM, keeping >= 4 K blocks
+    per split (the fp32 partials cost M x N x 4 bytes per split, small while M is small)."""
+    if m > 64:
+        return 1
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    return max(1, min(triton.cdiv(2 * sm_count, tiles), k_blocks // 4, 16))
+
+
+def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    out_dtype: torch.dtype, bias: torch.Tensor | None = None, block_size: BlockSize = (BLOCK, BLOCK),
+                    config: Fp8GemmConfig | None = None, split_k: int | None = None) -> torch.Tensor:
+    """The GEMM alone, on pre-quantized activations ``xq [M, K]`` / ``xs [M, ceil(K/bk)]``; with ``xs``
+    None, ``xq`` is the unquantized activation and each tile is quantized inside the kernel.
+
+    ``split_k`` None: ``choose_split_k`` on CUDA, 1 elsewhere (the interpreter).
+    """
+    m, k = xq.shape
+    n = weight.shape[0]
+    if m == 0 or n == 0:
+        return torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if weight.stride(1) != 1 or xq.stride(1) != 1 or weight_scale.stride(1) != 1 or (xs is not None
+                                                                                     and xs.stride(1) != 1):
+        raise ValueError("fp8 GEMM operands must be contiguous in their last dim")
+    cfg = config or dense_gemm_config(m)
+    k_blocks = triton.cdiv(k, block_size[1])
+    if split_k is None:
+        split_k = choose_split_k(m, n, k_blocks, cfg, _device_facts(xq.device.index or 0)[1]) if xq.is_cuda else 1
+    split_k = max(1, min(split_k, k_blocks))
+    per_split = triton.cdiv(k_blocks, split_k)
+    if split_k == 1:
+        out = torch.empty((1, m, n), dtype=out_dtype, device=xq.device)
+    else:
+        out = torch.empty((split_k, m, n), dtype=torch.float32, device=xq.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
+    with_bias = bias is not None and split_k == 1
+    _fp8_gemm_kernel[grid](
+        xq, xs if xs is not None else weight_scale, weight, weight_scale, out, bias if with_bias else out, m, n, k,
+        xq.stride(0), xs.stride(0) if xs is not None else 0, weight.stride(0), weight_scale.stride(0),
+        out.stride(0), out.stride(1),
+        NUM_KB=k_blocks, KB_PER_SPLIT=per_split, SCALE_BLOCK_N=block_size[0], HAS_BIAS=with_bias,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=block_size[1], GROUP_M=cfg.group_m, QUANT_A=xs is None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split_k == 1:
+        return out[0]
+    total = out.sum(dim=0)
+    if bias is not None:
+        total += bias.float()
+    return total.to(out_dtype)
+
+
+def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None = None, block_size: BlockSize = (BLOCK, BLOCK)) -> torch.Tensor:
+    """``kernels.fp8.fp8_linear`` on the GPU: quantize x per token group, then the block-scaled GEMM."""
+    if weight.dtype != FP8_DTYPE or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and weight {weight.dtype} {tuple(weight.shape)} do not fit")
+    if tuple(weight_scale.shape) != scale_shape(weight.shape[0], weight.shape[1], block_size):
+        raise ValueError(f"weight scales {tuple(weight_scale.shape)} do not fit weight {tuple(weight.shape)}")
+    _check_device(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[0] <= FUSED_QUANT_MAX_ROWS:
+        out = fp8_gemm_triton(x2, None, weight, weight_scale, x.dtype, bias, block_size)
+    else:
+        xq, xs = quantize_fp8_act_triton(x2, block_size[1])
+        out = fp8_gemm_triton(xq, xs, weight, weight_scale, x.dtype, bias, block_size)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+# Up to this many rows the dense GEMM quantizes its activation tiles itself (one launch instead of two);
+# each column tile repeats the quantization, which stops paying once the rows fill a wgmma-sized tile.
+FUSED_QUANT_MAX_ROWS = 64
+
+
+@triton.jit
+def _fp8_moe_gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, weight_ptr, sorted_rows_ptr, block_expert_ptr, rows_padded_ptr, counts_ptr,
+    num_valid_rows, N, K, capacity, up_scale_row,
+    stride_ae, stride_am, stride_ase, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn,
+    stride_ce, stride_cm,
+    NUM_KB: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    if MASKED:
+        num_m = tl.cdiv(capacity, BLOCK_M)
+    else:
+        num_m = tl.num_programs(0) // num_n
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    cols = offs_n.to(tl.int64)
+
+    if MASKED:
+        expert = tl.program_id(1).to(tl.int64)
+        count = tl.load(counts_ptr + expert)
+        a_base = a_ptr + expert * stride_ae
+        as_base = as_ptr + expert * stride_ase
+        c_base = c_ptr + expert * stride_ce
+        a_rows = offs_m.to(tl.int64)
+        c_rows = a_rows
+        row_mask = offs_m < count
+        store_mask = offs_m < capacity
+        if pid_m * BLOCK_M >= count:
+            # Skipped: the final output's rows past the count are defined as zero; the intermediate's
+            # are never read, so the first GEMM writes nothing there.
+            if ZERO_TAIL:
+                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
+                tl.store(c_base + c_rows[:, None] * stride_cm + cols[None, :], zero,
+                         mask=store_mask[:, None] & n_mask[None, :])
+            return
+    else:
+        if pid_m * BLOCK_M >= tl.load(rows_padded_ptr):
+            return
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        rows = tl.load(sorted_rows_ptr + offs_m)
+        row_mask = rows < num_valid_rows
+        a_base = a_ptr
+        as_base = as_ptr
+        c_base = c_ptr
+        a_rows = (rows // A_ROW_DIV).to(tl.int64)
+        c_rows = rows.to(tl.int64)
+        store_mask = row_mask
+
+    a_ptrs = a_base + a_rows[:, None] * stride_am + offs_k[None, :]
+    as_ptrs = as_base + a_rows * stride_asm
+    b_ptrs = b_ptr + expert * stride_be + cols[None, :] * stride_bn + offs_k[:, None]
+    bs_ptrs = bs_ptr + expert * stride_bse + (offs_n // SCALE_BLOCK_N) * stride_bsn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # NUM_KB = cdiv(K, BLOCK_K), a compile-time constant (one variant per projection's K, a handful per
+    # model): Triton 3.6's interpreter cannot loop to a runtime bound under numpy 2.
+    for kb in range(0, NUM_KB):
+        k_mask = offs_k < K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        if GATED:
+            # w13 holds the gate rows then the up rows: the up partner of column n is row N + n, and its
+            # scales start at block row up_scale_row (the gate half's block rows, ceil-divided).
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            bs_up = tl.load(bs_ptrs + up_scale_row * stride_bsn + kb, mask=n_mask, other=0.0)
+            acc_up += tl.dot(a, b_up) * a_s[:, None] * bs_up[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if MUL_WEIGHT:
+        w = tl.load(weight_ptr + c_rows, mask=row_mask, other=0.0)
+        acc = acc * w[:, None].to(tl.float32)
+    tl.store(c_base + c_rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=store_mask[:, None] & n_mask[None, :])
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Tensor,
+                       sort: ExpertSort, weights: torch.Tensor | None, a_row_div: int, gated: bool, cfg: Fp8GemmConfig,
+                       block_size: BlockSize) -> None:
+    n = w.shape[1] // 2 if gated else w.shape[1]
+    grid = (sort.max_blocks * triton.cdiv(n, cfg.block_n),)
+    _fp8_moe_gemm_kernel[grid](
+        aq, a_s, w, w_s, out, weights if weights is not None else out,
+        sort.sorted_rows, sort.block_expert, sort.rows_padded, sort.rows_padded,
+        sort.num_rows, n, w.shape[2], 0, triton.cdiv(n, block_size[0]),
+        0, aq.stride(0), 0, a_s.stride(0), w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1),
+        0, out.stride(0),
+        NUM_KB=triton.cdiv(w.shape[2], block_size[1]), SCALE_BLOCK_N=block_size[0], A_ROW_DIV=a_row_div,
+        GATED=gated, MUL_WEIGHT=weights is not None,
+        MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
+        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def _check_moe_inputs(hidden_dim: int, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                      w2_scale: torch.Tensor, block_size: BlockSize) -> int:
+    num_experts = check_expert_weights(hidden_dim, w13, w13_scale, w2, w2_scale, block_size)
+    for t in (w13, w2, w13_scale, w2_scale):
+        if t.stride(-1) != 1:
+            raise ValueError("expert weights and scales must be contiguous in their last dim")
+    return num_experts
+
+
+def fp8_moe_forward_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                           w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                           block_size: BlockSize = (BLOCK, BLOCK), config: Fp8GemmConfig | None = None) -> torch.Tensor:
+    """Contiguous-layout FP8 MoE (same contract as ``kernels.fp8.fp8_moe_forward``)."""
+    if hidden.dim() != 2 or topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be [T, D], topk_ids/weights [T, K]")
+    if topk_ids.shape[0] != hidden.shape[0] or topk_ids.dtype.is_floating_point:
+        raise ValueError(f"{hidden.shape[0]} tokens but routing {topk_ids.dtype} {tuple(topk_ids.shape)}")
+    num_experts = _check_moe_inputs(hidden.shape[1], w13, w13_scale, w2, w2_scale, block_size)
+    _check_device(hidden)
+    num_tokens, top_k = topk_ids.shape
+    if num_tokens == 0 or top_k == 0 or num_experts == 0:
+        return torch.zeros_like(hidden)
+    if topk_ids.numel() and not _capturing(hidden.device):
+        top = int(topk_ids.max())  # host sync: prefill (the only caller of this layout) is not captured
+        if top >= num_experts:
+            raise ValueError(f"topk_ids holds expert {top} but only {num_experts} are local")
+    cfg = config or grouped_gemm_config(num_tokens * top_k // max(1, num_experts))
+    sort = sort_by_expert(topk_ids, num_experts, cfg.block_m)
+    hq, hs = quantize_fp8_act_triton(hidden.contiguous(), block_size[1])
+    inter = torch.empty((num_tokens * top_k, w2.shape[2]), dtype=hidden.dtype, device=hidden.device)
+    _launch_contiguous(hq, hs, w13, w13_scale, inter, sort, None, top_k, True, cfg, block_size)
+    # Rows routed elsewhere hold garbage in `inter` and get garbage scales; the second GEMM never reads them.
+    iq, is_ = quantize_fp8_act_triton(inter, block_size[1])
+    per_slot = torch.zeros((num_tokens * top_k, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
+    _launch_contiguous(iq, is_, w2, w2_scale, per_slot, sort, topk_weights.reshape(-1).float().contiguous(), 1,
+                       False, cfg, block_size)
+    return per_slot.view(num_tokens, top_k, -1).sum(dim=1)
+
+
+def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Tensor,
+                   counts: torch.Tensor, gated: bool, cfg: Fp8GemmConfig, block_size: BlockSize) -> None:
+    """aq ``[E, cap, K]`` fp8, a_s ``[E, cap, Kb]``, out ``[E, cap, N]``."""
+    n = w.shape[1] // 2 if gated else w.shape[1]
+    capacity = aq.shape[1]
+    grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(n, cfg.block_n), aq.shape[0])
+    _fp8_moe_gemm_kernel[grid](
+        aq, a_s, w, w_s, out, out, counts, counts, counts, counts,
+        0, n, w.shape[2], capacity, triton.cdiv(n, block_size[0]),
+        aq.stride(0), aq.stride(1), a_s.stride(0), a_s.stride(1), w.stride(0), w.stride(1),
+        w_s.stride(0), w_s.stride(1), out.stride(0), out.stride(1),
+        NUM_KB=triton.cdiv(w.shape[2], block_size[1]), SCALE_BLOCK_N=block_size[0], A_ROW_DIV=1, GATED=gated,
+        MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
+                                  w2: torch.Tensor, w2_scale: torch.Tensor, block_size: BlockSize = (BLOCK, BLOCK),
+                                  config: Fp8GemmConfig | None = None,
+                                  expected_rows_per_expert: int | None = None) -> torch.Tensor:
+    """Masked-layout FP8 MoE (same contract as ``kernels.fp8.fp8_moe_forward_masked``), CUDA-graph safe.
+
+    ``expected_rows_per_expert`` is a tile hint as in ``kernels.triton_moe.moe_forward_masked_triton``.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [E, capacity, D], got {tuple(x.shape)}")
+    num_experts = _check_moe_inputs(x.shape[2], w13, w13_scale, w2, w2_scale, block_size)
+    if x.shape[0] != num_experts or counts.shape != (num_experts,):
+        raise ValueError(f"x {tuple(x.shape)} / counts {tuple(counts.shape)} do not match {num_experts} experts")
+    if counts.dtype not in (torch.int32, torch.int64) or counts.device != x.device:
+        raise ValueError(f"counts must be an integer tensor on {x.device}, got {counts.dtype} on {counts.device}")
+    _check_device(x)
+    capacity, hidden_dim = x.shape[1], x.shape[2]
+    if not _capturing(x.device) and counts.numel() and int(counts.max()) > capacity:
+        raise ValueError(f"an expert has {int(counts.max())} rows, capacity is {capacity}")
+    out = torch.empty_like(x)
+    if num_experts == 0 or capacity == 0:
+        return out
+    hint = min(capacity, 16) if expected_rows_per_expert is None else expected_rows_per_expert
+    cfg = config or grouped_gemm_config(hint)
+    inter_dim = w2.shape[2]
+    x2 = x.reshape(num_experts * capacity, hidden_dim)  # a view for the contiguous layouts callers build
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    xq, xs = quantize_fp8_act_triton(x2, block_size[1], counts, capacity)
+    inter = torch.empty((num_experts, capacity, inter_dim), dtype=x.dtype, device=x.device)
+    _launch_masked(xq.view(num_experts, capacity, hidden_dim), xs.view(num_experts, capacity, -1), w13, w13_scale,
+                   inter, counts, True, cfg, block_size)
+    iq, is_ = quantize_fp8_act_triton(inter.view(num_experts * capacity, inter_dim), block_size[1], counts, capacity)
+    _launch_masked(iq.view(num_experts, capacity, inter_dim), is_.view(num_experts, capacity, -1), w2, w2_scale,
+                   out, counts, False, cfg, block_size)
+    return out

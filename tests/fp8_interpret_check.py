@@ -1,0 +1,96 @@
+"""Runs the FP8 Triton kernels under Triton's CPU interpreter against the torch references.
+
+    TRITON_INTERPRET=1 python tests/fp8_interpret_check.py
+
+Run as its own process by tests/test_fp8_kernels_ref.py: the interpreter is chosen when ``triton.jit``
+decorates a kernel, so the variable must be set before kernels.triton_fp8 is first imported. Exits 1
+naming the first case whose relative error is over its bound. Shapes are small (the interpreter runs
+each program in numpy) but cross every edge: partial K blocks, partial scale blocks, odd row counts,
+experts with no rows, rows routed to another rank (-1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from kernels import fp8  # noqa: E402
+
+TOLERANCE = 1e-4  # float32 activations: accumulation order only (plus a rare one-ulp quantized value)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def check(name: str, err: float, bound: float = TOLERANCE) -> None:
+    print(f"{name}: relative error {err:.2e}")
+    if not err <= bound:
+        raise SystemExit(f"FAIL {name}: {err:.2e} > {bound:.0e}")
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("set TRITON_INTERPRET=1")
+    from kernels import triton_fp8 as tf
+
+    gen = torch.Generator().manual_seed(0)
+    bs = (128, 128)
+    x = torch.randn(37, 300, generator=gen) * 3
+    x[5] = 0.0  # an all-zero row
+    q, s = tf.quantize_fp8_act_triton(x)
+    rq, rs = fp8.quantize_fp8_act(x)
+    check("quantize scales", rel(s, rs), 1e-6)
+    check("quantize values", rel(fp8.dequantize_fp8_act(q, s), fp8.dequantize_fp8_act(rq, rs)), 1e-3)
+
+    for m, n, k in ((1, 200, 300), (19, 256, 256), (70, 130, 384)):
+        w, ws = fp8.quantize_fp8_weight(torch.randn(n, k, generator=gen), bs)
+        a = torch.randn(m, k, generator=gen)
+        bias = torch.randn(n, generator=gen)
+        ref = fp8.fp8_linear(a, w, ws, bias)
+        check(f"fp8_linear M{m} N{n} K{k}", rel(tf.fp8_linear_triton(a, w, ws, bias), ref))
+        aq, a_s = tf.quantize_fp8_act_triton(a)
+        for split in (2, 3):  # 3 K blocks at K=384 over 2 splits: the second has a dead tail block
+            out = tf.fp8_gemm_triton(aq, a_s, w, ws, torch.float32, bias, split_k=split)
+            check(f"fp8_gemm split_k={split} M{m} N{n} K{k}", rel(out, ref))
+            fused = tf.fp8_gemm_triton(a, None, w, ws, torch.float32, bias, split_k=split)
+            check(f"fp8_gemm quantizing in-kernel split_k={split} M{m} N{n} K{k}", rel(fused, ref))
+
+    experts, hidden, inter, tokens, top_k = 4, 256, 192, 23, 2
+    w13 = torch.cat([fp8.quantize_fp8_weight(torch.randn(experts, inter, hidden, generator=gen) / 16, bs)[0],
+                     fp8.quantize_fp8_weight(torch.randn(experts, inter, hidden, generator=gen) / 16, bs)[0]], 1)
+    gate_s = fp8.quantize_fp8_weight(torch.randn(experts, inter, hidden, generator=gen) / 16, bs)[1]
+    up_s = fp8.quantize_fp8_weight(torch.randn(experts, inter, hidden, generator=gen) / 16, bs)[1]
+    w13_s = torch.cat([gate_s, up_s], 1)
+    w2, w2_s = fp8.quantize_fp8_weight(torch.randn(experts, hidden, inter, generator=gen) / 14, bs)
+    h = torch.randn(tokens, hidden, generator=gen)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    ids[ids == 3] = -1  # expert 3 lives on another rank
+    ids[0, 0] = -1
+    wts = torch.rand(tokens, top_k, generator=gen)
+    ref = fp8.fp8_moe_forward(h, ids, wts, w13, w13_s, w2, w2_s)
+    for cfg in (None, tf.Fp8GemmConfig(16, 64, 1, 4, 2)):
+        out = tf.fp8_moe_forward_triton(h, ids, wts, w13, w13_s, w2, w2_s, config=cfg)
+        check(f"fp8_moe_forward {cfg}", rel(out, ref))
+
+    capacity = 20
+    counts = torch.tensor([0, 7, 20, 1])
+    xm = torch.randn(experts, capacity, hidden, generator=gen)
+    xm[0] = float("nan")  # rows past a count are never read
+    xm[1, 7:] = float("nan")
+    ref_m = fp8.fp8_moe_forward_masked(xm, counts, w13, w13_s, w2, w2_s)
+    out_m = tf.fp8_moe_forward_masked_triton(xm, counts, w13, w13_s, w2, w2_s)
+    check("fp8_moe_forward_masked", rel(out_m, ref_m))
+    if not bool((out_m[0] == 0).all() and (out_m[1, 7:] == 0).all()):
+        raise SystemExit("FAIL masked rows past the count are not zero")
+    print("ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

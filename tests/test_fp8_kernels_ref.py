@@ -1,0 +1,158 @@
+"""FP8 block-scaled kernels on CPU: the activation quantizer, the torch references, Triton's interpreter.
+
+The references must compute "quantize activations per 1x128 group, dequantize both operands, matmul":
+checked here against float64 written out independently; the MoE ones against the bf16 MoE references
+(kernels/moe.py) on the same dequantized weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from kernels import fp8
+from kernels.moe import moe_forward
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _blocks_f64(q: torch.Tensor, scale: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            out[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk] = (q[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk]
+                                                                 .double() * scale[i, j].double())
+    return out
+
+
+def test_activation_groups_map_their_amax_to_448_and_round_to_nearest() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 300, generator=gen) * torch.logspace(-3, 3, 5)[:, None]
+    x[2, 128:256] = 0.0  # an all-zero group
+    q, s = fp8.quantize_fp8_act(x)
+    assert q.dtype == fp8.FP8_DTYPE and q.shape == x.shape and s.shape == (5, 3)
+    for g in range(3):
+        part = x[:, g * 128 : (g + 1) * 128]
+        amax = part.abs().amax(dim=1)
+        live = amax > 0
+        torch.testing.assert_close(s[live, g], amax[live] / 448.0, rtol=0, atol=0)
+        assert (q[live, g * 128 : (g + 1) * 128].float().abs().amax(dim=1) == 448.0).all()
+    assert (q[2, 128:256].float() == 0).all()
+    deq = fp8.dequantize_fp8_act(q, s)
+    # e4m3 keeps 3 mantissa bits: normal values are within 2^-4 relative, subnormals within 2^-10 * scale.
+    bound = torch.maximum(x.abs() * 2**-4, s.repeat_interleave(128, dim=1)[:, :300] * 2**-10)
+    assert ((deq - x).abs() <= bound * (1 + 1e-6)).all()
+    # Nearest, not truncation: the error is much smaller on average than the bound.
+    assert ((deq - x).abs() / bound.clamp(min=1e-30)).mean() < 0.35
+
+
+def test_each_group_has_its_own_scale() -> None:
+    x = torch.ones(1, 256)
+    x[0, 200] = 1000.0
+    _, s = fp8.quantize_fp8_act(x)
+    assert s[0, 0] == pytest.approx(1 / 448) and s[0, 1] == pytest.approx(1000 / 448)
+
+
+def test_weight_quantization_round_trips_within_fp8_precision_on_partial_blocks() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 200, generator=gen)
+    q, s = fp8.quantize_fp8_weight(w)
+    assert s.shape == (3, 2)
+    deq = fp8.dequantize_fp8_weight(q, s)
+    assert torch.equal(deq, _blocks_f64(q, s, 128, 128).float())
+    assert ((deq - w).abs() <= w.abs() * 2**-4 + s.max() * 2**-9).all()
+    gate_up = torch.cat([q, q])
+    assert torch.equal(fp8.dequantize_fp8_gated(gate_up, torch.cat([s, s])), torch.cat([deq, deq]))
+
+
+@pytest.mark.parametrize(("m", "n", "k", "block"), [(1, 256, 128, (128, 128)), (7, 300, 200, (128, 128)),
+                                                   (33, 96, 160, (64, 32))])
+def test_fp8_linear_reference_is_quantized_x_times_dequantized_w_in_float64(m: int, n: int, k: int,
+                                                                           block: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(m)
+    w, ws = fp8.quantize_fp8_weight(torch.randn(n, k, generator=gen), block)
+    x = torch.randn(m, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    xq, xs = fp8.quantize_fp8_act(x, block[1])
+    x64 = xq.double() * xs.double().repeat_interleave(block[1], dim=1)[:, :k]
+    want = x64 @ _blocks_f64(w, ws, *block).T + bias.double()
+    got = kernels.fp8_linear(x, w, ws, bias, block)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert kernels.fp8_linear(x.bfloat16(), w, ws, None, block).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="scales"):
+        kernels.fp8_linear(x, w, ws[:1], None, block)
+
+
+def _experts(num: int, hidden: int, inter: int,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    gate = [fp8.quantize_fp8_weight(torch.randn(num, inter, hidden, generator=gen) / hidden**0.5) for _ in range(2)]
+    w13 = torch.cat([gate[0][0], gate[1][0]], dim=1)
+    s13 = torch.cat([gate[0][1], gate[1][1]], dim=1)
+    w2, s2 = fp8.quantize_fp8_weight(torch.randn(num, hidden, inter, generator=gen) / inter**0.5)
+    return w13, s13, w2, s2
+
+
+def test_fp8_moe_reference_is_the_bf16_moe_on_dequantized_weights_within_fp8_noise() -> None:
+    gen = torch.Generator().manual_seed(2)
+    experts, hidden, inter, tokens, top_k = 6, 256, 192, 40, 2
+    w13, s13, w2, s2 = _experts(experts, hidden, inter, gen)
+    x = torch.randn(tokens, hidden, generator=gen)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    ids[::5, 0] = -1
+    weights = torch.rand(tokens, top_k, generator=gen)
+    got = kernels.fp8_moe_forward(x, ids, weights, w13, s13, w2, s2)
+    ref = moe_forward(x, ids, weights, fp8.dequantize_fp8_gated(w13, s13), fp8.dequantize_fp8_weight(w2, s2))
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 1e-4 < rel < 0.05, rel  # activation quantization noise, nothing more
+
+
+def test_fp8_masked_reference_equals_the_contiguous_one_on_the_same_rows() -> None:
+    gen = torch.Generator().manual_seed(3)
+    experts, hidden, inter, capacity = 4, 256, 192, 6
+    w13, s13, w2, s2 = _experts(experts, hidden, inter, gen)
+    counts = torch.tensor([0, 6, 2, 5])
+    x = torch.randn(experts, capacity, hidden, generator=gen)
+    got = kernels.fp8_moe_forward_masked(x, counts, w13, s13, w2, s2)
+    for e, c in enumerate(counts.tolist()):
+        rows = x[e, :c]
+        ids = torch.full((c, 1), e)
+        want = fp8.fp8_moe_forward(rows, ids, torch.ones(c, 1), w13, s13, w2, s2)
+        torch.testing.assert_close(got[e, :c], want, rtol=1e-6, atol=1e-6)
+        assert (got[e, c:] == 0).all()
+
+
+def test_the_cpu_backend_runs_the_fp8_references(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TANDEM_KERNELS", raising=False)
+    for op in ("quantize_fp8_act", "fp8_linear", "fp8_moe_forward", "fp8_moe_forward_masked"):
+        assert kernels.get_op(op, torch.zeros(1)) is getattr(fp8, op)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
+def test_triton_fp8_kernels_match_the_references_under_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fp8_interpret_check.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+
+
+def test_gemm_bench_quick_runs_on_cpu_and_writes_json_and_png(tmp_path: Path) -> None:
+    from bench.gemm import main
+
+    results = main(["--quick", "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "gemm_cpu_quick.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "gemm_cpu_quick.json").read_text())
+    assert saved["dense"] and {r["layout"] for r in saved["grouped"]} == {"contiguous", "masked"}
+    for row in results["dense"] + results["grouped"]:
+        ref = row["torch_reference"]
+        assert ref["ms"] > 0 and row["bf16"]["ms"] > 0 and ref["ratio"] == pytest.approx(row["bf16"]["ms"] / ref["ms"])
+        assert ref["rel_err"] < 0.05  # bf16 inputs against the float32 reference: rounding only
