@@ -218,11 +218,6 @@ def _json_object(raw: bytes) -> dict[str, object]:
     return doc
 
 
-async def _not_found(req: HttpRequest, conn: HttpConnection) -> None:
-    path = req.path.decode("latin-1")
-    conn.respond(404, error_body(404, f"no route {req.method.decode('latin-1')} {path}"))
-
-
 class RouterApp:
     """The router of one process: its RouterState and the HTTP server in front of it.
 
@@ -247,9 +242,23 @@ class RouterApp:
         }
         self._http: HttpServer | None = None
 
+    async def _no_route(self, req: HttpRequest, conn: HttpConnection) -> None:
+        """404 for an unknown path, 405 (with `Allow`) for a known path asked with another method."""
+        path = req.path.decode("latin-1")
+        allowed = sorted(m.decode() for m, p in self.routes if p == req.path)
+        if allowed:
+            conn.respond(405, error_body(405, f"{req.method.decode('latin-1')} is not allowed on {path}",
+                                         code="method_not_allowed"),
+                         extra_headers=b"Allow: " + ", ".join(allowed).encode() + b"\r\n")
+            return
+        conn.respond(404, error_body(404, f"no route {req.method.decode('latin-1')} {path}"))
+
     async def start(self, sock: socket.socket | None = None) -> None:
         await self.state.start()
-        http = HttpServer(self.routes, _not_found, self.config.max_body_bytes)  # type: ignore[arg-type]
+        cfg = self.config
+        http = HttpServer(self.routes, self._no_route, cfg.max_body_bytes,  # type: ignore[arg-type]
+                          header_timeout_s=cfg.header_timeout_s, idle_timeout_s=cfg.idle_timeout_s,
+                          max_connections=cfg.max_connections)
         try:
             if sock is not None:
                 await http.start(sock=sock)
@@ -264,6 +273,11 @@ class RouterApp:
     def port(self) -> int:
         assert self._http is not None
         return self._http.port
+
+    @property
+    def listening_addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of every socket the router listens on."""
+        return [] if self._http is None else [s.getsockname()[:2] for s in self._http.sockets]
 
     async def close(self, grace_s: float = 5.0) -> None:
         if self._http is not None:
