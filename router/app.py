@@ -84,7 +84,7 @@ class Handlers:
                 raise RouterError(503, f"router is at its limit of {limit} requests in flight",
                                   code="overloaded", retry_after_s=1)
             inbound = parse_inbound(req.body, kind)
-            fwd = b"X-Request-ID: " + rid + b"\r\n"
+            fwd = b""  # trace context; the proxy adds the router's own X-Request-ID per attempt
             for key, name in zip(_H_TRACE, _TRACE_NAMES, strict=True):
                 value = req.find_header(key)
                 if value is not None and b"\n" not in value:
@@ -111,14 +111,14 @@ class Handlers:
                 raise RouterError(400, "'rid' must be a string", param="rid")
         except RouterError as exc:
             return _error(conn, exc)
-        entry = self.state.active.get(rid)
-        if entry is None:
-            return _json(conn, 404, {"rid": rid, "aborted": False})
-        prefill, decode, rids = entry
-        for w in (prefill, decode):
-            if w is not None:
-                self.state.send_abort(w, rids)
-        _json(conn, 200, {"rid": rid, "aborted": True})
+        entries = self.state.active.find(rid)
+        if not entries:
+            return _error(conn, RouterError(404, f"no request {rid!r} in flight", code="unknown_rid", param="rid"))
+        for prefill, decode, rids in entries:  # a client id may name several requests: it asked for all
+            for w in (prefill, decode):
+                if w is not None:
+                    self.state.send_abort(w, rids)
+        _json(conn, 200, {"rid": rid, "aborted": True, "requests": len(entries)})
 
     # -- passthrough GETs -------------------------------------------------------------------------
     async def models(self, req: HttpRequest, conn: HttpConnection) -> None:

@@ -166,20 +166,30 @@ def parse_inbound(raw: bytes, kind: Kind) -> InboundRequest:
     else:
         key, tokens, batch = _generate_prompt(doc)
     rid = doc.get("rid")
-    if isinstance(rid, list) and not all(isinstance(r, str) for r in rid):
-        raise BadRequest("'rid' list must hold strings", param="rid")
+    if isinstance(rid, list):
+        if batch is None:
+            raise BadRequest("'rid' must be a string for a single prompt", param="rid")
+        if len(rid) != batch or not all(isinstance(r, str) for r in rid):
+            raise BadRequest(f"'rid' must be a list of {batch} strings, one per prompt", param="rid")
     return InboundRequest(kind, raw, doc, bool(doc.get("stream")), key, tokens, batch, rid)
 
 
 def abort_rids(inbound: InboundRequest, rid: str) -> list[str]:
-    """The request ids the workers know this request by (what `/abort_request` must name)."""
-    if inbound.body_rid is None:
-        return [rid] if inbound.batch_size is None else [f"{rid}-{i}" for i in range(inbound.batch_size)]
-    return [inbound.body_rid] if isinstance(inbound.body_rid, str) else list(inbound.body_rid)
+    """The request ids the workers know this request by (what `/abort_request` must name): the
+    router's own `rid`, one per prompt of a batch."""
+    return [rid] if inbound.batch_size is None else [f"{rid}-{i}" for i in range(inbound.batch_size)]
 
 
-def _rid_value(inbound: InboundRequest, rid: str) -> str | list[str]:
-    return rid if inbound.batch_size is None else [f"{rid}-{i}" for i in range(inbound.batch_size)]
+def client_ids(inbound: InboundRequest, echo: str) -> tuple[str, list[str] | None]:
+    """The ids the client knows this request by: its body `rid` if it sent one, else `echo` (its
+    X-Request-ID or one the router made up); per prompt for a batch (`<id>-<i>` as SGLang names them)."""
+    body_rid = inbound.body_rid
+    single = body_rid if isinstance(body_rid, str) else echo
+    if inbound.batch_size is None:
+        return single, None
+    if isinstance(body_rid, list):
+        return single, list(body_rid)
+    return single, [f"{single}-{i}" for i in range(inbound.batch_size)]
 
 
 def _splice(raw: bytes, empty: bool, fields: bytes) -> bytes:
@@ -189,19 +199,18 @@ def _splice(raw: bytes, empty: bool, fields: bytes) -> bytes:
 
 
 def worker_body(inbound: InboundRequest, rid: str, prefill: Worker | None, room: int | list[int] | None) -> bytes:
-    """The body both workers get: the client's, plus `rid` (when absent) and, for a PD pair, the
-    bootstrap fields naming `prefill` and `room` (a list of rooms for a batch)."""
+    """The body both workers get: the client's with `rid` set to the router's `rid` (whatever rid the
+    client sent: `router.answers` says why) and, for a PD pair, the bootstrap fields naming `prefill`
+    and `room` (a list of rooms for a batch)."""
     doc = inbound.doc
-    needs_rid = inbound.body_rid is None
-    if inbound.batch_size is None and not (prefill is not None and not _PD_FIELDS.isdisjoint(doc)):
-        fields = b'"rid":' + orjson.dumps(rid) if needs_rid else b""
+    if (inbound.batch_size is None and "rid" not in doc
+            and not (prefill is not None and not _PD_FIELDS.isdisjoint(doc))):
+        fields = b'"rid":' + orjson.dumps(rid)
         if prefill is not None:
-            pd = prefill.pd_fields_prefix + str(room).encode()
-            fields = fields + b"," + pd if fields else pd
-        return _splice(inbound.raw, not doc, fields) if fields else inbound.raw
+            fields = fields + b"," + prefill.pd_fields_prefix + str(room).encode()
+        return _splice(inbound.raw, not doc, fields)
     out = dict(doc)
-    if needs_rid:
-        out["rid"] = _rid_value(inbound, rid)
+    out["rid"] = rid if inbound.batch_size is None else abort_rids(inbound, rid)
     if prefill is not None:
         host = prefill.bootstrap_host
         if inbound.batch_size is None:

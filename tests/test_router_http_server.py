@@ -56,7 +56,8 @@ def test_pipelined_requests_on_one_connection_are_answered_in_order() -> None:
             assert b" 200 " in head1 and orjson.loads(body1)["meta_info"]["id"] == "one"
             assert b" 200 " in head2 and body2.endswith(b"data: [DONE]\n\n")
             assert b" 200 " in head3 and orjson.loads(body3)["status"] == "ok"
-            assert [b["rid"] for b in c.decode[0].bodies] == ["one", "two"]
+            assert [b["text"][0] for b in c.decode[0].bodies] == ["a", "b"]
+            assert len({b["rid"] for b in c.decode[0].bodies} | {"one", "two"}) == 4  # the router's own ids
             await c.wait_until(lambda: c.state.stats.in_flight == 0)
             c.assert_idle()
 

@@ -171,12 +171,13 @@ def test_router_abort_request_reaches_both_workers_of_that_request() -> None:
                                                    headers={"X-Request-ID": "abc"}))
             await c.wait_until(lambda: "abc" in c.state.active)
             async with s.post(c.router_url + "/abort_request", json={"rid": "abc"}) as r:
-                assert (await r.json()) == {"rid": "abc", "aborted": True}
-            await c.wait_until(lambda: "abc" in c.decode[0].aborts and "abc" in c.prefill[0].aborts)
+                assert (await r.json()) == {"rid": "abc", "aborted": True, "requests": 1}
+            rid = c.decode[0].bodies[0]["rid"]
+            await c.wait_until(lambda: rid in c.decode[0].aborts and rid in c.prefill[0].aborts)
             async with await pending:
                 pass
             async with s.post(c.router_url + "/abort_request", json={"rid": "abc"}) as r:
-                assert r.status == 404
+                assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_rid"
 
     run(body())
 
