@@ -79,7 +79,9 @@ class RouterConfig:
     health_interval_s: float = 5.0
     health_timeout_s: float = 2.0
     health_failure_threshold: int = 3  # consecutive failures (probes or requests) before ejection
-    health_max_backoff_s: float = 60.0
+    # An ejected worker is probed at interval x 2^k up to this cap: the cap is how long a restarted
+    # worker may wait to be re-admitted once healthy (the goal is 5 s; a refused /health costs nothing).
+    health_max_backoff_s: float = 5.0
     cache_block_chars: int = 64  # cache_aware: prompt prefix granularity
     cache_match_ratio: float = 0.5  # cache_aware: share of the prompt that must match to follow affinity
     cache_balance_abs: int = 32  # cache_aware: ignore affinity when the chosen worker has this many more
@@ -152,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-interval", type=float, default=d.health_interval_s, help="seconds")
     p.add_argument("--health-timeout", type=float, default=d.health_timeout_s, help="seconds")
     p.add_argument("--health-failure-threshold", type=int, default=d.health_failure_threshold)
+    p.add_argument("--health-max-backoff", type=float, default=d.health_max_backoff_s,
+                   help="seconds between probes of an ejected worker at most (how late a restart is seen)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
     p.add_argument("--workers", type=int, default=d.processes, dest="processes",
                    help="router processes sharing the port (SO_REUSEPORT)")
@@ -189,6 +193,7 @@ def config_from_args(argv: list[str] | None = None) -> RouterConfig:
         health_interval_s=args.health_interval,
         health_timeout_s=args.health_timeout,
         health_failure_threshold=args.health_failure_threshold,
+        health_max_backoff_s=args.health_max_backoff,
         api_key=args.api_key,
         processes=args.processes,
         use_uvloop=not args.no_uvloop,
