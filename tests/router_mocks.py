@@ -51,11 +51,12 @@ class MockWorker:
     disconnects: list[str] = field(default_factory=list)  # rids whose client went away mid-request
     health_checks: int = 0
     completed: list[str] = field(default_factory=list)  # rids answered in full (every token sent)
+    keep_bodies: bool = True  # False: `bodies` keeps only each rid (tests with huge prompts)
     url: str = ""
     _runner: web.AppRunner | None = None
 
     async def start(self, port: int = 0) -> str:
-        app = web.Application()
+        app = web.Application(client_max_size=64 << 20)  # the router, not the mock, limits bodies
         for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
             app.router.add_post(path, self._infer)
         app.router.add_get("/v1/models", self._models)
@@ -104,7 +105,7 @@ class MockWorker:
 
     async def _infer(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
-        self.bodies.append(body)
+        self.bodies.append(body if self.keep_bodies else {"rid": body.get("rid")})
         self.paths.append(request.path)
         b = self.behavior
         rid = body.get("rid", "")
