@@ -80,8 +80,9 @@ class RouterConfig:
     health_timeout_s: float = 2.0
     health_failure_threshold: int = 3  # consecutive failures (probes or requests) before ejection
     # An ejected worker is probed at interval x 2^k up to this cap: the cap is how long a restarted
-    # worker may wait to be re-admitted once healthy (the goal is 5 s; a refused /health costs nothing).
-    health_max_backoff_s: float = 5.0
+    # worker may wait to be re-admitted once healthy (the goal is 5 s: 4 leaves time for the probe and
+    # the first request; a refused /health costs nothing).
+    health_max_backoff_s: float = 4.0
     cache_block_chars: int = 64  # cache_aware: prompt prefix granularity
     cache_match_ratio: float = 0.5  # cache_aware: share of the prompt that must match to follow affinity
     cache_balance_abs: int = 32  # cache_aware: ignore affinity when the chosen worker has this many more

@@ -298,6 +298,9 @@ class Proxy:
                 raise _Retry(decode, exc) from None
             if decode.consecutive_failures:
                 state.registry.record_success(decode)
+            # From here on a failure is judged against what was known when decode last answered, not
+            # when the request was sent: a failure recorded in between (a probe) is not this one.
+            epoch = decode.failure_epoch
             if job is not None:
                 job.committed = True
             if not inbound.stream:

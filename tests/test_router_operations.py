@@ -136,7 +136,7 @@ def test_one_crash_under_load_counts_as_one_failure_and_the_restarted_worker_ser
     run(body())
 
 
-def test_by_default_a_worker_down_for_long_is_still_probed_every_5_s_at_most() -> None:
+def test_by_default_a_worker_down_for_long_is_still_probed_every_4_s_at_most() -> None:
     async def body() -> None:
         cfg = RouterConfig(decode=[WorkerSpec("http://127.0.0.1:9", Role.DECODE)], health_interval_s=0)
         state = RouterState(cfg)
@@ -146,7 +146,7 @@ def test_by_default_a_worker_down_for_long_is_still_probed_every_5_s_at_most() -
         try:
             for _ in range(12):  # a long outage: 12 refused probes in a row
                 assert not await checker.probe(w)
-            assert not w.healthy and loop.time() < w.next_probe_at <= loop.time() + 5.0
+            assert not w.healthy and loop.time() < w.next_probe_at <= loop.time() + 4.0
         finally:
             await state.close()
 
