@@ -313,7 +313,7 @@ class Proxy:
             failure, broken = await self._stream(client, conn, first, rid_b, decode, StreamGuard(rename))
             done = True
             if failure is not None:
-                self._pair_failed(job, decode, failure)
+                self._pair_failed(job, decode, failure, counted=broken)
                 if broken:  # the connection was cut mid-answer: the same evidence as a refused connect
                     state.registry.record_request_failure(decode, epoch, state.config.health_failure_threshold,
                                                           failure)
@@ -332,10 +332,12 @@ class Proxy:
             if decode.draining:
                 state.registry.release_if_drained(decode)
 
-    def _pair_failed(self, job: PrefillJob | None, decode: Worker, reason: str) -> None:
-        """Decode's answer ended without the result: prefill drops its half now."""
-        decode.stats.errors += 1
-        self._state.stats.count_error("decode_failed")
+    def _pair_failed(self, job: PrefillJob | None, decode: Worker, reason: str, counted: bool = False) -> None:
+        """Decode's answer ended without the result: prefill drops its half now. `counted`: the
+        error is in the metrics already (a cut stream)."""
+        if not counted:
+            decode.stats.errors += 1
+            self._state.stats.count_error("decode_failed")
         log.info("decode %s failed a request (%s)%s", decode.url, reason,
                  "; aborting its prefill half" if job is not None else "")
         if job is not None:
