@@ -37,6 +37,7 @@ class IdRewriter:
     """Replaces the router's id `internal` (and `internal-<i>` of a batch) by the client's ids."""
 
     __slots__ = ("internal", "_needle", "_pattern", "_single", "_items")
+    _pattern: re.Pattern[bytes] | None
 
     def __init__(self, internal: str, client: str, items: list[str] | None) -> None:
         self.internal = internal
@@ -44,12 +45,14 @@ class IdRewriter:
         # The replacement goes inside a JSON string: escaped as one.
         self._single = orjson.dumps(client)[1:-1]
         self._items = None if items is None else [orjson.dumps(i)[1:-1] for i in items]
-        self._pattern = re.compile(re.escape(self._needle) + (rb"-(\d+)" if items is not None else b""))
+        # A pattern only for a batch: compiling one per request (each id is new, so re's cache never
+        # hits) would cost more than the rest of the request's handling here.
+        self._pattern = None if items is None else re.compile(re.escape(self._needle) + rb"-(\d+)")
 
     def __call__(self, data: bytes) -> bytes:
         if self._needle not in data:
             return data
-        if self._items is None:
+        if self._items is None or self._pattern is None:
             return data.replace(self._needle, self._single)
         items = self._items
 
