@@ -36,15 +36,16 @@ def new_request_id() -> str:
 class IdRewriter:
     """Replaces the router's id `internal` (and `internal-<i>` of a batch) by the client's ids."""
 
-    __slots__ = ("internal", "_needle", "_pattern", "_single", "_items")
+    __slots__ = ("internal", "internal_b", "_needle", "_pattern", "_single", "_items", "single", "batch")
     _pattern: re.Pattern[bytes] | None
 
     def __init__(self, internal: str, client: str, items: list[str] | None) -> None:
         self.internal = internal
-        self._needle = internal.encode()
+        self._needle = self.internal_b = internal.encode()
         # The replacement goes inside a JSON string: escaped as one.
         self._single = orjson.dumps(client)[1:-1]
         self._items = None if items is None else [orjson.dumps(i)[1:-1] for i in items]
+        self.single, self.batch = self._single, self._items  # read by StreamGuard's fast path
         # A pattern only for a batch: compiling one per request (each id is new, so re's cache never
         # hits) would cost more than the rest of the request's handling here.
         self._pattern = None if items is None else re.compile(re.escape(self._needle) + rb"-(\d+)")
@@ -125,6 +126,14 @@ class StreamGuard:
 
     def feed(self, data: bytes) -> bytes:
         """The bytes to send the client for `data`, the next bytes of the stream."""
+        # Fast path, once output has been seen: whole events (as workers write them) with no sign of
+        # a failure; this runs once per streamed event, so it is kept to a few C-level scans.
+        if self._output_seen and not self._partial and data.endswith(b"\n\n") \
+                and b"abort" not in data and b'"error"' not in data:
+            rename = self._rename
+            if rename.internal_b not in data:
+                return data
+            return data.replace(rename.internal_b, rename.single) if rename.batch is None else rename(data)
         buf = self._partial + data if self._partial else data
         cut = buf.rfind(b"\n\n") + 2
         if cut < 2:
