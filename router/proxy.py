@@ -134,7 +134,9 @@ class PrefillJob:
         self._conn = None
         state, w = self._state, self.worker
         if exc is not None:
-            if not isinstance(exc, UpstreamTimeout):
+            if isinstance(exc, UpstreamTimeout):
+                state.send_abort(w, self._rids)  # a slow prefill still holds the room: it drops it now
+            else:
                 state.registry.record_request_failure(w, self._epoch, state.config.health_failure_threshold,
                                                       str(exc))
             self._fail(PrefillUnreachable(f"prefill {w.url}: {exc}"))
@@ -310,14 +312,15 @@ class Proxy:
                     self._pair_failed(job, decode, failure)
                     raise RouterError(502, failure, code="request_failed")
                 return passthrough(client, conn.status, conn.content_type(), rename(data), rid_b)
-            failure, broken = await self._stream(client, conn, first, rid_b, decode, StreamGuard(rename))
+            failure, cut = await self._stream(client, conn, first, rid_b, decode, StreamGuard(rename))
             done = True
             if failure is not None:
-                self._pair_failed(job, decode, failure, counted=broken)
-                if broken:  # the connection was cut mid-answer: the same evidence as a refused connect
+                self._pair_failed(job, decode, failure, counted=cut is not None)
+            if cut is not None:  # decode's answer broke off (or timed out): it drops the request too
+                state.send_abort(decode, rids)
+                if not isinstance(cut, UpstreamTimeout):  # a cut is the same evidence as a refused connect
                     state.registry.record_request_failure(decode, epoch, state.config.health_failure_threshold,
-                                                          failure)
-                    state.send_abort(decode, rids)
+                                                          str(cut))
         finally:
             decode.in_flight -= 1
             state.active.remove(internal)
@@ -346,8 +349,8 @@ class Proxy:
     async def _stream(
         self, client: HttpConnection, conn: UpstreamConnection, first: bytes, rid_b: bytes, decode: Worker,
         guard: StreamGuard,
-    ) -> tuple[str | None, bool]:
-        """Relay decode's stream to `client`: (why it failed or None, whether the connection broke)."""
+    ) -> tuple[str | None, UpstreamError | None]:
+        """Relay decode's stream to `client`: (why it failed or None, the error that cut it off or None)."""
         # The head goes out with the first bytes; the last bytes go out with the end of the answer.
         client.start_stream(conn.status, conn.content_type(b"text/event-stream"),
                             b"Cache-Control: no-cache\r\nX-Request-ID: " + rid_b + b"\r\n", guard.feed(first))
@@ -379,14 +382,13 @@ class Proxy:
             # Headers are out: the error can only be told in the stream itself (as SGLang does). An
             # unfinished event held back by the guard is dropped: it would garble the error event.
             decode.stats.errors += 1
-            timeout = isinstance(exc, UpstreamTimeout)
-            self._state.stats.count_error("timeout" if timeout else "stream_broken")
+            self._state.stats.count_error("timeout" if isinstance(exc, UpstreamTimeout) else "stream_broken")
             reason = f"decode worker failed mid-stream: {exc}"
             client_write(failure_event(reason))
             client.end_stream()
-            return reason, not timeout
+            return reason, exc
         client.end_stream()
-        return guard.failure, False
+        return guard.failure, None
 
 
 def passthrough(client: HttpConnection, status: int, content_type: bytes | None, body: bytes, rid_b: bytes) -> None:

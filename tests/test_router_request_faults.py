@@ -182,3 +182,21 @@ def test_a_client_leaving_mid_stream_aborts_a_prefill_that_is_still_running() ->
             c.assert_idle()
 
     run(body())
+
+
+def test_a_stream_that_times_out_midway_ends_with_an_error_event_and_aborts_both_halves() -> None:
+    async def body() -> None:
+        async with cluster(1, 1, request_timeout_s=0.4) as c, aiohttp.ClientSession() as s:
+            c.prefill[0].behavior = MockBehavior(delay_s=5.0)
+            c.decode[0].behavior = MockBehavior(tokens=100, chunk_delay_s=0.05)
+            async with s.post(c.router_url + "/generate", json={**GEN, "stream": True}) as r:
+                events = _events(await r.read())
+            assert len(events) > 2 and "request timeout" in _error_of(events[-1])["message"]
+            rid = await _rid_sent_to(c.decode[0])
+            await c.wait_until(lambda: rid in c.decode[0].aborts and rid in c.prefill[0].aborts)
+            w = c.state.registry.get(c.decode[0].url)
+            assert w is not None and w.consecutive_failures == 0  # slow is not dead
+            await c.wait_until(lambda: c.state.background_tasks == 0)
+            c.assert_idle()
+
+    run(body())
