@@ -8,6 +8,11 @@ head, reads the request line and the few framing headers it needs (one lower() a
 collects a Content-Length or chunked body, and calls the handler for (method, path). Other headers
 are looked up on demand from the lower-cased head. Responses are written with precomputed bytes.
 
+Framing is strict (`router.http_framing`: what RFC 9112 calls ambiguous is a 400), and every
+connection is bounded: a head within `header_timeout_s` (408 after), an idle keep-alive connection
+closed after `idle_timeout_s`, at most `max_connections` open (503 past it). One sweep timer per server
+checks the deadlines. Every error is the router's one JSON error body (`router.errors.error_body`).
+
 One request at a time per connection: bytes of a pipelined next request wait in the buffer until
 the current response is complete (reading pauses if they pile up). A client that disconnects cancels
 its handler's task, which is how both workers of an abandoned request are aborted.
