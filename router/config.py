@@ -70,10 +70,19 @@ class RouterConfig:
     connect_timeout_s: float = 5.0
     max_retries: int = 2  # extra pairs tried when a worker cannot be reached (before any byte is sent)
     max_body_bytes: int = 32 * 1024 * 1024
+    # Client connections: a request head (and each pause between body bytes) must arrive within
+    # header_timeout_s; a kept-alive connection waiting for its next request is closed after
+    # idle_timeout_s; at most max_connections are open at once. 0 turns a timeout off.
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0
+    max_connections: int = 10000
     health_interval_s: float = 5.0
     health_timeout_s: float = 2.0
     health_failure_threshold: int = 3  # consecutive failures (probes or requests) before ejection
-    health_max_backoff_s: float = 60.0
+    # An ejected worker is probed at interval x 2^k up to this cap: the cap is how long a restarted
+    # worker may wait to be re-admitted once healthy (the goal is 5 s: 4 leaves time for the probe and
+    # the first request; a refused /health costs nothing).
+    health_max_backoff_s: float = 4.0
     cache_block_chars: int = 64  # cache_aware: prompt prefix granularity
     cache_match_ratio: float = 0.5  # cache_aware: share of the prompt that must match to follow affinity
     cache_balance_abs: int = 32  # cache_aware: ignore affinity when the chosen worker has this many more
@@ -91,6 +100,8 @@ class RouterConfig:
             raise ValueError("processes must be >= 1")
         if self.max_retries < 0 or self.max_inflight < 0 or self.short_prompt_threshold < 0:
             raise ValueError("max_retries, max_inflight and short_prompt_threshold must be >= 0")
+        if self.max_connections < 1 or self.header_timeout_s < 0 or self.idle_timeout_s < 0:
+            raise ValueError("max_connections must be >= 1 and the timeouts >= 0")
         if self.health_failure_threshold < 1:
             raise ValueError("health_failure_threshold must be >= 1")
 
@@ -135,9 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout_s, help="seconds")
     p.add_argument("--max-retries", type=int, default=d.max_retries)
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                   help="seconds a client may take to send a request head (and between body bytes); 0: none")
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
+                   help="seconds an idle keep-alive client connection is kept; 0: forever")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open client connections at most; past it new ones get 503")
     p.add_argument("--health-interval", type=float, default=d.health_interval_s, help="seconds")
     p.add_argument("--health-timeout", type=float, default=d.health_timeout_s, help="seconds")
     p.add_argument("--health-failure-threshold", type=int, default=d.health_failure_threshold)
+    p.add_argument("--health-max-backoff", type=float, default=d.health_max_backoff_s,
+                   help="seconds between probes of an ejected worker at most (how late a restart is seen)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
     p.add_argument("--workers", type=int, default=d.processes, dest="processes",
                    help="router processes sharing the port (SO_REUSEPORT)")
@@ -169,9 +188,13 @@ def config_from_args(argv: list[str] | None = None) -> RouterConfig:
         connect_timeout_s=args.connect_timeout,
         max_retries=args.max_retries,
         max_body_bytes=args.max_body_bytes,
+        header_timeout_s=args.header_timeout,
+        idle_timeout_s=args.idle_timeout,
+        max_connections=args.max_connections,
         health_interval_s=args.health_interval,
         health_timeout_s=args.health_timeout,
         health_failure_threshold=args.health_failure_threshold,
+        health_max_backoff_s=args.health_max_backoff,
         api_key=args.api_key,
         processes=args.processes,
         use_uvloop=not args.no_uvloop,

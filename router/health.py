@@ -3,7 +3,8 @@
 A healthy worker is probed every `health_interval_s`. An ejected one is probed with exponential
 backoff (interval × 2^k, capped at `health_max_backoff_s`) and re-admitted on its first success.
 Requests that cannot reach a worker count as failures too (the proxy records them), so a dead worker
-is usually ejected before its next probe.
+is usually ejected before its next probe; all the requests one crash fails count as one failure
+(`WorkerRegistry.record_request_failure`), so a crash under load does not jump the backoff to its cap.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ head, reads the request line and the few framing headers it needs (one lower() a
 collects a Content-Length or chunked body, and calls the handler for (method, path). Other headers
 are looked up on demand from the lower-cased head. Responses are written with precomputed bytes.
 
+Framing is strict (`router.http_framing`: what RFC 9112 calls ambiguous is a 400), and every
+connection is bounded: a head within `header_timeout_s` (408 after), an idle keep-alive connection
+closed after `idle_timeout_s`, at most `max_connections` open (503 past it). One sweep timer per server
+checks the deadlines. Every error is the router's one JSON error body (`router.errors.error_body`).
+
 One request at a time per connection: bytes of a pipelined next request wait in the buffer until
 the current response is complete (reading pauses if they pile up). A client that disconnects cancels
 its handler's task, which is how both workers of an abandoned request are aborted.
@@ -24,14 +29,17 @@ from typing import TypeAlias
 from urllib.parse import parse_qsl
 
 from router.errors import error_body
+from router.http_framing import CHUNKED, MAX_HEAD_BYTES, NO_BODY, ChunkedBody, FramingError, body_framing
 from router.http_head import header_value
 
 log = logging.getLogger("router.http")
 
-_MAX_HEAD_BYTES = 64 * 1024
 _PIPELINE_PAUSE_AT = 256 * 1024  # bytes of later requests buffered before reading pauses
 _DISCARD_GRACE_S = 5.0  # after a 413: how long the rest of the refused body may keep arriving
 _HEAD, _BODY, _CHUNKED, _BUSY, _DISCARD, _CLOSED = range(6)
+# What a connection's deadline guards: the wait for a next request on a kept-alive connection (closed
+# silently), the arrival of a request head, the arrival of the next body bytes (both answered 408).
+_NO_DEADLINE, _IDLE_DEADLINE, _HEAD_DEADLINE, _BODY_DEADLINE = range(4)
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 _JSON = b"application/json"
 
@@ -78,57 +86,6 @@ class HttpRequest:
         return dict(parse_qsl(self.query_string.decode("latin-1")))
 
 
-class _ChunkedBody:
-    """Incremental decoder of a chunked request body (rare from clients, so plain and simple)."""
-
-    __slots__ = ("body", "_buf", "_remaining", "_in_trailer", "done")
-
-    def __init__(self) -> None:
-        self.body = bytearray()
-        self._buf = b""
-        self._remaining = -1  # -1: a size line is next; -2: the CRLF after a chunk's data
-        self._in_trailer = False
-        self.done = False
-
-    def feed(self, data: bytes) -> bytes:
-        """Consume `data`; returns the bytes after the body's end (a pipelined request), if done."""
-        buf = self._buf + data if self._buf else data
-        pos, n = 0, len(buf)
-        while pos < n and not self.done:
-            if self._remaining > 0:
-                take = min(self._remaining, n - pos)
-                self.body += buf[pos : pos + take]
-                pos += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._remaining = -2
-                continue
-            end = buf.find(b"\r\n", pos)
-            if end < 0:
-                if n - pos > 4096:
-                    raise ValueError("chunk size line too long")
-                break
-            line = buf[pos:end]
-            pos = end + 2
-            if self._remaining == -2:
-                if line:
-                    raise ValueError("chunk data not followed by CRLF")
-                self._remaining = -1
-            elif self._in_trailer:
-                self.done = not line
-            else:
-                size = int(line.split(b";", 1)[0], 16)
-                if size < 0:
-                    raise ValueError("negative chunk size")
-                if size:
-                    self._remaining = size
-                else:
-                    self._in_trailer = True
-        self._buf = buf[pos:]
-        rest, self._buf = (self._buf, b"") if self.done else (b"", self._buf)
-        return rest
-
-
 class HttpConnection(asyncio.Protocol):
     """One client connection. Handlers answer through `respond` or `start_stream`/`end_stream`."""
 
@@ -142,7 +99,7 @@ class HttpConnection(asyncio.Protocol):
         self._request: HttpRequest | None = None
         self._body = bytearray()
         self._need = 0
-        self._chunked: _ChunkedBody | None = None
+        self._chunked: ChunkedBody | None = None
         self._task: asyncio.Task[None] | None = None
         self._responded = False  # the current request's response is complete
         self._streaming = False  # a streamed response has started and not ended
@@ -150,6 +107,10 @@ class HttpConnection(asyncio.Protocol):
         self._paused = False
         self._discard_left = -1
         self._discard_timer: asyncio.TimerHandle | None = None
+        # Checked by the server's one sweep timer (HttpServer._sweep) rather than a timer per
+        # connection: re-arming a loop timer on every request and body read costs more than a float.
+        self.deadline = 0.0
+        self._deadline_kind = _NO_DEADLINE
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -157,7 +118,18 @@ class HttpConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # SSE events leave at once
-        self._server.connections.add(self)
+        server = self._server
+        if len(server.connections) >= server.max_connections:
+            # Past the cap every socket would still cost a descriptor and buffers: say why, then close.
+            self._state = _CLOSED
+            self._write_response(503, error_body(503, f"router is at its limit of {server.max_connections} "
+                                                      "connections", code="too_many_connections"),
+                                 _JSON, b"Retry-After: 1\r\n", keep_alive=False)
+            transport.close()
+            return
+        server.connections.add(self)
+        # A new connection must send its request head within the header timeout.
+        self._set_deadline(_IDLE_DEADLINE, server.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._state = _CLOSED
@@ -175,6 +147,7 @@ class HttpConnection(asyncio.Protocol):
             self._buf = self._buf + data if self._buf else data
             self._advance()
         elif state == _BODY:
+            self.deadline = self._loop.time() + self._server.header_timeout_s
             self._body += data
             if len(self._body) >= self._need:
                 self._body_complete()
@@ -184,6 +157,7 @@ class HttpConnection(asyncio.Protocol):
                 self._paused = True
                 self.transport.pause_reading()
         elif state == _CHUNKED:
+            self.deadline = self._loop.time() + self._server.header_timeout_s
             self._feed_chunked(data)
         elif state == _DISCARD:
             if self._chunked is not None:
@@ -205,8 +179,15 @@ class HttpConnection(asyncio.Protocol):
         buf = self._buf
         end = buf.find(b"\r\n\r\n")
         if end < 0:
-            if len(buf) > _MAX_HEAD_BYTES:
+            if len(buf) > MAX_HEAD_BYTES:
                 self._refuse(431, "request head too large")
+            elif buf and self._deadline_kind != _HEAD_DEADLINE:
+                # The first bytes of a request: from now on the whole head must arrive within the
+                # header timeout (a byte at a time does not extend it: slowloris).
+                self._set_deadline(_HEAD_DEADLINE, self._server.header_timeout_s)
+            return
+        if end > MAX_HEAD_BYTES:  # the limit holds however the head arrived, in one read or many
+            self._refuse(431, "request head too large")
             return
         head = buf[:end]
         rest = buf[end + 4 :]
@@ -220,28 +201,25 @@ class HttpConnection(asyncio.Protocol):
         method, target, version = parts
         path, _, query = target.partition(b"?")
         low = head.lower()
+        try:
+            framing, need = body_framing(head, low)
+        except FramingError as exc:
+            self._refuse(exc.status, exc.message)
+            return
         http11 = version == b"HTTP/1.1"
         conn = header_value(low, b"\r\nconnection:")
         keep_alive = (conn is None or b"close" not in conn) if http11 else (conn is not None and b"keep-alive" in conn)
         req = HttpRequest(method, path, query, http11, keep_alive, head, low)
         self._request = req
-        te = header_value(low, b"\r\ntransfer-encoding:")
-        if te is not None:
-            if te != b"chunked":
-                self._refuse(501 if b"chunked" not in te else 400, "only the chunked transfer coding is supported")
-                return
-            self._chunked = _ChunkedBody()
+        if framing == CHUNKED:
+            self._chunked = ChunkedBody()
             self._state = _CHUNKED
+            self._set_deadline(_BODY_DEADLINE, self._server.header_timeout_s)
             self._send_continue(low)
             self._feed_chunked(rest)
             return
-        length = header_value(low, b"\r\ncontent-length:")
-        need = 0
-        if length is not None:
-            if not length.isdigit():
-                self._refuse(400, "bad Content-Length")
-                return
-            need = int(length)
+        if framing == NO_BODY:
+            need = 0
         if need > self._server.max_body_bytes:
             self._refuse_too_large(need - len(rest), expect_continue=b"100-continue" in low)
             return
@@ -254,6 +232,7 @@ class HttpConnection(asyncio.Protocol):
         self._body = bytearray(rest)
         self._need = need
         self._state = _BODY
+        self._set_deadline(_BODY_DEADLINE, self._server.header_timeout_s)
 
     def _send_continue(self, low: bytes) -> None:
         if b"\r\nexpect:" in low and b"100-continue" in (header_value(low, b"\r\nexpect:") or b""):
@@ -292,15 +271,16 @@ class HttpConnection(asyncio.Protocol):
             req.body = bytes(decoder.body)
             self._dispatch(req)
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, status: int, message: str, code: str | None = None) -> None:
         """Answer a request that cannot be parsed or served, then close the connection."""
-        self._write_response(status, error_body(status, message), _JSON, b"", keep_alive=False)
+        self._write_response(status, error_body(status, message, code), _JSON, b"", keep_alive=False)
         self._close()
 
     def _refuse_too_large(self, left: int, expect_continue: bool) -> None:
         """413, then drop the rest of the body as it arrives (closing at once would make the kernel
         reset the connection, and the client could lose the answer) and close after it."""
         limit = self._server.max_body_bytes
+        self._deadline_kind, self.deadline = _NO_DEADLINE, 0.0  # the discard grace timer takes over
         self._write_response(413, error_body(413, f"request body over {limit} bytes", code="body_too_large"),
                              _JSON, b"", keep_alive=False)
         if expect_continue or left == 0:
@@ -313,6 +293,8 @@ class HttpConnection(asyncio.Protocol):
     # -- dispatch ---------------------------------------------------------------------------------
     def _dispatch(self, req: HttpRequest) -> None:
         self._state = _BUSY
+        self._deadline_kind = _NO_DEADLINE  # a handler may stream for as long as it needs
+        self.deadline = 0.0
         self._responded = False
         handler = self._routes.get((req.method, req.path)) or self._server.fallback
         task = self._loop.create_task(handler(req, self))  # type: ignore[arg-type]
@@ -343,11 +325,29 @@ class HttpConnection(asyncio.Protocol):
             self._close()
             return
         self._state = _HEAD
+        self._set_deadline(_IDLE_DEADLINE, self._server.idle_timeout_s)
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
         if self._buf:
             self._advance()
+
+    # -- timeouts ---------------------------------------------------------------------------------
+    def _set_deadline(self, kind: int, after_s: float) -> None:
+        self._deadline_kind = kind
+        self.deadline = self._loop.time() + after_s if after_s > 0 else 0.0
+
+    def on_deadline(self) -> None:
+        """Called by the server's sweep once `deadline` has passed."""
+        kind = self._deadline_kind
+        self._deadline_kind = _NO_DEADLINE
+        self.deadline = 0.0
+        if self._state == _CLOSED:
+            return
+        if kind == _IDLE_DEADLINE and not self._buf:
+            self._close()  # nothing of a request was sent: no answer is owed
+        elif kind != _NO_DEADLINE:
+            self._refuse(408, "the request was not received in time", code="request_timeout")
 
     # -- responses --------------------------------------------------------------------------------
     def _write_response(self, status: int, body: bytes, content_type: bytes, extra: bytes, keep_alive: bool) -> None:
@@ -433,13 +433,25 @@ class HttpConnection(asyncio.Protocol):
 class HttpServer:
     """Owns the listening socket and every open client connection (`close()`)."""
 
-    def __init__(self, routes: dict[tuple[bytes, bytes], Handler], fallback: Handler, max_body_bytes: int) -> None:
+    def __init__(self, routes: dict[tuple[bytes, bytes], Handler], fallback: Handler, max_body_bytes: int, *,
+                 header_timeout_s: float = 10.0, idle_timeout_s: float = 60.0, max_connections: int = 10000) -> None:
+        """`header_timeout_s`: how long a request head may take to arrive (and the longest pause
+        between body bytes); `idle_timeout_s`: how long a kept-alive connection may wait for its next
+        request; 0 turns either off. `max_connections`: open client connections at most (one more is
+        answered 503 and closed)."""
         self.routes = routes
         self.fallback = fallback
         self.max_body_bytes = max_body_bytes
+        self.header_timeout_s = header_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
         self.connections: set[HttpConnection] = set()
         self.loop = asyncio.get_running_loop()
         self._server: asyncio.AbstractServer | None = None
+        timeouts = [t for t in (header_timeout_s, idle_timeout_s) if t > 0]
+        # A deadline is noticed at most a quarter of its timeout late (and within a second).
+        self._tick_s = min(1.0, max(0.02, min(timeouts) / 4)) if timeouts else 0.0
+        self._sweep_handle: asyncio.TimerHandle | None = None
 
     async def start(self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None,
                     reuse_port: bool = False, backlog: int = 1024) -> None:
@@ -449,6 +461,19 @@ class HttpServer:
         else:
             self._server = await self.loop.create_server(factory, host, port, reuse_port=reuse_port or None,
                                                          reuse_address=True, backlog=backlog)
+        if self._tick_s:
+            self._sweep_handle = self.loop.call_later(self._tick_s, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for conn in [c for c in self.connections if 0.0 < c.deadline <= now]:
+            conn.on_deadline()
+        self._sweep_handle = self.loop.call_later(self._tick_s, self._sweep)
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets (one per address the host resolved to)."""
+        return [] if self._server is None else list(self._server.sockets)
 
     @property
     def port(self) -> int:
@@ -457,6 +482,9 @@ class HttpServer:
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let running handlers finish for up to `grace_s`, then drop every connection."""
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         if self._server is not None:
             self._server.close()
         tasks = [c._task for c in self.connections if c._task is not None]

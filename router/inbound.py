@@ -20,6 +20,12 @@ from router.errors import BadRequest
 from router.workers import Worker
 
 CHARS_PER_TOKEN = 4  # prompt-length estimate for text prompts (typical of English BPE vocabularies)
+# Cache-aware routing matches prompt prefixes on at most this much of a prompt: its cost on the event
+# loop grows with the key (a 20 MB prompt cost 150 ms of hashing), and two prompts that agree on their
+# first million characters (64 Ki token ids) are the same prefix for routing.
+KEY_CHARS = 1 << 20
+KEY_IDS = 1 << 16
+_ID_SLICE = 1 << 16  # ids checked per C call: between slices a parsing thread lets the event loop run
 _PD_FIELDS = frozenset((BOOTSTRAP_HOST, BOOTSTRAP_PORT, BOOTSTRAP_ROOM))
 
 
@@ -78,10 +84,14 @@ def _check_common(doc: dict[str, Any]) -> None:
 
 
 def _ids_key(ids: list[Any], name: str) -> bytes:
+    """The routing key of a token-id prompt (its first KEY_IDS ids); every id is checked to be an int32."""
     try:
-        return array("i", ids).tobytes()
+        key = array("i", ids[:KEY_IDS]).tobytes()
+        for start in range(KEY_IDS, len(ids), _ID_SLICE):
+            array("i", ids[start : start + _ID_SLICE])
     except (TypeError, OverflowError) as exc:
         raise BadRequest(f"'{name}' must be a list of token ids (integers)", param=name) from exc
+    return key
 
 
 def _text_tokens(text: str) -> int:
@@ -107,19 +117,19 @@ def _chat_prompt(doc: dict[str, Any]) -> tuple[str, int]:
         else:
             parts.append(f"{m['role']}:")
     key = "\n".join(parts)
-    return key, _text_tokens(key)
+    return key[:KEY_CHARS], _text_tokens(key)
 
 
 def _completion_prompt(doc: dict[str, Any]) -> tuple[str | bytes, int]:
     prompt = doc.get("prompt")
     if isinstance(prompt, str):
-        return prompt, _text_tokens(prompt)
+        return prompt[:KEY_CHARS], _text_tokens(prompt)
     if isinstance(prompt, list) and prompt:
         first = prompt[0]
         if isinstance(first, str):
             if not all(isinstance(p, str) for p in prompt):
                 raise BadRequest("'prompt' list must hold only strings or only token ids", param="prompt")
-            return first, sum(_text_tokens(p) for p in prompt)
+            return first[:KEY_CHARS], sum(_text_tokens(p) for p in prompt)
         if isinstance(first, list):
             keys = [_ids_key(p, "prompt") if isinstance(p, list) else b"" for p in prompt]
             if not all(isinstance(p, list) for p in prompt):
@@ -133,9 +143,9 @@ def _generate_prompt(doc: dict[str, Any]) -> tuple[str | bytes, int, int | None]
     text, ids = doc.get("text"), doc.get("input_ids")
     if text is not None:
         if isinstance(text, str):
-            return text, _text_tokens(text), None
+            return text[:KEY_CHARS], _text_tokens(text), None
         if isinstance(text, list) and text and all(isinstance(t, str) for t in text):
-            return text[0], sum(_text_tokens(t) for t in text), len(text)
+            return text[0][:KEY_CHARS], sum(_text_tokens(t) for t in text), len(text)
         raise BadRequest("'text' must be a string or a non-empty list of strings", param="text")
     if ids is not None:
         if isinstance(ids, list) and ids:
@@ -166,20 +176,30 @@ def parse_inbound(raw: bytes, kind: Kind) -> InboundRequest:
     else:
         key, tokens, batch = _generate_prompt(doc)
     rid = doc.get("rid")
-    if isinstance(rid, list) and not all(isinstance(r, str) for r in rid):
-        raise BadRequest("'rid' list must hold strings", param="rid")
+    if isinstance(rid, list):
+        if batch is None:
+            raise BadRequest("'rid' must be a string for a single prompt", param="rid")
+        if len(rid) != batch or not all(isinstance(r, str) for r in rid):
+            raise BadRequest(f"'rid' must be a list of {batch} strings, one per prompt", param="rid")
     return InboundRequest(kind, raw, doc, bool(doc.get("stream")), key, tokens, batch, rid)
 
 
 def abort_rids(inbound: InboundRequest, rid: str) -> list[str]:
-    """The request ids the workers know this request by (what `/abort_request` must name)."""
-    if inbound.body_rid is None:
-        return [rid] if inbound.batch_size is None else [f"{rid}-{i}" for i in range(inbound.batch_size)]
-    return [inbound.body_rid] if isinstance(inbound.body_rid, str) else list(inbound.body_rid)
+    """The request ids the workers know this request by (what `/abort_request` must name): the
+    router's own `rid`, one per prompt of a batch."""
+    return [rid] if inbound.batch_size is None else [f"{rid}-{i}" for i in range(inbound.batch_size)]
 
 
-def _rid_value(inbound: InboundRequest, rid: str) -> str | list[str]:
-    return rid if inbound.batch_size is None else [f"{rid}-{i}" for i in range(inbound.batch_size)]
+def client_ids(inbound: InboundRequest, echo: str) -> tuple[str, list[str] | None]:
+    """The ids the client knows this request by: its body `rid` if it sent one, else `echo` (its
+    X-Request-ID or one the router made up); per prompt for a batch (`<id>-<i>` as SGLang names them)."""
+    body_rid = inbound.body_rid
+    single = body_rid if isinstance(body_rid, str) else echo
+    if inbound.batch_size is None:
+        return single, None
+    if isinstance(body_rid, list):
+        return single, list(body_rid)
+    return single, [f"{single}-{i}" for i in range(inbound.batch_size)]
 
 
 def _splice(raw: bytes, empty: bool, fields: bytes) -> bytes:
@@ -189,19 +209,18 @@ def _splice(raw: bytes, empty: bool, fields: bytes) -> bytes:
 
 
 def worker_body(inbound: InboundRequest, rid: str, prefill: Worker | None, room: int | list[int] | None) -> bytes:
-    """The body both workers get: the client's, plus `rid` (when absent) and, for a PD pair, the
-    bootstrap fields naming `prefill` and `room` (a list of rooms for a batch)."""
+    """The body both workers get: the client's with `rid` set to the router's `rid` (whatever rid the
+    client sent: `router.answers` says why) and, for a PD pair, the bootstrap fields naming `prefill`
+    and `room` (a list of rooms for a batch)."""
     doc = inbound.doc
-    needs_rid = inbound.body_rid is None
-    if inbound.batch_size is None and not (prefill is not None and not _PD_FIELDS.isdisjoint(doc)):
-        fields = b'"rid":' + orjson.dumps(rid) if needs_rid else b""
+    if (inbound.batch_size is None and "rid" not in doc
+            and not (prefill is not None and not _PD_FIELDS.isdisjoint(doc))):
+        fields = b'"rid":' + orjson.dumps(rid)
         if prefill is not None:
-            pd = prefill.pd_fields_prefix + str(room).encode()
-            fields = fields + b"," + pd if fields else pd
-        return _splice(inbound.raw, not doc, fields) if fields else inbound.raw
+            fields = fields + b"," + prefill.pd_fields_prefix + str(room).encode()
+        return _splice(inbound.raw, not doc, fields)
     out = dict(doc)
-    if needs_rid:
-        out["rid"] = _rid_value(inbound, rid)
+    out["rid"] = rid if inbound.batch_size is None else abort_rids(inbound, rid)
     if prefill is not None:
         host = prefill.bootstrap_host
         if inbound.batch_size is None:

@@ -4,8 +4,14 @@ Order of events for one PD request: the prefill request starts in its own task; 
 runs in the handler, which waits for decode's first body bytes before answering the client. Until
 then nothing is committed, so a prefill error that arrives first is returned to the client (and the
 decode side aborted), and a worker that cannot be reached is replaced by another (retry). From the
-first byte on, decode's bytes go to the client as they come. If the client goes away, both sides are
-aborted: their connections are closed and `/abort_request` names the request's rid.
+first byte on, decode's bytes go to the client as they come (through `router.answers`, which puts the
+client's ids back and turns an aborted or empty answer into an error). If the client goes away, both
+sides are aborted: their connections are closed and `/abort_request` names the request's rid. When
+decode fails (an error status, an error or abort inside its 200, a cut stream), prefill is aborted too,
+so it does not hold the room's pages until its own timeout.
+
+Each attempt has its own worker-side rid (`answers.new_request_id`): an abort sent for one attempt can
+never reach another request, whatever ids the client reuses.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from router.answers import IdRewriter, StreamGuard, failure_event, new_request_id, whole_answer_failure
 from router.config import Role
 from router.errors import RouterError, error_body, is_openai_error
 from router.http_server import HttpConnection
-from router.inbound import InboundRequest, abort_rids, worker_body
+from router.inbound import InboundRequest, abort_rids, client_ids, worker_body
 from router.upstream import StaleConnection, UpstreamConnection, UpstreamError, UpstreamTimeout, build_request
 
 if TYPE_CHECKING:
@@ -77,6 +84,7 @@ class PrefillJob:
         self._conn: UpstreamConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._resent = False
+        self._epoch = worker.failure_epoch
         worker.in_flight += 1
         worker.stats.requests += 1
         conn = state.pool.take_idle(worker.host, worker.port)
@@ -126,8 +134,11 @@ class PrefillJob:
         self._conn = None
         state, w = self._state, self.worker
         if exc is not None:
-            if not isinstance(exc, UpstreamTimeout):
-                state.registry.record_failure(w, state.config.health_failure_threshold, str(exc))
+            if isinstance(exc, UpstreamTimeout):
+                state.send_abort(w, self._rids)  # a slow prefill still holds the room: it drops it now
+            else:
+                state.registry.record_request_failure(w, self._epoch, state.config.health_failure_threshold,
+                                                      str(exc))
             self._fail(PrefillUnreachable(f"prefill {w.url}: {exc}"))
         elif status >= 400:
             self._fail(PrefillFailed(status, body, content_type))
@@ -180,7 +191,8 @@ class Proxy:
 
     async def forward(self, client: HttpConnection, inbound: InboundRequest, rid: str, rid_b: bytes,
                       fwd_headers: bytes) -> None:
-        """Serve `inbound` through a (prefill, decode) pair and answer `client`; `rid_b` is `rid` encoded."""
+        """Serve `inbound` through a (prefill, decode) pair and answer `client`. `rid` is the client's
+        X-Request-ID (or one made up), echoed back as `rid_b`; `fwd_headers` go to both workers."""
         state = self._state
         cfg = state.config
         loop = asyncio.get_running_loop()
@@ -223,19 +235,24 @@ class Proxy:
     ) -> None:
         state = self._state
         path = inbound.kind.value
-        rids = abort_rids(inbound, rid)
+        internal = new_request_id()
+        rids = abort_rids(inbound, internal)
+        echo, items = client_ids(inbound, rid)
+        rename = IdRewriter(internal, echo, items)
+        fwd_headers = b"X-Request-ID: " + internal.encode() + b"\r\n" + fwd_headers
         job: PrefillJob | None = None
         if prefill is not None:
             n = inbound.batch_size
             room = self._getrandbits(_ROOM_BITS) if n is None else [self._getrandbits(_ROOM_BITS) for _ in range(n)]
-            body = worker_body(inbound, rid, prefill, room)
+            body = worker_body(inbound, internal, prefill, room)
             job = PrefillJob(state, prefill, build_request("POST", path, prefill.netloc, body, fwd_headers),
                              deadline, rids)
         else:
-            body = worker_body(inbound, rid, None, None)
+            body = worker_body(inbound, internal, None, None)
         decode.in_flight += 1
         decode.stats.requests += 1
-        state.active[rid] = (prefill, decode, rids)
+        epoch = decode.failure_epoch
+        state.active.add(internal, (rid, echo, *(items or ())), (prefill, decode, rids))
         conn: UpstreamConnection | None = None
         exchange = 0
         done = False  # decode's answer was passed on whole: nothing to abort
@@ -254,12 +271,11 @@ class Proxy:
                     data = await conn.read_all()
                     decode.stats.errors += 1
                     state.stats.count_error(f"decode_{status}")
-                    if job is not None:
+                    if job is not None:  # whatever decode's reason, the pair is over: free prefill's room
                         job.committed = True
-                        if status >= 500:
-                            job.abort()
+                        job.abort()
                     done = True
-                    return passthrough(client, status, conn.content_type(), data, rid_b)
+                    return passthrough(client, status, conn.content_type(), rename(data), rid_b)
                 if not inbound.stream:
                     data = conn.body_if_complete()  # the common case: no further wait
                     decode.stats.ttft.observe(loop.time() - started)
@@ -270,7 +286,7 @@ class Proxy:
                     decode.stats.ttft.observe(loop.time() - started)
             except PrefillFailed as pf:
                 state.stats.count_error(f"prefill_{pf.status}")
-                return passthrough(client, pf.status, pf.content_type, pf.body, rid_b)
+                return passthrough(client, pf.status, pf.content_type, rename(pf.body), rid_b)
             except PrefillUnreachable as exc:
                 assert prefill is not None
                 raise _Retry(prefill, exc) from None
@@ -280,20 +296,34 @@ class Proxy:
                 raise RouterError(504, f"request timed out: {exc}", code="timeout") from None
             except UpstreamError as exc:
                 decode.stats.errors += 1
-                state.registry.record_failure(decode, state.config.health_failure_threshold, str(exc))
+                state.registry.record_request_failure(decode, epoch, state.config.health_failure_threshold, str(exc))
                 raise _Retry(decode, exc) from None
             if decode.consecutive_failures:
                 state.registry.record_success(decode)
+            # From here on a failure is judged against what was known when decode last answered, not
+            # when the request was sent: a failure recorded in between (a probe) is not this one.
+            epoch = decode.failure_epoch
             if job is not None:
                 job.committed = True
             if not inbound.stream:
                 done = True
-                return passthrough(client, conn.status, conn.content_type(), data, rid_b)
-            await self._stream(client, conn, first, rid_b, decode)
+                failure = whole_answer_failure(data)
+                if failure is not None:  # a 200 that carries no result is not a success
+                    self._pair_failed(job, decode, failure)
+                    raise RouterError(502, failure, code="request_failed")
+                return passthrough(client, conn.status, conn.content_type(), rename(data), rid_b)
+            failure, cut = await self._stream(client, conn, first, rid_b, decode, StreamGuard(rename))
             done = True
+            if failure is not None:
+                self._pair_failed(job, decode, failure, counted=cut is not None)
+            if cut is not None:  # decode's answer broke off (or timed out): it drops the request too
+                state.send_abort(decode, rids)
+                if not isinstance(cut, UpstreamTimeout):  # a cut is the same evidence as a refused connect
+                    state.registry.record_request_failure(decode, epoch, state.config.health_failure_threshold,
+                                                          str(cut))
         finally:
             decode.in_flight -= 1
-            state.active.pop(rid, None)
+            state.active.remove(internal)
             if not done:
                 # Client gone, timeout, retry or error: both workers drop the request now.
                 if conn is not None:
@@ -305,15 +335,35 @@ class Proxy:
             if decode.draining:
                 state.registry.release_if_drained(decode)
 
+    def _pair_failed(self, job: PrefillJob | None, decode: Worker, reason: str, counted: bool = False) -> None:
+        """Decode's answer ended without the result: prefill drops its half now. `counted`: the
+        error is in the metrics already (a cut stream)."""
+        if not counted:
+            decode.stats.errors += 1
+            self._state.stats.count_error("decode_failed")
+        log.info("decode %s failed a request (%s)%s", decode.url, reason,
+                 "; aborting its prefill half" if job is not None else "")
+        if job is not None:
+            job.abort()
+
     async def _stream(
-        self, client: HttpConnection, conn: UpstreamConnection, first: bytes, rid_b: bytes, decode: Worker
-    ) -> None:
+        self, client: HttpConnection, conn: UpstreamConnection, first: bytes, rid_b: bytes, decode: Worker,
+        guard: StreamGuard,
+    ) -> tuple[str | None, UpstreamError | None]:
+        """Relay decode's stream to `client`: (why it failed or None, the error that cut it off or None)."""
         # The head goes out with the first bytes; the last bytes go out with the end of the answer.
         client.start_stream(conn.status, conn.content_type(b"text/event-stream"),
-                            b"Cache-Control: no-cache\r\nX-Request-ID: " + rid_b + b"\r\n", first)
+                            b"Cache-Control: no-cache\r\nX-Request-ID: " + rid_b + b"\r\n", guard.feed(first))
         # Body bytes go to the client socket straight from the upstream socket's callback: one
         # write per upstream read and no task switch in between.
-        write = client.write
+        feed, client_write, client_write_last = guard.feed, client.write, client.write_last
+
+        def write(data: bytes) -> None:
+            client_write(feed(data))
+
+        def write_last(data: bytes) -> None:
+            client_write_last(feed(data) + guard.end())
+
         try:
 
             t = client.transport
@@ -322,17 +372,23 @@ class Proxy:
             def congested() -> bool:  # asked after every relayed piece: kept to one call
                 return buffered() > _CLIENT_HIGH_WATER
 
-            while not await conn.relay(write, congested, client.write_last):
+            while not await conn.relay(write, congested, write_last):
                 while client.write_buffer_size() > _CLIENT_LOW_WATER:  # a slow client
                     if client.closing:
                         raise ConnectionResetError("client went away")
                     await asyncio.sleep(0.005)
+            client_write(guard.end())  # an unterminated last event, if the end came without write_last
         except UpstreamError as exc:
-            # Headers are out: the error can only be told in the stream itself (as SGLang does).
+            # Headers are out: the error can only be told in the stream itself (as SGLang does). An
+            # unfinished event held back by the guard is dropped: it would garble the error event.
             decode.stats.errors += 1
             self._state.stats.count_error("timeout" if isinstance(exc, UpstreamTimeout) else "stream_broken")
-            write(b"data: " + error_body(502, f"decode worker failed mid-stream: {exc}") + b"\n\n")
+            reason = f"decode worker failed mid-stream: {exc}"
+            client_write(failure_event(reason))
+            client.end_stream()
+            return reason, exc
         client.end_stream()
+        return guard.failure, None
 
 
 def passthrough(client: HttpConnection, status: int, content_type: bytes | None, body: bytes, rid_b: bytes) -> None:

@@ -20,6 +20,41 @@ log = logging.getLogger("router.state")
 _ABORT_TIMEOUT_S = 2.0
 
 
+class ActiveRequests:
+    """Requests in flight by the router's id, and the router's ids by the ids the client knows (which
+    need not be unique: clients reuse them), so that `/abort_request` naming a client id finds them."""
+
+    def __init__(self) -> None:
+        self._by_rid: dict[str, tuple[Worker | None, Worker, list[str]]] = {}
+        self._by_client: dict[str, set[str]] = {}
+        self._client_of: dict[str, tuple[str, ...]] = {}
+
+    def add(self, rid: str, client: tuple[str, ...], entry: tuple[Worker | None, Worker, list[str]]) -> None:
+        self._by_rid[rid] = entry
+        self._client_of[rid] = client
+        for cid in client:
+            self._by_client.setdefault(cid, set()).add(rid)
+
+    def remove(self, rid: str) -> None:
+        self._by_rid.pop(rid, None)
+        for cid in self._client_of.pop(rid, ()):
+            rids = self._by_client.get(cid)
+            if rids is not None:
+                rids.discard(rid)
+                if not rids:
+                    del self._by_client[cid]
+
+    def find(self, client_id: str) -> list[tuple[Worker | None, Worker, list[str]]]:
+        """(prefill, decode, worker-side rids) of every request in flight under `client_id`."""
+        return [self._by_rid[r] for r in self._by_client.get(client_id, ()) if r in self._by_rid]
+
+    def __len__(self) -> int:
+        return len(self._by_rid)
+
+    def __contains__(self, client_id: object) -> bool:
+        return client_id in self._by_client
+
+
 class RouterState:
     """Built by `create_app`; `start()` on app start-up, `close()` on shutdown (cancels background
     tasks, closes every upstream connection)."""
@@ -38,8 +73,8 @@ class RouterState:
         self.prefill_policy = make_policy(config.prefill_policy, **kw)  # type: ignore[arg-type]
         self.decode_policy = make_policy(config.decode_policy, **kw)  # type: ignore[arg-type]
         self.health = HealthChecker(self.registry, self.pool, config)
-        # rid -> (prefill, decode, worker-side rids) for requests in flight (router-level abort).
-        self.active: dict[str, tuple[Worker | None, Worker, list[str]]] = {}
+        # Requests in flight, for the router-level `/abort_request`.
+        self.active = ActiveRequests()
         self._background: set[asyncio.Task[None]] = set()
         # With `--workers N`: the other processes, for admin changes and /metrics (router.group).
         self.group = ProcessGroup(config.group, self.on_sibling_message) if config.group is not None else None

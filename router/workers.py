@@ -31,14 +31,16 @@ class Worker:
 
     `in_flight` counts requests sent and not finished; `healthy` turns False after
     `failure_threshold` consecutive failures (health probes or requests that could not reach it) and
-    back to True on the next success; `draining` is set by removal: no new requests, and the registry
+    back to True on the next success. `failure_epoch` counts recorded failures: a request remembers it
+    when sent, and its failure counts only if no other failure was recorded since (one crash under
+    load fails every request in flight at once: that is one failure, not one per request); `draining` is set by removal: no new requests, and the registry
     drops the worker once its in-flight requests have finished.
     """
 
     __slots__ = (
         "spec", "url", "role", "host", "port", "bootstrap_port", "in_flight", "healthy", "draining",
         "consecutive_failures", "next_probe_at", "stats", "pd_fields_prefix", "added_at", "netloc",
-        "bootstrap_host",
+        "bootstrap_host", "failure_epoch",
     )
 
     def __init__(self, spec: WorkerSpec) -> None:
@@ -55,6 +57,7 @@ class Worker:
         self.healthy = True
         self.draining = False
         self.consecutive_failures = 0
+        self.failure_epoch = 0
         self.next_probe_at = 0.0
         self.stats = WorkerStats()
         self.added_at = time.time()
@@ -79,6 +82,7 @@ class Worker:
 
     def _record_failure(self, threshold: int, reason: str) -> bool:
         self.consecutive_failures += 1
+        self.failure_epoch += 1
         if not self.healthy or self.consecutive_failures < threshold:
             return False
         self.healthy = False
@@ -149,6 +153,12 @@ class WorkerRegistry:
     def record_failure(self, worker: Worker, threshold: int, reason: str) -> None:
         if worker._record_failure(threshold, reason):
             self.invalidate()
+
+    def record_request_failure(self, worker: Worker, sent_at_epoch: int, threshold: int, reason: str) -> None:
+        """A request sent when `worker.failure_epoch` was `sent_at_epoch` failed: counted only if no
+        failure was recorded since it was sent (else it is the same outage seen again)."""
+        if worker.failure_epoch == sent_at_epoch:
+            self.record_failure(worker, threshold, reason)
 
     def get(self, url: str) -> Worker | None:
         return self._by_url.get(url.rstrip("/"))

@@ -35,6 +35,10 @@ class MockBehavior:
     # Exact bytes to stream instead of generated events, written one piece per write (byte-exactness).
     raw_stream: list[bytes] | None = None
     die_after: int | None = None  # streamed events after which the connection is cut (a crash)
+    body: bytes | None = None  # exact body of a 200 whole answer instead of a generated one
+    # Like the engine: a request named by /abort_request ends at once with finish_reason "abort" and
+    # no further tokens (a stream with one such event, then [DONE]).
+    honor_aborts: bool = False
 
 
 @dataclass
@@ -46,11 +50,13 @@ class MockWorker:
     aborts: list[str] = field(default_factory=list)  # rids named by /abort_request
     disconnects: list[str] = field(default_factory=list)  # rids whose client went away mid-request
     health_checks: int = 0
+    completed: list[str] = field(default_factory=list)  # rids answered in full (every token sent)
+    keep_bodies: bool = True  # False: `bodies` keeps only each rid (tests with huge prompts)
     url: str = ""
     _runner: web.AppRunner | None = None
 
     async def start(self, port: int = 0) -> str:
-        app = web.Application()
+        app = web.Application(client_max_size=64 << 20)  # the router, not the mock, limits bodies
         for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
             app.router.add_post(path, self._infer)
         app.router.add_get("/v1/models", self._models)
@@ -86,31 +92,50 @@ class MockWorker:
         self.aborts.append((await request.json())["rid"])
         return web.json_response({"ok": True})
 
+    async def _sleep(self, rid: str, seconds: float) -> bool:
+        """Sleep up to `seconds`; False as soon as `rid` is aborted (when the behaviour honours aborts)."""
+        end = time.monotonic() + seconds
+        while True:
+            if self.behavior.honor_aborts and rid in self.aborts:
+                return False
+            left = end - time.monotonic()
+            if left <= 0:
+                return True
+            await asyncio.sleep(min(left, 0.01))
+
     async def _infer(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
-        self.bodies.append(body)
+        self.bodies.append(body if self.keep_bodies else {"rid": body.get("rid")})
         self.paths.append(request.path)
         b = self.behavior
         rid = body.get("rid", "")
         try:
-            if b.delay_s:
-                await asyncio.sleep(b.delay_s)
+            live = await self._sleep(rid, b.delay_s) if b.delay_s else True
             if b.status != 200:
                 return web.Response(status=b.status, body=b.error_body, content_type="application/json")
             if not body.get("stream"):
-                return web.Response(body=orjson.dumps(_answer(request.path, body, b.tokens, self.role)),
-                                    content_type="application/json")
+                if not live:
+                    return web.Response(status=499, body=b'{"error": {"message": "aborted", "type": "server_error",'
+                                        b' "code": "abort"}}', content_type="application/json")
+                self.completed.append(rid)
+                answer = b.body if b.body is not None else orjson.dumps(_answer(request.path, body, b.tokens,
+                                                                                self.role))
+                return web.Response(body=answer, content_type="application/json")
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
             pieces = b.raw_stream if b.raw_stream is not None else _events(request.path, body, b.tokens)
             for i, piece in enumerate(pieces):
-                if b.chunk_delay_s:
-                    await asyncio.sleep(b.chunk_delay_s)
+                if not live or (b.chunk_delay_s and not await self._sleep(rid, b.chunk_delay_s)):
+                    await resp.write(b"data: " + orjson.dumps({"text": "", "meta_info": {
+                        "id": rid, "finish_reason": {"type": "abort"}}}) + b"\n\ndata: [DONE]\n\n")
+                    await resp.write_eof()
+                    return resp
                 await resp.write(piece)
                 if b.die_after is not None and i + 1 >= b.die_after and request.transport is not None:
                     request.transport.abort()
                     return resp
             await resp.write_eof()
+            self.completed.append(rid)
             return resp
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnects.append(rid)

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import aiohttp
 from router_mocks import MockBehavior, cluster
+
+from router import RouterConfig, WorkerSpec
+from router.config import Role
+from router.health import HealthChecker
+from router.state import RouterState
 
 GEN = {"text": "a prompt long enough to be disaggregated " * 4}
 
@@ -94,6 +100,59 @@ def test_health_probes_eject_a_failing_worker_and_readmit_it_when_it_recovers() 
     run(body())
 
 
+def test_one_crash_under_load_counts_as_one_failure_and_the_restarted_worker_serves_within_5_s() -> None:
+    async def body() -> None:
+        async with cluster(1, 1, health_interval_s=0.5, health_failure_threshold=1) as c, \
+                aiohttp.ClientSession() as s:
+            d = c.decode[0]
+            w = c.state.registry.get(d.url)
+            assert w is not None
+            d.behavior = MockBehavior(tokens=10, chunk_delay_s=0.05, die_after=3)  # the crash cuts all 8
+
+            async def stream() -> bytes:
+                async with s.post(c.router_url + "/generate", json={**GEN, "stream": True}) as r:
+                    return await r.read()
+
+            answers = await asyncio.gather(*(stream() for _ in range(8)))
+            assert all(b"failed mid-stream" in a for a in answers)
+            assert not w.healthy and w.consecutive_failures == 1  # one outage, not eight failures
+            await d.stop()
+            await asyncio.sleep(1.0)  # down for a while: the probes in between are refused
+            assert w.consecutive_failures >= 2 and not w.healthy
+            d.behavior = MockBehavior()
+            loop = asyncio.get_running_loop()
+            await d.start(d.port)  # restarted on the same port
+            restarted = loop.time()
+            while True:
+                async with s.post(c.router_url + "/generate", json=GEN) as r:
+                    if r.status == 200:
+                        break
+                    assert r.status == 503
+                await asyncio.sleep(0.02)
+            readmitted_s = loop.time() - restarted
+            assert readmitted_s < 5.0, readmitted_s
+            c.assert_idle()
+
+    run(body())
+
+
+def test_by_default_a_worker_down_for_long_is_still_probed_every_4_s_at_most() -> None:
+    async def body() -> None:
+        cfg = RouterConfig(decode=[WorkerSpec("http://127.0.0.1:9", Role.DECODE)], health_interval_s=0)
+        state = RouterState(cfg)
+        w = state.registry.all_workers()[0]
+        checker = HealthChecker(state.registry, state.pool, replace(cfg, health_interval_s=5.0))
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(12):  # a long outage: 12 refused probes in a row
+                assert not await checker.probe(w)
+            assert not w.healthy and loop.time() < w.next_probe_at <= loop.time() + 4.0
+        finally:
+            await state.close()
+
+    run(body())
+
+
 def test_backpressure_answers_503_with_retry_after_above_max_inflight() -> None:
     async def body() -> None:
         async with cluster(1, 1, max_inflight=1) as c, aiohttp.ClientSession() as s:
@@ -171,12 +230,13 @@ def test_router_abort_request_reaches_both_workers_of_that_request() -> None:
                                                    headers={"X-Request-ID": "abc"}))
             await c.wait_until(lambda: "abc" in c.state.active)
             async with s.post(c.router_url + "/abort_request", json={"rid": "abc"}) as r:
-                assert (await r.json()) == {"rid": "abc", "aborted": True}
-            await c.wait_until(lambda: "abc" in c.decode[0].aborts and "abc" in c.prefill[0].aborts)
+                assert (await r.json()) == {"rid": "abc", "aborted": True, "requests": 1}
+            rid = c.decode[0].bodies[0]["rid"]
+            await c.wait_until(lambda: rid in c.decode[0].aborts and rid in c.prefill[0].aborts)
             async with await pending:
                 pass
             async with s.post(c.router_url + "/abort_request", json={"rid": "abc"}) as r:
-                assert r.status == 404
+                assert r.status == 404 and (await r.json())["error"]["code"] == "unknown_rid"
 
     run(body())
 

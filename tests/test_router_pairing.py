@@ -29,7 +29,7 @@ def test_pd_request_reaches_both_workers_with_the_same_room_and_prefill_address(
             assert p == d
             assert p["bootstrap_host"] == "127.0.0.1" and p["bootstrap_port"] == 9000
             assert 0 <= p["bootstrap_room"] < 2**63
-            assert p["rid"] == "req-42"
+            assert p["rid"] != "req-42"  # workers know it by the router's own id; the client's is echoed
             assert p["messages"] == CHAT["messages"]
             c.assert_idle()
 
@@ -59,7 +59,7 @@ def test_short_prompt_goes_to_decode_alone_without_bootstrap_fields() -> None:
             await asyncio.sleep(0.05)
             assert len(c.prefill[0].bodies) == 1  # only the 40-token prompt was disaggregated
             short, long_ = c.decode[0].bodies
-            assert short == {"text": "hi", "rid": "mine"}
+            assert short == {"text": "hi", "rid": short["rid"]} and short["rid"] != "mine"
             assert "bootstrap_room" in long_
             c.assert_idle()
 
@@ -72,10 +72,12 @@ def test_batch_generate_gets_one_room_and_one_rid_per_prompt() -> None:
             async with s.post(c.router_url + "/generate", json={"text": ["a b c", "d e f", "g"]},
                               headers={"X-Request-ID": "batch"}) as r:
                 assert r.status == 200
+                assert (await r.json())["meta_info"]["id"] == ["batch-0", "batch-1", "batch-2"]
             await c.wait_until(lambda: c.prefill[0].bodies)
             d = c.decode[0].bodies[0]
             assert d == c.prefill[0].bodies[0]
-            assert d["rid"] == ["batch-0", "batch-1", "batch-2"]
+            base = d["rid"][0].removesuffix("-0")
+            assert d["rid"] == [f"{base}-{i}" for i in range(3)] and base != "batch"
             assert d["bootstrap_host"] == ["127.0.0.1"] * 3 and d["bootstrap_port"] == [9000] * 3
             assert len(set(d["bootstrap_room"])) == 3
 
@@ -154,7 +156,8 @@ def test_prefill_error_that_arrives_first_reaches_the_client_and_aborts_decode()
             async with s.post(c.router_url + "/v1/chat/completions", json={**CHAT, "rid": "r1"}) as r:
                 assert r.status == 400
                 assert (await r.json())["error"]["message"] == "prompt too long"
-            await c.wait_until(lambda: "r1" in c.decode[0].aborts and "r1" in c.decode[0].disconnects)
+            rid = c.decode[0].bodies[0]["rid"]
+            await c.wait_until(lambda: rid in c.decode[0].aborts and rid in c.decode[0].disconnects)
             c.assert_idle()
 
     run(body())
@@ -171,8 +174,9 @@ def test_client_disconnect_aborts_both_workers() -> None:
             await asyncio.sleep(0.1)
             assert not req.done()
             req.cancel()  # the client goes away before the first token
-            await c.wait_until(lambda: "gone" in c.decode[0].aborts and "gone" in c.prefill[0].aborts)
-            await c.wait_until(lambda: "gone" in c.decode[0].disconnects and "gone" in c.prefill[0].disconnects)
+            rid = c.decode[0].bodies[0]["rid"]
+            await c.wait_until(lambda: rid in c.decode[0].aborts and rid in c.prefill[0].aborts)
+            await c.wait_until(lambda: rid in c.decode[0].disconnects and rid in c.prefill[0].disconnects)
             await c.wait_until(lambda: c.state.stats.in_flight == 0)
             c.assert_idle()
 
@@ -187,7 +191,8 @@ def test_client_disconnect_mid_stream_aborts_decode() -> None:
             assert r.status == 200
             await r.content.readline()  # first event arrived
             r.close()
-            await c.wait_until(lambda: "mid" in c.decode[0].aborts and "mid" in c.decode[0].disconnects)
+            rid = c.decode[0].bodies[0]["rid"]
+            await c.wait_until(lambda: rid in c.decode[0].aborts and rid in c.decode[0].disconnects)
             await c.wait_until(lambda: c.state.stats.in_flight == 0)
             c.assert_idle()
 
@@ -214,7 +219,7 @@ def test_request_timeout_answers_504_and_aborts_both() -> None:
             async with s.post(c.router_url + "/generate", json={"text": "x" * 100, "rid": "slow"}) as r:
                 assert r.status == 504
                 assert (await r.json())["error"]["code"] == "timeout"
-            await c.wait_until(lambda: "slow" in c.decode[0].disconnects)
+            await c.wait_until(lambda: c.decode[0].bodies[0]["rid"] in c.decode[0].disconnects)
             c.assert_idle()
 
     run(body())
@@ -242,7 +247,9 @@ def test_malformed_and_mistyped_bodies_get_400_with_an_openai_error() -> None:
             for raw in (orjson.dumps({"prompt": 5}), orjson.dumps({"prompt": [1, "a"]})):
                 async with s.post(c.router_url + "/v1/completions", data=raw) as r:
                     assert r.status == 400
-            for raw in (orjson.dumps({}), orjson.dumps({"input_ids": [1, 2**40]})):
+            for raw in (orjson.dumps({}), orjson.dumps({"input_ids": [1, 2**40]}),
+                        orjson.dumps({"text": "a", "rid": ["x"]}),  # one prompt, a list of ids
+                        orjson.dumps({"text": ["a", "b"], "rid": ["x"]})):  # fewer ids than prompts
                 async with s.post(c.router_url + "/generate", data=raw) as r:
                     assert r.status == 400
             assert not c.decode[0].bodies and not c.prefill[0].bodies
