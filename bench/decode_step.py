@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows[-1].update({"floor_ms": floor_ms, "floor_ratio": graph["ms"] / floor_ms,
                                  "kernels_per_step": kernels_per_step(lambda b=batch: runner(b), device)})
             if args.profile and device.type == "cuda":
-                rows[-1]["graph_profile"] = profile_kernels(lambda b=batch: runner(b), device)
+                rows[-1]["graph_profile"] = profile_kernels(lambda b=batch: runner(b), device, top=40 if bs == 1 else 12)
             log.info("batch %d: eager %.2f ms, graph %.2f ms (%.1fx)", bs, eager["ms"], graph["ms"],
                      eager["ms"] / graph["ms"])
         pool.free(pages)

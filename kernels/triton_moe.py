@@ -162,6 +162,8 @@ def default_gemm_config(rows_per_expert: int, dtype: torch.dtype) -> GemmConfig:
     if dtype == torch.float32:
         return GemmConfig(block_m=16 if rows_per_expert <= 16 else 32, block_n=64, block_k=32, group_m=8,
                           num_warps=4, num_stages=2)
+    if rows_per_expert <= 2:  # batch 1-2: twice the programs per expert, the weight stream spread wider
+        return GemmConfig(block_m=16, block_n=32, block_k=128, group_m=1, num_warps=4, num_stages=4)
     if rows_per_expert <= 16:
         return GemmConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
     if rows_per_expert <= 64:
@@ -444,6 +446,11 @@ def gated_mlp_triton(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor)
         return gated_mlp(x, gate_up, down)
     rows = x.shape[0]
     counts = torch.full((1,), rows, dtype=torch.int32, device=x.device)
-    out = moe_forward_masked_triton(x.unsqueeze(0), counts, gate_up.unsqueeze(0), down.unsqueeze(0),
+    # One expert: the grid is N / block_n programs, so narrow tiles for decode batches (64-column tiles gave
+    # 22 programs for a 1408-wide shared expert, and the GEMM read its weights at a fraction of copy_).
+    config = None
+    if rows <= 16 and x.dtype != torch.float32:
+        config = GemmConfig(block_m=16, block_n=16, block_k=256, group_m=1, num_warps=4, num_stages=4)
+    out = moe_forward_masked_triton(x.unsqueeze(0), counts, gate_up.unsqueeze(0), down.unsqueeze(0), config=config,
                                     expected_rows_per_expert=rows)
     return out.squeeze(0)
