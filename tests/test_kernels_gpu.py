@@ -176,7 +176,9 @@ def test_engine_on_cuda_with_an_fp8_kv_pool_generates_and_frees_every_page(tmp_p
     prompts = [[*range(3, 60)], [5, 6, 7, 8]]
     outputs = []
     for graphs in (0, 4):
-        llm = LLM(model, device="cuda", page_size=64, num_pages=16, kv_cache_dtype="fp8_e4m3",
+        # float32 activations: in bf16, eager and graph decode sum the experts in different orders, and a
+        # near-tie can flip a greedy token after a few steps (seen at token 4 and at token 12 on one H200).
+        llm = LLM(model, device="cuda", dtype="float32", page_size=64, num_pages=16, kv_cache_dtype="fp8_e4m3",
                   cuda_graph_max_bs=graphs)
         try:
             assert llm.kv_pool.tensor.dtype == torch.float8_e4m3fn
