@@ -156,9 +156,9 @@ def test_model_on_gpu_from_fp8_weights_matches_the_cpu_fp8_reference(fp8_dir: Pa
     from engine.sampling import SamplingParams
 
     greedy = SamplingParams(temperature=0.0, max_new_tokens=32, ignore_eos=True)
-    gpu = LLM(str(fp8_dir), device="cuda", dtype="float32", page_size=16, num_pages=256)
+    gpu = LLM(str(fp8_dir), device="cuda", dtype="float32", quantization="fp8", page_size=16, num_pages=256)
     assert gpu.model.model.layers[1].mlp.w13.dtype == fp8.FP8_DTYPE
-    gpu_graph = LLM(str(fp8_dir), device="cuda", dtype="float32", page_size=16, num_pages=256, cuda_graph_max_bs=8)
+    gpu_graph = LLM(str(fp8_dir), device="cuda", dtype="float32", quantization="fp8", page_size=16, num_pages=256, cuda_graph_max_bs=8)
     monkeypatch.setattr(engine.quant, "fp8_kernels_run_on", lambda device: True)
     cpu = LLM(str(fp8_dir), dtype="float32", page_size=16, num_pages=256)
     try:
