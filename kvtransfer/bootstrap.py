@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from kvtransfer.http_errors import error_response, json_errors
 from kvtransfer.mapping import ParallelLayout
 from kvtransfer.messages import (
     Deregistration,
@@ -39,9 +40,7 @@ log = logging.getLogger(__name__)
 
 
 def _error(status: int, message: str, code: str) -> web.Response:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "code": code}}
-    return web.Response(status=status, body=msgspec.json.encode(body), content_type="application/json")
+    return error_response(status, message, code)
 
 
 def _conflict(registration: RankRegistration, parallel: ParallelLayout, others: list[RankRegistration]) -> str | None:
@@ -121,7 +120,7 @@ class BootstrapService:
         self._loop.run_until_complete(self._runner.cleanup() if self._runner else asyncio.sleep(0))
 
     async def _start(self, port: int) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[json_errors])
         app.router.add_put("/v1/ranks", self._register)
         app.router.add_delete("/v1/ranks", self._deregister)
         app.router.add_get("/v1/instance", self._instance)

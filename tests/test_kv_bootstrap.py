@@ -122,6 +122,17 @@ def test_malformed_registration_gets_400_with_an_openai_error_body(service: Boot
     assert error["code"] == "bad_registration" and error["type"] == "invalid_request_error" and error["message"]
 
 
+@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/v1/nothing", 404), ("POST", "/v1/ranks", 405)])
+def test_unknown_routes_and_wrong_methods_get_the_json_error_body(
+        service: BootstrapService, method: str, path: str, status: int) -> None:
+    request = urllib.request.Request(f"http://{service.address}{path}", data=b"{}", method=method)
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=5)
+    assert caught.value.code == status and caught.value.headers["Content-Type"].startswith("application/json")
+    error = json.loads(caught.value.read())["error"]
+    assert error["type"] == "invalid_request_error" and path in error["message"]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
