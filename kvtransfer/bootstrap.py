@@ -7,6 +7,7 @@ instance's layout and the ranks already registered, and refuses one that conflic
 HTTP API (JSON bodies are `kvtransfer.messages` types; errors are `{"error": {"message", "type", "code"}}`):
     PUT    /v1/ranks       RankRegistration   register or re-register (a restart) a rank
     DELETE /v1/ranks       Deregistration     a rank leaves (only the session that registered it)
+    (PUT and DELETE need `Authorization: Bearer <token>` when the service has one: 401/403 otherwise)
     GET    /v1/instance    -> InstanceInfo    the layout and every registered rank
     GET    /health         200 when every rank is registered, 503 while some are missing
 """
@@ -14,6 +15,7 @@ HTTP API (JSON bodies are `kvtransfer.messages` types; errors are `{"error": {"m
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import threading
 import time
@@ -78,12 +80,18 @@ class BootstrapService:
         parallel: the prefill instance's tp_size / dp_size; registrations must agree with it.
         host: interface to listen on.
         port: port to listen on; 0 picks a free one.
+        auth_token: registrations and deletions must carry `Authorization: Bearer <auth_token>` (401
+            without one, 403 with another; nothing changes either way): the instance hands a secret of its
+            own, or the deployment's `--kv-auth-token`, to its ranks at launch, so a stranger cannot
+            replace or remove a rank. Lookups and health stay open: decode ranks need them. None: open.
     Call `close()` to stop the server and join its thread.
     """
 
-    def __init__(self, parallel: ParallelLayout, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, parallel: ParallelLayout, host: str = "127.0.0.1", port: int = 0,
+                 auth_token: str | None = None) -> None:
         self.parallel = parallel
         self.host = host
+        self._auth_token = auth_token
         self.instance_id = uuid.uuid4().hex
         self._ranks: dict[int, RankRegistration] = {}
         self._loop = asyncio.new_event_loop()
@@ -132,7 +140,24 @@ class BootstrapService:
         self.port = int(self._runner.addresses[0][1])
 
     # --- handlers (all run on the server's loop: no lock needed) ------------------------------------
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        """The refusal of a request that may not change the registry, or None when it may."""
+        if self._auth_token is None:
+            return None
+        given = request.headers.get("Authorization", "")
+        if not given.startswith("Bearer "):
+            return error_response(401, "registering or removing a rank needs the instance's bearer token",
+                                  "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given[len("Bearer "):].encode(), self._auth_token.encode()):
+            log.warning("bootstrap %s refused a %s with a wrong token from %s", self.address, request.method,
+                        request.remote)
+            return error_response(403, "wrong bearer token for this instance", "forbidden")
+        return None
+
     async def _register(self, request: web.Request) -> web.Response:
+        refused = self._unauthorized(request)
+        if refused is not None:
+            return refused
         try:
             registration = decode_json(await request.read(), RankRegistration)
         except KVProtocolError as exc:
@@ -145,6 +170,9 @@ class BootstrapService:
         return web.json_response({"instance_id": self.instance_id, "registered": len(self._ranks)})
 
     async def _deregister(self, request: web.Request) -> web.Response:
+        refused = self._unauthorized(request)
+        if refused is not None:
+            return refused
         try:
             leaving = decode_json(await request.read(), Deregistration)
         except KVProtocolError as exc:
@@ -188,14 +216,17 @@ class BootstrapClient:
     """Talks to bootstrap services (blocking; each request bounded by `timeout_s`). Lookups are cached per
     instance address until `invalidate` (a peer restarted or died) — safe to share between threads."""
 
-    def __init__(self, timeout_s: float = 5.0) -> None:
+    def __init__(self, timeout_s: float = 5.0, auth_token: str | None = None) -> None:
         self.timeout_s = timeout_s
+        self.auth_token = auth_token  # sent with registrations and deletions (`BootstrapService`)
         self._cache: dict[str, InstanceInfo] = {}
         self._lock = threading.Lock()
 
     def _request(self, method: str, url: str, body: bytes | None = None) -> bytes:
         request = urllib.request.Request(url, data=body, method=method)
         request.add_header("Content-Type", "application/json")
+        if method != "GET" and self.auth_token is not None:
+            request.add_header("Authorization", f"Bearer {self.auth_token}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return response.read()

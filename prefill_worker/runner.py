@@ -42,6 +42,7 @@ from engine.runtime.rank_loop import least_loaded, run_rank
 from engine.runtime.timeline import Timeline
 from engine.scheduler import StepResult
 from engine.server.messages import GenerateRequest, TokenOutput
+from kvtransfer.bootstrap import BootstrapClient
 from kvtransfer.mapping import prefill_dp_group
 from kvtransfer.rooms import RankInfo
 from kvtransfer.send_manager import KVSendManager
@@ -123,6 +124,7 @@ class PrefillRunner:
                 info,
                 kv.bootstrap_addr,
                 kv.timeouts,
+                BootstrapClient(kv.timeouts.http_s, kv.auth_token),
             )
         except BaseException:
             self.transport.close()

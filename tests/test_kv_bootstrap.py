@@ -133,6 +133,44 @@ def test_unknown_routes_and_wrong_methods_get_the_json_error_body(
     assert error["type"] == "invalid_request_error" and path in error["message"]
 
 
+def _send(address: str, method: str, body: bytes, token: str | None) -> int:
+    request = urllib.request.Request(f"http://{address}/v1/ranks", data=body, method=method)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        assert json.loads(exc.read())["error"]["type"] == "invalid_request_error"
+        return exc.code
+
+
+def test_only_holders_of_the_instance_token_may_register_or_remove_ranks() -> None:
+    """A stranger's well-formed registration or deletion is refused (401 without a token, 403 with a wrong
+    one) and changes nothing; the instance's own ranks, whose client carries the token, get through."""
+    from kvtransfer.messages import Deregistration, encode_json
+
+    service = BootstrapService(ParallelLayout(2), auth_token="instance-secret")
+    try:
+        stranger = encode_json(_registration(0, session="intruder"))
+        assert _send(service.address, "PUT", stranger, None) == 401
+        assert _send(service.address, "PUT", stranger, "guess") == 403
+        assert service.num_registered == 0
+        own = BootstrapClient(auth_token="instance-secret")
+        own.register(service.address, _registration(0))
+        own.register(service.address, _registration(1))
+        leave = encode_json(Deregistration(rank=0, session="s0"))  # the session GET /v1/instance publishes
+        assert _send(service.address, "DELETE", leave, None) == 401
+        assert _send(service.address, "DELETE", leave, "guess") == 403
+        assert _get(f"http://{service.address}/health")[0] == 200 and service.num_registered == 2
+        with pytest.raises(KVBootstrapError, match="401"):
+            BootstrapClient().deregister(service.address, 0, "s0")
+        own.deregister(service.address, 0, "s0")
+        assert service.num_registered == 1
+    finally:
+        service.close()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
