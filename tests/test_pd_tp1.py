@@ -75,6 +75,10 @@ def test_32_concurrent_mixed_requests_through_the_router_equal_colocated_greedy_
     check_concurrent_mixed_requests(system, reference, n=32, seed=1)
 
 
+def test_the_decode_instance_runs_expert_parallel_moe_in_low_latency_mode(system: PDSystem) -> None:
+    assert get_json(system.decode.url + "/server_info")["ep_mode"] == "low_latency"
+
+
 def test_decode_serves_requests_without_bootstrap_fields_colocated(system: PDSystem, reference: LLM) -> None:
     cases = [Case([5, 6, 7, 8, 9], 6, "/generate", stream=False), Case([*range(3, 90)], 5, "/generate", True)]
     results = [run_case(system.decode.url, case) for case in cases]
