@@ -212,14 +212,23 @@ class BootstrapService:
         self._loop.close()
 
 
+class BootstrapUnreachable(KVBootstrapError):
+    """No answer from the service: refused, reset, or timed out (a dead or blackholed host)."""
+
+
 class BootstrapClient:
     """Talks to bootstrap services (blocking; each request bounded by `timeout_s`). Lookups are cached per
     instance address until `invalidate` (a peer restarted or died) — safe to share between threads."""
+
+    # A failed lookup is remembered this long: a dead or blackholed prefill host costs one timeout per
+    # period instead of one per request (each of which would stall its caller for `timeout_s`).
+    FAILURE_TTL_S = 2.0
 
     def __init__(self, timeout_s: float = 5.0, auth_token: str | None = None) -> None:
         self.timeout_s = timeout_s
         self.auth_token = auth_token  # sent with registrations and deletions (`BootstrapService`)
         self._cache: dict[str, InstanceInfo] = {}
+        self._failures: dict[str, tuple[float, str]] = {}  # address -> (expiry, why)
         self._lock = threading.Lock()
 
     def _request(self, method: str, url: str, body: bytes | None = None) -> bytes:
@@ -234,7 +243,7 @@ class BootstrapClient:
             raise KVBootstrapError(f"{method} {url} failed with {exc.code}: {_error_message(exc.read())}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise KVBootstrapError(f"bootstrap service at {url} is unreachable: {reason}") from None
+            raise BootstrapUnreachable(f"bootstrap service at {url} is unreachable: {reason}") from None
 
     def register(self, address: str, registration: RankRegistration) -> None:
         """Register a rank; retries while the service is not up yet (rank 0 may still be starting it)."""
@@ -254,10 +263,26 @@ class BootstrapClient:
     def lookup(self, host: str, port: int) -> InstanceInfo:
         """The prefill instance at host:port with every rank registered; `KVBootstrapError` otherwise."""
         address = f"{host}:{port}"
+        now = time.monotonic()
         with self._lock:
             cached = self._cache.get(address)
+            failed = self._failures.get(address)
         if cached is not None:
             return cached
+        if failed is not None and failed[0] > now:
+            raise KVBootstrapError(f"{failed[1]} (failed {now - failed[0] + self.FAILURE_TTL_S:.1f} s ago)")
+        try:
+            info = self._fetch(address)
+        except BootstrapUnreachable as exc:  # not "still starting": that answer is quick, and soon different
+            with self._lock:
+                self._failures[address] = (time.monotonic() + self.FAILURE_TTL_S, str(exc))
+            raise
+        with self._lock:
+            self._cache[address] = info
+            self._failures.pop(address, None)
+        return info
+
+    def _fetch(self, address: str) -> InstanceInfo:
         body = self._request("GET", f"http://{address}/v1/instance")
         try:
             info = decode_json(body, InstanceInfo)
@@ -267,8 +292,6 @@ class BootstrapClient:
             raise KVBootstrapError(
                 f"prefill instance at {address} is not ready: {len(info.ranks)} of {info.tp_size} ranks registered"
             )
-        with self._lock:
-            self._cache[address] = info
         return info
 
     def invalidate(self, host: str, port: int) -> None:

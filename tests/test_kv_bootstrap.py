@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -169,6 +170,23 @@ def test_only_holders_of_the_instance_token_may_register_or_remove_ranks() -> No
         assert service.num_registered == 1
     finally:
         service.close()
+
+
+def test_a_blackholed_bootstrap_address_costs_one_timeout_per_failure_ttl_not_one_per_lookup() -> None:
+    """A host that accepts and never answers: the first lookup waits out the timeout, the next ones within
+    the failure TTL fail at once (they would each stall a decode rank's loop otherwise)."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)  # connections complete in the backlog; nothing ever reads or answers
+        client = BootstrapClient(timeout_s=0.5)
+        started = time.monotonic()
+        with pytest.raises(KVBootstrapError):
+            client.lookup("127.0.0.1", hole.getsockname()[1])
+        assert time.monotonic() - started >= 0.4
+        started = time.monotonic()
+        with pytest.raises(KVBootstrapError, match="ago"):
+            client.lookup("127.0.0.1", hole.getsockname()[1])
+        assert time.monotonic() - started < 0.1
 
 
 def _free_port() -> int:
