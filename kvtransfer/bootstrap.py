@@ -218,16 +218,21 @@ class BootstrapUnreachable(KVBootstrapError):
 
 class BootstrapClient:
     """Talks to bootstrap services (blocking; each request bounded by `timeout_s`). Lookups are cached per
-    instance address until `invalidate` (a peer restarted or died) — safe to share between threads."""
+    instance address for `CACHE_TTL_S` or until `invalidate` (a peer restarted or died), failures to reach
+    one for `FAILURE_TTL_S` — safe to share between threads."""
 
     # A failed lookup is remembered this long: a dead or blackholed prefill host costs one timeout per
     # period instead of one per request (each of which would stall its caller for `timeout_s`).
     FAILURE_TTL_S = 2.0
+    # A lookup is trusted this long, then fetched again: a prefill instance restarted on the same port has
+    # new sessions and control endpoints, and requests sent to the old ones would wait out the peer
+    # timeout. One small GET per second per prefill instance in use is the price.
+    CACHE_TTL_S = 1.0
 
     def __init__(self, timeout_s: float = 5.0, auth_token: str | None = None) -> None:
         self.timeout_s = timeout_s
         self.auth_token = auth_token  # sent with registrations and deletions (`BootstrapService`)
-        self._cache: dict[str, InstanceInfo] = {}
+        self._cache: dict[str, tuple[float, InstanceInfo]] = {}  # address -> (fresh until, lookup)
         self._failures: dict[str, tuple[float, str]] = {}  # address -> (expiry, why)
         self._lock = threading.Lock()
 
@@ -267,8 +272,8 @@ class BootstrapClient:
         with self._lock:
             cached = self._cache.get(address)
             failed = self._failures.get(address)
-        if cached is not None:
-            return cached
+        if cached is not None and cached[0] > now:
+            return cached[1]
         if failed is not None and failed[0] > now:
             raise KVBootstrapError(f"{failed[1]} (failed {now - failed[0] + self.FAILURE_TTL_S:.1f} s ago)")
         try:
@@ -278,7 +283,9 @@ class BootstrapClient:
                 self._failures[address] = (time.monotonic() + self.FAILURE_TTL_S, str(exc))
             raise
         with self._lock:
-            self._cache[address] = info
+            if cached is not None and cached[1].instance_id == info.instance_id:
+                info = cached[1]  # the same instance: callers may keep comparing by identity
+            self._cache[address] = (time.monotonic() + self.CACHE_TTL_S, info)
             self._failures.pop(address, None)
         return info
 
