@@ -12,6 +12,7 @@ alone, no prefill instance and no transfer engine; responses carry `x-tandem-kv-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from decode_worker.runner import decode_entry
@@ -48,9 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         instance_spec(args)  # a layout that cannot run fails here, before any rank starts
         kv = kv_args(args)
         role_args = {
-            "engine": engine_args(args),
+            # DESIGN.md: decode runs EP in low-latency mode (fixed per-rank budgets, the masked layout) on
+            # every backend; prefill and colocated serving keep high-throughput.
+            "engine": dataclasses.replace(engine_args(args), ep_mode="low_latency"),
             "kv": kv,
-            "info": {"transfer_backend": args.transfer_backend, "kv_connector": kv.connector},
+            "info": {"transfer_backend": args.transfer_backend, "kv_connector": kv.connector,
+                     "ep_mode": "low_latency"},
             "cuda_graph_max_bs": args.cuda_graph_max_bs,
         }
     except ValueError as exc:

@@ -11,7 +11,15 @@ import logging
 
 from engine.cuda_graph import CudaGraphRunner
 from engine.kv_pool import PoolExhaustedError
-from engine.runtime.colocated import ColocatedRunner, EngineArgs, RankEngine, error_output, to_sampling_params
+from engine.runtime.colocated import (
+    ColocatedRunner,
+    EngineArgs,
+    RankEngine,
+    duplicate_output,
+    error_output,
+    rejected_output,
+    to_sampling_params,
+)
 from engine.runtime.launch import RankContext
 from engine.sampling import SamplingParams
 from engine.server.messages import GenerateRequest, TokenOutput
@@ -74,13 +82,13 @@ class PrefilledKVRunner(ColocatedRunner):
     def _accept(self, request: GenerateRequest) -> SamplingParams | None:
         """The request's sampling params if it may wait for its KV; else None, its error output queued."""
         if request.rid in self.requests or self._is_waiting(request.rid):
-            self._pending.append(error_output(request.rid, f"request id {request.rid!r} is already running"))
+            self._pending.append(duplicate_output(request.rid))
             return None
         try:
             params = to_sampling_params(request.sampling)
             self.scheduler.validate_prompt(request.input_ids, params)
         except ValueError as exc:
-            self._pending.append(error_output(request.rid, str(exc)))
+            self._pending.append(rejected_output(request.rid, exc))
             return None
         return params
 
@@ -101,8 +109,11 @@ class PrefilledKVRunner(ColocatedRunner):
         error output queued) and took nothing: the caller frees `pages`."""
         try:
             req = self.scheduler.add_prefilled(request.input_ids, first, pages, params, request.rid)
-        except (ValueError, PoolExhaustedError) as exc:
-            self._pending.append(error_output(request.rid, str(exc)))
+        except ValueError as exc:
+            self._pending.append(rejected_output(request.rid, exc))
+            return False
+        except PoolExhaustedError as exc:  # the server's shortage, not the request's fault
+            self._pending.append(error_output(request.rid, str(exc), 503, "out_of_pages"))
             return False
         req.return_logprob, req.top_logprobs = request.return_logprob, request.top_logprobs
         if request.return_logprob:

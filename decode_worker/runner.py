@@ -21,6 +21,7 @@ from engine.runtime.colocated import (
     RankEngine,
     build_rank_engine,
     error_output,
+    status_of,
 )
 from engine.runtime.disagg import (
     BENCH_CONNECTOR,
@@ -55,6 +56,7 @@ class Transfer:
     aux_slot: int | None = None
     receiver: KVReceiver | None = None
     local_error: str | None = None  # this rank could not start the transfer (bootstrap, mapping)
+    local_status: tuple[int, str] = (502, "kv_peer_error")  # HTTP status and code of `local_error`
     aborted: bool = False  # the client left: free everything once the transfer has ended
 
     def state(self) -> int:
@@ -188,6 +190,7 @@ class DecodeRunner(PrefilledKVRunner):
                 self.timeline.mark(transfer.request.rid, "reserved")
             except (KVTransferError, ValueError) as exc:
                 transfer.local_error = str(exc)
+                transfer.local_status = status_of(exc)
                 if transfer.receiver is not None:
                     transfer.receiver.abort(str(exc))
 
@@ -209,11 +212,14 @@ class DecodeRunner(PrefilledKVRunner):
                     reason = transfer.local_error or (
                         transfer.receiver.failure_reason if transfer.receiver else None
                     )
+                    status, code = transfer.local_status if transfer.local_error else (502, "kv_transfer_failed")
                     self._pending.append(
                         error_output(
                             transfer.request.rid,
                             "KV transfer from the prefill instance failed: "
                             + (reason or "it failed on another rank of this decode group"),
+                            status,
+                            code,
                         )
                     )
             else:
@@ -235,6 +241,8 @@ class DecodeRunner(PrefilledKVRunner):
                 error_output(
                     request.rid,
                     f"the prefill side sent first token {first}, outside the vocabulary [0, {vocab})",
+                    502,
+                    "kv_transfer_failed",
                 )
             )
             return

@@ -7,6 +7,7 @@ instance's layout and the ranks already registered, and refuses one that conflic
 HTTP API (JSON bodies are `kvtransfer.messages` types; errors are `{"error": {"message", "type", "code"}}`):
     PUT    /v1/ranks       RankRegistration   register or re-register (a restart) a rank
     DELETE /v1/ranks       Deregistration     a rank leaves (only the session that registered it)
+    (PUT and DELETE need `Authorization: Bearer <token>` when the service has one: 401/403 otherwise)
     GET    /v1/instance    -> InstanceInfo    the layout and every registered rank
     GET    /health         200 when every rank is registered, 503 while some are missing
 """
@@ -14,6 +15,7 @@ HTTP API (JSON bodies are `kvtransfer.messages` types; errors are `{"error": {"m
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import threading
 import time
@@ -25,6 +27,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from kvtransfer.http_errors import error_response, json_errors
 from kvtransfer.mapping import ParallelLayout
 from kvtransfer.messages import (
     Deregistration,
@@ -39,9 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def _error(status: int, message: str, code: str) -> web.Response:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "code": code}}
-    return web.Response(status=status, body=msgspec.json.encode(body), content_type="application/json")
+    return error_response(status, message, code)
 
 
 def _conflict(registration: RankRegistration, parallel: ParallelLayout, others: list[RankRegistration]) -> str | None:
@@ -79,12 +80,18 @@ class BootstrapService:
         parallel: the prefill instance's tp_size / dp_size; registrations must agree with it.
         host: interface to listen on.
         port: port to listen on; 0 picks a free one.
+        auth_token: registrations and deletions must carry `Authorization: Bearer <auth_token>` (401
+            without one, 403 with another; nothing changes either way): the instance hands a secret of its
+            own, or the deployment's `--kv-auth-token`, to its ranks at launch, so a stranger cannot
+            replace or remove a rank. Lookups and health stay open: decode ranks need them. None: open.
     Call `close()` to stop the server and join its thread.
     """
 
-    def __init__(self, parallel: ParallelLayout, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, parallel: ParallelLayout, host: str = "127.0.0.1", port: int = 0,
+                 auth_token: str | None = None) -> None:
         self.parallel = parallel
         self.host = host
+        self._auth_token = auth_token
         self.instance_id = uuid.uuid4().hex
         self._ranks: dict[int, RankRegistration] = {}
         self._loop = asyncio.new_event_loop()
@@ -121,7 +128,7 @@ class BootstrapService:
         self._loop.run_until_complete(self._runner.cleanup() if self._runner else asyncio.sleep(0))
 
     async def _start(self, port: int) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[json_errors])
         app.router.add_put("/v1/ranks", self._register)
         app.router.add_delete("/v1/ranks", self._deregister)
         app.router.add_get("/v1/instance", self._instance)
@@ -133,7 +140,24 @@ class BootstrapService:
         self.port = int(self._runner.addresses[0][1])
 
     # --- handlers (all run on the server's loop: no lock needed) ------------------------------------
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        """The refusal of a request that may not change the registry, or None when it may."""
+        if self._auth_token is None:
+            return None
+        given = request.headers.get("Authorization", "")
+        if not given.startswith("Bearer "):
+            return error_response(401, "registering or removing a rank needs the instance's bearer token",
+                                  "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given[len("Bearer "):].encode(), self._auth_token.encode()):
+            log.warning("bootstrap %s refused a %s with a wrong token from %s", self.address, request.method,
+                        request.remote)
+            return error_response(403, "wrong bearer token for this instance", "forbidden")
+        return None
+
     async def _register(self, request: web.Request) -> web.Response:
+        refused = self._unauthorized(request)
+        if refused is not None:
+            return refused
         try:
             registration = decode_json(await request.read(), RankRegistration)
         except KVProtocolError as exc:
@@ -146,6 +170,9 @@ class BootstrapService:
         return web.json_response({"instance_id": self.instance_id, "registered": len(self._ranks)})
 
     async def _deregister(self, request: web.Request) -> web.Response:
+        refused = self._unauthorized(request)
+        if refused is not None:
+            return refused
         try:
             leaving = decode_json(await request.read(), Deregistration)
         except KVProtocolError as exc:
@@ -185,18 +212,35 @@ class BootstrapService:
         self._loop.close()
 
 
+class BootstrapUnreachable(KVBootstrapError):
+    """No answer from the service: refused, reset, or timed out (a dead or blackholed host)."""
+
+
 class BootstrapClient:
     """Talks to bootstrap services (blocking; each request bounded by `timeout_s`). Lookups are cached per
-    instance address until `invalidate` (a peer restarted or died) — safe to share between threads."""
+    instance address for `CACHE_TTL_S` or until `invalidate` (a peer restarted or died), failures to reach
+    one for `FAILURE_TTL_S` — safe to share between threads."""
 
-    def __init__(self, timeout_s: float = 5.0) -> None:
+    # A failed lookup is remembered this long: a dead or blackholed prefill host costs one timeout per
+    # period instead of one per request (each of which would stall its caller for `timeout_s`).
+    FAILURE_TTL_S = 2.0
+    # A lookup is trusted this long, then fetched again: a prefill instance restarted on the same port has
+    # new sessions and control endpoints, and requests sent to the old ones would wait out the peer
+    # timeout. One small GET per second per prefill instance in use is the price.
+    CACHE_TTL_S = 1.0
+
+    def __init__(self, timeout_s: float = 5.0, auth_token: str | None = None) -> None:
         self.timeout_s = timeout_s
-        self._cache: dict[str, InstanceInfo] = {}
+        self.auth_token = auth_token  # sent with registrations and deletions (`BootstrapService`)
+        self._cache: dict[str, tuple[float, InstanceInfo]] = {}  # address -> (fresh until, lookup)
+        self._failures: dict[str, tuple[float, str]] = {}  # address -> (expiry, why)
         self._lock = threading.Lock()
 
     def _request(self, method: str, url: str, body: bytes | None = None) -> bytes:
         request = urllib.request.Request(url, data=body, method=method)
         request.add_header("Content-Type", "application/json")
+        if method != "GET" and self.auth_token is not None:
+            request.add_header("Authorization", f"Bearer {self.auth_token}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return response.read()
@@ -204,7 +248,7 @@ class BootstrapClient:
             raise KVBootstrapError(f"{method} {url} failed with {exc.code}: {_error_message(exc.read())}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise KVBootstrapError(f"bootstrap service at {url} is unreachable: {reason}") from None
+            raise BootstrapUnreachable(f"bootstrap service at {url} is unreachable: {reason}") from None
 
     def register(self, address: str, registration: RankRegistration) -> None:
         """Register a rank; retries while the service is not up yet (rank 0 may still be starting it)."""
@@ -224,10 +268,28 @@ class BootstrapClient:
     def lookup(self, host: str, port: int) -> InstanceInfo:
         """The prefill instance at host:port with every rank registered; `KVBootstrapError` otherwise."""
         address = f"{host}:{port}"
+        now = time.monotonic()
         with self._lock:
             cached = self._cache.get(address)
-        if cached is not None:
-            return cached
+            failed = self._failures.get(address)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        if failed is not None and failed[0] > now:
+            raise KVBootstrapError(f"{failed[1]} (failed {now - failed[0] + self.FAILURE_TTL_S:.1f} s ago)")
+        try:
+            info = self._fetch(address)
+        except BootstrapUnreachable as exc:  # not "still starting": that answer is quick, and soon different
+            with self._lock:
+                self._failures[address] = (time.monotonic() + self.FAILURE_TTL_S, str(exc))
+            raise
+        with self._lock:
+            if cached is not None and cached[1].instance_id == info.instance_id:
+                info = cached[1]  # the same instance: callers may keep comparing by identity
+            self._cache[address] = (time.monotonic() + self.CACHE_TTL_S, info)
+            self._failures.pop(address, None)
+        return info
+
+    def _fetch(self, address: str) -> InstanceInfo:
         body = self._request("GET", f"http://{address}/v1/instance")
         try:
             info = decode_json(body, InstanceInfo)
@@ -237,8 +299,6 @@ class BootstrapClient:
             raise KVBootstrapError(
                 f"prefill instance at {address} is not ready: {len(info.ranks)} of {info.tp_size} ranks registered"
             )
-        with self._lock:
-            self._cache[address] = info
         return info
 
     def invalidate(self, host: str, port: int) -> None:

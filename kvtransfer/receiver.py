@@ -167,6 +167,12 @@ class KVReceiver:
             if registration.control_endpoint == endpoint:
                 self._dead.add(rank)
                 self.fail(reason)
+                # A "dead" peer may only be stalled (SIGSTOP, GC, partition): tell it too, so that on resuming
+                # it drops the room instead of writing into pages that another request may own by then
+                # (its writer also refuses to write to a peer it has not heard from: `heard_recently`).
+                manager = self._manager
+                manager.send_message(endpoint, Abort(sender=manager.endpoint, session=manager.session,
+                                                     room=self.room, reason=f"declared dead: {reason}"))
 
     def check_deadline(self, now: float) -> None:
         if self._failure is None and not self._state.is_terminal and now > self._deadline:

@@ -115,6 +115,15 @@ class RoomManager:
         """Remember which session the peer at `endpoint` runs; a message from another one means it restarted."""
         self._peer_sessions[endpoint] = session
 
+    def heard_recently(self, endpoint: str, now: float) -> bool:
+        """Whether the peer at `endpoint` spoke within half the peer timeout (lock held). A writer asks
+        before each write: a peer that has not been heard from that long may have declared *us* dead and
+        given the room's pages to another request, so writing could corrupt it. Live peers heartbeat
+        every `heartbeat_interval_s` (at most a quarter of the timeout); a peer never heard yet (its
+        request is being handled) counts as heard."""
+        last = self._last_heard.get(endpoint)
+        return last is None or now - last <= self.timeouts.peer_timeout_s / 2
+
     def _bury(self, room: int, reason: str) -> None:
         """Remember a finished room for `tombstone_s`, to answer late messages about it."""
         self._tombstones[room] = (time.monotonic() + self.timeouts.tombstone_s, reason)
@@ -128,10 +137,13 @@ class RoomManager:
         next_beat = 0.0
         while not self._stop.is_set():
             message = self.channel.recv(self._TICK_S)
-            while message is not None:
-                with self.lock:
+            # One lock hold for everything queued: a rank resumed after a stall (SIGSTOP, GC, partition)
+            # sees its peers' queued heartbeats and their aborts together, never fresh heartbeats without
+            # the abort that followed them (see `heard_recently`).
+            with self.lock:
+                while message is not None:
                     self._dispatch(message)
-                message = self.channel.recv(0)
+                    message = self.channel.recv(0)
             now = time.monotonic()
             with self.lock:
                 try:

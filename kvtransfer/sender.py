@@ -149,6 +149,12 @@ class KVSender:
         if self._state is KVPoll.Bootstrapping:
             return
         real = [d for d in self._destinations.values() if not d.is_dummy]
+        pending_writes = self._queued or (self._aux is not None and not self._aux_issued and self._last)
+        if pending_writes:
+            stale = [d.endpoint for d in real if not self._manager.heard_recently(d.endpoint, now)]
+            if stale:  # fence: this rank stalled, the decode side may have freed and reused the pages
+                self.fail(f"decode peer {stale[0]} not heard from for over half the peer timeout: not writing")
+                return
         try:
             for pages, position in self._queued:
                 self._write_chunk(pages, position)

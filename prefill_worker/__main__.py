@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from engine.runtime.disagg import BENCH_CONNECTOR, add_kv_flags, kv_args, mark_bench_responses
+from engine.runtime.disagg import BENCH_CONNECTOR, add_kv_flags, auth_token, kv_args, mark_bench_responses
 from engine.server.cli import add_common_flags, engine_args, instance_spec
 from engine.server.protocol import error_body
 from engine.server.serve import serve
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = engine_args(args)
         # Ranks of every node register with node 0's service; node 0 runs it in its HTTP process.
         service_host = args.dist_init_addr.rsplit(":", 1)[0] if spec.nnodes > 1 else _connect_host(args.host)
-        kv = kv_args(args, bootstrap_addr=f"{service_host}:{args.bootstrap_port}")
+        token = auth_token(args, spec.nnodes)
+        kv = kv_args(args, bootstrap_addr=f"{service_host}:{args.bootstrap_port}", token=token)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if spec.node_rank != 0:
         return serve(args, "prefill", prefill_entry, role_args)
     service = BootstrapService(
-        ParallelLayout(spec.tp_size, spec.dp_size), host=args.host, port=args.bootstrap_port
+        ParallelLayout(spec.tp_size, spec.dp_size), host=args.host, port=args.bootstrap_port, auth_token=token
     )
     try:
         return serve(args, "prefill", prefill_entry, role_args, on_startup=on_startup)

@@ -13,7 +13,14 @@ import random
 
 import torch
 
-from engine.runtime.colocated import EngineArgs, RankEngine, error_output, to_sampling_params
+from engine.runtime.colocated import (
+    EngineArgs,
+    RankEngine,
+    duplicate_output,
+    error_output,
+    rejected_output,
+    to_sampling_params,
+)
 from engine.runtime.launch import RankContext
 from engine.runtime.lockstep import LockstepStepper
 from engine.runtime.rank_loop import least_loaded
@@ -52,13 +59,13 @@ class BenchPrefillRunner:
     # --- StepRunner ---------------------------------------------------------------------------------
     def add(self, request: GenerateRequest) -> None:
         if request.rid in self.jobs:
-            self._pending.append(error_output(request.rid, f"request id {request.rid!r} is already running"))
+            self._pending.append(duplicate_output(request.rid))
             return
         try:
             job = PrefillJob(request.rid, list(request.input_ids), to_sampling_params(request.sampling))
             self.batcher.add(job)
         except ValueError as exc:
-            self._pending.append(error_output(request.rid, str(exc)))
+            self._pending.append(rejected_output(request.rid, exc))
             return
         self.jobs[request.rid] = (request, job)
 

@@ -21,7 +21,9 @@ from engine.runtime.colocated import (
     EngineArgs,
     RankEngine,
     build_rank_engine,
+    duplicate_output,
     error_output,
+    rejected_output,
     to_sampling_params,
 )
 from engine.runtime.disagg import (
@@ -40,6 +42,7 @@ from engine.runtime.rank_loop import least_loaded, run_rank
 from engine.runtime.timeline import Timeline
 from engine.scheduler import StepResult
 from engine.server.messages import GenerateRequest, TokenOutput
+from kvtransfer.bootstrap import BootstrapClient
 from kvtransfer.mapping import prefill_dp_group
 from kvtransfer.rooms import RankInfo
 from kvtransfer.send_manager import KVSendManager
@@ -121,6 +124,7 @@ class PrefillRunner:
                 info,
                 kv.bootstrap_addr,
                 kv.timeouts,
+                BootstrapClient(kv.timeouts.http_s, kv.auth_token),
             )
         except BaseException:
             self.transport.close()
@@ -140,11 +144,13 @@ class PrefillRunner:
                     request.rid,
                     "a prefill worker serves only requests with "
                     "bootstrap_host, bootstrap_port and bootstrap_room",
+                    400,
+                    "missing_bootstrap",
                 )
             )
             return
         if request.rid in self.rooms:
-            self._pending.append(error_output(request.rid, f"request id {request.rid!r} is already running"))
+            self._pending.append(duplicate_output(request.rid))
             return
         try:
             prefill_dp_group(self.manager.rank_info.parallel, boot.room, boot.data_parallel_rank)
@@ -153,7 +159,7 @@ class PrefillRunner:
             self.batcher.validate(job.prompt_ids, job.params)
             sender = self.manager.create_sender(boot.room)
         except (ValueError, KVTransferError) as exc:
-            self._pending.append(error_output(request.rid, str(exc)))
+            self._pending.append(rejected_output(request.rid, exc))
             return
         self.batcher.add(job)
         self.rooms[request.rid] = Room(request, job, sender)
@@ -272,6 +278,8 @@ class PrefillRunner:
                 rid,
                 f"KV transfer of room {room.request.bootstrap.room} failed: "  # type: ignore[union-attr]
                 f"{reason or 'it failed on another rank of this prefill group'}",
+                502,
+                "kv_transfer_failed",
             )
         logprobs = [job.first_logprob] if room.request.return_logprob else []
         return TokenOutput(

@@ -85,6 +85,7 @@ class PDSystem:
         try:
             prefill_args = [*worker_flags(model_dir, backend, p_port, peer_timeout_s), *prefill_flags,
                             "--bootstrap-port", str(self.bootstrap_port)]
+            self.prefill_args, self.prefill_port = prefill_args, p_port  # to restart it on the same ports
             self.prefill = self.servers.start("prefill", "prefill_worker", prefill_args, p_port)
             decode_args = [*worker_flags(model_dir, backend, d_port, peer_timeout_s), *decode_flags]
             self.decode = self.servers.start("decode", "decode_worker", decode_args, d_port)

@@ -99,9 +99,11 @@ def test_decode_worker_with_bench_connector_serves_a_queued_burst_without_prefil
 def test_bench_decode_worker_refuses_a_request_larger_than_its_pool_and_leaks_nothing(
         workers: tuple[Server, Server]) -> None:
     decode, _ = workers
-    status, headers, raw = _generate(decode.url, list(range(2, 202)), 100)  # 300 tokens > 256 in the pool
-    assert status >= 400 and "pages" in json.loads(raw)["error"]["message"]
-    assert headers[KV_CONNECTOR_HEADER] == "bench"
+    for stream in (False, True):  # a client error: 400 with the JSON body, a stream too (not 200 + error event)
+        status, headers, raw = _generate(decode.url, list(range(2, 202)), 100, stream)  # 300 tokens > 256 pages
+        error = json.loads(raw)["error"]
+        assert status == 400 and "pages" in error["message"] and error["type"] == "invalid_request_error"
+        assert headers[KV_CONNECTOR_HEADER] == "bench"
     wait_idle(decode.url)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -120,6 +121,72 @@ def test_malformed_registration_gets_400_with_an_openai_error_body(service: Boot
     assert caught.value.code == 400
     error = json.loads(caught.value.read())["error"]
     assert error["code"] == "bad_registration" and error["type"] == "invalid_request_error" and error["message"]
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/v1/nothing", 404), ("POST", "/v1/ranks", 405)])
+def test_unknown_routes_and_wrong_methods_get_the_json_error_body(
+        service: BootstrapService, method: str, path: str, status: int) -> None:
+    request = urllib.request.Request(f"http://{service.address}{path}", data=b"{}", method=method)
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=5)
+    assert caught.value.code == status and caught.value.headers["Content-Type"].startswith("application/json")
+    error = json.loads(caught.value.read())["error"]
+    assert error["type"] == "invalid_request_error" and path in error["message"]
+
+
+def _send(address: str, method: str, body: bytes, token: str | None) -> int:
+    request = urllib.request.Request(f"http://{address}/v1/ranks", data=body, method=method)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        assert json.loads(exc.read())["error"]["type"] == "invalid_request_error"
+        return exc.code
+
+
+def test_only_holders_of_the_instance_token_may_register_or_remove_ranks() -> None:
+    """A stranger's well-formed registration or deletion is refused (401 without a token, 403 with a wrong
+    one) and changes nothing; the instance's own ranks, whose client carries the token, get through."""
+    from kvtransfer.messages import Deregistration, encode_json
+
+    service = BootstrapService(ParallelLayout(2), auth_token="instance-secret")
+    try:
+        stranger = encode_json(_registration(0, session="intruder"))
+        assert _send(service.address, "PUT", stranger, None) == 401
+        assert _send(service.address, "PUT", stranger, "guess") == 403
+        assert service.num_registered == 0
+        own = BootstrapClient(auth_token="instance-secret")
+        own.register(service.address, _registration(0))
+        own.register(service.address, _registration(1))
+        leave = encode_json(Deregistration(rank=0, session="s0"))  # the session GET /v1/instance publishes
+        assert _send(service.address, "DELETE", leave, None) == 401
+        assert _send(service.address, "DELETE", leave, "guess") == 403
+        assert _get(f"http://{service.address}/health")[0] == 200 and service.num_registered == 2
+        with pytest.raises(KVBootstrapError, match="401"):
+            BootstrapClient().deregister(service.address, 0, "s0")
+        own.deregister(service.address, 0, "s0")
+        assert service.num_registered == 1
+    finally:
+        service.close()
+
+
+def test_a_blackholed_bootstrap_address_costs_one_timeout_per_failure_ttl_not_one_per_lookup() -> None:
+    """A host that accepts and never answers: the first lookup waits out the timeout, the next ones within
+    the failure TTL fail at once (they would each stall a decode rank's loop otherwise)."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)  # connections complete in the backlog; nothing ever reads or answers
+        client = BootstrapClient(timeout_s=0.5)
+        started = time.monotonic()
+        with pytest.raises(KVBootstrapError):
+            client.lookup("127.0.0.1", hole.getsockname()[1])
+        assert time.monotonic() - started >= 0.4
+        started = time.monotonic()
+        with pytest.raises(KVBootstrapError, match="ago"):
+            client.lookup("127.0.0.1", hole.getsockname()[1])
+        assert time.monotonic() - started < 0.1
 
 
 def _free_port() -> int:

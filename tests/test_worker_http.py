@@ -16,6 +16,8 @@ from byte_codec import ByteCodec
 from engine.server.app import ServerConfig, WorkerApp
 from engine.server.messages import GenerateRequest, TokenOutput
 
+REFUSED_TOKEN = 7  # a prompt starting with it is refused by the scripted ranks
+
 
 class ScriptedBackend:
     """Echoes the prompt's bytes back one token per output, slowly enough to abort mid-way."""
@@ -27,6 +29,11 @@ class ScriptedBackend:
 
     async def submit(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
         self.submitted.append(request)
+        if request.input_ids[0] == REFUSED_TOKEN:  # what a rank answers for a prompt beyond its KV pool
+            yield TokenOutput(rid=request.rid, token_ids=[], finished=True, finish_reason="error",
+                              error="request needs 99 KV pages but the pool has 8", error_status=400,
+                              error_code="invalid_request")
+            return
         n = request.sampling.max_new_tokens
         ids = (request.input_ids * n)[:n]
         for i, tok in enumerate(ids):
@@ -284,3 +291,48 @@ def test_parameters_that_would_be_ignored_are_refused(server: tuple[str, Scripte
         urllib.request.urlopen(req)
     assert info.value.code == 400 and needle in orjson.loads(info.value.read())["error"]["message"]
     assert len(backend.submitted) == before
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_the_ranks_refuse_as_bad_input_is_a_400_streamed_or_not(
+        server: tuple[str, ScriptedBackend], stream: bool) -> None:
+    """Not a 500, and for a stream not a 200 whose events carry the error: the status the rank chose."""
+    import urllib.error
+    import urllib.request
+
+    url, _ = server
+    body = orjson.dumps({"prompt": [REFUSED_TOKEN, 1], "max_tokens": 2, "stream": stream})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body, method="POST"))
+    assert info.value.code == 400
+    err = orjson.loads(info.value.read())["error"]
+    assert err == {"message": "request needs 99 KV pages but the pool has 8", "type": "invalid_request_error",
+                   "code": "invalid_request", "param": None}
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/no/such/route", 404),
+                                                        ("GET", "/v1/completions", 405),
+                                                        ("DELETE", "/health", 405)])
+def test_unknown_routes_and_wrong_methods_get_the_json_error_body(
+        server: tuple[str, ScriptedBackend], method: str, path: str, status: int) -> None:
+    import urllib.error
+    import urllib.request
+
+    url, _ = server
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(urllib.request.Request(url + path, method=method))
+    assert info.value.code == status and info.value.headers["Content-Type"].startswith("application/json")
+    err = orjson.loads(info.value.read())["error"]
+    assert err["type"] == "invalid_request_error" and path in err["message"] and set(err) == {
+        "message", "type", "code", "param"}
+
+
+def test_a_wrongly_typed_field_is_named_in_the_error_param(server: tuple[str, ScriptedBackend]) -> None:
+    import urllib.error
+    import urllib.request
+
+    url, _ = server
+    body = orjson.dumps({"prompt": "a", "temperature": "hot"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body, method="POST"))
+    assert orjson.loads(info.value.read())["error"]["param"] == "temperature"

@@ -83,16 +83,18 @@ class RankBridge:
         """The ranks are gone: finish every open request with an error."""
         self.dead_reason = reason
         for rid, queue in self._queues.items():
-            queue.put_nowait(TokenOutput(rid=rid, token_ids=[], finished=True, finish_reason="error", error=reason))
+            queue.put_nowait(TokenOutput(rid=rid, token_ids=[], finished=True, finish_reason="error", error=reason,
+                                         error_status=503, error_code="instance_stopped"))
 
     async def submit(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
         if self.dead_reason is not None:
             yield TokenOutput(rid=request.rid, token_ids=[], finished=True, finish_reason="error",
-                              error=self.dead_reason)
+                              error=self.dead_reason, error_status=503, error_code="instance_stopped")
             return
         if request.rid in self._queues:
             yield TokenOutput(rid=request.rid, token_ids=[], finished=True, finish_reason="error",
-                              error=f"request id {request.rid!r} is already running")
+                              error=f"request id {request.rid!r} is already running", error_status=409,
+                              error_code="duplicate_request_id")
             return
         self.start()
         queue: asyncio.Queue[TokenOutput] = asyncio.Queue()

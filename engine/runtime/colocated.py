@@ -125,8 +125,37 @@ def to_sampling_params(spec: SamplingSpec) -> SamplingParams:
                           logit_bias=tuple(spec.logit_bias), min_new_tokens=spec.min_new_tokens)
 
 
-def error_output(rid: str, message: str) -> TokenOutput:
-    return TokenOutput(rid=rid, token_ids=[], finished=True, finish_reason="error", error=message)
+def error_output(rid: str, message: str, status: int = 500, code: str | None = None) -> TokenOutput:
+    """The final output of a request that failed: `status` is what its client gets (DESIGN.md: 4xx when the
+    request was at fault, 5xx when the server or a peer was)."""
+    return TokenOutput(rid=rid, token_ids=[], finished=True, finish_reason="error", error=message,
+                       error_status=status, error_code=code)
+
+
+def status_of(exc: BaseException) -> tuple[int, str]:
+    """HTTP status and code for an exception raised while admitting a request. The engine's ValueErrors
+    are its input checks (empty prompt, token outside the vocabulary, prompt beyond the context or the
+    KV pool): the request is at fault. A TP/DP pairing or `data_parallel_rank` the mapping cannot serve is
+    what the request asked for; any other KV-plane failure is the named peer's (a bad gateway)."""
+    from kvtransfer.state import KVMappingError, KVTransferError  # engine may import kvtransfer
+
+    if isinstance(exc, KVMappingError):
+        return 400, "unservable_pairing"
+    if isinstance(exc, KVTransferError):
+        return 502, "kv_peer_error"
+    if isinstance(exc, ValueError):
+        return 400, "invalid_request"
+    return 500, "internal_error"
+
+
+def rejected_output(rid: str, exc: BaseException, prefix: str = "") -> TokenOutput:
+    """`error_output` for a request refused at admission by `exc` (status chosen by `status_of`)."""
+    status, code = status_of(exc)
+    return error_output(rid, prefix + str(exc), status, code)
+
+
+def duplicate_output(rid: str) -> TokenOutput:
+    return error_output(rid, f"request id {rid!r} is already running", 409, "duplicate_request_id")
 
 
 def outputs_of(result: StepResult, prompt_len: dict[str, int]) -> list[TokenOutput]:
@@ -162,7 +191,7 @@ class ColocatedRunner:
         try:
             req = self.scheduler.add(request.input_ids, to_sampling_params(request.sampling), request.rid)
         except ValueError as exc:
-            self._pending.append(error_output(request.rid, str(exc)))
+            self._pending.append(rejected_output(request.rid, exc))
             return
         req.return_logprob, req.top_logprobs = request.return_logprob, request.top_logprobs
         self.requests[request.rid] = req

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import sys
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -72,6 +73,8 @@ class KVArgs:
     progress_thread: bool = False
     nixl_threads: int | None = None
     mooncake_protocol: str = "tcp"
+    # The bootstrap service's bearer token (prefill ranks register with it); kept out of reprs and logs.
+    auth_token: str | None = field(default=None, repr=False)
 
 
 MOONCAKE_PROTOCOLS = ("tcp", "nvlink_intra")
@@ -149,6 +152,13 @@ def add_kv_flags(parser: argparse.ArgumentParser) -> None:
         "rank's loop progresses incoming writes (decode polls its receivers every step)",
     )
     kv.add_argument(
+        "--kv-auth-token",
+        default=None,
+        help="prefill: the bearer token rank registrations and deletions must carry at the bootstrap "
+        f"service (shared by the deployment; env {AUTH_TOKEN_ENV}); unset: a secret drawn per instance and "
+        "handed to its ranks at launch (one node only)",
+    )
+    kv.add_argument(
         "--kv-connector",
         choices=KV_CONNECTORS,
         default="transfer",
@@ -158,7 +168,20 @@ def add_kv_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def kv_args(args: argparse.Namespace, bootstrap_addr: str | None = None) -> KVArgs:
+AUTH_TOKEN_ENV = "TANDEM_KV_AUTH_TOKEN"
+
+
+def auth_token(args: argparse.Namespace, nnodes: int = 1) -> str | None:
+    """The bootstrap service's token: the deployment's (flag, then environment), else a fresh secret of
+    this instance, which only its own ranks learn (at launch). Ranks on other nodes cannot learn a
+    per-instance secret: a multi-node instance without a deployment token runs its service open."""
+    token = getattr(args, "kv_auth_token", None) or os.environ.get(AUTH_TOKEN_ENV) or None
+    if token is None and nnodes == 1:
+        token = secrets.token_hex(16)
+    return token
+
+
+def kv_args(args: argparse.Namespace, bootstrap_addr: str | None = None, token: str | None = None) -> KVArgs:
     host = args.kv_host or (args.host if args.host not in ("0.0.0.0", "::", "") else "127.0.0.1")
     slots = args.kv_aux_slots or args.max_running_requests
     if slots < 1:
@@ -183,6 +206,7 @@ def kv_args(args: argparse.Namespace, bootstrap_addr: str | None = None) -> KVAr
         progress_thread=args.kv_progress_thread,
         nixl_threads=args.kv_nixl_threads,
         mooncake_protocol=args.kv_mooncake_protocol,
+        auth_token=token,
     )
 
 

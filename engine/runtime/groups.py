@@ -42,9 +42,15 @@ def resolve_ep_backend(name: str, spec: InstanceSpec, *, mode: str | None = None
         if reason is None and (mode is None or dtype is None):
             reason = "the EP mode and dtype were not given to resolve_ep_backend"
         choice = "a2a" if reason else "deepep"
-        log.info("--ep-backend auto chose %s%s", choice, f" (deepep: {reason})" if reason else "")
+        log.info("--ep-backend auto chose %s for tp=%d %s mode%s", choice, spec.tp_size, mode,
+                 f" (deepep: {reason})" if reason else "")
+        if choice == "deepep":  # what ran is in docs/deepep.md: NVLink within one node, never this flag's pick
+            log.warning("--ep-backend auto picked deepep for tp=%d on %d node(s) in %s mode: a layout tandem's "
+                        "tests have not run end to end (docs/deepep.md); pass --ep-backend a2a to avoid it",
+                        spec.tp_size, spec.nnodes, mode)
         return choice
     if name == "auto":
+        log.info("--ep-backend auto chose local (one rank holds every expert)")
         return "local"
     if name == "deepep":
         raise LayoutError("--ep-backend deepep needs tp >= 2 (DeepEP's kernels serve 2, 4 or 8 ranks per node); "

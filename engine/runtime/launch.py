@@ -9,11 +9,14 @@ hanging on a collective that can never complete.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import random
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -119,7 +122,54 @@ def free_port_run(count: int, host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no run of {count} free ports found on {host}")
 
 
-def _rank_main(ctx: RankContext, entry: Callable[[RankContext], None]) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_CHECK_S = 0.5  # how often the fallback watcher looks at the parent
+
+
+def die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
+    """Make this rank process end when the process that launched it ends, however it ends.
+
+    A SIGKILLed HTTP process runs no clean-up, and `daemon=True` only covers a clean exit: its ranks would
+    live on, holding the GPU, their ports and their bootstrap registration, and shadow an instance
+    restarted on the same ports. Two mechanisms, because each has a gap:
+    - Linux's parent-death signal (prctl): immediate, but it fires when the *thread* that forked us ends,
+      so it is only armed when the launcher ran on its process's main thread (`use_pdeathsig`);
+    - a watcher thread that blocks on multiprocessing's parent sentinel (a pipe whose other end closes
+      when the parent dies) and checks the parent pid: any platform, any launching thread.
+    Called first thing in the child; a parent that died before the signal was armed is caught by the
+    pid check right after arming it."""
+    import signal as signal_mod
+
+    if use_pdeathsig and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal_mod.SIGKILL, 0, 0, 0) != 0:
+                log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        except (OSError, AttributeError) as exc:
+            log.warning("prctl unavailable (%s); relying on the parent watcher", exc)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    parent = mp.parent_process()
+    sentinel = parent.sentinel if parent is not None else None
+
+    def watch() -> None:
+        while True:
+            if sentinel is not None:
+                mp_connection.wait([sentinel], timeout=PARENT_CHECK_S)
+            else:
+                time.sleep(PARENT_CHECK_S)
+            if os.getppid() != parent_pid:
+                # No clean-up: the ranks of the other processes are going too, and a collective or an
+                # engine close could block on them forever.
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watcher", daemon=True).start()
+
+
+def _rank_main(ctx: RankContext, entry: Callable[[RankContext], None], parent_pid: int = 0,
+               use_pdeathsig: bool = False) -> None:
+    if parent_pid:
+        die_with_parent(parent_pid, use_pdeathsig)
     import torch.distributed as dist
 
     host, port = ctx.dist_addr.rsplit(":", 1)
@@ -195,9 +245,11 @@ def launch(
     dist_addr = spec.dist_init_addr or f"127.0.0.1:{free_port()}"
     mpctx = mp.get_context("spawn")
     procs = []
+    on_main_thread = threading.current_thread() is threading.main_thread()  # see die_with_parent
     for rank in spec.local_ranks():
         ctx = RankContext(rank, spec, dist_addr, inbox_addr, outbox_addr, dict(role_args or {}))
-        proc = mpctx.Process(target=_rank_main, args=(ctx, entry), name=f"rank{rank}", daemon=True)
+        proc = mpctx.Process(target=_rank_main, args=(ctx, entry, os.getpid(), on_main_thread), name=f"rank{rank}",
+                             daemon=True)
         proc.start()
         procs.append(proc)
     return InstanceProcesses(procs, on_death)

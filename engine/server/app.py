@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
+from kvtransfer import http_errors
+
 from ..chat_template import ChatTemplate
 from .detokenize import IncrementalDetokenizer
 from .messages import GenerateRequest, TokenOutput
@@ -62,9 +64,8 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def error_response(message: str, status: int, code: str | None = None) -> web.Response:
-    err_type = "invalid_request_error" if status < 500 else "server_error"
-    return json_response(error_body(message, err_type, code), status)
+def error_response(message: str, status: int, code: str | None = None, param: str | None = None) -> web.Response:
+    return http_errors.error_response(status, message, code, param)
 
 
 class WorkerApp:
@@ -81,7 +82,7 @@ class WorkerApp:
         self.inflight = 0
 
     def build(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[http_errors.json_errors])
         app.router.add_post("/generate", self._handler("generate"))
         app.router.add_post("/v1/completions", self._handler("completion"))
         app.router.add_post("/v1/chat/completions", self._handler("chat"))
@@ -155,7 +156,7 @@ class WorkerApp:
             return error_response("the request body is not valid JSON", 400)
         except RequestError as exc:
             self.num_errors += 1
-            return error_response(str(exc), exc.status, exc.code)
+            return error_response(str(exc), exc.status, exc.code, exc.param)
         rid = request.headers.get("X-Request-ID")
         if rid and "rid" not in body:
             parsed.request.rid = rid
@@ -194,9 +195,7 @@ class WorkerApp:
                 last = await self._stop_early(parsed, out)
                 break
         if last is None or last.error is not None:
-            self.num_errors += 1
-            message = last.error if last is not None and last.error else "the request produced no output"
-            return error_response(message, 500 if last is None or last.finish_reason != "abort" else 499)
+            return self._failed(last)
         detok.flush()
         text = detok.text
         prompt_tokens = len(parsed.request.input_ids)
@@ -209,7 +208,23 @@ class WorkerApp:
             body = openai_response(parsed, text, last.finish_reason, prompt_tokens, len(detok.ids), choice_logprobs)
         return json_response(body)
 
+    def _failed(self, last: TokenOutput | None) -> web.Response:
+        """The error answer of a request that ended without its output: the status its runner chose (4xx:
+        the request was at fault), 499 for an abort, 500 when the ranks said nothing."""
+        self.num_errors += 1
+        if last is None:
+            return error_response("the request produced no output", 500, "no_output")
+        if last.finish_reason == "abort":
+            return error_response(last.error or "the request was aborted", 499, "aborted")
+        return error_response(last.error or "the request failed", last.error_status, last.error_code)
+
     async def _stream(self, request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
+        outputs = aiter(self.backend.submit(parsed.request))
+        # A request refused before its first token (bad input, an unusable peer) gets its HTTP status,
+        # not a 200 whose stream carries the error: clients and the router see the status first.
+        first = await anext(outputs, None)
+        if first is None or first.error is not None:
+            return self._failed(first)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         detok = IncrementalDetokenizer(self.codec, parsed.stop)
@@ -220,10 +235,10 @@ class WorkerApp:
         sent_any = False
         unsent = 0  # output tokens not yet in a chunk (held back with a partial character)
         text_sent = 0  # characters of output text already sent, for completions' text_offset
-        async for out in self.backend.submit(parsed.request):
+        async for out in _prepend(first, outputs):
             if out.error is not None:
                 self.num_errors += 1
-                err = error_body(out.error, "server_error", out.finish_reason)
+                err = error_body(out.error, http_errors.error_type(out.error_status), out.error_code)
                 await response.write(b"data: " + orjson.dumps(err) + b"\n\n")
                 break
             delta = detok.push(out.token_ids) if not out.finished else detok.push(out.token_ids) + detok.flush()
@@ -257,3 +272,9 @@ class WorkerApp:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+async def _prepend(first: TokenOutput, rest: AsyncIterator[TokenOutput]) -> AsyncIterator[TokenOutput]:
+    yield first
+    async for out in rest:
+        yield out

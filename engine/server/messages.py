@@ -69,6 +69,10 @@ class TokenOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    # With `error`: the HTTP status the client gets (4xx: the request was at fault, 5xx: the server or a peer
+    # was) and OpenAI's machine-readable `code`.
+    error_status: int = 500
+    error_code: str | None = None
     prompt_tokens: int = 0
     version: int = MESSAGE_VERSION
 

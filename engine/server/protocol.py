@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from kvtransfer import protocol as pd
 from kvtransfer.auxdata import MAX_TOP_LOGPROBS  # a PD request's aux slot carries the first token's
+from kvtransfer.http_errors import error_body as error_body  # the one writer of error bodies
 
 from ..chat_template import ChatTemplate, ChatTemplateError
 from .messages import BootstrapInfo, GenerateRequest, SamplingSpec
@@ -32,14 +33,12 @@ class TextCodec(Protocol):
 class RequestError(ValueError):
     """A client error: becomes a 4xx with an OpenAI-style error body."""
 
-    def __init__(self, message: str, status: int = 400, code: str = "invalid_request") -> None:
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request",
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
-
-
-def error_body(message: str, err_type: str = "invalid_request_error", code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": err_type, "code": code}}
+        self.param = param  # OpenAI's `param`: the request field at fault, where one is
 
 
 @dataclass
@@ -62,13 +61,13 @@ def _get(body: dict, name: str, types: type | tuple[type, ...], default: Any = N
         return default
     # bool is an int in Python; a JSON true is never a valid count or probability here.
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise RequestError(f"'{name}' must be {_type_names(types)}, got a boolean")
+        raise RequestError(f"'{name}' must be {_type_names(types)}, got a boolean", param=name)
     if not isinstance(value, types):
-        raise RequestError(f"'{name}' must be {_type_names(types)}, got {type(value).__name__}")
+        raise RequestError(f"'{name}' must be {_type_names(types)}, got {type(value).__name__}", param=name)
     if isinstance(value, int) and not -(2**63) <= value < 2**63:  # what crosses to the ranks is int64
-        raise RequestError(f"'{name}' is out of range: {value}")
+        raise RequestError(f"'{name}' is out of range: {value}", param=name)
     if isinstance(value, float) and not math.isfinite(value):  # JSON parsers may take NaN and Infinity
-        raise RequestError(f"'{name}' must be a finite number, got {value}")
+        raise RequestError(f"'{name}' must be a finite number, got {value}", param=name)
     return value
 
 

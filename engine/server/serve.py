@@ -20,6 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
+from kvtransfer import http_errors
+
 from ..chat_template import ChatTemplate
 from ..config import ModelConfig
 from ..runtime.bridge import RankBridge
@@ -64,8 +66,7 @@ class ReadyGate:
     async def middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         if request.path in ("/health", "/health_generate") and not self.bridge.ready:
             reason = self.bridge.dead_reason or "ranks are still starting"
-            return web.json_response({"error": {"message": reason, "type": "server_error", "code": None}},
-                                     status=503)
+            return http_errors.error_response(503, reason, "not_ready")
         return await handler(request)
 
 
