@@ -79,7 +79,8 @@ def test_kv_that_no_decode_side_asks_for_is_held_until_the_bootstrap_timeout_the
         status, raw = reply.result(timeout=BOOTSTRAP_TIMEOUT_S + 30)
     elapsed = time.monotonic() - started
     assert held
-    assert status == 500 and "timed out waiting for every decode rank" in json.loads(raw)["error"]["message"]
+    # A peer (the decode side) that never came: 502, the server's peer failed, not the client.
+    assert status == 502 and "timed out waiting for every decode rank" in json.loads(raw)["error"]["message"]
     assert BOOTSTRAP_TIMEOUT_S <= elapsed < BOOTSTRAP_TIMEOUT_S + 20
     wait_idle(server.url)
 
@@ -90,8 +91,8 @@ def test_a_client_that_goes_away_frees_its_room_before_the_timeout(prefill: tupl
     conn = HTTPConnection(host, int(port), timeout=30)
     conn.request("POST", "/generate", json.dumps({**_pd_body(bootstrap_port, 6, "leaver"), "stream": True}),
                  {"Content-Type": "application/json"})
-    response = conn.getresponse()  # SSE headers come at once; the first token would come after the transfer
-    assert response.status == 200
+    # A stream's status comes with its first token (an error before it gets its own 4xx/5xx), and that token
+    # would come only after the transfer: the client leaves while waiting for it.
     deadline = time.monotonic() + 10
     while get_json(server.url + "/server_info")["live_rooms"] == 0:
         assert time.monotonic() < deadline, "the room never started"
