@@ -20,7 +20,9 @@ import torch
 from kernels import backend, fp8
 
 DENSE_SHAPES = [(18432, 7168), (7168, 18432), (2112, 7168), (7168, 2112), (24576, 1536), (32768, 512),
-                (7168, 16384), (4096, 7168), (7168, 2048), (200, 300)]
+                (7168, 16384), (4096, 7168), (7168, 2048), (200, 300),
+                # V2-Lite: q_proj, kv_a_proj (576 rows: a partial scale block), dense MLP (K 10944: a partial K block)
+                (3072, 2048), (576, 2048), (21888, 2048), (2048, 10944)]
 ROWS = [1, 7, 64, 333, 4096]
 BF16_TOL = 1e-2  # ||out - ref|| / ||ref||: bf16 output rounding (2^-9) plus accumulation order
 FP32_TOL = 1e-4
@@ -84,7 +86,8 @@ def _experts(num: int, hidden: int, inter: int,
     return w13, s13, w2, s2
 
 
-MOE_CASES = [(32, 7168, 2048, 8, 128), (32, 7168, 2048, 8, 4096), (8, 256, 192, 2, 37), (16, 384, 320, 4, 1)]
+MOE_CASES = [(32, 7168, 2048, 8, 128), (32, 7168, 2048, 8, 4096), (8, 256, 192, 2, 37), (16, 384, 320, 4, 1),
+             (64, 2048, 1408, 6, 1), (64, 2048, 1408, 6, 64)]  # V2-Lite's experts at decode sizes
 
 
 @gpu_test
@@ -108,7 +111,8 @@ def test_triton_fp8_contiguous_moe_matches_the_reference(experts: int, hidden: i
 
 @gpu_test
 @pytest.mark.parametrize(("experts", "hidden", "inter", "capacity"), [(32, 7168, 2048, 64), (8, 256, 192, 19),
-                                                                      (4, 384, 320, 1)])
+                                                                      (4, 384, 320, 1), (64, 2048, 1408, 1),
+                                                                      (64, 2048, 1408, 64)])
 def test_triton_fp8_masked_moe_matches_the_reference_and_zeroes_rows_past_the_count(
         experts: int, hidden: int, inter: int, capacity: int) -> None:
     from kernels.triton_fp8 import fp8_moe_forward_masked_triton

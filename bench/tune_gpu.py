@@ -1,0 +1,253 @@
+"""Tile sweeps for the decode step's memory-bound kernels, at the shapes the V2-Lite decode step runs.
+
+    PYTHONPATH=. python3 -m bench.tune_gpu [--out PATH] [--jobs 12] [--only moe,mla16,mla128]
+
+What it sweeps (each configuration timed captured in a CUDA graph, L2 flushed between repetitions):
+  - moe: the masked grouped GEMM's two launches separately (gate+up with SiLU, then down), V2-Lite experts
+    (64 x hidden 2048 x intermediate 1408, top-6) at 1, 8 and 64 tokens, and the shared experts as one
+    expert (intermediate 2816). Reported: GB/s of the weights the launch must read, and that over copy_.
+  - mla16 / mla128: paged MLA decode at 16 heads (V2-Lite, TP attention) and 128 heads (V3 under DP
+    attention), batch 1 / 8 / 64, context 1024 / 4096, page 64: KV GB/s and TFLOP/s.
+Compilation dominates a sweep's wall time, so every configuration is first compiled by a pool of
+worker processes (Triton's on-disk cache), then timed one at a time by this process.
+The best configuration per case is what `kernels.triton_moe` / `kernels.triton_mla_decode` pick by shape;
+the JSON keeps every row so the choice can be re-checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton.testing
+
+from bench.kernels_gpu import bench_copy, log, rel_err
+from kernels.mla import mla_decode_attention
+from kernels.triton_mla_decode import DecodeLaunchConfig, default_launch_config, mla_decode_attention_triton
+from kernels.triton_moe import GemmConfig, _launch_masked, default_gemm_config
+
+RESULTS = Path(__file__).resolve().parent / "results" / "tune_gpu.json"
+EXPERTS, HIDDEN, INTER, TOP_K, SHARED_INTER = 64, 2048, 1408, 6, 2816
+LORA, ROPE, PAGE = 512, 64, 64
+
+
+def moe_configs(tokens: int, shared: bool) -> list[GemmConfig]:
+    """Today's pick first (what `kernels.triton_moe` chose before this sweep), then the sweep."""
+    if shared and tokens <= 16:
+        out = [GemmConfig(block_m=16, block_n=16, block_k=256, group_m=1, num_warps=4, num_stages=4)]
+    else:
+        out = [default_gemm_config(tokens if shared else min(tokens, 16), torch.bfloat16)]
+    for block_m in ([16] if tokens <= 16 else [16, 32]):
+        for block_n in (16, 32, 64, 128):
+            for block_k in (128, 256):
+                if block_n * block_k > 128 * 128:
+                    continue
+                for stages in (3, 4):
+                    for warps in ((4,) if block_n < 128 else (4, 8)):
+                        cfg = GemmConfig(block_m, block_n, block_k, 1, warps, stages)
+                        if cfg not in out:
+                            out.append(cfg)
+    return out
+
+
+def mla_configs(batch: int, heads: int, context: int) -> list[DecodeLaunchConfig]:
+    base = default_launch_config(batch, heads, context, torch.bfloat16, torch.device("cuda"))
+    out = [base]
+    splits = sorted({max(1, base.num_splits // 2), base.num_splits, min(64, base.num_splits * 2)})
+    if heads > 16:
+        splits = sorted({base.num_splits, min(64, base.num_splits * 2)})
+    for block_h in ([16] if heads <= 16 else [32, 64]):
+        for block_n in (32, 64):
+            for warps in (4, 8):
+                for stages in ((2, 3, 4) if heads <= 16 else (1, 2, 3)):
+                    for s in splits:
+                        cfg = DecodeLaunchConfig(block_h, block_n, s, warps, stages)
+                        if cfg not in out:
+                            out.append(cfg)
+    return out
+
+
+# ---- cases: build inputs, return (callable, reference or None, bytes read, flops) ----
+
+def _moe_case(tokens: int, gated: bool, cfg: GemmConfig, shared: bool = False):
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    experts, inter = (1, SHARED_INTER) if shared else (EXPERTS, INTER)
+    if shared:
+        counts = torch.full((1,), tokens, dtype=torch.int32, device="cuda")
+    else:
+        ids = torch.rand(tokens, EXPERTS, generator=gen, device="cuda").topk(TOP_K, dim=1).indices
+        counts = torch.bincount(ids.reshape(-1), minlength=EXPERTS).to(torch.int32)
+    active = int((counts > 0).sum())
+    w13 = torch.randn(experts, 2 * inter, HIDDEN, generator=gen, device="cuda").bfloat16() / HIDDEN**0.5
+    w2 = torch.randn(experts, HIDDEN, inter, generator=gen, device="cuda").bfloat16() / inter**0.5
+    if gated:
+        a = torch.randn(experts, tokens, HIDDEN, generator=gen, device="cuda").bfloat16()
+        out = torch.empty(experts, tokens, inter, device="cuda", dtype=torch.bfloat16)
+        w, nbytes = w13, active * 2 * inter * HIDDEN * 2
+
+        def ref() -> torch.Tensor:
+            gu = torch.einsum("etk,enk->etn", a.float(), w13.float())
+            g, u = gu.chunk(2, dim=-1)
+            return torch.nn.functional.silu(g) * u
+    else:
+        a = torch.randn(experts, tokens, inter, generator=gen, device="cuda").bfloat16()
+        out = torch.empty(experts, tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        w, nbytes = w2, active * inter * HIDDEN * 2
+
+        def ref() -> torch.Tensor:
+            return torch.einsum("etk,enk->etn", a.float(), w2.float())
+
+    def call() -> torch.Tensor:
+        _launch_masked(a, w, out, counts, gated, cfg)
+        return out
+
+    def checked_ref() -> torch.Tensor:
+        r = ref()
+        mask = torch.arange(tokens, device="cuda")[None, :] < counts[:, None]
+        return r * mask[..., None]
+
+    def masked_out() -> torch.Tensor:
+        mask = torch.arange(tokens, device="cuda")[None, :] < counts[:, None]
+        return call().float() * mask[..., None]
+
+    rows = int(counts.sum())
+    flops = 2 * rows * (2 * inter if gated else HIDDEN) * (HIDDEN if gated else inter)
+    return masked_out, call, checked_ref, nbytes, flops
+
+
+def _mla_case(batch: int, heads: int, context: int, cfg: DecodeLaunchConfig):
+    gen = torch.Generator(device="cuda").manual_seed(batch * heads + context)
+    pages_per_seq = context // PAGE
+    num_pages = batch * pages_per_seq
+    pool = torch.randn(num_pages, 2, PAGE, LORA + ROPE, generator=gen, device="cuda", dtype=torch.bfloat16)
+    kv = pool[:, 1]
+    page_table = torch.randperm(num_pages, generator=gen, device="cuda").reshape(batch, -1).to(torch.int32)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q_latent = torch.randn(batch, heads, LORA, generator=gen, device="cuda", dtype=torch.bfloat16)
+    q_rope = torch.randn(batch, heads, ROPE, generator=gen, device="cuda", dtype=torch.bfloat16)
+    args = (q_latent, q_rope, kv, page_table, seq_lens, 1.0 / math.sqrt(192))
+
+    def call() -> torch.Tensor:
+        return mla_decode_attention_triton(*args, config=cfg)
+
+    def ref() -> torch.Tensor:
+        return mla_decode_attention(*(t.double() if t.is_floating_point() else t for t in args[:5]), args[5])
+
+    nbytes = batch * context * (LORA + ROPE) * 2
+    flops = 2 * batch * heads * context * (LORA + ROPE + LORA)
+    return call, call, ref, nbytes, flops
+
+
+def graph_ms(fn: Any) -> dict[str, float]:
+    """Median of a CUDA-graph replay (shorter than bench.kernels_gpu's: hundreds of configurations)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    p20, p50, p80 = triton.testing.do_bench(graph.replay, warmup=10, rep=40, quantiles=[0.2, 0.5, 0.8])
+    return {"ms": p50, "p20_ms": p20, "p80_ms": p80}
+
+
+def all_cases(only: set[str]) -> list[tuple[str, dict[str, Any], Any]]:
+    cases: list[tuple[str, dict[str, Any], Any]] = []
+    if "moe" in only:
+        for tokens in (1, 8, 64):
+            for gated in (True, False):
+                for shared in (False, True):
+                    for cfg in moe_configs(tokens, shared):
+                        key = {"tokens": tokens, "gated": gated, "shared": shared}
+                        cases.append(("moe", key, cfg))
+    for heads, name in ((16, "mla16"), (128, "mla128")):
+        if name not in only:
+            continue
+        shapes = [(1, 1024), (8, 1024), (64, 1024), (64, 4096)] if heads == 16 else [(64, 4096), (8, 1024), (64, 1024)]
+        for batch, context in shapes:
+            for cfg in mla_configs(batch, heads, context):
+                cases.append((name, {"batch": batch, "heads": heads, "context": context}, cfg))
+    return cases
+
+
+def build(kind: str, key: dict[str, Any], cfg: Any):
+    if kind == "moe":
+        return _moe_case(key["tokens"], key["gated"], cfg, key["shared"])
+    return _mla_case(key["batch"], key["heads"], key["context"], cfg)
+
+
+def _compile(job: tuple[str, dict[str, Any], Any]) -> str | None:
+    try:
+        check, call, _, _, _ = build(*job)
+        check()
+        torch.cuda.synchronize()
+    except Exception as exc:  # a tile that does not fit: recorded when timed
+        return f"{type(exc).__name__}: {exc}"[:200]
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--jobs", type=int, default=12)
+    parser.add_argument("--only", default="moe,mla16,mla128")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    cases = all_cases(only)
+    started = time.monotonic()
+    log(f"{len(cases)} configurations; compiling with {args.jobs} processes")
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        errors = pool.map(_compile, cases, chunksize=4)
+    log(f"compiled in {time.monotonic() - started:.0f} s ({sum(e is not None for e in errors)} failed)")
+    copy = bench_copy()
+    rows = []
+    refs: dict[str, torch.Tensor] = {}
+    for (kind, key, cfg), error in zip(cases, errors, strict=True):
+        row = {"kind": kind, **key, "config": asdict(cfg)}
+        if error:
+            rows.append({**row, "error": error})
+            continue
+        check, call, ref, nbytes, flops = build(kind, key, cfg)
+        ref_key = json.dumps([kind, key], sort_keys=True)
+        if ref_key not in refs:
+            refs[ref_key] = ref().float()
+        try:
+            err = rel_err(check().float(), refs[ref_key])
+            t = graph_ms(call)
+        except Exception as exc:
+            rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:200]})
+            continue
+        gbps = nbytes / t["ms"] / 1e6
+        rows.append({**row, **t, "gbps": gbps, "vs_copy": gbps / copy["rw_gbps"], "tflops": flops / t["ms"] / 1e9,
+                     "rel_err": err})
+    best: dict[str, Any] = {}
+    for row in rows:
+        if "ms" not in row or row["rel_err"] > 2e-2:
+            continue
+        key = json.dumps({k: v for k, v in row.items() if k in ("kind", "tokens", "gated", "shared", "batch", "heads",
+                                                                 "context")}, sort_keys=True)
+        if key not in best or row["ms"] < best[key]["ms"]:
+            best[key] = row
+    first = {}
+    for row in rows:
+        key = json.dumps({k: v for k, v in row.items() if k in ("kind", "tokens", "gated", "shared", "batch", "heads",
+                                                                 "context")}, sort_keys=True)
+        first.setdefault(key, row)
+    for key, row in best.items():
+        d = first[key]
+        log(f"{key}: best {row['config']} {row['ms'] * 1e3:.1f} us {row['vs_copy']:.0%} of copy "
+            f"{row['tflops']:.0f} TFLOP/s | first {d.get('config')} {d.get('ms', float('nan')) * 1e3:.1f} us")
+    result = {"device": torch.cuda.get_device_name(), "copy": copy, "best": best, "rows": rows,
+              "wall_s": time.monotonic() - started}
+    for path in [RESULTS] + ([args.out] if args.out else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
