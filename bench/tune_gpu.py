@@ -6,6 +6,8 @@ What it sweeps (each configuration timed captured in a CUDA graph, L2 flushed be
   - moe: the masked grouped GEMM's two launches separately (gate+up with SiLU, then down), V2-Lite experts
     (64 x hidden 2048 x intermediate 1408, top-6) at 1, 8 and 64 tokens, and the shared experts as one
     expert (intermediate 2816). Reported: GB/s of the weights the launch must read, and that over copy_.
+  - dense: V2-Lite's skinny projections (and the LM head) through that kernel as one expert, beside cuBLAS
+    (the first row of each case).
   - mla16 / mla128: paged MLA decode at 16 heads (V2-Lite, TP attention) and 128 heads (V3 under DP
     attention), batch 1 / 8 / 64, context 1024 / 4096, page 64: KV GB/s and TFLOP/s.
 Compilation dominates a sweep's wall time, so every configuration is first compiled by a pool of
@@ -33,6 +35,7 @@ from kernels.mla import mla_decode_attention
 from kernels.triton_mla_decode import DecodeLaunchConfig, default_launch_config, mla_decode_attention_triton
 from kernels.triton_moe import GemmConfig, _launch_masked, default_gemm_config
 
+KEYS = ("kind", "tokens", "gated", "shared", "name", "batch", "heads", "context")
 RESULTS = Path(__file__).resolve().parent / "results" / "tune_gpu.json"
 EXPERTS, HIDDEN, INTER, TOP_K, SHARED_INTER = 64, 2048, 1408, 6, 2816
 LORA, ROPE, PAGE = 512, 64, 64
@@ -122,6 +125,34 @@ def _moe_case(tokens: int, gated: bool, cfg: GemmConfig, shared: bool = False):
     return masked_out, call, checked_ref, nbytes, flops
 
 
+DENSE = {"q_proj": (3072, 2048), "kv_a_proj": (576, 2048), "o_proj": (2048, 2048), "lm_head": (102400, 2048)}
+
+
+def _dense_case(tokens: int, name: str, cfg: GemmConfig):
+    """A bf16 linear layer as one expert of the masked GEMM: what a skinny decode projection could run."""
+    n, k = DENSE[name]
+    gen = torch.Generator(device="cuda").manual_seed(n + tokens)
+    a = torch.randn(1, tokens, k, generator=gen, device="cuda").bfloat16()
+    w = torch.randn(1, n, k, generator=gen, device="cuda").bfloat16() / k**0.5
+    out = torch.empty(1, tokens, n, device="cuda", dtype=torch.bfloat16)
+    counts = torch.full((1,), tokens, dtype=torch.int32, device="cuda")
+
+    def call() -> torch.Tensor:
+        _launch_masked(a, w, out, counts, False, cfg)
+        return out
+
+    def ref() -> torch.Tensor:
+        return a[0].float() @ w[0].float().T
+
+    def check() -> torch.Tensor:
+        return call()[0]
+
+    def cublas() -> torch.Tensor:
+        return torch.nn.functional.linear(a[0], w[0])
+
+    return check, (cublas if cfg is None else call), ref, n * k * 2, 2 * tokens * n * k
+
+
 def _mla_case(batch: int, heads: int, context: int, cfg: DecodeLaunchConfig):
     gen = torch.Generator(device="cuda").manual_seed(batch * heads + context)
     pages_per_seq = context // PAGE
@@ -165,6 +196,11 @@ def all_cases(only: set[str]) -> list[tuple[str, dict[str, Any], Any]]:
                     for cfg in moe_configs(tokens, shared):
                         key = {"tokens": tokens, "gated": gated, "shared": shared}
                         cases.append(("moe", key, cfg))
+    if "dense" in only:
+        for tokens in (1, 8, 64):
+            for name in DENSE:
+                for cfg in [None, *moe_configs(tokens, True)[1:]]:
+                    cases.append(("dense", {"tokens": tokens, "name": name}, cfg))
     for heads, name in ((16, "mla16"), (128, "mla128")):
         if name not in only:
             continue
@@ -178,6 +214,8 @@ def all_cases(only: set[str]) -> list[tuple[str, dict[str, Any], Any]]:
 def build(kind: str, key: dict[str, Any], cfg: Any):
     if kind == "moe":
         return _moe_case(key["tokens"], key["gated"], cfg, key["shared"])
+    if kind == "dense":
+        return _dense_case(key["tokens"], key["name"], cfg)
     return _mla_case(key["batch"], key["heads"], key["context"], cfg)
 
 
@@ -195,7 +233,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--jobs", type=int, default=12)
-    parser.add_argument("--only", default="moe,mla16,mla128")
+    parser.add_argument("--only", default="moe,dense,mla16,mla128")
     args = parser.parse_args()
     only = set(args.only.split(","))
     cases = all_cases(only)
@@ -208,7 +246,7 @@ def main() -> None:
     rows = []
     refs: dict[str, torch.Tensor] = {}
     for (kind, key, cfg), error in zip(cases, errors, strict=True):
-        row = {"kind": kind, **key, "config": asdict(cfg)}
+        row = {"kind": kind, **key, "config": asdict(cfg) if cfg is not None else "cublas"}
         if error:
             rows.append({**row, "error": error})
             continue
@@ -229,14 +267,12 @@ def main() -> None:
     for row in rows:
         if "ms" not in row or row["rel_err"] > 2e-2:
             continue
-        key = json.dumps({k: v for k, v in row.items() if k in ("kind", "tokens", "gated", "shared", "batch", "heads",
-                                                                 "context")}, sort_keys=True)
+        key = json.dumps({k: v for k, v in row.items() if k in KEYS}, sort_keys=True)
         if key not in best or row["ms"] < best[key]["ms"]:
             best[key] = row
     first = {}
     for row in rows:
-        key = json.dumps({k: v for k, v in row.items() if k in ("kind", "tokens", "gated", "shared", "batch", "heads",
-                                                                 "context")}, sort_keys=True)
+        key = json.dumps({k: v for k, v in row.items() if k in KEYS}, sort_keys=True)
         first.setdefault(key, row)
     for key, row in best.items():
         d = first[key]

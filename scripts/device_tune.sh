@@ -9,7 +9,7 @@ mkdir -p "$OUT" /tmp/device_tune_logs
 source scripts/device_lib.sh
 OUT_SAVED=$OUT OUT=/tmp/device_tune_logs
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/00_env.log"
-step 01_tune 300 python3 -m bench.tune_gpu --only "${1:-moe,mla16,mla128}" --out "$OUT_SAVED/tune_gpu.json"
+step 01_tune 300 python3 -m bench.tune_gpu --only "${1:-moe,dense,mla16,mla128}" --out "$OUT_SAVED/tune_gpu.json"
 step 02_pytest_fp8_gpu 240 python3 -m pytest -q -p no:cacheprovider -rf --tb=short --durations=5 -m gpu \
     tests/test_fp8_gpu.py
 OUT=$OUT_SAVED
