@@ -31,6 +31,7 @@ import torch
 import triton.testing
 
 from bench.kernels_gpu import bench_copy, log, rel_err
+from kernels.flashmla_decode import _extension, mla_decode_attention_flashmla
 from kernels.mla import mla_decode_attention
 from kernels.triton_mla_decode import DecodeLaunchConfig, default_launch_config, mla_decode_attention_triton
 from kernels.triton_moe import GemmConfig, _launch_masked, default_gemm_config
@@ -168,6 +169,8 @@ def _mla_case(batch: int, heads: int, context: int, cfg: DecodeLaunchConfig):
     args = (q_latent, q_rope, kv, page_table, seq_lens, 1.0 / math.sqrt(192))
 
     def call() -> torch.Tensor:
+        if cfg is None:  # FlashMLA
+            return mla_decode_attention_flashmla(*args)
         return mla_decode_attention_triton(*args, config=cfg)
 
     def ref() -> torch.Tensor:
@@ -208,7 +211,7 @@ def all_cases(only: set[str]) -> list[tuple[str, dict[str, Any], Any]]:
             continue
         shapes = [(1, 1024), (8, 1024), (64, 1024), (64, 4096)] if heads == 16 else [(64, 4096), (8, 1024), (64, 1024)]
         for batch, context in shapes:
-            for cfg in mla_configs(batch, heads, context):
+            for cfg in ([None] if _extension() is not None else []) + mla_configs(batch, heads, context):
                 cases.append((name, {"batch": batch, "heads": heads, "context": context}, cfg))
     return cases
 
@@ -248,7 +251,8 @@ def main() -> None:
     rows = []
     refs: dict[str, torch.Tensor] = {}
     for (kind, key, cfg), error in zip(cases, errors, strict=True):
-        row = {"kind": kind, **key, "config": asdict(cfg) if cfg is not None else "cublas"}
+        row = {"kind": kind, **key,
+               "config": asdict(cfg) if cfg is not None else ("cublas" if kind == "dense" else "flashmla")}
         if error:
             rows.append({**row, "error": error})
             continue

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.flashmla_decode import flashmla_runs, mla_decode_attention_flashmla
+
 _LOG2E = 1.4426950408889634
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _FP8_COMPUTE = (torch.bfloat16, torch.float16, torch.float32)
@@ -272,10 +274,13 @@ def mla_decode_attention_triton(
     q_latent [B, H, kv_lora_rank], q_rope [B, H, rope_dim], kv_cache [num_pages, page_size,
     kv_lora_rank + rope_dim] (any page/token strides), page_table int32 [B, max_pages], seq_lens int32
     [B] -> [B, H, kv_lora_rank] in q's dtype. A sequence of length 0 yields zeros. An FP8 kv_cache is
-    dequantized on load: cached value x means `x * kv_scale`. `seq_lens` must not
+    dequantized on load: cached value x means `x * kv_scale`. Without an explicit `config`, FlashMLA runs
+    the call where it can (`kernels.flashmla_decode`). `seq_lens` must not
     exceed `max_pages * page_size` (not checked here: checking would need a host sync).
     """
     _validate(q_latent, q_rope, kv_cache, page_table, seq_lens)
+    if config is None and flashmla_runs(q_latent, kv_cache, kv_scale):
+        return mla_decode_attention_flashmla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale)
     batch, num_heads, lora = q_latent.shape
     rope = q_rope.shape[2]
     page_size = kv_cache.shape[1]

@@ -1,16 +1,34 @@
 #!/usr/bin/env bash
 # On the GPU machine, one call: tile sweeps of the decode step's memory-bound kernels (bench.tune_gpu: masked
-# MoE GEMMs, shared experts, MLA decode at 16 and 128 heads), then the FP8 GPU tests with short tracebacks.
-# Carry .gpu_bundle (scripts/make_gpu_bundle.sh). Usage: OUT=DIR bash scripts/device_tune.sh [ONLY]
+# MoE GEMMs, shared experts, skinny projections vs cuBLAS, MLA decode at 16 and 128 heads, FlashMLA beside it
+# when an extension is carried), then the FP8 GPU tests with short tracebacks.
+# Carry .gpu_bundle (scripts/make_gpu_bundle.sh); a FlashMLA build of your own may ride in .gpu_carry/
+# (.gpu_carry/build_flashmla.py DIR builds DIR/flash_mla_dense.so; nothing of FlashMLA is committed here).
+# Usage: OUT=DIR bash scripts/device_tune.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/runs/device_tune}"
 mkdir -p "$OUT" /tmp/device_tune_logs
 source scripts/device_lib.sh
 OUT_SAVED=$OUT OUT=/tmp/device_tune_logs
+start=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/00_env.log"
-step 01_tune 300 python3 -m bench.tune_gpu --only "${1:-moe,dense,mla16,mla128}" --out "$OUT_SAVED/tune_gpu.json"
-step 02_pytest_fp8_gpu 240 python3 -m pytest -q -p no:cacheprovider -rf --tb=short --durations=5 -m gpu \
+if [ -f .gpu_carry/flash_mla_dense.so ]; then
+    export TANDEM_FLASHMLA_SO=$PWD/.gpu_carry/flash_mla_dense.so
+elif [ -f .gpu_carry/build_flashmla.py ]; then
+    (python3 .gpu_carry/build_flashmla.py "$OUT_SAVED" >"$OUT/00_build_flashmla.log" 2>&1; echo "rc $?" >>"$OUT/00_build_flashmla.log") &
+    build_pid=$!
+fi
+step 01_tune_moe_dense 210 python3 -m bench.tune_gpu --only moe,dense --jobs 8 --out "$OUT_SAVED/tune_moe_dense.json"
+if [ -n "${build_pid:-}" ]; then
+    left=$((330 - ($(date +%s) - start)))
+    timeout $((left > 10 ? left : 10)) tail --pid=$build_pid -f /dev/null
+    tail -5 "$OUT/00_build_flashmla.log"
+    [ -f "$OUT_SAVED/flash_mla_dense.so" ] && export TANDEM_FLASHMLA_SO=$OUT_SAVED/flash_mla_dense.so
+fi
+step 02_tune_mla 150 python3 -m bench.tune_gpu --only mla16,mla128 --out "$OUT_SAVED/tune_mla.json"
+left=$((585 - ($(date +%s) - start)))
+step 03_pytest_fp8_gpu $((left > 30 ? left : 30)) python3 -m pytest -q -p no:cacheprovider -rf --tb=short -m gpu \
     tests/test_fp8_gpu.py
 OUT=$OUT_SAVED
 cat /tmp/device_tune_logs/*.log >"$OUT/device_tune.log"
