@@ -45,16 +45,36 @@ class DenseMLP(nn.Module):
         # gate and up live in one [2I, D] buffer (gate rows, then up rows: the experts' w13 layout), so that a
         # decode batch runs the whole MLP as one expert of the gated grouped GEMM: 2 kernels instead of 5.
         # FP8 weights keep their own layout (and kernels).
+        # FP8 weights fuse the same way, their block scales in one [2 * ceil(I/bn), ceil(D/bk)] buffer beside them
+        # (gate's block rows, then up's: the experts' w13_scale_inv layout); all three must hold FP8 (a shard
+        # cut off the block grid keeps the model dtype, and then the three linears run).
         local = self.gate_proj.weight.shape[0]
-        self._gate_up = torch.empty(2 * local, hidden, dtype=dtype, device=device) if fp8 is None else None
-        if self._gate_up is not None:
+        self.fp8 = fp8 if all(p.fp8 is not None for p in (self.gate_proj, self.up_proj, self.down_proj)) else None
+        self._gate_up: torch.Tensor | None = None
+        self._gate_up_scale: torch.Tensor | None = None
+        if fp8 is None or self.fp8 is not None:
+            self._gate_up = torch.empty(2 * local, hidden, dtype=self.gate_proj.weight.dtype, device=device)
             self.gate_proj.weight = nn.Parameter(self._gate_up[:local], requires_grad=False)
             self.up_proj.weight = nn.Parameter(self._gate_up[local:], requires_grad=False)
+        if self.fp8 is not None:
+            assert self.gate_proj.weight_scale_inv is not None
+            blocks = self.gate_proj.weight_scale_inv.shape[0]
+            self._gate_up_scale = torch.empty(2 * blocks, self.gate_proj.weight_scale_inv.shape[1],
+                                              dtype=torch.float32, device=device)
+            self.gate_proj.weight_scale_inv = nn.Parameter(self._gate_up_scale[:blocks], requires_grad=False)
+            self.up_proj.weight_scale_inv = nn.Parameter(self._gate_up_scale[blocks:], requires_grad=False)
+
+    @staticmethod
+    def _lives_in(first: torch.Tensor, second: torch.Tensor, buffer: torch.Tensor | None) -> bool:
+        return (buffer is not None and first.dtype == buffer.dtype and first.data_ptr() == buffer.data_ptr()
+                and second.data_ptr() == buffer[first.shape[0]:].data_ptr())
 
     def _gate_up_weight(self) -> torch.Tensor | None:
         """The [2I, D] buffer while both weights still live in it (a loader may have replaced them)."""
-        gate, up = self.gate_proj.weight, self.up_proj.weight
-        if self._gate_up is None or gate.dtype != self._gate_up.dtype or gate.data_ptr() != self._gate_up.data_ptr() or up.data_ptr() != self._gate_up[gate.shape[0]:].data_ptr():
+        if not self._lives_in(self.gate_proj.weight, self.up_proj.weight, self._gate_up):
+            return None
+        if self.fp8 is not None and not self._lives_in(self.gate_proj.weight_scale_inv, self.up_proj.weight_scale_inv,
+                                                       self._gate_up_scale):
             return None
         return self._gate_up
 
@@ -62,7 +82,12 @@ class DenseMLP(nn.Module):
         gate_up = self._gate_up_weight() if x.shape[0] <= FUSED_MLP_MAX_TOKENS else None
         if gate_up is None or self.gate_proj.bias is not None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        out = kernels.gated_mlp(x, gate_up, self.down_proj.weight)
+        if self.fp8 is not None:
+            assert self._gate_up_scale is not None and self.down_proj.weight_scale_inv is not None
+            out = kernels.fp8_gated_mlp(x, gate_up, self._gate_up_scale, self.down_proj.weight,
+                                        self.down_proj.weight_scale_inv, self.fp8.block_size)
+        else:
+            out = kernels.gated_mlp(x, gate_up, self.down_proj.weight)
         return all_reduce(out, self.down_proj.group, self.down_proj.tp_size) if self.down_proj.reduce_results else out
 
 

@@ -29,6 +29,7 @@ _FAST: dict[str, tuple[str, str]] = {
     "fp8_linear": ("kernels.triton_fp8", "fp8_linear_triton"),
     "fp8_moe_forward": ("kernels.triton_fp8", "fp8_moe_forward_triton"),
     "fp8_moe_forward_masked": ("kernels.triton_fp8", "fp8_moe_forward_masked_triton"),
+    "fp8_gated_mlp": ("kernels.triton_fp8", "fp8_gated_mlp_triton"),
     "add_rms_norm": ("kernels.triton_decode_fused", "add_rms_norm_triton"),
     "mla_decode_prep": ("kernels.triton_decode_fused", "mla_decode_prep_triton"),
     "router_logits": ("kernels.triton_decode_fused", "router_logits_triton"),
@@ -47,6 +48,7 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "fp8_linear": fp8.fp8_linear,
     "fp8_moe_forward": fp8.fp8_moe_forward,
     "fp8_moe_forward_masked": fp8.fp8_moe_forward_masked,
+    "fp8_gated_mlp": fp8.fp8_gated_mlp,
     "add_rms_norm": decode_fused.add_rms_norm,
     "mla_decode_prep": decode_fused.mla_decode_prep,
     "router_logits": decode_fused.router_logits,
@@ -115,6 +117,11 @@ def fp8_moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Ten
                            w2: torch.Tensor, w2_scale: torch.Tensor,
                            block_size: fp8.BlockSize = (fp8.BLOCK, fp8.BLOCK)) -> torch.Tensor:
     return get_op("fp8_moe_forward_masked", x)(x, counts, w13, w13_scale, w2, w2_scale, block_size)
+
+
+def fp8_gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,
+                  down_scale: torch.Tensor, block_size: fp8.BlockSize = (fp8.BLOCK, fp8.BLOCK)) -> torch.Tensor:
+    return get_op("fp8_gated_mlp", x)(x, gate_up, gate_up_scale, down, down_scale, block_size)
 
 
 # The fused decode-step ops (kernels.decode_fused documents each).

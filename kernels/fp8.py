@@ -211,3 +211,12 @@ def fp8_moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Ten
                                 block_size)
             out[expert, :count] = y.to(x.dtype)
     return out
+
+
+def fp8_gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,
+                  down_scale: torch.Tensor, block_size: BlockSize = (BLOCK, BLOCK)) -> torch.Tensor:
+    """A dense MLP ``down(silu(gate(x)) * up(x))`` with FP8 weights as one expert of the masked layout:
+    ``gate_up`` ``[2I, D]`` (gate rows, then up rows) with scales ``[2 * ceil(I/bn), ceil(D/bk)]``."""
+    counts = torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
+    return fp8_moe_forward_masked(x.unsqueeze(0), counts, gate_up.unsqueeze(0), gate_up_scale.unsqueeze(0),
+                                  down.unsqueeze(0), down_scale.unsqueeze(0), block_size).squeeze(0)

@@ -500,3 +500,18 @@ def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: to
     _launch_masked(iq.view(num_experts, capacity, inter_dim), is_.view(num_experts, capacity, -1), w2, w2_scale,
                    out, counts, False, cfg, block_size)
     return out
+
+
+def fp8_gated_mlp_triton(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,
+                         down_scale: torch.Tensor, block_size: BlockSize = (BLOCK, BLOCK)) -> torch.Tensor:
+    """``kernels.fp8.fp8_gated_mlp``: four launches (quantize, gated GEMM, quantize, GEMM) where three FP8
+    linears and the SiLU-multiply took up to eleven (split-K partial sums and casts included)."""
+    rows = x.shape[0]
+    counts = torch.full((1,), rows, dtype=torch.int32, device=x.device)
+    # One expert: the grid is N / block_n programs, so decode batches take 16-column tiles (a 64-wide tile
+    # gives a 2816-row shared expert 44 programs to stream its weight with).
+    config = Fp8GemmConfig(block_m=16, block_n=16, group_m=1, num_warps=4, num_stages=4) if rows <= 16 else None
+    out = fp8_moe_forward_masked_triton(x.unsqueeze(0), counts, gate_up.unsqueeze(0), gate_up_scale.unsqueeze(0),
+                                        down.unsqueeze(0), down_scale.unsqueeze(0), block_size, config,
+                                        expected_rows_per_expert=rows)
+    return out.squeeze(0)

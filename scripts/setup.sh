@@ -20,3 +20,8 @@ fi
 PIP="python3 -m pip install -q --disable-pip-version-check"
 python3 -c "import torch" 2>/dev/null || $PIP "torch==2.13.0"
 $PIP -e ".[test,nixl,mooncake,bench,fast]"
+# Hugging Face's `kernels` distribution (pulled in by transformers >= 5.25 on machines set up before the pin)
+# has the import name of tandem's `kernels/` package: transformers would import ours in its place and fail.
+if python3 -m pip show -q kernels >/dev/null 2>&1; then
+    python3 -m pip uninstall -y -q kernels
+fi
