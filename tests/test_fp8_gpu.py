@@ -235,3 +235,17 @@ def test_one_full_deepseek_v3_moe_layer_runs_from_dummy_fp8_weights(tmp_path: Pa
         assert len(out[0].token_ids) == 4
     finally:
         llm.close()
+
+
+@gpu_test
+@pytest.mark.parametrize(("rows", "inter"), [(1, 2816), (7, 10944), (64, 1408), (300, 256)])
+def test_triton_fp8_gated_mlp_as_one_expert_matches_the_reference(rows: int, inter: int) -> None:
+    from kernels.triton_fp8 import fp8_gated_mlp_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    w13, s13, w2, s2 = _experts(1, 2048, inter, gen)
+    x = torch.randn(rows, 2048, device="cuda", generator=gen).bfloat16()
+    ref = fp8.fp8_gated_mlp(x.float(), w13[0], s13[0], w2[0], s2[0])
+    _poison()
+    out = fp8_gated_mlp_triton(x, w13[0], s13[0], w2[0], s2[0])
+    assert out.shape == (rows, 2048) and _rel(out, ref) < 2 * BF16_TOL
