@@ -49,6 +49,21 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
+def _quantize_rows(x):
+    """fp32 tile ``[R, G]`` (one token group per row) -> (its values on the e4m3 grid, still fp32; the
+    per-row scale amax / 448), exactly as ``kernels.fp8.quantize_fp8_act``.
+
+    Both divisions are IEEE round-to-nearest (``div_rn``): Triton's default fp32 division on the GPU is
+    the approximate one (up to 2 ulp), which moved values across e4m3 rounding boundaries against torch's
+    quantizer (failing the bit-for-bit test, and flipping greedy tokens of the FP8 model).
+    """
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10)
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    scaled = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
+    return _round_to_e4m3(tl.clamp(scaled, -448.0, 448.0)), scale
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, M, K, capacity, stride_xm, stride_qm, stride_sm,
                       GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr, MASKED: tl.constexpr):
     group = tl.program_id(1)
@@ -71,9 +86,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, M, K, capacity, stride_xm
     rows64 = rows.to(tl.int64)
     mask = row_mask[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10)
-    scale = amax / 448.0
-    q = _round_to_e4m3(tl.clamp(x / scale[:, None], -448.0, 448.0))
+    q, scale = _quantize_rows(x)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows64 * stride_sm + group, scale, mask=row_mask)
 
@@ -177,20 +190,21 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
     # last split's tail) load nothing: every mask is off.
     for i in range(0, KB_PER_SPLIT):
         kb = kb0 + i
-        live = kb < NUM_KB
-        k_mask = (offs_k < K - kb * BLOCK_K) & live
+        # Columns left in this K block (0 past NUM_KB): every mask below compares vectors with it, never
+        # ANDs a scalar into one (Triton 3.9's interpreter refuses masks built that way).
+        k_left = tl.where(kb < NUM_KB, K - kb * BLOCK_K, 0)
+        k_mask = offs_k < k_left
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if QUANT_A:
             # a is the unquantized activation tile (one 1x128 group per row): quantize it here, exactly
             # as _act_quant_kernel does. Few rows (decode): the redundant work per column tile is
             # cheaper than a separate quantization launch and its round trip through memory.
-            af = a.to(tl.float32)
-            a_s = tl.maximum(tl.max(tl.abs(af), axis=1), 1e-10) / 448.0
-            a = _round_to_e4m3(tl.clamp(af / a_s[:, None], -448.0, 448.0)).to(b_ptr.dtype.element_ty)
+            aq, a_s = _quantize_rows(a.to(tl.float32))
+            a = aq.to(b_ptr.dtype.element_ty)
         else:
-            a_s = tl.load(as_ptrs + kb, mask=m_mask & live, other=0.0)
+            a_s = tl.load(as_ptrs + kb, mask=m_mask & (offs_m * 0 < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        b_s = tl.load(bs_ptrs + kb, mask=n_mask & live, other=0.0)
+        b_s = tl.load(bs_ptrs + kb, mask=n_mask & (offs_n * 0 < k_left), other=0.0)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
