@@ -208,24 +208,35 @@ def default_launch_config(
 ) -> DecodeLaunchConfig:
     """Picks tiles from shapes alone (never from `seq_lens` values, so CUDA graphs stay valid).
 
-    Why these numbers (measured on one H100, bench/results/kernels_gpu.json, batch 64, context 4096):
-    16 heads per block is the smallest tile `tl.dot` takes and keeps the fp32 accumulator (16 x 512)
-    in registers: 65 % of copy_ bandwidth at 16 heads. With 128 heads the kernel is compute-bound and
-    32-head x 64-token tiles ran 1.46x faster than 16 x 32. Splits are added until the grid holds
-    about four programs per SM, but never so many that a split covers fewer than 256 tokens (the
-    merge would then cost more than the parallelism gains).
+    Why these numbers (one H200, `python -m bench.tune_gpu`, bench/results/tune_gpu_mla.json; graph-timed
+    sweeps of tile, warps, stages and splits at batch 1 / 8 / 64, context 1024 / 4096):
+    - 16 heads (TP attention): 16-head x 32-token tiles, about two programs per SM (64 x 4 splits at
+      batch 64, context 4096: 114 us, 62 % of copy_, against 135 us with four per SM); small batches fill
+      the GPU only with short splits (>= 64 tokens) and take 64-token tiles with 8 warps (13.2 vs 14.3 us).
+    - 128 heads (DP attention, compute-bound): 64-head x 64-token tiles, 8 warps, 3 stages, about three
+      programs per SM: 354 us at batch 64, context 4096 (206 TFLOP/s) against 458 us for 32-head tiles.
     """
     wide = num_heads > 16 and dtype != torch.float32
-    block_h = 32 if wide else 16
-    block_n = 16 if dtype == torch.float32 else (64 if wide else 32)
+    sms = _sm_count(device)
+    if wide:
+        block_h = 64
+        head_blocks = triton.cdiv(num_heads, block_h)
+        splits = round(3 * sms / max(1, batch * head_blocks))
+        splits = max(1, min(splits, triton.cdiv(max(max_context, 1), 128), 64))
+        return DecodeLaunchConfig(block_h=block_h, block_n=64, num_splits=splits, num_warps=8, num_stages=3)
+    block_h = 16
     head_blocks = triton.cdiv(num_heads, block_h)
-    target_programs = 4 * _sm_count(device)
-    splits = triton.cdiv(target_programs, max(1, batch * head_blocks))
+    small = batch * head_blocks <= 8
+    splits = (2 * sms) // max(1, batch * head_blocks)
     # A small batch (decode at batch 1-8) fills the GPU only with short splits: at batch 1, context 1024,
     # 256-token splits left 4 programs running for 19 us a layer on one H200 (bench.decode_step --profile).
-    min_split = 64 if batch * head_blocks <= 8 else 256
+    min_split = 64 if small else 256
     splits = max(1, min(splits, triton.cdiv(max(max_context, 1), min_split), 64))
-    return DecodeLaunchConfig(block_h=block_h, block_n=block_n, num_splits=splits, num_warps=4, num_stages=2)
+    if dtype == torch.float32:
+        return DecodeLaunchConfig(block_h=block_h, block_n=16, num_splits=splits, num_warps=4, num_stages=2)
+    if small:
+        return DecodeLaunchConfig(block_h=block_h, block_n=64, num_splits=splits, num_warps=8, num_stages=2)
+    return DecodeLaunchConfig(block_h=block_h, block_n=32, num_splits=splits, num_warps=4, num_stages=2)
 
 
 def _validate(

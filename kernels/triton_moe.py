@@ -448,9 +448,11 @@ def gated_mlp_triton(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor)
     counts = torch.full((1,), rows, dtype=torch.int32, device=x.device)
     # One expert: the grid is N / block_n programs, so narrow tiles for decode batches (64-column tiles gave
     # 22 programs for a 1408-wide shared expert, and the GEMM read its weights at a fraction of copy_).
+    # 32 columns: V2-Lite's shared experts (2816) at batch 1 took 14.8 + 13.2 us against 17.9 + 12.1 with
+    # 16 (one H200, bench/results/tune_gpu_moe_dense.json).
     config = None
     if rows <= 16 and x.dtype != torch.float32:
-        config = GemmConfig(block_m=16, block_n=16, block_k=256, group_m=1, num_warps=4, num_stages=4)
+        config = GemmConfig(block_m=16, block_n=32, block_k=256, group_m=1, num_warps=4, num_stages=4)
     out = moe_forward_masked_triton(x.unsqueeze(0), counts, gate_up.unsqueeze(0), down.unsqueeze(0), config=config,
                                     expected_rows_per_expert=rows)
     return out.squeeze(0)
