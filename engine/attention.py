@@ -57,6 +57,27 @@ class MLAttention(nn.Module):
             self.kv_b_proj.fp8_fallback = "MLA decode reads it per head (W_UK / W_UV absorbed)"
         self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, config.attention_bias, rank, size, group,
                                         dtype, device, fp8=fp8)
+        # The two projections of the hidden state (q, or V3's q_a, and kv_a) live in one [rows_q + 576, D]
+        # buffer, so a step runs them as one GEMM (one launch where decode ran two). Model-dtype weights
+        # without biases only: FP8 weights keep their own layers (and block scales).
+        self._q_in = self.q_proj if config.q_lora_rank is None else self.q_a_proj
+        self._q_kv_a: torch.Tensor | None = None
+        if self._q_in.fp8 is None and self.kv_a_proj_with_mqa.fp8 is None and not config.attention_bias:
+            rows = self._q_in.weight.shape[0]
+            self._q_kv_a = torch.empty(rows + config.kv_cache_dim, hidden, dtype=dtype, device=device)
+            self._q_in.weight = nn.Parameter(self._q_kv_a[:rows], requires_grad=False)
+            self.kv_a_proj_with_mqa.weight = nn.Parameter(self._q_kv_a[rows:], requires_grad=False)
+
+    def _project_hidden(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, or V3's q_a; kv_a) of the hidden state: one GEMM while both weights live in the fused buffer
+        (a loader may have replaced them), else two. The results are column views of one output."""
+        first, kv_a = self._q_in.weight, self.kv_a_proj_with_mqa.weight
+        fused = self._q_kv_a
+        if (fused is None or first.dtype != fused.dtype or first.data_ptr() != fused.data_ptr()
+                or kv_a.data_ptr() != fused[first.shape[0]:].data_ptr()):
+            return self._q_in(hidden), self.kv_a_proj_with_mqa(hidden)
+        both = torch.nn.functional.linear(hidden, fused)
+        return both[:, : first.shape[0]], both[:, first.shape[0]:]
 
     def _w_kc_vc(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK ``[H, nope, R]`` and W_UV ``[H, v, R]`` as views of kv_b_proj's weight."""
@@ -68,15 +89,14 @@ class MLAttention(nn.Module):
         """hidden ``[T, D]`` -> ``[T, D]``; kv_cache is this layer's view ``[num_pages, page_size, R + P]``
         (stored value x means ``x * kv_scale``)."""
         num_tokens = hidden.shape[0]
-        if self.q_lora_rank is None:
-            q = self.q_proj(hidden)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+        q, kv_a = self._project_hidden(hidden)
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(num_tokens, self.num_heads, self.qk_dim)
         q_nope = q[..., : self.nope_dim]
         # One op: the latent's RMSNorm, k_pe's RoPE, both written into the pool, and q_pe's RoPE (one kernel
         # on the GPU where the unfused code launched about twenty).
-        q_pe = kernels.mla_decode_prep(q, self.kv_a_proj_with_mqa(hidden), cos, sin, self.kv_a_layernorm.weight,
+        q_pe = kernels.mla_decode_prep(q, kv_a, cos, sin, self.kv_a_layernorm.weight,
                                        self.kv_a_layernorm.eps, kv_cache, batch.write_pages, batch.write_slots,
                                        self.nope_dim, rope.interleave, kv_scale)
 
