@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# On the GPU machine, one call: the decode step against its floor (this tree with --profile, then the landed
+# tree carried as .baseline), the GPU tests of the kernels, CUDA graphs and FP8, MLA decode with FlashMLA
+# beside the Triton tiles (when a FlashMLA extension is carried or built from .gpu_carry/, which is never
+# committed), and the FP8-weights decode step. Carry .gpu_bundle, .baseline, optionally .gpu_carry.
+# Usage: OUT=DIR bash scripts/device_step.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/runs/device_step}"
+mkdir -p "$OUT" /tmp/device_step_logs
+source scripts/device_lib.sh
+OUT_SAVED=$OUT OUT=/tmp/device_step_logs
+start=$(date +%s)
+left() { local l=$(($1 - ($(date +%s) - start))); echo $((l > 20 ? l : 20)); }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/00_env.log"
+if [ -f .gpu_carry/flash_mla_dense.so ]; then
+    export TANDEM_FLASHMLA_SO=$PWD/.gpu_carry/flash_mla_dense.so
+elif [ -f .gpu_carry/build_flashmla.py ]; then
+    (python3 .gpu_carry/build_flashmla.py "$OUT_SAVED" >"$OUT/00_build_flashmla.log" 2>&1; echo "rc $?" >>"$OUT/00_build_flashmla.log") &
+    build_pid=$!
+fi
+DS="--device cuda --model-config v2-lite --load-format dummy --batch-sizes 1,8,64 --context 1024"
+step 01_decode_step 110 env TANDEM_MLA_DECODE=triton python3 -m bench.decode_step $DS --profile \
+    --out "$OUT_SAVED/decode_step_gpu.json"
+if [ -d .baseline ]; then
+    step 02_decode_step_landed 110 env PYTHONPATH="$PWD/.baseline:$SITE" bash -c "cd .baseline && python3 -m \
+bench.decode_step $DS --out $OUT_SAVED/decode_step_gpu_landed.json"
+fi
+step 03_pytest_gpu $(left 380) python3 -m pytest -q -p no:cacheprovider -rf --tb=short -m gpu -x \
+    tests/test_fp8_gpu.py tests/test_kernels_decode_fused.py tests/test_cuda_graph.py tests/test_kernels_gpu.py
+if [ -n "${build_pid:-}" ]; then
+    timeout 30 tail --pid=$build_pid -f /dev/null
+    tail -3 "$OUT/00_build_flashmla.log"
+    [ -f "$OUT_SAVED/flash_mla_dense.so" ] && export TANDEM_FLASHMLA_SO=$OUT_SAVED/flash_mla_dense.so
+fi
+[ -n "${TANDEM_FLASHMLA_SO:-}" ] && step 04_tune_mla $(left 500) python3 -m bench.tune_gpu --only mla16,mla128 \
+    --out "$OUT_SAVED/tune_gpu_mla.json"
+step 05_decode_step_fp8 $(left 585) python3 -m bench.decode_step $DS --quantization fp8 \
+    --out "$OUT_SAVED/decode_step_gpu_fp8.json"
+OUT=$OUT_SAVED
+cat /tmp/device_step_logs/*.log >"$OUT/device_step.log"
+exit $status
