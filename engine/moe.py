@@ -162,15 +162,21 @@ class LocalDispatcher:
 def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                        w13: torch.Tensor, w2: torch.Tensor, add: torch.Tensor | None = None,
                        fp8_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
+                       block_size: tuple[int, int] = (128, 128),
+                       shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``kernels.moe_forward``'s contract (plus ``add``, summed in), computed with fixed shapes and no host
     sync (CUDA graphs): the (token, slot) rows scattered into the masked layout ``[E, T, D]`` with per-expert
     counts, ``kernels.moe_forward_masked``, then each token's rows summed back in float32 in ascending expert
     order, as the contiguous reference sums (``kernels.decode_fused``). Four kernels on the GPU.
-    ``fp8_scales`` (w13's and w2's block scales): FP8 experts, run by ``kernels.fp8_moe_forward_masked``."""
+    ``fp8_scales`` (w13's and w2's block scales): FP8 experts, run by ``kernels.fp8_moe_forward_masked``.
+    ``shared`` (model-dtype experts only): the shared experts' fused gate/up and down weights, run over every
+    token in the routed experts' launches and summed in (instead of ``add``)."""
     num_experts = w13.shape[0]
     rows, counts, dest = kernels.moe_scatter_rows(hidden, topk_ids.contiguous(), num_experts)
-    if fp8_scales is None:
+    if shared is not None:
+        assert fp8_scales is None and add is None
+        y, add = kernels.moe_forward_masked_shared(rows, counts, w13, w2, hidden, shared[0], shared[1])
+    elif fp8_scales is None:
         y = kernels.moe_forward_masked(rows, counts, w13, w2)
     else:
         y = kernels.fp8_moe_forward_masked(rows, counts, w13, fp8_scales[0], w2, fp8_scales[1], block_size)
@@ -230,6 +236,17 @@ class MoEBlock(nn.Module):
         return kernels.fp8_moe_forward(hidden, topk_ids, topk_weights, self.w13, self.w13_scale_inv, self.w2,
                                        self.w2_scale_inv, self.fp8.block_size)
 
+    def _fused_shared_weights(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The shared experts' (gate/up, down) weights when they can ride in the routed experts' launches:
+        model-dtype weights still in their fused buffer, no bias, a decode-sized batch."""
+        mlp = self.shared_experts
+        if mlp is None or self.fp8 is not None or mlp.fp8 is not None or hidden.shape[0] > FUSED_MLP_MAX_TOKENS:
+            return None
+        gate_up = mlp._gate_up_weight()
+        if gate_up is None or mlp.gate_proj.bias is not None or mlp.down_proj.bias is not None:
+            return None
+        return gate_up, mlp.down_proj.weight
+
     def forward(self, hidden: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
         """``graph_safe``: CUDA-graph decode (engine.cuda_graph) — the experts run on the masked
         fixed-capacity layout (``moe_forward_static``), which has no host sync and no data-dependent shape."""
@@ -241,6 +258,11 @@ class MoEBlock(nn.Module):
         topk_weights, topk_ids = self.gate(hidden)
         dispatched = self.dispatcher.dispatch(hidden, topk_ids, topk_weights)
         if graph_safe:  # the local dispatcher (checked above): the shared output is summed in the combine
+            fused = self._fused_shared_weights(hidden)
+            if fused is not None:
+                expert_out = moe_forward_static(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights,
+                                                self.w13, self.w2, shared=fused)
+                return self.dispatcher.combine(expert_out, dispatched)
             shared = self.shared_experts(hidden) if self.shared_experts is not None else None
             expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, True, shared)
             return self.dispatcher.combine(expert_out, dispatched)

@@ -24,6 +24,7 @@ _FAST: dict[str, tuple[str, str]] = {
     "mla_decode_attention": ("kernels.triton_mla_decode", "mla_decode_attention_triton"),
     "moe_forward": ("kernels.triton_moe", "moe_forward_gpu"),
     "moe_forward_masked": ("kernels.triton_moe", "moe_forward_masked_triton"),
+    "moe_forward_masked_shared": ("kernels.triton_moe", "moe_forward_masked_shared_triton"),
     "rms_norm": ("kernels.triton_norm", "rms_norm_triton"),
     "quantize_fp8_act": ("kernels.triton_fp8", "quantize_fp8_act_triton"),
     "fp8_linear": ("kernels.triton_fp8", "fp8_linear_triton"),
@@ -43,6 +44,7 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "mla_decode_attention": mla.mla_decode_attention,
     "moe_forward": moe.moe_forward,
     "moe_forward_masked": moe.moe_forward_masked,
+    "moe_forward_masked_shared": moe.moe_forward_masked_shared,
     "rms_norm": norm.rms_norm,
     "quantize_fp8_act": fp8.quantize_fp8_act,
     "fp8_linear": fp8.fp8_linear,
@@ -89,6 +91,12 @@ def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
 
 def moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return get_op("moe_forward_masked", x)(x, counts, w13, w2)
+
+
+def moe_forward_masked_shared(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                              hidden: torch.Tensor, shared_gate_up: torch.Tensor,
+                              shared_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return get_op("moe_forward_masked_shared", x)(x, counts, w13, w2, hidden, shared_gate_up, shared_down)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

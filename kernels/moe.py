@@ -76,3 +76,12 @@ def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> tor
     Gate and up are separate products, as two linear layers compute them (the same bits)."""
     half = gate_up.shape[0] // 2
     return F.linear(F.silu(F.linear(x, gate_up[:half])) * F.linear(x, gate_up[half:]), down)
+
+
+def moe_forward_masked_shared(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                              hidden: torch.Tensor, shared_gate_up: torch.Tensor,
+                              shared_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moe_forward_masked`` and the layer's shared experts (``gated_mlp`` over ``hidden``) together:
+    (routed output ``[E, capacity, D]``, shared output ``[capacity, D]``). The GPU runs both in the
+    same two grouped-GEMM launches."""
+    return moe_forward_masked(x, counts, w13, w2), gated_mlp(hidden, shared_gate_up, shared_down)

@@ -51,6 +51,16 @@ def _moe_gemm_kernel(
     stride_ce,
     stride_cm,
     stride_cn,
+    num_experts,
+    x_a_ptr,
+    x_b_ptr,
+    x_c_ptr,
+    x_n,
+    x_k,
+    stride_xam,
+    stride_xbn,
+    stride_xcm,
+    tile_n,
     A_ROW_DIV: tl.constexpr,
     GATED: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
@@ -61,9 +71,14 @@ def _moe_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    EXTRA: tl.constexpr,
 ):
+    # EXTRA (masked layout only): grid column `num_experts` runs one more "expert" with its own operands
+    # (x_*: activation [capacity, x_k] whose rows are all valid, weight [x_n (x2 if GATED), x_k], output
+    # [capacity, x_n]): a layer's shared experts ride in the routed experts' launch. `tile_n` columns are
+    # tiled (the wider of the two); programs past their expert's width return at once.
     pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_n = tl.cdiv(tile_n, BLOCK_N)
     if MASKED:
         num_m = tl.cdiv(capacity, BLOCK_M)
     else:
@@ -80,11 +95,31 @@ def _moe_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
 
+    n_cols = N
+    k_dim = K
+    a_stride = stride_am
+    b_stride = stride_bn
+    c_stride = stride_cm
     if MASKED:
         expert = tl.program_id(1).to(tl.int64)
-        count = tl.load(counts_ptr + expert)
         a_base = a_ptr + expert * stride_ae
+        b_base = b_ptr + expert * stride_be
         c_base = c_ptr + expert * stride_ce
+        count = tl.load(counts_ptr + expert, mask=expert < num_experts, other=0)
+        if EXTRA:
+            if expert == num_experts:
+                count = capacity
+                a_base = x_a_ptr
+                b_base = x_b_ptr
+                c_base = x_c_ptr
+                n_cols = x_n
+                k_dim = x_k
+                a_stride = stride_xam
+                b_stride = stride_xbn
+                c_stride = stride_xcm
+        if pid_n * BLOCK_N >= n_cols:
+            return
+        n_mask = offs_n < n_cols
         a_rows = offs_m.to(tl.int64)
         c_rows = a_rows
         row_mask = offs_m < count
@@ -95,7 +130,7 @@ def _moe_gemm_kernel(
             if ZERO_TAIL:
                 zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
                 tl.store(
-                    c_base + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+                    c_base + c_rows[:, None] * c_stride + offs_n[None, :] * stride_cn,
                     zero,
                     mask=store_mask[:, None] & n_mask[None, :],
                 )
@@ -107,23 +142,24 @@ def _moe_gemm_kernel(
         rows = tl.load(sorted_rows_ptr + offs_m)
         row_mask = rows < num_valid_rows
         a_base = a_ptr
+        b_base = b_ptr + expert * stride_be
         c_base = c_ptr
         a_rows = (rows // A_ROW_DIV).to(tl.int64)
         c_rows = rows.to(tl.int64)
         store_mask = row_mask
 
-    a_ptrs = a_base + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    a_ptrs = a_base + a_rows[:, None] * a_stride + offs_k[None, :] * stride_ak
+    b_ptrs = b_base + offs_k[:, None] * stride_bk + offs_n[None, :] * b_stride
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k < K - k0 * BLOCK_K
+    for k0 in range(0, tl.cdiv(k_dim, BLOCK_K)):
+        k_mask = offs_k < k_dim - k0 * BLOCK_K
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
             # w13 holds the gate rows then the up rows: the up partner of column n is row N + n.
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            b_up = tl.load(b_ptrs + n_cols * b_stride, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -134,7 +170,7 @@ def _moe_gemm_kernel(
         w = tl.load(weight_ptr + c_rows, mask=row_mask, other=0.0)
         acc = acc * w[:, None].to(tl.float32)
     tl.store(
-        c_base + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+        c_base + c_rows[:, None] * c_stride + offs_n[None, :] * stride_cn,
         acc.to(c_ptr.dtype.element_ty),
         mask=store_mask[:, None] & n_mask[None, :],
     )
@@ -262,9 +298,10 @@ def _launch_contiguous(
         0, a.stride(0), a.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
         0, out.stride(0), out.stride(1),
+        w.shape[0], a, w, out, 0, 0, 0, 0, 0, n,
         A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=weights is not None, MASKED=False, ZERO_TAIL=False,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        DOT_PRECISION=_dot_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=_dot_precision(a.dtype), EXTRA=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
@@ -366,12 +403,45 @@ def moe_forward_masked_triton(
     return out
 
 
+def moe_forward_masked_shared_triton(
+    x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, hidden: torch.Tensor,
+    shared_gate_up: torch.Tensor, shared_down: torch.Tensor, expected_rows_per_expert: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels.moe.moe_forward_masked_shared`: the masked MoE with the layer's shared experts (one dense
+    gated MLP over every token of `hidden` ``[capacity, D]``) as one more expert of the same two launches,
+    CUDA-graph safe. Two launches where the routed and shared experts took four."""
+    num_experts = _validate_weights(x.shape[2], w13, w2, x.dtype)
+    capacity = x.shape[1]
+    inter_dim = shared_down.shape[1]
+    if (x.shape[0] != num_experts or hidden.shape != (capacity, x.shape[2]) or hidden.stride(1) != 1
+            or shared_gate_up.shape != (2 * inter_dim, x.shape[2]) or shared_gate_up.dtype != x.dtype
+            or shared_down.dtype != x.dtype or shared_gate_up.stride(1) != 1 or shared_down.stride(1) != 1):
+        from kernels.moe import moe_forward_masked_shared
+
+        return moe_forward_masked_shared(x, counts, w13, w2, hidden, shared_gate_up, shared_down)
+    hint = min(capacity, 16) if expected_rows_per_expert is None else expected_rows_per_expert
+    cfg = default_gemm_config(hint, x.dtype)
+    inter = torch.empty((num_experts, capacity, w2.shape[2]), dtype=x.dtype, device=x.device)
+    shared_inter = torch.empty((capacity, inter_dim), dtype=x.dtype, device=x.device)
+    _launch_masked(x, w13, inter, counts, True, cfg, (hidden, shared_gate_up, shared_inter))
+    out = torch.empty_like(x)
+    shared_out = torch.empty_like(hidden)
+    _launch_masked(inter, w2, out, counts, False, cfg, (shared_inter, shared_down, shared_out))
+    return out, shared_out
+
+
 def _launch_masked(
-    a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, counts: torch.Tensor, gated: bool, cfg: GemmConfig
+    a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, counts: torch.Tensor, gated: bool, cfg: GemmConfig,
+    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
+    """One masked launch; ``extra`` = (activation ``[cap, K']``, weight ``[N' (x2 gated), K']``, output
+    ``[cap, N']``) adds one more expert whose every row is valid (the kernel's EXTRA)."""
     n = w.shape[1] // 2 if gated else w.shape[1]
     capacity = a.shape[1]
-    grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(n, cfg.block_n), a.shape[0])
+    xa, xw, xc = extra if extra is not None else (a, w, out)
+    x_n = (xw.shape[0] // 2 if gated else xw.shape[0]) if extra is not None else n
+    tile_n = max(n, x_n)
+    grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(tile_n, cfg.block_n), a.shape[0] + (extra is not None))
     _moe_gemm_kernel[grid](
         a, w, out, out,
         counts, counts, counts, counts,
@@ -379,9 +449,11 @@ def _launch_masked(
         a.stride(0), a.stride(1), a.stride(2),
         w.stride(0), w.stride(1), w.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+        a.shape[0], xa, xw, xc, x_n, xa.shape[-1], xa.stride(-2), xw.stride(-2), xc.stride(-2), tile_n,
         A_ROW_DIV=1, GATED=gated, MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        DOT_PRECISION=_dot_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=_dot_precision(a.dtype), EXTRA=extra is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
 
 

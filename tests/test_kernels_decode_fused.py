@@ -174,3 +174,34 @@ def test_the_dense_mlp_as_one_expert_of_the_grouped_gemm_equals_three_linears(ro
     down = (torch.randn(2048, 1408, device="cuda", generator=g) * 0.02).bfloat16()
     got, ref = gated_mlp_triton(x, gate_up, down).float(), gated_mlp(x, gate_up, down).float()
     assert float((got - ref).norm() / ref.norm()) < 1e-2
+
+
+SHARED_CHECK = """
+import json, torch
+from kernels.moe import moe_forward_masked_shared
+from kernels.triton_moe import moe_forward_masked_shared_triton
+
+g = torch.Generator().manual_seed(3)
+experts, cap, dim, inter, shared_inter = 4, 5, 64, 32, 48
+x = torch.randn(experts, cap, dim, generator=g)
+counts = torch.tensor([2, 0, 5, 1], dtype=torch.int32)
+for e, c in enumerate(counts.tolist()):
+    x[e, c:] = float("nan")  # never read
+w13 = torch.randn(experts, 2 * inter, dim, generator=g) * 0.1
+w2 = torch.randn(experts, dim, inter, generator=g) * 0.1
+hidden = torch.randn(cap, dim, generator=g)
+gate_up = torch.randn(2 * shared_inter, dim, generator=g) * 0.1
+down = torch.randn(dim, shared_inter, generator=g) * 0.1
+y, s = moe_forward_masked_shared_triton(x, counts, w13, w2, hidden, gate_up, down)
+ry, rs = moe_forward_masked_shared(x, counts, w13, w2, hidden, gate_up, down)
+valid = (torch.arange(cap)[None, :] < counts[:, None])[..., None]
+print(json.dumps({"routed": float((torch.where(valid, y - ry, 0.0)).abs().max()),
+                  "tail_zero": bool((torch.where(valid, 0.0, y) == 0).all()),
+                  "shared": float((s - rs).abs().max())}))
+"""
+
+
+@needs_triton
+def test_shared_experts_in_the_routed_launch_equal_the_separate_references_interpreted() -> None:
+    result = _interpreted(SHARED_CHECK)
+    assert result["routed"] < 1e-4 and result["shared"] < 1e-4 and result["tail_zero"], result
