@@ -49,7 +49,9 @@ def quantize_fp8_act(x: torch.Tensor, group_size: int = BLOCK) -> tuple[torch.Te
     if groups * group_size != k:
         xf = F.pad(xf, (0, groups * group_size - k))
     g = xf.view(*x.shape[:-1], groups, group_size)
-    scale = g.abs().amax(dim=-1).clamp(min=AMAX_EPS) / FP8_MAX
+    # Times the float32 reciprocal, not a division: that is what torch computes for a tensor divided by a
+    # scalar on CUDA, so this reference gives the same bits on every device (and the Triton kernels match it).
+    scale = g.abs().amax(dim=-1).clamp(min=AMAX_EPS) * (1.0 / FP8_MAX)
     q = (g / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     q = q.view(*x.shape[:-1], groups * group_size)[..., :k].contiguous()
     return q, scale

@@ -53,12 +53,13 @@ def _quantize_rows(x):
     """fp32 tile ``[R, G]`` (one token group per row) -> (its values on the e4m3 grid, still fp32; the
     per-row scale amax / 448), exactly as ``kernels.fp8.quantize_fp8_act``.
 
-    Both divisions are IEEE round-to-nearest (``div_rn``): Triton's default fp32 division on the GPU is
-    the approximate one (up to 2 ulp), which moved values across e4m3 rounding boundaries against torch's
-    quantizer (failing the bit-for-bit test, and flipping greedy tokens of the FP8 model).
+    The scale is amax times the float32 reciprocal of 448 (the reference's arithmetic); the division by it
+    is IEEE round-to-nearest (``div_rn``): Triton's default fp32 division on the GPU is the approximate one
+    (up to 2 ulp), which moved values across e4m3 rounding boundaries against torch's quantizer (failing the
+    bit-for-bit test on the H200, and flipping greedy tokens of the FP8 model).
     """
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10)
-    scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    scale = amax * (1.0 / 448.0)
     scaled = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
     return _round_to_e4m3(tl.clamp(scaled, -448.0, 448.0)), scale
 

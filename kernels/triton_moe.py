@@ -105,10 +105,10 @@ def _moe_gemm_kernel(
         a_base = a_ptr + expert * stride_ae
         b_base = b_ptr + expert * stride_be
         c_base = c_ptr + expert * stride_ce
-        count = tl.load(counts_ptr + expert, mask=expert < num_experts, other=0)
+        count = tl.load(counts_ptr + expert, mask=expert < num_experts, other=0).to(tl.int32)
         if EXTRA:
             if expert == num_experts:
-                count = capacity
+                count = tl.zeros_like(count) + capacity  # a tensor either way (capacity 1 is a constant)
                 a_base = x_a_ptr
                 b_base = x_b_ptr
                 c_base = x_c_ptr
