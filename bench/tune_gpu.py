@@ -61,9 +61,11 @@ def moe_configs(tokens: int, shared: bool) -> list[GemmConfig]:
     return out
 
 
-def mla_configs(batch: int, heads: int, context: int) -> list[DecodeLaunchConfig]:
+def mla_configs(batch: int, heads: int, context: int, quick: bool = False) -> list[DecodeLaunchConfig]:
     base = default_launch_config(batch, heads, context, torch.bfloat16, torch.device("cuda"))
     out = [base]
+    if quick:
+        return out
     splits = sorted({max(1, base.num_splits // 2), base.num_splits, min(64, base.num_splits * 2)})
     if heads > 16:
         splits = sorted({base.num_splits, min(64, base.num_splits * 2)})
@@ -191,7 +193,7 @@ def graph_ms(fn: Any) -> dict[str, float]:
     return {"ms": p50, "p20_ms": p20, "p80_ms": p80}
 
 
-def all_cases(only: set[str]) -> list[tuple[str, dict[str, Any], Any]]:
+def all_cases(only: set[str], quick: bool = False) -> list[tuple[str, dict[str, Any], Any]]:
     cases: list[tuple[str, dict[str, Any], Any]] = []
     if "moe" in only:
         for tokens in (1, 8, 64):
@@ -210,7 +212,7 @@ def all_cases(only: set[str]) -> list[tuple[str, dict[str, Any], Any]]:
             continue
         shapes = [(1, 1024), (8, 1024), (64, 1024), (64, 4096)] if heads == 16 else [(64, 4096), (8, 1024), (64, 1024)]
         for batch, context in shapes:
-            for cfg in ([None] if _extension() is not None else []) + mla_configs(batch, heads, context):
+            for cfg in ([None] if _extension() is not None else []) + mla_configs(batch, heads, context, quick):
                 cases.append((name, {"batch": batch, "heads": heads, "context": context}, cfg))
     return cases
 
@@ -237,10 +239,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--jobs", type=int, default=12)
+    parser.add_argument("--quick", action="store_true", help="MLA: the default tile (and FlashMLA) only")
     parser.add_argument("--only", default="moe,dense,mla16,mla128")
     args = parser.parse_args()
     only = set(args.only.split(","))
-    cases = all_cases(only)
+    cases = all_cases(only, args.quick)
     started = time.monotonic()
     log(f"{len(cases)} configurations; compiling with {args.jobs} processes")
     with mp.get_context("spawn").Pool(args.jobs) as pool:

@@ -20,22 +20,22 @@ elif [ -f .gpu_carry/build_flashmla.py ]; then
     build_pid=$!
 fi
 DS="--device cuda --model-config v2-lite --load-format dummy --batch-sizes 1,8,64 --context 1024"
-step 01_decode_step 110 env TANDEM_MLA_DECODE=triton python3 -m bench.decode_step $DS --profile \
+step 01_decode_step 100 env TANDEM_MLA_DECODE=triton python3 -m bench.decode_step $DS --profile \
     --out "$OUT_SAVED/decode_step_gpu.json"
 if [ -d .baseline ]; then
-    step 02_decode_step_landed 110 env PYTHONPATH="$PWD/.baseline:$SITE" bash -c "cd .baseline && python3 -m \
+    step 02_decode_step_landed 90 env PYTHONPATH="$PWD/.baseline:$SITE" bash -c "cd .baseline && python3 -m \
 bench.decode_step $DS --out $OUT_SAVED/decode_step_gpu_landed.json"
 fi
-step 03_pytest_gpu $(left 380) python3 -m pytest -q -p no:cacheprovider -rf --tb=short -m gpu -x \
-    tests/test_fp8_gpu.py tests/test_kernels_decode_fused.py tests/test_cuda_graph.py tests/test_kernels_gpu.py
+step 03_pytest_gpu $(left 300) python3 -m pytest -q -p no:cacheprovider -rf --tb=short -m gpu -x \
+    tests/test_cuda_graph.py tests/test_kernels_decode_fused.py tests/test_fp8_gpu.py
 if [ -n "${build_pid:-}" ]; then
     timeout 30 tail --pid=$build_pid -f /dev/null
     tail -3 "$OUT/00_build_flashmla.log"
     [ -f "$OUT_SAVED/flash_mla_dense.so" ] && export TANDEM_FLASHMLA_SO=$OUT_SAVED/flash_mla_dense.so
 fi
-[ -n "${TANDEM_FLASHMLA_SO:-}" ] && step 04_tune_mla $(left 500) python3 -m bench.tune_gpu --only mla16,mla128 \
+[ -n "${TANDEM_FLASHMLA_SO:-}" ] && step 04_tune_mla $(left 370) python3 -m bench.tune_gpu --quick --only mla16,mla128 \
     --out "$OUT_SAVED/tune_gpu_mla.json"
-step 05_decode_step_fp8 $(left 585) python3 -m bench.decode_step $DS --quantization fp8 \
+step 05_decode_step_fp8 $(left 440) python3 -m bench.decode_step $DS --quantization fp8 \
     --out "$OUT_SAVED/decode_step_gpu_fp8.json"
 OUT=$OUT_SAVED
 cat /tmp/device_step_logs/*.log >"$OUT/device_step.log"
