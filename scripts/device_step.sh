@@ -26,7 +26,7 @@ if [ -d .baseline ]; then
     step 02_decode_step_landed 90 env PYTHONPATH="$PWD/.baseline:$SITE" bash -c "cd .baseline && python3 -m \
 bench.decode_step $DS --out $OUT_SAVED/decode_step_gpu_landed.json"
 fi
-step 03_pytest_gpu $(left 300) python3 -m pytest -q -p no:cacheprovider -rf --tb=short -m gpu -x \
+step 03_pytest_gpu $(left 300) python3 -m pytest -q -p no:cacheprovider -rf --tb=line -m gpu \
     tests/test_cuda_graph.py tests/test_kernels_decode_fused.py tests/test_fp8_gpu.py
 if [ -n "${build_pid:-}" ]; then
     timeout 30 tail --pid=$build_pid -f /dev/null
