@@ -20,14 +20,14 @@ elif [ -f .gpu_carry/build_flashmla.py ]; then
     build_pid=$!
 fi
 DS="--device cuda --model-config v2-lite --load-format dummy --batch-sizes 1,8,64 --context 1024"
-step 01_decode_step 100 env TANDEM_MLA_DECODE=triton python3 -m bench.decode_step $DS --profile \
+step 01_decode_step 75 env TANDEM_MLA_DECODE=triton python3 -m bench.decode_step $DS --profile \
     --out "$OUT_SAVED/decode_step_gpu.json"
 if [ -d .baseline ]; then
-    step 02_decode_step_landed 90 env PYTHONPATH="$PWD/.baseline:$SITE" bash -c "cd .baseline && python3 -m \
+    step 02_decode_step_landed 60 env PYTHONPATH="$PWD/.baseline:$SITE" bash -c "cd .baseline && python3 -m \
 bench.decode_step $DS --out $OUT_SAVED/decode_step_gpu_landed.json"
 fi
-step 03_pytest_gpu $(left 300) python3 -m pytest -q -p no:cacheprovider -rf --tb=line -m gpu \
-    tests/test_cuda_graph.py tests/test_kernels_decode_fused.py tests/test_fp8_gpu.py
+step 03_pytest_gpu $(left ${TESTS_UNTIL:-300}) python3 -m pytest -q -p no:cacheprovider -rf --tb=line -m gpu \
+    tests/test_cuda_graph.py tests/test_kernels_decode_fused.py tests/test_fp8_gpu.py ${TESTS_K:+-k "$TESTS_K"}
 if [ -n "${build_pid:-}" ]; then
     timeout 30 tail --pid=$build_pid -f /dev/null
     tail -3 "$OUT/00_build_flashmla.log"
@@ -35,7 +35,7 @@ if [ -n "${build_pid:-}" ]; then
 fi
 [ -n "${TANDEM_FLASHMLA_SO:-}" ] && step 04_tune_mla $(left 370) python3 -m bench.tune_gpu --quick --only mla16,mla128 \
     --out "$OUT_SAVED/tune_gpu_mla.json"
-step 05_decode_step_fp8 $(left 440) python3 -m bench.decode_step $DS --quantization fp8 \
+[ -z "${SKIP_FP8_STEP:-}" ] && step 05_decode_step_fp8 $(left 440) python3 -m bench.decode_step $DS --quantization fp8 \
     --out "$OUT_SAVED/decode_step_gpu_fp8.json"
 OUT=$OUT_SAVED
 cat /tmp/device_step_logs/*.log >"$OUT/device_step.log"
