@@ -115,7 +115,7 @@ class TopKRouter(nn.Module):
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden ``[T, D]`` -> (topk_weights float32 ``[T, K]``, topk_ids int64 ``[T, K]``, global ids)."""
         cfg = self.config
-        logits = kernels.router_logits(hidden, self.weight)
+        logits = F.linear(hidden.float(), self.weight)
         return kernels.router_topk(logits, self.e_score_correction_bias, self.top_k, cfg.scoring_func,
                                    cfg.topk_method, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
                                    cfg.routed_scaling_factor)

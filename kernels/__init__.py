@@ -33,7 +33,6 @@ _FAST: dict[str, tuple[str, str]] = {
     "fp8_gated_mlp": ("kernels.triton_fp8", "fp8_gated_mlp_triton"),
     "add_rms_norm": ("kernels.triton_decode_fused", "add_rms_norm_triton"),
     "mla_decode_prep": ("kernels.triton_decode_fused", "mla_decode_prep_triton"),
-    "router_logits": ("kernels.triton_decode_fused", "router_logits_triton"),
     "router_topk": ("kernels.triton_decode_fused", "router_topk_triton"),
     "moe_scatter_rows": ("kernels.triton_decode_fused", "moe_scatter_rows_triton"),
     "moe_combine": ("kernels.triton_decode_fused", "moe_combine_triton"),
@@ -53,7 +52,6 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "fp8_gated_mlp": fp8.fp8_gated_mlp,
     "add_rms_norm": decode_fused.add_rms_norm,
     "mla_decode_prep": decode_fused.mla_decode_prep,
-    "router_logits": decode_fused.router_logits,
     "router_topk": decode_fused.router_topk,
     "moe_scatter_rows": decode_fused.moe_scatter_rows,
     "moe_combine": decode_fused.moe_combine,
@@ -144,10 +142,6 @@ def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin:
                     kv_scale: float = 1.0) -> torch.Tensor:
     return get_op("mla_decode_prep", q)(q, kv_a, cos, sin, norm_weight, eps, kv_cache, write_pages, write_slots,
                                         nope_dim, interleave, kv_scale)
-
-
-def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return get_op("router_logits", hidden)(hidden, weight)
 
 
 def router_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring: str, method: str,

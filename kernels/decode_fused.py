@@ -18,7 +18,6 @@ of the unfused code it replaces (same roundings in the same order), so the CPU p
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kernels.norm import rms_norm
 
@@ -64,12 +63,6 @@ def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin:
     else:
         kv_cache[write_pages, write_slots] = values.to(kv_cache.dtype)
     return rope_rotate(q[..., nope_dim:], cos, sin, interleave)
-
-
-def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The router's GEMM: hidden ``[T, D]`` (any float dtype) times the float32 weight ``[E, D]``, in float32
-    (routing is decided on these values, so they are never computed in the activation dtype)."""
-    return F.linear(hidden.float(), weight)
 
 
 def router_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring: str, method: str,

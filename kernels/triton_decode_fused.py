@@ -132,45 +132,6 @@ def mla_decode_prep_triton(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tenso
 
 
 @triton.jit
-def _router_logits_kernel(h_ptr, w_ptr, out_ptr, num_tokens, num_experts, dim, stride_h, stride_w, stride_o,
-                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One program per (expert block, token block): the cast of the activation to float32 happens on load,
-    # so the step runs one kernel where it ran a cast and cuBLAS's two-kernel float32 GEMV.
-    experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    tokens = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_k = tl.arange(0, BLOCK_K)
-    e_mask = experts < num_experts
-    t_mask = tokens < num_tokens
-    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    for k0 in range(0, dim, BLOCK_K):
-        k_mask = (k0 + offs_k) < dim
-        h = tl.load(h_ptr + tokens.to(tl.int64)[:, None] * stride_h + (k0 + offs_k)[None, :],
-                    mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + experts.to(tl.int64)[:, None] * stride_w + (k0 + offs_k)[None, :],
-                    mask=e_mask[:, None] & k_mask[None, :], other=0.0)
-        # Full float32 products ("ieee", not tf32): routing ties must break as the reference's do.
-        acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
-    tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_o + experts[None, :], acc,
-             mask=t_mask[:, None] & e_mask[None, :])
-
-
-def router_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if (hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or weight.dtype != torch.float32
-            or hidden.stride(1) != 1 or weight.stride(1) != 1 or hidden.shape[0] > 256):
-        return decode_fused.router_logits(hidden, weight)  # prefill-sized batches: cuBLAS
-    tokens, experts = hidden.shape[0], weight.shape[0]
-    out = torch.empty((tokens, experts), dtype=torch.float32, device=hidden.device)
-    if tokens == 0 or experts == 0:
-        return out
-    block_t = 16 if tokens <= 16 else 32
-    grid = (triton.cdiv(experts, 16), triton.cdiv(tokens, block_t))
-    _router_logits_kernel[grid](hidden, weight, out, tokens, experts, hidden.shape[1], hidden.stride(0),
-                                weight.stride(0), out.stride(0), BLOCK_T=block_t, BLOCK_E=16, BLOCK_K=128,
-                                num_warps=4)
-    return out
-
-
-@triton.jit
 def _router_topk_kernel(
     logits_ptr, bias_ptr, w_out_ptr, id_out_ptr, stride_l, num_experts, group_size, scaling,
     TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_E: tl.constexpr,

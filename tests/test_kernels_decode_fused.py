@@ -108,11 +108,6 @@ def run(device, dtype):
         "v3": (256, 8, "sigmoid", "noaux_tc", 8, 4, True, 2.5, True),
     }.items():
         logits = (torch.randn(33, experts, generator=g) * 3).to(device)
-        for tokens in (1, 33):
-            hidden = rnd(tokens, 300)
-            weight = (torch.randn(experts, 300, generator=g) * 0.1).to(device)
-            out[f"router_logits_{name}_{tokens}"] = err(fast.router_logits_triton(hidden, weight),
-                                                        ref.router_logits(hidden, weight))
         b = (torch.randn(experts, generator=g) * 0.5).to(device) if bias else None
         w1, i1 = fast.router_topk_triton(logits, b, k, scoring, method, groups, topk_group, norm, scale)
         w2, i2 = ref.router_topk(logits, b, k, scoring, method, groups, topk_group, norm, scale)
@@ -143,7 +138,7 @@ def run(device, dtype):
 @needs_triton
 def test_triton_kernels_equal_the_references_in_float32_interpreted() -> None:
     result = _interpreted(CHECKS + "\nprint(json.dumps(run('cpu', torch.float32)))\n")
-    assert len(result) == 19
+    assert len(result) == 13
     for case, error in result.items():
         assert error < 1e-4, (case, error)
 
