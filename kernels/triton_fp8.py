@@ -43,9 +43,13 @@ def _round_to_e4m3(v):
     # Normal range: keep 3 of fp32's 23 mantissa bits, round half to even (the carry may bump the exponent).
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = ~0xFFFFF
     normal = bits.to(tl.float32, bitcast=True)
-    # e4m3 subnormals (|v| < 2^-6) sit on a 2^-9 grid: adding 1.5 * 2^14 rounds to it in fp32.
-    sub = (v + 24576.0) - 24576.0
-    return tl.where(tl.abs(v) < 0.015625, sub, normal)
+    # e4m3 subnormals (|v| < 2^-6) sit on a 2^-9 grid: adding 1.5 * 2^14 rounds to it in fp32. Rounded as a
+    # magnitude and signed after, so a tiny negative value becomes -0 as torch's cast makes it (byte 0x80;
+    # rounding v itself gave +0: equal values, different bytes, seen on the H100).
+    mag = tl.abs(v)
+    sub = (mag + 24576.0) - 24576.0
+    sub = tl.where(v < 0, -sub, sub)
+    return tl.where(mag < 0.015625, sub, normal)
 
 
 @triton.jit
