@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         role_args = {
             # DESIGN.md: decode runs EP in low-latency mode (fixed per-rank budgets, the masked layout) on
             # every backend; prefill and colocated serving keep high-throughput.
-            "engine": dataclasses.replace(engine_args(args), ep_mode="low_latency"),
+            # Decode pages come from prefill instances: no prefix cache here (decode-side reuse is not
+            # built), so --disable-prefix-cache changes nothing on a decode worker.
+            "engine": dataclasses.replace(engine_args(args), ep_mode="low_latency", prefix_cache=False),
             "kv": kv,
             "info": {"transfer_backend": args.transfer_backend, "kv_connector": kv.connector,
                      "ep_mode": "low_latency"},

@@ -6,6 +6,10 @@ request. Prefill goes first (as SGLang's default): new requests join the running
 their prompt is in, at the price of a decode pause while a prefill runs. Pages for a request's whole life (prompt + max_new_tokens) are taken at admission, so a
 running request never waits for memory and nothing needs preempting.
 
+With the pool's prefix cache (``engine.prefix_cache``), admission first takes the cached pages of the
+prompt's longest cached full-page prefix and the prefill computes only the tokens after it (chunked as
+usual); a request's full pages are published when its prompt is in and when it ends.
+
 A decode worker feeds requests whose prompt KV was computed elsewhere through ``add_prefilled``: they
 enter with their pages filled and their first output token, and go straight to decode.
 """
@@ -24,6 +28,7 @@ from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
 from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
+from engine.prefix_cache import Block
 from engine.sampling import SamplingParams, apply_penalties, logprob_report, sample
 
 
@@ -44,6 +49,8 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
+    cache_blocks: list[Block] = field(default_factory=list)  # prefix-cache blocks held (pages[:len])
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop", "length", "abort" or "error" (then `error` says why)
     error: str | None = None
@@ -166,9 +173,12 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
             try:
-                req.pages = self.kv_pool.alloc(self.pages_needed(len(req.prompt_ids), req.params))
+                # A prefix-cache hit gives the leading pages; the prefill starts after them.
+                req.pages, req.cache_blocks = self.kv_pool.alloc_for_prompt(
+                    req.prompt_ids, self.pages_needed(len(req.prompt_ids), req.params))
             except PoolExhaustedError:
-                return  # FIFO: wait until running requests free their pages
+                return  # FIFO: wait until running requests free their pages (cached ones were evicted)
+            req.num_computed = req.cached_tokens = len(req.cache_blocks) * self.kv_pool.page_size
             self.waiting.popleft()
             req.status = RequestStatus.PREFILLING
             req.generator = req.params.make_generator(self.kv_pool.tensor.device)
@@ -183,6 +193,8 @@ class Scheduler:
             req.num_computed += n
             if req.num_computed == len(req.prompt_ids):
                 req.status = RequestStatus.DECODING
+                # Shared from now on: a later request with the same prompt prefix reuses these pages.
+                req.cache_blocks = self.kv_pool.publish(req.prompt_ids, req.pages, req.cache_blocks)
                 done_rows.append(row)
                 done_reqs.append(req)
         return self._sample_and_append(logits[done_rows], done_reqs)
@@ -247,5 +259,9 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         if req.pages:
-            self.kv_pool.free(req.pages)
-            req.pages = []
+            # Every page whose tokens all have KV joins the cache (the output's too: a chat's next turn
+            # starts with this one's answer); the partial last page is private and freed.
+            computed = (req.prompt_ids + req.output_ids)[: req.num_computed]
+            held = self.kv_pool.publish(computed, req.pages, req.cache_blocks)
+            self.kv_pool.release(req.pages, held)
+            req.pages, req.cache_blocks = [], []

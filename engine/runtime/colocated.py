@@ -57,6 +57,9 @@ class EngineArgs:
     # max_prefill_tokens small, or use it where only decode batches run).
     ep_mode: str = "high_throughput"
     quantization: str = "auto"  # engine.quant: "auto" (the checkpoint's), "fp8" or "none"
+    # Prefix cache over the KV pool (engine.prefix_cache): on for prefill and colocated instances;
+    # decode instances turn it off (their pages come from prefill; decode-side reuse is not built).
+    prefix_cache: bool = True
 
 
 @dataclass
@@ -113,7 +116,8 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
         moe = ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share)
     num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
-    pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype, device)
+    pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype, device,
+                  prefix_cache=args.prefix_cache)
     return RankEngine(config, model, pool, parallel, moe)
 
 

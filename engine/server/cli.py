@@ -19,6 +19,14 @@ def add_kv_cache_dtype_flag(group: argparse._ActionsContainer) -> None:
                             "agree (refused at bootstrap)")
 
 
+def add_prefix_cache_flag(group: argparse._ActionsContainer) -> None:
+    """`--disable-prefix-cache` (SGLang's `--disable-radix-cache` accepted too); the one definition."""
+    group.add_argument("--disable-prefix-cache", "--disable-radix-cache", dest="disable_prefix_cache",
+                       action="store_true",
+                       help="recompute every prompt from its first token instead of reusing the KV pages of a "
+                            "cached prompt prefix (engine.prefix_cache)")
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", "--model-path", dest="model", default=None,
@@ -54,6 +62,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                      default=8192, help="tokens per prefill forward (longer prompts are prefilled in chunks)")
     mem.add_argument("--context-length", type=int, default=None, help="max prompt + output tokens")
     add_kv_cache_dtype_flag(mem)
+    add_prefix_cache_flag(mem)
     mem.add_argument("--gpu-memory-gb", type=float, default=None,
                      help="memory of one GPU in GB (1e9 bytes) for the start-up memory plan (engine.plan); "
                           "unset: the device's own on CUDA, no check on CPU")
@@ -80,7 +89,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
                       mem_fraction=args.mem_fraction, cuda_graph_max_bs=getattr(args, "cuda_graph_max_bs", None) or 0,
                       page_size=args.page_size, num_pages=args.num_pages, max_total_tokens=args.max_total_tokens,
                       max_prefill_tokens=args.max_prefill_tokens, max_running=args.max_running_requests,
-                      ep_backend=args.ep_backend, quantization=args.quantization)
+                      ep_backend=args.ep_backend, quantization=args.quantization,
+                      prefix_cache=not args.disable_prefix_cache)
 
 
 def instance_spec(args: argparse.Namespace) -> InstanceSpec:
