@@ -264,6 +264,15 @@ class KVPool:
     def free(self, pages: list[int]) -> None:
         self.allocator.free(pages)
 
+    def status_counts(self) -> dict[str, int]:
+        """For /server_info and /metrics: idle is ``free_pages + evictable_pages == total_pages``, and the
+        prefix cache's counters (tokens looked up and hit at admission, cached and evicted pages)."""
+        counts = {"free_pages": self.free_pages, "evictable_pages": self.evictable_pages,
+                  "total_pages": self.num_pages}
+        if self.prefix_cache is not None:
+            counts.update(self.prefix_cache.counters())
+        return counts
+
     def pages_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 

@@ -120,8 +120,7 @@ class BenchPrefillRunner:
     def status_counts(self) -> dict[str, int]:
         pool = self.engine.kv_pool
         return {
-            "free_pages": pool.free_pages,
-            "total_pages": pool.num_pages,
+            **pool.status_counts(),
             # No transfer plane: zero by construction, reported so idle checks read alike.
             "live_rooms": 0,
             "inflight_handles": 0,

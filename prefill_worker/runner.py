@@ -220,8 +220,7 @@ class PrefillRunner:
     def status_counts(self) -> dict[str, int]:
         pool, manager = self.engine.kv_pool, self.manager
         return {
-            "free_pages": pool.free_pages,
-            "total_pages": pool.num_pages,
+            **pool.status_counts(),
             "live_rooms": manager.num_live_rooms,
             "free_aux_slots": manager.num_free_aux_slots,
             "total_aux_slots": manager.aux.num_slots,

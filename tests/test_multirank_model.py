@@ -173,7 +173,8 @@ def test_tp2_dp2_spreads_requests_over_both_groups_and_matches_the_single_rank_t
 async def _wait_for_idle_pools(bridge: RankBridge) -> None:
     while True:
         statuses = list(bridge.group_status.values())
-        if len(statuses) == 2 and all(s.counts["free_pages"] == s.counts["total_pages"] for s in statuses):
+        if len(statuses) == 2 and all(s.counts["free_pages"] + s.counts["evictable_pages"] == s.counts["total_pages"]
+                                      for s in statuses):
             return
         await asyncio.sleep(0.2)
 

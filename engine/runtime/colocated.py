@@ -235,8 +235,7 @@ class ColocatedRunner:
         return least_loaded(loads)
 
     def status_counts(self) -> dict[str, int]:
-        pool = self.engine.kv_pool
-        return {"free_pages": pool.free_pages, "total_pages": pool.num_pages}
+        return self.engine.kv_pool.status_counts()
 
     def close(self) -> None:
         for req in list(self.requests.values()):
