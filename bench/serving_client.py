@@ -54,6 +54,7 @@ class RequestResult:
     output_tokens: int = 0
     server_prompt_tokens: int | None = None
     kv_connector: str = ""
+    output_ids: list[int] = field(default_factory=list)  # with the sglang backend (its events carry them)
 
     @property
     def tpot_s(self) -> float | None:
@@ -243,6 +244,8 @@ async def send_request(
                     return
                 if info.prompt_tokens is not None:
                     result.server_prompt_tokens = int(info.prompt_tokens)
+X
+                    result.output_ids = event["output_ids"]
                 new_tokens = int(info.has_token)
                 if info.completion_tokens is not None:
                     reported = int(info.completion_tokens)

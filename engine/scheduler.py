@@ -50,7 +50,7 @@ class Request:
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
     cache_blocks: list[Block] = field(default_factory=list)  # prefix-cache blocks held (pages[:len])
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission
+    cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache (None: prefilled elsewhere)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop", "length", "abort" or "error" (then `error` says why)
     error: str | None = None

@@ -100,6 +100,7 @@ class BenchPrefillRunner:
                     finished=True,
                     finish_reason="length",
                     prompt_tokens=len(job.prompt_ids),
+                    cached_tokens=job.cached_tokens,
                 )
             )
         return outs

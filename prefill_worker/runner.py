@@ -289,6 +289,7 @@ class PrefillRunner:
             finished=True,
             finish_reason="length",
             prompt_tokens=len(job.prompt_ids),
+            cached_tokens=job.cached_tokens,  # the router's cache-aware policy learns from it
         )
 
 

@@ -170,6 +170,7 @@ def outputs_of(result: StepResult, prompt_len: dict[str, int]) -> list[TokenOutp
         outs.append(TokenOutput(rid=req.request_id, token_ids=[token], finished=req.finished,
                                 finish_reason=req.finish_reason if req.finished else None,
                                 prompt_tokens=prompt_len.get(req.request_id, len(req.prompt_ids)),
+                                cached_tokens=req.cached_tokens,
                                 logprobs=req.output_logprobs[-1:] if req.return_logprob else [],
                                 top_logprobs=req.output_top_logprobs[-1:] if req.top_logprobs else []))
     return outs
