@@ -244,8 +244,8 @@ async def send_request(
                     return
                 if info.prompt_tokens is not None:
                     result.server_prompt_tokens = int(info.prompt_tokens)
-X
-                    result.output_ids = event["output_ids"]
+                if isinstance(event, dict) and isinstance(event.get("output_ids"), list):
+                    result.output_ids = event["output_ids"]  # SGLang's events carry every id so far
                 new_tokens = int(info.has_token)
                 if info.completion_tokens is not None:
                     reported = int(info.completion_tokens)
