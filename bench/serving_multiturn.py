@@ -8,8 +8,8 @@ user message, as a chat client resends it. Token-id prompts on SGLang's `/genera
 Turns run in lockstep: the N conversations send turn t at once, and turn t+1 starts when all of turn t
 has answered. That makes per-turn numbers clean: TTFT p50/p99 of each turn, and, read from the prefill
 instance's (or a colocated worker's) `/server_info` counters around the turn, how many prompt tokens it
-really computed and how many its prefix cache served (`prefix_cache_lookup_tokens` /
-`prefix_cache_hit_tokens`; without a cache, every prompt token is computed).
+really ran through its forwards (`prefill_tokens_computed`) and how many its prefix cache served
+(`prefix_cache_hit_tokens`; absent without a cache).
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def user_messages(config: MultiTurnConfig) -> tuple[list[int], list[list[list[in
 
 
 def _counters(info: dict[str, Any]) -> tuple[int, int] | None:
-    looked, hit = info.get("prefix_cache_lookup_tokens"), info.get("prefix_cache_hit_tokens")
-    return (int(looked), int(hit)) if isinstance(looked, int) and isinstance(hit, int) else None
+    """(prompt tokens computed, prompt tokens served by the prefix cache) so far; hits are 0 without a cache."""
+    computed, hit = info.get("prefill_tokens_computed"), info.get("prefix_cache_hit_tokens", 0)
+    return (int(computed), int(hit)) if isinstance(computed, int) and isinstance(hit, int) else None
 
 
 async def _fresh_info(session: aiohttp.ClientSession, url: str, since: float, timeout_s: float = 20.0) -> dict:
@@ -106,8 +107,7 @@ async def run_multiturn(base_url: str, config: MultiTurnConfig, counters_url: st
             if before is not None and after is not None:
                 b, a = _counters(before), _counters(after)
                 if a is not None and b is not None:
-                    hit = a[1] - b[1]
-                    computed = (a[0] - b[0]) - hit
+                    computed, hit = a[0] - b[0], a[1] - b[1]
             turns.append({
                 "turn": turn,
                 "prompt_tokens": prompt_tokens,

@@ -51,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         role_args = {
             # DESIGN.md: decode runs EP in low-latency mode (fixed per-rank budgets, the masked layout) on
             # every backend; prefill and colocated serving keep high-throughput.
-            # Decode pages come from prefill instances: no prefix cache here (decode-side reuse is not
-            # built), so --disable-prefix-cache changes nothing on a decode worker.
-            "engine": dataclasses.replace(engine_args(args), ep_mode="low_latency", prefix_cache=False),
+            # The prefix cache serves the requests this worker prefills itself (no bootstrap fields: the
+            # router's short-prompt path); KV received from prefill instances is not published (decode-side
+            # reuse across PD turns is not built).
+            "engine": dataclasses.replace(engine_args(args), ep_mode="low_latency"),
             "kv": kv,
             "info": {"transfer_backend": args.transfer_backend, "kv_connector": kv.connector,
                      "ep_mode": "low_latency"},

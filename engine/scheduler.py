@@ -97,6 +97,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # PREFILLING and DECODING, in admission order
         self._ids = itertools.count()
+        self.prefill_computed_tokens = 0  # prompt tokens run through forwards (cache hits are not), for /metrics
 
     # ---- entry points -------------------------------------------------------------------------
     def validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -187,6 +188,7 @@ class Scheduler:
     def _run_extend(self, prefilling: list[Request]) -> StepResult:
         chunks = plan_prefill_chunks(prefilling, self.max_prefill_tokens)
         batch = build_extend_batch(chunks, self.kv_pool, vocab_size=self.model.config.vocab_size)
+        self.prefill_computed_tokens += sum(n for _, n in chunks)
         logits = self.model(batch).next_token_logits
         done_rows, done_reqs = [], []
         for row, (req, n) in enumerate(chunks):
@@ -259,9 +261,11 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         if req.pages:
-            # Every page whose tokens all have KV joins the cache (the output's too: a chat's next turn
-            # starts with this one's answer); the partial last page is private and freed.
-            computed = (req.prompt_ids + req.output_ids)[: req.num_computed]
-            held = self.kv_pool.publish(computed, req.pages, req.cache_blocks)
+            held = req.cache_blocks
+            if req.cached_tokens is not None:  # prefilled here (`add_prefilled` KV is not published)
+                # Every page whose tokens all have KV joins the cache (the output's too: a chat's next turn
+                # starts with this one's answer); the partial last page is private and freed.
+                computed = (req.prompt_ids + req.output_ids)[: req.num_computed]
+                held = self.kv_pool.publish(computed, req.pages, held)
             self.kv_pool.release(req.pages, held)
             req.pages, req.cache_blocks = [], []

@@ -81,6 +81,7 @@ class PrefillBatcher:
         self.waiting: deque[PrefillJob] = deque()
         self.prefilling: list[PrefillJob] = []
         self.holding: set[PrefillJob] = set()  # jobs with pages: prefilling or done and not released
+        self.computed_tokens = 0  # prompt tokens run through forwards (cache hits are not), for /metrics
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -149,6 +150,7 @@ class PrefillBatcher:
             return []
         chunks = plan_prefill_chunks(self.prefilling, self.max_prefill_tokens)
         batch = build_extend_batch(chunks, self.kv_pool)  # token ids were checked by `add`
+        self.computed_tokens += sum(n for _, n in chunks)
         logits = self.model(batch).next_token_logits
         done: list[ChunkDone] = []
         finished_rows: list[int] = []

@@ -122,6 +122,7 @@ class BenchPrefillRunner:
         pool = self.engine.kv_pool
         return {
             **pool.status_counts(),
+            "prefill_tokens_computed": self.batcher.computed_tokens,
             # No transfer plane: zero by construction, reported so idle checks read alike.
             "live_rooms": 0,
             "inflight_handles": 0,

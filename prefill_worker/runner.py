@@ -221,6 +221,7 @@ class PrefillRunner:
         pool, manager = self.engine.kv_pool, self.manager
         return {
             **pool.status_counts(),
+            "prefill_tokens_computed": self.batcher.computed_tokens,
             "live_rooms": manager.num_live_rooms,
             "free_aux_slots": manager.num_free_aux_slots,
             "total_aux_slots": manager.aux.num_slots,

@@ -87,6 +87,22 @@ def test_decode_serves_requests_without_bootstrap_fields_colocated(system: PDSys
     wait_idle(system.decode.url)
 
 
+def test_decode_reuses_cached_prefixes_for_the_requests_it_prefills_itself(system: PDSystem, reference: LLM) -> None:
+    """Requests without bootstrap fields are prefilled on the decode worker: its prefix cache serves their
+    shared prefixes (`cached_tokens` in the answer says how much), token-exact."""
+    prompt = [*range(100, 187)]  # 87 tokens: 5 full 16-token pages of it are published by the first request
+    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    expected = reference.generate([prompt], SamplingParams(max_new_tokens=4))[0].token_ids
+    answers = []
+    for _ in range(2):
+        status, raw = http("POST", system.decode.url + "/generate", body)
+        assert status == 200, raw
+        answers.append(json.loads(raw))
+    assert [a["output_ids"] for a in answers] == [expected, expected]
+    assert [a["meta_info"]["cached_tokens"] for a in answers] == [0, 5 * PAGE_SIZE]
+    wait_idle(system.decode.url)
+
+
 def test_a_stop_string_ends_a_disaggregated_request_early_and_frees_its_pages(
     system: PDSystem, reference: LLM
 ) -> None:

@@ -57,8 +57,8 @@ class EngineArgs:
     # max_prefill_tokens small, or use it where only decode batches run).
     ep_mode: str = "high_throughput"
     quantization: str = "auto"  # engine.quant: "auto" (the checkpoint's), "fp8" or "none"
-    # Prefix cache over the KV pool (engine.prefix_cache): on for prefill and colocated instances;
-    # decode instances turn it off (their pages come from prefill; decode-side reuse is not built).
+    # Prefix cache over the KV pool (engine.prefix_cache), --disable-prefix-cache turns it off. On a decode
+    # instance it serves only the requests it prefills itself (KV received from prefill is not published).
     prefix_cache: bool = True
 
 
@@ -236,7 +236,8 @@ class ColocatedRunner:
         return least_loaded(loads)
 
     def status_counts(self) -> dict[str, int]:
-        return self.engine.kv_pool.status_counts()
+        return {**self.engine.kv_pool.status_counts(),
+                "prefill_tokens_computed": self.scheduler.prefill_computed_tokens}
 
     def close(self) -> None:
         for req in list(self.requests.values()):
