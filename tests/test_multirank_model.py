@@ -251,3 +251,23 @@ def test_local_expert_parallel_moe_gives_the_same_tokens_and_counts_every_routed
         expected = sum(forwards) * config.num_experts_per_tok if layer in moe_layers else 0
         assert int(counts[layer].sum()) == expected
     assert torch.all(counts >= 0)
+
+
+def test_ranks_of_an_attention_group_take_the_same_prefix_cache_decisions(models: dict[str, Path]) -> None:
+    """tp=2 (one attention-TP group): one request at a time, so each later prompt hits the pages of the
+    shared prefix. Both ranks run their own cache over their own pool; a rank that hit where its peer did
+    not would run a forward of another shape and the TP collectives would fail or give other tokens."""
+    shared = [(5 * i + 3) % 200 for i in range(3 * PAGE_SIZE + 4)]
+    prompts = [shared + [i + 1] * (2 + 7 * i) for i in range(4)]
+    params = [SamplingParams(max_new_tokens=4, ignore_eos=True)] * len(prompts)
+    llm = LLM(str(models["v3"]), page_size=PAGE_SIZE, num_pages=64, prefix_cache=False)
+    try:
+        expected = [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        llm.close()
+    args = EngineArgs(model_dir=str(models["v3"]), page_size=PAGE_SIZE, num_pages=64, max_prefill_tokens=64,
+                      max_running=1)
+    outputs = generate_on_ranks(InstanceSpec(tp_size=2), args, prompts, params, timeout_s=240)
+    assert [o.token_ids for o in outputs] == expected
+    # The first computes the shared pages; each later one finds its 3 full pages cached.
+    assert sorted(o.cached_tokens or 0 for o in outputs) == [0] + [3 * PAGE_SIZE] * 3
