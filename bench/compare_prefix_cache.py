@@ -13,6 +13,12 @@ Each gets the same `bench.serving --dataset multiturn` run (`bench.serving_multi
 shared system prompt, M lockstep turns, each prompt = the conversation so far + a new message); the prefill
 worker's /server_info counters give the prompt tokens it computed per turn. JSON: bench/results/
 prefix_cache_<device>.json; the PNG has prefill tokens computed and TTFT p50/p99 per turn for both.
+
+On one GPU (both workers share it; V2-Lite-shaped dummy weights, NIXL cuda_ipc):
+
+    python -m bench.compare_prefix_cache --device cuda --model engine/model_configs/deepseek-v2-lite \
+        --load-format dummy --num-conversations 16 --num-turns 6 --system-prompt-len 2048 \
+        --turn-input-len 256 --turn-output-len 64 --cuda-graph-max-bs 16
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ def _worker_flags(args: argparse.Namespace, port: int) -> list[str]:
         "--model", args.model, "--load-format", args.load_format, "--device", args.device, "--tp", "1",
         "--host", "127.0.0.1", "--port", str(port), "--page-size", str(args.page_size),
         "--transfer-backend", args.transfer_backend, "--log-level", "warning",
-        "--max-total-tokens", str(max(65536, 4 * longest * args.num_conversations)),
+        "--max-total-tokens", str(args.max_total_tokens or max(65536, 2 * longest * args.num_conversations)),
     ]  # fmt: skip
 
 
@@ -58,7 +64,8 @@ def run_setup(name: str, args: argparse.Namespace, config: MultiTurnConfig) -> d
         if name == "cache_off":
             prefill_flags.append("--disable-prefix-cache")
         prefill = group.start("prefill", "prefill_worker", prefill_flags, p_port)
-        decode = group.start("decode", "decode_worker", _worker_flags(args, d_port), d_port)
+        graphs = ["--cuda-graph-max-bs", str(args.cuda_graph_max_bs)] if args.cuda_graph_max_bs else []
+        decode = group.start("decode", "decode_worker", _worker_flags(args, d_port) + graphs, d_port)
         wait_healthy([prefill, decode])
         router = group.start("router", "router", ["--host", "127.0.0.1", "--port", str(r_port), "--prefill",
                                                   prefill.url, str(boot), "--decode", decode.url,
@@ -177,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-backend", choices=["nixl", "mooncake"], default="nixl")
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (CPU)")
+    p.add_argument("--max-total-tokens", type=int, default=None,
+                   help="KV pool per worker (default: twice every conversation's longest prompt, >= 65536)")
+    p.add_argument("--cuda-graph-max-bs", type=int, default=0, help="the decode worker's CUDA graphs (GPU); 0: eager")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--output-json", default=None, help="default bench/results/prefix_cache_<device>.json")
     p.add_argument("--plot", default=None, help="default: the JSON path with .png")
