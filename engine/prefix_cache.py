@@ -25,7 +25,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(eq=False)
@@ -38,8 +38,7 @@ class Block:
     tokens: tuple[int, ...]
     refcount: int = 0
     children: int = 0
-    last_used: int = 0
-    depth: int = field(default=0)  # pages before this one
+    last_used: int = 0  # logical clock of the last acquire or release: LRU order
 
     @property
     def key(self) -> tuple[int, tuple[int, ...]]:
@@ -116,7 +115,7 @@ class PrefixCache:
             key = (parent.block_id if parent is not None else self.ROOT_ID, tuple(tokens[i * ps : (i + 1) * ps]))
             block = self._blocks.get(key)
             if block is None:
-                block = Block(next(self._ids), pages[i], parent, key[1], depth=i)
+                block = Block(next(self._ids), pages[i], parent, key[1])
                 self._blocks[key] = block
                 if parent is not None:
                     parent.children += 1
