@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -138,3 +140,47 @@ def test_release_refuses_a_block_released_twice() -> None:
     pool.release(pages, held)
     with pytest.raises(ValueError, match="released more often"):
         pool.release([], held)
+
+
+def _kv_of(tokens: list[int], position: int) -> float:
+    """What a model would store at `position` after `tokens[:position + 1]`: depends on the whole prefix."""
+    return float(hash(tuple(tokens[: position + 1])) % 100_003)
+
+
+def test_random_sharing_publishing_and_eviction_keep_every_hit_s_content_and_every_count_exact() -> None:
+    """Many overlapping requests over a tiny vocabulary (so prefixes repeat) on a pool too small for them
+    all: every page a hit hands out holds the KV of exactly that prefix, no page is ever in two hands, and
+    the pool ends idle."""
+    rng = random.Random(0)
+    pool = _pool(24)
+    cache = pool.prefix_cache
+    assert cache is not None
+    live: list[tuple[list[int], list[int], list]] = []
+    hits = 0
+    for _ in range(600):
+        if live and (rng.random() < 0.45 or len(live) > 5):
+            tokens, pages, held = live.pop(rng.randrange(len(live)))
+            pool.release(pages, held)
+            continue
+        tokens = [rng.choice((1, 2)) for _ in range(rng.randrange(1, 30))]
+        try:
+            pages, held = pool.alloc_for_prompt(tokens, pool.pages_for_tokens(len(tokens)))
+        except PoolExhaustedError:
+            continue
+        cached = len(held) * PS
+        hits += cached
+        for p in range(cached):  # a hit: the pages hold this very prefix's KV
+            assert pool.tensor[pages[p // PS], 0, p % PS, 0].item() == _kv_of(tokens, p)
+        for p in range(cached, len(tokens)):  # "prefill" the rest into the request's own pages
+            pool.tensor[pages[p // PS], 0, p % PS, 0] = _kv_of(tokens, p)
+        held = pool.publish(tokens, pages, held)
+        live.append((tokens, pages, held))
+        # No page is in two hands: requests' own pages, and each cached block once.
+        owned = [pg for _, pages_, held_ in live for pg in pages_ if pg not in {b.page for b in held_}]
+        assert len(owned) == len(set(owned)) and not set(owned) & {b.page for _, _, h in live for b in h}
+        assert pool.free_pages + cache.cached_pages + len(owned) == pool.num_pages
+        assert cache.evictable_pages == sum(1 for b in cache._blocks.values() if b.refcount == 0)
+    for _, pages, held in live:
+        pool.release(pages, held)
+    assert hits > 0 and cache.evicted_pages > 0
+    assert _idle(pool)
