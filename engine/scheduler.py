@@ -67,6 +67,12 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def fill_ids(self) -> list[int]:
+        """Tokens a prefill computes KV for: the prompt, and after a retraction the output but its last
+        token too (that one's KV comes from the next decode step, as before the retraction)."""
+        return self.prompt_ids + self.output_ids[:-1] if self.output_ids else self.prompt_ids
+
+    @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
@@ -84,11 +90,23 @@ class StepResult:
 class Scheduler:
     def __init__(self, model: DeepseekForCausalLM, kv_pool: KVPool, max_prefill_tokens: int = 8192,
                  max_running: int = 256, eos_token_ids: tuple[int, ...] = (),
-                 decode_forward: Callable[[ForwardBatch], ForwardOutput] | None = None) -> None:
+                 decode_forward: Callable[[ForwardBatch], ForwardOutput] | None = None,
+                 reserve_tokens: int | None = None) -> None:
         """``decode_forward`` runs DECODE batches instead of the model (an ``engine.cuda_graph``
-        runner, which falls back to the model for batches its graphs cannot take)."""
+        runner, which falls back to the model for batches its graphs cannot take).
+
+        ``reserve_tokens``: None reserves a request's whole life at admission (prompt + max_new_tokens), so
+        nothing ever waits or is preempted. A number N reserves the prompt + N output tokens instead; a
+        decoding request then takes a page when it needs one, and when the pool has none (after evicting
+        unreferenced cached pages) the newest running requests are retracted: their pages go back (full
+        ones into the prefix cache), they wait at the head of the queue and are prefilled again, prompt and
+        output so far, before they go on decoding (SGLang's retraction; greedy tokens stay the same)."""
         if max_prefill_tokens < 1 or max_running < 1:
             raise ValueError("max_prefill_tokens and max_running must be >= 1")
+        if reserve_tokens is not None and reserve_tokens < 1:
+            raise ValueError(f"reserve_tokens must be >= 1, got {reserve_tokens}")
+        self.reserve_tokens = reserve_tokens
+        self.retractions = 0  # requests retracted so far, for /metrics
         self.model, self.kv_pool = model, kv_pool
         self.decode_forward: Callable[[ForwardBatch], ForwardOutput] = decode_forward or model
         self.max_prefill_tokens, self.max_running = max_prefill_tokens, max_running
@@ -109,12 +127,20 @@ class Scheduler:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model takes at most {self.max_model_len - 1}")
-        needed = self.pages_needed(len(prompt_ids), params)
+        needed = self.whole_life_pages(len(prompt_ids), params)  # alone, any request can finish
         if needed > self.kv_pool.num_pages:
             raise ValueError(f"request needs {needed} KV pages but the pool has {self.kv_pool.num_pages}")
 
-    def pages_needed(self, prompt_len: int, params: SamplingParams) -> int:
-        """Pages reserved for a request: room for the prompt and every token it may generate."""
+    def pages_needed(self, prompt_len: int, params: SamplingParams, generated: int = 0) -> int:
+        """Pages reserved at admission for a request of `prompt_len` tokens that has `generated` output
+        tokens already: room for them and every token it may still generate, or with `reserve_tokens` for
+        that many more (at least the next one)."""
+        remaining = max(1, params.max_new_tokens - generated)
+        if self.reserve_tokens is not None:
+            remaining = min(remaining, self.reserve_tokens)
+        return self.kv_pool.pages_for_tokens(min(prompt_len + generated + remaining, self.max_model_len))
+
+    def whole_life_pages(self, prompt_len: int, params: SamplingParams) -> int:
         return self.kv_pool.pages_for_tokens(min(prompt_len + params.max_new_tokens, self.max_model_len))
 
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
@@ -164,7 +190,8 @@ class Scheduler:
         if prefilling:
             result = self._run_extend(prefilling)
         elif self.running:
-            result = self._run_decode([r for r in self.running if r.status is RequestStatus.DECODING])
+            decoding = self._grow_pages([r for r in self.running if r.status is RequestStatus.DECODING])
+            result = self._run_decode(decoding) if decoding else StepResult([], [])
         else:
             result = StepResult([], [])
         self.running = [r for r in self.running if not r.finished]
@@ -176,10 +203,12 @@ class Scheduler:
             try:
                 # A prefix-cache hit gives the leading pages; the prefill starts after them.
                 req.pages, req.cache_blocks = self.kv_pool.alloc_for_prompt(
-                    req.prompt_ids, self.pages_needed(len(req.prompt_ids), req.params))
+                    req.fill_ids, self.pages_needed(len(req.prompt_ids), req.params, len(req.output_ids)))
             except PoolExhaustedError:
                 return  # FIFO: wait until running requests free their pages (cached ones were evicted)
-            req.num_computed = req.cached_tokens = len(req.cache_blocks) * self.kv_pool.page_size
+            req.num_computed = len(req.cache_blocks) * self.kv_pool.page_size
+            if not req.output_ids:  # a retracted request keeps what its first admission hit
+                req.cached_tokens = req.num_computed
             self.waiting.popleft()
             req.status = RequestStatus.PREFILLING
             req.generator = req.params.make_generator(self.kv_pool.tensor.device)
@@ -193,13 +222,38 @@ class Scheduler:
         done_rows, done_reqs = [], []
         for row, (req, n) in enumerate(chunks):
             req.num_computed += n
-            if req.num_computed == len(req.prompt_ids):
+            if req.num_computed == len(req.fill_ids):
                 req.status = RequestStatus.DECODING
                 # Shared from now on: a later request with the same prompt prefix reuses these pages.
-                req.cache_blocks = self.kv_pool.publish(req.prompt_ids, req.pages, req.cache_blocks)
-                done_rows.append(row)
-                done_reqs.append(req)
+                req.cache_blocks = self.kv_pool.publish(req.fill_ids, req.pages, req.cache_blocks)
+                if not req.output_ids:  # a retracted request has its next token already
+                    done_rows.append(row)
+                    done_reqs.append(req)
         return self._sample_and_append(logits[done_rows], done_reqs)
+
+    def _grow_pages(self, decoding: list[Request]) -> list[Request]:
+        """Give every decoding request the page its next token's KV goes to, oldest first; when the pool has
+        none left, retract the newest running requests. Returns the requests that decode this step."""
+        size = self.kv_pool.page_size
+        for req in decoding:
+            while req.status is RequestStatus.DECODING and len(req.pages) * size < req.seq_len:
+                try:
+                    req.pages += self.kv_pool.alloc(1)
+                except PoolExhaustedError:
+                    self._retract(self.running[-1])  # the newest: maybe `req` itself
+        return [r for r in decoding if r.status is RequestStatus.DECODING]
+
+    def _retract(self, req: Request) -> None:
+        """Give `req`'s pages back and queue it first to be prefilled again (only DECODING requests are
+        retracted: a step with prefills to run runs no decode)."""
+        computed = (req.prompt_ids + req.output_ids)[: req.num_computed]
+        held = self.kv_pool.publish(computed, req.pages, req.cache_blocks)  # the recompute may hit them
+        self.kv_pool.release(req.pages, held)
+        req.pages, req.cache_blocks, req.num_computed = [], [], 0
+        req.status = RequestStatus.WAITING
+        self.running.remove(req)
+        self.waiting.appendleft(req)  # admitted before every waiting request: first again
+        self.retractions += 1
 
     def _run_decode(self, decoding: list[Request]) -> StepResult:
         batch = ForwardBatch.build(

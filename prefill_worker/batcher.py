@@ -45,6 +45,10 @@ class PrefillJob:
     first_top: tuple[tuple[int, float], ...] = ()
 
     @property
+    def fill_ids(self) -> list[int]:
+        return self.prompt_ids
+
+    @property
     def prefilled(self) -> bool:
         return self.num_computed == len(self.prompt_ids)
 

@@ -60,6 +60,8 @@ class EngineArgs:
     # Prefix cache over the KV pool (engine.prefix_cache), --disable-prefix-cache turns it off. On a decode
     # instance it serves only the requests it prefills itself (KV received from prefill is not published).
     prefix_cache: bool = True
+    # None: admission reserves a request's whole life; N: prompt + N output tokens, with retraction.
+    reserve_tokens: int | None = None
 
 
 @dataclass
@@ -182,7 +184,7 @@ class ColocatedRunner:
     def __init__(self, engine: RankEngine, args: EngineArgs) -> None:
         self.engine = engine
         self.scheduler = Scheduler(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running,
-                                   engine.config.eos_token_ids)
+                                   engine.config.eos_token_ids, reserve_tokens=args.reserve_tokens)
         self.requests: dict[str, Request] = {}
         self._pending: list[TokenOutput] = []
         self._emit: Callable[[list[TokenOutput]], None] | None = None
@@ -237,7 +239,8 @@ class ColocatedRunner:
 
     def status_counts(self) -> dict[str, int]:
         return {**self.engine.kv_pool.status_counts(),
-                "prefill_tokens_computed": self.scheduler.prefill_computed_tokens}
+                "prefill_tokens_computed": self.scheduler.prefill_computed_tokens,
+                "retractions": self.scheduler.retractions}
 
     def close(self) -> None:
         for req in list(self.requests.values()):

@@ -63,6 +63,10 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     mem.add_argument("--context-length", type=int, default=None, help="max prompt + output tokens")
     add_kv_cache_dtype_flag(mem)
     add_prefix_cache_flag(mem)
+    mem.add_argument("--reserve-tokens", type=int, default=None,
+                     help="admission reserves KV for the prompt + this many output tokens (default: all of "
+                          "max_tokens); requests then take pages as they grow and the newest are retracted "
+                          "and recomputed when the pool runs out (counted as 'retractions' on /metrics)")
     mem.add_argument("--gpu-memory-gb", type=float, default=None,
                      help="memory of one GPU in GB (1e9 bytes) for the start-up memory plan (engine.plan); "
                           "unset: the device's own on CUDA, no check on CPU")
@@ -90,7 +94,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
                       page_size=args.page_size, num_pages=args.num_pages, max_total_tokens=args.max_total_tokens,
                       max_prefill_tokens=args.max_prefill_tokens, max_running=args.max_running_requests,
                       ep_backend=args.ep_backend, quantization=args.quantization,
-                      prefix_cache=not args.disable_prefix_cache)
+                      prefix_cache=not args.disable_prefix_cache, reserve_tokens=args.reserve_tokens)
 
 
 def instance_spec(args: argparse.Namespace) -> InstanceSpec:
