@@ -271,3 +271,24 @@ def test_ranks_of_an_attention_group_take_the_same_prefix_cache_decisions(models
     assert [o.token_ids for o in outputs] == expected
     # The first computes the shared pages; each later one finds its 3 full pages cached.
     assert sorted(o.cached_tokens or 0 for o in outputs) == [0] + [3 * PAGE_SIZE] * 3
+
+
+def test_ranks_of_an_attention_group_retract_the_same_requests(models: dict[str, Path]) -> None:
+    """tp=2 with `reserve_tokens` and a pool the requests outgrow: retraction decisions depend only on the
+    group's shared state, so both ranks retract alike and the tokens are the uninterrupted run's. (The same
+    load on one rank does retract, checked first.)"""
+    prompts = [[(7 * i + 5 * j) % 200 + 2 for j in range(20 + 5 * i)] for i in range(4)]
+    params = [SamplingParams(max_new_tokens=30, ignore_eos=True)] * len(prompts)
+    reference = LLM(str(models["v3"]), page_size=PAGE_SIZE, num_pages=64, prefix_cache=False)
+    small = LLM(str(models["v3"]), page_size=PAGE_SIZE, num_pages=8, reserve_tokens=4)
+    try:
+        expected = [o.token_ids for o in reference.generate(prompts, params)]
+        assert [o.token_ids for o in small.generate(prompts, params)] == expected
+        assert small.scheduler.retractions > 0
+    finally:
+        reference.close()
+        small.close()
+    args = EngineArgs(model_dir=str(models["v3"]), page_size=PAGE_SIZE, num_pages=8, max_prefill_tokens=64,
+                      reserve_tokens=4)
+    outputs = generate_on_ranks(InstanceSpec(tp_size=2), args, prompts, params, timeout_s=240)
+    assert [o.token_ids for o in outputs] == expected
