@@ -61,3 +61,12 @@ def test_admission_reserves_the_prompt_and_the_reserve_but_refuses_what_could_ne
             LLM(str(tiny_dir), page_size=PS, num_pages=4, reserve_tokens=0)
     finally:
         llm.close()
+
+
+def test_workers_refuse_a_reserve_below_one_token_at_start_up(capsys: pytest.CaptureFixture[str]) -> None:
+    from decode_worker.__main__ import main as decode_main
+    from prefill_worker.__main__ import main as prefill_main
+
+    for main in (decode_main, prefill_main):
+        assert main(["--reserve-tokens", "0", "--port", "1"]) == 2
+        assert "--reserve-tokens must be >= 1" in capsys.readouterr().err

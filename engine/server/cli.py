@@ -87,6 +87,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
     """What each rank needs to build its model; resolves the default tiny model first."""
     from .serve import resolve_model_dir
 
+    if args.reserve_tokens is not None and args.reserve_tokens < 1:
+        raise ValueError(f"--reserve-tokens must be >= 1, got {args.reserve_tokens}")
     args.model = resolve_model_dir(args.model)
     return EngineArgs(model_dir=args.model, load_format=args.load_format, dtype=args.dtype,
                       kv_cache_dtype=args.kv_cache_dtype, seed=args.seed, gpu_memory_gb=args.gpu_memory_gb,
