@@ -66,7 +66,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     mem.add_argument("--reserve-tokens", type=int, default=None,
                      help="admission reserves KV for the prompt + this many output tokens (default: all of "
                           "max_tokens); requests then take pages as they grow and the newest are retracted "
-                          "and recomputed when the pool runs out (counted as 'retractions' on /metrics)")
+                          "and recomputed when the pool runs out (counted as 'retractions' on /metrics); "
+                          "prefill workers run no decode and ignore it")
     mem.add_argument("--gpu-memory-gb", type=float, default=None,
                      help="memory of one GPU in GB (1e9 bytes) for the start-up memory plan (engine.plan); "
                           "unset: the device's own on CUDA, no check on CPU")
