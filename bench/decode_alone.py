@@ -117,7 +117,7 @@ def measure(url: str, args: argparse.Namespace, model: str) -> dict[str, Any]:
         "torch_threads_per_worker": args.threads if args.device == "cpu" else None,
         "max_context": info.get("max_context"),
         "worker_kv_connector": info.get("kv_connector"),
-        "pages_idle_after_run": idle["free_pages"] == idle["total_pages"],
+        "pages_idle_after_run": idle["free_pages"] + idle.get("evictable_pages", 0) == idle["total_pages"],
         "bench_filled_requests": idle.get("bench_filled_requests"),
     }
     json_path = Path(args.output_json or RESULTS_DIR / f"decode_alone_{args.device}_in{args.input_len}.json")

@@ -53,7 +53,7 @@ def measure(llm: LLM, batch: int, prompt_len: int, new_tokens: int, seed: int = 
         times[kind] += time.perf_counter() - started
         steps[kind] += 1
         tokens[kind] += sum(r.num_computed - before[id(r)] for r in requests)
-    assert llm.kv_pool.free_pages == llm.kv_pool.num_pages
+    assert llm.kv_pool.available_pages == llm.kv_pool.num_pages
     return {
         "batch": batch,
         "prompt_len": prompt_len,

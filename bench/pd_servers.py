@@ -161,7 +161,9 @@ def wait_idle(url: str, timeout_s: float = 15.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
         info = get_json(url + "/server_info")
-        busy = info.get("free_pages") != info.get("total_pages") or info.get("active_requests", 0) != 0
+        # Cached, unreferenced prefix pages count as idle (evicted on demand).
+        idle_pages = info.get("free_pages", 0) + info.get("evictable_pages", 0)
+        busy = idle_pages != info.get("total_pages") or info.get("active_requests", 0) != 0
         if not busy:
             return info
         if time.monotonic() > deadline:

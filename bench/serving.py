@@ -271,7 +271,11 @@ async def run_benchmark_async(config: BenchConfig) -> dict[str, Any]:
 
 def run_benchmark(args: BenchConfig | argparse.Namespace) -> dict[str, Any]:
     """Synchronous entry point: takes a ``BenchConfig`` or the CLI's parsed arguments."""
-    config = args if isinstance(args, BenchConfig) else BenchConfig(**vars(args))
+    if isinstance(args, BenchConfig):
+        config = args
+    else:  # the multiturn dataset's flags are not BenchConfig fields
+        fields = BenchConfig.__dataclass_fields__
+        config = BenchConfig(**{k: v for k, v in vars(args).items() if k in fields})
     return asyncio.run(run_benchmark_async(config))
 
 
@@ -287,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
     p.add_argument("--backend", choices=sorted(BACKEND_PATHS), default="openai")
-    p.add_argument("--dataset", choices=["random"], default="random")
+    p.add_argument("--dataset", choices=["random", "multiturn"], default="random",
+                   help="multiturn: chat conversations on a shared system prompt (bench.serving_multiturn)")
     p.add_argument("--random-input-len", type=int, default=1024)
     p.add_argument("--random-output-len", type=int, default=128)
     p.add_argument("--random-range-ratio", type=float, default=1.0,
@@ -315,12 +320,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="", help="free text stored with the results")
     p.add_argument("--extra-body", type=_json_object, default={}, help="JSON merged into every request")
     p.add_argument("--disable-tqdm", action="store_true")
+    turns = p.add_argument_group("multiturn dataset (sglang /generate, token ids, greedy)")
+    turns.add_argument("--num-conversations", type=int, default=8)
+    turns.add_argument("--num-turns", type=int, default=4)
+    turns.add_argument("--system-prompt-len", type=int, default=512, help="tokens shared by every conversation")
+    turns.add_argument("--turn-input-len", type=int, default=64, help="tokens of each new user message")
+    turns.add_argument("--turn-output-len", type=int, default=16, help="tokens of each answer")
+    turns.add_argument("--counters-url", default=None,
+                       help="prefill (or colocated) worker whose /server_info prefix-cache counters give the "
+                            "prompt tokens computed per turn")
     return p
+
+
+def _main_multiturn(args: argparse.Namespace) -> int:
+    from bench.serving_multiturn import MultiTurnConfig, format_turns, run_multiturn
+
+    config = MultiTurnConfig(args.num_conversations, args.num_turns, args.system_prompt_len, args.turn_input_len,
+                             args.turn_output_len, args.vocab_size or 1000, args.seed, args.request_timeout_s)
+    try:
+        report = asyncio.run(run_multiturn(args.base_url.rstrip("/"), config, args.counters_url))
+    except (ValueError, RuntimeError, aiohttp.ClientError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report["label"] = args.label
+    print(format_turns(report, args.label))
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        print(f"results: {args.output_json}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
+    if args.dataset == "multiturn":
+        return _main_multiturn(args)
     try:
         report = run_benchmark(args)
     except BenchmarkError as exc:

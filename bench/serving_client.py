@@ -54,6 +54,7 @@ class RequestResult:
     output_tokens: int = 0
     server_prompt_tokens: int | None = None
     kv_connector: str = ""
+    output_ids: list[int] = field(default_factory=list)  # with the sglang backend (its events carry them)
 
     @property
     def tpot_s(self) -> float | None:
@@ -243,6 +244,8 @@ async def send_request(
                     return
                 if info.prompt_tokens is not None:
                     result.server_prompt_tokens = int(info.prompt_tokens)
+                if isinstance(event, dict) and isinstance(event.get("output_ids"), list):
+                    result.output_ids = event["output_ids"]  # SGLang's events carry every id so far
                 new_tokens = int(info.has_token)
                 if info.completion_tokens is not None:
                     reported = int(info.completion_tokens)

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         role_args = {
             # DESIGN.md: decode runs EP in low-latency mode (fixed per-rank budgets, the masked layout) on
             # every backend; prefill and colocated serving keep high-throughput.
+            # The prefix cache serves the requests this worker prefills itself (no bootstrap fields: the
+            # router's short-prompt path); KV received from prefill instances is not published (decode-side
+            # reuse across PD turns is not built).
             "engine": dataclasses.replace(engine_args(args), ep_mode="low_latency"),
             "kv": kv,
             "info": {"transfer_backend": args.transfer_backend, "kv_connector": kv.connector,

@@ -97,7 +97,7 @@ class PrefilledKVRunner(ColocatedRunner):
         pool has pages for its whole life."""
         busy = len(self.scheduler.running) + len(self.scheduler.waiting) + in_flight
         return busy < self.scheduler.max_running and self.scheduler.pages_needed(prompt_len, params) <= (
-            self.engine.kv_pool.free_pages
+            self.engine.kv_pool.available_pages
         )
 
     def _join_batch(

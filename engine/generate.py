@@ -21,7 +21,7 @@ import sys
 from engine.llm import LLM
 from engine.quant import add_quantization_flag
 from engine.sampling import SamplingParams
-from engine.server.cli import add_kv_cache_dtype_flag
+from engine.server.cli import add_kv_cache_dtype_flag, add_prefix_cache_flag
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--num-pages", type=int, default=None)
     add_kv_cache_dtype_flag(parser)
+    add_prefix_cache_flag(parser)
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     add_quantization_flag(parser)
     par = parser.add_argument_group("multi-rank instance")
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             llm = LLM(args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
                       num_pages=args.num_pages, load_format=args.load_format,
-                      kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
+                      kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+                      prefix_cache=not args.disable_prefix_cache)
             try:
                 outputs = llm.generate(prompts, params)
             finally:

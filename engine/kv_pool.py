@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.prefix_cache import Block, PrefixCache
+
 # --kv-cache-dtype choices -> storage dtype (None: the model dtype).
 KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
@@ -173,10 +175,13 @@ class KVPool:
 
     ``dtype`` is the storage dtype (``resolve_kv_cache_dtype``); ``scales`` the per-layer FP8 scales
     (default ``DEFAULT_KV_SCALE`` everywhere; ignored, and must be 1.0, for non-FP8 storage).
+    ``prefix_cache``: keep finished requests' full pages in a ``PrefixCache`` (``self.prefix_cache``);
+    ``alloc`` then evicts unreferenced cached pages when too few are free, so nobody waits for pages the
+    cache could give back. Idle means ``available_pages == num_pages`` (free + evictable cached pages).
     """
 
     def __init__(self, num_pages: int, num_layers: int, page_size: int, kv_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, scales: list[float] | None = None) -> None:
+                 device: torch.device | str, scales: list[float] | None = None, prefix_cache: bool = False) -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         scales = [DEFAULT_KV_SCALE] * num_layers if scales is None else [float(s) for s in scales]
@@ -193,6 +198,9 @@ class KVPool:
         self.tensor: torch.Tensor = torch.zeros(num_pages, num_layers, page_size, kv_dim, dtype=dtype,
                                                 device=device)
         self.allocator = PageAllocator(num_pages)
+        self.prefix_cache: PrefixCache | None = (
+            PrefixCache(page_size, self.allocator.free) if prefix_cache else None
+        )
 
     @property
     def num_pages(self) -> int:
@@ -200,13 +208,70 @@ class KVPool:
 
     @property
     def free_pages(self) -> int:
+        """Pages in no one's hands (cached pages, even unreferenced ones, are not counted)."""
         return self.allocator.free_pages
 
+    @property
+    def evictable_pages(self) -> int:
+        return self.prefix_cache.evictable_pages if self.prefix_cache is not None else 0
+
+    @property
+    def available_pages(self) -> int:
+        """Pages an allocation can get now: free ones plus unreferenced cached ones (evicted on demand)."""
+        return self.allocator.free_pages + self.evictable_pages
+
     def alloc(self, n: int) -> list[int]:
+        short = n - self.allocator.free_pages
+        if short > 0 and self.prefix_cache is not None and n <= self.available_pages:
+            self.prefix_cache.evict(short)
         return self.allocator.alloc(n)
+
+    def alloc_for_prompt(self, prompt_ids: list[int], num_pages: int) -> tuple[list[int], list[Block]]:
+        """``num_pages`` pages for a request starting with ``prompt_ids``: first the cached pages of its
+        prompt's longest cached full-page prefix (held: the request must ``release`` them), then new ones.
+        The lookup leaves out the prompt's last token, which must be computed to get the logits of the first
+        output token. Raises ``PoolExhaustedError`` and changes nothing when the pool cannot serve it.
+        Returns (pages, held blocks); ``len(held) * page_size`` prompt tokens need no computing.
+        """
+        cache = self.prefix_cache
+        if cache is None:
+            return self.alloc(num_pages), []
+        held = cache.acquire(prompt_ids[:-1])
+        try:
+            new = self.alloc(num_pages - len(held))
+        except PoolExhaustedError:
+            cache.release([], held)
+            raise
+        cache.record_lookup(len(prompt_ids), len(held) * self.page_size)
+        return [block.page for block in held] + new, held
+
+    def publish(self, tokens: list[int], pages: list[int], held: list[Block]) -> list[Block]:
+        """Offer the full pages of ``tokens`` (KV complete in ``pages``) to the prefix cache; returns the
+        blocks the request holds now (``held`` when there is no cache)."""
+        if self.prefix_cache is None:
+            return held
+        return self.prefix_cache.insert(tokens, pages, held)
+
+    def release(self, pages: list[int], held: list[Block]) -> None:
+        """End a request's use of ``pages``: drop its hold on the cached blocks ``held`` and free the rest."""
+        if self.prefix_cache is None:
+            if held:
+                raise ValueError("cached blocks held without a prefix cache")
+            self.allocator.free(pages)
+        else:
+            self.allocator.free(self.prefix_cache.release(pages, held))
 
     def free(self, pages: list[int]) -> None:
         self.allocator.free(pages)
+
+    def status_counts(self) -> dict[str, int]:
+        """For /server_info and /metrics: idle is ``free_pages + evictable_pages == total_pages``, and the
+        prefix cache's counters (tokens looked up and hit at admission, cached and evicted pages)."""
+        counts = {"free_pages": self.free_pages, "evictable_pages": self.evictable_pages,
+                  "total_pages": self.num_pages}
+        if self.prefix_cache is not None:
+            counts.update(self.prefix_cache.counters())
+        return counts
 
     def pages_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)

@@ -63,12 +63,17 @@ class LLM:
         cuda_graph_max_bs: decode batches of up to this many sequences replay CUDA graphs captured at
             start-up (engine.cuda_graph); 0 = eager. On CPU the same padded graph-safe path runs eagerly.
         quantization: "auto" (the checkpoint's quantization_config), "fp8" or "none" (engine.quant).
+        prefix_cache: reuse the KV pages of cached prompt prefixes (engine.prefix_cache); idle then means
+            ``kv_pool.available_pages == kv_pool.num_pages`` (free + evictable cached pages).
+        reserve_tokens: None reserves each request's whole life at admission; N reserves prompt + N output
+            tokens and retracts the newest requests when the pool runs out (``Scheduler``).
     """
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
                  page_size: int = 64, num_pages: int | None = None, load_format: str = "auto",
                  max_prefill_tokens: int = 8192, max_running: int = 256, seed: int = 0,
-                 cuda_graph_max_bs: int = 0, kv_cache_dtype: str = "auto", quantization: str = "auto") -> None:
+                 cuda_graph_max_bs: int = 0, kv_cache_dtype: str = "auto", quantization: str = "auto",
+                 prefix_cache: bool = True, reserve_tokens: int | None = None) -> None:
         if cuda_graph_max_bs < 0:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {cuda_graph_max_bs}")
         self.device = torch.device(device)
@@ -83,13 +88,14 @@ class LLM:
         if num_pages is None:
             num_pages = self._default_num_pages(page_size)
         self.kv_pool = KVPool(num_pages, self.config.num_hidden_layers, page_size, self.config.kv_cache_dim,
-                              self.kv_dtype, self.device)
+                              self.kv_dtype, self.device, prefix_cache=prefix_cache)
         self.tokenizer: Tokenizer = load_tokenizer(model_dir, self.config.eos_token_ids)
         self.graph_runner: CudaGraphRunner | None = None
         if cuda_graph_max_bs:
             self.graph_runner = CudaGraphRunner(self.model, self.kv_pool, cuda_graph_max_bs)
         self.scheduler = Scheduler(self.model, self.kv_pool, max_prefill_tokens, max_running,
-                                   self.config.eos_token_ids, decode_forward=self.graph_runner)
+                                   self.config.eos_token_ids, decode_forward=self.graph_runner,
+                                   reserve_tokens=reserve_tokens)
 
     def _default_num_pages(self, page_size: int) -> int:
         bytes_per_page = (self.config.num_hidden_layers * page_size * self.config.kv_cache_dim

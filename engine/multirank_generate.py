@@ -28,7 +28,7 @@ def engine_args_from_flags(args: argparse.Namespace) -> EngineArgs:
     # --seed is the sampling seed here; dummy weights keep EngineArgs' default seed, as LLM does.
     return EngineArgs(model_dir=args.model, load_format=args.load_format, dtype=args.dtype, page_size=args.page_size,
                       num_pages=args.num_pages, ep_backend=args.ep_backend, kv_cache_dtype=args.kv_cache_dtype,
-                      quantization=args.quantization)
+                      quantization=args.quantization, prefix_cache=not args.disable_prefix_cache)
 
 
 def generate_multirank(args: argparse.Namespace, prompts: list[str] | list[list[int]],

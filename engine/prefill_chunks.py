@@ -15,9 +15,12 @@ from engine.kv_pool import KVPool
 
 
 class PrefillItem(Protocol):
-    """A request being prefilled: its prompt, how many of its tokens have KV already, and its pages."""
+    """A request being prefilled: the tokens it computes KV for (its prompt; after a retraction, its output
+    too), how many of them have KV already, and its pages."""
 
-    prompt_ids: list[int]
+    @property
+    def fill_ids(self) -> list[int]: ...
+
     num_computed: int
     pages: list[int]
 
@@ -32,7 +35,7 @@ def plan_prefill_chunks(items: Iterable[Item], budget: int) -> list[tuple[Item, 
     for item in items:
         if budget == 0:
             break
-        take = min(len(item.prompt_ids) - item.num_computed, budget)
+        take = min(len(item.fill_ids) - item.num_computed, budget)
         chunks.append((item, take))
         budget -= take
     return chunks
@@ -45,7 +48,7 @@ def build_extend_batch(
     pages (`ForwardBatch.build` checks token ids against `vocab_size` when given)."""
     return ForwardBatch.build(
         ForwardMode.EXTEND,
-        [item.prompt_ids[item.num_computed : item.num_computed + n] for item, n in chunks],
+        [item.fill_ids[item.num_computed : item.num_computed + n] for item, n in chunks],
         [item.num_computed for item, _ in chunks],
         [item.pages for item, _ in chunks],
         kv_pool,

@@ -6,6 +6,10 @@ request. Prefill goes first (as SGLang's default): new requests join the running
 their prompt is in, at the price of a decode pause while a prefill runs. Pages for a request's whole life (prompt + max_new_tokens) are taken at admission, so a
 running request never waits for memory and nothing needs preempting.
 
+With the pool's prefix cache (``engine.prefix_cache``), admission first takes the cached pages of the
+prompt's longest cached full-page prefix and the prefill computes only the tokens after it (chunked as
+usual); a request's full pages are published when its prompt is in and when it ends.
+
 A decode worker feeds requests whose prompt KV was computed elsewhere through ``add_prefilled``: they
 enter with their pages filled and their first output token, and go straight to decode.
 """
@@ -24,6 +28,7 @@ from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
 from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
+from engine.prefix_cache import Block
 from engine.sampling import SamplingParams, apply_penalties, logprob_report, sample
 
 
@@ -44,6 +49,8 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
+    cache_blocks: list[Block] = field(default_factory=list)  # prefix-cache blocks held (pages[:len])
+    cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache (None: prefilled elsewhere)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop", "length", "abort" or "error" (then `error` says why)
     error: str | None = None
@@ -58,6 +65,12 @@ class Request:
     @property
     def seq_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """Tokens a prefill computes KV for: the prompt, and after a retraction the output but its last
+        token too (that one's KV comes from the next decode step, as before the retraction)."""
+        return self.prompt_ids + self.output_ids[:-1] if self.output_ids else self.prompt_ids
 
     @property
     def finished(self) -> bool:
@@ -77,11 +90,23 @@ class StepResult:
 class Scheduler:
     def __init__(self, model: DeepseekForCausalLM, kv_pool: KVPool, max_prefill_tokens: int = 8192,
                  max_running: int = 256, eos_token_ids: tuple[int, ...] = (),
-                 decode_forward: Callable[[ForwardBatch], ForwardOutput] | None = None) -> None:
+                 decode_forward: Callable[[ForwardBatch], ForwardOutput] | None = None,
+                 reserve_tokens: int | None = None) -> None:
         """``decode_forward`` runs DECODE batches instead of the model (an ``engine.cuda_graph``
-        runner, which falls back to the model for batches its graphs cannot take)."""
+        runner, which falls back to the model for batches its graphs cannot take).
+
+        ``reserve_tokens``: None reserves a request's whole life at admission (prompt + max_new_tokens), so
+        nothing ever waits or is preempted. A number N reserves the prompt + N output tokens instead; a
+        decoding request then takes a page when it needs one, and when the pool has none (after evicting
+        unreferenced cached pages) the newest running requests are retracted: their pages go back (full
+        ones into the prefix cache), they wait at the head of the queue and are prefilled again, prompt and
+        output so far, before they go on decoding (SGLang's retraction; greedy tokens stay the same)."""
         if max_prefill_tokens < 1 or max_running < 1:
             raise ValueError("max_prefill_tokens and max_running must be >= 1")
+        if reserve_tokens is not None and reserve_tokens < 1:
+            raise ValueError(f"reserve_tokens must be >= 1, got {reserve_tokens}")
+        self.reserve_tokens = reserve_tokens
+        self.retractions = 0  # requests retracted so far, for /metrics
         self.model, self.kv_pool = model, kv_pool
         self.decode_forward: Callable[[ForwardBatch], ForwardOutput] = decode_forward or model
         self.max_prefill_tokens, self.max_running = max_prefill_tokens, max_running
@@ -90,6 +115,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # PREFILLING and DECODING, in admission order
         self._ids = itertools.count()
+        self.prefill_computed_tokens = 0  # prompt tokens run through forwards (cache hits are not), for /metrics
 
     # ---- entry points -------------------------------------------------------------------------
     def validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -101,12 +127,20 @@ class Scheduler:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model takes at most {self.max_model_len - 1}")
-        needed = self.pages_needed(len(prompt_ids), params)
+        needed = self.whole_life_pages(len(prompt_ids), params)  # alone, any request can finish
         if needed > self.kv_pool.num_pages:
             raise ValueError(f"request needs {needed} KV pages but the pool has {self.kv_pool.num_pages}")
 
-    def pages_needed(self, prompt_len: int, params: SamplingParams) -> int:
-        """Pages reserved for a request: room for the prompt and every token it may generate."""
+    def pages_needed(self, prompt_len: int, params: SamplingParams, generated: int = 0) -> int:
+        """Pages reserved at admission for a request of `prompt_len` tokens that has `generated` output
+        tokens already: room for them and every token it may still generate, or with `reserve_tokens` for
+        that many more (at least the next one)."""
+        remaining = max(1, params.max_new_tokens - generated)
+        if self.reserve_tokens is not None:
+            remaining = min(remaining, self.reserve_tokens)
+        return self.kv_pool.pages_for_tokens(min(prompt_len + generated + remaining, self.max_model_len))
+
+    def whole_life_pages(self, prompt_len: int, params: SamplingParams) -> int:
         return self.kv_pool.pages_for_tokens(min(prompt_len + params.max_new_tokens, self.max_model_len))
 
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
@@ -156,7 +190,8 @@ class Scheduler:
         if prefilling:
             result = self._run_extend(prefilling)
         elif self.running:
-            result = self._run_decode([r for r in self.running if r.status is RequestStatus.DECODING])
+            decoding = self._grow_pages([r for r in self.running if r.status is RequestStatus.DECODING])
+            result = self._run_decode(decoding) if decoding else StepResult([], [])
         else:
             result = StepResult([], [])
         self.running = [r for r in self.running if not r.finished]
@@ -166,9 +201,14 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
             try:
-                req.pages = self.kv_pool.alloc(self.pages_needed(len(req.prompt_ids), req.params))
+                # A prefix-cache hit gives the leading pages; the prefill starts after them.
+                req.pages, req.cache_blocks = self.kv_pool.alloc_for_prompt(
+                    req.fill_ids, self.pages_needed(len(req.prompt_ids), req.params, len(req.output_ids)))
             except PoolExhaustedError:
-                return  # FIFO: wait until running requests free their pages
+                return  # FIFO: wait until running requests free their pages (cached ones were evicted)
+            req.num_computed = len(req.cache_blocks) * self.kv_pool.page_size
+            if not req.output_ids:  # a retracted request keeps what its first admission hit
+                req.cached_tokens = req.num_computed
             self.waiting.popleft()
             req.status = RequestStatus.PREFILLING
             req.generator = req.params.make_generator(self.kv_pool.tensor.device)
@@ -177,15 +217,43 @@ class Scheduler:
     def _run_extend(self, prefilling: list[Request]) -> StepResult:
         chunks = plan_prefill_chunks(prefilling, self.max_prefill_tokens)
         batch = build_extend_batch(chunks, self.kv_pool, vocab_size=self.model.config.vocab_size)
+        self.prefill_computed_tokens += sum(n for _, n in chunks)
         logits = self.model(batch).next_token_logits
         done_rows, done_reqs = [], []
         for row, (req, n) in enumerate(chunks):
             req.num_computed += n
-            if req.num_computed == len(req.prompt_ids):
+            if req.num_computed == len(req.fill_ids):
                 req.status = RequestStatus.DECODING
-                done_rows.append(row)
-                done_reqs.append(req)
+                # Shared from now on: a later request with the same prompt prefix reuses these pages.
+                req.cache_blocks = self.kv_pool.publish(req.fill_ids, req.pages, req.cache_blocks)
+                if not req.output_ids:  # a retracted request has its next token already
+                    done_rows.append(row)
+                    done_reqs.append(req)
         return self._sample_and_append(logits[done_rows], done_reqs)
+
+    def _grow_pages(self, decoding: list[Request]) -> list[Request]:
+        """Give every decoding request the page its next token's KV goes to, oldest first; when the pool has
+        none left, retract the newest running requests. Returns the requests that decode this step."""
+        size = self.kv_pool.page_size
+        for req in decoding:
+            while req.status is RequestStatus.DECODING and len(req.pages) * size < req.seq_len:
+                try:
+                    req.pages += self.kv_pool.alloc(1)
+                except PoolExhaustedError:
+                    self._retract(self.running[-1])  # the newest: maybe `req` itself
+        return [r for r in decoding if r.status is RequestStatus.DECODING]
+
+    def _retract(self, req: Request) -> None:
+        """Give `req`'s pages back and queue it first to be prefilled again (only DECODING requests are
+        retracted: a step with prefills to run runs no decode)."""
+        computed = (req.prompt_ids + req.output_ids)[: req.num_computed]
+        held = self.kv_pool.publish(computed, req.pages, req.cache_blocks)  # the recompute may hit them
+        self.kv_pool.release(req.pages, held)
+        req.pages, req.cache_blocks, req.num_computed = [], [], 0
+        req.status = RequestStatus.WAITING
+        self.running.remove(req)
+        self.waiting.appendleft(req)  # admitted before every waiting request: first again
+        self.retractions += 1
 
     def _run_decode(self, decoding: list[Request]) -> StepResult:
         batch = ForwardBatch.build(
@@ -247,5 +315,11 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         if req.pages:
-            self.kv_pool.free(req.pages)
-            req.pages = []
+            held = req.cache_blocks
+            if req.cached_tokens is not None:  # prefilled here (`add_prefilled` KV is not published)
+                # Every page whose tokens all have KV joins the cache (the output's too: a chat's next turn
+                # starts with this one's answer); the partial last page is private and freed.
+                computed = (req.prompt_ids + req.output_ids)[: req.num_computed]
+                held = self.kv_pool.publish(computed, req.pages, held)
+            self.kv_pool.release(req.pages, held)
+            req.pages, req.cache_blocks = [], []

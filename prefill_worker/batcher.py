@@ -7,7 +7,9 @@ them (once the KV has reached the decode side).
 
 Each step reports, per request that made progress, the pages the chunk completed: a page is sent once,
 when every token in it is computed (the partial last page goes with the last chunk), so no destination
-page is ever written twice.
+page is ever written twice. With the pool's prefix cache a job starts with the cached pages of its prompt's
+prefix, computes only the rest, and its first chunk reports the cached pages with its own: decode still
+gets the whole prompt's KV.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.kv_pool import KVPool
+from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
+from engine.prefix_cache import Block
 from engine.sampling import SamplingParams, apply_penalties, logprob_report, sample
 
 
@@ -31,6 +34,8 @@ class PrefillJob:
     prompt_ids: list[int]
     params: SamplingParams
     pages: list[int] = field(default_factory=list)
+    cache_blocks: list[Block] = field(default_factory=list)  # prefix-cache blocks held (pages[:len])
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache: not computed here
     num_computed: int = 0
     pages_done: int = 0
     first_token: int | None = None
@@ -38,6 +43,10 @@ class PrefillJob:
     first_logprob: float = 0.0
     top_logprobs: int = 0  # alternatives to report for the first token (sent on with it)
     first_top: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.prompt_ids
 
     @property
     def prefilled(self) -> bool:
@@ -76,6 +85,7 @@ class PrefillBatcher:
         self.waiting: deque[PrefillJob] = deque()
         self.prefilling: list[PrefillJob] = []
         self.holding: set[PrefillJob] = set()  # jobs with pages: prefilling or done and not released
+        self.computed_tokens = 0  # prompt tokens run through forwards (cache hits are not), for /metrics
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -110,8 +120,8 @@ class PrefillBatcher:
         self.remove(job)
         if job in self.holding:
             self.holding.discard(job)
-            self.kv_pool.free(job.pages)
-            job.pages = []
+            self.kv_pool.release(job.pages, job.cache_blocks)
+            job.pages, job.cache_blocks = [], []
 
     @property
     def num_jobs(self) -> int:
@@ -124,11 +134,15 @@ class PrefillBatcher:
     def _admit(self) -> None:
         while self.waiting and len(self.holding) < self.max_running:
             job = self.waiting[0]
-            needed = self.kv_pool.pages_for_tokens(len(job.prompt_ids))
-            if needed > self.kv_pool.free_pages:
-                return  # FIFO: wait until transfers end and free their pages
+            try:
+                # A prefix-cache hit gives the leading pages (held until `release`, so no eviction can
+                # take them while the transfer reads them); the prefill computes only the rest.
+                job.pages, job.cache_blocks = self.kv_pool.alloc_for_prompt(
+                    job.prompt_ids, self.kv_pool.pages_for_tokens(len(job.prompt_ids)))
+            except PoolExhaustedError:
+                return  # FIFO: wait until transfers end and free their pages (cached ones were evicted)
+            job.num_computed = job.cached_tokens = len(job.cache_blocks) * self.kv_pool.page_size
             self.waiting.popleft()
-            job.pages = self.kv_pool.alloc(needed)
             self.holding.add(job)
             self.prefilling.append(job)
 
@@ -140,6 +154,7 @@ class PrefillBatcher:
             return []
         chunks = plan_prefill_chunks(self.prefilling, self.max_prefill_tokens)
         batch = build_extend_batch(chunks, self.kv_pool)  # token ids were checked by `add`
+        self.computed_tokens += sum(n for _, n in chunks)
         logits = self.model(batch).next_token_logits
         done: list[ChunkDone] = []
         finished_rows: list[int] = []
@@ -152,6 +167,8 @@ class PrefillBatcher:
                 job.pages_done = upto
             if job.prefilled:
                 finished_rows.append(row)
+                # The prompt's full pages are shared from now on (the partial last page stays private).
+                job.cache_blocks = self.kv_pool.publish(job.prompt_ids, job.pages, job.cache_blocks)
         if finished_rows:
             self._sample_first_tokens(logits[finished_rows], [chunks[r][0] for r in finished_rows])
             self.prefilling = [job for job in self.prefilling if not job.prefilled]

@@ -100,6 +100,7 @@ class BenchPrefillRunner:
                     finished=True,
                     finish_reason="length",
                     prompt_tokens=len(job.prompt_ids),
+                    cached_tokens=job.cached_tokens,
                 )
             )
         return outs
@@ -120,8 +121,8 @@ class BenchPrefillRunner:
     def status_counts(self) -> dict[str, int]:
         pool = self.engine.kv_pool
         return {
-            "free_pages": pool.free_pages,
-            "total_pages": pool.num_pages,
+            **pool.status_counts(),
+            "prefill_tokens_computed": self.batcher.computed_tokens,
             # No transfer plane: zero by construction, reported so idle checks read alike.
             "live_rooms": 0,
             "inflight_handles": 0,

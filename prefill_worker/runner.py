@@ -220,8 +220,8 @@ class PrefillRunner:
     def status_counts(self) -> dict[str, int]:
         pool, manager = self.engine.kv_pool, self.manager
         return {
-            "free_pages": pool.free_pages,
-            "total_pages": pool.num_pages,
+            **pool.status_counts(),
+            "prefill_tokens_computed": self.batcher.computed_tokens,
             "live_rooms": manager.num_live_rooms,
             "free_aux_slots": manager.num_free_aux_slots,
             "total_aux_slots": manager.aux.num_slots,
@@ -290,6 +290,7 @@ class PrefillRunner:
             finished=True,
             finish_reason="length",
             prompt_tokens=len(job.prompt_ids),
+            cached_tokens=job.cached_tokens,  # the router's cache-aware policy learns from it
         )
 
 

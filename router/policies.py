@@ -6,8 +6,10 @@ Each policy picks one worker out of a non-empty candidate list (workers that tak
 
 from __future__ import annotations
 
+import itertools
 import random
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 from router.workers import Worker
 
@@ -17,6 +19,26 @@ class Policy(ABC):
 
     @abstractmethod
     def choose(self, candidates: list[Worker], prompt_key: str | bytes | None) -> Worker: ...
+
+    def expectation(self) -> Expectation | None:
+        """What the last `choose` assumed about the chosen worker's prefix cache (None: nothing), to be
+        checked against the worker's hit report with `observe_hit`."""
+        return None
+
+    def observe_hit(self, expected: Expectation, cached_tokens: int, prompt_tokens: int) -> None:
+        """The worker chosen under `expected` reports `cached_tokens` of `prompt_tokens` served from its cache."""
+        return None  # only cache-aware choices learn from it
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    """An affinity choice: `worker` was believed to hold `matched` of the prompt's `blocks` blocks, the
+    deepest of them assigned to it at sequence number `seq`."""
+
+    worker: Worker
+    matched: int
+    blocks: int
+    seq: int
 
 
 class RoundRobinPolicy(Policy):
@@ -70,6 +92,14 @@ class CacheAwarePolicy(Policy):
     least loaded candidate; otherwise the least loaded candidate is chosen. Either way the chosen
     worker becomes the owner of every block of the prompt. The table keeps at most `max_blocks` keys
     and forgets the oldest when full.
+
+    Learning from hit reports (a worker's reply says how many prompt tokens its prefix cache served,
+    `cached_tokens`): when an affinity choice expected the worker to hold a prefix and the worker served
+    less than half of it, the worker has evicted it, and with it, as its cache evicts least recently used
+    pages first, every prefix this router sent it before that one. Each owner entry carries the sequence
+    number of its assignment, so forgetting them is one number per worker (`_horizon`): entries older than
+    it count as unknown. A worker without a prefix cache reports 0 hits, so affinity to it is dropped the
+    same way and its prompts go to the least loaded worker.
     """
 
     name = "cache_aware"
@@ -83,7 +113,11 @@ class CacheAwarePolicy(Policy):
         self._ratio = match_ratio
         self._balance_abs = balance_abs
         self._max_blocks = max_blocks
-        self._owner: dict[int, Worker] = {}
+        self._owner: dict[int, tuple[Worker, int]] = {}  # block key -> (owner, assignment sequence number)
+        self._seq = itertools.count(1)
+        self._horizon: dict[Worker, int] = {}  # a worker's entries assigned before this are forgotten
+        self._last: Expectation | None = None
+        self.forgotten = 0  # hit reports that showed an evicted prefix (for tests and metrics)
 
     def _block_keys(self, prompt_key: str | bytes) -> list[int]:
         step = self._block
@@ -95,17 +129,18 @@ class CacheAwarePolicy(Policy):
 
     def choose(self, candidates: list[Worker], prompt_key: str | bytes | None) -> Worker:
         least = min(candidates, key=_in_flight)
+        self._last = None
         if not prompt_key:
             return least
         keys = self._block_keys(prompt_key)
-        owner = self._owner
-        matched, best = 0, None
+        owner, horizon = self._owner, self._horizon
+        matched, best, best_seq = 0, None, 0
         for key in keys:
-            w = owner.get(key)
-            if w is None:
+            entry = owner.get(key)
+            if entry is None or entry[1] < horizon.get(entry[0], 0):
                 break
             matched += 1
-            best = w
+            best, best_seq = entry
         chosen = least
         if (
             best is not None
@@ -115,13 +150,27 @@ class CacheAwarePolicy(Policy):
             and best.in_flight - least.in_flight < self._balance_abs
         ):
             chosen = best
+            self._last = Expectation(best, matched, len(keys), best_seq)
+        seq = next(self._seq)
         for key in keys:
             owner.pop(key, None)  # re-insert: dict order doubles as recency for eviction
-            owner[key] = chosen
+            owner[key] = (chosen, seq)
         if len(owner) > self._max_blocks:
             for key in list(owner)[: len(owner) // 10 + 1]:
                 del owner[key]
         return chosen
+
+    def expectation(self) -> Expectation | None:
+        return self._last
+
+    def observe_hit(self, expected: Expectation, cached_tokens: int, prompt_tokens: int) -> None:
+        if prompt_tokens <= 0 or expected.blocks <= 0:
+            return
+        if cached_tokens / prompt_tokens < 0.5 * expected.matched / expected.blocks:
+            # Evicted there: forget what was sent to it up to that prefix's last assignment (the worker
+            # holds this prompt again now: its newer assignment stays).
+            self._horizon[expected.worker] = max(self._horizon.get(expected.worker, 0), expected.seq + 1)
+            self.forgotten += 1
 
     @property
     def known_blocks(self) -> int:

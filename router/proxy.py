@@ -31,6 +31,7 @@ from router.inbound import InboundRequest, abort_rids, client_ids, worker_body
 from router.upstream import StaleConnection, UpstreamConnection, UpstreamError, UpstreamTimeout, build_request
 
 if TYPE_CHECKING:
+    from router.policies import Expectation
     from router.state import RouterState
     from router.workers import Worker
 
@@ -39,6 +40,18 @@ _RETRY_STATUSES = (502, 503, 504)
 _ROOM_BITS = 63
 _CLIENT_HIGH_WATER = 1 << 20  # bytes queued for a client before relaying pauses
 _CLIENT_LOW_WATER = 256 << 10
+
+
+def _int_after(body: bytes, key: bytes) -> int | None:
+    """The integer right after the first `key` in a compact JSON body (orjson writes no spaces), or None."""
+    start = body.find(key)
+    if start < 0:
+        return None
+    start += len(key)
+    end = start
+    while end < len(body) and 48 <= body[end] <= 57:
+        end += 1
+    return int(body[start:end]) if end > start else None
 
 
 class PrefillFailed(UpstreamError):
@@ -70,9 +83,11 @@ class PrefillJob:
     after a stale keep-alive one) needs a task to wait for the connect.
     """
 
-    def __init__(self, state: RouterState, worker: Worker, request: bytes, deadline: float, rids: list[str]):
+    def __init__(self, state: RouterState, worker: Worker, request: bytes, deadline: float, rids: list[str],
+                 expected: Expectation | None = None):
         self._state = state
         self.worker = worker
+        self._expected = expected  # checked against the worker's hit report (`cached_tokens`) in its answer
         self._request = request
         self._deadline = deadline
         self._rids = rids
@@ -142,9 +157,19 @@ class PrefillJob:
             self._fail(PrefillUnreachable(f"prefill {w.url}: {exc}"))
         elif status >= 400:
             self._fail(PrefillFailed(status, body, content_type))
-        elif w.consecutive_failures:
-            state.registry.record_success(w)
+        else:
+            if w.consecutive_failures:
+                state.registry.record_success(w)
+            if self._expected is not None:
+                self._learn(body)
         self._release_worker()
+
+    def _learn(self, body: bytes) -> None:
+        """Hand the worker's hit report to the policy that expected a hit there (a byte search, no parse)."""
+        assert self._expected is not None
+        cached, prompt = _int_after(body, b'"cached_tokens":'), _int_after(body, b'"prompt_tokens":')
+        if cached is not None and prompt is not None:
+            self._state.prefill_policy.observe_hit(self._expected, cached, prompt)
 
     def _release_worker(self) -> None:
         w = self.worker
@@ -207,10 +232,11 @@ class Proxy:
         for attempt in range(cfg.max_retries + 1):
             decode = self._choose(Role.DECODE, inbound, tried, last)
             prefill = None if decode_only else self._choose(Role.PREFILL, inbound, tried, last)
+            expected = state.prefill_policy.expectation() if prefill is not None else None
             try:
                 return await self._attempt(
                     client, inbound, prefill, decode, rid, rid_b, fwd_headers, started, deadline,
-                    last_attempt=attempt == cfg.max_retries,
+                    last_attempt=attempt == cfg.max_retries, expected=expected,
                 )
             except _Retry as retry:
                 tried.add(retry.worker)
@@ -232,6 +258,7 @@ class Proxy:
         started: float,
         deadline: float,
         last_attempt: bool,
+        expected: Expectation | None = None,
     ) -> None:
         state = self._state
         path = inbound.kind.value
@@ -246,7 +273,7 @@ class Proxy:
             room = self._getrandbits(_ROOM_BITS) if n is None else [self._getrandbits(_ROOM_BITS) for _ in range(n)]
             body = worker_body(inbound, internal, prefill, room)
             job = PrefillJob(state, prefill, build_request("POST", path, prefill.netloc, body, fwd_headers),
-                             deadline, rids)
+                             deadline, rids, expected)
         else:
             body = worker_body(inbound, internal, None, None)
         decode.in_flight += 1

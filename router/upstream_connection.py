@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE, _DONE, _IDLE = range(9)
 _MAX_HEAD_BYTES = 64 * 1024
+_SINK_KEEP_2XX = 4096  # bytes of a sink's 2xx answer kept for its callback (a prefill hit report)
 _PAUSE_READING_AT = 1 << 20  # unread body bytes held per connection before reading from the socket pauses
 
 
@@ -158,8 +159,10 @@ class UpstreamConnection(asyncio.Protocol):
                 raise ValueError("bytes after the end of the response")
         self._buf = buf[pos:] if pos < n else b""
         if self._sink is not None:
-            if out and self.status >= 400:
-                self._pieces.extend(out)  # an error body is kept for the callback; a 2xx one is dropped
+            if out and (self.status >= 400 or sum(map(len, self._pieces)) < _SINK_KEEP_2XX):
+                # An error body is kept for the callback; of a 2xx one only the start, where a prefill
+                # answer's small JSON (its `cached_tokens` hit report) is: the rest is dropped.
+                self._pieces.extend(out)
             if self._state == _DONE:
                 self._end_sink()
             return
@@ -248,7 +251,7 @@ class UpstreamConnection(asyncio.Protocol):
     def send_sink(self, data: bytes, deadline: float | None, callback: SinkCallback) -> None:
         """Send a request whose answer nobody reads: a 2xx body is dropped as it arrives, and
         `callback(status, body, content_type, error)` runs once when the answer is complete (body
-        kept only for an error status) or failed. No task or future is involved, which is what
+        kept whole for an error status, its first few KB for a 2xx one) or failed. No task or future is involved, which is what
         the prefill half of a PD request needs (its answer only tells success or failure)."""
         self._sink = callback
         try:

@@ -97,7 +97,8 @@ class MockServer:
         if kind == "sglang":
             meta = {"prompt_tokens": prompt_tokens, "completion_tokens": last,
                     "finish_reason": {"type": "length"} if finish else None}
-            return {"text": text, "meta_info": meta}
+            # Like SGLang's events: every output id so far (a chat client appends them to its history).
+            return {"text": text, "output_ids": [1000 + i for i in range(last)], "meta_info": meta}
         if kind == "chat":
             return {"object": "chat.completion.chunk",
                     "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}

@@ -109,8 +109,10 @@ IDLE_KEYS = ("free_pages", "live_rooms", "free_aux_slots", "inflight_handles", "
 
 def idle_problems(info: dict[str, Any]) -> list[str]:
     problems = []
-    if info.get("free_pages") != info.get("total_pages"):
-        problems.append(f"free_pages {info.get('free_pages')} of {info.get('total_pages')}")
+    # With a prefix cache, idle pages are free or cached and unreferenced (evictable on demand).
+    free, evictable = info.get("free_pages"), info.get("evictable_pages")
+    if not isinstance(free, int) or not isinstance(evictable, int) or free + evictable != info.get("total_pages"):
+        problems.append(f"free_pages {free} + evictable_pages {evictable} of {info.get('total_pages')}")
     if info.get("free_aux_slots") != info.get("total_aux_slots"):
         problems.append(f"free_aux_slots {info.get('free_aux_slots')} of {info.get('total_aux_slots')}")
     for key in ("live_rooms", "inflight_handles", "active_requests"):

@@ -217,3 +217,19 @@ def test_random_requests_are_reproducible_sized_and_free_of_special_tokens() -> 
         assert not {0, 1, 2} & set(req.prompt) and max(req.prompt) < 64
     text = random_requests(seed=7, **{**kwargs, "prompt_format": "text"})  # type: ignore[arg-type]
     assert all(isinstance(r.prompt, str) and len(r.prompt.split()) == r.prompt_len for r in text)
+
+
+def test_multiturn_prompts_carry_the_whole_conversation_with_the_server_s_answers(mock_url: str,
+                                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "turns.json"
+    flags = ["--base-url", mock_url, "--dataset", "multiturn", "--num-conversations", "3", "--num-turns", "3",
+             "--system-prompt-len", "20", "--turn-input-len", "5", "--turn-output-len", "4", "--output-json",
+             str(out)]
+    assert main(flags) == 0
+    report = json.loads(out.read_text())
+    # Turn t's prompt: the 20-token system prompt, then t x (5-token message + 4-token answer), then 5 more.
+    assert [t["prompt_tokens"] for t in report["turns"]] == [3 * (20 + 5), 3 * (29 + 5), 3 * (38 + 5)]
+    # Without a worker to read counters from, every prompt token counts as computed (and none as hit).
+    assert [t["prefill_tokens_computed"] for t in report["turns"]] == [t["prompt_tokens"] for t in report["turns"]]
+    assert all(len(t["ttft_s"]) == 3 and t["ttft_ms"]["p50"] >= MOCK_TTFT_MS for t in report["turns"])
+    assert main([*flags[:-2], "--num-turns", "0"]) == 2  # refused before any request

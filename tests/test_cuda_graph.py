@@ -127,7 +127,7 @@ def test_padded_static_decode_matches_eager_and_writes_only_real_slots_and_the_s
         pool.free(pages)
     finally:
         runner.close()
-    assert pool.free_pages == NUM_PAGES
+    assert pool.available_pages == NUM_PAGES
 
 
 def test_batches_the_buckets_cannot_take_run_eagerly(tiny_dir: Path) -> None:
@@ -144,7 +144,7 @@ def test_batches_the_buckets_cannot_take_run_eagerly(tiny_dir: Path) -> None:
     finally:
         runner.close()
         runner.close()  # idempotent
-    assert pool.free_pages == NUM_PAGES
+    assert pool.available_pages == NUM_PAGES
     with pytest.raises(RuntimeError, match="closed"):
         runner(_decode_batch(pool, [4], 0))
 
@@ -155,7 +155,7 @@ def test_runner_refuses_bad_sizes_and_capture_on_cpu_holding_nothing(tiny_dir: P
         CudaGraphRunner(model, pool, max_bs=0, capture=False)
     with pytest.raises(ValueError, match="cannot capture"):
         CudaGraphRunner(model, pool, max_bs=4, capture=True)
-    assert pool.free_pages == NUM_PAGES
+    assert pool.available_pages == NUM_PAGES
     with pytest.raises(ValueError, match="cuda_graph_max_bs"):
         LLM(tiny_dir, cuda_graph_max_bs=-1)
 
@@ -169,7 +169,7 @@ def test_graph_safe_decode_generates_the_same_greedy_tokens_as_eager_on_cpu(tiny
     assert [len(t) for t in static_tokens] == lengths
     runner = llm.graph_runner
     assert runner is not None and runner.static_steps > 0 and runner.eager_steps > 0
-    assert runner.scratch_page == -1 and llm.kv_pool.free_pages == NUM_PAGES
+    assert runner.scratch_page == -1 and llm.kv_pool.available_pages == NUM_PAGES
 
 
 # ---- GPU: real capture and replay ------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def test_gpu_greedy_tokens_equal_cpu_with_and_without_cuda_graphs(tiny_dir: Path
     assert gpu_graphs == cpu_tokens
     runner = llm.graph_runner
     assert runner is not None and runner.static_steps > 0
-    assert llm.kv_pool.free_pages == NUM_PAGES
+    assert llm.kv_pool.available_pages == NUM_PAGES
 
 
 @gpu
@@ -206,4 +206,4 @@ def test_replayed_graph_matches_eager_logits_and_replays_new_batches(tiny_dir: P
         pool.free(pages)
     finally:
         runner.close()
-    assert pool.free_pages == NUM_PAGES
+    assert pool.available_pages == NUM_PAGES

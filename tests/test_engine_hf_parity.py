@@ -71,12 +71,12 @@ def parity(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in PROMPT_LENS]
     llm = LLM(str(model_dir), dtype="float32", page_size=PAGE_SIZE, num_pages=64)
-    start = llm.kv_pool.free_pages
+    start = llm.kv_pool.available_pages
     outputs = llm.generate(prompts, GREEDY)
     assert all(o.finish_reason == "length" for o in outputs)
-    assert llm.kv_pool.free_pages == start
+    assert llm.kv_pool.available_pages == start
     yield Parity(variant, model_dir, hf_model, prompts, llm, [o.token_ids for o in outputs])
-    assert llm.kv_pool.free_pages == llm.kv_pool.num_pages
+    assert llm.kv_pool.available_pages == llm.kv_pool.num_pages
     llm.close()
 
 
@@ -197,7 +197,7 @@ def test_batched_prompts_give_the_same_tokens_as_one_at_a_time(parity: Parity) -
     for prompt, together in zip(parity.prompts, parity.batched, strict=True):
         alone = parity.llm.generate([prompt], GREEDY)[0]
         assert alone.token_ids == together
-    assert parity.llm.kv_pool.free_pages == parity.llm.kv_pool.num_pages
+    assert parity.llm.kv_pool.available_pages == parity.llm.kv_pool.num_pages
 
 
 def test_chunked_prefill_gives_the_same_tokens_as_one_shot_prefill(parity: Parity) -> None:
@@ -208,4 +208,4 @@ def test_chunked_prefill_gives_the_same_tokens_as_one_shot_prefill(parity: Parit
     finally:
         scheduler.max_prefill_tokens = 8192
     assert [o.token_ids for o in chunked] == parity.batched
-    assert parity.llm.kv_pool.free_pages == parity.llm.kv_pool.num_pages
+    assert parity.llm.kv_pool.available_pages == parity.llm.kv_pool.num_pages

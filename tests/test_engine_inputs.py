@@ -88,7 +88,7 @@ def test_missing_checkpoint_tensor_is_named(tiny_dir: Path, tmp_path: Path) -> N
 def test_bad_prompts_are_refused_before_any_work(llm: LLM, prompts: list, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         llm.generate(prompts, SamplingParams(max_new_tokens=4))
-    assert llm.kv_pool.free_pages == llm.kv_pool.num_pages
+    assert llm.kv_pool.available_pages == llm.kv_pool.num_pages
     assert not llm.scheduler.has_work()
 
 
@@ -114,4 +114,4 @@ def test_bad_sampling_params_name_the_field(kwargs: dict, message: str) -> None:
 def test_a_request_needing_more_pages_than_the_pool_has_is_refused(llm: LLM) -> None:
     with pytest.raises(ValueError, match="needs 25 KV pages but the pool has 24"):
         llm.generate([[5] * 380], SamplingParams(max_new_tokens=20))
-    assert llm.kv_pool.free_pages == llm.kv_pool.num_pages
+    assert llm.kv_pool.available_pages == llm.kv_pool.num_pages

@@ -18,6 +18,10 @@ class Item:
     num_computed: int = 0
     pages: list[int] = field(default_factory=list)
 
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.prompt_ids
+
 
 def test_budget_goes_to_the_oldest_items_and_cuts_the_last_one_taken() -> None:
     items = [Item(list(range(5)), num_computed=2), Item(list(range(10))), Item(list(range(4)))]

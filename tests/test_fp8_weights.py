@@ -168,7 +168,7 @@ def test_greedy_tokens_and_logits_equal_transformers_given_the_dequantized_weigh
         assert got is not None and ((got - want).abs().max() / want.abs().max()).item() <= 1e-4
     finally:
         pool.free(pages)
-    assert pool.free_pages == pool.num_pages
+    assert pool.available_pages == pool.num_pages
 
 
 def test_mtp_layer_is_skipped_with_a_log_line(fp8_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -279,11 +279,11 @@ def test_fp8_weights_kept_on_cpu_run_the_reference_kernels_like_the_dequantized_
         assert 1e-3 < rel < 0.35, rel
         assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() > 0.5
         # Greedy decode on the graph-safe FP8 path (masked experts) continues from its own prefill.
-        idle = kept.kv_pool.free_pages  # the graph runner holds one scratch page until close()
+        idle = kept.kv_pool.available_pages  # the graph runner holds one scratch page until close()
         outs = kept.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True))
         assert all(len(o.token_ids) == 8 for o in outs)
         assert outs[2].token_ids[0] == int(got[-1].argmax())
-        assert kept.kv_pool.free_pages == idle
+        assert kept.kv_pool.available_pages == idle
     finally:
         kept.close()
 

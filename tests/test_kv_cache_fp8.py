@@ -104,7 +104,7 @@ def test_colocated_generation_on_an_fp8_pool_is_chunk_invariant_and_frees_every_
             assert llm.kv_pool.tensor.dtype is FP8
             outputs.append([o.token_ids for o in llm.generate(PROMPTS, GREEDY)])
             assert llm.kv_pool.tensor.view(torch.uint8).any()  # the KV was written into the FP8 pool
-            assert llm.kv_pool.free_pages == llm.kv_pool.num_pages
+            assert llm.kv_pool.available_pages == llm.kv_pool.num_pages
         finally:
             llm.close()
     assert outputs[0] == outputs[1]

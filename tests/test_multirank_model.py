@@ -173,7 +173,8 @@ def test_tp2_dp2_spreads_requests_over_both_groups_and_matches_the_single_rank_t
 async def _wait_for_idle_pools(bridge: RankBridge) -> None:
     while True:
         statuses = list(bridge.group_status.values())
-        if len(statuses) == 2 and all(s.counts["free_pages"] == s.counts["total_pages"] for s in statuses):
+        if len(statuses) == 2 and all(s.counts["free_pages"] + s.counts["evictable_pages"] == s.counts["total_pages"]
+                                      for s in statuses):
             return
         await asyncio.sleep(0.2)
 
@@ -250,3 +251,44 @@ def test_local_expert_parallel_moe_gives_the_same_tokens_and_counts_every_routed
         expected = sum(forwards) * config.num_experts_per_tok if layer in moe_layers else 0
         assert int(counts[layer].sum()) == expected
     assert torch.all(counts >= 0)
+
+
+def test_ranks_of_an_attention_group_take_the_same_prefix_cache_decisions(models: dict[str, Path]) -> None:
+    """tp=2 (one attention-TP group): one request at a time, so each later prompt hits the pages of the
+    shared prefix. Both ranks run their own cache over their own pool; a rank that hit where its peer did
+    not would run a forward of another shape and the TP collectives would fail or give other tokens."""
+    shared = [(5 * i + 3) % 200 for i in range(3 * PAGE_SIZE + 4)]
+    prompts = [shared + [i + 1] * (2 + 7 * i) for i in range(4)]
+    params = [SamplingParams(max_new_tokens=4, ignore_eos=True)] * len(prompts)
+    llm = LLM(str(models["v3"]), page_size=PAGE_SIZE, num_pages=64, prefix_cache=False)
+    try:
+        expected = [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        llm.close()
+    args = EngineArgs(model_dir=str(models["v3"]), page_size=PAGE_SIZE, num_pages=64, max_prefill_tokens=64,
+                      max_running=1)
+    outputs = generate_on_ranks(InstanceSpec(tp_size=2), args, prompts, params, timeout_s=240)
+    assert [o.token_ids for o in outputs] == expected
+    # The first computes the shared pages; each later one finds its 3 full pages cached.
+    assert sorted(o.cached_tokens or 0 for o in outputs) == [0] + [3 * PAGE_SIZE] * 3
+
+
+def test_ranks_of_an_attention_group_retract_the_same_requests(models: dict[str, Path]) -> None:
+    """tp=2 with `reserve_tokens` and a pool the requests outgrow: retraction decisions depend only on the
+    group's shared state, so both ranks retract alike and the tokens are the uninterrupted run's. (The same
+    load on one rank does retract, checked first.)"""
+    prompts = [[(7 * i + 5 * j) % 200 + 2 for j in range(20 + 5 * i)] for i in range(4)]
+    params = [SamplingParams(max_new_tokens=30, ignore_eos=True)] * len(prompts)
+    reference = LLM(str(models["v3"]), page_size=PAGE_SIZE, num_pages=64, prefix_cache=False)
+    small = LLM(str(models["v3"]), page_size=PAGE_SIZE, num_pages=8, reserve_tokens=4)
+    try:
+        expected = [o.token_ids for o in reference.generate(prompts, params)]
+        assert [o.token_ids for o in small.generate(prompts, params)] == expected
+        assert small.scheduler.retractions > 0
+    finally:
+        reference.close()
+        small.close()
+    args = EngineArgs(model_dir=str(models["v3"]), page_size=PAGE_SIZE, num_pages=8, max_prefill_tokens=64,
+                      reserve_tokens=4)
+    outputs = generate_on_ranks(InstanceSpec(tp_size=2), args, prompts, params, timeout_s=240)
+    assert [o.token_ids for o in outputs] == expected

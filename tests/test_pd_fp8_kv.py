@@ -41,7 +41,7 @@ def reference(tiny_model: Path) -> Iterator[LLM]:
     """Colocated generation on an FP8 pool in this process: what every disaggregated answer must equal."""
     llm = LLM(tiny_model, page_size=PAGE_SIZE, kv_cache_dtype="fp8_e4m3")
     yield llm
-    assert llm.kv_pool.free_pages == llm.kv_pool.num_pages
+    assert llm.kv_pool.available_pages == llm.kv_pool.num_pages
     llm.close()
 
 

@@ -74,7 +74,8 @@ def test_kv_that_no_decode_side_asks_for_is_held_until_the_bootstrap_timeout_the
         held = False
         while not reply.done() and not held:  # the prompt's KV is computed and kept for the decode side
             info = get_json(server.url + "/server_info")
-            held = info["free_pages"] < info["total_pages"] and info["live_rooms"] == 1
+            # Held: neither free nor cached and evictable (the prefix cache may keep earlier prompts' pages).
+            held = info["free_pages"] + info["evictable_pages"] < info["total_pages"] and info["live_rooms"] == 1
             time.sleep(0.1)
         status, raw = reply.result(timeout=BOOTSTRAP_TIMEOUT_S + 30)
     elapsed = time.monotonic() - started

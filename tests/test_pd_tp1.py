@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import random
 import signal
 import time
 from collections.abc import Iterator
@@ -86,6 +87,22 @@ def test_decode_serves_requests_without_bootstrap_fields_colocated(system: PDSys
     wait_idle(system.decode.url)
 
 
+def test_decode_reuses_cached_prefixes_for_the_requests_it_prefills_itself(system: PDSystem, reference: LLM) -> None:
+    """Requests without bootstrap fields are prefilled on the decode worker: its prefix cache serves their
+    shared prefixes (`cached_tokens` in the answer says how much), token-exact."""
+    prompt = [*range(100, 187)]  # 87 tokens: 5 full 16-token pages of it are published by the first request
+    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    expected = reference.generate([prompt], SamplingParams(max_new_tokens=4))[0].token_ids
+    answers = []
+    for _ in range(2):
+        status, raw = http("POST", system.decode.url + "/generate", body)
+        assert status == 200, raw
+        answers.append(json.loads(raw))
+    assert [a["output_ids"] for a in answers] == [expected, expected]
+    assert [a["meta_info"]["cached_tokens"] for a in answers] == [0, 5 * PAGE_SIZE]
+    wait_idle(system.decode.url)
+
+
 def test_a_stop_string_ends_a_disaggregated_request_early_and_frees_its_pages(
     system: PDSystem, reference: LLM
 ) -> None:
@@ -123,6 +140,40 @@ def test_extreme_sampling_values_are_served_or_refused_and_every_instance_keeps_
     assert status == 400 and json.loads(raw)["error"]["type"] == "invalid_request_error", raw
     status, raw = http("POST", url, {**base, "temperature": 0})
     assert status == 200 and json.loads(raw)["choices"][0]["text"] == greedy, raw
+    for worker in (system.prefill, system.decode):
+        wait_idle(worker.url)
+
+
+def test_prefill_cache_hits_compute_only_the_suffix_and_decode_still_gets_the_whole_prompt(
+    system: PDSystem, reference: LLM
+) -> None:
+    """A chat's turns (each prompt = the last one + a new message) and then 6 requests at once on the same
+    system prompt: the prefill instance serves their prefixes from its cache (the counters say exactly how
+    much), starts each prefill after the cached pages (40-token chunks: across the cached boundary), and
+    the decode side, which gets the cached pages and the new ones, answers exactly as colocated generation."""
+    rng = random.Random(20)
+    system_prompt = [rng.randrange(2, reference.config.vocab_size) for _ in range(3 * PAGE_SIZE + 5)]
+    turns = [system_prompt]
+    for _ in range(3):
+        turns.append(turns[-1] + [rng.randrange(2, reference.config.vocab_size) for _ in range(29)])
+    url = system.prefill.url  # wait_idle: counts the ranks reported after the call began
+    for i, prompt in enumerate(turns):
+        before = wait_idle(url)
+        case = Case(prompt, 4, "/generate" if i % 2 else "/v1/completions", stream=i % 3 == 1)
+        check_against_reference(reference, [case], [run_case(system.router.url, case)])
+        after = wait_idle(url)
+        # Prefill publishes each prompt's full pages: the next turn hits all of them.
+        hit = 0 if i == 0 else len(turns[i - 1]) // PAGE_SIZE * PAGE_SIZE
+        assert after["prefix_cache_lookup_tokens"] - before["prefix_cache_lookup_tokens"] == len(prompt)
+        assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] == hit, i
+    cases = [Case(system_prompt + [3 + i] * (2 + 9 * i), 5, "/generate" if i % 2 else "/v1/completions",
+                  stream=i % 3 == 0) for i in range(6)]
+    before = wait_idle(url)
+    with cf.ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(lambda c: run_case(system.router.url, c), cases))
+    check_against_reference(reference, cases, results)
+    after = wait_idle(url)
+    assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] == 6 * 3 * PAGE_SIZE
     for worker in (system.prefill, system.decode):
         wait_idle(worker.url)
 

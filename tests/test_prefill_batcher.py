@@ -23,16 +23,64 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny_v3"), "v3", seed=3)
 
 
-def _batcher(model_dir: Path, device: str, max_prefill_tokens: int) -> PrefillBatcher:
+def _batcher(model_dir: Path, device: str, max_prefill_tokens: int, num_pages: int = 32,
+             prefix_cache: bool = False) -> PrefillBatcher:
     config = ModelConfig.from_dir(model_dir)
     model = DeepseekForCausalLM(config, dtype=torch.float32, device=device)
     load_model(model, model_dir)
-    pool = KVPool(32, config.num_hidden_layers, PAGE_SIZE, config.kv_cache_dim, torch.float32, device)
+    pool = KVPool(num_pages, config.num_hidden_layers, PAGE_SIZE, config.kv_cache_dim, torch.float32, device,
+                  prefix_cache=prefix_cache)
     return PrefillBatcher(model, pool, max_prefill_tokens=max_prefill_tokens, max_running=4)
 
 
-def _job(length: int) -> PrefillJob:
-    return PrefillJob("r0", [(7 * i + 3) % 200 for i in range(length)], SamplingParams(temperature=0.0))
+def _job(length: int, salt: int = 0) -> PrefillJob:
+    return PrefillJob(f"r{salt}", [(7 * i + 3 + 13 * salt * (i > 8)) % 200 for i in range(length)],
+                      SamplingParams(temperature=0.0))
+
+
+def _prefill(batcher: PrefillBatcher, job: PrefillJob) -> list[int]:
+    """Run `job` to its first token; the pages reported, in order."""
+    batcher.add(job)
+    reported: list[int] = []
+    while not job.prefilled:
+        for chunk in batcher.step():
+            if chunk.job is job:
+                assert chunk.position == len(reported)
+                reported += chunk.pages
+    return reported
+
+
+def test_a_hit_reports_the_whole_prompt_and_a_storm_never_evicts_pages_a_transfer_still_reads(
+        tiny_dir: Path) -> None:
+    """A job with a prefix-cache hit computes only its suffix, yet reports every page of its prompt (the
+    cached ones first, with its first chunk) holding the KV and first token a cache-off batcher computes;
+    while it is not released (its transfer may still read), jobs that need the whole rest of the pool evict
+    every other cached page but never its pages."""
+    plain = _batcher(tiny_dir, "cpu", max_prefill_tokens=40)
+    cached = _batcher(tiny_dir, "cpu", max_prefill_tokens=40, num_pages=8, prefix_cache=True)
+    pool = cached.kv_pool
+    assert pool.prefix_cache is not None
+    warm = _job(3 * PAGE_SIZE + 5)
+    _prefill(cached, warm)
+    cached.release(warm)  # its 3 full pages stay cached
+    target = _job(5 * PAGE_SIZE + 2)  # the same first 53 tokens, then its own
+    reported = _prefill(cached, target)
+    assert target.cached_tokens == 3 * PAGE_SIZE and reported == target.pages and len(reported) == 6
+    expected = _job(5 * PAGE_SIZE + 2)
+    _prefill(plain, expected)
+    assert target.first_token == expected.first_token
+    torch.testing.assert_close(pool.tensor[target.pages], plain.kv_pool.tensor[expected.pages])
+    snapshot = pool.tensor[target.pages].clone()
+    for salt in range(1, 4):  # each needs 2 pages; only 2 are free: cached pages must be evicted
+        storm = _job(PAGE_SIZE + 3, salt)
+        _prefill(cached, storm)
+        assert not set(storm.pages) & set(target.pages)
+        cached.release(storm)
+    assert pool.prefix_cache.evicted_pages > 0
+    assert torch.equal(pool.tensor[target.pages], snapshot)
+    cached.release(target)
+    plain.release(expected)
+    assert pool.available_pages == pool.num_pages and plain.kv_pool.free_pages == plain.kv_pool.num_pages
 
 
 def test_chunks_report_each_page_once_and_the_last_one_samples(tiny_dir: Path) -> None:

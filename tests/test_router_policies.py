@@ -115,3 +115,37 @@ def test_registry_offers_neither_ejected_nor_draining_workers() -> None:
 def test_unknown_policy_name_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("fastest")
+
+
+
+def test_cache_aware_keeps_affinity_after_a_hit_report_that_confirms_it() -> None:
+    ws = _registry(2, Role.PREFILL).candidates(Role.PREFILL)
+    a, _ = ws
+    policy = CacheAwarePolicy(block_chars=8)
+    assert policy.choose(ws, "s" * 64) is a and policy.expectation() is None  # no affinity: nothing expected
+    a.in_flight = 1
+    assert policy.choose(ws, "s" * 64) is a
+    expected = policy.expectation()
+    assert expected is not None and expected.worker is a and expected.matched == expected.blocks == 8
+    policy.observe_hit(expected, cached_tokens=48, prompt_tokens=64)  # all but the last page: a hit
+    assert policy.forgotten == 0 and policy.choose(ws, "s" * 64) is a
+
+
+def test_cache_aware_forgets_what_a_worker_evicted_once_its_hit_report_shows_a_miss() -> None:
+    """The worker's cache evicts least recently used pages first: when it misses a prefix the router sent it,
+    it has also lost what the router sent it before that prefix, not what came after. (A worker without a
+    prefix cache reports 0 hits: affinity to it fades the same way.)"""
+    ws = _registry(2, Role.PREFILL).candidates(Role.PREFILL)
+    a, b = ws
+    policy = CacheAwarePolicy(block_chars=8)
+    older, missed, later = "o" * 64, "m" * 64, "l" * 64
+    assert [policy.choose(ws, p) for p in (older, missed, later)] == [a, a, a]  # idle: ties go to a
+    a.in_flight = 1  # b is the least loaded from now on: only affinity sends a prompt to a
+    assert policy.choose(ws, missed) is a
+    expected = policy.expectation()
+    assert expected is not None
+    policy.observe_hit(expected, cached_tokens=0, prompt_tokens=64)
+    assert policy.forgotten == 1
+    assert policy.choose(ws, older) is b  # sent to a before the missed prefix: presumed evicted
+    assert policy.choose(ws, later) is a  # sent after it: still trusted
+    assert policy.choose(ws, missed) is a  # a computed it again for the report's request: it holds it now

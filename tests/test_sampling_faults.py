@@ -92,7 +92,7 @@ def test_a_request_whose_draw_raises_fails_alone_and_the_batch_finishes(
         return real(row, p, gen, pos)
 
     monkeypatch.setattr(sampling, "_draw", draw)
-    free_at_start = llm.kv_pool.free_pages
+    free_at_start = llm.kv_pool.available_pages
     greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
     expected = llm.generate([[5, 6, 7, 8]], greedy)[0].token_ids
     scheduler: Scheduler = llm.scheduler
@@ -103,4 +103,4 @@ def test_a_request_whose_draw_raises_fails_alone_and_the_batch_finishes(
         failed.extend(scheduler.step().failed)
     assert failed == [bad] and bad.finish_reason == "error" and "boom" in (bad.error or "")
     assert len(bad.output_ids) == 2 and good.output_ids == expected
-    assert llm.kv_pool.free_pages == free_at_start
+    assert llm.kv_pool.available_pages == free_at_start

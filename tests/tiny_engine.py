@@ -21,6 +21,6 @@ def idle_llm(model_dir: Path, num_pages: int) -> Iterator[LLM]:
     engine = LLM(str(model_dir), page_size=16, num_pages=num_pages)
     try:
         yield engine
-        assert engine.kv_pool.free_pages == engine.kv_pool.num_pages
+        assert engine.kv_pool.available_pages == engine.kv_pool.num_pages
     finally:
         engine.close()

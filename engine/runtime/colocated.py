@@ -57,6 +57,11 @@ class EngineArgs:
     # max_prefill_tokens small, or use it where only decode batches run).
     ep_mode: str = "high_throughput"
     quantization: str = "auto"  # engine.quant: "auto" (the checkpoint's), "fp8" or "none"
+    # Prefix cache over the KV pool (engine.prefix_cache), --disable-prefix-cache turns it off. On a decode
+    # instance it serves only the requests it prefills itself (KV received from prefill is not published).
+    prefix_cache: bool = True
+    # None: admission reserves a request's whole life; N: prompt + N output tokens, with retraction.
+    reserve_tokens: int | None = None
 
 
 @dataclass
@@ -113,7 +118,8 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
         moe = ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share)
     num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
-    pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype, device)
+    pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype, device,
+                  prefix_cache=args.prefix_cache)
     return RankEngine(config, model, pool, parallel, moe)
 
 
@@ -166,6 +172,7 @@ def outputs_of(result: StepResult, prompt_len: dict[str, int]) -> list[TokenOutp
         outs.append(TokenOutput(rid=req.request_id, token_ids=[token], finished=req.finished,
                                 finish_reason=req.finish_reason if req.finished else None,
                                 prompt_tokens=prompt_len.get(req.request_id, len(req.prompt_ids)),
+                                cached_tokens=req.cached_tokens,
                                 logprobs=req.output_logprobs[-1:] if req.return_logprob else [],
                                 top_logprobs=req.output_top_logprobs[-1:] if req.top_logprobs else []))
     return outs
@@ -177,7 +184,7 @@ class ColocatedRunner:
     def __init__(self, engine: RankEngine, args: EngineArgs) -> None:
         self.engine = engine
         self.scheduler = Scheduler(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running,
-                                   engine.config.eos_token_ids)
+                                   engine.config.eos_token_ids, reserve_tokens=args.reserve_tokens)
         self.requests: dict[str, Request] = {}
         self._pending: list[TokenOutput] = []
         self._emit: Callable[[list[TokenOutput]], None] | None = None
@@ -231,8 +238,9 @@ class ColocatedRunner:
         return least_loaded(loads)
 
     def status_counts(self) -> dict[str, int]:
-        pool = self.engine.kv_pool
-        return {"free_pages": pool.free_pages, "total_pages": pool.num_pages}
+        return {**self.engine.kv_pool.status_counts(),
+                "prefill_tokens_computed": self.scheduler.prefill_computed_tokens,
+                "retractions": self.scheduler.retractions}
 
     def close(self) -> None:
         for req in list(self.requests.values()):

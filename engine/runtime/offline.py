@@ -37,6 +37,7 @@ class RankOutput:
 
     token_ids: list[int]
     finish_reason: str
+    cached_tokens: int | None = None  # prompt tokens served by the prefix cache
 
 
 def check_layout(spec: InstanceSpec, args: EngineArgs) -> None:
@@ -99,13 +100,15 @@ async def _generate(spec: InstanceSpec, args: EngineArgs, prompts: list[list[int
     async def one(i: int) -> RankOutput:
         request = GenerateRequest(rid=str(i), input_ids=prompts[i], sampling=_sampling_spec(params[i]))
         tokens: list[int] = []
+        cached: int | None = None
         async for out in bridge.submit(request):
+            cached = out.cached_tokens if out.cached_tokens is not None else cached
             if out.error is not None:
                 raise InstanceError(f"prompt {i}: {out.error}")
             tokens.extend(out.token_ids)
             bar.update(len(out.token_ids))
             if out.finished:
-                return RankOutput(tokens, out.finish_reason or "abort")
+                return RankOutput(tokens, out.finish_reason or "abort", cached)
         raise InstanceError(f"prompt {i}: the instance ended its output stream early")
 
     started = time.monotonic()

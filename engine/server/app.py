@@ -186,7 +186,9 @@ class WorkerApp:
         logprobs: list[float] = []
         tops: list[list[tuple[int, float]]] = []
         last: TokenOutput | None = None
+        cached: int | None = None
         async for out in self.backend.submit(parsed.request):
+            cached = out.cached_tokens if out.cached_tokens is not None else cached
             detok.push(out.token_ids)
             logprobs.extend(out.logprobs)
             tops.extend(out.top_logprobs)
@@ -201,11 +203,12 @@ class WorkerApp:
         prompt_tokens = len(parsed.request.input_ids)
         if parsed.kind == "generate":
             body = generate_response(parsed, text, detok.ids, last.finish_reason, prompt_tokens, logprobs, tops,
-                                     self.codec)
+                                     self.codec, cached)
         else:
             choice_logprobs = openai_logprobs(parsed, self.codec, detok.ids, logprobs, len(parsed.echo_prompt),
                                               tops)  # fmt: skip
-            body = openai_response(parsed, text, last.finish_reason, prompt_tokens, len(detok.ids), choice_logprobs)
+            body = openai_response(parsed, text, last.finish_reason, prompt_tokens, len(detok.ids), choice_logprobs,
+                                   cached)
         return json_response(body)
 
     def _failed(self, last: TokenOutput | None) -> web.Response:
@@ -232,6 +235,7 @@ class WorkerApp:
         prompt_tokens = len(parsed.request.input_ids)
         logprobs: list[float] = []
         tops: list[list[tuple[int, float]]] = []
+        cached: int | None = None
         sent_any = False
         unsent = 0  # output tokens not yet in a chunk (held back with a partial character)
         text_sent = 0  # characters of output text already sent, for completions' text_offset
@@ -241,6 +245,7 @@ class WorkerApp:
                 err = error_body(out.error, http_errors.error_type(out.error_status), out.error_code)
                 await response.write(b"data: " + orjson.dumps(err) + b"\n\n")
                 break
+            cached = out.cached_tokens if out.cached_tokens is not None else cached
             delta = detok.push(out.token_ids) if not out.finished else detok.push(out.token_ids) + detok.flush()
             logprobs.extend(out.logprobs)
             tops.extend(out.top_logprobs)
@@ -250,7 +255,7 @@ class WorkerApp:
             if parsed.kind == "generate":
                 chunk = generate_response(parsed, detok.text, list(detok.ids),
                                           out.finish_reason if out.finished else None, prompt_tokens, logprobs, tops,
-                                          self.codec)
+                                          self.codec, cached)
             else:
                 unsent += len(out.token_ids)
                 if not delta and not out.finished:
@@ -267,7 +272,7 @@ class WorkerApp:
         if parsed.include_usage and parsed.kind != "generate":
             tail = openai_chunk(parsed, "", None, created)
             tail["choices"] = []
-            tail["usage"] = usage(prompt_tokens, len(detok.ids))
+            tail["usage"] = usage(prompt_tokens, len(detok.ids), cached)
             await response.write(b"data: " + orjson.dumps(tail) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

@@ -19,6 +19,14 @@ def add_kv_cache_dtype_flag(group: argparse._ActionsContainer) -> None:
                             "agree (refused at bootstrap)")
 
 
+def add_prefix_cache_flag(group: argparse._ActionsContainer) -> None:
+    """`--disable-prefix-cache` (SGLang's `--disable-radix-cache` accepted too); the one definition."""
+    group.add_argument("--disable-prefix-cache", "--disable-radix-cache", dest="disable_prefix_cache",
+                       action="store_true",
+                       help="recompute every prompt from its first token instead of reusing the KV pages of a "
+                            "cached prompt prefix (engine.prefix_cache)")
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", "--model-path", dest="model", default=None,
@@ -54,6 +62,12 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                      default=8192, help="tokens per prefill forward (longer prompts are prefilled in chunks)")
     mem.add_argument("--context-length", type=int, default=None, help="max prompt + output tokens")
     add_kv_cache_dtype_flag(mem)
+    add_prefix_cache_flag(mem)
+    mem.add_argument("--reserve-tokens", type=int, default=None,
+                     help="admission reserves KV for the prompt + this many output tokens (default: all of "
+                          "max_tokens); requests then take pages as they grow and the newest are retracted "
+                          "and recomputed when the pool runs out (counted as 'retractions' on /metrics); "
+                          "prefill workers run no decode and ignore it")
     mem.add_argument("--gpu-memory-gb", type=float, default=None,
                      help="memory of one GPU in GB (1e9 bytes) for the start-up memory plan (engine.plan); "
                           "unset: the device's own on CUDA, no check on CPU")
@@ -74,13 +88,16 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
     """What each rank needs to build its model; resolves the default tiny model first."""
     from .serve import resolve_model_dir
 
+    if args.reserve_tokens is not None and args.reserve_tokens < 1:
+        raise ValueError(f"--reserve-tokens must be >= 1, got {args.reserve_tokens}")
     args.model = resolve_model_dir(args.model)
     return EngineArgs(model_dir=args.model, load_format=args.load_format, dtype=args.dtype,
                       kv_cache_dtype=args.kv_cache_dtype, seed=args.seed, gpu_memory_gb=args.gpu_memory_gb,
                       mem_fraction=args.mem_fraction, cuda_graph_max_bs=getattr(args, "cuda_graph_max_bs", None) or 0,
                       page_size=args.page_size, num_pages=args.num_pages, max_total_tokens=args.max_total_tokens,
                       max_prefill_tokens=args.max_prefill_tokens, max_running=args.max_running_requests,
-                      ep_backend=args.ep_backend, quantization=args.quantization)
+                      ep_backend=args.ep_backend, quantization=args.quantization,
+                      prefix_cache=not args.disable_prefix_cache, reserve_tokens=args.reserve_tokens)
 
 
 def instance_spec(args: argparse.Namespace) -> InstanceSpec:

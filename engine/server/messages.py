@@ -74,6 +74,9 @@ class TokenOutput:
     error_status: int = 500
     error_code: str | None = None
     prompt_tokens: int = 0
+    # Prompt tokens whose KV came from the prefix cache (SGLang's meta_info.cached_tokens); None where this
+    # instance did not prefill the prompt (a decode worker's disaggregated requests).
+    cached_tokens: int | None = None
     version: int = MESSAGE_VERSION
 
 

@@ -379,12 +379,16 @@ def parse_request(
     )
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """OpenAI's usage; `prompt_tokens_details.cached_tokens` (prefix-cache hits) where this worker knows it."""
+    out: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 def openai_chunk(parsed: ParsedRequest, text: str, finish_reason: str | None, created: int,
@@ -413,7 +417,7 @@ def openai_chunk(parsed: ParsedRequest, text: str, finish_reason: str | None, cr
 
 def openai_response(
     parsed: ParsedRequest, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int,
-    logprobs: dict | None = None,
+    logprobs: dict | None = None, cached_tokens: int | None = None,
 ) -> dict:
     rid, created = parsed.request.rid, int(time.time())
     if parsed.kind == "chat":
@@ -434,13 +438,14 @@ def openai_response(
         "created": created,
         "model": parsed.model,
         "choices": [choice],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
 def generate_response(parsed: ParsedRequest, text: str, ids: list[int], finish_reason: str | None,
                       prompt_tokens: int, logprobs: list[float],
-                      tops: list[list[tuple[int, float]]] | None = None, codec: TextCodec | None = None) -> dict:
+                      tops: list[list[tuple[int, float]]] | None = None, codec: TextCodec | None = None,
+                      cached_tokens: int | None = None) -> dict:
     """SGLang's /generate reply shape. Logprob entries are SGLang's triples [logprob, token id, text], the
     text None unless `return_text_in_logprobs` (and a codec) asks for it."""
 
@@ -453,6 +458,8 @@ def generate_response(parsed: ParsedRequest, text: str, ids: list[int], finish_r
         "prompt_tokens": prompt_tokens,
         "completion_tokens": len(ids),
     }
+    if cached_tokens is not None:
+        meta["cached_tokens"] = cached_tokens  # SGLang's field: prompt tokens served by the prefix cache
     if parsed.request.return_logprob:
         meta["output_token_logprobs"] = [entry(lp, t) for lp, t in zip(logprobs, ids, strict=False)]
     if parsed.request.top_logprobs:
