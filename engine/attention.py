@@ -17,7 +17,7 @@ import kernels
 from engine.config import Fp8Config, ModelConfig
 from engine.forward_batch import ForwardBatch, ForwardMode
 from engine.kv_pool import read_kv
-from engine.layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RowParallelLinear
+from engine.layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RowParallelLinear, stacked_in
 from engine.parallel import ParallelContext
 from engine.rope import RotaryEmbedding
 
@@ -71,10 +71,8 @@ class MLAttention(nn.Module):
     def _project_hidden(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, or V3's q_a; kv_a) of the hidden state: one GEMM while both weights live in the fused buffer
         (a loader may have replaced them), else two. The results are column views of one output."""
-        first, kv_a = self._q_in.weight, self.kv_a_proj_with_mqa.weight
-        fused = self._q_kv_a
-        if (fused is None or first.dtype != fused.dtype or first.data_ptr() != fused.data_ptr()
-                or kv_a.data_ptr() != fused[first.shape[0]:].data_ptr()):
+        first, fused = self._q_in.weight, self._q_kv_a
+        if fused is None or not stacked_in(fused, first, self.kv_a_proj_with_mqa.weight):
             return self._q_in(hidden), self.kv_a_proj_with_mqa(hidden)
         both = torch.nn.functional.linear(hidden, fused)
         return both[:, : first.shape[0]], both[:, first.shape[0]:]

@@ -53,6 +53,13 @@ class RMSNorm(nn.Module):
         self.weight.copy_(full)
 
 
+def stacked_in(buffer: torch.Tensor | None, first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Whether ``first`` and ``second`` still sit back to back at the start of ``buffer`` (a fused weight whose
+    parts layers hold as views; a loader that replaced a part breaks it, and callers then run the parts)."""
+    return (buffer is not None and first.dtype == buffer.dtype and first.data_ptr() == buffer.data_ptr()
+            and second.data_ptr() == buffer[first.shape[0]:].data_ptr())
+
+
 class _LinearWeight(nn.Module):
     """The weight of a (possibly sharded) linear layer: model dtype, or FP8 + block scales."""
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import kernels
 from engine.config import Fp8Config, ModelConfig
-from engine.layers import ColumnParallelLinear, RowParallelLinear
+from engine.layers import ColumnParallelLinear, RowParallelLinear, stacked_in
 from engine.parallel import ParallelContext, all_reduce
 
 # Up to this many tokens (decode batches) the gated grouped GEMM runs a dense MLP; prefill keeps cuBLAS.
@@ -64,17 +64,12 @@ class DenseMLP(nn.Module):
             self.gate_proj.weight_scale_inv = nn.Parameter(self._gate_up_scale[:blocks], requires_grad=False)
             self.up_proj.weight_scale_inv = nn.Parameter(self._gate_up_scale[blocks:], requires_grad=False)
 
-    @staticmethod
-    def _lives_in(first: torch.Tensor, second: torch.Tensor, buffer: torch.Tensor | None) -> bool:
-        return (buffer is not None and first.dtype == buffer.dtype and first.data_ptr() == buffer.data_ptr()
-                and second.data_ptr() == buffer[first.shape[0]:].data_ptr())
-
     def _gate_up_weight(self) -> torch.Tensor | None:
         """The [2I, D] buffer while both weights still live in it (a loader may have replaced them)."""
-        if not self._lives_in(self.gate_proj.weight, self.up_proj.weight, self._gate_up):
+        if not stacked_in(self._gate_up, self.gate_proj.weight, self.up_proj.weight):
             return None
-        if self.fp8 is not None and not self._lives_in(self.gate_proj.weight_scale_inv, self.up_proj.weight_scale_inv,
-                                                       self._gate_up_scale):
+        if self.fp8 is not None and not stacked_in(self._gate_up_scale, self.gate_proj.weight_scale_inv,
+                                                   self.up_proj.weight_scale_inv):
             return None
         return self._gate_up
 
