@@ -33,7 +33,7 @@ KINDS = ["nixl", "mooncake"]
 OPTIONS: dict[str, dict[str, Any]] = {"nixl": {}, "mooncake": {"transfer_timeout_s": 5}}
 SHAPE = PoolShape()
 TIMEOUTS = KVTimeouts(
-    bootstrap_s=4, transfer_s=8, heartbeat_interval_s=0.1, peer_timeout_s=1.0, fence_s=1.0, http_s=3,
+    bootstrap_s=4, transfer_s=8, heartbeat_interval_s=0.1, peer_timeout_s=2.5, fence_s=1.0, http_s=3,
     tombstone_s=30,
 )
 
