@@ -52,6 +52,13 @@ class ScriptedBackend:
         return {"free_pages": 7}
 
 
+def _json_request(url: str, data: bytes | None = None, method: str | None = None) -> object:
+    """A urllib request labelled as JSON (urllib labels a body as a form unless told otherwise)."""
+    import urllib.request
+
+    return urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,7 +108,7 @@ def test_bootstrap_fields_reach_the_backend(server: tuple[str, ScriptedBackend])
     url, backend = server
     body = {"text": "hello", "sampling_params": {"max_new_tokens": 2},
             "bootstrap_host": "10.0.0.1", "bootstrap_port": 8998, "bootstrap_room": 12345}
-    req = urllib.request.Request(url + "/generate", data=orjson.dumps(body), method="POST")
+    req = _json_request(url + "/generate", data=orjson.dumps(body), method="POST")
     with urllib.request.urlopen(req) as resp:
         reply = orjson.loads(resp.read())
     assert reply["output_ids"] == [ord("h"), ord("e")]
@@ -125,7 +132,7 @@ def test_bad_requests_get_openai_style_errors(server: tuple[str, ScriptedBackend
     import urllib.request
 
     url, backend = server
-    req = urllib.request.Request(url + "/v1/completions", data=body, method="POST")
+    req = _json_request(url + "/v1/completions", data=body, method="POST")
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req)
     assert info.value.code == status
@@ -201,14 +208,14 @@ def test_top_alternatives_per_position_in_openai_and_sglang_shapes(server: tuple
     import urllib.request
 
     body = {"text": "xy", "sampling_params": {"max_new_tokens": 2}, "return_logprob": True, "top_logprobs_num": 2}
-    with urllib.request.urlopen(urllib.request.Request(url + "/generate", data=orjson.dumps(body))) as resp:
+    with urllib.request.urlopen(_json_request(url + "/generate", data=orjson.dumps(body))) as resp:
         meta = orjson.loads(resp.read())["meta_info"]
     # SGLang's triples: [logprob, token id, text (None unless return_text_in_logprobs)]
     assert meta["output_token_logprobs"] == [[-0.25, 120, None], [-0.5, 121, None]]
     assert meta["output_top_logprobs"] == [[[-0.25, 120, None], [-1.25, 121, None]],
                                            [[-0.5, 121, None], [-1.5, 122, None]]]
     body["return_text_in_logprobs"] = True
-    with urllib.request.urlopen(urllib.request.Request(url + "/generate", data=orjson.dumps(body))) as resp:
+    with urllib.request.urlopen(_json_request(url + "/generate", data=orjson.dumps(body))) as resp:
         meta = orjson.loads(resp.read())["meta_info"]
     assert meta["output_token_logprobs"] == [[-0.25, 120, "x"], [-0.5, 121, "y"]]
 
@@ -227,7 +234,7 @@ def test_impossible_logprob_requests_are_refused(server: tuple[str, ScriptedBack
     import urllib.request
 
     url, backend = server
-    req = urllib.request.Request(url + path, data=orjson.dumps(body), method="POST")
+    req = _json_request(url + path, data=orjson.dumps(body), method="POST")
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req)
     assert info.value.code == 400 and needle in orjson.loads(info.value.read())["error"]["message"]
@@ -255,7 +262,7 @@ def test_stop_strings_end_the_text_and_the_request(server: tuple[str, ScriptedBa
     import urllib.request
 
     body = {"text": "hello", "sampling_params": {"max_new_tokens": 8, "stop": "lo"}}
-    with urllib.request.urlopen(urllib.request.Request(url + "/generate", data=orjson.dumps(body))) as resp:
+    with urllib.request.urlopen(_json_request(url + "/generate", data=orjson.dumps(body))) as resp:
         reply = orjson.loads(resp.read())
     assert reply["text"] == "hel" and reply["meta_info"]["finish_reason"] == {"type": "stop"}
 
@@ -263,7 +270,7 @@ def test_stop_strings_end_the_text_and_the_request(server: tuple[str, ScriptedBa
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
-        ({"prompt": "a", "n": 2}, "'n' is not supported"),
+        ({"prompt": "a", "n": 2, "best_of": 3}, "'best_of' other than 'n' is not supported"),
         ({"prompt": "a", "presence_penalty": 2.5}, "'presence_penalty' must be in [-2, 2]"),
         ({"prompt": "a", "repetition_penalty": 0}, "'repetition_penalty' must be in (0, 10]"),
         ({"prompt": "a", "logit_bias": {"5": 101}}, "'logit_bias' values must be numbers in [-100, 100]"),
@@ -283,10 +290,10 @@ def test_parameters_that_would_be_ignored_are_refused(server: tuple[str, Scripte
     url, backend = server
     ok = {"prompt": "a", "n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
           "response_format": {"type": "text"}}  # the neutral values pass
-    with urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=orjson.dumps(ok))) as resp:
+    with urllib.request.urlopen(_json_request(url + "/v1/completions", data=orjson.dumps(ok))) as resp:
         assert resp.status == 200
     before = len(backend.submitted)
-    req = urllib.request.Request(url + "/v1/completions", data=orjson.dumps(body), method="POST")
+    req = _json_request(url + "/v1/completions", data=orjson.dumps(body), method="POST")
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req)
     assert info.value.code == 400 and needle in orjson.loads(info.value.read())["error"]["message"]
@@ -303,7 +310,7 @@ def test_a_request_the_ranks_refuse_as_bad_input_is_a_400_streamed_or_not(
     url, _ = server
     body = orjson.dumps({"prompt": [REFUSED_TOKEN, 1], "max_tokens": 2, "stream": stream})
     with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body, method="POST"))
+        urllib.request.urlopen(_json_request(url + "/v1/completions", data=body, method="POST"))
     assert info.value.code == 400
     err = orjson.loads(info.value.read())["error"]
     assert err == {"message": "request needs 99 KV pages but the pool has 8", "type": "invalid_request_error",
@@ -320,7 +327,7 @@ def test_unknown_routes_and_wrong_methods_get_the_json_error_body(
 
     url, _ = server
     with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(urllib.request.Request(url + path, method=method))
+        urllib.request.urlopen(_json_request(url + path, method=method))
     assert info.value.code == status and info.value.headers["Content-Type"].startswith("application/json")
     err = orjson.loads(info.value.read())["error"]
     assert err["type"] == "invalid_request_error" and path in err["message"] and set(err) == {
@@ -334,5 +341,5 @@ def test_a_wrongly_typed_field_is_named_in_the_error_param(server: tuple[str, Sc
     url, _ = server
     body = orjson.dumps({"prompt": "a", "temperature": "hot"})
     with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body, method="POST"))
+        urllib.request.urlopen(_json_request(url + "/v1/completions", data=body, method="POST"))
     assert orjson.loads(info.value.read())["error"]["param"] == "temperature"

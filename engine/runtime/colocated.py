@@ -122,7 +122,8 @@ def to_sampling_params(spec: SamplingSpec) -> SamplingParams:
                           max_new_tokens=spec.max_new_tokens, stop_token_ids=tuple(spec.stop_token_ids),
                           ignore_eos=spec.ignore_eos, presence_penalty=spec.presence_penalty,
                           frequency_penalty=spec.frequency_penalty, repetition_penalty=spec.repetition_penalty,
-                          logit_bias=tuple(spec.logit_bias), min_new_tokens=spec.min_new_tokens)
+                          logit_bias=tuple(spec.logit_bias), min_new_tokens=spec.min_new_tokens,
+                          min_p=spec.min_p)
 
 
 def error_output(rid: str, message: str, status: int = 500, code: str | None = None) -> TokenOutput:

@@ -22,16 +22,13 @@ from kvtransfer import http_errors
 from ..chat_template import ChatTemplate
 from .detokenize import IncrementalDetokenizer
 from .messages import GenerateRequest, TokenOutput
-from .protocol import (
-    ParsedRequest,
-    RequestError,
-    TextCodec,
-    error_body,
+from .protocol import ParsedRequest, RequestError, TextCodec, error_body, parse_request
+from .replies import (
     generate_response,
+    openai_choice,
     openai_chunk,
     openai_logprobs,
     openai_response,
-    parse_request,
     usage,
 )
 
@@ -80,6 +77,7 @@ class WorkerApp:
         self.num_requests = 0
         self.num_errors = 0
         self.inflight = 0
+        self.created = int(time.time())  # the models' `created`: when this server started serving them
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[http_errors.json_errors])
@@ -89,6 +87,7 @@ class WorkerApp:
         app.router.add_get("/health", self.health)
         app.router.add_get("/health_generate", self.health)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model_id:.+}", self.model)
         app.router.add_get("/server_info", self.server_info)
         app.router.add_get("/get_server_info", self.server_info)
         app.router.add_get("/metrics", self.metrics)
@@ -98,10 +97,19 @@ class WorkerApp:
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    async def models(self, request: web.Request) -> web.Response:
-        card = {"id": self.config.served_model, "object": "model", "owned_by": "tandem", "created": 0,
+    def _card(self) -> dict[str, Any]:
+        return {"id": self.config.served_model, "object": "model", "owned_by": "tandem", "created": self.created,
                 "max_model_len": self.config.max_context}
-        return json_response({"object": "list", "data": [card]})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return json_response({"object": "list", "data": [self._card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """OpenAI's `GET /v1/models/{model}`: the card, or a 404 `model_not_found` as OpenAI and vLLM answer."""
+        model_id = request.match_info["model_id"]
+        if model_id != self.config.served_model:
+            return error_response(f"The model `{model_id}` does not exist.", 404, "model_not_found", "model")
+        return json_response(self._card())
 
     async def server_info(self, request: web.Request) -> web.Response:
         info = {"role": self.config.role, "served_model": self.config.served_model,
@@ -144,10 +152,12 @@ class WorkerApp:
     async def _serve(self, request: web.Request, kind: str) -> web.StreamResponse:
         self.num_requests += 1
         try:
+            check_media_type(request.headers.get("Content-Type"))
             raw = await request.read()
             body = orjson.loads(raw)
-            parsed = parse_request(body, kind, self.codec, self.config.vocab_size,
-                                   self.config.served_model, self.config.max_context, self.config.chat_template)
+            parsed = parse_request(body, kind, self.codec, self.config.vocab_size, self.config.served_model,
+                                   self.config.max_context, self.config.chat_template,
+                                   header_rid=request.headers.get("X-Request-ID") or None)
         except web.HTTPRequestEntityTooLarge:
             self.num_errors += 1
             return error_response(f"the request body exceeds {MAX_BODY_BYTES} bytes", 413)
@@ -157,9 +167,6 @@ class WorkerApp:
         except RequestError as exc:
             self.num_errors += 1
             return error_response(str(exc), exc.status, exc.code, exc.param)
-        rid = request.headers.get("X-Request-ID")
-        if rid and "rid" not in body:
-            parsed.request.rid = rid
         self.inflight += 1
         finished = False
         try:
@@ -172,40 +179,63 @@ class WorkerApp:
         finally:
             self.inflight -= 1
             if not finished:  # client went away or the handler failed: stop the work
-                await asyncio.shield(self.backend.abort(parsed.request.rid))
+                await asyncio.shield(self._abort_all(parsed))
 
-    async def _stop_early(self, parsed: ParsedRequest, out: TokenOutput) -> TokenOutput:
+    async def _abort_all(self, parsed: ParsedRequest, finished: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+        for i, req in enumerate(parsed.requests):
+            if i not in finished:
+                await self.backend.abort(req.rid)
+
+    async def _stop_early(self, rid: str, out: TokenOutput) -> TokenOutput:
         """A stop string ended the text with `out`: end the engine's request there too (unless it ended
         already). Returns `out` as the last output, finished with reason "stop"."""
         if not out.finished:
-            await self.backend.abort(parsed.request.rid)
+            await self.backend.abort(rid)
         return dataclasses.replace(out, finished=True, finish_reason="stop")
 
-    async def _collect(self, parsed: ParsedRequest) -> web.Response:
-        detok = IncrementalDetokenizer(self.codec, parsed.stop)
-        logprobs: list[float] = []
-        tops: list[list[tuple[int, float]]] = []
-        last: TokenOutput | None = None
-        async for out in self.backend.submit(parsed.request):
-            detok.push(out.token_ids)
-            logprobs.extend(out.logprobs)
-            tops.extend(out.top_logprobs)
-            last = out
-            if detok.stopped is not None:
-                last = await self._stop_early(parsed, out)
+    async def _collect_one(self, parsed: ParsedRequest, index: int) -> Choice:
+        choice = Choice(index, IncrementalDetokenizer(self.codec, parsed.stop))
+        rid = parsed.requests[index].rid
+        async for out in self.backend.submit(parsed.requests[index]):
+            choice.detok.push(out.token_ids)
+            choice.logprobs.extend(out.logprobs)
+            choice.tops.extend(out.top_logprobs)
+            choice.last = out
+            if choice.detok.stopped is not None:
+                choice.last = await self._stop_early(rid, out)
                 break
-        if last is None or last.error is not None:
-            return self._failed(last)
-        detok.flush()
-        text = detok.text
-        prompt_tokens = len(parsed.request.input_ids)
+        if choice.last is None or choice.last.error is not None:
+            raise ChoiceFailed(choice.last)
+        choice.detok.flush()
+        return choice
+
+    async def _collect(self, parsed: ParsedRequest) -> web.Response:
+        tasks = [asyncio.ensure_future(self._collect_one(parsed, i)) for i in range(len(parsed.requests))]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in tasks:
+                task.cancel()
+        failed = next((t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception()), None)
+        if failed is not None:  # one choice failed: the request fails, and its other choices stop
+            await self._abort_all(parsed, {i for i, t in enumerate(tasks) if t.done() and not t.cancelled()
+                                           and t.exception() is None})
+            if isinstance(failed, ChoiceFailed):
+                return self._failed(failed.last)
+            raise failed
+        choices = [t.result() for t in tasks]
+        prompts = [len(r.input_ids) for r in parsed.requests]
         if parsed.kind == "generate":
-            body = generate_response(parsed, text, detok.ids, last.finish_reason, prompt_tokens, logprobs, tops,
-                                     self.codec)
-        else:
-            choice_logprobs = openai_logprobs(parsed, self.codec, detok.ids, logprobs, len(parsed.echo_prompt),
-                                              tops)  # fmt: skip
-            body = openai_response(parsed, text, last.finish_reason, prompt_tokens, len(detok.ids), choice_logprobs)
+            docs = [generate_response(parsed, c.index, c.detok.text, c.detok.ids, c.finish_reason, prompts[c.index],
+                                      c.logprobs, c.tops, self.codec) for c in choices]
+            return json_response(docs if parsed.batch or parsed.n > 1 else docs[0])
+        body = openai_response(
+            parsed,
+            [openai_choice(parsed, c.index, c.detok.text, c.finish_reason,
+                           openai_logprobs(parsed, self.codec, c.detok.ids, c.logprobs,
+                                           len(parsed.echo_prompts[c.index]), c.tops)) for c in choices],
+            prompt_tokens(parsed), sum(len(c.detok.ids) for c in choices),
+        )
         return json_response(body)
 
     def _failed(self, last: TokenOutput | None) -> web.Response:
@@ -219,59 +249,145 @@ class WorkerApp:
         return error_response(last.error or "the request failed", last.error_status, last.error_code)
 
     async def _stream(self, request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
-        outputs = aiter(self.backend.submit(parsed.request))
+        streams = [aiter(self.backend.submit(r)) for r in parsed.requests]
         # A request refused before its first token (bad input, an unusable peer) gets its HTTP status,
         # not a 200 whose stream carries the error: clients and the router see the status first.
-        first = await anext(outputs, None)
-        if first is None or first.error is not None:
-            return self._failed(first)
+        firsts = await asyncio.gather(*(anext(s, None) for s in streams))
+        bad = next((f for f in firsts if f is None or f.error is not None), False)
+        if bad is not False:
+            await self._abort_all(parsed, {i for i, f in enumerate(firsts) if f is not None and f.finished})
+            return self._failed(bad)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        detok = IncrementalDetokenizer(self.codec, parsed.stop)
         created = int(time.time())
-        prompt_tokens = len(parsed.request.input_ids)
-        logprobs: list[float] = []
-        tops: list[list[tuple[int, float]]] = []
-        sent_any = False
-        unsent = 0  # output tokens not yet in a chunk (held back with a partial character)
-        text_sent = 0  # characters of output text already sent, for completions' text_offset
-        async for out in _prepend(first, outputs):
-            if out.error is not None:
-                self.num_errors += 1
-                err = error_body(out.error, http_errors.error_type(out.error_status), out.error_code)
-                await response.write(b"data: " + orjson.dumps(err) + b"\n\n")
-                break
-            delta = detok.push(out.token_ids) if not out.finished else detok.push(out.token_ids) + detok.flush()
-            logprobs.extend(out.logprobs)
-            tops.extend(out.top_logprobs)
-            stopping = detok.stopped is not None
-            if stopping:
-                out = await self._stop_early(parsed, out)
-            if parsed.kind == "generate":
-                chunk = generate_response(parsed, detok.text, list(detok.ids),
-                                          out.finish_reason if out.finished else None, prompt_tokens, logprobs, tops,
-                                          self.codec)
-            else:
-                unsent += len(out.token_ids)
-                if not delta and not out.finished:
+        choices = [StreamedChoice(i, IncrementalDetokenizer(self.codec, parsed.stop), parsed.echo_prompts[i])
+                   for i in range(len(parsed.requests))]
+        queue: asyncio.Queue[tuple[int, TokenOutput | None]] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for out in _prepend(firsts[index], streams[index]):  # type: ignore[arg-type]
+                    await queue.put((index, out))
+            finally:
+                await queue.put((index, None))
+
+        pumps = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
+        done: set[int] = set()
+        try:
+            while len(done) < len(streams):
+                index, out = await queue.get()
+                if out is None:
+                    done.add(index)
                     continue
-                ids = detok.ids[len(detok.ids) - unsent :]
-                chunk_logprobs = openai_logprobs(parsed, self.codec, ids, logprobs[len(logprobs) - unsent :],
-                                                 text_sent, tops[len(tops) - unsent :])  # fmt: skip
-                chunk = openai_chunk(parsed, delta, out.finish_reason if out.finished else None, created,
-                                     first=not sent_any, logprobs=chunk_logprobs)
-                sent_any, unsent, text_sent = True, 0, text_sent + len(delta)
-            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-            if stopping:
-                break
+                if index in done:
+                    continue
+                if out.error is not None:
+                    self.num_errors += 1
+                    err = error_body(out.error, http_errors.error_type(out.error_status), out.error_code)
+                    await response.write(b"data: " + orjson.dumps(err) + b"\n\n")
+                    await self._abort_all(parsed, done | {index})
+                    break
+                chunk, ended = await self._stream_step(parsed, choices[index], out, created)
+                if chunk is not None:
+                    await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                if ended:
+                    done.add(index)
+        finally:
+            for task in pumps:
+                task.cancel()
         if parsed.include_usage and parsed.kind != "generate":
             tail = openai_chunk(parsed, "", None, created)
             tail["choices"] = []
-            tail["usage"] = usage(prompt_tokens, len(detok.ids))
+            tail["usage"] = usage(prompt_tokens(parsed), sum(len(c.detok.ids) for c in choices))
             await response.write(b"data: " + orjson.dumps(tail) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+    async def _stream_step(self, parsed: ParsedRequest, choice: StreamedChoice, out: TokenOutput, created: int
+                           ) -> tuple[dict | None, bool]:
+        """The chunk (or None: held back) for one output of `choice`, and whether the choice has ended."""
+        detok = choice.detok
+        delta = detok.push(out.token_ids) if not out.finished else detok.push(out.token_ids) + detok.flush()
+        choice.logprobs.extend(out.logprobs)
+        choice.tops.extend(out.top_logprobs)
+        rid = parsed.requests[choice.index].rid
+        if detok.stopped is not None:
+            out = await self._stop_early(rid, out)
+        reason = out.finish_reason if out.finished else None
+        if parsed.kind == "generate":
+            prompt = len(parsed.requests[choice.index].input_ids)
+            return generate_response(parsed, choice.index, detok.text, list(detok.ids), reason, prompt,
+                                     choice.logprobs, choice.tops, self.codec), out.finished
+        choice.unsent += len(out.token_ids)
+        if not delta and not out.finished and not choice.echo:
+            return None, False
+        ids = detok.ids[len(detok.ids) - choice.unsent :]
+        logprobs = openai_logprobs(parsed, self.codec, ids, choice.logprobs[len(choice.logprobs) - choice.unsent :],
+                                   choice.text_sent, choice.tops[len(choice.tops) - choice.unsent :])
+        text = choice.echo + delta  # a completion's echoed prompt goes out with its first chunk
+        chunk = openai_chunk(parsed, text, reason, created, first=not choice.sent_any, logprobs=logprobs,
+                             index=choice.index)
+        if parsed.continuous_usage:
+            chunk["usage"] = usage(len(parsed.requests[choice.index].input_ids), len(detok.ids))
+        choice.sent_any, choice.unsent, choice.echo = True, 0, ""
+        choice.text_sent += len(delta)
+        return chunk, out.finished
+
+
+def check_media_type(content_type: str | None) -> None:
+    """A body is JSON: one labelled otherwise (an HTML form's `application/x-www-form-urlencoded`) is a 415.
+    An unlabelled one is read as JSON, as curl-less clients send it."""
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise RequestError(f"the request body must be application/json, not {media}", status=415,
+                           code="unsupported_media_type")
+
+
+def prompt_tokens(parsed: ParsedRequest) -> int:
+    """Prompt tokens of the answer's usage: each prompt once, however many choices sample it (OpenAI's and
+    vLLM's count)."""
+    return sum(len(r.input_ids) for i, r in enumerate(parsed.requests) if i % parsed.n == 0)
+
+
+@dataclass
+class Choice:
+    """One choice of a whole answer as it is collected."""
+
+    index: int
+    detok: IncrementalDetokenizer
+    logprobs: list[float] = field(default_factory=list)
+    tops: list[list[tuple[int, float]]] = field(default_factory=list)
+    last: TokenOutput | None = None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.last.finish_reason if self.last is not None else None
+
+
+@dataclass
+class StreamedChoice:
+    """One choice of a streamed answer: what was sent of it so far."""
+
+    index: int
+    detok: IncrementalDetokenizer
+    echo: str = ""  # the echoed prompt, until the first chunk carries it
+    logprobs: list[float] = field(default_factory=list)
+    tops: list[list[tuple[int, float]]] = field(default_factory=list)
+    sent_any: bool = False
+    unsent: int = 0  # output tokens not yet in a chunk (held back with a partial character)
+    text_sent: int = 0  # characters of output text already sent, for completions' text_offset
+
+    def __post_init__(self) -> None:
+        self.text_sent = len(self.echo)
+
+
+class ChoiceFailed(Exception):
+    def __init__(self, last: TokenOutput | None) -> None:
+        super().__init__(last.error if last is not None else "no output")
+        self.last = last
 
 
 async def _prepend(first: TokenOutput, rest: AsyncIterator[TokenOutput]) -> AsyncIterator[TokenOutput]:

@@ -29,6 +29,7 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
     logit_bias: list[tuple[int, float]] = field(default_factory=list)
     min_new_tokens: int = 0
+    min_p: float = 0.0
 
 
 @dataclass

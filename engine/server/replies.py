@@ -1,0 +1,118 @@
+"""Reply shapes of the worker API: OpenAI completions and chat (whole and streamed chunks, choices by
+`index`), SGLang's /generate, and OpenAI's logprobs objects."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .protocol import ParsedRequest, TextCodec
+
+
+def token_bytes(codec: TextCodec, token: int) -> bytes:
+    """The bytes of one output token: the codec's own (a piece of a multi-byte character is its bytes),
+    else its text's UTF-8."""
+    own = getattr(codec, "token_bytes", None)
+    return own(token) if own is not None else codec.decode([token]).encode()
+
+
+def openai_logprobs(parsed: ParsedRequest, codec: TextCodec, ids: list[int], logprobs: list[float],
+                    text_start: int = 0, tops: list[list[tuple[int, float]]] | None = None) -> dict | None:
+    """The `logprobs` of an OpenAI choice (or chunk) for output tokens `ids`; None unless asked for.
+    Chat: `{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}`; completions:
+    `{tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}` with offsets from
+    `text_start` in the choice's text. A token is its own decoded text (a piece of a multi-byte character
+    decodes to U+FFFD); chat's `bytes` are the token's real bytes, so they join back into the content."""
+    if not parsed.request.return_logprob:
+        return None
+    tokens = [codec.decode([t]) for t in ids]
+    k = parsed.request.top_logprobs
+    if parsed.kind == "chat":
+        content = []
+        for i, (token, tok, lp) in enumerate(zip(ids, tokens, logprobs, strict=False)):
+            top = tops[i] if k and tops is not None and i < len(tops) else []
+            content.append({"token": tok, "logprob": lp, "bytes": list(token_bytes(codec, token)),
+                            "top_logprobs": [{"token": codec.decode([t]), "logprob": v,
+                                              "bytes": list(token_bytes(codec, t))} for t, v in top]})
+        return {"content": content}
+    offsets, at = [], text_start
+    for tok in tokens:
+        offsets.append(at)
+        at += len(tok)
+    top_dicts = [{codec.decode([t]): v for t, v in top} for top in (tops or [])[: len(tokens)]] if k else None
+    return {"tokens": tokens, "token_logprobs": logprobs[: len(tokens)], "top_logprobs": top_dicts,
+            "text_offset": offsets}  # fmt: skip
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _envelope(parsed: ParsedRequest, created: int, chunk: bool) -> dict[str, Any]:
+    if parsed.kind == "chat":
+        obj, prefix = ("chat.completion.chunk" if chunk else "chat.completion"), "chatcmpl-"
+    else:
+        obj, prefix = "text_completion", "cmpl-"
+    return {"id": prefix + parsed.response_id, "object": obj, "created": created, "model": parsed.model}
+
+
+def openai_chunk(parsed: ParsedRequest, text: str, finish_reason: str | None, created: int,
+                 first: bool = False, logprobs: dict | None = None, index: int = 0) -> dict:
+    """One streamed chunk of choice `index` of a completion or chat completion (the role goes in each
+    choice's first delta only)."""
+    doc = _envelope(parsed, created, chunk=True)
+    if parsed.kind == "chat":
+        delta: dict[str, str] = {"role": "assistant"} if first else {}
+        if text:
+            delta["content"] = text
+        doc["choices"] = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
+    else:
+        doc["choices"] = [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}]
+    return doc
+
+
+def openai_choice(parsed: ParsedRequest, index: int, text: str, finish_reason: str | None,
+                  logprobs: dict | None) -> dict:
+    """Choice `index` of a whole answer; a completion's text starts with its echoed prompt."""
+    if parsed.kind == "chat":
+        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                "logprobs": logprobs}
+    return {"index": index, "text": parsed.echo_prompts[index] + text if parsed.echo_prompts else text,
+            "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def openai_response(parsed: ParsedRequest, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    doc = _envelope(parsed, int(time.time()), chunk=False)
+    doc["choices"] = choices
+    doc["usage"] = usage(prompt_tokens, completion_tokens)
+    return doc
+
+
+def generate_response(parsed: ParsedRequest, index: int, text: str, ids: list[int], finish_reason: str | None,
+                      prompt_tokens: int, logprobs: list[float],
+                      tops: list[list[tuple[int, float]]] | None = None, codec: TextCodec | None = None) -> dict:
+    """SGLang's /generate reply shape for choice `index` (its `meta_info.id` is that choice's rid). Logprob
+    entries are SGLang's triples [logprob, token id, text], the text None unless `return_text_in_logprobs`
+    (and a codec) asks for it."""
+
+    def entry(logprob: float, token: int) -> list[Any]:
+        return [logprob, token, codec.decode([token]) if parsed.text_in_logprobs and codec else None]
+
+    meta: dict[str, Any] = {
+        "id": parsed.requests[index].rid,
+        "finish_reason": {"type": finish_reason} if finish_reason else None,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(ids),
+    }
+    if parsed.request.return_logprob:
+        meta["output_token_logprobs"] = [entry(lp, t) for lp, t in zip(logprobs, ids, strict=False)]
+    if parsed.request.top_logprobs:
+        meta["output_top_logprobs"] = [[entry(lp, t) for t, lp in top] for top in (tops or [])]
+    doc: dict[str, Any] = {"text": text, "output_ids": ids, "meta_info": meta}
+    if len(parsed.requests) > 1:
+        doc["index"] = index  # SGLang's batch answers number their items
+    return doc
