@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pd_api_checks import check_n_and_list_prompts
 from pd_system import (
     PAGE_SIZE,
     Case,
@@ -125,6 +126,11 @@ def test_extreme_sampling_values_are_served_or_refused_and_every_instance_keeps_
     assert status == 200 and json.loads(raw)["choices"][0]["text"] == greedy, raw
     for worker in (system.prefill, system.decode):
         wait_idle(worker.url)
+
+
+def test_n_choices_and_list_prompts_equal_single_requests_with_derived_seeds(system: PDSystem, reference: LLM
+                                                                            ) -> None:
+    check_n_and_list_prompts(system, reference)
 
 
 def test_decode_answers_an_error_when_the_prefill_instance_cannot_be_looked_up(system: PDSystem) -> None:

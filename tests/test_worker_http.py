@@ -343,3 +343,86 @@ def test_a_wrongly_typed_field_is_named_in_the_error_param(server: tuple[str, Sc
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(_json_request(url + "/v1/completions", data=body, method="POST"))
     assert orjson.loads(info.value.read())["error"]["param"] == "temperature"
+
+
+def test_chat_logprob_bytes_join_back_into_the_content(server: tuple[str, ScriptedBackend]) -> None:
+    """A token inside a multi-byte character shows as U+FFFD, but its `bytes` are its own (OpenAI's rule)."""
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    for stream in (False, True):
+        kwargs = {"model": "tiny", "messages": [{"role": "user", "content": "é"}], "max_tokens": 12,
+                  "logprobs": True, "top_logprobs": 1}
+        if stream:
+            chunks = list(client.chat.completions.create(**kwargs, stream=True))
+            content = "".join(c.choices[0].delta.content or "" for c in chunks)
+            entries = [e for c in chunks for e in c.choices[0].logprobs.content]
+        else:
+            done = client.chat.completions.create(**kwargs)
+            content, entries = done.choices[0].message.content, done.choices[0].logprobs.content
+        assert "\ufffd" in "".join(e.token for e in entries)  # the echoed template holds multi-byte characters
+        assert bytes(b for e in entries for b in e.bytes).decode() == content
+        assert all(e.top_logprobs[0].bytes == e.bytes for e in entries)  # the scripted best is the token itself
+
+
+def test_n_choices_and_list_prompts_are_numbered_in_order(server: tuple[str, ScriptedBackend]) -> None:
+    url, backend = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    done = client.completions.create(model="tiny", prompt=["ab", "xyz"], n=2, max_tokens=3, seed=5)
+    assert [(c.index, c.text) for c in done.choices] == [(0, "aba"), (1, "aba"), (2, "xyz"), (3, "xyz")]
+    assert [r.sampling.seed for r in backend.submitted[-4:]] == [5, 6, 5, 6]
+    assert done.usage.prompt_tokens == 5 and done.usage.completion_tokens == 12  # each prompt counted once
+    chunks = list(client.completions.create(model="tiny", prompt=[[97, 98], [120]], max_tokens=2, stream=True))
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert texts == {0: "ab", 1: "xx"}
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=3,
+                                          max_tokens=2)
+    assert [c.index for c in chat.choices] == [0, 1, 2] and len({c.message.content for c in chat.choices}) == 1
+    assert len({r.rid for r in backend.submitted[-3:]}) == 3  # each choice is its own engine request
+
+
+def test_echo_returns_the_prompt_for_token_ids_and_when_streaming(server: tuple[str, ScriptedBackend]) -> None:
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    done = client.completions.create(model="tiny", prompt=[104, 105], max_tokens=2, echo=True)
+    assert done.choices[0].text == "hihi"
+    chunks = list(client.completions.create(model="tiny", prompt="ok", max_tokens=2, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "okok"
+
+
+def test_continuous_usage_stats_put_usage_in_every_chunk(server: tuple[str, ScriptedBackend]) -> None:
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    chunks = list(client.completions.create(model="tiny", prompt="abc", max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counted = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counted == [1, 2, 3] and chunks[-1].usage.total_tokens == 6
+
+
+def test_models_by_id_and_an_unknown_model_in_a_request(server: tuple[str, ScriptedBackend]) -> None:
+    url, backend = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    card = client.models.retrieve("tiny")
+    assert card.id == "tiny" and card.created > 0
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4")
+    assert info.value.body["code"] == "model_not_found"
+    before = len(backend.submitted)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-4", prompt="a", max_tokens=1)
+    assert info.value.body["param"] == "model" and len(backend.submitted) == before
+
+
+def test_a_form_encoded_body_is_refused_as_an_unsupported_media_type(server: tuple[str, ScriptedBackend]) -> None:
+    import urllib.error
+    import urllib.request
+
+    url, backend = server
+    before = len(backend.submitted)
+    body = orjson.dumps({"prompt": "a", "max_tokens": 1})
+    with pytest.raises(urllib.error.HTTPError) as info:  # urllib labels a body as a form by default
+        urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body))
+    assert info.value.code == 415 and orjson.loads(info.value.read())["error"]["code"] == "unsupported_media_type"
+    assert len(backend.submitted) == before

@@ -41,21 +41,17 @@ HONOURED: dict[str, frozenset[str]] = {
                                   "top_logprobs_num", "return_text_in_logprobs"},
 }
 
-_ANY_BOOL = (True, False)
 # name -> the values that ask for nothing (None, absent, is always neutral). Kept to what a peer documents.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     # OpenAI
     "suffix": ("",), "response_format": ({"type": "text"},), "tools": ([],),
     "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
-    "parallel_tool_calls": _ANY_BOOL,  # no tools are accepted, so there is nothing to call in parallel
     "store": (False,), "service_tier": ("auto", "default"), "modalities": (["text"],), "audio": (),
     "prediction": (), "web_search_options": (), "verbosity": (), "reasoning_effort": (), "reasoning": (),
     "prompt_logprobs": (),
     # vLLM
     "use_beam_search": (False,), "length_penalty": (1, 1.0), "include_stop_str_in_output": (False,),
     "skip_special_tokens": (True,),  # output text never holds special tokens (engine.tokenizer)
-    # With special tokens skipped there is nothing for spaces to go between: both values give the same text.
-    "spaces_between_special_tokens": _ANY_BOOL,
     "allowed_token_ids": ([],), "bad_words": ([],), "guided_json": (), "guided_regex": (),
     "guided_choice": ([],), "guided_grammar": (), "structural_tag": (), "guided_decoding_backend": (),
     "guided_whitespace_pattern": (), "structured_outputs": ({},), "priority": (0,), "request_id": (),
@@ -71,8 +67,6 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "custom_params": ({},), "custom_logit_processor": (), "images_config": ({},), "routed_dp_rank": (),
     "disagg_prefill_dp_rank": (), "extra_key": (), "ngram_corpus_id": (), "custom_labels": ({},),
     "max_dynamic_patch": (), "min_dynamic_patch": (), "use_audio_in_video": (False,), "task": (),
-    # Without a reasoning parser (none is configured), SGLang returns the text unsplit whatever these say.
-    "separate_reasoning": _ANY_BOOL, "stream_reasoning": _ANY_BOOL,
     "logprob_start_len": (-1,), "image_data": ([],), "audio_data": ([],), "video_data": ([],),
     "input_embeds": (), "token_ids_logprob": ([],), "return_bytes": (False,), "bootstrap_pair_key": (),
 }  # fmt: skip
@@ -84,19 +78,22 @@ NO_EFFECT: dict[str, str] = {
     "prompt_cache_key": "a cache-routing hint; there is no prefix cache, so no routing to steer",
     "cache_salt": "salts prefix-cache hits; there is no prefix cache, so requests share no state to salt",
     "log_metrics": "SGLang's per-request metrics switch; metrics are aggregated only",
+    "parallel_tool_calls": "no tools are accepted (`tools` is refused), so there is nothing to call in parallel",
+    "spaces_between_special_tokens": "output text never holds special tokens, so nothing has spaces between",
+    "separate_reasoning": "SGLang without a reasoning parser (tandem has none) returns the text unsplit either way",
+    "stream_reasoning": "as `separate_reasoning`: there is no reasoning part to stream apart",
 }
 _NEUTRAL_BY_KIND = {
     "completion": frozenset(NEUTRAL) - {"tools", "tool_choice", "functions", "function_call",
-                                        "parallel_tool_calls", "add_generation_prompt", "continue_final_message",
+                                        "add_generation_prompt", "continue_final_message",
                                         "documents", "chat_template", "chat_template_kwargs",
-                                        "include_reasoning", "separate_reasoning", "stream_reasoning",
-                                        "reasoning_effort", "reasoning", "audio", "modalities", "task",
+                                        "include_reasoning", "reasoning_effort", "reasoning", "audio", "modalities", "task",
                                         "web_search_options", "prediction"},
     "chat": frozenset(NEUTRAL) - {"suffix"},
     "generate": frozenset(NEUTRAL),
 }
 # Inside /generate's `sampling_params` (SGLang's SamplingParams).
-_SAMPLING_PARAMS_NEUTRAL = frozenset({"skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
+_SAMPLING_PARAMS_NEUTRAL = frozenset({"skip_special_tokens", "no_stop_trim",
                                       "json_schema", "regex", "ebnf", "structural_tag", "custom_params",
                                       "stop_regex"})  # fmt: skip
 
@@ -121,7 +118,7 @@ def check_fields(body: dict[str, Any], kind: str) -> None:
     honoured = HONOURED[kind]
     neutral = _NEUTRAL_BY_KIND[kind]
     for name, value in body.items():
-        if name in honoured or name in NO_EFFECT:
+        if name in honoured or name in NO_EFFECT:  # kind-specific no-effect fields are harmless elsewhere too
             continue
         if name in neutral:
             if not _is_neutral(name, value):
@@ -134,7 +131,7 @@ def check_fields(body: dict[str, Any], kind: str) -> None:
         if isinstance(params, dict):
             for name, value in params.items():
                 where = f"sampling_params.{name}"
-                if name in SAMPLING:
+                if name in SAMPLING or name == "spaces_between_special_tokens":
                     continue
                 if name in _SAMPLING_PARAMS_NEUTRAL:
                     if not _is_neutral(name, value):

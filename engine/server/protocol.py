@@ -193,6 +193,11 @@ def parse_bootstrap(body: dict, count: int = 1) -> list[BootstrapInfo | None]:
     """SGLang's bootstrap fields, one set per choice: scalars for one, lists (or a shared host and port)
     for a batch."""
     if body.get(pd.BOOTSTRAP_HOST) is None:
+        given = [name for name in (pd.BOOTSTRAP_PORT, pd.BOOTSTRAP_ROOM, pd.DATA_PARALLEL_RANK)
+                 if body.get(name) is not None]
+        if given:  # the rest of a PD request's fields without its host: nothing could use them
+            raise RequestError(f"'{given[0]}' needs '{pd.BOOTSTRAP_HOST}' (a disaggregated request)",
+                               param=given[0])
         return [None] * count
     hosts = _one_or_list(body, pd.BOOTSTRAP_HOST, str, count)
     ports = _one_or_list(body, pd.BOOTSTRAP_PORT, int, count)
