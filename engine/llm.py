@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.cuda_graph import CudaGraphRunner
+from engine.grammar import GrammarRuntime
 from engine.kv_pool import KVPool, resolve_kv_cache_dtype
 from engine.model import DeepseekForCausalLM
 from engine.quant import plan_quantization
@@ -89,7 +90,9 @@ class LLM:
         if cuda_graph_max_bs:
             self.graph_runner = CudaGraphRunner(self.model, self.kv_pool, cuda_graph_max_bs)
         self.scheduler = Scheduler(self.model, self.kv_pool, max_prefill_tokens, max_running,
-                                   self.config.eos_token_ids, decode_forward=self.graph_runner)
+                                   self.config.eos_token_ids, decode_forward=self.graph_runner,
+                                   grammar=GrammarRuntime(self.tokenizer, self.config.vocab_size,
+                                                          self.config.eos_token_ids))
 
     def _default_num_pages(self, page_size: int) -> int:
         bytes_per_page = (self.config.num_hidden_layers * page_size * self.config.kv_cache_dim

@@ -9,6 +9,8 @@ from typing import NamedTuple
 
 import torch
 
+from engine.grammar import GrammarSpec
+
 log = logging.getLogger(__name__)
 
 # Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing float32 logits by a smaller one
@@ -45,6 +47,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_new_tokens: int = 0
     min_p: float = 0.0
+    grammar: GrammarSpec | None = None  # structured output: every token is masked by it (engine.grammar)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_p <= 1.0:

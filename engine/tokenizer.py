@@ -29,6 +29,12 @@ class Tokenizer:
         own bytes, not U+FFFD's; OpenAI's chat `logprobs[].bytes` join back into the content)."""
         return self.decode([token_id]).encode()
 
+    def grammar_vocab(self, size: int) -> tuple[list[str] | list[bytes], bool]:
+        """The first `size` ids as a grammar engine reads them (`engine.grammar`): (pieces, byte_level).
+        Byte-level BPE pieces as they are (byte_level True), else each token's bytes; tokens without
+        text (special, padding) are empty."""
+        return [self.token_bytes(i) for i in range(size)], False
+
 
 class ByteTokenizer(Tokenizer):
     def __init__(self, eos_token_ids: tuple[int, ...] = (1,)) -> None:
@@ -65,6 +71,15 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         # Models pad their vocabulary past the tokenizer's; those ids have no text.
         return self._tok.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+
+    def grammar_vocab(self, size: int) -> tuple[list[str] | list[bytes], bool]:
+        if self._byte_of is None:
+            return super().grammar_vocab(size)
+        pieces = []
+        for i in range(size):
+            piece = self._tok.id_to_token(i) if i < self.vocab_size else None
+            pieces.append("" if piece is None or piece in self._special else piece)
+        return pieces, True
 
     def token_bytes(self, token_id: int) -> bytes:
         piece = self._tok.id_to_token(token_id) if 0 <= token_id < self.vocab_size else None

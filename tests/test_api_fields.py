@@ -152,8 +152,10 @@ def test_sglang_sampling_params_follow_the_same_rules() -> None:
     ok = _parse({"text": "ab", "sampling_params": {"max_new_tokens": 3, "min_p": 0.2, "sampling_seed": 9}},
                 "generate")
     assert (ok.request.sampling.max_new_tokens, ok.request.sampling.min_p, ok.request.sampling.seed) == (3, 0.2, 9)
-    for params, param in (({"regex": "a+"}, "sampling_params.regex"), ({"ebnf": "x"}, "sampling_params.ebnf"),
-                          ({"json_schema": "{}"}, "sampling_params.json_schema"),
+    regex = _parse({"text": "ab", "sampling_params": {"regex": "a+"}}, "generate").request.sampling
+    assert (regex.grammar_kind, regex.grammar) == ("regex", "a+")
+    for params, param in (({"ebnf": "x"}, "sampling_params.ebnf"),  # not a grammar
+                          ({"structural_tag": "{}"}, "sampling_params.structural_tag"),
                           ({"no_stop_trim": True}, "sampling_params.no_stop_trim"),
                           ({"max_new_tokns": 3}, "sampling_params.max_new_tokns")):
         with pytest.raises(RequestError) as info:
@@ -206,3 +208,59 @@ def test_n_and_list_prompts_become_one_request_per_choice_with_derived_seeds() -
     routed = _parse({"prompt": ["ab", "cd"], "rid": ["a", "b"], "bootstrap_host": "h", "bootstrap_port": 1,
                      "bootstrap_room": [7, 8]}, "completion")
     assert [(r.rid, r.bootstrap.room) for r in routed.requests] == [("a", 7), ("b", 8)]  # type: ignore[union-attr]
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize(
+    ("extra", "kind", "text"),
+    [
+        ({"response_format": {"type": "json_object"}}, "json", '{"type": "object"}'),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA, "strict": True}}},
+         "json", None),
+        ({"guided_json": SCHEMA}, "json", None),
+        ({"json_schema": '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'},
+         "json", None),
+        ({"structured_outputs": {"json": SCHEMA}}, "json", None),
+        ({"structured_outputs": {"json_object": True}}, "json", '{"type": "object"}'),
+        ({"guided_regex": "[a-z]+"}, "regex", "[a-z]+"),
+        ({"regex": "[a-z]+"}, "regex", "[a-z]+"),
+        ({"structured_outputs": {"regex": "[a-z]+"}}, "regex", "[a-z]+"),
+        ({"guided_choice": ["yes", "no"]}, "choice", '["yes", "no"]'),
+        ({"structured_outputs": {"choice": ["yes", "no"]}}, "choice", '["yes", "no"]'),
+        ({"guided_grammar": 'root ::= "a"'}, "ebnf", 'root ::= "a"'),
+        ({"ebnf": 'root ::= "a"'}, "ebnf", 'root ::= "a"'),
+        ({"structured_outputs": {"grammar": 'root ::= "a"'}}, "ebnf", 'root ::= "a"'),
+    ],
+)
+def test_every_spelling_of_structured_output_reaches_the_engine(extra: dict[str, Any], kind: str,
+                                                                 text: str | None) -> None:
+    import json
+
+    for endpoint in ("completion", "chat"):
+        sampling = _parse({**BASE[endpoint], **extra}, endpoint).request.sampling
+        assert sampling.grammar_kind == kind
+        assert sampling.grammar == (text if text is not None else json.dumps(SCHEMA))
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"guided_json": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}, "guided_json"),
+        ({"json_schema": "{not json"}, "json_schema"),
+        ({"guided_regex": "(unclosed"}, "guided_regex"),
+        ({"regex": "a{2,1}"}, "regex"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"ebnf": "root ::= undefined_rule"}, "ebnf"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"response_format": {"type": "structural_tag", "structures": [], "triggers": []}}, "response_format"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+        ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),  # one kind per request
+    ],
+)
+def test_a_bad_grammar_is_a_400_naming_its_field(extra: dict[str, Any], param: str) -> None:
+    with pytest.raises(RequestError) as info:
+        _parse({**BASE["completion"], **extra}, "completion")
+    assert (info.value.status, info.value.param) == (400, param), str(info.value)

@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pd_api_checks import check_n_and_list_prompts
+from pd_api_checks import (
+    StructuredCase,
+    check_n_and_list_prompts,
+    check_structured_output,
+    structured_cases,
+    structured_expected,
+)
 from pd_system import (
     PAGE_SIZE,
     Case,
@@ -56,6 +63,18 @@ def reference(tiny_model: Path) -> Iterator[LLM]:
     llm = LLM(tiny_model, page_size=PAGE_SIZE)
     yield llm
     llm.close()
+
+
+# Random schemas, regexes and choices per transfer engine: a few in CI (each costs ~100 sampled tokens on
+# 2 cores); TANDEM_STRUCTURED_CASES=200 runs the issue's sweep.
+STRUCTURED_CASES = int(os.environ.get("TANDEM_STRUCTURED_CASES", "8"))
+
+
+@pytest.fixture(scope="module")
+def structured(reference: LLM) -> tuple[list[StructuredCase], list[str]]:
+    """The constrained cases and their colocated answers (computed once for both transfer engines)."""
+    cases = structured_cases(STRUCTURED_CASES, seed=21)
+    return cases, structured_expected(reference, cases)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -131,6 +150,12 @@ def test_extreme_sampling_values_are_served_or_refused_and_every_instance_keeps_
 def test_n_choices_and_list_prompts_equal_single_requests_with_derived_seeds(system: PDSystem, reference: LLM
                                                                             ) -> None:
     check_n_and_list_prompts(system, reference)
+
+
+def test_structured_output_is_valid_and_equals_colocated_generation(
+    system: PDSystem, structured: tuple[list[StructuredCase], list[str]]
+) -> None:
+    check_structured_output(system, *structured)
 
 
 def test_decode_answers_an_error_when_the_prefill_instance_cannot_be_looked_up(system: PDSystem) -> None:

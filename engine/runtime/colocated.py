@@ -16,6 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from ..ep_moe import ExpertParallelMoE
+from ..grammar import GrammarRuntime, GrammarSpec
 from ..kv_pool import KVPool, resolve_kv_cache_dtype
 from ..llm import resolve_dtype
 from ..model import DeepseekForCausalLM
@@ -25,6 +26,7 @@ from ..quant import plan_quantization
 from ..sampling import SamplingParams
 from ..scheduler import Request, Scheduler, StepResult
 from ..server.messages import GenerateRequest, SamplingSpec, TokenOutput
+from ..tokenizer import load_tokenizer
 from ..weights import load_model
 from .launch import RankContext
 from .lockstep import LockstepStepper
@@ -66,6 +68,7 @@ class RankEngine:
     kv_pool: KVPool
     parallel: ParallelContext
     moe: ExpertParallelMoE | None = None  # expert-parallel MoE layers and their load statistics
+    grammar: GrammarRuntime | None = None  # structured output's compiler over the checkpoint's tokenizer
 
 
 def parallel_context_for(ctx: RankContext) -> ParallelContext:
@@ -114,7 +117,9 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
     num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
     pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype, device)
-    return RankEngine(config, model, pool, parallel, moe)
+    grammar = GrammarRuntime(load_tokenizer(args.model_dir, config.eos_token_ids), config.vocab_size,
+                             config.eos_token_ids)
+    return RankEngine(config, model, pool, parallel, moe, grammar)
 
 
 def to_sampling_params(spec: SamplingSpec) -> SamplingParams:
@@ -123,7 +128,8 @@ def to_sampling_params(spec: SamplingSpec) -> SamplingParams:
                           ignore_eos=spec.ignore_eos, presence_penalty=spec.presence_penalty,
                           frequency_penalty=spec.frequency_penalty, repetition_penalty=spec.repetition_penalty,
                           logit_bias=tuple(spec.logit_bias), min_new_tokens=spec.min_new_tokens,
-                          min_p=spec.min_p)
+                          min_p=spec.min_p,
+                          grammar=GrammarSpec(spec.grammar_kind, spec.grammar) if spec.grammar_kind else None)
 
 
 def error_output(rid: str, message: str, status: int = 500, code: str | None = None) -> TokenOutput:
@@ -178,7 +184,7 @@ class ColocatedRunner:
     def __init__(self, engine: RankEngine, args: EngineArgs) -> None:
         self.engine = engine
         self.scheduler = Scheduler(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running,
-                                   engine.config.eos_token_ids)
+                                   engine.config.eos_token_ids, grammar=engine.grammar)
         self.requests: dict[str, Request] = {}
         self._pending: list[TokenOutput] = []
         self._emit: Callable[[list[TokenOutput]], None] | None = None

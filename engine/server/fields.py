@@ -22,6 +22,7 @@ from typing import Any
 
 from kvtransfer import protocol as pd
 
+from . import structured
 from .errors import RequestError
 
 # Sampling fields: OpenAI's top-level names, and SGLang's `sampling_params` names (both accepted in both
@@ -34,17 +35,19 @@ SAMPLING = frozenset({
 _PD = frozenset({pd.BOOTSTRAP_HOST, pd.BOOTSTRAP_PORT, pd.BOOTSTRAP_ROOM, pd.DATA_PARALLEL_RANK, "rid"})
 _OPENAI = frozenset({"model", "stream", "stream_options", "logprobs", "truncate_prompt_tokens",
                      "add_special_tokens"})  # fmt: skip
+_GRAMMAR = frozenset(structured.OPENAI_FIELDS)
+_SGLANG_GRAMMAR = frozenset(structured.SAMPLING_PARAMS_FIELDS)
 HONOURED: dict[str, frozenset[str]] = {
-    "completion": SAMPLING | _PD | _OPENAI | {"prompt", "echo", "best_of"},
-    "chat": SAMPLING | _PD | _OPENAI | {"messages", "top_logprobs", "best_of"},
-    "generate": SAMPLING | _PD | {"text", "input_ids", "sampling_params", "stream", "return_logprob",
-                                  "top_logprobs_num", "return_text_in_logprobs"},
+    "completion": SAMPLING | _PD | _OPENAI | _GRAMMAR | {"prompt", "echo", "best_of"},
+    "chat": SAMPLING | _PD | _OPENAI | _GRAMMAR | {"messages", "top_logprobs", "best_of"},
+    "generate": SAMPLING | _PD | _SGLANG_GRAMMAR | {"text", "input_ids", "sampling_params", "stream",
+                                                    "return_logprob", "top_logprobs_num", "return_text_in_logprobs"},
 }
 
 # name -> the values that ask for nothing (None, absent, is always neutral). Kept to what a peer documents.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     # OpenAI
-    "suffix": ("",), "response_format": ({"type": "text"},), "tools": ([],),
+    "suffix": ("",), "tools": ([],),
     "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
     "store": (False,), "service_tier": ("auto", "default"), "modalities": (["text"],), "audio": (),
     "prediction": (), "web_search_options": (), "verbosity": (), "reasoning_effort": (), "reasoning": (),
@@ -52,15 +55,15 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     # vLLM
     "use_beam_search": (False,), "length_penalty": (1, 1.0), "include_stop_str_in_output": (False,),
     "skip_special_tokens": (True,),  # output text never holds special tokens (engine.tokenizer)
-    "allowed_token_ids": ([],), "bad_words": ([],), "guided_json": (), "guided_regex": (),
-    "guided_choice": ([],), "guided_grammar": (), "structural_tag": (), "guided_decoding_backend": (),
-    "guided_whitespace_pattern": (), "structured_outputs": ({},), "priority": (0,), "request_id": (),
+    "allowed_token_ids": ([],), "bad_words": ([],), "structural_tag": (),
+    "guided_decoding_backend": ("xgrammar",),  # the one grammar engine here
+    "guided_whitespace_pattern": (), "priority": (0,), "request_id": (),
     "logits_processors": ([],), "return_tokens_as_token_ids": (False,), "kv_transfer_params": ({},),
     "vllm_xargs": ({},), "mm_processor_kwargs": ({},), "prompt_embeds": (), "echo": (False,),
     "add_generation_prompt": (True,), "continue_final_message": (False,), "documents": ([],),
     "chat_template": (), "chat_template_kwargs": ({},), "include_reasoning": (True,),
     # SGLang
-    "json_schema": (), "regex": (), "ebnf": (), "stop_regex": ([],), "no_stop_trim": (False,),
+    "stop_regex": ([],), "no_stop_trim": (False,),
     "return_hidden_states": (False,), "return_routed_experts": (False,), "routed_experts_start_len": (0,),
     "return_cached_tokens_details": (False,), "return_token_ids": (False,), "return_prompt_token_ids": (False,),
     "return_meta_info": (False,), "lora_path": (), "session_id": (), "session_params": ({},),
@@ -93,8 +96,7 @@ _NEUTRAL_BY_KIND = {
     "generate": frozenset(NEUTRAL),
 }
 # Inside /generate's `sampling_params` (SGLang's SamplingParams).
-_SAMPLING_PARAMS_NEUTRAL = frozenset({"skip_special_tokens", "no_stop_trim",
-                                      "json_schema", "regex", "ebnf", "structural_tag", "custom_params",
+_SAMPLING_PARAMS_NEUTRAL = frozenset({"skip_special_tokens", "no_stop_trim", "structural_tag", "custom_params",
                                       "stop_regex"})  # fmt: skip
 
 
@@ -131,7 +133,7 @@ def check_fields(body: dict[str, Any], kind: str) -> None:
         if isinstance(params, dict):
             for name, value in params.items():
                 where = f"sampling_params.{name}"
-                if name in SAMPLING or name == "spaces_between_special_tokens":
+                if name in SAMPLING or name in _SGLANG_GRAMMAR or name == "spaces_between_special_tokens":
                     continue
                 if name in _SAMPLING_PARAMS_NEUTRAL:
                     if not _is_neutral(name, value):
@@ -139,7 +141,7 @@ def check_fields(body: dict[str, Any], kind: str) -> None:
                     continue
                 raise RequestError(f"Unrecognized sampling parameter: '{name}'", code="unrecognized_argument",
                                    param=where)
-            both = sorted(SAMPLING & body.keys())
+            both = sorted((SAMPLING | _SGLANG_GRAMMAR) & body.keys())
             if both:
                 raise RequestError(f"'{both[0]}' goes inside 'sampling_params' when that is given",
                                    param=both[0])

@@ -30,6 +30,9 @@ class SamplingSpec:
     logit_bias: list[tuple[int, float]] = field(default_factory=list)
     min_new_tokens: int = 0
     min_p: float = 0.0
+    # Structured output (engine.grammar): kind "json" | "regex" | "choice" | "ebnf" and its text; "" = none.
+    grammar_kind: str = ""
+    grammar: str = ""
 
 
 @dataclass

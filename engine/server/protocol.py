@@ -20,6 +20,7 @@ from ..chat_template import ChatTemplate, ChatTemplateError
 from .errors import RequestError as RequestError
 from .fields import check_fields, check_stream_options
 from .messages import BootstrapInfo, GenerateRequest, SamplingSpec
+from .structured import OPENAI_FIELDS, SAMPLING_PARAMS_FIELDS, parse_grammar
 
 
 class TextCodec(Protocol):
@@ -444,6 +445,12 @@ def parse_request(
             f"prompt ({longest} tokens) + max tokens ({sampling.max_new_tokens}) exceeds the context "
             f"limit of {max_context}", param="max_tokens" if kind != "generate" else "max_new_tokens"
         )
+    if kind == "generate":
+        grammar = parse_grammar(options_src, SAMPLING_PARAMS_FIELDS, "sampling_params." if params_src else "")
+    else:
+        grammar = parse_grammar(body, OPENAI_FIELDS)
+    if grammar is not None:
+        sampling.grammar_kind, sampling.grammar = grammar.kind, grammar.text
     stream = bool(_get(body, "stream", bool, False))
     options = check_stream_options(body)
     n = _choice_count(options_src, body)
