@@ -43,11 +43,29 @@ class GrammarError(ValueError):
     """The spec does not compile (bad schema, regex or grammar)."""
 
 
+# xgrammar 0.2.9 writes strings with a length bound as `[^"\\\r\n]{0, n}`, which lets raw control characters
+# (U+0000-U+001F) into JSON strings: invalid JSON that json.loads refuses (found by tests/test_chat_output.py).
+# Its unbounded strings exclude them; bounded ones get the same class here.
+_LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+
+
+def json_schema_grammar(schema: str) -> Any:
+    """xgrammar's grammar for a JSON schema, its strings kept to valid JSON."""
+    import xgrammar as xgr
+
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=_ANY_WHITESPACE)
+    text = str(grammar)
+    if _LOOSE_STRING_CHAR not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR))
+
+
 def _grammar(spec: GrammarSpec) -> Any:
     import xgrammar as xgr
 
     if spec.kind == "json":
-        return xgr.Grammar.from_json_schema(spec.text, any_whitespace=_ANY_WHITESPACE)
+        return json_schema_grammar(spec.text)
     if spec.kind == "regex":
         return xgr.Grammar.from_regex(spec.text)
     if spec.kind == "choice":
@@ -97,8 +115,6 @@ class GrammarRuntime:
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1)
             compiler = self._compiler
         try:
-            if spec.kind == "json":
-                return compiler.compile_json_schema(spec.text, any_whitespace=_ANY_WHITESPACE)
             return compiler.compile_grammar(_grammar(spec))
         except GrammarError:
             raise

@@ -9,14 +9,18 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 from pd_system import PDSystem, http, wait_idle
 
+from engine.chat_template import ChatTemplate
 from engine.grammar import GrammarSpec
 from engine.llm import LLM
 from engine.sampling import SamplingParams
+from engine.server.chat_output import ChatOutputSplitter, whole_message
+from engine.server.protocol import parse_request
 
 
 def _choices(raw: bytes, stream: bool) -> dict[int, str]:
@@ -74,7 +78,7 @@ class StructuredCase:
     def valid(self, text: str) -> bool:
         if self.spec.kind == "json":
             try:
-                jsonschema.validate(json.loads(text, strict=False), json.loads(self.spec.text))
+                jsonschema.validate(json.loads(text), json.loads(self.spec.text))
             except (ValueError, jsonschema.ValidationError):
                 return False
             return True
@@ -187,3 +191,92 @@ def check_structured_output(system: PDSystem, cases: list[StructuredCase], expec
         assert text == want, (where, text, want)
     for worker in (system.prefill, system.decode):
         wait_idle(worker.url)
+
+
+# --- tool calls and reasoning ----------------------------------------------------------------------------
+API_FLAGS = ["--tool-call-parser", "deepseekv3", "--reasoning-parser", "deepseek-r1"]
+TOOLS = [  # small: the tiny model's context is 512 tokens, one per byte
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"enum": [1, 2, 3]}, "b": {"type": "integer", "minimum": 0,
+                                                                         "maximum": 9}}, "required": ["a", "b"]}}},
+    {"type": "function", "function": {"name": "city", "parameters": {
+        "type": "object", "properties": {"n": {"type": "string", "maxLength": 5}}, "required": ["n"]}}},
+]
+CONVERSATION = [  # R1-style: a system turn, a past exchange, and the question
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "3+4?"},
+]
+
+
+def _chat(system: PDSystem, body: dict[str, Any]) -> dict[str, Any]:
+    """The whole message of a chat answer through the router (streamed deltas joined when `stream`)."""
+    status, raw = http("POST", system.router.url + "/v1/chat/completions", body, timeout_s=300)
+    assert status == 200, raw[:500]
+    if not body.get("stream"):
+        choice = json.loads(raw)["choices"][0]
+        return {**choice["message"], "finish_reason": choice["finish_reason"]}
+    message: dict[str, Any] = {"content": "", "reasoning_content": "", "tool_calls": []}
+    for line in raw.decode().splitlines():
+        if not line.startswith("data: {"):
+            continue
+        for choice in json.loads(line[6:])["choices"]:
+            delta = choice["delta"]
+            message["content"] += delta.get("content") or ""
+            message["reasoning_content"] += delta.get("reasoning_content") or ""
+            message["tool_calls"] += delta.get("tool_calls") or []
+            message["finish_reason"] = choice["finish_reason"] or message.get("finish_reason")
+    return message
+
+
+def _colocated_chat(reference: LLM, model_dir: Path, body: dict[str, Any]) -> str:
+    """The answer text colocated generation gives the same request (prompt and grammar as a worker builds
+    them, the same seed)."""
+    parsed = parse_request(body, "chat", reference.tokenizer, reference.config.vocab_size, "x", 100_000,
+                           ChatTemplate.from_model_dir(model_dir), tool_call_parser="deepseekv3",
+                           reasoning_parser="deepseek-r1")
+    spec = parsed.request.sampling
+    grammar = GrammarSpec(spec.grammar_kind, spec.grammar) if spec.grammar_kind else None
+    params = SamplingParams(temperature=1.0, seed=body["seed"], max_new_tokens=spec.max_new_tokens, grammar=grammar)
+    return reference.generate([parsed.request.input_ids], params)[0].text
+
+
+def check_tool_calls_and_reasoning(system: PDSystem, reference: LLM, model_dir: Path, count: int = 4) -> None:
+    """`tool_choice` "required" and a named function at temperature 1: every answer's tool_calls parse,
+    name a given tool (the named one) and carry arguments valid by its schema, streamed and not, and equal
+    colocated generation. A reasoning answer (its shape forced by a regex) comes apart at R1's </think>
+    into reasoning_content and content. Then the pools are idle."""
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for i in range(count):
+        named = i % 2 == 1
+        body: dict[str, Any] = {
+            "messages": CONVERSATION[-1:], "tools": TOOLS, "temperature": 1.0, "seed": 500 + i, "max_tokens": 180,
+            "stream": i % 4 >= 2, "parallel_tool_calls": False,
+            "tool_choice": {"type": "function", "function": {"name": "add"}} if named else "required"}
+        message = _chat(system, body)
+        assert message["finish_reason"] == "tool_calls", message
+        calls = message["tool_calls"]
+        assert calls and (len(calls) == 1 or not named), message
+        for call in calls:
+            name = call["function"]["name"]
+            assert name in schemas and (name == "add" or not named), call
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[name])
+        expected = whole_message(_split_all(_colocated_chat(reference, model_dir, body)))
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in expected["tool_calls"]] == [
+            (c["function"]["name"], c["function"]["arguments"]) for c in calls]
+    for stream in (False, True):
+        body = {"messages": CONVERSATION, "temperature": 1.0, "seed": 77, "max_tokens": 100, "stream": stream,
+                "guided_regex": "[a-z]{1,8} [a-z]{1,8}</think>[a-z]{1,8}"}
+        message = _chat(system, body)
+        text = _colocated_chat(reference, model_dir, body)
+        thought, answer = text.split("</think>")
+        assert (message["reasoning_content"], message["content"]) == (thought, answer), (message, text)
+        assert message["finish_reason"] == "stop"
+    for worker in (system.prefill, system.decode):
+        wait_idle(worker.url)
+
+
+def _split_all(text: str) -> list[dict[str, Any]]:
+    splitter = ChatOutputSplitter(reasoning=False, tools=True)  # a forced call has no reasoning part
+    return splitter.feed(text) + splitter.finish()

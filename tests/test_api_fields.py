@@ -80,7 +80,9 @@ class BosCodec(ByteCodec):
 
 
 def _parse(body: dict[str, Any], kind: str) -> ParsedRequest:
-    return parse_request(body, kind, BosCodec(), 256, "tiny", 4096, header_rid="fixed")
+    """Parsed as a worker with every feature on (tool-call and reasoning parsers) parses it."""
+    return parse_request(body, kind, BosCodec(), 256, "tiny", 4096, header_rid="fixed",
+                         tool_call_parser="deepseekv3", reasoning_parser="deepseek-r1")
 
 
 def _kind_samples(kind: str) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
@@ -90,6 +92,13 @@ def _kind_samples(kind: str) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]
         samples["top_logprobs"] = ({"logprobs": True}, {"top_logprobs": 2})
         samples["messages"] = ({}, {"messages": [{"role": "user", "content": "cd"}]})
         samples["add_special_tokens"] = ({}, {"add_special_tokens": False})
+        for name in ("separate_reasoning", "stream_reasoning", "include_reasoning"):  # default True
+            samples[name] = ({}, {name: False})
+        samples["tools"] = ({}, {"tools": [{"type": "function", "function": {"name": "f"}}]})
+        samples["tool_choice"] = ({"tools": [{"type": "function", "function": {"name": "f"}}]},
+                                  {"tool_choice": "required"})
+        samples["parallel_tool_calls"] = ({"tools": [{"type": "function", "function": {"name": "f"}}]},
+                                          {"parallel_tool_calls": False})
     else:
         samples["logprobs"] = ({}, {"logprobs": 1})
         samples["prompt"] = ({}, {"prompt": "cd"})
@@ -143,7 +152,7 @@ def test_neutral_values_of_unimplemented_fields_pass() -> None:
             "skip_special_tokens": True, "spaces_between_special_tokens": True, "include_stop_str_in_output": False,
             "response_format": {"type": "text"}, "priority": 0, "logprob_start_len": -1, "user": "u"}
     assert _parse(body, "completion").request.input_ids == [1, 97, 98]
-    chat = {**BASE["chat"], "tool_choice": "none", "tools": [], "parallel_tool_calls": True,
+    chat = {**BASE["chat"], "tool_choice": "none", "tools": [],
             "add_generation_prompt": True, "separate_reasoning": True, "include_reasoning": True}
     assert _parse(chat, "chat").request.input_ids
 

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 from pd_api_checks import (
+    API_FLAGS,
     StructuredCase,
     check_n_and_list_prompts,
     check_structured_output,
+    check_tool_calls_and_reasoning,
     structured_cases,
     structured_expected,
 )
@@ -84,7 +86,8 @@ def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: p
     if missing:
         pytest.skip(missing)
     pd = PDSystem(tiny_model, tmp_path_factory.mktemp(f"pd-{request.param}"), request.param,
-                  decode_flags=DECODE_FLAGS[request.param], peer_timeout_s=PEER_TIMEOUT_S)
+                  prefill_flags=API_FLAGS, decode_flags=[*DECODE_FLAGS[request.param], *API_FLAGS],
+                  peer_timeout_s=PEER_TIMEOUT_S)
     yield pd
     pd.close()
 
@@ -156,6 +159,11 @@ def test_structured_output_is_valid_and_equals_colocated_generation(
     system: PDSystem, structured: tuple[list[StructuredCase], list[str]]
 ) -> None:
     check_structured_output(system, *structured)
+
+
+def test_forced_tool_calls_parse_and_reasoning_comes_apart_as_colocated(system: PDSystem, reference: LLM,
+                                                                        tiny_model: Path) -> None:
+    check_tool_calls_and_reasoning(system, reference, tiny_model)
 
 
 def test_decode_answers_an_error_when_the_prefill_instance_cannot_be_looked_up(system: PDSystem) -> None:

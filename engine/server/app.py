@@ -20,15 +20,18 @@ from aiohttp import web
 from kvtransfer import http_errors
 
 from ..chat_template import ChatTemplate
+from .chat_output import ChatOutputSplitter
 from .detokenize import IncrementalDetokenizer
 from .messages import GenerateRequest, TokenOutput
 from .protocol import ParsedRequest, RequestError, TextCodec, error_body, parse_request
 from .replies import (
     generate_response,
+    merge_parts,
     openai_choice,
     openai_chunk,
     openai_logprobs,
     openai_response,
+    splitter_for,
     usage,
 )
 
@@ -55,6 +58,8 @@ class ServerConfig:
     role: str  # "prefill" | "decode" | "colocated"
     extra_info: dict[str, Any] = field(default_factory=dict)
     chat_template: ChatTemplate | None = None  # None: DeepSeek-V3's layout
+    tool_call_parser: str | None = None  # "deepseekv3": chat `tools` honoured (engine.server.tools)
+    reasoning_parser: str | None = None  # "deepseek-r1": chat answers split into reasoning and content
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -157,7 +162,9 @@ class WorkerApp:
             body = orjson.loads(raw)
             parsed = parse_request(body, kind, self.codec, self.config.vocab_size, self.config.served_model,
                                    self.config.max_context, self.config.chat_template,
-                                   header_rid=request.headers.get("X-Request-ID") or None)
+                                   header_rid=request.headers.get("X-Request-ID") or None,
+                                   tool_call_parser=self.config.tool_call_parser,
+                                   reasoning_parser=self.config.reasoning_parser)
         except web.HTTPRequestEntityTooLarge:
             self.num_errors += 1
             return error_response(f"the request body exceeds {MAX_BODY_BYTES} bytes", 413)
@@ -260,8 +267,8 @@ class WorkerApp:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         created = int(time.time())
-        choices = [StreamedChoice(i, IncrementalDetokenizer(self.codec, parsed.stop), parsed.echo_prompts[i])
-                   for i in range(len(parsed.requests))]
+        choices = [StreamedChoice(i, IncrementalDetokenizer(self.codec, parsed.stop), parsed.echo_prompts[i],
+                                  splitter=splitter_for(parsed)) for i in range(len(parsed.requests))]
         queue: asyncio.Queue[tuple[int, TokenOutput | None]] = asyncio.Queue()
 
         async def pump(index: int) -> None:
@@ -326,8 +333,16 @@ class WorkerApp:
         logprobs = openai_logprobs(parsed, self.codec, ids, choice.logprobs[len(choice.logprobs) - choice.unsent :],
                                    choice.text_sent, choice.tops[len(choice.tops) - choice.unsent :])
         text = choice.echo + delta  # a completion's echoed prompt goes out with its first chunk
+        parts = None
+        if choice.splitter is not None:  # chat: reasoning, content and tool calls apart
+            pieces = choice.splitter.feed(delta) + (choice.splitter.finish() if out.finished else [])
+            parts = merge_parts(pieces)
+            if out.finished and choice.splitter.tool_calls:
+                reason = "tool_calls"
+            if not parts and not out.finished and choice.sent_any:
+                return None, False  # all held back (a marker may be forming): the tokens go with a later chunk
         chunk = openai_chunk(parsed, text, reason, created, first=not choice.sent_any, logprobs=logprobs,
-                             index=choice.index)
+                             index=choice.index, parts=parts)
         if parsed.continuous_usage:
             chunk["usage"] = usage(len(parsed.requests[choice.index].input_ids), len(detok.ids))
         choice.sent_any, choice.unsent, choice.echo = True, 0, ""
@@ -377,6 +392,7 @@ class StreamedChoice:
     logprobs: list[float] = field(default_factory=list)
     tops: list[list[tuple[int, float]]] = field(default_factory=list)
     sent_any: bool = False
+    splitter: ChatOutputSplitter | None = None  # chat with tools or a reasoning parser
     unsent: int = 0  # output tokens not yet in a chunk (held back with a partial character)
     text_sent: int = 0  # characters of output text already sent, for completions' text_offset
 

@@ -39,7 +39,9 @@ _GRAMMAR = frozenset(structured.OPENAI_FIELDS)
 _SGLANG_GRAMMAR = frozenset(structured.SAMPLING_PARAMS_FIELDS)
 HONOURED: dict[str, frozenset[str]] = {
     "completion": SAMPLING | _PD | _OPENAI | _GRAMMAR | {"prompt", "echo", "best_of"},
-    "chat": SAMPLING | _PD | _OPENAI | _GRAMMAR | {"messages", "top_logprobs", "best_of"},
+    "chat": SAMPLING | _PD | _OPENAI | _GRAMMAR | {"messages", "top_logprobs", "best_of", "tools", "tool_choice",
+                                                   "parallel_tool_calls", "separate_reasoning", "stream_reasoning",
+                                                   "include_reasoning"},
     "generate": SAMPLING | _PD | _SGLANG_GRAMMAR | {"text", "input_ids", "sampling_params", "stream",
                                                     "return_logprob", "top_logprobs_num", "return_text_in_logprobs"},
 }
@@ -47,8 +49,7 @@ HONOURED: dict[str, frozenset[str]] = {
 # name -> the values that ask for nothing (None, absent, is always neutral). Kept to what a peer documents.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     # OpenAI
-    "suffix": ("",), "tools": ([],),
-    "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+    "suffix": ("",), "functions": ([],), "function_call": ("none", "auto"),
     "store": (False,), "service_tier": ("auto", "default"), "modalities": (["text"],), "audio": (),
     "prediction": (), "web_search_options": (), "verbosity": (), "reasoning_effort": (), "reasoning": (),
     "prompt_logprobs": (),
@@ -61,7 +62,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "logits_processors": ([],), "return_tokens_as_token_ids": (False,), "kv_transfer_params": ({},),
     "vllm_xargs": ({},), "mm_processor_kwargs": ({},), "prompt_embeds": (), "echo": (False,),
     "add_generation_prompt": (True,), "continue_final_message": (False,), "documents": ([],),
-    "chat_template": (), "chat_template_kwargs": ({},), "include_reasoning": (True,),
+    "chat_template": (), "chat_template_kwargs": ({},),
     # SGLang
     "stop_regex": ([],), "no_stop_trim": (False,),
     "return_hidden_states": (False,), "return_routed_experts": (False,), "routed_experts_start_len": (0,),
@@ -81,16 +82,13 @@ NO_EFFECT: dict[str, str] = {
     "prompt_cache_key": "a cache-routing hint; there is no prefix cache, so no routing to steer",
     "cache_salt": "salts prefix-cache hits; there is no prefix cache, so requests share no state to salt",
     "log_metrics": "SGLang's per-request metrics switch; metrics are aggregated only",
-    "parallel_tool_calls": "no tools are accepted (`tools` is refused), so there is nothing to call in parallel",
     "spaces_between_special_tokens": "output text never holds special tokens, so nothing has spaces between",
-    "separate_reasoning": "SGLang without a reasoning parser (tandem has none) returns the text unsplit either way",
-    "stream_reasoning": "as `separate_reasoning`: there is no reasoning part to stream apart",
 }
 _NEUTRAL_BY_KIND = {
-    "completion": frozenset(NEUTRAL) - {"tools", "tool_choice", "functions", "function_call",
+    "completion": frozenset(NEUTRAL) - {"functions", "function_call",
                                         "add_generation_prompt", "continue_final_message",
                                         "documents", "chat_template", "chat_template_kwargs",
-                                        "include_reasoning", "reasoning_effort", "reasoning", "audio", "modalities", "task",
+                                        "reasoning_effort", "reasoning", "audio", "modalities", "task",
                                         "web_search_options", "prediction"},
     "chat": frozenset(NEUTRAL) - {"suffix"},
     "generate": frozenset(NEUTRAL),

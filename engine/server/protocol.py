@@ -21,6 +21,7 @@ from .errors import RequestError as RequestError
 from .fields import check_fields, check_stream_options
 from .messages import BootstrapInfo, GenerateRequest, SamplingSpec
 from .structured import OPENAI_FIELDS, SAMPLING_PARAMS_FIELDS, parse_grammar
+from .tools import ToolRequest, parse_tools, required_grammar, tools_system_prompt
 
 
 class TextCodec(Protocol):
@@ -52,6 +53,10 @@ class ParsedRequest:
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage in every chunk
     batch: bool = False  # the body held a list of prompts (/generate answers with a list then)
     n: int = 1
+    tools: ToolRequest | None = None  # chat: parse the answer for DeepSeek-V3 tool calls (engine.server.tools)
+    reasoning: bool = False  # chat: the answer starts in R1's reasoning (engine.server.chat_output)
+    include_reasoning: bool = True  # vLLM's include_reasoning: False drops the reasoning part
+    stream_reasoning: bool = True  # SGLang's stream_reasoning: False sends the reasoning in one piece
 
     @property
     def request(self) -> GenerateRequest:
@@ -219,11 +224,12 @@ def parse_bootstrap(body: dict, count: int = 1) -> list[BootstrapInfo | None]:
 
 
 # OpenAI's `developer` role is the system role of newer models; chat templates know only `system`.
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
-def chat_messages(messages: Any) -> list[dict[str, str]]:
-    """OpenAI `messages`, checked and reduced to {role, content} strings (text content parts joined)."""
+def chat_messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI `messages`, checked and reduced to {role, content} strings (text content parts joined), plus an
+    assistant turn's `tool_calls` (OpenAI's shape, as chat templates read them)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list", param="messages")
     out = []
@@ -248,13 +254,32 @@ def chat_messages(messages: Any) -> list[dict[str, str]]:
         if role is None:
             raise RequestError(f"messages[{i}].role {msg['role']!r} is not one of {', '.join(_ROLES)}",
                                param="messages")
-        out.append({"role": role, "content": content})
+        entry: dict[str, Any] = {"role": role, "content": content}
+        calls = msg.get("tool_calls")
+        if role == "assistant" and calls:
+            if not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict)
+                and isinstance(c["function"].get("name"), str) for c in calls
+            ):
+                raise RequestError(f"messages[{i}].tool_calls must be a list of OpenAI tool calls", param="messages")
+            entry["tool_calls"] = [{"id": c.get("id"), "type": c.get("type", "function"),
+                                    "function": {"name": c["function"]["name"],
+                                                 "arguments": c["function"].get("arguments") or "{}"}}
+                                   for c in calls]
+        out.append(entry)
     return out
 
 
-def render_chat(messages: Any, template: ChatTemplate | None = None) -> str:
-    """The prompt text of a conversation: the checkpoint's chat template, or DeepSeek-V3's layout."""
+def render_chat(messages: Any, template: ChatTemplate | None = None, tools: ToolRequest | None = None) -> str:
+    """The prompt text of a conversation: the checkpoint's chat template, or DeepSeek-V3's layout; with
+    tools, their descriptions lead the system prompt."""
     checked = chat_messages(messages)
+    if tools is not None:
+        prompt = tools_system_prompt(tools)
+        if checked[0]["role"] == "system":
+            checked[0] = {**checked[0], "content": checked[0]["content"] + "\n\n" + prompt}
+        else:
+            checked.insert(0, {"role": "system", "content": prompt})
     try:
         return (template or ChatTemplate(None)).render(checked)
     except ChatTemplateError as exc:
@@ -316,15 +341,15 @@ def _encode(prompt: str | list[int], key: str, codec: TextCodec, vocab_size: int
     return ids, text
 
 
-def _input_ids(body: dict, codec: TextCodec, vocab_size: int, kind: str, template: ChatTemplate | None
-               ) -> tuple[list[list[int]], list[str], bool]:
+def _input_ids(body: dict, codec: TextCodec, vocab_size: int, kind: str, template: ChatTemplate | None,
+               tools: ToolRequest | None = None) -> tuple[list[list[int]], list[str], bool]:
     """Every prompt's token ids and text, and whether the body was a batch."""
     truncate = _get(body, "truncate_prompt_tokens", int, None)
     if truncate is not None and truncate < 1:
         raise RequestError(f"'truncate_prompt_tokens' must be >= 1, got {truncate}", param="truncate_prompt_tokens")
     add_special = _get(body, "add_special_tokens", bool, None)
     if kind == "chat":
-        text = render_chat(body.get("messages"), template)
+        text = render_chat(body.get("messages"), template, tools)
         if add_special is None:
             # A checkpoint's template writes its own special tokens (BOS ...): do not add them twice.
             add_special = template is None or not template.from_checkpoint
@@ -414,14 +439,18 @@ def _choice_seed(seed: int | None, index: int) -> int | None:
 def parse_request(
     body: Any, kind: str, codec: TextCodec, vocab_size: int, served_model: str, max_context: int,
     chat_template: ChatTemplate | None = None, header_rid: str | None = None,
+    tool_call_parser: str | None = None, reasoning_parser: str | None = None,
 ) -> ParsedRequest:
+    """A validated request. `tool_call_parser` ("deepseekv3") and `reasoning_parser` ("deepseek-r1") are the
+    worker's flags: without them chat `tools` are refused and answers are not split."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     check_fields(body, kind)
     model = _get(body, "model", str, served_model)
     if model != served_model:
         raise RequestError(f"The model `{model}` does not exist.", status=404, code="model_not_found", param="model")
-    ids_list, texts, batch = _input_ids(body, codec, vocab_size, kind, chat_template)
+    tools = parse_tools(body, tool_call_parser) if kind == "chat" else None
+    ids_list, texts, batch = _input_ids(body, codec, vocab_size, kind, chat_template, tools)
     params_src = body.get("sampling_params") if kind == "generate" else None
     if params_src is not None and not isinstance(params_src, dict):
         raise RequestError("'sampling_params' must be an object", param="sampling_params")
@@ -449,6 +478,11 @@ def parse_request(
         grammar = parse_grammar(options_src, SAMPLING_PARAMS_FIELDS, "sampling_params." if params_src else "")
     else:
         grammar = parse_grammar(body, OPENAI_FIELDS)
+    if tools is not None and tools.choice != "auto":  # "required" and a named function: forced to parse
+        if grammar is not None:
+            raise RequestError("'tool_choice' forcing a call cannot be combined with structured output",
+                               param="tool_choice")
+        grammar = required_grammar(tools)
     if grammar is not None:
         sampling.grammar_kind, sampling.grammar = grammar.kind, grammar.text
     stream = bool(_get(body, "stream", bool, False))
@@ -481,4 +515,10 @@ def parse_request(
         continuous_usage=options.get("continuous_usage_stats", False),
         batch=batch,
         n=n,
+        tools=tools,
+        # A forced call is the whole answer (its grammar starts at the first token): no reasoning part.
+        reasoning=(kind == "chat" and reasoning_parser is not None and _get(body, "separate_reasoning", bool, True)
+                   and (tools is None or tools.choice == "auto")),
+        include_reasoning=_get(body, "include_reasoning", bool, True),
+        stream_reasoning=_get(body, "stream_reasoning", bool, True),
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .chat_output import ChatOutputSplitter, whole_message
 from .protocol import ParsedRequest, TextCodec
 
 
@@ -60,14 +61,34 @@ def _envelope(parsed: ParsedRequest, created: int, chunk: bool) -> dict[str, Any
     return {"id": prefix + parsed.response_id, "object": obj, "created": created, "model": parsed.model}
 
 
+def splitter_for(parsed: ParsedRequest) -> ChatOutputSplitter | None:
+    """The splitter of a chat answer into reasoning, content and tool calls; None when it is all content."""
+    if parsed.kind != "chat" or (parsed.tools is None and not parsed.reasoning):
+        return None
+    return ChatOutputSplitter(parsed.reasoning, parsed.tools is not None, parsed.include_reasoning,
+                              parsed.stream_reasoning)
+
+
+def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One chunk's delta from the splitter's parts (content and reasoning joined, tool calls listed)."""
+    delta: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            delta[key] = delta[key] + value if key in delta else value
+    return delta
+
+
 def openai_chunk(parsed: ParsedRequest, text: str, finish_reason: str | None, created: int,
-                 first: bool = False, logprobs: dict | None = None, index: int = 0) -> dict:
+                 first: bool = False, logprobs: dict | None = None, index: int = 0,
+                 parts: dict[str, Any] | None = None) -> dict:
     """One streamed chunk of choice `index` of a completion or chat completion (the role goes in each
-    choice's first delta only)."""
+    choice's first delta only). `parts`: a chat delta split already (reasoning, content, tool calls)."""
     doc = _envelope(parsed, created, chunk=True)
     if parsed.kind == "chat":
-        delta: dict[str, str] = {"role": "assistant"} if first else {}
-        if text:
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if parts is not None:
+            delta.update(parts)
+        elif text:
             delta["content"] = text
         doc["choices"] = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
     else:
@@ -79,8 +100,14 @@ def openai_choice(parsed: ParsedRequest, index: int, text: str, finish_reason: s
                   logprobs: dict | None) -> dict:
     """Choice `index` of a whole answer; a completion's text starts with its echoed prompt."""
     if parsed.kind == "chat":
-        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-                "logprobs": logprobs}
+        splitter = splitter_for(parsed)
+        if splitter is None:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+        else:
+            message = whole_message(splitter.feed(text) + splitter.finish())
+            if splitter.tool_calls:
+                finish_reason = "tool_calls"
+        return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}
     return {"index": index, "text": parsed.echo_prompts[index] + text if parsed.echo_prompts else text,
             "finish_reason": finish_reason, "logprobs": logprobs}
 
