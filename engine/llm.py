@@ -36,6 +36,9 @@ class Output:
     finish_reason: str
     logprobs: list[float] | None = None  # per output token, with `generate(..., return_logprob=True)`
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per output token, with `top_logprobs=k`
+    # Per prompt token (None for the first), with `generate(..., prompt_logprobs=k)`; and its k alternatives.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -106,7 +109,8 @@ class LLM:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams],
-                 use_tqdm: bool = False, return_logprob: bool = False, top_logprobs: int = 0) -> list[Output]:
+                 use_tqdm: bool = False, return_logprob: bool = False, top_logprobs: int = 0,
+                 prompt_logprobs: int | None = None) -> list[Output]:
         """Generate for every prompt, all batched together; outputs in prompt order. `return_logprob`: each
         output token's log-probability under the model (`engine.sampling.logprob_report`) too, and with
         `top_logprobs` > 0 that many most likely tokens at each position (token id, logprob).
@@ -128,6 +132,7 @@ class LLM:
         for req in requests:
             req.return_logprob = return_logprob or top_logprobs > 0
             req.top_logprobs = top_logprobs
+            req.prompt_logprobs = -1 if prompt_logprobs is None else prompt_logprobs
         total = sum(p.max_new_tokens for p in per_prompt)
         with tqdm(total=total, disable=not use_tqdm, unit="tok", desc="generate") as bar:
             try:
@@ -140,7 +145,9 @@ class LLM:
                 raise
         return [Output(r.prompt_ids, list(r.output_ids), self.tokenizer.decode(r.output_ids),
                        r.finish_reason or "abort", list(r.output_logprobs) if r.return_logprob else None,
-                       list(r.output_top_logprobs) if top_logprobs else None)
+                       list(r.output_top_logprobs) if top_logprobs else None,
+                       list(r.prompt_logprob_values) if prompt_logprobs is not None else None,
+                       list(r.prompt_top_logprobs) if prompt_logprobs is not None else None)
                 for r in requests]
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
 from engine.grammar import GrammarRuntime, advance, constrain, finished
 from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
-from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
+from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks, prompt_logprobs
 from engine.sampling import SamplingParams, apply_penalties, logprob_report, sample
 
 
@@ -57,6 +57,11 @@ class Request:
     top_logprobs: int = 0  # with return_logprob: this many most likely tokens per position, too
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     matcher: Any = None  # structured output: where the grammar stands after the output so far (engine.grammar)
+    # Prompt log-probabilities: -1 off; k >= 0: each prompt token's logprob and its k most likely alternatives,
+    # computed as the prompt's chunks run (None for token 0).
+    prompt_logprobs: int = -1
+    prompt_logprob_values: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def seq_len(self) -> int:
@@ -197,8 +202,21 @@ class Scheduler:
 
     def _run_extend(self, prefilling: list[Request]) -> StepResult:
         chunks = plan_prefill_chunks(prefilling, self.max_prefill_tokens)
-        batch = build_extend_batch(chunks, self.kv_pool, vocab_size=self.model.config.vocab_size)
-        logits = self.model(batch).next_token_logits
+        scoring = any(req.prompt_logprobs >= 0 for req, _ in chunks)
+        batch = build_extend_batch(chunks, self.kv_pool, vocab_size=self.model.config.vocab_size,
+                                   return_all_logits=scoring)
+        out = self.model(batch)
+        logits = out.next_token_logits
+        if scoring:
+            assert out.all_logits is not None
+            first = 0
+            for req, n in chunks:
+                if req.prompt_logprobs >= 0:
+                    values, tops = prompt_logprobs(req.prompt_ids, req.num_computed, out.all_logits[first : first + n],
+                                                   req.prompt_logprobs)
+                    req.prompt_logprob_values += values
+                    req.prompt_top_logprobs += tops
+                first += n
         done_rows, done_reqs = [], []
         for row, (req, n) in enumerate(chunks):
             req.num_computed += n

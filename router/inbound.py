@@ -47,6 +47,7 @@ class InboundRequest:
     prompt_tokens: int  # len(ids) for token ids, else ceil(chars / CHARS_PER_TOKEN)
     batch_size: int | None  # /generate with a list of prompts
     body_rid: str | list[str] | None  # `rid` the client put in the body, if any
+    colocated: bool = False  # must run where its prompt runs and is answered: decode alone (prompt logprobs)
 
 
 _INT = ((int,), "an integer")
@@ -213,7 +214,17 @@ def parse_inbound(raw: bytes, kind: Kind) -> InboundRequest:
             raise BadRequest("'rid' must be a string for a single prompt", param="rid")
         if len(rid) != batch or not all(isinstance(r, str) for r in rid):
             raise BadRequest(f"'rid' must be a list of {batch} strings, one per prompt", param="rid")
-    return InboundRequest(kind, raw, doc, bool(doc.get("stream")), key, tokens, batch, rid)
+    return InboundRequest(kind, raw, doc, bool(doc.get("stream")), key, tokens, batch, rid, _wants_prompt_logprobs(doc))
+
+
+def _wants_prompt_logprobs(doc: dict[str, Any]) -> bool:
+    """Prompt log-probabilities are computed where the prompt runs and must reach the answer: such a request
+    runs on a decode instance alone (its prompt there too), like a short prompt. vLLM's `prompt_logprobs`,
+    OpenAI's `echo` with `logprobs`, SGLang's `logprob_start_len` >= 0 with `return_logprob`."""
+    start = doc.get("logprob_start_len")
+    return (doc.get("prompt_logprobs") is not None
+            or (bool(doc.get("echo")) and doc.get("logprobs") not in (None, False))
+            or (bool(doc.get("return_logprob")) and isinstance(start, int) and start >= 0))
 
 
 def abort_rids(inbound: InboundRequest, rid: str) -> list[str]:

@@ -200,6 +200,7 @@ class Proxy:
         deadline = started + cfg.request_timeout_s
         decode_only = (
             inbound.prompt_tokens < cfg.short_prompt_threshold or not state.registry.has_role(Role.PREFILL)
+            or inbound.colocated
         )
         state.stats.count_request(inbound.kind.value, "decode_only" if decode_only else "pd")
         tried: set[Worker] = set()

@@ -280,3 +280,49 @@ def check_tool_calls_and_reasoning(system: PDSystem, reference: LLM, model_dir: 
 def _split_all(text: str) -> list[dict[str, Any]]:
     splitter = ChatOutputSplitter(reasoning=False, tools=True)  # a forced call has no reasoning part
     return splitter.feed(text) + splitter.finish()
+
+
+# --- prompt log-probabilities ----------------------------------------------------------------------------
+def check_prompt_logprobs(system: PDSystem, reference: LLM) -> None:
+    """Prompt logprobs in every peer's spelling through the router equal colocated generation's (the engine's
+    own, which tests/test_engine_hf_parity.py holds to transformers within 1e-4): OpenAI's echo + logprobs,
+    vLLM's prompt_logprobs (completions and chat), SGLang's logprob_start_len. The router serves them on
+    decode alone (the prefill instance sees none of them); with bootstrap fields they are a 400."""
+    prompt = [*range(40, 100)]
+    ref = reference.generate([prompt], SamplingParams(max_new_tokens=3), prompt_logprobs=2)[0]
+    assert ref.prompt_logprobs is not None and ref.prompt_top_logprobs is not None
+
+    def close(got: list[float | None], want: list[float | None]) -> bool:
+        return len(got) == len(want) and all((g is None and w is None) or (g is not None and w is not None
+                                                                          and abs(g - w) < 1e-4)
+                                              for g, w in zip(got, want, strict=True))
+
+    before = json.loads(http("GET", system.prefill.url + "/server_info")[1])["num_requests"]
+    base = {"prompt": prompt, "max_tokens": 3, "temperature": 0}
+    status, raw = http("POST", system.router.url + "/v1/completions", {**base, "echo": True, "logprobs": 2})
+    assert status == 200, raw
+    lp = json.loads(raw)["choices"][0]["logprobs"]
+    assert close(lp["token_logprobs"][: len(prompt)], ref.prompt_logprobs)
+    assert lp["top_logprobs"][0] is None and len(lp["top_logprobs"][1]) == 2
+    status, raw = http("POST", system.router.url + "/v1/completions", {**base, "prompt_logprobs": 0})
+    assert status == 200, raw
+    vllm = json.loads(raw)["choices"][0]["prompt_logprobs"]
+    assert close([None if e is None else e[str(t)]["logprob"] for t, e in zip(prompt, vllm, strict=True)],
+                 ref.prompt_logprobs)
+    gen = {"input_ids": prompt, "return_logprob": True, "logprob_start_len": 10, "top_logprobs_num": 2,
+           "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
+    status, raw = http("POST", system.router.url + "/generate", gen)
+    assert status == 200, raw
+    meta = json.loads(raw)["meta_info"]
+    assert close([e[0] for e in meta["input_token_logprobs"]], ref.prompt_logprobs[10:])
+    assert [[t for _, t, _ in top] for top in meta["input_top_logprobs"]] == [
+        [t for t, _ in top] for top in ref.prompt_top_logprobs[10:]]
+    chat = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, "prompt_logprobs": 1}
+    status, raw = http("POST", system.router.url + "/v1/chat/completions", chat)
+    assert status == 200 and json.loads(raw)["prompt_logprobs"][0] is None, raw
+    assert json.loads(http("GET", system.prefill.url + "/server_info")[1])["num_requests"] == before
+    boot = {**base, "prompt_logprobs": 0, "bootstrap_host": "127.0.0.1", "bootstrap_port": system.bootstrap_port,
+            "bootstrap_room": 12345}
+    status, raw = http("POST", system.decode.url + "/v1/completions", boot)
+    assert status == 400 and json.loads(raw)["error"]["param"] == "prompt_logprobs", raw
+    wait_idle(system.decode.url)

@@ -68,6 +68,7 @@ HONOURED_SAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "rid": ({}, {"rid": "r"}), "model": ({}, {"model": "someone-else"}),
     "bootstrap_host": ({}, BOOT), "bootstrap_port": ({}, BOOT), "bootstrap_room": ({}, BOOT),
     "data_parallel_rank": (BOOT, {"data_parallel_rank": 1}),
+    "prompt_logprobs": ({}, {"prompt_logprobs": 1}),
 }
 BASE = {"completion": {"prompt": "ab"}, "chat": {"messages": [{"role": "user", "content": "ab"}]}}
 
@@ -150,7 +151,7 @@ def test_neutral_values_of_unimplemented_fields_pass() -> None:
     """Clients (the OpenAI SDK, vLLM's and SGLang's benchmarks) send peers' defaults; those are accepted."""
     body = {"prompt": "ab", "best_of": 1, "suffix": "", "use_beam_search": False, "length_penalty": 1.0,
             "skip_special_tokens": True, "spaces_between_special_tokens": True, "include_stop_str_in_output": False,
-            "response_format": {"type": "text"}, "priority": 0, "logprob_start_len": -1, "user": "u"}
+            "response_format": {"type": "text"}, "priority": 0, "user": "u"}
     assert _parse(body, "completion").request.input_ids == [1, 97, 98]
     chat = {**BASE["chat"], "tool_choice": "none", "tools": [],
             "add_generation_prompt": True, "separate_reasoning": True, "include_reasoning": True}

@@ -22,6 +22,7 @@ from pd_api_checks import (
     API_FLAGS,
     StructuredCase,
     check_n_and_list_prompts,
+    check_prompt_logprobs,
     check_structured_output,
     check_tool_calls_and_reasoning,
     structured_cases,
@@ -164,6 +165,10 @@ def test_structured_output_is_valid_and_equals_colocated_generation(
 def test_forced_tool_calls_parse_and_reasoning_comes_apart_as_colocated(system: PDSystem, reference: LLM,
                                                                         tiny_model: Path) -> None:
     check_tool_calls_and_reasoning(system, reference, tiny_model)
+
+
+def test_prompt_logprobs_are_served_on_decode_alone_and_equal_colocated(system: PDSystem, reference: LLM) -> None:
+    check_prompt_logprobs(system, reference)
 
 
 def test_decode_answers_an_error_when_the_prefill_instance_cannot_be_looked_up(system: PDSystem) -> None:

@@ -279,7 +279,7 @@ def test_stop_strings_end_the_text_and_the_request(server: tuple[str, ScriptedBa
         ({"prompt": "a", "max_tokens": 4, "min_tokens": 5}, "min tokens must be between 0 and the max tokens"),
         ({"prompt": "a", "stop": ["ok", ""]}, "'stop' must be"),
         ({"prompt": "a", "stop": [str(i) for i in range(17)]}, "at most 16"),
-        ({"prompt": "a", "echo": True, "logprobs": 0}, "log-probabilities of the prompt"),
+        ({"prompt": "a", "echo": True, "logprobs": 0, "stream": True}, "not available when streaming"),
     ],
 )
 def test_parameters_that_would_be_ignored_are_refused(server: tuple[str, ScriptedBackend], body: dict,

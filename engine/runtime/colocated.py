@@ -174,7 +174,9 @@ def outputs_of(result: StepResult, prompt_len: dict[str, int]) -> list[TokenOutp
                                 finish_reason=req.finish_reason if req.finished else None,
                                 prompt_tokens=prompt_len.get(req.request_id, len(req.prompt_ids)),
                                 logprobs=req.output_logprobs[-1:] if req.return_logprob else [],
-                                top_logprobs=req.output_top_logprobs[-1:] if req.top_logprobs else []))
+                                top_logprobs=req.output_top_logprobs[-1:] if req.top_logprobs else [],
+                                prompt_logprobs=req.prompt_logprob_values if len(req.output_ids) == 1 else [],
+                                prompt_top_logprobs=req.prompt_top_logprobs if len(req.output_ids) == 1 else []))
     return outs
 
 
@@ -201,6 +203,7 @@ class ColocatedRunner:
             self._pending.append(rejected_output(request.rid, exc))
             return
         req.return_logprob, req.top_logprobs = request.return_logprob, request.top_logprobs
+        req.prompt_logprobs = request.prompt_logprobs
         self.requests[request.rid] = req
 
     def abort(self, rid: str) -> list[TokenOutput]:

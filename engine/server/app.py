@@ -25,14 +25,17 @@ from .detokenize import IncrementalDetokenizer
 from .messages import GenerateRequest, TokenOutput
 from .protocol import ParsedRequest, RequestError, TextCodec, error_body, parse_request
 from .replies import (
+    echo_logprobs,
     generate_response,
     merge_parts,
     openai_choice,
     openai_chunk,
     openai_logprobs,
     openai_response,
+    sglang_input_logprobs,
     splitter_for,
     usage,
+    vllm_prompt_logprobs,
 )
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -208,6 +211,8 @@ class WorkerApp:
             choice.logprobs.extend(out.logprobs)
             choice.tops.extend(out.top_logprobs)
             choice.last = out
+            if out.prompt_logprobs:
+                choice.prompt_logprobs, choice.prompt_tops = out.prompt_logprobs, out.prompt_top_logprobs
             if choice.detok.stopped is not None:
                 choice.last = await self._stop_early(rid, out)
                 break
@@ -232,17 +237,31 @@ class WorkerApp:
             raise failed
         choices = [t.result() for t in tasks]
         prompts = [len(r.input_ids) for r in parsed.requests]
+        scored = parsed.request.prompt_logprobs >= 0
         if parsed.kind == "generate":
             docs = [generate_response(parsed, c.index, c.detok.text, c.detok.ids, c.finish_reason, prompts[c.index],
                                       c.logprobs, c.tops, self.codec) for c in choices]
+            if scored:
+                for doc, c in zip(docs, choices, strict=True):
+                    doc["meta_info"].update(sglang_input_logprobs(parsed, self.codec, parsed.requests[c.index].input_ids,
+                                                                  c.prompt_logprobs, c.prompt_tops))
             return json_response(docs if parsed.batch or parsed.n > 1 else docs[0])
-        body = openai_response(
-            parsed,
-            [openai_choice(parsed, c.index, c.detok.text, c.finish_reason,
-                           openai_logprobs(parsed, self.codec, c.detok.ids, c.logprobs,
-                                           len(parsed.echo_prompts[c.index]), c.tops)) for c in choices],
-            prompt_tokens(parsed), sum(len(c.detok.ids) for c in choices),
-        )
+        docs = []
+        for c in choices:
+            logprobs = openai_logprobs(parsed, self.codec, c.detok.ids, c.logprobs, len(parsed.echo_prompts[c.index]),
+                                       c.tops)
+            prompt = parsed.requests[c.index].input_ids
+            if scored and parsed.echo_logprobs:
+                logprobs = echo_logprobs(self.codec, prompt, c.prompt_logprobs, c.prompt_tops, logprobs,
+                                         parsed.request.top_logprobs)
+            doc = openai_choice(parsed, c.index, c.detok.text, c.finish_reason, logprobs)
+            if scored and not parsed.echo_logprobs and parsed.kind == "completion":
+                doc["prompt_logprobs"] = vllm_prompt_logprobs(self.codec, prompt, c.prompt_logprobs, c.prompt_tops)
+            docs.append(doc)
+        body = openai_response(parsed, docs, prompt_tokens(parsed), sum(len(c.detok.ids) for c in choices))
+        if scored and parsed.kind == "chat":  # vLLM puts a chat's prompt logprobs beside its choices
+            body["prompt_logprobs"] = vllm_prompt_logprobs(self.codec, parsed.request.input_ids,
+                                                           choices[0].prompt_logprobs, choices[0].prompt_tops)
         return json_response(body)
 
     def _failed(self, last: TokenOutput | None) -> web.Response:
@@ -376,6 +395,8 @@ class Choice:
     logprobs: list[float] = field(default_factory=list)
     tops: list[list[tuple[int, float]]] = field(default_factory=list)
     last: TokenOutput | None = None
+    prompt_logprobs: list[float | None] = field(default_factory=list)  # when the request asked for them
+    prompt_tops: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def finish_reason(self) -> str | None:

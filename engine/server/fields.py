@@ -38,12 +38,13 @@ _OPENAI = frozenset({"model", "stream", "stream_options", "logprobs", "truncate_
 _GRAMMAR = frozenset(structured.OPENAI_FIELDS)
 _SGLANG_GRAMMAR = frozenset(structured.SAMPLING_PARAMS_FIELDS)
 HONOURED: dict[str, frozenset[str]] = {
-    "completion": SAMPLING | _PD | _OPENAI | _GRAMMAR | {"prompt", "echo", "best_of"},
+    "completion": SAMPLING | _PD | _OPENAI | _GRAMMAR | {"prompt", "echo", "best_of", "prompt_logprobs"},
     "chat": SAMPLING | _PD | _OPENAI | _GRAMMAR | {"messages", "top_logprobs", "best_of", "tools", "tool_choice",
                                                    "parallel_tool_calls", "separate_reasoning", "stream_reasoning",
-                                                   "include_reasoning"},
+                                                   "include_reasoning", "prompt_logprobs"},
     "generate": SAMPLING | _PD | _SGLANG_GRAMMAR | {"text", "input_ids", "sampling_params", "stream",
-                                                    "return_logprob", "top_logprobs_num", "return_text_in_logprobs"},
+                                                    "return_logprob", "top_logprobs_num", "return_text_in_logprobs",
+                                                    "logprob_start_len"},
 }
 
 # name -> the values that ask for nothing (None, absent, is always neutral). Kept to what a peer documents.
@@ -52,7 +53,6 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "suffix": ("",), "functions": ([],), "function_call": ("none", "auto"),
     "store": (False,), "service_tier": ("auto", "default"), "modalities": (["text"],), "audio": (),
     "prediction": (), "web_search_options": (), "verbosity": (), "reasoning_effort": (), "reasoning": (),
-    "prompt_logprobs": (),
     # vLLM
     "use_beam_search": (False,), "length_penalty": (1, 1.0), "include_stop_str_in_output": (False,),
     "skip_special_tokens": (True,),  # output text never holds special tokens (engine.tokenizer)
@@ -71,7 +71,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "custom_params": ({},), "custom_logit_processor": (), "images_config": ({},), "routed_dp_rank": (),
     "disagg_prefill_dp_rank": (), "extra_key": (), "ngram_corpus_id": (), "custom_labels": ({},),
     "max_dynamic_patch": (), "min_dynamic_patch": (), "use_audio_in_video": (False,), "task": (),
-    "logprob_start_len": (-1,), "image_data": ([],), "audio_data": ([],), "video_data": ([],),
+    "image_data": ([],), "audio_data": ([],), "video_data": ([],),
     "input_embeds": (), "token_ids_logprob": ([],), "return_bytes": (False,), "bootstrap_pair_key": (),
 }  # fmt: skip
 # Fields with no effect on the answer by nature, and why accepting them hides nothing.

@@ -53,6 +53,9 @@ class GenerateRequest:
     bootstrap: BootstrapInfo | None = None
     return_logprob: bool = False
     top_logprobs: int = 0  # with return_logprob: the most likely tokens per position, this many
+    # Prompt log-probabilities: -1 off; k >= 0 each prompt token's logprob and k alternatives (colocated only:
+    # the router serves such requests on decode alone).
+    prompt_logprobs: int = -1
     version: int = MESSAGE_VERSION
 
 
@@ -78,6 +81,9 @@ class TokenOutput:
     error_status: int = 500
     error_code: str | None = None
     prompt_tokens: int = 0
+    # With the first token of a request that asked for them: per prompt token (None for the first).
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     version: int = MESSAGE_VERSION
 
 

@@ -57,6 +57,8 @@ class ParsedRequest:
     reasoning: bool = False  # chat: the answer starts in R1's reasoning (engine.server.chat_output)
     include_reasoning: bool = True  # vLLM's include_reasoning: False drops the reasoning part
     stream_reasoning: bool = True  # SGLang's stream_reasoning: False sends the reasoning in one piece
+    prompt_logprob_start: int = 0  # SGLang's logprob_start_len: prompt logprobs reported from this position
+    echo_logprobs: bool = False  # completions' echo with logprobs: the prompt's tokens lead the choice's logprobs
 
     @property
     def request(self) -> GenerateRequest:
@@ -377,12 +379,38 @@ def _logprob_request(body: dict, kind: str) -> tuple[bool, int]:
     else:
         value = _get(body, "logprobs", int, None)
         wanted, top, name = value is not None, value or 0, "logprobs"
-        if wanted and body.get("echo"):
-            raise RequestError("'echo' with 'logprobs' (log-probabilities of the prompt) is not supported",
-                               code="unsupported", param="echo")
     if not 0 <= top <= MAX_TOP_LOGPROBS:
         raise RequestError(f"top log-probabilities must be between 0 and {MAX_TOP_LOGPROBS}, got {top}", param=name)
     return wanted, top
+
+
+def _prompt_logprob_request(body: dict, kind: str, stream: bool, disaggregated: bool) -> tuple[int, int]:
+    """(k, first position): prompt log-probabilities with k alternatives each from that prompt position, or
+    (-1, 0) for none. vLLM's `prompt_logprobs: k` (completions and chat), OpenAI's `echo` with `logprobs: k`
+    (completions), SGLang's `logprob_start_len` >= 0 with `return_logprob` (/generate, `top_logprobs_num`
+    alternatives)."""
+    if kind == "generate":
+        start = _get(body, "logprob_start_len", int, -1)
+        if start < -1:
+            raise RequestError(f"'logprob_start_len' must be >= -1, got {start}", param="logprob_start_len")
+        if start == -1 or not body.get("return_logprob"):
+            return -1, 0
+        k, name = _get(body, "top_logprobs_num", int, 0), "logprob_start_len"
+    else:
+        k, name = _get(body, "prompt_logprobs", int, None), "prompt_logprobs"
+        if k is None and kind == "completion" and body.get("echo") and body.get("logprobs") is not None:
+            k, name = _get(body, "logprobs", int, 0), "echo"
+        if k is None:
+            return -1, 0
+        start = 0
+    if not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"prompt log-probabilities take 0 to {MAX_TOP_LOGPROBS} alternatives, got {k}", param=name)
+    if stream:  # vLLM refuses them streamed too: they would all come before the first output token anyway
+        raise RequestError("prompt log-probabilities are not available when streaming", param=name)
+    if disaggregated:
+        raise RequestError("prompt log-probabilities are computed where the prompt runs: the router serves such "
+                           "requests on a decode instance alone, without bootstrap fields", param=name)
+    return k, start
 
 
 MAX_STOP_STRINGS = 16
@@ -492,6 +520,7 @@ def parse_request(
     response_id, rids = _rids(body, header_rid, count)
     boots = parse_bootstrap(body, count)
     wants_logprobs, top_logprobs = _logprob_request(body, kind)
+    prompt_k, prompt_start = _prompt_logprob_request(body, kind, stream, boots[0] is not None)
     echo = kind == "completion" and bool(_get(body, "echo", bool, False))
     requests, echoes = [], []
     for i in range(count):
@@ -500,7 +529,7 @@ def parse_request(
                                    logit_bias=list(sampling.logit_bias))
         requests.append(GenerateRequest(rid=rids[i], input_ids=list(ids_list[i // n]), sampling=spec,
                                         bootstrap=boots[i], return_logprob=wants_logprobs,
-                                        top_logprobs=top_logprobs))
+                                        top_logprobs=top_logprobs, prompt_logprobs=prompt_k))
         echoes.append(texts[i // n] if echo else "")
     return ParsedRequest(
         requests=requests,
@@ -521,4 +550,6 @@ def parse_request(
                    and (tools is None or tools.choice == "auto")),
         include_reasoning=_get(body, "include_reasoning", bool, True),
         stream_reasoning=_get(body, "stream_reasoning", bool, True),
+        prompt_logprob_start=prompt_start,
+        echo_logprobs=echo and wants_logprobs,
     )

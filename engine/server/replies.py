@@ -143,3 +143,51 @@ def generate_response(parsed: ParsedRequest, index: int, text: str, ids: list[in
     if len(parsed.requests) > 1:
         doc["index"] = index  # SGLang's batch answers number their items
     return doc
+
+
+def vllm_prompt_logprobs(codec: TextCodec, prompt: list[int], values: list[float | None],
+                         tops: list[list[tuple[int, float]]]) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: per prompt position None (the first) or {token id: {logprob, decoded_token}}
+    holding the prompt's own token and the alternatives."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for pos, (token, value) in enumerate(zip(prompt, values, strict=False)):
+        if value is None:
+            out.append(None)
+            continue
+        entry = {str(token): {"logprob": value, "decoded_token": codec.decode([token])}}
+        for alt, lp in tops[pos] if pos < len(tops) else ():
+            entry.setdefault(str(alt), {"logprob": lp, "decoded_token": codec.decode([alt])})
+        out.append(entry)
+    return out
+
+
+def echo_logprobs(codec: TextCodec, prompt: list[int], values: list[float | None],
+                  tops: list[list[tuple[int, float]]], output: dict | None, k: int) -> dict:
+    """A completion's `logprobs` with `echo`: the prompt's tokens first (the first without a logprob, as
+    OpenAI and vLLM answer), then the output's."""
+    tokens = [codec.decode([t]) for t in prompt]
+    offsets, at = [], 0
+    for tok in tokens:
+        offsets.append(at)
+        at += len(tok)
+    top = [None if v is None else {codec.decode([t]): lp for t, lp in tops[i]} for i, v in enumerate(values)]
+    out = output or {"tokens": [], "token_logprobs": [], "top_logprobs": [] if k else None, "text_offset": []}
+    return {"tokens": tokens + out["tokens"], "token_logprobs": list(values) + out["token_logprobs"],
+            "top_logprobs": top + (out["top_logprobs"] or []) if k else None,
+            "text_offset": offsets + out["text_offset"]}
+
+
+def sglang_input_logprobs(parsed: ParsedRequest, codec: TextCodec, prompt: list[int], values: list[float | None],
+                          tops: list[list[tuple[int, float]]]) -> dict[str, Any]:
+    """SGLang's `input_token_logprobs` (and `input_top_logprobs`) from `logprob_start_len` on."""
+    start = parsed.prompt_logprob_start
+
+    def text(token: int) -> str | None:
+        return codec.decode([token]) if parsed.text_in_logprobs else None
+
+    meta: dict[str, Any] = {"input_token_logprobs": [[values[i], prompt[i], text(prompt[i])]
+                                                     for i in range(start, len(prompt))]}
+    if parsed.request.top_logprobs:
+        meta["input_top_logprobs"] = [None if values[i] is None else [[lp, t, text(t)] for t, lp in tops[i]]
+                                      for i in range(start, len(prompt))]
+    return meta
