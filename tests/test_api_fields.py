@@ -166,7 +166,7 @@ def test_sglang_sampling_params_follow_the_same_rules() -> None:
     assert (regex.grammar_kind, regex.grammar) == ("regex", "a+")
     for params, param in (({"ebnf": "x"}, "sampling_params.ebnf"),  # not a grammar
                           ({"structural_tag": "{}"}, "sampling_params.structural_tag"),
-                          ({"no_stop_trim": True}, "sampling_params.no_stop_trim"),
+                          ({"stop_regex": "a+"}, "sampling_params.stop_regex"),
                           ({"max_new_tokns": 3}, "sampling_params.max_new_tokns")):
         with pytest.raises(RequestError) as info:
             _parse({"text": "ab", "sampling_params": params}, "generate")

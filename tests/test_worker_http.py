@@ -264,7 +264,7 @@ def test_stop_strings_end_the_text_and_the_request(server: tuple[str, ScriptedBa
     body = {"text": "hello", "sampling_params": {"max_new_tokens": 8, "stop": "lo"}}
     with urllib.request.urlopen(_json_request(url + "/generate", data=orjson.dumps(body))) as resp:
         reply = orjson.loads(resp.read())
-    assert reply["text"] == "hel" and reply["meta_info"]["finish_reason"] == {"type": "stop"}
+    assert reply["text"] == "hel" and reply["meta_info"]["finish_reason"] == {"type": "stop", "matched": "lo"}
 
 
 @pytest.mark.parametrize(
@@ -426,3 +426,25 @@ def test_a_form_encoded_body_is_refused_as_an_unsupported_media_type(server: tup
         urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body))
     assert info.value.code == 415 and orjson.loads(info.value.read())["error"]["code"] == "unsupported_media_type"
     assert len(backend.submitted) == before
+
+
+def test_stop_strings_kept_on_request_and_the_matched_stop_reported(server: tuple[str, ScriptedBackend]) -> None:
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    done = client.completions.create(model="tiny", prompt="abcd", max_tokens=10, stop=["da"],
+                                     extra_body={"include_stop_str_in_output": True})
+    assert done.choices[0].text == "abcda" and done.choices[0].matched_stop == "da"  # type: ignore[attr-defined]
+    plain = client.completions.create(model="tiny", prompt="abcd", max_tokens=10, stop=["da"])
+    assert plain.choices[0].text == "abc" and plain.choices[0].matched_stop == "da"  # type: ignore[attr-defined]
+    chunks = list(client.completions.create(model="tiny", prompt="xyz", max_tokens=9, stop="zx", stream=True,
+                                            extra_body={"include_stop_str_in_output": True}))
+    assert "".join(c.choices[0].text for c in chunks) == "xyzx"
+    assert chunks[-1].choices[0].matched_stop == "zx"  # type: ignore[attr-defined]
+    ran_out = client.completions.create(model="tiny", prompt="ab", max_tokens=2)
+    assert ran_out.choices[0].finish_reason == "length" and ran_out.choices[0].matched_stop is None  # type: ignore[attr-defined]
+    import urllib.request
+
+    body = {"text": "hello", "sampling_params": {"max_new_tokens": 8, "stop": "lo", "no_stop_trim": True}}
+    with urllib.request.urlopen(_json_request(url + "/generate", data=orjson.dumps(body))) as resp:
+        reply = orjson.loads(resp.read())
+    assert reply["text"] == "hello" and reply["meta_info"]["finish_reason"] == {"type": "stop", "matched": "lo"}

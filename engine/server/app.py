@@ -204,7 +204,7 @@ class WorkerApp:
         return dataclasses.replace(out, finished=True, finish_reason="stop")
 
     async def _collect_one(self, parsed: ParsedRequest, index: int) -> Choice:
-        choice = Choice(index, IncrementalDetokenizer(self.codec, parsed.stop))
+        choice = Choice(index, IncrementalDetokenizer(self.codec, parsed.stop, parsed.include_stop))
         rid = parsed.requests[index].rid
         async for out in self.backend.submit(parsed.requests[index]):
             choice.detok.push(out.token_ids)
@@ -241,6 +241,9 @@ class WorkerApp:
         if parsed.kind == "generate":
             docs = [generate_response(parsed, c.index, c.detok.text, c.detok.ids, c.finish_reason, prompts[c.index],
                                       c.logprobs, c.tops, self.codec) for c in choices]
+            for doc, c in zip(docs, choices, strict=True):
+                if c.finish_reason == "stop":
+                    doc["meta_info"]["finish_reason"]["matched"] = matched_stop(c.detok, c.finish_reason)
             if scored:
                 for doc, c in zip(docs, choices, strict=True):
                     doc["meta_info"].update(sglang_input_logprobs(parsed, self.codec, parsed.requests[c.index].input_ids,
@@ -255,6 +258,7 @@ class WorkerApp:
                 logprobs = echo_logprobs(self.codec, prompt, c.prompt_logprobs, c.prompt_tops, logprobs,
                                          parsed.request.top_logprobs)
             doc = openai_choice(parsed, c.index, c.detok.text, c.finish_reason, logprobs)
+            doc["matched_stop"] = matched_stop(c.detok, c.finish_reason)
             if scored and not parsed.echo_logprobs and parsed.kind == "completion":
                 doc["prompt_logprobs"] = vllm_prompt_logprobs(self.codec, prompt, c.prompt_logprobs, c.prompt_tops)
             docs.append(doc)
@@ -286,7 +290,7 @@ class WorkerApp:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         created = int(time.time())
-        choices = [StreamedChoice(i, IncrementalDetokenizer(self.codec, parsed.stop), parsed.echo_prompts[i],
+        choices = [StreamedChoice(i, IncrementalDetokenizer(self.codec, parsed.stop, parsed.include_stop), parsed.echo_prompts[i],
                                   splitter=splitter_for(parsed)) for i in range(len(parsed.requests))]
         queue: asyncio.Queue[tuple[int, TokenOutput | None]] = asyncio.Queue()
 
@@ -343,8 +347,11 @@ class WorkerApp:
         reason = out.finish_reason if out.finished else None
         if parsed.kind == "generate":
             prompt = len(parsed.requests[choice.index].input_ids)
-            return generate_response(parsed, choice.index, detok.text, list(detok.ids), reason, prompt,
-                                     choice.logprobs, choice.tops, self.codec), out.finished
+            doc = generate_response(parsed, choice.index, detok.text, list(detok.ids), reason, prompt,
+                                    choice.logprobs, choice.tops, self.codec)
+            if reason == "stop":
+                doc["meta_info"]["finish_reason"]["matched"] = matched_stop(detok, reason)
+            return doc, out.finished
         choice.unsent += len(out.token_ids)
         if not delta and not out.finished and not choice.echo:
             return None, False
@@ -364,6 +371,8 @@ class WorkerApp:
                              index=choice.index, parts=parts)
         if parsed.continuous_usage:
             chunk["usage"] = usage(len(parsed.requests[choice.index].input_ids), len(detok.ids))
+        if out.finished:
+            chunk["choices"][0]["matched_stop"] = matched_stop(detok, reason)
         choice.sent_any, choice.unsent, choice.echo = True, 0, ""
         choice.text_sent += len(delta)
         return chunk, out.finished
@@ -378,6 +387,16 @@ def check_media_type(content_type: str | None) -> None:
     if media and media != "application/json" and not media.endswith("+json"):
         raise RequestError(f"the request body must be application/json, not {media}", status=415,
                            code="unsupported_media_type")
+
+
+def matched_stop(detok: IncrementalDetokenizer, finish_reason: str | None) -> str | int | None:
+    """SGLang's `matched_stop`: the stop string that ended the text, else the token that did (EOS or a stop
+    token id), None when it did not end by a stop."""
+    if finish_reason != "stop":
+        return None
+    if detok.stopped is not None:
+        return detok.stopped
+    return detok.ids[-1] if detok.ids else None
 
 
 def prompt_tokens(parsed: ParsedRequest) -> int:

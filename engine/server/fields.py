@@ -34,7 +34,7 @@ SAMPLING = frozenset({
 })  # fmt: skip
 _PD = frozenset({pd.BOOTSTRAP_HOST, pd.BOOTSTRAP_PORT, pd.BOOTSTRAP_ROOM, pd.DATA_PARALLEL_RANK, "rid"})
 _OPENAI = frozenset({"model", "stream", "stream_options", "logprobs", "truncate_prompt_tokens",
-                     "add_special_tokens"})  # fmt: skip
+                     "add_special_tokens", "include_stop_str_in_output", "no_stop_trim"})  # fmt: skip
 _GRAMMAR = frozenset(structured.OPENAI_FIELDS)
 _SGLANG_GRAMMAR = frozenset(structured.SAMPLING_PARAMS_FIELDS)
 HONOURED: dict[str, frozenset[str]] = {
@@ -54,7 +54,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "store": (False,), "service_tier": ("auto", "default"), "modalities": (["text"],), "audio": (),
     "prediction": (), "web_search_options": (), "verbosity": (), "reasoning_effort": (), "reasoning": (),
     # vLLM
-    "use_beam_search": (False,), "length_penalty": (1, 1.0), "include_stop_str_in_output": (False,),
+    "use_beam_search": (False,), "length_penalty": (1, 1.0),
     "skip_special_tokens": (True,),  # output text never holds special tokens (engine.tokenizer)
     "allowed_token_ids": ([],), "bad_words": ([],), "structural_tag": (),
     "guided_decoding_backend": ("xgrammar",),  # the one grammar engine here
@@ -64,7 +64,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "add_generation_prompt": (True,), "continue_final_message": (False,), "documents": ([],),
     "chat_template": (), "chat_template_kwargs": ({},),
     # SGLang
-    "stop_regex": ([],), "no_stop_trim": (False,),
+    "stop_regex": ([],),
     "return_hidden_states": (False,), "return_routed_experts": (False,), "routed_experts_start_len": (0,),
     "return_cached_tokens_details": (False,), "return_token_ids": (False,), "return_prompt_token_ids": (False,),
     "return_meta_info": (False,), "lora_path": (), "session_id": (), "session_params": ({},),
@@ -94,7 +94,7 @@ _NEUTRAL_BY_KIND = {
     "generate": frozenset(NEUTRAL),
 }
 # Inside /generate's `sampling_params` (SGLang's SamplingParams).
-_SAMPLING_PARAMS_NEUTRAL = frozenset({"skip_special_tokens", "no_stop_trim", "structural_tag", "custom_params",
+_SAMPLING_PARAMS_NEUTRAL = frozenset({"skip_special_tokens", "structural_tag", "custom_params",
                                       "stop_regex"})  # fmt: skip
 
 
@@ -131,7 +131,8 @@ def check_fields(body: dict[str, Any], kind: str) -> None:
         if isinstance(params, dict):
             for name, value in params.items():
                 where = f"sampling_params.{name}"
-                if name in SAMPLING or name in _SGLANG_GRAMMAR or name == "spaces_between_special_tokens":
+                if name in SAMPLING or name in _SGLANG_GRAMMAR or name in ("spaces_between_special_tokens",
+                                                                           "no_stop_trim"):
                     continue
                 if name in _SAMPLING_PARAMS_NEUTRAL:
                     if not _is_neutral(name, value):

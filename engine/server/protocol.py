@@ -59,6 +59,7 @@ class ParsedRequest:
     stream_reasoning: bool = True  # SGLang's stream_reasoning: False sends the reasoning in one piece
     prompt_logprob_start: int = 0  # SGLang's logprob_start_len: prompt logprobs reported from this position
     echo_logprobs: bool = False  # completions' echo with logprobs: the prompt's tokens lead the choice's logprobs
+    include_stop: bool = False  # the text keeps the stop string that ended it (vLLM's and SGLang's flags)
 
     @property
     def request(self) -> GenerateRequest:
@@ -552,4 +553,6 @@ def parse_request(
         stream_reasoning=_get(body, "stream_reasoning", bool, True),
         prompt_logprob_start=prompt_start,
         echo_logprobs=echo and wants_logprobs,
+        include_stop=bool(_get(body, "include_stop_str_in_output", bool, False)
+                          or _get(options_src, "no_stop_trim", bool, False)),
     )
