@@ -74,6 +74,9 @@ class Handlers:
     async def generate(self, req: HttpRequest, conn: HttpConnection) -> None:
         await self._inference(req, conn, Kind.GENERATE)
 
+    async def responses(self, req: HttpRequest, conn: HttpConnection) -> None:
+        await self._inference(req, conn, Kind.RESPONSES)
+
     async def _inference(self, req: HttpRequest, conn: HttpConnection, kind: Kind) -> None:
         state = self.state
         stats = state.stats
@@ -243,6 +246,7 @@ class RouterApp:
             (b"POST", b"/v1/chat/completions"): h.chat,
             (b"POST", b"/v1/completions"): h.completions,
             (b"POST", b"/generate"): h.generate,
+            (b"POST", b"/v1/responses"): h.responses,
             (b"POST", b"/abort_request"): h.abort_request,
             (b"GET", b"/v1/models"): h.models,
             (b"GET", b"/health"): h.health,

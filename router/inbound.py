@@ -33,6 +33,7 @@ class Kind(str, enum.Enum):
     CHAT = "/v1/chat/completions"
     COMPLETION = "/v1/completions"
     GENERATE = "/generate"
+    RESPONSES = "/v1/responses"
 
 
 @dataclass(slots=True)
@@ -121,6 +122,21 @@ def _chat_prompt(doc: dict[str, Any]) -> tuple[str, int]:
     return key[:KEY_CHARS], _text_tokens(key)
 
 
+def _responses_prompt(doc: dict[str, Any]) -> tuple[str, int]:
+    """OpenAI Responses' `input` (a string or message items) with its `instructions`, as a routing key."""
+    given = doc.get("input")
+    if isinstance(given, str):
+        key = given
+    elif isinstance(given, list) and given:
+        key = "\n".join(str(item.get("content")) if isinstance(item, dict) else "" for item in given)
+    else:
+        raise BadRequest("'input' must be a string or a non-empty list of message items", param="input")
+    instructions = doc.get("instructions")
+    if isinstance(instructions, str):
+        key = instructions + "\n" + key
+    return key[:KEY_CHARS], _text_tokens(key)
+
+
 def _completion_prompt(doc: dict[str, Any]) -> tuple[str | bytes, int, int | None]:
     """(routing key, estimated prompt tokens, prompts in a list prompt or None for one prompt)."""
     prompt = doc.get("prompt")
@@ -201,6 +217,8 @@ def parse_inbound(raw: bytes, kind: Kind) -> InboundRequest:
     batch: int | None = None
     if kind is Kind.CHAT:
         key, tokens = _chat_prompt(doc)
+    elif kind is Kind.RESPONSES:
+        key, tokens = _responses_prompt(doc)
     elif kind is Kind.COMPLETION:
         key, tokens, batch = _completion_prompt(doc)
     else:

@@ -326,3 +326,30 @@ def check_prompt_logprobs(system: PDSystem, reference: LLM) -> None:
     status, raw = http("POST", system.decode.url + "/v1/completions", boot)
     assert status == 400 and json.loads(raw)["error"]["param"] == "prompt_logprobs", raw
     wait_idle(system.decode.url)
+
+
+def check_responses_api(system: PDSystem) -> None:
+    """`/v1/responses` through the router (disaggregated like chat) answers what the same chat request does,
+    whole and as events, with `text.format` as structured output."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    common = {"temperature": 0}  # the Responses API takes no seed: greedy answers compare
+    chat = {"messages": [{"role": "system", "content": "Reply."}, {"role": "user", "content": "ready?"}],
+            "max_tokens": 40, "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
+            "separate_reasoning": False, **common}  # the system runs a reasoning parser: keep the text whole
+    status, raw = http("POST", system.router.url + "/v1/chat/completions", chat)
+    assert status == 200, raw
+    expected = json.loads(raw)["choices"][0]["message"]["content"]
+    assert isinstance(json.loads(expected)["ok"], bool)
+    body = {"instructions": "Reply.", "input": "ready?", "max_output_tokens": 40,
+            "text": {"format": {"type": "json_schema", "name": "r", "schema": schema}}, **common}
+    status, raw = http("POST", system.router.url + "/v1/responses", body)
+    assert status == 200, raw
+    doc = json.loads(raw)
+    assert doc["status"] == "completed" and doc["output"][0]["content"][0]["text"] == expected
+    status, raw = http("POST", system.router.url + "/v1/responses", {**body, "stream": True})
+    assert status == 200, raw
+    events = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: {")]
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == expected
+    assert events[-1]["type"] == "response.completed"
+    for worker in (system.prefill, system.decode):
+        wait_idle(worker.url)

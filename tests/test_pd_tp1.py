@@ -23,6 +23,7 @@ from pd_api_checks import (
     StructuredCase,
     check_n_and_list_prompts,
     check_prompt_logprobs,
+    check_responses_api,
     check_structured_output,
     check_tool_calls_and_reasoning,
     structured_cases,
@@ -169,6 +170,10 @@ def test_forced_tool_calls_parse_and_reasoning_comes_apart_as_colocated(system: 
 
 def test_prompt_logprobs_are_served_on_decode_alone_and_equal_colocated(system: PDSystem, reference: LLM) -> None:
     check_prompt_logprobs(system, reference)
+
+
+def test_the_responses_api_answers_as_the_same_chat_request(system: PDSystem) -> None:
+    check_responses_api(system)
 
 
 def test_decode_answers_an_error_when_the_prefill_instance_cannot_be_looked_up(system: PDSystem) -> None:

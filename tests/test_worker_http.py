@@ -448,3 +448,27 @@ def test_stop_strings_kept_on_request_and_the_matched_stop_reported(server: tupl
     with urllib.request.urlopen(_json_request(url + "/generate", data=orjson.dumps(body))) as resp:
         reply = orjson.loads(resp.read())
     assert reply["text"] == "hello" and reply["meta_info"]["finish_reason"] == {"type": "stop", "matched": "lo"}
+
+
+def test_the_responses_api_answers_text_whole_and_as_events(server: tuple[str, ScriptedBackend]) -> None:
+    url, backend = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    done = client.responses.create(model="tiny", input="hi", instructions="be brief", max_output_tokens=4)
+    assert done.status == "incomplete" and done.incomplete_details.reason == "max_output_tokens"
+    assert done.output_text == bytes(backend.submitted[-1].input_ids[:4]).decode()  # the echoing backend
+    assert done.usage.output_tokens == 4 and done.usage.input_tokens == len(backend.submitted[-1].input_ids)
+    assert bytes(backend.submitted[-1].input_ids).decode().startswith("be brief<｜User｜>hi")
+    events = list(client.responses.create(model="tiny", input=[{"role": "user", "content": "hey"}],
+                                          max_output_tokens=3, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-4].text == events[-1].response.output_text
+    for refused, param in (({"previous_response_id": "resp_1"}, "previous_response_id"),
+                           ({"store": True}, "store"), ({"tools": [{"type": "web_search"}]}, "tools"),
+                           ({"modalities": ["text"]}, "modalities")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model="tiny", input="hi", extra_body=refused)
+        assert info.value.body["param"] == param

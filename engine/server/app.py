@@ -20,6 +20,7 @@ from aiohttp import web
 from kvtransfer import http_errors
 
 from ..chat_template import ChatTemplate
+from . import responses
 from .chat_output import ChatOutputSplitter
 from .detokenize import IncrementalDetokenizer
 from .messages import GenerateRequest, TokenOutput
@@ -92,6 +93,7 @@ class WorkerApp:
         app.router.add_post("/generate", self._handler("generate"))
         app.router.add_post("/v1/completions", self._handler("completion"))
         app.router.add_post("/v1/chat/completions", self._handler("chat"))
+        app.router.add_post("/v1/responses", self._handler("responses"))
         app.router.add_get("/health", self.health)
         app.router.add_get("/health_generate", self.health)
         app.router.add_get("/v1/models", self.models)
@@ -163,7 +165,9 @@ class WorkerApp:
             check_media_type(request.headers.get("Content-Type"))
             raw = await request.read()
             body = orjson.loads(raw)
-            parsed = parse_request(body, kind, self.codec, self.config.vocab_size, self.config.served_model,
+            if kind == "responses":  # served as the chat request it means (engine.server.responses)
+                body = responses.to_chat_body(body)
+            parsed = parse_request(body, "chat" if kind == "responses" else kind, self.codec, self.config.vocab_size, self.config.served_model,
                                    self.config.max_context, self.config.chat_template,
                                    header_rid=request.headers.get("X-Request-ID") or None,
                                    tool_call_parser=self.config.tool_call_parser,
@@ -177,6 +181,8 @@ class WorkerApp:
         except RequestError as exc:
             self.num_errors += 1
             return error_response(str(exc), exc.status, exc.code, exc.param)
+        if kind == "responses":  # its output has no reasoning part: the text is all output_text
+            parsed.responses, parsed.reasoning = True, False
         self.inflight += 1
         finished = False
         try:
@@ -238,6 +244,10 @@ class WorkerApp:
         choices = [t.result() for t in tasks]
         prompts = [len(r.input_ids) for r in parsed.requests]
         scored = parsed.request.prompt_logprobs >= 0
+        if parsed.responses:
+            c = choices[0]
+            return json_response(responses.response_object(parsed.response_id, parsed.model, c.detok.text,
+                                                           c.finish_reason, prompts[0], len(c.detok.ids)))
         if parsed.kind == "generate":
             docs = [generate_response(parsed, c.index, c.detok.text, c.detok.ids, c.finish_reason, prompts[c.index],
                                       c.logprobs, c.tops, self.codec) for c in choices]
@@ -303,6 +313,9 @@ class WorkerApp:
 
         pumps = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
         done: set[int] = set()
+        events = _ResponsesEvents(parsed, created, response) if parsed.responses else None
+        if events is not None:
+            await events.start()
         try:
             while len(done) < len(streams):
                 index, out = await queue.get()
@@ -318,13 +331,21 @@ class WorkerApp:
                     await self._abort_all(parsed, done | {index})
                     break
                 chunk, ended = await self._stream_step(parsed, choices[index], out, created)
-                if chunk is not None:
+                if chunk is not None and events is not None:
+                    await events.delta(chunk["choices"][0]["delta"].get("content") or "")
+                elif chunk is not None:
                     await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
                 if ended:
                     done.add(index)
         finally:
             for task in pumps:
                 task.cancel()
+        if events is not None:  # the Responses stream ends with its completed event, no [DONE]
+            last = choices[0]
+            await events.finish(last.detok.text, last.finish_reason, len(parsed.request.input_ids),
+                                len(last.detok.ids))
+            await response.write_eof()
+            return response
         if parsed.include_usage and parsed.kind != "generate":
             tail = openai_chunk(parsed, "", None, created)
             tail["choices"] = []
@@ -345,6 +366,7 @@ class WorkerApp:
         if detok.stopped is not None:
             out = await self._stop_early(rid, out)
         reason = out.finish_reason if out.finished else None
+        choice.finish_reason = reason or choice.finish_reason
         if parsed.kind == "generate":
             prompt = len(parsed.requests[choice.index].input_ids)
             doc = generate_response(parsed, choice.index, detok.text, list(detok.ids), reason, prompt,
@@ -432,12 +454,52 @@ class StreamedChoice:
     logprobs: list[float] = field(default_factory=list)
     tops: list[list[tuple[int, float]]] = field(default_factory=list)
     sent_any: bool = False
+    finish_reason: str | None = None
     splitter: ChatOutputSplitter | None = None  # chat with tools or a reasoning parser
     unsent: int = 0  # output tokens not yet in a chunk (held back with a partial character)
     text_sent: int = 0  # characters of output text already sent, for completions' text_offset
 
     def __post_init__(self) -> None:
         self.text_sent = len(self.echo)
+
+
+class _ResponsesEvents:
+    """The events of a streamed Responses answer (one message, one text part), as OpenAI sends them."""
+
+    def __init__(self, parsed: ParsedRequest, created: int, response: web.StreamResponse) -> None:
+        self.parsed, self.created, self.response = parsed, created, response
+        self.sequence = 0
+        self.item = f"msg_{parsed.response_id}"
+
+    async def _send(self, kind: str, **fields: Any) -> None:
+        doc = responses.event(kind, self.sequence, **fields)
+        self.sequence += 1
+        await self.response.write(b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(doc) + b"\n\n")
+
+    def _object(self, text: str | None, reason: str | None = None, prompt: int = 0, output: int = 0) -> dict:
+        return responses.response_object(self.parsed.response_id, self.parsed.model, text, reason, prompt, output,
+                                         self.created)
+
+    async def start(self) -> None:
+        await self._send("response.created", response=self._object(None))
+        await self._send("response.output_item.added", output_index=0, item={
+            "type": "message", "id": self.item, "status": "in_progress", "role": "assistant", "content": []})
+        await self._send("response.content_part.added", item_id=self.item, output_index=0, content_index=0,
+                         part={"type": "output_text", "text": "", "annotations": []})
+
+    async def delta(self, text: str) -> None:
+        if text:
+            await self._send("response.output_text.delta", item_id=self.item, output_index=0, content_index=0,
+                             delta=text)
+
+    async def finish(self, text: str, reason: str | None, prompt: int, output: int) -> None:
+        whole = self._object(text, reason, prompt, output)
+        part = whole["output"][0]["content"][0]
+        await self._send("response.output_text.done", item_id=self.item, output_index=0, content_index=0, text=text)
+        await self._send("response.content_part.done", item_id=self.item, output_index=0, content_index=0, part=part)
+        await self._send("response.output_item.done", output_index=0, item=whole["output"][0])
+        kind = "response.completed" if whole["status"] == "completed" else "response.incomplete"
+        await self._send(kind, response=whole)
 
 
 class ChoiceFailed(Exception):

@@ -60,6 +60,7 @@ class ParsedRequest:
     prompt_logprob_start: int = 0  # SGLang's logprob_start_len: prompt logprobs reported from this position
     echo_logprobs: bool = False  # completions' echo with logprobs: the prompt's tokens lead the choice's logprobs
     include_stop: bool = False  # the text keeps the stop string that ended it (vLLM's and SGLang's flags)
+    responses: bool = False  # a /v1/responses request served as chat: answered in the Responses shape
 
     @property
     def request(self) -> GenerateRequest:
