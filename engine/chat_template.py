@@ -20,8 +20,10 @@ class ChatTemplateError(ValueError):
     """The template refused the conversation (its `raise_exception`) or failed to render."""
 
 
-def builtin_layout(messages: list[dict[str, str]]) -> str:
+def builtin_layout(messages: list[dict[str, Any]]) -> str:
     """DeepSeek-V3's chat layout, for checkpoints without a template of their own."""
+    from .server.tools import CALLS_BEGIN, CALLS_END, render_tool_call
+
     system, turns = "", []
     for msg in messages:
         role, content = msg["role"], msg["content"]
@@ -29,8 +31,13 @@ def builtin_layout(messages: list[dict[str, str]]) -> str:
             system += content
         elif role == "user":
             turns.append(f"<｜User｜>{content}")
+        elif role == "tool":  # a call's result, as V3's template writes it
+            turns.append(f"<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>{content}<｜tool▁output▁end｜>"
+                         "<｜tool▁outputs▁end｜>")
         else:
-            turns.append(f"<｜Assistant｜>{content}<｜end▁of▁sentence｜>")
+            calls = msg.get("tool_calls") or []
+            called = CALLS_BEGIN + "\n".join(render_tool_call(c) for c in calls) + CALLS_END if calls else ""
+            turns.append(f"<｜Assistant｜>{content}{called}<｜end▁of▁sentence｜>")
     return system + "".join(turns) + "<｜Assistant｜>"
 
 
@@ -72,7 +79,7 @@ class ChatTemplate:
         """True when the checkpoint's template renders (its text carries its own special tokens)."""
         return self._template is not None
 
-    def render(self, messages: list[dict[str, str]]) -> str:
+    def render(self, messages: list[dict[str, Any]]) -> str:
         if self._template is None:
             return builtin_layout(messages)
         from jinja2 import TemplateError

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.cuda_graph import CudaGraphRunner
+from engine.grammar import GrammarRuntime
 from engine.kv_pool import KVPool, resolve_kv_cache_dtype
 from engine.model import DeepseekForCausalLM
 from engine.quant import plan_quantization
@@ -35,6 +36,9 @@ class Output:
     finish_reason: str
     logprobs: list[float] | None = None  # per output token, with `generate(..., return_logprob=True)`
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per output token, with `top_logprobs=k`
+    # Per prompt token (None for the first), with `generate(..., prompt_logprobs=k)`; and its k alternatives.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -95,7 +99,9 @@ class LLM:
             self.graph_runner = CudaGraphRunner(self.model, self.kv_pool, cuda_graph_max_bs)
         self.scheduler = Scheduler(self.model, self.kv_pool, max_prefill_tokens, max_running,
                                    self.config.eos_token_ids, decode_forward=self.graph_runner,
-                                   reserve_tokens=reserve_tokens)
+                                   reserve_tokens=reserve_tokens,
+                                   grammar=GrammarRuntime(self.tokenizer, self.config.vocab_size,
+                                                          self.config.eos_token_ids))
 
     def _default_num_pages(self, page_size: int) -> int:
         bytes_per_page = (self.config.num_hidden_layers * page_size * self.config.kv_cache_dim
@@ -109,7 +115,8 @@ class LLM:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams],
-                 use_tqdm: bool = False, return_logprob: bool = False, top_logprobs: int = 0) -> list[Output]:
+                 use_tqdm: bool = False, return_logprob: bool = False, top_logprobs: int = 0,
+                 prompt_logprobs: int | None = None) -> list[Output]:
         """Generate for every prompt, all batched together; outputs in prompt order. `return_logprob`: each
         output token's log-probability under the model (`engine.sampling.logprob_report`) too, and with
         `top_logprobs` > 0 that many most likely tokens at each position (token id, logprob).
@@ -131,6 +138,7 @@ class LLM:
         for req in requests:
             req.return_logprob = return_logprob or top_logprobs > 0
             req.top_logprobs = top_logprobs
+            req.prompt_logprobs = -1 if prompt_logprobs is None else prompt_logprobs
         total = sum(p.max_new_tokens for p in per_prompt)
         with tqdm(total=total, disable=not use_tqdm, unit="tok", desc="generate") as bar:
             try:
@@ -143,7 +151,9 @@ class LLM:
                 raise
         return [Output(r.prompt_ids, list(r.output_ids), self.tokenizer.decode(r.output_ids),
                        r.finish_reason or "abort", list(r.output_logprobs) if r.return_logprob else None,
-                       list(r.output_top_logprobs) if top_logprobs else None)
+                       list(r.output_top_logprobs) if top_logprobs else None,
+                       list(r.prompt_logprob_values) if prompt_logprobs is not None else None,
+                       list(r.prompt_top_logprobs) if prompt_logprobs is not None else None)
                 for r in requests]
 
     def close(self) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol, TypeVar
 
+import torch
+
 from engine.forward_batch import ForwardBatch, ForwardMode
 from engine.kv_pool import KVPool
 
@@ -42,10 +44,11 @@ def plan_prefill_chunks(items: Iterable[Item], budget: int) -> list[tuple[Item, 
 
 
 def build_extend_batch(
-    chunks: list[tuple[Item, int]], kv_pool: KVPool, vocab_size: int | None = None
+    chunks: list[tuple[Item, int]], kv_pool: KVPool, vocab_size: int | None = None, return_all_logits: bool = False
 ) -> ForwardBatch:
     """The EXTEND batch computing each chunk's tokens after the item's `num_computed` ones, into its
-    pages (`ForwardBatch.build` checks token ids against `vocab_size` when given)."""
+    pages (`ForwardBatch.build` checks token ids against `vocab_size` when given). `return_all_logits`:
+    logits of every token too (prompt log-probabilities)."""
     return ForwardBatch.build(
         ForwardMode.EXTEND,
         [item.fill_ids[item.num_computed : item.num_computed + n] for item, n in chunks],
@@ -53,4 +56,27 @@ def build_extend_batch(
         [item.pages for item, _ in chunks],
         kv_pool,
         vocab_size=vocab_size,
+        return_all_logits=return_all_logits,
     )
+
+
+def prompt_logprobs(prompt: list[int], start: int, logits: torch.Tensor, top: int
+                    ) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+    """Log-probabilities of prompt tokens from one chunk's logits `[n, V]` (the chunk holds prompt tokens
+    `start..start+n-1`; row j predicts token start+j+1): for each prompt token the chunk predicts, its
+    logprob (float32 log_softmax of the raw logits, as output logprobs) and the `top` most likely tokens.
+    Token 0 has nothing before it: None, as vLLM and SGLang answer."""
+    values: list[float | None] = [None] if start == 0 else []
+    tops: list[list[tuple[int, float]]] = [[]] if start == 0 else []
+    targets = prompt[start + 1 : start + logits.shape[0] + 1]
+    if not targets:
+        return values, tops
+    logprobs = torch.log_softmax(logits[: len(targets)].float(), dim=-1)
+    index = torch.tensor(targets, dtype=torch.long, device=logits.device)[:, None]
+    values += logprobs.gather(1, index).squeeze(1).tolist()
+    if top:
+        best, ids = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+        tops += [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), best.tolist(), strict=True)]
+    else:
+        tops += [[] for _ in targets]
+    return values, tops

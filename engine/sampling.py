@@ -9,6 +9,8 @@ from typing import NamedTuple
 
 import torch
 
+from engine.grammar import GrammarSpec
+
 log = logging.getLogger(__name__)
 
 # Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing float32 logits by a smaller one
@@ -28,6 +30,8 @@ class SamplingParams:
     ``repetition_penalty`` (over prompt and output, transformers' rule; 1.0 = off), then OpenAI's
     ``logit_bias`` ((token id, bias) pairs, bias in [-100, 100], added to those tokens' logits).
     ``min_new_tokens``: until the output has this many tokens, EOS and ``stop_token_ids`` cannot be drawn.
+    ``min_p`` (vLLM's and SGLang's; 0 = off): after temperature, tokens whose probability is below ``min_p``
+    times the best token's are dropped.
     """
 
     temperature: float = 0.0
@@ -42,8 +46,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_new_tokens: int = 0
+    min_p: float = 0.0
+    grammar: GrammarSpec | None = None  # structured output: every token is masked by it (engine.grammar)
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens!r}")
         object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
@@ -196,6 +204,8 @@ def _draw(logits_row: torch.Tensor, p: SamplingParams, generator: torch.Generato
         kth = torch.topk(row, p.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
     probs = torch.softmax(row, dim=-1)
+    if p.min_p > 0.0:  # the best token has probability max(probs) and always stays
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the best token).

@@ -21,13 +21,15 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
+from engine.grammar import GrammarRuntime, advance, constrain, finished
 from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
-from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
+from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks, prompt_logprobs
 from engine.prefix_cache import Block
 from engine.sampling import SamplingParams, apply_penalties, logprob_report, sample
 
@@ -61,6 +63,12 @@ class Request:
     output_logprobs: list[float] = field(default_factory=list)
     top_logprobs: int = 0  # with return_logprob: this many most likely tokens per position, too
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    matcher: Any = None  # structured output: where the grammar stands after the output so far (engine.grammar)
+    # Prompt log-probabilities: -1 off; k >= 0: each prompt token's logprob and its k most likely alternatives,
+    # computed as the prompt's chunks run (None for token 0).
+    prompt_logprobs: int = -1
+    prompt_logprob_values: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def seq_len(self) -> int:
@@ -91,9 +99,10 @@ class Scheduler:
     def __init__(self, model: DeepseekForCausalLM, kv_pool: KVPool, max_prefill_tokens: int = 8192,
                  max_running: int = 256, eos_token_ids: tuple[int, ...] = (),
                  decode_forward: Callable[[ForwardBatch], ForwardOutput] | None = None,
-                 reserve_tokens: int | None = None) -> None:
+                 reserve_tokens: int | None = None, grammar: GrammarRuntime | None = None) -> None:
         """``decode_forward`` runs DECODE batches instead of the model (an ``engine.cuda_graph``
-        runner, which falls back to the model for batches its graphs cannot take).
+        runner, which falls back to the model for batches its graphs cannot take). ``grammar`` compiles
+        the structured-output grammars of requests that carry one (without it they are refused).
 
         ``reserve_tokens``: None reserves a request's whole life at admission (prompt + max_new_tokens), so
         nothing ever waits or is preempted. A number N reserves the prompt + N output tokens instead; a
@@ -111,6 +120,7 @@ class Scheduler:
         self.decode_forward: Callable[[ForwardBatch], ForwardOutput] = decode_forward or model
         self.max_prefill_tokens, self.max_running = max_prefill_tokens, max_running
         self.eos_token_ids = eos_token_ids
+        self.grammar = grammar
         self.max_model_len = model.config.max_position_embeddings
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # PREFILLING and DECODING, in admission order
@@ -143,9 +153,18 @@ class Scheduler:
     def whole_life_pages(self, prompt_len: int, params: SamplingParams) -> int:
         return self.kv_pool.pages_for_tokens(min(prompt_len + params.max_new_tokens, self.max_model_len))
 
+    def new_matcher(self, params: SamplingParams) -> Any:
+        """A fresh grammar matcher for a request's structured output, or None; ValueError if it cannot be."""
+        if params.grammar is None:
+            return None
+        if self.grammar is None:
+            raise ValueError("structured output is not available on this instance")
+        return self.grammar.matcher(params.grammar)
+
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
         self.validate_prompt(prompt_ids, params)
         req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params)
+        req.matcher = self.new_matcher(params)
         self.waiting.append(req)
         return req
 
@@ -159,14 +178,20 @@ class Scheduler:
             raise ValueError(f"first token {first_token} is outside the vocabulary")
         if len(pages) * self.kv_pool.page_size < len(prompt_ids):
             raise ValueError(f"{len(pages)} pages cannot hold a prompt of {len(prompt_ids)} tokens")
+        # The first token was drawn under the same grammar where the prompt ran: replay it, so the matcher
+        # stands where an uninterrupted run's would before it masks token 1.
+        matcher = self.new_matcher(params)
+        if matcher is not None and not advance(matcher, first_token):
+            raise ValueError(f"first token {first_token} is not allowed by the request's grammar")
         extra = max(0, self.pages_needed(len(prompt_ids), params) - len(pages))
         req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params)
         req.pages = list(pages) + self.kv_pool.alloc(extra)
         req.num_computed = len(prompt_ids)
         req.status = RequestStatus.DECODING
         req.generator = params.make_generator(self.kv_pool.tensor.device)
+        req.matcher = matcher
         self.running.append(req)
-        self._append_token(req, first_token)
+        self._append_token(req, first_token, advanced=True)
         if req.finished:
             self.running.remove(req)
         return req
@@ -202,8 +227,10 @@ class Scheduler:
             req = self.waiting[0]
             try:
                 # A prefix-cache hit gives the leading pages; the prefill starts after them.
+                # Prompt log-probabilities need every prompt position's logits: no cached prefix for them.
                 req.pages, req.cache_blocks = self.kv_pool.alloc_for_prompt(
-                    req.fill_ids, self.pages_needed(len(req.prompt_ids), req.params, len(req.output_ids)))
+                    req.fill_ids, self.pages_needed(len(req.prompt_ids), req.params, len(req.output_ids)),
+                    use_cache=req.prompt_logprobs < 0)
             except PoolExhaustedError:
                 return  # FIFO: wait until running requests free their pages (cached ones were evicted)
             req.num_computed = len(req.cache_blocks) * self.kv_pool.page_size
@@ -216,9 +243,23 @@ class Scheduler:
 
     def _run_extend(self, prefilling: list[Request]) -> StepResult:
         chunks = plan_prefill_chunks(prefilling, self.max_prefill_tokens)
-        batch = build_extend_batch(chunks, self.kv_pool, vocab_size=self.model.config.vocab_size)
+        # Prompt positions only: a retracted request prefilled again (prompt and output) was scored already.
+        scoring = any(req.prompt_logprobs >= 0 and req.num_computed < len(req.prompt_ids) for req, _ in chunks)
+        batch = build_extend_batch(chunks, self.kv_pool, vocab_size=self.model.config.vocab_size,
+                                   return_all_logits=scoring)
         self.prefill_computed_tokens += sum(n for _, n in chunks)
-        logits = self.model(batch).next_token_logits
+        out = self.model(batch)
+        logits = out.next_token_logits
+        if scoring:
+            assert out.all_logits is not None
+            first = 0
+            for req, n in chunks:
+                if req.prompt_logprobs >= 0 and req.num_computed < len(req.prompt_ids):
+                    values, tops = prompt_logprobs(req.prompt_ids, req.num_computed, out.all_logits[first : first + n],
+                                                   req.prompt_logprobs)
+                    req.prompt_logprob_values += values
+                    req.prompt_top_logprobs += tops
+                first += n
         done_rows, done_reqs = [], []
         for row, (req, n) in enumerate(chunks):
             req.num_computed += n
@@ -279,6 +320,7 @@ class Scheduler:
         params = [r.params for r in reqs]
         penalised = apply_penalties(logits, params, [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
                                     self.eos_token_ids)
+        penalised = constrain(penalised, [r.matcher for r in reqs], copied=penalised is not logits)
         tokens, errors = sample(penalised, params, [r.generator for r in reqs], positions)
         if errors:  # those requests fail alone; the rest of the batch goes on
             for i, message in errors.items():
@@ -303,11 +345,18 @@ class Scheduler:
                 result.finished.append(req)
         return result
 
-    def _append_token(self, req: Request, token: int) -> None:
+    def _append_token(self, req: Request, token: int, advanced: bool = False) -> None:
+        """Append a drawn token and finish the request if it ends it. `advanced`: the grammar matcher has
+        taken the token already."""
         req.output_ids.append(token)
         p = req.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        if req.matcher is not None and not advanced and not advance(req.matcher, token):
+            req.error = f"token {token} is not allowed by the request's grammar"  # the mask said it was
+            self._finish(req, "error")
+        elif token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             self._finish(req, "stop")
+        elif req.matcher is not None and finished(req.matcher):
+            self._finish(req, "stop")  # the grammar is complete: nothing more may follow
         elif len(req.output_ids) >= p.max_new_tokens or req.seq_len >= self.max_model_len:
             self._finish(req, "length")
 

@@ -24,6 +24,17 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token `token_id` stands for in output text (a piece of a multi-byte character is its
+        own bytes, not U+FFFD's; OpenAI's chat `logprobs[].bytes` join back into the content)."""
+        return self.decode([token_id]).encode()
+
+    def grammar_vocab(self, size: int) -> tuple[list[str] | list[bytes], bool]:
+        """The first `size` ids as a grammar engine reads them (`engine.grammar`): (pieces, byte_level).
+        Byte-level BPE pieces as they are (byte_level True), else each token's bytes; tokens without
+        text (special, padding) are empty."""
+        return [self.token_bytes(i) for i in range(size)], False
+
 
 class ByteTokenizer(Tokenizer):
     def __init__(self, eos_token_ids: tuple[int, ...] = (1,)) -> None:
@@ -37,6 +48,9 @@ class ByteTokenizer(Tokenizer):
         data = bytes(i - BYTE_OFFSET for i in ids if BYTE_OFFSET <= i < 256 + BYTE_OFFSET)
         return data.decode("utf-8", errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id - BYTE_OFFSET]) if BYTE_OFFSET <= token_id < 256 + BYTE_OFFSET else b""
+
 
 class HFTokenizer(Tokenizer):
     def __init__(self, path: Path, eos_token_ids: tuple[int, ...]) -> None:
@@ -45,6 +59,11 @@ class HFTokenizer(Tokenizer):
         self._tok = _HFTokenizer.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_token_ids = eos_token_ids
+        # Byte-level BPE (DeepSeek's, GPT-2's) spells each byte as one printable character: its pieces map
+        # back to their bytes. Other vocabularies fall back to decoding the token alone.
+        self._byte_of = ({c: b for b, c in _bytes_to_unicode().items()}
+                         if type(self._tok.decoder).__name__ == "ByteLevel" else None)
+        self._special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -52,6 +71,23 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         # Models pad their vocabulary past the tokenizer's; those ids have no text.
         return self._tok.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+
+    def grammar_vocab(self, size: int) -> tuple[list[str] | list[bytes], bool]:
+        if self._byte_of is None:
+            return super().grammar_vocab(size)
+        pieces = []
+        for i in range(size):
+            piece = self._tok.id_to_token(i) if i < self.vocab_size else None
+            pieces.append("" if piece is None or piece in self._special else piece)
+        return pieces, True
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self._tok.id_to_token(token_id) if 0 <= token_id < self.vocab_size else None
+        if piece is None or piece in self._special:
+            return b""  # no text: padding past the tokenizer's vocabulary, or a special token (skipped)
+        if self._byte_of is not None and all(c in self._byte_of for c in piece):
+            return bytes(self._byte_of[c] for c in piece)
+        return self.decode([token_id]).encode()
 
 
 def load_tokenizer(model_dir: str | Path | None, eos_token_ids: tuple[int, ...]) -> Tokenizer:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.grammar import GrammarRuntime, constrain
 from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
@@ -72,16 +73,20 @@ class PrefillBatcher:
         kv_pool: this rank's KV pool (pages are allocated here, freed by `release`).
         max_prefill_tokens: tokens per forward, summed over the batch.
         max_running: jobs holding pages at once (prefilling or waiting for their transfer).
+        grammar: compiles structured-output grammars; the first token is drawn under its mask, through the
+            same `engine.grammar` path as every later token on the decode side (None: such jobs are refused).
     """
 
     def __init__(
-        self, model: DeepseekForCausalLM, kv_pool: KVPool, max_prefill_tokens: int, max_running: int
+        self, model: DeepseekForCausalLM, kv_pool: KVPool, max_prefill_tokens: int, max_running: int,
+        grammar: GrammarRuntime | None = None,
     ) -> None:
         if max_prefill_tokens < 1 or max_running < 1:
             raise ValueError("max_prefill_tokens and max_running must be >= 1")
         self.model, self.kv_pool = model, kv_pool
         self.max_prefill_tokens, self.max_running = max_prefill_tokens, max_running
         self.max_model_len = model.config.max_position_embeddings
+        self.grammar = grammar
         self.waiting: deque[PrefillJob] = deque()
         self.prefilling: list[PrefillJob] = []
         self.holding: set[PrefillJob] = set()  # jobs with pages: prefilling or done and not released
@@ -103,6 +108,14 @@ class PrefillBatcher:
                 f"prompt needs {self.kv_pool.pages_for_tokens(len(prompt_ids))} KV pages but the "
                 f"pool has {self.kv_pool.num_pages}"
             )
+        self._matcher(params)  # compiles (and caches) the grammar now: a bad one is refused before any work
+
+    def _matcher(self, params: SamplingParams) -> object:
+        if params.grammar is None:
+            return None
+        if self.grammar is None:
+            raise ValueError("structured output is not available on this instance")
+        return self.grammar.matcher(params.grammar)
 
     def add(self, job: PrefillJob) -> None:
         self.validate(job.prompt_ids, job.params)
@@ -185,6 +198,8 @@ class PrefillBatcher:
         params = [job.params for job in jobs]
         penalised = apply_penalties(logits, params, [job.prompt_ids for job in jobs], [[] for _ in jobs],
                                     self.model.config.eos_token_ids)
+        # Token 0 under the grammar's first mask; the decode side replays it into its own matcher.
+        penalised = constrain(penalised, [self._matcher(p) for p in params], copied=penalised is not logits)
         tokens, errors = sample(penalised, params, [job.params.make_generator(device) for job in jobs])
         for i, message in errors.items():
             jobs[i].error = message

@@ -103,7 +103,8 @@ class PrefillRunner:
             raise ValueError("a prefill rank needs the bootstrap service's address")
         self.ctx = ctx
         self.engine = engine
-        self.batcher = PrefillBatcher(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running)
+        self.batcher = PrefillBatcher(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running,
+                                      engine.grammar)
         self.agreement = GroupAgreement(ctx)
         self._steps = LockstepBatcher(self.batcher)
         parallel = engine.parallel

@@ -18,7 +18,7 @@ import orjson
 from router.config import Role, RouterConfig, WorkerSpec
 from router.errors import RouterError, error_body
 from router.http_server import HttpConnection, HttpRequest, HttpServer
-from router.inbound import Kind, parse_inbound
+from router.inbound import Kind, check_media_type, parse_inbound
 from router.proxy import Proxy, passthrough
 from router.state import RouterState
 from router.upstream import UpstreamError, build_request
@@ -26,11 +26,13 @@ from router.upstream import UpstreamError, build_request
 log = logging.getLogger("router.app")
 _RID_OK = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _MODELS_TIMEOUT_S = 10.0
+_MODEL_PATH = re.compile(rb"/v1/models/[A-Za-z0-9._:%@+\-/]{1,256}")  # passed on to a worker as it is
 # Bodies above this are parsed in a thread: parsing costs ~10 ms per MB on the event loop, where every
 # other stream would wait for it; below it the hand-off to a thread (~50 µs) costs more than it saves.
 _PARSE_IN_THREAD_BYTES = 1 << 20
 _H_REQUEST_ID = b"\r\nx-request-id:"
 _H_AUTH = b"\r\nauthorization:"
+_H_CONTENT_TYPE = b"\r\ncontent-type:"
 _H_TRACE = (b"\r\ntraceparent:", b"\r\ntracestate:")
 _TRACE_NAMES = (b"traceparent: ", b"tracestate: ")
 
@@ -72,6 +74,9 @@ class Handlers:
     async def generate(self, req: HttpRequest, conn: HttpConnection) -> None:
         await self._inference(req, conn, Kind.GENERATE)
 
+    async def responses(self, req: HttpRequest, conn: HttpConnection) -> None:
+        await self._inference(req, conn, Kind.RESPONSES)
+
     async def _inference(self, req: HttpRequest, conn: HttpConnection, kind: Kind) -> None:
         state = self.state
         stats = state.stats
@@ -86,6 +91,7 @@ class Handlers:
                 stats.rejected_backpressure += 1
                 raise RouterError(503, f"router is at its limit of {limit} requests in flight",
                                   code="overloaded", retry_after_s=1)
+            check_media_type(req.find_header(_H_CONTENT_TYPE))
             if len(req.body) > _PARSE_IN_THREAD_BYTES:
                 inbound = await asyncio.to_thread(parse_inbound, req.body, kind)
             else:
@@ -128,7 +134,9 @@ class Handlers:
 
     # -- passthrough GETs -------------------------------------------------------------------------
     async def models(self, req: HttpRequest, conn: HttpConnection) -> None:
+        """`GET /v1/models` and `GET /v1/models/{id}`: a healthy worker's answer (decode's first)."""
         state = self.state
+        path = req.path.decode("latin-1")
         try:
             self._check_auth(req)
             candidates = state.registry.candidates(Role.DECODE) or state.registry.candidates(Role.PREFILL)
@@ -138,7 +146,7 @@ class Handlers:
             loop_time = asyncio.get_running_loop().time()
             try:
                 up = await state.pool.request(
-                    w.host, w.port, build_request("GET", "/v1/models", w.netloc, b""), loop_time + _MODELS_TIMEOUT_S
+                    w.host, w.port, build_request("GET", path, w.netloc, b""), loop_time + _MODELS_TIMEOUT_S
                 )
                 body = await up.read_all()
             except UpstreamError as exc:
@@ -233,11 +241,12 @@ class RouterApp:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.state = RouterState(config)
-        h = Handlers(self.state)
+        h = self._handlers = Handlers(self.state)
         self.routes = {
             (b"POST", b"/v1/chat/completions"): h.chat,
             (b"POST", b"/v1/completions"): h.completions,
             (b"POST", b"/generate"): h.generate,
+            (b"POST", b"/v1/responses"): h.responses,
             (b"POST", b"/abort_request"): h.abort_request,
             (b"GET", b"/v1/models"): h.models,
             (b"GET", b"/health"): h.health,
@@ -249,7 +258,11 @@ class RouterApp:
         self._http: HttpServer | None = None
 
     async def _no_route(self, req: HttpRequest, conn: HttpConnection) -> None:
-        """404 for an unknown path, 405 (with `Allow`) for a known path asked with another method."""
+        """404 for an unknown path, 405 (with `Allow`) for a known path asked with another method; OpenAI's
+        `GET /v1/models/{id}` (the one route with a parameter) goes to the models handler."""
+        if req.method == b"GET" and req.path.startswith(b"/v1/models/") and _MODEL_PATH.fullmatch(req.path):
+            await self._handlers.models(req, conn)
+            return
         path = req.path.decode("latin-1")
         allowed = sorted(m.decode() for m, p in self.routes if p == req.path)
         if allowed:

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from kvtransfer.protocol import BOOTSTRAP_HOST, BOOTSTRAP_PORT, BOOTSTRAP_ROOM
-from router.errors import BadRequest
+from router.errors import BadRequest, RouterError
 from router.workers import Worker
 
 CHARS_PER_TOKEN = 4  # prompt-length estimate for text prompts (typical of English BPE vocabularies)
@@ -33,6 +33,7 @@ class Kind(str, enum.Enum):
     CHAT = "/v1/chat/completions"
     COMPLETION = "/v1/completions"
     GENERATE = "/generate"
+    RESPONSES = "/v1/responses"
 
 
 @dataclass(slots=True)
@@ -47,6 +48,7 @@ class InboundRequest:
     prompt_tokens: int  # len(ids) for token ids, else ceil(chars / CHARS_PER_TOKEN)
     batch_size: int | None  # /generate with a list of prompts
     body_rid: str | list[str] | None  # `rid` the client put in the body, if any
+    colocated: bool = False  # must run where its prompt runs and is answered: decode alone (prompt logprobs)
 
 
 _INT = ((int,), "an integer")
@@ -120,23 +122,67 @@ def _chat_prompt(doc: dict[str, Any]) -> tuple[str, int]:
     return key[:KEY_CHARS], _text_tokens(key)
 
 
-def _completion_prompt(doc: dict[str, Any]) -> tuple[str | bytes, int]:
+def _responses_prompt(doc: dict[str, Any]) -> tuple[str, int]:
+    """OpenAI Responses' `input` (a string or message items) with its `instructions`, as a routing key."""
+    given = doc.get("input")
+    if isinstance(given, str):
+        key = given
+    elif isinstance(given, list) and given:
+        key = "\n".join(str(item.get("content")) if isinstance(item, dict) else "" for item in given)
+    else:
+        raise BadRequest("'input' must be a string or a non-empty list of message items", param="input")
+    instructions = doc.get("instructions")
+    if isinstance(instructions, str):
+        key = instructions + "\n" + key
+    return key[:KEY_CHARS], _text_tokens(key)
+
+
+def _completion_prompt(doc: dict[str, Any]) -> tuple[str | bytes, int, int | None]:
+    """(routing key, estimated prompt tokens, prompts in a list prompt or None for one prompt)."""
     prompt = doc.get("prompt")
     if isinstance(prompt, str):
-        return prompt[:KEY_CHARS], _text_tokens(prompt)
+        return prompt[:KEY_CHARS], _text_tokens(prompt), None
     if isinstance(prompt, list) and prompt:
         first = prompt[0]
         if isinstance(first, str):
             if not all(isinstance(p, str) for p in prompt):
                 raise BadRequest("'prompt' list must hold only strings or only token ids", param="prompt")
-            return first[:KEY_CHARS], sum(_text_tokens(p) for p in prompt)
+            return first[:KEY_CHARS], sum(_text_tokens(p) for p in prompt), len(prompt)
         if isinstance(first, list):
             keys = [_ids_key(p, "prompt") if isinstance(p, list) else b"" for p in prompt]
             if not all(isinstance(p, list) for p in prompt):
                 raise BadRequest("'prompt' must be a list of token-id lists", param="prompt")
-            return keys[0], sum(len(p) for p in prompt)
-        return _ids_key(prompt, "prompt"), len(prompt)
+            return keys[0], sum(len(p) for p in prompt), len(prompt)
+        return _ids_key(prompt, "prompt"), len(prompt), None
     raise BadRequest("'prompt' must be a string, a list of strings or a list of token ids", param="prompt")
+
+
+MAX_N = 128  # choices per request, as OpenAI allows (the workers enforce the same limit)
+
+
+def _choices_per_prompt(doc: dict[str, Any], kind: Kind) -> int:
+    """OpenAI's `n` (SGLang's `sampling_params.n` on /generate): each choice is its own worker request."""
+    params = doc.get("sampling_params")
+    n = params.get("n") if kind is Kind.GENERATE and isinstance(params, dict) else doc.get("n")
+    if n is None:
+        return 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise BadRequest(f"'n' must be an integer between 1 and {MAX_N}", param="n")
+    return n
+
+
+_JSON_TYPES = (b"application/json", b"")
+
+
+def check_media_type(content_type: bytes | None) -> None:
+    """A body labelled as something other than JSON (an HTML form's `application/x-www-form-urlencoded`) is a
+    415, as the workers answer it; an unlabelled one is read as JSON."""
+    if content_type is None:
+        return
+    media = content_type.split(b";", 1)[0].strip().lower()
+    if media not in _JSON_TYPES and not media.endswith(b"+json"):
+        raise RouterError(415, f"the request body must be application/json, not {media.decode('latin-1')}",
+                          code="unsupported_media_type")
 
 
 def _generate_prompt(doc: dict[str, Any]) -> tuple[str | bytes, int, int | None]:
@@ -171,17 +217,32 @@ def parse_inbound(raw: bytes, kind: Kind) -> InboundRequest:
     batch: int | None = None
     if kind is Kind.CHAT:
         key, tokens = _chat_prompt(doc)
+    elif kind is Kind.RESPONSES:
+        key, tokens = _responses_prompt(doc)
     elif kind is Kind.COMPLETION:
-        key, tokens = _completion_prompt(doc)
+        key, tokens, batch = _completion_prompt(doc)
     else:
         key, tokens, batch = _generate_prompt(doc)
+    n = _choices_per_prompt(doc, kind)
+    if n > 1:  # one worker request per choice: a batch of prompts x n, prompt-major, as the workers number it
+        batch = (batch or 1) * n
     rid = doc.get("rid")
     if isinstance(rid, list):
         if batch is None:
             raise BadRequest("'rid' must be a string for a single prompt", param="rid")
         if len(rid) != batch or not all(isinstance(r, str) for r in rid):
             raise BadRequest(f"'rid' must be a list of {batch} strings, one per prompt", param="rid")
-    return InboundRequest(kind, raw, doc, bool(doc.get("stream")), key, tokens, batch, rid)
+    return InboundRequest(kind, raw, doc, bool(doc.get("stream")), key, tokens, batch, rid, _wants_prompt_logprobs(doc))
+
+
+def _wants_prompt_logprobs(doc: dict[str, Any]) -> bool:
+    """Prompt log-probabilities are computed where the prompt runs and must reach the answer: such a request
+    runs on a decode instance alone (its prompt there too), like a short prompt. vLLM's `prompt_logprobs`,
+    OpenAI's `echo` with `logprobs`, SGLang's `logprob_start_len` >= 0 with `return_logprob`."""
+    start = doc.get("logprob_start_len")
+    return (doc.get("prompt_logprobs") is not None
+            or (bool(doc.get("echo")) and doc.get("logprobs") not in (None, False))
+            or (bool(doc.get("return_logprob")) and isinstance(start, int) and start >= 0))
 
 
 def abort_rids(inbound: InboundRequest, rid: str) -> list[str]:

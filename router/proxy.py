@@ -27,7 +27,7 @@ from router.answers import IdRewriter, StreamGuard, failure_event, new_request_i
 from router.config import Role
 from router.errors import RouterError, error_body, is_openai_error
 from router.http_server import HttpConnection
-from router.inbound import InboundRequest, abort_rids, client_ids, worker_body
+from router.inbound import InboundRequest, Kind, abort_rids, client_ids, worker_body
 from router.upstream import StaleConnection, UpstreamConnection, UpstreamError, UpstreamTimeout, build_request
 
 if TYPE_CHECKING:
@@ -225,6 +225,7 @@ class Proxy:
         deadline = started + cfg.request_timeout_s
         decode_only = (
             inbound.prompt_tokens < cfg.short_prompt_threshold or not state.registry.has_role(Role.PREFILL)
+            or inbound.colocated
         )
         state.stats.count_request(inbound.kind.value, "decode_only" if decode_only else "pd")
         tried: set[Worker] = set()
@@ -265,7 +266,9 @@ class Proxy:
         internal = new_request_id()
         rids = abort_rids(inbound, internal)
         echo, items = client_ids(inbound, rid)
-        rename = IdRewriter(internal, echo, items)
+        # A batch /generate answers per item (`meta_info.id` is `<internal>-<i>`); an OpenAI answer has one
+        # id for all its choices, the router's own, which becomes the client's.
+        rename = IdRewriter(internal, echo, items if inbound.kind is Kind.GENERATE else None)
         fwd_headers = b"X-Request-ID: " + internal.encode() + b"\r\n" + fwd_headers
         job: PrefillJob | None = None
         if prefill is not None:

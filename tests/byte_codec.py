@@ -11,3 +11,6 @@ class ByteCodec:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode(errors="replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token])

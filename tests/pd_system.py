@@ -191,7 +191,6 @@ def _body(case: Case) -> dict[str, Any]:
             "top_logprobs_num": TOP_LOGPROBS,
         }
     return {
-        "model": "tiny",
         "prompt": case.prompt,
         "max_tokens": case.max_new_tokens,
         "temperature": 0,

@@ -60,6 +60,7 @@ class MockWorker:
         for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
             app.router.add_post(path, self._infer)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/{model_id}", self._model)
         app.router.add_get("/health", self._health)
         app.router.add_post("/abort_request", self._abort)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
@@ -87,6 +88,12 @@ class MockWorker:
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
             {"id": "mock-model", "object": "model", "created": 0, "owned_by": "tandem"}]})
+
+    async def _model(self, request: web.Request) -> web.Response:
+        if request.match_info["model_id"] != "mock-model":
+            return web.json_response({"error": {"message": "no such model", "type": "invalid_request_error",
+                                                 "param": "model", "code": "model_not_found"}}, status=404)
+        return web.json_response({"id": "mock-model", "object": "model", "created": 0, "owned_by": "tandem"})
 
     async def _abort(self, request: web.Request) -> web.Response:
         self.aborts.append((await request.json())["rid"])

@@ -209,3 +209,28 @@ def test_chunked_prefill_gives_the_same_tokens_as_one_shot_prefill(parity: Parit
         scheduler.max_prefill_tokens = 8192
     assert [o.token_ids for o in chunked] == parity.batched
     assert parity.llm.kv_pool.available_pages == parity.llm.kv_pool.num_pages
+
+
+def test_prompt_logprobs_equal_transformers_log_softmax_over_the_prompt(parity: Parity) -> None:
+    """Each prompt token's logprob (`prompt_logprobs`, computed chunk by chunk as the prompt is prefilled:
+    chunks of 16 tokens here, so the 130-token prompt spans 9) is log_softmax of transformers' logits at the
+    position before it, and the alternatives are its best tokens; the first token has none."""
+    llm = parity.llm
+    saved = llm.scheduler.max_prefill_tokens
+    llm.scheduler.max_prefill_tokens = 16
+    try:
+        outputs = llm.generate(parity.prompts, SamplingParams(max_new_tokens=1), prompt_logprobs=2)
+    finally:
+        llm.scheduler.max_prefill_tokens = saved
+    for prompt, out in zip(parity.prompts, outputs, strict=True):
+        with torch.no_grad():
+            ref = torch.log_softmax(parity.hf_model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        assert out.prompt_logprobs is not None and out.prompt_top_logprobs is not None
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+        expected = ref[:-1].gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1).tolist()
+        worst = max(abs(a - b) for a, b in zip(out.prompt_logprobs[1:], expected, strict=True))  # type: ignore[operator]
+        assert worst < 1e-4, f"{parity.variant}, prompt of {len(prompt)} tokens: logprob off by {worst:.2e}"
+        best = ref[:-1].topk(2, dim=-1)
+        for pos, top in enumerate(out.prompt_top_logprobs[1:]):
+            assert [t for t, _ in top] == best.indices[pos].tolist() or abs(top[0][1] - top[1][1]) < 1e-4
+            assert max(abs(v - e) for (_, v), e in zip(top, best.values[pos].tolist(), strict=True)) < 1e-4

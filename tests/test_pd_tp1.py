@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 import random
 import signal
 import time
@@ -18,6 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pd_api_checks import (
+    API_FLAGS,
+    StructuredCase,
+    check_n_and_list_prompts,
+    check_prompt_logprobs,
+    check_responses_api,
+    check_structured_output,
+    check_tool_calls_and_reasoning,
+    structured_cases,
+    structured_expected,
+)
 from pd_system import (
     PAGE_SIZE,
     Case,
@@ -58,6 +70,18 @@ def reference(tiny_model: Path) -> Iterator[LLM]:
     llm.close()
 
 
+# Random schemas, regexes and choices per transfer engine: a few in CI (each costs ~100 sampled tokens on
+# 2 cores); TANDEM_STRUCTURED_CASES=200 runs the issue's sweep.
+STRUCTURED_CASES = int(os.environ.get("TANDEM_STRUCTURED_CASES", "8"))
+
+
+@pytest.fixture(scope="module")
+def structured(reference: LLM) -> tuple[list[StructuredCase], list[str]]:
+    """The constrained cases and their colocated answers (computed once for both transfer engines)."""
+    cases = structured_cases(STRUCTURED_CASES, seed=21)
+    return cases, structured_expected(reference, cases)
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
 def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[PDSystem]:
@@ -65,7 +89,8 @@ def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: p
     if missing:
         pytest.skip(missing)
     pd = PDSystem(tiny_model, tmp_path_factory.mktemp(f"pd-{request.param}"), request.param,
-                  decode_flags=DECODE_FLAGS[request.param], peer_timeout_s=PEER_TIMEOUT_S)
+                  prefill_flags=API_FLAGS, decode_flags=[*DECODE_FLAGS[request.param], *API_FLAGS],
+                  peer_timeout_s=PEER_TIMEOUT_S)
     yield pd
     pd.close()
 
@@ -176,6 +201,30 @@ def test_prefill_cache_hits_compute_only_the_suffix_and_decode_still_gets_the_wh
     assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] == 6 * 3 * PAGE_SIZE
     for worker in (system.prefill, system.decode):
         wait_idle(worker.url)
+
+
+def test_n_choices_and_list_prompts_equal_single_requests_with_derived_seeds(system: PDSystem, reference: LLM
+                                                                            ) -> None:
+    check_n_and_list_prompts(system, reference)
+
+
+def test_structured_output_is_valid_and_equals_colocated_generation(
+    system: PDSystem, structured: tuple[list[StructuredCase], list[str]]
+) -> None:
+    check_structured_output(system, *structured)
+
+
+def test_forced_tool_calls_parse_and_reasoning_comes_apart_as_colocated(system: PDSystem, reference: LLM,
+                                                                        tiny_model: Path) -> None:
+    check_tool_calls_and_reasoning(system, reference, tiny_model)
+
+
+def test_prompt_logprobs_are_served_on_decode_alone_and_equal_colocated(system: PDSystem, reference: LLM) -> None:
+    check_prompt_logprobs(system, reference)
+
+
+def test_the_responses_api_answers_as_the_same_chat_request(system: PDSystem) -> None:
+    check_responses_api(system)
 
 
 def test_decode_answers_an_error_when_the_prefill_instance_cannot_be_looked_up(system: PDSystem) -> None:

@@ -247,7 +247,7 @@ def test_metrics_report_requests_errors_and_latency_per_worker() -> None:
             for _ in range(3):
                 async with s.post(c.router_url + "/generate", json=GEN) as r:
                     assert r.status == 200
-            async with s.post(c.router_url + "/generate", data=b"{") as r:
+            async with s.post(c.router_url + "/generate", data=b"{", headers={"Content-Type": "application/json"}) as r:
                 assert r.status == 400
             async with s.get(c.router_url + "/metrics") as r:
                 assert r.status == 200

@@ -245,12 +245,12 @@ def test_malformed_and_mistyped_bodies_get_400_with_an_openai_error() -> None:
                     err = (await r.json())["error"]
                     assert fragment in err["message"] and err["type"] == "invalid_request_error"
             for raw in (orjson.dumps({"prompt": 5}), orjson.dumps({"prompt": [1, "a"]})):
-                async with s.post(c.router_url + "/v1/completions", data=raw) as r:
+                async with s.post(c.router_url + "/v1/completions", data=raw, headers={"Content-Type": "application/json"}) as r:
                     assert r.status == 400
             for raw in (orjson.dumps({}), orjson.dumps({"input_ids": [1, 2**40]}),
                         orjson.dumps({"text": "a", "rid": ["x"]}),  # one prompt, a list of ids
                         orjson.dumps({"text": ["a", "b"], "rid": ["x"]})):  # fewer ids than prompts
-                async with s.post(c.router_url + "/generate", data=raw) as r:
+                async with s.post(c.router_url + "/generate", data=raw, headers={"Content-Type": "application/json"}) as r:
                     assert r.status == 400
             assert not c.decode[0].bodies and not c.prefill[0].bodies
             c.assert_idle()

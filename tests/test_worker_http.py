@@ -52,6 +52,13 @@ class ScriptedBackend:
         return {"free_pages": 7}
 
 
+def _json_request(url: str, data: bytes | None = None, method: str | None = None) -> object:
+    """A urllib request labelled as JSON (urllib labels a body as a form unless told otherwise)."""
+    import urllib.request
+
+    return urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,7 +108,7 @@ def test_bootstrap_fields_reach_the_backend(server: tuple[str, ScriptedBackend])
     url, backend = server
     body = {"text": "hello", "sampling_params": {"max_new_tokens": 2},
             "bootstrap_host": "10.0.0.1", "bootstrap_port": 8998, "bootstrap_room": 12345}
-    req = urllib.request.Request(url + "/generate", data=orjson.dumps(body), method="POST")
+    req = _json_request(url + "/generate", data=orjson.dumps(body), method="POST")
     with urllib.request.urlopen(req) as resp:
         reply = orjson.loads(resp.read())
     assert reply["output_ids"] == [ord("h"), ord("e")]
@@ -125,7 +132,7 @@ def test_bad_requests_get_openai_style_errors(server: tuple[str, ScriptedBackend
     import urllib.request
 
     url, backend = server
-    req = urllib.request.Request(url + "/v1/completions", data=body, method="POST")
+    req = _json_request(url + "/v1/completions", data=body, method="POST")
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req)
     assert info.value.code == status
@@ -201,14 +208,14 @@ def test_top_alternatives_per_position_in_openai_and_sglang_shapes(server: tuple
     import urllib.request
 
     body = {"text": "xy", "sampling_params": {"max_new_tokens": 2}, "return_logprob": True, "top_logprobs_num": 2}
-    with urllib.request.urlopen(urllib.request.Request(url + "/generate", data=orjson.dumps(body))) as resp:
+    with urllib.request.urlopen(_json_request(url + "/generate", data=orjson.dumps(body))) as resp:
         meta = orjson.loads(resp.read())["meta_info"]
     # SGLang's triples: [logprob, token id, text (None unless return_text_in_logprobs)]
     assert meta["output_token_logprobs"] == [[-0.25, 120, None], [-0.5, 121, None]]
     assert meta["output_top_logprobs"] == [[[-0.25, 120, None], [-1.25, 121, None]],
                                            [[-0.5, 121, None], [-1.5, 122, None]]]
     body["return_text_in_logprobs"] = True
-    with urllib.request.urlopen(urllib.request.Request(url + "/generate", data=orjson.dumps(body))) as resp:
+    with urllib.request.urlopen(_json_request(url + "/generate", data=orjson.dumps(body))) as resp:
         meta = orjson.loads(resp.read())["meta_info"]
     assert meta["output_token_logprobs"] == [[-0.25, 120, "x"], [-0.5, 121, "y"]]
 
@@ -227,7 +234,7 @@ def test_impossible_logprob_requests_are_refused(server: tuple[str, ScriptedBack
     import urllib.request
 
     url, backend = server
-    req = urllib.request.Request(url + path, data=orjson.dumps(body), method="POST")
+    req = _json_request(url + path, data=orjson.dumps(body), method="POST")
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req)
     assert info.value.code == 400 and needle in orjson.loads(info.value.read())["error"]["message"]
@@ -255,15 +262,15 @@ def test_stop_strings_end_the_text_and_the_request(server: tuple[str, ScriptedBa
     import urllib.request
 
     body = {"text": "hello", "sampling_params": {"max_new_tokens": 8, "stop": "lo"}}
-    with urllib.request.urlopen(urllib.request.Request(url + "/generate", data=orjson.dumps(body))) as resp:
+    with urllib.request.urlopen(_json_request(url + "/generate", data=orjson.dumps(body))) as resp:
         reply = orjson.loads(resp.read())
-    assert reply["text"] == "hel" and reply["meta_info"]["finish_reason"] == {"type": "stop"}
+    assert reply["text"] == "hel" and reply["meta_info"]["finish_reason"] == {"type": "stop", "matched": "lo"}
 
 
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
-        ({"prompt": "a", "n": 2}, "'n' is not supported"),
+        ({"prompt": "a", "n": 2, "best_of": 3}, "'best_of' other than 'n' is not supported"),
         ({"prompt": "a", "presence_penalty": 2.5}, "'presence_penalty' must be in [-2, 2]"),
         ({"prompt": "a", "repetition_penalty": 0}, "'repetition_penalty' must be in (0, 10]"),
         ({"prompt": "a", "logit_bias": {"5": 101}}, "'logit_bias' values must be numbers in [-100, 100]"),
@@ -272,7 +279,7 @@ def test_stop_strings_end_the_text_and_the_request(server: tuple[str, ScriptedBa
         ({"prompt": "a", "max_tokens": 4, "min_tokens": 5}, "min tokens must be between 0 and the max tokens"),
         ({"prompt": "a", "stop": ["ok", ""]}, "'stop' must be"),
         ({"prompt": "a", "stop": [str(i) for i in range(17)]}, "at most 16"),
-        ({"prompt": "a", "echo": True, "logprobs": 0}, "log-probabilities of the prompt"),
+        ({"prompt": "a", "echo": True, "logprobs": 0, "stream": True}, "not available when streaming"),
     ],
 )
 def test_parameters_that_would_be_ignored_are_refused(server: tuple[str, ScriptedBackend], body: dict,
@@ -283,10 +290,10 @@ def test_parameters_that_would_be_ignored_are_refused(server: tuple[str, Scripte
     url, backend = server
     ok = {"prompt": "a", "n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
           "response_format": {"type": "text"}}  # the neutral values pass
-    with urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=orjson.dumps(ok))) as resp:
+    with urllib.request.urlopen(_json_request(url + "/v1/completions", data=orjson.dumps(ok))) as resp:
         assert resp.status == 200
     before = len(backend.submitted)
-    req = urllib.request.Request(url + "/v1/completions", data=orjson.dumps(body), method="POST")
+    req = _json_request(url + "/v1/completions", data=orjson.dumps(body), method="POST")
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req)
     assert info.value.code == 400 and needle in orjson.loads(info.value.read())["error"]["message"]
@@ -303,7 +310,7 @@ def test_a_request_the_ranks_refuse_as_bad_input_is_a_400_streamed_or_not(
     url, _ = server
     body = orjson.dumps({"prompt": [REFUSED_TOKEN, 1], "max_tokens": 2, "stream": stream})
     with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body, method="POST"))
+        urllib.request.urlopen(_json_request(url + "/v1/completions", data=body, method="POST"))
     assert info.value.code == 400
     err = orjson.loads(info.value.read())["error"]
     assert err == {"message": "request needs 99 KV pages but the pool has 8", "type": "invalid_request_error",
@@ -320,7 +327,7 @@ def test_unknown_routes_and_wrong_methods_get_the_json_error_body(
 
     url, _ = server
     with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(urllib.request.Request(url + path, method=method))
+        urllib.request.urlopen(_json_request(url + path, method=method))
     assert info.value.code == status and info.value.headers["Content-Type"].startswith("application/json")
     err = orjson.loads(info.value.read())["error"]
     assert err["type"] == "invalid_request_error" and path in err["message"] and set(err) == {
@@ -334,5 +341,134 @@ def test_a_wrongly_typed_field_is_named_in_the_error_param(server: tuple[str, Sc
     url, _ = server
     body = orjson.dumps({"prompt": "a", "temperature": "hot"})
     with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body, method="POST"))
+        urllib.request.urlopen(_json_request(url + "/v1/completions", data=body, method="POST"))
     assert orjson.loads(info.value.read())["error"]["param"] == "temperature"
+
+
+def test_chat_logprob_bytes_join_back_into_the_content(server: tuple[str, ScriptedBackend]) -> None:
+    """A token inside a multi-byte character shows as U+FFFD, but its `bytes` are its own (OpenAI's rule)."""
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    for stream in (False, True):
+        kwargs = {"model": "tiny", "messages": [{"role": "user", "content": "é"}], "max_tokens": 12,
+                  "logprobs": True, "top_logprobs": 1}
+        if stream:
+            chunks = list(client.chat.completions.create(**kwargs, stream=True))
+            content = "".join(c.choices[0].delta.content or "" for c in chunks)
+            entries = [e for c in chunks for e in c.choices[0].logprobs.content]
+        else:
+            done = client.chat.completions.create(**kwargs)
+            content, entries = done.choices[0].message.content, done.choices[0].logprobs.content
+        assert "\ufffd" in "".join(e.token for e in entries)  # the echoed template holds multi-byte characters
+        assert bytes(b for e in entries for b in e.bytes).decode() == content
+        assert all(e.top_logprobs[0].bytes == e.bytes for e in entries)  # the scripted best is the token itself
+
+
+def test_n_choices_and_list_prompts_are_numbered_in_order(server: tuple[str, ScriptedBackend]) -> None:
+    url, backend = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    done = client.completions.create(model="tiny", prompt=["ab", "xyz"], n=2, max_tokens=3, seed=5)
+    assert [(c.index, c.text) for c in done.choices] == [(0, "aba"), (1, "aba"), (2, "xyz"), (3, "xyz")]
+    assert [r.sampling.seed for r in backend.submitted[-4:]] == [5, 6, 5, 6]
+    assert done.usage.prompt_tokens == 5 and done.usage.completion_tokens == 12  # each prompt counted once
+    chunks = list(client.completions.create(model="tiny", prompt=[[97, 98], [120]], max_tokens=2, stream=True))
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert texts == {0: "ab", 1: "xx"}
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=3,
+                                          max_tokens=2)
+    assert [c.index for c in chat.choices] == [0, 1, 2] and len({c.message.content for c in chat.choices}) == 1
+    assert len({r.rid for r in backend.submitted[-3:]}) == 3  # each choice is its own engine request
+
+
+def test_echo_returns_the_prompt_for_token_ids_and_when_streaming(server: tuple[str, ScriptedBackend]) -> None:
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    done = client.completions.create(model="tiny", prompt=[104, 105], max_tokens=2, echo=True)
+    assert done.choices[0].text == "hihi"
+    chunks = list(client.completions.create(model="tiny", prompt="ok", max_tokens=2, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "okok"
+
+
+def test_continuous_usage_stats_put_usage_in_every_chunk(server: tuple[str, ScriptedBackend]) -> None:
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    chunks = list(client.completions.create(model="tiny", prompt="abc", max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counted = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counted == [1, 2, 3] and chunks[-1].usage.total_tokens == 6
+
+
+def test_models_by_id_and_an_unknown_model_in_a_request(server: tuple[str, ScriptedBackend]) -> None:
+    url, backend = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    card = client.models.retrieve("tiny")
+    assert card.id == "tiny" and card.created > 0
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4")
+    assert info.value.body["code"] == "model_not_found"
+    before = len(backend.submitted)
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-4", prompt="a", max_tokens=1)
+    assert info.value.body["param"] == "model" and len(backend.submitted) == before
+
+
+def test_a_form_encoded_body_is_refused_as_an_unsupported_media_type(server: tuple[str, ScriptedBackend]) -> None:
+    import urllib.error
+    import urllib.request
+
+    url, backend = server
+    before = len(backend.submitted)
+    body = orjson.dumps({"prompt": "a", "max_tokens": 1})
+    with pytest.raises(urllib.error.HTTPError) as info:  # urllib labels a body as a form by default
+        urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body))
+    assert info.value.code == 415 and orjson.loads(info.value.read())["error"]["code"] == "unsupported_media_type"
+    assert len(backend.submitted) == before
+
+
+def test_stop_strings_kept_on_request_and_the_matched_stop_reported(server: tuple[str, ScriptedBackend]) -> None:
+    url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    done = client.completions.create(model="tiny", prompt="abcd", max_tokens=10, stop=["da"],
+                                     extra_body={"include_stop_str_in_output": True})
+    assert done.choices[0].text == "abcda" and done.choices[0].matched_stop == "da"  # type: ignore[attr-defined]
+    plain = client.completions.create(model="tiny", prompt="abcd", max_tokens=10, stop=["da"])
+    assert plain.choices[0].text == "abc" and plain.choices[0].matched_stop == "da"  # type: ignore[attr-defined]
+    chunks = list(client.completions.create(model="tiny", prompt="xyz", max_tokens=9, stop="zx", stream=True,
+                                            extra_body={"include_stop_str_in_output": True}))
+    assert "".join(c.choices[0].text for c in chunks) == "xyzx"
+    assert chunks[-1].choices[0].matched_stop == "zx"  # type: ignore[attr-defined]
+    ran_out = client.completions.create(model="tiny", prompt="ab", max_tokens=2)
+    assert ran_out.choices[0].finish_reason == "length" and ran_out.choices[0].matched_stop is None  # type: ignore[attr-defined]
+    import urllib.request
+
+    body = {"text": "hello", "sampling_params": {"max_new_tokens": 8, "stop": "lo", "no_stop_trim": True}}
+    with urllib.request.urlopen(_json_request(url + "/generate", data=orjson.dumps(body))) as resp:
+        reply = orjson.loads(resp.read())
+    assert reply["text"] == "hello" and reply["meta_info"]["finish_reason"] == {"type": "stop", "matched": "lo"}
+
+
+def test_the_responses_api_answers_text_whole_and_as_events(server: tuple[str, ScriptedBackend]) -> None:
+    url, backend = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+    done = client.responses.create(model="tiny", input="hi", instructions="be brief", max_output_tokens=4)
+    assert done.status == "incomplete" and done.incomplete_details.reason == "max_output_tokens"
+    assert done.output_text == bytes(backend.submitted[-1].input_ids[:4]).decode()  # the echoing backend
+    assert done.usage.output_tokens == 4 and done.usage.input_tokens == len(backend.submitted[-1].input_ids)
+    assert bytes(backend.submitted[-1].input_ids).decode().startswith("be brief<｜User｜>hi")
+    events = list(client.responses.create(model="tiny", input=[{"role": "user", "content": "hey"}],
+                                          max_output_tokens=3, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-4].text == events[-1].response.output_text
+    for refused, param in (({"previous_response_id": "resp_1"}, "previous_response_id"),
+                           ({"store": True}, "store"), ({"tools": [{"type": "web_search"}]}, "tools"),
+                           ({"modalities": ["text"]}, "modalities")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model="tiny", input="hi", extra_body=refused)
+        assert info.value.body["param"] == param

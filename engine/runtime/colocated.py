@@ -16,6 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from ..ep_moe import ExpertParallelMoE
+from ..grammar import GrammarRuntime, GrammarSpec
 from ..kv_pool import KVPool, resolve_kv_cache_dtype
 from ..llm import resolve_dtype
 from ..model import DeepseekForCausalLM
@@ -25,6 +26,7 @@ from ..quant import plan_quantization
 from ..sampling import SamplingParams
 from ..scheduler import Request, Scheduler, StepResult
 from ..server.messages import GenerateRequest, SamplingSpec, TokenOutput
+from ..tokenizer import load_tokenizer
 from ..weights import load_model
 from .launch import RankContext
 from .lockstep import LockstepStepper
@@ -71,6 +73,7 @@ class RankEngine:
     kv_pool: KVPool
     parallel: ParallelContext
     moe: ExpertParallelMoE | None = None  # expert-parallel MoE layers and their load statistics
+    grammar: GrammarRuntime | None = None  # structured output's compiler over the checkpoint's tokenizer
 
 
 def parallel_context_for(ctx: RankContext) -> ParallelContext:
@@ -120,7 +123,9 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
     pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype, device,
                   prefix_cache=args.prefix_cache)
-    return RankEngine(config, model, pool, parallel, moe)
+    grammar = GrammarRuntime(load_tokenizer(args.model_dir, config.eos_token_ids), config.vocab_size,
+                             config.eos_token_ids)
+    return RankEngine(config, model, pool, parallel, moe, grammar)
 
 
 def to_sampling_params(spec: SamplingSpec) -> SamplingParams:
@@ -128,7 +133,9 @@ def to_sampling_params(spec: SamplingSpec) -> SamplingParams:
                           max_new_tokens=spec.max_new_tokens, stop_token_ids=tuple(spec.stop_token_ids),
                           ignore_eos=spec.ignore_eos, presence_penalty=spec.presence_penalty,
                           frequency_penalty=spec.frequency_penalty, repetition_penalty=spec.repetition_penalty,
-                          logit_bias=tuple(spec.logit_bias), min_new_tokens=spec.min_new_tokens)
+                          logit_bias=tuple(spec.logit_bias), min_new_tokens=spec.min_new_tokens,
+                          min_p=spec.min_p,
+                          grammar=GrammarSpec(spec.grammar_kind, spec.grammar) if spec.grammar_kind else None)
 
 
 def error_output(rid: str, message: str, status: int = 500, code: str | None = None) -> TokenOutput:
@@ -174,7 +181,9 @@ def outputs_of(result: StepResult, prompt_len: dict[str, int]) -> list[TokenOutp
                                 prompt_tokens=prompt_len.get(req.request_id, len(req.prompt_ids)),
                                 cached_tokens=req.cached_tokens,
                                 logprobs=req.output_logprobs[-1:] if req.return_logprob else [],
-                                top_logprobs=req.output_top_logprobs[-1:] if req.top_logprobs else []))
+                                top_logprobs=req.output_top_logprobs[-1:] if req.top_logprobs else [],
+                                prompt_logprobs=req.prompt_logprob_values if len(req.output_ids) == 1 else [],
+                                prompt_top_logprobs=req.prompt_top_logprobs if len(req.output_ids) == 1 else []))
     return outs
 
 
@@ -184,7 +193,8 @@ class ColocatedRunner:
     def __init__(self, engine: RankEngine, args: EngineArgs) -> None:
         self.engine = engine
         self.scheduler = Scheduler(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running,
-                                   engine.config.eos_token_ids, reserve_tokens=args.reserve_tokens)
+                                   engine.config.eos_token_ids, reserve_tokens=args.reserve_tokens,
+                                   grammar=engine.grammar)
         self.requests: dict[str, Request] = {}
         self._pending: list[TokenOutput] = []
         self._emit: Callable[[list[TokenOutput]], None] | None = None
@@ -201,6 +211,7 @@ class ColocatedRunner:
             self._pending.append(rejected_output(request.rid, exc))
             return
         req.return_logprob, req.top_logprobs = request.return_logprob, request.top_logprobs
+        req.prompt_logprobs = request.prompt_logprobs
         self.requests[request.rid] = req
 
     def abort(self, rid: str) -> list[TokenOutput]:

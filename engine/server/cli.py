@@ -40,6 +40,11 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                        help="weights and KV dtype; auto = float32 on CPU, bfloat16 on CUDA")
     model.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
     model.add_argument("--served-model-name", default=None, help="name reported by /v1/models")
+    model.add_argument("--tool-call-parser", choices=["deepseekv3"], default=None,
+                       help="chat `tools`: DeepSeek-V3's tool-call tokens parsed into OpenAI tool_calls (SGLang's "
+                            "name); unset: requests with tools are refused")
+    model.add_argument("--reasoning-parser", choices=["deepseek-r1"], default=None,
+                       help="chat answers split at R1's </think> into reasoning_content and content")
 
     par = parser.add_argument_group("parallelism")
     par.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1, help="ranks in this instance")

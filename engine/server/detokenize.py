@@ -14,11 +14,14 @@ from .protocol import TextCodec
 class IncrementalDetokenizer:
     """`push(ids)` returns the text they release; `flush()` the rest once the output is complete."""
 
-    def __init__(self, codec: TextCodec, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, codec: TextCodec, stop: tuple[str, ...] = (), include_stop: bool = False) -> None:
+        """`include_stop`: the text ends after the stop string instead of before it (vLLM's
+        include_stop_str_in_output, SGLang's no_stop_trim)."""
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
         self._codec = codec
         self._stop = stop
+        self._include_stop = include_stop
         self.ids: list[int] = []
         self.stopped: str | None = None  # the stop string that ended the text
         self._text = ""  # the ids' text as last decoded
@@ -53,6 +56,8 @@ class IncrementalDetokenizer:
             hits = [(at, s) for s in self._stop if (at := self._text.find(s, start)) >= 0]
             if hits:
                 end, self.stopped = min(hits)
+                if self._include_stop:
+                    end += len(self.stopped)
             elif not final:
                 end -= self._pending_prefix(longest)
         delta, self._emitted = self._text[self._emitted : end], max(self._emitted, end)

@@ -29,6 +29,10 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
     logit_bias: list[tuple[int, float]] = field(default_factory=list)
     min_new_tokens: int = 0
+    min_p: float = 0.0
+    # Structured output (engine.grammar): kind "json" | "regex" | "choice" | "ebnf" and its text; "" = none.
+    grammar_kind: str = ""
+    grammar: str = ""
 
 
 @dataclass
@@ -49,6 +53,9 @@ class GenerateRequest:
     bootstrap: BootstrapInfo | None = None
     return_logprob: bool = False
     top_logprobs: int = 0  # with return_logprob: the most likely tokens per position, this many
+    # Prompt log-probabilities: -1 off; k >= 0 each prompt token's logprob and k alternatives (colocated only:
+    # the router serves such requests on decode alone).
+    prompt_logprobs: int = -1
     version: int = MESSAGE_VERSION
 
 
@@ -77,6 +84,9 @@ class TokenOutput:
     # Prompt tokens whose KV came from the prefix cache (SGLang's meta_info.cached_tokens); None where this
     # instance did not prefill the prompt (a decode worker's disaggregated requests).
     cached_tokens: int | None = None
+    # With the first token of a request that asked for them: per prompt token (None for the first).
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     version: int = MESSAGE_VERSION
 
 

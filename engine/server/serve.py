@@ -97,7 +97,9 @@ async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, 
                                  extra_info={"tp_size": spec.tp_size, "dp_size": spec.dp_size,
                                              "page_size": args.page_size, "kv_cache_dtype": args.kv_cache_dtype,
                                              **role_args.get("info", {})},
-                                 chat_template=ChatTemplate.from_model_dir(model_dir))
+                                 chat_template=ChatTemplate.from_model_dir(model_dir),
+                                 tool_call_parser=getattr(args, "tool_call_parser", None),
+                                 reasoning_parser=getattr(args, "reasoning_parser", None))
     worker = WorkerApp(bridge, tokenizer, server_config)
     app = worker.build()
     app.middlewares.append(ReadyGate(bridge).middleware)
