@@ -5,8 +5,8 @@ Every field a request may carry is in exactly one class, per endpoint kind:
 - honoured: `engine.server.protocol` parses it and it changes what runs or what is answered;
 - neutral-only (`NEUTRAL`): not implemented; accepted only at the value that asks for nothing (the
   peers' default), any other value is a 400 naming it (`code: unsupported`);
-- no effect by nature (`NO_EFFECT`): metadata about the caller (`user`, `metadata`) or a hint about state
-  tandem does not keep (`cache_salt`: there is no prefix cache to salt); accepted, with the reason here.
+- no effect by nature (`NO_EFFECT`): metadata about the caller (`user`, `metadata`) or a hint that changes
+  no answer (`prompt_cache_key`); accepted, with the reason here.
 A field in none of them is refused as OpenAI does ("Unrecognized request argument", 400, `param` set),
 where vLLM and SGLang would log and ignore it.
 
@@ -73,14 +73,16 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "max_dynamic_patch": (), "min_dynamic_patch": (), "use_audio_in_video": (False,), "task": (),
     "image_data": ([],), "audio_data": ([],), "video_data": ([],),
     "input_embeds": (), "token_ids_logprob": ([],), "return_bytes": (False,), "bootstrap_pair_key": (),
+    # vLLM's per-tenant salt for prefix-cache hits: the prefix cache is shared by every request here, so a
+    # salt that asks for isolation is refused rather than silently not given
+    "cache_salt": (),
 }  # fmt: skip
 # Fields with no effect on the answer by nature, and why accepting them hides nothing.
 NO_EFFECT: dict[str, str] = {
     "user": "an end-user id for the caller's abuse monitoring (OpenAI); it never changes the output",
     "safety_identifier": "OpenAI's successor of `user`",
     "metadata": "OpenAI's tags for stored completions; nothing is stored",
-    "prompt_cache_key": "a cache-routing hint; there is no prefix cache, so no routing to steer",
-    "cache_salt": "salts prefix-cache hits; there is no prefix cache, so requests share no state to salt",
+    "prompt_cache_key": "a cache-routing hint; the router's cache-aware policy routes by the prompt's own prefix",
     "log_metrics": "SGLang's per-request metrics switch; metrics are aggregated only",
     "spaces_between_special_tokens": "output text never holds special tokens, so nothing has spaces between",
 }
