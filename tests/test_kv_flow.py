@@ -390,6 +390,26 @@ def test_unreachable_bootstrap_and_mismatched_pages_are_clear_errors(cleanup: li
     assert decode.close() == {"inflight_handles": 0, "registrations": 0, "peers": 0}
 
 
+def test_a_decode_rank_refuses_a_prefill_instance_that_serves_another_model(cleanup: list[Any]) -> None:
+    """Same shapes, other weights (DeepSeek-V3 vs R1): refused at the lookup, naming what differs, before any
+    page is asked for; a prefill rank likewise refuses a decode intro of another model."""
+    kind = "mooncake"
+    _skip_without(kind)
+    service = BootstrapService(ParallelLayout(1))
+    cleanup.append(service)
+    v3, r1 = "config=c1 weights=w-v3 dtype=bfloat16", "config=c1 weights=w-r1 dtype=bfloat16"
+    prefill = PrefillRank(kind, RankInfo(0, 1, model_fingerprint=v3), service.address, SHAPE, TIMEOUTS, OPTIONS[kind])
+    cleanup.append(prefill)
+    decode = DecodeRank(kind, RankInfo(0, 1, model_fingerprint=r1), SHAPE, TIMEOUTS, OPTIONS[kind])
+    cleanup.append(decode)
+    with pytest.raises(KVBootstrapError, match="another model: weights w-r1 here, w-v3 on the peer"):
+        decode.start(service.host, service.port, 5, DST_PAGES, 0)
+    assert decode.counts()["live_rooms"] == 0
+    # The check a prefill rank makes of a decode rank's intro (its first TransferRequest).
+    why = prefill.manager._layout_mismatch(decode.layout, decode.aux, r1)
+    assert why is not None and "weights w-v3 here, w-r1 on the peer" in why
+
+
 # --- protocol edge cases: both ranks in this process (Mooncake: an engine is made in milliseconds) -------
 
 
