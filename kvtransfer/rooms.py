@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtransfer.auxdata import check_aux
 from kvtransfer.bootstrap import BootstrapClient
@@ -35,6 +35,8 @@ class RankInfo:
     host: str = "127.0.0.1"
     # The model this rank serves (`engine.fingerprint`: opaque here); peers must serve the same one.
     model_fingerprint: str = ""
+    # The deployment's key its control channel signs and checks frames with (`ControlChannel`); None: open.
+    control_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.parallel.tp_size:
@@ -89,7 +91,7 @@ class RoomManager:
         self.timeouts = timeouts = timeouts or KVTimeouts()
         self.client = bootstrap_client or BootstrapClient(timeouts.http_s)
         self.session = uuid.uuid4().hex
-        self.channel = ControlChannel(rank_info.host)
+        self.channel = ControlChannel(rank_info.host, key=rank_info.control_key)
         self.endpoint = self.channel.endpoint
         self.lock = threading.RLock()
         self._last_heard: dict[str, float] = {}

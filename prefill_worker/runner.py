@@ -117,7 +117,8 @@ class PrefillRunner:
         self.stepper = LockstepStepper(self._steps, engine.model, parallel, engine.moe, control)  # type: ignore[arg-type]
         self.transport = RankTransport(kv, "prefill", ctx.rank, engine.kv_pool.tensor)
         try:
-            info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host, fingerprint_of(engine, args))
+            info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host, fingerprint_of(engine, args),
+                            kv.control_key)
             self.manager = KVSendManager(
                 self.transport.engine,
                 self.transport.layout,

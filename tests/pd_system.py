@@ -74,16 +74,18 @@ class PDSystem:
         backend: "nixl" | "mooncake".
         prefill_flags / decode_flags: extra flags, e.g. ("--tp", "2", "--dp", "2").
         peer_timeout_s: the KV plane's dead-peer timeout on both workers.
+        env: added to every server's environment (e.g. TANDEM_KV_AUTH_TOKEN, a deployment's shared token).
     """
 
     def __init__(self, model_dir: Path, log_dir: Path, backend: str, prefill_flags: Sequence[str] = (),
-                 decode_flags: Sequence[str] = (), peer_timeout_s: float = 5.0) -> None:
+                 decode_flags: Sequence[str] = (), peer_timeout_s: float = 5.0,
+                 env: dict[str, str] | None = None) -> None:
         self.backend = backend
         # Workloads draw prompt ids below this: an id outside the vocabulary is (rightly) a 400.
         self.vocab_size: int = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
         self.bootstrap_port = free_port()
         p_port, d_port, r_port = free_port(), free_port(), free_port()
-        self.servers = ServerGroup(log_dir, WORKER_ENV)
+        self.servers = ServerGroup(log_dir, {**WORKER_ENV, **(env or {})})
         try:
             prefill_args = [*worker_flags(model_dir, backend, p_port, peer_timeout_s), *prefill_flags,
                             "--bootstrap-port", str(self.bootstrap_port)]

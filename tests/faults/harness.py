@@ -29,6 +29,9 @@ CLIENT_TIMEOUT_S = 60.0  # a request not ended by then is "hung"
 LOAD = 6  # concurrent clients while a fault hits
 RECOVERY_LIMIT_S = 5.0  # from the repair (a restarted server healthy, a stopped one resumed)
 PROBE = Case([3, 1, 4, 1, 5], 3, "/generate", stream=False)
+# The systems under fault run as a deployment with a shared token: signed control channel, bootstrap
+# registrations with the token (other end-to-end tests cover the open default).
+DEPLOYMENT_ENV = {"TANDEM_KV_AUTH_TOKEN": "faults-deployment-token"}
 ERROR_PAUSE_S = 1.0  # a client whose request failed waits this long (the router's Retry-After), not a busy loop
 
 

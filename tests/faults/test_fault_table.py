@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from harness import (
+    DEPLOYMENT_ENV,
     FULL,
     HEADER,
     PEER_TIMEOUT_S,
@@ -67,7 +68,7 @@ def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: p
     if missing:
         pytest.skip(missing)
     pd = PDSystem(tiny_model, tmp_path_factory.mktemp(f"faults-{request.param}"), request.param,
-                  peer_timeout_s=PEER_TIMEOUT_S)
+                  peer_timeout_s=PEER_TIMEOUT_S, env=DEPLOYMENT_ENV)
     yield pd
     pd.close()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from harness import (
+    DEPLOYMENT_ENV,
     FULL,
     PEER_TIMEOUT_S,
     RECOVERY_LIMIT_S,
@@ -62,7 +63,7 @@ def test_a_soak_with_random_faults_ends_every_request_cleanly_and_leaks_nothing(
     rng = random.Random(23)
     # CI meets as many different faults as it has room for; the full soak draws at random.
     order = rng.sample(sorted(FAULTS), len(FAULTS))
-    system = PDSystem(model, tmp_path / "logs", backend, peer_timeout_s=PEER_TIMEOUT_S)
+    system = PDSystem(model, tmp_path / "logs", backend, peer_timeout_s=PEER_TIMEOUT_S, env=DEPLOYMENT_ENV)
     faults: Counter[str] = Counter()
     windows: list[tuple[float, float]] = []  # (fault began, served again) of faults that may fail requests
     disconnected = Row("clients disconnecting")
