@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -72,8 +72,12 @@ class WorkerApp:
     """Routes and per-request plumbing; `build()` returns the aiohttp application."""
 
     def __init__(self, backend: EngineBackend, codec: TextCodec, config: ServerConfig,
-                 metrics_text: Callable[[], bytes] | None = None) -> None:
+                 metrics_text: Callable[[], bytes] | None = None,
+                 admit: Callable[[GenerateRequest], Awaitable[None]] | None = None) -> None:
         self.backend = backend
+        # Checked before a parsed request reaches the backend (raises RequestError to refuse it): a decode
+        # worker looks the named prefill instance up here, off the rank loop (`serve.PrefillLookupGate`).
+        self._admit = admit
         self.codec = codec
         self.config = config
         self._metrics_text = metrics_text
@@ -160,6 +164,12 @@ class WorkerApp:
         rid = request.headers.get("X-Request-ID")
         if rid and "rid" not in body:
             parsed.request.rid = rid
+        if self._admit is not None:
+            try:
+                await self._admit(parsed.request)
+            except RequestError as exc:
+                self.num_errors += 1
+                return error_response(str(exc), exc.status, exc.code, exc.param)
         self.inflight += 1
         finished = False
         try:

@@ -49,8 +49,8 @@ SCENARIOS = [
      stop_for("prefill", PEER_TIMEOUT_S + 1), True, False, True),
     (f"decode SIGSTOP {PEER_TIMEOUT_S + 1:.0f} s (past the peer timeout), SIGCONT",
      stop_for("decode", PEER_TIMEOUT_S + 1), True, False, True),
-    ("prefill slow (half speed for 3 s)", slowed("prefill", 3.0), False, False, False),
-    ("decode slow (half speed for 3 s)", slowed("decode", 3.0), False, False, False),
+    ("prefill slow (half speed for 2 s)", slowed("prefill", 2.0), False, False, False),
+    ("decode slow (half speed for 2 s)", slowed("decode", 2.0), False, False, False),
     ("bootstrap service unreachable (refused, blackholed)", unreachable_bootstrap, False, True, False),
     ("16 streaming clients disconnecting at once", disconnect_clients, False, True, False),
 ]

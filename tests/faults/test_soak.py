@@ -4,7 +4,7 @@ clean error), none hangs, none is an HTTP 500 or a 4xx (the load is valid), ever
 succeeds, the system serves again within 5 s of each repair, and every pool ends idle. Prints the
 totals, the faults by kind, the errors by status and the idle counters at the end.
 
-Short in CI (300 requests, 3 faults, NIXL); TANDEM_FAULTS_FULL=1 runs 10,000 per transfer engine."""
+Short in CI (300 requests, 2 faults, NIXL); TANDEM_FAULTS_FULL=1 runs 10,000 per transfer engine."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from pd_system import PDSystem, backend_missing, get_json
 from engine.tiny_model import write_tiny_model
 
 TOTAL = 10_000 if FULL else 300
-FAULT_EVERY = 300 if FULL else 75
+FAULT_EVERY = 300 if FULL else 100
 
 # name -> (fault, whether it may fail the requests in flight when it hits)
 FAULTS = {
