@@ -255,7 +255,7 @@ def unreachable_bootstrap(system: PDSystem, row: Row | None = None) -> None:
                 row.failures.append(f"200 for an unreachable prefill: {result['unexpected'][:200]}")
             else:
                 row.add(result)
-        assert "unexpected" in result or 500 < result["status"] < 600, result
+        assert "unexpected" not in result and 500 < result["status"] < 600, result
     assert "error" not in probe and stall_s < STALL_LIMIT_S, (probe, stall_s)
 
 
