@@ -61,8 +61,11 @@ def test_a_soak_with_random_faults_ends_every_request_cleanly_and_leaks_nothing(
         pytest.skip(missing)
     model = write_tiny_model(tmp_path / "tiny-v3")
     rng = random.Random(23)
-    # CI meets as many different faults as it has room for; the full soak draws at random.
+    # The full soak draws at random; CI meets different faults without a restart (the fault table
+    # restarts every server in CI, and restarts are most of the time a soak takes).
     order = rng.sample(sorted(FAULTS), len(FAULTS))
+    if not FULL:
+        order = [kind for kind in order if "restart" not in kind]
     system = PDSystem(model, tmp_path / "logs", backend, peer_timeout_s=PEER_TIMEOUT_S, env=DEPLOYMENT_ENV)
     faults: Counter[str] = Counter()
     windows: list[tuple[float, float]] = []  # (fault began, served again) of faults that may fail requests
