@@ -21,6 +21,7 @@ from engine.runtime.colocated import (
     RankEngine,
     build_rank_engine,
     error_output,
+    fingerprint_of,
     status_of,
 )
 from engine.runtime.disagg import (
@@ -82,7 +83,8 @@ class DecodeRunner(PrefilledKVRunner):
         super().__init__(ctx, engine, args, cuda_graph_max_bs)
         self.agreement = GroupAgreement(ctx)
         self.transport = RankTransport(kv, "decode", ctx.rank, engine.kv_pool.tensor)
-        info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host)
+        info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host, fingerprint_of(engine, args),
+                        kv.control_key)
         self.manager = KVReceiveManager(
             self.transport.engine, self.transport.layout, self.transport.aux, info, kv.timeouts
         )

@@ -59,6 +59,9 @@ def _conflict(registration: RankRegistration, parallel: ParallelLayout, others: 
             continue  # a re-registration (restart) replaces the old entry
         if other.control_endpoint == registration.control_endpoint:
             return f"rank {registration.rank} uses control endpoint {other.control_endpoint} of rank {other.rank}"
+        if other.model_fingerprint != registration.model_fingerprint:
+            return (f"rank {registration.rank} serves model {registration.model_fingerprint!r}, rank {other.rank} "
+                    f"{other.model_fingerprint!r}")
         if other.engine_kind != registration.engine_kind:
             return f"rank {registration.rank} uses a {registration.engine_kind} engine, rank {other.rank} {other.engine_kind}"
         why = registration.page_layout.compatible_with(other.page_layout)

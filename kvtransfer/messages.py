@@ -17,7 +17,7 @@ import msgspec
 from kvtransfer.layout import AuxLayout, PageLayout
 from kvtransfer.state import KVProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: registrations and intros carry the model fingerprint
 
 
 class Message(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -35,6 +35,7 @@ class RankRegistration(Message):
     session: random per KVSendManager; changes when the rank restarts, so peers can tell stale info apart.
     control_endpoint: the rank's zmq control channel, "tcp://host:port".
     engine_kind / engine_name / engine_metadata: its transfer engine (kind must match the decode side's).
+    model_fingerprint: the model it serves (`engine.fingerprint`); decode refuses an instance whose differs.
     """
 
     rank: int
@@ -47,6 +48,7 @@ class RankRegistration(Message):
     engine_metadata: bytes
     page_layout: PageLayout
     aux_layout: AuxLayout
+    model_fingerprint: str = ""
 
 
 class InstanceInfo(Message):
@@ -79,12 +81,14 @@ class Deregistration(Message):
 
 
 class DecodeIntro(Message):
-    """A decode rank's transfer engine and pages, sent once per prefill rank session (the first request)."""
+    """A decode rank's transfer engine, pages and model fingerprint, sent once per prefill rank session (the
+    first request)."""
 
     engine_name: str
     engine_metadata: bytes
     page_layout: PageLayout
     aux_layout: AuxLayout
+    model_fingerprint: str = ""
 
 
 class ControlMessage(Message):

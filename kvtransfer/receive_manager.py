@@ -70,7 +70,8 @@ class KVReceiveManager(RoomManager):
         self._engine = engine
         self._engine_kind = engine.kind
         self._intro = DecodeIntro(
-            engine_name=engine.name, engine_metadata=engine.metadata(), page_layout=layout, aux_layout=aux
+            engine_name=engine.name, engine_metadata=engine.metadata(), page_layout=layout, aux_layout=aux,
+            model_fingerprint=rank_info.model_fingerprint,
         )
         self._receivers: dict[int, KVReceiver] = {}
         self._introduced: set[tuple[str, str]] = set()  # (prefill endpoint, prefill session)
@@ -113,7 +114,8 @@ class KVReceiveManager(RoomManager):
                     f"prefill instance at {address} uses {registration.engine_kind} transfer engines, "
                     f"this decode rank {self._engine_kind}"
                 )
-            why = self._layout_mismatch(registration.page_layout, registration.aux_layout)
+            why = self._layout_mismatch(registration.page_layout, registration.aux_layout,
+                                        registration.model_fingerprint)
             if why is not None:
                 raise KVBootstrapError(
                     f"prefill rank {registration.rank} at {address} cannot write into our pages: {why}"

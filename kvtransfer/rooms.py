@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvtransfer.auxdata import check_aux
 from kvtransfer.bootstrap import BootstrapClient
@@ -33,6 +33,10 @@ class RankInfo:
     tp_size: int
     dp_size: int = 1
     host: str = "127.0.0.1"
+    # The model this rank serves (`engine.fingerprint`: opaque here); peers must serve the same one.
+    model_fingerprint: str = ""
+    # The deployment's key its control channel signs and checks frames with (`ControlChannel`); None: open.
+    control_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.parallel.tp_size:
@@ -45,6 +49,18 @@ class RankInfo:
     @property
     def dp_rank(self) -> int:
         return self.parallel.dp_rank_of(self.rank)
+
+
+def model_mismatch(mine: str, theirs: str) -> str | None:
+    """Why a peer with model fingerprint `theirs` serves another model than `mine`, or None. Fingerprints
+    are `part=value` items (`engine.fingerprint`): the refusal names the parts that differ."""
+    if mine == theirs:
+        return None
+    ours = dict(p.split("=", 1) for p in mine.split() if "=" in p)
+    peer = dict(p.split("=", 1) for p in theirs.split() if "=" in p)
+    differ = [f"{k} {ours.get(k, '(none)')} here, {peer.get(k, '(none)')} on the peer"
+              for k in sorted(ours.keys() | peer.keys()) if ours.get(k) != peer.get(k)]
+    return "the peer serves another model: " + ("; ".join(differ) or f"{mine!r} here, {theirs!r} there")
 
 
 class RoomManager:
@@ -75,7 +91,7 @@ class RoomManager:
         self.timeouts = timeouts = timeouts or KVTimeouts()
         self.client = bootstrap_client or BootstrapClient(timeouts.http_s)
         self.session = uuid.uuid4().hex
-        self.channel = ControlChannel(rank_info.host)
+        self.channel = ControlChannel(rank_info.host, key=rank_info.control_key)
         self.endpoint = self.channel.endpoint
         self.lock = threading.RLock()
         self._last_heard: dict[str, float] = {}
@@ -104,9 +120,12 @@ class RoomManager:
     def send_message(self, endpoint: str, message: ControlMessage) -> bool:
         return self.channel.send(endpoint, message)
 
-    def _layout_mismatch(self, page_layout: PageLayout, aux_layout: AuxLayout) -> str | None:
-        """Why a peer with these layouts cannot exchange pages with this rank, or None if it can."""
-        why = self.layout.compatible_with(page_layout)
+    def _layout_mismatch(self, page_layout: PageLayout, aux_layout: AuxLayout, fingerprint: str) -> str | None:
+        """Why a peer with these layouts and this model fingerprint cannot exchange pages with this rank,
+        or None if it can."""
+        why = model_mismatch(self.rank_info.model_fingerprint, fingerprint)
+        if why is None:
+            why = self.layout.compatible_with(page_layout)
         if why is None and aux_layout.slot_bytes != self.aux.slot_bytes:
             why = f"aux slots of {self.aux.slot_bytes} bytes here, {aux_layout.slot_bytes} on the peer"
         return why

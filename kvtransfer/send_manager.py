@@ -91,6 +91,7 @@ class KVSendManager(RoomManager):
             engine_metadata=engine.metadata(),
             page_layout=layout,
             aux_layout=aux,
+            model_fingerprint=rank_info.model_fingerprint,
         )
         try:
             self.client.register(bootstrap_addr, registration)
@@ -174,7 +175,7 @@ class KVSendManager(RoomManager):
             return
         if request.intro is not None:
             intro = request.intro
-            why = self._layout_mismatch(intro.page_layout, intro.aux_layout)
+            why = self._layout_mismatch(intro.page_layout, intro.aux_layout, intro.model_fingerprint)
             if why is not None:
                 self._refuse(request, AbortCode.REFUSED, f"decode rank's layout does not match: {why}")
                 return

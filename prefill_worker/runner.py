@@ -23,6 +23,7 @@ from engine.runtime.colocated import (
     build_rank_engine,
     duplicate_output,
     error_output,
+    fingerprint_of,
     rejected_output,
     to_sampling_params,
 )
@@ -117,7 +118,8 @@ class PrefillRunner:
         self.stepper = LockstepStepper(self._steps, engine.model, parallel, engine.moe, control)  # type: ignore[arg-type]
         self.transport = RankTransport(kv, "prefill", ctx.rank, engine.kv_pool.tensor)
         try:
-            info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host)
+            info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host, fingerprint_of(engine, args),
+                            kv.control_key)
             self.manager = KVSendManager(
                 self.transport.engine,
                 self.transport.layout,

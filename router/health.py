@@ -5,6 +5,9 @@ backoff (interval × 2^k, capped at `health_max_backoff_s`) and re-admitted on i
 Requests that cannot reach a worker count as failures too (the proxy records them), so a dead worker
 is usually ejected before its next probe; all the requests one crash fails count as one failure
 (`WorkerRegistry.record_request_failure`), so a crash under load does not jump the backoff to its cap.
+While requests are being refused for want of a healthy worker of a role, its ejected workers are probed
+every `WANTED_PROBE_S` whatever their backoff (`wanted`): the backoff spares a worker that nobody waits
+for, and a restarted instance is serving within about that long of being healthy.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from router.workers import Worker, WorkerRegistry
 
 log = logging.getLogger("router.health")
 
+# How often an ejected worker is probed while requests wait for its role (at most every health interval).
+WANTED_PROBE_S = 0.5
+
 
 class HealthChecker:
     def __init__(self, registry: WorkerRegistry, pool: UpstreamPool, config: RouterConfig) -> None:
@@ -28,6 +34,8 @@ class HealthChecker:
         self._threshold = config.health_failure_threshold
         self._max_backoff = config.health_max_backoff_s
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # set by `wanted`: a probe became due sooner than the loop sleeps
+        self._last_probe: dict[Worker, float] = {}  # loop time of each worker's last probe
 
     def start(self) -> None:
         if self._task is None and self._interval > 0:
@@ -49,7 +57,25 @@ class HealthChecker:
                 await asyncio.gather(*(self.probe(w) for w in due))
             pending = [w.next_probe_at for w in self._registry.all_workers()]
             wait = min(pending, default=now + self._interval) - loop.time()
-            await asyncio.sleep(min(max(wait, 0.01), self._interval))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(max(wait, 0.01), self._interval))
+            except asyncio.TimeoutError:
+                pass
+
+    def wanted(self, workers: list[Worker]) -> None:
+        """A request found no healthy worker among `workers` (one role): probe the ejected ones within
+        `WANTED_PROBE_S` of their last probe, not after their backoff (the health loop wakes for it)."""
+        if self._task is None:
+            return
+        now = asyncio.get_running_loop().time()
+        gap = min(WANTED_PROBE_S, self._interval)
+        for worker in workers:
+            if not worker.healthy and not worker.draining:
+                soon = max(now, self._last_probe.get(worker, 0.0) + gap)
+                if soon < worker.next_probe_at:
+                    worker.next_probe_at = soon
+                    self._wake.set()
 
     async def probe(self, worker: Worker) -> bool:
         """One health probe; updates the worker's health and schedules its next probe."""
@@ -66,6 +92,7 @@ class HealthChecker:
         except UpstreamError as exc:
             reason = str(exc)
         now = loop.time()
+        self._last_probe[worker] = now
         if ok:
             self._registry.record_success(worker)
             worker.next_probe_at = now + self._interval

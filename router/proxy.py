@@ -208,6 +208,8 @@ class Proxy:
         if tried:
             candidates = [w for w in candidates if w not in tried]
         if not candidates:
+            if not tried:  # none healthy at all: whoever comes back first is wanted now
+                state.health.wanted([w for w in state.registry.all_workers() if w.role is role])
             if last is not None:
                 raise RouterError(502, f"no {role.value} worker could be reached: {last}", code="upstream_unreachable")
             raise RouterError(503, f"no healthy {role.value} worker", code="no_worker", retry_after_s=1)

@@ -74,31 +74,50 @@ class PDSystem:
         backend: "nixl" | "mooncake".
         prefill_flags / decode_flags: extra flags, e.g. ("--tp", "2", "--dp", "2").
         peer_timeout_s: the KV plane's dead-peer timeout on both workers.
+        env: added to every server's environment (e.g. TANDEM_KV_AUTH_TOKEN, a deployment's shared token).
     """
 
     def __init__(self, model_dir: Path, log_dir: Path, backend: str, prefill_flags: Sequence[str] = (),
-                 decode_flags: Sequence[str] = (), peer_timeout_s: float = 5.0) -> None:
+                 decode_flags: Sequence[str] = (), peer_timeout_s: float = 5.0,
+                 env: dict[str, str] | None = None) -> None:
         self.backend = backend
+        # Workloads draw prompt ids below this: an id outside the vocabulary is (rightly) a 400.
+        self.vocab_size: int = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
         self.bootstrap_port = free_port()
         p_port, d_port, r_port = free_port(), free_port(), free_port()
-        self.servers = ServerGroup(log_dir, WORKER_ENV)
+        self.servers = ServerGroup(log_dir, {**WORKER_ENV, **(env or {})})
         try:
             prefill_args = [*worker_flags(model_dir, backend, p_port, peer_timeout_s), *prefill_flags,
                             "--bootstrap-port", str(self.bootstrap_port)]
             self.prefill_args, self.prefill_port = prefill_args, p_port  # to restart it on the same ports
             self.prefill = self.servers.start("prefill", "prefill_worker", prefill_args, p_port)
             decode_args = [*worker_flags(model_dir, backend, d_port, peer_timeout_s), *decode_flags]
+            self.decode_args, self.decode_port = decode_args, d_port
             self.decode = self.servers.start("decode", "decode_worker", decode_args, d_port)
             wait_healthy([self.prefill, self.decode])
             # Health every 0.5 s and ejection at the first failure: the kill test sees it at once.
             router_args = ["--host", "127.0.0.1", "--port", str(r_port), "--prefill", self.prefill.url,
                            str(self.bootstrap_port), "--decode", self.decode.url]
             router_args += "--health-interval 0.5 --health-failure-threshold 1 --log-level warning".split()
+            self.router_args, self.router_port = router_args, r_port
             self.router = self.servers.start("router", "router", router_args, r_port)
             wait_healthy([self.router])
         except BaseException:
             self.close()
             raise
+
+    def restart(self, role: str) -> Server:
+        """Stop `role` ("prefill" | "decode" | "router"; already killed is fine) and start it again on
+        the same ports with the same flags; returns the new server once it is healthy."""
+        module = {"prefill": "prefill_worker", "decode": "decode_worker", "router": "router"}[role]
+        old: Server = getattr(self, role)
+        self.servers.servers.remove(old)
+        old.stop(grace_s=1)
+        args, port = getattr(self, f"{role}_args"), getattr(self, f"{role}_port")
+        new = self.servers.start(role, module, args, port)
+        setattr(self, role, new)
+        wait_healthy([new])
+        return new
 
     def close(self) -> None:
         self.servers.close()

@@ -78,6 +78,7 @@ def test_health_reports_starting_until_every_rank_registered(service: BootstrapS
         (_registration(1, engine_kind="mooncake"), "mooncake engine"),
         (_registration(1, aux_layout=replace(AUX, slot_bytes=32)), "aux slots"),
         (_registration(1, control_endpoint="tcp://127.0.0.1:7000"), "control endpoint"),
+        (_registration(1, model_fingerprint="config=a weights=b dtype=bfloat16"), "serves model"),
     ],
 )
 def test_conflicting_registration_is_refused_with_409(

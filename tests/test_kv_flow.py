@@ -24,7 +24,9 @@ import pytest
 from kvflow_rank import SENTINEL, DecodeRank, PoolShape, PrefillRank, prefill_pool_bytes
 
 from kvtransfer.bootstrap import BootstrapService
+from kvtransfer.channel import ControlChannel
 from kvtransfer.mapping import ParallelLayout
+from kvtransfer.messages import Heartbeat
 from kvtransfer.rooms import RankInfo
 from kvtransfer.send_manager import KVSendManager
 from kvtransfer.state import KVBootstrapError, KVPoll, KVTimeouts
@@ -388,6 +390,62 @@ def test_unreachable_bootstrap_and_mismatched_pages_are_clear_errors(cleanup: li
                       KVTimeouts(http_s=0.3))
     assert decode.counts()["live_rooms"] == 0
     assert decode.close() == {"inflight_handles": 0, "registrations": 0, "peers": 0}
+
+
+def test_a_decode_rank_refuses_a_prefill_instance_that_serves_another_model(cleanup: list[Any]) -> None:
+    """Same shapes, other weights (DeepSeek-V3 vs R1): refused at the lookup, naming what differs, before any
+    page is asked for; a prefill rank likewise refuses a decode intro of another model."""
+    kind = "mooncake"
+    _skip_without(kind)
+    service = BootstrapService(ParallelLayout(1))
+    cleanup.append(service)
+    v3, r1 = "config=c1 weights=w-v3 dtype=bfloat16", "config=c1 weights=w-r1 dtype=bfloat16"
+    prefill = PrefillRank(kind, RankInfo(0, 1, model_fingerprint=v3), service.address, SHAPE, TIMEOUTS, OPTIONS[kind])
+    cleanup.append(prefill)
+    decode = DecodeRank(kind, RankInfo(0, 1, model_fingerprint=r1), SHAPE, TIMEOUTS, OPTIONS[kind])
+    cleanup.append(decode)
+    with pytest.raises(KVBootstrapError, match="another model: weights w-r1 here, w-v3 on the peer"):
+        decode.start(service.host, service.port, 5, DST_PAGES, 0)
+    assert decode.counts()["live_rooms"] == 0
+    # The check a prefill rank makes of a decode rank's intro (its first TransferRequest).
+    why = prefill.manager._layout_mismatch(decode.layout, decode.aux, r1)
+    assert why is not None and "weights w-v3 here, w-r1 on the peer" in why
+
+
+def test_a_signed_control_channel_takes_only_frames_signed_with_the_deployment_key() -> None:
+    channels = {name: ControlChannel(key=key) for name, key in
+                (("ours", "deploy-1"), ("peer", "deploy-1"), ("stranger", None), ("other", "deploy-2"))}
+    try:
+        ours = channels["ours"]
+        for name in ("stranger", "other", "peer"):
+            assert channels[name].send(ours.endpoint, Heartbeat(sender=name, session="s"))
+        got, deadline = [], time.monotonic() + 5
+        while (len(got) < 1 or ours.num_refused < 2) and time.monotonic() < deadline:
+            message = ours.recv(0.05)
+            if message is not None:
+                got.append(message.sender)
+        assert got == ["peer"] and ours.num_refused == 2
+    finally:
+        for channel in channels.values():
+            channel.close()
+
+
+def test_ranks_sharing_the_deployment_key_move_kv_over_the_signed_channel(cleanup: list[Any]) -> None:
+    kind = "mooncake"
+    _skip_without(kind)
+    service = BootstrapService(ParallelLayout(1))
+    cleanup.append(service)
+    info = RankInfo(0, 1, control_key="deploy-1")
+    prefill = PrefillRank(kind, info, service.address, SHAPE, TIMEOUTS, OPTIONS[kind])
+    cleanup.append(prefill)
+    decode = DecodeRank(kind, info, SHAPE, TIMEOUTS, OPTIONS[kind])
+    cleanup.append(decode)
+    decode.start(service.host, service.port, 11, DST_PAGES, 0)
+    prefill.start(11, CHUNKS, (42, -1.0))
+    run_until([prefill, decode], lambda: decode.result(11) is not None and prefill.result(11) is not None)
+    assert decode.result(11) == ("Success", None, (42, -1.0)) and prefill.result(11) == ("Success", None)
+    check_destination(decode, {d: (0, s) for s, d in zip(SRC_PAGES, DST_PAGES, strict=True)})
+    assert prefill.manager.channel.num_refused == 0 and decode.manager.channel.num_refused == 0
 
 
 # --- protocol edge cases: both ranks in this process (Mooncake: an engine is made in milliseconds) -------

@@ -1,6 +1,7 @@
 """A worker's rank processes end with its HTTP process, however that ends: SIGKILL of the HTTP process alone
 (no clean-up runs) leaves no rank behind, frees the instance's ports, and an instance restarted on the same
-ports comes up with its ranks registered at the new bootstrap service. Real processes, real NIXL."""
+ports comes up with its ranks registered at the new bootstrap service. While it runs, no process of the
+instance listens beyond its --host (127.0.0.1). Real processes, real NIXL."""
 
 from __future__ import annotations
 
@@ -51,6 +52,31 @@ def running(pid: int) -> bool:
         return False
 
 
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def listening_addresses(pids: set[int]) -> set[str]:
+    """The local addresses (kernel hex, as /proc/net/tcp{,6} writes them) of every TCP socket the
+    processes `pids` listen on."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except (FileNotFoundError, PermissionError):
+            continue
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN
+                    found.add(fields[1])
+    return found
+
+
 def port_free(port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind theirs
@@ -61,9 +87,7 @@ def port_free(port: int) -> bool:
     return True
 
 
-def test_sigkill_of_the_http_process_ends_its_ranks_and_a_restart_on_the_same_ports_comes_up(
-    tmp_path: Path,
-) -> None:
+def test_a_tp2_instance_listens_on_its_host_only_and_its_ranks_end_with_its_http_process(tmp_path: Path) -> None:
     missing = backend_missing("nixl")
     if missing:
         pytest.skip(missing)
@@ -76,6 +100,8 @@ def test_sigkill_of_the_http_process_ends_its_ranks_and_a_restart_on_the_same_po
         wait_healthy([first])
         ranks = descendants(first.proc.pid)
         assert len([p for p in ranks if running(p)]) >= 2, ranks  # tp 2: two rank processes at least
+        addresses = listening_addresses(ranks | {first.proc.pid})
+        assert addresses and {a.rsplit(":", 1)[0] for a in addresses} <= LOOPBACK, addresses
         os.kill(first.proc.pid, signal.SIGKILL)  # the HTTP process alone, not its process group
         first.proc.wait(10)
         deadline = time.monotonic() + RANKS_GONE_S

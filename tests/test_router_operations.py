@@ -136,6 +136,37 @@ def test_one_crash_under_load_counts_as_one_failure_and_the_restarted_worker_ser
     run(body())
 
 
+def test_a_restarted_worker_that_requests_wait_for_is_readmitted_within_a_second_despite_its_backoff() -> None:
+    async def body() -> None:
+        # Default interval (5 s) and backoff cap (4 s): without requests waiting, the next probe of the
+        # worker ejected below comes up to 4 s after its restart.
+        async with cluster(1, 1, health_interval_s=5.0, health_failure_threshold=1) as c, \
+                aiohttp.ClientSession() as s:
+            d = c.decode[0]
+            w = c.state.registry.get(d.url)
+            assert w is not None
+            await d.stop()
+            async with s.post(c.router_url + "/generate", json=GEN) as r:
+                assert r.status in (502, 503)  # refused: the decode worker is ejected
+            assert not w.healthy
+            await asyncio.sleep(2.5)  # down a while: a few probes refused, the backoff at its cap
+            loop = asyncio.get_running_loop()
+            assert w.next_probe_at > loop.time() + 0.5  # nothing due soon on the backoff alone
+            await d.start(d.port)
+            restarted = loop.time()
+            while True:
+                async with s.post(c.router_url + "/generate", json=GEN) as r:
+                    if r.status == 200:
+                        break
+                    assert r.status == 503  # no healthy decode worker (yet)
+                await asyncio.sleep(0.05)
+            readmitted_s = loop.time() - restarted
+            assert readmitted_s < 1.0, readmitted_s  # a probe every 0.5 s while requests are refused
+            c.assert_idle()
+
+    run(body())
+
+
 def test_by_default_a_worker_down_for_long_is_still_probed_every_4_s_at_most() -> None:
     async def body() -> None:
         cfg = RouterConfig(decode=[WorkerSpec("http://127.0.0.1:9", Role.DECODE)], health_interval_s=0)

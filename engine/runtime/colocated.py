@@ -76,6 +76,14 @@ class RankEngine:
     grammar: GrammarRuntime | None = None  # structured output's compiler over the checkpoint's tokenizer
 
 
+def fingerprint_of(engine: RankEngine, args: EngineArgs) -> str:
+    """The model fingerprint this rank's KV peers must share (`engine.fingerprint`)."""
+    from ..fingerprint import model_fingerprint
+
+    dtype = str(engine.model.dtype).removeprefix("torch.")
+    return model_fingerprint(args.model_dir, args.load_format, args.seed, dtype)
+
+
 def parallel_context_for(ctx: RankContext) -> ParallelContext:
     """The model's view of this rank; process groups come from `groups` when the instance spans ranks."""
     if ctx.spec.tp_size == 1:

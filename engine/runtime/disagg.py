@@ -75,6 +75,9 @@ class KVArgs:
     mooncake_protocol: str = "tcp"
     # The bootstrap service's bearer token (prefill ranks register with it); kept out of reprs and logs.
     auth_token: str | None = field(default=None, repr=False)
+    # The deployment's token (`--kv-auth-token`, never a per-instance secret: decode ranks must know it
+    # too), which signs the control channel between prefill and decode ranks; None: an open channel.
+    control_key: str | None = field(default=None, repr=False)
 
 
 MOONCAKE_PROTOCOLS = ("tcp", "nvlink_intra")
@@ -154,9 +157,10 @@ def add_kv_flags(parser: argparse.ArgumentParser) -> None:
     kv.add_argument(
         "--kv-auth-token",
         default=None,
-        help="prefill: the bearer token rank registrations and deletions must carry at the bootstrap "
-        f"service (shared by the deployment; env {AUTH_TOKEN_ENV}); unset: a secret drawn per instance and "
-        "handed to its ranks at launch (one node only)",
+        help="the deployment's shared token (env " + AUTH_TOKEN_ENV + "): rank registrations and deletions "
+        "at a prefill bootstrap service must carry it, and the control channel between prefill and decode "
+        "ranks is signed with it (give every prefill and decode worker the same one); unset: the bootstrap "
+        "service takes a secret drawn per instance (one node only) and the control channel is open",
     )
     kv.add_argument(
         "--kv-connector",
@@ -171,11 +175,16 @@ def add_kv_flags(parser: argparse.ArgumentParser) -> None:
 AUTH_TOKEN_ENV = "TANDEM_KV_AUTH_TOKEN"
 
 
+def deployment_token(args: argparse.Namespace) -> str | None:
+    """The token the deployment shares (`--kv-auth-token`, then `TANDEM_KV_AUTH_TOKEN`), or None."""
+    return getattr(args, "kv_auth_token", None) or os.environ.get(AUTH_TOKEN_ENV) or None
+
+
 def auth_token(args: argparse.Namespace, nnodes: int = 1) -> str | None:
     """The bootstrap service's token: the deployment's (flag, then environment), else a fresh secret of
     this instance, which only its own ranks learn (at launch). Ranks on other nodes cannot learn a
     per-instance secret: a multi-node instance without a deployment token runs its service open."""
-    token = getattr(args, "kv_auth_token", None) or os.environ.get(AUTH_TOKEN_ENV) or None
+    token = deployment_token(args)
     if token is None and nnodes == 1:
         token = secrets.token_hex(16)
     return token
@@ -207,6 +216,7 @@ def kv_args(args: argparse.Namespace, bootstrap_addr: str | None = None, token: 
         nixl_threads=args.kv_nixl_threads,
         mooncake_protocol=args.kv_mooncake_protocol,
         auth_token=token,
+        control_key=deployment_token(args),
     )
 
 

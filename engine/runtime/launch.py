@@ -17,8 +17,10 @@ import os
 import random
 import socket
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,7 +80,7 @@ class RankContext:
 
     rank: int
     spec: InstanceSpec
-    dist_addr: str
+    dist_addr: str  # "host:port" of node 0's TCPStore, or "file://PATH" on one node
     inbox_addr: str  # rank 0 binds a PULL socket here for requests from the HTTP process
     outbox_addr: str  # DP-group leaders connect a PUSH socket here for token outputs
     role_args: dict[str, Any] = field(default_factory=dict)
@@ -172,14 +174,20 @@ def _rank_main(ctx: RankContext, entry: Callable[[RankContext], None], parent_pi
         die_with_parent(parent_pid, use_pdeathsig)
     import torch.distributed as dist
 
-    host, port = ctx.dist_addr.rsplit(":", 1)
     backend = "nccl" if ctx.spec.device == "cuda" else "gloo"
     if ctx.spec.device == "cuda":
         import torch
 
         torch.cuda.set_device(ctx.device)
-    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=ctx.rank,
-                            world_size=ctx.spec.tp_size)
+    if ctx.dist_addr.startswith("file://"):
+        # One node: rendezvous through a file, not a TCPStore (whose server listens on every interface
+        # whatever --host says), and gloo's pairs on loopback (by default on the hostname's address).
+        init_method = ctx.dist_addr
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    else:
+        host, port = ctx.dist_addr.rsplit(":", 1)
+        init_method = f"tcp://{host}:{port}"
+    dist.init_process_group(backend, init_method=init_method, rank=ctx.rank, world_size=ctx.spec.tp_size)
     try:
         entry(ctx)
     finally:
@@ -189,8 +197,10 @@ def _rank_main(ctx: RankContext, entry: Callable[[RankContext], None], parent_pi
 class InstanceProcesses:
     """The rank processes of this node; `stop()` ends them. Build with `launch()`."""
 
-    def __init__(self, procs: list[mp.process.BaseProcess], on_death: Callable[[str], None] | None) -> None:
+    def __init__(self, procs: list[mp.process.BaseProcess], on_death: Callable[[str], None] | None,
+                 dist_file: str | None = None) -> None:
         self._procs = procs
+        self._dist_file = dist_file  # the ranks' rendezvous file on one node: removed at stop()
         self._stopping = False
         self._on_death = on_death
         self.death_reason: str | None = None
@@ -231,6 +241,9 @@ class InstanceProcesses:
     def stop(self) -> None:
         self._stopping = True
         self._terminate_all()
+        if self._dist_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._dist_file)
 
 
 def launch(
@@ -241,8 +254,14 @@ def launch(
     role_args: dict[str, Any] | None = None,
     on_death: Callable[[str], None] | None = None,
 ) -> InstanceProcesses:
-    """Spawns this node's ranks, each running `entry(ctx)` after torch.distributed is up."""
-    dist_addr = spec.dist_init_addr or f"127.0.0.1:{free_port()}"
+    """Spawns this node's ranks, each running `entry(ctx)` after torch.distributed is up. Across nodes they
+    meet at `spec.dist_init_addr`; on one node through a fresh file (no listening socket)."""
+    dist_file = None
+    if spec.dist_init_addr:
+        dist_addr = spec.dist_init_addr
+    else:
+        dist_file = os.path.join(tempfile.gettempdir(), f"tandem-dist-{os.getpid()}-{uuid.uuid4().hex}")
+        dist_addr = f"file://{dist_file}"
     mpctx = mp.get_context("spawn")
     procs = []
     on_main_thread = threading.current_thread() is threading.main_thread()  # see die_with_parent
@@ -252,7 +271,7 @@ def launch(
                              daemon=True)
         proc.start()
         procs.append(proc)
-    return InstanceProcesses(procs, on_death)
+    return InstanceProcesses(procs, on_death, dist_file)
 
 
 def ipc_addr(tag: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -78,8 +78,12 @@ class WorkerApp:
     """Routes and per-request plumbing; `build()` returns the aiohttp application."""
 
     def __init__(self, backend: EngineBackend, codec: TextCodec, config: ServerConfig,
-                 metrics_text: Callable[[], bytes] | None = None) -> None:
+                 metrics_text: Callable[[], bytes] | None = None,
+                 admit: Callable[[GenerateRequest], Awaitable[None]] | None = None) -> None:
         self.backend = backend
+        # Checked before a parsed request reaches the backend (raises RequestError to refuse it): a decode
+        # worker looks the named prefill instance up here, off the rank loop (`serve.PrefillLookupGate`).
+        self._admit = admit
         self.codec = codec
         self.config = config
         self._metrics_text = metrics_text
@@ -183,6 +187,13 @@ class WorkerApp:
             return error_response(str(exc), exc.status, exc.code, exc.param)
         if kind == "responses":  # its output has no reasoning part: the text is all output_text
             parsed.responses, parsed.reasoning = True, False
+        if self._admit is not None:
+            try:
+                for engine_request in parsed.requests:  # one look-up per prefill host: cached after the first
+                    await self._admit(engine_request)
+            except RequestError as exc:
+                self.num_errors += 1
+                return error_response(str(exc), exc.status, exc.code, exc.param)
         self.inflight += 1
         finished = False
         try:

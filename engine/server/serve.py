@@ -25,11 +25,14 @@ from kvtransfer import http_errors
 from ..chat_template import ChatTemplate
 from ..config import ModelConfig
 from ..runtime.bridge import RankBridge
+from ..runtime.disagg import BENCH_CONNECTOR
 from ..runtime.launch import InstanceSpec, LayoutError, RankContext, ipc_addr, launch
 from ..runtime.offline import check_layout
 from ..tokenizer import load_tokenizer
 from .app import ServerConfig, WorkerApp
 from .cli import instance_spec
+from .messages import GenerateRequest
+from .protocol import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,42 @@ class ReadyGate:
         return await handler(request)
 
 
+class PrefillLookupGate:
+    """A decode worker's admission check: the prefill instance a request names is looked up here, on a
+    thread of the HTTP process, before the request reaches the ranks. A dead or blackholed prefill host
+    then costs its own requests a clean 502, never a stall of the rank loop that every stream of the DP
+    group waits on (the ranks' own lookup right after finds the instance just answered). Failures are
+    remembered for `BootstrapClient.FAILURE_TTL_S`, successes for `CACHE_TTL_S`.
+
+    Args:
+        timeout_s: each lookup's HTTP timeout (the ranks use the same, `KVTimeouts.http_s`).
+    Call `close()` to stop its threads."""
+
+    def __init__(self, timeout_s: float) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from kvtransfer.bootstrap import BootstrapClient
+
+        self._client = BootstrapClient(timeout_s)
+        # A few threads: one blackholed host must not hold up the lookups of the others.
+        self._threads = ThreadPoolExecutor(4, thread_name_prefix="prefill-lookup")
+
+    async def __call__(self, request: GenerateRequest) -> None:
+        from kvtransfer.state import KVBootstrapError
+
+        boot = request.bootstrap
+        if boot is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._threads, self._client.lookup, boot.host, boot.port)
+        except KVBootstrapError as exc:
+            raise RequestError(f"prefill instance {boot.host}:{boot.port} cannot be used: {exc}", 502,
+                               "kv_peer_error") from None
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+
 async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, model_dir: str,
                        entry: Callable[[RankContext], None], role_args: dict[str, Any],
                        on_startup: Callable[[web.Application], Any] | None) -> int:
@@ -100,7 +139,11 @@ async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, 
                                  chat_template=ChatTemplate.from_model_dir(model_dir),
                                  tool_call_parser=getattr(args, "tool_call_parser", None),
                                  reasoning_parser=getattr(args, "reasoning_parser", None))
-    worker = WorkerApp(bridge, tokenizer, server_config)
+    kv = role_args.get("kv")
+    gate = None
+    if role == "decode" and kv is not None and kv.connector != BENCH_CONNECTOR:
+        gate = PrefillLookupGate(kv.timeouts.http_s)
+    worker = WorkerApp(bridge, tokenizer, server_config, admit=gate)
     app = worker.build()
     app.middlewares.append(ReadyGate(bridge).middleware)
     if on_startup is not None:
@@ -117,6 +160,8 @@ async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, 
         await runner.cleanup()
         procs.stop()
         bridge.close()
+        if gate is not None:
+            gate.close()
     if exit_code:
         log.error("instance stopped: %s", procs.death_reason)
     return exit_code
