@@ -3,17 +3,14 @@ piece equals whole), the tool-call grammar (forced calls always parse), and the 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
-import socket
-import threading
 from collections.abc import AsyncIterator, Iterator
 
 import openai
 import pytest
-from aiohttp import web
 from byte_codec import ByteCodec
+from threaded_app import serve_in_thread
 
 from engine.grammar import GrammarRuntime
 from engine.server.app import ServerConfig, WorkerApp
@@ -142,19 +139,8 @@ def server() -> Iterator[tuple[str, AnswerBackend]]:
     config = ServerConfig("tiny", vocab_size=256, max_context=4096, role="decode", tool_call_parser="deepseekv3",
                           reasoning_parser="deepseek-r1")
     app = WorkerApp(backend, ByteCodec(), config)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app.build())
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{port}", backend
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(5)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+    with serve_in_thread(app.build()) as url:
+        yield url, backend
 
 
 def test_tool_calls_and_reasoning_in_openai_shapes_streamed_or_not(server: tuple[str, AnswerBackend]) -> None:

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Iterator
 import openai
 import orjson
 import pytest
-from aiohttp import web
 from byte_codec import ByteCodec
+from threaded_app import serve_in_thread
 
 from engine.server.app import ServerConfig, WorkerApp
 from engine.server.messages import GenerateRequest, TokenOutput
@@ -59,27 +59,12 @@ def _json_request(url: str, data: bytes | None = None, method: str | None = None
     return urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server() -> Iterator[tuple[str, ScriptedBackend]]:
     backend = ScriptedBackend()
     app = WorkerApp(backend, ByteCodec(), ServerConfig("tiny", vocab_size=256, max_context=512, role="decode"))
-    port = _free_port()
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app.build(), handler_cancellation=True)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{port}", backend
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(5)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+    with serve_in_thread(app.build(), handler_cancellation=True) as url:
+        yield url, backend
 
 
 def test_completion_and_chat_shapes_parse_with_the_openai_sdk(server: tuple[str, ScriptedBackend]) -> None:
