@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             # reuse across PD turns is not built).
             "engine": dataclasses.replace(engine_args(args), ep_mode="low_latency"),
             "kv": kv,
+            # One rank holds every expert and dispatches nothing (decode_worker.runner.decode_entry).
             "info": {"transfer_backend": args.transfer_backend, "kv_connector": kv.connector,
-                     "ep_mode": "low_latency"},
+                     "ep_mode": "low_latency" if args.tp > 1 else "local"},
             "cuda_graph_max_bs": args.cuda_graph_max_bs,
         }
     except ValueError as exc:

@@ -81,6 +81,7 @@ class PDSystem:
                  decode_flags: Sequence[str] = (), peer_timeout_s: float = 5.0,
                  env: dict[str, str] | None = None) -> None:
         self.backend = backend
+        self.decode_flags = list(decode_flags)
         # Workloads draw prompt ids below this: an id outside the vocabulary is (rightly) a 400.
         self.vocab_size: int = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
         self.bootstrap_port = free_port()

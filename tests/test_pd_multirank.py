@@ -19,6 +19,7 @@ from pd_system import (
     PDSystem,
     backend_missing,
     check_concurrent_mixed_requests,
+    get_json,
 )
 
 from engine.llm import LLM
@@ -78,3 +79,7 @@ def test_mismatched_layouts_serve_concurrent_mixed_requests_equal_to_colocated_g
     system: PDSystem, reference: LLM
 ) -> None:
     check_concurrent_mixed_requests(system, reference, n=16, seed=2)
+    # A decode instance of several ranks runs expert parallelism in low-latency mode (fixed budgets).
+    flags = system.decode_flags
+    decode_ranks = int(flags[flags.index("--tp") + 1]) if "--tp" in flags else 1
+    assert get_json(system.decode.url + "/server_info")["ep_mode"] == ("low_latency" if decode_ranks > 1 else "local")

@@ -101,8 +101,9 @@ def test_32_concurrent_mixed_requests_through_the_router_equal_colocated_greedy_
     check_concurrent_mixed_requests(system, reference, n=32, seed=1)
 
 
-def test_the_decode_instance_runs_expert_parallel_moe_in_low_latency_mode(system: PDSystem) -> None:
-    assert get_json(system.decode.url + "/server_info")["ep_mode"] == "low_latency"
+def test_a_one_rank_decode_instance_dispatches_no_experts(system: PDSystem) -> None:
+    # One rank holds every expert: the local MoE path, not low-latency EP padded to a fixed budget.
+    assert get_json(system.decode.url + "/server_info")["ep_mode"] == "local"
 
 
 def test_decode_serves_requests_without_bootstrap_fields_colocated(system: PDSystem, reference: LLM) -> None:
