@@ -127,6 +127,16 @@ class GrammarRuntime:
         return xgr.GrammarMatcher(self._compile(spec))
 
 
+def matcher_for(runtime: GrammarRuntime | None, spec: GrammarSpec | None) -> Any:
+    """A fresh matcher for a request's structured output (`spec`), or None without one; ValueError where the
+    instance has no grammar runtime. The one rule for the scheduler and the prefill batcher."""
+    if spec is None:
+        return None
+    if runtime is None:
+        raise ValueError("structured output is not available on this instance")
+    return runtime.matcher(spec)
+
+
 def constrain(logits: torch.Tensor, matchers: list[Any], copied: bool) -> torch.Tensor:
     """`logits` [B, V] with each constrained row's disallowed tokens at -inf. `copied`: `logits` is the
     caller's own copy already (else one is made, so the model's raw logits stay for the logprob report)."""

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
-from engine.grammar import GrammarRuntime, advance, constrain, finished
+from engine.grammar import GrammarRuntime, advance, constrain, finished, matcher_for
 from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks, prompt_logprobs
@@ -155,11 +155,7 @@ class Scheduler:
 
     def new_matcher(self, params: SamplingParams) -> Any:
         """A fresh grammar matcher for a request's structured output, or None; ValueError if it cannot be."""
-        if params.grammar is None:
-            return None
-        if self.grammar is None:
-            raise ValueError("structured output is not available on this instance")
-        return self.grammar.matcher(params.grammar)
+        return matcher_for(self.grammar, params.grammar)
 
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
         self.validate_prompt(prompt_ids, params)

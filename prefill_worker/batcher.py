@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.grammar import GrammarRuntime, constrain
+from engine.grammar import GrammarRuntime, constrain, matcher_for
 from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
@@ -111,11 +111,7 @@ class PrefillBatcher:
         self._matcher(params)  # compiles (and caches) the grammar now: a bad one is refused before any work
 
     def _matcher(self, params: SamplingParams) -> object:
-        if params.grammar is None:
-            return None
-        if self.grammar is None:
-            raise ValueError("structured output is not available on this instance")
-        return self.grammar.matcher(params.grammar)
+        return matcher_for(self.grammar, params.grammar)
 
     def add(self, job: PrefillJob) -> None:
         self.validate(job.prompt_ids, job.params)
