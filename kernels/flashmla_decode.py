@@ -61,20 +61,19 @@ def _sm90(index: int) -> bool:
 
 def flashmla_runs(q_latent: torch.Tensor, kv_cache: torch.Tensor, kv_scale: float) -> bool:
     """Whether this call goes to FlashMLA (see the module docstring for when)."""
-    mode = _mode()
-    if mode == "triton" or not q_latent.is_cuda:
+    # auto and triton: the Triton kernel until FlashMLA has run here (see the module docstring); decided
+    # before any shape check, since this runs on every decode attention call.
+    if _mode() != "flashmla" or not q_latent.is_cuda:
         return False
+    if _extension() is None:
+        raise RuntimeError("TANDEM_MLA_DECODE=flashmla but FlashMLA is not importable (install flash_mla "
+                           "or set TANDEM_FLASHMLA_SO)")
     fits = (q_latent.dtype == torch.bfloat16 and kv_cache.dtype == torch.bfloat16 and kv_scale == 1.0
             and kv_cache.shape[1] == PAGE_SIZE and q_latent.shape[2] == LORA and _sm90(q_latent.device.index or 0))
-    if mode == "flashmla":
-        if _extension() is None:
-            raise RuntimeError("TANDEM_MLA_DECODE=flashmla but FlashMLA is not importable (install flash_mla "
-                               "or set TANDEM_FLASHMLA_SO)")
-        if not fits:
-            raise RuntimeError("TANDEM_MLA_DECODE=flashmla needs sm90, bf16 q and cache, 64-token pages, "
-                               f"kv_lora_rank 512; got {q_latent.dtype}/{kv_cache.dtype}, page {kv_cache.shape[1]}")
-        return True
-    return False  # auto: the Triton kernel until FlashMLA has run here (see the module docstring)
+    if not fits:
+        raise RuntimeError("TANDEM_MLA_DECODE=flashmla needs sm90, bf16 q and cache, 64-token pages, "
+                           f"kv_lora_rank 512; got {q_latent.dtype}/{kv_cache.dtype}, page {kv_cache.shape[1]}")
+    return True
 
 
 def mla_decode_attention_flashmla(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
