@@ -38,3 +38,22 @@ step() {  # step NAME SECONDS CMD...: run CMD time-boxed, tee'd to $OUT/NAME.log
     echo "=== $name: rc $rc after $(($(date +%s) - start)) s" | tee -a "$OUT/$name.log"
     [ "$rc" -eq 0 ] || status=1
 }
+# FlashMLA, only where one was carried (.gpu_carry/ is never committed): flashmla_start SAVE_DIR LOG_DIR uses a
+# carried .so or starts building one in the background; flashmla_wait SECONDS waits for that build and exports
+# TANDEM_FLASHMLA_SO when it produced SAVE_DIR/flash_mla_dense.so.
+flashmla_start() {
+    flashmla_save=$1 flashmla_log=$2/00_build_flashmla.log
+    if [ -f .gpu_carry/flash_mla_dense.so ]; then
+        export TANDEM_FLASHMLA_SO=$PWD/.gpu_carry/flash_mla_dense.so
+    elif [ -f .gpu_carry/build_flashmla.py ]; then
+        (python3 .gpu_carry/build_flashmla.py "$flashmla_save" >"$flashmla_log" 2>&1; echo "rc $?" >>"$flashmla_log") &
+        flashmla_pid=$!
+    fi
+}
+flashmla_wait() {
+    [ -n "${flashmla_pid:-}" ] || return 0
+    timeout "$1" tail --pid="$flashmla_pid" -f /dev/null
+    tail -5 "$flashmla_log"
+    [ -f "$flashmla_save/flash_mla_dense.so" ] && export TANDEM_FLASHMLA_SO=$flashmla_save/flash_mla_dense.so
+    return 0
+}

@@ -13,12 +13,7 @@ OUT_SAVED=$OUT OUT=/tmp/device_step_logs
 start=$(date +%s)
 left() { local l=$(($1 - ($(date +%s) - start))); echo $((l > 20 ? l : 20)); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/00_env.log"
-if [ -f .gpu_carry/flash_mla_dense.so ]; then
-    export TANDEM_FLASHMLA_SO=$PWD/.gpu_carry/flash_mla_dense.so
-elif [ -f .gpu_carry/build_flashmla.py ]; then
-    (python3 .gpu_carry/build_flashmla.py "$OUT_SAVED" >"$OUT/00_build_flashmla.log" 2>&1; echo "rc $?" >>"$OUT/00_build_flashmla.log") &
-    build_pid=$!
-fi
+flashmla_start "$OUT_SAVED" "$OUT"
 DS="--device cuda --model-config v2-lite --load-format dummy --batch-sizes 1,8,64 --context 1024"
 step 01_decode_step 75 env TANDEM_MLA_DECODE=triton python3 -m bench.decode_step $DS --profile \
     --out "$OUT_SAVED/decode_step_gpu.json"
@@ -28,11 +23,7 @@ bench.decode_step $DS --out $OUT_SAVED/decode_step_gpu_landed.json"
 fi
 step 03_pytest_gpu $(left ${TESTS_UNTIL:-300}) python3 -m pytest -q -p no:cacheprovider -rf --tb=line -m gpu \
     tests/test_cuda_graph.py tests/test_kernels_decode_fused.py tests/test_fp8_gpu.py ${TESTS_K:+-k "$TESTS_K"}
-if [ -n "${build_pid:-}" ]; then
-    timeout 30 tail --pid=$build_pid -f /dev/null
-    tail -3 "$OUT/00_build_flashmla.log"
-    [ -f "$OUT_SAVED/flash_mla_dense.so" ] && export TANDEM_FLASHMLA_SO=$OUT_SAVED/flash_mla_dense.so
-fi
+flashmla_wait 30
 [ -n "${TANDEM_FLASHMLA_SO:-}" ] && step 04_tune_mla $(left 370) python3 -m bench.tune_gpu --quick --only mla16,mla128 \
     --out "$OUT_SAVED/tune_gpu_mla.json"
 [ -z "${SKIP_FP8_STEP:-}" ] && step 05_decode_step_fp8 $(left 440) python3 -m bench.decode_step $DS --quantization fp8 \

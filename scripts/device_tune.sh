@@ -13,19 +13,10 @@ source scripts/device_lib.sh
 OUT_SAVED=$OUT OUT=/tmp/device_tune_logs
 start=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/00_env.log"
-if [ -f .gpu_carry/flash_mla_dense.so ]; then
-    export TANDEM_FLASHMLA_SO=$PWD/.gpu_carry/flash_mla_dense.so
-elif [ -f .gpu_carry/build_flashmla.py ]; then
-    (python3 .gpu_carry/build_flashmla.py "$OUT_SAVED" >"$OUT/00_build_flashmla.log" 2>&1; echo "rc $?" >>"$OUT/00_build_flashmla.log") &
-    build_pid=$!
-fi
+flashmla_start "$OUT_SAVED" "$OUT"
 step 01_tune_moe_dense 210 python3 -m bench.tune_gpu --only moe,dense --jobs 8 --out "$OUT_SAVED/tune_moe_dense.json"
-if [ -n "${build_pid:-}" ]; then
-    left=$((330 - ($(date +%s) - start)))
-    timeout $((left > 10 ? left : 10)) tail --pid=$build_pid -f /dev/null
-    tail -5 "$OUT/00_build_flashmla.log"
-    [ -f "$OUT_SAVED/flash_mla_dense.so" ] && export TANDEM_FLASHMLA_SO=$OUT_SAVED/flash_mla_dense.so
-fi
+left=$((330 - ($(date +%s) - start)))
+flashmla_wait $((left > 10 ? left : 10))
 step 02_tune_mla 150 python3 -m bench.tune_gpu --only mla16,mla128 --out "$OUT_SAVED/tune_mla.json"
 left=$((585 - ($(date +%s) - start)))
 step 03_pytest_fp8_gpu $((left > 30 ? left : 30)) python3 -m pytest -q -p no:cacheprovider -rf --tb=short -m gpu \
