@@ -44,7 +44,6 @@ class DenseMLP(nn.Module):
                                            device, reduce_results=reduce_output, fp8=fp8)
         # gate and up live in one [2I, D] buffer (gate rows, then up rows: the experts' w13 layout), so that a
         # decode batch runs the whole MLP as one expert of the gated grouped GEMM: 2 kernels instead of 5.
-        # FP8 weights keep their own layout (and kernels).
         # FP8 weights fuse the same way, their block scales in one [2 * ceil(I/bn), ceil(D/bk)] buffer beside them
         # (gate's block rows, then up's: the experts' w13_scale_inv layout); all three must hold FP8 (a shard
         # cut off the block grid keeps the model dtype, and then the three linears run).
@@ -73,9 +72,16 @@ class DenseMLP(nn.Module):
             return None
         return self._gate_up
 
+    def one_expert_gate_up(self, rows: int) -> torch.Tensor | None:
+        """The fused [2I, D] gate/up weight when `rows` tokens run this MLP as one expert of the gated grouped
+        GEMM (a decode-sized batch, both weights still in the buffer, no bias); None: the three linears."""
+        if rows > FUSED_MLP_MAX_TOKENS or self.gate_proj.bias is not None or self.down_proj.bias is not None:
+            return None
+        return self._gate_up_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self._gate_up_weight() if x.shape[0] <= FUSED_MLP_MAX_TOKENS else None
-        if gate_up is None or self.gate_proj.bias is not None:
+        gate_up = self.one_expert_gate_up(x.shape[0])
+        if gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         if self.fp8 is not None:
             assert self._gate_up_scale is not None and self.down_proj.weight_scale_inv is not None
@@ -235,12 +241,10 @@ class MoEBlock(nn.Module):
         """The shared experts' (gate/up, down) weights when they can ride in the routed experts' launches:
         model-dtype weights still in their fused buffer, no bias, a decode-sized batch."""
         mlp = self.shared_experts
-        if mlp is None or self.fp8 is not None or mlp.fp8 is not None or hidden.shape[0] > FUSED_MLP_MAX_TOKENS:
+        if mlp is None or self.fp8 is not None or mlp.fp8 is not None:
             return None
-        gate_up = mlp._gate_up_weight()
-        if gate_up is None or mlp.gate_proj.bias is not None or mlp.down_proj.bias is not None:
-            return None
-        return gate_up, mlp.down_proj.weight
+        gate_up = mlp.one_expert_gate_up(hidden.shape[0])
+        return None if gate_up is None else (gate_up, mlp.down_proj.weight)
 
     def forward(self, hidden: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
         """``graph_safe``: CUDA-graph decode (engine.cuda_graph) — the experts run on the masked
