@@ -20,6 +20,7 @@ token group for the second.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,11 @@ import triton.language as tl
 
 from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize, check_expert_weights, scale_shape
 from kernels.triton_moe import ExpertSort, sort_by_expert
+
+# Hopper's FP8 MMA adds its products at less than fp32 precision; Triton promotes the partial sum into an
+# fp32 register every PROMOTE_K products (a K block of 128 is DeepSeek's recipe; 32 is one wgmma, the
+# most precise). TANDEM_FP8_PROMOTE_K picks it (32, 64 or 128) so a GPU run can measure both.
+PROMOTE_K = int(os.environ.get("TANDEM_FP8_PROMOTE_K", "128"))
 
 
 @triton.jit
@@ -163,7 +169,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
                      stride_am, stride_asm, stride_bn, stride_bsn, stride_cs, stride_cm,
                      NUM_KB: tl.constexpr, KB_PER_SPLIT: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, QUANT_A: tl.constexpr):
+                     GROUP_M: tl.constexpr, QUANT_A: tl.constexpr, PROMOTE: tl.constexpr):
     pid = tl.program_id(0)
     # Split-K: program_id(1) takes K blocks [split * KB_PER_SPLIT, ...) and writes an fp32 partial to
     # slice `split` of c (summed by the caller). One split: the whole K, straight to the output.
@@ -210,7 +216,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
             a_s = tl.load(as_ptrs + kb, mask=m_mask & (offs_m * 0 < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         b_s = tl.load(bs_ptrs + kb, mask=n_mask & (offs_n * 0 < k_left), other=0.0)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if HAS_BIAS:
@@ -276,7 +282,8 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
         out.stride(0), out.stride(1),
         NUM_KB=k_blocks, KB_PER_SPLIT=per_split, SCALE_BLOCK_N=block_size[0], HAS_BIAS=with_bias,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=block_size[1], GROUP_M=cfg.group_m, QUANT_A=xs is None, num_warps=cfg.num_warps,
+        BLOCK_K=block_size[1], GROUP_M=cfg.group_m, QUANT_A=xs is None, PROMOTE=min(PROMOTE_K, block_size[1]),
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     if split_k == 1:
@@ -320,7 +327,7 @@ def _fp8_moe_gemm_kernel(
     NUM_KB: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
     MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -385,13 +392,13 @@ def _fp8_moe_gemm_kernel(
         a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
         if GATED:
             # w13 holds the gate rows then the up rows: the up partner of column n is row N + n, and its
             # scales start at block row up_scale_row (the gate half's block rows, ceil-divided).
             b_up = tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             bs_up = tl.load(bs_ptrs + up_scale_row * stride_bsn + kb, mask=n_mask, other=0.0)
-            acc_up += tl.dot(a, b_up) * a_s[:, None] * bs_up[None, :]
+            acc_up += tl.dot(a, b_up, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * bs_up[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
@@ -422,7 +429,8 @@ def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s
         NUM_KB=triton.cdiv(w.shape[2], block_size[1]), SCALE_BLOCK_N=block_size[0], A_ROW_DIV=a_row_div,
         GATED=gated, MUL_WEIGHT=weights is not None,
         MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
-        GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GROUP_M=cfg.group_m, PROMOTE=min(PROMOTE_K, block_size[1]), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
@@ -479,7 +487,7 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: to
         NUM_KB=triton.cdiv(w.shape[2], block_size[1]), SCALE_BLOCK_N=block_size[0], A_ROW_DIV=1, GATED=gated,
         MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PROMOTE=min(PROMOTE_K, block_size[1]), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 

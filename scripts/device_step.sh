@@ -1,33 +1,56 @@
 #!/usr/bin/env bash
-# On the GPU machine, one call: the decode step against its floor (this tree with --profile, then the landed
-# tree carried as .baseline), the GPU tests of the kernels, CUDA graphs and FP8, MLA decode with FlashMLA
-# beside the Triton tiles (when a FlashMLA extension is carried or built from .gpu_carry/, which is never
-# committed), and the FP8-weights decode step. Carry .gpu_bundle, .baseline, optionally .gpu_carry.
-# Usage: OUT=DIR bash scripts/device_step.sh
+# On the GPU machine, one call of time-boxed steps, chosen and ordered by STEPS (default: all but landed):
+#   prefill    bench.prefill_step --profile: a 4096-token prefill forward against the bf16 matmul rate
+#   decode     bench.decode_step --profile: the decode step against its floor, kernels per step
+#   landed     the same decode step on the landed tree carried as .baseline (same call, same card)
+#   tests      GPU tests of CUDA graphs, fused decode ops and FP8 (TESTS_K narrows them)
+#   flashmla   MLA decode tiles with FlashMLA beside Triton (when a FlashMLA extension is carried or built
+#              from .gpu_carry/, which is never committed; its build starts in the background at once)
+#   fp8step    the decode step with FP8 weights
+#   pd         bench.compare_pd, V2-Lite 4096 in / 100 out, 32 prompts at concurrency 8 (PD_ARGS adds)
+# Carry .gpu_bundle, optionally .baseline and .gpu_carry.
+# Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/runs/device_step}"
+STEPS="${STEPS:-prefill decode tests flashmla fp8step pd}"
+BUDGET="${BUDGET:-570}"
 mkdir -p "$OUT" /tmp/device_step_logs
 source scripts/device_lib.sh
 OUT_SAVED=$OUT OUT=/tmp/device_step_logs
 start=$(date +%s)
-left() { local l=$(($1 - ($(date +%s) - start))); echo $((l > 20 ? l : 20)); }
+# left CAP: seconds a step may take, at most CAP and at most what is left of BUDGET (20 at least)
+left() {
+    local l=$((BUDGET - ($(date +%s) - start)))
+    l=$((l < $1 ? l : $1))
+    echo $((l > 20 ? l : 20))
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/00_env.log"
-flashmla_start "$OUT_SAVED" "$OUT"
+[[ " $STEPS " == *" flashmla "* ]] && flashmla_start "$OUT_SAVED" "$OUT"
 DS="--device cuda --model-config v2-lite --load-format dummy --batch-sizes 1,8,64 --context 1024"
-step 01_decode_step 75 env TANDEM_MLA_DECODE=triton python3 -m bench.decode_step $DS --profile \
-    --out "$OUT_SAVED/decode_step_gpu.json"
-if [ -d .baseline ]; then
-    step 02_decode_step_landed 60 env PYTHONPATH="$PWD/.baseline:$SITE" bash -c "cd .baseline && python3 -m \
-bench.decode_step $DS --out $OUT_SAVED/decode_step_gpu_landed.json"
-fi
-step 03_pytest_gpu $(left ${TESTS_UNTIL:-300}) python3 -m pytest -q -p no:cacheprovider -rf --tb=line -m gpu \
-    tests/test_cuda_graph.py tests/test_kernels_decode_fused.py tests/test_fp8_gpu.py ${TESTS_K:+-k "$TESTS_K"}
-flashmla_wait 30
-[ -n "${TANDEM_FLASHMLA_SO:-}" ] && step 04_tune_mla $(left 370) python3 -m bench.tune_gpu --quick --only mla16,mla128 \
-    --out "$OUT_SAVED/tune_gpu_mla.json"
-[ -z "${SKIP_FP8_STEP:-}" ] && step 05_decode_step_fp8 $(left 440) python3 -m bench.decode_step $DS --quantization fp8 \
-    --out "$OUT_SAVED/decode_step_gpu_fp8.json"
+for s in $STEPS; do
+    case $s in
+    prefill) step 01_prefill_step "$(left 120)" python3 -m bench.prefill_step --device cuda --model-config v2-lite \
+        --seq-lens 4096,4x1024 --profile --out "$OUT_SAVED/prefill_step_gpu.json" ;;
+    decode) step 02_decode_step "$(left 90)" env TANDEM_MLA_DECODE=triton python3 -m bench.decode_step $DS --profile \
+        --out "$OUT_SAVED/decode_step_gpu.json" ;;
+    landed) [ -d .baseline ] && step 03_decode_step_landed "$(left 75)" env PYTHONPATH="$PWD/.baseline:$SITE" \
+        bash -c "cd .baseline && python3 -m bench.decode_step $DS --out $OUT_SAVED/decode_step_gpu_landed.json" ;;
+    tests) step 04_pytest_gpu "$(left ${TESTS_LIMIT:-240})" python3 -m pytest -q -s -p no:cacheprovider -rf --tb=line \
+        -m gpu tests/test_cuda_graph.py tests/test_kernels_decode_fused.py tests/test_fp8_gpu.py \
+        ${TESTS_K:+-k "$TESTS_K"} ;;
+    flashmla) flashmla_wait "$(left 240)"
+        [ -n "${TANDEM_FLASHMLA_SO:-}" ] && step 05_tune_mla "$(left 150)" python3 -m bench.tune_gpu --quick \
+            --only mla16,mla128 --out "$OUT_SAVED/tune_gpu_mla.json" ;;
+    fp8step) step 06_decode_step_fp8 "$(left 90)" python3 -m bench.decode_step $DS --quantization fp8 \
+        --out "$OUT_SAVED/decode_step_gpu_fp8.json" ;;
+    pd) step 07_compare_pd "$(left 240)" python3 -m bench.compare_pd --device cuda \
+        --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
+        --num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16 ${PD_ARGS:-} --output-json "$OUT_SAVED/compare_pd_c8.json" \
+        --log-dir /tmp/device_step_logs/compare_pd --disable-tqdm ;;
+    *) echo "unknown step $s" && status=1 ;;
+    esac
+done
 OUT=$OUT_SAVED
 cat /tmp/device_step_logs/*.log >"$OUT/device_step.log"
 exit $status
