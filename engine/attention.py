@@ -114,7 +114,10 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, ctx_k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        return kernels.mla_prefill_attention(q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_k, self.scale)
+        # The host copies of the bounds where the batch has them: the attention cuts sequences in Python.
+        cu_q = batch.cu_seqlens_q if batch.cu_seqlens_q_host is None else batch.cu_seqlens_q_host
+        cu_k = batch.cu_seqlens_k if batch.cu_seqlens_k_host is None else batch.cu_seqlens_k_host
+        return kernels.mla_prefill_attention(q, k, v, cu_q, cu_k, self.scale)
 
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch,
                 kv_cache: torch.Tensor, kv_scale: float) -> torch.Tensor:

@@ -8,9 +8,12 @@ cores' rate, where the Triton kernel reaches a quarter of it. Used when
     `TANDEM_FLASHMLA_SO` (a path to the `.so`; its module is `flash_mla_dense`);
   - the GPU is sm90 (H100/H200/H800), q and the cache are bf16 and the pages hold 64 tokens (FlashMLA's
     block size and tandem's default);
-  - `TANDEM_MLA_DECODE=flashmla` asks for it (and fails loudly when it cannot run). It is not picked by
-    default (`auto`) yet: this path has not run on a GPU in this project's tests (its build did not finish
-    in the one session that tried), so `auto` keeps the measured Triton kernel.
+  - `TANDEM_MLA_DECODE` is `auto` (the default) and the call has at least 64 query heads and 16 sequences,
+    or it is `flashmla` (which fails loudly when FlashMLA cannot run).
+`auto`'s rule is measured (one H100, CUDA-graph replays, L2 flushed; bench/results/tune_gpu_mla_h100.json):
+at 128 heads FlashMLA took 165 us at batch 64 / context 4096 (442 TFLOP/s) where the Triton kernel took
+362 us, and 76 vs 142 us at batch 64 / context 1024, but 43 vs 31 us at batch 8 / context 1024; at 16
+heads the Triton kernel was faster at every size (e.g. 131 vs 162 us at batch 64 / context 4096).
 Otherwise `kernels.triton_mla_decode` runs. FlashMLA computes its split schedule on the device from
 `seq_lens` in every call (no host sync), so the call can be captured in a CUDA graph.
 """
@@ -29,6 +32,8 @@ import torch
 
 PAGE_SIZE = 64
 LORA = 512
+AUTO_MIN_HEADS = 64  # auto: FlashMLA from this many query heads per rank (DP attention's 128)...
+AUTO_MIN_BATCH = 16  # ...and this many sequences in the call
 
 
 @functools.cache
@@ -59,18 +64,24 @@ def _sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index) == (9, 0)
 
 
+def _fits(q_latent: torch.Tensor, kv_cache: torch.Tensor, kv_scale: float) -> bool:
+    return (q_latent.dtype == torch.bfloat16 and kv_cache.dtype == torch.bfloat16 and kv_scale == 1.0
+            and kv_cache.shape[1] == PAGE_SIZE and q_latent.shape[2] == LORA and _sm90(q_latent.device.index or 0))
+
+
 def flashmla_runs(q_latent: torch.Tensor, kv_cache: torch.Tensor, kv_scale: float) -> bool:
     """Whether this call goes to FlashMLA (see the module docstring for when)."""
-    # auto and triton: the Triton kernel until FlashMLA has run here (see the module docstring); decided
-    # before any shape check, since this runs on every decode attention call.
-    if _mode() != "flashmla" or not q_latent.is_cuda:
+    mode = _mode()
+    if mode == "triton" or not q_latent.is_cuda:
         return False
+    if mode == "auto":
+        # Cheap checks first: this runs on every decode attention call.
+        return (q_latent.shape[1] >= AUTO_MIN_HEADS and q_latent.shape[0] >= AUTO_MIN_BATCH
+                and _extension() is not None and _fits(q_latent, kv_cache, kv_scale))
     if _extension() is None:
         raise RuntimeError("TANDEM_MLA_DECODE=flashmla but FlashMLA is not importable (install flash_mla "
                            "or set TANDEM_FLASHMLA_SO)")
-    fits = (q_latent.dtype == torch.bfloat16 and kv_cache.dtype == torch.bfloat16 and kv_scale == 1.0
-            and kv_cache.shape[1] == PAGE_SIZE and q_latent.shape[2] == LORA and _sm90(q_latent.device.index or 0))
-    if not fits:
+    if not _fits(q_latent, kv_cache, kv_scale):
         raise RuntimeError("TANDEM_MLA_DECODE=flashmla needs sm90, bf16 q and cache, 64-token pages, "
                            f"kv_lora_rank 512; got {q_latent.dtype}/{kv_cache.dtype}, page {kv_cache.shape[1]}")
     return True

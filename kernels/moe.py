@@ -71,6 +71,12 @@ def moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
     return out
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``SiLU(gate) * up`` of rows ``[gate | up]`` ``[T, 2I]`` -> ``[T, I]``, rounded as torch rounds the two ops."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """A dense SiLU-gated MLP: x ``[T, D]``, gate_up ``[2I, D]`` (gate rows then up rows), down ``[D, I]``.
     Gate and up are separate products, as two linear layers compute them (the same bits)."""

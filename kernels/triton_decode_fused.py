@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels import decode_fused
+from kernels import moe as moe_ref
 
 
 @triton.jit
@@ -293,4 +294,29 @@ def moe_combine_triton(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tens
         TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_D=block_d, HAS_ADD=add is not None,
         num_warps=4,
     )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < inter
+    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0.0).to(tl.float32)
+    # Rounded to the input dtype between the two ops, as torch's separate silu and multiply round.
+    act = (gate * tl.sigmoid(gate)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
+    """``kernels.moe.silu_mul`` in one pass (torch's chunked silu and product were two strided, unvectorized
+    kernels: 6.4 ms of an 88 ms V2-Lite 4096-token prefill on an H100)."""
+    if gate_up.dim() != 2 or gate_up.stride(1) != 1 or gate_up.shape[1] % 2 or gate_up.shape[0] == 0:
+        return moe_ref.silu_mul(gate_up)
+    inter = gate_up.shape[1] // 2
+    out = torch.empty((gate_up.shape[0], inter), dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, triton.next_power_of_2(inter))
+    _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(inter, block))](
+        gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4)
     return out

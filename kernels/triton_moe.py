@@ -23,7 +23,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -342,28 +341,31 @@ def moe_forward_grouped_mm(
     w13: torch.Tensor,
     w2: torch.Tensor,
 ) -> torch.Tensor:
-    """Contiguous-layout MoE through `torch._grouped_mm` (bf16, sm90+): sort, two grouped GEMMs, scatter."""
+    """Contiguous-layout MoE through `torch._grouped_mm` (bf16, sm90+): sort, two grouped GEMMs with SiLU * up
+    between them in one kernel, and the weighted top-k sum read straight from the sorted rows (one
+    kernel, fp32, the reference's order), without a host sync. A slot whose expert is not in [0, E) (not on
+    this rank) contributes nothing."""
+    from kernels.triton_decode_fused import moe_combine_triton, silu_mul_triton
+
     num_tokens, top_k = _validate_routing(hidden, topk_ids, topk_weights)
     num_experts = _validate_weights(hidden.shape[1], w13, w2, hidden.dtype)
     if num_tokens == 0 or top_k == 0 or num_experts == 0:
         return torch.zeros_like(hidden)
     flat = topk_ids.reshape(-1).long()
-    flat = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)
-    order = torch.argsort(flat, stable=True)
+    local = (flat >= 0) & (flat < num_experts)
+    key = torch.where(local, flat, num_experts)
+    order = torch.argsort(key, stable=True)
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=hidden.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    counts.scatter_add_(0, key, torch.ones_like(key))
     offs = torch.cumsum(counts[:num_experts], 0).to(torch.int32)
     x = hidden[order // top_k]
     gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
-    gate, up = gate_up.chunk(2, dim=-1)
-    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
-    # Rows past offs[-1] (routed elsewhere) are left unspecified by _grouped_mm (maybe NaN): zero them.
-    y.masked_fill_((flat[order] >= num_experts)[:, None], 0.0)
-    # Back to (token, slot) order, then the weighted sum over slots as one batched [1, K] x [K, D]
-    # product (fp32 accumulation, one pass over y instead of a multiply, a scatter and a sum).
-    unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    per_slot = y[unsort].view(num_tokens, top_k, -1)
-    return torch.bmm(topk_weights.to(y.dtype).view(num_tokens, 1, top_k), per_slot).view(num_tokens, -1)
+    y = torch._grouped_mm(silu_mul_triton(gate_up), w2.transpose(1, 2), offs=offs)
+    # Where each (token, slot) row went; rows past offs[-1] (not local) hold unspecified values (maybe NaN)
+    # and are never read: their slots point nowhere (-1).
+    dest = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    dest = torch.where(local, dest, -1)
+    return moe_combine_triton(y, dest, topk_ids.contiguous(), topk_weights.contiguous())
 
 
 def moe_forward_masked_triton(
@@ -498,9 +500,9 @@ def moe_forward_gpu(
     w2: torch.Tensor,
 ) -> torch.Tensor:
     """The contiguous path the backend selector routes to: the faster of the two measured on H100."""
-    _check_expert_range(topk_ids, w13.shape[0])
     if PREFER_GROUPED_MM and grouped_mm_available(hidden.dtype, hidden.device):
         return moe_forward_grouped_mm(hidden, topk_ids, topk_weights, w13, w2)
+    _check_expert_range(topk_ids, w13.shape[0])
     return moe_forward_triton(hidden, topk_ids, topk_weights, w13, w2)
 
 

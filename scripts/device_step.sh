@@ -7,6 +7,8 @@
 #   flashmla   MLA decode tiles with FlashMLA beside Triton (when a FlashMLA extension is carried or built
 #              from .gpu_carry/, which is never committed; its build starts in the background at once)
 #   fp8step    the decode step with FP8 weights
+#   fp8diff    tests/fp8_layer_diff.py: module by module, where the tiny FP8 model on the GPU parts from its
+#              CPU reference
 #   pd         bench.compare_pd, V2-Lite 4096 in / 100 out, 32 prompts at concurrency 8 (PD_ARGS adds)
 # Carry .gpu_bundle, optionally .baseline and .gpu_carry.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
@@ -26,7 +28,8 @@ left() {
     echo $((l > 20 ? l : 20))
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/00_env.log"
-[[ " $STEPS " == *" flashmla "* ]] && flashmla_start "$OUT_SAVED" "$OUT"
+# A carried FlashMLA extension is used by every step (tests included); a build only when asked for.
+[[ " $STEPS " == *" flashmla "* || -f .gpu_carry/flash_mla_dense.so ]] && flashmla_start "$OUT_SAVED" "$OUT"
 DS="--device cuda --model-config v2-lite --load-format dummy --batch-sizes 1,8,64 --context 1024"
 for s in $STEPS; do
     case $s in
@@ -38,13 +41,14 @@ for s in $STEPS; do
         bash -c "cd .baseline && python3 -m bench.decode_step $DS --out $OUT_SAVED/decode_step_gpu_landed.json" ;;
     tests) step 04_pytest_gpu "$(left ${TESTS_LIMIT:-240})" python3 -m pytest -q -s -p no:cacheprovider -rf --tb=line \
         -m gpu tests/test_cuda_graph.py tests/test_kernels_decode_fused.py tests/test_fp8_gpu.py \
-        ${TESTS_K:+-k "$TESTS_K"} ;;
+        tests/test_kernels_gpu.py ${TESTS_K:+-k "$TESTS_K"} ;;
     flashmla) flashmla_wait "$(left 240)"
         [ -n "${TANDEM_FLASHMLA_SO:-}" ] && step 05_tune_mla "$(left 150)" python3 -m bench.tune_gpu --quick \
             --only mla16,mla128 --out "$OUT_SAVED/tune_gpu_mla.json" ;;
+    fp8diff) step 08_fp8_layer_diff "$(left 90)" python3 tests/fp8_layer_diff.py --promote-k 32 ;;
     fp8step) step 06_decode_step_fp8 "$(left 90)" python3 -m bench.decode_step $DS --quantization fp8 \
         --out "$OUT_SAVED/decode_step_gpu_fp8.json" ;;
-    pd) step 07_compare_pd "$(left 240)" python3 -m bench.compare_pd --device cuda \
+    pd) step 07_compare_pd "$(left 330)" python3 -m bench.compare_pd --device cuda \
         --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
         --num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16 ${PD_ARGS:-} --output-json "$OUT_SAVED/compare_pd_c8.json" \
         --log-dir /tmp/device_step_logs/compare_pd --disable-tqdm ;;

@@ -52,7 +52,14 @@ def test_triton_quantizer_equals_the_reference_bit_for_bit(shape: tuple[int, int
     q, s = quantize_fp8_act_triton(x)
     rq, rs = fp8.quantize_fp8_act(x)
     assert torch.equal(s, rs)
-    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+    differ = (q.view(torch.uint8) != rq.view(torch.uint8)).nonzero()
+    for r, c in differ[:8].tolist():
+        scaled = x[r, c].double() / rs[r, c // 128].double()
+        print(f"[{r}, {c}] x {x[r, c].item()!r} scale {rs[r, c // 128].item()!r} x/scale {scaled.item()!r} (fp32 "
+              f"{(x[r, c].float() / rs[r, c // 128]).item()!r}): kernel {q[r, c].float().item()} "
+              f"(0x{q.view(torch.uint8)[r, c].item():02x}), torch {rq[r, c].float().item()} "
+              f"(0x{rq.view(torch.uint8)[r, c].item():02x})")
+    assert differ.numel() == 0, f"{differ.shape[0]} of {q.numel()} bytes differ"
 
 
 @gpu_test
@@ -219,7 +226,8 @@ def test_bf16_model_from_fp8_weights_stays_close_to_the_dequantized_bf16_model(f
     from engine.forward_batch import ForwardBatch, ForwardMode
     from engine.llm import LLM
 
-    fp8_llm = LLM(str(fp8_dir), device="cuda", dtype="bfloat16", page_size=16, num_pages=256)
+    fp8_llm = LLM(str(fp8_dir), device="cuda", dtype="bfloat16", quantization="fp8", page_size=16, num_pages=256)
+    assert fp8_llm.model.model.layers[1].mlp.w13.dtype == fp8.FP8_DTYPE
     ref_llm = LLM(str(fp8_dir), device="cuda", dtype="bfloat16", page_size=16, num_pages=256, quantization="none")
     try:
         assert ref_llm.model.model.layers[1].mlp.w13.dtype == torch.bfloat16

@@ -131,6 +131,10 @@ def run(device, dtype):
         e = max(e, err(fast.moe_combine_triton(y, d2, ids, wts, add), ref.moe_combine(y, d2, ids, wts, add)))
         e = max(e, err(fast.moe_combine_triton(y, d2, ids, wts), ref.moe_combine(y, d2, ids, wts)))
         out[f"moe_{tokens}x{k}x{experts}"] = e if ok else 1e9
+    from kernels import moe as moe_ref
+    for rows, inter in ((1, 64), (37, 1408), (5, 100)):
+        gate_up = rnd(rows, 2 * inter)
+        out[f"silu_mul_{rows}x{inter}"] = err(fast.silu_mul_triton(gate_up), moe_ref.silu_mul(gate_up))
     return out
 """
 
@@ -138,7 +142,7 @@ def run(device, dtype):
 @needs_triton
 def test_triton_kernels_equal_the_references_in_float32_interpreted() -> None:
     result = _interpreted(CHECKS + "\nprint(json.dumps(run('cpu', torch.float32)))\n")
-    assert len(result) == 13
+    assert len(result) == 16
     for case, error in result.items():
         assert error < 1e-4, (case, error)
 

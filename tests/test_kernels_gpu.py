@@ -135,6 +135,43 @@ def test_triton_decode_matches_reference_on_strided_pool_views(
     assert _rel_err(out, _decode_ref(*args, SCALE)) < TOLERANCE[dtype]
 
 
+def _flashmla_missing() -> bool:
+    from kernels.flashmla_decode import _extension
+
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or _extension() is None
+
+
+@gpu_test
+@pytest.mark.parametrize("heads", [16, 64, 128])
+@pytest.mark.parametrize("batch,max_context", [(1, 1), (5, 300), (16, 2100), (64, 4096), (130, 777)])
+def test_flashmla_decode_matches_the_float64_reference(batch: int, max_context: int, heads: int) -> None:
+    """The optional FlashMLA backend (an extension installed or named by TANDEM_FLASHMLA_SO) on strided pool
+    views, ragged lengths and shuffled page tables, against the float64 reference."""
+    if _flashmla_missing():
+        pytest.skip("needs FlashMLA (flash_mla, or TANDEM_FLASHMLA_SO) on an sm90 GPU")
+    from kernels.flashmla_decode import mla_decode_attention_flashmla
+
+    args = _decode_case(batch, heads, max_context, 64, torch.bfloat16, seed=batch * 7 + max_context + heads)
+    _poison_allocator()
+    out = mla_decode_attention_flashmla(*args, SCALE)
+    assert out.shape == (batch, heads, LORA) and out.dtype == torch.bfloat16
+    assert _rel_err(out, _decode_ref(*args, SCALE)) < TOLERANCE[torch.bfloat16]
+
+
+@gpu_test
+def test_auto_picks_flashmla_for_many_heads_and_sequences_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    if _flashmla_missing():
+        pytest.skip("needs FlashMLA (flash_mla, or TANDEM_FLASHMLA_SO) on an sm90 GPU")
+    from kernels.flashmla_decode import flashmla_runs
+
+    monkeypatch.setenv("TANDEM_MLA_DECODE", "auto")
+    for batch, heads, expected in ((64, 128, True), (16, 64, True), (8, 128, False), (64, 16, False)):
+        q_latent, _, kv, _, _ = _decode_case(batch, heads, 64, 64, torch.bfloat16, seed=1)
+        assert flashmla_runs(q_latent, kv, 1.0) is expected, (batch, heads)
+    monkeypatch.setenv("TANDEM_MLA_DECODE", "triton")
+    assert not flashmla_runs(*_decode_case(64, 128, 64, 64, torch.bfloat16, seed=1)[0:1], kv, 1.0)
+
+
 @gpu_test
 @pytest.mark.parametrize("kv_scale", [1.0, 0.25])
 @pytest.mark.parametrize("heads", [16, 128])
