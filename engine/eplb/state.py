@@ -56,6 +56,12 @@ class EplbState:
         self.last_rebalance_s = 0.0
         self.balancedness: float | None = None  # of the current map over the current window
         self.layer_balancedness: list[float] = []
+        if config.log_balancedness and not logging.getLogger().handlers and not log.handlers:
+            # Rank processes configure no logging (only warnings reach stderr); the user asked for these lines.
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
 
     def to_physical(self, layer: int, topk_ids: torch.Tensor, first_row: int) -> torch.Tensor:
         return self.map.to_physical(layer, topk_ids, first_row, self.ep_rank)
