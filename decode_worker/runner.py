@@ -274,7 +274,7 @@ def decode_entry(ctx: RankContext) -> None:
     # One rank holds every expert: the model's local MoE path (no dispatch, no masking; graphs capture it).
     # Low-latency EP there padded every decode step to its fixed budget (the largest prefill: 8192 tokens
     # per expert): the tiny model's decode step took ~100 ms on CPU instead of ~3 ms.
-    engine = build_rank_engine(ctx, args, expert_parallel=ctx.spec.tp_size > 1)
+    engine = build_rank_engine(ctx, args, expert_parallel=ctx.spec.tp_size > 1 or args.eplb is not None)
     if kv.connector == BENCH_CONNECTOR:  # no transfer engine: KV pages filled with random values here
         from decode_worker.bench_connector import BenchDecodeRunner
 

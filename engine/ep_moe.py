@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from engine.eplb.config import EplbConfig
+from engine.eplb.state import EplbState
 from engine.model import DeepseekForCausalLM
 from engine.moe import DispatchedTokens, MoEBlock
 from engine.parallel import ParallelContext
@@ -48,8 +50,9 @@ class ExpertParallelDispatcher:
     """One MoE layer's view of the instance-wide EP dispatcher (the engine's ``Dispatcher`` protocol)."""
 
     def __init__(self, ep: EPDispatcher, pctx: ParallelContext, layer_id: int,
-                 recorder: ExpertLoadRecorder | None) -> None:
+                 recorder: ExpertLoadRecorder | None, eplb: EplbState | None = None) -> None:
         self.ep, self.pctx, self.layer_id, self.recorder = ep, pctx, layer_id, recorder
+        self.eplb = eplb
         self.low_latency = ep.mode == "low_latency"
 
     def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
@@ -57,7 +60,9 @@ class ExpertParallelDispatcher:
         start, end = share_bounds(hidden.shape[0], self.pctx.attn_tp_size, self.pctx.attn_tp_rank)
         x, ids, weights = hidden[start:end], topk_ids[start:end], topk_weights[start:end]
         if self.recorder is not None:
-            self.recorder.record(self.layer_id, ids)
+            self.recorder.record(self.layer_id, ids)  # logical ids: what the policy balances
+        if self.eplb is not None:  # logical -> physical slots, tokens spread over an expert's replicas
+            ids = self.eplb.to_physical(self.layer_id, ids, start)
         if not self.low_latency:
             out = self.ep.dispatch(x, ids, weights)
             return DispatchedTokens(out.recv_x, out.recv_topk_ids, out.recv_topk_weights,
@@ -106,27 +111,37 @@ class ExpertParallelMoE:
         backend: ``"a2a"`` (torch.distributed over the instance's TP group) or ``"local"`` (one rank).
         mode: ``"high_throughput"`` or ``"low_latency"``.
         max_tokens_per_rank: low-latency budget: the most tokens one DP group forwards at once.
-        record_window: steps of routing counts kept for EPLB.
+        record_window: steps of routing counts kept for EPLB (``eplb.window_size`` when EPLB is on).
+        eplb: EPLB settings (``None``: off); the model must be built with ``eplb.num_redundant_experts`` as its
+            ``ParallelContext.redundant_experts``.
+        num_nodes: nodes the instance spans (EPLB keeps expert groups on nodes).
     """
 
     def __init__(self, model: DeepseekForCausalLM, backend: str = "a2a", mode: str = "high_throughput",
-                 max_tokens_per_rank: int = 0, record_window: int = 1000) -> None:
+                 max_tokens_per_rank: int = 0, record_window: int = 1000, eplb: EplbConfig | None = None,
+                 num_nodes: int = 1) -> None:
         config, pctx = model.config, model.ctx
+        redundant = eplb.num_redundant_experts if eplb is not None else 0
+        if pctx.redundant_experts != redundant:
+            raise ValueError(f"the model holds {pctx.redundant_experts} redundant expert slots, EPLB asks {redundant}")
         self.model = model
         self.moe_layers = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoEBlock)]
         # The whole DP group's batch may land on one rank's share when it is smaller than attn_tp.
         budget = max_tokens_per_rank if mode == "low_latency" else 0
-        self.ep = EPDispatcher(config.n_routed_experts, config.hidden_size, group=pctx.tp_group,
+        # Physical slots travel through the dispatcher: with EPLB an expert's replicas are experts of their own.
+        self.ep = EPDispatcher(config.n_routed_experts + redundant, config.hidden_size, group=pctx.tp_group,
                                backend=backend, mode=mode, num_max_dispatch_tokens_per_rank=budget,
                                dtype=model.dtype, device=model.device)
         if self.ep.ep_size != pctx.ep_size:
             self.ep.close()
             raise ValueError(f"the EP group has {self.ep.ep_size} ranks, the model expects {pctx.ep_size}")
-        self.recorder = ExpertLoadRecorder(config.num_hidden_layers, config.n_routed_experts, record_window,
-                                           model.device)
-        for layer in model.model.layers:
-            if isinstance(layer.mlp, MoEBlock):
-                layer.mlp.dispatcher = ExpertParallelDispatcher(self.ep, pctx, layer.layer_id, self.recorder)
+        window = eplb.window_size if eplb is not None else record_window
+        self.recorder = ExpertLoadRecorder(config.num_hidden_layers, config.n_routed_experts, window, model.device)
+        blocks = {layer.layer_id: layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoEBlock)}
+        self.eplb = None if eplb is None else EplbState(eplb, blocks, self.recorder, pctx.ep_rank, pctx.ep_size,
+                                                        pctx.tp_group, config.n_group, num_nodes)
+        for layer_id, block in blocks.items():
+            block.dispatcher = ExpertParallelDispatcher(self.ep, pctx, layer_id, self.recorder, self.eplb)
 
     @torch.inference_mode()
     def idle_forward(self) -> None:
@@ -137,7 +152,10 @@ class ExpertParallelMoE:
             block(empty)
 
     def end_step(self) -> None:
+        """Every rank, at the same lockstep turn: closes the step's counts, and EPLB may rebalance."""
         self.recorder.end_step()
+        if self.eplb is not None:
+            self.eplb.end_step()
 
     def close(self) -> None:
         self.ep.close()

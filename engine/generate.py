@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 
+from engine.eplb.config import add_eplb_flags
 from engine.llm import LLM
 from engine.quant import add_quantization_flag
 from engine.sampling import SamplingParams
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="attention data-parallel groups (attn_tp = tp / dp)")
     par.add_argument("--ep-backend", default="auto", choices=["auto", "a2a", "local", "deepep"],
                      help="MoE dispatch/combine across ranks (auto: a2a when tp > 1)")
+    add_eplb_flags(par)
     par.add_argument("--nnodes", type=int, default=1)
     par.add_argument("--node-rank", type=int, default=0)
     par.add_argument("--dist-init-addr", default=None, help="host:port of node 0 (needed with --nnodes > 1)")
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
-        if args.tp > 1 or args.nnodes > 1 or args.ep_backend not in ("auto", "local"):
+        # EPLB's map lives in the expert-parallel dispatch: it runs on the rank runtime even at tp 1.
+        if args.tp > 1 or args.nnodes > 1 or args.ep_backend not in ("auto", "local") or args.enable_eplb:
             from engine.multirank_generate import generate_multirank  # spawns rank processes
 
             outputs = generate_multirank(args, prompts, params)

@@ -198,8 +198,12 @@ class MoEBlock(nn.Module):
                  fp8: Fp8Config | None = None) -> None:
         super().__init__()
         self.gate = TopKRouter(config, device)
+        # Physical slots [expert_start, expert_end); without EPLB's redundant slots slot e holds expert e.
         self.expert_start, self.expert_end = ctx.expert_range(config.n_routed_experts)
         num_local = self.expert_end - self.expert_start
+        # The logical expert in each local slot: EPLB's start-up layout (engine.eplb.policy.static_placement),
+        # rewritten by each live rebalance (engine.eplb.rebalance).
+        self.local_experts = [slot % config.n_routed_experts for slot in range(self.expert_start, self.expert_end)]
         inter, hidden = config.moe_intermediate_size, config.hidden_size
         self.fp8 = fp8
         wdtype = dtype if fp8 is None else kernels.fp8.FP8_DTYPE
@@ -222,6 +226,15 @@ class MoEBlock(nn.Module):
             self.shared_experts = DenseMLP(hidden, inter * config.n_shared_experts, ctx, dtype, device,
                                            reduce_output=False, fp8=fp8)
         self.ctx = ctx
+
+    def slots_of(self, expert: int) -> list[int]:
+        """The local slots holding logical ``expert`` (none when another rank holds it)."""
+        return [slot for slot, held in enumerate(self.local_experts) if held == expert]
+
+    def expert_tensors(self) -> list[torch.Tensor]:
+        """Every per-expert tensor of the routed experts (weights, then FP8 scales), slot-major."""
+        scales = [t for t in (self.w13_scale_inv, self.w2_scale_inv) if t is not None]
+        return [self.w13, self.w2, *scales]
 
     def _experts(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  graph_safe: bool, add: torch.Tensor | None = None) -> torch.Tensor:

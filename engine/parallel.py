@@ -24,6 +24,8 @@ class ParallelContext:
         dp_size: number of attention data-parallel groups.
         tp_group: group of all ``tp_size`` ranks.
         attn_tp_group: the ``attn_tp_size`` ranks that share this rank's attention heads.
+        redundant_experts: EPLB's extra physical expert slots (``engine.eplb``): the instance holds
+            ``num_experts + redundant_experts`` physical experts, split evenly over the EP ranks.
     """
 
     tp_rank: int = 0
@@ -31,12 +33,15 @@ class ParallelContext:
     dp_size: int = 1
     tp_group: Any = None
     attn_tp_group: Any = None
+    redundant_experts: int = 0
 
     def __post_init__(self) -> None:
         if self.tp_size < 1 or not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"bad tp placement: rank {self.tp_rank} of {self.tp_size}")
         if self.dp_size < 1 or self.tp_size % self.dp_size:
             raise ValueError(f"tp_size {self.tp_size} is not divisible by dp_size {self.dp_size}")
+        if self.redundant_experts < 0:
+            raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
 
     @classmethod
     def single(cls) -> ParallelContext:
@@ -63,10 +68,13 @@ class ParallelContext:
         return self.tp_rank
 
     def expert_range(self, num_experts: int) -> tuple[int, int]:
-        """The contiguous range ``[start, end)`` of routed experts held by this rank."""
-        if num_experts % self.ep_size:
-            raise ValueError(f"{num_experts} experts cannot be split evenly over {self.ep_size} ranks")
-        per_rank = num_experts // self.ep_size
+        """The contiguous range ``[start, end)`` of physical expert slots held by this rank (the routed
+        experts themselves without EPLB's redundant slots)."""
+        physical = num_experts + self.redundant_experts
+        if physical % self.ep_size:
+            extra = f" + {self.redundant_experts} redundant" if self.redundant_experts else ""
+            raise ValueError(f"{num_experts}{extra} experts cannot be split evenly over {self.ep_size} ranks")
+        per_rank = physical // self.ep_size
         return self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank
 
 

@@ -9,6 +9,7 @@ bias perturbed, so a mix-up of any of them changes the output. Variants:
            top-k, first_k_dense_replace=1, shared experts
   v2-lite  no q-LoRA, YaRN, softmax router, greedy top-k, 2 shared experts
   v2-group like v2-lite with group_limited_greedy routing and plain (non-YaRN) rope
+  v3-eplb  v3 with 14 experts in 2 groups, one group per token (EPLB: 14 + 2 redundant over 4 ranks)
   v3-fp8   v3 at dims that span several 128x128 blocks (with partial edge blocks), saved as DeepSeek-V3
            ships: linear weights float8_e4m3fn + ``weight_scale_inv`` per block, quantization_config,
            and one multi-token-prediction layer (index num_hidden_layers) that the engine must skip
@@ -93,6 +94,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 VARIANTS["v2-group"] = {**VARIANTS["v2-lite"], "n_group": 4, "topk_group": 2,
                         "topk_method": "group_limited_greedy", "rope_scaling": None}
+# EPLB tests: 14 experts in 2 groups (one group per token), so 14 + 2 redundant slots split over 4 ranks
+# (and 14 alone over 2).
+VARIANTS["v3-eplb"] = {**VARIANTS["v3"], "n_routed_experts": 14, "n_group": 2, "topk_group": 1}
 # Rows/cols: hidden 256 (2 blocks), dense 512 (4; 2 per rank at tp2), experts 192 (1.5: a partial block),
 # q_lora 192, kv_a 144 (128 + rope 16), q_b 192, o_proj in 128: at tp2 q_b / o_proj / shared-expert
 # shards are 96 / 64 / 96 wide, off the 128 grid (dequantized at load), the dense MLP's 256 on it.

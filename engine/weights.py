@@ -305,11 +305,15 @@ def _load_experts(model: DeepseekForCausalLM, name: str, tensor: Tensor, loaded:
         if tuple(tensor.shape) != want:
             raise CheckpointError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, model expects {want}")
         loaded.add(name)
-        if block.expert_start <= expert < block.expert_end:
+        slots = block.slots_of(expert)
+        if slots:
             if isinstance(tensor, Fp8Weight):
                 _note_fp8(report, name, block.fp8 is not None, None)
-            # Only this rank's experts travel to the device (the others are dropped where they were read).
-            _load_one_expert(block, expert - block.expert_start, proj, tensor.to(model.device))
+            # Only this rank's experts travel to the device (the others are dropped where they were read);
+            # an expert with EPLB replicas on this rank fills each of its slots.
+            on_device = tensor.to(model.device)
+            for slot in slots:
+                _load_one_expert(block, slot, proj, on_device)
         return True
     match = _PACKED_EXPERTS.match(name)
     if match:
@@ -326,10 +330,10 @@ def _load_experts(model: DeepseekForCausalLM, name: str, tensor: Tensor, loaded:
         loaded.update(f"model.layers.{layer_id}.mlp.experts.{x}.{n}.weight" for x in range(e) for n in names)
         if fp8 is None:
             target = block.w13 if packed == "gate_up_proj" else block.w2
-            target.copy_(tensor[block.expert_start : block.expert_end].to(model.device))
+            target.copy_(tensor[block.local_experts].to(model.device))
             return True
         # FP8: each expert's gate, up and down are quantized as the separate tensors V3 would ship.
-        for local, expert in enumerate(range(block.expert_start, block.expert_end)):
+        for local, expert in enumerate(block.local_experts):
             pieces = tensor[expert].chunk(2, dim=0) if packed == "gate_up_proj" else (tensor[expert],)
             for proj, piece in zip(names, pieces, strict=True):
                 q = Fp8Weight.quantize(piece.to(model.device), fp8)
@@ -346,7 +350,7 @@ def _off_rank_expert(model: DeepseekForCausalLM, name: str) -> bool:
     if not match or int(match.group(1)) >= model.config.num_hidden_layers:
         return False
     block = model.model.layers[int(match.group(1))].mlp
-    return isinstance(block, MoEBlock) and not block.expert_start <= int(match.group(2)) < block.expert_end
+    return isinstance(block, MoEBlock) and not block.slots_of(int(match.group(2)))
 
 
 def _load_one_expert(block: MoEBlock, local: int, proj: str, tensor: Tensor) -> None:

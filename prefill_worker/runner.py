@@ -22,6 +22,7 @@ from engine.runtime.colocated import (
     RankEngine,
     build_rank_engine,
     duplicate_output,
+    engine_gauges,
     error_output,
     fingerprint_of,
     rejected_output,
@@ -219,6 +220,9 @@ class PrefillRunner:
             return prefill_dp_group(self.manager.rank_info.parallel, boot.room, boot.data_parallel_rank)
         except KVTransferError:
             return 0  # `add` refuses it there with the same message
+
+    def gauges(self) -> dict[str, float]:
+        return engine_gauges(self.engine)
 
     def status_counts(self) -> dict[str, int]:
         pool, manager = self.engine.kv_pool, self.manager

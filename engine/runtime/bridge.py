@@ -119,8 +119,11 @@ class RankBridge:
                 totals[key] = totals.get(key, 0) + value
         # The oldest group report: counts summed here are at least this fresh.
         status_time = min((status.sent_at for status in self.group_status.values()), default=0.0)
+        # Gauges are the same on every rank: the freshest report's.
+        newest = max(self.group_status.values(), key=lambda status: status.sent_at, default=None)
+        gauges = dict(newest.gauges) if newest is not None else {}
         return {"active_requests": self.num_active, "ready": self.ready, "status_time": status_time,
-                **totals, **self._info()}
+                **totals, **gauges, **self._info()}
 
     def close(self) -> None:
         if self._reader is not None:

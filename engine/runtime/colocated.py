@@ -10,12 +10,13 @@ import logging
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..config import ModelConfig
 from ..ep_moe import ExpertParallelMoE
+from ..eplb.config import EplbConfig
 from ..grammar import GrammarRuntime, GrammarSpec
 from ..kv_pool import KVPool, resolve_kv_cache_dtype
 from ..llm import resolve_dtype
@@ -64,6 +65,8 @@ class EngineArgs:
     prefix_cache: bool = True
     # None: admission reserves a request's whole life; N: prompt + N output tokens, with retraction.
     reserve_tokens: int | None = None
+    # Expert-parallel load balancing (--enable-eplb / --eplb-config, engine.eplb); None: off.
+    eplb: EplbConfig | None = None
 
 
 @dataclass
@@ -97,11 +100,13 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
     """Builds this rank's model shard and KV pool.
 
     `expert_parallel=False` keeps the model's own local MoE dispatcher; only valid on one rank, where EP
-    is the identity anyway. CUDA-graph decode needs it (the EP dispatcher is not capture-safe) at the
+    is the identity anyway, and without EPLB (its map lives in the EP dispatch). CUDA-graph decode needs it (the EP dispatcher is not capture-safe) at the
     cost of the expert-load recorder.
     """
     if not expert_parallel and ctx.spec.tp_size != 1:
         raise ValueError(f"expert parallelism can only be turned off on one rank, not tp={ctx.spec.tp_size}")
+    if not expert_parallel and args.eplb is not None:
+        raise ValueError("EPLB needs the expert-parallel MoE dispatch (it holds the logical -> physical map)")
     device = torch.device(ctx.device)
     if device.type == "cpu" and ctx.spec.ranks_per_node > 1:
         # Ranks share the node's cores: more threads than cores makes OpenMP spin-wait against the
@@ -113,12 +118,14 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
     dtype = resolve_dtype(args.dtype, device)
     backend = resolve_ep_backend(args.ep_backend, ctx.spec, mode=args.ep_mode, dtype=dtype,
                                  hidden_size=config.hidden_size)
-    validate_model_layout(config, ctx.spec, backend)  # LayoutError naming the clashing numbers
+    validate_model_layout(config, ctx.spec, backend, args.eplb)  # LayoutError naming the clashing numbers
     if device.type == "cuda" and args.gpu_memory_gb is None:
         from .offline import check_memory  # the launcher checked already when the memory was given
 
         check_memory(ctx.spec, args, torch.cuda.mem_get_info(device)[1] / 1e9)
     parallel = parallel_context_for(ctx)
+    if args.eplb is not None:
+        parallel = replace(parallel, redundant_experts=args.eplb.num_redundant_experts)
     quant = plan_quantization(args.quantization, config, device, dtype)
     model = DeepseekForCausalLM(config, parallel, dtype=dtype, device=device, fp8=quant.model_fp8)
     load_model(model, args.model_dir, args.load_format, args.seed, quant.in_effect)
@@ -126,7 +133,8 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
     if config.n_routed_experts and expert_parallel:
         # The most tokens one rank dispatches: its share of the largest forward of its DP group.
         largest_share = -(-max(args.max_prefill_tokens, args.max_running) // parallel.attn_tp_size)
-        moe = ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share)
+        moe = ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share, eplb=args.eplb,
+                                num_nodes=ctx.spec.nnodes)
     num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
     pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype, device,
@@ -134,6 +142,12 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
     grammar = GrammarRuntime(load_tokenizer(args.model_dir, config.eos_token_ids), config.vocab_size,
                              config.eos_token_ids)
     return RankEngine(config, model, pool, parallel, moe, grammar)
+
+
+def engine_gauges(engine: RankEngine) -> dict[str, float]:
+    """Instance-wide values for /metrics, the same on every rank (not summed over DP groups): EPLB's."""
+    moe = engine.moe
+    return moe.eplb.gauges() if moe is not None and moe.eplb is not None else {}
 
 
 def to_sampling_params(spec: SamplingSpec) -> SamplingParams:
@@ -255,6 +269,9 @@ class ColocatedRunner:
             # token; unseeded per-rank generators would diverge and desynchronise the group.
             request.sampling.seed = random.getrandbits(63)
         return least_loaded(loads)
+
+    def gauges(self) -> dict[str, float]:
+        return engine_gauges(self.engine)
 
     def status_counts(self) -> dict[str, int]:
         return {**self.engine.kv_pool.status_counts(),

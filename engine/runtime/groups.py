@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import ModelConfig
+from engine.eplb.config import EplbConfig
 from engine.parallel import ParallelContext
 from engine.runtime.launch import InstanceSpec, LayoutError, RankContext
 from kernels.ep_deepep import deepep_unavailable_reason
@@ -77,7 +78,8 @@ def build_parallel_context(ctx: RankContext) -> ParallelContext:
     )
 
 
-def validate_model_layout(config: ModelConfig, spec: InstanceSpec, ep_backend: str) -> None:
+def validate_model_layout(config: ModelConfig, spec: InstanceSpec, ep_backend: str,
+                          eplb: EplbConfig | None = None) -> None:
     """Refuses a layout the model cannot be split over, naming every pair of numbers that clash."""
     if ep_backend not in EP_BACKENDS:
         raise LayoutError(f"unknown --ep-backend {ep_backend!r}; choose one of {EP_BACKENDS}")
@@ -87,9 +89,13 @@ def validate_model_layout(config: ModelConfig, spec: InstanceSpec, ep_backend: s
         clashes.append(f"num_attention_heads ({config.num_attention_heads}) is not divisible by attn_tp "
                        f"({attn_tp} = tp {tp} / dp {spec.dp_size})")
     dense = [("intermediate_size", config.intermediate_size)]
+    redundant = eplb.num_redundant_experts if eplb is not None else 0
+    if eplb is not None and not config.n_routed_experts:
+        clashes.append("--enable-eplb needs a model with routed experts")
     if config.n_routed_experts:
-        if config.n_routed_experts % tp:
-            clashes.append(f"n_routed_experts ({config.n_routed_experts}) is not divisible by tp ({tp}): "
+        if (config.n_routed_experts + redundant) % tp:
+            extra = f" + num_redundant_experts ({redundant})" if redundant else ""
+            clashes.append(f"n_routed_experts ({config.n_routed_experts}){extra} is not divisible by tp ({tp}): "
                            "experts are split evenly over every rank")
         if config.n_shared_experts:
             dense.append(("shared experts' intermediate size",

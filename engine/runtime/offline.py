@@ -46,7 +46,7 @@ def check_layout(spec: InstanceSpec, args: EngineArgs) -> None:
     dtype = resolve_dtype(args.dtype, torch.device(spec.device))
     backend = resolve_ep_backend(args.ep_backend, spec, mode=args.ep_mode, dtype=dtype,
                                  hidden_size=config.hidden_size)
-    validate_model_layout(config, spec, backend)
+    validate_model_layout(config, spec, backend, args.eplb)
     if args.gpu_memory_gb is not None:
         check_memory(spec, args, args.gpu_memory_gb)
 

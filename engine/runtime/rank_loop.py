@@ -56,6 +56,9 @@ class StepRunner(Protocol):
         """Pool and slot counts reported to /server_info (free pages, transfer handles, ...)."""
         ...
 
+    # Optional: `gauges()`: instance-wide values (EPLB's balancedness), the same on every rank, reported
+    # beside the counts but not summed over DP groups.
+
     def close(self) -> None: ...
 
 
@@ -96,6 +99,7 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
             for out in outputs:
                 outbox.send(encode(out))
 
+    gauges = getattr(runner, "gauges", None)
     bind_emitter = getattr(runner, "bind_emitter", None)
     if bind_emitter is not None:
         bind_emitter(emit)
@@ -137,7 +141,8 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
                     last_status = now
                     outbox.send(encode(RankStatus(rank=ctx.rank, dp_rank=ctx.dp_rank,
                                                   num_requests=runner.num_requests(),
-                                                  counts=runner.status_counts(), sent_at=time.time())))
+                                                  counts=runner.status_counts(), sent_at=time.time(),
+                                                  gauges=gauges() if gauges is not None else {})))
             if spec.tp_size > 1:
                 my_load[0] = runner.num_requests()
                 dist.all_gather(load_slots, my_load, group=cpu_group)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..eplb.config import add_eplb_flags, eplb_config_from_flags
 from ..kv_pool import KV_CACHE_DTYPES
 from ..plan import DEFAULT_MEM_FRACTION
 from ..quant import add_quantization_flag
@@ -52,6 +53,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                      help="attention data-parallel groups (attn_tp = tp / dp)")
     par.add_argument("--ep-backend", choices=["auto", "a2a", "local", "deepep"], default="auto",
                      help="MoE dispatch/combine backend")
+    add_eplb_flags(par)
     par.add_argument("--nnodes", type=int, default=1, help="nodes this instance spans")
     par.add_argument("--node-rank", type=int, default=0, help="this node's index (0 serves HTTP)")
     par.add_argument("--dist-init-addr", default=None, help="host:port of node 0 for torch.distributed")
@@ -102,7 +104,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
                       page_size=args.page_size, num_pages=args.num_pages, max_total_tokens=args.max_total_tokens,
                       max_prefill_tokens=args.max_prefill_tokens, max_running=args.max_running_requests,
                       ep_backend=args.ep_backend, quantization=args.quantization,
-                      prefix_cache=not args.disable_prefix_cache, reserve_tokens=args.reserve_tokens)
+                      prefix_cache=not args.disable_prefix_cache, reserve_tokens=args.reserve_tokens,
+                      eplb=eplb_config_from_flags(args))
 
 
 def instance_spec(args: argparse.Namespace) -> InstanceSpec:

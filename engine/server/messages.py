@@ -99,6 +99,8 @@ class RankStatus:
     num_requests: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     sent_at: float = 0.0  # wall-clock time.time() of the report, so readers can refuse stale counts
+    # Instance-wide values every rank holds alike (EPLB's balancedness): shown as they are, never summed.
+    gauges: dict[str, float] = field(default_factory=dict)
     version: int = MESSAGE_VERSION
 
 

@@ -31,6 +31,7 @@ from ..runtime.offline import check_layout
 from ..tokenizer import load_tokenizer
 from .app import ServerConfig, WorkerApp
 from .cli import instance_spec
+from .elastic import ElasticLayout, scale_handler
 from .messages import GenerateRequest
 from .protocol import RequestError
 
@@ -145,6 +146,10 @@ async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, 
         gate = PrefillLookupGate(kv.timeouts.http_s)
     worker = WorkerApp(bridge, tokenizer, server_config, admit=gate)
     app = worker.build()
+    engine_args = role_args.get("engine")
+    eplb = getattr(engine_args, "eplb", None)
+    app.router.add_post("/scale_elastic_ep", scale_handler(ElasticLayout(
+        spec.tp_size, spec.dp_size, config.n_routed_experts, eplb.num_redundant_experts if eplb else 0)))
     app.middlewares.append(ReadyGate(bridge).middleware)
     if on_startup is not None:
         app.on_startup.append(on_startup)

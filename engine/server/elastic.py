@@ -1,0 +1,79 @@
+"""``POST /scale_elastic_ep {"new_data_parallel_size": N}`` (vLLM's elastic-EP endpoint): its checks.
+
+Elastic EP — new ranks joining a running instance, communicators re-formed, removed ranks draining — is not
+built yet. What is: the request is validated and answered without disturbing the instance. A size the
+instance cannot take (not a power of two, experts that would not split over the new ranks; each DP group
+keeps its attn_tp ranks, so attention splits as before) is a 400 naming the numbers; the current size is a 200 with nothing to do; any other
+size is a 501 saying the instance keeps serving at its current size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from kvtransfer import http_errors
+
+
+@dataclass(frozen=True)
+class ElasticLayout:
+    """What the checks need of the running instance."""
+
+    tp_size: int
+    dp_size: int
+    num_experts: int  # routed experts (0: a dense model)
+    redundant_experts: int  # EPLB's extra slots
+
+    @property
+    def attn_tp_size(self) -> int:
+        return self.tp_size // self.dp_size
+
+
+def scale_problems(layout: ElasticLayout, new_dp: int) -> list[str]:
+    """Why ``new_dp`` attention-DP groups (of the same ``attn_tp`` ranks each) cannot hold this model."""
+    problems = []
+    new_tp = new_dp * layout.attn_tp_size
+    if new_dp & (new_dp - 1):
+        problems.append(f"new_data_parallel_size {new_dp} is not a power of two (rank mapping serves powers of two)")
+    physical = layout.num_experts + layout.redundant_experts
+    if physical and physical % new_tp:
+        extra = f" + {layout.redundant_experts} redundant" if layout.redundant_experts else ""
+        problems.append(f"{layout.num_experts}{extra} experts do not split evenly over {new_tp} ranks "
+                        f"({new_dp} DP groups x attn_tp {layout.attn_tp_size})")
+    return problems
+
+
+def scale_handler(layout: ElasticLayout) -> Any:
+    """The aiohttp handler of ``POST /scale_elastic_ep`` for an instance of ``layout``."""
+
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            body = await request.json(loads=orjson.loads)
+        except ValueError:
+            return http_errors.error_response(400, "the request body is not valid JSON")
+        if not isinstance(body, dict):
+            return http_errors.error_response(400, "the request body must be a JSON object")
+        unknown = sorted(set(body) - {"new_data_parallel_size"})
+        if unknown:
+            return http_errors.error_response(400, f"unknown field(s) {', '.join(unknown)}", "invalid_request",
+                                              unknown[0])
+        new_dp = body.get("new_data_parallel_size")
+        if not isinstance(new_dp, int) or isinstance(new_dp, bool) or new_dp < 1:
+            return http_errors.error_response(400, "'new_data_parallel_size' must be an integer >= 1",
+                                              "invalid_request", "new_data_parallel_size")
+        if new_dp == layout.dp_size:
+            return web.Response(body=orjson.dumps({"success": True, "data_parallel_size": new_dp,
+                                                   "message": "the instance already has this size"}),
+                                content_type="application/json")
+        problems = scale_problems(layout, new_dp)
+        if problems:
+            return http_errors.error_response(400, "cannot scale: " + "; ".join(problems), "invalid_request",
+                                              "new_data_parallel_size")
+        return http_errors.error_response(
+            501, f"scaling a running instance (elastic EP) is not implemented; the instance keeps serving at "
+                 f"data_parallel_size {layout.dp_size}", "not_implemented", "new_data_parallel_size")
+
+    return handle
