@@ -50,12 +50,12 @@ def _round_to_e4m3(v):
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = ~0xFFFFF
     normal = bits.to(tl.float32, bitcast=True)
     # e4m3 subnormals (|v| < 2^-6) sit on a 2^-9 grid: adding 1.5 * 2^14 rounds to it in fp32. Rounded as a
-    # magnitude and signed after, so a tiny negative value becomes -0 as torch's cast makes it (byte 0x80;
-    # rounding v itself gave +0: equal values, different bytes, seen on the H100).
+    # magnitude and given v's sign bit after, so a tiny negative value becomes -0 as torch's cast makes it
+    # (byte 0x80). The sign goes in as a bit: negating the rounded zero (-sub) still gave +0 on the H100 and
+    # the H200 (68 of 29M bytes differed at 4096 x 7168), the compiler being free to fold a negated zero.
     mag = tl.abs(v)
-    sub = (mag + 24576.0) - 24576.0
-    sub = tl.where(v < 0, -sub, sub)
-    return tl.where(mag < 0.015625, sub, normal)
+    sub = ((mag + 24576.0) - 24576.0).to(tl.int32, bitcast=True) | (v.to(tl.int32, bitcast=True) & -2147483648)
+    return tl.where(mag < 0.015625, sub.to(tl.float32, bitcast=True), normal)
 
 
 @triton.jit
