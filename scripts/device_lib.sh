@@ -1,6 +1,6 @@
 # Sourced by the device scripts (scripts/device_*.sh), after they set OUT and cd to the repository root.
 # Installs only what the GPU image lacks, into /tmp/site, from whichever of these was carried:
-#   .whl_small/*.whl or .gpu_bundle/*.whl   orjson, msgspec, pyzmq wheels
+#   .whl_small/*.whl or .gpu_bundle/*.whl   orjson, msgspec, pyzmq wheels (and py-spy, for profiles)
 #   .gpu_bundle/nixl_site.tar.gz            NIXL (nixl + nixl_cu13 with the UCX plugin only: the full wheels
 #                                           are 58 MB, over what a device call carries next to anything else)
 #   .gpu_bundle/mooncake_engine_cuda13.tar.gz  Mooncake's transfer engine from the cuda13 wheel (engine.so and
@@ -13,6 +13,11 @@ mkdir -p "$SITE"
 if ! python3 -c "import orjson, msgspec, zmq" 2>/dev/null; then
     wheels=$(ls .whl_small/*.whl .gpu_bundle/*.whl 2>/dev/null)
     [ -n "$wheels" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $wheels
+fi
+if ! command -v py-spy >/dev/null; then
+    wheel=$(ls .gpu_bundle/py_spy-*.whl 2>/dev/null | head -1)
+    [ -n "$wheel" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$wheel"
+    export PATH="$SITE/bin:$PATH"
 fi
 if ! python3 -c "import nixl" 2>/dev/null && [ -f .gpu_bundle/nixl_site.tar.gz ]; then
     tar -C "$SITE" -xzf .gpu_bundle/nixl_site.tar.gz

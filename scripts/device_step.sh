@@ -9,6 +9,8 @@
 #   fp8step    the decode step with FP8 weights
 #   fp8diff    tests/fp8_layer_diff.py: module by module, where the tiny FP8 model on the GPU parts from its
 #              CPU reference
+#   spy        bench.decode_alone (decode worker alone, V2-Lite, 4096 in / 100 out, concurrency 8) under
+#              py-spy: where the decode loop's time goes between forwards (collapsed stacks, all processes)
 #   pd         bench.compare_pd, V2-Lite 4096 in / 100 out, 32 prompts at concurrency 8 (PD_ARGS adds)
 # Carry .gpu_bundle, optionally .baseline and .gpu_carry.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
@@ -52,6 +54,11 @@ for s in $STEPS; do
         --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
         --num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16 ${PD_ARGS:-} --output-json "$OUT_SAVED/compare_pd_c8.json" \
         --log-dir /tmp/device_step_logs/compare_pd --disable-tqdm ;;
+    spy) step 09_decode_alone_pyspy "$(left 200)" py-spy record --subprocesses --nonblocking --format raw -r 100 \
+        -o "$OUT_SAVED/decode_alone_pyspy.txt" -- python3 -m bench.decode_alone --device cuda --load-format dummy \
+        --model engine/model_configs/deepseek-v2-lite --input-len 4096 --output-len 100 --num-prompts 32 \
+        --max-concurrency 8 --cuda-graph-max-bs 16 --output-json "$OUT_SAVED/decode_alone_v2lite_c8.json" \
+        --log-dir /tmp/device_step_logs/decode_alone --disable-tqdm ;;
     *) echo "unknown step $s" && status=1 ;;
     esac
 done

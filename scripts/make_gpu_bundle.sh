@@ -17,7 +17,7 @@ BUNDLE=$ROOT/.gpu_bundle
 CACHE=${GPU_BUNDLE_CACHE:-/tmp/tandem_gpu_bundle_cache}
 MAX_MB=40
 
-SMALL_WHEELS=(orjson==3.13.0 msgspec==0.23.0 pyzmq==27.3.0)
+SMALL_WHEELS=(orjson==3.13.0 msgspec==0.23.0 pyzmq==27.3.0 py-spy==0.4.3)  # py-spy: profiles on the GPU host
 NIXL_PINS=(nixl==1.5.1 nixl-cu13==1.5.1)        # nixl 1.5.2 wants nixl-cu13==1.5.2, not published
 MOONCAKE_PIN=mooncake-transfer-engine-cuda13==0.3.14
 # UCX transport modules kept (tcp, shm, self are inside libuct/libucs): cma, cuda (cuda_copy + cuda_ipc),
@@ -55,8 +55,8 @@ pip_dl() {  # pip_dl DIR SPEC...: cp312 manylinux x86_64 wheels, no deps (reuses
         -d "$dir" "$@" 2>&1 | grep -v "^WARNING: Location" || true
 }
 wheel_of() {  # wheel_of NAME VERSION: the cached wheel file (dies if absent)
-    local f
-    f=$(ls "$CACHE/wheels/$1-$2-"*.whl 2>/dev/null | head -1)
+    local f n=${1//-/_}  # wheel files spell a distribution's dashes as underscores
+    f=$(ls "$CACHE/wheels/$n-$2-"*.whl 2>/dev/null | head -1)
     [ -n "$f" ] || die "no wheel $1 $2 in $CACHE/wheels (download failed?)"
     echo "$f"
 }
