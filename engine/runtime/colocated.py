@@ -254,12 +254,22 @@ class ColocatedRunner:
             # Rank 0 draws the seed before the broadcast, so every rank of the DP group samples the same
             # token; unseeded per-rank generators would diverge and desynchronise the group.
             request.sampling.seed = random.getrandbits(63)
+        if request.data_parallel_rank is not None:  # named by the router or the client, checked on parse
+            return request.data_parallel_rank
         return least_loaded(loads)
+
+    def group_load(self) -> dict[str, int]:
+        """This DP group's load as `/server_info`'s `dp_groups` and the router's DP choice read it: requests
+        in the batch, requests waiting to join it, and the tokens whose KV the group holds or will hold."""
+        scheduler = self.scheduler
+        return {"running_requests": len(scheduler.running), "queued_requests": len(scheduler.waiting),
+                "tokens_in_flight": sum(r.seq_len for r in scheduler.running)
+                + sum(r.seq_len for r in scheduler.waiting)}
 
     def status_counts(self) -> dict[str, int]:
         return {**self.engine.kv_pool.status_counts(),
                 "prefill_tokens_computed": self.scheduler.prefill_computed_tokens,
-                "retractions": self.scheduler.retractions}
+                "retractions": self.scheduler.retractions, **self.group_load()}
 
     def close(self) -> None:
         for req in list(self.requests.values()):

@@ -23,7 +23,9 @@ from .launch import RankContext
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_MS = 20  # how long rank 0 blocks on an empty inbox when no rank has work
-STATUS_PERIOD_S = 0.5  # how often DP leaders report pool counts to the HTTP process
+# How often DP leaders report pool counts and their group's load to the HTTP process: a router routing by
+# DP-group load polls those figures, so they are kept within this of the truth (one small message each).
+STATUS_PERIOD_S = 0.2
 
 
 class StepRunner(Protocol):
