@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from engine.config import ModelConfig
+from engine.dbo import dbo_config_from_flags
 from engine.llm import Output
 from engine.runtime.colocated import EngineArgs
 from engine.runtime.launch import InstanceSpec
@@ -28,7 +29,8 @@ def engine_args_from_flags(args: argparse.Namespace) -> EngineArgs:
     # --seed is the sampling seed here; dummy weights keep EngineArgs' default seed, as LLM does.
     return EngineArgs(model_dir=args.model, load_format=args.load_format, dtype=args.dtype, page_size=args.page_size,
                       num_pages=args.num_pages, ep_backend=args.ep_backend, kv_cache_dtype=args.kv_cache_dtype,
-                      quantization=args.quantization, prefix_cache=not args.disable_prefix_cache)
+                      quantization=args.quantization, prefix_cache=not args.disable_prefix_cache,
+                      dbo=dbo_config_from_flags(args))
 
 
 def generate_multirank(args: argparse.Namespace, prompts: list[str] | list[list[int]],

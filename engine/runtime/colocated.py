@@ -10,11 +10,12 @@ import logging
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..config import ModelConfig
+from ..dbo import DboConfig
 from ..ep_moe import ExpertParallelMoE
 from ..grammar import GrammarRuntime, GrammarSpec
 from ..kv_pool import KVPool, resolve_kv_cache_dtype
@@ -64,6 +65,7 @@ class EngineArgs:
     prefix_cache: bool = True
     # None: admission reserves a request's whole life; N: prompt + N output tokens, with retraction.
     reserve_tokens: int | None = None
+    dbo: DboConfig = field(default_factory=DboConfig)  # dual batch overlap (engine.dbo): off by default
 
 
 @dataclass
@@ -127,6 +129,11 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
         # The most tokens one rank dispatches: its share of the largest forward of its DP group.
         largest_share = -(-max(args.max_prefill_tokens, args.max_running) // parallel.attn_tp_size)
         moe = ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share)
+    model.dbo = args.dbo
+    if args.dbo.enabled and moe is not None and parallel.dp_size > 1:
+        # DP groups hold different batches: every forward agrees on its split over the whole instance (a
+        # gloo group: the vote is control traffic, like the lockstep's work flag). Built on every rank.
+        model.dbo_vote_group = torch.distributed.new_group(backend="gloo")
     num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
     pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype, device,
