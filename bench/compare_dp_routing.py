@@ -1,8 +1,8 @@
 """DP routing by the instances (`--dp-routing internal`) against by the router (`router`), one skewed workload
 through the same prefill and decode instances: one table and one PNG.
 
-    python -m bench.compare_dp_routing [--tp 2 --dp 2 --num-prompts 48 --short-len 32 --long-len 1024
-        --long-every 6 --output-len 16 --request-rate 8] [--device cpu|cuda] [--model DIR]
+    python -m bench.compare_dp_routing [--tp 2 --dp 2 --num-prompts 96 --short-len 16 --long-len 440
+        --long-every 8 --output-len 64 --request-rate 16 --rounds 4] [--device cpu|cuda] [--model DIR]
 
 Setup: P (tp, dp) + D (tp, dp) started once; two routers in front of them, one per mode; `bench.serving`
 sends the same skewed mix (every `--long-every`-th prompt `--long-len` tokens, the rest `--short-len`;
@@ -211,13 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--dp", type=int, default=2)
-    p.add_argument("--num-prompts", type=int, default=48)
-    p.add_argument("--short-len", type=int, default=32)
-    p.add_argument("--long-len", type=int, default=1024)
-    p.add_argument("--long-every", type=int, default=6)
-    p.add_argument("--output-len", type=int, default=16)
-    p.add_argument("--request-rate", type=float, default=8.0, help="Poisson req/s")
-    p.add_argument("--rounds", type=int, default=2, help="runs per mode, alternating which goes first")
+    p.add_argument("--num-prompts", type=int, default=96)
+    p.add_argument("--short-len", type=int, default=16)
+    p.add_argument("--long-len", type=int, default=440, help="the embedded tiny model takes 512 tokens in all")
+    p.add_argument("--long-every", type=int, default=8)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--request-rate", type=float, default=16.0, help="Poisson req/s")
+    p.add_argument("--rounds", type=int, default=4, help="runs per mode, alternating which goes first")
     p.add_argument("--sample-ms", type=float, default=50.0, help="how often /get_load is sampled")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded tiny model)")

@@ -17,7 +17,9 @@ What the router knows of a group's load, from two sources:
   router did not send (its sibling processes, clients talking to the worker directly) and gives the size.
 
 A group's score is its own tokens in flight plus the reported tokens the router cannot account for
-(`max(0, reported - own at the time of the report)`); the lowest score wins, ties go round the groups.
+(`max(0, reported - the most of its own it had there while the report can have been made)`: a report is up to
+a few tenths of a second old, and requests of its own that ended since must not count as someone else's);
+the lowest score wins, ties go round the groups.
 Until a worker's first report the router does not know its `dp_size` and leaves the choice to it.
 """
 
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("router.dp_routing")
 
 DP_ROUTING_MODES = ("internal", "router")
+# How many poll intervals back a report may describe (the ranks report every 0.2 s, polls come every 0.1 s).
+REPORT_LAG_POLLS = 4
 # A worker that does not serve /get_load (an older worker) is asked again this rarely.
 _UNSUPPORTED_RETRY_S = 30.0
 # Output tokens a decode group is charged for a request that names no limit (SGLang's /generate default).
@@ -52,7 +56,7 @@ class DpGroups:
     """One worker's attention-DP groups as the router sees them. `size` is 0 until the worker reports."""
 
     __slots__ = ("size", "own", "own_requests", "reported", "own_at_report", "free_pages", "reported_at",
-                 "_turn", "next_poll_at")
+                 "_turn", "next_poll_at", "peaks")
 
     def __init__(self) -> None:
         self.size = 0
@@ -64,12 +68,17 @@ class DpGroups:
         self.reported_at = 0.0  # loop time of the last report
         self._turn = itertools.count()
         self.next_poll_at = 0.0
+        # The most of `own` per group in each of the last REPORT_LAG_POLLS poll intervals (newest last): a
+        # report describes the worker up to that long ago, when more of the router's requests may have been
+        # there, and those must not count as load the router did not send.
+        self.peaks: list[list[int]] = [[]]
 
     def resize(self, size: int) -> None:
         if size != self.size:
             self.size = size
             self.own, self.own_requests = [0] * size, [0] * size
             self.reported, self.own_at_report, self.free_pages = [0] * size, [0] * size, [0] * size
+            self.peaks = [[0] * size]
 
     def update(self, groups: list[dict[str, Any]], now: float) -> None:
         """Takes a `/get_load` report (one entry per group, `dp_rank` and `tokens_in_flight` at least)."""
@@ -78,8 +87,15 @@ class DpGroups:
             if isinstance(g, int) and 0 <= g < self.size:
                 self.reported[g] = int(group.get("tokens_in_flight", 0))
                 self.free_pages[g] = int(group.get("free_pages", 0))
-                self.own_at_report[g] = self.own[g]
+                self.own_at_report[g] = max(self.own[g], *(peak[g] for peak in self.peaks))
         self.reported_at = now
+        self.peaks = [*self.peaks[-(REPORT_LAG_POLLS - 1):], list(self.own)]
+
+    def charged(self, g: int) -> None:
+        """`own[g]` grew: remembered as this interval's peak."""
+        peak = self.peaks[-1]
+        if self.own[g] > peak[g]:
+            peak[g] = self.own[g]
 
     def score(self, g: int) -> int:
         """Tokens in flight on group `g`: the router's own, plus what the worker reported beyond them."""
@@ -108,6 +124,7 @@ class Charge:
         if self._live:
             groups.own[group] += tokens
             groups.own_requests[group] += 1
+            groups.charged(group)
 
     def release(self) -> None:
         groups = self.groups
