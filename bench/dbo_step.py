@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=None, help="JSON path (default bench/results/dbo_step_<device>.json)")
+    p.add_argument("--replot", default=None, metavar="JSON", help="only draw the PNG of an earlier run's JSON")
     return p.parse_args(argv)
 
 
@@ -129,6 +130,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        path = Path(args.replot)
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     report = run(args)
     print(f"DBO on vs off, {report['model']} {report['dtype']} on {report['device']} ({report['ep']})")
@@ -140,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"dbo_step_{kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, out.with_suffix(".png"))
+    try:
+        plot(report, out.with_suffix(".png"))
+    except ImportError:  # a GPU image without matplotlib: `--replot JSON` draws it elsewhere
+        print("matplotlib missing: no PNG (python -m bench.dbo_step --replot JSON draws it)")
     print(f"wrote {out}")
     return 0
 
