@@ -97,3 +97,18 @@ def test_dbo_over_dp_groups_gives_the_greedy_tokens_of_one_rank(tiny_dir: Path, 
                       ep_backend="a2a", dbo=DboConfig(True, decode_token_threshold=2, prefill_token_threshold=2))
     got = generate_on_ranks(InstanceSpec(tp_size=tp, dp_size=dp), args, prompts, params)
     assert [r.token_ids for r in got] == expected
+
+
+@pytest.mark.gpu
+def test_dbo_on_a_gpu_runs_dispatch_and_combine_on_a_second_stream_with_the_same_greedy_tokens(tiny_dir: Path) -> None:
+    llm = LLM(tiny_dir, device="cuda", dtype="float32", page_size=PAGE)
+    try:
+        prompts = _prompts(llm.config.vocab_size, 6, seed=2)
+        params = SamplingParams(max_new_tokens=10)
+        expected = [o.token_ids for o in llm.generate(prompts, params)]
+        llm.model.dbo = DboConfig(True, decode_token_threshold=2, prefill_token_threshold=2)
+        assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+        streams = llm.model._streams
+        assert streams is not None and streams.comm is not None  # the overlapped path ran, on two streams
+    finally:
+        llm.close()
