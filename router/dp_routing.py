@@ -56,14 +56,15 @@ class DpGroups:
     """One worker's attention-DP groups as the router sees them. `size` is 0 until the worker reports."""
 
     __slots__ = ("size", "own", "own_requests", "reported", "own_at_report", "free_pages", "reported_at",
-                 "_turn", "next_poll_at", "peaks")
+                 "_turn", "next_poll_at", "peaks", "epoch")
 
     def __init__(self) -> None:
         self.size = 0
         self.own: list[int] = []  # tokens of this router's requests in flight per group
         self.own_requests: list[int] = []
         self.reported: list[int] = []  # the worker's last report: tokens in flight per group
-        self.own_at_report: list[int] = []  # `own` when that report arrived
+        # The most of `own` the group held while that report can have been made (see `peaks`).
+        self.own_at_report: list[int] = []
         self.free_pages: list[int] = []
         self.reported_at = 0.0  # loop time of the last report
         self._turn = itertools.count()
@@ -72,10 +73,12 @@ class DpGroups:
         # report describes the worker up to that long ago, when more of the router's requests may have been
         # there, and those must not count as load the router did not send.
         self.peaks: list[list[int]] = [[]]
+        self.epoch = 0  # counts resizes (a restarted worker with another dp_size): older charges lapse
 
     def resize(self, size: int) -> None:
         if size != self.size:
             self.size = size
+            self.epoch += 1
             self.own, self.own_requests = [0] * size, [0] * size
             self.reported, self.own_at_report, self.free_pages = [0] * size, [0] * size, [0] * size
             self.peaks = [[0] * size]
@@ -116,10 +119,11 @@ class DpGroups:
 class Charge:
     """Tokens charged to one group of one worker while a request is in flight there; `release()` once."""
 
-    __slots__ = ("groups", "group", "tokens", "_live")
+    __slots__ = ("groups", "group", "tokens", "_live", "_epoch")
 
     def __init__(self, groups: DpGroups, group: int, tokens: int) -> None:
         self.groups, self.group, self.tokens = groups, group, tokens
+        self._epoch = groups.epoch
         self._live = group < groups.size
         if self._live:
             groups.own[group] += tokens
@@ -128,7 +132,7 @@ class Charge:
 
     def release(self) -> None:
         groups = self.groups
-        if self._live and self.group < groups.size:  # a resize in between dropped the counts already
+        if self._live and self._epoch == groups.epoch:  # a resize in between dropped the counts already
             groups.own[self.group] -= self.tokens
             groups.own_requests[self.group] -= 1
         self._live = False

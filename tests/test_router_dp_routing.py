@@ -9,6 +9,8 @@ import asyncio
 import aiohttp
 from router_mocks import Cluster, MockBehavior, cluster
 
+from router.dp_routing import Charge, DpGroups
+
 
 def run(coro) -> None:  # type: ignore[no-untyped-def]
     asyncio.run(asyncio.wait_for(coro, 30))
@@ -121,3 +123,23 @@ def test_a_worker_without_a_load_report_picks_its_own_groups() -> None:
             assert c.decode[0].load_polls == 1  # asked again only after a long pause
 
     run(body())
+
+
+def test_a_late_report_of_the_routers_own_finished_requests_is_not_counted_as_someone_elses_load() -> None:
+    groups = DpGroups()
+    groups.resize(2)
+    long = Charge(groups, 0, 3000)
+    short = Charge(groups, 1, 40)
+    long.release()  # finished; the worker's report, made a moment before, still shows it
+    groups.update([{"dp_rank": 0, "tokens_in_flight": 3000}, {"dp_rank": 1, "tokens_in_flight": 40}], now=1.0)
+    assert (groups.score(0), groups.score(1)) == (0, 40)
+    assert groups.least_loaded() == 0
+    # Load the router did not send (another router process, a direct client) does count.
+    groups.update([{"dp_rank": 0, "tokens_in_flight": 500}, {"dp_rank": 1, "tokens_in_flight": 40}], now=2.0)
+    for _ in range(5):  # older intervals' peaks age out
+        groups.update([{"dp_rank": 0, "tokens_in_flight": 500}, {"dp_rank": 1, "tokens_in_flight": 40}], now=3.0)
+    assert (groups.score(0), groups.score(1)) == (500, 40)
+    # A worker restarted with another dp_size: charges of the old layout lapse instead of going negative.
+    groups.resize(4)
+    short.release()
+    assert groups.own == [0, 0, 0, 0] and groups.own_requests == [0, 0, 0, 0]

@@ -1,8 +1,8 @@
 """The loop every rank of an instance runs.
 
 Rank 0 is the only rank the HTTP process talks to: each iteration it drains its inbox, picks an
-attention-DP group for every new request (the role decides how: least-loaded, or the prefill
-rule `room % dp`), and broadcasts the iteration's messages to all ranks, so that every rank sees
+attention-DP group for every new request (the group the request names, else the role decides:
+least-loaded, or the prefill rule `disagg_prefill_dp_rank` else `room % dp`), and broadcasts the iteration's messages to all ranks, so that every rank sees
 the same requests in the same order. Then every rank steps its role's `StepRunner`, and each
 DP group's leader (attention-TP rank 0) pushes its outputs back to the HTTP process.
 """
