@@ -47,6 +47,7 @@ DP_ROUTING_MODES = ("internal", "router")
 REPORT_LAG_POLLS = 4
 # A worker that does not serve /get_load (an older worker) is asked again this rarely.
 _UNSUPPORTED_RETRY_S = 30.0
+_SINGLE_GROUP_RETRY_S = 5.0  # and one with a single DP group this rarely
 # Output tokens a decode group is charged for a request that names no limit (SGLang's /generate default).
 DEFAULT_OUTPUT_BUDGET = 128
 _OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_new_tokens", "max_output_tokens")
@@ -245,7 +246,8 @@ class DpRouter:
         size, rows = report
         groups.resize(size)
         groups.update(rows, loop.time())
-        groups.next_poll_at = 0.0
+        # One group leaves nothing to choose: asked again only now and then, to see a restart with more.
+        groups.next_poll_at = loop.time() + _SINGLE_GROUP_RETRY_S if size == 1 else 0.0
         return True
 
 
