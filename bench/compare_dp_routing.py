@@ -154,6 +154,9 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]],
     for row in table:
         a, b = row["internal"], row["router"]
         row["ratio_router_over_internal"] = b / a if a and b is not None else None
+    # Kept small: each round's summary (per-request records are pooled above) and the first round's samples.
+    runs = {mode: [{k: v for k, v in r.items() if k != "requests"} for r in runs[mode]] for mode in MODES}
+    samples = {mode: samples[mode][:1] for mode in MODES}
     title = (f"--dp-routing internal vs router, {args.device}, P and D tp{args.tp} dp{args.dp}: "
              f"{args.num_prompts} prompts x {args.rounds} rounds, {args.short_len} tokens with every "
              f"{args.long_every}th {args.long_len}, out {args.output_len}, {args.request_rate} req/s")
@@ -244,11 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(args.output_json or RESULTS_DIR / f"dp_routing_{args.device}.json")
     plot_path = Path(args.plot or json_path.with_suffix(".png"))
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    json_path.write_text(json.dumps(result) + "\n")
     write_plot(result, plot_path)
     print(format_table(result))
     print(f"results: {json_path}\nplot: {plot_path}")
-    completed = [r["summary"]["completed"] for mode in MODES for r in result["runs"][mode]]
+    completed = [r["summary"]["completed"] for mode in MODES for r in result["runs"][mode]]  # every round
     return 0 if all(c == args.num_prompts for c in completed) else 1
 
 
