@@ -54,6 +54,9 @@ class BenchConfig:
     random_input_len: int = 1024
     random_output_len: int = 128
     random_range_ratio: float = 1.0
+    # A skewed mix: every `skew_long_every`-th prompt is `skew_long_len` tokens instead (0: none).
+    skew_long_len: int = 0
+    skew_long_every: int = 0
     num_prompts: int = 100
     request_rate: float = math.inf
     max_concurrency: int | None = None
@@ -108,7 +111,7 @@ def _build_requests(config: BenchConfig) -> list[RequestInput]:
     # Without a tokenizer the vocabulary is unknown: stay in a range every model has.
     vocab_size = config.vocab_size or (tokenizer.vocab_size if tokenizer is not None else 1000)
     try:
-        return random_requests(
+        requests = random_requests(
             num_prompts=config.num_prompts + config.warmup_requests,
             input_len=config.random_input_len,
             output_len=config.random_output_len,
@@ -119,6 +122,16 @@ def _build_requests(config: BenchConfig) -> list[RequestInput]:
             tokenizer=tokenizer,
             excluded_ids=special_ids,
         )
+        if config.skew_long_len and config.skew_long_every:
+            longs = random_requests(num_prompts=len(requests), input_len=config.skew_long_len,
+                                    output_len=config.random_output_len, range_ratio=config.random_range_ratio,
+                                    seed=config.seed + 1, prompt_format=prompt_format, vocab_size=vocab_size,
+                                    tokenizer=tokenizer, excluded_ids=special_ids)
+            # Warm-up requests come first: the timed ones count from 0, every k-th of them long.
+            every, warm = config.skew_long_every, config.warmup_requests
+            requests = [dataclasses.replace(longs[i], index=i) if i >= warm and (i - warm) % every == every - 1
+                        else r for i, r in enumerate(requests)]
+        return requests
     except ValueError as exc:
         raise BenchmarkError(str(exc)) from exc
 
@@ -297,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-output-len", type=int, default=128)
     p.add_argument("--random-range-ratio", type=float, default=1.0,
                    help="lengths drawn from [max(1, L*ratio), L]; 1.0 = fixed lengths")
+    p.add_argument("--skew-long-len", type=int, default=0,
+                   help="a skewed mix: every --skew-long-every-th prompt has this many tokens instead")
+    p.add_argument("--skew-long-every", type=int, default=0, help="see --skew-long-len (0: no long prompts)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--request-rate", type=float, default=math.inf,
                    help="Poisson arrival rate in req/s; inf sends every request at once")

@@ -105,6 +105,13 @@ class BenchDecodeRunner(PrefilledKVRunner):
             self._admit_filled()
         return super().step()
 
+    def group_load(self) -> dict[str, int]:
+        """The batch's load plus the requests waiting for pages (their KV is filled once they have them)."""
+        load = super().group_load()
+        load["queued_requests"] += len(self.queued)
+        load["tokens_in_flight"] += sum(len(q.request.input_ids) for q in self.queued)
+        return load
+
     def status_counts(self) -> dict[str, int]:
         counts = super().status_counts()
         counts.update(

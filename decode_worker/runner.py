@@ -132,6 +132,14 @@ class DecodeRunner(PrefilledKVRunner):
             time.sleep(WAIT_NAP_S)
         return super().step()
 
+    def group_load(self) -> dict[str, int]:
+        """The batch's load plus the requests still waiting for pages or for their KV to land."""
+        load = super().group_load()
+        waiting = (*self.queued, *self.transferring)
+        load["queued_requests"] += len(waiting)
+        load["tokens_in_flight"] += sum(len(t.request.input_ids) for t in waiting)
+        return load
+
     def status_counts(self) -> dict[str, int]:
         counts = super().status_counts()
         counts.update(
@@ -186,7 +194,7 @@ class DecodeRunner(PrefilledKVRunner):
             assert boot is not None
             try:
                 transfer.receiver = self.manager.create_receiver(
-                    boot.host, boot.port, boot.room, boot.data_parallel_rank
+                    boot.host, boot.port, boot.room, boot.prefill_dp_rank
                 )
                 transfer.receiver.init(transfer.pages[: pool.pages_for_tokens(prompt_len)], transfer.aux_slot)
                 self.timeline.mark(transfer.request.rid, "reserved")

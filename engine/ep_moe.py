@@ -145,11 +145,18 @@ class ExpertParallelMoE:
 
     @torch.inference_mode()
     def idle_forward(self) -> None:
-        """A DP group with no tokens still enters every MoE layer's collectives, in layer order."""
+        """A DP group with no tokens still enters every MoE layer's collectives, in layer order; when the other
+        groups split their forward into two micro-batches (engine.dbo), in the same interleaved order."""
         model = self.model
         empty = torch.empty(0, model.config.hidden_size, dtype=model.dtype, device=model.device)
+        split = model.dbo_split(None) is not None
         for block in self.moe_layers:
-            block(empty)
+            if not split:
+                block(empty)
+                continue
+            stages = [block.dispatch_stage(empty), block.dispatch_stage(empty)]
+            for stage in stages:
+                block.combine_stage(block.expert_stage(stage))
 
     def end_step(self) -> None:
         """Every rank, at the same lockstep turn: closes the step's counts, and EPLB may rebalance."""

@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 
+from engine.dbo import add_dbo_flags, dbo_config_from_flags
 from engine.eplb.config import add_eplb_flags
 from engine.llm import LLM
 from engine.quant import add_quantization_flag
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-pages", type=int, default=None)
     add_kv_cache_dtype_flag(parser)
     add_prefix_cache_flag(parser)
+    add_dbo_flags(parser)
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     add_quantization_flag(parser)
     par = parser.add_argument_group("multi-rank instance")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             llm = LLM(args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
                       num_pages=args.num_pages, load_format=args.load_format,
                       kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-                      prefix_cache=not args.disable_prefix_cache)
+                      prefix_cache=not args.disable_prefix_cache, dbo=dbo_config_from_flags(args))
             try:
                 outputs = llm.generate(prompts, params)
             finally:

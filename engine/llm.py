@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig
 from engine.cuda_graph import CudaGraphRunner
+from engine.dbo import DboConfig
 from engine.grammar import GrammarRuntime
 from engine.kv_pool import KVPool, resolve_kv_cache_dtype
 from engine.model import DeepseekForCausalLM
@@ -71,13 +72,15 @@ class LLM:
             ``kv_pool.available_pages == kv_pool.num_pages`` (free + evictable cached pages).
         reserve_tokens: None reserves each request's whole life at admission; N reserves prompt + N output
             tokens and retracts the newest requests when the pool runs out (``Scheduler``).
+        dbo: dual batch overlap (``engine.dbo``); None: off. One rank has no EP traffic to hide, so it only
+            tests the interleaving (and measures its cost).
     """
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
                  page_size: int = 64, num_pages: int | None = None, load_format: str = "auto",
                  max_prefill_tokens: int = 8192, max_running: int = 256, seed: int = 0,
                  cuda_graph_max_bs: int = 0, kv_cache_dtype: str = "auto", quantization: str = "auto",
-                 prefix_cache: bool = True, reserve_tokens: int | None = None) -> None:
+                 prefix_cache: bool = True, reserve_tokens: int | None = None, dbo: DboConfig | None = None) -> None:
         if cuda_graph_max_bs < 0:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {cuda_graph_max_bs}")
         self.device = torch.device(device)
@@ -88,6 +91,7 @@ class LLM:
         self.quant = plan_quantization(quantization, self.config, self.device, self.dtype)
         self.model = DeepseekForCausalLM(self.config, dtype=self.dtype, device=self.device, fp8=self.quant.model_fp8)
         load_model(self.model, model_dir, load_format, seed, self.quant.in_effect)
+        self.model.dbo = dbo or DboConfig()
         log.info("model ready in %.1fs", time.monotonic() - started)
         if num_pages is None:
             num_pages = self._default_num_pages(page_size)

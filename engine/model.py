@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from engine.attention import MLAttention
 from engine.config import Fp8Config, ModelConfig
+from engine.dbo import DboConfig, Streams, agree_split, micro_batch, split_point
 from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
 from engine.layers import ParallelLMHead, RMSNorm, VocabParallelEmbedding
 from engine.moe import DenseMLP, Dispatcher, MoEBlock
@@ -33,17 +36,21 @@ class DecoderLayer(nn.Module):
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it): the caller's next add is fused into the
         next RMSNorm (``kernels.add_rms_norm``), as the same adds in the same order as ``h + f(norm(h))``."""
+        x, residual = self.attention(hidden, residual, batch, rope, cos, sin)
+        if batch.graph_safe and isinstance(self.mlp, MoEBlock):
+            return self.mlp(x, graph_safe=True), residual
+        return self.mlp(x), residual
+
+    def attention(self, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
+                  rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer up to its MLP: (the MLP's input, the residual stream)."""
         kv_cache = batch.kv_pool.layer(self.layer_id)
         if residual is None:
             residual, x = hidden, self.input_layernorm(hidden)
         else:
             x, residual = self.input_layernorm.add_forward(hidden, residual)
-        x, residual = self.post_attention_layernorm.add_forward(
-            self.self_attn(x, batch, rope, cos, sin, kv_cache,
-                           batch.kv_pool.layer_scale(self.layer_id)), residual)
-        if batch.graph_safe and isinstance(self.mlp, MoEBlock):
-            return self.mlp(x, graph_safe=True), residual
-        return self.mlp(x), residual
+        return self.post_attention_layernorm.add_forward(
+            self.self_attn(x, batch, rope, cos, sin, kv_cache, batch.kv_pool.layer_scale(self.layer_id)), residual)
 
 
 class DeepseekForCausalLM(nn.Module):
@@ -75,6 +82,20 @@ class DeepseekForCausalLM(nn.Module):
                                       ctx.attn_tp_group, dtype, device)
         self.rope = RotaryEmbedding(config.rope, config.qk_rope_head_dim, config.rope_interleave,
                                     min(config.max_position_embeddings, 8192), device)
+        self.dbo = DboConfig()  # dual batch overlap (engine.dbo): off unless the engine turns it on
+        # Ranks of different attention-DP groups hold different batches: they agree on each split (engine.dbo).
+        self.dbo_vote_group: Any = None
+        self._streams: Streams | None = None
+
+    def dbo_split(self, batch: ForwardBatch | None) -> int | None:
+        """Where this forward's batch is cut into two micro-batches, or None; `batch` None is an idle forward
+        of a DP group without work, which takes part in the vote (it splits when everyone else does: 0)."""
+        if not self.dbo.enabled:
+            return None
+        split = split_point(batch, self.dbo) if batch is not None else 0
+        if self.dbo_vote_group is not None and not agree_split(split is not None, self.dbo_vote_group):
+            return None
+        return split
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> ForwardOutput:
@@ -83,6 +104,9 @@ class DeepseekForCausalLM(nn.Module):
         if batch.kv_pool.num_layers != self.config.num_hidden_layers:
             raise ValueError(f"KV pool has {batch.kv_pool.num_layers} layers, model has "
                              f"{self.config.num_hidden_layers}")
+        split = self.dbo_split(batch) if not batch.graph_safe else None
+        if split:
+            return self._forward_overlapped(batch, split)
         hidden = self.model.embed_tokens(batch.input_ids)
         if batch.graph_safe:
             if batch.mode is not ForwardMode.DECODE or batch.return_all_logits:
@@ -104,3 +128,45 @@ class DeepseekForCausalLM(nn.Module):
             return ForwardOutput(all_logits[batch.cu_seqlens_q[1:].long() - 1], all_logits)
         last = batch.cu_seqlens_q[1:].long() - 1
         return ForwardOutput(self.lm_head(self.model.norm.add_forward(hidden[last], residual[last])[0]))
+
+    def _forward_overlapped(self, batch: ForwardBatch, split: int) -> ForwardOutput:
+        """The forward as two micro-batches, sequences [0, split) and [split, B), whose stages interleave per
+        MoE layer as `engine.dbo` describes; the outputs are the two halves' outputs concatenated."""
+        if self._streams is None:
+            self._streams = Streams(self.device)
+        streams = self._streams
+        halves = [micro_batch(batch, 0, split), micro_batch(batch, split, batch.batch_size)]
+        hidden = [self.model.embed_tokens(b.input_ids) for b in halves]
+        rope = [self.rope.cos_sin(b.positions) for b in halves]
+        residual: list[torch.Tensor | None] = [None, None]
+        for layer in self.model.layers:
+            mlp = layer.mlp
+            if not isinstance(mlp, MoEBlock):
+                for i, b in enumerate(halves):
+                    with streams.joined():  # its input may be the last MoE layer's combine
+                        x, residual[i] = layer.attention(hidden[i], residual[i], b, self.rope, *rope[i])
+                    hidden[i] = mlp(x)
+                continue
+            stages = []
+            for i, b in enumerate(halves):  # attention(1) runs while dispatch(0) is in flight
+                with streams.joined():
+                    x, residual[i] = layer.attention(hidden[i], residual[i], b, self.rope, *rope[i])
+                stages.append(streams.communicate(mlp.dispatch_stage, x))
+            for i, stage in enumerate(stages):  # experts(1) run while combine(0) is in flight
+                with streams.joined():
+                    mlp.expert_stage(stage)
+                hidden[i] = streams.communicate(mlp.combine_stage, stage)
+        streams.finish()
+        outputs = []
+        for b, h, r in zip(halves, hidden, residual, strict=True):
+            assert r is not None
+            if b.return_all_logits:
+                all_logits = self.lm_head(self.model.norm.add_forward(h, r)[0])
+                outputs.append(ForwardOutput(all_logits[b.cu_seqlens_q[1:].long() - 1], all_logits))
+            else:
+                last = b.cu_seqlens_q[1:].long() - 1
+                outputs.append(ForwardOutput(self.lm_head(self.model.norm.add_forward(h[last], r[last])[0])))
+        logits = torch.cat([o.next_token_logits for o in outputs])
+        if batch.return_all_logits:
+            return ForwardOutput(logits, torch.cat([o.all_logits for o in outputs]))  # type: ignore[misc]
+        return ForwardOutput(logits)

@@ -185,6 +185,16 @@ def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight
                                topk_weights.contiguous(), add)
 
 
+@dataclass
+class MoEStage:
+    """One micro-batch between the stages of ``MoEBlock``: its tokens, what dispatch gave, the experts' output."""
+
+    hidden: torch.Tensor
+    dispatched: DispatchedTokens
+    expert_out: torch.Tensor | None = None
+    shared_out: torch.Tensor | None = None  # EP dispatchers: the shared experts' output, added after combine
+
+
 class MoEBlock(nn.Module):
     """Routed experts (this rank's contiguous range) plus the always-on shared experts.
 
@@ -262,10 +272,9 @@ class MoEBlock(nn.Module):
     def forward(self, hidden: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
         """``graph_safe``: CUDA-graph decode (engine.cuda_graph) — the experts run on the masked
         fixed-capacity layout (``moe_forward_static``), which has no host sync and no data-dependent shape."""
-        if self.ctx.dp_size > 1 and isinstance(self.dispatcher, LocalDispatcher):
-            # Its all-reduce assumes every rank holds the same tokens; DP groups hold different ones.
-            raise RuntimeError("dp_size > 1 needs an expert-parallel dispatcher (engine.ep_moe)")
-        if graph_safe and not isinstance(self.dispatcher, LocalDispatcher):
+        if not graph_safe:
+            return self.combine_stage(self.expert_stage(self.dispatch_stage(hidden)))
+        if not isinstance(self.dispatcher, LocalDispatcher):
             raise RuntimeError("the graph-safe MoE path runs with the local dispatcher only")
         topk_weights, topk_ids = self.gate(hidden)
         dispatched = self.dispatcher.dispatch(hidden, topk_ids, topk_weights)
@@ -275,15 +284,36 @@ class MoEBlock(nn.Module):
                 expert_out = moe_forward_static(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights,
                                                 self.w13, self.w2, shared=fused)
                 return self.dispatcher.combine(expert_out, dispatched)
-            shared = self.shared_experts(hidden) if self.shared_experts is not None else None
-            expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, True, shared)
-            return self.dispatcher.combine(expert_out, dispatched)
-        expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, False)
-        if self.shared_experts is not None:
-            # Added before combine so one reduction covers both (shared output is a TP partial sum).
-            # An EP dispatcher that moves tokens adds the shared output after combine instead.
-            if isinstance(self.dispatcher, LocalDispatcher):
-                return self.dispatcher.combine(expert_out + self.shared_experts(hidden), dispatched)
-            return self.dispatcher.combine(expert_out, dispatched) + all_reduce(
-                self.shared_experts(hidden), self.ctx.attn_tp_group, self.ctx.attn_tp_size)
+        shared = self.shared_experts(hidden) if self.shared_experts is not None else None
+        expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, True, shared)
         return self.dispatcher.combine(expert_out, dispatched)
+
+    # The eager path in three stages, so that dual batch overlap (engine.dbo) can interleave two micro-batches'
+    # stages; `forward` runs them back to back. Dispatch and combine are the EP communication.
+    def dispatch_stage(self, hidden: torch.Tensor) -> MoEStage:
+        """Routing, then the dispatch of this rank's tokens to their experts' ranks."""
+        if self.ctx.dp_size > 1 and isinstance(self.dispatcher, LocalDispatcher):
+            # Its all-reduce assumes every rank holds the same tokens; DP groups hold different ones.
+            raise RuntimeError("dp_size > 1 needs an expert-parallel dispatcher (engine.ep_moe)")
+        topk_weights, topk_ids = self.gate(hidden)
+        return MoEStage(hidden, self.dispatcher.dispatch(hidden, topk_ids, topk_weights))
+
+    def expert_stage(self, stage: MoEStage) -> MoEStage:
+        """The routed experts on the tokens this rank received, and the shared experts on its own."""
+        dispatched = stage.dispatched
+        stage.expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, False)
+        if self.shared_experts is not None:
+            # With the local dispatcher the shared output is added before combine, so one reduction covers
+            # both (it is a TP partial sum); an EP dispatcher that moves tokens adds it after combine instead.
+            shared = self.shared_experts(stage.hidden)
+            if isinstance(self.dispatcher, LocalDispatcher):
+                stage.expert_out = stage.expert_out + shared
+            else:
+                stage.shared_out = all_reduce(shared, self.ctx.attn_tp_group, self.ctx.attn_tp_size)
+        return stage
+
+    def combine_stage(self, stage: MoEStage) -> torch.Tensor:
+        """The experts' outputs back to their tokens' ranks, weighted and summed (plus the shared output)."""
+        assert stage.expert_out is not None
+        out = self.dispatcher.combine(stage.expert_out, stage.dispatched)
+        return out if stage.shared_out is None else out + stage.shared_out

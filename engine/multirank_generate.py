@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from engine.config import ModelConfig
+from engine.dbo import dbo_config_from_flags
 from engine.eplb.config import eplb_config_from_flags
 from engine.llm import Output
 from engine.runtime.colocated import EngineArgs
@@ -30,7 +31,7 @@ def engine_args_from_flags(args: argparse.Namespace) -> EngineArgs:
     return EngineArgs(model_dir=args.model, load_format=args.load_format, dtype=args.dtype, page_size=args.page_size,
                       num_pages=args.num_pages, ep_backend=args.ep_backend, kv_cache_dtype=args.kv_cache_dtype,
                       quantization=args.quantization, prefix_cache=not args.disable_prefix_cache,
-                      eplb=eplb_config_from_flags(args))
+                      eplb=eplb_config_from_flags(args), dbo=dbo_config_from_flags(args))
 
 
 def generate_multirank(args: argparse.Namespace, prompts: list[str] | list[list[int]],

@@ -70,18 +70,19 @@ class RankSources:
         return (self.real, *self.dummies)
 
 
-def prefill_dp_group(prefill: ParallelLayout, room: int, data_parallel_rank: int | None = None) -> int:
-    """The prefill attention-DP group that runs the room: `data_parallel_rank` if given, else room % dp."""
+def prefill_dp_group(prefill: ParallelLayout, room: int, prefill_dp_rank: int | None = None) -> int:
+    """The prefill attention-DP group that runs the room: `prefill_dp_rank` if given (the request's
+    `disagg_prefill_dp_rank`, which a DP-aware router sets by load), else room % dp."""
     if not isinstance(room, int) or room < 0:
         raise KVMappingError(f"bootstrap_room must be a non-negative int, got {room!r}")
-    if data_parallel_rank is None:
+    if prefill_dp_rank is None:
         return room % prefill.dp_size
-    if not isinstance(data_parallel_rank, int) or not 0 <= data_parallel_rank < prefill.dp_size:
+    if not isinstance(prefill_dp_rank, int) or not 0 <= prefill_dp_rank < prefill.dp_size:
         raise KVMappingError(
-            f"data_parallel_rank {data_parallel_rank!r} out of range: the prefill instance has "
+            f"disagg_prefill_dp_rank {prefill_dp_rank!r} out of range: the prefill instance has "
             f"dp_size {prefill.dp_size}"
         )
-    return data_parallel_rank
+    return prefill_dp_rank
 
 
 def map_ranks(
@@ -89,10 +90,10 @@ def map_ranks(
     decode: ParallelLayout,
     decode_dp_rank: int,
     room: int,
-    data_parallel_rank: int | None = None,
+    prefill_dp_rank: int | None = None,
 ) -> list[RankSources]:
     """For every decode rank of group `decode_dp_rank`, in rank order, the prefill ranks it contacts."""
-    group = prefill_dp_group(prefill, room, data_parallel_rank)
+    group = prefill_dp_group(prefill, room, prefill_dp_rank)
     prefill_ranks = prefill.group_ranks(group)
     decode_ranks = decode.group_ranks(decode_dp_rank)
     a, b = len(prefill_ranks), len(decode_ranks)
@@ -113,14 +114,14 @@ def sources_for(
     decode: ParallelLayout,
     decode_rank: int,
     room: int,
-    data_parallel_rank: int | None = None,
+    prefill_dp_rank: int | None = None,
 ) -> tuple[RankSources, dict[int, int]]:
     """This decode rank's sources, and for each of them how many decode ranks contact it for this room.
 
     The counts travel with the transfer requests: a prefill rank starts writing once it has heard from
     every decode rank that will contact it.
     """
-    group_sources = map_ranks(prefill, decode, decode.dp_rank_of(decode_rank), room, data_parallel_rank)
+    group_sources = map_ranks(prefill, decode, decode.dp_rank_of(decode_rank), room, prefill_dp_rank)
     mine = next(s for s in group_sources if s.decode_rank == decode_rank)
     counts = contact_counts(group_sources)
     return mine, {rank: counts[rank] for rank in mine.contacted}

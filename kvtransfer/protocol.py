@@ -7,8 +7,14 @@ to both the prefill and the decode instance, so the names must match SGLang's ex
 BOOTSTRAP_HOST = "bootstrap_host"
 BOOTSTRAP_PORT = "bootstrap_port"
 BOOTSTRAP_ROOM = "bootstrap_room"
-# Optional: pins the request to one attention-DP group of the prefill instance.
+# Optional: the attention-DP group of the instance that answers the request (decode, or a colocated
+# instance) runs it (SGLang's and vLLM's field; SGLang's newer name for it is `routed_dp_rank`). The same
+# body goes to prefill, which leaves it to decode.
 DATA_PARALLEL_RANK = "data_parallel_rank"
+ROUTED_DP_RANK = "routed_dp_rank"
+# Optional: the attention-DP group of the prefill instance that runs the prompt and holds its KV (SGLang's
+# field); without it that group is bootstrap_room % the prefill's dp_size, on both sides.
+DISAGG_PREFILL_DP_RANK = "disagg_prefill_dp_rank"
 
 # bootstrap_room is a random non-negative 63-bit integer drawn by the router.
 ROOM_BITS = 63

@@ -80,19 +80,19 @@ class KVReceiveManager(RoomManager):
 
     # --- worker thread ------------------------------------------------------------------------------
     def create_receiver(
-        self, bootstrap_host: str, bootstrap_port: int, room: int, data_parallel_rank: int | None = None
+        self, bootstrap_host: str, bootstrap_port: int, room: int, prefill_dp_rank: int | None = None
     ) -> KVReceiver:
         """The receiver of `room`, whose KV the prefill instance at bootstrap_host:bootstrap_port computes.
 
         Raises `KVBootstrapError` (clear message) if the instance is unreachable or not ready, if its
-        pages do not fit ours, or if the TP/DP pairing or `data_parallel_rank` cannot be served.
+        pages do not fit ours, or if the TP/DP pairing or `prefill_dp_rank` cannot be served.
         """
         if not isinstance(room, int) or room < 0:
             raise ValueError(f"room must be a non-negative int, got {room!r}")
         info = self.client.lookup(bootstrap_host, bootstrap_port)  # blocking HTTP, outside the lock
         self._check_instance(info, f"{bootstrap_host}:{bootstrap_port}")
         prefill = ParallelLayout(info.tp_size, info.dp_size)
-        sources, contacts = sources_for(prefill, self.rank_info.parallel, self.rank, room, data_parallel_rank)
+        sources, contacts = sources_for(prefill, self.rank_info.parallel, self.rank, room, prefill_dp_rank)
         registrations = {rank: info.rank(rank) for rank in sources.contacted}
         with self.lock:
             if room in self._receivers:

@@ -75,20 +75,22 @@ def bootstrap_guard(
         except (orjson.JSONDecodeError, web.HTTPRequestEntityTooLarge):
             return await handler(request)  # the handler answers these with its own errors
         if isinstance(body, dict):
-            message = None
+            message, code, param = None, "missing_bootstrap", None
             if body.get(pd.BOOTSTRAP_HOST) is None or body.get(pd.BOOTSTRAP_ROOM) is None:
                 message = (
                     f"a prefill worker needs '{pd.BOOTSTRAP_HOST}', '{pd.BOOTSTRAP_PORT}' and "
                     f"'{pd.BOOTSTRAP_ROOM}' (send requests through the router)"
                 )
-            dp = body.get(pd.DATA_PARALLEL_RANK)
+            # `data_parallel_rank` names the decode instance's group; this instance's is this one.
+            dp = body.get(pd.DISAGG_PREFILL_DP_RANK)
             if isinstance(dp, int) and not 0 <= dp < dp_size:
                 message = (
-                    f"'{pd.DATA_PARALLEL_RANK}' {dp} is out of range: this instance has dp_size {dp_size}"
+                    f"'{pd.DISAGG_PREFILL_DP_RANK}' {dp} is out of range: this instance has dp_size {dp_size}"
                 )
+                code, param = "invalid_request", pd.DISAGG_PREFILL_DP_RANK
             if message is not None:
                 return web.Response(
-                    body=orjson.dumps(error_body(message, code="missing_bootstrap")),
+                    body=orjson.dumps(error_body(message, code=code, param=param)),
                     status=400,
                     content_type="application/json",
                 )

@@ -114,13 +114,23 @@ class BenchPrefillRunner:
         if boot is None:
             return least_loaded(loads)
         try:
-            return prefill_dp_group(self.layout, boot.room, boot.data_parallel_rank)
+            return prefill_dp_group(self.layout, boot.room, boot.prefill_dp_rank)
         except KVTransferError:
             return least_loaded(loads)
+
+    def group_load(self) -> dict[str, int]:
+        """As the transfer runner's: jobs computing, jobs waiting for the batch, their prompts' tokens."""
+        waiting = len(self.batcher.waiting)
+        return {
+            "running_requests": len(self.jobs) - waiting,
+            "queued_requests": waiting,
+            "tokens_in_flight": sum(len(job.prompt_ids) for _, job in self.jobs.values()),
+        }
 
     def status_counts(self) -> dict[str, int]:
         pool = self.engine.kv_pool
         return {
+            **self.group_load(),
             **pool.status_counts(),
             "prefill_tokens_computed": self.batcher.computed_tokens,
             # No transfer plane: zero by construction, reported so idle checks read alike.

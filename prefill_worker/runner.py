@@ -157,7 +157,7 @@ class PrefillRunner:
             self._pending.append(duplicate_output(request.rid))
             return
         try:
-            prefill_dp_group(self.manager.rank_info.parallel, boot.room, boot.data_parallel_rank)
+            prefill_dp_group(self.manager.rank_info.parallel, boot.room, boot.prefill_dp_rank)
             job = PrefillJob(request.rid, list(request.input_ids), to_sampling_params(request.sampling),
                              top_logprobs=request.top_logprobs)
             self.batcher.validate(job.prompt_ids, job.params)
@@ -208,7 +208,8 @@ class PrefillRunner:
         return outs
 
     def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:
-        """SGLang's rule, so the decode side knows where the KV is: `data_parallel_rank`, else room % dp."""
+        """SGLang's rule, so the decode side knows where the KV is: `disagg_prefill_dp_rank` (a DP-aware router
+        picks it by load), else room % dp. The body's `data_parallel_rank` names the decode's group: not ours."""
         if request.sampling.seed is None and request.sampling.temperature > 0:
             # Rank 0 draws the seed before the broadcast, so every rank of the DP group samples the same
             # first token (unseeded per-rank generators would diverge).
@@ -217,16 +218,23 @@ class PrefillRunner:
         if boot is None:
             return least_loaded(loads)
         try:
-            return prefill_dp_group(self.manager.rank_info.parallel, boot.room, boot.data_parallel_rank)
+            return prefill_dp_group(self.manager.rank_info.parallel, boot.room, boot.prefill_dp_rank)
         except KVTransferError:
             return 0  # `add` refuses it there with the same message
 
     def gauges(self) -> dict[str, float]:
         return engine_gauges(self.engine)
 
+    def group_load(self) -> dict[str, int]:
+        """Rooms computing or sending their KV, rooms waiting for the batch, and their prompts' tokens."""
+        waiting = len(self.batcher.waiting)
+        return {"running_requests": len(self.rooms) - waiting, "queued_requests": waiting,
+                "tokens_in_flight": sum(len(room.job.prompt_ids) for room in self.rooms.values())}
+
     def status_counts(self) -> dict[str, int]:
         pool, manager = self.engine.kv_pool, self.manager
         return {
+            **self.group_load(),
             **pool.status_counts(),
             "prefill_tokens_computed": self.batcher.computed_tokens,
             "live_rooms": manager.num_live_rooms,

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 # SGLang's default `--disaggregation-bootstrap-port`: used for a prefill given without one.
 DEFAULT_BOOTSTRAP_PORT = 8998
 POLICIES = ("round_robin", "random", "power_of_two", "cache_aware")
+DP_ROUTING = ("internal", "router")  # router.dp_routing.DP_ROUTING_MODES (kept import-free here)
 
 
 class Role(str, enum.Enum):
@@ -86,6 +87,10 @@ class RouterConfig:
     cache_block_chars: int = 64  # cache_aware: prompt prefix granularity
     cache_match_ratio: float = 0.5  # cache_aware: share of the prompt that must match to follow affinity
     cache_balance_abs: int = 32  # cache_aware: ignore affinity when the chosen worker has this many more
+    # Attention-DP groups of the chosen instances: "router" picks them by load (router.dp_routing) and sends
+    # `data_parallel_rank` / `disagg_prefill_dp_rank`; "internal" leaves them to the instances.
+    dp_routing: str = "router"
+    dp_load_interval_s: float = 0.1  # how often each worker's per-group load is polled (router mode)
     api_key: str | None = None
     processes: int = 1
     group: GroupSpec | None = None  # set by `router.server.run` in each of several processes
@@ -104,6 +109,10 @@ class RouterConfig:
             raise ValueError("max_connections must be >= 1 and the timeouts >= 0")
         if self.health_failure_threshold < 1:
             raise ValueError("health_failure_threshold must be >= 1")
+        if self.dp_routing not in DP_ROUTING:
+            raise ValueError(f"dp_routing must be one of {DP_ROUTING}, got {self.dp_routing!r}")
+        if self.dp_load_interval_s <= 0:
+            raise ValueError("dp_load_interval_s must be > 0")
 
 
 class _PrefillAction(argparse.Action):
@@ -157,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-failure-threshold", type=int, default=d.health_failure_threshold)
     p.add_argument("--health-max-backoff", type=float, default=d.health_max_backoff_s,
                    help="seconds between probes of an ejected worker at most (how late a restart is seen)")
+    p.add_argument("--dp-routing", choices=DP_ROUTING, default=d.dp_routing,
+                   help="'router': pick each request's attention-DP group on the decode and the prefill "
+                        "instance by their per-group load (sent as data_parallel_rank / disagg_prefill_dp_rank); "
+                        "'internal': the instances pick (decode: least loaded; prefill: bootstrap_room %% dp)")
+    p.add_argument("--dp-load-interval", type=float, default=d.dp_load_interval_s,
+                   help="seconds between polls of each worker's per-DP-group load (/get_load), router mode")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
     p.add_argument("--workers", type=int, default=d.processes, dest="processes",
                    help="router processes sharing the port (SO_REUSEPORT)")
@@ -195,6 +210,8 @@ def config_from_args(argv: list[str] | None = None) -> RouterConfig:
         health_timeout_s=args.health_timeout,
         health_failure_threshold=args.health_failure_threshold,
         health_max_backoff_s=args.health_max_backoff,
+        dp_routing=args.dp_routing,
+        dp_load_interval_s=args.dp_load_interval,
         api_key=args.api_key,
         processes=args.processes,
         use_uvloop=not args.no_uvloop,

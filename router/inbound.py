@@ -15,7 +15,14 @@ from typing import Any
 
 import orjson
 
-from kvtransfer.protocol import BOOTSTRAP_HOST, BOOTSTRAP_PORT, BOOTSTRAP_ROOM
+from kvtransfer.protocol import (
+    BOOTSTRAP_HOST,
+    BOOTSTRAP_PORT,
+    BOOTSTRAP_ROOM,
+    DATA_PARALLEL_RANK,
+    DISAGG_PREFILL_DP_RANK,
+    ROUTED_DP_RANK,
+)
 from router.errors import BadRequest, RouterError
 from router.workers import Worker
 
@@ -269,18 +276,28 @@ def _splice(raw: bytes, empty: bool, fields: bytes) -> bytes:
     return body[:-1] + (fields if empty else b"," + fields) + b"}"
 
 
-def worker_body(inbound: InboundRequest, rid: str, prefill: Worker | None, room: int | list[int] | None) -> bytes:
+def worker_body(inbound: InboundRequest, rid: str, prefill: Worker | None, room: int | list[int] | None,
+                decode_group: int | None = None, prefill_group: int | None = None) -> bytes:
     """The body both workers get: the client's with `rid` set to the router's `rid` (whatever rid the
-    client sent: `router.answers` says why) and, for a PD pair, the bootstrap fields naming `prefill`
-    and `room` (a list of rooms for a batch)."""
+    client sent: `router.answers` says why), for a PD pair the bootstrap fields naming `prefill` and
+    `room` (a list of rooms for a batch), and the attention-DP groups the router picked (`router.dp_routing`:
+    `data_parallel_rank` for decode, `disagg_prefill_dp_rank` for prefill) unless the client named them."""
     doc = inbound.doc
+    groups = {}
+    if decode_group is not None and DATA_PARALLEL_RANK not in doc and ROUTED_DP_RANK not in doc:
+        groups[DATA_PARALLEL_RANK] = decode_group
+    if prefill is not None and prefill_group is not None and DISAGG_PREFILL_DP_RANK not in doc:
+        groups[DISAGG_PREFILL_DP_RANK] = prefill_group
     if (inbound.batch_size is None and "rid" not in doc
             and not (prefill is not None and not _PD_FIELDS.isdisjoint(doc))):
         fields = b'"rid":' + orjson.dumps(rid)
         if prefill is not None:
             fields = fields + b"," + prefill.pd_fields_prefix + str(room).encode()
+        for name, group in groups.items():
+            fields += b',"' + name.encode() + b'":' + str(group).encode()
         return _splice(inbound.raw, not doc, fields)
     out = dict(doc)
+    out.update(groups)
     out["rid"] = rid if inbound.batch_size is None else abort_rids(inbound, rid)
     if prefill is not None:
         host = prefill.bootstrap_host

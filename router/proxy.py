@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from kvtransfer.protocol import DATA_PARALLEL_RANK, DISAGG_PREFILL_DP_RANK
 from router.answers import IdRewriter, StreamGuard, failure_event, new_request_id, whole_answer_failure
 from router.config import Role
+from router.dp_routing import Charge, output_budget, requested_dp_rank
 from router.errors import RouterError, error_body, is_openai_error
 from router.http_server import HttpConnection
 from router.inbound import InboundRequest, Kind, abort_rids, client_ids, worker_body
@@ -84,8 +86,9 @@ class PrefillJob:
     """
 
     def __init__(self, state: RouterState, worker: Worker, request: bytes, deadline: float, rids: list[str],
-                 expected: Expectation | None = None):
+                 expected: Expectation | None = None, charge: Charge | None = None):
         self._state = state
+        self._charge = charge  # the prefill DP group's load this request adds, until prefill answers
         self.worker = worker
         self._expected = expected  # checked against the worker's hit report (`cached_tokens`) in its answer
         self._request = request
@@ -174,6 +177,8 @@ class PrefillJob:
     def _release_worker(self) -> None:
         w = self.worker
         w.in_flight -= 1
+        if self._charge is not None:
+            self._charge.release()
         if w.draining:
             self._state.registry.release_if_drained(w)
 
@@ -272,15 +277,25 @@ class Proxy:
         # id for all its choices, the router's own, which becomes the client's.
         rename = IdRewriter(internal, echo, items if inbound.kind is Kind.GENERATE else None)
         fwd_headers = b"X-Request-ID: " + internal.encode() + b"\r\n" + fwd_headers
+        # The attention-DP groups (router.dp_routing): the client's own choice, else the least loaded.
+        dp = state.dp
+        decode_group = dp.pick(decode, requested_dp_rank(inbound, DATA_PARALLEL_RANK))
+        prefill_group = None
+        if prefill is not None:
+            prefill_group = dp.pick(prefill, requested_dp_rank(inbound, DISAGG_PREFILL_DP_RANK))
+        outputs = (inbound.batch_size or 1) * output_budget(inbound.doc)
+        decode_charge = (Charge(decode.dp, decode_group, inbound.prompt_tokens + outputs)
+                         if decode_group is not None else None)
         job: PrefillJob | None = None
         if prefill is not None:
             n = inbound.batch_size
             room = self._getrandbits(_ROOM_BITS) if n is None else [self._getrandbits(_ROOM_BITS) for _ in range(n)]
-            body = worker_body(inbound, internal, prefill, room)
+            body = worker_body(inbound, internal, prefill, room, decode_group, prefill_group)
+            charge = Charge(prefill.dp, prefill_group, inbound.prompt_tokens) if prefill_group is not None else None
             job = PrefillJob(state, prefill, build_request("POST", path, prefill.netloc, body, fwd_headers),
-                             deadline, rids, expected)
+                             deadline, rids, expected, charge)
         else:
-            body = worker_body(inbound, internal, None, None)
+            body = worker_body(inbound, internal, None, None, decode_group)
         decode.in_flight += 1
         decode.stats.requests += 1
         epoch = decode.failure_epoch
@@ -355,6 +370,8 @@ class Proxy:
                                                           str(cut))
         finally:
             decode.in_flight -= 1
+            if decode_charge is not None:
+                decode_charge.release()
             state.active.remove(internal)
             if not done:
                 # Client gone, timeout, retry or error: both workers drop the request now.

@@ -8,6 +8,7 @@ import logging
 import orjson
 
 from router.config import Role, RouterConfig, WorkerSpec
+from router.dp_routing import DpRouter
 from router.errors import RouterError
 from router.group import ProcessGroup
 from router.health import HealthChecker
@@ -73,6 +74,9 @@ class RouterState:
         self.prefill_policy = make_policy(config.prefill_policy, **kw)  # type: ignore[arg-type]
         self.decode_policy = make_policy(config.decode_policy, **kw)  # type: ignore[arg-type]
         self.health = HealthChecker(self.registry, self.pool, config)
+        # The attention-DP group of each chosen instance (`--dp-routing`), and their polled load.
+        self.dp = DpRouter(config.dp_routing, self.pool, self.registry.all_workers, config.dp_load_interval_s,
+                           config.health_timeout_s)
         # Requests in flight, for the router-level `/abort_request`.
         self.active = ActiveRequests()
         self._background: set[asyncio.Task[None]] = set()
@@ -83,11 +87,13 @@ class RouterState:
         if self.group is not None:
             await self.group.start()
         self.health.start()
+        self.dp.start()
 
     async def close(self) -> None:
         if self.group is not None:
             await self.group.close()
         await self.health.close()
+        await self.dp.close()
         for task in list(self._background):
             task.cancel()
         if self._background:

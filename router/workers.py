@@ -11,6 +11,7 @@ import orjson
 
 from kvtransfer.protocol import BOOTSTRAP_HOST, BOOTSTRAP_PORT, BOOTSTRAP_ROOM
 from router.config import Role, WorkerSpec
+from router.dp_routing import DpGroups
 from router.errors import RouterError
 from router.metrics import WorkerStats
 
@@ -40,7 +41,7 @@ class Worker:
     __slots__ = (
         "spec", "url", "role", "host", "port", "bootstrap_port", "in_flight", "healthy", "draining",
         "consecutive_failures", "next_probe_at", "stats", "pd_fields_prefix", "added_at", "netloc",
-        "bootstrap_host", "failure_epoch",
+        "bootstrap_host", "failure_epoch", "dp",
     )
 
     def __init__(self, spec: WorkerSpec) -> None:
@@ -60,6 +61,7 @@ class Worker:
         self.failure_epoch = 0
         self.next_probe_at = 0.0
         self.stats = WorkerStats()
+        self.dp = DpGroups()  # its attention-DP groups' load (router.dp_routing)
         self.added_at = time.time()
         # The JSON text spliced into request bodies sent to a pair with this prefill (room appended).
         self.pd_fields_prefix = (
@@ -101,6 +103,8 @@ class Worker:
             "consecutive_failures": self.consecutive_failures,
             "requests": self.stats.requests,
             "errors": self.stats.errors,
+            "dp_size": self.dp.size,
+            "dp_groups": self.dp.describe(),
         }
 
 

@@ -156,9 +156,9 @@ class DecodeRank(Rank):
         self.receivers: dict[int, KVReceiver] = {}
 
     def start(self, host: str, port: int, room: int, dst_pages: list[int] | None, aux_slot: int,
-              data_parallel_rank: int | None = None) -> tuple[int, tuple[int, ...]]:
+              prefill_dp_rank: int | None = None) -> tuple[int, tuple[int, ...]]:
         """Create the room's receiver and (unless dst_pages is None) init it; (real, dummies) prefill ranks."""
-        receiver = self.manager.create_receiver(host, port, room, data_parallel_rank)
+        receiver = self.manager.create_receiver(host, port, room, prefill_dp_rank)
         self.receivers[room] = receiver
         if dst_pages is not None:
             receiver.init(dst_pages, aux_slot)

@@ -52,6 +52,10 @@ class MockWorker:
     health_checks: int = 0
     completed: list[str] = field(default_factory=list)  # rids answered in full (every token sent)
     keep_bodies: bool = True  # False: `bodies` keeps only each rid (tests with huge prompts)
+    # `/get_load` (router.dp_routing): the per-DP-group report it answers with; None: a 404, as a worker
+    # that gives none.
+    dp_report: list[dict] | None = None
+    load_polls: int = 0
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -62,6 +66,7 @@ class MockWorker:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model_id}", self._model)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/get_load", self._get_load)
         app.router.add_post("/abort_request", self._abort)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
@@ -84,6 +89,12 @@ class MockWorker:
     async def _health(self, request: web.Request) -> web.Response:
         self.health_checks += 1
         return web.Response(status=self.behavior.health_status, text="ok")
+
+    async def _get_load(self, request: web.Request) -> web.Response:
+        self.load_polls += 1
+        if self.dp_report is None:
+            return web.Response(status=404, text="no such route")
+        return web.json_response({"dp_size": len(self.dp_report), "dp_groups": self.dp_report})
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
@@ -214,11 +225,14 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def cluster(n_prefill: int = 1, n_decode: int = 1, **config: object) -> AsyncIterator[Cluster]:
-    """Mock workers plus an in-process router in front of them (on loopback ports)."""
+async def cluster(n_prefill: int = 1, n_decode: int = 1, dp_size: int = 0, **config: object) -> AsyncIterator[Cluster]:
+    """Mock workers plus an in-process router in front of them (on loopback ports). `dp_size` > 0: every
+    worker reports that many idle attention-DP groups on `/get_load`."""
     prefill = [MockWorker("prefill") for _ in range(n_prefill)]
     decode = [MockWorker("decode") for _ in range(n_decode)]
     for w in (*prefill, *decode):
+        if dp_size:
+            w.dp_report = [{"dp_rank": g, "tokens_in_flight": 0, "free_pages": 100} for g in range(dp_size)]
         await w.start()
     config.setdefault("health_interval_s", 0)  # tests that want probes turn them on
     cfg = RouterConfig(

@@ -67,7 +67,8 @@ HONOURED_SAMPLES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "truncate_prompt_tokens": ({}, {"truncate_prompt_tokens": 1}), "echo": ({}, {"echo": True}),
     "rid": ({}, {"rid": "r"}), "model": ({}, {"model": "someone-else"}),
     "bootstrap_host": ({}, BOOT), "bootstrap_port": ({}, BOOT), "bootstrap_room": ({}, BOOT),
-    "data_parallel_rank": (BOOT, {"data_parallel_rank": 1}),
+    "data_parallel_rank": ({}, {"data_parallel_rank": 0}), "routed_dp_rank": ({}, {"routed_dp_rank": 0}),
+    "disagg_prefill_dp_rank": (BOOT, {"disagg_prefill_dp_rank": 1}),
     "prompt_logprobs": ({}, {"prompt_logprobs": 1}),
 }
 BASE = {"completion": {"prompt": "ab"}, "chat": {"messages": [{"role": "user", "content": "ab"}]}}

@@ -69,11 +69,11 @@ def test_design_md_example_p_tp4_to_d_tp4_dp2() -> None:
     assert [(s.decode_rank, s.real, s.dummies) for s in sources] == [(0, 2, (0,)), (1, 3, (1,))]
 
 
-def test_prefill_group_follows_room_unless_data_parallel_rank_is_given() -> None:
+def test_prefill_group_follows_room_unless_prefill_dp_rank_is_given() -> None:
     prefill = ParallelLayout(8, 4)
     assert prefill_dp_group(prefill, 13) == 1
-    assert prefill_dp_group(prefill, 13, data_parallel_rank=3) == 3
-    sources = map_ranks(prefill, ParallelLayout(2), 0, 13, data_parallel_rank=3)
+    assert prefill_dp_group(prefill, 13, prefill_dp_rank=3) == 3
+    sources = map_ranks(prefill, ParallelLayout(2), 0, 13, prefill_dp_rank=3)
     assert {s.real for s in sources} == {6, 7}
 
 
@@ -97,7 +97,7 @@ def test_non_power_of_two_layouts_still_give_one_real_source_each() -> None:
     [
         (lambda: ParallelLayout(4, 3), "does not divide"),
         (lambda: ParallelLayout(0), "positive"),
-        (lambda: map_ranks(ParallelLayout(4, 2), ParallelLayout(2), 0, 1, data_parallel_rank=2), "data_parallel_rank"),
+        (lambda: map_ranks(ParallelLayout(4, 2), ParallelLayout(2), 0, 1, prefill_dp_rank=2), "prefill_dp_rank"),
         (lambda: map_ranks(ParallelLayout(4), ParallelLayout(4, 2), 2, 1), "dp_rank 2 out of range"),
         (lambda: map_ranks(ParallelLayout(4), ParallelLayout(4), 0, -1), "non-negative"),
         (lambda: sources_for(ParallelLayout(4), ParallelLayout(4), 4, 1), "rank 4 out of range"),

@@ -59,7 +59,7 @@ def test_requests_without_bootstrap_fields_or_naming_a_missing_dp_group_get_a_40
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
         status, raw = http("POST", server.url + path, body)
         assert status == 400 and "bootstrap_room" in json.loads(raw)["error"]["message"], (path, raw)
-    body = _pd_body(bootstrap_port, 1, "dp", data_parallel_rank=1)
+    body = _pd_body(bootstrap_port, 1, "dp", disagg_prefill_dp_rank=1)
     status, raw = http("POST", server.url + "/generate", body)
     assert status == 400 and "dp_size 1" in json.loads(raw)["error"]["message"]
     wait_idle(server.url)

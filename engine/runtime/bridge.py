@@ -25,6 +25,10 @@ from ..server.messages import (
 
 log = logging.getLogger(__name__)
 
+# What every runner reports per DP group (`StepRunner.status_counts`): requests in its batch, requests
+# waiting to join it, and the tokens whose KV it holds or will hold.
+GROUP_LOAD_KEYS = ("running_requests", "queued_requests", "tokens_in_flight")
+
 
 class RankBridge:
     """Owns the two zmq sockets of the HTTP process; `close()` releases them.
@@ -123,7 +127,22 @@ class RankBridge:
         newest = max(self.group_status.values(), key=lambda status: status.sent_at, default=None)
         gauges = dict(newest.gauges) if newest is not None else {}
         return {"active_requests": self.num_active, "ready": self.ready, "status_time": status_time,
-                **totals, **gauges, **self._info()}
+                **totals, **gauges, **self._info(), "dp_groups": self.dp_groups()}
+
+    def dp_groups(self) -> list[dict[str, Any]]:
+        """Each attention-DP group's load as its leader last reported it (`GROUP_LOAD_KEYS` and its pool's
+        pages), in group order; a group that has not reported yet is absent."""
+        groups = []
+        for dp_rank in sorted(self.group_status):
+            status = self.group_status[dp_rank]
+            counts = status.counts
+            row: dict[str, Any] = {"dp_rank": dp_rank, **{key: counts.get(key, 0) for key in GROUP_LOAD_KEYS}}
+            # Pages nobody holds (free, or cached and evictable) are what the group can still give out.
+            row["free_pages"] = counts.get("free_pages", 0) + counts.get("evictable_pages", 0)
+            row["total_pages"] = counts.get("total_pages", 0)
+            row["status_time"] = status.sent_at
+            groups.append(row)
+        return groups
 
     def close(self) -> None:
         if self._reader is not None:

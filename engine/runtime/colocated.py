@@ -10,11 +10,12 @@ import logging
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..config import ModelConfig
+from ..dbo import DboConfig
 from ..ep_moe import ExpertParallelMoE
 from ..eplb.config import EplbConfig
 from ..grammar import GrammarRuntime, GrammarSpec
@@ -67,6 +68,7 @@ class EngineArgs:
     reserve_tokens: int | None = None
     # Expert-parallel load balancing (--enable-eplb / --eplb-config, engine.eplb); None: off.
     eplb: EplbConfig | None = None
+    dbo: DboConfig = field(default_factory=DboConfig)  # dual batch overlap (engine.dbo): off by default
 
 
 @dataclass
@@ -135,6 +137,11 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
         largest_share = -(-max(args.max_prefill_tokens, args.max_running) // parallel.attn_tp_size)
         moe = ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share, eplb=args.eplb,
                                 num_nodes=ctx.spec.nnodes)
+    model.dbo = args.dbo
+    if args.dbo.enabled and moe is not None and parallel.dp_size > 1:
+        # DP groups hold different batches: every forward agrees on its split over the whole instance (a
+        # gloo group: the vote is control traffic, like the lockstep's work flag). Built on every rank.
+        model.dbo_vote_group = torch.distributed.new_group(backend="gloo")
     num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
     pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype, device,
@@ -268,15 +275,24 @@ class ColocatedRunner:
             # Rank 0 draws the seed before the broadcast, so every rank of the DP group samples the same
             # token; unseeded per-rank generators would diverge and desynchronise the group.
             request.sampling.seed = random.getrandbits(63)
+        if request.data_parallel_rank is not None:  # named by the router or the client, checked on parse
+            return request.data_parallel_rank
         return least_loaded(loads)
 
     def gauges(self) -> dict[str, float]:
         return engine_gauges(self.engine)
+    def group_load(self) -> dict[str, int]:
+        """This DP group's load as `/server_info`'s `dp_groups` and the router's DP choice read it: requests
+        in the batch, requests waiting to join it, and the tokens whose KV the group holds or will hold."""
+        scheduler = self.scheduler
+        return {"running_requests": len(scheduler.running), "queued_requests": len(scheduler.waiting),
+                "tokens_in_flight": sum(r.seq_len for r in scheduler.running)
+                + sum(r.seq_len for r in scheduler.waiting)}
 
     def status_counts(self) -> dict[str, int]:
         return {**self.engine.kv_pool.status_counts(),
                 "prefill_tokens_computed": self.scheduler.prefill_computed_tokens,
-                "retractions": self.scheduler.retractions}
+                "retractions": self.scheduler.retractions, **self.group_load()}
 
     def close(self) -> None:
         for req in list(self.requests.values()):

@@ -1,8 +1,8 @@
 """The loop every rank of an instance runs.
 
 Rank 0 is the only rank the HTTP process talks to: each iteration it drains its inbox, picks an
-attention-DP group for every new request (the role decides how: least-loaded, or the prefill
-rule `room % dp`), and broadcasts the iteration's messages to all ranks, so that every rank sees
+attention-DP group for every new request (the group the request names, else the role decides:
+least-loaded, or the prefill rule `disagg_prefill_dp_rank` else `room % dp`), and broadcasts the iteration's messages to all ranks, so that every rank sees
 the same requests in the same order. Then every rank steps its role's `StepRunner`, and each
 DP group's leader (attention-TP rank 0) pushes its outputs back to the HTTP process.
 """
@@ -23,7 +23,9 @@ from .launch import RankContext
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_MS = 20  # how long rank 0 blocks on an empty inbox when no rank has work
-STATUS_PERIOD_S = 0.5  # how often DP leaders report pool counts to the HTTP process
+# How often DP leaders report pool counts and their group's load to the HTTP process: a router routing by
+# DP-group load polls those figures, so they are kept within this of the truth (one small message each).
+STATUS_PERIOD_S = 0.2
 
 
 class StepRunner(Protocol):

@@ -40,6 +40,8 @@ from .replies import (
 )
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# The per-DP-group gauges of /metrics (`tandem_worker_dp_<key>{dp_rank="g"}`), from `dp_groups` of the info.
+DP_GROUP_METRICS = ("running_requests", "queued_requests", "tokens_in_flight", "free_pages")
 
 
 class EngineBackend(Protocol):
@@ -105,6 +107,7 @@ class WorkerApp:
         app.router.add_get("/server_info", self.server_info)
         app.router.add_get("/get_server_info", self.server_info)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/get_load", self.get_load)
         app.router.add_post("/abort_request", self.abort_request)
         return app
 
@@ -141,10 +144,22 @@ class WorkerApp:
             f"tandem_worker_errors_total {self.num_errors}",
             f"tandem_worker_inflight {self.inflight}",
         ]
-        for key, value in self.backend.info().items():
+        info = self.backend.info()
+        for key, value in info.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 lines.append(f"tandem_worker_{key} {value}")
+        # Per attention-DP group, labelled by its rank (the sums above hide an idle group beside a full one).
+        for group in info.get("dp_groups", ()):
+            for key in DP_GROUP_METRICS:
+                lines.append(f'tandem_worker_dp_{key}{{dp_rank="{group["dp_rank"]}"}} {group.get(key, 0)}')
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def get_load(self, request: web.Request) -> web.Response:
+        """SGLang's `/get_load`, kept small for routers that poll it often: the per-DP-group load alone."""
+        info = self.backend.info()
+        groups = info.get("dp_groups", [])
+        return json_response({"dp_size": self.config.extra_info.get("dp_size", len(groups) or 1),
+                              "dp_groups": groups})
 
     async def abort_request(self, request: web.Request) -> web.Response:
         try:
@@ -175,7 +190,10 @@ class WorkerApp:
                                    self.config.max_context, self.config.chat_template,
                                    header_rid=request.headers.get("X-Request-ID") or None,
                                    tool_call_parser=self.config.tool_call_parser,
-                                   reasoning_parser=self.config.reasoning_parser)
+                                   reasoning_parser=self.config.reasoning_parser,
+                                   # On prefill `data_parallel_rank` names the decode instance's group.
+                                   dp_size=None if self.config.role == "prefill"
+                                   else int(self.config.extra_info.get("dp_size", 1)))
         except web.HTTPRequestEntityTooLarge:
             self.num_errors += 1
             return error_response(f"the request body exceeds {MAX_BODY_BYTES} bytes", 413)

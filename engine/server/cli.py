@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..dbo import add_dbo_flags, dbo_config_from_flags
 from ..eplb.config import add_eplb_flags, eplb_config_from_flags
 from ..kv_pool import KV_CACHE_DTYPES
 from ..plan import DEFAULT_MEM_FRACTION
@@ -58,6 +59,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     par.add_argument("--node-rank", type=int, default=0, help="this node's index (0 serves HTTP)")
     par.add_argument("--dist-init-addr", default=None, help="host:port of node 0 for torch.distributed")
     par.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the ranks run")
+    add_dbo_flags(par)
 
     mem = parser.add_argument_group("memory")
     mem.add_argument("--page-size", type=int, default=64, help="tokens per KV page (same on P and D)")
@@ -105,7 +107,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
                       max_prefill_tokens=args.max_prefill_tokens, max_running=args.max_running_requests,
                       ep_backend=args.ep_backend, quantization=args.quantization,
                       prefix_cache=not args.disable_prefix_cache, reserve_tokens=args.reserve_tokens,
-                      eplb=eplb_config_from_flags(args))
+                      eplb=eplb_config_from_flags(args), dbo=dbo_config_from_flags(args))
 
 
 def instance_spec(args: argparse.Namespace) -> InstanceSpec:

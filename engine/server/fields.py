@@ -32,7 +32,8 @@ SAMPLING = frozenset({
     "top_p", "top_k", "min_p", "seed", "sampling_seed", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "stop", "stop_token_ids", "ignore_eos", "n",
 })  # fmt: skip
-_PD = frozenset({pd.BOOTSTRAP_HOST, pd.BOOTSTRAP_PORT, pd.BOOTSTRAP_ROOM, pd.DATA_PARALLEL_RANK, "rid"})
+_PD = frozenset({pd.BOOTSTRAP_HOST, pd.BOOTSTRAP_PORT, pd.BOOTSTRAP_ROOM, pd.DATA_PARALLEL_RANK, pd.ROUTED_DP_RANK,
+                 pd.DISAGG_PREFILL_DP_RANK, "rid"})
 _OPENAI = frozenset({"model", "stream", "stream_options", "logprobs", "truncate_prompt_tokens",
                      "add_special_tokens", "include_stop_str_in_output", "no_stop_trim"})  # fmt: skip
 _GRAMMAR = frozenset(structured.OPENAI_FIELDS)
@@ -68,8 +69,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "return_hidden_states": (False,), "return_routed_experts": (False,), "routed_experts_start_len": (0,),
     "return_cached_tokens_details": (False,), "return_token_ids": (False,), "return_prompt_token_ids": (False,),
     "return_meta_info": (False,), "lora_path": (), "session_id": (), "session_params": ({},),
-    "custom_params": ({},), "custom_logit_processor": (), "images_config": ({},), "routed_dp_rank": (),
-    "disagg_prefill_dp_rank": (), "extra_key": (), "ngram_corpus_id": (), "custom_labels": ({},),
+    "custom_params": ({},), "custom_logit_processor": (), "images_config": ({},), "extra_key": (), "ngram_corpus_id": (), "custom_labels": ({},),
     "max_dynamic_patch": (), "min_dynamic_patch": (), "use_audio_in_video": (False,), "task": (),
     "image_data": ([],), "audio_data": ([],), "video_data": ([],),
     "input_embeds": (), "token_ids_logprob": ([],), "return_bytes": (False,), "bootstrap_pair_key": (),

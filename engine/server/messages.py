@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-MESSAGE_VERSION = 1
+MESSAGE_VERSION = 2  # 2: BootstrapInfo.prefill_dp_rank, GenerateRequest.data_parallel_rank
 
 
 @dataclass
@@ -42,7 +42,8 @@ class BootstrapInfo:
     host: str
     port: int
     room: int
-    data_parallel_rank: int | None = None
+    # The prefill's attention-DP group that holds the KV (`disagg_prefill_dp_rank`); None: room % its dp_size.
+    prefill_dp_rank: int | None = None
 
 
 @dataclass
@@ -51,6 +52,9 @@ class GenerateRequest:
     input_ids: list[int]
     sampling: SamplingSpec
     bootstrap: BootstrapInfo | None = None
+    # The attention-DP group of this instance that runs it (`data_parallel_rank`); None: the instance picks.
+    # A prefill instance ignores it: in a disaggregated body it names the decode instance's group.
+    data_parallel_rank: int | None = None
     return_logprob: bool = False
     top_logprobs: int = 0  # with return_logprob: the most likely tokens per position, this many
     # Prompt log-probabilities: -1 off; k >= 0 each prompt token's logprob and k alternatives (colocated only:

@@ -203,7 +203,7 @@ def parse_bootstrap(body: dict, count: int = 1) -> list[BootstrapInfo | None]:
     """SGLang's bootstrap fields, one set per choice: scalars for one, lists (or a shared host and port)
     for a batch."""
     if body.get(pd.BOOTSTRAP_HOST) is None:
-        given = [name for name in (pd.BOOTSTRAP_PORT, pd.BOOTSTRAP_ROOM, pd.DATA_PARALLEL_RANK)
+        given = [name for name in (pd.BOOTSTRAP_PORT, pd.BOOTSTRAP_ROOM, pd.DISAGG_PREFILL_DP_RANK)
                  if body.get(name) is not None]
         if given:  # the rest of a PD request's fields without its host: nothing could use them
             raise RequestError(f"'{given[0]}' needs '{pd.BOOTSTRAP_HOST}' (a disaggregated request)",
@@ -212,7 +212,10 @@ def parse_bootstrap(body: dict, count: int = 1) -> list[BootstrapInfo | None]:
     hosts = _one_or_list(body, pd.BOOTSTRAP_HOST, str, count)
     ports = _one_or_list(body, pd.BOOTSTRAP_PORT, int, count)
     rooms = _one_or_list(body, pd.BOOTSTRAP_ROOM, int, count)
-    dp_rank = _get(body, pd.DATA_PARALLEL_RANK, int, None)
+    prefill_dp_rank = _get(body, pd.DISAGG_PREFILL_DP_RANK, int, None)
+    if prefill_dp_rank is not None and prefill_dp_rank < 0:
+        raise RequestError(f"'{pd.DISAGG_PREFILL_DP_RANK}' must be >= 0, got {prefill_dp_rank}",
+                           param=pd.DISAGG_PREFILL_DP_RANK)
     out: list[BootstrapInfo | None] = []
     for host, port, room in zip(hosts, ports, rooms, strict=True):
         if host is None or port is None or room is None:
@@ -223,8 +226,28 @@ def parse_bootstrap(body: dict, count: int = 1) -> list[BootstrapInfo | None]:
         if not 0 <= room < 2**pd.ROOM_BITS:
             raise RequestError(f"'{pd.BOOTSTRAP_ROOM}' must be in [0, 2^{pd.ROOM_BITS}), got {room}",
                                param=pd.BOOTSTRAP_ROOM)
-        out.append(BootstrapInfo(host=host, port=port, room=room, data_parallel_rank=dp_rank))
+        out.append(BootstrapInfo(host=host, port=port, room=room, prefill_dp_rank=prefill_dp_rank))
     return out
+
+
+def parse_dp_rank(body: dict, dp_size: int | None) -> int | None:
+    """The attention-DP group a request names for the instance that answers it: `data_parallel_rank` (SGLang
+    and vLLM) or SGLang's newer `routed_dp_rank` (the same field; both given must agree). Checked against
+    `dp_size` when given (None: a prefill instance, for which the field names the decode instance's group)."""
+    values = {name: _get(body, name, int, None) for name in (pd.DATA_PARALLEL_RANK, pd.ROUTED_DP_RANK)}
+    given = {name: value for name, value in values.items() if value is not None}
+    if len(set(given.values())) > 1:
+        raise RequestError(f"'{pd.DATA_PARALLEL_RANK}' and '{pd.ROUTED_DP_RANK}' name the same group and differ: "
+                           f"{given[pd.DATA_PARALLEL_RANK]} vs {given[pd.ROUTED_DP_RANK]}", param=pd.DATA_PARALLEL_RANK)
+    if not given:
+        return None
+    name, value = next(iter(given.items()))
+    upper = dp_size if dp_size is not None else 2**31
+    if not 0 <= value < upper:
+        raise RequestError(f"'{name}' {value} is out of range: this instance has {dp_size} attention-DP "
+                           f"group{'s' if dp_size != 1 else ''} (0 to {upper - 1})" if dp_size is not None
+                           else f"'{name}' must be >= 0, got {value}", param=name)
+    return value
 
 
 # OpenAI's `developer` role is the system role of newer models; chat templates know only `system`.
@@ -469,7 +492,7 @@ def _choice_seed(seed: int | None, index: int) -> int | None:
 def parse_request(
     body: Any, kind: str, codec: TextCodec, vocab_size: int, served_model: str, max_context: int,
     chat_template: ChatTemplate | None = None, header_rid: str | None = None,
-    tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+    tool_call_parser: str | None = None, reasoning_parser: str | None = None, dp_size: int | None = 1,
 ) -> ParsedRequest:
     """A validated request. `tool_call_parser` ("deepseekv3") and `reasoning_parser` ("deepseek-r1") are the
     worker's flags: without them chat `tools` are refused and answers are not split."""
@@ -521,6 +544,7 @@ def parse_request(
     count = len(ids_list) * n
     response_id, rids = _rids(body, header_rid, count)
     boots = parse_bootstrap(body, count)
+    dp_rank = parse_dp_rank(body, dp_size)
     wants_logprobs, top_logprobs = _logprob_request(body, kind)
     prompt_k, prompt_start = _prompt_logprob_request(body, kind, stream, boots[0] is not None)
     echo = kind == "completion" and bool(_get(body, "echo", bool, False))
@@ -530,7 +554,8 @@ def parse_request(
                                    stop_token_ids=list(sampling.stop_token_ids),
                                    logit_bias=list(sampling.logit_bias))
         requests.append(GenerateRequest(rid=rids[i], input_ids=list(ids_list[i // n]), sampling=spec,
-                                        bootstrap=boots[i], return_logprob=wants_logprobs,
+                                        bootstrap=boots[i], data_parallel_rank=dp_rank,
+                                        return_logprob=wants_logprobs,
                                         top_logprobs=top_logprobs, prompt_logprobs=prompt_k))
         echoes.append(texts[i // n] if echo else "")
     return ParsedRequest(
