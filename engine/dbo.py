@@ -89,8 +89,10 @@ def split_point(batch: ForwardBatch, config: DboConfig) -> int | None:
 def micro_batch(batch: ForwardBatch, lo: int, hi: int) -> ForwardBatch:
     """Sequences `[lo, hi)` of `batch` as a batch of their own (views of its tensors, offsets re-based)."""
     cu_q, cu_k = batch.cu_seqlens_q, batch.cu_seqlens_k
-    q0, q1 = int(cu_q[lo]), int(cu_q[hi])
-    k0, k1 = int(cu_k[lo]), int(cu_k[hi])
+    # The offsets from the host copies where the batch has them (no device sync), kept re-based beside.
+    host_q, host_k = batch.cu_seqlens_q_host, batch.cu_seqlens_k_host
+    q0, q1 = (int(cu_q[lo]), int(cu_q[hi])) if host_q is None else (int(host_q[lo]), int(host_q[hi]))
+    k0, k1 = (int(cu_k[lo]), int(cu_k[hi])) if host_k is None else (int(host_k[lo]), int(host_k[hi]))
     return replace(
         batch,
         input_ids=batch.input_ids[q0:q1],
@@ -101,6 +103,8 @@ def micro_batch(batch: ForwardBatch, lo: int, hi: int) -> ForwardBatch:
         page_table=batch.page_table[lo:hi],
         cu_seqlens_q=cu_q[lo : hi + 1] - q0,
         cu_seqlens_k=cu_k[lo : hi + 1] - k0,
+        cu_seqlens_q_host=host_q[lo : hi + 1] - q0 if host_q is not None else None,
+        cu_seqlens_k_host=host_k[lo : hi + 1] - k0 if host_k is not None else None,
         write_pages=batch.write_pages[q0:q1],
         write_slots=batch.write_slots[q0:q1],
         read_pages=batch.read_pages[k0:k1] if batch.read_pages is not None else None,
