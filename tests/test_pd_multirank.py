@@ -1,7 +1,8 @@
 """Router + 1 prefill + 1 decode with mismatched parallel layouts (DESIGN.md rank mapping): P tp2 -> D tp2 dp2
 (each decode rank reads from one prefill rank, the real source rotating per room) and P tp2 dp2 -> D tp2
 (the room picks P's DP group; both decode ranks read from its one rank). Greedy outputs equal colocated
-generation and every pool of both sides returns to idle.
+generation and every pool of both sides returns to idle; the tp2 decode instance also reuses its own pages
+across a conversation's turns (decode-side reuse), token-exact.
 
 Four rank processes on 2 cores: by default one engine (NIXL; the tp1 pair covers Mooncake) and 16 requests
 per layout; TANDEM_PD_FULL_MATRIX=1 runs every layout with both engines.
@@ -19,6 +20,7 @@ from pd_system import (
     PDSystem,
     backend_missing,
     check_concurrent_mixed_requests,
+    check_decode_reuse_across_turns,
     get_json,
 )
 
@@ -27,9 +29,11 @@ from engine.tiny_model import write_tiny_model
 
 pytestmark = pytest.mark.slow  # real processes: router + workers with their ranks
 
+# The tp2 decode instance keeps finished requests' pages (decode-side reuse): its two ranks take the same
+# cache decisions, and the one prefill rank of the room's group writes each of them only what it lacks.
 LAYOUTS = {
     "P-tp2_to_D-tp2dp2": (("--tp", "2"), ("--tp", "2", "--dp", "2")),
-    "P-tp2dp2_to_D-tp2": (("--tp", "2", "--dp", "2"), ("--tp", "2")),
+    "P-tp2dp2_to_D-tp2": (("--tp", "2", "--dp", "2"), ("--tp", "2", "--decode-prefix-cache")),
 }
 
 
@@ -83,3 +87,11 @@ def test_mismatched_layouts_serve_concurrent_mixed_requests_equal_to_colocated_g
     flags = system.decode_flags
     decode_ranks = int(flags[flags.index("--tp") + 1]) if "--tp" in flags else 1
     assert get_json(system.decode.url + "/server_info")["ep_mode"] == ("low_latency" if decode_ranks > 1 else "local")
+
+
+def test_a_tp2_decode_instance_reuses_its_pages_across_turns_and_is_written_only_the_rest(
+    system: PDSystem, tiny_model: Path
+) -> None:
+    if "--decode-prefix-cache" not in system.decode_flags:
+        pytest.skip("this layout's decode instance runs without decode-side reuse")
+    check_decode_reuse_across_turns(system, tiny_model, decode_attn_tp=2)

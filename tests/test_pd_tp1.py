@@ -37,6 +37,7 @@ from pd_system import (
     backend_missing,
     check_against_reference,
     check_concurrent_mixed_requests,
+    check_decode_reuse_across_turns,
     get_json,
     http,
     run_case,
@@ -208,43 +209,7 @@ def test_prefill_cache_hits_compute_only_the_suffix_and_decode_still_gets_the_wh
 def test_decode_side_reuse_writes_only_the_pages_decode_does_not_hold_and_answers_as_a_cache_off_run(
     system: PDSystem, tiny_model: Path
 ) -> None:
-    """Two conversations, four lockstep turns through the router (each prompt = the last prompt + its answer +
-    a new message): from turn 1 on the decode instance holds the conversation's earlier pages (prompt and
-    answer) and the prefill instance writes only the pages after them (its counters say exactly how many),
-    while every answer equals a cache-off colocated run's greedy tokens; both pools end idle."""
-    rng = random.Random(2020)
-    vocab = system.vocab_size
-    shared = [rng.randrange(2, vocab) for _ in range(3 * PAGE_SIZE + 5)]
-    conversations = [list(shared) for _ in range(2)]
-    cache_off = LLM(tiny_model, page_size=PAGE_SIZE, prefix_cache=False)
-    page_bytes = None
-    try:
-        for turn in range(4):
-            prompts = [c + [rng.randrange(2, vocab) for _ in range(19 + 7 * i)] for i, c in enumerate(conversations)]
-            cases = [Case(p, 7, "/generate" if (turn + i) % 2 else "/v1/completions", stream=turn % 2 == 1)
-                     for i, p in enumerate(prompts)]
-            expected = [o.token_ids for o in cache_off.generate(prompts, [c.params() for c in cases])]
-            before_p, before_d = wait_idle(system.prefill.url), wait_idle(system.decode.url)
-            with cf.ThreadPoolExecutor(len(cases)) as pool:
-                results = list(pool.map(lambda c: run_case(system.router.url, c), cases))
-            check_against_reference(cache_off, cases, results)
-            after_p, after_d = wait_idle(system.prefill.url), wait_idle(system.decode.url)
-            # Decode kept each conversation's pages of its last turn: prompt + answer but its last token.
-            held = [0 if turn == 0 else min((len(c) - 1) // PAGE_SIZE, (len(p) - 1) // PAGE_SIZE)
-                    for c, p in zip(conversations, prompts, strict=True)]
-            written = sum(-(-len(p) // PAGE_SIZE) for p in prompts) - sum(held)
-            pages = after_p["kv_pages_sent"] - before_p["kv_pages_sent"]
-            sent = after_p["kv_bytes_sent"] - before_p["kv_bytes_sent"]
-            assert pages == written, (turn, pages, written, held)
-            assert after_d["decode_reused_tokens"] - before_d["decode_reused_tokens"] == sum(held) * PAGE_SIZE
-            page_bytes = page_bytes or sent // pages
-            assert sent == pages * page_bytes
-            if turn:  # measurably less than the whole prompts' pages, which a decode without reuse receives
-                assert sum(held) >= 2 * 4 and sent < (written + sum(held)) * page_bytes
-            for c, p, ids in zip(conversations, prompts, expected, strict=True):
-                c[:] = p + ids
-    finally:
-        cache_off.close()
+    check_decode_reuse_across_turns(system, tiny_model)
 
 
 def test_n_choices_and_list_prompts_equal_single_requests_with_derived_seeds(system: PDSystem, reference: LLM
