@@ -18,6 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from decode_worker.dp_affinity import DPGroupAffinity
 from decode_worker.prefilled import PrefilledKVRunner
 from engine.kv_pool import PoolExhaustedError
 from engine.prefix_cache import Block
@@ -94,6 +95,10 @@ class DecodeRunner(PrefilledKVRunner):
             raise ValueError("decode-side prefix reuse needs the prefix cache (drop --disable-prefix-cache)")
         self.prefix_reuse = prefix_reuse
         self.reused_tokens = 0  # prompt tokens of transfers served by pages held here already, for /metrics
+        # Several DP groups, each with its own cache: rank 0 sends a conversation's turns to the group that has
+        # its pages (decode_worker.dp_affinity).
+        self.dp_affinity = (DPGroupAffinity(engine.kv_pool.page_size)
+                            if prefix_reuse and ctx.spec.dp_size > 1 else None)
         self.agreement = GroupAgreement(ctx)
         self.transport = RankTransport(kv, "decode", ctx.rank, engine.kv_pool.tensor)
         info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host, fingerprint_of(engine, args),
@@ -136,6 +141,12 @@ class DecodeRunner(PrefilledKVRunner):
     def num_requests(self) -> int:
         return len(self.requests) + len(self.queued) + len(self.transferring)
 
+    def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:
+        least = super().choose_dp_rank(request, loads)
+        if self.dp_affinity is None or request.bootstrap is None:
+            return least
+        return self.dp_affinity.choose(request.input_ids, loads, least)
+
     def step(self) -> list[TokenOutput]:
         if self.transferring:
             self._settle()
@@ -157,6 +168,7 @@ class DecodeRunner(PrefilledKVRunner):
                 "decode_transferring": len(self.transferring),
                 "decode_running": len(self.requests),
                 "decode_reused_tokens": self.reused_tokens,
+                "decode_dp_affinity_followed": self.dp_affinity.followed if self.dp_affinity is not None else 0,
                 **self.timeline.counters(),
             }
         )

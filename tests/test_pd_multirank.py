@@ -29,11 +29,13 @@ from engine.tiny_model import write_tiny_model
 
 pytestmark = pytest.mark.slow  # real processes: router + workers with their ranks
 
-# The tp2 decode instance keeps finished requests' pages (decode-side reuse): its two ranks take the same
-# cache decisions, and the one prefill rank of the room's group writes each of them only what it lacks.
+# Both decode instances keep finished requests' pages (decode-side reuse). tp2: its two ranks take the same
+# cache decisions, and the one prefill rank of the room's group writes each of them only what it lacks. tp2 dp2:
+# two groups with a cache each, and rank 0 sends a conversation's turns to the group holding its pages.
+REUSE = "--decode-prefix-cache"
 LAYOUTS = {
-    "P-tp2_to_D-tp2dp2": (("--tp", "2"), ("--tp", "2", "--dp", "2")),
-    "P-tp2dp2_to_D-tp2": (("--tp", "2", "--dp", "2"), ("--tp", "2", "--decode-prefix-cache")),
+    "P-tp2_to_D-tp2dp2": (("--tp", "2"), ("--tp", "2", "--dp", "2", REUSE)),
+    "P-tp2dp2_to_D-tp2": (("--tp", "2", "--dp", "2"), ("--tp", "2", REUSE)),
 }
 
 
@@ -89,9 +91,13 @@ def test_mismatched_layouts_serve_concurrent_mixed_requests_equal_to_colocated_g
     assert get_json(system.decode.url + "/server_info")["ep_mode"] == ("low_latency" if decode_ranks > 1 else "local")
 
 
-def test_a_tp2_decode_instance_reuses_its_pages_across_turns_and_is_written_only_the_rest(
+def test_a_multi_rank_decode_instance_reuses_its_pages_across_turns_and_is_written_only_the_rest(
     system: PDSystem, tiny_model: Path
 ) -> None:
-    if "--decode-prefix-cache" not in system.decode_flags:
-        pytest.skip("this layout's decode instance runs without decode-side reuse")
-    check_decode_reuse_across_turns(system, tiny_model, decode_attn_tp=2)
+    flags = system.decode_flags
+    dp = int(flags[flags.index("--dp") + 1]) if "--dp" in flags else 1
+    prefill_dp = system.prefill_args[system.prefill_args.index("--dp") + 1] if "--dp" in system.prefill_args else "1"
+    # tp2 prefill with dp1: its DP group's two ranks take turns as real sources, its counters are rank 0's.
+    check_decode_reuse_across_turns(system, tiny_model, decode_attn_tp=2 // dp, prefill_counts=prefill_dp == "2")
+    if dp > 1:
+        assert get_json(system.decode.url + "/server_info")["decode_dp_affinity_followed"] > 0
