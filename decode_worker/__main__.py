@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode-side prefix reuse: keep finished requests' KV pages (prompt and output) in this instance's "
         "prefix cache, and for a later request that starts with them (a conversation's next turn) tell the "
         "prefill instance which leading pages are here already, so it writes only the rest; hits are counted "
-        "as decode_reused_tokens on /metrics and sent to the router in the X-Tandem-KV-Reused-Tokens header",
+        "as decode_reused_tokens on /metrics and sent to the router in the X-Tandem-KV-Reused-Tokens header "
+        "(run the router with --decode-policy cache_aware so that a conversation's turns come back here)",
     )
     add_kv_flags(parser)
     return parser

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from kvtransfer.protocol import KV_REUSED_HEADER
 from router.answers import IdRewriter, StreamGuard, failure_event, new_request_id, whole_answer_failure
 from router.config import Role
 from router.errors import RouterError, error_body, is_openai_error
@@ -42,9 +43,9 @@ _CLIENT_HIGH_WATER = 1 << 20  # bytes queued for a client before relaying pauses
 _CLIENT_LOW_WATER = 256 << 10
 
 
-# Decode-side reuse: a decode worker's answer says "<prompt tokens whose KV it held already>/<prompt tokens>"
-# (engine.server.app.KV_REUSED_HEADER); the cache-aware decode choice learns from it.
-_KV_REUSED_HEADER = "x-tandem-kv-reused-tokens"
+# Decode-side reuse: a decode worker's answer says "<prompt tokens whose KV it held already>/<prompt tokens>";
+# the cache-aware decode choice learns from it. Header names are lower-cased by the head parser.
+_KV_REUSED_HEADER = KV_REUSED_HEADER.lower()
 
 
 def _reuse_report(conn: UpstreamConnection) -> tuple[int, int] | None:

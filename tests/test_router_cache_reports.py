@@ -10,6 +10,7 @@ import aiohttp
 import orjson
 from router_mocks import cluster
 
+from kvtransfer.protocol import KV_REUSED_HEADER
 from router.policies import CacheAwarePolicy
 
 
@@ -66,18 +67,18 @@ def test_a_conversation_s_turns_go_to_the_decode_instance_holding_its_kv_until_i
                 return next(w.url for w in c.decode if w.bodies and w.bodies[-1]["text"] == history)
 
             for w in c.decode:
-                w.behavior.headers = {"X-Tandem-KV-Reused-Tokens": "128/150"}
+                w.behavior.headers = {KV_REUSED_HEADER: "128/150"}
             first = await turn(" user: hello")
             # Each next turn starts with the last one: it goes where the conversation's KV is, and the hit
             # report confirms it (streamed answers report in their head too).
             assert [await turn(f" user: turn {i}", stream=i % 2 == 1) for i in range(4)] == [first] * 4
             assert policy.forgotten == 0
             holder = c.worker(first)
-            holder.behavior.headers = {"X-Tandem-KV-Reused-Tokens": "0/160"}  # evicted there
+            holder.behavior.headers = {KV_REUSED_HEADER: "0/160"}  # evicted there
             assert await turn(" user: again") == first
             await c.wait_until(lambda: policy.forgotten == 1)
             # Forgotten: the next turn goes to the least loaded instance, whichever that is, and is learnt anew.
-            holder.behavior.headers = {"X-Tandem-KV-Reused-Tokens": "128/170"}
+            holder.behavior.headers = {KV_REUSED_HEADER: "128/170"}
             chosen = await turn(" user: and again")
             assert await turn(" user: once more") == chosen
             # Unless the holder is overloaded: cache_balance_abs (2) more requests in flight than another.

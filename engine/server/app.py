@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from kvtransfer import http_errors
+from kvtransfer import protocol as pd
 
 from ..chat_template import ChatTemplate
 from . import responses
@@ -452,15 +453,10 @@ def cached_tokens(parsed: ParsedRequest, choices: list[Choice] | list[StreamedCh
     return sum(known) if known else None
 
 
-# Decode-side reuse: "<reused>/<prompt>", how many of a disaggregated request's prompt tokens had their KV held
-# by this decode instance already (so they were not transferred), for the cache-aware router to learn where a
-# conversation's KV is. A header, not a body field: OpenAI-shaped answers stay as they are, and the router
-# reads it from the head it parses anyway.
-KV_REUSED_HEADER = "X-Tandem-KV-Reused-Tokens"
-
-
 def reuse_header(reused: int | None, prompt_tokens: int) -> dict[str, str]:
-    return {} if reused is None else {KV_REUSED_HEADER: f"{reused}/{prompt_tokens}"}
+    """Decode-side reuse (`kvtransfer.protocol.KV_REUSED_HEADER`): a header, not a body field, so that
+    OpenAI-shaped answers stay as they are and the router reads it from the head it parses anyway."""
+    return {} if reused is None else {pd.KV_REUSED_HEADER: f"{reused}/{prompt_tokens}"}
 
 
 def with_reuse_header(choices: list[Choice], response: web.Response) -> web.Response:
