@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         instance_spec(args)  # a layout that cannot run fails here, before any rank starts
         kv = kv_args(args)
+        if args.decode_prefix_cache and kv.connector == BENCH_CONNECTOR:
+            raise ValueError("--decode-prefix-cache keeps received KV, and --kv-connector bench receives none")
         role_args = {
             # DESIGN.md: decode runs EP in low-latency mode (fixed per-rank budgets, the masked layout) on
             # every backend; prefill and colocated serving keep high-throughput.

@@ -93,8 +93,10 @@ def test_without_held_blocks_the_received_kv_is_freed_not_kept(tiny_dir: Path, p
         decode.close()
 
 
-def test_a_decode_worker_refuses_reuse_without_a_prefix_cache(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_decode_worker_refuses_reuse_without_a_prefix_cache_or_with_the_bench_connector(capsys: pytest.CaptureFixture[str]) -> None:
     from decode_worker.__main__ import main as decode_main
 
     assert decode_main(["--decode-prefix-cache", "--disable-prefix-cache", "--port", "1"]) == 2
     assert "--decode-prefix-cache" in capsys.readouterr().err
+    assert decode_main(["--decode-prefix-cache", "--kv-connector", "bench", "--port", "1"]) == 2
+    assert "--kv-connector bench" in capsys.readouterr().err
