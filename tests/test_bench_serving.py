@@ -236,7 +236,7 @@ def test_multiturn_prompts_carry_the_whole_conversation_with_the_server_s_answer
 
 
 def test_the_prefix_cache_comparison_tabulates_and_plots_three_setups_side_by_side(tmp_path: Path) -> None:
-    from bench.compare_prefix_cache import SETUPS, format_table, write_plot
+    from bench.compare_prefix_cache import DEFAULT_SETUPS, format_table, write_plot
 
     def turn(t: int, computed: int, sent: int | None) -> dict:
         return {"turn": t, "prompt_tokens": 100 * (t + 1), "prefill_tokens_computed": computed,
@@ -244,7 +244,7 @@ def test_the_prefix_cache_comparison_tabulates_and_plots_three_setups_side_by_si
 
     sent = {"cache_off": 2_000_000, "prefill_cache": 2_000_000, "decode_reuse": 500_000}
     reports = {name: {"turns": [turn(t, 50, sent[name]) for t in range(2)],
-                      "summary": {**turn(0, 100, 2 * sent[name]), "prompt_tokens": 300}} for name in SETUPS}
+                      "summary": {**turn(0, 100, 2 * sent[name]), "prompt_tokens": 300}} for name in DEFAULT_SETUPS}
     table = format_table(reports).splitlines()
     assert len(table) == 2 + 2 + 1 and "KV MB sent to decode" in table[0]
     assert table[-1].split("|")[3].split() == ["4.00", "4.00", "1.00"]  # MB per setup, all turns
