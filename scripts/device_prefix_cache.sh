@@ -2,7 +2,7 @@
 # On the GPU machine: the multi-turn chat workload through router + 1 prefill + 1 decode (both on one GPU, NIXL
 # cuda_ipc, V2-Lite-shaped dummy weights) with the prefix cache off, on prefill, and on prefill + decode-side reuse
 # (bench.compare_prefix_cache): TTFT p50/p99, prefill tokens computed and KV bytes written per turn, JSON + PNG.
-# Two bf16 V2-Lite workers take ~63 GB of weights: an H200 (or an 80 GB card with a small KV pool).
+# Two bf16 V2-Lite workers take ~63 GB of weights beside their KV pools: run it on an H200.
 # Carry .gpu_bundle (scripts/make_gpu_bundle.sh). PREFIX_ARGS replaces the workload flags (default: the README's).
 # Usage: OUT=DIR bash scripts/device_prefix_cache.sh
 set -uo pipefail
