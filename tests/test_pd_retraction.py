@@ -67,12 +67,12 @@ def test_a_burst_that_overflows_the_decode_pool_completes_token_exact_with_retra
 
 def test_conversations_larger_than_the_decode_pool_reuse_what_survives_eviction_token_exact(
         system: tuple[PDSystem, Path]) -> None:
-    """Four conversations of three turns (prompts of 5-10 pages) on a 32-page decode pool that keeps
-    finished requests' pages: the pool cannot hold every conversation, so cached pages are evicted for new
-    ones (an eviction storm on decode) while later turns still find some of theirs; every answer equals a
-    cache-off run's and the decode pool ends idle."""
+    """Five conversations of three turns (prompts of 7-9 pages, 45 pages at the end) on a 32-page decode pool
+    that keeps finished requests' pages: the pool cannot hold every conversation, so cached pages are evicted
+    for new ones (an eviction storm on decode) while later turns still find some of theirs; every answer
+    equals a cache-off run's and the decode pool ends idle."""
     pd, model = system
-    conversations = [[(7 * i + 5 * j) % 250 + 2 for j in range(70)] for i in range(4)]
+    conversations = [[(7 * i + 5 * j) % 250 + 2 for j in range(90)] for i in range(5)]
     llm = LLM(model, page_size=16, prefix_cache=False)
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     before = wait_idle(pd.decode.url)
@@ -95,7 +95,8 @@ def test_conversations_larger_than_the_decode_pool_reuse_what_survives_eviction_
     finally:
         llm.close()
     after = wait_idle(pd.decode.url)
-    assert after["decode_reused_tokens"] > before["decode_reused_tokens"]  # later turns found pages
-    assert after["prefix_cache_evicted_pages"] > before["prefix_cache_evicted_pages"]  # and others were evicted
+    counts = {k: (before[k], after[k]) for k in ("decode_reused_tokens", "prefix_cache_evicted_pages", "retractions")}
+    assert after["decode_reused_tokens"] > before["decode_reused_tokens"], counts  # later turns found pages
+    assert after["prefix_cache_evicted_pages"] > before["prefix_cache_evicted_pages"], counts  # others were evicted
     assert after["num_errors"] == 0
     wait_idle(pd.prefill.url)
