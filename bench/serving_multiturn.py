@@ -8,8 +8,9 @@ user message, as a chat client resends it. Token-id prompts on SGLang's `/genera
 Turns run in lockstep: the N conversations send turn t at once, and turn t+1 starts when all of turn t
 has answered. That makes per-turn numbers clean: TTFT p50/p99 of each turn, and, read from the prefill
 instance's (or a colocated worker's) `/server_info` counters around the turn, how many prompt tokens it
-really ran through its forwards (`prefill_tokens_computed`) and how many its prefix cache served
-(`prefix_cache_hit_tokens`; absent without a cache).
+really ran through its forwards (`prefill_tokens_computed`), how many its prefix cache served
+(`prefix_cache_hit_tokens`; absent without a cache), and how many KV bytes it wrote into decode instances
+(`kv_bytes_sent`; a prefill instance's, smaller where decode-side reuse left pages unwritten).
 """
 
 from __future__ import annotations
@@ -59,10 +60,14 @@ def user_messages(config: MultiTurnConfig) -> tuple[list[int], list[list[list[in
     return system, messages
 
 
-def _counters(info: dict[str, Any]) -> tuple[int, int] | None:
-    """(prompt tokens computed, prompt tokens served by the prefix cache) so far; hits are 0 without a cache."""
+def _counters(info: dict[str, Any]) -> tuple[int, int, int | None] | None:
+    """(prompt tokens computed, prompt tokens served by the prefix cache, KV bytes written into decode
+    instances or None where the worker moves none) so far; hits are 0 without a cache."""
     computed, hit = info.get("prefill_tokens_computed"), info.get("prefix_cache_hit_tokens", 0)
-    return (int(computed), int(hit)) if isinstance(computed, int) and isinstance(hit, int) else None
+    sent = info.get("kv_bytes_sent")
+    if not isinstance(computed, int) or not isinstance(hit, int):
+        return None
+    return computed, hit, sent if isinstance(sent, int) else None
 
 
 async def _fresh_info(session: aiohttp.ClientSession, url: str, since: float, timeout_s: float = 20.0) -> dict:
@@ -103,16 +108,18 @@ async def run_multiturn(base_url: str, config: MultiTurnConfig, counters_url: st
                 raise RuntimeError(f"turn {turn}: {len(failed)} requests failed, e.g. {failed[0]}")
             after = await _fresh_info(session, counters_url, time.time()) if counters_url else None
             prompt_tokens = sum(len(p) for p in prompts)
-            computed, hit = prompt_tokens, 0
+            computed, hit, sent = prompt_tokens, 0, None
             if before is not None and after is not None:
                 b, a = _counters(before), _counters(after)
                 if a is not None and b is not None:
                     computed, hit = a[0] - b[0], a[1] - b[1]
+                    sent = a[2] - b[2] if a[2] is not None and b[2] is not None else None
             turns.append({
                 "turn": turn,
                 "prompt_tokens": prompt_tokens,
                 "prefill_tokens_computed": computed,
                 "prefix_cache_hit_tokens": hit,
+                "kv_bytes_sent": sent,
                 "ttft_ms": latency_stats_ms([r.ttft_s for r in results]),
                 "ttft_s": [r.ttft_s for r in results],
             })  # fmt: skip
@@ -128,16 +135,20 @@ async def run_multiturn(base_url: str, config: MultiTurnConfig, counters_url: st
             "prompt_tokens": sum(t["prompt_tokens"] for t in turns),
             "prefill_tokens_computed": sum(t["prefill_tokens_computed"] for t in turns),
             "prefix_cache_hit_tokens": sum(t["prefix_cache_hit_tokens"] for t in turns),
+            "kv_bytes_sent": (None if any(t["kv_bytes_sent"] is None for t in turns)
+                              else sum(t["kv_bytes_sent"] for t in turns)),
             "counters_from": counters_url,
         },
     }
 
 
 def format_turns(report: dict[str, Any], label: str = "") -> str:
-    """One line per turn: prompt tokens, tokens computed, TTFT p50/p99."""
+    """One line per turn: prompt tokens, tokens computed, KV MB sent to decode, TTFT p50/p99."""
     lines = [f"== multi-turn {label} ==", f"{'turn':>4} {'prompt tok':>10} {'computed':>9} {'hit':>7} "
-             f"{'TTFT p50 ms':>11} {'TTFT p99 ms':>11}"]  # fmt: skip
+             f"{'KV MB sent':>10} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11}"]  # fmt: skip
     for t in report["turns"]:
+        sent = "-" if t.get("kv_bytes_sent") is None else f"{t['kv_bytes_sent'] / 1e6:.2f}"
         lines.append(f"{t['turn']:>4} {t['prompt_tokens']:>10} {t['prefill_tokens_computed']:>9} "
-                     f"{t['prefix_cache_hit_tokens']:>7} {t['ttft_ms']['p50']:>11.1f} {t['ttft_ms']['p99']:>11.1f}")
+                     f"{t['prefix_cache_hit_tokens']:>7} {sent:>10} {t['ttft_ms']['p50']:>11.1f} "
+                     f"{t['ttft_ms']['p99']:>11.1f}")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Decode worker: receives prompts' KV from prefill instances and generates the answers, streaming them.
 
     python -m decode_worker --model DIR --tp N --dp M --port P --transfer-backend nixl|mooncake \
-        [--max-running-requests] [--cuda-graph-max-bs]
+        [--max-running-requests] [--cuda-graph-max-bs] [--decode-prefix-cache]
 
 Requests with bootstrap_host / bootstrap_port / bootstrap_room get their prompt's KV from that prefill
 instance; requests without them are prefilled here (colocated), as the router's short-prompt path wants.
@@ -36,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode batches up to this size replay captured CUDA graphs (single-rank instances; on CPU "
         "the same padded path runs eagerly); unset: eager decode",
     )
+    role.add_argument(
+        "--decode-prefix-cache",
+        action="store_true",
+        help="decode-side prefix reuse: keep finished requests' KV pages (prompt and output) in this instance's "
+        "prefix cache, and for a later request that starts with them (a conversation's next turn) tell the "
+        "prefill instance which leading pages are here already, so it writes only the rest; hits are counted "
+        "as decode_reused_tokens on /metrics and sent to the router in the X-Tandem-KV-Reused-Tokens header "
+        "(run the router with --decode-policy cache_aware so that a conversation's turns come back here)",
+    )
     add_kv_flags(parser)
     return parser
 
@@ -45,21 +54,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.cuda_graph_max_bs is not None and args.cuda_graph_max_bs < 1:
         print("error: --cuda-graph-max-bs must be >= 1", file=sys.stderr)
         return 2
+    if args.decode_prefix_cache and args.disable_prefix_cache:
+        print("error: --decode-prefix-cache keeps pages in the prefix cache that --disable-prefix-cache turns off",
+              file=sys.stderr)
+        return 2
     try:
         instance_spec(args)  # a layout that cannot run fails here, before any rank starts
         kv = kv_args(args)
+        if args.decode_prefix_cache and kv.connector == BENCH_CONNECTOR:
+            raise ValueError("--decode-prefix-cache keeps received KV, and --kv-connector bench receives none")
         role_args = {
             # DESIGN.md: decode runs EP in low-latency mode (fixed per-rank budgets, the masked layout) on
             # every backend; prefill and colocated serving keep high-throughput.
             # The prefix cache serves the requests this worker prefills itself (no bootstrap fields: the
-            # router's short-prompt path); KV received from prefill instances is not published (decode-side
-            # reuse across PD turns is not built).
+            # router's short-prompt path); KV received from prefill instances joins it only with
+            # --decode-prefix-cache (decode-side reuse across a conversation's turns).
             "engine": dataclasses.replace(engine_args(args), ep_mode="low_latency"),
             "kv": kv,
             # One rank holds every expert and dispatches nothing (decode_worker.runner.decode_entry).
             "info": {"transfer_backend": args.transfer_backend, "kv_connector": kv.connector,
-                     "ep_mode": "low_latency" if args.tp > 1 else "local"},
+                     "ep_mode": "low_latency" if args.tp > 1 else "local",
+                     "decode_prefix_cache": args.decode_prefix_cache},
             "cuda_graph_max_bs": args.cuda_graph_max_bs,
+            "decode_prefix_cache": args.decode_prefix_cache,
         }
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ import logging
 
 from engine.cuda_graph import CudaGraphRunner
 from engine.kv_pool import PoolExhaustedError
+from engine.prefix_cache import Block
 from engine.runtime.colocated import (
     ColocatedRunner,
     EngineArgs,
@@ -92,23 +93,28 @@ class PrefilledKVRunner(ColocatedRunner):
             return None
         return params
 
-    def _has_room(self, prompt_len: int, params: SamplingParams, in_flight: int = 0) -> bool:
-        """Whether the batch (with `in_flight` requests already holding pages) takes one more request and the
-        pool has pages for its whole life."""
+    def _has_batch_room(self, in_flight: int = 0) -> bool:
+        """Whether the batch (with `in_flight` requests already holding pages) takes one more request."""
         busy = len(self.scheduler.running) + len(self.scheduler.waiting) + in_flight
-        return busy < self.scheduler.max_running and self.scheduler.pages_needed(prompt_len, params) <= (
+        return busy < self.scheduler.max_running
+
+    def _has_room(self, prompt_len: int, params: SamplingParams, in_flight: int = 0) -> bool:
+        """Whether the batch takes one more request (`_has_batch_room`) and the pool has pages for its whole
+        life."""
+        return self._has_batch_room(in_flight) and self.scheduler.pages_needed(prompt_len, params) <= (
             self.engine.kv_pool.available_pages
         )
 
     def _join_batch(
         self, request: GenerateRequest, first: int, pages: list[int], params: SamplingParams,
-        first_logprob: float = 0.0, first_top: tuple[tuple[int, float], ...] = (),
+        first_logprob: float = 0.0, first_top: tuple[tuple[int, float], ...] = (), held: list[Block] | None = None,
     ) -> bool:
         """Hand `pages` (the prompt's KV first) and the first token (and its log-probability, sampled where
         the prompt was prefilled) to the scheduler and stream the token. False: the scheduler refused (its
-        error output queued) and took nothing: the caller frees `pages`."""
+        error output queued) and took nothing: the caller frees `pages`. `held`: decode-side reuse, as
+        `Scheduler.add_prefilled`'s (the first output then says how many prompt tokens were held here)."""
         try:
-            req = self.scheduler.add_prefilled(request.input_ids, first, pages, params, request.rid)
+            req = self.scheduler.add_prefilled(request.input_ids, first, pages, params, request.rid, held)
         except ValueError as exc:
             self._pending.append(rejected_output(request.rid, exc))
             return False
@@ -127,6 +133,7 @@ class PrefilledKVRunner(ColocatedRunner):
                 finished=req.finished,
                 finish_reason=req.finish_reason if req.finished else None,
                 prompt_tokens=len(request.input_ids),
+                kv_reused_tokens=req.reused_tokens,
                 logprobs=[first_logprob] if request.return_logprob else [],
                 top_logprobs=[list(first_top)] if request.top_logprobs else [],
             )

@@ -4,6 +4,9 @@ colocated (prefilled here), which is what the router's conditional disaggregatio
 
 A disaggregated request waits in FIFO order until pages for its whole life (prompt + max new tokens)
 and an aux slot are free; then its receiver asks the mapped prefill ranks to write the prompt's pages.
+With decode-side reuse (`--decode-prefix-cache`) a finished request's pages stay in this pool's prefix
+cache, and a later request whose prompt starts with them (a conversation's next turn) takes those cached
+pages first and asks the prefill ranks for the rest only (`TransferRequest.held_pages`).
 It joins the batch at the step where every rank of the DP group has seen its KV arrive
 (`GroupAgreement`); if the transfer fails anywhere in the group, the client gets an error and the pages
 go back once no write can still land in them.
@@ -15,7 +18,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from decode_worker.dp_affinity import DPGroupAffinity
 from decode_worker.prefilled import PrefilledKVRunner
+from engine.kv_pool import PoolExhaustedError
+from engine.prefix_cache import Block
 from engine.runtime.colocated import (
     EngineArgs,
     RankEngine,
@@ -54,6 +60,7 @@ class Transfer:
     request: GenerateRequest
     params: SamplingParams
     pages: list[int] = field(default_factory=list)  # its whole life's pages; the prompt's come first
+    held: list[Block] = field(default_factory=list)  # decode-side reuse: cached blocks of pages[:len(held)]
     aux_slot: int | None = None
     receiver: KVReceiver | None = None
     local_error: str | None = None  # this rank could not start the transfer (bootstrap, mapping)
@@ -75,12 +82,23 @@ class DecodeRunner(PrefilledKVRunner):
         args: engine settings (batch limit, prefill budget for colocated requests).
         kv: transfer backend, host, aux slots, timeouts.
         cuda_graph_max_bs: as `PrefilledKVRunner`'s.
+        prefix_reuse: decode-side reuse: keep finished requests' pages in the pool's prefix cache and take a
+            new request's cached leading pages instead of having them written again (needs the pool's cache).
     """
 
     def __init__(
-        self, ctx: RankContext, engine: RankEngine, args: EngineArgs, kv: KVArgs, cuda_graph_max_bs: int = 0
+        self, ctx: RankContext, engine: RankEngine, args: EngineArgs, kv: KVArgs, cuda_graph_max_bs: int = 0,
+        prefix_reuse: bool = False,
     ) -> None:
         super().__init__(ctx, engine, args, cuda_graph_max_bs)
+        if prefix_reuse and engine.kv_pool.prefix_cache is None:
+            raise ValueError("decode-side prefix reuse needs the prefix cache (drop --disable-prefix-cache)")
+        self.prefix_reuse = prefix_reuse
+        self.reused_tokens = 0  # prompt tokens of transfers served by pages held here already, for /metrics
+        # Several DP groups, each with its own cache: rank 0 sends a conversation's turns to the group that has
+        # its pages (decode_worker.dp_affinity).
+        self.dp_affinity = (DPGroupAffinity(engine.kv_pool.page_size)
+                            if prefix_reuse and ctx.spec.dp_size > 1 else None)
         self.agreement = GroupAgreement(ctx)
         self.transport = RankTransport(kv, "decode", ctx.rank, engine.kv_pool.tensor)
         info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host, fingerprint_of(engine, args),
@@ -123,6 +141,12 @@ class DecodeRunner(PrefilledKVRunner):
     def num_requests(self) -> int:
         return len(self.requests) + len(self.queued) + len(self.transferring)
 
+    def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:
+        least = super().choose_dp_rank(request, loads)
+        if self.dp_affinity is None or request.bootstrap is None:
+            return least
+        return self.dp_affinity.choose(request.input_ids, loads, least)
+
     def step(self) -> list[TokenOutput]:
         if self.transferring:
             self._settle()
@@ -151,6 +175,8 @@ class DecodeRunner(PrefilledKVRunner):
                 "decode_queued": len(self.queued),
                 "decode_transferring": len(self.transferring),
                 "decode_running": len(self.requests),
+                "decode_reused_tokens": self.reused_tokens,
+                "decode_dp_affinity_followed": self.dp_affinity.followed if self.dp_affinity is not None else 0,
                 **self.timeline.counters(),
             }
         )
@@ -181,13 +207,24 @@ class DecodeRunner(PrefilledKVRunner):
         while self.queued:
             transfer = self.queued[0]
             prompt_len = len(transfer.request.input_ids)
-            if (
-                not self._has_room(prompt_len, transfer.params, len(self.transferring))
-                or not self.free_aux_slots
-            ):
+            if not self.free_aux_slots:
+                return
+            needed = self.scheduler.pages_needed(prompt_len, transfer.params)
+            if self.prefix_reuse:
+                if not self._has_batch_room(len(self.transferring)):
+                    return
+                try:
+                    # The leading pages this pool holds already (a conversation's earlier turn) are taken as
+                    # they are; the prefill ranks write only the rest.
+                    transfer.pages, transfer.held = pool.alloc_for_prompt(transfer.request.input_ids, needed)
+                except PoolExhaustedError:
+                    return
+            elif self._has_room(prompt_len, transfer.params, len(self.transferring)):
+                transfer.pages = pool.alloc(needed)
+            else:
                 return
             self.queued.popleft()
-            transfer.pages = pool.alloc(self.scheduler.pages_needed(prompt_len, transfer.params))
+            self.reused_tokens += len(transfer.held) * pool.page_size
             transfer.aux_slot = self.free_aux_slots.pop()
             self.transferring.append(transfer)
             boot = transfer.request.bootstrap
@@ -196,7 +233,9 @@ class DecodeRunner(PrefilledKVRunner):
                 transfer.receiver = self.manager.create_receiver(
                     boot.host, boot.port, boot.room, boot.prefill_dp_rank
                 )
-                transfer.receiver.init(transfer.pages[: pool.pages_for_tokens(prompt_len)], transfer.aux_slot)
+                held = len(transfer.held)
+                transfer.receiver.init(transfer.pages[held : pool.pages_for_tokens(prompt_len)], transfer.aux_slot,
+                                       held)
                 self.timeline.mark(transfer.request.rid, "reserved")
             except (KVTransferError, ValueError) as exc:
                 transfer.local_error = str(exc)
@@ -257,8 +296,9 @@ class DecodeRunner(PrefilledKVRunner):
             )
             return
         self.timeline.mark(request.rid, "landed")
-        if self._join_batch(request, first, transfer.pages, transfer.params, record.logprob, record.top):
-            transfer.pages = []  # the scheduler owns them now
+        held = transfer.held if self.prefix_reuse else None
+        if self._join_batch(request, first, transfer.pages, transfer.params, record.logprob, record.top, held):
+            transfer.pages, transfer.held = [], []  # the scheduler owns them now
             self.timeline.finish(request.rid, "first_token_queued")
         else:
             self._free(transfer)
@@ -266,8 +306,8 @@ class DecodeRunner(PrefilledKVRunner):
     def _free(self, transfer: Transfer) -> None:
         self.timeline.drop(transfer.request.rid)
         if transfer.pages:
-            self.engine.kv_pool.free(transfer.pages)
-            transfer.pages = []
+            self.engine.kv_pool.release(transfer.pages, transfer.held)
+            transfer.pages, transfer.held = [], []
         if transfer.aux_slot is not None:
             self.free_aux_slots.append(transfer.aux_slot)
             transfer.aux_slot = None
@@ -288,4 +328,4 @@ def decode_entry(ctx: RankContext) -> None:
 
         run_rank(ctx, BenchDecodeRunner(ctx, engine, args, graphs, seed=args.seed))
         return
-    run_rank(ctx, DecodeRunner(ctx, engine, args, kv, graphs))
+    run_rank(ctx, DecodeRunner(ctx, engine, args, kv, graphs, bool(ctx.role_args.get("decode_prefix_cache"))))

@@ -11,7 +11,9 @@ prompt's longest cached full-page prefix and the prefill computes only the token
 usual); a request's full pages are published when its prompt is in and when it ends.
 
 A decode worker feeds requests whose prompt KV was computed elsewhere through ``add_prefilled``: they
-enter with their pages filled and their first output token, and go straight to decode.
+enter with their pages filled and their first output token, and go straight to decode. With decode-side
+reuse their leading pages may be cached blocks this pool held already, and their pages join the prefix
+cache at their end like a local request's.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class Request:
     num_computed: int = 0
     cache_blocks: list[Block] = field(default_factory=list)  # prefix-cache blocks held (pages[:len])
     cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache (None: prefilled elsewhere)
+    # Prefilled elsewhere and kept in this instance's prefix cache at its end (decode-side reuse): prompt tokens
+    # whose KV this instance held already, so they were not transferred. None: its KV is not kept.
+    reused_tokens: int | None = None
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop", "length", "abort" or "error" (then `error` says why)
     error: str | None = None
@@ -165,10 +170,15 @@ class Scheduler:
         return req
 
     def add_prefilled(self, prompt_ids: list[int], first_token: int, pages: list[int], params: SamplingParams,
-                      request_id: str | None = None) -> Request:
+                      request_id: str | None = None, held: list[Block] | None = None) -> Request:
         """Adopt a request whose prompt KV is already in ``pages`` (now owned by the scheduler) and whose
         first output token is known; allocates the rest of its pages now. On any error (bad input,
-        PoolExhaustedError) nothing is taken and the caller still owns ``pages``."""
+        PoolExhaustedError) nothing is taken and the caller still owns ``pages``.
+
+        ``held``: decode-side reuse. The prefix-cache blocks the caller holds for ``pages[:len(held)]`` (its
+        KV was here already; the rest was written by the prefill instance): the request takes over the hold,
+        and at its end its full pages, output included, join this pool's prefix cache, so the conversation's
+        next turn finds them. None: the KV is freed at the end, not kept."""
         self.validate_prompt(prompt_ids, params)
         if not 0 <= first_token < self.model.config.vocab_size:
             raise ValueError(f"first token {first_token} is outside the vocabulary")
@@ -182,6 +192,9 @@ class Scheduler:
         extra = max(0, self.pages_needed(len(prompt_ids), params) - len(pages))
         req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params)
         req.pages = list(pages) + self.kv_pool.alloc(extra)
+        if held is not None:
+            req.cache_blocks = list(held)
+            req.reused_tokens = len(held) * self.kv_pool.page_size
         req.num_computed = len(prompt_ids)
         req.status = RequestStatus.DECODING
         req.generator = params.make_generator(self.kv_pool.tensor.device)
@@ -361,7 +374,7 @@ class Scheduler:
         req.finish_reason = reason
         if req.pages:
             held = req.cache_blocks
-            if req.cached_tokens is not None:  # prefilled here (`add_prefilled` KV is not published)
+            if req.cached_tokens is not None or req.reused_tokens is not None:  # prefilled here, or kept
                 # Every page whose tokens all have KV joins the cache (the output's too: a chat's next turn
                 # starts with this one's answer); the partial last page is private and freed.
                 computed = (req.prompt_ids + req.output_ids)[: req.num_computed]

@@ -17,7 +17,9 @@ import msgspec
 from kvtransfer.layout import AuxLayout, PageLayout
 from kvtransfer.state import KVProtocolError
 
-PROTOCOL_VERSION = 2  # 2: registrations and intros carry the model fingerprint
+# 2: registrations and intros carry the model fingerprint; 3: transfer requests say which leading pages the
+# decode rank holds already (`TransferRequest.held_pages`, decode-side prefix reuse)
+PROTOCOL_VERSION = 3
 
 
 class Message(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -104,7 +106,11 @@ class TransferRequest(ControlMessage):
 
     prefill_session: the session this request was meant for (from the bootstrap service); a prefill rank
         with another session answers `Abort` so that the decode side refreshes its cached lookup.
-    dst_pages: the decode rank's pages for the request, in prompt order (empty for a dummy).
+    dst_pages: the decode rank's pages for the request, in prompt order from page `held_pages` on (empty for a
+        dummy).
+    held_pages: how many of the prompt's leading pages the decode rank holds already (its own prefix cache
+        kept them from an earlier request, e.g. the conversation's last turn): the real prefill rank writes
+        only the prompt's pages from that one on. 0: write every page.
     num_decode_peers: how many decode ranks contact this prefill rank for this room.
     intro: the decode rank's engine and layout, when this prefill session has not seen them yet.
     """
@@ -116,6 +122,7 @@ class TransferRequest(ControlMessage):
     dst_pages: list[int]
     aux_slot: int
     num_decode_peers: int
+    held_pages: int = 0
     intro: DecodeIntro | None = None
 
 

@@ -18,3 +18,8 @@ DISAGG_PREFILL_DP_RANK = "disagg_prefill_dp_rank"
 
 # bootstrap_room is a random non-negative 63-bit integer drawn by the router.
 ROOM_BITS = 63
+
+# Decode-side prefix reuse: a decode worker's answer to a disaggregated request carries this header,
+# "<reused>/<prompt>": how many of the prompt's tokens had their KV held by the decode instance already (not
+# transferred). The router's cache-aware decode choice learns from it where a conversation's KV is.
+KV_REUSED_HEADER = "X-Tandem-KV-Reused-Tokens"

@@ -61,14 +61,17 @@ class KVReceiver:
         self._retired = False
 
     # --- worker thread ------------------------------------------------------------------------------
-    def init(self, dst_pages: Sequence[int], aux_slot: int) -> None:
+    def init(self, dst_pages: Sequence[int], aux_slot: int, held_pages: int = 0) -> None:
         """Ask every mapped prefill rank for the room: the real one writes into `dst_pages` (this rank's
-        pages for the prompt, in order) and into aux slot `aux_slot`. After a failure it does nothing
-        (`poll()` says Failed)."""
+        pages for the prompt, in order, from page `held_pages` on: the leading pages this rank holds already
+        are not written) and into aux slot `aux_slot`. After a failure it does nothing (`poll()` says
+        Failed)."""
         manager = self._manager
         pages = check_pages(dst_pages, manager.layout.num_pages, "dst_pages")
         if not isinstance(aux_slot, int) or not 0 <= aux_slot < manager.aux.num_slots:
             raise ValueError(f"aux_slot {aux_slot!r} out of range [0, {manager.aux.num_slots})")
+        if not isinstance(held_pages, int) or isinstance(held_pages, bool) or held_pages < 0:
+            raise ValueError(f"held_pages must be a non-negative int, got {held_pages!r}")
         with manager.lock:
             if self._failure is not None or self._state.is_terminal:
                 return
@@ -88,6 +91,7 @@ class KVReceiver:
                     dst_pages=[] if dummy else pages,
                     aux_slot=aux_slot,
                     num_decode_peers=self._contacts[rank],
+                    held_pages=0 if dummy else held_pages,
                     intro=manager.intro_for(registration),
                 )
                 if not manager.send_message(registration.control_endpoint, request):

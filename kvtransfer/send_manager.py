@@ -80,6 +80,10 @@ class KVSendManager(RoomManager):
         self._connected: dict[str, bytes] = {}  # engine name -> the metadata it was connected with
         self._to_disconnect: set[str] = set()
         self._free_aux_slots = list(range(aux.num_slots - 1, -1, -1))
+        # KV pages (and their bytes) written into decode ranks so far, for /metrics: decode-side prefix reuse
+        # shows here as pages not written.
+        self.pages_written = 0
+        self.bytes_written = 0
         registration = RankRegistration(
             rank=rank_info.rank,
             tp_size=rank_info.tp_size,
@@ -133,6 +137,10 @@ class KVSendManager(RoomManager):
             self.engine.connect(peer.engine_name, peer.engine_metadata)
             self._connected[peer.engine_name] = peer.engine_metadata
         return peer
+
+    def count_written(self, pages: int, nbytes: int) -> None:
+        self.pages_written += pages
+        self.bytes_written += nbytes
 
     def take_aux_slot(self) -> int | None:
         return self._free_aux_slots.pop() if self._free_aux_slots else None
@@ -196,9 +204,8 @@ class KVSendManager(RoomManager):
         if ended is not None and request.room not in self._senders:
             self._refuse(request, AbortCode.FAILED, f"room already ended on prefill rank {self.rank}: {ended}")
             return
-        destination = Destination(
-            request.sender, request.decode_rank, request.is_dummy, list(request.dst_pages), request.aux_slot
-        )
+        destination = Destination(request.sender, request.decode_rank, request.is_dummy, list(request.dst_pages),
+                                  request.aux_slot, held_pages=request.held_pages)
         sender = self._senders.get(request.room)
         if sender is not None:
             sender.add_destination(destination, request.num_decode_peers, now)
@@ -210,6 +217,8 @@ class KVSendManager(RoomManager):
     def _check_request(request: TransferRequest, peer: DecodePeer) -> str | None:
         if request.num_decode_peers < 1:
             return f"num_decode_peers must be positive, got {request.num_decode_peers}"
+        if request.held_pages < 0:
+            return f"held_pages must be >= 0, got {request.held_pages}"
         if request.is_dummy:
             return None
         if not request.dst_pages:

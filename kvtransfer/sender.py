@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Destination:
     """One decode rank's request for a room: where to write (unless dummy), and whether it has been told the
-    room's outcome."""
+    room's outcome. `dst_pages[i]` takes the prompt's page `held_pages + i`: the decode rank holds the first
+    `held_pages` pages already (decode-side prefix reuse), so those are never written."""
 
     endpoint: str
     decode_rank: int
@@ -41,6 +42,7 @@ class Destination:
     dst_pages: list[int]
     aux_slot: int
     told: bool = False
+    held_pages: int = 0
 
 
 def check_pages(pages: Sequence[int], num_pages: int, what: str) -> list[int]:
@@ -78,7 +80,7 @@ class KVSender:
         self._failure: str | None = None
         self._dead_peers: set[str] = set()
         self._drain_deadline: float | None = None
-        self.pages_written = 0
+        self.pages_written = 0  # pages written into decode ranks' pages (per destination)
 
     # --- worker thread ------------------------------------------------------------------------------
     def send(self, src_pages: Sequence[int], page_position: int, last: bool = False) -> None:
@@ -185,16 +187,23 @@ class KVSender:
         for destination in self._destinations.values():
             if destination.is_dummy:
                 continue
-            dst_pages = destination.dst_pages[position : position + len(pages)]
-            if len(dst_pages) != len(pages):
+            # The prompt's pages before `held_pages` are in the decode rank's pages already: skip them.
+            skip = min(len(pages), max(0, destination.held_pages - position))
+            if skip == len(pages):
+                continue
+            start = position + skip - destination.held_pages
+            dst_pages = destination.dst_pages[start : start + len(pages) - skip]
+            if len(dst_pages) != len(pages) - skip:
                 raise ValueError(
                     f"chunk at pages [{position}, {position + len(pages)}) does not fit the "
-                    f"{len(destination.dst_pages)} pages decode rank {destination.decode_rank} reserved"
+                    f"{len(destination.dst_pages)} pages decode rank {destination.decode_rank} reserved after "
+                    f"the {destination.held_pages} it holds"
                 )
             peer = manager.connect(destination.endpoint)
-            src, dst = page_descriptors(manager.layout, pages, peer.page_layout, dst_pages)
+            src, dst = page_descriptors(manager.layout, pages[skip:], peer.page_layout, dst_pages)
             self._issue(destination.endpoint, manager.engine.write(peer.engine_name, src, dst))
-        self.pages_written += len(pages)
+            self.pages_written += len(dst_pages)
+            manager.count_written(len(dst_pages), sum(n for _, n in src))
         self._state = KVPoll.Transferring
 
     def _write_aux(self, record: AuxRecord) -> None:

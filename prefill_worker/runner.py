@@ -241,6 +241,9 @@ class PrefillRunner:
             "free_aux_slots": manager.num_free_aux_slots,
             "total_aux_slots": manager.aux.num_slots,
             "inflight_handles": self.transport.engine.num_inflight_handles,
+            # KV pages and bytes this rank wrote into decode ranks (pages a decode rank held already are not)
+            "kv_pages_sent": manager.pages_written,
+            "kv_bytes_sent": manager.bytes_written,
             "prefill_waiting": len(self.batcher.waiting),
             "prefill_rooms": len(self.rooms),
             **self.timeline.counters(),

@@ -146,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=POLICIES, default=None, help="policy for both roles")
     p.add_argument("--prefill-policy", choices=POLICIES, default=None,
                    help=f"default {d.prefill_policy}")
-    p.add_argument("--decode-policy", choices=POLICIES, default=None, help=f"default {d.decode_policy}")
+    p.add_argument("--decode-policy", choices=POLICIES, default=None,
+                   help=f"default {d.decode_policy}; cache_aware with decode workers that run --decode-prefix-cache "
+                        "sends a conversation's turns to the decode instance holding its KV and learns evictions "
+                        "from their X-Tandem-KV-Reused-Tokens reports")
     p.add_argument("--short-prompt-threshold", type=int, default=d.short_prompt_threshold,
                    help="prompts under this many estimated tokens (ids counted, text chars/4) go to "
                         "decode alone without bootstrap fields; 0 disables")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from kvtransfer.protocol import DATA_PARALLEL_RANK, DISAGG_PREFILL_DP_RANK
+from kvtransfer.protocol import DATA_PARALLEL_RANK, DISAGG_PREFILL_DP_RANK, KV_REUSED_HEADER
 from router.answers import IdRewriter, StreamGuard, failure_event, new_request_id, whole_answer_failure
 from router.config import Role
 from router.dp_routing import Charge, output_budget, requested_dp_rank
@@ -42,6 +42,20 @@ _RETRY_STATUSES = (502, 503, 504)
 _ROOM_BITS = 63
 _CLIENT_HIGH_WATER = 1 << 20  # bytes queued for a client before relaying pauses
 _CLIENT_LOW_WATER = 256 << 10
+
+
+# Decode-side reuse: a decode worker's answer says "<prompt tokens whose KV it held already>/<prompt tokens>";
+# the cache-aware decode choice learns from it. Header names are lower-cased by the head parser.
+_KV_REUSED_HEADER = KV_REUSED_HEADER.lower()
+
+
+def _reuse_report(conn: UpstreamConnection) -> tuple[int, int] | None:
+    """(reused, prompt) tokens from a decode answer's reuse header, or None (absent or malformed)."""
+    value = conn.headers.get(_KV_REUSED_HEADER)
+    if value is None:
+        return None
+    reused, _, prompt = value.partition("/")
+    return (int(reused), int(prompt)) if reused.isdigit() and prompt.isdigit() else None
 
 
 def _int_after(body: bytes, key: bytes) -> int | None:
@@ -239,12 +253,13 @@ class Proxy:
         last: BaseException | None = None
         for attempt in range(cfg.max_retries + 1):
             decode = self._choose(Role.DECODE, inbound, tried, last)
+            decode_expected = None if decode_only else state.decode_policy.expectation()
             prefill = None if decode_only else self._choose(Role.PREFILL, inbound, tried, last)
             expected = state.prefill_policy.expectation() if prefill is not None else None
             try:
                 return await self._attempt(
                     client, inbound, prefill, decode, rid, rid_b, fwd_headers, started, deadline,
-                    last_attempt=attempt == cfg.max_retries, expected=expected,
+                    last_attempt=attempt == cfg.max_retries, expected=expected, decode_expected=decode_expected,
                 )
             except _Retry as retry:
                 tried.add(retry.worker)
@@ -267,7 +282,11 @@ class Proxy:
         deadline: float,
         last_attempt: bool,
         expected: Expectation | None = None,
+        decode_expected: Expectation | None = None,
     ) -> None:
+        """`expected` / `decode_expected`: what the cache-aware choice of prefill / decode assumed about the
+        chosen worker's cache, checked against its hit report (prefill: `cached_tokens` in its answer;
+        decode, with decode-side reuse: the reuse header)."""
         state = self._state
         path = inbound.kind.value
         internal = new_request_id()
@@ -347,6 +366,10 @@ class Proxy:
                 raise _Retry(decode, exc) from None
             if decode.consecutive_failures:
                 state.registry.record_success(decode)
+            if decode_expected is not None:
+                report = _reuse_report(conn)
+                if report is not None:
+                    state.decode_policy.observe_hit(decode_expected, *report)
             # From here on a failure is judged against what was known when decode last answered, not
             # when the request was sent: a failure recorded in between (a probe) is not this one.
             epoch = decode.failure_epoch

@@ -156,12 +156,13 @@ class DecodeRank(Rank):
         self.receivers: dict[int, KVReceiver] = {}
 
     def start(self, host: str, port: int, room: int, dst_pages: list[int] | None, aux_slot: int,
-              prefill_dp_rank: int | None = None) -> tuple[int, tuple[int, ...]]:
-        """Create the room's receiver and (unless dst_pages is None) init it; (real, dummies) prefill ranks."""
+              prefill_dp_rank: int | None = None, held_pages: int = 0) -> tuple[int, tuple[int, ...]]:
+        """Create the room's receiver and (unless dst_pages is None) init it; (real, dummies) prefill ranks.
+        `held_pages`: the prompt's leading pages this rank says it holds (dst_pages take the rest)."""
         receiver = self.manager.create_receiver(host, port, room, prefill_dp_rank)
         self.receivers[room] = receiver
         if dst_pages is not None:
-            receiver.init(dst_pages, aux_slot)
+            receiver.init(dst_pages, aux_slot, held_pages)
             self.hold(room, dst_pages)
         return receiver.sources.real, receiver.sources.dummies
 

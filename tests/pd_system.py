@@ -304,3 +304,47 @@ def check_concurrent_mixed_requests(system: PDSystem, reference: LLM, n: int, se
         for span in spans[worker.url]:  # every request's stage times were summed once, on its DP group
             assert info[f"{span}_count"] - before[worker.url][f"{span}_count"] == n, (worker.name, span)
             assert info[f"{span}_us_total"] > before[worker.url][f"{span}_us_total"], (worker.name, span)
+
+
+def check_decode_reuse_across_turns(system: PDSystem, model_dir: Path, decode_attn_tp: int = 1,
+                                    prefill_counts: bool = True) -> None:
+    """Decode-side reuse (a decode worker with `--decode-prefix-cache`). Two conversations, four lockstep turns
+    through the router (each prompt = the last prompt + its answer + a new message): from turn 1 on the decode
+    instance holds the conversation's earlier pages (prompt and answer but its last token) and the prefill
+    instance writes only the pages after them into each of the `decode_attn_tp` decode ranks of the group
+    (its counters say exactly how many), while every answer equals a cache-off colocated run's greedy tokens;
+    both pools end idle. `prefill_counts` False: the prefill instance's counters are its DP-group leaders' only
+    (several ranks per prefill DP group take turns as real sources), so only decode's count is checked."""
+    rng = random.Random(2020)
+    vocab = system.vocab_size
+    shared = [rng.randrange(2, vocab) for _ in range(3 * PAGE_SIZE + 5)]
+    conversations = [list(shared) for _ in range(2)]
+    cache_off = LLM(model_dir, page_size=PAGE_SIZE, prefix_cache=False)
+    page_bytes = None
+    try:
+        for turn in range(4):
+            prompts = [c + [rng.randrange(2, vocab) for _ in range(19 + 7 * i)] for i, c in enumerate(conversations)]
+            cases = [Case(p, 7, "/generate" if (turn + i) % 2 else "/v1/completions", stream=turn % 2 == 1)
+                     for i, p in enumerate(prompts)]
+            expected = [o.token_ids for o in cache_off.generate(prompts, [c.params() for c in cases])]
+            before_p, before_d = wait_idle(system.prefill.url), wait_idle(system.decode.url)
+            with cf.ThreadPoolExecutor(len(cases)) as pool:
+                results = list(pool.map(lambda c: run_case(system.router.url, c), cases))
+            check_against_reference(cache_off, cases, results)
+            after_p, after_d = wait_idle(system.prefill.url), wait_idle(system.decode.url)
+            held = [0 if turn == 0 else min((len(c) - 1) // PAGE_SIZE, (len(p) - 1) // PAGE_SIZE)
+                    for c, p in zip(conversations, prompts, strict=True)]
+            written = sum(-(-len(p) // PAGE_SIZE) for p in prompts) - sum(held)
+            assert after_d["decode_reused_tokens"] - before_d["decode_reused_tokens"] == sum(held) * PAGE_SIZE
+            if prefill_counts:
+                pages = after_p["kv_pages_sent"] - before_p["kv_pages_sent"]
+                sent = after_p["kv_bytes_sent"] - before_p["kv_bytes_sent"]
+                assert pages == decode_attn_tp * written, (turn, pages, written, held)
+                page_bytes = page_bytes or sent // pages
+                assert sent == pages * page_bytes
+                if turn:  # measurably less than the whole prompts' pages, which a decode without reuse receives
+                    assert sum(held) >= 2 * 4 and sent < decode_attn_tp * (written + sum(held)) * page_bytes
+            for c, p, ids in zip(conversations, prompts, expected, strict=True):
+                c[:] = p + ids
+    finally:
+        cache_off.close()

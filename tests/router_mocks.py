@@ -36,6 +36,7 @@ class MockBehavior:
     raw_stream: list[bytes] | None = None
     die_after: int | None = None  # streamed events after which the connection is cut (a crash)
     body: bytes | None = None  # exact body of a 200 whole answer instead of a generated one
+    headers: dict[str, str] = field(default_factory=dict)  # added to every 200 answer's head
     # Like the engine: a request named by /abort_request ends at once with finish_reason "abort" and
     # no further tokens (a stream with one such event, then [DONE]).
     honor_aborts: bool = False
@@ -138,8 +139,8 @@ class MockWorker:
                 self.completed.append(rid)
                 answer = b.body if b.body is not None else orjson.dumps(_answer(request.path, body, b.tokens,
                                                                                 self.role))
-                return web.Response(body=answer, content_type="application/json")
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                return web.Response(body=answer, content_type="application/json", headers=b.headers)
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **b.headers})
             await resp.prepare(request)
             pieces = b.raw_stream if b.raw_stream is not None else _events(request.path, body, b.tokens)
             for i, piece in enumerate(pieces):

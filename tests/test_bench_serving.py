@@ -233,3 +233,20 @@ def test_multiturn_prompts_carry_the_whole_conversation_with_the_server_s_answer
     assert [t["prefill_tokens_computed"] for t in report["turns"]] == [t["prompt_tokens"] for t in report["turns"]]
     assert all(len(t["ttft_s"]) == 3 and t["ttft_ms"]["p50"] >= MOCK_TTFT_MS for t in report["turns"])
     assert main([*flags[:-2], "--num-turns", "0"]) == 2  # refused before any request
+
+
+def test_the_prefix_cache_comparison_tabulates_and_plots_three_setups_side_by_side(tmp_path: Path) -> None:
+    from bench.compare_prefix_cache import DEFAULT_SETUPS, format_table, write_plot
+
+    def turn(t: int, computed: int, sent: int | None) -> dict:
+        return {"turn": t, "prompt_tokens": 100 * (t + 1), "prefill_tokens_computed": computed,
+                "kv_bytes_sent": sent, "ttft_ms": {"p50": 10.0 + t, "p99": 20.0 + t}}
+
+    sent = {"cache_off": 2_000_000, "prefill_cache": 2_000_000, "decode_reuse": 500_000}
+    reports = {name: {"turns": [turn(t, 50, sent[name]) for t in range(2)],
+                      "summary": {**turn(0, 100, 2 * sent[name]), "prompt_tokens": 300}} for name in DEFAULT_SETUPS}
+    table = format_table(reports).splitlines()
+    assert len(table) == 2 + 2 + 1 and "KV MB sent to decode" in table[0]
+    assert table[-1].split("|")[3].split() == ["4.00", "4.00", "1.00"]  # MB per setup, all turns
+    png = write_plot(reports, tmp_path / "p.png", "title")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -486,6 +486,27 @@ def test_chunks_sent_before_the_decode_side_asks_are_queued_then_written(cleanup
     assert prefill.counts()["live_rooms"] == 0 and decode.counts()["live_rooms"] == 0
 
 
+def test_pages_the_decode_rank_holds_already_are_not_written(cleanup: list[Any]) -> None:
+    """Decode-side prefix reuse: the decode rank holds the prompt's first 5 pages (a chunk and a half), so
+    the prefill rank writes only pages 5.. of the prompt, into the pages reserved for them, and counts them."""
+    service, prefill, decode = in_process_pair(cleanup)
+    held = 5
+    decode.start(service.host, service.port, 13, DST_PAGES[held:], 0, held_pages=held)
+    prefill.start(13, CHUNKS, (42, -1.0))
+    run_until([prefill, decode], lambda: decode.result(13) is not None and prefill.result(13) is not None)
+    assert decode.result(13) == ("Success", None, (42, -1.0)) and prefill.result(13) == ("Success", None)
+    pairs = list(zip(SRC_PAGES, DST_PAGES, strict=True))[held:]
+    check_destination(decode, {d: (0, s) for s, d in pairs})  # the held pages' places stay untouched
+    page_size_bytes = SHAPE.nbytes // SHAPE.num_pages
+    assert prefill.manager.pages_written == len(pairs)
+    assert prefill.manager.bytes_written == len(pairs) * page_size_bytes
+    with pytest.raises(ValueError, match="held_pages"):
+        decode.start(service.host, service.port, 14, DST_PAGES, 0, held_pages=-1)
+    decode.abort(14)
+    run_until([decode], lambda: decode.result(14) is not None)
+    assert prefill.counts()["live_rooms"] == 0 and decode.counts()["live_rooms"] == 0
+
+
 def test_chunk_beyond_the_decode_pages_fails_both_sides_clearly(cleanup: list[Any]) -> None:
     service, prefill, decode = in_process_pair(cleanup)
     decode.start(service.host, service.port, 8, DST_PAGES[:3], 0)

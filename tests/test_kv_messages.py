@@ -51,6 +51,7 @@ def _request(**overrides: object) -> TransferRequest:
     [
         _request(),
         _request(intro=None, is_dummy=True, dst_pages=[]),
+        _request(intro=None, held_pages=2),
         TransferDone(sender="tcp://h:1", session="s", room=9, prefill_rank=3),
         Abort(sender="tcp://h:1", session="s", room=9, reason="client went away"),
         Heartbeat(sender="tcp://h:1", session="s"),

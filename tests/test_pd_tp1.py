@@ -37,6 +37,7 @@ from pd_system import (
     backend_missing,
     check_against_reference,
     check_concurrent_mixed_requests,
+    check_decode_reuse_across_turns,
     get_json,
     http,
     run_case,
@@ -53,8 +54,9 @@ BACKENDS = ["nixl", "mooncake"]
 PEER_TIMEOUT_S = 5.0
 # Decode holds 128 pages: the 32 requests (up to 20 pages each) queue there for pages, and their KV waits on
 # the prefill side meanwhile. The Mooncake system also decodes through the CUDA-graph runner's padded path.
-DECODE_FLAGS = {"nixl": ["--max-total-tokens", "2048"],
-                "mooncake": ["--max-total-tokens", "2048", "--cuda-graph-max-bs", "8"]}
+# Both decode with decode-side reuse: every test here runs with finished requests' pages kept on decode.
+DECODE_FLAGS = {"nixl": ["--max-total-tokens", "2048", "--decode-prefix-cache"],
+                "mooncake": ["--max-total-tokens", "2048", "--cuda-graph-max-bs", "8", "--decode-prefix-cache"]}
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +204,12 @@ def test_prefill_cache_hits_compute_only_the_suffix_and_decode_still_gets_the_wh
     assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] == 6 * 3 * PAGE_SIZE
     for worker in (system.prefill, system.decode):
         wait_idle(worker.url)
+
+
+def test_decode_side_reuse_writes_only_the_pages_decode_does_not_hold_and_answers_as_a_cache_off_run(
+    system: PDSystem, tiny_model: Path
+) -> None:
+    check_decode_reuse_across_turns(system, tiny_model)
 
 
 def test_n_choices_and_list_prompts_equal_single_requests_with_derived_seeds(system: PDSystem, reference: LLM

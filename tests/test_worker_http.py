@@ -15,6 +15,7 @@ from threaded_app import serve_in_thread
 
 from engine.server.app import ServerConfig, WorkerApp
 from engine.server.messages import GenerateRequest, TokenOutput
+from kvtransfer.protocol import KV_REUSED_HEADER
 
 REFUSED_TOKEN = 7  # a prompt starting with it is refused by the scripted ranks
 
@@ -26,6 +27,7 @@ class ScriptedBackend:
         self.submitted: list[GenerateRequest] = []
         self.aborted: list[str] = []
         self.delay_s = 0.0
+        self.reused: int | None = None  # decode-side reuse: what the first output reports as held already
 
     async def submit(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]:
         self.submitted.append(request)
@@ -40,7 +42,8 @@ class ScriptedBackend:
             await asyncio.sleep(self.delay_s)
             last = i == len(ids) - 1
             yield TokenOutput(rid=request.rid, token_ids=[tok], finished=last,
-                              finish_reason="length" if last else None,
+                              finish_reason="length" if last else None, prompt_tokens=len(request.input_ids),
+                              kv_reused_tokens=self.reused if i == 0 else None,
                               logprobs=[-0.25 * (i + 1)] if request.return_logprob else [],
                               top_logprobs=[[(tok + j, -0.25 * (i + 1) - j) for j in range(request.top_logprobs)]]
                               if request.top_logprobs else [])
@@ -457,3 +460,23 @@ def test_the_responses_api_answers_text_whole_and_as_events(server: tuple[str, S
         with pytest.raises(openai.BadRequestError) as info:
             client.responses.create(model="tiny", input="hi", extra_body=refused)
         assert info.value.body["param"] == param
+
+
+def test_a_decode_side_reuse_report_rides_in_the_answer_s_head_streamed_or_not(
+    server: tuple[str, ScriptedBackend]
+) -> None:
+    import urllib.request
+
+    url, backend = server
+    bodies = [{"input_ids": [65, 66, 67], "sampling_params": {"max_new_tokens": 3}},
+              {"input_ids": [65, 66, 67], "stream": True, "sampling_params": {"max_new_tokens": 3}},
+              {"model": "tiny", "prompt": "abcd", "max_tokens": 2}]
+    paths = ["/generate", "/generate", "/v1/completions"]
+    for reused in (None, 32):
+        backend.reused = reused
+        for path, body in zip(paths, bodies, strict=True):
+            with urllib.request.urlopen(_json_request(url + path, orjson.dumps(body))) as response:
+                header = response.headers.get(KV_REUSED_HEADER)
+                response.read()
+            prompt = len(body.get("input_ids", body.get("prompt", "")))
+            assert header == (None if reused is None else f"32/{prompt}"), (path, body)

@@ -62,7 +62,8 @@ class EngineArgs:
     ep_mode: str = "high_throughput"
     quantization: str = "auto"  # engine.quant: "auto" (the checkpoint's), "fp8" or "none"
     # Prefix cache over the KV pool (engine.prefix_cache), --disable-prefix-cache turns it off. On a decode
-    # instance it serves only the requests it prefills itself (KV received from prefill is not published).
+    # instance it serves the requests it prefills itself, and with --decode-prefix-cache also keeps KV received
+    # from prefill instances for the next turn (decode_worker.runner).
     prefix_cache: bool = True
     # None: admission reserves a request's whole life; N: prompt + N output tokens, with retraction.
     reserve_tokens: int | None = None

@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from kvtransfer import http_errors
+from kvtransfer import protocol as pd
 
 from ..chat_template import ChatTemplate
 from . import responses
@@ -247,6 +248,7 @@ class WorkerApp:
             choice.tops.extend(out.top_logprobs)
             choice.last = out
             choice.cached = out.cached_tokens if out.cached_tokens is not None else choice.cached
+            choice.reused = out.kv_reused_tokens if out.kv_reused_tokens is not None else choice.reused
             if out.prompt_logprobs:
                 choice.prompt_logprobs, choice.prompt_tops = out.prompt_logprobs, out.prompt_top_logprobs
             if choice.detok.stopped is not None:
@@ -276,8 +278,9 @@ class WorkerApp:
         scored = parsed.request.prompt_logprobs >= 0
         if parsed.responses:
             c = choices[0]
-            return json_response(responses.response_object(parsed.response_id, parsed.model, c.detok.text,
-                                                           c.finish_reason, prompts[0], len(c.detok.ids)))
+            doc = responses.response_object(parsed.response_id, parsed.model, c.detok.text, c.finish_reason,
+                                            prompts[0], len(c.detok.ids))
+            return with_reuse_header(choices, json_response(doc))
         if parsed.kind == "generate":
             docs = [generate_response(parsed, c.index, c.detok.text, c.detok.ids, c.finish_reason, prompts[c.index],
                                       c.logprobs, c.tops, self.codec, c.cached) for c in choices]
@@ -288,7 +291,7 @@ class WorkerApp:
                 for doc, c in zip(docs, choices, strict=True):
                     doc["meta_info"].update(sglang_input_logprobs(parsed, self.codec, parsed.requests[c.index].input_ids,
                                                                   c.prompt_logprobs, c.prompt_tops))
-            return json_response(docs if parsed.batch or parsed.n > 1 else docs[0])
+            return with_reuse_header(choices, json_response(docs if parsed.batch or parsed.n > 1 else docs[0]))
         docs = []
         for c in choices:
             logprobs = openai_logprobs(parsed, self.codec, c.detok.ids, c.logprobs, len(parsed.echo_prompts[c.index]),
@@ -307,7 +310,7 @@ class WorkerApp:
         if scored and parsed.kind == "chat":  # vLLM puts a chat's prompt logprobs beside its choices
             body["prompt_logprobs"] = vllm_prompt_logprobs(self.codec, parsed.request.input_ids,
                                                            choices[0].prompt_logprobs, choices[0].prompt_tops)
-        return json_response(body)
+        return with_reuse_header(choices, json_response(body))
 
     def _failed(self, last: TokenOutput | None) -> web.Response:
         """The error answer of a request that ended without its output: the status its runner chose (4xx:
@@ -328,7 +331,8 @@ class WorkerApp:
         if bad is not False:
             await self._abort_all(parsed, {i for i, f in enumerate(firsts) if f is not None and f.finished})
             return self._failed(bad)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               **reuse_header(firsts[0].kv_reused_tokens, firsts[0].prompt_tokens)})  # type: ignore[union-attr]
         await response.prepare(request)
         created = int(time.time())
         choices = [StreamedChoice(i, IncrementalDetokenizer(self.codec, parsed.stop, parsed.include_stop), parsed.echo_prompts[i],
@@ -467,6 +471,19 @@ def cached_tokens(parsed: ParsedRequest, choices: list[Choice] | list[StreamedCh
     return sum(known) if known else None
 
 
+def reuse_header(reused: int | None, prompt_tokens: int) -> dict[str, str]:
+    """Decode-side reuse (`kvtransfer.protocol.KV_REUSED_HEADER`): a header, not a body field, so that
+    OpenAI-shaped answers stay as they are and the router reads it from the head it parses anyway."""
+    return {} if reused is None else {pd.KV_REUSED_HEADER: f"{reused}/{prompt_tokens}"}
+
+
+def with_reuse_header(choices: list[Choice], response: web.Response) -> web.Response:
+    """`response` with the decode-side reuse header of its first choice, where there is one."""
+    if choices and choices[0].last is not None:
+        response.headers.update(reuse_header(choices[0].reused, choices[0].last.prompt_tokens))
+    return response
+
+
 @dataclass
 class Choice:
     """One choice of a whole answer as it is collected."""
@@ -479,6 +496,7 @@ class Choice:
     prompt_logprobs: list[float | None] = field(default_factory=list)  # when the request asked for them
     prompt_tops: list[list[tuple[int, float]]] = field(default_factory=list)
     cached: int | None = None  # prompt tokens from the prefix cache, when this instance prefilled the prompt
+    reused: int | None = None  # decode-side reuse: prompt tokens whose KV this instance held already
 
     @property
     def finish_reason(self) -> str | None:

@@ -88,6 +88,9 @@ class TokenOutput:
     # Prompt tokens whose KV came from the prefix cache (SGLang's meta_info.cached_tokens); None where this
     # instance did not prefill the prompt (a decode worker's disaggregated requests).
     cached_tokens: int | None = None
+    # Decode-side reuse (`--decode-prefix-cache`), with a disaggregated request's first token: prompt tokens whose
+    # KV this decode instance held already (not transferred); the cache-aware router learns from it.
+    kv_reused_tokens: int | None = None
     # With the first token of a request that asked for them: per prompt token (None for the first).
     prompt_logprobs: list[float | None] = field(default_factory=list)
     prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
