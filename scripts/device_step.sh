@@ -11,6 +11,10 @@
 #              CPU reference
 #   spy        bench.decode_alone (decode worker alone, V2-Lite, 4096 in / 100 out, concurrency 8) under
 #              py-spy: where the decode loop's time goes between forwards (collapsed stacks, all processes)
+#   dbo        the GPU DBO test (two streams, tokens equal) and bench.dbo_step (a micro-batched forward, on vs off)
+#   eplb       bench.eplb on one GPU (one rank's share of V3's experts, Zipf router, EPLB off/on)
+#   prefix     bench.compare_prefix_cache on the GPU: multi-turn chat through router + 1P1D (V2-Lite dummy),
+#              cache off / prefill cache / + decode reuse (PREFIX_ARGS replaces the workload flags)
 #   pd         bench.compare_pd, V2-Lite 4096 in / 100 out, 32 prompts at concurrency 8 (PD_ARGS adds)
 # Carry .gpu_bundle, optionally .baseline and .gpu_carry.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
@@ -59,6 +63,16 @@ for s in $STEPS; do
         --model engine/model_configs/deepseek-v2-lite --input-len 4096 --output-len 100 --num-prompts 32 \
         --max-concurrency 8 --cuda-graph-max-bs 16 --output-json "$OUT_SAVED/decode_alone_v2lite_c8.json" \
         --log-dir /tmp/device_step_logs/decode_alone --disable-tqdm ;;
+    dbo) step 10_pytest_dbo "$(left 120)" python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_dbo.py
+        step 11_dbo_step "$(left 150)" python3 -m bench.dbo_step --device cuda --model-config v2-lite \
+            --load-format dummy --batches 2x512,4x512,8x512,4x1024,8x1024 --decode-batches 64,256 \
+            --out "$OUT_SAVED/dbo_step_gpu.json" ;;
+    eplb) step 12_eplb "$(left 120)" python3 -m bench.eplb --device cuda --out "$OUT_SAVED/eplb_cuda" ;;
+    prefix) step 13_prefix_cache "$(left 330)" env UCX_MODULES="${UCX_MODULES:-^ib}" python3 -m bench.compare_prefix_cache \
+        --device cuda --model engine/model_configs/deepseek-v2-lite --load-format dummy --cuda-graph-max-bs 16 \
+        ${PREFIX_ARGS:---num-conversations 16 --num-turns 6 --system-prompt-len 2048 --turn-input-len 256 \
+        --turn-output-len 64} --output-json "$OUT_SAVED/prefix_cache_cuda.json" \
+        --log-dir /tmp/device_step_logs/prefix_cache ;;
     *) echo "unknown step $s" && status=1 ;;
     esac
 done

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,10 +255,16 @@ def test_decode_answers_an_error_when_the_prefill_instance_cannot_be_looked_up(s
 def test_killed_prefill_fails_its_in_flight_requests_and_decode_keeps_serving(
     system: PDSystem, reference: LLM
 ) -> None:
-    warm = Case([4, 5, 6], 2, "/generate", stream=False)  # the decode side has looked the prefill up
+    warm = Case([4, 5, 6], 2, "/generate", stream=False)
     check_against_reference(reference, [warm], [run_case(system.router.url, warm)])
-    # Freeze the prefill instance so that requests are surely in flight there, then kill it.
-    system.prefill.signal(signal.SIGSTOP)
+    # Freeze the prefill's rank processes so that requests are surely in flight there, then kill the whole
+    # instance. Its main process (HTTP and the bootstrap service) keeps answering until the kill: a frozen
+    # bootstrap service failed the decode side's lookups (cached 1 s) before any request reached it.
+    ranks = subprocess.run(["pgrep", "-P", str(system.prefill.proc.pid)], capture_output=True, text=True,
+                           check=False).stdout.split()
+    assert ranks, "the prefill instance has no rank processes"
+    for pid in ranks:
+        os.kill(int(pid), signal.SIGSTOP)
     cases = [Case([3 + i] * (10 + 20 * i), 4, "/generate", stream=i % 2 == 1) for i in range(4)]
     direct = Case([9, 8, 7, 6], 3, "/generate", stream=False)  # decode alone must notice the dead peer
     direct_body = {
