@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.kv_pool import KVPool
+
+if TYPE_CHECKING:
+    from engine.mla_core import MlaCoreRoute
 
 
 class ForwardMode(enum.Enum):
@@ -34,6 +38,7 @@ class ForwardBatch:
         graph_safe: DECODE only, set by ``engine.cuda_graph``: the forward must be capturable in a CUDA
             graph (no host sync, no data-dependent shape): masked-layout MoE, rope computed from the
             positions, logits of every row (each row is one sequence's only new token).
+        mla_core: set by the model when the pool is sharded (MLA-core DP): where each token's KV lives.
     """
 
     mode: ForwardMode
@@ -52,6 +57,7 @@ class ForwardBatch:
     read_slots: torch.Tensor | None
     return_all_logits: bool = False
     graph_safe: bool = False
+    mla_core: MlaCoreRoute | None = None
 
     @property
     def batch_size(self) -> int:

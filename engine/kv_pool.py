@@ -22,6 +22,7 @@ plugged in later — they would then have to join the PageLayout checked at boot
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -220,7 +221,14 @@ class KVPool:
         """Pages an allocation can get now: free ones plus unreferenced cached ones (evicted on demand)."""
         return self.allocator.free_pages + self.evictable_pages
 
-    def alloc(self, n: int) -> list[int]:
+    @property
+    def max_request_pages(self) -> int:
+        """The most pages one request can hold (a sharded pool's requests live in one shard)."""
+        return self.num_pages
+
+    def alloc(self, n: int, after: Sequence[int] = ()) -> list[int]:
+        """``n`` pages; ``after``: the pages of the request they extend (a sharded pool keeps a request on one
+        shard, this pool has one)."""
         short = n - self.allocator.free_pages
         if short > 0 and self.prefix_cache is not None and n <= self.available_pages:
             self.prefix_cache.evict(short)

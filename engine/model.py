@@ -8,7 +8,9 @@ from torch import nn
 from engine.attention import MLAttention
 from engine.config import Fp8Config, ModelConfig
 from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
+from engine.kv_shards import ShardedKVPool
 from engine.layers import ParallelLMHead, RMSNorm, VocabParallelEmbedding
+from engine.mla_core import build_route
 from engine.moe import DenseMLP, Dispatcher, MoEBlock
 from engine.parallel import ParallelContext
 from engine.rope import RotaryEmbedding
@@ -83,6 +85,10 @@ class DeepseekForCausalLM(nn.Module):
         if batch.kv_pool.num_layers != self.config.num_hidden_layers:
             raise ValueError(f"KV pool has {batch.kv_pool.num_layers} layers, model has "
                              f"{self.config.num_hidden_layers}")
+        if isinstance(batch.kv_pool, ShardedKVPool):
+            if batch.graph_safe:
+                raise ValueError("MLA-core DP runs without CUDA graphs (its exchange reads split sizes on the host)")
+            batch.mla_core = build_route(batch, batch.kv_pool, self.ctx.attn_tp_group, self.ctx.attn_tp_size)
         hidden = self.model.embed_tokens(batch.input_ids)
         if batch.graph_safe:
             if batch.mode is not ForwardMode.DECODE or batch.return_all_logits:

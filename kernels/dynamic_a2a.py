@@ -44,8 +44,9 @@ def _check_counts(counts: list[int], rows: int, world: int, what: str) -> None:
         raise ValueError(f"{what} {counts} must be {world} non-negative numbers summing to {rows}")
 
 
-def _a2a_rows(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
-              group: Any) -> None:
+def _a2a_rows(
+    out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any
+) -> None:
     """``all_to_all_single`` over dim 0; gloo takes CPU tensors only, so device tensors go through the host
     there (the reference is about results, not speed, on gloo)."""
     if inp.device.type != "cpu" and dist.get_backend(group) == "gloo":

@@ -19,7 +19,9 @@ HEADS_PER_RANK, DIM = 2, 5
 
 def _full(n: int, world: int) -> torch.Tensor:
     """The whole [N, W*Hl, D] tensor every rank's shard is cut from (deterministic, distinct values)."""
-    return torch.arange(n * world * HEADS_PER_RANK * DIM, dtype=torch.float32).view(n, world * HEADS_PER_RANK, DIM)
+    return torch.arange(n * world * HEADS_PER_RANK * DIM, dtype=torch.float32).view(
+        n, world * HEADS_PER_RANK, DIM
+    )
 
 
 def _rank(rank: int, world: int, path: str, cases: list[list[int]], errors: mp.Queue) -> None:
