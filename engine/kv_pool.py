@@ -234,14 +234,15 @@ class KVPool:
             self.prefix_cache.evict(short)
         return self.allocator.alloc(n)
 
-    def alloc_for_prompt(self, prompt_ids: list[int], num_pages: int,
-                         use_cache: bool = True) -> tuple[list[int], list[Block]]:
+    def alloc_for_prompt(self, prompt_ids: list[int], num_pages: int, use_cache: bool = True,
+                         shard: int | None = None) -> tuple[list[int], list[Block]]:
         """``num_pages`` pages for a request starting with ``prompt_ids``: first the cached pages of its
         prompt's longest cached full-page prefix (held: the request must ``release`` them), then new ones.
         The lookup leaves out the prompt's last token, which must be computed to get the logits of the first
         output token. Raises ``PoolExhaustedError`` and changes nothing when the pool cannot serve it.
         Returns (pages, held blocks); ``len(held) * page_size`` prompt tokens need no computing.
         ``use_cache`` False skips the lookup (a request that wants every prompt position's logits).
+        ``shard``: where a sharded pool must put them (``engine.kv_shards``); this pool is one shard.
         """
         cache = self.prefix_cache
         if cache is None or not use_cache:

@@ -135,15 +135,20 @@ class ShardedKVPool(KVPool):
         return self.allocator.alloc_on(shard, n)
 
     def alloc_for_prompt(
-        self, prompt_ids: list[int], num_pages: int, use_cache: bool = True
+        self, prompt_ids: list[int], num_pages: int, use_cache: bool = True, shard: int | None = None
     ) -> tuple[list[int], list[Block]]:
-        """As ``KVPool.alloc_for_prompt``; a request that reuses cached pages is owned by their shard."""
+        """As ``KVPool.alloc_for_prompt``. Without ``shard`` the request goes to the shard of the cached pages
+        it reuses, else to the least loaded; with ``shard`` there, using cached pages only if they are on it."""
         cache = self.prefix_cache
         if cache is None or not use_cache:
-            return self.alloc(num_pages), []
+            return self._alloc_on(self.allocator.least_loaded() if shard is None else shard, num_pages), []
         held = cache.acquire(prompt_ids[:-1])
+        if held and shard is not None and self.allocator.shard_of(held[0].page) != shard:
+            cache.release([], held)
+            held = []
         try:
-            shard = self.allocator.shard_of(held[0].page) if held else self.allocator.least_loaded()
+            if shard is None:
+                shard = self.allocator.shard_of(held[0].page) if held else self.allocator.least_loaded()
             new = self._alloc_on(shard, num_pages - len(held))
         except PoolExhaustedError:
             cache.release([], held)
@@ -153,5 +158,6 @@ class ShardedKVPool(KVPool):
 
     def status_counts(self) -> dict[str, int]:
         counts = super().status_counts()
+        counts["shard_pages"] = self.pages_per_shard  # one rank's pool: total_pages is num_shards of them
         counts["local_free_pages"] = self.allocator.shards[self.shard_rank].free_pages
         return counts

@@ -136,6 +136,7 @@ def test_requests_go_to_the_rank_with_the_most_free_pages_and_stay_there() -> No
         pool.free(pages)
     pool.free([p for p in range(4) if p not in first])  # the page taken after `first`
     assert pool.free_pages == 12 and pool.status_counts()["local_free_pages"] == 4
+    assert pool.status_counts()["shard_pages"] == 4
 
 
 def test_a_prefix_cache_hit_is_owned_by_the_shard_holding_the_cached_pages() -> None:
