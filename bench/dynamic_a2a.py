@@ -12,6 +12,12 @@ row per token) and ``latent`` (DeepSeek-V3's 128 heads split over the ranks, 576
 (the same on every rank), copied into the graph's static split tensor before the replay. Per exchange, median
 of 5 loops of 50: ``ref`` (its host read syncs every call), ``ipc_eager`` and ``ipc_graph`` (a loop of copy +
 replay, one synchronise at the end). Prints a table; writes JSON and a PNG beside it.
+
+Measured with ``--shared-gpu`` on one H200 (bench/results/dynamic_a2a_h200_shared.*): the IPC exchange costs
+~4.5 ms whatever its size, eager or replayed. That is GPU time-slicing, not the copy: without MPS the two
+processes' contexts take turns on the GPU, and each barrier waits for the other context's turn. The
+decode-size latency this backend is for (NVLink P2P between GPUs, no time-slicing) needs one GPU per rank:
+``python -m bench.dynamic_a2a --world 2`` (or ``--world 8``) on a multi-GPU machine.
 """
 
 from __future__ import annotations
