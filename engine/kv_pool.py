@@ -226,6 +226,10 @@ class KVPool:
         """The most pages one request can hold (a sharded pool's requests live in one shard)."""
         return self.num_pages
 
+    def same_shard(self, pages: Sequence[int], others: Sequence[int]) -> bool:
+        """Whether freeing ``pages`` makes room for ``others`` to grow (always, in a pool of one shard)."""
+        return True
+
     def alloc(self, n: int, after: Sequence[int] = ()) -> list[int]:
         """``n`` pages; ``after``: the pages of the request they extend (a sharded pool keeps a request on one
         shard, this pool has one)."""

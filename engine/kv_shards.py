@@ -107,6 +107,9 @@ class ShardedKVPool(KVPool):
             raise ValueError("a request without pages has no owner")
         return self.allocator.shard_of(pages[0])
 
+    def same_shard(self, pages: Sequence[int], others: Sequence[int]) -> bool:
+        return bool(pages) and bool(others) and self.owner_of(pages) == self.owner_of(others)
+
     def owns(self, pages: Sequence[int]) -> bool:
         return self.owner_of(pages) == self.shard_rank
 

@@ -277,7 +277,8 @@ class Scheduler:
                 try:
                     req.pages += self.kv_pool.alloc(1, after=req.pages)
                 except PoolExhaustedError:
-                    self._retract(self.running[-1])  # the newest: maybe `req` itself
+                    # The newest whose pages free room where `req` grows (a sharded pool's shard): maybe `req`.
+                    self._retract(next(r for r in reversed(self.running) if self.kv_pool.same_shard(r.pages, req.pages)))
         return [r for r in decoding if r.status is RequestStatus.DECODING]
 
     def _retract(self, req: Request) -> None:

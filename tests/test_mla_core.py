@@ -66,6 +66,24 @@ def test_mla_core_greedy_tokens_equal_the_single_rank_run(
     assert outputs[-1].cached_tokens == 32
 
 
+def test_mla_core_ranks_retract_requests_of_the_full_shard_and_keep_the_tokens(models: dict[str, Path]) -> None:
+    """4 pages per rank, two requests per rank that each end up needing all 4 (reserving 4 tokens ahead): a shard
+    runs out and retracts a request of its own (the newest on that shard, not the instance's newest), and the
+    greedy tokens are still the uninterrupted run's."""
+    prompts = [[(7 * i + 5 * j) % 200 + 2 for j in range(20 + 3 * i)] for i in range(4)]
+    params = [SamplingParams(max_new_tokens=30, ignore_eos=True)] * len(prompts)
+    llm = LLM(str(models["v3"]), page_size=PAGE_SIZE, num_pages=64, prefix_cache=False)
+    try:
+        expected = [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        llm.close()
+    args = EngineArgs(model_dir=str(models["v3"]), page_size=PAGE_SIZE, num_pages=4, max_prefill_tokens=64,
+                      reserve_tokens=4)
+    outputs = generate_on_ranks(InstanceSpec(tp_size=2, attention_dp="mla-core"), args, prompts, params,
+                                timeout_s=240)
+    assert [o.token_ids for o in outputs] == expected
+
+
 def test_generate_cli_takes_attention_dp_mla_core(models: dict[str, Path]) -> None:
     proc = subprocess.run(
         [
