@@ -147,6 +147,7 @@ def test_requests_go_to_the_rank_with_the_most_free_pages_and_stay_there() -> No
     with pytest.raises(PoolExhaustedError, match="shard 0"):
         pool.alloc(1, after=first)  # shard 0 is full although others have room
     assert pool.owns(second) and not pool.owns(first)
+    assert pool.same_shard(first, first) and not pool.same_shard(first, second)
     assert pool.local_pages(second) == [0]
     assert pool.tensor.shape[0] == 5 and pool.layout.num_pages == 4  # the shard and the scratch page
     assert pool.max_request_pages == 4 and pool.num_pages == 12
