@@ -36,7 +36,8 @@ class MlaCoreRoute:
     Attributes:
         rank / world / group: this rank in the attention group the exchanges run over.
         order: ``[B]`` sequence indices grouped by owner rank (stable); ``inverse`` undoes it.
-        owner_counts: ``[world]`` sequences per owner (the split sizes of both exchanges).
+        owner_counts: sequences per owner, a host list (the split sizes of both exchanges: every rank knows
+            them, so no exchange sizes are sent, and the device is read once per forward, not per layer).
         own_page_table / own_seq_lens: this rank's sequences (in ``order``), with local page indices.
         write_pages: ``[T]`` local page of each new token's latent (the scratch page for other ranks').
         read_pages / read_owned: EXTEND only: local page of each context row, and whether this rank owns it.
@@ -47,7 +48,7 @@ class MlaCoreRoute:
     group: Any
     order: torch.Tensor
     inverse: torch.Tensor
-    owner_counts: torch.Tensor
+    owner_counts: list[int]
     own_page_table: torch.Tensor
     own_seq_lens: torch.Tensor
     write_pages: torch.Tensor
@@ -69,7 +70,7 @@ def build_route(batch: Any, pool: ShardedKVPool, group: Any, world: int) -> MlaC
     owner = batch.page_table[:, 0].long() // pool.pages_per_shard  # a sequence's pages share one shard
     order = torch.argsort(owner, stable=True)
     inverse = torch.argsort(order)
-    counts = torch.bincount(owner, minlength=world)
+    counts = torch.bincount(owner, minlength=world).tolist()
     own = order[owner[order] == pool.shard_rank]
     table = batch.page_table[own].long()
     local_table, _ = _localize(table, pool)

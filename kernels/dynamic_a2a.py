@@ -57,14 +57,22 @@ def _a2a_rows(
     dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
 
 
-def heads_to_owner(x: torch.Tensor, send_counts: torch.Tensor, group: Any, world: int) -> torch.Tensor:
+def heads_to_owner(x: torch.Tensor, send_counts: torch.Tensor | list[int], group: Any, world: int) -> torch.Tensor:
     """``x`` ``[N, Hl, D]`` (this rank's heads of every token, rows grouped by owner) -> ``[M, W*Hl, D]``,
-    every head of the M tokens this rank owns; ``out[m, s*Hl + h] = x_on_rank_s[start_me + m, h]``."""
+    every head of the M tokens this rank owns; ``out[m, s*Hl + h] = x_on_rank_s[start_me + m, h]``.
+
+    ``send_counts`` as a tensor: the sizes are exchanged first (the general two-step form). As a host list:
+    the caller states that every rank passes this same list (MLA-core: every rank knows each request's
+    owner), so this rank receives ``send_counts[rank]`` rows from each and nothing is exchanged."""
     n, heads, dim = x.shape
     if world == 1:
         return x
-    recv = exchange_counts(send_counts, group, world).tolist()
-    sends = [int(c) for c in send_counts.tolist()]
+    if isinstance(send_counts, list):
+        sends = [int(c) for c in send_counts]
+        recv = [sends[dist.get_rank(group)]] * world
+    else:
+        recv = exchange_counts(send_counts, group, world).tolist()
+        sends = [int(c) for c in send_counts.tolist()]
     _check_counts(sends, n, world, "send_counts")
     if len(set(recv)) != 1:
         raise ValueError(f"every rank must send an owner the same rows, got {recv}")
@@ -74,7 +82,7 @@ def heads_to_owner(x: torch.Tensor, send_counts: torch.Tensor, group: Any, world
     return flat.view(world, mine, heads, dim).transpose(0, 1).reshape(mine, world * heads, dim)
 
 
-def heads_from_owner(y: torch.Tensor, owner_counts: torch.Tensor, group: Any, world: int) -> torch.Tensor:
+def heads_from_owner(y: torch.Tensor, owner_counts: torch.Tensor | list[int], group: Any, world: int) -> torch.Tensor:
     """``y`` ``[M, W*Hl, D]`` (every head of this rank's own tokens) -> ``[N, Hl, D]``, this rank's heads of
     every token in owner order. ``owner_counts[r]``: tokens owned by rank r (the ``send_counts`` of the
     matching ``heads_to_owner``; the same on every rank, so no size exchange is needed)."""
@@ -82,7 +90,7 @@ def heads_from_owner(y: torch.Tensor, owner_counts: torch.Tensor, group: Any, wo
         return y
     mine, all_heads, dim = y.shape
     heads = all_heads // world
-    counts = [int(c) for c in owner_counts.tolist()]
+    counts = [int(c) for c in (owner_counts if isinstance(owner_counts, list) else owner_counts.tolist())]
     _check_counts(counts, sum(counts), world, "owner_counts")
     send = y.view(mine, world, heads, dim).transpose(0, 1).reshape(world * mine, heads * dim)
     out = torch.empty(sum(counts), heads * dim, dtype=y.dtype, device=y.device)

@@ -36,6 +36,8 @@ def _rank(rank: int, world: int, path: str, cases: list[list[int]], errors: mp.Q
             got = heads_to_owner(mine.contiguous(), send, group, world)
             start = sum(counts[:rank])
             assert torch.equal(got, full[start : start + counts[rank]]), (rank, counts)
+            # the same split as a host list every rank shares: no size exchange, same rows
+            assert torch.equal(heads_to_owner(mine.contiguous(), list(counts), group, world), got)
             back = heads_from_owner(got * 2, send, group, world)
             assert torch.equal(back, mine * 2), (rank, counts)
         dist.destroy_process_group()
