@@ -11,7 +11,9 @@ row per token) and ``latent`` (DeepSeek-V3's 128 heads split over the ranks, 576
 ``heads_to_owner`` moves per layer). Each timed iteration uses a new random split of the batch over the ranks
 (the same on every rank), copied into the graph's static split tensor before the replay. Per exchange, median
 of 5 loops of 50: ``ref`` (its host read syncs every call), ``ipc_eager`` and ``ipc_graph`` (a loop of copy +
-replay, one synchronise at the end). Prints a table; writes JSON and a PNG beside it.
+replay, one synchronise at the end). With ``--shared-gpu`` also ``ipc_streams``: the same graphs with the
+ranks as CUDA streams of one process (``IpcAllToAll.in_process``), i.e. without context time-slicing.
+Prints a table; writes JSON and a PNG beside it.
 
 Measured with ``--shared-gpu`` on one H200 (bench/results/dynamic_a2a_h200_shared.*): the IPC exchange costs
 ~4.5 ms whatever its size, eager or replayed. That is GPU time-slicing, not the copy: without MPS the two
@@ -133,6 +135,50 @@ def _rank(rank: int, args: argparse.Namespace, path: str, queue: Any) -> None:
     dist.destroy_process_group()
 
 
+def _streams_us(world: int, batches: list[int]) -> dict[tuple[str, int], float]:
+    """µs per exchange with the ranks as CUDA streams of this one process (``IpcAllToAll.in_process``): the
+    same kernels and barriers, graph-replayed, without the context time-slicing of ranks as processes."""
+    from kernels.dynamic_a2a_ipc import IpcAllToAll
+
+    device = torch.device("cuda", 0)
+    out: dict[tuple[str, int], float] = {}
+    for shape, (heads_total, dim) in SHAPES.items():
+        heads = 1 if heads_total is None else heads_total // world
+        ranks = IpcAllToAll.in_process(world, max(batches), heads, dim, dim, torch.bfloat16, device)
+        streams = [torch.cuda.Stream(device) for _ in ranks]
+        for batch in batches:
+            splits = [torch.tensor(s, device=device) for s in _splits(batch, world, ITERS, seed=batch)]
+            xs = [torch.randn(batch, heads, dim, device=device).to(torch.bfloat16) for _ in ranks]
+            counts = [splits[0].clone() for _ in ranks]
+            torch.cuda.synchronize(device)
+            for a2a, stream, x, c in zip(ranks, streams, xs, counts, strict=True):
+                with torch.cuda.stream(stream):  # every rank launched before any waits: they run side by side
+                    a2a.heads_to_owner(x, c)
+            torch.cuda.synchronize(device)
+            graphs = []
+            for a2a, stream, x, c in zip(ranks, streams, xs, counts, strict=True):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    a2a.heads_to_owner(x, c)
+                graphs.append(graph)
+
+            def loop(
+                splits: list[torch.Tensor] = splits,
+                counts: list[torch.Tensor] = counts,
+                graphs: list[torch.cuda.CUDAGraph] = graphs,
+                streams: list[torch.cuda.Stream] = streams,
+            ) -> None:
+                for split in splits:
+                    for stream, c, graph in zip(streams, counts, graphs, strict=True):
+                        with torch.cuda.stream(stream):
+                            c.copy_(split)
+                            graph.replay()
+
+            out[(shape, batch)] = _time(loop, lambda: torch.cuda.synchronize(device))
+            del graphs
+    return out
+
+
 def plot(rows: list[dict[str, Any]], title: str, out: Path) -> None:
     import matplotlib
 
@@ -147,8 +193,10 @@ def plot(rows: list[dict[str, Any]], title: str, out: Path) -> None:
             ("ref_us", "reference: sizes exchanged + all_to_all_single"),
             ("ipc_eager_us", "IPC, eager"),
             ("ipc_graph_us", "IPC, CUDA graph replay"),
+            ("ipc_streams_us", "IPC, graph replay, ranks as streams of one process"),
         ):
-            ax.plot(batches, [r[key] for r in mine], marker="o", label=label)
+            if key in mine[0]:
+                ax.plot(batches, [r[key] for r in mine], marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch (tokens)")
@@ -184,17 +232,26 @@ def main(argv: list[str] | None = None) -> int:
         p.join(60)
     if os.path.exists(path):
         os.unlink(path)
+    if args.shared_gpu:
+        streams = _streams_us(args.world, [int(b) for b in args.batches.split(",")])
+        for r in rows:
+            r["ipc_streams_us"] = streams[(r["shape"], r["batch"])]
+            r["ref_over_ipc_streams"] = r["ref_us"] / r["ipc_streams_us"]
     name = torch.cuda.get_device_name(0)
     where = f"{args.world} ranks on one {name}" if args.shared_gpu else f"{args.world} x {name}"
     reference = "gloo via host" if args.shared_gpu else "NCCL"
     print(f"{where}; reference over {reference}; µs per exchange (median)")
     print(
         f"{'shape':<8}{'batch':>6}{'MB/rank':>9}{'ref':>10}{'ipc eager':>11}{'ipc graph':>11}{'ref/graph':>11}"
+        f"{'streams':>10}{'ref/streams':>13}"
     )
     for r in rows:
+        extra = (
+            f"{r['ipc_streams_us']:>10.1f}{r['ref_over_ipc_streams']:>13.2f}" if "ipc_streams_us" in r else ""
+        )
         print(
             f"{r['shape']:<8}{r['batch']:>6}{r['bytes_per_rank'] / 1e6:>9.2f}{r['ref_us']:>10.1f}"
-            f"{r['ipc_eager_us']:>11.1f}{r['ipc_graph_us']:>11.1f}{r['ref_over_ipc_graph']:>11.2f}"
+            f"{r['ipc_eager_us']:>11.1f}{r['ipc_graph_us']:>11.1f}{r['ref_over_ipc_graph']:>11.2f}{extra}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -134,20 +134,61 @@ class IpcAllToAll:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
+        self._allocate(rank, world, max_tokens, heads, dim_to, dim_from, dtype, torch.device(device))
+        self._connect([_share(t, group, rank, world) for t in self._shared()])
+        dist.barrier(group=group)  # every peer has opened every handle before anyone writes
+
+    @classmethod
+    def in_process(
+        cls,
+        world: int,
+        max_tokens: int,
+        heads: int,
+        dim_to: int,
+        dim_from: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> list[IpcAllToAll]:
+        """``world`` ranks inside one process, each to be driven on its own CUDA stream, sharing buffers
+        directly (no IPC). For measuring the kernels and barriers on one GPU without the context
+        time-slicing that ranks as processes sharing a GPU pay at every barrier."""
+        ranks = [cls.__new__(cls) for _ in range(world)]
+        for rank, a2a in enumerate(ranks):
+            a2a._allocate(rank, world, max_tokens, heads, dim_to, dim_from, dtype, torch.device(device))
+        for a2a in ranks:
+            a2a._connect([[peer._shared()[i] for peer in ranks] for i in range(3)])
+        return ranks
+
+    def _allocate(
+        self,
+        rank: int,
+        world: int,
+        max_tokens: int,
+        heads: int,
+        dim_to: int,
+        dim_from: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.rank, self.world, self.max_tokens, self.heads = rank, world, max_tokens, heads
         self.dim_to, self.dim_from = dim_to, dim_from
-        device = torch.device(device)
         self.recv = torch.zeros(max_tokens, world * heads, dim_to, dtype=dtype, device=device)
         self.back = torch.zeros(max_tokens, heads, dim_from, dtype=dtype, device=device)
         # int64: at ~250k barriers a second (2 per exchange, 2 exchanges per layer) int32 wraps in hours
         self.signals = torch.zeros(world, dtype=torch.int64, device=device)
         self.epoch = torch.zeros(1, dtype=torch.int64, device=device)
-        self._peers = [_share(t, group, rank, world) for t in (self.recv, self.back, self.signals)]
-        recv_ptrs, back_ptrs, signal_ptrs = ([t.data_ptr() for t in peers] for peers in self._peers)
+
+    def _shared(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.recv, self.back, self.signals
+
+    def _connect(self, peers: list[list[torch.Tensor]]) -> None:
+        """Every rank's (recv, back, signals), as tensors this process can address."""
+        self._peers = peers
+        device = self.recv.device
+        recv_ptrs, back_ptrs, signal_ptrs = ([t.data_ptr() for t in tensors] for tensors in peers)
         self._recv_ptrs = torch.tensor(recv_ptrs, dtype=torch.int64, device=device)
         self._back_ptrs = torch.tensor(back_ptrs, dtype=torch.int64, device=device)
         self._signal_ptrs = torch.tensor(signal_ptrs, dtype=torch.int64, device=device)
-        dist.barrier(group=group)  # every peer has opened every handle before anyone writes
 
     def barrier(self) -> None:
         _barrier_kernel[(1,)](self._signal_ptrs, self.epoch, self.rank, WORLD=self.world, num_warps=1)
