@@ -179,6 +179,10 @@ def _streams_us(world: int, batches: list[int]) -> dict[tuple[str, int], float]:
     return out
 
 
+def _streams_child(world: int, batches: str, queue: Any) -> None:
+    queue.put(_streams_us(world, [int(b) for b in batches.split(",")]))
+
+
 def plot(rows: list[dict[str, Any]], title: str, out: Path) -> None:
     import matplotlib
 
@@ -232,11 +236,18 @@ def main(argv: list[str] | None = None) -> int:
         p.join(60)
     if os.path.exists(path):
         os.unlink(path)
-    if args.shared_gpu:
-        streams = _streams_us(args.world, [int(b) for b in args.batches.split(",")])
-        for r in rows:
-            r["ipc_streams_us"] = streams[(r["shape"], r["batch"])]
-            r["ref_over_ipc_streams"] = r["ref_us"] / r["ipc_streams_us"]
+    if args.shared_gpu:  # in a child with a deadline: a barrier that never completes must not hang the bench
+        child = ctx.Process(target=_streams_child, args=(args.world, args.batches, queue))
+        child.start()
+        child.join(300)
+        if child.is_alive():
+            child.kill()
+            print("ranks as streams did not finish in 300 s: no ipc_streams column")
+        elif not queue.empty():
+            streams = queue.get()
+            for r in rows:
+                r["ipc_streams_us"] = streams[(r["shape"], r["batch"])]
+                r["ref_over_ipc_streams"] = r["ref_us"] / r["ipc_streams_us"]
     name = torch.cuda.get_device_name(0)
     where = f"{args.world} ranks on one {name}" if args.shared_gpu else f"{args.world} x {name}"
     reference = "gloo via host" if args.shared_gpu else "NCCL"

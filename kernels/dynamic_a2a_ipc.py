@@ -35,7 +35,7 @@ from torch.multiprocessing.reductions import reduce_tensor
 BLOCK_ROWS = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])  # rank 1 would compile apart (see _load_kernels)
 def _barrier_kernel(signal_ptrs, epoch_ptr, rank, WORLD: tl.constexpr):
     epoch = tl.load(epoch_ptr) + 1
     tl.store(epoch_ptr, epoch)
@@ -49,7 +49,7 @@ def _barrier_kernel(signal_ptrs, epoch_ptr, rank, WORLD: tl.constexpr):
             seen = tl.atomic_add(mine + peer, 0, sem="acquire", scope="sys")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])  # rank 1 would compile apart (see _load_kernels)
 def _to_owner_kernel(
     x_ptr,
     recv_ptrs,
@@ -76,7 +76,7 @@ def _to_owner_kernel(
                 tl.store(dest + (m * WORLD + rank) * ROW + c + cols, row, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank"])  # rank 1 would compile apart (see _load_kernels)
 def _from_owner_kernel(
     y_ptr,
     back_ptrs,
@@ -189,6 +189,31 @@ class IpcAllToAll:
         self._recv_ptrs = torch.tensor(recv_ptrs, dtype=torch.int64, device=device)
         self._back_ptrs = torch.tensor(back_ptrs, dtype=torch.int64, device=device)
         self._signal_ptrs = torch.tensor(signal_ptrs, dtype=torch.int64, device=device)
+        self._load_kernels()
+
+    def _load_kernels(self) -> None:
+        """Compile and load both copy kernels now, copying nothing (zero counts). Loading a module may wait
+        for the kernels running on the device: done at the first exchange, while this rank's barrier spins
+        for a peer that the same host thread has yet to launch (ranks as streams of one process), it would
+        never return. For the same reason no kernel specializes on ``rank`` (Triton compiles an argument
+        equal to 1 apart), so the barrier loaded by rank 0 serves every rank."""
+        zeros = torch.zeros(self.world, dtype=torch.int64, device=self.recv.device)
+        for kernel, buffer, ptrs, dim in (
+            (_to_owner_kernel, self.recv, self._recv_ptrs, self.dim_to),
+            (_from_owner_kernel, self.back, self._back_ptrs, self.dim_from),
+        ):
+            row = self.heads * dim
+            kernel[self._grid()](
+                buffer,
+                ptrs,
+                zeros,
+                zeros,
+                self.rank,
+                ROW=row,
+                WORLD=self.world,
+                BLOCK=min(1024, triton.next_power_of_2(row)),
+                BLOCK_ROWS=BLOCK_ROWS,
+            )
 
     def barrier(self) -> None:
         _barrier_kernel[(1,)](self._signal_ptrs, self.epoch, self.rank, WORLD=self.world, num_warps=1)

@@ -80,28 +80,45 @@ def test_ipc_exchange_replayed_in_a_cuda_graph_with_changing_splits_matches_the_
     assert all(p.exitcode == 0 for p in procs), [errors.get() for _ in range(errors.qsize())]
 
 
+def _streams_check(errors: mp.Queue) -> None:
+    try:
+        from kernels.dynamic_a2a_ipc import IpcAllToAll
+
+        ranks = IpcAllToAll.in_process(WORLD, MAX_TOKENS, HEADS, DIM_TO, DIM_TO, torch.bfloat16, "cuda:0")
+        streams = [torch.cuda.Stream() for _ in ranks]
+        split = [5, 9]
+        xs = [torch.randn(sum(split), HEADS, DIM_TO, device="cuda").to(torch.bfloat16) for _ in ranks]
+        counts = torch.tensor(split, device="cuda")
+        torch.cuda.synchronize()
+        for a2a, stream, x in zip(ranks, streams, xs, strict=True):
+            with torch.cuda.stream(stream):
+                a2a.heads_to_owner(x, counts)
+        torch.cuda.synchronize()
+        for rank, a2a in enumerate(ranks):
+            start = sum(split[:rank])
+            want = torch.cat([x[start : start + split[rank]] for x in xs], dim=1)
+            assert torch.equal(a2a.recv[: split[rank]], want), rank
+        for a2a, stream in zip(ranks, streams, strict=True):
+            with torch.cuda.stream(stream):
+                a2a.heads_from_owner(a2a.recv.clone(), counts)
+        torch.cuda.synchronize()
+        for rank, a2a in enumerate(ranks):
+            assert torch.equal(a2a.back[: sum(split)], xs[rank]), rank
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        errors.put(repr(exc))
+        raise
+
+
 def test_ranks_as_streams_of_one_process_exchange_the_same_rows() -> None:
     """`IpcAllToAll.in_process` (the benchmark's no-time-slicing mode): each rank on its own stream gets every
-    head of its own tokens, and its heads of every token back."""
-    from kernels.dynamic_a2a_ipc import IpcAllToAll
-
-    ranks = IpcAllToAll.in_process(WORLD, MAX_TOKENS, HEADS, DIM_TO, DIM_TO, torch.bfloat16, "cuda:0")
-    streams = [torch.cuda.Stream() for _ in ranks]
-    split = [5, 9]
-    xs = [torch.randn(sum(split), HEADS, DIM_TO, device="cuda").to(torch.bfloat16) for _ in ranks]
-    counts = torch.tensor(split, device="cuda")
-    torch.cuda.synchronize()
-    for a2a, stream, x in zip(ranks, streams, xs, strict=True):
-        with torch.cuda.stream(stream):
-            a2a.heads_to_owner(x, counts)
-    torch.cuda.synchronize()
-    for rank, a2a in enumerate(ranks):
-        start = sum(split[:rank])
-        want = torch.cat([x[start : start + split[rank]] for x in xs], dim=1)
-        assert torch.equal(a2a.recv[: split[rank]], want), rank
-    for a2a, stream in zip(ranks, streams, strict=True):
-        with torch.cuda.stream(stream):
-            a2a.heads_from_owner(a2a.recv.clone(), counts)
-    torch.cuda.synchronize()
-    for rank, a2a in enumerate(ranks):
-        assert torch.equal(a2a.back[: sum(split)], xs[rank]), rank
+    head of its own tokens, and its heads of every token back. In a child process with a deadline: a kernel
+    loaded while a barrier spins would hang it (`IpcAllToAll._load_kernels`)."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    proc = ctx.Process(target=_streams_check, args=(errors,))
+    proc.start()
+    proc.join(120)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("ranks as streams of one process did not finish in 120 s (a barrier waits forever)")
+    assert proc.exitcode == 0, [errors.get() for _ in range(errors.qsize())]
