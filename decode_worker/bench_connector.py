@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from decode_worker.prefilled import PrefilledKVRunner
+from engine.kv_pool import PoolExhaustedError
+from engine.kv_shards import ShardedKVPool
 from engine.runtime.colocated import EngineArgs, RankEngine
 from engine.runtime.launch import RankContext
 from engine.sampling import SamplingParams
@@ -144,8 +146,11 @@ class BenchDecodeRunner(PrefilledKVRunner):
             prompt_len = len(request.input_ids)
             if not self._has_room(prompt_len, params):
                 return
+            try:
+                prompt_pages = pool.alloc(pool.pages_for_tokens(prompt_len))
+            except PoolExhaustedError:  # a sharded pool: room in total, not on any one rank
+                return
             self.queued.popleft()
-            prompt_pages = pool.alloc(pool.pages_for_tokens(prompt_len))
             self._fill(prompt_pages)
             first = self.token_rng.choice(self.first_token_choices)
             self.filled_requests += 1
@@ -153,4 +158,9 @@ class BenchDecodeRunner(PrefilledKVRunner):
                 pool.free(prompt_pages)  # add_prefilled took nothing
 
     def _fill(self, pages: list[int]) -> None:
-        fill_pages(self.engine.kv_pool.tensor, pages, self.fill_generator)
+        pool = self.engine.kv_pool
+        if isinstance(pool, ShardedKVPool):  # MLA-core DP: only the owner holds the pages
+            if not pool.owns(pages):
+                return
+            pages = pool.local_pages(pages)
+        fill_pages(pool.tensor, pages, self.fill_generator)

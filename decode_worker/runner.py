@@ -10,6 +10,10 @@ pages first and asks the prefill ranks for the rest only (`TransferRequest.held_
 It joins the batch at the step where every rank of the DP group has seen its KV arrive
 (`GroupAgreement`); if the transfer fails anywhere in the group, the client gets an error and the pages
 go back once no write can still land in them.
+
+With MLA-core DP (`--attention-dp mla-core`) every rank reserves the same pages in its mirror of the
+instance's allocator, but only their owner holds them, receives the KV and reads the aux record; it hands
+the record to the other ranks when the room ends (`_first_token_record`).
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch.distributed as dist
+
 from decode_worker.dp_affinity import DPGroupAffinity
 from decode_worker.prefilled import PrefilledKVRunner
 from engine.kv_pool import PoolExhaustedError
+from engine.kv_shards import ShardedKVPool
 from engine.prefix_cache import Block
 from engine.runtime.colocated import (
     EngineArgs,
@@ -34,6 +41,7 @@ from engine.runtime.disagg import (
     BENCH_CONNECTOR,
     FAILED,
     PENDING,
+    SUCCEEDED,
     GroupAgreement,
     KVArgs,
     RankTransport,
@@ -45,6 +53,7 @@ from engine.runtime.rank_loop import run_rank
 from engine.runtime.timeline import Timeline
 from engine.sampling import SamplingParams
 from engine.server.messages import GenerateRequest, TokenOutput
+from kvtransfer.auxdata import AuxRecord
 from kvtransfer.receive_manager import KVReceiveManager
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.rooms import RankInfo
@@ -66,10 +75,13 @@ class Transfer:
     local_error: str | None = None  # this rank could not start the transfer (bootstrap, mapping)
     local_status: tuple[int, str] = (502, "kv_peer_error")  # HTTP status and code of `local_error`
     aborted: bool = False  # the client left: free everything once the transfer has ended
+    passive: bool = False  # MLA-core DP: another rank owns the pages and receives; this one only follows
 
     def state(self) -> int:
         if self.local_error is not None:
             return FAILED
+        if self.passive:
+            return SUCCEEDED  # the owner's state decides (GroupAgreement)
         return local_state(self.receiver.poll()) if self.receiver is not None else PENDING
 
 
@@ -93,16 +105,19 @@ class DecodeRunner(PrefilledKVRunner):
         super().__init__(ctx, engine, args, cuda_graph_max_bs)
         if prefix_reuse and engine.kv_pool.prefix_cache is None:
             raise ValueError("decode-side prefix reuse needs the prefix cache (drop --disable-prefix-cache)")
+        if prefix_reuse and isinstance(engine.kv_pool, ShardedKVPool):
+            raise ValueError("decode-side prefix reuse does not run with --attention-dp mla-core yet")
         self.prefix_reuse = prefix_reuse
         self.reused_tokens = 0  # prompt tokens of transfers served by pages held here already, for /metrics
         # Several DP groups, each with its own cache: rank 0 sends a conversation's turns to the group that has
         # its pages (decode_worker.dp_affinity).
         self.dp_affinity = (DPGroupAffinity(engine.kv_pool.page_size)
                             if prefix_reuse and ctx.spec.dp_size > 1 else None)
+        self.rank = ctx.rank
         self.agreement = GroupAgreement(ctx)
         self.transport = RankTransport(kv, "decode", ctx.rank, engine.kv_pool.tensor)
         info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host, fingerprint_of(engine, args),
-                        kv.control_key)
+                        kv.control_key, ctx.spec.mla_core)
         self.manager = KVReceiveManager(
             self.transport.engine, self.transport.layout, self.transport.aux, info, kv.timeouts
         )
@@ -220,23 +235,32 @@ class DecodeRunner(PrefilledKVRunner):
                 except PoolExhaustedError:
                     return
             elif self._has_room(prompt_len, transfer.params, len(self.transferring)):
-                transfer.pages = pool.alloc(needed)
+                try:
+                    transfer.pages = pool.alloc(needed)
+                except PoolExhaustedError:  # a sharded pool: room in total, not on any one rank
+                    return
             else:
                 return
             self.queued.popleft()
             self.reused_tokens += len(transfer.held) * pool.page_size
             transfer.aux_slot = self.free_aux_slots.pop()
+            owner = pool.owner_of(transfer.pages) if isinstance(pool, ShardedKVPool) else None
+            # The prompt's pages the prefill ranks write: those past the ones held here already.
+            prompt_pages = transfer.pages[len(transfer.held) : pool.pages_for_tokens(prompt_len)]
             self.transferring.append(transfer)
             boot = transfer.request.bootstrap
             assert boot is not None
+            self.timeline.mark(transfer.request.rid, "reserved")
+            if owner is not None and owner != self.rank:
+                transfer.passive = True
+                continue
             try:
                 transfer.receiver = self.manager.create_receiver(
-                    boot.host, boot.port, boot.room, boot.prefill_dp_rank
+                    boot.host, boot.port, boot.room, boot.prefill_dp_rank, owner
                 )
-                held = len(transfer.held)
-                transfer.receiver.init(transfer.pages[held : pool.pages_for_tokens(prompt_len)], transfer.aux_slot,
-                                       held)
-                self.timeline.mark(transfer.request.rid, "reserved")
+                if isinstance(pool, ShardedKVPool):
+                    prompt_pages = pool.local_pages(prompt_pages)
+                transfer.receiver.init(prompt_pages, transfer.aux_slot, len(transfer.held))
             except (KVTransferError, ValueError) as exc:
                 transfer.local_error = str(exc)
                 transfer.local_status = status_of(exc)
@@ -277,9 +301,9 @@ class DecodeRunner(PrefilledKVRunner):
 
     def _adopt(self, transfer: Transfer) -> None:
         """The prompt's KV is in our pages on every rank of the group: join the decode batch."""
-        assert transfer.receiver is not None and transfer.aux_slot is not None
+        assert transfer.aux_slot is not None
         request = transfer.request
-        record = transfer.receiver.aux()
+        record = self._first_token_record(transfer)
         first = record.first_token_id
         self.free_aux_slots.append(transfer.aux_slot)
         transfer.aux_slot = None
@@ -302,6 +326,18 @@ class DecodeRunner(PrefilledKVRunner):
             self.timeline.finish(request.rid, "first_token_queued")
         else:
             self._free(transfer)
+
+    def _first_token_record(self, transfer: Transfer) -> AuxRecord:
+        """The aux record the prefill side wrote: read here, or under MLA-core DP sent by the pages' owner
+        (every rank adopts ended rooms in the same order, so the broadcasts line up)."""
+        pool = self.engine.kv_pool
+        record = transfer.receiver.aux() if transfer.receiver is not None else None
+        if isinstance(pool, ShardedKVPool) and pool.num_shards > 1:
+            box = [record]
+            dist.broadcast_object_list(box, src=pool.owner_of(transfer.pages), group=self.agreement.group)
+            record = box[0]
+        assert record is not None
+        return record
 
     def _free(self, transfer: Transfer) -> None:
         self.timeline.drop(transfer.request.rid)

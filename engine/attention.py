@@ -3,7 +3,8 @@
 EXTEND decompresses the whole context's latent (prefix read from the pages + the new tokens) to
 per-head K/V and runs causal attention; DECODE folds W_UK into the query and W_UV into the output
 ("absorbed" form) so attention reads only the latent cache. Both write the new tokens' latent first.
-Heads are split over the attention-TP group; the latent itself is replicated on every rank.
+Heads are split over the attention-TP group; the latent itself is replicated on every rank, or with
+MLA-core DP (``engine.mla_core``) held by each request's owner rank alone.
 With an FP8 pool (``--kv-cache-dtype fp8_e4m3``) the new tokens are written quantized with the layer's
 scale and every read dequantizes: EXTEND on the gathered rows, DECODE inside the decode kernel.
 """
@@ -18,6 +19,7 @@ from engine.config import Fp8Config, ModelConfig
 from engine.forward_batch import ForwardBatch, ForwardMode
 from engine.kv_pool import read_kv
 from engine.layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RowParallelLinear, stacked_in
+from engine.mla_core import decode_core, gather_context
 from engine.parallel import ParallelContext
 from engine.rope import RotaryEmbedding
 
@@ -92,10 +94,12 @@ class MLAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(num_tokens, self.num_heads, self.qk_dim)
         q_nope = q[..., : self.nope_dim]
+        route = batch.mla_core  # MLA-core DP: this rank holds its own requests' latents only
+        write_pages = batch.write_pages if route is None else route.write_pages
         # One op: the latent's RMSNorm, k_pe's RoPE, both written into the pool, and q_pe's RoPE (one kernel
         # on the GPU where the unfused code launched about twenty).
         q_pe = kernels.mla_decode_prep(q, kv_a, cos, sin, self.kv_a_layernorm.weight,
-                                       self.kv_a_layernorm.eps, kv_cache, batch.write_pages, batch.write_slots,
+                                       self.kv_a_layernorm.eps, kv_cache, write_pages, batch.write_slots,
                                        self.nope_dim, rope.interleave, kv_scale)
 
         if batch.mode is ForwardMode.DECODE:
@@ -108,7 +112,10 @@ class MLAttention(nn.Module):
                 kv_cache: torch.Tensor, kv_scale: float) -> torch.Tensor:
         assert batch.read_pages is not None and batch.read_slots is not None
         # [Tk, R + P], prefix and new tokens, in the compute dtype
-        context = read_kv(kv_cache, batch.read_pages, batch.read_slots, q_nope.dtype, kv_scale)
+        if batch.mla_core is None:
+            context = read_kv(kv_cache, batch.read_pages, batch.read_slots, q_nope.dtype, kv_scale)
+        else:
+            context = gather_context(batch.mla_core, kv_cache, batch.read_slots, q_nope.dtype, kv_scale)
         ctx_latent, ctx_k_pe = context.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(ctx_latent).view(-1, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -124,6 +131,9 @@ class MLAttention(nn.Module):
         w_kc, w_vc = self._w_kc_vc()
         # Head-batched products on strided views (einsum copied q_nope and the output to contiguous first).
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_kc).transpose(0, 1)  # [B, H, R], unit last stride
-        out_latent = kernels.mla_decode_attention(q_latent, q_pe, kv_cache, batch.page_table, batch.seq_lens,
-                                                  self.scale, kv_scale)
+        if batch.mla_core is not None:
+            out_latent = decode_core(batch.mla_core, q_latent, q_pe, kv_cache, self.scale, kv_scale)
+        else:
+            out_latent = kernels.mla_decode_attention(q_latent, q_pe, kv_cache, batch.page_table, batch.seq_lens,
+                                                      self.scale, kv_scale)
         return torch.bmm(out_latent.transpose(0, 1), w_vc.transpose(1, 2)).transpose(0, 1)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.kv_pool import KVPool
+
+if TYPE_CHECKING:
+    from engine.mla_core import MlaCoreRoute
 
 
 class ForwardMode(enum.Enum):
@@ -38,6 +42,7 @@ class ForwardBatch:
             which cuts the packed batch into sequences in Python: reading the device copies there cost two
             host syncs per layer (54 per V2-Lite prefill forward, ~25 ms of an 88 ms 4096-token forward
             on an H100 spent with the GPU idle).
+        mla_core: set by the model when the pool is sharded (MLA-core DP): where each token's KV lives.
     """
 
     mode: ForwardMode
@@ -58,6 +63,7 @@ class ForwardBatch:
     graph_safe: bool = False
     cu_seqlens_q_host: torch.Tensor | None = None
     cu_seqlens_k_host: torch.Tensor | None = None
+    mla_core: MlaCoreRoute | None = None
 
     @property
     def batch_size(self) -> int:

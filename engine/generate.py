@@ -22,6 +22,7 @@ from engine.dbo import add_dbo_flags, dbo_config_from_flags
 from engine.eplb.config import add_eplb_flags
 from engine.llm import LLM
 from engine.quant import add_quantization_flag
+from engine.runtime.launch import add_attention_dp_flag
 from engine.sampling import SamplingParams
 from engine.server.cli import add_kv_cache_dtype_flag, add_prefix_cache_flag
 
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     par.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1, help="ranks (processes) of the instance")
     par.add_argument("--dp", "--dp-size", dest="dp", type=int, default=1,
                      help="attention data-parallel groups (attn_tp = tp / dp)")
+    add_attention_dp_flag(par)
     par.add_argument("--ep-backend", default="auto", choices=["auto", "a2a", "local", "deepep"],
                      help="MoE dispatch/combine across ranks (auto: a2a when tp > 1)")
     add_eplb_flags(par)
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
         # EPLB's map lives in the expert-parallel dispatch: it runs on the rank runtime even at tp 1.
-        if args.tp > 1 or args.nnodes > 1 or args.ep_backend not in ("auto", "local") or args.enable_eplb:
+        if (args.tp > 1 or args.nnodes > 1 or args.ep_backend not in ("auto", "local") or args.enable_eplb
+                or args.attention_dp != "whole"):
             from engine.multirank_generate import generate_multirank  # spawns rank processes
 
             outputs = generate_multirank(args, prompts, params)

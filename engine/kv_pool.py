@@ -22,6 +22,7 @@ plugged in later — they would then have to join the PageLayout checked at boot
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -220,20 +221,32 @@ class KVPool:
         """Pages an allocation can get now: free ones plus unreferenced cached ones (evicted on demand)."""
         return self.allocator.free_pages + self.evictable_pages
 
-    def alloc(self, n: int) -> list[int]:
+    @property
+    def max_request_pages(self) -> int:
+        """The most pages one request can hold (a sharded pool's requests live in one shard)."""
+        return self.num_pages
+
+    def same_shard(self, pages: Sequence[int], others: Sequence[int]) -> bool:
+        """Whether freeing ``pages`` makes room for ``others`` to grow (always, in a pool of one shard)."""
+        return True
+
+    def alloc(self, n: int, after: Sequence[int] = ()) -> list[int]:
+        """``n`` pages; ``after``: the pages of the request they extend (a sharded pool keeps a request on one
+        shard, this pool has one)."""
         short = n - self.allocator.free_pages
         if short > 0 and self.prefix_cache is not None and n <= self.available_pages:
             self.prefix_cache.evict(short)
         return self.allocator.alloc(n)
 
-    def alloc_for_prompt(self, prompt_ids: list[int], num_pages: int,
-                         use_cache: bool = True) -> tuple[list[int], list[Block]]:
+    def alloc_for_prompt(self, prompt_ids: list[int], num_pages: int, use_cache: bool = True,
+                         shard: int | None = None) -> tuple[list[int], list[Block]]:
         """``num_pages`` pages for a request starting with ``prompt_ids``: first the cached pages of its
         prompt's longest cached full-page prefix (held: the request must ``release`` them), then new ones.
         The lookup leaves out the prompt's last token, which must be computed to get the logits of the first
         output token. Raises ``PoolExhaustedError`` and changes nothing when the pool cannot serve it.
         Returns (pages, held blocks); ``len(held) * page_size`` prompt tokens need no computing.
         ``use_cache`` False skips the lookup (a request that wants every prompt position's logits).
+        ``shard``: where a sharded pool must put them (``engine.kv_shards``); this pool is one shard.
         """
         cache = self.prefix_cache
         if cache is None or not use_cache:

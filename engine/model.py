@@ -11,7 +11,9 @@ from engine.attention import MLAttention
 from engine.config import Fp8Config, ModelConfig
 from engine.dbo import DboConfig, Streams, agree_split, micro_batch, split_point
 from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
+from engine.kv_shards import ShardedKVPool
 from engine.layers import ParallelLMHead, RMSNorm, VocabParallelEmbedding
+from engine.mla_core import build_route
 from engine.moe import DenseMLP, Dispatcher, MoEBlock
 from engine.parallel import ParallelContext
 from engine.rope import RotaryEmbedding
@@ -104,7 +106,11 @@ class DeepseekForCausalLM(nn.Module):
         if batch.kv_pool.num_layers != self.config.num_hidden_layers:
             raise ValueError(f"KV pool has {batch.kv_pool.num_layers} layers, model has "
                              f"{self.config.num_hidden_layers}")
-        split = self.dbo_split(batch) if not batch.graph_safe else None
+        if isinstance(batch.kv_pool, ShardedKVPool):
+            if batch.graph_safe:
+                raise ValueError("MLA-core DP runs without CUDA graphs (its exchange reads split sizes on the host)")
+            batch.mla_core = build_route(batch, batch.kv_pool, self.ctx.attn_tp_group, self.ctx.attn_tp_size)
+        split = self.dbo_split(batch) if not batch.graph_safe and batch.mla_core is None else None
         if split:
             return self._forward_overlapped(batch, split)
         hidden = self.model.embed_tokens(batch.input_ids)

@@ -23,7 +23,8 @@ from engine.tokenizer import load_tokenizer
 def instance_spec_from_flags(args: argparse.Namespace) -> InstanceSpec:
     device = "cuda" if str(args.device).startswith("cuda") else "cpu"
     return InstanceSpec(tp_size=args.tp, dp_size=args.dp, nnodes=args.nnodes, node_rank=args.node_rank,
-                        dist_init_addr=args.dist_init_addr, device=device)
+                        dist_init_addr=args.dist_init_addr, device=device,
+                        attention_dp=args.attention_dp)
 
 
 def engine_args_from_flags(args: argparse.Namespace) -> EngineArgs:

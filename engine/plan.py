@@ -1,7 +1,7 @@
 """Memory plan of one instance: per rank, the bytes of weights, activations, CUDA graphs and KV, and how
 many KV tokens fit — before launch.
 
-    python -m engine.plan --model DIR|deepseek-v3 --tp N --dp M [--quantization fp8] \
+    python -m engine.plan --model DIR|deepseek-v3 --tp N --dp M [--attention-dp mla-core] [--quantization fp8] \
         [--kv-cache-dtype auto|bfloat16|fp8_e4m3] --gpu-memory-gb 141 [--mem-fraction 0.9] \
         [--page-size 64] [--cuda-graph-max-bs 0] [--max-prefill-tokens 8192] [--json]
 
@@ -12,6 +12,8 @@ Weights are counted as tandem shards them (engine/model.py, engine/attention.py,
   * the embedding and LM head are vocab-parallel over attn_tp (each rank holds ``ceil(vocab / attn_tp)`` rows);
   * dense MLPs and shared experts are split over attn_tp; routed experts over all ``tp`` ranks (EP);
   * the MoE router (``gate``) is kept in float32 whatever the model dtype.
+  * ``--attention-dp mla-core`` (dp 1) shards weights as TP does, but each rank's pool holds its own requests'
+    latent KV: the instance holds ``tp`` times one rank's KV tokens (whole attention: ``dp`` times).
 With ``--quantization fp8`` every linear weight above (not the embedding, LM head, norms or router) is
 float8_e4m3fn plus one float32 scale per 128x128 block of its shard (DeepSeek-V3's ``weight_scale_inv``).
 
@@ -72,8 +74,13 @@ class PlanSpec:
     max_prefill_tokens: int = 8192
     max_running: int = 256
     fp8_block: tuple[int, int] = (128, 128)
+    attention_dp: str = "whole"  # or "mla-core" (engine.runtime.launch.ATTENTION_DP_MODES)
 
     def __post_init__(self) -> None:
+        if self.attention_dp not in ("whole", "mla-core"):
+            raise PlanError(f"unknown attention dp {self.attention_dp!r} (choose from whole, mla-core)")
+        if self.attention_dp == "mla-core" and self.dp != 1:
+            raise PlanError(f"--attention-dp mla-core takes dp 1, not {self.dp}")
         if self.tp < 1 or self.dp < 1 or self.tp % self.dp:
             raise PlanError(f"tp ({self.tp}) must be a positive multiple of dp ({self.dp})")
         if self.quantization not in (None, *QUANTIZATIONS):
@@ -91,6 +98,11 @@ class PlanSpec:
     @property
     def attn_tp(self) -> int:
         return self.tp // self.dp
+
+    @property
+    def kv_groups(self) -> int:
+        """How many ranks' pools hold distinct KV: the DP groups, or every rank under MLA-core DP."""
+        return self.tp if self.attention_dp == "mla-core" else self.dp
 
     @property
     def dtype_bytes(self) -> int:
@@ -146,7 +158,7 @@ class MemoryPlan:
 
     @property
     def kv_tokens_instance(self) -> int:
-        return self.kv_tokens_per_rank * self.spec.dp
+        return self.kv_tokens_per_rank * self.spec.kv_groups
 
     @property
     def fits(self) -> bool:
@@ -188,7 +200,9 @@ class MemoryPlan:
         weights = f"fp8 + {s.fp8_block[0]}x{s.fp8_block[1]} block scales" if s.quantization else s.dtype
         kv_name = s.kv_cache_dtype if s.kv_cache_dtype != "auto" else f"auto = {s.dtype}"
         lines = [
-            f"{self.model}: tp {s.tp}, dp {s.dp} (attn_tp {s.attn_tp}); weights {weights}; KV cache {kv_name}",
+            f"{self.model}: tp {s.tp}, dp {s.dp} (attn_tp {s.attn_tp})"
+            f"{', attention-dp mla-core' if s.attention_dp == 'mla-core' else ''}; weights {weights}; "
+            f"KV cache {kv_name}",
             f"memory per rank: {s.gpu_memory_gb:g} GB x mem-fraction {s.mem_fraction:g} = {_gb(self.budget)} GB",
             "",
             f"{'per rank':<44}{'GB':>10}",
@@ -202,8 +216,8 @@ class MemoryPlan:
             "",
             f"KV bytes per token per rank: {self.kv_bytes_per_token} "
             f"({self.kv_dim} values x {self.num_layers} layers x {s.kv_bytes} B)",
-            f"KV tokens per rank = per DP group: {self.kv_tokens_per_rank:,}; instance (x {s.dp} DP): "
-            f"{self.kv_tokens_instance:,}",
+            f"KV tokens per rank = per DP group: {self.kv_tokens_per_rank:,}; instance (x {s.kv_groups} "
+            f"{'ranks, mla-core' if s.attention_dp == 'mla-core' else 'DP'}): {self.kv_tokens_instance:,}",
         ]
         if self.fits:
             lines.append("fits")
@@ -296,7 +310,10 @@ def _decode_extra(config: ModelConfig, spec: PlanSpec, batch: int) -> int:
     heads = config.num_attention_heads // spec.attn_tp
     logits = batch * config.vocab_size * (spec.dtype_bytes + 4)
     split_scratch = (batch + DECODE_SM_PROGRAMS) * heads * (config.kv_lora_rank + 1) * 4
-    return logits + split_scratch
+    exchange = 0
+    if spec.attention_dp == "mla-core":  # the head all-to-all's buffers: queries out and back, outputs back
+        exchange = 2 * batch * heads * (config.kv_cache_dim + config.kv_lora_rank) * spec.dtype_bytes
+    return logits + split_scratch + exchange
 
 
 def make_plan(config: ModelConfig, spec: PlanSpec, model: str = "model") -> MemoryPlan:
@@ -363,6 +380,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                        "deepseek-v2-lite")
     parser.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1)
     parser.add_argument("--dp", "--dp-size", dest="dp", type=int, default=1)
+    parser.add_argument("--attention-dp", choices=["whole", "mla-core"], default="whole",
+                        help="mla-core: TP weights, each request's KV on one rank (needs --dp 1)")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
                         help="weights in FP8 with 128x128 block scales; default: what the checkpoint's "
                              "quantization_config says")
@@ -389,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                         kv_cache_dtype=args.kv_cache_dtype, gpu_memory_gb=args.gpu_memory_gb,
                         mem_fraction=args.mem_fraction, page_size=args.page_size,
                         cuda_graph_max_bs=args.cuda_graph_max_bs, max_prefill_tokens=args.max_prefill_tokens,
-                        max_running=args.max_running, fp8_block=block or (128, 128))
+                        max_running=args.max_running, fp8_block=block or (128, 128),
+                        attention_dp=args.attention_dp)
         plan = make_plan(config, spec, name)
     except (PlanError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -143,8 +143,8 @@ class Scheduler:
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model takes at most {self.max_model_len - 1}")
         needed = self.whole_life_pages(len(prompt_ids), params)  # alone, any request can finish
-        if needed > self.kv_pool.num_pages:
-            raise ValueError(f"request needs {needed} KV pages but the pool has {self.kv_pool.num_pages}")
+        if needed > self.kv_pool.max_request_pages:
+            raise ValueError(f"request needs {needed} KV pages but the pool has {self.kv_pool.max_request_pages}")
 
     def pages_needed(self, prompt_len: int, params: SamplingParams, generated: int = 0) -> int:
         """Pages reserved at admission for a request of `prompt_len` tokens that has `generated` output
@@ -191,7 +191,7 @@ class Scheduler:
             raise ValueError(f"first token {first_token} is not allowed by the request's grammar")
         extra = max(0, self.pages_needed(len(prompt_ids), params) - len(pages))
         req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params)
-        req.pages = list(pages) + self.kv_pool.alloc(extra)
+        req.pages = list(pages) + self.kv_pool.alloc(extra, after=pages)
         if held is not None:
             req.cache_blocks = list(held)
             req.reused_tokens = len(held) * self.kv_pool.page_size
@@ -288,9 +288,10 @@ class Scheduler:
         for req in decoding:
             while req.status is RequestStatus.DECODING and len(req.pages) * size < req.seq_len:
                 try:
-                    req.pages += self.kv_pool.alloc(1)
+                    req.pages += self.kv_pool.alloc(1, after=req.pages)
                 except PoolExhaustedError:
-                    self._retract(self.running[-1])  # the newest: maybe `req` itself
+                    # The newest whose pages free room where `req` grows (a sharded pool's shard): maybe `req`.
+                    self._retract(next(r for r in reversed(self.running) if self.kv_pool.same_shard(r.pages, req.pages)))
         return [r for r in decoding if r.status is RequestStatus.DECODING]
 
     def _retract(self, req: Request) -> None:

@@ -52,6 +52,9 @@ def _conflict(registration: RankRegistration, parallel: ParallelLayout, others: 
             f"rank {registration.rank} registers tp_size {registration.tp_size} dp_size {registration.dp_size}, "
             f"the instance is tp_size {parallel.tp_size} dp_size {parallel.dp_size}"
         )
+    if registration.mla_core != parallel.mla_core:
+        return (f"rank {registration.rank} registers mla_core {registration.mla_core}, the instance is "
+                f"mla_core {parallel.mla_core}")
     if not 0 <= registration.rank < parallel.tp_size:
         return f"rank {registration.rank} out of range [0, {parallel.tp_size})"
     for other in others:
@@ -193,6 +196,7 @@ class BootstrapService:
             instance_id=self.instance_id,
             tp_size=self.parallel.tp_size,
             dp_size=self.parallel.dp_size,
+            mla_core=self.parallel.mla_core,
             ranks=[self._ranks[r] for r in sorted(self._ranks)],
         )
         return web.Response(body=encode_json(info), content_type="application/json")

@@ -14,6 +14,15 @@ r = room // prefill dp_size (the room's index among the rooms of its prefill gro
   the real one among them is the (r % (a / b))-th, the rest are dummies.
 Consecutive rooms of a group thus cycle the real source over every prefill rank (SGLang PR #5887's review:
 split the traffic), and each decode page has exactly one writer.
+
+MLA-core data parallelism (`ParallelLayout.mla_core`, dp 1) keeps a request's KV on one rank of the
+instance, so that rank alone is the side's KV group (a = 1 or b = 1 above):
+- prefill: the owner is rank `room % tp_size` (`prefill_owner`; as for DP groups, decode knows it without
+  asking); it is the only source, real for every decode rank that needs the KV; the other prefill ranks
+  are not contacted and open no sender for the room.
+- decode: the owner (chosen by the decode scheduler: the rank with the most free pages) is the only rank
+  that receives; it contacts every rank of the prefill group, one real (rotating per room), the others
+  dummies; the other decode ranks contact nobody and get no pages written (no replication, no dummy writes).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ class ParallelLayout:
 
     tp_size: int
     dp_size: int = 1
+    mla_core: bool = False  # each request's KV on one rank (dp must be 1)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tp_size, int) or self.tp_size <= 0:
@@ -37,6 +47,8 @@ class ParallelLayout:
             raise KVMappingError(f"dp_size must be a positive int, got {self.dp_size!r}")
         if self.tp_size % self.dp_size:
             raise KVMappingError(f"dp_size {self.dp_size} does not divide tp_size {self.tp_size}")
+        if self.mla_core and self.dp_size != 1:
+            raise KVMappingError(f"an mla-core instance has dp_size 1, got {self.dp_size}")
 
     @property
     def attn_tp_size(self) -> int:
@@ -85,19 +97,48 @@ def prefill_dp_group(prefill: ParallelLayout, room: int, prefill_dp_rank: int | 
     return prefill_dp_rank
 
 
+def prefill_owner(prefill: ParallelLayout, room: int) -> int:
+    """The one rank of an mla-core prefill instance that holds the room's KV: `room % tp_size`."""
+    if not prefill.mla_core:
+        raise KVMappingError("only an mla-core prefill instance has a single owner rank per room")
+    if not isinstance(room, int) or room < 0:
+        raise KVMappingError(f"bootstrap_room must be a non-negative int, got {room!r}")
+    return room % prefill.tp_size
+
+
+def prefill_kv_ranks(prefill: ParallelLayout, room: int, prefill_dp_rank: int | None = None) -> range:
+    """The prefill ranks that hold the room's KV: its attention-DP group, or an mla-core instance's owner."""
+    group = prefill_dp_group(prefill, room, prefill_dp_rank)
+    if prefill.mla_core:
+        owner = prefill_owner(prefill, room)
+        return range(owner, owner + 1)
+    return prefill.group_ranks(group)
+
+
+def decode_kv_ranks(decode: ParallelLayout, decode_dp_rank: int, decode_owner: int | None = None) -> range:
+    """The decode ranks that need the room's KV: its attention-DP group, or an mla-core instance's owner."""
+    if not decode.mla_core:
+        return decode.group_ranks(decode_dp_rank)
+    if not isinstance(decode_owner, int) or not 0 <= decode_owner < decode.tp_size:
+        raise KVMappingError(f"an mla-core decode instance needs the owner rank of the room in "
+                             f"[0, {decode.tp_size}), got {decode_owner!r}")
+    return range(decode_owner, decode_owner + 1)
+
+
 def map_ranks(
     prefill: ParallelLayout,
     decode: ParallelLayout,
     decode_dp_rank: int,
     room: int,
     prefill_dp_rank: int | None = None,
+    decode_owner: int | None = None,
 ) -> list[RankSources]:
-    """For every decode rank of group `decode_dp_rank`, in rank order, the prefill ranks it contacts."""
-    group = prefill_dp_group(prefill, room, prefill_dp_rank)
-    prefill_ranks = prefill.group_ranks(group)
-    decode_ranks = decode.group_ranks(decode_dp_rank)
+    """For every decode rank that needs the room's KV (group `decode_dp_rank`, or an mla-core instance's
+    `decode_owner`), in rank order, the prefill ranks it contacts."""
+    prefill_ranks = prefill_kv_ranks(prefill, room, prefill_dp_rank)
+    decode_ranks = decode_kv_ranks(decode, decode_dp_rank, decode_owner)
     a, b = len(prefill_ranks), len(decode_ranks)
-    rotation = room // prefill.dp_size
+    rotation = room // prefill.dp_size  # (an mla-core prefill side has a = 1: no rotation)
     sources: list[RankSources] = []
     for j, decode_rank in enumerate(decode_ranks):
         if b >= a:
@@ -115,14 +156,18 @@ def sources_for(
     decode_rank: int,
     room: int,
     prefill_dp_rank: int | None = None,
+    decode_owner: int | None = None,
 ) -> tuple[RankSources, dict[int, int]]:
     """This decode rank's sources, and for each of them how many decode ranks contact it for this room.
 
     The counts travel with the transfer requests: a prefill rank starts writing once it has heard from
-    every decode rank that will contact it.
+    every decode rank that will contact it. On an mla-core decode instance only `decode_owner` has sources.
     """
-    group_sources = map_ranks(prefill, decode, decode.dp_rank_of(decode_rank), room, prefill_dp_rank)
-    mine = next(s for s in group_sources if s.decode_rank == decode_rank)
+    group_sources = map_ranks(prefill, decode, decode.dp_rank_of(decode_rank), room, prefill_dp_rank,
+                              decode_owner)
+    mine = next((s for s in group_sources if s.decode_rank == decode_rank), None)
+    if mine is None:
+        raise KVMappingError(f"decode rank {decode_rank} holds no KV of room {room} (its owner is {decode_owner})")
     counts = contact_counts(group_sources)
     return mine, {rank: counts[rank] for rank in mine.contacted}
 

@@ -51,6 +51,7 @@ class RankRegistration(Message):
     page_layout: PageLayout
     aux_layout: AuxLayout
     model_fingerprint: str = ""
+    mla_core: bool = False  # the instance runs MLA-core data parallelism (one KV rank per room)
 
 
 class InstanceInfo(Message):
@@ -60,6 +61,7 @@ class InstanceInfo(Message):
     tp_size: int
     dp_size: int
     ranks: list[RankRegistration]
+    mla_core: bool = False  # one KV rank per room, `room % tp_size` (kvtransfer.mapping.prefill_owner)
 
     @property
     def complete(self) -> bool:
@@ -91,6 +93,7 @@ class DecodeIntro(Message):
     page_layout: PageLayout
     aux_layout: AuxLayout
     model_fingerprint: str = ""
+    mla_core: bool = False  # the instance runs MLA-core data parallelism (one KV rank per room)
 
 
 class ControlMessage(Message):

@@ -80,9 +80,11 @@ class KVReceiveManager(RoomManager):
 
     # --- worker thread ------------------------------------------------------------------------------
     def create_receiver(
-        self, bootstrap_host: str, bootstrap_port: int, room: int, prefill_dp_rank: int | None = None
+        self, bootstrap_host: str, bootstrap_port: int, room: int, prefill_dp_rank: int | None = None,
+        decode_owner: int | None = None,
     ) -> KVReceiver:
         """The receiver of `room`, whose KV the prefill instance at bootstrap_host:bootstrap_port computes.
+        On an mla-core decode instance `decode_owner` names the rank holding the room's pages (this one).
 
         Raises `KVBootstrapError` (clear message) if the instance is unreachable or not ready, if its
         pages do not fit ours, or if the TP/DP pairing or `prefill_dp_rank` cannot be served.
@@ -91,8 +93,9 @@ class KVReceiveManager(RoomManager):
             raise ValueError(f"room must be a non-negative int, got {room!r}")
         info = self.client.lookup(bootstrap_host, bootstrap_port)  # blocking HTTP, outside the lock
         self._check_instance(info, f"{bootstrap_host}:{bootstrap_port}")
-        prefill = ParallelLayout(info.tp_size, info.dp_size)
-        sources, contacts = sources_for(prefill, self.rank_info.parallel, self.rank, room, prefill_dp_rank)
+        prefill = ParallelLayout(info.tp_size, info.dp_size, info.mla_core)
+        sources, contacts = sources_for(prefill, self.rank_info.parallel, self.rank, room, prefill_dp_rank,
+                                        decode_owner)
         registrations = {rank: info.rank(rank) for rank in sources.contacted}
         with self.lock:
             if room in self._receivers:

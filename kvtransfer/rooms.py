@@ -37,6 +37,7 @@ class RankInfo:
     model_fingerprint: str = ""
     # The deployment's key its control channel signs and checks frames with (`ControlChannel`); None: open.
     control_key: str | None = field(default=None, repr=False)
+    mla_core: bool = False  # MLA-core data parallelism: each room's KV on one rank (kvtransfer.mapping)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.parallel.tp_size:
@@ -44,7 +45,7 @@ class RankInfo:
 
     @property
     def parallel(self) -> ParallelLayout:
-        return ParallelLayout(self.tp_size, self.dp_size)
+        return ParallelLayout(self.tp_size, self.dp_size, self.mla_core)
 
     @property
     def dp_rank(self) -> int:

@@ -96,6 +96,7 @@ class KVSendManager(RoomManager):
             page_layout=layout,
             aux_layout=aux,
             model_fingerprint=rank_info.model_fingerprint,
+            mla_core=rank_info.mla_core,
         )
         try:
             self.client.register(bootstrap_addr, registration)

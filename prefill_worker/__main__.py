@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if spec.node_rank != 0:
         return serve(args, "prefill", prefill_entry, role_args)
     service = BootstrapService(
-        ParallelLayout(spec.tp_size, spec.dp_size), host=args.host, port=args.bootstrap_port, auth_token=token
+        ParallelLayout(spec.tp_size, spec.dp_size, spec.mla_core), host=args.host, port=args.bootstrap_port, auth_token=token
     )
     try:
         return serve(args, "prefill", prefill_entry, role_args, on_startup=on_startup)

@@ -44,6 +44,7 @@ class PrefillJob:
     first_logprob: float = 0.0
     top_logprobs: int = 0  # alternatives to report for the first token (sent on with it)
     first_top: tuple[tuple[int, float], ...] = ()
+    owner: int | None = None  # MLA-core DP: the rank whose pool shard holds the pages (room % tp)
 
     @property
     def fill_ids(self) -> list[int]:
@@ -103,10 +104,10 @@ class PrefillBatcher:
             raise ValueError(
                 f"prompt has {len(prompt_ids)} tokens; the model takes at most {self.max_model_len - 1}"
             )
-        if self.kv_pool.pages_for_tokens(len(prompt_ids)) > self.kv_pool.num_pages:
+        if self.kv_pool.pages_for_tokens(len(prompt_ids)) > self.kv_pool.max_request_pages:
             raise ValueError(
                 f"prompt needs {self.kv_pool.pages_for_tokens(len(prompt_ids))} KV pages but the "
-                f"pool has {self.kv_pool.num_pages}"
+                f"pool has {self.kv_pool.max_request_pages}"
             )
         self._matcher(params)  # compiles (and caches) the grammar now: a bad one is refused before any work
 
@@ -147,7 +148,7 @@ class PrefillBatcher:
                 # A prefix-cache hit gives the leading pages (held until `release`, so no eviction can
                 # take them while the transfer reads them); the prefill computes only the rest.
                 job.pages, job.cache_blocks = self.kv_pool.alloc_for_prompt(
-                    job.prompt_ids, self.kv_pool.pages_for_tokens(len(job.prompt_ids)))
+                    job.prompt_ids, self.kv_pool.pages_for_tokens(len(job.prompt_ids)), shard=job.owner)
             except PoolExhaustedError:
                 return  # FIFO: wait until transfers end and free their pages (cached ones were evicted)
             job.num_computed = job.cached_tokens = len(job.cache_blocks) * self.kv_pool.page_size

@@ -42,7 +42,7 @@ class BenchPrefillRunner:
 
     def __init__(self, ctx: RankContext, engine: RankEngine, args: EngineArgs) -> None:
         self.engine = engine
-        self.layout = ParallelLayout(ctx.spec.tp_size, ctx.spec.dp_size)
+        self.layout = ParallelLayout(ctx.spec.tp_size, ctx.spec.dp_size, ctx.spec.mla_core)
         self.batcher = PrefillBatcher(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running)
         self._steps = LockstepBatcher(self.batcher)
         # The work flag is control traffic: a gloo group even when the model's collectives use NCCL.

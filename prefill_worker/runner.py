@@ -2,7 +2,9 @@
 instance that asked for them (DESIGN.md request flow, steps 3-4).
 
 Every rank of the request's attention-DP group runs the same forwards and holds the same KV; each has its
-own `KVSender` per room and writes (real) or only reports (dummy) as the decode side's mapping said. A
+own `KVSender` per room and writes (real) or only reports (dummy) as the decode side's mapping said. With
+MLA-core DP every rank runs every request, but only the room's owner (`room % tp`) holds its KV and opens a
+sender; the others follow the room's fate through the group's agreement. A
 room's pages are freed once every rank of the group has seen its sender end (`GroupAgreement`); the
 HTTP reply (the first token, SGLang's shape) goes out then: 200 once the KV has landed, an error if not.
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kv_shards import ShardedKVPool
 from engine.runtime import timeline
 from engine.runtime.colocated import (
     EngineArgs,
@@ -32,6 +35,7 @@ from engine.runtime.disagg import (
     BENCH_CONNECTOR,
     FAILED,
     PENDING,
+    SUCCEEDED,
     GroupAgreement,
     KVArgs,
     RankTransport,
@@ -45,7 +49,7 @@ from engine.runtime.timeline import Timeline
 from engine.scheduler import StepResult
 from engine.server.messages import GenerateRequest, TokenOutput
 from kvtransfer.bootstrap import BootstrapClient
-from kvtransfer.mapping import prefill_dp_group
+from kvtransfer.mapping import prefill_dp_group, prefill_owner
 from kvtransfer.rooms import RankInfo
 from kvtransfer.send_manager import KVSendManager
 from kvtransfer.sender import KVSender
@@ -85,7 +89,7 @@ class Room:
 
     request: GenerateRequest
     job: PrefillJob
-    sender: KVSender
+    sender: KVSender | None  # None: an MLA-core rank that does not own the room's KV (nothing to send)
     stopped: bool = False  # taken out of the batcher (failed or aborted): no more forwards
     answered: bool = False
 
@@ -120,7 +124,7 @@ class PrefillRunner:
         self.transport = RankTransport(kv, "prefill", ctx.rank, engine.kv_pool.tensor)
         try:
             info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host, fingerprint_of(engine, args),
-                            kv.control_key)
+                            kv.control_key, ctx.spec.mla_core)
             self.manager = KVSendManager(
                 self.transport.engine,
                 self.transport.layout,
@@ -157,11 +161,13 @@ class PrefillRunner:
             self._pending.append(duplicate_output(request.rid))
             return
         try:
-            prefill_dp_group(self.manager.rank_info.parallel, boot.room, boot.prefill_dp_rank)
+            layout = self.manager.rank_info.parallel
+            prefill_dp_group(layout, boot.room, boot.prefill_dp_rank)
             job = PrefillJob(request.rid, list(request.input_ids), to_sampling_params(request.sampling),
                              top_logprobs=request.top_logprobs)
+            job.owner = prefill_owner(layout, boot.room) if layout.mla_core else None
             self.batcher.validate(job.prompt_ids, job.params)
-            sender = self.manager.create_sender(boot.room)
+            sender = self.manager.create_sender(boot.room) if job.owner in (None, self.ctx.rank) else None
         except (ValueError, KVTransferError) as exc:
             self._pending.append(rejected_output(request.rid, exc))
             return
@@ -173,7 +179,8 @@ class PrefillRunner:
         room = self.rooms.get(rid)
         if room is None or room.answered:
             return []
-        room.sender.abort("aborted by the client")
+        if room.sender is not None:
+            room.sender.abort("aborted by the client")
         self._stop(room)
         room.answered = True
         return [TokenOutput(rid=rid, token_ids=[], finished=True, finish_reason="abort")]
@@ -193,15 +200,18 @@ class PrefillRunner:
                     self.timeline.mark(room.request.rid, "step_began")  # once per step until its first chunk
         self.stepper.step()  # on every rank, also those without work (MoE collectives)
         for chunk in self._steps.chunks:
-            sender = self.rooms[chunk.job.rid].sender
+            sender = self.rooms[chunk.job.rid].sender  # None: an MLA-core rank without the room's KV
             if chunk.job.error is not None:  # its first token could not be drawn: this room fails alone
-                sender.abort(chunk.job.error)
+                if sender is not None:
+                    sender.abort(chunk.job.error)
                 continue
-            sender.send(chunk.pages, chunk.position, last=chunk.last)
+            if sender is not None:
+                sender.send(self._local(chunk.pages), chunk.position, last=chunk.last)
             if chunk.last:
                 assert chunk.job.first_token is not None
                 self.timeline.mark(chunk.job.rid, "forward_done")
-                sender.send_aux(chunk.job.first_token, chunk.job.first_logprob, chunk.job.first_top)
+                if sender is not None:
+                    sender.send_aux(chunk.job.first_token, chunk.job.first_logprob, chunk.job.first_top)
                 self.timeline.mark(chunk.job.rid, "kv_posted")
         if self.rooms and self.stepper.forwards == forwards:
             time.sleep(WAIT_NAP_S)
@@ -261,6 +271,11 @@ class PrefillRunner:
         self.engine.kv_pool.close()
 
     # --- rooms --------------------------------------------------------------------------------------
+    def _local(self, pages: list[int]) -> list[int]:
+        """The pool tensor's indices of this rank's pages (an MLA-core pool numbers the instance's pages)."""
+        pool = self.engine.kv_pool
+        return pool.local_pages(pages) if isinstance(pool, ShardedKVPool) else pages
+
     def _stop(self, room: Room) -> None:
         if not room.stopped:
             room.stopped = True
@@ -269,11 +284,11 @@ class PrefillRunner:
     def _settle(self, outs: list[TokenOutput]) -> None:
         """Poll every sender; act on what the whole DP group has seen (the same decisions on every rank)."""
         rooms = list(self.rooms.values())
-        states = [local_state(room.sender.poll()) for room in rooms]
+        states = [local_state(room.sender.poll()) if room.sender is not None else SUCCEEDED for room in rooms]
         for room, state, (ended, failed) in zip(rooms, states, self.agreement.agree(states), strict=True):
             if failed:
                 self._stop(room)  # no point computing KV that no decode rank will take
-                if state == PENDING:
+                if state == PENDING and room.sender is not None:
                     room.sender.abort("the room failed on another rank of this prefill group")
             if not ended:
                 continue
@@ -291,7 +306,7 @@ class PrefillRunner:
         if job.error is not None:
             return error_output(rid, job.error)
         if failed or job.first_token is None:
-            reason = room.sender.failure_reason if state == FAILED else None
+            reason = room.sender.failure_reason if state == FAILED and room.sender is not None else None
             return error_output(
                 rid,
                 f"KV transfer of room {room.request.bootstrap.room} failed: "  # type: ignore[union-attr]

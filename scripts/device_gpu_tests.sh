@@ -12,7 +12,7 @@ OUT_SAVED=$OUT OUT=/tmp/device_gpu_tests_logs
 # The files by name: collecting all of tests/ imports the router tests, which need `openai` (not on the image).
 step 01_pytest_gpu 360 python3 -m pytest -q -p no:cacheprovider -rs --durations=5 -m gpu tests/test_kernels_gpu.py \
     tests/test_cuda_graph.py tests/test_kernels_norm.py tests/test_prefill_batcher.py tests/test_pd_gpu.py \
-    tests/test_engine_plan.py tests/test_kv_messages.py
+    tests/test_engine_plan.py tests/test_kv_messages.py tests/test_dynamic_a2a_gpu.py
 step 02_decode_step 200 python3 -m bench.decode_step --device cuda --model-config v2-lite --load-format dummy \
     --batch-sizes 1,8,64 --context 1024 --profile --out "$OUT_SAVED/decode_step_gpu.json"
 step 03_decode_step_fp8_kv 200 python3 -m bench.decode_step --device cuda --model-config v2-lite --load-format dummy \

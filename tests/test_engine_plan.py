@@ -113,6 +113,20 @@ def test_v3_fp8_fits_on_141_gb_at_tp8_dp8_and_tp8_dp1(v3: ModelConfig) -> None:
     assert abs(bf16_kv.kv_tokens_per_rank * 2 - dp8.kv_tokens_per_rank) <= 128
 
 
+def test_v3_mla_core_holds_tp_times_one_ranks_kv_with_tp_weights(v3: ModelConfig) -> None:
+    """--attention-dp mla-core at tp8: TP's weights per rank, and each rank's pool holds distinct requests, so
+    the instance holds 8 x a rank's tokens: ~8x whole TP and more than whole DP 8 on the same 141 GB."""
+    spec = PlanSpec(tp=8, quantization="fp8", gpu_memory_gb=141)
+    tp, dp8 = make_plan(v3, spec), make_plan(v3, replace(spec, dp=8))
+    mla = make_plan(v3, replace(spec, attention_dp="mla-core"))
+    assert mla.weights == tp.weights
+    assert mla.kv_tokens_instance == 8 * mla.kv_tokens_per_rank
+    assert 7.9 * tp.kv_tokens_instance < mla.kv_tokens_instance  # only the exchange buffers differ
+    assert mla.kv_tokens_instance > 2 * dp8.kv_tokens_instance
+    with pytest.raises(PlanError, match="mla-core takes dp 1"):
+        PlanSpec(tp=8, dp=2, attention_dp="mla-core")
+
+
 def test_v3_bf16_does_not_fit_on_141_gb_at_tp8(v3: ModelConfig) -> None:
     for dp in (1, 8):
         plan = make_plan(v3, PlanSpec(tp=8, dp=dp, gpu_memory_gb=141))

@@ -20,6 +20,7 @@ from ..ep_moe import ExpertParallelMoE
 from ..eplb.config import EplbConfig
 from ..grammar import GrammarRuntime, GrammarSpec
 from ..kv_pool import KVPool, resolve_kv_cache_dtype
+from ..kv_shards import ShardedKVPool
 from ..llm import resolve_dtype
 from ..model import DeepseekForCausalLM
 from ..parallel import ParallelContext
@@ -145,8 +146,13 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
         model.dbo_vote_group = torch.distributed.new_group(backend="gloo")
     num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
-    pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype, device,
-                  prefix_cache=args.prefix_cache)
+    pool: KVPool
+    if ctx.spec.mla_core:  # num_pages per rank, as with whole attention: the instance holds tp times more
+        pool = ShardedKVPool(num_pages, ctx.spec.tp_size, ctx.rank, config.num_hidden_layers, args.page_size,
+                             config.kv_cache_dim, kv_dtype, device, prefix_cache=args.prefix_cache)
+    else:
+        pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype,
+                      device, prefix_cache=args.prefix_cache)
     grammar = GrammarRuntime(load_tokenizer(args.model_dir, config.eos_token_ids), config.vocab_size,
                              config.eos_token_ids)
     return RankEngine(config, model, pool, parallel, moe, grammar)

@@ -32,9 +32,23 @@ class LayoutError(ValueError):
     """A parallel layout that cannot run; the message names the numbers that clash."""
 
 
+# --attention-dp: "whole" is attention TP inside --dp groups (each group holds its requests' KV on all its
+# ranks); "mla-core" keeps the projections TP over the whole instance and gives each request's latent KV
+# to one rank (engine.mla_core).
+ATTENTION_DP_MODES = ("whole", "mla-core")
+
+
+def add_attention_dp_flag(parser: Any) -> None:
+    """``--attention-dp`` on a parser or argument group (engine.generate and both workers)."""
+    parser.add_argument("--attention-dp", choices=ATTENTION_DP_MODES, default="whole",
+                        help="whole: attention TP inside --dp groups; mla-core: q/kv projections TP over all "
+                             "ranks, each request's latent KV on one rank (least loaded), needs --dp 1")
+
+
 @dataclass(frozen=True)
 class InstanceSpec:
-    """Parallel layout and placement of one instance (SGLang's meaning of tp/dp)."""
+    """Parallel layout and placement of one instance (SGLang's meaning of tp/dp; ``attention_dp`` as
+    ``ATTENTION_DP_MODES``)."""
 
     tp_size: int = 1
     dp_size: int = 1
@@ -42,8 +56,15 @@ class InstanceSpec:
     node_rank: int = 0
     dist_init_addr: str | None = None  # "host:port" of node 0; chosen automatically on one node
     device: str = "cpu"  # "cpu" | "cuda"
+    attention_dp: str = "whole"
 
     def __post_init__(self) -> None:
+        if self.attention_dp not in ATTENTION_DP_MODES:
+            raise LayoutError(f"unknown --attention-dp {self.attention_dp!r}; choose one of "
+                              f"{', '.join(ATTENTION_DP_MODES)}")
+        if self.attention_dp == "mla-core" and self.dp_size != 1:
+            raise LayoutError(f"--attention-dp mla-core spreads the KV over all tp ranks: it takes --dp 1, "
+                              f"not {self.dp_size}")
         if self.tp_size < 1 or self.dp_size < 1:
             raise LayoutError(f"tp ({self.tp_size}) and dp ({self.dp_size}) must be at least 1")
         if self.tp_size % self.dp_size:
@@ -58,6 +79,10 @@ class InstanceSpec:
     @property
     def attn_tp_size(self) -> int:
         return self.tp_size // self.dp_size
+
+    @property
+    def mla_core(self) -> bool:
+        return self.attention_dp == "mla-core"
 
     @property
     def ranks_per_node(self) -> int:

@@ -10,7 +10,7 @@ from ..kv_pool import KV_CACHE_DTYPES
 from ..plan import DEFAULT_MEM_FRACTION
 from ..quant import add_quantization_flag
 from ..runtime.colocated import EngineArgs
-from ..runtime.launch import InstanceSpec
+from ..runtime.launch import InstanceSpec, add_attention_dp_flag
 
 
 def add_kv_cache_dtype_flag(group: argparse._ActionsContainer) -> None:
@@ -52,6 +52,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     par.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1, help="ranks in this instance")
     par.add_argument("--dp", "--dp-size", dest="dp", type=int, default=1,
                      help="attention data-parallel groups (attn_tp = tp / dp)")
+    add_attention_dp_flag(par)
     par.add_argument("--ep-backend", choices=["auto", "a2a", "local", "deepep"], default="auto",
                      help="MoE dispatch/combine backend")
     add_eplb_flags(par)
@@ -112,4 +113,5 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
 
 def instance_spec(args: argparse.Namespace) -> InstanceSpec:
     return InstanceSpec(tp_size=args.tp, dp_size=args.dp, nnodes=args.nnodes, node_rank=args.node_rank,
-                        dist_init_addr=args.dist_init_addr, device=args.device)
+                        dist_init_addr=args.dist_init_addr, device=args.device,
+                        attention_dp=args.attention_dp)
