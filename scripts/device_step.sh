@@ -15,9 +15,15 @@
 #   eplb       bench.eplb on one GPU (one rank's share of V3's experts, Zipf router, EPLB off/on)
 #   prefix     bench.compare_prefix_cache on the GPU: multi-turn chat through router + 1P1D (V2-Lite dummy),
 #              cache off / prefill cache / + decode reuse (PREFIX_ARGS replaces the workload flags)
+#   a2a        MLA-core DP's head exchange on one GPU: the GPU test (ranks sharing the GPU, graph replays with
+#              changing splits vs the reference) and bench.dynamic_a2a --shared-gpu (with the ranks-as-streams
+#              column); several GPUs: bench.dynamic_a2a --world N by hand
 #   pd         bench.compare_pd, V2-Lite 4096 in / 100 out, 32 prompts at concurrency 8 (PD_ARGS adds)
 # Carry .gpu_bundle, optionally .baseline and .gpu_carry.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
+# Every GPU item still owed by the open issues, in one call of ~10 minutes (BUDGET=570, the default):
+#   STEPS="prefix dbo a2a eplb decode fp8step" PREFIX_ARGS="--num-conversations 8 --num-turns 4
+#   --system-prompt-len 2048 --turn-input-len 256 --turn-output-len 64 --max-total-tokens 65536"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/runs/device_step}"
@@ -52,7 +58,7 @@ for s in $STEPS; do
         [ -n "${TANDEM_FLASHMLA_SO:-}" ] && step 05_tune_mla "$(left 150)" python3 -m bench.tune_gpu --quick \
             --only mla16,mla128 --out "$OUT_SAVED/tune_gpu_mla.json" ;;
     fp8diff) step 08_fp8_layer_diff "$(left 90)" python3 tests/fp8_layer_diff.py --promote-k 32 ;;
-    fp8step) step 06_decode_step_fp8 "$(left 90)" python3 -m bench.decode_step $DS --quantization fp8 \
+    fp8step) step 06_decode_step_fp8 "$(left 90)" python3 -m bench.decode_step $DS --quantization fp8 --profile \
         --out "$OUT_SAVED/decode_step_gpu_fp8.json" ;;
     pd) step 07_compare_pd "$(left 330)" python3 -m bench.compare_pd --device cuda \
         --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
@@ -73,6 +79,9 @@ for s in $STEPS; do
         ${PREFIX_ARGS:---num-conversations 16 --num-turns 6 --system-prompt-len 2048 --turn-input-len 256 \
         --turn-output-len 64} --output-json "$OUT_SAVED/prefix_cache_cuda.json" \
         --log-dir /tmp/device_step_logs/prefix_cache ;;
+    a2a) step 14_pytest_a2a "$(left 150)" python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_dynamic_a2a_gpu.py
+        step 15_dynamic_a2a "$(left 150)" python3 -m bench.dynamic_a2a --world 2 --shared-gpu \
+            --out "$OUT_SAVED/dynamic_a2a_shared.json" ;;
     *) echo "unknown step $s" && status=1 ;;
     esac
 done
