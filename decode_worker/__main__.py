@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode batches up to this size replay captured CUDA graphs (single-rank instances; on CPU "
         "the same padded path runs eagerly); unset: eager decode",
     )
+    role.add_argument(
+        "--elastic-ep-join-timeout",
+        type=float,
+        default=60.0,
+        help="POST /scale_elastic_ep: seconds the ranks wait for each other at the re-formed instance's "
+        "rendezvous; past it the old ranks go back to the old size (the new ranks have built their shards "
+        "before this wait starts)",
+    )
     add_kv_flags(parser)
     return parser
 

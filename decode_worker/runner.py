@@ -11,11 +11,13 @@ go back once no write can still land in them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from decode_worker.prefilled import PrefilledKVRunner
+from engine.parallel import ParallelContext
 from engine.runtime.colocated import (
     EngineArgs,
     RankEngine,
@@ -131,6 +133,15 @@ class DecodeRunner(PrefilledKVRunner):
         if self.transferring and not self.scheduler.has_work():
             time.sleep(WAIT_NAP_S)
         return super().step()
+
+    def regroup(self, ctx: RankContext, parallel: ParallelContext) -> None:
+        """Elastic EP: the DP group keeps its ranks and rooms; its agreement group and the layout the rank
+        mapping reads (`RankInfo`) follow the re-formed instance. Called with no transfer in flight
+        between two of its steps (`_settle` is the only user of the agreement)."""
+        super().regroup(ctx, parallel)
+        self.agreement = GroupAgreement(ctx)
+        self.manager.rank_info = dataclasses.replace(self.manager.rank_info, tp_size=ctx.spec.tp_size,
+                                                     dp_size=ctx.spec.dp_size)
 
     def status_counts(self) -> dict[str, int]:
         counts = super().status_counts()

@@ -29,6 +29,7 @@ from ..scheduler import Request, Scheduler, StepResult
 from ..server.messages import GenerateRequest, SamplingSpec, TokenOutput
 from ..tokenizer import load_tokenizer
 from ..weights import load_model
+from . import elastic
 from .launch import RankContext
 from .lockstep import LockstepStepper
 from .rank_loop import least_loaded, run_rank
@@ -123,18 +124,26 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
         from .offline import check_memory  # the launcher checked already when the memory was given
 
         check_memory(ctx.spec, args, torch.cuda.mem_get_info(device)[1] / 1e9)
-    parallel = parallel_context_for(ctx)
-    if args.eplb is not None:
-        parallel = replace(parallel, redundant_experts=args.eplb.num_redundant_experts)
+    redundant = args.eplb.num_redundant_experts if args.eplb is not None else 0
+    # A rank joining a running instance (elastic EP) builds its shard before its world exists, then meets it.
+    join = ctx.role_args.get(elastic.JOIN_KEY)
+    parallel = parallel_context_for(ctx) if join is None else elastic.placeholder_context(ctx, redundant)
+    parallel = replace(parallel, redundant_experts=redundant)
     quant = plan_quantization(args.quantization, config, device, dtype)
     model = DeepseekForCausalLM(config, parallel, dtype=dtype, device=device, fp8=quant.model_fp8)
+    if join is not None:
+        elastic.empty_expert_slots(model)  # its experts come from the ranks holding them, once it has joined
     load_model(model, args.model_dir, args.load_format, args.seed, quant.in_effect)
+    if join is not None:
+        parallel = elastic.join_world(ctx, join, model)
     moe = None
     if config.n_routed_experts and expert_parallel:
         # The most tokens one rank dispatches: its share of the largest forward of its DP group.
         largest_share = -(-max(args.max_prefill_tokens, args.max_running) // parallel.attn_tp_size)
         moe = ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share, eplb=args.eplb,
                                 num_nodes=ctx.spec.nnodes)
+        if join is not None:
+            elastic.receive_experts(ctx, join, moe)
     num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
     pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype, device,
@@ -221,10 +230,14 @@ class ColocatedRunner:
         self._pending: list[TokenOutput] = []
         self._emit: Callable[[list[TokenOutput]], None] | None = None
         parallel = engine.parallel
+        self.stepper = LockstepStepper(self.scheduler, engine.model, parallel, engine.moe,
+                                       self._control_group(parallel))
+
+    def _control_group(self, parallel: ParallelContext) -> object | None:
         # The work flag is control traffic: a gloo group even when the model's collectives use NCCL.
-        control = (torch.distributed.new_group(backend="gloo")
-                   if parallel.dp_size > 1 and engine.model.device.type == "cuda" else None)
-        self.stepper = LockstepStepper(self.scheduler, engine.model, parallel, engine.moe, control)
+        if parallel.dp_size > 1 and self.engine.model.device.type == "cuda":
+            return torch.distributed.new_group(backend="gloo")
+        return None
 
     def add(self, request: GenerateRequest) -> None:
         try:
@@ -262,6 +275,11 @@ class ColocatedRunner:
         for req in result.finished:
             self.requests.pop(req.request_id, None)
         return outs
+
+    def regroup(self, ctx: RankContext, parallel: ParallelContext) -> None:
+        """Elastic EP: the instance re-formed (``engine.runtime.elastic``); this runner's groups follow it."""
+        self.stepper.parallel = parallel
+        self.stepper.control_group = self._control_group(parallel)
 
     def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:
         if request.sampling.seed is None and request.sampling.temperature > 0:
