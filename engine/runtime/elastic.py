@@ -245,9 +245,11 @@ def scale_report(ctx: RankContext, command: ScaleInstance, outcome: ScaleOutcome
 
 
 # --- a joining rank ------------------------------------------------------------------------------------------
-def _fault(phase: str, epoch: int) -> None:
-    if os.environ.get(FAULT_ENV) == f"{phase}:{epoch}":
+def _fault(phase: str, plan: JoinPlan) -> None:
+    if os.environ.get(FAULT_ENV) == f"{phase}:{plan.epoch}":
         log.warning("%s=%s: this joining rank exits at %s", FAULT_ENV, os.environ[FAULT_ENV], phase)
+        if phase == "rendezvous":  # dies while the others wait for it there, not before they are told to go
+            time.sleep(plan.join_timeout_s / 2)
         os._exit(3)
 
 
@@ -271,9 +273,9 @@ def _report_loaded(ctx: RankContext, plan: JoinPlan) -> None:
 def join_world(ctx: RankContext, plan: JoinPlan, model: DeepseekForCausalLM) -> ParallelContext:
     """A joining rank whose shard is built: tell the HTTP process, meet the instance's ranks in the new world,
     and point the model at its groups. Raises (the rank exits) if the world does not form in time."""
-    _fault("loading", plan.epoch)
+    _fault("loading", plan)
     _report_loaded(ctx, plan)
-    _fault("rendezvous", plan.epoch)
+    _fault("rendezvous", plan)
     meet(plan.rendezvous, ctx.rank, ctx.spec.tp_size, plan.join_timeout_s, ctx.device)
     pctx = regrouped_context(ctx, model.ctx.redundant_experts)
     rebind_model(model, pctx)
