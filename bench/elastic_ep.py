@@ -105,16 +105,19 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def run_workload(router_url: str, decode_url: str, cases: list[list[int]], max_new_tokens: int,
-                 scales: list[int], stagger_s: float, first_scale_after_s: float,
+                 scales: list[int], stagger_s: float, first_scale_after_s: float, between_scales_s: float = 1.0,
                  on_scale: Callable[[ScaleStep], None] | None = None) -> tuple[list[StreamTrace], list[ScaleStep]]:
     """Starts one stream every ``stagger_s``; ``first_scale_after_s`` after the first, posts each size of
-    ``scales`` in turn (the next once the previous is answered). Returns every trace and every scale step."""
+    ``scales`` in turn, ``between_scales_s`` after the previous was answered (so that new DP groups take
+    requests before a scale-down makes them drain). Returns every trace and every scale step."""
     traces: list[StreamTrace | None] = [None] * len(cases)
     steps: list[ScaleStep] = []
 
     def scaler() -> None:
         time.sleep(first_scale_after_s)
-        for new_dp in scales:
+        for i, new_dp in enumerate(scales):
+            if i:
+                time.sleep(between_scales_s)
             step = post_scale(decode_url, new_dp)
             steps.append(step)
             if on_scale is not None:

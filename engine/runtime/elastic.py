@@ -48,8 +48,9 @@ from .launch import RankContext
 log = logging.getLogger(__name__)
 
 JOIN_KEY = "elastic_join"  # role_args key of a rank started to join a running instance
-# Test hook: "PHASE:EPOCH" makes a joining rank of that scale epoch exit at PHASE ("loading": before it reports
-# its shard built; "rendezvous": after, before it meets the others), as a rank killed while joining would.
+# Test hook: "PHASE:EPOCH[,PHASE:EPOCH...]" makes a joining rank of that scale epoch exit at PHASE ("loading":
+# before it reports its shard built; "rendezvous": while the others wait for it there), as a rank killed while
+# joining would.
 FAULT_ENV = "TANDEM_ELASTIC_FAULT"
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)  # torch's default, restored once a world has formed
 
@@ -237,16 +238,18 @@ def apply_scale(ctx: RankContext, runner: Any, command: ScaleInstance) -> ScaleO
     return ScaleOutcome(True, pause_s=time.perf_counter() - started, experts_moved=moved)
 
 
-def scale_report(ctx: RankContext, command: ScaleInstance, outcome: ScaleOutcome, drain_s: float) -> ScaleReport:
+def scale_report(ctx: RankContext, command: ScaleInstance, outcome: ScaleOutcome, drain_s: float,
+                 drained_requests: int) -> ScaleReport:
     """Rank 0's report of a finished scale (the layout it serves at now)."""
     return ScaleReport(epoch=command.epoch, rank=ctx.rank, phase="rolled_back" if outcome.error else "switched",
                        tp_size=ctx.spec.tp_size, dp_size=ctx.spec.dp_size, error=outcome.error, drain_s=drain_s,
-                       pause_s=outcome.pause_s, experts_moved=outcome.experts_moved)
+                       drained_requests=drained_requests, pause_s=outcome.pause_s,
+                       experts_moved=outcome.experts_moved)
 
 
 # --- a joining rank ------------------------------------------------------------------------------------------
 def _fault(phase: str, plan: JoinPlan) -> None:
-    if os.environ.get(FAULT_ENV) == f"{phase}:{plan.epoch}":
+    if f"{phase}:{plan.epoch}" in os.environ.get(FAULT_ENV, "").split(","):
         log.warning("%s=%s: this joining rank exits at %s", FAULT_ENV, os.environ[FAULT_ENV], phase)
         if phase == "rendezvous":  # dies while the others wait for it there, not before they are told to go
             time.sleep(plan.join_timeout_s / 2)

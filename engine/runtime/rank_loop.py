@@ -114,13 +114,18 @@ class _PendingScale:
         # The loads rank 0 holds come from the previous turn's all-gather; a request routed in the turn the
         # command arrived (before it, in the same inbox drain) shows up only in that turn's gather.
         self.loads_seen = False
+        self.leaving_requests = 0  # the most requests the leaving DP groups held while this waited
 
     def open_groups(self, dp_size: int) -> int:
         """DP groups that take new requests meanwhile: the leaving ones take none."""
         return min(dp_size, self.command.dp_size)
 
     def drained(self, view: _InstanceView) -> bool:
-        return self.loads_seen and not any(int(load) for load in view.world_loads[self.command.tp_size:])
+        if self.command.tp_size >= view.spec.tp_size:  # growing: no group leaves
+            return True
+        leaving = view.world_loads[self.command.tp_size::view.spec.attn_tp_size]  # one rank per leaving group
+        self.leaving_requests = max(self.leaving_requests, int(leaving.sum()))
+        return self.loads_seen and not any(int(load) for load in leaving)
 
 
 def run_rank(ctx: RankContext, runner: StepRunner) -> None:
@@ -206,14 +211,14 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
             if pending is not None:
                 pending.loads_seen = True
             if scale is not None:  # between two turns, on every rank at once
-                drain_s = time.monotonic() - pending.since if pending is not None else 0.0
+                drained = (time.monotonic() - pending.since, pending.leaving_requests) if pending else (0.0, 0)
                 pending = None
                 outcome = apply_scale(ctx, runner, scale)
                 if not outcome.stays:
                     return
                 view = _InstanceView(ctx)
                 if ctx.rank == 0 and outbox is not None:
-                    outbox.send(encode(scale_report(ctx, scale, outcome, drain_s)))
+                    outbox.send(encode(scale_report(ctx, scale, outcome, *drained)))
     finally:
         runner.close()
         for sock in (inbox, outbox):

@@ -54,6 +54,7 @@ class ScaleResult:
     wall_s: float  # the whole request: new ranks loading, draining, the switch
     load_s: float  # new ranks building their shards (0 when shrinking)
     drain_s: float  # leaving DP groups finishing their requests (0 when growing)
+    drained_requests: int  # the most requests the leaving DP groups held while draining
     pause_s: float  # the turn boundary every rank stopped at: rendezvous, groups, expert moves
     experts_moved: int
 
@@ -144,7 +145,7 @@ class ElasticScaler:
         self.bridge.relayout(new.dp_size)
         self.on_layout(new)
         result = ScaleResult(new.tp_size, new.dp_size, time.monotonic() - started, load_s, report.drain_s,
-                             report.pause_s, report.experts_moved)
+                             report.drained_requests, report.pause_s, report.experts_moved)
         log.info("scale %d done: %s", self.epoch, result)
         return result
 

@@ -1,0 +1,112 @@
+"""Elastic EP end to end: router + prefill (tp 1) + a decode instance at tp 2 dp 2 with EPLB (4 redundant
+slots, a rebalance every 16 steps) that scales live through ``POST /scale_elastic_ep``.
+
+- A join that fails leaves the instance serving at its old size: a new rank dying while the others wait for
+  it at the rendezvous (the old ranks roll back to their old world, 503 ``scale_rolled_back``), and a new rank
+  dying while it loads (nothing touched, 503 ``scale_join_failed``). Requests right after get the tokens of a
+  static run.
+- 32 streaming requests through the router while the instance scales 2 -> 4 -> 2: every one completes with
+  the tokens of a static run (colocated greedy generation), none fails, both workers' pools go back to idle,
+  and ``/server_info`` follows the layout. The wall time of each scale and the longest token gap a client saw
+  during it are printed (``bench.elastic_ep`` records them in bench/results/).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pd_system import PAGE_SIZE, PDSystem, backend_missing, get_json, wait_idle
+
+from bench.elastic_ep import DECODE_FLAGS, post_scale, prompts, run_workload, stream_generate, summarize
+from engine.llm import LLM
+from engine.runtime.elastic import FAULT_ENV
+from engine.sampling import SamplingParams
+from engine.tiny_model import write_tiny_model
+
+pytestmark = pytest.mark.slow  # real processes: router, prefill, decode with ranks joining and leaving
+
+JOIN_TIMEOUT_S = 4  # the pause a rolled-back join costs the streams
+MAX_NEW_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("elastic-model") / "tiny-v3")
+
+
+@pytest.fixture(scope="module")
+def system(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PDSystem]:
+    missing = backend_missing("nixl")
+    if missing:
+        pytest.skip(missing)
+    # Scale 1: the new ranks die at the rendezvous; scale 2: one dies while loading; later scales are clean.
+    pd = PDSystem(tiny_model, tmp_path_factory.mktemp("elastic"), "nixl",
+                  decode_flags=[*DECODE_FLAGS, "--elastic-ep-join-timeout", str(JOIN_TIMEOUT_S)],
+                  env={FAULT_ENV: "rendezvous:1,loading:2"})
+    yield pd
+    pd.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> Iterator[LLM]:
+    llm = LLM(tiny_model, page_size=PAGE_SIZE)
+    yield llm
+    llm.close()
+
+
+def _static_tokens(llm: LLM, cases: list[list[int]]) -> list[list[int]]:
+    params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+    return [o.token_ids for o in llm.generate(cases, [params] * len(cases))]
+
+
+def _layout(system: PDSystem) -> tuple[int, int]:
+    info = get_json(system.decode.url + "/server_info")
+    return info["tp_size"], info["dp_size"]
+
+
+def test_a_failed_join_leaves_the_instance_serving_at_its_old_size(system: PDSystem, reference: LLM) -> None:
+    cases = prompts(4, reference.config.vocab_size, seed=7)
+    expected = _static_tokens(reference, cases)
+    rolled_back = post_scale(system.decode.url, 4)
+    assert rolled_back.status == 503, rolled_back.body
+    assert rolled_back.body["error"]["code"] == "scale_rolled_back"
+    assert f"did not join within {JOIN_TIMEOUT_S} s" in rolled_back.body["error"]["message"]
+    assert "rolled back to data_parallel_size 2" in rolled_back.body["error"]["message"]
+    assert _layout(system) == (2, 2)
+    assert [stream_generate(system.router.url, c, MAX_NEW_TOKENS).ids for c in cases[:2]] == expected[:2]
+    died_loading = post_scale(system.decode.url, 4)
+    assert died_loading.status == 503, died_loading.body
+    assert died_loading.body["error"]["code"] == "scale_join_failed"
+    assert "exited with code 3 while loading" in died_loading.body["error"]["message"]
+    assert _layout(system) == (2, 2)
+    assert [stream_generate(system.router.url, c, MAX_NEW_TOKENS).ids for c in cases[2:]] == expected[2:]
+    wait_idle(system.decode.url)
+
+
+def test_32_streams_complete_with_static_tokens_while_the_instance_scales_2_4_2(
+        system: PDSystem, reference: LLM) -> None:
+    cases = prompts(32, reference.config.vocab_size, seed=11)
+    expected = _static_tokens(reference, cases)
+    layouts = []
+    traces, steps = run_workload(system.router.url, system.decode.url, cases, MAX_NEW_TOKENS, [4, 2],
+                                 stagger_s=0.2, first_scale_after_s=0.5,
+                                 on_scale=lambda step: layouts.append(_layout(system)))
+    summary = summarize(traces, steps)
+    print(json.dumps(summary, indent=1))
+    assert [s.status for s in steps] == [200, 200], [s.body for s in steps]
+    assert layouts == [(4, 4), (2, 2)]
+    assert [s.body["data_parallel_size"] for s in steps] == [4, 2]
+    assert all(s.body["experts_moved"] > 0 for s in steps)  # new ranks got experts; leaving ranks gave theirs
+    # The new DP groups took requests, and the scale-down waited for them to finish (none failed, below).
+    assert steps[1].body["drained_requests"] > 0 and steps[1].body["drain_s"] > 0
+    assert all(row["streams_in_flight"] > 0 for row in summary["scales"])  # both scales ran under load
+    assert [t.error for t in traces] == [None] * len(cases)
+    assert [t.ids for t in traces] == expected
+    for worker in (system.decode, system.prefill):
+        info = wait_idle(worker.url)
+        assert info["num_errors"] == 0, worker.name
+    metrics = get_json(system.decode.url + "/server_info")
+    assert metrics["eplb_rebalances"] > 0  # EPLB kept rebalancing (in lockstep) across the scales
