@@ -84,11 +84,11 @@ class ElasticScaler:
         self.inbox_addr, self.outbox_addr, self.role_args = inbox_addr, outbox_addr, role_args
         self.on_layout, self.join_timeout_s = on_layout, join_timeout_s
         self.epoch = 0
-        self._lock = asyncio.Lock()
+        self._task: asyncio.Future[ScaleResult] | None = None
 
     @property
     def busy(self) -> bool:
-        return self._lock.locked()
+        return self._task is not None and not self._task.done()
 
     def _rendezvous(self, tag: str) -> str:
         path = os.path.join(tempfile.gettempdir(), f"tandem-dist-{os.getpid()}-e{self.epoch}-{tag}-{uuid.uuid4().hex}")
@@ -98,10 +98,12 @@ class ElasticScaler:
     async def scale(self, new_dp: int) -> ScaleResult:
         """Re-forms the instance at ``new_dp`` DP groups of the same attn_tp ranks, or raises ``ScaleError``
         with the instance at its old size."""
-        if self._lock.locked():
+        if self.busy:
             raise ScaleError("a scale of this instance is already running", 409, "scale_in_progress")
-        async with self._lock:
-            return await self._scale(new_dp)
+        # Shielded: a client that hangs up (the server cancels its handler) must not stop a scale half-way,
+        # with the ranks meeting and the new ranks killed under them.
+        self._task = asyncio.ensure_future(self._scale(new_dp))
+        return await asyncio.shield(self._task)
 
     async def _scale(self, new_dp: int) -> ScaleResult:
         old = self.spec
