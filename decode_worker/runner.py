@@ -36,6 +36,7 @@ from engine.runtime.disagg import (
     leave_cleanly_on_sigterm,
     local_state,
 )
+from engine.runtime.elastic import JOIN_KEY
 from engine.runtime.launch import RankContext
 from engine.runtime.rank_loop import run_rank
 from engine.runtime.timeline import Timeline
@@ -83,7 +84,8 @@ class DecodeRunner(PrefilledKVRunner):
         self, ctx: RankContext, engine: RankEngine, args: EngineArgs, kv: KVArgs, cuda_graph_max_bs: int = 0
     ) -> None:
         super().__init__(ctx, engine, args, cuda_graph_max_bs)
-        self.agreement = GroupAgreement(ctx)
+        # A joining rank (elastic EP) has no world yet: its agreement group comes with `regroup`.
+        self.agreement = GroupAgreement(ctx) if JOIN_KEY not in ctx.role_args else None
         self.transport = RankTransport(kv, "decode", ctx.rank, engine.kv_pool.tensor)
         info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host, fingerprint_of(engine, args),
                         kv.control_key)
@@ -178,6 +180,10 @@ class DecodeRunner(PrefilledKVRunner):
                 return transfer
         return None
 
+    def _agreement(self) -> GroupAgreement:
+        assert self.agreement is not None, "a joining rank steps only once it has joined"
+        return self.agreement
+
     def _reserve(self) -> None:
         """Start the queue's transfers, oldest first, while pages, aux slots and batch room last."""
         pool = self.engine.kv_pool
@@ -213,7 +219,7 @@ class DecodeRunner(PrefilledKVRunner):
         states = [t.state() for t in transfers]
         keep: list[Transfer] = []
         for transfer, state, (ended, failed) in zip(
-            transfers, states, self.agreement.agree(states), strict=True
+            transfers, states, self._agreement().agree(states), strict=True
         ):
             if not ended:
                 if failed and state == PENDING and transfer.receiver is not None:

@@ -78,6 +78,8 @@ class RankEngine:
     parallel: ParallelContext
     moe: ExpertParallelMoE | None = None  # expert-parallel MoE layers and their load statistics
     grammar: GrammarRuntime | None = None  # structured output's compiler over the checkpoint's tokenizer
+    # A rank joining a running instance: builds `moe` once the rank is in the instance's world.
+    pending_moe: Callable[[], ExpertParallelMoE] | None = None
 
 
 def fingerprint_of(engine: RankEngine, args: EngineArgs) -> str:
@@ -125,7 +127,8 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
 
         check_memory(ctx.spec, args, torch.cuda.mem_get_info(device)[1] / 1e9)
     redundant = args.eplb.num_redundant_experts if args.eplb is not None else 0
-    # A rank joining a running instance (elastic EP) builds its shard before its world exists, then meets it.
+    # A rank joining a running instance (elastic EP) builds its shard before its world exists; it meets the
+    # instance when its runner starts (`engine.runtime.rank_loop.run_rank`).
     join = ctx.role_args.get(elastic.JOIN_KEY)
     parallel = parallel_context_for(ctx) if join is None else elastic.placeholder_context(ctx, redundant)
     parallel = replace(parallel, redundant_experts=redundant)
@@ -134,23 +137,25 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
     if join is not None:
         elastic.empty_expert_slots(model)  # its experts come from the ranks holding them, once it has joined
     load_model(model, args.model_dir, args.load_format, args.seed, quant.in_effect)
-    if join is not None:
-        parallel = elastic.join_world(ctx, join, model)
-    moe = None
+    moe_factory = None
     if config.n_routed_experts and expert_parallel:
         # The most tokens one rank dispatches: its share of the largest forward of its DP group.
         largest_share = -(-max(args.max_prefill_tokens, args.max_running) // parallel.attn_tp_size)
-        moe = ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share, eplb=args.eplb,
-                                num_nodes=ctx.spec.nnodes)
-        if join is not None:
-            elastic.receive_experts(ctx, join, moe)
+
+        def moe_factory() -> ExpertParallelMoE:
+            return ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share,
+                                     eplb=args.eplb, num_nodes=ctx.spec.nnodes)
+
+    # The EP layer needs the instance's group: a joining rank builds it once it has met the others
+    # (`engine.runtime.elastic.join_instance`).
+    moe = moe_factory() if moe_factory is not None and join is None else None
     num_pages = args.num_pages or -(-args.max_total_tokens // args.page_size)
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
     pool = KVPool(num_pages, config.num_hidden_layers, args.page_size, config.kv_cache_dim, kv_dtype, device,
                   prefix_cache=args.prefix_cache)
     grammar = GrammarRuntime(load_tokenizer(args.model_dir, config.eos_token_ids), config.vocab_size,
                              config.eos_token_ids)
-    return RankEngine(config, model, pool, parallel, moe, grammar)
+    return RankEngine(config, model, pool, parallel, moe, grammar, moe_factory if join is not None else None)
 
 
 def engine_gauges(engine: RankEngine) -> dict[str, float]:
@@ -234,8 +239,9 @@ class ColocatedRunner:
                                        self._control_group(parallel))
 
     def _control_group(self, parallel: ParallelContext) -> object | None:
-        # The work flag is control traffic: a gloo group even when the model's collectives use NCCL.
-        if parallel.dp_size > 1 and self.engine.model.device.type == "cuda":
+        # The work flag is control traffic: a gloo group even when the model's collectives use NCCL. A joining
+        # rank has no world yet: `regroup` makes it once it has one.
+        if parallel.dp_size > 1 and self.engine.model.device.type == "cuda" and torch.distributed.is_initialized():
             return torch.distributed.new_group(backend="gloo")
         return None
 
@@ -277,8 +283,10 @@ class ColocatedRunner:
         return outs
 
     def regroup(self, ctx: RankContext, parallel: ParallelContext) -> None:
-        """Elastic EP: the instance re-formed (``engine.runtime.elastic``); this runner's groups follow it."""
+        """Elastic EP: the instance re-formed (``engine.runtime.elastic``); this runner's groups follow it (and a
+        joining rank's EP layer, built once it joined)."""
         self.stepper.parallel = parallel
+        self.stepper.moe = self.engine.moe
         self.stepper.control_group = self._control_group(parallel)
 
     def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:

@@ -273,18 +273,21 @@ def _report_loaded(ctx: RankContext, plan: JoinPlan) -> None:
         zctx.term()
 
 
-def join_world(ctx: RankContext, plan: JoinPlan, model: DeepseekForCausalLM) -> ParallelContext:
-    """A joining rank whose shard is built: tell the HTTP process, meet the instance's ranks in the new world,
-    and point the model at its groups. Raises (the rank exits) if the world does not form in time."""
+def join_instance(ctx: RankContext, runner: Any) -> None:
+    """A joining rank whose runner is built (its shard without experts, KV pool, transfer engine: everything that
+    takes time, done while the instance serves): tell the HTTP process, meet the instance's ranks in the new
+    world, then build what needs the world in the order the old ranks do in ``apply_scale`` (attention groups,
+    the EP layer, the expert moves, the runner's groups). Raises (the rank exits) if the world does not form."""
+    plan: JoinPlan = ctx.role_args[JOIN_KEY]
+    engine = runner.engine
     _fault("loading", plan)
     _report_loaded(ctx, plan)
     _fault("rendezvous", plan)
     meet(plan.rendezvous, ctx.rank, ctx.spec.tp_size, plan.join_timeout_s, ctx.device)
-    pctx = regrouped_context(ctx, model.ctx.redundant_experts)
-    rebind_model(model, pctx)
-    return pctx
-
-
-def receive_experts(ctx: RankContext, plan: JoinPlan, moe: ExpertParallelMoE) -> int:
-    """A joining rank's share of the expert moves (the old ranks run ``move_experts`` at the same point)."""
-    return move_experts(moe, ctx.rank, plan.old_tp, ctx.spec.tp_size, dist.group.WORLD)
+    pctx = regrouped_context(ctx, engine.parallel.redundant_experts)
+    rebind_model(engine.model, pctx)
+    engine.parallel = pctx
+    if engine.pending_moe is not None:
+        engine.moe, engine.pending_moe = engine.pending_moe(), None
+        move_experts(engine.moe, ctx.rank, plan.old_tp, ctx.spec.tp_size, dist.group.WORLD)
+    runner.regroup(ctx, pctx)

@@ -26,7 +26,7 @@ from ..server.messages import (
     decode_to_ranks,
     encode,
 )
-from .elastic import apply_scale, scale_report
+from .elastic import JOIN_KEY, apply_scale, join_instance, scale_report
 from .launch import RankContext
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,12 @@ class _PendingScale:
 def run_rank(ctx: RankContext, runner: StepRunner) -> None:
     """Serves until the process is terminated (the launcher owns the lifetime) or until a scale-down lets this
     rank go (elastic EP, `engine.runtime.elastic`)."""
+    if JOIN_KEY in ctx.role_args:  # a rank started by a scale-up meets the running instance first
+        try:
+            join_instance(ctx, runner)
+        except BaseException:
+            runner.close()
+            raise
     zctx = zmq.Context()
     inbox = outbox = None
     if ctx.rank == 0:
