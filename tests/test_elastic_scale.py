@@ -1,10 +1,11 @@
 """Elastic EP end to end: router + prefill (tp 1) + a decode instance at tp 2 dp 2 with EPLB (4 redundant
 slots, a rebalance every 16 steps) that scales live through ``POST /scale_elastic_ep``.
 
-- A join that fails leaves the instance serving at its old size: a new rank dying while the others wait for
-  it at the rendezvous (the old ranks roll back to their old world, 503 ``scale_rolled_back``), and a new rank
-  dying while it loads (nothing touched, 503 ``scale_join_failed``). Requests right after get the tokens of a
-  static run.
+- A join that fails leaves the instance serving at its old size: new ranks dying while the others wait for
+  them at the rendezvous (``TANDEM_ELASTIC_FAULT``; the old ranks roll back to their old world, 503
+  ``scale_rolled_back``), and a new rank SIGKILLed while it loads (nothing touched, 503 ``scale_join_failed``).
+  Requests right after get the tokens of a static run. The tests run in file order: the faults are the first
+  two scales of the instance.
 - 32 streaming requests through the router while the instance scales 2 -> 4 -> 2: every one completes with
   the tokens of a static run (colocated greedy generation), none fails, both workers' pools go back to idle,
   and ``/server_info`` follows the layout. The wall time of each scale and the longest token gap a client saw
@@ -13,14 +14,26 @@ slots, a rebalance every 16 steps) that scales live through ``POST /scale_elasti
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pd_system import PAGE_SIZE, PDSystem, backend_missing, get_json, wait_idle
 
-from bench.elastic_ep import DECODE_FLAGS, post_scale, prompts, run_workload, stream_generate, summarize
+from bench.elastic_ep import (
+    DECODE_FLAGS,
+    ScaleStep,
+    post_scale,
+    prompts,
+    run_workload,
+    stream_generate,
+    summarize,
+)
 from engine.llm import LLM
 from engine.runtime.elastic import FAULT_ENV
 from engine.sampling import SamplingParams
@@ -42,10 +55,10 @@ def system(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     missing = backend_missing("nixl")
     if missing:
         pytest.skip(missing)
-    # Scale 1: the new ranks die at the rendezvous; scale 2: one dies while loading; later scales are clean.
+    # Scale 1: the new ranks die at the rendezvous (the test hook); scale 2: the test kills one while it loads.
     pd = PDSystem(tiny_model, tmp_path_factory.mktemp("elastic"), "nixl",
                   decode_flags=[*DECODE_FLAGS, "--elastic-ep-join-timeout", str(JOIN_TIMEOUT_S)],
-                  env={FAULT_ENV: "rendezvous:1,loading:2"})
+                  env={FAULT_ENV: "rendezvous:1"})
     yield pd
     pd.close()
 
@@ -67,6 +80,35 @@ def _layout(system: PDSystem) -> tuple[int, int]:
     return info["tp_size"], info["dp_size"]
 
 
+def _rank_children(pid: int) -> set[int]:
+    """The spawned rank processes of worker ``pid`` (multiprocessing's resource tracker left out)."""
+    found = set()
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in cmdline:
+                found.add(int(child))
+    return found
+
+
+def _scale_killing_a_new_rank(system: PDSystem, new_dp: int) -> ScaleStep:
+    """POST a scale and SIGKILL the first new rank process of the decode worker as soon as it exists."""
+    before = _rank_children(system.decode.proc.pid)
+    with cf.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post_scale, system.decode.url, new_dp)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not pending.done():
+            new = _rank_children(system.decode.proc.pid) - before
+            if new:
+                os.kill(min(new), signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        return pending.result()
+
+
 def test_a_failed_join_leaves_the_instance_serving_at_its_old_size(system: PDSystem, reference: LLM) -> None:
     cases = prompts(4, reference.config.vocab_size, seed=7)
     expected = _static_tokens(reference, cases)
@@ -77,10 +119,10 @@ def test_a_failed_join_leaves_the_instance_serving_at_its_old_size(system: PDSys
     assert "rolled back to data_parallel_size 2" in rolled_back.body["error"]["message"]
     assert _layout(system) == (2, 2)
     assert [stream_generate(system.router.url, c, MAX_NEW_TOKENS).ids for c in cases[:2]] == expected[:2]
-    died_loading = post_scale(system.decode.url, 4)
-    assert died_loading.status == 503, died_loading.body
-    assert died_loading.body["error"]["code"] == "scale_join_failed"
-    assert "exited with code 3 while loading" in died_loading.body["error"]["message"]
+    killed = _scale_killing_a_new_rank(system, 4)
+    assert killed.status == 503, killed.body
+    assert killed.body["error"]["code"] == "scale_join_failed"
+    assert "exited with code -9 while loading" in killed.body["error"]["message"]
     assert _layout(system) == (2, 2)
     assert [stream_generate(system.router.url, c, MAX_NEW_TOKENS).ids for c in cases[2:]] == expected[2:]
     wait_idle(system.decode.url)
