@@ -100,6 +100,8 @@ class ElasticScaler:
         with the instance at its old size."""
         if self.busy:
             raise ScaleError("a scale of this instance is already running", 409, "scale_in_progress")
+        if not self.bridge.ready:
+            raise ScaleError(self.bridge.dead_reason or "the instance's ranks are still starting", 503, "not_ready")
         # Shielded: a client that hangs up (the server cancels its handler) must not stop a scale half-way,
         # with the ranks meeting and the new ranks killed under them.
         self._task = asyncio.ensure_future(self._scale(new_dp))
