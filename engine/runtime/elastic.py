@@ -64,6 +64,7 @@ class JoinPlan:
     old_dp: int
     rendezvous: str
     join_timeout_s: float
+    wait_s: float  # how long this rank waits at the rendezvous (longer than any other new rank's loading)
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,9 @@ def join_instance(ctx: RankContext, runner: Any) -> None:
     _fault("loading", plan)
     _report_loaded(ctx, plan)
     _fault("rendezvous", plan)
-    meet(plan.rendezvous, ctx.rank, ctx.spec.tp_size, plan.join_timeout_s, ctx.device)
+    # A new rank may wait here long (the others are told to come only once every new rank has loaded); the HTTP
+    # process ends it if the scale is given up. The old ranks' wait is the one bounded by the join timeout.
+    meet(plan.rendezvous, ctx.rank, ctx.spec.tp_size, plan.wait_s, ctx.device)
     pctx = regrouped_context(ctx, engine.parallel.redundant_experts)
     rebind_model(engine.model, pctx)
     engine.parallel = pctx

@@ -120,7 +120,8 @@ class ElasticScaler:
         joiners = []
         load_s = 0.0
         if new.tp_size > old.tp_size:
-            plan = JoinPlan(self.epoch, old.tp_size, old.dp_size, command.rendezvous, self.join_timeout_s)
+            plan = JoinPlan(self.epoch, old.tp_size, old.dp_size, command.rendezvous, self.join_timeout_s,
+                            wait_s=LOAD_TIMEOUT_S + self.join_timeout_s)
             joiners = self.procs.spawn(new, range(old.tp_size, new.tp_size), self.entry, command.rendezvous,
                                        self.inbox_addr, self.outbox_addr, {**self.role_args, JOIN_KEY: plan})
             try:
