@@ -154,6 +154,7 @@ def summarize(traces: list[StreamTrace], steps: list[ScaleStep]) -> dict[str, An
         for a, b in zip(trace.times, trace.times[1:], strict=False):
             if not any(b >= lo and a <= hi for lo, hi in windows):
                 baseline.append(b - a)
+    base_median = sorted(baseline)[len(baseline) // 2] if baseline else None
     rows = []
     for step in steps:
         gaps = gaps_in(traces, step.started, step.ended)
@@ -161,10 +162,14 @@ def summarize(traces: list[StreamTrace], steps: list[ScaleStep]) -> dict[str, An
         rows.append({"new_dp": step.new_dp, "status": step.status, "wall_s": round(step.ended - step.started, 4),
                      "server": step.body, "streams_in_flight": in_flight,
                      "max_gap_s": round(max(gaps), 4) if gaps else None,
-                     "median_gap_s": round(sorted(gaps)[len(gaps) // 2], 4) if gaps else None})
+                     "median_gap_s": round(sorted(gaps)[len(gaps) // 2], 4) if gaps else None,
+                     # The same run's token gap outside any scale is the yardstick.
+                     "max_gap_vs_baseline_median": round(max(gaps) / base_median, 2) if gaps and base_median else None,
+                     "pause_vs_baseline_median": (round(step.body["pause_s"] / base_median, 2)
+                                                  if base_median and "pause_s" in step.body else None)})
     return {"scales": rows,
             "baseline_max_gap_s": round(max(baseline), 4) if baseline else None,
-            "baseline_median_gap_s": round(sorted(baseline)[len(baseline) // 2], 4) if baseline else None,
+            "baseline_median_gap_s": round(base_median, 4) if base_median else None,
             "requests": len(traces), "failed": sum(1 for t in traces if t.error)}
 
 
