@@ -5,9 +5,10 @@ the router, with the wall time of each scale and the longest token gap a client 
 
 Router + one prefill instance (tp 1) + one decode instance (tp 2 dp 2, EPLB with redundant experts, rebalancing
 every few steps) on this machine. ``--streams`` streaming ``/generate`` requests start one after another
-(``--stagger-s`` apart) so that requests are in flight through both scales; the scales are posted to the
-decode worker's ``/scale_elastic_ep``. Every request's tokens are compared with a static run (colocated greedy
-generation of the same prompts in this process). A token gap is the time between two consecutive streamed
+in three shares (``run_workload``): half before the scale-up, a quarter on the 4-group layout before the
+scale-down (the new DP groups take them, so the scale-down must drain them), a quarter during the
+scale-down; the scales are posted to the decode worker's ``/scale_elastic_ep``. Every request's tokens are
+compared with a static run (colocated greedy generation of the same prompts in this process). A token gap is the time between two consecutive streamed
 events of one request; the gaps that overlap a scale's window (POST sent -> answered) are that scale's, the
 others the baseline. ``tests/test_elastic_scale.py`` runs the same workload (``run_workload``).
 """
@@ -105,34 +106,47 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def run_workload(router_url: str, decode_url: str, cases: list[list[int]], max_new_tokens: int,
-                 scales: list[int], stagger_s: float, first_scale_after_s: float, between_scales_s: float = 1.0,
+                 scales: list[int], stagger_s: float, first_scale_after_s: float, between_scales_s: float = 0.5,
                  on_scale: Callable[[ScaleStep], None] | None = None) -> tuple[list[StreamTrace], list[ScaleStep]]:
-    """Starts one stream every ``stagger_s``; ``first_scale_after_s`` after the first, posts each size of
-    ``scales`` in turn, ``between_scales_s`` after the previous was answered (so that new DP groups take
-    requests before a scale-down makes them drain). Returns every trace and every scale step."""
+    """Streams in phases, so that every layout serves some: half of ``cases`` start first (one every
+    ``stagger_s``) and the first scale is posted ``first_scale_after_s`` later; once a scale is answered the next
+    share of streams starts, and ``between_scales_s`` later the next scale is posted (so a scale-down finds
+    the new DP groups holding requests and must drain them); the last share starts with the last scale. Returns
+    every trace (in ``cases`` order) and every scale step."""
     traces: list[StreamTrace | None] = [None] * len(cases)
+    first = len(cases) // 2
+    rest = len(cases) - first
+    bounds = [0, first] + [first + rest * (i + 1) // len(scales) for i in range(len(scales))]
     steps: list[ScaleStep] = []
+    with cf.ThreadPoolExecutor(len(cases) + 1) as pool:
+        futures: dict[cf.Future[StreamTrace], int] = {}
 
-    def scaler() -> None:
+        def launch(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                futures[pool.submit(stream_generate, router_url, cases[i], max_new_tokens)] = i
+                time.sleep(stagger_s)
+
+        launchers = [threading.Thread(target=launch, args=(bounds[0], bounds[1]))]
+        launchers[0].start()
         time.sleep(first_scale_after_s)
         for i, new_dp in enumerate(scales):
             if i:
                 time.sleep(between_scales_s)
-            step = post_scale(decode_url, new_dp)
+            posted = pool.submit(post_scale, decode_url, new_dp)
+            if i == len(scales) - 1:  # the last share streams while the last scale runs
+                launchers.append(threading.Thread(target=launch, args=(bounds[i + 1], bounds[i + 2])))
+                launchers[-1].start()
+            step = posted.result()
             steps.append(step)
             if on_scale is not None:
                 on_scale(step)
-
-    thread = threading.Thread(target=scaler, name="scaler")
-    with cf.ThreadPoolExecutor(len(cases)) as pool:
-        futures = {}
-        thread.start()
-        for i, prompt in enumerate(cases):
-            futures[pool.submit(stream_generate, router_url, prompt, max_new_tokens)] = i
-            time.sleep(stagger_s)
-        for future in cf.as_completed(futures):
+            if i < len(scales) - 1:  # the next share lands on the layout this scale made
+                launchers.append(threading.Thread(target=launch, args=(bounds[i + 1], bounds[i + 2])))
+                launchers[-1].start()
+        for launcher in launchers:
+            launcher.join()
+        for future in cf.as_completed(list(futures)):
             traces[futures[future]] = future.result()
-    thread.join()
     return [t for t in traces if t is not None], steps
 
 
@@ -200,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.elastic_ep", description=__doc__.split("\n")[0])
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--stagger-s", type=float, default=0.25)
+    parser.add_argument("--stagger-s", type=float, default=0.1)
     parser.add_argument("--first-scale-after-s", type=float, default=1.0)
     parser.add_argument("--backend", default="nixl")
     parser.add_argument("--out", default=str(RESULTS / "elastic_ep_cpu"))
