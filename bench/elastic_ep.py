@@ -105,7 +105,13 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(2, vocab) for _ in range(rng.randrange(4, 40))] for _ in range(n)]
 
 
-def run_workload(router_url: str, decode_url: str, cases: list[list[int]], max_new_tokens: int,
+def lengths(n: int, max_new_tokens: int) -> list[int]:
+    """Tokens per stream: the first half (streaming while new ranks load) 4x longer, so that some are still
+    running when the scale-up switches whatever the loading takes."""
+    return [4 * max_new_tokens if i < n // 2 else max_new_tokens for i in range(n)]
+
+
+def run_workload(router_url: str, decode_url: str, cases: list[list[int]], max_new_tokens: list[int],
                  scales: list[int], stagger_s: float, first_scale_after_s: float, between_scales_s: float = 0.5,
                  on_scale: Callable[[ScaleStep], None] | None = None) -> tuple[list[StreamTrace], list[ScaleStep]]:
     """Streams in phases, so that every layout serves some: half of ``cases`` start first (one every
@@ -123,7 +129,7 @@ def run_workload(router_url: str, decode_url: str, cases: list[list[int]], max_n
 
         def launch(lo: int, hi: int) -> None:
             for i in range(lo, hi):
-                futures[pool.submit(stream_generate, router_url, cases[i], max_new_tokens)] = i
+                futures[pool.submit(stream_generate, router_url, cases[i], max_new_tokens[i])] = i
                 time.sleep(stagger_s)
 
         launchers = [threading.Thread(target=launch, args=(bounds[0], bounds[1]))]
@@ -173,8 +179,11 @@ def summarize(traces: list[StreamTrace], steps: list[ScaleStep]) -> dict[str, An
     for step in steps:
         gaps = gaps_in(traces, step.started, step.ended)
         in_flight = sum(1 for t in traces if t.times and t.started <= step.ended and t.times[-1] >= step.started)
+        # Streams with tokens on both sides of the switch (the turn boundary ends just before the answer).
+        switch = step.ended - step.body.get("pause_s", 0.0)
+        across = sum(1 for t in traces if t.times and t.times[0] < switch and t.times[-1] > step.ended)
         rows.append({"new_dp": step.new_dp, "status": step.status, "wall_s": round(step.ended - step.started, 4),
-                     "server": step.body, "streams_in_flight": in_flight,
+                     "server": step.body, "streams_in_flight": in_flight, "streams_across_switch": across,
                      "max_gap_s": round(max(gaps), 4) if gaps else None,
                      "median_gap_s": round(sorted(gaps)[len(gaps) // 2], 4) if gaps else None,
                      # The same run's token gap outside any scale is the yardstick.
@@ -231,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     cases = prompts(args.streams, vocab)
     bootstrap, p_port, d_port, r_port = free_port(), free_port(), free_port(), free_port()
     common = ["--model", str(model), "--host", "127.0.0.1", "--transfer-backend", args.backend, "--page-size",
-              str(PAGE_SIZE), "--max-total-tokens", "8192", "--log-level", "warning"]
+              str(PAGE_SIZE), "--max-total-tokens", "8192", "--log-level", "warning",
+              # Low-latency EP sizes its fixed per-step buffers for the largest forward: the default 8192-token
+              # prefill budget would pad every decode step of the tiny model to 8192 rows per rank.
+              "--max-prefill-tokens", "64"]
     with ServerGroup(work / "logs", cpu_worker_env(1)) as servers:
         prefill = servers.start("prefill", "prefill_worker",
                                 [*common, "--port", str(p_port), "--bootstrap-port", str(bootstrap)], p_port)
@@ -240,19 +252,20 @@ def main(argv: list[str] | None = None) -> int:
         router = servers.start("router", "router", ["--host", "127.0.0.1", "--port", str(r_port), "--prefill",
                                                     prefill.url, str(bootstrap), "--decode", decode.url], r_port)
         wait_healthy([router])
-        traces, steps = run_workload(router.url, decode.url, cases, args.max_new_tokens, [4, 2], args.stagger_s,
-                                     args.first_scale_after_s)
+        traces, steps = run_workload(router.url, decode.url, cases, lengths(len(cases), args.max_new_tokens), [4, 2],
+                                     args.stagger_s, args.first_scale_after_s)
         wait_idle(decode.url)
         wait_idle(prefill.url)
     llm = LLM(model, page_size=PAGE_SIZE)
     try:
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
-        expected = [o.token_ids for o in llm.generate(cases, [params] * len(cases))]
+        params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths(len(cases), args.max_new_tokens)]
+        expected = [o.token_ids for o in llm.generate(cases, params)]
     finally:
         llm.close()
     summary = summarize(traces, steps)
     summary["tokens_equal_static_run"] = all(t.ids == e for t, e in zip(traces, expected, strict=True))
-    summary["setup"] = {"streams": args.streams, "max_new_tokens": args.max_new_tokens, "stagger_s": args.stagger_s,
+    summary["setup"] = {"streams": args.streams, "max_new_tokens": lengths(len(cases), args.max_new_tokens),
+                        "stagger_s": args.stagger_s,
                         "decode_flags": DECODE_FLAGS, "prefill": "tp 1", "backend": args.backend}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
