@@ -142,16 +142,10 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
     if ctx.rank == 0:
         inbox = zctx.socket(zmq.PULL)
         inbox.bind(ctx.inbox_addr)
-
-    def connect_outbox() -> zmq.Socket | None:
-        if ctx.attn_tp_rank != 0:
-            return None
-        sock = zctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(ctx.outbox_addr)
-        return sock
-
-    outbox = connect_outbox()
+    if ctx.attn_tp_rank == 0:  # a rank keeps its DP group and its place in it across scales
+        outbox = zctx.socket(zmq.PUSH)
+        outbox.setsockopt(zmq.LINGER, 0)
+        outbox.connect(ctx.outbox_addr)
 
     def emit(outputs: list[TokenOutput]) -> None:
         if outbox is not None:  # attention-TP followers hold the same outputs; their leader sends them
