@@ -10,6 +10,9 @@ slots, a rebalance every 16 steps) that scales live through ``POST /scale_elasti
   the tokens of a static run (colocated greedy generation), none fails, both workers' pools go back to idle,
   and ``/server_info`` follows the layout. The wall time of each scale and the longest token gap a client saw
   during it are printed (``bench.elastic_ep`` records them in bench/results/).
+
+``TANDEM_ELASTIC_FULL=1`` also runs both on a decode instance at tp 2 dp 1 (DP groups of two ranks: 2 -> 4 -> 2
+ranks).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -51,14 +55,39 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("elastic-model") / "tiny-v3")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A decode instance's start and the DP sizes it scales through (each DP group keeps its attn_tp ranks)."""
+
+    flags: tuple[str, ...]
+    dp: int
+    up: int  # the size it grows to and comes back from
+
+    def tp(self, dp: int) -> int:
+        attn_tp = int(self.flags[self.flags.index("--tp") + 1]) // self.dp
+        return dp * attn_tp
+
+
+# CI: the issue's tp 2 dp 2 -> 4 ranks -> back (attn_tp 1). TANDEM_ELASTIC_FULL=1 adds attn_tp 2 (tp 2 dp 1 ->
+# tp 4 dp 2 -> back): the attention and agreement groups of a DP group of two ranks re-formed too.
+LAYOUTS = {"tp2dp2": Layout(tuple(DECODE_FLAGS), 2, 4)}
+if os.environ.get("TANDEM_ELASTIC_FULL") == "1":
+    LAYOUTS["tp2dp1"] = Layout(("--tp", "2", "--dp", "1", *DECODE_FLAGS[4:]), 1, 2)
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request: pytest.FixtureRequest) -> Layout:
+    return LAYOUTS[request.param]
+
+
 @pytest.fixture(scope="module")
-def system(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PDSystem]:
+def system(tiny_model: Path, layout: Layout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PDSystem]:
     missing = backend_missing("nixl")
     if missing:
         pytest.skip(missing)
     # Scale 1: the new ranks die at the rendezvous (the test hook); scale 2: the test kills one while it loads.
     pd = PDSystem(tiny_model, tmp_path_factory.mktemp("elastic"), "nixl",
-                  decode_flags=[*DECODE_FLAGS, "--elastic-ep-join-timeout", str(JOIN_TIMEOUT_S)],
+                  decode_flags=[*layout.flags, "--elastic-ep-join-timeout", str(JOIN_TIMEOUT_S)],
                   env={FAULT_ENV: "rendezvous:1"})
     yield pd
     pd.close()
@@ -110,41 +139,43 @@ def _scale_killing_a_new_rank(system: PDSystem, new_dp: int) -> ScaleStep:
         return pending.result()
 
 
-def test_a_failed_join_leaves_the_instance_serving_at_its_old_size(system: PDSystem, reference: LLM) -> None:
+def test_a_failed_join_leaves_the_instance_serving_at_its_old_size(system: PDSystem, layout: Layout,
+                                                                   reference: LLM) -> None:
     cases = prompts(4, reference.config.vocab_size, seed=7)
     expected = _static_tokens(reference, cases, [MAX_NEW_TOKENS] * len(cases))
-    rolled_back = post_scale(system.decode.url, 4)
+    old = (layout.tp(layout.dp), layout.dp)
+    rolled_back = post_scale(system.decode.url, layout.up)
     assert rolled_back.status == 503, rolled_back.body
     assert rolled_back.body["error"]["code"] == "scale_rolled_back"
     assert f"did not join within {JOIN_TIMEOUT_S} s" in rolled_back.body["error"]["message"]
-    assert "rolled back to data_parallel_size 2" in rolled_back.body["error"]["message"]
-    assert _layout(system) == (2, 2)
+    assert f"rolled back to data_parallel_size {layout.dp}" in rolled_back.body["error"]["message"]
+    assert _layout(system) == old
     assert [stream_generate(system.router.url, c, MAX_NEW_TOKENS).ids for c in cases[:2]] == expected[:2]
-    killed = _scale_killing_a_new_rank(system, 4)
+    killed = _scale_killing_a_new_rank(system, layout.up)
     assert killed.status == 503, killed.body
     assert killed.body["error"]["code"] == "scale_join_failed"
     assert "exited with code -9 while loading" in killed.body["error"]["message"]
-    assert _layout(system) == (2, 2)
+    assert _layout(system) == old
     assert [stream_generate(system.router.url, c, MAX_NEW_TOKENS).ids for c in cases[2:]] == expected[2:]
     wait_idle(system.decode.url)
 
 
 def test_32_streams_complete_with_static_tokens_while_the_instance_scales_2_4_2(
-        system: PDSystem, reference: LLM) -> None:
+        system: PDSystem, layout: Layout, reference: LLM) -> None:
     cases = prompts(32, reference.config.vocab_size, seed=11)
     max_new = lengths(len(cases), MAX_NEW_TOKENS)
     expected = _static_tokens(reference, cases, max_new)
     layouts = []
     # Half the streams before the scale-up, a quarter on 4 DP groups (0.4 s before the scale-down: the new
     # groups, least loaded, take the first of them), a quarter during the scale-down.
-    traces, steps = run_workload(system.router.url, system.decode.url, cases, max_new, [4, 2],
+    traces, steps = run_workload(system.router.url, system.decode.url, cases, max_new, [layout.up, layout.dp],
                                  stagger_s=0.1, first_scale_after_s=0.5, between_scales_s=0.4,
                                  on_scale=lambda step: layouts.append(_layout(system)))
     summary = summarize(traces, steps)
     print(json.dumps(summary, indent=1))
     assert [s.status for s in steps] == [200, 200], [s.body for s in steps]
-    assert layouts == [(4, 4), (2, 2)]
-    assert [s.body["data_parallel_size"] for s in steps] == [4, 2]
+    assert layouts == [(layout.tp(layout.up), layout.up), (layout.tp(layout.dp), layout.dp)]
+    assert [s.body["data_parallel_size"] for s in steps] == [layout.up, layout.dp]
     assert all(s.body["experts_moved"] > 0 for s in steps)  # new ranks got experts; leaving ranks gave theirs
     # The new DP groups took requests, and the scale-down waited for them to finish (none failed, below).
     assert steps[1].body["drained_requests"] > 0 and steps[1].body["drain_s"] > 0
