@@ -53,7 +53,7 @@ class ScaleResult:
     dp_size: int
     wall_s: float  # the whole request: new ranks loading, draining, the switch
     load_s: float  # new ranks building their shards (0 when shrinking)
-    drain_s: float  # leaving DP groups finishing their requests (0 when growing)
+    drain_s: float  # command at rank 0 -> the turn it switched at: the leaving groups' drain, or one turn's rest
     drained_requests: int  # the most requests the leaving DP groups held while draining
     pause_s: float  # the turn boundary every rank stopped at: rendezvous, groups, expert moves
     experts_moved: int

@@ -132,7 +132,7 @@ class ScaleReport:
     tp_size: int
     dp_size: int
     error: str | None = None
-    drain_s: float = 0.0  # rank 0: from the command to the turn every leaving DP group was empty
+    drain_s: float = 0.0  # rank 0: from the command to the turn it switched at (every leaving DP group empty)
     drained_requests: int = 0  # rank 0: the most requests the leaving DP groups held while they drained
     pause_s: float = 0.0  # rank 0: the turn boundary's length (rendezvous, groups, expert moves)
     experts_moved: int = 0
