@@ -11,7 +11,10 @@ slots, a rebalance every 16 steps) that scales live through ``POST /scale_elasti
   and ``/server_info`` follows the layout. The wall time of each scale and the longest token gap a client saw
   during it are printed (``bench.elastic_ep`` records them in bench/results/).
 
-``TANDEM_ELASTIC_FULL=1`` also runs both on a decode instance at tp 2 dp 1 (DP groups of two ranks: 2 -> 4 -> 2
+- The prefill instance of the same system answers a scale with a 501 saying why (live scaling is built for
+  decode instances).
+
+``TANDEM_ELASTIC_FULL=1`` also runs them on a decode instance at tp 2 dp 1 (DP groups of two ranks: 2 -> 4 -> 2
 ranks) and on one without EPLB.
 """
 
@@ -160,6 +163,13 @@ def test_a_failed_join_leaves_the_instance_serving_at_its_old_size(system: PDSys
     assert _layout(system) == old
     assert [stream_generate(system.router.url, c, MAX_NEW_TOKENS).ids for c in cases[2:]] == expected[2:]
     wait_idle(system.decode.url)
+
+
+def test_a_prefill_instance_refuses_to_scale_live_and_says_why(system: PDSystem) -> None:
+    refused = post_scale(system.prefill.url, 2)
+    assert refused.status == 501, refused.body
+    assert "a prefill instance cannot be scaled live" in refused.body["error"]["message"]
+    assert "keeps serving at data_parallel_size 1" in refused.body["error"]["message"]
 
 
 def test_32_streams_complete_with_static_tokens_while_the_instance_scales_2_4_2(
