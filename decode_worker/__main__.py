@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
         "as decode_reused_tokens on /metrics and sent to the router in the X-Tandem-KV-Reused-Tokens header "
         "(run the router with --decode-policy cache_aware so that a conversation's turns come back here)",
     )
+    role.add_argument(
+        "--elastic-ep-join-timeout",
+        type=float,
+        default=60.0,
+        help="POST /scale_elastic_ep: seconds the ranks wait for each other at the re-formed instance's "
+        "rendezvous; past it the old ranks go back to the old size (the new ranks have built their shards "
+        "before this wait starts)",
+    )
     add_kv_flags(parser)
     return parser
 

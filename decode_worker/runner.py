@@ -18,6 +18,7 @@ the record to the other ranks when the room ends (`_first_token_record`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from decode_worker.dp_affinity import DPGroupAffinity
 from decode_worker.prefilled import PrefilledKVRunner
 from engine.kv_pool import PoolExhaustedError
 from engine.kv_shards import ShardedKVPool
+from engine.parallel import ParallelContext
 from engine.prefix_cache import Block
 from engine.runtime.colocated import (
     EngineArgs,
@@ -48,6 +50,7 @@ from engine.runtime.disagg import (
     leave_cleanly_on_sigterm,
     local_state,
 )
+from engine.runtime.elastic import JOIN_KEY
 from engine.runtime.launch import RankContext
 from engine.runtime.rank_loop import run_rank
 from engine.runtime.timeline import Timeline
@@ -114,7 +117,8 @@ class DecodeRunner(PrefilledKVRunner):
         self.dp_affinity = (DPGroupAffinity(engine.kv_pool.page_size)
                             if prefix_reuse and ctx.spec.dp_size > 1 else None)
         self.rank = ctx.rank
-        self.agreement = GroupAgreement(ctx)
+        # A joining rank (elastic EP) has no world yet: its agreement group comes with `regroup`.
+        self.agreement = GroupAgreement(ctx) if JOIN_KEY not in ctx.role_args else None
         self.transport = RankTransport(kv, "decode", ctx.rank, engine.kv_pool.tensor)
         info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host, fingerprint_of(engine, args),
                         kv.control_key, ctx.spec.mla_core)
@@ -179,6 +183,15 @@ class DecodeRunner(PrefilledKVRunner):
         load["tokens_in_flight"] += sum(len(t.request.input_ids) for t in waiting)
         return load
 
+    def regroup(self, ctx: RankContext, parallel: ParallelContext) -> None:
+        """Elastic EP: the DP group keeps its ranks and rooms; its agreement group and the layout the rank
+        mapping reads (`RankInfo`) follow the re-formed instance. Called with no transfer in flight
+        between two of its steps (`_settle` is the only user of the agreement)."""
+        super().regroup(ctx, parallel)
+        self.agreement = GroupAgreement(ctx)
+        self.manager.rank_info = dataclasses.replace(self.manager.rank_info, tp_size=ctx.spec.tp_size,
+                                                     dp_size=ctx.spec.dp_size)
+
     def status_counts(self) -> dict[str, int]:
         counts = super().status_counts()
         counts.update(
@@ -215,6 +228,10 @@ class DecodeRunner(PrefilledKVRunner):
             if transfer.request.rid == rid:
                 return transfer
         return None
+
+    def _agreement(self) -> GroupAgreement:
+        assert self.agreement is not None, "a joining rank steps only once it has joined"
+        return self.agreement
 
     def _reserve(self) -> None:
         """Start the queue's transfers, oldest first, while pages, aux slots and batch room last."""
@@ -273,7 +290,7 @@ class DecodeRunner(PrefilledKVRunner):
         states = [t.state() for t in transfers]
         keep: list[Transfer] = []
         for transfer, state, (ended, failed) in zip(
-            transfers, states, self.agreement.agree(states), strict=True
+            transfers, states, self._agreement().agree(states), strict=True
         ):
             if not ended:
                 if failed and state == PENDING and transfer.receiver is not None:

@@ -128,20 +128,40 @@ class ExpertParallelMoE:
         self.moe_layers = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoEBlock)]
         # The whole DP group's batch may land on one rank's share when it is smaller than attn_tp.
         budget = max_tokens_per_rank if mode == "low_latency" else 0
-        # Physical slots travel through the dispatcher: with EPLB an expert's replicas are experts of their own.
-        self.ep = EPDispatcher(config.n_routed_experts + redundant, config.hidden_size, group=pctx.tp_group,
-                               backend=backend, mode=mode, num_max_dispatch_tokens_per_rank=budget,
-                               dtype=model.dtype, device=model.device)
-        if self.ep.ep_size != pctx.ep_size:
-            self.ep.close()
-            raise ValueError(f"the EP group has {self.ep.ep_size} ranks, the model expects {pctx.ep_size}")
+        self.backend, self.mode, self.budget = backend, mode, budget
+        self.ep = self._dispatcher(pctx)
         window = eplb.window_size if eplb is not None else record_window
         self.recorder = ExpertLoadRecorder(config.num_hidden_layers, config.n_routed_experts, window, model.device)
-        blocks = {layer.layer_id: layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoEBlock)}
-        self.eplb = None if eplb is None else EplbState(eplb, blocks, self.recorder, pctx.ep_rank, pctx.ep_size,
+        self.blocks = {layer.layer_id: layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoEBlock)}
+        self.eplb = None if eplb is None else EplbState(eplb, self.blocks, self.recorder, pctx.ep_rank, pctx.ep_size,
                                                         pctx.tp_group, config.n_group, num_nodes)
-        for layer_id, block in blocks.items():
+        self._point_layers(pctx)
+
+    def _dispatcher(self, pctx: ParallelContext) -> EPDispatcher:
+        model = self.model
+        # Physical slots travel through the dispatcher: with EPLB an expert's replicas are experts of their own.
+        ep = EPDispatcher(model.config.n_routed_experts + pctx.redundant_experts, model.config.hidden_size,
+                          group=pctx.tp_group, backend=self.backend, mode=self.mode,
+                          num_max_dispatch_tokens_per_rank=self.budget, dtype=model.dtype, device=model.device)
+        if ep.ep_size != pctx.ep_size:
+            ep.close()
+            raise ValueError(f"the EP group has {ep.ep_size} ranks, the model expects {pctx.ep_size}")
+        return ep
+
+    def _point_layers(self, pctx: ParallelContext) -> None:
+        for layer_id, block in self.blocks.items():
             block.dispatcher = ExpertParallelDispatcher(self.ep, pctx, layer_id, self.recorder, self.eplb)
+
+    def regroup(self, pctx: ParallelContext) -> None:
+        """Elastic EP: the instance now spans ``pctx``'s ranks (the experts already moved to their new slots,
+        ``engine.runtime.elastic``): a dispatcher over the new EP group, every layer pointed at it, EPLB's
+        rank and group re-pointed. The expert map keeps its shape (the physical slots are the same; only
+        which rank holds which slot changed)."""
+        self.ep.close()
+        self.ep = self._dispatcher(pctx)
+        if self.eplb is not None:
+            self.eplb.ep_rank, self.eplb.ep_size, self.eplb.group = pctx.ep_rank, pctx.ep_size, pctx.tp_group
+        self._point_layers(pctx)
 
     @torch.inference_mode()
     def idle_forward(self) -> None:

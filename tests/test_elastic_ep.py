@@ -1,6 +1,7 @@
-"""``POST /scale_elastic_ep``: what exists is the refusal path. A size the model cannot take is a 400 naming
-the numbers, the current size a 200, any other size a 501 saying the instance keeps its size; bad bodies are
-4xx naming the field. (New ranks joining a live instance are not built: see engine/server/elastic.py.)"""
+"""``POST /scale_elastic_ep`` on an instance that cannot scale live (no scaler: a prefill instance, several nodes,
+one rank): a size the model cannot take is a 400 naming the numbers, the current size a 200, any other size a
+501 saying the instance keeps its size; bad bodies are 4xx naming the field. The live path is in
+tests/test_elastic_moves.py (the endpoint over a scaler) and tests/test_elastic_scale.py (end to end)."""
 
 from __future__ import annotations
 

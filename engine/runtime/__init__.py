@@ -7,4 +7,6 @@ between them and the worker's HTTP process.
   back from each attention-DP group's leader.
 - `rank_loop`: the loop every rank runs: rank 0 drains the inbox and broadcasts the step's messages,
   every rank steps its role's `StepRunner`.
+- `elastic` / `scaling`: elastic EP, the ranks' and the HTTP process's sides: a running decode instance
+  grows or shrinks by whole DP groups, re-forming its world between two turns.
 """

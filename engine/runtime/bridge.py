@@ -18,6 +18,8 @@ from ..server.messages import (
     AbortRequest,
     GenerateRequest,
     RankStatus,
+    ScaleInstance,
+    ScaleReport,
     TokenOutput,
     decode_from_ranks,
     encode,
@@ -54,11 +56,27 @@ class RankBridge:
         self.dead_reason: str | None = None
         self.num_dp_groups = num_dp_groups
         self.group_status: dict[int, RankStatus] = {}
+        # Elastic EP (engine.runtime.scaling): ranks' reports on a scale, in arrival order.
+        self.scale_reports: asyncio.Queue[ScaleReport] = asyncio.Queue()
+        self._started = False  # every DP group reported once: later layout changes do not unready the instance
 
     @property
     def ready(self) -> bool:
-        """Every DP group's leader has reported in and no rank has died."""
-        return self.dead_reason is None and len(self.group_status) == self.num_dp_groups
+        """Every DP group's leader has reported in (once, at start-up) and no rank has died."""
+        if self.dead_reason is not None:
+            return False
+        self._started = self._started or len(self.group_status) >= self.num_dp_groups
+        return self._started
+
+    def relayout(self, num_dp_groups: int) -> None:
+        """The instance serves with `num_dp_groups` DP groups now: the reports of groups that left stop
+        counting (their pools are gone with their ranks)."""
+        self.num_dp_groups = num_dp_groups
+        for dp_rank in [d for d in self.group_status if d >= num_dp_groups]:
+            del self.group_status[dp_rank]
+
+    async def send_scale(self, command: ScaleInstance) -> None:
+        await self._to_ranks.send(encode(command))
 
     @property
     def num_active(self) -> int:
@@ -77,7 +95,11 @@ class RankBridge:
                 log.exception("dropping a malformed output message")
                 continue
             if isinstance(out, RankStatus):
-                self.group_status[out.dp_rank] = out
+                if out.dp_rank < self.num_dp_groups:  # a leaving group's last report may trail the switch
+                    self.group_status[out.dp_rank] = out
+                continue
+            if isinstance(out, ScaleReport):
+                self.scale_reports.put_nowait(out)
                 continue
             queue = self._queues.get(out.rid)
             if queue is not None:  # outputs of an aborted request may still be in flight

@@ -31,6 +31,7 @@ from ..scheduler import Request, Scheduler, StepResult
 from ..server.messages import GenerateRequest, SamplingSpec, TokenOutput
 from ..tokenizer import load_tokenizer
 from ..weights import load_model
+from . import elastic
 from .launch import RankContext
 from .lockstep import LockstepStepper
 from .rank_loop import least_loaded, run_rank
@@ -81,6 +82,8 @@ class RankEngine:
     parallel: ParallelContext
     moe: ExpertParallelMoE | None = None  # expert-parallel MoE layers and their load statistics
     grammar: GrammarRuntime | None = None  # structured output's compiler over the checkpoint's tokenizer
+    # A rank joining a running instance: builds `moe` once the rank is in the instance's world.
+    pending_moe: Callable[[], ExpertParallelMoE] | None = None
 
 
 def fingerprint_of(engine: RankEngine, args: EngineArgs) -> str:
@@ -127,18 +130,29 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
         from .offline import check_memory  # the launcher checked already when the memory was given
 
         check_memory(ctx.spec, args, torch.cuda.mem_get_info(device)[1] / 1e9)
-    parallel = parallel_context_for(ctx)
-    if args.eplb is not None:
-        parallel = replace(parallel, redundant_experts=args.eplb.num_redundant_experts)
+    redundant = args.eplb.num_redundant_experts if args.eplb is not None else 0
+    # A rank joining a running instance (elastic EP) builds its shard before its world exists; it meets the
+    # instance when its runner starts (`engine.runtime.rank_loop.run_rank`).
+    join = ctx.role_args.get(elastic.JOIN_KEY)
+    parallel = parallel_context_for(ctx) if join is None else elastic.placeholder_context(ctx, redundant)
+    parallel = replace(parallel, redundant_experts=redundant)
     quant = plan_quantization(args.quantization, config, device, dtype)
     model = DeepseekForCausalLM(config, parallel, dtype=dtype, device=device, fp8=quant.model_fp8)
+    if join is not None:
+        elastic.empty_expert_slots(model)  # its experts come from the ranks holding them, once it has joined
     load_model(model, args.model_dir, args.load_format, args.seed, quant.in_effect)
-    moe = None
+    moe_factory = None
     if config.n_routed_experts and expert_parallel:
         # The most tokens one rank dispatches: its share of the largest forward of its DP group.
         largest_share = -(-max(args.max_prefill_tokens, args.max_running) // parallel.attn_tp_size)
-        moe = ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share, eplb=args.eplb,
-                                num_nodes=ctx.spec.nnodes)
+
+        def moe_factory() -> ExpertParallelMoE:
+            return ExpertParallelMoE(model, backend, args.ep_mode, max_tokens_per_rank=largest_share,
+                                     eplb=args.eplb, num_nodes=ctx.spec.nnodes)
+
+    # The EP layer needs the instance's group: a joining rank builds it once it has met the others
+    # (`engine.runtime.elastic.join_instance`).
+    moe = moe_factory() if moe_factory is not None and join is None else None
     model.dbo = args.dbo
     if args.dbo.enabled and moe is not None and parallel.dp_size > 1:
         # DP groups hold different batches: every forward agrees on its split over the whole instance (a
@@ -155,7 +169,7 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
                       device, prefix_cache=args.prefix_cache)
     grammar = GrammarRuntime(load_tokenizer(args.model_dir, config.eos_token_ids), config.vocab_size,
                              config.eos_token_ids)
-    return RankEngine(config, model, pool, parallel, moe, grammar)
+    return RankEngine(config, model, pool, parallel, moe, grammar, moe_factory if join is not None else None)
 
 
 def engine_gauges(engine: RankEngine) -> dict[str, float]:
@@ -235,10 +249,15 @@ class ColocatedRunner:
         self._pending: list[TokenOutput] = []
         self._emit: Callable[[list[TokenOutput]], None] | None = None
         parallel = engine.parallel
-        # The work flag is control traffic: a gloo group even when the model's collectives use NCCL.
-        control = (torch.distributed.new_group(backend="gloo")
-                   if parallel.dp_size > 1 and engine.model.device.type == "cuda" else None)
-        self.stepper = LockstepStepper(self.scheduler, engine.model, parallel, engine.moe, control)
+        self.stepper = LockstepStepper(self.scheduler, engine.model, parallel, engine.moe,
+                                       self._control_group(parallel))
+
+    def _control_group(self, parallel: ParallelContext) -> object | None:
+        # The work flag is control traffic: a gloo group even when the model's collectives use NCCL. A joining
+        # rank has no world yet: `regroup` makes it once it has one.
+        if parallel.dp_size > 1 and self.engine.model.device.type == "cuda" and torch.distributed.is_initialized():
+            return torch.distributed.new_group(backend="gloo")
+        return None
 
     def add(self, request: GenerateRequest) -> None:
         try:
@@ -276,6 +295,13 @@ class ColocatedRunner:
         for req in result.finished:
             self.requests.pop(req.request_id, None)
         return outs
+
+    def regroup(self, ctx: RankContext, parallel: ParallelContext) -> None:
+        """Elastic EP: the instance re-formed (``engine.runtime.elastic``); this runner's groups follow it (and a
+        joining rank's EP layer, built once it joined)."""
+        self.stepper.parallel = parallel
+        self.stepper.moe = self.engine.moe
+        self.stepper.control_group = self._control_group(parallel)
 
     def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:
         if request.sampling.seed is None and request.sampling.temperature > 0:

@@ -212,11 +212,13 @@ def _rank_main(ctx: RankContext, entry: Callable[[RankContext], None], parent_pi
     else:
         host, port = ctx.dist_addr.rsplit(":", 1)
         init_method = f"tcp://{host}:{port}"
-    dist.init_process_group(backend, init_method=init_method, rank=ctx.rank, world_size=ctx.spec.tp_size)
+    if "elastic_join" not in ctx.role_args:  # a rank joining a running instance meets it once loaded
+        dist.init_process_group(backend, init_method=init_method, rank=ctx.rank, world_size=ctx.spec.tp_size)
     try:
         entry(ctx)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a rank leaving a shrinking instance left its world already
+            dist.destroy_process_group()
 
 
 class InstanceProcesses:
@@ -225,7 +227,9 @@ class InstanceProcesses:
     def __init__(self, procs: list[mp.process.BaseProcess], on_death: Callable[[str], None] | None,
                  dist_file: str | None = None) -> None:
         self._procs = procs
-        self._dist_file = dist_file  # the ranks' rendezvous file on one node: removed at stop()
+        # The ranks' rendezvous files on one node (elastic EP adds one per scale): removed at stop().
+        self._dist_files = [dist_file] if dist_file is not None else []
+        self._leaving: set[str] = set()  # ranks a shrinking instance lets go: their clean exit is no death
         self._stopping = False
         self._on_death = on_death
         self.death_reason: str | None = None
@@ -238,7 +242,11 @@ class InstanceProcesses:
 
     def _watch(self) -> None:
         while not self._stopping:
-            for p in self._procs:
+            for p in list(self._procs):
+                if not p.is_alive() and p.name in self._leaving and p.exitcode == 0:
+                    self._procs.remove(p)
+                    self._leaving.discard(p.name)
+                    continue
                 if not p.is_alive() and not self._stopping:
                     self.death_reason = f"rank process {p.name} exited with code {p.exitcode}"
                     log.error("%s; stopping the instance", self.death_reason)
@@ -259,6 +267,27 @@ class InstanceProcesses:
                 p.kill()
                 p.join(1.0)
 
+    # --- elastic EP (engine.runtime.scaling) --------------------------------------------------------------
+    def spawn(self, spec: InstanceSpec, ranks: range, entry: Callable[[RankContext], None], dist_addr: str,
+              inbox_addr: str, outbox_addr: str, role_args: dict[str, Any]) -> list[mp.process.BaseProcess]:
+        """Starts ``ranks`` of ``spec`` to join this instance; they are not watched until ``adopt``."""
+        return _spawn(spec, ranks, entry, dist_addr, inbox_addr, outbox_addr, role_args)
+
+    def adopt(self, procs: list[mp.process.BaseProcess]) -> None:
+        """Joined ranks are members now: their death ends the instance."""
+        self._procs.extend(procs)
+
+    def let_go(self, first_rank: int) -> None:
+        """Ranks from ``first_rank`` up leave (a scale-down): their exit with code 0 is expected."""
+        self._leaving.update(p.name for p in self._procs if int(p.name.removeprefix("rank")) >= first_rank)
+
+    def keep(self) -> None:
+        """A scale-down that did not happen: every rank is a member again."""
+        self._leaving.clear()
+
+    def add_dist_file(self, path: str) -> None:
+        self._dist_files.append(path)
+
     def wait(self, timeout: float | None = None) -> None:
         for p in self._procs:
             p.join(timeout)
@@ -266,9 +295,9 @@ class InstanceProcesses:
     def stop(self) -> None:
         self._stopping = True
         self._terminate_all()
-        if self._dist_file is not None:
+        for path in self._dist_files:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._dist_file)
+                os.unlink(path)
 
 
 def launch(
@@ -287,16 +316,22 @@ def launch(
     else:
         dist_file = os.path.join(tempfile.gettempdir(), f"tandem-dist-{os.getpid()}-{uuid.uuid4().hex}")
         dist_addr = f"file://{dist_file}"
+    procs = _spawn(spec, spec.local_ranks(), entry, dist_addr, inbox_addr, outbox_addr, role_args or {})
+    return InstanceProcesses(procs, on_death, dist_file)
+
+
+def _spawn(spec: InstanceSpec, ranks: range, entry: Callable[[RankContext], None], dist_addr: str, inbox_addr: str,
+           outbox_addr: str, role_args: dict[str, Any]) -> list[mp.process.BaseProcess]:
     mpctx = mp.get_context("spawn")
     procs = []
     on_main_thread = threading.current_thread() is threading.main_thread()  # see die_with_parent
-    for rank in spec.local_ranks():
-        ctx = RankContext(rank, spec, dist_addr, inbox_addr, outbox_addr, dict(role_args or {}))
+    for rank in ranks:
+        ctx = RankContext(rank, spec, dist_addr, inbox_addr, outbox_addr, dict(role_args))
         proc = mpctx.Process(target=_rank_main, args=(ctx, entry, os.getpid(), on_main_thread), name=f"rank{rank}",
                              daemon=True)
         proc.start()
         procs.append(proc)
-    return InstanceProcesses(procs, on_death, dist_file)
+    return procs
 
 
 def ipc_addr(tag: str) -> str:

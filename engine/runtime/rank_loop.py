@@ -17,7 +17,16 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from ..server.messages import AbortRequest, GenerateRequest, RankStatus, TokenOutput, decode_to_ranks, encode
+from ..server.messages import (
+    GenerateRequest,
+    RankStatus,
+    ScaleInstance,
+    TokenOutput,
+    ToRanks,
+    decode_to_ranks,
+    encode,
+)
+from .elastic import JOIN_KEY, apply_scale, join_instance, scale_report
 from .launch import RankContext
 
 log = logging.getLogger(__name__)
@@ -68,8 +77,8 @@ def least_loaded(loads: list[int]) -> int:
     return min(range(len(loads)), key=loads.__getitem__)
 
 
-def _drain(sock: zmq.Socket, wait_ms: int) -> list[GenerateRequest | AbortRequest]:
-    messages: list[GenerateRequest | AbortRequest] = []
+def _drain(sock: zmq.Socket, wait_ms: int) -> list[ToRanks]:
+    messages: list[ToRanks] = []
     if wait_ms and not sock.poll(wait_ms):
         return messages
     while True:
@@ -83,18 +92,62 @@ def _drain(sock: zmq.Socket, wait_ms: int) -> list[GenerateRequest | AbortReques
             log.exception("dropping a malformed request message")
 
 
+class _InstanceView:
+    """What the loop keeps per layout of the instance: re-made when elastic EP re-forms it."""
+
+    def __init__(self, ctx: RankContext) -> None:
+        self.spec = ctx.spec
+        # Control traffic stays on a gloo group even when the model's collectives use NCCL.
+        self.cpu_group = dist.new_group(backend="gloo") if self.spec.device == "cuda" else None
+        self.world_loads = torch.zeros(self.spec.tp_size, dtype=torch.int64)
+        self.load_slots = list(self.world_loads.split(1))  # all_gather writes each rank's load in place
+        self.my_load = torch.zeros(1, dtype=torch.int64)
+
+    def group_loads(self) -> list[int]:
+        return [int(self.world_loads[g * self.spec.attn_tp_size]) for g in range(self.spec.dp_size)]
+
+
+class _PendingScale:
+    """Rank 0's scale command until the DP groups that leave are empty (at once when none leaves)."""
+
+    def __init__(self, command: ScaleInstance) -> None:
+        self.command = command
+        self.since = time.monotonic()
+        # The loads rank 0 holds come from the previous turn's all-gather; a request routed in the turn the
+        # command arrived (before it, in the same inbox drain) shows up only in that turn's gather.
+        self.loads_seen = False
+        self.leaving_requests = 0  # the most requests the leaving DP groups held while this waited
+
+    def open_groups(self, dp_size: int) -> int:
+        """DP groups that take new requests meanwhile: the leaving ones take none."""
+        return min(dp_size, self.command.dp_size)
+
+    def drained(self, view: _InstanceView) -> bool:
+        if self.command.tp_size >= view.spec.tp_size:  # growing: no group leaves
+            return True
+        leaving = view.world_loads[self.command.tp_size::view.spec.attn_tp_size]  # one rank per leaving group
+        self.leaving_requests = max(self.leaving_requests, int(leaving.sum()))
+        return self.loads_seen and not any(int(load) for load in leaving)
+
+
 def run_rank(ctx: RankContext, runner: StepRunner) -> None:
-    """Serves until the process is terminated (the launcher owns the lifetime)."""
+    """Serves until the process is terminated (the launcher owns the lifetime) or until a scale-down lets this
+    rank go (elastic EP, `engine.runtime.elastic`)."""
+    if JOIN_KEY in ctx.role_args:  # a rank started by a scale-up meets the running instance first
+        try:
+            join_instance(ctx, runner)
+        except BaseException:
+            runner.close()
+            raise
     zctx = zmq.Context()
     inbox = outbox = None
     if ctx.rank == 0:
         inbox = zctx.socket(zmq.PULL)
         inbox.bind(ctx.inbox_addr)
-    if ctx.attn_tp_rank == 0:
+    if ctx.attn_tp_rank == 0:  # a rank keeps its DP group and its place in it across scales
         outbox = zctx.socket(zmq.PUSH)
         outbox.setsockopt(zmq.LINGER, 0)
         outbox.connect(ctx.outbox_addr)
-    spec = ctx.spec
 
     def emit(outputs: list[TokenOutput]) -> None:
         if outbox is not None:  # attention-TP followers hold the same outputs; their leader sends them
@@ -105,34 +158,41 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
     bind_emitter = getattr(runner, "bind_emitter", None)
     if bind_emitter is not None:
         bind_emitter(emit)
-    # Control traffic stays on a gloo group even when the model's collectives use NCCL.
-    cpu_group = dist.new_group(backend="gloo") if spec.device == "cuda" else None
+    view = _InstanceView(ctx)
+    pending: _PendingScale | None = None
     last_status = 0.0
-    world_loads = torch.zeros(spec.tp_size, dtype=torch.int64)
-    load_slots = list(world_loads.split(1))  # all_gather writes each rank's load in place
-    my_load = torch.zeros(1, dtype=torch.int64)
     try:
         while True:
-            routed: list[tuple[GenerateRequest | AbortRequest, int]] = []
+            spec = view.spec
+            routed: list[tuple[ToRanks, int]] = []
             if inbox is not None:
-                group_loads = [int(world_loads[g * spec.attn_tp_size]) for g in range(spec.dp_size)]
+                group_loads = view.group_loads()
                 wait = IDLE_WAIT_MS if sum(group_loads) == 0 and runner.num_requests() == 0 else 0
                 for msg in _drain(inbox, wait):
-                    if isinstance(msg, GenerateRequest):
-                        dp_rank = runner.choose_dp_rank(msg, group_loads)
+                    if isinstance(msg, ScaleInstance):
+                        if pending is None:  # the HTTP process sends one at a time
+                            pending = _PendingScale(msg)
+                    elif isinstance(msg, GenerateRequest):
+                        open_groups = spec.dp_size if pending is None else pending.open_groups(spec.dp_size)
+                        dp_rank = runner.choose_dp_rank(msg, group_loads[:open_groups])
                         group_loads[dp_rank] += 1
                         routed.append((msg, dp_rank))
                     else:
                         routed.append((msg, -1))
+                if pending is not None and pending.drained(view):
+                    routed.append((pending.command, -1))
             if spec.tp_size > 1:
                 box = [routed]
-                dist.broadcast_object_list(box, src=0, group=cpu_group)
+                dist.broadcast_object_list(box, src=0, group=view.cpu_group)
                 routed = box[0]
             outputs: list[TokenOutput] = []
+            scale: ScaleInstance | None = None
             for msg, dp_rank in routed:
                 if isinstance(msg, GenerateRequest):
                     if dp_rank == ctx.dp_rank:
                         runner.add(msg)
+                elif isinstance(msg, ScaleInstance):
+                    scale = msg
                 else:
                     outputs.extend(runner.abort(msg.rid))
             outputs.extend(runner.step())
@@ -146,10 +206,21 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
                                                   counts=runner.status_counts(), sent_at=time.time(),
                                                   gauges=gauges() if gauges is not None else {})))
             if spec.tp_size > 1:
-                my_load[0] = runner.num_requests()
-                dist.all_gather(load_slots, my_load, group=cpu_group)
+                view.my_load[0] = runner.num_requests()
+                dist.all_gather(view.load_slots, view.my_load, group=view.cpu_group)
             else:
-                world_loads[0] = runner.num_requests()
+                view.world_loads[0] = runner.num_requests()
+            if pending is not None:
+                pending.loads_seen = True
+            if scale is not None:  # between two turns, on every rank at once
+                drained = (time.monotonic() - pending.since, pending.leaving_requests) if pending else (0.0, 0)
+                pending = None
+                outcome = apply_scale(ctx, runner, scale)
+                if not outcome.stays:
+                    return
+                view = _InstanceView(ctx)
+                if ctx.rank == 0 and outbox is not None:
+                    outbox.send(encode(scale_report(ctx, scale, outcome, *drained)))
     finally:
         runner.close()
         for sock in (inbox, outbox):

@@ -1,14 +1,17 @@
-"""``POST /scale_elastic_ep {"new_data_parallel_size": N}`` (vLLM's elastic-EP endpoint): its checks.
+"""``POST /scale_elastic_ep {"new_data_parallel_size": N}`` (vLLM's elastic-EP endpoint): checks and answer.
 
-Elastic EP — new ranks joining a running instance, communicators re-formed, removed ranks draining — is not
-built yet. What is: the request is validated and answered without disturbing the instance. A size the
-instance cannot take (not a power of two, experts that would not split over the new ranks; each DP group
-keeps its attn_tp ranks, so attention splits as before) is a 400 naming the numbers; the current size is a 200 with nothing to do; any other
-size is a 501 saying the instance keeps serving at its current size.
+A size the instance cannot take (not a power of two, experts that would not split over the new ranks, fewer
+than two ranks; each DP group keeps its attn_tp ranks, so attention splits as before) is a 400 naming the
+numbers; the current size is a 200 with nothing to do. Any other size goes to the instance's
+``ElasticScaler`` (``engine.runtime.scaling``: new ranks join, leaving ranks drain, the instance re-forms
+between two steps): a 200 with the scale's timings, or a 503 (409 while another scale runs) saying why it
+did not happen and that the instance serves at its old size. An instance that cannot scale live (a prefill
+instance, several nodes, one rank) answers 501.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +19,8 @@ import orjson
 from aiohttp import web
 
 from kvtransfer import http_errors
+
+from ..runtime.scaling import ElasticScaler, ScaleError
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ def scale_problems(layout: ElasticLayout, new_dp: int) -> list[str]:
     """Why ``new_dp`` attention-DP groups (of the same ``attn_tp`` ranks each) cannot hold this model."""
     problems = []
     new_tp = new_dp * layout.attn_tp_size
+    if new_tp < 2:
+        problems.append(f"new_data_parallel_size {new_dp} leaves {new_tp} rank: elastic EP keeps at least 2 ranks")
     if new_dp & (new_dp - 1):
         problems.append(f"new_data_parallel_size {new_dp} is not a power of two (rank mapping serves powers of two)")
     physical = layout.num_experts + layout.redundant_experts
@@ -46,10 +53,13 @@ def scale_problems(layout: ElasticLayout, new_dp: int) -> list[str]:
     return problems
 
 
-def scale_handler(layout: ElasticLayout) -> Any:
-    """The aiohttp handler of ``POST /scale_elastic_ep`` for an instance of ``layout``."""
+def scale_handler(layout: ElasticLayout | Callable[[], ElasticLayout], scaler: ElasticScaler | None = None,
+                  why_not: str = "scaling this instance live is not supported") -> Any:
+    """The aiohttp handler of ``POST /scale_elastic_ep``: ``layout`` is the instance's (or a function giving the
+    current one); without ``scaler`` every real change is a 501 carrying ``why_not``."""
 
     async def handle(request: web.Request) -> web.Response:
+        current = layout() if callable(layout) else layout
         try:
             body = await request.json(loads=orjson.loads)
         except ValueError:
@@ -64,16 +74,25 @@ def scale_handler(layout: ElasticLayout) -> Any:
         if not isinstance(new_dp, int) or isinstance(new_dp, bool) or new_dp < 1:
             return http_errors.error_response(400, "'new_data_parallel_size' must be an integer >= 1",
                                               "invalid_request", "new_data_parallel_size")
-        if new_dp == layout.dp_size:
-            return web.Response(body=orjson.dumps({"success": True, "data_parallel_size": new_dp,
-                                                   "message": "the instance already has this size"}),
-                                content_type="application/json")
-        problems = scale_problems(layout, new_dp)
+        if new_dp == current.dp_size:
+            return _json({"success": True, "data_parallel_size": new_dp,
+                          "message": "the instance already has this size"})
+        problems = scale_problems(current, new_dp)
         if problems:
             return http_errors.error_response(400, "cannot scale: " + "; ".join(problems), "invalid_request",
                                               "new_data_parallel_size")
-        return http_errors.error_response(
-            501, f"scaling a running instance (elastic EP) is not implemented; the instance keeps serving at "
-                 f"data_parallel_size {layout.dp_size}", "not_implemented", "new_data_parallel_size")
+        if scaler is None:
+            return http_errors.error_response(
+                501, f"{why_not}; the instance keeps serving at data_parallel_size {current.dp_size}",
+                "not_implemented", "new_data_parallel_size")
+        try:
+            result = await scaler.scale(new_dp)
+        except ScaleError as exc:
+            return http_errors.error_response(exc.status, str(exc), exc.code, "new_data_parallel_size")
+        return _json(result.body())
 
     return handle
+
+
+def _json(body: dict[str, Any]) -> web.Response:
+    return web.Response(body=orjson.dumps(body), content_type="application/json")

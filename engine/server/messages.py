@@ -111,13 +111,48 @@ class RankStatus:
     version: int = MESSAGE_VERSION
 
 
-ToRanks = GenerateRequest | AbortRequest
-FromRanks = TokenOutput | RankStatus
+@dataclass
+class ScaleInstance:
+    """Elastic EP (`engine.runtime.elastic`): re-form the instance at `tp_size` ranks in `dp_size` DP groups.
+
+    Rank 0 holds it until the DP groups that leave have drained, then broadcasts it; every rank switches at the
+    end of that turn. `rendezvous` is the new world's meeting point ("file://PATH" on one node); if it does not
+    form within `join_timeout_s`, the old ranks meet again at `rollback` and keep the old layout."""
+
+    epoch: int
+    tp_size: int
+    dp_size: int
+    rendezvous: str
+    rollback: str
+    join_timeout_s: float
+    version: int = MESSAGE_VERSION
+
+
+@dataclass
+class ScaleReport:
+    """A rank's word on a scale: a joining rank's "loaded" (its shard is built, it waits at the rendezvous),
+    rank 0's "switched" or "rolled_back" (with `error`) once every rank took the new layout or kept the old."""
+
+    epoch: int
+    rank: int
+    phase: str  # "loaded" | "switched" | "rolled_back"
+    tp_size: int
+    dp_size: int
+    error: str | None = None
+    drain_s: float = 0.0  # rank 0: from the command to the turn it switched at (every leaving DP group empty)
+    drained_requests: int = 0  # rank 0: the most requests the leaving DP groups held while they drained
+    pause_s: float = 0.0  # rank 0: the turn boundary's length (rendezvous, groups, expert moves)
+    experts_moved: int = 0
+    version: int = MESSAGE_VERSION
+
+
+ToRanks = GenerateRequest | AbortRequest | ScaleInstance
+FromRanks = TokenOutput | RankStatus | ScaleReport
 
 # msgspec cannot tell two dataclasses apart inside a union, so each message travels as
 # [kind, fields] and the kind picks the decoder.
 _KINDS: dict[str, type] = {"generate": GenerateRequest, "abort": AbortRequest, "output": TokenOutput,
-                           "status": RankStatus}
+                           "status": RankStatus, "scale": ScaleInstance, "scale_report": ScaleReport}
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 _encoder = msgspec.msgpack.Encoder()
 _envelope_decoder = msgspec.msgpack.Decoder(tuple[str, msgspec.Raw])
@@ -128,11 +163,11 @@ class MessageError(ValueError):
     """A message of an unknown shape or version arrived."""
 
 
-def encode(message: GenerateRequest | AbortRequest | TokenOutput | RankStatus) -> bytes:
+def encode(message: ToRanks | FromRanks) -> bytes:
     return _encoder.encode((_KIND_OF[type(message)], msgspec.Raw(_encoder.encode(message))))
 
 
-def _decode(data: bytes, allowed: tuple[str, ...]) -> GenerateRequest | AbortRequest | FromRanks:
+def _decode(data: bytes, allowed: tuple[str, ...]) -> ToRanks | FromRanks:
     try:
         kind, raw = _envelope_decoder.decode(data)
         if kind not in allowed:
@@ -146,12 +181,12 @@ def _decode(data: bytes, allowed: tuple[str, ...]) -> GenerateRequest | AbortReq
 
 
 def decode_to_ranks(data: bytes) -> ToRanks:
-    message = _decode(data, ("generate", "abort"))
-    assert isinstance(message, GenerateRequest | AbortRequest)
+    message = _decode(data, ("generate", "abort", "scale"))
+    assert isinstance(message, GenerateRequest | AbortRequest | ScaleInstance)
     return message
 
 
 def decode_from_ranks(data: bytes) -> FromRanks:
-    message = _decode(data, ("output", "status"))
-    assert isinstance(message, TokenOutput | RankStatus)
+    message = _decode(data, ("output", "status", "scale_report"))
+    assert isinstance(message, TokenOutput | RankStatus | ScaleReport)
     return message

@@ -26,8 +26,9 @@ from ..chat_template import ChatTemplate
 from ..config import ModelConfig
 from ..runtime.bridge import RankBridge
 from ..runtime.disagg import BENCH_CONNECTOR
-from ..runtime.launch import InstanceSpec, LayoutError, RankContext, ipc_addr, launch
+from ..runtime.launch import InstanceProcesses, InstanceSpec, LayoutError, RankContext, ipc_addr, launch
 from ..runtime.offline import check_layout
+from ..runtime.scaling import ElasticScaler
 from ..tokenizer import load_tokenizer
 from .app import ServerConfig, WorkerApp
 from .cli import instance_spec
@@ -146,10 +147,8 @@ async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, 
         gate = PrefillLookupGate(kv.timeouts.http_s)
     worker = WorkerApp(bridge, tokenizer, server_config, admit=gate)
     app = worker.build()
-    engine_args = role_args.get("engine")
-    eplb = getattr(engine_args, "eplb", None)
-    app.router.add_post("/scale_elastic_ep", scale_handler(ElasticLayout(
-        spec.tp_size, spec.dp_size, config.n_routed_experts, eplb.num_redundant_experts if eplb else 0)))
+    app.router.add_post("/scale_elastic_ep", _elastic_handler(args, role, spec, config, entry, procs, bridge, inbox,
+                                                              outbox, role_args, server_config))
     app.middlewares.append(ReadyGate(bridge).middleware)
     if on_startup is not None:
         app.on_startup.append(on_startup)
@@ -170,6 +169,40 @@ async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, 
     if exit_code:
         log.error("instance stopped: %s", procs.death_reason)
     return exit_code
+
+
+def _elastic_handler(args: argparse.Namespace, role: str, spec: InstanceSpec, config: ModelConfig,
+                     entry: Callable[[RankContext], None], procs: InstanceProcesses, bridge: RankBridge, inbox: str,
+                     outbox: str, role_args: dict[str, Any], server_config: ServerConfig) -> Any:
+    """``POST /scale_elastic_ep``: live on a decode instance of one node with expert parallelism over several
+    ranks (``engine.runtime.scaling``); validated and refused (501) elsewhere."""
+    eplb = getattr(role_args.get("engine"), "eplb", None)
+    redundant = eplb.num_redundant_experts if eplb else 0
+    why_not = None
+    if role != "decode":
+        why_not = f"a {role} instance cannot be scaled live (elastic EP is built for decode instances)"
+    elif spec.nnodes > 1:
+        why_not = "an instance over several nodes cannot be scaled live"
+    elif spec.tp_size < 2 or not config.n_routed_experts:
+        why_not = "only an instance running expert parallelism over at least 2 ranks can be scaled live"
+    elif role_args["kv"].connector == BENCH_CONNECTOR:
+        why_not = "a bench-connector instance cannot be scaled live"
+    elif getattr(getattr(role_args.get("engine"), "dbo", None), "enabled", False):
+        # DBO's split vote runs over a group of the launch-time world, which a re-formed world would not have.
+        why_not = "an instance with dual batch overlap (--enable-dbo) cannot be scaled live yet"
+    elif spec.mla_core:
+        why_not = "an instance with --attention-dp mla-core cannot be scaled live yet"
+    if why_not is not None:
+        layout = ElasticLayout(spec.tp_size, spec.dp_size, config.n_routed_experts, redundant)
+        return scale_handler(layout, None, why_not)
+
+    def on_layout(new: InstanceSpec) -> None:
+        server_config.extra_info.update(tp_size=new.tp_size, dp_size=new.dp_size)
+
+    scaler = ElasticScaler(spec, entry, procs, bridge, inbox, outbox, role_args, on_layout,
+                           args.elastic_ep_join_timeout)
+    return scale_handler(lambda: ElasticLayout(scaler.spec.tp_size, scaler.spec.dp_size, config.n_routed_experts,
+                                               redundant), scaler)
 
 
 def serve(args: argparse.Namespace, role: str, entry: Callable[[RankContext], None],
