@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from kvtransfer.protocol import DATA_PARALLEL_RANK, ROUTED_DP_RANK
+from router.background import BackgroundLoop
 from router.errors import BadRequest
 from router.upstream import UpstreamError, UpstreamPool, build_request
 
@@ -183,7 +184,7 @@ class DpRouter:
         self._workers = workers  # () -> list[Worker]
         self._interval = interval_s
         self._timeout = timeout_s
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundLoop("router-dp-load")
 
     @property
     def enabled(self) -> bool:
@@ -205,14 +206,11 @@ class DpRouter:
         return groups.least_loaded()
 
     def start(self) -> None:
-        if self.enabled and self._task is None and self._interval > 0:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="router-dp-load")
+        if self.enabled and self._interval > 0:
+            self._loop.start(self._run)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._loop.close()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from router.background import BackgroundLoop
 from router.config import RouterConfig
 from router.upstream import UpstreamError, UpstreamPool, build_request
 from router.workers import Worker, WorkerRegistry
@@ -33,19 +34,16 @@ class HealthChecker:
         self._timeout = config.health_timeout_s
         self._threshold = config.health_failure_threshold
         self._max_backoff = config.health_max_backoff_s
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundLoop("router-health")
         self._wake = asyncio.Event()  # set by `wanted`: a probe became due sooner than the loop sleeps
         self._last_probe: dict[Worker, float] = {}  # loop time of each worker's last probe
 
     def start(self) -> None:
-        if self._task is None and self._interval > 0:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="router-health")
+        if self._interval > 0:
+            self._loop.start(self._run)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._loop.close()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -66,7 +64,7 @@ class HealthChecker:
     def wanted(self, workers: list[Worker]) -> None:
         """A request found no healthy worker among `workers` (one role): probe the ejected ones within
         `WANTED_PROBE_S` of their last probe, not after their backoff (the health loop wakes for it)."""
-        if self._task is None:
+        if not self._loop.running:
             return
         now = asyncio.get_running_loop().time()
         gap = min(WANTED_PROBE_S, self._interval)
