@@ -37,7 +37,6 @@ _FAST: dict[str, tuple[str, str]] = {
     "moe_scatter_rows": ("kernels.triton_decode_fused", "moe_scatter_rows_triton"),
     "moe_combine": ("kernels.triton_decode_fused", "moe_combine_triton"),
     "gated_mlp": ("kernels.triton_moe", "gated_mlp_triton"),
-    "silu_mul": ("kernels.triton_decode_fused", "silu_mul_triton"),
 }
 _REFERENCE: dict[str, Callable[..., Any]] = {
     "mla_prefill_attention": mla.mla_prefill_attention,
@@ -57,7 +56,6 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "moe_scatter_rows": decode_fused.moe_scatter_rows,
     "moe_combine": decode_fused.moe_combine,
     "gated_mlp": moe.gated_mlp,
-    "silu_mul": moe.silu_mul,
 }
 
 
@@ -161,10 +159,6 @@ def moe_scatter_rows(hidden: torch.Tensor, topk_ids: torch.Tensor,
 def moe_combine(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 add: torch.Tensor | None = None) -> torch.Tensor:
     return get_op("moe_combine", y)(y, dest, topk_ids, topk_weights, add)
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    return get_op("silu_mul", gate_up)(gate_up)
 
 
 def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

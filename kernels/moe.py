@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 
 def _expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(x, w13).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w2)
+    return F.linear(silu_mul(F.linear(x, w13)), w2)
 
 
 def moe_forward(

@@ -36,6 +36,11 @@ from kernels.triton_moe import ExpertSort, sort_by_expert
 PROMOTE_K = int(os.environ.get("TANDEM_FP8_PROMOTE_K", "128"))
 
 
+def _promote_every(block_size: BlockSize) -> int:
+    """The kernels' PROMOTE: at most one K block (tl.dot refuses more than its K)."""
+    return min(PROMOTE_K, block_size[1])
+
+
 @triton.jit
 def _round_to_e4m3(v):
     """Rounds fp32 values in [-448, 448] to the nearest e4m3 value (ties to even), staying in fp32.
@@ -282,7 +287,7 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
         out.stride(0), out.stride(1),
         NUM_KB=k_blocks, KB_PER_SPLIT=per_split, SCALE_BLOCK_N=block_size[0], HAS_BIAS=with_bias,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=block_size[1], GROUP_M=cfg.group_m, QUANT_A=xs is None, PROMOTE=min(PROMOTE_K, block_size[1]),
+        BLOCK_K=block_size[1], GROUP_M=cfg.group_m, QUANT_A=xs is None, PROMOTE=_promote_every(block_size),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -429,7 +434,7 @@ def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s
         NUM_KB=triton.cdiv(w.shape[2], block_size[1]), SCALE_BLOCK_N=block_size[0], A_ROW_DIV=a_row_div,
         GATED=gated, MUL_WEIGHT=weights is not None,
         MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
-        GROUP_M=cfg.group_m, PROMOTE=min(PROMOTE_K, block_size[1]), num_warps=cfg.num_warps,
+        GROUP_M=cfg.group_m, PROMOTE=_promote_every(block_size), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -487,7 +492,7 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: to
         NUM_KB=triton.cdiv(w.shape[2], block_size[1]), SCALE_BLOCK_N=block_size[0], A_ROW_DIV=1, GATED=gated,
         MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
-        PROMOTE=min(PROMOTE_K, block_size[1]), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PROMOTE=_promote_every(block_size), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_decode_fused import moe_combine_triton, silu_mul_triton
+
 
 @triton.jit
 def _moe_gemm_kernel(
@@ -345,8 +347,6 @@ def moe_forward_grouped_mm(
     between them in one kernel, and the weighted top-k sum read straight from the sorted rows (one
     kernel, fp32, the reference's order), without a host sync. A slot whose expert is not in [0, E) (not on
     this rank) contributes nothing."""
-    from kernels.triton_decode_fused import moe_combine_triton, silu_mul_triton
-
     num_tokens, top_k = _validate_routing(hidden, topk_ids, topk_weights)
     num_experts = _validate_weights(hidden.shape[1], w13, w2, hidden.dtype)
     if num_tokens == 0 or top_k == 0 or num_experts == 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -44,6 +45,16 @@ def capture(llm: object, ids: list[int]) -> list[tuple[str, torch.Tensor]]:
     return outputs
 
 
+def numbered(outputs: list[tuple[str, torch.Tensor]]) -> list[tuple[str, int]]:
+    """(module name, how many earlier outputs that module gave): one key per call, alike on both sides."""
+    calls: Counter[str] = Counter()
+    keys = []
+    for name, _ in outputs:
+        keys.append((name, calls[name]))
+        calls[name] += 1
+    return keys
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--promote-k", type=int, default=128)
@@ -64,13 +75,8 @@ def main() -> int:
     got, want = capture(gpu, ids), capture(cpu, ids)
     print(f"{len(got)} GPU outputs, {len(want)} CPU outputs (promote every {args.promote_k})")
     # Paired by module name and call number: a module only one side calls (a fused path) is listed alone.
-    ref: dict[tuple[str, int], torch.Tensor] = {}
-    for name, t in want:
-        ref[(name, sum(1 for key in ref if key[0] == name))] = t
-    seen: dict[str, int] = {}
-    for name, g in got:
-        key = (name, seen.get(name, 0))
-        seen[name] = key[1] + 1
+    ref = dict(zip(numbered(want), (t for _, t in want), strict=True))
+    for key, (name, g) in zip(numbered(got), got, strict=True):
         c = ref.pop(key, None)
         if c is None or c.shape != g.shape:
             print(f"  {'GPU only':>9}  {name}  {tuple(g.shape)}")

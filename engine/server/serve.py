@@ -187,7 +187,7 @@ def _elastic_handler(args: argparse.Namespace, role: str, spec: InstanceSpec, co
         why_not = "only an instance running expert parallelism over at least 2 ranks can be scaled live"
     elif role_args["kv"].connector == BENCH_CONNECTOR:
         why_not = "a bench-connector instance cannot be scaled live"
-    elif getattr(getattr(role_args.get("engine"), "dbo", None), "enabled", False):
+    elif role_args["engine"].dbo.enabled:
         # DBO's split vote runs over a group of the launch-time world, which a re-formed world would not have.
         why_not = "an instance with dual batch overlap (--enable-dbo) cannot be scaled live yet"
     elif spec.mla_core:
