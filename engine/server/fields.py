@@ -18,6 +18,7 @@ reads what routing needs and passes every body on, so this table is the one plac
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from typing import Any
 
 from kvtransfer import protocol as pd
@@ -115,33 +116,32 @@ def _unsupported(name: str, value: Any) -> RequestError:
     return RequestError(f"'{name}' is not supported by this server (got {shown})", code="unsupported", param=name)
 
 
-def check_fields(body: dict[str, Any], kind: str) -> None:
-    """Refuse (RequestError, 400, `param` = the field) any field of `body` this server would not honour."""
-    honoured = HONOURED[kind]
-    neutral = _NEUTRAL_BY_KIND[kind]
-    for name, value in body.items():
-        if name in honoured or name in NO_EFFECT:  # kind-specific no-effect fields are harmless elsewhere too
+def _refuse_unhonoured(fields: dict[str, Any], honoured: Callable[[str], bool], neutral: Collection[str],
+                       prefix: str, unrecognized: str) -> None:
+    """One level of a body: every field honoured, or neutral-only with its no-op value, else a 400 whose
+    `param` is the field's path (`prefix` + name)."""
+    for name, value in fields.items():
+        if honoured(name):
             continue
         if name in neutral:
             if not _is_neutral(name, value):
-                raise _unsupported(name, value)
+                raise _unsupported(prefix + name, value)
             continue
-        raise RequestError(f"Unrecognized request argument supplied: '{name}'", code="unrecognized_argument",
-                           param=name)
+        raise RequestError(f"{unrecognized}: '{name}'", code="unrecognized_argument", param=prefix + name)
+
+
+def check_fields(body: dict[str, Any], kind: str) -> None:
+    """Refuse (RequestError, 400, `param` = the field) any field of `body` this server would not honour."""
+    honoured = HONOURED[kind]
+    # Kind-specific no-effect fields are harmless elsewhere too.
+    _refuse_unhonoured(body, lambda name: name in honoured or name in NO_EFFECT, _NEUTRAL_BY_KIND[kind], "",
+                       "Unrecognized request argument supplied")
     if kind == "generate":
         params = body.get("sampling_params")
         if isinstance(params, dict):
-            for name, value in params.items():
-                where = f"sampling_params.{name}"
-                if name in SAMPLING or name in _SGLANG_GRAMMAR or name in ("spaces_between_special_tokens",
-                                                                           "no_stop_trim"):
-                    continue
-                if name in _SAMPLING_PARAMS_NEUTRAL:
-                    if not _is_neutral(name, value):
-                        raise _unsupported(where, value)
-                    continue
-                raise RequestError(f"Unrecognized sampling parameter: '{name}'", code="unrecognized_argument",
-                                   param=where)
+            _refuse_unhonoured(params, lambda name: (name in SAMPLING or name in _SGLANG_GRAMMAR
+                                                     or name in ("spaces_between_special_tokens", "no_stop_trim")),
+                               _SAMPLING_PARAMS_NEUTRAL, "sampling_params.", "Unrecognized sampling parameter")
             both = sorted((SAMPLING | _SGLANG_GRAMMAR) & body.keys())
             if both:
                 raise RequestError(f"'{both[0]}' goes inside 'sampling_params' when that is given",
