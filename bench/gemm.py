@@ -12,8 +12,11 @@ and masked (decode) layouts.
 Each FP8 backend is timed beside the bf16 path the model would otherwise run on the same shape: torch's
 bf16 matmul for dense, the repo's bf16 grouped kernels for experts (``torch._grouped_mm`` contiguous,
 Triton masked). ``ratio`` = FP8 TFLOP/s / bf16 TFLOP/s (the issue's goal: >= 1.6 on the large shapes).
-FP8 backends: ``triton`` (activation quantization included, what the model runs), ``triton_gemm`` (the
-GEMM alone on pre-quantized activations), ``deep_gemm`` (only where it imports; not built here).
+FP8 backends: ``triton`` (our GEMM, activation quantization included), ``triton_gemm`` (the GEMM alone on
+pre-quantized activations), ``cublas`` (cuBLASLt's block-scaled GEMM through torch, quantization included;
+sm90 where this torch takes block scales), ``triton_best`` (with ``--sweep``: the fastest of a few tile
+configs of our GEMM on the prefill-sized shapes, its config recorded), ``deep_gemm`` (only where it imports).
+The model runs ``kernels.fp8_cublas.use_cublas``'s choice between ``cublas`` and ``triton``.
 ``rel_err`` is each output against the torch reference (kernels.fp8: quantize x, dequantize, matmul).
 Timing: ``triton.testing.do_bench`` medians on CUDA; perf_counter medians on CPU (--quick only).
 """
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 
 from kernels import fp8
+from kernels.fp8_cublas import GEMM_ENV
 from kernels.moe import moe_forward, moe_forward_masked
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -79,6 +83,13 @@ def fp8_backends(device: torch.device, quick: bool) -> dict[str, dict[str, Calla
                    "masked": tf.fp8_moe_forward_masked_triton},
         "triton_gemm": {"gemm": gemm},
     }
+    from kernels.fp8_cublas import fp8_linear_cublas, probe_layout
+
+    if probe_layout(device.index or 0) is not None:
+        def cublas(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+            return fp8_linear_cublas(x, w, ws, None, x.dtype)
+
+        backends["cublas"] = {"linear": cublas}
     try:
         import deep_gemm  # noqa: F401
     except ImportError:
@@ -92,7 +103,29 @@ def _weights(n: int, k: int, device: torch.device, gen: torch.Generator) -> tupl
     return fp8.quantize_fp8_weight(torch.randn(n, k, device=device, generator=gen) / k**0.5)
 
 
-def bench_dense(device: torch.device, quick: bool) -> list[dict[str, Any]]:
+# Tile configs --sweep tries on the prefill-sized shapes: (block_m, block_n, group_m, num_warps, num_stages).
+SWEEP_DENSE = [(128, 128, 8, 8, 3), (128, 128, 8, 8, 4), (128, 256, 8, 8, 3), (256, 128, 8, 8, 3), (64, 256, 8, 4, 4)]
+SWEEP_GROUPED = [(64, 128, 8, 8, 3), (64, 128, 8, 4, 4), (128, 128, 8, 8, 3), (64, 256, 8, 8, 3), (128, 64, 8, 4, 4)]
+SWEEP_MIN_ROWS = 128
+
+
+def best_config(call: Callable[..., Any], configs: list[tuple[int, ...]],
+                device: torch.device) -> tuple[float, tuple[int, ...]]:
+    """(ms, config) of the fastest ``call(config=...)``; a config that fails to compile or launch is skipped."""
+    from kernels.triton_fp8 import Fp8GemmConfig
+
+    best: tuple[float, tuple[int, ...]] = (float("inf"), ())
+    for c in configs:
+        try:
+            ms = time_ms(partial(call, config=Fp8GemmConfig(*c)), device)
+        except Exception as exc:  # noqa: BLE001 - an out-of-resources config is a result, not a failure
+            log(f"  config {c}: {type(exc).__name__}")
+            continue
+        best = min(best, (ms, c))
+    return best
+
+
+def bench_dense(device: torch.device, quick: bool, sweep: bool = False) -> list[dict[str, Any]]:
     gen = torch.Generator(device=device).manual_seed(0)
     rows_list, shapes = (QUICK_ROWS, QUICK_DENSE) if quick else (DENSE_ROWS, DENSE)
     backends = fp8_backends(device, quick)
@@ -117,6 +150,15 @@ def bench_dense(device: torch.device, quick: bool) -> list[dict[str, Any]]:
                     continue
                 ms = time_ms(fn, device)
                 row[name] = {"ms": ms, "tflops": flops / ms / 1e9, "ratio": bf16_ms / ms, "rel_err": rel_err(fn(), ref)}
+            if sweep and device.type == "cuda" and m >= SWEEP_MIN_ROWS:
+                from kernels.triton_fp8 import fp8_gemm_triton
+
+                xq_c, xs_c = xq.contiguous(), xs.contiguous()
+                ms, cfg = best_config(partial(fp8_gemm_triton, xq_c, xs_c, w, ws, torch.bfloat16), SWEEP_DENSE,
+                                      device)
+                if cfg:
+                    row["triton_best"] = {"ms": ms, "tflops": flops / ms / 1e9, "ratio": bf16_ms / ms,
+                                          "config": list(cfg)}
             out.append(row)
             log(f"dense M{m} N{n} K{k}: bf16 {row['bf16']['tflops']:.3g} TF/s | " + " | ".join(
                 f"{b} {r['tflops']:.3g} TF/s x{r['ratio']:.2f}" for b, r in row.items() if isinstance(r, dict)
@@ -139,7 +181,7 @@ def _expert_weights(experts: int, hidden: int, inter: int, device: torch.device,
     return w13, s13, w2, s2
 
 
-def bench_grouped(device: torch.device, quick: bool) -> list[dict[str, Any]]:
+def bench_grouped(device: torch.device, quick: bool, sweep: bool = False) -> list[dict[str, Any]]:
     experts, top_k, hidden, inter = QUICK_MOE if quick else (EXPERTS, TOP_K, HIDDEN, INTER)
     gen = torch.Generator(device=device).manual_seed(1)
     w13, s13, w2, s2 = _expert_weights(experts, hidden, inter, device, gen)
@@ -190,6 +232,12 @@ def bench_grouped(device: torch.device, quick: bool) -> list[dict[str, Any]]:
                 fn = partial(ops[key], *fp8_args, **(fp8_kwargs if name != "torch_reference" else {}))
                 ms = time_ms(fn, device)
                 row[name] = {"ms": ms, "tflops": flops / ms / 1e9, "ratio": bf16_ms / ms, "rel_err": rel_err(fn(), ref)}
+            if sweep and device.type == "cuda" and tokens * top_k // experts >= SWEEP_MIN_ROWS // 2:
+                ms, cfg = best_config(partial(backends["triton"][key], *fp8_args, **fp8_kwargs), SWEEP_GROUPED,
+                                      device)
+                if cfg:
+                    row["triton_best"] = {"ms": ms, "tflops": flops / ms / 1e9, "ratio": bf16_ms / ms,
+                                          "config": list(cfg)}
             out.append(row)
             log(f"grouped {layout} T{tokens} E{experts} top{top_k}: bf16 {row['bf16']['tflops']:.3g} TF/s | "
                 + " | ".join(
@@ -232,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.gemm", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes against the torch reference (CPU ok)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    parser.add_argument("--sweep", action="store_true", help="also try a few tile configs of our GEMM (CUDA)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON and PNG go")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -244,11 +293,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if device.type == "cuda":
+        import os
+
         import triton
 
         results["triton"] = triton.__version__
-    results["dense"] = bench_dense(device, args.quick)
-    results["grouped"] = bench_grouped(device, args.quick)
+        os.environ[GEMM_ENV] = "triton"  # the "triton" backend is ours alone; "cublas" calls cuBLAS directly
+    results["dense"] = bench_dense(device, args.quick, args.sweep)
+    results["grouped"] = bench_grouped(device, args.quick, args.sweep)
     stem = f"gemm_{device.type}" + ("_quick" if args.quick else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))

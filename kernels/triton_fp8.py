@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize, check_expert_weights, scale_shape
+from kernels.fp8_cublas import fp8_linear_cublas, use_cublas
 from kernels.triton_moe import ExpertSort, sort_by_expert
 
 # Hopper's FP8 MMA adds its products at less than fp32 precision; Triton promotes the partial sum into an
@@ -80,7 +81,7 @@ def _quantize_rows(x):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, M, K, capacity, stride_xm, stride_qm, stride_sm,
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, M, K, capacity, stride_xm, stride_qm, stride_sm, stride_sg,
                       GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr, MASKED: tl.constexpr):
     group = tl.program_id(1)
     cols = group * GROUP + tl.arange(0, GROUP)
@@ -104,21 +105,27 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, M, K, capacity, stride_xm
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     q, scale = _quantize_rows(x)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + rows64 * stride_sm + group, scale, mask=row_mask)
+    tl.store(s_ptr + rows64 * stride_sm + group * stride_sg, scale, mask=row_mask)
 
 
 def quantize_fp8_act_triton(x: torch.Tensor, group_size: int = BLOCK, counts: torch.Tensor | None = None,
-                            capacity: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                            capacity: int = 0, scales_m_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``kernels.fp8.quantize_fp8_act`` for a 2-D x ``[M, K]`` (last dim contiguous).
 
     With ``counts`` ``[E]`` and ``capacity`` (M = E * capacity), only each expert's first ``counts[e]``
     rows are quantized; the other rows of the outputs are left unwritten (nothing reads them).
+    ``scales_m_major``: the scales ``[M, groups]`` are stored with stride ``(1, M)``, the layout cuBLAS
+    reads 1 x 128 scales in (``kernels.fp8_cublas``); same values.
     """
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be 2-D and contiguous in its last dim, got {tuple(x.shape)} {x.stride()}")
     m, k = x.shape
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((m, triton.cdiv(k, group_size)), dtype=torch.float32, device=x.device)
+    groups = triton.cdiv(k, group_size)
+    if scales_m_major:
+        s = torch.empty((groups, m), dtype=torch.float32, device=x.device).t()
+    else:
+        s = torch.empty((m, groups), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return q, s
     block_rows = 16
@@ -131,7 +138,7 @@ def quantize_fp8_act_triton(x: torch.Tensor, group_size: int = BLOCK, counts: to
     grid = (row_programs, triton.cdiv(k, group_size))
     _act_quant_kernel[grid](
         x, q, s, counts if counts is not None else s, m, k, max(capacity, 1), x.stride(0), q.stride(0), s.stride(0),
-        GROUP=group_size, BLOCK_ROWS=block_rows, MASKED=counts is not None, num_warps=4,
+        s.stride(1), GROUP=group_size, BLOCK_ROWS=block_rows, MASKED=counts is not None, num_warps=4,
     )  # fmt: skip
     return q, s
 
@@ -301,7 +308,8 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
 
 def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                       bias: torch.Tensor | None = None, block_size: BlockSize = (BLOCK, BLOCK)) -> torch.Tensor:
-    """``kernels.fp8.fp8_linear`` on the GPU: quantize x per token group, then the block-scaled GEMM."""
+    """``kernels.fp8.fp8_linear`` on the GPU: quantize x per token group, then the block-scaled GEMM (cuBLAS's
+    where ``kernels.fp8_cublas.use_cublas`` picks it, else ours)."""
     if weight.dtype != FP8_DTYPE or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {weight.dtype} {tuple(weight.shape)} do not fit")
     if tuple(weight_scale.shape) != scale_shape(weight.shape[0], weight.shape[1], block_size):
@@ -310,7 +318,9 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if x2.shape[0] <= FUSED_QUANT_MAX_ROWS:
+    if use_cublas(x2, weight, block_size):
+        out = fp8_linear_cublas(x2, weight, weight_scale, bias, x.dtype)
+    elif x2.shape[0] <= FUSED_QUANT_MAX_ROWS:
         out = fp8_gemm_triton(x2, None, weight, weight_scale, x.dtype, bias, block_size)
     else:
         xq, xs = quantize_fp8_act_triton(x2, block_size[1])

@@ -18,6 +18,7 @@
 #   a2a        MLA-core DP's head exchange on one GPU: the GPU test (ranks sharing the GPU, graph replays with
 #              changing splits vs the reference) and bench.dynamic_a2a --shared-gpu (with the ranks-as-streams
 #              column); several GPUs: bench.dynamic_a2a --world N by hand
+#   gemm       bench.gemm --sweep: each FP8 GEMM backend (ours, cuBLAS's block-scaled) beside bf16 at V3 shapes
 #   pd         bench.compare_pd, V2-Lite 4096 in / 100 out, 32 prompts at concurrency 8 (PD_ARGS adds)
 # Carry .gpu_bundle, optionally .baseline and .gpu_carry.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
@@ -73,6 +74,7 @@ for s in $STEPS; do
         step 11_dbo_step "$(left 150)" python3 -m bench.dbo_step --device cuda --model-config v2-lite \
             --load-format dummy --batches 2x512,4x512,8x512,4x1024,8x1024 --decode-batches 64,256 \
             --out "$OUT_SAVED/dbo_step_gpu.json" ;;
+    gemm) step 16_gemm "$(left 240)" python3 -m bench.gemm --sweep --out-dir "$OUT_SAVED" ;;
     eplb) step 12_eplb "$(left 120)" python3 -m bench.eplb --device cuda --out "$OUT_SAVED/eplb_cuda" ;;
     prefix) step 13_prefix_cache "$(left 330)" env UCX_MODULES="${UCX_MODULES:-^ib}" python3 -m bench.compare_prefix_cache \
         --device cuda --model engine/model_configs/deepseek-v2-lite --load-format dummy --cuda-graph-max-bs 16 \

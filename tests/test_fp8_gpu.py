@@ -52,6 +52,8 @@ def test_triton_quantizer_equals_the_reference_bit_for_bit(shape: tuple[int, int
     q, s = quantize_fp8_act_triton(x)
     rq, rs = fp8.quantize_fp8_act(x)
     assert torch.equal(s, rs)
+    q_m, s_m = quantize_fp8_act_triton(x, scales_m_major=True)  # cuBLAS's scale layout, same values
+    assert s_m.stride(0) == 1 and torch.equal(s_m, rs) and torch.equal(q_m.view(torch.uint8), q.view(torch.uint8))
     differ = (q.view(torch.uint8) != rq.view(torch.uint8)).nonzero()
     for r, c in differ[:8].tolist():
         scaled = x[r, c].double() / rs[r, c // 128].double()
@@ -65,8 +67,11 @@ def test_triton_quantizer_equals_the_reference_bit_for_bit(shape: tuple[int, int
 @gpu_test
 @pytest.mark.parametrize("nk", DENSE_SHAPES, ids=lambda nk: f"N{nk[0]}xK{nk[1]}")
 @pytest.mark.parametrize("m", ROWS)
-def test_triton_fp8_linear_matches_the_reference(nk: tuple[int, int], m: int) -> None:
+def test_triton_fp8_linear_matches_the_reference(nk: tuple[int, int], m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels.fp8_cublas import GEMM_ENV
     from kernels.triton_fp8 import fp8_linear_triton
+
+    monkeypatch.setenv(GEMM_ENV, "triton")  # our GEMM at every row count (auto hands large M to cuBLAS)
 
     n, k = nk
     gen = torch.Generator(device="cuda").manual_seed(m * 7 + n)
@@ -81,6 +86,29 @@ def test_triton_fp8_linear_matches_the_reference(nk: tuple[int, int], m: int) ->
         bias = torch.randn(n, device="cuda", generator=gen)
         out32 = fp8_linear_triton(x.float(), w, ws, bias)
         assert _rel(out32, fp8.fp8_linear(x.float(), w, ws, bias)) < FP32_TOL
+
+
+@gpu_test
+@pytest.mark.parametrize("nk", [nk for nk in DENSE_SHAPES if nk[0] % 16 == 0 and nk[1] % 16 == 0] + [(2816, 1408)],
+                         ids=lambda nk: f"N{nk[0]}xK{nk[1]}")
+@pytest.mark.parametrize("m", ROWS)
+def test_cublas_fp8_linear_matches_the_reference(nk: tuple[int, int], m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuBLAS's block-scaled GEMM, forced; K of 11 and 85.5 blocks exercise the padded scale row."""
+    from kernels.fp8_cublas import GEMM_ENV, probe_layout
+    from kernels.triton_fp8 import fp8_linear_triton
+
+    if probe_layout(torch.cuda.current_device()) is None:
+        pytest.skip(f"cuBLAS block-scaled FP8 does not run here (sm {torch.cuda.get_device_capability()}, "
+                    f"torch {torch.__version__})")
+    monkeypatch.setenv(GEMM_ENV, "cublas")
+    n, k = nk
+    gen = torch.Generator(device="cuda").manual_seed(m * 5 + n)
+    w, ws = fp8.quantize_fp8_weight(torch.randn(n, k, device="cuda", generator=gen) / k**0.5)
+    x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+    _poison()
+    out = fp8_linear_triton(x, w, ws)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert _rel(out, fp8.fp8_linear(x.float(), w, ws)) < BF16_TOL
 
 
 def _experts(num: int, hidden: int, inter: int,

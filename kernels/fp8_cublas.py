@@ -1,0 +1,133 @@
+"""FP8 block-scaled dense GEMM through cuBLASLt (torch's ``_scaled_mm``): DeepSeek-V3's recipe on Hopper.
+
+cuBLASLt 12.9+ takes 1 x 128 activation scales and 128 x 128 weight scales natively on sm90, with the
+block-wise fp32 promotion DeepSeek's recipe asks for, at a rate our Triton kernel does not reach on
+prefill-sized M. ``kernels.triton_fp8.fp8_linear_triton`` calls ``fp8_linear_cublas`` where
+``use_cublas`` says so; the Triton GEMM stays the path for everything else (grouped experts, other GPUs,
+a torch whose ``_scaled_mm`` refuses block scales).
+
+Layouts cuBLAS wants (torch checks them in ``is_blockwise_1x128_scaling`` / ``..._128x128_scaling``):
+activation scales ``[M, K/128]`` M-major (stride ``(1, M)``: the quantizer writes them so), weight
+``[K, N]`` column-major (our ``[N, K]`` row-major weight, transposed) and its scales ``[K/128, N/128]``
+as the transpose of ``[N/128, K/128]``. Newer torch releases want that weight-scale row padded to a
+multiple of 4 blocks (cuBLAS's ``L4``); which one this torch takes is probed once per device.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Literal
+
+import torch
+
+from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize
+
+GEMM_ENV = "TANDEM_FP8_GEMM"
+ScaleLayout = Literal["padded", "packed"]
+# From this many rows cuBLAS runs the dense FP8 GEMM under `auto` (below it the Triton GEMM quantizes its
+# activation tiles itself and splits K, which suits decode's few rows). bench.gemm measures both sides.
+CUBLAS_MIN_ROWS = int(os.environ.get("TANDEM_FP8_CUBLAS_MIN_ROWS", "128"))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def cublas_weight_scale(weight_scale: torch.Tensor, layout: ScaleLayout) -> torch.Tensor:
+    """``[N/128, K/128]`` weight scales as cuBLAS's ``scale_b`` ``[K/128, N/128]`` (a transposed view)."""
+    rows, blocks = weight_scale.shape
+    if layout == "packed" or blocks % 4 == 0:
+        return weight_scale.contiguous().t()
+    padded = torch.zeros((rows, _cdiv(blocks, 4) * 4), dtype=torch.float32, device=weight_scale.device)
+    padded[:, :blocks] = weight_scale
+    return padded[:, :blocks].t()
+
+
+def _scaled_mm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, scale_b: torch.Tensor,
+               out_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
+
+
+@functools.cache
+def probe_layout(device_index: int) -> ScaleLayout | None:
+    """The weight-scale layout this torch's ``_scaled_mm`` takes for block scales on this GPU, or None.
+
+    One small GEMM per layout (K of 3 blocks, so padding matters) checked against the dequantized matmul;
+    run once per device, outside any graph capture.
+    """
+    device = torch.device("cuda", device_index)
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return None  # cuBLAS's DeepSeek-style block scaling is sm90 only
+    from kernels.fp8 import dequantize_fp8_act, dequantize_fp8_weight, quantize_fp8_weight
+    from kernels.triton_fp8 import quantize_fp8_act_triton
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(32, 3 * BLOCK, device=device, generator=gen, dtype=torch.bfloat16)
+    w, ws = quantize_fp8_weight(torch.randn(256, 3 * BLOCK, device=device, generator=gen) / 20)
+    xq, xs = quantize_fp8_act_triton(x, BLOCK, scales_m_major=True)
+    ref = dequantize_fp8_act(xq, xs.contiguous()) @ dequantize_fp8_weight(w, ws, (BLOCK, BLOCK), torch.float32).t()
+    for layout in ("padded", "packed"):
+        try:
+            out = _scaled_mm(xq, xs, w, cublas_weight_scale(ws, layout), torch.bfloat16, None)
+        except (RuntimeError, NotImplementedError, ValueError):
+            continue
+        if ((out.float() - ref).norm() / ref.norm()).item() < 2e-2:
+            return layout
+    return None
+
+
+def use_cublas(x: torch.Tensor, weight: torch.Tensor, block_size: BlockSize) -> bool:
+    """Whether the dense FP8 GEMM of ``x [M, K]`` by ``weight [N, K]`` goes to cuBLAS.
+
+    ``TANDEM_FP8_GEMM``: ``triton`` never, ``cublas`` wherever the shape allows (an error where the GPU or
+    torch cannot), ``auto`` (default) from ``CUBLAS_MIN_ROWS`` rows on a GPU where the probe passed.
+    """
+    choice = os.environ.get(GEMM_ENV, "auto").strip().lower()
+    if choice not in ("auto", "triton", "cublas"):
+        raise ValueError(f"{GEMM_ENV} must be auto, triton or cublas, got {choice!r}")
+    if choice == "triton" or not x.is_cuda:
+        return False
+    shape_ok = tuple(block_size) == (BLOCK, BLOCK) and x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0
+    capturing = torch.cuda.is_current_stream_capturing()
+    # The probe runs kernels and syncs: never inside a capture (an unprobed device stays on Triton there).
+    probed = not capturing or probe_layout.cache_info().currsize > 0
+    layout = probe_layout(x.device.index or 0) if shape_ok and probed else None
+    if choice == "cublas":
+        if layout is None:
+            raise RuntimeError(f"{GEMM_ENV}=cublas but cuBLAS block-scaled FP8 does not run this GEMM here "
+                               f"(sm {torch.cuda.get_device_capability(x.device)}, torch {torch.__version__}, "
+                               f"K {x.shape[1]}, N {weight.shape[0]}, blocks {tuple(block_size)})")
+        return True
+    return layout is not None and x.shape[0] >= CUBLAS_MIN_ROWS
+
+
+# Weight scales in cuBLAS's layout, made once per weight-scale tensor at its first call (a small copy) and
+# reused every step, graph replays included. The entry holds the source tensor, so its storage cannot be
+# freed and reused: a later tensor with the same pointer, shape and strides views the same scales, and the
+# version counter catches an in-place change (a weight reload).
+_SCALE_B: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+
+def _scale_b(weight_scale: torch.Tensor) -> torch.Tensor:
+    device = weight_scale.device.index or 0
+    key = (weight_scale.data_ptr(), device, tuple(weight_scale.shape), weight_scale.stride())
+    hit = _SCALE_B.get(key)
+    if hit is None or hit[1] != weight_scale._version:
+        layout = probe_layout(device)
+        assert layout is not None
+        hit = (weight_scale, weight_scale._version, cublas_weight_scale(weight_scale, layout))
+        _SCALE_B[key] = hit
+    return hit[2]
+
+
+def fp8_linear_cublas(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``y = x2 W^T (+ bias)`` for a 2-D ``x2 [M, K]``: quantize x2 per 1 x 128 group, then cuBLASLt."""
+    from kernels.triton_fp8 import quantize_fp8_act_triton
+
+    if weight.dtype != FP8_DTYPE:
+        raise ValueError(f"weight must be {FP8_DTYPE}, got {weight.dtype}")
+    xq, xs = quantize_fp8_act_triton(x2, BLOCK, scales_m_major=True)
+    return _scaled_mm(xq, xs, weight, _scale_b(weight_scale), out_dtype,
+                      None if bias is None else bias.to(out_dtype))
