@@ -139,6 +139,14 @@ def run_setup(name: str, args: argparse.Namespace, vocab: int) -> dict[str, Any]
     return report
 
 
+def _setups(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in SETUPS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"setups are {', '.join(SETUPS)}; got {text!r}")
+    return names
+
+
 def _value(summary: dict[str, Any], key: str, stat: str | None) -> float | None:
     value = summary[key] if stat is None else summary[key][stat]
     return None if value is None else float(value)
@@ -148,7 +156,7 @@ def comparison_rows(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per metric: each setup's value and the 1P1D/colocated ratio."""
     rows = []
     for title, key, stat, higher_better in TABLE_ROWS:
-        values = {name: _value(reports[name]["summary"], key, stat) for name in SETUPS}
+        values = {name: _value(reports[name]["summary"], key, stat) if name in reports else None for name in SETUPS}
         pd, colo = values["1p1d"], values["colocated"]
         ratio = pd / colo if pd is not None and colo else None
         rows.append({"metric": title, **values, "ratio_1p1d_over_colocated": ratio,
@@ -173,9 +181,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         args.model = resolve_model_dir(None)
     vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
-    reports = {name: run_setup(name, args, vocab) for name in SETUPS}
+    reports = {name: run_setup(name, args, vocab) for name in args.setups}
     rows = comparison_rows(reports)
-    cfg = reports["1p1d"]["config"]
+    cfg = next(iter(reports.values()))["config"]
     title = (f"1P1D vs colocated, {args.device}, model {Path(args.model).name}: in={args.input_len} "
              f"out={args.output_len} n={args.num_prompts} conc={cfg['max_concurrency']} "
              f"rate={cfg['request_rate'] or 'inf'}")  # fmt: skip
@@ -194,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     from bench.serving_plots import write_plot
 
-    write_plot([reports[name] for name in SETUPS], plot_path)
+    write_plot(list(reports.values()), plot_path)
     result["paths"] = {"json": str(json_path), "plot": str(plot_path)}
     return result
 
@@ -223,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="default: the JSON path with .png")
     p.add_argument("--log-dir", default="runs/compare_pd", help="each server's log goes under here")
     p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--setups", type=_setups, default=SETUPS,
+                   help="comma-separated, of 1p1d,colocated (default both; one alone leaves the ratio n/a)")
     return p
 
 
@@ -239,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_table(result["table"], result["title"]))
     print(f"results: {result['paths']['json']}\nplot: {result['paths']['plot']}")
-    completed = [result["runs"][name]["summary"]["completed"] for name in SETUPS]
+    completed = [run["summary"]["completed"] for run in result["runs"].values()]
     return 0 if all(c == args.num_prompts for c in completed) else 1
 
 

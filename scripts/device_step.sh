@@ -19,7 +19,9 @@
 #              changing splits vs the reference) and bench.dynamic_a2a --shared-gpu (with the ranks-as-streams
 #              column); several GPUs: bench.dynamic_a2a --world N by hand
 #   gemm       bench.gemm --sweep: each FP8 GEMM backend (ours, cuBLAS's block-scaled) beside bf16 at V3 shapes
-#   pd         bench.compare_pd, V2-Lite 4096 in / 100 out, 32 prompts at concurrency 8 (PD_ARGS adds)
+#   pd         bench.compare_pd 1P1D (PD_SETUPS=1p1d,colocated for both), V2-Lite 4096 in / 100 out, 32 prompts at
+#              concurrency 8 (PD_ARGS adds), timeline on (bench.pd_timeline joins it); pd32: 64 prompts at
+#              concurrency 32; pd32landed: pd32 on the landed tree carried as .baseline (same call, same card)
 # Carry .gpu_bundle, optionally .baseline and .gpu_carry.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
 # Every GPU item still owed by the open issues, in one call of ~10 minutes (BUDGET=570, the default):
@@ -61,10 +63,19 @@ for s in $STEPS; do
     fp8diff) step 08_fp8_layer_diff "$(left 90)" python3 tests/fp8_layer_diff.py --promote-k 32 ;;
     fp8step) step 06_decode_step_fp8 "$(left 90)" python3 -m bench.decode_step $DS --quantization fp8 --profile \
         --out "$OUT_SAVED/decode_step_gpu_fp8.json" ;;
-    pd) step 07_compare_pd "$(left 330)" python3 -m bench.compare_pd --device cuda \
-        --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
-        --num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16 ${PD_ARGS:-} --output-json "$OUT_SAVED/compare_pd_c8.json" \
-        --log-dir /tmp/device_step_logs/compare_pd --disable-tqdm ;;
+    pd | pd32 | pd32landed)  # c8: the issue's setup; c32: 64 prompts; pd32landed: the same on .baseline
+        case $s in
+        pd) name=compare_pd_c8 tree=. load="--num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16" ;;
+        pd32) name=compare_pd_c32 tree=. load="--num-prompts 64 --max-concurrency 32 --cuda-graph-max-bs 32" ;;
+        pd32landed) name=compare_pd_c32_landed tree=.baseline load="--num-prompts 64 --max-concurrency 32 --cuda-graph-max-bs 32"
+            [ -d .baseline ] && cp bench/compare_pd.py .baseline/bench/ ;;  # the driver's flags; the engine stays landed
+        esac
+        [ -d "$tree" ] && step "07_$name" "$(left 300)" env TANDEM_TIMELINE=1 PYTHONPATH="$PWD/$tree:$SITE" bash -c \
+            "cd $tree && python3 -m bench.compare_pd --device cuda --setups \${PD_SETUPS:-1p1d} \
+            --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
+            $load ${PD_ARGS:-} --output-json $OUT_SAVED/$name.json \
+            --log-dir $OUT_SAVED/${name}_logs --disable-tqdm && python3 -m bench.pd_timeline \
+            $OUT_SAVED/${name}_logs/1p1d --json $OUT_SAVED/${name}_timeline.json" ;;
     spy) step 09_decode_alone_pyspy "$(left 200)" py-spy record --subprocesses --nonblocking --format raw -r 100 \
         -o "$OUT_SAVED/decode_alone_pyspy.txt" -- python3 -m bench.decode_alone --device cuda --load-format dummy \
         --model engine/model_configs/deepseek-v2-lite --input-len 4096 --output-len 100 --num-prompts 32 \
