@@ -19,6 +19,7 @@ overlays their latency CDFs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.gpu_mps import mps_daemon, sm_share_env
 from bench.pd_servers import Server, ServerGroup, cpu_worker_env, free_port, wait_healthy, wait_idle
 from bench.serving import BenchConfig, BenchmarkError, run_benchmark
 
@@ -77,8 +79,9 @@ def start_setup(name: str, group: ServerGroup, args: argparse.Namespace) -> tupl
     if name == "1p1d":
         p_port, d_port, boot = free_port(), free_port(), free_port()
         prefill = group.start("prefill", "prefill_worker", [*_worker_flags(args, p_port),
-                              "--bootstrap-port", str(boot)], p_port)  # fmt: skip
-        decode = group.start("decode", "decode_worker", _worker_flags(args, d_port) + _graph_flags(args), d_port)
+                              "--bootstrap-port", str(boot)], p_port, sm_share_env(args.mps_prefill_sm))  # fmt: skip
+        decode = group.start("decode", "decode_worker", _worker_flags(args, d_port) + _graph_flags(args), d_port,
+                             sm_share_env(args.mps_decode_sm))
         workers = [prefill, decode]
         router_args += ["--prefill", prefill.url, str(boot), "--decode", decode.url]
     else:
@@ -108,6 +111,14 @@ def run_setup(name: str, args: argparse.Namespace, vocab: int) -> dict[str, Any]
     """Start, measure, check idle, stop: one setup's `bench.serving` report with its setup notes."""
     env = cpu_worker_env(args.threads) if args.device == "cpu" else {}
     load_before = os.getloadavg()  # the machine may be shared: say how busy it was
+    with contextlib.ExitStack() as stack:
+        if args.mps:
+            env.update(stack.enter_context(mps_daemon(Path(args.log_dir) / name / "mps")))
+        return _measure_setup(name, args, vocab, env, load_before)
+
+
+def _measure_setup(name: str, args: argparse.Namespace, vocab: int, env: dict[str, str],
+                   load_before: tuple[float, float, float]) -> dict[str, Any]:
     with ServerGroup(Path(args.log_dir) / name, env) as group:
         started = time.monotonic()
         log.info("[%s] starting workers and router", name)
@@ -135,6 +146,7 @@ def run_setup(name: str, args: argparse.Namespace, vocab: int) -> dict[str, Any]
         "pages_idle_after_run": all(i["free_pages"] + i.get("evictable_pages", 0) == i["total_pages"] for i in idle),
         "load_average_1m_before": load_before[0],
         "cpu_count": os.cpu_count(),
+        "mps": {"prefill_sm_pct": args.mps_prefill_sm, "decode_sm_pct": args.mps_decode_sm} if args.mps else None,
     }
     return report
 
@@ -231,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="default: the JSON path with .png")
     p.add_argument("--log-dir", default="runs/compare_pd", help="each server's log goes under here")
     p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--mps", action="store_true",
+                   help="GPU: run the servers under a private CUDA MPS daemon (kernels of both share the SMs)")
+    p.add_argument("--mps-prefill-sm", type=int, default=None, help="with --mps: the prefill's SM share, percent")
+    p.add_argument("--mps-decode-sm", type=int, default=None, help="with --mps: the decode's SM share, percent")
     p.add_argument("--setups", type=_setups, default=SETUPS,
                    help="comma-separated, of 1p1d,colocated (default both; one alone leaves the ratio n/a)")
     return p

@@ -137,8 +137,9 @@ class ServerGroup:
         self.servers: list[Server] = []
         log_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, module: str, args: list[str], port: int) -> Server:
-        server = start_server(name, module, args, port, self.log_dir, self.env)
+    def start(self, name: str, module: str, args: list[str], port: int, env: dict[str, str] | None = None) -> Server:
+        """One server; ``env`` adds to the group's for this server alone."""
+        server = start_server(name, module, args, port, self.log_dir, {**self.env, **(env or {})})
         self.servers.append(server)
         return server
 

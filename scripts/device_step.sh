@@ -21,7 +21,8 @@
 #   gemm       bench.gemm --sweep: each FP8 GEMM backend (ours, cuBLAS's block-scaled) beside bf16 at V3 shapes
 #   pd         bench.compare_pd 1P1D (PD_SETUPS=1p1d,colocated for both), V2-Lite 4096 in / 100 out, 32 prompts at
 #              concurrency 8 (PD_ARGS adds), timeline on (bench.pd_timeline joins it); pd32: 64 prompts at
-#              concurrency 32; pd32landed: pd32 on the landed tree carried as .baseline (same call, same card)
+#              concurrency 32; pd32landed: pd32 on the landed tree carried as .baseline (same call, same card);
+#              pdmps / pd32mps: the same under a private CUDA MPS daemon (MPS_ARGS: e.g. --mps-decode-sm 40)
 # Carry .gpu_bundle, optionally .baseline and .gpu_carry.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
 # Every GPU item still owed by the open issues, in one call of ~10 minutes (BUDGET=570, the default):
@@ -63,15 +64,20 @@ for s in $STEPS; do
     fp8diff) step 08_fp8_layer_diff "$(left 90)" python3 tests/fp8_layer_diff.py --promote-k 32 ;;
     fp8step) step 06_decode_step_fp8 "$(left 90)" python3 -m bench.decode_step $DS --quantization fp8 --profile \
         --out "$OUT_SAVED/decode_step_gpu_fp8.json" ;;
-    pd | pd32 | pd32landed)  # c8: the issue's setup; c32: 64 prompts; pd32landed: the same on .baseline
+    pd | pd32 | pd32landed | pdmps | pd32mps)  # c8: the issue's setup; c32: 64 prompts; *landed: on .baseline
+        tree=. mps=""
+        case $s in pd32landed) tree=.baseline ;; esac
+        case $s in *mps) mps="--mps ${MPS_ARGS:-}" ;; esac
         case $s in
-        pd) name=compare_pd_c8 tree=. load="--num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16" ;;
-        pd32) name=compare_pd_c32 tree=. load="--num-prompts 64 --max-concurrency 32 --cuda-graph-max-bs 32" ;;
-        pd32landed) name=compare_pd_c32_landed tree=.baseline load="--num-prompts 64 --max-concurrency 32 --cuda-graph-max-bs 32"
-            [ -d .baseline ] && cp bench/compare_pd.py .baseline/bench/ ;;  # the driver's flags; the engine stays landed
+        pd | pdmps) name=compare_pd_c8 load="--num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16" ;;
+        *) name=compare_pd_c32 load="--num-prompts 64 --max-concurrency 32 --cuda-graph-max-bs 32" ;;
         esac
+        name=$name${mps:+_mps}
+        [ "$tree" = .baseline ] && name=${name}_landed
+        # the landed tree runs this driver (its flags); its engine stays the landed one
+        [ "$tree" = .baseline ] && [ -d .baseline ] && cp bench/compare_pd.py bench/gpu_mps.py .baseline/bench/
         [ -d "$tree" ] && step "07_$name" "$(left 300)" env TANDEM_TIMELINE=1 PYTHONPATH="$PWD/$tree:$SITE" bash -c \
-            "cd $tree && python3 -m bench.compare_pd --device cuda --setups \${PD_SETUPS:-1p1d} \
+            "cd $tree && python3 -m bench.compare_pd --device cuda --setups \${PD_SETUPS:-1p1d} $mps \
             --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
             $load ${PD_ARGS:-} --output-json $OUT_SAVED/$name.json \
             --log-dir $OUT_SAVED/${name}_logs --disable-tqdm && python3 -m bench.pd_timeline \

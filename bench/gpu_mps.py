@@ -1,0 +1,52 @@
+"""CUDA MPS for a benchmark's servers: one GPU's prefill and decode processes run kernels side by side.
+
+Without MPS, two processes on one GPU time-slice it: a decode step that meets a 50 ms prefill forward waits
+for it, and neither uses the GPU the other leaves idle (the decode step reads weights, the prefill does
+matmuls). With an MPS control daemon both processes' kernels share the SMs at once; each server may be given
+a share of them (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``).
+
+``mps_daemon(dir)`` starts a private daemon (its pipe and log directories under ``dir``, so it touches no
+system-wide state), yields the environment a client needs, and tells the daemon to quit on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+CONTROL = "nvidia-cuda-mps-control"
+
+
+def mps_available() -> bool:
+    return shutil.which(CONTROL) is not None
+
+
+@contextlib.contextmanager
+def mps_daemon(directory: Path) -> Iterator[dict[str, str]]:
+    """A running MPS control daemon; yields the env (pipe and log dirs) its clients must carry."""
+    if not mps_available():
+        raise RuntimeError(f"{CONTROL} is not on PATH: this machine cannot run MPS")
+    pipe, logs = directory / "pipe", directory / "log"
+    pipe.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(logs)}
+    subprocess.run([CONTROL, "-d"], env={**os.environ, **env}, check=True, timeout=30)
+    time.sleep(0.5)  # the daemon creates its control pipe in the background
+    try:
+        yield env
+    finally:
+        subprocess.run([CONTROL], input=b"quit\n", env={**os.environ, **env}, timeout=30, check=False)
+
+
+def sm_share_env(percent: int | None) -> dict[str, str]:
+    """The env giving one MPS client at most ``percent`` % of the SMs (None: all)."""
+    if percent is None:
+        return {}
+    if not 1 <= percent <= 100:
+        raise ValueError(f"an SM share is a percentage in 1..100, got {percent}")
+    return {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(percent)}
