@@ -221,10 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batches", default="8,16,32,64,128,256")
     parser.add_argument("--out", default="bench/results/dynamic_a2a_cuda.json")
+    parser.add_argument("--mps", action="store_true",
+                        help="with --shared-gpu: the ranks under a private CUDA MPS daemon, so their kernels run at "
+                             "once (time-sliced, a kernel waiting on another rank's write waits for a context switch)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.dynamic_a2a needs CUDA GPUs")
         return 2
+    if args.mps:
+        from bench.gpu_mps import mps_daemon
+
+        with mps_daemon(Path(tempfile.mkdtemp(prefix="tandem-mps-"))) as env:
+            os.environ.update(env)  # the spawned ranks inherit it
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     path = os.path.join(tempfile.gettempdir(), f"tandem-a2a-bench-{os.getpid()}")
@@ -250,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["ref_over_ipc_streams"] = r["ref_us"] / r["ipc_streams_us"]
     name = torch.cuda.get_device_name(0)
     where = f"{args.world} ranks on one {name}" if args.shared_gpu else f"{args.world} x {name}"
+    where += " under MPS" if args.mps else ""
     reference = "gloo via host" if args.shared_gpu else "NCCL"
     print(f"{where}; reference over {reference}; µs per exchange (median)")
     print(

@@ -19,11 +19,13 @@
 #              changing splits vs the reference) and bench.dynamic_a2a --shared-gpu (with the ranks-as-streams
 #              column); several GPUs: bench.dynamic_a2a --world N by hand
 #   gemm       bench.gemm --sweep: each FP8 GEMM backend (ours, cuBLAS's block-scaled) beside bf16 at V3 shapes
+#   a2amps     bench.dynamic_a2a --shared-gpu under a private MPS daemon (the ranks' kernels run at once)
 #   pd         bench.compare_pd 1P1D (PD_SETUPS=1p1d,colocated for both), V2-Lite 4096 in / 100 out, 32 prompts at
 #              concurrency 8 (PD_ARGS adds), timeline on (bench.pd_timeline joins it); pd32: 64 prompts at
 #              concurrency 32; pd32landed: pd32 on the landed tree carried as .baseline (same call, same card);
 #              pdmps / pd32mps: the same under a private CUDA MPS daemon (MPS_ARGS: e.g. --mps-decode-sm 40)
-# Carry .gpu_bundle, optionally .baseline and .gpu_carry.
+# Carry .gpu_bundle, optionally .baseline and .gpu_carry. Everything written under $OUT comes back packed as
+# $OUT/results.tgz (a call returns at most 8 files); the caller's console log stays beside it.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
 # Every GPU item still owed by the open issues, in one call of ~10 minutes (BUDGET=570, the default):
 #   STEPS="prefix dbo a2a eplb decode fp8step" PREFIX_ARGS="--num-conversations 8 --num-turns 4
@@ -101,9 +103,15 @@ for s in $STEPS; do
     a2a) step 14_pytest_a2a "$(left 150)" python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_dynamic_a2a_gpu.py
         step 15_dynamic_a2a "$(left 150)" python3 -m bench.dynamic_a2a --world 2 --shared-gpu \
             --out "$OUT_SAVED/dynamic_a2a_shared.json" ;;
+    a2amps) step 15_dynamic_a2a_mps "$(left 150)" python3 -m bench.dynamic_a2a --world 2 --shared-gpu --mps \
+            --out "$OUT_SAVED/dynamic_a2a_shared_mps.json" ;;
     *) echo "unknown step $s" && status=1 ;;
     esac
 done
 OUT=$OUT_SAVED
 cat /tmp/device_step_logs/*.log >"$OUT/device_step.log"
+# A device call returns at most 8 files from $OUT: everything but the console goes back as one archive.
+(cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name console.log ! -name results.tgz -print0 |
+    xargs -0 tar czf results.tgz && find . -mindepth 1 -maxdepth 1 ! -name console.log ! -name results.tgz \
+    -exec rm -rf {} +)
 exit $status
