@@ -83,9 +83,12 @@ def fp8_backends(device: torch.device, quick: bool) -> dict[str, dict[str, Calla
                    "masked": tf.fp8_moe_forward_masked_triton},
         "triton_gemm": {"gemm": gemm},
     }
-    from kernels.fp8_cublas import fp8_linear_cublas, probe_layout
+    from kernels.fp8_cublas import PROBE_LOG, fp8_linear_cublas, probe_recipe
 
-    if probe_layout(device.index or 0) is not None:
+    recipe = probe_recipe(device.index or 0)
+    for line in PROBE_LOG.get(device.index or 0, []):
+        log(f"cuBLAS block-scaled FP8 probe: {line}")
+    if recipe is not None:
         def cublas(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
             return fp8_linear_cublas(x, w, ws, None, x.dtype)
 
@@ -280,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.gemm", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes against the torch reference (CPU ok)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    parser.add_argument("--dense-only", action="store_true", help="skip the grouped expert GEMMs")
     parser.add_argument("--sweep", action="store_true", help="also try a few tile configs of our GEMM (CUDA)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON and PNG go")
     args = parser.parse_args(argv)
@@ -300,7 +304,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["triton"] = triton.__version__
         os.environ[GEMM_ENV] = "triton"  # the "triton" backend is ours alone; "cublas" calls cuBLAS directly
     results["dense"] = bench_dense(device, args.quick, args.sweep)
-    results["grouped"] = bench_grouped(device, args.quick, args.sweep)
+    if device.type == "cuda":
+        from kernels.fp8_cublas import PROBE_LOG
+
+        results["cublas_probe"] = PROBE_LOG.get(device.index or 0, [])
+    results["grouped"] = [] if args.dense_only else bench_grouped(device, args.quick, args.sweep)
     stem = f"gemm_{device.type}" + ("_quick" if args.quick else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))

@@ -10,21 +10,22 @@ Layouts cuBLAS wants (torch checks them in ``is_blockwise_1x128_scaling`` / ``..
 activation scales ``[M, K/128]`` M-major (stride ``(1, M)``: the quantizer writes them so), weight
 ``[K, N]`` column-major (our ``[N, K]`` row-major weight, transposed) and its scales ``[K/128, N/128]``
 as the transpose of ``[N/128, K/128]``. Newer torch releases want that weight-scale row padded to a
-multiple of 4 blocks (cuBLAS's ``L4``); which one this torch takes is probed once per device.
+multiple of 4 blocks (cuBLAS's ``L4``), and torch 2.10+ also offers ``F.scaled_mm`` with explicit recipes;
+which entry point and layouts this torch takes is probed once per device (``probe_recipe``, every try
+kept in ``PROBE_LOG``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 
 from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize
 
 GEMM_ENV = "TANDEM_FP8_GEMM"
-ScaleLayout = Literal["padded", "packed"]
 # From this many rows cuBLAS runs the dense FP8 GEMM under `auto` (below it the Triton GEMM quantizes its
 # activation tiles itself and splits K, which suits decode's few rows). bench.gemm measures both sides.
 CUBLAS_MIN_ROWS = int(os.environ.get("TANDEM_FP8_CUBLAS_MIN_ROWS", "128"))
@@ -34,46 +35,87 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def cublas_weight_scale(weight_scale: torch.Tensor, layout: ScaleLayout) -> torch.Tensor:
-    """``[N/128, K/128]`` weight scales as cuBLAS's ``scale_b`` ``[K/128, N/128]`` (a transposed view)."""
+@dataclass(frozen=True)
+class CublasRecipe:
+    """How this torch takes DeepSeek's block scales: which entry point, and the scales' layouts."""
+
+    api: str  # "scaled_mm" (torch._scaled_mm, scaling inferred from the scales' shapes) or "scaled_mm_v2"
+    a_scales: str  # "m_major" (stride (1, M), cuBLAS's own) or "k_major" (row-major)
+    b_scales: str  # "t_view" ([N/128, K/128] transposed), "padded" (rows padded to 4 blocks), "contiguous"
+
+
+# Per device: every recipe the probe tried and what happened (an error's first line or the relative error),
+# for bench.gemm to record: a torch that refuses block scales says why.
+PROBE_LOG: dict[int, list[str]] = {}
+
+
+def cublas_weight_scale(weight_scale: torch.Tensor, layout: str) -> torch.Tensor:
+    """``[N/128, K/128]`` weight scales as cuBLAS's ``scale_b`` ``[K/128, N/128]``."""
     rows, blocks = weight_scale.shape
-    if layout == "packed" or blocks % 4 == 0:
+    if layout == "contiguous":
+        return weight_scale.t().contiguous()
+    if layout == "t_view" or blocks % 4 == 0:
         return weight_scale.contiguous().t()
     padded = torch.zeros((rows, _cdiv(blocks, 4) * 4), dtype=torch.float32, device=weight_scale.device)
     padded[:, :blocks] = weight_scale
     return padded[:, :blocks].t()
 
 
-def _scaled_mm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, scale_b: torch.Tensor,
-               out_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+def _scaled_mm(recipe: CublasRecipe, xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
+               scale_b: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    if recipe.a_scales == "k_major":
+        xs = xs.contiguous()
+    if recipe.api == "scaled_mm_v2":
+        import torch.nn.functional as F
+
+        return F.scaled_mm(xq, weight.t(), xs, F.ScalingType.BlockWise1x128, scale_b,
+                           F.ScalingType.BlockWise128x128, bias=bias, output_dtype=out_dtype)
     return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
 
 
-@functools.cache
-def probe_layout(device_index: int) -> ScaleLayout | None:
-    """The weight-scale layout this torch's ``_scaled_mm`` takes for block scales on this GPU, or None.
+def _recipes() -> list[CublasRecipe]:
+    import torch.nn.functional as F
 
-    One small GEMM per layout (K of 3 blocks, so padding matters) checked against the dequantized matmul;
-    run once per device, outside any graph capture.
+    apis = (["scaled_mm_v2"] if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType") else []) + ["scaled_mm"]
+    return [CublasRecipe(api, a, b) for api in apis for a in ("m_major", "k_major")
+            for b in ("t_view", "padded", "contiguous")]
+
+
+@functools.cache
+def probe_recipe(device_index: int) -> CublasRecipe | None:
+    """The first recipe under which this torch's cuBLAS runs block-scaled FP8 right on this GPU, or None.
+
+    Each recipe runs two small GEMMs (K of 4 blocks, then of 3, where padding matters) against the
+    dequantized matmul; once per device, outside any graph capture. ``PROBE_LOG`` keeps every outcome.
     """
     device = torch.device("cuda", device_index)
+    log = PROBE_LOG.setdefault(device_index, [])
     if torch.cuda.get_device_capability(device) != (9, 0):
-        return None  # cuBLAS's DeepSeek-style block scaling is sm90 only
+        log.append(f"sm {torch.cuda.get_device_capability(device)}: cuBLAS block scaling is sm90 only")
+        return None
     from kernels.fp8 import dequantize_fp8_act, dequantize_fp8_weight, quantize_fp8_weight
     from kernels.triton_fp8 import quantize_fp8_act_triton
 
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(32, 3 * BLOCK, device=device, generator=gen, dtype=torch.bfloat16)
-    w, ws = quantize_fp8_weight(torch.randn(256, 3 * BLOCK, device=device, generator=gen) / 20)
-    xq, xs = quantize_fp8_act_triton(x, BLOCK, scales_m_major=True)
-    ref = dequantize_fp8_act(xq, xs.contiguous()) @ dequantize_fp8_weight(w, ws, (BLOCK, BLOCK), torch.float32).t()
-    for layout in ("padded", "packed"):
-        try:
-            out = _scaled_mm(xq, xs, w, cublas_weight_scale(ws, layout), torch.bfloat16, None)
-        except (RuntimeError, NotImplementedError, ValueError):
-            continue
-        if ((out.float() - ref).norm() / ref.norm()).item() < 2e-2:
-            return layout
+    cases = []
+    for k_blocks in (4, 3):
+        x = torch.randn(32, k_blocks * BLOCK, device=device, generator=gen, dtype=torch.bfloat16)
+        w, ws = quantize_fp8_weight(torch.randn(256, k_blocks * BLOCK, device=device, generator=gen) / 20)
+        xq, xs = quantize_fp8_act_triton(x, BLOCK, scales_m_major=True)
+        ref = dequantize_fp8_act(xq, xs.contiguous()) @ dequantize_fp8_weight(w, ws, (BLOCK, BLOCK),
+                                                                              torch.float32).t()
+        cases.append((xq, xs, w, ws, ref))
+    for recipe in _recipes():
+        errors = []
+        for xq, xs, w, ws, ref in cases:
+            try:
+                out = _scaled_mm(recipe, xq, xs, w, cublas_weight_scale(ws, recipe.b_scales), torch.bfloat16, None)
+                errors.append(((out.float() - ref).norm() / ref.norm()).item())
+            except Exception as exc:  # noqa: BLE001 - any refusal is an outcome to record, not a crash
+                errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+        log.append(f"{recipe}: {errors}")
+        if all(isinstance(e, float) and e < 2e-2 for e in errors):
+            return recipe
     return None
 
 
@@ -91,15 +133,15 @@ def use_cublas(x: torch.Tensor, weight: torch.Tensor, block_size: BlockSize) -> 
     shape_ok = tuple(block_size) == (BLOCK, BLOCK) and x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0
     capturing = torch.cuda.is_current_stream_capturing()
     # The probe runs kernels and syncs: never inside a capture (an unprobed device stays on Triton there).
-    probed = not capturing or probe_layout.cache_info().currsize > 0
-    layout = probe_layout(x.device.index or 0) if shape_ok and probed else None
+    probed = not capturing or probe_recipe.cache_info().currsize > 0
+    recipe = probe_recipe(x.device.index or 0) if shape_ok and probed else None
     if choice == "cublas":
-        if layout is None:
+        if recipe is None:
             raise RuntimeError(f"{GEMM_ENV}=cublas but cuBLAS block-scaled FP8 does not run this GEMM here "
                                f"(sm {torch.cuda.get_device_capability(x.device)}, torch {torch.__version__}, "
                                f"K {x.shape[1]}, N {weight.shape[0]}, blocks {tuple(block_size)})")
         return True
-    return layout is not None and x.shape[0] >= CUBLAS_MIN_ROWS
+    return recipe is not None and x.shape[0] >= CUBLAS_MIN_ROWS
 
 
 # Weight scales in cuBLAS's layout, made once per weight-scale tensor at its first call (a small copy) and
@@ -114,9 +156,9 @@ def _scale_b(weight_scale: torch.Tensor) -> torch.Tensor:
     key = (weight_scale.data_ptr(), device, tuple(weight_scale.shape), weight_scale.stride())
     hit = _SCALE_B.get(key)
     if hit is None or hit[1] != weight_scale._version:
-        layout = probe_layout(device)
-        assert layout is not None
-        hit = (weight_scale, weight_scale._version, cublas_weight_scale(weight_scale, layout))
+        recipe = probe_recipe(device)
+        assert recipe is not None
+        hit = (weight_scale, weight_scale._version, cublas_weight_scale(weight_scale, recipe.b_scales))
         _SCALE_B[key] = hit
     return hit[2]
 
@@ -128,6 +170,8 @@ def fp8_linear_cublas(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torc
 
     if weight.dtype != FP8_DTYPE:
         raise ValueError(f"weight must be {FP8_DTYPE}, got {weight.dtype}")
-    xq, xs = quantize_fp8_act_triton(x2, BLOCK, scales_m_major=True)
-    return _scaled_mm(xq, xs, weight, _scale_b(weight_scale), out_dtype,
+    recipe = probe_recipe(x2.device.index or 0)
+    assert recipe is not None, "fp8_linear_cublas called where the probe found no recipe"
+    xq, xs = quantize_fp8_act_triton(x2, BLOCK, scales_m_major=recipe.a_scales == "m_major")
+    return _scaled_mm(recipe, xq, xs, weight, _scale_b(weight_scale), out_dtype,
                       None if bias is None else bias.to(out_dtype))

@@ -93,7 +93,7 @@ for s in $STEPS; do
         step 11_dbo_step "$(left 150)" python3 -m bench.dbo_step --device cuda --model-config v2-lite \
             --load-format dummy --batches 2x512,4x512,8x512,4x1024,8x1024 --decode-batches 64,256 \
             --out "$OUT_SAVED/dbo_step_gpu.json" ;;
-    gemm) step 16_gemm "$(left 240)" python3 -m bench.gemm --sweep --out-dir "$OUT_SAVED" ;;
+    gemm) step 16_gemm "$(left 240)" python3 -m bench.gemm ${GEMM_ARGS:---sweep} --out-dir "$OUT_SAVED" ;;
     eplb) step 12_eplb "$(left 120)" python3 -m bench.eplb --device cuda --out "$OUT_SAVED/eplb_cuda" ;;
     prefix) step 13_prefix_cache "$(left 330)" env UCX_MODULES="${UCX_MODULES:-^ib}" python3 -m bench.compare_prefix_cache \
         --device cuda --model engine/model_configs/deepseek-v2-lite --load-format dummy --cuda-graph-max-bs 16 \

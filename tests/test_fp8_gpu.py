@@ -94,10 +94,10 @@ def test_triton_fp8_linear_matches_the_reference(nk: tuple[int, int], m: int, mo
 @pytest.mark.parametrize("m", ROWS)
 def test_cublas_fp8_linear_matches_the_reference(nk: tuple[int, int], m: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """cuBLAS's block-scaled GEMM, forced; K of 11 and 85.5 blocks exercise the padded scale row."""
-    from kernels.fp8_cublas import GEMM_ENV, probe_layout
+    from kernels.fp8_cublas import GEMM_ENV, probe_recipe
     from kernels.triton_fp8 import fp8_linear_triton
 
-    if probe_layout(torch.cuda.current_device()) is None:
+    if probe_recipe(torch.cuda.current_device()) is None:
         pytest.skip(f"cuBLAS block-scaled FP8 does not run here (sm {torch.cuda.get_device_capability()}, "
                     f"torch {torch.__version__})")
     monkeypatch.setenv(GEMM_ENV, "cublas")
