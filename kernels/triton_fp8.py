@@ -154,11 +154,17 @@ class Fp8GemmConfig:
     num_stages: int
 
 
-def dense_gemm_config(m: int) -> Fp8GemmConfig:
-    """Tiles by the row count. Few rows (decode) are bound by reading the weight: small row tiles and
-    narrow column tiles spread it over more SMs; many rows use 128 x 128 tiles (wgmma-sized)."""
+def dense_gemm_config(m: int, n: int = 0, sm_count: int = 0) -> Fp8GemmConfig:
+    """Tiles by the row count. Few rows (decode) are bound by reading the weight: small row tiles, and
+    column tiles narrowed (64, 32, then 16 wide) until most SMs have an output tile where they can, so the
+    weight streams from every SM without splitting K (bench.gemm on an H100: the split-K launches ran at
+    0.24-0.67x bf16 where the unsplit ones with enough tiles reached 1.2-1.7x); many rows use 128 x 128 tiles
+    (wgmma-sized)."""
     if m <= 16:
-        return Fp8GemmConfig(block_m=16, block_n=64, group_m=1, num_warps=4, num_stages=4)
+        block_n = 64
+        while block_n > 16 and 4 * triton.cdiv(n, block_n) < 3 * sm_count:
+            block_n //= 2
+        return Fp8GemmConfig(block_m=16, block_n=block_n, group_m=1, num_warps=4, num_stages=4)
     if m <= 64:
         return Fp8GemmConfig(block_m=64, block_n=64, group_m=4, num_warps=4, num_stages=4)
     if m <= 256:
@@ -260,6 +266,8 @@ def choose_split_k(m: int, n: int, k_blocks: int, cfg: Fp8GemmConfig, sm_count: 
     if m > 64:
         return 1
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    if 4 * tiles >= 3 * sm_count:  # most SMs have a tile: splitting adds partials and a reduction, no bandwidth
+        return 1
     return max(1, min(triton.cdiv(2 * sm_count, tiles), k_blocks // 4, 16))
 
 
@@ -278,10 +286,11 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
     if weight.stride(1) != 1 or xq.stride(1) != 1 or weight_scale.stride(1) != 1 or (xs is not None
                                                                                      and xs.stride(1) != 1):
         raise ValueError("fp8 GEMM operands must be contiguous in their last dim")
-    cfg = config or dense_gemm_config(m)
+    sm_count = _device_facts(xq.device.index or 0)[1] if xq.is_cuda else 0
+    cfg = config or dense_gemm_config(m, n, sm_count)
     k_blocks = triton.cdiv(k, block_size[1])
     if split_k is None:
-        split_k = choose_split_k(m, n, k_blocks, cfg, _device_facts(xq.device.index or 0)[1]) if xq.is_cuda else 1
+        split_k = choose_split_k(m, n, k_blocks, cfg, sm_count) if xq.is_cuda else 1
     split_k = max(1, min(split_k, k_blocks))
     per_split = triton.cdiv(k_blocks, split_k)
     if split_k == 1:
