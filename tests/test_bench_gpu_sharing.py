@@ -1,0 +1,44 @@
+"""The one-GPU sharing options of the serving benches, checked where no GPU is needed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from bench import compare_pd, gpu_mps
+
+
+def test_an_sm_share_is_a_percentage() -> None:
+    assert gpu_mps.sm_share_env(None) == {}
+    assert gpu_mps.sm_share_env(40) == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "40"}
+    for bad in (0, 101, -5):
+        with pytest.raises(ValueError, match="percentage"):
+            gpu_mps.sm_share_env(bad)
+
+
+def test_mps_without_its_control_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
+    assert not gpu_mps.mps_available()
+    with pytest.raises(RuntimeError, match="cannot run MPS"), gpu_mps.mps_daemon(tmp_path / "mps"):
+        pass
+
+
+def test_compare_pd_runs_the_setups_it_is_given_and_refuses_unknown_ones() -> None:
+    parser = compare_pd.build_parser()
+    assert parser.parse_args([]).setups == ("1p1d", "colocated")
+    assert parser.parse_args(["--setups", "1p1d"]).setups == ("1p1d",)
+    assert parser.parse_args(["--setups", "colocated,1p1d,1p1d"]).setups == ("colocated", "1p1d")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--setups", "1p2d"])
+    with pytest.raises(argparse.ArgumentTypeError, match="setups are"):
+        compare_pd._setups(",")
+
+
+def test_the_comparison_table_leaves_a_missing_setup_as_n_a() -> None:
+    summary = {"ttft_ms": {"p50": 10.0, "p99": 20.0}, "itl_ms": {"p50": 1.0, "p99": 2.0}, "e2e_ms": {"p50": 30.0},
+               "request_throughput": 5.0, "output_throughput": 50.0, "total_token_throughput": 500.0}
+    rows = compare_pd.comparison_rows({"1p1d": {"summary": summary}})
+    assert all(row["colocated"] is None and row["ratio_1p1d_over_colocated"] is None for row in rows)
+    assert "n/a" in compare_pd.format_table(rows, "title")

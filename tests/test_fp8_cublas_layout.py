@@ -1,0 +1,31 @@
+"""kernels.fp8_cublas on any machine: the weight-scale layouts cuBLAS reads, and when the dense FP8 GEMM goes
+there (the GEMM itself runs in tests/test_fp8_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import fp8_cublas
+
+
+@pytest.mark.parametrize("blocks", [3, 4, 11, 56])
+def test_every_weight_scale_layout_holds_the_transposed_scales(blocks: int) -> None:
+    scales = torch.rand(5, blocks) + 0.5  # [N/128, K/128]
+    for layout in ("t_view", "padded", "contiguous"):
+        b = fp8_cublas.cublas_weight_scale(scales, layout)
+        assert b.shape == (blocks, 5) and torch.equal(b, scales.t()), layout
+    padded = fp8_cublas.cublas_weight_scale(scales, "padded")
+    # cuBLAS's L4: each N block's row of K-block scales starts on a multiple of 4 blocks
+    assert padded.stride() == (1, -(-blocks // 4) * 4)
+    assert fp8_cublas.cublas_weight_scale(scales, "contiguous").is_contiguous()
+
+
+def test_cpu_tensors_never_go_to_cublas_and_the_switch_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, w = torch.zeros(256, 512), torch.zeros(256, 512, dtype=torch.float8_e4m3fn)
+    for choice in ("auto", "triton", "cublas"):
+        monkeypatch.setenv(fp8_cublas.GEMM_ENV, choice)
+        assert not fp8_cublas.use_cublas(x, w, (128, 128))
+    monkeypatch.setenv(fp8_cublas.GEMM_ENV, "deepgemm")
+    with pytest.raises(ValueError, match="auto, triton or cublas"):
+        fp8_cublas.use_cublas(x, w, (128, 128))
