@@ -37,11 +37,12 @@ def _cdiv(a: int, b: int) -> int:
 
 @dataclass(frozen=True)
 class CublasRecipe:
-    """How this torch takes DeepSeek's block scales: which entry point, and the scales' layouts."""
+    """How this torch takes DeepSeek's block scales: the entry point, the weight scales' layout, and whether a
+    K that is not a multiple of 4 blocks runs right (cuBLAS pads each row of K-block scales to 4, ``L4``)."""
 
-    api: str  # "scaled_mm" (torch._scaled_mm, scaling inferred from the scales' shapes) or "scaled_mm_v2"
-    a_scales: str  # "m_major" (stride (1, M), cuBLAS's own) or "k_major" (row-major)
-    b_scales: str  # "t_view" ([N/128, K/128] transposed), "padded" (rows padded to 4 blocks), "contiguous"
+    api: str  # "scaled_mm_v2" (F.scaled_mm, explicit recipes) or "scaled_mm" (inferred from the scales' shapes)
+    b_scales: str  # "padded": [L4, N/128] M-major, the padding zero; "t_view": [K/128, N/128], no padding
+    any_k: bool = False
 
 
 # Per device: every recipe the probe tried and what happened (an error's first line or the relative error),
@@ -50,21 +51,19 @@ PROBE_LOG: dict[int, list[str]] = {}
 
 
 def cublas_weight_scale(weight_scale: torch.Tensor, layout: str) -> torch.Tensor:
-    """``[N/128, K/128]`` weight scales as cuBLAS's ``scale_b`` ``[K/128, N/128]``."""
+    """``[N/128, K/128]`` weight scales as cuBLAS's ``scale_b``: their transpose, K-block-major in memory;
+    ``padded``: each N block's row padded with zeros to a multiple of 4 K blocks (shape ``[L4, N/128]``)."""
     rows, blocks = weight_scale.shape
-    if layout == "contiguous":
-        return weight_scale.t().contiguous()
     if layout == "t_view" or blocks % 4 == 0:
         return weight_scale.contiguous().t()
     padded = torch.zeros((rows, _cdiv(blocks, 4) * 4), dtype=torch.float32, device=weight_scale.device)
     padded[:, :blocks] = weight_scale
-    return padded[:, :blocks].t()
+    return padded.t()
 
 
 def _scaled_mm(recipe: CublasRecipe, xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
                scale_b: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
-    if recipe.a_scales == "k_major":
-        xs = xs.contiguous()
+    """xs: the 1 x 128 activation scales ``[M, K/128]`` M-major (stride ``(1, M)``), as the quantizer writes them."""
     if recipe.api == "scaled_mm_v2":
         import torch.nn.functional as F
 
@@ -76,17 +75,19 @@ def _scaled_mm(recipe: CublasRecipe, xq: torch.Tensor, xs: torch.Tensor, weight:
 def _recipes() -> list[CublasRecipe]:
     import torch.nn.functional as F
 
-    apis = (["scaled_mm_v2"] if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType") else []) + ["scaled_mm"]
-    return [CublasRecipe(api, a, b) for api in apis for a in ("m_major", "k_major")
-            for b in ("t_view", "padded", "contiguous")]
+    v2 = hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")
+    return ([CublasRecipe("scaled_mm_v2", "padded"), CublasRecipe("scaled_mm_v2", "t_view")] if v2 else []) + [
+        CublasRecipe("scaled_mm", "padded"), CublasRecipe("scaled_mm", "t_view")]
 
 
 @functools.cache
 def probe_recipe(device_index: int) -> CublasRecipe | None:
     """The first recipe under which this torch's cuBLAS runs block-scaled FP8 right on this GPU, or None.
 
-    Each recipe runs two small GEMMs (K of 4 blocks, then of 3, where padding matters) against the
-    dequantized matmul; once per device, outside any graph capture. ``PROBE_LOG`` keeps every outcome.
+    Each recipe runs a small GEMM with K of 4 blocks against the dequantized matmul (it must pass), then one
+    with K of 3 (``any_k`` when it passes too: torch 2.11 on an H100 ran the latter with an unpadded layout and
+    returned garbage, so a K it cannot pad goes to Triton). Once per device, outside any graph capture;
+    ``PROBE_LOG`` keeps every outcome.
     """
     device = torch.device("cuda", device_index)
     log = PROBE_LOG.setdefault(device_index, [])
@@ -106,16 +107,17 @@ def probe_recipe(device_index: int) -> CublasRecipe | None:
                                                                               torch.float32).t()
         cases.append((xq, xs, w, ws, ref))
     for recipe in _recipes():
-        errors = []
+        errors: list[float | str] = []
         for xq, xs, w, ws, ref in cases:
             try:
                 out = _scaled_mm(recipe, xq, xs, w, cublas_weight_scale(ws, recipe.b_scales), torch.bfloat16, None)
                 errors.append(((out.float() - ref).norm() / ref.norm()).item())
             except Exception as exc:  # noqa: BLE001 - any refusal is an outcome to record, not a crash
                 errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-        log.append(f"{recipe}: {errors}")
-        if all(isinstance(e, float) and e < 2e-2 for e in errors):
-            return recipe
+        log.append(f"{recipe}: K of 4 blocks {errors[0]}, K of 3 blocks {errors[1]}")
+        ok = [isinstance(e, float) and e < 2e-2 for e in errors]
+        if ok[0]:
+            return CublasRecipe(recipe.api, recipe.b_scales, any_k=ok[1])
     return None
 
 
@@ -135,6 +137,8 @@ def use_cublas(x: torch.Tensor, weight: torch.Tensor, block_size: BlockSize) -> 
     # The probe runs kernels and syncs: never inside a capture (an unprobed device stays on Triton there).
     probed = not capturing or probe_recipe.cache_info().currsize > 0
     recipe = probe_recipe(x.device.index or 0) if shape_ok and probed else None
+    if recipe is not None and not recipe.any_k and _cdiv(x.shape[1], BLOCK) % 4:
+        recipe = None  # this torch cannot pad a K of other than 4n blocks
     if choice == "cublas":
         if recipe is None:
             raise RuntimeError(f"{GEMM_ENV}=cublas but cuBLAS block-scaled FP8 does not run this GEMM here "
@@ -172,6 +176,6 @@ def fp8_linear_cublas(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torc
         raise ValueError(f"weight must be {FP8_DTYPE}, got {weight.dtype}")
     recipe = probe_recipe(x2.device.index or 0)
     assert recipe is not None, "fp8_linear_cublas called where the probe found no recipe"
-    xq, xs = quantize_fp8_act_triton(x2, BLOCK, scales_m_major=recipe.a_scales == "m_major")
+    xq, xs = quantize_fp8_act_triton(x2, BLOCK, scales_m_major=True)
     return _scaled_mm(recipe, xq, xs, weight, _scale_b(weight_scale), out_dtype,
                       None if bias is None else bias.to(out_dtype))
