@@ -376,7 +376,7 @@ def _fp8_moe_gemm_kernel(
     NUM_KB: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
     MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, QUANT_A: tl.constexpr = False,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -438,11 +438,7 @@ def _fp8_moe_gemm_kernel(
     for kb in range(0, NUM_KB):
         k_mask = offs_k < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if QUANT_A:  # model-dtype rows, quantized here as in the dense kernel (decode's few rows per expert)
-            aq, a_s = _quantize_rows(a.to(tl.float32))
-            a = aq.to(b_ptr.dtype.element_ty)
-        else:
-            a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
+        a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
         acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
@@ -526,14 +522,10 @@ def fp8_moe_forward_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_we
     return per_slot.view(num_tokens, top_k, -1).sum(dim=1)
 
 
-def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor, out: torch.Tensor,
+def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Tensor,
                    counts: torch.Tensor, gated: bool, cfg: Fp8GemmConfig, block_size: BlockSize) -> None:
-    """aq ``[E, cap, K]`` fp8, a_s ``[E, cap, Kb]``, out ``[E, cap, N]``; a_s None: aq holds model-dtype rows,
-    quantized inside the kernel."""
+    """aq ``[E, cap, K]`` fp8, a_s ``[E, cap, Kb]``, out ``[E, cap, N]``."""
     n = w.shape[1] // 2 if gated else w.shape[1]
-    quant_a = a_s is None
-    if a_s is None:
-        a_s = aq[:, :, :1]  # an unread stand-in with the right rank
     capacity = aq.shape[1]
     grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(n, cfg.block_n), aq.shape[0])
     _fp8_moe_gemm_kernel[grid](
@@ -544,7 +536,7 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
         NUM_KB=triton.cdiv(w.shape[2], block_size[1]), SCALE_BLOCK_N=block_size[0], A_ROW_DIV=1, GATED=gated,
         MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
-        PROMOTE=_promote_every(block_size), QUANT_A=quant_a, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PROMOTE=_promote_every(block_size), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
@@ -576,14 +568,8 @@ def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: to
     x2 = x.reshape(num_experts * capacity, hidden_dim)  # a view for the contiguous layouts callers build
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    inter = torch.empty((num_experts, capacity, inter_dim), dtype=x.dtype, device=x.device)
-    if hint <= FUSED_QUANT_MAX_ROWS:
-        # Decode: each GEMM quantizes its few rows per expert itself (two launches where four were).
-        _launch_masked(x2.view(num_experts, capacity, hidden_dim), None, w13, w13_scale, inter, counts, True, cfg,
-                       block_size)
-        _launch_masked(inter, None, w2, w2_scale, out, counts, False, cfg, block_size)
-        return out
     xq, xs = quantize_fp8_act_triton(x2, block_size[1], counts, capacity)
+    inter = torch.empty((num_experts, capacity, inter_dim), dtype=x.dtype, device=x.device)
     _launch_masked(xq.view(num_experts, capacity, hidden_dim), xs.view(num_experts, capacity, -1), w13, w13_scale,
                    inter, counts, True, cfg, block_size)
     iq, is_ = quantize_fp8_act_triton(inter.view(num_experts * capacity, inter_dim), block_size[1], counts, capacity)
