@@ -362,9 +362,12 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-# Up to this many rows the dense GEMM quantizes its activation tiles itself (one launch instead of two);
-# each column tile repeats the quantization, which stops paying once the rows fill a wgmma-sized tile.
-FUSED_QUANT_MAX_ROWS = 64
+# Up to this many rows the dense GEMM would quantize its activation tiles itself (one launch instead of two).
+# Off: each column tile repeats the quantization (its exact e4m3 rounding is many instructions), and
+# bench.gemm measured the fused launch at 0.10-0.79x bf16 at 1 and 16 rows on an H200 where a quantizer
+# launch plus the GEMM on quantized rows ran at 0.44-1.66x; in-kernel quantization of the experts' rows
+# likewise made the decode step's expert GEMMs 5x slower. The fused path stays for callers that pass xs=None.
+FUSED_QUANT_MAX_ROWS = 0
 
 
 @triton.jit
