@@ -21,7 +21,7 @@ from aiohttp import web
 
 from engine.config import ModelConfig
 from engine.runtime.disagg import BENCH_CONNECTOR, add_kv_flags, auth_token, kv_args, mark_bench_responses
-from engine.server.cli import add_common_flags, engine_args, instance_spec
+from engine.server.cli import add_common_flags, add_elastic_flags, engine_args, instance_spec
 from engine.server.elastic import live_scale_refusal
 from engine.server.protocol import error_body
 from engine.server.serve import resolve_model_dir, serve
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_BOOTSTRAP_PORT,
         help="port of this instance's bootstrap service (decode ranks look its layout up there)",
     )
+    add_elastic_flags(role)
     add_kv_flags(parser)
     return parser
 
@@ -59,13 +60,13 @@ def _connect_host(host: str) -> str:
 
 
 def bootstrap_guard(
-    dp_size: Callable[[], int],
+    dp_size: int | None,
 ) -> Callable[
     [web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[web.StreamResponse]
 ]:
     """Middleware: an inference request without the bootstrap fields (or naming a DP group this instance
-    lacks now: `dp_size()`, which follows live scales) is a 400 here, before anything is queued; the body is
-    cached for the handler."""
+    lacks) is a 400 here, before anything is queued; the body is cached for the handler. `dp_size` None: an
+    instance that scales live, whose rank 0 takes a named group as a hint (`PrefillRunner.choose_dp_rank`)."""
 
     @web.middleware
     async def guard(
@@ -86,10 +87,9 @@ def bootstrap_guard(
                 )
             # `data_parallel_rank` names the decode instance's group; this instance's is this one.
             dp = body.get(pd.DISAGG_PREFILL_DP_RANK)
-            size = dp_size()
-            if isinstance(dp, int) and not 0 <= dp < size:
+            if isinstance(dp, int) and dp_size is not None and not 0 <= dp < dp_size:
                 message = (
-                    f"'{pd.DISAGG_PREFILL_DP_RANK}' {dp} is out of range: this instance has dp_size {size}"
+                    f"'{pd.DISAGG_PREFILL_DP_RANK}' {dp} is out of range: this instance has dp_size {dp_size}"
                 )
                 code, param = "invalid_request", pd.DISAGG_PREFILL_DP_RANK
             if message is not None:
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def on_startup(app: web.Application) -> None:
         # The app is not frozen yet during start-up: middlewares can still be added.
-        app.middlewares.append(bootstrap_guard(lambda: service.parallel.dp_size))
+        app.middlewares.append(bootstrap_guard(None if elastic else spec.dp_size))
 
     try:
         return serve(args, "prefill", prefill_entry, role_args, on_startup=on_startup,

@@ -225,9 +225,11 @@ class PrefillRunner:
         """SGLang's rule, so the decode side knows where the KV is: `disagg_prefill_dp_rank` (a DP-aware router
         picks it by load), else room % dp. The body's `data_parallel_rank` names the decode's group: not ours.
 
-        While a scale-down drains the DP groups that leave, `loads` holds only the groups that stay: a room
-        goes to one of those (room % their number, or the group it names if that one stays), and the request
-        carries the group it got. Only an elastic instance shrinks, and it publishes every room's group."""
+        An instance that scales live publishes every room's group (`notices`), so decode need not derive it:
+        a named group is then a hint. `loads` holds the groups that take rooms (while a scale-down drains, only
+        those that stay); a room goes to the group it names if that one is among them, else to room % their
+        number (a router's view of the instance trails a switch by one of its polls), and the request carries
+        the group it got."""
         if request.sampling.seed is None and request.sampling.temperature > 0:
             # Rank 0 draws the seed before the broadcast, so every rank of the DP group samples the same
             # first token (unseeded per-rank generators would diverge).
@@ -235,16 +237,16 @@ class PrefillRunner:
         boot = request.bootstrap
         if boot is None:
             return least_loaded(loads)
-        layout = self.manager.rank_info.parallel
+        if self.publish_rooms:
+            named, open_groups = boot.prefill_dp_rank, len(loads)
+            group = named if named is not None and 0 <= named < open_groups else boot.room % open_groups
+            boot.prefill_dp_rank = group
+            self._placed.append((boot.room, group))
+            return group
         try:
-            group = prefill_dp_group(layout, boot.room, boot.prefill_dp_rank)
+            return prefill_dp_group(self.manager.rank_info.parallel, boot.room, boot.prefill_dp_rank)
         except KVTransferError:
             return 0  # `add` refuses it there with the same message
-        if group >= len(loads):  # a DP group that is leaving
-            group = boot.prefill_dp_rank = boot.room % len(loads)
-        if self.publish_rooms:
-            self._placed.append((boot.room, group))
-        return group
 
     def notices(self) -> list[RoomsPlaced]:
         """Rank 0: the rooms routed since the last call, with the layout they run in (`publish_rooms`)."""
