@@ -1,16 +1,20 @@
-"""Elastic EP under load: a decode instance scales 2 -> 4 -> 2 DP groups while streaming requests run through
-the router, with the wall time of each scale and the longest token gap a client saw during it.
+"""Elastic EP under load: a decode (or prefill) instance scales 2 -> 4 -> 2 DP groups while streaming requests run
+through the router, with the wall time of each scale and the longest token gap a client saw during it.
 
-    python -m bench.elastic_ep            # CPU, tiny model: bench/results/elastic_ep_cpu.json + .png
+    python -m bench.elastic_ep                  # CPU, tiny model: bench/results/elastic_ep_cpu.json + .png
+    python -m bench.elastic_ep --role prefill   # the prefill scales: bench/results/elastic_ep_prefill_cpu.*
 
-Router + one prefill instance (tp 1) + one decode instance (tp 2 dp 2, EPLB with redundant experts, rebalancing
-every few steps) on this machine. ``--streams`` streaming ``/generate`` requests start one after another
-in three shares (``run_workload``): half before the scale-up, a quarter on the 4-group layout before the
-scale-down (the new DP groups take them, so the scale-down must drain them), a quarter during the
-scale-down; the scales are posted to the decode worker's ``/scale_elastic_ep``. Every request's tokens are
-compared with a static run (colocated greedy generation of the same prompts in this process). A token gap is the time between two consecutive streamed
-events of one request; the gaps that overlap a scale's window (POST sent -> answered) are that scale's, the
-others the baseline. ``tests/test_elastic_scale.py`` runs the same workload (``run_workload``).
+Router + one prefill instance + one decode instance on this machine; the one that scales runs tp 2 dp 2 with
+EPLB (redundant experts, rebalancing every few steps), the other tp 1. ``--streams`` streaming ``/generate``
+requests start one after another in three shares (``run_workload``): half before the scale-up, a quarter on
+the 4-group layout before the scale-down (the new DP groups take them, so the scale-down must drain them), a
+quarter during the scale-down; the scales are posted to the scaling worker's ``/scale_elastic_ep``. A prefill
+scale shows in the streams as the first token's wait (the prefill serves each request once): each scale's
+row also has the longest time to first token of the streams waiting for it during the scale. Every request's
+tokens are compared with a static run (colocated greedy generation of the same prompts in this process). A
+token gap is the time between two consecutive streamed events of one request; the gaps that overlap a scale's
+window (POST sent -> answered) are that scale's, the others the baseline. ``tests/test_elastic_scale.py`` and
+``tests/test_elastic_prefill.py`` run the same workload (``run_workload``).
 """
 
 from __future__ import annotations
@@ -111,11 +115,12 @@ def lengths(n: int, max_new_tokens: int) -> list[int]:
     return [4 * max_new_tokens if i < n // 2 else max_new_tokens for i in range(n)]
 
 
-def run_workload(router_url: str, decode_url: str, cases: list[list[int]], max_new_tokens: list[int],
+def run_workload(router_url: str, scale_url: str, cases: list[list[int]], max_new_tokens: list[int],
                  scales: list[int], stagger_s: float, first_scale_after_s: float, between_scales_s: float = 0.5,
                  on_scale: Callable[[ScaleStep], None] | None = None) -> tuple[list[StreamTrace], list[ScaleStep]]:
     """Streams in phases, so that every layout serves some: half of ``cases`` start first (one every
-    ``stagger_s``) and the first scale is posted ``first_scale_after_s`` later; once a scale is answered the next
+    ``stagger_s``) and the first scale is posted to ``scale_url`` (the worker that scales) ``first_scale_after_s``
+    later; once a scale is answered the next
     share of streams starts, and ``between_scales_s`` later the next scale is posted (so a scale-down finds
     the new DP groups holding requests and must drain them); the last share starts with the last scale. Returns
     every trace (in ``cases`` order) and every scale step."""
@@ -138,7 +143,7 @@ def run_workload(router_url: str, decode_url: str, cases: list[list[int]], max_n
         for i, new_dp in enumerate(scales):
             if i:
                 time.sleep(between_scales_s)
-            posted = pool.submit(post_scale, decode_url, new_dp)
+            posted = pool.submit(post_scale, scale_url, new_dp)
             if i == len(scales) - 1:  # the last share streams while the last scale runs
                 launchers.append(threading.Thread(target=launch, args=(bounds[i + 1], bounds[i + 2])))
                 launchers[-1].start()
@@ -166,18 +171,31 @@ def gaps_in(traces: list[StreamTrace], start: float, end: float) -> list[float]:
     return out
 
 
+def ttfts_in(traces: list[StreamTrace], start: float, end: float) -> list[float]:
+    """Time to first token of every stream whose wait for it overlaps ``[start, end]``."""
+    return [t.times[0] - t.started for t in traces if t.times and t.times[0] >= start and t.started <= end]
+
+
+def _median(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
+
+
 def summarize(traces: list[StreamTrace], steps: list[ScaleStep]) -> dict[str, Any]:
-    """Per scale: wall time, the server's own timings, the longest and median gap during it; the baseline."""
+    """Per scale: wall time, the server's own timings, the longest and median gap during it, the longest time to
+    first token of the streams waiting for theirs during it; the baseline of each outside every scale."""
     windows = [(s.started, s.ended) for s in steps]
     baseline = []
     for trace in traces:
         for a, b in zip(trace.times, trace.times[1:], strict=False):
             if not any(b >= lo and a <= hi for lo, hi in windows):
                 baseline.append(b - a)
-    base_median = sorted(baseline)[len(baseline) // 2] if baseline else None
+    base_median = _median(baseline)
+    base_ttft = _median([t.times[0] - t.started for t in traces
+                         if t.times and not any(t.times[0] >= lo and t.started <= hi for lo, hi in windows)])
     rows = []
     for step in steps:
         gaps = gaps_in(traces, step.started, step.ended)
+        ttfts = ttfts_in(traces, step.started, step.ended)
         in_flight = sum(1 for t in traces if t.times and t.started <= step.ended and t.times[-1] >= step.started)
         # Streams with tokens on both sides of the switch (the turn boundary ends just before the answer).
         switch = step.ended - step.body.get("pause_s", 0.0)
@@ -186,6 +204,8 @@ def summarize(traces: list[StreamTrace], steps: list[ScaleStep]) -> dict[str, An
                      "server": step.body, "streams_in_flight": in_flight, "streams_across_switch": across,
                      "max_gap_s": round(max(gaps), 4) if gaps else None,
                      "median_gap_s": round(sorted(gaps)[len(gaps) // 2], 4) if gaps else None,
+                     "streams_waiting_first_token": len(ttfts),
+                     "max_ttft_s": round(max(ttfts), 4) if ttfts else None,
                      # The same run's token gap outside any scale is the yardstick.
                      "max_gap_vs_baseline_median": round(max(gaps) / base_median, 2) if gaps and base_median else None,
                      "pause_vs_baseline_median": (round(step.body["pause_s"] / base_median, 2)
@@ -193,6 +213,7 @@ def summarize(traces: list[StreamTrace], steps: list[ScaleStep]) -> dict[str, An
     return {"scales": rows,
             "baseline_max_gap_s": round(max(baseline), 4) if baseline else None,
             "baseline_median_gap_s": round(base_median, 4) if base_median else None,
+            "baseline_median_ttft_s": round(base_ttft, 4) if base_ttft else None,
             "requests": len(traces), "failed": sum(1 for t in traces if t.error)}
 
 
@@ -226,8 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stagger-s", type=float, default=0.1)
     parser.add_argument("--first-scale-after-s", type=float, default=1.0)
     parser.add_argument("--backend", default="nixl")
-    parser.add_argument("--out", default=str(RESULTS / "elastic_ep_cpu"))
+    parser.add_argument("--role", choices=("decode", "prefill"), default="decode",
+                        help="the instance that scales (the other runs tp 1)")
+    parser.add_argument("--out", default=None,
+                        help="results path without suffix; unset: bench/results/elastic_ep[_prefill]_cpu")
     args = parser.parse_args(argv)
+    out = Path(args.out or RESULTS / ("elastic_ep_cpu" if args.role == "decode" else "elastic_ep_prefill_cpu"))
+    prefill_flags, decode_flags = ([], DECODE_FLAGS) if args.role == "decode" else (PREFILL_FLAGS, [])
 
     from bench.pd_servers import ServerGroup, cpu_worker_env, free_port, wait_healthy, wait_idle
     from engine.llm import LLM
@@ -245,14 +271,15 @@ def main(argv: list[str] | None = None) -> int:
               # prefill budget would pad every decode step of the tiny model to 8192 rows per rank.
               "--max-prefill-tokens", "64"]
     with ServerGroup(work / "logs", cpu_worker_env(1)) as servers:
-        prefill = servers.start("prefill", "prefill_worker",
-                                [*common, "--port", str(p_port), "--bootstrap-port", str(bootstrap)], p_port)
-        decode = servers.start("decode", "decode_worker", [*common, "--port", str(d_port), *DECODE_FLAGS], d_port)
+        prefill = servers.start("prefill", "prefill_worker", [*common, "--port", str(p_port), "--bootstrap-port",
+                                                              str(bootstrap), *prefill_flags], p_port)
+        decode = servers.start("decode", "decode_worker", [*common, "--port", str(d_port), *decode_flags], d_port)
         wait_healthy([prefill, decode])
         router = servers.start("router", "router", ["--host", "127.0.0.1", "--port", str(r_port), "--prefill",
                                                     prefill.url, str(bootstrap), "--decode", decode.url], r_port)
         wait_healthy([router])
-        traces, steps = run_workload(router.url, decode.url, cases, lengths(len(cases), args.max_new_tokens), [4, 2],
+        scaling = decode if args.role == "decode" else prefill
+        traces, steps = run_workload(router.url, scaling.url, cases, lengths(len(cases), args.max_new_tokens), [4, 2],
                                      args.stagger_s, args.first_scale_after_s)
         wait_idle(decode.url)
         wait_idle(prefill.url)
@@ -266,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["tokens_equal_static_run"] = all(t.ids == e for t, e in zip(traces, expected, strict=True))
     summary["setup"] = {"streams": args.streams, "max_new_tokens": lengths(len(cases), args.max_new_tokens),
                         "stagger_s": args.stagger_s,
-                        "decode_flags": DECODE_FLAGS, "prefill": "tp 1", "backend": args.backend}
-    out = Path(args.out)
+                        "role": args.role, "prefill_flags": prefill_flags or "tp 1",
+                        "decode_flags": decode_flags or "tp 1", "backend": args.backend}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(traces, steps, out.with_suffix(".png"))
@@ -280,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
 DECODE_FLAGS = ["--tp", "2", "--dp", "2", "--enable-eplb", "--eplb-config",
                 '{"num_redundant_experts": 4, "step_interval": 16, "window_size": 64}',
                 "--elastic-ep-join-timeout", "10"]
+# The prefill instance of ``--role prefill``: the same layout and EPLB (a prefill step is one chunk of prompts, so
+# rebalances come every few requests).
+PREFILL_FLAGS = DECODE_FLAGS
 
 
 if __name__ == "__main__":

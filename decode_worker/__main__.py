@@ -17,7 +17,7 @@ import sys
 
 from decode_worker.runner import decode_entry
 from engine.runtime.disagg import BENCH_CONNECTOR, add_kv_flags, kv_args, mark_bench_responses
-from engine.server.cli import add_common_flags, engine_args, instance_spec
+from engine.server.cli import add_common_flags, add_elastic_flags, engine_args, instance_spec
 from engine.server.serve import serve
 
 
@@ -45,14 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "as decode_reused_tokens on /metrics and sent to the router in the X-Tandem-KV-Reused-Tokens header "
         "(run the router with --decode-policy cache_aware so that a conversation's turns come back here)",
     )
-    role.add_argument(
-        "--elastic-ep-join-timeout",
-        type=float,
-        default=60.0,
-        help="POST /scale_elastic_ep: seconds the ranks wait for each other at the re-formed instance's "
-        "rendezvous; past it the old ranks go back to the old size (the new ranks have built their shards "
-        "before this wait starts)",
-    )
+    add_elastic_flags(role)
     add_kv_flags(parser)
     return parser
 

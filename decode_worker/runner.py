@@ -273,7 +273,7 @@ class DecodeRunner(PrefilledKVRunner):
                 continue
             try:
                 transfer.receiver = self.manager.create_receiver(
-                    boot.host, boot.port, boot.room, boot.prefill_dp_rank, owner
+                    boot.host, boot.port, boot.room, boot.prefill_dp_rank, owner, boot.prefill_layout
                 )
                 if isinstance(pool, ShardedKVPool):
                     prompt_pages = pool.local_pages(prompt_pages)

@@ -9,12 +9,19 @@ HTTP API (JSON bodies are `kvtransfer.messages` types; errors are `{"error": {"m
     DELETE /v1/ranks       Deregistration     a rank leaves (only the session that registered it)
     (PUT and DELETE need `Authorization: Bearer <token>` when the service has one: 401/403 otherwise)
     GET    /v1/instance    -> InstanceInfo    the layout and every registered rank
+    GET    /v1/rooms/ROOM?wait_s=S -> RoomPlacement   an elastic instance's room: where it runs (waits up to S
+                                                      seconds for the room to be placed; 404 if it is not)
     GET    /health         200 when every rank is registered, 503 while some are missing
+
+An elastic instance (`room_placements=True`) changes its layout live: the HTTP process tells the service which
+layout a scale's new ranks register with (`expect`), which one serves once the ranks switched (`relayout`),
+or that a scale was given up (`abandon`), and hands it every room's placement (`place`, `kvtransfer.placements`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import logging
 import threading
@@ -22,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -33,9 +41,11 @@ from kvtransfer.messages import (
     Deregistration,
     InstanceInfo,
     RankRegistration,
+    RoomPlacement,
     decode_json,
     encode_json,
 )
+from kvtransfer.placements import RoomPlacements
 from kvtransfer.state import KVBootstrapError, KVProtocolError
 
 log = logging.getLogger(__name__)
@@ -45,12 +55,16 @@ def _error(status: int, message: str, code: str) -> web.Response:
     return error_response(status, message, code)
 
 
-def _conflict(registration: RankRegistration, parallel: ParallelLayout, others: list[RankRegistration]) -> str | None:
-    """Why `registration` cannot join an instance with layout `parallel` and ranks `others`, or None."""
-    if (registration.tp_size, registration.dp_size) != (parallel.tp_size, parallel.dp_size):
+def _conflict(registration: RankRegistration, layouts: list[ParallelLayout],
+              others: list[RankRegistration]) -> str | None:
+    """Why `registration` cannot join an instance with ranks `others` whose ranks may register with one of
+    `layouts` (its layout, and while a scale runs the one it scales to), or None."""
+    parallel = next((p for p in layouts if (p.tp_size, p.dp_size) == (registration.tp_size, registration.dp_size)),
+                    None)
+    if parallel is None:
         return (
             f"rank {registration.rank} registers tp_size {registration.tp_size} dp_size {registration.dp_size}, "
-            f"the instance is tp_size {parallel.tp_size} dp_size {parallel.dp_size}"
+            f"the instance is tp_size {layouts[0].tp_size} dp_size {layouts[0].dp_size}"
         )
     if registration.mla_core != parallel.mla_core:
         return (f"rank {registration.rank} registers mla_core {registration.mla_core}, the instance is "
@@ -90,16 +104,20 @@ class BootstrapService:
             without one, 403 with another; nothing changes either way): the instance hands a secret of its
             own, or the deployment's `--kv-auth-token`, to its ranks at launch, so a stranger cannot
             replace or remove a rank. Lookups and health stay open: decode ranks need them. None: open.
+        room_placements: the instance changes its layout live and publishes every room's placement (`place`);
+            lookups say so, and decode ranks then map each room with its own placement.
     Call `close()` to stop the server and join its thread.
     """
 
     def __init__(self, parallel: ParallelLayout, host: str = "127.0.0.1", port: int = 0,
-                 auth_token: str | None = None) -> None:
+                 auth_token: str | None = None, room_placements: bool = False) -> None:
         self.parallel = parallel
         self.host = host
         self._auth_token = auth_token
         self.instance_id = uuid.uuid4().hex
         self._ranks: dict[int, RankRegistration] = {}
+        self._expected: ParallelLayout | None = None  # the layout a running scale's new ranks register with
+        self.placements = RoomPlacements() if room_placements else None
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._started = threading.Event()
@@ -138,6 +156,7 @@ class BootstrapService:
         app.router.add_put("/v1/ranks", self._register)
         app.router.add_delete("/v1/ranks", self._deregister)
         app.router.add_get("/v1/instance", self._instance)
+        app.router.add_get("/v1/rooms/{room}", self._room)
         app.router.add_get("/health", self._health)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -168,7 +187,8 @@ class BootstrapService:
             registration = decode_json(await request.read(), RankRegistration)
         except KVProtocolError as exc:
             return _error(400, str(exc), "bad_registration")
-        why = _conflict(registration, self.parallel, list(self._ranks.values()))
+        layouts = [self.parallel] + ([self._expected] if self._expected is not None else [])
+        why = _conflict(registration, layouts, list(self._ranks.values()))
         if why:
             log.warning("bootstrap %s refused a registration: %s", self.address, why)
             return _error(409, why, "conflicting_registration")
@@ -198,17 +218,78 @@ class BootstrapService:
             dp_size=self.parallel.dp_size,
             mla_core=self.parallel.mla_core,
             ranks=[self._ranks[r] for r in sorted(self._ranks)],
+            room_placements=self.placements is not None,
         )
         return web.Response(body=encode_json(info), content_type="application/json")
 
+    async def _room(self, request: web.Request) -> web.Response:
+        if self.placements is None:
+            return _error(404, "this prefill instance does not publish room placements (its layout is fixed: "
+                               "map rooms with the instance's layout)", "no_placements")
+        try:
+            room = int(request.match_info["room"])
+            wait_s = float(request.query.get("wait_s", "0"))
+        except ValueError:
+            return _error(400, "the room must be an integer and wait_s a number of seconds", "bad_room")
+        if room < 0 or not 0 <= wait_s:
+            return _error(400, f"room {room} and wait_s {wait_s} must be non-negative", "bad_room")
+        placement = await self.placements.get(room, wait_s)
+        if placement is None:
+            return _error(404, f"room {room} was not placed on this prefill instance within {wait_s:g} s "
+                               "(its request never reached the instance, or it started too long ago)", "unknown_room")
+        return web.Response(body=encode_json(placement), content_type="application/json")
+
     async def _health(self, request: web.Request) -> web.Response:
-        complete = len(self._ranks) == self.parallel.tp_size
+        complete = set(self._ranks) >= set(range(self.parallel.tp_size))
         body = {
             "status": "ok" if complete else "starting",
             "registered": len(self._ranks),
             "tp_size": self.parallel.tp_size,
         }
         return web.json_response(body, status=200 if complete else 503)
+
+    # --- elastic layout (called from other threads; applied on the server's loop) --------------------
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        """Runs `fn` on the server's loop and returns once it ran (handlers see all of it or none of it)."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fn()
+                done.set_result(None)
+            except BaseException as exc:  # handed to the caller
+                done.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(run)
+        done.result(timeout=10.0)
+
+    def expect(self, layout: ParallelLayout) -> None:
+        """A scale to `layout` starts: its ranks (new ones included) may register with it from now on."""
+        self._on_loop(lambda: setattr(self, "_expected", layout))
+
+    def relayout(self, layout: ParallelLayout) -> None:
+        """The ranks switched to `layout`: lookups give it, and leaving ranks deregister as they exit."""
+
+        def switch() -> None:
+            self.parallel, self._expected = layout, None
+
+        self._on_loop(switch)
+
+    def abandon(self) -> None:
+        """A scale that did not happen: the instance keeps its layout, and registrations of ranks that never
+        joined (killed while joining: they could not deregister) go."""
+
+        def drop() -> None:
+            self._expected = None
+            for rank in [r for r in self._ranks if r >= self.parallel.tp_size]:
+                del self._ranks[rank]
+
+        self._on_loop(drop)
+
+    def place(self, placements: list[RoomPlacement]) -> None:
+        """Rooms rank 0 just routed (thread-safe, returns at once); ignored unless the instance publishes them."""
+        if self.placements is not None and placements:
+            self._loop.call_soon_threadsafe(self.placements.add, placements)
 
     def close(self) -> None:
         """Stop serving and join the server thread. Idempotent."""
@@ -290,8 +371,8 @@ class BootstrapClient:
                 self._failures[address] = (time.monotonic() + self.FAILURE_TTL_S, str(exc))
             raise
         with self._lock:
-            if cached is not None and cached[1].instance_id == info.instance_id:
-                info = cached[1]  # the same instance: callers may keep comparing by identity
+            if cached is not None and cached[1] == info:
+                info = cached[1]  # unchanged: callers may keep comparing by identity
             self._cache[address] = (time.monotonic() + self.CACHE_TTL_S, info)
             self._failures.pop(address, None)
         return info

@@ -18,8 +18,9 @@ from kvtransfer.layout import AuxLayout, PageLayout
 from kvtransfer.state import KVProtocolError
 
 # 2: registrations and intros carry the model fingerprint; 3: transfer requests say which leading pages the
-# decode rank holds already (`TransferRequest.held_pages`, decode-side prefix reuse)
-PROTOCOL_VERSION = 3
+# decode rank holds already (`TransferRequest.held_pages`, decode-side prefix reuse); 4: an elastic prefill
+# instance publishes each room's placement (`InstanceInfo.room_placements`, `RoomPlacement`)
+PROTOCOL_VERSION = 4
 
 
 class Message(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, tag=True):
@@ -62,16 +63,32 @@ class InstanceInfo(Message):
     dp_size: int
     ranks: list[RankRegistration]
     mla_core: bool = False  # one KV rank per room, `room % tp_size` (kvtransfer.mapping.prefill_owner)
+    # The instance can change its layout live (elastic EP): decode takes each room's layout from its
+    # `RoomPlacement` (`GET /v1/rooms/{room}`), never from `tp_size` / `dp_size` here, which may have changed
+    # since the room started.
+    room_placements: bool = False
 
     @property
     def complete(self) -> bool:
-        return len(self.ranks) == self.tp_size
+        """Every rank of the current layout is registered (ranks joining a scale-up may be there too)."""
+        return {r.rank for r in self.ranks} >= set(range(self.tp_size))
 
     def rank(self, rank: int) -> RankRegistration:
         for registration in self.ranks:
             if registration.rank == rank:
                 return registration
         raise KeyError(rank)
+
+
+class RoomPlacement(Message):
+    """Where an elastic prefill instance runs a room, fixed when its rank 0 routed the room: the attention-DP
+    group `dp_rank` of the layout (`tp_size`, `dp_size`) in force then. The decode ranks map with it, so a room
+    begun before a switch keeps its sources whatever the layout is when decode asks."""
+
+    room: int
+    dp_rank: int
+    tp_size: int
+    dp_size: int
 
 
 class Deregistration(Message):

@@ -37,6 +37,10 @@ from kvtransfer.state import KVBootstrapError, KVTimeouts
 log = logging.getLogger(__name__)
 
 
+def registered_ranks(info: InstanceInfo) -> set[int]:
+    return {registration.rank for registration in info.ranks}
+
+
 class KVReceiveManager(RoomManager):
     """The KV receiving side of one decode rank.
 
@@ -75,27 +79,42 @@ class KVReceiveManager(RoomManager):
         )
         self._receivers: dict[int, KVReceiver] = {}
         self._introduced: set[tuple[str, str]] = set()  # (prefill endpoint, prefill session)
-        self._checked: set[str] = set()  # instance ids whose layouts fit ours
+        self._checked: set[tuple[str, tuple[tuple[int, str], ...]]] = set()  # instances (id, ranks) that fit ours
         self._start()
 
     # --- worker thread ------------------------------------------------------------------------------
     def create_receiver(
         self, bootstrap_host: str, bootstrap_port: int, room: int, prefill_dp_rank: int | None = None,
-        decode_owner: int | None = None,
+        decode_owner: int | None = None, prefill_layout: tuple[int, int] | None = None,
     ) -> KVReceiver:
         """The receiver of `room`, whose KV the prefill instance at bootstrap_host:bootstrap_port computes.
         On an mla-core decode instance `decode_owner` names the rank holding the room's pages (this one).
+        `prefill_layout`: (tp_size, dp_size) of an elastic prefill instance when it started the room (its
+        `RoomPlacement`, with `prefill_dp_rank`); None: the layout the lookup gives.
 
         Raises `KVBootstrapError` (clear message) if the instance is unreachable or not ready, if its
         pages do not fit ours, or if the TP/DP pairing or `prefill_dp_rank` cannot be served.
         """
         if not isinstance(room, int) or room < 0:
             raise ValueError(f"room must be a non-negative int, got {room!r}")
+        address = f"{bootstrap_host}:{bootstrap_port}"
         info = self.client.lookup(bootstrap_host, bootstrap_port)  # blocking HTTP, outside the lock
-        self._check_instance(info, f"{bootstrap_host}:{bootstrap_port}")
-        prefill = ParallelLayout(info.tp_size, info.dp_size, info.mla_core)
+        self._check_instance(info, address)
+        if prefill_layout is not None:
+            prefill = ParallelLayout(*prefill_layout, info.mla_core)
+        else:
+            prefill = ParallelLayout(info.tp_size, info.dp_size, info.mla_core)
         sources, contacts = sources_for(prefill, self.rank_info.parallel, self.rank, room, prefill_dp_rank,
                                         decode_owner)
+        if any(rank not in registered_ranks(info) for rank in sources.contacted):
+            # A room of a layout newer than our cached lookup (ranks that joined a scale-up): look again.
+            self.client.invalidate(bootstrap_host, bootstrap_port)
+            info = self.client.lookup(bootstrap_host, bootstrap_port)
+            self._check_instance(info, address)
+            missing = sorted(set(sources.contacted) - registered_ranks(info))
+            if missing:
+                raise KVBootstrapError(f"prefill instance at {address} has no rank {missing[0]} registered, "
+                                       f"which holds room {room}'s KV")
         registrations = {rank: info.rank(rank) for rank in sources.contacted}
         with self.lock:
             if room in self._receivers:
@@ -109,7 +128,9 @@ class KVReceiveManager(RoomManager):
             return receiver
 
     def _check_instance(self, info: InstanceInfo, address: str) -> None:
-        if info.instance_id in self._checked:
+        # Checked once per set of registered ranks: an elastic instance's ranks come and go under one id.
+        key = (info.instance_id, tuple((r.rank, r.session) for r in info.ranks))
+        if key in self._checked:
             return
         for registration in info.ranks:
             if registration.engine_kind != self._engine_kind:
@@ -123,7 +144,7 @@ class KVReceiveManager(RoomManager):
                 raise KVBootstrapError(
                     f"prefill rank {registration.rank} at {address} cannot write into our pages: {why}"
                 )
-        self._checked.add(info.instance_id)
+        self._checked.add(key)
 
     def intro_for(self, registration: RankRegistration) -> DecodeIntro | None:
         """Our engine and layout, the first time we write to this prefill session (lock held)."""

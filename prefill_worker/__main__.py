@@ -19,13 +19,15 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from engine.config import ModelConfig
 from engine.runtime.disagg import BENCH_CONNECTOR, add_kv_flags, auth_token, kv_args, mark_bench_responses
-from engine.server.cli import add_common_flags, engine_args, instance_spec
+from engine.server.cli import add_common_flags, add_elastic_flags, engine_args, instance_spec
+from engine.server.elastic import live_scale_refusal
 from engine.server.protocol import error_body
-from engine.server.serve import serve
+from engine.server.serve import resolve_model_dir, serve
 from kvtransfer import protocol as pd
 from kvtransfer.bootstrap import BootstrapService
-from kvtransfer.mapping import ParallelLayout
+from prefill_worker.elastic import BootstrapLayoutHooks, parallel_layout
 from prefill_worker.runner import prefill_entry
 
 DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's --disaggregation-bootstrap-port default
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_BOOTSTRAP_PORT,
         help="port of this instance's bootstrap service (decode ranks look its layout up there)",
     )
+    add_elastic_flags(role)
     add_kv_flags(parser)
     return parser
 
@@ -57,12 +60,13 @@ def _connect_host(host: str) -> str:
 
 
 def bootstrap_guard(
-    dp_size: int,
+    dp_size: int | None,
 ) -> Callable[
     [web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[web.StreamResponse]
 ]:
     """Middleware: an inference request without the bootstrap fields (or naming a DP group this instance
-    lacks) is a 400 here, before anything is queued; the body is cached for the handler."""
+    lacks) is a 400 here, before anything is queued; the body is cached for the handler. `dp_size` None: an
+    instance that scales live, whose rank 0 takes a named group as a hint (`PrefillRunner.choose_dp_rank`)."""
 
     @web.middleware
     async def guard(
@@ -83,7 +87,7 @@ def bootstrap_guard(
                 )
             # `data_parallel_rank` names the decode instance's group; this instance's is this one.
             dp = body.get(pd.DISAGG_PREFILL_DP_RANK)
-            if isinstance(dp, int) and not 0 <= dp < dp_size:
+            if isinstance(dp, int) and dp_size is not None and not 0 <= dp < dp_size:
                 message = (
                     f"'{pd.DISAGG_PREFILL_DP_RANK}' {dp} is out of range: this instance has dp_size {dp_size}"
                 )
@@ -123,17 +127,23 @@ def main(argv: list[str] | None = None) -> int:
     if kv.connector == BENCH_CONNECTOR:  # no decode side: no bootstrap service, no bootstrap guard
         return serve(args, "prefill", prefill_entry, role_args, on_startup=mark_bench_responses)
 
-    async def on_startup(app: web.Application) -> None:
-        # The app is not frozen yet during start-up: middlewares can still be added.
-        app.middlewares.append(bootstrap_guard(spec.dp_size))
-
     if spec.node_rank != 0:
         return serve(args, "prefill", prefill_entry, role_args)
-    service = BootstrapService(
-        ParallelLayout(spec.tp_size, spec.dp_size, spec.mla_core), host=args.host, port=args.bootstrap_port, auth_token=token
-    )
+    # An instance that can scale live publishes where each room runs: decode maps every room with the layout
+    # in force when it started (prefill_worker.elastic).
+    config = ModelConfig.from_dir(resolve_model_dir(args.model))
+    elastic = live_scale_refusal("prefill", spec, config.n_routed_experts, role_args) is None
+    service = BootstrapService(parallel_layout(spec), host=args.host, port=args.bootstrap_port, auth_token=token,
+                               room_placements=elastic)
+    hooks = BootstrapLayoutHooks(service)
+
+    async def on_startup(app: web.Application) -> None:
+        # The app is not frozen yet during start-up: middlewares can still be added.
+        app.middlewares.append(bootstrap_guard(None if elastic else spec.dp_size))
+
     try:
-        return serve(args, "prefill", prefill_entry, role_args, on_startup=on_startup)
+        return serve(args, "prefill", prefill_entry, role_args, on_startup=on_startup,
+                     layout_hooks=hooks if elastic else None, on_rooms_placed=hooks.rooms_placed)
     finally:
         service.close()
 

@@ -11,6 +11,7 @@ HTTP reply (the first token, SGLang's shape) goes out then: 200 once the KV has 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.kv_shards import ShardedKVPool
+from engine.parallel import ParallelContext
 from engine.runtime import timeline
 from engine.runtime.colocated import (
     EngineArgs,
@@ -42,12 +44,13 @@ from engine.runtime.disagg import (
     leave_cleanly_on_sigterm,
     local_state,
 )
+from engine.runtime.elastic import ELASTIC_KEY, JOIN_KEY
 from engine.runtime.launch import RankContext
 from engine.runtime.lockstep import LockstepStepper
 from engine.runtime.rank_loop import least_loaded, run_rank
 from engine.runtime.timeline import Timeline
 from engine.scheduler import StepResult
-from engine.server.messages import GenerateRequest, TokenOutput
+from engine.server.messages import GenerateRequest, RoomsPlaced, TokenOutput
 from kvtransfer.bootstrap import BootstrapClient
 from kvtransfer.mapping import prefill_dp_group, prefill_owner
 from kvtransfer.rooms import RankInfo
@@ -104,23 +107,24 @@ class PrefillRunner:
         kv: transfer backend, host, aux slots, timeouts and the bootstrap service's address.
     """
 
-    def __init__(self, ctx: RankContext, engine: RankEngine, args: EngineArgs, kv: KVArgs) -> None:
+    def __init__(self, ctx: RankContext, engine: RankEngine, args: EngineArgs, kv: KVArgs,
+                 publish_rooms: bool = False) -> None:
         if kv.bootstrap_addr is None:
             raise ValueError("a prefill rank needs the bootstrap service's address")
         self.ctx = ctx
         self.engine = engine
         self.batcher = PrefillBatcher(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running,
                                       engine.grammar)
-        self.agreement = GroupAgreement(ctx)
+        # A rank joining a running instance (elastic EP) has no world yet: its groups come with `regroup`.
+        joining = JOIN_KEY in ctx.role_args
+        self.agreement = GroupAgreement(ctx) if not joining else None
         self._steps = LockstepBatcher(self.batcher)
-        parallel = engine.parallel
-        # The work flag is control traffic: a gloo group even when the model's collectives use NCCL.
-        control = (
-            torch.distributed.new_group(backend="gloo")
-            if parallel.dp_size > 1 and engine.model.device.type == "cuda"
-            else None
-        )
-        self.stepper = LockstepStepper(self._steps, engine.model, parallel, engine.moe, control)  # type: ignore[arg-type]
+        self.stepper = LockstepStepper(self._steps, engine.model, engine.parallel, engine.moe,  # type: ignore[arg-type]
+                                       self._control_group() if not joining else None)
+        # Elastic EP: rank 0 reports where it routed each room (`notices`), so that decode ranks map every room
+        # with the layout in force when it started (kvtransfer.placements).
+        self.publish_rooms = publish_rooms
+        self._placed: list[tuple[int, int]] = []
         self.transport = RankTransport(kv, "prefill", ctx.rank, engine.kv_pool.tensor)
         try:
             info = RankInfo(ctx.rank, ctx.spec.tp_size, ctx.spec.dp_size, kv.host, fingerprint_of(engine, args),
@@ -219,7 +223,13 @@ class PrefillRunner:
 
     def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:
         """SGLang's rule, so the decode side knows where the KV is: `disagg_prefill_dp_rank` (a DP-aware router
-        picks it by load), else room % dp. The body's `data_parallel_rank` names the decode's group: not ours."""
+        picks it by load), else room % dp. The body's `data_parallel_rank` names the decode's group: not ours.
+
+        An instance that scales live publishes every room's group (`notices`), so decode need not derive it:
+        a named group is then a hint. `loads` holds the groups that take rooms (while a scale-down drains, only
+        those that stay); a room goes to the group it names if that one is among them, else to room % their
+        number (a router's view of the instance trails a switch by one of its polls), and the request carries
+        the group it got."""
         if request.sampling.seed is None and request.sampling.temperature > 0:
             # Rank 0 draws the seed before the broadcast, so every rank of the DP group samples the same
             # first token (unseeded per-rank generators would diverge).
@@ -227,10 +237,41 @@ class PrefillRunner:
         boot = request.bootstrap
         if boot is None:
             return least_loaded(loads)
+        if self.publish_rooms:
+            named, open_groups = boot.prefill_dp_rank, len(loads)
+            group = named if named is not None and 0 <= named < open_groups else boot.room % open_groups
+            boot.prefill_dp_rank = group
+            self._placed.append((boot.room, group))
+            return group
         try:
             return prefill_dp_group(self.manager.rank_info.parallel, boot.room, boot.prefill_dp_rank)
         except KVTransferError:
             return 0  # `add` refuses it there with the same message
+
+    def notices(self) -> list[RoomsPlaced]:
+        """Rank 0: the rooms routed since the last call, with the layout they run in (`publish_rooms`)."""
+        if not self._placed:
+            return []
+        spec = self.ctx.spec
+        placed, self._placed = self._placed, []
+        return [RoomsPlaced(spec.tp_size, spec.dp_size, placed)]
+
+    def regroup(self, ctx: RankContext, parallel: ParallelContext) -> None:
+        """Elastic EP: the instance re-formed (`engine.runtime.elastic.apply_scale`); a retained rank keeps its DP
+        group, its rooms and their senders. Its agreement group, the lockstep's groups and the layout requests
+        are checked against follow the new world. Called between two turns, with no collective in flight."""
+        self.ctx = ctx
+        self.agreement = GroupAgreement(ctx)
+        self.stepper.parallel, self.stepper.moe = parallel, self.engine.moe
+        self.stepper.control_group = self._control_group()
+        self.manager.rank_info = dataclasses.replace(self.manager.rank_info, tp_size=ctx.spec.tp_size,
+                                                     dp_size=ctx.spec.dp_size)
+
+    def _control_group(self) -> object | None:
+        # The work flag is control traffic: a gloo group even when the model's collectives use NCCL.
+        if self.engine.parallel.dp_size > 1 and self.engine.model.device.type == "cuda":
+            return torch.distributed.new_group(backend="gloo")
+        return None
 
     def gauges(self) -> dict[str, float]:
         return engine_gauges(self.engine)
@@ -285,6 +326,7 @@ class PrefillRunner:
         """Poll every sender; act on what the whole DP group has seen (the same decisions on every rank)."""
         rooms = list(self.rooms.values())
         states = [local_state(room.sender.poll()) if room.sender is not None else SUCCEEDED for room in rooms]
+        assert self.agreement is not None, "a joining rank steps only once it has joined"
         for room, state, (ended, failed) in zip(rooms, states, self.agreement.agree(states), strict=True):
             if failed:
                 self._stop(room)  # no point computing KV that no decode rank will take
@@ -337,4 +379,5 @@ def prefill_entry(ctx: RankContext) -> None:
 
         run_rank(ctx, BenchPrefillRunner(ctx, build_rank_engine(ctx, args), args))
         return
-    run_rank(ctx, PrefillRunner(ctx, build_rank_engine(ctx, args), args, kv))
+    run_rank(ctx, PrefillRunner(ctx, build_rank_engine(ctx, args), args, kv,
+                                publish_rooms=bool(ctx.role_args.get(ELASTIC_KEY))))

@@ -156,10 +156,12 @@ class DecodeRank(Rank):
         self.receivers: dict[int, KVReceiver] = {}
 
     def start(self, host: str, port: int, room: int, dst_pages: list[int] | None, aux_slot: int,
-              prefill_dp_rank: int | None = None, held_pages: int = 0) -> tuple[int, tuple[int, ...]]:
+              prefill_dp_rank: int | None = None, held_pages: int = 0,
+              prefill_layout: tuple[int, int] | None = None) -> tuple[int, tuple[int, ...]]:
         """Create the room's receiver and (unless dst_pages is None) init it; (real, dummies) prefill ranks.
-        `held_pages`: the prompt's leading pages this rank says it holds (dst_pages take the rest)."""
-        receiver = self.manager.create_receiver(host, port, room, prefill_dp_rank)
+        `held_pages`: the prompt's leading pages this rank says it holds (dst_pages take the rest);
+        `prefill_layout`: an elastic prefill's layout when it started the room (its placement)."""
+        receiver = self.manager.create_receiver(host, port, room, prefill_dp_rank, prefill_layout=prefill_layout)
         self.receivers[room] = receiver
         if dst_pages is not None:
             receiver.init(dst_pages, aux_slot, held_pages)

@@ -11,8 +11,8 @@ slots, a rebalance every 16 steps) that scales live through ``POST /scale_elasti
   and ``/server_info`` follows the layout. The wall time of each scale and the longest token gap a client saw
   during it are printed (``bench.elastic_ep`` records them in bench/results/).
 
-- The prefill instance of the same system answers a scale with a 501 saying why (live scaling is built for
-  decode instances).
+- The prefill instance of the same system (one rank) answers a scale with a 501 saying why (a prefill instance
+  of several ranks scales live: tests/test_elastic_prefill.py).
 
 ``TANDEM_ELASTIC_FULL=1`` also runs them on a decode instance at tp 2 dp 1 (DP groups of two ranks: 2 -> 4 -> 2
 ranks) and on one without EPLB.
@@ -20,21 +20,18 @@ ranks) and on one without EPLB.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import os
-import signal
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from elastic_system import scale_killing_a_new_rank
 from pd_system import PAGE_SIZE, PDSystem, backend_missing, get_json, wait_idle
 
 from bench.elastic_ep import (
     DECODE_FLAGS,
-    ScaleStep,
     lengths,
     post_scale,
     prompts,
@@ -115,35 +112,6 @@ def _layout(system: PDSystem) -> tuple[int, int]:
     return info["tp_size"], info["dp_size"]
 
 
-def _rank_children(pid: int) -> set[int]:
-    """The spawned rank processes of worker ``pid`` (multiprocessing's resource tracker left out)."""
-    found = set()
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        for child in children.read_text().split():
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"spawn_main" in cmdline:
-                found.add(int(child))
-    return found
-
-
-def _scale_killing_a_new_rank(system: PDSystem, new_dp: int) -> ScaleStep:
-    """POST a scale and SIGKILL the first new rank process of the decode worker as soon as it exists."""
-    before = _rank_children(system.decode.proc.pid)
-    with cf.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(post_scale, system.decode.url, new_dp)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not pending.done():
-            new = _rank_children(system.decode.proc.pid) - before
-            if new:
-                os.kill(min(new), signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        return pending.result()
-
-
 def test_a_failed_join_leaves_the_instance_serving_at_its_old_size(system: PDSystem, layout: Layout,
                                                                    reference: LLM) -> None:
     cases = prompts(4, reference.config.vocab_size, seed=7)
@@ -156,7 +124,7 @@ def test_a_failed_join_leaves_the_instance_serving_at_its_old_size(system: PDSys
     assert f"rolled back to data_parallel_size {layout.dp}" in rolled_back.body["error"]["message"]
     assert _layout(system) == old
     assert [stream_generate(system.router.url, c, MAX_NEW_TOKENS).ids for c in cases[:2]] == expected[:2]
-    killed = _scale_killing_a_new_rank(system, layout.up)
+    killed = scale_killing_a_new_rank(system.decode, layout.up)
     assert killed.status == 503, killed.body
     assert killed.body["error"]["code"] == "scale_join_failed"
     assert "exited with code -9 while loading" in killed.body["error"]["message"]
@@ -165,10 +133,10 @@ def test_a_failed_join_leaves_the_instance_serving_at_its_old_size(system: PDSys
     wait_idle(system.decode.url)
 
 
-def test_a_prefill_instance_refuses_to_scale_live_and_says_why(system: PDSystem) -> None:
+def test_a_prefill_instance_of_one_rank_refuses_to_scale_live_and_says_why(system: PDSystem) -> None:
     refused = post_scale(system.prefill.url, 2)
     assert refused.status == 501, refused.body
-    assert "a prefill instance cannot be scaled live" in refused.body["error"]["message"]
+    assert "at least 2 ranks can be scaled live" in refused.body["error"]["message"]
     assert "keeps serving at data_parallel_size 1" in refused.body["error"]["message"]
 
 

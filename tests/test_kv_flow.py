@@ -562,6 +562,9 @@ def test_misuse_is_refused_with_clear_errors(cleanup: list[Any]) -> None:
 
 def test_restarted_prefill_rank_fails_its_old_rooms_and_is_looked_up_again(cleanup: list[Any]) -> None:
     service, prefill, decode = in_process_pair(cleanup)
+    # The decode rank keeps its lookup until the peer's death invalidates it (a refresh after the usual 1 s
+    # would already see the restarted rank's registration: room 14 is about a lookup older than the restart).
+    decode.manager.client.CACHE_TTL_S = 600.0
     decode.start(service.host, service.port, 13, DST_PAGES, 0)
     prefill.start(13, CHUNKS, (13, 0.0))
     run_until([prefill, decode], lambda: decode.result(13) is not None)

@@ -18,6 +18,7 @@ from ..server.messages import (
     AbortRequest,
     GenerateRequest,
     RankStatus,
+    RoomsPlaced,
     ScaleInstance,
     ScaleReport,
     TokenOutput,
@@ -58,6 +59,8 @@ class RankBridge:
         self.group_status: dict[int, RankStatus] = {}
         # Elastic EP (engine.runtime.scaling): ranks' reports on a scale, in arrival order.
         self.scale_reports: asyncio.Queue[ScaleReport] = asyncio.Queue()
+        # An elastic prefill instance's room placements go to its bootstrap service (`serve`'s hooks).
+        self.on_rooms_placed: Callable[[RoomsPlaced], None] | None = None
         self._started = False  # every DP group reported once: later layout changes do not unready the instance
 
     @property
@@ -100,6 +103,10 @@ class RankBridge:
                 continue
             if isinstance(out, ScaleReport):
                 self.scale_reports.put_nowait(out)
+                continue
+            if isinstance(out, RoomsPlaced):
+                if self.on_rooms_placed is not None:
+                    self.on_rooms_placed(out)
                 continue
             queue = self._queues.get(out.rid)
             if queue is not None:  # outputs of an aborted request may still be in flight

@@ -48,6 +48,9 @@ from .launch import RankContext
 log = logging.getLogger(__name__)
 
 JOIN_KEY = "elastic_join"  # role_args key of a rank started to join a running instance
+# role_args key, True when the instance can scale live (`engine.server.elastic.live_scale_refusal`): a prefill
+# instance's rank 0 then publishes where it routes each room (kvtransfer.placements).
+ELASTIC_KEY = "elastic"
 # Test hook: "PHASE:EPOCH[,PHASE:EPOCH...]" makes a joining rank of that scale epoch exit at PHASE ("loading":
 # before it reports its shard built; "rendezvous": while the others wait for it there), as a rank killed while
 # joining would.

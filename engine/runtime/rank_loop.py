@@ -70,6 +70,9 @@ class StepRunner(Protocol):
     # Optional: `gauges()`: instance-wide values (EPLB's balancedness), the same on every rank, reported
     # beside the counts but not summed over DP groups.
 
+    # Optional: `notices()`, rank 0 only: messages for the HTTP process about what it just routed (an elastic
+    # prefill instance's room placements), sent right after routing, before the turn's forward.
+
     def close(self) -> None: ...
 
 
@@ -155,6 +158,7 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
                 outbox.send(encode(out))
 
     gauges = getattr(runner, "gauges", None)
+    notices = getattr(runner, "notices", None)
     bind_emitter = getattr(runner, "bind_emitter", None)
     if bind_emitter is not None:
         bind_emitter(emit)
@@ -181,6 +185,9 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
                         routed.append((msg, -1))
                 if pending is not None and pending.drained(view):
                     routed.append((pending.command, -1))
+                if notices is not None and outbox is not None:
+                    for notice in notices():
+                        outbox.send(encode(notice))
             if spec.tp_size > 1:
                 box = [routed]
                 dist.broadcast_object_list(box, src=0, group=view.cpu_group)

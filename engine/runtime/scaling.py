@@ -11,6 +11,9 @@ Shrinking: rank 0 routes new requests only to the DP groups that stay, waits unt
 empty, then the experts move and the leaving ranks exit (the launcher lets them go).
 
 One scale at a time; a second request while one runs is a 409.
+
+A role may need more than its ranks to follow a scale (a prefill instance: its bootstrap service must take the
+new ranks' registrations and publish the new layout): it passes ``LayoutHooks``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..server.messages import ScaleInstance, ScaleReport
 from .bridge import RankBridge
@@ -63,6 +66,20 @@ class ScaleResult:
                 **{k: v for k, v in dataclasses.asdict(self).items() if k not in ("tp_size", "dp_size")}}
 
 
+class LayoutHooks(Protocol):
+    """What the HTTP process does around a scale besides the ranks' switch. Called on the HTTP process's loop;
+    each must return quickly."""
+
+    def starting(self, new: InstanceSpec) -> None:
+        """A scale to ``new`` begins (before any new rank starts)."""
+
+    def switched(self, new: InstanceSpec) -> None:
+        """Every rank serves at ``new`` now (before the scale is answered)."""
+
+    def abandoned(self, old: InstanceSpec) -> None:
+        """The scale did not happen: the instance serves at ``old``; ranks started for it are gone."""
+
+
 class ElasticScaler:
     """Grows and shrinks one running instance (one node). Owns nothing it does not start: the ranks it adds
     become the launcher's (``InstanceProcesses.adopt``).
@@ -75,14 +92,16 @@ class ElasticScaler:
         role_args: what every rank of the role was started with.
         on_layout: called with each new layout (``/server_info``'s tp_size and dp_size follow it).
         join_timeout_s: how long the ranks wait for each other at the new world's rendezvous.
+        hooks: the role's own steps around a scale (``LayoutHooks``), if any.
     """
 
     def __init__(self, spec: InstanceSpec, entry: Callable[[RankContext], None], procs: InstanceProcesses,
                  bridge: RankBridge, inbox_addr: str, outbox_addr: str, role_args: dict[str, Any],
-                 on_layout: Callable[[InstanceSpec], None], join_timeout_s: float) -> None:
+                 on_layout: Callable[[InstanceSpec], None], join_timeout_s: float,
+                 hooks: LayoutHooks | None = None) -> None:
         self.spec, self.entry, self.procs, self.bridge = spec, entry, procs, bridge
         self.inbox_addr, self.outbox_addr, self.role_args = inbox_addr, outbox_addr, role_args
-        self.on_layout, self.join_timeout_s = on_layout, join_timeout_s
+        self.on_layout, self.join_timeout_s, self.hooks = on_layout, join_timeout_s, hooks
         self.epoch = 0
         self._task: asyncio.Future[ScaleResult] | None = None
 
@@ -104,8 +123,21 @@ class ElasticScaler:
             raise ScaleError(self.bridge.dead_reason or "the instance's ranks are still starting", 503, "not_ready")
         # Shielded: a client that hangs up (the server cancels its handler) must not stop a scale half-way,
         # with the ranks meeting and the new ranks killed under them.
-        self._task = asyncio.ensure_future(self._scale(new_dp))
+        self._task = asyncio.ensure_future(self._scale_with_hooks(new_dp))
         return await asyncio.shield(self._task)
+
+    async def _scale_with_hooks(self, new_dp: int) -> ScaleResult:
+        old = self.spec
+        if self.hooks is None:
+            return await self._scale(new_dp)
+        self.hooks.starting(dataclasses.replace(old, tp_size=new_dp * old.attn_tp_size, dp_size=new_dp))
+        try:
+            result = await self._scale(new_dp)
+        except BaseException:
+            self.hooks.abandoned(old)
+            raise
+        self.hooks.switched(self.spec)
+        return result
 
     async def _scale(self, new_dp: int) -> ScaleResult:
         old = self.spec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ..dbo import add_dbo_flags, dbo_config_from_flags
 from ..eplb.config import add_eplb_flags, eplb_config_from_flags
@@ -27,6 +28,14 @@ def add_prefix_cache_flag(group: argparse._ActionsContainer) -> None:
                        action="store_true",
                        help="recompute every prompt from its first token instead of reusing the KV pages of a "
                             "cached prompt prefix (engine.prefix_cache)")
+
+
+def add_elastic_flags(group: Any) -> None:
+    """Flags of a worker that scales live (``POST /scale_elastic_ep``), on a parser or an argument group."""
+    group.add_argument("--elastic-ep-join-timeout", type=float, default=60.0,
+                       help="POST /scale_elastic_ep: seconds the ranks wait for each other at the re-formed "
+                            "instance's rendezvous; past it the old ranks go back to the old size (the new ranks "
+                            "have built their shards before this wait starts)")
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

@@ -5,8 +5,8 @@ than two ranks; each DP group keeps its attn_tp ranks, so attention splits as be
 numbers; the current size is a 200 with nothing to do. Any other size goes to the instance's
 ``ElasticScaler`` (``engine.runtime.scaling``: new ranks join, leaving ranks drain, the instance re-forms
 between two steps): a 200 with the scale's timings, or a 503 (409 while another scale runs) saying why it
-did not happen and that the instance serves at its old size. An instance that cannot scale live (a prefill
-instance, several nodes, one rank) answers 501.
+did not happen and that the instance serves at its old size. An instance that cannot scale live
+(``live_scale_refusal``: several nodes, one rank, a dense model, DBO, MLA-core DP) answers 501.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from aiohttp import web
 
 from kvtransfer import http_errors
 
+from ..runtime.disagg import BENCH_CONNECTOR
+from ..runtime.launch import InstanceSpec
 from ..runtime.scaling import ElasticScaler, ScaleError
 
 
@@ -35,6 +37,27 @@ class ElasticLayout:
     @property
     def attn_tp_size(self) -> int:
         return self.tp_size // self.dp_size
+
+
+def live_scale_refusal(role: str, spec: InstanceSpec, num_experts: int, role_args: dict[str, Any]) -> str | None:
+    """Why this instance cannot be scaled live, or None when it can (decode and prefill instances of one node
+    running expert parallelism over at least two ranks)."""
+    engine = role_args.get("engine")
+    kv = role_args.get("kv")
+    if role not in ("decode", "prefill"):
+        return f"a {role} instance cannot be scaled live (elastic EP is built for prefill and decode instances)"
+    if spec.nnodes > 1:
+        return "an instance over several nodes cannot be scaled live"
+    if spec.tp_size < 2 or not num_experts:
+        return "only an instance running expert parallelism over at least 2 ranks can be scaled live"
+    if kv is not None and kv.connector == BENCH_CONNECTOR:
+        return "a bench-connector instance cannot be scaled live"
+    if engine is not None and engine.dbo.enabled:
+        # DBO's split vote runs over a group of the launch-time world, which a re-formed world would not have.
+        return "an instance with dual batch overlap (--enable-dbo) cannot be scaled live yet"
+    if spec.mla_core:
+        return "an instance with --attention-dp mla-core cannot be scaled live yet"
+    return None
 
 
 def scale_problems(layout: ElasticLayout, new_dp: int) -> list[str]:

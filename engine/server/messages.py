@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-MESSAGE_VERSION = 2  # 2: BootstrapInfo.prefill_dp_rank, GenerateRequest.data_parallel_rank
+# 2: BootstrapInfo.prefill_dp_rank, GenerateRequest.data_parallel_rank; 3: BootstrapInfo.prefill_layout, RoomsPlaced
+MESSAGE_VERSION = 3
 
 
 @dataclass
@@ -44,6 +45,9 @@ class BootstrapInfo:
     room: int
     # The prefill's attention-DP group that holds the KV (`disagg_prefill_dp_rank`); None: room % its dp_size.
     prefill_dp_rank: int | None = None
+    # (tp_size, dp_size) of an elastic prefill instance when it started the room (its `RoomPlacement`, which a
+    # decode worker's HTTP process fetched, with `prefill_dp_rank`); None: the instance's layout at lookup.
+    prefill_layout: tuple[int, int] | None = None
 
 
 @dataclass
@@ -146,13 +150,26 @@ class ScaleReport:
     version: int = MESSAGE_VERSION
 
 
+@dataclass
+class RoomsPlaced:
+    """Rank 0 of an elastic prefill instance, each turn it routed rooms: their DP groups in the layout of that
+    turn. The HTTP process hands them to its bootstrap service, where decode ranks look each room up
+    (`kvtransfer.placements`)."""
+
+    tp_size: int
+    dp_size: int
+    rooms: list[tuple[int, int]]  # (bootstrap_room, dp_rank)
+    version: int = MESSAGE_VERSION
+
+
 ToRanks = GenerateRequest | AbortRequest | ScaleInstance
-FromRanks = TokenOutput | RankStatus | ScaleReport
+FromRanks = TokenOutput | RankStatus | ScaleReport | RoomsPlaced
 
 # msgspec cannot tell two dataclasses apart inside a union, so each message travels as
 # [kind, fields] and the kind picks the decoder.
 _KINDS: dict[str, type] = {"generate": GenerateRequest, "abort": AbortRequest, "output": TokenOutput,
-                           "status": RankStatus, "scale": ScaleInstance, "scale_report": ScaleReport}
+                           "status": RankStatus, "scale": ScaleInstance, "scale_report": ScaleReport,
+                           "rooms_placed": RoomsPlaced}
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 _encoder = msgspec.msgpack.Encoder()
 _envelope_decoder = msgspec.msgpack.Decoder(tuple[str, msgspec.Raw])
@@ -187,6 +204,6 @@ def decode_to_ranks(data: bytes) -> ToRanks:
 
 
 def decode_from_ranks(data: bytes) -> FromRanks:
-    message = _decode(data, ("output", "status", "scale_report"))
-    assert isinstance(message, TokenOutput | RankStatus | ScaleReport)
+    message = _decode(data, ("output", "status", "scale_report", "rooms_placed"))
+    assert isinstance(message, TokenOutput | RankStatus | ScaleReport | RoomsPlaced)
     return message

@@ -26,14 +26,15 @@ from ..chat_template import ChatTemplate
 from ..config import ModelConfig
 from ..runtime.bridge import RankBridge
 from ..runtime.disagg import BENCH_CONNECTOR
+from ..runtime.elastic import ELASTIC_KEY
 from ..runtime.launch import InstanceProcesses, InstanceSpec, LayoutError, RankContext, ipc_addr, launch
 from ..runtime.offline import check_layout
-from ..runtime.scaling import ElasticScaler
+from ..runtime.scaling import ElasticScaler, LayoutHooks
 from ..tokenizer import load_tokenizer
 from .app import ServerConfig, WorkerApp
 from .cli import instance_spec
-from .elastic import ElasticLayout, scale_handler
-from .messages import GenerateRequest
+from .elastic import ElasticLayout, live_scale_refusal, scale_handler
+from .messages import GenerateRequest, RoomsPlaced
 from .protocol import RequestError
 
 log = logging.getLogger(__name__)
@@ -82,18 +83,26 @@ class PrefillLookupGate:
     group waits on (the ranks' own lookup right after finds the instance just answered). Failures are
     remembered for `BootstrapClient.FAILURE_TTL_S`, successes for `CACHE_TTL_S`.
 
+    A prefill instance that scales live publishes each room's placement (`kvtransfer.placements`): the gate
+    fetches it (waiting, up to `placement_wait_s`, for the prefill to route the room) and writes it into the
+    request (`BootstrapInfo.prefill_dp_rank` / `prefill_layout`), so that every rank of the decode group maps
+    the room alike, with the layout in force when the room started.
+
     Args:
         timeout_s: each lookup's HTTP timeout (the ranks use the same, `KVTimeouts.http_s`).
-    Call `close()` to stop its threads."""
+        placement_wait_s: how long a request waits for its room to be placed (`KVTimeouts.bootstrap_s`).
+    Call `aclose()` to stop its threads and its HTTP session."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, placement_wait_s: float = 30.0) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from kvtransfer.bootstrap import BootstrapClient
 
         self._client = BootstrapClient(timeout_s)
+        self.placement_wait_s = placement_wait_s
         # A few threads: one blackholed host must not hold up the lookups of the others.
         self._threads = ThreadPoolExecutor(4, thread_name_prefix="prefill-lookup")
+        self._session: Any = None  # aiohttp.ClientSession for placements, made on the server's loop
 
     async def __call__(self, request: GenerateRequest) -> None:
         from kvtransfer.state import KVBootstrapError
@@ -102,22 +111,40 @@ class PrefillLookupGate:
         if boot is None:
             return
         try:
-            await asyncio.get_running_loop().run_in_executor(self._threads, self._client.lookup, boot.host, boot.port)
+            info = await asyncio.get_running_loop().run_in_executor(self._threads, self._client.lookup, boot.host,
+                                                                    boot.port)
+            if info.room_placements:
+                placement = await self._placement(boot.host, boot.port, boot.room)
+                boot.prefill_dp_rank = placement.dp_rank
+                boot.prefill_layout = (placement.tp_size, placement.dp_size)
         except KVBootstrapError as exc:
             raise RequestError(f"prefill instance {boot.host}:{boot.port} cannot be used: {exc}", 502,
                                "kv_peer_error") from None
 
-    def close(self) -> None:
+    async def _placement(self, host: str, port: int, room: int) -> Any:
+        import aiohttp
+
+        from kvtransfer.placements import fetch_placement
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return await fetch_placement(self._session, host, port, room, self.placement_wait_s)
+
+    async def aclose(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
+        if self._session is not None:
+            await self._session.close()
 
 
 async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, model_dir: str,
                        entry: Callable[[RankContext], None], role_args: dict[str, Any],
-                       on_startup: Callable[[web.Application], Any] | None) -> int:
+                       on_startup: Callable[[web.Application], Any] | None, layout_hooks: LayoutHooks | None,
+                       on_rooms_placed: Callable[[RoomsPlaced], None] | None) -> int:
     config = ModelConfig.from_dir(model_dir)
     tokenizer = load_tokenizer(model_dir, config.eos_token_ids)
     inbox, outbox = zmq_addresses(spec)
     bridge = RankBridge(inbox, outbox, num_dp_groups=spec.dp_size)
+    bridge.on_rooms_placed = on_rooms_placed
     bridge.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -129,6 +156,8 @@ async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, 
         loop.call_soon_threadsafe(bridge.fail_all, reason)
         loop.call_soon_threadsafe(stop.set)
 
+    if live_scale_refusal(role, spec, config.n_routed_experts, role_args) is None:
+        role_args = {**role_args, ELASTIC_KEY: True}
     procs = launch(spec, entry, inbox, outbox, role_args, on_death)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -144,11 +173,11 @@ async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, 
     kv = role_args.get("kv")
     gate = None
     if role == "decode" and kv is not None and kv.connector != BENCH_CONNECTOR:
-        gate = PrefillLookupGate(kv.timeouts.http_s)
+        gate = PrefillLookupGate(kv.timeouts.http_s, kv.timeouts.bootstrap_s)
     worker = WorkerApp(bridge, tokenizer, server_config, admit=gate)
     app = worker.build()
     app.router.add_post("/scale_elastic_ep", _elastic_handler(args, role, spec, config, entry, procs, bridge, inbox,
-                                                              outbox, role_args, server_config))
+                                                              outbox, role_args, server_config, layout_hooks))
     app.middlewares.append(ReadyGate(bridge).middleware)
     if on_startup is not None:
         app.on_startup.append(on_startup)
@@ -165,7 +194,7 @@ async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, 
         procs.stop()
         bridge.close()
         if gate is not None:
-            gate.close()
+            await gate.aclose()
     if exit_code:
         log.error("instance stopped: %s", procs.death_reason)
     return exit_code
@@ -173,25 +202,13 @@ async def _serve_async(args: argparse.Namespace, role: str, spec: InstanceSpec, 
 
 def _elastic_handler(args: argparse.Namespace, role: str, spec: InstanceSpec, config: ModelConfig,
                      entry: Callable[[RankContext], None], procs: InstanceProcesses, bridge: RankBridge, inbox: str,
-                     outbox: str, role_args: dict[str, Any], server_config: ServerConfig) -> Any:
-    """``POST /scale_elastic_ep``: live on a decode instance of one node with expert parallelism over several
-    ranks (``engine.runtime.scaling``); validated and refused (501) elsewhere."""
+                     outbox: str, role_args: dict[str, Any], server_config: ServerConfig,
+                     hooks: LayoutHooks | None) -> Any:
+    """``POST /scale_elastic_ep``: live on a prefill or decode instance of one node with expert parallelism over
+    several ranks (``engine.runtime.scaling``); validated and refused (501) elsewhere."""
     eplb = getattr(role_args.get("engine"), "eplb", None)
     redundant = eplb.num_redundant_experts if eplb else 0
-    why_not = None
-    if role != "decode":
-        why_not = f"a {role} instance cannot be scaled live (elastic EP is built for decode instances)"
-    elif spec.nnodes > 1:
-        why_not = "an instance over several nodes cannot be scaled live"
-    elif spec.tp_size < 2 or not config.n_routed_experts:
-        why_not = "only an instance running expert parallelism over at least 2 ranks can be scaled live"
-    elif role_args["kv"].connector == BENCH_CONNECTOR:
-        why_not = "a bench-connector instance cannot be scaled live"
-    elif role_args["engine"].dbo.enabled:
-        # DBO's split vote runs over a group of the launch-time world, which a re-formed world would not have.
-        why_not = "an instance with dual batch overlap (--enable-dbo) cannot be scaled live yet"
-    elif spec.mla_core:
-        why_not = "an instance with --attention-dp mla-core cannot be scaled live yet"
+    why_not = live_scale_refusal(role, spec, config.n_routed_experts, role_args)
     if why_not is not None:
         layout = ElasticLayout(spec.tp_size, spec.dp_size, config.n_routed_experts, redundant)
         return scale_handler(layout, None, why_not)
@@ -200,14 +217,17 @@ def _elastic_handler(args: argparse.Namespace, role: str, spec: InstanceSpec, co
         server_config.extra_info.update(tp_size=new.tp_size, dp_size=new.dp_size)
 
     scaler = ElasticScaler(spec, entry, procs, bridge, inbox, outbox, role_args, on_layout,
-                           args.elastic_ep_join_timeout)
+                           args.elastic_ep_join_timeout, hooks)
     return scale_handler(lambda: ElasticLayout(scaler.spec.tp_size, scaler.spec.dp_size, config.n_routed_experts,
                                                redundant), scaler)
 
 
 def serve(args: argparse.Namespace, role: str, entry: Callable[[RankContext], None],
-          role_args: dict[str, Any], on_startup: Callable[[web.Application], Any] | None = None) -> int:
-    """Runs the instance until SIGINT/SIGTERM (0) or until a rank dies (1)."""
+          role_args: dict[str, Any], on_startup: Callable[[web.Application], Any] | None = None,
+          layout_hooks: LayoutHooks | None = None,
+          on_rooms_placed: Callable[[RoomsPlaced], None] | None = None) -> int:
+    """Runs the instance until SIGINT/SIGTERM (0) or until a rank dies (1). ``layout_hooks``: the role's own
+    steps around a live scale; ``on_rooms_placed``: where an elastic prefill instance's room placements go."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     spec = instance_spec(args)
     model_dir = resolve_model_dir(args.model)
@@ -225,4 +245,5 @@ def serve(args: argparse.Namespace, role: str, entry: Callable[[RankContext], No
             procs.wait()
         procs.stop()
         return 0 if procs.death_reason is None else 1
-    return asyncio.run(_serve_async(args, role, spec, model_dir, entry, role_args, on_startup))
+    return asyncio.run(_serve_async(args, role, spec, model_dir, entry, role_args, on_startup, layout_hooks,
+                                    on_rooms_placed))
