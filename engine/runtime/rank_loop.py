@@ -70,6 +70,9 @@ class StepRunner(Protocol):
     # Optional: `gauges()`: instance-wide values (EPLB's balancedness), the same on every rank, reported
     # beside the counts but not summed over DP groups.
 
+    # Optional: `clock`, an `engine.step_clock.StepClock`: the loop opens and closes each turn on it, and laps
+    # the inbox and output phases; the runner laps its own.
+
     def close(self) -> None: ...
 
 
@@ -155,6 +158,7 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
                 outbox.send(encode(out))
 
     gauges = getattr(runner, "gauges", None)
+    clock = getattr(runner, "clock", None)  # a runner's `StepClock`: where its decode turns go
     bind_emitter = getattr(runner, "bind_emitter", None)
     if bind_emitter is not None:
         bind_emitter(emit)
@@ -163,6 +167,8 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
     last_status = 0.0
     try:
         while True:
+            if clock is not None:
+                clock.begin()
             spec = view.spec
             routed: list[tuple[ToRanks, int]] = []
             if inbox is not None:
@@ -195,8 +201,12 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
                     scale = msg
                 else:
                     outputs.extend(runner.abort(msg.rid))
+            if clock is not None:
+                clock.lap("inbox")
             outputs.extend(runner.step())
             emit(outputs)
+            if clock is not None:
+                clock.lap("outputs")
             if outbox is not None:
                 now = time.monotonic()
                 if now - last_status > STATUS_PERIOD_S:  # the first one also says "ready"
@@ -210,6 +220,8 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
                 dist.all_gather(view.load_slots, view.my_load, group=view.cpu_group)
             else:
                 view.world_loads[0] = runner.num_requests()
+            if clock is not None:
+                clock.end()
             if pending is not None:
                 pending.loads_seen = True
             if scale is not None:  # between two turns, on every rank at once
