@@ -19,6 +19,7 @@ import zmq
 
 from ..server.messages import (
     GenerateRequest,
+    OutputBatch,
     RankStatus,
     ScaleInstance,
     TokenOutput,
@@ -153,9 +154,8 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
         outbox.connect(ctx.outbox_addr)
 
     def emit(outputs: list[TokenOutput]) -> None:
-        if outbox is not None:  # attention-TP followers hold the same outputs; their leader sends them
-            for out in outputs:
-                outbox.send(encode(out))
+        if outbox is not None and outputs:  # attention-TP followers hold the same outputs; their leader sends
+            outbox.send(encode(OutputBatch(outputs)))
 
     gauges = getattr(runner, "gauges", None)
     clock = getattr(runner, "clock", None)  # a runner's `StepClock`: where its decode turns go
