@@ -181,7 +181,8 @@ async def _warm_up(session: aiohttp.ClientSession, url: str, warmups: list[Reque
 
 async def _run_requests(config: BenchConfig, requests: list[RequestInput],
                         session: aiohttp.ClientSession, sampling: SamplingConfig,
-                        ) -> tuple[list[RequestResult], float]:
+                        ) -> tuple[list[RequestResult], float, float]:
+    """(results, duration in seconds, wall-clock `time.time()` of the start that `start_s` counts from)."""
     url = config.base_url + BACKEND_PATHS[config.backend]
     await _warm_up(session, url, requests[: config.warmup_requests], sampling)
     measured = requests[config.warmup_requests:]
@@ -189,7 +190,7 @@ async def _run_requests(config: BenchConfig, requests: list[RequestInput],
     limiter = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
     gaps = poisson_gaps(len(measured), config.request_rate, config.seed + 1)
     progress = tqdm(total=len(measured), desc="requests", unit="req", disable=config.disable_tqdm)
-    bench_start = time.perf_counter()
+    bench_start, started_at = time.perf_counter(), time.time()
     deadline = bench_start + config.max_duration_s if config.max_duration_s else math.inf
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -212,7 +213,7 @@ async def _run_requests(config: BenchConfig, requests: list[RequestInput],
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         progress.close()
-    return results, time.perf_counter() - bench_start
+    return results, time.perf_counter() - bench_start, started_at
 
 
 def _request_record(result: RequestResult) -> dict[str, Any]:
@@ -258,7 +259,7 @@ async def run_benchmark_async(config: BenchConfig) -> dict[str, Any]:
         if model is None:
             model = await _discover_model(session, config.base_url) if config.backend != "sglang" else ""
         sampling = SamplingConfig(config.backend, model, config.temperature, extra_body=config.extra_body)
-        results, duration_s = await _run_requests(config, requests, session, sampling)
+        results, duration_s, started_at = await _run_requests(config, requests, session, sampling)
     summary = summarize(results, duration_s, SloTargets(config.slo_ttft_ms, config.slo_itl_ms))
     label, kv_connector = _label(config, results)
     report: dict[str, Any] = {
@@ -269,6 +270,9 @@ async def run_benchmark_async(config: BenchConfig) -> dict[str, Any]:
         "model": model,
         "config": config.as_json(),
         "summary": summary,
+        # Wall clock of the measured run's start: request i left the client at started_at + its start_s, so
+        # servers' wall-clock logs of the same host line up with it (bench.host_path).
+        "started_at": started_at,
         "requests": [_request_record(r) for r in results],
     }
     if config.output_json:

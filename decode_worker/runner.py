@@ -173,6 +173,7 @@ class DecodeRunner(PrefilledKVRunner):
             self._reserve()
         if self.transferring and not self.scheduler.has_work():
             time.sleep(WAIT_NAP_S)
+        self.clock.lap("transfers")
         return super().step()
 
     def group_load(self) -> dict[str, int]:

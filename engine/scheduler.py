@@ -34,6 +34,7 @@ from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks, prompt_logprobs
 from engine.prefix_cache import Block
 from engine.sampling import SamplingParams, apply_penalties, logprob_report, sample
+from engine.step_clock import StepClock
 
 
 class RequestStatus(enum.Enum):
@@ -131,6 +132,7 @@ class Scheduler:
         self.running: list[Request] = []  # PREFILLING and DECODING, in admission order
         self._ids = itertools.count()
         self.prefill_computed_tokens = 0  # prompt tokens run through forwards (cache hits are not), for /metrics
+        self.clock = StepClock()  # a rank loop's runner replaces it (a device-aware one) and opens its turns
 
     # ---- entry points -------------------------------------------------------------------------
     def validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -307,6 +309,8 @@ class Scheduler:
         self.retractions += 1
 
     def _run_decode(self, decoding: list[Request]) -> StepResult:
+        clock = self.clock
+        clock.lap("schedule")
         batch = ForwardBatch.build(
             ForwardMode.DECODE,
             [[req.output_ids[-1]] for req in decoding],
@@ -315,10 +319,14 @@ class Scheduler:
             self.kv_pool,
             vocab_size=self.model.config.vocab_size,
         )
+        clock.forward_begins()
         logits = self.decode_forward(batch).next_token_logits
+        clock.forward_ends()
         for req in decoding:
             req.num_computed += 1
-        return self._sample_and_append(logits, decoding)
+        result = self._sample_and_append(logits, decoding)
+        clock.lap("sample")
+        return result
 
     def _sample_and_append(self, logits: torch.Tensor, reqs: list[Request]) -> StepResult:
         result = StepResult([], [])

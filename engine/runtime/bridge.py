@@ -1,7 +1,7 @@
 """The HTTP process's side of an instance: an `EngineBackend` over zmq sockets.
 
-Requests (and aborts) are pushed to rank 0's inbox; every rank that produces outputs pushes
-`TokenOutput`s to one outbox that this bridge reads and fans out to per-request queues.
+Requests (and aborts) are pushed to rank 0's inbox; every rank that produces outputs pushes each turn's
+`TokenOutput`s (one `OutputBatch`) to one outbox that this bridge reads and fans out to per-request queues.
 """
 
 from __future__ import annotations
@@ -108,9 +108,11 @@ class RankBridge:
                 if self.on_rooms_placed is not None:
                     self.on_rooms_placed(out)
                 continue
-            queue = self._queues.get(out.rid)
-            if queue is not None:  # outputs of an aborted request may still be in flight
-                queue.put_nowait(out)
+            queues = self._queues
+            for output in out.outputs:
+                queue = queues.get(output.rid)
+                if queue is not None:  # outputs of an aborted request may still be in flight
+                    queue.put_nowait(output)
 
     def fail_all(self, reason: str) -> None:
         """The ranks are gone: finish every open request with an error."""

@@ -29,6 +29,7 @@ from ..quant import plan_quantization
 from ..sampling import SamplingParams
 from ..scheduler import Request, Scheduler, StepResult
 from ..server.messages import GenerateRequest, SamplingSpec, TokenOutput
+from ..step_clock import StepClock
 from ..tokenizer import load_tokenizer
 from ..weights import load_model
 from . import elastic
@@ -245,6 +246,8 @@ class ColocatedRunner:
         self.scheduler = Scheduler(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running,
                                    engine.config.eos_token_ids, reserve_tokens=args.reserve_tokens,
                                    grammar=engine.grammar)
+        # Phase times of this rank's decode turns (the rank loop opens and closes each turn).
+        self.clock = self.scheduler.clock = StepClock(engine.kv_pool.tensor.device)
         self.requests: dict[str, Request] = {}
         self._pending: list[TokenOutput] = []
         self._emit: Callable[[list[TokenOutput]], None] | None = None
@@ -290,10 +293,12 @@ class ColocatedRunner:
             # now, not one decode step later. The forward still runs on every rank, as lockstep needs.
             self._emit(outs)
             outs = []
+            self.clock.lap("outputs")
         result = self.stepper.step()  # on every rank, also those without work (MoE collectives)
         outs.extend(outputs_of(result, {}))
         for req in result.finished:
             self.requests.pop(req.request_id, None)
+        self.clock.lap("outputs")
         return outs
 
     def regroup(self, ctx: RankContext, parallel: ParallelContext) -> None:
@@ -325,7 +330,7 @@ class ColocatedRunner:
     def status_counts(self) -> dict[str, int]:
         return {**self.engine.kv_pool.status_counts(),
                 "prefill_tokens_computed": self.scheduler.prefill_computed_tokens,
-                "retractions": self.scheduler.retractions, **self.group_load()}
+                "retractions": self.scheduler.retractions, **self.group_load(), **self.clock.counters()}
 
     def close(self) -> None:
         for req in list(self.requests.values()):

@@ -19,6 +19,7 @@ import zmq
 
 from ..server.messages import (
     GenerateRequest,
+    OutputBatch,
     RankStatus,
     ScaleInstance,
     TokenOutput,
@@ -72,6 +73,8 @@ class StepRunner(Protocol):
 
     # Optional: `notices()`, rank 0 only: messages for the HTTP process about what it just routed (an elastic
     # prefill instance's room placements), sent right after routing, before the turn's forward.
+    # Optional: `clock`, an `engine.step_clock.StepClock`: the loop opens and closes each turn on it, and laps
+    # the inbox and output phases; the runner laps its own.
 
     def close(self) -> None: ...
 
@@ -153,12 +156,12 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
         outbox.connect(ctx.outbox_addr)
 
     def emit(outputs: list[TokenOutput]) -> None:
-        if outbox is not None:  # attention-TP followers hold the same outputs; their leader sends them
-            for out in outputs:
-                outbox.send(encode(out))
+        if outbox is not None and outputs:  # attention-TP followers hold the same outputs; their leader sends
+            outbox.send(encode(OutputBatch(outputs)))
 
     gauges = getattr(runner, "gauges", None)
     notices = getattr(runner, "notices", None)
+    clock = getattr(runner, "clock", None)  # a runner's `StepClock`: where its decode turns go
     bind_emitter = getattr(runner, "bind_emitter", None)
     if bind_emitter is not None:
         bind_emitter(emit)
@@ -167,6 +170,8 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
     last_status = 0.0
     try:
         while True:
+            if clock is not None:
+                clock.begin()
             spec = view.spec
             routed: list[tuple[ToRanks, int]] = []
             if inbox is not None:
@@ -202,8 +207,12 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
                     scale = msg
                 else:
                     outputs.extend(runner.abort(msg.rid))
+            if clock is not None:
+                clock.lap("inbox")
             outputs.extend(runner.step())
             emit(outputs)
+            if clock is not None:
+                clock.lap("outputs")
             if outbox is not None:
                 now = time.monotonic()
                 if now - last_status > STATUS_PERIOD_S:  # the first one also says "ready"
@@ -217,6 +226,8 @@ def run_rank(ctx: RankContext, runner: StepRunner) -> None:
                 dist.all_gather(view.load_slots, view.my_load, group=view.cpu_group)
             else:
                 view.world_loads[0] = runner.num_requests()
+            if clock is not None:
+                clock.end()
             if pending is not None:
                 pending.loads_seen = True
             if scale is not None:  # between two turns, on every rank at once
