@@ -66,6 +66,12 @@ log = logging.getLogger(__name__)
 # the nap is also how late a finished transfer is seen: a 4k-token DeepSeek-V3 prompt's KV (288 MB) moves
 # in ~0.3 ms between GPUs of one host, and each side's nap adds to TTFT. A poll costs a few microseconds.
 WAIT_NAP_S = 0.0001
+# After a turn posts rooms' last writes, the rank polls those rooms' senders for at most this long before its
+# next forward: a sender tells the decode ranks its writes are done only when polled, and the next poll
+# would otherwise come after that whole forward (on one H100 shared with the decode instance, 178 ms after
+# the writes were posted, at the median). Polling is local to the rank (no collectives), so ranks may differ
+# in how long they wait; each waits only while its own writes are in flight.
+WRITE_WAIT_S = 0.003
 
 
 class LockstepBatcher:
@@ -203,6 +209,7 @@ class PrefillRunner:
                 if room.job.num_computed == 0 and not room.stopped:
                     self.timeline.mark(room.request.rid, "step_began")  # once per step until its first chunk
         self.stepper.step()  # on every rank, also those without work (MoE collectives)
+        posted: list[KVSender] = []  # senders whose last writes this turn posted
         for chunk in self._steps.chunks:
             sender = self.rooms[chunk.job.rid].sender  # None: an MLA-core rank without the room's KV
             if chunk.job.error is not None:  # its first token could not be drawn: this room fails alone
@@ -216,10 +223,23 @@ class PrefillRunner:
                 self.timeline.mark(chunk.job.rid, "forward_done")
                 if sender is not None:
                     sender.send_aux(chunk.job.first_token, chunk.job.first_logprob, chunk.job.first_top)
+                    posted.append(sender)
                 self.timeline.mark(chunk.job.rid, "kv_posted")
+        if posted:
+            self._await_writes(posted)
         if self.rooms and self.stepper.forwards == forwards:
             time.sleep(WAIT_NAP_S)
         return outs
+
+    @staticmethod
+    def _await_writes(senders: list[KVSender]) -> None:
+        """Poll `senders` (their last writes just posted) until each has ended or WRITE_WAIT_S has passed."""
+        deadline = time.monotonic() + WRITE_WAIT_S
+        while True:
+            senders = [s for s in senders if not s.poll().is_terminal]
+            if not senders or time.monotonic() >= deadline:
+                return
+            time.sleep(WAIT_NAP_S)
 
     def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:
         """SGLang's rule, so the decode side knows where the KV is: `disagg_prefill_dp_rank` (a DP-aware router
