@@ -29,6 +29,7 @@ GEMM_ENV = "TANDEM_FP8_GEMM"
 # From this many rows cuBLAS runs the dense FP8 GEMM under `auto` (below it the Triton GEMM quantizes its
 # activation tiles itself and splits K, which suits decode's few rows). bench.gemm measures both sides.
 CUBLAS_MIN_ROWS = int(os.environ.get("TANDEM_FP8_CUBLAS_MIN_ROWS", "128"))
+ROW_MULTIPLE = 16  # the row counts cuBLAS's block-scaled FP8 GEMM runs: others are padded up
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -176,6 +177,12 @@ def fp8_linear_cublas(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torc
         raise ValueError(f"weight must be {FP8_DTYPE}, got {weight.dtype}")
     recipe = probe_recipe(x2.device.index or 0)
     assert recipe is not None, "fp8_linear_cublas called where the probe found no recipe"
+    rows = x2.shape[0]
+    if rows % ROW_MULTIPLE:
+        # cuBLAS finds no block-scaled algorithm for other row counts (CUBLAS_STATUS_NOT_SUPPORTED on an H100
+        # at 1, 7 and 333 rows; 32, 64 and 4096 ran): zero rows pad it, quantized to zeros, sliced off after.
+        x2 = torch.nn.functional.pad(x2, (0, 0, 0, ROW_MULTIPLE - rows % ROW_MULTIPLE))
     xq, xs = quantize_fp8_act_triton(x2, BLOCK, scales_m_major=True)
-    return _scaled_mm(recipe, xq, xs, weight, _scale_b(weight_scale), out_dtype,
-                      None if bias is None else bias.to(out_dtype))
+    out = _scaled_mm(recipe, xq, xs, weight, _scale_b(weight_scale), out_dtype,
+                     None if bias is None else bias.to(out_dtype))
+    return out[:rows]
