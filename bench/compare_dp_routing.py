@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from bench.pd_servers import Server, ServerGroup, cpu_worker_env, free_port, get_json, wait_healthy, wait_idle
-from bench.serving import BenchConfig, BenchmarkError, run_benchmark
+from bench.serving import BenchConfig, run_benchmark, run_or_exit
 
 log = logging.getLogger("bench.compare_dp_routing")
 
@@ -239,11 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except (BenchmarkError, RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    result = run_or_exit(run, args)
     json_path = Path(args.output_json or RESULTS_DIR / f"dp_routing_{args.device}.json")
     plot_path = Path(args.plot or json_path.with_suffix(".png"))
     json_path.parent.mkdir(parents=True, exist_ok=True)

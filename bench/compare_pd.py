@@ -32,7 +32,7 @@ from typing import Any
 
 from bench.gpu_mps import mps_daemon, sm_share_env
 from bench.pd_servers import Server, ServerGroup, cpu_worker_env, free_port, wait_healthy, wait_idle
-from bench.serving import BenchConfig, BenchmarkError, run_benchmark
+from bench.serving import BenchConfig, run_benchmark, run_or_exit
 
 log = logging.getLogger("bench.compare_pd")
 
@@ -255,14 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    if min(args.input_len, args.output_len, args.num_prompts, args.max_concurrency) < 1:
-        print("error: lengths and counts must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        result = run(args)
-    except (BenchmarkError, RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    result = run_or_exit(run, args, (args.input_len, args.output_len, args.num_prompts, args.max_concurrency))
     print(format_table(result["table"], result["title"]))
     print(f"results: {result['paths']['json']}\nplot: {result['paths']['plot']}")
     completed = [run["summary"]["completed"] for run in result["runs"].values()]

@@ -46,6 +46,7 @@ from typing import Any
 import orjson
 
 from bench.pd_servers import ServerGroup, cpu_worker_env, free_port, wait_healthy, wait_idle
+from bench.serving import run_or_exit
 from bench.serving_multiturn import MultiTurnConfig, format_turns, run_multiturn
 
 log = logging.getLogger("bench.compare_prefix_cache")
@@ -249,11 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except (RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    result = run_or_exit(run, args)
     print(result["title"])
     print(result["table"])
     print(f"results: {result['paths']['json']}\nplot: {result['paths']['plot']}")

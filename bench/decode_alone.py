@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.pd_servers import ServerGroup, cpu_worker_env, free_port, get_json, wait_healthy, wait_idle
-from bench.serving import BenchConfig, BenchmarkError, run_benchmark
+from bench.serving import BenchConfig, BenchmarkError, run_benchmark, run_or_exit
 from bench.serving_metrics import format_summary
 
 log = logging.getLogger("bench.decode_alone")
@@ -185,14 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    if min(args.input_len, args.output_len, args.num_prompts, args.max_concurrency, args.tp) < 1:
-        print("error: lengths, counts and --tp must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        report = run(args)
-    except (BenchmarkError, RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    report = run_or_exit(run, args, (args.input_len, args.output_len, args.num_prompts, args.max_concurrency, args.tp),
+                         "lengths, counts and --tp")
     print(format_summary(report["summary"], report["label"]))
     print(decode_table(report))
     print(f"results: {report['paths']['json']}\nplot: {report['paths']['plot']}")

@@ -35,7 +35,7 @@ from bench.compare_pd import start_setup, warm_up
 from bench.decode_alone import tiny_model_with_context
 from bench.pd_servers import ServerGroup, cpu_worker_env, get_json, wait_idle
 from bench.pd_timeline import parse
-from bench.serving import BenchConfig, BenchmarkError, run_benchmark
+from bench.serving import BenchConfig, run_benchmark, run_or_exit
 from engine.runtime.rank_loop import STATUS_PERIOD_S
 from engine.step_clock import PHASES
 
@@ -156,6 +156,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _stacked(ax: Any, labels: list[str], parts: dict[str, list[float]], marker: tuple[str, list[float]],
+             ylabel: str, title: str) -> None:
+    """One stacked bar per run (a segment per part) with the client's figure as a dot on top."""
+    bottom = [0.0] * len(labels)
+    for name, values in parts.items():
+        ax.bar(labels, values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.scatter(labels, marker[1], color="k", zorder=3, label=marker[0])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
 def write_plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -164,26 +177,14 @@ def write_plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
 
     labels = list(runs)
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    bottom = [0.0] * len(labels)
-    for name, _, _ in TTFT_PARTS:
-        values = [runs[k]["ttft"]["median_ms"].get(name, 0.0) for k in labels]
-        left.bar(labels, values, bottom=bottom, label=name)
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    left.scatter(labels, [runs[k]["serving"]["ttft_ms"]["p50"] for k in labels], color="k", zorder=3,
-                 label="client TTFT p50")
-    left.set_ylabel("ms (median per part)")
-    left.set_title("TTFT parts")
-    left.legend(fontsize=7)
-    bottom = [0.0] * len(labels)
-    for phase in PHASES:
-        values = [runs[k]["decode_step"].get("phases_ms", {}).get(phase, 0.0) for k in labels]
-        right.bar(labels, values, bottom=bottom, label=phase)
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    right.scatter(labels, [runs[k]["serving"]["itl_ms"]["p50"] for k in labels], color="k", zorder=3,
-                  label="client ITL p50")
-    right.set_ylabel("ms per decode step (mean)")
-    right.set_title("decode step: forward vs host phases")
-    right.legend(fontsize=7)
+    _stacked(left, labels, {name: [runs[k]["ttft"]["median_ms"].get(name, 0.0) for k in labels]
+                            for name, _, _ in TTFT_PARTS},
+             ("client TTFT p50", [runs[k]["serving"]["ttft_ms"]["p50"] for k in labels]),
+             "ms (median per part)", "TTFT parts")
+    _stacked(right, labels, {phase: [runs[k]["decode_step"].get("phases_ms", {}).get(phase, 0.0) for k in labels]
+                             for phase in PHASES},
+             ("client ITL p50", [runs[k]["serving"]["itl_ms"]["p50"] for k in labels]),
+             "ms per decode step (mean)", "decode step: forward vs host phases")
     first = runs[labels[0]]["setup"]
     fig.suptitle(f"1P1D host path, {first['device']}, {Path(first['model']).name}: in={first['input_len']} "
                  f"out={first['output_len']} n={first['num_prompts']} conc={first['max_concurrency']}")
@@ -236,14 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    if min(args.input_len, args.output_len, args.num_prompts, args.max_concurrency) < 1:
-        print("error: lengths and counts must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        result = run(args)
-    except (BenchmarkError, RuntimeError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    result = run_or_exit(run, args, (args.input_len, args.output_len, args.num_prompts, args.max_concurrency))
     json_path = Path(args.output_json or RESULTS_DIR / f"host_path_{args.device}.json")
     doc = json.loads(json_path.read_text()) if json_path.exists() else {"format_version": 1, "runs": {}}
     doc["machine"] = {"node": platform.node(), "processor": platform.processor() or platform.machine()}

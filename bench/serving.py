@@ -20,10 +20,11 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import numpy as np
@@ -42,6 +43,23 @@ BENCH_CONNECTOR_LABEL = "kv-connector=bench, not end-to-end"
 
 class BenchmarkError(RuntimeError):
     """The benchmark could not run (server unreachable, warm-up failed, bad configuration)."""
+
+
+_T = TypeVar("_T")
+
+
+def run_or_exit(run: Callable[[argparse.Namespace], _T], args: argparse.Namespace, counts: tuple[int, ...] = (),
+                what: str = "lengths and counts") -> _T:
+    """A serving bench's ``run(args)`` for its ``main``: ``counts`` must be >= 1 (else one line and exit 2), and a
+    failure of the benchmark, a server or an argument ends the process with its message (exit 1), not a traceback."""
+    if counts and min(counts) < 1:
+        print(f"error: {what} must be >= 1", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        return run(args)
+    except (BenchmarkError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
 
 
 @dataclass

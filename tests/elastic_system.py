@@ -7,10 +7,29 @@ import concurrent.futures as cf
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+from pd_system import PAGE_SIZE
 
 from bench.elastic_ep import ScaleStep, post_scale
 from bench.pd_servers import Server
+from engine.llm import LLM
+from engine.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module", name="reference")
+def reference_llm(tiny_model: Path) -> Iterator[LLM]:
+    """The tiny model in one process: the static run every scaled stream's tokens must equal."""
+    llm = LLM(tiny_model, page_size=PAGE_SIZE)
+    yield llm
+    llm.close()
+
+
+def static_tokens(llm: LLM, cases: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in max_new_tokens]
+    return [o.token_ids for o in llm.generate(cases, params)]
 
 
 def rank_children(pid: int) -> set[int]:

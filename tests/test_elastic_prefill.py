@@ -23,13 +23,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from elastic_system import scale_killing_a_new_rank
-from pd_system import PAGE_SIZE, PDSystem, backend_missing, get_json, http, wait_idle
+from elastic_system import reference_llm, scale_killing_a_new_rank, static_tokens  # noqa: F401 (a fixture)
+from pd_system import PDSystem, backend_missing, get_json, http, wait_idle
 
 from bench.elastic_ep import PREFILL_FLAGS, ScaleStep, lengths, post_scale, prompts, run_workload, summarize
 from engine.llm import LLM
 from engine.runtime.elastic import FAULT_ENV
-from engine.sampling import SamplingParams
 from engine.tiny_model import write_tiny_model
 
 pytestmark = pytest.mark.slow  # real processes: router, prefill with ranks joining and leaving, decode
@@ -55,18 +54,6 @@ def system(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                   env={FAULT_ENV: "rendezvous:1"})
     yield pd
     pd.close()
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model: Path) -> Iterator[LLM]:
-    llm = LLM(tiny_model, page_size=PAGE_SIZE)
-    yield llm
-    llm.close()
-
-
-def _static_tokens(llm: LLM, cases: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
-    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in max_new_tokens]
-    return [o.token_ids for o in llm.generate(cases, params)]
 
 
 def _generate(system: PDSystem, prompt: list[int], prefill_dp_rank: int | None = None) -> tuple[int, dict]:
@@ -98,7 +85,7 @@ def _layouts(system: PDSystem) -> tuple[tuple[int, int], tuple[int, int, list[in
 
 def test_a_failed_join_leaves_the_prefill_serving_at_its_old_size(system: PDSystem, reference: LLM) -> None:
     cases = prompts(4, reference.config.vocab_size, seed=7)
-    expected = _static_tokens(reference, cases, [MAX_NEW_TOKENS] * len(cases))
+    expected = static_tokens(reference, cases, [MAX_NEW_TOKENS] * len(cases))
     old = ((2, 2), (2, 2, [0, 1]))
     rolled_back = post_scale(system.prefill.url, 4)
     assert rolled_back.status == 503, rolled_back.body
@@ -122,8 +109,8 @@ def test_32_streams_complete_with_static_tokens_while_the_prefill_scales_2_4_2(s
     cases = prompts(32, reference.config.vocab_size, seed=11)
     max_new = lengths(len(cases), MAX_NEW_TOKENS)
     probes = prompts(2, reference.config.vocab_size, seed=13)
-    expected, expected_probes = (_static_tokens(reference, cases, max_new),
-                                 _static_tokens(reference, probes, [MAX_NEW_TOKENS] * 2))
+    expected, expected_probes = (static_tokens(reference, cases, max_new),
+                                 static_tokens(reference, probes, [MAX_NEW_TOKENS] * 2))
     layouts, probed = [], []
 
     def on_scale(step: ScaleStep) -> None:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from elastic_system import scale_killing_a_new_rank
-from pd_system import PAGE_SIZE, PDSystem, backend_missing, get_json, wait_idle
+from elastic_system import reference_llm, scale_killing_a_new_rank, static_tokens  # noqa: F401 (a fixture)
+from pd_system import PDSystem, backend_missing, get_json, wait_idle
 
 from bench.elastic_ep import (
     DECODE_FLAGS,
@@ -41,7 +41,6 @@ from bench.elastic_ep import (
 )
 from engine.llm import LLM
 from engine.runtime.elastic import FAULT_ENV
-from engine.sampling import SamplingParams
 from engine.tiny_model import write_tiny_model
 
 pytestmark = pytest.mark.slow  # real processes: router, prefill, decode with ranks joining and leaving
@@ -95,18 +94,6 @@ def system(tiny_model: Path, layout: Layout, tmp_path_factory: pytest.TempPathFa
     pd.close()
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model: Path) -> Iterator[LLM]:
-    llm = LLM(tiny_model, page_size=PAGE_SIZE)
-    yield llm
-    llm.close()
-
-
-def _static_tokens(llm: LLM, cases: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
-    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in max_new_tokens]
-    return [o.token_ids for o in llm.generate(cases, params)]
-
-
 def _layout(system: PDSystem) -> tuple[int, int]:
     info = get_json(system.decode.url + "/server_info")
     return info["tp_size"], info["dp_size"]
@@ -115,7 +102,7 @@ def _layout(system: PDSystem) -> tuple[int, int]:
 def test_a_failed_join_leaves_the_instance_serving_at_its_old_size(system: PDSystem, layout: Layout,
                                                                    reference: LLM) -> None:
     cases = prompts(4, reference.config.vocab_size, seed=7)
-    expected = _static_tokens(reference, cases, [MAX_NEW_TOKENS] * len(cases))
+    expected = static_tokens(reference, cases, [MAX_NEW_TOKENS] * len(cases))
     old = (layout.tp(layout.dp), layout.dp)
     rolled_back = post_scale(system.decode.url, layout.up)
     assert rolled_back.status == 503, rolled_back.body
@@ -144,7 +131,7 @@ def test_32_streams_complete_with_static_tokens_while_the_instance_scales_2_4_2(
         system: PDSystem, layout: Layout, reference: LLM) -> None:
     cases = prompts(32, reference.config.vocab_size, seed=11)
     max_new = lengths(len(cases), MAX_NEW_TOKENS)
-    expected = _static_tokens(reference, cases, max_new)
+    expected = static_tokens(reference, cases, max_new)
     layouts = []
     # Half the streams before the scale-up, a quarter on 4 DP groups (0.4 s before the scale-down: the new
     # groups, least loaded, take the first of them), a quarter during the scale-down.
