@@ -76,8 +76,8 @@ for s in $STEPS; do
         esac
         name=$name${mps:+_mps}
         [ "$tree" = .baseline ] && name=${name}_landed
-        # the landed tree runs this driver (its flags); its engine stays the landed one
-        [ "$tree" = .baseline ] && [ -d .baseline ] && cp bench/compare_pd.py bench/gpu_mps.py .baseline/bench/
+        # the landed tree runs this tree's bench drivers (their flags); its engine and workers stay the landed ones
+        [ "$tree" = .baseline ] && [ -d .baseline ] && cp bench/*.py .baseline/bench/
         [ -d "$tree" ] && step "07_$name" "$(left 300)" env TANDEM_TIMELINE=1 PYTHONPATH="$PWD/$tree:$SITE" bash -c \
             "cd $tree && python3 -m bench.compare_pd --device cuda --setups \${PD_SETUPS:-1p1d} $mps \
             --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
