@@ -95,9 +95,9 @@ def random_text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def trained_bpe(path: Path, vocab_size: int = 800, seed: int = 0) -> HFTokenizer:
-    """A byte-level BPE (DeepSeek's kind of vocabulary) trained on WORDS: merged ids span several bytes,
-    and some stop inside a multi-byte character, so a character's bytes arrive over two pushes."""
+def trained_bpe(path: Path, vocab_size: int = 320, seed: int = 0) -> HFTokenizer:
+    """A byte-level BPE (DeepSeek's kind of vocabulary) trained on WORDS, small enough (61 merges) that
+    merged ids span several bytes and some end inside a character, whose bytes then arrive over two pushes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())

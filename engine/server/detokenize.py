@@ -10,8 +10,10 @@ window starts at `prefix offset`, the ids before it already spoke; the ids in [p
 decoded again only as context (a tokenizer may spell a token differently at the start of a text, e.g.
 drop a leading space), and what the window's text has beyond theirs is the new text. The offsets move
 only when that new text is whole (no trailing U+FFFD), so the window is a few tokens long and a push
-costs the same at the 10th token as at the 10,000th. For byte-level codecs (bytes, byte-level BPE) the
-text is exactly the full decode's, since a window then starts on a character boundary.
+costs the same at the 10th token as at the 10,000th. The text is the full decode's wherever decoding
+from a character boundary gives the full text's characters from there on: bytes, byte-level BPE, and
+SentencePiece-style pieces (the context id carries the space their decoder drops at a text's start);
+tests/test_detokenize_window.py holds every push to what a whole-output decode returned.
 """
 
 from __future__ import annotations
@@ -38,10 +40,9 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0  # the window's first id
         self._read_offset = 0  # ids before this one are in the text
         self._released: list[str] = []  # the deltas returned so far (joined when `text` is read)
-        # The decoded text that still matters: the last longest-1 released characters (a stop string
-        # may begin there) and everything not yet released. `_emitted` indexes its first unreleased one.
+        # The decoded text not yet released: a stop string can only begin here, since a release holds
+        # back the longest ending that begins one (so nothing released can grow into one).
         self._text = ""
-        self._emitted = 0
 
     @property
     def text(self) -> str:
@@ -79,26 +80,21 @@ class IncrementalDetokenizer:
     def _release(self, final: bool) -> str:
         end = len(self._text)
         if self._stop:
-            # A stop string can only start where it would overlap what is new since the last release.
-            start = max(0, self._emitted - self._longest + 1)
-            hits = [(at, s) for s in self._stop if (at := self._text.find(s, start)) >= 0]
+            hits = [(at, s) for s in self._stop if (at := self._text.find(s)) >= 0]
             if hits:
                 end, self.stopped = min(hits)
                 if self._include_stop:
                     end += len(self.stopped)
             elif not final:
                 end -= self._pending_prefix()
-        delta, self._emitted = self._text[self._emitted : end], max(self._emitted, end)
+        delta, self._text = self._text[:end], self._text[end:]
         if delta:
             self._released.append(delta)
-        # Keep only what a later stop string could still start in.
-        drop = max(0, self._emitted - max(self._longest - 1, 0))
-        self._text, self._emitted = self._text[drop:], self._emitted - drop
         return delta
 
     def _pending_prefix(self) -> int:
         """Length of the longest ending of the text that begins some stop string (held back for now)."""
-        for k in range(min(self._longest - 1, len(self._text) - self._emitted), 0, -1):
+        for k in range(min(self._longest - 1, len(self._text)), 0, -1):
             tail = self._text[-k:]
             if any(s.startswith(tail) for s in self._stop):
                 return k
