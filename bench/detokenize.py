@@ -160,7 +160,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     codec_names = sorted({r["codec"] for r in rows})
     fig, axes = plt.subplots(1, len(codec_names), figsize=(6 * len(codec_names), 4.5), squeeze=False)
-    for ax, codec_name in zip(axes[0], codec_names):
+    for ax, codec_name in zip(axes[0], codec_names, strict=True):
         for impl, style in (("full_decode", "-"), ("windowed", "--")):
             for stops, marker in ((0, "o"), (len(STOPS), "s")):
                 sel = sorted((r for r in rows if r["codec"] == codec_name and r["impl"] == impl
