@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,8 @@ class BootstrapClient:
     # in use is refreshed about every `CACHE_TTL_S`; one left idle may have restarted since, and its first
     # request would otherwise go to the old ranks and wait out the peer timeout.
     STALE_LIMIT_S = 5.0
+    # Refreshes that may run at once (each of another instance).
+    REFRESH_THREADS = 4
 
     def __init__(self, timeout_s: float = 5.0, auth_token: str | None = None) -> None:
         self.timeout_s = timeout_s
@@ -80,7 +83,10 @@ class BootstrapClient:
         self._failures: dict[str, tuple[float, str]] = {}  # address -> (expiry, why)
         # Bumped by `invalidate`: a fetch begun under an older generation stores nothing.
         self._generations: dict[str, int] = {}
-        self._refreshing: dict[str, threading.Thread] = {}  # address -> its refresh under way
+        self._refreshing: dict[str, Future[None]] = {}  # address -> its refresh, queued or under way
+        # Refreshes run on pooled threads, made on first need: starting a thread per refresh held the
+        # caller until the new thread first ran (up to the interpreter's 5 ms switch interval, measured).
+        self._refreshers: ThreadPoolExecutor | None = None
         self._closed = False
 
     # --- prefill ranks ------------------------------------------------------------------------------
@@ -142,17 +148,18 @@ class BootstrapClient:
         Idempotent."""
         with self._lock:
             self._closed = True
-            threads = list(self._refreshing.values())
-        for thread in threads:
-            thread.join()
+            refreshers, self._refreshers = self._refreshers, None
+        if refreshers is not None:
+            refreshers.shutdown(wait=True)
 
     # --- internals ----------------------------------------------------------------------------------
     def _start_refresh(self, address: str) -> None:
-        """One refresh of `address` on a thread of its own (lock held)."""
-        thread = threading.Thread(target=self._refresh, args=(address, self._generations.get(address, 0)),
-                                  name=f"kv-lookup-refresh-{address}", daemon=True)
-        self._refreshing[address] = thread
-        thread.start()
+        """Queue one refresh of `address` (lock held)."""
+        if self._refreshers is None:
+            # A few threads: one blackholed host must not hold up the refreshes of the others.
+            self._refreshers = ThreadPoolExecutor(self.REFRESH_THREADS, thread_name_prefix="kv-lookup-refresh")
+        generation = self._generations.get(address, 0)
+        self._refreshing[address] = self._refreshers.submit(self._refresh, address, generation)
 
     def _refresh(self, address: str, generation: int) -> None:
         try:
