@@ -17,7 +17,7 @@ _EXPORTS = {
     "AuxLayout": "kvtransfer.layout",
     "PageLayout": "kvtransfer.layout",
     "AuxRecord": "kvtransfer.auxdata",
-    "BootstrapClient": "kvtransfer.bootstrap",
+    "BootstrapClient": "kvtransfer.bootstrap_client",
     "BootstrapService": "kvtransfer.bootstrap",
     "KVBootstrapError": "kvtransfer.state",
     "KVMappingError": "kvtransfer.state",

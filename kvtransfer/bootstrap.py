@@ -1,7 +1,7 @@
-"""The bootstrap service a prefill instance runs on its `bootstrap_port`, and the client both sides use.
+"""The bootstrap service a prefill instance runs on its `bootstrap_port` (its client: `kvtransfer.bootstrap_client`).
 
 Prefill ranks register (rank, parallel layout, page and aux layout, transfer engine, control endpoint);
-decode ranks look the instance up once and cache it. The service checks every registration against the
+decode ranks look the instance up and cache it. The service checks every registration against the
 instance's layout and the ranks already registered, and refuses one that conflicts with a 409.
 
 HTTP API (JSON bodies are `kvtransfer.messages` types; errors are `{"error": {"message", "type", "code"}}`):
@@ -25,14 +25,9 @@ import concurrent.futures
 import hmac
 import logging
 import threading
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
-from typing import Any
 
-import msgspec
 from aiohttp import web
 
 from kvtransfer.http_errors import error_response, json_errors
@@ -298,108 +293,3 @@ class BootstrapService:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
-
-
-class BootstrapUnreachable(KVBootstrapError):
-    """No answer from the service: refused, reset, or timed out (a dead or blackholed host)."""
-
-
-class BootstrapClient:
-    """Talks to bootstrap services (blocking; each request bounded by `timeout_s`). Lookups are cached per
-    instance address for `CACHE_TTL_S` or until `invalidate` (a peer restarted or died), failures to reach
-    one for `FAILURE_TTL_S` — safe to share between threads."""
-
-    # A failed lookup is remembered this long: a dead or blackholed prefill host costs one timeout per
-    # period instead of one per request (each of which would stall its caller for `timeout_s`).
-    FAILURE_TTL_S = 2.0
-    # A lookup is trusted this long, then fetched again: a prefill instance restarted on the same port has
-    # new sessions and control endpoints, and requests sent to the old ones would wait out the peer
-    # timeout. One small GET per second per prefill instance in use is the price.
-    CACHE_TTL_S = 1.0
-
-    def __init__(self, timeout_s: float = 5.0, auth_token: str | None = None) -> None:
-        self.timeout_s = timeout_s
-        self.auth_token = auth_token  # sent with registrations and deletions (`BootstrapService`)
-        self._cache: dict[str, tuple[float, InstanceInfo]] = {}  # address -> (fresh until, lookup)
-        self._failures: dict[str, tuple[float, str]] = {}  # address -> (expiry, why)
-        self._lock = threading.Lock()
-
-    def _request(self, method: str, url: str, body: bytes | None = None) -> bytes:
-        request = urllib.request.Request(url, data=body, method=method)
-        request.add_header("Content-Type", "application/json")
-        if method != "GET" and self.auth_token is not None:
-            request.add_header("Authorization", f"Bearer {self.auth_token}")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return response.read()
-        except urllib.error.HTTPError as exc:
-            raise KVBootstrapError(f"{method} {url} failed with {exc.code}: {_error_message(exc.read())}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise BootstrapUnreachable(f"bootstrap service at {url} is unreachable: {reason}") from None
-
-    def register(self, address: str, registration: RankRegistration) -> None:
-        """Register a rank; retries while the service is not up yet (rank 0 may still be starting it)."""
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                self._request("PUT", f"http://{address}/v1/ranks", encode_json(registration))
-                return
-            except KVBootstrapError as exc:
-                if "unreachable" not in str(exc) or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.05)
-
-    def deregister(self, address: str, rank: int, session: str) -> None:
-        self._request("DELETE", f"http://{address}/v1/ranks", encode_json(Deregistration(rank=rank, session=session)))
-
-    def lookup(self, host: str, port: int) -> InstanceInfo:
-        """The prefill instance at host:port with every rank registered; `KVBootstrapError` otherwise."""
-        address = f"{host}:{port}"
-        now = time.monotonic()
-        with self._lock:
-            cached = self._cache.get(address)
-            failed = self._failures.get(address)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        if failed is not None and failed[0] > now:
-            raise KVBootstrapError(f"{failed[1]} (failed {now - failed[0] + self.FAILURE_TTL_S:.1f} s ago)")
-        try:
-            info = self._fetch(address)
-        except BootstrapUnreachable as exc:  # not "still starting": that answer is quick, and soon different
-            with self._lock:
-                self._failures[address] = (time.monotonic() + self.FAILURE_TTL_S, str(exc))
-            raise
-        with self._lock:
-            if cached is not None and cached[1] == info:
-                info = cached[1]  # unchanged: callers may keep comparing by identity
-            self._cache[address] = (time.monotonic() + self.CACHE_TTL_S, info)
-            self._failures.pop(address, None)
-        return info
-
-    def _fetch(self, address: str) -> InstanceInfo:
-        body = self._request("GET", f"http://{address}/v1/instance")
-        try:
-            info = decode_json(body, InstanceInfo)
-        except KVProtocolError as exc:
-            raise KVBootstrapError(f"bootstrap service at {address} answered nonsense: {exc}") from None
-        if not info.complete:
-            raise KVBootstrapError(
-                f"prefill instance at {address} is not ready: {len(info.ranks)} of {info.tp_size} ranks registered"
-            )
-        return info
-
-    def invalidate(self, host: str, port: int) -> None:
-        with self._lock:
-            self._cache.pop(f"{host}:{port}", None)
-
-    @property
-    def num_cached(self) -> int:
-        return len(self._cache)
-
-
-def _error_message(body: bytes) -> Any:
-    try:
-        return msgspec.json.decode(body)["error"]["message"]
-    except (msgspec.DecodeError, KeyError, TypeError):
-        return body[:200].decode(errors="replace")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 
-from kvtransfer.bootstrap import BootstrapClient
+from kvtransfer.bootstrap_client import BootstrapClient
 from kvtransfer.engines.base import TransferEngine
 from kvtransfer.layout import AuxLayout, PageLayout
 from kvtransfer.mapping import ParallelLayout, sources_for

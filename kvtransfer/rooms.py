@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from kvtransfer.auxdata import check_aux
-from kvtransfer.bootstrap import BootstrapClient
+from kvtransfer.bootstrap_client import BootstrapClient
 from kvtransfer.channel import ControlChannel
 from kvtransfer.layout import AuxLayout, PageLayout
 from kvtransfer.mapping import ParallelLayout
@@ -91,6 +91,7 @@ class RoomManager:
         self.rank = rank_info.rank
         self.timeouts = timeouts = timeouts or KVTimeouts()
         self.client = bootstrap_client or BootstrapClient(timeouts.http_s)
+        self._owns_client = bootstrap_client is None  # a shared client is closed by whoever made it
         self.session = uuid.uuid4().hex
         self.channel = ControlChannel(rank_info.host, key=rank_info.control_key)
         self.endpoint = self.channel.endpoint
@@ -211,6 +212,8 @@ class RoomManager:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        if self._owns_client:
+            self.client.close()  # joins its lookup refreshes
 
     @property
     def num_tombstones(self) -> int:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kvtransfer.bootstrap import BootstrapClient
+from kvtransfer.bootstrap_client import BootstrapClient
 from kvtransfer.engines.base import TransferEngine
 from kvtransfer.layout import AuxLayout, PageLayout
 from kvtransfer.messages import Abort, AbortCode, ControlMessage, RankRegistration, TransferRequest

@@ -51,7 +51,7 @@ from engine.runtime.rank_loop import least_loaded, run_rank
 from engine.runtime.timeline import Timeline
 from engine.scheduler import StepResult
 from engine.server.messages import GenerateRequest, RoomsPlaced, TokenOutput
-from kvtransfer.bootstrap import BootstrapClient
+from kvtransfer.bootstrap_client import BootstrapClient
 from kvtransfer.mapping import prefill_dp_group, prefill_owner
 from kvtransfer.rooms import RankInfo
 from kvtransfer.send_manager import KVSendManager

@@ -12,7 +12,8 @@ from dataclasses import replace
 
 import pytest
 
-from kvtransfer.bootstrap import BootstrapClient, BootstrapService
+from kvtransfer.bootstrap import BootstrapService
+from kvtransfer.bootstrap_client import BootstrapClient
 from kvtransfer.layout import AuxLayout, PageLayout
 from kvtransfer.mapping import ParallelLayout
 from kvtransfer.messages import RankRegistration

@@ -37,7 +37,8 @@ from test_kv_flow import (
     wait_terminal,
 )
 
-from kvtransfer.bootstrap import BootstrapClient, BootstrapService
+from kvtransfer.bootstrap import BootstrapService
+from kvtransfer.bootstrap_client import BootstrapClient
 from kvtransfer.mapping import ParallelLayout, map_ranks
 from kvtransfer.messages import RoomPlacement
 from kvtransfer.placements import fetch_placement

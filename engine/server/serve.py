@@ -96,7 +96,7 @@ class PrefillLookupGate:
     def __init__(self, timeout_s: float, placement_wait_s: float = 30.0) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from kvtransfer.bootstrap import BootstrapClient
+        from kvtransfer.bootstrap_client import BootstrapClient
 
         self._client = BootstrapClient(timeout_s)
         self.placement_wait_s = placement_wait_s
@@ -132,6 +132,7 @@ class PrefillLookupGate:
 
     async def aclose(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self._client.close)  # its lookup refreshes (each bounded by timeout_s)
         if self._session is not None:
             await self._session.close()
 
