@@ -27,11 +27,22 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script too
 
+from bench.slow_bootstrap import SlowBootstrapFront  # noqa: E402
 from kvtransfer.bootstrap import BootstrapService  # noqa: E402
 from kvtransfer.bootstrap_client import BootstrapClient  # noqa: E402
+from kvtransfer.layout import AuxLayout, PageLayout  # noqa: E402
 from kvtransfer.mapping import ParallelLayout  # noqa: E402
-from tests.slow_bootstrap import SlowBootstrapFront  # noqa: E402
-from tests.test_kv_bootstrap import _registration  # noqa: E402
+from kvtransfer.messages import RankRegistration  # noqa: E402
+
+
+def _registration(rank: int) -> RankRegistration:
+    """A registration of a made-up two-rank prefill instance: what the lookups fetch (no transfer happens)."""
+    return RankRegistration(
+        rank=rank, tp_size=2, dp_size=1, session=f"s{rank}", control_endpoint=f"tcp://127.0.0.1:{7000 + rank}",
+        engine_kind="nixl", engine_name=f"p{rank}", engine_metadata=b"meta",
+        page_layout=PageLayout(num_pages=8, num_layers=3, page_size=4, token_dim=16, itemsize=2, dtype="bfloat16",
+                               base_ptr=4096),
+        aux_layout=AuxLayout(base_ptr=8192, slot_bytes=16, num_slots=4))
 
 
 def _git(*args: str) -> str:

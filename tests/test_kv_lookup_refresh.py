@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from slow_bootstrap import SlowBootstrapFront
 from test_kv_bootstrap import _registration
 
+from bench.slow_bootstrap import SlowBootstrapFront
 from kvtransfer.bootstrap import BootstrapService
 from kvtransfer.bootstrap_client import BootstrapClient
 from kvtransfer.mapping import ParallelLayout
