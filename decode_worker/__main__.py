@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda-graph-max-bs",
         type=int,
         default=None,
-        help="decode batches up to this size replay captured CUDA graphs (single-rank instances; on CPU "
-        "the same padded path runs eagerly); unset: eager decode",
+        help="decode batches up to this size replay captured CUDA graphs (at tp > 1 the graphs hold the "
+        "low-latency EP exchange; on CPU the same padded path runs eagerly); unset: eager decode",
     )
     role.add_argument(
         "--decode-prefix-cache",

@@ -32,18 +32,18 @@ def attach_cuda_graphs(
     ctx: RankContext, engine: RankEngine, runner: ColocatedRunner, max_bs: int
 ) -> CudaGraphRunner | None:
     """Decode batches up to `max_bs` through captured CUDA graphs (`engine.cuda_graph`), or None: eager.
+    At tp > 1 the graphs hold the EP exchange when the MoE runs in low-latency mode (the decode worker's);
+    every rank decides alike (same model, same arguments), so either all capture or none does.
     The caller owns (closes) the result."""
-    if max_bs and ctx.spec.tp_size == 1:
-        try:
-            graph_runner = CudaGraphRunner(engine.model, engine.kv_pool, max_bs)
-        except ValueError as exc:  # a model the graphs cannot take: serve eagerly, and say why
-            log.warning("--cuda-graph-max-bs %d: decoding eagerly: %s", max_bs, exc)
-            return None
-        runner.scheduler.decode_forward = graph_runner
-        return graph_runner
-    if max_bs:
-        log.warning("CUDA graphs serve single-rank instances only: eager at tp %d", ctx.spec.tp_size)
-    return None
+    if not max_bs:
+        return None
+    try:
+        graph_runner = CudaGraphRunner(engine.model, engine.kv_pool, max_bs)
+    except ValueError as exc:  # a model the graphs cannot take: serve eagerly, and say why
+        log.warning("--cuda-graph-max-bs %d: decoding eagerly at tp %d: %s", max_bs, ctx.spec.tp_size, exc)
+        return None
+    runner.scheduler.decode_forward = graph_runner
+    return graph_runner
 
 
 class PrefilledKVRunner(ColocatedRunner):
@@ -54,8 +54,8 @@ class PrefilledKVRunner(ColocatedRunner):
         engine: the rank's model and KV pool (`build_rank_engine`).
         args: engine settings (batch limit).
         cuda_graph_max_bs: decode batches up to this size replay CUDA graphs (`engine.cuda_graph`); 0: eager.
-            Single-rank instances only (the graphs do not capture collectives); on CPU the same padded
-            graph-safe path runs eagerly.
+            At tp > 1 with the low-latency EP mode only (the graphs hold its fixed-shape exchange); on CPU
+            the same padded graph-safe path runs eagerly.
     """
 
     def __init__(

@@ -5,7 +5,9 @@ by the GPU: replaying a captured graph launches them all at once. A graph replay
 fixed addresses, so the runner owns static input buffers sized for the largest bucket (bucket ``bs``
 uses rows ``[:bs]``), copies each batch into them, pads the rest, and replays the smallest bucket that
 holds the batch. The forward it captures is the model's ``graph_safe`` DECODE path (no host sync, no
-data-dependent shape: masked-layout MoE, Triton paged decode); sampling stays outside the graph.
+data-dependent shape: masked-layout MoE, Triton paged decode); sampling stays outside the graph. At
+tp > 1 the graph holds the EP exchange too: fixed-budget all-to-alls into the masked layout
+(``engine.ep_moe``, low-latency mode), whose shapes do not depend on the batch or its routing.
 
 Padding rows read and write one scratch page of the pool (token 0, sequence length 1), which the
 runner reserves at start-up and returns in ``close()``, so they never touch a real sequence's KV.
@@ -23,7 +25,7 @@ import torch
 from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
 from engine.kv_pool import KVPool
 from engine.model import DeepseekForCausalLM
-from engine.moe import LocalDispatcher, MoEBlock
+from engine.moe import LocalDispatcher, MaskedDispatcher, MoEBlock
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,32 @@ class DecodeBuffers:
         )  # fmt: skip
 
 
+def check_capturable(model: DeepseekForCausalLM, max_bs: int) -> None:
+    """Raises ValueError saying why ``model``'s DECODE forward of up to ``max_bs`` sequences cannot be captured.
+
+    One rank: the local MoE dispatcher. Several ranks (tp > 1): every MoE layer on a masked EP dispatcher
+    (``engine.ep_moe`` in low-latency mode, its budget holding the share of ``max_bs``), so that dispatch and
+    combine are fixed-shape exchanges the graph holds; DP groups that replay different buckets, run eagerly
+    or idle still meet in collectives of the same shapes. DBO across DP groups votes on the host each forward
+    (a graph's replay would skip the vote the other groups wait in): refused.
+    """
+    multi_rank = model.ctx.tp_size != 1
+    if multi_rank and model.dbo.enabled and model.ctx.dp_size > 1:
+        raise ValueError("CUDA-graph EP decode runs without DBO across DP groups (its split vote is a host sync)")
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        if not isinstance(mlp, MoEBlock):
+            continue
+        if not multi_rank:
+            if not isinstance(mlp.dispatcher, LocalDispatcher):
+                raise ValueError("single-rank CUDA-graph decode needs the local MoE dispatcher")
+        elif isinstance(mlp.dispatcher, MaskedDispatcher):
+            mlp.dispatcher.check_capture(max_bs)
+        else:
+            raise ValueError(f"CUDA-graph decode at tp {model.ctx.tp_size} needs the expert-parallel MoE in "
+                             "low-latency mode (engine.ep_moe)")
+
+
 class CudaGraphRunner:
     """Runs DECODE batches through CUDA graphs captured per batch-size bucket (eager beyond them).
 
@@ -130,7 +158,9 @@ class CudaGraphRunner:
     view of the graph's output buffer, valid until the next call (the scheduler samples at once).
 
     Args:
-        model: a single-rank model (tp_size 1, local experts): multi-rank collectives are not captured.
+        model: a single-rank model with local experts, or a multi-rank one whose MoE layers run the masked
+            low-latency EP exchange (``check_capturable``): every rank of the instance builds its runner with
+            the same ``max_bs`` at the same time (capture warms up through the collectives).
         kv_pool: the pool the batches' page indices refer to; one page is reserved as scratch.
         max_bs: largest batch to capture; buckets are ``capture_bucket_sizes(max_bs)``.
         capture: capture graphs; default: when the pool is on CUDA. Without capture the same padded,
@@ -141,17 +171,13 @@ class CudaGraphRunner:
 
     def __init__(self, model: DeepseekForCausalLM, kv_pool: KVPool, max_bs: int, capture: bool | None = None,
                  max_context_len: int | None = None) -> None:
-        if model.ctx.tp_size != 1:
-            raise ValueError("CUDA-graph decode runs single-rank models only (tp_size 1)")
-        for layer in model.model.layers:
-            if isinstance(layer.mlp, MoEBlock) and not isinstance(layer.mlp.dispatcher, LocalDispatcher):
-                raise ValueError("CUDA-graph decode needs the local MoE dispatcher")
+        self.buckets = capture_bucket_sizes(max_bs)
+        check_capturable(model, self.buckets[-1])
         self.model, self.kv_pool = model, kv_pool
         self.device = kv_pool.tensor.device
         self.capture = self.device.type == "cuda" if capture is None else capture
         if self.capture and self.device.type != "cuda":
             raise ValueError(f"cannot capture CUDA graphs on {self.device}")
-        self.buckets = capture_bucket_sizes(max_bs)
         context = max_context_len or model.config.max_position_embeddings
         max_pages = min(kv_pool.pages_for_tokens(context), kv_pool.num_pages)
         self.scratch_page = kv_pool.alloc(1)[0]  # raises PoolExhaustedError before anything is held

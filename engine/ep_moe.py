@@ -8,8 +8,11 @@ layer from that share, so the sum over all ranks counts each token once.
 
 Modes: high-throughput (any token count; prefill and colocated serving) or low-latency (at most
 ``max_tokens_per_rank`` tokens per rank per forward, fixed shapes; decode instances). In low-latency mode
-the masked layout is shown to ``kernels.moe_forward`` as one row per (expert, slot) routed to that
-expert with weight 1, and the routing weights are applied by ``low_latency_combine`` on the source rank.
+the eager forward shows the masked layout to ``kernels.moe_forward`` as one row per (expert, slot) routed
+to that expert with weight 1, and the routing weights are applied by ``low_latency_combine`` on the source
+rank. The graph-safe forward (``dispatch_masked`` / ``combine_masked``, CUDA-graph decode at tp > 1) hands
+the masked layout and its device-side counts to ``kernels.moe_forward_masked`` instead: the same exchanges
+with the same shapes, so ranks replaying a graph, running eagerly or idle meet in the same collectives.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.distributed as dist
 from engine.eplb.config import EplbConfig
 from engine.eplb.state import EplbState
 from engine.model import DeepseekForCausalLM
-from engine.moe import DispatchedTokens, MoEBlock
+from engine.moe import DispatchedTokens, MaskedTokens, MoEBlock
 from engine.parallel import ParallelContext
 from kernels.ep import Dispatcher as EPDispatcher
 from kernels.ep import DispatchHandle, LowLatencyHandle
@@ -77,6 +80,44 @@ class ExpertParallelDispatcher:
         ones = torch.ones(local * capacity, 1, dtype=torch.float32, device=x.device)
         return DispatchedTokens(rows, row_expert.reshape(-1, 1), ones,
                                 _Pending(ll.handle, hidden.shape[0], ids, weights))
+
+    # ---- the capture-safe path (engine.moe.MaskedDispatcher): CUDA-graph decode over EP -------------------
+
+    def check_capture(self, max_tokens: int) -> None:
+        """Forwards of up to ``max_tokens`` rows per DP group can run the masked path inside a CUDA graph: the
+        low-latency exchange (fixed shapes), this rank's share within the budget, no EPLB. Raises ValueError
+        naming what stands in the way."""
+        if not self.low_latency:
+            raise ValueError(f"CUDA-graph EP decode needs the low-latency EP mode, not {self.ep.mode}")
+        if self.eplb is not None:
+            raise ValueError("CUDA-graph EP decode runs without EPLB (a rebalance rewrites the expert map and "
+                             "weights a captured graph holds)")
+        share = -(-max_tokens // self.pctx.attn_tp_size)  # the largest share a rank of the group keeps
+        if share > self.ep.budget:
+            raise ValueError(f"a batch of {max_tokens} gives one rank {share} tokens to dispatch, over the "
+                             f"low-latency budget of {self.ep.budget} per rank")
+
+    def dispatch_masked(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                        topk_weights: torch.Tensor) -> MaskedTokens:
+        """This rank's share into the masked layout ``[E_local, ep_size * budget, D]``. Every buffer's shape is
+        fixed by the budget, whatever the routing, and the counts stay on the device. Overflow cannot happen:
+        a token picks an expert at most once, so no expert gets more than ``budget`` rows from one rank, and a
+        share over the budget is refused by shape (``check_capture`` refuses such a graph before capture).
+        Routing counts are not recorded here: a graph's padding rows would count as load."""
+        if not self.low_latency:
+            raise RuntimeError(f"the masked EP path needs the low-latency mode, not {self.ep.mode}")
+        start, end = share_bounds(hidden.shape[0], self.pctx.attn_tp_size, self.pctx.attn_tp_rank)
+        ids, weights = topk_ids[start:end], topk_weights[start:end]
+        ll = self.ep.low_latency_dispatch(hidden[start:end], ids)
+        return MaskedTokens(ll.recv_x, ll.recv_count, _Pending(ll.handle, hidden.shape[0], ids, weights))
+
+    def combine_masked(self, expert_out: torch.Tensor, masked: MaskedTokens) -> torch.Tensor:
+        """The experts' masked-layout output back to the source ranks, weighted and summed, shares gathered."""
+        pending: _Pending = masked.handle
+        assert isinstance(pending.handle, LowLatencyHandle)
+        assert pending.topk_ids is not None and pending.topk_weights is not None
+        share = self.ep.low_latency_combine(expert_out, pending.topk_ids, pending.topk_weights, pending.handle)
+        return self._gather_shares(share, pending.num_tokens)
 
     def combine(self, expert_out: torch.Tensor, dispatched: DispatchedTokens) -> torch.Tensor:
         pending: _Pending = dispatched.handle

@@ -10,7 +10,7 @@ implements the same two methods.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +137,31 @@ class Dispatcher(Protocol):
                  topk_weights: torch.Tensor) -> DispatchedTokens: ...
 
     def combine(self, expert_out: torch.Tensor, dispatched: DispatchedTokens) -> torch.Tensor: ...
+
+
+@dataclass
+class MaskedTokens:
+    """Tokens in the masked layout of a fixed-budget exchange: ``x`` ``[E_local, capacity, D]`` (rows
+    ``[0, counts[e])`` of expert ``e`` are real), ``counts`` ``[E_local]`` on the device, ``handle`` for combine."""
+
+    x: torch.Tensor
+    counts: torch.Tensor
+    handle: Any
+
+
+@runtime_checkable
+class MaskedDispatcher(Protocol):
+    """An EP dispatcher whose exchange a CUDA graph can capture (engine.ep_moe, low-latency mode): fixed
+    shapes, no host sync; the routing weights are applied by ``combine_masked`` on the source rank."""
+
+    def check_capture(self, max_tokens: int) -> None:
+        """Raises ValueError saying why forwards of up to ``max_tokens`` rows cannot be captured."""
+        ...
+
+    def dispatch_masked(self, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                        topk_weights: torch.Tensor) -> MaskedTokens: ...
+
+    def combine_masked(self, expert_out: torch.Tensor, masked: MaskedTokens) -> torch.Tensor: ...
 
 
 class LocalDispatcher:
@@ -274,8 +299,10 @@ class MoEBlock(nn.Module):
         fixed-capacity layout (``moe_forward_static``), which has no host sync and no data-dependent shape."""
         if not graph_safe:
             return self.combine_stage(self.expert_stage(self.dispatch_stage(hidden)))
+        if isinstance(self.dispatcher, MaskedDispatcher):
+            return self._forward_masked_ep(hidden, self.dispatcher)
         if not isinstance(self.dispatcher, LocalDispatcher):
-            raise RuntimeError("the graph-safe MoE path runs with the local dispatcher only")
+            raise RuntimeError("the graph-safe MoE path needs the local dispatcher or a masked EP dispatcher")
         topk_weights, topk_ids = self.gate(hidden)
         dispatched = self.dispatcher.dispatch(hidden, topk_ids, topk_weights)
         if graph_safe:  # the local dispatcher (checked above): the shared output is summed in the combine
@@ -287,6 +314,25 @@ class MoEBlock(nn.Module):
         shared = self.shared_experts(hidden) if self.shared_experts is not None else None
         expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, True, shared)
         return self.dispatcher.combine(expert_out, dispatched)
+
+    def _forward_masked_ep(self, hidden: torch.Tensor, dispatcher: MaskedDispatcher) -> torch.Tensor:
+        """The graph-safe forward over expert parallelism: fixed-budget dispatch into the masked layout, the
+        masked expert GEMM on it (counts stay on the device), combine. The collectives come in the eager
+        stages' order (dispatch, the shared experts' reduction, combine), so a DP group running this inside
+        a graph and one running the eager stages (or an idle forward) meet in the same exchanges."""
+        topk_weights, topk_ids = self.gate(hidden)
+        masked = dispatcher.dispatch_masked(hidden, topk_ids, topk_weights)
+        if self.fp8 is None:
+            expert_out = kernels.moe_forward_masked(masked.x, masked.counts, self.w13, self.w2)
+        else:
+            assert self.w13_scale_inv is not None and self.w2_scale_inv is not None
+            expert_out = kernels.fp8_moe_forward_masked(masked.x, masked.counts, self.w13, self.w13_scale_inv,
+                                                        self.w2, self.w2_scale_inv, self.fp8.block_size)
+        shared = None
+        if self.shared_experts is not None:
+            shared = all_reduce(self.shared_experts(hidden), self.ctx.attn_tp_group, self.ctx.attn_tp_size)
+        out = dispatcher.combine_masked(expert_out, masked)
+        return out if shared is None else out + shared
 
     # The eager path in three stages, so that dual batch overlap (engine.dbo) can interleave two micro-batches'
     # stages; `forward` runs them back to back. Dispatch and combine are the EP communication.

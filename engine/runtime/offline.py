@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from ..server.messages import GenerateRequest, SamplingSpec
 from .bridge import RankBridge
 from .colocated import EngineArgs, colocated_entry
 from .groups import resolve_ep_backend, validate_model_layout
-from .launch import InstanceSpec, LayoutError, launch
+from .launch import InstanceSpec, LayoutError, RankContext, launch
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def _sampling_spec(params: SamplingParams) -> SamplingSpec:
 
 
 async def _generate(spec: InstanceSpec, args: EngineArgs, prompts: list[list[int]],
-                    params: list[SamplingParams], timeout_s: float, show_progress: bool) -> list[RankOutput]:
+                    params: list[SamplingParams], timeout_s: float, show_progress: bool,
+                    entry: Callable[[RankContext], None]) -> list[RankOutput]:
     from ..server.serve import zmq_addresses
 
     inbox, outbox = zmq_addresses(spec)
@@ -94,7 +96,7 @@ async def _generate(spec: InstanceSpec, args: EngineArgs, prompts: list[list[int
     def on_death(reason: str) -> None:
         loop.call_soon_threadsafe(bridge.fail_all, reason)
 
-    procs = launch(spec, colocated_entry, inbox, outbox, {"engine": args}, on_death)
+    procs = launch(spec, entry, inbox, outbox, {"engine": args}, on_death)
     bar = tqdm(total=sum(p.max_new_tokens for p in params), unit="tok", desc="generate", disable=not show_progress)
 
     async def one(i: int) -> RankOutput:
@@ -128,8 +130,10 @@ async def _generate(spec: InstanceSpec, args: EngineArgs, prompts: list[list[int
 
 def generate_on_ranks(spec: InstanceSpec, args: EngineArgs, prompts: list[list[int]],
                       params: SamplingParams | list[SamplingParams], timeout_s: float = 600.0,
-                      show_progress: bool = False) -> list[RankOutput]:
+                      show_progress: bool = False,
+                      entry: Callable[[RankContext], None] = colocated_entry) -> list[RankOutput]:
     """Runs every prompt on a fresh instance of ``spec`` (node 0) and returns outputs in prompt order.
+    ``entry``: what each rank runs (the colocated role; tests pass a variant of it, e.g. with CUDA graphs).
 
     Raises LayoutError before spawning anything when the model cannot be split over the layout, and
     InstanceError when a rank dies or a prompt is refused (the instance is stopped either way).
@@ -140,7 +144,7 @@ def generate_on_ranks(spec: InstanceSpec, args: EngineArgs, prompts: list[list[i
     if spec.node_rank != 0:
         raise ValueError("only node 0 submits prompts; other nodes run run_headless_node()")
     check_layout(spec, args)
-    return asyncio.run(_generate(spec, args, prompts, per_prompt, timeout_s, show_progress))
+    return asyncio.run(_generate(spec, args, prompts, per_prompt, timeout_s, show_progress, entry))
 
 
 def run_headless_node(spec: InstanceSpec, args: EngineArgs) -> str | None:
