@@ -4,8 +4,12 @@ The GPU backend's own test (CUDA graph, changing split sizes) is tests/test_dyna
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +70,13 @@ def test_one_rank_is_the_identity() -> None:
     x = torch.randn(4, HEADS_PER_RANK, DIM)
     assert heads_to_owner(x, torch.tensor([4]), None, 1) is x
     assert heads_from_owner(x, torch.tensor([4]), None, 1) is x
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
+def test_the_ipc_copy_kernels_move_each_row_where_the_exchange_says_under_the_interpreter() -> None:
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "tests" / "dynamic_a2a_interpret_check.py")],
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("ok")
