@@ -49,6 +49,21 @@ def _barrier_kernel(signal_ptrs, epoch_ptr, rank, WORLD: tl.constexpr):
             seen = tl.atomic_add(mine + peer, 0, sem="acquire", scope="sys")
 
 
+@triton.jit
+def _copy_rows(src_ptr, src_first, src_step, dst_ptr, dst_first, dst_step, count, ROW: tl.constexpr,
+               BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """This program's block of rows m < count: row src_first + m * src_step of src -> row dst_first +
+    m * dst_step of dst (rows of ROW values). Both exchange directions, with their row maps swapped."""
+    cols = tl.arange(0, BLOCK)
+    for i in tl.static_range(BLOCK_ROWS):
+        m = tl.program_id(1) * BLOCK_ROWS + i
+        if m < count:
+            for c in range(0, ROW, BLOCK):
+                mask = c + cols < ROW
+                row = tl.load(src_ptr + (src_first + m * src_step) * ROW + c + cols, mask=mask)
+                tl.store(dst_ptr + (dst_first + m * dst_step) * ROW + c + cols, row, mask=mask)
+
+
 @triton.jit(do_not_specialize=["rank"])  # rank 1 would compile apart (see _load_kernels)
 def _to_owner_kernel(
     x_ptr,
@@ -63,17 +78,10 @@ def _to_owner_kernel(
 ):
     """Program (owner r, row block b): rows m of r's tokens -> recv_r[m, rank*Hl:(rank+1)*Hl] (ROW = Hl*D)."""
     owner = tl.program_id(0)
-    count = tl.load(counts_ptr + owner)
-    start = tl.load(starts_ptr + owner)
     dest = tl.load(recv_ptrs + owner).to(x_ptr.dtype)
-    cols = tl.arange(0, BLOCK)
-    for i in tl.static_range(BLOCK_ROWS):
-        m = tl.program_id(1) * BLOCK_ROWS + i
-        if m < count:
-            for c in range(0, ROW, BLOCK):
-                mask = c + cols < ROW
-                row = tl.load(x_ptr + (start + m) * ROW + c + cols, mask=mask)
-                tl.store(dest + (m * WORLD + rank) * ROW + c + cols, row, mask=mask)
+    # source row start + m, destination row m * WORLD + rank
+    _copy_rows(x_ptr, tl.load(starts_ptr + owner), 1, dest, rank, WORLD, tl.load(counts_ptr + owner),
+               ROW, BLOCK, BLOCK_ROWS)
 
 
 @triton.jit(do_not_specialize=["rank"])  # rank 1 would compile apart (see _load_kernels)
@@ -90,17 +98,10 @@ def _from_owner_kernel(
 ):
     """Program (rank s, row block b): y[m, s*Hl:(s+1)*Hl] of this owner's rows -> back_s[start_rank + m]."""
     peer = tl.program_id(0)
-    count = tl.load(counts_ptr + rank)
-    start = tl.load(starts_ptr + rank)
     dest = tl.load(back_ptrs + peer).to(y_ptr.dtype)
-    cols = tl.arange(0, BLOCK)
-    for i in tl.static_range(BLOCK_ROWS):
-        m = tl.program_id(1) * BLOCK_ROWS + i
-        if m < count:
-            for c in range(0, ROW, BLOCK):
-                mask = c + cols < ROW
-                row = tl.load(y_ptr + (m * WORLD + peer) * ROW + c + cols, mask=mask)
-                tl.store(dest + (start + m) * ROW + c + cols, row, mask=mask)
+    # source row m * WORLD + peer, destination row start + m
+    _copy_rows(y_ptr, peer, WORLD, dest, tl.load(starts_ptr + rank), 1, tl.load(counts_ptr + rank),
+               ROW, BLOCK, BLOCK_ROWS)
 
 
 def _share(tensor: torch.Tensor, group: Any, rank: int, world: int) -> list[torch.Tensor]:
