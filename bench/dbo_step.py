@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,16 +142,25 @@ def main(argv: list[str] | None = None) -> int:
     for r in report["results"]:
         print(f"{r['shape']:<24}{r['off']['ms']:>9.2f}{r['on']['ms']:>9.2f}{r['on_over_off']:>8.3f}"
               f"{r['argmax_agree']:>8.3f}{r['logits_rel_err']:>10.2e}")
-    kind = "gpu" if args.device.startswith("cuda") else "cpu"
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"dbo_step_{kind}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    try:
-        plot(report, out.with_suffix(".png"))
-    except ImportError:  # a GPU image without matplotlib: `--replot JSON` draws it elsewhere
-        print("matplotlib missing: no PNG (python -m bench.dbo_step --replot JSON draws it)")
-    print(f"wrote {out}")
+    write_report(report, "dbo_step", args.device, args.out, plot,
+                 " (python -m bench.dbo_step --replot JSON draws it)")
     return 0
+
+
+def write_report(report: dict[str, Any], name: str, device: str, out: str | None,
+                 plot: Callable[[dict[str, Any], Path], None], replot_hint: str = "") -> Path:
+    """The report as JSON (``out``, else bench/results/<name>_<gpu|cpu>.json) and its PNG beside it. A GPU image
+    without matplotlib gets the JSON alone, and a line saying so."""
+    kind = "gpu" if device.startswith("cuda") else "cpu"
+    path = Path(out or Path(__file__).resolve().parent / "results" / f"{name}_{kind}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    try:
+        plot(report, path.with_suffix(".png"))
+    except ImportError:
+        print(f"matplotlib missing: no PNG{replot_hint}")
+    print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":

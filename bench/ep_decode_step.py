@@ -14,7 +14,6 @@ test of this script, not a measurement. JSON + PNG go to bench/results/ep_decode
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.dbo_step import ON as DBO_ON
-from bench.dbo_step import _batch
+from bench.dbo_step import _batch, write_report
 from bench.decode_step import NAMED, time_ms
 from decode_worker.bench_connector import fill_pages
 from engine.config import ModelConfig
@@ -168,15 +167,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['graph']['ms']:8.2f} ms  ({r['speedup']:.2f}x)  argmax agree {r['argmax_agree']:.3f}")
     for r in report["dbo"]:
         print(f"{r['shape']:<28}: off {r['off']['ms']:8.2f} ms  on {r['on']['ms']:8.2f} ms  ({r['on_over_off']:.3f}x)")
-    kind = "gpu" if args.device.startswith("cuda") else "cpu"
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"ep_decode_step_{kind}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    try:
-        plot(report, out.with_suffix(".png"))
-    except ImportError:
-        print("matplotlib missing: no PNG")
-    print(f"wrote {out}")
+    write_report(report, "ep_decode_step", args.device, args.out, plot)
     return 0
 
 
