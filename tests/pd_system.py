@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bench import pd_servers
 from bench.pd_servers import Server, ServerGroup, cpu_worker_env, free_port
 from engine.llm import LLM
@@ -254,6 +256,13 @@ def backend_missing(kind: str) -> str | None:
     except (ImportError, OSError) as exc:
         return f"{kind} unavailable: {exc}"
     return None
+
+
+def skip_unless_backend(kind: str) -> None:
+    """Skips the calling test or fixture, naming why, where transfer engine `kind` cannot run."""
+    missing = backend_missing(kind)
+    if missing:
+        pytest.skip(missing)
 
 
 def expected_outputs(llm: LLM, cases: list[Case]) -> list[tuple[list[int], list[float], list[list[tuple[int, float]]]]]:

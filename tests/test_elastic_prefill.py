@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from elastic_system import reference_llm, scale_killing_a_new_rank, static_tokens  # noqa: F401 (a fixture)
-from pd_system import PDSystem, backend_missing, get_json, http, wait_idle
+from pd_system import PDSystem, get_json, http, skip_unless_backend, wait_idle
 
 from bench.elastic_ep import PREFILL_FLAGS, ScaleStep, lengths, post_scale, prompts, run_workload, summarize
 from engine.llm import LLM
@@ -44,9 +44,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def system(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PDSystem]:
-    missing = backend_missing("nixl")
-    if missing:
-        pytest.skip(missing)
+    skip_unless_backend("nixl")
     flags = [*PREFILL_FLAGS[:PREFILL_FLAGS.index("--elastic-ep-join-timeout")],
              "--elastic-ep-join-timeout", str(JOIN_TIMEOUT_S)]
     # Scale 1: the new ranks die at the rendezvous (the test hook); scale 2: the test kills one while it loads.

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from elastic_system import reference_llm, scale_killing_a_new_rank, static_tokens  # noqa: F401 (a fixture)
-from pd_system import PDSystem, backend_missing, get_json, wait_idle
+from pd_system import PDSystem, get_json, skip_unless_backend, wait_idle
 
 from bench.elastic_ep import (
     DECODE_FLAGS,
@@ -83,9 +83,7 @@ def layout(request: pytest.FixtureRequest) -> Layout:
 
 @pytest.fixture(scope="module")
 def system(tiny_model: Path, layout: Layout, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PDSystem]:
-    missing = backend_missing("nixl")
-    if missing:
-        pytest.skip(missing)
+    skip_unless_backend("nixl")
     # Scale 1: the new ranks die at the rendezvous (the test hook); scale 2: the test kills one while it loads.
     pd = PDSystem(tiny_model, tmp_path_factory.mktemp("elastic"), "nixl",
                   decode_flags=[*layout.flags, "--elastic-ep-join-timeout", str(JOIN_TIMEOUT_S)],

@@ -19,12 +19,12 @@ from pd_system import (
     PAGE_SIZE,
     Case,
     PDSystem,
-    backend_missing,
     check_concurrent_mixed_requests,
     get_json,
     http,
     mixed_cases,
     run_case,
+    skip_unless_backend,
     wait_idle,
 )
 
@@ -53,9 +53,7 @@ def reference(tiny_model: Path) -> Iterator[LLM]:
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PDSystem]:
-    missing = backend_missing("nixl")
-    if missing:
-        pytest.skip(missing)
+    skip_unless_backend("nixl")
     layout = (*LAYOUTS[request.param], *DBO)
     pd = PDSystem(tiny_model, tmp_path_factory.mktemp(request.param), "nixl", prefill_flags=layout, decode_flags=layout)
     yield pd

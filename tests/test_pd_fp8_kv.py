@@ -13,10 +13,10 @@ import pytest
 from pd_system import (
     PAGE_SIZE,
     PDSystem,
-    backend_missing,
     check_concurrent_mixed_requests,
     get_json,
     http,
+    skip_unless_backend,
     wait_healthy,
     wait_idle,
     worker_flags,
@@ -48,9 +48,7 @@ def reference(tiny_model: Path) -> Iterator[LLM]:
 @pytest.fixture(scope="module", params=["nixl", "mooncake"])
 def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[PDSystem]:
-    missing = backend_missing(request.param)
-    if missing:
-        pytest.skip(missing)
+    skip_unless_backend(request.param)
     pd = PDSystem(tiny_model, tmp_path_factory.mktemp(f"pd-fp8-{request.param}"), request.param,
                   prefill_flags=FP8_FLAGS,
                   decode_flags=[*FP8_FLAGS, "--max-total-tokens", "2048"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pd_system import PAGE_SIZE, PDSystem, backend_missing, check_concurrent_mixed_requests
+from pd_system import PAGE_SIZE, PDSystem, check_concurrent_mixed_requests, skip_unless_backend
 
 from engine.llm import LLM
 from engine.tiny_model import write_tiny_model
@@ -45,9 +45,7 @@ def test_gpu_1p1d_equals_colocated_generation_on_the_gpu(
 ) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    missing = backend_missing(backend)
-    if missing:
-        pytest.skip(missing)
+    skip_unless_backend(backend)
     decode_flags = [*GPU_FLAGS, *kv_flags, "--max-total-tokens", "2048", "--cuda-graph-max-bs", "8"]
     system = PDSystem(tiny_model, tmp_path, backend, prefill_flags=[*GPU_FLAGS, *kv_flags], decode_flags=decode_flags)
     try:
@@ -61,9 +59,7 @@ def test_gpu_1p1d_with_an_fp8_kv_cache_equals_colocated_fp8_kv_generation(tiny_m
     CUDA graphs read them through the Triton kernel's dequantize-on-load."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    missing = backend_missing("nixl")
-    if missing:
-        pytest.skip(missing)
+    skip_unless_backend("nixl")
     fp8 = ["--kv-cache-dtype", "fp8_e4m3"]
     reference = LLM(tiny_model, device="cuda", dtype="float32", page_size=PAGE_SIZE, kv_cache_dtype="fp8_e4m3")
     system = PDSystem(tiny_model, tmp_path, "nixl", prefill_flags=[*GPU_FLAGS, *fp8],

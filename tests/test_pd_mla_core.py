@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pd_system import PAGE_SIZE, PDSystem, backend_missing, check_concurrent_mixed_requests, get_json
+from pd_system import PAGE_SIZE, PDSystem, check_concurrent_mixed_requests, get_json, skip_unless_backend
 
 from engine.llm import LLM
 from engine.tiny_model import write_tiny_model
@@ -50,9 +50,7 @@ def system(
     request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PDSystem]:
     layout, kind = request.param
-    missing = backend_missing(kind)
-    if missing:
-        pytest.skip(missing)
+    skip_unless_backend(kind)
     prefill_flags, decode_flags = LAYOUTS[layout]
     pd = PDSystem(
         tiny_model,

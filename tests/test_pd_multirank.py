@@ -18,10 +18,10 @@ import pytest
 from pd_system import (
     PAGE_SIZE,
     PDSystem,
-    backend_missing,
     check_concurrent_mixed_requests,
     check_decode_reuse_across_turns,
     get_json,
+    skip_unless_backend,
 )
 
 from engine.llm import LLM
@@ -66,9 +66,7 @@ def system(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[PDSystem]:
     layout, kind = request.param
-    missing = backend_missing(kind)
-    if missing:
-        pytest.skip(missing)
+    skip_unless_backend(kind)
     prefill_layout, decode_layout = LAYOUTS[layout]
     pd = PDSystem(
         tiny_model,

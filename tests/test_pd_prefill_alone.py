@@ -13,10 +13,10 @@ from http.client import HTTPConnection
 import pytest
 from pd_system import (
     Server,
-    backend_missing,
     free_port,
     get_json,
     http,
+    skip_unless_backend,
     start_server,
     wait_healthy,
     wait_idle,
@@ -32,8 +32,7 @@ BOOTSTRAP_TIMEOUT_S = 6.0
 
 @pytest.fixture(scope="module")
 def prefill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, int]]:
-    if backend_missing("nixl"):
-        pytest.skip(backend_missing("nixl"))
+    skip_unless_backend("nixl")
     model = write_tiny_model(tmp_path_factory.mktemp("prefill-model") / "tiny-v3")
     port, bootstrap_port = free_port(), free_port()
     args = [*worker_flags(model, "nixl", port), "--bootstrap-port", str(bootstrap_port),

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pd_system import PDSystem, backend_missing, get_json, http, wait_idle
+from pd_system import PDSystem, get_json, http, skip_unless_backend, wait_idle
 
 from engine.llm import LLM
 from engine.sampling import SamplingParams
@@ -26,9 +26,7 @@ MAX_NEW = 40
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PDSystem, Path]]:
-    missing = backend_missing("nixl")
-    if missing:
-        pytest.skip(missing)
+    skip_unless_backend("nixl")
     model = write_tiny_model(tmp_path_factory.mktemp("pd-retract") / "tiny-v3")
     # 32 decode pages of 16 tokens; 8 requests of up to 7 pages' whole life each need 56.
     pd = PDSystem(model, tmp_path_factory.mktemp("pd-retract-logs"), "nixl",

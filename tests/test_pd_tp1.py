@@ -35,13 +35,13 @@ from pd_system import (
     PAGE_SIZE,
     Case,
     PDSystem,
-    backend_missing,
     check_against_reference,
     check_concurrent_mixed_requests,
     check_decode_reuse_across_turns,
     get_json,
     http,
     run_case,
+    skip_unless_backend,
     wait_idle,
 )
 
@@ -88,9 +88,7 @@ def structured(reference: LLM) -> tuple[list[StructuredCase], list[str]]:
 @pytest.fixture(scope="module", params=BACKENDS)
 def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[PDSystem]:
-    missing = backend_missing(request.param)
-    if missing:
-        pytest.skip(missing)
+    skip_unless_backend(request.param)
     pd = PDSystem(tiny_model, tmp_path_factory.mktemp(f"pd-{request.param}"), request.param,
                   prefill_flags=API_FLAGS, decode_flags=[*DECODE_FLAGS[request.param], *API_FLAGS],
                   peer_timeout_s=PEER_TIMEOUT_S)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pd_system import backend_missing, free_port, http, start_server, wait_healthy, worker_flags
+from pd_system import free_port, http, skip_unless_backend, start_server, wait_healthy, worker_flags
 
 from engine.tiny_model import write_tiny_model
 
@@ -88,9 +88,7 @@ def port_free(port: int) -> bool:
 
 
 def test_a_tp2_instance_listens_on_its_host_only_and_its_ranks_end_with_its_http_process(tmp_path: Path) -> None:
-    missing = backend_missing("nixl")
-    if missing:
-        pytest.skip(missing)
+    skip_unless_backend("nixl")
     model = write_tiny_model(tmp_path / "tiny-v3")
     port, bootstrap_port = free_port(), free_port()
     args = [*worker_flags(model, "nixl", port), "--tp", "2", "--bootstrap-port", str(bootstrap_port)]

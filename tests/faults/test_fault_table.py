@@ -31,7 +31,7 @@ from harness import (
     stop_for,
     unreachable_bootstrap,
 )
-from pd_system import PDSystem, backend_missing
+from pd_system import PDSystem, skip_unless_backend
 
 from engine.tiny_model import write_tiny_model
 
@@ -67,9 +67,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module", params=["nixl", "mooncake"])
 def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[PDSystem]:
-    missing = backend_missing(request.param)
-    if missing:
-        pytest.skip(missing)
+    skip_unless_backend(request.param)
     pd = PDSystem(tiny_model, tmp_path_factory.mktemp(f"faults-{request.param}"), request.param,
                   peer_timeout_s=PEER_TIMEOUT_S, env=DEPLOYMENT_ENV)
     yield pd

@@ -29,7 +29,7 @@ from harness import (
     slowed,
     stop_for,
 )
-from pd_system import PDSystem, backend_missing, get_json
+from pd_system import PDSystem, get_json, skip_unless_backend
 
 from engine.tiny_model import write_tiny_model
 
@@ -56,9 +56,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600 if FULL else 300)]
 def test_a_soak_with_random_faults_ends_every_request_cleanly_and_leaks_nothing(backend: str, tmp_path: Path) -> None:
     if backend != "nixl" and not FULL:
         pytest.skip("the CI soak runs NIXL; TANDEM_FAULTS_FULL=1 runs every transfer engine")
-    missing = backend_missing(backend)
-    if missing:
-        pytest.skip(missing)
+    skip_unless_backend(backend)
     model = write_tiny_model(tmp_path / "tiny-v3")
     rng = random.Random(23)
     # The full soak draws at random; CI meets different faults without a restart (the fault table

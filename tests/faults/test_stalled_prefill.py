@@ -18,10 +18,10 @@ from pd_system import (
     PAGE_SIZE,
     Case,
     PDSystem,
-    backend_missing,
     check_against_reference,
     get_json,
     run_case,
+    skip_unless_backend,
     wait_idle,
 )
 
@@ -51,9 +51,7 @@ def reference(tiny_model: Path) -> Iterator[LLM]:
 def test_a_prefill_resumed_after_its_peer_timeout_never_writes_into_pages_decode_reused(
     backend: str, tiny_model: Path, reference: LLM, tmp_path: Path
 ) -> None:
-    missing = backend_missing(backend)
-    if missing:
-        pytest.skip(missing)
+    skip_unless_backend(backend)
     system = PDSystem(tiny_model, tmp_path, backend, decode_flags=DECODE_FLAGS, peer_timeout_s=PEER_TIMEOUT_S)
     try:
         warm = Case([4, 5, 6], 2, "/generate", stream=False)
