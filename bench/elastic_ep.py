@@ -110,9 +110,12 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def lengths(n: int, max_new_tokens: int) -> list[int]:
-    """Tokens per stream: the first half (streaming while new ranks load) 4x longer, so that some are still
-    running when the scale-up switches whatever the loading takes."""
-    return [4 * max_new_tokens if i < n // 2 else max_new_tokens for i in range(n)]
+    """Tokens per stream, in ``run_workload``'s shares for a scale up and back: the first half (streaming while
+    new ranks load) and the last quarter (starting with the scale-down, on the ranks that stay while the leaving
+    ones drain) 4x longer, so that some are still running when each scale switches, however long the loading or
+    the drain takes. The quarter between, which the scale-down drains, stays short."""
+    long_share = [i < n // 2 or i >= n // 2 + (n - n // 2) // 2 for i in range(n)]
+    return [4 * max_new_tokens if long else max_new_tokens for long in long_share]
 
 
 def run_workload(router_url: str, scale_url: str, cases: list[list[int]], max_new_tokens: list[int],

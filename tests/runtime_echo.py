@@ -4,7 +4,7 @@ token per request, the token being the request's DP rank * 1000 + its position."
 from __future__ import annotations
 
 from engine.runtime.launch import RankContext
-from engine.runtime.rank_loop import StepRunner, least_loaded, run_rank
+from engine.runtime.rank_loop import StepRunner, named_or_least_loaded, run_rank
 from engine.server.messages import GenerateRequest, TokenOutput
 
 
@@ -37,7 +37,7 @@ class EchoRunner(StepRunner):
         return outs
 
     def choose_dp_rank(self, request: GenerateRequest, loads: list[int]) -> int:
-        return least_loaded(loads)
+        return named_or_least_loaded(request, loads)
 
     def status_counts(self) -> dict[str, int]:
         return {"echo_active": len(self.active)}

@@ -132,7 +132,8 @@ def test_32_streams_complete_with_static_tokens_while_the_instance_scales_2_4_2(
     expected = static_tokens(reference, cases, max_new)
     layouts = []
     # Half the streams before the scale-up, a quarter on 4 DP groups (0.4 s before the scale-down: the new
-    # groups, least loaded, take the first of them), a quarter during the scale-down.
+    # groups, least loaded, take the first of them), a quarter during the scale-down (long ones, on the groups
+    # that stay: still running when it switches).
     traces, steps = run_workload(system.router.url, system.decode.url, cases, max_new, [layout.up, layout.dp],
                                  stagger_s=0.1, first_scale_after_s=0.5, between_scales_s=0.4,
                                  on_scale=lambda step: layouts.append(_layout(system)))
@@ -144,6 +145,9 @@ def test_32_streams_complete_with_static_tokens_while_the_instance_scales_2_4_2(
     assert all(s.body["experts_moved"] > 0 for s in steps)  # new ranks got experts; leaving ranks gave theirs
     # The new DP groups took requests, and the scale-down waited for them to finish (none failed, below).
     assert steps[1].body["drained_requests"] > 0 and steps[1].body["drain_s"] > 0
+    # ... and took none while they drained (the router, which still saw them least loaded, named them): the
+    # most they held is the quarter of the streams that started on 4 groups.
+    assert steps[1].body["drained_requests"] <= len(cases) // 4, steps[1].body
     # Requests were streaming through both switches: the retained ranks kept them and their KV.
     assert all(row["streams_across_switch"] > 0 for row in summary["scales"]), summary["scales"]
     assert [t.error for t in traces] == [None] * len(cases)

@@ -13,6 +13,7 @@ from runtime_echo import echo_entry
 
 from engine.runtime.bridge import RankBridge
 from engine.runtime.launch import InstanceSpec, LayoutError, ipc_addr, launch
+from engine.runtime.rank_loop import named_or_least_loaded
 from engine.server.messages import GenerateRequest, SamplingSpec, TokenOutput
 
 
@@ -24,6 +25,18 @@ async def _collect(bridge: RankBridge, rid: str, n: int) -> list[TokenOutput]:
 def test_invalid_layout_is_refused_naming_the_numbers() -> None:
     with pytest.raises(LayoutError, match=r"tp \(6\) is not divisible by dp \(4\)"):
         InstanceSpec(tp_size=6, dp_size=4)
+
+
+def test_a_request_naming_a_group_that_is_not_open_runs_on_the_least_loaded_open_one() -> None:
+    """Rank 0 passes only the open groups' loads (a scale-down's leaving groups are not open while they drain)."""
+    def named(dp_rank: int | None) -> GenerateRequest:
+        return GenerateRequest(rid="r", input_ids=[1], sampling=SamplingSpec(), data_parallel_rank=dp_rank)
+
+    open_loads = [3, 1]  # groups 2 and 3 leave
+    assert named_or_least_loaded(named(0), open_loads) == 0  # an open group named: kept, loaded or not
+    assert named_or_least_loaded(named(None), open_loads) == 1
+    assert named_or_least_loaded(named(3), open_loads) == 1  # leaving (or gone since it was parsed)
+    assert named_or_least_loaded(named(2), [0, 5, 0, 0]) == 2  # no scale pending: every group is open
 
 
 def test_requests_spread_over_dp_groups_and_all_finish() -> None:

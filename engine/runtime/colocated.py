@@ -35,7 +35,7 @@ from ..weights import load_model
 from . import elastic
 from .launch import RankContext
 from .lockstep import LockstepStepper
-from .rank_loop import least_loaded, run_rank
+from .rank_loop import named_or_least_loaded, run_rank
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +313,7 @@ class ColocatedRunner:
             # Rank 0 draws the seed before the broadcast, so every rank of the DP group samples the same
             # token; unseeded per-rank generators would diverge and desynchronise the group.
             request.sampling.seed = random.getrandbits(63)
-        if request.data_parallel_rank is not None:  # named by the router or the client, checked on parse
-            return request.data_parallel_rank
-        return least_loaded(loads)
+        return named_or_least_loaded(request, loads)
 
     def gauges(self) -> dict[str, float]:
         return engine_gauges(self.engine)

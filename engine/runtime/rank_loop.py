@@ -83,6 +83,17 @@ def least_loaded(loads: list[int]) -> int:
     return min(range(len(loads)), key=loads.__getitem__)
 
 
+def named_or_least_loaded(request: GenerateRequest, loads: list[int]) -> int:
+    """The DP group ``request`` names, if it is open, else the least loaded open one. ``loads`` holds only the
+    groups open now, and the name was checked on parse against the layout of that moment: while a scale-down
+    drains, the leaving groups take nothing (a router that still sees them as the least loaded would keep
+    feeding them, and the drain would not end), and a request parsed before the switch may name a group that
+    is gone. Either way it runs on an open group rather than on none."""
+    if request.data_parallel_rank is not None and request.data_parallel_rank < len(loads):
+        return request.data_parallel_rank
+    return least_loaded(loads)
+
+
 def _drain(sock: zmq.Socket, wait_ms: int) -> list[ToRanks]:
     messages: list[ToRanks] = []
     if wait_ms and not sock.poll(wait_ms):
