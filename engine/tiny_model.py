@@ -1,8 +1,9 @@
 """Write a tiny random DeepSeek checkpoint in HF format (config.json, safetensors, tokenizer.json).
 
     python -m engine.tiny_model --out DIR [--variant v3|v2-lite|v2-group] [--seed N] [--shards N]
+                                [--train-steps N]
 
-No transformers needed: tensors are named and shaped as HF's ``save_pretrained`` writes them, filled
+No transformers needed (unless ``--train-steps``: ``engine.tiny_train``): tensors are named and shaped as HF's ``save_pretrained`` writes them, filled
 by ``engine.weights.dummy_tensor`` (activations O(1)) with norm weights and the V3 router's correction
 bias perturbed, so a mix-up of any of them changes the output. Variants:
   v3       q-LoRA, YaRN (mscale != mscale_all_dim), sigmoid router + correction bias, group-limited
@@ -152,12 +153,24 @@ def fp8_checkpoint(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dic
     return out
 
 
-def write_tiny_model(out: str | Path, variant: str = "v3", seed: int = 0, shards: int = 1) -> Path:
+def write_tiny_model(out: str | Path, variant: str = "v3", seed: int = 0, shards: int = 1,
+                     train_steps: int = 0) -> Path:
+    """The tiny model of ``variant`` in its checkpoint format, random (``train_steps`` 0) or trained on a
+    synthetic chain (``engine.tiny_train``: decisive greedy margins, for comparisons under quantization)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     raw = tiny_config(variant)
     config = ModelConfig.from_dict(raw)
-    tensors = tiny_tensors(config, seed)
+    if train_steps > 0:
+        from engine.tiny_train import trained_tensors
+
+        tensors = trained_tensors(raw, seed, train_steps)
+        expected = checkpoint_tensor_shapes(config)
+        got = {name: tuple(t.shape) for name, t in tensors.items()}
+        if got.keys() != expected.keys() or any(got[n] != tuple(expected[n]) for n in expected):
+            raise RuntimeError(f"trained tensors do not match the checkpoint's: {sorted(got.keys() ^ expected.keys())[:4]}")
+    else:
+        tensors = tiny_tensors(config, seed)
     if raw.get("num_nextn_predict_layers"):
         tensors.update(mtp_tensors(config, seed))
     if config.quantization is not None:
@@ -186,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="v3", choices=sorted(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shards", type=int, default=1, help="number of safetensors files")
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="train on a synthetic chain first (engine.tiny_train; needs transformers)")
     args = parser.parse_args(argv)
-    path = write_tiny_model(args.out, args.variant, args.seed, args.shards)
+    path = write_tiny_model(args.out, args.variant, args.seed, args.shards, args.train_steps)
     print(f"wrote {args.variant} tiny model to {path}")
     return 0
 

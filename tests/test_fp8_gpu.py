@@ -16,6 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from trained_fp8 import (  # noqa: F401 (trained_fp8_checkpoint: the trained_fp8_dir fixture)
+    NEW_TOKENS,
+    TRAINED_FP8_LOGITS_TOL,
+    first_differences,
+    teacher_forced_logits,
+    trained_fp8_checkpoint,
+    trained_prompts,
+)
 
 from kernels import backend, fp8
 
@@ -323,3 +331,38 @@ def test_triton_fp8_gated_mlp_as_one_expert_matches_the_reference(rows: int, int
     _poison()
     out = fp8_gated_mlp_triton(x, w13[0], s13[0], w2[0], s2[0])
     assert out.shape == (rows, 2048) and _rel(out, ref) < 2 * BF16_TOL
+
+
+@gpu_test
+def test_fp8_model_on_gpu_keeps_the_dequantized_bf16_models_greedy_tokens(trained_fp8_dir: Path) -> None:
+    """What serving runs (bf16 activations, FP8 weights, the Triton kernels; eager and CUDA graphs) against the
+    same weights dequantized (--quantization none, bf16) on the GPU, on the trained tiny checkpoint
+    (tests/trained_fp8.py): 32 greedy tokens equal on most prompts (all but one at most), teacher-forced logits
+    within TRAINED_FP8_LOGITS_TOL on every prompt. The CPU references keep all 32 on all of them
+    (tests/test_fp8_trained.py); the GPU adds the MMA's accumulation order."""
+    from engine.llm import LLM
+    from engine.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    prompts = trained_prompts()
+    common = {"device": "cuda", "dtype": "bfloat16", "page_size": 16, "num_pages": 256}
+    ref = LLM(str(trained_fp8_dir), quantization="none", **common)
+    try:
+        assert ref.model.model.layers[1].mlp.w13.dtype == torch.bfloat16
+        want = [o.token_ids for o in ref.generate(prompts, greedy)]
+        ref_logits = [teacher_forced_logits(ref, p + w[:-1]) for p, w in zip(prompts, want, strict=True)]
+    finally:
+        ref.close()
+    for graphs in ({}, {"cuda_graph_max_bs": 8}):
+        llm = LLM(str(trained_fp8_dir), quantization="fp8", **common, **graphs)
+        try:
+            assert llm.model.model.layers[1].mlp.w13.dtype == fp8.FP8_DTYPE
+            first = first_differences([o.token_ids for o in llm.generate(prompts, greedy)], want)
+            rels = [_rel(teacher_forced_logits(llm, p + w[:-1]), r) for p, w, r in zip(prompts, want, ref_logits,
+                                                                                        strict=True)]
+        finally:
+            llm.close()
+        print(f"{'graphs' if graphs else 'eager'}: {sum(f == NEW_TOKENS for f in first)}/{len(prompts)} prompts "
+              f"equal for {NEW_TOKENS} tokens (first differences {first}), logits rel {[f'{r:.3f}' for r in rels]}")
+        assert sum(f == NEW_TOKENS for f in first) >= len(prompts) - 1, first
+        assert max(rels) < TRAINED_FP8_LOGITS_TOL, rels
