@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -40,6 +41,7 @@ from engine.model import DeepseekForCausalLM
 from engine.quant import add_quantization_flag, plan_quantization
 from engine.server.cli import add_kv_cache_dtype_flag
 from engine.weights import load_model
+from kernels.fp8 import ACT_ENV
 
 log = logging.getLogger("bench.decode_step")
 CONFIGS = Path(__file__).resolve().parent.parent / "engine" / "model_configs"
@@ -171,6 +173,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "load_format": args.load_format, "dtype": str(dtype).removeprefix("torch."),
             "kv_cache_dtype": args.kv_cache_dtype, "context": args.context,
             "weights": "fp8" if quant.keep_fp8 else str(dtype).removeprefix("torch."),
+            # FP8 GEMMs' activations (kernels.fp8.ACT_ENV): auto = W8A16 at decode sizes, fp8 = quantized
+            "fp8_act": os.environ.get(ACT_ENV, "auto") if quant.keep_fp8 else None,
             "page_size": args.page_size, "iters": args.iters, "captured": device.type == "cuda",
             "load_s": load_s, "capture_s": capture_s, "copy_bandwidth_gbs": bandwidth / 1e9 if bandwidth else None,
             "headline": {str(r["batch_size"]): {"floor_ratio": r.get("floor_ratio"),

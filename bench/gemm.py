@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -68,19 +69,40 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
 
 
+def _with_act(mode: str, op: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``op`` run with ``fp8.ACT_ENV`` set to ``mode`` (the kernels read it on every call)."""
+    def run(*args: object, **kwargs: object) -> torch.Tensor:
+        before = os.environ.get(fp8.ACT_ENV)
+        os.environ[fp8.ACT_ENV] = mode
+        try:
+            return op(*args, **kwargs)
+        finally:
+            if before is None:
+                del os.environ[fp8.ACT_ENV]
+            else:
+                os.environ[fp8.ACT_ENV] = before
+    return run
+
+
 def fp8_backends(device: torch.device, quick: bool) -> dict[str, dict[str, Callable[..., torch.Tensor]]]:
     """name -> {"linear", "gemm", "moe", "masked"} callables (missing keys: not offered by that backend)."""
     if device.type != "cuda":
         return {"torch_reference": {"linear": fp8.fp8_linear, "moe": fp8.fp8_moe_forward,
                                     "masked": fp8.fp8_moe_forward_masked}}
     from kernels import triton_fp8 as tf
+    from kernels import triton_fp8_moe as tfm
 
     def gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
         return tf.fp8_gemm_triton(xq, xs, w, ws, torch.bfloat16)
 
+    ops = {"linear": tf.fp8_linear_triton, "moe": tfm.fp8_moe_forward_triton,
+           "masked": tfm.fp8_moe_forward_masked_triton}
+    # "triton" runs what the engine runs (fp8.ACT_ENV auto: W8A16 up to W8A16_MAX_ROWS rows); the other two
+    # force FP8 activations (DeepSeek's recipe) or W8A16 at every size, so both show beside bf16.
     backends: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
-        "triton": {"linear": tf.fp8_linear_triton, "moe": tf.fp8_moe_forward_triton,
-                   "masked": tf.fp8_moe_forward_masked_triton},
+        "triton": ops,
+        "triton_fp8_act": {name: _with_act("fp8", op) for name, op in ops.items()},
+        "triton_w8a16": {name: _with_act("bf16", op) for name, op in ops.items()},
         "triton_gemm": {"gemm": gemm},
     }
     from kernels.fp8_cublas import PROBE_LOG, fp8_linear_cublas, probe_recipe

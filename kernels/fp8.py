@@ -4,8 +4,12 @@ Weights are quantized per ``block_n x block_k`` block (128 x 128 in V3) with one
 scale per block (the checkpoints' ``*.weight_scale_inv``, ceil-divided, so edge blocks may be partial);
 activations are quantized on the fly per ``1 x block_k`` token group, scale = group amax / 448.
 
-The references compute exactly what the fast kernels compute, in float32: quantize the activations,
-dequantize both operands, matmul. That keeps the GPU-vs-reference tolerance down to accumulation order
+Activations are quantized where that pays (``quantizes_activations``): many rows (prefill) run on the FP8
+tensor cores; few rows (decode) only stream the weight, so they stay in the model dtype against the
+dequantized weight tile (W8A16) and skip a quantizer launch per GEMM. ``TANDEM_FP8_ACT`` forces either.
+
+The references compute exactly what the fast kernels compute, in float32: quantize the activations (where
+the kernels do), dequantize both operands, matmul. That keeps the GPU-vs-reference tolerance down to accumulation order
 (and a rare one-ulp difference of a quantized activation) instead of FP8's ~3 % quantization noise.
 
 Layouts:
@@ -17,6 +21,8 @@ Layouts:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +32,29 @@ FP8_MAX = 448.0  # largest finite e4m3fn value
 AMAX_EPS = 1e-10
 BLOCK = 128
 BlockSize = tuple[int, int]
+
+# How the FP8 GEMMs take their activations: "fp8" quantized per 1 x 128 token group (DeepSeek's recipe, the
+# FP8 tensor cores), "bf16" in the model dtype against the dequantized weight tile (W8A16), "auto" (default)
+# W8A16 up to W8A16_MAX_ROWS rows (per expert, for the grouped GEMMs), FP8 above. Why: up to a few dozen
+# rows a GEMM is bound by reading its weight, never by the MMA, so FP8 activations only add a quantizer launch
+# per GEMM (187 of the V2-Lite FP8 decode step's 783 kernels, 18 % of its time at batch 1 on an H100) and
+# their rounding; at prefill sizes the FP8 MMA's rate is the point.
+ACT_ENV = "TANDEM_FP8_ACT"
+W8A16_MAX_ROWS = 64
+
+
+def quantizes_activations(rows: int) -> bool:
+    """Whether an FP8 GEMM over ``rows`` activation rows (rows per expert for the grouped GEMMs, as their tile
+    hint counts them) quantizes them (``ACT_ENV``); the references and the kernels ask the same question."""
+    mode = os.environ.get(ACT_ENV, "auto")
+    if mode not in ("auto", "fp8", "bf16"):
+        raise ValueError(f"{ACT_ENV}={mode!r}: choose auto, fp8 or bf16")
+    return mode == "fp8" or (mode == "auto" and rows > W8A16_MAX_ROWS)
+
+
+def masked_rows_hint(capacity: int, expected_rows_per_expert: int | None) -> int:
+    """Rows per expert a masked-layout GEMM plans for: the caller's hint, else up to 16 (decode)."""
+    return min(capacity, 16) if expected_rows_per_expert is None else expected_rows_per_expert
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -112,10 +141,15 @@ def dequantize_fp8_gated(w13: torch.Tensor, scale: torch.Tensor, block_size: Blo
 
 
 def _fp8_matmul_f32(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                    block_size: BlockSize) -> torch.Tensor:
-    """float32 ``qdq(x) @ deq(weight)^T``: the math of the fast kernels (fp32 accumulate)."""
-    xq, xs = quantize_fp8_act(x, block_size[1])
-    return dequantize_fp8_act(xq, xs, block_size[1]) @ dequantize_fp8_weight(weight, weight_scale, block_size).T
+                    block_size: BlockSize, quant_act: bool = True) -> torch.Tensor:
+    """float32 ``qdq(x) @ deq(weight)^T`` (``x @ deq(weight)^T`` without ``quant_act``): the math of the fast
+    kernels (fp32 accumulate)."""
+    if quant_act:
+        xq, xs = quantize_fp8_act(x, block_size[1])
+        xf = dequantize_fp8_act(xq, xs, block_size[1])
+    else:
+        xf = x.float()
+    return xf @ dequantize_fp8_weight(weight, weight_scale, block_size).T
 
 
 def _check_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, block_size: BlockSize) -> None:
@@ -132,7 +166,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                block_size: BlockSize = (BLOCK, BLOCK)) -> torch.Tensor:
     """``F.linear`` with an FP8 block-quantized weight: x ``[..., K]`` -> ``[..., N]`` in x's dtype."""
     _check_linear(x, weight, weight_scale, block_size)
-    y = _fp8_matmul_f32(x.reshape(-1, x.shape[-1]), weight, weight_scale, block_size)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _fp8_matmul_f32(x2, weight, weight_scale, block_size, quantizes_activations(x2.shape[0]))
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
@@ -144,15 +179,15 @@ def _split_gated_scale(scale: torch.Tensor, inter: int, block_n: int) -> tuple[t
 
 
 def _expert_mlp_fp8(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
-                    block_size: BlockSize) -> torch.Tensor:
+                    block_size: BlockSize, quant_act: bool) -> torch.Tensor:
     """One expert: gate/up in fp32, SiLU(gate)*up rounded to x's dtype (the intermediate the kernels
-    store), re-quantized per token group for the down projection. Returns float32."""
+    store), re-quantized per token group (with ``quant_act``) for the down projection. Returns float32."""
     inter = w2.shape[-1]
     s_gate, s_up = _split_gated_scale(s13, inter, block_size[0])
-    gate = _fp8_matmul_f32(x, w13[:inter], s_gate, block_size)
-    up = _fp8_matmul_f32(x, w13[inter:], s_up, block_size)
+    gate = _fp8_matmul_f32(x, w13[:inter], s_gate, block_size, quant_act)
+    up = _fp8_matmul_f32(x, w13[inter:], s_up, block_size, quant_act)
     h = (F.silu(gate) * up).to(x.dtype)
-    return _fp8_matmul_f32(h, w2, s2, block_size)
+    return _fp8_matmul_f32(h, w2, s2, block_size, quant_act)
 
 
 def check_expert_weights(hidden_dim: int, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
@@ -188,19 +223,22 @@ def fp8_moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     token_of = torch.arange(num_tokens, device=hidden.device).repeat_interleave(top_k)[valid]
     weight_of = topk_weights.reshape(-1)[valid].float()
     flat_ids = flat_ids[valid]
+    quant_act = quantizes_activations(num_tokens * top_k // max(1, num_experts))  # the kernels' tile hint
     for expert in torch.unique(flat_ids).tolist():
         pick = flat_ids == expert
         tokens = token_of[pick]
-        y = _expert_mlp_fp8(hidden[tokens], w13[expert], w13_scale[expert], w2[expert], w2_scale[expert], block_size)
+        y = _expert_mlp_fp8(hidden[tokens], w13[expert], w13_scale[expert], w2[expert], w2_scale[expert], block_size,
+                            quant_act)
         out.index_add_(0, tokens, y * weight_of[pick, None])
     return out.to(hidden.dtype)
 
 
 def fp8_moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
-                           w2: torch.Tensor, w2_scale: torch.Tensor,
-                           block_size: BlockSize = (BLOCK, BLOCK)) -> torch.Tensor:
+                           w2: torch.Tensor, w2_scale: torch.Tensor, block_size: BlockSize = (BLOCK, BLOCK),
+                           expected_rows_per_expert: int | None = None) -> torch.Tensor:
     """``kernels.moe.moe_forward_masked`` (DeepEP low-latency layout) with FP8 block-quantized experts."""
     num_experts, capacity, _ = x.shape
+    quant_act = quantizes_activations(masked_rows_hint(capacity, expected_rows_per_expert))
     check_expert_weights(x.shape[2], w13, w13_scale, w2, w2_scale, block_size)
     if counts.shape != (num_experts,):
         raise ValueError(f"counts must be [{num_experts}], got {tuple(counts.shape)}")
@@ -210,7 +248,7 @@ def fp8_moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Ten
             raise ValueError(f"expert {expert} has {count} rows, capacity is {capacity}")
         if count > 0:
             y = _expert_mlp_fp8(x[expert, :count], w13[expert], w13_scale[expert], w2[expert], w2_scale[expert],
-                                block_size)
+                                block_size, quant_act)
             out[expert, :count] = y.to(x.dtype)
     return out
 
@@ -221,4 +259,5 @@ def fp8_gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.T
     ``gate_up`` ``[2I, D]`` (gate rows, then up rows) with scales ``[2 * ceil(I/bn), ceil(D/bk)]``."""
     counts = torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
     return fp8_moe_forward_masked(x.unsqueeze(0), counts, gate_up.unsqueeze(0), gate_up_scale.unsqueeze(0),
-                                  down.unsqueeze(0), down_scale.unsqueeze(0), block_size).squeeze(0)
+                                  down.unsqueeze(0), down_scale.unsqueeze(0), block_size,
+                                  expected_rows_per_expert=x.shape[0]).squeeze(0)

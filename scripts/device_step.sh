@@ -6,7 +6,8 @@
 #   tests      GPU tests of CUDA graphs, fused decode ops and FP8 (TESTS_K narrows them)
 #   flashmla   MLA decode tiles with FlashMLA beside Triton (when a FlashMLA extension is carried or built
 #              from .gpu_carry/, which is never committed; its build starts in the background at once)
-#   fp8step    the decode step with FP8 weights
+#   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
+#   fp8stepact the same with FP8 activations at every size (TANDEM_FP8_ACT=fp8)
 #   fp8diff    tests/fp8_layer_diff.py: module by module, where the tiny FP8 model on the GPU parts from its
 #              CPU reference
 #   spy        bench.decode_alone (decode worker alone, V2-Lite, 4096 in / 100 out, concurrency 8) under
@@ -66,6 +67,9 @@ for s in $STEPS; do
     fp8diff) step 08_fp8_layer_diff "$(left 90)" python3 tests/fp8_layer_diff.py --promote-k 32 ;;
     fp8step) step 06_decode_step_fp8 "$(left 90)" python3 -m bench.decode_step $DS --quantization fp8 --profile \
         --out "$OUT_SAVED/decode_step_gpu_fp8.json" ;;
+    fp8stepact)  # the same with FP8 activations at every size (DeepSeek's recipe), beside fp8step's W8A16 decode
+        step 06_decode_step_fp8_act "$(left 90)" env TANDEM_FP8_ACT=fp8 python3 -m bench.decode_step $DS \
+        --quantization fp8 --profile --out "$OUT_SAVED/decode_step_gpu_fp8_act.json" ;;
     pd | pd32 | pd32landed | pdmps | pd32mps)  # c8: the setup; c32: 64 prompts; *landed: on .baseline
         tree=. mps=""
         case $s in pd32landed) tree=.baseline ;; esac

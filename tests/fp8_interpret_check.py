@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from kernels import fp8  # noqa: E402
 
+BS = (128, 128)
 TOLERANCE = 1e-4  # float32 activations: accumulation order only (plus a rare one-ulp quantized value)
 
 
@@ -37,10 +38,25 @@ def check(name: str, err: float, bound: float = TOLERANCE) -> None:
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("set TRITON_INTERPRET=1")
+    check_quantizer()
+    # Both activation modes, at every size: FP8 activations (DeepSeek's recipe) and W8A16 (the model
+    # dtype against the dequantized weight tile); the references follow the same switch.
+    for mode in ("fp8", "bf16"):
+        os.environ[fp8.ACT_ENV] = mode
+        print(f"-- {fp8.ACT_ENV}={mode}")
+        check_dense()
+        check_experts()
+    # auto: the small cases here run W8A16, like a decode step; the reference must have followed.
+    os.environ[fp8.ACT_ENV] = "auto"
+    assert not fp8.quantizes_activations(fp8.W8A16_MAX_ROWS) and fp8.quantizes_activations(fp8.W8A16_MAX_ROWS + 1)
+    print("ok")
+    return 0
+
+
+def check_quantizer() -> None:
     from kernels import triton_fp8 as tf
 
     gen = torch.Generator().manual_seed(0)
-    bs = (128, 128)
     x = torch.randn(37, 300, generator=gen) * 3
     x[5] = 0.0  # an all-zero row
     x[6, :4] = torch.tensor([-1e-6, 1e-6, -3e-3, 3e-3])  # round to -0 / +0 / subnormals beside amax ~ 10
@@ -51,26 +67,42 @@ def main() -> int:
     # Bytes, not values: -0 and +0 are equal values (the H100 run caught a +0 where torch writes -0).
     check("quantize bytes", float((q.view(torch.uint8) != rq.view(torch.uint8)).sum()), 0.5)
 
+
+def check_dense() -> None:
+    from kernels import triton_fp8 as tf
+
+    gen = torch.Generator().manual_seed(1)
+    w8a16 = not fp8.quantizes_activations(1)
     for m, n, k in ((1, 200, 300), (19, 256, 256), (70, 130, 384)):
-        w, ws = fp8.quantize_fp8_weight(torch.randn(n, k, generator=gen), bs)
+        w, ws = fp8.quantize_fp8_weight(torch.randn(n, k, generator=gen), BS)
         a = torch.randn(m, k, generator=gen)
         bias = torch.randn(n, generator=gen)
         ref = fp8.fp8_linear(a, w, ws, bias)
         check(f"fp8_linear M{m} N{n} K{k}", rel(tf.fp8_linear_triton(a, w, ws, bias), ref))
-        aq, a_s = tf.quantize_fp8_act_triton(a)
         for split in (2, 3):  # 3 K blocks at K=384 over 2 splits: the second has a dead tail block
+            if w8a16:
+                out = tf.fp8_gemm_triton(a, None, w, ws, torch.float32, bias, split_k=split, w8a16=True)
+                check(f"fp8_gemm w8a16 split_k={split} M{m} N{n} K{k}", rel(out, ref))
+                continue
+            aq, a_s = tf.quantize_fp8_act_triton(a)
             out = tf.fp8_gemm_triton(aq, a_s, w, ws, torch.float32, bias, split_k=split)
             check(f"fp8_gemm split_k={split} M{m} N{n} K{k}", rel(out, ref))
             fused = tf.fp8_gemm_triton(a, None, w, ws, torch.float32, bias, split_k=split)
             check(f"fp8_gemm quantizing in-kernel split_k={split} M{m} N{n} K{k}", rel(fused, ref))
 
+
+def check_experts() -> None:
+    from kernels import triton_fp8 as tf
+    from kernels import triton_fp8_moe as tfm
+
+    gen = torch.Generator().manual_seed(2)
     experts, hidden, inter, tokens, top_k = 4, 256, 192, 23, 2
-    w13 = torch.cat([fp8.quantize_fp8_weight(torch.randn(experts, inter, hidden, generator=gen) / 16, bs)[0],
-                     fp8.quantize_fp8_weight(torch.randn(experts, inter, hidden, generator=gen) / 16, bs)[0]], 1)
-    gate_s = fp8.quantize_fp8_weight(torch.randn(experts, inter, hidden, generator=gen) / 16, bs)[1]
-    up_s = fp8.quantize_fp8_weight(torch.randn(experts, inter, hidden, generator=gen) / 16, bs)[1]
+    w13 = torch.cat([fp8.quantize_fp8_weight(torch.randn(experts, inter, hidden, generator=gen) / 16, BS)[0],
+                     fp8.quantize_fp8_weight(torch.randn(experts, inter, hidden, generator=gen) / 16, BS)[0]], 1)
+    gate_s = fp8.quantize_fp8_weight(torch.randn(experts, inter, hidden, generator=gen) / 16, BS)[1]
+    up_s = fp8.quantize_fp8_weight(torch.randn(experts, inter, hidden, generator=gen) / 16, BS)[1]
     w13_s = torch.cat([gate_s, up_s], 1)
-    w2, w2_s = fp8.quantize_fp8_weight(torch.randn(experts, hidden, inter, generator=gen) / 14, bs)
+    w2, w2_s = fp8.quantize_fp8_weight(torch.randn(experts, hidden, inter, generator=gen) / 14, BS)
     h = torch.randn(tokens, hidden, generator=gen)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
     ids[ids == 3] = -1  # expert 3 lives on another rank
@@ -78,7 +110,7 @@ def main() -> int:
     wts = torch.rand(tokens, top_k, generator=gen)
     ref = fp8.fp8_moe_forward(h, ids, wts, w13, w13_s, w2, w2_s)
     for cfg in (None, tf.Fp8GemmConfig(16, 64, 1, 4, 2)):
-        out = tf.fp8_moe_forward_triton(h, ids, wts, w13, w13_s, w2, w2_s, config=cfg)
+        out = tfm.fp8_moe_forward_triton(h, ids, wts, w13, w13_s, w2, w2_s, config=cfg)
         check(f"fp8_moe_forward {cfg}", rel(out, ref))
 
     capacity = 20
@@ -87,12 +119,10 @@ def main() -> int:
     xm[0] = float("nan")  # rows past a count are never read
     xm[1, 7:] = float("nan")
     ref_m = fp8.fp8_moe_forward_masked(xm, counts, w13, w13_s, w2, w2_s)
-    out_m = tf.fp8_moe_forward_masked_triton(xm, counts, w13, w13_s, w2, w2_s)
+    out_m = tfm.fp8_moe_forward_masked_triton(xm, counts, w13, w13_s, w2, w2_s)
     check("fp8_moe_forward_masked", rel(out_m, ref_m))
     if not bool((out_m[0] == 0).all() and (out_m[1, 7:] == 0).all()):
         raise SystemExit("FAIL masked rows past the count are not zero")
-    print("ok")
-    return 0
 
 
 if __name__ == "__main__":

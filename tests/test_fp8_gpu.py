@@ -137,7 +137,7 @@ MOE_CASES = [(32, 7168, 2048, 8, 128), (32, 7168, 2048, 8, 4096), (8, 256, 192, 
 @pytest.mark.parametrize(("experts", "hidden", "inter", "top_k", "tokens"), MOE_CASES)
 def test_triton_fp8_contiguous_moe_matches_the_reference(experts: int, hidden: int, inter: int, top_k: int,
                                                          tokens: int) -> None:
-    from kernels.triton_fp8 import fp8_moe_forward_triton
+    from kernels.triton_fp8_moe import fp8_moe_forward_triton
 
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     w13, s13, w2, s2 = _experts(experts, hidden, inter, gen)
@@ -160,7 +160,7 @@ def test_triton_fp8_contiguous_moe_matches_the_reference(experts: int, hidden: i
                                                                       (64, 2048, 1408, 64)])
 def test_triton_fp8_masked_moe_matches_the_reference_and_zeroes_rows_past_the_count(
         experts: int, hidden: int, inter: int, capacity: int) -> None:
-    from kernels.triton_fp8 import fp8_moe_forward_masked_triton
+    from kernels.triton_fp8_moe import fp8_moe_forward_masked_triton
 
     gen = torch.Generator(device="cuda").manual_seed(capacity)
     w13, s13, w2, s2 = _experts(experts, hidden, inter, gen)
@@ -322,7 +322,7 @@ def test_one_full_deepseek_v3_moe_layer_runs_from_dummy_fp8_weights(tmp_path: Pa
 @gpu_test
 @pytest.mark.parametrize(("rows", "inter"), [(1, 2816), (7, 10944), (64, 1408), (300, 256)])
 def test_triton_fp8_gated_mlp_as_one_expert_matches_the_reference(rows: int, inter: int) -> None:
-    from kernels.triton_fp8 import fp8_gated_mlp_triton
+    from kernels.triton_fp8_moe import fp8_gated_mlp_triton
 
     gen = torch.Generator(device="cuda").manual_seed(rows)
     w13, s13, w2, s2 = _experts(1, 2048, inter, gen)
@@ -334,7 +334,8 @@ def test_triton_fp8_gated_mlp_as_one_expert_matches_the_reference(rows: int, int
 
 
 @gpu_test
-def test_fp8_model_on_gpu_keeps_the_dequantized_bf16_models_greedy_tokens(trained_fp8_dir: Path) -> None:
+def test_fp8_model_on_gpu_keeps_the_dequantized_bf16_models_greedy_tokens(trained_fp8_dir: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """What serving runs (bf16 activations, FP8 weights, the Triton kernels; eager and CUDA graphs) against the
     same weights dequantized (--quantization none, bf16) on the GPU, on the trained tiny checkpoint
     (tests/trained_fp8.py): 32 greedy tokens equal on most prompts (all but one at most), teacher-forced logits
@@ -353,7 +354,8 @@ def test_fp8_model_on_gpu_keeps_the_dequantized_bf16_models_greedy_tokens(traine
         ref_logits = [teacher_forced_logits(ref, p + w[:-1]) for p, w in zip(prompts, want, strict=True)]
     finally:
         ref.close()
-    for graphs in ({}, {"cuda_graph_max_bs": 8}):
+    for act, graphs in (("fp8", {}), ("fp8", {"cuda_graph_max_bs": 8}), ("auto", {"cuda_graph_max_bs": 8})):
+        monkeypatch.setenv(fp8.ACT_ENV, act)  # fp8: every GEMM input quantized; auto: what serving runs
         llm = LLM(str(trained_fp8_dir), quantization="fp8", **common, **graphs)
         try:
             assert llm.model.model.layers[1].mlp.w13.dtype == fp8.FP8_DTYPE
@@ -362,7 +364,8 @@ def test_fp8_model_on_gpu_keeps_the_dequantized_bf16_models_greedy_tokens(traine
                                                                                         strict=True)]
         finally:
             llm.close()
-        print(f"{'graphs' if graphs else 'eager'}: {sum(f == NEW_TOKENS for f in first)}/{len(prompts)} prompts "
-              f"equal for {NEW_TOKENS} tokens (first differences {first}), logits rel {[f'{r:.3f}' for r in rels]}")
+        print(f"{act} {'graphs' if graphs else 'eager'}: {sum(f == NEW_TOKENS for f in first)}/{len(prompts)} "
+              f"prompts equal for {NEW_TOKENS} tokens (first differences {first}), logits rel "
+              f"{[f'{r:.4f}' for r in rels]}")
         assert sum(f == NEW_TOKENS for f in first) >= len(prompts) - 1, first
         assert max(rels) < TRAINED_FP8_LOGITS_TOL, rels

@@ -261,6 +261,7 @@ def test_fp8_weights_kept_on_cpu_run_the_reference_kernels_like_the_dequantized_
     import engine.quant
 
     monkeypatch.setattr(engine.quant, "fp8_kernels_run_on", lambda device: True)
+    monkeypatch.setenv(kernels.fp8.ACT_ENV, "fp8")  # every GEMM input quantized, whatever its rows
     kept = LLM(str(fp8_dir), dtype="float32", page_size=16, num_pages=64, cuda_graph_max_bs=4)
     try:
         layer = kept.model.model.layers[1]
@@ -268,8 +269,8 @@ def test_fp8_weights_kept_on_cpu_run_the_reference_kernels_like_the_dequantized_
         assert layer.mlp.shared_experts.down_proj.weight.dtype == FP8_DTYPE
         want = _prefill_logits(fp8_llm, prompts[2])
         with monkeypatch.context() as m:
-            m.setattr(kernels.fp8, "_fp8_matmul_f32", lambda x, w, s, block: x.float() @ kernels.fp8.
-                      dequantize_fp8_weight(w, s, block).T)
+            m.setattr(kernels.fp8, "_fp8_matmul_f32", lambda x, w, s, block, quant_act=True: x.float() @ kernels.
+                      fp8.dequantize_fp8_weight(w, s, block).T)
             exact = _prefill_logits(kept, prompts[2])
         assert ((exact - want).norm() / want.norm()).item() < 1e-5
         got = _prefill_logits(kept, prompts[2])

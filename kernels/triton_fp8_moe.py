@@ -1,0 +1,290 @@
+"""FP8 block-scaled grouped GEMMs for the experts in Triton (the dense GEMM and the quantizer:
+``kernels.triton_fp8``).
+
+Same functions and contracts as ``kernels.fp8``:
+  - ``fp8_moe_forward_triton``: contiguous (DeepEP high-throughput) layout, rows sorted by expert and
+    padded per expert to the row tile (``kernels.triton_moe.sort_by_expert``).
+  - ``fp8_moe_forward_masked_triton``: masked (DeepEP low-latency) layout, fixed grid and no host sync
+    (CUDA-graph safe).
+  - ``fp8_gated_mlp_triton``: a dense MLP or the shared experts as one expert of the masked layout.
+
+The first GEMM runs gate and up in two accumulators with SiLU(gate) * up in the epilogue; the result is
+stored in the activation dtype and, where activations are quantized (``kernels.fp8.quantizes_activations``:
+prefill sizes), re-quantized per token group for the second. At decode sizes both GEMMs take their
+activations in the model dtype against the dequantized weight tile (W8A16): no quantizer launches.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.fp8 import BLOCK, BlockSize, check_expert_weights, masked_rows_hint, quantizes_activations
+from kernels.triton_fp8 import (
+    Fp8GemmConfig,
+    _check_device,
+    _promote_every,
+    dot_precision,
+    quantize_fp8_act_triton,
+)
+from kernels.triton_moe import ExpertSort, sort_by_expert
+
+
+def grouped_gemm_config(rows_per_expert: int) -> Fp8GemmConfig:
+    """Grouped tiles by the expected rows per expert. Many rows: 64 x 256 tiles (8 warps), the fastest of
+    bench.gemm --sweep on an H100 at V3's 4096-token expert shapes (1.54x bf16 where 64 x 128 gave 1.30x
+    in the contiguous layout, 1.47x where 1.41x in the masked one)."""
+    if rows_per_expert <= 16:
+        return Fp8GemmConfig(block_m=16, block_n=64, group_m=1, num_warps=4, num_stages=4)
+    if rows_per_expert <= 64:
+        return Fp8GemmConfig(block_m=32, block_n=64, group_m=4, num_warps=4, num_stages=4)
+    return Fp8GemmConfig(block_m=64, block_n=256, group_m=8, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _fp8_moe_gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, weight_ptr, sorted_rows_ptr, block_expert_ptr, rows_padded_ptr, counts_ptr,
+    num_valid_rows, N, K, capacity, up_scale_row,
+    stride_ae, stride_am, stride_ase, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn,
+    stride_ce, stride_cm,
+    NUM_KB: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, W8A16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    if MASKED:
+        num_m = tl.cdiv(capacity, BLOCK_M)
+    else:
+        num_m = tl.num_programs(0) // num_n
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    cols = offs_n.to(tl.int64)
+
+    if MASKED:
+        expert = tl.program_id(1).to(tl.int64)
+        count = tl.load(counts_ptr + expert)
+        a_base = a_ptr + expert * stride_ae
+        as_base = as_ptr + expert * stride_ase
+        c_base = c_ptr + expert * stride_ce
+        a_rows = offs_m.to(tl.int64)
+        c_rows = a_rows
+        row_mask = offs_m < count
+        store_mask = offs_m < capacity
+        if pid_m * BLOCK_M >= count:
+            # Skipped: the final output's rows past the count are defined as zero; the intermediate's
+            # are never read, so the first GEMM writes nothing there.
+            if ZERO_TAIL:
+                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
+                tl.store(c_base + c_rows[:, None] * stride_cm + cols[None, :], zero,
+                         mask=store_mask[:, None] & n_mask[None, :])
+            return
+    else:
+        if pid_m * BLOCK_M >= tl.load(rows_padded_ptr):
+            return
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        rows = tl.load(sorted_rows_ptr + offs_m)
+        row_mask = rows < num_valid_rows
+        a_base = a_ptr
+        as_base = as_ptr
+        c_base = c_ptr
+        a_rows = (rows // A_ROW_DIV).to(tl.int64)
+        c_rows = rows.to(tl.int64)
+        store_mask = row_mask
+
+    a_ptrs = a_base + a_rows[:, None] * stride_am + offs_k[None, :]
+    as_ptrs = as_base + a_rows * stride_asm
+    b_ptrs = b_ptr + expert * stride_be + cols[None, :] * stride_bn + offs_k[:, None]
+    bs_ptrs = bs_ptr + expert * stride_bse + (offs_n // SCALE_BLOCK_N) * stride_bsn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # NUM_KB = cdiv(K, BLOCK_K), a compile-time constant (one variant per projection's K, a handful per
+    # model): Triton 3.6's interpreter cannot loop to a runtime bound under numpy 2.
+    for kb in range(0, NUM_KB):
+        k_mask = offs_k < K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
+        if W8A16:  # a in the model dtype: the weight tile converted to it, only the weight's scale applies
+            acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION) * b_s[None, :]
+        else:
+            a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
+            acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
+        if GATED:
+            # w13 holds the gate rows then the up rows: the up partner of column n is row N + n, and its
+            # scales start at block row up_scale_row (the gate half's block rows, ceil-divided).
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            bs_up = tl.load(bs_ptrs + up_scale_row * stride_bsn + kb, mask=n_mask, other=0.0)
+            if W8A16:
+                acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PRECISION) * bs_up[None, :]
+            else:
+                acc_up += tl.dot(a, b_up, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * bs_up[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if MUL_WEIGHT:
+        w = tl.load(weight_ptr + c_rows, mask=row_mask, other=0.0)
+        acc = acc * w[:, None].to(tl.float32)
+    tl.store(c_base + c_rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=store_mask[:, None] & n_mask[None, :])
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
+                       out: torch.Tensor, sort: ExpertSort, weights: torch.Tensor | None, a_row_div: int, gated: bool,
+                       cfg: Fp8GemmConfig, block_size: BlockSize) -> None:
+    """``a_s`` None: ``aq`` is unquantized (W8A16)."""
+    n = w.shape[1] // 2 if gated else w.shape[1]
+    grid = (sort.max_blocks * triton.cdiv(n, cfg.block_n),)
+    _fp8_moe_gemm_kernel[grid](
+        aq, a_s if a_s is not None else w_s, w, w_s, out, weights if weights is not None else out,
+        sort.sorted_rows, sort.block_expert, sort.rows_padded, sort.rows_padded,
+        sort.num_rows, n, w.shape[2], 0, triton.cdiv(n, block_size[0]),
+        0, aq.stride(0), 0, a_s.stride(0) if a_s is not None else 0, w.stride(0), w.stride(1), w_s.stride(0),
+        w_s.stride(1), 0, out.stride(0),
+        NUM_KB=triton.cdiv(w.shape[2], block_size[1]), SCALE_BLOCK_N=block_size[0], A_ROW_DIV=a_row_div,
+        GATED=gated, MUL_WEIGHT=weights is not None,
+        MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
+        GROUP_M=cfg.group_m, PROMOTE=_promote_every(block_size), W8A16=a_s is None,
+        DOT_PRECISION=dot_precision(aq.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def _activations(x: torch.Tensor, quantize: bool, block_size: BlockSize) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(fp8 rows, scales) for a GEMM that quantizes its activations, else (the rows as they are, None)."""
+    return quantize_fp8_act_triton(x, block_size[1]) if quantize else (x, None)
+
+
+def _check_moe_inputs(hidden_dim: int, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                      w2_scale: torch.Tensor, block_size: BlockSize) -> int:
+    num_experts = check_expert_weights(hidden_dim, w13, w13_scale, w2, w2_scale, block_size)
+    for t in (w13, w2, w13_scale, w2_scale):
+        if t.stride(-1) != 1:
+            raise ValueError("expert weights and scales must be contiguous in their last dim")
+    return num_experts
+
+
+def fp8_moe_forward_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                           w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                           block_size: BlockSize = (BLOCK, BLOCK), config: Fp8GemmConfig | None = None) -> torch.Tensor:
+    """Contiguous-layout FP8 MoE (same contract as ``kernels.fp8.fp8_moe_forward``)."""
+    if hidden.dim() != 2 or topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be [T, D], topk_ids/weights [T, K]")
+    if topk_ids.shape[0] != hidden.shape[0] or topk_ids.dtype.is_floating_point:
+        raise ValueError(f"{hidden.shape[0]} tokens but routing {topk_ids.dtype} {tuple(topk_ids.shape)}")
+    num_experts = _check_moe_inputs(hidden.shape[1], w13, w13_scale, w2, w2_scale, block_size)
+    _check_device(hidden)
+    num_tokens, top_k = topk_ids.shape
+    if num_tokens == 0 or top_k == 0 or num_experts == 0:
+        return torch.zeros_like(hidden)
+    if topk_ids.numel() and not _capturing(hidden.device):
+        top = int(topk_ids.max())  # host sync: prefill (the only caller of this layout) is not captured
+        if top >= num_experts:
+            raise ValueError(f"topk_ids holds expert {top} but only {num_experts} are local")
+    rows_hint = num_tokens * top_k // max(1, num_experts)
+    cfg = config or grouped_gemm_config(rows_hint)
+    quant = quantizes_activations(rows_hint)
+    sort = sort_by_expert(topk_ids, num_experts, cfg.block_m)
+    hq, hs = _activations(hidden.contiguous(), quant, block_size)
+    inter = torch.empty((num_tokens * top_k, w2.shape[2]), dtype=hidden.dtype, device=hidden.device)
+    _launch_contiguous(hq, hs, w13, w13_scale, inter, sort, None, top_k, True, cfg, block_size)
+    # Rows routed elsewhere hold garbage in `inter` and get garbage scales; the second GEMM never reads them.
+    iq, is_ = _activations(inter, quant, block_size)
+    per_slot = torch.zeros((num_tokens * top_k, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
+    _launch_contiguous(iq, is_, w2, w2_scale, per_slot, sort, topk_weights.reshape(-1).float().contiguous(), 1,
+                       False, cfg, block_size)
+    return per_slot.view(num_tokens, top_k, -1).sum(dim=1)
+
+
+def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
+                   out: torch.Tensor, counts: torch.Tensor, gated: bool, cfg: Fp8GemmConfig,
+                   block_size: BlockSize) -> None:
+    """aq ``[E, cap, K]`` fp8, a_s ``[E, cap, Kb]`` (None: aq unquantized, W8A16), out ``[E, cap, N]``."""
+    n = w.shape[1] // 2 if gated else w.shape[1]
+    capacity = aq.shape[1]
+    grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(n, cfg.block_n), aq.shape[0])
+    _fp8_moe_gemm_kernel[grid](
+        aq, a_s if a_s is not None else w_s, w, w_s, out, out, counts, counts, counts, counts,
+        0, n, w.shape[2], capacity, triton.cdiv(n, block_size[0]),
+        aq.stride(0), aq.stride(1), a_s.stride(0) if a_s is not None else 0, a_s.stride(1) if a_s is not None else 0,
+        w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1), out.stride(0), out.stride(1),
+        NUM_KB=triton.cdiv(w.shape[2], block_size[1]), SCALE_BLOCK_N=block_size[0], A_ROW_DIV=1, GATED=gated,
+        MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
+        PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
+                                  w2: torch.Tensor, w2_scale: torch.Tensor, block_size: BlockSize = (BLOCK, BLOCK),
+                                  config: Fp8GemmConfig | None = None,
+                                  expected_rows_per_expert: int | None = None) -> torch.Tensor:
+    """Masked-layout FP8 MoE (same contract as ``kernels.fp8.fp8_moe_forward_masked``), CUDA-graph safe.
+
+    ``expected_rows_per_expert`` is a tile hint as in ``kernels.triton_moe.moe_forward_masked_triton``.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [E, capacity, D], got {tuple(x.shape)}")
+    num_experts = _check_moe_inputs(x.shape[2], w13, w13_scale, w2, w2_scale, block_size)
+    if x.shape[0] != num_experts or counts.shape != (num_experts,):
+        raise ValueError(f"x {tuple(x.shape)} / counts {tuple(counts.shape)} do not match {num_experts} experts")
+    if counts.dtype not in (torch.int32, torch.int64) or counts.device != x.device:
+        raise ValueError(f"counts must be an integer tensor on {x.device}, got {counts.dtype} on {counts.device}")
+    _check_device(x)
+    capacity, hidden_dim = x.shape[1], x.shape[2]
+    if not _capturing(x.device) and counts.numel() and int(counts.max()) > capacity:
+        raise ValueError(f"an expert has {int(counts.max())} rows, capacity is {capacity}")
+    out = torch.empty_like(x)
+    if num_experts == 0 or capacity == 0:
+        return out
+    hint = masked_rows_hint(capacity, expected_rows_per_expert)
+    cfg = config or grouped_gemm_config(hint)
+    inter_dim = w2.shape[2]
+    inter = torch.empty((num_experts, capacity, inter_dim), dtype=x.dtype, device=x.device)
+    if not quantizes_activations(hint):  # decode sizes: both GEMMs on the rows as they are (W8A16)
+        _launch_masked(x if x.stride(2) == 1 else x.contiguous(), None, w13, w13_scale, inter, counts, True, cfg,
+                       block_size)
+        _launch_masked(inter, None, w2, w2_scale, out, counts, False, cfg, block_size)
+        return out
+    x2 = x.reshape(num_experts * capacity, hidden_dim)  # a view for the contiguous layouts callers build
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    xq, xs = quantize_fp8_act_triton(x2, block_size[1], counts, capacity)
+    _launch_masked(xq.view(num_experts, capacity, hidden_dim), xs.view(num_experts, capacity, -1), w13, w13_scale,
+                   inter, counts, True, cfg, block_size)
+    iq, is_ = quantize_fp8_act_triton(inter.view(num_experts * capacity, inter_dim), block_size[1], counts, capacity)
+    _launch_masked(iq.view(num_experts, capacity, inter_dim), is_.view(num_experts, capacity, -1), w2, w2_scale,
+                   out, counts, False, cfg, block_size)
+    return out
+
+
+def fp8_gated_mlp_triton(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,
+                         down_scale: torch.Tensor, block_size: BlockSize = (BLOCK, BLOCK)) -> torch.Tensor:
+    """``kernels.fp8.fp8_gated_mlp``: four launches (quantize, gated GEMM, quantize, GEMM; two at decode sizes)
+    where three FP8 linears and the SiLU-multiply took up to eleven (split-K partial sums and casts included)."""
+    rows = x.shape[0]
+    counts = torch.full((1,), rows, dtype=torch.int32, device=x.device)
+    # One expert: the grid is N / block_n programs, so decode batches take 16-column tiles (a 64-wide tile
+    # gives a 2816-row shared expert 44 programs to stream its weight with).
+    config = Fp8GemmConfig(block_m=16, block_n=16, group_m=1, num_warps=4, num_stages=4) if rows <= 16 else None
+    out = fp8_moe_forward_masked_triton(x.unsqueeze(0), counts, gate_up.unsqueeze(0), gate_up_scale.unsqueeze(0),
+                                        down.unsqueeze(0), down_scale.unsqueeze(0), block_size, config,
+                                        expected_rows_per_expert=rows)
+    return out.squeeze(0)
