@@ -79,6 +79,17 @@ class DenseMLP(nn.Module):
             return None
         return self._gate_up_weight()
 
+    def one_expert_weights(self, rows: int) -> tuple[torch.Tensor, ...] | None:
+        """What a grouped GEMM needs to run this MLP as one expert over `rows` tokens: (gate/up, down), or with
+        FP8 weights (gate/up, its block scales, down, its block scales); None as ``one_expert_gate_up``."""
+        gate_up = self.one_expert_gate_up(rows)
+        if gate_up is None:
+            return None
+        if self.fp8 is None:
+            return gate_up, self.down_proj.weight
+        assert self._gate_up_scale is not None and self.down_proj.weight_scale_inv is not None
+        return gate_up, self._gate_up_scale, self.down_proj.weight, self.down_proj.weight_scale_inv
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.one_expert_gate_up(x.shape[0])
         if gate_up is None:
@@ -189,19 +200,24 @@ def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight
                        w13: torch.Tensor, w2: torch.Tensor, add: torch.Tensor | None = None,
                        fp8_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
                        block_size: tuple[int, int] = (128, 128),
-                       shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                       shared: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """``kernels.moe_forward``'s contract (plus ``add``, summed in), computed with fixed shapes and no host
     sync (CUDA graphs): the (token, slot) rows scattered into the masked layout ``[E, T, D]`` with per-expert
     counts, ``kernels.moe_forward_masked``, then each token's rows summed back in float32 in ascending expert
     order, as the contiguous reference sums (``kernels.decode_fused``). Four kernels on the GPU.
     ``fp8_scales`` (w13's and w2's block scales): FP8 experts, run by ``kernels.fp8_moe_forward_masked``.
-    ``shared`` (model-dtype experts only): the shared experts' fused gate/up and down weights, run over every
-    token in the routed experts' launches and summed in (instead of ``add``)."""
+    ``shared``: the shared experts' fused gate/up and down weights (``DenseMLP.one_expert_weights``: FP8 ones
+    with their scales, beside FP8 experts), run over every token in the routed experts' launches and summed in
+    (instead of ``add``)."""
     num_experts = w13.shape[0]
     rows, counts, dest = kernels.moe_scatter_rows(hidden, topk_ids.contiguous(), num_experts)
     if shared is not None:
-        assert fp8_scales is None and add is None
-        y, add = kernels.moe_forward_masked_shared(rows, counts, w13, w2, hidden, shared[0], shared[1])
+        assert add is None and (len(shared) == 4) == (fp8_scales is not None)
+        if fp8_scales is None:
+            y, add = kernels.moe_forward_masked_shared(rows, counts, w13, w2, hidden, shared[0], shared[1])
+        else:
+            y, add = kernels.fp8_moe_forward_masked_shared(rows, counts, w13, fp8_scales[0], w2, fp8_scales[1],
+                                                           hidden, shared, block_size)
     elif fp8_scales is None:
         y = kernels.moe_forward_masked(rows, counts, w13, w2)
     else:
@@ -285,14 +301,16 @@ class MoEBlock(nn.Module):
         return kernels.fp8_moe_forward(hidden, topk_ids, topk_weights, self.w13, self.w13_scale_inv, self.w2,
                                        self.w2_scale_inv, self.fp8.block_size)
 
-    def _fused_shared_weights(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The shared experts' (gate/up, down) weights when they can ride in the routed experts' launches:
-        model-dtype weights still in their fused buffer, no bias, a decode-sized batch."""
+    def _fused_shared_weights(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The shared experts' weights (``DenseMLP.one_expert_weights``) when they can ride in the routed
+        experts' launches: weights of the experts' kind (model dtype, or FP8 in the same blocks) still in their
+        fused buffer, no bias, a decode-sized batch."""
         mlp = self.shared_experts
-        if mlp is None or self.fp8 is not None or mlp.fp8 is not None:
+        if mlp is None or (self.fp8 is None) != (mlp.fp8 is None):
             return None
-        gate_up = mlp.one_expert_gate_up(hidden.shape[0])
-        return None if gate_up is None else (gate_up, mlp.down_proj.weight)
+        if self.fp8 is not None and mlp.fp8 is not None and mlp.fp8.block_size != self.fp8.block_size:
+            return None
+        return mlp.one_expert_weights(hidden.shape[0])
 
     def forward(self, hidden: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
         """``graph_safe``: CUDA-graph decode (engine.cuda_graph) — the experts run on the masked
@@ -308,8 +326,11 @@ class MoEBlock(nn.Module):
         if graph_safe:  # the local dispatcher (checked above): the shared output is summed in the combine
             fused = self._fused_shared_weights(hidden)
             if fused is not None:
+                scales = None if self.fp8 is None else (self.w13_scale_inv, self.w2_scale_inv)
                 expert_out = moe_forward_static(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights,
-                                                self.w13, self.w2, shared=fused)
+                                                self.w13, self.w2, fp8_scales=scales,
+                                                block_size=self.fp8.block_size if self.fp8 else (128, 128),
+                                                shared=fused)
                 return self.dispatcher.combine(expert_out, dispatched)
         shared = self.shared_experts(hidden) if self.shared_experts is not None else None
         expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, True, shared)

@@ -31,6 +31,7 @@ _FAST: dict[str, tuple[str, str]] = {
     "fp8_moe_forward": ("kernels.triton_fp8_moe", "fp8_moe_forward_triton"),
     "fp8_moe_forward_masked": ("kernels.triton_fp8_moe", "fp8_moe_forward_masked_triton"),
     "fp8_gated_mlp": ("kernels.triton_fp8_moe", "fp8_gated_mlp_triton"),
+    "fp8_moe_forward_masked_shared": ("kernels.triton_fp8_moe", "fp8_moe_forward_masked_shared_triton"),
     "add_rms_norm": ("kernels.triton_decode_fused", "add_rms_norm_triton"),
     "mla_decode_prep": ("kernels.triton_decode_fused", "mla_decode_prep_triton"),
     "router_topk": ("kernels.triton_decode_fused", "router_topk_triton"),
@@ -50,6 +51,7 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "fp8_moe_forward": fp8.fp8_moe_forward,
     "fp8_moe_forward_masked": fp8.fp8_moe_forward_masked,
     "fp8_gated_mlp": fp8.fp8_gated_mlp,
+    "fp8_moe_forward_masked_shared": fp8.fp8_moe_forward_masked_shared,
     "add_rms_norm": decode_fused.add_rms_norm,
     "mla_decode_prep": decode_fused.mla_decode_prep,
     "router_topk": decode_fused.router_topk,
@@ -123,6 +125,15 @@ def fp8_moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Ten
                            w2: torch.Tensor, w2_scale: torch.Tensor,
                            block_size: fp8.BlockSize = (fp8.BLOCK, fp8.BLOCK)) -> torch.Tensor:
     return get_op("fp8_moe_forward_masked", x)(x, counts, w13, w13_scale, w2, w2_scale, block_size)
+
+
+def fp8_moe_forward_masked_shared(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
+                                  w2: torch.Tensor, w2_scale: torch.Tensor, hidden: torch.Tensor,
+                                  shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                                  block_size: fp8.BlockSize = (fp8.BLOCK, fp8.BLOCK)) -> tuple[torch.Tensor, torch.Tensor]:
+    """``shared`` = the shared experts' (gate/up, its scales, down, its scales), FP8."""
+    return get_op("fp8_moe_forward_masked_shared", x)(x, counts, w13, w13_scale, w2, w2_scale, hidden, *shared,
+                                                      block_size)
 
 
 def fp8_gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,

@@ -261,3 +261,21 @@ def fp8_gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.T
     return fp8_moe_forward_masked(x.unsqueeze(0), counts, gate_up.unsqueeze(0), gate_up_scale.unsqueeze(0),
                                   down.unsqueeze(0), down_scale.unsqueeze(0), block_size,
                                   expected_rows_per_expert=x.shape[0]).squeeze(0)
+
+
+def fp8_moe_forward_masked_shared(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
+                                  w2: torch.Tensor, w2_scale: torch.Tensor, hidden: torch.Tensor,
+                                  shared_gate_up: torch.Tensor, shared_gate_up_scale: torch.Tensor,
+                                  shared_down: torch.Tensor, shared_down_scale: torch.Tensor,
+                                  block_size: BlockSize = (BLOCK, BLOCK)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked FP8 MoE and the layer's FP8 shared experts over every token of ``hidden`` ``[capacity, D]``:
+    (routed output ``[E, capacity, D]``, shared output ``[capacity, D]``). The shared experts take the
+    routed GEMMs' activation mode (their rows are the decode batch, like the masked layout's)."""
+    out = fp8_moe_forward_masked(x, counts, w13, w13_scale, w2, w2_scale, block_size)
+    rows = masked_rows_hint(x.shape[1], None)
+    one = torch.full((1,), hidden.shape[0], dtype=torch.int32, device=hidden.device)
+    shared = fp8_moe_forward_masked(hidden.unsqueeze(0), one,
+                                    shared_gate_up.unsqueeze(0), shared_gate_up_scale.unsqueeze(0),
+                                    shared_down.unsqueeze(0), shared_down_scale.unsqueeze(0), block_size,
+                                    expected_rows_per_expert=rows).squeeze(0)
+    return out, shared

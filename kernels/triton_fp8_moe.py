@@ -43,19 +43,60 @@ def grouped_gemm_config(rows_per_expert: int) -> Fp8GemmConfig:
 
 
 @triton.jit
+def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_scale_row, stride_bn,
+                stride_bsn, NUM_KB: tl.constexpr, GATED: tl.constexpr, W8A16: tl.constexpr, PROMOTE: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The gate (or only) and up accumulators of one output tile over ``NUM_KB`` 128-wide K blocks."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # NUM_KB = cdiv(K, BLOCK_K), a compile-time constant (one variant per projection's K, a handful per
+    # model): Triton 3.6's interpreter cannot loop to a runtime bound under numpy 2.
+    for kb in range(0, NUM_KB):
+        k_mask = offs_k < k_dim - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
+        if W8A16:  # a in the model dtype: the weight tile converted to it, only the weight's scale applies
+            acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION) * b_s[None, :]
+        else:
+            a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
+            acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
+        if GATED:
+            # w13 holds the gate rows then the up rows: the up partner of column n is row n_cols + n, and its
+            # scales start at block row up_scale_row (the gate half's block rows, ceil-divided).
+            b_up = tl.load(b_ptrs + n_cols * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            bs_up = tl.load(bs_ptrs + up_scale_row * stride_bsn + kb, mask=n_mask, other=0.0)
+            if W8A16:
+                acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PRECISION) * bs_up[None, :]
+            else:
+                acc_up += tl.dot(a, b_up, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * bs_up[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc, acc_up
+
+
+@triton.jit
 def _fp8_moe_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, weight_ptr, sorted_rows_ptr, block_expert_ptr, rows_padded_ptr, counts_ptr,
     num_valid_rows, N, K, capacity, up_scale_row,
     stride_ae, stride_am, stride_ase, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn,
     stride_ce, stride_cm,
-    NUM_KB: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, A_ROW_DIV: tl.constexpr, GATED: tl.constexpr,
-    MUL_WEIGHT: tl.constexpr,
+    num_experts, x_a_ptr, x_b_ptr, x_bs_ptr, x_c_ptr, x_n, x_k, x_up_scale_row,
+    stride_xam, stride_xbn, stride_xbsn, stride_xcm, tile_n,
+    NUM_KB: tl.constexpr, NUM_KB_X: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, A_ROW_DIV: tl.constexpr,
+    GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, W8A16: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr,
 ):
+    # EXTRA (masked layout, W8A16 only): grid column `num_experts` runs one more "expert" with its own operands
+    # (x_*: activation [capacity, x_k] whose rows are all valid, FP8 weight [x_n (x2 if GATED), x_k] and its
+    # block scales, output [capacity, x_n]): a layer's shared experts ride in the routed experts' launch, as in
+    # kernels.triton_moe. `tile_n` columns are tiled (the wider of the two); programs past their expert's
+    # width return at once.
     pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
+    num_n = tl.cdiv(tile_n, BLOCK_N)
     if MASKED:
         num_m = tl.cdiv(capacity, BLOCK_M)
     else:
@@ -69,15 +110,42 @@ def _fp8_moe_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    n_mask = offs_n < N
     cols = offs_n.to(tl.int64)
 
+    n_cols = N
+    k_dim = K
+    up_row = up_scale_row
+    a_stride = stride_am
+    b_stride = stride_bn
+    bs_stride = stride_bsn
+    c_stride = stride_cm
+    is_extra = False
     if MASKED:
         expert = tl.program_id(1).to(tl.int64)
-        count = tl.load(counts_ptr + expert)
+        count = tl.load(counts_ptr + expert, mask=expert < num_experts, other=0).to(tl.int32)
         a_base = a_ptr + expert * stride_ae
         as_base = as_ptr + expert * stride_ase
+        b_base = b_ptr + expert * stride_be
+        bs_base = bs_ptr + expert * stride_bse
         c_base = c_ptr + expert * stride_ce
+        if EXTRA:
+            if expert == num_experts:
+                is_extra = True
+                count = tl.zeros_like(count) + capacity  # a tensor either way (capacity 1 is a constant)
+                a_base = x_a_ptr
+                b_base = x_b_ptr
+                bs_base = x_bs_ptr
+                c_base = x_c_ptr
+                n_cols = x_n
+                k_dim = x_k
+                up_row = x_up_scale_row
+                a_stride = stride_xam
+                b_stride = stride_xbn
+                bs_stride = stride_xbsn
+                c_stride = stride_xcm
+        if pid_n * BLOCK_N >= n_cols:
+            return
+        n_mask = offs_n < n_cols
         a_rows = offs_m.to(tl.int64)
         c_rows = a_rows
         row_mask = offs_m < count
@@ -87,10 +155,11 @@ def _fp8_moe_gemm_kernel(
             # are never read, so the first GEMM writes nothing there.
             if ZERO_TAIL:
                 zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
-                tl.store(c_base + c_rows[:, None] * stride_cm + cols[None, :], zero,
+                tl.store(c_base + c_rows[:, None] * c_stride + cols[None, :], zero,
                          mask=store_mask[:, None] & n_mask[None, :])
             return
     else:
+        n_mask = offs_n < N
         if pid_m * BLOCK_M >= tl.load(rows_padded_ptr):
             return
         expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -98,47 +167,31 @@ def _fp8_moe_gemm_kernel(
         row_mask = rows < num_valid_rows
         a_base = a_ptr
         as_base = as_ptr
+        b_base = b_ptr + expert * stride_be
+        bs_base = bs_ptr + expert * stride_bse
         c_base = c_ptr
         a_rows = (rows // A_ROW_DIV).to(tl.int64)
         c_rows = rows.to(tl.int64)
         store_mask = row_mask
 
-    a_ptrs = a_base + a_rows[:, None] * stride_am + offs_k[None, :]
+    a_ptrs = a_base + a_rows[:, None] * a_stride + offs_k[None, :]
     as_ptrs = as_base + a_rows * stride_asm
-    b_ptrs = b_ptr + expert * stride_be + cols[None, :] * stride_bn + offs_k[:, None]
-    bs_ptrs = bs_ptr + expert * stride_bse + (offs_n // SCALE_BLOCK_N) * stride_bsn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # NUM_KB = cdiv(K, BLOCK_K), a compile-time constant (one variant per projection's K, a handful per
-    # model): Triton 3.6's interpreter cannot loop to a runtime bound under numpy 2.
-    for kb in range(0, NUM_KB):
-        k_mask = offs_k < K - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
-        if W8A16:  # a in the model dtype: the weight tile converted to it, only the weight's scale applies
-            acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION) * b_s[None, :]
-        else:
-            a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
-            acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
-        if GATED:
-            # w13 holds the gate rows then the up rows: the up partner of column n is row N + n, and its
-            # scales start at block row up_scale_row (the gate half's block rows, ceil-divided).
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            bs_up = tl.load(bs_ptrs + up_scale_row * stride_bsn + kb, mask=n_mask, other=0.0)
-            if W8A16:
-                acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PRECISION) * bs_up[None, :]
-            else:
-                acc_up += tl.dot(a, b_up, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * bs_up[None, :]
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-
+    b_ptrs = b_base + cols[None, :] * b_stride + offs_k[:, None]
+    bs_ptrs = bs_base + (offs_n // SCALE_BLOCK_N) * bs_stride
+    if is_extra:  # its K (the shared experts' width, for the down projection) has its own trip count
+        acc, acc_up = _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_row,
+                                  b_stride, bs_stride, NUM_KB_X, GATED, W8A16, PROMOTE, DOT_PRECISION, BLOCK_M,
+                                  BLOCK_N, BLOCK_K)
+    else:
+        acc, acc_up = _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_row,
+                                  b_stride, bs_stride, NUM_KB, GATED, W8A16, PROMOTE, DOT_PRECISION, BLOCK_M,
+                                  BLOCK_N, BLOCK_K)
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     if MUL_WEIGHT:
         w = tl.load(weight_ptr + c_rows, mask=row_mask, other=0.0)
         acc = acc * w[:, None].to(tl.float32)
-    tl.store(c_base + c_rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+    tl.store(c_base + c_rows[:, None] * c_stride + cols[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=store_mask[:, None] & n_mask[None, :])
 
 
@@ -158,12 +211,20 @@ def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tens
         sort.num_rows, n, w.shape[2], 0, triton.cdiv(n, block_size[0]),
         0, aq.stride(0), 0, a_s.stride(0) if a_s is not None else 0, w.stride(0), w.stride(1), w_s.stride(0),
         w_s.stride(1), 0, out.stride(0),
-        NUM_KB=triton.cdiv(w.shape[2], block_size[1]), SCALE_BLOCK_N=block_size[0], A_ROW_DIV=a_row_div,
-        GATED=gated, MUL_WEIGHT=weights is not None,
+        *_no_extra(aq, w, w_s, out, n, w.shape[0]),
+        NUM_KB=triton.cdiv(w.shape[2], block_size[1]), NUM_KB_X=1, SCALE_BLOCK_N=block_size[0],
+        A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=weights is not None,
         MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
         GROUP_M=cfg.group_m, PROMOTE=_promote_every(block_size), W8A16=a_s is None,
-        DOT_PRECISION=dot_precision(aq.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=dot_precision(aq.dtype), EXTRA=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+
+
+def _no_extra(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Tensor, n: int,
+              num_experts: int) -> tuple:
+    """The kernel's EXTRA arguments when there is no extra expert (num_experts bounds the masked layout's
+    count loads; the x_* are never read; tile_n = n)."""
+    return (num_experts, a, w, w_s, out, 0, 0, 0, 0, 0, 0, 0, n)
 
 
 def _activations(x: torch.Tensor, quantize: bool, block_size: BlockSize) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -214,21 +275,35 @@ def fp8_moe_forward_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_we
 
 def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
                    out: torch.Tensor, counts: torch.Tensor, gated: bool, cfg: Fp8GemmConfig,
-                   block_size: BlockSize) -> None:
-    """aq ``[E, cap, K]`` fp8, a_s ``[E, cap, Kb]`` (None: aq unquantized, W8A16), out ``[E, cap, N]``."""
+                   block_size: BlockSize, extra: tuple[torch.Tensor, ...] | None = None) -> None:
+    """aq ``[E, cap, K]`` fp8, a_s ``[E, cap, Kb]`` (None: aq unquantized, W8A16), out ``[E, cap, N]``.
+    ``extra`` (W8A16 only) = (activation ``[cap, K']``, FP8 weight ``[N' (x2 gated), K']``, its block scales,
+    output ``[cap, N']``) adds one more expert whose every row is valid (the kernel's EXTRA)."""
     n = w.shape[1] // 2 if gated else w.shape[1]
     capacity = aq.shape[1]
-    grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(n, cfg.block_n), aq.shape[0])
+    if extra is None:
+        extra_args = _no_extra(aq, w, w_s, out, n, aq.shape[0])
+        num_kb_x = 1
+    else:
+        assert a_s is None, "the extra expert runs W8A16 only"
+        xa, xw, xws, xc = extra
+        x_n = xw.shape[0] // 2 if gated else xw.shape[0]
+        extra_args = (aq.shape[0], xa, xw, xws, xc, x_n, xa.shape[1], triton.cdiv(x_n, block_size[0]),
+                      xa.stride(0), xw.stride(0), xws.stride(0), xc.stride(0), max(n, x_n))
+        num_kb_x = triton.cdiv(xa.shape[1], block_size[1])
+    tile_n = extra_args[-1]
+    grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(tile_n, cfg.block_n), aq.shape[0] + (extra is not None))
     _fp8_moe_gemm_kernel[grid](
         aq, a_s if a_s is not None else w_s, w, w_s, out, out, counts, counts, counts, counts,
         0, n, w.shape[2], capacity, triton.cdiv(n, block_size[0]),
         aq.stride(0), aq.stride(1), a_s.stride(0) if a_s is not None else 0, a_s.stride(1) if a_s is not None else 0,
         w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1), out.stride(0), out.stride(1),
-        NUM_KB=triton.cdiv(w.shape[2], block_size[1]), SCALE_BLOCK_N=block_size[0], A_ROW_DIV=1, GATED=gated,
-        MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
+        *extra_args,
+        NUM_KB=triton.cdiv(w.shape[2], block_size[1]), NUM_KB_X=num_kb_x, SCALE_BLOCK_N=block_size[0], A_ROW_DIV=1,
+        GATED=gated, MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EXTRA=extra is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
@@ -273,6 +348,44 @@ def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: to
     _launch_masked(iq.view(num_experts, capacity, inter_dim), is_.view(num_experts, capacity, -1), w2, w2_scale,
                    out, counts, False, cfg, block_size)
     return out
+
+
+def fp8_moe_forward_masked_shared_triton(
+        x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+        w2_scale: torch.Tensor, hidden: torch.Tensor, shared_gate_up: torch.Tensor, shared_gate_up_scale: torch.Tensor,
+        shared_down: torch.Tensor, shared_down_scale: torch.Tensor, block_size: BlockSize = (BLOCK, BLOCK),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.fp8.fp8_moe_forward_masked_shared``: the masked FP8 MoE with the layer's FP8 shared experts
+    (one gated MLP over every token of ``hidden`` ``[capacity, D]``) as one more expert of the same two launches,
+    CUDA-graph safe: two launches where the routed and shared experts took four. At decode sizes (W8A16);
+    elsewhere (or on shapes it does not take) the two run apart."""
+    num_experts = _check_moe_inputs(x.shape[2], w13, w13_scale, w2, w2_scale, block_size)
+    capacity = x.shape[1]
+    inter_dim = shared_down.shape[1]
+    hint = masked_rows_hint(capacity, None)
+    fits = (x.shape[0] == num_experts and hidden.shape == (capacity, x.shape[2]) and hidden.stride(1) == 1
+            and x.stride(2) == 1 and shared_gate_up.shape == (2 * inter_dim, x.shape[2])
+            and shared_gate_up.stride(1) == 1 and shared_down.stride(1) == 1
+            and shared_gate_up_scale.stride(1) == 1 and shared_down_scale.stride(1) == 1)
+    if not fits or quantizes_activations(hint) or capacity == 0:  # apart, as the reference computes them
+        out = fp8_moe_forward_masked_triton(x, counts, w13, w13_scale, w2, w2_scale, block_size)
+        one = torch.full((1,), hidden.shape[0], dtype=torch.int32, device=hidden.device)
+        shared = fp8_moe_forward_masked_triton(hidden.unsqueeze(0), one, shared_gate_up.unsqueeze(0),
+                                               shared_gate_up_scale.unsqueeze(0), shared_down.unsqueeze(0),
+                                               shared_down_scale.unsqueeze(0), block_size,
+                                               expected_rows_per_expert=hint)
+        return out, shared.squeeze(0)
+    _check_device(x)
+    cfg = grouped_gemm_config(hint)
+    inter = torch.empty((num_experts, capacity, w2.shape[2]), dtype=x.dtype, device=x.device)
+    shared_inter = torch.empty((capacity, inter_dim), dtype=x.dtype, device=x.device)
+    _launch_masked(x, None, w13, w13_scale, inter, counts, True, cfg, block_size,
+                   (hidden, shared_gate_up, shared_gate_up_scale, shared_inter))
+    out = torch.empty_like(x)
+    shared_out = torch.empty_like(hidden)
+    _launch_masked(inter, None, w2, w2_scale, out, counts, False, cfg, block_size,
+                   (shared_inter, shared_down, shared_down_scale, shared_out))
+    return out, shared_out
 
 
 def fp8_gated_mlp_triton(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,

@@ -383,6 +383,16 @@ def test_graph_safe_fp8_experts_equal_the_contiguous_fp8_experts() -> None:
     got = moe_forward_static(x, ids, weights, w13, w2, None, (s13, s2), fp8.block_size)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert want.abs().max() > 0.1
+    # FP8 shared experts (wider than a routed one) riding in the routed launches: their output summed in.
+    shared_inter = 320
+    gate_up = [Fp8Weight.quantize(torch.randn(shared_inter, hidden, generator=gen) / 16, fp8) for _ in range(2)]
+    down = Fp8Weight.quantize(torch.randn(hidden, shared_inter, generator=gen) / 18, fp8)
+    shared = (torch.cat([gate_up[0].q, gate_up[1].q]), torch.cat([gate_up[0].scale, gate_up[1].scale]), down.q,
+              down.scale)
+    shared_out = kernels.fp8_gated_mlp(x, *shared, fp8.block_size)
+    got = moe_forward_static(x, ids, weights, w13, w2, None, (s13, s2), fp8.block_size, shared=shared)
+    torch.testing.assert_close(got, want + shared_out, rtol=1e-5, atol=1e-5)
+    assert shared_out.abs().max() > 0.1
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["per-expert", "packed-experts"])
