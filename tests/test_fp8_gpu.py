@@ -183,6 +183,36 @@ def test_triton_fp8_masked_moe_matches_the_reference_and_zeroes_rows_past_the_co
     assert torch.equal(captured, out)
 
 
+@gpu_test
+@pytest.mark.parametrize(("experts", "hidden", "inter", "shared_inter", "capacity"),
+                         [(64, 2048, 1408, 2816, 1), (64, 2048, 1408, 2816, 16), (32, 7168, 2048, 2048, 8),
+                          (8, 256, 192, 320, 19)])  # V2-Lite (two shared experts), V3 at EP8, odd blocks
+def test_triton_fp8_masked_moe_with_shared_experts_matches_the_reference(experts: int, hidden: int, inter: int,
+                                                                        shared_inter: int, capacity: int) -> None:
+    """The shared experts as one more expert of the masked launches (W8A16 at these sizes) against the
+    reference's routed and shared outputs; capturable."""
+    from kernels.triton_fp8_moe import fp8_moe_forward_masked_shared_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(capacity + experts)
+    w13, s13, w2, s2 = _experts(experts, hidden, inter, gen)
+    sw13, ss13, sw2, ss2 = _experts(1, hidden, shared_inter, gen)
+    shared = (sw13[0], ss13[0], sw2[0], ss2[0])
+    counts = torch.randint(0, capacity + 1, (experts,), device="cuda", generator=gen).int()
+    counts[-1] = capacity
+    x = torch.randn(experts, capacity, hidden, device="cuda", generator=gen).bfloat16()
+    hidden_rows = torch.randn(capacity, hidden, device="cuda", generator=gen).bfloat16()
+    ref, ref_shared = fp8.fp8_moe_forward_masked_shared(x.float(), counts, w13, s13, w2, s2, hidden_rows.float(),
+                                                        *shared)
+    _poison()
+    out, out_shared = fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, hidden_rows, *shared)
+    assert _rel(out, ref) < 2 * BF16_TOL and _rel(out_shared, ref_shared) < 2 * BF16_TOL
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, hidden_rows, *shared)
+    graph.replay()
+    assert torch.equal(captured[0], out) and torch.equal(captured[1], out_shared)
+
+
 @pytest.fixture(scope="module")
 def fp8_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engine.tiny_model import write_tiny_model
