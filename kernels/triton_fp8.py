@@ -182,6 +182,16 @@ def dense_gemm_config(m: int, n: int = 0, sm_count: int = 0) -> Fp8GemmConfig:
 
 
 @triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row block, column block) of program ``pid`` in the grouped launch order: GROUP_M row blocks share each
+    weight tile while it is hot in L2."""
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % group_m, (pid % group_size) // group_m
+
+
+@triton.jit
 def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
                      stride_am, stride_asm, stride_bn, stride_bsn, stride_cs, stride_cm,
                      NUM_KB: tl.constexpr, KB_PER_SPLIT: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
@@ -192,14 +202,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
     # Split-K: program_id(1) takes K blocks [split * KB_PER_SPLIT, ...) and writes an fp32 partial to
     # slice `split` of c (summed by the caller). One split: the whole K, straight to the output.
     split = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # Grouped launch order: GROUP_M row blocks share each weight tile while it is hot in L2.
-    group_size = GROUP_M * num_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -26,6 +26,7 @@ from kernels.triton_fp8 import (
     _check_device,
     _promote_every,
     dot_precision,
+    grouped_tile,
     quantize_fp8_act_triton,
 )
 from kernels.triton_moe import ExpertSort, sort_by_expert
@@ -101,11 +102,7 @@ def _fp8_moe_gemm_kernel(
         num_m = tl.cdiv(capacity, BLOCK_M)
     else:
         num_m = tl.num_programs(0) // num_n
-    group_size = GROUP_M * num_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

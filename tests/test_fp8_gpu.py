@@ -225,19 +225,6 @@ def _prompts() -> list[list[int]]:
     return [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (5, 37, 130, 64, 17, 90)]
 
 
-def _all_logits(llm: object, ids: list[int]) -> torch.Tensor:
-    """Teacher-forced logits of every position of ``ids`` (one EXTEND forward), float32 on the CPU."""
-    from engine.forward_batch import ForwardBatch, ForwardMode
-
-    pool = llm.kv_pool  # type: ignore[attr-defined]
-    pages = pool.alloc(pool.pages_for_tokens(len(ids)))
-    try:
-        batch = ForwardBatch.build(ForwardMode.EXTEND, [ids], [0], [pages], pool, return_all_logits=True)
-        return llm.model(batch).all_logits.float().cpu()  # type: ignore[attr-defined]
-    finally:
-        pool.free(pages)
-
-
 # Teacher-forced logits, GPU FP8 kernels vs the CPU torch references on the same FP8 weights and the same
 # tokens. Measured module by module (tests/fp8_layer_diff.py, H200): the first FP8 GEMM agrees to 4.6e-5 (the
 # MMA's accumulation), but every activation re-quantization turns such differences into whole e4m3 steps
@@ -275,7 +262,7 @@ def test_model_on_gpu_from_fp8_weights_matches_the_cpu_fp8_reference(fp8_dir: Pa
         rels = []
         for prompt, tokens in zip(prompts, want, strict=True):
             ids = prompt + tokens[:-1]
-            rels.append(_rel(_all_logits(gpu, ids), _all_logits(cpu, ids)))
+            rels.append(_rel(teacher_forced_logits(gpu, ids), teacher_forced_logits(cpu, ids)))
         for llm in (gpu, gpu_graph):
             got = [o.token_ids for o in llm.generate(prompts, greedy)]
             first = [next((i for i, (a, b) in enumerate(zip(g, w, strict=True)) if a != b), len(w)) for g, w in zip(got, want, strict=True)]

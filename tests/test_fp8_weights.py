@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from trained_fp8 import teacher_forced_logits
 
 import kernels
 from engine.config import ConfigError, Fp8Config, ModelConfig
@@ -241,18 +242,6 @@ def test_fp8_column_and_row_shards_recombine_to_the_unsharded_product() -> None:
                                rtol=1e-5, atol=1e-5)
 
 
-def _prefill_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
-    pool = llm.kv_pool
-    pages = pool.alloc(pool.pages_for_tokens(len(prompt)))
-    try:
-        batch = ForwardBatch.build(ForwardMode.EXTEND, [prompt], [0], [pages], pool, return_all_logits=True)
-        logits = llm.model(batch).all_logits
-        assert logits is not None
-        return logits
-    finally:
-        pool.free(pages)
-
-
 def test_fp8_weights_kept_on_cpu_run_the_reference_kernels_like_the_dequantized_model(
         fp8_dir: Path, fp8_llm: LLM, prompts: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
     """What the GPU runs (FP8 weights + scales in every linear layer and expert), through the torch
@@ -267,13 +256,13 @@ def test_fp8_weights_kept_on_cpu_run_the_reference_kernels_like_the_dequantized_
         layer = kept.model.model.layers[1]
         assert layer.mlp.w13.dtype == FP8_DTYPE and layer.self_attn.o_proj.weight.dtype == FP8_DTYPE
         assert layer.mlp.shared_experts.down_proj.weight.dtype == FP8_DTYPE
-        want = _prefill_logits(fp8_llm, prompts[2])
+        want = teacher_forced_logits(fp8_llm, prompts[2])
         with monkeypatch.context() as m:
             m.setattr(kernels.fp8, "_fp8_matmul_f32", lambda x, w, s, block, quant_act=True: x.float() @ kernels.
                       fp8.dequantize_fp8_weight(w, s, block).T)
-            exact = _prefill_logits(kept, prompts[2])
+            exact = teacher_forced_logits(kept, prompts[2])
         assert ((exact - want).norm() / want.norm()).item() < 1e-5
-        got = _prefill_logits(kept, prompts[2])
+        got = teacher_forced_logits(kept, prompts[2])
         # Quantizing the activations (~2.5 % per GEMM input, ~8 GEMMs a layer, routing flips on this random
         # model) moves the logits by ~18 %: measured, not a bug (the line above shows the weights are right).
         rel = ((got - want).norm() / want.norm()).item()
