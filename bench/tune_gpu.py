@@ -1,11 +1,14 @@
 """Tile sweeps for the decode step's memory-bound kernels, at the shapes the V2-Lite decode step runs.
 
-    PYTHONPATH=. python3 -m bench.tune_gpu [--out PATH] [--jobs 12] [--only moe,mla16,mla128]
+    PYTHONPATH=. python3 -m bench.tune_gpu [--out PATH] [--jobs 12] [--only moe,fp8moe,dense,mla16,mla128]
 
 What it sweeps (each configuration timed captured in a CUDA graph, L2 flushed between repetitions):
   - moe: the masked grouped GEMM's two launches separately (gate+up with SiLU, then down), V2-Lite experts
     (64 x hidden 2048 x intermediate 1408, top-6) at 1, 8 and 64 tokens, and the shared experts as one
     expert (intermediate 2816). Reported: GB/s of the weights the launch must read, and that over copy_.
+  - fp8moe: the same two launches with FP8 block-scaled weights as the FP8 decode step runs them
+    (`kernels.triton_fp8_moe`, W8A16: bf16 rows against the FP8 weight tile), BLOCK_K fixed at the scale
+    block (128); GB/s counts the FP8 bytes.
   - dense: V2-Lite's skinny projections (and the LM head) through that kernel as one expert, beside cuBLAS
     (the first row of each case).
   - mla16 / mla128: paged MLA decode at 16 heads (V2-Lite, TP attention) and 128 heads (V3 under DP
@@ -32,7 +35,11 @@ import triton.testing
 
 from bench.kernels_gpu import bench_copy, log, rel_err
 from kernels.flashmla_decode import _extension, mla_decode_attention_flashmla
+from kernels.fp8 import dequantize_fp8_gated, dequantize_fp8_weight, quantize_fp8_weight
 from kernels.mla import mla_decode_attention
+from kernels.triton_fp8 import Fp8GemmConfig
+from kernels.triton_fp8_moe import _launch_masked as _launch_masked_fp8
+from kernels.triton_fp8_moe import grouped_gemm_config
 from kernels.triton_mla_decode import DecodeLaunchConfig, default_launch_config, mla_decode_attention_triton
 from kernels.triton_moe import GemmConfig, _launch_masked, default_gemm_config
 
@@ -58,6 +65,19 @@ def moe_configs(tokens: int, shared: bool) -> list[GemmConfig]:
                         cfg = GemmConfig(block_m, block_n, block_k, 1, warps, stages)
                         if cfg not in out:
                             out.append(cfg)
+    return out
+
+
+def fp8_moe_configs(tokens: int) -> list[Fp8GemmConfig]:
+    """Today's pick first (`kernels.triton_fp8_moe.grouped_gemm_config`), then the sweep."""
+    out = [grouped_gemm_config(min(tokens, 16))]
+    for block_m in ([16] if tokens <= 16 else [16, 32]):
+        for block_n in (16, 32, 64, 128):
+            for stages in (3, 4, 5):
+                for warps in ((4,) if block_n < 128 else (4, 8)):
+                    cfg = Fp8GemmConfig(block_m, block_n, 1, warps, stages)
+                    if cfg not in out:
+                        out.append(cfg)
     return out
 
 
@@ -125,6 +145,46 @@ def _moe_case(tokens: int, gated: bool, cfg: GemmConfig, shared: bool = False):
     rows = int(counts.sum())
     flops = 2 * rows * (2 * inter if gated else HIDDEN) * (HIDDEN if gated else inter)
     return masked_out, call, checked_ref, nbytes, flops
+
+
+def _fp8_moe_case(tokens: int, gated: bool, cfg: Fp8GemmConfig, shared: bool = False):
+    """`_moe_case` with FP8 weights (one scale per 128 x 128 block), the launch the FP8 decode step runs."""
+    gen = torch.Generator(device="cuda").manual_seed(tokens + 1)
+    experts, inter = (1, SHARED_INTER) if shared else (EXPERTS, INTER)
+    if shared:
+        counts = torch.full((1,), tokens, dtype=torch.int32, device="cuda")
+    else:
+        ids = torch.rand(tokens, EXPERTS, generator=gen, device="cuda").topk(TOP_K, dim=1).indices
+        counts = torch.bincount(ids.reshape(-1), minlength=EXPERTS).to(torch.int32)
+    n, k = (2 * inter, HIDDEN) if gated else (HIDDEN, inter)
+    if gated:  # gate and up quantized apart: each half keeps its own block rows, as the checkpoint's
+        halves = [quantize_fp8_weight(torch.randn(experts, inter, HIDDEN, generator=gen, device="cuda") / k**0.5)
+                  for _ in range(2)]
+        w, w_s = torch.cat([h[0] for h in halves], 1), torch.cat([h[1] for h in halves], 1)
+    else:
+        w, w_s = quantize_fp8_weight(torch.randn(experts, n, k, generator=gen, device="cuda") / k**0.5)
+    a = torch.randn(experts, tokens, k, generator=gen, device="cuda").bfloat16()
+    out = torch.empty(experts, tokens, inter if gated else HIDDEN, device="cuda", dtype=torch.bfloat16)
+
+    def call() -> torch.Tensor:
+        _launch_masked_fp8(a, None, w, w_s, out, counts, gated, cfg, (128, 128))
+        return out
+
+    valid = (torch.arange(tokens, device="cuda")[None, :] < counts[:, None])[..., None]
+
+    def fp8_ref() -> torch.Tensor:  # the same math in float32 on the dequantized weights
+        wd = (dequantize_fp8_gated(w, w_s) if gated else dequantize_fp8_weight(w, w_s))
+        y = torch.einsum("etk,enk->etn", a.float(), wd)
+        if gated:
+            g, u = y.chunk(2, dim=-1)
+            y = torch.nn.functional.silu(g) * u
+        return torch.where(valid, y, 0.0)
+
+    def masked_out() -> torch.Tensor:
+        return torch.where(valid, call().float(), 0.0)
+
+    active, rows = int((counts > 0).sum()), int(counts.sum())
+    return masked_out, call, fp8_ref, active * n * k, 2 * rows * n * k
 
 
 DENSE = {"q_proj": (3072, 2048), "kv_a_proj": (576, 2048), "o_proj": (2048, 2048), "lm_head": (102400, 2048)}
@@ -202,6 +262,12 @@ def all_cases(only: set[str], quick: bool = False) -> list[tuple[str, dict[str, 
                     for cfg in moe_configs(tokens, shared):
                         key = {"tokens": tokens, "gated": gated, "shared": shared}
                         cases.append(("moe", key, cfg))
+    if "fp8moe" in only:
+        for tokens in (1, 8, 64):
+            for gated in (True, False):
+                for shared in (False, True):
+                    for cfg in fp8_moe_configs(tokens if shared else min(tokens, 16)):
+                        cases.append(("fp8moe", {"tokens": tokens, "gated": gated, "shared": shared}, cfg))
     if "dense" in only:
         for tokens in (1, 8, 64):
             for name in DENSE:
@@ -220,6 +286,8 @@ def all_cases(only: set[str], quick: bool = False) -> list[tuple[str, dict[str, 
 def build(kind: str, key: dict[str, Any], cfg: Any):
     if kind == "moe":
         return _moe_case(key["tokens"], key["gated"], cfg, key["shared"])
+    if kind == "fp8moe":
+        return _fp8_moe_case(key["tokens"], key["gated"], cfg, key["shared"])
     if kind == "dense":
         return _dense_case(key["tokens"], key["name"], cfg)
     return _mla_case(key["batch"], key["heads"], key["context"], cfg)
@@ -240,7 +308,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--jobs", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="MLA: the default tile (and FlashMLA) only")
-    parser.add_argument("--only", default="moe,dense,mla16,mla128")
+    parser.add_argument("--only", default="moe,fp8moe,dense,mla16,mla128")
     args = parser.parse_args()
     only = set(args.only.split(","))
     cases = all_cases(only, args.quick)
