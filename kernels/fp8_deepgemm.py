@@ -12,10 +12,11 @@ Same contracts as the Triton functions, for bf16 activations:
 DeepGEMM multiplies FP8 by FP8 only: activations are quantized at every size, so these compute what the
 references compute under ``TANDEM_FP8_ACT=fp8`` (the engine reaches ``fp8_linear_deepgemm`` only where it
 quantizes anyway: W8A16 decode GEMMs stay Triton's). The quantizer is ours (``quantize_fp8_act_triton``:
-amax / 448 per 1 x 128 group, the references' bits); DeepGEMM gets the scales as SM90 wants them, float32 and
-M-major (stride ``(1, M)``, M padded to 4 for TMA), with ``recipe = (1, 128, 128)``: 1 x 128 activation
-groups, 128 x 128 weight blocks, the checkpoint's ``weight_scale_inv`` as they are (``[N/128, K/128]``,
-``[E, N/128, K/128]`` for experts, contiguous). Its outputs are bf16 only, so the experts' first GEMM writes
+amax / 448 per 1 x 128 group, the references' bits) with ``recipe = (1, 128, 128)``: float32 scales of 1 x 128
+activation groups and 128 x 128 weight blocks, the checkpoint's ``weight_scale_inv`` as they are
+(``[N/128, K/128]``, ``[E, N/128, K/128]`` for experts, contiguous). SM90 reads activation scales M-major with
+M padded to 4 (TMA); the quantizer writes them M-major (stride ``(1, M)``), so only an M that is not a multiple
+of 4 costs DeepGEMM a copy (the masked layout's 3-D scales it transposes itself, one small kernel). Its outputs are bf16 only, so the experts' first GEMM writes
 gate and up in bf16 before SiLU(gate) * up (Triton keeps them in fp32): at V3's expert shape that moves the
 expert output ~1.5 % from the reference (a CPU emulation; each bf16 rounding of an intermediate element that
 crosses an e4m3 rounding boundary requantizes it a whole step apart).
@@ -28,7 +29,7 @@ Layouts DeepGEMM asks for, from its sources (csrc/apis/gemm.hpp, tests/generator
     kernel stores whole 64- or 128-row tiles into ``[E * capacity, N]``, so a capacity that is not a multiple
     of 128 would let one expert's last tile overwrite the next expert's first rows: such a capacity is padded
     (a copy of x). Rows of that last tile past the count come out as garbage and are zeroed after.
-Only on sm90 with this DeepGEMM (SM100 takes packed UE8M0 scales, not DeepSeek-V3's float32 ones);
+Only on sm90 (SM100's kernels take power-of-two UE8M0 scales: V3's float32 ones would be rounded);
 ``available`` checks the import, the device and one small GEMM against the reference, once per device.
 """
 
@@ -106,13 +107,14 @@ def _probe(device_index: int) -> bool:
         return False
     device = torch.device("cuda", device_index)
     try:
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(64, 512, device=device, generator=gen, dtype=torch.bfloat16)
-        w, ws = quantize_fp8_weight(torch.randn(256, 512, device=device, generator=gen) / 20)
-        xq, xs = _quantize(x)
-        out = fp8_gemm_deepgemm(xq, xs, w, ws)
-        ref = dequantize_fp8_act(xq, xs.contiguous()) @ dequantize_fp8_weight(w, ws).t()
-        err = ((out.float() - ref).norm() / ref.norm()).item()
+        with torch.cuda.device(device):  # DeepGEMM launches on the current device
+            gen = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(64, 512, device=device, generator=gen, dtype=torch.bfloat16)
+            w, ws = quantize_fp8_weight(torch.randn(256, 512, device=device, generator=gen) / 20)
+            xq, xs = _quantize(x)
+            out = fp8_gemm_deepgemm(xq, xs, w, ws)
+            ref = dequantize_fp8_act(xq, xs.contiguous()) @ dequantize_fp8_weight(w, ws).t()
+            err = ((out.float() - ref).norm() / ref.norm()).item()
     except Exception as exc:  # noqa: BLE001 - a failing build or launch is an outcome to record
         log.append(f"probe GEMM failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         return False
