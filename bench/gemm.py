@@ -15,8 +15,10 @@ Triton masked). ``ratio`` = FP8 TFLOP/s / bf16 TFLOP/s (the issue's goal: >= 1.6
 FP8 backends: ``triton`` (our GEMM, activation quantization included), ``triton_gemm`` (the GEMM alone on
 pre-quantized activations), ``cublas`` (cuBLASLt's block-scaled GEMM through torch, quantization included;
 sm90 where this torch takes block scales), ``triton_best`` (with ``--sweep``: the fastest of a few tile
-configs of our GEMM on the prefill-sized shapes, its config recorded), ``deep_gemm`` (only where it imports).
-The model runs ``kernels.fp8_cublas.use_cublas``'s choice between ``cublas`` and ``triton``.
+configs of our GEMM on the prefill-sized shapes, its config recorded), ``deepgemm`` (DeepGEMM's kernels,
+``kernels.fp8_deepgemm``: dense, contiguous and masked, FP8 activations at every size; listed where
+``available()``: a build on the path, sm90, its probe GEMM right; JIT compiles come before the timed runs).
+The model runs ``TANDEM_FP8_GEMM``'s choice among ``triton``, ``cublas`` and ``deepgemm`` for dense GEMMs.
 ``rel_err`` is each output against the torch reference (kernels.fp8: quantize x, dequantize, matmul).
 Timing: ``triton.testing.do_bench`` medians on CUDA; perf_counter medians on CPU (--quick only).
 """
@@ -115,12 +117,14 @@ def fp8_backends(device: torch.device, quick: bool) -> dict[str, dict[str, Calla
             return fp8_linear_cublas(x, w, ws, None, x.dtype)
 
         backends["cublas"] = {"linear": cublas}
-    try:
-        import deep_gemm  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        backends["deep_gemm"] = {}  # importable: wiring its entry points is the DeepGEMM build's job
+    from kernels import fp8_deepgemm as dg
+
+    index = device.index or 0
+    if dg.available(index):
+        backends["deepgemm"] = {"linear": dg.fp8_linear_deepgemm, "moe": dg.fp8_moe_forward_deepgemm,
+                                "masked": dg.fp8_moe_forward_masked_deepgemm}
+    for line in dg.PROBE_LOG.get(index, []):
+        log(f"DeepGEMM probe: {line}")
     return backends
 
 
@@ -259,7 +263,11 @@ def bench_grouped(device: torch.device, quick: bool, sweep: bool = False) -> lis
                 if key not in ops:
                     continue
                 fn = partial(ops[key], *fp8_args, **(fp8_kwargs if name != "torch_reference" else {}))
-                ms = time_ms(fn, device)
+                try:
+                    ms = time_ms(fn, device)
+                except RuntimeError as exc:  # one backend failing a layout is a result; the others still run
+                    row[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+                    continue
                 row[name] = {"ms": ms, "tflops": flops / ms / 1e9, "ratio": bf16_ms / ms, "rel_err": rel_err(fn(), ref)}
             if sweep and device.type == "cuda" and tokens * top_k // experts >= SWEEP_MIN_ROWS // 2:
                 ms, cfg = best_config(partial(backends["triton"][key], *fp8_args, **fp8_kwargs), SWEEP_GROUPED,
@@ -332,8 +340,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["dense"] = bench_dense(device, args.quick, args.sweep)
     if device.type == "cuda":
         from kernels.fp8_cublas import PROBE_LOG
+        from kernels.fp8_deepgemm import PROBE_LOG as DEEPGEMM_PROBE_LOG
 
         results["cublas_probe"] = PROBE_LOG.get(device.index or 0, [])
+        results["deepgemm_probe"] = DEEPGEMM_PROBE_LOG.get(device.index or 0, [])
     results["grouped"] = [] if args.dense_only else bench_grouped(device, args.quick, args.sweep)
     stem = f"gemm_{device.type}" + ("_quick" if args.quick else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)

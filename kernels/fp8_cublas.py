@@ -26,6 +26,8 @@ import torch
 from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize
 
 GEMM_ENV = "TANDEM_FP8_GEMM"
+# deepgemm: DeepGEMM (kernels.fp8_deepgemm, a separate build) wherever it takes the shape, Triton elsewhere.
+GEMM_CHOICES = ("auto", "triton", "cublas", "deepgemm")
 # From this many rows cuBLAS runs the dense FP8 GEMM under `auto` (below it the Triton GEMM quantizes its
 # activation tiles itself and splits K, which suits decode's few rows). bench.gemm measures both sides.
 CUBLAS_MIN_ROWS = int(os.environ.get("TANDEM_FP8_CUBLAS_MIN_ROWS", "128"))
@@ -126,16 +128,23 @@ def probe_recipe(device_index: int) -> CublasRecipe | None:
     return None
 
 
+def gemm_choice() -> str:
+    """``TANDEM_FP8_GEMM``, checked: which backend runs the dense FP8 GEMMs at prefill sizes (read per call)."""
+    choice = os.environ.get(GEMM_ENV, DEFAULT_CHOICE).strip().lower()
+    if choice not in GEMM_CHOICES:
+        raise ValueError(f"{GEMM_ENV} must be auto, triton, cublas or deepgemm, got {choice!r}")
+    return choice
+
+
 def use_cublas(x: torch.Tensor, weight: torch.Tensor, block_size: BlockSize) -> bool:
     """Whether the dense FP8 GEMM of ``x [M, K]`` by ``weight [N, K]`` goes to cuBLAS.
 
     ``TANDEM_FP8_GEMM``: ``triton`` (default) never, ``cublas`` wherever the shape allows (an error where the
-    GPU or torch cannot), ``auto`` from ``CUBLAS_MIN_ROWS`` rows on a GPU where the probe passed.
+    GPU or torch cannot), ``auto`` from ``CUBLAS_MIN_ROWS`` rows on a GPU where the probe passed, ``deepgemm``
+    never (``kernels.fp8_deepgemm.use_deepgemm`` decides there).
     """
-    choice = os.environ.get(GEMM_ENV, DEFAULT_CHOICE).strip().lower()
-    if choice not in ("auto", "triton", "cublas"):
-        raise ValueError(f"{GEMM_ENV} must be auto, triton or cublas, got {choice!r}")
-    if choice == "triton" or not x.is_cuda:
+    choice = gemm_choice()
+    if choice in ("triton", "deepgemm") or not x.is_cuda:
         return False
     shape_ok = tuple(block_size) == (BLOCK, BLOCK) and x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0
     capturing = torch.cuda.is_current_stream_capturing()

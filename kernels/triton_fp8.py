@@ -26,6 +26,7 @@ import triton.language as tl
 
 from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize, quantizes_activations, scale_shape
 from kernels.fp8_cublas import fp8_linear_cublas, use_cublas
+from kernels.fp8_deepgemm import fp8_linear_deepgemm, use_deepgemm
 
 # Hopper's FP8 MMA adds its products at less than fp32 precision; Triton promotes the partial sum into an
 # fp32 register every PROMOTE_K products (a K block of 128 is DeepSeek's recipe; 32 is one wgmma, the
@@ -352,7 +353,7 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
                       bias: torch.Tensor | None = None, block_size: BlockSize = (BLOCK, BLOCK)) -> torch.Tensor:
     """``kernels.fp8.fp8_linear`` on the GPU: at decode sizes our GEMM on x as it is (W8A16); else quantize x
     per token group, then the block-scaled GEMM (cuBLAS's where ``kernels.fp8_cublas.use_cublas`` picks it,
-    else ours)."""
+    DeepGEMM's where ``kernels.fp8_deepgemm.use_deepgemm`` does, else ours)."""
     if weight.dtype != FP8_DTYPE or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {weight.dtype} {tuple(weight.shape)} do not fit")
     if tuple(weight_scale.shape) != scale_shape(weight.shape[0], weight.shape[1], block_size):
@@ -365,6 +366,8 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
         out = fp8_gemm_triton(x2, None, weight, weight_scale, x.dtype, bias, block_size, w8a16=True)
     elif use_cublas(x2, weight, block_size):
         out = fp8_linear_cublas(x2, weight, weight_scale, bias, x.dtype)
+    elif use_deepgemm(x2, weight, block_size):
+        out = fp8_linear_deepgemm(x2, weight, weight_scale, bias, block_size)
     elif x2.shape[0] <= FUSED_QUANT_MAX_ROWS:
         out = fp8_gemm_triton(x2, None, weight, weight_scale, x.dtype, bias, block_size)
     else:

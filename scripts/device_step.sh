@@ -20,6 +20,11 @@
 #              changing splits vs the reference) and bench.dynamic_a2a --shared-gpu (with the ranks-as-streams
 #              column); several GPUs: bench.dynamic_a2a --world N by hand
 #   gemm       bench.gemm --sweep: each FP8 GEMM backend (ours, cuBLAS's block-scaled) beside bf16 at V3 shapes
+#   deepgemm   DeepGEMM built from .gpu_carry/deepgemm_src.tar.gz (scripts/make_deepgemm_carry.sh; never committed)
+#              by scripts/build_deepgemm.sh, then tests/test_fp8_deepgemm_gpu.py and bench.gemm (GEMM_ARGS) with it
+#              importable (its "deepgemm" backend beside the others). Its kernels JIT-compile per shape (seconds
+#              each) into /tmp/deepgemm/jit_cache; DEEPGEMM_SAVE_JIT=1 sends that cache back as
+#              deepgemm_jit_cache.tar.gz, and a carried .gpu_carry/deepgemm_jit_cache.tar.gz starts the next call warm
 #   a2amps     bench.dynamic_a2a --shared-gpu under a private MPS daemon (the ranks' kernels run at once)
 #   pd         bench.compare_pd 1P1D (PD_SETUPS=1p1d,colocated for both), V2-Lite 4096 in / 100 out, 32 prompts at
 #              concurrency 8 (PD_ARGS adds), timeline on (bench.pd_timeline joins it); pd32: 64 prompts at
@@ -98,6 +103,25 @@ for s in $STEPS; do
             --load-format dummy --batches 2x512,4x512,8x512,4x1024,8x1024 --decode-batches 64,256 \
             --out "$OUT_SAVED/dbo_step_gpu.json" ;;
     gemm) step 16_gemm "$(left 240)" python3 -m bench.gemm ${GEMM_ARGS:---sweep} --out-dir "$OUT_SAVED" ;;
+    deepgemm)
+        if [ ! -f .gpu_carry/deepgemm_src.tar.gz ]; then
+            echo "deepgemm: no .gpu_carry/deepgemm_src.tar.gz (scripts/make_deepgemm_carry.sh writes it)" && status=1
+            continue
+        fi
+        rm -f /tmp/deepgemm/env.sh  # only this call's build may be used
+        step 17_build_deepgemm "$(left 300)" env DEEPGEMM_DIR=/tmp/deepgemm bash scripts/build_deepgemm.sh \
+            .gpu_carry/deepgemm_src.tar.gz
+        [ -f /tmp/deepgemm/env.sh ] || continue
+        source /tmp/deepgemm/env.sh  # PYTHONPATH (deep_gemm first), CUDA_HOME, DG_JIT_CACHE_DIR: every later step too
+        if [ -f .gpu_carry/deepgemm_jit_cache.tar.gz ]; then
+            mkdir -p "$DG_JIT_CACHE_DIR" && tar -xzf .gpu_carry/deepgemm_jit_cache.tar.gz -C "$DG_JIT_CACHE_DIR"
+        fi
+        step 18_pytest_deepgemm "$(left 300)" python3 -m pytest -q -s -p no:cacheprovider -rs --tb=short \
+            tests/test_fp8_deepgemm_gpu.py ${TESTS_K:+-k "$TESTS_K"}
+        step 19_gemm_deepgemm "$(left 300)" python3 -m bench.gemm ${GEMM_ARGS:-} --out-dir "$OUT_SAVED"
+        if [ "${DEEPGEMM_SAVE_JIT:-0}" = 1 ] && [ -d "$DG_JIT_CACHE_DIR/cache" ]; then
+            tar -czf "$OUT_SAVED/deepgemm_jit_cache.tar.gz" -C "$DG_JIT_CACHE_DIR" cache
+        fi ;;
     eplb) step 12_eplb "$(left 120)" python3 -m bench.eplb --device cuda --out "$OUT_SAVED/eplb_cuda" ;;
     prefix) step 13_prefix_cache "$(left 330)" env UCX_MODULES="${UCX_MODULES:-^ib}" python3 -m bench.compare_prefix_cache \
         --device cuda --model engine/model_configs/deepseek-v2-lite --load-format dummy --cuda-graph-max-bs 16 \

@@ -24,9 +24,9 @@ def test_cpu_tensors_never_go_to_cublas_and_the_switch_is_checked(monkeypatch: p
     x, w = torch.zeros(256, 512), torch.zeros(256, 512, dtype=torch.float8_e4m3fn)
     monkeypatch.delenv(fp8_cublas.GEMM_ENV, raising=False)
     assert fp8_cublas.DEFAULT_CHOICE == "triton" and not fp8_cublas.use_cublas(x, w, (128, 128))
-    for choice in ("auto", "triton", "cublas"):
+    for choice in ("auto", "triton", "cublas", "deepgemm"):
         monkeypatch.setenv(fp8_cublas.GEMM_ENV, choice)
         assert not fp8_cublas.use_cublas(x, w, (128, 128))
-    monkeypatch.setenv(fp8_cublas.GEMM_ENV, "deepgemm")
-    with pytest.raises(ValueError, match="auto, triton or cublas"):
+    monkeypatch.setenv(fp8_cublas.GEMM_ENV, "cutlass")
+    with pytest.raises(ValueError, match="auto, triton, cublas or deepgemm"):
         fp8_cublas.use_cublas(x, w, (128, 128))
