@@ -8,6 +8,8 @@
 #              from .gpu_carry/, which is never committed; its build starts in the background at once)
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
 #   fp8stepact the same with FP8 activations at every size (TANDEM_FP8_ACT=fp8)
+#   pdtests    tests/test_pd_gpu.py: 1P1D on the GPU equals colocated generation (bf16 KV and FP8 KV, NIXL)
+#   tunefp8    bench.tune_gpu --only fp8moe: tile sweep of the FP8 decode step's masked W8A16 launches
 #   fp8diff    tests/fp8_layer_diff.py: module by module, where the tiny FP8 model on the GPU parts from its
 #              CPU reference
 #   spy        bench.decode_alone (decode worker alone, V2-Lite, 4096 in / 100 out, concurrency 8) under
@@ -72,6 +74,10 @@ for s in $STEPS; do
     fp8diff) step 08_fp8_layer_diff "$(left 90)" python3 tests/fp8_layer_diff.py --promote-k 32 ;;
     fp8step) step 06_decode_step_fp8 "$(left 90)" python3 -m bench.decode_step $DS --quantization fp8 --profile \
         --out "$OUT_SAVED/decode_step_gpu_fp8.json" ;;
+    pdtests) step 07_pytest_pd_gpu "$(left 240)" env UCX_MODULES="${UCX_MODULES:-^ib}" python3 -m pytest -q -s \
+        -p no:cacheprovider -rf --tb=short -m gpu tests/test_pd_gpu.py ;;
+    tunefp8) step 09_tune_fp8_moe "$(left 240)" python3 -m bench.tune_gpu --only fp8moe \
+        --out "$OUT_SAVED/tune_gpu_fp8_moe.json" ;;
     fp8stepact)  # the same with FP8 activations at every size (DeepSeek's recipe), beside fp8step's W8A16 decode
         step 06_decode_step_fp8_act "$(left 90)" env TANDEM_FP8_ACT=fp8 python3 -m bench.decode_step $DS \
         --quantization fp8 --profile --out "$OUT_SAVED/decode_step_gpu_fp8_act.json" ;;
