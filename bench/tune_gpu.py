@@ -102,14 +102,18 @@ def mla_configs(batch: int, heads: int, context: int, quick: bool = False) -> li
 
 # ---- cases: build inputs, return (callable, reference or None, bytes read, flops) ----
 
+def _expert_counts(tokens: int, shared: bool, gen: torch.Generator) -> torch.Tensor:
+    """Rows per expert of a decode batch: V2-Lite's top-6 of 64 on random scores, or every token (shared)."""
+    if shared:
+        return torch.full((1,), tokens, dtype=torch.int32, device="cuda")
+    ids = torch.rand(tokens, EXPERTS, generator=gen, device="cuda").topk(TOP_K, dim=1).indices
+    return torch.bincount(ids.reshape(-1), minlength=EXPERTS).to(torch.int32)
+
+
 def _moe_case(tokens: int, gated: bool, cfg: GemmConfig, shared: bool = False):
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     experts, inter = (1, SHARED_INTER) if shared else (EXPERTS, INTER)
-    if shared:
-        counts = torch.full((1,), tokens, dtype=torch.int32, device="cuda")
-    else:
-        ids = torch.rand(tokens, EXPERTS, generator=gen, device="cuda").topk(TOP_K, dim=1).indices
-        counts = torch.bincount(ids.reshape(-1), minlength=EXPERTS).to(torch.int32)
+    counts = _expert_counts(tokens, shared, gen)
     active = int((counts > 0).sum())
     w13 = torch.randn(experts, 2 * inter, HIDDEN, generator=gen, device="cuda").bfloat16() / HIDDEN**0.5
     w2 = torch.randn(experts, HIDDEN, inter, generator=gen, device="cuda").bfloat16() / inter**0.5
@@ -151,11 +155,7 @@ def _fp8_moe_case(tokens: int, gated: bool, cfg: Fp8GemmConfig, shared: bool = F
     """`_moe_case` with FP8 weights (one scale per 128 x 128 block), the launch the FP8 decode step runs."""
     gen = torch.Generator(device="cuda").manual_seed(tokens + 1)
     experts, inter = (1, SHARED_INTER) if shared else (EXPERTS, INTER)
-    if shared:
-        counts = torch.full((1,), tokens, dtype=torch.int32, device="cuda")
-    else:
-        ids = torch.rand(tokens, EXPERTS, generator=gen, device="cuda").topk(TOP_K, dim=1).indices
-        counts = torch.bincount(ids.reshape(-1), minlength=EXPERTS).to(torch.int32)
+    counts = _expert_counts(tokens, shared, gen)
     n, k = (2 * inter, HIDDEN) if gated else (HIDDEN, inter)
     if gated:  # gate and up quantized apart: each half keeps its own block rows, as the checkpoint's
         halves = [quantize_fp8_weight(torch.randn(experts, inter, HIDDEN, generator=gen, device="cuda") / k**0.5)

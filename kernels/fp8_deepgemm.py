@@ -45,6 +45,7 @@ from kernels.fp8 import (
     FP8_DTYPE,
     BlockSize,
     check_expert_weights,
+    check_masked_layout,
     dequantize_fp8_act,
     dequantize_fp8_weight,
     masked_rows_hint,
@@ -272,18 +273,11 @@ def fp8_moe_forward_masked_deepgemm(x: torch.Tensor, counts: torch.Tensor, w13: 
     """Masked-layout FP8 MoE on DeepGEMM (``kernels.fp8.fp8_moe_forward_masked``'s contract, bf16 x; rows past
     each count are zero), CUDA-graph safe once its kernels are compiled (a first eager call compiles them).
     ``expected_rows_per_expert`` is DeepGEMM's ``expected_m`` (default as Triton's hint: up to 16)."""
-    if x.dim() != 3:
-        raise ValueError(f"x must be [E, capacity, D], got {tuple(x.shape)}")
     if x.dtype != torch.bfloat16:
         raise ValueError(f"DeepGEMM writes bf16: x must be bf16, got {x.dtype}")
-    num_experts = _check_experts(x.shape[2], w13, w13_scale, w2, w2_scale, block_size)
-    if x.shape[0] != num_experts or counts.shape != (num_experts,):
-        raise ValueError(f"x {tuple(x.shape)} / counts {tuple(counts.shape)} do not match {num_experts} experts")
-    if counts.dtype not in (torch.int32, torch.int64) or counts.device != x.device:
-        raise ValueError(f"counts must be an integer tensor on {x.device}, got {counts.dtype} on {counts.device}")
+    num_experts = _check_experts(x.shape[-1], w13, w13_scale, w2, w2_scale, block_size)
+    check_masked_layout(x, counts, num_experts, _capturing(x.device))
     capacity, hidden_dim = x.shape[1], x.shape[2]
-    if not _capturing(x.device) and counts.numel() and int(counts.max()) > capacity:
-        raise ValueError(f"an expert has {int(counts.max())} rows, capacity is {capacity}")
     if num_experts == 0 or capacity == 0:
         return torch.zeros_like(x)
     dg = _require()

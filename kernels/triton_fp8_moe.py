@@ -20,7 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8 import BLOCK, BlockSize, check_expert_weights, masked_rows_hint, quantizes_activations
+from kernels.fp8 import (
+    BLOCK,
+    BlockSize,
+    check_expert_weights,
+    check_masked_layout,
+    masked_rows_hint,
+    quantizes_activations,
+)
 from kernels.triton_fp8 import (
     Fp8GemmConfig,
     _check_device,
@@ -312,17 +319,10 @@ def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: to
 
     ``expected_rows_per_expert`` is a tile hint as in ``kernels.triton_moe.moe_forward_masked_triton``.
     """
-    if x.dim() != 3:
-        raise ValueError(f"x must be [E, capacity, D], got {tuple(x.shape)}")
-    num_experts = _check_moe_inputs(x.shape[2], w13, w13_scale, w2, w2_scale, block_size)
-    if x.shape[0] != num_experts or counts.shape != (num_experts,):
-        raise ValueError(f"x {tuple(x.shape)} / counts {tuple(counts.shape)} do not match {num_experts} experts")
-    if counts.dtype not in (torch.int32, torch.int64) or counts.device != x.device:
-        raise ValueError(f"counts must be an integer tensor on {x.device}, got {counts.dtype} on {counts.device}")
+    num_experts = _check_moe_inputs(x.shape[-1], w13, w13_scale, w2, w2_scale, block_size)
+    check_masked_layout(x, counts, num_experts, _capturing(x.device))
     _check_device(x)
     capacity, hidden_dim = x.shape[1], x.shape[2]
-    if not _capturing(x.device) and counts.numel() and int(counts.max()) > capacity:
-        raise ValueError(f"an expert has {int(counts.max())} rows, capacity is {capacity}")
     out = torch.empty_like(x)
     if num_experts == 0 or capacity == 0:
         return out
