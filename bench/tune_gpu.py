@@ -1,11 +1,14 @@
 """Tile sweeps for the decode step's memory-bound kernels, at the shapes the V2-Lite decode step runs.
 
-    PYTHONPATH=. python3 -m bench.tune_gpu [--out PATH] [--jobs 12] [--only moe,fp8moe,dense,mla16,mla128]
+    PYTHONPATH=. python3 -m bench.tune_gpu [--out PATH] [--jobs 12] [--only moe,moecompact,fp8moe,dense,mla16,mla128]
 
 What it sweeps (each configuration timed captured in a CUDA graph, L2 flushed between repetitions):
   - moe: the masked grouped GEMM's two launches separately (gate+up with SiLU, then down), V2-Lite experts
     (64 x hidden 2048 x intermediate 1408, top-6) at 1, 8 and 64 tokens, and the shared experts as one
     expert (intermediate 2816). Reported: GB/s of the weights the launch must read, and that over copy_.
+  - moecompact: today's moe tile at 1 and 8 tokens over all 64 experts and over the active ones alone (the
+    same weights and bytes): what a grid of the active experts would save over the masked layout's 64, most of
+    them empty at decode.
   - fp8moe: the same two launches with FP8 block-scaled weights as the FP8 decode step runs them
     (`kernels.triton_fp8_moe`, W8A16: bf16 rows against the FP8 weight tile), BLOCK_K fixed at the scale
     block (128); GB/s counts the FP8 bytes.
@@ -43,7 +46,7 @@ from kernels.triton_fp8_moe import grouped_gemm_config
 from kernels.triton_mla_decode import DecodeLaunchConfig, default_launch_config, mla_decode_attention_triton
 from kernels.triton_moe import GemmConfig, _launch_masked, default_gemm_config
 
-KEYS = ("kind", "tokens", "gated", "shared", "name", "batch", "heads", "context")
+KEYS = ("kind", "tokens", "gated", "shared", "compact", "name", "batch", "heads", "context")
 RESULTS = Path(__file__).resolve().parent / "results" / "tune_gpu.json"
 EXPERTS, HIDDEN, INTER, TOP_K, SHARED_INTER = 64, 2048, 1408, 6, 2816
 LORA, ROPE, PAGE = 512, 64, 64
@@ -110,11 +113,15 @@ def _expert_counts(tokens: int, shared: bool, gen: torch.Generator) -> torch.Ten
     return torch.bincount(ids.reshape(-1), minlength=EXPERTS).to(torch.int32)
 
 
-def _moe_case(tokens: int, gated: bool, cfg: GemmConfig, shared: bool = False):
+def _moe_case(tokens: int, gated: bool, cfg: GemmConfig, shared: bool = False, compact: bool = False):
+    """``compact``: only the experts that have rows (the same weights, counts and bytes, a grid of the active
+    experts alone): beside the full case it measures what the masked layout's empty experts cost."""
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     experts, inter = (1, SHARED_INTER) if shared else (EXPERTS, INTER)
     counts = _expert_counts(tokens, shared, gen)
     active = int((counts > 0).sum())
+    if compact:
+        experts, counts = active, counts[counts > 0].contiguous()
     w13 = torch.randn(experts, 2 * inter, HIDDEN, generator=gen, device="cuda").bfloat16() / HIDDEN**0.5
     w2 = torch.randn(experts, HIDDEN, inter, generator=gen, device="cuda").bfloat16() / inter**0.5
     if gated:
@@ -262,6 +269,14 @@ def all_cases(only: set[str], quick: bool = False) -> list[tuple[str, dict[str, 
                     for cfg in moe_configs(tokens, shared):
                         key = {"tokens": tokens, "gated": gated, "shared": shared}
                         cases.append(("moe", key, cfg))
+
+    if "moecompact" in only:  # today's pick over all 64 experts and over the active ones alone
+        for tokens in (1, 8):
+            for gated in (True, False):
+                cfg = moe_configs(tokens, False)[0]
+                for compact in (False, True):
+                    cases.append(("moe", {"tokens": tokens, "gated": gated, "shared": False, "compact": compact},
+                                  cfg))
     if "fp8moe" in only:
         for tokens in (1, 8, 64):
             for gated in (True, False):
@@ -285,7 +300,7 @@ def all_cases(only: set[str], quick: bool = False) -> list[tuple[str, dict[str, 
 
 def build(kind: str, key: dict[str, Any], cfg: Any):
     if kind == "moe":
-        return _moe_case(key["tokens"], key["gated"], cfg, key["shared"])
+        return _moe_case(key["tokens"], key["gated"], cfg, key["shared"], key.get("compact", False))
     if kind == "fp8moe":
         return _fp8_moe_case(key["tokens"], key["gated"], cfg, key["shared"])
     if kind == "dense":
@@ -308,7 +323,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--jobs", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="MLA: the default tile (and FlashMLA) only")
-    parser.add_argument("--only", default="moe,fp8moe,dense,mla16,mla128")
+    parser.add_argument("--only", default="moe,moecompact,fp8moe,dense,mla16,mla128")
     args = parser.parse_args()
     only = set(args.only.split(","))
     cases = all_cases(only, args.quick)

@@ -9,7 +9,8 @@
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
 #   fp8stepact the same with FP8 activations at every size (TANDEM_FP8_ACT=fp8)
 #   pdtests    tests/test_pd_gpu.py: 1P1D on the GPU equals colocated generation (bf16 KV and FP8 KV, NIXL)
-#   tunefp8    bench.tune_gpu --only fp8moe: tile sweep of the FP8 decode step's masked W8A16 launches
+#   tunefp8    bench.tune_gpu --only fp8moe,moecompact: tile sweep of the FP8 decode step's masked W8A16 launches,
+#              and what the masked layout's empty experts cost the bf16 launch
 #   fp8diff    tests/fp8_layer_diff.py: module by module, where the tiny FP8 model on the GPU parts from its
 #              CPU reference
 #   spy        bench.decode_alone (decode worker alone, V2-Lite, 4096 in / 100 out, concurrency 8) under
@@ -76,7 +77,7 @@ for s in $STEPS; do
         --out "$OUT_SAVED/decode_step_gpu_fp8.json" ;;
     pdtests) step 07_pytest_pd_gpu "$(left 240)" env UCX_MODULES="${UCX_MODULES:-^ib}" python3 -m pytest -q -s \
         -p no:cacheprovider -rf --tb=short -m gpu tests/test_pd_gpu.py ;;
-    tunefp8) step 09_tune_fp8_moe "$(left 240)" python3 -m bench.tune_gpu --only fp8moe \
+    tunefp8) step 09_tune_fp8_moe "$(left 240)" python3 -m bench.tune_gpu --only fp8moe,moecompact \
         --out "$OUT_SAVED/tune_gpu_fp8_moe.json" ;;
     fp8stepact)  # the same with FP8 activations at every size (DeepSeek's recipe), beside fp8step's W8A16 decode
         step 06_decode_step_fp8_act "$(left 90)" env TANDEM_FP8_ACT=fp8 python3 -m bench.decode_step $DS \
