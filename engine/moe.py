@@ -9,6 +9,7 @@ implements the same two methods.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -196,6 +197,13 @@ class LocalDispatcher:
         return all_reduce(expert_out, self.group, self.group_size)
 
 
+# TANDEM_MOE_ACTIVE_GRID=1: the graph-safe MoE's launches (with the shared experts folded in) run a grid of the
+# experts that got rows (at most tokens x top-k of them) instead of every local expert, most of them empty at
+# decode (kernels.active_experts, one more small launch per layer). Off by default until measured on the GPU
+# (bench.tune_gpu --only moecompact; bench.decode_step with and without it).
+ACTIVE_GRID_ENV = "TANDEM_MOE_ACTIVE_GRID"
+
+
 def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                        w13: torch.Tensor, w2: torch.Tensor, add: torch.Tensor | None = None,
                        fp8_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -213,11 +221,14 @@ def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight
     rows, counts, dest = kernels.moe_scatter_rows(hidden, topk_ids.contiguous(), num_experts)
     if shared is not None:
         assert add is None and (len(shared) == 4) == (fp8_scales is not None)
+        active = None
+        if os.environ.get(ACTIVE_GRID_ENV) == "1":
+            active = (kernels.active_experts(counts), min(num_experts, topk_ids.numel()))
         if fp8_scales is None:
-            y, add = kernels.moe_forward_masked_shared(rows, counts, w13, w2, hidden, shared[0], shared[1])
+            y, add = kernels.moe_forward_masked_shared(rows, counts, w13, w2, hidden, shared[0], shared[1], active)
         else:
             y, add = kernels.fp8_moe_forward_masked_shared(rows, counts, w13, fp8_scales[0], w2, fp8_scales[1],
-                                                           hidden, shared, block_size)
+                                                           hidden, shared, block_size, active)
     elif fp8_scales is None:
         y = kernels.moe_forward_masked(rows, counts, w13, w2)
     else:

@@ -36,6 +36,7 @@ _FAST: dict[str, tuple[str, str]] = {
     "mla_decode_prep": ("kernels.triton_decode_fused", "mla_decode_prep_triton"),
     "router_topk": ("kernels.triton_decode_fused", "router_topk_triton"),
     "moe_scatter_rows": ("kernels.triton_decode_fused", "moe_scatter_rows_triton"),
+    "active_experts": ("kernels.triton_decode_fused", "active_experts_triton"),
     "moe_combine": ("kernels.triton_decode_fused", "moe_combine_triton"),
     "gated_mlp": ("kernels.triton_moe", "gated_mlp_triton"),
 }
@@ -56,6 +57,7 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "mla_decode_prep": decode_fused.mla_decode_prep,
     "router_topk": decode_fused.router_topk,
     "moe_scatter_rows": decode_fused.moe_scatter_rows,
+    "active_experts": decode_fused.active_experts,
     "moe_combine": decode_fused.moe_combine,
     "gated_mlp": moe.gated_mlp,
 }
@@ -93,10 +95,17 @@ def moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
     return get_op("moe_forward_masked", x)(x, counts, w13, w2)
 
 
+# `active` (the masked-shared ops): (``active_experts(counts)``, how many grid slots to launch, at least the
+# number of active experts): the GPU kernels then run a grid of the active experts alone, and the rows of the
+# other experts are left unwritten (nothing reads them); None: every expert, rows past each count zeroed.
+ActiveGrid = tuple[torch.Tensor, int]
+
+
 def moe_forward_masked_shared(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                              hidden: torch.Tensor, shared_gate_up: torch.Tensor,
-                              shared_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return get_op("moe_forward_masked_shared", x)(x, counts, w13, w2, hidden, shared_gate_up, shared_down)
+                              hidden: torch.Tensor, shared_gate_up: torch.Tensor, shared_down: torch.Tensor,
+                              active: ActiveGrid | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return get_op("moe_forward_masked_shared", x)(x, counts, w13, w2, hidden, shared_gate_up, shared_down,
+                                                  active=active)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -130,10 +139,11 @@ def fp8_moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Ten
 def fp8_moe_forward_masked_shared(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
                                   w2: torch.Tensor, w2_scale: torch.Tensor, hidden: torch.Tensor,
                                   shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                                  block_size: fp8.BlockSize = (fp8.BLOCK, fp8.BLOCK)) -> tuple[torch.Tensor, torch.Tensor]:
+                                  block_size: fp8.BlockSize = (fp8.BLOCK, fp8.BLOCK),
+                                  active: ActiveGrid | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``shared`` = the shared experts' (gate/up, its scales, down, its scales), FP8."""
     return get_op("fp8_moe_forward_masked_shared", x)(x, counts, w13, w13_scale, w2, w2_scale, hidden, *shared,
-                                                      block_size)
+                                                      block_size, active=active)
 
 
 def fp8_gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,
@@ -165,6 +175,10 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, sco
 def moe_scatter_rows(hidden: torch.Tensor, topk_ids: torch.Tensor,
                      num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return get_op("moe_scatter_rows", hidden)(hidden, topk_ids, num_experts)
+
+
+def active_experts(counts: torch.Tensor) -> torch.Tensor:
+    return get_op("active_experts", counts)(counts)
 
 
 def moe_combine(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

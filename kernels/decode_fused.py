@@ -116,6 +116,19 @@ def moe_scatter_rows(hidden: torch.Tensor, topk_ids: torch.Tensor,
     return rows[:-1].view(num_experts, num_tokens, -1), counts, dest
 
 
+def active_experts(counts: torch.Tensor) -> torch.Tensor:
+    """int32 ``[E + 1]``: the experts with rows (``counts > 0``) in ascending order, then how many there are (at
+    index E); the slots between are unspecified. The masked GEMMs can then launch a grid of the active experts
+    alone (``active`` of ``moe_forward_masked_shared``). No host sync: graph-capturable."""
+    num_experts = counts.shape[0]
+    active = counts > 0
+    pos = torch.where(active, active.long().cumsum(0) - 1, num_experts + 1)  # the inactive go to a spare slot
+    out = torch.zeros(num_experts + 2, dtype=torch.int32, device=counts.device)
+    out.scatter_(0, pos, torch.arange(num_experts, dtype=torch.int32, device=counts.device))
+    out[num_experts] = active.sum()
+    return out[: num_experts + 1]
+
+
 def moe_combine(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 add: torch.Tensor | None = None) -> torch.Tensor:
     """``out[t] = add[t] + sum_k w[t, k] * y[dest[t, k]]`` over the rows with ``dest >= 0``, in float32, summed

@@ -280,10 +280,12 @@ def fp8_moe_forward_masked_shared(x: torch.Tensor, counts: torch.Tensor, w13: to
                                   w2: torch.Tensor, w2_scale: torch.Tensor, hidden: torch.Tensor,
                                   shared_gate_up: torch.Tensor, shared_gate_up_scale: torch.Tensor,
                                   shared_down: torch.Tensor, shared_down_scale: torch.Tensor,
-                                  block_size: BlockSize = (BLOCK, BLOCK)) -> tuple[torch.Tensor, torch.Tensor]:
+                                  block_size: BlockSize = (BLOCK, BLOCK),
+                                  active: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The masked FP8 MoE and the layer's FP8 shared experts over every token of ``hidden`` ``[capacity, D]``:
     (routed output ``[E, capacity, D]``, shared output ``[capacity, D]``). The shared experts take the
-    routed GEMMs' activation mode (their rows are the decode batch, like the masked layout's)."""
+    routed GEMMs' activation mode (their rows are the decode batch, like the masked layout's). ``active``: the
+    GPU kernels' grid of active experts; the reference computes every expert."""
     out = fp8_moe_forward_masked(x, counts, w13, w13_scale, w2, w2_scale, block_size)
     rows = masked_rows_hint(x.shape[1], None)
     one = torch.full((1,), hidden.shape[0], dtype=torch.int32, device=hidden.device)

@@ -84,9 +84,10 @@ def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> tor
 
 
 def moe_forward_masked_shared(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                              hidden: torch.Tensor, shared_gate_up: torch.Tensor,
-                              shared_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                              hidden: torch.Tensor, shared_gate_up: torch.Tensor, shared_down: torch.Tensor,
+                              active: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``moe_forward_masked`` and the layer's shared experts (``gated_mlp`` over ``hidden``) together:
     (routed output ``[E, capacity, D]``, shared output ``[capacity, D]``). The GPU runs both in the
-    same two grouped-GEMM launches."""
+    same two grouped-GEMM launches. ``active`` is the GPU kernels' grid of active experts (``kernels``'s
+    ``ActiveGrid``); the reference computes every expert whatever it says."""
     return moe_forward_masked(x, counts, w13, w2), gated_mlp(hidden, shared_gate_up, shared_down)

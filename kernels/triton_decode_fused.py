@@ -252,6 +252,25 @@ def moe_scatter_rows_triton(hidden: torch.Tensor, topk_ids: torch.Tensor,
 
 
 @triton.jit
+def _active_experts_kernel(counts_ptr, out_ptr, num_experts, BLOCK_E: tl.constexpr):
+    offs = tl.arange(0, BLOCK_E)
+    active = (tl.load(counts_ptr + offs, mask=offs < num_experts, other=0) > 0).to(tl.int32)
+    pos = tl.cumsum(active, axis=0) - 1
+    tl.store(out_ptr + pos, offs.to(tl.int32), mask=active > 0)
+    tl.store(out_ptr + num_experts, tl.sum(active, axis=0))
+
+
+def active_experts_triton(counts: torch.Tensor) -> torch.Tensor:
+    """``decode_fused.active_experts`` in one single-program launch."""
+    num_experts = counts.shape[0]
+    if num_experts == 0 or num_experts > 4096 or not counts.is_contiguous():
+        return decode_fused.active_experts(counts)
+    out = torch.empty(num_experts + 1, dtype=torch.int32, device=counts.device)
+    _active_experts_kernel[(1,)](counts, out, num_experts, BLOCK_E=triton.next_power_of_2(num_experts), num_warps=4)
+    return out
+
+
+@triton.jit
 def _moe_combine_kernel(y_ptr, dest_ptr, ids_ptr, w_ptr, add_ptr, out_ptr, dim, stride_y, stride_a, stride_o,
                         TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                         HAS_ADD: tl.constexpr):

@@ -91,12 +91,12 @@ def _fp8_moe_gemm_kernel(
     stride_ae, stride_am, stride_ase, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn,
     stride_ce, stride_cm,
     num_experts, x_a_ptr, x_b_ptr, x_bs_ptr, x_c_ptr, x_n, x_k, x_up_scale_row,
-    stride_xam, stride_xbn, stride_xbsn, stride_xcm, tile_n,
+    stride_xam, stride_xbn, stride_xbsn, stride_xcm, tile_n, active_ptr, active_slots,
     NUM_KB: tl.constexpr, NUM_KB_X: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, A_ROW_DIV: tl.constexpr,
     GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, W8A16: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr, ACTIVE: tl.constexpr,
 ):
     # EXTRA (masked layout, W8A16 only): grid column `num_experts` runs one more "expert" with its own operands
     # (x_*: activation [capacity, x_k] whose rows are all valid, FP8 weight [x_n (x2 if GATED), x_k] and its
@@ -126,6 +126,13 @@ def _fp8_moe_gemm_kernel(
     is_extra = False
     if MASKED:
         expert = tl.program_id(1).to(tl.int64)
+        if ACTIVE:  # as in kernels.triton_moe: columns run the active experts alone, then EXTRA's
+            if expert == active_slots:
+                expert = expert * 0 + num_experts
+            else:
+                if expert >= tl.load(active_ptr + num_experts):
+                    return
+                expert = tl.load(active_ptr + expert).to(tl.int64)
         count = tl.load(counts_ptr + expert, mask=expert < num_experts, other=0).to(tl.int32)
         a_base = a_ptr + expert * stride_ae
         as_base = as_ptr + expert * stride_ase
@@ -215,12 +222,13 @@ def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tens
         sort.num_rows, n, w.shape[2], 0, triton.cdiv(n, block_size[0]),
         0, aq.stride(0), 0, a_s.stride(0) if a_s is not None else 0, w.stride(0), w.stride(1), w_s.stride(0),
         w_s.stride(1), 0, out.stride(0),
-        *_no_extra(aq, w, w_s, out, n, w.shape[0]),
+        *_no_extra(aq, w, w_s, out, n, w.shape[0]), sort.rows_padded, 0,
         NUM_KB=triton.cdiv(w.shape[2], block_size[1]), NUM_KB_X=1, SCALE_BLOCK_N=block_size[0],
         A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=weights is not None,
         MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
         GROUP_M=cfg.group_m, PROMOTE=_promote_every(block_size), W8A16=a_s is None,
-        DOT_PRECISION=dot_precision(aq.dtype), EXTRA=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=dot_precision(aq.dtype), EXTRA=False, ACTIVE=False, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
@@ -229,6 +237,11 @@ def _no_extra(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Te
     """The kernel's EXTRA arguments when there is no extra expert (num_experts bounds the masked layout's
     count loads; the x_* are never read; tile_n = n)."""
     return (num_experts, a, w, w_s, out, 0, 0, 0, 0, 0, 0, 0, n)
+
+
+def _active_args(active: tuple[torch.Tensor, int] | None, counts: torch.Tensor, num_experts: int) -> tuple:
+    """(active list, grid slots) for the kernel: every expert's column without ``active``."""
+    return (counts, num_experts) if active is None else (active[0], min(active[1], num_experts))
 
 
 def _activations(x: torch.Tensor, quantize: bool, block_size: BlockSize) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -279,10 +292,13 @@ def fp8_moe_forward_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_we
 
 def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
                    out: torch.Tensor, counts: torch.Tensor, gated: bool, cfg: Fp8GemmConfig,
-                   block_size: BlockSize, extra: tuple[torch.Tensor, ...] | None = None) -> None:
+                   block_size: BlockSize, extra: tuple[torch.Tensor, ...] | None = None,
+                   active: tuple[torch.Tensor, int] | None = None) -> None:
     """aq ``[E, cap, K]`` fp8, a_s ``[E, cap, Kb]`` (None: aq unquantized, W8A16), out ``[E, cap, N]``.
     ``extra`` (W8A16 only) = (activation ``[cap, K']``, FP8 weight ``[N' (x2 gated), K']``, its block scales,
-    output ``[cap, N']``) adds one more expert whose every row is valid (the kernel's EXTRA)."""
+    output ``[cap, N']``) adds one more expert whose every row is valid (the kernel's EXTRA). ``active`` =
+    (``kernels.active_experts(counts)``, slots): a grid of the active experts alone (the others' rows are left
+    unwritten)."""
     n = w.shape[1] // 2 if gated else w.shape[1]
     capacity = aq.shape[1]
     if extra is None:
@@ -296,18 +312,19 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
                       xa.stride(0), xw.stride(0), xws.stride(0), xc.stride(0), max(n, x_n))
         num_kb_x = triton.cdiv(xa.shape[1], block_size[1])
     tile_n = extra_args[-1]
-    grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(tile_n, cfg.block_n), aq.shape[0] + (extra is not None))
+    active_list, slots = _active_args(active, counts, aq.shape[0])
+    grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(tile_n, cfg.block_n), slots + (extra is not None))
     _fp8_moe_gemm_kernel[grid](
         aq, a_s if a_s is not None else w_s, w, w_s, out, out, counts, counts, counts, counts,
         0, n, w.shape[2], capacity, triton.cdiv(n, block_size[0]),
         aq.stride(0), aq.stride(1), a_s.stride(0) if a_s is not None else 0, a_s.stride(1) if a_s is not None else 0,
         w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1), out.stride(0), out.stride(1),
-        *extra_args,
+        *extra_args, active_list, slots,
         NUM_KB=triton.cdiv(w.shape[2], block_size[1]), NUM_KB_X=num_kb_x, SCALE_BLOCK_N=block_size[0], A_ROW_DIV=1,
         GATED=gated, MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
-        EXTRA=extra is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EXTRA=extra is not None, ACTIVE=active is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
@@ -351,6 +368,7 @@ def fp8_moe_forward_masked_shared_triton(
         x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
         w2_scale: torch.Tensor, hidden: torch.Tensor, shared_gate_up: torch.Tensor, shared_gate_up_scale: torch.Tensor,
         shared_down: torch.Tensor, shared_down_scale: torch.Tensor, block_size: BlockSize = (BLOCK, BLOCK),
+        active: tuple[torch.Tensor, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``kernels.fp8.fp8_moe_forward_masked_shared``: the masked FP8 MoE with the layer's FP8 shared experts
     (one gated MLP over every token of ``hidden`` ``[capacity, D]``) as one more expert of the same two launches,
@@ -377,11 +395,11 @@ def fp8_moe_forward_masked_shared_triton(
     inter = torch.empty((num_experts, capacity, w2.shape[2]), dtype=x.dtype, device=x.device)
     shared_inter = torch.empty((capacity, inter_dim), dtype=x.dtype, device=x.device)
     _launch_masked(x, None, w13, w13_scale, inter, counts, True, cfg, block_size,
-                   (hidden, shared_gate_up, shared_gate_up_scale, shared_inter))
+                   (hidden, shared_gate_up, shared_gate_up_scale, shared_inter), active)
     out = torch.empty_like(x)
     shared_out = torch.empty_like(hidden)
     _launch_masked(inter, None, w2, w2_scale, out, counts, False, cfg, block_size,
-                   (shared_inter, shared_down, shared_down_scale, shared_out))
+                   (shared_inter, shared_down, shared_down_scale, shared_out), active)
     return out, shared_out
 
 

@@ -62,6 +62,8 @@ def _moe_gemm_kernel(
     stride_xbn,
     stride_xcm,
     tile_n,
+    active_ptr,
+    active_slots,
     A_ROW_DIV: tl.constexpr,
     GATED: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
@@ -73,6 +75,7 @@ def _moe_gemm_kernel(
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EXTRA: tl.constexpr,
+    ACTIVE: tl.constexpr,
 ):
     # EXTRA (masked layout only): grid column `num_experts` runs one more "expert" with its own operands
     # (x_*: activation [capacity, x_k] whose rows are all valid, weight [x_n (x2 if GATED), x_k], output
@@ -103,6 +106,15 @@ def _moe_gemm_kernel(
     c_stride = stride_cm
     if MASKED:
         expert = tl.program_id(1).to(tl.int64)
+        if ACTIVE:
+            # Grid column i < active_slots runs the i-th active expert (`active_ptr`: their ids, then how many);
+            # column active_slots is EXTRA's. Columns past the active count return at once.
+            if expert == active_slots:
+                expert = expert * 0 + num_experts
+            else:
+                if expert >= tl.load(active_ptr + num_experts):
+                    return
+                expert = tl.load(active_ptr + expert).to(tl.int64)
         a_base = a_ptr + expert * stride_ae
         b_base = b_ptr + expert * stride_be
         c_base = c_ptr + expert * stride_ce
@@ -299,10 +311,11 @@ def _launch_contiguous(
         0, a.stride(0), a.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
         0, out.stride(0), out.stride(1),
-        w.shape[0], a, w, out, 0, 0, 0, 0, 0, n,
+        w.shape[0], a, w, out, 0, 0, 0, 0, 0, n, sort.rows_padded, 0,
         A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=weights is not None, MASKED=False, ZERO_TAIL=False,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        DOT_PRECISION=_dot_precision(a.dtype), EXTRA=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=_dot_precision(a.dtype), EXTRA=False, ACTIVE=False, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
@@ -408,6 +421,7 @@ def moe_forward_masked_triton(
 def moe_forward_masked_shared_triton(
     x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, hidden: torch.Tensor,
     shared_gate_up: torch.Tensor, shared_down: torch.Tensor, expected_rows_per_expert: int | None = None,
+    active: tuple[torch.Tensor, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`kernels.moe.moe_forward_masked_shared`: the masked MoE with the layer's shared experts (one dense
     gated MLP over every token of `hidden` ``[capacity, D]``) as one more expert of the same two launches,
@@ -425,25 +439,29 @@ def moe_forward_masked_shared_triton(
     cfg = default_gemm_config(hint, x.dtype)
     inter = torch.empty((num_experts, capacity, w2.shape[2]), dtype=x.dtype, device=x.device)
     shared_inter = torch.empty((capacity, inter_dim), dtype=x.dtype, device=x.device)
-    _launch_masked(x, w13, inter, counts, True, cfg, (hidden, shared_gate_up, shared_inter))
+    _launch_masked(x, w13, inter, counts, True, cfg, (hidden, shared_gate_up, shared_inter), active)
     out = torch.empty_like(x)
     shared_out = torch.empty_like(hidden)
-    _launch_masked(inter, w2, out, counts, False, cfg, (shared_inter, shared_down, shared_out))
+    _launch_masked(inter, w2, out, counts, False, cfg, (shared_inter, shared_down, shared_out), active)
     return out, shared_out
 
 
 def _launch_masked(
     a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, counts: torch.Tensor, gated: bool, cfg: GemmConfig,
     extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    active: tuple[torch.Tensor, int] | None = None,
 ) -> None:
     """One masked launch; ``extra`` = (activation ``[cap, K']``, weight ``[N' (x2 gated), K']``, output
-    ``[cap, N']``) adds one more expert whose every row is valid (the kernel's EXTRA)."""
+    ``[cap, N']``) adds one more expert whose every row is valid (the kernel's EXTRA); ``active`` =
+    (``kernels.active_experts(counts)``, slots) launches ``slots`` expert columns that run the active experts
+    alone (the others' rows are left unwritten)."""
     n = w.shape[1] // 2 if gated else w.shape[1]
     capacity = a.shape[1]
     xa, xw, xc = extra if extra is not None else (a, w, out)
     x_n = (xw.shape[0] // 2 if gated else xw.shape[0]) if extra is not None else n
     tile_n = max(n, x_n)
-    grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(tile_n, cfg.block_n), a.shape[0] + (extra is not None))
+    slots = a.shape[0] if active is None else min(active[1], a.shape[0])
+    grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(tile_n, cfg.block_n), slots + (extra is not None))
     _moe_gemm_kernel[grid](
         a, w, out, out,
         counts, counts, counts, counts,
@@ -452,10 +470,11 @@ def _launch_masked(
         w.stride(0), w.stride(1), w.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         a.shape[0], xa, xw, xc, x_n, xa.shape[-1], xa.stride(-2), xw.stride(-2), xc.stride(-2), tile_n,
+        active[0] if active is not None else counts, slots,
         A_ROW_DIV=1, GATED=gated, MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        DOT_PRECISION=_dot_precision(a.dtype), EXTRA=extra is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        DOT_PRECISION=_dot_precision(a.dtype), EXTRA=extra is not None, ACTIVE=active is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 

@@ -8,6 +8,8 @@
 #              from .gpu_carry/, which is never committed; its build starts in the background at once)
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
 #   fp8stepact the same with FP8 activations at every size (TANDEM_FP8_ACT=fp8)
+#   decodeactive / fp8stepactive   decode / fp8step with TANDEM_MOE_ACTIVE_GRID=1 (the MoE's masked launches
+#              over the experts that got rows alone), beside decode / fp8step in the same call
 #   pdtests    tests/test_pd_gpu.py: 1P1D on the GPU equals colocated generation (bf16 KV and FP8 KV, NIXL)
 #   tunefp8    bench.tune_gpu --only fp8moe,moecompact: tile sweep of the FP8 decode step's masked W8A16 launches,
 #              and what the masked layout's empty experts cost the bf16 launch
@@ -75,6 +77,10 @@ for s in $STEPS; do
     fp8diff) step 08_fp8_layer_diff "$(left 90)" python3 tests/fp8_layer_diff.py --promote-k 32 ;;
     fp8step) step 06_decode_step_fp8 "$(left 90)" python3 -m bench.decode_step $DS --quantization fp8 --profile \
         --out "$OUT_SAVED/decode_step_gpu_fp8.json" ;;
+    decodeactive) step 02_decode_step_active "$(left 90)" env TANDEM_MOE_ACTIVE_GRID=1 TANDEM_MLA_DECODE=triton \
+        python3 -m bench.decode_step $DS --profile --out "$OUT_SAVED/decode_step_gpu_active.json" ;;
+    fp8stepactive) step 06_decode_step_fp8_active "$(left 90)" env TANDEM_MOE_ACTIVE_GRID=1 python3 -m bench.decode_step \
+        $DS --quantization fp8 --profile --out "$OUT_SAVED/decode_step_gpu_fp8_active.json" ;;
     pdtests) step 07_pytest_pd_gpu "$(left 240)" env UCX_MODULES="${UCX_MODULES:-^ib}" python3 -m pytest -q -s \
         -p no:cacheprovider -rf --tb=short -m gpu tests/test_pd_gpu.py ;;
     tunefp8) step 09_tune_fp8_moe "$(left 240)" python3 -m bench.tune_gpu --only fp8moe,moecompact \

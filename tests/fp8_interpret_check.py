@@ -138,6 +138,16 @@ def check_experts() -> None:
     out_r, out_s = tfm.fp8_moe_forward_masked_shared_triton(xm, counts, w13, w13_s, w2, w2_s, hid, *shared)
     check("fp8_moe_forward_masked_shared routed", rel(out_r, ref_r))
     check("fp8_moe_forward_masked_shared shared", rel(out_s, ref_s))
+    if not fp8.quantizes_activations(16):  # W8A16: the fused launches, also over the active experts alone
+        from kernels.triton_decode_fused import active_experts_triton
+
+        active = (active_experts_triton(counts), 3)  # 3 of the 4 experts have rows
+        act_r, act_s = tfm.fp8_moe_forward_masked_shared_triton(xm, counts, w13, w13_s, w2, w2_s, hid, *shared,
+                                                                 active=active)
+        valid = (torch.arange(capacity)[None, :] < counts[:, None])[..., None]
+        check("fp8_moe_forward_masked_shared active grid, routed rows",
+              rel(torch.where(valid, act_r, 0.0), torch.where(valid, ref_r, 0.0)))
+        check("fp8_moe_forward_masked_shared active grid, shared", rel(act_s, ref_s))
     want_shared = fp8.fp8_gated_mlp(hid, *shared)
     if fp8.quantizes_activations(capacity) == fp8.quantizes_activations(16):  # the same mode either way
         check("fp8_moe_forward_masked_shared shared vs the gated MLP", rel(out_s, want_shared))

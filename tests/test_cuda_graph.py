@@ -174,7 +174,13 @@ def test_graph_safe_decode_generates_the_same_greedy_tokens_as_eager_on_cpu(tiny
 
 # ---- GPU: real capture and replay ------------------------------------------------------------------------
 @gpu
-def test_gpu_greedy_tokens_equal_cpu_with_and_without_cuda_graphs(tiny_dir: Path) -> None:
+@pytest.mark.parametrize("active_grid", ["0", "1"])
+def test_gpu_greedy_tokens_equal_cpu_with_and_without_cuda_graphs(tiny_dir: Path, active_grid: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``active_grid`` 1: the graphs' MoE launches run the active experts alone (engine.moe.ACTIVE_GRID_ENV)."""
+    from engine.moe import ACTIVE_GRID_ENV
+
+    monkeypatch.setenv(ACTIVE_GRID_ENV, active_grid)
     lengths = [4, 6, 8, 9, 12]
     cpu_tokens, _ = _generate(tiny_dir, "cpu", 0, lengths)
     gpu_eager, _ = _generate(tiny_dir, "cuda", 0, lengths)

@@ -131,6 +131,12 @@ def run(device, dtype):
         e = max(e, err(fast.moe_combine_triton(y, d2, ids, wts, add), ref.moe_combine(y, d2, ids, wts, add)))
         e = max(e, err(fast.moe_combine_triton(y, d2, ids, wts), ref.moe_combine(y, d2, ids, wts)))
         out[f"moe_{tokens}x{k}x{experts}"] = e if ok else 1e9
+    for counts in ([0, 3, 0, 0, 1, 2], [5] * 7, [0] * 9, [0, 0, 0, 1] + [0] * 60):
+        c = torch.tensor(counts, device=device)
+        a1, a2 = fast.active_experts_triton(c), ref.active_experts(c)
+        n = int(a2[-1])
+        ok = int(a1[-1]) == n == sum(x > 0 for x in counts) and torch.equal(a1[:n], a2[:n])
+        out[f"active_{len(counts)}"] = 0.0 if ok and a2[:n].tolist() == [i for i, x in enumerate(counts) if x] else 1e9
     from kernels import moe as moe_ref
     for rows, inter in ((1, 64), (37, 1408), (5, 100)):
         gate_up = rnd(rows, 2 * inter)
@@ -142,7 +148,7 @@ def run(device, dtype):
 @needs_triton
 def test_triton_kernels_equal_the_references_in_float32_interpreted() -> None:
     result = _interpreted(CHECKS + "\nprint(json.dumps(run('cpu', torch.float32)))\n")
-    assert len(result) == 16
+    assert len(result) == 20
     for case, error in result.items():
         assert error < 1e-4, (case, error)
 
@@ -194,9 +200,15 @@ down = torch.randn(dim, shared_inter, generator=g) * 0.1
 y, s = moe_forward_masked_shared_triton(x, counts, w13, w2, hidden, gate_up, down)
 ry, rs = moe_forward_masked_shared(x, counts, w13, w2, hidden, gate_up, down)
 valid = (torch.arange(cap)[None, :] < counts[:, None])[..., None]
+# The grid of the active experts alone (3 of 4 have rows; 4 slots: one returns at once).
+from kernels.triton_decode_fused import active_experts_triton
+ay, as_ = moe_forward_masked_shared_triton(x, counts, w13, w2, hidden, gate_up, down,
+                                           active=(active_experts_triton(counts), 4))
 print(json.dumps({"routed": float((torch.where(valid, y - ry, 0.0)).abs().max()),
                   "tail_zero": bool((torch.where(valid, 0.0, y) == 0).all()),
-                  "shared": float((s - rs).abs().max())}))
+                  "shared": float((s - rs).abs().max()),
+                  "active_routed": float((torch.where(valid, ay - ry, 0.0)).abs().max()),
+                  "active_shared": float((as_ - rs).abs().max())}))
 """
 
 
@@ -204,3 +216,4 @@ print(json.dumps({"routed": float((torch.where(valid, y - ry, 0.0)).abs().max())
 def test_shared_experts_in_the_routed_launch_equal_the_separate_references_interpreted() -> None:
     result = _interpreted(SHARED_CHECK)
     assert result["routed"] < 1e-4 and result["shared"] < 1e-4 and result["tail_zero"], result
+    assert result["active_routed"] < 1e-4 and result["active_shared"] < 1e-4, result
