@@ -250,12 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stagger-s", type=float, default=0.1)
     parser.add_argument("--first-scale-after-s", type=float, default=1.0)
     parser.add_argument("--backend", default="nixl")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: every rank on its own GPU (rank r on cuda:r; NCCL), float32 like the static "
+                             "run on the CPU it is compared with; 2 -> 4 ranks needs four GPUs")
     parser.add_argument("--role", choices=("decode", "prefill"), default="decode",
                         help="the instance that scales (the other runs tp 1)")
     parser.add_argument("--out", default=None,
-                        help="results path without suffix; unset: bench/results/elastic_ep[_prefill]_cpu")
+                        help="results path without suffix; unset: bench/results/elastic_ep[_prefill]_<device>")
     args = parser.parse_args(argv)
-    out = Path(args.out or RESULTS / ("elastic_ep_cpu" if args.role == "decode" else "elastic_ep_prefill_cpu"))
+    stem = "elastic_ep" if args.role == "decode" else "elastic_ep_prefill"
+    out = Path(args.out or RESULTS / f"{stem}_{args.device}")
     prefill_flags, decode_flags = ([], DECODE_FLAGS) if args.role == "decode" else (PREFILL_FLAGS, [])
 
     from bench.pd_servers import ServerGroup, cpu_worker_env, free_port, wait_healthy, wait_idle
@@ -272,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
               str(PAGE_SIZE), "--max-total-tokens", "8192", "--log-level", "warning",
               # Low-latency EP sizes its fixed per-step buffers for the largest forward: the default 8192-token
               # prefill budget would pad every decode step of the tiny model to 8192 rows per rank.
-              "--max-prefill-tokens", "64"]
-    with ServerGroup(work / "logs", cpu_worker_env(1)) as servers:
+              "--max-prefill-tokens", "64", "--device", args.device]
+    if args.device == "cuda":
+        common += ["--dtype", "float32"]
+    with ServerGroup(work / "logs", cpu_worker_env(1) if args.device == "cpu" else {}) as servers:
         prefill = servers.start("prefill", "prefill_worker", [*common, "--port", str(p_port), "--bootstrap-port",
                                                               str(bootstrap), *prefill_flags], p_port)
         decode = servers.start("decode", "decode_worker", [*common, "--port", str(d_port), *decode_flags], d_port)
@@ -297,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["setup"] = {"streams": args.streams, "max_new_tokens": lengths(len(cases), args.max_new_tokens),
                         "stagger_s": args.stagger_s,
                         "role": args.role, "prefill_flags": prefill_flags or "tp 1",
-                        "decode_flags": decode_flags or "tp 1", "backend": args.backend}
+                        "decode_flags": decode_flags or "tp 1", "backend": args.backend, "device": args.device}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(traces, steps, out.with_suffix(".png"))
