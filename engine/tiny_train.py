@@ -75,8 +75,14 @@ def checkpoint_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def trained_tensors(raw: dict[str, Any], seed: int, steps: int) -> dict[str, torch.Tensor]:
-    """The tiny model of config ``raw`` after ``steps`` AdamW steps on the chain, under checkpoint names."""
-    torch.manual_seed(seed)
+    """The tiny model of config ``raw`` after ``steps`` AdamW steps on the chain, under checkpoint names. The
+    caller's global RNG state is left as it was (transformers initializes from it: seeded here, in a fork)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _train(raw, seed, steps)
+
+
+def _train(raw: dict[str, Any], seed: int, steps: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed + 1)
     model = _hf_model(raw).train()
     successor = successor_table(raw["vocab_size"], gen)
