@@ -12,13 +12,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 from dataclasses import dataclass
 
 import torch
 
 from engine.config import Fp8Config, ModelConfig
-from kernels.fp8 import FP8_DTYPE, dequantize_fp8_weight, quantize_fp8_weight, scale_shape
+from kernels.fp8 import (
+    ACT_ENV,
+    FP8_DTYPE,
+    dequantize_fp8_weight,
+    quantize_fp8_weight,
+    quantizes_activations,
+    scale_shape,
+)
+from kernels.fp8_cublas import GEMM_ENV, gemm_choice
 
 log = logging.getLogger(__name__)
 
@@ -139,5 +148,9 @@ def plan_quantization(flag: str, config: ModelConfig, device: torch.device | str
         log.info("FP8 weights (%dx%d blocks) are dequantized at load to %s on %s (%s)", in_effect.block_n,
                  in_effect.block_k, str(dtype).removeprefix("torch."), device, reason)
     else:
-        log.info("FP8 weights (%dx%d blocks) are kept in FP8 on %s", in_effect.block_n, in_effect.block_k, device)
+        # The kernels read these per call: a bad value is refused here, at start-up, not by the first forward.
+        quantizes_activations(0)
+        log.info("FP8 weights (%dx%d blocks) are kept in FP8 on %s (activations: %s=%s, GEMMs: %s=%s)",
+                 in_effect.block_n, in_effect.block_k, device, ACT_ENV, os.environ.get(ACT_ENV, "auto"), GEMM_ENV,
+                 gemm_choice())
     return QuantPlan(in_effect, keep)

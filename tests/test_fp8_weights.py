@@ -306,6 +306,20 @@ def test_quantization_flag_resolves_from_the_config_and_none_forces_dequantizati
         plan_quantization("int4", config, "cpu", torch.float32)
 
 
+@pytest.mark.parametrize(("env", "value"), [("TANDEM_FP8_ACT", "int8"), ("TANDEM_FP8_GEMM", "cutlass")])
+def test_a_bad_fp8_kernel_setting_is_refused_at_start_naming_it(fp8_dir: Path, env: str, value: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels read these on every call; the plan that keeps FP8 weights checks them before any forward."""
+    import engine.quant
+
+    config = ModelConfig.from_dir(fp8_dir)
+    monkeypatch.setattr(engine.quant, "fp8_kernels_run_on", lambda device: True)
+    assert plan_quantization("fp8", config, "cpu", torch.float32).keep_fp8  # the settings as they are: fine
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValueError, match=f"{env}.*{value}"):
+        plan_quantization("fp8", config, "cpu", torch.float32)
+
+
 @pytest.mark.parametrize(("field", "value", "match"), [
     ("quant_method", "awq", "quant_method"), ("fmt", "e5m2", "fmt"), ("activation_scheme", "static", "static"),
     ("weight_block_size", None, "per-tensor"),
