@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import deep_gemm  # noqa: E402
 import torch  # noqa: E402
-from test_fp8_deepgemm_gpu import _deepgemm_expert, _experts, _rel  # noqa: E402
+from fp8_cases import random_fp8_experts, rel_err  # noqa: E402
+from test_fp8_deepgemm_gpu import _deepgemm_expert  # noqa: E402
 
 from kernels import fp8, fp8_deepgemm, moe  # noqa: E402
 
@@ -43,10 +44,10 @@ def main() -> int:
         w, ws = fp8.quantize_fp8_weight(torch.randn(192, 256, generator=gen) / 16)
         x = torch.randn(m, 256, generator=gen).bfloat16()
         bias = torch.randn(192, generator=gen)
-        err = _rel(fp8_deepgemm.fp8_linear_deepgemm(x, w, ws, bias), fp8.fp8_linear(x.float(), w, ws, bias))
+        err = rel_err(fp8_deepgemm.fp8_linear_deepgemm(x, w, ws, bias), fp8.fp8_linear(x.float(), w, ws, bias))
         check(f"dense M{m}", err < 5e-3, f"{err:.1e}")
     experts, hidden, inter, top_k, tokens = 6, 256, 128, 2, 37
-    w13, s13, w2, s2 = _experts(experts, hidden, inter, gen, device="cpu")
+    w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
     x = torch.randn(tokens, hidden, generator=gen).bfloat16()
     ids = torch.rand(tokens, experts, generator=gen).topk(top_k, dim=1).indices
     ids = torch.where(ids == experts - 1, torch.full_like(ids, experts - 2), ids)  # one expert gets no rows
@@ -57,7 +58,7 @@ def main() -> int:
         token, slot = (ids == e).nonzero(as_tuple=True)
         want.index_add_(0, token, _deepgemm_expert(x[token], w13[e], s13[e], w2[e], s2[e]).float()
                         * weights[token, slot, None])
-    err = _rel(fp8_deepgemm.fp8_moe_forward_deepgemm(x, ids, weights, w13, s13, w2, s2), want)
+    err = rel_err(fp8_deepgemm.fp8_moe_forward_deepgemm(x, ids, weights, w13, s13, w2, s2), want)
     check("contiguous", err < 5e-3, f"{err:.1e}")  # the combine's bf16 products only
     for capacity in (40, 128, 130):
         counts = torch.randint(0, capacity + 1, (experts,), generator=gen)
@@ -70,7 +71,7 @@ def main() -> int:
                 want[e, :c] = _deepgemm_expert(xm[e, :c], w13[e], s13[e], w2[e], s2[e])
         out = fp8_deepgemm.fp8_moe_forward_masked_deepgemm(xm, counts, w13, s13, w2, s2)
         check(f"masked capacity {capacity}", out.shape == xm.shape and torch.equal(out, want),
-              f"rel {_rel(out.nan_to_num(1e6), want):.1e}")
+              f"rel {rel_err(out.nan_to_num(1e6), want):.1e}")
     aligned = {name: ok for name, ok in deep_gemm.CALLS}
     # Dense scales are M-major (aligned where M % 4 == 0), the contiguous layout's always; masked ones row-major.
     check("scale layouts", aligned == {"fp8_gemm_nt": True, "m_grouped_fp8_gemm_nt_contiguous": True,

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from fp8_cases import BF16_TOL, poison_freed_cuda_memory, random_fp8_experts, rel_err
 
 from kernels import fp8, fp8_deepgemm, moe
 from kernels.fp8_cublas import GEMM_ENV
 
-BF16_TOL = 1e-2  # ||out - ref|| / ||ref||: bf16 output rounding (2^-9) plus accumulation order
 GROUPED_REF_TOL = 3 * BF16_TOL  # plus DeepGEMM's bf16 gate/up (1.55 % at V3's expert shape, CPU emulation)
 DENSE_SHAPES = [(18432, 7168), (7168, 18432), (2112, 7168), (24576, 1536)]  # V3: dense gate/up, down, qkv_a, q_b
 ROWS = [1, 64, 4096]
@@ -42,25 +42,6 @@ def _fp8_activations(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
     if request.node.get_closest_marker("gpu") and not fp8_deepgemm.available():
         index = torch.cuda.current_device() if torch.cuda.is_available() else 0
         pytest.skip(f"DeepGEMM does not run here: {'; '.join(fp8_deepgemm.PROBE_LOG.get(index, ['no CUDA']))}")
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
-
-
-def _poison() -> None:
-    # NaN in freed cache blocks: an output element a kernel forgets to write cannot pass.
-    torch.empty(1 << 28, dtype=torch.float32, device="cuda").fill_(float("nan"))
-
-
-def _experts(num: int, hidden: int, inter: int, gen: torch.Generator,
-             device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    parts = [fp8.quantize_fp8_weight(torch.randn(num, inter, hidden, device=device, generator=gen) / hidden**0.5)
-             for _ in range(2)]
-    w13 = torch.cat([parts[0][0], parts[1][0]], dim=1)
-    s13 = torch.cat([parts[0][1], parts[1][1]], dim=1)
-    w2, s2 = fp8.quantize_fp8_weight(torch.randn(num, hidden, inter, device=device, generator=gen) / inter**0.5)
-    return w13, s13, w2, s2
 
 
 def _deepgemm_expert(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor,
@@ -80,10 +61,10 @@ def test_deepgemm_fp8_linear_matches_the_reference(nk: tuple[int, int], m: int) 
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     bias = torch.randn(n, device="cuda", generator=gen) if m == 64 else None
     ref = fp8.fp8_linear(x.float(), w, ws, bias)  # float32: the reference without bf16 rounding
-    _poison()
+    poison_freed_cuda_memory()
     out = fp8_deepgemm.fp8_linear_deepgemm(x, w, ws, bias)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
-    assert _rel(out, ref) < BF16_TOL
+    assert rel_err(out, ref) < BF16_TOL
 
 
 @gpu
@@ -111,7 +92,7 @@ def test_fp8_gemm_deepgemm_sends_the_models_dense_gemms_to_deepgemm_where_it_tak
         out = fp8_linear_triton(x, w, ws)
         assert (len(calls) > before) == goes, (n, k, dtype)
         assert out.shape == (2, 333, n) and out.dtype == dtype
-        assert _rel(out, fp8.fp8_linear(x.float(), w, ws)) < BF16_TOL
+        assert rel_err(out, fp8.fp8_linear(x.float(), w, ws)) < BF16_TOL
 
 
 MOE_CASES = [(32, 7168, 2048, 8, 128), (32, 7168, 2048, 8, 4096), (64, 2048, 1408, 6, 333)]
@@ -122,7 +103,7 @@ MOE_CASES = [(32, 7168, 2048, 8, 128), (32, 7168, 2048, 8, 4096), (64, 2048, 140
 def test_deepgemm_contiguous_moe_matches_the_reference(experts: int, hidden: int, inter: int, top_k: int,
                                                         tokens: int) -> None:
     gen = torch.Generator(device="cuda").manual_seed(tokens)
-    w13, s13, w2, s2 = _experts(experts, hidden, inter, gen)
+    w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
     x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
     ids = torch.rand(tokens, experts, device="cuda", generator=gen).topk(top_k, dim=1).indices
     ids[::3, 0] = -1  # experts on other ranks
@@ -133,13 +114,13 @@ def test_deepgemm_contiguous_moe_matches_the_reference(experts: int, hidden: int
         token, slot = (ids == e).nonzero(as_tuple=True)
         y = _deepgemm_expert(x[token], w13[e], s13[e], w2[e], s2[e])
         emulated.index_add_(0, token, y.float() * weights[token, slot, None])
-    _poison()
+    poison_freed_cuda_memory()
     out = fp8_deepgemm.fp8_moe_forward_deepgemm(x, ids, weights, w13, s13, w2, s2)
     assert out.shape == x.shape and out.dtype == torch.bfloat16
-    print(f"contiguous E{experts} T{tokens}: rel to the reference {_rel(out, ref):.2e}, "
-          f"to the bf16-intermediate emulation {_rel(out, emulated):.2e}")
-    assert _rel(out, ref) < GROUPED_REF_TOL
-    assert _rel(out, emulated) < BF16_TOL
+    print(f"contiguous E{experts} T{tokens}: rel to the reference {rel_err(out, ref):.2e}, "
+          f"to the bf16-intermediate emulation {rel_err(out, emulated):.2e}")
+    assert rel_err(out, ref) < GROUPED_REF_TOL
+    assert rel_err(out, emulated) < BF16_TOL
 
 
 @gpu
@@ -149,7 +130,7 @@ def test_deepgemm_masked_moe_matches_the_reference_zeroes_rows_past_the_count_an
         experts: int, hidden: int, inter: int, capacity: int, hint: int | None) -> None:
     """Capacity 40 is padded to DeepGEMM's 128-row tile inside; the last expert is full, the first empty."""
     gen = torch.Generator(device="cuda").manual_seed(capacity)
-    w13, s13, w2, s2 = _experts(experts, hidden, inter, gen)
+    w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
     counts = torch.randint(0, capacity + 1, (experts,), device="cuda", generator=gen)
     counts[0] = 0
     counts[-1] = capacity
@@ -161,14 +142,14 @@ def test_deepgemm_masked_moe_matches_the_reference_zeroes_rows_past_the_count_an
     for e, c in enumerate(counts.tolist()):
         if c:
             emulated[e, :c] = _deepgemm_expert(x[e, :c], w13[e], s13[e], w2[e], s2[e])
-    _poison()
+    poison_freed_cuda_memory()
     out = fp8_deepgemm.fp8_moe_forward_masked_deepgemm(x, counts, w13, s13, w2, s2,
                                                        expected_rows_per_expert=hint)
     assert out.shape == x.shape and out.dtype == torch.bfloat16
-    print(f"masked E{experts} cap{capacity}: rel to the reference {_rel(out.nan_to_num(1e6), ref):.2e}, "
-          f"to the bf16-intermediate emulation {_rel(out.nan_to_num(1e6), emulated):.2e}")
-    assert _rel(out.nan_to_num(1e6), ref) < GROUPED_REF_TOL
-    assert _rel(out.nan_to_num(1e6), emulated) < BF16_TOL
+    print(f"masked E{experts} cap{capacity}: rel to the reference {rel_err(out.nan_to_num(1e6), ref):.2e}, "
+          f"to the bf16-intermediate emulation {rel_err(out.nan_to_num(1e6), emulated):.2e}")
+    assert rel_err(out.nan_to_num(1e6), ref) < GROUPED_REF_TOL
+    assert rel_err(out.nan_to_num(1e6), emulated) < BF16_TOL
     for e, c in enumerate(counts.tolist()):
         assert (out[e, c:] == 0).all()
     graph = torch.cuda.CUDAGraph()  # compiled by the eager call above; no host sync inside
@@ -200,11 +181,11 @@ def test_shapes_deepgemm_cannot_take_are_refused_before_any_launch() -> None:
     w, ws = fp8.quantize_fp8_weight(torch.randn(256, 300, generator=gen))
     with pytest.raises(ValueError, match="bf16 activations"):
         fp8_deepgemm.fp8_linear_deepgemm(torch.zeros(4, 300, dtype=torch.bfloat16), w, ws)
-    w13, s13, w2, s2 = _experts(4, 256, 192, gen, device="cpu")
+    w13, s13, w2, s2 = random_fp8_experts(4, 256, 192, gen)
     x = torch.zeros(4, 8, 256, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="intermediate 192"):
         fp8_deepgemm.fp8_moe_forward_masked_deepgemm(x, torch.ones(4, dtype=torch.int32), w13, s13, w2, s2)
-    w13, s13, w2, s2 = _experts(4, 256, 256, gen, device="cpu")
+    w13, s13, w2, s2 = random_fp8_experts(4, 256, 256, gen)
     ids = torch.zeros(8, 2, dtype=torch.int64)
     with pytest.raises(ValueError, match="must be bf16"):
         fp8_deepgemm.fp8_moe_forward_deepgemm(x[0].float(), ids, torch.ones(8, 2), w13, s13, w2, s2)

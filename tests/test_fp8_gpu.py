@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fp8_cases import BF16_TOL, poison_freed_cuda_memory, random_fp8_experts, rel_err
 from trained_fp8 import (  # noqa: F401 (trained_fp8_checkpoint: the trained_fp8_dir fixture)
     NEW_TOKENS,
     TRAINED_FP8_LOGITS_TOL,
@@ -32,7 +33,6 @@ DENSE_SHAPES = [(18432, 7168), (7168, 18432), (2112, 7168), (7168, 2112), (24576
                 # V2-Lite: q_proj, kv_a_proj (576 rows: a partial scale block), dense MLP (K 10944: a partial K block)
                 (3072, 2048), (576, 2048), (21888, 2048), (2048, 10944)]
 ROWS = [1, 7, 64, 333, 4096]
-BF16_TOL = 1e-2  # ||out - ref|| / ||ref||: bf16 output rounding (2^-9) plus accumulation order
 FP32_TOL = 1e-4
 
 
@@ -40,15 +40,6 @@ def gpu_test(fn: Callable[..., None]) -> Callable[..., None]:
     fn = pytest.mark.skipif(not backend.triton_importable(), reason="needs Triton")(fn)
     fn = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn)
     return pytest.mark.gpu(fn)
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
-
-
-def _poison() -> None:
-    # NaN in freed cache blocks: an output element a kernel forgets to write cannot pass.
-    torch.empty(1 << 28, dtype=torch.float32, device="cuda").fill_(float("nan"))
 
 
 @gpu_test
@@ -86,14 +77,14 @@ def test_triton_fp8_linear_matches_the_reference(nk: tuple[int, int], m: int, mo
     w, ws = fp8.quantize_fp8_weight(torch.randn(n, k, device="cuda", generator=gen) / k**0.5)
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     ref = fp8.fp8_linear(x.float(), w, ws)  # float32 output: the reference without bf16 rounding
-    _poison()
+    poison_freed_cuda_memory()
     out = fp8_linear_triton(x, w, ws)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
-    assert _rel(out, ref) < BF16_TOL
+    assert rel_err(out, ref) < BF16_TOL
     if n * k <= 7168 * 2112:  # float32 activations and a bias: accumulation order is the only difference
         bias = torch.randn(n, device="cuda", generator=gen)
         out32 = fp8_linear_triton(x.float(), w, ws, bias)
-        assert _rel(out32, fp8.fp8_linear(x.float(), w, ws, bias)) < FP32_TOL
+        assert rel_err(out32, fp8.fp8_linear(x.float(), w, ws, bias)) < FP32_TOL
 
 
 @gpu_test
@@ -113,20 +104,10 @@ def test_cublas_fp8_linear_matches_the_reference(nk: tuple[int, int], m: int, mo
     gen = torch.Generator(device="cuda").manual_seed(m * 5 + n)
     w, ws = fp8.quantize_fp8_weight(torch.randn(n, k, device="cuda", generator=gen) / k**0.5)
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
-    _poison()
+    poison_freed_cuda_memory()
     out = fp8_linear_triton(x, w, ws)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
-    assert _rel(out, fp8.fp8_linear(x.float(), w, ws)) < BF16_TOL
-
-
-def _experts(num: int, hidden: int, inter: int,
-             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    parts = [fp8.quantize_fp8_weight(torch.randn(num, inter, hidden, device="cuda", generator=gen) / hidden**0.5)
-             for _ in range(2)]
-    w13 = torch.cat([parts[0][0], parts[1][0]], dim=1)
-    s13 = torch.cat([parts[0][1], parts[1][1]], dim=1)
-    w2, s2 = fp8.quantize_fp8_weight(torch.randn(num, hidden, inter, device="cuda", generator=gen) / inter**0.5)
-    return w13, s13, w2, s2
+    assert rel_err(out, fp8.fp8_linear(x.float(), w, ws)) < BF16_TOL
 
 
 MOE_CASES = [(32, 7168, 2048, 8, 128), (32, 7168, 2048, 8, 4096), (8, 256, 192, 2, 37), (16, 384, 320, 4, 1),
@@ -140,7 +121,7 @@ def test_triton_fp8_contiguous_moe_matches_the_reference(experts: int, hidden: i
     from kernels.triton_fp8_moe import fp8_moe_forward_triton
 
     gen = torch.Generator(device="cuda").manual_seed(tokens)
-    w13, s13, w2, s2 = _experts(experts, hidden, inter, gen)
+    w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
     x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
     ids = torch.rand(tokens, experts, device="cuda", generator=gen).topk(top_k, dim=1).indices
     ids[::3, 0] = -1  # experts on other ranks
@@ -149,9 +130,9 @@ def test_triton_fp8_contiguous_moe_matches_the_reference(experts: int, hidden: i
     # bf16 rounding moves across an e4m3 rounding boundary is requantized a whole step (1/8) apart, which
     # one token through 3 experts x 320 columns turned into 2.3 % on an H200.
     ref = fp8.fp8_moe_forward(x, ids, weights, w13, s13, w2, s2)
-    _poison()
+    poison_freed_cuda_memory()
     out = fp8_moe_forward_triton(x, ids, weights, w13, s13, w2, s2)
-    assert _rel(out, ref) < 2 * BF16_TOL
+    assert rel_err(out, ref) < 2 * BF16_TOL
 
 
 @gpu_test
@@ -163,7 +144,7 @@ def test_triton_fp8_masked_moe_matches_the_reference_and_zeroes_rows_past_the_co
     from kernels.triton_fp8_moe import fp8_moe_forward_masked_triton
 
     gen = torch.Generator(device="cuda").manual_seed(capacity)
-    w13, s13, w2, s2 = _experts(experts, hidden, inter, gen)
+    w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
     counts = torch.randint(0, capacity + 1, (experts,), device="cuda", generator=gen)
     counts[0] = 0
     counts[-1] = capacity
@@ -171,9 +152,9 @@ def test_triton_fp8_masked_moe_matches_the_reference_and_zeroes_rows_past_the_co
     for e, c in enumerate(counts.tolist()):
         x[e, c:] = float("nan")  # never read
     ref = fp8.fp8_moe_forward_masked(x.float(), counts, w13, s13, w2, s2)
-    _poison()
+    poison_freed_cuda_memory()
     out = fp8_moe_forward_masked_triton(x, counts, w13, s13, w2, s2)
-    assert _rel(out.nan_to_num(1e6), ref) < 2 * BF16_TOL
+    assert rel_err(out.nan_to_num(1e6), ref) < 2 * BF16_TOL
     for e, c in enumerate(counts.tolist()):
         assert (out[e, c:] == 0).all()
     graph = torch.cuda.CUDAGraph()  # no host sync inside: capturable
@@ -194,8 +175,8 @@ def test_triton_fp8_masked_moe_with_shared_experts_matches_the_reference(experts
     from kernels.triton_fp8_moe import fp8_moe_forward_masked_shared_triton
 
     gen = torch.Generator(device="cuda").manual_seed(capacity + experts)
-    w13, s13, w2, s2 = _experts(experts, hidden, inter, gen)
-    sw13, ss13, sw2, ss2 = _experts(1, hidden, shared_inter, gen)
+    w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
+    sw13, ss13, sw2, ss2 = random_fp8_experts(1, hidden, shared_inter, gen)
     shared = (sw13[0], ss13[0], sw2[0], ss2[0])
     counts = torch.randint(0, capacity + 1, (experts,), device="cuda", generator=gen).int()
     counts[-1] = capacity
@@ -203,9 +184,9 @@ def test_triton_fp8_masked_moe_with_shared_experts_matches_the_reference(experts
     hidden_rows = torch.randn(capacity, hidden, device="cuda", generator=gen).bfloat16()
     ref, ref_shared = fp8.fp8_moe_forward_masked_shared(x.float(), counts, w13, s13, w2, s2, hidden_rows.float(),
                                                         *shared)
-    _poison()
+    poison_freed_cuda_memory()
     out, out_shared = fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, hidden_rows, *shared)
-    assert _rel(out, ref) < 2 * BF16_TOL and _rel(out_shared, ref_shared) < 2 * BF16_TOL
+    assert rel_err(out, ref) < 2 * BF16_TOL and rel_err(out_shared, ref_shared) < 2 * BF16_TOL
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, hidden_rows, *shared)
@@ -262,7 +243,7 @@ def test_model_on_gpu_from_fp8_weights_matches_the_cpu_fp8_reference(fp8_dir: Pa
         rels = []
         for prompt, tokens in zip(prompts, want, strict=True):
             ids = prompt + tokens[:-1]
-            rels.append(_rel(teacher_forced_logits(gpu, ids), teacher_forced_logits(cpu, ids)))
+            rels.append(rel_err(teacher_forced_logits(gpu, ids), teacher_forced_logits(cpu, ids)))
         for llm in (gpu, gpu_graph):
             got = [o.token_ids for o in llm.generate(prompts, greedy)]
             first = [next((i for i, (a, b) in enumerate(zip(g, w, strict=True)) if a != b), len(w)) for g, w in zip(got, want, strict=True)]
@@ -297,7 +278,7 @@ def test_bf16_model_from_fp8_weights_stays_close_to_the_dequantized_bf16_model(f
                                            return_all_logits=True)
                 logits.append(llm.model(batch).all_logits.float())
                 llm.kv_pool.free(pages)
-            rel = _rel(logits[0], logits[1])
+            rel = rel_err(logits[0], logits[1])
             agree = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item()
             print(f"prompt {len(prompt)}: logits rel {rel:.3f}, argmax agreement {agree:.2f}")
             assert rel < 0.35 and agree > 0.5
@@ -342,12 +323,12 @@ def test_triton_fp8_gated_mlp_as_one_expert_matches_the_reference(rows: int, int
     from kernels.triton_fp8_moe import fp8_gated_mlp_triton
 
     gen = torch.Generator(device="cuda").manual_seed(rows)
-    w13, s13, w2, s2 = _experts(1, 2048, inter, gen)
+    w13, s13, w2, s2 = random_fp8_experts(1, 2048, inter, gen)
     x = torch.randn(rows, 2048, device="cuda", generator=gen).bfloat16()
     ref = fp8.fp8_gated_mlp(x.float(), w13[0], s13[0], w2[0], s2[0])
-    _poison()
+    poison_freed_cuda_memory()
     out = fp8_gated_mlp_triton(x, w13[0], s13[0], w2[0], s2[0])
-    assert out.shape == (rows, 2048) and _rel(out, ref) < 2 * BF16_TOL
+    assert out.shape == (rows, 2048) and rel_err(out, ref) < 2 * BF16_TOL
 
 
 @gpu_test
@@ -377,7 +358,7 @@ def test_fp8_model_on_gpu_keeps_the_dequantized_bf16_models_greedy_tokens(traine
         try:
             assert llm.model.model.layers[1].mlp.w13.dtype == fp8.FP8_DTYPE
             first = first_differences([o.token_ids for o in llm.generate(prompts, greedy)], want)
-            rels = [_rel(teacher_forced_logits(llm, p + w[:-1]), r) for p, w, r in zip(prompts, want, ref_logits,
+            rels = [rel_err(teacher_forced_logits(llm, p + w[:-1]), r) for p, w, r in zip(prompts, want, ref_logits,
                                                                                         strict=True)]
         finally:
             llm.close()

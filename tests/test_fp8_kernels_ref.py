@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fp8_cases import random_fp8_experts
 
 import kernels
 from kernels import fp8
@@ -96,22 +97,13 @@ def test_fp8_linear_reference_is_quantized_x_times_dequantized_w_in_float64(
         kernels.fp8_linear(x, w, ws[:1], None, block)
 
 
-def _experts(num: int, hidden: int, inter: int,
-             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    gate = [fp8.quantize_fp8_weight(torch.randn(num, inter, hidden, generator=gen) / hidden**0.5) for _ in range(2)]
-    w13 = torch.cat([gate[0][0], gate[1][0]], dim=1)
-    s13 = torch.cat([gate[0][1], gate[1][1]], dim=1)
-    w2, s2 = fp8.quantize_fp8_weight(torch.randn(num, hidden, inter, generator=gen) / inter**0.5)
-    return w13, s13, w2, s2
-
-
 @pytest.mark.parametrize("act", ["fp8", "bf16"])
 def test_fp8_moe_reference_is_the_bf16_moe_on_dequantized_weights_within_fp8_noise(
         act: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(fp8.ACT_ENV, act)
     gen = torch.Generator().manual_seed(2)
     experts, hidden, inter, tokens, top_k = 6, 256, 192, 40, 2
-    w13, s13, w2, s2 = _experts(experts, hidden, inter, gen)
+    w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
     x = torch.randn(tokens, hidden, generator=gen)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
     ids[::5, 0] = -1
@@ -128,7 +120,7 @@ def test_fp8_moe_reference_is_the_bf16_moe_on_dequantized_weights_within_fp8_noi
 def test_fp8_masked_reference_equals_the_contiguous_one_on_the_same_rows() -> None:
     gen = torch.Generator().manual_seed(3)
     experts, hidden, inter, capacity = 4, 256, 192, 6
-    w13, s13, w2, s2 = _experts(experts, hidden, inter, gen)
+    w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
     counts = torch.tensor([0, 6, 2, 5])
     x = torch.randn(experts, capacity, hidden, generator=gen)
     got = kernels.fp8_moe_forward_masked(x, counts, w13, s13, w2, s2)
