@@ -27,6 +27,7 @@ import triton.language as tl
 from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize, quantizes_activations, scale_shape
 from kernels.fp8_cublas import fp8_linear_cublas, use_cublas
 from kernels.fp8_deepgemm import fp8_linear_deepgemm, use_deepgemm
+from kernels.triton_grid import grouped_tile
 
 # Hopper's FP8 MMA adds its products at less than fp32 precision; Triton promotes the partial sum into an
 # fp32 register every PROMOTE_K products (a K block of 128 is DeepSeek's recipe; 32 is one wgmma, the
@@ -180,16 +181,6 @@ def dense_gemm_config(m: int, n: int = 0, sm_count: int = 0) -> Fp8GemmConfig:
         return Fp8GemmConfig(block_m=64, block_n=128, group_m=8, num_warps=4, num_stages=3)
     # bench.gemm --sweep on an H100: 4 stages beat 3 on 6 of V3's 7 prefill shapes (by 1-7 %)
     return Fp8GemmConfig(block_m=128, block_n=128, group_m=8, num_warps=8, num_stages=4)
-
-
-@triton.jit
-def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """(row block, column block) of program ``pid`` in the grouped launch order: GROUP_M row blocks share each
-    weight tile while it is hot in L2."""
-    group_size = GROUP_M * num_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % group_size) % group_m, (pid % group_size) // group_m
 
 
 @triton.jit

@@ -33,9 +33,9 @@ from kernels.triton_fp8 import (
     _check_device,
     _promote_every,
     dot_precision,
-    grouped_tile,
     quantize_fp8_act_triton,
 )
+from kernels.triton_grid import grouped_tile, masked_expert
 from kernels.triton_moe import ExpertSort, sort_by_expert
 
 
@@ -125,14 +125,9 @@ def _fp8_moe_gemm_kernel(
     c_stride = stride_cm
     is_extra = False
     if MASKED:
-        expert = tl.program_id(1).to(tl.int64)
-        if ACTIVE:  # as in kernels.triton_moe: columns run the active experts alone, then EXTRA's
-            if expert == active_slots:
-                expert = expert * 0 + num_experts
-            else:
-                if expert >= tl.load(active_ptr + num_experts):
-                    return
-                expert = tl.load(active_ptr + expert).to(tl.int64)
+        expert = masked_expert(tl.program_id(1), active_ptr, num_experts, active_slots, ACTIVE)
+        if expert < 0:
+            return
         count = tl.load(counts_ptr + expert, mask=expert < num_experts, other=0).to(tl.int32)
         a_base = a_ptr + expert * stride_ae
         as_base = as_ptr + expert * stride_ase

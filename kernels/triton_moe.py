@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_decode_fused import moe_combine_triton, silu_mul_triton
+from kernels.triton_grid import grouped_tile, masked_expert
 
 
 @triton.jit
@@ -87,12 +88,7 @@ def _moe_gemm_kernel(
         num_m = tl.cdiv(capacity, BLOCK_M)
     else:
         num_m = tl.num_programs(0) // num_n
-    # Grouped launch order: GROUP_M row blocks share each weight tile while it is hot in L2.
-    group_size = GROUP_M * num_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -105,16 +101,9 @@ def _moe_gemm_kernel(
     b_stride = stride_bn
     c_stride = stride_cm
     if MASKED:
-        expert = tl.program_id(1).to(tl.int64)
-        if ACTIVE:
-            # Grid column i < active_slots runs the i-th active expert (`active_ptr`: their ids, then how many);
-            # column active_slots is EXTRA's. Columns past the active count return at once.
-            if expert == active_slots:
-                expert = expert * 0 + num_experts
-            else:
-                if expert >= tl.load(active_ptr + num_experts):
-                    return
-                expert = tl.load(active_ptr + expert).to(tl.int64)
+        expert = masked_expert(tl.program_id(1), active_ptr, num_experts, active_slots, ACTIVE)
+        if expert < 0:  # a column past the active experts (ACTIVE)
+            return
         a_base = a_ptr + expert * stride_ae
         b_base = b_ptr + expert * stride_be
         c_base = c_ptr + expert * stride_ce
