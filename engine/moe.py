@@ -299,16 +299,18 @@ class MoEBlock(nn.Module):
         return [self.w13, self.w2, *scales]
 
     def _experts(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                 graph_safe: bool, add: torch.Tensor | None = None) -> torch.Tensor:
-        """The routed experts: bf16 or FP8, graph-safe (masked layout, ``add`` summed in) or contiguous."""
+                 graph_safe: bool, add: torch.Tensor | None = None,
+                 shared: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """The routed experts: bf16 or FP8, graph-safe (masked layout, ``add`` summed in, or the shared experts'
+        ``_fused_shared_weights`` run in the same launches) or contiguous."""
         if self.fp8 is None:
             if graph_safe:
-                return moe_forward_static(hidden, topk_ids, topk_weights, self.w13, self.w2, add=add)
+                return moe_forward_static(hidden, topk_ids, topk_weights, self.w13, self.w2, add=add, shared=shared)
             return kernels.moe_forward(hidden, topk_ids, topk_weights, self.w13, self.w2)
         assert self.w13_scale_inv is not None and self.w2_scale_inv is not None
         if graph_safe:
             return moe_forward_static(hidden, topk_ids, topk_weights, self.w13, self.w2, add,
-                                      (self.w13_scale_inv, self.w2_scale_inv), self.fp8.block_size)
+                                      (self.w13_scale_inv, self.w2_scale_inv), self.fp8.block_size, shared)
         return kernels.fp8_moe_forward(hidden, topk_ids, topk_weights, self.w13, self.w13_scale_inv, self.w2,
                                        self.w2_scale_inv, self.fp8.block_size)
 
@@ -337,11 +339,8 @@ class MoEBlock(nn.Module):
         if graph_safe:  # the local dispatcher (checked above): the shared output is summed in the combine
             fused = self._fused_shared_weights(hidden)
             if fused is not None:
-                scales = None if self.fp8 is None else (self.w13_scale_inv, self.w2_scale_inv)
-                expert_out = moe_forward_static(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights,
-                                                self.w13, self.w2, fp8_scales=scales,
-                                                block_size=self.fp8.block_size if self.fp8 else (128, 128),
-                                                shared=fused)
+                expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, True,
+                                           shared=fused)
                 return self.dispatcher.combine(expert_out, dispatched)
         shared = self.shared_experts(hidden) if self.shared_experts is not None else None
         expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, True, shared)
