@@ -29,6 +29,7 @@ import json
 import math
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -128,34 +129,39 @@ def _moe_case(tokens: int, gated: bool, cfg: GemmConfig, shared: bool = False, c
         a = torch.randn(experts, tokens, HIDDEN, generator=gen, device="cuda").bfloat16()
         out = torch.empty(experts, tokens, inter, device="cuda", dtype=torch.bfloat16)
         w, nbytes = w13, active * 2 * inter * HIDDEN * 2
-
-        def ref() -> torch.Tensor:
-            gu = torch.einsum("etk,enk->etn", a.float(), w13.float())
-            g, u = gu.chunk(2, dim=-1)
-            return torch.nn.functional.silu(g) * u
     else:
         a = torch.randn(experts, tokens, inter, generator=gen, device="cuda").bfloat16()
         out = torch.empty(experts, tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
         w, nbytes = w2, active * inter * HIDDEN * 2
 
-        def ref() -> torch.Tensor:
-            return torch.einsum("etk,enk->etn", a.float(), w2.float())
-
     def call() -> torch.Tensor:
         _launch_masked(a, w, out, counts, gated, cfg)
         return out
 
-    valid = (torch.arange(tokens, device="cuda")[None, :] < counts[:, None])[..., None]
-
-    def checked_ref() -> torch.Tensor:
-        return torch.where(valid, ref(), 0.0)
-
-    def masked_out() -> torch.Tensor:  # rows past a count are unwritten (NaN may sit there): compare the rest
-        return torch.where(valid, call().float(), 0.0)
-
+    masked_out, checked_ref = _masked_checks(call, a, w.float, counts, gated)
     rows = int(counts.sum())
     flops = 2 * rows * (2 * inter if gated else HIDDEN) * (HIDDEN if gated else inter)
     return masked_out, call, checked_ref, nbytes, flops
+
+
+def _masked_checks(call: Callable[[], torch.Tensor], a: torch.Tensor, weight_f32: Callable[[], torch.Tensor],
+                   counts: torch.Tensor, gated: bool) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+    """(the launch's output, its float32 reference: ``a`` times the weight, SiLU(gate) * up when gated), both on
+    the rows within each count alone: rows past a count are unwritten (NaN may sit there). ``weight_f32`` gives
+    the weight in float32 when the reference runs (an FP8 one dequantized), not while the case is built."""
+    valid = (torch.arange(a.shape[1], device=a.device)[None, :] < counts[:, None])[..., None]
+
+    def reference() -> torch.Tensor:
+        y = torch.einsum("etk,enk->etn", a.float(), weight_f32())
+        if gated:
+            g, u = y.chunk(2, dim=-1)
+            y = torch.nn.functional.silu(g) * u
+        return torch.where(valid, y, 0.0)
+
+    def checked() -> torch.Tensor:
+        return torch.where(valid, call().float(), 0.0)
+
+    return checked, reference
 
 
 def _fp8_moe_case(tokens: int, gated: bool, cfg: Fp8GemmConfig, shared: bool = False):
@@ -177,19 +183,10 @@ def _fp8_moe_case(tokens: int, gated: bool, cfg: Fp8GemmConfig, shared: bool = F
         _launch_masked_fp8(a, None, w, w_s, out, counts, gated, cfg, (128, 128))
         return out
 
-    valid = (torch.arange(tokens, device="cuda")[None, :] < counts[:, None])[..., None]
+    def dequantized() -> torch.Tensor:
+        return dequantize_fp8_gated(w, w_s) if gated else dequantize_fp8_weight(w, w_s)
 
-    def fp8_ref() -> torch.Tensor:  # the same math in float32 on the dequantized weights
-        wd = (dequantize_fp8_gated(w, w_s) if gated else dequantize_fp8_weight(w, w_s))
-        y = torch.einsum("etk,enk->etn", a.float(), wd)
-        if gated:
-            g, u = y.chunk(2, dim=-1)
-            y = torch.nn.functional.silu(g) * u
-        return torch.where(valid, y, 0.0)
-
-    def masked_out() -> torch.Tensor:
-        return torch.where(valid, call().float(), 0.0)
-
+    masked_out, fp8_ref = _masked_checks(call, a, dequantized, counts, gated)
     active, rows = int((counts > 0).sum()), int(counts.sum())
     return masked_out, call, fp8_ref, active * n * k, 2 * rows * n * k
 
