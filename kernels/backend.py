@@ -44,3 +44,32 @@ def select_backend(tensor: torch.Tensor) -> Backend:
             raise RuntimeError(f"{BACKEND_ENV}=triton needs CUDA tensors (or TRITON_INTERPRET=1), got {tensor.device}")
         return "triton"
     raise ValueError(f"{BACKEND_ENV} must be torch, triton or auto, got {forced!r}")
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream: no host sync may run then."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_expert_range(topk_ids: torch.Tensor, num_experts: int) -> None:
+    """Refuses a routed expert id past the local experts. A host sync, so skipped inside a CUDA-graph capture
+    (the contiguous layout it guards runs at prefill, which is never captured)."""
+    if topk_ids.numel() and not capturing(topk_ids.device):
+        top = int(topk_ids.max())
+        if top >= num_experts:
+            raise ValueError(f"topk_ids holds expert {top} but only {num_experts} are local")
+
+
+def check_masked_layout(x: torch.Tensor, counts: torch.Tensor, num_experts: int) -> None:
+    """The masked layout's input checks every GPU backend makes: x ``[E, capacity, D]`` for ``num_experts``,
+    integer per-expert ``counts`` on x's device, none over capacity (read outside CUDA-graph capture only: a
+    host sync; inside one the kernels' row masks clamp them)."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [E, capacity, D], got {tuple(x.shape)}")
+    if x.shape[0] != num_experts or counts.shape != (num_experts,):
+        raise ValueError(f"x {tuple(x.shape)} / counts {tuple(counts.shape)} do not match {num_experts} experts")
+    if counts.dtype not in (torch.int32, torch.int64) or counts.device != x.device:
+        raise ValueError(f"counts must be an integer tensor on {x.device}, got {counts.dtype} on {counts.device}")
+    if not capturing(x.device) and counts.numel() and int(counts.max()) > x.shape[1]:
+        raise ValueError(f"an expert has {int(counts.max())} rows, capacity is {x.shape[1]}")
+

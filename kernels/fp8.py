@@ -209,19 +209,6 @@ def check_expert_weights(hidden_dim: int, w13: torch.Tensor, w13_scale: torch.Te
     return num_experts
 
 
-def check_masked_layout(x: torch.Tensor, counts: torch.Tensor, num_experts: int, capturing: bool) -> None:
-    """The masked layout's input checks every backend makes: x ``[E, capacity, D]`` for ``num_experts``, integer
-    per-expert ``counts`` on x's device, none over capacity (read only outside CUDA-graph capture: a host sync)."""
-    if x.dim() != 3:
-        raise ValueError(f"x must be [E, capacity, D], got {tuple(x.shape)}")
-    if x.shape[0] != num_experts or counts.shape != (num_experts,):
-        raise ValueError(f"x {tuple(x.shape)} / counts {tuple(counts.shape)} do not match {num_experts} experts")
-    if counts.dtype not in (torch.int32, torch.int64) or counts.device != x.device:
-        raise ValueError(f"counts must be an integer tensor on {x.device}, got {counts.dtype} on {counts.device}")
-    if not capturing and counts.numel() and int(counts.max()) > x.shape[1]:
-        raise ValueError(f"an expert has {int(counts.max())} rows, capacity is {x.shape[1]}")
-
-
 def fp8_moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
                     w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
                     block_size: BlockSize = (BLOCK, BLOCK)) -> torch.Tensor:

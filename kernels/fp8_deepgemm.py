@@ -40,12 +40,12 @@ from types import ModuleType
 
 import torch
 
+from kernels.backend import check_expert_range, check_masked_layout
 from kernels.fp8 import (
     BLOCK,
     FP8_DTYPE,
     BlockSize,
     check_expert_weights,
-    check_masked_layout,
     dequantize_fp8_act,
     dequantize_fp8_weight,
     masked_rows_hint,
@@ -208,10 +208,6 @@ def _check_experts(hidden_dim: int, w13: torch.Tensor, w13_scale: torch.Tensor, 
     return num_experts
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     from kernels.triton_decode_fused import silu_mul_triton
 
@@ -234,8 +230,7 @@ def fp8_moe_forward_deepgemm(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0 or top_k == 0 or num_experts == 0:
         return torch.zeros_like(hidden)
-    if not _capturing(hidden.device) and int(topk_ids.max()) >= num_experts:
-        raise ValueError(f"topk_ids holds expert {int(topk_ids.max())} but only {num_experts} are local")
+    check_expert_range(topk_ids, num_experts)
     from kernels.triton_moe import sort_by_expert
 
     dg = _require()
@@ -276,7 +271,7 @@ def fp8_moe_forward_masked_deepgemm(x: torch.Tensor, counts: torch.Tensor, w13: 
     if x.dtype != torch.bfloat16:
         raise ValueError(f"DeepGEMM writes bf16: x must be bf16, got {x.dtype}")
     num_experts = _check_experts(x.shape[-1], w13, w13_scale, w2, w2_scale, block_size)
-    check_masked_layout(x, counts, num_experts, _capturing(x.device))
+    check_masked_layout(x, counts, num_experts)
     capacity, hidden_dim = x.shape[1], x.shape[2]
     if num_experts == 0 or capacity == 0:
         return torch.zeros_like(x)

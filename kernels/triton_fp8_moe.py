@@ -20,11 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.backend import check_expert_range, check_masked_layout
 from kernels.fp8 import (
     BLOCK,
     BlockSize,
     check_expert_weights,
-    check_masked_layout,
     masked_rows_hint,
     quantizes_activations,
 )
@@ -201,10 +201,6 @@ def _fp8_moe_gemm_kernel(
              mask=store_mask[:, None] & n_mask[None, :])
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
                        out: torch.Tensor, sort: ExpertSort, weights: torch.Tensor | None, a_row_div: int, gated: bool,
                        cfg: Fp8GemmConfig, block_size: BlockSize) -> None:
@@ -266,10 +262,7 @@ def fp8_moe_forward_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_we
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0 or top_k == 0 or num_experts == 0:
         return torch.zeros_like(hidden)
-    if topk_ids.numel() and not _capturing(hidden.device):
-        top = int(topk_ids.max())  # host sync: prefill (the only caller of this layout) is not captured
-        if top >= num_experts:
-            raise ValueError(f"topk_ids holds expert {top} but only {num_experts} are local")
+    check_expert_range(topk_ids, num_experts)
     rows_hint = num_tokens * top_k // max(1, num_experts)
     cfg = config or grouped_gemm_config(rows_hint)
     quant = quantizes_activations(rows_hint)
@@ -332,7 +325,7 @@ def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: to
     ``expected_rows_per_expert`` is a tile hint as in ``kernels.triton_moe.moe_forward_masked_triton``.
     """
     num_experts = _check_moe_inputs(x.shape[-1], w13, w13_scale, w2, w2_scale, block_size)
-    check_masked_layout(x, counts, num_experts, _capturing(x.device))
+    check_masked_layout(x, counts, num_experts)
     _check_device(x)
     capacity, hidden_dim = x.shape[1], x.shape[2]
     out = torch.empty_like(x)

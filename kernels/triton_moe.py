@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.backend import check_expert_range, check_masked_layout
 from kernels.triton_decode_fused import moe_combine_triton, silu_mul_triton
 from kernels.triton_grid import grouped_tile, masked_expert
 
@@ -213,10 +214,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _validate_weights(hidden_dim: int, w13: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype) -> int:
     if w13.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} must be [E, *, *]")
@@ -386,16 +383,9 @@ def moe_forward_masked_triton(
     6 rows per expert; at 24 rows per expert 32-row tiles are 8 % faster, so pass the hint when known. Counts above the capacity are refused outside graph capture (the check
     needs a host sync); inside a capture they are clamped by the kernel's row mask.
     """
-    if x.dim() != 3:
-        raise ValueError(f"x must be [E, capacity, D], got {tuple(x.shape)}")
-    num_experts = _validate_weights(x.shape[2], w13, w2, x.dtype)
-    if x.shape[0] != num_experts or counts.shape != (num_experts,):
-        raise ValueError(f"x {tuple(x.shape)} / counts {tuple(counts.shape)} do not match {num_experts} experts")
-    if counts.dtype not in (torch.int32, torch.int64) or counts.device != x.device:
-        raise ValueError(f"counts must be an integer tensor on {x.device}, got {counts.dtype} on {counts.device}")
+    num_experts = _validate_weights(x.shape[-1], w13, w2, x.dtype)
+    check_masked_layout(x, counts, num_experts)
     capacity = x.shape[1]
-    if not _capturing(x.device) and counts.numel() and int(counts.max()) > capacity:
-        raise ValueError(f"an expert has {int(counts.max())} rows, capacity is {capacity}")
     out = torch.empty_like(x)
     if num_experts == 0 or capacity == 0:
         return out
@@ -482,14 +472,6 @@ def _validate_routing(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     return topk_ids.shape[0], topk_ids.shape[1]
 
 
-def _check_expert_range(topk_ids: torch.Tensor, num_experts: int) -> None:
-    # A host sync: prefill (the only caller of the contiguous path) is not graph-captured.
-    if topk_ids.numel() and not _capturing(topk_ids.device):
-        top = int(topk_ids.max())
-        if top >= num_experts:
-            raise ValueError(f"topk_ids holds expert {top} but only {num_experts} are local")
-
-
 @functools.lru_cache(maxsize=1)
 def deep_gemm_available() -> bool:
     """Whether DeepGEMM is importable (not on the machines tested so far; see the module docstring)."""
@@ -510,7 +492,7 @@ def moe_forward_gpu(
     """The contiguous path the backend selector routes to: the faster of the two measured on H100."""
     if PREFER_GROUPED_MM and grouped_mm_available(hidden.dtype, hidden.device):
         return moe_forward_grouped_mm(hidden, topk_ids, topk_weights, w13, w2)
-    _check_expert_range(topk_ids, w13.shape[0])
+    check_expert_range(topk_ids, w13.shape[0])
     return moe_forward_triton(hidden, topk_ids, topk_weights, w13, w2)
 
 
