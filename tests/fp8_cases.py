@@ -31,3 +31,15 @@ def random_fp8_experts(num: int, hidden: int, inter: int,
     s13 = torch.cat([parts[0][1], parts[1][1]], dim=1)
     w2, s2 = fp8.quantize_fp8_weight(torch.randn(num, hidden, inter, device=device, generator=gen) / inter**0.5)
     return w13, s13, w2, s2
+
+
+def random_routed_tokens(tokens: int, hidden: int, experts: int, top_k: int,
+                         gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bf16 tokens ``[T, D]``, their ``top_k`` distinct experts with every third token's first slot on another
+    rank (-1), float32 routing weights) on ``gen``'s device: the contiguous layout's input."""
+    device = gen.device
+    x = torch.randn(tokens, hidden, device=device, generator=gen).bfloat16()
+    ids = torch.rand(tokens, experts, device=device, generator=gen).topk(top_k, dim=1).indices
+    ids[::3, 0] = -1  # experts on other ranks
+    return x, ids, torch.rand(tokens, top_k, device=device, generator=gen)
+

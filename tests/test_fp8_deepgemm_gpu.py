@@ -23,7 +23,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from fp8_cases import BF16_TOL, poison_freed_cuda_memory, random_fp8_experts, rel_err
+from fp8_cases import (
+    BF16_TOL,
+    poison_freed_cuda_memory,
+    random_fp8_experts,
+    random_routed_tokens,
+    rel_err,
+)
 
 from kernels import fp8, fp8_deepgemm, moe
 from kernels.fp8_cublas import GEMM_ENV
@@ -104,10 +110,7 @@ def test_deepgemm_contiguous_moe_matches_the_reference(experts: int, hidden: int
                                                         tokens: int) -> None:
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
-    x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
-    ids = torch.rand(tokens, experts, device="cuda", generator=gen).topk(top_k, dim=1).indices
-    ids[::3, 0] = -1  # experts on other ranks
-    weights = torch.rand(tokens, top_k, device="cuda", generator=gen)
+    x, ids, weights = random_routed_tokens(tokens, hidden, experts, top_k, gen)
     ref = fp8.fp8_moe_forward(x, ids, weights, w13, s13, w2, s2)
     emulated = torch.zeros(x.shape, dtype=torch.float32, device="cuda")
     for e in torch.unique(ids[ids >= 0]).tolist():

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from fp8_cases import BF16_TOL, poison_freed_cuda_memory, random_fp8_experts, rel_err
+from fp8_cases import (
+    BF16_TOL,
+    poison_freed_cuda_memory,
+    random_fp8_experts,
+    random_routed_tokens,
+    rel_err,
+)
 from trained_fp8 import (  # noqa: F401 (trained_fp8_checkpoint: the trained_fp8_dir fixture)
     NEW_TOKENS,
     TRAINED_FP8_LOGITS_TOL,
@@ -122,10 +128,7 @@ def test_triton_fp8_contiguous_moe_matches_the_reference(experts: int, hidden: i
 
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
-    x = torch.randn(tokens, hidden, device="cuda", generator=gen).bfloat16()
-    ids = torch.rand(tokens, experts, device="cuda", generator=gen).topk(top_k, dim=1).indices
-    ids[::3, 0] = -1  # experts on other ranks
-    weights = torch.rand(tokens, top_k, device="cuda", generator=gen)
+    x, ids, weights = random_routed_tokens(tokens, hidden, experts, top_k, gen)
     # A bf16 input gives the reference the kernel's bf16 intermediate too: with an fp32 one, each element that
     # bf16 rounding moves across an e4m3 rounding boundary is requantized a whole step (1/8) apart, which
     # one token through 3 experts x 320 columns turned into 2.3 % on an H200.
