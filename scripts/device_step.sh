@@ -6,6 +6,8 @@
 #   tests      GPU tests of CUDA graphs, fused decode ops and FP8 (TESTS_K narrows them)
 #   flashmla   MLA decode tiles with FlashMLA beside Triton (when a FlashMLA extension is carried or built
 #              from .gpu_carry/, which is never committed; its build starts in the background at once)
+#   tunemla    bench.tune_gpu --only mla16: the 16-head paged MLA decode's tiles, warps, stages and every split
+#              count around the default (what sets the programs per SM when the KV read is the bound)
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
 #   fp8stepact the same with FP8 activations at every size (TANDEM_FP8_ACT=fp8)
 #   decodeactive / fp8stepactive   decode / fp8step with TANDEM_MOE_ACTIVE_GRID=1 (the MoE's masked launches
@@ -74,6 +76,8 @@ for s in $STEPS; do
     flashmla) flashmla_wait "$(left 240)"
         [ -n "${TANDEM_FLASHMLA_SO:-}" ] && step 05_tune_mla "$(left 150)" python3 -m bench.tune_gpu --quick \
             --only mla16,mla128 --out "$OUT_SAVED/tune_gpu_mla.json" ;;
+    tunemla) step 05_tune_mla16 "$(left 180)" python3 -m bench.tune_gpu --only mla16 \
+        --out "$OUT_SAVED/tune_gpu_mla16.json" ;;
     fp8diff) step 08_fp8_layer_diff "$(left 90)" python3 tests/fp8_layer_diff.py --promote-k 32 ;;
     fp8step) step 06_decode_step_fp8 "$(left 90)" python3 -m bench.decode_step $DS --quantization fp8 --profile \
         --out "$OUT_SAVED/decode_step_gpu_fp8.json" ;;
