@@ -72,6 +72,19 @@ def _router_flags(port: int) -> list[str]:
     return ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
 
 
+def add_gpu_sharing_args(p: argparse.ArgumentParser) -> None:
+    """The flags `start_setup` reads (every bench that starts a 1P1D setup takes them)."""
+    p.add_argument("--mps", action="store_true",
+                   help="GPU: run the servers under a private CUDA MPS daemon (kernels of both share the SMs)")
+    p.add_argument("--mps-prefill-sm", type=int, default=None, help="with --mps: the prefill's SM share, percent")
+    p.add_argument("--mps-decode-sm", type=int, default=None, help="with --mps: the decode's SM share, percent")
+
+
+def sharing_env(stack: contextlib.ExitStack, args: argparse.Namespace, directory: Path) -> dict[str, str]:
+    """With --mps: a private MPS daemon under ``directory`` for the stack's life, and the env its clients need."""
+    return stack.enter_context(mps_daemon(directory)) if args.mps else {}
+
+
 def start_setup(name: str, group: ServerGroup, args: argparse.Namespace) -> tuple[Server, list[Server]]:
     """Start one setup's workers, then its router; (router, workers) once all are healthy."""
     router_port = free_port()
@@ -112,8 +125,7 @@ def run_setup(name: str, args: argparse.Namespace, vocab: int) -> dict[str, Any]
     env = cpu_worker_env(args.threads) if args.device == "cpu" else {}
     load_before = os.getloadavg()  # the machine may be shared: say how busy it was
     with contextlib.ExitStack() as stack:
-        if args.mps:
-            env.update(stack.enter_context(mps_daemon(Path(args.log_dir) / name / "mps")))
+        env.update(sharing_env(stack, args, Path(args.log_dir) / name / "mps"))
         return _measure_setup(name, args, vocab, env, load_before)
 
 
@@ -243,10 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="default: the JSON path with .png")
     p.add_argument("--log-dir", default="runs/compare_pd", help="each server's log goes under here")
     p.add_argument("--disable-tqdm", action="store_true")
-    p.add_argument("--mps", action="store_true",
-                   help="GPU: run the servers under a private CUDA MPS daemon (kernels of both share the SMs)")
-    p.add_argument("--mps-prefill-sm", type=int, default=None, help="with --mps: the prefill's SM share, percent")
-    p.add_argument("--mps-decode-sm", type=int, default=None, help="with --mps: the decode's SM share, percent")
+    add_gpu_sharing_args(p)
     p.add_argument("--setups", type=_setups, default=SETUPS,
                    help="comma-separated, of 1p1d,colocated (default both; one alone leaves the ratio n/a)")
     return p

@@ -21,6 +21,7 @@ them: stacked TTFT parts, and stacked host phases beside the forward of one deco
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.compare_pd import start_setup, warm_up
+from bench.compare_pd import add_gpu_sharing_args, sharing_env, start_setup, warm_up
 from bench.decode_alone import tiny_model_with_context
 from bench.pd_servers import ServerGroup, cpu_worker_env, get_json, wait_idle
 from bench.pd_timeline import parse
@@ -123,7 +124,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for old in log_dir.glob("*.log"):  # the join reads every line under it: only this run's
         old.unlink()
     load_before = os.getloadavg()
-    with ServerGroup(log_dir, env) as group:
+    with contextlib.ExitStack() as stack:
+        env.update(sharing_env(stack, args, log_dir / "mps"))
+        group = stack.enter_context(ServerGroup(log_dir, env))
         router, (prefill, decode) = start_setup("1p1d", group, args)
         config = BenchConfig(
             base_url=router.url, backend="sglang", random_input_len=args.input_len,
@@ -146,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
                   "max_concurrency": args.max_concurrency, "transfer_backend": args.transfer_backend,
                   "torch_threads_per_worker": args.threads if args.device == "cpu" else None,
-                  "load_average_1m_before": load_before[0], "cpu_count": os.cpu_count(),
+                  "load_average_1m_before": load_before[0], "cpu_count": os.cpu_count(), "mps": args.mps,
                   "pages_idle_after_run": all(i["free_pages"] + i.get("evictable_pages", 0) == i["total_pages"]
                                               for i in idle)},
         "serving": {"completed": s["completed"], "output_tok_s": s["output_throughput"],
@@ -230,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-duration-s", type=float, default=600.0)
     p.add_argument("--output-json", default=None, help="default bench/results/host_path_<device>.json")
     p.add_argument("--plot", default=None, help="default: the JSON path with .png")
+    add_gpu_sharing_args(p)
     p.add_argument("--log-dir", default="runs/host_path", help="servers' logs go under <this>/<label>")
     return p
 

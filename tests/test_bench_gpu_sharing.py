@@ -42,3 +42,14 @@ def test_the_comparison_table_leaves_a_missing_setup_as_n_a() -> None:
     rows = compare_pd.comparison_rows({"1p1d": {"summary": summary}})
     assert all(row["colocated"] is None and row["ratio_1p1d_over_colocated"] is None for row in rows)
     assert "n/a" in compare_pd.format_table(rows, "title")
+
+
+def test_every_bench_that_starts_a_1p1d_setup_takes_the_flags_it_reads() -> None:
+    # bench.host_path calls compare_pd.start_setup with its own parser's namespace: when compare_pd gained the
+    # MPS flags, host_path's namespace lacked them and it failed at start-up (AttributeError).
+    from bench import host_path
+
+    for parser, argv in ((compare_pd.build_parser(), []), (host_path.build_parser(), ["--label", "x"])):
+        args = parser.parse_args([*argv, "--mps", "--mps-prefill-sm", "60", "--mps-decode-sm", "40"])
+        assert (args.mps, args.mps_prefill_sm, args.mps_decode_sm) == (True, 60, 40)
+        assert parser.parse_args(argv).mps is False
