@@ -44,6 +44,7 @@ def _rank(rank: int, world: int, path: str, cases: list[list[int]], errors: mp.Q
             assert torch.equal(heads_to_owner(mine.contiguous(), list(counts), group, world), got)
             back = heads_from_owner(got * 2, send, group, world)
             assert torch.equal(back, mine * 2), (rank, counts)
+        dist.barrier()  # leave together: a rank gone while its peer's exchange was in flight aborted gloo
         dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         errors.put(f"rank {rank}: {exc!r}")
