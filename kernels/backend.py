@@ -72,4 +72,3 @@ def check_masked_layout(x: torch.Tensor, counts: torch.Tensor, num_experts: int)
         raise ValueError(f"counts must be an integer tensor on {x.device}, got {counts.dtype} on {counts.device}")
     if not capturing(x.device) and counts.numel() and int(counts.max()) > x.shape[1]:
         raise ValueError(f"an expert has {int(counts.max())} rows, capacity is {x.shape[1]}")
-
