@@ -40,9 +40,12 @@
 # Carry .gpu_bundle, optionally .baseline and .gpu_carry. Everything written under $OUT comes back packed as
 # $OUT/results.tgz (a call returns at most 8 files); the caller's console log stays beside it.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
-# Every GPU item still owed by the open issues, in one call of ~10 minutes (BUDGET=570, the default):
-#   STEPS="prefix dbo a2a eplb decode fp8step" PREFIX_ARGS="--num-conversations 8 --num-turns 4
-#   --system-prompt-len 2048 --turn-input-len 256 --turn-output-len 64 --max-total-tokens 65536"
+# What the open issues still owe, most needed first (a step past BUDGET is cut short, so the order matters):
+#   call 1 (~9 min): STEPS="tests pdtests fp8step decode pd pd32landed pd32 pd32mps tunemla" TESTS_LIMIT=200
+#     TESTS_K="masked or contiguous or gated_mlp or dequantized_bf16 or model_on_gpu or quantizer or flashmla
+#     or greedy or fp8_linear or on_the_gpu or shared"   (FP8 and graph GPU tests, 1P1D GPU tests, the FP8 and
+#     bf16 decode steps, 1P1D at concurrency 8 and 32 beside the landed tree, the 16-head MLA tile sweep)
+#   call 2 (~9 min): STEPS="deepgemm flashmla tunefp8 pdmps decodeactive fp8stepactive" DEEPGEMM_SAVE_JIT=1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/runs/device_step}"
