@@ -16,9 +16,12 @@ activations in the model dtype against the dequantized weight tile (W8A16): no q
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from kernels.backend import check_expert_range, check_masked_layout
 from kernels.fp8 import (
@@ -42,9 +45,12 @@ from kernels.triton_moe import ExpertSort, sort_by_expert
 def grouped_gemm_config(rows_per_expert: int) -> Fp8GemmConfig:
     """Grouped tiles by the expected rows per expert. Many rows: 64 x 256 tiles (8 warps), the fastest of
     bench.gemm --sweep on an H100 at V3's 4096-token expert shapes (1.54x bf16 where 64 x 128 gave 1.30x
-    in the contiguous layout, 1.47x where 1.41x in the masked one)."""
+    in the contiguous layout, 1.47x where 1.41x in the masked one). Decode's few rows: 16 x 32 tiles, 5 stages,
+    the best or within 3 % of it at 1, 8 and 64 tokens in every masked W8A16 case of bench.tune_gpu --only fp8moe
+    on an H100 (V2-Lite, bench/results/tune_gpu_fp8_moe_h100.json): the routed gated GEMM at one token 32.0 us
+    where 16 x 64 x 4 stages took 42.9, the shared experts' 16.8 where 23.9."""
     if rows_per_expert <= 16:
-        return Fp8GemmConfig(block_m=16, block_n=64, group_m=1, num_warps=4, num_stages=4)
+        return Fp8GemmConfig(block_m=16, block_n=32, group_m=1, num_warps=4, num_stages=5)
     if rows_per_expert <= 64:
         return Fp8GemmConfig(block_m=32, block_n=64, group_m=4, num_warps=4, num_stages=4)
     return Fp8GemmConfig(block_m=64, block_n=256, group_m=8, num_warps=8, num_stages=3)
@@ -201,13 +207,35 @@ def _fp8_moe_gemm_kernel(
              mask=store_mask[:, None] & n_mask[None, :])
 
 
+# (config, gated, W8A16, extra) -> the pipeline stages that fit the device's shared memory, once found smaller
+_STAGES_THAT_FIT: dict[tuple[Fp8GemmConfig, bool, bool, bool], int] = {}
+
+
+def _launch_fitting(launch: Callable[[int], object], key: tuple[Fp8GemmConfig, bool, bool, bool],
+                    stages: int) -> None:
+    """``launch(stages)``, or with the most stages (down to 1) whose buffers fit the device's shared memory.
+    A tile's need depends on the compiler as well as the tile (the gated 64 x 256 prefill tile fit 3 stages in
+    an H100's 227 KiB under one Triton and needs 240 KiB under Triton 3.6); Triton raises OutOfResources
+    before anything is launched, so a retry is safe, and the answer is kept for the next launch."""
+    stages = _STAGES_THAT_FIT.get(key, stages)
+    while True:
+        try:
+            launch(stages)
+            break
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            _STAGES_THAT_FIT[key] = stages
+
+
 def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
                        out: torch.Tensor, sort: ExpertSort, weights: torch.Tensor | None, a_row_div: int, gated: bool,
                        cfg: Fp8GemmConfig, block_size: BlockSize) -> None:
     """``a_s`` None: ``aq`` is unquantized (W8A16)."""
     n = w.shape[1] // 2 if gated else w.shape[1]
     grid = (sort.max_blocks * triton.cdiv(n, cfg.block_n),)
-    _fp8_moe_gemm_kernel[grid](
+    _launch_fitting(lambda stages: _fp8_moe_gemm_kernel[grid](
         aq, a_s if a_s is not None else w_s, w, w_s, out, weights if weights is not None else out,
         sort.sorted_rows, sort.block_expert, sort.rows_padded, sort.rows_padded,
         sort.num_rows, n, w.shape[2], 0, triton.cdiv(n, block_size[0]),
@@ -219,8 +247,8 @@ def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tens
         MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
         GROUP_M=cfg.group_m, PROMOTE=_promote_every(block_size), W8A16=a_s is None,
         DOT_PRECISION=dot_precision(aq.dtype), EXTRA=False, ACTIVE=False, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )  # fmt: skip
+        num_stages=stages,
+    ), (cfg, gated, a_s is None, False), cfg.num_stages)  # fmt: skip
 
 
 def _no_extra(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Tensor, n: int,
@@ -302,7 +330,7 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
     tile_n = extra_args[-1]
     active_list, slots = _active_args(active, counts, aq.shape[0])
     grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(tile_n, cfg.block_n), slots + (extra is not None))
-    _fp8_moe_gemm_kernel[grid](
+    _launch_fitting(lambda stages: _fp8_moe_gemm_kernel[grid](
         aq, a_s if a_s is not None else w_s, w, w_s, out, out, counts, counts, counts, counts,
         0, n, w.shape[2], capacity, triton.cdiv(n, block_size[0]),
         aq.stride(0), aq.stride(1), a_s.stride(0) if a_s is not None else 0, a_s.stride(1) if a_s is not None else 0,
@@ -312,8 +340,8 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
         GATED=gated, MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
-        EXTRA=extra is not None, ACTIVE=active is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+        EXTRA=extra is not None, ACTIVE=active is not None, num_warps=cfg.num_warps, num_stages=stages,
+    ), (cfg, gated, a_s is None, extra is not None), cfg.num_stages)  # fmt: skip
 
 
 def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,

@@ -54,9 +54,18 @@ def test_gpu_1p1d_equals_colocated_generation_on_the_gpu(
         system.close()
 
 
+# The same greedy tokens; logprobs within this. The 1P1D prefill runs 40-token chunks in other batches than
+# the colocated reference, and a GPU GEMM's rounding depends on its row count: float32 noise (the 1e-4 of the
+# tests above) that, on the rare latent element sitting at an e4m3 rounding boundary, stores it one FP8 step
+# (up to 1/8 relative) apart and moves later logprobs by ~1e-3 (an H100 run: over 1e-4 on 1 of 32 requests).
+# A wrong scale, page or layer would move them by ~1.
+FP8_KV_LOGPROB_TOL = 2e-2
+
+
 def test_gpu_1p1d_with_an_fp8_kv_cache_equals_colocated_fp8_kv_generation(tiny_model: Path, tmp_path: Path) -> None:
     """`--kv-cache-dtype fp8_e4m3` on both workers: FP8 pages move GPU to GPU (NIXL) and the decode worker's
-    CUDA graphs read them through the Triton kernel's dequantize-on-load."""
+    CUDA graphs read them through the Triton kernel's dequantize-on-load. Same greedy tokens; logprobs within
+    FP8_KV_LOGPROB_TOL (printed: the largest difference seen)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     skip_unless_backend("nixl")
@@ -65,7 +74,8 @@ def test_gpu_1p1d_with_an_fp8_kv_cache_equals_colocated_fp8_kv_generation(tiny_m
     system = PDSystem(tiny_model, tmp_path, "nixl", prefill_flags=[*GPU_FLAGS, *fp8],
                       decode_flags=[*GPU_FLAGS, *fp8, "--max-total-tokens", "2048", "--cuda-graph-max-bs", "8"])
     try:
-        check_concurrent_mixed_requests(system, reference, n=32, seed=29)
+        worst = check_concurrent_mixed_requests(system, reference, n=32, seed=29, logprob_tol=FP8_KV_LOGPROB_TOL)
+        print(f"FP8 KV 1P1D vs colocated: greedy tokens equal, largest logprob difference {worst:.2e}")
     finally:
         system.close()
         reference.close()
