@@ -32,10 +32,10 @@ GEMM_CHOICES = ("auto", "triton", "cublas", "deepgemm")
 # activation tiles itself and splits K, which suits decode's few rows). bench.gemm measures both sides.
 CUBLAS_MIN_ROWS = int(os.environ.get("TANDEM_FP8_CUBLAS_MIN_ROWS", "128"))
 ROW_MULTIPLE = 16  # the row counts cuBLAS's block-scaled FP8 GEMM runs: others are padded up
-# Triton until cuBLAS's speed is measured: on an H100 (torch 2.11) F.scaled_mm matched the reference at 64 and
-# 4096 rows on every V3 / V2-Lite shape, but found no algorithm at 1, 7 and 333 rows (now padded, not yet
-# rerun) and bench.gemm stopped there, before timing it.
-DEFAULT_CHOICE = "triton"
+# cuBLAS from CUBLAS_MIN_ROWS rows: bench.gemm on an H100 (torch 2.11, bench/results/gemm_h100_s31_console.log)
+# put it ahead of our Triton GEMM on all seven V3 dense shapes at 128 rows (0.80-1.56x bf16 against 0.53-1.05x)
+# and at 4096 (1.07-1.57x against 0.63-0.95x); at 1 row Triton's split-K leads (1.14x against 0.71x).
+DEFAULT_CHOICE = "auto"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -139,8 +139,8 @@ def gemm_choice() -> str:
 def use_cublas(x: torch.Tensor, weight: torch.Tensor, block_size: BlockSize) -> bool:
     """Whether the dense FP8 GEMM of ``x [M, K]`` by ``weight [N, K]`` goes to cuBLAS.
 
-    ``TANDEM_FP8_GEMM``: ``triton`` (default) never, ``cublas`` wherever the shape allows (an error where the
-    GPU or torch cannot), ``auto`` from ``CUBLAS_MIN_ROWS`` rows on a GPU where the probe passed, ``deepgemm``
+    ``TANDEM_FP8_GEMM``: ``triton`` never, ``cublas`` wherever the shape allows (an error where the GPU or torch
+    cannot), ``auto`` (default) from ``CUBLAS_MIN_ROWS`` rows on a GPU where the probe passed, ``deepgemm``
     never (``kernels.fp8_deepgemm.use_deepgemm`` decides there).
     """
     choice = gemm_choice()

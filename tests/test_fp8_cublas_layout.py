@@ -23,7 +23,7 @@ def test_every_weight_scale_layout_holds_the_transposed_scales(blocks: int) -> N
 def test_cpu_tensors_never_go_to_cublas_and_the_switch_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     x, w = torch.zeros(256, 512), torch.zeros(256, 512, dtype=torch.float8_e4m3fn)
     monkeypatch.delenv(fp8_cublas.GEMM_ENV, raising=False)
-    assert fp8_cublas.DEFAULT_CHOICE == "triton" and not fp8_cublas.use_cublas(x, w, (128, 128))
+    assert fp8_cublas.DEFAULT_CHOICE == "auto" and not fp8_cublas.use_cublas(x, w, (128, 128))
     for choice in ("auto", "triton", "cublas", "deepgemm"):
         monkeypatch.setenv(fp8_cublas.GEMM_ENV, choice)
         assert not fp8_cublas.use_cublas(x, w, (128, 128))

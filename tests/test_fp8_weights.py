@@ -306,6 +306,19 @@ def test_quantization_flag_resolves_from_the_config_and_none_forces_dequantizati
         plan_quantization("int4", config, "cpu", torch.float32)
 
 
+def test_auto_keeps_a_checkpoints_fp8_weights_where_the_kernels_run(fp8_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An FP8 checkpoint under `auto` stays FP8 on a GPU with FP8 tensor cores (the GPU tests keep the dequantized
+    model's greedy tokens: tests/test_fp8_gpu.py), is dequantized where the kernels cannot run."""
+    import engine.quant
+
+    config = ModelConfig.from_dir(fp8_dir)
+    monkeypatch.setattr(engine.quant, "fp8_kernels_run_on", lambda device: True)
+    plan = plan_quantization("auto", config, "cuda", torch.bfloat16)
+    assert plan.keep_fp8 and plan.model_fp8 == config.quantization
+    assert not plan_quantization("none", config, "cuda", torch.bfloat16).keep_fp8
+
+
 @pytest.mark.parametrize(("env", "value"), [("TANDEM_FP8_ACT", "int8"), ("TANDEM_FP8_GEMM", "cutlass")])
 def test_a_bad_fp8_kernel_setting_is_refused_at_start_naming_it(fp8_dir: Path, env: str, value: str,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
