@@ -28,7 +28,9 @@
 #              column); several GPUs: bench.dynamic_a2a --world N by hand
 #   gemm       bench.gemm --sweep: each FP8 GEMM backend (ours, cuBLAS's block-scaled) beside bf16 at V3 shapes
 #   deepgemm   DeepGEMM built from .gpu_carry/deepgemm_src.tar.gz (scripts/make_deepgemm_carry.sh; never committed)
-#              by scripts/build_deepgemm.sh, then tests/test_fp8_deepgemm_gpu.py and bench.gemm (GEMM_ARGS) with it
+#              by scripts/build_deepgemm.sh (DG_JIT_USE_RUNTIME_API=1 in the environment builds its runtime-API
+#              kernel loader instead of dlsym'd driver calls), one probe GEMM under DG_JIT_DEBUG (gdb's backtrace
+#              if it crashes), then tests/test_fp8_deepgemm_gpu.py and bench.gemm (GEMM_ARGS) with it
 #              importable (its "deepgemm" backend beside the others). Its kernels JIT-compile per shape (seconds
 #              each) into /tmp/deepgemm/jit_cache; DEEPGEMM_SAVE_JIT=1 sends that cache back as
 #              deepgemm_jit_cache.tar.gz, and a carried .gpu_carry/deepgemm_jit_cache.tar.gz starts the next call warm
@@ -133,6 +135,13 @@ for s in $STEPS; do
             .gpu_carry/deepgemm_src.tar.gz
         [ -f /tmp/deepgemm/env.sh ] || continue
         source /tmp/deepgemm/env.sh  # PYTHONPATH (deep_gemm first), CUDA_HOME, DG_JIT_CACHE_DIR: every later step too
+        # One probe GEMM alone, with DeepGEMM's JIT log; where it crashes (2.6.1 on torch 2.11 / CUDA 13 segfaulted
+        # in its first fp8_gemm_nt on an H100), gdb's backtrace of the native frames when the image has gdb.
+        step 17_probe_deepgemm "$(left 90)" env DG_JIT_DEBUG=1 bash -c 'probe="import torch; from kernels import \
+            fp8_deepgemm as dg; print(\"deepgemm available:\", dg.available(0), dg.PROBE_LOG, flush=True)"
+            python3 -X faulthandler -c "$probe" && exit 0
+            command -v gdb >/dev/null && gdb -q -batch -ex run -ex bt --args python3 -c "$probe" 2>&1 | grep -v "^\["
+            exit 1'
         if [ -f .gpu_carry/deepgemm_jit_cache.tar.gz ]; then
             mkdir -p "$DG_JIT_CACHE_DIR" && tar -xzf .gpu_carry/deepgemm_jit_cache.tar.gz -C "$DG_JIT_CACHE_DIR"
         fi
