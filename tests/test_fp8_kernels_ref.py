@@ -158,3 +158,34 @@ def test_gemm_bench_quick_runs_on_cpu_and_writes_json_and_png(tmp_path: Path) ->
         ref = row["torch_reference"]
         assert ref["ms"] > 0 and row["bf16"]["ms"] > 0 and ref["ratio"] == pytest.approx(row["bf16"]["ms"] / ref["ms"])
         assert ref["rel_err"] < 0.05  # bf16 inputs against the float32 reference: rounding only
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_a_grouped_launch_steps_its_pipeline_down_until_the_tile_fits_shared_memory() -> None:
+    """Triton refuses a tile whose buffers exceed the device's shared memory before launching anything: the
+    grouped FP8 launches retry with one stage fewer, remember what fitted, and give up below one stage."""
+    from triton.runtime.errors import OutOfResources
+
+    from kernels import triton_fp8_moe
+    from kernels.triton_fp8 import Fp8GemmConfig
+
+    cfg = Fp8GemmConfig(block_m=64, block_n=256, group_m=8, num_warps=8, num_stages=4)
+    key = (cfg, True, False, False)
+    triton_fp8_moe._STAGES_THAT_FIT.pop(key, None)
+    tried: list[int] = []
+
+    def launch(stages: int) -> None:
+        tried.append(stages)
+        if stages > 2:
+            raise OutOfResources(stages * 81920, 232448, "shared memory")
+
+    triton_fp8_moe._launch_fitting(launch, key, cfg.num_stages)
+    assert tried == [4, 3, 2] and triton_fp8_moe._STAGES_THAT_FIT[key] == 2
+    tried.clear()
+    triton_fp8_moe._launch_fitting(launch, key, cfg.num_stages)  # the next launch starts where it fitted
+    assert tried == [2]
+    never = (Fp8GemmConfig(16, 32, 1, 4, 2), False, True, False)
+    with pytest.raises(OutOfResources):
+        triton_fp8_moe._launch_fitting(lambda stages: launch(stages + 9), never, 2)
+    triton_fp8_moe._STAGES_THAT_FIT.pop(key, None)
+    triton_fp8_moe._STAGES_THAT_FIT.pop(never, None)
