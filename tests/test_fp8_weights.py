@@ -313,6 +313,8 @@ def test_auto_keeps_a_checkpoints_fp8_weights_where_the_kernels_run(fp8_dir: Pat
     import engine.quant
 
     config = ModelConfig.from_dir(fp8_dir)
+    monkeypatch.setattr(engine.quant, "fp8_kernels_run_on", lambda device: False)  # pre-sm89
+    assert not plan_quantization("auto", config, "cuda", torch.bfloat16).keep_fp8
     monkeypatch.setattr(engine.quant, "fp8_kernels_run_on", lambda device: True)
     plan = plan_quantization("auto", config, "cuda", torch.bfloat16)
     assert plan.keep_fp8 and plan.model_fp8 == config.quantization
