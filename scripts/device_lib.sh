@@ -44,14 +44,16 @@ step() {  # step NAME SECONDS CMD...: run CMD time-boxed, tee'd to $OUT/NAME.log
     [ "$rc" -eq 0 ] || status=1
 }
 # FlashMLA, only where one was carried (.gpu_carry/ is never committed): flashmla_start SAVE_DIR LOG_DIR uses a
-# carried .so or starts building one in the background; flashmla_wait SECONDS waits for that build and exports
-# TANDEM_FLASHMLA_SO when it produced SAVE_DIR/flash_mla_dense.so.
+# carried .so, or builds one in the background from .gpu_carry/flashmla_src.tar.gz (scripts/make_flashmla_carry.sh
+# writes it; scripts/build_flashmla.sh builds it); flashmla_wait SECONDS waits for that build and exports
+# TANDEM_FLASHMLA_SO when it produced SAVE_DIR/flash_mla_dense.so (which then comes back for the next call to carry).
 flashmla_start() {
     flashmla_save=$1 flashmla_log=$2/00_build_flashmla.log
     if [ -f .gpu_carry/flash_mla_dense.so ]; then
         export TANDEM_FLASHMLA_SO=$PWD/.gpu_carry/flash_mla_dense.so
-    elif [ -f .gpu_carry/build_flashmla.py ]; then
-        (python3 .gpu_carry/build_flashmla.py "$flashmla_save" >"$flashmla_log" 2>&1; echo "rc $?" >>"$flashmla_log") &
+    elif [ -f .gpu_carry/flashmla_src.tar.gz ]; then
+        (bash scripts/build_flashmla.sh .gpu_carry/flashmla_src.tar.gz "$flashmla_save/flash_mla_dense.so" \
+            >"$flashmla_log" 2>&1; echo "rc $?" >>"$flashmla_log") &
         flashmla_pid=$!
     fi
 }

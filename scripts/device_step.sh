@@ -4,8 +4,9 @@
 #   decode     bench.decode_step --profile: the decode step against its floor, kernels per step
 #   landed     the same decode step on the landed tree carried as .baseline (same call, same card)
 #   tests      GPU tests of CUDA graphs, fused decode ops and FP8 (TESTS_K narrows them)
-#   flashmla   MLA decode tiles with FlashMLA beside Triton (when a FlashMLA extension is carried or built
-#              from .gpu_carry/, which is never committed; its build starts in the background at once)
+#   flashmla   MLA decode tiles with FlashMLA beside Triton (when a FlashMLA extension is carried, or built by
+#              scripts/build_flashmla.sh from .gpu_carry/flashmla_src.tar.gz, never committed; the build starts
+#              in the background at once and its flash_mla_dense.so comes back to be carried next time)
 #   tunemla    bench.tune_gpu --only mla16: the 16-head paged MLA decode's tiles, warps, stages and every split
 #              count around the default (what sets the programs per SM when the KV read is the bound)
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
@@ -42,12 +43,14 @@
 # Carry .gpu_bundle, optionally .baseline and .gpu_carry. Everything written under $OUT comes back packed as
 # $OUT/results.tgz (a call returns at most 8 files); the caller's console log stays beside it.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
-# What the open issues still owe, most needed first (a step past BUDGET is cut short, so the order matters):
-#   call 1 (~9 min): STEPS="tests pdtests fp8step decode pd pd32landed pd32 pd32mps tunemla" TESTS_LIMIT=200
-#     TESTS_K="masked or contiguous or gated_mlp or dequantized_bf16 or model_on_gpu or quantizer or flashmla
-#     or greedy or fp8_linear or on_the_gpu or shared"   (FP8 and graph GPU tests, 1P1D GPU tests, the FP8 and
-#     bf16 decode steps, 1P1D at concurrency 8 and 32 beside the landed tree, the 16-head MLA tile sweep)
-#   call 2 (~9 min): STEPS="deepgemm flashmla tunefp8 pdmps decodeactive fp8stepactive" DEEPGEMM_SAVE_JIT=1
+# What the open issues still owe, most needed first (a step past BUDGET is cut short, so the order matters).
+# Carry .gpu_bundle, .gpu_carry (scripts/make_deepgemm_carry.sh and scripts/make_flashmla_carry.sh write it) and
+# .baseline (the landed tree, `git archive 01b6185`):
+#   call 1 (~9 min): DG_JIT_USE_RUNTIME_API=1 GEMM_ARGS=--sweep STEPS="deepgemm flashmla fp8step pd32landed pd32mps"
+#     (FlashMLA builds in the background from the start, beside DeepGEMM's build, probe, tests and
+#     bench.gemm --sweep beside cuBLAS and Triton, grouped 4096-token shapes included; then the 128-head MLA; the
+#     FP8 step; c32 on the landed tree, then on this one under MPS)
+#   call 2: STEPS="pd pdmps pd32 tunefp8 decode" (time-sliced and MPS 1P1D, the FP8 decode tiles, the bf16 step)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/runs/device_step}"

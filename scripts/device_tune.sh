@@ -3,7 +3,8 @@
 # MoE GEMMs, shared experts, skinny projections vs cuBLAS, MLA decode at 16 and 128 heads, FlashMLA beside it
 # when an extension is carried), then the FP8 GPU tests with short tracebacks.
 # Carry .gpu_bundle (scripts/make_gpu_bundle.sh); a FlashMLA build of your own may ride in .gpu_carry/
-# (.gpu_carry/build_flashmla.py DIR builds DIR/flash_mla_dense.so; nothing of FlashMLA is committed here).
+# (scripts/make_flashmla_carry.sh writes .gpu_carry/flashmla_src.tar.gz, built here by scripts/build_flashmla.sh
+# into DIR/flash_mla_dense.so; nothing of FlashMLA is committed).
 # Usage: OUT=DIR bash scripts/device_tune.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

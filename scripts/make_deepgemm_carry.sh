@@ -22,28 +22,8 @@ out="${1:-.gpu_carry/deepgemm_src.tar.gz}"
 work="$(mktemp -d "${TMPDIR:-/tmp}/deepgemm-carry.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
-# git_dir_with SOURCE COMMIT NAME: prints a git directory that holds COMMIT (SOURCE itself when it is a local
-# repository, else a bare repository in $work with COMMIT fetched from the URL, shallow).
-git_dir_with() {
-    local src=$1 commit=$2 name=$3 dir
-    if [ -d "$src" ]; then
-        dir="$(git -C "$src" rev-parse --absolute-git-dir)"
-    else
-        dir="$work/$name.git"
-        git init -q --bare "$dir"
-        git -C "$dir" fetch -q --depth 1 "$src" "$commit"
-    fi
-    git -C "$dir" cat-file -e "$commit^{commit}" 2>/dev/null || {
-        echo "make_deepgemm_carry: $src has no commit $commit" >&2
-        exit 2
-    }
-    echo "$dir"
-}
-
-# submodule_commit GIT_DIR COMMIT PATH: the commit a gitlink of the tree pins
-submodule_commit() {
-    git -C "$1" ls-tree "$2" "$3" | awk '$2 == "commit" { print $3 }'
-}
+carry_name=make_deepgemm_carry
+source scripts/carry_lib.sh
 
 dg="$(git_dir_with "$DEEPGEMM_GIT" "$DEEPGEMM_COMMIT" deepgemm)"
 cutlass_commit="$(submodule_commit "$dg" "$DEEPGEMM_COMMIT" third-party/cutlass)"
@@ -70,11 +50,5 @@ done
 printf 'deepgemm %s %s\ncutlass %s %s\nfmt %s %s\n' "$DEEPGEMM_COMMIT" "$DEEPGEMM_GIT" "$cutlass_commit" \
     "$CUTLASS_GIT" "$fmt_commit" "$FMT_GIT" >"$stage/DeepGEMM/TANDEM_PINS"
 
-mkdir -p "$(dirname "$out")"
-# Same bytes for the same commits: sorted names, fixed times and owners, no gzip timestamp.
-tar -C "$stage" --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf - DeepGEMM | gzip -9n >"$out.tmp"
-mv "$out.tmp" "$out"
-files=$(tar -tzf "$out" | grep -vc '/$')
-echo "make_deepgemm_carry: $out: $(du -h "$out" | cut -f1) ($(stat -c %s "$out") bytes, $files files;" \
-    "unpacked $(du -sh "$stage/DeepGEMM" | cut -f1))"
+pack_tarball "$stage" DeepGEMM "$out"
 cat "$stage/DeepGEMM/TANDEM_PINS"
