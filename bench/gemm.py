@@ -26,10 +26,13 @@ Timing: ``triton.testing.do_bench`` medians on CUDA; perf_counter medians on CPU
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -120,12 +123,28 @@ def fp8_backends(device: torch.device, quick: bool) -> dict[str, dict[str, Calla
     from kernels import fp8_deepgemm as dg
 
     index = device.index or 0
-    if dg.available(index):
+    crash = _deepgemm_probe_crash(index)
+    if crash:
+        log(f"DeepGEMM probe: {crash}; not benchmarked")
+    elif dg.available(index):
         backends["deepgemm"] = {"linear": dg.fp8_linear_deepgemm, "moe": dg.fp8_moe_forward_deepgemm,
                                 "masked": dg.fp8_moe_forward_masked_deepgemm}
     for line in dg.PROBE_LOG.get(index, []):
         log(f"DeepGEMM probe: {line}")
     return backends
+
+
+def _deepgemm_probe_crash(index: int) -> str:
+    """Why DeepGEMM's probe GEMM kills a process (a signal), tried in a child first; "" where it returns (or
+    DeepGEMM is not installed). A library that segfaults would otherwise end this run before any result."""
+    if importlib.util.find_spec("deep_gemm") is None:
+        return ""
+    probe = "import sys; from kernels import fp8_deepgemm as dg; dg.available(int(sys.argv[1]))"
+    child = subprocess.run([sys.executable, "-c", probe, str(index)], cwd=Path(__file__).resolve().parents[1],
+                           capture_output=True, text=True, timeout=600, check=False)
+    if child.returncode >= 0:
+        return ""
+    return f"its probe GEMM killed a child process (signal {-child.returncode}): {child.stderr.strip()[-300:]}"
 
 
 def _weights(n: int, k: int, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         results["triton"] = triton.__version__
         os.environ[GEMM_ENV] = "triton"  # the "triton" backend is ours alone; "cublas" calls cuBLAS directly
+    stem = f"gemm_{device.type}" + ("_quick" if args.quick else "")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     results["dense"] = bench_dense(device, args.quick, args.sweep)
     if device.type == "cuda":
         from kernels.fp8_cublas import PROBE_LOG
@@ -344,9 +365,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         results["cublas_probe"] = PROBE_LOG.get(device.index or 0, [])
         results["deepgemm_probe"] = DEEPGEMM_PROBE_LOG.get(device.index or 0, [])
+    results["grouped"] = []
+    # The dense half is kept before the grouped GEMMs run: a backend dying there leaves a JSON behind.
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
     results["grouped"] = [] if args.dense_only else bench_grouped(device, args.quick, args.sweep)
-    stem = f"gemm_{device.type}" + ("_quick" if args.quick else "")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out_dir / f"{stem}.png")
     log(f"wrote {args.out_dir / stem}.json and .png")
