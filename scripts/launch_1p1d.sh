@@ -61,7 +61,10 @@ shutdown() {
 trap shutdown EXIT INT TERM
 
 if [ "$DEVICE" = cuda ] && [ "$MPS" != 0 ]; then
-    if command -v nvidia-cuda-mps-control >/dev/null; then
+    if [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] || [ -e /tmp/nvidia-mps/control ]; then
+        # One MPS server per GPU: where a daemon is already set up, the workers join it.
+        echo "prefill and decode join the MPS daemon already running (${CUDA_MPS_PIPE_DIRECTORY:-/tmp/nvidia-mps})"
+    elif command -v nvidia-cuda-mps-control >/dev/null; then
         # Its own pipe and log directories: no system-wide daemon is touched, and the workers find this one.
         dir="$(cd "$LOG_DIR" && pwd)/mps"
         mkdir -p "$dir/pipe" "$dir/log"
