@@ -60,23 +60,42 @@ class MLAttention(nn.Module):
         self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, config.attention_bias, rank, size, group,
                                         dtype, device, fp8=fp8)
         # The two projections of the hidden state (q, or V3's q_a, and kv_a) live in one [rows_q + 576, D]
-        # buffer, so a step runs them as one GEMM (one launch where decode ran two). Model-dtype weights
-        # without biases only: FP8 weights keep their own layers (and block scales).
+        # buffer, so a step runs them as one GEMM (one launch where decode ran two). Without biases; FP8
+        # weights too where both hold FP8 in the same blocks and q's rows end on a block, so the block scales
+        # stack the same way ([rows_q / 128 + 5, D / 128]: kv_a's last block is the buffer's partial one).
         self._q_in = self.q_proj if config.q_lora_rank is None else self.q_a_proj
         self._q_kv_a: torch.Tensor | None = None
-        if self._q_in.fp8 is None and self.kv_a_proj_with_mqa.fp8 is None and not config.attention_bias:
-            rows = self._q_in.weight.shape[0]
-            self._q_kv_a = torch.empty(rows + config.kv_cache_dim, hidden, dtype=dtype, device=device)
+        self._q_kv_a_scale: torch.Tensor | None = None
+        rows, kv_a = self._q_in.weight.shape[0], self.kv_a_proj_with_mqa
+        same_fp8 = self._q_in.fp8 is not None and kv_a.fp8 == self._q_in.fp8 and rows % self._q_in.fp8.block_n == 0
+        if not config.attention_bias and (same_fp8 or (self._q_in.fp8 is None and kv_a.fp8 is None)):
+            self._q_kv_a = torch.empty(rows + config.kv_cache_dim, hidden, dtype=self._q_in.weight.dtype,
+                                       device=device)
             self._q_in.weight = nn.Parameter(self._q_kv_a[:rows], requires_grad=False)
-            self.kv_a_proj_with_mqa.weight = nn.Parameter(self._q_kv_a[rows:], requires_grad=False)
+            kv_a.weight = nn.Parameter(self._q_kv_a[rows:], requires_grad=False)
+            if same_fp8:
+                assert self._q_in.weight_scale_inv is not None and kv_a.weight_scale_inv is not None
+                q_blocks = self._q_in.weight_scale_inv.shape[0]
+                self._q_kv_a_scale = torch.empty(q_blocks + kv_a.weight_scale_inv.shape[0],
+                                                 self._q_in.weight_scale_inv.shape[1], dtype=torch.float32,
+                                                 device=device)
+                self._q_in.weight_scale_inv = nn.Parameter(self._q_kv_a_scale[:q_blocks], requires_grad=False)
+                kv_a.weight_scale_inv = nn.Parameter(self._q_kv_a_scale[q_blocks:], requires_grad=False)
 
     def _project_hidden(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q, or V3's q_a; kv_a) of the hidden state: one GEMM while both weights live in the fused buffer
-        (a loader may have replaced them), else two. The results are column views of one output."""
-        first, fused = self._q_in.weight, self._q_kv_a
-        if fused is None or not stacked_in(fused, first, self.kv_a_proj_with_mqa.weight):
-            return self._q_in(hidden), self.kv_a_proj_with_mqa(hidden)
-        both = torch.nn.functional.linear(hidden, fused)
+        """(q, or V3's q_a; kv_a) of the hidden state: one GEMM while both weights (and FP8 scales) live in
+        the fused buffers (a loader may have replaced them), else two. The results are column views of one
+        output."""
+        first, fused, kv_a = self._q_in.weight, self._q_kv_a, self.kv_a_proj_with_mqa
+        if fused is None or not stacked_in(fused, first, kv_a.weight):
+            return self._q_in(hidden), kv_a(hidden)
+        if self._q_in.fp8 is None:
+            both = torch.nn.functional.linear(hidden, fused)
+        elif stacked_in(self._q_kv_a_scale, self._q_in.weight_scale_inv, kv_a.weight_scale_inv):
+            assert self._q_kv_a_scale is not None
+            both = kernels.fp8_linear(hidden, fused, self._q_kv_a_scale, None, self._q_in.fp8.block_size)
+        else:
+            return self._q_in(hidden), kv_a(hidden)
         return both[:, : first.shape[0]], both[:, first.shape[0]:]
 
     def _w_kc_vc(self) -> tuple[torch.Tensor, torch.Tensor]:

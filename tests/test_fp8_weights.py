@@ -295,6 +295,30 @@ def test_dummy_fp8_weights_are_fp8_values_of_the_checkpoints_shapes() -> None:
                        quantize_fp8_weight(plain.model.layers[1].mlp.w2[0])[0].view(torch.uint8))
 
 
+def test_fp8_q_and_kv_a_projections_run_as_one_gemm_where_their_scale_blocks_stack() -> None:
+    """FP8 q_a (or q) and kv_a weights share one buffer, and their block scales another, when q's rows end on a
+    128-row block: one FP8 GEMM gives both projections, as the two layers do apart. The tiny checkpoint's
+    q_lora of 192 (1.5 blocks) cannot stack (a scale block would straddle both weights) and stays two GEMMs."""
+    from engine.layers import stacked_in
+
+    for q_lora, fused in ((256, True), (192, False)):
+        config = ModelConfig.from_dict({**tiny_config("v3-fp8"), "q_lora_rank": q_lora})
+        model = DeepseekForCausalLM(config, dtype=torch.float32, fp8=Fp8Config())
+        load_model(model, None, "dummy", seed=4)
+        attn = model.model.layers[0].self_attn
+        kv_a = attn.kv_a_proj_with_mqa
+        assert attn._q_in.weight.dtype == FP8_DTYPE and kv_a.weight.dtype == FP8_DTYPE
+        assert (attn._q_kv_a is not None) is fused
+        if fused:  # the loader filled the views: the buffers hold the dummy weights
+            assert stacked_in(attn._q_kv_a, attn._q_in.weight, kv_a.weight)
+            assert stacked_in(attn._q_kv_a_scale, attn._q_in.weight_scale_inv, kv_a.weight_scale_inv)
+            assert attn._q_kv_a_scale is not None and attn._q_kv_a_scale.shape == (2 + 2, 2)
+        x = torch.randn(5, config.hidden_size, generator=torch.Generator().manual_seed(q_lora))
+        q, latent = attn._project_hidden(x)
+        for got, want in ((q, attn._q_in(x)), (latent, kv_a(x))):
+            assert got.shape == want.shape and ((got - want).norm() / want.norm()).item() < 1e-6
+
+
 def test_quantization_flag_resolves_from_the_config_and_none_forces_dequantization(fp8_dir: Path) -> None:
     config = ModelConfig.from_dir(fp8_dir)
     assert config.quantization == Fp8Config(128, 128)
