@@ -35,11 +35,21 @@ def cpu_worker_env(threads: int = 1) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(threads), "UCX_MODULES": "^ib", "UCX_NET_DEVICES": "lo"}
 
 
+# Ports this process has handed out: a port is free until its server binds it, so two draws for one system
+# (a prefill's and its router's) could return the same one, and the router then finds it taken while the
+# prefill answers on it (a CI run saw requests meant for the router reach a prefill worker).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A free port below the kernel's ephemeral range (workers' own helpers take ephemeral ports)."""
+    """A free port below the kernel's ephemeral range (workers' own helpers take ephemeral ports), never one
+    this process handed out before."""
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(20000, 32000)
+        if port in _HANDED_OUT:
+            continue
+        _HANDED_OUT.add(port)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
