@@ -19,22 +19,18 @@ PYTHON="${PYTHON:-python3}"
 src="${1:-.gpu_carry/deepgemm_src.tar.gz}"
 dest="${DEEPGEMM_DIR:-/tmp/deepgemm}"
 start=$(date +%s)
-[ -f "$src" ] || { echo "build_deepgemm: no $src (scripts/make_deepgemm_carry.sh writes it)" >&2; exit 2; }
-mkdir -p "$dest"
-dest="$(cd "$dest" && pwd)"
-tree="$dest/DeepGEMM"
-rm -rf "$tree" "$dest/site" "$dest/shims" "$dest/env.sh" "$dest/env.sh.tmp"
-tar -xzf "$src" -C "$dest"
+build_name=build_deepgemm
+source scripts/build_lib.sh
+unpack_carry "$src" "$dest" DeepGEMM make_deepgemm_carry.sh
+rm -rf "$dest/site" "$dest/shims" "$dest/env.sh" "$dest/env.sh.tmp"
 for need in setup.py csrc/python_api.cpp deep_gemm/__init__.py third-party/cutlass/include/cute \
     third-party/fmt/include/fmt/format.h; do
     [ -e "$tree/$need" ] || { echo "build_deepgemm: $src lacks DeepGEMM/$need" >&2; exit 2; }
 done
 [ -f "$tree/TANDEM_PINS" ] && sed 's/^/build_deepgemm: pinned /' "$tree/TANDEM_PINS"
 
-nvcc="${CUDA_HOME:+$CUDA_HOME/bin/nvcc}"
-[ -n "$nvcc" ] && [ -x "$nvcc" ] || nvcc="$(command -v nvcc || true)"
-[ -n "$nvcc" ] || { echo "build_deepgemm: nvcc not found (set CUDA_HOME)" >&2; exit 3; }
-cuda_root="$(dirname "$(dirname "$(readlink -f "$nvcc")")")"
+cuda_root="$(cuda_root)"
+nvcc="$cuda_root/bin/nvcc"
 # setup.py links cudart and nvrtc from CUDA_HOME/lib64 (and adds include/cccl, CUDA 13's libcu++ place itself)
 cuda_lib="$cuda_root/lib64"
 [ -e "$cuda_lib/libnvrtc.so" ] || cuda_lib="$(dirname "$(find "$cuda_root" -name 'libnvrtc.so' 2>/dev/null | head -1)")"

@@ -18,17 +18,14 @@ src="${1:-.gpu_carry/flashmla_src.tar.gz}"
 dest="${FLASHMLA_DIR:-/tmp/flashmla}"
 out="${2:-$dest/flash_mla_dense.so}"
 start=$(date +%s)
-[ -f "$src" ] || { echo "build_flashmla: no $src (scripts/make_flashmla_carry.sh writes it)" >&2; exit 2; }
-mkdir -p "$dest"
-dest="$(cd "$dest" && pwd)"
-tree="$dest/FlashMLA"
-rm -rf "$tree" "$dest/build"
-tar -xzf "$src" -C "$dest"
+build_name=build_flashmla
+source scripts/build_lib.sh
+unpack_carry "$src" "$dest" FlashMLA make_flashmla_carry.sh
+rm -rf "$dest/build"
 [ -f "$tree/TANDEM_PINS" ] && sed 's/^/build_flashmla: pinned /' "$tree/TANDEM_PINS"
-nvcc="${CUDA_HOME:+$CUDA_HOME/bin/nvcc}"
-[ -n "$nvcc" ] && [ -x "$nvcc" ] || nvcc="$(command -v nvcc || true)"
-[ -n "$nvcc" ] || { echo "build_flashmla: nvcc not found (set CUDA_HOME)" >&2; exit 3; }
-export CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$nvcc")")")"
+CUDA_HOME="$(cuda_root)"
+export CUDA_HOME
+nvcc="$CUDA_HOME/bin/nvcc"
 
 mkdir -p "$dest/build"
 cat >"$dest/build/binding.cpp" <<'CPP'
