@@ -10,6 +10,7 @@
 #   tunemla    bench.tune_gpu --only mla16: the 16-head paged MLA decode's tiles, warps, stages and every split
 #              count around the default (what sets the programs per SM when the KV read is the bound)
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
+#   fp8stepnogemv  fp8step with the one-or-two-row expert GEMV off (TANDEM_FP8_GEMV=0: the 16-row dot tiles)
 #   fp8stepact the same with FP8 activations at every size (TANDEM_FP8_ACT=fp8)
 #   decodeactive / fp8stepactive   decode / fp8step with TANDEM_MOE_ACTIVE_GRID=1 (the MoE's masked launches
 #              over the experts that got rows alone), beside decode / fp8step in the same call
@@ -89,6 +90,8 @@ for s in $STEPS; do
     fp8diff) step 08_fp8_layer_diff "$(left 90)" python3 tests/fp8_layer_diff.py --promote-k 32 ;;
     fp8step) step 06_decode_step_fp8 "$(left 90)" python3 -m bench.decode_step $DS --quantization fp8 --profile \
         --out "$OUT_SAVED/decode_step_gpu_fp8.json" ;;
+    fp8stepnogemv) step 06_decode_step_fp8_nogemv "$(left 90)" env TANDEM_FP8_GEMV=0 python3 -m bench.decode_step $DS \
+        --quantization fp8 --profile --out "$OUT_SAVED/decode_step_gpu_fp8_nogemv.json" ;;
     decodeactive) step 02_decode_step_active "$(left 90)" env TANDEM_MOE_ACTIVE_GRID=1 TANDEM_MLA_DECODE=triton \
         python3 -m bench.decode_step $DS --profile --out "$OUT_SAVED/decode_step_gpu_active.json" ;;
     fp8stepactive) step 06_decode_step_fp8_active "$(left 90)" env TANDEM_MOE_ACTIVE_GRID=1 python3 -m bench.decode_step \
@@ -138,13 +141,14 @@ for s in $STEPS; do
             .gpu_carry/deepgemm_src.tar.gz
         [ -f /tmp/deepgemm/env.sh ] || continue
         source /tmp/deepgemm/env.sh  # PYTHONPATH (deep_gemm first), CUDA_HOME, DG_JIT_CACHE_DIR: every later step too
-        # One probe GEMM alone, with DeepGEMM's JIT log; where it crashes (2.6.1 on torch 2.11 / CUDA 13 segfaulted
-        # in its first fp8_gemm_nt on an H100), gdb's backtrace of the native frames when the image has gdb.
-        step 17_probe_deepgemm "$(left 90)" env DG_JIT_DEBUG=1 bash -c 'probe="import torch; from kernels import \
-            fp8_deepgemm as dg; print(\"deepgemm available:\", dg.available(0), dg.PROBE_LOG, flush=True)"
-            python3 -X faulthandler -c "$probe" && exit 0
-            command -v gdb >/dev/null && gdb -q -batch -ex run -ex bt --args python3 -c "$probe" 2>&1 | grep -v "^\["
-            exit 1'
+        # Which DeepGEMM call crashes and where (2.6.1 on torch 2.11 / CUDA 13 segfaulted in its first fp8_gemm_nt
+        # on an H100, with no native trace and gdb absent): each case in a child, DeepGEMM's JIT log unbuffered,
+        # native frames from scripts/segv_backtrace.c named by addr2line. The GEMM steps after it run only when
+        # tandem's own call passed (they would crash the same way).
+        cc -O1 -g -shared -fPIC -o /tmp/segv_backtrace.so scripts/segv_backtrace.c -ldl || true
+        step 17_bisect_deepgemm "$(left 240)" python3 tests/deepgemm_bisect.py --timeout 60 \
+            $([ -f /tmp/segv_backtrace.so ] && echo --backtrace-so /tmp/segv_backtrace.so)
+        grep -q "fp8_as_tandem=ok" /tmp/device_step_logs/17_bisect_deepgemm.log 2>/dev/null || continue
         if [ -f .gpu_carry/deepgemm_jit_cache.tar.gz ]; then
             mkdir -p "$DG_JIT_CACHE_DIR" && tar -xzf .gpu_carry/deepgemm_jit_cache.tar.gz -C "$DG_JIT_CACHE_DIR"
         fi
