@@ -38,7 +38,6 @@ from kernels.triton_fp8 import (
     dot_precision,
     quantize_fp8_act_triton,
 )
-from kernels.triton_fp8_gemv import launch_fp8_gemv_masked, use_gemv
 from kernels.triton_grid import grouped_tile, masked_expert
 from kernels.triton_moe import ExpertSort, sort_by_expert
 
@@ -316,11 +315,8 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
     output ``[cap, N']``) adds one more expert whose every row is valid (the kernel's EXTRA). ``active`` =
     (``kernels.active_experts(counts)``, slots): a grid of the active experts alone (the others' rows are left
     unwritten)."""
-    capacity = aq.shape[1]
-    if use_gemv(capacity, a_s is not None, active):  # one or two rows per expert: no tensor-core tile
-        launch_fp8_gemv_masked(aq, w, w_s, out, counts, gated, block_size, extra)
-        return
     n = w.shape[1] // 2 if gated else w.shape[1]
+    capacity = aq.shape[1]
     if extra is None:
         extra_args = _no_extra(aq, w, w_s, out, n, aq.shape[0])
         num_kb_x = 1

@@ -10,7 +10,6 @@
 #   tunemla    bench.tune_gpu --only mla16: the 16-head paged MLA decode's tiles, warps, stages and every split
 #              count around the default (what sets the programs per SM when the KV read is the bound)
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
-#   fp8stepnogemv  fp8step with the one-or-two-row expert GEMV off (TANDEM_FP8_GEMV=0: the 16-row dot tiles)
 #   fp8stepact the same with FP8 activations at every size (TANDEM_FP8_ACT=fp8)
 #   decodeactive / fp8stepactive   decode / fp8step with TANDEM_MOE_ACTIVE_GRID=1 (the MoE's masked launches
 #              over the experts that got rows alone), beside decode / fp8step in the same call
@@ -90,8 +89,6 @@ for s in $STEPS; do
     fp8diff) step 08_fp8_layer_diff "$(left 90)" python3 tests/fp8_layer_diff.py --promote-k 32 ;;
     fp8step) step 06_decode_step_fp8 "$(left 90)" python3 -m bench.decode_step $DS --quantization fp8 --profile \
         --out "$OUT_SAVED/decode_step_gpu_fp8.json" ;;
-    fp8stepnogemv) step 06_decode_step_fp8_nogemv "$(left 90)" env TANDEM_FP8_GEMV=0 python3 -m bench.decode_step $DS \
-        --quantization fp8 --profile --out "$OUT_SAVED/decode_step_gpu_fp8_nogemv.json" ;;
     decodeactive) step 02_decode_step_active "$(left 90)" env TANDEM_MOE_ACTIVE_GRID=1 TANDEM_MLA_DECODE=triton \
         python3 -m bench.decode_step $DS --profile --out "$OUT_SAVED/decode_step_gpu_active.json" ;;
     fp8stepactive) step 06_decode_step_fp8_active "$(left 90)" env TANDEM_MOE_ACTIVE_GRID=1 python3 -m bench.decode_step \
@@ -148,7 +145,12 @@ for s in $STEPS; do
         cc -O1 -g -shared -fPIC -o /tmp/segv_backtrace.so scripts/segv_backtrace.c -ldl || true
         step 17_bisect_deepgemm "$(left 240)" python3 tests/deepgemm_bisect.py --timeout 60 \
             $([ -f /tmp/segv_backtrace.so ] && echo --backtrace-so /tmp/segv_backtrace.so)
-        grep -q "fp8_as_tandem=ok" /tmp/device_step_logs/17_bisect_deepgemm.log 2>/dev/null || continue
+        bisect_log=/tmp/device_step_logs/17_bisect_deepgemm.log
+        if ! grep -q "fp8_as_tandem=ok" "$bisect_log" 2>/dev/null; then
+            grep -q "fp8_as_tandem_preload=ok" "$bisect_log" 2>/dev/null || continue
+            export LD_PRELOAD="$(realpath "$(g++ -print-file-name=libstdc++.so.6)")"
+            echo "deepgemm: runs with the image's libstdc++ preloaded: LD_PRELOAD=$LD_PRELOAD from here on"
+        fi
         if [ -f .gpu_carry/deepgemm_jit_cache.tar.gz ]; then
             mkdir -p "$DG_JIT_CACHE_DIR" && tar -xzf .gpu_carry/deepgemm_jit_cache.tar.gz -C "$DG_JIT_CACHE_DIR"
         fi

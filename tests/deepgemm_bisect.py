@@ -5,8 +5,10 @@
 From the least to the most of DeepGEMM each case needs: the import and its device query, its cuBLASLt GEMM
 (no JIT), a JIT-compiled bf16 GEMM, the FP8 GEMM as DeepGEMM's own tests call it (K-major activation scales,
 its default recipe), the FP8 GEMM as ``kernels.fp8_deepgemm`` calls it (M-major scales, recipe (1, 128, 128)),
-and that one again with NVRTC instead of NVCC. A child's C++ output is unbuffered (``stdbuf``) so a crash
-does not eat DeepGEMM's ``DG_JIT_DEBUG`` lines; with ``--backtrace-so`` (scripts/segv_backtrace.c) a crashing
+and that one again with NVRTC instead of NVCC; the ``_preload`` cases put the image's own libstdc++ (the one
+its g++ links against) first in the process, ``_debug`` turns on ``DG_JIT_DEBUG`` (whose config print is where
+2.6.1 first crashed on torch 2.11 / CUDA 13: ``std::ostream`` inserting a ``long``, inside the extension). A
+child's C++ output is unbuffered (``stdbuf``) so a crash does not eat DeepGEMM's log lines; with ``--backtrace-so`` (scripts/segv_backtrace.c) a crashing
 child prints its native frames, and the frames inside DeepGEMM's extension are named with ``addr2line``.
 """
 
@@ -43,8 +45,16 @@ m, n, k = 64, 256, 512
 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
 w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / 20
 """
+MAPS = """
+libs = sorted({line.split()[-1] for line in open('/proc/self/maps') if 'libstdc++' in line or 'libgcc_s' in line})
+print('C++ runtime mapped:', libs, flush=True)
+"""
+# The image's own C++ runtime, preloaded (what the compiler that built the extension links against), for the
+# cases that test whether another libstdc++ in the process is what breaks DeepGEMM's iostreams.
+PRELOAD = "@libstdc++"
 CASES: dict[str, tuple[dict[str, str], str]] = {
-    "import": ({}, "pass"),
+    "import": ({}, MAPS),
+    "import_preload": ({"LD_PRELOAD": PRELOAD}, MAPS),
     "cublaslt_bf16": ({}, """
 out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
 deep_gemm.cublaslt_gemm_nt(x, w, out)
@@ -68,7 +78,16 @@ check(out, ref, 'fp8_gemm_nt K-major scales')
 from kernels import fp8_deepgemm as dg
 print('available:', dg.available(0), dg.PROBE_LOG, flush=True)
 """),
-    "fp8_as_tandem_nvrtc": ({"DG_JIT_USE_NVRTC": "1"}, """
+    "jit_bf16_preload": ({"LD_PRELOAD": PRELOAD}, """
+out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+deep_gemm.bf16_gemm_nt(x, w, out)
+check(out, x.float() @ w.float().t(), 'bf16_gemm_nt')
+"""),
+    "fp8_as_tandem_preload": ({"LD_PRELOAD": PRELOAD}, """
+from kernels import fp8_deepgemm as dg
+print('available:', dg.available(0), dg.PROBE_LOG, flush=True)
+"""),
+    "fp8_as_tandem_debug": ({"DG_JIT_DEBUG": "1"}, """
 from kernels import fp8_deepgemm as dg
 print('available:', dg.available(0), dg.PROBE_LOG, flush=True)
 """),
@@ -91,10 +110,20 @@ def name_frames(stderr: str) -> list[str]:
     return named
 
 
+def system_libstdcxx() -> str:
+    """The libstdc++ the image's g++ links against (its own runtime), or "" where there is no g++."""
+    if shutil.which("g++") is None:
+        return ""
+    path = subprocess.run(["g++", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True).stdout.strip()
+    return os.path.realpath(path) if os.path.isabs(path) else ""
+
+
 def run_case(name: str, env_extra: dict[str, str], body: str, backtrace_so: str | None, timeout: int) -> bool:
-    env = dict(os.environ, DG_JIT_DEBUG="1", PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", **env_extra)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", **env_extra)
+    if env.get("LD_PRELOAD") == PRELOAD:
+        env["LD_PRELOAD"] = system_libstdcxx()
     if backtrace_so:
-        env["LD_PRELOAD"] = backtrace_so
+        env["LD_PRELOAD"] = f"{backtrace_so} {env.get('LD_PRELOAD', '')}".strip()
     cmd = [sys.executable, "-c", PRELUDE + body]
     if shutil.which("stdbuf"):
         cmd = ["stdbuf", "-o0", "-e0", *cmd]
@@ -122,6 +151,9 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated case names")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
+    gxx = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1] \
+        if shutil.which("g++") else ["no g++"]
+    print("g++:", *gxx, "| its libstdc++:", system_libstdcxx() or "-", flush=True)
     results = {name: run_case(name, env_extra, body, args.backtrace_so, args.timeout)
                for name, (env_extra, body) in CASES.items() if not only or name in only}
     print("deepgemm bisect:", " ".join(f"{name}={'ok' if ok else 'FAIL'}" for name, ok in results.items()))

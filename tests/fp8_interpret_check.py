@@ -46,7 +46,6 @@ def main() -> int:
         print(f"-- {fp8.ACT_ENV}={mode}")
         check_dense()
         check_experts()
-    check_gemv()
     # auto: the small cases here run W8A16, like a decode step; the reference must have followed.
     os.environ[fp8.ACT_ENV] = "auto"
     assert not fp8.quantizes_activations(fp8.W8A16_MAX_ROWS) and fp8.quantizes_activations(fp8.W8A16_MAX_ROWS + 1)
@@ -152,46 +151,6 @@ def check_experts() -> None:
     want_shared = fp8.fp8_gated_mlp(hid, *shared)
     if fp8.quantizes_activations(capacity) == fp8.quantizes_activations(16):  # the same mode either way
         check("fp8_moe_forward_masked_shared shared vs the gated MLP", rel(out_s, want_shared))
-
-
-def check_gemv() -> None:
-    """One and two rows per expert (kernels.triton_fp8_gemv, W8A16): routed alone and with the shared experts
-    riding along, gate and up scales that differ per block, experts with no rows (NaN there is never read)."""
-    from kernels import triton_fp8_gemv as gemv
-    from kernels import triton_fp8_moe as tfm
-
-    gen = torch.Generator().manual_seed(3)
-    experts, hidden, inter, shared_inter = 4, 256, 192, 320
-    w13, _ = fp8.quantize_fp8_weight(torch.randn(experts, 2 * inter, hidden, generator=gen) / 16, BS)
-    w13_s = torch.rand(experts, 4, 2, generator=gen) / 64 + 1e-3  # gate rows: blocks 0-1, up rows: blocks 2-3
-    w2, w2_s = fp8.quantize_fp8_weight(torch.randn(experts, hidden, inter, generator=gen) / 14, BS)
-    sg, sg_s = fp8.quantize_fp8_weight(torch.randn(shared_inter, hidden, generator=gen) / 16, BS)
-    su, su_s = fp8.quantize_fp8_weight(torch.randn(shared_inter, hidden, generator=gen) / 16, BS)
-    sgu, sgu_s = torch.cat([sg, su]), torch.cat([sg_s, su_s])  # each half in whole scale blocks (320 = 2.5)
-    sd, sd_s = fp8.quantize_fp8_weight(torch.randn(hidden, shared_inter, generator=gen) / 18, BS)
-    previous = os.environ.get(fp8.ACT_ENV)
-    os.environ[fp8.ACT_ENV] = "bf16"
-    for capacity, counts in ((1, [0, 1, 1, 0]), (2, [2, 0, 1, 2])):
-        assert gemv.use_gemv(capacity, False, None)
-        c = torch.tensor(counts)
-        x = torch.randn(experts, capacity, hidden, generator=gen)
-        valid = (torch.arange(capacity)[None, :] < c[:, None])[..., None]
-        ref = fp8.fp8_moe_forward_masked(torch.where(valid, x, 0.0), c, w13, w13_s, w2, w2_s)
-        out = tfm.fp8_moe_forward_masked_triton(torch.where(valid, x, float("nan")), c, w13, w13_s, w2, w2_s)
-        check(f"gemv masked capacity {capacity}", rel(out, ref))
-        if not bool((torch.where(valid, 0.0, out) == 0).all()):
-            raise SystemExit(f"FAIL gemv capacity {capacity}: rows past the count are not zero")
-        hid = torch.randn(capacity, hidden, generator=gen)
-        x = torch.where(valid, x, 0.0)
-        ref_r, ref_s = fp8.fp8_moe_forward_masked_shared(x, c, w13, w13_s, w2, w2_s, hid, sgu, sgu_s, sd, sd_s)
-        out_r, out_s = tfm.fp8_moe_forward_masked_shared_triton(x, c, w13, w13_s, w2, w2_s, hid, sgu, sgu_s, sd,
-                                                                 sd_s)
-        check(f"gemv masked + shared capacity {capacity}, routed", rel(out_r, ref_r))
-        check(f"gemv masked + shared capacity {capacity}, shared", rel(out_s, ref_s))
-    if previous is None:
-        del os.environ[fp8.ACT_ENV]
-    else:
-        os.environ[fp8.ACT_ENV] = previous
 
 
 if __name__ == "__main__":
