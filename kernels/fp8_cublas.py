@@ -27,6 +27,8 @@ from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize
 
 GEMM_ENV = "TANDEM_FP8_GEMM"
 # deepgemm: DeepGEMM (kernels.fp8_deepgemm, a separate build) wherever it takes the shape, Triton elsewhere.
+# auto: DeepGEMM from kernels.fp8_deepgemm.AUTO_MIN_ROWS rows where a build runs, cuBLAS from CUBLAS_MIN_ROWS,
+# Triton below (and for the shapes the others refuse).
 GEMM_CHOICES = ("auto", "triton", "cublas", "deepgemm")
 # From this many rows cuBLAS runs the dense FP8 GEMM under `auto` (below it the Triton GEMM quantizes its
 # activation tiles itself and splits K, which suits decode's few rows). bench.gemm measures both sides.
@@ -140,8 +142,9 @@ def use_cublas(x: torch.Tensor, weight: torch.Tensor, block_size: BlockSize) -> 
     """Whether the dense FP8 GEMM of ``x [M, K]`` by ``weight [N, K]`` goes to cuBLAS.
 
     ``TANDEM_FP8_GEMM``: ``triton`` never, ``cublas`` wherever the shape allows (an error where the GPU or torch
-    cannot), ``auto`` (default) from ``CUBLAS_MIN_ROWS`` rows on a GPU where the probe passed, ``deepgemm``
-    never (``kernels.fp8_deepgemm.use_deepgemm`` decides there).
+    cannot), ``auto`` (default) from ``CUBLAS_MIN_ROWS`` rows on a GPU where the probe passed (callers ask
+    ``kernels.fp8_deepgemm.use_deepgemm`` first: under ``auto`` it takes the largest row counts where a DeepGEMM
+    build runs), ``deepgemm`` never.
     """
     choice = gemm_choice()
     if choice in ("triton", "deepgemm") or not x.is_cuda:

@@ -36,6 +36,10 @@ Only on sm90 (SM100's kernels take power-of-two UE8M0 scales: V3's float32 ones 
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -62,6 +66,13 @@ N_MULTIPLE = 64
 MASKED_ROW_MULTIPLE = 128  # SM90's largest masked block M: capacities are padded to it (see the module note)
 REQUIRED = ("fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
             "get_mk_alignment_for_contiguous_layout")
+# Under TANDEM_FP8_GEMM=auto, dense FP8 GEMMs of this many rows or more run on DeepGEMM where it is built and
+# runs. bench.gemm on an H100 (bench/results/gemm_deepgemm_h100_s32.json): at 4096 rows DeepGEMM led cuBLAS on
+# all six V3 dense shapes it takes (1.19-1.66x bf16 against 1.04-1.51x); at 128 rows it led on two and trailed
+# on four (0.19-1.61x against 0.48-0.95x). Between the two nothing was measured; prefill chunks live up here.
+AUTO_MIN_ROWS = int(os.environ.get("TANDEM_FP8_DEEPGEMM_MIN_ROWS", "1024"))
+_CHILD_ENV = "TANDEM_DEEPGEMM_PROBE_CHILD"  # set in the probe's child: it must not spawn one itself
+_ROOT = Path(__file__).resolve().parents[1]  # the checkout, so the child imports this same package
 # Per device: what the probe found (the import error, the device, the probe GEMM's error), for bench.gemm.
 PROBE_LOG: dict[int, list[str]] = {}
 
@@ -93,10 +104,30 @@ def _quantize(x2: torch.Tensor, counts: torch.Tensor | None = None, capacity: in
     return quantize_fp8_act_triton(x2, BLOCK, counts, capacity, scales_m_major=m_major)
 
 
+_PROBE_CODE = "import sys; from kernels import fp8_deepgemm as dg; dg.available(int(sys.argv[1]))"
+
+
+def probe_crash_in_child(device_index: int, probe: str = _PROBE_CODE) -> str:
+    """Why DeepGEMM's probe GEMM kills a process (its signal), tried in a child first; "" where the child
+    returns. A build that segfaults (2.6.1 built by GCC 13 on torch 2.11 / CUDA 13, where the process had
+    loaded an older libstdc++: ``tests/deepgemm_bisect.py``) must not end the caller - a serving worker or a
+    benchmark - at its first GEMM; it is reported and DeepGEMM left out instead."""
+    if os.environ.get(_CHILD_ENV) == "1":
+        return ""  # this is the child
+    child = subprocess.run([sys.executable, "-c", probe, str(device_index)], cwd=_ROOT, capture_output=True,
+                           text=True, timeout=600, check=False, env=dict(os.environ, **{_CHILD_ENV: "1"}))
+    if child.returncode >= 0:
+        return ""
+    return (f"its probe GEMM killed a child process (signal {-child.returncode}; a std::ostream crash inside "
+            f"the extension wants the libstdc++ it was built against preloaded, as scripts/build_deepgemm.sh's "
+            f"env.sh does): {child.stderr.strip()[-300:]}")
+
+
 @functools.cache
 def _probe(device_index: int) -> bool:
-    """Whether DeepGEMM runs right on this GPU: importable, sm90, and a 64 x 256 x 512 GEMM within 2e-2 of
-    the dequantized matmul. Once per device (it JIT-compiles a kernel and syncs), never inside a capture."""
+    """Whether DeepGEMM runs right on this GPU: importable, sm90, a child process survives the probe GEMM,
+    and a 64 x 256 x 512 GEMM here lands within 2e-2 of the dequantized matmul. Once per device (it
+    JIT-compiles a kernel and syncs), never inside a capture."""
     log = PROBE_LOG.setdefault(device_index, [])
     module, why = _import()
     if module is None:
@@ -105,6 +136,10 @@ def _probe(device_index: int) -> bool:
     capability = torch.cuda.get_device_capability(device_index)
     if capability != (9, 0):
         log.append(f"sm {capability}: DeepGEMM's float32-scale FP8 kernels are sm90 only")
+        return False
+    crash = probe_crash_in_child(device_index)
+    if crash:
+        log.append(crash)
         return False
     device = torch.device("cuda", device_index)
     try:
@@ -139,12 +174,15 @@ def dense_shape_supported(n: int, k: int, block_size: BlockSize = (BLOCK, BLOCK)
 
 
 def use_deepgemm(x2: torch.Tensor, weight: torch.Tensor, block_size: BlockSize) -> bool:
-    """Whether the dense FP8 GEMM of ``x2 [M, K]`` by ``weight [N, K]`` goes to DeepGEMM: under
-    ``TANDEM_FP8_GEMM=deepgemm``, for bf16 activations and a contiguous weight of a shape it takes (Triton runs
-    the others); an error
-    where DeepGEMM does not run on this GPU. Inside a CUDA-graph capture an unprobed device stays on Triton
-    (the probe compiles and syncs)."""
-    if gemm_choice() != "deepgemm" or not x2.is_cuda:
+    """Whether the dense FP8 GEMM of ``x2 [M, K]`` by ``weight [N, K]`` goes to DeepGEMM, for bf16 activations
+    and a contiguous weight of a shape it takes (the others run elsewhere): under ``TANDEM_FP8_GEMM=deepgemm``
+    at every row count (an error where DeepGEMM does not run on this GPU); under ``auto`` from
+    ``AUTO_MIN_ROWS`` rows where a DeepGEMM build is importable and its probe passed (else cuBLAS or Triton,
+    silently). Inside a CUDA-graph capture an unprobed device stays off it (the probe compiles and syncs)."""
+    choice = gemm_choice()
+    if choice not in ("deepgemm", "auto") or not x2.is_cuda:
+        return False
+    if choice == "auto" and (x2.shape[0] < AUTO_MIN_ROWS or _import()[0] is None):
         return False
     if (x2.dtype != torch.bfloat16 or not weight.is_contiguous()
             or not dense_shape_supported(weight.shape[0], x2.shape[1], block_size)):
@@ -152,10 +190,12 @@ def use_deepgemm(x2: torch.Tensor, weight: torch.Tensor, block_size: BlockSize) 
     if torch.cuda.is_current_stream_capturing() and _probe.cache_info().currsize == 0:
         return False
     index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    if not available(index):
-        raise RuntimeError(f"{GEMM_ENV}=deepgemm but DeepGEMM does not run here: "
-                           f"{'; '.join(PROBE_LOG.get(index, [])) or 'no probe result'}")
-    return True
+    if available(index):
+        return True
+    if choice == "auto":
+        return False
+    raise RuntimeError(f"{GEMM_ENV}=deepgemm but DeepGEMM does not run here: "
+                       f"{'; '.join(PROBE_LOG.get(index, [])) or 'no probe result'}")
 
 
 def fp8_gemm_deepgemm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,

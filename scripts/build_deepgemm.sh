@@ -103,12 +103,22 @@ cp "$so" "$tree/deep_gemm/"
 mkdir -p "$dest/site"
 ln -sfn "$tree/deep_gemm" "$dest/site/deep_gemm"
 
+# The extension carries parts of the libstdc++ of the compiler that built it (std::ostream's inserters): in a
+# process that had loaded an older libstdc++ first, DeepGEMM 2.6.1 built by GCC 13.3 on the torch 2.11 / CUDA 13
+# image segfaulted in its first GEMM, inserting a long into a stream; with the compiler's own libstdc++ preloaded
+# it ran (tests/deepgemm_bisect.py on an H100). So env.sh preloads it.
+libstdcxx="$(${CXX:-c++} -print-file-name=libstdc++.so.6 2>/dev/null || true)"
+case "$libstdcxx" in /*) libstdcxx="$(realpath "$libstdcxx")" ;; *) libstdcxx="" ;; esac
 cat >"$dest/env.sh.tmp" <<EOF
 # Written by scripts/build_deepgemm.sh: source it to import the DeepGEMM built in $dest.
 export PYTHONPATH="$dest/site\${PYTHONPATH:+:\$PYTHONPATH}"
 export CUDA_HOME="\${CUDA_HOME:-$cuda_root}"
 export DG_JIT_CACHE_DIR="\${DG_JIT_CACHE_DIR:-$dest/jit_cache}"
 EOF
+if [ -n "$libstdcxx" ]; then
+    echo "export LD_PRELOAD=\"$libstdcxx\${LD_PRELOAD:+ \$LD_PRELOAD}\"" >>"$dest/env.sh.tmp"
+    echo "build_deepgemm: env.sh preloads the compiler's libstdc++ ($libstdcxx)"
+fi
 # The import runs deep_gemm._C.init (library root, CUDA home); outside this checkout, so nothing else shadows it.
 if ! (source "$dest/env.sh.tmp" && cd / && "$PYTHON" -c \
     'import deep_gemm; print(f"build_deepgemm: imported deep_gemm {deep_gemm.__version__} from {deep_gemm.__file__}")' \
@@ -121,4 +131,4 @@ mv "$dest/env.sh.tmp" "$dest/env.sh"  # only a build that imports leaves an env.
 cat "$dest/import.log"
 echo "build_deepgemm: package $dest/site/deep_gemm (-> $tree/deep_gemm); built in $(($(date +%s) - start)) s"
 echo "build_deepgemm: source $dest/env.sh, or:"
-echo "export PYTHONPATH=\"$dest/site\${PYTHONPATH:+:\$PYTHONPATH}\" CUDA_HOME=\"$cuda_root\" DG_JIT_CACHE_DIR=\"$dest/jit_cache\""
+echo "export PYTHONPATH=\"$dest/site\${PYTHONPATH:+:\$PYTHONPATH}\" CUDA_HOME=\"$cuda_root\" DG_JIT_CACHE_DIR=\"$dest/jit_cache\"${libstdcxx:+ LD_PRELOAD=\"$libstdcxx\"}"

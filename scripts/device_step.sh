@@ -138,19 +138,15 @@ for s in $STEPS; do
             .gpu_carry/deepgemm_src.tar.gz
         [ -f /tmp/deepgemm/env.sh ] || continue
         source /tmp/deepgemm/env.sh  # PYTHONPATH (deep_gemm first), CUDA_HOME, DG_JIT_CACHE_DIR: every later step too
-        # Which DeepGEMM call crashes and where (2.6.1 on torch 2.11 / CUDA 13 segfaulted in its first fp8_gemm_nt
-        # on an H100, with no native trace and gdb absent): each case in a child, DeepGEMM's JIT log unbuffered,
-        # native frames from scripts/segv_backtrace.c named by addr2line. The GEMM steps after it run only when
-        # tandem's own call passed (they would crash the same way).
+        # Which DeepGEMM call crashes and where (2.6.1 on torch 2.11 / CUDA 13 segfaulted in its first GEMM on an
+        # H100 unless the compiler's libstdc++ was preloaded): each case in a child, with and without the preload,
+        # DeepGEMM's JIT log unbuffered, native frames from scripts/segv_backtrace.c named by addr2line. The GEMM
+        # steps after it run only when tandem's own call passed with the preload (they would crash otherwise).
         cc -O1 -g -shared -fPIC -o /tmp/segv_backtrace.so scripts/segv_backtrace.c -ldl || true
         step 17_bisect_deepgemm "$(left 240)" python3 tests/deepgemm_bisect.py --timeout 60 \
             $([ -f /tmp/segv_backtrace.so ] && echo --backtrace-so /tmp/segv_backtrace.so)
-        bisect_log=/tmp/device_step_logs/17_bisect_deepgemm.log
-        if ! grep -q "fp8_as_tandem=ok" "$bisect_log" 2>/dev/null; then
-            grep -q "fp8_as_tandem_preload=ok" "$bisect_log" 2>/dev/null || continue
-            export LD_PRELOAD="$(realpath "$(g++ -print-file-name=libstdc++.so.6)")"
-            echo "deepgemm: runs with the image's libstdc++ preloaded: LD_PRELOAD=$LD_PRELOAD from here on"
-        fi
+        # env.sh preloads the compiler's libstdc++ (what made 2.6.1 run here): the later steps inherit it.
+        grep -q "fp8_as_tandem_preload=ok" /tmp/device_step_logs/17_bisect_deepgemm.log 2>/dev/null || continue
         if [ -f .gpu_carry/deepgemm_jit_cache.tar.gz ]; then
             mkdir -p "$DG_JIT_CACHE_DIR" && tar -xzf .gpu_carry/deepgemm_jit_cache.tar.gz -C "$DG_JIT_CACHE_DIR"
         fi

@@ -119,7 +119,9 @@ def system_libstdcxx() -> str:
 
 
 def run_case(name: str, env_extra: dict[str, str], body: str, backtrace_so: str | None, timeout: int) -> bool:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", **env_extra)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    env.pop("LD_PRELOAD", None)  # build_deepgemm.sh's env.sh preloads; only the _preload cases may
+    env.update(env_extra)
     if env.get("LD_PRELOAD") == PRELOAD:
         env["LD_PRELOAD"] = system_libstdcxx()
     if backtrace_so:

@@ -205,3 +205,16 @@ def test_wrappers_keep_deepgemms_layout_contract_on_a_cpu_stand_in() -> None:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_a_probe_that_kills_its_child_is_reported_with_the_signal_and_the_fix(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU: the child probe reports a crashing DeepGEMM (signal 11, what 2.6.1 did without the preload)
+    instead of dying with it, returns "" for a child that exits, and a child never spawns another."""
+    crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    why = fp8_deepgemm.probe_crash_in_child(0, crash)
+    assert "signal 11" in why and "libstdc++" in why
+    assert fp8_deepgemm.probe_crash_in_child(0, "import sys; sys.exit(0)") == ""
+    assert fp8_deepgemm.probe_crash_in_child(0) == ""  # the real probe on a CPU machine: no DeepGEMM, no crash
+    monkeypatch.setenv("TANDEM_DEEPGEMM_PROBE_CHILD", "1")
+    assert fp8_deepgemm.probe_crash_in_child(0, crash) == ""
