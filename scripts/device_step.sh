@@ -9,6 +9,10 @@
 #              in the background at once and its flash_mla_dense.so comes back to be carried next time)
 #   tunemla    bench.tune_gpu --only mla16: the 16-head paged MLA decode's tiles, warps, stages and every split
 #              count around the default (what sets the programs per SM when the KV read is the bound)
+#   prefillfp8 prefill with FP8 weights under TANDEM_FP8_GEMM=auto (DeepGEMM's dense GEMMs from 1024 rows where
+#              the deepgemm step built it earlier in the call, else cuBLAS) and again under cublas
+#   ncufp8     tests/fp8_moe_one_token.py: one layer's masked W8A16 expert launches at one token against the
+#              copy_ rate, then under Nsight Compute (where the image has ncu): why they reach 36 % of copy_
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
 #   fp8stepact the same with FP8 activations at every size (TANDEM_FP8_ACT=fp8)
 #   decodeactive / fp8stepactive   decode / fp8step with TANDEM_MOE_ACTIVE_GRID=1 (the MoE's masked launches
@@ -44,13 +48,12 @@
 # $OUT/results.tgz (a call returns at most 8 files); the caller's console log stays beside it.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
 # What the open issues still owe, most needed first (a step past BUDGET is cut short, so the order matters).
-# Carry .gpu_bundle, .gpu_carry (scripts/make_deepgemm_carry.sh and scripts/make_flashmla_carry.sh write it) and
-# .baseline (the landed tree, `git archive 01b6185`):
-#   call 1 (~9 min): DG_JIT_USE_RUNTIME_API=1 GEMM_ARGS=--sweep STEPS="deepgemm flashmla fp8step pd32landed pd32mps"
-#     (FlashMLA builds in the background from the start, beside DeepGEMM's build, probe, tests and
-#     bench.gemm --sweep beside cuBLAS and Triton, grouped 4096-token shapes included; then the 128-head MLA; the
-#     FP8 step; c32 on the landed tree, then on this one under MPS)
-#   call 2: STEPS="pd pdmps pd32 tunefp8 decode" (time-sliced and MPS 1P1D, the FP8 decode tiles, the bf16 step)
+# Carry .gpu_bundle, .gpu_carry (scripts/make_deepgemm_carry.sh and scripts/make_flashmla_carry.sh write it; a
+# flash_mla_dense.so that came back from an earlier call skips FlashMLA's build) and .baseline (the landed tree,
+# `git archive 01b6185`):
+#   call 1 (~9 min): DEEPGEMM_BUILD_ONLY=1 STEPS="ncufp8 deepgemm prefillfp8 fp8step decode" (why the one-token FP8 expert GEMM reads
+#     at 36 % of copy_; DeepGEMM built and its tests; prefill with FP8 under auto vs cuBLAS; FP8 vs bf16 step)
+#   call 2: STEPS="pd pdmps pd32landed pd32mps" on an H200 where one is lent (the c8 goal was set on an H200)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/runs/device_step}"
@@ -74,6 +77,15 @@ for s in $STEPS; do
     case $s in
     prefill) step 01_prefill_step "$(left 120)" python3 -m bench.prefill_step --device cuda --model-config v2-lite \
         --seq-lens 4096,4x1024 --profile --out "$OUT_SAVED/prefill_step_gpu.json" ;;
+    prefillfp8) step 01_prefill_step_fp8 "$(left 120)" python3 -m bench.prefill_step --device cuda --model-config \
+        v2-lite --quantization fp8 --seq-lens 4096,4x1024 --profile --out "$OUT_SAVED/prefill_step_gpu_fp8.json"
+        step 01_prefill_step_fp8_cublas "$(left 120)" env TANDEM_FP8_GEMM=cublas python3 -m bench.prefill_step \
+            --device cuda --model-config v2-lite --quantization fp8 --seq-lens 4096,4x1024 --profile \
+            --out "$OUT_SAVED/prefill_step_gpu_fp8_cublas.json" ;;
+    ncufp8) step 08_fp8_moe_one_token "$(left 60)" python3 tests/fp8_moe_one_token.py
+        command -v ncu >/dev/null && step 08_ncu_fp8_moe "$(left 180)" ncu --section SpeedOfLight \
+            --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+            -k regex:_fp8_moe_gemm_kernel -c 4 python3 tests/fp8_moe_one_token.py --iters 2 ;;
     decode) step 02_decode_step "$(left 90)" env TANDEM_MLA_DECODE=triton python3 -m bench.decode_step $DS --profile \
         --out "$OUT_SAVED/decode_step_gpu.json" ;;
     landed) [ -d .baseline ] && step 03_decode_step_landed "$(left 75)" env PYTHONPATH="$PWD/.baseline:$SITE" \
@@ -147,6 +159,7 @@ for s in $STEPS; do
             $([ -f /tmp/segv_backtrace.so ] && echo --backtrace-so /tmp/segv_backtrace.so)
         # env.sh preloads the compiler's libstdc++ (what made 2.6.1 run here): the later steps inherit it.
         grep -q "fp8_as_tandem_preload=ok" /tmp/device_step_logs/17_bisect_deepgemm.log 2>/dev/null || continue
+        [ "${DEEPGEMM_BUILD_ONLY:-0}" = 1 ] && continue  # built for later steps (prefillfp8) alone
         if [ -f .gpu_carry/deepgemm_jit_cache.tar.gz ]; then
             mkdir -p "$DG_JIT_CACHE_DIR" && tar -xzf .gpu_carry/deepgemm_jit_cache.tar.gz -C "$DG_JIT_CACHE_DIR"
         fi
