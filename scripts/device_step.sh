@@ -11,7 +11,8 @@
 #              count around the default (what sets the programs per SM when the KV read is the bound)
 #   prefillfp8 prefill with FP8 weights under TANDEM_FP8_GEMM=auto (DeepGEMM's dense GEMMs from 1024 rows where
 #              the deepgemm step built it earlier in the call, else cuBLAS) and again under cublas
-#   ncufp8     tests/fp8_moe_one_token.py: one layer's masked W8A16 expert launches at one token against the
+#   ncufp8     tests/fp8_moe_one_token.py --sweep: one layer's masked W8A16 expert launches at one token (tiles, stages,
+#              the active-expert grid) against the
 #              copy_ rate, then under Nsight Compute (where the image has ncu): why they reach 36 % of copy_
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
 #   fp8stepact the same with FP8 activations at every size (TANDEM_FP8_ACT=fp8)
@@ -82,7 +83,7 @@ for s in $STEPS; do
         step 01_prefill_step_fp8_cublas "$(left 120)" env TANDEM_FP8_GEMM=cublas python3 -m bench.prefill_step \
             --device cuda --model-config v2-lite --quantization fp8 --seq-lens 4096,4x1024 --profile \
             --out "$OUT_SAVED/prefill_step_gpu_fp8_cublas.json" ;;
-    ncufp8) step 08_fp8_moe_one_token "$(left 60)" python3 tests/fp8_moe_one_token.py
+    ncufp8) step 08_fp8_moe_one_token "$(left 150)" python3 tests/fp8_moe_one_token.py --sweep
         command -v ncu >/dev/null && step 08_ncu_fp8_moe "$(left 180)" ncu --section SpeedOfLight \
             --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
             -k regex:_fp8_moe_gemm_kernel -c 4 python3 tests/fp8_moe_one_token.py --iters 2 ;;

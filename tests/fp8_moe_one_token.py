@@ -1,6 +1,6 @@
 """The masked FP8 expert GEMMs of one V2-Lite MoE layer at one token, alone, for a kernel profiler.
 
-    python tests/fp8_moe_one_token.py [--iters 20]          (a CUDA GPU with FP8 support)
+    python tests/fp8_moe_one_token.py [--iters 20] [--sweep]          (a CUDA GPU with FP8 support)
     ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \\
         -k regex:_fp8_moe_gemm_kernel -c 4 python tests/fp8_moe_one_token.py
 
@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fp8_cases import random_fp8_experts  # noqa: E402
 
-from kernels.triton_fp8_moe import fp8_moe_forward_masked_shared_triton  # noqa: E402
+from kernels import triton_fp8_moe as tfm  # noqa: E402
+from kernels.triton_decode_fused import active_experts_triton  # noqa: E402
+from kernels.triton_fp8 import Fp8GemmConfig  # noqa: E402
 
 EXPERTS, HIDDEN, INTER, SHARED_INTER, TOP_K = 64, 2048, 1408, 2816, 6
 
@@ -31,7 +33,9 @@ EXPERTS, HIDDEN, INTER, SHARED_INTER, TOP_K = 64, 2048, 1408, 2816, 6
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true", help="16 x 32 / 16 x 64 tiles, 2-5 stages, active grid or not")
     args = parser.parse_args()
+    default_config = tfm.grouped_gemm_config
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13, s13, w2, s2 = random_fp8_experts(EXPERTS, HIDDEN, INTER, gen)
     sw13, ss13, sw2, ss2 = random_fp8_experts(1, HIDDEN, SHARED_INTER, gen)
@@ -57,19 +61,43 @@ def main() -> int:
         torch.cuda.synchronize()
         return start.elapsed_time(end) / args.iters * 1e3  # us
 
-    def moe() -> object:
-        return fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, hidden, *shared)
+    active = (active_experts_triton(counts), TOP_K)
 
-    moe()  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()  # replayed as the decode step replays it: no host launch cost in the timing
-    with torch.cuda.graph(graph):
-        moe()
-    moe_us = timed(graph.replay)
+    def graph_us(config: Fp8GemmConfig | None, use_active: bool) -> float:
+        """Both launches replayed from a CUDA graph, as the decode step replays them (no host cost)."""
+        tfm.grouped_gemm_config = (lambda rows: config) if config else default_config  # type: ignore[assignment]
+        try:
+            def moe() -> object:
+                return tfm.fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, hidden, *shared,
+                                                                active=active if use_active else None)
+
+            moe()  # compile outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                moe()
+            return timed(graph.replay)
+        finally:
+            tfm.grouped_gemm_config = default_config
+
     copy_us = timed(lambda: dst.copy_(src))
     floor_us = copy_us / 2  # copy_ moves 2 x nbytes: the time to move nbytes once at its rate
-    print(f"one token, {TOP_K} routed + shared experts: {nbytes / 2**20:.1f} MiB of weights and scales; two masked "
-          f"launches {moe_us:.1f} us ({nbytes / moe_us / 1e3:.0f} GB/s); those bytes at copy_'s rate "
-          f"({2 * nbytes / copy_us / 1e3:.0f} GB/s) {floor_us:.1f} us: {moe_us / floor_us:.2f}x the floor")
+    print(f"one token, {TOP_K} routed + shared experts: {nbytes / 2**20:.1f} MiB of weights and scales; at copy_'s "
+          f"rate ({2 * nbytes / copy_us / 1e3:.0f} GB/s) {floor_us:.1f} us", flush=True)
+    variants: list[tuple[str, Fp8GemmConfig | None, bool]] = [("default tiles, every expert's column", None, False)]
+    if args.sweep:
+        for block_n in (32, 64):
+            for stages in (2, 3, 4, 5):
+                for use_active in (False, True):
+                    cfg = Fp8GemmConfig(block_m=16, block_n=block_n, group_m=1, num_warps=4, num_stages=stages)
+                    variants.append((f"16x{block_n} {stages} stages, {'active experts' if use_active else 'all'}",
+                                     cfg, use_active))
+    for name, cfg, use_active in variants:
+        try:
+            us = graph_us(cfg, use_active)
+        except Exception as exc:  # noqa: BLE001 - a tile that does not fit is a row of the table
+            print(f"{name:44s} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            continue
+        print(f"{name:44s} {us:8.1f} us  {nbytes / us / 1e3:6.0f} GB/s  {us / floor_us:5.2f}x the floor", flush=True)
     return 0
 
 
