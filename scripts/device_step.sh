@@ -11,9 +11,8 @@
 #              count around the default (what sets the programs per SM when the KV read is the bound)
 #   prefillfp8 prefill with FP8 weights under TANDEM_FP8_GEMM=auto (DeepGEMM's dense GEMMs from 1024 rows where
 #              the deepgemm step built it earlier in the call, else cuBLAS) and again under cublas
-#   ncufp8     tests/fp8_moe_one_token.py --sweep: one layer's masked W8A16 expert launches at one token (tiles, stages,
-#              the active-expert grid) against the
-#              copy_ rate, then under Nsight Compute (where the image has ncu): why they reach 36 % of copy_
+#   ncufp8     tests/fp8_moe_one_token.py --sweep: one layer's masked W8A16 expert launches at one token against
+#              the copy_ rate over tiles, stages and the active-expert grid, then the default under Nsight Compute
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
 #   fp8stepact the same with FP8 activations at every size (TANDEM_FP8_ACT=fp8)
 #   decodeactive / fp8stepactive   decode / fp8step with TANDEM_MOE_ACTIVE_GRID=1 (the MoE's masked launches
@@ -52,8 +51,9 @@
 # Carry .gpu_bundle, .gpu_carry (scripts/make_deepgemm_carry.sh and scripts/make_flashmla_carry.sh write it; a
 # flash_mla_dense.so that came back from an earlier call skips FlashMLA's build) and .baseline (the landed tree,
 # `git archive 01b6185`):
-#   call 1 (~9 min): DEEPGEMM_BUILD_ONLY=1 STEPS="ncufp8 deepgemm prefillfp8 fp8step decode" (why the one-token FP8 expert GEMM reads
-#     at 36 % of copy_; DeepGEMM built and its tests; prefill with FP8 under auto vs cuBLAS; FP8 vs bf16 step)
+#   call 1 (~9 min): DEEPGEMM_BUILD_ONLY=1 STEPS="ncufp8 deepgemm prefillfp8 fp8step decode" (the one-token FP8
+#     expert launches over tiles, stages and the active grid; DeepGEMM built; prefill with FP8 under auto vs
+#     cuBLAS; the FP8 step beside bf16's)
 #   call 2: STEPS="pd pdmps pd32landed pd32mps" on an H200 where one is lent (the c8 goal was set on an H200)
 set -uo pipefail
 cd "$(dirname "$0")/.."
