@@ -143,7 +143,9 @@ def plan_quantization(flag: str, config: ModelConfig, device: torch.device | str
     else:
         # The kernels read these per call: a bad value is refused here, at start-up, not by the first forward.
         quantizes_activations(0)
-        log.info("FP8 weights (%dx%d blocks) are kept in FP8 on %s (activations: %s=%s, GEMMs: %s=%s)",
+        from kernels.fp8_deepgemm import dense_gemm_plan
+
+        log.info("FP8 weights (%dx%d blocks) are kept in FP8 on %s (activations: %s=%s, GEMMs: %s=%s: %s)",
                  in_effect.block_n, in_effect.block_k, device, ACT_ENV, os.environ.get(ACT_ENV, "auto"), GEMM_ENV,
-                 gemm_choice())
+                 gemm_choice(), dense_gemm_plan(device))
     return QuantPlan(in_effect, keep)

@@ -339,3 +339,34 @@ def fp8_moe_forward_masked_deepgemm(x: torch.Tensor, counts: torch.Tensor, w13: 
     past_count = torch.arange(cap, device=x.device)[None, :] >= counts[:, None]
     out.masked_fill_(past_count[..., None], 0)
     return out if cap == capacity else out[:, :capacity].contiguous()
+
+
+def dense_gemm_plan(device: torch.device) -> str:
+    """Which backend runs the dense FP8 GEMMs of a model kept in FP8 on ``device``, by row count, under
+    ``TANDEM_FP8_GEMM`` and ``TANDEM_FP8_ACT``: what ``kernels.triton_fp8.fp8_linear_triton`` will choose. It probes
+    cuBLAS and DeepGEMM now, so a worker pays for the probes (DeepGEMM's child process, a JIT compile) at
+    start-up rather than in its first prefill, and logs what will run."""
+    from kernels.fp8 import W8A16_MAX_ROWS, quantizes_activations
+    from kernels.fp8_cublas import CUBLAS_MIN_ROWS, probe_recipe
+
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "the torch references (no CUDA device)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    choice = gemm_choice()
+    parts = []
+    if not quantizes_activations(W8A16_MAX_ROWS):
+        parts.append(f"Triton W8A16 up to {W8A16_MAX_ROWS} rows")
+    if choice == "deepgemm" or (choice == "auto" and _import()[0] is not None):
+        if available(index):
+            parts.append("DeepGEMM" + (f" from {AUTO_MIN_ROWS} rows" if choice == "auto" else ""))
+        else:
+            why = "; ".join(PROBE_LOG.get(index, [])) or "no probe result"
+            if choice == "deepgemm":
+                raise RuntimeError(f"{GEMM_ENV}=deepgemm but DeepGEMM does not run here: {why}")
+            parts.append(f"no DeepGEMM ({why})")
+    if choice in ("auto", "cublas"):
+        if probe_recipe(index) is not None:
+            parts.append("cuBLAS" + (f" from {CUBLAS_MIN_ROWS} rows" if choice == "auto" else ""))
+        elif choice == "cublas":
+            raise RuntimeError(f"{GEMM_ENV}=cublas but cuBLAS's block-scaled FP8 GEMM does not run here")
+    return ", ".join([*parts, "Triton for the rest"]) if parts else "Triton at every row count"

@@ -218,3 +218,40 @@ def test_a_probe_that_kills_its_child_is_reported_with_the_signal_and_the_fix(
     assert fp8_deepgemm.probe_crash_in_child(0) == ""  # the real probe on a CPU machine: no DeepGEMM, no crash
     monkeypatch.setenv("TANDEM_DEEPGEMM_PROBE_CHILD", "1")
     assert fp8_deepgemm.probe_crash_in_child(0, crash) == ""
+
+
+def test_the_dense_gemm_plan_names_what_runs_at_each_row_count_and_refuses_a_forced_backend_that_cannot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU, with the probes' answers stubbed: the start-up log line for each TANDEM_FP8_GEMM choice."""
+    from kernels import fp8_cublas
+
+    cuda = torch.device("cuda", 0)
+    assert fp8_deepgemm.dense_gemm_plan(torch.device("cpu")).startswith("the torch references")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv(fp8.ACT_ENV, raising=False)
+
+    def stub(deepgemm_built: bool, deepgemm_runs: bool, cublas_runs: bool) -> None:
+        fp8_deepgemm.PROBE_LOG[0] = [] if deepgemm_runs else ["probe GEMM failed: a reason"]
+        monkeypatch.setattr(fp8_deepgemm, "_import", lambda: (object(), "") if deepgemm_built else (None, "no"))
+        monkeypatch.setattr(fp8_deepgemm, "available", lambda index=None: deepgemm_runs)
+        monkeypatch.setattr(fp8_cublas, "probe_recipe", lambda index: object() if cublas_runs else None)
+
+    monkeypatch.setenv(GEMM_ENV, "auto")
+    stub(True, True, True)
+    assert fp8_deepgemm.dense_gemm_plan(cuda) == (
+        f"Triton W8A16 up to {fp8.W8A16_MAX_ROWS} rows, DeepGEMM from {fp8_deepgemm.AUTO_MIN_ROWS} rows, "
+        f"cuBLAS from {fp8_cublas.CUBLAS_MIN_ROWS} rows, Triton for the rest")
+    stub(True, False, True)
+    assert "no DeepGEMM (probe GEMM failed: a reason), cuBLAS from" in fp8_deepgemm.dense_gemm_plan(cuda)
+    stub(False, False, False)
+    assert fp8_deepgemm.dense_gemm_plan(cuda) == f"Triton W8A16 up to {fp8.W8A16_MAX_ROWS} rows, Triton for the rest"
+    monkeypatch.setenv(GEMM_ENV, "deepgemm")
+    with pytest.raises(RuntimeError, match="DeepGEMM does not run here: probe GEMM failed"):
+        fp8_deepgemm.dense_gemm_plan(cuda)
+    monkeypatch.setenv(GEMM_ENV, "cublas")
+    with pytest.raises(RuntimeError, match="cuBLAS's block-scaled FP8 GEMM does not run here"):
+        fp8_deepgemm.dense_gemm_plan(cuda)
+    monkeypatch.setenv(fp8.ACT_ENV, "fp8")  # every size quantized: no W8A16 segment
+    monkeypatch.setenv(GEMM_ENV, "triton")
+    assert fp8_deepgemm.dense_gemm_plan(cuda) == "Triton at every row count"
+    fp8_deepgemm.PROBE_LOG.pop(0, None)
