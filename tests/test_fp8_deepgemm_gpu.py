@@ -215,6 +215,8 @@ def test_a_probe_that_kills_its_child_is_reported_with_the_signal_and_the_fix(
     why = fp8_deepgemm.probe_crash_in_child(0, crash)
     assert "signal 11" in why and "libstdc++" in why
     assert fp8_deepgemm.probe_crash_in_child(0, "import sys; sys.exit(0)") == ""
+    assert fp8_deepgemm.probe_crash_in_child(0, "import sys; sys.exit(3)") == ""  # an error of its own: the
+    # in-process probe reports it
     assert fp8_deepgemm.probe_crash_in_child(0) == ""  # the real probe on a CPU machine: no DeepGEMM, no crash
     monkeypatch.setenv("TANDEM_DEEPGEMM_PROBE_CHILD", "1")
     assert fp8_deepgemm.probe_crash_in_child(0, crash) == ""
