@@ -10,7 +10,8 @@
 #   DeepGEMM/          the unpacked tree, built; build.log the build's output
 #   site/deep_gemm     a link to DeepGEMM/deep_gemm: site/ is what goes on PYTHONPATH (not the tree, whose
 #                      scripts/ and tests/ folders would shadow others)
-#   env.sh             `source` it: PYTHONPATH, CUDA_HOME, DG_JIT_CACHE_DIR (DEEPGEMM_DIR/jit_cache unless set)
+#   env.sh             `source` it: PYTHONPATH, CUDA_HOME, DG_JIT_CACHE_DIR (DEEPGEMM_DIR/jit_cache unless set),
+#                      LD_PRELOAD of the compiler's libstdc++ (without it 2.6.1 segfaulted in its first GEMM)
 # and prints the PYTHONPATH line. Exits non-zero with the compiler's tail when the build or the import fails.
 # Environment: PYTHON (default python3), CUDA_HOME (else nvcc's location), MAX_JOBS, DEEPGEMM_DIR, DG_JIT_CACHE_DIR.
 set -euo pipefail
