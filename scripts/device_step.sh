@@ -13,6 +13,7 @@
 #              the deepgemm step built it earlier in the call, else cuBLAS) and again under cublas
 #   ncufp8     tests/fp8_moe_one_token.py --sweep: one layer's masked W8A16 expert launches at one token against
 #              the copy_ rate over tiles, stages and the active-expert grid, then the default under Nsight Compute
+#   fp8vsbf16  bench.decode_step_fp8: the bf16 step and the FP8 step in one process, FP8 / bf16 per batch size
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
 #   fp8stepact the same with FP8 activations at every size (TANDEM_FP8_ACT=fp8)
 #   decodeactive / fp8stepactive   decode / fp8step with TANDEM_MOE_ACTIVE_GRID=1 (the MoE's masked launches
@@ -51,7 +52,7 @@
 # Carry .gpu_bundle, .gpu_carry (scripts/make_deepgemm_carry.sh and scripts/make_flashmla_carry.sh write it; a
 # flash_mla_dense.so that came back from an earlier call skips FlashMLA's build) and .baseline (the landed tree,
 # `git archive 01b6185`):
-#   call 1 (~9 min): DEEPGEMM_BUILD_ONLY=1 STEPS="ncufp8 deepgemm prefillfp8 fp8step decode" (the one-token FP8
+#   call 1 (~9 min): DEEPGEMM_BUILD_ONLY=1 STEPS="ncufp8 deepgemm prefillfp8 fp8vsbf16" (the one-token FP8
 #     expert launches over tiles, stages and the active grid; DeepGEMM built; prefill with FP8 under auto vs
 #     cuBLAS; the FP8 step beside bf16's)
 #   call 2: STEPS="pd pdmps pd32landed pd32mps" on an H200 where one is lent (the c8 goal was set on an H200)
@@ -87,6 +88,8 @@ for s in $STEPS; do
         command -v ncu >/dev/null && step 08_ncu_fp8_moe "$(left 180)" ncu --section SpeedOfLight \
             --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
             -k regex:_fp8_moe_gemm_kernel -c 4 python3 tests/fp8_moe_one_token.py --iters 2 ;;
+    fp8vsbf16) step 06_decode_step_fp8_vs_bf16 "$(left 150)" python3 -m bench.decode_step_fp8 $DS --profile \
+        --out "$OUT_SAVED/decode_step_fp8_vs_bf16_gpu.json" ;;
     decode) step 02_decode_step "$(left 90)" env TANDEM_MLA_DECODE=triton python3 -m bench.decode_step $DS --profile \
         --out "$OUT_SAVED/decode_step_gpu.json" ;;
     landed) [ -d .baseline ] && step 03_decode_step_landed "$(left 75)" env PYTHONPATH="$PWD/.baseline:$SITE" \

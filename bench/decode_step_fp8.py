@@ -1,0 +1,111 @@
+"""The decode step with FP8 weights against the same step with bf16 weights, in one process, as a ratio.
+
+    python -m bench.decode_step_fp8 --device cuda --model-config v2-lite --load-format dummy \
+        [--batch-sizes 1,8,64] [--context 1024] [--out bench/results/decode_step_fp8_vs_bf16_gpu.json]
+
+Runs ``bench.decode_step`` twice on one device, one model after the other (the first freed before the second
+loads): ``--quantization none`` (the dtype's weights) and ``--quantization fp8`` (128 x 128-block FP8 weights:
+W8A16 GEMMs at decode sizes). The headline per batch size is FP8 step / bf16 step (DeepSeek-V3's goal: 0.65 at
+batch 1, where a step reads its weights and little else), beside each step's own floor ratio; both reports are
+kept whole in the JSON, and a PNG shows the two steps and their ratio. On CPU FP8 weights are dequantized at
+load, so the two runs are the same model (a smoke test of the script, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import decode_step
+
+GOAL_AT_BATCH_1 = 0.65  # issue 16: FP8 at most 0.65x the bf16 step at batch 1
+
+
+def compare(argv: list[str]) -> dict[str, Any]:
+    """Both reports and the per-batch FP8 / bf16 step ratios."""
+    reports = {}
+    for name, flag in (("bf16", "none"), ("fp8", "fp8")):
+        args = decode_step.parse_args([*argv, "--quantization", flag])
+        reports[name] = decode_step.run(args)
+        gc.collect()  # the first model's weights go before the second's load
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    rows = []
+    for base, fp8 in zip(reports["bf16"]["results"], reports["fp8"]["results"], strict=True):
+        rows.append({"batch_size": base["batch_size"], "bf16_ms": base["graph"]["ms"], "fp8_ms": fp8["graph"]["ms"],
+                     "fp8_over_bf16": fp8["graph"]["ms"] / base["graph"]["ms"],
+                     "bf16_floor_ratio": base.get("floor_ratio"), "fp8_floor_ratio": fp8.get("floor_ratio"),
+                     "bf16_kernels": base.get("kernels_per_step"), "fp8_kernels": fp8.get("kernels_per_step")})
+    first = reports["bf16"]
+    return {"bench": "decode_step_fp8", "device": first["device"], "torch": first["torch"], "model": first["model"],
+            "context": first["context"], "fp8_weights_kept": reports["fp8"]["weights"] == "fp8",
+            "goal_at_batch_1": GOAL_AT_BATCH_1,
+            "headline": {str(r["batch_size"]): r["fp8_over_bf16"] for r in rows}, "results": rows,
+            "reports": reports}
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"decode step, FP8 vs bf16 weights: {report['model']} on {report['device']}, context {report['context']}"
+          + ("" if report["fp8_weights_kept"] else " (FP8 dequantized at load here: the same model twice)"))
+    print(f"{'batch':>6} {'bf16 ms':>9} {'fp8 ms':>9} {'fp8/bf16':>9} {'bf16/floor':>11} {'fp8/floor':>10}")
+    for r in report["results"]:
+        floors = "".join(f" {r[k]:>10.2f}x" if r[k] is not None else f" {'-':>11}"
+                         for k in ("bf16_floor_ratio", "fp8_floor_ratio"))
+        print(f"{r['batch_size']:>6} {r['bf16_ms']:>9.3f} {r['fp8_ms']:>9.3f} {r['fp8_over_bf16']:>8.2f}x{floors}")
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([i - 0.2 for i in x], [r["bf16_ms"] for r in rows], 0.4, label="bf16 weights")
+    ax.bar([i + 0.2 for i in x], [r["fp8_ms"] for r in rows], 0.4, label="FP8 weights")
+    for i, r in zip(x, rows, strict=True):
+        ax.text(i, max(r["bf16_ms"], r["fp8_ms"]), f"{r['fp8_over_bf16']:.2f}x", ha="center", va="bottom", fontsize=9)
+    if rows and rows[0]["batch_size"] == 1:
+        ax.hlines(GOAL_AT_BATCH_1 * rows[0]["bf16_ms"], -0.45, 0.45, colors="red", linestyles="dashed",
+                  label=f"goal at batch 1 ({GOAL_AT_BATCH_1}x bf16)")
+    ax.set_xticks(list(x), [str(r["batch_size"]) for r in rows])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("ms per CUDA-graph decode step")
+    ax.set_title(f"FP8 vs bf16 weights: {report['model']}, context {report['context']}, {report['device']}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.decode_step_fp8", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/decode_step_fp8_vs_bf16_"
+                                                    "<device>.json)")
+    args, rest = parser.parse_known_args(argv)
+    if any(a == "--quantization" or a.startswith("--quantization=") for a in rest):
+        parser.error("--quantization is what this bench varies: leave it out")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    report = compare(rest)
+    print_table(report)
+    kind = "cpu" if report["device"] == "cpu" else "gpu"
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"decode_step_fp8_vs_bf16_{kind}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, str(out.with_suffix(".png")))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
