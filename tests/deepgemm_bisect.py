@@ -2,14 +2,15 @@
 
     python tests/deepgemm_bisect.py [--backtrace-so /tmp/segv_backtrace.so]   (sm90 GPU, deep_gemm importable)
 
-From the least to the most of DeepGEMM each case needs: the import and its device query, its cuBLASLt GEMM
-(no JIT), a JIT-compiled bf16 GEMM, the FP8 GEMM as DeepGEMM's own tests call it (K-major activation scales,
-its default recipe), the FP8 GEMM as ``kernels.fp8_deepgemm`` calls it (M-major scales, recipe (1, 128, 128)),
-and that one again with NVRTC instead of NVCC; the ``_preload`` cases put the image's own libstdc++ (the one
-its g++ links against) first in the process, ``_debug`` turns on ``DG_JIT_DEBUG`` (whose config print is where
-2.6.1 first crashed on torch 2.11 / CUDA 13: ``std::ostream`` inserting a ``long``, inside the extension). A
-child's C++ output is unbuffered (``stdbuf``) so a crash does not eat DeepGEMM's log lines; with ``--backtrace-so`` (scripts/segv_backtrace.c) a crashing
-child prints its native frames, and the frames inside DeepGEMM's extension are named with ``addr2line``.
+From the least to the most of DeepGEMM each case needs: the import (and which C++ runtime the process mapped),
+its cuBLASLt GEMM (no JIT), a JIT-compiled bf16 GEMM, the FP8 GEMM as DeepGEMM's own tests call it (K-major
+activation scales, its default recipe), and the FP8 GEMM as ``kernels.fp8_deepgemm`` calls it (M-major scales,
+recipe (1, 128, 128)). The ``_preload`` cases put the image's own libstdc++ (the one its g++ links against)
+first in the process; ``_debug`` turns on ``DG_JIT_DEBUG``, whose config print is where 2.6.1 first crashed on
+torch 2.11 / CUDA 13 (``std::ostream`` inserting a ``long``, inside the extension; the preload fixed it). A
+child's C++ output is unbuffered (``stdbuf``) so a crash does not eat DeepGEMM's log lines; with
+``--backtrace-so`` (scripts/segv_backtrace.c) a crashing child prints its native frames, and the frames inside
+DeepGEMM's extension are named with ``addr2line``.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def run_case(name: str, env_extra: dict[str, str], body: str, backtrace_so: str 
     ok = proc.returncode == 0
     print(f"== {name}: {'ok' if ok else f'exit {proc.returncode}'}", flush=True)
     lines = (proc.stdout + proc.stderr).splitlines()
-    keep = lines if not ok else [line for line in lines if "rel err" in line or "available" in line]
+    keep = lines if not ok else [line for line in lines if any(w in line for w in ("rel err", "available",
+                                                                                  "C++ runtime"))]
     for line in keep[-60:]:
         print("   ", line[:400])
     if not ok:
