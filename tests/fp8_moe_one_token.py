@@ -33,7 +33,7 @@ EXPERTS, HIDDEN, INTER, SHARED_INTER, TOP_K = 64, 2048, 1408, 2816, 6
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--sweep", action="store_true", help="16 x 32 / 16 x 64 tiles, 2-5 stages, active grid or not")
+    parser.add_argument("--sweep", action="store_true", help="16 x 16, 32 or 64 tiles, 2-5 stages, active grid or not")
     args = parser.parse_args()
     default_config = tfm.grouped_gemm_config
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -85,7 +85,7 @@ def main() -> int:
           f"rate ({2 * nbytes / copy_us / 1e3:.0f} GB/s) {floor_us:.1f} us", flush=True)
     variants: list[tuple[str, Fp8GemmConfig | None, bool]] = [("default tiles, every expert's column", None, False)]
     if args.sweep:
-        for block_n in (32, 64):
+        for block_n in (16, 32, 64):
             for stages in (2, 3, 4, 5):
                 for use_active in (False, True):
                     cfg = Fp8GemmConfig(block_m=16, block_n=block_n, group_m=1, num_warps=4, num_stages=stages)
