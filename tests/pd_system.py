@@ -274,6 +274,13 @@ def expected_outputs(llm: LLM, cases: list[Case]) -> list[tuple[list[int], list[
 
 # Logprobs of the same tokens batched differently: float32 rounding apart.
 LOGPROB_TOL = 1e-4
+# The same with an FP8 KV cache (1P1D against colocated, on CPU and GPU): the 1P1D prefill runs its chunks in
+# other batches than the colocated reference, and a GEMM's rounding depends on its row count (MKL's on a CPU,
+# cuBLAS's and Triton's on a GPU): float32 noise that, on the rare latent element sitting at an e4m3 rounding
+# boundary, stores it one FP8 step (up to 1/8 relative) apart. Seen: over 1e-4 on 1 of 32 requests on an H100
+# (2.6e-4 at most in the next run, bench/results/gpu_tests_fp8_pd_h100_s31.log), and on 1 of 16 on a CPU CI run
+# (a top alternative). Greedy tokens must still be equal; a wrong scale, page or layer moves logprobs by ~1.
+FP8_KV_LOGPROB_TOL = 5e-3
 
 
 def _same_alternatives(got: list[tuple[int, float]], expected: list[tuple[int, float]], tol: float) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from pd_system import (
+    FP8_KV_LOGPROB_TOL,
     PAGE_SIZE,
     PDSystem,
     check_concurrent_mixed_requests,
@@ -64,7 +65,9 @@ def test_both_workers_report_an_fp8_kv_cache(system: PDSystem) -> None:
 def test_fp8_kv_1p1d_greedy_outputs_equal_colocated_fp8_kv_generation_and_pools_end_idle(
     system: PDSystem, reference: LLM
 ) -> None:
-    check_concurrent_mixed_requests(system, reference, n=16, seed=3)  # ends with both workers idle
+    # Greedy tokens equal; logprobs within FP8_KV_LOGPROB_TOL (an element at an e4m3 rounding boundary may
+    # land one step apart when the prefill batches it differently). Ends with both workers idle.
+    check_concurrent_mixed_requests(system, reference, n=16, seed=3, logprob_tol=FP8_KV_LOGPROB_TOL)
 
 
 def test_decode_with_another_kv_cache_dtype_is_refused_at_bootstrap(

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from pd_system import PAGE_SIZE, PDSystem, check_concurrent_mixed_requests, skip_unless_backend
+from pd_system import (
+    FP8_KV_LOGPROB_TOL,
+    PAGE_SIZE,
+    PDSystem,
+    check_concurrent_mixed_requests,
+    skip_unless_backend,
+)
 
 from engine.llm import LLM
 from engine.tiny_model import write_tiny_model
@@ -54,12 +60,6 @@ def test_gpu_1p1d_equals_colocated_generation_on_the_gpu(
         system.close()
 
 
-# The same greedy tokens; logprobs within this. The 1P1D prefill runs 40-token chunks in other batches than
-# the colocated reference, and a GPU GEMM's rounding depends on its row count: float32 noise (the 1e-4 of the
-# tests above) that, on the rare latent element sitting at an e4m3 rounding boundary, stores it one FP8 step
-# (up to 1/8 relative) apart. On an H100: over 1e-4 on 1 of 32 requests in one run, 2.6e-4 at most in the
-# next (bench/results/gpu_tests_fp8_pd_h100_s31.log). A wrong scale, page or layer moves them by ~1.
-FP8_KV_LOGPROB_TOL = 5e-3
 
 
 def test_gpu_1p1d_with_an_fp8_kv_cache_equals_colocated_fp8_kv_generation(tiny_model: Path, tmp_path: Path) -> None:
