@@ -19,13 +19,13 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench.decode_step import NAMED, time_ms
+from bench.report import write_report
 from engine.config import ModelConfig
 from engine.dbo import DboConfig, split_point
 from engine.forward_batch import ForwardBatch, ForwardMode
@@ -145,22 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     write_report(report, "dbo_step", args.device, args.out, plot,
                  " (python -m bench.dbo_step --replot JSON draws it)")
     return 0
-
-
-def write_report(report: dict[str, Any], name: str, device: str, out: str | None,
-                 plot: Callable[[dict[str, Any], Path], None], replot_hint: str = "") -> Path:
-    """The report as JSON (``out``, else bench/results/<name>_<gpu|cpu>.json) and its PNG beside it. A GPU image
-    without matplotlib gets the JSON alone, and a line saying so."""
-    kind = "gpu" if device.startswith("cuda") else "cpu"
-    path = Path(out or Path(__file__).resolve().parent / "results" / f"{name}_{kind}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    try:
-        plot(report, path.with_suffix(".png"))
-    except ImportError:
-        print(f"matplotlib missing: no PNG{replot_hint}")
-    print(f"wrote {path}")
-    return path
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ same run; and the kernels a graph replay launches (profiler). Also writes a PNG 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from bench.decode_floor import copy_bandwidth, kernels_per_step, plot, selected_experts, step_bytes
+from bench.report import write_report
 from decode_worker.bench_connector import fill_pages
 from engine.config import ModelConfig
 from engine.cuda_graph import CudaGraphRunner
@@ -205,12 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     report = run(args)
     print_table(report)
-    kind = "gpu" if args.device.startswith("cuda") else "cpu"
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"decode_step_{kind}{'' if args.kv_cache_dtype == 'auto' else '_kv_' + args.kv_cache_dtype}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, str(out.with_suffix(".png")))
-    print(f"wrote {out}")
+    suffix = "" if args.kv_cache_dtype == "auto" else "_kv_" + args.kv_cache_dtype
+    write_report(report, f"decode_step{suffix}", args.device, args.out, lambda r, path: plot(r, str(path)))
     return 0
 
 

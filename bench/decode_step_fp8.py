@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench import decode_step
+from bench.report import write_report
 
 GOAL_AT_BATCH_1 = 0.65  # issue 16: FP8 at most 0.65x the bf16 step at batch 1
 
@@ -98,12 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     report = compare(rest)
     print_table(report)
-    kind = "cpu" if report["device"] == "cpu" else "gpu"
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"decode_step_fp8_vs_bf16_{kind}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, str(out.with_suffix(".png")))
-    print(f"wrote {out}")
+    device = "cpu" if report["device"] == "cpu" else "cuda"
+    write_report(report, "decode_step_fp8_vs_bf16", device, args.out, lambda r, path: plot(r, str(path)))
     return 0
 
 

@@ -24,8 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.dbo_step import ON as DBO_ON
-from bench.dbo_step import _batch, write_report
+from bench.dbo_step import _batch
 from bench.decode_step import NAMED, time_ms
+from bench.report import write_report
 from decode_worker.bench_connector import fill_pages
 from engine.config import ModelConfig
 from engine.cuda_graph import CudaGraphRunner

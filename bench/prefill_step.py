@@ -14,7 +14,6 @@ into expert GEMMs, other GEMMs, attention and the rest.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from bench.decode_step import NAMED, profile_kernels, time_ms
+from bench.report import write_report
 from engine.config import ModelConfig
 from engine.forward_batch import ForwardBatch, ForwardMode
 from engine.kv_pool import KVPool
@@ -178,11 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     report = run(args)
     print_table(report)
-    kind = "gpu" if args.device.startswith("cuda") else "cpu"
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"prefill_step_{kind}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, "prefill_step", args.device, args.out)
     return 0
 
 
