@@ -68,8 +68,9 @@ REQUIRED = ("fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_ge
             "get_mk_alignment_for_contiguous_layout")
 # Under TANDEM_FP8_GEMM=auto, dense FP8 GEMMs of this many rows or more run on DeepGEMM where it is built and
 # runs. bench.gemm on an H100 (bench/results/gemm_deepgemm_h100_s32.json): at 4096 rows DeepGEMM led cuBLAS on
-# all six V3 dense shapes it takes (1.19-1.66x bf16 against 1.04-1.51x); at 128 rows it led on two and trailed
-# on four (0.19-1.61x against 0.48-0.95x). Between the two nothing was measured; prefill chunks live up here.
+# all six V3 dense shapes it takes (1.19-1.66x bf16 against 1.04-1.51x); at 128 rows it led on four and trailed
+# on two by 2.5-4x (0.19-1.61x against 0.44-0.95x). Between the two nothing was measured; prefill chunks live
+# up here.
 AUTO_MIN_ROWS = int(os.environ.get("TANDEM_FP8_DEEPGEMM_MIN_ROWS", "1024"))
 _CHILD_ENV = "TANDEM_DEEPGEMM_PROBE_CHILD"  # set in the probe's child: it must not spawn one itself
 _ROOT = Path(__file__).resolve().parents[1]  # the checkout, so the child imports this same package
