@@ -60,8 +60,6 @@ def test_gpu_1p1d_equals_colocated_generation_on_the_gpu(
         system.close()
 
 
-
-
 def test_gpu_1p1d_with_an_fp8_kv_cache_equals_colocated_fp8_kv_generation(tiny_model: Path, tmp_path: Path) -> None:
     """`--kv-cache-dtype fp8_e4m3` on both workers: FP8 pages move GPU to GPU (NIXL) and the decode worker's
     CUDA graphs read them through the Triton kernel's dequantize-on-load. Same greedy tokens; logprobs within
