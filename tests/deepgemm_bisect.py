@@ -112,10 +112,12 @@ def name_frames(stderr: str) -> list[str]:
 
 
 def system_libstdcxx() -> str:
-    """The libstdc++ the image's g++ links against (its own runtime), or "" where there is no g++."""
-    if shutil.which("g++") is None:
+    """The libstdc++ the compiler links against (its own runtime), found as scripts/build_deepgemm.sh finds the
+    one its env.sh preloads (``${CXX:-c++}``), or "" where there is no compiler."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
         return ""
-    path = subprocess.run(["g++", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True).stdout.strip()
+    path = subprocess.run([compiler, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True).stdout.strip()
     return os.path.realpath(path) if os.path.isabs(path) else ""
 
 
