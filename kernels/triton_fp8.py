@@ -164,6 +164,22 @@ class Fp8GemmConfig:
     num_stages: int
 
 
+# A decode-size tile set by hand for a GPU the defaults were not measured on (tests/fp8_moe_one_token.py
+# --dense prints the best of its sweep in this form): "BLOCK_N,WARPS,STAGES,SPLIT_K" for GEMMs of <= 16 rows.
+DENSE_DECODE_TILE_ENV = "TANDEM_FP8_DENSE_DECODE_TILE"
+
+
+def decode_tile_override(env: str) -> tuple[int, ...] | None:
+    """The integers of a tile override (``DENSE_DECODE_TILE_ENV``, ``kernels.triton_fp8_moe``'s), or None."""
+    value = os.environ.get(env, "").strip()
+    if not value:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"{env}={value!r}: expected comma-separated integers") from None
+
+
 def dense_gemm_config(m: int, n: int = 0, sm_count: int = 0) -> Fp8GemmConfig:
     """Tiles by the row count. Few rows (decode) are bound by reading the weight: small row tiles, and
     column tiles narrowed (64, 32, then 16 wide) until most SMs have an output tile where they can, so the
@@ -171,6 +187,9 @@ def dense_gemm_config(m: int, n: int = 0, sm_count: int = 0) -> Fp8GemmConfig:
     0.24-0.67x bf16 where the unsplit ones with enough tiles reached 1.2-1.7x); many rows use 128 x 128 tiles
     (wgmma-sized)."""
     if m <= 16:
+        tile = decode_tile_override(DENSE_DECODE_TILE_ENV)
+        if tile is not None:
+            return Fp8GemmConfig(block_m=16, block_n=tile[0], group_m=1, num_warps=tile[1], num_stages=tile[2])
         block_n = 64
         while block_n > 16 and 4 * triton.cdiv(n, block_n) < 3 * sm_count:
             block_n //= 2
@@ -260,6 +279,9 @@ def choose_split_k(m: int, n: int, k_blocks: int, cfg: Fp8GemmConfig, sm_count: 
     per split (the fp32 partials cost M x N x 4 bytes per split, small while M is small)."""
     if m > 64:
         return 1
+    tile = decode_tile_override(DENSE_DECODE_TILE_ENV) if m <= 16 else None
+    if tile is not None and len(tile) > 3:
+        return max(1, min(tile[3], k_blocks))
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if 4 * tiles >= 3 * sm_count:  # most SMs have a tile: splitting adds partials and a reduction, no bandwidth
         return 1

@@ -35,11 +35,16 @@ from kernels.triton_fp8 import (
     Fp8GemmConfig,
     _check_device,
     _promote_every,
+    decode_tile_override,
     dot_precision,
     quantize_fp8_act_triton,
 )
 from kernels.triton_grid import grouped_tile, masked_expert
 from kernels.triton_moe import ExpertSort, sort_by_expert
+
+# A decode-size tile set by hand for a GPU the defaults were not measured on (tests/fp8_moe_one_token.py --sweep
+# prints the best in this form): "BLOCK_N,WARPS,STAGES" for the masked launches of <= 16 rows per expert.
+MOE_DECODE_TILE_ENV = "TANDEM_FP8_MOE_DECODE_TILE"
 
 
 def grouped_gemm_config(rows_per_expert: int) -> Fp8GemmConfig:
@@ -50,6 +55,9 @@ def grouped_gemm_config(rows_per_expert: int) -> Fp8GemmConfig:
     on an H100 (V2-Lite, bench/results/tune_gpu_fp8_moe_h100.json): the routed gated GEMM at one token 32.0 us
     where 16 x 64 x 4 stages took 42.9, the shared experts' 16.8 where 23.9."""
     if rows_per_expert <= 16:
+        tile = decode_tile_override(MOE_DECODE_TILE_ENV)
+        if tile is not None:
+            return Fp8GemmConfig(block_m=16, block_n=tile[0], group_m=1, num_warps=tile[1], num_stages=tile[2])
         return Fp8GemmConfig(block_m=16, block_n=32, group_m=1, num_warps=4, num_stages=5)
     if rows_per_expert <= 64:
         return Fp8GemmConfig(block_m=32, block_n=64, group_m=4, num_warps=4, num_stages=4)

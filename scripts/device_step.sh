@@ -11,8 +11,10 @@
 #              count around the default (what sets the programs per SM when the KV read is the bound)
 #   prefillfp8 prefill with FP8 weights under TANDEM_FP8_GEMM=auto (DeepGEMM's dense GEMMs from 1024 rows where
 #              the deepgemm step built it earlier in the call, else cuBLAS) and again under cublas
-#   ncufp8     tests/fp8_moe_one_token.py --sweep: one layer's masked W8A16 expert launches at one token against
-#              the copy_ rate over tiles, stages and the active-expert grid, then the default under Nsight Compute
+#   ncufp8     tests/fp8_moe_one_token.py --sweep --dense: one layer's masked W8A16 expert launches and its dense
+#              attention GEMMs at one token against the copy_ rate over tiles, warps, stages, splits and the
+#              active-expert grid; the winners are exported to the later steps (fp8_decode_tiles.env); NCU=1
+#              then runs the default under Nsight Compute
 #   fp8vsbf16  bench.decode_step_fp8: the bf16 step and the FP8 step in one process, FP8 / bf16 per batch size
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
 #   fp8stepact the same with FP8 activations at every size (TANDEM_FP8_ACT=fp8)
@@ -84,8 +86,12 @@ for s in $STEPS; do
         step 01_prefill_step_fp8_cublas "$(left 120)" env TANDEM_FP8_GEMM=cublas python3 -m bench.prefill_step \
             --device cuda --model-config v2-lite --quantization fp8 --seq-lens 4096,4x1024 --profile \
             --out "$OUT_SAVED/prefill_step_gpu_fp8_cublas.json" ;;
-    ncufp8) step 08_fp8_moe_one_token "$(left 150)" python3 tests/fp8_moe_one_token.py --sweep
-        command -v ncu >/dev/null && step 08_ncu_fp8_moe "$(left 180)" ncu --section SpeedOfLight \
+    ncufp8) step 08_fp8_moe_one_token "$(left 240)" python3 tests/fp8_moe_one_token.py --sweep --dense \
+            --best-env "$OUT_SAVED/fp8_decode_tiles.env"
+        # The sweep's winners (where they beat the defaults by > 3 %) apply to every later step of the call.
+        [ -s "$OUT_SAVED/fp8_decode_tiles.env" ] && cat "$OUT_SAVED/fp8_decode_tiles.env" \
+            && source "$OUT_SAVED/fp8_decode_tiles.env"
+        [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null && step 08_ncu_fp8_moe "$(left 180)" ncu --section SpeedOfLight \
             --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
             -k regex:_fp8_moe_gemm_kernel -c 4 python3 tests/fp8_moe_one_token.py --iters 2 ;;
     fp8vsbf16) step 06_decode_step_fp8_vs_bf16 "$(left 150)" python3 -m bench.decode_step_fp8 $DS --profile \

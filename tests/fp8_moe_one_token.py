@@ -1,20 +1,29 @@
-"""The masked FP8 expert GEMMs of one V2-Lite MoE layer at one token, alone, for a kernel profiler.
+"""One V2-Lite layer's FP8 GEMMs at one token, alone: tile sweeps and a target for a kernel profiler.
 
-    python tests/fp8_moe_one_token.py [--iters 20] [--sweep]          (a CUDA GPU with FP8 support)
+    python tests/fp8_moe_one_token.py [--iters 20] [--sweep] [--dense] [--best-env FILE]   (CUDA GPU, FP8)
     ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \\
         -k regex:_fp8_moe_gemm_kernel -c 4 python tests/fp8_moe_one_token.py
 
-V2-Lite's shapes (64 routed experts of 2048 x 1408, top 6, two shared experts riding in the same launches as
-one 2816-wide expert), W8A16, capacity 1: the launches that take 1.67 ms of the FP8 decode step at batch 1 on
-an H100 at 36 % of ``copy_``. Prints each layer-pair's time and the bandwidth it reached on the bytes it must
-read (the six routed experts' and the shared experts' FP8 weights and scales) against those bytes moved at the
-rate of a ``copy_`` timed beside it; a profiler attached to it sees the same launches the CUDA graph replays.
+Experts: V2-Lite's shapes (64 routed experts of 2048 x 1408, top 6, two shared experts riding in the same
+launches as one 2816-wide expert), W8A16, capacity 1: the launches that took 1.67 ms of the FP8 decode step at
+batch 1 on an H100 at 36 % of ``copy_``. ``--dense``: the attention's two FP8 projections at one row (fused
+q + kv_a, 3648 x 2048; o_proj, 2048 x 2048), 0.43 ms of that step at about a quarter of ``copy_``.
+
+Each variant is captured in a CUDA graph (several layers' worth of launches, as the decode step replays them,
+so the graph's own launch is amortized) and timed against the bytes it must read (FP8 weights and scales)
+moved at the rate of a ``copy_`` timed beside it. ``--sweep`` tries tile widths, warps, pipeline stages and
+the active-expert grid through the same environment overrides a deployment would set
+(``TANDEM_FP8_MOE_DECODE_TILE``, ``TANDEM_MOE_ACTIVE_GRID``, ``TANDEM_FP8_DENSE_DECODE_TILE``); ``--best-env``
+writes the fastest as ``export`` lines when it beats the default by more than 3 %.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,20 +32,106 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fp8_cases import random_fp8_experts  # noqa: E402
 
+from kernels import fp8  # noqa: E402
+from kernels import triton_fp8 as tf  # noqa: E402
 from kernels import triton_fp8_moe as tfm  # noqa: E402
 from kernels.triton_decode_fused import active_experts_triton  # noqa: E402
-from kernels.triton_fp8 import Fp8GemmConfig  # noqa: E402
 
 EXPERTS, HIDDEN, INTER, SHARED_INTER, TOP_K = 64, 2048, 1408, 2816, 6
+DENSE_SHAPES = ((3648, 2048), (2048, 2048))  # (N, K): fused q_proj + kv_a_proj_with_mqa, o_proj
+REPS = 8  # launches (or layer pairs) per graph replay
+MARGIN = 0.97  # an override must beat the default by more than 3 %
+
+Variant = tuple[str, dict[str, str]]  # (label, environment overrides)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--sweep", action="store_true", help="16 x 16, 32 or 64 tiles, 2-5 stages, active grid or not")
-    args = parser.parse_args()
-    default_config = tfm.grouped_gemm_config
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def timed_us(fn: Callable[[], object], iters: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters * 1e3
+
+
+def graph_us(fn: Callable[[], object], env: dict[str, str], iters: int) -> tuple[float, set[int]]:
+    """``fn`` under ``env``, REPS times in one CUDA graph: (microseconds per call (no host cost), the stages
+    the masked launches of the decode tile ran at where fewer fitted than asked)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        fn()  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(REPS):
+                fn()
+        # A tile whose stages do not fit shared memory runs with fewer (kernels.triton_fp8_moe._launch_fitting).
+        cfg = tfm.grouped_gemm_config(1)
+        fitted = {s for key, s in tfm._STAGES_THAT_FIT.items() if key[0] == cfg and s != cfg.num_stages}
+        return timed_us(graph.replay, iters) / REPS, fitted
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def copy_floor_us(nbytes: int, iters: int) -> float:
+    """Moving ``nbytes`` once at the rate of a ``copy_`` (which moves them twice) of the same size."""
+    src = torch.empty(max(nbytes, 1 << 26), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return timed_us(lambda: dst.copy_(src), iters) / 2 * nbytes / src.numel()
+
+
+def moe_variants(sweep: bool) -> list[Variant]:
+    out: list[Variant] = [
+        ("default tiles, every expert's column", {tfm.MOE_DECODE_TILE_ENV: "", "TANDEM_MOE_ACTIVE_GRID": ""}),
+        ("default tiles, active experts", {tfm.MOE_DECODE_TILE_ENV: "", "TANDEM_MOE_ACTIVE_GRID": "1"}),
+    ]
+    if sweep:
+        for block_n, warps, stages, active in itertools.product((16, 32, 64), (2, 4), (3, 5), ("", "1")):
+            out.append((f"16x{block_n} {warps} warps {stages} stages, {'active experts' if active else 'all'}",
+                        {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages}", "TANDEM_MOE_ACTIVE_GRID": active}))
+    return out
+
+
+def dense_variants() -> list[Variant]:
+    out: list[Variant] = [("default", {tf.DENSE_DECODE_TILE_ENV: ""})]
+    for block_n, warps, stages, split in itertools.product((16, 32, 64), (2, 4), (4,), (1, 2, 4)):
+        out.append((f"16x{block_n} {warps} warps {stages} stages split {split}",
+                    {tf.DENSE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},{split}"}))
+    return out
+
+
+def sweep(title: str, variants: list[Variant], make: Callable[[], Callable[[], object]], nbytes: int,
+          floor_us: float, iters: int) -> tuple[float, Variant | None]:
+    """Prints a row per variant; returns (default's us, the fastest variant or None)."""
+    print(f"{title}: {nbytes / 2**20:.1f} MiB of weights and scales, {floor_us:.1f} us at copy_'s rate", flush=True)
+    fn = make()
+    times: list[tuple[float, Variant]] = []
+    for label, env in variants:
+        try:
+            us, fitted = graph_us(fn, env, iters)
+        except Exception as exc:  # noqa: BLE001 - a tile that does not fit is a row of the table
+            print(f"  {label:48s} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            continue
+        ran = f" (ran at {sorted(fitted)} stages)" if fitted else ""
+        print(f"  {label:48s} {us:8.1f} us  {nbytes / us / 1e3:6.0f} GB/s  {us / floor_us:5.2f}x the floor{ran}",
+              flush=True)
+        times.append((us, (label, env)))
+    if not times:
+        return float("nan"), None
+    best_us, best = min(times, key=lambda t: t[0])
+    print(f"  best: {best[0]} {best_us:.1f} us ({times[0][0] / best_us:.2f}x faster than the default)", flush=True)
+    return times[0][0], best if best_us < MARGIN * times[0][0] else None
+
+
+def moe_case(gen: torch.Generator) -> tuple[Callable[[], Callable[[], object]], int]:
     w13, s13, w2, s2 = random_fp8_experts(EXPERTS, HIDDEN, INTER, gen)
     sw13, ss13, sw2, ss2 = random_fp8_experts(1, HIDDEN, SHARED_INTER, gen)
     shared = (sw13[0], ss13[0], sw2[0], ss2[0])
@@ -46,64 +141,76 @@ def main() -> int:
     hidden = torch.randn(1, HIDDEN, device="cuda", generator=gen).bfloat16()
     per_expert = w13[0].numel() + w2[0].numel() + (s13[0].numel() + s2[0].numel()) * 4
     nbytes = TOP_K * per_expert + sum(t.numel() * t.element_size() for t in shared)
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
+    active_ids = active_experts_triton(counts)
 
-    def timed(fn: object) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(3):
-            fn()  # type: ignore[operator]
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(args.iters):
-            fn()  # type: ignore[operator]
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / args.iters * 1e3  # us
+    def make() -> Callable[[], object]:
+        def moe() -> object:  # the active grid read from the environment, as engine.moe reads it
+            active = (active_ids, TOP_K) if os.environ.get("TANDEM_MOE_ACTIVE_GRID") == "1" else None
+            return tfm.fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, hidden, *shared,
+                                                            active=active)
+        return moe
 
-    active = (active_experts_triton(counts), TOP_K)
+    return make, nbytes
 
-    def graph_us(config: Fp8GemmConfig | None, use_active: bool) -> float:
-        """Both launches replayed from a CUDA graph, as the decode step replays them (no host cost)."""
-        tfm.grouped_gemm_config = (lambda rows: config) if config else default_config  # type: ignore[assignment]
-        try:
-            def moe() -> object:
-                return tfm.fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, hidden, *shared,
-                                                                active=active if use_active else None)
 
-            moe()  # compile outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                moe()
-            return timed(graph.replay)
-        finally:
-            tfm.grouped_gemm_config = default_config
+def dense_case(n: int, k: int, gen: torch.Generator) -> tuple[Callable[[], Callable[[], object]], int]:
+    w, s = fp8.quantize_fp8_weight(torch.randn(n, k, device="cuda", generator=gen) / k**0.5)
+    x = torch.randn(1, k, device="cuda", generator=gen).bfloat16()
+    nbytes = w.numel() + s.numel() * 4
 
-    copy_us = timed(lambda: dst.copy_(src))
-    floor_us = copy_us / 2  # copy_ moves 2 x nbytes: the time to move nbytes once at its rate
-    print(f"one token, {TOP_K} routed + shared experts: {nbytes / 2**20:.1f} MiB of weights and scales; at copy_'s "
-          f"rate ({2 * nbytes / copy_us / 1e3:.0f} GB/s) {floor_us:.1f} us", flush=True)
-    variants: list[tuple[str, Fp8GemmConfig | None, bool]] = [("default tiles, every expert's column", None, False)]
-    if args.sweep:
-        for block_n in (16, 32, 64):
-            for stages in (2, 3, 4, 5):
-                for use_active in (False, True):
-                    cfg = Fp8GemmConfig(block_m=16, block_n=block_n, group_m=1, num_warps=4, num_stages=stages)
-                    variants.append((f"16x{block_n} {stages} stages, {'active experts' if use_active else 'all'}",
-                                     cfg, use_active))
-    for name, cfg, use_active in variants:
-        try:
-            us = graph_us(cfg, use_active)
-        except Exception as exc:  # noqa: BLE001 - a tile that does not fit is a row of the table
-            print(f"{name:44s} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-            continue
-        # A tile whose stages do not fit shared memory runs with fewer (kernels.triton_fp8_moe._launch_fitting):
-        # say so rather than credit the stages asked for.
-        fitted = {tfm._STAGES_THAT_FIT.get((cfg, gated, True, True)) for gated in (True, False)} - {None}
-        ran = f" (ran at {sorted(fitted)} stages)" if cfg is not None and fitted - {cfg.num_stages} else ""
-        print(f"{name:44s} {us:8.1f} us  {nbytes / us / 1e3:6.0f} GB/s  {us / floor_us:5.2f}x the floor{ran}",
-              flush=True)
+    def make() -> Callable[[], object]:
+        return lambda: tf.fp8_gemm_triton(x, None, w, s, torch.bfloat16, w8a16=True)
+
+    return make, nbytes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true", help="16 x 16/32/64 tiles, 2/4 warps, 3/5 stages, grid")
+    parser.add_argument("--dense", action="store_true", help="sweep the attention's dense FP8 GEMMs at one row")
+    parser.add_argument("--best-env", type=Path, help="write the fastest overrides here as export lines")
+    args = parser.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    exports: dict[str, str] = {}
+    make, nbytes = moe_case(gen)
+    _, best = sweep(f"one token, {TOP_K} routed + shared experts", moe_variants(args.sweep), make, nbytes,
+                    copy_floor_us(nbytes, args.iters), args.iters)
+    if best is not None:
+        exports.update(best[1])
+    write_exports(args.best_env, exports)  # now as well: a call cut short during --dense keeps the experts' pick
+    if args.dense:
+        # One tile for both projections: the one with the least summed time (each shape's default first).
+        totals: dict[str, float] = {}
+        variants = dense_variants()
+        for n, k in DENSE_SHAPES:
+            make, nbytes = dense_case(n, k, gen)
+            fn = make()
+            floor = copy_floor_us(nbytes, args.iters)
+            print(f"dense {n} x {k} at one row: {nbytes / 2**20:.1f} MiB, {floor:.1f} us at copy_'s rate", flush=True)
+            for label, env in variants:
+                try:
+                    us = graph_us(fn, env, args.iters)[0]
+                except Exception as exc:  # noqa: BLE001
+                    print(f"  {label:48s} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                    totals[label] = float("inf")
+                    continue
+                print(f"  {label:48s} {us:8.1f} us  {us / floor:5.2f}x the floor", flush=True)
+                totals[label] = totals.get(label, 0.0) + us
+        best_label = min(totals, key=lambda lb: totals[lb])
+        print(f"dense best over both shapes: {best_label} {totals[best_label]:.1f} us "
+              f"(default {totals['default']:.1f} us)", flush=True)
+        if totals[best_label] < MARGIN * totals["default"]:
+            exports.update(dict(variants)[best_label])
+    write_exports(args.best_env, exports)
     return 0
+
+
+def write_exports(path: Path | None, exports: dict[str, str]) -> None:
+    if path is not None:
+        lines = [f"export {k}={v}" for k, v in exports.items() if v]
+        path.write_text("".join(line + "\n" for line in lines))
+        print(f"wrote {path}: {lines or 'the defaults'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -189,3 +189,26 @@ def test_a_grouped_launch_steps_its_pipeline_down_until_the_tile_fits_shared_mem
         triton_fp8_moe._launch_fitting(lambda stages: launch(stages + 9), never, 2)
     triton_fp8_moe._STAGES_THAT_FIT.pop(key, None)
     triton_fp8_moe._STAGES_THAT_FIT.pop(never, None)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_decode_tile_overrides_set_the_few_row_tiles_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment's decode tiles (a sweep's pick for another GPU) replace the few-row defaults of the dense
+    and the grouped FP8 GEMMs, split K as asked, leave prefill tiles alone, and refuse what is not integers."""
+    from kernels import triton_fp8, triton_fp8_moe
+
+    default_dense = triton_fp8.dense_gemm_config(1, 3648, 132)
+    default_grouped = triton_fp8_moe.grouped_gemm_config(1)
+    monkeypatch.setenv(triton_fp8.DENSE_DECODE_TILE_ENV, "64,2,3,4")
+    monkeypatch.setenv(triton_fp8_moe.MOE_DECODE_TILE_ENV, "16,2,3")
+    dense = triton_fp8.dense_gemm_config(1, 3648, 132)
+    assert (dense.block_m, dense.block_n, dense.num_warps, dense.num_stages) == (16, 64, 2, 3) != default_dense
+    assert triton_fp8.choose_split_k(1, 3648, 16, dense, 132) == 4
+    assert triton_fp8.choose_split_k(1, 3648, 2, dense, 132) == 2  # never more splits than K blocks
+    grouped = triton_fp8_moe.grouped_gemm_config(1)
+    assert (grouped.block_n, grouped.num_warps, grouped.num_stages) == (16, 2, 3) != default_grouped
+    assert triton_fp8.dense_gemm_config(4096).block_m == 128
+    assert triton_fp8_moe.grouped_gemm_config(512).block_n == 256
+    monkeypatch.setenv(triton_fp8.DENSE_DECODE_TILE_ENV, "64,two")
+    with pytest.raises(ValueError, match="TANDEM_FP8_DENSE_DECODE_TILE"):
+        triton_fp8.dense_gemm_config(1, 3648, 132)
