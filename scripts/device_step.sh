@@ -54,9 +54,9 @@
 # Carry .gpu_bundle, .gpu_carry (scripts/make_deepgemm_carry.sh and scripts/make_flashmla_carry.sh write it; a
 # flash_mla_dense.so that came back from an earlier call skips FlashMLA's build) and .baseline (the landed tree,
 # `git archive 01b6185`):
-#   call 1 (~9 min): DEEPGEMM_BUILD_ONLY=1 STEPS="ncufp8 deepgemm prefillfp8 fp8vsbf16" (the one-token FP8
-#     expert launches over tiles, stages and the active grid; DeepGEMM built; prefill with FP8 under auto vs
-#     cuBLAS; the FP8 step beside bf16's)
+#   call 1 (~9 min): DEEPGEMM_BUILD_ONLY=1 STEPS="ncufp8 fp8vsbf16 deepgemm prefillfp8" (the one-token FP8
+#     expert and dense launches over tiles, warps, stages, splits and the active grid, the winners exported to
+#     the FP8 step beside bf16's; DeepGEMM built; prefill with FP8 under auto vs cuBLAS)
 #   call 2: STEPS="pd pdmps pd32landed pd32mps" on an H200 where one is lent (the c8 goal was set on an H200)
 set -uo pipefail
 cd "$(dirname "$0")/.."
