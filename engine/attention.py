@@ -155,4 +155,8 @@ class MLAttention(nn.Module):
         else:
             out_latent = kernels.mla_decode_attention(q_latent, q_pe, kv_cache, batch.page_table, batch.seq_lens,
                                                       self.scale, kv_scale)
-        return torch.bmm(out_latent.transpose(0, 1), w_vc.transpose(1, 2)).transpose(0, 1)
+        # Written through a [H, B, v] view of a [B, H, v] buffer (cuBLAS takes the strided output), so the
+        # o_proj input is a plain reshape: a transposed result cost a copy launch per layer.
+        out = torch.empty(q_nope.shape[0], self.num_heads, self.v_dim, dtype=out_latent.dtype, device=q_nope.device)
+        torch.bmm(out_latent.transpose(0, 1), w_vc.transpose(1, 2), out=out.transpose(0, 1))
+        return out
