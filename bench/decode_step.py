@@ -38,7 +38,7 @@ from engine.forward_batch import ForwardBatch, ForwardMode
 from engine.kv_pool import KVPool, resolve_kv_cache_dtype
 from engine.llm import resolve_dtype
 from engine.model import DeepseekForCausalLM
-from engine.moe import ACTIVE_GRID_ENV
+from engine.moe import active_grid_enabled
 from engine.quant import add_quantization_flag, plan_quantization
 from engine.server.cli import add_kv_cache_dtype_flag
 from engine.weights import load_model
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "weights": "fp8" if quant.keep_fp8 else str(dtype).removeprefix("torch."),
             # FP8 GEMMs' activations (kernels.fp8.ACT_ENV): auto = W8A16 at decode sizes, fp8 = quantized
             "fp8_act": os.environ.get(ACT_ENV, "auto") if quant.keep_fp8 else None,
-            "moe_active_grid": os.environ.get(ACTIVE_GRID_ENV) == "1",  # engine.moe: a grid of the active experts
+            "moe_active_grid": active_grid_enabled(),  # engine.moe: a grid of the active experts
             "page_size": args.page_size, "iters": args.iters, "captured": device.type == "cuda",
             "load_s": load_s, "capture_s": capture_s, "copy_bandwidth_gbs": bandwidth / 1e9 if bandwidth else None,
             "headline": {str(r["batch_size"]): {"floor_ratio": r.get("floor_ratio"),

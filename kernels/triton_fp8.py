@@ -181,19 +181,17 @@ def decode_tile_override(env: str) -> tuple[int, ...] | None:
 
 
 def dense_gemm_config(m: int, n: int = 0, sm_count: int = 0) -> Fp8GemmConfig:
-    """Tiles by the row count. Few rows (decode) are bound by reading the weight: small row tiles, and
-    column tiles narrowed (64, 32, then 16 wide) until most SMs have an output tile where they can, so the
-    weight streams from every SM without splitting K (bench.gemm on an H100: the split-K launches ran at
-    0.24-0.67x bf16 where the unsplit ones with enough tiles reached 1.2-1.7x); many rows use 128 x 128 tiles
-    (wgmma-sized)."""
+    """Tiles by the row count. Few rows (decode) are bound by reading the weight: 16 x 32 tiles, 4 warps, 4
+    stages, K split until about four programs run per SM (``choose_split_k``): the fastest of a graph-timed
+    sweep at one row on an H100 over 16/32/64-wide tiles, 2/4 warps and 1/2/4 splits (V2-Lite's fused q + kv_a
+    3648 x 2048 and o_proj 2048 x 2048: 6.9 + 5.2 us where the earlier narrowed, unsplit tiles took 6.7 + 8.1;
+    tests/fp8_moe_one_token.py --dense, bench/results/fp8_one_token_sweep_h100_s33.log); many rows use 128 x 128
+    tiles (wgmma-sized)."""
     if m <= 16:
         tile = decode_tile_override(DENSE_DECODE_TILE_ENV)
         if tile is not None:
             return Fp8GemmConfig(block_m=16, block_n=tile[0], group_m=1, num_warps=tile[1], num_stages=tile[2])
-        block_n = 64
-        while block_n > 16 and 4 * triton.cdiv(n, block_n) < 3 * sm_count:
-            block_n //= 2
-        return Fp8GemmConfig(block_m=16, block_n=block_n, group_m=1, num_warps=4, num_stages=4)
+        return Fp8GemmConfig(block_m=16, block_n=32, group_m=1, num_warps=4, num_stages=4)
     if m <= 64:
         return Fp8GemmConfig(block_m=64, block_n=64, group_m=4, num_warps=4, num_stages=4)
     if m <= 256:
@@ -274,18 +272,21 @@ def _check_device(x: torch.Tensor) -> None:
 
 
 def choose_split_k(m: int, n: int, k_blocks: int, cfg: Fp8GemmConfig, sm_count: int) -> int:
-    """K splits for a skinny GEMM: decode rows (few) give too few output tiles to occupy every SM while
-    it streams the weight, so K is cut until there are about two programs per SM, keeping >= 4 K blocks
-    per split (the fp32 partials cost M x N x 4 bytes per split, small while M is small)."""
+    """K splits for a skinny GEMM: decode rows (few) give too few output tiles to keep enough of the weight
+    in flight on every SM, so K is cut until there are about four programs per SM at <= 16 rows (two up to
+    64 rows), keeping >= 4 K blocks per split (the fp32 partials cost M x N x 4 bytes per split, small while M
+    is small). At one row the split launches and their reduction beat unsplit ones that already covered the
+    SMs once (``dense_gemm_config``)."""
     if m > 64:
         return 1
     tile = decode_tile_override(DENSE_DECODE_TILE_ENV) if m <= 16 else None
     if tile is not None and len(tile) > 3:
         return max(1, min(tile[3], k_blocks))
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    if 4 * tiles >= 3 * sm_count:  # most SMs have a tile: splitting adds partials and a reduction, no bandwidth
+    per_sm = 4 if m <= 16 else 2
+    if tiles >= per_sm * sm_count * 3 // 4:  # enough programs already: splitting adds partials and a reduction
         return 1
-    return max(1, min(triton.cdiv(2 * sm_count, tiles), k_blocks // 4, 16))
+    return max(1, min(triton.cdiv(per_sm * sm_count, tiles), k_blocks // 4, 16))
 
 
 def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,

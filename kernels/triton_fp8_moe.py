@@ -50,15 +50,16 @@ MOE_DECODE_TILE_ENV = "TANDEM_FP8_MOE_DECODE_TILE"
 def grouped_gemm_config(rows_per_expert: int) -> Fp8GemmConfig:
     """Grouped tiles by the expected rows per expert. Many rows: 64 x 256 tiles (8 warps), the fastest of
     bench.gemm --sweep on an H100 at V3's 4096-token expert shapes (1.54x bf16 where 64 x 128 gave 1.30x
-    in the contiguous layout, 1.47x where 1.41x in the masked one). Decode's few rows: 16 x 32 tiles, 5 stages,
-    the best or within 3 % of it at 1, 8 and 64 tokens in every masked W8A16 case of bench.tune_gpu --only fp8moe
-    on an H100 (V2-Lite, bench/results/tune_gpu_fp8_moe_h100.json): the routed gated GEMM at one token 32.0 us
-    where 16 x 64 x 4 stages took 42.9, the shared experts' 16.8 where 23.9."""
+    in the contiguous layout, 1.47x where 1.41x in the masked one). Decode's few rows: 16 x 32 tiles, 4 warps,
+    3 stages, the fastest of a graph-timed sweep of one V2-Lite layer's two masked W8A16 launches at one token
+    on an H100 over 16/32/64-wide tiles, 2/4 warps, 3/5 stages and both grids (tests/fp8_moe_one_token.py
+    --sweep, bench/results/fp8_one_token_sweep_h100_s33.log): 45.7 us over the active experts' grid where the
+    earlier 5 stages took 51.1 (60.2 over every expert's column); fewer stages fit more programs an SM."""
     if rows_per_expert <= 16:
         tile = decode_tile_override(MOE_DECODE_TILE_ENV)
         if tile is not None:
             return Fp8GemmConfig(block_m=16, block_n=tile[0], group_m=1, num_warps=tile[1], num_stages=tile[2])
-        return Fp8GemmConfig(block_m=16, block_n=32, group_m=1, num_warps=4, num_stages=5)
+        return Fp8GemmConfig(block_m=16, block_n=32, group_m=1, num_warps=4, num_stages=3)
     if rows_per_expert <= 64:
         return Fp8GemmConfig(block_m=32, block_n=64, group_m=4, num_warps=4, num_stages=4)
     return Fp8GemmConfig(block_m=64, block_n=256, group_m=8, num_warps=8, num_stages=3)

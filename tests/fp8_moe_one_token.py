@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fp8_cases import random_fp8_experts  # noqa: E402
 
+from engine.moe import ACTIVE_GRID_ENV, active_grid_enabled  # noqa: E402
 from kernels import fp8  # noqa: E402
 from kernels import triton_fp8 as tf  # noqa: E402
 from kernels import triton_fp8_moe as tfm  # noqa: E402
@@ -90,13 +91,13 @@ def copy_floor_us(nbytes: int, iters: int) -> float:
 
 def moe_variants(sweep: bool) -> list[Variant]:
     out: list[Variant] = [
-        ("default tiles, every expert's column", {tfm.MOE_DECODE_TILE_ENV: "", "TANDEM_MOE_ACTIVE_GRID": ""}),
-        ("default tiles, active experts", {tfm.MOE_DECODE_TILE_ENV: "", "TANDEM_MOE_ACTIVE_GRID": "1"}),
+        ("default tiles, every expert's column", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "0"}),
+        ("default tiles, active experts", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1"}),
     ]
     if sweep:
-        for block_n, warps, stages, active in itertools.product((16, 32, 64), (2, 4), (3, 5), ("", "1")):
-            out.append((f"16x{block_n} {warps} warps {stages} stages, {'active experts' if active else 'all'}",
-                        {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages}", "TANDEM_MOE_ACTIVE_GRID": active}))
+        for block_n, warps, stages, active in itertools.product((16, 32, 64), (2, 4), (3, 5), ("0", "1")):
+            out.append((f"16x{block_n} {warps} warps {stages} stages, {'active experts' if active == '1' else 'all'}",
+                        {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages}", ACTIVE_GRID_ENV: active}))
     return out
 
 
@@ -145,7 +146,7 @@ def moe_case(gen: torch.Generator) -> tuple[Callable[[], Callable[[], object]], 
 
     def make() -> Callable[[], object]:
         def moe() -> object:  # the active grid read from the environment, as engine.moe reads it
-            active = (active_ids, TOP_K) if os.environ.get("TANDEM_MOE_ACTIVE_GRID") == "1" else None
+            active = (active_ids, TOP_K) if active_grid_enabled() else None
             return tfm.fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, hidden, *shared,
                                                             active=active)
         return moe
