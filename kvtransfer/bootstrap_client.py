@@ -30,6 +30,11 @@ class BootstrapUnreachable(KVBootstrapError):
     """No answer from the service: refused, reset, or timed out (a dead or blackholed host)."""
 
 
+class BootstrapNotReady(KVBootstrapError):
+    """The service answered, but not every rank of the instance's layout has registered yet: it is starting,
+    or an elastic scale just switched it to a layout whose new ranks are still registering."""
+
+
 @dataclass(frozen=True)
 class _Cached:
     info: InstanceInfo
@@ -128,6 +133,20 @@ class BootstrapClient:
             raise KVBootstrapError(f"{failed[1]} (failed {now - failed[0] + self.FAILURE_TTL_S:.1f} s ago)")
         return self._fetch_and_store(address, generation)
 
+    def lookup_ready(self, host: str, port: int, wait_s: float, poll_s: float = 0.05) -> InstanceInfo:
+        """``lookup``, polling for up to ``wait_s`` while the instance answers that it is not ready: an elastic
+        scale switches the service to its new layout as the ranks switch, and a new rank's registration may
+        land a moment later. Blocks: for threads that may wait (the decode HTTP process's admission check),
+        never a rank loop."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self.lookup(host, port)
+            except BootstrapNotReady:
+                if time.monotonic() + poll_s > deadline:
+                    raise
+            time.sleep(poll_s)
+
     def invalidate(self, host: str, port: int) -> None:
         """Forget the lookup of host:port: the next one fetches, and refreshes under way store nothing."""
         address = f"{host}:{port}"
@@ -201,7 +220,7 @@ class BootstrapClient:
         except KVProtocolError as exc:
             raise KVBootstrapError(f"bootstrap service at {address} answered nonsense: {exc}") from None
         if not info.complete:
-            raise KVBootstrapError(
+            raise BootstrapNotReady(
                 f"prefill instance at {address} is not ready: {len(info.ranks)} of {info.tp_size} ranks registered"
             )
         return info

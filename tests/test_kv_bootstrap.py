@@ -59,6 +59,24 @@ def test_decode_sees_every_rank_once_all_have_registered(service: BootstrapServi
     assert info.instance_id == service.instance_id
 
 
+def test_a_lookup_that_may_wait_waits_for_ranks_still_registering(service: BootstrapService) -> None:
+    """An elastic scale switches the service's layout as the ranks switch; a new rank's registration may come a
+    moment later. ``lookup_ready`` (the decode worker's admission check) polls through that window, and
+    still refuses an instance that never completes."""
+    import threading
+
+    client = BootstrapClient(timeout_s=2)
+    client.register(service.address, _registration(0))
+    with pytest.raises(KVBootstrapError, match="1 of 2 ranks registered"):
+        client.lookup_ready(service.host, service.port, wait_s=0.2)
+    late = threading.Timer(0.3, client.register, (service.address, _registration(1)))
+    late.start()
+    started = time.monotonic()
+    info = client.lookup_ready(service.host, service.port, wait_s=5.0)
+    late.join()
+    assert [r.rank for r in info.ranks] == [0, 1] and 0.25 < time.monotonic() - started < 5.0
+
+
 def test_health_reports_starting_until_every_rank_registered(service: BootstrapService) -> None:
     client = BootstrapClient(timeout_s=2)
     status, body = _get(f"http://{service.address}/health")

@@ -111,8 +111,9 @@ class PrefillLookupGate:
         if boot is None:
             return
         try:
-            info = await asyncio.get_running_loop().run_in_executor(self._threads, self._client.lookup, boot.host,
-                                                                    boot.port)
+            # An instance not ready (its ranks still registering after a start or a scale) is waited for.
+            info = await asyncio.get_running_loop().run_in_executor(
+                self._threads, self._client.lookup_ready, boot.host, boot.port, min(self.placement_wait_s, 10.0))
             if info.room_placements:
                 placement = await self._placement(boot.host, boot.port, boot.room)
                 boot.prefill_dp_rank = placement.dp_rank
