@@ -162,15 +162,10 @@ class Fp8GemmConfig:
     group_m: int
     num_warps: int
     num_stages: int
-    # W8A16 only: the weight tile is the MMA's left operand (``dot(w, a^T)``, the output tile transposed back
-    # in the epilogue), so its FP8 -> bf16 conversion feeds the MMA from registers and the weight's columns
-    # fill the MMA's M side where one token's rows would fill 1 of 16.
-    swap_ab: bool = False
 
 
 # A decode-size tile set by hand for a GPU the defaults were not measured on (tests/fp8_moe_one_token.py
-# --dense prints the best of its sweep in this form): "BLOCK_N,WARPS,STAGES,SPLIT_K[,SWAP_AB]" for GEMMs of <= 16
-# rows.
+# --dense prints the best of its sweep in this form): "BLOCK_N,WARPS,STAGES,SPLIT_K" for GEMMs of <= 16 rows.
 DENSE_DECODE_TILE_ENV = "TANDEM_FP8_DENSE_DECODE_TILE"
 
 
@@ -194,9 +189,8 @@ def dense_gemm_config(m: int, n: int = 0, sm_count: int = 0) -> Fp8GemmConfig:
     tiles (wgmma-sized)."""
     if m <= 16:
         tile = decode_tile_override(DENSE_DECODE_TILE_ENV)
-        if tile is not None:  # a fifth value 1: Fp8GemmConfig.swap_ab
-            return Fp8GemmConfig(block_m=16, block_n=tile[0], group_m=1, num_warps=tile[1], num_stages=tile[2],
-                                 swap_ab=len(tile) > 4 and tile[4] == 1)
+        if tile is not None:
+            return Fp8GemmConfig(block_m=16, block_n=tile[0], group_m=1, num_warps=tile[1], num_stages=tile[2])
         return Fp8GemmConfig(block_m=16, block_n=32, group_m=1, num_warps=4, num_stages=4)
     if m <= 64:
         return Fp8GemmConfig(block_m=64, block_n=64, group_m=4, num_warps=4, num_stages=4)
@@ -212,7 +206,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
                      NUM_KB: tl.constexpr, KB_PER_SPLIT: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, A_MODE: tl.constexpr, PROMOTE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr = False):
+                     DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     # Split-K: program_id(1) takes K blocks [split * KB_PER_SPLIT, ...) and writes an fp32 partial to
     # slice `split` of c (summed by the caller). One split: the whole K, straight to the output.
@@ -231,44 +225,6 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
     b_ptrs = b_ptr + cols[None, :] * stride_bn + (kb0 * BLOCK_K + offs_k)[:, None]
     as_ptrs = as_ptr + rows * stride_asm
     bs_ptrs = bs_ptr + (offs_n // SCALE_BLOCK_N) * stride_bsn
-    if SWAP_AB:  # W8A16 with the weight tile as the MMA's left operand (Fp8GemmConfig.swap_ab)
-        acc = _w8a16_swapped_k_loop(a_ptrs, b_ptr + cols[:, None] * stride_bn + (kb0 * BLOCK_K + offs_k)[None, :],
-                                    bs_ptrs, m_mask, n_mask, offs_k, offs_m, offs_n, K, kb0, NUM_KB, KB_PER_SPLIT,
-                                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-    else:
-        acc = _fp8_gemm_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, b_ptr, m_mask, n_mask, offs_k, offs_m, offs_n, K,
-                               kb0, NUM_KB, KB_PER_SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, A_MODE, PROMOTE, DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + split.to(tl.int64) * stride_cs + rows[:, None] * stride_cm + cols[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
-def _w8a16_swapped_k_loop(a_ptrs, bt_ptrs, bs_ptrs, m_mask, n_mask, offs_k, offs_m, offs_n, K, kb0,
-                          NUM_KB: tl.constexpr, KB_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``acc[BLOCK_M, BLOCK_N]`` of one W8A16 split as ``dot(weight tile, activation tile^T)``, transposed back;
-    ``bt_ptrs`` is ``[BLOCK_N, BLOCK_K]`` (the weight's rows, K contiguous)."""
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for i in range(0, KB_PER_SPLIT):
-        kb = kb0 + i
-        k_left = tl.where(kb < NUM_KB, K - kb * BLOCK_K, 0)
-        k_mask = offs_k < k_left
-        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(bt_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        b_s = tl.load(bs_ptrs + kb, mask=n_mask & (offs_n * 0 < k_left), other=0.0)
-        acc += tl.dot(b.to(a.dtype), tl.trans(a), input_precision=DOT_PRECISION) * b_s[:, None]
-        a_ptrs += BLOCK_K
-        bt_ptrs += BLOCK_K
-    return tl.trans(acc)
-
-
-@triton.jit
-def _fp8_gemm_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, b_ptr, m_mask, n_mask, offs_k, offs_m, offs_n, K, kb0,
-                     NUM_KB: tl.constexpr, KB_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, A_MODE: tl.constexpr, PROMOTE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # Compile-time trip count (NUM_KB / KB_PER_SPLIT: one variant per projection's K, a handful per model):
     # Triton 3.6's interpreter cannot loop to a runtime bound under numpy 2. K blocks past NUM_KB (the
@@ -295,7 +251,10 @@ def _fp8_gemm_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, b_ptr, m_mask, n_mask, of
             acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    return acc
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + split.to(tl.int64) * stride_cs + rows[:, None] * stride_cm + cols[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @functools.lru_cache(maxsize=16)
@@ -370,7 +329,7 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         A_MODE=A_W8A16 if w8a16 else (A_QUANTIZE if xs is None else A_FP8), PROMOTE=_promote_every(block_size),
-        DOT_PRECISION=dot_precision(xq.dtype), SWAP_AB=cfg.swap_ab and w8a16, num_warps=cfg.num_warps,
+        DOT_PRECISION=dot_precision(xq.dtype), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     if split_k == 1:

@@ -43,7 +43,7 @@ from kernels.triton_grid import grouped_tile, masked_expert
 from kernels.triton_moe import ExpertSort, sort_by_expert
 
 # A decode-size tile set by hand for a GPU the defaults were not measured on (tests/fp8_moe_one_token.py --sweep
-# prints the best in this form): "BLOCK_N,WARPS,STAGES[,SWAP_AB]" for the masked launches of <= 16 rows per expert.
+# prints the best in this form): "BLOCK_N,WARPS,STAGES" for the masked launches of <= 16 rows per expert.
 MOE_DECODE_TILE_ENV = "TANDEM_FP8_MOE_DECODE_TILE"
 
 
@@ -57,9 +57,8 @@ def grouped_gemm_config(rows_per_expert: int) -> Fp8GemmConfig:
     earlier 5 stages took 51.1 (60.2 over every expert's column); fewer stages fit more programs an SM."""
     if rows_per_expert <= 16:
         tile = decode_tile_override(MOE_DECODE_TILE_ENV)
-        if tile is not None:  # a fourth value 1: Fp8GemmConfig.swap_ab
-            return Fp8GemmConfig(block_m=16, block_n=tile[0], group_m=1, num_warps=tile[1], num_stages=tile[2],
-                                 swap_ab=len(tile) > 3 and tile[3] == 1)
+        if tile is not None:
+            return Fp8GemmConfig(block_m=16, block_n=tile[0], group_m=1, num_warps=tile[1], num_stages=tile[2])
         return Fp8GemmConfig(block_m=16, block_n=32, group_m=1, num_warps=4, num_stages=3)
     if rows_per_expert <= 64:
         return Fp8GemmConfig(block_m=32, block_n=64, group_m=4, num_warps=4, num_stages=4)
@@ -67,40 +66,10 @@ def grouped_gemm_config(rows_per_expert: int) -> Fp8GemmConfig:
 
 
 @triton.jit
-def _fp8_k_loop_swapped(a_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_scale_row, stride_bn,
-                        stride_bsn, NUM_KB: tl.constexpr, GATED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``_fp8_k_loop`` for W8A16 with the operands swapped (``Fp8GemmConfig.swap_ab``): accumulators
-    ``[BLOCK_N, BLOCK_M]`` += dot(weight tile in the activation dtype, activation tile transposed) x the
-    weight's scale per row; returned transposed, as ``_fp8_k_loop``'s. ``b_ptrs`` is ``[BLOCK_N, BLOCK_K]``."""
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for kb in range(0, NUM_KB):
-        k_mask = offs_k < k_dim - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        a_t = tl.trans(a)
-        b = tl.load(b_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-        b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
-        acc += tl.dot(b.to(a.dtype), a_t, input_precision=DOT_PRECISION) * b_s[:, None]
-        if GATED:
-            b_up = tl.load(b_ptrs + n_cols * stride_bn, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            bs_up = tl.load(bs_ptrs + up_scale_row * stride_bsn + kb, mask=n_mask, other=0.0)
-            acc_up += tl.dot(b_up.to(a.dtype), a_t, input_precision=DOT_PRECISION) * bs_up[:, None]
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    return tl.trans(acc), tl.trans(acc_up)
-
-
-@triton.jit
 def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_scale_row, stride_bn,
                 stride_bsn, NUM_KB: tl.constexpr, GATED: tl.constexpr, W8A16: tl.constexpr, PROMOTE: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                SWAP_AB: tl.constexpr = False):
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The gate (or only) and up accumulators of one output tile over ``NUM_KB`` 128-wide K blocks."""
-    if SWAP_AB:
-        return _fp8_k_loop_swapped(a_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_scale_row,
-                                   stride_bn, stride_bsn, NUM_KB, GATED, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -142,7 +111,7 @@ def _fp8_moe_gemm_kernel(
     GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, W8A16: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr, ACTIVE: tl.constexpr, SWAP_AB: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr, ACTIVE: tl.constexpr,
 ):
     # EXTRA (masked layout, W8A16 only): grid column `num_experts` runs one more "expert" with its own operands
     # (x_*: activation [capacity, x_k] whose rows are all valid, FP8 weight [x_n (x2 if GATED), x_k] and its
@@ -228,19 +197,16 @@ def _fp8_moe_gemm_kernel(
 
     a_ptrs = a_base + a_rows[:, None] * a_stride + offs_k[None, :]
     as_ptrs = as_base + a_rows * stride_asm
-    if SWAP_AB:  # the weight's rows as they lie, [BLOCK_N, BLOCK_K], K contiguous
-        b_ptrs = b_base + cols[:, None] * b_stride + offs_k[None, :]
-    else:
-        b_ptrs = b_base + cols[None, :] * b_stride + offs_k[:, None]
+    b_ptrs = b_base + cols[None, :] * b_stride + offs_k[:, None]
     bs_ptrs = bs_base + (offs_n // SCALE_BLOCK_N) * bs_stride
     if is_extra:  # its K (the shared experts' width, for the down projection) has its own trip count
         acc, acc_up = _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_row,
                                   b_stride, bs_stride, NUM_KB_X, GATED, W8A16, PROMOTE, DOT_PRECISION, BLOCK_M,
-                                  BLOCK_N, BLOCK_K, SWAP_AB)
+                                  BLOCK_N, BLOCK_K)
     else:
         acc, acc_up = _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_row,
                                   b_stride, bs_stride, NUM_KB, GATED, W8A16, PROMOTE, DOT_PRECISION, BLOCK_M,
-                                  BLOCK_N, BLOCK_K, SWAP_AB)
+                                  BLOCK_N, BLOCK_K)
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     if MUL_WEIGHT:
@@ -383,8 +349,7 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
         GATED=gated, MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
-        EXTRA=extra is not None, ACTIVE=active is not None, SWAP_AB=cfg.swap_ab and a_s is None,
-        num_warps=cfg.num_warps, num_stages=stages,
+        EXTRA=extra is not None, ACTIVE=active is not None, num_warps=cfg.num_warps, num_stages=stages,
     ), (cfg, gated, a_s is None, extra is not None), cfg.num_stages)  # fmt: skip
 
 

@@ -11,9 +11,8 @@ q + kv_a, 3648 x 2048; o_proj, 2048 x 2048), 0.43 ms of that step at about a qua
 
 Each variant is captured in a CUDA graph (several layers' worth of launches, as the decode step replays them,
 so the graph's own launch is amortized) and timed against the bytes it must read (FP8 weights and scales)
-moved at the rate of a ``copy_`` timed beside it. ``--sweep`` and ``--dense`` try tiles with the operands
-swapped (``Fp8GemmConfig.swap_ab``) over widths, warps, stages (and splits) beside the default and the grid of
-every expert's column, through the same environment overrides a deployment would set
+moved at the rate of a ``copy_`` timed beside it. ``--sweep`` tries tile widths, warps, pipeline stages and
+the active-expert grid through the same environment overrides a deployment would set
 (``TANDEM_FP8_MOE_DECODE_TILE``, ``TANDEM_MOE_ACTIVE_GRID``, ``TANDEM_FP8_DENSE_DECODE_TILE``); ``--best-env``
 writes the fastest as ``export`` lines when it beats the default by more than 3 %.
 """
@@ -96,20 +95,17 @@ def moe_variants(sweep: bool) -> list[Variant]:
         ("default tiles, active experts", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1"}),
     ]
     if sweep:
-        # The plain tiles' sweep (16/32/64 wide, 2/4 warps, 3/5 stages, both grids) chose today's default
-        # (bench/results/fp8_one_token_sweep_h100_s33.log); what is left to try is the swapped operands
-        # (Fp8GemmConfig.swap_ab: the weight tile as the MMA's left operand, its width the MMA's M).
-        for block_n, warps, stages in itertools.product((32, 64, 128), (4, 8), (3, 4)):
-            out.append((f"swapped, {block_n} wide, {warps} warps {stages} stages",
-                        {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},1", ACTIVE_GRID_ENV: "1"}))
+        for block_n, warps, stages, active in itertools.product((16, 32, 64), (2, 4), (3, 5), ("0", "1")):
+            out.append((f"16x{block_n} {warps} warps {stages} stages, {'active experts' if active == '1' else 'all'}",
+                        {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages}", ACTIVE_GRID_ENV: active}))
     return out
 
 
 def dense_variants() -> list[Variant]:
     out: list[Variant] = [("default", {tf.DENSE_DECODE_TILE_ENV: ""})]
-    for block_n, stages, split in itertools.product((32, 64, 128), (3, 4), (1, 2, 4)):
-        out.append((f"swapped, {block_n} wide, 4 warps {stages} stages split {split}",
-                    {tf.DENSE_DECODE_TILE_ENV: f"{block_n},4,{stages},{split},1"}))
+    for block_n, warps, stages, split in itertools.product((16, 32, 64), (2, 4), (4,), (1, 2, 4)):
+        out.append((f"16x{block_n} {warps} warps {stages} stages split {split}",
+                    {tf.DENSE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},{split}"}))
     return out
 
 
@@ -172,7 +168,7 @@ def dense_case(n: int, k: int, gen: torch.Generator) -> tuple[Callable[[], Calla
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--sweep", action="store_true", help="the swapped-operand tiles beside the default")
+    parser.add_argument("--sweep", action="store_true", help="16 x 16/32/64 tiles, 2/4 warps, 3/5 stages, grid")
     parser.add_argument("--dense", action="store_true", help="sweep the attention's dense FP8 GEMMs at one row")
     parser.add_argument("--best-env", type=Path, help="write the fastest overrides here as export lines")
     args = parser.parse_args()

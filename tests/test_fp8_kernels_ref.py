@@ -209,10 +209,6 @@ def test_decode_tile_overrides_set_the_few_row_tiles_alone(monkeypatch: pytest.M
     assert (grouped.block_n, grouped.num_warps, grouped.num_stages) == (16, 2, 3) != default_grouped
     assert triton_fp8.dense_gemm_config(4096).block_m == 128
     assert triton_fp8_moe.grouped_gemm_config(512).block_n == 256
-    assert not dense.swap_ab and not grouped.swap_ab
-    monkeypatch.setenv(triton_fp8.DENSE_DECODE_TILE_ENV, "64,4,3,2,1")
-    monkeypatch.setenv(triton_fp8_moe.MOE_DECODE_TILE_ENV, "64,4,3,1")
-    assert triton_fp8.dense_gemm_config(1, 3648, 132).swap_ab and triton_fp8_moe.grouped_gemm_config(1).swap_ab
     monkeypatch.setenv(triton_fp8.DENSE_DECODE_TILE_ENV, "64,two")
     with pytest.raises(ValueError, match="TANDEM_FP8_DENSE_DECODE_TILE"):
         triton_fp8.dense_gemm_config(1, 3648, 132)
