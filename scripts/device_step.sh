@@ -54,10 +54,11 @@
 # Carry .gpu_bundle, .gpu_carry (scripts/make_deepgemm_carry.sh and scripts/make_flashmla_carry.sh write it; a
 # flash_mla_dense.so that came back from an earlier call skips FlashMLA's build) and .baseline (the landed tree,
 # `git archive 01b6185`):
-#   call 1 (~9 min): DEEPGEMM_BUILD_ONLY=1 STEPS="ncufp8 fp8vsbf16 deepgemm prefillfp8" (the one-token FP8
-#     expert and dense launches over tiles, warps, stages, splits and the active grid, the winners exported to
-#     the FP8 step beside bf16's; DeepGEMM built; prefill with FP8 under auto vs cuBLAS)
-#   call 2: STEPS="pd pdmps pd32landed pd32mps" on an H200 where one is lent (the c8 goal was set on an H200)
+#   call 1: STEPS="pd pdmps pd32landed pd32mps" on an H200 where one is lent (the c8 goal was set on an H200;
+#     no session has had one since), carrying .baseline
+#   call 2 (~4 min): STEPS="ncufp8 fp8vsbf16" after any change to the FP8 decode kernels (the one-token sweep's
+#     winners are exported to the FP8 step beside bf16's); DEEPGEMM_BUILD_ONLY=1 STEPS="deepgemm gemm" for the
+#     grouped GEMMs at 4096 tokens (1.50x bf16, goal 1.6x)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/runs/device_step}"
