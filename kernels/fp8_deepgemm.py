@@ -195,8 +195,12 @@ def use_deepgemm(x2: torch.Tensor, weight: torch.Tensor, block_size: BlockSize) 
         return True
     if choice == "auto":
         return False
-    raise RuntimeError(f"{GEMM_ENV}=deepgemm but DeepGEMM does not run here: "
-                       f"{'; '.join(PROBE_LOG.get(index, [])) or 'no probe result'}")
+    raise RuntimeError(f"{GEMM_ENV}=deepgemm but DeepGEMM does not run here: {_why_not(index)}")
+
+
+def _why_not(index: int) -> str:
+    """What the probe of device ``index`` found against DeepGEMM, for a log line or an error."""
+    return "; ".join(PROBE_LOG.get(index, [])) or "no probe result"
 
 
 def fp8_gemm_deepgemm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
@@ -360,11 +364,10 @@ def dense_gemm_plan(device: torch.device) -> str:
     if choice == "deepgemm" or (choice == "auto" and _import()[0] is not None):
         if available(index):
             parts.append("DeepGEMM" + (f" from {AUTO_MIN_ROWS} rows" if choice == "auto" else ""))
+        elif choice == "deepgemm":
+            raise RuntimeError(f"{GEMM_ENV}=deepgemm but DeepGEMM does not run here: {_why_not(index)}")
         else:
-            why = "; ".join(PROBE_LOG.get(index, [])) or "no probe result"
-            if choice == "deepgemm":
-                raise RuntimeError(f"{GEMM_ENV}=deepgemm but DeepGEMM does not run here: {why}")
-            parts.append(f"no DeepGEMM ({why})")
+            parts.append(f"no DeepGEMM ({_why_not(index)})")
     if choice in ("auto", "cublas"):
         if probe_recipe(index) is not None:
             parts.append("cuBLAS" + (f" from {CUBLAS_MIN_ROWS} rows" if choice == "auto" else ""))

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fp8_cases import random_fp8_experts  # noqa: E402
 
+from bench.decode_floor import copy_bandwidth  # noqa: E402
 from engine.moe import ACTIVE_GRID_ENV, active_grid_enabled  # noqa: E402
 from kernels import fp8  # noqa: E402
 from kernels import triton_fp8 as tf  # noqa: E402
@@ -82,11 +83,9 @@ def graph_us(fn: Callable[[], object], env: dict[str, str], iters: int) -> tuple
                 os.environ[k] = v
 
 
-def copy_floor_us(nbytes: int, iters: int) -> float:
-    """Moving ``nbytes`` once at the rate of a ``copy_`` (which moves them twice) of the same size."""
-    src = torch.empty(max(nbytes, 1 << 26), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return timed_us(lambda: dst.copy_(src), iters) / 2 * nbytes / src.numel()
+def floor_us(nbytes: int, copy_rate: float) -> float:
+    """Moving ``nbytes`` once at ``copy_rate`` (bytes a second: ``bench.decode_floor.copy_bandwidth``)."""
+    return nbytes / copy_rate * 1e6
 
 
 def moe_variants(sweep: bool) -> list[Variant]:
@@ -110,9 +109,9 @@ def dense_variants() -> list[Variant]:
 
 
 def sweep(title: str, variants: list[Variant], make: Callable[[], Callable[[], object]], nbytes: int,
-          floor_us: float, iters: int) -> tuple[float, Variant | None]:
+          floor: float, iters: int) -> tuple[float, Variant | None]:
     """Prints a row per variant; returns (default's us, the fastest variant or None)."""
-    print(f"{title}: {nbytes / 2**20:.1f} MiB of weights and scales, {floor_us:.1f} us at copy_'s rate", flush=True)
+    print(f"{title}: {nbytes / 2**20:.1f} MiB of weights and scales, {floor:.1f} us at copy_'s rate", flush=True)
     fn = make()
     times: list[tuple[float, Variant]] = []
     for label, env in variants:
@@ -122,7 +121,7 @@ def sweep(title: str, variants: list[Variant], make: Callable[[], Callable[[], o
             print(f"  {label:48s} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
             continue
         ran = f" (ran at {sorted(fitted)} stages)" if fitted else ""
-        print(f"  {label:48s} {us:8.1f} us  {nbytes / us / 1e3:6.0f} GB/s  {us / floor_us:5.2f}x the floor{ran}",
+        print(f"  {label:48s} {us:8.1f} us  {nbytes / us / 1e3:6.0f} GB/s  {us / floor:5.2f}x the floor{ran}",
               flush=True)
         times.append((us, (label, env)))
     if not times:
@@ -174,9 +173,10 @@ def main() -> int:
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     exports: dict[str, str] = {}
+    copy_rate = copy_bandwidth(torch.device("cuda"))  # once, beside every variant of this run
     make, nbytes = moe_case(gen)
     _, best = sweep(f"one token, {TOP_K} routed + shared experts", moe_variants(args.sweep), make, nbytes,
-                    copy_floor_us(nbytes, args.iters), args.iters)
+                    floor_us(nbytes, copy_rate), args.iters)
     if best is not None:
         exports.update(best[1])
     write_exports(args.best_env, exports)  # now as well: a call cut short during --dense keeps the experts' pick
@@ -187,7 +187,7 @@ def main() -> int:
         for n, k in DENSE_SHAPES:
             make, nbytes = dense_case(n, k, gen)
             fn = make()
-            floor = copy_floor_us(nbytes, args.iters)
+            floor = floor_us(nbytes, copy_rate)
             print(f"dense {n} x {k} at one row: {nbytes / 2**20:.1f} MiB, {floor:.1f} us at copy_'s rate", flush=True)
             for label, env in variants:
                 try:

@@ -93,6 +93,10 @@ class PrefillLookupGate:
         placement_wait_s: how long a request waits for its room to be placed (`KVTimeouts.bootstrap_s`).
     Call `aclose()` to stop its threads and its HTTP session."""
 
+    # How long a request waits for a prefill instance whose ranks are still registering (an elastic scale's new
+    # ranks register a moment after the switch; a starting instance is usually not routed to yet).
+    NOT_READY_WAIT_S = 10.0
+
     def __init__(self, timeout_s: float, placement_wait_s: float = 30.0) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -113,7 +117,8 @@ class PrefillLookupGate:
         try:
             # An instance not ready (its ranks still registering after a start or a scale) is waited for.
             info = await asyncio.get_running_loop().run_in_executor(
-                self._threads, self._client.lookup_ready, boot.host, boot.port, min(self.placement_wait_s, 10.0))
+                self._threads, self._client.lookup_ready, boot.host, boot.port,
+                min(self.placement_wait_s, self.NOT_READY_WAIT_S))
             if info.room_placements:
                 placement = await self._placement(boot.host, boot.port, boot.room)
                 boot.prefill_dp_rank = placement.dp_rank
