@@ -134,24 +134,45 @@ def _weights(n: int, k: int, device: torch.device, gen: torch.Generator) -> tupl
 
 # Tile configs --sweep tries on the prefill-sized shapes: (block_m, block_n, group_m, num_warps, num_stages).
 SWEEP_DENSE = [(128, 128, 8, 8, 3), (128, 128, 8, 8, 4), (128, 256, 8, 8, 3), (256, 128, 8, 8, 3), (64, 256, 8, 4, 4)]
-SWEEP_GROUPED = [(64, 128, 8, 8, 3), (64, 128, 8, 4, 4), (128, 128, 8, 8, 3), (64, 256, 8, 8, 3), (128, 64, 8, 4, 4)]
+# The grouped GEMMs' two launches are swept apart: the gated one (two weight tiles a program: gate and up) with the
+# down launch at its default, then the down one with the gated launch at the best found (the contiguous layout's
+# down launch keeps the gated one's row tile, as both walk the same padded rows).
+SWEEP_GATED = [(64, 256, 8, 8, 3), (64, 128, 8, 4, 4), (64, 128, 8, 8, 4), (128, 128, 8, 8, 3), (128, 128, 8, 8, 4),
+               (128, 64, 8, 4, 4), (64, 64, 8, 4, 5), (128, 256, 8, 8, 2)]
+SWEEP_DOWN = [(64, 256, 8, 8, 3), (64, 256, 8, 8, 4), (128, 256, 8, 8, 3), (128, 128, 8, 8, 4), (64, 128, 8, 4, 4),
+              (128, 128, 8, 4, 3), (64, 128, 8, 8, 5)]
 SWEEP_MIN_ROWS = 128
 
 
-def best_config(call: Callable[..., Any], configs: list[tuple[int, ...]],
-                device: torch.device) -> tuple[float, tuple[int, ...]]:
-    """(ms, config) of the fastest ``call(config=...)``; a config that fails to compile or launch is skipped."""
+def best_config(call: Callable[..., Any], configs: list[tuple[int, ...]], device: torch.device,
+                keyword: str = "config") -> tuple[float, tuple[int, ...]]:
+    """(ms, config) of the fastest ``call(**{keyword: config})``; a config that fails to compile or launch is
+    skipped. Each config's time is logged (the sweep's table)."""
     from kernels.triton_fp8 import Fp8GemmConfig
 
     best: tuple[float, tuple[int, ...]] = (float("inf"), ())
     for c in configs:
         try:
-            ms = time_ms(partial(call, config=Fp8GemmConfig(*c)), device)
+            ms = time_ms(partial(call, **{keyword: Fp8GemmConfig(*c)}), device)
         except Exception as exc:  # noqa: BLE001 - an out-of-resources config is a result, not a failure
-            log(f"  config {c}: {type(exc).__name__}")
+            log(f"  {keyword} {c}: {type(exc).__name__}")
             continue
+        log(f"  {keyword} {c}: {ms:.3f} ms")
         best = min(best, (ms, c))
     return best
+
+
+def sweep_grouped(call: Callable[..., Any], device: torch.device) -> dict[str, Any] | None:
+    """The gated launch's best tile (down at its default), then the down launch's (gated at that best)."""
+    from kernels.triton_fp8 import Fp8GemmConfig
+
+    _, gated = best_config(call, SWEEP_GATED, device)
+    if not gated:
+        return None
+    ms, down = best_config(partial(call, config=Fp8GemmConfig(*gated)), SWEEP_DOWN, device, "down_config")
+    if not down:
+        return None
+    return {"ms": ms, "config": list(gated), "down_config": list(down)}
 
 
 def bench_dense(device: torch.device, quick: bool, sweep: bool = False) -> list[dict[str, Any]]:
@@ -214,7 +235,8 @@ def _expert_weights(experts: int, hidden: int, inter: int, device: torch.device,
     return w13, s13, w2, s2
 
 
-def bench_grouped(device: torch.device, quick: bool, sweep: bool = False) -> list[dict[str, Any]]:
+def bench_grouped(device: torch.device, quick: bool, sweep: bool = False,
+                  tokens_list: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     experts, top_k, hidden, inter = QUICK_MOE if quick else (EXPERTS, TOP_K, HIDDEN, INTER)
     gen = torch.Generator(device=device).manual_seed(1)
     w13, s13, w2, s2 = _expert_weights(experts, hidden, inter, device, gen)
@@ -232,7 +254,7 @@ def bench_grouped(device: torch.device, quick: bool, sweep: bool = False) -> lis
         bf16_moe, bf16_masked = moe_forward, moe_forward_masked
     backends = fp8_backends(device, quick)
     out = []
-    for tokens in QUICK_TOKENS if quick else TOKENS:
+    for tokens in tokens_list or (QUICK_TOKENS if quick else TOKENS):
         x = torch.randn(tokens, hidden, device=device, generator=gen).bfloat16()
         ids = torch.rand(tokens, experts, device=device, generator=gen).topk(top_k, dim=1).indices
         weights = torch.rand(tokens, top_k, device=device, generator=gen)
@@ -270,11 +292,10 @@ def bench_grouped(device: torch.device, quick: bool, sweep: bool = False) -> lis
                     continue
                 row[name] = {"ms": ms, "tflops": flops / ms / 1e9, "ratio": bf16_ms / ms, "rel_err": rel_err(fn(), ref)}
             if sweep and device.type == "cuda" and tokens * top_k // experts >= SWEEP_MIN_ROWS // 2:
-                ms, cfg = best_config(partial(backends["triton"][key], *fp8_args, **fp8_kwargs), SWEEP_GROUPED,
-                                      device)
-                if cfg:
-                    row["triton_best"] = {"ms": ms, "tflops": flops / ms / 1e9, "ratio": bf16_ms / ms,
-                                          "config": list(cfg)}
+                best = sweep_grouped(partial(backends["triton"][key], *fp8_args, **fp8_kwargs), device)
+                if best is not None:
+                    ms = best["ms"]
+                    row["triton_best"] = {**best, "tflops": flops / ms / 1e9, "ratio": bf16_ms / ms}
             out.append(row)
             log(f"grouped {layout} T{tokens} E{experts} top{top_k}: bf16 {row['bf16']['tflops']:.3g} TF/s | "
                 + " | ".join(
@@ -318,6 +339,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="tiny shapes against the torch reference (CPU ok)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     parser.add_argument("--dense-only", action="store_true", help="skip the grouped expert GEMMs")
+    parser.add_argument("--grouped-only", action="store_true", help="skip the dense GEMMs")
+    parser.add_argument("--tokens", default=None, help="grouped GEMMs' token counts, comma-separated "
+                        f"(default {','.join(map(str, TOKENS))})")
     parser.add_argument("--sweep", action="store_true", help="also try a few tile configs of our GEMM (CUDA)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON and PNG go")
     args = parser.parse_args(argv)
@@ -339,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ[GEMM_ENV] = "triton"  # the "triton" backend is ours alone; "cublas" calls cuBLAS directly
     stem = f"gemm_{device.type}" + ("_quick" if args.quick else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    results["dense"] = bench_dense(device, args.quick, args.sweep)
+    results["dense"] = [] if args.grouped_only else bench_dense(device, args.quick, args.sweep)
     if device.type == "cuda":
         from kernels.fp8_cublas import PROBE_LOG
         from kernels.fp8_deepgemm import PROBE_LOG as DEEPGEMM_PROBE_LOG
@@ -349,7 +373,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["grouped"] = []
     # The dense half is kept before the grouped GEMMs run: a backend dying there leaves a JSON behind.
     (args.out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    results["grouped"] = [] if args.dense_only else bench_grouped(device, args.quick, args.sweep)
+    tokens = tuple(int(t) for t in args.tokens.split(",")) if args.tokens else None
+    results["grouped"] = [] if args.dense_only else bench_grouped(device, args.quick, args.sweep, tokens)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out_dir / f"{stem}.png")
     log(f"wrote {args.out_dir / stem}.json and .png")

@@ -17,6 +17,7 @@ activations in the model dtype against the dequantized weight tile (W8A16): no q
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import triton
@@ -47,10 +48,13 @@ from kernels.triton_moe import ExpertSort, sort_by_expert
 MOE_DECODE_TILE_ENV = "TANDEM_FP8_MOE_DECODE_TILE"
 
 
-def grouped_gemm_config(rows_per_expert: int) -> Fp8GemmConfig:
-    """Grouped tiles by the expected rows per expert. Many rows: 64 x 256 tiles (8 warps), the fastest of
-    bench.gemm --sweep on an H100 at V3's 4096-token expert shapes (1.54x bf16 where 64 x 128 gave 1.30x
-    in the contiguous layout, 1.47x where 1.41x in the masked one). Decode's few rows: 16 x 32 tiles, 4 warps,
+def grouped_gemm_config(rows_per_expert: int, gated: bool = True) -> Fp8GemmConfig:
+    """Grouped tiles by the expected rows per expert and by launch: the gated GEMM (gate and up, two weight
+    tiles a program) and the down GEMM take their own at prefill sizes, where a gated 64 x 256 tile's two
+    weight tiles fit only 2 pipeline stages in an H100's shared memory under Triton 3.6.
+    Many rows: 64 x 256 tiles (8 warps), the fastest of bench.gemm --sweep on an H100 at V3's 4096-token expert
+    shapes with one config for both launches (1.54x bf16 where 64 x 128 gave 1.30x in the contiguous layout,
+    1.47x where 1.41x in the masked one). Decode's few rows: 16 x 32 tiles, 4 warps,
     3 stages, the fastest of a graph-timed sweep of one V2-Lite layer's two masked W8A16 launches at one token
     on an H100 over 16/32/64-wide tiles, 2/4 warps, 3/5 stages and both grids (tests/fp8_moe_one_token.py
     --sweep, bench/results/fp8_one_token_sweep_h100_s33.log): 45.7 us over the active experts' grid where the
@@ -63,6 +67,14 @@ def grouped_gemm_config(rows_per_expert: int) -> Fp8GemmConfig:
     if rows_per_expert <= 64:
         return Fp8GemmConfig(block_m=32, block_n=64, group_m=4, num_warps=4, num_stages=4)
     return Fp8GemmConfig(block_m=64, block_n=256, group_m=8, num_warps=8, num_stages=3)
+
+
+def _launch_configs(rows_per_expert: int, config: Fp8GemmConfig | None,
+                    down_config: Fp8GemmConfig | None) -> tuple[Fp8GemmConfig, Fp8GemmConfig]:
+    """(gated launch's, down launch's) tiles: ``config`` alone sets both (as callers timing one tile do)."""
+    gated = config or grouped_gemm_config(rows_per_expert, gated=True)
+    down = down_config or config or grouped_gemm_config(rows_per_expert, gated=False)
+    return gated, down
 
 
 @triton.jit
@@ -288,8 +300,10 @@ def _check_moe_inputs(hidden_dim: int, w13: torch.Tensor, w13_scale: torch.Tenso
 
 def fp8_moe_forward_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                            w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
-                           block_size: BlockSize = (BLOCK, BLOCK), config: Fp8GemmConfig | None = None) -> torch.Tensor:
-    """Contiguous-layout FP8 MoE (same contract as ``kernels.fp8.fp8_moe_forward``)."""
+                           block_size: BlockSize = (BLOCK, BLOCK), config: Fp8GemmConfig | None = None,
+                           down_config: Fp8GemmConfig | None = None) -> torch.Tensor:
+    """Contiguous-layout FP8 MoE (same contract as ``kernels.fp8.fp8_moe_forward``). ``config`` sets the tiles
+    of both launches, ``down_config`` the down GEMM's apart (``grouped_gemm_config`` where not given)."""
     if hidden.dim() != 2 or topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} must be [T, D], topk_ids/weights [T, K]")
     if topk_ids.shape[0] != hidden.shape[0] or topk_ids.dtype.is_floating_point:
@@ -301,8 +315,10 @@ def fp8_moe_forward_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_we
         return torch.zeros_like(hidden)
     check_expert_range(topk_ids, num_experts)
     rows_hint = num_tokens * top_k // max(1, num_experts)
-    cfg = config or grouped_gemm_config(rows_hint)
+    cfg, down_cfg = _launch_configs(rows_hint, config, down_config)
     quant = quantizes_activations(rows_hint)
+    # Both launches walk the same sorted, padded rows: the down GEMM keeps the gated one's row tile.
+    down_cfg = replace(down_cfg, block_m=cfg.block_m)
     sort = sort_by_expert(topk_ids, num_experts, cfg.block_m)
     hq, hs = _activations(hidden.contiguous(), quant, block_size)
     inter = torch.empty((num_tokens * top_k, w2.shape[2]), dtype=hidden.dtype, device=hidden.device)
@@ -311,7 +327,7 @@ def fp8_moe_forward_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_we
     iq, is_ = _activations(inter, quant, block_size)
     per_slot = torch.zeros((num_tokens * top_k, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
     _launch_contiguous(iq, is_, w2, w2_scale, per_slot, sort, topk_weights.reshape(-1).float().contiguous(), 1,
-                       False, cfg, block_size)
+                       False, down_cfg, block_size)
     return per_slot.view(num_tokens, top_k, -1).sum(dim=1)
 
 
@@ -356,10 +372,12 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
 def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
                                   w2: torch.Tensor, w2_scale: torch.Tensor, block_size: BlockSize = (BLOCK, BLOCK),
                                   config: Fp8GemmConfig | None = None,
-                                  expected_rows_per_expert: int | None = None) -> torch.Tensor:
+                                  expected_rows_per_expert: int | None = None,
+                                  down_config: Fp8GemmConfig | None = None) -> torch.Tensor:
     """Masked-layout FP8 MoE (same contract as ``kernels.fp8.fp8_moe_forward_masked``), CUDA-graph safe.
 
-    ``expected_rows_per_expert`` is a tile hint as in ``kernels.triton_moe.moe_forward_masked_triton``.
+    ``expected_rows_per_expert`` is a tile hint as in ``kernels.triton_moe.moe_forward_masked_triton``;
+    ``config`` / ``down_config`` as in ``fp8_moe_forward_triton``.
     """
     num_experts = _check_moe_inputs(x.shape[-1], w13, w13_scale, w2, w2_scale, block_size)
     check_masked_layout(x, counts, num_experts)
@@ -369,13 +387,13 @@ def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: to
     if num_experts == 0 or capacity == 0:
         return out
     hint = masked_rows_hint(capacity, expected_rows_per_expert)
-    cfg = config or grouped_gemm_config(hint)
+    cfg, down_cfg = _launch_configs(hint, config, down_config)
     inter_dim = w2.shape[2]
     inter = torch.empty((num_experts, capacity, inter_dim), dtype=x.dtype, device=x.device)
     if not quantizes_activations(hint):  # decode sizes: both GEMMs on the rows as they are (W8A16)
         _launch_masked(x if x.stride(2) == 1 else x.contiguous(), None, w13, w13_scale, inter, counts, True, cfg,
                        block_size)
-        _launch_masked(inter, None, w2, w2_scale, out, counts, False, cfg, block_size)
+        _launch_masked(inter, None, w2, w2_scale, out, counts, False, down_cfg, block_size)
         return out
     x2 = x.reshape(num_experts * capacity, hidden_dim)  # a view for the contiguous layouts callers build
     if x2.stride(1) != 1:
@@ -385,7 +403,7 @@ def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: to
                    inter, counts, True, cfg, block_size)
     iq, is_ = quantize_fp8_act_triton(inter.view(num_experts * capacity, inter_dim), block_size[1], counts, capacity)
     _launch_masked(iq.view(num_experts, capacity, inter_dim), is_.view(num_experts, capacity, -1), w2, w2_scale,
-                   out, counts, False, cfg, block_size)
+                   out, counts, False, down_cfg, block_size)
     return out
 
 
@@ -416,14 +434,14 @@ def fp8_moe_forward_masked_shared_triton(
                                                expected_rows_per_expert=hint)
         return out, shared.squeeze(0)
     _check_device(x)
-    cfg = grouped_gemm_config(hint)
+    cfg, down_cfg = _launch_configs(hint, None, None)
     inter = torch.empty((num_experts, capacity, w2.shape[2]), dtype=x.dtype, device=x.device)
     shared_inter = torch.empty((capacity, inter_dim), dtype=x.dtype, device=x.device)
     _launch_masked(x, None, w13, w13_scale, inter, counts, True, cfg, block_size,
                    (hidden, shared_gate_up, shared_gate_up_scale, shared_inter), active)
     out = torch.empty_like(x)
     shared_out = torch.empty_like(hidden)
-    _launch_masked(inter, None, w2, w2_scale, out, counts, False, cfg, block_size,
+    _launch_masked(inter, None, w2, w2_scale, out, counts, False, down_cfg, block_size,
                    (shared_inter, shared_down, shared_down_scale, shared_out), active)
     return out, shared_out
 

@@ -35,6 +35,8 @@
 #              changing splits vs the reference) and bench.dynamic_a2a --shared-gpu (with the ranks-as-streams
 #              column); several GPUs: bench.dynamic_a2a --world N by hand
 #   gemm       bench.gemm --sweep: each FP8 GEMM backend (ours, cuBLAS's block-scaled) beside bf16 at V3 shapes
+#   gemmsweep  bench.gemm --grouped-only --tokens 4096 --sweep: the grouped GEMMs' gated and down launches' tiles
+#              swept apart at V3's 4096-token expert shapes, beside bf16 (into gemm_sweep/)
 #   deepgemm   DeepGEMM built from .gpu_carry/deepgemm_src.tar.gz (scripts/make_deepgemm_carry.sh; never committed)
 #              by scripts/build_deepgemm.sh (DG_JIT_USE_RUNTIME_API=1 in the environment builds its runtime-API
 #              kernel loader instead of dlsym'd driver calls), one probe GEMM under DG_JIT_DEBUG (gdb's backtrace
@@ -151,6 +153,8 @@ for s in $STEPS; do
             --load-format dummy --batches 2x512,4x512,8x512,4x1024,8x1024 --decode-batches 64,256 \
             --out "$OUT_SAVED/dbo_step_gpu.json" ;;
     gemm) step 16_gemm "$(left 240)" python3 -m bench.gemm ${GEMM_ARGS:---sweep} --out-dir "$OUT_SAVED" ;;
+    gemmsweep) step 16_gemm_sweep "$(left 300)" python3 -m bench.gemm --grouped-only --tokens 4096 --sweep \
+        --out-dir "$OUT_SAVED/gemm_sweep" ;;
     deepgemm)
         if [ ! -f .gpu_carry/deepgemm_src.tar.gz ]; then
             echo "deepgemm: no .gpu_carry/deepgemm_src.tar.gz (scripts/make_deepgemm_carry.sh writes it)" && status=1

@@ -112,6 +112,10 @@ def check_experts() -> None:
     for cfg in (None, tf.Fp8GemmConfig(16, 64, 1, 4, 2)):
         out = tfm.fp8_moe_forward_triton(h, ids, wts, w13, w13_s, w2, w2_s, config=cfg)
         check(f"fp8_moe_forward {cfg}", rel(out, ref))
+    # The down launch's own tile (its row tile is the gated one's: both walk the same padded rows).
+    out = tfm.fp8_moe_forward_triton(h, ids, wts, w13, w13_s, w2, w2_s, config=tf.Fp8GemmConfig(16, 64, 1, 4, 2),
+                                     down_config=tf.Fp8GemmConfig(32, 32, 1, 4, 2))
+    check("fp8_moe_forward down_config", rel(out, ref))
 
     capacity = 20
     counts = torch.tensor([0, 7, 20, 1])
@@ -121,6 +125,9 @@ def check_experts() -> None:
     ref_m = fp8.fp8_moe_forward_masked(xm, counts, w13, w13_s, w2, w2_s)
     out_m = tfm.fp8_moe_forward_masked_triton(xm, counts, w13, w13_s, w2, w2_s)
     check("fp8_moe_forward_masked", rel(out_m, ref_m))
+    out_d = tfm.fp8_moe_forward_masked_triton(xm, counts, w13, w13_s, w2, w2_s,
+                                              down_config=tf.Fp8GemmConfig(32, 32, 1, 4, 2))
+    check("fp8_moe_forward_masked down_config", rel(out_d, ref_m))
     if not bool((out_m[0] == 0).all() and (out_m[1, 7:] == 0).all()):
         raise SystemExit("FAIL masked rows past the count are not zero")
 
