@@ -54,8 +54,9 @@ def grouped_gemm_config(rows_per_expert: int, gated: bool = True) -> Fp8GemmConf
     tiles a program) and the down GEMM take their own at prefill sizes, where a gated 64 x 256 tile's two
     weight tiles fit only 2 pipeline stages in an H100's shared memory under Triton 3.6.
     Many rows: 64 x 256 tiles (8 warps), the fastest of bench.gemm --sweep on an H100 at V3's 4096-token expert
-    shapes with one config for both launches (1.54x bf16 where 64 x 128 gave 1.30x in the contiguous layout,
-    1.47x where 1.41x in the masked one). Decode's few rows: 16 x 32 tiles, 4 warps,
+    shapes, 3 stages for the gated launch and 4 for the down one (the launches swept apart: down 7.80 -> 7.51 ms
+    contiguous, 6.92 -> 6.77 masked; 64 x 128 and 128-row tiles were slower for both, 128 x 128 gated ones
+    2-2.6x slower, bench/results/gemm_grouped_sweep_h100_s34.log). Decode's few rows: 16 x 32 tiles, 4 warps,
     3 stages, the fastest of a graph-timed sweep of one V2-Lite layer's two masked W8A16 launches at one token
     on an H100 over 16/32/64-wide tiles, 2/4 warps, 3/5 stages and both grids (tests/fp8_moe_one_token.py
     --sweep, bench/results/fp8_one_token_sweep_h100_s33.log): 45.7 us over the active experts' grid where the
@@ -67,7 +68,7 @@ def grouped_gemm_config(rows_per_expert: int, gated: bool = True) -> Fp8GemmConf
         return Fp8GemmConfig(block_m=16, block_n=32, group_m=1, num_warps=4, num_stages=3)
     if rows_per_expert <= 64:
         return Fp8GemmConfig(block_m=32, block_n=64, group_m=4, num_warps=4, num_stages=4)
-    return Fp8GemmConfig(block_m=64, block_n=256, group_m=8, num_warps=8, num_stages=3)
+    return Fp8GemmConfig(block_m=64, block_n=256, group_m=8, num_warps=8, num_stages=3 if gated else 4)
 
 
 def _launch_configs(rows_per_expert: int, config: Fp8GemmConfig | None,
