@@ -128,7 +128,7 @@ class TopKRouter(nn.Module):
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden ``[T, D]`` -> (topk_weights float32 ``[T, K]``, topk_ids int64 ``[T, K]``, global ids)."""
         cfg = self.config
-        logits = F.linear(hidden.float(), self.weight)
+        logits = kernels.router_logits(hidden, self.weight)  # float32 GEMM, one launch on the GPU
         return kernels.router_topk(logits, self.e_score_correction_bias, self.top_k, cfg.scoring_func,
                                    cfg.topk_method, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
                                    cfg.routed_scaling_factor)
@@ -198,9 +198,10 @@ class LocalDispatcher:
 
 
 # The graph-safe MoE's launches (with the shared experts folded in) run a grid of the experts that got rows (at
-# most tokens x top-k of them) instead of every local expert, most of them empty at decode (kernels.active_experts,
-# one more small launch per layer). On an H100 (V2-Lite, batch 1) it took one layer's FP8 launches from 60.2 to
-# 50.4 us and the bf16 step from 3.50 to 3.27 ms with the same tiles; TANDEM_MOE_ACTIVE_GRID=0 turns it off.
+# most tokens x top-k of them) instead of every local expert, most of them empty at decode (the list comes from
+# kernels.moe_scatter_rows_active, in the scatter's launch). On an H100 (V2-Lite, batch 1) it took one layer's
+# FP8 launches from 60.2 to 50.4 us and the bf16 step from 3.50 to 3.27 ms with the same tiles (then with a
+# launch of its own for the list); TANDEM_MOE_ACTIVE_GRID=0 turns it off.
 ACTIVE_GRID_ENV = "TANDEM_MOE_ACTIVE_GRID"
 
 
@@ -222,12 +223,16 @@ def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight
     with their scales, beside FP8 experts), run over every token in the routed experts' launches and summed in
     (instead of ``add``)."""
     num_experts = w13.shape[0]
-    rows, counts, dest = kernels.moe_scatter_rows(hidden, topk_ids.contiguous(), num_experts)
+    ids = topk_ids.contiguous()
+    active: kernels.ActiveGrid | None = None
+    if shared is not None and active_grid_enabled():
+        # The scatter's launch also lists the active experts (no launch of its own).
+        rows, counts, dest, active_ids = kernels.moe_scatter_rows_active(hidden, ids, num_experts)
+        active = (active_ids, min(num_experts, ids.numel()))
+    else:
+        rows, counts, dest = kernels.moe_scatter_rows(hidden, ids, num_experts)
     if shared is not None:
         assert add is None and (len(shared) == 4) == (fp8_scales is not None)
-        active = None
-        if active_grid_enabled():
-            active = (kernels.active_experts(counts), min(num_experts, topk_ids.numel()))
         if fp8_scales is None:
             y, add = kernels.moe_forward_masked_shared(rows, counts, w13, w2, hidden, shared[0], shared[1], active)
         else:
@@ -237,8 +242,7 @@ def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight
         y = kernels.moe_forward_masked(rows, counts, w13, w2)
     else:
         y = kernels.fp8_moe_forward_masked(rows, counts, w13, fp8_scales[0], w2, fp8_scales[1], block_size)
-    return kernels.moe_combine(y.view(-1, hidden.shape[1]), dest, topk_ids.contiguous(),
-                               topk_weights.contiguous(), add)
+    return kernels.moe_combine(y.view(-1, hidden.shape[1]), dest, ids, topk_weights.contiguous(), add)
 
 
 @dataclass

@@ -34,8 +34,10 @@ _FAST: dict[str, tuple[str, str]] = {
     "fp8_moe_forward_masked_shared": ("kernels.triton_fp8_moe", "fp8_moe_forward_masked_shared_triton"),
     "add_rms_norm": ("kernels.triton_decode_fused", "add_rms_norm_triton"),
     "mla_decode_prep": ("kernels.triton_decode_fused", "mla_decode_prep_triton"),
+    "router_logits": ("kernels.triton_router", "router_logits_triton"),
     "router_topk": ("kernels.triton_decode_fused", "router_topk_triton"),
     "moe_scatter_rows": ("kernels.triton_decode_fused", "moe_scatter_rows_triton"),
+    "moe_scatter_rows_active": ("kernels.triton_decode_fused", "moe_scatter_rows_active_triton"),
     "active_experts": ("kernels.triton_decode_fused", "active_experts_triton"),
     "moe_combine": ("kernels.triton_decode_fused", "moe_combine_triton"),
     "gated_mlp": ("kernels.triton_moe", "gated_mlp_triton"),
@@ -55,8 +57,10 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "fp8_moe_forward_masked_shared": fp8.fp8_moe_forward_masked_shared,
     "add_rms_norm": decode_fused.add_rms_norm,
     "mla_decode_prep": decode_fused.mla_decode_prep,
+    "router_logits": decode_fused.router_logits,
     "router_topk": decode_fused.router_topk,
     "moe_scatter_rows": decode_fused.moe_scatter_rows,
+    "moe_scatter_rows_active": decode_fused.moe_scatter_rows_active,
     "active_experts": decode_fused.active_experts,
     "moe_combine": decode_fused.moe_combine,
     "gated_mlp": moe.gated_mlp,
@@ -165,6 +169,11 @@ def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin:
                                         nope_dim, interleave, kv_scale)
 
 
+def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """float32 ``hidden @ weight.T`` (no TF32): hidden ``[T, D]``, the router's float32 weight ``[E, D]``."""
+    return get_op("router_logits", hidden)(hidden, weight)
+
+
 def router_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring: str, method: str,
                 n_group: int, topk_group: int, normalize: bool,
                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +184,14 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, sco
 def moe_scatter_rows(hidden: torch.Tensor, topk_ids: torch.Tensor,
                      num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return get_op("moe_scatter_rows", hidden)(hidden, topk_ids, num_experts)
+
+
+def moe_scatter_rows_active(
+        hidden: torch.Tensor, topk_ids: torch.Tensor,
+        num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`moe_scatter_rows`'s (rows, counts, dest) plus ``active_experts(counts)``, in one launch on the GPU (the
+    active list for the masked GEMMs' grid costs no launch of its own)."""
+    return get_op("moe_scatter_rows_active", hidden)(hidden, topk_ids, num_experts)
 
 
 def active_experts(counts: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,14 @@ of the unfused code it replaces (same roundings in the same order), so the CPU p
   grouped by the sum of each group's two best) expert choice from the router logits.
 - `moe_scatter_rows` / `moe_combine`: (token, slot) rows into the masked layout ``[E, T, D]`` with
   per-expert counts, and back: a float32 weighted sum per token in ascending expert order, plus `add`.
+  `moe_scatter_rows_active` also returns `active_experts` (the experts with rows) for the masked GEMMs' grid.
+- `router_logits`: the router's float32 GEMM ahead of `router_topk` (its GPU twin: one launch, no TF32).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.norm import rms_norm
 
@@ -127,6 +130,20 @@ def active_experts(counts: torch.Tensor) -> torch.Tensor:
     out.scatter_(0, pos, torch.arange(num_experts, dtype=torch.int32, device=counts.device))
     out[num_experts] = active.sum()
     return out[: num_experts + 1]
+
+
+def moe_scatter_rows_active(hidden: torch.Tensor, topk_ids: torch.Tensor,
+                            num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`moe_scatter_rows` plus ``active_experts(counts)``: (rows, counts, dest, active). One op so that the GPU
+    twin builds the active list inside the scatter's launch (one small launch fewer per MoE layer)."""
+    rows, counts, dest = moe_scatter_rows(hidden, topk_ids, num_experts)
+    return rows, counts, dest, active_experts(counts)
+
+
+def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The router GEMM: hidden ``[T, D]`` (any float dtype) times the float32 gate ``[E, D]`` -> float32
+    logits ``[T, E]``, in full float32 (the expert choice is sensitive to the logits' low bits)."""
+    return F.linear(hidden.float(), weight)
 
 
 def moe_combine(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

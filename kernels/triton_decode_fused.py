@@ -4,7 +4,8 @@ run in another order (and multiply-adds may fuse), so results agree to float32 r
 
 Replaced per V2-Lite MoE layer of a decode step (bench.decode_step --profile): residual add + RMSNorm
 (2 -> 1, twice), latent norm + k RoPE + pool write + q RoPE (~20 -> 1), the router after its GEMM
-(~10 -> 1), and the scatter / weighted sum around the masked expert GEMM (~30 -> 2).
+(~10 -> 1), and the scatter / weighted sum around the masked expert GEMM (~30 -> 2; the active-expert
+list for the masked GEMMs' grid rides in the scatter's launch).
 """
 
 from __future__ import annotations
@@ -209,9 +210,37 @@ def router_topk_triton(logits: torch.Tensor, bias: torch.Tensor | None, top_k: i
 
 
 @triton.jit
-def _moe_scatter_kernel(hidden_ptr, ids_ptr, rows_ptr, counts_ptr, dest_ptr, num_pairs, num_experts, num_tokens,
-                        dim, stride_h, stride_r, TOP_K: tl.constexpr, BLOCK_P: tl.constexpr,
-                        BLOCK_D: tl.constexpr, D_BLOCKS: tl.constexpr):
+def _active_list(ids_ptr, active_ptr, num_pairs, num_experts, BLOCK: tl.constexpr):
+    # `decode_fused.active_experts` from the ids (this launch's other programs write the counts, which no
+    # program can wait for), in O(E + pairs): active[:E] serves as the scratch: zeroed, a 1 stored at every
+    # expert a pair names, read back, then overwritten by the list. Comparing every expert with every pair
+    # instead took ~4 us at 64 tokens x 6 (H100). The barriers order one program's threads' global accesses.
+    for e0 in range(0, num_experts, BLOCK):
+        offs = e0 + tl.arange(0, BLOCK)
+        tl.store(active_ptr + offs, tl.zeros([BLOCK], tl.int32), mask=offs < num_experts)
+    tl.debug_barrier()
+    for p0 in range(0, num_pairs, BLOCK):
+        offs = p0 + tl.arange(0, BLOCK)
+        ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+        tl.store(active_ptr + ids, tl.full([BLOCK], 1, tl.int32), mask=(ids >= 0) & (ids < num_experts))
+    tl.debug_barrier()
+    base = tl.full([], 0, tl.int32)
+    for e0 in range(0, num_experts, BLOCK):
+        offs = e0 + tl.arange(0, BLOCK)
+        hit = tl.load(active_ptr + offs, mask=offs < num_experts, other=0, cache_modifier=".cg")
+        # Every thread holds its part of this tile before any slot is overwritten; the list's slots never
+        # pass the expert's own index, so later tiles are not yet touched.
+        tl.debug_barrier()
+        tl.store(active_ptr + base + tl.cumsum(hit, axis=0) - 1, offs, mask=hit > 0)
+        base += tl.sum(hit, axis=0)
+    tl.store(active_ptr + num_experts, base)
+
+
+@triton.jit
+def _moe_scatter_kernel(hidden_ptr, ids_ptr, rows_ptr, counts_ptr, dest_ptr, active_ptr, num_pairs, num_experts,
+                        num_tokens, dim, stride_h, stride_r, TOP_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                        BLOCK_D: tl.constexpr, D_BLOCKS: tl.constexpr, WITH_ACTIVE: tl.constexpr,
+                        ACTIVE_BLOCK: tl.constexpr):
     p = tl.program_id(0)
     offs = tl.arange(0, BLOCK_P)
     ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int64)
@@ -230,25 +259,58 @@ def _moe_scatter_kernel(hidden_ptr, ids_ptr, rows_ptr, counts_ptr, dest_ptr, num
                 tl.store(dst + offs_d, tl.load(src + offs_d, mask=offs_d < dim), mask=offs_d < dim)
         else:
             tl.store(dest_ptr + p, -1)
+    if WITH_ACTIVE:
+        # One extra program past the counts' and the rows' (it runs beside them, delaying no row copy).
+        if p == tl.num_programs(0) - 1:
+            _active_list(ids_ptr, active_ptr, num_pairs, num_experts, ACTIVE_BLOCK)
 
 
-def moe_scatter_rows_triton(hidden: torch.Tensor, topk_ids: torch.Tensor,
-                            num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# The scatter kernel takes up to this many (token, slot) pairs (each program holds all the ids); its active
+# list runs over tiles of at most ACTIVE_TILE experts or pairs (the tests shrink it to cover several tiles).
+_SCATTER_MAX_PAIRS = 16384
+ACTIVE_TILE = 1024
+
+
+def _scatter(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+             active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launches the scatter (also writing ``active``'s list when given); the caller checked the shapes."""
     num_tokens, top_k = topk_ids.shape
-    pairs = num_tokens * top_k
-    if pairs == 0 or pairs > 16384 or hidden.stride(1) != 1 or not topk_ids.is_contiguous():
-        return decode_fused.moe_scatter_rows(hidden, topk_ids, num_experts)
-    dim = hidden.shape[1]
+    pairs, dim = num_tokens * top_k, hidden.shape[1]
     rows = torch.empty((num_experts * num_tokens, dim), dtype=hidden.dtype, device=hidden.device)
     counts = torch.empty(num_experts, dtype=torch.int64, device=hidden.device)
     dest = torch.empty(pairs, dtype=torch.int64, device=hidden.device)
     block_d = min(1024, triton.next_power_of_2(dim))
-    _moe_scatter_kernel[(max(pairs, num_experts),)](
-        hidden, topk_ids, rows, counts, dest, pairs, num_experts, num_tokens, dim, hidden.stride(0),
-        rows.stride(0), TOP_K=top_k, BLOCK_P=triton.next_power_of_2(pairs), BLOCK_D=block_d,
-        D_BLOCKS=triton.cdiv(dim, block_d), num_warps=4,
+    _moe_scatter_kernel[(max(pairs, num_experts) + (active is not None),)](
+        hidden, topk_ids, rows, counts, dest, active if active is not None else counts, pairs, num_experts,
+        num_tokens, dim, hidden.stride(0), rows.stride(0), TOP_K=top_k, BLOCK_P=triton.next_power_of_2(pairs),
+        BLOCK_D=block_d, D_BLOCKS=triton.cdiv(dim, block_d), WITH_ACTIVE=active is not None,
+        ACTIVE_BLOCK=min(ACTIVE_TILE, triton.next_power_of_2(max(pairs, num_experts))), num_warps=4,
     )  # fmt: skip
     return rows.view(num_experts, num_tokens, dim), counts, dest
+
+
+def _scatter_takes(hidden: torch.Tensor, topk_ids: torch.Tensor) -> bool:
+    pairs = topk_ids.numel()
+    return 0 < pairs <= _SCATTER_MAX_PAIRS and hidden.stride(1) == 1 and topk_ids.is_contiguous()
+
+
+def moe_scatter_rows_triton(hidden: torch.Tensor, topk_ids: torch.Tensor,
+                            num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not _scatter_takes(hidden, topk_ids):
+        return decode_fused.moe_scatter_rows(hidden, topk_ids, num_experts)
+    return _scatter(hidden, topk_ids, num_experts, None)
+
+
+def moe_scatter_rows_active_triton(
+        hidden: torch.Tensor, topk_ids: torch.Tensor,
+        num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``decode_fused.moe_scatter_rows_active`` in the scatter's one launch (an extra program writes the
+    active list), instead of the scatter plus `active_experts_triton`'s launch."""
+    if not _scatter_takes(hidden, topk_ids):
+        return decode_fused.moe_scatter_rows_active(hidden, topk_ids, num_experts)
+    active = torch.empty(num_experts + 1, dtype=torch.int32, device=hidden.device)
+    rows, counts, dest = _scatter(hidden, topk_ids, num_experts, active)
+    return rows, counts, dest, active
 
 
 @triton.jit

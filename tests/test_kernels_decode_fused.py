@@ -61,6 +61,9 @@ def test_moe_scatter_puts_each_row_at_its_rank_within_its_expert() -> None:
     assert counts.tolist() == [2, 0, 3]
     assert dest.tolist() == [2 * 3 + 0, 0, 2 * 3 + 1, -1, 1, 2 * 3 + 2]
     assert rows[2, :3].tolist() == [[0, 1], [2, 3], [4, 5]] and rows[0, :2].tolist() == [[0, 1], [4, 5]]
+    rows2, counts2, dest2, active = decode_fused.moe_scatter_rows_active(hidden, ids, 3)
+    assert torch.equal(rows2, rows) and torch.equal(counts2, counts) and torch.equal(dest2, dest)
+    assert active.dtype == torch.int32 and active[[0, 1, 3]].tolist() == [0, 2, 2]  # experts 0 and 2; 2 of them
 
 
 def _interpreted(code: str) -> dict[str, Any]:
@@ -131,12 +134,41 @@ def run(device, dtype):
         e = max(e, err(fast.moe_combine_triton(y, d2, ids, wts, add), ref.moe_combine(y, d2, ids, wts, add)))
         e = max(e, err(fast.moe_combine_triton(y, d2, ids, wts), ref.moe_combine(y, d2, ids, wts)))
         out[f"moe_{tokens}x{k}x{experts}"] = e if ok else 1e9
+    # The scatter that also lists the active experts: equal to the scatter plus `active_experts(counts)`.
+    # Cases: T=1 and T>1, -1 ids, empty experts, no active expert, and (tile 16) experts and pairs over
+    # several tiles of the active list.
+    for tokens, k, experts, dim, drop, tile in ((1, 6, 64, 32, 1, 1024), (9, 6, 64, 16, 3, 1024),
+                                                (4, 8, 16, 20, 0, 1024), (2, 2, 5, 8, 2, 1024),
+                                                (5, 8, 70, 4, 1, 16)):
+        hidden = rnd(tokens, dim)
+        ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)]).to(device)
+        ids[:, k - drop:] = -1
+        default_tile, fast.ACTIVE_TILE = fast.ACTIVE_TILE, tile
+        r1, n1, d1, a1 = fast.moe_scatter_rows_active_triton(hidden, ids, experts)
+        fast.ACTIVE_TILE = default_tile
+        r2, n2, d2 = ref.moe_scatter_rows(hidden, ids, experts)
+        a2 = ref.active_experts(n2)
+        n = int(a2[-1])
+        want = [e for e, c in enumerate(n2.tolist()) if c > 0]
+        ok = torch.equal(n1, n2) and torch.equal(d1, d2) and a1.dtype == torch.int32 and a1.shape == a2.shape
+        ok = ok and int(a1[-1]) == n == len(want) and a1[:n].tolist() == a2[:n].tolist() == want
+        e = max((err(r1[ex, : int(n2[ex])], r2[ex, : int(n2[ex])]) for ex in range(experts)), default=0.0)
+        out[f"scatter_active_{tokens}x{k}x{experts}"] = e if ok else 1e9
     for counts in ([0, 3, 0, 0, 1, 2], [5] * 7, [0] * 9, [0, 0, 0, 1] + [0] * 60):
         c = torch.tensor(counts, device=device)
         a1, a2 = fast.active_experts_triton(c), ref.active_experts(c)
         n = int(a2[-1])
         ok = int(a1[-1]) == n == sum(x > 0 for x in counts) and torch.equal(a1[:n], a2[:n])
         out[f"active_{len(counts)}"] = 0.0 if ok and a2[:n].tolist() == [i for i, x in enumerate(counts) if x] else 1e9
+    # Router logits: relative to the largest logit (the float32 sums run in another order than F.linear's).
+    from kernels.triton_router import router_logits_triton
+    for tokens, experts, dim in ((1, 64, 256), (5, 16, 100), (9, 12, 192), (2, 70, 4096), (11, 6, 40)):
+        hidden = rnd(tokens, dim + 8)[:, :dim]  # a strided view, as a slice of a wider activation is
+        weight = (torch.randn(experts, dim, generator=g) * 0.05).to(device)
+        want = torch.nn.functional.linear(hidden.float(), weight)
+        got = router_logits_triton(hidden, weight)
+        ok = got.dtype == torch.float32 and got.shape == want.shape
+        out[f"logits_{tokens}x{experts}x{dim}"] = err(got, want) / float(want.abs().max()) if ok else 1e9
     from kernels import moe as moe_ref
     for rows, inter in ((1, 64), (37, 1408), (5, 100)):
         gate_up = rnd(rows, 2 * inter)
@@ -148,9 +180,16 @@ def run(device, dtype):
 @needs_triton
 def test_triton_kernels_equal_the_references_in_float32_interpreted() -> None:
     result = _interpreted(CHECKS + "\nprint(json.dumps(run('cpu', torch.float32)))\n")
-    assert len(result) == 20
+    assert len(result) == 30
     for case, error in result.items():
-        assert error < 1e-4, (case, error)
+        assert error < _tolerance(case, torch.float32), (case, error)
+
+
+def _tolerance(case: str, dtype: torch.dtype) -> float:
+    if case.startswith("logits_"):  # relative; float32 products and sums whatever the hidden dtype
+        return 1e-5
+    # bf16: sums of float32 products in another order round to a neighbouring bf16 at most.
+    return 1e-4 if dtype == torch.float32 else 0.07
 
 
 @gpu
@@ -160,10 +199,8 @@ def test_triton_kernels_equal_the_references_on_the_gpu(dtype: torch.dtype) -> N
     scope: dict[str, Any] = {}
     exec(compile(CHECKS, "checks", "exec"), scope)  # noqa: S102 - the same checks as the interpreter's
     result = scope["run"]("cuda", dtype)
-    # bf16: sums of float32 products in another order round to a neighbouring bf16 at most.
-    tolerance = 1e-4 if dtype == torch.float32 else 0.07
     for case, error in result.items():
-        assert error < tolerance, (case, error)
+        assert error < _tolerance(case, dtype), (case, error)
 
 
 @gpu
