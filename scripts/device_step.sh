@@ -55,12 +55,14 @@
 # What the open issues still owe, most needed first (a step past BUDGET is cut short, so the order matters).
 # Carry .gpu_bundle, .gpu_carry (scripts/make_deepgemm_carry.sh and scripts/make_flashmla_carry.sh write it; a
 # flash_mla_dense.so that came back from an earlier call skips FlashMLA's build) and .baseline (the landed tree,
-# `git archive 01b6185`):
-#   call 1: STEPS="pd pdmps pd32landed pd32mps" on an H200 where one is lent (the c8 goal was set on an H200;
+# `git archive 01b6185`). GPU starts are scarce: carry a committed snapshot (`git archive HEAD` into an ignored
+# folder, run from there) so work in progress in the checkout never rides along.
+#   call 1: STEPS="pdmps pd pd32landed pd32mps" on an H200 where one is lent (the c8 goal was set on an H200;
 #     no session has had one since), carrying .baseline
-#   call 2 (~4 min): STEPS="ncufp8 fp8vsbf16" after any change to the FP8 decode kernels (the one-token sweep's
-#     winners are exported to the FP8 step beside bf16's); DEEPGEMM_BUILD_ONLY=1 STEPS="deepgemm gemm" for the
-#     grouped GEMMs at 4096 tokens (1.50x bf16, goal 1.6x)
+#   call 2: TESTS_K="keeps_the_dequantized" STEPS="tests" (the trained FP8 checkpoint's greedy tokens with the
+#     decode tiles and split-K of session 33, not re-run since: the whole tests step passes 240 s before it),
+#     then STEPS="gemm" with GEMM_ARGS="--grouped-only --tokens 4096" twice (the contiguous ratio moved
+#     1.30-1.69x between runs under do_bench's mean; now its median)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/runs/device_step}"
