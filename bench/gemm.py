@@ -15,7 +15,8 @@ Triton masked). ``ratio`` = FP8 TFLOP/s / bf16 TFLOP/s (the issue's goal: >= 1.6
 FP8 backends: ``triton`` (our GEMM, activation quantization included), ``triton_gemm`` (the GEMM alone on
 pre-quantized activations), ``cublas`` (cuBLASLt's block-scaled GEMM through torch, quantization included;
 sm90 where this torch takes block scales), ``triton_best`` (with ``--sweep``: the fastest of a few tile
-configs of our GEMM on the prefill-sized shapes, its config recorded), ``deepgemm`` (DeepGEMM's kernels,
+configs of our GEMM on the prefill-sized shapes, its config recorded; the grouped GEMMs' gated and down
+launches swept apart, each config's time logged), ``deepgemm`` (DeepGEMM's kernels,
 ``kernels.fp8_deepgemm``: dense, contiguous and masked, FP8 activations at every size; listed where
 ``available()``: a build on the path, sm90, its probe GEMM right; JIT compiles come before the timed runs).
 The model runs ``TANDEM_FP8_GEMM``'s choice among ``triton``, ``cublas`` and ``deepgemm`` for dense GEMMs.
