@@ -210,5 +210,11 @@ def test_decode_tile_overrides_set_the_few_row_tiles_alone(monkeypatch: pytest.M
     assert triton_fp8.dense_gemm_config(4096).block_m == 128
     assert triton_fp8_moe.grouped_gemm_config(512).block_n == 256
     monkeypatch.setenv(triton_fp8.DENSE_DECODE_TILE_ENV, "64,two")
+    # Prefill sizes: the down launch's own stages; a config given alone sets both launches, down_config the down.
+    gated, down = triton_fp8_moe._launch_configs(512, None, None)
+    assert (gated.num_stages, down.num_stages) == (3, 4) and gated.block_n == down.block_n == 256
+    one, two = triton_fp8.Fp8GemmConfig(16, 32, 1, 4, 2), triton_fp8.Fp8GemmConfig(32, 64, 1, 4, 3)
+    assert triton_fp8_moe._launch_configs(512, one, None) == (one, one)
+    assert triton_fp8_moe._launch_configs(512, one, two) == (one, two)
     with pytest.raises(ValueError, match="TANDEM_FP8_DENSE_DECODE_TILE"):
         triton_fp8.dense_gemm_config(1, 3648, 132)
