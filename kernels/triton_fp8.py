@@ -180,7 +180,7 @@ def decode_tile_override(env: str) -> tuple[int, ...] | None:
         raise ValueError(f"{env}={value!r}: expected comma-separated integers") from None
 
 
-def dense_gemm_config(m: int, n: int = 0, sm_count: int = 0) -> Fp8GemmConfig:
+def dense_gemm_config(m: int) -> Fp8GemmConfig:
     """Tiles by the row count. Few rows (decode) are bound by reading the weight: 16 x 32 tiles, 4 warps, 4
     stages, K split until about four programs run per SM (``choose_split_k``): the fastest of a graph-timed
     sweep at one row on an H100 over 16/32/64-wide tiles, 2/4 warps and 1/2/4 splits (V2-Lite's fused q + kv_a
@@ -309,7 +309,7 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
                                                                                      and xs.stride(1) != 1):
         raise ValueError("fp8 GEMM operands must be contiguous in their last dim")
     sm_count = _device_facts(xq.device.index or 0)[1] if xq.is_cuda else 0
-    cfg = config or dense_gemm_config(m, n, sm_count)
+    cfg = config or dense_gemm_config(m)
     k_blocks = triton.cdiv(k, block_size[1])
     if split_k is None:
         split_k = choose_split_k(m, n, k_blocks, cfg, sm_count) if xq.is_cuda else 1

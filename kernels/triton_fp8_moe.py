@@ -115,14 +115,14 @@ def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_col
 
 @triton.jit
 def _fp8_moe_gemm_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, weight_ptr, sorted_rows_ptr, block_expert_ptr, rows_padded_ptr, counts_ptr,
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, sorted_rows_ptr, block_expert_ptr, rows_padded_ptr, counts_ptr,
     num_valid_rows, N, K, capacity, up_scale_row,
     stride_ae, stride_am, stride_ase, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn,
     stride_ce, stride_cm,
     num_experts, x_a_ptr, x_b_ptr, x_bs_ptr, x_c_ptr, x_n, x_k, x_up_scale_row,
     stride_xam, stride_xbn, stride_xbsn, stride_xcm, tile_n, active_ptr, active_slots,
     NUM_KB: tl.constexpr, NUM_KB_X: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, A_ROW_DIV: tl.constexpr,
-    GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    GATED: tl.constexpr,
     MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, W8A16: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr, ACTIVE: tl.constexpr,
@@ -223,9 +223,6 @@ def _fp8_moe_gemm_kernel(
                                   BLOCK_N, BLOCK_K)
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
-    if MUL_WEIGHT:
-        w = tl.load(weight_ptr + c_rows, mask=row_mask, other=0.0)
-        acc = acc * w[:, None].to(tl.float32)
     tl.store(c_base + c_rows[:, None] * c_stride + cols[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=store_mask[:, None] & n_mask[None, :])
 
@@ -253,20 +250,20 @@ def _launch_fitting(launch: Callable[[int], object], key: tuple[Fp8GemmConfig, b
 
 
 def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
-                       out: torch.Tensor, sort: ExpertSort, weights: torch.Tensor | None, a_row_div: int, gated: bool,
-                       cfg: Fp8GemmConfig, block_size: BlockSize) -> None:
+                       out: torch.Tensor, sort: ExpertSort, a_row_div: int, gated: bool, cfg: Fp8GemmConfig,
+                       block_size: BlockSize) -> None:
     """``a_s`` None: ``aq`` is unquantized (W8A16)."""
     n = w.shape[1] // 2 if gated else w.shape[1]
     grid = (sort.max_blocks * triton.cdiv(n, cfg.block_n),)
     _launch_fitting(lambda stages: _fp8_moe_gemm_kernel[grid](
-        aq, a_s if a_s is not None else w_s, w, w_s, out, weights if weights is not None else out,
+        aq, a_s if a_s is not None else w_s, w, w_s, out,
         sort.sorted_rows, sort.block_expert, sort.rows_padded, sort.rows_padded,
         sort.num_rows, n, w.shape[2], 0, triton.cdiv(n, block_size[0]),
         0, aq.stride(0), 0, a_s.stride(0) if a_s is not None else 0, w.stride(0), w.stride(1), w_s.stride(0),
         w_s.stride(1), 0, out.stride(0),
         *_no_extra(aq, w, w_s, out, n, w.shape[0]), sort.rows_padded, 0,
         NUM_KB=triton.cdiv(w.shape[2], block_size[1]), NUM_KB_X=1, SCALE_BLOCK_N=block_size[0],
-        A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=weights is not None,
+        A_ROW_DIV=a_row_div, GATED=gated,
         MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
         GROUP_M=cfg.group_m, PROMOTE=_promote_every(block_size), W8A16=a_s is None,
         DOT_PRECISION=dot_precision(aq.dtype), EXTRA=False, ACTIVE=False, num_warps=cfg.num_warps,
@@ -324,11 +321,11 @@ def fp8_moe_forward_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_we
     sort = sort_by_expert(topk_ids, num_experts, cfg.block_m)
     hq, hs = _activations(hidden.contiguous(), quant, block_size)
     inter = torch.empty((num_tokens * top_k, w2.shape[2]), dtype=hidden.dtype, device=hidden.device)
-    _launch_contiguous(hq, hs, w13, w13_scale, inter, sort, None, top_k, True, cfg, block_size)
+    _launch_contiguous(hq, hs, w13, w13_scale, inter, sort, top_k, True, cfg, block_size)
     # Rows routed elsewhere hold garbage in `inter` and get garbage scales; the second GEMM never reads them.
     iq, is_ = _activations(inter, quant, block_size)
     per_slot = torch.empty((num_tokens * top_k, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
-    _launch_contiguous(iq, is_, w2, w2_scale, per_slot, sort, None, 1, False, down_cfg, block_size)
+    _launch_contiguous(iq, is_, w2, w2_scale, per_slot, sort, 1, False, down_cfg, block_size)
     # Each token's valid slots, weighted and summed in float32 in ascending expert order (the reference's), by
     # the decode combine: the slots routed elsewhere are never read, so `per_slot` needs no zero fill (a
     # [T * K, D] memset, 470 MB at V3's 4096 tokens) and no torch sum over a padded view.
@@ -363,13 +360,13 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
     active_list, slots = _active_args(active, counts, aq.shape[0])
     grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(tile_n, cfg.block_n), slots + (extra is not None))
     _launch_fitting(lambda stages: _fp8_moe_gemm_kernel[grid](
-        aq, a_s if a_s is not None else w_s, w, w_s, out, out, counts, counts, counts, counts,
+        aq, a_s if a_s is not None else w_s, w, w_s, out, counts, counts, counts, counts,
         0, n, w.shape[2], capacity, triton.cdiv(n, block_size[0]),
         aq.stride(0), aq.stride(1), a_s.stride(0) if a_s is not None else 0, a_s.stride(1) if a_s is not None else 0,
         w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1), out.stride(0), out.stride(1),
         *extra_args, active_list, slots,
         NUM_KB=triton.cdiv(w.shape[2], block_size[1]), NUM_KB_X=num_kb_x, SCALE_BLOCK_N=block_size[0], A_ROW_DIV=1,
-        GATED=gated, MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
+        GATED=gated, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
         EXTRA=extra is not None, ACTIVE=active is not None, num_warps=cfg.num_warps, num_stages=stages,

@@ -103,7 +103,7 @@ class BootstrapClient:
                 self._request("PUT", f"http://{address}/v1/ranks", encode_json(registration))
                 return
             except KVBootstrapError as exc:
-                if "unreachable" not in str(exc) or time.monotonic() > deadline:
+                if not isinstance(exc, BootstrapUnreachable) or time.monotonic() > deadline:
                     raise
             time.sleep(0.05)
 

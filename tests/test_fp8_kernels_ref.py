@@ -197,11 +197,11 @@ def test_decode_tile_overrides_set_the_few_row_tiles_alone(monkeypatch: pytest.M
     and the grouped FP8 GEMMs, split K as asked, leave prefill tiles alone, and refuse what is not integers."""
     from kernels import triton_fp8, triton_fp8_moe
 
-    default_dense = triton_fp8.dense_gemm_config(1, 3648, 132)
+    default_dense = triton_fp8.dense_gemm_config(1)
     default_grouped = triton_fp8_moe.grouped_gemm_config(1)
     monkeypatch.setenv(triton_fp8.DENSE_DECODE_TILE_ENV, "64,2,3,4")
     monkeypatch.setenv(triton_fp8_moe.MOE_DECODE_TILE_ENV, "16,2,3")
-    dense = triton_fp8.dense_gemm_config(1, 3648, 132)
+    dense = triton_fp8.dense_gemm_config(1)
     assert (dense.block_m, dense.block_n, dense.num_warps, dense.num_stages) == (16, 64, 2, 3) != default_dense
     assert triton_fp8.choose_split_k(1, 3648, 16, dense, 132) == 4
     assert triton_fp8.choose_split_k(1, 3648, 2, dense, 132) == 2  # never more splits than K blocks
@@ -217,4 +217,4 @@ def test_decode_tile_overrides_set_the_few_row_tiles_alone(monkeypatch: pytest.M
     assert triton_fp8_moe._launch_configs(512, one, None) == (one, one)
     assert triton_fp8_moe._launch_configs(512, one, two) == (one, two)
     with pytest.raises(ValueError, match="TANDEM_FP8_DENSE_DECODE_TILE"):
-        triton_fp8.dense_gemm_config(1, 3648, 132)
+        triton_fp8.dense_gemm_config(1)
