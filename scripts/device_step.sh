@@ -48,7 +48,8 @@
 #   pd         bench.compare_pd 1P1D (PD_SETUPS=1p1d,colocated for both), V2-Lite 4096 in / 100 out, 32 prompts at
 #              concurrency 8 (PD_ARGS adds), timeline on (bench.pd_timeline joins it); pd32: 64 prompts at
 #              concurrency 32; pd32landed: pd32 on the landed tree carried as .baseline (same call, same card);
-#              pdmps / pd32mps: the same under a private CUDA MPS daemon (MPS_ARGS: e.g. --mps-decode-sm 40)
+#              pdmps / pd32mps: the same under a private CUDA MPS daemon (MPS_ARGS adds); pdmpsN / pd32mpsN: with
+#              the decode instance capped at N % of the SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE)
 # Carry .gpu_bundle, optionally .baseline and .gpu_carry. Everything written under $OUT comes back packed as
 # $OUT/results.tgz (a call returns at most 8 files); the caller's console log stays beside it.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
@@ -127,15 +128,17 @@ for s in $STEPS; do
     fp8stepact)  # the same with FP8 activations at every size (DeepSeek's recipe), beside fp8step's W8A16 decode
         step 06_decode_step_fp8_act "$(left 90)" env TANDEM_FP8_ACT=fp8 python3 -m bench.decode_step $DS \
         --quantization fp8 --profile --out "$OUT_SAVED/decode_step_gpu_fp8_act.json" ;;
-    pd | pd32 | pd32landed | pdmps | pd32mps)  # c8: the setup; c32: 64 prompts; *landed: on .baseline
-        tree=. mps=""
+    pd | pd32 | pd32landed | pdmps | pd32mps | pdmps[0-9]* | pd32mps[0-9]*)
+        # c8: the setup; c32: 64 prompts; *landed: on .baseline; *mpsN: the decode capped at N % of the SMs
+        tree=. mps="" share=""
         case $s in pd32landed) tree=.baseline ;; esac
-        case $s in *mps) mps="--mps ${MPS_ARGS:-}" ;; esac
+        case $s in *mps[0-9]*) share=${s##*mps} ;; esac
+        case $s in *mps*) mps="--mps ${MPS_ARGS:-}${share:+ --mps-decode-sm $share}" ;; esac
         case $s in
-        pd | pdmps) name=compare_pd_c8 load="--num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16" ;;
+        pd | pdmps*) name=compare_pd_c8 load="--num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16" ;;
         *) name=compare_pd_c32 load="--num-prompts 64 --max-concurrency 32 --cuda-graph-max-bs 32" ;;
         esac
-        name=$name${mps:+_mps}
+        name=$name${mps:+_mps}${share:+_decode_sm$share}
         [ "$tree" = .baseline ] && name=${name}_landed
         # the landed tree runs this tree's bench drivers (their flags); its engine and workers stay the landed ones
         [ "$tree" = .baseline ] && [ -d .baseline ] && cp bench/*.py .baseline/bench/
