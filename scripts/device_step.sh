@@ -34,7 +34,8 @@
 #   a2a        MLA-core DP's head exchange on one GPU: the GPU test (ranks sharing the GPU, graph replays with
 #              changing splits vs the reference) and bench.dynamic_a2a --shared-gpu (with the ranks-as-streams
 #              column); several GPUs: bench.dynamic_a2a --world N by hand
-#   gemm       bench.gemm --sweep: each FP8 GEMM backend (ours, cuBLAS's block-scaled) beside bf16 at V3 shapes
+#   gemm       bench.gemm --sweep: each FP8 GEMM backend (ours, cuBLAS's block-scaled) beside bf16 at V3 shapes;
+#              gemm2, gemm3, ...: the same again into $OUT/gemmN (run-to-run spread on one card)
 #   gemmsweep  bench.gemm --grouped-only --tokens 4096 --sweep: the grouped GEMMs' gated and down launches' tiles
 #              swept apart at V3's 4096-token expert shapes, beside bf16 (into gemm_sweep/)
 #   deepgemm   DeepGEMM built from .gpu_carry/deepgemm_src.tar.gz (scripts/make_deepgemm_carry.sh; never committed)
@@ -157,7 +158,9 @@ for s in $STEPS; do
         step 11_dbo_step "$(left 150)" python3 -m bench.dbo_step --device cuda --model-config v2-lite \
             --load-format dummy --batches 2x512,4x512,8x512,4x1024,8x1024 --decode-batches 64,256 \
             --out "$OUT_SAVED/dbo_step_gpu.json" ;;
-    gemm) step 16_gemm "$(left 240)" python3 -m bench.gemm ${GEMM_ARGS:---sweep} --out-dir "$OUT_SAVED" ;;
+    gemm | gemm[0-9])  # gemmN: the same again, into $OUT/gemmN
+        dir=$OUT_SAVED && [ "$s" != gemm ] && dir=$OUT_SAVED/$s
+        step 16_$s "$(left 240)" python3 -m bench.gemm ${GEMM_ARGS:---sweep} --out-dir "$dir" ;;
     gemmsweep) step 16_gemm_sweep "$(left 300)" python3 -m bench.gemm --grouped-only --tokens 4096 --sweep \
         --out-dir "$OUT_SAVED/gemm_sweep" ;;
     deepgemm)
