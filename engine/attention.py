@@ -116,30 +116,27 @@ class MLAttention(nn.Module):
         route = batch.mla_core  # MLA-core DP: this rank holds its own requests' latents only
         write_pages = batch.write_pages if route is None else route.write_pages
         # One op: the latent's RMSNorm, k_pe's RoPE, both written into the pool, and q_pe's RoPE (one kernel
-        # on the GPU where the unfused code launched about twenty).
+        # on the GPU where the unfused code launched about twenty). Prefill takes the rotation in q itself.
+        decode = batch.mode is ForwardMode.DECODE
         q_pe = kernels.mla_decode_prep(q, kv_a, cos, sin, self.kv_a_layernorm.weight,
                                        self.kv_a_layernorm.eps, kv_cache, write_pages, batch.write_slots,
-                                       self.nope_dim, rope.interleave, kv_scale)
-
-        if batch.mode is ForwardMode.DECODE:
-            out = self._decode(q_nope, q_pe, batch, kv_cache, kv_scale)
-        else:
-            out = self._extend(q_nope, q_pe, batch, kv_cache, kv_scale)
+                                       self.nope_dim, rope.interleave, kv_scale, in_place=not decode)
+        out = self._decode(q_nope, q_pe, batch, kv_cache, kv_scale) if decode else self._extend(q, batch, kv_cache,
+                                                                                               kv_scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))
 
-    def _extend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch,
-                kv_cache: torch.Tensor, kv_scale: float) -> torch.Tensor:
+    def _extend(self, q: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor, kv_scale: float) -> torch.Tensor:
+        """q ``[T, H, nope + P]``, its rope part already rotated."""
         assert batch.read_pages is not None and batch.read_slots is not None
         # [Tk, R + P], prefix and new tokens, in the compute dtype
         if batch.mla_core is None:
-            context = read_kv(kv_cache, batch.read_pages, batch.read_slots, q_nope.dtype, kv_scale)
+            context = read_kv(kv_cache, batch.read_pages, batch.read_slots, q.dtype, kv_scale)
         else:
-            context = gather_context(batch.mla_core, kv_cache, batch.read_slots, q_nope.dtype, kv_scale)
+            context = gather_context(batch.mla_core, kv_cache, batch.read_slots, q.dtype, kv_scale)
         ctx_latent, ctx_k_pe = context.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(ctx_latent).view(-1, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, ctx_k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1)
         # The host copies of the bounds where the batch has them: the attention cuts sequences in Python.
         cu_q = batch.cu_seqlens_q if batch.cu_seqlens_q_host is None else batch.cu_seqlens_q_host
         cu_k = batch.cu_seqlens_k if batch.cu_seqlens_k_host is None else batch.cu_seqlens_k_host

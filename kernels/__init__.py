@@ -164,9 +164,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor, write_pages: torch.Tensor,
                     write_slots: torch.Tensor, nope_dim: int, interleave: bool,
-                    kv_scale: float = 1.0) -> torch.Tensor:
+                    kv_scale: float = 1.0, in_place: bool = False) -> torch.Tensor:
     return get_op("mla_decode_prep", q)(q, kv_a, cos, sin, norm_weight, eps, kv_cache, write_pages, write_slots,
-                                        nope_dim, interleave, kv_scale)
+                                        nope_dim, interleave, kv_scale, in_place)
 
 
 def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

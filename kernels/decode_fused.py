@@ -47,8 +47,10 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleav
 def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor, write_pages: torch.Tensor,
                     write_slots: torch.Tensor, nope_dim: int, interleave: bool,
-                    kv_scale: float = 1.0) -> torch.Tensor:
-    """q ``[T, H, nope + P]``, kv_a ``[T, R + P]`` (kv_a_proj's output) -> q's rotated rope part ``[T, H, P]``.
+                    kv_scale: float = 1.0, in_place: bool = False) -> torch.Tensor:
+    """q ``[T, H, nope + P]``, kv_a ``[T, R + P]`` (kv_a_proj's output) -> q's rotated rope part ``[T, H, P]``,
+    a new tensor, or with ``in_place`` written over q's own rope part and returned as that view (prefill then
+    attends over q itself where it concatenated q_nope and q_pe: one copy of q a layer fewer).
 
     Writes ``cat(rms_norm(latent), rope(k_pe))`` of every token into ``kv_cache`` ``[pages, page_size,
     R + P]`` at (write_pages[t], write_slots[t]); an FP8 pool stores ``value / kv_scale`` saturated to the
@@ -65,7 +67,8 @@ def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin:
         kv_cache.view(torch.uint8)[write_pages, write_slots] = stored.view(torch.uint8)
     else:
         kv_cache[write_pages, write_slots] = values.to(kv_cache.dtype)
-    return rope_rotate(q[..., nope_dim:], cos, sin, interleave)
+    q_pe = rope_rotate(q[..., nope_dim:], cos, sin, interleave)
+    return q[..., nope_dim:].copy_(q_pe) if in_place else q_pe
 
 
 def router_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring: str, method: str,

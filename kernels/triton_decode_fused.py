@@ -111,7 +111,7 @@ def _mla_decode_prep_kernel(
 def mla_decode_prep_triton(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor,
                            write_pages: torch.Tensor, write_slots: torch.Tensor, nope_dim: int,
-                           interleave: bool, kv_scale: float = 1.0) -> torch.Tensor:
+                           interleave: bool, kv_scale: float = 1.0, in_place: bool = False) -> torch.Tensor:
     num_tokens, num_heads, qk_dim = q.shape
     lora, rope = norm_weight.shape[0], qk_dim - nope_dim
     half = rope // 2
@@ -121,8 +121,10 @@ def mla_decode_prep_triton(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tenso
             or kv_cache.stride(2) != 1 or kv_cache.shape[2] != lora + rope or kv_cache.dtype in decode_fused.FP8_MAX):
         # FP8 pools take the reference's quantized write (kept off the kernel: one rounding path for them).
         return decode_fused.mla_decode_prep(q, kv_a, cos, sin, norm_weight, eps, kv_cache, write_pages,
-                                            write_slots, nope_dim, interleave, kv_scale)
-    out = torch.empty((num_tokens, num_heads, rope), dtype=q.dtype, device=q.device)
+                                            write_slots, nope_dim, interleave, kv_scale, in_place)
+    # In place, each program reads its token's q_pe before it writes the rotation over it.
+    out = q[..., nope_dim:] if in_place else torch.empty((num_tokens, num_heads, rope), dtype=q.dtype,
+                                                          device=q.device)
     _mla_decode_prep_kernel[(num_tokens,)](
         q, kv_a, cos, sin, norm_weight, kv_cache, write_pages, write_slots, out,
         q.stride(0), q.stride(1), kv_a.stride(0), kv_cache.stride(0), kv_cache.stride(1),

@@ -52,6 +52,12 @@ def test_decode_prep_equals_the_unfused_norm_rope_and_pool_write(interleave: boo
     expected[pages, slots] = torch.cat([rms_norm(kv_a[:, :lora], w, 1e-6), rope.apply(kv_a[:, lora:], cos, sin)], -1)
     assert torch.equal(cache, expected)
     assert torch.equal(q_pe, rope.apply(q[..., nope:], cos, sin))
+    # in place: the same rotation over q's own rope part, q_nope untouched, the result a view of q
+    q2 = q.clone()
+    q_pe2 = decode_fused.mla_decode_prep(q2, kv_a, cos, sin, w, 1e-6, cache, pages, slots, nope, interleave,
+                                         in_place=True)
+    assert q_pe2.data_ptr() == q2[..., nope:].data_ptr() and torch.equal(q_pe2, q_pe)
+    assert torch.equal(q2[..., :nope], q[..., :nope]) and not torch.equal(q2, q)
 
 
 def test_moe_scatter_puts_each_row_at_its_rank_within_its_expert() -> None:
@@ -105,6 +111,16 @@ def run(device, dtype):
             p1 = fast.mla_decode_prep_triton(q, kv_a, cos, sin, w, 1e-6, c1, pages, slots, 128, interleave)
             p2 = ref.mla_decode_prep(q, kv_a, cos, sin, w, 1e-6, c2, pages, slots, 128, interleave)
             out[f"prep_{interleave}_{tokens}x{heads}"] = max(err(p1, p2), err(c1, c2))
+            # in place over a column view of a wider buffer (prefill's q: the fused projection's output)
+            tail = rnd(tokens, 8)
+            wide = torch.cat([q.reshape(tokens, -1), tail], 1)
+            q3 = wide[:, : heads * 192].view(tokens, heads, 192)
+            p3 = fast.mla_decode_prep_triton(q3, kv_a, cos, sin, w, 1e-6, c1, pages, slots, 128, interleave,
+                                             in_place=True)
+            untouched = err(q3[..., :128], q[..., :128]) + err(wide[:, heads * 192:], tail)
+            aliased = p3.data_ptr() == q3[..., 128:].data_ptr()
+            out[f"prep_in_place_{interleave}_{tokens}x{heads}"] = max(err(p3, p2), err(q3[..., 128:], p2),
+                                                                       untouched, 0.0 if aliased else 1e9)
     for name, (experts, k, scoring, method, groups, topk_group, norm, scale, bias) in {
         "v2lite": (64, 6, "softmax", "greedy", 1, 1, False, 1.0, False),
         "v2": (160, 6, "softmax", "group_limited_greedy", 8, 3, False, 16.0, False),
@@ -180,7 +196,7 @@ def run(device, dtype):
 @needs_triton
 def test_triton_kernels_equal_the_references_in_float32_interpreted() -> None:
     result = _interpreted(CHECKS + "\nprint(json.dumps(run('cpu', torch.float32)))\n")
-    assert len(result) == 30
+    assert len(result) == 34
     for case, error in result.items():
         assert error < _tolerance(case, torch.float32), (case, error)
 
