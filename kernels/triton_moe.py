@@ -242,6 +242,12 @@ class ExpertSort:
     max_blocks: int
 
 
+def expert_order(key: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The stable argsort of expert ids in [0, num_experts]. Sorted as int16 where they fit: the GPU's radix
+    sort makes a pass per key byte, eight for int64 (a 4096-token prefill spent 1.4 of its 55 ms there)."""
+    return torch.argsort(key.to(torch.int16) if num_experts < 2**15 else key, stable=True)
+
+
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertSort:
     """Builds the padded expert-sorted row list on the device with no host sync."""
     device = topk_ids.device
@@ -259,7 +265,7 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Ex
 
     max_blocks = triton.cdiv(num_rows + min(num_experts, num_rows) * (block_m - 1), block_m)
     dump = max_blocks * block_m  # scatter target for dropped rows, past everything the kernel reads
-    order = torch.argsort(flat, stable=True)
+    order = expert_order(flat, num_experts)
     sorted_expert = flat[order]
     rank_in_expert = torch.arange(num_rows, device=device) - unpadded_starts[sorted_expert]
     dest = torch.where(
@@ -353,7 +359,7 @@ def moe_forward_grouped_mm(
     flat = topk_ids.reshape(-1).long()
     local = (flat >= 0) & (flat < num_experts)
     key = torch.where(local, flat, num_experts)
-    order = torch.argsort(key, stable=True)
+    order = expert_order(key, num_experts)
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=hidden.device)
     counts.scatter_add_(0, key, torch.ones_like(key))
     offs = torch.cumsum(counts[:num_experts], 0).to(torch.int32)
