@@ -22,7 +22,8 @@ from engine.config import Fp8Config, ModelConfig
 from engine.layers import ColumnParallelLinear, RowParallelLinear, stacked_in
 from engine.parallel import ParallelContext, all_reduce
 
-# Up to this many tokens (decode batches) the gated grouped GEMM runs a dense MLP; prefill keeps cuBLAS.
+# Up to this many tokens (decode batches) a dense MLP with FP8 weights runs as one expert of the gated grouped
+# GEMM, and the shared experts ride in the routed experts' launches; prefill keeps cuBLAS.
 FUSED_MLP_MAX_TOKENS = 256
 
 
@@ -93,6 +94,8 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.one_expert_gate_up(x.shape[0])
+        if gate_up is None and self.fp8 is None and self.gate_proj.bias is None and self.down_proj.bias is None:
+            gate_up = self._gate_up_weight()  # prefill sizes: kernels.gated_mlp picks its GEMMs by rows
         if gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         if self.fp8 is not None:

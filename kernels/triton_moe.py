@@ -23,6 +23,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -507,14 +508,22 @@ def moe_forward_gpu(
 PREFER_GROUPED_MM = True
 
 
+# Past this many rows a dense MLP runs on cuBLAS rather than as one expert of the masked grouped GEMM.
+MASKED_MLP_MAX_ROWS = 256
+
+
 def gated_mlp_triton(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """`kernels.moe.gated_mlp` as one expert of the masked grouped GEMM (gate, up and SiLU in one kernel, the
-    down projection in a second): the decode batch's rows are the expert's rows."""
+    down projection in a second): the decode batch's rows are the expert's rows. Prefill's rows: one GEMM for
+    gate and up, `silu_mul_triton`, the down GEMM (torch's separate products, silu and product were four
+    launches)."""
     if x.dim() != 2 or x.stride(1) != 1 or x.dtype != gate_up.dtype or x.shape[0] == 0:
         from kernels.moe import gated_mlp
 
         return gated_mlp(x, gate_up, down)
     rows = x.shape[0]
+    if rows > MASKED_MLP_MAX_ROWS:  # prefill sizes: cuBLAS for gate and up as one GEMM, SiLU * up in one pass
+        return F.linear(silu_mul_triton(F.linear(x, gate_up)), down)
     counts = torch.full((1,), rows, dtype=torch.int32, device=x.device)
     # One expert: the grid is N / block_n programs, so narrow tiles for decode batches (64-column tiles gave
     # 22 programs for a 1408-wide shared expert, and the GEMM read its weights at a fraction of copy_).

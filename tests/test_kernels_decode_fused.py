@@ -221,7 +221,7 @@ def test_triton_kernels_equal_the_references_on_the_gpu(dtype: torch.dtype) -> N
 
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("rows", [1, 8, 64, 200])
+@pytest.mark.parametrize("rows", [1, 8, 64, 200, 1000])
 def test_the_dense_mlp_as_one_expert_of_the_grouped_gemm_equals_three_linears(rows: int) -> None:
     from kernels.moe import gated_mlp
     from kernels.triton_moe import gated_mlp_triton
