@@ -32,7 +32,6 @@ from kernels.fp8 import (
     masked_rows_hint,
     quantizes_activations,
 )
-from kernels.triton_decode_fused import moe_combine_triton
 from kernels.triton_fp8 import (
     Fp8GemmConfig,
     _check_device,
@@ -42,7 +41,7 @@ from kernels.triton_fp8 import (
     quantize_fp8_act_triton,
 )
 from kernels.triton_grid import grouped_tile, masked_expert
-from kernels.triton_moe import ExpertSort, sort_by_expert
+from kernels.triton_moe import ExpertSort, combine_slots, sort_by_expert
 
 # A decode-size tile set by hand for a GPU the defaults were not measured on (tests/fp8_moe_one_token.py --sweep
 # prints the best in this form): "BLOCK_N,WARPS,STAGES" for the masked launches of <= 16 rows per expert.
@@ -326,13 +325,7 @@ def fp8_moe_forward_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_we
     iq, is_ = _activations(inter, quant, block_size)
     per_slot = torch.empty((num_tokens * top_k, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
     _launch_contiguous(iq, is_, w2, w2_scale, per_slot, sort, 1, False, down_cfg, block_size)
-    # Each token's valid slots, weighted and summed in float32 in ascending expert order (the reference's), by
-    # the decode combine: the slots routed elsewhere are never read, so `per_slot` needs no zero fill (a
-    # [T * K, D] memset, 470 MB at V3's 4096 tokens) and no torch sum over a padded view.
-    flat_ids = topk_ids.reshape(-1)
-    slot = torch.arange(flat_ids.numel(), device=hidden.device)
-    dest = torch.where(flat_ids >= 0, slot, -1)
-    return moe_combine_triton(per_slot, dest, topk_ids.contiguous(), topk_weights.float().contiguous())
+    return combine_slots(per_slot, topk_ids, topk_weights)
 
 
 def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,

@@ -37,7 +37,6 @@ def _moe_gemm_kernel(
     a_ptr,
     b_ptr,
     c_ptr,
-    weight_ptr,
     sorted_rows_ptr,
     block_expert_ptr,
     rows_padded_ptr,
@@ -69,7 +68,6 @@ def _moe_gemm_kernel(
     active_slots,
     A_ROW_DIV: tl.constexpr,
     GATED: tl.constexpr,
-    MUL_WEIGHT: tl.constexpr,
     MASKED: tl.constexpr,
     ZERO_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -170,9 +168,6 @@ def _moe_gemm_kernel(
 
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
-    if MUL_WEIGHT:
-        w = tl.load(weight_ptr + c_rows, mask=row_mask, other=0.0)
-        acc = acc * w[:, None].to(tl.float32)
     tl.store(
         c_base + c_rows[:, None] * c_stride + offs_n[None, :] * stride_cn,
         acc.to(c_ptr.dtype.element_ty),
@@ -290,7 +285,6 @@ def _launch_contiguous(
     w: torch.Tensor,
     out: torch.Tensor,
     sort: ExpertSort,
-    weights: torch.Tensor | None,
     a_row_div: int,
     gated: bool,
     cfg: GemmConfig,
@@ -298,14 +292,14 @@ def _launch_contiguous(
     n = w.shape[1] // 2 if gated else w.shape[1]
     grid = (sort.max_blocks * triton.cdiv(n, cfg.block_n),)
     _moe_gemm_kernel[grid](
-        a, w, out, weights if weights is not None else out,
+        a, w, out,
         sort.sorted_rows, sort.block_expert, sort.rows_padded, sort.rows_padded,
         sort.num_rows, n, w.shape[2], 0,
         0, a.stride(0), a.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
         0, out.stride(0), out.stride(1),
         w.shape[0], a, w, out, 0, 0, 0, 0, 0, n, sort.rows_padded, 0,
-        A_ROW_DIV=a_row_div, GATED=gated, MUL_WEIGHT=weights is not None, MASKED=False, ZERO_TAIL=False,
+        A_ROW_DIV=a_row_div, GATED=gated, MASKED=False, ZERO_TAIL=False,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         DOT_PRECISION=_dot_precision(a.dtype), EXTRA=False, ACTIVE=False, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -328,11 +322,21 @@ def moe_forward_triton(
     cfg = config or default_gemm_config(num_tokens * top_k // max(1, num_experts), hidden.dtype)
     sort = sort_by_expert(topk_ids, num_experts, cfg.block_m)
     inter = torch.empty((num_tokens * top_k, w2.shape[2]), dtype=hidden.dtype, device=hidden.device)
-    _launch_contiguous(hidden, w13, inter, sort, None, top_k, True, cfg)
-    # Rows routed elsewhere are never written by the second GEMM: start from zeros.
-    per_slot = torch.zeros((num_tokens * top_k, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
-    _launch_contiguous(inter, w2, per_slot, sort, topk_weights.reshape(-1).contiguous(), 1, False, cfg)
-    return per_slot.view(num_tokens, top_k, -1).sum(dim=1)
+    _launch_contiguous(hidden, w13, inter, sort, top_k, True, cfg)
+    per_slot = torch.empty((num_tokens * top_k, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
+    _launch_contiguous(inter, w2, per_slot, sort, 1, False, cfg)
+    return combine_slots(per_slot, topk_ids, topk_weights)
+
+
+def combine_slots(per_slot: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """The contiguous layout's combine: row ``t * K + k`` of ``per_slot`` is token t's output of its k-th expert.
+    Each token's valid slots are weighted and summed in float32 in ascending expert order (the reference's) by
+    the decode combine; slots routed elsewhere (-1) are never read, so ``per_slot`` needs no zero fill (a
+    [T * K, D] memset, 470 MB at V3's 4096 tokens) and no sum over a padded view."""
+    flat_ids = topk_ids.reshape(-1)
+    slot = torch.arange(flat_ids.numel(), device=per_slot.device)
+    dest = torch.where(flat_ids >= 0, slot, -1)
+    return moe_combine_triton(per_slot, dest, topk_ids.contiguous(), topk_weights.float().contiguous())
 
 
 def grouped_mm_available(dtype: torch.dtype, device: torch.device) -> bool:
@@ -449,7 +453,7 @@ def _launch_masked(
     slots = a.shape[0] if active is None else min(active[1], a.shape[0])
     grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(tile_n, cfg.block_n), slots + (extra is not None))
     _moe_gemm_kernel[grid](
-        a, w, out, out,
+        a, w, out,
         counts, counts, counts, counts,
         0, n, w.shape[2], capacity,
         a.stride(0), a.stride(1), a.stride(2),
@@ -457,7 +461,7 @@ def _launch_masked(
         out.stride(0), out.stride(1), out.stride(2),
         a.shape[0], xa, xw, xc, x_n, xa.shape[-1], xa.stride(-2), xw.stride(-2), xc.stride(-2), tile_n,
         active[0] if active is not None else counts, slots,
-        A_ROW_DIV=1, GATED=gated, MUL_WEIGHT=False, MASKED=True, ZERO_TAIL=not gated,
+        A_ROW_DIV=1, GATED=gated, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         DOT_PRECISION=_dot_precision(a.dtype), EXTRA=extra is not None, ACTIVE=active is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

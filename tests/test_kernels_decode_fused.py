@@ -189,6 +189,19 @@ def run(device, dtype):
     for rows, inter in ((1, 64), (37, 1408), (5, 100)):
         gate_up = rnd(rows, 2 * inter)
         out[f"silu_mul_{rows}x{inter}"] = err(fast.silu_mul_triton(gate_up), moe_ref.silu_mul(gate_up))
+    # The contiguous-layout grouped GEMMs (the GPU's float32 prefill MoE: no grouped mm there) and their
+    # combine, a slot routed elsewhere (-1) and an expert with no rows among them.
+    from kernels import triton_moe
+    tokens, k, experts, dim, inter = 9, 3, 5, 64, 48
+    hidden = rnd(tokens, dim)
+    ids = torch.stack([torch.randperm(experts - 1, generator=g)[:k] for _ in range(tokens)]).to(device)
+    ids[2, 1] = -1
+    weights = torch.rand(tokens, k, generator=g).to(device)
+    w13, w2 = rnd(experts, 2 * inter, dim) * 0.1, rnd(experts, dim, inter) * 0.1
+    cfg = triton_moe.GemmConfig(16, 32, 16, 1, 4, 1)
+    got = triton_moe.moe_forward_triton(hidden, ids, weights, w13, w2, config=cfg)
+    want = moe_ref.moe_forward(hidden, ids, weights, w13, w2)
+    out["moe_contiguous"] = err(got, want) / float(want.abs().max())
     return out
 """
 
@@ -196,7 +209,7 @@ def run(device, dtype):
 @needs_triton
 def test_triton_kernels_equal_the_references_in_float32_interpreted() -> None:
     result = _interpreted(CHECKS + "\nprint(json.dumps(run('cpu', torch.float32)))\n")
-    assert len(result) == 34
+    assert len(result) == 35
     for case, error in result.items():
         assert error < _tolerance(case, torch.float32), (case, error)
 
