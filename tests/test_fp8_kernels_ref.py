@@ -158,6 +158,21 @@ def test_gemm_bench_quick_runs_on_cpu_and_writes_json_and_png(tmp_path: Path) ->
         ref = row["torch_reference"]
         assert ref["ms"] > 0 and row["bf16"]["ms"] > 0 and ref["ratio"] == pytest.approx(row["bf16"]["ms"] / ref["ms"])
         assert ref["rel_err"] < 0.05  # bf16 inputs against the float32 reference: rounding only
+        if row.get("layout") == "masked":  # also beside torch's bmm over the capacity rows
+            assert ref["ratio_torch"] == pytest.approx(row["bf16_torch"]["ms"] / ref["ms"])
+
+
+def test_the_gemm_benchs_torch_masked_experts_equal_the_masked_reference() -> None:
+    from bench.gemm import masked_bmm
+    from kernels.moe import moe_forward_masked
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g)
+    counts = torch.tensor([5, 2, 0])
+    x[1, 2:] = 0.0  # the layout's rows past each count are zeros
+    x[2] = 0.0
+    w13, w2 = torch.randn(3, 24, 16, generator=g), torch.randn(3, 16, 12, generator=g)
+    torch.testing.assert_close(masked_bmm(x, w13, w2), moe_forward_masked(x, counts, w13, w2))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
