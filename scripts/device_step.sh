@@ -59,12 +59,10 @@
 # flash_mla_dense.so that came back from an earlier call skips FlashMLA's build) and .baseline (the landed tree,
 # `git archive 01b6185`). GPU starts are scarce: carry a committed snapshot (`git archive HEAD` into an ignored
 # folder, run from there) so work in progress in the checkout never rides along.
-#   call 1: STEPS="pdmps pd pd32landed pd32mps" on an H200 where one is lent (the c8 goal was set on an H200;
-#     no session has had one since), carrying .baseline
-#   call 2: TESTS_K="keeps_the_dequantized" STEPS="tests" (the trained FP8 checkpoint's greedy tokens with the
-#     decode tiles and split-K of session 33, not re-run since: the whole tests step passes 240 s before it),
-#     then STEPS="gemm" with GEMM_ARGS="--grouped-only --tokens 4096" twice (the contiguous ratio moved
-#     1.30-1.69x between runs under do_bench's mean; now its median)
+#   call 1: STEPS="pdmps pd32landed pd32mps50 gemm gemm2" GEMM_ARGS="--grouped-only --tokens 4096" on an H200
+#     where one is lent (the c8 goal was set on an H200; no session has had one since; the H100 gives 570-575);
+#     the grouped GEMMs' masked layout is now also timed beside torch's bmm (bf16_torch), not yet run on a GPU
+#   call 2: STEPS="decode fp8vsbf16 prefill" (the decode step and prefill with this tree's changes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/runs/device_step}"
