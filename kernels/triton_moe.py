@@ -10,16 +10,12 @@ Same functions as `kernels.moe`:
 
 Both use one kernel, `_moe_gemm_kernel`, run twice: first `x @ w13[e]^T` with the gate and up halves
 in two accumulators and SiLU(gate) * up fused into the epilogue (the [*, 2I] intermediate never
-reaches memory), then `h @ w2[e]^T`, optionally scaled by the routing weight.
-
-`deep_gemm` hook: `deep_gemm_available()` reports whether DeepGEMM is importable. It is not installed on
-the machines tested here, so nothing calls it yet; its masked grouped GEMM (fp8) would slot in behind
-`moe_forward_masked` once a build exists.
+reaches memory), then `h @ w2[e]^T`. The contiguous layout's per-slot rows are weighted and summed by
+`combine_slots` (the decode combine, float32). DeepGEMM's FP8 grouped GEMMs live in `kernels.fp8_deepgemm`.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -481,16 +477,6 @@ def _validate_routing(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     if hidden.stride(1) != 1:
         raise ValueError("hidden must be contiguous in its last dim")
     return topk_ids.shape[0], topk_ids.shape[1]
-
-
-@functools.lru_cache(maxsize=1)
-def deep_gemm_available() -> bool:
-    """Whether DeepGEMM is importable (not on the machines tested so far; see the module docstring)."""
-    try:
-        import deep_gemm  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def moe_forward_gpu(
