@@ -13,7 +13,9 @@
 # TANDEM_MPS (auto | 1 | 0): under CUDA both workers share one GPU, and `auto` (default) runs them under a
 # private CUDA MPS daemon where nvidia-cuda-mps-control is installed (their kernels then run side by side instead
 # of time-slicing the GPU: 831 against 462 output tok/s at concurrency 32 on one H100, README "Serving"); 1
-# requires it, 0 goes without.
+# requires it, 0 goes without. TANDEM_DECODE_SM_PERCENT (1-100; under MPS) caps the decode worker's share of
+# the SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE): 50 gave 908 against 840-866 output tok/s at concurrency 32 on one
+# H100, the same at concurrency 8 (README "Serving").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +31,10 @@ BOOTSTRAP_PORT="${TANDEM_BOOTSTRAP_PORT:-8998}"
 LOG_DIR="${TANDEM_LOG_DIR:-runs/launch_1p1d}"
 MPS="${TANDEM_MPS:-auto}"
 case "$MPS" in auto | 0 | 1) ;; *) echo "TANDEM_MPS must be auto, 1 or 0, got '$MPS'" >&2; exit 2 ;; esac
+DECODE_SM="${TANDEM_DECODE_SM_PERCENT:-}"
+case "$DECODE_SM" in "" | [1-9] | [1-9][0-9] | 100) ;;
+*) echo "TANDEM_DECODE_SM_PERCENT must be 1-100, got '$DECODE_SM'" >&2; exit 2 ;;
+esac
 START_TIMEOUT_S=300
 
 # No RDMA NIC here: UCX over TCP loopback (its IB module can crash at exit otherwise, TRANSPORTS.md).
@@ -106,7 +112,9 @@ wait_healthy() {  # name url pid
 COMMON=(--model "$MODEL_DIR" --host 127.0.0.1 --device "$DEVICE" --transfer-backend "$BACKEND"
         --page-size 16 --max-total-tokens 16384 --log-level warning)
 start prefill python3 -m prefill_worker "${COMMON[@]}" --port "$PREFILL_PORT" --bootstrap-port "$BOOTSTRAP_PORT"
-start decode python3 -m decode_worker "${COMMON[@]}" --port "$DECODE_PORT"
+DECODE_ENV=()  # the decode worker's SM cap, read by the MPS client in its process alone
+[ -n "$DECODE_SM" ] && DECODE_ENV=(env CUDA_MPS_ACTIVE_THREAD_PERCENTAGE="$DECODE_SM")
+start decode "${DECODE_ENV[@]}" python3 -m decode_worker "${COMMON[@]}" --port "$DECODE_PORT"
 wait_healthy prefill "http://127.0.0.1:$PREFILL_PORT" "${PIDS[0]}"
 wait_healthy decode "http://127.0.0.1:$DECODE_PORT" "${PIDS[1]}"
 start router python3 -m router --host 127.0.0.1 --port "$ROUTER_PORT" \
