@@ -63,6 +63,7 @@
 #     where one is lent (the c8 goal was set on an H200; no session has had one since; the H100 gives 570-575);
 #     the grouped GEMMs' masked layout is now also timed beside torch's bmm (bf16_torch), not yet run on a GPU
 #   call 2: STEPS="decode fp8vsbf16 prefill" (the decode step and prefill with this tree's changes)
+#   A warm machine's idle time counts against the budget: chain the calls, then give it back at once.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/runs/device_step}"
