@@ -147,7 +147,7 @@ for s in $STEPS; do
             --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
             $load ${PD_ARGS:-} --output-json $OUT_SAVED/$name.json \
             --log-dir $OUT_SAVED/${name}_logs --disable-tqdm && python3 -m bench.pd_timeline \
-            $OUT_SAVED/${name}_logs/1p1d --json $OUT_SAVED/${name}_timeline.json" ;;
+            $OUT_SAVED/${name}_logs/1p1d --json $OUT_SAVED/${name}_timeline.json --bench-json $OUT_SAVED/$name.json" ;;
     spy) step 09_decode_alone_pyspy "$(left 200)" py-spy record --subprocesses --nonblocking --format raw -r 100 \
         -o "$OUT_SAVED/decode_alone_pyspy.txt" -- python3 -m bench.decode_alone --device cuda --load-format dummy \
         --model engine/model_configs/deepseek-v2-lite --input-len 4096 --output-len 100 --num-prompts 32 \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -64,3 +65,30 @@ def test_joiner_pairs_both_roles_on_the_prefill_clock(tmp_path: Path) -> None:
     assert med["prefill forward done"] == pytest.approx(15.0)
     assert med["decode saw KV landed"] == pytest.approx(1.0 + (11.0 + 23.0) / 2)
     assert pd_timeline.main([str(tmp_path / "nothing-here")]) == 1
+
+
+def test_prefill_busy_is_the_union_of_the_forwards_against_their_span(tmp_path: Path) -> None:
+    # a and b share one forward (100.000-100.010 s), c runs alone after a gap (100.020-100.030 s)
+    (tmp_path / "prefill.log").write_text(
+        "x timeline prefill rid=a t0=100.000000 step_began=+0.00ms forward_done=+10.00ms\n"
+        "x timeline prefill rid=b t0=99.995000 step_began=+5.00ms forward_done=+15.00ms\n"
+        "x timeline prefill rid=c t0=100.010000 step_began=+10.00ms forward_done=+20.00ms\n"
+        "x timeline prefill rid=d t0=100.010000 forward_done=+20.00ms\n"  # no start mark: not counted
+    )
+    busy = pd_timeline.prefill_busy(pd_timeline.parse(tmp_path))
+    assert busy is not None
+    assert busy["busy_s"] == pytest.approx(0.020) and busy["span_s"] == pytest.approx(0.030)
+    assert busy["share"] == pytest.approx(2 / 3)
+    assert pd_timeline.prefill_busy({}) is None
+    later = pd_timeline.prefill_busy(pd_timeline.parse(tmp_path), since=100.005)  # c alone
+    assert later is not None and later["busy_s"] == pytest.approx(0.010) and later["share"] == pytest.approx(1.0)
+    # from the command line, the benchmark's start read from compare_pd's JSON for the setup the logs are of
+    logs = tmp_path / "1p1d"
+    logs.mkdir()
+    (tmp_path / "prefill.log").rename(logs / "prefill.log")
+    (logs / "decode.log").write_text("y timeline decode rid=c t0=100.010000 landed=+21.00ms\n")
+    bench = tmp_path / "compare_pd.json"
+    bench.write_text(json.dumps({"runs": {"1p1d": {"started_at": 100.005}}}))
+    out = tmp_path / "timeline.json"
+    assert pd_timeline.main([str(logs), "--bench-json", str(bench), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["prefill_busy"]["busy_s"] == pytest.approx(0.010)
