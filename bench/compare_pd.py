@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.gpu_mps import mps_daemon, sm_share_env
+from bench.gpu_mps import client_env, mps_daemon
 from bench.pd_servers import Server, ServerGroup, cpu_worker_env, free_port, wait_healthy, wait_idle
 from bench.serving import BenchConfig, run_benchmark, run_or_exit
 
@@ -78,6 +78,8 @@ def add_gpu_sharing_args(p: argparse.ArgumentParser) -> None:
                    help="GPU: run the servers under a private CUDA MPS daemon (kernels of both share the SMs)")
     p.add_argument("--mps-prefill-sm", type=int, default=None, help="with --mps: the prefill's SM share, percent")
     p.add_argument("--mps-decode-sm", type=int, default=None, help="with --mps: the decode's SM share, percent")
+    p.add_argument("--mps-low-priority", choices=("prefill", "decode"), default=None,
+                   help="with --mps: the role whose kernels get MPS's below-normal client priority")
 
 
 def sharing_env(stack: contextlib.ExitStack, args: argparse.Namespace, directory: Path) -> dict[str, str]:
@@ -92,9 +94,10 @@ def start_setup(name: str, group: ServerGroup, args: argparse.Namespace) -> tupl
     if name == "1p1d":
         p_port, d_port, boot = free_port(), free_port(), free_port()
         prefill = group.start("prefill", "prefill_worker", [*_worker_flags(args, p_port),
-                              "--bootstrap-port", str(boot)], p_port, sm_share_env(args.mps_prefill_sm))  # fmt: skip
+                              "--bootstrap-port", str(boot)], p_port,
+                              client_env(args.mps_prefill_sm, args.mps_low_priority == "prefill"))  # fmt: skip
         decode = group.start("decode", "decode_worker", _worker_flags(args, d_port) + _graph_flags(args), d_port,
-                             sm_share_env(args.mps_decode_sm))
+                             client_env(args.mps_decode_sm, args.mps_low_priority == "decode"))
         workers = [prefill, decode]
         router_args += ["--prefill", prefill.url, str(boot), "--decode", decode.url]
     else:
@@ -158,7 +161,8 @@ def _measure_setup(name: str, args: argparse.Namespace, vocab: int, env: dict[st
         "pages_idle_after_run": all(i["free_pages"] + i.get("evictable_pages", 0) == i["total_pages"] for i in idle),
         "load_average_1m_before": load_before[0],
         "cpu_count": os.cpu_count(),
-        "mps": {"prefill_sm_pct": args.mps_prefill_sm, "decode_sm_pct": args.mps_decode_sm} if args.mps else None,
+        "mps": {"prefill_sm_pct": args.mps_prefill_sm, "decode_sm_pct": args.mps_decode_sm,
+                "low_priority": args.mps_low_priority} if args.mps else None,
     }
     return report
 

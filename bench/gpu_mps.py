@@ -3,7 +3,8 @@
 Without MPS, two processes on one GPU time-slice it: a decode step that meets a 50 ms prefill forward waits
 for it, and neither uses the GPU the other leaves idle (the decode step reads weights, the prefill does
 matmuls). With an MPS control daemon both processes' kernels share the SMs at once; each server may be given
-a share of them (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``).
+a share of them (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``) or the lower of MPS's two client priorities
+(``CUDA_MPS_CLIENT_PRIORITY=1``, below normal: the GPU schedules a normal client's pending work first).
 
 ``mps_daemon(dir)`` starts a private daemon (its pipe and log directories under ``dir``, so it touches no
 system-wide state), yields the environment a client needs, and tells the daemon to quit on exit.
@@ -50,3 +51,9 @@ def sm_share_env(percent: int | None) -> dict[str, str]:
     if not 1 <= percent <= 100:
         raise ValueError(f"an SM share is a percentage in 1..100, got {percent}")
     return {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(percent)}
+
+
+def client_env(sm_percent: int | None, low_priority: bool) -> dict[str, str]:
+    """One MPS client's env: its SM share (``sm_share_env``) and, when ``low_priority``, the below-normal client
+    priority (its kernels wait while the other client's are pending)."""
+    return {**sm_share_env(sm_percent), **({"CUDA_MPS_CLIENT_PRIORITY": "1"} if low_priority else {})}

@@ -50,7 +50,8 @@
 #              concurrency 8 (PD_ARGS adds), timeline on (bench.pd_timeline joins it); pd32: 64 prompts at
 #              concurrency 32; pd32landed: pd32 on the landed tree carried as .baseline (same call, same card);
 #              pdmps / pd32mps: the same under a private CUDA MPS daemon (MPS_ARGS adds); pdmpsN / pd32mpsN: with
-#              the decode instance capped at N % of the SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE)
+#              the decode instance capped at N % of the SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE); pdmpslow /
+#              pd32mpslow: the decode at MPS's below-normal client priority (CUDA_MPS_CLIENT_PRIORITY=1)
 # Carry .gpu_bundle, optionally .baseline and .gpu_carry. Everything written under $OUT comes back packed as
 # $OUT/results.tgz (a call returns at most 8 files); the caller's console log stays beside it.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
@@ -59,7 +60,7 @@
 # flash_mla_dense.so that came back from an earlier call skips FlashMLA's build) and .baseline (the landed tree,
 # `git archive 01b6185`). GPU starts are scarce: carry a committed snapshot (`git archive HEAD` into an ignored
 # folder, run from there) so work in progress in the checkout never rides along.
-#   call 1: STEPS="pdmps pd32landed pd32mps50 gemm gemm2" GEMM_ARGS="--grouped-only --tokens 4096" on an H200
+#   call 1: STEPS="pdmps pd32landed pd32mps50 pd32mpslow gemm gemm2" GEMM_ARGS="--grouped-only --tokens 4096" on an H200
 #     where one is lent (the c8 goal was set on an H200; no session has had one since; the H100 gives 570-575);
 #     the grouped GEMMs' masked layout is now also timed beside torch's bmm (bf16_torch), not yet run on a GPU
 #   call 2: STEPS="decode fp8vsbf16 prefill" (the decode step and prefill with this tree's changes)
@@ -128,17 +129,19 @@ for s in $STEPS; do
     fp8stepact)  # the same with FP8 activations at every size (DeepSeek's recipe), beside fp8step's W8A16 decode
         step 06_decode_step_fp8_act "$(left 90)" env TANDEM_FP8_ACT=fp8 python3 -m bench.decode_step $DS \
         --quantization fp8 --profile --out "$OUT_SAVED/decode_step_gpu_fp8_act.json" ;;
-    pd | pd32 | pd32landed | pdmps | pd32mps | pdmps[0-9]* | pd32mps[0-9]*)
-        # c8: the issue's setup; c32: 64 prompts; *landed: on .baseline; *mpsN: the decode capped at N % of the SMs
-        tree=. mps="" share=""
+    pd | pd32 | pd32landed | pdmps | pd32mps | pdmps[0-9]* | pd32mps[0-9]* | pdmpslow | pd32mpslow)
+        # c8: the issue's setup; c32: 64 prompts; *landed: on .baseline; *mpsN: the decode capped at N % of the
+        # SMs; *mpslow: the decode at MPS's below-normal client priority
+        tree=. mps="" share="" low=""
         case $s in pd32landed) tree=.baseline ;; esac
         case $s in *mps[0-9]*) share=${s##*mps} ;; esac
-        case $s in *mps*) mps="--mps ${MPS_ARGS:-}${share:+ --mps-decode-sm $share}" ;; esac
+        case $s in *mpslow) low=1 ;; esac
+        case $s in *mps*) mps="--mps ${MPS_ARGS:-}${share:+ --mps-decode-sm $share}${low:+ --mps-low-priority decode}" ;; esac
         case $s in
         pd | pdmps*) name=compare_pd_c8 load="--num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16" ;;
         *) name=compare_pd_c32 load="--num-prompts 64 --max-concurrency 32 --cuda-graph-max-bs 32" ;;
         esac
-        name=$name${mps:+_mps}${share:+_decode_sm$share}
+        name=$name${mps:+_mps}${share:+_decode_sm$share}${low:+_decode_low_priority}
         [ "$tree" = .baseline ] && name=${name}_landed
         # the landed tree runs this tree's bench drivers (their flags); its engine and workers stay the landed ones
         [ "$tree" = .baseline ] && [ -d .baseline ] && cp bench/*.py .baseline/bench/

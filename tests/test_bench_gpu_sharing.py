@@ -13,6 +13,8 @@ from bench import compare_pd, gpu_mps
 def test_an_sm_share_is_a_percentage() -> None:
     assert gpu_mps.sm_share_env(None) == {}
     assert gpu_mps.sm_share_env(40) == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "40"}
+    assert gpu_mps.client_env(40, True) == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "40", "CUDA_MPS_CLIENT_PRIORITY": "1"}
+    assert gpu_mps.client_env(None, False) == {}
     for bad in (0, 101, -5):
         with pytest.raises(ValueError, match="percentage"):
             gpu_mps.sm_share_env(bad)
@@ -50,6 +52,7 @@ def test_every_bench_that_starts_a_1p1d_setup_takes_the_flags_it_reads() -> None
     from bench import host_path
 
     for parser, argv in ((compare_pd.build_parser(), []), (host_path.build_parser(), ["--label", "x"])):
-        args = parser.parse_args([*argv, "--mps", "--mps-prefill-sm", "60", "--mps-decode-sm", "40"])
-        assert (args.mps, args.mps_prefill_sm, args.mps_decode_sm) == (True, 60, 40)
+        args = parser.parse_args([*argv, "--mps", "--mps-prefill-sm", "60", "--mps-decode-sm", "40",
+                                  "--mps-low-priority", "decode"])
+        assert (args.mps, args.mps_prefill_sm, args.mps_decode_sm, args.mps_low_priority) == (True, 60, 40, "decode")
         assert parser.parse_args(argv).mps is False
