@@ -85,7 +85,7 @@ def prefill_busy(rows: dict[str, dict[str, tuple[float, dict[str, float]]]],
             busy, start = busy + end - start, began
         end = max(end, done)
     busy += end - start
-    span = max(done for _, done in spans) - spans[0][0]
+    span = end - spans[0][0]  # `end` closes the last merged interval: the latest forward's end
     return {"busy_s": busy, "span_s": span, "share": busy / span if span > 0 else 1.0}
 
 

@@ -121,8 +121,10 @@ class MLAttention(nn.Module):
         q_pe = kernels.mla_decode_prep(q, kv_a, cos, sin, self.kv_a_layernorm.weight,
                                        self.kv_a_layernorm.eps, kv_cache, write_pages, batch.write_slots,
                                        self.nope_dim, rope.interleave, kv_scale, in_place=not decode)
-        out = self._decode(q_nope, q_pe, batch, kv_cache, kv_scale) if decode else self._extend(q, batch, kv_cache,
-                                                                                               kv_scale)
+        if decode:
+            out = self._decode(q_nope, q_pe, batch, kv_cache, kv_scale)
+        else:
+            out = self._extend(q, batch, kv_cache, kv_scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))
 
     def _extend(self, q: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor, kv_scale: float) -> torch.Tensor:

@@ -66,7 +66,10 @@ class DenseMLP(nn.Module):
             self.up_proj.weight_scale_inv = nn.Parameter(self._gate_up_scale[blocks:], requires_grad=False)
 
     def _gate_up_weight(self) -> torch.Tensor | None:
-        """The [2I, D] buffer while both weights still live in it (a loader may have replaced them)."""
+        """The [2I, D] buffer while both weights still live in it (a loader may have replaced them) and the MLP
+        has no bias (the fused kernels take none)."""
+        if self.gate_proj.bias is not None or self.down_proj.bias is not None:
+            return None
         if not stacked_in(self._gate_up, self.gate_proj.weight, self.up_proj.weight):
             return None
         if self.fp8 is not None and not stacked_in(self._gate_up_scale, self.gate_proj.weight_scale_inv,
@@ -77,9 +80,7 @@ class DenseMLP(nn.Module):
     def one_expert_gate_up(self, rows: int) -> torch.Tensor | None:
         """The fused [2I, D] gate/up weight when `rows` tokens run this MLP as one expert of the gated grouped
         GEMM (a decode-sized batch, both weights still in the buffer, no bias); None: the three linears."""
-        if rows > FUSED_MLP_MAX_TOKENS or self.gate_proj.bias is not None or self.down_proj.bias is not None:
-            return None
-        return self._gate_up_weight()
+        return None if rows > FUSED_MLP_MAX_TOKENS else self._gate_up_weight()
 
     def one_expert_weights(self, rows: int) -> tuple[torch.Tensor, ...] | None:
         """What a grouped GEMM needs to run this MLP as one expert over `rows` tokens: (gate/up, down), or with
@@ -93,9 +94,8 @@ class DenseMLP(nn.Module):
         return gate_up, self._gate_up_scale, self.down_proj.weight, self.down_proj.weight_scale_inv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.one_expert_gate_up(x.shape[0])
-        if gate_up is None and self.fp8 is None and self.gate_proj.bias is None and self.down_proj.bias is None:
-            gate_up = self._gate_up_weight()  # prefill sizes: kernels.gated_mlp picks its GEMMs by rows
+        # bf16 at every size (kernels.gated_mlp picks its GEMMs by rows); FP8 at decode sizes only.
+        gate_up = self._gate_up_weight() if self.fp8 is None else self.one_expert_gate_up(x.shape[0])
         if gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         if self.fp8 is not None:
