@@ -129,19 +129,20 @@ for s in $STEPS; do
     fp8stepact)  # the same with FP8 activations at every size (DeepSeek's recipe), beside fp8step's W8A16 decode
         step 06_decode_step_fp8_act "$(left 90)" env TANDEM_FP8_ACT=fp8 python3 -m bench.decode_step $DS \
         --quantization fp8 --profile --out "$OUT_SAVED/decode_step_gpu_fp8_act.json" ;;
-    pd | pd32 | pd32landed | pdmps | pd32mps | pdmps[0-9]* | pd32mps[0-9]* | pdmpslow | pd32mpslow)
-        # c8: the setup; c32: 64 prompts; *landed: on .baseline; *mpsN: the decode capped at N % of the
-        # SMs; *mpslow: the decode at MPS's below-normal client priority
+    pd | pd32 | pd32landed | pdmps* | pd32mps*)
+        # c8: the setup; c32: 64 prompts; *landed: on .baseline; after mps, N: the decode capped at N % of
+        # the SMs; low / plow: the decode / the prefill at MPS's below-normal client priority (pd32mps50low)
         tree=. mps="" share="" low=""
         case $s in pd32landed) tree=.baseline ;; esac
-        case $s in *mps[0-9]*) share=${s##*mps} ;; esac
-        case $s in *mpslow) low=1 ;; esac
-        case $s in *mps*) mps="--mps ${MPS_ARGS:-}${share:+ --mps-decode-sm $share}${low:+ --mps-low-priority decode}" ;; esac
+        case $s in *mps*) rest=${s##*mps} share=${rest%%[a-z]*} low=${rest#"$share"} ;; esac
+        case $low in "" | low | plow) ;; *) echo "unknown step $s" && status=1 && continue ;; esac
+        role=$([ "$low" = plow ] && echo prefill || echo decode)
+        case $s in *mps*) mps="--mps ${MPS_ARGS:-}${share:+ --mps-decode-sm $share}${low:+ --mps-low-priority $role}" ;; esac
         case $s in
         pd | pdmps*) name=compare_pd_c8 load="--num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16" ;;
         *) name=compare_pd_c32 load="--num-prompts 64 --max-concurrency 32 --cuda-graph-max-bs 32" ;;
         esac
-        name=$name${mps:+_mps}${share:+_decode_sm$share}${low:+_decode_low_priority}
+        name=$name${mps:+_mps}${share:+_decode_sm$share}${low:+_${role}_low_priority}
         [ "$tree" = .baseline ] && name=${name}_landed
         # the landed tree runs this tree's bench drivers (their flags); its engine and workers stay the landed ones
         [ "$tree" = .baseline ] && [ -d .baseline ] && cp bench/*.py .baseline/bench/
