@@ -129,10 +129,12 @@ for s in $STEPS; do
     fp8stepact)  # the same with FP8 activations at every size (DeepSeek's recipe), beside fp8step's W8A16 decode
         step 06_decode_step_fp8_act "$(left 90)" env TANDEM_FP8_ACT=fp8 python3 -m bench.decode_step $DS \
         --quantization fp8 --profile --out "$OUT_SAVED/decode_step_gpu_fp8_act.json" ;;
-    pd | pd32 | pd32landed | pdmps* | pd32mps*)
+    pd | pd32 | pd32landed | pd*keepl2 | pdmps* | pd32mps*)
         # c8: the issue's setup; c32: 64 prompts; *landed: on .baseline; after mps, N: the decode capped at N % of
-        # the SMs; low / plow: the decode / the prefill at MPS's below-normal client priority (pd32mps50low)
-        tree=. mps="" share="" low=""
+        # the SMs; low / plow: the decode / the prefill at MPS's below-normal client priority (pd32mps50low);
+        # *keepl2: the decode's streamed weights and KV at L2's normal priority (TANDEM_STREAM_EVICT_FIRST=0)
+        tree=. mps="" share="" low="" keep=""
+        case $s in *keepl2) keep=1 s=${s%keepl2} ;; esac
         case $s in pd32landed) tree=.baseline ;; esac
         case $s in *mps*) rest=${s##*mps} share=${rest%%[a-z]*} low=${rest#"$share"} ;; esac
         case $low in "" | low | plow) ;; *) echo "unknown step $s" && status=1 && continue ;; esac
@@ -142,11 +144,11 @@ for s in $STEPS; do
         pd | pdmps*) name=compare_pd_c8 load="--num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16" ;;
         *) name=compare_pd_c32 load="--num-prompts 64 --max-concurrency 32 --cuda-graph-max-bs 32" ;;
         esac
-        name=$name${mps:+_mps}${share:+_decode_sm$share}${low:+_${role}_low_priority}
+        name=$name${mps:+_mps}${share:+_decode_sm$share}${low:+_${role}_low_priority}${keep:+_l2_normal}
         [ "$tree" = .baseline ] && name=${name}_landed
         # the landed tree runs this tree's bench drivers (their flags); its engine and workers stay the landed ones
         [ "$tree" = .baseline ] && [ -d .baseline ] && cp bench/*.py .baseline/bench/
-        [ -d "$tree" ] && step "07_$name" "$(left 300)" env TANDEM_TIMELINE=1 PYTHONPATH="$PWD/$tree:$SITE" bash -c \
+        [ -d "$tree" ] && step "07_$name" "$(left 300)" env TANDEM_TIMELINE=1 ${keep:+TANDEM_STREAM_EVICT_FIRST=0} PYTHONPATH="$PWD/$tree:$SITE" bash -c \
             "cd $tree && python3 -m bench.compare_pd --device cuda --setups \${PD_SETUPS:-1p1d} $mps \
             --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
             $load ${PD_ARGS:-} --output-json $OUT_SAVED/$name.json \
