@@ -3,6 +3,7 @@
 #   prefill    bench.prefill_step --profile: a 4096-token prefill forward against the bf16 matmul rate
 #   decode     bench.decode_step --profile: the decode step against its floor, kernels per step
 #   landed     the same decode step on the landed tree carried as .baseline (same call, same card)
+#   kernels    bench.kernels_gpu --quick: MLA decode at 16 and 128 heads against copy_ and the matmul rate, MoE GEMMs
 #   tests      GPU tests of CUDA graphs, fused decode ops and FP8 (TESTS_K narrows them)
 #   flashmla   MLA decode tiles with FlashMLA beside Triton (when a FlashMLA extension is carried, or built by
 #              scripts/build_flashmla.sh from .gpu_carry/flashmla_src.tar.gz, never committed; the build starts
@@ -107,6 +108,7 @@ for s in $STEPS; do
         --out "$OUT_SAVED/decode_step_gpu.json" ;;
     landed) [ -d .baseline ] && step 03_decode_step_landed "$(left 75)" env PYTHONPATH="$PWD/.baseline:$SITE" \
         bash -c "cd .baseline && python3 -m bench.decode_step $DS --out $OUT_SAVED/decode_step_gpu_landed.json" ;;
+    kernels) step 04_kernels_gpu "$(left 150)" python3 -m bench.kernels_gpu --quick --out "$OUT_SAVED/kernels_gpu.json" ;;
     tests) step 04_pytest_gpu "$(left ${TESTS_LIMIT:-240})" python3 -m pytest -q -s -p no:cacheprovider -rf --tb=line \
         -m gpu tests/test_cuda_graph.py tests/test_kernels_decode_fused.py tests/test_fp8_gpu.py \
         tests/test_kernels_gpu.py ${TESTS_K:+-k "$TESTS_K"} ;;
