@@ -60,6 +60,8 @@ def _worker_flags(args: argparse.Namespace, port: int) -> list[str]:
         "--max-total-tokens", str(max(65536, 2 * context * args.max_concurrency)),
         "--log-level", "warning",
     ]  # fmt: skip
+    if args.max_prefill_tokens:
+        flags += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
     return flags
 
 
@@ -70,6 +72,16 @@ def _graph_flags(args: argparse.Namespace) -> list[str]:
 
 def _router_flags(port: int) -> list[str]:
     return ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    """The flags ``_worker_flags`` and ``_graph_flags`` read (every bench that calls ``start_setup`` takes them)."""
+    p.add_argument("--transfer-backend", choices=["nixl", "mooncake"], default="nixl")
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--cuda-graph-max-bs", type=int, default=0, help="decode workers' CUDA graphs (GPU); 0: eager")
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="the workers' tokens per prefill forward (default: the workers' own)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (CPU)")
 
 
 def add_gpu_sharing_args(p: argparse.ArgumentParser) -> None:
@@ -249,10 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded tiny model)")
     p.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
-    p.add_argument("--transfer-backend", choices=["nixl", "mooncake"], default="nixl")
-    p.add_argument("--page-size", type=int, default=64)
-    p.add_argument("--cuda-graph-max-bs", type=int, default=0, help="decode workers' CUDA graphs (GPU); 0: eager")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (CPU)")
+    add_worker_args(p)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-duration-s", type=float, default=300.0, help="per setup")
     p.add_argument("--output-json", default=None, help="default bench/results/compare_pd_<device>.json")

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.compare_pd import add_gpu_sharing_args, sharing_env, start_setup, warm_up
+from bench.compare_pd import add_gpu_sharing_args, add_worker_args, sharing_env, start_setup, warm_up
 from bench.decode_alone import tiny_model_with_context
 from bench.pd_servers import ServerGroup, cpu_worker_env, get_json, wait_idle
 from bench.pd_timeline import parse
@@ -225,10 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--model", default=None, help="checkpoint dir (default: the tiny model, context raised)")
     p.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
-    p.add_argument("--transfer-backend", choices=["nixl", "mooncake"], default="nixl")
-    p.add_argument("--page-size", type=int, default=64)
-    p.add_argument("--cuda-graph-max-bs", type=int, default=0, help="decode worker's CUDA graphs (GPU); 0: eager")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (CPU)")
+    add_worker_args(p)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-duration-s", type=float, default=600.0)
     p.add_argument("--output-json", default=None, help="default bench/results/host_path_<device>.json")

@@ -10,6 +10,7 @@
 #              in the background at once and its flash_mla_dense.so comes back to be carried next time)
 #   tunemla    bench.tune_gpu --only mla16: the 16-head paged MLA decode's tiles, warps, stages and every split
 #              count around the default (what sets the programs per SM when the KV read is the bound)
+#   prefillbig the forward at 4096, 2x4096 and 4x4096 tokens (a prefill batch's size against its rate)
 #   prefillfp8 prefill with FP8 weights under TANDEM_FP8_GEMM=auto (DeepGEMM's dense GEMMs from 1024 rows where
 #              the deepgemm step built it earlier in the call, else cuBLAS) and again under cublas
 #   ncufp8     tests/fp8_moe_one_token.py --sweep --dense: one layer's masked W8A16 expert launches and its dense
@@ -52,7 +53,8 @@
 #              concurrency 32; pd32landed: pd32 on the landed tree carried as .baseline (same call, same card);
 #              pdmps / pd32mps: the same under a private CUDA MPS daemon (MPS_ARGS adds); pdmpsN / pd32mpsN: with
 #              the decode instance capped at N % of the SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE); pdmpslow /
-#              pd32mpslow: the decode at MPS's below-normal client priority (CUDA_MPS_CLIENT_PRIORITY=1)
+#              pd32mpslow: the decode at MPS's below-normal client priority (CUDA_MPS_CLIENT_PRIORITY=1);
+#              pd32mps50@big: the same step again with $PD_ARGS_big added, named *_big
 # Carry .gpu_bundle, optionally .baseline and .gpu_carry. Everything written under $OUT comes back packed as
 # $OUT/results.tgz (a call returns at most 8 files); the caller's console log stays beside it.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
@@ -86,9 +88,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 [[ " $STEPS " == *" flashmla "* || -f .gpu_carry/flash_mla_dense.so ]] && flashmla_start "$OUT_SAVED" "$OUT"
 DS="--device cuda --model-config v2-lite --load-format dummy --batch-sizes 1,8,64 --context 1024"
 for s in $STEPS; do
+    # step@LABEL: a pd step again with $PD_ARGS_LABEL added, its results named with _LABEL
+    label="" && case $s in *@*) label=${s#*@} s=${s%@*} ;; esac
+    label_args=$([ -n "$label" ] && eval "echo \${PD_ARGS_$label:-}")
     case $s in
     prefill) step 01_prefill_step "$(left 120)" python3 -m bench.prefill_step --device cuda --model-config v2-lite \
         --seq-lens 4096,4x1024 --profile --out "$OUT_SAVED/prefill_step_gpu.json" ;;
+    prefillbig) step 01_prefill_step_big "$(left 120)" python3 -m bench.prefill_step --device cuda --model-config \
+        v2-lite --seq-lens 4096,2x4096,4x4096 --out "$OUT_SAVED/prefill_step_gpu_big.json" ;;
     prefillfp8) step 01_prefill_step_fp8 "$(left 120)" python3 -m bench.prefill_step --device cuda --model-config \
         v2-lite --quantization fp8 --seq-lens 4096,4x1024 --profile --out "$OUT_SAVED/prefill_step_gpu_fp8.json"
         step 01_prefill_step_fp8_cublas "$(left 120)" env TANDEM_FP8_GEMM=cublas python3 -m bench.prefill_step \
@@ -146,14 +153,14 @@ for s in $STEPS; do
         pd | pdmps*) name=compare_pd_c8 load="--num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16" ;;
         *) name=compare_pd_c32 load="--num-prompts 64 --max-concurrency 32 --cuda-graph-max-bs 32" ;;
         esac
-        name=$name${mps:+_mps}${share:+_decode_sm$share}${low:+_${role}_low_priority}${keep:+_l2_normal}
+        name=$name${mps:+_mps}${share:+_decode_sm$share}${low:+_${role}_low_priority}${keep:+_l2_normal}${label:+_$label}
         [ "$tree" = .baseline ] && name=${name}_landed
         # the landed tree runs this tree's bench drivers (their flags); its engine and workers stay the landed ones
         [ "$tree" = .baseline ] && [ -d .baseline ] && cp bench/*.py .baseline/bench/
         [ -d "$tree" ] && step "07_$name" "$(left 300)" env TANDEM_TIMELINE=1 ${keep:+TANDEM_STREAM_EVICT_FIRST=0} PYTHONPATH="$PWD/$tree:$SITE" bash -c \
             "cd $tree && python3 -m bench.compare_pd --device cuda --setups \${PD_SETUPS:-1p1d} $mps \
             --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
-            $load ${PD_ARGS:-} --output-json $OUT_SAVED/$name.json \
+            $load ${PD_ARGS:-} $label_args --output-json $OUT_SAVED/$name.json \
             --log-dir $OUT_SAVED/${name}_logs --disable-tqdm && python3 -m bench.pd_timeline \
             $OUT_SAVED/${name}_logs/1p1d --json $OUT_SAVED/${name}_timeline.json --bench-json $OUT_SAVED/$name.json" ;;
     spy) step 09_decode_alone_pyspy "$(left 200)" py-spy record --subprocesses --nonblocking --format raw -r 100 \
