@@ -51,6 +51,8 @@
 #   pd         bench.compare_pd 1P1D (PD_SETUPS=1p1d,colocated for both), V2-Lite 4096 in / 100 out, 32 prompts at
 #              concurrency 8 (PD_ARGS adds), timeline on (bench.pd_timeline joins it); pd32: 64 prompts at
 #              concurrency 32; pd32landed: pd32 on the landed tree carried as .baseline (same call, same card);
+#              pdissuebase / pd32issuebase: c8 / c32 on the tree issue 15 was filed against (its 313 tok/s at c8
+#              on an H200), carried as .issue_base (`git archive 69f5b33`);
 #              pdmps / pd32mps: the same under a private CUDA MPS daemon (MPS_ARGS adds); pdmpsN / pd32mpsN: with
 #              the decode instance capped at N % of the SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE); pdmpslow /
 #              pd32mpslow: the decode at MPS's below-normal client priority (CUDA_MPS_CLIENT_PRIORITY=1);
@@ -138,25 +140,26 @@ for s in $STEPS; do
     fp8stepact)  # the same with FP8 activations at every size (DeepSeek's recipe), beside fp8step's W8A16 decode
         step 06_decode_step_fp8_act "$(left 90)" env TANDEM_FP8_ACT=fp8 python3 -m bench.decode_step $DS \
         --quantization fp8 --profile --out "$OUT_SAVED/decode_step_gpu_fp8_act.json" ;;
-    pd | pd32 | pd32landed | pd*keepl2 | pdmps* | pd32mps*)
-        # c8: the issue's setup; c32: 64 prompts; *landed: on .baseline; after mps, N: the decode capped at N % of
+    pd | pd32 | pd32landed | pdissuebase | pd32issuebase | pd*keepl2 | pdmps* | pd32mps*)
+        # c8: the issue's setup; c32: 64 prompts; *landed: on .baseline; *issuebase: on .issue_base; after mps, N: the decode capped at N % of
         # the SMs; low / plow: the decode / the prefill at MPS's below-normal client priority (pd32mps50low);
         # *keepl2: the decode's streamed weights and KV at L2's normal priority (TANDEM_STREAM_EVICT_FIRST=0)
         tree=. mps="" share="" low="" keep=""
         case $s in *keepl2) keep=1 s=${s%keepl2} ;; esac
-        case $s in pd32landed) tree=.baseline ;; esac
+        case $s in pd32landed) tree=.baseline ;; *issuebase) tree=.issue_base ;; esac
         case $s in *mps*) rest=${s##*mps} share=${rest%%[a-z]*} low=${rest#"$share"} ;; esac
         case $low in "" | low | plow) ;; *) echo "unknown step $s" && status=1 && continue ;; esac
         role=$([ "$low" = plow ] && echo prefill || echo decode)
         case $s in *mps*) mps="--mps ${MPS_ARGS:-}${share:+ --mps-decode-sm $share}${low:+ --mps-low-priority $role}" ;; esac
         case $s in
-        pd | pdmps*) name=compare_pd_c8 load="--num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16" ;;
+        pd | pdmps* | pdissuebase) name=compare_pd_c8 load="--num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16" ;;
         *) name=compare_pd_c32 load="--num-prompts 64 --max-concurrency 32 --cuda-graph-max-bs 32" ;;
         esac
         name=$name${mps:+_mps}${share:+_decode_sm$share}${low:+_${role}_low_priority}${keep:+_l2_normal}${label:+_$label}
         [ "$tree" = .baseline ] && name=${name}_landed
-        # the landed tree runs this tree's bench drivers (their flags); its engine and workers stay the landed ones
-        [ "$tree" = .baseline ] && [ -d .baseline ] && cp bench/*.py .baseline/bench/
+        [ "$tree" = .issue_base ] && name=${name}_issue_base
+        # an older tree runs this tree's bench drivers (their flags); its engine and workers stay its own
+        [ "$tree" != . ] && [ -d "$tree" ] && cp bench/*.py "$tree/bench/"
         [ -d "$tree" ] && step "07_$name" "$(left 300)" env TANDEM_TIMELINE=1 ${keep:+TANDEM_STREAM_EVICT_FIRST=0} PYTHONPATH="$PWD/$tree:$SITE" bash -c \
             "cd $tree && python3 -m bench.compare_pd --device cuda --setups \${PD_SETUPS:-1p1d} $mps \
             --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
