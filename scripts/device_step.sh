@@ -62,13 +62,14 @@
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
 # What the open issues still owe, most needed first (a step past BUDGET is cut short, so the order matters).
 # Carry .gpu_bundle, .gpu_carry (scripts/make_deepgemm_carry.sh and scripts/make_flashmla_carry.sh write it; a
-# flash_mla_dense.so that came back from an earlier call skips FlashMLA's build) and .baseline (the landed tree,
-# `git archive 01b6185`). GPU starts are scarce: carry a committed snapshot (`git archive HEAD` into an ignored
-# folder, run from there) so work in progress in the checkout never rides along.
-#   call 1: STEPS="pdmps pd32landed pd32mps50 pd32mpslow gemm gemm2" GEMM_ARGS="--grouped-only --tokens 4096" on an H200
-#     where one is lent (the c8 goal was set on an H200; no session has had one since; the H100 gives 570-575);
-#     the grouped GEMMs' masked layout is now also timed beside torch's bmm (bf16_torch), not yet run on a GPU
-#   call 2: STEPS="decode fp8vsbf16 prefill" (the decode step and prefill with this tree's changes)
+# flash_mla_dense.so that came back from an earlier call skips FlashMLA's build), .baseline (`git archive
+# 01b6185`) and .issue_base (`git archive 69f5b33`, the tree issue 15 was filed against). GPU starts are scarce:
+# carry a committed snapshot (`git archive HEAD` into an ignored folder, run from there) so work in progress in
+# the checkout never rides along.
+#   call 1, on an H200 where one is lent (the c8 goal, 626 tok/s, is 2x an H200's 313; the H100 gives 543-582
+#     against its own 297 for the base tree): STEPS="pdissuebase pdmps pdmps50@big pd32issuebase pd32mps50@big
+#     pd32mps50 pd32landed" PD_ARGS_big="--max-prefill-tokens 16384"
+#   call 2: STEPS="decode fp8vsbf16 prefill tests" TESTS_K="keeps_the_dequantized or greedy_tokens_equal"
 #   A warm machine's idle time counts against the budget: chain the calls, then give it back at once.
 set -uo pipefail
 cd "$(dirname "$0")/.."
