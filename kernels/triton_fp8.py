@@ -27,7 +27,7 @@ import triton.language as tl
 from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize, quantizes_activations, scale_shape
 from kernels.fp8_cublas import fp8_linear_cublas, use_cublas
 from kernels.fp8_deepgemm import fp8_linear_deepgemm, use_deepgemm
-from kernels.triton_grid import grouped_tile, stream_eviction
+from kernels.triton_grid import grouped_tile
 
 # Hopper's FP8 MMA adds its products at less than fp32 precision; Triton promotes the partial sum into an
 # fp32 register every PROMOTE_K products (a K block of 128 is DeepSeek's recipe; 32 is one wgmma, the
@@ -206,7 +206,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
                      NUM_KB: tl.constexpr, KB_PER_SPLIT: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, A_MODE: tl.constexpr, PROMOTE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, B_EVICTION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     # Split-K: program_id(1) takes K blocks [split * KB_PER_SPLIT, ...) and writes an fp32 partial to
     # slice `split` of c (summed by the caller). One split: the whole K, straight to the output.
@@ -236,7 +236,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
         k_left = tl.where(kb < NUM_KB, K - kb * BLOCK_K, 0)
         k_mask = offs_k < k_left
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0, eviction_policy=B_EVICTION)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         b_s = tl.load(bs_ptrs + kb, mask=n_mask & (offs_n * 0 < k_left), other=0.0)
         if A_MODE == 2:  # W8A16: the weight tile in the activation dtype, only its scale to apply
             acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION) * b_s[None, :]
@@ -329,8 +329,8 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         A_MODE=A_W8A16 if w8a16 else (A_QUANTIZE if xs is None else A_FP8), PROMOTE=_promote_every(block_size),
-        DOT_PRECISION=dot_precision(xq.dtype), B_EVICTION=stream_eviction(triton.cdiv(m, cfg.block_m)),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=dot_precision(xq.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
     if split_k == 1:
         return out[0]

@@ -40,7 +40,7 @@ from kernels.triton_fp8 import (
     dot_precision,
     quantize_fp8_act_triton,
 )
-from kernels.triton_grid import grouped_tile, masked_expert, stream_eviction
+from kernels.triton_grid import grouped_tile, masked_expert
 from kernels.triton_moe import ExpertSort, combine_slots, sort_by_expert
 
 # A decode-size tile set by hand for a GPU the defaults were not measured on (tests/fp8_moe_one_token.py --sweep
@@ -81,8 +81,7 @@ def _launch_configs(rows_per_expert: int, config: Fp8GemmConfig | None,
 @triton.jit
 def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_scale_row, stride_bn,
                 stride_bsn, NUM_KB: tl.constexpr, GATED: tl.constexpr, W8A16: tl.constexpr, PROMOTE: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                B_EVICTION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The gate (or only) and up accumulators of one output tile over ``NUM_KB`` 128-wide K blocks."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -92,7 +91,7 @@ def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_col
     for kb in range(0, NUM_KB):
         k_mask = offs_k < k_dim - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0, eviction_policy=B_EVICTION)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
         if W8A16:  # a in the model dtype: the weight tile converted to it, only the weight's scale applies
             acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION) * b_s[None, :]
@@ -102,8 +101,7 @@ def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_col
         if GATED:
             # w13 holds the gate rows then the up rows: the up partner of column n is row n_cols + n, and its
             # scales start at block row up_scale_row (the gate half's block rows, ceil-divided).
-            b_up = tl.load(b_ptrs + n_cols * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0,
-                           eviction_policy=B_EVICTION)
+            b_up = tl.load(b_ptrs + n_cols * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             bs_up = tl.load(bs_ptrs + up_scale_row * stride_bsn + kb, mask=n_mask, other=0.0)
             if W8A16:
                 acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PRECISION) * bs_up[None, :]
@@ -126,7 +124,7 @@ def _fp8_moe_gemm_kernel(
     GATED: tl.constexpr,
     MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, W8A16: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr, ACTIVE: tl.constexpr, B_EVICTION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr, ACTIVE: tl.constexpr,
 ):
     # EXTRA (masked layout, W8A16 only): grid column `num_experts` runs one more "expert" with its own operands
     # (x_*: activation [capacity, x_k] whose rows are all valid, FP8 weight [x_n (x2 if GATED), x_k] and its
@@ -217,11 +215,11 @@ def _fp8_moe_gemm_kernel(
     if is_extra:  # its K (the shared experts' width, for the down projection) has its own trip count
         acc, acc_up = _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_row,
                                   b_stride, bs_stride, NUM_KB_X, GATED, W8A16, PROMOTE, DOT_PRECISION, BLOCK_M,
-                                  BLOCK_N, BLOCK_K, B_EVICTION)
+                                  BLOCK_N, BLOCK_K)
     else:
         acc, acc_up = _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_row,
                                   b_stride, bs_stride, NUM_KB, GATED, W8A16, PROMOTE, DOT_PRECISION, BLOCK_M,
-                                  BLOCK_N, BLOCK_K, B_EVICTION)
+                                  BLOCK_N, BLOCK_K)
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     tl.store(c_base + c_rows[:, None] * c_stride + cols[None, :], acc.to(c_ptr.dtype.element_ty),
@@ -267,7 +265,7 @@ def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tens
         A_ROW_DIV=a_row_div, GATED=gated,
         MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
         GROUP_M=cfg.group_m, PROMOTE=_promote_every(block_size), W8A16=a_s is None,
-        DOT_PRECISION=dot_precision(aq.dtype), EXTRA=False, ACTIVE=False, B_EVICTION="", num_warps=cfg.num_warps,
+        DOT_PRECISION=dot_precision(aq.dtype), EXTRA=False, ACTIVE=False, num_warps=cfg.num_warps,
         num_stages=stages,
     ), (cfg, gated, a_s is None, False), cfg.num_stages)  # fmt: skip
 
@@ -364,8 +362,7 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
         GATED=gated, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
-        EXTRA=extra is not None, ACTIVE=active is not None,
-        B_EVICTION=stream_eviction(triton.cdiv(capacity, cfg.block_m)), num_warps=cfg.num_warps, num_stages=stages,
+        EXTRA=extra is not None, ACTIVE=active is not None, num_warps=cfg.num_warps, num_stages=stages,
     ), (cfg, gated, a_s is None, extra is not None), cfg.num_stages)  # fmt: skip
 
 

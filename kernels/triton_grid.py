@@ -1,27 +1,10 @@
 """Where a program of the grouped GEMM kernels works, shared by the bf16 expert GEMMs (``kernels.triton_moe``)
-and the FP8 dense and expert GEMMs (``kernels.triton_fp8``, ``kernels.triton_fp8_moe``); and how those and the
-MLA decode (``kernels.triton_mla_decode``) mark what they stream through L2."""
+and the FP8 dense and expert GEMMs (``kernels.triton_fp8``, ``kernels.triton_fp8_moe``)."""
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
-
-# "0" keeps streamed weights at L2's normal priority (the A/B of what the hint buys beside a prefill)
-STREAM_EVICT_FIRST_ENV = "TANDEM_STREAM_EVICT_FIRST"
-
-
-def stream_eviction(passes: int) -> str:
-    """The L2 eviction policy of an operand a launch reads ``passes`` times (the decode layouts' weights and KV:
-    once). Read once, it is marked to leave L2 first: a decode step streams every expert's weights through L2
-    (tens of GB a step at V2-Lite's batch 32), and at the normal priority that stream pushes out the lines a
-    prefill's GEMMs on the same GPU reuse (1P1D sharing one GPU under MPS). Read more than once (row tiles
-    sharing a weight tile), it keeps the normal priority the reuse needs."""
-    if passes != 1 or os.environ.get(STREAM_EVICT_FIRST_ENV, "1") == "0":
-        return ""
-    return "evict_first"
 
 
 @triton.jit

@@ -31,7 +31,6 @@ import triton
 import triton.language as tl
 
 from kernels.flashmla_decode import flashmla_runs, mla_decode_attention_flashmla
-from kernels.triton_grid import stream_eviction
 
 _LOG2E = 1.4426950408889634
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -72,7 +71,6 @@ def _mla_decode_split_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DEQUANT: tl.constexpr,
-    KV_EVICTION: tl.constexpr,
 ):
     head_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -112,14 +110,12 @@ def _mla_decode_split_kernel(
         page = tl.load(page_table_ptr + b * stride_pt_b + pos // PAGE_SIZE, mask=tok_mask, other=0)
         row = page.to(tl.int64) * stride_kv_page + (pos % PAGE_SIZE) * stride_kv_tok
         c = tl.load(
-            kv_ptr + row[:, None] + offs_c[None, :], mask=tok_mask[:, None] & c_mask[None, :], other=0.0,
-            eviction_policy=KV_EVICTION,
+            kv_ptr + row[:, None] + offs_c[None, :], mask=tok_mask[:, None] & c_mask[None, :], other=0.0
         )
         k_pe = tl.load(
             kv_ptr + row[:, None] + LORA + offs_r[None, :],
             mask=tok_mask[:, None] & r_mask[None, :],
             other=0.0,
-            eviction_policy=KV_EVICTION,
         )
         if DEQUANT:  # an FP8 cache: dequantize the tile in registers, into q's dtype
             c = (c.to(tl.float32) * kv_scale).to(q.dtype)
@@ -352,7 +348,6 @@ def mla_decode_attention_triton(
         NUM_SPLITS=splits,
         DOT_PRECISION=precision,
         DEQUANT=dequant,
-        KV_EVICTION=stream_eviction(grid[0]),  # each head block reads the sequence's KV once
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from kernels.backend import check_expert_range, check_masked_layout
 from kernels.triton_decode_fused import moe_combine_triton, silu_mul_triton
-from kernels.triton_grid import grouped_tile, masked_expert, stream_eviction
+from kernels.triton_grid import grouped_tile, masked_expert
 
 
 @triton.jit
@@ -73,7 +73,6 @@ def _moe_gemm_kernel(
     DOT_PRECISION: tl.constexpr,
     EXTRA: tl.constexpr,
     ACTIVE: tl.constexpr,
-    B_EVICTION: tl.constexpr,
 ):
     # EXTRA (masked layout only): grid column `num_experts` runs one more "expert" with its own operands
     # (x_*: activation [capacity, x_k] whose rows are all valid, weight [x_n (x2 if GATED), x_k], output
@@ -154,12 +153,11 @@ def _moe_gemm_kernel(
     for k0 in range(0, tl.cdiv(k_dim, BLOCK_K)):
         k_mask = offs_k < k_dim - k0 * BLOCK_K
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0, eviction_policy=B_EVICTION)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
             # w13 holds the gate rows then the up rows: the up partner of column n is row N + n.
-            b_up = tl.load(b_ptrs + n_cols * b_stride, mask=k_mask[:, None] & n_mask[None, :], other=0.0,
-                           eviction_policy=B_EVICTION)
+            b_up = tl.load(b_ptrs + n_cols * b_stride, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -299,8 +297,8 @@ def _launch_contiguous(
         w.shape[0], a, w, out, 0, 0, 0, 0, 0, n, sort.rows_padded, 0,
         A_ROW_DIV=a_row_div, GATED=gated, MASKED=False, ZERO_TAIL=False,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        DOT_PRECISION=_dot_precision(a.dtype), EXTRA=False, ACTIVE=False, B_EVICTION="",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=_dot_precision(a.dtype), EXTRA=False, ACTIVE=False, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
@@ -462,7 +460,6 @@ def _launch_masked(
         A_ROW_DIV=1, GATED=gated, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         DOT_PRECISION=_dot_precision(a.dtype), EXTRA=extra is not None, ACTIVE=active is not None,
-        B_EVICTION=stream_eviction(triton.cdiv(capacity, cfg.block_m)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 

@@ -141,12 +141,10 @@ for s in $STEPS; do
     fp8stepact)  # the same with FP8 activations at every size (DeepSeek's recipe), beside fp8step's W8A16 decode
         step 06_decode_step_fp8_act "$(left 90)" env TANDEM_FP8_ACT=fp8 python3 -m bench.decode_step $DS \
         --quantization fp8 --profile --out "$OUT_SAVED/decode_step_gpu_fp8_act.json" ;;
-    pd | pd32 | pd32landed | pdissuebase | pd32issuebase | pd*keepl2 | pdmps* | pd32mps*)
+    pd | pd32 | pd32landed | pdissuebase | pd32issuebase | pdmps* | pd32mps*)
         # c8: the issue's setup; c32: 64 prompts; *landed: on .baseline; *issuebase: on .issue_base; after mps, N: the decode capped at N % of
-        # the SMs; low / plow: the decode / the prefill at MPS's below-normal client priority (pd32mps50low);
-        # *keepl2: the decode's streamed weights and KV at L2's normal priority (TANDEM_STREAM_EVICT_FIRST=0)
-        tree=. mps="" share="" low="" keep=""
-        case $s in *keepl2) keep=1 s=${s%keepl2} ;; esac
+        # the SMs; low / plow: the decode / the prefill at MPS's below-normal client priority (pd32mps50low)
+        tree=. mps="" share="" low=""
         case $s in pd32landed) tree=.baseline ;; *issuebase) tree=.issue_base ;; esac
         case $s in *mps*) rest=${s##*mps} share=${rest%%[a-z]*} low=${rest#"$share"} ;; esac
         case $low in "" | low | plow) ;; *) echo "unknown step $s" && status=1 && continue ;; esac
@@ -156,12 +154,12 @@ for s in $STEPS; do
         pd | pdmps* | pdissuebase) name=compare_pd_c8 load="--num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16" ;;
         *) name=compare_pd_c32 load="--num-prompts 64 --max-concurrency 32 --cuda-graph-max-bs 32" ;;
         esac
-        name=$name${mps:+_mps}${share:+_decode_sm$share}${low:+_${role}_low_priority}${keep:+_l2_normal}${label:+_$label}
+        name=$name${mps:+_mps}${share:+_decode_sm$share}${low:+_${role}_low_priority}${label:+_$label}
         [ "$tree" = .baseline ] && name=${name}_landed
         [ "$tree" = .issue_base ] && name=${name}_issue_base
         # an older tree runs this tree's bench drivers (their flags); its engine and workers stay its own
         [ "$tree" != . ] && [ -d "$tree" ] && cp bench/*.py "$tree/bench/"
-        [ -d "$tree" ] && step "07_$name" "$(left 300)" env TANDEM_TIMELINE=1 ${keep:+TANDEM_STREAM_EVICT_FIRST=0} PYTHONPATH="$PWD/$tree:$SITE" bash -c \
+        [ -d "$tree" ] && step "07_$name" "$(left 300)" env TANDEM_TIMELINE=1 PYTHONPATH="$PWD/$tree:$SITE" bash -c \
             "cd $tree && python3 -m bench.compare_pd --device cuda --setups \${PD_SETUPS:-1p1d} $mps \
             --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
             $load ${PD_ARGS:-} $label_args --output-json $OUT_SAVED/$name.json \

@@ -283,14 +283,3 @@ def test_shared_experts_in_the_routed_launch_equal_the_separate_references_inter
     result = _interpreted(SHARED_CHECK)
     assert result["routed"] < 1e-4 and result["shared"] < 1e-4 and result["tail_zero"], result
     assert result["active_routed"] < 1e-4 and result["active_shared"] < 1e-4, result
-
-
-@needs_triton
-def test_an_operand_read_once_leaves_l2_first_and_a_reused_one_keeps_its_priority(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    from kernels.triton_grid import STREAM_EVICT_FIRST_ENV, stream_eviction
-
-    assert stream_eviction(1) == "evict_first"  # a decode step's weights: one row tile reads each once
-    assert stream_eviction(2) == ""  # two row tiles share each weight tile through L2
-    monkeypatch.setenv(STREAM_EVICT_FIRST_ENV, "0")
-    assert stream_eviction(1) == ""
