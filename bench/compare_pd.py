@@ -44,6 +44,7 @@ TABLE_ROWS: tuple[tuple[str, str, str | None, bool], ...] = (
     ("TTFT p99 (ms)", "ttft_ms", "p99", False),
     ("ITL p50 (ms)", "itl_ms", "p50", False),
     ("ITL p99 (ms)", "itl_ms", "p99", False),
+    ("ITL max (ms)", "itl_ms", "max", False),
     ("E2E p50 (ms)", "e2e_ms", "p50", False),
     ("throughput (req/s)", "request_throughput", None, True),
     ("output throughput (tok/s)", "output_throughput", None, True),

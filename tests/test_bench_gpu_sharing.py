@@ -39,7 +39,8 @@ def test_compare_pd_runs_the_setups_it_is_given_and_refuses_unknown_ones() -> No
 
 
 def test_the_comparison_table_leaves_a_missing_setup_as_n_a() -> None:
-    summary = {"ttft_ms": {"p50": 10.0, "p99": 20.0}, "itl_ms": {"p50": 1.0, "p99": 2.0}, "e2e_ms": {"p50": 30.0},
+    summary = {"ttft_ms": {"p50": 10.0, "p99": 20.0}, "itl_ms": {"p50": 1.0, "p99": 2.0, "max": 3.0},
+               "e2e_ms": {"p50": 30.0},
                "request_throughput": 5.0, "output_throughput": 50.0, "total_token_throughput": 500.0}
     rows = compare_pd.comparison_rows({"1p1d": {"summary": summary}})
     assert all(row["colocated"] is None and row["ratio_1p1d_over_colocated"] is None for row in rows)
