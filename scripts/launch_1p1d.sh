@@ -15,7 +15,9 @@
 # of time-slicing the GPU: 831 against 462 output tok/s at concurrency 32 on one H100, README "Serving"); 1
 # requires it, 0 goes without. TANDEM_DECODE_SM_PERCENT (1-100; under MPS) caps the decode worker's share of
 # the SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE): 50 gave 908 against 840-866 output tok/s at concurrency 32 on one
-# H100, the same at concurrency 8 (README "Serving").
+# H100, the same at concurrency 8 (README "Serving"). TANDEM_MAX_PREFILL_TOKENS: the prefill worker's tokens per
+# forward (its --max-prefill-tokens; default 8192): 16384 gave 952-970 against 895-911 at concurrency 32 beside
+# the decode at 50 %, the same at concurrency 8.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +37,9 @@ DECODE_SM="${TANDEM_DECODE_SM_PERCENT:-}"
 case "$DECODE_SM" in "" | [1-9] | [1-9][0-9] | 100) ;;
 *) echo "TANDEM_DECODE_SM_PERCENT must be 1-100, got '$DECODE_SM'" >&2; exit 2 ;;
 esac
+MAX_PREFILL="${TANDEM_MAX_PREFILL_TOKENS:-}"
+[[ -z "$MAX_PREFILL" || "$MAX_PREFILL" =~ ^[1-9][0-9]*$ ]] ||
+    { echo "TANDEM_MAX_PREFILL_TOKENS must be a positive integer, got '$MAX_PREFILL'" >&2; exit 2; }
 START_TIMEOUT_S=300
 
 # No RDMA NIC here: UCX over TCP loopback (its IB module can crash at exit otherwise, TRANSPORTS.md).
@@ -111,7 +116,8 @@ wait_healthy() {  # name url pid
 
 COMMON=(--model "$MODEL_DIR" --host 127.0.0.1 --device "$DEVICE" --transfer-backend "$BACKEND"
         --page-size 16 --max-total-tokens 16384 --log-level warning)
-start prefill python3 -m prefill_worker "${COMMON[@]}" --port "$PREFILL_PORT" --bootstrap-port "$BOOTSTRAP_PORT"
+start prefill python3 -m prefill_worker "${COMMON[@]}" --port "$PREFILL_PORT" --bootstrap-port "$BOOTSTRAP_PORT" \
+    ${MAX_PREFILL:+--max-prefill-tokens "$MAX_PREFILL"}
 DECODE_ENV=()  # the decode worker's SM cap, read by the MPS client in its process alone
 [ -n "$DECODE_SM" ] && DECODE_ENV=(env CUDA_MPS_ACTIVE_THREAD_PERCENTAGE="$DECODE_SM")
 start decode "${DECODE_ENV[@]}" python3 -m decode_worker "${COMMON[@]}" --port "$DECODE_PORT"
