@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m ruff check .
-python3 -m pytest -q tests
+# The slowest tests are listed last: CI has 20 minutes for setup and all of this.
+python3 -m pytest -q --durations=20 tests
