@@ -70,6 +70,8 @@
 #     against its own 297 for the base tree): STEPS="pdissuebase pdmps pdmps50@big pd32issuebase pd32mps50@big
 #     pd32mps50 pd32landed" PD_ARGS_big="--max-prefill-tokens 16384"
 #   call 2: STEPS="decode fp8vsbf16 prefill tests" TESTS_K="keeps_the_dequantized or greedy_tokens_equal"
+#   on an H100 instead: c8 is bound by 100 x ITL (10 ms mean beside prefill forwards, 8 alone): try the
+#     prefill capped, `pdmps@p70 pdmps@p50 pdmps` with PD_ARGS_p70="--mps-prefill-sm 70" PD_ARGS_p50=...
 #   A warm machine's idle time counts against the budget: chain the calls, then give it back at once.
 set -uo pipefail
 cd "$(dirname "$0")/.."
