@@ -144,8 +144,9 @@ for s in $STEPS; do
         step 06_decode_step_fp8_act "$(left 90)" env TANDEM_FP8_ACT=fp8 python3 -m bench.decode_step $DS \
         --quantization fp8 --profile --out "$OUT_SAVED/decode_step_gpu_fp8_act.json" ;;
     pd | pd32 | pd32landed | pdissuebase | pd32issuebase | pdmps* | pd32mps*)
-        # c8: the issue's setup; c32: 64 prompts; *landed: on .baseline; *issuebase: on .issue_base; after mps, N: the decode capped at N % of
-        # the SMs; low / plow: the decode / the prefill at MPS's below-normal client priority (pd32mps50low)
+        # c8: the issue's setup; c32: 64 prompts; *landed: on .baseline; *issuebase: on .issue_base; after mps,
+        # N: the decode capped at N % of the SMs; low / plow: the decode / the prefill at MPS's below-normal
+        # client priority (pd32mps50low)
         tree=. mps="" share="" low=""
         case $s in pd32landed) tree=.baseline ;; *issuebase) tree=.issue_base ;; esac
         case $s in *mps*) rest=${s##*mps} share=${rest%%[a-z]*} low=${rest#"$share"} ;; esac
