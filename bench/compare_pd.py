@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.gpu_mps import client_env, mps_daemon
+from bench.gpu_mps import client_env, gpu_names, mps_daemon
 from bench.pd_servers import Server, ServerGroup, cpu_worker_env, free_port, wait_healthy, wait_idle
 from bench.serving import BenchConfig, run_benchmark, run_or_exit
 
@@ -225,7 +225,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reports = {name: run_setup(name, args, vocab) for name in args.setups}
     rows = comparison_rows(reports)
     cfg = next(iter(reports.values()))["config"]
-    title = (f"1P1D vs colocated, {args.device}, model {Path(args.model).name}: in={args.input_len} "
+    gpus = gpu_names() if args.device == "cuda" else []
+    device = f"{args.device} ({', '.join(sorted(set(gpus)))})" if gpus else args.device
+    title = (f"1P1D vs colocated, {device}, model {Path(args.model).name}: in={args.input_len} "
              f"out={args.output_len} n={args.num_prompts} conc={cfg['max_concurrency']} "
              f"rate={cfg['request_rate'] or 'inf'}")  # fmt: skip
     json_path = Path(args.output_json or RESULTS_DIR / f"compare_pd_{args.device}.json")
@@ -233,7 +235,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "format_version": 1,
         "title": title,
-        "machine": {"node": platform.node(), "processor": platform.processor() or platform.machine()},
+        "machine": {"node": platform.node(), "processor": platform.processor() or platform.machine(),
+                    "gpus": gpus},
         "model": args.model,
         "device": args.device,
         "table": rows,

@@ -23,6 +23,19 @@ from pathlib import Path
 CONTROL = "nvidia-cuda-mps-control"
 
 
+def gpu_names() -> list[str]:
+    """The machine's GPUs by name, as nvidia-smi lists them (empty where it is absent or fails): a result file
+    names the card its numbers came from, not only its file name."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
 def mps_available() -> bool:
     return shutil.which(CONTROL) is not None
 

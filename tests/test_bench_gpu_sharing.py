@@ -61,3 +61,15 @@ def test_every_bench_that_starts_a_1p1d_setup_takes_the_flags_it_reads() -> None
         assert "--max-prefill-tokens" not in compare_pd._worker_flags(plain, 1)  # the workers' own default
         chunked = parser.parse_args([*argv, "--max-prefill-tokens", "16384"])
         assert compare_pd._worker_flags(chunked, 1)[-2:] == ["--max-prefill-tokens", "16384"]
+
+
+def test_a_result_names_the_gpus_nvidia_smi_lists_and_none_where_it_cannot(monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert gpu_mps.gpu_names() == []  # no nvidia-smi
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nprintf 'NVIDIA H200\\nNVIDIA H200\\n'\n")
+    smi.chmod(0o755)
+    assert gpu_mps.gpu_names() == ["NVIDIA H200", "NVIDIA H200"]
+    smi.write_text("#!/bin/sh\nexit 9\n")
+    assert gpu_mps.gpu_names() == []
