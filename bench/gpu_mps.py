@@ -25,7 +25,8 @@ CONTROL = "nvidia-cuda-mps-control"
 
 def gpu_names() -> list[str]:
     """The machine's GPUs by name, as nvidia-smi lists them (empty where it is absent or fails): a result file
-    names the card its numbers came from, not only its file name."""
+    names the card its numbers came from, not only its file name. nvidia-smi, not torch: the benchmark's client
+    process would otherwise open a CUDA context of its own on the GPU its servers share."""
     if shutil.which("nvidia-smi") is None:
         return []
     try:

@@ -56,8 +56,8 @@ def test_every_bench_that_starts_a_1p1d_setup_takes_the_flags_it_reads() -> None
         args = parser.parse_args([*argv, "--mps", "--mps-prefill-sm", "60", "--mps-decode-sm", "40",
                                   "--mps-low-priority", "decode"])
         assert (args.mps, args.mps_prefill_sm, args.mps_decode_sm, args.mps_low_priority) == (True, 60, 40, "decode")
-        assert parser.parse_args(argv).mps is False
         plain = parser.parse_args(argv)
+        assert plain.mps is False
         assert "--max-prefill-tokens" not in compare_pd._worker_flags(plain, 1)  # the workers' own default
         chunked = parser.parse_args([*argv, "--max-prefill-tokens", "16384"])
         assert compare_pd._worker_flags(chunked, 1)[-2:] == ["--max-prefill-tokens", "16384"]
