@@ -155,13 +155,15 @@ def quantize_fp8_act_triton(x: torch.Tensor, group_size: int = BLOCK, counts: to
 
 @dataclass(frozen=True)
 class Fp8GemmConfig:
-    """Tile shape of one FP8 GEMM launch. BLOCK_K is the quantization block (one scale per K step)."""
+    """Tile shape of one FP8 GEMM launch. BLOCK_K is the quantization block (one scale per K block);
+    ``kb_step`` K blocks are loaded an iteration (the grouped kernels only)."""
 
     block_m: int
     block_n: int
     group_m: int
     num_warps: int
     num_stages: int
+    kb_step: int = 1
 
 
 # A decode-size tile set by hand for a GPU the defaults were not measured on (tests/fp8_moe_one_token.py

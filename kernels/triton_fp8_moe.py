@@ -44,7 +44,8 @@ from kernels.triton_grid import grouped_tile, masked_expert
 from kernels.triton_moe import ExpertSort, combine_slots, sort_by_expert
 
 # A decode-size tile set by hand for a GPU the defaults were not measured on (tests/fp8_moe_one_token.py --sweep
-# prints the best in this form): "BLOCK_N,WARPS,STAGES" for the masked launches of <= 16 rows per expert.
+# prints the best in this form): "BLOCK_N,WARPS,STAGES[,KB_STEP]" for the masked launches of <= 16 rows per
+# expert.
 MOE_DECODE_TILE_ENV = "TANDEM_FP8_MOE_DECODE_TILE"
 
 
@@ -63,7 +64,8 @@ def grouped_gemm_config(rows_per_expert: int, gated: bool = True) -> Fp8GemmConf
     if rows_per_expert <= 16:
         tile = decode_tile_override(MOE_DECODE_TILE_ENV)
         if tile is not None:
-            return Fp8GemmConfig(block_m=16, block_n=tile[0], group_m=1, num_warps=tile[1], num_stages=tile[2])
+            return Fp8GemmConfig(block_m=16, block_n=tile[0], group_m=1, num_warps=tile[1], num_stages=tile[2],
+                                 kb_step=tile[3] if len(tile) > 3 else 1)
         return Fp8GemmConfig(block_m=16, block_n=32, group_m=1, num_warps=4, num_stages=3)
     if rows_per_expert <= 64:
         return Fp8GemmConfig(block_m=32, block_n=64, group_m=4, num_warps=4, num_stages=4)
@@ -81,34 +83,45 @@ def _launch_configs(rows_per_expert: int, config: Fp8GemmConfig | None,
 @triton.jit
 def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_scale_row, stride_bn,
                 stride_bsn, NUM_KB: tl.constexpr, GATED: tl.constexpr, W8A16: tl.constexpr, PROMOTE: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The gate (or only) and up accumulators of one output tile over ``NUM_KB`` 128-wide K blocks."""
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                KB_STEP: tl.constexpr):
+    """The gate (or only) and up accumulators of one output tile over ``NUM_KB`` 128-wide K blocks, ``KB_STEP``
+    of them an iteration (each with its own load and scale, so the sums are the same in the same order; more
+    bytes in flight a pipeline stage: one 128-wide FP8 block moves half a bf16 block's bytes)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # NUM_KB = cdiv(K, BLOCK_K), a compile-time constant (one variant per projection's K, a handful per
     # model): Triton 3.6's interpreter cannot loop to a runtime bound under numpy 2.
-    for kb in range(0, NUM_KB):
-        k_mask = offs_k < k_dim - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
-        if W8A16:  # a in the model dtype: the weight tile converted to it, only the weight's scale applies
-            acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION) * b_s[None, :]
-        else:
-            a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
-            acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
-        if GATED:
-            # w13 holds the gate rows then the up rows: the up partner of column n is row n_cols + n, and its
-            # scales start at block row up_scale_row (the gate half's block rows, ceil-divided).
-            b_up = tl.load(b_ptrs + n_cols * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            bs_up = tl.load(bs_ptrs + up_scale_row * stride_bsn + kb, mask=n_mask, other=0.0)
-            if W8A16:
-                acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PRECISION) * bs_up[None, :]
+    for step in range(0, (NUM_KB + KB_STEP - 1) // KB_STEP):
+        for j in tl.static_range(KB_STEP):
+            kb = step * KB_STEP + j
+            # Blocks past NUM_KB (the last step's tail when KB_STEP does not divide it) load nothing.
+            k_mask = offs_k < k_dim - kb * BLOCK_K
+            s_mask = n_mask
+            r_mask = row_mask
+            if NUM_KB % KB_STEP != 0:  # vectors compared, never a scalar ANDed in (Triton 3.9's interpreter)
+                s_mask = n_mask & (tl.full([BLOCK_N], kb, tl.int32) < NUM_KB)
+                r_mask = row_mask & (tl.full([BLOCK_M], kb, tl.int32) < NUM_KB)
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            b_s = tl.load(bs_ptrs + kb, mask=s_mask, other=0.0)
+            if W8A16:  # a in the model dtype: the weight tile converted to it, only the weight's scale applies
+                acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION) * b_s[None, :]
             else:
-                acc_up += tl.dot(a, b_up, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * bs_up[None, :]
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+                a_s = tl.load(as_ptrs + kb, mask=r_mask, other=0.0)
+                acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
+            if GATED:
+                # w13 holds the gate rows then the up rows: the up partner of column n is row n_cols + n, and
+                # its scales start at block row up_scale_row (the gate half's block rows, ceil-divided).
+                b_up = tl.load(b_ptrs + n_cols * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                bs_up = tl.load(bs_ptrs + up_scale_row * stride_bsn + kb, mask=s_mask, other=0.0)
+                if W8A16:
+                    acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PRECISION) * bs_up[None, :]
+                else:
+                    acc_up += tl.dot(a, b_up, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * bs_up[None, :]
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
     return acc, acc_up
 
 
@@ -124,7 +137,7 @@ def _fp8_moe_gemm_kernel(
     GATED: tl.constexpr,
     MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, W8A16: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr, ACTIVE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr, ACTIVE: tl.constexpr, KB_STEP: tl.constexpr,
 ):
     # EXTRA (masked layout, W8A16 only): grid column `num_experts` runs one more "expert" with its own operands
     # (x_*: activation [capacity, x_k] whose rows are all valid, FP8 weight [x_n (x2 if GATED), x_k] and its
@@ -215,11 +228,11 @@ def _fp8_moe_gemm_kernel(
     if is_extra:  # its K (the shared experts' width, for the down projection) has its own trip count
         acc, acc_up = _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_row,
                                   b_stride, bs_stride, NUM_KB_X, GATED, W8A16, PROMOTE, DOT_PRECISION, BLOCK_M,
-                                  BLOCK_N, BLOCK_K)
+                                  BLOCK_N, BLOCK_K, KB_STEP)
     else:
         acc, acc_up = _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_row,
                                   b_stride, bs_stride, NUM_KB, GATED, W8A16, PROMOTE, DOT_PRECISION, BLOCK_M,
-                                  BLOCK_N, BLOCK_K)
+                                  BLOCK_N, BLOCK_K, KB_STEP)
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     tl.store(c_base + c_rows[:, None] * c_stride + cols[None, :], acc.to(c_ptr.dtype.element_ty),
@@ -265,8 +278,8 @@ def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tens
         A_ROW_DIV=a_row_div, GATED=gated,
         MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
         GROUP_M=cfg.group_m, PROMOTE=_promote_every(block_size), W8A16=a_s is None,
-        DOT_PRECISION=dot_precision(aq.dtype), EXTRA=False, ACTIVE=False, num_warps=cfg.num_warps,
-        num_stages=stages,
+        DOT_PRECISION=dot_precision(aq.dtype), EXTRA=False, ACTIVE=False, KB_STEP=cfg.kb_step,
+        num_warps=cfg.num_warps, num_stages=stages,
     ), (cfg, gated, a_s is None, False), cfg.num_stages)  # fmt: skip
 
 
@@ -362,7 +375,8 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
         GATED=gated, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
-        EXTRA=extra is not None, ACTIVE=active is not None, num_warps=cfg.num_warps, num_stages=stages,
+        EXTRA=extra is not None, ACTIVE=active is not None, KB_STEP=cfg.kb_step, num_warps=cfg.num_warps,
+        num_stages=stages,
     ), (cfg, gated, a_s is None, extra is not None), cfg.num_stages)  # fmt: skip
 
 

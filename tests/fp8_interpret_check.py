@@ -109,7 +109,10 @@ def check_experts() -> None:
     ids[0, 0] = -1
     wts = torch.rand(tokens, top_k, generator=gen)
     ref = fp8.fp8_moe_forward(h, ids, wts, w13, w13_s, w2, w2_s)
-    for cfg in (None, tf.Fp8GemmConfig(16, 64, 1, 4, 2)):
+    # kb_step 2 and 3: K blocks loaded two or three an iteration, with a tail step past the last block (the
+    # down projection's K is two blocks, the gated one's two: 3 leaves one empty block a step).
+    for cfg in (None, tf.Fp8GemmConfig(16, 64, 1, 4, 2), tf.Fp8GemmConfig(16, 64, 1, 4, 2, kb_step=2),
+                tf.Fp8GemmConfig(16, 32, 1, 4, 2, kb_step=3)):
         out = tfm.fp8_moe_forward_triton(h, ids, wts, w13, w13_s, w2, w2_s, config=cfg)
         check(f"fp8_moe_forward {cfg}", rel(out, ref))
     # The down launch's own tile (its row tile is the gated one's: both walk the same padded rows).
@@ -128,6 +131,9 @@ def check_experts() -> None:
     out_d = tfm.fp8_moe_forward_masked_triton(xm, counts, w13, w13_s, w2, w2_s,
                                               down_config=tf.Fp8GemmConfig(32, 32, 1, 4, 2))
     check("fp8_moe_forward_masked down_config", rel(out_d, ref_m))
+    out_k = tfm.fp8_moe_forward_masked_triton(xm, counts, w13, w13_s, w2, w2_s,
+                                              config=tf.Fp8GemmConfig(16, 32, 1, 4, 2, kb_step=3))
+    check("fp8_moe_forward_masked kb_step 3", rel(out_k, ref_m))
     if not bool((out_m[0] == 0).all() and (out_m[1, 7:] == 0).all()):
         raise SystemExit("FAIL masked rows past the count are not zero")
 
@@ -145,6 +151,15 @@ def check_experts() -> None:
     out_r, out_s = tfm.fp8_moe_forward_masked_shared_triton(xm, counts, w13, w13_s, w2, w2_s, hid, *shared)
     check("fp8_moe_forward_masked_shared routed", rel(out_r, ref_r))
     check("fp8_moe_forward_masked_shared shared", rel(out_s, ref_s))
+    # Two K blocks an iteration through the decode tile override (the shared down projection's three blocks
+    # leave an empty one in its last step).
+    os.environ[tfm.MOE_DECODE_TILE_ENV] = "32,4,2,2"
+    try:
+        two_r, two_s = tfm.fp8_moe_forward_masked_shared_triton(xm, counts, w13, w13_s, w2, w2_s, hid, *shared)
+    finally:
+        del os.environ[tfm.MOE_DECODE_TILE_ENV]
+    check("fp8_moe_forward_masked_shared kb_step 2 routed", rel(two_r, ref_r))
+    check("fp8_moe_forward_masked_shared kb_step 2 shared", rel(two_s, ref_s))
     if not fp8.quantizes_activations(16):  # W8A16: the fused launches, also over the active experts alone
         from kernels.triton_decode_fused import active_experts_triton
 

@@ -11,8 +11,8 @@ q + kv_a, 3648 x 2048; o_proj, 2048 x 2048), 0.43 ms of that step at about a qua
 
 Each variant is captured in a CUDA graph (several layers' worth of launches, as the decode step replays them,
 so the graph's own launch is amortized) and timed against the bytes it must read (FP8 weights and scales)
-moved at the rate of a ``copy_`` timed beside it. ``--sweep`` tries tile widths, warps, pipeline stages and
-the active-expert grid through the same environment overrides a deployment would set
+moved at the rate of a ``copy_`` timed beside it. ``--sweep`` tries tile widths, K blocks an iteration, warps
+and pipeline stages over the active-expert grid through the same environment overrides a deployment would set
 (``TANDEM_FP8_MOE_DECODE_TILE``, ``TANDEM_MOE_ACTIVE_GRID``, ``TANDEM_FP8_DENSE_DECODE_TILE``); ``--best-env``
 writes the fastest as ``export`` lines when it beats the default by more than 3 %.
 """
@@ -94,9 +94,12 @@ def moe_variants(sweep: bool) -> list[Variant]:
         ("default tiles, active experts", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1"}),
     ]
     if sweep:
-        for block_n, warps, stages, active in itertools.product((16, 32, 64), (2, 4), (3, 5), ("0", "1")):
-            out.append((f"16x{block_n} {warps} warps {stages} stages, {'active experts' if active == '1' else 'all'}",
-                        {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages}", ACTIVE_GRID_ENV: active}))
+        # Over the active experts' grid (the default since the sweep of session 33), with 1, 2 or 4 of the
+        # 128-wide K blocks loaded an iteration: one FP8 block is half a bf16 block's bytes, so a stage of the
+        # default tile keeps half the bf16 kernel's bytes in flight.
+        for block_n, warps, stages, kb_step in itertools.product((16, 32, 64), (4, 8), (2, 3, 4), (1, 2, 4)):
+            out.append((f"16x{block_n}x{128 * kb_step} {warps} warps {stages} stages",
+                        {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},{kb_step}", ACTIVE_GRID_ENV: "1"}))
     return out
 
 
@@ -167,7 +170,7 @@ def dense_case(n: int, k: int, gen: torch.Generator) -> tuple[Callable[[], Calla
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--sweep", action="store_true", help="16 x 16/32/64 tiles, 2/4 warps, 3/5 stages, grid")
+    parser.add_argument("--sweep", action="store_true", help="16 x 16/32/64 x 128/256/512 tiles, 4/8 warps, 2-4 stages")
     parser.add_argument("--dense", action="store_true", help="sweep the attention's dense FP8 GEMMs at one row")
     parser.add_argument("--best-env", type=Path, help="write the fastest overrides here as export lines")
     args = parser.parse_args()
