@@ -27,6 +27,8 @@
 #              and what the masked layout's empty experts cost the bf16 launch
 #   fp8diff    tests/fp8_layer_diff.py: module by module, where the tiny FP8 model on the GPU parts from its
 #              CPU reference
+#   hostpath   bench.host_path at c8 under MPS (V2-Lite, 4096 in / 100 out): each TTFT part, and a decode turn's
+#              forward (CUDA events) beside its host phases (inbox, transfers, schedule, build, sample, outputs)
 #   spy        bench.decode_alone (decode worker alone, V2-Lite, 4096 in / 100 out, concurrency 8) under
 #              py-spy: where the decode loop's time goes between forwards (collapsed stacks, all processes)
 #   dbo        the GPU DBO test (two streams, tokens equal) and bench.dbo_step (a micro-batched forward, on vs off)
@@ -168,6 +170,11 @@ for s in $STEPS; do
             $load ${PD_ARGS:-} $label_args --output-json $OUT_SAVED/$name.json \
             --log-dir $OUT_SAVED/${name}_logs --disable-tqdm && python3 -m bench.pd_timeline \
             $OUT_SAVED/${name}_logs/1p1d --json $OUT_SAVED/${name}_timeline.json --bench-json $OUT_SAVED/$name.json" ;;
+    hostpath)  # c8 under MPS with the decode rank's StepClock: a decode turn's forward (device time) vs host phases
+        step 07_host_path "$(left 240)" env UCX_MODULES="${UCX_MODULES:-^ib}" python3 -m bench.host_path \
+            --label mps_c8 --device cuda --mps --model engine/model_configs/deepseek-v2-lite --load-format dummy \
+            --cuda-graph-max-bs 16 ${PD_ARGS:-} --output-json "$OUT_SAVED/host_path_cuda.json" \
+            --log-dir /tmp/device_step_logs/host_path ;;
     spy) step 09_decode_alone_pyspy "$(left 200)" py-spy record --subprocesses --nonblocking --format raw -r 100 \
         -o "$OUT_SAVED/decode_alone_pyspy.txt" -- python3 -m bench.decode_alone --device cuda --load-format dummy \
         --model engine/model_configs/deepseek-v2-lite --input-len 4096 --output-len 100 --num-prompts 32 \
