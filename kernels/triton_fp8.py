@@ -156,7 +156,7 @@ def quantize_fp8_act_triton(x: torch.Tensor, group_size: int = BLOCK, counts: to
 @dataclass(frozen=True)
 class Fp8GemmConfig:
     """Tile shape of one FP8 GEMM launch. BLOCK_K is the quantization block (one scale per K block);
-    ``kb_step`` K blocks are loaded an iteration (the grouped kernels only)."""
+    ``kb_step`` K blocks are loaded an iteration."""
 
     block_m: int
     block_n: int
@@ -167,7 +167,8 @@ class Fp8GemmConfig:
 
 
 # A decode-size tile set by hand for a GPU the defaults were not measured on (tests/fp8_moe_one_token.py
-# --dense prints the best of its sweep in this form): "BLOCK_N,WARPS,STAGES,SPLIT_K" for GEMMs of <= 16 rows.
+# --dense prints the best of its sweep in this form): "BLOCK_N,WARPS,STAGES,SPLIT_K[,KB_STEP]" for GEMMs of <= 16
+# rows.
 DENSE_DECODE_TILE_ENV = "TANDEM_FP8_DENSE_DECODE_TILE"
 
 
@@ -192,7 +193,8 @@ def dense_gemm_config(m: int) -> Fp8GemmConfig:
     if m <= 16:
         tile = decode_tile_override(DENSE_DECODE_TILE_ENV)
         if tile is not None:
-            return Fp8GemmConfig(block_m=16, block_n=tile[0], group_m=1, num_warps=tile[1], num_stages=tile[2])
+            return Fp8GemmConfig(block_m=16, block_n=tile[0], group_m=1, num_warps=tile[1], num_stages=tile[2],
+                                 kb_step=tile[4] if len(tile) > 4 else 1)
         return Fp8GemmConfig(block_m=16, block_n=32, group_m=1, num_warps=4, num_stages=4)
     if m <= 64:
         return Fp8GemmConfig(block_m=64, block_n=64, group_m=4, num_warps=4, num_stages=4)
@@ -208,7 +210,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
                      NUM_KB: tl.constexpr, KB_PER_SPLIT: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, A_MODE: tl.constexpr, PROMOTE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, KB_STEP: tl.constexpr):
     pid = tl.program_id(0)
     # Split-K: program_id(1) takes K blocks [split * KB_PER_SPLIT, ...) and writes an fp32 partial to
     # slice `split` of c (summed by the caller). One split: the whole K, straight to the output.
@@ -231,28 +233,31 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
     # Compile-time trip count (NUM_KB / KB_PER_SPLIT: one variant per projection's K, a handful per model):
     # Triton 3.6's interpreter cannot loop to a runtime bound under numpy 2. K blocks past NUM_KB (the
     # last split's tail) load nothing: every mask is off.
-    for i in range(0, KB_PER_SPLIT):
-        kb = kb0 + i
-        # Columns left in this K block (0 past NUM_KB): every mask below compares vectors with it, never
-        # ANDs a scalar into one (Triton 3.9's interpreter refuses masks built that way).
-        k_left = tl.where(kb < NUM_KB, K - kb * BLOCK_K, 0)
-        k_mask = offs_k < k_left
-        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        b_s = tl.load(bs_ptrs + kb, mask=n_mask & (offs_n * 0 < k_left), other=0.0)
-        if A_MODE == 2:  # W8A16: the weight tile in the activation dtype, only its scale to apply
-            acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION) * b_s[None, :]
-        else:
-            if A_MODE == 1:
-                # a is the unquantized activation tile (one 1x128 group per row): quantize it here, exactly
-                # as _act_quant_kernel does.
-                aq, a_s = _quantize_rows(a.to(tl.float32))
-                a = aq.to(b_ptr.dtype.element_ty)
+    # KB_STEP blocks an iteration (Fp8GemmConfig.kb_step), each with its own load and scale: the same sums in
+    # the same order, more bytes in flight a pipeline stage. A step's blocks past the split's share load nothing.
+    for i in range(0, (KB_PER_SPLIT + KB_STEP - 1) // KB_STEP):
+        for j in tl.static_range(KB_STEP):
+            kb = kb0 + i * KB_STEP + j
+            # Columns left in this K block (0 past NUM_KB or past this split's blocks): every mask below compares
+            # vectors with it, never ANDs a scalar into one (Triton 3.9's interpreter refuses masks built that way).
+            k_left = tl.where((kb < NUM_KB) & (i * KB_STEP + j < KB_PER_SPLIT), K - kb * BLOCK_K, 0)
+            k_mask = offs_k < k_left
+            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            b_s = tl.load(bs_ptrs + kb, mask=n_mask & (offs_n * 0 < k_left), other=0.0)
+            if A_MODE == 2:  # W8A16: the weight tile in the activation dtype, only its scale to apply
+                acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION) * b_s[None, :]
             else:
-                a_s = tl.load(as_ptrs + kb, mask=m_mask & (offs_m * 0 < k_left), other=0.0)
-            acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+                if A_MODE == 1:
+                    # a is the unquantized activation tile (one 1x128 group per row): quantize it here, exactly
+                    # as _act_quant_kernel does.
+                    aq, a_s = _quantize_rows(a.to(tl.float32))
+                    a = aq.to(b_ptr.dtype.element_ty)
+                else:
+                    a_s = tl.load(as_ptrs + kb, mask=m_mask & (offs_m * 0 < k_left), other=0.0)
+                acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + split.to(tl.int64) * stride_cs + rows[:, None] * stride_cm + cols[None, :]
@@ -331,7 +336,7 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         A_MODE=A_W8A16 if w8a16 else (A_QUANTIZE if xs is None else A_FP8), PROMOTE=_promote_every(block_size),
-        DOT_PRECISION=dot_precision(xq.dtype), num_warps=cfg.num_warps,
+        DOT_PRECISION=dot_precision(xq.dtype), KB_STEP=cfg.kb_step, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     if split_k == 1:

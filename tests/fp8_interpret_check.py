@@ -11,6 +11,7 @@ experts with no rows, rows routed to another rank (-1).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -89,6 +90,15 @@ def check_dense() -> None:
             check(f"fp8_gemm split_k={split} M{m} N{n} K{k}", rel(out, ref))
             fused = tf.fp8_gemm_triton(a, None, w, ws, torch.float32, bias, split_k=split)
             check(f"fp8_gemm quantizing in-kernel split_k={split} M{m} N{n} K{k}", rel(fused, ref))
+        # Two or three K blocks an iteration: a step past the split's share (or past K) must load nothing.
+        for split, kb_step in ((1, 2), (2, 2), (1, 3), (3, 2)):
+            cfg = dataclasses.replace(tf.dense_gemm_config(m), kb_step=kb_step)
+            if w8a16:
+                out = tf.fp8_gemm_triton(a, None, w, ws, torch.float32, bias, config=cfg, split_k=split, w8a16=True)
+            else:
+                aq, a_s = tf.quantize_fp8_act_triton(a)
+                out = tf.fp8_gemm_triton(aq, a_s, w, ws, torch.float32, bias, config=cfg, split_k=split)
+            check(f"fp8_gemm split_k={split} kb_step={kb_step} M{m} N{n} K{k}", rel(out, ref))
 
 
 def check_experts() -> None:

@@ -105,9 +105,10 @@ def moe_variants(sweep: bool) -> list[Variant]:
 
 def dense_variants() -> list[Variant]:
     out: list[Variant] = [("default", {tf.DENSE_DECODE_TILE_ENV: ""})]
-    for block_n, warps, stages, split in itertools.product((16, 32, 64), (2, 4), (4,), (1, 2, 4)):
-        out.append((f"16x{block_n} {warps} warps {stages} stages split {split}",
-                    {tf.DENSE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},{split}"}))
+    # 4 warps (2 never won a sweep of session 33), 1 or 2 K blocks an iteration
+    for block_n, stages, split, kb_step in itertools.product((16, 32, 64), (3, 4), (1, 2, 4), (1, 2)):
+        out.append((f"16x{block_n}x{128 * kb_step} 4 warps {stages} stages split {split}",
+                    {tf.DENSE_DECODE_TILE_ENV: f"{block_n},4,{stages},{split},{kb_step}"}))
     return out
 
 
