@@ -15,8 +15,8 @@
 #              the deepgemm step built it earlier in the call, else cuBLAS) and again under cublas
 #   ncufp8     tests/fp8_moe_one_token.py --sweep --dense (FP8_SWEEP_ARGS replaces the flags): one layer's masked
 #              W8A16 expert launches and its dense attention GEMMs at one token against the copy_ rate over tiles,
-#              K blocks an iteration, warps, stages and splits; the winners are exported to the later steps (fp8_decode_tiles.env); NCU=1
-#              then runs the default under Nsight Compute
+#              K blocks an iteration, warps, stages and splits; the winners are exported to the later steps
+#              (fp8_decode_tiles.env); NCU=1 then runs the default under Nsight Compute
 #   fp8vsbf16  bench.decode_step_fp8: the bf16 step and the FP8 step in one process, FP8 / bf16 per batch size
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
 #   fp8stepact the same with FP8 activations at every size (TANDEM_FP8_ACT=fp8)
