@@ -52,6 +52,59 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
+# How a W8A16 GEMM turns its FP8 weight tile into bf16: "cvt" (Triton's conversion: on sm90 an e4m3x2 -> f16x2
+# convert then one f16 -> bf16 convert per element, 1.5 conversion instructions a weight byte, at the SM's
+# quarter-rate conversion throughput about 2.5 TB/s on an H100, near what the one-token launches reach) or
+# "bits" (`_e4m3_to_bf16_bits`: integer ops and a bf16x2 multiply, full-rate). Not yet timed on a GPU: "cvt"
+# stays the default until a sweep (tests/fp8_moe_one_token.py) shows "bits" faster there.
+W8A16_CONVERT_ENV = "TANDEM_FP8_BF16_CONVERT"
+
+
+def w8a16_bits(x: torch.Tensor) -> bool:
+    """Whether a W8A16 launch on ``x`` converts its weight tiles by moving bits (``W8A16_CONVERT_ENV``): bf16
+    activations on CUDA only (the interpreter runs no PTX)."""
+    mode = os.environ.get(W8A16_CONVERT_ENV, "cvt")
+    if mode not in ("cvt", "bits"):
+        raise ValueError(f"{W8A16_CONVERT_ENV}={mode!r}: expected cvt or bits")
+    return mode == "bits" and x.is_cuda and x.dtype == torch.bfloat16
+
+
+@triton.jit
+def _e4m3_to_bf16_bits(b):
+    """e4m3 tile -> bf16, exactly, four values per instance (Marlin's FP8 dequantization): each byte
+    s eeee mmm goes to the high byte of a 16-bit lane, the 7 bits below the sign shift right by 4 into bf16's
+    exponent and mantissa fields (the value times 2^-120: e4m3's exponent bias is 7, bf16's 127; subnormals
+    land on bf16 subnormals the same way), and a bf16x2 multiply by 2^120 (exact, a power of two) restores
+    it. e4m3's NaN (s 1111 111) would come out as +-480: weights hold none."""
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 lo, hi, lo7, hi7, pow;
+        prmt.b32 lo, 0, $2, 0x5140;
+        prmt.b32 hi, 0, $2, 0x7362;
+        and.b32 lo7, lo, 0x7f007f00;
+        and.b32 hi7, hi, 0x7f007f00;
+        shr.b32 lo7, lo7, 4;
+        shr.b32 hi7, hi7, 4;
+        lop3.b32 lo7, lo7, 0x80008000, lo, 0xf8;
+        lop3.b32 hi7, hi7, 0x80008000, hi, 0xf8;
+        mov.b32 pow, 0x7b807b80;
+        mul.rn.bf16x2 $0, lo7, pow;
+        mul.rn.bf16x2 $1, hi7, pow;
+        }
+        """,
+        constraints="=r,=r,r", args=[b.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16, is_pure=True, pack=4)
+
+
+@triton.jit
+def w8a16_tile(b, a, BITS: tl.constexpr):
+    """The FP8 weight tile ``b`` in the activation tile ``a``'s dtype (``BITS``: ``w8a16_bits`` said so)."""
+    if BITS:
+        return _e4m3_to_bf16_bits(b)
+    else:
+        return b.to(a.dtype)
+
+
 @triton.jit
 def _round_to_e4m3(v):
     """Rounds fp32 values in [-448, 448] to the nearest e4m3 value (ties to even), staying in fp32.
@@ -210,7 +263,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
                      NUM_KB: tl.constexpr, KB_PER_SPLIT: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, A_MODE: tl.constexpr, PROMOTE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, KB_STEP: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, KB_STEP: tl.constexpr, BITS: tl.constexpr):
     pid = tl.program_id(0)
     # Split-K: program_id(1) takes K blocks [split * KB_PER_SPLIT, ...) and writes an fp32 partial to
     # slice `split` of c (summed by the caller). One split: the whole K, straight to the output.
@@ -246,7 +299,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             b_s = tl.load(bs_ptrs + kb, mask=n_mask & (offs_n * 0 < k_left), other=0.0)
             if A_MODE == 2:  # W8A16: the weight tile in the activation dtype, only its scale to apply
-                acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION) * b_s[None, :]
+                acc += tl.dot(a, w8a16_tile(b, a, BITS), input_precision=DOT_PRECISION) * b_s[None, :]
             else:
                 if A_MODE == 1:
                     # a is the unquantized activation tile (one 1x128 group per row): quantize it here, exactly
@@ -336,7 +389,8 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         A_MODE=A_W8A16 if w8a16 else (A_QUANTIZE if xs is None else A_FP8), PROMOTE=_promote_every(block_size),
-        DOT_PRECISION=dot_precision(xq.dtype), KB_STEP=cfg.kb_step, num_warps=cfg.num_warps,
+        DOT_PRECISION=dot_precision(xq.dtype), KB_STEP=cfg.kb_step, BITS=w8a16 and w8a16_bits(xq),
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
     if split_k == 1:

@@ -39,6 +39,8 @@ from kernels.triton_fp8 import (
     decode_tile_override,
     dot_precision,
     quantize_fp8_act_triton,
+    w8a16_bits,
+    w8a16_tile,
 )
 from kernels.triton_grid import grouped_tile, masked_expert
 from kernels.triton_moe import ExpertSort, combine_slots, sort_by_expert
@@ -84,7 +86,7 @@ def _launch_configs(rows_per_expert: int, config: Fp8GemmConfig | None,
 def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_scale_row, stride_bn,
                 stride_bsn, NUM_KB: tl.constexpr, GATED: tl.constexpr, W8A16: tl.constexpr, PROMOTE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                KB_STEP: tl.constexpr):
+                KB_STEP: tl.constexpr, BITS: tl.constexpr):
     """The gate (or only) and up accumulators of one output tile over ``NUM_KB`` 128-wide K blocks, ``KB_STEP``
     of them an iteration (each with its own load and scale, so the sums are the same in the same order; more
     bytes in flight a pipeline stage: one 128-wide FP8 block moves half a bf16 block's bytes)."""
@@ -107,7 +109,7 @@ def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_col
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             b_s = tl.load(bs_ptrs + kb, mask=s_mask, other=0.0)
             if W8A16:  # a in the model dtype: the weight tile converted to it, only the weight's scale applies
-                acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION) * b_s[None, :]
+                acc += tl.dot(a, w8a16_tile(b, a, BITS), input_precision=DOT_PRECISION) * b_s[None, :]
             else:
                 a_s = tl.load(as_ptrs + kb, mask=r_mask, other=0.0)
                 acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
@@ -117,7 +119,7 @@ def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_col
                 b_up = tl.load(b_ptrs + n_cols * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
                 bs_up = tl.load(bs_ptrs + up_scale_row * stride_bsn + kb, mask=s_mask, other=0.0)
                 if W8A16:
-                    acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PRECISION) * bs_up[None, :]
+                    acc_up += tl.dot(a, w8a16_tile(b_up, a, BITS), input_precision=DOT_PRECISION) * bs_up[None, :]
                 else:
                     acc_up += tl.dot(a, b_up, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * bs_up[None, :]
             a_ptrs += BLOCK_K
@@ -138,6 +140,7 @@ def _fp8_moe_gemm_kernel(
     MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, W8A16: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr, ACTIVE: tl.constexpr, KB_STEP: tl.constexpr,
+    BITS: tl.constexpr,
 ):
     # EXTRA (masked layout, W8A16 only): grid column `num_experts` runs one more "expert" with its own operands
     # (x_*: activation [capacity, x_k] whose rows are all valid, FP8 weight [x_n (x2 if GATED), x_k] and its
@@ -228,11 +231,11 @@ def _fp8_moe_gemm_kernel(
     if is_extra:  # its K (the shared experts' width, for the down projection) has its own trip count
         acc, acc_up = _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_row,
                                   b_stride, bs_stride, NUM_KB_X, GATED, W8A16, PROMOTE, DOT_PRECISION, BLOCK_M,
-                                  BLOCK_N, BLOCK_K, KB_STEP)
+                                  BLOCK_N, BLOCK_K, KB_STEP, BITS)
     else:
         acc, acc_up = _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_row,
                                   b_stride, bs_stride, NUM_KB, GATED, W8A16, PROMOTE, DOT_PRECISION, BLOCK_M,
-                                  BLOCK_N, BLOCK_K, KB_STEP)
+                                  BLOCK_N, BLOCK_K, KB_STEP, BITS)
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     tl.store(c_base + c_rows[:, None] * c_stride + cols[None, :], acc.to(c_ptr.dtype.element_ty),
@@ -279,6 +282,7 @@ def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tens
         MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
         GROUP_M=cfg.group_m, PROMOTE=_promote_every(block_size), W8A16=a_s is None,
         DOT_PRECISION=dot_precision(aq.dtype), EXTRA=False, ACTIVE=False, KB_STEP=cfg.kb_step,
+        BITS=a_s is None and w8a16_bits(aq),
         num_warps=cfg.num_warps, num_stages=stages,
     ), (cfg, gated, a_s is None, False), cfg.num_stages)  # fmt: skip
 
@@ -375,7 +379,8 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
         GATED=gated, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
-        EXTRA=extra is not None, ACTIVE=active is not None, KB_STEP=cfg.kb_step, num_warps=cfg.num_warps,
+        EXTRA=extra is not None, ACTIVE=active is not None, KB_STEP=cfg.kb_step,
+        BITS=a_s is None and w8a16_bits(aq), num_warps=cfg.num_warps,
         num_stages=stages,
     ), (cfg, gated, a_s is None, extra is not None), cfg.num_stages)  # fmt: skip
 

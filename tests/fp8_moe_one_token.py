@@ -13,7 +13,8 @@ Each variant is captured in a CUDA graph (several layers' worth of launches, as 
 so the graph's own launch is amortized) and timed against the bytes it must read (FP8 weights and scales)
 moved at the rate of a ``copy_`` timed beside it. ``--sweep`` tries tile widths, K blocks an iteration, warps
 and pipeline stages over the active-expert grid through the same environment overrides a deployment would set
-(``TANDEM_FP8_MOE_DECODE_TILE``, ``TANDEM_MOE_ACTIVE_GRID``, ``TANDEM_FP8_DENSE_DECODE_TILE``); ``--best-env``
+(``TANDEM_FP8_MOE_DECODE_TILE``, ``TANDEM_MOE_ACTIVE_GRID``, ``TANDEM_FP8_DENSE_DECODE_TILE``,
+``TANDEM_FP8_BF16_CONVERT``); ``--best-env``
 writes the fastest as ``export`` lines when it beats the default by more than 3 %.
 """
 
@@ -92,23 +93,28 @@ def moe_variants(sweep: bool) -> list[Variant]:
     out: list[Variant] = [
         ("default tiles, every expert's column", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "0"}),
         ("default tiles, active experts", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1"}),
+        ("default tiles, active experts, bits", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
+                                                 tf.W8A16_CONVERT_ENV: "bits"}),
     ]
     if sweep:
         # Over the active experts' grid (the default since the sweep of session 33), with 1, 2 or 4 of the
         # 128-wide K blocks loaded an iteration: one FP8 block is half a bf16 block's bytes, so a stage of the
         # default tile keeps half the bf16 kernel's bytes in flight.
-        for block_n, warps, stages, kb_step in itertools.product((16, 32, 64), (4, 8), (2, 3, 4), (1, 2, 4)):
-            out.append((f"16x{block_n}x{128 * kb_step} {warps} warps {stages} stages",
-                        {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},{kb_step}", ACTIVE_GRID_ENV: "1"}))
+        # Each with the weight tiles converted by Triton's cvt or by moving bits (tf.W8A16_CONVERT_ENV).
+        for convert, block_n, stages, kb_step in itertools.product(("cvt", "bits"), (16, 32, 64), (2, 3, 4), (1, 2, 4)):
+            out.append((f"16x{block_n}x{128 * kb_step} 4 warps {stages} stages {convert}",
+                        {tfm.MOE_DECODE_TILE_ENV: f"{block_n},4,{stages},{kb_step}", ACTIVE_GRID_ENV: "1",
+                         tf.W8A16_CONVERT_ENV: convert}))
     return out
 
 
 def dense_variants() -> list[Variant]:
-    out: list[Variant] = [("default", {tf.DENSE_DECODE_TILE_ENV: ""})]
-    # 4 warps (2 never won a sweep of session 33), 1 or 2 K blocks an iteration
-    for block_n, stages, split, kb_step in itertools.product((16, 32, 64), (3, 4), (1, 2, 4), (1, 2)):
-        out.append((f"16x{block_n}x{128 * kb_step} 4 warps {stages} stages split {split}",
-                    {tf.DENSE_DECODE_TILE_ENV: f"{block_n},4,{stages},{split},{kb_step}"}))
+    out: list[Variant] = [("default", {tf.DENSE_DECODE_TILE_ENV: ""}),
+                          ("default, bits", {tf.DENSE_DECODE_TILE_ENV: "", tf.W8A16_CONVERT_ENV: "bits"})]
+    # 4 warps (2 never won a sweep of session 33), 1 or 2 K blocks an iteration, either weight conversion
+    for convert, block_n, split, kb_step in itertools.product(("cvt", "bits"), (16, 32, 64), (1, 2, 4), (1, 2)):
+        out.append((f"16x{block_n}x{128 * kb_step} 4 warps 4 stages split {split} {convert}",
+                    {tf.DENSE_DECODE_TILE_ENV: f"{block_n},4,4,{split},{kb_step}", tf.W8A16_CONVERT_ENV: convert}))
     return out
 
 
@@ -171,7 +177,7 @@ def dense_case(n: int, k: int, gen: torch.Generator) -> tuple[Callable[[], Calla
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--sweep", action="store_true", help="16 x 16/32/64 x 128/256/512 tiles, 4/8 warps, 2-4 stages")
+    parser.add_argument("--sweep", action="store_true", help="16 x 16/32/64 x 128/256/512 tiles, 2-4 stages, cvt/bits")
     parser.add_argument("--dense", action="store_true", help="sweep the attention's dense FP8 GEMMs at one row")
     parser.add_argument("--best-env", type=Path, help="write the fastest overrides here as export lines")
     args = parser.parse_args()
@@ -206,7 +212,10 @@ def main() -> int:
         print(f"dense best over both shapes: {best_label} {totals[best_label]:.1f} us "
               f"(default {totals['default']:.1f} us)", flush=True)
         if totals[best_label] < MARGIN * totals["default"]:
-            exports.update(dict(variants)[best_label])
+            dense_env = dict(variants)[best_label]
+            if tf.W8A16_CONVERT_ENV in exports:  # one switch for both kernels: the experts' pick (most of the time)
+                dense_env = {k: v for k, v in dense_env.items() if k != tf.W8A16_CONVERT_ENV}
+            exports.update(dense_env)
     write_exports(args.best_env, exports)
     return 0
 

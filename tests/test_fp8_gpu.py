@@ -197,6 +197,62 @@ def test_triton_fp8_masked_moe_with_shared_experts_matches_the_reference(experts
     assert torch.equal(captured[0], out) and torch.equal(captured[1], out_shared)
 
 
+@gpu_test
+def test_bit_moving_e4m3_conversion_equals_torchs_on_every_byte() -> None:
+    """``kernels.triton_fp8._e4m3_to_bf16_bits`` (integer ops and a bf16x2 multiply by 2^120) against torch's
+    float8_e4m3fn -> bfloat16 cast, every byte but the two NaNs, signed zeros and subnormals included."""
+    import triton
+    import triton.language as tl
+
+    from kernels.triton_fp8 import w8a16_tile
+
+    @triton.jit
+    def convert(src, dst, BITS: tl.constexpr):
+        offs = tl.arange(0, 256)
+        b = tl.load(src + offs)
+        tl.store(dst + offs, w8a16_tile(b, tl.zeros([256], tl.bfloat16), BITS))
+
+    fp8_values = torch.arange(256, dtype=torch.int32, device="cuda").to(torch.uint8).view(torch.float8_e4m3fn)
+    got = torch.empty(256, dtype=torch.bfloat16, device="cuda")
+    convert[(1,)](fp8_values, got, BITS=True)
+    want = fp8_values.to(torch.bfloat16)
+    finite = ~want.isnan()
+    assert finite.sum() == 254
+    assert torch.equal(got[finite].view(torch.int16), want[finite].view(torch.int16))
+
+
+@gpu_test
+@pytest.mark.parametrize("kb_step", [1, 2])
+def test_w8a16_launches_give_the_same_bits_with_either_weight_conversion(kb_step: int,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """TANDEM_FP8_BF16_CONVERT=bits feeds the MMA the same bf16 weight tiles as Triton's conversion, so the dense
+    and the masked W8A16 GEMMs (with the shared experts, K blocks kb_step an iteration) return identical
+    outputs either way."""
+    from kernels import triton_fp8 as tf
+    from kernels.triton_fp8_moe import fp8_moe_forward_masked_shared_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(kb_step)
+    w, ws = fp8.quantize_fp8_weight(torch.randn(3072, 2048, device="cuda", generator=gen), (128, 128))
+    a = torch.randn(1, 2048, device="cuda", generator=gen).bfloat16()
+    w13, s13, w2, s2 = random_fp8_experts(64, 2048, 1408, gen)
+    sw13, ss13, sw2, ss2 = random_fp8_experts(1, 2048, 2816, gen)
+    counts = torch.zeros(64, dtype=torch.int32, device="cuda")
+    counts[[3, 9, 17, 30, 41, 63]] = 1
+    x = torch.randn(64, 1, 2048, device="cuda", generator=gen).bfloat16()
+    hidden = torch.randn(1, 2048, device="cuda", generator=gen).bfloat16()
+    cfg = tf.Fp8GemmConfig(16, 32, 1, 4, 4, kb_step=kb_step)
+    outs = []
+    for mode in ("cvt", "bits"):
+        monkeypatch.setenv(tf.W8A16_CONVERT_ENV, mode)
+        monkeypatch.setenv("TANDEM_FP8_MOE_DECODE_TILE", f"32,4,3,{kb_step}")
+        dense = tf.fp8_gemm_triton(a, None, w, ws, torch.bfloat16, config=cfg, w8a16=True)
+        routed, shared = fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, hidden, sw13[0], ss13[0],
+                                                              sw2[0], ss2[0])
+        outs.append((dense, routed, shared))
+    for cvt, bits in zip(*outs, strict=True):
+        assert torch.equal(cvt, bits)
+
+
 @pytest.fixture(scope="module")
 def fp8_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engine.tiny_model import write_tiny_model

@@ -138,6 +138,21 @@ def test_the_cpu_backend_runs_the_fp8_references(monkeypatch: pytest.MonkeyPatch
         assert kernels.get_op(op, torch.zeros(1)) is getattr(fp8, op)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_the_weight_conversion_switch_takes_cvt_or_bits_and_moves_bits_only_for_bf16_on_cuda(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels import triton_fp8 as tf
+
+    x = torch.zeros(1, 8, dtype=torch.bfloat16)
+    monkeypatch.setenv(tf.W8A16_CONVERT_ENV, "bits")
+    assert not tf.w8a16_bits(x)  # CPU tensors (the interpreter) run Triton's conversion
+    monkeypatch.setenv(tf.W8A16_CONVERT_ENV, "fast")
+    with pytest.raises(ValueError, match="expected cvt or bits"):
+        tf.w8a16_bits(x)
+    monkeypatch.delenv(tf.W8A16_CONVERT_ENV)
+    assert not tf.w8a16_bits(x)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
 def test_triton_fp8_kernels_match_the_references_under_the_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
