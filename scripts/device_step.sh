@@ -71,8 +71,9 @@
 #   call 1, on an H200 where one is lent (the c8 goal, 626 tok/s, is 2x an H200's 313; the H100 gives 543-582
 #     against its own 297 for the base tree): STEPS="pdissuebase pdmps pdmps@small pdmps50@big hostpath ncufp8
 #     fp8vsbf16 pd32issuebase pd32mps50@big" PD_ARGS_big="--max-prefill-tokens 16384"
-#     PD_ARGS_small="--max-prefill-tokens 4096" FP8_SWEEP_ARGS="--sweep" (ncufp8 times the FP8 expert launches'
-#     K blocks an iteration, kb_step 1/2/4, written in session 37 and never run: its winner goes to fp8vsbf16)
+#     PD_ARGS_small="--max-prefill-tokens 4096" FP8_SWEEP_ARGS="--sweep --dense" (ncufp8 times the FP8 launches'
+#     K blocks an iteration, kb_step 1/2/4, and TANDEM_FP8_BF16_CONVERT=bits, written in session 37 and never run:
+#     its winners go to fp8vsbf16); add `tests` with TESTS_K="bit_moving or either_weight" for their GPU tests
 #   call 2: STEPS="decode fp8vsbf16 prefill tests" TESTS_K="keeps_the_dequantized or greedy_tokens_equal"
 #   on an H100 instead: c8 is bound by 100 x ITL (10 ms mean beside prefill forwards, 8 alone): hostpath says
 #     how much of a decode turn is host work; try the prefill capped, `pdmps@p70 pdmps@p50 pdmps` with
