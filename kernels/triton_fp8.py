@@ -53,9 +53,9 @@ def dot_precision(dtype: torch.dtype) -> str | None:
 
 
 # How a W8A16 GEMM turns its FP8 weight tile into bf16: "cvt" (Triton's conversion: on sm90 an e4m3x2 -> f16x2
-# convert then one f16 -> bf16 convert per element, 1.5 conversion instructions a weight byte, at the SM's
-# quarter-rate conversion throughput about 2.5 TB/s on an H100, near what the one-token launches reach) or
-# "bits" (`_e4m3_to_bf16_bits`: integer ops and a bf16x2 multiply, full-rate). Not yet timed on a GPU: "cvt"
+# convert then one f16 -> bf16 convert per element, 1.5 conversion instructions a weight byte; at 16 conversions
+# a clock an SM, the CUDA guide's figure, about 2.5 TB/s on an H100, an estimate near what the one-token
+# launches reach) or "bits" (`_e4m3_to_bf16_bits`: integer ops and a bf16x2 multiply, no conversions). Not yet timed on a GPU: "cvt"
 # stays the default until a sweep (tests/fp8_moe_one_token.py) shows "bits" faster there.
 W8A16_CONVERT_ENV = "TANDEM_FP8_BF16_CONVERT"
 
@@ -390,8 +390,7 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
         BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         A_MODE=A_W8A16 if w8a16 else (A_QUANTIZE if xs is None else A_FP8), PROMOTE=_promote_every(block_size),
         DOT_PRECISION=dot_precision(xq.dtype), KB_STEP=cfg.kb_step, BITS=w8a16 and w8a16_bits(xq),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if split_k == 1:
         return out[0]

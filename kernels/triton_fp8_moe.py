@@ -380,8 +380,7 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
         EXTRA=extra is not None, ACTIVE=active is not None, KB_STEP=cfg.kb_step,
-        BITS=a_s is None and w8a16_bits(aq), num_warps=cfg.num_warps,
-        num_stages=stages,
+        BITS=a_s is None and w8a16_bits(aq), num_warps=cfg.num_warps, num_stages=stages,
     ), (cfg, gated, a_s is None, extra is not None), cfg.num_stages)  # fmt: skip
 
 

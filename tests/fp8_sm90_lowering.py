@@ -22,7 +22,7 @@ from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, CompiledKernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,7 +37,7 @@ ALIGNED_INTS = ("N", "K", "x_n", "x_k", "tile_n")  # multiples of 16 at V2-Lite'
 CONVERSIONS = ("cvt", "prmt", "lop3", "mul.rn.bf16x2")
 
 
-def compile_sm90(fn: triton.JITFunction, constants: dict[str, object], warps: int, stages: int):  # noqa: ANN201
+def compile_sm90(fn: triton.JITFunction, constants: dict[str, object], warps: int, stages: int) -> CompiledKernel:
     params = list(inspect.signature(fn.fn).parameters)
     signature = {p: "constexpr" if p in constants else POINTERS.get(p, "i32") for p in params}
     aligned = [p for p in params if p not in constants and (p in POINTERS or p.startswith("stride") or p in ALIGNED_INTS)]
@@ -46,14 +46,14 @@ def compile_sm90(fn: triton.JITFunction, constants: dict[str, object], warps: in
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def masked_gated(bits: bool, kb_step: int):  # noqa: ANN201
+def masked_gated(bits: bool, kb_step: int) -> CompiledKernel:
     return compile_sm90(tfm._fp8_moe_gemm_kernel, {
         "NUM_KB": 16, "NUM_KB_X": 16, "SCALE_BLOCK_N": 128, "A_ROW_DIV": 1, "GATED": True, "MASKED": True,
         "ZERO_TAIL": False, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1, "PROMOTE": 0, "W8A16": True,
         "DOT_PRECISION": "tf32", "EXTRA": True, "ACTIVE": True, "KB_STEP": kb_step, "BITS": bits}, 4, 3)
 
 
-def dense_split(bits: bool, kb_step: int):  # noqa: ANN201
+def dense_split(bits: bool, kb_step: int) -> CompiledKernel:
     return compile_sm90(tf._fp8_gemm_kernel, {
         "NUM_KB": 16, "KB_PER_SPLIT": 4, "SCALE_BLOCK_N": 128, "HAS_BIAS": False, "BLOCK_M": 16, "BLOCK_N": 32,
         "BLOCK_K": 128, "GROUP_M": 1, "A_MODE": tf.A_W8A16, "PROMOTE": 0, "DOT_PRECISION": "tf32", "KB_STEP": kb_step,
