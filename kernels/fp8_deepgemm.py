@@ -99,10 +99,10 @@ def _require() -> ModuleType:
 
 
 def _quantize(x2: torch.Tensor, counts: torch.Tensor | None = None, capacity: int = 0,
-              m_major: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+              m_major: bool = True, silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     from kernels.triton_fp8 import quantize_fp8_act_triton
 
-    return quantize_fp8_act_triton(x2, BLOCK, counts, capacity, scales_m_major=m_major)
+    return quantize_fp8_act_triton(x2, BLOCK, counts, capacity, scales_m_major=m_major, silu_mul=silu_mul)
 
 
 _PROBE_CODE = "import sys; from kernels import fp8_deepgemm as dg; dg.available(int(sys.argv[1]))"
@@ -253,12 +253,6 @@ def _check_experts(hidden_dim: int, w13: torch.Tensor, w13_scale: torch.Tensor, 
     return num_experts
 
 
-def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    from kernels.triton_decode_fused import silu_mul_triton
-
-    return silu_mul_triton(gate_up)
-
-
 def fp8_moe_forward_deepgemm(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                              w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
                              block_size: BlockSize = (BLOCK, BLOCK)) -> torch.Tensor:
@@ -294,7 +288,7 @@ def fp8_moe_forward_deepgemm(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_
     gate_up = torch.empty((m_pad, w13.shape[1]), dtype=torch.bfloat16, device=hidden.device)
     dg.m_grouped_fp8_gemm_nt_contiguous((aq, a_s), (w13, w13_scale.contiguous()), gate_up, m_indices,
                                         recipe=RECIPE, disable_ue8m0_cast=True)
-    iq, is_ = _quantize(_silu_mul(gate_up))
+    iq, is_ = _quantize(gate_up, silu_mul=True)  # SiLU(gate) * up quantized in the same pass
     y = torch.empty((m_pad, hidden.shape[1]), dtype=torch.bfloat16, device=hidden.device)
     dg.m_grouped_fp8_gemm_nt_contiguous((iq, is_), (w2, w2_scale.contiguous()), y, m_indices, recipe=RECIPE,
                                         disable_ue8m0_cast=True)
@@ -320,6 +314,8 @@ def fp8_moe_forward_masked_deepgemm(x: torch.Tensor, counts: torch.Tensor, w13: 
     capacity, hidden_dim = x.shape[1], x.shape[2]
     if num_experts == 0 or capacity == 0:
         return torch.zeros_like(x)
+    from kernels.triton_fp8 import zero_past_count_triton
+
     dg = _require()
     cap = -(-capacity // MASKED_ROW_MULTIPLE) * MASKED_ROW_MULTIPLE
     xp = x if cap == capacity else torch.nn.functional.pad(x, (0, 0, 0, cap - capacity))
@@ -335,14 +331,14 @@ def fp8_moe_forward_masked_deepgemm(x: torch.Tensor, counts: torch.Tensor, w13: 
     dg.m_grouped_fp8_gemm_nt_masked((xq.view(num_experts, cap, hidden_dim), xs.view(num_experts, cap, -1)),
                                     (w13, w13_scale.contiguous()), gate_up, masked_m, expected_m, recipe=RECIPE,
                                     disable_ue8m0_cast=True)
-    inter = _silu_mul(gate_up.view(num_experts * cap, -1))
-    iq, is_ = _quantize(inter, counts, cap, m_major=False)
+    # SiLU(gate) * up and its quantization in one pass over the counted rows (bf16 gate_up from DeepGEMM).
+    iq, is_ = _quantize(gate_up.view(num_experts * cap, -1), counts, cap, m_major=False, silu_mul=True)
     out = torch.empty((num_experts, cap, hidden_dim), dtype=torch.bfloat16, device=x.device)
     dg.m_grouped_fp8_gemm_nt_masked((iq.view(num_experts, cap, -1), is_.view(num_experts, cap, -1)),
                                     (w2, w2_scale.contiguous()), out, masked_m, expected_m, recipe=RECIPE,
                                     disable_ue8m0_cast=True)
-    past_count = torch.arange(cap, device=x.device)[None, :] >= counts[:, None]
-    out.masked_fill_(past_count[..., None], 0)
+    # Rows past each count: the last tile's stores left garbage there and the rest were never written.
+    zero_past_count_triton(out, counts)
     return out if cap == capacity else out[:, :capacity].contiguous()
 
 

@@ -144,8 +144,18 @@ def _quantize_rows(x):
 
 
 @triton.jit
+def _round_to_bf16(v):
+    """fp32 values rounded to the nearest bf16 (ties to even), staying fp32: the interpreter truncates in a cast
+    where the GPU rounds, so the bits are made here (finite values; no NaN reaches these kernels)."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 = ~0xFFFF
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, M, K, capacity, stride_xm, stride_qm, stride_sm, stride_sg,
-                      GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr, MASKED: tl.constexpr):
+                      GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr, MASKED: tl.constexpr,
+                      SILU_MUL: tl.constexpr):
     group = tl.program_id(1)
     cols = group * GROUP + tl.arange(0, GROUP)
     if MASKED:
@@ -166,23 +176,34 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, M, K, capacity, stride_xm
     rows64 = rows.to(tl.int64)
     mask = row_mask[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if SILU_MUL:
+        # x holds [gate | up] (2K columns, bf16): SiLU(gate) * up, each product rounded to bf16 as
+        # kernels.triton_decode_fused.silu_mul_triton writes it, then quantized: the same bits as that pass and
+        # this quantizer one after the other, without the bf16 intermediate's write and read.
+        up = tl.load(x_ptr + rows64[:, None] * stride_xm + K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = _round_to_bf16(_round_to_bf16(x * tl.sigmoid(x)) * up)
     q, scale = _quantize_rows(x)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows64 * stride_sm + group * stride_sg, scale, mask=row_mask)
 
 
 def quantize_fp8_act_triton(x: torch.Tensor, group_size: int = BLOCK, counts: torch.Tensor | None = None,
-                            capacity: int = 0, scales_m_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                            capacity: int = 0, scales_m_major: bool = False,
+                            silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``kernels.fp8.quantize_fp8_act`` for a 2-D x ``[M, K]`` (last dim contiguous).
 
     With ``counts`` ``[E]`` and ``capacity`` (M = E * capacity), only each expert's first ``counts[e]``
     rows are quantized; the other rows of the outputs are left unwritten (nothing reads them).
     ``scales_m_major``: the scales ``[M, groups]`` are stored with stride ``(1, M)``, the layout cuBLAS
     reads 1 x 128 scales in (``kernels.fp8_cublas``); same values.
+    ``silu_mul``: x is bf16 ``[M, 2K]`` (gate | up) and ``SiLU(gate) * up`` (rounded to bf16) is what is
+    quantized, in the same pass.
     """
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be 2-D and contiguous in its last dim, got {tuple(x.shape)} {x.stride()}")
-    m, k = x.shape
+    if silu_mul and (x.dtype != torch.bfloat16 or x.shape[1] % 2):
+        raise ValueError(f"silu_mul takes bf16 [M, 2K] (gate | up), got {x.dtype} {tuple(x.shape)}")
+    m, k = x.shape[0], x.shape[1] // (2 if silu_mul else 1)
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     groups = triton.cdiv(k, group_size)
     if scales_m_major:
@@ -201,9 +222,39 @@ def quantize_fp8_act_triton(x: torch.Tensor, group_size: int = BLOCK, counts: to
     grid = (row_programs, triton.cdiv(k, group_size))
     _act_quant_kernel[grid](
         x, q, s, counts if counts is not None else s, m, k, max(capacity, 1), x.stride(0), q.stride(0), s.stride(0),
-        s.stride(1), GROUP=group_size, BLOCK_ROWS=block_rows, MASKED=counts is not None, num_warps=4,
+        s.stride(1), GROUP=group_size, BLOCK_ROWS=block_rows, MASKED=counts is not None, SILU_MUL=silu_mul,
+        num_warps=4,
     )  # fmt: skip
     return q, s
+
+
+@triton.jit
+def _zero_past_count_kernel(out_ptr, counts_ptr, capacity, D, stride_e, stride_m, BLOCK_ROWS: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    blocks = tl.cdiv(capacity, BLOCK_ROWS)
+    expert = tl.program_id(0) // blocks
+    local = (tl.program_id(0) % blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    count = tl.load(counts_ptr + expert)
+    if (tl.program_id(0) % blocks) * BLOCK_ROWS + BLOCK_ROWS <= count:
+        return  # every row of the block is counted: nothing to clear
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = ((local >= count) & (local < capacity))[:, None] & (cols < D)[None, :]
+    ptrs = out_ptr + expert.to(tl.int64) * stride_e + local.to(tl.int64)[:, None] * stride_m + cols[None, :]
+    tl.store(ptrs, tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=out_ptr.dtype.element_ty), mask=mask)
+
+
+def zero_past_count_triton(out: torch.Tensor, counts: torch.Tensor) -> None:
+    """Sets rows ``counts[e]:`` of each expert of ``out`` ``[E, capacity, D]`` (last dim contiguous) to zero in
+    place, writing nothing else: the masked layout's contract for rows a kernel left as they were."""
+    experts, capacity, dim = out.shape
+    if out.stride(2) != 1:
+        raise ValueError(f"out must be contiguous in its last dim, got strides {out.stride()}")
+    if out.numel() == 0:
+        return
+    block_rows, block_d = 16, min(512, triton.next_power_of_2(dim))
+    _zero_past_count_kernel[(experts * triton.cdiv(capacity, block_rows), triton.cdiv(dim, block_d))](
+        out, counts, capacity, dim, out.stride(0), out.stride(1), BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+        num_warps=4)
 
 
 @dataclass(frozen=True)

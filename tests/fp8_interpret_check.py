@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from kernels import fp8  # noqa: E402
+from kernels import fp8, moe  # noqa: E402
 
 BS = (128, 128)
 TOLERANCE = 1e-4  # float32 activations: accumulation order only (plus a rare one-ulp quantized value)
@@ -67,6 +67,23 @@ def check_quantizer() -> None:
     check("quantize values", rel(fp8.dequantize_fp8_act(q, s), fp8.dequantize_fp8_act(rq, rs)), 1e-3)
     # Bytes, not values: -0 and +0 are equal values (the H100 run caught a +0 where torch writes -0).
     check("quantize bytes", float((q.view(torch.uint8) != rq.view(torch.uint8)).sum()), 0.5)
+    # SiLU(gate) * up quantized in the same pass (bf16 [M, 2K]) against torch's SiLU * up, then the quantizer;
+    # masked: 3 experts x capacity 13, only each expert's counted rows written.
+    gate_up = (torch.randn(39, 600, generator=gen) * 3).bfloat16()
+    rq, rs = fp8.quantize_fp8_act(moe.silu_mul(gate_up).float())
+    q, s = tf.quantize_fp8_act_triton(gate_up, silu_mul=True)
+    check("quantize silu_mul scales", rel(s, rs), 1e-6)
+    check("quantize silu_mul bytes", float((q.view(torch.uint8) != rq.view(torch.uint8)).sum()), 0.5)
+    counts = torch.tensor([13, 0, 5], dtype=torch.int32)
+    q, s = tf.quantize_fp8_act_triton(gate_up, counts=counts, capacity=13, silu_mul=True)
+    rows = torch.cat([torch.arange(13), 26 + torch.arange(5)])
+    check("quantize silu_mul masked bytes", float((q.view(torch.uint8)[rows] != rq.view(torch.uint8)[rows]).sum()), 0.5)
+    check("quantize silu_mul masked scales", rel(s[rows], rs[rows]), 1e-6)
+    out = torch.full((3, 13, 70), 7.0).bfloat16()
+    tf.zero_past_count_triton(out, counts)
+    want = torch.full((3, 13, 70), 7.0).bfloat16()
+    want[0, 13:], want[1], want[2, 5:] = 0, 0, 0
+    check("zero rows past count", float((out != want).sum()), 0.5)
 
 
 def check_dense() -> None:
