@@ -16,11 +16,13 @@ import triton.language as tl
 
 from kernels import decode_fused
 from kernels import moe as moe_ref
+from kernels.triton_pdl import pdl_args, pdl_begin
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stride_r, stride_o, stride_s, dim, eps,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < dim
@@ -46,7 +48,7 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     block = triton.next_power_of_2(dim)
     _add_rms_norm_kernel[(x.shape[0],)](
         x, residual, weight, out, summed, x.stride(0), residual.stride(0), out.stride(0), summed.stride(0),
-        dim, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8,
+        dim, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8, **pdl_args(x),
     )  # fmt: skip
     return out, summed
 
@@ -64,8 +66,9 @@ def _mla_decode_prep_kernel(
     q_ptr, kv_a_ptr, cos_ptr, sin_ptr, w_ptr, cache_ptr, pages_ptr, slots_ptr, out_ptr,
     stride_qt, stride_qh, stride_kt, stride_cp, stride_cs, stride_ot, stride_oh,
     num_heads, lora, nope, eps,
-    HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVE: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     dt = kv_a_ptr.dtype.element_ty
     cache_dt = cache_ptr.dtype.element_ty
@@ -130,7 +133,7 @@ def mla_decode_prep_triton(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tenso
         q.stride(0), q.stride(1), kv_a.stride(0), kv_cache.stride(0), kv_cache.stride(1),
         out.stride(0), out.stride(1), num_heads, lora, nope_dim, eps,
         HALF=half, BLOCK_R=triton.next_power_of_2(lora), BLOCK_H=triton.next_power_of_2(num_heads),
-        INTERLEAVE=interleave, num_warps=4,
+        INTERLEAVE=interleave, num_warps=4, **pdl_args(q),
     )  # fmt: skip
     return out
 
@@ -140,8 +143,9 @@ def _router_topk_kernel(
     logits_ptr, bias_ptr, w_out_ptr, id_out_ptr, stride_l, num_experts, group_size, scaling,
     TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GROUPED: tl.constexpr, V3_GROUPS: tl.constexpr, NORMALIZE: tl.constexpr,
+    GROUPED: tl.constexpr, V3_GROUPS: tl.constexpr, NORMALIZE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     emask = offs < num_experts
@@ -207,6 +211,7 @@ def router_topk_triton(logits: torch.Tensor, bias: torch.Tensor | None, top_k: i
         BLOCK_G=triton.next_power_of_2(max(1, n_group)), BLOCK_K=triton.next_power_of_2(top_k),
         SIGMOID=scoring == "sigmoid", HAS_BIAS=bias is not None, GROUPED=grouped,
         V3_GROUPS=method == "noaux_tc", NORMALIZE=normalize and top_k > 1, num_warps=4,
+        **pdl_args(logits),
     )  # fmt: skip
     return weights, ids
 
@@ -242,7 +247,8 @@ def _active_list(ids_ptr, active_ptr, num_pairs, num_experts, BLOCK: tl.constexp
 def _moe_scatter_kernel(hidden_ptr, ids_ptr, rows_ptr, counts_ptr, dest_ptr, active_ptr, num_pairs, num_experts,
                         num_tokens, dim, stride_h, stride_r, TOP_K: tl.constexpr, BLOCK_P: tl.constexpr,
                         BLOCK_D: tl.constexpr, D_BLOCKS: tl.constexpr, WITH_ACTIVE: tl.constexpr,
-                        ACTIVE_BLOCK: tl.constexpr):
+                        ACTIVE_BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     p = tl.program_id(0)
     offs = tl.arange(0, BLOCK_P)
     ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int64)
@@ -287,6 +293,7 @@ def _scatter(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
         num_tokens, dim, hidden.stride(0), rows.stride(0), TOP_K=top_k, BLOCK_P=triton.next_power_of_2(pairs),
         BLOCK_D=block_d, D_BLOCKS=triton.cdiv(dim, block_d), WITH_ACTIVE=active is not None,
         ACTIVE_BLOCK=min(ACTIVE_TILE, triton.next_power_of_2(max(pairs, num_experts))), num_warps=4,
+        **pdl_args(hidden),
     )  # fmt: skip
     return rows.view(num_experts, num_tokens, dim), counts, dest
 
@@ -316,7 +323,8 @@ def moe_scatter_rows_active_triton(
 
 
 @triton.jit
-def _active_experts_kernel(counts_ptr, out_ptr, num_experts, BLOCK_E: tl.constexpr):
+def _active_experts_kernel(counts_ptr, out_ptr, num_experts, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     offs = tl.arange(0, BLOCK_E)
     active = (tl.load(counts_ptr + offs, mask=offs < num_experts, other=0) > 0).to(tl.int32)
     pos = tl.cumsum(active, axis=0) - 1
@@ -330,14 +338,16 @@ def active_experts_triton(counts: torch.Tensor) -> torch.Tensor:
     if num_experts == 0 or num_experts > 4096 or not counts.is_contiguous():
         return decode_fused.active_experts(counts)
     out = torch.empty(num_experts + 1, dtype=torch.int32, device=counts.device)
-    _active_experts_kernel[(1,)](counts, out, num_experts, BLOCK_E=triton.next_power_of_2(num_experts), num_warps=4)
+    _active_experts_kernel[(1,)](counts, out, num_experts, BLOCK_E=triton.next_power_of_2(num_experts), num_warps=4,
+                                 **pdl_args(counts))
     return out
 
 
 @triton.jit
 def _moe_combine_kernel(y_ptr, dest_ptr, ids_ptr, w_ptr, add_ptr, out_ptr, dim, stride_y, stride_a, stride_o,
                         TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                        HAS_ADD: tl.constexpr):
+                        HAS_ADD: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < dim
@@ -375,13 +385,14 @@ def moe_combine_triton(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tens
         y, dest, topk_ids, topk_weights, add if add is not None else out, out, dim, y.stride(0),
         add.stride(0) if add is not None else 0, out.stride(0),
         TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_D=block_d, HAS_ADD=add is not None,
-        num_warps=4,
+        num_warps=4, **pdl_args(y),
     )  # fmt: skip
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -401,5 +412,5 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((gate_up.shape[0], inter), dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(inter))
     _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(inter, block))](
-        gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+        gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK=block, num_warps=4, **pdl_args(gate_up))
     return out

@@ -28,6 +28,7 @@ from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize, quantizes_activations, scal
 from kernels.fp8_cublas import fp8_linear_cublas, use_cublas
 from kernels.fp8_deepgemm import fp8_linear_deepgemm, use_deepgemm
 from kernels.triton_grid import grouped_tile
+from kernels.triton_pdl import pdl_args, pdl_begin
 
 # Hopper's FP8 MMA adds its products at less than fp32 precision; Triton promotes the partial sum into an
 # fp32 register every PROMOTE_K products (a K block of 128 is DeepSeek's recipe; 32 is one wgmma, the
@@ -314,7 +315,8 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
                      NUM_KB: tl.constexpr, KB_PER_SPLIT: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, A_MODE: tl.constexpr, PROMOTE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, KB_STEP: tl.constexpr, BITS: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, KB_STEP: tl.constexpr, BITS: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     pid = tl.program_id(0)
     # Split-K: program_id(1) takes K blocks [split * KB_PER_SPLIT, ...) and writes an fp32 partial to
     # slice `split` of c (summed by the caller). One split: the whole K, straight to the output.
@@ -441,7 +443,7 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
         BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         A_MODE=A_W8A16 if w8a16 else (A_QUANTIZE if xs is None else A_FP8), PROMOTE=_promote_every(block_size),
         DOT_PRECISION=dot_precision(xq.dtype), KB_STEP=cfg.kb_step, BITS=w8a16 and w8a16_bits(xq),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(xq),
     )  # fmt: skip
     if split_k == 1:
         return out[0]
@@ -450,7 +452,8 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
 
 @triton.jit
 def _reduce_splits_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -469,7 +472,7 @@ def reduce_splits(partials: torch.Tensor, bias: torch.Tensor | None, out_dtype: 
     block = 1024
     _reduce_splits_kernel[(triton.cdiv(m * n, block),)](
         partials, bias if bias is not None else partials, out, m * n, n, SPLITS=splits, HAS_BIAS=bias is not None,
-        BLOCK=block, num_warps=4,
+        BLOCK=block, num_warps=4, **pdl_args(partials),
     )  # fmt: skip
     return out
 

@@ -44,6 +44,7 @@ from kernels.triton_fp8 import (
 )
 from kernels.triton_grid import grouped_tile, masked_expert
 from kernels.triton_moe import ExpertSort, combine_slots, sort_by_expert
+from kernels.triton_pdl import pdl_args, pdl_begin
 
 # A decode-size tile set by hand for a GPU the defaults were not measured on (tests/fp8_moe_one_token.py --sweep
 # prints the best in this form): "BLOCK_N,WARPS,STAGES[,KB_STEP]" for the masked launches of <= 16 rows per
@@ -140,8 +141,9 @@ def _fp8_moe_gemm_kernel(
     MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, W8A16: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr, ACTIVE: tl.constexpr, KB_STEP: tl.constexpr,
-    BITS: tl.constexpr,
+    BITS: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     # EXTRA (masked layout, W8A16 only): grid column `num_experts` runs one more "expert" with its own operands
     # (x_*: activation [capacity, x_k] whose rows are all valid, FP8 weight [x_n (x2 if GATED), x_k] and its
     # block scales, output [capacity, x_n]): a layer's shared experts ride in the routed experts' launch, as in
@@ -283,7 +285,7 @@ def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tens
         GROUP_M=cfg.group_m, PROMOTE=_promote_every(block_size), W8A16=a_s is None,
         DOT_PRECISION=dot_precision(aq.dtype), EXTRA=False, ACTIVE=False, KB_STEP=cfg.kb_step,
         BITS=a_s is None and w8a16_bits(aq),
-        num_warps=cfg.num_warps, num_stages=stages,
+        num_warps=cfg.num_warps, num_stages=stages, **pdl_args(aq),
     ), (cfg, gated, a_s is None, False), cfg.num_stages)  # fmt: skip
 
 
@@ -380,7 +382,7 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
         EXTRA=extra is not None, ACTIVE=active is not None, KB_STEP=cfg.kb_step,
-        BITS=a_s is None and w8a16_bits(aq), num_warps=cfg.num_warps, num_stages=stages,
+        BITS=a_s is None and w8a16_bits(aq), num_warps=cfg.num_warps, num_stages=stages, **pdl_args(aq),
     ), (cfg, gated, a_s is None, extra is not None), cfg.num_stages)  # fmt: skip
 
 

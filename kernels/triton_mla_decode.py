@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels.flashmla_decode import flashmla_runs, mla_decode_attention_flashmla
+from kernels.triton_pdl import pdl_args, pdl_begin
 
 _LOG2E = 1.4426950408889634
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -70,8 +71,9 @@ def _mla_decode_split_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DEQUANT: tl.constexpr,
+    DEQUANT: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     head_block = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -158,8 +160,9 @@ def _mla_decode_reduce_kernel(
     stride_o_h,
     LORA: tl.constexpr,
     LORA_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_c = tl.arange(0, LORA_PAD)
@@ -350,6 +353,7 @@ def mla_decode_attention_triton(
         DEQUANT=dequant,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_args(q_latent),
     )
     _mla_decode_reduce_kernel[(num_heads, batch)](
         mid_out,
@@ -366,6 +370,7 @@ def mla_decode_attention_triton(
         LORA_PAD=lora_pad,
         NUM_SPLITS=splits,
         num_warps=4,
+        **pdl_args(out),
     )
     return out
 

@@ -26,6 +26,7 @@ import triton.language as tl
 from kernels.backend import check_expert_range, check_masked_layout
 from kernels.triton_decode_fused import moe_combine_triton, silu_mul_triton
 from kernels.triton_grid import grouped_tile, masked_expert
+from kernels.triton_pdl import pdl_args, pdl_begin
 
 
 @triton.jit
@@ -72,8 +73,9 @@ def _moe_gemm_kernel(
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EXTRA: tl.constexpr,
-    ACTIVE: tl.constexpr,
+    ACTIVE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_begin(PDL)
     # EXTRA (masked layout only): grid column `num_experts` runs one more "expert" with its own operands
     # (x_*: activation [capacity, x_k] whose rows are all valid, weight [x_n (x2 if GATED), x_k], output
     # [capacity, x_n]): a layer's shared experts ride in the routed experts' launch. `tile_n` columns are
@@ -298,7 +300,7 @@ def _launch_contiguous(
         A_ROW_DIV=a_row_div, GATED=gated, MASKED=False, ZERO_TAIL=False,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         DOT_PRECISION=_dot_precision(a.dtype), EXTRA=False, ACTIVE=False, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages, **pdl_args(a),
     )  # fmt: skip
 
 
@@ -460,7 +462,7 @@ def _launch_masked(
         A_ROW_DIV=1, GATED=gated, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         DOT_PRECISION=_dot_precision(a.dtype), EXTRA=extra is not None, ACTIVE=active is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
     )  # fmt: skip
 
 

@@ -14,10 +14,12 @@ import triton
 import triton.language as tl
 
 from kernels import norm
+from kernels.triton_pdl import pdl_args, pdl_begin
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, dim, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, dim, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < dim
@@ -53,6 +55,6 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     block = triton.next_power_of_2(dim)
     _rms_norm_kernel[(rows.shape[0],)](
         rows, weight, out, rows.stride(0), out.stride(0), dim, eps,
-        BLOCK=block, num_warps=4 if block <= 2048 else 8,
+        BLOCK=block, num_warps=4 if block <= 2048 else 8, **pdl_args(rows),
     )  # fmt: skip
     return out.view(x.shape)

@@ -17,11 +17,13 @@ import triton
 import triton.language as tl
 
 from kernels import decode_fused
+from kernels.triton_pdl import pdl_args, pdl_begin
 
 
 @triton.jit
 def _router_logits_kernel(h_ptr, w_ptr, out_ptr, num_tokens, num_experts, dim, stride_h, stride_w, stride_o,
-                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     tmask = offs_t < num_tokens
@@ -76,6 +78,6 @@ def router_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Te
     block_t, block_e, block_k, warps = _blocks(num_tokens, num_experts, dim)
     _router_logits_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(num_experts, block_e))](
         hidden, weight, out, num_tokens, num_experts, dim, hidden.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, num_warps=warps,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k, num_warps=warps, **pdl_args(hidden),
     )  # fmt: skip
     return out

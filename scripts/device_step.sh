@@ -18,6 +18,8 @@
 #              K blocks an iteration, warps, stages and splits; the winners are exported to the later steps
 #              (fp8_decode_tiles.env); NCU=1 then runs the default under Nsight Compute
 #   fp8vsbf16  bench.decode_step_fp8: the bf16 step and the FP8 step in one process, FP8 / bf16 per batch size
+#   decodepdl / fp8vsbf16pdl  decode / fp8vsbf16 with TANDEM_PDL=1 (kernels.triton_pdl: the Triton kernels launched
+#              as programmatic dependents), beside decode / fp8vsbf16 in the same call
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
 #   fp8stepact the same with FP8 activations at every size (TANDEM_FP8_ACT=fp8)
 #   decodeactive / fp8stepactive   decode / fp8step with TANDEM_MOE_ACTIVE_GRID=1 (the MoE's masked launches
@@ -58,7 +60,8 @@
 #              pdmps / pd32mps: the same under a private CUDA MPS daemon (MPS_ARGS adds); pdmpsN / pd32mpsN: with
 #              the decode instance capped at N % of the SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE); pdmpslow /
 #              pd32mpslow: the decode at MPS's below-normal client priority (CUDA_MPS_CLIENT_PRIORITY=1);
-#              pd32mps50@big: the same step again with $PD_ARGS_big added, named *_big
+#              pd32mps50@big: the same step again with $PD_ARGS_big added (and $PD_ENV_big's VAR=VALUE words in
+#              its servers' environment), named *_big
 # Carry .gpu_bundle, optionally .baseline and .gpu_carry. Everything written under $OUT comes back packed as
 # $OUT/results.tgz (a call returns at most 8 files); the caller's console log stays beside it.
 # Usage: OUT=DIR STEPS="prefill decode tests" bash scripts/device_step.sh
@@ -102,6 +105,7 @@ for s in $STEPS; do
     # step@LABEL: a pd step again with $PD_ARGS_LABEL added, its results named with _LABEL
     label="" && case $s in *@*) label=${s#*@} s=${s%@*} ;; esac
     label_args=$([ -n "$label" ] && eval "echo \${PD_ARGS_$label:-}")
+    label_env=$([ -n "$label" ] && eval "echo \${PD_ENV_$label:-}")  # VAR=VALUE words for that pd step's servers
     case $s in
     prefill) step 01_prefill_step "$(left 120)" python3 -m bench.prefill_step --device cuda --model-config v2-lite \
         --seq-lens 4096,4x1024 --profile --out "$OUT_SAVED/prefill_step_gpu.json" ;;
@@ -124,6 +128,10 @@ for s in $STEPS; do
         --out "$OUT_SAVED/decode_step_fp8_vs_bf16_gpu.json" ;;
     decode) step 02_decode_step "$(left 90)" env TANDEM_MLA_DECODE=triton python3 -m bench.decode_step $DS --profile \
         --out "$OUT_SAVED/decode_step_gpu.json" ;;
+    decodepdl) step 02_decode_step_pdl "$(left 90)" env TANDEM_PDL=1 TANDEM_MLA_DECODE=triton python3 -m \
+        bench.decode_step $DS --profile --out "$OUT_SAVED/decode_step_gpu_pdl.json" ;;
+    fp8vsbf16pdl) step 06_decode_step_fp8_vs_bf16_pdl "$(left 150)" env TANDEM_PDL=1 python3 -m bench.decode_step_fp8 \
+        $DS --profile --out "$OUT_SAVED/decode_step_fp8_vs_bf16_gpu_pdl.json" ;;
     landed) [ -d .baseline ] && step 03_decode_step_landed "$(left 75)" env PYTHONPATH="$PWD/.baseline:$SITE" \
         bash -c "cd .baseline && python3 -m bench.decode_step $DS --out $OUT_SAVED/decode_step_gpu_landed.json" ;;
     kernels) step 04_kernels_gpu "$(left 150)" python3 -m bench.kernels_gpu --quick --out "$OUT_SAVED/kernels_gpu.json" ;;
@@ -168,7 +176,7 @@ for s in $STEPS; do
         [ "$tree" = .issue_base ] && name=${name}_issue_base
         # an older tree runs this tree's bench drivers (their flags); its engine and workers stay its own
         [ "$tree" != . ] && [ -d "$tree" ] && cp bench/*.py "$tree/bench/"
-        [ -d "$tree" ] && step "07_$name" "$(left 300)" env TANDEM_TIMELINE=1 PYTHONPATH="$PWD/$tree:$SITE" bash -c \
+        [ -d "$tree" ] && step "07_$name" "$(left 300)" env TANDEM_TIMELINE=1 $label_env PYTHONPATH="$PWD/$tree:$SITE" bash -c \
             "cd $tree && python3 -m bench.compare_pd --device cuda --setups \${PD_SETUPS:-1p1d} $mps \
             --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
             $load ${PD_ARGS:-} $label_args --output-json $OUT_SAVED/$name.json \

@@ -50,14 +50,14 @@ def masked_gated(bits: bool, kb_step: int) -> CompiledKernel:
     return compile_sm90(tfm._fp8_moe_gemm_kernel, {
         "NUM_KB": 16, "NUM_KB_X": 16, "SCALE_BLOCK_N": 128, "A_ROW_DIV": 1, "GATED": True, "MASKED": True,
         "ZERO_TAIL": False, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1, "PROMOTE": 0, "W8A16": True,
-        "DOT_PRECISION": "tf32", "EXTRA": True, "ACTIVE": True, "KB_STEP": kb_step, "BITS": bits}, 4, 3)
+        "DOT_PRECISION": "tf32", "EXTRA": True, "ACTIVE": True, "KB_STEP": kb_step, "BITS": bits, "PDL": False}, 4, 3)
 
 
-def dense_split(bits: bool, kb_step: int) -> CompiledKernel:
+def dense_split(bits: bool, kb_step: int, pdl: bool = False) -> CompiledKernel:
     return compile_sm90(tf._fp8_gemm_kernel, {
         "NUM_KB": 16, "KB_PER_SPLIT": 4, "SCALE_BLOCK_N": 128, "HAS_BIAS": False, "BLOCK_M": 16, "BLOCK_N": 32,
         "BLOCK_K": 128, "GROUP_M": 1, "A_MODE": tf.A_W8A16, "PROMOTE": 0, "DOT_PRECISION": "tf32", "KB_STEP": kb_step,
-        "BITS": bits}, 4, 4)
+        "BITS": bits, "PDL": pdl}, 4, 4)
 
 
 def main() -> int:
@@ -71,7 +71,13 @@ def main() -> int:
                 conv = {op: n for op, n in sorted(ops.items()) if op.startswith(CONVERSIONS) and "64" not in op}
                 print(f"{name:14s} {'bits' if bits else 'cvt':4s} kb_step {kb_step}: shared {kernel.metadata.shared:6d} B,"
                       f" cubin {len(kernel.asm['cubin']):6d} B, {mma} MMA, {conv}", flush=True)
-    return 0
+    # Programmatic dependent launch (kernels.triton_pdl): the wait and the trigger, each once, ahead of the loads.
+    ptx = dense_split(False, 1, pdl=True).asm["ptx"]
+    first_load = min(i for i in (ptx.find("ld.global"), ptx.find("cp.async"), len(ptx)) if i >= 0)
+    found = [(op, ptx.count(op), 0 <= ptx.find(op) < first_load) for op in ("griddepcontrol.wait",
+                                                                             "griddepcontrol.launch_dependents")]
+    print(f"dense split-K with PDL: {found} (instruction, count, before the first load)", flush=True)
+    return 0 if all(n == 1 and early for _, n, early in found) else 1
 
 
 if __name__ == "__main__":

@@ -174,13 +174,16 @@ def test_graph_safe_decode_generates_the_same_greedy_tokens_as_eager_on_cpu(tiny
 
 # ---- GPU: real capture and replay ------------------------------------------------------------------------
 @gpu
-@pytest.mark.parametrize("active_grid", ["0", "1"])
-def test_gpu_greedy_tokens_equal_cpu_with_and_without_cuda_graphs(tiny_dir: Path, active_grid: str,
+@pytest.mark.parametrize("active_grid,pdl", [("0", "0"), ("1", "0"), ("1", "1")])
+def test_gpu_greedy_tokens_equal_cpu_with_and_without_cuda_graphs(tiny_dir: Path, active_grid: str, pdl: str,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """``active_grid`` 1: the graphs' MoE launches run the active experts alone (engine.moe.ACTIVE_GRID_ENV)."""
+    """``active_grid`` 1: the graphs' MoE launches run the active experts alone (engine.moe.ACTIVE_GRID_ENV);
+    ``pdl`` 1: the Triton kernels launch as programmatic dependents (kernels.triton_pdl), eager and captured."""
     from engine.moe import ACTIVE_GRID_ENV
+    from kernels.triton_pdl import PDL_ENV
 
     monkeypatch.setenv(ACTIVE_GRID_ENV, active_grid)
+    monkeypatch.setenv(PDL_ENV, pdl)
     lengths = [4, 6, 8, 9, 12]
     cpu_tokens, _ = _generate(tiny_dir, "cpu", 0, lengths)
     gpu_eager, _ = _generate(tiny_dir, "cuda", 0, lengths)
@@ -194,7 +197,43 @@ def test_gpu_greedy_tokens_equal_cpu_with_and_without_cuda_graphs(tiny_dir: Path
 
 
 @gpu
-def test_replayed_graph_matches_eager_logits_and_replays_new_batches(tiny_dir: Path) -> None:
+def test_graphs_captured_with_programmatic_dependent_launch_give_the_same_logits_bit_for_bit(
+        tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDL changes when a kernel's programs are scheduled, never what they compute: a race (a kernel reading
+    before the one ahead of it finished) would show as a difference somewhere in many replays."""
+    from kernels.triton_pdl import PDL_ENV
+
+    model, pool = _model_and_pool(tiny_dir, "cuda")
+    runners = {}
+    for pdl in ("0", "1"):  # read at capture: each runner's graphs keep the launches they were captured with
+        monkeypatch.setenv(PDL_ENV, pdl)
+        runners[pdl] = CudaGraphRunner(model, pool, max_bs=8)
+    try:
+        pages = pool.alloc(20)
+        pool.tensor[pages[0] : pages[-1] + 1].normal_(generator=torch.Generator(device="cuda").manual_seed(3))
+        before = pool.tensor.clone()
+        for seq_lens in ([5, 33, 17], [70], [9, 9, 9, 9, 9, 40], [1, 2]) * 5:
+            batch = _decode_batch(pool, seq_lens, pages[0])
+            logits = {}
+            for pdl, runner in runners.items():
+                pool.tensor.copy_(before)
+                logits[pdl] = runner(batch).next_token_logits.clone()
+            assert torch.equal(logits["0"], logits["1"]), seq_lens
+        pool.free(pages)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    assert pool.available_pages == NUM_PAGES
+
+
+@gpu
+@pytest.mark.parametrize("pdl", ["0", "1"])
+def test_replayed_graph_matches_eager_logits_and_replays_new_batches(tiny_dir: Path, pdl: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pdl`` 1: captured and eager launches as programmatic dependents; the same logits as without."""
+    from kernels.triton_pdl import PDL_ENV
+
+    monkeypatch.setenv(PDL_ENV, pdl)
     model, pool = _model_and_pool(tiny_dir, "cuda")
     runner = CudaGraphRunner(model, pool, max_bs=8)
     try:

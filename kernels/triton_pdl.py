@@ -1,0 +1,54 @@
+"""Programmatic dependent launch (PDL, sm90+) for the decode step's Triton kernels.
+
+A decode step at small batch is hundreds of short kernels (412 for V2-Lite), and in a CUDA graph each still
+pays a launch gap of about a microsecond between the end of one and the start of the next. Launched as a
+programmatic dependent (``launch_pdl``), a kernel's programs may be scheduled while the kernel before it
+still runs; each then waits in ``griddepcontrol.wait`` until that kernel has finished and its writes are
+visible, so nothing it reads or writes can race the one before. Its own ``griddepcontrol.launch_dependents``
+right after lets the next kernel be scheduled as soon as every program of this one has started.
+
+The rule that keeps this safe: a kernel launched with ``launch_pdl`` calls ``pdl_begin`` before any memory
+access (every kernel here does it as its first statement, so a program that returns early has waited too).
+Kernels launched normally (cuBLAS, torch) keep stream order as ever; after one of them a PDL launch simply
+starts when it ends. ``TANDEM_PDL=1`` turns it on (CUDA, compute capability 9.0+); off, the kernels compile
+without the instructions and launch as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+PDL_ENV = "TANDEM_PDL"
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl_on(x: torch.Tensor) -> bool:
+    """Whether kernels on ``x``'s device launch as programmatic dependents (``PDL_ENV``)."""
+    mode = os.environ.get(PDL_ENV, "0")
+    if mode not in ("0", "1"):
+        raise ValueError(f"{PDL_ENV}={mode!r}: expected 0 or 1")
+    return mode == "1" and x.is_cuda and _capability(x.device.index or 0) >= (9, 0)
+
+
+def pdl_args(x: torch.Tensor) -> dict[str, Any]:
+    """The launch keywords of a kernel that takes ``PDL: tl.constexpr`` and starts with ``pdl_begin(PDL)``."""
+    on = pdl_on(x)
+    return {"PDL": on, "launch_pdl": on}
+
+
+@triton.jit
+def pdl_begin(PDL: tl.constexpr):
+    """A PDL-launched kernel's first statement: wait for the kernel before it, then let the next one launch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
