@@ -71,16 +71,16 @@
 # 01b6185`) and .issue_base (`git archive 69f5b33`, the tree issue 15 was filed against). GPU starts are scarce:
 # carry a committed snapshot (`git archive HEAD` into an ignored folder, run from there) so work in progress in
 # the checkout never rides along.
-#   call 1, on an H200 where one is lent (the c8 goal, 626 tok/s, is 2x an H200's 313; the H100 gives 543-582
-#     against its own 297 for the base tree): STEPS="pdissuebase pdmps pdmps@small pdmps50@big hostpath ncufp8
-#     fp8vsbf16 pd32issuebase pd32mps50@big" PD_ARGS_big="--max-prefill-tokens 16384"
-#     PD_ARGS_small="--max-prefill-tokens 4096" FP8_SWEEP_ARGS="--sweep --dense" (ncufp8 times the FP8 launches'
-#     K blocks an iteration, kb_step 1/2/4, and TANDEM_FP8_BF16_CONVERT=bits, written in session 37 and never run:
-#     its winners go to fp8vsbf16); add `tests` with TESTS_K="bit_moving or either_weight" for their GPU tests
-#   call 2: STEPS="decode fp8vsbf16 prefill tests" TESTS_K="keeps_the_dequantized or greedy_tokens_equal"
-#   on an H100 instead: c8 is bound by 100 x ITL (10 ms mean beside prefill forwards, 8 alone): hostpath says
-#     how much of a decode turn is host work; try the prefill capped, `pdmps@p70 pdmps@p50 pdmps` with
-#     PD_ARGS_p70="--mps-prefill-sm 70" PD_ARGS_p50=...
+#   call 1, on whichever card comes (the c8 line doubles the base tree on the same card: 297 on an H100, 313
+#     on an H200; this tree gave 543-582 on an H100): STEPS="pdissuebase pdmps pdmps@pdl decode decodepdl tests
+#     pdmps@p70 ncufp8 fp8vsbf16 hostpath pdmps@p50" PD_ENV_pdl="TANDEM_PDL=1" TESTS_K="pdl or
+#     programmatic or bit_moving or either_weight" PD_ARGS_p70="--mps-prefill-sm 70" PD_ARGS_p50="--mps-prefill-sm
+#     50 --mps-decode-sm 50" FP8_SWEEP_ARGS="--sweep --dense": PDL (session 38, never run) against the same
+#     tree without it, serving and decode step; its GPU tests; the prefill capped under MPS (the prefill forward
+#     beside the decode takes 137 ms against 53 alone); the FP8 launches' kb_step / bits sweep (session 37)
+#   call 2: STEPS="deepgemm fp8vsbf16pdl pd32issuebase pd32mps50@big" GEMM_ARGS="--grouped-only --tokens 4096"
+#     PD_ARGS_big="--max-prefill-tokens 16384" (DeepGEMM's masked experts with the fused SiLU * up quantizer and
+#     no full-tensor fills, session 38: the masked 1.6x line; needs .gpu_carry/deepgemm_src.tar.gz)
 #   A warm machine's idle time counts against the budget: chain the calls, then give it back at once.
 set -uo pipefail
 cd "$(dirname "$0")/.."
