@@ -47,7 +47,7 @@
 #   deepgemm   DeepGEMM built from .gpu_carry/deepgemm_src.tar.gz (scripts/make_deepgemm_carry.sh; never committed)
 #              by scripts/build_deepgemm.sh (DG_JIT_USE_RUNTIME_API=1 in the environment builds its runtime-API
 #              kernel loader instead of dlsym'd driver calls), one probe GEMM under DG_JIT_DEBUG (gdb's backtrace
-#              if it crashes), then tests/test_fp8_deepgemm_gpu.py and bench.gemm (GEMM_ARGS) with it
+#              if it crashes), then tests/test_fp8_deepgemm_gpu.py (DG_TESTS_K narrows them) and bench.gemm (GEMM_ARGS) with it
 #              importable (its "deepgemm" backend beside the others). Its kernels JIT-compile per shape (seconds
 #              each) into /tmp/deepgemm/jit_cache; DEEPGEMM_SAVE_JIT=1 sends that cache back as
 #              deepgemm_jit_cache.tar.gz, and a carried .gpu_carry/deepgemm_jit_cache.tar.gz starts the next call warm
@@ -73,14 +73,15 @@
 # the checkout never rides along.
 #   call 1, on whichever card comes (the c8 line doubles the base tree on the same card: 297 on an H100, 313
 #     on an H200; this tree gave 543-582 on an H100): STEPS="pdissuebase pdmps pdmps@pdl decode decodepdl tests
-#     pdmps@p70 ncufp8 fp8vsbf16 hostpath pdmps@p50" PD_ENV_pdl="TANDEM_PDL=1" TESTS_K="pdl or
-#     programmatic or bit_moving or either_weight" PD_ARGS_p70="--mps-prefill-sm 70" PD_ARGS_p50="--mps-prefill-sm
-#     50 --mps-decode-sm 50" FP8_SWEEP_ARGS="--sweep --dense": PDL (session 38, never run) against the same
-#     tree without it, serving and decode step; its GPU tests; the prefill capped under MPS (the prefill forward
-#     beside the decode takes 137 ms against 53 alone); the FP8 launches' kb_step / bits sweep (session 37)
-#   call 2: STEPS="deepgemm fp8vsbf16pdl pd32issuebase pd32mps50@big" GEMM_ARGS="--grouped-only --tokens 4096"
-#     PD_ARGS_big="--max-prefill-tokens 16384" (DeepGEMM's masked experts with the fused SiLU * up quantizer and
-#     no full-tensor fills, session 38: the masked 1.6x line; needs .gpu_carry/deepgemm_src.tar.gz)
+#     deepgemm pdmps@p70 hostpath" PD_ENV_pdl="TANDEM_PDL=1" TESTS_K="pdl or programmatic"
+#     DG_TESTS_K="masked_moe or contiguous_moe or layout_contract" GEMM_ARGS="--grouped-only --tokens 4096"
+#     PD_ARGS_p70="--mps-prefill-sm 70" (carry .gpu_carry): PDL (session 38, never run) against the same tree
+#     without it, serving and decode step, and its GPU tests; DeepGEMM's masked experts with the fused SiLU * up
+#     quantizer and no full-tensor fills (session 38: the masked 1.6x line); the prefill capped under MPS (its
+#     forward beside the decode takes 137 ms against 53 alone)
+#   call 2: STEPS="ncufp8 fp8vsbf16 fp8vsbf16pdl pdmps@p50 pd32issuebase pd32mps50@big" FP8_SWEEP_ARGS="--sweep
+#     --dense" TESTS_K="bit_moving or either_weight" PD_ARGS_p50="--mps-prefill-sm 50 --mps-decode-sm 50"
+#     PD_ARGS_big="--max-prefill-tokens 16384" (the FP8 launches' kb_step / bits sweep of session 37)
 #   A warm machine's idle time counts against the budget: chain the calls, then give it back at once.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -225,7 +226,7 @@ for s in $STEPS; do
             mkdir -p "$DG_JIT_CACHE_DIR" && tar -xzf .gpu_carry/deepgemm_jit_cache.tar.gz -C "$DG_JIT_CACHE_DIR"
         fi
         step 18_pytest_deepgemm "$(left 300)" python3 -m pytest -q -s -p no:cacheprovider -rs --tb=short \
-            tests/test_fp8_deepgemm_gpu.py ${TESTS_K:+-k "$TESTS_K"}
+            tests/test_fp8_deepgemm_gpu.py ${DG_TESTS_K:+-k "$DG_TESTS_K"}
         step 19_gemm_deepgemm "$(left 300)" python3 -m bench.gemm ${GEMM_ARGS:-} --out-dir "$OUT_SAVED"
         if [ "${DEEPGEMM_SAVE_JIT:-0}" = 1 ] && [ -d "$DG_JIT_CACHE_DIR/cache" ]; then
             tar -czf "$OUT_SAVED/deepgemm_jit_cache.tar.gz" -C "$DG_JIT_CACHE_DIR" cache
