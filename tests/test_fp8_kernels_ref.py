@@ -177,6 +177,22 @@ def test_gemm_bench_quick_runs_on_cpu_and_writes_json_and_png(tmp_path: Path) ->
             assert ref["ratio_torch"] == pytest.approx(row["bf16_torch"]["ms"] / ref["ms"])
 
 
+def test_gemm_bench_lays_the_masked_experts_out_at_a_backends_row_multiple(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend that stores whole row tiles (DeepGEMM: 128) gets the masked layout at a capacity of whole tiles,
+    padded outside the timing; its output's rows past the bench's capacity are left out of the comparison."""
+    import bench.gemm
+
+    monkeypatch.setattr(bench.gemm, "MASKED_LAYOUT_MULTIPLE", {"torch_reference": 128})
+    results = bench.gemm.main(["--quick", "--device", "cpu", "--grouped-only", "--out-dir", str(tmp_path)])
+    masked = [row for row in results["grouped"] if row["layout"] == "masked"]
+    assert masked
+    for row in masked:
+        assert row["capacity"] % 128 and row["torch_reference"]["capacity"] == 128 * -(-row["capacity"] // 128)
+        assert row["torch_reference"]["rel_err"] < 0.05
+    assert all("capacity" not in row["torch_reference"] for row in results["grouped"] if row["layout"] != "masked")
+
+
 def test_the_gemm_benchs_torch_masked_experts_equal_the_masked_reference() -> None:
     from bench.gemm import masked_bmm
     from kernels.moe import moe_forward_masked
