@@ -71,17 +71,16 @@
 # 01b6185`) and .issue_base (`git archive 69f5b33`, the tree issue 15 was filed against). GPU starts are scarce:
 # carry a committed snapshot (`git archive HEAD` into an ignored folder, run from there) so work in progress in
 # the checkout never rides along.
-#   call 1, on whichever card comes (the c8 line doubles the base tree on the same card: 297 on an H100, 313
-#     on an H200; this tree gave 543-582 on an H100): STEPS="pdissuebase pdmps pdmps@pdl decode decodepdl tests
-#     deepgemm pdmps@p70 hostpath" PD_ENV_pdl="TANDEM_PDL=1" TESTS_K="pdl or programmatic"
-#     DG_TESTS_K="masked_moe or contiguous_moe or layout_contract" GEMM_ARGS="--grouped-only --tokens 4096"
-#     PD_ARGS_p70="--mps-prefill-sm 70" (carry .gpu_carry): PDL (session 38, never run) against the same tree
-#     without it, serving and decode step, and its GPU tests; DeepGEMM's masked experts with the fused SiLU * up
-#     quantizer and no full-tensor fills (session 38: the masked 1.6x line); the prefill capped under MPS (its
-#     forward beside the decode takes 137 ms against 53 alone)
-#   call 2: STEPS="ncufp8 fp8vsbf16 fp8vsbf16pdl pdmps@p50 pd32issuebase pd32mps50@big" FP8_SWEEP_ARGS="--sweep
-#     --dense" TESTS_K="bit_moving or either_weight" PD_ARGS_p50="--mps-prefill-sm 50 --mps-decode-sm 50"
-#     PD_ARGS_big="--max-prefill-tokens 16384" (the FP8 launches' kb_step / bits sweep of session 37)
+#   call 1, on whichever card comes (the c8 line asks 2x the base tree's 313 on an H200; the base gives 311 on an
+#     H100 too, this tree 543-586 there, session 38's call: 576 / 586 with PDL): STEPS="pdissuebase pdmps pdmps
+#     pdmps@p70 pdmps@p50 hostpath ncufp8 fp8vsbf16 tests" PD_ARGS_p70="--mps-prefill-sm 70"
+#     PD_ARGS_p50="--mps-prefill-sm 50 --mps-decode-sm 50" FP8_SWEEP_ARGS="--sweep --dense" TESTS_K="bit_moving or
+#     either_weight or pdl": the prefill capped under MPS (its forward beside the decode takes 128-137 ms against
+#     53 alone), where a decode turn's time goes on the GPU host, and the FP8 launches' kb_step / bits sweep of
+#     session 37 (never run; its winners go to fp8vsbf16)
+#   call 2: STEPS="pd32issuebase pd32mps50@big deepgemm" PD_ARGS_big="--max-prefill-tokens 16384"
+#     GEMM_ARGS="--sweep" DG_TESTS_K="masked_moe or contiguous_moe" (carry .gpu_carry: every FP8 backend at V3's
+#     dense and grouped shapes in one run, DeepGEMM's lean masked path beside them)
 #   A warm machine's idle time counts against the budget: chain the calls, then give it back at once.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -8,8 +8,10 @@ the shared experts' column) and the dense split-K kernel (16 x 32, 4 stages, 4 K
 Triton and ptxas for sm90, with the launch-time divisibility hints a real launch gets (without them no load is
 vectorized or pipelined), under both weight conversions (``TANDEM_FP8_BF16_CONVERT`` cvt / bits) and 1 or 2
 K blocks an iteration. Prints shared memory, cubin size, MMA count and the conversion instructions of each:
-what a tile or conversion change does to the code before a GPU is lent to time it. Triton versions lower
-differently (3.9 does not pipeline these loops at all where 3.6 does): use the GPU image's.
+what a tile or conversion change does to the code before a GPU is lent to time it. Last, the dense kernel with
+programmatic dependent launch (``kernels.triton_pdl``): its wait and trigger must come once each, before the
+first load (exit status 1 otherwise). Triton versions lower differently (3.9 does not pipeline these loops at
+all where 3.6 does): use the GPU image's.
 """
 
 from __future__ import annotations
