@@ -174,7 +174,8 @@ def test_graph_safe_decode_generates_the_same_greedy_tokens_as_eager_on_cpu(tiny
 
 # ---- GPU: real capture and replay ------------------------------------------------------------------------
 @gpu
-@pytest.mark.parametrize("active_grid,pdl", [("0", "0"), ("1", "0"), ("1", "1")])
+@pytest.mark.parametrize("active_grid,pdl", [("0", "0"), ("1", "0"), ("1", "1")],
+                         ids=["all_experts", "active_grid", "active_grid_pdl"])
 def test_gpu_greedy_tokens_equal_cpu_with_and_without_cuda_graphs(tiny_dir: Path, active_grid: str, pdl: str,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """``active_grid`` 1: the graphs' MoE launches run the active experts alone (engine.moe.ACTIVE_GRID_ENV);
@@ -227,7 +228,7 @@ def test_graphs_captured_with_programmatic_dependent_launch_give_the_same_logits
 
 
 @gpu
-@pytest.mark.parametrize("pdl", ["0", "1"])
+@pytest.mark.parametrize("pdl", ["0", "1"], ids=["plain", "pdl"])
 def test_replayed_graph_matches_eager_logits_and_replays_new_batches(tiny_dir: Path, pdl: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """``pdl`` 1: captured and eager launches as programmatic dependents; the same logits as without."""
