@@ -19,6 +19,13 @@ Backend = Literal["torch", "triton"]
 BACKEND_ENV = "TANDEM_KERNELS"
 
 
+@functools.lru_cache(maxsize=16)
+def device_facts(index: int) -> tuple[tuple[int, int], int]:
+    """(compute capability, SM count) of a CUDA device, cached: asked on every GEMM call and kernel launch."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
 @functools.lru_cache(maxsize=1)
 def triton_importable() -> bool:
     """Whether `import triton` works here (cached: a failed import is slow to repeat)."""

@@ -16,7 +16,6 @@ its scale applies: ``acc += dot(a, b) * b_scale[None, :]``.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.backend import device_facts
 from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize, quantizes_activations, scale_shape
 from kernels.fp8_cublas import fp8_linear_cublas, use_cublas
 from kernels.fp8_deepgemm import fp8_linear_deepgemm, use_deepgemm
@@ -370,16 +370,9 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@functools.lru_cache(maxsize=16)
-def _device_facts(index: int) -> tuple[tuple[int, int], int]:
-    """(compute capability, SM count) of a CUDA device, cached: asked on every GEMM call."""
-    props = torch.cuda.get_device_properties(index)
-    return (props.major, props.minor), props.multi_processor_count
-
-
 def _check_device(x: torch.Tensor) -> None:
     # FP8 tl.dot needs sm89+ (Ada, Hopper); older GPUs must run with --quantization none.
-    if x.is_cuda and _device_facts(x.device.index or 0)[0] < (8, 9):
+    if x.is_cuda and device_facts(x.device.index or 0)[0] < (8, 9):
         raise RuntimeError(f"FP8 Triton GEMMs need compute capability 8.9+, {torch.cuda.get_device_name(x.device)} "
                            "has less: run with --quantization none (dequantized weights)")
 
@@ -421,7 +414,7 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
     if weight.stride(1) != 1 or xq.stride(1) != 1 or weight_scale.stride(1) != 1 or (xs is not None
                                                                                      and xs.stride(1) != 1):
         raise ValueError("fp8 GEMM operands must be contiguous in their last dim")
-    sm_count = _device_facts(xq.device.index or 0)[1] if xq.is_cuda else 0
+    sm_count = device_facts(xq.device.index or 0)[1] if xq.is_cuda else 0
     cfg = config or dense_gemm_config(m)
     k_blocks = triton.cdiv(k, block_size[1])
     if split_k is None:

@@ -16,7 +16,6 @@ without the instructions and launch as before.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -24,12 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.backend import device_facts
+
 PDL_ENV = "TANDEM_PDL"
-
-
-@functools.lru_cache(maxsize=16)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 def pdl_on(x: torch.Tensor) -> bool:
@@ -37,7 +33,7 @@ def pdl_on(x: torch.Tensor) -> bool:
     mode = os.environ.get(PDL_ENV, "0")
     if mode not in ("0", "1"):
         raise ValueError(f"{PDL_ENV}={mode!r}: expected 0 or 1")
-    return mode == "1" and x.is_cuda and _capability(x.device.index or 0) >= (9, 0)
+    return mode == "1" and x.is_cuda and device_facts(x.device.index or 0)[0] >= (9, 0)
 
 
 def pdl_args(x: torch.Tensor) -> dict[str, Any]:
