@@ -57,11 +57,12 @@ def selected_experts(model: DeepseekForCausalLM, run: Callable[[], Any]) -> list
 
 def step_bytes(model: DeepseekForCausalLM, batch: ForwardBatch, experts_per_layer: list[int]) -> dict[str, int]:
     """The bytes one DECODE step over ``batch`` must read, by kind."""
-    routed = dense = embed = 0
+    routed = dense = embed = fp8_bytes = 0
     moe_blocks = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoEBlock)]
     for block, picked in zip(moe_blocks, experts_per_layer, strict=True):
         per_expert = (block.w13[0].numel() * block.w13.element_size() + block.w2[0].numel() * block.w2.element_size())
         routed += picked * per_expert
+        fp8_bytes += picked * per_expert if block.w13.dtype == torch.float8_e4m3fn else 0
     routed_ids = {id(p) for b in moe_blocks for p in (b.w13, b.w2)}
     embed_weight = model.model.embed_tokens.weight
     for param in model.parameters():
@@ -71,11 +72,14 @@ def step_bytes(model: DeepseekForCausalLM, batch: ForwardBatch, experts_per_laye
             embed += batch.input_ids.numel() * param.shape[1] * param.element_size()
             continue
         dense += param.numel() * param.element_size()
+        fp8_bytes += param.numel() * param.element_size() if param.dtype == torch.float8_e4m3fn else 0
     pool = batch.kv_pool
     per_token = pool.num_layers * pool.tensor.shape[-1] * pool.tensor.element_size()
     kv = int(batch.seq_lens.sum().item()) * per_token
+    # fp8_weights: the FP8 weights among the above (what the FP8 GEMMs stream; their block scales, 1/4096 of
+    # those bytes, are left out), for bench.decode_step_fp8's split of a step into FP8 GEMMs and the rest.
     return {"routed_experts": routed, "other_weights": dense, "embedding_rows": embed, "kv": kv,
-            "total": routed + dense + embed + kv}
+            "total": routed + dense + embed + kv, "fp8_weights": fp8_bytes}
 
 
 def kernels_per_step(fn: Callable[[], Any], device: torch.device, steps: int = 5) -> float:

@@ -29,3 +29,20 @@ def test_the_bench_reports_fp8_over_bf16_per_batch_size_with_both_reports(tmp_pa
     assert "fp8/bf16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         decode_step_fp8.main(["--device", "cpu", "--quantization", "fp8"])
+
+
+def test_the_gemm_floor_split_counts_only_the_kernels_that_stream_fp8_weights() -> None:
+    # A 3 ms FP8 step whose FP8 GEMMs take 1.6 ms for 0.75 GB at 3000 GB/s (0.25 ms): 1.65 ms, over a 3.3 ms bf16
+    # step 0.5x; the MLA and norm kernels (and a bf16 cuBLAS GEMM) stay in the rest.
+    profile = [{"kernel": "_fp8_moe_gemm_kernel", "us_per_step": 1200.0},
+               {"kernel": "_fp8_gemm_kernel", "us_per_step": 300.0},
+               {"kernel": "_reduce_splits_kernel", "us_per_step": 100.0},
+               {"kernel": "_mla_decode_split_kernel", "us_per_step": 200.0},
+               {"kernel": "nvjet_sm90_tst_512x8_64x3_2x1_v_bz_TNT", "us_per_step": 150.0}]
+    fp8 = {"graph": {"ms": 3.0}, "graph_profile": profile, "step_bytes": {"fp8_weights": 750_000_000}}
+    split = decode_step_fp8.at_gemm_floor({"graph": {"ms": 3.3}}, fp8, 3000.0)
+    assert split["fp8_gemm_ms"] == pytest.approx(1.6)
+    assert split["fp8_gemm_floor_ms"] == pytest.approx(0.25)
+    assert split["fp8_rest_ms"] == pytest.approx(1.4)
+    assert split["fp8_over_bf16_at_gemm_floor"] == pytest.approx(1.65 / 3.3)
+    assert decode_step_fp8.at_gemm_floor({"graph": {"ms": 3.3}}, {**fp8, "graph_profile": None}, 3000.0) == {}
