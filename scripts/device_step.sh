@@ -13,7 +13,8 @@
 #   prefillbig the forward at 4096, 2x4096 and 4x4096 tokens (a prefill batch's size against its rate)
 #   prefillfp8 prefill with FP8 weights under TANDEM_FP8_GEMM=auto (DeepGEMM's dense GEMMs from 1024 rows where
 #              the deepgemm step built it earlier in the call, else cuBLAS) and again under cublas
-#   ncufp8     tests/fp8_moe_one_token.py --sweep --dense (FP8_SWEEP_ARGS replaces the flags): one layer's masked
+#   ncufp8     tests/fp8_moe_one_token.py --sweep --dense (FP8_SWEEP_ARGS replaces the flags, SWEEP_LIMIT the 240 s
+#              cap): one layer's masked
 #              W8A16 expert launches and its dense attention GEMMs at one token against the copy_ rate over tiles,
 #              K blocks an iteration, warps, stages and splits; the winners are exported to the later steps
 #              (fp8_decode_tiles.env); NCU=1 then runs the default under Nsight Compute
@@ -116,7 +117,7 @@ for s in $STEPS; do
         step 01_prefill_step_fp8_cublas "$(left 120)" env TANDEM_FP8_GEMM=cublas python3 -m bench.prefill_step \
             --device cuda --model-config v2-lite --quantization fp8 --seq-lens 4096,4x1024 --profile \
             --out "$OUT_SAVED/prefill_step_gpu_fp8_cublas.json" ;;
-    ncufp8) step 08_fp8_moe_one_token "$(left 240)" python3 tests/fp8_moe_one_token.py ${FP8_SWEEP_ARGS:---sweep --dense} \
+    ncufp8) step 08_fp8_moe_one_token "$(left ${SWEEP_LIMIT:-240})" python3 tests/fp8_moe_one_token.py ${FP8_SWEEP_ARGS:---sweep --dense} \
             --best-env "$OUT_SAVED/fp8_decode_tiles.env"
         # The sweep's winners (where they beat the defaults by > 3 %) apply to every later step of the call.
         [ -s "$OUT_SAVED/fp8_decode_tiles.env" ] && cat "$OUT_SAVED/fp8_decode_tiles.env" \
