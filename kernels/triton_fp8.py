@@ -310,16 +310,18 @@ def dense_gemm_config(m: int) -> Fp8GemmConfig:
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
+def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, out_ptr, done_ptr, M, N, K,
                      stride_am, stride_asm, stride_bn, stride_bsn, stride_cs, stride_cm,
                      NUM_KB: tl.constexpr, KB_PER_SPLIT: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, A_MODE: tl.constexpr, PROMOTE: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, KB_STEP: tl.constexpr, BITS: tl.constexpr, PDL: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, KB_STEP: tl.constexpr, BITS: tl.constexpr,
+                     SPLITS: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     pid = tl.program_id(0)
     # Split-K: program_id(1) takes K blocks [split * KB_PER_SPLIT, ...) and writes an fp32 partial to
-    # slice `split` of c (summed by the caller). One split: the whole K, straight to the output.
+    # slice `split` of c (summed by the caller, or with FIXUP by the tile's last split to finish, into out).
+    # One split: the whole K, straight to the output.
     split = tl.program_id(1)
     pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
@@ -364,10 +366,36 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, M, N, K,
                 acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-    if HAS_BIAS:
+    if HAS_BIAS and not FIXUP:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + split.to(tl.int64) * stride_cs + rows[:, None] * stride_cm + cols[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if FIXUP:
+        _sum_splits_if_last(c_ptr, bias_ptr, out_ptr, done_ptr + pid, rows, cols, offs_n, m_mask, n_mask,
+                            stride_cs, stride_cm, N, SPLITS, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _sum_splits_if_last(c_ptr, bias_ptr, out_ptr, done_ptr, rows, cols, offs_n, m_mask, n_mask, stride_cs,
+                        stride_cm, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """The split-K reduction inside the GEMM's launch: the last of an output tile's SPLITS programs to store its
+    partial adds all of them up, in split order (the same bits as ``_reduce_splits_kernel``, whichever finishes
+    last), adds the bias, casts into ``out`` and sets the tile's counter back to 0 for the next launch (a CUDA
+    graph replays the same counters). CUTLASS's semaphore protocol: the barrier orders every thread's partial
+    before the one thread's release (the scalar atomic), the acquiring program reads the partials from L2."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLITS - 1:
+        mask = m_mask[:, None] & n_mask[None, :]
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            total += tl.load(c_ptr + s * stride_cs + rows[:, None] * stride_cm + cols[None, :], mask=mask,
+                             other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
 
 
 def _check_device(x: torch.Tensor) -> None:
@@ -398,12 +426,13 @@ def choose_split_k(m: int, n: int, k_blocks: int, cfg: Fp8GemmConfig, sm_count: 
 def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
                     out_dtype: torch.dtype, bias: torch.Tensor | None = None, block_size: BlockSize = (BLOCK, BLOCK),
                     config: Fp8GemmConfig | None = None, split_k: int | None = None,
-                    w8a16: bool = False) -> torch.Tensor:
+                    w8a16: bool = False, fixup: bool | None = None) -> torch.Tensor:
     """The GEMM alone, on pre-quantized activations ``xq [M, K]`` / ``xs [M, ceil(K/bk)]``; with ``xs``
     None, ``xq`` is the unquantized activation and each tile is quantized inside the kernel, or with
     ``w8a16`` multiplied unquantized against the dequantized weight tile.
 
-    ``split_k`` None: ``choose_split_k`` on CUDA, 1 elsewhere (the interpreter).
+    ``split_k`` None: ``choose_split_k`` on CUDA, 1 elsewhere (the interpreter). ``fixup`` (None:
+    ``split_fixup_enabled``): split partials summed inside the launch instead of by ``reduce_splits``.
     """
     if w8a16 and xs is not None:
         raise ValueError("w8a16 takes the unquantized activation: xs must be None")
@@ -425,10 +454,14 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
         out = torch.empty((1, m, n), dtype=out_dtype, device=xq.device)
     else:
         out = torch.empty((split_k, m, n), dtype=torch.float32, device=xq.device)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
-    with_bias = bias is not None and split_k == 1
-    _fp8_gemm_kernel[grid](
-        xq, xs if xs is not None else weight_scale, weight, weight_scale, out, bias if with_bias else out, m, n, k,
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    done = split_counters(xq.device, tiles) if split_k > 1 and (split_fixup_enabled() if fixup is None
+                                                                 else fixup) else None
+    final = torch.empty((m, n), dtype=out_dtype, device=xq.device) if done is not None else out
+    with_bias = bias is not None and (split_k == 1 or done is not None)
+    _fp8_gemm_kernel[(tiles, split_k)](
+        xq, xs if xs is not None else weight_scale, weight, weight_scale, out, bias if with_bias else out, final,
+        done if done is not None else out, m, n, k,
         xq.stride(0), xs.stride(0) if xs is not None else 0, weight.stride(0), weight_scale.stride(0),
         out.stride(0), out.stride(1),
         NUM_KB=k_blocks, KB_PER_SPLIT=per_split, SCALE_BLOCK_N=block_size[0], HAS_BIAS=with_bias,
@@ -436,11 +469,57 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
         BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         A_MODE=A_W8A16 if w8a16 else (A_QUANTIZE if xs is None else A_FP8), PROMOTE=_promote_every(block_size),
         DOT_PRECISION=dot_precision(xq.dtype), KB_STEP=cfg.kb_step, BITS=w8a16 and w8a16_bits(xq),
+        SPLITS=split_k, FIXUP=done is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(xq),
     )  # fmt: skip
     if split_k == 1:
         return out[0]
+    if done is not None:
+        return final
     return reduce_splits(out, bias, out_dtype)
+
+
+# The split-K partials summed inside the GEMM's launch by each tile's last split (``_sum_splits_if_last``)
+# instead of by a launch of their own (``reduce_splits``): a decode step runs 54 split FP8 GEMMs on V2-Lite, and
+# each reduction launch took ~1.4 us plus its gap in the graph. TANDEM_FP8_SPLIT_FIXUP=1 turns it on; off until
+# a GPU run times it beside the reduction launch.
+SPLIT_FIXUP_ENV = "TANDEM_FP8_SPLIT_FIXUP"
+_COUNTER_RING = 1 << 16  # tile counters a device keeps; a GEMM takes the next run of them
+
+
+@dataclass
+class _Counters:
+    buffer: torch.Tensor
+    cursor: int = 0
+
+
+_COUNTERS: dict[torch.device, _Counters] = {}
+
+
+def split_fixup_enabled() -> bool:
+    mode = os.environ.get(SPLIT_FIXUP_ENV, "0")
+    if mode not in ("0", "1"):
+        raise ValueError(f"{SPLIT_FIXUP_ENV}={mode!r}: expected 0 or 1")
+    return mode == "1"
+
+
+def split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """``tiles`` zeroed int32 counters for one split GEMM's launch, or None (the caller reduces in a launch of
+    its own) while a CUDA graph is being captured on a device that has none yet: they are made once, outside
+    any capture, and every launch leaves them at 0. Consecutive GEMMs take consecutive runs of a ring, so two
+    running at once (two streams: dual batch overlap) never share one; a graph keeps the runs its capture took."""
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[device] = _Counters(torch.zeros(_COUNTER_RING, dtype=torch.int32, device=device))
+    if tiles > _COUNTER_RING:
+        return None
+    if counters.cursor + tiles > _COUNTER_RING:
+        counters.cursor = 0
+    run = counters.buffer[counters.cursor : counters.cursor + tiles]
+    counters.cursor += tiles
+    return run
 
 
 @triton.jit

@@ -99,8 +99,17 @@ def check_dense() -> None:
         check(f"fp8_linear M{m} N{n} K{k}", rel(tf.fp8_linear_triton(a, w, ws, bias), ref))
         for split in (2, 3):  # 3 K blocks at K=384 over 2 splits: the second has a dead tail block
             if w8a16:
-                out = tf.fp8_gemm_triton(a, None, w, ws, torch.float32, bias, split_k=split, w8a16=True)
+                out = tf.fp8_gemm_triton(a, None, w, ws, torch.float32, bias, split_k=split, w8a16=True, fixup=False)
                 check(f"fp8_gemm w8a16 split_k={split} M{m} N{n} K{k}", rel(out, ref))
+                # Summed by each tile's last split inside the launch: the reduction launch's bits, twice (the
+                # counters it leaves must start the next launch at 0).
+                for _ in range(2):
+                    fixed = tf.fp8_gemm_triton(a, None, w, ws, torch.float32, bias, split_k=split, w8a16=True,
+                                               fixup=True)
+                    check(f"fp8_gemm w8a16 split_k={split} in-launch sum M{m} N{n} K{k}",
+                          float((fixed != out).sum()), 0.5)
+                ring = tf._COUNTERS[torch.device("cpu")]  # the launches took counters and left them at 0
+                check("split counters taken and reset", float(ring.cursor == 0 or ring.buffer.any()), 0.5)
                 continue
             aq, a_s = tf.quantize_fp8_act_triton(a)
             out = tf.fp8_gemm_triton(aq, a_s, w, ws, torch.float32, bias, split_k=split)

@@ -253,6 +253,40 @@ def test_w8a16_launches_give_the_same_bits_with_either_weight_conversion(kb_step
         assert torch.equal(cvt, bits)
 
 
+@gpu_test
+@pytest.mark.parametrize(("rows", "nk"), [(1, (3648, 2048)), (1, (2048, 2048)), (7, (3648, 2048)), (16, (200, 300))],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_split_sums_inside_the_launch_give_the_reduction_launchs_bits_over_graph_replays(
+        rows: int, nk: tuple[int, int]) -> None:
+    """TANDEM_FP8_SPLIT_FIXUP: each output tile's last split adds the fp32 partials up in split order, as the
+    reduction launch does, whichever split finishes last: identical outputs, eager and over 50 replays of a
+    graph holding eight such GEMMs back to back (the tile counters reset by each launch), bias included."""
+    from kernels import triton_fp8 as tf
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    n, k = nk
+    w, ws = fp8.quantize_fp8_weight(torch.randn(n, k, device="cuda", generator=gen) / k**0.5, (128, 128))
+    a = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
+    bias = torch.randn(n, device="cuda", generator=gen).bfloat16()
+    want = tf.fp8_gemm_triton(a, None, w, ws, torch.bfloat16, bias, split_k=4, w8a16=True, fixup=False)
+    got = tf.fp8_gemm_triton(a, None, w, ws, torch.bfloat16, bias, split_k=4, w8a16=True, fixup=True)
+    assert torch.equal(got, want)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            outs = [tf.fp8_gemm_triton(a, None, w, ws, torch.bfloat16, bias, split_k=4, w8a16=True, fixup=True)
+                    for _ in range(8)]
+    for _ in range(50):
+        for out in outs:
+            out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for out in outs:
+            assert torch.equal(out, want)
+    assert not tf._COUNTERS[a.device].buffer.any()
+
+
 @pytest.fixture(scope="module")
 def fp8_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engine.tiny_model import write_tiny_model
