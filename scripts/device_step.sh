@@ -18,7 +18,8 @@
 #              W8A16 expert launches and its dense attention GEMMs at one token against the copy_ rate over tiles,
 #              K blocks an iteration, warps, stages and splits; the winners are exported to the later steps
 #              (fp8_decode_tiles.env); NCU=1 then runs the default under Nsight Compute
-#   fp8vsbf16  bench.decode_step_fp8: the bf16 step and the FP8 step in one process, FP8 / bf16 per batch size
+#   fp8vsbf16  bench.decode_step_fp8: the bf16 step and the FP8 step in one process, FP8 / bf16 per batch size;
+#              fp8vsbf16@LABEL: again with PD_ENV_LABEL's VAR=VALUE words in its environment, named *_LABEL
 #   decodepdl / fp8vsbf16pdl  decode / fp8vsbf16 with TANDEM_PDL=1 (kernels.triton_pdl: the Triton kernels launched
 #              as programmatic dependents), beside decode / fp8vsbf16 in the same call
 #   fp8step    the decode step with FP8 weights (W8A16 at decode sizes: TANDEM_FP8_ACT auto)
@@ -125,8 +126,8 @@ for s in $STEPS; do
         [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null && step 08_ncu_fp8_moe "$(left 180)" ncu --section SpeedOfLight \
             --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
             -k regex:_fp8_moe_gemm_kernel -c 4 python3 tests/fp8_moe_one_token.py --iters 2 ;;
-    fp8vsbf16) step 06_decode_step_fp8_vs_bf16 "$(left 150)" python3 -m bench.decode_step_fp8 $DS --profile \
-        --out "$OUT_SAVED/decode_step_fp8_vs_bf16_gpu.json" ;;
+    fp8vsbf16) step "06_decode_step_fp8_vs_bf16${label:+_$label}" "$(left 150)" env $label_env python3 -m \
+        bench.decode_step_fp8 $DS --profile --out "$OUT_SAVED/decode_step_fp8_vs_bf16_gpu${label:+_$label}.json" ;;
     decode) step 02_decode_step "$(left 90)" env TANDEM_MLA_DECODE=triton python3 -m bench.decode_step $DS --profile \
         --out "$OUT_SAVED/decode_step_gpu.json" ;;
     decodepdl) step 02_decode_step_pdl "$(left 90)" env TANDEM_PDL=1 TANDEM_MLA_DECODE=triton python3 -m \
