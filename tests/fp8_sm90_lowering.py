@@ -10,7 +10,9 @@ vectorized or pipelined), under both weight conversions (``TANDEM_FP8_BF16_CONVE
 K blocks an iteration. Prints shared memory, cubin size, MMA count and the conversion instructions of each:
 what a tile or conversion change does to the code before a GPU is lent to time it. Last, the dense kernel with
 programmatic dependent launch (``kernels.triton_pdl``): its wait and trigger must come once each, before the
-first load (exit status 1 otherwise). Triton versions lower differently (3.9 does not pipeline these loops at
+first load, and the dense kernel summing its split partials in the launch (``TANDEM_FP8_SPLIT_FIXUP``): its
+counter atomic (acq_rel, gpu scope) after a barrier that follows the partial's stores, the partials read from L2
+(exit status 1 otherwise). Triton versions lower differently (3.9 does not pipeline these loops at
 all where 3.6 does): use the GPU image's.
 """
 
@@ -34,7 +36,7 @@ from kernels import triton_fp8_moe as tfm  # noqa: E402
 POINTERS = {"a_ptr": "*bf16", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16",
             "sorted_rows_ptr": "*i32", "block_expert_ptr": "*i32", "rows_padded_ptr": "*i32", "counts_ptr": "*i32",
             "x_a_ptr": "*bf16", "x_b_ptr": "*fp8e4nv", "x_bs_ptr": "*fp32", "x_c_ptr": "*bf16", "active_ptr": "*i32",
-            "bias_ptr": "*bf16"}
+            "bias_ptr": "*bf16", "out_ptr": "*bf16", "done_ptr": "*i32"}
 ALIGNED_INTS = ("N", "K", "x_n", "x_k", "tile_n")  # multiples of 16 at V2-Lite's and V3's shapes, as strides are
 CONVERSIONS = ("cvt", "prmt", "lop3", "mul.rn.bf16x2")
 
@@ -55,11 +57,16 @@ def masked_gated(bits: bool, kb_step: int) -> CompiledKernel:
         "DOT_PRECISION": "tf32", "EXTRA": True, "ACTIVE": True, "KB_STEP": kb_step, "BITS": bits, "PDL": False}, 4, 3)
 
 
-def dense_split(bits: bool, kb_step: int, pdl: bool = False) -> CompiledKernel:
-    return compile_sm90(tf._fp8_gemm_kernel, {
-        "NUM_KB": 16, "KB_PER_SPLIT": 4, "SCALE_BLOCK_N": 128, "HAS_BIAS": False, "BLOCK_M": 16, "BLOCK_N": 32,
-        "BLOCK_K": 128, "GROUP_M": 1, "A_MODE": tf.A_W8A16, "PROMOTE": 0, "DOT_PRECISION": "tf32", "KB_STEP": kb_step,
-        "BITS": bits, "PDL": pdl}, 4, 4)
+def dense_split(bits: bool, kb_step: int, pdl: bool = False, fixup: bool = False) -> CompiledKernel:
+    c_ptr = POINTERS["c_ptr"]
+    POINTERS["c_ptr"] = "*fp32"  # split partials
+    try:
+        return compile_sm90(tf._fp8_gemm_kernel, {
+            "NUM_KB": 16, "KB_PER_SPLIT": 4, "SCALE_BLOCK_N": 128, "HAS_BIAS": False, "BLOCK_M": 16, "BLOCK_N": 32,
+            "BLOCK_K": 128, "GROUP_M": 1, "A_MODE": tf.A_W8A16, "PROMOTE": 0, "DOT_PRECISION": "tf32",
+            "KB_STEP": kb_step, "BITS": bits, "SPLITS": 4, "FIXUP": fixup, "PDL": pdl}, 4, 4)
+    finally:
+        POINTERS["c_ptr"] = c_ptr
 
 
 def main() -> int:
@@ -79,7 +86,19 @@ def main() -> int:
     found = [(op, ptx.count(op), 0 <= ptx.find(op) < first_load) for op in ("griddepcontrol.wait",
                                                                              "griddepcontrol.launch_dependents")]
     print(f"dense split-K with PDL: {found} (instruction, count, before the first load)", flush=True)
-    return 0 if all(n == 1 and early for _, n, early in found) else 1
+    # The split sums inside the launch (TANDEM_FP8_SPLIT_FIXUP): one acq_rel counter atomic at gpu scope after a
+    # CTA barrier that follows the partial's stores, then the partials read past L1 (.cg).
+    fixup = dense_split(False, 1, fixup=True)
+    ptx = fixup.asm["ptx"]
+    atom = re.search(r"atom\.[a-z.]*acq_rel[a-z.]*gpu[a-z.0-9]*add|atom\.[a-z.]*gpu[a-z.]*acq_rel[a-z.0-9]*add", ptx)
+    last_store = ptx.rfind("st.global", 0, atom.start()) if atom else -1
+    barrier = ptx.rfind("bar.sync", 0, atom.start()) if atom else -1
+    ordered = atom is not None and 0 <= last_store < barrier
+    cg_loads = len(re.findall(r"ld\.global\.cg", ptx))
+    print(f"dense split-K summing its splits in the launch: {atom.group(0) if atom else 'no acq_rel atomic'}, barrier "
+          f"between the partial's stores and it: {ordered}, {cg_loads} L2 loads, shared {fixup.metadata.shared} B",
+          flush=True)
+    return 0 if all(n == 1 and early for _, n, early in found) and ordered and cg_loads > 0 else 1
 
 
 if __name__ == "__main__":
