@@ -7,7 +7,9 @@ Runs ``bench.decode_step`` twice on one device, one model after the other (the f
 loads): ``--quantization none`` (the dtype's weights) and ``--quantization fp8`` (128 x 128-block FP8 weights:
 W8A16 GEMMs at decode sizes). The headline per batch size is FP8 step / bf16 step (DeepSeek-V3's goal: 0.65 at
 batch 1, where a step reads its weights and little else), beside each step's own floor ratio; both reports are
-kept whole in the JSON, and a PNG shows the two steps and their ratio. On CPU FP8 weights are dequantized at
+kept whole in the JSON, and a PNG shows the two steps and their ratio. With ``--profile`` each row also splits
+the FP8 step into its FP8 GEMM launches and the rest, and gives FP8 / bf16 as it would be with those launches at
+``copy_``'s rate (``at_gemm_floor``: how far GEMM work alone can take the ratio). On CPU FP8 weights are dequantized at
 load, so the two runs are the same model (a smoke test of the script, not a measurement).
 """
 
