@@ -1,4 +1,5 @@
-"""The one writer of tandem's HTTP error bodies, for every aiohttp server (workers, bootstrap service).
+"""Tandem's HTTP error answers for every aiohttp server (workers, bootstrap service); the body itself is
+``kvtransfer.protocol.error_document``'s, which the router writes too.
 
 DESIGN.md: a bad request is a 4xx and a worker fault a 5xx, both with OpenAI's body
 `{"error": {"message", "type", "code", "param"}}`. It lives in `kvtransfer` because the bootstrap service
@@ -10,30 +11,19 @@ are plain text, into the same body.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import msgspec
 from aiohttp import web
 
-# OpenAI's error types by status class; `code` is the finer, machine-readable reason.
-CLIENT_ERROR = "invalid_request_error"
-SERVER_ERROR = "server_error"
+from kvtransfer.protocol import error_document
+
 _CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
           413: "request_too_large", 415: "unsupported_media_type"}
 
 
-def error_type(status: int) -> str:
-    return CLIENT_ERROR if status < 500 else SERVER_ERROR
-
-
-def error_body(message: str, err_type: str = CLIENT_ERROR, code: str | int | None = None,
-               param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": err_type, "code": code, "param": param}}
-
-
 def error_response(status: int, message: str, code: str | int | None = None, param: str | None = None,
                    headers: dict[str, str] | None = None) -> web.Response:
-    body = msgspec.json.encode(error_body(message, error_type(status), code, param))
+    body = msgspec.json.encode(error_document(status, message, code, param))
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 

@@ -23,3 +23,28 @@ ROOM_BITS = 63
 # "<reused>/<prompt>": how many of the prompt's tokens had their KV held by the decode instance already (not
 # transferred). The router's cache-aware decode choice learns from it where a conversation's KV is.
 KV_REUSED_HEADER = "X-Tandem-KV-Reused-Tokens"
+
+
+# Error bodies (DESIGN.md, Errors and limits): OpenAI's `{"error": {"message", "type", "code", "param"}}`,
+# built here alone for the router (its own HTTP server) and every aiohttp server (kvtransfer.http_errors).
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+def error_document(status: int, message: str, code: str | int | None = None,
+                   param: str | None = None) -> dict[str, dict[str, object]]:
+    """The error body for an answer of HTTP ``status``: its OpenAI type by the status (``ERROR_TYPES``, else
+    by class), ``code`` the finer machine-readable reason, ``param`` the request field at fault."""
+    err_type = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}

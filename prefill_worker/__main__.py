@@ -23,7 +23,7 @@ from engine.config import ModelConfig
 from engine.runtime.disagg import BENCH_CONNECTOR, add_kv_flags, auth_token, kv_args, mark_bench_responses
 from engine.server.cli import add_common_flags, add_elastic_flags, engine_args, instance_spec
 from engine.server.elastic import live_scale_refusal
-from engine.server.protocol import error_body
+from engine.server.protocol import error_document
 from engine.server.serve import resolve_model_dir, serve
 from kvtransfer import protocol as pd
 from kvtransfer.bootstrap import BootstrapService
@@ -94,7 +94,7 @@ def bootstrap_guard(
                 code, param = "invalid_request", pd.DISAGG_PREFILL_DP_RANK
             if message is not None:
                 return web.Response(
-                    body=orjson.dumps(error_body(message, code=code, param=param)),
+                    body=orjson.dumps(error_document(400, message, code=code, param=param)),
                     status=400,
                     content_type="application/json",
                 )

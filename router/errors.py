@@ -4,33 +4,13 @@ from __future__ import annotations
 
 import orjson
 
-# HTTP status -> OpenAI error type, for bodies the router writes itself.
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    408: "timeout_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    502: "upstream_error",
-    503: "service_unavailable",
-    504: "timeout_error",
-}
+from kvtransfer.protocol import error_document
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> bytes:
-    """The JSON error document for `status`; `code` defaults to the status number as a string."""
-    return orjson.dumps(
-        {
-            "error": {
-                "message": message,
-                "type": _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-                "param": param,
-                "code": code or str(status),
-            }
-        }
-    )
+    """The JSON error document for `status` (`kvtransfer.protocol.error_document`); `code` defaults to the
+    status number as a string."""
+    return orjson.dumps(error_document(status, message, code or str(status), param))
 
 
 def is_openai_error(body: bytes) -> bool:

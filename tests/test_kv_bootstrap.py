@@ -151,7 +151,7 @@ def test_unknown_routes_and_wrong_methods_get_the_json_error_body(
         urllib.request.urlopen(request, timeout=5)
     assert caught.value.code == status and caught.value.headers["Content-Type"].startswith("application/json")
     error = json.loads(caught.value.read())["error"]
-    assert error["type"] == "invalid_request_error" and path in error["message"]
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error") and path in error["message"]
 
 
 def _send(address: str, method: str, body: bytes, token: str | None) -> int:
@@ -162,7 +162,8 @@ def _send(address: str, method: str, body: bytes, token: str | None) -> int:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status
     except urllib.error.HTTPError as exc:
-        assert json.loads(exc.read())["error"]["type"] == "invalid_request_error"
+        want = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error"}[exc.code]
+        assert json.loads(exc.read())["error"]["type"] == want
         return exc.code
 
 

@@ -25,7 +25,7 @@ from . import responses
 from .chat_output import ChatOutputSplitter
 from .detokenize import IncrementalDetokenizer
 from .messages import GenerateRequest, TokenOutput
-from .protocol import ParsedRequest, RequestError, TextCodec, error_body, parse_request
+from .protocol import ParsedRequest, RequestError, TextCodec, error_document, parse_request
 from .replies import (
     echo_logprobs,
     generate_response,
@@ -361,7 +361,7 @@ class WorkerApp:
                     continue
                 if out.error is not None:
                     self.num_errors += 1
-                    err = error_body(out.error, http_errors.error_type(out.error_status), out.error_code)
+                    err = error_document(out.error_status, out.error, out.error_code)
                     await response.write(b"data: " + orjson.dumps(err) + b"\n\n")
                     await self._abort_all(parsed, done | {index})
                     break

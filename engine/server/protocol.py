@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from kvtransfer import protocol as pd
 from kvtransfer.auxdata import MAX_TOP_LOGPROBS  # a PD request's aux slot carries the first token's
-from kvtransfer.http_errors import error_body as error_body  # the one writer of error bodies
+from kvtransfer.protocol import error_document as error_document  # the one writer of error bodies
 
 from ..chat_template import ChatTemplate, ChatTemplateError
 from .errors import RequestError as RequestError
