@@ -73,7 +73,7 @@
 # 01b6185`) and .issue_base (`git archive 69f5b33`, the tree issue 15 was filed against). GPU starts are scarce:
 # carry a committed snapshot (`git archive HEAD` into an ignored folder, run from there) so work in progress in
 # the checkout never rides along.
-#   call 1, the steps chosen by the card that came (the c8 line asks 2x the base tree's 313 on an H200; on an H100
+#   call 1 (scripts/device_next.sh runs it), the steps chosen by the card that came (the c8 line asks 2x the base tree's 313 on an H200; on an H100
 #     the base gives 311 and this tree 543-586, so only an H200 can settle it): on an H200 STEPS="pdissuebase
 #     pdmps pdmps ncufp8 fp8vsbf16 tests" SWEEP_LIMIT=220, on an H100 STEPS="fp8vsbf16@defaults ncufp8 fp8vsbf16
 #     tests" SWEEP_LIMIT=320; both FP8_SWEEP_ARGS="--sweep --dense" TESTS_K="bit_moving or either_weight or

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The next device call for the open issues, its steps chosen by the card that came (scripts/device_step.sh runs
+# them; its header says what each step does). Issue 15's c8 line (2x the base tree's 313 tok/s, measured on an
+# H200) can only be settled on an H200: there the c8 runs come first; on an H100 the FP8 decode sweep does.
+#   OUT=DIR BUDGET=540 bash scripts/device_next.sh      (STEPS / SWEEP_LIMIT override the choice)
+# From the machine here: carry .gpu_bundle, .issue_base and a snapshot .snap (`git archive HEAD`), then
+#   mkdir -p $OUT; ln -sfn ../.gpu_bundle .snap/.gpu_bundle; ln -sfn ../.issue_base .snap/.issue_base; cd .snap;
+#   OUT=$OUT BUDGET=540 bash scripts/device_next.sh > $OUT/console.log 2>&1
+set -uo pipefail
+cd "$(dirname "$0")/.."
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+if [[ $card == *H200* ]]; then
+    default_steps="pdissuebase pdmps pdmps ncufp8 fp8vsbf16 tests"
+else
+    default_steps="fp8vsbf16@defaults ncufp8 fp8vsbf16 tests"
+fi
+echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
+# The sweep tries K blocks an iteration, the bits conversion and the in-launch split sums (none timed yet); the
+# tests check those three switches on the GPU.
+STEPS=${STEPS:-$default_steps} SWEEP_LIMIT=${SWEEP_LIMIT:-200} FP8_SWEEP_ARGS=${FP8_SWEEP_ARGS:-"--sweep --dense"} \
+    TESTS_K=${TESTS_K:-"bit_moving or either_weight or split_sums"} exec bash scripts/device_step.sh
