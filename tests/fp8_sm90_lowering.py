@@ -41,10 +41,13 @@ ALIGNED_INTS = ("N", "K", "x_n", "x_k", "tile_n")  # multiples of 16 at V2-Lite'
 CONVERSIONS = ("cvt", "prmt", "lop3", "mul.rn.bf16x2")
 
 
-def compile_sm90(fn: triton.JITFunction, constants: dict[str, object], warps: int, stages: int) -> CompiledKernel:
+def compile_sm90(fn: triton.JITFunction, constants: dict[str, object], warps: int, stages: int,
+                 pointers: dict[str, str] | None = None) -> CompiledKernel:
+    """``pointers`` overrides POINTERS' element types for this kernel."""
+    types = {**POINTERS, **(pointers or {})}
     params = list(inspect.signature(fn.fn).parameters)
-    signature = {p: "constexpr" if p in constants else POINTERS.get(p, "i32") for p in params}
-    aligned = [p for p in params if p not in constants and (p in POINTERS or p.startswith("stride") or p in ALIGNED_INTS)]
+    signature = {p: "constexpr" if p in constants else types.get(p, "i32") for p in params}
+    aligned = [p for p in params if p not in constants and (p in types or p.startswith("stride") or p in ALIGNED_INTS)]
     source = ASTSource(fn=fn, signature=signature, constexprs={(params.index(k),): v for k, v in constants.items()},
                        attrs={(params.index(p),): [["tt.divisibility", 16]] for p in aligned})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
@@ -58,15 +61,11 @@ def masked_gated(bits: bool, kb_step: int) -> CompiledKernel:
 
 
 def dense_split(bits: bool, kb_step: int, pdl: bool = False, fixup: bool = False) -> CompiledKernel:
-    c_ptr = POINTERS["c_ptr"]
-    POINTERS["c_ptr"] = "*fp32"  # split partials
-    try:
-        return compile_sm90(tf._fp8_gemm_kernel, {
-            "NUM_KB": 16, "KB_PER_SPLIT": 4, "SCALE_BLOCK_N": 128, "HAS_BIAS": False, "BLOCK_M": 16, "BLOCK_N": 32,
-            "BLOCK_K": 128, "GROUP_M": 1, "A_MODE": tf.A_W8A16, "PROMOTE": 0, "DOT_PRECISION": "tf32",
-            "KB_STEP": kb_step, "BITS": bits, "SPLITS": 4, "FIXUP": fixup, "PDL": pdl}, 4, 4)
-    finally:
-        POINTERS["c_ptr"] = c_ptr
+    return compile_sm90(tf._fp8_gemm_kernel, {
+        "NUM_KB": 16, "KB_PER_SPLIT": 4, "SCALE_BLOCK_N": 128, "HAS_BIAS": False, "BLOCK_M": 16, "BLOCK_N": 32,
+        "BLOCK_K": 128, "GROUP_M": 1, "A_MODE": tf.A_W8A16, "PROMOTE": 0, "DOT_PRECISION": "tf32",
+        "KB_STEP": kb_step, "BITS": bits, "SPLITS": 4, "FIXUP": fixup, "PDL": pdl}, 4, 4,
+        pointers={"c_ptr": "*fp32"})  # c holds the split partials
 
 
 def main() -> int:
