@@ -41,6 +41,7 @@ _FAST: dict[str, tuple[str, str]] = {
     "active_experts": ("kernels.triton_decode_fused", "active_experts_triton"),
     "moe_combine": ("kernels.triton_decode_fused", "moe_combine_triton"),
     "gated_mlp": ("kernels.triton_moe", "gated_mlp_triton"),
+    "head_matmul": ("kernels.triton_head_matmul", "head_matmul_triton"),
 }
 _REFERENCE: dict[str, Callable[..., Any]] = {
     "mla_prefill_attention": mla.mla_prefill_attention,
@@ -64,6 +65,7 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "active_experts": decode_fused.active_experts,
     "moe_combine": decode_fused.moe_combine,
     "gated_mlp": moe.gated_mlp,
+    "head_matmul": mla.head_matmul,
 }
 
 
@@ -88,6 +90,10 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
                          kv_scale: float = 1.0) -> torch.Tensor:
     return get_op("mla_decode_attention", q_latent)(q_latent, q_rope, kv_cache, page_table, seq_lens, scale,
                                                     kv_scale=kv_scale)
+
+
+def head_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return get_op("head_matmul", x)(x, w, out)
 
 
 def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,

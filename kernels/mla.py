@@ -119,3 +119,27 @@ def mla_decode_attention(
     scores.masked_fill_((positions[None, :] >= seq_lens.long()[:, None])[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(latent.dtype)
     return torch.matmul(probs, latent)
+
+
+def check_head_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None) -> None:
+    """`head_matmul`'s input checks, shared by its backends."""
+    if x.dim() != 3 or w.dim() != 3 or w.shape[0] != x.shape[1] or w.shape[1] != x.shape[2]:
+        raise ValueError(f"x {tuple(x.shape)} must be [B, H, K] and w {tuple(w.shape)} [H, K, N]")
+    if x.dtype != w.dtype or x.device != w.device:
+        raise ValueError(f"x and w differ: {x.dtype} on {x.device}, {w.dtype} on {w.device}")
+    if x.shape[2] and x.stride(2) != 1:
+        raise ValueError("x must have a unit last stride")
+    expected = (x.shape[0], x.shape[1], w.shape[2])
+    if out is not None and (tuple(out.shape) != expected or out.dtype != x.dtype or (expected[2] and out.stride(2) != 1)):
+        raise ValueError(f"out must be {x.dtype} {expected} with a unit last stride, got {out.dtype} {tuple(out.shape)}")
+
+
+def head_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-head products of the absorbed MLA decode: ``out[b, h] = x[b, h] @ w[h]``; x ``[B, H, K]`` (unit last
+    stride), w ``[H, K, N]`` (any strides, e.g. a transposed view of kv_b_proj's weight) -> ``[B, H, N]`` with a
+    unit last stride, written into ``out`` when given (a ``[B, H, N]`` view of the o_proj input: no copy)."""
+    check_head_matmul(x, w, out)
+    if out is None:
+        return torch.bmm(x.transpose(0, 1), w).transpose(0, 1)
+    torch.bmm(x.transpose(0, 1), w, out=out.transpose(0, 1))
+    return out
