@@ -14,9 +14,17 @@ from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
 from engine.kv_shards import ShardedKVPool
 from engine.layers import ParallelLMHead, RMSNorm, VocabParallelEmbedding
 from engine.mla_core import build_route
-from engine.moe import DenseMLP, Dispatcher, MoEBlock
+from engine.moe import DenseMLP, Dispatcher, MoEBlock, PendingCombine
 from engine.parallel import ParallelContext
 from engine.rope import RotaryEmbedding
+
+
+def add_norm(norm: RMSNorm, hidden: torch.Tensor | PendingCombine,
+             residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``norm(hidden + residual)``, ``hidden + residual``); a pending MoE output is summed in the same launch."""
+    if isinstance(hidden, PendingCombine):
+        return hidden.add_rms_norm(residual, norm.weight, norm.eps)
+    return norm.add_forward(hidden, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -33,24 +41,26 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, ctx, dtype, device, fp8=fp8)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
+    def forward(self, hidden: torch.Tensor | PendingCombine, residual: torch.Tensor | None, batch: ForwardBatch,
                 rope: RotaryEmbedding, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                sin: torch.Tensor) -> tuple[torch.Tensor | PendingCombine, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it): the caller's next add is fused into the
-        next RMSNorm (``kernels.add_rms_norm``), as the same adds in the same order as ``h + f(norm(h))``."""
+        next RMSNorm (``kernels.add_rms_norm``), as the same adds in the same order as ``h + f(norm(h))``; a
+        graph-safe MoE layer's output may come pending, its weighted sum run in that add's launch."""
         x, residual = self.attention(hidden, residual, batch, rope, cos, sin)
         if batch.graph_safe and isinstance(self.mlp, MoEBlock):
-            return self.mlp(x, graph_safe=True), residual
+            return self.mlp(x, graph_safe=True, defer_combine=True), residual
         return self.mlp(x), residual
 
-    def attention(self, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
+    def attention(self, hidden: torch.Tensor | PendingCombine, residual: torch.Tensor | None, batch: ForwardBatch,
                   rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer up to its MLP: (the MLP's input, the residual stream)."""
         kv_cache = batch.kv_pool.layer(self.layer_id)
         if residual is None:
+            assert isinstance(hidden, torch.Tensor)
             residual, x = hidden, self.input_layernorm(hidden)
         else:
-            x, residual = self.input_layernorm.add_forward(hidden, residual)
+            x, residual = add_norm(self.input_layernorm, hidden, residual)
         return self.post_attention_layernorm.add_forward(
             self.self_attn(x, batch, rope, cos, sin, kv_cache, batch.kv_pool.layer_scale(self.layer_id)), residual)
 
@@ -124,11 +134,14 @@ class DeepseekForCausalLM(nn.Module):
         else:
             cos, sin = self.rope.cos_sin(batch.positions)
         residual = None
+        out: torch.Tensor | PendingCombine = hidden
         for layer in self.model.layers:
-            hidden, residual = layer(hidden, residual, batch, self.rope, cos, sin)
+            out, residual = layer(out, residual, batch, self.rope, cos, sin)
         assert residual is not None
         if batch.graph_safe:
-            return ForwardOutput(self.lm_head(self.model.norm.add_forward(hidden, residual)[0]))
+            return ForwardOutput(self.lm_head(add_norm(self.model.norm, out, residual)[0]))
+        assert isinstance(out, torch.Tensor)  # pending only in graph-safe batches
+        hidden = out
         if batch.return_all_logits:
             all_logits = self.lm_head(self.model.norm.add_forward(hidden, residual)[0])
             return ForwardOutput(all_logits[batch.cu_seqlens_q[1:].long() - 1], all_logits)

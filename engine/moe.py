@@ -212,15 +212,49 @@ def active_grid_enabled() -> bool:
     return os.environ.get(ACTIVE_GRID_ENV, "1") != "0"
 
 
+# The graph-safe MoE's weighted sum can wait for the next layer's residual add and RMSNorm and run in their launch
+# (kernels.moe_combine_add_rms_norm): one launch a MoE layer fewer. TANDEM_COMBINE_NORM=1 turns it on (off until a
+# GPU run times it); only where the layer's output needs no all-reduce.
+COMBINE_NORM_ENV = "TANDEM_COMBINE_NORM"
+
+
+def combine_norm_enabled() -> bool:
+    mode = os.environ.get(COMBINE_NORM_ENV, "0")
+    if mode not in ("0", "1"):
+        raise ValueError(f"{COMBINE_NORM_ENV}={mode!r}: expected 0 or 1")
+    return mode == "1"
+
+
+@dataclass
+class PendingCombine:
+    """A graph-safe MoE layer's output before its weighted sum (``kernels.moe_combine``'s arguments)."""
+
+    y: torch.Tensor
+    dest: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    add: torch.Tensor | None
+
+    def tensor(self) -> torch.Tensor:
+        return kernels.moe_combine(self.y, self.dest, self.topk_ids, self.topk_weights, self.add)
+
+    def add_rms_norm(self, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``rms_norm(self.tensor() + residual)``, ``self.tensor() + residual``) in one launch on the GPU."""
+        return kernels.moe_combine_add_rms_norm(self.y, self.dest, self.topk_ids, self.topk_weights, self.add,
+                                                residual, weight, eps)
+
+
 def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                        w13: torch.Tensor, w2: torch.Tensor, add: torch.Tensor | None = None,
                        fp8_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
                        block_size: tuple[int, int] = (128, 128),
-                       shared: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+                       shared: tuple[torch.Tensor, ...] | None = None) -> PendingCombine:
     """``kernels.moe_forward``'s contract (plus ``add``, summed in), computed with fixed shapes and no host
     sync (CUDA graphs): the (token, slot) rows scattered into the masked layout ``[E, T, D]`` with per-expert
     counts, ``kernels.moe_forward_masked``, then each token's rows summed back in float32 in ascending expert
-    order, as the contiguous reference sums (``kernels.decode_fused``). Four kernels on the GPU.
+    order, as the contiguous reference sums (``kernels.decode_fused``). Four kernels on the GPU; the last (the
+    weighted sum) is returned as a `PendingCombine` for the caller to run alone or with the next add and norm.
     ``fp8_scales`` (w13's and w2's block scales): FP8 experts, run by ``kernels.fp8_moe_forward_masked``.
     ``shared``: the shared experts' fused gate/up and down weights (``DenseMLP.one_expert_weights``: FP8 ones
     with their scales, beside FP8 experts), run over every token in the routed experts' launches and summed in
@@ -245,7 +279,7 @@ def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight
         y = kernels.moe_forward_masked(rows, counts, w13, w2)
     else:
         y = kernels.fp8_moe_forward_masked(rows, counts, w13, fp8_scales[0], w2, fp8_scales[1], block_size)
-    return kernels.moe_combine(y.view(-1, hidden.shape[1]), dest, ids, topk_weights.contiguous(), add)
+    return PendingCombine(y.view(-1, hidden.shape[1]), dest, ids, topk_weights.contiguous(), add)
 
 
 @dataclass
@@ -309,21 +343,23 @@ class MoEBlock(nn.Module):
         scales = [t for t in (self.w13_scale_inv, self.w2_scale_inv) if t is not None]
         return [self.w13, self.w2, *scales]
 
-    def _experts(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                 graph_safe: bool, add: torch.Tensor | None = None,
-                 shared: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """The routed experts: bf16 or FP8, graph-safe (masked layout, ``add`` summed in, or the shared experts'
-        ``_fused_shared_weights`` run in the same launches) or contiguous."""
+    def _experts(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts on the contiguous layout (eager), bf16 or FP8."""
         if self.fp8 is None:
-            if graph_safe:
-                return moe_forward_static(hidden, topk_ids, topk_weights, self.w13, self.w2, add=add, shared=shared)
             return kernels.moe_forward(hidden, topk_ids, topk_weights, self.w13, self.w2)
         assert self.w13_scale_inv is not None and self.w2_scale_inv is not None
-        if graph_safe:
-            return moe_forward_static(hidden, topk_ids, topk_weights, self.w13, self.w2, add,
-                                      (self.w13_scale_inv, self.w2_scale_inv), self.fp8.block_size, shared)
         return kernels.fp8_moe_forward(hidden, topk_ids, topk_weights, self.w13, self.w13_scale_inv, self.w2,
                                        self.w2_scale_inv, self.fp8.block_size)
+
+    def _experts_static(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                        add: torch.Tensor | None, shared: tuple[torch.Tensor, ...] | None) -> PendingCombine:
+        """The routed experts graph-safe (masked layout; ``add`` summed in, or the shared experts'
+        ``_fused_shared_weights`` run in the same launches), their weighted sum left pending."""
+        if self.fp8 is None:
+            return moe_forward_static(hidden, topk_ids, topk_weights, self.w13, self.w2, add=add, shared=shared)
+        assert self.w13_scale_inv is not None and self.w2_scale_inv is not None
+        return moe_forward_static(hidden, topk_ids, topk_weights, self.w13, self.w2, add,
+                                  (self.w13_scale_inv, self.w2_scale_inv), self.fp8.block_size, shared)
 
     def _fused_shared_weights(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The shared experts' weights (``DenseMLP.one_expert_weights``) when they can ride in the routed
@@ -336,9 +372,12 @@ class MoEBlock(nn.Module):
             return None
         return mlp.one_expert_weights(hidden.shape[0])
 
-    def forward(self, hidden: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, graph_safe: bool = False,
+                defer_combine: bool = False) -> torch.Tensor | PendingCombine:
         """``graph_safe``: CUDA-graph decode (engine.cuda_graph) — the experts run on the masked
-        fixed-capacity layout (``moe_forward_static``), which has no host sync and no data-dependent shape."""
+        fixed-capacity layout (``moe_forward_static``), which has no host sync and no data-dependent shape.
+        ``defer_combine``: return the weighted sum pending (`PendingCombine`) where nothing has to run between it
+        and the caller's next residual add (the local dispatcher of one rank, ``combine_norm_enabled``)."""
         if not graph_safe:
             return self.combine_stage(self.expert_stage(self.dispatch_stage(hidden)))
         if isinstance(self.dispatcher, MaskedDispatcher):
@@ -347,15 +386,14 @@ class MoEBlock(nn.Module):
             raise RuntimeError("the graph-safe MoE path needs the local dispatcher or a masked EP dispatcher")
         topk_weights, topk_ids = self.gate(hidden)
         dispatched = self.dispatcher.dispatch(hidden, topk_ids, topk_weights)
-        if graph_safe:  # the local dispatcher (checked above): the shared output is summed in the combine
-            fused = self._fused_shared_weights(hidden)
-            if fused is not None:
-                expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, True,
-                                           shared=fused)
-                return self.dispatcher.combine(expert_out, dispatched)
-        shared = self.shared_experts(hidden) if self.shared_experts is not None else None
-        expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, True, shared)
-        return self.dispatcher.combine(expert_out, dispatched)
+        # The local dispatcher: the shared output is summed in the combine (its experts in the routed launches
+        # where they fit there).
+        fused = self._fused_shared_weights(hidden)
+        shared = self.shared_experts(hidden) if fused is None and self.shared_experts is not None else None
+        pending = self._experts_static(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, shared, fused)
+        if defer_combine and self.dispatcher.group_size == 1 and combine_norm_enabled():
+            return pending
+        return self.dispatcher.combine(pending.tensor(), dispatched)
 
     def _forward_masked_ep(self, hidden: torch.Tensor, dispatcher: MaskedDispatcher) -> torch.Tensor:
         """The graph-safe forward over expert parallelism: fixed-budget dispatch into the masked layout, the
@@ -389,7 +427,7 @@ class MoEBlock(nn.Module):
     def expert_stage(self, stage: MoEStage) -> MoEStage:
         """The routed experts on the tokens this rank received, and the shared experts on its own."""
         dispatched = stage.dispatched
-        stage.expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights, False)
+        stage.expert_out = self._experts(dispatched.hidden, dispatched.topk_ids, dispatched.topk_weights)
         if self.shared_experts is not None:
             # With the local dispatcher the shared output is added before combine, so one reduction covers
             # both (it is a TP partial sum); an EP dispatcher that moves tokens adds it after combine instead.

@@ -40,6 +40,7 @@ _FAST: dict[str, tuple[str, str]] = {
     "moe_scatter_rows_active": ("kernels.triton_decode_fused", "moe_scatter_rows_active_triton"),
     "active_experts": ("kernels.triton_decode_fused", "active_experts_triton"),
     "moe_combine": ("kernels.triton_decode_fused", "moe_combine_triton"),
+    "moe_combine_add_rms_norm": ("kernels.triton_decode_fused", "moe_combine_add_rms_norm_triton"),
     "gated_mlp": ("kernels.triton_moe", "gated_mlp_triton"),
     "head_matmul": ("kernels.triton_head_matmul", "head_matmul_triton"),
 }
@@ -64,6 +65,7 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "moe_scatter_rows_active": decode_fused.moe_scatter_rows_active,
     "active_experts": decode_fused.active_experts,
     "moe_combine": decode_fused.moe_combine,
+    "moe_combine_add_rms_norm": decode_fused.moe_combine_add_rms_norm,
     "gated_mlp": moe.gated_mlp,
     "head_matmul": mla.head_matmul,
 }
@@ -207,6 +209,12 @@ def active_experts(counts: torch.Tensor) -> torch.Tensor:
 def moe_combine(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 add: torch.Tensor | None = None) -> torch.Tensor:
     return get_op("moe_combine", y)(y, dest, topk_ids, topk_weights, add)
+
+
+def moe_combine_add_rms_norm(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                             add: torch.Tensor | None, residual: torch.Tensor, norm_weight: torch.Tensor,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return get_op("moe_combine_add_rms_norm", y)(y, dest, topk_ids, topk_weights, add, residual, norm_weight, eps)
 
 
 def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ of the unfused code it replaces (same roundings in the same order), so the CPU p
 - `moe_scatter_rows` / `moe_combine`: (token, slot) rows into the masked layout ``[E, T, D]`` with
   per-expert counts, and back: a float32 weighted sum per token in ascending expert order, plus `add`.
   `moe_scatter_rows_active` also returns `active_experts` (the experts with rows) for the masked GEMMs' grid.
+- `moe_combine_add_rms_norm`: `moe_combine`, then the next layer's `add_rms_norm` of its output (one launch).
 - `router_logits`: the router's float32 GEMM ahead of `router_topk` (its GPU twin: one launch, no TF32).
 """
 
@@ -168,3 +169,11 @@ def moe_combine(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tensor, top
     if add is not None:
         out = out + add.float()
     return out.to(y.dtype)
+
+
+def moe_combine_add_rms_norm(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                             add: torch.Tensor | None, residual: torch.Tensor, norm_weight: torch.Tensor,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``add_rms_norm(moe_combine(y, dest, topk_ids, topk_weights, add), residual, norm_weight, eps)``: an MoE
+    layer's output summed into the residual stream and normed for the next layer, the two ops' roundings kept."""
+    return add_rms_norm(moe_combine(y, dest, topk_ids, topk_weights, add), residual, norm_weight, eps)

@@ -344,13 +344,9 @@ def active_experts_triton(counts: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _moe_combine_kernel(y_ptr, dest_ptr, ids_ptr, w_ptr, add_ptr, out_ptr, dim, stride_y, stride_a, stride_o,
-                        TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                        HAS_ADD: tl.constexpr, PDL: tl.constexpr):
-    pdl_begin(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = offs_d < dim
+def _weighted_rows(y_ptr, dest_ptr, ids_ptr, w_ptr, t, offs_d, dmask, stride_y, TOP_K: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Token t's float32 sum of its slots' rows times their weights, in ascending (expert, slot) order."""
     ko = tl.arange(0, BLOCK_K)
     kmask = ko < TOP_K
     ids = tl.load(ids_ptr + t * TOP_K + ko, mask=kmask, other=2**30).to(tl.int64)
@@ -359,7 +355,7 @@ def _moe_combine_kernel(y_ptr, dest_ptr, ids_ptr, w_ptr, add_ptr, out_ptr, dim, 
     # Each slot's rank in ascending (expert, slot) order: the reference's summation order.
     before = (ids[None, :] < ids[:, None]) | ((ids[None, :] == ids[:, None]) & (ko[None, :] < ko[:, None]))
     rank = tl.sum(before.to(tl.int32), axis=1)
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    acc = tl.zeros(offs_d.shape, tl.float32)
     for r in tl.static_range(TOP_K):
         chosen = rank == r
         row = tl.sum(tl.where(chosen, dest, 0), axis=0)
@@ -367,9 +363,45 @@ def _moe_combine_kernel(y_ptr, dest_ptr, ids_ptr, w_ptr, add_ptr, out_ptr, dim, 
         if row >= 0:
             y = tl.load(y_ptr + row * stride_y + offs_d, mask=dmask, other=0.0).to(tl.float32)
             acc = acc + y * weight
+    return acc
+
+
+@triton.jit
+def _moe_combine_kernel(y_ptr, dest_ptr, ids_ptr, w_ptr, add_ptr, out_ptr, dim, stride_y, stride_a, stride_o,
+                        TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                        HAS_ADD: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = offs_d < dim
+    acc = _weighted_rows(y_ptr, dest_ptr, ids_ptr, w_ptr, t, offs_d, dmask, stride_y, TOP_K, BLOCK_K)
     if HAS_ADD:
         acc = acc + tl.load(add_ptr + t * stride_a + offs_d, mask=dmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_o + offs_d, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _moe_combine_add_rms_norm_kernel(y_ptr, dest_ptr, ids_ptr, w_ptr, add_ptr, r_ptr, nw_ptr, out_ptr, sum_ptr, dim,
+                                     eps, stride_y, stride_a, stride_r, stride_o, stride_s, TOP_K: tl.constexpr,
+                                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ADD: tl.constexpr,
+                                     PDL: tl.constexpr):
+    pdl_begin(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < dim
+    acc = _weighted_rows(y_ptr, dest_ptr, ids_ptr, w_ptr, t, offs_d, dmask, stride_y, TOP_K, BLOCK_K)
+    if HAS_ADD:
+        acc = acc + tl.load(add_ptr + t * stride_a + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    dt = sum_ptr.dtype.element_ty
+    # The combine's output rounds to the dtype, then the residual add does (the two ops' roundings).
+    r = tl.load(r_ptr + t * stride_r + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    s = (acc.to(dt).to(tl.float32) + r).to(dt)
+    tl.store(sum_ptr + t * stride_s + offs_d, s, mask=dmask)
+    s32 = s.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(s32 * s32, axis=0) / dim + eps)
+    normed = (s32 * inv).to(dt).to(tl.float32)
+    nw = tl.load(nw_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_o + offs_d, (nw * normed).to(dt), mask=dmask)
 
 
 def moe_combine_triton(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -388,6 +420,30 @@ def moe_combine_triton(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tens
         num_warps=4, **pdl_args(y),
     )  # fmt: skip
     return out
+
+
+def moe_combine_add_rms_norm_triton(y: torch.Tensor, dest: torch.Tensor, topk_ids: torch.Tensor,
+                                    topk_weights: torch.Tensor, add: torch.Tensor | None, residual: torch.Tensor,
+                                    norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decode_fused.moe_combine_add_rms_norm`` in one launch, one program a token (the norm needs its row)."""
+    num_tokens, top_k = topk_ids.shape
+    dim = y.shape[1]
+    if (num_tokens == 0 or dim > 16384 or y.stride(1) != 1 or not (topk_ids.is_contiguous()
+            and topk_weights.is_contiguous() and dest.is_contiguous()) or residual.shape != (num_tokens, dim)
+            or residual.stride(1) != 1 or residual.dtype != y.dtype or norm_weight.shape != (dim,)
+            or not norm_weight.is_contiguous() or (add is not None and (add.shape != (num_tokens, dim)
+                                                                         or add.stride(1) != 1))):
+        return decode_fused.moe_combine_add_rms_norm(y, dest, topk_ids, topk_weights, add, residual, norm_weight,
+                                                     eps)
+    out, summed = torch.empty_like(residual), torch.empty_like(residual)
+    block_d = triton.next_power_of_2(dim)
+    _moe_combine_add_rms_norm_kernel[(num_tokens,)](
+        y, dest, topk_ids, topk_weights, add if add is not None else out, residual, norm_weight, out, summed, dim,
+        eps, y.stride(0), add.stride(0) if add is not None else 0, residual.stride(0), out.stride(0),
+        summed.stride(0), TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_D=block_d,
+        HAS_ADD=add is not None, num_warps=4 if block_d <= 2048 else 8, **pdl_args(y),
+    )  # fmt: skip
+    return out, summed
 
 
 @triton.jit

@@ -18,7 +18,7 @@ from engine.forward_batch import ForwardBatch, ForwardMode
 from engine.kv_pool import KVPool
 from engine.llm import LLM
 from engine.model import DeepseekForCausalLM
-from engine.moe import moe_forward_static
+from engine.moe import MoEBlock, moe_forward_static
 from engine.sampling import SamplingParams
 from engine.tiny_model import write_tiny_model
 from engine.weights import load_model
@@ -96,7 +96,7 @@ def test_static_moe_equals_the_contiguous_reference_bit_for_bit(tokens: int, top
     w13 = torch.randn(experts, 2 * 12, 24, generator=gen)
     w2 = torch.randn(experts, 24, 12, generator=gen)
     expected = kernels.moe_forward(hidden, ids, weights, w13, w2)
-    assert torch.equal(moe_forward_static(hidden, ids, weights, w13, w2), expected)
+    assert torch.equal(moe_forward_static(hidden, ids, weights, w13, w2).tensor(), expected)
 
 
 # ---- runner on CPU (no capture) ------------------------------------------------------------------------
@@ -124,6 +124,39 @@ def test_padded_static_decode_matches_eager_and_writes_only_real_slots_and_the_s
         # Outside the scratch page the static path wrote exactly what the eager forward wrote.
         keep = [p for p in range(NUM_PAGES) if p != scratch]
         torch.testing.assert_close(after_static[keep], pool.tensor[keep], rtol=1e-5, atol=1e-5)
+        pool.free(pages)
+    finally:
+        runner.close()
+    assert pool.available_pages == NUM_PAGES
+
+
+def test_the_moe_sum_inside_the_next_norm_gives_the_same_logits_bit_for_bit(tiny_dir: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.moe import COMBINE_NORM_ENV, PendingCombine
+
+    model, pool = _model_and_pool(tiny_dir)
+    runner = CudaGraphRunner(model, pool, max_bs=8, capture=False)
+    deferred: list[int] = []
+    original = PendingCombine.add_rms_norm
+
+    def counted(self: PendingCombine, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        deferred.append(1)
+        return original(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PendingCombine, "add_rms_norm", counted)
+    try:
+        pages = pool.alloc(10)
+        pool.tensor[pages[0] : pages[-1] + 1].normal_(generator=torch.Generator().manual_seed(2))
+        batch = _decode_batch(pool, [5, 33, 17], first_page=pages[0])
+        before = pool.tensor.clone()
+        monkeypatch.setenv(COMBINE_NORM_ENV, "0")
+        separate = runner(batch).next_token_logits
+        assert not deferred
+        pool.tensor.copy_(before)
+        monkeypatch.setenv(COMBINE_NORM_ENV, "1")
+        fused = runner(batch).next_token_logits
+        moe_layers = sum(isinstance(layer.mlp, MoEBlock) for layer in model.model.layers)
+        assert len(deferred) == moe_layers > 0 and torch.equal(fused, separate)
         pool.free(pages)
     finally:
         runner.close()
@@ -174,17 +207,21 @@ def test_graph_safe_decode_generates_the_same_greedy_tokens_as_eager_on_cpu(tiny
 
 # ---- GPU: real capture and replay ------------------------------------------------------------------------
 @gpu
-@pytest.mark.parametrize("active_grid,pdl", [("0", "0"), ("1", "0"), ("1", "1")],
-                         ids=["all_experts", "active_grid", "active_grid_pdl"])
+@pytest.mark.parametrize("active_grid,pdl,fused", [("0", "0", "0"), ("1", "0", "0"), ("1", "1", "0"), ("1", "0", "1")],
+                         ids=["all_experts", "active_grid", "active_grid_pdl", "combine_norm_head_matmul"])
 def test_gpu_greedy_tokens_equal_cpu_with_and_without_cuda_graphs(tiny_dir: Path, active_grid: str, pdl: str,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                  fused: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``active_grid`` 1: the graphs' MoE launches run the active experts alone (engine.moe.ACTIVE_GRID_ENV);
-    ``pdl`` 1: the Triton kernels launch as programmatic dependents (kernels.triton_pdl), eager and captured."""
-    from engine.moe import ACTIVE_GRID_ENV
+    ``pdl`` 1: the Triton kernels launch as programmatic dependents (kernels.triton_pdl), eager and captured;
+    ``fused`` 1: the MoE sum inside the next norm's launch and the per-head products in Triton."""
+    from engine.moe import ACTIVE_GRID_ENV, COMBINE_NORM_ENV
+    from kernels.triton_head_matmul import HEAD_MATMUL_ENV
     from kernels.triton_pdl import PDL_ENV
 
     monkeypatch.setenv(ACTIVE_GRID_ENV, active_grid)
     monkeypatch.setenv(PDL_ENV, pdl)
+    monkeypatch.setenv(COMBINE_NORM_ENV, fused)
+    monkeypatch.setenv(HEAD_MATMUL_ENV, "triton" if fused == "1" else "cublas")
     lengths = [4, 6, 8, 9, 12]
     cpu_tokens, _ = _generate(tiny_dir, "cpu", 0, lengths)
     gpu_eager, _ = _generate(tiny_dir, "cuda", 0, lengths)

@@ -422,7 +422,7 @@ def test_graph_safe_fp8_experts_equal_the_contiguous_fp8_experts() -> None:
     ids[0, 1] = -1
     weights = torch.rand(tokens, top_k, generator=gen)
     want = kernels.fp8_moe_forward(x, ids, weights, w13, s13, w2, s2)
-    got = moe_forward_static(x, ids, weights, w13, w2, None, (s13, s2), fp8.block_size)
+    got = moe_forward_static(x, ids, weights, w13, w2, None, (s13, s2), fp8.block_size).tensor()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert want.abs().max() > 0.1
     # FP8 shared experts (wider than a routed one) riding in the routed launches: their output summed in.
@@ -432,7 +432,7 @@ def test_graph_safe_fp8_experts_equal_the_contiguous_fp8_experts() -> None:
     shared = (torch.cat([gate_up[0].q, gate_up[1].q]), torch.cat([gate_up[0].scale, gate_up[1].scale]), down.q,
               down.scale)
     shared_out = kernels.fp8_gated_mlp(x, *shared, fp8.block_size)
-    got = moe_forward_static(x, ids, weights, w13, w2, None, (s13, s2), fp8.block_size, shared=shared)
+    got = moe_forward_static(x, ids, weights, w13, w2, None, (s13, s2), fp8.block_size, shared=shared).tensor()
     torch.testing.assert_close(got, want + shared_out, rtol=1e-5, atol=1e-5)
     assert shared_out.abs().max() > 0.1
 

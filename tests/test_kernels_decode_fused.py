@@ -150,6 +150,12 @@ def run(device, dtype):
         e = max(e, err(fast.moe_combine_triton(y, d2, ids, wts, add), ref.moe_combine(y, d2, ids, wts, add)))
         e = max(e, err(fast.moe_combine_triton(y, d2, ids, wts), ref.moe_combine(y, d2, ids, wts)))
         out[f"moe_{tokens}x{k}x{experts}"] = e if ok else 1e9
+        # ... and into the next layer's residual add and RMSNorm in the same launch (relative: the norm scales)
+        res, nw = rnd(tokens, dim), rnd(dim)
+        (a, b) = fast.moe_combine_add_rms_norm_triton(y, d2, ids, wts, add, res, nw, 1e-6)
+        (c, d) = ref.moe_combine_add_rms_norm(y, d2, ids, wts, add, res, nw, 1e-6)
+        out[f"combine_norm_{tokens}x{k}x{experts}"] = max(err(a, c) / float(c.float().abs().max()),
+                                                          err(b, d) / float(d.float().abs().max()))
     # The scatter that also lists the active experts: equal to the scatter plus `active_experts(counts)`.
     # Cases: T=1 and T>1, -1 ids, empty experts, no active expert, and (tile 16) experts and pairs over
     # several tiles of the active list.
@@ -209,7 +215,7 @@ def run(device, dtype):
 @needs_triton
 def test_triton_kernels_equal_the_references_in_float32_interpreted() -> None:
     result = _interpreted(CHECKS + "\nprint(json.dumps(run('cpu', torch.float32)))\n")
-    assert len(result) == 35
+    assert len(result) == 38
     for case, error in result.items():
         assert error < _tolerance(case, torch.float32), (case, error)
 
@@ -217,6 +223,8 @@ def test_triton_kernels_equal_the_references_in_float32_interpreted() -> None:
 def _tolerance(case: str, dtype: torch.dtype) -> float:
     if case.startswith("logits_"):  # relative; float32 products and sums whatever the hidden dtype
         return 1e-5
+    if case.startswith("combine_norm_"):  # relative: a neighbouring bf16 of the sum, then normed
+        return 1e-5 if dtype == torch.float32 else 0.02
     # bf16: sums of float32 products in another order round to a neighbouring bf16 at most.
     return 1e-4 if dtype == torch.float32 else 0.07
 
@@ -283,3 +291,15 @@ def test_shared_experts_in_the_routed_launch_equal_the_separate_references_inter
     result = _interpreted(SHARED_CHECK)
     assert result["routed"] < 1e-4 and result["shared"] < 1e-4 and result["tail_zero"], result
     assert result["active_routed"] < 1e-4 and result["active_shared"] < 1e-4, result
+
+
+def test_combine_then_norm_is_the_combine_then_the_add_and_norm_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 32, generator=g).bfloat16()
+    ids = torch.tensor([[4, 1], [0, -1], [1, 2]])
+    _, _, dest = decode_fused.moe_scatter_rows(hidden, ids, 5)
+    y, add, res, nw = (torch.randn(*s, generator=g).bfloat16() for s in ((5 * 3, 32), (3, 32), (3, 32), (32,)))
+    weights = torch.rand(3, 2, generator=g)
+    normed, summed = decode_fused.moe_combine_add_rms_norm(y, dest, ids, weights, add, res, nw, 1e-6)
+    combined = decode_fused.moe_combine(y, dest, ids, weights, add)
+    assert torch.equal(summed, combined + res) and torch.equal(normed, rms_norm(combined + res, nw, 1e-6))
