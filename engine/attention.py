@@ -149,12 +149,11 @@ class MLAttention(nn.Module):
         w_kc, w_vc = self._w_kc_vc()
         # Head-batched products on strided views (einsum copied q_nope and the output to contiguous first).
         q_latent = kernels.head_matmul(q_nope, w_kc)  # [B, H, R], unit last stride
-        if batch.mla_core is not None:
-            out_latent = decode_core(batch.mla_core, q_latent, q_pe, kv_cache, self.scale, kv_scale)
-        else:
-            out_latent = kernels.mla_decode_attention(q_latent, q_pe, kv_cache, batch.page_table, batch.seq_lens,
-                                                      self.scale, kv_scale)
         # Written into a [B, H, v] buffer (cuBLAS through its [H, B, v] view), so the o_proj input is a plain
         # reshape: a transposed result cost a copy launch per layer.
-        out = torch.empty(q_nope.shape[0], self.num_heads, self.v_dim, dtype=out_latent.dtype, device=q_nope.device)
-        return kernels.head_matmul(out_latent, w_vc.transpose(1, 2), out)
+        out = torch.empty(q_nope.shape[0], self.num_heads, self.v_dim, dtype=q_latent.dtype, device=q_nope.device)
+        if batch.mla_core is not None:
+            out_latent = decode_core(batch.mla_core, q_latent, q_pe, kv_cache, self.scale, kv_scale)
+            return kernels.head_matmul(out_latent, w_vc.transpose(1, 2), out)
+        return kernels.mla_decode_attention_up(q_latent, q_pe, kv_cache, batch.page_table, batch.seq_lens, self.scale,
+                                               w_vc.transpose(1, 2), out, kv_scale)

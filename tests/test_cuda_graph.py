@@ -7,6 +7,11 @@ logic a graph replays is checked in CI. Tests marked `gpu` capture and replay re
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -290,3 +295,39 @@ def test_replayed_graph_matches_eager_logits_and_replays_new_batches(tiny_dir: P
     finally:
         runner.close()
     assert pool.available_pages == NUM_PAGES
+
+
+MODEL_INTERPRETED = """
+import json, os, sys, torch
+from pathlib import Path
+sys.path.insert(0, "tests")
+import test_cuda_graph as t
+from engine.cuda_graph import CudaGraphRunner
+model, pool = t._model_and_pool(Path(sys.argv[1]))
+runner = CudaGraphRunner(model, pool, max_bs=8, capture=False)
+pages = pool.alloc(10)
+pool.tensor[pages[0]: pages[-1] + 1].normal_(generator=torch.Generator().manual_seed(2))
+batch = t._decode_batch(pool, [5, 33, 17], first_page=pages[0])
+before = pool.tensor.clone()
+logits = {}
+for name, env in {"torch": {"TANDEM_KERNELS": "torch"},
+                  "triton": {"TANDEM_KERNELS": "triton", "TANDEM_HEAD_MATMUL": "cublas", "TANDEM_COMBINE_NORM": "0"},
+                  "fused": {"TANDEM_KERNELS": "triton", "TANDEM_HEAD_MATMUL": "triton", "TANDEM_COMBINE_NORM": "1"}}.items():
+    os.environ.update(env)
+    pool.tensor.copy_(before)
+    logits[name] = runner(batch).next_token_logits
+print(json.dumps({name: float((v - logits["torch"]).abs().max() / logits["torch"].abs().max())
+                  for name, v in logits.items()}))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
+def test_the_graph_safe_step_on_the_triton_kernels_equals_the_torch_references_interpreted(tiny_dir: Path) -> None:
+    """The whole graph-safe decode step through Triton's interpreter, with and without the per-head products in
+    Triton (the attention's splits merged in the up-projection's launch) and the MoE sum inside the next norm."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", MODEL_INTERPRETED, str(tiny_dir)], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert errors["torch"] == 0.0 and errors["triton"] < 1e-5 and errors["fused"] < 1e-5, errors
