@@ -10,7 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 if [[ $card == *H200* ]]; then
-    default_steps="pdissuebase pdmps pdmps ncufp8 fp8vsbf16 fp8vsbf16@fused tests"
+    default_steps="pdissuebase pdmps pdmps@run2 ncufp8 fp8vsbf16 fp8vsbf16@fused pdmps@fused tests"
 else
     default_steps="fp8vsbf16@defaults ncufp8 fp8vsbf16 fp8vsbf16@fused tests"
 fi
