@@ -131,10 +131,10 @@ class TopKRouter(nn.Module):
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden ``[T, D]`` -> (topk_weights float32 ``[T, K]``, topk_ids int64 ``[T, K]``, global ids)."""
         cfg = self.config
-        logits = kernels.router_logits(hidden, self.weight)  # float32 GEMM, one launch on the GPU
-        return kernels.router_topk(logits, self.e_score_correction_bias, self.top_k, cfg.scoring_func,
-                                   cfg.topk_method, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
-                                   cfg.routed_scaling_factor)
+        # A float32 GEMM and the expert choice: a launch each on the GPU, or one (kernels.triton_router).
+        return kernels.router_logits_topk(hidden, self.weight, self.e_score_correction_bias, self.top_k,
+                                          cfg.scoring_func, cfg.topk_method, cfg.n_group, cfg.topk_group,
+                                          cfg.norm_topk_prob, cfg.routed_scaling_factor)
 
 
 @dataclass

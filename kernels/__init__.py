@@ -36,6 +36,7 @@ _FAST: dict[str, tuple[str, str]] = {
     "mla_decode_prep": ("kernels.triton_decode_fused", "mla_decode_prep_triton"),
     "router_logits": ("kernels.triton_router", "router_logits_triton"),
     "router_topk": ("kernels.triton_decode_fused", "router_topk_triton"),
+    "router_logits_topk": ("kernels.triton_router", "router_logits_topk_triton"),
     "moe_scatter_rows": ("kernels.triton_decode_fused", "moe_scatter_rows_triton"),
     "moe_scatter_rows_active": ("kernels.triton_decode_fused", "moe_scatter_rows_active_triton"),
     "active_experts": ("kernels.triton_decode_fused", "active_experts_triton"),
@@ -62,6 +63,7 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "mla_decode_prep": decode_fused.mla_decode_prep,
     "router_logits": decode_fused.router_logits,
     "router_topk": decode_fused.router_topk,
+    "router_logits_topk": decode_fused.router_logits_topk,
     "moe_scatter_rows": decode_fused.moe_scatter_rows,
     "moe_scatter_rows_active": decode_fused.moe_scatter_rows_active,
     "active_experts": decode_fused.active_experts,
@@ -196,6 +198,13 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, sco
                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     return get_op("router_topk", logits)(logits, bias, top_k, scoring, method, n_group, topk_group, normalize,
                                          scaling)
+
+
+def router_logits_topk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
+                       scoring: str, method: str, n_group: int, topk_group: int, normalize: bool,
+                       scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return get_op("router_logits_topk", hidden)(hidden, weight, bias, top_k, scoring, method, n_group, topk_group,
+                                                normalize, scaling)
 
 
 def moe_scatter_rows(hidden: torch.Tensor, topk_ids: torch.Tensor,

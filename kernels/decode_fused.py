@@ -15,7 +15,8 @@ of the unfused code it replaces (same roundings in the same order), so the CPU p
   per-expert counts, and back: a float32 weighted sum per token in ascending expert order, plus `add`.
   `moe_scatter_rows_active` also returns `active_experts` (the experts with rows) for the masked GEMMs' grid.
 - `moe_combine_add_rms_norm`: `moe_combine`, then the next layer's `add_rms_norm` of its output (one launch).
-- `router_logits`: the router's float32 GEMM ahead of `router_topk` (its GPU twin: one launch, no TF32).
+- `router_logits`: the router's float32 GEMM ahead of `router_topk` (its GPU twin: one launch, no TF32);
+  `router_logits_topk`: the two as one op (its GPU twin may run both in one launch).
 """
 
 from __future__ import annotations
@@ -177,3 +178,11 @@ def moe_combine_add_rms_norm(y: torch.Tensor, dest: torch.Tensor, topk_ids: torc
     """``add_rms_norm(moe_combine(y, dest, topk_ids, topk_weights, add), residual, norm_weight, eps)``: an MoE
     layer's output summed into the residual stream and normed for the next layer, the two ops' roundings kept."""
     return add_rms_norm(moe_combine(y, dest, topk_ids, topk_weights, add), residual, norm_weight, eps)
+
+
+def router_logits_topk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
+                       scoring: str, method: str, n_group: int, topk_group: int, normalize: bool,
+                       scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``router_topk(router_logits(hidden, weight), bias, ...)``: the whole router."""
+    return router_topk(router_logits(hidden, weight), bias, top_k, scoring, method, n_group, topk_group, normalize,
+                       scaling)

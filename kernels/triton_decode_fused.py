@@ -139,17 +139,11 @@ def mla_decode_prep_triton(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tenso
 
 
 @triton.jit
-def _router_topk_kernel(
-    logits_ptr, bias_ptr, w_out_ptr, id_out_ptr, stride_l, num_experts, group_size, scaling,
-    TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GROUPED: tl.constexpr, V3_GROUPS: tl.constexpr, NORMALIZE: tl.constexpr, PDL: tl.constexpr,
-):
-    pdl_begin(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_E)
-    emask = offs < num_experts
-    x = tl.load(logits_ptr + t * stride_l + offs, mask=emask, other=float("-inf")).to(tl.float32)
+def router_topk_row(x, offs, emask, bias_ptr, group_size, TOP_K: tl.constexpr, N_GROUP: tl.constexpr,
+                    TOPK_GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, V3_GROUPS: tl.constexpr):
+    """One token's expert choice from its float32 logits ``x`` (``-inf`` past the experts): (weights, ids) over
+    ``BLOCK_K`` slots, weights not yet normalised or scaled (`router_topk_store`)."""
     if SIGMOID:
         scores = tl.where(emask, 1.0 / (1.0 + tl.exp(-x)), 0.0)
     else:
@@ -186,20 +180,63 @@ def _router_topk_kernel(
         weights = tl.where(koffs == k, tl.sum(tl.where(offs == idx, scores, 0.0), axis=0), weights)
         ids = tl.where(koffs == k, idx.to(tl.int64), ids)
         choice = tl.where(offs == idx, float("-inf"), choice)
+    return weights, ids
+
+
+@triton.jit
+def router_topk_store(weights, ids, w_out_ptr, id_out_ptr, t, scaling, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NORMALIZE: tl.constexpr):
     if NORMALIZE:
         weights = weights / (tl.sum(weights, axis=0) + 1e-20)
+    koffs = tl.arange(0, BLOCK_K)
     kmask = koffs < TOP_K
     tl.store(w_out_ptr + t * TOP_K + koffs, weights * scaling, mask=kmask)
     tl.store(id_out_ptr + t * TOP_K + koffs, ids, mask=kmask)
+
+
+@triton.jit
+def _router_topk_kernel(
+    logits_ptr, bias_ptr, w_out_ptr, id_out_ptr, stride_l, num_experts, group_size, scaling,
+    TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUPED: tl.constexpr, V3_GROUPS: tl.constexpr, NORMALIZE: tl.constexpr, PDL: tl.constexpr,
+):
+    pdl_begin(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    emask = offs < num_experts
+    x = tl.load(logits_ptr + t * stride_l + offs, mask=emask, other=float("-inf")).to(tl.float32)
+    weights, ids = router_topk_row(x, offs, emask, bias_ptr, group_size, TOP_K, N_GROUP, TOPK_GROUP, BLOCK_G,
+                                   BLOCK_K, SIGMOID, HAS_BIAS, GROUPED, V3_GROUPS)
+    router_topk_store(weights, ids, w_out_ptr, id_out_ptr, t, scaling, TOP_K, BLOCK_K, NORMALIZE)
+
+
+def router_topk_constants(num_experts: int, top_k: int, scoring: str, method: str, n_group: int, topk_group: int,
+                          normalize: bool, has_bias: bool) -> dict[str, int | bool]:
+    """The top-k step's compile-time constants (``router_topk_row``, ``router_topk_store``) for a router."""
+    return dict(TOP_K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group, BLOCK_E=triton.next_power_of_2(num_experts),
+                BLOCK_G=triton.next_power_of_2(max(1, n_group)), BLOCK_K=triton.next_power_of_2(top_k),
+                SIGMOID=scoring == "sigmoid", HAS_BIAS=has_bias, GROUPED=router_grouped(method, n_group),
+                V3_GROUPS=method == "noaux_tc", NORMALIZE=normalize and top_k > 1)
+
+
+def router_grouped(method: str, n_group: int) -> bool:
+    return method in ("group_limited_greedy", "noaux_tc") and n_group > 1
+
+
+def router_topk_runs(logits_shape: tuple[int, int], top_k: int, method: str, n_group: int) -> bool:
+    """Whether the Triton top-k takes a router of this shape (else the torch reference runs)."""
+    num_tokens, num_experts = logits_shape
+    return (num_tokens > 0 and num_experts <= 4096 and top_k <= num_experts
+            and not (router_grouped(method, n_group) and num_experts % n_group))
 
 
 def router_topk_triton(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring: str, method: str,
                        n_group: int, topk_group: int, normalize: bool,
                        scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     num_tokens, num_experts = logits.shape
-    grouped = method in ("group_limited_greedy", "noaux_tc") and n_group > 1
-    if (num_tokens == 0 or logits.dtype != torch.float32 or logits.stride(1) != 1 or num_experts > 4096
-            or (grouped and num_experts % n_group) or top_k > num_experts):
+    if (logits.dtype != torch.float32 or logits.stride(1) != 1
+            or not router_topk_runs((num_tokens, num_experts), top_k, method, n_group)):
         return decode_fused.router_topk(logits, bias, top_k, scoring, method, n_group, topk_group, normalize,
                                         scaling)
     weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits.device)
@@ -207,11 +244,8 @@ def router_topk_triton(logits: torch.Tensor, bias: torch.Tensor | None, top_k: i
     _router_topk_kernel[(num_tokens,)](
         logits, bias if bias is not None else logits, weights, ids, logits.stride(0), num_experts,
         num_experts // max(1, n_group), float(scaling),
-        TOP_K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group, BLOCK_E=triton.next_power_of_2(num_experts),
-        BLOCK_G=triton.next_power_of_2(max(1, n_group)), BLOCK_K=triton.next_power_of_2(top_k),
-        SIGMOID=scoring == "sigmoid", HAS_BIAS=bias is not None, GROUPED=grouped,
-        V3_GROUPS=method == "noaux_tc", NORMALIZE=normalize and top_k > 1, num_warps=4,
-        **pdl_args(logits),
+        **router_topk_constants(num_experts, top_k, scoring, method, n_group, topk_group, normalize, bias is not None),
+        num_warps=4, **pdl_args(logits),
     )  # fmt: skip
     return weights, ids
 

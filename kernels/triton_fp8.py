@@ -28,6 +28,7 @@ from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize, quantizes_activations, scal
 from kernels.fp8_cublas import fp8_linear_cublas, use_cublas
 from kernels.fp8_deepgemm import fp8_linear_deepgemm, use_deepgemm
 from kernels.triton_grid import grouped_tile
+from kernels.triton_last_program import arrive_last, launch_counters, reset_counter
 from kernels.triton_pdl import pdl_args, pdl_begin
 
 # Hopper's FP8 MMA adds its products at less than fp32 precision; Triton promotes the partial sum into an
@@ -384,9 +385,7 @@ def _sum_splits_if_last(c_ptr, bias_ptr, out_ptr, done_ptr, rows, cols, offs_n, 
     last), adds the bias, casts into ``out`` and sets the tile's counter back to 0 for the next launch (a CUDA
     graph replays the same counters). CUTLASS's semaphore protocol: the barrier orders every thread's partial
     before the one thread's release (the scalar atomic), the acquiring program reads the partials from L2."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLITS - 1:
+    if arrive_last(done_ptr, SPLITS):
         mask = m_mask[:, None] & n_mask[None, :]
         total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for s in tl.static_range(SPLITS):
@@ -395,7 +394,7 @@ def _sum_splits_if_last(c_ptr, bias_ptr, out_ptr, done_ptr, rows, cols, offs_n, 
         if HAS_BIAS:
             total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rows[:, None] * N + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
+        reset_counter(done_ptr)
 
 
 def _check_device(x: torch.Tensor) -> None:
@@ -455,7 +454,7 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
     else:
         out = torch.empty((split_k, m, n), dtype=torch.float32, device=xq.device)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    done = split_counters(xq.device, tiles) if split_k > 1 and (split_fixup_enabled() if fixup is None
+    done = launch_counters(xq.device, tiles) if split_k > 1 and (split_fixup_enabled() if fixup is None
                                                                  else fixup) else None
     final = torch.empty((m, n), dtype=out_dtype, device=xq.device) if done is not None else out
     with_bias = bias is not None and (split_k == 1 or done is not None)
@@ -484,42 +483,11 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
 # each reduction launch took ~1.4 us plus its gap in the graph. TANDEM_FP8_SPLIT_FIXUP=1 turns it on; off until
 # a GPU run times it beside the reduction launch.
 SPLIT_FIXUP_ENV = "TANDEM_FP8_SPLIT_FIXUP"
-_COUNTER_RING = 1 << 16  # tile counters a device keeps; a GEMM takes the next run of them
-
-
-@dataclass
-class _Counters:
-    buffer: torch.Tensor
-    cursor: int = 0
-
-
-_COUNTERS: dict[torch.device, _Counters] = {}
-
-
 def split_fixup_enabled() -> bool:
     mode = os.environ.get(SPLIT_FIXUP_ENV, "0")
     if mode not in ("0", "1"):
         raise ValueError(f"{SPLIT_FIXUP_ENV}={mode!r}: expected 0 or 1")
     return mode == "1"
-
-
-def split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """``tiles`` zeroed int32 counters for one split GEMM's launch, or None (the caller reduces in a launch of
-    its own) while a CUDA graph is being captured on a device that has none yet: they are made once, outside
-    any capture, and every launch leaves them at 0. Consecutive GEMMs take consecutive runs of a ring, so two
-    running at once (two streams: dual batch overlap) never share one; a graph keeps the runs its capture took."""
-    counters = _COUNTERS.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _COUNTERS[device] = _Counters(torch.zeros(_COUNTER_RING, dtype=torch.int32, device=device))
-    if tiles > _COUNTER_RING:
-        return None
-    if counters.cursor + tiles > _COUNTER_RING:
-        counters.cursor = 0
-    run = counters.buffer[counters.cursor : counters.cursor + tiles]
-    counters.cursor += tiles
-    return run
 
 
 @triton.jit

@@ -218,15 +218,18 @@ def test_gpu_greedy_tokens_equal_cpu_with_and_without_cuda_graphs(tiny_dir: Path
                                                                   fused: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``active_grid`` 1: the graphs' MoE launches run the active experts alone (engine.moe.ACTIVE_GRID_ENV);
     ``pdl`` 1: the Triton kernels launch as programmatic dependents (kernels.triton_pdl), eager and captured;
-    ``fused`` 1: the MoE sum inside the next norm's launch and the per-head products in Triton."""
+    ``fused`` 1: the MoE sum inside the next norm's launch, the per-head products in Triton and the router in
+    one launch."""
     from engine.moe import ACTIVE_GRID_ENV, COMBINE_NORM_ENV
     from kernels.triton_head_matmul import HEAD_MATMUL_ENV
     from kernels.triton_pdl import PDL_ENV
+    from kernels.triton_router import ROUTER_FUSED_ENV
 
     monkeypatch.setenv(ACTIVE_GRID_ENV, active_grid)
     monkeypatch.setenv(PDL_ENV, pdl)
     monkeypatch.setenv(COMBINE_NORM_ENV, fused)
     monkeypatch.setenv(HEAD_MATMUL_ENV, "triton" if fused == "1" else "cublas")
+    monkeypatch.setenv(ROUTER_FUSED_ENV, fused)
     lengths = [4, 6, 8, 9, 12]
     cpu_tokens, _ = _generate(tiny_dir, "cpu", 0, lengths)
     gpu_eager, _ = _generate(tiny_dir, "cuda", 0, lengths)
@@ -312,7 +315,8 @@ before = pool.tensor.clone()
 logits = {}
 for name, env in {"torch": {"TANDEM_KERNELS": "torch"},
                   "triton": {"TANDEM_KERNELS": "triton", "TANDEM_HEAD_MATMUL": "cublas", "TANDEM_COMBINE_NORM": "0"},
-                  "fused": {"TANDEM_KERNELS": "triton", "TANDEM_HEAD_MATMUL": "triton", "TANDEM_COMBINE_NORM": "1"}}.items():
+                  "fused": {"TANDEM_KERNELS": "triton", "TANDEM_HEAD_MATMUL": "triton", "TANDEM_COMBINE_NORM": "1",
+                            "TANDEM_ROUTER_FUSED": "1"}}.items():
     os.environ.update(env)
     pool.tensor.copy_(before)
     logits[name] = runner(batch).next_token_logits
@@ -324,7 +328,8 @@ print(json.dumps({name: float((v - logits["torch"]).abs().max() / logits["torch"
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
 def test_the_graph_safe_step_on_the_triton_kernels_equals_the_torch_references_interpreted(tiny_dir: Path) -> None:
     """The whole graph-safe decode step through Triton's interpreter, with and without the per-head products in
-    Triton (the attention's splits merged in the up-projection's launch) and the MoE sum inside the next norm."""
+    Triton (the attention's splits merged in the up-projection's launch), the MoE sum inside the next norm and
+    the router's top-k inside its logits' launch."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", MODEL_INTERPRETED, str(tiny_dir)], env=env, capture_output=True,
                           text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])

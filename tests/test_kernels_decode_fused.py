@@ -83,7 +83,7 @@ def _interpreted(code: str) -> dict[str, Any]:
 
 # Shared by the interpreter (float32, CPU) and GPU (bf16 and float32) checks: returns {case: max error}.
 CHECKS = """
-import json, torch
+import json, os, torch
 from kernels import decode_fused as ref
 from kernels import triton_decode_fused as fast
 
@@ -134,6 +134,21 @@ def run(device, dtype):
         s2, o2 = i2.sort(1)
         same = bool(torch.equal(s1, s2))
         out[f"router_{name}"] = err(w1.gather(1, o1), w2.gather(1, o2)) if same else 1e9
+        # The whole router in one launch (the last program to finish its logits chooses): the same choice.
+        from kernels import triton_router
+        os.environ[triton_router.ROUTER_FUSED_ENV] = "1"
+        for tokens in (1, 5):
+            dim = 96
+            hidden = rnd(tokens, dim)
+            gate = (torch.randn(experts, dim, generator=g) * 0.3).to(device)
+            w1, i1 = triton_router.router_logits_topk_triton(hidden, gate, b, k, scoring, method, groups, topk_group,
+                                                             norm, scale)
+            w2, i2 = ref.router_logits_topk(hidden, gate, b, k, scoring, method, groups, topk_group, norm, scale)
+            s1, o1 = i1.sort(1)
+            s2, o2 = i2.sort(1)
+            same = bool(torch.equal(s1, s2))
+            out[f"router_fused_{name}_{tokens}"] = err(w1.gather(1, o1), w2.gather(1, o2)) if same else 1e9
+        del os.environ[triton_router.ROUTER_FUSED_ENV]
     for tokens, k, experts, dim in ((1, 6, 64, 256), (9, 6, 64, 256), (4, 8, 16, 100)):
         hidden = rnd(tokens, dim)
         ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)]).to(device)
@@ -215,7 +230,7 @@ def run(device, dtype):
 @needs_triton
 def test_triton_kernels_equal_the_references_in_float32_interpreted() -> None:
     result = _interpreted(CHECKS + "\nprint(json.dumps(run('cpu', torch.float32)))\n")
-    assert len(result) == 38
+    assert len(result) == 44
     for case, error in result.items():
         assert error < _tolerance(case, torch.float32), (case, error)
 
