@@ -112,18 +112,19 @@ class MLAttention(nn.Module):
         if self.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(num_tokens, self.num_heads, self.qk_dim)
-        q_nope = q[..., : self.nope_dim]
         route = batch.mla_core  # MLA-core DP: this rank holds its own requests' latents only
         write_pages = batch.write_pages if route is None else route.write_pages
         # One op: the latent's RMSNorm, k_pe's RoPE, both written into the pool, and q_pe's RoPE (one kernel
-        # on the GPU where the unfused code launched about twenty). Prefill takes the rotation in q itself.
-        decode = batch.mode is ForwardMode.DECODE
-        q_pe = kernels.mla_decode_prep(q, kv_a, cos, sin, self.kv_a_layernorm.weight,
-                                       self.kv_a_layernorm.eps, kv_cache, write_pages, batch.write_slots,
-                                       self.nope_dim, rope.interleave, kv_scale, in_place=not decode)
-        if decode:
-            out = self._decode(q_nope, q_pe, batch, kv_cache, kv_scale)
+        # on the GPU where the unfused code launched about twenty); at decode with the absorbed query beside it
+        # (both in one launch where kernels.triton_head_matmul runs). Prefill takes the rotation in q itself.
+        prep = (q, kv_a, cos, sin, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, kv_cache, write_pages,
+                batch.write_slots, self.nope_dim, rope.interleave, kv_scale)
+        if batch.mode is ForwardMode.DECODE:
+            w_kc, _ = self._w_kc_vc()
+            q_pe, q_latent = kernels.mla_decode_prep_q_latent(*prep, w_kc)
+            out = self._decode(q_latent, q_pe, batch, kv_cache, kv_scale)
         else:
+            kernels.mla_decode_prep(*prep, in_place=True)
             out = self._extend(q, batch, kv_cache, kv_scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))
 
@@ -144,14 +145,13 @@ class MLAttention(nn.Module):
         cu_k = batch.cu_seqlens_k if batch.cu_seqlens_k_host is None else batch.cu_seqlens_k_host
         return kernels.mla_prefill_attention(q, k, v, cu_q, cu_k, self.scale)
 
-    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch,
+    def _decode(self, q_latent: torch.Tensor, q_pe: torch.Tensor, batch: ForwardBatch,
                 kv_cache: torch.Tensor, kv_scale: float) -> torch.Tensor:
-        w_kc, w_vc = self._w_kc_vc()
-        # Head-batched products on strided views (einsum copied q_nope and the output to contiguous first).
-        q_latent = kernels.head_matmul(q_nope, w_kc)  # [B, H, R], unit last stride
+        """q_latent ``[B, H, R]`` (q_nope @ W_UK), q_pe ``[B, H, P]`` rotated -> ``[B, H, v]``."""
+        _, w_vc = self._w_kc_vc()
         # Written into a [B, H, v] buffer (cuBLAS through its [H, B, v] view), so the o_proj input is a plain
         # reshape: a transposed result cost a copy launch per layer.
-        out = torch.empty(q_nope.shape[0], self.num_heads, self.v_dim, dtype=q_latent.dtype, device=q_nope.device)
+        out = torch.empty(q_latent.shape[0], self.num_heads, self.v_dim, dtype=q_latent.dtype, device=q_latent.device)
         if batch.mla_core is not None:
             out_latent = decode_core(batch.mla_core, q_latent, q_pe, kv_cache, self.scale, kv_scale)
             return kernels.head_matmul(out_latent, w_vc.transpose(1, 2), out)

@@ -45,6 +45,7 @@ _FAST: dict[str, tuple[str, str]] = {
     "gated_mlp": ("kernels.triton_moe", "gated_mlp_triton"),
     "head_matmul": ("kernels.triton_head_matmul", "head_matmul_triton"),
     "mla_decode_attention_up": ("kernels.triton_head_matmul", "mla_decode_attention_up_triton"),
+    "mla_decode_prep_q_latent": ("kernels.triton_head_matmul", "mla_decode_prep_q_latent_triton"),
 }
 _REFERENCE: dict[str, Callable[..., Any]] = {
     "mla_prefill_attention": mla.mla_prefill_attention,
@@ -72,6 +73,7 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "gated_mlp": moe.gated_mlp,
     "head_matmul": mla.head_matmul,
     "mla_decode_attention_up": mla.mla_decode_attention_up,
+    "mla_decode_prep_q_latent": decode_fused.mla_decode_prep_q_latent,
 }
 
 
@@ -186,6 +188,14 @@ def mla_decode_prep(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin:
                     kv_scale: float = 1.0, in_place: bool = False) -> torch.Tensor:
     return get_op("mla_decode_prep", q)(q, kv_a, cos, sin, norm_weight, eps, kv_cache, write_pages, write_slots,
                                         nope_dim, interleave, kv_scale, in_place)
+
+
+def mla_decode_prep_q_latent(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor, write_pages: torch.Tensor,
+                             write_slots: torch.Tensor, nope_dim: int, interleave: bool, kv_scale: float,
+                             w_uk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return get_op("mla_decode_prep_q_latent", q)(q, kv_a, cos, sin, norm_weight, eps, kv_cache, write_pages,
+                                                 write_slots, nope_dim, interleave, kv_scale, w_uk)
 
 
 def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ of the unfused code it replaces (same roundings in the same order), so the CPU p
 
 - `add_rms_norm`: ``s = x + residual`` (rounded to the dtype), then `rms_norm(s)`; returns both.
 - `mla_decode_prep`: RMSNorm of the new tokens' latent, RoPE of their k_pe, both written into the pool at
-  (write_pages, write_slots), and RoPE of the query's rope part, returned.
+  (write_pages, write_slots), and RoPE of the query's rope part, returned; `mla_decode_prep_q_latent` with the
+  absorbed query (``q_nope @ W_UK``, independent work a GPU launch can run beside it).
 - `router_topk`: DeepSeek's V2 (softmax, greedy / group-limited) and V3 (sigmoid + correction bias,
   grouped by the sum of each group's two best) expert choice from the router logits.
 - `moe_scatter_rows` / `moe_combine`: (token, slot) rows into the masked layout ``[E, T, D]`` with
@@ -24,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.mla import head_matmul
 from kernels.norm import rms_norm
 
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}  # the largest finite value of each
@@ -186,3 +188,13 @@ def router_logits_topk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
     """``router_topk(router_logits(hidden, weight), bias, ...)``: the whole router."""
     return router_topk(router_logits(hidden, weight), bias, top_k, scoring, method, n_group, topk_group, normalize,
                        scaling)
+
+
+def mla_decode_prep_q_latent(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor, write_pages: torch.Tensor,
+                             write_slots: torch.Tensor, nope_dim: int, interleave: bool, kv_scale: float,
+                             w_uk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`mla_decode_prep`'s q_pe, ``head_matmul(q[..., :nope_dim], w_uk)``): a decode layer's attention inputs."""
+    q_pe = mla_decode_prep(q, kv_a, cos, sin, norm_weight, eps, kv_cache, write_pages, write_slots, nope_dim,
+                           interleave, kv_scale)
+    return q_pe, head_matmul(q[..., :nope_dim], w_uk)

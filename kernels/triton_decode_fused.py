@@ -69,7 +69,19 @@ def _mla_decode_prep_kernel(
     HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_begin(PDL)
-    t = tl.program_id(0).to(tl.int64)
+    mla_decode_prep_token(tl.program_id(0).to(tl.int64), q_ptr, kv_a_ptr, cos_ptr, sin_ptr, w_ptr, cache_ptr,
+                          pages_ptr, slots_ptr, out_ptr, stride_qt, stride_qh, stride_kt, stride_cp, stride_cs,
+                          stride_ot, stride_oh, num_heads, lora, nope, eps, HALF, BLOCK_R, BLOCK_H, INTERLEAVE)
+
+
+@triton.jit
+def mla_decode_prep_token(
+    t, q_ptr, kv_a_ptr, cos_ptr, sin_ptr, w_ptr, cache_ptr, pages_ptr, slots_ptr, out_ptr,
+    stride_qt, stride_qh, stride_kt, stride_cp, stride_cs, stride_ot, stride_oh,
+    num_heads, lora, nope, eps,
+    HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVE: tl.constexpr,
+):
+    """`mla_decode_prep`'s work for token t (int64)."""
     dt = kv_a_ptr.dtype.element_ty
     cache_dt = cache_ptr.dtype.element_ty
     # The latent's RMSNorm (kernels.norm.rms_norm's roundings).
@@ -111,6 +123,20 @@ def _mla_decode_prep_kernel(
     tl.store(ob + HALF + offs_i[None, :], p2, mask=hmask)
 
 
+def mla_decode_prep_runs(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         norm_weight: torch.Tensor, kv_cache: torch.Tensor, nope_dim: int) -> bool:
+    """Whether the prep kernel takes these operands (else the torch reference runs). FP8 pools take the
+    reference's quantized write (kept off the kernel: one rounding path for them)."""
+    num_tokens, _, qk_dim = q.shape
+    lora, rope = norm_weight.shape[0], qk_dim - nope_dim
+    half = rope // 2
+    return not (num_tokens == 0 or rope % 2 or half & (half - 1) or kv_a.shape != (num_tokens, lora + rope)
+                or q.stride(2) != 1 or kv_a.stride(1) != 1 or kv_a.dtype != q.dtype or norm_weight.dtype != q.dtype
+                or cos.shape != (num_tokens, half) or not (cos.is_contiguous() and sin.is_contiguous())
+                or kv_cache.stride(2) != 1 or kv_cache.shape[2] != lora + rope
+                or kv_cache.dtype in decode_fused.FP8_MAX)
+
+
 def mla_decode_prep_triton(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor,
                            write_pages: torch.Tensor, write_slots: torch.Tensor, nope_dim: int,
@@ -118,11 +144,7 @@ def mla_decode_prep_triton(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tenso
     num_tokens, num_heads, qk_dim = q.shape
     lora, rope = norm_weight.shape[0], qk_dim - nope_dim
     half = rope // 2
-    if (num_tokens == 0 or rope % 2 or half & (half - 1) or kv_a.shape != (num_tokens, lora + rope)
-            or q.stride(2) != 1 or kv_a.stride(1) != 1 or kv_a.dtype != q.dtype or norm_weight.dtype != q.dtype
-            or cos.shape != (num_tokens, half) or not (cos.is_contiguous() and sin.is_contiguous())
-            or kv_cache.stride(2) != 1 or kv_cache.shape[2] != lora + rope or kv_cache.dtype in decode_fused.FP8_MAX):
-        # FP8 pools take the reference's quantized write (kept off the kernel: one rounding path for them).
+    if not mla_decode_prep_runs(q, kv_a, cos, sin, norm_weight, kv_cache, nope_dim):
         return decode_fused.mla_decode_prep(q, kv_a, cos, sin, norm_weight, eps, kv_cache, write_pages,
                                             write_slots, nope_dim, interleave, kv_scale, in_place)
     # In place, each program reads its token's q_pe before it writes the rotation over it.

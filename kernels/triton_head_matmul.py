@@ -12,6 +12,9 @@ across rows and cuBLAS's tiles win, so the call goes to the reference.
 reduce launch, `kernels.triton_mla_decode`) inside the W_UV product's launch, as each program's rows of x: one
 launch a layer fewer.
 
+`mla_decode_prep_q_latent_triton` runs the first product in one launch with the decode prep (the latent's norm
+and RoPE written into the pool, q_pe's RoPE): independent work, one launch a layer fewer.
+
 `TANDEM_HEAD_MATMUL=triton|cublas` (default ``cublas`` until a GPU run times it; read on every call).
 """
 
@@ -26,6 +29,7 @@ import triton.language as tl
 from kernels import mla
 from kernels.backend import device_facts
 from kernels.flashmla_decode import flashmla_runs
+from kernels.triton_decode_fused import mla_decode_prep_runs, mla_decode_prep_token, mla_decode_prep_triton
 from kernels.triton_mla_decode import (
     mla_decode_attention_triton,
     mla_decode_split_partials,
@@ -49,9 +53,18 @@ def _head_matmul_kernel(x_ptr, w_ptr, out_ptr, rows, k_dim, n_dim, stride_xb, st
                         stride_wn, stride_ob, stride_oh, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
-    head = tl.program_id(0).to(tl.int64)  # heads vary fastest: programs side by side read one row block of x
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+    # heads vary fastest: programs side by side read one row block of x
+    _head_matmul_block(x_ptr, w_ptr, out_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2),
+                       rows, k_dim, n_dim, stride_xb, stride_xh, stride_wh, stride_wk, stride_wn, stride_ob,
+                       stride_oh, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION)
+
+
+@triton.jit
+def _head_matmul_block(x_ptr, w_ptr, out_ptr, head, column_block, row_block, rows, k_dim, n_dim, stride_xb,
+                       stride_xh, stride_wh, stride_wk, stride_wn, stride_ob, stride_oh, BLOCK_B: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    cols = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = row_block * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask, n_mask = offs_b < rows, cols < n_dim
     acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
@@ -64,6 +77,35 @@ def _head_matmul_kernel(x_ptr, w_ptr, out_ptr, rows, k_dim, n_dim, stride_xb, st
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
     tl.store(out_ptr + offs_b[:, None] * stride_ob + head * stride_oh + cols[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=b_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _prep_and_q_latent_kernel(
+    w_ptr, lat_ptr, rows, k_dim, n_dim, stride_wh, stride_wk, stride_wn, stride_lb, stride_lh,
+    q_ptr, kv_a_ptr, cos_ptr, sin_ptr, nw_ptr, cache_ptr, pages_ptr, slots_ptr, pe_ptr,
+    stride_qt, stride_qh, stride_kt, stride_cp, stride_cs, stride_pt, stride_ph, num_heads, lora, eps,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVE: tl.constexpr, PDL: tl.constexpr,
+):
+    """Two independent steps of a decode layer in one launch: columns 0..H-1 of the grid run ``q_nope @ W_UK``
+    (q_nope: q's first k_dim columns), column H the decode prep of the row block's tokens (its programs split
+    them), so neither waits for the other's launch."""
+    pdl_begin(PDL)
+    head = tl.program_id(0)
+    if head < num_heads:
+        _head_matmul_block(q_ptr, w_ptr, lat_ptr, head.to(tl.int64), tl.program_id(1), tl.program_id(2), rows,
+                           k_dim, n_dim, stride_qt, stride_qh, stride_wh, stride_wk, stride_wn, stride_lb,
+                           stride_lh, BLOCK_B, BLOCK_K, BLOCK_N, PRECISION)
+    else:
+        per = tl.cdiv(BLOCK_B, tl.num_programs(1))
+        for i in range(per):
+            in_block = tl.program_id(1) * per + i
+            t = tl.program_id(2) * BLOCK_B + in_block
+            if (in_block < BLOCK_B) & (t < rows):
+                mla_decode_prep_token(t.to(tl.int64), q_ptr, kv_a_ptr, cos_ptr, sin_ptr, nw_ptr, cache_ptr,
+                                      pages_ptr, slots_ptr, pe_ptr, stride_qt, stride_qh, stride_kt, stride_cp,
+                                      stride_cs, stride_pt, stride_ph, num_heads, lora, k_dim, eps, HALF, BLOCK_R,
+                                      BLOCK_H, INTERLEAVE)
 
 
 @triton.jit
@@ -176,4 +218,38 @@ def mla_decode_attention_up_triton(q_latent: torch.Tensor, q_rope: torch.Tensor,
     return out
 
 
-__all__ = ["HEAD_MATMUL_ENV", "MAX_ROWS", "head_matmul_triton", "mla_decode_attention_up_triton"]
+def mla_decode_prep_q_latent_triton(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                    norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor,
+                                    write_pages: torch.Tensor, write_slots: torch.Tensor, nope_dim: int,
+                                    interleave: bool, kv_scale: float, w_uk: torch.Tensor
+                                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels.decode_fused.mla_decode_prep_q_latent`: at up to `MAX_ROWS` tokens with the kernel on, one
+    launch (`_prep_and_q_latent_kernel`); otherwise the prep's launch and the product's."""
+    rows, heads, _ = q.shape
+    q_nope = q[..., :nope_dim]
+    fused = (0 < rows <= MAX_ROWS and heads > 0 and head_matmul_kernel_on() and w_uk.dtype == q.dtype
+             and mla_decode_prep_runs(q, kv_a, cos, sin, norm_weight, kv_cache, nope_dim))
+    if not fused:
+        q_pe = mla_decode_prep_triton(q, kv_a, cos, sin, norm_weight, eps, kv_cache, write_pages, write_slots,
+                                      nope_dim, interleave, kv_scale)
+        return q_pe, head_matmul_triton(q_nope, w_uk)
+    mla.check_head_matmul(q_nope, w_uk, None)
+    lora, rope, n_dim = norm_weight.shape[0], q.shape[2] - nope_dim, w_uk.shape[2]
+    q_pe = torch.empty((rows, heads, rope), dtype=q.dtype, device=q.device)
+    latent = torch.empty((rows, heads, n_dim), dtype=q.dtype, device=q.device)
+    block_n = _block_n(heads, n_dim, q.device)
+    grid = (heads + 1, triton.cdiv(n_dim, block_n), triton.cdiv(rows, MAX_ROWS))
+    _prep_and_q_latent_kernel[grid](
+        w_uk, latent, rows, nope_dim, n_dim, w_uk.stride(0), w_uk.stride(1), w_uk.stride(2), latent.stride(0),
+        latent.stride(1), q, kv_a, cos, sin, norm_weight, kv_cache, write_pages, write_slots, q_pe, q.stride(0),
+        q.stride(1), kv_a.stride(0), kv_cache.stride(0), kv_cache.stride(1), q_pe.stride(0), q_pe.stride(1), heads,
+        lora, eps, BLOCK_B=MAX_ROWS, BLOCK_K=min(128, max(16, triton.next_power_of_2(nope_dim))), BLOCK_N=block_n,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HALF=rope // 2,
+        BLOCK_R=triton.next_power_of_2(lora), BLOCK_H=triton.next_power_of_2(heads), INTERLEAVE=interleave,
+        num_warps=4, num_stages=2, **pdl_args(q),
+    )  # fmt: skip
+    return q_pe, latent
+
+
+__all__ = ["HEAD_MATMUL_ENV", "MAX_ROWS", "head_matmul_triton", "mla_decode_attention_up_triton",
+           "mla_decode_prep_q_latent_triton"]

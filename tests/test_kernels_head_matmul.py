@@ -87,6 +87,39 @@ print(json.dumps(errors))
 """
 
 
+PREP_Q_LATENT = """
+import json, os, torch
+from kernels import decode_fused
+from kernels.triton_head_matmul import mla_decode_prep_q_latent_triton
+os.environ["TANDEM_HEAD_MATMUL"] = "{mode}"
+g = torch.Generator().manual_seed(6)
+errors = {{}}
+for tokens, heads, nope, rope, rank, interleave in ((1, 16, 128, 64, 512, True), (5, 3, 32, 16, 64, False),
+                                                    (17, 2, 16, 16, 32, False)):
+    q = torch.randn(tokens, heads, nope + rope, generator=g)
+    kv_a, norm_w = torch.randn(tokens, rank + rope, generator=g), torch.randn(rank, generator=g)
+    freqs = torch.arange(tokens)[:, None].float() * 0.37 * torch.arange(1, rope // 2 + 1)[None].float()
+    cos, sin = freqs.cos().contiguous(), freqs.sin().contiguous()
+    pages, slots = torch.randperm(2 * tokens, generator=g)[:tokens], torch.randint(0, 4, (tokens,), generator=g)
+    w_uk = torch.randn(heads, nope + 8, rank, generator=g)[:, :nope] / nope ** 0.5  # a view, as of kv_b_proj
+    cache, ref_cache = torch.zeros(2 * tokens, 4, rank + rope), torch.zeros(2 * tokens, 4, rank + rope)
+    q_pe, latent = mla_decode_prep_q_latent_triton(q, kv_a, cos, sin, norm_w, 1e-6, cache, pages, slots, nope,
+                                                   interleave, 1.0, w_uk)
+    want_pe, want_latent = decode_fused.mla_decode_prep_q_latent(q, kv_a, cos, sin, norm_w, 1e-6, ref_cache, pages,
+                                                                 slots, nope, interleave, 1.0, w_uk)
+    errors[f"{{tokens}}x{{heads}}"] = max(float((q_pe - want_pe).abs().max()), float((cache - ref_cache).abs().max()),
+                                          float((latent - want_latent).abs().max() / want_latent.abs().max()))
+print(json.dumps(errors))
+"""
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["triton", "cublas"], ids=["one_launch", "separate_launches"])
+def test_the_decode_prep_beside_the_absorbed_query_equals_the_reference_interpreted(mode: str) -> None:
+    errors = _interpreted(PREP_Q_LATENT.format(mode=mode))
+    assert len(errors) == 3 and max(errors.values()) < 1e-5, errors
+
+
 @needs_triton
 @pytest.mark.parametrize("mode", ["triton", "cublas"], ids=["merged_in_the_product", "separate_launches"])
 def test_attention_then_the_up_projection_equals_the_reference_interpreted(mode: str) -> None:
