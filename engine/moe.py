@@ -21,6 +21,7 @@ import kernels
 from engine.config import Fp8Config, ModelConfig
 from engine.layers import ColumnParallelLinear, RowParallelLinear, stacked_in
 from engine.parallel import ParallelContext, all_reduce
+from kernels.backend import env_flag
 
 # Up to this many tokens (decode batches) a dense MLP with FP8 weights runs as one expert of the gated grouped
 # GEMM, and the shared experts ride in the routed experts' launches; prefill keeps cuBLAS.
@@ -219,10 +220,7 @@ COMBINE_NORM_ENV = "TANDEM_COMBINE_NORM"
 
 
 def combine_norm_enabled() -> bool:
-    mode = os.environ.get(COMBINE_NORM_ENV, "0")
-    if mode not in ("0", "1"):
-        raise ValueError(f"{COMBINE_NORM_ENV}={mode!r}: expected 0 or 1")
-    return mode == "1"
+    return env_flag(COMBINE_NORM_ENV)
 
 
 @dataclass

@@ -53,6 +53,20 @@ def select_backend(tensor: torch.Tensor) -> Backend:
     raise ValueError(f"{BACKEND_ENV} must be torch, triton or auto, got {forced!r}")
 
 
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """A kernel switch read from the environment on every call (tests and benches flip them); a value outside
+    ``choices`` is refused, never taken for the default."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected {' or '.join(choices)}")
+    return value
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """An on/off kernel switch (``1`` / ``0``)."""
+    return env_choice(name, ("0", "1"), "1" if default else "0") == "1"
+
+
 def capturing(device: torch.device) -> bool:
     """Whether a CUDA graph is being captured on ``device``'s current stream: no host sync may run then."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import device_facts
+from kernels.backend import device_facts, env_choice, env_flag
 from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize, quantizes_activations, scale_shape
 from kernels.fp8_cublas import fp8_linear_cublas, use_cublas
 from kernels.fp8_deepgemm import fp8_linear_deepgemm, use_deepgemm
@@ -65,10 +65,7 @@ W8A16_CONVERT_ENV = "TANDEM_FP8_BF16_CONVERT"
 def w8a16_bits(x: torch.Tensor) -> bool:
     """Whether a W8A16 launch on ``x`` converts its weight tiles by moving bits (``W8A16_CONVERT_ENV``): bf16
     activations on CUDA only (the interpreter runs no PTX)."""
-    mode = os.environ.get(W8A16_CONVERT_ENV, "cvt")
-    if mode not in ("cvt", "bits"):
-        raise ValueError(f"{W8A16_CONVERT_ENV}={mode!r}: expected cvt or bits")
-    return mode == "bits" and x.is_cuda and x.dtype == torch.bfloat16
+    return env_choice(W8A16_CONVERT_ENV, ("cvt", "bits"), "cvt") == "bits" and x.is_cuda and x.dtype == torch.bfloat16
 
 
 @triton.jit
@@ -483,11 +480,10 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
 # each reduction launch took ~1.4 us plus its gap in the graph. TANDEM_FP8_SPLIT_FIXUP=1 turns it on; off until
 # a GPU run times it beside the reduction launch.
 SPLIT_FIXUP_ENV = "TANDEM_FP8_SPLIT_FIXUP"
+
+
 def split_fixup_enabled() -> bool:
-    mode = os.environ.get(SPLIT_FIXUP_ENV, "0")
-    if mode not in ("0", "1"):
-        raise ValueError(f"{SPLIT_FIXUP_ENV}={mode!r}: expected 0 or 1")
-    return mode == "1"
+    return env_flag(SPLIT_FIXUP_ENV)
 
 
 @triton.jit

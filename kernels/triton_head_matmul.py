@@ -20,14 +20,12 @@ and RoPE written into the pool, q_pe's RoPE): independent work, one launch a lay
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels import mla
-from kernels.backend import device_facts
+from kernels.backend import device_facts, env_choice
 from kernels.flashmla_decode import flashmla_runs
 from kernels.triton_decode_fused import mla_decode_prep_runs, mla_decode_prep_token, mla_decode_prep_triton
 from kernels.triton_mla_decode import (
@@ -42,10 +40,7 @@ MAX_ROWS = 16  # one 16-row MMA tile: beyond it the weights would be read once p
 
 
 def head_matmul_kernel_on() -> bool:
-    mode = os.environ.get(HEAD_MATMUL_ENV, "cublas")
-    if mode not in ("triton", "cublas"):
-        raise ValueError(f"{HEAD_MATMUL_ENV}={mode!r}: expected triton or cublas")
-    return mode == "triton"
+    return env_choice(HEAD_MATMUL_ENV, ("triton", "cublas"), "cublas") == "triton"
 
 
 @triton.jit

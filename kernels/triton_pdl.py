@@ -16,24 +16,20 @@ without the instructions and launch as before.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import device_facts
+from kernels.backend import device_facts, env_flag
 
 PDL_ENV = "TANDEM_PDL"
 
 
 def pdl_on(x: torch.Tensor) -> bool:
     """Whether kernels on ``x``'s device launch as programmatic dependents (``PDL_ENV``)."""
-    mode = os.environ.get(PDL_ENV, "0")
-    if mode not in ("0", "1"):
-        raise ValueError(f"{PDL_ENV}={mode!r}: expected 0 or 1")
-    return mode == "1" and x.is_cuda and device_facts(x.device.index or 0)[0] >= (9, 0)
+    return env_flag(PDL_ENV) and x.is_cuda and device_facts(x.device.index or 0)[0] >= (9, 0)
 
 
 def pdl_args(x: torch.Tensor) -> dict[str, Any]:

@@ -17,13 +17,12 @@ GPU run times it).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels import decode_fused
+from kernels.backend import env_flag
 from kernels.triton_decode_fused import (
     router_topk_constants,
     router_topk_row,
@@ -134,10 +133,7 @@ def router_logits_triton(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Te
 
 
 def router_fused_enabled() -> bool:
-    mode = os.environ.get(ROUTER_FUSED_ENV, "0")
-    if mode not in ("0", "1"):
-        raise ValueError(f"{ROUTER_FUSED_ENV}={mode!r}: expected 0 or 1")
-    return mode == "1"
+    return env_flag(ROUTER_FUSED_ENV)
 
 
 def router_logits_topk_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
