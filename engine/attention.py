@@ -154,6 +154,7 @@ class MLAttention(nn.Module):
         out = torch.empty(q_latent.shape[0], self.num_heads, self.v_dim, dtype=q_latent.dtype, device=q_latent.device)
         if batch.mla_core is not None:
             out_latent = decode_core(batch.mla_core, q_latent, q_pe, kv_cache, self.scale, kv_scale)
-            return kernels.head_matmul(out_latent, w_vc.transpose(1, 2), out)
-        return kernels.mla_decode_attention_up(q_latent, q_pe, kv_cache, batch.page_table, batch.seq_lens, self.scale,
-                                               w_vc.transpose(1, 2), out, kv_scale)
+        else:
+            out_latent = kernels.mla_decode_attention(q_latent, q_pe, kv_cache, batch.page_table, batch.seq_lens,
+                                                      self.scale, kv_scale)
+        return kernels.head_matmul(out_latent, w_vc.transpose(1, 2), out)

@@ -44,7 +44,6 @@ _FAST: dict[str, tuple[str, str]] = {
     "moe_combine_add_rms_norm": ("kernels.triton_decode_fused", "moe_combine_add_rms_norm_triton"),
     "gated_mlp": ("kernels.triton_moe", "gated_mlp_triton"),
     "head_matmul": ("kernels.triton_head_matmul", "head_matmul_triton"),
-    "mla_decode_attention_up": ("kernels.triton_head_matmul", "mla_decode_attention_up_triton"),
     "mla_decode_prep_q_latent": ("kernels.triton_head_matmul", "mla_decode_prep_q_latent_triton"),
 }
 _REFERENCE: dict[str, Callable[..., Any]] = {
@@ -72,7 +71,6 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "moe_combine_add_rms_norm": decode_fused.moe_combine_add_rms_norm,
     "gated_mlp": moe.gated_mlp,
     "head_matmul": mla.head_matmul,
-    "mla_decode_attention_up": mla.mla_decode_attention_up,
     "mla_decode_prep_q_latent": decode_fused.mla_decode_prep_q_latent,
 }
 
@@ -103,12 +101,6 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache:
 def head_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return get_op("head_matmul", x)(x, w, out)
 
-
-def mla_decode_attention_up(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
-                            page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, w_up: torch.Tensor,
-                            out: torch.Tensor | None = None, kv_scale: float = 1.0) -> torch.Tensor:
-    return get_op("mla_decode_attention_up", q_latent)(q_latent, q_rope, kv_cache, page_table, seq_lens, scale,
-                                                       w_up, out, kv_scale=kv_scale)
 
 
 def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,

@@ -143,13 +143,3 @@ def head_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = Non
         return torch.bmm(x.transpose(0, 1), w).transpose(0, 1)
     torch.bmm(x.transpose(0, 1), w, out=out.transpose(0, 1))
     return out
-
-
-def mla_decode_attention_up(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
-                            page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, w_up: torch.Tensor,
-                            out: torch.Tensor | None = None, kv_scale: float = 1.0) -> torch.Tensor:
-    """`mla_decode_attention` then each head's latent output times its ``w_up[h]`` (W_UV transposed, ``[H, R,
-    v]``): ``head_matmul(mla_decode_attention(...), w_up, out)`` -> ``[B, H, v]``. One op so that a GPU twin
-    can merge the attention's splits inside the product's launch."""
-    latent = mla_decode_attention(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, kv_scale)
-    return head_matmul(latent, w_up, out)

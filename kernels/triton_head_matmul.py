@@ -8,14 +8,16 @@ Here one launch splits every head's weight into column blocks, enough programs t
 block once for all the rows: the weight-read time plus one launch. Past `MAX_ROWS` rows the weights are reused
 across rows and cuBLAS's tiles win, so the call goes to the reference.
 
-`mla_decode_attention_up_triton` runs the attention's split launch, then merges the splits (the attention's own
-reduce launch, `kernels.triton_mla_decode`) inside the W_UV product's launch, as each program's rows of x: one
-launch a layer fewer.
-
 `mla_decode_prep_q_latent_triton` runs the first product in one launch with the decode prep (the latent's norm
-and RoPE written into the pool, q_pe's RoPE): independent work, one launch a layer fewer.
+and RoPE written into the pool, q_pe's RoPE): independent work, one launch a layer fewer. On one H100 (V2-Lite,
+batch 1 / 8, graph-timed profiles, `bench/results/decode_step_fp8_vs_bf16{,_fused}_h100_s40.json`) it took 110 /
+108 us a step where the prep's launches and cuBLAS's W_UK products took 69 + 97 / 72 + 98: on by default
+(`TANDEM_PREP_Q_LATENT=0` turns it off).
 
-`TANDEM_HEAD_MATMUL=triton|cublas` (default ``cublas`` until a GPU run times it; read on every call).
+`TANDEM_HEAD_MATMUL=triton|cublas`: the standalone product (W_UV's) in Triton or cuBLAS (default ``cublas``: not
+yet timed alone; read on every call). A launch that also merged the attention's splits before W_UV (the reduce
+launch folded in) was tried and dropped: 28 us a call where the reduce and cuBLAS's product took 2.7 + 3.3
+(its 16 splits' loads ran one after another in every program).
 """
 
 from __future__ import annotations
@@ -25,17 +27,12 @@ import triton
 import triton.language as tl
 
 from kernels import mla
-from kernels.backend import device_facts, env_choice
-from kernels.flashmla_decode import flashmla_runs
+from kernels.backend import device_facts, env_choice, env_flag
 from kernels.triton_decode_fused import mla_decode_prep_runs, mla_decode_prep_token, mla_decode_prep_triton
-from kernels.triton_mla_decode import (
-    mla_decode_attention_triton,
-    mla_decode_split_partials,
-    validate_decode_inputs,
-)
 from kernels.triton_pdl import pdl_args, pdl_begin
 
 HEAD_MATMUL_ENV = "TANDEM_HEAD_MATMUL"
+PREP_Q_LATENT_ENV = "TANDEM_PREP_Q_LATENT"
 MAX_ROWS = 16  # one 16-row MMA tile: beyond it the weights would be read once per 16 rows
 
 
@@ -103,52 +100,6 @@ def _prep_and_q_latent_kernel(
                                       BLOCK_H, INTERLEAVE)
 
 
-@triton.jit
-def _merged_splits(mid_ptr, lse_ptr, offs_b, b_mask, head, ks, k_mask, stride_mb, stride_mh, stride_ms, stride_lb,
-                   stride_lh, NUM_SPLITS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows offs_b, columns ks of the attention's output for one head: its splits merged by their base-2
-    log-sum-exp, in `_mla_decode_reduce_kernel`'s order (float32, not yet rounded)."""
-    m = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
-    denom = tl.zeros([BLOCK_B], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        lse = tl.load(lse_ptr + offs_b * stride_lb + head * stride_lh + s, mask=b_mask, other=float("-inf"))
-        part = tl.load(mid_ptr + offs_b[:, None] * stride_mb + head * stride_mh + s * stride_ms + ks[None, :],
-                       mask=b_mask[:, None] & k_mask[None, :], other=0.0)
-        m_new = tl.maximum(m, lse)
-        safe_m = tl.where(m_new == float("-inf"), 0.0, m_new)  # every split so far empty: no -inf - -inf NaN
-        alpha = tl.exp2(m - safe_m)
-        w = tl.exp2(lse - safe_m)
-        acc = acc * alpha[:, None] + part * w[:, None]
-        denom = denom * alpha + w
-        m = m_new
-    return tl.where(denom[:, None] > 0.0, acc / tl.where(denom > 0.0, denom, 1.0)[:, None], 0.0)
-
-
-@triton.jit
-def _merge_head_matmul_kernel(mid_ptr, lse_ptr, w_ptr, out_ptr, rows, k_dim, n_dim, stride_mb, stride_mh, stride_ms,
-                              stride_lb, stride_lh, stride_wh, stride_wk, stride_wn, stride_ob, stride_oh,
-                              NUM_SPLITS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-                              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
-    pdl_begin(PDL)
-    head = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_mask, n_mask = offs_b < rows, cols < n_dim
-    acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, k_dim, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < k_dim
-        merged = _merged_splits(mid_ptr, lse_ptr, offs_b, b_mask, head, ks, k_mask, stride_mb, stride_mh, stride_ms,
-                                stride_lb, stride_lh, NUM_SPLITS, BLOCK_B, BLOCK_K)
-        x = merged.to(w_ptr.dtype.element_ty)  # the attention's output in its dtype, as the reduce stores it
-        w = tl.load(w_ptr + head * stride_wh + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    tl.store(out_ptr + offs_b[:, None] * stride_ob + head * stride_oh + cols[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=b_mask[:, None] & n_mask[None, :])
-
-
 def _block_n(heads: int, n_dim: int, device: torch.device) -> int:
     """Columns a program: the widest of 16-64 that still gives every SM a program."""
     sms = device_facts(device.index or 0)[1] if device.type == "cuda" else 132
@@ -180,50 +131,18 @@ def head_matmul_triton(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | Non
     return out
 
 
-def mla_decode_attention_up_triton(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
-                                   page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, w_up: torch.Tensor,
-                                   out: torch.Tensor | None = None, kv_scale: float = 1.0) -> torch.Tensor:
-    """`kernels.mla.mla_decode_attention_up`: at up to `MAX_ROWS` rows with the kernel on, the attention's split
-    launch and then one launch that merges the splits and multiplies by ``w_up``; otherwise the two ops' GPU
-    paths one after the other."""
-    validate_decode_inputs(q_latent, q_rope, kv_cache, page_table, seq_lens)
-    rows, heads, rank = q_latent.shape
-    fused = (0 < rows <= MAX_ROWS and heads > 0 and head_matmul_kernel_on()
-             and not flashmla_runs(q_latent, kv_cache, kv_scale))
-    if not fused:
-        latent = mla_decode_attention_triton(q_latent, q_rope, kv_cache, page_table, seq_lens, scale,
-                                             kv_scale=kv_scale)
-        return head_matmul_triton(latent, w_up, out)
-    if w_up.shape[:2] != (heads, rank) or w_up.dtype != q_latent.dtype:
-        raise ValueError(f"w_up must be {q_latent.dtype} [H={heads}, R={rank}, v], got {w_up.dtype} "
-                         f"{tuple(w_up.shape)}")
-    n_dim = w_up.shape[2]
-    mla.check_head_matmul(q_latent, w_up, out)
-    if out is None:
-        out = torch.empty(rows, heads, n_dim, dtype=q_latent.dtype, device=q_latent.device)
-    mid, lse = mla_decode_split_partials(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, None, kv_scale)
-    block_n = _block_n(heads, n_dim, q_latent.device)
-    grid = (heads, triton.cdiv(n_dim, block_n), triton.cdiv(rows, MAX_ROWS))
-    _merge_head_matmul_kernel[grid](
-        mid, lse, w_up, out, rows, rank, n_dim, mid.stride(0), mid.stride(1), mid.stride(2), lse.stride(0),
-        lse.stride(1), w_up.stride(0), w_up.stride(1), w_up.stride(2), out.stride(0), out.stride(1),
-        NUM_SPLITS=lse.shape[2], BLOCK_B=MAX_ROWS, BLOCK_K=min(128, max(16, triton.next_power_of_2(rank))),
-        BLOCK_N=block_n, PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32", num_warps=4,
-        num_stages=1, **pdl_args(q_latent))  # pipelined, every split's partial was staged: 132 KB of shared a program
-    return out
-
-
 def mla_decode_prep_q_latent_triton(q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                                     norm_weight: torch.Tensor, eps: float, kv_cache: torch.Tensor,
                                     write_pages: torch.Tensor, write_slots: torch.Tensor, nope_dim: int,
                                     interleave: bool, kv_scale: float, w_uk: torch.Tensor
                                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`kernels.decode_fused.mla_decode_prep_q_latent`: at up to `MAX_ROWS` tokens with the kernel on, one
-    launch (`_prep_and_q_latent_kernel`); otherwise the prep's launch and the product's."""
+    """`kernels.decode_fused.mla_decode_prep_q_latent`: at up to `MAX_ROWS` tokens one launch
+    (`_prep_and_q_latent_kernel`; `PREP_Q_LATENT_ENV`=0 turns it off); otherwise the prep's launch and the
+    product's."""
     rows, heads, _ = q.shape
     q_nope = q[..., :nope_dim]
-    fused = (0 < rows <= MAX_ROWS and heads > 0 and head_matmul_kernel_on() and w_uk.dtype == q.dtype
-             and mla_decode_prep_runs(q, kv_a, cos, sin, norm_weight, kv_cache, nope_dim))
+    fused = (0 < rows <= MAX_ROWS and heads > 0 and env_flag(PREP_Q_LATENT_ENV, default=True)
+             and w_uk.dtype == q.dtype and mla_decode_prep_runs(q, kv_a, cos, sin, norm_weight, kv_cache, nope_dim))
     if not fused:
         q_pe = mla_decode_prep_triton(q, kv_a, cos, sin, norm_weight, eps, kv_cache, write_pages, write_slots,
                                       nope_dim, interleave, kv_scale)
@@ -246,5 +165,4 @@ def mla_decode_prep_q_latent_triton(q: torch.Tensor, kv_a: torch.Tensor, cos: to
     return q_pe, latent
 
 
-__all__ = ["HEAD_MATMUL_ENV", "MAX_ROWS", "head_matmul_triton", "mla_decode_attention_up_triton",
-           "mla_decode_prep_q_latent_triton"]
+__all__ = ["HEAD_MATMUL_ENV", "MAX_ROWS", "PREP_Q_LATENT_ENV", "head_matmul_triton", "mla_decode_prep_q_latent_triton"]

@@ -16,9 +16,9 @@ else
 fi
 echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
 # The sweep tries K blocks an iteration, the bits conversion and the in-launch split sums (none timed yet); the
-# tests check those three switches on the GPU; fp8vsbf16@fused times both steps again with the absorbed MLA's
-# per-head products in one Triton launch each (kernels.triton_head_matmul) instead of cuBLAS's, the attention's
-# splits merged in the second, each MoE layer's weighted sum inside the next residual add + RMSNorm
-# (engine.moe.COMBINE_NORM_ENV) and the router's top-k inside its logits' launch (kernels.triton_router).
+# tests check those three switches on the GPU; fp8vsbf16@fused times both steps again with W_UV's product in Triton
+# (kernels.triton_head_matmul), each MoE layer's weighted sum inside the next residual add + RMSNorm
+# (engine.moe.COMBINE_NORM_ENV) and the router's top-k inside its logits' launch (kernels.triton_router): the
+# last two were slower in session 40's H100 run (README), so time them again only after changing them.
 PD_ENV_fused=${PD_ENV_fused:-"TANDEM_HEAD_MATMUL=triton TANDEM_COMBINE_NORM=1 TANDEM_ROUTER_FUSED=1"} STEPS=${STEPS:-$default_steps} SWEEP_LIMIT=${SWEEP_LIMIT:-200} FP8_SWEEP_ARGS=${FP8_SWEEP_ARGS:-"--sweep --dense"} \
     TESTS_K=${TESTS_K:-"bit_moving or either_weight or split_sums or head_matmul or combine_norm or triton_kernels_equal"} exec bash scripts/device_step.sh

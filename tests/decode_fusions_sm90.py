@@ -3,7 +3,7 @@
     PYTHONPATH=/path/to/triton-3.6 python tests/decode_fusions_sm90.py   (the GPU image's Triton)
 
 Compiles, at V2-Lite's decode shapes, the per-head products (``kernels.triton_head_matmul``: alone, with the
-attention's splits merged in, with the decode prep beside them), the router with its top-k in the launch
+decode prep beside them), the router with its top-k in the launch
 (``kernels.triton_router``, V2-Lite's and V3's) and the MoE sum with the next add + RMSNorm
 (``kernels.triton_decode_fused``); prints each one's shared memory, MMA count and atomics. Exit status 1 where a
 launch asks more than 48 KB of shared memory a program (a latency-bound decode launch wants several programs an
@@ -35,9 +35,6 @@ def main() -> int:
         "head matmul (W_UK, 64 wide)": compile_sm90(head._head_matmul_kernel, {
             "BLOCK_B": 16, "BLOCK_K": 128, "BLOCK_N": 64, "PRECISION": "tf32", "PDL": False}, 4, 2,
             {"x_ptr": BF16, "w_ptr": BF16, "out_ptr": BF16}),
-        "splits merged in W_UV's product": compile_sm90(head._merge_head_matmul_kernel, {
-            "NUM_SPLITS": 16, "BLOCK_B": 16, "BLOCK_K": 128, "BLOCK_N": 16, "PRECISION": "tf32", "PDL": False}, 4, 1,
-            {"mid_ptr": "*fp32", "lse_ptr": "*fp32", "w_ptr": BF16, "out_ptr": BF16}),
         "decode prep beside W_UK's product": compile_sm90(head._prep_and_q_latent_kernel, {
             "BLOCK_B": 16, "BLOCK_K": 128, "BLOCK_N": 64, "PRECISION": "tf32", "HALF": 32, "BLOCK_R": 512,
             "BLOCK_H": 16, "INTERLEAVE": True, "PDL": False}, 4, 2,

@@ -314,9 +314,10 @@ batch = t._decode_batch(pool, [5, 33, 17], first_page=pages[0])
 before = pool.tensor.clone()
 logits = {}
 for name, env in {"torch": {"TANDEM_KERNELS": "torch"},
-                  "triton": {"TANDEM_KERNELS": "triton", "TANDEM_HEAD_MATMUL": "cublas", "TANDEM_COMBINE_NORM": "0"},
+                  "triton": {"TANDEM_KERNELS": "triton", "TANDEM_HEAD_MATMUL": "cublas", "TANDEM_COMBINE_NORM": "0",
+                             "TANDEM_PREP_Q_LATENT": "0"},
                   "fused": {"TANDEM_KERNELS": "triton", "TANDEM_HEAD_MATMUL": "triton", "TANDEM_COMBINE_NORM": "1",
-                            "TANDEM_ROUTER_FUSED": "1"}}.items():
+                            "TANDEM_ROUTER_FUSED": "1", "TANDEM_PREP_Q_LATENT": "1"}}.items():
     os.environ.update(env)
     pool.tensor.copy_(before)
     logits[name] = runner(batch).next_token_logits
@@ -328,8 +329,8 @@ print(json.dumps({name: float((v - logits["torch"]).abs().max() / logits["torch"
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
 def test_the_graph_safe_step_on_the_triton_kernels_equals_the_torch_references_interpreted(tiny_dir: Path) -> None:
     """The whole graph-safe decode step through Triton's interpreter, with and without the per-head products in
-    Triton (the attention's splits merged in the up-projection's launch), the MoE sum inside the next norm and
-    the router's top-k inside its logits' launch."""
+    Triton (the first beside the decode prep in one launch), the MoE sum inside the next norm and the router's
+    top-k inside its logits' launch."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", MODEL_INTERPRETED, str(tiny_dir)], env=env, capture_output=True,
                           text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
