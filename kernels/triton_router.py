@@ -11,8 +11,9 @@ order differs from cuBLAS', so logits agree to float32 rounding, not bit for bit
 
 `router_logits_topk_triton`: at up to `FUSED_MAX_TOKENS` tokens the launch's last program to finish its logits
 also makes every token's expert choice (`kernels.triton_last_program`; the top-k step of
-`kernels.triton_decode_fused`), one launch a MoE layer fewer. `TANDEM_ROUTER_FUSED=1` turns it on (off until a
-GPU run times it).
+`kernels.triton_decode_fused`), one launch a MoE layer fewer. `TANDEM_ROUTER_FUSED=1` turns it on. Off: on one
+H100 (V2-Lite) it took 135 / 587 us a step at batch 1 / 8 against 127 / 142 for the two launches (the last
+program chooses token after token; a choice per program would need the logits of every expert block first).
 """
 
 from __future__ import annotations
