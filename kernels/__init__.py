@@ -102,7 +102,6 @@ def head_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = Non
     return get_op("head_matmul", x)(x, w, out)
 
 
-
 def moe_forward(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
                 w2: torch.Tensor) -> torch.Tensor:
     return get_op("moe_forward", hidden)(hidden, topk_ids, topk_weights, w13, w2)

@@ -379,9 +379,8 @@ def _sum_splits_if_last(c_ptr, bias_ptr, out_ptr, done_ptr, rows, cols, offs_n, 
                         BLOCK_N: tl.constexpr):
     """The split-K reduction inside the GEMM's launch: the last of an output tile's SPLITS programs to store its
     partial adds all of them up, in split order (the same bits as ``_reduce_splits_kernel``, whichever finishes
-    last), adds the bias, casts into ``out`` and sets the tile's counter back to 0 for the next launch (a CUDA
-    graph replays the same counters). CUTLASS's semaphore protocol: the barrier orders every thread's partial
-    before the one thread's release (the scalar atomic), the acquiring program reads the partials from L2."""
+    last), adds the bias, casts into ``out`` and sets the tile's counter back to 0 for the next launch
+    (``kernels.triton_last_program``'s protocol)."""
     if arrive_last(done_ptr, SPLITS):
         mask = m_mask[:, None] & n_mask[None, :]
         total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)

@@ -242,7 +242,7 @@ def default_launch_config(
     return DecodeLaunchConfig(block_h=block_h, block_n=32, num_splits=splits, num_warps=4, num_stages=2)
 
 
-def validate_decode_inputs(
+def _validate(
     q_latent: torch.Tensor,
     q_rope: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -273,13 +273,28 @@ def validate_decode_inputs(
                          "cache needs q in bfloat16, float16 or float32; otherwise the dtypes must match)")
 
 
-def mla_decode_split_partials(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
-                              page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                              config: DecodeLaunchConfig | None = None,
-                              kv_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split launch alone (inputs validated by the caller, batch and heads not empty): each split's
-    normalised float32 partial output ``[B, H, splits, R]`` and its base-2 log-sum-exp ``[B, H, splits]`` (-inf
-    for a split without tokens), for `_mla_decode_reduce_kernel` or a consumer that merges them itself."""
+def mla_decode_attention_triton(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    config: DecodeLaunchConfig | None = None,
+    kv_scale: float = 1.0,
+) -> torch.Tensor:
+    """Paged absorbed-MLA decode; same contract as `kernels.mla.mla_decode_attention`.
+
+    q_latent [B, H, kv_lora_rank], q_rope [B, H, rope_dim], kv_cache [num_pages, page_size,
+    kv_lora_rank + rope_dim] (any page/token strides), page_table int32 [B, max_pages], seq_lens int32
+    [B] -> [B, H, kv_lora_rank] in q's dtype. A sequence of length 0 yields zeros. An FP8 kv_cache is
+    dequantized on load: cached value x means `x * kv_scale`. Without an explicit `config`, FlashMLA runs
+    the call where it can (`kernels.flashmla_decode`). `seq_lens` must not
+    exceed `max_pages * page_size` (not checked here: checking would need a host sync).
+    """
+    _validate(q_latent, q_rope, kv_cache, page_table, seq_lens)
+    if config is None and flashmla_runs(q_latent, kv_cache, kv_scale):
+        return mla_decode_attention_flashmla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale)
     batch, num_heads, lora = q_latent.shape
     rope = q_rope.shape[2]
     page_size = kv_cache.shape[1]
@@ -290,6 +305,9 @@ def mla_decode_split_partials(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_c
         config = default_launch_config(
             batch, num_heads, page_table.shape[1] * page_size, q_latent.dtype, kv_cache.device
         )
+    out = torch.empty((batch, num_heads, lora), dtype=q_latent.dtype, device=q_latent.device)
+    if batch == 0 or num_heads == 0:
+        return out
     splits = config.num_splits
     mid_out = torch.empty((batch, num_heads, splits, lora), dtype=torch.float32, device=q_latent.device)
     mid_lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q_latent.device)
@@ -337,39 +355,6 @@ def mla_decode_split_partials(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_c
         num_stages=config.num_stages,
         **pdl_args(q_latent),
     )
-    return mid_out, mid_lse
-
-
-def mla_decode_attention_triton(
-    q_latent: torch.Tensor,
-    q_rope: torch.Tensor,
-    kv_cache: torch.Tensor,
-    page_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    config: DecodeLaunchConfig | None = None,
-    kv_scale: float = 1.0,
-) -> torch.Tensor:
-    """Paged absorbed-MLA decode; same contract as `kernels.mla.mla_decode_attention`.
-
-    q_latent [B, H, kv_lora_rank], q_rope [B, H, rope_dim], kv_cache [num_pages, page_size,
-    kv_lora_rank + rope_dim] (any page/token strides), page_table int32 [B, max_pages], seq_lens int32
-    [B] -> [B, H, kv_lora_rank] in q's dtype. A sequence of length 0 yields zeros. An FP8 kv_cache is
-    dequantized on load: cached value x means `x * kv_scale`. Without an explicit `config`, FlashMLA runs
-    the call where it can (`kernels.flashmla_decode`). `seq_lens` must not
-    exceed `max_pages * page_size` (not checked here: checking would need a host sync).
-    """
-    validate_decode_inputs(q_latent, q_rope, kv_cache, page_table, seq_lens)
-    if config is None and flashmla_runs(q_latent, kv_cache, kv_scale):
-        return mla_decode_attention_flashmla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale)
-    batch, num_heads, lora = q_latent.shape
-    out = torch.empty((batch, num_heads, lora), dtype=q_latent.dtype, device=q_latent.device)
-    if batch == 0 or num_heads == 0:
-        return out
-    mid_out, mid_lse = mla_decode_split_partials(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, config,
-                                                 kv_scale)
-    splits = mid_lse.shape[2]
-    lora_pad = max(16, triton.next_power_of_2(lora))
     _mla_decode_reduce_kernel[(num_heads, batch)](
         mid_out,
         mid_lse,
@@ -400,6 +385,4 @@ __all__ = [
     "default_launch_config",
     "kv_bytes_read",
     "mla_decode_attention_triton",
-    "mla_decode_split_partials",
-    "validate_decode_inputs",
 ]
