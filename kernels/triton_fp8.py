@@ -54,18 +54,19 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-# How a W8A16 GEMM turns its FP8 weight tile into bf16: "cvt" (Triton's conversion: on sm90 an e4m3x2 -> f16x2
-# convert then one f16 -> bf16 convert per element, 1.5 conversion instructions a weight byte; at 16 conversions
-# a clock an SM, the CUDA guide's figure, about 2.5 TB/s on an H100, an estimate near what the one-token
-# launches reach) or "bits" (`_e4m3_to_bf16_bits`: integer ops and a bf16x2 multiply, no conversions). Not yet timed on a GPU: "cvt"
-# stays the default until a sweep (tests/fp8_moe_one_token.py) shows "bits" faster there.
+# How a W8A16 GEMM turns its FP8 weight tile into bf16: "bits" (`_e4m3_to_bf16_bits`: integer ops and a bf16x2
+# multiply, no conversions; the default) or "cvt" (Triton's conversion: on sm90 an e4m3x2 -> f16x2 convert then
+# one f16 -> bf16 convert per element, 1.5 conversion instructions a weight byte, about 2.5 TB/s of weights an
+# H100 can convert at the CUDA guide's 16 a clock an SM). Graph-timed at one token on an H100
+# (bench/results/fp8_one_token_sweep_h100_s41.log): one V2-Lite layer's expert launches 45.2 -> 38.8 us with the
+# same tiles, the dense projections 6.9 + 5.3 -> 6.3 + 5.0 us.
 W8A16_CONVERT_ENV = "TANDEM_FP8_BF16_CONVERT"
 
 
 def w8a16_bits(x: torch.Tensor) -> bool:
     """Whether a W8A16 launch on ``x`` converts its weight tiles by moving bits (``W8A16_CONVERT_ENV``): bf16
     activations on CUDA only (the interpreter runs no PTX)."""
-    return env_choice(W8A16_CONVERT_ENV, ("cvt", "bits"), "cvt") == "bits" and x.is_cuda and x.dtype == torch.bfloat16
+    return env_choice(W8A16_CONVERT_ENV, ("cvt", "bits"), "bits") == "bits" and x.is_cuda and x.dtype == torch.bfloat16
 
 
 @triton.jit
@@ -291,8 +292,9 @@ def dense_gemm_config(m: int) -> Fp8GemmConfig:
     stages, K split until about four programs run per SM (``choose_split_k``): the fastest of a graph-timed
     sweep at one row on an H100 over 16/32/64-wide tiles, 2/4 warps and 1/2/4 splits (V2-Lite's fused q + kv_a
     3648 x 2048 and o_proj 2048 x 2048: 6.9 + 5.2 us where the earlier narrowed, unsplit tiles took 6.7 + 8.1;
-    tests/fp8_moe_one_token.py --dense, bench/results/fp8_one_token_sweep_h100_s33.log); many rows use 128 x 128
-    tiles (wgmma-sized)."""
+    tests/fp8_moe_one_token.py --dense, bench/results/fp8_one_token_sweep_h100_s33.log). Again with the "bits"
+    conversion and the partials summed in the launch (the defaults since; ``_s41.log``): 6.2 + 4.8 us, 64-wide
+    tiles 6.0 + 4.9. Many rows use 128 x 128 tiles (wgmma-sized)."""
     if m <= 16:
         tile = decode_tile_override(DENSE_DECODE_TILE_ENV)
         if tile is not None:
@@ -476,13 +478,14 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
 
 # The split-K partials summed inside the GEMM's launch by each tile's last split (``_sum_splits_if_last``)
 # instead of by a launch of their own (``reduce_splits``): a decode step runs 54 split FP8 GEMMs on V2-Lite, and
-# each reduction launch took ~1.4 us plus its gap in the graph. TANDEM_FP8_SPLIT_FIXUP=1 turns it on; off until
-# a GPU run times it beside the reduction launch.
+# each reduction launch took ~1.4 us plus its gap in the graph. On by default (TANDEM_FP8_SPLIT_FIXUP=0 turns it
+# off): at one row on an H100 it took 6.2 + 4.8 us where the GEMM and its reduction launch took 6.4 + 5.0
+# (bench/results/fp8_one_token_sweep_h100_s41.log, both with the "bits" conversion), 54 launches fewer a step.
 SPLIT_FIXUP_ENV = "TANDEM_FP8_SPLIT_FIXUP"
 
 
 def split_fixup_enabled() -> bool:
-    return env_flag(SPLIT_FIXUP_ENV)
+    return env_flag(SPLIT_FIXUP_ENV, default=True)
 
 
 @triton.jit

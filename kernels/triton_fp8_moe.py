@@ -60,16 +60,17 @@ def grouped_gemm_config(rows_per_expert: int, gated: bool = True) -> Fp8GemmConf
     shapes, 3 stages for the gated launch and 4 for the down one (the launches swept apart: down 7.80 -> 7.51 ms
     contiguous, 6.92 -> 6.77 masked; 64 x 128 and 128-row tiles were slower for both, 128 x 128 gated ones
     2-2.6x slower, bench/results/gemm_grouped_sweep_h100_s34.log). Decode's few rows: 16 x 32 tiles, 4 warps,
-    3 stages, the fastest of a graph-timed sweep of one V2-Lite layer's two masked W8A16 launches at one token
-    on an H100 over 16/32/64-wide tiles, 2/4 warps, 3/5 stages and both grids (tests/fp8_moe_one_token.py
-    --sweep, bench/results/fp8_one_token_sweep_h100_s33.log): 45.7 us over the active experts' grid where the
-    earlier 5 stages took 51.1 (60.2 over every expert's column); fewer stages fit more programs an SM."""
+    4 stages, the fastest of a graph-timed sweep of one V2-Lite layer's two masked W8A16 launches at one token
+    on an H100 over 32/64-wide tiles, 2-4 stages, 128/256/512-wide K steps and both weight conversions
+    (tests/fp8_moe_one_token.py --sweep, bench/results/fp8_one_token_sweep_h100_s41.log): 36.9 us with the
+    "bits" conversion where 3 stages took 39.4 (45.9 with "cvt", whose best, 4 stages, took 41.4); 22.9 us moves
+    their bytes at copy_'s rate."""
     if rows_per_expert <= 16:
         tile = decode_tile_override(MOE_DECODE_TILE_ENV)
         if tile is not None:
             return Fp8GemmConfig(block_m=16, block_n=tile[0], group_m=1, num_warps=tile[1], num_stages=tile[2],
                                  kb_step=tile[3] if len(tile) > 3 else 1)
-        return Fp8GemmConfig(block_m=16, block_n=32, group_m=1, num_warps=4, num_stages=3)
+        return Fp8GemmConfig(block_m=16, block_n=32, group_m=1, num_warps=4, num_stages=4)
     if rows_per_expert <= 64:
         return Fp8GemmConfig(block_m=32, block_n=64, group_m=4, num_warps=4, num_stages=4)
     return Fp8GemmConfig(block_m=64, block_n=256, group_m=8, num_warps=8, num_stages=3 if gated else 4)

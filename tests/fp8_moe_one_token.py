@@ -93,35 +93,29 @@ def moe_variants(sweep: bool) -> list[Variant]:
     out: list[Variant] = [
         ("default tiles, every expert's column", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "0"}),
         ("default tiles, active experts", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1"}),
-        ("default tiles, active experts, bits", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
-                                                 tf.W8A16_CONVERT_ENV: "bits"}),
+        ("default tiles, active experts, cvt", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
+                                                tf.W8A16_CONVERT_ENV: "cvt"}),
     ]
     if sweep:
-        # Over the active experts' grid (the default since the sweep of session 33), with 1, 2 or 4 of the
-        # 128-wide K blocks loaded an iteration: one FP8 block is half a bf16 block's bytes, so a stage of the
-        # default tile keeps half the bf16 kernel's bytes in flight.
-        # Each with the weight tiles converted by Triton's cvt or by moving bits (tf.W8A16_CONVERT_ENV).
-        # 16-wide tiles lost every sweep of session 33 to 32-wide ones.
-        for convert, block_n, stages, kb_step in itertools.product(("cvt", "bits"), (32, 64), (2, 3, 4), (1, 2, 4)):
-            out.append((f"16x{block_n}x{128 * kb_step} 4 warps {stages} stages {convert}",
-                        {tfm.MOE_DECODE_TILE_ENV: f"{block_n},4,{stages},{kb_step}", ACTIVE_GRID_ENV: "1",
-                         tf.W8A16_CONVERT_ENV: convert}))
+        # Around session 41's winner (16 x 32 x 128, 4 warps, 4 stages, "bits", now the default): wider and
+        # narrower tiles, 2-8 warps, 3-6 stages, one or two 128-wide K blocks an iteration. "cvt" lost every row
+        # of that sweep (bench/results/fp8_one_token_sweep_h100_s41.log), so only "bits" here.
+        for block_n, warps, stages, kb_step in itertools.product((16, 32, 64), (2, 4, 8), (3, 4, 5, 6), (1, 2)):
+            out.append((f"16x{block_n}x{128 * kb_step} {warps} warps {stages} stages",
+                        {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},{kb_step}", ACTIVE_GRID_ENV: "1"}))
     return out
 
 
 def dense_variants() -> list[Variant]:
     fixup = tf.SPLIT_FIXUP_ENV
-    out: list[Variant] = [("default", {tf.DENSE_DECODE_TILE_ENV: "", fixup: "0"}),
-                          ("default, bits", {tf.DENSE_DECODE_TILE_ENV: "", tf.W8A16_CONVERT_ENV: "bits", fixup: "0"}),
-                          ("default, splits summed in the launch", {tf.DENSE_DECODE_TILE_ENV: "", fixup: "1"})]
-    # 4 warps (2 never won a sweep of session 33), 1 or 2 K blocks an iteration, either weight conversion, split
-    # partials summed by a launch of their own or inside the GEMM's (tf.SPLIT_FIXUP_ENV)
-    for convert, block_n, split, kb_step in itertools.product(("cvt", "bits"), (16, 32, 64), (1, 2, 4), (1, 2)):
-        for fix in ("0", "1") if split > 1 else ("0",):
-            sums = " summed in the launch" if fix == "1" else ""
-            out.append((f"16x{block_n}x{128 * kb_step} 4 warps 4 stages split {split}{sums} {convert}",
-                        {tf.DENSE_DECODE_TILE_ENV: f"{block_n},4,4,{split},{kb_step}", tf.W8A16_CONVERT_ENV: convert,
-                         fixup: fix}))
+    out: list[Variant] = [("default", {tf.DENSE_DECODE_TILE_ENV: ""}),
+                          ("default, cvt", {tf.DENSE_DECODE_TILE_ENV: "", tf.W8A16_CONVERT_ENV: "cvt"}),
+                          ("default, splits summed by a launch of their own", {tf.DENSE_DECODE_TILE_ENV: "", fixup: "0"})]
+    # "bits" and the partials summed in the launch (the defaults since session 41's sweep); 32- and 64-wide tiles
+    # (16-wide lost every row of it), 2-8 splits, 3-6 stages, 2-8 warps
+    for block_n, split, stages, warps in itertools.product((32, 64), (2, 4, 8), (3, 4, 6), (2, 4, 8)):
+        out.append((f"16x{block_n}x128 {warps} warps {stages} stages split {split}",
+                    {tf.DENSE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},{split},1"}))
     return out
 
 
@@ -184,7 +178,7 @@ def dense_case(n: int, k: int, gen: torch.Generator) -> tuple[Callable[[], Calla
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--sweep", action="store_true", help="16 x 32/64 x 128/256/512 expert tiles, 2-4 stages, cvt/bits")
+    parser.add_argument("--sweep", action="store_true", help="16 x 16/32/64 x 128/256 expert tiles, 2-8 warps, 3-6 stages")
     parser.add_argument("--dense", action="store_true", help="sweep the attention's dense FP8 GEMMs at one row")
     parser.add_argument("--best-env", type=Path, help="write the fastest overrides here as export lines")
     args = parser.parse_args()
