@@ -10,17 +10,20 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 if [[ $card == *H200* ]]; then
-    default_steps="pdissuebase pdmps pdmps@run2 fp8vsbf16@defaults ncufp8 fp8vsbf16 tests"
+    default_steps="pdissuebase pdmps fp8vsbf16@defaults fp8vsbf16@pdl fp8vsbf16@prefetch fp8vsbf16@pdlprefetch ncufp8 tests"
 else
-    default_steps="fp8vsbf16@defaults ncufp8 fp8vsbf16 tests"
+    default_steps="fp8vsbf16@defaults fp8vsbf16@pdl fp8vsbf16@prefetch fp8vsbf16@pdlprefetch ncufp8 tests"
 fi
 echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
-# Session 41's sweep made "bits", 4 stages for the expert tiles and the in-launch split sums the defaults;
-# fp8vsbf16@defaults times them, the sweep then tries around them (warps, stages, widths) and fp8vsbf16 times its
-# exported winners; the tests check the FP8 launches and greedy tokens with the new defaults. fp8vsbf16@fused
-# times both steps with W_UV's product in Triton (kernels.triton_head_matmul), each MoE layer's weighted sum
-# inside the next residual add + RMSNorm (engine.moe.COMBINE_NORM_ENV) and the router's top-k inside its logits'
-# launch (kernels.triton_router): the last two were slower in session 40's H100 run (README), so time them
-# again only after changing them.
-PD_ENV_fused=${PD_ENV_fused:-"TANDEM_HEAD_MATMUL=triton TANDEM_COMBINE_NORM=1 TANDEM_ROUTER_FUSED=1"} STEPS=${STEPS:-$default_steps} SWEEP_LIMIT=${SWEEP_LIMIT:-200} FP8_SWEEP_ARGS=${FP8_SWEEP_ARGS:-"--sweep --dense"} \
-    TESTS_K=${TESTS_K:-"fp8 or bit_moving or either_weight or split_sums or greedy or triton_kernels_equal"} exec bash scripts/device_step.sh
+# Session 41's sweep made "bits", 4 stages for the expert tiles and the in-launch split sums the defaults. This
+# call times the decode GEMMs asking L2 for their weight slices first (kernels.triton_prefetch) against the
+# defaults, with and without programmatic dependent launch (then before the wait), step by step and (ncufp8,
+# after the steps since its winners are exported to the later ones) one layer's launches alone; the tests check
+# that the prefetch and PDL keep every bit and the greedy tokens. fp8vsbf16@fused times both steps with W_UV's
+# product in Triton (kernels.triton_head_matmul), each MoE layer's weighted sum inside the next residual add +
+# RMSNorm (engine.moe.COMBINE_NORM_ENV) and the router's top-k inside its logits' launch (kernels.triton_router):
+# the last two were slower in session 40's H100 run (README), so time them again only after changing them.
+PD_ENV_pdl=${PD_ENV_pdl:-"TANDEM_PDL=1"} PD_ENV_prefetch=${PD_ENV_prefetch:-"TANDEM_WEIGHT_PREFETCH=1"} \
+PD_ENV_pdlprefetch=${PD_ENV_pdlprefetch:-"TANDEM_PDL=1 TANDEM_WEIGHT_PREFETCH=1"} \
+PD_ENV_fused=${PD_ENV_fused:-"TANDEM_HEAD_MATMUL=triton TANDEM_COMBINE_NORM=1 TANDEM_ROUTER_FUSED=1"} STEPS=${STEPS:-$default_steps} SWEEP_LIMIT=${SWEEP_LIMIT:-200} FP8_SWEEP_ARGS=${FP8_SWEEP_ARGS:-"--dense"} \
+    TESTS_K=${TESTS_K:-"prefetch or pdl or programmatic or greedy or split_sums or either_weight or fp8_model"} exec bash scripts/device_step.sh

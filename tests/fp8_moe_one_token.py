@@ -14,7 +14,8 @@ so the graph's own launch is amortized) and timed against the bytes it must read
 moved at the rate of a ``copy_`` timed beside it. ``--sweep`` tries tile widths, K blocks an iteration, warps
 and pipeline stages over the active-expert grid through the same environment overrides a deployment would set
 (``TANDEM_FP8_MOE_DECODE_TILE``, ``TANDEM_MOE_ACTIVE_GRID``, ``TANDEM_FP8_DENSE_DECODE_TILE``,
-``TANDEM_FP8_BF16_CONVERT``, ``TANDEM_FP8_SPLIT_FIXUP``); ``--best-env``
+``TANDEM_FP8_BF16_CONVERT``, ``TANDEM_FP8_SPLIT_FIXUP``); without it, the defaults, the other weight conversion,
+PDL and the weight prefetch (``TANDEM_PDL``, ``TANDEM_WEIGHT_PREFETCH``) only; ``--best-env``
 writes the fastest as ``export`` lines when it beats the default by more than 3 %.
 """
 
@@ -39,6 +40,8 @@ from kernels import fp8  # noqa: E402
 from kernels import triton_fp8 as tf  # noqa: E402
 from kernels import triton_fp8_moe as tfm  # noqa: E402
 from kernels.triton_decode_fused import active_experts_triton  # noqa: E402
+from kernels.triton_pdl import PDL_ENV  # noqa: E402
+from kernels.triton_prefetch import PREFETCH_ENV  # noqa: E402
 
 EXPERTS, HIDDEN, INTER, SHARED_INTER, TOP_K = 64, 2048, 1408, 2816, 6
 DENSE_SHAPES = ((3648, 2048), (2048, 2048))  # (N, K): fused q_proj + kv_a_proj_with_mqa, o_proj
@@ -46,6 +49,12 @@ REPS = 8  # launches (or layer pairs) per graph replay
 MARGIN = 0.97  # an override must beat the default by more than 3 %
 
 Variant = tuple[str, dict[str, str]]  # (label, environment overrides)
+# Each program's weight slice asked of L2 first (kernels.triton_prefetch), with and without programmatic
+# dependent launch (then before the wait: the dense GEMM and the down launch stream their weights while the
+# launch before them runs); PDL alone beside them.
+PREFETCH_VARIANTS: list[Variant] = [("default, PDL", {PDL_ENV: "1"}),
+                                    ("default, weight prefetch", {PREFETCH_ENV: "1"}),
+                                    ("default, weight prefetch, PDL", {PREFETCH_ENV: "1", PDL_ENV: "1"})]
 
 
 def timed_us(fn: Callable[[], object], iters: int) -> float:
@@ -95,6 +104,7 @@ def moe_variants(sweep: bool) -> list[Variant]:
         ("default tiles, active experts", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1"}),
         ("default tiles, active experts, cvt", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
                                                 tf.W8A16_CONVERT_ENV: "cvt"}),
+        *PREFETCH_VARIANTS,
     ]
     if sweep:
         # Around session 41's winner (16 x 32 x 128, 4 warps, 4 stages, "bits", now the default): wider and
@@ -106,11 +116,14 @@ def moe_variants(sweep: bool) -> list[Variant]:
     return out
 
 
-def dense_variants() -> list[Variant]:
+def dense_variants(sweep: bool) -> list[Variant]:
     fixup = tf.SPLIT_FIXUP_ENV
     out: list[Variant] = [("default", {tf.DENSE_DECODE_TILE_ENV: ""}),
                           ("default, cvt", {tf.DENSE_DECODE_TILE_ENV: "", tf.W8A16_CONVERT_ENV: "cvt"}),
-                          ("default, splits summed by a launch of their own", {tf.DENSE_DECODE_TILE_ENV: "", fixup: "0"})]
+                          ("default, splits summed by a launch of their own", {tf.DENSE_DECODE_TILE_ENV: "", fixup: "0"}),
+                          *PREFETCH_VARIANTS]
+    if not sweep:
+        return out
     # "bits" and the partials summed in the launch (the defaults since session 41's sweep); 32- and 64-wide tiles
     # (16-wide lost every row of it), 2-8 splits, 3-6 stages, 2-8 warps
     for block_n, split, stages, warps in itertools.product((32, 64), (2, 4, 8), (3, 4, 6), (2, 4, 8)):
@@ -179,7 +192,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="16 x 16/32/64 x 128/256 expert tiles, 2-8 warps, 3-6 stages")
-    parser.add_argument("--dense", action="store_true", help="sweep the attention's dense FP8 GEMMs at one row")
+    parser.add_argument("--dense", action="store_true", help="the attention's dense FP8 GEMMs at one row as well")
     parser.add_argument("--best-env", type=Path, help="write the fastest overrides here as export lines")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -194,7 +207,7 @@ def main() -> int:
     if args.dense:
         # One tile for both projections: the one with the least summed time (each shape's default first).
         totals: dict[str, float] = {}
-        variants = dense_variants()
+        variants = dense_variants(args.sweep)
         for n, k in DENSE_SHAPES:
             make, nbytes = dense_case(n, k, gen)
             fn = make()
