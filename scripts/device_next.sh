@@ -9,10 +9,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+# The first decode-step run of a call once measured the FP8 step at batch 1 0.35 ms slower than later runs with
+# the same kernel times (session 41, its p20 too): the defaults run twice, after the PDL run and last.
+steps="fp8vsbf16@pdl fp8vsbf16@defaults fp8vsbf16@prefetch fp8vsbf16@pdlprefetch"
 if [[ $card == *H200* ]]; then
-    default_steps="pdissuebase pdmps fp8vsbf16@defaults fp8vsbf16@pdl fp8vsbf16@prefetch fp8vsbf16@pdlprefetch ncufp8 tests"
+    default_steps="pdissuebase pdmps $steps ncufp8 tests"
 else
-    default_steps="fp8vsbf16@defaults fp8vsbf16@pdl fp8vsbf16@prefetch fp8vsbf16@pdlprefetch ncufp8 tests"
+    default_steps="$steps fp8vsbf16@defaults2 ncufp8 tests"
 fi
 echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
 # Session 41's sweep made "bits", 4 stages for the expert tiles and the in-launch split sums the defaults. This
@@ -26,4 +29,4 @@ echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
 PD_ENV_pdl=${PD_ENV_pdl:-"TANDEM_PDL=1"} PD_ENV_prefetch=${PD_ENV_prefetch:-"TANDEM_WEIGHT_PREFETCH=1"} \
 PD_ENV_pdlprefetch=${PD_ENV_pdlprefetch:-"TANDEM_PDL=1 TANDEM_WEIGHT_PREFETCH=1"} \
 PD_ENV_fused=${PD_ENV_fused:-"TANDEM_HEAD_MATMUL=triton TANDEM_COMBINE_NORM=1 TANDEM_ROUTER_FUSED=1"} STEPS=${STEPS:-$default_steps} SWEEP_LIMIT=${SWEEP_LIMIT:-200} FP8_SWEEP_ARGS=${FP8_SWEEP_ARGS:-"--dense"} \
-    TESTS_K=${TESTS_K:-"prefetch or pdl or programmatic or greedy or split_sums or either_weight or fp8_model"} exec bash scripts/device_step.sh
+    TESTS_K=${TESTS_K:-"prefetch or pdl or programmatic or greedy_tokens_equal or split_sums or either_weight"} exec bash scripts/device_step.sh
