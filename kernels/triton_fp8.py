@@ -30,7 +30,6 @@ from kernels.fp8_deepgemm import fp8_linear_deepgemm, use_deepgemm
 from kernels.triton_grid import grouped_tile
 from kernels.triton_last_program import arrive_last, launch_counters, reset_counter
 from kernels.triton_pdl import pdl_args, pdl_begin
-from kernels.triton_prefetch import prefetch_lines, prefetch_rows, weight_prefetch_on
 
 # Hopper's FP8 MMA adds its products at less than fp32 precision; Triton promotes the partial sum into an
 # fp32 register every PROMOTE_K products (a K block of 128 is DeepSeek's recipe; 32 is one wgmma, the
@@ -317,7 +316,8 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, out_ptr, don
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, A_MODE: tl.constexpr, PROMOTE: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, KB_STEP: tl.constexpr, BITS: tl.constexpr,
-                     SPLITS: tl.constexpr, FIXUP: tl.constexpr, PREFETCH_LINES: tl.constexpr, PDL: tl.constexpr):
+                     SPLITS: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     pid = tl.program_id(0)
     # Split-K: program_id(1) takes K blocks [split * KB_PER_SPLIT, ...) and writes an fp32 partial to
     # slice `split` of c (summed by the caller, or with FIXUP by the tile's last split to finish, into out).
@@ -333,10 +333,6 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, out_ptr, don
     rows = offs_m.to(tl.int64)
     cols = offs_n.to(tl.int64)
     kb0 = split * KB_PER_SPLIT
-    if PREFETCH_LINES > 0:  # the weight slice, before the wait (kernels.triton_prefetch): nothing writes weights
-        prefetch_rows(b_ptr, cols, stride_bn, n_mask, kb0 * BLOCK_K, tl.minimum(K - kb0 * BLOCK_K, KB_PER_SPLIT * BLOCK_K),
-                      PREFETCH_LINES)
-    pdl_begin(PDL)
     a_ptrs = a_ptr + rows[:, None] * stride_am + (kb0 * BLOCK_K + offs_k)[None, :]
     b_ptrs = b_ptr + cols[None, :] * stride_bn + (kb0 * BLOCK_K + offs_k)[:, None]
     as_ptrs = as_ptr + rows * stride_asm
@@ -471,8 +467,6 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
         A_MODE=A_W8A16 if w8a16 else (A_QUANTIZE if xs is None else A_FP8), PROMOTE=_promote_every(block_size),
         DOT_PRECISION=dot_precision(xq.dtype), KB_STEP=cfg.kb_step, BITS=w8a16 and w8a16_bits(xq),
         SPLITS=split_k, FIXUP=done is not None,
-        PREFETCH_LINES=prefetch_lines(per_split * block_size[1] * weight.element_size())
-        if m <= 16 and weight_prefetch_on(xq) else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(xq),
     )  # fmt: skip
     if split_k == 1:

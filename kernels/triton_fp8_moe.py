@@ -45,7 +45,6 @@ from kernels.triton_fp8 import (
 from kernels.triton_grid import grouped_tile, masked_expert
 from kernels.triton_moe import ExpertSort, combine_slots, sort_by_expert
 from kernels.triton_pdl import pdl_args, pdl_begin
-from kernels.triton_prefetch import prefetch_lines, prefetch_rows, weight_prefetch_on
 
 # A decode-size tile set by hand for a GPU the defaults were not measured on (tests/fp8_moe_one_token.py --sweep
 # prints the best in this form): "BLOCK_N,WARPS,STAGES[,KB_STEP]" for the masked launches of <= 16 rows per
@@ -143,15 +142,9 @@ def _fp8_moe_gemm_kernel(
     MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, W8A16: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr, ACTIVE: tl.constexpr, KB_STEP: tl.constexpr,
-    BITS: tl.constexpr, PREFETCH_LINES: tl.constexpr, PREFETCH_EARLY: tl.constexpr, PDL: tl.constexpr,
+    BITS: tl.constexpr, PDL: tl.constexpr,
 ):
-    # PREFETCH_LINES (masked layout): each program asks L2 for its whole weight slice before its K loop
-    # (kernels.triton_prefetch). PREFETCH_EARLY (the down launch): before the wait as well, with the expert
-    # read from the active list and counts, which were inputs of the gate/up launch before this one too:
-    # every program of that launch had passed its own wait (so their writers had finished) before this
-    # launch could start. Nothing is written before the wait.
-    if not PREFETCH_EARLY:
-        pdl_begin(PDL)
+    pdl_begin(PDL)
     # EXTRA (masked layout, W8A16 only): grid column `num_experts` runs one more "expert" with its own operands
     # (x_*: activation [capacity, x_k] whose rows are all valid, FP8 weight [x_n (x2 if GATED), x_k] and its
     # block scales, output [capacity, x_n]): a layer's shared experts ride in the routed experts' launch, as in
@@ -206,12 +199,6 @@ def _fp8_moe_gemm_kernel(
         if pid_n * BLOCK_N >= n_cols:
             return
         n_mask = offs_n < n_cols
-        if PREFETCH_LINES > 0:
-            prefetch_rows(b_base, cols, b_stride, n_mask, 0, k_dim, PREFETCH_LINES)
-            if GATED:  # the up rows follow the gate rows (_fp8_k_loop)
-                prefetch_rows(b_base + n_cols * b_stride, cols, b_stride, n_mask, 0, k_dim, PREFETCH_LINES)
-        if PREFETCH_EARLY:
-            pdl_begin(PDL)
         a_rows = offs_m.to(tl.int64)
         c_rows = a_rows
         row_mask = offs_m < count
@@ -298,7 +285,7 @@ def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tens
         MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
         GROUP_M=cfg.group_m, PROMOTE=_promote_every(block_size), W8A16=a_s is None,
         DOT_PRECISION=dot_precision(aq.dtype), EXTRA=False, ACTIVE=False, KB_STEP=cfg.kb_step,
-        BITS=a_s is None and w8a16_bits(aq), PREFETCH_LINES=0, PREFETCH_EARLY=False,
+        BITS=a_s is None and w8a16_bits(aq),
         num_warps=cfg.num_warps, num_stages=stages, **pdl_args(aq),
     ), (cfg, gated, a_s is None, False), cfg.num_stages)  # fmt: skip
 
@@ -384,10 +371,6 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
         num_kb_x = triton.cdiv(xa.shape[1], block_size[1])
     tile_n = extra_args[-1]
     active_list, slots = _active_args(active, counts, aq.shape[0])
-    # Decode's W8A16 launches ask L2 for each program's whole weight slice first (kernels.triton_prefetch);
-    # the down launch before its wait (the kernel docstring says why that is safe).
-    k_widest = max(w.shape[2], extra[0].shape[1] if extra is not None else 0)  # the extra expert's K may differ
-    lines = prefetch_lines(k_widest * w.element_size()) if a_s is None and weight_prefetch_on(aq) else 0
     grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(tile_n, cfg.block_n), slots + (extra is not None))
     _launch_fitting(lambda stages: _fp8_moe_gemm_kernel[grid](
         aq, a_s if a_s is not None else w_s, w, w_s, out, counts, counts, counts, counts,
@@ -400,8 +383,7 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
         EXTRA=extra is not None, ACTIVE=active is not None, KB_STEP=cfg.kb_step,
-        BITS=a_s is None and w8a16_bits(aq), PREFETCH_LINES=lines, PREFETCH_EARLY=lines > 0 and not gated,
-        num_warps=cfg.num_warps, num_stages=stages, **pdl_args(aq),
+        BITS=a_s is None and w8a16_bits(aq), num_warps=cfg.num_warps, num_stages=stages, **pdl_args(aq),
     ), (cfg, gated, a_s is None, extra is not None), cfg.num_stages)  # fmt: skip
 
 

@@ -27,7 +27,6 @@ from kernels.backend import check_expert_range, check_masked_layout
 from kernels.triton_decode_fused import moe_combine_triton, silu_mul_triton
 from kernels.triton_grid import grouped_tile, masked_expert
 from kernels.triton_pdl import pdl_args, pdl_begin
-from kernels.triton_prefetch import prefetch_lines, prefetch_rows, weight_prefetch_on
 
 
 @triton.jit
@@ -74,12 +73,9 @@ def _moe_gemm_kernel(
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EXTRA: tl.constexpr,
-    ACTIVE: tl.constexpr, PREFETCH_LINES: tl.constexpr, PREFETCH_EARLY: tl.constexpr, PDL: tl.constexpr,
+    ACTIVE: tl.constexpr, PDL: tl.constexpr,
 ):
-    # PREFETCH_LINES / PREFETCH_EARLY (masked layout, K contiguous): the weight slice asked of L2 first, as in
-    # kernels.triton_fp8_moe (whose docstring says why the down launch may read its expert before the wait).
-    if not PREFETCH_EARLY:
-        pdl_begin(PDL)
+    pdl_begin(PDL)
     # EXTRA (masked layout only): grid column `num_experts` runs one more "expert" with its own operands
     # (x_*: activation [capacity, x_k] whose rows are all valid, weight [x_n (x2 if GATED), x_k], output
     # [capacity, x_n]): a layer's shared experts ride in the routed experts' launch. `tile_n` columns are
@@ -124,13 +120,6 @@ def _moe_gemm_kernel(
         if pid_n * BLOCK_N >= n_cols:
             return
         n_mask = offs_n < n_cols
-        if PREFETCH_LINES > 0:
-            cols = offs_n.to(tl.int64)
-            prefetch_rows(b_base, cols, b_stride, n_mask, 0, k_dim, PREFETCH_LINES)
-            if GATED:  # the up rows follow the gate rows
-                prefetch_rows(b_base + n_cols * b_stride, cols, b_stride, n_mask, 0, k_dim, PREFETCH_LINES)
-        if PREFETCH_EARLY:
-            pdl_begin(PDL)
         a_rows = offs_m.to(tl.int64)
         c_rows = a_rows
         row_mask = offs_m < count
@@ -310,8 +299,7 @@ def _launch_contiguous(
         w.shape[0], a, w, out, 0, 0, 0, 0, 0, n, sort.rows_padded, 0,
         A_ROW_DIV=a_row_div, GATED=gated, MASKED=False, ZERO_TAIL=False,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        DOT_PRECISION=_dot_precision(a.dtype), EXTRA=False, ACTIVE=False, PREFETCH_LINES=0, PREFETCH_EARLY=False,
-        num_warps=cfg.num_warps,
+        DOT_PRECISION=_dot_precision(a.dtype), EXTRA=False, ACTIVE=False, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl_args(a),
     )  # fmt: skip
 
@@ -462,9 +450,6 @@ def _launch_masked(
     tile_n = max(n, x_n)
     slots = a.shape[0] if active is None else min(active[1], a.shape[0])
     grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(tile_n, cfg.block_n), slots + (extra is not None))
-    # Decode sizes with K contiguous: each program's weight slice asked of L2 first (kernels.triton_prefetch)
-    prefetch = capacity <= 16 and w.stride(2) == 1 and xw.stride(-1) == 1 and weight_prefetch_on(a)
-    lines = prefetch_lines(max(w.shape[2], xw.shape[-1]) * w.element_size()) if prefetch else 0
     _moe_gemm_kernel[grid](
         a, w, out,
         counts, counts, counts, counts,
@@ -477,7 +462,6 @@ def _launch_masked(
         A_ROW_DIV=1, GATED=gated, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         DOT_PRECISION=_dot_precision(a.dtype), EXTRA=extra is not None, ACTIVE=active is not None,
-        PREFETCH_LINES=lines, PREFETCH_EARLY=lines > 0 and not gated,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
     )  # fmt: skip
 

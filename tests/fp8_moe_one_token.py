@@ -14,8 +14,8 @@ so the graph's own launch is amortized) and timed against the bytes it must read
 moved at the rate of a ``copy_`` timed beside it. ``--sweep`` tries tile widths, K blocks an iteration, warps
 and pipeline stages over the active-expert grid through the same environment overrides a deployment would set
 (``TANDEM_FP8_MOE_DECODE_TILE``, ``TANDEM_MOE_ACTIVE_GRID``, ``TANDEM_FP8_DENSE_DECODE_TILE``,
-``TANDEM_FP8_BF16_CONVERT``, ``TANDEM_FP8_SPLIT_FIXUP``); without it, the defaults, the other weight conversion,
-PDL and the weight prefetch (``TANDEM_PDL``, ``TANDEM_WEIGHT_PREFETCH``) only; ``--best-env``
+``TANDEM_FP8_BF16_CONVERT``, ``TANDEM_FP8_SPLIT_FIXUP``); without it, the defaults, the other weight conversion
+and PDL (``TANDEM_PDL``) only; ``--best-env``
 writes the fastest as ``export`` lines when it beats the default by more than 3 %.
 """
 
@@ -41,7 +41,6 @@ from kernels import triton_fp8 as tf  # noqa: E402
 from kernels import triton_fp8_moe as tfm  # noqa: E402
 from kernels.triton_decode_fused import active_experts_triton  # noqa: E402
 from kernels.triton_pdl import PDL_ENV  # noqa: E402
-from kernels.triton_prefetch import PREFETCH_ENV  # noqa: E402
 
 EXPERTS, HIDDEN, INTER, SHARED_INTER, TOP_K = 64, 2048, 1408, 2816, 6
 DENSE_SHAPES = ((3648, 2048), (2048, 2048))  # (N, K): fused q_proj + kv_a_proj_with_mqa, o_proj
@@ -49,12 +48,11 @@ REPS = 8  # launches (or layer pairs) per graph replay
 MARGIN = 0.97  # an override must beat the default by more than 3 %
 
 Variant = tuple[str, dict[str, str]]  # (label, environment overrides)
-# Each program's weight slice asked of L2 first (kernels.triton_prefetch), with and without programmatic
-# dependent launch (then before the wait: the dense GEMM and the down launch stream their weights while the
-# launch before them runs); PDL alone beside them.
-PREFETCH_VARIANTS: list[Variant] = [("default, PDL", {PDL_ENV: "1"}),
-                                    ("default, weight prefetch", {PREFETCH_ENV: "1"}),
-                                    ("default, weight prefetch, PDL", {PREFETCH_ENV: "1", PDL_ENV: "1"})]
+# The launches as programmatic dependents (kernels.triton_pdl): each launch of the graph may start while the one
+# before still runs. A whole-slice L2 prefetch of each program's weights (before the PDL wait where it could be)
+# was tried beside it in session 41 and dropped: 43.7 / 41.4 us (with PDL) for the experts against 37.7 / 36.8
+# (bench/results/fp8_one_token_prefetch_h100_s41.log).
+PDL_VARIANTS: list[Variant] = [("default, PDL", {PDL_ENV: "1"})]
 
 
 def timed_us(fn: Callable[[], object], iters: int) -> float:
@@ -104,7 +102,7 @@ def moe_variants(sweep: bool) -> list[Variant]:
         ("default tiles, every expert's column", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "0"}),
         ("default tiles, active experts, cvt", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
                                                 tf.W8A16_CONVERT_ENV: "cvt"}),
-        *PREFETCH_VARIANTS,
+        *PDL_VARIANTS,
     ]
     if sweep:
         # Around session 41's winner (16 x 32 x 128, 4 warps, 4 stages, "bits", now the default): wider and
@@ -121,7 +119,7 @@ def dense_variants(sweep: bool) -> list[Variant]:
     out: list[Variant] = [("default", {tf.DENSE_DECODE_TILE_ENV: ""}),
                           ("default, cvt", {tf.DENSE_DECODE_TILE_ENV: "", tf.W8A16_CONVERT_ENV: "cvt"}),
                           ("default, splits summed by a launch of their own", {tf.DENSE_DECODE_TILE_ENV: "", fixup: "0"}),
-                          *PREFETCH_VARIANTS]
+                          *PDL_VARIANTS]
     if not sweep:
         return out
     # "bits" and the partials summed in the launch (the defaults since session 41's sweep); 32- and 64-wide tiles

@@ -212,28 +212,21 @@ def test_graph_safe_decode_generates_the_same_greedy_tokens_as_eager_on_cpu(tiny
 
 # ---- GPU: real capture and replay ------------------------------------------------------------------------
 @gpu
-@pytest.mark.parametrize("active_grid,pdl,fused,prefetch",
-                         [("0", "0", "0", "0"), ("1", "0", "0", "0"), ("1", "1", "0", "0"), ("1", "1", "0", "1"),
-                          ("1", "0", "1", "0")],
-                         ids=["all_experts", "active_grid", "active_grid_pdl", "active_grid_pdl_weight_prefetch",
-                              "combine_norm_head_matmul"])
+@pytest.mark.parametrize("active_grid,pdl,fused", [("0", "0", "0"), ("1", "0", "0"), ("1", "1", "0"), ("1", "0", "1")],
+                         ids=["all_experts", "active_grid", "active_grid_pdl", "combine_norm_head_matmul"])
 def test_gpu_greedy_tokens_equal_cpu_with_and_without_cuda_graphs(tiny_dir: Path, active_grid: str, pdl: str,
-                                                                  fused: str, prefetch: str,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                  fused: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``active_grid`` 1: the graphs' MoE launches run the active experts alone (engine.moe.ACTIVE_GRID_ENV);
     ``pdl`` 1: the Triton kernels launch as programmatic dependents (kernels.triton_pdl), eager and captured;
     ``fused`` 1: the MoE sum inside the next norm's launch, the per-head products in Triton and the router in
-    one launch; ``prefetch`` 1: the expert launches ask L2 for their weight slices first, the down launch before
-    its wait (kernels.triton_prefetch)."""
+    one launch."""
     from engine.moe import ACTIVE_GRID_ENV, COMBINE_NORM_ENV
     from kernels.triton_head_matmul import HEAD_MATMUL_ENV
     from kernels.triton_pdl import PDL_ENV
-    from kernels.triton_prefetch import PREFETCH_ENV
     from kernels.triton_router import ROUTER_FUSED_ENV
 
     monkeypatch.setenv(ACTIVE_GRID_ENV, active_grid)
     monkeypatch.setenv(PDL_ENV, pdl)
-    monkeypatch.setenv(PREFETCH_ENV, prefetch)
     monkeypatch.setenv(COMBINE_NORM_ENV, fused)
     monkeypatch.setenv(HEAD_MATMUL_ENV, "triton" if fused == "1" else "cublas")
     monkeypatch.setenv(ROUTER_FUSED_ENV, fused)

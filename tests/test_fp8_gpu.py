@@ -254,65 +254,6 @@ def test_w8a16_launches_give_the_same_bits_with_either_weight_conversion(kb_step
 
 
 @gpu_test
-@pytest.mark.parametrize("pdl", ["0", "1"])
-def test_weight_prefetch_keeps_every_bit_eager_and_over_graph_replays(pdl: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """TANDEM_WEIGHT_PREFETCH (kernels.triton_prefetch): the decode GEMMs asking L2 for their weight slices first
-    (before the PDL wait in the dense GEMM and the down launches, with TANDEM_PDL=1) return the same bits as
-    without, eagerly and over graph replays of a layer's chain (dense GEMM, FP8 gate/up and down, the bf16 masked
-    experts' two launches) with new inputs."""
-    from kernels import triton_fp8 as tf
-    from kernels.triton_decode_fused import active_experts_triton
-    from kernels.triton_fp8_moe import fp8_moe_forward_masked_shared_triton
-    from kernels.triton_moe import moe_forward_masked_shared_triton
-    from kernels.triton_pdl import PDL_ENV
-    from kernels.triton_prefetch import PREFETCH_ENV
-
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    w, ws = fp8.quantize_fp8_weight(torch.randn(3648, 2048, device="cuda", generator=gen) / 45, (128, 128))
-    w13, s13, w2, s2 = random_fp8_experts(64, 2048, 1408, gen)
-    sw13, ss13, sw2, ss2 = random_fp8_experts(1, 2048, 2816, gen)
-    counts = torch.zeros(64, dtype=torch.int32, device="cuda")
-    counts[[3, 9, 17, 30, 41, 63]] = 1
-    active = (active_experts_triton(counts), 6)
-    a = torch.randn(1, 2048, device="cuda", generator=gen).bfloat16()
-    x = torch.randn(64, 1, 2048, device="cuda", generator=gen).bfloat16()
-
-    b13, sb13 = (fp8.dequantize_fp8_gated(t, s, dtype=torch.bfloat16) for t, s in ((w13, s13), (sw13[0], ss13[0])))
-    b2, sb2 = (fp8.dequantize_fp8_weight(t, s, dtype=torch.bfloat16) for t, s in ((w2, s2), (sw2[0], ss2[0])))
-
-    def layer() -> tuple[torch.Tensor, ...]:
-        dense = tf.fp8_gemm_triton(a, None, w, ws, torch.bfloat16, w8a16=True)
-        hidden = dense[:, :2048].contiguous()
-        fp8_moe = fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, hidden, sw13[0], ss13[0],
-                                                       sw2[0], ss2[0], active=active)
-        bf16_moe = moe_forward_masked_shared_triton(x, counts, b13, b2, hidden, sb13, sb2, active=active)
-        return (dense, *fp8_moe, *bf16_moe)
-
-    monkeypatch.setenv(PDL_ENV, pdl)
-    monkeypatch.setenv(PREFETCH_ENV, "0")
-    want = layer()
-    monkeypatch.setenv(PREFETCH_ENV, "1")
-    for got, ref in zip(layer(), want, strict=True):
-        assert torch.equal(got, ref)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        layer()  # compiled outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            outs = [layer() for _ in range(4)]
-    for step in range(20):
-        a.copy_(torch.randn(1, 2048, device="cuda", generator=gen))
-        x.copy_(torch.randn(64, 1, 2048, device="cuda", generator=gen))
-        monkeypatch.setenv(PREFETCH_ENV, "0")
-        want = layer()
-        graph.replay()
-        torch.cuda.synchronize()
-        for out in outs:
-            for got, ref in zip(out, want, strict=True):
-                assert torch.equal(got, ref), step
-
-
-@gpu_test
 @pytest.mark.parametrize(("rows", "nk"), [(1, (3648, 2048)), (1, (2048, 2048)), (7, (3648, 2048)), (16, (200, 300))],
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_split_sums_inside_the_launch_give_the_reduction_launchs_bits_over_graph_replays(
