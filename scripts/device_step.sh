@@ -73,12 +73,7 @@
 # 01b6185`) and .issue_base (`git archive 69f5b33`, the tree issue 15 was filed against). GPU starts are scarce:
 # carry a committed snapshot (`git archive HEAD` into an ignored folder, run from there) so work in progress in
 # the checkout never rides along.
-#   call 1 (scripts/device_next.sh runs it), the steps chosen by the card that came (the c8 line asks 2x the base tree's 313 on an H200; on an H100
-#     the base gives 311 and this tree 543-586, so only an H200 can settle it): on an H200 STEPS="pdissuebase
-#     pdmps pdmps ncufp8 fp8vsbf16 tests" SWEEP_LIMIT=220, on an H100 STEPS="fp8vsbf16@defaults ncufp8 fp8vsbf16
-#     tests" SWEEP_LIMIT=320; both FP8_SWEEP_ARGS="--sweep --dense" TESTS_K="bit_moving or either_weight or
-#     split_sums": the FP8 launches' kb_step / bits / split-sums sweep (never run; its winners go to fp8vsbf16) and
-#     the GPU tests of those three switches
+#   call 1: scripts/device_next.sh (its steps chosen by the card that came; its header says why)
 #   call 2: STEPS="pd32issuebase pd32mps50@big pdmps@p70 hostpath" PD_ARGS_big="--max-prefill-tokens 16384"
 #     PD_ARGS_p70="--mps-prefill-sm 70" (c32 on the card of call 1, the prefill capped under MPS, where a decode
 #     turn's time goes on the GPU host)
