@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.gpu_mps import client_env, gpu_names, mps_daemon
+from bench.gpu_mps import client_env, gpu_names, mps_available, mps_daemon
 from bench.pd_servers import Server, ServerGroup, cpu_worker_env, free_port, wait_healthy, wait_idle
 from bench.serving import BenchConfig, run_benchmark, run_or_exit
 
@@ -87,17 +87,29 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
 
 def add_gpu_sharing_args(p: argparse.ArgumentParser) -> None:
     """The flags `start_setup` reads (every bench that starts a 1P1D setup takes them)."""
-    p.add_argument("--mps", action="store_true",
-                   help="GPU: run the servers under a private CUDA MPS daemon (kernels of both share the SMs)")
+    p.add_argument("--mps", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPU: run the servers under a private CUDA MPS daemon (kernels of both share the SMs); "
+                        "default: where nvidia-cuda-mps-control is installed, as scripts/launch_1p1d.sh deploys "
+                        "one GPU's 1P1D (TANDEM_MPS=auto)")
     p.add_argument("--mps-prefill-sm", type=int, default=None, help="with --mps: the prefill's SM share, percent")
     p.add_argument("--mps-decode-sm", type=int, default=None, help="with --mps: the decode's SM share, percent")
     p.add_argument("--mps-low-priority", choices=("prefill", "decode"), default=None,
                    help="with --mps: the role whose kernels get MPS's below-normal client priority")
 
 
+def use_mps(args: argparse.Namespace) -> bool:
+    """``--mps`` / ``--no-mps`` as given; without either, MPS on CUDA where its control daemon is installed (the
+    servers of a setup share one GPU, and the deployment script runs such a pair under MPS by default)."""
+    return args.mps if args.mps is not None else args.device == "cuda" and mps_available()
+
+
 def sharing_env(stack: contextlib.ExitStack, args: argparse.Namespace, directory: Path) -> dict[str, str]:
-    """With --mps: a private MPS daemon under ``directory`` for the stack's life, and the env its clients need."""
-    return stack.enter_context(mps_daemon(directory)) if args.mps else {}
+    """Under MPS (``use_mps``): a private daemon under ``directory`` for the stack's life, and the env its clients
+    need."""
+    if not use_mps(args):
+        return {}
+    log.info("servers under a private MPS daemon (%s; --no-mps: without)", "--mps" if args.mps else "default")
+    return stack.enter_context(mps_daemon(directory))
 
 
 def start_setup(name: str, group: ServerGroup, args: argparse.Namespace) -> tuple[Server, list[Server]]:
@@ -175,7 +187,8 @@ def _measure_setup(name: str, args: argparse.Namespace, vocab: int, env: dict[st
         "load_average_1m_before": load_before[0],
         "cpu_count": os.cpu_count(),
         "mps": {"prefill_sm_pct": args.mps_prefill_sm, "decode_sm_pct": args.mps_decode_sm,
-                "low_priority": args.mps_low_priority} if args.mps else None,
+                "low_priority": args.mps_low_priority, "chosen_by": "flag" if args.mps else "default"}
+        if use_mps(args) else None,
     }
     return report
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.compare_pd import add_gpu_sharing_args, add_worker_args, sharing_env, start_setup, warm_up
+from bench.compare_pd import add_gpu_sharing_args, add_worker_args, sharing_env, start_setup, use_mps, warm_up
 from bench.decode_alone import tiny_model_with_context
 from bench.pd_servers import ServerGroup, cpu_worker_env, get_json, wait_idle
 from bench.pd_timeline import parse
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
                   "max_concurrency": args.max_concurrency, "transfer_backend": args.transfer_backend,
                   "torch_threads_per_worker": args.threads if args.device == "cpu" else None,
-                  "load_average_1m_before": load_before[0], "cpu_count": os.cpu_count(), "mps": args.mps,
+                  "load_average_1m_before": load_before[0], "cpu_count": os.cpu_count(), "mps": use_mps(args),
                   "pages_idle_after_run": all(i["free_pages"] + i.get("evictable_pages", 0) == i["total_pages"]
                                               for i in idle)},
         "serving": {"completed": s["completed"], "output_tok_s": s["output_throughput"],

@@ -162,6 +162,8 @@ for s in $STEPS; do
         case $s in *mps*) rest=${s##*mps} share=${rest%%[a-z]*} low=${rest#"$share"} ;; esac
         case $low in "" | low | plow) ;; *) echo "unknown step $s" && status=1 && continue ;; esac
         role=$([ "$low" = plow ] && echo prefill || echo decode)
+        # bench.compare_pd runs under MPS by default on CUDA since session 41: the steps without "mps" say --no-mps
+        # (the issue's base tree, run with this tree's drivers, had no MPS)
         case $s in *mps*) mps="--mps ${MPS_ARGS:-}${share:+ --mps-decode-sm $share}${low:+ --mps-low-priority $role}" ;; esac
         case $s in
         pd | pdmps* | pdissuebase) name=compare_pd_c8 load="--num-prompts 32 --max-concurrency 8 --cuda-graph-max-bs 16" ;;
@@ -173,7 +175,7 @@ for s in $STEPS; do
         # an older tree runs this tree's bench drivers (their flags); its engine and workers stay its own
         [ "$tree" != . ] && [ -d "$tree" ] && cp bench/*.py "$tree/bench/"
         [ -d "$tree" ] && step "07_$name" "$(left 300)" env TANDEM_TIMELINE=1 $label_env PYTHONPATH="$PWD/$tree:$SITE" bash -c \
-            "cd $tree && python3 -m bench.compare_pd --device cuda --setups \${PD_SETUPS:-1p1d} $mps \
+            "cd $tree && python3 -m bench.compare_pd --device cuda --setups \${PD_SETUPS:-1p1d} ${mps:---no-mps} \
             --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
             $load ${PD_ARGS:-} $label_args --output-json $OUT_SAVED/$name.json \
             --log-dir $OUT_SAVED/${name}_logs --disable-tqdm && python3 -m bench.pd_timeline \

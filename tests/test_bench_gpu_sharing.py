@@ -57,7 +57,8 @@ def test_every_bench_that_starts_a_1p1d_setup_takes_the_flags_it_reads() -> None
                                   "--mps-low-priority", "decode"])
         assert (args.mps, args.mps_prefill_sm, args.mps_decode_sm, args.mps_low_priority) == (True, 60, 40, "decode")
         plain = parser.parse_args(argv)
-        assert plain.mps is False
+        assert plain.mps is None and not compare_pd.use_mps(plain)  # the default: MPS on CUDA only
+        assert parser.parse_args([*argv, "--no-mps"]).mps is False
         assert "--max-prefill-tokens" not in compare_pd._worker_flags(plain, 1)  # the workers' own default
         chunked = parser.parse_args([*argv, "--max-prefill-tokens", "16384"])
         assert compare_pd._worker_flags(chunked, 1)[-2:] == ["--max-prefill-tokens", "16384"]
@@ -73,3 +74,19 @@ def test_a_result_names_the_gpus_nvidia_smi_lists_and_none_where_it_cannot(monke
     assert gpu_mps.gpu_names() == ["NVIDIA H200", "NVIDIA H200"]
     smi.write_text("#!/bin/sh\nexit 9\n")
     assert gpu_mps.gpu_names() == []
+
+
+def test_mps_is_the_default_on_cuda_where_its_daemon_is_installed(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """One GPU's two servers run under MPS unless told otherwise, as scripts/launch_1p1d.sh deploys them
+    (TANDEM_MPS=auto); without the control daemon, or on CPU, they run without it; the flags win either way."""
+    parser = compare_pd.build_parser()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-cuda-mps-control
+    assert not compare_pd.use_mps(parser.parse_args(["--device", "cuda"]))
+    control = tmp_path / gpu_mps.CONTROL
+    control.write_text("#!/bin/sh\nexit 0\n")
+    control.chmod(0o755)
+    assert compare_pd.use_mps(parser.parse_args(["--device", "cuda"]))
+    assert not compare_pd.use_mps(parser.parse_args(["--device", "cuda", "--no-mps"]))
+    assert not compare_pd.use_mps(parser.parse_args(["--device", "cpu"]))
+    assert compare_pd.use_mps(parser.parse_args(["--device", "cpu", "--mps"]))
