@@ -155,6 +155,18 @@ class Sampled(NamedTuple):
     errors: dict[int, str]
 
 
+NONFINITE_LOGITS = "the model's logits for this request are not finite (NaN or inf): a numerical fault of the forward"
+
+
+def nonfinite_rows(logits: torch.Tensor) -> dict[int, str]:
+    """Rows of the model's raw logits ``[B, V]`` holding NaN or inf, each with its error: the forward went wrong
+    for those requests (their token and log-probability would mean nothing, and a NaN log-probability has no
+    encoding on the KV wire or in JSON), so the caller fails them alone and serves the rest. Raw logits only:
+    penalties may push a finite row to inf on purpose, and ``sample`` draws from such rows."""
+    bad = ~torch.isfinite(logits).all(dim=-1)
+    return {int(i): NONFINITE_LOGITS for i in bad.nonzero().flatten().tolist()}
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            positions: list[int] | None = None) -> Sampled:
     """One token per row of ``logits`` ``[B, V]``. Greedy rows are vectorised; sampled rows use their

@@ -33,7 +33,7 @@ from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks, prompt_logprobs
 from engine.prefix_cache import Block
-from engine.sampling import SamplingParams, apply_penalties, logprob_report, sample
+from engine.sampling import SamplingParams, apply_penalties, logprob_report, nonfinite_rows, sample
 from engine.step_clock import StepClock
 
 
@@ -340,6 +340,7 @@ class Scheduler:
                                     self.eos_token_ids)
         penalised = constrain(penalised, [r.matcher for r in reqs], copied=penalised is not logits)
         tokens, errors = sample(penalised, params, [r.generator for r in reqs], positions)
+        errors.update(nonfinite_rows(logits))
         if errors:  # those requests fail alone; the rest of the batch goes on
             for i, message in errors.items():
                 reqs[i].error = message

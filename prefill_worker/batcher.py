@@ -24,7 +24,7 @@ from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
 from engine.prefix_cache import Block
-from engine.sampling import SamplingParams, apply_penalties, logprob_report, sample
+from engine.sampling import SamplingParams, apply_penalties, logprob_report, nonfinite_rows, sample
 
 
 @dataclass(eq=False)  # identity semantics: two requests with equal prompts are still distinct
@@ -198,6 +198,7 @@ class PrefillBatcher:
         # Token 0 under the grammar's first mask; the decode side replays it into its own matcher.
         penalised = constrain(penalised, [self._matcher(p) for p in params], copied=penalised is not logits)
         tokens, errors = sample(penalised, params, [job.params.make_generator(device) for job in jobs])
+        errors.update(nonfinite_rows(logits))  # its first token and logprob would be NaN: the room fails alone
         for i, message in errors.items():
             jobs[i].error = message
         tokens = [0 if i in errors else t for i, t in enumerate(tokens)]  # a valid id for the report below

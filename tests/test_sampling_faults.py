@@ -1,5 +1,7 @@
 """One request's sampling values can never stop a batch or a rank: extreme values that pass validation
-still draw a token, non-finite ones are refused, and a draw that raises fails that request alone."""
+still draw a token, non-finite ones are refused, and a draw that raises fails that request alone. Nor can one
+request's broken forward: logits that come out NaN fail that request alone (a prefill instance once stopped on
+the NaN log-probability of its first token)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 
 import engine.sampling as sampling
 from engine.llm import LLM
-from engine.sampling import SamplingParams, apply_penalties, sample
+from engine.sampling import NONFINITE_LOGITS, SamplingParams, apply_penalties, nonfinite_rows, sample
 from engine.scheduler import Scheduler
 from engine.tiny_model import write_tiny_model
 
@@ -104,3 +106,72 @@ def test_a_request_whose_draw_raises_fails_alone_and_the_batch_finishes(
     assert failed == [bad] and bad.finish_reason == "error" and "boom" in (bad.error or "")
     assert len(bad.output_ids) == 2 and good.output_ids == expected
     assert llm.kv_pool.available_pages == free_at_start
+
+
+def test_nonfinite_rows_are_the_rows_of_raw_logits_holding_nan_or_inf() -> None:
+    logits = torch.randn(4, 30)
+    logits[1, 7] = float("nan")
+    logits[3, 0] = float("-inf")
+    assert nonfinite_rows(logits) == {1: NONFINITE_LOGITS, 3: NONFINITE_LOGITS}
+    assert nonfinite_rows(torch.randn(2, 30)) == {}
+
+
+POISON = 299  # a token id whose embedding row the poisoned checkpoint holds as NaN
+
+
+@pytest.fixture(scope="module")
+def poisoned_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with one embedding row NaN: a prompt holding that token runs a forward whose hidden
+    states, and so its logits, are NaN, while every other sequence of the same batch stays finite."""
+    from safetensors.torch import load_file, save_file
+
+    out = write_tiny_model(tmp_path_factory.mktemp("poisoned") / "tiny-v3")
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["model.embed_tokens.weight"][POISON] = float("nan")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_a_request_whose_forward_turns_nan_fails_alone_and_the_batch_finishes(poisoned_dir: Path) -> None:
+    engine = LLM(poisoned_dir, page_size=16)
+    try:
+        greedy = SamplingParams(max_new_tokens=5, ignore_eos=True)
+        expected = engine.generate([[5, 6, 7, 8]], greedy)[0].token_ids
+        free_at_start = engine.kv_pool.available_pages
+        scheduler: Scheduler = engine.scheduler
+        bad = scheduler.add([9, POISON, 9], greedy)
+        good = scheduler.add([5, 6, 7, 8], greedy)
+        bad.return_logprob = good.return_logprob = True  # a NaN log-probability is what stopped the prefill
+        failed = []
+        while not (bad.finished and good.finished):
+            failed.extend(scheduler.step().failed)
+        assert failed == [bad] and bad.finish_reason == "error" and bad.error == NONFINITE_LOGITS
+        assert bad.output_ids == [] and good.output_ids == expected
+        assert all(math.isfinite(v) for v in good.output_logprobs)
+        assert engine.kv_pool.available_pages == free_at_start
+    finally:
+        engine.close()
+
+
+def test_a_prefill_job_whose_logits_are_nan_fails_alone_and_the_batcher_keeps_serving(poisoned_dir: Path) -> None:
+    """The prefill batcher draws each prompt's first token: a NaN row sets that job's error (its room is
+    aborted, as for a draw that raised) instead of a NaN log-probability the KV sender would refuse."""
+    from engine.config import ModelConfig
+    from engine.kv_pool import KVPool
+    from engine.model import DeepseekForCausalLM
+    from engine.weights import load_model
+    from prefill_worker.batcher import PrefillBatcher, PrefillJob
+
+    config = ModelConfig.from_dir(poisoned_dir)
+    model = DeepseekForCausalLM(config, dtype=torch.float32, device="cpu")
+    load_model(model, poisoned_dir)
+    pool = KVPool(32, config.num_hidden_layers, 16, config.kv_cache_dim, torch.float32, "cpu")
+    batcher = PrefillBatcher(model, pool, max_prefill_tokens=64, max_running=4)
+    bad = PrefillJob("bad", [3, 4, POISON, 5], SamplingParams(temperature=0.0))
+    good = PrefillJob("good", [3, 4, 6, 5, 8], SamplingParams(temperature=0.0))
+    batcher.add(bad)
+    batcher.add(good)
+    while not (bad.prefilled and good.prefilled):
+        batcher.step()
+    assert bad.error == NONFINITE_LOGITS and bad.first_token is None
+    assert good.error is None and good.first_token is not None and math.isfinite(good.first_logprob)
