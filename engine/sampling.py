@@ -163,8 +163,8 @@ def nonfinite_rows(logits: torch.Tensor) -> dict[int, str]:
     for those requests (their token and log-probability would mean nothing, and a NaN log-probability has no
     encoding on the KV wire or in JSON), so the caller fails them alone and serves the rest. Raw logits only:
     penalties may push a finite row to inf on purpose, and ``sample`` draws from such rows."""
-    bad = ~torch.isfinite(logits).all(dim=-1)
-    return {int(i): NONFINITE_LOGITS for i in bad.nonzero().flatten().tolist()}
+    bad = (~torch.isfinite(logits).all(dim=-1)).tolist()  # one small copy to the host, as sample's argmax
+    return {i: NONFINITE_LOGITS for i, broken in enumerate(bad) if broken}
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
