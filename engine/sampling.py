@@ -164,7 +164,10 @@ def nonfinite_rows(logits: torch.Tensor) -> dict[int, str]:
     encoding on the KV wire or in JSON), so the caller fails them alone and serves the rest. Raw logits only:
     penalties may push a finite row to inf on purpose, and ``sample`` draws from such rows."""
     bad = (~torch.isfinite(logits).all(dim=-1)).tolist()  # one small copy to the host, as sample's argmax
-    return {i: NONFINITE_LOGITS for i, broken in enumerate(bad) if broken}
+    rows = {i: NONFINITE_LOGITS for i, broken in enumerate(bad) if broken}
+    if rows:  # an operator's first sign of a broken kernel or checkpoint: the clients only see a 500
+        log.warning("%d of %d requests in a batch: logits not finite (NaN or inf); they fail alone", len(rows), len(bad))
+    return rows
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],

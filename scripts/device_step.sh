@@ -29,6 +29,8 @@
 #   pdtests    tests/test_pd_gpu.py: 1P1D on the GPU equals colocated generation (bf16 KV and FP8 KV, NIXL)
 #   tunefp8    bench.tune_gpu --only fp8moe,moecompact: tile sweep of the FP8 decode step's masked W8A16 launches,
 #              and what the masked layout's empty experts cost the bf16 launch
+#   nanprobe   tests/nan_probe.py under an MPS cap of 70 % and 50 % of the SMs: the first module of a 4096-token
+#              V2-Lite prefill whose output is not finite (session 41: NaN logits at 70 %, never at 50 % or uncapped)
 #   fp8diff    tests/fp8_layer_diff.py: module by module, where the tiny FP8 model on the GPU parts from its
 #              CPU reference
 #   hostpath   bench.host_path at c8 under MPS (V2-Lite, 4096 in / 100 out): each TTFT part, and a decode turn's
@@ -139,6 +141,8 @@ for s in $STEPS; do
             --only mla16,mla128 --out "$OUT_SAVED/tune_gpu_mla.json" ;;
     tunemla) step 05_tune_mla16 "$(left 180)" python3 -m bench.tune_gpu --only mla16 \
         --out "$OUT_SAVED/tune_gpu_mla16.json" ;;
+    nanprobe) step 08_nan_probe_mps70 "$(left 90)" python3 tests/nan_probe.py --mps-percent 70
+        step 08_nan_probe_mps50 "$(left 60)" python3 tests/nan_probe.py --mps-percent 50 ;;
     fp8diff) step 08_fp8_layer_diff "$(left 90)" python3 tests/fp8_layer_diff.py --promote-k 32 ;;
     fp8step) step 06_decode_step_fp8 "$(left 90)" python3 -m bench.decode_step $DS --quantization fp8 --profile \
         --out "$OUT_SAVED/decode_step_gpu_fp8.json" ;;
