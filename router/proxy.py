@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("router.proxy")
 _RETRY_STATUSES = (502, 503, 504)
+# How long a decode answer of a failed KV transfer waits for prefill's own answer to the same request: prefill
+# answers in the turn it fails a room, so its reason (a fault of that request) is there within milliseconds.
+PREFILL_VERDICT_S = 0.25
 _ROOM_BITS = 63
 _CLIENT_HIGH_WATER = 1 << 20  # bytes queued for a client before relaying pauses
 _CLIENT_LOW_WATER = 256 << 10
@@ -117,6 +120,7 @@ class PrefillJob:
         self._task: asyncio.Task[None] | None = None
         self._resent = False
         self._epoch = worker.failure_epoch
+        self._answered = asyncio.Event()  # set once prefill answered (or the job was aborted)
         worker.in_flight += 1
         worker.stats.requests += 1
         conn = state.pool.take_idle(worker.host, worker.port)
@@ -131,6 +135,15 @@ class PrefillJob:
             raise self.failure
         self._decode_conn = conn
         self._decode_exchange = conn.exchange + 1  # the exchange about to be sent on it
+
+    async def verdict(self, within_s: float) -> PrefillFailed | None:
+        """Prefill's error answer to this request once it has come (waiting at most ``within_s``), else None."""
+        if not self._answered.is_set():
+            try:
+                await asyncio.wait_for(self._answered.wait(), within_s)
+            except asyncio.TimeoutError:
+                pass
+        return self.failure if isinstance(self.failure, PrefillFailed) else None
 
     def _send_on(self, conn: UpstreamConnection) -> None:
         self._conn = conn
@@ -164,6 +177,7 @@ class PrefillJob:
             return
         self._done = True
         self._conn = None
+        self._answered.set()
         state, w = self._state, self.worker
         if exc is not None:
             if isinstance(exc, UpstreamTimeout):
@@ -207,6 +221,7 @@ class PrefillJob:
         if self._done:
             return
         self._done = True
+        self._answered.set()
         if self._task is not None:
             self._task.cancel()
         if self._conn is not None:
@@ -331,6 +346,13 @@ class Proxy:
                 )
                 exchange = conn.exchange
                 status = conn.status
+                if status in _RETRY_STATUSES and job is not None:
+                    # Decode's transfer failed. Where prefill failed the room itself (a fault of this request, such
+                    # as logits that came out NaN: a 500 or a 4xx, not a transfer's 502), its answer is the reason
+                    # the client gets, and another pair would only repeat it.
+                    cause = await job.verdict(PREFILL_VERDICT_S)
+                    if cause is not None and cause.status not in _RETRY_STATUSES:
+                        raise cause
                 if status in _RETRY_STATUSES and not last_attempt:
                     raise _Retry(decode, UpstreamError(f"decode {decode.url} answered {status}"))
                 if status >= 400:
