@@ -12,12 +12,14 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 # Issue 15's c8 on an H100 (session 41, three calls): this tree under MPS 571.6-591.6 tok/s, with programmatic
 # dependent launch 589.7, the base tree 296.7-304.2 in the same calls (1.88-1.96x; 1.94x with PDL); the prefill
 # capped at 50 % of the SMs 541.7. At 70 % the prefill's first forward came out NaN in both calls that tried it:
-# nanprobe finds the first module that goes non-finite. Then c8 with PDL against the default in the same call,
-# and on an H200 (the issue's card) with the base tree beside it; then the FP8 step with and without PDL.
+# nanprobe finds the first module that goes non-finite. Then c8 with PDL against the default in the same call
+# (with the base tree beside them; on an H200, the issue's card), hostpath (a decode turn's host time beside its
+# forward on the GPU: what overlapping the decode loop's host work with the next forward could win), the FP8
+# step with and without PDL, and the GPU tests.
 if [[ $card == *H200* ]]; then
-    default_steps="nanprobe pdissuebase pdmps pdmps@pdl pdmps@run2 fp8vsbf16 fp8vsbf16@pdl tests"
+    default_steps="nanprobe pdissuebase pdmps pdmps@pdl hostpath pdmps@run2 fp8vsbf16 fp8vsbf16@pdl tests"
 else
-    default_steps="nanprobe pdissuebase pdmps pdmps@pdl pdmps@run2 pdmps@pdl2 fp8vsbf16 fp8vsbf16@pdl tests"
+    default_steps="nanprobe pdissuebase pdmps pdmps@pdl hostpath pdmps@run2 pdmps@pdl2 fp8vsbf16 tests"
 fi
 echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
 PD_ARGS_p70=${PD_ARGS_p70:-"--mps-prefill-sm 70"} PD_ARGS_p50=${PD_ARGS_p50:-"--mps-prefill-sm 50"} \
