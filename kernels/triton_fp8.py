@@ -55,7 +55,7 @@ def dot_precision(dtype: torch.dtype) -> str | None:
 
 
 # How a W8A16 GEMM turns its FP8 weight tile into bf16: "bits" (`_e4m3_to_bf16_bits`: integer ops and a bf16x2
-# multiply, no conversions; the default) or "cvt" (Triton's conversion: on sm90 an e4m3x2 -> f16x2 convert then
+# multiply, no conversions; the default on sm90+) or "cvt" (Triton's conversion: on sm90 an e4m3x2 -> f16x2 convert then
 # one f16 -> bf16 convert per element, 1.5 conversion instructions a weight byte, about 2.5 TB/s of weights an
 # H100 can convert at the CUDA guide's 16 a clock an SM). Graph-timed at one token on an H100
 # (bench/results/fp8_one_token_sweep_h100_s41.log): one V2-Lite layer's expert launches 45.2 -> 38.8 us with the
@@ -65,8 +65,10 @@ W8A16_CONVERT_ENV = "TANDEM_FP8_BF16_CONVERT"
 
 def w8a16_bits(x: torch.Tensor) -> bool:
     """Whether a W8A16 launch on ``x`` converts its weight tiles by moving bits (``W8A16_CONVERT_ENV``): bf16
-    activations on CUDA only (the interpreter runs no PTX)."""
-    return env_choice(W8A16_CONVERT_ENV, ("cvt", "bits"), "bits") == "bits" and x.is_cuda and x.dtype == torch.bfloat16
+    activations on CUDA only (the interpreter runs no PTX), compute capability 9.0+ (its ``mul.rn.bf16x2`` is
+    sm90's; an sm89 GPU, FP8-capable too, converts with Triton's ``cvt``)."""
+    wanted = env_choice(W8A16_CONVERT_ENV, ("cvt", "bits"), "bits") == "bits"  # a bad value is refused anywhere
+    return wanted and x.is_cuda and x.dtype == torch.bfloat16 and device_facts(x.device.index or 0)[0] >= (9, 0)
 
 
 @triton.jit

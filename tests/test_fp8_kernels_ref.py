@@ -139,7 +139,7 @@ def test_the_cpu_backend_runs_the_fp8_references(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
-def test_the_weight_conversion_switch_takes_cvt_or_bits_and_moves_bits_only_for_bf16_on_cuda(
+def test_the_weight_conversion_switch_takes_cvt_or_bits_and_moves_bits_only_for_bf16_on_sm90(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from kernels import triton_fp8 as tf
 
@@ -151,6 +151,16 @@ def test_the_weight_conversion_switch_takes_cvt_or_bits_and_moves_bits_only_for_
         tf.w8a16_bits(x)
     monkeypatch.delenv(tf.W8A16_CONVERT_ENV)
     assert not tf.w8a16_bits(x)
+
+    class OnGpu:  # what w8a16_bits reads of a CUDA tensor, on a machine without one
+        is_cuda, dtype, device = True, torch.bfloat16, torch.device("cuda", 0)
+
+    for capability, bits in (((9, 0), True), ((8, 9), False)):  # sm89 has FP8 but not sm90's mul.rn.bf16x2
+        monkeypatch.setattr(tf, "device_facts", lambda _index, c=capability: (c, 132))
+        assert tf.w8a16_bits(OnGpu()) is bits  # type: ignore[arg-type]
+        monkeypatch.setenv(tf.W8A16_CONVERT_ENV, "cvt")
+        assert not tf.w8a16_bits(OnGpu())  # type: ignore[arg-type]
+        monkeypatch.delenv(tf.W8A16_CONVERT_ENV)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its CPU interpreter)")
