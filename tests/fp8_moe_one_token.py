@@ -15,7 +15,7 @@ moved at the rate of a ``copy_`` timed beside it. ``--sweep`` tries tile widths,
 and pipeline stages over the active-expert grid through the same environment overrides a deployment would set
 (``TANDEM_FP8_MOE_DECODE_TILE``, ``TANDEM_MOE_ACTIVE_GRID``, ``TANDEM_FP8_DENSE_DECODE_TILE``,
 ``TANDEM_FP8_BF16_CONVERT``, ``TANDEM_FP8_SPLIT_FIXUP``); without it, the defaults, the other weight conversion
-and PDL (``TANDEM_PDL``) only; ``--best-env``
+and the launches without PDL (``TANDEM_PDL=0``) only; ``--best-env``
 writes the fastest as ``export`` lines when it beats the default by more than 3 %.
 """
 
@@ -48,11 +48,11 @@ REPS = 8  # launches (or layer pairs) per graph replay
 MARGIN = 0.97  # an override must beat the default by more than 3 %
 
 Variant = tuple[str, dict[str, str]]  # (label, environment overrides)
-# The launches as programmatic dependents (kernels.triton_pdl): each launch of the graph may start while the one
-# before still runs. A whole-slice L2 prefetch of each program's weights (before the PDL wait where it could be)
-# was tried beside it in session 41 and dropped: 43.7 / 41.4 us (with PDL) for the experts against 37.7 / 36.8
-# (bench/results/fp8_one_token_prefetch_h100_s41.log).
-PDL_VARIANTS: list[Variant] = [("default, PDL", {PDL_ENV: "1"})]
+# Without programmatic dependent launch (kernels.triton_pdl, the default on sm90+ since session 41, where each
+# launch of the graph may start while the one before still runs). A whole-slice L2 prefetch of each program's
+# weights (before the PDL wait where it could be) was tried beside it in session 41 and dropped: 43.7 / 41.4 us
+# (with PDL) for the experts against 37.7 / 36.8 (bench/results/fp8_one_token_prefetch_h100_s41.log).
+PDL_VARIANTS: list[Variant] = [("default, without PDL", {PDL_ENV: "0"})]
 
 
 def timed_us(fn: Callable[[], object], iters: int) -> float:
