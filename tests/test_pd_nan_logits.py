@@ -14,23 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nan_model import POISON, write_nan_model
 from pd_system import PDSystem, http, skip_unless_backend, wait_idle
-from safetensors.torch import load_file, save_file
 
 from engine.llm import LLM
 from engine.sampling import NONFINITE_LOGITS, SamplingParams
-from engine.tiny_model import write_tiny_model
-
-POISON = 299  # the token whose embedding row is NaN
 
 
 @pytest.fixture(scope="module")
 def poisoned_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = write_tiny_model(tmp_path_factory.mktemp("nan-logits") / "tiny-v3")
-    tensors = load_file(str(out / "model.safetensors"))
-    tensors["model.embed_tokens.weight"][POISON] = float("nan")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    return write_nan_model(tmp_path_factory.mktemp("nan-logits") / "tiny-v3")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from nan_model import POISON, write_nan_model
 
 import engine.sampling as sampling
 from engine.llm import LLM
@@ -116,20 +117,9 @@ def test_nonfinite_rows_are_the_rows_of_raw_logits_holding_nan_or_inf() -> None:
     assert nonfinite_rows(torch.randn(2, 30)) == {}
 
 
-POISON = 299  # a token id whose embedding row the poisoned checkpoint holds as NaN
-
-
 @pytest.fixture(scope="module")
 def poisoned_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with one embedding row NaN: a prompt holding that token runs a forward whose hidden
-    states, and so its logits, are NaN, while every other sequence of the same batch stays finite."""
-    from safetensors.torch import load_file, save_file
-
-    out = write_tiny_model(tmp_path_factory.mktemp("poisoned") / "tiny-v3")
-    tensors = load_file(str(out / "model.safetensors"))
-    tensors["model.embed_tokens.weight"][POISON] = float("nan")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    return write_nan_model(tmp_path_factory.mktemp("poisoned") / "tiny-v3")
 
 
 def test_a_request_whose_forward_turns_nan_fails_alone_and_the_batch_finishes(poisoned_dir: Path) -> None:
