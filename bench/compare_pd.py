@@ -63,6 +63,8 @@ def _worker_flags(args: argparse.Namespace, port: int) -> list[str]:
     ]  # fmt: skip
     if args.max_prefill_tokens:
         flags += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
+    if args.disable_overlap_schedule:
+        flags.append("--disable-overlap-schedule")
     return flags
 
 
@@ -83,6 +85,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="the workers' tokens per prefill forward (default: the workers' own)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (CPU)")
+    p.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="the workers' flag: decode turns wait for their forward (engine.decode_overlap)")
 
 
 def add_gpu_sharing_args(p: argparse.ArgumentParser) -> None:

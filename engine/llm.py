@@ -74,13 +74,15 @@ class LLM:
             tokens and retracts the newest requests when the pool runs out (``Scheduler``).
         dbo: dual batch overlap (``engine.dbo``); None: off. One rank has no EP traffic to hide, so it only
             tests the interleaving (and measures its cost).
+        overlap_schedule: overlapped decode turns (``engine.decode_overlap``); None: on CUDA only.
     """
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto",
                  page_size: int = 64, num_pages: int | None = None, load_format: str = "auto",
                  max_prefill_tokens: int = 8192, max_running: int = 256, seed: int = 0,
                  cuda_graph_max_bs: int = 0, kv_cache_dtype: str = "auto", quantization: str = "auto",
-                 prefix_cache: bool = True, reserve_tokens: int | None = None, dbo: DboConfig | None = None) -> None:
+                 prefix_cache: bool = True, reserve_tokens: int | None = None, dbo: DboConfig | None = None,
+                 overlap_schedule: bool | None = None) -> None:
         if cuda_graph_max_bs < 0:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {cuda_graph_max_bs}")
         self.device = torch.device(device)
@@ -105,7 +107,8 @@ class LLM:
                                    self.config.eos_token_ids, decode_forward=self.graph_runner,
                                    reserve_tokens=reserve_tokens,
                                    grammar=GrammarRuntime(self.tokenizer, self.config.vocab_size,
-                                                          self.config.eos_token_ids))
+                                                          self.config.eos_token_ids),
+                                   overlap=self.device.type == "cuda" if overlap_schedule is None else overlap_schedule)
 
     def _default_num_pages(self, page_size: int) -> int:
         bytes_per_page = (self.config.num_hidden_layers * page_size * self.config.kv_cache_dim
@@ -149,6 +152,7 @@ class LLM:
                 while any(not r.finished for r in requests):
                     result = self.scheduler.step()
                     bar.update(len(result.new_tokens))
+                self.scheduler.read_launched()  # an overlapped turn's void rows: their pages go back
             except BaseException:
                 for req in requests:
                     self.scheduler.abort(req)

@@ -163,7 +163,11 @@ def nonfinite_rows(logits: torch.Tensor) -> dict[int, str]:
     for those requests (their token and log-probability would mean nothing, and a NaN log-probability has no
     encoding on the KV wire or in JSON), so the caller fails them alone and serves the rest. Raw logits only:
     penalties may push a finite row to inf on purpose, and ``sample`` draws from such rows."""
-    bad = (~torch.isfinite(logits).all(dim=-1)).tolist()  # one small copy to the host, as sample's argmax
+    return nonfinite_errors((~torch.isfinite(logits).all(dim=-1)).tolist())  # one small copy, as sample's argmax
+
+
+def nonfinite_errors(bad: list[bool]) -> dict[int, str]:
+    """``nonfinite_rows`` from flags already on the host (the overlapped decode reads them with its tokens)."""
     rows = {i: NONFINITE_LOGITS for i, broken in enumerate(bad) if broken}
     if rows:  # an operator's first sign of a broken kernel or checkpoint: the clients only see a 500
         log.warning("%d of %d requests in a batch: logits not finite (NaN or inf); they fail alone", len(rows), len(bad))

@@ -14,6 +14,9 @@ A decode worker feeds requests whose prompt KV was computed elsewhere through ``
 enter with their pages filled and their first output token, and go straight to decode. With decode-side
 reuse their leading pages may be cached blocks this pool held already, and their pages join the prefix
 cache at their end like a local request's.
+
+With ``overlap`` (``engine.decode_overlap``), a decode turn whose requests are all plain greedy launches the
+next forward before it reads the last one's tokens, so the GPU never waits for the host between two steps.
 """
 
 from __future__ import annotations
@@ -27,13 +30,21 @@ from typing import Any
 
 import torch
 
+from engine.decode_overlap import LaunchedDecode
 from engine.forward_batch import ForwardBatch, ForwardMode, ForwardOutput
 from engine.grammar import GrammarRuntime, advance, constrain, finished, matcher_for
 from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks, prompt_logprobs
 from engine.prefix_cache import Block
-from engine.sampling import SamplingParams, apply_penalties, logprob_report, nonfinite_rows, sample
+from engine.sampling import (
+    SamplingParams,
+    apply_penalties,
+    logprob_report,
+    nonfinite_errors,
+    nonfinite_rows,
+    sample,
+)
 from engine.step_clock import StepClock
 
 
@@ -100,12 +111,19 @@ class StepResult:
     finished: list[Request]
     failed: list[Request] = field(default_factory=list)
 
+    def extend(self, other: StepResult) -> StepResult:
+        self.new_tokens += other.new_tokens
+        self.finished += other.finished
+        self.failed += other.failed
+        return self
+
 
 class Scheduler:
     def __init__(self, model: DeepseekForCausalLM, kv_pool: KVPool, max_prefill_tokens: int = 8192,
                  max_running: int = 256, eos_token_ids: tuple[int, ...] = (),
                  decode_forward: Callable[[ForwardBatch], ForwardOutput] | None = None,
-                 reserve_tokens: int | None = None, grammar: GrammarRuntime | None = None) -> None:
+                 reserve_tokens: int | None = None, grammar: GrammarRuntime | None = None,
+                 overlap: bool = False) -> None:
         """``decode_forward`` runs DECODE batches instead of the model (an ``engine.cuda_graph``
         runner, which falls back to the model for batches its graphs cannot take). ``grammar`` compiles
         the structured-output grammars of requests that carry one (without it they are refused).
@@ -115,7 +133,11 @@ class Scheduler:
         decoding request then takes a page when it needs one, and when the pool has none (after evicting
         unreferenced cached pages) the newest running requests are retracted: their pages go back (full
         ones into the prefix cache), they wait at the head of the queue and are prefilled again, prompt and
-        output so far, before they go on decoding (SGLang's retraction; greedy tokens stay the same)."""
+        output so far, before they go on decoding (SGLang's retraction; greedy tokens stay the same).
+
+        ``overlap``: overlapped decode turns (``engine.decode_overlap``) where every request is plain greedy and
+        the whole life is reserved (no retraction while a forward is in flight); the same tokens, one turn
+        later on the host. Worth it where the forward runs asynchronously (CUDA); on CPU it only delays."""
         if max_prefill_tokens < 1 or max_running < 1:
             raise ValueError("max_prefill_tokens and max_running must be >= 1")
         if reserve_tokens is not None and reserve_tokens < 1:
@@ -133,6 +155,9 @@ class Scheduler:
         self._ids = itertools.count()
         self.prefill_computed_tokens = 0  # prompt tokens run through forwards (cache hits are not), for /metrics
         self.clock = StepClock()  # a rank loop's runner replaces it (a device-aware one) and opens its turns
+        self.overlap = overlap and reserve_tokens is None
+        self._launched: LaunchedDecode | None = None  # overlap: the forward launched and not yet read
+        self._unreleased: list[Request] = []  # finished while a launched forward still writes their pages
 
     # ---- entry points -------------------------------------------------------------------------
     def validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -217,19 +242,23 @@ class Scheduler:
         self._finish(request, "abort")
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._launched)
 
     # ---- one iteration ------------------------------------------------------------------------
     def step(self) -> StepResult:
         self._admit()
         prefilling = [r for r in self.running if r.status is RequestStatus.PREFILLING]
-        if prefilling:
-            result = self._run_extend(prefilling)
-        elif self.running:
-            decoding = self._grow_pages([r for r in self.running if r.status is RequestStatus.DECODING])
-            result = self._run_decode(decoding) if decoding else StepResult([], [])
+        decoding = [r for r in self.running if r.status is RequestStatus.DECODING]
+        if not prefilling and self.overlap and all(map(_overlappable, decoding)):
+            result = self._run_decode_overlapped(decoding)
         else:
-            result = StepResult([], [])
+            result = self.read_launched()  # a plain step needs every token so far on the host
+            if prefilling:
+                result.extend(self._run_extend(prefilling))
+            else:
+                decoding = self._grow_pages([r for r in self.running if r.status is RequestStatus.DECODING])
+                if decoding:
+                    result.extend(self._run_decode(decoding))
         self.running = [r for r in self.running if not r.finished]
         return result
 
@@ -328,6 +357,82 @@ class Scheduler:
         clock.lap("sample")
         return result
 
+    def _run_decode_overlapped(self, decoding: list[Request]) -> StepResult:
+        """Launch this turn's forward, then read the previous one's tokens while it runs. A request whose token
+        is still on the device takes it from there; one that ends by length with that token sits this out."""
+        clock, before = self.clock, self._launched
+        clock.lap("schedule")
+        rows: list[Request] = []
+        ids: list[list[int]] = []
+        prefix: list[int] = []
+        src_rows: list[int] = []
+        dst_rows: list[int] = []
+        for req in decoding:
+            src = before.row_of.get(req) if before is not None else None
+            if src is None:  # its last token is on the host: a request that joined since
+                ids.append([req.output_ids[-1]])
+                prefix.append(req.seq_len - 1)
+            elif self._ends_by_length(req, pending=1):
+                continue
+            else:
+                src_rows.append(src)
+                dst_rows.append(len(rows))
+                ids.append([0])  # the token comes from the device (`LaunchedDecode.feed`)
+                prefix.append(req.seq_len)
+            rows.append(req)
+        if rows:
+            batch = ForwardBatch.build(ForwardMode.DECODE, ids, prefix, [req.pages for req in rows], self.kv_pool,
+                                       vocab_size=self.model.config.vocab_size)
+            if before is not None:
+                before.feed(batch.input_ids, src_rows, dst_rows)
+            clock.forward_begins()
+            logits = self.decode_forward(batch).next_token_logits
+            self._launched = LaunchedDecode.read_back(rows, logits)
+            clock.forward_ends()
+        else:
+            self._launched = None
+        result = self._read(before) if before is not None else StepResult([], [])
+        clock.lap("sample")
+        return result
+
+    def _ends_by_length(self, req: Request, pending: int = 0) -> bool:
+        """Whether `req` ends by length once it has `pending` more tokens (`_append_token`'s rule)."""
+        return (len(req.output_ids) + pending >= req.params.max_new_tokens
+                or req.seq_len + pending >= self.max_model_len)
+
+    def read_launched(self) -> StepResult:
+        """The launched forward's tokens, read and appended (waits for it): nothing stays in flight."""
+        launched, self._launched = self._launched, None
+        return self._read(launched) if launched is not None else StepResult([], [])
+
+    def _read(self, launched: LaunchedDecode) -> StepResult:
+        """Append a launched forward's tokens to its requests (a row whose request ended meanwhile is dropped),
+        then give back the pages no launched forward writes any more."""
+        tokens, bad = launched.results()
+        result = StepResult([], [])
+        errors = nonfinite_errors(bad)
+        for row, req in enumerate(launched.reqs):
+            if req.finished:  # aborted, or it ended on a stop token one turn before: this row is void
+                continue
+            req.num_computed += 1
+            if row in errors:
+                req.error = errors[row]
+                self._finish(req, "error")
+                result.failed.append(req)
+            else:
+                self._append_token(req, tokens[row])
+                result.new_tokens.append((req, tokens[row]))
+            if req.finished:
+                result.finished.append(req)
+        held = self._launched.row_of if self._launched is not None else {}
+        waiting, self._unreleased = self._unreleased, []
+        for req in waiting:
+            if req in held:
+                self._unreleased.append(req)
+            else:
+                self._release(req)
+        return result
+
     def _sample_and_append(self, logits: torch.Tensor, reqs: list[Request]) -> StepResult:
         result = StepResult([], [])
         if not reqs:
@@ -382,6 +487,12 @@ class Scheduler:
     def _finish(self, req: Request, reason: str) -> None:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        if self._launched is not None and req in self._launched.row_of:
+            self._unreleased.append(req)  # a launched forward still writes its next KV: released once read
+        else:
+            self._release(req)
+
+    def _release(self, req: Request) -> None:
         if req.pages:
             held = req.cache_blocks
             if req.cached_tokens is not None or req.reused_tokens is not None:  # prefilled here, or kept
@@ -391,3 +502,10 @@ class Scheduler:
                 held = self.kv_pool.publish(computed, req.pages, held)
             self.kv_pool.release(req.pages, held)
             req.pages, req.cache_blocks = [], []
+
+
+def _overlappable(req: Request) -> bool:
+    """Whether `req`'s next token is its logits' argmax and nothing else on the host: an overlapped turn takes it
+    from the device."""
+    p = req.params
+    return p.greedy and not p.penalised and req.matcher is None and not req.return_logprob and not req.top_logprobs

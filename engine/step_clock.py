@@ -11,11 +11,14 @@ On CUDA the forward call only launches work (a graph replay returns at once) and
 `sample`, whose first device-to-host copy synchronises. So the forward's device time is also timed with two
 CUDA events, read back at the end of the turn (after that copy: no sync is added), as
 `decode_forward_device_us_total`: turn minus device forward is then the time the GPU had nothing to run.
+An overlapped decode (`engine.decode_overlap`) ends its turn while its forward runs: each forward's pair of
+events is read at the end of a later turn, once the forward is done.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 
@@ -37,9 +40,9 @@ class StepClock:
         self._device_total = 0.0
         self._start = self._last = time.perf_counter()
         self._decoded = False
-        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
-        if device is not None and device.type == "cuda":
-            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        self._timed = device is not None and device.type == "cuda"
+        self._in_flight: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()  # forwards not yet read
+        self._spare: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def begin(self) -> None:
         """A loop turn starts: phase times so far are dropped (time between turns counts nowhere)."""
@@ -57,13 +60,17 @@ class StepClock:
     def forward_begins(self) -> None:
         """Right before a DECODE forward: what came since the last lap was laying out its inputs."""
         self.lap("build")
-        if self._events is not None:
-            self._events[0].record()
+        if self._timed:
+            if not self._spare:
+                self._spare.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            pair = self._spare.pop()
+            pair[0].record()
+            self._in_flight.append(pair)
 
     def forward_ends(self) -> None:
         """Right after the DECODE forward call returned (on CUDA: its work is launched, maybe not done)."""
-        if self._events is not None:
-            self._events[1].record()
+        if self._in_flight:
+            self._in_flight[-1][1].record()
         self.lap("forward")
         self._decoded = True
 
@@ -76,14 +83,16 @@ class StepClock:
         for phase in PHASES:
             self._totals[phase] += self._turn[phase]
         self._turn_total += self._last - self._start
-        if self._events is not None and self._events[1].query():  # done: sampling copied its result back
-            self._device_total += self._events[0].elapsed_time(self._events[1]) / 1e3
+        while self._in_flight and self._in_flight[0][1].query():  # done: its tokens were read back, or will be
+            start, stop = pair = self._in_flight.popleft()
+            self._device_total += start.elapsed_time(stop) / 1e3
+            self._spare.append(pair)
 
     def counters(self) -> dict[str, int]:
         """Monotonic microsecond sums and the step count (summed over DP groups upstream)."""
         out = {"decode_steps": self.steps, "decode_turn_us_total": round(self._turn_total * 1e6)}
         for phase in PHASES:
             out[f"decode_{phase}_us_total"] = round(self._totals[phase] * 1e6)
-        if self._events is not None:
+        if self._timed:
             out["decode_forward_device_us_total"] = round(self._device_total * 1e6)
         return out

@@ -70,6 +70,8 @@ class EngineArgs:
     prefix_cache: bool = True
     # None: admission reserves a request's whole life; N: prompt + N output tokens, with retraction.
     reserve_tokens: int | None = None
+    # Overlapped decode turns on CUDA (engine.decode_overlap); --disable-overlap-schedule turns them off.
+    overlap_schedule: bool = True
     # Expert-parallel load balancing (--enable-eplb / --eplb-config, engine.eplb); None: off.
     eplb: EplbConfig | None = None
     dbo: DboConfig = field(default_factory=DboConfig)  # dual batch overlap (engine.dbo): off by default
@@ -245,7 +247,8 @@ class ColocatedRunner:
         self.engine = engine
         self.scheduler = Scheduler(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running,
                                    engine.config.eos_token_ids, reserve_tokens=args.reserve_tokens,
-                                   grammar=engine.grammar)
+                                   grammar=engine.grammar,
+                                   overlap=args.overlap_schedule and engine.kv_pool.tensor.device.type == "cuda")
         # Phase times of this rank's decode turns (the rank loop opens and closes each turn).
         self.clock = self.scheduler.clock = StepClock(engine.kv_pool.tensor.device)
         self.requests: dict[str, Request] = {}

@@ -87,6 +87,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                           "max_tokens); requests then take pages as they grow and the newest are retracted "
                           "and recomputed when the pool runs out (counted as 'retractions' on /metrics); "
                           "prefill workers run no decode and ignore it")
+    mem.add_argument("--disable-overlap-schedule", action="store_true",
+                     help="on CUDA, decode turns of plain greedy requests launch the next forward before they "
+                          "read the last one's tokens (engine.decode_overlap); this makes every turn wait")
     mem.add_argument("--gpu-memory-gb", type=float, default=None,
                      help="memory of one GPU in GB (1e9 bytes) for the start-up memory plan (engine.plan); "
                           "unset: the device's own on CUDA, no check on CPU")
@@ -117,7 +120,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
                       max_prefill_tokens=args.max_prefill_tokens, max_running=args.max_running_requests,
                       ep_backend=args.ep_backend, quantization=args.quantization,
                       prefix_cache=not args.disable_prefix_cache, reserve_tokens=args.reserve_tokens,
-                      eplb=eplb_config_from_flags(args), dbo=dbo_config_from_flags(args))
+                      overlap_schedule=not args.disable_overlap_schedule, eplb=eplb_config_from_flags(args), dbo=dbo_config_from_flags(args))
 
 
 def instance_spec(args: argparse.Namespace) -> InstanceSpec:
