@@ -9,7 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-# Issue 15's c8 on an H100 (session 42, call 1): this tree under MPS 566.8 / 584.9 tok/s with PDL, 576.8 / 585.4
+# Issue 15's c8 on an H100 (session 42, call 1): this tree under MPS 576.8 / 584.9 tok/s with PDL, 566.8 / 585.4
 # without, the base tree 304.2 (1.86-1.92x). bench.host_path: a decode turn 10.47 ms, its forward 9.62 ms on the
 # device, the GPU idle 0.84 ms a turn while the host lays out, launches, reads and sends. The overlapped decode
 # schedule (engine.decode_overlap, on by default on CUDA) hides that: c8 with it against
