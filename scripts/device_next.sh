@@ -9,15 +9,17 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-# Issue 15's c8 on an H100 (session 42, call 1): this tree under MPS 576.8 / 584.9 tok/s with PDL, 566.8 / 585.4
-# without, the base tree 304.2 (1.86-1.92x). bench.host_path: a decode turn 10.47 ms, its forward 9.62 ms on the
-# device, the GPU idle 0.84 ms a turn while the host lays out, launches, reads and sends. The overlapped decode
-# schedule (engine.decode_overlap, on by default on CUDA) hides that: c8 with it against
-# --disable-overlap-schedule twice, the host path with it, the GPU tests (overlap, greedy tokens), then c32.
-default_steps="pdissuebase pdmps pdmps@noovl tests pdmps@run2 hostpath pdmps@noovl2 pd32issuebase pd32mps"
+# Issue 15's c8 on an H100 (session 42): the base tree 304.2 / 313.4 tok/s in two calls; this tree under MPS
+# 576.8 / 584.9 (call 1), and with the overlapped decode (engine.decode_overlap, on by default on CUDA since)
+# 590.6 / 594.7 against 563.5 with --disable-overlap-schedule (call 2): the decode turn's GPU idle 0.84 -> 0.02 ms.
+# Next: c8 again beside the base (a third overlapped sample and one without), then c32 with the overlap, at the
+# setup that gave 2.14 / 2.18x its base in session 36 (the decode at 50 % of the SMs, 16384-token prefill
+# forwards), with and without the overlap, and the GPU tests.
+default_steps="pdissuebase pdmps pdmps@noovl pdmps@run2 pd32issuebase pd32mps50@big pd32mps50@noovlbig tests"
 echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
 PD_ARGS_p70=${PD_ARGS_p70:-"--mps-prefill-sm 70"} PD_ARGS_p50=${PD_ARGS_p50:-"--mps-prefill-sm 50"} \
 PD_ENV_nopdl=${PD_ENV_nopdl:-"TANDEM_PDL=0"} PD_ARGS_noovl=${PD_ARGS_noovl:-"--disable-overlap-schedule"} \
-PD_ARGS_noovl2=${PD_ARGS_noovl2:-"--disable-overlap-schedule"} \
+PD_ARGS_noovl2=${PD_ARGS_noovl2:-"--disable-overlap-schedule"} PD_ARGS_big=${PD_ARGS_big:-"--max-prefill-tokens 16384"} \
+PD_ARGS_noovlbig=${PD_ARGS_noovlbig:-"--max-prefill-tokens 16384 --disable-overlap-schedule"} \
 PD_ENV_fused=${PD_ENV_fused:-"TANDEM_HEAD_MATMUL=triton TANDEM_COMBINE_NORM=1 TANDEM_ROUTER_FUSED=1"} STEPS=${STEPS:-$default_steps} SWEEP_LIMIT=${SWEEP_LIMIT:-200} FP8_SWEEP_ARGS=${FP8_SWEEP_ARGS:-"--sweep --dense"} \
     TESTS_K=${TESTS_K:-"overlap or greedy_tokens_equal"} exec bash scripts/device_step.sh
