@@ -137,6 +137,16 @@ def test_a_request_whose_decode_logits_are_not_finite_fails_alone(tmp_path: Path
         llm.close()
 
 
+def test_both_workers_take_the_flag_that_turns_the_overlap_off(tiny_dir: Path) -> None:
+    from decode_worker.__main__ import build_parser as decode_parser
+    from engine.server.cli import engine_args
+    from prefill_worker.__main__ import build_parser as prefill_parser
+
+    for build in (prefill_parser, decode_parser):
+        assert engine_args(build().parse_args(["--model", str(tiny_dir)])).overlap_schedule
+        assert not engine_args(build().parse_args(["--model", str(tiny_dir), "--disable-overlap-schedule"])).overlap_schedule
+
+
 def test_retraction_and_overlap_do_not_mix(tiny_dir: Path) -> None:
     llm = LLM(str(tiny_dir), page_size=PS, num_pages=16, reserve_tokens=8, overlap_schedule=True)
     try:

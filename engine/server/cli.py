@@ -120,7 +120,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
                       max_prefill_tokens=args.max_prefill_tokens, max_running=args.max_running_requests,
                       ep_backend=args.ep_backend, quantization=args.quantization,
                       prefix_cache=not args.disable_prefix_cache, reserve_tokens=args.reserve_tokens,
-                      overlap_schedule=not args.disable_overlap_schedule, eplb=eplb_config_from_flags(args), dbo=dbo_config_from_flags(args))
+                      overlap_schedule=not args.disable_overlap_schedule, eplb=eplb_config_from_flags(args),
+                      dbo=dbo_config_from_flags(args))
 
 
 def instance_spec(args: argparse.Namespace) -> InstanceSpec:
