@@ -185,40 +185,53 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
     Any value a request may carry (temperature 1e-5 or 1e300, penalties that drive logits to inf) gives a
     token: non-finite logits are made finite first. A draw that still raises fails its row alone."""
+    tokens, errors = sample_on_device(logits, params, generators, positions)
+    out = tokens.tolist()  # the one copy to the host
+    for i in errors:
+        out[i] = -1
+    return Sampled(out, errors)
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                     positions: list[int] | None = None) -> tuple[torch.Tensor, dict[int, str]]:
+    """``sample``'s tokens as a ``[B]`` int64 tensor beside the logits, nothing read back: an overlapped decode turn
+    (``engine.decode_overlap``) feeds them to the next forward on the device. Rows whose draw raised are in the
+    dict (row -> message); their token is meaningless."""
     if logits.shape[0] != len(params):
         raise ValueError(f"{logits.shape[0]} rows of logits for {len(params)} requests")
     if positions is not None and len(positions) != len(params):
         raise ValueError(f"{len(positions)} positions for {len(params)} requests")
-    out = logits.argmax(dim=-1).tolist()
+    tokens = logits.argmax(dim=-1)
     errors: dict[int, str] = {}
     for i, p in enumerate(params):
         if p.greedy:
             continue
         try:
-            out[i] = _draw(logits[i], p, generators[i], None if positions is None else positions[i])
+            tokens[i] = _draw(logits[i], p, generators[i], None if positions is None else positions[i])
         except Exception as exc:  # whatever one row does, the others are served
             log.exception("sampling failed for one request")
-            out[i] = -1
             errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
-    return Sampled(out, errors)
+    return tokens, errors
 
 
 def _draw(logits_row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
-          position: int | None) -> int:
+          position: int | None) -> torch.Tensor:
+    """One row's token, a 0-d tensor on the row's device; no value is read back to decide anything, so a GPU
+    draw queues behind the forward without waiting for it."""
     if position is not None and p.seed is not None and generator is not None:
         generator.manual_seed(p.step_seed(position))
-    row = logits_row.float()
-    if not bool(torch.isfinite(row).all()):
-        # Penalties or logit_bias can push logits to +-inf (a repetition penalty of 1e-300) and a broken row
-        # can hold NaN: NaN never wins, +inf becomes the largest float, so the softmax below stays defined.
-        row = torch.nan_to_num(row, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
-    # Shift the best logit to 0 before dividing: any temperature then gives exponents <= 0 (no overflow).
+    # Penalties or logit_bias can push logits to +-inf (a repetition penalty of 1e-300) and a broken row can
+    # hold NaN: NaN never wins, +inf becomes the largest float (a finite row stays as it is).
+    row = torch.nan_to_num(logits_row.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    # Shift the best logit to 0 before dividing: any temperature then gives exponents <= 0 (no overflow). When
+    # every logit is -inf there is nothing to sample from: the draw runs on a flat row (its probabilities stay
+    # valid, which a GPU's multinomial does not check) and the argmax is returned instead.
     best = row.max()
-    if not bool(torch.isfinite(best)):
-        return int(row.argmax())  # every logit is -inf: nothing to sample from
+    usable = torch.isfinite(best)
+    fallback = row.argmax()
     # A float32 temperature of 1e300 would be inf (and -inf / inf is NaN); past 1e30 every finite logit
     # gap is ~0 already, so the distribution is the same.
-    row = (row - best) / min(p.temperature, 1e30)
+    row = torch.where(usable, row - best, torch.zeros_like(row)) / min(p.temperature, 1e30)
     if p.top_k > 0 and p.top_k < row.shape[0]:
         kth = torch.topk(row, p.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
@@ -233,7 +246,7 @@ def _draw(logits_row: torch.Tensor, p: SamplingParams, generator: torch.Generato
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     # Draw on CPU-or-device per the generator; multinomial renormalises.
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    return torch.where(usable, torch.multinomial(probs, 1, generator=generator)[0], fallback)
 
 
 def logprob_report(

@@ -15,8 +15,9 @@ enter with their pages filled and their first output token, and go straight to d
 reuse their leading pages may be cached blocks this pool held already, and their pages join the prefix
 cache at their end like a local request's.
 
-With ``overlap`` (``engine.decode_overlap``), a decode turn whose requests are all plain greedy launches the
-next forward before it reads the last one's tokens, so the GPU never waits for the host between two steps.
+With ``overlap`` (``engine.decode_overlap``), a decode turn whose requests carry no penalties, grammars or
+log-probabilities launches the next forward before it reads the last one's tokens, so the GPU never waits for
+the host between two steps.
 """
 
 from __future__ import annotations
@@ -135,8 +136,8 @@ class Scheduler:
         ones into the prefix cache), they wait at the head of the queue and are prefilled again, prompt and
         output so far, before they go on decoding (SGLang's retraction; greedy tokens stay the same).
 
-        ``overlap``: overlapped decode turns (``engine.decode_overlap``) where every request is plain greedy and
-        the whole life is reserved (no retraction while a forward is in flight); the same tokens, one turn
+        ``overlap``: overlapped decode turns (``engine.decode_overlap``) where no request needs its output so far
+        on the host to draw its next token, and the whole life is reserved (no retraction while a forward is in flight); the same tokens, one turn
         later on the host. Worth it where the forward runs asynchronously (CUDA); on CPU it only delays."""
         if max_prefill_tokens < 1 or max_running < 1:
             raise ValueError("max_prefill_tokens and max_running must be >= 1")
@@ -365,6 +366,7 @@ class Scheduler:
         rows: list[Request] = []
         ids: list[list[int]] = []
         prefix: list[int] = []
+        positions: list[int] = []  # the output index each row draws
         src_rows: list[int] = []
         dst_rows: list[int] = []
         for req in decoding:
@@ -372,6 +374,7 @@ class Scheduler:
             if src is None:  # its last token is on the host: a request that joined since
                 ids.append([req.output_ids[-1]])
                 prefix.append(req.seq_len - 1)
+                positions.append(len(req.output_ids))
             elif self._ends_by_length(req, pending=1):
                 continue
             else:
@@ -379,6 +382,7 @@ class Scheduler:
                 dst_rows.append(len(rows))
                 ids.append([0])  # the token comes from the device (`LaunchedDecode.feed`)
                 prefix.append(req.seq_len)
+                positions.append(len(req.output_ids) + 1)
             rows.append(req)
         if rows:
             batch = ForwardBatch.build(ForwardMode.DECODE, ids, prefix, [req.pages for req in rows], self.kv_pool,
@@ -387,7 +391,7 @@ class Scheduler:
                 before.feed(batch.input_ids, src_rows, dst_rows)
             clock.forward_begins()
             logits = self.decode_forward(batch).next_token_logits
-            self._launched = LaunchedDecode.read_back(rows, logits)
+            self._launched = LaunchedDecode.read_back(rows, logits, positions)
             clock.forward_ends()
         else:
             self._launched = None
@@ -410,7 +414,7 @@ class Scheduler:
         then give back the pages no launched forward writes any more."""
         tokens, bad = launched.results()
         result = StepResult([], [])
-        errors = nonfinite_errors(bad)
+        errors = {**launched.draw_errors, **nonfinite_errors(bad)}
         for row, req in enumerate(launched.reqs):
             if req.finished:  # aborted, or it ended on a stop token one turn before: this row is void
                 continue
@@ -505,7 +509,7 @@ class Scheduler:
 
 
 def _overlappable(req: Request) -> bool:
-    """Whether `req`'s next token is its logits' argmax and nothing else on the host: an overlapped turn takes it
-    from the device."""
+    """Whether `req`'s next token depends on its logits and generator alone (no output history, grammar state or
+    log-probability on the host): an overlapped turn draws it on the device."""
     p = req.params
-    return p.greedy and not p.penalised and req.matcher is None and not req.return_logprob and not req.top_logprobs
+    return not p.penalised and req.matcher is None and not req.return_logprob and not req.top_logprobs

@@ -58,6 +58,21 @@ def test_a_plain_greedy_batch_gives_the_synchronous_tokens_and_finish_reasons(en
     assert {o.finish_reason for o in plain.generate(PROMPTS, stops)} == {"stop", "length"}
 
 
+def test_seeded_sampling_draws_on_the_device_the_synchronous_tokens(engines: tuple[LLM, LLM]) -> None:
+    plain, overlapped = engines
+    kinds = [SamplingParams(temperature=0.9, seed=11, max_new_tokens=24, ignore_eos=True),
+             SamplingParams(temperature=1.3, top_k=12, seed=12, max_new_tokens=17, ignore_eos=True),
+             SamplingParams(temperature=0.7, top_p=0.8, min_p=0.05, seed=13, max_new_tokens=30, ignore_eos=True),
+             SamplingParams(max_new_tokens=21, ignore_eos=True),
+             SamplingParams(temperature=1e-5, seed=14, max_new_tokens=9, ignore_eos=True),
+             SamplingParams(temperature=1e300, seed=15, max_new_tokens=12, ignore_eos=True)]
+    expected = plain.generate(PROMPTS, kinds)
+    got = overlapped.generate(PROMPTS, kinds)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert len({tuple(o.token_ids) for o in got}) == len(PROMPTS)
+    assert _idle(overlapped)
+
+
 def test_the_next_forward_is_launched_before_the_last_tokens_are_read(engines: tuple[LLM, LLM]) -> None:
     _, overlapped = engines
     scheduler = overlapped.scheduler
@@ -78,11 +93,11 @@ def test_a_request_that_cannot_overlap_joining_mid_run_gives_everyone_their_toke
     plain, overlapped = engines
     greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
     seeded = SamplingParams(temperature=0.8, top_k=20, seed=5, max_new_tokens=12, ignore_eos=True)
-    penalised = SamplingParams(max_new_tokens=12, ignore_eos=True, repetition_penalty=1.3)
+    penalised = SamplingParams(temperature=0.8, seed=6, max_new_tokens=12, ignore_eos=True, repetition_penalty=1.3)
 
     def run(llm: LLM) -> list[list[int]]:
         scheduler = llm.scheduler
-        reqs = [scheduler.add(p, greedy) for p in PROMPTS[:3]]
+        reqs = [scheduler.add(p, greedy) for p in PROMPTS[:2]] + [scheduler.add(PROMPTS[2], seeded)]
         for _ in range(4):
             scheduler.step()
         reqs += [scheduler.add(PROMPTS[3], seeded), scheduler.add(PROMPTS[4], penalised)]
