@@ -190,7 +190,10 @@ def test_overlapped_turns_give_the_synchronous_tokens_eager_and_through_the_grap
             stops = [SamplingParams(max_new_tokens=n, ignore_eos=True,
                                     stop_token_ids=(o.token_ids[n // 2],) if i % 2 else ())
                      for i, (n, o) in enumerate(zip(LENGTHS, first, strict=True))]
-            runs.append([(o.token_ids, o.finish_reason) for o in first + llm.generate(PROMPTS, stops)])
+            seeded = [SamplingParams(temperature=0.8, top_k=40 * (i % 2), top_p=0.9, seed=i, max_new_tokens=n,
+                                     ignore_eos=True) for i, n in enumerate(LENGTHS)]
+            outs = first + llm.generate(PROMPTS, stops) + llm.generate(PROMPTS, seeded)
+            runs.append([(o.token_ids, o.finish_reason) for o in outs])
             assert _idle(llm)
         finally:
             llm.close()
