@@ -3,7 +3,7 @@
 A synchronous decode turn leaves the GPU idle while the host lays out the next batch, launches it, and reads,
 checks and sends the last one's tokens (0.84 ms of a 10.5 ms turn in 1P1D at concurrency 8 on an H100,
 `bench.host_path`). Overlapped, the scheduler launches forward N+1 before it reads forward N's tokens: N+1
-takes N's greedy tokens as its input ids straight from the device, so nothing waits for the host in between,
+takes N's tokens as its input ids straight from the device, so nothing waits for the host in between,
 and the host's work for N runs while N+1 computes (SGLang's overlap schedule, in one stream).
 
 What makes that exact: only requests without penalties, grammars or log-probabilities take part: their next
