@@ -14,8 +14,9 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 # 590.6 / 594.7 against 563.5 with --disable-overlap-schedule (call 2): the decode turn's GPU idle 0.84 -> 0.02 ms.
 # Next: c8 again beside the base (a third overlapped sample and one without), then c32 with the overlap, at the
 # setup that gave 2.14 / 2.18x its base in session 36 (the decode at 50 % of the SMs, 16384-token prefill
-# forwards), with and without the overlap, and the GPU tests.
-default_steps="pdissuebase pdmps pdmps@noovl pdmps@run2 pd32issuebase pd32mps50@big pd32mps50@noovlbig tests"
+# forwards), with and without the overlap, the GPU tests (sampled rows overlapped too), and which MPS shares
+# the prefill's GEMMs survive (70 % gave NaN from cuBLAS): a prefill cap between 50 % (slower) and none is untried.
+default_steps="pdissuebase pdmps pdmps@noovl pdmps@run2 pd32issuebase pd32mps50@big pd32mps50@noovlbig tests nanprobesweep"
 echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
 PD_ARGS_p70=${PD_ARGS_p70:-"--mps-prefill-sm 70"} PD_ARGS_p50=${PD_ARGS_p50:-"--mps-prefill-sm 50"} \
 PD_ENV_nopdl=${PD_ENV_nopdl:-"TANDEM_PDL=0"} PD_ARGS_noovl=${PD_ARGS_noovl:-"--disable-overlap-schedule"} \

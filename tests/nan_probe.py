@@ -2,6 +2,7 @@
 
     python tests/nan_probe.py [--tokens 4096] [--mps-percent 70]   (CUDA GPU; V2-Lite's shape, dummy weights)
     python tests/nan_probe.py --device cpu --model-config DIR --tokens 64   (a checkpoint's own weights)
+    python tests/nan_probe.py --gemms --mps-percent 55,60,65,70,75,80,85,90   (the prefill's GEMMs alone, per cap)
 
 Session 41 saw a one-GPU 1P1D's prefill return NaN logits for its first request whenever the prefill worker ran
 with ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=70`` (twice in two calls; never at 50 % or uncapped). With
@@ -9,6 +10,11 @@ with ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=70`` (twice in two calls; never at 50 %
 under that cap. It prints the SM count the process sees, then the first module (in call order) whose output
 holds NaN or inf, with the MoE's grouped GEMMs through ``torch._grouped_mm`` and again through the Triton
 kernel (``kernels.triton_moe.PREFER_GROUPED_MM``), and exits 1 where a forward went non-finite.
+
+Session 42 found the first one: layer 0's ``kv_b_proj``, a bf16 ``F.linear`` (cuBLAS) of finite inputs, at 92
+SMs (70 %). ``--gemms`` checks the dense GEMMs of a V2-Lite prefill alone (bf16 ``F.linear`` against a float32
+product of the same operands), one child process per cap in a comma list: which MPS shares a one-GPU 1P1D can
+give its prefill.
 """
 
 from __future__ import annotations
@@ -84,19 +90,50 @@ def probe(tokens: int, device: torch.device, model_config: str) -> int:
     return 1 if bad else 0
 
 
+# (tokens x in) @ (out x in)^T of a V2-Lite prefill, with the input's row stride: kv_b_proj (its input the latent
+# part of the 576-wide KV rows, a strided view), q and kv_a as one, o_proj, a dense MLP's gate-up
+GEMM_SHAPES = ((512, 4096, 576), (2048, 3648, 2048), (2048, 2048, 2048), (2048, 21888, 2048))
+
+
+def probe_gemms(tokens: int) -> int:
+    """Each prefill GEMM shape in bf16 against float32: non-finite outputs or a relative error past bf16's."""
+    print(f"SMs this process sees: {torch.cuda.get_device_properties(0).multi_processor_count}; "
+          f"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE')}", flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bad = 0
+    for k, n, stride in GEMM_SHAPES:
+        x = torch.randn(tokens, stride, device="cuda", generator=gen).bfloat16()[:, :k]
+        w = (torch.randn(n, k, device="cuda", generator=gen) / k**0.5).bfloat16()
+        out = torch.nn.functional.linear(x, w)
+        ref = x.float() @ w.float().t()
+        finite = bool(torch.isfinite(out).all())
+        rel = float((out.float() - ref).norm() / ref.norm()) if finite else float("nan")
+        ok = finite and rel < 1e-2
+        bad += not ok
+        print(f"  {tokens}x{k} (row stride {stride}) @ {k}x{n}: finite {finite}, rel. err. {rel:.2e}{'' if ok else '  <- WRONG'}", flush=True)
+    return 1 if bad else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--mps-percent", type=int, default=None)
+    parser.add_argument("--mps-percent", default=None, help="an SM cap in percent, or a comma list (one child each)")
+    parser.add_argument("--gemms", action="store_true", help="the prefill's dense GEMMs alone, not a forward")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--model-config", default="v2-lite", help="v2-lite (dummy weights) or a checkpoint dir")
     args = parser.parse_args()
     if args.mps_percent is None:
+        if args.gemms:
+            return probe_gemms(args.tokens)
         return probe(args.tokens, torch.device(args.device), args.model_config)
+    failed = 0
     with tempfile.TemporaryDirectory() as tmp, mps_daemon(Path(tmp)) as env:
-        child = {**os.environ, **env, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(args.mps_percent)}
-        return subprocess.run([sys.executable, __file__, "--tokens", str(args.tokens), "--device", args.device,
-                               "--model-config", args.model_config], env=child, check=False).returncode
+        for percent in args.mps_percent.split(","):
+            child = {**os.environ, **env, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": percent.strip()}
+            command = [sys.executable, __file__, "--tokens", str(args.tokens), "--device", args.device,
+                       "--model-config", args.model_config, *(["--gemms"] if args.gemms else [])]
+            failed += subprocess.run(command, env=child, check=False).returncode != 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
