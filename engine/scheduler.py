@@ -485,7 +485,7 @@ class Scheduler:
             self._finish(req, "stop")
         elif req.matcher is not None and finished(req.matcher):
             self._finish(req, "stop")  # the grammar is complete: nothing more may follow
-        elif len(req.output_ids) >= p.max_new_tokens or req.seq_len >= self.max_model_len:
+        elif self._ends_by_length(req):
             self._finish(req, "length")
 
     def _finish(self, req: Request, reason: str) -> None:

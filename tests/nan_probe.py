@@ -65,10 +65,15 @@ def first_nonfinite(model: DeepseekForCausalLM, batch: ForwardBatch) -> tuple[st
     return (found[0] if found else None), bool(torch.isfinite(logits).all())
 
 
+def _say_sms() -> None:
+    """The SM count this process sees under its MPS cap (if any), first line of every probe."""
+    print(f"SMs this process sees: {torch.cuda.get_device_properties(0).multi_processor_count}; "
+          f"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE')}", flush=True)
+
+
 def probe(tokens: int, device: torch.device, model_config: str) -> int:
     if device.type == "cuda":
-        print(f"SMs this process sees: {torch.cuda.get_device_properties(0).multi_processor_count}; "
-              f"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE')}", flush=True)
+        _say_sms()
     model_dir = NAMED.get(model_config, Path(model_config))
     config = ModelConfig.from_dir(model_dir)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -97,8 +102,7 @@ GEMM_SHAPES = ((512, 4096, 576), (2048, 3648, 2048), (2048, 2048, 2048), (2048, 
 
 def probe_gemms(tokens: int) -> int:
     """Each prefill GEMM shape in bf16 against float32: non-finite outputs or a relative error past bf16's."""
-    print(f"SMs this process sees: {torch.cuda.get_device_properties(0).multi_processor_count}; "
-          f"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE')}", flush=True)
+    _say_sms()
     gen = torch.Generator(device="cuda").manual_seed(0)
     bad = 0
     for k, n, stride in GEMM_SHAPES:
