@@ -13,6 +13,7 @@ system-wide state), yields the environment a client needs, and tells the daemon 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 CONTROL = "nvidia-cuda-mps-control"
+log = logging.getLogger(__name__)
 
 
 def gpu_names() -> list[str]:
@@ -59,11 +61,18 @@ def mps_daemon(directory: Path) -> Iterator[dict[str, str]]:
 
 
 def sm_share_env(percent: int | None) -> dict[str, str]:
-    """The env giving one MPS client at most ``percent`` % of the SMs (None: all)."""
+    """The env giving one MPS client at most ``percent`` % of the SMs (None: all).
+
+    A cap can make cuBLAS compute wrong products: on one H100 (torch 2.11, CUDA 13) the prefill's bf16 GEMMs
+    at 4096 rows gave NaN or relative errors of 0.2-0.4 under caps of 55-90 %, and were right at 95 % and
+    uncapped (``tests/nan_probe.py --gemms``, session 43). So a capped server is a timing experiment whose
+    tokens are not to be trusted, and it is logged as one."""
     if percent is None:
         return {}
     if not 1 <= percent <= 100:
         raise ValueError(f"an SM share is a percentage in 1..100, got {percent}")
+    if percent < 100:
+        log.warning("MPS SM cap %d %%: cuBLAS has computed wrong GEMMs under such caps (bench.gpu_mps)", percent)
     return {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(percent)}
 
 
