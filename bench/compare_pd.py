@@ -99,15 +99,6 @@ def add_gpu_sharing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mps-decode-sm", type=int, default=None, help="with --mps: the decode's SM share, percent")
     p.add_argument("--mps-low-priority", choices=("prefill", "decode"), default=None,
                    help="with --mps: the role whose kernels get MPS's below-normal client priority")
-    p.add_argument("--prefill-turn", action=argparse.BooleanOptionalAction, default=None,
-                   help="1P1D on one GPU: the decode worker launches no forward while the prefill worker runs one "
-                        "(the workers' --prefill-turn-file, engine.prefill_turn); default: on CUDA")
-
-
-def use_prefill_turn(args: argparse.Namespace) -> bool:
-    """``--prefill-turn`` / ``--no-prefill-turn`` as given; without either, on CUDA (a setup's servers share one
-    GPU: taking turns beat sharing it, engine.prefill_turn says why)."""
-    return args.prefill_turn if args.prefill_turn is not None else args.device == "cuda"
 
 
 def use_mps(args: argparse.Namespace) -> bool:
@@ -131,12 +122,11 @@ def start_setup(name: str, group: ServerGroup, args: argparse.Namespace) -> tupl
     router_args = _router_flags(router_port)
     if name == "1p1d":
         p_port, d_port, boot = free_port(), free_port(), free_port()
-        turn = ["--prefill-turn-file", str(group.log_dir / "prefill_turn")] if use_prefill_turn(args) else []
         prefill = group.start("prefill", "prefill_worker", [*_worker_flags(args, p_port),
-                              "--bootstrap-port", str(boot), *turn], p_port,
+                              "--bootstrap-port", str(boot)], p_port,
                               client_env(args.mps_prefill_sm, args.mps_low_priority == "prefill"))  # fmt: skip
-        decode = group.start("decode", "decode_worker", _worker_flags(args, d_port) + _graph_flags(args) + turn,
-                             d_port, client_env(args.mps_decode_sm, args.mps_low_priority == "decode"))
+        decode = group.start("decode", "decode_worker", _worker_flags(args, d_port) + _graph_flags(args), d_port,
+                             client_env(args.mps_decode_sm, args.mps_low_priority == "decode"))
         workers = [prefill, decode]
         router_args += ["--prefill", prefill.url, str(boot), "--decode", decode.url]
     else:
@@ -200,7 +190,6 @@ def _measure_setup(name: str, args: argparse.Namespace, vocab: int, env: dict[st
         "pages_idle_after_run": all(i["free_pages"] + i.get("evictable_pages", 0) == i["total_pages"] for i in idle),
         "load_average_1m_before": load_before[0],
         "cpu_count": os.cpu_count(),
-        "prefill_turn": name == "1p1d" and use_prefill_turn(args),
         "mps": {"prefill_sm_pct": args.mps_prefill_sm, "decode_sm_pct": args.mps_decode_sm,
                 "low_priority": args.mps_low_priority, "chosen_by": "flag" if args.mps else "default"}
         if use_mps(args) else None,

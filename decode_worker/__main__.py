@@ -16,7 +16,6 @@ import dataclasses
 import sys
 
 from decode_worker.runner import decode_entry
-from engine.prefill_turn import PREFILL_TURN_KEY, add_prefill_turn_flag
 from engine.runtime.disagg import BENCH_CONNECTOR, add_kv_flags, kv_args, mark_bench_responses
 from engine.server.cli import add_common_flags, add_elastic_flags, engine_args, instance_spec
 from engine.server.serve import serve
@@ -47,7 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(run the router with --decode-policy cache_aware so that a conversation's turns come back here)",
     )
     add_elastic_flags(role)
-    add_prefill_turn_flag(role)
     add_kv_flags(parser)
     return parser
 
@@ -80,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
                      "decode_prefix_cache": args.decode_prefix_cache},
             "cuda_graph_max_bs": args.cuda_graph_max_bs,
             "decode_prefix_cache": args.decode_prefix_cache,
-            PREFILL_TURN_KEY: args.prefill_turn_file,
         }
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

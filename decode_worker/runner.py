@@ -30,7 +30,6 @@ from decode_worker.prefilled import PrefilledKVRunner
 from engine.kv_pool import PoolExhaustedError
 from engine.kv_shards import ShardedKVPool
 from engine.parallel import ParallelContext
-from engine.prefill_turn import PREFILL_TURN_KEY, open_prefill_turn
 from engine.prefix_cache import Block
 from engine.runtime.colocated import (
     EngineArgs,
@@ -118,8 +117,6 @@ class DecodeRunner(PrefilledKVRunner):
         self.dp_affinity = (DPGroupAffinity(engine.kv_pool.page_size)
                             if prefix_reuse and ctx.spec.dp_size > 1 else None)
         self.rank = ctx.rank
-        # One GPU shared with a prefill instance: no forward is launched while it runs one.
-        self.turn = open_prefill_turn(ctx.role_args.get(PREFILL_TURN_KEY))
         # A joining rank (elastic EP) has no world yet: its agreement group comes with `regroup`.
         self.agreement = GroupAgreement(ctx) if JOIN_KEY not in ctx.role_args else None
         self.transport = RankTransport(kv, "decode", ctx.rank, engine.kv_pool.tensor)
@@ -177,9 +174,6 @@ class DecodeRunner(PrefilledKVRunner):
         if self.transferring and not self.scheduler.has_work():
             time.sleep(WAIT_NAP_S)
         self.clock.lap("transfers")
-        if self.turn is not None and self.scheduler.has_work():
-            self.turn.wait()
-            self.clock.lap("prefill_turn")
         return super().step()
 
     def group_load(self) -> dict[str, int]:
@@ -224,8 +218,6 @@ class DecodeRunner(PrefilledKVRunner):
         self.transferring.clear()
         self.queued.clear()
         self.transport.close()
-        if self.turn is not None:
-            self.turn.close()
         super().close()
 
     # --- the transfer stage -------------------------------------------------------------------------

@@ -23,11 +23,10 @@ from collections import deque
 import torch
 
 # In loop order: routing new requests and handing them to the runner; polling KV transfers (decode) and
-# adopting arrived requests; waiting while a prefill instance on the same GPU runs a forward
-# (`engine.prefill_turn`); the scheduler's admission and page growth; laying out the forward's inputs;
+# adopting arrived requests; the scheduler's admission and page growth; laying out the forward's inputs;
 # the forward call; sampling and appending tokens (finish checks); building and sending outputs; the
 # rest of the turn (status reports, load all-gather).
-PHASES = ("inbox", "transfers", "prefill_turn", "schedule", "build", "forward", "sample", "outputs", "loop")
+PHASES = ("inbox", "transfers", "schedule", "build", "forward", "sample", "outputs", "loop")
 
 
 class StepClock:

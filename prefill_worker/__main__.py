@@ -20,7 +20,6 @@ import orjson
 from aiohttp import web
 
 from engine.config import ModelConfig
-from engine.prefill_turn import PREFILL_TURN_KEY, add_prefill_turn_flag
 from engine.runtime.disagg import BENCH_CONNECTOR, add_kv_flags, auth_token, kv_args, mark_bench_responses
 from engine.server.cli import add_common_flags, add_elastic_flags, engine_args, instance_spec
 from engine.server.elastic import live_scale_refusal
@@ -52,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="port of this instance's bootstrap service (decode ranks look its layout up there)",
     )
     add_elastic_flags(role)
-    add_prefill_turn_flag(role)
     add_kv_flags(parser)
     return parser
 
@@ -125,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
             "transfer_backend": kv.backend,
             "kv_connector": kv.connector,
         },
-        PREFILL_TURN_KEY: args.prefill_turn_file,
     }
     if kv.connector == BENCH_CONNECTOR:  # no decode side: no bootstrap service, no bootstrap guard
         return serve(args, "prefill", prefill_entry, role_args, on_startup=mark_bench_responses)

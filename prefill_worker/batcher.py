@@ -19,12 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.forward_batch import ForwardBatch
 from engine.grammar import GrammarRuntime, constrain, matcher_for
 from engine.kv_pool import KVPool, PoolExhaustedError
 from engine.model import DeepseekForCausalLM
 from engine.prefill_chunks import build_extend_batch, plan_prefill_chunks
-from engine.prefill_turn import PrefillTurn
 from engine.prefix_cache import Block
 from engine.sampling import SamplingParams, apply_penalties, logprob_report, nonfinite_rows, sample
 
@@ -78,13 +76,11 @@ class PrefillBatcher:
         max_running: jobs holding pages at once (prefilling or waiting for their transfer).
         grammar: compiles structured-output grammars; the first token is drawn under its mask, through the
             same `engine.grammar` path as every later token on the decode side (None: such jobs are refused).
-        turn: a decode instance on the same GPU waits while this holds it (`engine.prefill_turn`): held from
-            each forward's launch to its results on the host.
     """
 
     def __init__(
         self, model: DeepseekForCausalLM, kv_pool: KVPool, max_prefill_tokens: int, max_running: int,
-        grammar: GrammarRuntime | None = None, turn: PrefillTurn | None = None,
+        grammar: GrammarRuntime | None = None,
     ) -> None:
         if max_prefill_tokens < 1 or max_running < 1:
             raise ValueError("max_prefill_tokens and max_running must be >= 1")
@@ -92,7 +88,6 @@ class PrefillBatcher:
         self.max_prefill_tokens, self.max_running = max_prefill_tokens, max_running
         self.max_model_len = model.config.max_position_embeddings
         self.grammar = grammar
-        self.turn = turn
         self.waiting: deque[PrefillJob] = deque()
         self.prefilling: list[PrefillJob] = []
         self.holding: set[PrefillJob] = set()  # jobs with pages: prefilling or done and not released
@@ -170,16 +165,6 @@ class PrefillBatcher:
         chunks = plan_prefill_chunks(self.prefilling, self.max_prefill_tokens)
         batch = build_extend_batch(chunks, self.kv_pool)  # token ids were checked by `add`
         self.computed_tokens += sum(n for _, n in chunks)
-        if self.turn is None:
-            return self._forward(chunks, batch)
-        with self.turn.running():
-            done = self._forward(chunks, batch)
-            if self.kv_pool.tensor.device.type == "cuda":
-                torch.cuda.current_stream(self.kv_pool.tensor.device).synchronize()  # the turn ends with its kernels
-        return done
-
-    def _forward(self, chunks: list[tuple[PrefillJob, int]], batch: ForwardBatch) -> list[ChunkDone]:
-        """The forward over `chunks`, their pages reported and finished jobs' first tokens drawn."""
         logits = self.model(batch).next_token_logits
         done: list[ChunkDone] = []
         finished_rows: list[int] = []

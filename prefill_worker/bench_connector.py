@@ -13,7 +13,6 @@ import random
 
 import torch
 
-from engine.prefill_turn import PREFILL_TURN_KEY, open_prefill_turn
 from engine.runtime.colocated import (
     EngineArgs,
     RankEngine,
@@ -44,9 +43,7 @@ class BenchPrefillRunner:
     def __init__(self, ctx: RankContext, engine: RankEngine, args: EngineArgs) -> None:
         self.engine = engine
         self.layout = ParallelLayout(ctx.spec.tp_size, ctx.spec.dp_size, ctx.spec.mla_core)
-        self.turn = open_prefill_turn(ctx.role_args.get(PREFILL_TURN_KEY)) if ctx.rank == 0 else None
-        self.batcher = PrefillBatcher(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running,
-                                      turn=self.turn)
+        self.batcher = PrefillBatcher(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running)
         self._steps = LockstepBatcher(self.batcher)
         # The work flag is control traffic: a gloo group even when the model's collectives use NCCL.
         control = (
@@ -149,8 +146,6 @@ class BenchPrefillRunner:
             self.batcher.release(job)
         self.jobs.clear()
         self.stepper.close()
-        if self.turn is not None:
-            self.turn.close()
         if self.engine.moe is not None:
             self.engine.moe.close()
         self.engine.kv_pool.close()

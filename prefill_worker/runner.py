@@ -21,7 +21,6 @@ import torch
 
 from engine.kv_shards import ShardedKVPool
 from engine.parallel import ParallelContext
-from engine.prefill_turn import PREFILL_TURN_KEY, open_prefill_turn
 from engine.runtime import timeline
 from engine.runtime.colocated import (
     EngineArgs,
@@ -120,10 +119,8 @@ class PrefillRunner:
             raise ValueError("a prefill rank needs the bootstrap service's address")
         self.ctx = ctx
         self.engine = engine
-        # One GPU shared with a decode instance: rank 0 holds the turn for each forward (the ranks step together).
-        self.turn = open_prefill_turn(ctx.role_args.get(PREFILL_TURN_KEY)) if ctx.rank == 0 else None
         self.batcher = PrefillBatcher(engine.model, engine.kv_pool, args.max_prefill_tokens, args.max_running,
-                                      engine.grammar, self.turn)
+                                      engine.grammar)
         # A rank joining a running instance (elastic EP) has no world yet: its groups come with `regroup`.
         joining = JOIN_KEY in ctx.role_args
         self.agreement = GroupAgreement(ctx) if not joining else None
@@ -333,8 +330,6 @@ class PrefillRunner:
         if self.engine.moe is not None:
             self.engine.moe.close()
         self.engine.kv_pool.close()
-        if self.turn is not None:
-            self.turn.close()
 
     # --- rooms --------------------------------------------------------------------------------------
     def _local(self, pages: list[int]) -> list[int]:

@@ -9,18 +9,18 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-# Issue 15's c8 on an H100 (session 42): the base tree 304.2 / 313.4 tok/s in two calls; this tree under MPS
-# 576.8 / 584.9 (call 1), and with the overlapped decode (engine.decode_overlap, on by default on CUDA since)
-# 590.6 / 594.7 against 563.5 with --disable-overlap-schedule (call 2): the decode turn's GPU idle 0.84 -> 0.02 ms.
-# Next: c8 again beside the base (a third overlapped sample and one without), then c32 with the overlap, at the
-# setup that gave 2.14 / 2.18x its base in session 36 (the decode at 50 % of the SMs, 16384-token prefill
-# forwards), with and without the overlap, the GPU tests (sampled rows overlapped too), and which MPS shares
-# the prefill's GEMMs survive (70 % gave NaN from cuBLAS): a prefill cap between 50 % (slower) and none is untried.
-default_steps="pdissuebase pdmps pdmps@noovl pdmps@run2 pd32issuebase pd32mps50@big pd32mps50@noovlbig tests nanprobesweep"
+# Issue 15's c8 (session 43): the base tree 307.8 (H100) / 328.4 (H200) tok/s; this tree under MPS 598.8 (H100,
+# 1.95x; with the decode at MPS's low client priority 600.5, and with 16384-token prefill forwards 610.6) and
+# 691.6 on the H200 (2.11x its same-call base). Taking turns (the decode paused while a prefill forward ran)
+# lost on the H200 (597-649) and was dropped. c32 beside its base: 991 / 437 (H100, decode capped at 50 %, which
+# cuBLAS computes wrong GEMMs under) and 1093 / 492 (H200, uncapped, 16384-token prefill forwards).
+# Next: c8 again beside the base, and c32 with the workers' defaults (no SM cap, no --max-prefill-tokens), at the
+# decode's graph limit of 32 and at the issue's 16, beside the base each time.
+default_steps="pdissuebase pdmps pdmps@run2 pd32issuebase pd32mps pd32issuebase@g16 pd32mps@g16"
 echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
 PD_ARGS_p70=${PD_ARGS_p70:-"--mps-prefill-sm 70"} PD_ARGS_p50=${PD_ARGS_p50:-"--mps-prefill-sm 50"} \
 PD_ENV_nopdl=${PD_ENV_nopdl:-"TANDEM_PDL=0"} PD_ARGS_noovl=${PD_ARGS_noovl:-"--disable-overlap-schedule"} \
-PD_ARGS_noovl2=${PD_ARGS_noovl2:-"--disable-overlap-schedule"} PD_ARGS_noturn=${PD_ARGS_noturn:-"--no-prefill-turn"} PD_ARGS_big=${PD_ARGS_big:-"--max-prefill-tokens 16384"} \
+PD_ARGS_noovl2=${PD_ARGS_noovl2:-"--disable-overlap-schedule"} PD_ARGS_g16=${PD_ARGS_g16:-"--cuda-graph-max-bs 16"} PD_ARGS_big=${PD_ARGS_big:-"--max-prefill-tokens 16384"} \
 PD_ARGS_noovlbig=${PD_ARGS_noovlbig:-"--max-prefill-tokens 16384 --disable-overlap-schedule"} \
 PD_ENV_fused=${PD_ENV_fused:-"TANDEM_HEAD_MATMUL=triton TANDEM_COMBINE_NORM=1 TANDEM_ROUTER_FUSED=1"} STEPS=${STEPS:-$default_steps} SWEEP_LIMIT=${SWEEP_LIMIT:-200} FP8_SWEEP_ARGS=${FP8_SWEEP_ARGS:-"--sweep --dense"} \
     TESTS_K=${TESTS_K:-"overlap or greedy_tokens_equal"} exec bash scripts/device_step.sh

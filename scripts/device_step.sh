@@ -183,12 +183,10 @@ for s in $STEPS; do
         [ "$tree" = .issue_base ] && name=${name}_issue_base
         # an older tree runs this tree's bench drivers (their flags); its engine and workers stay its own
         [ "$tree" != . ] && [ -d "$tree" ] && cp bench/*.py "$tree/bench/"
-        # ... so those workers are not given flags they predate (--prefill-turn-file, session 43)
-        old_tree=$([ "$tree" != . ] && echo "--no-prefill-turn")
         [ -d "$tree" ] && step "07_$name" "$(left 300)" env TANDEM_TIMELINE=1 $label_env PYTHONPATH="$PWD/$tree:$SITE" bash -c \
             "cd $tree && python3 -m bench.compare_pd --device cuda --setups \${PD_SETUPS:-1p1d} ${mps:---no-mps} \
             --model engine/model_configs/deepseek-v2-lite --load-format dummy --input-len 4096 --output-len 100 \
-            $load ${PD_ARGS:-} $label_args $old_tree --output-json $OUT_SAVED/$name.json \
+            $load ${PD_ARGS:-} $label_args --output-json $OUT_SAVED/$name.json \
             --log-dir $OUT_SAVED/${name}_logs --disable-tqdm && python3 -m bench.pd_timeline \
             $OUT_SAVED/${name}_logs/1p1d --json $OUT_SAVED/${name}_timeline.json --bench-json $OUT_SAVED/$name.json" ;;
     hostpath)  # c8 under MPS with the decode rank's StepClock: a decode turn's forward (device time) vs host phases

@@ -10,9 +10,11 @@ import pytest
 from bench import compare_pd, gpu_mps
 
 
-def test_an_sm_share_is_a_percentage() -> None:
+def test_an_sm_share_is_a_percentage_and_a_cap_is_logged_as_untrustworthy(caplog: pytest.LogCaptureFixture) -> None:
     assert gpu_mps.sm_share_env(None) == {}
+    assert gpu_mps.sm_share_env(100) == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "100"} and not caplog.records
     assert gpu_mps.sm_share_env(40) == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "40"}
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "wrong GEMMs" in caplog.text
     assert gpu_mps.client_env(40, True) == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "40", "CUDA_MPS_CLIENT_PRIORITY": "1"}
     assert gpu_mps.client_env(None, False) == {}
     for bad in (0, 101, -5):
@@ -90,33 +92,3 @@ def test_mps_is_the_default_on_cuda_where_its_daemon_is_installed(monkeypatch: p
     assert not compare_pd.use_mps(parser.parse_args(["--device", "cuda", "--no-mps"]))
     assert not compare_pd.use_mps(parser.parse_args(["--device", "cpu"]))
     assert compare_pd.use_mps(parser.parse_args(["--device", "cpu", "--mps"]))
-
-
-def test_a_one_gpu_1p1d_takes_prefill_turns_by_default_on_cuda_and_both_workers_get_the_same_file(
-        tmp_path: Path) -> None:
-    parser = compare_pd.build_parser()
-    assert not compare_pd.use_prefill_turn(parser.parse_args([]))  # CPU: every server has its own cores
-    assert compare_pd.use_prefill_turn(parser.parse_args(["--device", "cuda"]))
-    assert not compare_pd.use_prefill_turn(parser.parse_args(["--device", "cuda", "--no-prefill-turn"]))
-    assert compare_pd.use_prefill_turn(parser.parse_args(["--prefill-turn"]))
-
-    started: dict[str, list[str]] = {}
-
-    class Group:  # records what start_setup asks of a ServerGroup, starts nothing
-        log_dir = tmp_path
-
-        def start(self, name: str, module: str, args: list[str], port: int, env: object = None) -> object:
-            started[name] = args
-            if name == "decode":
-                raise StopIteration  # enough: both workers were asked for, before the health wait
-            return object()
-
-    for argv, turn in ((["--device", "cuda"], ["--prefill-turn-file", str(tmp_path / "prefill_turn")]),
-                       (["--device", "cuda", "--no-prefill-turn"], [])):
-        started.clear()
-        with pytest.raises(StopIteration):
-            compare_pd.start_setup("1p1d", Group(), parser.parse_args([*argv, "--no-mps"]))  # type: ignore[arg-type]
-        for role in ("prefill", "decode"):
-            flags = started[role]
-            assert (flags[flags.index("--prefill-turn-file"):][:2] if turn else
-                    [f for f in flags if f == "--prefill-turn-file"]) == turn, (role, flags)

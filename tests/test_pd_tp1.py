@@ -10,13 +10,11 @@ test runs last in each group because it ends that system's prefill worker.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import http.client as http_client
 import json
 import os
 import random
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +46,6 @@ from pd_system import (
 )
 
 from engine.llm import LLM
-from engine.prefill_turn import PrefillTurn
 from engine.sampling import SamplingParams
 from engine.tiny_model import write_tiny_model
 
@@ -92,13 +89,9 @@ def structured(reference: LLM) -> tuple[list[StructuredCase], list[str]]:
 def system(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[PDSystem]:
     skip_unless_backend(request.param)
-    log_dir = tmp_path_factory.mktemp(f"pd-{request.param}")
-    # The Mooncake pair takes turns as one GPU's pair does (engine.prefill_turn): every test here runs with it.
-    turn_path = log_dir / "prefill_turn" if request.param == "mooncake" else None
-    turn = ["--prefill-turn-file", str(turn_path)] if turn_path is not None else []
-    pd = PDSystem(tiny_model, log_dir, request.param, prefill_flags=[*API_FLAGS, *turn],
-                  decode_flags=[*DECODE_FLAGS[request.param], *API_FLAGS, *turn], peer_timeout_s=PEER_TIMEOUT_S)
-    pd.turn_path = turn_path  # type: ignore[attr-defined]
+    pd = PDSystem(tiny_model, tmp_path_factory.mktemp(f"pd-{request.param}"), request.param,
+                  prefill_flags=API_FLAGS, decode_flags=[*DECODE_FLAGS[request.param], *API_FLAGS],
+                  peer_timeout_s=PEER_TIMEOUT_S)
     yield pd
     pd.close()
 
@@ -135,61 +128,6 @@ def test_decode_reuses_cached_prefixes_for_the_requests_it_prefills_itself(syste
     assert [a["output_ids"] for a in answers] == [expected, expected]
     assert [a["meta_info"]["cached_tokens"] for a in answers] == [0, 5 * PAGE_SIZE]
     wait_idle(system.decode.url)
-
-
-def _decode_counter(system: PDSystem, name: str) -> float:
-    status, raw = http("GET", system.decode.url + "/metrics")
-    assert status == 200
-    values = [float(line.split()[-1]) for line in raw.decode().splitlines() if line.startswith(name + " ")]
-    assert values, name
-    return values[0]
-
-
-def test_decode_launches_no_forward_while_the_prefill_turn_is_held(system: PDSystem, reference: LLM) -> None:
-    """What a prefill forward does to a decode instance on the same GPU: while the turn is held (here by the
-    test, as the prefill worker holds it for each forward), a streamed request gets no token beyond the one
-    whose step was already running; it resumes when the turn is given back, token-exact."""
-    turn_path = system.turn_path  # type: ignore[attr-defined]
-    if turn_path is None:
-        pytest.skip("this pair runs without --prefill-turn-file")
-    prompt = [*range(30, 70)]
-    expected = reference.generate([prompt], SamplingParams(max_new_tokens=40, ignore_eos=True))[0].token_ids
-    waited_before = _decode_counter(system, "tandem_worker_decode_prefill_turn_us_total")
-    turn = PrefillTurn(turn_path)
-    held: list[float] = []
-
-    def hold() -> None:
-        with turn.running():
-            held.append(time.monotonic())
-            time.sleep(1.0)
-        held.append(time.monotonic())
-
-    body = {"input_ids": prompt, "stream": True,
-            "sampling_params": {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}}
-    conn = http_client.HTTPConnection("127.0.0.1", system.router_port, timeout=60)
-    conn.request("POST", "/generate", json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.status == 200
-    holder = threading.Thread(target=hold)
-    arrivals, ids = [], []
-    for line in response:
-        if not line.startswith(b"data: {"):
-            continue
-        ids = json.loads(line[6:])["output_ids"]
-        arrivals.append(time.monotonic())
-        if len(arrivals) == 3:
-            holder.start()
-    conn.close()
-    holder.join()
-    assert ids == expected
-    start, end = held
-    during = [t for t in arrivals if start < t < end - 0.02]
-    assert len(during) <= 1, (during, start, end)  # at most the step that was running when the turn was taken
-    assert any(t >= end for t in arrivals)
-    turn.close()
-    wait_idle(system.decode.url)  # also: the rank's counters reported since (every 0.2 s while it loops)
-    waited = _decode_counter(system, "tandem_worker_decode_prefill_turn_us_total") - waited_before
-    assert waited >= 0.8e6, waited
 
 
 def test_a_stop_string_ends_a_disaggregated_request_early_and_frees_its_pages(
