@@ -15,7 +15,8 @@
 # of time-slicing the GPU: 831 against 462 output tok/s at concurrency 32 on one H100, README "Serving"); 1
 # requires it, 0 goes without. TANDEM_DECODE_SM_PERCENT (1-100; under MPS) caps the decode worker's share of
 # the SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE): 50 gave 908 against 840-866 output tok/s at concurrency 32 on one
-# H100, the same at concurrency 8 (README "Serving"). TANDEM_MAX_PREFILL_TOKENS: the prefill worker's tokens per
+# H100, the same at concurrency 8 (README "Serving"); but cuBLAS computed wrong GEMMs under caps of 55-90 % on an
+# H100 (README "Serving", session 43): a cap is for timing experiments, and this script warns when one is set. TANDEM_MAX_PREFILL_TOKENS: the prefill worker's tokens per
 # forward (its --max-prefill-tokens; default 8192): 16384 gave 952-970 against 895-911 at concurrency 32 beside
 # the decode at 50 %, the same at concurrency 8.
 set -euo pipefail
@@ -37,6 +38,8 @@ DECODE_SM="${TANDEM_DECODE_SM_PERCENT:-}"
 case "$DECODE_SM" in "" | [1-9] | [1-9][0-9] | 100) ;;
 *) echo "TANDEM_DECODE_SM_PERCENT must be 1-100, got '$DECODE_SM'" >&2; exit 2 ;;
 esac
+[[ -n "$DECODE_SM" && "$DECODE_SM" != 100 ]] &&
+    echo "warning: an MPS SM cap of $DECODE_SM % - cuBLAS has computed wrong GEMMs under such caps" >&2
 MAX_PREFILL="${TANDEM_MAX_PREFILL_TOKENS:-}"
 [[ -z "$MAX_PREFILL" || "$MAX_PREFILL" =~ ^[1-9][0-9]*$ ]] ||
     { echo "TANDEM_MAX_PREFILL_TOKENS must be a positive integer, got '$MAX_PREFILL'" >&2; exit 2; }
