@@ -12,9 +12,10 @@ holds NaN or inf, with the MoE's grouped GEMMs through ``torch._grouped_mm`` and
 kernel (``kernels.triton_moe.PREFER_GROUPED_MM``), and exits 1 where a forward went non-finite.
 
 Session 42 found the first one: layer 0's ``kv_b_proj``, a bf16 ``F.linear`` (cuBLAS) of finite inputs, at 92
-SMs (70 %). ``--gemms`` checks the dense GEMMs of a V2-Lite prefill alone (bf16 ``F.linear`` against a float32
-product of the same operands), one child process per cap in a comma list: which MPS shares a one-GPU 1P1D can
-give its prefill.
+SMs (70 %). ``--gemms`` checks the dense GEMMs of a V2-Lite layer alone (bf16 ``F.linear`` against a float64
+product of the same operands, ``engine.mps_cap_check``), one child process per cap in a comma list. Session 43
+(float32 reference then): wrong products under every cap of 55-90 %, right at 95 % and uncapped; so a rank under
+a cap now runs that check before it loads its model and refuses to start if a product is wrong.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from engine.config import ModelConfig  # noqa: E402
 from engine.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 from engine.kv_pool import KVPool  # noqa: E402
 from engine.model import DeepseekForCausalLM  # noqa: E402
+from engine.mps_cap_check import MAX_REL_ERR, gemm_errors  # noqa: E402
 from engine.weights import load_model  # noqa: E402
 from kernels import triton_moe  # noqa: E402
 
@@ -97,24 +99,16 @@ def probe(tokens: int, device: torch.device, model_config: str) -> int:
 
 # (tokens x in) @ (out x in)^T of a V2-Lite prefill, with the input's row stride: kv_b_proj (its input the latent
 # part of the 576-wide KV rows, a strided view), q and kv_a as one, o_proj, a dense MLP's gate-up
-GEMM_SHAPES = ((512, 4096, 576), (2048, 3648, 2048), (2048, 2048, 2048), (2048, 21888, 2048))
-
-
-def probe_gemms(tokens: int) -> int:
-    """Each prefill GEMM shape in bf16 against float32: non-finite outputs or a relative error past bf16's."""
+def probe_gemms(tokens: int, model_config: str) -> int:
+    """Each of the model's dense GEMM shapes in bf16 against float64 (`engine.mps_cap_check`, which a capped rank
+    runs at start-up): non-finite outputs or a relative error past bf16's."""
     _say_sms()
-    gen = torch.Generator(device="cuda").manual_seed(0)
     bad = 0
-    for k, n, stride in GEMM_SHAPES:
-        x = torch.randn(tokens, stride, device="cuda", generator=gen).bfloat16()[:, :k]
-        w = (torch.randn(n, k, device="cuda", generator=gen) / k**0.5).bfloat16()
-        out = torch.nn.functional.linear(x, w)
-        ref = x.float() @ w.float().t()
-        finite = bool(torch.isfinite(out).all())
-        rel = float((out.float() - ref).norm() / ref.norm()) if finite else float("nan")
-        ok = finite and rel < 1e-2
+    config = ModelConfig.from_dir(NAMED.get(model_config, Path(model_config)))
+    for m, k, n, stride, rel in gemm_errors(config, torch.device("cuda"), tokens):
+        ok = rel <= MAX_REL_ERR
         bad += not ok
-        print(f"  {tokens}x{k} (row stride {stride}) @ {k}x{n}: finite {finite}, rel. err. {rel:.2e}{'' if ok else '  <- WRONG'}", flush=True)
+        print(f"  {m}x{k} (row stride {stride}) @ {k}x{n}: rel. err. {rel:.2e}{'' if ok else '  <- WRONG'}", flush=True)
     return 1 if bad else 0
 
 
@@ -128,7 +122,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.mps_percent is None:
         if args.gemms:
-            return probe_gemms(args.tokens)
+            return probe_gemms(args.tokens, args.model_config)
         return probe(args.tokens, torch.device(args.device), args.model_config)
     failed = 0
     with tempfile.TemporaryDirectory() as tmp, mps_daemon(Path(tmp)) as env:

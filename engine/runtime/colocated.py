@@ -23,6 +23,7 @@ from ..kv_pool import KVPool, resolve_kv_cache_dtype
 from ..kv_shards import ShardedKVPool
 from ..llm import resolve_dtype
 from ..model import DeepseekForCausalLM
+from ..mps_cap_check import check_gemms_under_sm_cap
 from ..parallel import ParallelContext
 from ..plan import DEFAULT_MEM_FRACTION
 from ..quant import plan_quantization
@@ -133,6 +134,8 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
         from .offline import check_memory  # the launcher checked already when the memory was given
 
         check_memory(ctx.spec, args, torch.cuda.mem_get_info(device)[1] / 1e9)
+    if device.type == "cuda":  # under an MPS SM cap only: cuBLAS gave wrong products under some caps
+        check_gemms_under_sm_cap(config, device, rows=min(args.max_prefill_tokens, 4096), dtype=dtype)
     redundant = args.eplb.num_redundant_experts if args.eplb is not None else 0
     # A rank joining a running instance (elastic EP) builds its shard before its world exists; it meets the
     # instance when its runner starts (`engine.runtime.rank_loop.run_rank`).
