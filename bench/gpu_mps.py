@@ -65,8 +65,8 @@ def sm_share_env(percent: int | None) -> dict[str, str]:
 
     A cap can make cuBLAS compute wrong products: on one H100 (torch 2.11, CUDA 13) the prefill's bf16 GEMMs
     at 4096 rows gave NaN or relative errors of 0.2-0.4 under caps of 55-90 %, and were right at 95 % and
-    uncapped (``tests/nan_probe.py --gemms``, session 43). So a capped server is a timing experiment whose
-    tokens are not to be trusted, and it is logged as one."""
+    uncapped (``tests/nan_probe.py --gemms``, session 43). So a capped server is a timing experiment, logged as
+    one, and its ranks check their GEMMs before they load (``engine.mps_cap_check``: a wrong product stops them)."""
     if percent is None:
         return {}
     if not 1 <= percent <= 100:

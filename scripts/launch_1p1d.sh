@@ -16,9 +16,10 @@
 # requires it, 0 goes without. TANDEM_DECODE_SM_PERCENT (1-100; under MPS) caps the decode worker's share of
 # the SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE): 50 gave 908 against 840-866 output tok/s at concurrency 32 on one
 # H100, the same at concurrency 8 (README "Serving"); but cuBLAS computed wrong GEMMs under caps of 55-90 % on an
-# H100 (README "Serving", session 43): a cap is for timing experiments, and this script warns when one is set. TANDEM_MAX_PREFILL_TOKENS: the prefill worker's tokens per
-# forward (its --max-prefill-tokens; default 8192): 16384 gave 952-970 against 895-911 at concurrency 32 beside
-# the decode at 50 %, the same at concurrency 8.
+# H100 (README "Serving", session 43): a cap is for timing experiments, this script warns when one is set, and a
+# capped worker refuses to start where its GEMMs come out wrong (engine.mps_cap_check).
+# TANDEM_MAX_PREFILL_TOKENS: the prefill worker's tokens per forward (its --max-prefill-tokens; default 8192):
+# 16384 gave 952-970 against 895-911 at concurrency 32 beside the decode at 50 %, the same at concurrency 8.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

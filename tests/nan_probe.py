@@ -97,8 +97,6 @@ def probe(tokens: int, device: torch.device, model_config: str) -> int:
     return 1 if bad else 0
 
 
-# (tokens x in) @ (out x in)^T of a V2-Lite prefill, with the input's row stride: kv_b_proj (its input the latent
-# part of the 576-wide KV rows, a strided view), q and kv_a as one, o_proj, a dense MLP's gate-up
 def probe_gemms(tokens: int, model_config: str) -> int:
     """Each of the model's dense GEMM shapes in bf16 against float64 (`engine.mps_cap_check`, which a capped rank
     runs at start-up): non-finite outputs or a relative error past bf16's."""
