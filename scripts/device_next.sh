@@ -14,9 +14,11 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 # 691.6 on the H200 (2.11x its same-call base). Taking turns (the decode paused while a prefill forward ran)
 # lost on the H200 (597-649) and was dropped. c32 beside its base: 991 / 437 (H100, decode capped at 50 %, which
 # cuBLAS computes wrong GEMMs under) and 1093 / 492 (H200, uncapped, 16384-token prefill forwards).
-# Next: c8 again beside the base, and c32 with the workers' defaults (no SM cap, no --max-prefill-tokens), at the
-# decode's graph limit of 32 and at the issue's 16, beside the base each time.
-default_steps="pdissuebase pdmps pdmps@run2 pd32issuebase pd32mps pd32issuebase@g16 pd32mps@g16"
+# Call 3 (H200): c8 702.7 / 687.6 against 331.1 (2.12 / 2.08x); c32 at the issue's --cuda-graph-max-bs 16 929.5
+# against 357.9 (2.60x), at 32 on both 925.6 against 480.1 (1.93x): issue 15's lines hold on its card.
+# Next, issue 16 and the start-up check of capped ranks (engine.mps_cap_check, not yet run on a GPU): the GEMM
+# sweep under MPS caps (the same code a capped rank runs), then the FP8 vs bf16 step and the one-token FP8 launches.
+default_steps="nanprobesweep fp8vsbf16 ncufp8"
 echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
 PD_ARGS_p70=${PD_ARGS_p70:-"--mps-prefill-sm 70"} PD_ARGS_p50=${PD_ARGS_p50:-"--mps-prefill-sm 50"} \
 PD_ENV_nopdl=${PD_ENV_nopdl:-"TANDEM_PDL=0"} PD_ARGS_noovl=${PD_ARGS_noovl:-"--disable-overlap-schedule"} \

@@ -32,7 +32,7 @@
 #   nanprobe   tests/nan_probe.py under an MPS cap of 70 % and 50 % of the SMs: the first module of a 4096-token
 #              V2-Lite prefill whose output is not finite (session 41: NaN logits at 70 %, never at 50 % or uncapped;
 #              session 42: layer 0's kv_b_proj, a cuBLAS bf16 GEMM of finite inputs, at 92 SMs)
-#   nanprobesweep  the prefill's dense GEMMs alone (bf16 against float32) under MPS caps of 55-95 %: which SM
+#   nanprobesweep  the prefill's dense GEMMs alone (bf16 against float64) under MPS caps of 50-100 %: which SM
 #              shares a one-GPU 1P1D can give its prefill (--mps-prefill-sm)
 #   fp8diff    tests/fp8_layer_diff.py: module by module, where the tiny FP8 model on the GPU parts from its
 #              CPU reference
@@ -147,7 +147,7 @@ for s in $STEPS; do
     nanprobe) step 08_nan_probe_mps70 "$(left 90)" python3 tests/nan_probe.py --mps-percent 70
         step 08_nan_probe_mps50 "$(left 60)" python3 tests/nan_probe.py --mps-percent 50 ;;
     nanprobesweep) step 08_nan_probe_gemm_sweep "$(left 120)" python3 tests/nan_probe.py --gemms \
-        --mps-percent 55,60,65,70,75,80,85,90,95 ;;
+        --mps-percent 50,55,60,65,70,75,80,85,90,95,100 ;;
     fp8diff) step 08_fp8_layer_diff "$(left 90)" python3 tests/fp8_layer_diff.py --promote-k 32 ;;
     fp8step) step 06_decode_step_fp8 "$(left 90)" python3 -m bench.decode_step $DS --quantization fp8 --profile \
         --out "$OUT_SAVED/decode_step_gpu_fp8.json" ;;
