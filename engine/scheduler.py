@@ -137,8 +137,9 @@ class Scheduler:
         output so far, before they go on decoding (SGLang's retraction; greedy tokens stay the same).
 
         ``overlap``: overlapped decode turns (``engine.decode_overlap``) where no request needs its output so far
-        on the host to draw its next token, and the whole life is reserved (no retraction while a forward is in flight); the same tokens, one turn
-        later on the host. Worth it where the forward runs asynchronously (CUDA); on CPU it only delays."""
+        on the host to draw its next token, and the whole life is reserved (no retraction while a forward is in
+        flight); the same tokens, one turn later on the host. Worth it where the forward runs asynchronously
+        (CUDA); on CPU it only delays."""
         if max_prefill_tokens < 1 or max_running < 1:
             raise ValueError("max_prefill_tokens and max_running must be >= 1")
         if reserve_tokens is not None and reserve_tokens < 1:

@@ -55,9 +55,9 @@ def dot_precision(dtype: torch.dtype) -> str | None:
 
 
 # How a W8A16 GEMM turns its FP8 weight tile into bf16: "bits" (`_e4m3_to_bf16_bits`: integer ops and a bf16x2
-# multiply, no conversions; the default on sm90+) or "cvt" (Triton's conversion: on sm90 an e4m3x2 -> f16x2 convert then
-# one f16 -> bf16 convert per element, 1.5 conversion instructions a weight byte, about 2.5 TB/s of weights an
-# H100 can convert at the CUDA guide's 16 a clock an SM). Graph-timed at one token on an H100
+# multiply, no conversions; the default on sm90+) or "cvt" (Triton's conversion: on sm90 an e4m3x2 -> f16x2
+# convert then one f16 -> bf16 convert per element, 1.5 conversion instructions a weight byte, about 2.5 TB/s
+# of weights an H100 can convert at the CUDA guide's 16 a clock an SM). Graph-timed at one token on an H100
 # (bench/results/fp8_one_token_sweep_h100_s41.log): one V2-Lite layer's expert launches 45.2 -> 38.8 us with the
 # same tiles, the dense projections 6.9 + 5.3 -> 6.3 + 5.0 us.
 W8A16_CONVERT_ENV = "TANDEM_FP8_BF16_CONVERT"
