@@ -44,6 +44,7 @@ from kernels.triton_fp8 import (
 )
 from kernels.triton_grid import grouped_tile, masked_expert
 from kernels.triton_moe import ExpertSort, combine_slots, sort_by_expert
+from kernels.triton_moe_fused_decode import fused_decode_applies, moe_fused_decode
 from kernels.triton_pdl import pdl_args, pdl_begin
 
 # A decode-size tile set by hand for a GPU the defaults were not measured on (tests/fp8_moe_one_token.py --sweep
@@ -433,8 +434,9 @@ def fp8_moe_forward_masked_shared_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``kernels.fp8.fp8_moe_forward_masked_shared``: the masked FP8 MoE with the layer's FP8 shared experts
     (one gated MLP over every token of ``hidden`` ``[capacity, D]``) as one more expert of the same two launches,
-    CUDA-graph safe: two launches where the routed and shared experts took four. At decode sizes (W8A16);
-    elsewhere (or on shapes it does not take) the two run apart."""
+    CUDA-graph safe: two launches where the routed and shared experts took four (one over the active experts
+    where ``kernels.triton_moe_fused_decode`` applies). At decode sizes (W8A16); elsewhere (or on shapes it
+    does not take) the two run apart."""
     num_experts = _check_moe_inputs(x.shape[2], w13, w13_scale, w2, w2_scale, block_size)
     capacity = x.shape[1]
     inter_dim = shared_down.shape[1]
@@ -453,6 +455,12 @@ def fp8_moe_forward_masked_shared_triton(
         return out, shared.squeeze(0)
     _check_device(x)
     cfg, down_cfg = _launch_configs(hint, None, None)
+    if active is not None and cfg == down_cfg and fused_decode_applies(x, cfg.block_m, cfg.kb_step):
+        fused = moe_fused_decode(x, counts, w13, w2, hidden, shared_gate_up, shared_down, active,
+                                 (cfg.block_m, cfg.block_n, block_size[1]), cfg.num_warps, cfg.num_stages,
+                                 (w13_scale, w2_scale, shared_gate_up_scale, shared_down_scale), block_size[0])
+        if fused is not None:
+            return fused
     inter = torch.empty((num_experts, capacity, w2.shape[2]), dtype=x.dtype, device=x.device)
     shared_inter = torch.empty((capacity, inter_dim), dtype=x.dtype, device=x.device)
     _launch_masked(x, None, w13, w13_scale, inter, counts, True, cfg, block_size,

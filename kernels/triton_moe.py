@@ -26,6 +26,7 @@ import triton.language as tl
 from kernels.backend import check_expert_range, check_masked_layout
 from kernels.triton_decode_fused import moe_combine_triton, silu_mul_triton
 from kernels.triton_grid import grouped_tile, masked_expert
+from kernels.triton_moe_fused_decode import fused_decode_applies, moe_fused_decode
 from kernels.triton_pdl import pdl_args, pdl_begin
 
 
@@ -413,7 +414,8 @@ def moe_forward_masked_shared_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`kernels.moe.moe_forward_masked_shared`: the masked MoE with the layer's shared experts (one dense
     gated MLP over every token of `hidden` ``[capacity, D]``) as one more expert of the same two launches,
-    CUDA-graph safe. Two launches where the routed and shared experts took four."""
+    CUDA-graph safe. Two launches where the routed and shared experts took four (one over the active experts
+    where ``kernels.triton_moe_fused_decode`` applies)."""
     num_experts = _validate_weights(x.shape[2], w13, w2, x.dtype)
     capacity = x.shape[1]
     inter_dim = shared_down.shape[1]
@@ -425,6 +427,11 @@ def moe_forward_masked_shared_triton(
         return moe_forward_masked_shared(x, counts, w13, w2, hidden, shared_gate_up, shared_down)
     hint = min(capacity, 16) if expected_rows_per_expert is None else expected_rows_per_expert
     cfg = default_gemm_config(hint, x.dtype)
+    if active is not None and fused_decode_applies(x, cfg.block_m):
+        fused = moe_fused_decode(x, counts, w13, w2, hidden, shared_gate_up, shared_down, active,
+                                 (cfg.block_m, cfg.block_n, cfg.block_k), cfg.num_warps, cfg.num_stages)
+        if fused is not None:
+            return fused
     inter = torch.empty((num_experts, capacity, w2.shape[2]), dtype=x.dtype, device=x.device)
     shared_inter = torch.empty((capacity, inter_dim), dtype=x.dtype, device=x.device)
     _launch_masked(x, w13, inter, counts, True, cfg, (hidden, shared_gate_up, shared_inter), active)

@@ -16,13 +16,17 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 # cuBLAS computes wrong GEMMs under) and 1093 / 492 (H200, uncapped, 16384-token prefill forwards).
 # Call 3 (H200): c8 702.7 / 687.6 against 331.1 (2.12 / 2.08x); c32 at the issue's --cuda-graph-max-bs 16 929.5
 # against 357.9 (2.60x), at 32 on both 925.6 against 480.1 (1.93x): issue 15's lines hold on its card.
-# Next, issue 16 and the start-up check of capped ranks (engine.mps_cap_check, not yet run on a GPU): the GEMM
-# sweep under MPS caps (the same code a capped rank runs), then the FP8 vs bf16 step and the one-token FP8 launches.
-default_steps="nanprobesweep fp8vsbf16 ncufp8"
+# Next (session 44), issue 16: the decode MoE's two expert launches as one (kernels.triton_moe_fused_decode) on
+# the GPU: its tests (bits equal to the two launches, over graph replays), one layer's launches timed both ways
+# (FP8 and bf16), the FP8 vs bf16 step with two launches and with one; then the start-up check of capped ranks
+# (engine.mps_cap_check, not yet run on a GPU): the GEMM sweep under MPS caps, the same code a capped rank runs.
+# Carry .gpu_slim (scripts/make_gpu_bundle.sh's wheels and NIXL, no Mooncake: the tree and the full bundle
+# passed the 64 MiB a call carries) linked as .gpu_bundle.
+default_steps="tests ncufp8 fp8vsbf16 fp8vsbf16@onelaunch nanprobesweep"
 echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
 PD_ARGS_p70=${PD_ARGS_p70:-"--mps-prefill-sm 70"} PD_ARGS_p50=${PD_ARGS_p50:-"--mps-prefill-sm 50"} \
 PD_ENV_nopdl=${PD_ENV_nopdl:-"TANDEM_PDL=0"} PD_ARGS_noovl=${PD_ARGS_noovl:-"--disable-overlap-schedule"} \
 PD_ARGS_noovl2=${PD_ARGS_noovl2:-"--disable-overlap-schedule"} PD_ARGS_g16=${PD_ARGS_g16:-"--cuda-graph-max-bs 16"} PD_ARGS_big=${PD_ARGS_big:-"--max-prefill-tokens 16384"} \
 PD_ARGS_noovlbig=${PD_ARGS_noovlbig:-"--max-prefill-tokens 16384 --disable-overlap-schedule"} \
-PD_ENV_fused=${PD_ENV_fused:-"TANDEM_HEAD_MATMUL=triton TANDEM_COMBINE_NORM=1 TANDEM_ROUTER_FUSED=1"} STEPS=${STEPS:-$default_steps} SWEEP_LIMIT=${SWEEP_LIMIT:-200} FP8_SWEEP_ARGS=${FP8_SWEEP_ARGS:-"--sweep --dense"} \
-    TESTS_K=${TESTS_K:-"overlap or greedy_tokens_equal"} exec bash scripts/device_step.sh
+PD_ENV_onelaunch=${PD_ENV_onelaunch:-"TANDEM_MOE_FUSED_DECODE=1"} PD_ENV_fused=${PD_ENV_fused:-"TANDEM_HEAD_MATMUL=triton TANDEM_COMBINE_NORM=1 TANDEM_ROUTER_FUSED=1"} STEPS=${STEPS:-$default_steps} SWEEP_LIMIT=${SWEEP_LIMIT:-200} FP8_SWEEP_ARGS=${FP8_SWEEP_ARGS:-"--iters 20"} \
+    TESTS_K=${TESTS_K:-"one_launch or masked_moe_with_shared"} exec bash scripts/device_step.sh

@@ -210,6 +210,37 @@ def check_experts() -> None:
     want_shared = fp8.fp8_gated_mlp(hid, *shared)
     if fp8.quantizes_activations(capacity) == fp8.quantizes_activations(16):  # the same mode either way
         check("fp8_moe_forward_masked_shared shared vs the gated MLP", rel(out_s, want_shared))
+    if not fp8.quantizes_activations(16):
+        check_fused_decode(xm[:, :3], counts.clamp(max=3), w13, w13_s, w2, w2_s, hid[:3], shared)
+
+
+def check_fused_decode(xm: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_s: torch.Tensor,
+                       w2: torch.Tensor, w2_s: torch.Tensor, hid: torch.Tensor, shared: tuple) -> None:
+    """Both expert GEMMs in one launch (kernels.triton_moe_fused_decode) give the two launches' bits: 10
+    gate/up tiles of 32 columns for the shared expert (5 for a routed one: the rest return), 8 down tiles,
+    the shared down projection's K three blocks (2.5), a routed one's two (1.5); the counters end at 0."""
+    from kernels import triton_fp8_moe as tfm
+    from kernels.triton_decode_fused import active_experts_triton
+    from kernels.triton_last_program import ring_buffer
+    from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV
+
+    active = (active_experts_triton(counts), 3)
+    xm = xm.contiguous()
+    two_r, two_s = tfm.fp8_moe_forward_masked_shared_triton(xm, counts, w13, w13_s, w2, w2_s, hid, *shared,
+                                                             active=active)
+    os.environ[FUSED_DECODE_ENV] = "1"
+    try:
+        one_r, one_s = tfm.fp8_moe_forward_masked_shared_triton(xm, counts, w13, w13_s, w2, w2_s, hid, *shared,
+                                                                 active=active)
+    finally:
+        del os.environ[FUSED_DECODE_ENV]
+    rows = (counts > 0)[:, None, None] & (torch.arange(xm.shape[1])[None, :, None] < xm.shape[1])
+    same = torch.equal(torch.where(rows, one_r, 0.0), torch.where(rows, two_r, 0.0)) and torch.equal(one_s, two_s)
+    print(f"fused decode MoE equals the two launches: {same}")
+    if not same:
+        raise SystemExit("FAIL the fused decode MoE differs from the two launches")
+    if not bool((ring_buffer(xm.device) == 0).all()):
+        raise SystemExit("FAIL the fused decode MoE left a counter set")
 
 
 if __name__ == "__main__":

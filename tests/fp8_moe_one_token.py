@@ -40,6 +40,8 @@ from kernels import fp8  # noqa: E402
 from kernels import triton_fp8 as tf  # noqa: E402
 from kernels import triton_fp8_moe as tfm  # noqa: E402
 from kernels.triton_decode_fused import active_experts_triton  # noqa: E402
+from kernels.triton_moe import moe_forward_masked_shared_triton  # noqa: E402
+from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV  # noqa: E402
 from kernels.triton_pdl import PDL_ENV  # noqa: E402
 
 EXPERTS, HIDDEN, INTER, SHARED_INTER, TOP_K = 64, 2048, 1408, 2816, 6
@@ -96,6 +98,15 @@ def floor_us(nbytes: int, copy_rate: float) -> float:
     return nbytes / copy_rate * 1e6
 
 
+# Gate/up and down in one launch (kernels.triton_moe_fused_decode) against two, with and without PDL.
+FUSED_VARIANTS: list[Variant] = [
+    ("active experts, two launches", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1", FUSED_DECODE_ENV: "0"}),
+    ("active experts, one launch", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1", FUSED_DECODE_ENV: "1"}),
+    ("active experts, one launch, without PDL", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
+                                                 FUSED_DECODE_ENV: "1", PDL_ENV: "0"}),
+]
+
+
 def moe_variants(sweep: bool) -> list[Variant]:
     out: list[Variant] = [  # the defaults first: what the others are compared with
         ("default tiles, active experts", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1"}),
@@ -103,6 +114,7 @@ def moe_variants(sweep: bool) -> list[Variant]:
         ("default tiles, active experts, cvt", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
                                                 tf.W8A16_CONVERT_ENV: "cvt"}),
         *PDL_VARIANTS,
+        *FUSED_VARIANTS,
     ]
     if sweep:
         # Around session 41's winner (16 x 32 x 128, 4 warps, 4 stages, "bits", now the default): wider and
@@ -111,6 +123,10 @@ def moe_variants(sweep: bool) -> list[Variant]:
         for block_n, warps, stages, kb_step in itertools.product((16, 32, 64), (2, 4, 8), (3, 4, 5, 6), (1, 2)):
             out.append((f"16x{block_n}x{128 * kb_step} {warps} warps {stages} stages",
                         {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},{kb_step}", ACTIVE_GRID_ENV: "1"}))
+        for block_n, warps, stages in itertools.product((16, 32, 64), (4, 8), (3, 4, 5)):  # one launch's tiles
+            out.append((f"one launch 16x{block_n}x128 {warps} warps {stages} stages",
+                        {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},1", ACTIVE_GRID_ENV: "1",
+                         FUSED_DECODE_ENV: "1"}))
     return out
 
 
@@ -175,6 +191,27 @@ def moe_case(gen: torch.Generator) -> tuple[Callable[[], Callable[[], object]], 
     return make, nbytes
 
 
+def bf16_moe_case(gen: torch.Generator) -> tuple[Callable[[], Callable[[], object]], int]:
+    """The same layer in bf16 (``kernels.triton_moe``'s masked launches): what one launch gives the bf16 step."""
+    def weights(experts: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return ((torch.randn(experts, 2 * inter, HIDDEN, device="cuda", generator=gen) / 45).bfloat16(),
+                (torch.randn(experts, HIDDEN, inter, device="cuda", generator=gen) / 38).bfloat16())
+
+    w13, w2 = weights(EXPERTS, INTER)
+    sw13, sw2 = weights(1, SHARED_INTER)
+    counts = torch.zeros(EXPERTS, dtype=torch.int32, device="cuda")
+    counts[torch.randperm(EXPERTS, device="cuda", generator=gen)[:TOP_K]] = 1
+    x = torch.randn(EXPERTS, 1, HIDDEN, device="cuda", generator=gen).bfloat16()
+    hidden = torch.randn(1, HIDDEN, device="cuda", generator=gen).bfloat16()
+    nbytes = 2 * (TOP_K * (w13[0].numel() + w2[0].numel()) + sw13.numel() + sw2.numel())
+    active = (active_experts_triton(counts), TOP_K)
+
+    def make() -> Callable[[], object]:
+        return lambda: moe_forward_masked_shared_triton(x, counts, w13, w2, hidden, sw13[0], sw2[0], active=active)
+
+    return make, nbytes
+
+
 def dense_case(n: int, k: int, gen: torch.Generator) -> tuple[Callable[[], Callable[[], object]], int]:
     w, s = fp8.quantize_fp8_weight(torch.randn(n, k, device="cuda", generator=gen) / k**0.5)
     x = torch.randn(1, k, device="cuda", generator=gen).bfloat16()
@@ -201,6 +238,11 @@ def main() -> int:
                     floor_us(nbytes, copy_rate), args.iters)
     if best is not None:
         exports.update(best[1])
+    make, nbytes = bf16_moe_case(gen)
+    sweep(f"bf16, one token, {TOP_K} routed + shared experts", [
+        ("two launches", {FUSED_DECODE_ENV: "0"}), ("one launch", {FUSED_DECODE_ENV: "1"}),
+        ("one launch, without PDL", {FUSED_DECODE_ENV: "1", PDL_ENV: "0"})], make, nbytes,
+        floor_us(nbytes, copy_rate), args.iters)
     write_exports(args.best_env, exports)  # now as well: a call cut short during --dense keeps the experts' pick
     if args.dense:
         # One tile for both projections: the one with the least summed time (each shape's default first).

@@ -198,6 +198,70 @@ def test_triton_fp8_masked_moe_with_shared_experts_matches_the_reference(experts
 
 
 @gpu_test
+@pytest.mark.parametrize("fp8_weights", [True, False], ids=["fp8", "bf16"])
+@pytest.mark.parametrize(("experts", "hidden", "inter", "shared_inter", "capacity", "active_count"),
+                         [(64, 2048, 1408, 2816, 1, 6), (64, 2048, 1408, 2816, 8, 40), (32, 7168, 2048, 2048, 1, 8),
+                          (8, 256, 192, 320, 16, 8)])  # V2-Lite at batch 1 and 8, V3 at EP8, odd blocks
+def test_the_decode_moe_in_one_launch_gives_the_two_launches_bits_over_graph_replays(
+        experts: int, hidden: int, inter: int, shared_inter: int, capacity: int, active_count: int, fp8_weights: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels.triton_moe_fused_decode (the down tiles waiting on their expert's gate/up tiles inside one grid)
+    against the two launches it replaces, on the GPU where the programs really run at once: the same bits for
+    every active expert's rows and the shared experts, in a CUDA graph replayed with new routings, and every
+    counter back at 0."""
+    from kernels.triton_decode_fused import active_experts_triton
+    from kernels.triton_fp8_moe import fp8_moe_forward_masked_shared_triton
+    from kernels.triton_last_program import ring_buffer
+    from kernels.triton_moe import moe_forward_masked_shared_triton
+    from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV
+
+    gen = torch.Generator(device="cuda").manual_seed(capacity + experts)
+    w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
+    sw13, ss13, sw2, ss2 = random_fp8_experts(1, hidden, shared_inter, gen)
+    if not fp8_weights:
+        w13, w2, sw13, sw2 = (fp8.dequantize_fp8_weight(w, s).bfloat16() for w, s in
+                              ((w13, s13), (w2, s2), (sw13, ss13), (sw2, ss2)))
+    counts = torch.zeros(experts, dtype=torch.int32, device="cuda")
+    x = torch.randn(experts, capacity, hidden, device="cuda", generator=gen).bfloat16()
+    hidden_rows = torch.randn(capacity, hidden, device="cuda", generator=gen).bfloat16()
+    active = torch.zeros(experts + 1, dtype=torch.int32, device="cuda")
+
+    def route(seed: int) -> None:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        counts.zero_()
+        picked = torch.randperm(experts, device="cuda", generator=g)[:active_count]
+        counts[picked] = torch.randint(1, capacity + 1, (active_count,), device="cuda", generator=g).int()
+        active.copy_(active_experts_triton(counts))
+
+    def moe() -> tuple[torch.Tensor, torch.Tensor]:
+        if fp8_weights:
+            return fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, hidden_rows, sw13[0], ss13[0],
+                                                        sw2[0], ss2[0], active=(active, active_count))
+        return moe_forward_masked_shared_triton(x, counts, w13, w2, hidden_rows, sw13[0], sw2[0],
+                                                active=(active, active_count))
+
+    def rows_of_active(routed: torch.Tensor) -> torch.Tensor:
+        return torch.where((counts > 0)[:, None, None], routed, 0.0)
+
+    route(0)
+    monkeypatch.setenv(FUSED_DECODE_ENV, "1")
+    moe()  # compiled (and the counters made) outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = moe()
+    for seed in range(5):
+        route(seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setenv(FUSED_DECODE_ENV, "0")
+        routed, shared = moe()
+        monkeypatch.setenv(FUSED_DECODE_ENV, "1")
+        assert torch.equal(rows_of_active(captured[0]), rows_of_active(routed)), seed
+        assert torch.equal(captured[1], shared), seed
+    assert bool((ring_buffer(x.device) == 0).all())
+
+
+@gpu_test
 def test_bit_moving_e4m3_conversion_equals_torchs_on_every_byte() -> None:
     """``kernels.triton_fp8._e4m3_to_bf16_bits`` (integer ops and a bf16x2 multiply by 2^120) against torch's
     float8_e4m3fn -> bfloat16 cast, every byte but the two NaNs, signed zeros and subnormals included."""

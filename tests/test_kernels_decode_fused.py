@@ -293,11 +293,23 @@ valid = (torch.arange(cap)[None, :] < counts[:, None])[..., None]
 from kernels.triton_decode_fused import active_experts_triton
 ay, as_ = moe_forward_masked_shared_triton(x, counts, w13, w2, hidden, gate_up, down,
                                            active=(active_experts_triton(counts), 4))
+# Both GEMMs in one launch (kernels.triton_moe_fused_decode): the two launches' bits, counters back at 0.
+import os
+from kernels.triton_last_program import ring_buffer
+from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV
+os.environ[FUSED_DECODE_ENV] = "1"
+fy, fs = moe_forward_masked_shared_triton(x, counts, w13, w2, hidden, gate_up, down,
+                                          active=(active_experts_triton(counts), 4))
+active_rows = valid & (counts > 0)[:, None, None]
 print(json.dumps({"routed": float((torch.where(valid, y - ry, 0.0)).abs().max()),
                   "tail_zero": bool((torch.where(valid, 0.0, y) == 0).all()),
                   "shared": float((s - rs).abs().max()),
                   "active_routed": float((torch.where(valid, ay - ry, 0.0)).abs().max()),
-                  "active_shared": float((as_ - rs).abs().max())}))
+                  "active_shared": float((as_ - rs).abs().max()),
+                  "fused_equal": bool(torch.equal(torch.where(active_rows, fy, 0.0), torch.where(active_rows, ay, 0.0))
+                                      and torch.equal(fs, as_)),
+                  "fused_tail_zero": bool((fy[2, 5:] == 0).all() and (fy[0, 2:] == 0).all() and (fy[3, 1:] == 0).all()),
+                  "counters_idle": bool((ring_buffer(x.device) == 0).all())}))
 """
 
 
@@ -306,6 +318,7 @@ def test_shared_experts_in_the_routed_launch_equal_the_separate_references_inter
     result = _interpreted(SHARED_CHECK)
     assert result["routed"] < 1e-4 and result["shared"] < 1e-4 and result["tail_zero"], result
     assert result["active_routed"] < 1e-4 and result["active_shared"] < 1e-4, result
+    assert result["fused_equal"] and result["fused_tail_zero"] and result["counters_idle"], result
 
 
 def test_combine_then_norm_is_the_combine_then_the_add_and_norm_bit_for_bit() -> None:

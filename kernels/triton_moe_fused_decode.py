@@ -1,0 +1,253 @@
+"""A decode MoE layer's two expert GEMMs (gate/up, then down) in one launch, routed and shared experts alike.
+
+At one token a layer's expert GEMMs stream 66 MiB of FP8 weights (V2-Lite: six routed experts and the shared
+ones) in two launches of ~20 us each, and each launch pays its own ramp, tail and launch gap: graph-timed on an
+H100 they took 36.9 us where the bytes take 22.9 at ``copy_``'s rate (README, the FP8 decode step). Here one
+grid holds both: its first programs are the gate/up tiles, the rest the down tiles. A down program waits for
+the gate/up tiles of its (expert, row block) to be stored, then runs exactly the down launch's tile, so the
+result is bit for bit the two launches' (same tiles, same K order, the intermediate rounded to the activation
+dtype in memory between them), while the down tiles of the experts done first stream their weights under the
+gate/up tail of the others and the launch boundary is gone.
+
+Why the wait cannot deadlock: a grid's programs start in the order of their index, and every gate/up program
+has a lower index than every down program, so by the time a down program waits, every gate/up program has
+started; none of them waits on anything. (Triton's CPU interpreter runs programs one after another in that
+order, so there the waits are always already satisfied.) The counters follow ``kernels.triton_last_program``'s
+protocol: a gate/up program arrives after a block barrier with a release; a down program spins with acquire
+loads; the last down program of an (expert, row block) sets both of its counters back to 0 for the next launch
+(a CUDA graph replays the same counters).
+
+Weights are FP8 with 128 x 128 block scales (W8A16: the tile converted to the activation dtype, as
+``kernels.triton_fp8_moe``'s decode launches) or in the activation dtype (``kernels.triton_moe``'s masked
+launches); the masked layout, its grid of active experts (``kernels.active_experts``) and the shared experts
+as one more expert of every row (EXTRA) only: what a decode step's MoE runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import env_flag
+from kernels.triton_fp8 import dot_precision, w8a16_bits, w8a16_tile
+from kernels.triton_grid import masked_expert
+from kernels.triton_last_program import arrive_last, launch_counters, reset_counter
+from kernels.triton_pdl import pdl_args, pdl_begin
+
+# On (1) or off (0): the decode MoE in one launch where it applies (``fused_decode_applies``), else two.
+FUSED_DECODE_ENV = "TANDEM_MOE_FUSED_DECODE"
+
+
+def fused_decode_enabled() -> bool:
+    return env_flag(FUSED_DECODE_ENV, default=False)
+
+
+@triton.jit
+def _tile(a_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, up_rows, up_scale_rows, NUM_KB: tl.constexpr,
+          GATED: tl.constexpr, FP8: tl.constexpr, BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+          A_FROM_L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One output tile over ``NUM_KB`` K blocks: the gate (or only) accumulator and the up one, in the order
+    and arithmetic of ``kernels.triton_fp8_moe._fp8_k_loop`` (FP8) or ``kernels.triton_moe._moe_gemm_kernel``.
+    ``up_rows`` / ``up_scale_rows``: the offsets of the up half's weight rows and scale rows. ``A_FROM_L2``: the
+    activation tile was written by other programs of this launch, so it is read past L1 (``.cg``)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(0, NUM_KB):
+        k_mask = offs_k < k_dim - kb * BLOCK_K
+        if A_FROM_L2:
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0, cache_modifier=".cg")
+        else:
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if FP8:
+            b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
+            acc += tl.dot(a, w8a16_tile(b, a, BITS), input_precision=DOT_PRECISION) * b_s[None, :]
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if GATED:
+            b_up = tl.load(b_ptrs + up_rows, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if FP8:
+                bs_up = tl.load(bs_ptrs + up_scale_rows + kb, mask=n_mask, other=0.0)
+                acc_up += tl.dot(a, w8a16_tile(b_up, a, BITS), input_precision=DOT_PRECISION) * bs_up[None, :]
+            else:
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc, acc_up
+
+
+@triton.jit
+def _moe_fused_decode_kernel(
+    x_ptr, w13_ptr, s13_ptr, inter_ptr, w2_ptr, s2_ptr, out_ptr, counts_ptr, active_ptr, sync_ptr,
+    h_ptr, sw13_ptr, ss13_ptr, sinter_ptr, sw2_ptr, ss2_ptr, sout_ptr,
+    num_experts, slots, capacity, D, INTER, SI,
+    stride_xe, stride_xm, stride_w13e, stride_w13n, stride_s13e, stride_s13n,
+    stride_ie, stride_im, stride_w2e, stride_w2n, stride_s2e, stride_s2n, stride_oe, stride_om,
+    stride_hm, stride_sw13n, stride_ss13n, stride_sim, stride_sw2n, stride_ss2n, stride_som,
+    NUM_KB_D: tl.constexpr, NUM_KB_I: tl.constexpr, NUM_KB_SI: tl.constexpr, TILES_1: tl.constexpr,
+    TILES_2: tl.constexpr, M_BLOCKS: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, FP8: tl.constexpr,
+    BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):
+    pdl_begin(PDL)
+    # Programs [0, first_down) are gate/up tiles, the rest down tiles; each ordered column (expert) first, then
+    # row block, then column tile, so the experts listed first finish their gate/up first.
+    first_down = (slots + 1) * M_BLOCKS * TILES_1
+    pid = tl.program_id(0)
+    gate_up = pid < first_down
+    r = tl.where(gate_up, pid, pid - first_down)
+    tiles = tl.where(gate_up, TILES_1, TILES_2)
+    column = r // (M_BLOCKS * tiles)
+    pid_m = (r // tiles) % M_BLOCKS
+    pid_n = r % tiles
+    expert = masked_expert(column, active_ptr, num_experts, slots, True)
+    if expert < 0:  # a column past the active experts
+        return
+    shared = expert == num_experts
+    count = tl.load(counts_ptr + expert, mask=expert < num_experts, other=0).to(tl.int32)
+    if shared:
+        count = tl.zeros_like(count) + capacity
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    cols = offs_n.to(tl.int64)
+    rows = offs_m.to(tl.int64)
+    row_mask = offs_m < count
+    # Two counters an (expert column, row block): gate/up tiles stored, down tiles done.
+    sync = sync_ptr + (column * M_BLOCKS + pid_m) * 2
+    if gate_up:
+        if shared:
+            n_cols = SI
+            a_base = h_ptr
+            a_stride = stride_hm
+            b_base = sw13_ptr
+            b_stride = stride_sw13n
+            bs_base = ss13_ptr
+            bs_stride = stride_ss13n
+            c_base = sinter_ptr
+            c_stride = stride_sim
+        else:
+            n_cols = INTER
+            a_base = x_ptr + expert * stride_xe
+            a_stride = stride_xm
+            b_base = w13_ptr + expert * stride_w13e
+            b_stride = stride_w13n
+            bs_base = s13_ptr + expert * stride_s13e
+            bs_stride = stride_s13n
+            c_base = inter_ptr + expert * stride_ie
+            c_stride = stride_im
+        if pid_n * BLOCK_N >= n_cols or pid_m * BLOCK_M >= count:
+            return  # past this expert's width or rows: no tile, no arrival (the down side counts the same way)
+        n_mask = offs_n < n_cols
+        acc, acc_up = _tile(a_base + rows[:, None] * a_stride + offs_k[None, :],
+                            b_base + cols[None, :] * b_stride + offs_k[:, None],
+                            bs_base + (offs_n // SCALE_BLOCK_N) * bs_stride, row_mask, n_mask, D,
+                            n_cols * b_stride, tl.cdiv(n_cols, SCALE_BLOCK_N) * bs_stride, NUM_KB_D, True, FP8,
+                            BITS, DOT_PRECISION, False, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = acc * tl.sigmoid(acc) * acc_up
+        tl.store(c_base + rows[:, None] * c_stride + cols[None, :], acc.to(c_base.dtype.element_ty),
+                 mask=row_mask[:, None] & n_mask[None, :])
+        tl.debug_barrier()  # every thread's stores before the one release
+        tl.atomic_add(sync, 1, sem="release", scope="gpu")
+    else:
+        if shared:
+            k_dim = SI
+            a_base = sinter_ptr
+            a_stride = stride_sim
+            b_base = sw2_ptr
+            b_stride = stride_sw2n
+            bs_base = ss2_ptr
+            bs_stride = stride_ss2n
+            c_base = sout_ptr
+            c_stride = stride_som
+        else:
+            k_dim = INTER
+            a_base = inter_ptr + expert * stride_ie
+            a_stride = stride_im
+            b_base = w2_ptr + expert * stride_w2e
+            b_stride = stride_w2n
+            bs_base = s2_ptr + expert * stride_s2e
+            bs_stride = stride_s2n
+            c_base = out_ptr + expert * stride_oe
+            c_stride = stride_om
+        n_mask = offs_n < D
+        store_mask = (offs_m < capacity)[:, None] & n_mask[None, :]
+        if pid_m * BLOCK_M >= count:
+            # No rows here: the output's rows past the count are zero (the masked layout's contract), and no
+            # gate/up tile of this row block ran, so nothing to wait for.
+            tl.store(c_base + rows[:, None] * c_stride + cols[None, :],
+                     tl.zeros([BLOCK_M, BLOCK_N], dtype=c_base.dtype.element_ty), mask=store_mask)
+            return
+        stored = tl.cdiv(k_dim, BLOCK_N)  # the gate/up tiles of this row block (its width is this K)
+        while tl.atomic_add(sync, 0, sem="acquire", scope="gpu") < stored:
+            pass
+        tl.debug_barrier()
+        a_ptrs = a_base + rows[:, None] * a_stride + offs_k[None, :]
+        b_ptrs = b_base + cols[None, :] * b_stride + offs_k[:, None]
+        bs_ptrs = bs_base + (offs_n // SCALE_BLOCK_N) * bs_stride
+        if shared:
+            acc, _ = _tile(a_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, 0, 0, NUM_KB_SI, False, FP8, BITS,
+                           DOT_PRECISION, True, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            acc, _ = _tile(a_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, 0, 0, NUM_KB_I, False, FP8, BITS,
+                           DOT_PRECISION, True, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.store(c_base + rows[:, None] * c_stride + cols[None, :], acc.to(c_base.dtype.element_ty),
+                 mask=store_mask)
+        if arrive_last(sync + 1, TILES_2):
+            reset_counter(sync)
+            reset_counter(sync + 1)
+
+
+def fused_decode_applies(x: torch.Tensor, block_m: int, kb_step: int = 1) -> bool:
+    """Whether ``moe_fused_decode`` takes this masked batch: switched on (``FUSED_DECODE_ENV``), one row block
+    an expert (decode: the waits are per row block, and more of them would hold more programs waiting), one K
+    block an iteration."""
+    return fused_decode_enabled() and x.shape[1] <= block_m and kb_step == 1
+
+
+def moe_fused_decode(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     hidden: torch.Tensor, shared_gate_up: torch.Tensor, shared_down: torch.Tensor,
+                     active: tuple[torch.Tensor, int], block: tuple[int, int, int], num_warps: int, num_stages: int,
+                     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                     scale_block_n: int = 128) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(routed ``[E, cap, D]``, shared ``[cap, D]``): the masked MoE over the active experts with the shared
+    experts as one more, in one launch; None where no counters can be had (a first launch inside a CUDA-graph
+    capture: the caller then launches twice). The routed rows of inactive experts are left unwritten, as the
+    two launches leave them. ``block`` = (BLOCK_M, BLOCK_N, BLOCK_K) of both phases; ``scales`` = (w13's,
+    w2's, the shared gate/up's, the shared down's) block scales where the weights are FP8 (W8A16)."""
+    num_experts, capacity, dim = x.shape
+    inter_dim, shared_inter = w2.shape[2], shared_down.shape[1]
+    block_m, block_n, block_k = block
+    slots = min(active[1], num_experts)
+    m_blocks = triton.cdiv(capacity, block_m)
+    sync = launch_counters(x.device, (slots + 1) * m_blocks * 2)
+    if sync is None:
+        return None
+    inter = torch.empty((num_experts, capacity, inter_dim), dtype=x.dtype, device=x.device)
+    sinter = torch.empty((capacity, shared_inter), dtype=x.dtype, device=x.device)
+    out = torch.empty_like(x)
+    sout = torch.empty_like(hidden)
+    fp8 = scales is not None
+    s13, s2, ss13, ss2 = scales if fp8 else (w13, w2, shared_gate_up, shared_down)  # never read without FP8
+    tiles_1 = triton.cdiv(max(inter_dim, shared_inter), block_n)
+    tiles_2 = triton.cdiv(dim, block_n)
+    grid = ((slots + 1) * m_blocks * (tiles_1 + tiles_2),)
+    _moe_fused_decode_kernel[grid](
+        x, w13, s13, inter, w2, s2, out, counts, active[0], sync,
+        hidden, shared_gate_up, ss13, sinter, shared_down, ss2, sout,
+        num_experts, slots, capacity, dim, inter_dim, shared_inter,
+        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
+        inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
+        out.stride(0), out.stride(1),
+        hidden.stride(0), shared_gate_up.stride(0), ss13.stride(0), sinter.stride(0), shared_down.stride(0),
+        ss2.stride(0), sout.stride(0),
+        NUM_KB_D=triton.cdiv(dim, block_k), NUM_KB_I=triton.cdiv(inter_dim, block_k),
+        NUM_KB_SI=triton.cdiv(shared_inter, block_k), TILES_1=tiles_1, TILES_2=tiles_2, M_BLOCKS=m_blocks,
+        SCALE_BLOCK_N=scale_block_n, FP8=fp8, BITS=fp8 and w8a16_bits(x),
+        DOT_PRECISION=dot_precision(x.dtype) if fp8 else ("ieee" if x.dtype == torch.float32 else "tf32"),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        **pdl_args(x),
+    )  # fmt: skip
+    return out, sout
