@@ -79,6 +79,19 @@ def _tile(a_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, up_rows, up_scale_ro
 
 
 @triton.jit
+def _pick(gate_up, shared, gate_up_routed, gate_up_shared, down_routed, down_shared):
+    """One of a program's four operand choices: by phase (gate/up or down), then routed expert or shared."""
+    value = down_routed
+    if gate_up:
+        value = gate_up_routed
+        if shared:
+            value = gate_up_shared
+    elif shared:
+        value = down_shared
+    return value
+
+
+@triton.jit
 def _moe_fused_decode_kernel(
     x_ptr, w13_ptr, s13_ptr, inter_ptr, w2_ptr, s2_ptr, out_ptr, counts_ptr, active_ptr, sync_ptr,
     h_ptr, sw13_ptr, ss13_ptr, sinter_ptr, sw2_ptr, ss2_ptr, sout_ptr,
@@ -117,34 +130,25 @@ def _moe_fused_decode_kernel(
     row_mask = offs_m < count
     # Two counters an (expert column, row block): gate/up tiles stored, down tiles done.
     sync = sync_ptr + (column * M_BLOCKS + pid_m) * 2
+    # This program's operands: gate/up reads the rows (x, or the hidden rows for the shared experts) and writes
+    # the intermediate; down reads that and writes the output.
+    a_base = _pick(gate_up, shared, x_ptr + expert * stride_xe, h_ptr, inter_ptr + expert * stride_ie, sinter_ptr)
+    a_stride = _pick(gate_up, shared, stride_xm, stride_hm, stride_im, stride_sim)
+    b_base = _pick(gate_up, shared, w13_ptr + expert * stride_w13e, sw13_ptr, w2_ptr + expert * stride_w2e, sw2_ptr)
+    b_stride = _pick(gate_up, shared, stride_w13n, stride_sw13n, stride_w2n, stride_sw2n)
+    bs_base = _pick(gate_up, shared, s13_ptr + expert * stride_s13e, ss13_ptr, s2_ptr + expert * stride_s2e, ss2_ptr)
+    bs_stride = _pick(gate_up, shared, stride_s13n, stride_ss13n, stride_s2n, stride_ss2n)
+    c_base = _pick(gate_up, shared, inter_ptr + expert * stride_ie, sinter_ptr, out_ptr + expert * stride_oe, sout_ptr)
+    c_stride = _pick(gate_up, shared, stride_im, stride_sim, stride_om, stride_som)
+    width = _pick(gate_up, shared, INTER, SI, INTER, SI)  # the intermediate's: gate/up's N, down's K
     if gate_up:
-        if shared:
-            n_cols = SI
-            a_base = h_ptr
-            a_stride = stride_hm
-            b_base = sw13_ptr
-            b_stride = stride_sw13n
-            bs_base = ss13_ptr
-            bs_stride = stride_ss13n
-            c_base = sinter_ptr
-            c_stride = stride_sim
-        else:
-            n_cols = INTER
-            a_base = x_ptr + expert * stride_xe
-            a_stride = stride_xm
-            b_base = w13_ptr + expert * stride_w13e
-            b_stride = stride_w13n
-            bs_base = s13_ptr + expert * stride_s13e
-            bs_stride = stride_s13n
-            c_base = inter_ptr + expert * stride_ie
-            c_stride = stride_im
-        if pid_n * BLOCK_N >= n_cols or pid_m * BLOCK_M >= count:
+        if pid_n * BLOCK_N >= width or pid_m * BLOCK_M >= count:
             return  # past this expert's width or rows: no tile, no arrival (the down side counts the same way)
-        n_mask = offs_n < n_cols
+        n_mask = offs_n < width
         acc, acc_up = _tile(a_base + rows[:, None] * a_stride + offs_k[None, :],
                             b_base + cols[None, :] * b_stride + offs_k[:, None],
                             bs_base + (offs_n // SCALE_BLOCK_N) * bs_stride, row_mask, n_mask, D,
-                            n_cols * b_stride, tl.cdiv(n_cols, SCALE_BLOCK_N) * bs_stride, NUM_KB_D, True, FP8,
+                            width * b_stride, tl.cdiv(width, SCALE_BLOCK_N) * bs_stride, NUM_KB_D, True, FP8,
                             BITS, DOT_PRECISION, False, BLOCK_M, BLOCK_N, BLOCK_K)
         acc = acc * tl.sigmoid(acc) * acc_up
         tl.store(c_base + rows[:, None] * c_stride + cols[None, :], acc.to(c_base.dtype.element_ty),
@@ -152,26 +156,6 @@ def _moe_fused_decode_kernel(
         tl.debug_barrier()  # every thread's stores before the one release
         tl.atomic_add(sync, 1, sem="release", scope="gpu")
     else:
-        if shared:
-            k_dim = SI
-            a_base = sinter_ptr
-            a_stride = stride_sim
-            b_base = sw2_ptr
-            b_stride = stride_sw2n
-            bs_base = ss2_ptr
-            bs_stride = stride_ss2n
-            c_base = sout_ptr
-            c_stride = stride_som
-        else:
-            k_dim = INTER
-            a_base = inter_ptr + expert * stride_ie
-            a_stride = stride_im
-            b_base = w2_ptr + expert * stride_w2e
-            b_stride = stride_w2n
-            bs_base = s2_ptr + expert * stride_s2e
-            bs_stride = stride_s2n
-            c_base = out_ptr + expert * stride_oe
-            c_stride = stride_om
         n_mask = offs_n < D
         store_mask = (offs_m < capacity)[:, None] & n_mask[None, :]
         if pid_m * BLOCK_M >= count:
@@ -180,7 +164,7 @@ def _moe_fused_decode_kernel(
             tl.store(c_base + rows[:, None] * c_stride + cols[None, :],
                      tl.zeros([BLOCK_M, BLOCK_N], dtype=c_base.dtype.element_ty), mask=store_mask)
             return
-        stored = tl.cdiv(k_dim, BLOCK_N)  # the gate/up tiles of this row block (its width is this K)
+        stored = tl.cdiv(width, BLOCK_N)  # the gate/up tiles of this row block (its width is this K)
         while tl.atomic_add(sync, 0, sem="acquire", scope="gpu") < stored:
             pass
         tl.debug_barrier()
@@ -188,10 +172,10 @@ def _moe_fused_decode_kernel(
         b_ptrs = b_base + cols[None, :] * b_stride + offs_k[:, None]
         bs_ptrs = bs_base + (offs_n // SCALE_BLOCK_N) * bs_stride
         if shared:
-            acc, _ = _tile(a_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, 0, 0, NUM_KB_SI, False, FP8, BITS,
+            acc, _ = _tile(a_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, width, 0, 0, NUM_KB_SI, False, FP8, BITS,
                            DOT_PRECISION, True, BLOCK_M, BLOCK_N, BLOCK_K)
         else:
-            acc, _ = _tile(a_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, 0, 0, NUM_KB_I, False, FP8, BITS,
+            acc, _ = _tile(a_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, width, 0, 0, NUM_KB_I, False, FP8, BITS,
                            DOT_PRECISION, True, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.store(c_base + rows[:, None] * c_stride + cols[None, :], acc.to(c_base.dtype.element_ty),
                  mask=store_mask)
