@@ -104,6 +104,9 @@ FUSED_VARIANTS: list[Variant] = [
     ("active experts, one launch", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1", FUSED_DECODE_ENV: "1"}),
     ("active experts, one launch, without PDL", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
                                                  FUSED_DECODE_ENV: "1", PDL_ENV: "0"}),
+    *((f"one launch 16x{n}x128 {w} warps {st} stages", {tfm.MOE_DECODE_TILE_ENV: f"{n},{w},{st},1",
+                                                        ACTIVE_GRID_ENV: "1", FUSED_DECODE_ENV: "1"})
+      for n, w, st in ((16, 4, 4), (32, 4, 3), (32, 4, 5), (64, 4, 4), (32, 8, 4))),
 ]
 
 
