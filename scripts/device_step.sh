@@ -101,7 +101,7 @@ left() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/00_env.log"
 # A carried FlashMLA extension is used by every step (tests included); a build only when asked for.
 [[ " $STEPS " == *" flashmla "* || -f .gpu_carry/flash_mla_dense.so ]] && flashmla_start "$OUT_SAVED" "$OUT"
-DS="--device cuda --model-config v2-lite --load-format dummy --batch-sizes 1,8,64 --context 1024"
+DS=${DS:-"--device cuda --model-config v2-lite --load-format dummy --batch-sizes 1,8,64 --context 1024"}
 for s in $STEPS; do
     # step@LABEL: a pd step again with $PD_ARGS_LABEL added, its results named with _LABEL
     label="" && case $s in *@*) label=${s#*@} s=${s%@*} ;; esac

@@ -219,8 +219,9 @@ def test_the_decode_moe_in_one_launch_gives_the_two_launches_bits_over_graph_rep
     w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
     sw13, ss13, sw2, ss2 = random_fp8_experts(1, hidden, shared_inter, gen)
     if not fp8_weights:
-        w13, w2, sw13, sw2 = (fp8.dequantize_fp8_weight(w, s).bfloat16() for w, s in
-                              ((w13, s13), (w2, s2), (sw13, ss13), (sw2, ss2)))
+        # w13's scales hold the gate half's block rows, then the up half's (kernels.fp8.dequantize_fp8_gated).
+        w13, sw13 = (fp8.dequantize_fp8_gated(w, s).bfloat16() for w, s in ((w13, s13), (sw13, ss13)))
+        w2, sw2 = (fp8.dequantize_fp8_weight(w, s).bfloat16() for w, s in ((w2, s2), (sw2, ss2)))
     counts = torch.zeros(experts, dtype=torch.int32, device="cuda")
     x = torch.randn(experts, capacity, hidden, device="cuda", generator=gen).bfloat16()
     hidden_rows = torch.randn(capacity, hidden, device="cuda", generator=gen).bfloat16()
