@@ -29,18 +29,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import env_flag
+from kernels.backend import env_choice
 from kernels.triton_fp8 import dot_precision, w8a16_bits, w8a16_tile
 from kernels.triton_grid import masked_expert
 from kernels.triton_last_program import arrive_last, launch_counters, reset_counter
 from kernels.triton_pdl import pdl_args, pdl_begin
 
-# On (1) or off (0): the decode MoE in one launch where it applies (``fused_decode_applies``), else two.
+# "auto" (the default), "1" or "0": the decode MoE in one launch at AUTO_ROWS tokens an expert, wherever it
+# applies, or never. One H100, the V2-Lite step's graph replays with two launches and with one, two pairs of runs
+# in one call (bench/results/decode_step_fp8_vs_bf16_{two,onelaunch}{,2}_call2_h100_s44.json) and a third at
+# batch 1 / 8 in another (_call1_): one launch was faster at batch 2 and 4 in every pair (FP8 3-10 %, bf16 1-6 %),
+# at 8 in five of six comparisons (up to 5 %), even at 16, and split at 1 for FP8 (+4, +2 and -1 %).
 FUSED_DECODE_ENV = "TANDEM_MOE_FUSED_DECODE"
-
-
-def fused_decode_enabled() -> bool:
-    return env_flag(FUSED_DECODE_ENV, default=False)
+AUTO_ROWS = (2, 8)
 
 
 @triton.jit
@@ -185,10 +186,13 @@ def _moe_fused_decode_kernel(
 
 
 def fused_decode_applies(x: torch.Tensor, block_m: int, kb_step: int = 1) -> bool:
-    """Whether ``moe_fused_decode`` takes this masked batch: switched on (``FUSED_DECODE_ENV``), one row block
-    an expert (decode: the waits are per row block, and more of them would hold more programs waiting), one K
-    block an iteration."""
-    return fused_decode_enabled() and x.shape[1] <= block_m and kb_step == 1
+    """Whether ``moe_fused_decode`` takes this masked batch ``[E, capacity, D]``: one row block an expert
+    (decode: the waits are per row block, and more of them would hold more programs waiting), one K block an
+    iteration, and ``FUSED_DECODE_ENV`` says so (``auto``: capacity within ``AUTO_ROWS``)."""
+    mode = env_choice(FUSED_DECODE_ENV, ("auto", "0", "1"), "auto")
+    if mode == "0" or x.shape[1] > block_m or kb_step != 1:
+        return False
+    return mode == "1" or AUTO_ROWS[0] <= x.shape[1] <= AUTO_ROWS[1]
 
 
 def moe_fused_decode(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

@@ -226,10 +226,11 @@ def check_fused_decode(xm: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor
 
     active = (active_experts_triton(counts), 3)
     xm = xm.contiguous()
-    two_r, two_s = tfm.fp8_moe_forward_masked_shared_triton(xm, counts, w13, w13_s, w2, w2_s, hid, *shared,
-                                                             active=active)
-    os.environ[FUSED_DECODE_ENV] = "1"
+    os.environ[FUSED_DECODE_ENV] = "0"
     try:
+        two_r, two_s = tfm.fp8_moe_forward_masked_shared_triton(xm, counts, w13, w13_s, w2, w2_s, hid, *shared,
+                                                                 active=active)
+        os.environ[FUSED_DECODE_ENV] = "1"
         one_r, one_s = tfm.fp8_moe_forward_masked_shared_triton(xm, counts, w13, w13_s, w2, w2_s, hid, *shared,
                                                                  active=active)
     finally:

@@ -289,14 +289,15 @@ down = torch.randn(dim, shared_inter, generator=g) * 0.1
 y, s = moe_forward_masked_shared_triton(x, counts, w13, w2, hidden, gate_up, down)
 ry, rs = moe_forward_masked_shared(x, counts, w13, w2, hidden, gate_up, down)
 valid = (torch.arange(cap)[None, :] < counts[:, None])[..., None]
-# The grid of the active experts alone (3 of 4 have rows; 4 slots: one returns at once).
+# The grid of the active experts alone (3 of 4 have rows; 4 slots: one returns at once), in two launches.
+import os
 from kernels.triton_decode_fused import active_experts_triton
+from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV
+os.environ[FUSED_DECODE_ENV] = "0"
 ay, as_ = moe_forward_masked_shared_triton(x, counts, w13, w2, hidden, gate_up, down,
                                            active=(active_experts_triton(counts), 4))
 # Both GEMMs in one launch (kernels.triton_moe_fused_decode): the two launches' bits, counters back at 0.
-import os
 from kernels.triton_last_program import ring_buffer
-from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV
 os.environ[FUSED_DECODE_ENV] = "1"
 fy, fs = moe_forward_masked_shared_triton(x, counts, w13, w2, hidden, gate_up, down,
                                           active=(active_experts_triton(counts), 4))
@@ -331,3 +332,26 @@ def test_combine_then_norm_is_the_combine_then_the_add_and_norm_bit_for_bit() ->
     normed, summed = decode_fused.moe_combine_add_rms_norm(y, dest, ids, weights, add, res, nw, 1e-6)
     combined = decode_fused.moe_combine(y, dest, ids, weights, add)
     assert torch.equal(summed, combined + res) and torch.equal(normed, rms_norm(combined + res, nw, 1e-6))
+
+
+@needs_triton
+def test_the_decode_moe_takes_one_launch_where_it_was_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` runs one launch at 2-8 tokens an expert (where the GPU runs had it faster), never past one row
+    block or with several K blocks an iteration; ``1`` / ``0`` force it where it applies / never; a bad value is
+    refused."""
+    from kernels.triton_moe_fused_decode import AUTO_ROWS, FUSED_DECODE_ENV, fused_decode_applies
+
+    def takes(capacity: int, block_m: int = 16, kb_step: int = 1) -> bool:
+        return fused_decode_applies(torch.empty(4, capacity, 8), block_m, kb_step)
+
+    monkeypatch.delenv(FUSED_DECODE_ENV, raising=False)
+    assert AUTO_ROWS == (2, 8)
+    assert [takes(c) for c in (1, 2, 8, 9, 16)] == [False, True, True, False, False]
+    assert not takes(4, kb_step=2) and not takes(4, block_m=2)
+    monkeypatch.setenv(FUSED_DECODE_ENV, "1")
+    assert [takes(c) for c in (1, 16, 17)] == [True, True, False]
+    monkeypatch.setenv(FUSED_DECODE_ENV, "0")
+    assert not takes(4)
+    monkeypatch.setenv(FUSED_DECODE_ENV, "yes")
+    with pytest.raises(ValueError, match=FUSED_DECODE_ENV):
+        takes(4)
