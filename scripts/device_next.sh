@@ -23,10 +23,10 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 # Carry .gpu_slim (scripts/make_gpu_bundle.sh's wheels and NIXL, no Mooncake: the tree and the full bundle
 # passed the 64 MiB a call carries) linked as .gpu_bundle.
 # Call 1 (H100): one launch took one layer's FP8 experts 40.4 us against 37.6 for two (bf16 56.6 against 58.4);
-# the FP8 step 2.79 / 5.50 / 9.97 ms at batch 1 / 8 / 64 against 2.73 / 5.75 / 10.00; every GPU test of it passed
-# but one (its bf16 case of odd blocks dequantized w13 wrongly, fixed); the cap sweep found wrong GEMMs at
-# 55-85 %. Call 2: the two against the one at batch 1-16, each twice, alternating.
-default_steps="tests fp8vsbf16@two fp8vsbf16@onelaunch fp8vsbf16@two2 fp8vsbf16@onelaunch2"
+# the cap sweep found wrong GEMMs at 55-85 %. Call 2 (H100), two A/B pairs at batch 1-16: one launch faster at 2-8
+# tokens (now the default there: TANDEM_MOE_FUSED_DECODE=auto), split at 1. Next: the GPU tests with that default
+# (greedy tokens, graphs, the one-launch bits), then serving c8 beside the landed tree (decode runs at batch ~8).
+default_steps="tests fp8vsbf16"
 echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
 PD_ARGS_p70=${PD_ARGS_p70:-"--mps-prefill-sm 70"} PD_ARGS_p50=${PD_ARGS_p50:-"--mps-prefill-sm 50"} \
 PD_ENV_nopdl=${PD_ENV_nopdl:-"TANDEM_PDL=0"} PD_ARGS_noovl=${PD_ARGS_noovl:-"--disable-overlap-schedule"} \
@@ -34,4 +34,4 @@ PD_ARGS_noovl2=${PD_ARGS_noovl2:-"--disable-overlap-schedule"} PD_ARGS_g16=${PD_
 PD_ARGS_noovlbig=${PD_ARGS_noovlbig:-"--max-prefill-tokens 16384 --disable-overlap-schedule"} \
 PD_ENV_onelaunch=${PD_ENV_onelaunch:-"TANDEM_MOE_FUSED_DECODE=1"} PD_ENV_onelaunch2=${PD_ENV_onelaunch2:-"TANDEM_MOE_FUSED_DECODE=1"} PD_ENV_two=${PD_ENV_two:-"TANDEM_MOE_FUSED_DECODE=0"} PD_ENV_two2=${PD_ENV_two2:-"TANDEM_MOE_FUSED_DECODE=0"} \
     DS=${DS:-"--device cuda --model-config v2-lite --load-format dummy --batch-sizes 1,2,4,8,16 --context 1024"} PD_ENV_fused=${PD_ENV_fused:-"TANDEM_HEAD_MATMUL=triton TANDEM_COMBINE_NORM=1 TANDEM_ROUTER_FUSED=1"} STEPS=${STEPS:-$default_steps} SWEEP_LIMIT=${SWEEP_LIMIT:-200} FP8_SWEEP_ARGS=${FP8_SWEEP_ARGS:-"--iters 20"} \
-    TESTS_K=${TESTS_K:-"one_launch"} exec bash scripts/device_step.sh
+    TESTS_K=${TESTS_K:-"greedy_tokens_equal or one_launch or masked_moe_with_shared or graph"} exec bash scripts/device_step.sh
