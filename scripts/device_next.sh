@@ -3,9 +3,8 @@
 # them; its header says what each step does). Issue 15's c8 line asks 2x the base tree's 313 tok/s (an H200's):
 # the c8 runs, with the base tree beside them, come first on either card.
 #   OUT=DIR BUDGET=540 bash scripts/device_next.sh      (STEPS / SWEEP_LIMIT override the choice)
-# From the machine here: carry .gpu_bundle, .issue_base and a snapshot .snap (`git archive HEAD`), then
-#   mkdir -p $OUT; ln -sfn ../.gpu_bundle .snap/.gpu_bundle; ln -sfn ../.issue_base .snap/.issue_base; cd .snap;
-#   OUT=$OUT BUDGET=540 bash scripts/device_next.sh > $OUT/console.log 2>&1
+# From the machine here: carry .gpu_slim (below; and .issue_base, `git archive 69f5b33`, for the steps that run
+# issue 15's base tree) and run from the repository root, the tree itself being what the call copies.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
@@ -16,12 +15,12 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 # cuBLAS computes wrong GEMMs under) and 1093 / 492 (H200, uncapped, 16384-token prefill forwards).
 # Call 3 (H200): c8 702.7 / 687.6 against 331.1 (2.12 / 2.08x); c32 at the issue's --cuda-graph-max-bs 16 929.5
 # against 357.9 (2.60x), at 32 on both 925.6 against 480.1 (1.93x): issue 15's lines hold on its card.
-# Next (session 44), issue 16: the decode MoE's two expert launches as one (kernels.triton_moe_fused_decode) on
-# the GPU: its tests (bits equal to the two launches, over graph replays), one layer's launches timed both ways
-# (FP8 and bf16), the FP8 vs bf16 step with two launches and with one; then the start-up check of capped ranks
-# (engine.mps_cap_check, not yet run on a GPU): the GEMM sweep under MPS caps, the same code a capped rank runs.
-# Carry .gpu_slim (scripts/make_gpu_bundle.sh's wheels and NIXL, no Mooncake: the tree and the full bundle
-# passed the 64 MiB a call carries) linked as .gpu_bundle.
+# Session 44, issue 16: the decode MoE's two expert launches as one (kernels.triton_moe_fused_decode).
+# Carry .gpu_slim, linked as .gpu_bundle on the GPU host: scripts/make_gpu_bundle.sh's wheels and NIXL without
+# Mooncake (`mkdir -p .gpu_slim && cp .gpu_bundle/*.whl .gpu_bundle/nixl_site.tar.gz .gpu_slim/`), as the tree
+# and the full bundle passed the 64 MiB a call carries. The call's command, from the repository root:
+#   mkdir -p $OUT; rm -rf .gpu_bundle; ln -s .gpu_slim .gpu_bundle; OUT=$OUT BUDGET=540 bash scripts/device_next.sh \
+#     > $OUT/console.log 2>&1
 # Call 1 (H100): one launch took one layer's FP8 experts 40.4 us against 37.6 for two (bf16 56.6 against 58.4);
 # the cap sweep found wrong GEMMs at 55-85 %. Call 2 (H100), two A/B pairs at batch 1-16: one launch faster at 2-8
 # tokens (now the default there: TANDEM_MOE_FUSED_DECODE=auto), split at 1. Next: the GPU tests with that default
