@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,11 +117,50 @@ def plot(report: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def plot_overlay(runs: list[tuple[str, dict[str, Any]]], path: str) -> None:
+    """Several runs' steps against batch size on one axis (FP8 solid, bf16 dashed, one colour a run): A/B pairs
+    of a switch, read side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (label, report) in enumerate(runs):
+        rows = report["results"]
+        batch = [r["batch_size"] for r in rows]
+        colour = f"C{i}"
+        ax.plot(batch, [r["fp8_ms"] for r in rows], "o-", color=colour, label=f"{label}, FP8")
+        ax.plot(batch, [r["bf16_ms"] for r in rows], "s--", color=colour, label=f"{label}, bf16")
+    ax.set_xscale("log", base=2)
+    batches = sorted({r["batch_size"] for _, report in runs for r in report["results"]})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("ms per CUDA-graph decode step")
+    first = runs[0][1]
+    ax.set_title(f"decode step: {first['model']}, context {first['context']}, {first['device']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.decode_step_fp8", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/decode_step_fp8_vs_bf16_"
                                                     "<device>.json)")
+    parser.add_argument("--overlay", nargs="+", metavar="LABEL=JSON",
+                        help="plot these runs' JSONs on one axis into --png instead of running")
+    parser.add_argument("--png", default=None, help="the --overlay PNG's path")
     args, rest = parser.parse_known_args(argv)
+    if args.overlay:
+        if not args.png or rest or any("=" not in item for item in args.overlay):
+            parser.error("--overlay takes LABEL=JSON items and --png PATH, nothing else")
+        runs = [(label, json.loads(Path(path).read_text())) for label, path in
+                (item.split("=", 1) for item in args.overlay)]
+        plot_overlay(runs, args.png)
+        print(f"wrote {args.png}")
+        return 0
     if any(a == "--quantization" or a.startswith("--quantization=") for a in rest):
         parser.error("--quantization is what this bench varies: leave it out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

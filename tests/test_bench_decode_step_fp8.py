@@ -46,3 +46,27 @@ def test_the_gemm_floor_split_counts_only_the_kernels_that_stream_fp8_weights() 
     assert split["fp8_rest_ms"] == pytest.approx(1.4)
     assert split["fp8_over_bf16_at_gemm_floor"] == pytest.approx(1.65 / 3.3)
     assert decode_step_fp8.at_gemm_floor({"graph": {"ms": 3.3}}, {**fp8, "graph_profile": None}, 3000.0) == {}
+    # The expert GEMMs in one launch (kernels.triton_moe_fused_decode) count as well.
+    one_launch = [{**k, "kernel": "_moe_fused_decode_kernel"} if k["kernel"] == "_fp8_moe_gemm_kernel" else k
+                  for k in profile]
+    split = decode_step_fp8.at_gemm_floor({"graph": {"ms": 3.3}}, {**fp8, "graph_profile": one_launch}, 3000.0)
+    assert split["fp8_gemm_ms"] == pytest.approx(1.6)
+
+
+def test_overlay_plots_several_runs_on_one_axis_and_refuses_a_half_given_overlay(tmp_path: Path) -> None:
+    def run(ms: float) -> dict:
+        rows = [{"batch_size": b, "fp8_ms": ms * b, "bf16_ms": 1.3 * ms * b} for b in (1, 2, 4)]
+        return {"model": "v2-lite", "context": 1024, "device": "test", "results": rows}
+
+    paths = []
+    for name, ms in (("two", 1.0), ("one", 0.9)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(run(ms)))
+    png = tmp_path / "overlay.png"
+    assert decode_step_fp8.main(["--overlay", f"two launches={paths[0]}", f"one launch={paths[1]}",
+                                 "--png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        decode_step_fp8.main(["--overlay", f"two launches={paths[0]}"])  # no --png
+    with pytest.raises(SystemExit):
+        decode_step_fp8.main(["--overlay", str(paths[0]), "--png", str(png)])  # no label
