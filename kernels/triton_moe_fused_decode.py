@@ -204,9 +204,12 @@ def moe_fused_decode(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w
     experts as one more, in one launch; None where no counters can be had (a first launch inside a CUDA-graph
     capture: the caller then launches twice). The routed rows of inactive experts are left unwritten, as the
     two launches leave them. ``block`` = (BLOCK_M, BLOCK_N, BLOCK_K) of both phases; ``scales`` = (w13's,
-    w2's, the shared gate/up's, the shared down's) block scales where the weights are FP8 (W8A16)."""
+    w2's, the shared gate/up's, the shared down's) block scales where the weights are FP8 (W8A16). None as well
+    where an operand's last dim is not contiguous."""
     num_experts, capacity, dim = x.shape
     inter_dim, shared_inter = w2.shape[2], shared_down.shape[1]
+    if any(t.stride(-1) != 1 for t in (x, w13, w2, hidden, shared_gate_up, shared_down, *(scales or ()))):
+        return None  # the kernel steps K (and a scale row) one element at a time
     block_m, block_n, block_k = block
     slots = min(active[1], num_experts)
     m_blocks = triton.cdiv(capacity, block_m)
