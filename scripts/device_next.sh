@@ -16,9 +16,9 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 # Call 3 (H200): c8 702.7 / 687.6 against 331.1 (2.12 / 2.08x); c32 at the issue's --cuda-graph-max-bs 16 929.5
 # against 357.9 (2.60x), at 32 on both 925.6 against 480.1 (1.93x): issue 15's lines hold on its card.
 # Session 44, issue 16: the decode MoE's two expert launches as one (kernels.triton_moe_fused_decode).
-# Carry .gpu_slim, linked as .gpu_bundle on the GPU host: scripts/make_gpu_bundle.sh's wheels and NIXL without
-# Mooncake (`mkdir -p .gpu_slim && cp .gpu_bundle/*.whl .gpu_bundle/nixl_site.tar.gz .gpu_slim/`), as the tree
-# and the full bundle passed the 64 MiB a call carries. The call's command, from the repository root:
+# Carry .gpu_slim, linked as .gpu_bundle on the GPU host: the bundle's wheels and NIXL without Mooncake
+# (scripts/make_gpu_bundle.sh writes it beside .gpu_bundle), as the tree and the full bundle passed the 64 MiB a
+# call carries. The call's command, from the repository root:
 #   mkdir -p $OUT; rm -rf .gpu_bundle; ln -s .gpu_slim .gpu_bundle; OUT=$OUT BUDGET=540 bash scripts/device_next.sh \
 #     > $OUT/console.log 2>&1
 # Call 1 (H100): one launch took one layer's FP8 experts 40.4 us against 37.6 for two (bf16 56.6 against 58.4);

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds .gpu_bundle/ (git-ignored), what the device scripts carry to the GPU machine and
+# Builds .gpu_bundle/ and .gpu_slim/ (git-ignored; the slim one without Mooncake), what the device scripts carry
+# to the GPU machine and
 # scripts/device_lib.sh installs into /tmp/site there (x86_64, CPython 3.12, torch CUDA 13, no network):
 #   *.whl                        orjson, msgspec, pyzmq (cp312 manylinux wheels, installed --no-deps)
 #   nixl_site.tar.gz             nixl (meta) + nixl_cu13 unpacked as a site dir, trimmed to the UCX backend
@@ -297,3 +298,11 @@ echo "== $BUNDLE"
 total_kb=$(du -sk "$BUNDLE" | cut -f1)
 echo "total: $((total_kb / 1024)) MB (${total_kb} KB)"
 [ "$total_kb" -lt $((MAX_MB * 1024)) ] || die "bundle is over ${MAX_MB} MB"
+
+# 6. The slim carry (.gpu_slim/): the wheels and NIXL without Mooncake. The tracked tree and the full bundle
+# together pass the 64 MiB a device call carries; the decode-step, kernel and GPU-test steps need no Mooncake
+# (scripts/device_next.sh links .gpu_slim as .gpu_bundle on the GPU host).
+SLIM=$ROOT/.gpu_slim
+rm -rf "$SLIM" && mkdir -p "$SLIM"
+cp "$BUNDLE"/*.whl "$BUNDLE"/nixl_site.tar.gz "$SLIM"/
+echo "== $SLIM: $(( $(du -sk "$SLIM" | cut -f1) / 1024 )) MB (no Mooncake)"
