@@ -92,7 +92,7 @@ class LLM:
         self.kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
         started = time.monotonic()
         if self.device.type == "cuda":  # under an MPS SM cap only (engine.mps_cap_check)
-            check_gemms_under_sm_cap(self.config, self.device, rows=min(max_prefill_tokens, 4096), dtype=self.dtype)
+            check_gemms_under_sm_cap(self.config, self.device, rows=max_prefill_tokens, dtype=self.dtype)
         self.quant = plan_quantization(quantization, self.config, self.device, self.dtype)
         self.model = DeepseekForCausalLM(self.config, dtype=self.dtype, device=self.device, fp8=self.quant.model_fp8)
         load_model(self.model, model_dir, load_format, seed, self.quant.in_effect)

@@ -20,6 +20,7 @@ from engine.config import ModelConfig
 
 CAP_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 MAX_REL_ERR = 1e-2  # bf16 products of these sizes land near 2e-3; the wrong ones were 0.2 and more, or NaN
+MAX_ROWS = 4096  # the tallest product checked: the wrong ones showed at 4096 rows, and a rank's start stays short
 
 
 def sm_cap_percent() -> float | None:
@@ -63,11 +64,12 @@ def gemm_errors(config: ModelConfig, device: torch.device, rows: int,
 
 def check_gemms_under_sm_cap(config: ModelConfig, device: torch.device, rows: int,
                              dtype: torch.dtype = torch.bfloat16) -> None:
-    """Under an SM cap, `gemm_errors`: a RuntimeError naming the first wrong product. Without a cap: nothing."""
+    """Under an SM cap, `gemm_errors` at 8 rows and at ``rows`` (a rank's prefill tokens a forward; at most
+    `MAX_ROWS`): a RuntimeError naming the first wrong product. Without a cap: nothing."""
     percent = sm_cap_percent()
     if percent is None:
         return
-    for m, k, n, _, rel in gemm_errors(config, device, rows, dtype):
+    for m, k, n, _, rel in gemm_errors(config, device, min(rows, MAX_ROWS), dtype):
         if not rel <= MAX_REL_ERR:  # NaN too
             raise RuntimeError(
                 f"under an MPS SM cap of {percent:g} % ({CAP_ENV}) this GPU's GEMM library computed a wrong "

@@ -458,6 +458,7 @@ def fp8_moe_forward_masked_shared_triton(
     if active is not None and cfg == down_cfg and fused_decode_applies(x, cfg.block_m, cfg.kb_step):
         fused = moe_fused_decode(x, counts, w13, w2, hidden, shared_gate_up, shared_down, active,
                                  (cfg.block_m, cfg.block_n, block_size[1]), cfg.num_warps, cfg.num_stages,
+                                 dot_precision(x.dtype),
                                  (w13_scale, w2_scale, shared_gate_up_scale, shared_down_scale), block_size[0])
         if fused is not None:
             return fused

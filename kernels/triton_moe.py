@@ -429,7 +429,8 @@ def moe_forward_masked_shared_triton(
     cfg = default_gemm_config(hint, x.dtype)
     if active is not None and fused_decode_applies(x, cfg.block_m):
         fused = moe_fused_decode(x, counts, w13, w2, hidden, shared_gate_up, shared_down, active,
-                                 (cfg.block_m, cfg.block_n, cfg.block_k), cfg.num_warps, cfg.num_stages)
+                                 (cfg.block_m, cfg.block_n, cfg.block_k), cfg.num_warps, cfg.num_stages,
+                                 _dot_precision(x.dtype))
         if fused is not None:
             return fused
     inter = torch.empty((num_experts, capacity, w2.shape[2]), dtype=x.dtype, device=x.device)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import env_choice
-from kernels.triton_fp8 import dot_precision, w8a16_bits, w8a16_tile
+from kernels.triton_fp8 import w8a16_bits, w8a16_tile
 from kernels.triton_grid import masked_expert
 from kernels.triton_last_program import arrive_last, launch_counters, reset_counter
 from kernels.triton_pdl import pdl_args, pdl_begin
@@ -39,7 +39,8 @@ from kernels.triton_pdl import pdl_args, pdl_begin
 # applies, or never. One H100, the V2-Lite step's graph replays with two launches and with one, two pairs of runs
 # in one call (bench/results/decode_step_fp8_vs_bf16_{two,onelaunch}{,2}_call2_h100_s44.json) and a third at
 # batch 1 / 8 in another (_call1_): one launch was faster at batch 2 and 4 in every pair (FP8 3-10 %, bf16 1-6 %),
-# at 8 in five of six comparisons (up to 5 %), even at 16, and split at 1 for FP8 (+4, +2 and -1 %).
+# at 8 in five of six comparisons (up to 5 %), within 3 % either way at 16, and split at 1 for FP8 (+4, +2
+# and -1 %).
 FUSED_DECODE_ENV = "TANDEM_MOE_FUSED_DECODE"
 AUTO_ROWS = (2, 8)
 
@@ -198,12 +199,14 @@ def fused_decode_applies(x: torch.Tensor, block_m: int, kb_step: int = 1) -> boo
 def moe_fused_decode(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      hidden: torch.Tensor, shared_gate_up: torch.Tensor, shared_down: torch.Tensor,
                      active: tuple[torch.Tensor, int], block: tuple[int, int, int], num_warps: int, num_stages: int,
+                     precision: str | None,
                      scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                      scale_block_n: int = 128) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(routed ``[E, cap, D]``, shared ``[cap, D]``): the masked MoE over the active experts with the shared
     experts as one more, in one launch; None where no counters can be had (a first launch inside a CUDA-graph
     capture: the caller then launches twice). The routed rows of inactive experts are left unwritten, as the
-    two launches leave them. ``block`` = (BLOCK_M, BLOCK_N, BLOCK_K) of both phases; ``scales`` = (w13's,
+    two launches leave them. ``block`` = (BLOCK_M, BLOCK_N, BLOCK_K) of both phases, ``precision`` ``tl.dot``'s
+    input precision, each as the caller's two launches take them; ``scales`` = (w13's,
     w2's, the shared gate/up's, the shared down's) block scales where the weights are FP8 (W8A16). None as well
     where an operand's last dim is not contiguous."""
     num_experts, capacity, dim = x.shape
@@ -237,7 +240,7 @@ def moe_fused_decode(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w
         NUM_KB_D=triton.cdiv(dim, block_k), NUM_KB_I=triton.cdiv(inter_dim, block_k),
         NUM_KB_SI=triton.cdiv(shared_inter, block_k), TILES_1=tiles_1, TILES_2=tiles_2, M_BLOCKS=m_blocks,
         SCALE_BLOCK_N=scale_block_n, FP8=fp8, BITS=fp8 and w8a16_bits(x),
-        DOT_PRECISION=dot_precision(x.dtype) if fp8 else ("ieee" if x.dtype == torch.float32 else "tf32"),
+        DOT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
         **pdl_args(x),
     )  # fmt: skip

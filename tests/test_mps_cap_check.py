@@ -65,3 +65,18 @@ def test_a_capped_rank_refuses_to_start_when_a_product_is_wrong_and_starts_when_
     monkeypatch.setattr(mps_cap_check.F, "linear", off_by_a_fifth)
     with pytest.raises(RuntimeError, match="relative error 0.2"):
         mps_cap_check.check_gemms_under_sm_cap(config, cpu, rows=64)
+
+
+def test_the_check_multiplies_at_most_max_rows_however_many_prefill_tokens_a_rank_takes(
+        monkeypatch: pytest.MonkeyPatch, config: ModelConfig) -> None:
+    asked = []
+
+    def recorded(config: ModelConfig, device: torch.device, rows: int, dtype: torch.dtype):
+        asked.append(rows)
+        return iter(())
+
+    monkeypatch.setattr(mps_cap_check, "gemm_errors", recorded)
+    monkeypatch.setenv(mps_cap_check.CAP_ENV, "70")
+    for rows in (64, mps_cap_check.MAX_ROWS, 16384):
+        mps_cap_check.check_gemms_under_sm_cap(config, torch.device("cpu"), rows=rows)
+    assert asked == [64, 4096, 4096]

@@ -135,7 +135,7 @@ def build_rank_engine(ctx: RankContext, args: EngineArgs, expert_parallel: bool 
 
         check_memory(ctx.spec, args, torch.cuda.mem_get_info(device)[1] / 1e9)
     if device.type == "cuda":  # under an MPS SM cap only: cuBLAS gave wrong products under some caps
-        check_gemms_under_sm_cap(config, device, rows=min(args.max_prefill_tokens, 4096), dtype=dtype)
+        check_gemms_under_sm_cap(config, device, rows=args.max_prefill_tokens, dtype=dtype)
     redundant = args.eplb.num_redundant_experts if args.eplb is not None else 0
     # A rank joining a running instance (elastic EP) builds its shard before its world exists; it meets the
     # instance when its runner starts (`engine.runtime.rank_loop.run_rank`).
