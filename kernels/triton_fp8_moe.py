@@ -42,7 +42,7 @@ from kernels.triton_fp8 import (
     w8a16_bits,
     w8a16_tile,
 )
-from kernels.triton_grid import extra_mode, grid_column, grouped_tile, masked_expert
+from kernels.triton_grid import grouped_tile, masked_expert
 from kernels.triton_moe import ExpertSort, combine_slots, sort_by_expert
 from kernels.triton_moe_fused_decode import fused_decode_applies, moe_fused_decode
 from kernels.triton_pdl import pdl_args, pdl_begin
@@ -147,7 +147,6 @@ def _fp8_moe_gemm_kernel(
 ):
     pdl_begin(PDL)
     # EXTRA (masked layout, W8A16 only): grid column `num_experts` runs one more "expert" with its own operands
-    # (at EXTRA 2 that column is scheduled first: kernels.triton_grid.grid_column);
     # (x_*: activation [capacity, x_k] whose rows are all valid, FP8 weight [x_n (x2 if GATED), x_k] and its
     # block scales, output [capacity, x_n]): a layer's shared experts ride in the routed experts' launch, as in
     # kernels.triton_moe. `tile_n` columns are tiled (the wider of the two); programs past their expert's
@@ -174,7 +173,7 @@ def _fp8_moe_gemm_kernel(
     c_stride = stride_cm
     is_extra = False
     if MASKED:
-        expert = masked_expert(grid_column(EXTRA), active_ptr, num_experts, active_slots, ACTIVE)
+        expert = masked_expert(tl.program_id(1), active_ptr, num_experts, active_slots, ACTIVE)
         if expert < 0:
             return
         count = tl.load(counts_ptr + expert, mask=expert < num_experts, other=0).to(tl.int32)
@@ -384,7 +383,7 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
         GATED=gated, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
-        EXTRA=extra_mode(extra is not None), ACTIVE=active is not None, KB_STEP=cfg.kb_step,
+        EXTRA=extra is not None, ACTIVE=active is not None, KB_STEP=cfg.kb_step,
         BITS=a_s is None and w8a16_bits(aq), num_warps=cfg.num_warps, num_stages=stages, **pdl_args(aq),
     ), (cfg, gated, a_s is None, extra is not None), cfg.num_stages)  # fmt: skip
 

@@ -6,33 +6,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.backend import env_flag
-
-# The masked launches' shared experts (their EXTRA column, the widest work of the grid: a V2-Lite layer's two
-# shared experts are 2816 gate/up columns where a routed one has 1408) scheduled first instead of last: the
-# longest work first leaves the last wave the short tiles, and the shared weights are read before the routed
-# ones stream through L2 (where kernels.l2_prefetch put them). Same tiles, same bits.
-SHARED_FIRST_ENV = "TANDEM_MOE_SHARED_FIRST"
-
-
-def extra_mode(extra: bool) -> int:
-    """The grouped kernels' EXTRA argument: 0 without an extra expert, 1 its column last, 2 first
-    (``SHARED_FIRST_ENV``)."""
-    if not extra:
-        return 0
-    return 2 if env_flag(SHARED_FIRST_ENV) else 1
-
-
-@triton.jit
-def grid_column(EXTRA: tl.constexpr):
-    """The masked-layout column (``masked_expert``'s) this program runs: its own, or with EXTRA 2 the columns
-    turned by one, so that the grid's first column runs the extra expert's (the last)."""
-    column = tl.program_id(1)
-    if EXTRA == 2:
-        columns = tl.num_programs(1)
-        column = (column + columns - 1) % columns
-    return column
-
 
 @triton.jit
 def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from kernels.backend import check_expert_range, check_masked_layout
 from kernels.triton_decode_fused import moe_combine_triton, silu_mul_triton
-from kernels.triton_grid import extra_mode, grid_column, grouped_tile, masked_expert
+from kernels.triton_grid import grouped_tile, masked_expert
 from kernels.triton_moe_fused_decode import fused_decode_applies, moe_fused_decode
 from kernels.triton_pdl import pdl_args, pdl_begin
 
@@ -78,7 +78,6 @@ def _moe_gemm_kernel(
 ):
     pdl_begin(PDL)
     # EXTRA (masked layout only): grid column `num_experts` runs one more "expert" with its own operands
-    # (at EXTRA 2 that column is scheduled first: kernels.triton_grid.grid_column);
     # (x_*: activation [capacity, x_k] whose rows are all valid, weight [x_n (x2 if GATED), x_k], output
     # [capacity, x_n]): a layer's shared experts ride in the routed experts' launch. `tile_n` columns are
     # tiled (the wider of the two); programs past their expert's width return at once.
@@ -101,7 +100,7 @@ def _moe_gemm_kernel(
     b_stride = stride_bn
     c_stride = stride_cm
     if MASKED:
-        expert = masked_expert(grid_column(EXTRA), active_ptr, num_experts, active_slots, ACTIVE)
+        expert = masked_expert(tl.program_id(1), active_ptr, num_experts, active_slots, ACTIVE)
         if expert < 0:  # a column past the active experts (ACTIVE)
             return
         a_base = a_ptr + expert * stride_ae
@@ -470,7 +469,7 @@ def _launch_masked(
         active[0] if active is not None else counts, slots,
         A_ROW_DIV=1, GATED=gated, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        DOT_PRECISION=_dot_precision(a.dtype), EXTRA=extra_mode(extra is not None), ACTIVE=active is not None,
+        DOT_PRECISION=_dot_precision(a.dtype), EXTRA=extra is not None, ACTIVE=active is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
     )  # fmt: skip
 
