@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import kernels
 from engine.attention import MLAttention
 from engine.config import Fp8Config, ModelConfig
 from engine.dbo import DboConfig, Streams, agree_split, micro_batch, split_point
@@ -18,7 +17,6 @@ from engine.mla_core import build_route
 from engine.moe import DenseMLP, Dispatcher, MoEBlock, PendingCombine
 from engine.parallel import ParallelContext
 from engine.rope import RotaryEmbedding
-from kernels.l2_prefetch import LayerPrefetch
 
 
 def add_norm(norm: RMSNorm, hidden: torch.Tensor | PendingCombine,
@@ -42,14 +40,6 @@ class DecoderLayer(nn.Module):
             self.mlp = MoEBlock(config, ctx, dtype, device, dispatcher, fp8)
         else:
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, ctx, dtype, device, fp8=fp8)
-        self.l2_prefetch = LayerPrefetch(self.dense_weights)
-
-    def dense_weights(self) -> list[torch.Tensor]:
-        """The weights every decode step reads in this layer whatever its routing, in the order it reads them:
-        all but the routed experts (``kernels.l2_prefetch`` asks L2 for them as the layer starts)."""
-        routed = {id(t) for t in self.mlp.expert_tensors()} if isinstance(self.mlp, MoEBlock) else set()
-        modules = (self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp)
-        return [p for m in modules for p in m.parameters() if id(p) not in routed]
 
     def forward(self, hidden: torch.Tensor | PendingCombine, residual: torch.Tensor | None, batch: ForwardBatch,
                 rope: RotaryEmbedding, cos: torch.Tensor,
@@ -57,10 +47,6 @@ class DecoderLayer(nn.Module):
         """(this layer's MLP output, the residual stream before it): the caller's next add is fused into the
         next RMSNorm (``kernels.add_rms_norm``), as the same adds in the same order as ``h + f(norm(h))``; a
         graph-safe MoE layer's output may come pending, its weighted sum run in that add's launch."""
-        if batch.graph_safe:  # a decode step: the dense weights on their way into L2 while the kernels before them run
-            plan = self.l2_prefetch.plan(self.input_layernorm.weight.device)
-            if plan is not None:
-                kernels.l2_prefetch(plan)
         x, residual = self.attention(hidden, residual, batch, rope, cos, sin)
         if batch.graph_safe and isinstance(self.mlp, MoEBlock):
             return self.mlp(x, graph_safe=True, defer_combine=True), residual

@@ -45,7 +45,6 @@ _FAST: dict[str, tuple[str, str]] = {
     "gated_mlp": ("kernels.triton_moe", "gated_mlp_triton"),
     "head_matmul": ("kernels.triton_head_matmul", "head_matmul_triton"),
     "mla_decode_prep_q_latent": ("kernels.triton_head_matmul", "mla_decode_prep_q_latent_triton"),
-    "l2_prefetch": ("kernels.triton_l2_prefetch", "l2_prefetch"),  # GPU only: no reference
 }
 _REFERENCE: dict[str, Callable[..., Any]] = {
     "mla_prefill_attention": mla.mla_prefill_attention,
@@ -239,9 +238,3 @@ def moe_combine_add_rms_norm(y: torch.Tensor, dest: torch.Tensor, topk_ids: torc
 
 def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return get_op("gated_mlp", x)(x, gate_up, down)
-
-
-def l2_prefetch(plan: Any) -> None:
-    """Asks L2 for ``plan``'s bytes (a ``kernels.l2_prefetch.PrefetchPlan``, which exists only on sm90+ CUDA
-    devices): a hint that changes no result."""
-    _fast_op("l2_prefetch")(plan)

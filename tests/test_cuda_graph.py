@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -243,35 +242,6 @@ def test_gpu_greedy_tokens_equal_cpu_with_and_without_cuda_graphs(tiny_dir: Path
     assert llm.kv_pool.available_pages == NUM_PAGES
 
 
-def _replays_agree(model_dir: Path, env: str, values: tuple[str, str], monkeypatch: pytest.MonkeyPatch,
-                   check_model: Callable[[DeepseekForCausalLM], None] = lambda model: None) -> None:
-    """Graphs captured with ``env`` at each of ``values`` give the same logits bit for bit over many replays of
-    new batches (each runner's graphs keep the launches they were captured with); ``check_model`` runs after
-    the captures."""
-    model, pool = _model_and_pool(model_dir, "cuda")
-    runners = {}
-    for value in values:
-        monkeypatch.setenv(env, value)
-        runners[value] = CudaGraphRunner(model, pool, max_bs=8)
-    check_model(model)
-    try:
-        pages = pool.alloc(20)
-        pool.tensor[pages[0] : pages[-1] + 1].normal_(generator=torch.Generator(device="cuda").manual_seed(3))
-        before = pool.tensor.clone()
-        for seq_lens in ([5, 33, 17], [70], [9, 9, 9, 9, 9, 40], [1, 2]) * 5:
-            batch = _decode_batch(pool, seq_lens, pages[0])
-            logits = []
-            for runner in runners.values():
-                pool.tensor.copy_(before)
-                logits.append(runner(batch).next_token_logits.clone())
-            assert torch.equal(logits[0], logits[1]), seq_lens
-        pool.free(pages)
-    finally:
-        for runner in runners.values():
-            runner.close()
-    assert pool.available_pages == NUM_PAGES
-
-
 @gpu
 def test_graphs_captured_with_programmatic_dependent_launch_give_the_same_logits_bit_for_bit(
         tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -279,23 +249,27 @@ def test_graphs_captured_with_programmatic_dependent_launch_give_the_same_logits
     before the one ahead of it finished) would show as a difference somewhere in many replays."""
     from kernels.triton_pdl import PDL_ENV
 
-    _replays_agree(tiny_dir, PDL_ENV, ("0", "1"), monkeypatch)
-
-
-@gpu
-def test_graphs_that_prefetch_each_layers_dense_weights_into_l2_give_the_same_logits_bit_for_bit(
-        tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The prefetch launch (kernels.l2_prefetch) runs ahead of the PDL wait while the kernel before it drains:
-    it must change no result. Its graphs captured it (every layer holds a plan of all its dense weights)."""
-    from kernels.l2_prefetch import BUDGET_ENV
-
-    def captured_plans(model: DeepseekForCausalLM) -> None:
-        for layer in model.model.layers:
-            plan = layer.l2_prefetch.plan(torch.device("cuda"))
-            weights = layer.dense_weights()
-            assert plan is not None and plan.nbytes >= sum(w.numel() * w.element_size() for w in weights)
-
-    _replays_agree(tiny_dir, BUDGET_ENV, ("0", "64"), monkeypatch, captured_plans)
+    model, pool = _model_and_pool(tiny_dir, "cuda")
+    runners = {}
+    for pdl in ("0", "1"):  # read at capture: each runner's graphs keep the launches they were captured with
+        monkeypatch.setenv(PDL_ENV, pdl)
+        runners[pdl] = CudaGraphRunner(model, pool, max_bs=8)
+    try:
+        pages = pool.alloc(20)
+        pool.tensor[pages[0] : pages[-1] + 1].normal_(generator=torch.Generator(device="cuda").manual_seed(3))
+        before = pool.tensor.clone()
+        for seq_lens in ([5, 33, 17], [70], [9, 9, 9, 9, 9, 40], [1, 2]) * 5:
+            batch = _decode_batch(pool, seq_lens, pages[0])
+            logits = {}
+            for pdl, runner in runners.items():
+                pool.tensor.copy_(before)
+                logits[pdl] = runner(batch).next_token_logits.clone()
+            assert torch.equal(logits["0"], logits["1"]), seq_lens
+        pool.free(pages)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    assert pool.available_pages == NUM_PAGES
 
 
 @gpu
