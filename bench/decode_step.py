@@ -117,6 +117,44 @@ def profile_kernels(fn: Any, device: torch.device, steps: int = 5, top: int = 12
              "share": e.device_time_total / total} for e in events[:top]]
 
 
+def top_kernels(batch_size: int) -> int:
+    """How many kernels a profile lists: at batch 1 every FP8 GEMM kernel must be among them (bench.decode_step_fp8
+    sums them)."""
+    return 40 if batch_size == 1 else 12
+
+
+def pdl_in_use(x: torch.Tensor) -> bool:
+    from kernels.triton_pdl import pdl_on  # Triton: imported on CUDA runs only
+
+    return pdl_on(x)
+
+
+def profile_serial(model: DeepseekForCausalLM, pool: KVPool, rows: list[dict[str, Any]], vocab: int, context: int,
+                   first_page: int) -> None:
+    """Each row's ``graph_profile_serial``: the kernels of graphs captured without programmatic dependent launch.
+    Under PDL (``graph_profile``) a kernel's programs start while the kernel ahead still runs and wait in
+    ``griddepcontrol.wait``, and the profiler counts that wait in the kernel's time (a 2.64 ms FP8 step's kernels
+    summed to 4.04 ms on an H100), so only this profile says what each kernel costs."""
+    from kernels.triton_pdl import PDL_ENV
+
+    before = os.environ.get(PDL_ENV)
+    os.environ[PDL_ENV] = "0"  # read at each launch, so at capture: these graphs keep plain launches
+    runner = None
+    try:
+        runner = CudaGraphRunner(model, pool, max(r["batch_size"] for r in rows), max_context_len=context + 1)
+        for row in rows:
+            batch = decode_batch(pool, row["batch_size"], context, vocab, first_page)
+            row["graph_profile_serial"] = profile_kernels(lambda b=batch: runner(b), pool.tensor.device,
+                                                          top=top_kernels(row["batch_size"]))
+    finally:
+        if runner is not None:
+            runner.close()
+        if before is None:
+            del os.environ[PDL_ENV]
+        else:
+            os.environ[PDL_ENV] = before
+
+
 def decode_batch(pool: KVPool, batch_size: int, context: int, vocab: int, offset: int) -> ForwardBatch:
     """``batch_size`` sequences of ``context`` cached tokens each, on disjoint pages from ``offset``."""
     per_seq = pool.pages_for_tokens(context + 1)
@@ -173,10 +211,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows[-1].update({"floor_ms": floor_ms, "floor_ratio": graph["ms"] / floor_ms,
                                  "kernels_per_step": kernels_per_step(lambda b=batch: runner(b), device)})
             if args.profile and device.type == "cuda":
-                rows[-1]["graph_profile"] = profile_kernels(lambda b=batch: runner(b), device, top=40 if bs == 1 else 12)
+                rows[-1]["graph_profile"] = profile_kernels(lambda b=batch: runner(b), device, top=top_kernels(bs))
             log.info("batch %d: eager %.2f ms, graph %.2f ms (%.1fx; %s ms between device events)", bs,
                      eager["ms"], graph["ms"], eager["ms"] / graph["ms"],
                      f"{graph['device_ms']:.2f}" if "device_ms" in graph else "n/a")
+        if args.profile and device.type == "cuda" and pdl_in_use(pool.tensor):
+            runner.close()  # its scratch page goes to the runner below
+            runner = None
+            profile_serial(model, pool, rows, config.vocab_size, args.context, pages[0])
         pool.free(pages)
     finally:
         if runner is not None:

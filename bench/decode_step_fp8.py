@@ -39,10 +39,11 @@ def at_gemm_floor(base: dict[str, Any], fp8: dict[str, Any], copy_gbs: float | N
     """What the FP8 step would take with its FP8 GEMMs at the ``copy_`` rate and the rest of it unchanged, over
     the bf16 step: the best FP8 / bf16 that GEMM work alone can reach. From the FP8 step's kernel profile (its
     kernels that stream FP8 weights, timed inside the graph) and the FP8 weight bytes the step reads; {} without
-    a profile or a bandwidth. The profile lists a step's top kernels only (``decode_step.profile_kernels``: 40 at
-    batch 1, 12 above), so a GEMM launch past them would count in the rest (in session 38's run every FP8 GEMM
-    kernel was among them)."""
-    profile = fp8.get("graph_profile")
+    a profile or a bandwidth. Where the step ran with PDL the profile is that of graphs without it (under PDL a
+    kernel's time includes its wait for the kernel ahead); the rest is the step's time less those kernels'. A
+    profile lists a step's top kernels only (``decode_step.top_kernels``: 40 at batch 1, 12 above), so a GEMM
+    launch past them would count in the rest (in session 38's run every FP8 GEMM kernel was among them)."""
+    profile = fp8.get("graph_profile_serial", fp8.get("graph_profile"))  # see decode_step.profile_serial
     nbytes = fp8.get("step_bytes", {}).get("fp8_weights")
     if not profile or not nbytes or not copy_gbs:
         return {}

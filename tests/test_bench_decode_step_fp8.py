@@ -51,6 +51,12 @@ def test_the_gemm_floor_split_counts_only_the_kernels_that_stream_fp8_weights() 
                   for k in profile]
     split = decode_step_fp8.at_gemm_floor({"graph": {"ms": 3.3}}, {**fp8, "graph_profile": one_launch}, 3000.0)
     assert split["fp8_gemm_ms"] == pytest.approx(1.6)
+    # A step timed under PDL: the profile of graphs without it is the one read (its kernels' times hold no wait
+    # for the kernel ahead; the PDL profile's GEMMs here are inflated by 0.9 ms of it).
+    under_pdl = [{**k, "us_per_step": k["us_per_step"] + 300.0} for k in profile]
+    split = decode_step_fp8.at_gemm_floor({"graph": {"ms": 3.3}},
+                                          {**fp8, "graph_profile": under_pdl, "graph_profile_serial": profile}, 3000.0)
+    assert split["fp8_gemm_ms"] == pytest.approx(1.6) and split["fp8_rest_ms"] == pytest.approx(1.4)
 
 
 def test_overlay_plots_several_runs_on_one_axis_and_refuses_a_half_given_overlay(tmp_path: Path) -> None:
