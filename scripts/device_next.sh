@@ -25,6 +25,11 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 # the cap sweep found wrong GEMMs at 55-85 %. Call 2 (H100), two A/B pairs at batch 1-16: one launch faster at 2-8
 # tokens (now the default there: TANDEM_MOE_FUSED_DECODE=auto), split at 1. Next: the GPU tests with that default
 # (greedy tokens, graphs, the one-launch bits), then serving c8 beside the landed tree (decode runs at batch ~8).
+# Session 45 (H100, calls 3-7): the GPU tests under that default passed (graphs, greedy tokens, FP8 greedy, NIXL
+# 1P1D); each layer's dense weights prefetched into L2 and the shared experts' column scheduled first gained
+# nothing (reverted); serving c8 under MPS ran ~1 % behind with one launch in three pairs. fp8vsbf16's --profile
+# now adds a profile of graphs without PDL (graph_profile_serial), the one its GEMM / rest split reads.
+# Labels used: PD_ENV_two="TANDEM_MOE_FUSED_DECODE=0"; DS with --batch-sizes 1,8 for quick pairs.
 default_steps="tests fp8vsbf16"
 echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
 PD_ARGS_p70=${PD_ARGS_p70:-"--mps-prefill-sm 70"} PD_ARGS_p50=${PD_ARGS_p50:-"--mps-prefill-sm 50"} \
