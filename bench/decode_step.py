@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--profile", action="store_true",
-                        help="also trace a few graph replays per batch size (torch.profiler): top kernels")
+                        help="also trace a few graph replays per batch size (torch.profiler): top kernels; under "
+                        "PDL also of graphs captured without it (graph_profile_serial: each kernel's own time)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/decode_step_<device>.json)")
     return parser.parse_args(argv)
 
@@ -124,6 +125,7 @@ def top_kernels(batch_size: int) -> int:
 
 
 def pdl_in_use(x: torch.Tensor) -> bool:
+    """Whether kernels on ``x``'s device launch as programmatic dependents (``kernels.triton_pdl``)."""
     from kernels.triton_pdl import pdl_on  # Triton: imported on CUDA runs only
 
     return pdl_on(x)
