@@ -9,7 +9,8 @@ W8A16 GEMMs at decode sizes). The headline per batch size is FP8 step / bf16 ste
 batch 1, where a step reads its weights and little else), beside each step's own floor ratio; both reports are
 kept whole in the JSON, and a PNG shows the two steps and their ratio. With ``--profile`` each row also splits
 the FP8 step into its FP8 GEMM launches and the rest, and gives FP8 / bf16 as it would be with those launches at
-``copy_``'s rate (``at_gemm_floor``: how far GEMM work alone can take the ratio). On CPU FP8 weights are dequantized at
+``copy_``'s rate (``at_gemm_floor``: how far GEMM work alone can take the ratio), and the PNG cuts each bar into
+its GEMMs, the kernels both steps share and the rest (``breakdown``). On CPU FP8 weights are dequantized at
 load, so the two runs are the same model (a smoke test of the script, not a measurement).
 """
 
@@ -54,6 +55,23 @@ def at_gemm_floor(base: dict[str, Any], fp8: dict[str, Any], copy_gbs: float | N
             "fp8_over_bf16_at_gemm_floor": (rest_ms + floor_ms) / base["graph"]["ms"]}
 
 
+def breakdown(base: dict[str, Any], fp8: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each step cut three ways from its kernel profile (the serial one where the step ran with PDL): the GEMMs
+    that stream weights of the step's own dtype, the other kernels (attention, norms, routing, LM head: the same
+    launches in both steps, named as in the FP8 step's profile outside ``FP8_GEMM_KERNEL``), and the rest of the
+    step's time (the gaps between launches, and kernels past a profile's top). {} without both profiles."""
+    profiles = [r.get("graph_profile_serial", r.get("graph_profile")) for r in (base, fp8)]
+    if not all(profiles):
+        return {}
+    shared = {k["kernel"] for k in profiles[1] if not FP8_GEMM_KERNEL.search(k["kernel"])}
+    cut = {}
+    for name, report, profile in (("bf16", base, profiles[0]), ("fp8", fp8, profiles[1])):
+        other = sum(k["us_per_step"] for k in profile if k["kernel"] in shared) / 1e3
+        gemm = sum(k["us_per_step"] for k in profile if k["kernel"] not in shared) / 1e3
+        cut[name] = {"gemm_ms": gemm, "other_kernels_ms": other, "rest_ms": report["graph"]["ms"] - gemm - other}
+    return cut
+
+
 def compare(argv: list[str]) -> dict[str, Any]:
     """Both reports and the per-batch FP8 / bf16 step ratios."""
     reports = {}
@@ -69,7 +87,8 @@ def compare(argv: list[str]) -> dict[str, Any]:
                      "fp8_over_bf16": fp8["graph"]["ms"] / base["graph"]["ms"],
                      "bf16_floor_ratio": base.get("floor_ratio"), "fp8_floor_ratio": fp8.get("floor_ratio"),
                      "bf16_kernels": base.get("kernels_per_step"), "fp8_kernels": fp8.get("kernels_per_step"),
-                     **at_gemm_floor(base, fp8, reports["fp8"].get("copy_bandwidth_gbs"))})
+                     **at_gemm_floor(base, fp8, reports["fp8"].get("copy_bandwidth_gbs")),
+                     "breakdown": breakdown(base, fp8)})
     first = reports["bf16"]
     return {"bench": "decode_step_fp8", "device": first["device"], "torch": first["torch"], "model": first["model"],
             "context": first["context"], "fp8_weights_kept": reports["fp8"]["weights"] == "fp8",
@@ -100,8 +119,19 @@ def plot(report: dict[str, Any], path: str) -> None:
     rows = report["results"]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar([i - 0.2 for i in x], [r["bf16_ms"] for r in rows], 0.4, label="bf16 weights")
-    ax.bar([i + 0.2 for i in x], [r["fp8_ms"] for r in rows], 0.4, label="FP8 weights")
+    if all(r.get("breakdown") for r in rows):  # each bar cut into GEMMs, the launches both steps share, the rest
+        parts = (("gemm_ms", "its GEMMs", ""), ("other_kernels_ms", "other kernels (the same in both)", "//"),
+                 ("rest_ms", "gaps and the rest", ".."))
+        for offset, name, colour in ((-0.2, "bf16", "C0"), (0.2, "fp8", "C1")):
+            bottom = [0.0] * len(rows)
+            for key, what, hatch in parts:
+                heights = [r["breakdown"][name][key] for r in rows]
+                ax.bar([i + offset for i in x], heights, 0.4, bottom=bottom, color=colour, hatch=hatch,
+                       edgecolor="white", label=f"{'FP8' if name == 'fp8' else 'bf16'} weights: {what}")
+                bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    else:
+        ax.bar([i - 0.2 for i in x], [r["bf16_ms"] for r in rows], 0.4, label="bf16 weights")
+        ax.bar([i + 0.2 for i in x], [r["fp8_ms"] for r in rows], 0.4, label="FP8 weights")
     for i, r in zip(x, rows, strict=True):
         ax.text(i, max(r["bf16_ms"], r["fp8_ms"]), f"{r['fp8_over_bf16']:.2f}x", ha="center", va="bottom", fontsize=9)
     if rows and rows[0]["batch_size"] == 1:
@@ -112,7 +142,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     ax.set_ylabel("ms per CUDA-graph decode step")
     ax.set_title(f"FP8 vs bf16 weights: {report['model']}, context {report['context']}, {report['device']}",
                  fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -152,8 +182,20 @@ def main(argv: list[str] | None = None) -> int:
                                                     "<device>.json)")
     parser.add_argument("--overlay", nargs="+", metavar="LABEL=JSON",
                         help="plot these runs' JSONs on one axis into --png instead of running")
-    parser.add_argument("--png", default=None, help="the --overlay PNG's path")
+    parser.add_argument("--replot", metavar="JSON", help="plot this run's JSON again into --png (its rows' "
+                                                             "breakdown recomputed from its profiles) instead of running")
+    parser.add_argument("--png", default=None, help="the --overlay or --replot PNG's path")
     args, rest = parser.parse_known_args(argv)
+    if args.replot:
+        if not args.png or rest or args.overlay:
+            parser.error("--replot takes JSON and --png PATH, nothing else")
+        report = json.loads(Path(args.replot).read_text())
+        runs = zip(report["reports"]["bf16"]["results"], report["reports"]["fp8"]["results"], strict=True)
+        for row, (base, fp8) in zip(report["results"], runs, strict=True):
+            row["breakdown"] = breakdown(base, fp8)
+        plot(report, args.png)
+        print(f"wrote {args.png}")
+        return 0
     if args.overlay:
         if not args.png or rest or any("=" not in item for item in args.overlay):
             parser.error("--overlay takes LABEL=JSON items and --png PATH, nothing else")

@@ -76,3 +76,29 @@ def test_overlay_plots_several_runs_on_one_axis_and_refuses_a_half_given_overlay
         decode_step_fp8.main(["--overlay", f"two launches={paths[0]}"])  # no --png
     with pytest.raises(SystemExit):
         decode_step_fp8.main(["--overlay", str(paths[0]), "--png", str(png)])  # no label
+
+
+def test_each_step_is_cut_into_its_gemms_the_shared_kernels_and_the_rest_and_replotted(tmp_path: Path) -> None:
+    """The shared kernels are the FP8 profile's non-GEMM names, found in the bf16 profile by name; whatever else
+    the bf16 profile lists is its GEMMs; the serial profile is read where there is one."""
+    shared = [{"kernel": "_mla_decode_split_kernel", "us_per_step": 200.0},
+              {"kernel": "nvjet_sm90_tst_512x8_64x3_2x1_v_bz_TNT", "us_per_step": 150.0}]  # the LM head
+    fp8 = {"graph": {"ms": 2.6}, "graph_profile": [{"kernel": "_fp8_moe_gemm_kernel", "us_per_step": 9000.0}],
+           "graph_profile_serial": [{"kernel": "_fp8_moe_gemm_kernel", "us_per_step": 1100.0},
+                                    {"kernel": "_fp8_gemm_kernel", "us_per_step": 300.0}, *shared]}
+    base = {"graph": {"ms": 3.0}, "graph_profile_serial": [{"kernel": "_moe_gemm_kernel", "us_per_step": 1500.0},
+                                                           {"kernel": "nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT",
+                                                            "us_per_step": 370.0}, *shared]}
+    cut = decode_step_fp8.breakdown(base, fp8)
+    assert cut["fp8"] == pytest.approx({"gemm_ms": 1.4, "other_kernels_ms": 0.35, "rest_ms": 0.85})
+    assert cut["bf16"] == pytest.approx({"gemm_ms": 1.87, "other_kernels_ms": 0.35, "rest_ms": 0.78})
+    assert decode_step_fp8.breakdown({"graph": {"ms": 3.0}}, fp8) == {}
+    row = {"batch_size": 1, "bf16_ms": 3.0, "fp8_ms": 2.6, "fp8_over_bf16": 2.6 / 3.0}
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"model": "v2-lite", "context": 1024, "device": "test", "results": [row],
+                               "reports": {"bf16": {"results": [base]}, "fp8": {"results": [fp8]}}}))
+    png = tmp_path / "breakdown.png"
+    assert decode_step_fp8.main(["--replot", str(run), "--png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        decode_step_fp8.main(["--replot", str(run)])  # no --png
