@@ -55,6 +55,28 @@ def at_gemm_floor(base: dict[str, Any], fp8: dict[str, Any], copy_gbs: float | N
             "fp8_over_bf16_at_gemm_floor": (rest_ms + floor_ms) / base["graph"]["ms"]}
 
 
+def fixed_cost(base: dict[str, Any], fp8: dict[str, Any], copy_gbs: float | None) -> dict[str, float]:
+    """The part of the FP8 step that does not scale with the bytes it reads, and what the goal allows of it.
+
+    Model: a step takes F + bytes x c. Two values of c are used. ``hidden``: what the bf16 step's extra bytes
+    cost in this run, (bf16 - fp8) / (bytes_bf16 - bytes_fp8); below ``copy_``'s rate wherever latency-bound work
+    hides transfers. ``copy``: ``copy_``'s rate. For each, F = fp8_ms - bytes_fp8 x c, and the most F may be for
+    FP8 <= GOAL x bf16, that is (GOAL x bytes_bf16 - bytes_fp8) x c / (1 - GOAL). {} without both steps' bytes,
+    or where they read the same bytes (FP8 dequantized at load on CPU)."""
+    b8 = fp8.get("step_bytes", {}).get("total")
+    b16 = base.get("step_bytes", {}).get("total")
+    if not b8 or not b16 or b16 <= b8:
+        return {}
+    rates = {"hidden": (base["graph"]["ms"] - fp8["graph"]["ms"]) / (b16 - b8)}
+    if copy_gbs:
+        rates["copy"] = 1e3 / (copy_gbs * 1e9)
+    out = {}
+    for name, ms_per_byte in rates.items():
+        out[f"fixed_ms_{name}"] = fp8["graph"]["ms"] - b8 * ms_per_byte
+        out[f"goal_fixed_ms_{name}"] = (GOAL_AT_BATCH_1 * b16 - b8) * ms_per_byte / (1 - GOAL_AT_BATCH_1)
+    return out
+
+
 def breakdown(base: dict[str, Any], fp8: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Each step cut three ways from its kernel profile (the serial one where the step ran with PDL): the GEMMs
     that stream weights of the step's own dtype, the other kernels (attention, norms, routing, LM head: the same
@@ -88,6 +110,7 @@ def compare(argv: list[str]) -> dict[str, Any]:
                      "bf16_floor_ratio": base.get("floor_ratio"), "fp8_floor_ratio": fp8.get("floor_ratio"),
                      "bf16_kernels": base.get("kernels_per_step"), "fp8_kernels": fp8.get("kernels_per_step"),
                      **at_gemm_floor(base, fp8, reports["fp8"].get("copy_bandwidth_gbs")),
+                     **fixed_cost(base, fp8, reports["fp8"].get("copy_bandwidth_gbs")),
                      "breakdown": breakdown(base, fp8)})
     first = reports["bf16"]
     return {"bench": "decode_step_fp8", "device": first["device"], "torch": first["torch"], "model": first["model"],
@@ -108,6 +131,12 @@ def print_table(report: dict[str, Any]) -> None:
         split = (f" {r['fp8_gemm_ms']:>13.3f} {r['fp8_gemm_floor_ms']:>9.3f} {r['fp8_over_bf16_at_gemm_floor']:>13.2f}x"
                  if "fp8_gemm_ms" in r else "")
         print(f"{r['batch_size']:>6} {r['bf16_ms']:>9.3f} {r['fp8_ms']:>9.3f} {r['fp8_over_bf16']:>8.2f}x{floors}{split}")
+    first = report["results"][0] if report["results"] else {}
+    if first.get("batch_size") == 1 and "fixed_ms_hidden" in first:
+        copy = (f" ({first['fixed_ms_copy']:.2f} at copy_'s rate; {first['goal_fixed_ms_copy']:.2f})"
+                if "fixed_ms_copy" in first else "")
+        print(f"batch 1: {first['fixed_ms_hidden']:.2f} ms of the FP8 step does not scale with its bytes at this run's "
+              f"cost of bf16's extra bytes{copy}; {GOAL_AT_BATCH_1}x bf16 allows {first['goal_fixed_ms_hidden']:.2f}")
 
 
 def plot(report: dict[str, Any], path: str) -> None:

@@ -102,3 +102,18 @@ def test_each_step_is_cut_into_its_gemms_the_shared_kernels_and_the_rest_and_rep
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
         decode_step_fp8.main(["--replot", str(run)])  # no --png
+
+
+def test_the_fixed_cost_is_what_is_left_of_the_fp8_step_without_its_bytes_and_the_goal_bounds_it() -> None:
+    # FP8 2.6 ms for 2 GB, bf16 3.0 ms for 4 GB: this run's extra bytes cost 0.2 ms a GB (0.25 at 4000 GB/s).
+    fp8 = {"graph": {"ms": 2.6}, "step_bytes": {"total": 2e9}}
+    base = {"graph": {"ms": 3.0}, "step_bytes": {"total": 4e9}}
+    cost = decode_step_fp8.fixed_cost(base, fp8, 4000.0)
+    assert cost["fixed_ms_hidden"] == pytest.approx(2.2) and cost["fixed_ms_copy"] == pytest.approx(2.1)
+    # FP8 <= 0.65 x bf16 with F + bytes x c on both sides: F <= (0.65 x 4 - 2) GB x c / 0.35.
+    assert cost["goal_fixed_ms_hidden"] == pytest.approx(0.6 * 0.2 / 0.35)
+    assert cost["goal_fixed_ms_copy"] == pytest.approx(0.6 * 0.25 / 0.35)
+    f = cost["goal_fixed_ms_copy"]  # at that F the model gives the goal exactly
+    assert (f + 2 * 0.25) / (f + 4 * 0.25) == pytest.approx(decode_step_fp8.GOAL_AT_BATCH_1)
+    assert set(decode_step_fp8.fixed_cost(base, fp8, None)) == {"fixed_ms_hidden", "goal_fixed_ms_hidden"}
+    assert decode_step_fp8.fixed_cost(base, {**fp8, "step_bytes": {"total": 4e9}}, 4000.0) == {}  # CPU: same bytes
