@@ -42,6 +42,7 @@ from engine.moe import active_grid_enabled
 from engine.quant import add_quantization_flag, plan_quantization
 from engine.server.cli import add_kv_cache_dtype_flag
 from engine.weights import load_model
+from kernels.backend import switched
 from kernels.fp8 import ACT_ENV
 
 log = logging.getLogger("bench.decode_step")
@@ -131,30 +132,23 @@ def pdl_in_use(x: torch.Tensor) -> bool:
     return pdl_on(x)
 
 
-def profile_serial(model: DeepseekForCausalLM, pool: KVPool, rows: list[dict[str, Any]], vocab: int, context: int,
-                   first_page: int) -> None:
+def profile_serial(model: DeepseekForCausalLM, pool: KVPool, rows: list[dict[str, Any]],
+                   batches: list[ForwardBatch], context: int) -> None:
     """Each row's ``graph_profile_serial``: the kernels of graphs captured without programmatic dependent launch.
     Under PDL (``graph_profile``) a kernel's programs start while the kernel ahead still runs and wait in
     ``griddepcontrol.wait``, and the profiler counts that wait in the kernel's time (a 2.64 ms FP8 step's kernels
     summed to 4.04 ms on an H100), so only this profile says what each kernel costs."""
     from kernels.triton_pdl import PDL_ENV
 
-    before = os.environ.get(PDL_ENV)
-    os.environ[PDL_ENV] = "0"  # read at each launch, so at capture: these graphs keep plain launches
-    runner = None
-    try:
+    # The switch is read at each launch, so at capture: these graphs keep plain launches.
+    with switched(PDL_ENV, "0"):
         runner = CudaGraphRunner(model, pool, max(r["batch_size"] for r in rows), max_context_len=context + 1)
-        for row in rows:
-            batch = decode_batch(pool, row["batch_size"], context, vocab, first_page)
-            row["graph_profile_serial"] = profile_kernels(lambda b=batch: runner(b), pool.tensor.device,
-                                                          top=top_kernels(row["batch_size"]))
-    finally:
-        if runner is not None:
+        try:
+            for row, batch in zip(rows, batches, strict=True):
+                row["graph_profile_serial"] = profile_kernels(lambda b=batch: runner(b), pool.tensor.device,
+                                                              top=top_kernels(row["batch_size"]))
+        finally:
             runner.close()
-        if before is None:
-            del os.environ[PDL_ENV]
-        else:
-            os.environ[PDL_ENV] = before
 
 
 def decode_batch(pool: KVPool, batch_size: int, context: int, vocab: int, offset: int) -> ForwardBatch:
@@ -194,9 +188,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runner = CudaGraphRunner(model, pool, max(sizes), max_context_len=args.context + 1)
         capture_s = time.monotonic() - started
         log.info("runner ready (%d buckets, capture=%s) in %.1fs", len(runner.buckets), runner.capture, capture_s)
-        rows = []
+        rows, batches = [], []
         for bs in sizes:
             batch = decode_batch(pool, bs, args.context, config.vocab_size, pages[0])
+            batches.append(batch)
             eager = time_ms(lambda b=batch: model(b), device, args.iters, args.warmup)
             graph = time_ms(lambda b=batch: runner(b), device, args.iters, args.warmup)
             ref = model(batch).next_token_logits.float()
@@ -220,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.profile and device.type == "cuda" and pdl_in_use(pool.tensor):
             runner.close()  # its scratch page goes to the runner below
             runner = None
-            profile_serial(model, pool, rows, config.vocab_size, args.context, pages[0])
+            profile_serial(model, pool, rows, batches, args.context)
         pool.free(pages)
     finally:
         if runner is not None:

@@ -36,6 +36,12 @@ GOAL_AT_BATCH_1 = 0.65  # issue 16: FP8 at most 0.65x the bf16 step at batch 1
 FP8_GEMM_KERNEL = re.compile(r"fp8|reduce_splits|deep_gemm|sm90_fp8|moe_fused_decode", re.IGNORECASE)
 
 
+def kernel_profile(report: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A step's kernel profile: the one of graphs without PDL where the step ran with it (under PDL a kernel's
+    time includes its wait for the kernel ahead; ``decode_step.profile_serial``), else the step's own."""
+    return report.get("graph_profile_serial", report.get("graph_profile"))
+
+
 def at_gemm_floor(base: dict[str, Any], fp8: dict[str, Any], copy_gbs: float | None) -> dict[str, float]:
     """What the FP8 step would take with its FP8 GEMMs at the ``copy_`` rate and the rest of it unchanged, over
     the bf16 step: the best FP8 / bf16 that GEMM work alone can reach. From the FP8 step's kernel profile (its
@@ -44,7 +50,7 @@ def at_gemm_floor(base: dict[str, Any], fp8: dict[str, Any], copy_gbs: float | N
     kernel's time includes its wait for the kernel ahead); the rest is the step's time less those kernels'. A
     profile lists a step's top kernels only (``decode_step.top_kernels``: 40 at batch 1, 12 above), so a GEMM
     launch past them would count in the rest (in session 38's run every FP8 GEMM kernel was among them)."""
-    profile = fp8.get("graph_profile_serial", fp8.get("graph_profile"))  # see decode_step.profile_serial
+    profile = kernel_profile(fp8)
     nbytes = fp8.get("step_bytes", {}).get("fp8_weights")
     if not profile or not nbytes or not copy_gbs:
         return {}
@@ -82,7 +88,7 @@ def breakdown(base: dict[str, Any], fp8: dict[str, Any]) -> dict[str, dict[str, 
     that stream weights of the step's own dtype, the other kernels (attention, norms, routing, LM head: the same
     launches in both steps, named as in the FP8 step's profile outside ``FP8_GEMM_KERNEL``), and the rest of the
     step's time (the gaps between launches, and kernels past a profile's top). {} without both profiles."""
-    profiles = [r.get("graph_profile_serial", r.get("graph_profile")) for r in (base, fp8)]
+    profiles = [kernel_profile(r) for r in (base, fp8)]
     if not all(profiles):
         return {}
     shared = {k["kernel"] for k in profiles[1] if not FP8_GEMM_KERNEL.search(k["kernel"])}

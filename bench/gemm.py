@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -43,6 +42,7 @@ from typing import Any
 import torch
 
 from kernels import fp8
+from kernels.backend import switched
 from kernels.fp8_cublas import GEMM_ENV
 from kernels.fp8_deepgemm import MASKED_ROW_MULTIPLE
 from kernels.moe import moe_forward, moe_forward_masked
@@ -81,15 +81,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def _with_act(mode: str, op: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """``op`` run with ``fp8.ACT_ENV`` set to ``mode`` (the kernels read it on every call)."""
     def run(*args: object, **kwargs: object) -> torch.Tensor:
-        before = os.environ.get(fp8.ACT_ENV)
-        os.environ[fp8.ACT_ENV] = mode
-        try:
+        with switched(fp8.ACT_ENV, mode):
             return op(*args, **kwargs)
-        finally:
-            if before is None:
-                del os.environ[fp8.ACT_ENV]
-            else:
-                os.environ[fp8.ACT_ENV] = before
     return run
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -65,6 +67,21 @@ def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
 def env_flag(name: str, default: bool = False) -> bool:
     """An on/off kernel switch (``1`` / ``0``)."""
     return env_choice(name, ("0", "1"), "1" if default else "0") == "1"
+
+
+@contextmanager
+def switched(name: str, value: str) -> Iterator[None]:
+    """A kernel switch set to ``value`` for the block (benches comparing two settings in one process), then back
+    to what it was, unset included."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def capturing(device: torch.device) -> bool:

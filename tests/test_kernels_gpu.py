@@ -9,6 +9,7 @@ allocator poisoned with NaN first so an element the kernel forgets to write cann
 from __future__ import annotations
 
 import math
+import os
 import types
 from collections.abc import Callable
 
@@ -75,6 +76,19 @@ def test_backend_rejects_an_unknown_env_value(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv(backend.BACKEND_ENV, "cuda")
     with pytest.raises(ValueError, match="torch, triton or auto"):
         backend.select_backend(torch.zeros(1))
+
+
+def test_a_switch_set_for_a_block_goes_back_to_what_it_was_unset_included(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "TANDEM_TEST_SWITCH"
+    monkeypatch.delenv(name, raising=False)
+    with backend.switched(name, "1"):
+        assert backend.env_flag(name)
+    assert name not in os.environ
+    monkeypatch.setenv(name, "0")
+    with pytest.raises(RuntimeError), backend.switched(name, "1"):  # back even when the block raises
+        assert os.environ[name] == "1"
+        raise RuntimeError
+    assert os.environ[name] == "0"
 
 
 def _poison_allocator() -> None:
