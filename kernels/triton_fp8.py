@@ -519,7 +519,8 @@ def reduce_splits(partials: torch.Tensor, bias: torch.Tensor | None, out_dtype: 
 
 def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                       bias: torch.Tensor | None = None, block_size: BlockSize = (BLOCK, BLOCK)) -> torch.Tensor:
-    """``kernels.fp8.fp8_linear`` on the GPU: at decode sizes our GEMM on x as it is (W8A16); else quantize x
+    """``kernels.fp8.fp8_linear`` on the GPU: at decode sizes our GEMM on x as it is (W8A16; up to
+    ``kernels.triton_fp8_gemv.gemv_max_rows`` rows as a GEMV); else quantize x
     per token group, then the block-scaled GEMM (DeepGEMM's where ``kernels.fp8_deepgemm.use_deepgemm`` picks
     it, cuBLAS's where ``kernels.fp8_cublas.use_cublas`` does, else ours)."""
     if weight.dtype != FP8_DTYPE or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
@@ -531,7 +532,13 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if not quantizes_activations(x2.shape[0]):
-        out = fp8_gemm_triton(x2, None, weight, weight_scale, x.dtype, bias, block_size, w8a16=True)
+        # Imported here: the GEMV module builds on this one's weight conversion.
+        from kernels.triton_fp8_gemv import fp8_gemv_triton, gemv_max_rows
+
+        if x2.shape[0] <= gemv_max_rows():
+            out = fp8_gemv_triton(x2, weight, weight_scale, bias, block_size)
+        else:
+            out = fp8_gemm_triton(x2, None, weight, weight_scale, x.dtype, bias, block_size, w8a16=True)
     elif use_deepgemm(x2, weight, block_size):  # asked first: under auto it takes the largest row counts
         out = fp8_linear_deepgemm(x2, weight, weight_scale, bias, block_size)
     elif use_cublas(x2, weight, block_size):

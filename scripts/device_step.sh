@@ -4,7 +4,8 @@
 #   decode     bench.decode_step --profile: the decode step against its floor, kernels per step
 #   landed     the same decode step on the landed tree carried as .baseline (same call, same card)
 #   kernels    bench.kernels_gpu --quick: MLA decode at 16 and 128 heads against copy_ and the matmul rate, MoE GEMMs
-#   tests      GPU tests of CUDA graphs, fused decode ops and FP8 (TESTS_K narrows them)
+#   tests      GPU tests of CUDA graphs, fused decode ops and FP8 (TESTS_K narrows them); tests@LABEL: with PD_ENV_LABEL's
+#              VAR=VALUE words in their environment
 #   flashmla   MLA decode tiles with FlashMLA beside Triton (when a FlashMLA extension is carried, or built by
 #              scripts/build_flashmla.sh from .gpu_carry/flashmla_src.tar.gz, never committed; the build starts
 #              in the background at once and its flash_mla_dense.so comes back to be carried next time)
@@ -136,7 +137,7 @@ for s in $STEPS; do
     landed) [ -d .baseline ] && step 03_decode_step_landed "$(left 75)" env PYTHONPATH="$PWD/.baseline:$SITE" \
         bash -c "cd .baseline && python3 -m bench.decode_step $DS --out $OUT_SAVED/decode_step_gpu_landed.json" ;;
     kernels) step 04_kernels_gpu "$(left 150)" python3 -m bench.kernels_gpu --quick --out "$OUT_SAVED/kernels_gpu.json" ;;
-    tests) step 04_pytest_gpu "$(left ${TESTS_LIMIT:-240})" python3 -m pytest -q -s -p no:cacheprovider -rf --tb=line \
+    tests) step 04_pytest_gpu${label:+_$label} "$(left ${TESTS_LIMIT:-240})" env $label_env python3 -m pytest -q -s -p no:cacheprovider -rf --tb=line \
         -m gpu tests/test_cuda_graph.py tests/test_kernels_decode_fused.py tests/test_fp8_gpu.py \
         tests/test_kernels_gpu.py tests/test_kernels_head_matmul.py tests/test_decode_overlap.py ${TESTS_K:+-k "$TESTS_K"} ;;
     flashmla) flashmla_wait "$(left 240)"

@@ -1,6 +1,7 @@
 """One V2-Lite layer's FP8 GEMMs at one token, alone: tile sweeps and a target for a kernel profiler.
 
-    python tests/fp8_moe_one_token.py [--iters 20] [--sweep] [--dense] [--best-env FILE]   (CUDA GPU, FP8)
+    python tests/fp8_moe_one_token.py [--iters 20] [--sweep] [--dense | --dense-only] [--gemv-sweep]
+        [--best-env FILE]   (CUDA GPU, FP8)
     ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \\
         -k regex:_fp8_moe_gemm_kernel -c 4 python tests/fp8_moe_one_token.py
 
@@ -14,7 +15,7 @@ so the graph's own launch is amortized) and timed against the bytes it must read
 moved at the rate of a ``copy_`` timed beside it. ``--sweep`` tries tile widths, K blocks an iteration, warps
 and pipeline stages over the active-expert grid through the same environment overrides a deployment would set
 (``TANDEM_FP8_MOE_DECODE_TILE``, ``TANDEM_MOE_ACTIVE_GRID``, ``TANDEM_FP8_DENSE_DECODE_TILE``,
-``TANDEM_FP8_BF16_CONVERT``, ``TANDEM_FP8_SPLIT_FIXUP``); without it, the defaults, the other weight conversion
+``TANDEM_FP8_BF16_CONVERT``, ``TANDEM_FP8_SPLIT_FIXUP``, ``TANDEM_FP8_DENSE_GEMV``, ``TANDEM_FP8_GEMV_TILE``); without it, the defaults, the other weight conversion
 and the launches without PDL (``TANDEM_PDL=0``) only; ``--best-env``
 writes the fastest as ``export`` lines when it beats the default by more than 3 %.
 """
@@ -38,6 +39,7 @@ from bench.decode_floor import copy_bandwidth  # noqa: E402
 from engine.moe import ACTIVE_GRID_ENV, active_grid_enabled  # noqa: E402
 from kernels import fp8  # noqa: E402
 from kernels import triton_fp8 as tf  # noqa: E402
+from kernels import triton_fp8_gemv as tfg  # noqa: E402
 from kernels import triton_fp8_moe as tfm  # noqa: E402
 from kernels.triton_decode_fused import active_experts_triton  # noqa: E402
 from kernels.triton_moe import moe_forward_masked_shared_triton  # noqa: E402
@@ -133,19 +135,28 @@ def moe_variants(sweep: bool) -> list[Variant]:
     return out
 
 
-def dense_variants(sweep: bool) -> list[Variant]:
+def dense_variants(sweep: bool, gemv_sweep: bool = False) -> list[Variant]:
     fixup = tf.SPLIT_FIXUP_ENV
+    tiled = {tf.DENSE_DECODE_TILE_ENV: "", tfg.GEMV_ENV: "0"}  # the split-K tiles, whatever the default
     out: list[Variant] = [("default", {tf.DENSE_DECODE_TILE_ENV: ""}),
-                          ("default, cvt", {tf.DENSE_DECODE_TILE_ENV: "", tf.W8A16_CONVERT_ENV: "cvt"}),
-                          ("default, splits summed by a launch of their own", {tf.DENSE_DECODE_TILE_ENV: "", fixup: "0"}),
-                          *PDL_VARIANTS]
+                          ("tiled", tiled),
+                          ("tiled, cvt", {**tiled, tf.W8A16_CONVERT_ENV: "cvt"}),
+                          ("tiled, splits summed by a launch of their own", {**tiled, fixup: "0"}),
+                          ("tiled, without PDL", {**tiled, PDL_ENV: "0"}),
+                          # one program per few whole columns, its weights read before the PDL wait
+                          ("GEMV", {tfg.GEMV_ENV: "1", tfg.GEMV_TILE_ENV: ""}),
+                          ("GEMV without PDL", {tfg.GEMV_ENV: "1", tfg.GEMV_TILE_ENV: "", PDL_ENV: "0"})]
+    if gemv_sweep:
+        for block_n, warps, chunk in itertools.product((4, 8, 16), (2, 4, 8), (4, 8, 16)):
+            out.append((f"GEMV {block_n} columns {warps} warps {chunk} K blocks a load",
+                        {tfg.GEMV_ENV: "1", tfg.GEMV_TILE_ENV: f"{block_n},{warps},{chunk}"}))
     if not sweep:
         return out
     # "bits" and the partials summed in the launch (the defaults since session 41's sweep); 32- and 64-wide tiles
     # (16-wide lost every row of it), 2-8 splits, 3-6 stages, 2-8 warps
     for block_n, split, stages, warps in itertools.product((32, 64), (2, 4, 8), (3, 4, 6), (2, 4, 8)):
         out.append((f"16x{block_n}x128 {warps} warps {stages} stages split {split}",
-                    {tf.DENSE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},{split},1"}))
+                    {tf.DENSE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},{split},1", tfg.GEMV_ENV: "0"}))
     return out
 
 
@@ -221,7 +232,7 @@ def dense_case(n: int, k: int, gen: torch.Generator) -> tuple[Callable[[], Calla
     nbytes = w.numel() + s.numel() * 4
 
     def make() -> Callable[[], object]:
-        return lambda: tf.fp8_gemm_triton(x, None, w, s, torch.bfloat16, w8a16=True)
+        return lambda: tf.fp8_linear_triton(x, w, s)  # W8A16 at one row; the tiled kernel or the GEMV by GEMV_ENV
 
     return make, nbytes
 
@@ -231,11 +242,22 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="16 x 16/32/64 x 128/256 expert tiles, 2-8 warps, 3-6 stages")
     parser.add_argument("--dense", action="store_true", help="the attention's dense FP8 GEMMs at one row as well")
+    parser.add_argument("--dense-only", action="store_true", help="--dense without the expert launches")
+    parser.add_argument("--gemv-sweep", action="store_true", help="the dense GEMV's columns, warps and K chunks")
     parser.add_argument("--best-env", type=Path, help="write the fastest overrides here as export lines")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     exports: dict[str, str] = {}
     copy_rate = copy_bandwidth(torch.device("cuda"))  # once, beside every variant of this run
+    if not args.dense_only:
+        experts(args, gen, copy_rate, exports)
+    if args.dense or args.dense_only:
+        dense(args, gen, copy_rate, exports)
+    write_exports(args.best_env, exports)
+    return 0
+
+
+def experts(args: argparse.Namespace, gen: torch.Generator, copy_rate: float, exports: dict[str, str]) -> None:
     make, nbytes = moe_case(gen)
     _, best = sweep(f"one token, {TOP_K} routed + shared experts", moe_variants(args.sweep), make, nbytes,
                     floor_us(nbytes, copy_rate), args.iters)
@@ -247,34 +269,34 @@ def main() -> int:
         ("one launch, without PDL", {FUSED_DECODE_ENV: "1", PDL_ENV: "0"})], make, nbytes,
         floor_us(nbytes, copy_rate), args.iters)
     write_exports(args.best_env, exports)  # now as well: a call cut short during --dense keeps the experts' pick
-    if args.dense:
-        # One tile for both projections: the one with the least summed time (each shape's default first).
-        totals: dict[str, float] = {}
-        variants = dense_variants(args.sweep)
-        for n, k in DENSE_SHAPES:
-            make, nbytes = dense_case(n, k, gen)
-            fn = make()
-            floor = floor_us(nbytes, copy_rate)
-            print(f"dense {n} x {k} at one row: {nbytes / 2**20:.1f} MiB, {floor:.1f} us at copy_'s rate", flush=True)
-            for label, env in variants:
-                try:
-                    us = graph_us(fn, env, args.iters)[0]
-                except Exception as exc:  # noqa: BLE001
-                    print(f"  {label:48s} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-                    totals[label] = float("inf")
-                    continue
-                print(f"  {label:48s} {us:8.1f} us  {us / floor:5.2f}x the floor", flush=True)
-                totals[label] = totals.get(label, 0.0) + us
-        best_label = min(totals, key=lambda lb: totals[lb])
-        print(f"dense best over both shapes: {best_label} {totals[best_label]:.1f} us "
-              f"(default {totals['default']:.1f} us)", flush=True)
-        if totals[best_label] < MARGIN * totals["default"]:
-            dense_env = dict(variants)[best_label]
-            if tf.W8A16_CONVERT_ENV in exports:  # one switch for both kernels: the experts' pick (most of the time)
-                dense_env = {k: v for k, v in dense_env.items() if k != tf.W8A16_CONVERT_ENV}
-            exports.update(dense_env)
-    write_exports(args.best_env, exports)
-    return 0
+
+
+def dense(args: argparse.Namespace, gen: torch.Generator, copy_rate: float, exports: dict[str, str]) -> None:
+    # One tile for both projections: the one with the least summed time (each shape's default first).
+    totals: dict[str, float] = {}
+    variants = dense_variants(args.sweep, args.gemv_sweep)
+    for n, k in DENSE_SHAPES:
+        make, nbytes = dense_case(n, k, gen)
+        fn = make()
+        floor = floor_us(nbytes, copy_rate)
+        print(f"dense {n} x {k} at one row: {nbytes / 2**20:.1f} MiB, {floor:.1f} us at copy_'s rate", flush=True)
+        for label, env in variants:
+            try:
+                us = graph_us(fn, env, args.iters)[0]
+            except Exception as exc:  # noqa: BLE001
+                print(f"  {label:48s} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                totals[label] = float("inf")
+                continue
+            print(f"  {label:48s} {us:8.1f} us  {us / floor:5.2f}x the floor", flush=True)
+            totals[label] = totals.get(label, 0.0) + us
+    best_label = min(totals, key=lambda lb: totals[lb])
+    print(f"dense best over both shapes: {best_label} {totals[best_label]:.1f} us "
+          f"(default {totals['default']:.1f} us)", flush=True)
+    if totals[best_label] < MARGIN * totals["default"]:
+        dense_env = dict(variants)[best_label]
+        if tf.W8A16_CONVERT_ENV in exports:  # one switch for both kernels: the experts' pick (most of the time)
+            dense_env = {k: v for k, v in dense_env.items() if k != tf.W8A16_CONVERT_ENV}
+        exports.update(dense_env)
 
 
 def write_exports(path: Path | None, exports: dict[str, str]) -> None:

@@ -1,0 +1,152 @@
+"""A decode-size dense FP8 projection as a GEMV: every program reads its weight slice before the PDL wait.
+
+At one to a few rows a dense FP8 projection (V2-Lite's fused q + kv_a, 7.5 MB; o_proj, 4.2 MB) is a chain of
+latencies rather than a stream of bytes: the tiled kernel (``kernels.triton_fp8``) splits K to cover the SMs,
+so each output tile waits on its weight loads, on the stores of its fp32 partials, on an atomic and on the last
+split's reads of the partials. Session 45 measured that chain: with their weights already in L2 those GEMMs took
+only 7-11 % less. This kernel takes the other route:
+
+- One program owns ``BLOCK_N`` whole output columns of one row, over all of K: no split, no partials, no
+  reduction launch or counter.
+- Its first ``CHUNK_KB`` K blocks of weight (and their block scales) are loaded *before* the programmatic
+  dependent launch's wait (``kernels.triton_pdl``), so they stream while the kernel ahead still runs. That is
+  the one exception to ``pdl_begin``'s rule (no memory access before the wait), and it is safe for the same
+  reason it helps: no kernel of a decode step writes a dense weight.
+- After the wait only the activation row (a few KB, the same for every program, from L2) and the multiply-adds
+  remain: fp32 products of the bf16 activation and the weight converted exactly (``w8a16_tile``), summed per
+  128-wide K block and scaled by that block's scale, as the tiled W8A16 kernel applies it.
+
+Rows are a grid dimension: each row's programs read the same weight slice, the first from DRAM, the others
+mostly from L2, which is cheap at the few rows (``gemv_max_rows``) this runs for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import device_facts, env_flag
+from kernels.fp8 import BLOCK, BlockSize
+from kernels.triton_fp8 import decode_tile_override, w8a16_bits, w8a16_tile
+from kernels.triton_pdl import pdl_args
+
+# Whether decode-size dense FP8 projections of up to ``GEMV_MAX_ROWS`` rows run as this GEMV ("1") or as the tiled
+# split-K kernel ("0", the default until a GPU run times the two side by side).
+GEMV_ENV = "TANDEM_FP8_DENSE_GEMV"
+GEMV_MAX_ROWS = 4
+# A tile set by hand: "BLOCK_N,WARPS,CHUNK_KB" (tests/fp8_moe_one_token.py --dense sweeps them).
+GEMV_TILE_ENV = "TANDEM_FP8_GEMV_TILE"
+# Bytes of weight a program loads before the PDL wait, by default (the rest of K streams after it).
+PRELOAD_BYTES = 16384
+
+
+def gemv_max_rows() -> int:
+    """Rows up to which ``fp8_linear_triton`` runs W8A16 projections as this GEMV (0: never; ``GEMV_ENV``)."""
+    return GEMV_MAX_ROWS if env_flag(GEMV_ENV) else 0
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    num_warps: int
+    chunk_kb: int  # K blocks loaded at once; the first chunk before the PDL wait
+
+
+def gemv_config(rows: int, n: int, k_blocks: int, block_k: int, sm_count: int) -> GemvConfig:
+    """Columns per program: the widest of 16 / 8 / 4 that still gives every SM two programs (so each program's
+    preload is small and they are all resident while the kernel ahead runs); a chunk of at most
+    ``PRELOAD_BYTES`` (a power of two of K blocks, Triton's tiles being powers of two)."""
+    tile = decode_tile_override(GEMV_TILE_ENV)
+    if tile is not None:
+        if len(tile) != 3:
+            raise ValueError(f"{GEMV_TILE_ENV}: expected BLOCK_N,WARPS,CHUNK_KB, got {tile}")
+        return GemvConfig(block_n=tile[0], num_warps=tile[1], chunk_kb=max(1, min(tile[2], k_blocks)))
+    block_n = 16
+    while block_n > 4 and triton.cdiv(n, block_n) * rows < 2 * max(sm_count, 1):
+        block_n //= 2
+    chunk = 1
+    while chunk * 2 <= k_blocks and block_n * chunk * 2 * block_k <= PRELOAD_BYTES:
+        chunk *= 2
+    return GemvConfig(block_n=block_n, num_warps=4, chunk_kb=chunk)
+
+
+@triton.jit
+def _weight_chunk(w_ptr, ws_ptr, cols, scale_rows, n_mask, kb0, K, NUM_KB: tl.constexpr, stride_wn, stride_wsn,
+                  CHUNK_KB: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K blocks ``kb0 ..`` of the program's columns: the FP8 weights ``[BLOCK_N, CHUNK_KB, BLOCK_K]`` and their
+    scales ``[BLOCK_N, CHUNK_KB]`` (blocks past K load zeros)."""
+    offs_kb = kb0 + tl.arange(0, CHUNK_KB)
+    offs_k = offs_kb[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    k_mask = offs_k < K
+    w = tl.load(w_ptr + cols[:, None, None] * stride_wn + offs_k[None, :, :],
+                mask=n_mask[:, None, None] & k_mask[None, :, :], other=0.0)
+    s = tl.load(ws_ptr + scale_rows[:, None] * stride_wsn + offs_kb[None, :],
+                mask=n_mask[:, None] & (offs_kb < NUM_KB)[None, :], other=0.0)
+    return w, s
+
+
+@triton.jit
+def _chunk_dot(w, s, x_ptr, kb0, K, CHUNK_KB: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One chunk's contribution to the program's ``[BLOCK_N]`` outputs: per K block, the fp32 sum of the
+    activation times the weight (already in the activation's dtype: exact), times the block's scale."""
+    offs_k = (kb0 + tl.arange(0, CHUNK_KB))[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0)
+    wx = w.to(tl.float32) * x.to(tl.float32)[None, :, :]
+    return tl.sum(tl.sum(wx, axis=2) * s, axis=1)
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_wsn, stride_om,
+                     NUM_KB: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_KB: tl.constexpr, BITS: tl.constexpr,
+                     PDL: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = tl.program_id(1).to(tl.int64)
+    n_mask = offs_n < N
+    cols = offs_n.to(tl.int64)
+    scale_rows = (offs_n // SCALE_BLOCK_N).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    like_x = tl.zeros([1], dtype=x_ptr.dtype.element_ty)  # the activation's dtype, for the weight conversion
+    # The first chunk loaded and converted before the wait (module docstring: no kernel of the step writes a
+    # dense weight).
+    w, s = _weight_chunk(w_ptr, ws_ptr, cols, scale_rows, n_mask, 0, K, NUM_KB, stride_wn, stride_wsn, CHUNK_KB,
+                         BLOCK_K)
+    w = w8a16_tile(w, like_x, BITS)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    acc = _chunk_dot(w, s, x_row, 0, K, CHUNK_KB, BLOCK_K)
+    # Compile-time trip count (the interpreter cannot loop to a runtime bound under numpy 2).
+    for c in range(1, (NUM_KB + CHUNK_KB - 1) // CHUNK_KB):
+        w_next, s_next = _weight_chunk(w_ptr, ws_ptr, cols, scale_rows, n_mask, c * CHUNK_KB, K, NUM_KB, stride_wn,
+                                       stride_wsn, CHUNK_KB, BLOCK_K)
+        acc += _chunk_dot(w8a16_tile(w_next, like_x, BITS), s_next, x_row, c * CHUNK_KB, K, CHUNK_KB, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                    block_size: BlockSize = (BLOCK, BLOCK), config: GemvConfig | None = None) -> torch.Tensor:
+    """``x [M, K] @ dequant(weight [N, K]).T (+ bias)`` in x's dtype, W8A16, for a few rows (``gemv_max_rows``).
+    ``x``, ``weight`` and ``weight_scale`` contiguous in their last dim (``kernels.triton_fp8`` checks the
+    shapes)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    k_blocks = triton.cdiv(k, block_size[1])
+    sm_count = device_facts(x.device.index or 0)[1] if x.is_cuda else 1
+    cfg = config or gemv_config(m, n, k_blocks, block_size[1], sm_count)
+    _fp8_gemv_kernel[(triton.cdiv(n, cfg.block_n), m)](
+        x, weight, weight_scale, bias if bias is not None else out, out, n, k, x.stride(0), weight.stride(0),
+        weight_scale.stride(0), out.stride(0),
+        NUM_KB=k_blocks, SCALE_BLOCK_N=block_size[0], HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
+        BLOCK_K=block_size[1], CHUNK_KB=cfg.chunk_kb, BITS=w8a16_bits(x), num_warps=cfg.num_warps, num_stages=1,
+        **pdl_args(x),
+    )  # fmt: skip
+    return out
