@@ -74,8 +74,8 @@ def gemv_config(rows: int, n: int, k_blocks: int, block_k: int, sm_count: int) -
 
 
 @triton.jit
-def _weight_chunk(w_ptr, ws_ptr, cols, scale_rows, n_mask, kb0, K, NUM_KB: tl.constexpr, stride_wn, stride_wsn,
-                  CHUNK_KB: tl.constexpr, BLOCK_K: tl.constexpr):
+def _weight_chunk(w_ptr, ws_ptr, cols, scale_rows, n_mask, kb0, K, stride_wn, stride_wsn, CHUNK_KB: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
     """K blocks ``kb0 ..`` of the program's columns: the FP8 weights ``[BLOCK_N, CHUNK_KB, BLOCK_K]`` and their
     scales ``[BLOCK_N, CHUNK_KB]`` (blocks past K load zeros)."""
     offs_kb = kb0 + tl.arange(0, CHUNK_KB)
@@ -84,7 +84,7 @@ def _weight_chunk(w_ptr, ws_ptr, cols, scale_rows, n_mask, kb0, K, NUM_KB: tl.co
     w = tl.load(w_ptr + cols[:, None, None] * stride_wn + offs_k[None, :, :],
                 mask=n_mask[:, None, None] & k_mask[None, :, :], other=0.0)
     s = tl.load(ws_ptr + scale_rows[:, None] * stride_wsn + offs_kb[None, :],
-                mask=n_mask[:, None] & (offs_kb < NUM_KB)[None, :], other=0.0)
+                mask=n_mask[:, None] & (offs_kb * BLOCK_K < K)[None, :], other=0.0)
     return w, s
 
 
@@ -112,8 +112,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
     like_x = tl.zeros([1], dtype=x_ptr.dtype.element_ty)  # the activation's dtype, for the weight conversion
     # The first chunk loaded and converted before the wait (module docstring: no kernel of the step writes a
     # dense weight).
-    w, s = _weight_chunk(w_ptr, ws_ptr, cols, scale_rows, n_mask, 0, K, NUM_KB, stride_wn, stride_wsn, CHUNK_KB,
-                         BLOCK_K)
+    w, s = _weight_chunk(w_ptr, ws_ptr, cols, scale_rows, n_mask, 0, K, stride_wn, stride_wsn, CHUNK_KB, BLOCK_K)
     w = w8a16_tile(w, like_x, BITS)
     if PDL:
         tl.extra.cuda.gdc_wait()
@@ -121,7 +120,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
     acc = _chunk_dot(w, s, x_row, 0, K, CHUNK_KB, BLOCK_K)
     # Compile-time trip count (the interpreter cannot loop to a runtime bound under numpy 2).
     for c in range(1, (NUM_KB + CHUNK_KB - 1) // CHUNK_KB):
-        w_next, s_next = _weight_chunk(w_ptr, ws_ptr, cols, scale_rows, n_mask, c * CHUNK_KB, K, NUM_KB, stride_wn,
+        w_next, s_next = _weight_chunk(w_ptr, ws_ptr, cols, scale_rows, n_mask, c * CHUNK_KB, K, stride_wn,
                                        stride_wsn, CHUNK_KB, BLOCK_K)
         acc += _chunk_dot(w8a16_tile(w_next, like_x, BITS), s_next, x_row, c * CHUNK_KB, K, CHUNK_KB, BLOCK_K)
     if HAS_BIAS:

@@ -568,3 +568,61 @@ def test_gemv_chain_reads_what_the_kernel_before_wrote_over_graph_replays(rows: 
         torch.cuda.synchronize()
         for out in outs:
             assert torch.equal(out, want)
+
+
+@gpu_test
+@pytest.mark.parametrize(("experts", "hidden", "inter", "shared_inter", "capacity", "active_count"),
+                         [(64, 2048, 1408, 2816, 1, 6), (64, 2048, 1408, 2816, 4, 20), (32, 7168, 2048, 2048, 1, 8),
+                          (8, 256, 192, 320, 3, 8)])  # V2-Lite at batch 1 and 4, V3 at EP8, odd blocks
+def test_the_decode_moe_as_gemvs_matches_the_tiled_launches_over_graph_replays(
+        experts: int, hidden: int, inter: int, shared_inter: int, capacity: int, active_count: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels.triton_fp8_moe_gemv in a CUDA graph behind the launch that lists the active experts (the down
+    launch reads that list before its PDL wait), replayed with new routings: every active expert's rows and the
+    shared experts' within bf16 rounding of the tiled launches, rows past each count zero, and the eager GEMVs'
+    bits."""
+    from kernels import triton_fp8_moe_gemv as tfmg
+    from kernels.triton_decode_fused import active_experts_triton
+    from kernels.triton_fp8_moe import fp8_moe_forward_masked_shared_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(capacity + experts)
+    w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
+    sw13, ss13, sw2, ss2 = random_fp8_experts(1, hidden, shared_inter, gen)
+    counts = torch.zeros(experts, dtype=torch.int32, device="cuda")
+    x = torch.randn(experts, capacity, hidden, device="cuda", generator=gen).bfloat16()
+    hidden_rows = torch.randn(capacity, hidden, device="cuda", generator=gen).bfloat16()
+
+    def route(seed: int) -> None:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        counts.zero_()
+        picked = torch.randperm(experts, device="cuda", generator=g)[:active_count]
+        counts[picked] = torch.randint(1, capacity + 1, (active_count,), device="cuda", generator=g).int()
+
+    def moe() -> tuple[torch.Tensor, torch.Tensor]:
+        active = (active_experts_triton(counts), active_count)
+        return fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, hidden_rows, sw13[0], ss13[0],
+                                                    sw2[0], ss2[0], active=active)
+
+    def rows_of_active(routed: torch.Tensor) -> torch.Tensor:
+        return torch.where((counts > 0)[:, None, None], routed, 0.0)
+
+    route(0)
+    monkeypatch.setenv(tfmg.GEMV_ENV, "1")
+    moe()  # compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = moe()
+    for seed in range(5):
+        route(seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = moe()
+        monkeypatch.setenv(tfmg.GEMV_ENV, "0")
+        routed, shared = moe()
+        monkeypatch.setenv(tfmg.GEMV_ENV, "1")
+        assert torch.equal(rows_of_active(captured[0]), rows_of_active(eager[0])), seed
+        assert torch.equal(captured[1], eager[1]), seed
+        assert rel_err(rows_of_active(captured[0]), rows_of_active(routed)) < BF16_TOL, seed
+        assert rel_err(captured[1], shared) < BF16_TOL, seed
+        for e in torch.nonzero(counts).flatten().tolist():
+            assert not captured[0][e, int(counts[e]):].any(), (seed, e)
