@@ -99,6 +99,19 @@ def _chunk_dot(w, s, x_ptr, kb0, K, CHUNK_KB: tl.constexpr, BLOCK_K: tl.constexp
 
 
 @triton.jit
+def _rest_of_k(w_ptr, ws_ptr, cols, scale_rows, n_mask, x_row, K, stride_wn, stride_wsn, like_x, NUM_KB: tl.constexpr,
+               CHUNK_KB: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr):
+    """The chunks of K after the first (loaded here, after the wait), summed as ``_chunk_dot`` sums one."""
+    acc = tl.zeros([cols.shape[0]], dtype=tl.float32)
+    # Compile-time trip count (the interpreter cannot loop to a runtime bound under numpy 2).
+    for c in range(1, (NUM_KB + CHUNK_KB - 1) // CHUNK_KB):
+        w, s = _weight_chunk(w_ptr, ws_ptr, cols, scale_rows, n_mask, c * CHUNK_KB, K, stride_wn, stride_wsn,
+                             CHUNK_KB, BLOCK_K)
+        acc += _chunk_dot(w8a16_tile(w, like_x, BITS), s, x_row, c * CHUNK_KB, K, CHUNK_KB, BLOCK_K)
+    return acc
+
+
+@triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_wsn, stride_om,
                      NUM_KB: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_KB: tl.constexpr, BITS: tl.constexpr,
@@ -118,11 +131,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     acc = _chunk_dot(w, s, x_row, 0, K, CHUNK_KB, BLOCK_K)
-    # Compile-time trip count (the interpreter cannot loop to a runtime bound under numpy 2).
-    for c in range(1, (NUM_KB + CHUNK_KB - 1) // CHUNK_KB):
-        w_next, s_next = _weight_chunk(w_ptr, ws_ptr, cols, scale_rows, n_mask, c * CHUNK_KB, K, stride_wn,
-                                       stride_wsn, CHUNK_KB, BLOCK_K)
-        acc += _chunk_dot(w8a16_tile(w_next, like_x, BITS), s_next, x_row, c * CHUNK_KB, K, CHUNK_KB, BLOCK_K)
+    acc += _rest_of_k(w_ptr, ws_ptr, cols, scale_rows, n_mask, x_row, K, stride_wn, stride_wsn, like_x, NUM_KB,
+                      CHUNK_KB, BLOCK_K, BITS)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)

@@ -30,7 +30,7 @@ import triton.language as tl
 from kernels.backend import env_flag
 from kernels.fp8 import BLOCK, BlockSize
 from kernels.triton_fp8 import decode_tile_override, w8a16_bits, w8a16_tile
-from kernels.triton_fp8_gemv import _chunk_dot, _weight_chunk
+from kernels.triton_fp8_gemv import _chunk_dot, _rest_of_k, _weight_chunk
 from kernels.triton_pdl import pdl_args
 
 # "1": the decode MoE's FP8 experts run as these GEMVs where they apply (``moe_gemv_applies``); "0" (the default
@@ -95,18 +95,12 @@ def _expert_rows(w0, s0, u0, su0, x_base, w_base, ws_base, out_base, cols, up_co
         x_row = x_base + r * stride_xm
         if r < count:
             acc = _chunk_dot(w0, s0, x_row, 0, k_dim, CHUNK_KB, BLOCK_K)
+            acc += _rest_of_k(w_base, ws_base, cols, scale_rows, n_mask, x_row, k_dim, stride_wn, stride_wsn, like_x,
+                              NUM_KB, CHUNK_KB, BLOCK_K, BITS)
             if GATED:
                 acc_up = _chunk_dot(u0, su0, x_row, 0, k_dim, CHUNK_KB, BLOCK_K)
-            for c in range(1, (NUM_KB + CHUNK_KB - 1) // CHUNK_KB):
-                w, s = _weight_chunk(w_base, ws_base, cols, scale_rows, n_mask, c * CHUNK_KB, k_dim, stride_wn,
-                                     stride_wsn, CHUNK_KB, BLOCK_K)
-                acc += _chunk_dot(w8a16_tile(w, like_x, BITS), s, x_row, c * CHUNK_KB, k_dim, CHUNK_KB, BLOCK_K)
-                if GATED:
-                    u, su = _weight_chunk(w_base, ws_base, up_cols, up_scale_rows, n_mask, c * CHUNK_KB, k_dim,
-                                          stride_wn, stride_wsn, CHUNK_KB, BLOCK_K)
-                    acc_up += _chunk_dot(w8a16_tile(u, like_x, BITS), su, x_row, c * CHUNK_KB, k_dim, CHUNK_KB,
-                                         BLOCK_K)
-            if GATED:
+                acc_up += _rest_of_k(w_base, ws_base, up_cols, up_scale_rows, n_mask, x_row, k_dim, stride_wn,
+                                     stride_wsn, like_x, NUM_KB, CHUNK_KB, BLOCK_K, BITS)
                 acc = acc * tl.sigmoid(acc) * acc_up  # the tiled launches' epilogue
             tl.store(out_base + r * stride_om + offs_n, acc.to(out_base.dtype.element_ty), mask=n_mask)
         elif ZERO_TAIL:

@@ -138,7 +138,7 @@ for s in $STEPS; do
         bash -c "cd .baseline && python3 -m bench.decode_step $DS --out $OUT_SAVED/decode_step_gpu_landed.json" ;;
     kernels) step 04_kernels_gpu "$(left 150)" python3 -m bench.kernels_gpu --quick --out "$OUT_SAVED/kernels_gpu.json" ;;
     tests) step 04_pytest_gpu${label:+_$label} "$(left ${TESTS_LIMIT:-240})" env $label_env python3 -m pytest -q -s -p no:cacheprovider -rf --tb=line \
-        -m gpu tests/test_cuda_graph.py tests/test_kernels_decode_fused.py tests/test_fp8_gpu.py \
+        -m gpu tests/test_cuda_graph.py tests/test_kernels_decode_fused.py tests/test_fp8_gpu.py tests/test_fp8_gemv_gpu.py \
         tests/test_kernels_gpu.py tests/test_kernels_head_matmul.py tests/test_decode_overlap.py ${TESTS_K:+-k "$TESTS_K"} ;;
     flashmla) flashmla_wait "$(left 240)"
         [ -n "${TANDEM_FLASHMLA_SO:-}" ] && step 05_tune_mla "$(left 150)" python3 -m bench.tune_gpu --quick \

@@ -1,14 +1,24 @@
 """What the FP8 kernel tests share (tests/test_fp8_kernels_ref.py on the CPU, tests/test_fp8_gpu.py and
 tests/test_fp8_deepgemm_gpu.py on the GPU): random block-quantized experts, the error measure, its bf16 bound,
-and the NaN poisoning that makes an unwritten output element fail."""
+the NaN poisoning that makes an unwritten output element fail, and the GPU tests' marker."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
 import torch
 
-from kernels import fp8
+from kernels import backend, fp8
 
 BF16_TOL = 1e-2  # ||out - ref|| / ||ref||: bf16 output rounding (2^-9) plus accumulation order
+
+
+def gpu_test(fn: Callable[..., None]) -> Callable[..., None]:
+    """Marks a test ``gpu`` and skips it without CUDA or Triton."""
+    fn = pytest.mark.skipif(not backend.triton_importable(), reason="needs Triton")(fn)
+    fn = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn)
+    return pytest.mark.gpu(fn)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -43,3 +53,12 @@ def random_routed_tokens(tokens: int, hidden: int, experts: int, top_k: int,
     ids[::3, 0] = -1  # experts on other ranks
     return x, ids, torch.rand(tokens, top_k, device=device, generator=gen)
 
+
+
+def route_masked(counts: torch.Tensor, active_count: int, capacity: int, seed: int) -> None:
+    """A new masked-layout routing in place: ``active_count`` experts picked at random get 1..capacity rows each,
+    the others none (the GPU tests replay a captured decode MoE over several)."""
+    gen = torch.Generator(device=counts.device).manual_seed(seed)
+    counts.zero_()
+    picked = torch.randperm(counts.shape[0], device=counts.device, generator=gen)[:active_count]
+    counts[picked] = torch.randint(1, capacity + 1, (active_count,), device=counts.device, generator=gen).int()

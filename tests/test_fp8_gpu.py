@@ -11,17 +11,18 @@ accumulation order, bf16 output rounding and a rare one-ulp difference of a quan
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from fp8_cases import (
     BF16_TOL,
+    gpu_test,
     poison_freed_cuda_memory,
     random_fp8_experts,
     random_routed_tokens,
     rel_err,
+    route_masked,
 )
 from trained_fp8 import (  # noqa: F401 (trained_fp8_checkpoint: the trained_fp8_dir fixture)
     NEW_TOKENS,
@@ -32,7 +33,7 @@ from trained_fp8 import (  # noqa: F401 (trained_fp8_checkpoint: the trained_fp8
     trained_prompts,
 )
 
-from kernels import backend, fp8
+from kernels import fp8
 
 DENSE_SHAPES = [(18432, 7168), (7168, 18432), (2112, 7168), (7168, 2112), (24576, 1536), (32768, 512),
                 (7168, 16384), (4096, 7168), (7168, 2048), (200, 300),
@@ -40,12 +41,6 @@ DENSE_SHAPES = [(18432, 7168), (7168, 18432), (2112, 7168), (7168, 2112), (24576
                 (3072, 2048), (576, 2048), (21888, 2048), (2048, 10944)]
 ROWS = [1, 7, 64, 333, 4096]
 FP32_TOL = 1e-4
-
-
-def gpu_test(fn: Callable[..., None]) -> Callable[..., None]:
-    fn = pytest.mark.skipif(not backend.triton_importable(), reason="needs Triton")(fn)
-    fn = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn)
-    return pytest.mark.gpu(fn)
 
 
 @gpu_test
@@ -228,10 +223,7 @@ def test_the_decode_moe_in_one_launch_gives_the_two_launches_bits_over_graph_rep
     active = torch.zeros(experts + 1, dtype=torch.int32, device="cuda")
 
     def route(seed: int) -> None:
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        counts.zero_()
-        picked = torch.randperm(experts, device="cuda", generator=g)[:active_count]
-        counts[picked] = torch.randint(1, capacity + 1, (active_count,), device="cuda", generator=g).int()
+        route_masked(counts, active_count, capacity, seed)
         active.copy_(active_experts_triton(counts))
 
     def moe() -> tuple[torch.Tensor, torch.Tensor]:
@@ -528,101 +520,3 @@ def test_fp8_model_on_gpu_keeps_the_dequantized_bf16_models_greedy_tokens(traine
         assert sum(f == NEW_TOKENS for f in first) >= len(prompts) - 1, first
         assert max(rels) < TRAINED_FP8_LOGITS_TOL, rels
 
-
-@gpu_test
-@pytest.mark.parametrize("rows", [1, 3])
-def test_gemv_chain_reads_what_the_kernel_before_wrote_over_graph_replays(rows: int,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """``kernels.triton_fp8_gemv`` loads its weights before the PDL wait and its activation after: three GEMVs
-    in a chain, each reading the row the one before wrote (V2-Lite's fused q + kv_a shape, then K = 3648 with a
-    partial K block), captured in a graph and replayed on new inputs, give the eager chain's bits every time, and
-    stay within bf16 rounding of the dequantized reference."""
-    from kernels import triton_fp8_gemv as tfg
-    from kernels.triton_fp8 import fp8_linear_triton
-
-    monkeypatch.setenv(tfg.GEMV_ENV, "1")
-    gen = torch.Generator(device="cuda").manual_seed(rows)
-    shapes = [(3648, 2048), (2048, 3648), (2048, 2048)]
-    weights = [fp8.quantize_fp8_weight(torch.randn(n, k, device="cuda", generator=gen) / k**0.5) for n, k in shapes]
-
-    def chain(x: torch.Tensor) -> torch.Tensor:
-        for w, ws in weights:
-            x = fp8_linear_triton(x, w, ws)
-        return x
-
-    x = torch.randn(rows, 2048, device="cuda", generator=gen).bfloat16()
-    ref = x.float()
-    for w, ws in weights:
-        ref = fp8.fp8_linear(ref.bfloat16().float(), w, ws)
-    assert rel_err(chain(x), ref) < 3 * BF16_TOL
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        chain(x)  # compiled outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            outs = [chain(x) for _ in range(4)]
-    for _ in range(20):
-        x.copy_(torch.randn(rows, 2048, device="cuda", generator=gen))
-        want = chain(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        for out in outs:
-            assert torch.equal(out, want)
-
-
-@gpu_test
-@pytest.mark.parametrize(("experts", "hidden", "inter", "shared_inter", "capacity", "active_count"),
-                         [(64, 2048, 1408, 2816, 1, 6), (64, 2048, 1408, 2816, 4, 20), (32, 7168, 2048, 2048, 1, 8),
-                          (8, 256, 192, 320, 3, 8)])  # V2-Lite at batch 1 and 4, V3 at EP8, odd blocks
-def test_the_decode_moe_as_gemvs_matches_the_tiled_launches_over_graph_replays(
-        experts: int, hidden: int, inter: int, shared_inter: int, capacity: int, active_count: int,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """kernels.triton_fp8_moe_gemv in a CUDA graph behind the launch that lists the active experts (the down
-    launch reads that list before its PDL wait), replayed with new routings: every active expert's rows and the
-    shared experts' within bf16 rounding of the tiled launches, rows past each count zero, and the eager GEMVs'
-    bits."""
-    from kernels import triton_fp8_moe_gemv as tfmg
-    from kernels.triton_decode_fused import active_experts_triton
-    from kernels.triton_fp8_moe import fp8_moe_forward_masked_shared_triton
-
-    gen = torch.Generator(device="cuda").manual_seed(capacity + experts)
-    w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
-    sw13, ss13, sw2, ss2 = random_fp8_experts(1, hidden, shared_inter, gen)
-    counts = torch.zeros(experts, dtype=torch.int32, device="cuda")
-    x = torch.randn(experts, capacity, hidden, device="cuda", generator=gen).bfloat16()
-    hidden_rows = torch.randn(capacity, hidden, device="cuda", generator=gen).bfloat16()
-
-    def route(seed: int) -> None:
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        counts.zero_()
-        picked = torch.randperm(experts, device="cuda", generator=g)[:active_count]
-        counts[picked] = torch.randint(1, capacity + 1, (active_count,), device="cuda", generator=g).int()
-
-    def moe() -> tuple[torch.Tensor, torch.Tensor]:
-        active = (active_experts_triton(counts), active_count)
-        return fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, hidden_rows, sw13[0], ss13[0],
-                                                    sw2[0], ss2[0], active=active)
-
-    def rows_of_active(routed: torch.Tensor) -> torch.Tensor:
-        return torch.where((counts > 0)[:, None, None], routed, 0.0)
-
-    route(0)
-    monkeypatch.setenv(tfmg.GEMV_ENV, "1")
-    moe()  # compiled outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = moe()
-    for seed in range(5):
-        route(seed)
-        graph.replay()
-        torch.cuda.synchronize()
-        eager = moe()
-        monkeypatch.setenv(tfmg.GEMV_ENV, "0")
-        routed, shared = moe()
-        monkeypatch.setenv(tfmg.GEMV_ENV, "1")
-        assert torch.equal(rows_of_active(captured[0]), rows_of_active(eager[0])), seed
-        assert torch.equal(captured[1], eager[1]), seed
-        assert rel_err(rows_of_active(captured[0]), rows_of_active(routed)) < BF16_TOL, seed
-        assert rel_err(captured[1], shared) < BF16_TOL, seed
-        for e in torch.nonzero(counts).flatten().tolist():
-            assert not captured[0][e, int(counts[e]):].any(), (seed, e)
