@@ -16,8 +16,9 @@ only 7-11 % less. This kernel takes the other route:
   remain: fp32 products of the bf16 activation and the weight converted exactly (``w8a16_tile``), summed per
   128-wide K block and scaled by that block's scale, as the tiled W8A16 kernel applies it.
 
-Rows are a grid dimension: each row's programs read the same weight slice, the first from DRAM, the others
-mostly from L2, which is cheap at the few rows (``gemv_max_rows``) this runs for.
+Rows are a grid dimension (each row's programs read the same weight slice, the first from DRAM, the others from
+L2), but each converts the weight again: at 4 rows that lost to the tiled kernel, so one row alone runs here
+(``gemv_max_rows``). Measured against the tiled kernel beside ``GEMV_ENV``.
 """
 
 from __future__ import annotations
@@ -28,24 +29,28 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import device_facts, env_flag
+from kernels.backend import env_flag
 from kernels.fp8 import BLOCK, BlockSize
 from kernels.triton_fp8 import decode_tile_override, w8a16_bits, w8a16_tile
 from kernels.triton_pdl import pdl_args
 
-# Whether decode-size dense FP8 projections of up to ``GEMV_MAX_ROWS`` rows run as this GEMV ("1") or as the tiled
-# split-K kernel ("0", the default until a GPU run times the two side by side).
+# Whether one-row dense FP8 projections run as this GEMV ("1", the default) or as the tiled split-K kernel ("0").
+# One H100 (session 46, bench/results/fp8_one_token_gemv_sweep_call1_h100_s46.log, graph-timed at one row):
+# V2-Lite's fused q + kv_a 5.8 -> 3.9-4.0 us, o_proj 4.4 -> 2.7 us; in the decode step's serial profile the
+# 54 dense launches took 268 us where the tiled ones took 341. At 4 rows the same step's GEMVs took 520 us
+# against 346 (each row's programs convert the weight again), so only one row takes it.
 GEMV_ENV = "TANDEM_FP8_DENSE_GEMV"
-GEMV_MAX_ROWS = 4
-# A tile set by hand: "BLOCK_N,WARPS,CHUNK_KB" (tests/fp8_moe_one_token.py --dense sweeps them).
+GEMV_MAX_ROWS = 1
+# A tile set by hand: "BLOCK_N,WARPS,CHUNK_KB" (tests/fp8_moe_one_token.py --dense --gemv-sweep sweeps them).
 GEMV_TILE_ENV = "TANDEM_FP8_GEMV_TILE"
-# Bytes of weight a program loads before the PDL wait, by default (the rest of K streams after it).
+# Bytes of weight a program loads at once by default, the first chunk before the PDL wait (the rest of K
+# streams after it).
 PRELOAD_BYTES = 16384
 
 
 def gemv_max_rows() -> int:
     """Rows up to which ``fp8_linear_triton`` runs W8A16 projections as this GEMV (0: never; ``GEMV_ENV``)."""
-    return GEMV_MAX_ROWS if env_flag(GEMV_ENV) else 0
+    return GEMV_MAX_ROWS if env_flag(GEMV_ENV, default=True) else 0
 
 
 @dataclass(frozen=True)
@@ -55,18 +60,17 @@ class GemvConfig:
     chunk_kb: int  # K blocks loaded at once; the first chunk before the PDL wait
 
 
-def gemv_config(rows: int, n: int, k_blocks: int, block_k: int, sm_count: int) -> GemvConfig:
-    """Columns per program: the widest of 16 / 8 / 4 that still gives every SM two programs (so each program's
-    preload is small and they are all resident while the kernel ahead runs); a chunk of at most
-    ``PRELOAD_BYTES`` (a power of two of K blocks, Triton's tiles being powers of two)."""
+def gemv_config(k_blocks: int, block_k: int) -> GemvConfig:
+    """4 columns a program, 4 warps, a chunk of the most K blocks (a power of two, Triton's tiles being powers of
+    two) within ``PRELOAD_BYTES``: the fastest over both V2-Lite projections of the sweep above (4 / 8 / 16
+    columns, 2 / 4 / 8 warps, 4 / 8 / 16 K blocks; 4 columns with 8 or 16 K blocks 6.7 us for the pair, the
+    first choice of 8 columns for q + kv_a 7.2)."""
     tile = decode_tile_override(GEMV_TILE_ENV)
     if tile is not None:
         if len(tile) != 3:
             raise ValueError(f"{GEMV_TILE_ENV}: expected BLOCK_N,WARPS,CHUNK_KB, got {tile}")
         return GemvConfig(block_n=tile[0], num_warps=tile[1], chunk_kb=max(1, min(tile[2], k_blocks)))
-    block_n = 16
-    while block_n > 4 and triton.cdiv(n, block_n) * rows < 2 * max(sm_count, 1):
-        block_n //= 2
+    block_n = 4
     chunk = 1
     while chunk * 2 <= k_blocks and block_n * chunk * 2 * block_k <= PRELOAD_BYTES:
         chunk *= 2
@@ -149,8 +153,7 @@ def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     if m == 0 or n == 0:
         return out
     k_blocks = triton.cdiv(k, block_size[1])
-    sm_count = device_facts(x.device.index or 0)[1] if x.is_cuda else 1
-    cfg = config or gemv_config(m, n, k_blocks, block_size[1], sm_count)
+    cfg = config or gemv_config(k_blocks, block_size[1])
     _fp8_gemv_kernel[(triton.cdiv(n, cfg.block_n), m)](
         x, weight, weight_scale, bias if bias is not None else out, out, n, k, x.stride(0), weight.stride(0),
         weight_scale.stride(0), out.stride(0),

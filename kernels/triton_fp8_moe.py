@@ -42,7 +42,6 @@ from kernels.triton_fp8 import (
     w8a16_bits,
     w8a16_tile,
 )
-from kernels.triton_fp8_moe_gemv import fp8_moe_gemv_masked_shared, moe_gemv_applies
 from kernels.triton_grid import grouped_tile, masked_expert
 from kernels.triton_moe import ExpertSort, combine_slots, sort_by_expert
 from kernels.triton_moe_fused_decode import fused_decode_applies, moe_fused_decode
@@ -436,8 +435,8 @@ def fp8_moe_forward_masked_shared_triton(
     """``kernels.fp8.fp8_moe_forward_masked_shared``: the masked FP8 MoE with the layer's FP8 shared experts
     (one gated MLP over every token of ``hidden`` ``[capacity, D]``) as one more expert of the same two launches,
     CUDA-graph safe: two launches where the routed and shared experts took four (one over the active experts
-    where ``kernels.triton_moe_fused_decode`` applies; as GEMVs where ``kernels.triton_fp8_moe_gemv`` does). At
-    decode sizes (W8A16); elsewhere (or on shapes it does not take) the two run apart."""
+    where ``kernels.triton_moe_fused_decode`` applies). At decode sizes (W8A16); elsewhere (or on shapes it
+    does not take) the two run apart."""
     num_experts = _check_moe_inputs(x.shape[2], w13, w13_scale, w2, w2_scale, block_size)
     capacity = x.shape[1]
     inter_dim = shared_down.shape[1]
@@ -455,9 +454,6 @@ def fp8_moe_forward_masked_shared_triton(
                                                expected_rows_per_expert=hint)
         return out, shared.squeeze(0)
     _check_device(x)
-    if active is not None and moe_gemv_applies(x):
-        return fp8_moe_gemv_masked_shared(x, counts, w13, w13_scale, w2, w2_scale, hidden, shared_gate_up,
-                                          shared_gate_up_scale, shared_down, shared_down_scale, active, block_size)
     cfg, down_cfg = _launch_configs(hint, None, None)
     if active is not None and cfg == down_cfg and fused_decode_applies(x, cfg.block_m, cfg.kb_step):
         fused = moe_fused_decode(x, counts, w13, w2, hidden, shared_gate_up, shared_down, active,

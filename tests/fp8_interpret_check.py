@@ -238,32 +238,6 @@ def check_experts() -> None:
         check("fp8_moe_forward_masked_shared shared vs the gated MLP", rel(out_s, want_shared))
     if not fp8.quantizes_activations(16):
         check_fused_decode(xm[:, :3], counts.clamp(max=3), w13, w13_s, w2, w2_s, hid[:3], shared)
-        check_moe_gemv(xm[:, :3], counts.clamp(max=3), w13, w13_s, w2, w2_s, hid[:3], shared)
-
-
-def check_moe_gemv(xm: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_s: torch.Tensor,
-                   w2: torch.Tensor, w2_s: torch.Tensor, hid: torch.Tensor, shared: tuple) -> None:
-    """The experts as GEMVs (kernels.triton_fp8_moe_gemv) against the reference over the active experts, 3
-    rows an expert (one with none, one with one): the shared down projection's K 2.5 blocks, a routed one's
-    1.5; rows past each count zero."""
-    from kernels import triton_fp8_moe as tfm
-    from kernels import triton_fp8_moe_gemv as tfmg
-    from kernels.triton_decode_fused import active_experts_triton
-
-    xm = xm.contiguous()
-    ref_r, ref_s = fp8.fp8_moe_forward_masked_shared(xm, counts, w13, w13_s, w2, w2_s, hid, *shared)
-    os.environ[tfmg.GEMV_ENV] = "1"
-    try:
-        out_r, out_s = tfm.fp8_moe_forward_masked_shared_triton(xm, counts, w13, w13_s, w2, w2_s, hid, *shared,
-                                                                 active=(active_experts_triton(counts), 3))
-    finally:
-        del os.environ[tfmg.GEMV_ENV]
-    active = counts > 0
-    check("fp8 MoE as GEMVs routed", rel(out_r[active], ref_r[active]))
-    check("fp8 MoE as GEMVs shared", rel(out_s, ref_s))
-    past = torch.arange(xm.shape[1])[None, :] >= counts[:, None]
-    zeroed = (active[:, None] & past)[:, :, None]
-    check("fp8 MoE as GEMVs rows past the count", float(torch.where(zeroed, out_r, 0.0).abs().sum()), 0.0)
 
 
 def check_fused_decode(xm: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_s: torch.Tensor,

@@ -41,7 +41,6 @@ from kernels import fp8  # noqa: E402
 from kernels import triton_fp8 as tf  # noqa: E402
 from kernels import triton_fp8_gemv as tfg  # noqa: E402
 from kernels import triton_fp8_moe as tfm  # noqa: E402
-from kernels import triton_fp8_moe_gemv as tfmg  # noqa: E402
 from kernels.triton_decode_fused import active_experts_triton  # noqa: E402
 from kernels.triton_moe import moe_forward_masked_shared_triton  # noqa: E402
 from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV  # noqa: E402
@@ -113,22 +112,15 @@ FUSED_VARIANTS: list[Variant] = [
 ]
 
 
-def moe_variants(sweep: bool, gemv_sweep: bool = False) -> list[Variant]:
+def moe_variants(sweep: bool) -> list[Variant]:
     out: list[Variant] = [  # the defaults first: what the others are compared with
         ("default tiles, active experts", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1"}),
-        # one program per few whole columns of an expert (kernels.triton_fp8_moe_gemv)
-        ("GEMV", {tfmg.GEMV_ENV: "1", tfmg.GEMV_TILE_ENV: "", ACTIVE_GRID_ENV: "1"}),
-        ("GEMV without PDL", {tfmg.GEMV_ENV: "1", tfmg.GEMV_TILE_ENV: "", ACTIVE_GRID_ENV: "1", PDL_ENV: "0"}),
         ("default tiles, every expert's column", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "0"}),
         ("default tiles, active experts, cvt", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
                                                 tf.W8A16_CONVERT_ENV: "cvt"}),
         *PDL_VARIANTS,
         *FUSED_VARIANTS,
     ]
-    if gemv_sweep:
-        for block_n, warps, chunk in itertools.product((2, 4, 8), (2, 4, 8), (8, 16)):
-            out.append((f"GEMV {block_n} columns {warps} warps {chunk} K blocks a load",
-                        {tfmg.GEMV_ENV: "1", tfmg.GEMV_TILE_ENV: f"{block_n},{warps},{chunk}", ACTIVE_GRID_ENV: "1"}))
     if sweep:
         # Around session 41's winner (16 x 32 x 128, 4 warps, 4 stages, "bits", now the default): wider and
         # narrower tiles, 2-8 warps, 3-6 stages, one or two 128-wide K blocks an iteration. "cvt" lost every row
@@ -251,7 +243,7 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="16 x 16/32/64 x 128/256 expert tiles, 2-8 warps, 3-6 stages")
     parser.add_argument("--dense", action="store_true", help="the attention's dense FP8 GEMMs at one row as well")
     parser.add_argument("--dense-only", action="store_true", help="--dense without the expert launches")
-    parser.add_argument("--gemv-sweep", action="store_true", help="the GEMVs' columns, warps and K chunks")
+    parser.add_argument("--gemv-sweep", action="store_true", help="the dense GEMV's columns, warps and K chunks")
     parser.add_argument("--best-env", type=Path, help="write the fastest overrides here as export lines")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -267,7 +259,7 @@ def main() -> int:
 
 def experts(args: argparse.Namespace, gen: torch.Generator, copy_rate: float, exports: dict[str, str]) -> None:
     make, nbytes = moe_case(gen)
-    _, best = sweep(f"one token, {TOP_K} routed + shared experts", moe_variants(args.sweep, args.gemv_sweep), make, nbytes,
+    _, best = sweep(f"one token, {TOP_K} routed + shared experts", moe_variants(args.sweep), make, nbytes,
                     floor_us(nbytes, copy_rate), args.iters)
     if best is not None:
         exports.update(best[1])

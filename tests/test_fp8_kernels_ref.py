@@ -277,27 +277,25 @@ def test_decode_tile_overrides_set_the_few_row_tiles_alone(monkeypatch: pytest.M
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
-def test_gemv_tiles_cover_the_sms_and_cap_the_preload(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The few-row GEMV's columns per program shrink until every SM has two programs (V2-Lite's o_proj at one row
-    on 132 SMs: 4 columns, 512 programs), its first chunk stays within PRELOAD_BYTES, the switch is off unless set,
-    and a hand-set tile replaces the choice or is refused when it is not three integers."""
+def test_gemv_tile_caps_the_preload_and_takes_one_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-row GEMV: on unless switched off, for one row only; 4 columns a program and the most K blocks (a
+    power of two) within PRELOAD_BYTES; a hand-set tile replaces the choice or is refused when it is not three
+    integers."""
     from kernels import triton_fp8_gemv as tfg
 
+    assert tfg.gemv_max_rows() == 1
+    monkeypatch.setenv(tfg.GEMV_ENV, "0")
     assert tfg.gemv_max_rows() == 0
-    monkeypatch.setenv(tfg.GEMV_ENV, "1")
-    assert tfg.gemv_max_rows() == tfg.GEMV_MAX_ROWS
     monkeypatch.setenv(tfg.GEMV_ENV, "yes")
     with pytest.raises(ValueError, match=tfg.GEMV_ENV):
         tfg.gemv_max_rows()
-    assert tfg.gemv_config(1, 3648, 16, 128, 132) == tfg.GemvConfig(8, 4, 16)  # 456 programs, 16 KB each first
-    assert tfg.gemv_config(1, 2048, 16, 128, 132) == tfg.GemvConfig(4, 4, 16)
-    assert tfg.gemv_config(4, 2048, 16, 128, 132) == tfg.GemvConfig(16, 4, 8)  # rows are programs too
-    v3_qa = tfg.gemv_config(1, 2112, 56, 128, 132)  # V3's fused q_a + kv_a at TP8: K = 7168
-    assert v3_qa.block_n * v3_qa.chunk_kb * 128 <= tfg.PRELOAD_BYTES and v3_qa.chunk_kb & (v3_qa.chunk_kb - 1) == 0
-    assert tfg.gemv_config(1, 64, 1, 128, 132).chunk_kb == 1
+    assert tfg.gemv_config(16, 128) == tfg.GemvConfig(4, 4, 16)  # V2-Lite: K = 2048, all of it before the wait
+    v3_qa = tfg.gemv_config(56, 128)  # V3's fused q_a + kv_a: K = 7168
+    assert v3_qa == tfg.GemvConfig(4, 4, 32) and 4 * v3_qa.chunk_kb * 128 <= tfg.PRELOAD_BYTES
+    assert tfg.gemv_config(11, 128).chunk_kb == 8 and tfg.gemv_config(1, 128).chunk_kb == 1
     monkeypatch.setenv(tfg.GEMV_TILE_ENV, "16,8,2")
-    assert tfg.gemv_config(1, 3648, 16, 128, 132) == tfg.GemvConfig(16, 8, 2)
-    assert tfg.gemv_config(1, 3648, 1, 128, 132).chunk_kb == 1  # never more than K has
+    assert tfg.gemv_config(16, 128) == tfg.GemvConfig(16, 8, 2)
+    assert tfg.gemv_config(1, 128).chunk_kb == 1  # never more than K has
     monkeypatch.setenv(tfg.GEMV_TILE_ENV, "16,8")
     with pytest.raises(ValueError, match=tfg.GEMV_TILE_ENV):
-        tfg.gemv_config(1, 3648, 16, 128, 132)
+        tfg.gemv_config(16, 128)
