@@ -8,7 +8,9 @@ visible, so nothing it reads or writes can race the one before. Its own ``gridde
 right after lets the next kernel be scheduled as soon as every program of this one has started.
 
 The rule that keeps this safe: a kernel launched with ``launch_pdl`` calls ``pdl_begin`` before any memory
-access (every kernel here does it as its first statement, so a program that returns early has waited too).
+access (every kernel here does it as its first statement, so a program that returns early has waited too). One
+exception: the one-row FP8 GEMV (``kernels.triton_fp8_gemv``) loads dense weights and their scales first, which
+no kernel of a decode step writes, and waits before it reads anything else.
 Kernels launched normally (cuBLAS, torch) keep stream order as ever; after one of them a PDL launch simply
 starts when it ends. On by default on CUDA at compute capability 9.0+ (``TANDEM_PDL=0`` turns it off: the kernels
 then compile without the instructions and launch as before): one-GPU 1P1D at c8 on an H100 gave 576 -> 586 and
