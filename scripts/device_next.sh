@@ -30,6 +30,10 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 # nothing (reverted); serving c8 under MPS ran ~1 % behind with one launch in three pairs. fp8vsbf16's --profile
 # now adds a profile of graphs without PDL (graph_profile_serial), the one its GEMM / rest split reads.
 # Labels used: PD_ENV_two="TANDEM_MOE_FUSED_DECODE=0"; DS with --batch-sizes 1,8 for quick pairs.
+# Session 46 (H100, call 1): the one-row dense GEMV beat the tiled split-K GEMMs (10.2 -> 6.7 us for a layer's pair,
+# 341 -> 268 us a step), now the default; the experts as GEMVs lost and were dropped. Its A/B:
+#   PD_ENV_tiled="TANDEM_FP8_DENSE_GEMV=0" STEPS="fp8vsbf16 fp8vsbf16@tiled" (tests@LABEL takes a label's env too),
+#   FP8_SWEEP_ARGS="--iters 20 --dense-only --gemv-sweep" STEPS=ncufp8 for the GEMV's tiles.
 default_steps="tests fp8vsbf16"
 echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
 PD_ARGS_p70=${PD_ARGS_p70:-"--mps-prefill-sm 70"} PD_ARGS_p50=${PD_ARGS_p50:-"--mps-prefill-sm 50"} \
