@@ -15,9 +15,11 @@ so the graph's own launch is amortized) and timed against the bytes it must read
 moved at the rate of a ``copy_`` timed beside it. ``--sweep`` tries tile widths, K blocks an iteration, warps
 and pipeline stages over the active-expert grid through the same environment overrides a deployment would set
 (``TANDEM_FP8_MOE_DECODE_TILE``, ``TANDEM_MOE_ACTIVE_GRID``, ``TANDEM_FP8_DENSE_DECODE_TILE``,
-``TANDEM_FP8_BF16_CONVERT``, ``TANDEM_FP8_SPLIT_FIXUP``, ``TANDEM_FP8_DENSE_GEMV``, ``TANDEM_FP8_GEMV_TILE``); without it, the defaults, the other weight conversion
-and the launches without PDL (``TANDEM_PDL=0``) only; ``--best-env``
-writes the fastest as ``export`` lines when it beats the default by more than 3 %.
+``TANDEM_FP8_BF16_CONVERT``, ``TANDEM_FP8_SPLIT_FIXUP``); without it, the defaults, the other weight conversion
+and the launches without PDL (``TANDEM_PDL=0``) only. The dense projections at one row run as a GEMV by default
+(``TANDEM_FP8_DENSE_GEMV``); the tiled kernel is timed beside it, and ``--gemv-sweep`` tries the GEMV's tiles
+(``TANDEM_FP8_GEMV_TILE``). ``--best-env`` writes the fastest as ``export`` lines when it beats the default by
+more than 3 %.
 """
 
 from __future__ import annotations
@@ -112,6 +114,9 @@ FUSED_VARIANTS: list[Variant] = [
 ]
 
 
+# The experts as GEMVs (a program per 4 whole columns of an expert, commit 72c0959) were timed here in session 46
+# and dropped: 40.9 us a layer at one token (39.1 at their best tile) against the tiled launches' 37.3
+# (bench/results/fp8_one_token_gemv_sweep_call1_h100_s46.log).
 def moe_variants(sweep: bool) -> list[Variant]:
     out: list[Variant] = [  # the defaults first: what the others are compared with
         ("default tiles, active experts", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1"}),
