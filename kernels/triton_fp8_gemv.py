@@ -146,8 +146,10 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
 def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                     block_size: BlockSize = (BLOCK, BLOCK), config: GemvConfig | None = None) -> torch.Tensor:
     """``x [M, K] @ dequant(weight [N, K]).T (+ bias)`` in x's dtype, W8A16, for a few rows (``gemv_max_rows``).
-    ``x``, ``weight`` and ``weight_scale`` contiguous in their last dim (``kernels.triton_fp8`` checks the
-    shapes)."""
+    ``x``, ``weight`` and ``weight_scale`` contiguous in their last dim (else ValueError; ``kernels.triton_fp8``
+    checks the shapes)."""
+    if any(t.stride(-1) != 1 for t in (x, weight, weight_scale)):
+        raise ValueError("the GEMV's activation, weight and scales must be contiguous in their last dim")
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

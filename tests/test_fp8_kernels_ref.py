@@ -280,7 +280,7 @@ def test_decode_tile_overrides_set_the_few_row_tiles_alone(monkeypatch: pytest.M
 def test_gemv_tile_caps_the_preload_and_takes_one_row(monkeypatch: pytest.MonkeyPatch) -> None:
     """The one-row GEMV: on unless switched off, for one row only; 4 columns a program and the most K blocks (a
     power of two) within PRELOAD_BYTES; a hand-set tile replaces the choice or is refused when it is not three
-    integers."""
+    integers; operands not contiguous in their last dim are refused."""
     from kernels import triton_fp8_gemv as tfg
 
     assert tfg.gemv_max_rows() == 1
@@ -299,3 +299,7 @@ def test_gemv_tile_caps_the_preload_and_takes_one_row(monkeypatch: pytest.Monkey
     monkeypatch.setenv(tfg.GEMV_TILE_ENV, "16,8")
     with pytest.raises(ValueError, match=tfg.GEMV_TILE_ENV):
         tfg.gemv_config(16, 128)
+    # Scales read as rows of K blocks: a transposed view is refused, not read wrong.
+    w, ws = fp8.quantize_fp8_weight(torch.randn(256, 384))
+    with pytest.raises(ValueError, match="contiguous"):
+        tfg.fp8_gemv_triton(torch.randn(1, 384), w, ws.t().contiguous().t(), None)
