@@ -1,7 +1,7 @@
 """A one-row dense FP8 projection as a GEMV: whole output columns a program, no split of K.
 
-At one row (a batch-1 decode step) a dense FP8 projection (V2-Lite's fused q + kv_a, 7.5 MB; o_proj, 4.2 MB) is a chain of
-latencies rather than a stream of bytes: the tiled kernel (``kernels.triton_fp8``) splits K to cover the SMs,
+At one row (a batch-1 decode step) a dense FP8 projection (V2-Lite's fused q + kv_a, 7.5 MB; o_proj, 4.2 MB)
+is a chain of latencies rather than a stream of bytes: the tiled kernel (``kernels.triton_fp8``) splits K to cover the SMs,
 so each output tile waits on its weight loads, on the stores of its fp32 partials, on an atomic and on the last
 split's reads of the partials. Session 45 measured that chain: with their weights already in L2 those GEMMs took
 only 7-11 % less. This kernel takes the other route:
@@ -65,7 +65,7 @@ def gemv_config(k_blocks: int, block_k: int) -> GemvConfig:
     """4 columns a program, 4 warps, a chunk of the most K blocks (a power of two, Triton's tiles being powers of
     two) within ``PRELOAD_BYTES``: the fastest over both V2-Lite projections of the sweep above (4 / 8 / 16
     columns, 2 / 4 / 8 warps, 4 / 8 / 16 K blocks; 4 columns with 8 or 16 K blocks 6.7 us for the pair, the
-    first choice of 8 columns for q + kv_a 7.2)."""
+    earlier choice of 8 columns for q + kv_a 7.2)."""
     tile = decode_tile_override(GEMV_TILE_ENV)
     if tile is not None:
         if len(tile) != 3:
@@ -128,8 +128,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, N, K, stride_xm, s
     scale_rows = (offs_n // SCALE_BLOCK_N).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     like_x = tl.zeros([1], dtype=x_ptr.dtype.element_ty)  # the activation's dtype, for the weight conversion
-    # The first chunk loaded and converted before the wait (module docstring: no kernel of the step writes a
-    # dense weight).
+    # The first chunk loaded before the wait (module docstring: no kernel of the step writes a dense weight). Its
+    # conversion is written here too, but the compiler places it by its use, after the wait (sm90 SASS).
     w, s = _weight_chunk(w_ptr, ws_ptr, cols, scale_rows, n_mask, 0, K, stride_wn, stride_wsn, CHUNK_KB, BLOCK_K)
     w = w8a16_tile(w, like_x, BITS)
     if PDL:

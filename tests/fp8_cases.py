@@ -54,11 +54,3 @@ def random_routed_tokens(tokens: int, hidden: int, experts: int, top_k: int,
     return x, ids, torch.rand(tokens, top_k, device=device, generator=gen)
 
 
-
-def route_masked(counts: torch.Tensor, active_count: int, capacity: int, seed: int) -> None:
-    """A new masked-layout routing in place: ``active_count`` experts picked at random get 1..capacity rows each,
-    the others none (the GPU tests replay a captured decode MoE over several)."""
-    gen = torch.Generator(device=counts.device).manual_seed(seed)
-    counts.zero_()
-    picked = torch.randperm(counts.shape[0], device=counts.device, generator=gen)[:active_count]
-    counts[picked] = torch.randint(1, capacity + 1, (active_count,), device=counts.device, generator=gen).int()

@@ -131,11 +131,12 @@ def check_dense() -> None:
 
 
 def check_gemv(gen: torch.Generator) -> None:
-    """The few-row GEMV (``kernels.triton_fp8_gemv``): partial column tiles and K blocks, several chunks of K
+    """The GEMV (``kernels.triton_fp8_gemv``): partial column tiles and K blocks, several chunks of K
     (the first loaded before the PDL wait, the rest after), 1-4 rows, with and without bias; and through
     ``fp8_linear_triton`` under its switch."""
     from kernels import triton_fp8 as tf
     from kernels import triton_fp8_gemv as tfg
+    from kernels.backend import switched
 
     for m, n, k, cfg in ((1, 200, 300, None), (4, 130, 640, tfg.GemvConfig(8, 4, 2)),
                          (3, 37, 1100, tfg.GemvConfig(16, 2, 4)), (2, 256, 256, tfg.GemvConfig(4, 4, 1))):
@@ -145,13 +146,10 @@ def check_gemv(gen: torch.Generator) -> None:
             ref = fp8.fp8_linear(a, w, ws, bias)
             check(f"fp8_gemv M{m} N{n} K{k} {cfg} bias={bias is not None}",
                   rel(tfg.fp8_gemv_triton(a, w, ws, bias, BS, cfg), ref))
-    os.environ[tfg.GEMV_ENV] = "1"
-    try:
+    with switched(tfg.GEMV_ENV, "1"):
         w, ws = fp8.quantize_fp8_weight(torch.randn(96, 384, generator=gen), BS)
         a = torch.randn(tfg.GEMV_MAX_ROWS, 384, generator=gen)
         check("fp8_linear as a GEMV", rel(tf.fp8_linear_triton(a, w, ws), fp8.fp8_linear(a, w, ws)))
-    finally:
-        del os.environ[tfg.GEMV_ENV]
 
 
 def check_experts() -> None:

@@ -22,7 +22,6 @@ from fp8_cases import (
     random_fp8_experts,
     random_routed_tokens,
     rel_err,
-    route_masked,
 )
 from trained_fp8 import (  # noqa: F401 (trained_fp8_checkpoint: the trained_fp8_dir fixture)
     NEW_TOKENS,
@@ -223,7 +222,10 @@ def test_the_decode_moe_in_one_launch_gives_the_two_launches_bits_over_graph_rep
     active = torch.zeros(experts + 1, dtype=torch.int32, device="cuda")
 
     def route(seed: int) -> None:
-        route_masked(counts, active_count, capacity, seed)
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        counts.zero_()
+        picked = torch.randperm(experts, device="cuda", generator=g)[:active_count]
+        counts[picked] = torch.randint(1, capacity + 1, (active_count,), device="cuda", generator=g).int()
         active.copy_(active_experts_triton(counts))
 
     def moe() -> tuple[torch.Tensor, torch.Tensor]:
@@ -519,4 +521,3 @@ def test_fp8_model_on_gpu_keeps_the_dequantized_bf16_models_greedy_tokens(traine
               f"{[f'{r:.4f}' for r in rels]}")
         assert sum(f == NEW_TOKENS for f in first) >= len(prompts) - 1, first
         assert max(rels) < TRAINED_FP8_LOGITS_TOL, rels
-
