@@ -250,10 +250,15 @@ def main() -> int:
     parser.add_argument("--dense-only", action="store_true", help="--dense without the expert launches")
     parser.add_argument("--gemv-sweep", action="store_true", help="the dense GEMV's columns, warps and K chunks")
     parser.add_argument("--best-env", type=Path, help="write the fastest overrides here as export lines")
+    parser.add_argument("--act-probe", action="store_true",
+                        help="only the routed experts' two launches, W8A16 against FP8 activations quantized ahead")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     exports: dict[str, str] = {}
     copy_rate = copy_bandwidth(torch.device("cuda"))  # once, beside every variant of this run
+    if args.act_probe:
+        act_probe(gen, copy_rate, args.iters)
+        return 0
     if not args.dense_only:
         experts(args, gen, copy_rate, exports)
     if args.dense or args.dense_only:
@@ -302,6 +307,43 @@ def dense(args: argparse.Namespace, gen: torch.Generator, copy_rate: float, expo
         if tf.W8A16_CONVERT_ENV in exports:  # one switch for both kernels: the experts' pick (most of the time)
             dense_env = {k: v for k, v in dense_env.items() if k != tf.W8A16_CONVERT_ENV}
         exports.update(dense_env)
+
+
+def act_probe(gen: torch.Generator, copy_rate: float, iters: int) -> None:
+    """The routed experts' gated and down launches at one token (no shared experts), W8A16 (the bf16 row
+    against each weight tile converted to bf16) beside W8A8 (the row and the intermediate quantized per 1 x 128
+    group *ahead*, outside the timing, so the FP8 tensor cores take the weight tile as stored): what the
+    conversion costs, the most an in-kernel activation quantizer could win back."""
+    w13, s13, w2, s2 = random_fp8_experts(EXPERTS, HIDDEN, INTER, gen)
+    counts = torch.zeros(EXPERTS, dtype=torch.int32, device="cuda")
+    counts[torch.randperm(EXPERTS, device="cuda", generator=gen)[:TOP_K]] = 1
+    active = (active_experts_triton(counts), TOP_K)
+    x = torch.randn(EXPERTS, 1, HIDDEN, device="cuda", generator=gen).bfloat16()
+    inter = torch.randn(EXPERTS, 1, INTER, device="cuda", generator=gen).bfloat16()
+    xq, xs = tf.quantize_fp8_act_triton(x.view(EXPERTS, HIDDEN))
+    iq, is_ = tf.quantize_fp8_act_triton(inter.view(EXPERTS, INTER))
+    xq, xs, iq, is_ = xq.view(EXPERTS, 1, HIDDEN), xs.view(EXPERTS, 1, -1), iq.view(EXPERTS, 1, INTER), \
+        is_.view(EXPERTS, 1, -1)
+    mid = torch.empty(EXPERTS, 1, INTER, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(EXPERTS, 1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    nbytes = TOP_K * (w13[0].numel() + w2[0].numel() + (s13[0].numel() + s2[0].numel()) * 4)
+    floor = floor_us(nbytes, copy_rate)
+    print(f"routed experts alone, one token: {nbytes / 2**20:.1f} MiB, {floor:.1f} us at copy_'s rate", flush=True)
+    bs = (fp8.BLOCK, fp8.BLOCK)
+    for block_n, warps, stages in ((32, 4, 4), (32, 4, 3), (64, 4, 4), (32, 8, 4), (16, 4, 4)):
+        cfg = tf.Fp8GemmConfig(block_m=16, block_n=block_n, group_m=1, num_warps=warps, num_stages=stages)
+        for label, a, a_s, b, b_s in (("W8A16", x, None, inter, None), ("W8A8", xq, xs, iq, is_)):
+            def pair(a=a, a_s=a_s, b=b, b_s=b_s, cfg=cfg) -> None:
+                tfm._launch_masked(a, a_s, w13, s13, mid, counts, True, cfg, bs, active=active)
+                tfm._launch_masked(b, b_s, w2, s2, out, counts, False, cfg, bs, active=active)
+            try:
+                us = graph_us(pair, {}, iters)[0]
+            except Exception as exc:  # noqa: BLE001 - a tile that does not fit is a row of the table
+                print(f"  16x{block_n} {warps} warps {stages} stages {label:6s} failed: {type(exc).__name__}: "
+                      f"{str(exc)[:120]}", flush=True)
+                continue
+            print(f"  16x{block_n} {warps} warps {stages} stages {label:6s} {us:8.1f} us  {us / floor:5.2f}x the floor",
+                  flush=True)
 
 
 def write_exports(path: Path | None, exports: dict[str, str]) -> None:
