@@ -52,6 +52,36 @@ def quantizes_activations(rows: int) -> bool:
     return mode == "fp8" or (mode == "auto" and rows > W8A16_MAX_ROWS)
 
 
+# Decode's expert GEMMs (the masked layout) over a capacity of at most this many rows an expert quantize their
+# activations after all: inside the GEMM's K loop, only the capacity's rows (no quantizer launch), then the FP8
+# tensor cores take each weight tile as stored. Converting the weight tile to bf16 (W8A16) turned out to be what
+# the one-token expert launches wait on: on one H100 (session 47, tests/fp8_moe_one_token.py --act-probe) the
+# routed experts' two launches took 37.7 us W8A16 and 23.0 us on activations quantized ahead (17.2 us moves
+# their bytes at copy_'s rate). Past this capacity the tile's many rows make in-kernel quantization the
+# bottleneck instead (every column tile quantizes them again), and W8A16 stays. ``ROW_QUANT_ENV`` sets the
+# capacity (0: never).
+ROW_QUANT_ENV = "TANDEM_FP8_EXPERT_ROW_QUANT"
+ROW_QUANT_MAX_CAPACITY = 1
+
+
+def expert_quant_rows(capacity: int, rows_hint: int) -> int:
+    """Activation rows a masked-layout expert GEMM over ``capacity`` rows an expert quantizes inside its launch
+    (``ROW_QUANT_ENV``): the capacity rounded up to a power of two, or 0 (W8A16, or quantized by a launch of its
+    own where ``quantizes_activations(rows_hint)``, or ``ACT_ENV=bf16``)."""
+    value = os.environ.get(ROW_QUANT_ENV, str(ROW_QUANT_MAX_CAPACITY))
+    if not value.isdigit() or int(value) > 16:
+        raise ValueError(f"{ROW_QUANT_ENV}={value!r}: expected a capacity from 0 to 16")
+    if quantizes_activations(rows_hint) or os.environ.get(ACT_ENV) == "bf16" or not 0 < capacity <= int(value):
+        return 0
+    return 1 << (capacity - 1).bit_length()
+
+
+def expert_quantizes_activations(capacity: int, rows_hint: int) -> bool:
+    """Whether a masked-layout expert GEMM quantizes its activations, by a launch of its own or inside its own
+    (the reference asks the kernels' question)."""
+    return quantizes_activations(rows_hint) or expert_quant_rows(capacity, rows_hint) > 0
+
+
 def masked_rows_hint(capacity: int, expected_rows_per_expert: int | None) -> int:
     """Rows per expert a masked-layout GEMM plans for: the caller's hint, else up to 16 (decode)."""
     return min(capacity, 16) if expected_rows_per_expert is None else expected_rows_per_expert
@@ -238,7 +268,7 @@ def fp8_moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Ten
                            expected_rows_per_expert: int | None = None) -> torch.Tensor:
     """``kernels.moe.moe_forward_masked`` (DeepEP low-latency layout) with FP8 block-quantized experts."""
     num_experts, capacity, _ = x.shape
-    quant_act = quantizes_activations(masked_rows_hint(capacity, expected_rows_per_expert))
+    quant_act = expert_quantizes_activations(capacity, masked_rows_hint(capacity, expected_rows_per_expert))
     check_expert_weights(x.shape[2], w13, w13_scale, w2, w2_scale, block_size)
     if counts.shape != (num_experts,):
         raise ValueError(f"counts must be [{num_experts}], got {tuple(counts.shape)}")

@@ -130,7 +130,7 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
-def _quantize_rows(x):
+def quantize_rows(x):
     """fp32 tile ``[R, G]`` (one token group per row) -> (its values on the e4m3 grid, still fp32; the
     per-row scale amax / 448), exactly as ``kernels.fp8.quantize_fp8_act``.
 
@@ -184,7 +184,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, M, K, capacity, stride_xm
         # this quantizer one after the other, without the bf16 intermediate's write and read.
         up = tl.load(x_ptr + rows64[:, None] * stride_xm + K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = _round_to_bf16(_round_to_bf16(x * tl.sigmoid(x)) * up)
-    q, scale = _quantize_rows(x)
+    q, scale = quantize_rows(x)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows64 * stride_sm + group * stride_sg, scale, mask=row_mask)
 
@@ -361,7 +361,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, out_ptr, don
                 if A_MODE == 1:
                     # a is the unquantized activation tile (one 1x128 group per row): quantize it here, exactly
                     # as _act_quant_kernel does.
-                    aq, a_s = _quantize_rows(a.to(tl.float32))
+                    aq, a_s = quantize_rows(a.to(tl.float32))
                     a = aq.to(b_ptr.dtype.element_ty)
                 else:
                     a_s = tl.load(as_ptrs + kb, mask=m_mask & (offs_m * 0 < k_left), other=0.0)

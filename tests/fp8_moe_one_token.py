@@ -105,11 +105,11 @@ def floor_us(nbytes: int, copy_rate: float) -> float:
 # Gate/up and down in one launch (kernels.triton_moe_fused_decode) against two, with and without PDL.
 FUSED_VARIANTS: list[Variant] = [
     ("active experts, two launches", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1", FUSED_DECODE_ENV: "0"}),
-    ("active experts, one launch", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1", FUSED_DECODE_ENV: "1"}),
+    ("active experts, one launch", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1", FUSED_DECODE_ENV: "1", fp8.ROW_QUANT_ENV: "0"}),
     ("active experts, one launch, without PDL", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
-                                                 FUSED_DECODE_ENV: "1", PDL_ENV: "0"}),
+                                                 FUSED_DECODE_ENV: "1", PDL_ENV: "0", fp8.ROW_QUANT_ENV: "0"}),
     *((f"one launch 16x{n}x128 {w} warps {st} stages", {tfm.MOE_DECODE_TILE_ENV: f"{n},{w},{st},1",
-                                                        ACTIVE_GRID_ENV: "1", FUSED_DECODE_ENV: "1"})
+                                                        ACTIVE_GRID_ENV: "1", FUSED_DECODE_ENV: "1", fp8.ROW_QUANT_ENV: "0"})
       for n, w, st in ((16, 4, 4), (32, 4, 3), (32, 4, 5), (64, 4, 4), (32, 8, 4))),
 ]
 
@@ -120,6 +120,11 @@ FUSED_VARIANTS: list[Variant] = [
 def moe_variants(sweep: bool) -> list[Variant]:
     out: list[Variant] = [  # the defaults first: what the others are compared with
         ("default tiles, active experts", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1"}),
+        ("default tiles, active experts, W8A16", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
+                                                  fp8.ROW_QUANT_ENV: "0"}),
+        *((f"quantized in the launch, 16x{n}x128 {w} warps {st} stages",
+           {tfm.MOE_DECODE_TILE_ENV: f"{n},{w},{st},1", ACTIVE_GRID_ENV: "1", fp8.ROW_QUANT_ENV: "1"})
+          for n, w, st in ((32, 4, 3), (64, 4, 4), (64, 4, 3), (32, 8, 4), (128, 4, 3))),
         ("default tiles, every expert's column", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "0"}),
         ("default tiles, active experts, cvt", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
                                                 tf.W8A16_CONVERT_ENV: "cvt"}),
@@ -136,7 +141,7 @@ def moe_variants(sweep: bool) -> list[Variant]:
         for block_n, warps, stages in itertools.product((16, 32, 64), (4, 8), (3, 4, 5)):  # one launch's tiles
             out.append((f"one launch 16x{block_n}x128 {warps} warps {stages} stages",
                         {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},1", ACTIVE_GRID_ENV: "1",
-                         FUSED_DECODE_ENV: "1"}))
+                         FUSED_DECODE_ENV: "1", fp8.ROW_QUANT_ENV: "0"}))
     return out
 
 
@@ -251,14 +256,14 @@ def main() -> int:
     parser.add_argument("--gemv-sweep", action="store_true", help="the dense GEMV's columns, warps and K chunks")
     parser.add_argument("--best-env", type=Path, help="write the fastest overrides here as export lines")
     parser.add_argument("--act-probe", action="store_true",
-                        help="only the routed experts' two launches, W8A16 against FP8 activations quantized ahead")
+                        help="first the routed experts' two launches alone: W8A16, FP8 activations quantized ahead, "
+                        "and quantized in the launch")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     exports: dict[str, str] = {}
     copy_rate = copy_bandwidth(torch.device("cuda"))  # once, beside every variant of this run
     if args.act_probe:
         act_probe(gen, copy_rate, args.iters)
-        return 0
     if not args.dense_only:
         experts(args, gen, copy_rate, exports)
     if args.dense or args.dense_only:
@@ -275,8 +280,8 @@ def experts(args: argparse.Namespace, gen: torch.Generator, copy_rate: float, ex
         exports.update(best[1])
     make, nbytes = bf16_moe_case(gen)
     sweep(f"bf16, one token, {TOP_K} routed + shared experts", [
-        ("two launches", {FUSED_DECODE_ENV: "0"}), ("one launch", {FUSED_DECODE_ENV: "1"}),
-        ("one launch, without PDL", {FUSED_DECODE_ENV: "1", PDL_ENV: "0"})], make, nbytes,
+        ("two launches", {FUSED_DECODE_ENV: "0"}), ("one launch", {FUSED_DECODE_ENV: "1", fp8.ROW_QUANT_ENV: "0"}),
+        ("one launch, without PDL", {FUSED_DECODE_ENV: "1", PDL_ENV: "0", fp8.ROW_QUANT_ENV: "0"})], make, nbytes,
         floor_us(nbytes, copy_rate), args.iters)
     write_exports(args.best_env, exports)  # now as well: a call cut short during --dense keeps the experts' pick
 
@@ -332,17 +337,18 @@ def act_probe(gen: torch.Generator, copy_rate: float, iters: int) -> None:
     bs = (fp8.BLOCK, fp8.BLOCK)
     for block_n, warps, stages in ((32, 4, 4), (32, 4, 3), (64, 4, 4), (32, 8, 4), (16, 4, 4)):
         cfg = tf.Fp8GemmConfig(block_m=16, block_n=block_n, group_m=1, num_warps=warps, num_stages=stages)
-        for label, a, a_s, b, b_s in (("W8A16", x, None, inter, None), ("W8A8", xq, xs, iq, is_)):
-            def pair(a=a, a_s=a_s, b=b, b_s=b_s, cfg=cfg) -> None:
-                tfm._launch_masked(a, a_s, w13, s13, mid, counts, True, cfg, bs, active=active)
-                tfm._launch_masked(b, b_s, w2, s2, out, counts, False, cfg, bs, active=active)
+        for label, a, a_s, b, b_s, rows in (("W8A16", x, None, inter, None, 0), ("W8A8", xq, xs, iq, is_, 0),
+                                            ("W8A8 quantized in the launch", x, None, inter, None, 1)):
+            def pair(a=a, a_s=a_s, b=b, b_s=b_s, cfg=cfg, rows=rows) -> None:
+                tfm._launch_masked(a, a_s, w13, s13, mid, counts, True, cfg, bs, active=active, quant_rows=rows)
+                tfm._launch_masked(b, b_s, w2, s2, out, counts, False, cfg, bs, active=active, quant_rows=rows)
             try:
                 us = graph_us(pair, {}, iters)[0]
             except Exception as exc:  # noqa: BLE001 - a tile that does not fit is a row of the table
-                print(f"  16x{block_n} {warps} warps {stages} stages {label:6s} failed: {type(exc).__name__}: "
+                print(f"  16x{block_n} {warps} warps {stages} stages {label:29s} failed: {type(exc).__name__}: "
                       f"{str(exc)[:120]}", flush=True)
                 continue
-            print(f"  16x{block_n} {warps} warps {stages} stages {label:6s} {us:8.1f} us  {us / floor:5.2f}x the floor",
+            print(f"  16x{block_n} {warps} warps {stages} stages {label:29s} {us:8.1f} us  {us / floor:5.2f}x the floor",
                   flush=True)
 
 
