@@ -125,6 +125,9 @@ def moe_variants(sweep: bool) -> list[Variant]:
         *((f"quantized in the launch, 16x{n}x128 {w} warps {st} stages",
            {tfm.MOE_DECODE_TILE_ENV: f"{n},{w},{st},1", ACTIVE_GRID_ENV: "1", fp8.ROW_QUANT_ENV: "1"})
           for n, w, st in ((32, 4, 3), (64, 4, 4), (64, 4, 3), (32, 8, 4), (128, 4, 3))),
+        *((f"W8A16, 16x{n}x128 {w} warps {st} stages",
+           {tfm.MOE_DECODE_TILE_ENV: f"{n},{w},{st},1", ACTIVE_GRID_ENV: "1", fp8.ROW_QUANT_ENV: "0"})
+          for n, w, st in ((64, 4, 4), (64, 4, 3))),
         ("default tiles, every expert's column", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "0"}),
         ("default tiles, active experts, cvt", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
                                                 tf.W8A16_CONVERT_ENV: "cvt"}),
