@@ -68,12 +68,31 @@ def expert_quant_rows(capacity: int, rows_hint: int) -> int:
     """Activation rows a masked-layout expert GEMM over ``capacity`` rows an expert quantizes inside its launch
     (``ROW_QUANT_ENV``): the capacity rounded up to a power of two, or 0 (W8A16, or quantized by a launch of its
     own where ``quantizes_activations(rows_hint)``, or ``ACT_ENV=bf16``)."""
-    value = os.environ.get(ROW_QUANT_ENV, str(ROW_QUANT_MAX_CAPACITY))
-    if not value.isdigit() or int(value) > 16:
-        raise ValueError(f"{ROW_QUANT_ENV}={value!r}: expected a capacity from 0 to 16")
-    if quantizes_activations(rows_hint) or os.environ.get(ACT_ENV) == "bf16" or not 0 < capacity <= int(value):
+    limit = _capacity_env(ROW_QUANT_ENV, ROW_QUANT_MAX_CAPACITY)
+    if quantizes_activations(rows_hint) or os.environ.get(ACT_ENV) == "bf16" or not 0 < capacity <= limit:
         return 0
     return 1 << (capacity - 1).bit_length()
+
+
+# The same for the dense projections at decode (rows up to this many, quantized inside the tiled kernel without
+# split-K), off by default: a trial beside the one-row GEMV (``kernels.triton_fp8_gemv``).
+DENSE_ROW_QUANT_ENV = "TANDEM_FP8_DENSE_ROW_QUANT"
+
+
+def _capacity_env(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    if not value.isdigit() or int(value) > 16:
+        raise ValueError(f"{name}={value!r}: expected a row count from 0 to 16")
+    return int(value)
+
+
+def dense_quant_rows(rows: int) -> int:
+    """Activation rows a dense FP8 GEMM over ``rows`` rows quantizes inside its launch (``DENSE_ROW_QUANT_ENV``):
+    the rows rounded up to a power of two, or 0."""
+    if quantizes_activations(rows) or os.environ.get(ACT_ENV) == "bf16" or not 0 < rows <= _capacity_env(
+            DENSE_ROW_QUANT_ENV, 0):
+        return 0
+    return 1 << (rows - 1).bit_length()
 
 
 def expert_quantizes_activations(capacity: int, rows_hint: int) -> bool:
@@ -197,7 +216,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """``F.linear`` with an FP8 block-quantized weight: x ``[..., K]`` -> ``[..., N]`` in x's dtype."""
     _check_linear(x, weight, weight_scale, block_size)
     x2 = x.reshape(-1, x.shape[-1])
-    y = _fp8_matmul_f32(x2, weight, weight_scale, block_size, quantizes_activations(x2.shape[0]))
+    quant = quantizes_activations(x2.shape[0]) or dense_quant_rows(x2.shape[0]) > 0
+    y = _fp8_matmul_f32(x2, weight, weight_scale, block_size, quant)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])

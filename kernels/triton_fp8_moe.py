@@ -41,6 +41,7 @@ from kernels.triton_fp8 import (
     dot_precision,
     quantize_fp8_act_triton,
     quantize_rows,
+    rows_into_tile,
     w8a16_bits,
     w8a16_tile,
 )
@@ -88,19 +89,6 @@ def _launch_configs(rows_per_expert: int, config: Fp8GemmConfig | None,
 
 
 @triton.jit
-def _rows_into_tile(q, s, BLOCK_M: tl.constexpr):
-    """The quantized rows ``q`` ``[R, K]`` (e4m3 values in fp32) and their scales ``[R]`` as the first R rows of a
-    ``[BLOCK_M, K]`` tile and ``[BLOCK_M]`` scales (the rest zero): what ``tl.dot`` takes, R < BLOCK_M rows
-    having been quantized instead of all of them."""
-    rows: tl.constexpr = q.shape[0]
-    if rows == BLOCK_M:
-        return q, s
-    pick = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, rows)[None, :]  # [BLOCK_M, R]
-    return tl.sum(tl.where(pick[:, :, None], q[None, :, :], 0.0), axis=1), tl.sum(tl.where(pick, s[None, :], 0.0),
-                                                                                 axis=1)
-
-
-@triton.jit
 def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_scale_row, stride_bn,
                 stride_bsn, NUM_KB: tl.constexpr, GATED: tl.constexpr, W8A16: tl.constexpr, PROMOTE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -132,7 +120,7 @@ def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_col
             else:
                 if QUANT_ROWS > 0:
                     q, q_s = quantize_rows(a.to(tl.float32))
-                    a, a_s = _rows_into_tile(q, q_s, BLOCK_M)
+                    a, a_s = rows_into_tile(q, q_s, BLOCK_M)
                     a = a.to(b.dtype)
                 else:
                     r_mask = row_mask

@@ -51,6 +51,7 @@ def main() -> int:
     os.environ[fp8.ACT_ENV] = "auto"
     assert not fp8.quantizes_activations(fp8.W8A16_MAX_ROWS) and fp8.quantizes_activations(fp8.W8A16_MAX_ROWS + 1)
     check_row_quant()
+    check_dense_row_quant()
     print("ok")
     return 0
 
@@ -291,6 +292,28 @@ def check_row_quant() -> None:
         # The reference did quantize: W8A16's result is a different one.
         if rel(out, w8a16) < 1e-3:
             raise SystemExit(f"FAIL {name}: no closer to the quantized reference than to W8A16")
+
+
+def check_dense_row_quant() -> None:
+    """The dense GEMM quantizing one or three rows inside its launch (``fp8.DENSE_ROW_QUANT_ENV``): the reference
+    follows, and the bits are the same GEMM's on rows quantized by the quantizer's launch."""
+    from kernels import triton_fp8 as tf
+    from kernels.backend import switched
+
+    gen = torch.Generator().manual_seed(6)
+    w, s = fp8.quantize_fp8_weight(torch.randn(320, 384, generator=gen) / 20, BS)
+    for rows in (1, 3):
+        x = torch.randn(rows, 384, generator=gen)
+        with switched(fp8.DENSE_ROW_QUANT_ENV, "4"):
+            assert fp8.dense_quant_rows(rows) == (1 if rows == 1 else 4)
+            ref = fp8.fp8_linear(x, w, s)
+            out = tf.fp8_linear_triton(x, w, s)
+        xq, xs = tf.quantize_fp8_act_triton(x)
+        ahead = tf.fp8_gemm_triton(xq, xs, w, s, x.dtype, split_k=1)
+        check(f"dense, {rows} rows quantized in the launch", rel(out, ref))
+        print(f"dense, {rows} rows quantized in the launch: the bits of rows quantized ahead: {torch.equal(out, ahead)}")
+        if not torch.equal(out, ahead):
+            raise SystemExit("FAIL the dense row quantization differs from rows quantized ahead")
 
 
 def check_fused_decode(xm: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_s: torch.Tensor,

@@ -158,7 +158,11 @@ def dense_variants(sweep: bool, gemv_sweep: bool = False) -> list[Variant]:
                           ("tiled, without PDL", {**tiled, PDL_ENV: "0"}),
                           # one program per few whole columns, its weights read before the PDL wait
                           ("GEMV", {tfg.GEMV_ENV: "1", tfg.GEMV_TILE_ENV: ""}),
-                          ("GEMV without PDL", {tfg.GEMV_ENV: "1", tfg.GEMV_TILE_ENV: "", PDL_ENV: "0"})]
+                          ("GEMV without PDL", {tfg.GEMV_ENV: "1", tfg.GEMV_TILE_ENV: "", PDL_ENV: "0"}),
+                          # the row quantized in the tiled kernel, FP8 x FP8, no split (kernels.fp8.dense_quant_rows)
+                          *((f"quantized in the launch, 16x{n} {w} warps {st} stages",
+                             {fp8.DENSE_ROW_QUANT_ENV: "1", tf.DENSE_DECODE_TILE_ENV: f"{n},{w},{st},1,1"})
+                            for n, w, st in ((16, 4, 4), (32, 4, 4), (64, 4, 4), (32, 4, 3), (16, 2, 4)))]
     if gemv_sweep:
         for block_n, warps, chunk in itertools.product((4, 8, 16), (2, 4, 8), (4, 8, 16)):
             out.append((f"GEMV {block_n} columns {warps} warps {chunk} K blocks a load",
