@@ -158,8 +158,9 @@ def _fp8_moe_gemm_kernel(
     BITS: tl.constexpr, QUANT_ROWS: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_begin(PDL)
-    # EXTRA (masked layout, unquantized activations: W8A16 or QUANT_ROWS): grid column `num_experts` runs one more "expert" with its own operands
-    # (x_*: activation [capacity, x_k] whose rows are all valid, FP8 weight [x_n (x2 if GATED), x_k] and its
+    # EXTRA (masked layout, unquantized activations: W8A16 or QUANT_ROWS): grid column `num_experts` runs one more
+    # "expert" with its own operands (x_*: activation [capacity, x_k] whose rows are all valid, FP8 weight
+    # [x_n (x2 if GATED), x_k] and its
     # block scales, output [capacity, x_n]): a layer's shared experts ride in the routed experts' launch, as in
     # kernels.triton_moe. `tile_n` columns are tiled (the wider of the two); programs past their expert's
     # width return at once.
