@@ -22,10 +22,7 @@ from engine.config import Fp8Config, ModelConfig
 from kernels.fp8 import (
     ACT_ENV,
     FP8_DTYPE,
-    ROW_QUANT_ENV,
-    ROW_QUANT_MAX_CAPACITY,
     dequantize_fp8_weight,
-    expert_quant_rows,
     quantize_fp8_weight,
     quantizes_activations,
     scale_shape,
@@ -146,12 +143,9 @@ def plan_quantization(flag: str, config: ModelConfig, device: torch.device | str
     else:
         # The kernels read these per call: a bad value is refused here, at start-up, not by the first forward.
         quantizes_activations(0)
-        expert_quant_rows(1, 1)
         from kernels.fp8_deepgemm import dense_gemm_plan
 
-        log.info("FP8 weights (%dx%d blocks) are kept in FP8 on %s (activations: %s=%s, decode's expert GEMMs "
-                 "quantizing their rows in the launch up to capacity %s=%s; GEMMs: %s=%s: %s)",
-                 in_effect.block_n, in_effect.block_k, device, ACT_ENV, os.environ.get(ACT_ENV, "auto"),
-                 ROW_QUANT_ENV, os.environ.get(ROW_QUANT_ENV, str(ROW_QUANT_MAX_CAPACITY)), GEMM_ENV, gemm_choice(),
-                 dense_gemm_plan(device))
+        log.info("FP8 weights (%dx%d blocks) are kept in FP8 on %s (activations: %s=%s, GEMMs: %s=%s: %s)",
+                 in_effect.block_n, in_effect.block_k, device, ACT_ENV, os.environ.get(ACT_ENV, "auto"), GEMM_ENV,
+                 gemm_choice(), dense_gemm_plan(device))
     return QuantPlan(in_effect, keep)

@@ -52,55 +52,6 @@ def quantizes_activations(rows: int) -> bool:
     return mode == "fp8" or (mode == "auto" and rows > W8A16_MAX_ROWS)
 
 
-# Decode's expert GEMMs (the masked layout) over a capacity of at most this many rows an expert quantize their
-# activations after all: inside the GEMM's K loop, only the capacity's rows (no quantizer launch), then the FP8
-# tensor cores take each weight tile as stored. Converting the weight tile to bf16 (W8A16) turned out to be what
-# the one-token expert launches wait on: on one H100 (session 47, tests/fp8_moe_one_token.py --act-probe) the
-# routed experts' two launches took 37.7 us W8A16 and 23.0 us on activations quantized ahead (17.2 us moves
-# their bytes at copy_'s rate). Past this capacity the tile's many rows make in-kernel quantization the
-# bottleneck instead (every column tile quantizes them again), and W8A16 stays. ``ROW_QUANT_ENV`` sets the
-# capacity (0: never).
-ROW_QUANT_ENV = "TANDEM_FP8_EXPERT_ROW_QUANT"
-ROW_QUANT_MAX_CAPACITY = 1
-
-
-def expert_quant_rows(capacity: int, rows_hint: int) -> int:
-    """Activation rows a masked-layout expert GEMM over ``capacity`` rows an expert quantizes inside its launch
-    (``ROW_QUANT_ENV``): the capacity rounded up to a power of two, or 0 (W8A16, or quantized by a launch of its
-    own where ``quantizes_activations(rows_hint)``, or ``ACT_ENV=bf16``)."""
-    limit = _capacity_env(ROW_QUANT_ENV, ROW_QUANT_MAX_CAPACITY)
-    if quantizes_activations(rows_hint) or os.environ.get(ACT_ENV) == "bf16" or not 0 < capacity <= limit:
-        return 0
-    return 1 << (capacity - 1).bit_length()
-
-
-# The same for the dense projections at decode (rows up to this many, quantized inside the tiled kernel without
-# split-K), off by default: a trial beside the one-row GEMV (``kernels.triton_fp8_gemv``).
-DENSE_ROW_QUANT_ENV = "TANDEM_FP8_DENSE_ROW_QUANT"
-
-
-def _capacity_env(name: str, default: int) -> int:
-    value = os.environ.get(name, str(default))
-    if not value.isdigit() or int(value) > 16:
-        raise ValueError(f"{name}={value!r}: expected a row count from 0 to 16")
-    return int(value)
-
-
-def dense_quant_rows(rows: int) -> int:
-    """Activation rows a dense FP8 GEMM over ``rows`` rows quantizes inside its launch (``DENSE_ROW_QUANT_ENV``):
-    the rows rounded up to a power of two, or 0."""
-    if quantizes_activations(rows) or os.environ.get(ACT_ENV) == "bf16" or not 0 < rows <= _capacity_env(
-            DENSE_ROW_QUANT_ENV, 0):
-        return 0
-    return 1 << (rows - 1).bit_length()
-
-
-def expert_quantizes_activations(capacity: int, rows_hint: int) -> bool:
-    """Whether a masked-layout expert GEMM quantizes its activations, by a launch of its own or inside its own
-    (the reference asks the kernels' question)."""
-    return quantizes_activations(rows_hint) or expert_quant_rows(capacity, rows_hint) > 0
-
-
 def masked_rows_hint(capacity: int, expected_rows_per_expert: int | None) -> int:
     """Rows per expert a masked-layout GEMM plans for: the caller's hint, else up to 16 (decode)."""
     return min(capacity, 16) if expected_rows_per_expert is None else expected_rows_per_expert
@@ -216,8 +167,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """``F.linear`` with an FP8 block-quantized weight: x ``[..., K]`` -> ``[..., N]`` in x's dtype."""
     _check_linear(x, weight, weight_scale, block_size)
     x2 = x.reshape(-1, x.shape[-1])
-    quant = quantizes_activations(x2.shape[0]) or dense_quant_rows(x2.shape[0]) > 0
-    y = _fp8_matmul_f32(x2, weight, weight_scale, block_size, quant)
+    y = _fp8_matmul_f32(x2, weight, weight_scale, block_size, quantizes_activations(x2.shape[0]))
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
@@ -288,7 +238,7 @@ def fp8_moe_forward_masked(x: torch.Tensor, counts: torch.Tensor, w13: torch.Ten
                            expected_rows_per_expert: int | None = None) -> torch.Tensor:
     """``kernels.moe.moe_forward_masked`` (DeepEP low-latency layout) with FP8 block-quantized experts."""
     num_experts, capacity, _ = x.shape
-    quant_act = expert_quantizes_activations(capacity, masked_rows_hint(capacity, expected_rows_per_expert))
+    quant_act = quantizes_activations(masked_rows_hint(capacity, expected_rows_per_expert))
     check_expert_weights(x.shape[2], w13, w13_scale, w2, w2_scale, block_size)
     if counts.shape != (num_experts,):
         raise ValueError(f"counts must be [{num_experts}], got {tuple(counts.shape)}")

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import device_facts, env_choice, env_flag
-from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize, dense_quant_rows, quantizes_activations, scale_shape
+from kernels.fp8 import BLOCK, FP8_DTYPE, BlockSize, quantizes_activations, scale_shape
 from kernels.fp8_cublas import fp8_linear_cublas, use_cublas
 from kernels.fp8_deepgemm import fp8_linear_deepgemm, use_deepgemm
 from kernels.triton_grid import grouped_tile
@@ -130,7 +130,7 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
-def quantize_rows(x):
+def _quantize_rows(x):
     """fp32 tile ``[R, G]`` (one token group per row) -> (its values on the e4m3 grid, still fp32; the
     per-row scale amax / 448), exactly as ``kernels.fp8.quantize_fp8_act``.
 
@@ -143,19 +143,6 @@ def quantize_rows(x):
     scale = amax * (1.0 / 448.0)
     scaled = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
     return _round_to_e4m3(tl.clamp(scaled, -448.0, 448.0)), scale
-
-
-@triton.jit
-def rows_into_tile(q, s, BLOCK_M: tl.constexpr):
-    """The quantized rows ``q`` ``[R, K]`` (e4m3 values in fp32) and their scales ``[R]`` as the first R rows of a
-    ``[BLOCK_M, K]`` tile and ``[BLOCK_M]`` scales (the rest zero): what ``tl.dot`` takes, R < BLOCK_M rows
-    having been quantized instead of all of them."""
-    rows: tl.constexpr = q.shape[0]
-    if rows == BLOCK_M:
-        return q, s
-    pick = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, rows)[None, :]  # [BLOCK_M, R]
-    return tl.sum(tl.where(pick[:, :, None], q[None, :, :], 0.0), axis=1), tl.sum(tl.where(pick, s[None, :], 0.0),
-                                                                                 axis=1)
 
 
 @triton.jit
@@ -197,7 +184,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, counts_ptr, M, K, capacity, stride_xm
         # this quantizer one after the other, without the bf16 intermediate's write and read.
         up = tl.load(x_ptr + rows64[:, None] * stride_xm + K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = _round_to_bf16(_round_to_bf16(x * tl.sigmoid(x)) * up)
-    q, scale = quantize_rows(x)
+    q, scale = _quantize_rows(x)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows64 * stride_sm + group * stride_sg, scale, mask=row_mask)
 
@@ -331,7 +318,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, out_ptr, don
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, A_MODE: tl.constexpr, PROMOTE: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, KB_STEP: tl.constexpr, BITS: tl.constexpr,
-                     SPLITS: tl.constexpr, FIXUP: tl.constexpr, QUANT_ROWS: tl.constexpr, PDL: tl.constexpr):
+                     SPLITS: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     pid = tl.program_id(0)
     # Split-K: program_id(1) takes K blocks [split * KB_PER_SPLIT, ...) and writes an fp32 partial to
@@ -348,12 +335,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, out_ptr, don
     rows = offs_m.to(tl.int64)
     cols = offs_n.to(tl.int64)
     kb0 = split * KB_PER_SPLIT
-    a_rows = rows
-    a_mask = m_mask
-    if QUANT_ROWS > 0:  # A_QUANTIZE over one row tile (M <= QUANT_ROWS <= BLOCK_M): only its first rows quantized
-        a_rows = tl.arange(0, QUANT_ROWS).to(tl.int64)
-        a_mask = a_rows < M
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + (kb0 * BLOCK_K + offs_k)[None, :]
+    a_ptrs = a_ptr + rows[:, None] * stride_am + (kb0 * BLOCK_K + offs_k)[None, :]
     b_ptrs = b_ptr + cols[None, :] * stride_bn + (kb0 * BLOCK_K + offs_k)[:, None]
     as_ptrs = as_ptr + rows * stride_asm
     bs_ptrs = bs_ptr + (offs_n // SCALE_BLOCK_N) * stride_bsn
@@ -370,7 +352,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, out_ptr, don
             # vectors with it, never ANDs a scalar into one (Triton 3.9's interpreter refuses masks built that way).
             k_left = tl.where((kb < NUM_KB) & (i * KB_STEP + j < KB_PER_SPLIT), K - kb * BLOCK_K, 0)
             k_mask = offs_k < k_left
-            a = tl.load(a_ptrs, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             b_s = tl.load(bs_ptrs + kb, mask=n_mask & (offs_n * 0 < k_left), other=0.0)
             if A_MODE == 2:  # W8A16: the weight tile in the activation dtype, only its scale to apply
@@ -379,8 +361,7 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr, out_ptr, don
                 if A_MODE == 1:
                     # a is the unquantized activation tile (one 1x128 group per row): quantize it here, exactly
                     # as _act_quant_kernel does.
-                    aq, a_s = quantize_rows(a.to(tl.float32))
-                    aq, a_s = rows_into_tile(aq, a_s, BLOCK_M)
+                    aq, a_s = _quantize_rows(a.to(tl.float32))
                     a = aq.to(b_ptr.dtype.element_ty)
                 else:
                     a_s = tl.load(as_ptrs + kb, mask=m_mask & (offs_m * 0 < k_left), other=0.0)
@@ -444,15 +425,13 @@ def choose_split_k(m: int, n: int, k_blocks: int, cfg: Fp8GemmConfig, sm_count: 
 def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
                     out_dtype: torch.dtype, bias: torch.Tensor | None = None, block_size: BlockSize = (BLOCK, BLOCK),
                     config: Fp8GemmConfig | None = None, split_k: int | None = None,
-                    w8a16: bool = False, fixup: bool | None = None, quant_rows: int = 0) -> torch.Tensor:
+                    w8a16: bool = False, fixup: bool | None = None) -> torch.Tensor:
     """The GEMM alone, on pre-quantized activations ``xq [M, K]`` / ``xs [M, ceil(K/bk)]``; with ``xs``
     None, ``xq`` is the unquantized activation and each tile is quantized inside the kernel, or with
     ``w8a16`` multiplied unquantized against the dequantized weight tile.
 
     ``split_k`` None: ``choose_split_k`` on CUDA, 1 elsewhere (the interpreter). ``fixup`` (None:
     ``split_fixup_enabled``): split partials summed inside the launch instead of by ``reduce_splits``.
-    ``quant_rows`` (``kernels.fp8.dense_quant_rows``): quantized inside the kernel, only that many rows of the one
-    row tile (M at most), not the whole tile.
     """
     if w8a16 and xs is not None:
         raise ValueError("w8a16 takes the unquantized activation: xs must be None")
@@ -465,9 +444,6 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
         raise ValueError("fp8 GEMM operands must be contiguous in their last dim")
     sm_count = device_facts(xq.device.index or 0)[1] if xq.is_cuda else 0
     cfg = config or dense_gemm_config(m)
-    if quant_rows and not (xs is None and not w8a16 and m <= quant_rows <= cfg.block_m):
-        raise ValueError(f"quantizing {quant_rows} rows inside the kernel takes unquantized rows, {m} rows at most "
-                         f"and a row tile of {cfg.block_m} at least")
     k_blocks = triton.cdiv(k, block_size[1])
     if split_k is None:
         split_k = choose_split_k(m, n, k_blocks, cfg, sm_count) if xq.is_cuda else 1
@@ -492,7 +468,7 @@ def fp8_gemm_triton(xq: torch.Tensor, xs: torch.Tensor | None, weight: torch.Ten
         BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
         A_MODE=A_W8A16 if w8a16 else (A_QUANTIZE if xs is None else A_FP8), PROMOTE=_promote_every(block_size),
         DOT_PRECISION=dot_precision(xq.dtype), KB_STEP=cfg.kb_step, BITS=w8a16 and w8a16_bits(xq),
-        SPLITS=split_k, FIXUP=done is not None, QUANT_ROWS=quant_rows,
+        SPLITS=split_k, FIXUP=done is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(xq),
     )  # fmt: skip
     if split_k == 1:
@@ -555,10 +531,7 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    rows = dense_quant_rows(x2.shape[0])
-    if rows:
-        out = fp8_gemm_triton(x2, None, weight, weight_scale, x.dtype, bias, block_size, split_k=1, quant_rows=rows)
-    elif not quantizes_activations(x2.shape[0]):
+    if not quantizes_activations(x2.shape[0]):
         # Imported here: the GEMV module builds on this one's weight conversion.
         from kernels.triton_fp8_gemv import fp8_gemv_triton, gemv_max_rows
 

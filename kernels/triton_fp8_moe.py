@@ -29,7 +29,6 @@ from kernels.fp8 import (
     BLOCK,
     BlockSize,
     check_expert_weights,
-    expert_quant_rows,
     masked_rows_hint,
     quantizes_activations,
 )
@@ -40,8 +39,6 @@ from kernels.triton_fp8 import (
     decode_tile_override,
     dot_precision,
     quantize_fp8_act_triton,
-    quantize_rows,
-    rows_into_tile,
     w8a16_bits,
     w8a16_tile,
 )
@@ -92,13 +89,10 @@ def _launch_configs(rows_per_expert: int, config: Fp8GemmConfig | None,
 def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_scale_row, stride_bn,
                 stride_bsn, NUM_KB: tl.constexpr, GATED: tl.constexpr, W8A16: tl.constexpr, PROMOTE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                KB_STEP: tl.constexpr, BITS: tl.constexpr, QUANT_ROWS: tl.constexpr):
+                KB_STEP: tl.constexpr, BITS: tl.constexpr):
     """The gate (or only) and up accumulators of one output tile over ``NUM_KB`` 128-wide K blocks, ``KB_STEP``
     of them an iteration (each with its own load and scale, so the sums are the same in the same order; more
-    bytes in flight a pipeline stage: one 128-wide FP8 block moves half a bf16 block's bytes).
-    ``QUANT_ROWS`` > 0: ``a_ptrs`` / ``row_mask`` cover that many rows (the tile's first) of unquantized
-    activations, quantized here per 1 x 128 group as ``quantize_fp8_act_triton`` quantizes them (its bits), then
-    multiplied on the FP8 tensor cores as pre-quantized ones are."""
+    bytes in flight a pipeline stage: one 128-wide FP8 block moves half a bf16 block's bytes)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -110,23 +104,17 @@ def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_col
             # Blocks past NUM_KB (the last step's tail when KB_STEP does not divide it) load nothing.
             k_mask = offs_k < k_dim - kb * BLOCK_K
             s_mask = n_mask
+            r_mask = row_mask
             if NUM_KB % KB_STEP != 0:  # vectors compared, never a scalar ANDed in (Triton 3.9's interpreter)
                 s_mask = n_mask & (tl.full([BLOCK_N], kb, tl.int32) < NUM_KB)
+                r_mask = row_mask & (tl.full([BLOCK_M], kb, tl.int32) < NUM_KB)
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             b_s = tl.load(bs_ptrs + kb, mask=s_mask, other=0.0)
             if W8A16:  # a in the model dtype: the weight tile converted to it, only the weight's scale applies
                 acc += tl.dot(a, w8a16_tile(b, a, BITS), input_precision=DOT_PRECISION) * b_s[None, :]
             else:
-                if QUANT_ROWS > 0:
-                    q, q_s = quantize_rows(a.to(tl.float32))
-                    a, a_s = rows_into_tile(q, q_s, BLOCK_M)
-                    a = a.to(b.dtype)
-                else:
-                    r_mask = row_mask
-                    if NUM_KB % KB_STEP != 0:
-                        r_mask = row_mask & (tl.full([BLOCK_M], kb, tl.int32) < NUM_KB)
-                    a_s = tl.load(as_ptrs + kb, mask=r_mask, other=0.0)
+                a_s = tl.load(as_ptrs + kb, mask=r_mask, other=0.0)
                 acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
             if GATED:
                 # w13 holds the gate rows then the up rows: the up partner of column n is row n_cols + n, and
@@ -155,12 +143,11 @@ def _fp8_moe_gemm_kernel(
     MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, W8A16: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr, ACTIVE: tl.constexpr, KB_STEP: tl.constexpr,
-    BITS: tl.constexpr, QUANT_ROWS: tl.constexpr, PDL: tl.constexpr,
+    BITS: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_begin(PDL)
-    # EXTRA (masked layout, unquantized activations: W8A16 or QUANT_ROWS): grid column `num_experts` runs one more
-    # "expert" with its own operands (x_*: activation [capacity, x_k] whose rows are all valid, FP8 weight
-    # [x_n (x2 if GATED), x_k] and its
+    # EXTRA (masked layout, W8A16 only): grid column `num_experts` runs one more "expert" with its own operands
+    # (x_*: activation [capacity, x_k] whose rows are all valid, FP8 weight [x_n (x2 if GATED), x_k] and its
     # block scales, output [capacity, x_n]): a layer's shared experts ride in the routed experts' launch, as in
     # kernels.triton_moe. `tile_n` columns are tiled (the wider of the two); programs past their expert's
     # width return at once.
@@ -241,9 +228,6 @@ def _fp8_moe_gemm_kernel(
         c_rows = rows.to(tl.int64)
         store_mask = row_mask
 
-    if QUANT_ROWS > 0:  # masked layout, one row block (capacity <= BLOCK_M): its first QUANT_ROWS rows alone
-        a_rows = tl.arange(0, QUANT_ROWS).to(tl.int64)
-        row_mask = a_rows < count
     a_ptrs = a_base + a_rows[:, None] * a_stride + offs_k[None, :]
     as_ptrs = as_base + a_rows * stride_asm
     b_ptrs = b_base + cols[None, :] * b_stride + offs_k[:, None]
@@ -251,11 +235,11 @@ def _fp8_moe_gemm_kernel(
     if is_extra:  # its K (the shared experts' width, for the down projection) has its own trip count
         acc, acc_up = _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_row,
                                   b_stride, bs_stride, NUM_KB_X, GATED, W8A16, PROMOTE, DOT_PRECISION, BLOCK_M,
-                                  BLOCK_N, BLOCK_K, KB_STEP, BITS, QUANT_ROWS)
+                                  BLOCK_N, BLOCK_K, KB_STEP, BITS)
     else:
         acc, acc_up = _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_row,
                                   b_stride, bs_stride, NUM_KB, GATED, W8A16, PROMOTE, DOT_PRECISION, BLOCK_M,
-                                  BLOCK_N, BLOCK_K, KB_STEP, BITS, QUANT_ROWS)
+                                  BLOCK_N, BLOCK_K, KB_STEP, BITS)
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
     tl.store(c_base + c_rows[:, None] * c_stride + cols[None, :], acc.to(c_ptr.dtype.element_ty),
@@ -302,7 +286,7 @@ def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tens
         MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
         GROUP_M=cfg.group_m, PROMOTE=_promote_every(block_size), W8A16=a_s is None,
         DOT_PRECISION=dot_precision(aq.dtype), EXTRA=False, ACTIVE=False, KB_STEP=cfg.kb_step,
-        BITS=a_s is None and w8a16_bits(aq), QUANT_ROWS=0,
+        BITS=a_s is None and w8a16_bits(aq),
         num_warps=cfg.num_warps, num_stages=stages, **pdl_args(aq),
     ), (cfg, gated, a_s is None, False), cfg.num_stages)  # fmt: skip
 
@@ -368,24 +352,19 @@ def fp8_moe_forward_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_we
 def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
                    out: torch.Tensor, counts: torch.Tensor, gated: bool, cfg: Fp8GemmConfig,
                    block_size: BlockSize, extra: tuple[torch.Tensor, ...] | None = None,
-                   active: tuple[torch.Tensor, int] | None = None, quant_rows: int = 0) -> None:
-    """aq ``[E, cap, K]`` fp8, a_s ``[E, cap, Kb]`` (None: aq unquantized: W8A16, or with ``quant_rows``
-    (``kernels.fp8.expert_quant_rows``, cap <= that <= the row tile) quantized inside the launch), out
-    ``[E, cap, N]``. ``extra`` (unquantized activations only) = (activation ``[cap, K']``, FP8 weight
-    ``[N' (x2 gated), K']``, its block scales, output ``[cap, N']``) adds one more expert whose every row is
-    valid (the kernel's EXTRA). ``active`` = (``kernels.active_experts(counts)``, slots): a grid of the active
-    experts alone (the others' rows are left unwritten)."""
+                   active: tuple[torch.Tensor, int] | None = None) -> None:
+    """aq ``[E, cap, K]`` fp8, a_s ``[E, cap, Kb]`` (None: aq unquantized, W8A16), out ``[E, cap, N]``.
+    ``extra`` (W8A16 only) = (activation ``[cap, K']``, FP8 weight ``[N' (x2 gated), K']``, its block scales,
+    output ``[cap, N']``) adds one more expert whose every row is valid (the kernel's EXTRA). ``active`` =
+    (``kernels.active_experts(counts)``, slots): a grid of the active experts alone (the others' rows are left
+    unwritten)."""
     n = w.shape[1] // 2 if gated else w.shape[1]
     capacity = aq.shape[1]
-    if quant_rows and not (a_s is None and capacity <= quant_rows <= cfg.block_m):
-        raise ValueError(f"quantizing {quant_rows} rows inside the launch takes unquantized rows, capacity "
-                         f"{capacity} at most and a row tile of {cfg.block_m} at least")
-    w8a16 = a_s is None and not quant_rows
     if extra is None:
         extra_args = _no_extra(aq, w, w_s, out, n, aq.shape[0])
         num_kb_x = 1
     else:
-        assert a_s is None, "the extra expert takes unquantized activations only"
+        assert a_s is None, "the extra expert runs W8A16 only"
         xa, xw, xws, xc = extra
         x_n = xw.shape[0] // 2 if gated else xw.shape[0]
         extra_args = (aq.shape[0], xa, xw, xws, xc, x_n, xa.shape[1], triton.cdiv(x_n, block_size[0]),
@@ -403,11 +382,10 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
         NUM_KB=triton.cdiv(w.shape[2], block_size[1]), NUM_KB_X=num_kb_x, SCALE_BLOCK_N=block_size[0], A_ROW_DIV=1,
         GATED=gated, MASKED=True, ZERO_TAIL=not gated,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
-        PROMOTE=_promote_every(block_size), W8A16=w8a16, DOT_PRECISION=dot_precision(aq.dtype),
+        PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
         EXTRA=extra is not None, ACTIVE=active is not None, KB_STEP=cfg.kb_step,
-        BITS=w8a16 and w8a16_bits(aq), QUANT_ROWS=quant_rows, num_warps=cfg.num_warps, num_stages=stages,
-        **pdl_args(aq),
-    ), (cfg, gated, w8a16, extra is not None), cfg.num_stages)  # fmt: skip
+        BITS=a_s is None and w8a16_bits(aq), num_warps=cfg.num_warps, num_stages=stages, **pdl_args(aq),
+    ), (cfg, gated, a_s is None, extra is not None), cfg.num_stages)  # fmt: skip
 
 
 def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
@@ -431,11 +409,10 @@ def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: to
     cfg, down_cfg = _launch_configs(hint, config, down_config)
     inter_dim = w2.shape[2]
     inter = torch.empty((num_experts, capacity, inter_dim), dtype=x.dtype, device=x.device)
-    if not quantizes_activations(hint):  # decode sizes: both GEMMs on the rows as they are (W8A16 or quantized in)
-        rows = expert_quant_rows(capacity, hint)
+    if not quantizes_activations(hint):  # decode sizes: both GEMMs on the rows as they are (W8A16)
         _launch_masked(x if x.stride(2) == 1 else x.contiguous(), None, w13, w13_scale, inter, counts, True, cfg,
-                       block_size, quant_rows=rows)
-        _launch_masked(inter, None, w2, w2_scale, out, counts, False, down_cfg, block_size, quant_rows=rows)
+                       block_size)
+        _launch_masked(inter, None, w2, w2_scale, out, counts, False, down_cfg, block_size)
         return out
     x2 = x.reshape(num_experts * capacity, hidden_dim)  # a view for the contiguous layouts callers build
     if x2.stride(1) != 1:
@@ -478,8 +455,7 @@ def fp8_moe_forward_masked_shared_triton(
         return out, shared.squeeze(0)
     _check_device(x)
     cfg, down_cfg = _launch_configs(hint, None, None)
-    rows = expert_quant_rows(capacity, hint)
-    if not rows and active is not None and cfg == down_cfg and fused_decode_applies(x, cfg.block_m, cfg.kb_step):
+    if active is not None and cfg == down_cfg and fused_decode_applies(x, cfg.block_m, cfg.kb_step):
         fused = moe_fused_decode(x, counts, w13, w2, hidden, shared_gate_up, shared_down, active,
                                  (cfg.block_m, cfg.block_n, block_size[1]), cfg.num_warps, cfg.num_stages,
                                  dot_precision(x.dtype),
@@ -489,11 +465,11 @@ def fp8_moe_forward_masked_shared_triton(
     inter = torch.empty((num_experts, capacity, w2.shape[2]), dtype=x.dtype, device=x.device)
     shared_inter = torch.empty((capacity, inter_dim), dtype=x.dtype, device=x.device)
     _launch_masked(x, None, w13, w13_scale, inter, counts, True, cfg, block_size,
-                   (hidden, shared_gate_up, shared_gate_up_scale, shared_inter), active, rows)
+                   (hidden, shared_gate_up, shared_gate_up_scale, shared_inter), active)
     out = torch.empty_like(x)
     shared_out = torch.empty_like(hidden)
     _launch_masked(inter, None, w2, w2_scale, out, counts, False, down_cfg, block_size,
-                   (shared_inter, shared_down, shared_down_scale, shared_out), active, rows)
+                   (shared_inter, shared_down, shared_down_scale, shared_out), active)
     return out, shared_out
 
 

@@ -105,11 +105,11 @@ def floor_us(nbytes: int, copy_rate: float) -> float:
 # Gate/up and down in one launch (kernels.triton_moe_fused_decode) against two, with and without PDL.
 FUSED_VARIANTS: list[Variant] = [
     ("active experts, two launches", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1", FUSED_DECODE_ENV: "0"}),
-    ("active experts, one launch", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1", FUSED_DECODE_ENV: "1", fp8.ROW_QUANT_ENV: "0"}),
+    ("active experts, one launch", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1", FUSED_DECODE_ENV: "1"}),
     ("active experts, one launch, without PDL", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
-                                                 FUSED_DECODE_ENV: "1", PDL_ENV: "0", fp8.ROW_QUANT_ENV: "0"}),
+                                                 FUSED_DECODE_ENV: "1", PDL_ENV: "0"}),
     *((f"one launch 16x{n}x128 {w} warps {st} stages", {tfm.MOE_DECODE_TILE_ENV: f"{n},{w},{st},1",
-                                                        ACTIVE_GRID_ENV: "1", FUSED_DECODE_ENV: "1", fp8.ROW_QUANT_ENV: "0"})
+                                                        ACTIVE_GRID_ENV: "1", FUSED_DECODE_ENV: "1"})
       for n, w, st in ((16, 4, 4), (32, 4, 3), (32, 4, 5), (64, 4, 4), (32, 8, 4))),
 ]
 
@@ -120,13 +120,7 @@ FUSED_VARIANTS: list[Variant] = [
 def moe_variants(sweep: bool) -> list[Variant]:
     out: list[Variant] = [  # the defaults first: what the others are compared with
         ("default tiles, active experts", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1"}),
-        ("default tiles, active experts, W8A16", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
-                                                  fp8.ROW_QUANT_ENV: "0"}),
-        *((f"quantized in the launch, 16x{n}x128 {w} warps {st} stages",
-           {tfm.MOE_DECODE_TILE_ENV: f"{n},{w},{st},1", ACTIVE_GRID_ENV: "1", fp8.ROW_QUANT_ENV: "1"})
-          for n, w, st in ((32, 4, 3), (64, 4, 4), (64, 4, 3), (32, 8, 4), (128, 4, 3))),
-        *((f"W8A16, 16x{n}x128 {w} warps {st} stages",
-           {tfm.MOE_DECODE_TILE_ENV: f"{n},{w},{st},1", ACTIVE_GRID_ENV: "1", fp8.ROW_QUANT_ENV: "0"})
+        *((f"16x{n}x128 {w} warps {st} stages", {tfm.MOE_DECODE_TILE_ENV: f"{n},{w},{st},1", ACTIVE_GRID_ENV: "1"})
           for n, w, st in ((64, 4, 4), (64, 4, 3))),
         ("default tiles, every expert's column", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "0"}),
         ("default tiles, active experts, cvt", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
@@ -144,7 +138,7 @@ def moe_variants(sweep: bool) -> list[Variant]:
         for block_n, warps, stages in itertools.product((16, 32, 64), (4, 8), (3, 4, 5)):  # one launch's tiles
             out.append((f"one launch 16x{block_n}x128 {warps} warps {stages} stages",
                         {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},1", ACTIVE_GRID_ENV: "1",
-                         FUSED_DECODE_ENV: "1", fp8.ROW_QUANT_ENV: "0"}))
+                         FUSED_DECODE_ENV: "1"}))
     return out
 
 
@@ -158,11 +152,7 @@ def dense_variants(sweep: bool, gemv_sweep: bool = False) -> list[Variant]:
                           ("tiled, without PDL", {**tiled, PDL_ENV: "0"}),
                           # one program per few whole columns, its weights read before the PDL wait
                           ("GEMV", {tfg.GEMV_ENV: "1", tfg.GEMV_TILE_ENV: ""}),
-                          ("GEMV without PDL", {tfg.GEMV_ENV: "1", tfg.GEMV_TILE_ENV: "", PDL_ENV: "0"}),
-                          # the row quantized in the tiled kernel, FP8 x FP8, no split (kernels.fp8.dense_quant_rows)
-                          *((f"quantized in the launch, 16x{n} {w} warps {st} stages",
-                             {fp8.DENSE_ROW_QUANT_ENV: "1", tf.DENSE_DECODE_TILE_ENV: f"{n},{w},{st},1,1"})
-                            for n, w, st in ((16, 4, 4), (32, 4, 4), (64, 4, 4), (32, 4, 3), (16, 2, 4)))]
+                          ("GEMV without PDL", {tfg.GEMV_ENV: "1", tfg.GEMV_TILE_ENV: "", PDL_ENV: "0"})]
     if gemv_sweep:
         for block_n, warps, chunk in itertools.product((4, 8, 16), (2, 4, 8), (4, 8, 16)):
             out.append((f"GEMV {block_n} columns {warps} warps {chunk} K blocks a load",
@@ -263,8 +253,7 @@ def main() -> int:
     parser.add_argument("--gemv-sweep", action="store_true", help="the dense GEMV's columns, warps and K chunks")
     parser.add_argument("--best-env", type=Path, help="write the fastest overrides here as export lines")
     parser.add_argument("--act-probe", action="store_true",
-                        help="first the routed experts' two launches alone: W8A16, FP8 activations quantized ahead, "
-                        "and quantized in the launch")
+                        help="first the routed experts' two launches alone: W8A16 beside FP8 activations quantized ahead")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     exports: dict[str, str] = {}
@@ -287,8 +276,8 @@ def experts(args: argparse.Namespace, gen: torch.Generator, copy_rate: float, ex
         exports.update(best[1])
     make, nbytes = bf16_moe_case(gen)
     sweep(f"bf16, one token, {TOP_K} routed + shared experts", [
-        ("two launches", {FUSED_DECODE_ENV: "0"}), ("one launch", {FUSED_DECODE_ENV: "1", fp8.ROW_QUANT_ENV: "0"}),
-        ("one launch, without PDL", {FUSED_DECODE_ENV: "1", PDL_ENV: "0", fp8.ROW_QUANT_ENV: "0"})], make, nbytes,
+        ("two launches", {FUSED_DECODE_ENV: "0"}), ("one launch", {FUSED_DECODE_ENV: "1"}),
+        ("one launch, without PDL", {FUSED_DECODE_ENV: "1", PDL_ENV: "0"})], make, nbytes,
         floor_us(nbytes, copy_rate), args.iters)
     write_exports(args.best_env, exports)  # now as well: a call cut short during --dense keeps the experts' pick
 
@@ -321,11 +310,14 @@ def dense(args: argparse.Namespace, gen: torch.Generator, copy_rate: float, expo
         exports.update(dense_env)
 
 
+# Session 47 (bench/results/device_call{1,2}_h100_s47_console.log): 37.7-37.9 us W8A16 at the default tile, 23.0-23.1
+# on rows quantized ahead. Quantizing the row inside each program of the launch instead (commit cbf6386) took 36.3
+# us for these launches, and 52.0 against W8A16's 36.2 with the shared experts riding along: dropped.
 def act_probe(gen: torch.Generator, copy_rate: float, iters: int) -> None:
     """The routed experts' gated and down launches at one token (no shared experts), W8A16 (the bf16 row
     against each weight tile converted to bf16) beside W8A8 (the row and the intermediate quantized per 1 x 128
     group *ahead*, outside the timing, so the FP8 tensor cores take the weight tile as stored): what the
-    conversion costs, the most an in-kernel activation quantizer could win back."""
+    conversion costs, the most quantizing the rows ahead (in the launch that writes them) could win back."""
     w13, s13, w2, s2 = random_fp8_experts(EXPERTS, HIDDEN, INTER, gen)
     counts = torch.zeros(EXPERTS, dtype=torch.int32, device="cuda")
     counts[torch.randperm(EXPERTS, device="cuda", generator=gen)[:TOP_K]] = 1
@@ -344,18 +336,17 @@ def act_probe(gen: torch.Generator, copy_rate: float, iters: int) -> None:
     bs = (fp8.BLOCK, fp8.BLOCK)
     for block_n, warps, stages in ((32, 4, 4), (32, 4, 3), (64, 4, 4), (32, 8, 4), (16, 4, 4)):
         cfg = tf.Fp8GemmConfig(block_m=16, block_n=block_n, group_m=1, num_warps=warps, num_stages=stages)
-        for label, a, a_s, b, b_s, rows in (("W8A16", x, None, inter, None, 0), ("W8A8", xq, xs, iq, is_, 0),
-                                            ("W8A8 quantized in the launch", x, None, inter, None, 1)):
-            def pair(a=a, a_s=a_s, b=b, b_s=b_s, cfg=cfg, rows=rows) -> None:
-                tfm._launch_masked(a, a_s, w13, s13, mid, counts, True, cfg, bs, active=active, quant_rows=rows)
-                tfm._launch_masked(b, b_s, w2, s2, out, counts, False, cfg, bs, active=active, quant_rows=rows)
+        for label, a, a_s, b, b_s in (("W8A16", x, None, inter, None), ("W8A8", xq, xs, iq, is_)):
+            def pair(a=a, a_s=a_s, b=b, b_s=b_s, cfg=cfg) -> None:
+                tfm._launch_masked(a, a_s, w13, s13, mid, counts, True, cfg, bs, active=active)
+                tfm._launch_masked(b, b_s, w2, s2, out, counts, False, cfg, bs, active=active)
             try:
                 us = graph_us(pair, {}, iters)[0]
             except Exception as exc:  # noqa: BLE001 - a tile that does not fit is a row of the table
-                print(f"  16x{block_n} {warps} warps {stages} stages {label:29s} failed: {type(exc).__name__}: "
+                print(f"  16x{block_n} {warps} warps {stages} stages {label:6s} failed: {type(exc).__name__}: "
                       f"{str(exc)[:120]}", flush=True)
                 continue
-            print(f"  16x{block_n} {warps} warps {stages} stages {label:29s} {us:8.1f} us  {us / floor:5.2f}x the floor",
+            print(f"  16x{block_n} {warps} warps {stages} stages {label:6s} {us:8.1f} us  {us / floor:5.2f}x the floor",
                   flush=True)
 
 

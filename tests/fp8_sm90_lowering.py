@@ -57,14 +57,14 @@ def masked_gated(bits: bool, kb_step: int) -> CompiledKernel:
     return compile_sm90(tfm._fp8_moe_gemm_kernel, {
         "NUM_KB": 16, "NUM_KB_X": 16, "SCALE_BLOCK_N": 128, "A_ROW_DIV": 1, "GATED": True, "MASKED": True,
         "ZERO_TAIL": False, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1, "PROMOTE": 0, "W8A16": True,
-        "DOT_PRECISION": "tf32", "EXTRA": True, "ACTIVE": True, "KB_STEP": kb_step, "BITS": bits, "QUANT_ROWS": 0, "PDL": False}, 4, 4)
+        "DOT_PRECISION": "tf32", "EXTRA": True, "ACTIVE": True, "KB_STEP": kb_step, "BITS": bits, "PDL": False}, 4, 4)
 
 
 def dense_split(bits: bool, kb_step: int, pdl: bool = False, fixup: bool = False) -> CompiledKernel:
     return compile_sm90(tf._fp8_gemm_kernel, {
         "NUM_KB": 16, "KB_PER_SPLIT": 4, "SCALE_BLOCK_N": 128, "HAS_BIAS": False, "BLOCK_M": 16, "BLOCK_N": 32,
         "BLOCK_K": 128, "GROUP_M": 1, "A_MODE": tf.A_W8A16, "PROMOTE": 0, "DOT_PRECISION": "tf32",
-        "KB_STEP": kb_step, "BITS": bits, "SPLITS": 4, "FIXUP": fixup, "QUANT_ROWS": 0, "PDL": pdl}, 4, 4,
+        "KB_STEP": kb_step, "BITS": bits, "SPLITS": 4, "FIXUP": fixup, "PDL": pdl}, 4, 4,
         pointers={"c_ptr": "*fp32"})  # c holds the split partials
 
 
