@@ -39,7 +39,9 @@ from kernels.triton_pdl import pdl_args
 # One H100 (session 46, bench/results/fp8_one_token_gemv_sweep_call1_h100_s46.log, graph-timed at one row):
 # V2-Lite's fused q + kv_a 5.8 -> 3.9-4.0 us, o_proj 4.4 -> 2.7 us; in the decode step's serial profile the
 # 54 dense launches took 268 us where the tiled ones took 341. At 4 rows the same step's GEMVs took 520 us
-# against 346 (each row's programs convert the weight again), so only one row takes it.
+# against 346 (each row's programs convert the weight again), so only one row takes it. The whole step at batch 1,
+# twice each in one call (session 47, decode_step_fp8_vs_bf16_{gemv,tiled}{,2}_call1_h100_s47.json): FP8 2.520 /
+# 2.551 ms against 2.615 / 2.631 tiled.
 GEMV_ENV = "TANDEM_FP8_DENSE_GEMV"
 GEMV_MAX_ROWS = 1
 # A tile set by hand: "BLOCK_N,WARPS,CHUNK_KB" (tests/fp8_moe_one_token.py --dense --gemv-sweep sweeps them).
