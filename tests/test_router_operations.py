@@ -256,7 +256,9 @@ def test_admin_api_adds_a_worker_and_removal_drains_it() -> None:
 def test_router_abort_request_reaches_both_workers_of_that_request() -> None:
     async def body() -> None:
         async with cluster(1, 1) as c, aiohttp.ClientSession() as s:
-            c.decode[0].behavior = MockBehavior(delay_s=0.3)
+            # The decode holds the request until the abort ends it (10 s at most): a fixed 0.3 s let a loaded CI
+            # machine finish the request before the abort came, and the router rightly answered 404.
+            c.decode[0].behavior = MockBehavior(delay_s=10, honor_aborts=True)
             pending = asyncio.ensure_future(s.post(c.router_url + "/generate", json=GEN,
                                                    headers={"X-Request-ID": "abc"}))
             await c.wait_until(lambda: "abc" in c.state.active)
