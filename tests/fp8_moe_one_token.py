@@ -120,25 +120,28 @@ FUSED_VARIANTS: list[Variant] = [
 def moe_variants(sweep: bool) -> list[Variant]:
     out: list[Variant] = [  # the defaults first: what the others are compared with
         ("default tiles, active experts", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1"}),
-        *((f"16x{n}x128 {w} warps {st} stages", {tfm.MOE_DECODE_TILE_ENV: f"{n},{w},{st},1", ACTIVE_GRID_ENV: "1"})
-          for n, w, st in ((64, 4, 4), (64, 4, 3))),
         ("default tiles, every expert's column", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "0"}),
         ("default tiles, active experts, cvt", {tfm.MOE_DECODE_TILE_ENV: "", ACTIVE_GRID_ENV: "1",
                                                 tf.W8A16_CONVERT_ENV: "cvt"}),
         *PDL_VARIANTS,
         *FUSED_VARIANTS,
     ]
-    if sweep:
+    if not sweep:  # 64-wide tiles, which beat the default for the routed experts alone (--act-probe)
+        out[1:1] = [(f"16x64x128 4 warps {st} stages", {tfm.MOE_DECODE_TILE_ENV: f"64,4,{st},1", ACTIVE_GRID_ENV: "1"})
+                    for st in (4, 3)]
+    else:
         # Around session 41's winner (16 x 32 x 128, 4 warps, 4 stages, "bits", now the default): wider and
         # narrower tiles, 2-8 warps, 3-6 stages, one or two 128-wide K blocks an iteration. "cvt" lost every row
         # of that sweep (bench/results/fp8_one_token_sweep_h100_s41.log), so only "bits" here.
         for block_n, warps, stages, kb_step in itertools.product((16, 32, 64), (2, 4, 8), (3, 4, 5, 6), (1, 2)):
             out.append((f"16x{block_n}x{128 * kb_step} {warps} warps {stages} stages",
                         {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},{kb_step}", ACTIVE_GRID_ENV: "1"}))
+        timed = {label for label, _ in out}  # FUSED_VARIANTS already hold five of one launch's tiles
         for block_n, warps, stages in itertools.product((16, 32, 64), (4, 8), (3, 4, 5)):  # one launch's tiles
-            out.append((f"one launch 16x{block_n}x128 {warps} warps {stages} stages",
-                        {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},1", ACTIVE_GRID_ENV: "1",
-                         FUSED_DECODE_ENV: "1"}))
+            label = f"one launch 16x{block_n}x128 {warps} warps {stages} stages"
+            if label not in timed:
+                out.append((label, {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},1", ACTIVE_GRID_ENV: "1",
+                                    FUSED_DECODE_ENV: "1"}))
     return out
 
 
@@ -190,12 +193,18 @@ def sweep(title: str, variants: list[Variant], make: Callable[[], Callable[[], o
     return times[0][0], best if best_us < MARGIN * times[0][0] else None
 
 
+def one_token_counts(gen: torch.Generator) -> torch.Tensor:
+    """The masked layout's per-expert counts at one token: TOP_K experts picked at random hold its one row."""
+    counts = torch.zeros(EXPERTS, dtype=torch.int32, device="cuda")
+    counts[torch.randperm(EXPERTS, device="cuda", generator=gen)[:TOP_K]] = 1
+    return counts
+
+
 def moe_case(gen: torch.Generator) -> tuple[Callable[[], Callable[[], object]], int]:
     w13, s13, w2, s2 = random_fp8_experts(EXPERTS, HIDDEN, INTER, gen)
     sw13, ss13, sw2, ss2 = random_fp8_experts(1, HIDDEN, SHARED_INTER, gen)
     shared = (sw13[0], ss13[0], sw2[0], ss2[0])
-    counts = torch.zeros(EXPERTS, dtype=torch.int32, device="cuda")
-    counts[torch.randperm(EXPERTS, device="cuda", generator=gen)[:TOP_K]] = 1
+    counts = one_token_counts(gen)
     x = torch.randn(EXPERTS, 1, HIDDEN, device="cuda", generator=gen).bfloat16()
     hidden = torch.randn(1, HIDDEN, device="cuda", generator=gen).bfloat16()
     per_expert = w13[0].numel() + w2[0].numel() + (s13[0].numel() + s2[0].numel()) * 4
@@ -220,8 +229,7 @@ def bf16_moe_case(gen: torch.Generator) -> tuple[Callable[[], Callable[[], objec
 
     w13, w2 = weights(EXPERTS, INTER)
     sw13, sw2 = weights(1, SHARED_INTER)
-    counts = torch.zeros(EXPERTS, dtype=torch.int32, device="cuda")
-    counts[torch.randperm(EXPERTS, device="cuda", generator=gen)[:TOP_K]] = 1
+    counts = one_token_counts(gen)
     x = torch.randn(EXPERTS, 1, HIDDEN, device="cuda", generator=gen).bfloat16()
     hidden = torch.randn(1, HIDDEN, device="cuda", generator=gen).bfloat16()
     nbytes = 2 * (TOP_K * (w13[0].numel() + w2[0].numel()) + sw13.numel() + sw2.numel())
@@ -319,8 +327,7 @@ def act_probe(gen: torch.Generator, copy_rate: float, iters: int) -> None:
     group *ahead*, outside the timing, so the FP8 tensor cores take the weight tile as stored): what the
     conversion costs, the most quantizing the rows ahead (in the launch that writes them) could win back."""
     w13, s13, w2, s2 = random_fp8_experts(EXPERTS, HIDDEN, INTER, gen)
-    counts = torch.zeros(EXPERTS, dtype=torch.int32, device="cuda")
-    counts[torch.randperm(EXPERTS, device="cuda", generator=gen)[:TOP_K]] = 1
+    counts = one_token_counts(gen)
     active = (active_experts_triton(counts), TOP_K)
     x = torch.randn(EXPERTS, 1, HIDDEN, device="cuda", generator=gen).bfloat16()
     inter = torch.randn(EXPERTS, 1, INTER, device="cuda", generator=gen).bfloat16()
