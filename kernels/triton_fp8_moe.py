@@ -32,10 +32,12 @@ from kernels.fp8 import (
     masked_rows_hint,
     quantizes_activations,
 )
+from kernels.triton_f16_groups import f16_decode_wanted, f16_groups_active, f16_rows
 from kernels.triton_fp8 import (
     Fp8GemmConfig,
     _check_device,
     _promote_every,
+    _round_to_bf16,
     decode_tile_override,
     dot_precision,
     quantize_fp8_act_triton,
@@ -86,13 +88,25 @@ def _launch_configs(rows_per_expert: int, config: Fp8GemmConfig | None,
 
 
 @triton.jit
+def _scaled_dot(a, b, a_s, b_s, PROMOTE: tl.constexpr):
+    """One K block's product with both scales: FP8 x FP8 (fp32 promotion every PROMOTE products), or f16
+    activations (``kernels.triton_f16_groups``) against the FP8 weight tile converted to f16."""
+    if a.dtype == tl.float16:
+        return tl.dot(a, b.to(tl.float16)) * a_s[:, None] * b_s[None, :]
+    else:
+        return tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
+
+
+@triton.jit
 def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_scale_row, stride_bn,
                 stride_bsn, NUM_KB: tl.constexpr, GATED: tl.constexpr, W8A16: tl.constexpr, PROMOTE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                KB_STEP: tl.constexpr, BITS: tl.constexpr):
-    """The gate (or only) and up accumulators of one output tile over ``NUM_KB`` 128-wide K blocks, ``KB_STEP``
-    of them an iteration (each with its own load and scale, so the sums are the same in the same order; more
-    bytes in flight a pipeline stage: one 128-wide FP8 block moves half a bf16 block's bytes)."""
+                KB_STEP: tl.constexpr, BITS: tl.constexpr, KB_PER_SCALE: tl.constexpr):
+    """The gate (or only) and up accumulators of one output tile over ``NUM_KB`` K blocks of ``BLOCK_K``,
+    ``KB_STEP`` of them an iteration (each with its own load and scale, so the sums are the same in the same
+    order; more bytes in flight a pipeline stage: one 128-wide FP8 block moves half a bf16 block's bytes).
+    ``KB_PER_SCALE`` K blocks share a weight scale: activations scaled per narrower group than the weight's
+    (f16 ones written by a 32-wide tile) walk K in their groups."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -110,21 +124,21 @@ def _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_col
                 r_mask = row_mask & (tl.full([BLOCK_M], kb, tl.int32) < NUM_KB)
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            b_s = tl.load(bs_ptrs + kb, mask=s_mask, other=0.0)
+            b_s = tl.load(bs_ptrs + kb // KB_PER_SCALE, mask=s_mask, other=0.0)
             if W8A16:  # a in the model dtype: the weight tile converted to it, only the weight's scale applies
                 acc += tl.dot(a, w8a16_tile(b, a, BITS), input_precision=DOT_PRECISION) * b_s[None, :]
             else:
                 a_s = tl.load(as_ptrs + kb, mask=r_mask, other=0.0)
-                acc += tl.dot(a, b, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * b_s[None, :]
+                acc += _scaled_dot(a, b, a_s, b_s, PROMOTE)
             if GATED:
                 # w13 holds the gate rows then the up rows: the up partner of column n is row n_cols + n, and
                 # its scales start at block row up_scale_row (the gate half's block rows, ceil-divided).
                 b_up = tl.load(b_ptrs + n_cols * stride_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                bs_up = tl.load(bs_ptrs + up_scale_row * stride_bsn + kb, mask=s_mask, other=0.0)
+                bs_up = tl.load(bs_ptrs + up_scale_row * stride_bsn + kb // KB_PER_SCALE, mask=s_mask, other=0.0)
                 if W8A16:
                     acc_up += tl.dot(a, w8a16_tile(b_up, a, BITS), input_precision=DOT_PRECISION) * bs_up[None, :]
                 else:
-                    acc_up += tl.dot(a, b_up, max_num_imprecise_acc=PROMOTE) * a_s[:, None] * bs_up[None, :]
+                    acc_up += _scaled_dot(a, b_up, a_s, bs_up, PROMOTE)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
     return acc, acc_up
@@ -138,19 +152,22 @@ def _fp8_moe_gemm_kernel(
     stride_ce, stride_cm,
     num_experts, x_a_ptr, x_b_ptr, x_bs_ptr, x_c_ptr, x_n, x_k, x_up_scale_row,
     stride_xam, stride_xbn, stride_xbsn, stride_xcm, tile_n, active_ptr, active_slots,
+    x_as_ptr, stride_xasm, cs_ptr, stride_cse, stride_csm, x_cs_ptr, stride_xcsm,
     NUM_KB: tl.constexpr, NUM_KB_X: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, A_ROW_DIV: tl.constexpr,
     GATED: tl.constexpr,
     MASKED: tl.constexpr, ZERO_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, W8A16: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EXTRA: tl.constexpr, ACTIVE: tl.constexpr, KB_STEP: tl.constexpr,
-    BITS: tl.constexpr, PDL: tl.constexpr,
+    BITS: tl.constexpr, KB_PER_SCALE: tl.constexpr, OUT_F16: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_begin(PDL)
-    # EXTRA (masked layout, W8A16 only): grid column `num_experts` runs one more "expert" with its own operands
-    # (x_*: activation [capacity, x_k] whose rows are all valid, FP8 weight [x_n (x2 if GATED), x_k] and its
-    # block scales, output [capacity, x_n]): a layer's shared experts ride in the routed experts' launch, as in
-    # kernels.triton_moe. `tile_n` columns are tiled (the wider of the two); programs past their expert's
-    # width return at once.
+    # EXTRA (masked layout, W8A16 or f16 activations): grid column `num_experts` runs one more "expert" with its
+    # own operands (x_*: activation [capacity, x_k] whose rows are all valid and its scales, FP8 weight [x_n (x2 if
+    # GATED), x_k] and its block scales, output [capacity, x_n] and its scales): a layer's shared experts ride in
+    # the routed experts' launch, as in kernels.triton_moe. `tile_n` columns are tiled (the wider of the two);
+    # programs past their expert's width return at once.
+    # OUT_F16: the output is f16 with a power-of-two scale per row and BLOCK_N columns (cs, x_cs:
+    # kernels.triton_f16_groups), the next launch's activations.
     pid = tl.program_id(0)
     num_n = tl.cdiv(tile_n, BLOCK_N)
     if MASKED:
@@ -168,9 +185,12 @@ def _fp8_moe_gemm_kernel(
     k_dim = K
     up_row = up_scale_row
     a_stride = stride_am
+    as_stride = stride_asm
     b_stride = stride_bn
     bs_stride = stride_bsn
     c_stride = stride_cm
+    cs_stride = stride_csm
+    cs_base = cs_ptr
     is_extra = False
     if MASKED:
         expert = masked_expert(tl.program_id(1), active_ptr, num_experts, active_slots, ACTIVE)
@@ -182,11 +202,16 @@ def _fp8_moe_gemm_kernel(
         b_base = b_ptr + expert * stride_be
         bs_base = bs_ptr + expert * stride_bse
         c_base = c_ptr + expert * stride_ce
+        cs_base = cs_ptr + expert * stride_cse
         if EXTRA:
             if expert == num_experts:
                 is_extra = True
                 count = tl.zeros_like(count) + capacity  # a tensor either way (capacity 1 is a constant)
                 a_base = x_a_ptr
+                as_base = x_as_ptr
+                as_stride = stride_xasm
+                cs_base = x_cs_ptr
+                cs_stride = stride_xcsm
                 b_base = x_b_ptr
                 bs_base = x_bs_ptr
                 c_base = x_c_ptr
@@ -229,21 +254,29 @@ def _fp8_moe_gemm_kernel(
         store_mask = row_mask
 
     a_ptrs = a_base + a_rows[:, None] * a_stride + offs_k[None, :]
-    as_ptrs = as_base + a_rows * stride_asm
+    as_ptrs = as_base + a_rows * as_stride
     b_ptrs = b_base + cols[None, :] * b_stride + offs_k[:, None]
     bs_ptrs = bs_base + (offs_n // SCALE_BLOCK_N) * bs_stride
     if is_extra:  # its K (the shared experts' width, for the down projection) has its own trip count
         acc, acc_up = _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_row,
                                   b_stride, bs_stride, NUM_KB_X, GATED, W8A16, PROMOTE, DOT_PRECISION, BLOCK_M,
-                                  BLOCK_N, BLOCK_K, KB_STEP, BITS)
+                                  BLOCK_N, BLOCK_K, KB_STEP, BITS, KB_PER_SCALE)
     else:
         acc, acc_up = _fp8_k_loop(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, n_cols, up_row,
                                   b_stride, bs_stride, NUM_KB, GATED, W8A16, PROMOTE, DOT_PRECISION, BLOCK_M,
-                                  BLOCK_N, BLOCK_K, KB_STEP, BITS)
+                                  BLOCK_N, BLOCK_K, KB_STEP, BITS, KB_PER_SCALE)
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_up
-    tl.store(c_base + c_rows[:, None] * c_stride + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=store_mask[:, None] & n_mask[None, :])
+    if OUT_F16:
+        # Rounded to bf16 first (the W8A16 launch's intermediate), so the f16 values times their scales are
+        # exactly what the bf16 path would store.
+        q, s = f16_rows(tl.where(n_mask[None, :], _round_to_bf16(acc), 0.0))
+        tl.store(c_base + c_rows[:, None] * c_stride + cols[None, :], q.to(tl.float16),
+                 mask=store_mask[:, None] & n_mask[None, :])
+        tl.store(cs_base + c_rows * cs_stride + pid_n, s, mask=store_mask)
+    else:
+        tl.store(c_base + c_rows[:, None] * c_stride + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=store_mask[:, None] & n_mask[None, :])
 
 
 # (config, gated, W8A16, extra) -> the pipeline stages that fit the device's shared memory, once found smaller
@@ -280,15 +313,20 @@ def _launch_contiguous(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tens
         sort.num_rows, n, w.shape[2], 0, triton.cdiv(n, block_size[0]),
         0, aq.stride(0), 0, a_s.stride(0) if a_s is not None else 0, w.stride(0), w.stride(1), w_s.stride(0),
         w_s.stride(1), 0, out.stride(0),
-        *_no_extra(aq, w, w_s, out, n, w.shape[0]), sort.rows_padded, 0,
+        *_no_extra(aq, w, w_s, out, n, w.shape[0]), sort.rows_padded, 0, *_no_f16(w_s),
         NUM_KB=triton.cdiv(w.shape[2], block_size[1]), NUM_KB_X=1, SCALE_BLOCK_N=block_size[0],
         A_ROW_DIV=a_row_div, GATED=gated,
         MASKED=False, ZERO_TAIL=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1],
         GROUP_M=cfg.group_m, PROMOTE=_promote_every(block_size), W8A16=a_s is None,
         DOT_PRECISION=dot_precision(aq.dtype), EXTRA=False, ACTIVE=False, KB_STEP=cfg.kb_step,
-        BITS=a_s is None and w8a16_bits(aq),
+        BITS=a_s is None and w8a16_bits(aq), KB_PER_SCALE=1, OUT_F16=False,
         num_warps=cfg.num_warps, num_stages=stages, **pdl_args(aq),
     ), (cfg, gated, a_s is None, False), cfg.num_stages)  # fmt: skip
+
+
+def _no_f16(any_tensor: torch.Tensor) -> tuple:
+    """The kernel's extra-activation-scale and output-scale arguments where neither is read."""
+    return (any_tensor, 0, any_tensor, 0, 0, any_tensor, 0)
 
 
 def _no_extra(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Tensor, n: int,
@@ -352,25 +390,38 @@ def fp8_moe_forward_triton(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_we
 def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
                    out: torch.Tensor, counts: torch.Tensor, gated: bool, cfg: Fp8GemmConfig,
                    block_size: BlockSize, extra: tuple[torch.Tensor, ...] | None = None,
-                   active: tuple[torch.Tensor, int] | None = None) -> None:
-    """aq ``[E, cap, K]`` fp8, a_s ``[E, cap, Kb]`` (None: aq unquantized, W8A16), out ``[E, cap, N]``.
-    ``extra`` (W8A16 only) = (activation ``[cap, K']``, FP8 weight ``[N' (x2 gated), K']``, its block scales,
-    output ``[cap, N']``) adds one more expert whose every row is valid (the kernel's EXTRA). ``active`` =
-    (``kernels.active_experts(counts)``, slots): a grid of the active experts alone (the others' rows are left
-    unwritten)."""
+                   active: tuple[torch.Tensor, int] | None = None, a_group: int | None = None,
+                   out_scales: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
+    """aq ``[E, cap, K]`` fp8 or f16, a_s ``[E, cap, ceil(K / a_group)]`` (None: aq unquantized, W8A16), out
+    ``[E, cap, N]``. ``a_group``: the columns one activation scale covers (the weight's K block where not
+    given; a narrower one must divide it). ``extra`` = (activation ``[cap, K']``, FP8 weight ``[N' (x2 gated),
+    K']``, its block scales, output ``[cap, N']``, and with ``a_s`` the activation's scales) adds one more expert
+    whose every row is valid (the kernel's EXTRA). ``active`` = (``kernels.active_experts(counts)``, slots): a
+    grid of the active experts alone (the others' rows are left unwritten). ``out_scales`` = (out's scales
+    ``[E, cap, ceil(N / block_n)]``, the extra output's ``[cap, ceil(N' / block_n)]`` or None): out and the extra
+    output are f16 with a power-of-two scale per row and tile (``kernels.triton_f16_groups``)."""
     n = w.shape[1] // 2 if gated else w.shape[1]
     capacity = aq.shape[1]
+    group = a_group or block_size[1]
+    assert block_size[1] % group == 0, f"activation groups of {group} do not divide K blocks of {block_size[1]}"
     if extra is None:
         extra_args = _no_extra(aq, w, w_s, out, n, aq.shape[0])
         num_kb_x = 1
     else:
-        assert a_s is None, "the extra expert runs W8A16 only"
-        xa, xw, xws, xc = extra
+        assert (a_s is None) == (len(extra) == 4), "the extra expert's activations take scales where the others do"
+        xa, xw, xws, xc = extra[:4]
         x_n = xw.shape[0] // 2 if gated else xw.shape[0]
         extra_args = (aq.shape[0], xa, xw, xws, xc, x_n, xa.shape[1], triton.cdiv(x_n, block_size[0]),
                       xa.stride(0), xw.stride(0), xws.stride(0), xc.stride(0), max(n, x_n))
-        num_kb_x = triton.cdiv(xa.shape[1], block_size[1])
+        num_kb_x = triton.cdiv(xa.shape[1], group)
     tile_n = extra_args[-1]
+    f16_args = list(_no_f16(w_s))
+    if extra is not None and len(extra) > 4:
+        f16_args[0:2] = [extra[4], extra[4].stride(0)]
+    if out_scales is not None:
+        f16_args[2:5] = [out_scales[0], out_scales[0].stride(0), out_scales[0].stride(1)]
+        if out_scales[1] is not None:
+            f16_args[5:7] = [out_scales[1], out_scales[1].stride(0)]
     active_list, slots = _active_args(active, counts, aq.shape[0])
     grid = (triton.cdiv(capacity, cfg.block_m) * triton.cdiv(tile_n, cfg.block_n), slots + (extra is not None))
     _launch_fitting(lambda stages: _fp8_moe_gemm_kernel[grid](
@@ -378,13 +429,14 @@ def _launch_masked(aq: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, 
         0, n, w.shape[2], capacity, triton.cdiv(n, block_size[0]),
         aq.stride(0), aq.stride(1), a_s.stride(0) if a_s is not None else 0, a_s.stride(1) if a_s is not None else 0,
         w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1), out.stride(0), out.stride(1),
-        *extra_args, active_list, slots,
-        NUM_KB=triton.cdiv(w.shape[2], block_size[1]), NUM_KB_X=num_kb_x, SCALE_BLOCK_N=block_size[0], A_ROW_DIV=1,
+        *extra_args, active_list, slots, *f16_args,
+        NUM_KB=triton.cdiv(w.shape[2], group), NUM_KB_X=num_kb_x, SCALE_BLOCK_N=block_size[0], A_ROW_DIV=1,
         GATED=gated, MASKED=True, ZERO_TAIL=not gated,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_size[1], GROUP_M=cfg.group_m,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=group, GROUP_M=cfg.group_m,
         PROMOTE=_promote_every(block_size), W8A16=a_s is None, DOT_PRECISION=dot_precision(aq.dtype),
-        EXTRA=extra is not None, ACTIVE=active is not None, KB_STEP=cfg.kb_step,
-        BITS=a_s is None and w8a16_bits(aq), num_warps=cfg.num_warps, num_stages=stages, **pdl_args(aq),
+        EXTRA=extra is not None, ACTIVE=active is not None, KB_STEP=cfg.kb_step * (block_size[1] // group),
+        BITS=a_s is None and w8a16_bits(aq), KB_PER_SCALE=block_size[1] // group, OUT_F16=out_scales is not None,
+        num_warps=cfg.num_warps, num_stages=stages, **pdl_args(aq),
     ), (cfg, gated, a_s is None, extra is not None), cfg.num_stages)  # fmt: skip
 
 
@@ -462,6 +514,9 @@ def fp8_moe_forward_masked_shared_triton(
                                  (w13_scale, w2_scale, shared_gate_up_scale, shared_down_scale), block_size[0])
         if fused is not None:
             return fused
+    if active is not None and _f16_decode_applies(x, cfg, block_size):
+        return _masked_shared_f16(x, counts, w13, w13_scale, w2, w2_scale, hidden, shared_gate_up, shared_gate_up_scale,
+                                  shared_down, shared_down_scale, block_size, active, cfg, down_cfg)
     inter = torch.empty((num_experts, capacity, w2.shape[2]), dtype=x.dtype, device=x.device)
     shared_inter = torch.empty((capacity, inter_dim), dtype=x.dtype, device=x.device)
     _launch_masked(x, None, w13, w13_scale, inter, counts, True, cfg, block_size,
@@ -470,6 +525,42 @@ def fp8_moe_forward_masked_shared_triton(
     shared_out = torch.empty_like(hidden)
     _launch_masked(inter, None, w2, w2_scale, out, counts, False, down_cfg, block_size,
                    (shared_inter, shared_down, shared_down_scale, shared_out), active)
+    return out, shared_out
+
+
+def _f16_decode_applies(x: torch.Tensor, cfg: Fp8GemmConfig, block_size: BlockSize) -> bool:
+    """Whether the two decode launches take f16 activations (``kernels.triton_f16_groups``): switched on, bf16
+    rows (whose f16 form is exact) or the interpreter's checks, and gated tiles that divide a weight K block
+    (the down launch walks K in their scale groups)."""
+    return (f16_decode_wanted() and (x.dtype == torch.bfloat16 or not x.is_cuda)
+            and block_size[1] % cfg.block_n == 0 and cfg.kb_step == 1)
+
+
+def _masked_shared_f16(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
+                       w2: torch.Tensor, w2_scale: torch.Tensor, hidden: torch.Tensor, shared_gate_up: torch.Tensor,
+                       shared_gate_up_scale: torch.Tensor, shared_down: torch.Tensor, shared_down_scale: torch.Tensor,
+                       block_size: BlockSize, active: tuple[torch.Tensor, int], cfg: Fp8GemmConfig,
+                       down_cfg: Fp8GemmConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8_moe_forward_masked_shared_triton``'s two decode launches on f16 activations: one launch writes the
+    routed rows and the shared experts' rows in f16 with a scale per 128 columns, the gated launch writes its
+    output in f16 with a scale per row and tile, and the down launch walks K in those tiles."""
+    num_experts, capacity, _ = x.shape
+    inter_dim, shared_inter_dim = w2.shape[2], shared_down.shape[1]
+    xq, xs, hq, hs = f16_groups_active(x, counts, active, hidden, block_size[1])
+    tiles = triton.cdiv(inter_dim, cfg.block_n)
+    inter = torch.empty((num_experts, capacity, inter_dim), dtype=torch.float16, device=x.device)
+    inter_s = torch.empty((num_experts, capacity, tiles), dtype=torch.float32, device=x.device)
+    shared_inter = torch.empty((capacity, shared_inter_dim), dtype=torch.float16, device=x.device)
+    shared_inter_s = torch.empty((capacity, triton.cdiv(shared_inter_dim, cfg.block_n)), dtype=torch.float32,
+                                 device=x.device)
+    _launch_masked(xq, xs, w13, w13_scale, inter, counts, True, cfg, block_size,
+                   (hq, shared_gate_up, shared_gate_up_scale, shared_inter, hs), active,
+                   out_scales=(inter_s, shared_inter_s))
+    out = torch.empty_like(x)
+    shared_out = torch.empty_like(hidden)
+    _launch_masked(inter, inter_s, w2, w2_scale, out, counts, False, down_cfg, block_size,
+                   (shared_inter, shared_down, shared_down_scale, shared_out, shared_inter_s), active,
+                   a_group=cfg.block_n)
     return out, shared_out
 
 

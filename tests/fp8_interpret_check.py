@@ -236,6 +236,40 @@ def check_experts() -> None:
         check("fp8_moe_forward_masked_shared shared vs the gated MLP", rel(out_s, want_shared))
     if not fp8.quantizes_activations(16):
         check_fused_decode(xm[:, :3], counts.clamp(max=3), w13, w13_s, w2, w2_s, hid[:3], shared)
+        check_f16_decode(xm[:, :3], counts.clamp(max=3), w13, w13_s, w2, w2_s, hid[:3], shared)
+
+
+def check_f16_decode(xm: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_s: torch.Tensor,
+                     w2: torch.Tensor, w2_s: torch.Tensor, hid: torch.Tensor, shared: tuple) -> None:
+    """The two decode launches on f16 activations (kernels.triton_f16_groups) against the reference, on bf16
+    rows (the interpreter's bf16 dot is not numpy's, so W8A16 itself is checked on float32 only): at unit
+    magnitude, past f16's range (3e4 times the rows: an unscaled f16 cast would overflow) and deep in its
+    subnormals (1e-4 times). The reference is each expert's float32 output (the intermediate rounded to bf16, as
+    the kernels store it) cut to bf16 the way the interpreter's cast cuts (it truncates where the GPU rounds):
+    what is left is the summation order's last bit."""
+    from kernels import triton_fp8_moe as tfm
+    from kernels.triton_decode_fused import active_experts_triton
+    from kernels.triton_f16_groups import F16_DECODE_ENV
+    from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV
+
+    def truncated(v: torch.Tensor) -> torch.Tensor:
+        return (v.float().view(torch.int32) & -65536).view(torch.float32)
+
+    active = (active_experts_triton(counts), 3)
+    for magnitude in (1.0, 3e4, 1e-4):
+        x = (xm * magnitude).bfloat16().contiguous()
+        h = (hid * magnitude).bfloat16()
+        ref_s = truncated(fp8._expert_mlp_fp8(h, shared[0], shared[1], shared[2], shared[3], BS, False))
+        os.environ.update({F16_DECODE_ENV: "1", FUSED_DECODE_ENV: "0"})
+        try:
+            out_r, out_s = tfm.fp8_moe_forward_masked_shared_triton(x, counts, w13, w13_s, w2, w2_s, h, *shared,
+                                                                     active=active)
+        finally:
+            del os.environ[F16_DECODE_ENV], os.environ[FUSED_DECODE_ENV]
+        for e, count in enumerate(counts.tolist()):
+            want = truncated(fp8._expert_mlp_fp8(x[e, :count], w13[e], w13_s[e], w2[e], w2_s[e], BS, False))
+            check(f"f16 decode launches x{magnitude:g}, expert {e}'s {count} rows", rel(out_r[e, :count], want))
+        check(f"f16 decode launches x{magnitude:g}, shared", rel(out_s, ref_s))
 
 
 def check_fused_decode(xm: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_s: torch.Tensor,

@@ -44,6 +44,7 @@ from kernels import triton_fp8 as tf  # noqa: E402
 from kernels import triton_fp8_gemv as tfg  # noqa: E402
 from kernels import triton_fp8_moe as tfm  # noqa: E402
 from kernels.triton_decode_fused import active_experts_triton  # noqa: E402
+from kernels.triton_f16_groups import F16_DECODE_ENV, f16_groups_active  # noqa: E402
 from kernels.triton_moe import moe_forward_masked_shared_triton  # noqa: E402
 from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV  # noqa: E402
 from kernels.triton_pdl import PDL_ENV  # noqa: E402
@@ -142,6 +143,11 @@ def moe_variants(sweep: bool) -> list[Variant]:
             if label not in timed:
                 out.append((label, {tfm.MOE_DECODE_TILE_ENV: f"{block_n},{warps},{stages},1", ACTIVE_GRID_ENV: "1",
                                     FUSED_DECODE_ENV: "1"}))
+    # f16 activations (kernels.triton_f16_groups: one launch writes the rows, the gated launch its output in f16),
+    # at the default tile and around it; 64-wide gated tiles give the down launch 64-wide scale groups.
+    out[1:1] = [(f"f16 activations 16x{n} {w} warps {st} stages",
+                 {F16_DECODE_ENV: "1", tfm.MOE_DECODE_TILE_ENV: f"{n},{w},{st},1", ACTIVE_GRID_ENV: "1"})
+                for n, w, st in ((32, 4, 4), (32, 4, 3), (32, 4, 5), (64, 4, 4), (16, 4, 4), (32, 8, 4))]
     return out
 
 
@@ -341,12 +347,20 @@ def act_probe(gen: torch.Generator, copy_rate: float, iters: int) -> None:
     floor = floor_us(nbytes, copy_rate)
     print(f"routed experts alone, one token: {nbytes / 2**20:.1f} MiB, {floor:.1f} us at copy_'s rate", flush=True)
     bs = (fp8.BLOCK, fp8.BLOCK)
+    # f16 rows with a scale per 128 columns (written ahead, as the step's first launch writes them); the gated
+    # launch writes its output in f16 with a scale per row and tile, which the down launch reads.
+    fq, fs = f16_groups_active(x, counts, active, x[0], fp8.BLOCK)[:2]
+    mid16 = torch.empty(EXPERTS, 1, INTER, device="cuda", dtype=torch.float16)
     for block_n, warps, stages in ((32, 4, 4), (32, 4, 3), (64, 4, 4), (32, 8, 4), (16, 4, 4)):
         cfg = tf.Fp8GemmConfig(block_m=16, block_n=block_n, group_m=1, num_warps=warps, num_stages=stages)
-        for label, a, a_s, b, b_s in (("W8A16", x, None, inter, None), ("W8A8", xq, xs, iq, is_)):
-            def pair(a=a, a_s=a_s, b=b, b_s=b_s, cfg=cfg) -> None:
-                tfm._launch_masked(a, a_s, w13, s13, mid, counts, True, cfg, bs, active=active)
-                tfm._launch_masked(b, b_s, w2, s2, out, counts, False, cfg, bs, active=active)
+        mid16_s = torch.empty(EXPERTS, 1, INTER // block_n, device="cuda")
+        for label, a, a_s, b, b_s in (("W8A16", x, None, inter, None), ("W8A8", xq, xs, iq, is_),
+                                      ("f16", fq, fs, mid16, mid16_s)):
+            def pair(a=a, a_s=a_s, b=b, b_s=b_s, cfg=cfg, f16=label == "f16") -> None:
+                tfm._launch_masked(a, a_s, w13, s13, mid16 if f16 else mid, counts, True, cfg, bs, active=active,
+                                   out_scales=(b_s, None) if f16 else None)
+                tfm._launch_masked(b, b_s, w2, s2, out, counts, False, cfg, bs, active=active,
+                                   a_group=cfg.block_n if f16 else None)
             try:
                 us = graph_us(pair, {}, iters)[0]
             except Exception as exc:  # noqa: BLE001 - a tile that does not fit is a row of the table

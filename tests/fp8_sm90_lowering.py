@@ -36,7 +36,8 @@ from kernels import triton_fp8_moe as tfm  # noqa: E402
 POINTERS = {"a_ptr": "*bf16", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16",
             "sorted_rows_ptr": "*i32", "block_expert_ptr": "*i32", "rows_padded_ptr": "*i32", "counts_ptr": "*i32",
             "x_a_ptr": "*bf16", "x_b_ptr": "*fp8e4nv", "x_bs_ptr": "*fp32", "x_c_ptr": "*bf16", "active_ptr": "*i32",
-            "bias_ptr": "*bf16", "out_ptr": "*bf16", "done_ptr": "*i32"}
+            "bias_ptr": "*bf16", "out_ptr": "*bf16", "done_ptr": "*i32", "x_as_ptr": "*fp32", "cs_ptr": "*fp32",
+            "x_cs_ptr": "*fp32"}
 ALIGNED_INTS = ("N", "K", "x_n", "x_k", "tile_n")  # multiples of 16 at V2-Lite's and V3's shapes, as strides are
 CONVERSIONS = ("cvt", "prmt", "lop3", "mul.rn.bf16x2")
 
@@ -57,7 +58,22 @@ def masked_gated(bits: bool, kb_step: int) -> CompiledKernel:
     return compile_sm90(tfm._fp8_moe_gemm_kernel, {
         "NUM_KB": 16, "NUM_KB_X": 16, "SCALE_BLOCK_N": 128, "A_ROW_DIV": 1, "GATED": True, "MASKED": True,
         "ZERO_TAIL": False, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1, "PROMOTE": 0, "W8A16": True,
-        "DOT_PRECISION": "tf32", "EXTRA": True, "ACTIVE": True, "KB_STEP": kb_step, "BITS": bits, "PDL": False}, 4, 4)
+        "DOT_PRECISION": "tf32", "EXTRA": True, "ACTIVE": True, "KB_STEP": kb_step, "BITS": bits,
+        "KB_PER_SCALE": 1, "OUT_F16": False, "PDL": False}, 4, 4)
+
+
+def masked_f16(gated: bool) -> CompiledKernel:
+    """The decode launches on f16 activations (``kernels.triton_f16_groups``): the gated one (K blocks of 128,
+    its output f16 with scales) and the down one (K in the gated tiles' 32-wide scale groups, four a step)."""
+    f16 = {"a_ptr": "*fp16", "x_a_ptr": "*fp16", "x_as_ptr": "*fp32", "cs_ptr": "*fp32", "x_cs_ptr": "*fp32"}
+    if gated:
+        f16.update(c_ptr="*fp16", x_c_ptr="*fp16")
+    return compile_sm90(tfm._fp8_moe_gemm_kernel, {
+        "NUM_KB": 16 if gated else 44, "NUM_KB_X": 16 if gated else 88, "SCALE_BLOCK_N": 128, "A_ROW_DIV": 1,
+        "GATED": gated, "MASKED": True, "ZERO_TAIL": not gated, "BLOCK_M": 16, "BLOCK_N": 32,
+        "BLOCK_K": 128 if gated else 32, "GROUP_M": 1, "PROMOTE": 128, "W8A16": False, "DOT_PRECISION": "tf32",
+        "EXTRA": True, "ACTIVE": True, "KB_STEP": 1 if gated else 4, "BITS": False,
+        "KB_PER_SCALE": 1 if gated else 4, "OUT_F16": gated, "PDL": False}, 4, 4, pointers=f16)
 
 
 def dense_split(bits: bool, kb_step: int, pdl: bool = False, fixup: bool = False) -> CompiledKernel:
@@ -79,6 +95,13 @@ def main() -> int:
                 conv = {op: n for op, n in sorted(ops.items()) if op.startswith(CONVERSIONS) and "64" not in op}
                 print(f"{name:14s} {'bits' if bits else 'cvt':4s} kb_step {kb_step}: shared {kernel.metadata.shared:6d} B,"
                       f" cubin {len(kernel.asm['cubin']):6d} B, {mma} MMA, {conv}", flush=True)
+    for gated in (True, False):
+        kernel = masked_f16(gated)
+        ops = collections.Counter(re.findall(r"^\s*([a-z][a-z0-9_.]*)", kernel.asm["ptx"], re.M))
+        mma = sum(n for op, n in ops.items() if op.startswith(("mma", "wgmma")))
+        conv = {op: n for op, n in sorted(ops.items()) if op.startswith(CONVERSIONS) and "64" not in op}
+        print(f"masked f16 {'gated' if gated else 'down '}: shared {kernel.metadata.shared:6d} B, cubin "
+              f"{len(kernel.asm['cubin']):6d} B, {mma} MMA, {conv}", flush=True)
     # Programmatic dependent launch (kernels.triton_pdl): the wait and the trigger, each once, ahead of the loads.
     ptx = dense_split(False, 1, pdl=True).asm["ptx"]
     first_load = min(i for i in (ptx.find("ld.global"), ptx.find("cp.async"), len(ptx)) if i >= 0)

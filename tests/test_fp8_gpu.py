@@ -192,6 +192,67 @@ def test_triton_fp8_masked_moe_with_shared_experts_matches_the_reference(experts
 
 
 @gpu_test
+@pytest.mark.parametrize("magnitude", [1.0, 3e4, 1e-4])  # past f16's range, and into its subnormals unscaled
+@pytest.mark.parametrize(("experts", "hidden", "inter", "shared_inter", "capacity"),
+                         [(64, 2048, 1408, 2816, 1), (32, 7168, 2048, 2048, 1), (8, 256, 192, 320, 16)])
+def test_f16_activation_decode_launches_match_the_w8a16_ones_over_graph_replays(
+        experts: int, hidden: int, inter: int, shared_inter: int, capacity: int, magnitude: float,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode launches on f16 activations with power-of-two scales (kernels.triton_f16_groups) against the
+    W8A16 launches (the same products, summed in another grouping for the down projection) and the reference,
+    at V2-Lite's and V3's shapes and magnitudes f16 cannot hold unscaled; a CUDA graph replayed with new
+    routings gives the eager bits."""
+    from kernels.triton_decode_fused import active_experts_triton
+    from kernels.triton_f16_groups import F16_DECODE_ENV
+    from kernels.triton_fp8_moe import fp8_moe_forward_masked_shared_triton
+    from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV
+
+    monkeypatch.setenv(FUSED_DECODE_ENV, "0")
+    gen = torch.Generator(device="cuda").manual_seed(experts + capacity)
+    w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
+    sw13, ss13, sw2, ss2 = random_fp8_experts(1, hidden, shared_inter, gen)
+    shared = (sw13[0], ss13[0], sw2[0], ss2[0])
+
+    def routing() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, int]]:
+        counts = torch.randint(0, capacity + 1, (experts,), device="cuda", generator=gen).int()
+        counts[torch.randperm(experts, device="cuda", generator=gen)[:experts // 2]] = 0
+        counts[0] = capacity
+        x = (torch.randn(experts, capacity, hidden, device="cuda", generator=gen) * magnitude).bfloat16()
+        x *= (torch.arange(capacity, device="cuda") < counts[:, None]).to(x.dtype)[..., None]
+        rows = (torch.randn(capacity, hidden, device="cuda", generator=gen) * magnitude).bfloat16()
+        return x, counts, rows, (active_experts_triton(counts), experts)
+
+    def run(f16: str, x: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor,
+            active: tuple[torch.Tensor, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setenv(F16_DECODE_ENV, f16)
+        return fp8_moe_forward_masked_shared_triton(x, counts, w13, s13, w2, s2, rows, *shared, active=active)
+
+    x, counts, rows, active = routing()
+    valid = (torch.arange(capacity, device="cuda") < counts[:, None])[..., None]
+    ref, ref_shared = fp8.fp8_moe_forward_masked_shared(x.float(), counts, w13, s13, w2, s2, rows.float(), *shared)
+    w8a16, w8a16_shared = run("0", x, counts, rows, active)
+    out, out_shared = run("1", x, counts, rows, active)
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out_shared).all())
+    assert rel_err(torch.where(valid, out, 0), torch.where(valid, w8a16, 0)) < 1e-2
+    assert rel_err(out_shared, w8a16_shared) < 1e-2
+    assert rel_err(torch.where(valid, out, 0), torch.where(valid, ref.to(out.dtype), 0)) < 2 * BF16_TOL
+    assert rel_err(out_shared, ref_shared) < 2 * BF16_TOL
+    static = [t.clone() for t in (x, counts, rows, active[0])]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run("1", static[0], static[1], static[2], (static[3], experts))
+    for _ in range(3):
+        x, counts, rows, active = routing()
+        for dst, src in zip(static, (x, counts, rows, active[0]), strict=True):
+            dst.copy_(src)
+        graph.replay()
+        valid = (torch.arange(capacity, device="cuda") < counts[:, None])[..., None]
+        eager, eager_shared = run("1", x, counts, rows, active)
+        assert torch.equal(torch.where(valid, captured[0], 0), torch.where(valid, eager, 0))
+        assert torch.equal(captured[1], eager_shared)
+
+
+@gpu_test
 @pytest.mark.parametrize("fp8_weights", [True, False], ids=["fp8", "bf16"])
 @pytest.mark.parametrize(("experts", "hidden", "inter", "shared_inter", "capacity", "active_count"),
                          [(64, 2048, 1408, 2816, 1, 6), (64, 2048, 1408, 2816, 8, 40), (32, 7168, 2048, 2048, 1, 8),
