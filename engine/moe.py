@@ -22,6 +22,7 @@ from engine.config import Fp8Config, ModelConfig
 from engine.layers import ColumnParallelLinear, RowParallelLinear, stacked_in
 from engine.parallel import ParallelContext, all_reduce
 from kernels.backend import env_flag
+from kernels.f16_groups import F16Rows, f16_decode_wanted
 
 # Up to this many tokens (decode batches) a dense MLP with FP8 weights runs as one expert of the gated grouped
 # GEMM, and the shared experts ride in the routed experts' launches; prefill keeps cuBLAS.
@@ -262,9 +263,15 @@ def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight
     num_experts = w13.shape[0]
     ids = topk_ids.contiguous()
     active: kernels.ActiveGrid | None = None
+    f16: F16Rows | None = None
     if shared is not None and active_grid_enabled():
-        # The scatter's launch also lists the active experts (no launch of its own).
-        rows, counts, dest, active_ids = kernels.moe_scatter_rows_active(hidden, ids, num_experts)
+        # The scatter's launch also lists the active experts (no launch of its own), and where the FP8 expert
+        # launches take f16 activations, writes the rows in f16 groups too (kernels.f16_groups).
+        if fp8_scales is not None and f16_decode_wanted():
+            rows, counts, dest, active_ids, f16 = kernels.moe_scatter_rows_active_f16(hidden, ids, num_experts,
+                                                                                     block_size[1])
+        else:
+            rows, counts, dest, active_ids = kernels.moe_scatter_rows_active(hidden, ids, num_experts)
         active = (active_ids, min(num_experts, ids.numel()))
     else:
         rows, counts, dest = kernels.moe_scatter_rows(hidden, ids, num_experts)
@@ -274,7 +281,7 @@ def moe_forward_static(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight
             y, add = kernels.moe_forward_masked_shared(rows, counts, w13, w2, hidden, shared[0], shared[1], active)
         else:
             y, add = kernels.fp8_moe_forward_masked_shared(rows, counts, w13, fp8_scales[0], w2, fp8_scales[1],
-                                                           hidden, shared, block_size, active)
+                                                           hidden, shared, block_size, active, f16)
     elif fp8_scales is None:
         y = kernels.moe_forward_masked(rows, counts, w13, w2)
     else:

@@ -17,6 +17,7 @@ import torch
 
 from kernels import decode_fused, fp8, mla, moe, norm
 from kernels.backend import select_backend
+from kernels.f16_groups import F16Rows
 
 # op name -> (module, function) of the GPU fast path; same signature as the reference.
 _FAST: dict[str, tuple[str, str]] = {
@@ -39,6 +40,7 @@ _FAST: dict[str, tuple[str, str]] = {
     "router_logits_topk": ("kernels.triton_router", "router_logits_topk_triton"),
     "moe_scatter_rows": ("kernels.triton_decode_fused", "moe_scatter_rows_triton"),
     "moe_scatter_rows_active": ("kernels.triton_decode_fused", "moe_scatter_rows_active_triton"),
+    "moe_scatter_rows_active_f16": ("kernels.triton_decode_fused", "moe_scatter_rows_active_f16_triton"),
     "active_experts": ("kernels.triton_decode_fused", "active_experts_triton"),
     "moe_combine": ("kernels.triton_decode_fused", "moe_combine_triton"),
     "moe_combine_add_rms_norm": ("kernels.triton_decode_fused", "moe_combine_add_rms_norm_triton"),
@@ -66,6 +68,7 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "router_logits_topk": decode_fused.router_logits_topk,
     "moe_scatter_rows": decode_fused.moe_scatter_rows,
     "moe_scatter_rows_active": decode_fused.moe_scatter_rows_active,
+    "moe_scatter_rows_active_f16": decode_fused.moe_scatter_rows_active_f16,
     "active_experts": decode_fused.active_experts,
     "moe_combine": decode_fused.moe_combine,
     "moe_combine_add_rms_norm": decode_fused.moe_combine_add_rms_norm,
@@ -156,10 +159,12 @@ def fp8_moe_forward_masked_shared(x: torch.Tensor, counts: torch.Tensor, w13: to
                                   w2: torch.Tensor, w2_scale: torch.Tensor, hidden: torch.Tensor,
                                   shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                                   block_size: fp8.BlockSize = (fp8.BLOCK, fp8.BLOCK),
-                                  active: ActiveGrid | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``shared`` = the shared experts' (gate/up, its scales, down, its scales), FP8."""
+                                  active: ActiveGrid | None = None,
+                                  f16: F16Rows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``shared`` = the shared experts' (gate/up, its scales, down, its scales), FP8. ``f16``: ``x`` and
+    ``hidden`` in f16 groups as well (``moe_scatter_rows_active_f16``), for GPU launches that take them."""
     return get_op("fp8_moe_forward_masked_shared", x)(x, counts, w13, w13_scale, w2, w2_scale, hidden, *shared,
-                                                      block_size, active=active)
+                                                      block_size, active=active, f16=f16)
 
 
 def fp8_gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,
@@ -219,6 +224,14 @@ def moe_scatter_rows_active(
     """`moe_scatter_rows`'s (rows, counts, dest) plus ``active_experts(counts)``, in one launch on the GPU (the
     active list for the masked GEMMs' grid costs no launch of its own)."""
     return get_op("moe_scatter_rows_active", hidden)(hidden, topk_ids, num_experts)
+
+
+def moe_scatter_rows_active_f16(
+        hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+        group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, F16Rows]:
+    """`moe_scatter_rows_active` plus the rows and ``hidden`` in f16 groups (``kernels.f16_groups``), in the
+    same one launch on the GPU."""
+    return get_op("moe_scatter_rows_active_f16", hidden)(hidden, topk_ids, num_experts, group)
 
 
 def active_experts(counts: torch.Tensor) -> torch.Tensor:

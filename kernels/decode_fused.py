@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.f16_groups import F16Rows, f16_groups
 from kernels.mla import head_matmul
 from kernels.norm import rms_norm
 
@@ -145,6 +146,17 @@ def moe_scatter_rows_active(hidden: torch.Tensor, topk_ids: torch.Tensor,
     twin builds the active list inside the scatter's launch (one small launch fewer per MoE layer)."""
     rows, counts, dest = moe_scatter_rows(hidden, topk_ids, num_experts)
     return rows, counts, dest, active_experts(counts)
+
+
+def moe_scatter_rows_active_f16(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                                group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, F16Rows]:
+    """`moe_scatter_rows_active` plus the rows and ``hidden`` in f16 groups of ``group`` columns
+    (``kernels.f16_groups``), which the FP8 decode expert launches take instead of converting them (one launch
+    fewer a layer): one op so that the GPU twin writes them in the scatter's launch."""
+    rows, counts, dest, active = moe_scatter_rows_active(hidden, topk_ids, num_experts)
+    rq, rs = f16_groups(rows, group)
+    hq, hs = f16_groups(hidden, group)
+    return rows, counts, dest, active, F16Rows(rq, rs, hq, hs)
 
 
 def router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

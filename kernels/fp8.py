@@ -26,6 +26,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from kernels.f16_groups import F16Rows
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 # Floor of a group's amax: an all-zero group gets a tiny positive scale instead of 0/0.
@@ -268,11 +270,13 @@ def fp8_moe_forward_masked_shared(x: torch.Tensor, counts: torch.Tensor, w13: to
                                   shared_gate_up: torch.Tensor, shared_gate_up_scale: torch.Tensor,
                                   shared_down: torch.Tensor, shared_down_scale: torch.Tensor,
                                   block_size: BlockSize = (BLOCK, BLOCK),
-                                  active: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                  active: tuple[torch.Tensor, int] | None = None,
+                                  f16: F16Rows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The masked FP8 MoE and the layer's FP8 shared experts over every token of ``hidden`` ``[capacity, D]``:
     (routed output ``[E, capacity, D]``, shared output ``[capacity, D]``). The shared experts take the
     routed GEMMs' activation mode (their rows are the decode batch, like the masked layout's). ``active``: the
-    GPU kernels' grid of active experts; the reference computes every expert."""
+    GPU kernels' grid of active experts; the reference computes every expert. ``f16``: ``x`` and ``hidden`` in
+    f16 groups, which the GPU launches may take; the same values, so the reference reads ``x``."""
     out = fp8_moe_forward_masked(x, counts, w13, w13_scale, w2, w2_scale, block_size)
     rows = masked_rows_hint(x.shape[1], None)
     one = torch.full((1,), hidden.shape[0], dtype=torch.int32, device=hidden.device)

@@ -16,6 +16,8 @@ import triton.language as tl
 
 from kernels import decode_fused
 from kernels import moe as moe_ref
+from kernels.f16_groups import F16Rows
+from kernels.triton_f16_groups import f16_rows
 from kernels.triton_pdl import pdl_args, pdl_begin
 
 
@@ -300,16 +302,36 @@ def _active_list(ids_ptr, active_ptr, num_pairs, num_experts, BLOCK: tl.constexp
 
 
 @triton.jit
+def _f16_groups_of_row(src, q_dst, s_dst, dim, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+                       GROUPS_A_LOAD: tl.constexpr):
+    """One row in f16 groups (``kernels.triton_f16_groups``), GROUPS_A_LOAD groups a load."""
+    for g0 in tl.static_range(0, GROUPS, GROUPS_A_LOAD):
+        offs_g = g0 + tl.arange(0, GROUPS_A_LOAD)
+        cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        mask = (offs_g < GROUPS)[:, None] & (cols < dim)
+        q, scale = f16_rows(tl.load(src + cols, mask=mask, other=0.0).to(tl.float32))
+        tl.store(q_dst + cols, q.to(tl.float16), mask=mask)
+        tl.store(s_dst + offs_g, scale, mask=offs_g < GROUPS)
+
+
+@triton.jit
 def _moe_scatter_kernel(hidden_ptr, ids_ptr, rows_ptr, counts_ptr, dest_ptr, active_ptr, num_pairs, num_experts,
-                        num_tokens, dim, stride_h, stride_r, TOP_K: tl.constexpr, BLOCK_P: tl.constexpr,
+                        num_tokens, dim, stride_h, stride_r, rq_ptr, rs_ptr, hq_ptr, hs_ptr, stride_rq, stride_rs,
+                        stride_hq, stride_hs, TOP_K: tl.constexpr, BLOCK_P: tl.constexpr,
                         BLOCK_D: tl.constexpr, D_BLOCKS: tl.constexpr, WITH_ACTIVE: tl.constexpr,
-                        ACTIVE_BLOCK: tl.constexpr, PDL: tl.constexpr):
+                        ACTIVE_BLOCK: tl.constexpr, F16: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+                        GROUPS_A_LOAD: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     p = tl.program_id(0)
     offs = tl.arange(0, BLOCK_P)
     ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int64)
     if p < num_experts:
         tl.store(counts_ptr + p, tl.sum((ids == p).to(tl.int64), axis=0))
+    if F16:  # the tokens' own rows in f16 groups too: the shared experts' input
+        if p < num_tokens:
+            src = hidden_ptr + p.to(tl.int64) * stride_h
+            _f16_groups_of_row(src, hq_ptr + p.to(tl.int64) * stride_hq, hs_ptr + p.to(tl.int64) * stride_hs, dim,
+                               GROUP, GROUPS, GROUPS_A_LOAD)
     if p < num_pairs:
         e = tl.load(ids_ptr + p).to(tl.int64)
         if e >= 0:
@@ -321,6 +343,9 @@ def _moe_scatter_kernel(hidden_ptr, ids_ptr, rows_ptr, counts_ptr, dest_ptr, act
             for d0 in tl.static_range(D_BLOCKS):
                 offs_d = d0 * BLOCK_D + tl.arange(0, BLOCK_D)
                 tl.store(dst + offs_d, tl.load(src + offs_d, mask=offs_d < dim), mask=offs_d < dim)
+            if F16:
+                _f16_groups_of_row(src, rq_ptr + row * stride_rq, rs_ptr + row * stride_rs, dim, GROUP, GROUPS,
+                                   GROUPS_A_LOAD)
         else:
             tl.store(dest_ptr + p, -1)
     if WITH_ACTIVE:
@@ -335,23 +360,37 @@ _SCATTER_MAX_PAIRS = 16384
 ACTIVE_TILE = 1024
 
 
-def _scatter(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
-             active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launches the scatter (also writing ``active``'s list when given); the caller checked the shapes."""
+def _scatter(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, active: torch.Tensor | None,
+             f16_group: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, F16Rows | None]:
+    """Launches the scatter (also writing ``active``'s list when given, and the rows in f16 groups of
+    ``f16_group`` columns when that is not 0); the caller checked the shapes."""
     num_tokens, top_k = topk_ids.shape
     pairs, dim = num_tokens * top_k, hidden.shape[1]
     rows = torch.empty((num_experts * num_tokens, dim), dtype=hidden.dtype, device=hidden.device)
     counts = torch.empty(num_experts, dtype=torch.int64, device=hidden.device)
     dest = torch.empty(pairs, dtype=torch.int64, device=hidden.device)
     block_d = min(1024, triton.next_power_of_2(dim))
+    f16 = None
+    groups = triton.cdiv(dim, f16_group) if f16_group else 1
+    if f16_group:
+        f16 = F16Rows(torch.empty((num_experts * num_tokens, dim), dtype=torch.float16, device=hidden.device),
+                      torch.empty((num_experts * num_tokens, groups), dtype=torch.float32, device=hidden.device),
+                      torch.empty((num_tokens, dim), dtype=torch.float16, device=hidden.device),
+                      torch.empty((num_tokens, groups), dtype=torch.float32, device=hidden.device))
+    rq, rs, hq, hs = f16 if f16 is not None else (rows, rows, rows, rows)
     _moe_scatter_kernel[(max(pairs, num_experts) + (active is not None),)](
         hidden, topk_ids, rows, counts, dest, active if active is not None else counts, pairs, num_experts,
-        num_tokens, dim, hidden.stride(0), rows.stride(0), TOP_K=top_k, BLOCK_P=triton.next_power_of_2(pairs),
+        num_tokens, dim, hidden.stride(0), rows.stride(0), rq, rs, hq, hs, rq.stride(0), rs.stride(0), hq.stride(0),
+        hs.stride(0), TOP_K=top_k, BLOCK_P=triton.next_power_of_2(pairs),
         BLOCK_D=block_d, D_BLOCKS=triton.cdiv(dim, block_d), WITH_ACTIVE=active is not None,
-        ACTIVE_BLOCK=min(ACTIVE_TILE, triton.next_power_of_2(max(pairs, num_experts))), num_warps=4,
+        ACTIVE_BLOCK=min(ACTIVE_TILE, triton.next_power_of_2(max(pairs, num_experts))), F16=f16 is not None,
+        GROUP=max(f16_group, 1), GROUPS=groups, GROUPS_A_LOAD=min(8, triton.next_power_of_2(groups)), num_warps=4,
         **pdl_args(hidden),
     )  # fmt: skip
-    return rows.view(num_experts, num_tokens, dim), counts, dest
+    if f16 is not None:
+        f16 = F16Rows(f16.rows.view(num_experts, num_tokens, dim), f16.row_scales.view(num_experts, num_tokens, -1),
+                      f16.hidden, f16.hidden_scales)
+    return rows.view(num_experts, num_tokens, dim), counts, dest, f16
 
 
 def _scatter_takes(hidden: torch.Tensor, topk_ids: torch.Tensor) -> bool:
@@ -363,7 +402,7 @@ def moe_scatter_rows_triton(hidden: torch.Tensor, topk_ids: torch.Tensor,
                             num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not _scatter_takes(hidden, topk_ids):
         return decode_fused.moe_scatter_rows(hidden, topk_ids, num_experts)
-    return _scatter(hidden, topk_ids, num_experts, None)
+    return _scatter(hidden, topk_ids, num_experts, None)[:3]
 
 
 def moe_scatter_rows_active_triton(
@@ -374,8 +413,21 @@ def moe_scatter_rows_active_triton(
     if not _scatter_takes(hidden, topk_ids):
         return decode_fused.moe_scatter_rows_active(hidden, topk_ids, num_experts)
     active = torch.empty(num_experts + 1, dtype=torch.int32, device=hidden.device)
-    rows, counts, dest = _scatter(hidden, topk_ids, num_experts, active)
+    rows, counts, dest, _ = _scatter(hidden, topk_ids, num_experts, active)
     return rows, counts, dest, active
+
+
+def moe_scatter_rows_active_f16_triton(
+        hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+        group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, F16Rows]:
+    """``decode_fused.moe_scatter_rows_active_f16`` in the scatter's one launch: each row program also writes
+    its row in f16 groups, and the first T programs the tokens' own rows."""
+    if not _scatter_takes(hidden, topk_ids):
+        return decode_fused.moe_scatter_rows_active_f16(hidden, topk_ids, num_experts, group)
+    active = torch.empty(num_experts + 1, dtype=torch.int32, device=hidden.device)
+    rows, counts, dest, f16 = _scatter(hidden, topk_ids, num_experts, active, group)
+    assert f16 is not None
+    return rows, counts, dest, active, f16
 
 
 @triton.jit

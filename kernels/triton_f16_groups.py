@@ -6,7 +6,7 @@ with the hardware's e4m3x2 -> f16x2 instruction (one per two values): on one H10
 expert launches took 23 us that way (their rows quantized ahead) against W8A16's 37.7
 (``tests/fp8_moe_one_token.py --act-probe``, session 47).
 
-Why f16 and not FP8 activations: a bf16 value times a power of two is exactly an f16 value while it stays in
+Switched by ``kernels.f16_groups.F16_DECODE_ENV``. Why f16 and not FP8 activations: a bf16 value times a power of two is exactly an f16 value while it stays in
 f16's normal range (bf16 has 8 significant bits, f16 11). Each group's scale puts its largest magnitude in
 [2^14, 2^15), so every value above 2^-29 of that maximum converts exactly; the products are the W8A16 GEMM's,
 and only values too small to move the sums lose bits. The weights stay the only quantized operand.
@@ -18,17 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import env_flag
+from kernels.f16_groups import F16Rows
 from kernels.triton_grid import masked_expert
 from kernels.triton_pdl import pdl_args, pdl_begin
-
-# "1": the two-launch masked expert GEMMs at decode sizes take f16 activations (this module) where they would
-# take bf16 ones (W8A16); "0": never. Only bf16 activations on CUDA (or the interpreter, for the checks).
-F16_DECODE_ENV = "TANDEM_FP8_DECODE_F16"
-
-
-def f16_decode_wanted() -> bool:
-    return env_flag(F16_DECODE_ENV)
 
 
 @triton.jit
@@ -84,10 +76,12 @@ def _f16_groups_kernel(x_ptr, xq_ptr, xs_ptr, counts_ptr, active_ptr, h_ptr, hq_
 
 
 def f16_groups_active(x: torch.Tensor, counts: torch.Tensor, active: tuple[torch.Tensor, int], hidden: torch.Tensor,
-                      group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      group: int) -> F16Rows:
     """One launch: the counted rows of the active experts of the masked layout ``x`` ``[E, capacity, K]`` and
-    every row of ``hidden`` ``[capacity, K]`` as (f16 rows, fp32 scales ``[..., ceil(K / group)]``), x's
-    first. Rows of ``x`` past their expert's count, and inactive experts', are left unwritten (never read)."""
+    every row of ``hidden`` ``[capacity, K]`` in f16 groups (``kernels.f16_groups.f16_groups``'s values). Rows
+    of ``x`` past their expert's count, and inactive experts', are left unwritten (never read). The scatter
+    writes the same where the engine asks it to (``kernels.moe_scatter_rows_active_f16``): this launch serves
+    the callers that bring bf16 rows."""
     experts, capacity, k = x.shape
     groups = triton.cdiv(k, group)
     xq = torch.empty(x.shape, dtype=torch.float16, device=x.device)
@@ -103,4 +97,4 @@ def f16_groups_active(x: torch.Tensor, counts: torch.Tensor, active: tuple[torch
         xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1), hidden.stride(0), hq.stride(0), hs.stride(0),
         GROUP=group, BLOCK_ROWS=block_rows, num_warps=4, **pdl_args(x),
     )  # fmt: skip
-    return xq, xs, hq, hs
+    return F16Rows(xq, xs, hq, hs)

@@ -25,6 +25,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from kernels.backend import check_expert_range, check_masked_layout
+from kernels.f16_groups import F16Rows, f16_decode_wanted
 from kernels.fp8 import (
     BLOCK,
     BlockSize,
@@ -32,7 +33,7 @@ from kernels.fp8 import (
     masked_rows_hint,
     quantizes_activations,
 )
-from kernels.triton_f16_groups import f16_decode_wanted, f16_groups_active, f16_rows
+from kernels.triton_f16_groups import f16_groups_active, f16_rows
 from kernels.triton_fp8 import (
     Fp8GemmConfig,
     _check_device,
@@ -482,7 +483,7 @@ def fp8_moe_forward_masked_shared_triton(
         x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
         w2_scale: torch.Tensor, hidden: torch.Tensor, shared_gate_up: torch.Tensor, shared_gate_up_scale: torch.Tensor,
         shared_down: torch.Tensor, shared_down_scale: torch.Tensor, block_size: BlockSize = (BLOCK, BLOCK),
-        active: tuple[torch.Tensor, int] | None = None,
+        active: tuple[torch.Tensor, int] | None = None, f16: F16Rows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``kernels.fp8.fp8_moe_forward_masked_shared``: the masked FP8 MoE with the layer's FP8 shared experts
     (one gated MLP over every token of ``hidden`` ``[capacity, D]``) as one more expert of the same two launches,
@@ -515,8 +516,10 @@ def fp8_moe_forward_masked_shared_triton(
         if fused is not None:
             return fused
     if active is not None and _f16_decode_applies(x, cfg, block_size):
-        return _masked_shared_f16(x, counts, w13, w13_scale, w2, w2_scale, hidden, shared_gate_up, shared_gate_up_scale,
-                                  shared_down, shared_down_scale, block_size, active, cfg, down_cfg)
+        if f16 is None:  # a caller without the scatter's f16 rows: one launch writes them
+            f16 = f16_groups_active(x, counts, active, hidden, block_size[1])
+        return _masked_shared_f16(x, counts, w13, w13_scale, w2, w2_scale, shared_gate_up, shared_gate_up_scale,
+                                  shared_down, shared_down_scale, block_size, active, cfg, down_cfg, f16)
     inter = torch.empty((num_experts, capacity, w2.shape[2]), dtype=x.dtype, device=x.device)
     shared_inter = torch.empty((capacity, inter_dim), dtype=x.dtype, device=x.device)
     _launch_masked(x, None, w13, w13_scale, inter, counts, True, cfg, block_size,
@@ -537,16 +540,16 @@ def _f16_decode_applies(x: torch.Tensor, cfg: Fp8GemmConfig, block_size: BlockSi
 
 
 def _masked_shared_f16(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
-                       w2: torch.Tensor, w2_scale: torch.Tensor, hidden: torch.Tensor, shared_gate_up: torch.Tensor,
+                       w2: torch.Tensor, w2_scale: torch.Tensor, shared_gate_up: torch.Tensor,
                        shared_gate_up_scale: torch.Tensor, shared_down: torch.Tensor, shared_down_scale: torch.Tensor,
                        block_size: BlockSize, active: tuple[torch.Tensor, int], cfg: Fp8GemmConfig,
-                       down_cfg: Fp8GemmConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fp8_moe_forward_masked_shared_triton``'s two decode launches on f16 activations: one launch writes the
+                       down_cfg: Fp8GemmConfig, f16: F16Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8_moe_forward_masked_shared_triton``'s two decode launches on f16 activations: ``f16`` holds the
     routed rows and the shared experts' rows in f16 with a scale per 128 columns, the gated launch writes its
     output in f16 with a scale per row and tile, and the down launch walks K in those tiles."""
     num_experts, capacity, _ = x.shape
     inter_dim, shared_inter_dim = w2.shape[2], shared_down.shape[1]
-    xq, xs, hq, hs = f16_groups_active(x, counts, active, hidden, block_size[1])
+    xq, xs, hq, hs = f16
     tiles = triton.cdiv(inter_dim, cfg.block_n)
     inter = torch.empty((num_experts, capacity, inter_dim), dtype=torch.float16, device=x.device)
     inter_s = torch.empty((num_experts, capacity, tiles), dtype=torch.float32, device=x.device)
@@ -557,7 +560,7 @@ def _masked_shared_f16(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
                    (hq, shared_gate_up, shared_gate_up_scale, shared_inter, hs), active,
                    out_scales=(inter_s, shared_inter_s))
     out = torch.empty_like(x)
-    shared_out = torch.empty_like(hidden)
+    shared_out = torch.empty((capacity, x.shape[2]), dtype=x.dtype, device=x.device)
     _launch_masked(inter, inter_s, w2, w2_scale, out, counts, False, down_cfg, block_size,
                    (shared_inter, shared_down, shared_down_scale, shared_out, shared_inter_s), active,
                    a_group=cfg.block_n)

@@ -248,8 +248,8 @@ def check_f16_decode(xm: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, 
     the kernels store it) cut to bf16 the way the interpreter's cast cuts (it truncates where the GPU rounds):
     what is left is the summation order's last bit."""
     from kernels import triton_fp8_moe as tfm
+    from kernels.f16_groups import F16_DECODE_ENV
     from kernels.triton_decode_fused import active_experts_triton
-    from kernels.triton_f16_groups import F16_DECODE_ENV
     from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV
 
     def truncated(v: torch.Tensor) -> torch.Tensor:
@@ -270,6 +270,28 @@ def check_f16_decode(xm: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, 
             want = truncated(fp8._expert_mlp_fp8(x[e, :count], w13[e], w13_s[e], w2[e], w2_s[e], BS, False))
             check(f"f16 decode launches x{magnitude:g}, expert {e}'s {count} rows", rel(out_r[e, :count], want))
         check(f"f16 decode launches x{magnitude:g}, shared", rel(out_s, ref_s))
+    # The engine's way: the scatter writes the f16 rows (kernels.moe_scatter_rows_active_f16), the launches take
+    # them instead of converting: the same bits as converting them in a launch of their own.
+    from kernels.triton_decode_fused import moe_scatter_rows_active_f16_triton
+
+    gen = torch.Generator().manual_seed(5)
+    tokens, experts = hid.shape[0], w13.shape[0]
+    h = torch.randn(tokens, hid.shape[1], generator=gen).bfloat16()
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:2] for _ in range(tokens)])
+    rows, cnt, _, act, f16 = moe_scatter_rows_active_f16_triton(h, ids, experts, BS[1])
+    os.environ.update({F16_DECODE_ENV: "1", FUSED_DECODE_ENV: "0"})
+    try:
+        given = tfm.fp8_moe_forward_masked_shared_triton(rows, cnt, w13, w13_s, w2, w2_s, h, *shared,
+                                                         active=(act, experts), f16=f16)
+        own = tfm.fp8_moe_forward_masked_shared_triton(rows, cnt, w13, w13_s, w2, w2_s, h, *shared,
+                                                       active=(act, experts))
+    finally:
+        del os.environ[F16_DECODE_ENV], os.environ[FUSED_DECODE_ENV]
+    valid = (torch.arange(tokens)[None, :] < cnt[:, None])[..., None]
+    same = torch.equal(torch.where(valid, given[0], 0), torch.where(valid, own[0], 0)) and torch.equal(given[1], own[1])
+    print(f"f16 rows from the scatter give the f16 launch's bits: {same}")
+    if not same:
+        raise SystemExit("FAIL the scatter's f16 rows differ from the f16 launch's")
 
 
 def check_fused_decode(xm: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w13_s: torch.Tensor,

@@ -43,8 +43,9 @@ from kernels import fp8  # noqa: E402
 from kernels import triton_fp8 as tf  # noqa: E402
 from kernels import triton_fp8_gemv as tfg  # noqa: E402
 from kernels import triton_fp8_moe as tfm  # noqa: E402
+from kernels.f16_groups import F16_DECODE_ENV  # noqa: E402
 from kernels.triton_decode_fused import active_experts_triton  # noqa: E402
-from kernels.triton_f16_groups import F16_DECODE_ENV, f16_groups_active  # noqa: E402
+from kernels.triton_f16_groups import f16_groups_active  # noqa: E402
 from kernels.triton_moe import moe_forward_masked_shared_triton  # noqa: E402
 from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV  # noqa: E402
 from kernels.triton_pdl import PDL_ENV  # noqa: E402

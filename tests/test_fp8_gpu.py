@@ -202,8 +202,8 @@ def test_f16_activation_decode_launches_match_the_w8a16_ones_over_graph_replays(
     W8A16 launches (the same products, summed in another grouping for the down projection) and the reference,
     at V2-Lite's and V3's shapes and magnitudes f16 cannot hold unscaled; a CUDA graph replayed with new
     routings gives the eager bits."""
+    from kernels.f16_groups import F16_DECODE_ENV
     from kernels.triton_decode_fused import active_experts_triton
-    from kernels.triton_f16_groups import F16_DECODE_ENV
     from kernels.triton_fp8_moe import fp8_moe_forward_masked_shared_triton
     from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV
 

@@ -191,6 +191,26 @@ def run(device, dtype):
         ok = ok and int(a1[-1]) == n == len(want) and a1[:n].tolist() == a2[:n].tolist() == want
         e = max((err(r1[ex, : int(n2[ex])], r2[ex, : int(n2[ex])]) for ex in range(experts)), default=0.0)
         out[f"scatter_active_{tokens}x{k}x{experts}"] = e if ok else 1e9
+    # The scatter writing the rows and the tokens in f16 groups as well (kernels.f16_groups): the same values
+    # and scales as the reference's for every counted row; a last group partly past the row (dim 200), one
+    # token, and magnitudes past f16's range.
+    for tokens, k, experts, dim, scale in ((1, 6, 64, 256, 1.0), (5, 2, 7, 200, 3e4), (3, 3, 4, 128, 1e-4)):
+        hidden = rnd(tokens, dim) * scale
+        ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)]).to(device)
+        ids[0, -1] = -1
+        got = fast.moe_scatter_rows_active_f16_triton(hidden, ids, experts, 128)
+        want = ref.moe_scatter_rows_active_f16(hidden, ids, experts, 128)
+        n2 = want[1]
+        ok = torch.equal(got[1], n2) and torch.equal(got[2], want[2]) and torch.equal(got[4].hidden_scales,
+                                                                                        want[4].hidden_scales)
+        e = err(got[4].hidden.float(), want[4].hidden.float()) / float(want[4].hidden.float().abs().max())
+        for ex in range(experts):
+            c = int(n2[ex])
+            ok = ok and torch.equal(got[4].row_scales[ex, :c], want[4].row_scales[ex, :c])
+            if c:
+                e = max(e, err(got[4].rows[ex, :c].float(), want[4].rows[ex, :c].float())
+                        / float(want[4].rows[ex, :c].float().abs().max()))
+        out[f"scatter_f16_{tokens}x{k}x{experts}x{dim}"] = e if ok else 1e9
     for counts in ([0, 3, 0, 0, 1, 2], [5] * 7, [0] * 9, [0, 0, 0, 1] + [0] * 60):
         c = torch.tensor(counts, device=device)
         a1, a2 = fast.active_experts_triton(c), ref.active_experts(c)
@@ -230,7 +250,7 @@ def run(device, dtype):
 @needs_triton
 def test_triton_kernels_equal_the_references_in_float32_interpreted() -> None:
     result = _interpreted(CHECKS + "\nprint(json.dumps(run('cpu', torch.float32)))\n")
-    assert len(result) == 44
+    assert len(result) == 47
     for case, error in result.items():
         assert error < _tolerance(case, torch.float32), (case, error)
 
