@@ -45,11 +45,12 @@ def f16_rows(v):
 def _f16_groups_kernel(x_ptr, xq_ptr, xs_ptr, counts_ptr, active_ptr, h_ptr, hq_ptr, hs_ptr, num_experts, slots,
                        capacity, K, stride_xe, stride_xm, stride_qe, stride_qm, stride_se, stride_sm, stride_hm,
                        stride_hqm, stride_hsm, GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                       PDL: tl.constexpr):
+                       ACTIVE: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
-    # program_id(0): a slot of the active-expert list (its expert's counted rows), or the last one: every row
-    # of h (the shared experts' input). program_id(1): a block of rows, program_id(2): a column group.
-    expert = masked_expert(tl.program_id(0), active_ptr, num_experts, slots, True)
+    # program_id(0): an expert (with ACTIVE, a slot of the active-expert list) and its counted rows, or the one
+    # past them, where launched: every row of h (the shared experts' input). program_id(1): a block of rows,
+    # program_id(2): a column group.
+    expert = masked_expert(tl.program_id(0), active_ptr, num_experts, slots, ACTIVE)
     if expert < 0:
         return
     local = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -75,6 +76,27 @@ def _f16_groups_kernel(x_ptr, xq_ptr, xs_ptr, counts_ptr, active_ptr, h_ptr, hq_
     tl.store(scale_ptrs + tl.program_id(2), s, mask=row_mask)
 
 
+def _launch(x: torch.Tensor, counts: torch.Tensor, active: tuple[torch.Tensor, int] | None,
+            hidden: torch.Tensor | None, group: int) -> F16Rows:
+    experts, capacity, k = x.shape
+    groups = triton.cdiv(k, group)
+    xq = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+    xs = torch.empty((experts, capacity, groups), dtype=torch.float32, device=x.device)
+    h = hidden if hidden is not None else x[0]  # never read without its column
+    hq = torch.empty(h.shape, dtype=torch.float16, device=x.device)
+    hs = torch.empty((h.shape[0], groups), dtype=torch.float32, device=x.device)
+    block_rows = min(16, triton.next_power_of_2(capacity))
+    active_ids, slots = active if active is not None else (counts, experts)
+    slots = min(slots, experts)
+    grid = (slots + (hidden is not None), triton.cdiv(capacity, block_rows), groups)
+    _f16_groups_kernel[grid](
+        x, xq, xs, counts, active_ids, h, hq, hs, experts, slots, capacity, k, x.stride(0), x.stride(1),
+        xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1), h.stride(0), hq.stride(0), hs.stride(0),
+        GROUP=group, BLOCK_ROWS=block_rows, ACTIVE=active is not None, num_warps=4, **pdl_args(x),
+    )  # fmt: skip
+    return F16Rows(xq, xs, hq, hs)
+
+
 def f16_groups_active(x: torch.Tensor, counts: torch.Tensor, active: tuple[torch.Tensor, int], hidden: torch.Tensor,
                       group: int) -> F16Rows:
     """One launch: the counted rows of the active experts of the masked layout ``x`` ``[E, capacity, K]`` and
@@ -82,19 +104,10 @@ def f16_groups_active(x: torch.Tensor, counts: torch.Tensor, active: tuple[torch
     of ``x`` past their expert's count, and inactive experts', are left unwritten (never read). The scatter
     writes the same where the engine asks it to (``kernels.moe_scatter_rows_active_f16``): this launch serves
     the callers that bring bf16 rows."""
-    experts, capacity, k = x.shape
-    groups = triton.cdiv(k, group)
-    xq = torch.empty(x.shape, dtype=torch.float16, device=x.device)
-    xs = torch.empty((experts, capacity, groups), dtype=torch.float32, device=x.device)
-    hq = torch.empty(hidden.shape, dtype=torch.float16, device=x.device)
-    hs = torch.empty((capacity, groups), dtype=torch.float32, device=x.device)
-    block_rows = min(16, triton.next_power_of_2(capacity))
-    active_ids, slots = active
-    slots = min(slots, experts)
-    grid = (slots + 1, triton.cdiv(capacity, block_rows), groups)
-    _f16_groups_kernel[grid](
-        x, xq, xs, counts, active_ids, hidden, hq, hs, experts, slots, capacity, k, x.stride(0), x.stride(1),
-        xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1), hidden.stride(0), hq.stride(0), hs.stride(0),
-        GROUP=group, BLOCK_ROWS=block_rows, num_warps=4, **pdl_args(x),
-    )  # fmt: skip
-    return F16Rows(xq, xs, hq, hs)
+    return _launch(x, counts, active, hidden, group)
+
+
+def f16_groups_masked(x: torch.Tensor, counts: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert's counted rows of ``x`` ``[E, capacity, K]`` in f16 groups, in one launch: (rows, scales)."""
+    rows = _launch(x, counts, None, None, group)
+    return rows.rows, rows.row_scales

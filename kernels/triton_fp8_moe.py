@@ -33,7 +33,7 @@ from kernels.fp8 import (
     masked_rows_hint,
     quantizes_activations,
 )
-from kernels.triton_f16_groups import f16_groups_active, f16_rows
+from kernels.triton_f16_groups import f16_groups_active, f16_groups_masked, f16_rows
 from kernels.triton_fp8 import (
     Fp8GemmConfig,
     _check_device,
@@ -461,12 +461,22 @@ def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: to
     hint = masked_rows_hint(capacity, expected_rows_per_expert)
     cfg, down_cfg = _launch_configs(hint, config, down_config)
     inter_dim = w2.shape[2]
-    inter = torch.empty((num_experts, capacity, inter_dim), dtype=x.dtype, device=x.device)
     if not quantizes_activations(hint):  # decode sizes: both GEMMs on the rows as they are (W8A16)
-        _launch_masked(x if x.stride(2) == 1 else x.contiguous(), None, w13, w13_scale, inter, counts, True, cfg,
-                       block_size)
+        x = x if x.stride(2) == 1 else x.contiguous()
+        if _f16_decode_applies(x, cfg, block_size):  # or on their f16 form (a dense MLP's one expert among them)
+            xq, xs = f16_groups_masked(x, counts, block_size[1])
+            inter16 = torch.empty((num_experts, capacity, inter_dim), dtype=torch.float16, device=x.device)
+            inter_s = torch.empty((num_experts, capacity, triton.cdiv(inter_dim, cfg.block_n)), dtype=torch.float32,
+                                  device=x.device)
+            _launch_masked(xq, xs, w13, w13_scale, inter16, counts, True, cfg, block_size, out_scales=(inter_s, None))
+            _launch_masked(inter16, inter_s, w2, w2_scale, out, counts, False, down_cfg, block_size,
+                           a_group=cfg.block_n)
+            return out
+        inter = torch.empty((num_experts, capacity, inter_dim), dtype=x.dtype, device=x.device)
+        _launch_masked(x, None, w13, w13_scale, inter, counts, True, cfg, block_size)
         _launch_masked(inter, None, w2, w2_scale, out, counts, False, down_cfg, block_size)
         return out
+    inter = torch.empty((num_experts, capacity, inter_dim), dtype=x.dtype, device=x.device)
     x2 = x.reshape(num_experts * capacity, hidden_dim)  # a view for the contiguous layouts callers build
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
