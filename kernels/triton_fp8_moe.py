@@ -186,11 +186,13 @@ def _fp8_moe_gemm_kernel(
     k_dim = K
     up_row = up_scale_row
     a_stride = stride_am
-    as_stride = stride_asm
+    # Tensors, not the constants Triton makes of integer arguments equal to 1 (a scale array of one group a row),
+    # so the extra expert's branch may reassign them.
+    as_stride = stride_asm + tl.zeros([], tl.int32)
     b_stride = stride_bn
     bs_stride = stride_bsn
     c_stride = stride_cm
-    cs_stride = stride_csm
+    cs_stride = stride_csm + tl.zeros([], tl.int32)
     cs_base = cs_ptr
     is_extra = False
     if MASKED:
@@ -210,9 +212,9 @@ def _fp8_moe_gemm_kernel(
                 count = tl.zeros_like(count) + capacity  # a tensor either way (capacity 1 is a constant)
                 a_base = x_a_ptr
                 as_base = x_as_ptr
-                as_stride = stride_xasm
+                as_stride = stride_xasm + tl.zeros([], tl.int32)
                 cs_base = x_cs_ptr
-                cs_stride = stride_xcsm
+                cs_stride = stride_xcsm + tl.zeros([], tl.int32)
                 b_base = x_b_ptr
                 bs_base = x_bs_ptr
                 c_base = x_c_ptr
