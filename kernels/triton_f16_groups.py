@@ -6,10 +6,12 @@ with the hardware's e4m3x2 -> f16x2 instruction (one per two values): on one H10
 expert launches took 23 us that way (their rows quantized ahead) against W8A16's 37.7
 (``tests/fp8_moe_one_token.py --act-probe``, session 47).
 
-Switched by ``kernels.f16_groups.F16_DECODE_ENV``. Why f16 and not FP8 activations: a bf16 value times a power of two is exactly an f16 value while it stays in
+Why f16 and not FP8 activations: a bf16 value times a power of two is exactly an f16 value while it stays in
 f16's normal range (bf16 has 8 significant bits, f16 11). Each group's scale puts its largest magnitude in
 [2^14, 2^15), so every value above 2^-29 of that maximum converts exactly; the products are the W8A16 GEMM's,
 and only values too small to move the sums lose bits. The weights stay the only quantized operand.
+
+Switched by ``kernels.f16_groups.F16_DECODE_ENV`` (off until a GPU run has timed it against W8A16).
 """
 
 from __future__ import annotations

@@ -42,6 +42,8 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 # Session 48: f16 activations for the two decode expert launches (kernels.triton_f16_groups, TANDEM_FP8_DECODE_F16):
 # the weight tile converts with the hardware's e4m3x2 -> f16x2 and the row's f16 form is exact. Its step A/B first
 # (before ncufp8, whose export would set the switch for both arms), then the probe, then the GPU tests with it on.
+# Batch 16 beside 1 and 8: the two-launch path again (8 is the one-launch kernel's, which keeps W8A16: a control).
+# Session 48 had no machine (eleven calls found none, then loans were paused): this is the next call as it stands.
 default_steps="fp8vsbf16 fp8vsbf16@f16 ncufp8 tests@f16"
 echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
 PD_ARGS_p70=${PD_ARGS_p70:-"--mps-prefill-sm 70"} PD_ARGS_p50=${PD_ARGS_p50:-"--mps-prefill-sm 50"} \
@@ -51,5 +53,5 @@ PD_ARGS_noovlbig=${PD_ARGS_noovlbig:-"--max-prefill-tokens 16384 --disable-overl
 PD_ENV_onelaunch=${PD_ENV_onelaunch:-"TANDEM_MOE_FUSED_DECODE=1"} PD_ENV_onelaunch2=${PD_ENV_onelaunch2:-"TANDEM_MOE_FUSED_DECODE=1"} PD_ENV_two=${PD_ENV_two:-"TANDEM_MOE_FUSED_DECODE=0"} PD_ENV_two2=${PD_ENV_two2:-"TANDEM_MOE_FUSED_DECODE=0"} \
 PD_ENV_tiled=${PD_ENV_tiled:-"TANDEM_FP8_DENSE_GEMV=0"} PD_ENV_tiled2=${PD_ENV_tiled2:-"TANDEM_FP8_DENSE_GEMV=0"} \
 PD_ENV_gemv2=${PD_ENV_gemv2:-"TANDEM_FP8_DENSE_GEMV=1"} PD_ENV_f16=${PD_ENV_f16:-"TANDEM_FP8_DECODE_F16=1"} PD_ENV_f16b=${PD_ENV_f16b:-"TANDEM_FP8_DECODE_F16=1"} PD_ENV_w8a16b=${PD_ENV_w8a16b:-"TANDEM_FP8_DECODE_F16=0"} \
-    DS=${DS:-"--device cuda --model-config v2-lite --load-format dummy --batch-sizes 1,8 --context 1024"} PD_ENV_fused=${PD_ENV_fused:-"TANDEM_HEAD_MATMUL=triton TANDEM_COMBINE_NORM=1 TANDEM_ROUTER_FUSED=1"} STEPS=${STEPS:-$default_steps} SWEEP_LIMIT=${SWEEP_LIMIT:-200} FP8_SWEEP_ARGS=${FP8_SWEEP_ARGS:-"--iters 20 --act-probe"} \
+    DS=${DS:-"--device cuda --model-config v2-lite --load-format dummy --batch-sizes 1,8,16 --context 1024"} PD_ENV_fused=${PD_ENV_fused:-"TANDEM_HEAD_MATMUL=triton TANDEM_COMBINE_NORM=1 TANDEM_ROUTER_FUSED=1"} STEPS=${STEPS:-$default_steps} SWEEP_LIMIT=${SWEEP_LIMIT:-200} FP8_SWEEP_ARGS=${FP8_SWEEP_ARGS:-"--iters 20 --act-probe"} \
     TESTS_K=${TESTS_K:-"greedy_tokens_equal or one_launch or masked_moe_with_shared or graph or gemv or keeps_the_dequantized or f16_activation"} exec bash scripts/device_step.sh
