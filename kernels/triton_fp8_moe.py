@@ -520,16 +520,19 @@ def fp8_moe_forward_masked_shared_triton(
         return out, shared.squeeze(0)
     _check_device(x)
     cfg, down_cfg = _launch_configs(hint, None, None)
+    takes_f16 = active is not None and _f16_decode_applies(x, cfg, block_size)
+    if takes_f16 and f16 is None:  # a caller without the scatter's f16 rows: one launch writes them
+        f16 = f16_groups_active(x, counts, active, hidden, block_size[1])
     if active is not None and cfg == down_cfg and fused_decode_applies(x, cfg.block_m, cfg.kb_step):
         fused = moe_fused_decode(x, counts, w13, w2, hidden, shared_gate_up, shared_down, active,
                                  (cfg.block_m, cfg.block_n, block_size[1]), cfg.num_warps, cfg.num_stages,
                                  dot_precision(x.dtype),
-                                 (w13_scale, w2_scale, shared_gate_up_scale, shared_down_scale), block_size[0])
+                                 (w13_scale, w2_scale, shared_gate_up_scale, shared_down_scale), block_size[0],
+                                 f16 if takes_f16 else None)
         if fused is not None:
             return fused
-    if active is not None and _f16_decode_applies(x, cfg, block_size):
-        if f16 is None:  # a caller without the scatter's f16 rows: one launch writes them
-            f16 = f16_groups_active(x, counts, active, hidden, block_size[1])
+    if takes_f16:
+        assert f16 is not None
         return _masked_shared_f16(x, counts, w13, w13_scale, w2, w2_scale, shared_gate_up, shared_gate_up_scale,
                                   shared_down, shared_down_scale, block_size, active, cfg, down_cfg, f16)
     inter = torch.empty((num_experts, capacity, w2.shape[2]), dtype=x.dtype, device=x.device)

@@ -30,7 +30,9 @@ import triton
 import triton.language as tl
 
 from kernels.backend import env_choice
-from kernels.triton_fp8 import w8a16_bits, w8a16_tile
+from kernels.f16_groups import F16Rows
+from kernels.triton_f16_groups import f16_rows
+from kernels.triton_fp8 import _round_to_bf16, w8a16_bits, w8a16_tile
 from kernels.triton_grid import masked_expert
 from kernels.triton_last_program import arrive_last, launch_counters, reset_counter
 from kernels.triton_pdl import pdl_args, pdl_begin
@@ -46,13 +48,16 @@ AUTO_ROWS = (2, 8)
 
 
 @triton.jit
-def _tile(a_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, up_rows, up_scale_rows, NUM_KB: tl.constexpr,
+def _tile(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, up_rows, up_scale_rows, NUM_KB: tl.constexpr,
           GATED: tl.constexpr, FP8: tl.constexpr, BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-          A_FROM_L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+          A_FROM_L2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          F16: tl.constexpr, KB_PER_SCALE: tl.constexpr):
     """One output tile over ``NUM_KB`` K blocks: the gate (or only) accumulator and the up one, in the order
-    and arithmetic of ``kernels.triton_fp8_moe._fp8_k_loop`` (FP8) or ``kernels.triton_moe._moe_gemm_kernel``.
+    and arithmetic of ``kernels.triton_fp8_moe._fp8_k_loop`` (FP8, W8A16 or, with F16, f16 activations with
+    their scales at ``as_ptrs``, ``KB_PER_SCALE`` K blocks a weight scale) or ``kernels.triton_moe._moe_gemm_kernel``.
     ``up_rows`` / ``up_scale_rows``: the offsets of the up half's weight rows and scale rows. ``A_FROM_L2``: the
-    activation tile was written by other programs of this launch, so it is read past L1 (``.cg``)."""
+    activation tile (and its scales) was written by other programs of this launch, so it is read past L1
+    (``.cg``)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -63,21 +68,41 @@ def _tile(a_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, k_dim, up_rows, up_scale_ro
         else:
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if F16:
+            if A_FROM_L2:
+                a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0, cache_modifier=".cg")
+            else:
+                a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
         if FP8:
-            b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
-            acc += tl.dot(a, w8a16_tile(b, a, BITS), input_precision=DOT_PRECISION) * b_s[None, :]
+            b_s = tl.load(bs_ptrs + kb // KB_PER_SCALE, mask=n_mask, other=0.0)
+            if F16:
+                acc += tl.dot(a, b.to(tl.float16)) * a_s[:, None] * b_s[None, :]
+            else:
+                acc += tl.dot(a, w8a16_tile(b, a, BITS), input_precision=DOT_PRECISION) * b_s[None, :]
         else:
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
             b_up = tl.load(b_ptrs + up_rows, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             if FP8:
-                bs_up = tl.load(bs_ptrs + up_scale_rows + kb, mask=n_mask, other=0.0)
-                acc_up += tl.dot(a, w8a16_tile(b_up, a, BITS), input_precision=DOT_PRECISION) * bs_up[None, :]
+                bs_up = tl.load(bs_ptrs + up_scale_rows + kb // KB_PER_SCALE, mask=n_mask, other=0.0)
+                if F16:
+                    acc_up += tl.dot(a, b_up.to(tl.float16)) * a_s[:, None] * bs_up[None, :]
+                else:
+                    acc_up += tl.dot(a, w8a16_tile(b_up, a, BITS), input_precision=DOT_PRECISION) * bs_up[None, :]
             else:
                 acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     return acc, acc_up
+
+
+@triton.jit
+def _either(shared, routed, shared_value):
+    """A routed expert's operand or the shared experts'."""
+    value = routed
+    if shared:
+        value = shared_value
+    return value
 
 
 @triton.jit
@@ -101,11 +126,16 @@ def _moe_fused_decode_kernel(
     stride_xe, stride_xm, stride_w13e, stride_w13n, stride_s13e, stride_s13n,
     stride_ie, stride_im, stride_w2e, stride_w2n, stride_s2e, stride_s2n, stride_oe, stride_om,
     stride_hm, stride_sw13n, stride_ss13n, stride_sim, stride_sw2n, stride_ss2n, stride_som,
+    xs_ptr, is_ptr, hs_ptr, sis_ptr, stride_xse, stride_xsm, stride_ise, stride_ism, stride_hsm, stride_sism,
     NUM_KB_D: tl.constexpr, NUM_KB_I: tl.constexpr, NUM_KB_SI: tl.constexpr, TILES_1: tl.constexpr,
     TILES_2: tl.constexpr, M_BLOCKS: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, FP8: tl.constexpr,
     BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, F16: tl.constexpr, DOWN_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    # F16 (FP8 weights only): x and h are f16 with a scale per row and BLOCK_K columns (xs, hs); the gate/up
+    # tiles write the intermediates in f16 with a scale per row and tile (is, sis), and the down tiles walk K in
+    # those tiles (DOWN_K = BLOCK_N columns a step; NUM_KB_I / NUM_KB_SI count them), as the two launches of
+    # kernels.triton_fp8_moe do on f16 activations.
     pdl_begin(PDL)
     # Programs [0, first_down) are gate/up tiles, the rest down tiles; each ordered column (expert) first, then
     # row block, then column tile, so the experts listed first finish their gate/up first.
@@ -140,46 +170,62 @@ def _moe_fused_decode_kernel(
     b_stride = _pick(gate_up, shared, stride_w13n, stride_sw13n, stride_w2n, stride_sw2n)
     bs_base = _pick(gate_up, shared, s13_ptr + expert * stride_s13e, ss13_ptr, s2_ptr + expert * stride_s2e, ss2_ptr)
     bs_stride = _pick(gate_up, shared, stride_s13n, stride_ss13n, stride_s2n, stride_ss2n)
-    c_base = _pick(gate_up, shared, inter_ptr + expert * stride_ie, sinter_ptr, out_ptr + expert * stride_oe, sout_ptr)
     c_stride = _pick(gate_up, shared, stride_im, stride_sim, stride_om, stride_som)
     width = _pick(gate_up, shared, INTER, SI, INTER, SI)  # the intermediate's: gate/up's N, down's K
+    # The activation scales (F16): tensors, not the constants Triton makes of integer arguments equal to 1.
+    zero = tl.zeros([], tl.int32)
+    as_base = _pick(gate_up, shared, xs_ptr + expert * stride_xse, hs_ptr, is_ptr + expert * stride_ise, sis_ptr)
+    as_stride = _pick(gate_up, shared, stride_xsm + zero, stride_hsm + zero, stride_ism + zero, stride_sism + zero)
     if gate_up:
         if pid_n * BLOCK_N >= width or pid_m * BLOCK_M >= count:
             return  # past this expert's width or rows: no tile, no arrival (the down side counts the same way)
         n_mask = offs_n < width
-        acc, acc_up = _tile(a_base + rows[:, None] * a_stride + offs_k[None, :],
+        mid_base = _either(shared, inter_ptr + expert * stride_ie, sinter_ptr)  # f16 with F16: not the output's type
+        acc, acc_up = _tile(a_base + rows[:, None] * a_stride + offs_k[None, :], as_base + rows * as_stride,
                             b_base + cols[None, :] * b_stride + offs_k[:, None],
                             bs_base + (offs_n // SCALE_BLOCK_N) * bs_stride, row_mask, n_mask, D,
                             width * b_stride, tl.cdiv(width, SCALE_BLOCK_N) * bs_stride, NUM_KB_D, True, FP8,
-                            BITS, DOT_PRECISION, False, BLOCK_M, BLOCK_N, BLOCK_K)
+                            BITS, DOT_PRECISION, False, BLOCK_M, BLOCK_N, BLOCK_K, F16, 1)
         acc = acc * tl.sigmoid(acc) * acc_up
-        tl.store(c_base + rows[:, None] * c_stride + cols[None, :], acc.to(c_base.dtype.element_ty),
-                 mask=row_mask[:, None] & n_mask[None, :])
+        if F16:  # rounded to bf16 first: the two launches' intermediate (kernels.triton_fp8_moe)
+            q, scale = f16_rows(tl.where(n_mask[None, :], _round_to_bf16(acc), 0.0))
+            tl.store(mid_base + rows[:, None] * c_stride + cols[None, :], q.to(tl.float16),
+                     mask=row_mask[:, None] & n_mask[None, :])
+            # The down phase's activation scales are this phase's output scales.
+            cs_base = _either(shared, is_ptr + expert * stride_ise, sis_ptr)
+            cs_stride = _either(shared, stride_ism + zero, stride_sism + zero)
+            tl.store(cs_base + rows * cs_stride + pid_n, scale, mask=row_mask)
+        else:
+            tl.store(mid_base + rows[:, None] * c_stride + cols[None, :], acc.to(mid_base.dtype.element_ty),
+                     mask=row_mask[:, None] & n_mask[None, :])
         tl.debug_barrier()  # every thread's stores before the one release
         tl.atomic_add(sync, 1, sem="release", scope="gpu")
     else:
         n_mask = offs_n < D
+        out_base = _either(shared, out_ptr + expert * stride_oe, sout_ptr)
         store_mask = (offs_m < capacity)[:, None] & n_mask[None, :]
         if pid_m * BLOCK_M >= count:
             # No rows here: the output's rows past the count are zero (the masked layout's contract), and no
             # gate/up tile of this row block ran, so nothing to wait for.
-            tl.store(c_base + rows[:, None] * c_stride + cols[None, :],
-                     tl.zeros([BLOCK_M, BLOCK_N], dtype=c_base.dtype.element_ty), mask=store_mask)
+            tl.store(out_base + rows[:, None] * c_stride + cols[None, :],
+                     tl.zeros([BLOCK_M, BLOCK_N], dtype=out_base.dtype.element_ty), mask=store_mask)
             return
         stored = tl.cdiv(width, BLOCK_N)  # the gate/up tiles of this row block (its width is this K)
         while tl.atomic_add(sync, 0, sem="acquire", scope="gpu") < stored:
             pass
         tl.debug_barrier()
-        a_ptrs = a_base + rows[:, None] * a_stride + offs_k[None, :]
-        b_ptrs = b_base + cols[None, :] * b_stride + offs_k[:, None]
+        offs_kd = tl.arange(0, DOWN_K)
+        a_ptrs = a_base + rows[:, None] * a_stride + offs_kd[None, :]
+        as_ptrs = as_base + rows * as_stride
+        b_ptrs = b_base + cols[None, :] * b_stride + offs_kd[:, None]
         bs_ptrs = bs_base + (offs_n // SCALE_BLOCK_N) * bs_stride
         if shared:
-            acc, _ = _tile(a_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, width, 0, 0, NUM_KB_SI, False, FP8, BITS,
-                           DOT_PRECISION, True, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc, _ = _tile(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, width, 0, 0, NUM_KB_SI, False, FP8,
+                           BITS, DOT_PRECISION, True, BLOCK_M, BLOCK_N, DOWN_K, F16, BLOCK_K // DOWN_K)
         else:
-            acc, _ = _tile(a_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, width, 0, 0, NUM_KB_I, False, FP8, BITS,
-                           DOT_PRECISION, True, BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.store(c_base + rows[:, None] * c_stride + cols[None, :], acc.to(c_base.dtype.element_ty),
+            acc, _ = _tile(a_ptrs, as_ptrs, b_ptrs, bs_ptrs, row_mask, n_mask, width, 0, 0, NUM_KB_I, False, FP8,
+                           BITS, DOT_PRECISION, True, BLOCK_M, BLOCK_N, DOWN_K, F16, BLOCK_K // DOWN_K)
+        tl.store(out_base + rows[:, None] * c_stride + cols[None, :], acc.to(out_base.dtype.element_ty),
                  mask=store_mask)
         if arrive_last(sync + 1, TILES_2):
             reset_counter(sync)
@@ -201,13 +247,14 @@ def moe_fused_decode(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w
                      active: tuple[torch.Tensor, int], block: tuple[int, int, int], num_warps: int, num_stages: int,
                      precision: str | None,
                      scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                     scale_block_n: int = 128) -> tuple[torch.Tensor, torch.Tensor] | None:
+                     scale_block_n: int = 128, f16: F16Rows | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(routed ``[E, cap, D]``, shared ``[cap, D]``): the masked MoE over the active experts with the shared
     experts as one more, in one launch; None where no counters can be had (a first launch inside a CUDA-graph
     capture: the caller then launches twice). The routed rows of inactive experts are left unwritten, as the
     two launches leave them. ``block`` = (BLOCK_M, BLOCK_N, BLOCK_K) of both phases, ``precision`` ``tl.dot``'s
     input precision, each as the caller's two launches take them; ``scales`` = (w13's,
-    w2's, the shared gate/up's, the shared down's) block scales where the weights are FP8 (W8A16). None as well
+    w2's, the shared gate/up's, the shared down's) block scales where the weights are FP8 (W8A16, or with
+    ``f16`` f16 activations: x and hidden in f16 groups of ``block``'s K, ``kernels.f16_groups``). None as well
     where an operand's last dim is not contiguous."""
     num_experts, capacity, dim = x.shape
     inter_dim, shared_inter = w2.shape[2], shared_down.shape[1]
@@ -219,29 +266,40 @@ def moe_fused_decode(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w
     sync = launch_counters(x.device, (slots + 1) * m_blocks * 2)
     if sync is None:
         return None
-    inter = torch.empty((num_experts, capacity, inter_dim), dtype=x.dtype, device=x.device)
-    sinter = torch.empty((capacity, shared_inter), dtype=x.dtype, device=x.device)
+    fp8 = scales is not None
+    use_f16 = fp8 and f16 is not None
+    mid_dtype = torch.float16 if use_f16 else x.dtype
+    inter = torch.empty((num_experts, capacity, inter_dim), dtype=mid_dtype, device=x.device)
+    sinter = torch.empty((capacity, shared_inter), dtype=mid_dtype, device=x.device)
     out = torch.empty_like(x)
     sout = torch.empty_like(hidden)
-    fp8 = scales is not None
     s13, s2, ss13, ss2 = scales if fp8 else (w13, w2, shared_gate_up, shared_down)  # never read without FP8
     tiles_1 = triton.cdiv(max(inter_dim, shared_inter), block_n)
     tiles_2 = triton.cdiv(dim, block_n)
+    down_k = block_n if use_f16 else block_k
+    a, h, xs, hs, is_, sis = x, hidden, s13, s13, s13, s13  # the scales are never read without f16
+    if use_f16:
+        assert f16 is not None and block_k % block_n == 0
+        a, xs, h, hs = f16
+        is_ = torch.empty((num_experts, capacity, triton.cdiv(inter_dim, block_n)), dtype=torch.float32,
+                          device=x.device)
+        sis = torch.empty((capacity, triton.cdiv(shared_inter, block_n)), dtype=torch.float32, device=x.device)
     grid = ((slots + 1) * m_blocks * (tiles_1 + tiles_2),)
     _moe_fused_decode_kernel[grid](
-        x, w13, s13, inter, w2, s2, out, counts, active[0], sync,
-        hidden, shared_gate_up, ss13, sinter, shared_down, ss2, sout,
+        a, w13, s13, inter, w2, s2, out, counts, active[0], sync,
+        h, shared_gate_up, ss13, sinter, shared_down, ss2, sout,
         num_experts, slots, capacity, dim, inter_dim, shared_inter,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
         inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1),
         out.stride(0), out.stride(1),
-        hidden.stride(0), shared_gate_up.stride(0), ss13.stride(0), sinter.stride(0), shared_down.stride(0),
+        h.stride(0), shared_gate_up.stride(0), ss13.stride(0), sinter.stride(0), shared_down.stride(0),
         ss2.stride(0), sout.stride(0),
-        NUM_KB_D=triton.cdiv(dim, block_k), NUM_KB_I=triton.cdiv(inter_dim, block_k),
-        NUM_KB_SI=triton.cdiv(shared_inter, block_k), TILES_1=tiles_1, TILES_2=tiles_2, M_BLOCKS=m_blocks,
-        SCALE_BLOCK_N=scale_block_n, FP8=fp8, BITS=fp8 and w8a16_bits(x),
+        xs, is_, hs, sis, xs.stride(0), xs.stride(1), is_.stride(0), is_.stride(1), hs.stride(0), sis.stride(0),
+        NUM_KB_D=triton.cdiv(dim, block_k), NUM_KB_I=triton.cdiv(inter_dim, down_k),
+        NUM_KB_SI=triton.cdiv(shared_inter, down_k), TILES_1=tiles_1, TILES_2=tiles_2, M_BLOCKS=m_blocks,
+        SCALE_BLOCK_N=scale_block_n, FP8=fp8, BITS=fp8 and not use_f16 and w8a16_bits(x),
         DOT_PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-        **pdl_args(x),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, F16=use_f16, DOWN_K=down_k, num_warps=num_warps,
+        num_stages=num_stages, **pdl_args(x),
     )  # fmt: skip
     return out, sout

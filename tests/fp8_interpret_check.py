@@ -305,30 +305,36 @@ def check_fused_decode(xm: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor
                        w2: torch.Tensor, w2_s: torch.Tensor, hid: torch.Tensor, shared: tuple) -> None:
     """Both expert GEMMs in one launch (kernels.triton_moe_fused_decode) give the two launches' bits: 10
     gate/up tiles of 32 columns for the shared expert (5 for a routed one: the rest return), 8 down tiles,
-    the shared down projection's K three blocks (2.5), a routed one's two (1.5); the counters end at 0."""
+    the shared down projection's K three blocks (2.5), a routed one's two (1.5); the counters end at 0. W8A16
+    on float32 rows, and f16 activations (kernels.triton_f16_groups) on bf16 ones."""
     from kernels import triton_fp8_moe as tfm
+    from kernels.f16_groups import F16_DECODE_ENV
     from kernels.triton_decode_fused import active_experts_triton
     from kernels.triton_last_program import ring_buffer
     from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV
 
     active = (active_experts_triton(counts), 3)
-    xm = xm.contiguous()
-    os.environ[FUSED_DECODE_ENV] = "0"
-    try:
-        two_r, two_s = tfm.fp8_moe_forward_masked_shared_triton(xm, counts, w13, w13_s, w2, w2_s, hid, *shared,
-                                                                 active=active)
-        os.environ[FUSED_DECODE_ENV] = "1"
-        one_r, one_s = tfm.fp8_moe_forward_masked_shared_triton(xm, counts, w13, w13_s, w2, w2_s, hid, *shared,
-                                                                 active=active)
-    finally:
-        del os.environ[FUSED_DECODE_ENV]
-    rows = (counts > 0)[:, None, None] & (torch.arange(xm.shape[1])[None, :, None] < xm.shape[1])
-    same = torch.equal(torch.where(rows, one_r, 0.0), torch.where(rows, two_r, 0.0)) and torch.equal(one_s, two_s)
-    print(f"fused decode MoE equals the two launches: {same}")
-    if not same:
-        raise SystemExit("FAIL the fused decode MoE differs from the two launches")
-    if not bool((ring_buffer(xm.device) == 0).all()):
-        raise SystemExit("FAIL the fused decode MoE left a counter set")
+    for f16 in ("0", "1"):
+        x = xm.contiguous() if f16 == "0" else xm.bfloat16().contiguous()
+        h = hid if f16 == "0" else hid.bfloat16()
+        os.environ.update({FUSED_DECODE_ENV: "0", F16_DECODE_ENV: f16})
+        try:
+            two_r, two_s = tfm.fp8_moe_forward_masked_shared_triton(x, counts, w13, w13_s, w2, w2_s, h, *shared,
+                                                                     active=active)
+            os.environ[FUSED_DECODE_ENV] = "1"
+            one_r, one_s = tfm.fp8_moe_forward_masked_shared_triton(x, counts, w13, w13_s, w2, w2_s, h, *shared,
+                                                                     active=active)
+        finally:
+            del os.environ[FUSED_DECODE_ENV], os.environ[F16_DECODE_ENV]
+        rows = (counts > 0)[:, None, None] & (torch.arange(x.shape[1])[None, :, None] < x.shape[1])
+        same = (torch.equal(torch.where(rows, one_r, 0.0), torch.where(rows, two_r, 0.0))
+                and torch.equal(one_s, two_s))
+        label = "f16 activations" if f16 == "1" else "W8A16"
+        print(f"fused decode MoE equals the two launches ({label}): {same}")
+        if not same:
+            raise SystemExit(f"FAIL the fused decode MoE differs from the two launches ({label})")
+        if not bool((ring_buffer(x.device) == 0).all()):
+            raise SystemExit(f"FAIL the fused decode MoE left a counter set ({label})")
 
 
 if __name__ == "__main__":

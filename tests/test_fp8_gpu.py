@@ -253,23 +253,26 @@ def test_f16_activation_decode_launches_match_the_w8a16_ones_over_graph_replays(
 
 
 @gpu_test
-@pytest.mark.parametrize("fp8_weights", [True, False], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("weights", ["fp8", "f16", "bf16"])  # f16: FP8 weights against f16 activations
 @pytest.mark.parametrize(("experts", "hidden", "inter", "shared_inter", "capacity", "active_count"),
                          [(64, 2048, 1408, 2816, 1, 6), (64, 2048, 1408, 2816, 8, 40), (32, 7168, 2048, 2048, 1, 8),
                           (8, 256, 192, 320, 16, 8)])  # V2-Lite at batch 1 and 8, V3 at EP8, odd blocks
 def test_the_decode_moe_in_one_launch_gives_the_two_launches_bits_over_graph_replays(
-        experts: int, hidden: int, inter: int, shared_inter: int, capacity: int, active_count: int, fp8_weights: bool,
+        experts: int, hidden: int, inter: int, shared_inter: int, capacity: int, active_count: int, weights: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """kernels.triton_moe_fused_decode (the down tiles waiting on their expert's gate/up tiles inside one grid)
     against the two launches it replaces, on the GPU where the programs really run at once: the same bits for
     every active expert's rows and the shared experts, in a CUDA graph replayed with new routings, and every
     counter back at 0."""
+    from kernels.f16_groups import F16_DECODE_ENV
     from kernels.triton_decode_fused import active_experts_triton
     from kernels.triton_fp8_moe import fp8_moe_forward_masked_shared_triton
     from kernels.triton_last_program import ring_buffer
     from kernels.triton_moe import moe_forward_masked_shared_triton
     from kernels.triton_moe_fused_decode import FUSED_DECODE_ENV
 
+    monkeypatch.setenv(F16_DECODE_ENV, "1" if weights == "f16" else "0")
+    fp8_weights = weights != "bf16"
     gen = torch.Generator(device="cuda").manual_seed(capacity + experts)
     w13, s13, w2, s2 = random_fp8_experts(experts, hidden, inter, gen)
     sw13, ss13, sw2, ss2 = random_fp8_experts(1, hidden, shared_inter, gen)
