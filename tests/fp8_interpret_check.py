@@ -264,19 +264,22 @@ def check_f16_decode(xm: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, 
         try:
             out_r, out_s = tfm.fp8_moe_forward_masked_shared_triton(x, counts, w13, w13_s, w2, w2_s, h, *shared,
                                                                      active=active)
-            # Without the shared experts (every expert's column), and a dense MLP as one expert (16-wide tiles)
-            alone = tfm.fp8_moe_forward_masked_triton(x, counts, w13, w13_s, w2, w2_s)
-            mlp = tfm.fp8_gated_mlp_triton(h, *shared)
+            # Without the shared experts (every expert's column), and a dense MLP as one expert (16-wide tiles):
+            # the same scales, so at one magnitude (the interpreter's time is CI's).
+            alone = tfm.fp8_moe_forward_masked_triton(x, counts, w13, w13_s, w2, w2_s) if magnitude == 1 else None
+            mlp = tfm.fp8_gated_mlp_triton(h, *shared) if magnitude == 1 else None
         finally:
             del os.environ[F16_DECODE_ENV], os.environ[FUSED_DECODE_ENV]
         for e, count in enumerate(counts.tolist()):
             want = truncated(fp8._expert_mlp_fp8(x[e, :count], w13[e], w13_s[e], w2[e], w2_s[e], BS, False))
             check(f"f16 decode launches x{magnitude:g}, expert {e}'s {count} rows", rel(out_r[e, :count], want))
-            check(f"f16 masked launches x{magnitude:g}, expert {e}'s {count} rows", rel(alone[e, :count], want))
-        if not bool((alone[0] == 0).all() and (alone[3, 1:] == 0).all()):
+            if alone is not None:
+                check(f"f16 masked launches, expert {e}'s {count} rows", rel(alone[e, :count], want))
+        if alone is not None and not bool((alone[0] == 0).all() and (alone[3, 1:] == 0).all()):
             raise SystemExit("FAIL f16 masked rows past the count are not zero")
         check(f"f16 decode launches x{magnitude:g}, shared", rel(out_s, ref_s))
-        check(f"f16 gated MLP x{magnitude:g}", rel(mlp, ref_s))
+        if mlp is not None:
+            check("f16 gated MLP", rel(mlp, ref_s))
     # The engine's way: the scatter writes the f16 rows (kernels.moe_scatter_rows_active_f16), the launches take
     # them instead of converting: the same bits as converting them in a launch of their own.
     from kernels.triton_decode_fused import moe_scatter_rows_active_f16_triton
