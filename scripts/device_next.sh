@@ -42,7 +42,7 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 # Session 48: f16 activations for the two decode expert launches (kernels.triton_f16_groups, TANDEM_FP8_DECODE_F16):
 # the weight tile converts with the hardware's e4m3x2 -> f16x2 and the row's f16 form is exact. Its step A/B first
 # (before ncufp8, whose export would set the switch for both arms), then the probe, then the GPU tests with it on.
-# Batch 16 beside 1 and 8: the two-launch path again (8 is the one-launch kernel's, which keeps W8A16: a control).
+# Batch 1 and 16 run the two launches, 8 the one-launch kernel: f16 in both since session 48.
 # Session 48 had no machine (eleven calls found none, then loans were paused): this is the next call as it stands.
 default_steps="fp8vsbf16 fp8vsbf16@f16 ncufp8 tests@f16"
 echo "card: ${card:-none}; steps: ${STEPS:-$default_steps}"
