@@ -229,6 +229,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # FP8 GEMMs' activations (kernels.fp8.ACT_ENV): auto = W8A16 at decode sizes, fp8 = quantized
             "fp8_act": os.environ.get(ACT_ENV, "auto") if quant.keep_fp8 else None,
             "moe_active_grid": active_grid_enabled(),  # engine.moe: a grid of the active experts
+            # every kernel switch set for the run (TANDEM_FP8_DECODE_F16 and the like): what an A/B's arms differ by
+            "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TANDEM_")},
             "page_size": args.page_size, "iters": args.iters, "captured": device.type == "cuda",
             "load_s": load_s, "capture_s": capture_s, "copy_bandwidth_gbs": bandwidth / 1e9 if bandwidth else None,
             "headline": {str(r["batch_size"]): {"floor_ratio": r.get("floor_ratio"),
