@@ -29,6 +29,13 @@ class F16Rows(NamedTuple):
     hidden_scales: torch.Tensor
 
 
+def empty_f16_groups(lead: tuple[int, ...], width: int, group: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialized f16 rows ``[*lead, width]`` and their float32 scales ``[*lead, ceil(width / group)]``."""
+    return (torch.empty((*lead, width), dtype=torch.float16, device=device),
+            torch.empty((*lead, -(-width // group)), dtype=torch.float32, device=device))
+
+
 def f16_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``[..., K]`` -> (f16 ``[..., K]``, float32 scales ``[..., ceil(K / group)]``): each group divided by
     the power of two that puts its largest magnitude in [2^14, 2^15) (2^-126 for groups below 2^-112), so

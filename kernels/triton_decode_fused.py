@@ -16,8 +16,8 @@ import triton.language as tl
 
 from kernels import decode_fused
 from kernels import moe as moe_ref
-from kernels.f16_groups import F16Rows
-from kernels.triton_f16_groups import f16_rows
+from kernels.f16_groups import F16Rows, empty_f16_groups
+from kernels.triton_f16_groups import f16_groups_of_row
 from kernels.triton_pdl import pdl_args, pdl_begin
 
 
@@ -302,19 +302,6 @@ def _active_list(ids_ptr, active_ptr, num_pairs, num_experts, BLOCK: tl.constexp
 
 
 @triton.jit
-def _f16_groups_of_row(src, q_dst, s_dst, dim, GROUP: tl.constexpr, GROUPS: tl.constexpr,
-                       GROUPS_A_LOAD: tl.constexpr):
-    """One row in f16 groups (``kernels.triton_f16_groups``), GROUPS_A_LOAD groups a load."""
-    for g0 in tl.static_range(0, GROUPS, GROUPS_A_LOAD):
-        offs_g = g0 + tl.arange(0, GROUPS_A_LOAD)
-        cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        mask = (offs_g < GROUPS)[:, None] & (cols < dim)
-        q, scale = f16_rows(tl.load(src + cols, mask=mask, other=0.0).to(tl.float32))
-        tl.store(q_dst + cols, q.to(tl.float16), mask=mask)
-        tl.store(s_dst + offs_g, scale, mask=offs_g < GROUPS)
-
-
-@triton.jit
 def _moe_scatter_kernel(hidden_ptr, ids_ptr, rows_ptr, counts_ptr, dest_ptr, active_ptr, num_pairs, num_experts,
                         num_tokens, dim, stride_h, stride_r, rq_ptr, rs_ptr, hq_ptr, hs_ptr, stride_rq, stride_rs,
                         stride_hq, stride_hs, TOP_K: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -330,7 +317,7 @@ def _moe_scatter_kernel(hidden_ptr, ids_ptr, rows_ptr, counts_ptr, dest_ptr, act
     if F16:  # the tokens' own rows in f16 groups too: the shared experts' input
         if p < num_tokens:
             src = hidden_ptr + p.to(tl.int64) * stride_h
-            _f16_groups_of_row(src, hq_ptr + p.to(tl.int64) * stride_hq, hs_ptr + p.to(tl.int64) * stride_hs, dim,
+            f16_groups_of_row(src, hq_ptr + p.to(tl.int64) * stride_hq, hs_ptr + p.to(tl.int64) * stride_hs, dim,
                                GROUP, GROUPS, GROUPS_A_LOAD)
     if p < num_pairs:
         e = tl.load(ids_ptr + p).to(tl.int64)
@@ -344,7 +331,7 @@ def _moe_scatter_kernel(hidden_ptr, ids_ptr, rows_ptr, counts_ptr, dest_ptr, act
                 offs_d = d0 * BLOCK_D + tl.arange(0, BLOCK_D)
                 tl.store(dst + offs_d, tl.load(src + offs_d, mask=offs_d < dim), mask=offs_d < dim)
             if F16:
-                _f16_groups_of_row(src, rq_ptr + row * stride_rq, rs_ptr + row * stride_rs, dim, GROUP, GROUPS,
+                f16_groups_of_row(src, rq_ptr + row * stride_rq, rs_ptr + row * stride_rs, dim, GROUP, GROUPS,
                                    GROUPS_A_LOAD)
         else:
             tl.store(dest_ptr + p, -1)
@@ -372,24 +359,19 @@ def _scatter(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, act
     block_d = min(1024, triton.next_power_of_2(dim))
     f16 = None
     groups = triton.cdiv(dim, f16_group) if f16_group else 1
-    if f16_group:
-        f16 = F16Rows(torch.empty((num_experts * num_tokens, dim), dtype=torch.float16, device=hidden.device),
-                      torch.empty((num_experts * num_tokens, groups), dtype=torch.float32, device=hidden.device),
-                      torch.empty((num_tokens, dim), dtype=torch.float16, device=hidden.device),
-                      torch.empty((num_tokens, groups), dtype=torch.float32, device=hidden.device))
+    if f16_group:  # the kernel's flat row e * T + slot steps the contiguous [E, T, ...] a row at a time
+        f16 = F16Rows(*empty_f16_groups((num_experts, num_tokens), dim, f16_group, hidden.device),
+                      *empty_f16_groups((num_tokens,), dim, f16_group, hidden.device))
     rq, rs, hq, hs = f16 if f16 is not None else (rows, rows, rows, rows)
     _moe_scatter_kernel[(max(pairs, num_experts) + (active is not None),)](
         hidden, topk_ids, rows, counts, dest, active if active is not None else counts, pairs, num_experts,
-        num_tokens, dim, hidden.stride(0), rows.stride(0), rq, rs, hq, hs, rq.stride(0), rs.stride(0), hq.stride(0),
-        hs.stride(0), TOP_K=top_k, BLOCK_P=triton.next_power_of_2(pairs),
+        num_tokens, dim, hidden.stride(0), rows.stride(0), rq, rs, hq, hs, rq.stride(-2), rs.stride(-2),
+        hq.stride(0), hs.stride(0), TOP_K=top_k, BLOCK_P=triton.next_power_of_2(pairs),
         BLOCK_D=block_d, D_BLOCKS=triton.cdiv(dim, block_d), WITH_ACTIVE=active is not None,
         ACTIVE_BLOCK=min(ACTIVE_TILE, triton.next_power_of_2(max(pairs, num_experts))), F16=f16 is not None,
         GROUP=max(f16_group, 1), GROUPS=groups, GROUPS_A_LOAD=min(8, triton.next_power_of_2(groups)), num_warps=4,
         **pdl_args(hidden),
     )  # fmt: skip
-    if f16 is not None:
-        f16 = F16Rows(f16.rows.view(num_experts, num_tokens, dim), f16.row_scales.view(num_experts, num_tokens, -1),
-                      f16.hidden, f16.hidden_scales)
     return rows.view(num_experts, num_tokens, dim), counts, dest, f16
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.f16_groups import F16Rows
+from kernels.f16_groups import F16Rows, empty_f16_groups
 from kernels.triton_grid import masked_expert
 from kernels.triton_pdl import pdl_args, pdl_begin
 
@@ -41,6 +41,20 @@ def f16_rows(v):
     """fp32 tile ``[R, G]`` -> (its rows times their 1 / s, ready for an exact f16 cast; s per row)."""
     s, inv = pow2_scale(tl.max(tl.abs(v), axis=1))
     return v * inv[:, None], s
+
+
+@triton.jit
+def f16_groups_of_row(src, q_dst, s_dst, dim, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+                      GROUPS_A_LOAD: tl.constexpr):
+    """One row of ``dim`` values at ``src`` in f16 groups of GROUP, GROUPS_A_LOAD groups a load (the scatter
+    writes each row it copies this way)."""
+    for g0 in tl.static_range(0, GROUPS, GROUPS_A_LOAD):
+        offs_g = g0 + tl.arange(0, GROUPS_A_LOAD)
+        cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        mask = (offs_g < GROUPS)[:, None] & (cols < dim)
+        q, scale = f16_rows(tl.load(src + cols, mask=mask, other=0.0).to(tl.float32))
+        tl.store(q_dst + cols, q.to(tl.float16), mask=mask)
+        tl.store(s_dst + offs_g, scale, mask=offs_g < GROUPS)
 
 
 @triton.jit
@@ -82,11 +96,9 @@ def _launch(x: torch.Tensor, counts: torch.Tensor, active: tuple[torch.Tensor, i
             hidden: torch.Tensor | None, group: int) -> F16Rows:
     experts, capacity, k = x.shape
     groups = triton.cdiv(k, group)
-    xq = torch.empty(x.shape, dtype=torch.float16, device=x.device)
-    xs = torch.empty((experts, capacity, groups), dtype=torch.float32, device=x.device)
+    xq, xs = empty_f16_groups((experts, capacity), k, group, x.device)
     h = hidden if hidden is not None else x[0]  # never read without its column
-    hq = torch.empty(h.shape, dtype=torch.float16, device=x.device)
-    hs = torch.empty((h.shape[0], groups), dtype=torch.float32, device=x.device)
+    hq, hs = empty_f16_groups((h.shape[0],), k, group, x.device)
     block_rows = min(16, triton.next_power_of_2(capacity))
     active_ids, slots = active if active is not None else (counts, experts)
     slots = min(slots, experts)

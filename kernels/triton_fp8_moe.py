@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from kernels.backend import check_expert_range, check_masked_layout
-from kernels.f16_groups import F16Rows, f16_decode_wanted
+from kernels.f16_groups import F16Rows, empty_f16_groups, f16_decode_wanted
 from kernels.fp8 import (
     BLOCK,
     BlockSize,
@@ -467,9 +467,7 @@ def fp8_moe_forward_masked_triton(x: torch.Tensor, counts: torch.Tensor, w13: to
         x = x if x.stride(2) == 1 else x.contiguous()
         if _f16_decode_applies(x, cfg, block_size):  # or on their f16 form (a dense MLP's one expert among them)
             xq, xs = f16_groups_masked(x, counts, block_size[1])
-            inter16 = torch.empty((num_experts, capacity, inter_dim), dtype=torch.float16, device=x.device)
-            inter_s = torch.empty((num_experts, capacity, triton.cdiv(inter_dim, cfg.block_n)), dtype=torch.float32,
-                                  device=x.device)
+            inter16, inter_s = empty_f16_groups((num_experts, capacity), inter_dim, cfg.block_n, x.device)
             _launch_masked(xq, xs, w13, w13_scale, inter16, counts, True, cfg, block_size, out_scales=(inter_s, None))
             _launch_masked(inter16, inter_s, w2, w2_scale, out, counts, False, down_cfg, block_size,
                            a_group=cfg.block_n)
@@ -565,12 +563,8 @@ def _masked_shared_f16(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
     num_experts, capacity, _ = x.shape
     inter_dim, shared_inter_dim = w2.shape[2], shared_down.shape[1]
     xq, xs, hq, hs = f16
-    tiles = triton.cdiv(inter_dim, cfg.block_n)
-    inter = torch.empty((num_experts, capacity, inter_dim), dtype=torch.float16, device=x.device)
-    inter_s = torch.empty((num_experts, capacity, tiles), dtype=torch.float32, device=x.device)
-    shared_inter = torch.empty((capacity, shared_inter_dim), dtype=torch.float16, device=x.device)
-    shared_inter_s = torch.empty((capacity, triton.cdiv(shared_inter_dim, cfg.block_n)), dtype=torch.float32,
-                                 device=x.device)
+    inter, inter_s = empty_f16_groups((num_experts, capacity), inter_dim, cfg.block_n, x.device)
+    shared_inter, shared_inter_s = empty_f16_groups((capacity,), shared_inter_dim, cfg.block_n, x.device)
     _launch_masked(xq, xs, w13, w13_scale, inter, counts, True, cfg, block_size,
                    (hq, shared_gate_up, shared_gate_up_scale, shared_inter, hs), active,
                    out_scales=(inter_s, shared_inter_s))

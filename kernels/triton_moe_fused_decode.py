@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import env_choice
-from kernels.f16_groups import F16Rows
+from kernels.f16_groups import F16Rows, empty_f16_groups
 from kernels.triton_f16_groups import f16_rows
 from kernels.triton_fp8 import _round_to_bf16, w8a16_bits, w8a16_tile
 from kernels.triton_grid import masked_expert
@@ -268,22 +268,21 @@ def moe_fused_decode(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w
         return None
     fp8 = scales is not None
     use_f16 = fp8 and f16 is not None
-    mid_dtype = torch.float16 if use_f16 else x.dtype
-    inter = torch.empty((num_experts, capacity, inter_dim), dtype=mid_dtype, device=x.device)
-    sinter = torch.empty((capacity, shared_inter), dtype=mid_dtype, device=x.device)
     out = torch.empty_like(x)
     sout = torch.empty_like(hidden)
     s13, s2, ss13, ss2 = scales if fp8 else (w13, w2, shared_gate_up, shared_down)  # never read without FP8
     tiles_1 = triton.cdiv(max(inter_dim, shared_inter), block_n)
     tiles_2 = triton.cdiv(dim, block_n)
     down_k = block_n if use_f16 else block_k
-    a, h, xs, hs, is_, sis = x, hidden, s13, s13, s13, s13  # the scales are never read without f16
     if use_f16:
         assert f16 is not None and block_k % block_n == 0
         a, xs, h, hs = f16
-        is_ = torch.empty((num_experts, capacity, triton.cdiv(inter_dim, block_n)), dtype=torch.float32,
-                          device=x.device)
-        sis = torch.empty((capacity, triton.cdiv(shared_inter, block_n)), dtype=torch.float32, device=x.device)
+        inter, is_ = empty_f16_groups((num_experts, capacity), inter_dim, block_n, x.device)
+        sinter, sis = empty_f16_groups((capacity,), shared_inter, block_n, x.device)
+    else:
+        a, h, xs, hs, is_, sis = x, hidden, s13, s13, s13, s13  # the scales are never read without f16
+        inter = torch.empty((num_experts, capacity, inter_dim), dtype=x.dtype, device=x.device)
+        sinter = torch.empty((capacity, shared_inter), dtype=x.dtype, device=x.device)
     grid = ((slots + 1) * m_blocks * (tiles_1 + tiles_2),)
     _moe_fused_decode_kernel[grid](
         a, w13, s13, inter, w2, s2, out, counts, active[0], sync,
